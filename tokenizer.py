@@ -1,0 +1,1293 @@
+"""
+tokenizer.py -- stage 1 of ScratchLM: a byte-level BPE tokenizer, from scratch, then fast.
+
+The problem
+-----------
+A language model reads integers, not text, so we need a reversible map  text <-> list of ids.
+There are four obvious choices, and the trade-off between them is the whole story:
+
+* characters (Unicode code points): ~150k possible symbols, most of them never seen in training, so the
+  embedding table is huge and sparse; and a sequence is as long as the text (1 token per char).
+* bytes (UTF-8): only 256 symbols and nothing is ever out-of-vocabulary, but sequences get even longer
+  (an English character is 1 byte, a CJK character 3, an emoji 4). Attention costs O(T^2) in the sequence
+  length T, so long sequences are expensive.
+* words: short sequences, but an open vocabulary: every new name, typo or number is unknown.
+* BPE (byte-pair encoding, Sennrich et al. 2016 / GPT-2 2019): start from the 256 bytes and repeatedly
+  glue together the most frequent adjacent pair into a new token. Frequent strings ("the", " and",
+  "ing") become single tokens, rare strings fall back to smaller pieces and, in the worst case, to raw
+  bytes -- so nothing is ever unknown, and common text gets short.
+
+We measure how well a tokenizer packs text by its *compression ratio* = UTF-8 bytes / tokens. Bytes give
+exactly 1.0; GPT-2's 50k BPE gives ~4.3 on English prose; our 10k BPE on mixed text gives ~3.8 (see the
+bench). Higher is better: the model sees more text per position of its context for the same compute.
+
+Two rules make byte-level BPE behave (both from GPT-2):
+1. Pre-tokenization. Before BPE, text is cut into "pre-tokens" by a regex (letters, digits, punctuation,
+   whitespace runs, with an optional leading space, and English contractions); merges never cross a
+   pre-token, so we don't learn junk like "dog." vs "dog!" vs "dog?" as separate tokens.
+2. Special tokens such as <|endoftext|> are cut out first and are never merged into or across.
+
+What it costs: training is a greedy loop of `vocab_size - 256 - len(special_tokens)` merges; done naively
+each merge recounts every pair in the corpus (O(merges x corpus)). The fast trainer below counts each
+distinct pre-token once (with its multiplicity) and updates pair counts incrementally, touching only the
+words that contain the merged pair. Encoding replays the merges by rank inside each pre-token.
+
+The file, in reading order
+--------------------------
+1. Readable BPE from scratch: `get_stats`, `merge`, `train_bpe_reference` (recounts every step).
+2. The fast trainer `train_bpe`: parallel streaming pre-tokenization over file chunks, then a merge loop
+   with incremental pair counts and a lazy max-heap. A test proves it matches the reference trainer.
+3. `Tokenizer`: readable encoder (merges by rank, cached pre-tokens), decode, special tokens (longest match
+   first), `encode_iterable` (streams in constant memory), save/load in GPT-2's vocab.json/merges.txt format.
+4. The fast path: the same vocab and merges compiled into a `tiktoken.Encoding` (Rust), verified at
+   construction, used by `encode` by default (`Tokenizer(..., fast=False)` forces the readable encoder).
+5. `encode_file`: a whole corpus -> flat uint16/uint32 `.bin` for np.memmap, in parallel, atomically.
+6. GPT-2 parity: `gpt2_tokenizer()` rebuilds GPT-2's merges from tiktoken's ranks.
+7. Benchmarks, the no-argument demo and the command line.
+
+Command line (`python tokenizer.py --help`):
+    python tokenizer.py                                   # demo: train on this file's own text, encode/decode
+    python tokenizer.py train --input FILE --vocab-size N --special-tokens '<|endoftext|>' --out DIR
+    python tokenizer.py encode --tokenizer DIR --input FILE --out FILE.bin
+    python tokenizer.py bench                             # vs HuggingFace tokenizers and tiktoken
+"""
+
+import argparse
+import bisect
+import heapq
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from itertools import chain, repeat
+from pathlib import Path
+
+import numpy as np
+import regex  # the `regex` package: supports \p{L} (Unicode letter) classes that `re` lacks
+
+# GPT-2's pre-tokenization pattern, exactly as published: contractions, optional-space + letters,
+# optional-space + digits, optional-space + punctuation, whitespace not followed by a non-space (so the
+# last space before a word stays attached to the word: " world"), and any other whitespace.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# The same split written the way tiktoken writes it for its Rust regex engine: possessive quantifiers
+# (`++`, never backtrack) and `\s++$` / `\s` instead of `\s+`. It splits every string identically
+# (`\s+(?!\S)` already takes a whitespace run that ends the text, and the final `\s+` alternative can only
+# ever match one character) but runs faster. Used only for the compiled fast path; tests check agreement.
+FAST_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+EOT = "<|endoftext|>"
+_INF = float("inf")
+
+
+# =====================================================================================================
+# 1. Readable BPE, from scratch (minbpe style)
+# =====================================================================================================
+
+def get_stats(ids, counts=None, weight=1):
+    """Count adjacent pairs in a list of ids: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}.
+
+    `counts` lets callers accumulate over many words; `weight` counts the word `weight` times (a pre-token
+    that occurs 1000 times in the corpus adds 1000 to each of its pairs).
+    """
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge(ids, pair, new_id):
+    """Replace every occurrence of `pair` in `ids` (left to right, non-overlapping) by `new_id`.
+
+    merge([1, 1, 1, 2], (1, 1), 9) -> [9, 1, 2]  (the leftmost occurrence wins an overlap).
+    """
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+_split_regex_cache = {}
+
+
+def _split_regex(pattern=GPT2_SPLIT_PATTERN):
+    """Compiled pre-tokenization regex (compiled once per process)."""
+    if pattern not in _split_regex_cache:
+        _split_regex_cache[pattern] = regex.compile(pattern)
+    return _split_regex_cache[pattern]
+
+
+def _special_regex(special_tokens, as_bytes=False):
+    """A regex that finds special tokens, longest first, or None when there are none.
+
+    Regex alternation takes the FIRST alternative that matches at a position, so sorting by length
+    (longest first) makes `<|endoftext|><|endoftext|>` win over `<|endoftext|>` when both are registered.
+    The capture group makes `split` keep the special tokens in its output (at odd indices).
+    """
+    if not special_tokens:
+        return None
+    toks = sorted(set(special_tokens), key=len, reverse=True)
+    if as_bytes:
+        return re.compile(b"(" + b"|".join(re.escape(t.encode("utf-8")) for t in toks) + b")")
+    return re.compile("(" + "|".join(re.escape(t) for t in toks) + ")")
+
+
+def split_on_special_tokens(text, special_tokens):
+    """[(piece, is_special)] with the special tokens cut out (longest match first), empty pieces dropped."""
+    special_re = _special_regex(special_tokens)
+    if special_re is None:
+        return [(text, False)] if text else []
+    return [(p, i % 2 == 1) for i, p in enumerate(special_re.split(text)) if p]
+
+
+def pretokenize(text, special_tokens=()):
+    """Pre-tokens of `text` (special tokens removed; they are never part of a merge)."""
+    split = _split_regex()
+    return [tok for piece, special in split_on_special_tokens(text, special_tokens) if not special
+            for tok in split.findall(piece)]
+
+
+def _check_vocab_size(vocab_size, special_tokens):
+    """Validate the special tokens and the vocab size; return the de-duplicated special-token list."""
+    specials = []
+    for s in special_tokens or []:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
+        if s not in specials:
+            specials.append(s)
+    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE vocabulary needs at least "
+                         f"256 byte tokens + {len(specials)} special token(s) = {256 + len(specials)}")
+    return specials
+
+
+def train_bpe_reference(text, vocab_size, special_tokens=()):
+    """The textbook trainer, for reading and for checking the fast one (slow: it recounts every step).
+
+    ids 0..255 are the single bytes, then the special tokens, then one id per merge. Each step merges the
+    most frequent adjacent pair; ties go to the lexicographically greater pair (bytes_a, bytes_b).
+    """
+    specials = _check_vocab_size(vocab_size, special_tokens)
+    vocab = {i: bytes([i]) for i in range(256)}
+    for s in specials:
+        vocab[len(vocab)] = s.encode("utf-8")
+    # distinct pre-tokens with their multiplicities: the corpus is a bag of words for BPE's purposes
+    words = Counter(tok.encode("utf-8") for tok in pretokenize(text, specials))
+    words = [(list(w), n) for w, n in words.items()]
+    merges = []
+    for _ in range(vocab_size - len(vocab)):
+        stats = {}
+        for ids, n in words:
+            get_stats(ids, stats, weight=n)
+        if not stats:
+            break  # every pre-token is a single token: nothing left to merge
+        pair = max(stats, key=lambda p: (stats[p], vocab[p[0]], vocab[p[1]]))
+        new_id = len(vocab)
+        vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
+        merges.append((vocab[pair[0]], vocab[pair[1]]))
+        words = [(merge(ids, pair, new_id), n) for ids, n in words]
+    return vocab, merges
+
+
+# =====================================================================================================
+# 2. The fast trainer
+# =====================================================================================================
+# Where the time goes in the reference trainer: (a) the regex over the whole corpus, (b) recounting all
+# pairs of all words at every merge. Fixes:
+#   (a) run the regex in worker processes over chunks of the file (each worker reads only its own byte
+#       range, so the corpus never has to fit in memory), and count DISTINCT pre-tokens: a 6 MB corpus has
+#       ~1.4M pre-tokens but only ~48k distinct ones.
+#   (b) keep pair -> count and pair -> {words containing it}; after merging (a, b) -> z only the words that
+#       contained (a, b) change, and only pairs around the merge sites change count. The best pair comes
+#       from a max-heap with lazy invalidation: a stale entry (count went down) is re-pushed with its true
+#       count when it surfaces, so it never wins unfairly.
+
+class _Progress:
+    """One self-overwriting status line on stderr, at most ~5 updates per second."""
+
+    def __init__(self, enabled, label):
+        self.enabled, self.label = enabled and sys.stderr is not None, label
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, msg, force=False):
+        now = time.perf_counter()
+        if self.enabled and (force or now - self.last > 0.2):
+            self.last = now
+            print(f"\r{self.label}: {msg} [{now - self.t0:.1f}s]\033[K", end="", file=sys.stderr, flush=True)
+
+    def close(self, msg):
+        if self.enabled:
+            self.update(msg, force=True)
+            print(file=sys.stderr, flush=True)
+
+
+def _check_input_file(path):
+    """Size in bytes of a readable, non-empty regular file, or a clear error."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"expected a text file but got a directory: {path}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"input file is empty: {path}")
+    return size
+
+
+# ---- safe cut points --------------------------------------------------------------------------------
+# To work on a text in pieces (worker chunks, a stream) and still get exactly the whole-text result, we
+# cut only where the whole-text tokenization has a boundary anyway, and never inside a special token:
+#   * at the start or end of a special token;
+#   * right after "\n" when both neighbours are printable non-space ASCII ("x\ny"): the "\n" is then a
+#     pre-token on its own in the whole text too, and the regex only looks ahead one character;
+#   * right before " " in "letter space letter" ("a b"): the letters run stops at the space either way,
+#     and " b..." starts a new pre-token either way.
+# The same patterns work on str and on bytes (all cut characters are ASCII, so a cut never splits a
+# UTF-8 sequence).
+_CUT_STR = re.compile(r"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
+_CUT_BYTES = re.compile(rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
+
+
+def _find_cut(buf, special_re, lo, hi, last):
+    """A safe cut p with lo <= p <= hi (the first one, or the last one if `last`), or None.
+
+    `buf` must start at a safe position; `hi` must leave room after p for the longest special token, so
+    that any special token overlapping p is fully visible in `buf`.
+    """
+    if hi < lo:
+        return None
+    spans = [m.span() for m in special_re.finditer(buf)] if special_re is not None else []
+    starts = [s for s, _ in spans]
+    cut_re = _CUT_BYTES if isinstance(buf, bytes) else _CUT_STR
+
+    def inside_special(p):  # strictly inside some special token's span?
+        k = bisect.bisect_right(starts, p - 1) - 1  # last span starting before p
+        return k >= 0 and spans[k][1] > p
+
+    cands = [m.start() for m in cut_re.finditer(buf, lo, min(hi + 2, len(buf)))]
+    cands += [p for span in spans for p in span]
+    cands = sorted(p for p in cands if lo <= p <= hi and not inside_special(p))
+    if not cands:
+        return None
+    return cands[-1] if last else cands[0]
+
+
+def _chunk_boundaries(path, size, special_tokens, chunk_bytes):
+    """Byte offsets [0, c1, c2, ..., size] cutting the file at safe points roughly chunk_bytes apart.
+
+    Reads only a small window around each target offset, so it is cheap on huge files. (It assumes special
+    tokens don't overlap each other in odd ways, e.g. a token that ends with another's beginning; the
+    usual <|...|> tokens can't.)
+    """
+    special_re = _special_regex(special_tokens, as_bytes=True)
+    max_special = max((len(s.encode("utf-8")) for s in special_tokens), default=0)
+    bounds = [0]
+    with open(path, "rb") as f:
+        while size - bounds[-1] > chunk_bytes:
+            target = bounds[-1] + chunk_bytes
+            window_start = max(bounds[-1], target - 2 * max_special - 2)
+            look, cut = 1 << 16, None
+            while cut is None:
+                f.seek(window_start)
+                buf = f.read(target - window_start + look)
+                at_eof = window_start + len(buf) >= size
+                hi = len(buf) - 1 if at_eof else len(buf) - max_special - 2
+                cut = _find_cut(buf, special_re, target - window_start, hi, last=False)
+                if cut is None and at_eof:
+                    break
+                look *= 4
+            if cut is None:
+                break  # no safe cut in the rest of the file: it becomes the last chunk
+            bounds.append(window_start + cut)
+    bounds.append(size)
+    return bounds
+
+
+def _read_chunk_text(path, start, end):
+    """Decode bytes [start, end) of a file, or a ValueError naming the file and the bad byte's offset."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 at byte offset {start + e.start} "
+                         f"(byte 0x{data[e.start]:02x}: {e.reason})") from None
+
+
+def _count_pretokens_in_chunk(task):
+    """Worker: distinct pre-tokens (as UTF-8 bytes) of one file chunk, with their counts."""
+    path, start, end, special_tokens = task
+    text = _read_chunk_text(path, start, end)
+    split = _split_regex(FAST_SPLIT_PATTERN)  # identical split, faster (possessive) regex
+    counts = Counter()
+    for piece, special in split_on_special_tokens(text, special_tokens):
+        if not special:
+            counts.update(split.findall(piece))  # Counter.update on an iterable runs in C
+    return {tok.encode("utf-8"): n for tok, n in counts.items()}, end - start
+
+
+def _pool(num_workers, initializer=None, initargs=()):
+    # fork (Linux) starts workers in milliseconds and shares the parent's memory copy-on-write; elsewhere
+    # the platform default (spawn) pickles the work and re-imports this module.
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    return ctx.Pool(num_workers, initializer=initializer, initargs=initargs)
+
+
+def _default_workers(num_workers):
+    if num_workers is None:
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if int(num_workers) < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    return int(num_workers)
+
+
+def count_pretokens(input_path, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
+    """Stream a file through the pre-tokenizer in parallel -> {pre-token bytes: count}."""
+    size = _check_input_file(input_path)
+    num_workers = _default_workers(num_workers)
+    if chunk_bytes is None:  # ~4 chunks per worker for load balance; <= 8 MB so a worker's pre-token list
+        chunk_bytes = min(max(size // (4 * num_workers) + 1, 1 << 20), 8 << 20)  # stays ~100s of MB at most
+    bounds = _chunk_boundaries(input_path, size, special_tokens, chunk_bytes)
+    tasks = [(os.fspath(input_path), a, b, list(special_tokens)) for a, b in zip(bounds, bounds[1:])]
+    bar = _Progress(progress, "pre-tokenize")
+    total, done = Counter(), 0
+
+    def consume(results):
+        nonlocal done
+        for counts, nbytes in results:
+            total.update(counts)
+            done += nbytes
+            bar.update(f"{done / 1e6:.1f}/{size / 1e6:.1f} MB ({100 * done / size:.0f}%), "
+                       f"{len(total):,} distinct pre-tokens")
+
+    if num_workers == 1 or len(tasks) == 1:
+        consume(map(_count_pretokens_in_chunk, tasks))
+    else:
+        with _pool(min(num_workers, len(tasks))) as pool:
+            consume(pool.imap_unordered(_count_pretokens_in_chunk, tasks))
+    bar.close(f"{size / 1e6:.1f} MB, {sum(total.values()):,} pre-tokens, {len(total):,} distinct")
+    return total
+
+
+# The heap orders pairs by (-count, key) with Python's min-heap, so for ties we need a key that sorts the
+# lexicographically GREATER (bytes_a, bytes_b) first. Map each byte x -> chr(255 - x) and end the token
+# with chr(256): a larger byte gives a smaller char, and a proper prefix ("ab" < "abc") gets the larger
+# terminator, so key(s) < key(t) exactly when s > t. The terminator never appears elsewhere, so comparing
+# key(a) + key(b) as one string is the same as comparing the pair (key(a), key(b)).
+_REVERSE_BYTES = bytes(range(255, -1, -1))
+
+
+def _reverse_order_key(token: bytes) -> str:
+    return token.translate(_REVERSE_BYTES).decode("latin-1") + "\u0100"
+
+
+def _train_merges(word_counts, vocab, num_merges, progress=True):
+    """The merge loop with incremental pair counts. Mutates `vocab`; returns the merges."""
+    words = [list(w) for w in word_counts]  # bytes -> [byte values] = ids (id i is bytes([i]))
+    freqs = list(word_counts.values())
+    pair_counts = defaultdict(int)  # (a, b) -> occurrences in the corpus (weighted by word frequency)
+    pair_words = defaultdict(set)  # (a, b) -> indices of words that contain (or once contained) it
+    for wi, w in enumerate(words):
+        f = freqs[wi]
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += f
+            pair_words[pair].add(wi)
+    keys = {i: _reverse_order_key(tok) for i, tok in vocab.items()}
+    heap = [(-c, keys[a] + keys[b], a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    heappop, heappush = heapq.heappop, heapq.heappush
+    bar = _Progress(progress, "merges")
+    merges, next_id, t0 = [], len(vocab), time.perf_counter()
+    for step in range(num_merges):
+        # 1. the most frequent pair: pop until an entry's count is current (lazy invalidation)
+        while heap:
+            neg, key, a, b = heappop(heap)
+            c = pair_counts.get((a, b), 0)
+            if c == -neg:
+                break
+            if c > 0:
+                heappush(heap, (-c, key, a, b))  # stale: counts only ever drop, so re-queue the true count
+        else:
+            break  # nothing left to merge: every pre-token is a single token
+        z, next_id = next_id, next_id + 1
+        vocab[z] = vocab[a] + vocab[b]
+        keys[z] = _reverse_order_key(vocab[z])
+        merges.append((vocab[a], vocab[b]))
+        # 2. rewrite only the words that contain (a, b); adjust the counts of the pairs around each site
+        new_pairs = set()
+        for wi in pair_words.pop((a, b)):
+            w = words[wi]
+            count_a = w.count(a)
+            if count_a == 0:
+                continue  # stale index entry: an earlier merge already consumed the pair in this word
+            f, n = freqs[wi], len(w)
+            if count_a == 1:
+                # the common case, a single site: find it with C-level list methods and splice in place
+                i = w.index(a)
+                if i + 1 == n or w[i + 1] != b:
+                    continue  # stale
+                if i:
+                    left = w[i - 1]
+                    pair_counts[(left, a)] -= f
+                    pair_counts[(left, z)] += f
+                    new_pairs.add((left, z))
+                    pair_words[(left, z)].add(wi)
+                if i + 2 < n:
+                    right = w[i + 2]
+                    pair_counts[(b, right)] -= f
+                    pair_counts[(z, right)] += f
+                    new_pairs.add((z, right))
+                    pair_words[(z, right)].add(wi)
+                w[i:i + 2] = [z]
+                continue
+            # general case (several a's, possibly overlapping sites like a a a): walk the word
+            i = 0
+            out = []
+            while i < n:
+                x = w[i]
+                if x == a and i + 1 < n and w[i + 1] == b:
+                    # old neighbourhood  L a b R  ->  new  L z R
+                    if out:
+                        left = out[-1]
+                        if left != z:
+                            pair_counts[(left, a)] -= f
+                        # (left == z: the previous site already removed the old pair (b, a) and left (z, z)
+                        #  for us to add here)
+                        pair_counts[(left, z)] += f
+                        new_pairs.add((left, z))
+                        pair_words[(left, z)].add(wi)
+                    if i + 2 < n:
+                        right = w[i + 2]
+                        pair_counts[(b, right)] -= f
+                        if not (right == a and i + 3 < n and w[i + 3] == b):
+                            # (if the next site starts right here, that site adds (z, z) itself)
+                            pair_counts[(z, right)] += f
+                            new_pairs.add((z, right))
+                            pair_words[(z, right)].add(wi)
+                    out.append(z)
+                    i += 2
+                else:
+                    out.append(x)
+                    i += 1
+            words[wi] = out
+        pair_counts.pop((a, b), None)  # every occurrence was merged
+        for p in new_pairs:
+            heappush(heap, (-pair_counts[p], keys[p[0]] + keys[p[1]], p[0], p[1]))
+        if step % 64 == 0:
+            rate = (step + 1) / max(time.perf_counter() - t0, 1e-9)
+            bar.update(f"{step + 1:,}/{num_merges:,} ({rate:,.0f} merges/s)")
+    rate = len(merges) / max(time.perf_counter() - t0, 1e-9)
+    bar.close(f"{len(merges):,}/{num_merges:,} ({rate:,.0f} merges/s)")
+    return merges
+
+
+def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
+    """Train a byte-level BPE on a UTF-8 text file -> (vocab {id: bytes}, merges [(bytes, bytes)]).
+
+    ids: 0..255 are the single bytes (id i = bytes([i])), then the special tokens in the given order, then
+    one token per merge, in merge order. Same result as `train_bpe_reference` on the file's text (tested),
+    but pre-tokenizes in `num_workers` processes (default: all cores) over chunks of `chunk_bytes`, and
+    updates pair counts incrementally. If the corpus runs out of pairs, training stops early (smaller vocab).
+    """
+    specials = _check_vocab_size(vocab_size, special_tokens)
+    word_counts = count_pretokens(input_path, specials, num_workers=num_workers, progress=progress,
+                                  chunk_bytes=chunk_bytes)
+    vocab = {i: bytes([i]) for i in range(256)}
+    for s in specials:
+        vocab[len(vocab)] = s.encode("utf-8")
+    merges = _train_merges(word_counts, vocab, vocab_size - len(vocab), progress=progress)
+    return vocab, merges
+
+
+# =====================================================================================================
+# 3. The tokenizer: encode, decode, special tokens, streaming, save/load
+# =====================================================================================================
+
+def _bytes_to_unicode():
+    """GPT-2's printable stand-in for every byte, so tokens can be written as text in vocab.json/merges.txt.
+
+    Printable bytes map to themselves; the others (space, control bytes, ...) to chr(256 + k): e.g. the
+    space byte is 'Ġ', so the token b" the" is written "Ġthe". This is the format of GPT-2's encoder.json
+    and vocab.bpe (and of HuggingFace's files), so those load directly.
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, k = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + k)
+            k += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+BYTE_TO_UNICODE = _bytes_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+def _token_to_str(token: bytes) -> str:
+    return "".join(BYTE_TO_UNICODE[b] for b in token)
+
+
+def _str_to_token(s: str, where: str) -> bytes:
+    try:
+        return bytes(UNICODE_TO_BYTE[c] for c in s)
+    except KeyError as e:
+        raise ValueError(f"{where}: {s!r} is not a GPT-2 byte-level token string (bad character {e})") from None
+
+
+def _atomic_write_text(path, text):
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def token_dtype(vocab_size):
+    """Smallest unsigned dtype that holds every id: uint16 up to 65,536 tokens, else uint32."""
+    if vocab_size <= 0 or vocab_size > 2 ** 32:
+        raise ValueError(f"vocab_size must be in 1..2**32, got {vocab_size}")
+    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer: `encode(text) -> ids`, `decode(ids) -> text`.
+
+    vocab: {id: bytes}, ids 0..N-1 (every single byte must be present); merges: [(bytes_a, bytes_b)] in
+    training order (rank 0 = first merge). special_tokens missing from the vocab are appended to it.
+    fast=True (default) compiles a tiktoken encoder when it provably gives the same ids (see
+    `_compile_fast`); `use_fast = False` forces the readable pure-Python encoder at any time.
+    """
+
+    CACHE_SIZE = 1 << 17  # pre-token -> ids cache entries; cleared when full so memory stays bounded
+    STREAM_BUFFER = 1 << 16  # encode_iterable encodes and drops its buffer about every this many characters
+
+    def __init__(self, vocab, merges, special_tokens=None, *, fast=True):
+        self.vocab = {}
+        for i, tok in dict(vocab).items():
+            if not isinstance(i, (int, np.integer)) or not isinstance(tok, (bytes, bytearray)) or not tok:
+                raise ValueError(f"vocab must map int ids to non-empty bytes; got {i!r}: {tok!r}")
+            self.vocab[int(i)] = bytes(tok)
+        if sorted(self.vocab) != list(range(len(self.vocab))):
+            raise ValueError("vocab ids must be exactly 0..N-1 with no gaps")
+        self.byte_to_id = {tok: i for i, tok in self.vocab.items()}
+        if len(self.byte_to_id) != len(self.vocab):
+            raise ValueError("vocab maps two ids to the same bytes")
+        missing = [b for b in range(256) if bytes([b]) not in self.byte_to_id]
+        if missing:
+            raise ValueError(f"vocab lacks {len(missing)} single-byte token(s) (e.g. byte {missing[0]}); "
+                             "a byte-level BPE needs all 256 to encode any text")
+        # special tokens: reuse an id if the bytes exist, else append
+        self.special_tokens = []
+        for s in special_tokens or []:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
+            if s in self.special_tokens:
+                continue
+            self.special_tokens.append(s)
+            if s.encode("utf-8") not in self.byte_to_id:
+                self.vocab[len(self.vocab)] = s.encode("utf-8")
+                self.byte_to_id[s.encode("utf-8")] = len(self.vocab) - 1
+        self.special_ids = {s: self.byte_to_id[s.encode("utf-8")] for s in self.special_tokens}
+        # merges -> (id_a, id_b) -> rank and -> merged id
+        self.merges = []
+        self._pair_rank, self._pair_id, self._rank_id = {}, {}, []
+        for rank, m in enumerate(merges):
+            if len(m) != 2:
+                raise ValueError(f"merge #{rank} must be a pair, got {m!r}")
+            a, b = bytes(m[0]), bytes(m[1])
+            for part in (a, b, a + b):
+                if part not in self.byte_to_id:
+                    raise ValueError(f"merge #{rank} ({a!r}, {b!r}): token {part!r} is not in the vocab")
+            pair = (self.byte_to_id[a], self.byte_to_id[b])
+            if pair in self._pair_rank:
+                raise ValueError(f"merge #{rank} ({a!r}, {b!r}) is listed twice")
+            self._pair_rank[pair] = rank
+            self._pair_id[pair] = self.byte_to_id[a + b]
+            self._rank_id.append(self.byte_to_id[a + b])
+            self.merges.append((a, b))
+        self._byte_ids = [self.byte_to_id[bytes([b])] for b in range(256)]
+        self._split = _split_regex(GPT2_SPLIT_PATTERN)
+        self._special_re = _special_regex(self.special_tokens)
+        self._cache = {}
+        self._fast, self.fast_reason = None, "disabled (fast=False)"
+        if fast:
+            self._fast, self.fast_reason = self._compile_fast()
+        self.use_fast = self._fast is not None
+
+    # ---- small facts ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    @property
+    def eot_id(self):
+        """Id of <|endoftext|> (the document separator), or None if the vocab doesn't have it."""
+        return self.byte_to_id.get(EOT.encode("utf-8"))
+
+    def token_byte_lengths(self):
+        """(vocab_size,) int64: UTF-8 byte length of each token, for bits-per-byte = nats / ln2 / bytes."""
+        return np.array([len(self.vocab[i]) for i in range(self.vocab_size)], dtype=np.int64)
+
+    # ---- the readable encoder ---------------------------------------------------------------------------
+    def _bpe(self, piece: bytes):
+        """Apply the merges to one pre-token, lowest rank first (= training order).
+
+        minbpe's loop: find the adjacent pair with the lowest merge rank, merge it, repeat until no pair is
+        a merge. Merging the leftmost occurrence first and coming back for the others is the same as
+        training's "merge every occurrence, left to right", because a merge only creates pairs that involve
+        the new token, whose ranks are higher. Done in place: after merging at k only the ranks of the two
+        neighbouring pairs change, so each round is one C-level min() plus O(1) updates.
+        """
+        ids = [self._byte_ids[b] for b in piece]
+        rank_get, inf = self._pair_rank.get, _INF
+        ranks = list(map(rank_get, zip(ids, ids[1:]), repeat(inf)))  # ranks[i] = rank of (ids[i], ids[i+1])
+        while ranks:
+            best = min(ranks)
+            if best == inf:
+                break  # no mergeable pair left
+            k = ranks.index(best)  # leftmost occurrence
+            ids[k:k + 2] = [self._rank_id[best]]
+            del ranks[k]
+            if k > 0:
+                ranks[k - 1] = rank_get((ids[k - 1], ids[k]), inf)
+            if k < len(ranks):
+                ranks[k] = rank_get((ids[k], ids[k + 1]), inf)
+        return ids
+
+    def _encode_ordinary_readable(self, text):
+        """Pre-tokenize, BPE each DISTINCT pre-token once (cached across calls), then concatenate.
+
+        Text is very repetitive at the pre-token level (" the" is everywhere), so after a warm-up almost
+        every pre-token is a cache hit; the set difference, the lookups and the concatenation all run in C.
+        """
+        pieces = self._split.findall(text)
+        cache = self._cache
+        new = set(pieces).difference(cache)
+        if len(cache) + len(new) > self.CACHE_SIZE:  # bound the memory: start over
+            cache.clear()
+            new = set(pieces)
+        for piece in new:
+            cache[piece] = self._bpe(piece.encode("utf-8"))
+        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+
+    def encode_readable(self, text):
+        """Encode with the pure-Python encoder (whatever `use_fast` says)."""
+        text = _fix_surrogates(text)
+        if self._special_re is None:
+            return self._encode_ordinary_readable(text)
+        ids = []
+        for i, part in enumerate(self._special_re.split(text)):
+            if i % 2:
+                ids.append(self.special_ids[part])
+            elif part:
+                ids.extend(self._encode_ordinary_readable(part))
+        return ids
+
+    # ---- encode / decode --------------------------------------------------------------------------------
+    def encode(self, text):
+        """text -> list of token ids (special tokens in the text become their ids)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        if self.use_fast and self._fast is not None:
+            return self._encode_fast(text)
+        return self.encode_readable(text)
+
+    def decode(self, ids):
+        """ids -> text. Byte sequences that are not valid UTF-8 become U+FFFD (errors="replace")."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids):
+        vocab = self.vocab
+        ids = ids if hasattr(ids, "__len__") else list(ids)
+        try:
+            return b"".join([vocab[i] for i in ids])
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, (int, np.integer)) or i not in vocab)
+            raise ValueError(f"token id {bad!r} is outside the vocabulary (valid ids: 0..{self.vocab_size - 1})") \
+                from None
+
+    def encode_iterable(self, iterable):
+        """Lazily encode an iterable of strings (e.g. an open file): yields exactly encode("".join(it)).
+
+        Constant memory: text is buffered only up to the last safe cut point (see `_find_cut`), encoded,
+        and dropped. A pre-token or special token that straddles two chunks stays in the buffer until it
+        is complete, so the ids never depend on how the input was chunked.
+        """
+        max_special = max((len(s) for s in self.special_tokens), default=0)
+        buf, pending, threshold = [], 0, self.STREAM_BUFFER
+        for chunk in iterable:
+            if not isinstance(chunk, str):
+                raise TypeError(f"encode_iterable expects strings, got {type(chunk).__name__}")
+            buf.append(chunk)
+            pending += len(chunk)
+            if pending < threshold:
+                continue
+            text = "".join(buf)
+            hi = len(text) - max_special - 2
+            # look for the last safe cut in the final 4 KB first (almost always found), else further back
+            cut = _find_cut(text, self._special_re, max(1, hi - 4096), hi, last=True)
+            if cut is None and hi - 4096 > 1:
+                cut = _find_cut(text, self._special_re, 1, hi - 4096, last=True)
+            if cut is None:
+                threshold *= 2  # no safe point yet (one huge line?): wait for more text, amortized O(n)
+                buf, pending = [text], len(text)
+                continue
+            yield from self.encode(text[:cut])
+            buf, pending, threshold = [text[cut:]], len(text) - cut, self.STREAM_BUFFER
+        text = "".join(buf)
+        if text:
+            yield from self.encode(text)
+
+    # ---- save / load (GPT-2 file format) -------------------------------------------------------------------
+    def save(self, directory):
+        """Write vocab.json ({token string: id}), merges.txt and special_tokens.json, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        vocab_json = {_token_to_str(self.vocab[i]): i for i in range(self.vocab_size)}
+        _atomic_write_text(directory / "vocab.json", json.dumps(vocab_json, ensure_ascii=False, indent=0))
+        lines = ["#version: 0.2"] + [f"{_token_to_str(a)} {_token_to_str(b)}" for a, b in self.merges]
+        _atomic_write_text(directory / "merges.txt", "\n".join(lines) + "\n")
+        _atomic_write_text(directory / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False))
+
+    @classmethod
+    def from_files(cls, vocab_path, merges_path, special_tokens=None, **kwargs):
+        """Load GPT-2-format vocab.json + merges.txt (ours, GPT-2's encoder.json/vocab.bpe, HuggingFace's)."""
+        for p in (vocab_path, merges_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"tokenizer file not found: {p}")
+        try:
+            with open(vocab_path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"malformed vocab file {vocab_path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+            raise ValueError(f"malformed vocab file {vocab_path}: expected a JSON object {{token: integer id}}")
+        vocab = {i: _str_to_token(s, f"vocab file {vocab_path}") for s, i in raw.items()}
+        if len(vocab) != len(raw):
+            raise ValueError(f"malformed vocab file {vocab_path}: two tokens share an id")
+        merges = []
+        with open(merges_path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line or (lineno == 1 and line.startswith("#version")):
+                    continue
+                parts = line.split(" ")
+                if len(parts) != 2 or not parts[0] or not parts[1]:
+                    raise ValueError(f"malformed merges file {merges_path}, line {lineno}: expected "
+                                     f"'token_a token_b', got {line!r}")
+                where = f"merges file {merges_path}, line {lineno}"
+                merges.append((_str_to_token(parts[0], where), _str_to_token(parts[1], where)))
+        try:
+            return cls(vocab, merges, special_tokens, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"inconsistent tokenizer files ({vocab_path}, {merges_path}): {e}") from None
+
+    @classmethod
+    def load(cls, directory, **kwargs):
+        """Inverse of `save`."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+        specials = []
+        if (directory / "special_tokens.json").exists():
+            try:
+                specials = json.loads((directory / "special_tokens.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"malformed {directory / 'special_tokens.json'}: {e}") from None
+            if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
+                raise ValueError(f"malformed {directory / 'special_tokens.json'}: expected a list of strings")
+        return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials, **kwargs)
+
+    # ---- pickling (for worker processes): the compiled encoder is rebuilt, not pickled ------------------------
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fast"], state["_cache"] = state["_fast"] is not None, {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fast = self._build_tiktoken() if state["_fast"] else None
+
+    # =================================================================================================
+    # 4. The fast path: compile to tiktoken
+    # =================================================================================================
+    # tiktoken's Rust BPE, per pre-token: if the whole piece is a token, emit it; otherwise repeatedly merge
+    # the adjacent pair whose CONCATENATION has the lowest rank in `mergeable_ranks`. With rank = token id
+    # that is merge-order BPE as long as (1) ids increase in merge order and (2) BPE applied to each token's
+    # own bytes gives back that token -- the two known ways to diverge are tiktoken's whole-piece shortcut
+    # and reaching a token through a different split than the merge that made it. We check (1), (2) and a
+    # sample text at construction and otherwise fall back to the readable encoder (reason in `fast_reason`);
+    # the tests also compare both encoders on varied and random Unicode text, and on GPT-2's real vocab.
+    def _build_tiktoken(self):
+        import tiktoken
+        special = set(self.special_ids.values())
+        ranks = {tok: i for i, tok in self.vocab.items() if i not in special}
+        return tiktoken.Encoding(name=f"scratchlm_bpe_{self.vocab_size}", pat_str=FAST_SPLIT_PATTERN,
+                                 mergeable_ranks=ranks, special_tokens=dict(self.special_ids))
+
+    def _compile_fast(self):
+        try:
+            import tiktoken  # noqa: F401
+        except ImportError:
+            return None, "tiktoken is not installed"
+        ids = [self._pair_id[(self.byte_to_id[a], self.byte_to_id[b])] for a, b in self.merges]
+        if any(y <= x for x, y in zip(ids, ids[1:])):
+            return None, "token ids are not in merge order"
+        special = set(self.special_ids.values())
+        merged = set(ids)
+        if special & merged:
+            return None, "a special token is also produced by a merge (tiktoken would never emit it from text)"
+        for i, tok in self.vocab.items():
+            if len(tok) > 1 and i not in special:
+                if i not in merged:
+                    return None, f"token {i} ({tok!r}) is not produced by any merge"
+                if self._bpe(tok) != [i]:
+                    return None, f"BPE of token {i}'s own bytes ({tok!r}) is not that token"
+        try:
+            enc = self._build_tiktoken()
+        except Exception as e:  # e.g. an unusual vocab tiktoken refuses
+            return None, f"tiktoken refused the vocab: {e}"
+        sample = _SAMPLE_CHECK_TEXT + "".join(self.special_tokens[:4])
+        self._fast = enc
+        ok = self._encode_fast(sample) == self.encode_readable(sample)
+        self._fast = None
+        return (enc, "ok") if ok else (None, "sample text encoded differently")
+
+    def _encode_fast(self, text):
+        # tiktoken matches special tokens in Rust, but not necessarily longest-first, so when one contains
+        # another we cut them out here (longest first) and let tiktoken do the rest.
+        if self._special_re is None:
+            return self._fast.encode_ordinary(text)
+        if not _specials_nest(self.special_tokens):
+            return self._fast.encode(text, allowed_special="all")
+        ids = []
+        for i, part in enumerate(self._special_re.split(text)):
+            if i % 2:
+                ids.append(self.special_ids[part])
+            elif part:
+                ids.extend(self._fast.encode_ordinary(part))
+        return ids
+
+
+_SAMPLE_CHECK_TEXT = ("Hello, world! It's 2024; we'll test   spaces\n\n and\ttabs. naïve café 東京 🤖 12345 "
+                      "don't I'VE   \n  trailing   ")
+
+
+def _specials_nest(special_tokens):
+    return any(a != b and a in b for a in special_tokens for b in special_tokens)
+
+
+def _fix_surrogates(text):
+    """Lone surrogates can't be UTF-8 encoded; replace them with U+FFFD (what tiktoken does too)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# =====================================================================================================
+# 5. encode_file: a corpus -> a flat token file for np.memmap
+# =====================================================================================================
+
+_WORKER_TOKENIZER = None
+
+
+def _init_encode_worker(tokenizer):
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_chunk(task):
+    path, start, end, dtype = task
+    ids = _WORKER_TOKENIZER.encode(_read_chunk_text(path, start, end))
+    return np.asarray(ids, dtype=dtype), end - start
+
+
+def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=True, chunk_bytes=None):
+    """Encode a UTF-8 text file into a flat `.bin` of token ids; returns the number of tokens written.
+
+    The dtype is `token_dtype(vocab_size)`; read back with np.memmap(out_path, dtype=..., mode="r"). The
+    file is cut at safe points (`_find_cut`), so the result equals tokenizer.encode(whole text). Chunks
+    are encoded by `num_workers` processes and written in order to `out_path + ".tmp"`, renamed at the end;
+    on any error the partial file is removed.
+    """
+    size = _check_input_file(input_path)
+    num_workers = _default_workers(num_workers)
+    dtype = token_dtype(tokenizer.vocab_size)
+    if chunk_bytes is None:
+        chunk_bytes = min(max(size // (8 * num_workers) + 1, 1 << 20), 8 << 20)
+    bounds = _chunk_boundaries(input_path, size, tokenizer.special_tokens, chunk_bytes)
+    tasks = [(os.fspath(input_path), a, b, dtype) for a, b in zip(bounds, bounds[1:])]
+    out_path = os.fspath(out_path)
+    tmp = out_path + ".tmp"
+    bar = _Progress(progress, f"encode {os.path.basename(os.fspath(input_path))}")
+    n_tokens, done, t0 = 0, 0, time.perf_counter()
+    try:
+        with open(tmp, "wb") as f:
+            def consume(results):
+                nonlocal n_tokens, done
+                for arr, nbytes in results:
+                    f.write(arr.tobytes())
+                    n_tokens, done = n_tokens + len(arr), done + nbytes
+                    bar.update(f"{done / 1e6:.1f}/{size / 1e6:.1f} MB, {n_tokens:,} tokens, "
+                               f"{done / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
+            if num_workers == 1 or len(tasks) == 1:
+                _init_encode_worker(tokenizer)
+                try:
+                    consume(map(_encode_chunk, tasks))
+                finally:
+                    _init_encode_worker(None)
+            else:
+                with _pool(min(num_workers, len(tasks)), _init_encode_worker, (tokenizer,)) as pool:
+                    consume(pool.imap(_encode_chunk, tasks))  # imap keeps the chunks in order
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    bar.close(f"{size / 1e6:.1f} MB -> {n_tokens:,} tokens ({size / max(n_tokens, 1):.2f} bytes/token), "
+              f"{np.dtype(dtype).name}")
+    return n_tokens
+
+
+# =====================================================================================================
+# 6. GPT-2 parity: rebuild GPT-2's merges from tiktoken's ranks
+# =====================================================================================================
+
+def _recover_merge(ranks, token, rank):
+    """Split `token` into the pair GPT-2 merged to make it: run BPE with only the merges below its rank;
+    what remains is exactly two parts (the merge inputs). (Same idea as minbpe's `recover_merges`.)"""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best, best_rank = None, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best_rank is None or r < best_rank):
+                best, best_rank = i, r
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"cannot recover the merge that made token {token!r}")
+    return parts[0], parts[1]
+
+
+def gpt2_tokenizer(fast=True):
+    """A Tokenizer with GPT-2's exact vocabulary and merges, from tiktoken's `gpt2` encoding.
+
+    tiktoken reads its files from TIKTOKEN_CACHE_DIR (or downloads them); errors propagate to the caller.
+    """
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    ranks = enc._mergeable_ranks
+    vocab = {r: tok for tok, r in ranks.items()}
+    for s, i in enc._special_tokens.items():
+        vocab[i] = s.encode("utf-8")
+    merges = [_recover_merge(ranks, tok, r) for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]) if len(tok) > 1]
+    return Tokenizer(vocab, merges, list(enc._special_tokens), fast=fast)
+
+
+# =====================================================================================================
+# 7. Benchmarks, demo and command line
+# =====================================================================================================
+
+def _default_shared_data():
+    return Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def build_bench_corpus(out_path, target_mb=6.0, data_dir=None):
+    """Mixed real text: all of tinyshakespeare + MMLU questions (documents separated by <|endoftext|>),
+    cut at a document boundary near `target_mb` MB. Needs ../shared/data (benchmarks only)."""
+    data_dir = Path(data_dir) if data_dir else _default_shared_data()
+    sources = [data_dir / "tinyshakespeare.txt", data_dir / "mmlu_questions.txt"]
+    for s in sources:
+        if not s.is_file():
+            raise FileNotFoundError(f"benchmark corpus source not found: {s} (pass --data-dir)")
+    text = sources[0].read_text(encoding="utf-8") + EOT + sources[1].read_text(encoding="utf-8")
+    cut = text.find(EOT, int(target_mb * 1e6) - 1)
+    text = text if cut < 0 else text[:cut + len(EOT)]
+    _atomic_write_text(out_path, text)
+    return len(text.encode("utf-8"))
+
+
+def peak_rss_mb():
+    """This process's peak resident memory in MB (Linux VmHWM; else ru_maxrss, which on Linux survives exec
+    and so can include the parent's peak -- hence VmHWM first)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024
+
+
+def _run_json(code, *args):
+    """Run python code in a fresh subprocess (fair wall time and peak RSS); it prints one JSON line."""
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent))
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+_BENCH_OURS = r"""
+import json, resource, sys, time, tokenizer as tk
+t = time.perf_counter()
+vocab, merges = tk.train_bpe(sys.argv[1], int(sys.argv[2]), ["<|endoftext|>"], num_workers=int(sys.argv[3]), progress=False)
+s = time.perf_counter() - t
+tk.Tokenizer(vocab, merges, ["<|endoftext|>"], fast=False).save(sys.argv[4])
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"s": s, "rss": tk.peak_rss_mb(), "vocab": len(vocab), "rss_workers": kids.ru_maxrss / 1024,
+                  "cpu": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime}))
+"""
+
+_BENCH_HF = r"""
+import json, os, resource, sys, time
+os.environ["RAYON_NUM_THREADS"] = sys.argv[3]
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+t = time.perf_counter()
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2 regex + bytes
+trainer = trainers.BpeTrainer(vocab_size=int(sys.argv[2]), special_tokens=["<|endoftext|>"], min_frequency=0,
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+tok.train([sys.argv[1]], trainer)
+s = time.perf_counter() - t
+import tokenizer as tk
+me = resource.getrusage(resource.RUSAGE_SELF)  # all of rayon's threads
+print(json.dumps({"s": s, "rss": tk.peak_rss_mb(), "vocab": tok.get_vocab_size(), "cpu": me.ru_utime + me.ru_stime}))
+"""
+
+_BENCH_STREAM = r"""
+import json, resource, sys, time, tokenizer as tk
+tok = tk.Tokenizer.load(sys.argv[1])
+before = tk.peak_rss_mb()
+t, n = time.perf_counter(), 0
+with open(sys.argv[2], encoding="utf-8") as f:
+    if sys.argv[3] == "stream":
+        for _ in tok.encode_iterable(f):  # ids are consumed (counted) as they come
+            n += 1
+    else:
+        n = len(tok.encode(f.read()))  # the non-streaming contrast: whole text and all ids in memory
+s = time.perf_counter() - t
+print(json.dumps({"s": s, "tokens": n, "rss_before": before, "rss": tk.peak_rss_mb()}))
+"""
+
+
+def bench(args):
+    """Side-by-side benchmarks; prints a results table and README rows."""
+    machine = args.machine
+    workers = _default_workers(args.workers)
+    shared_tiktoken = _default_shared_data().parent / "tiktoken"
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_tiktoken.is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_tiktoken)  # offline gpt2 files, when the project has them
+    rows = []
+
+    def row(what, command, corpus, ours, peer, ratio):
+        rows.append(f"| tokenizer | {what} | `{command}` | {corpus} | {ours} | {peer} | {ratio} | {machine} |")
+        print(f"  {what}: ours {ours} | peer {peer} | ratio {ratio}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="scratchlm_bench_") as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        nbytes = build_bench_corpus(corpus, args.mb, args.data_dir)
+        mb = nbytes / 1e6
+        print(f"corpus: {mb:.2f} MB (tinyshakespeare + MMLU questions), {workers} worker(s)", flush=True)
+        tok_dir = os.path.join(tmp, "tok")
+        cmd = "python tokenizer.py bench"
+
+        # --- training vs HuggingFace tokenizers ---
+        # alternate ours / HF `--repeats` times and keep each one's fastest run (load from other users of a
+        # shared machine only ever adds time)
+        ours, hf = None, None
+        for rep in range(args.repeats):
+            run = _run_json(_BENCH_OURS, corpus, args.vocab_size, workers, tok_dir)
+            print(f"  ours: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
+                  f"peak RSS main {run['rss']:.0f} MB / workers {run['rss_workers']:.0f} MB")
+            ours = run if ours is None or run["s"] < ours["s"] else ours
+            try:
+                run = _run_json(_BENCH_HF, corpus, args.vocab_size, workers)
+                print(f"  HF tokenizers: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
+                      f"peak RSS {run['rss']:.0f} MB")
+                hf = run if hf is None or run["s"] < hf["s"] else hf
+            except (RuntimeError, ImportError) as e:
+                print(f"  (HuggingFace tokenizers unavailable, skipping the peer: {str(e)[-200:]})")
+        if hf is not None:
+            row(f"train BPE, vocab {args.vocab_size} + <\\|endoftext\\|>, wall time (peak RSS)", cmd,
+                f"{mb:.1f} MB mixed text", f"{ours['s']:.2f} s ({ours['rss']:.0f} MB + workers {ours['rss_workers']:.0f} MB)",
+                f"HF tokenizers {hf['s']:.2f} s ({hf['rss']:.0f} MB)", f"{ours['s'] / hf['s']:.2f}x time "
+                f"(CPU seconds: {ours['cpu']:.1f} vs {hf['cpu']:.1f})")
+
+        text = Path(corpus).read_text(encoding="utf-8")
+        trained = Tokenizer.load(tok_dir)
+        print(f"  trained tokenizer fast path: {trained.fast_reason}")
+
+        # --- encoding throughput: our fast path (GPT-2 vocab) vs tiktoken gpt2 ---
+        try:
+            import tiktoken
+            ref = tiktoken.get_encoding("gpt2")
+            ours_gpt2 = gpt2_tokenizer()
+            # Both sides run the same kind of Rust core, so the true ratio is ~1 and the noise of a shared
+            # machine dominates: alternate who goes first over 10 rounds on a 2 MB slice and keep each
+            # side's best CPU time (process_time: only time this process actually ran).
+            sample = text[:2_000_000]
+            smb = len(sample.encode()) / 1e6
+            t_ref = t_ours = float("inf")
+            for rep in range(10):
+                for who in ((0, 1) if rep % 2 else (1, 0)):
+                    c = time.process_time()
+                    if who:
+                        ids_ref = ref.encode(sample, allowed_special="all")
+                        t_ref = min(t_ref, time.process_time() - c)
+                    else:
+                        ids_ours = ours_gpt2.encode(sample)
+                        t_ours = min(t_ours, time.process_time() - c)
+            same = "identical ids" if ids_ours == ids_ref else "IDS DIFFER"
+            row(f"encode, GPT-2 vocab, fast path vs tiktoken gpt2 (1 thread, best CPU time of 10; {same})", cmd,
+                f"{smb:.1f} MB", f"{smb / t_ours:.1f} MB/s", f"tiktoken {smb / t_ref:.1f} MB/s",
+                f"{t_ref / t_ours:.2f}x throughput")
+            t, c = time.perf_counter(), time.process_time()
+            ours_gpt2.encode_readable(sample)  # a fresh tokenizer: its pre-token cache starts cold
+            t_py, c_py = time.perf_counter() - t, time.process_time() - c
+            row("encode, GPT-2 vocab, pure-Python encoder (1 thread, cold cache; CPU-time rate, wall rate in brackets)",
+                cmd, f"{smb:.1f} MB", f"{smb / c_py:.2f} MB/s ({smb / t_py:.2f} MB/s wall)", "target 1 MB/s",
+                f"{smb / c_py:.2f}x target")
+        except Exception as e:  # no gpt2 files offline
+            print(f"  (tiktoken gpt2 unavailable, skipping GPT-2 throughput: {e})")
+
+        c = time.process_time(); ids_fast = trained.encode(text); t_fast = time.process_time() - c
+        c = time.process_time(); ids_py = trained.encode_readable(text); t_py = time.process_time() - c
+        same = "identical ids" if ids_fast == ids_py else "IDS DIFFER"
+        row(f"encode, our {trained.vocab_size} vocab: fast path vs pure Python (1 thread, CPU time; {same}; "
+            f"{nbytes / len(ids_fast):.2f} bytes/token)",
+            cmd, f"{mb:.1f} MB", f"{mb / t_fast:.1f} MB/s", f"pure Python {mb / t_py:.2f} MB/s", f"{t_py / t_fast:.1f}x")
+
+        # --- encode_file (parallel) ---
+        t = time.perf_counter()
+        n = encode_file(trained, corpus, os.path.join(tmp, "corpus.bin"), num_workers=workers, progress=False)
+        t_file = time.perf_counter() - t
+        assert n == len(ids_fast), "encode_file disagrees with encode"
+        print(f"  encode_file: {n:,} tokens in {t_file:.2f} s ({mb / t_file:.1f} MB/s, {workers} workers, == encode)")
+
+        # --- encode_iterable memory on a file of tens of MB ---
+        big = os.path.join(tmp, "big.txt")
+        reps = max(1, int(args.stream_mb / mb + 0.999))
+        with open(big, "w", encoding="utf-8") as f:
+            for _ in range(reps):
+                f.write(text)
+        del text, ids_fast, ids_py
+        st = _run_json(_BENCH_STREAM, tok_dir, big, "stream")
+        whole = _run_json(_BENCH_STREAM, tok_dir, big, "whole")
+        row("peak RSS: encode_iterable over the file's lines vs encode(whole text)", cmd,
+            f"{reps * mb:.0f} MB file", f"{st['rss']:.0f} MB (+{st['rss'] - st['rss_before']:.0f} MB over the "
+            f"loaded tokenizer; {st['tokens']:,} tokens, {reps * mb / st['s']:.1f} MB/s)",
+            f"encode(f.read()): {whole['rss']:.0f} MB (+{whole['rss'] - whole['rss_before']:.0f} MB)",
+            f"{(st['rss'] - st['rss_before']) / max(whole['rss'] - whole['rss_before'], 1e-9):.3f}x growth")
+    print("\n| stage | what | command | corpus/shape | ours | peer | ratio | machine |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def demo():
+    """No-argument run: train a small BPE on this file's own text (English docs + code), show what it does."""
+    src = os.path.abspath(__file__)
+    text = Path(src).read_text(encoding="utf-8")
+    t = time.perf_counter()
+    vocab, merges = train_bpe(src, 256 + 1 + 744, [EOT], num_workers=1, progress=False)
+    tok = Tokenizer(vocab, merges, [EOT])
+    secs = time.perf_counter() - t
+    ids = tok.encode(text)
+    print(f"trained a {tok.vocab_size}-token byte-level BPE on {src} ({len(text.encode()):,} bytes) in {secs:.2f} s")
+    print(f"compression: {len(text.encode()) / len(ids):.2f} bytes/token (raw bytes would be 1.00)")
+    print("first merges:", ", ".join(f"{(a + b).decode('utf-8', 'replace')!r}" for a, b in merges[:12]))
+    example = "The tokenizer turns text into integers.<|endoftext|>Ünïcödé and emoji 🙂 still round-trip."
+    ex_ids = tok.encode(example)
+    print(f"\nencode({example!r})\n  -> {ex_ids}")
+    print("  pieces:", [tok.vocab[i].decode("utf-8", "backslashreplace") for i in ex_ids])
+    assert tok.decode(ex_ids) == example
+    print(f"decode(...) == input: True   (fast path: {tok.fast_reason}; readable encoder agrees: "
+          f"{tok.encode_readable(example) == ex_ids})")
+    print("\nnext: python tokenizer.py train --input FILE --vocab-size 10000 --special-tokens '<|endoftext|>' --out DIR")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="ScratchLM stage 1: byte-level BPE tokenizer. With no subcommand: "
+                                            "a small demo that trains on this file's own text.")
+    sub = p.add_subparsers(dest="cmd")
+    t = sub.add_parser("train", help="train a BPE tokenizer on a UTF-8 text file")
+    t.add_argument("--input", required=True, help="UTF-8 text file to train on")
+    t.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size: 256 bytes + special tokens + merges")
+    t.add_argument("--special-tokens", nargs="*", default=[EOT], help="special tokens, never merged (default: <|endoftext|>)")
+    t.add_argument("--out", required=True, help="directory to write vocab.json, merges.txt, special_tokens.json")
+    t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
+    t.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    e = sub.add_parser("encode", help="encode a UTF-8 text file into a flat .bin of token ids (np.memmap-able)")
+    e.add_argument("--tokenizer", required=True, help="directory written by `train` (or Tokenizer.save)")
+    e.add_argument("--input", required=True, help="UTF-8 text file to encode")
+    e.add_argument("--out", required=True, help="output .bin (uint16 if the vocab fits, else uint32), written atomically")
+    e.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    e.add_argument("--readable", action="store_true", help="force the pure-Python encoder instead of the tiktoken fast path")
+    e.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    b = sub.add_parser("bench", help="benchmarks vs HuggingFace tokenizers (training) and tiktoken (encoding)")
+    b.add_argument("--data-dir", default=None, help="folder with tinyshakespeare.txt and mmlu_questions.txt "
+                                                    "(default: ../shared/data next to the project)")
+    b.add_argument("--mb", type=float, default=6.0, help="size of the mixed training corpus in MB (default 6)")
+    b.add_argument("--vocab-size", type=int, default=10000, help="vocabulary size to train (default 10000)")
+    b.add_argument("--workers", type=int, default=None, help="processes/threads for both us and the peer (default: all cores)")
+    b.add_argument("--repeats", type=int, default=1, help="training runs per side, alternating; the fastest of each is kept")
+    b.add_argument("--stream-mb", type=float, default=30.0, help="size of the file for the encode_iterable memory test")
+    b.add_argument("--machine", default="2-core CPU VM (x86_64), torch 2.13.0 CPU", help="machine label for the table")
+    args = p.parse_args(argv)
+    try:
+        _run_command(args)
+    except (OSError, ValueError) as e:  # bad input: one clear line, no traceback, nothing half-written
+        if argv is not None:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run_command(args):
+    if args.cmd is None:
+        demo()
+    elif args.cmd == "train":
+        t0 = time.perf_counter()
+        vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, num_workers=args.workers,
+                                  progress=not args.quiet)
+        tok = Tokenizer(vocab, merges, args.special_tokens)
+        tok.save(args.out)
+        print(f"trained {tok.vocab_size} tokens ({len(merges)} merges) in {time.perf_counter() - t0:.1f} s -> {args.out}")
+        with open(args.input, encoding="utf-8", errors="replace") as f:
+            sample = f.read(1 << 20)
+        print(f"compression on the first MB: {len(sample.encode()) / max(1, len(tok.encode(sample))):.2f} bytes/token")
+    elif args.cmd == "encode":
+        tok = Tokenizer.load(args.tokenizer, fast=not args.readable)
+        t0 = time.perf_counter()
+        n = encode_file(tok, args.input, args.out, num_workers=args.workers, progress=not args.quiet)
+        secs = time.perf_counter() - t0
+        size = os.path.getsize(args.input)
+        print(f"{n:,} tokens -> {args.out} ({np.dtype(token_dtype(tok.vocab_size)).name}); "
+              f"{size / max(n, 1):.2f} bytes/token; {size / 1e6 / secs:.1f} MB/s")
+    elif args.cmd == "bench":
+        bench(args)
+
+
+if __name__ == "__main__":
+    main()
