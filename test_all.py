@@ -435,3 +435,769 @@ def test_tok_property_encode_iterable_any_chunking(parts, cuts):
     cuts = sorted({min(c, len(text)) for c in cuts})
     chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
     assert list(tok.encode_iterable(chunks)) == tok.encode(text)
+
+
+# ====================================================================================================================
+# Stage 2: model.py
+# ====================================================================================================================
+# ------------------------------------------------------------------------------------------------------
+# Stage 2: model.py -- the Transformer LM, its switches, accounting and inference
+# ------------------------------------------------------------------------------------------------------
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+
+@pytest.fixture
+def _model_one_thread():
+    """Tiny models are dominated by per-op overhead; a second intra-op thread only adds synchronization
+    (10x slower on a loaded 2-core box). Every test in this section runs single-threaded, then restores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model_tiny(**switches):
+    """A tiny model (fast on CPU) with any switches; fixed seed so tests are deterministic."""
+    torch.manual_seed(0)
+    base = dict(vocab_size=37, context_length=32, d_model=32, num_layers=2, num_heads=4)
+    base.update(switches)
+    return M.TransformerLM(**base)
+
+
+# Every switch value at least once (and a few combinations).
+_MODEL_SWITCHES = [
+    {},
+    {"norm": "layernorm"},
+    {"norm": "none"},
+    {"norm_position": "post"},
+    {"norm_position": "post", "norm": "layernorm"},
+    {"position": "sinusoidal"},
+    {"position": "nope"},
+    {"ffn": "silu"},
+    {"ffn": "relu"},
+    {"num_experts": 4, "experts_top_k": 2},
+    {"num_experts": 3, "experts_top_k": 1, "ffn": "relu"},
+    {"attention": "sliding", "window_size": 5},
+    {"num_kv_heads": 2},
+    {"num_kv_heads": 1},
+    {"qk_norm": True},
+    {"tie_embeddings": True},
+    {"attn_impl": "naive"},
+    {"attn_impl": "naive", "attention": "sliding", "window_size": 4, "num_kv_heads": 2},
+    {"attention": "sliding", "window_size": 3, "num_kv_heads": 1, "qk_norm": True, "position": "sinusoidal"},
+]
+
+
+def _model_id(sw):
+    return ",".join(f"{k}={v}" for k, v in sw.items()) or "default"
+
+
+# --- primitives vs independent computations -------------------------------------------------------------
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_linear_matches_f_linear_and_init():
+    torch.manual_seed(0)
+    lin = M.Linear(300, 200)
+    assert lin.weight.shape == (200, 300)
+    x = torch.randn(2, 5, 300)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight))
+    std = math.sqrt(2 / 500)
+    assert abs(lin.weight.std().item() - std) < 0.1 * std  # truncation shrinks std by ~1.3%
+    assert lin.weight.abs().max().item() <= 3 * std + 1e-6
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_embedding_matches_f_embedding_and_init():
+    torch.manual_seed(0)
+    emb = M.Embedding(1000, 64)
+    ids = torch.randint(0, 1000, (3, 7))
+    torch.testing.assert_close(emb(ids), F.embedding(ids, emb.weight))
+    assert emb.weight.abs().max().item() <= 3.0
+    assert abs(emb.weight.std().item() - 1.0) < 0.05
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_rmsnorm_matches_torch_and_float64(dtype):
+    torch.manual_seed(0)
+    norm = M.RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = (torch.randn(4, 9, 64) * 30).to(dtype)
+    y = norm(x)
+    assert y.dtype == dtype
+    x64 = x.double()
+    ref = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(y.double(), ref.to(dtype).double(), **tol)
+    torch.testing.assert_close(M.RMSNorm(64)(x.float()), F.rms_norm(x.float(), (64,), eps=1e-5))
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_layernorm_matches_torch():
+    torch.manual_seed(0)
+    ln = M.LayerNorm(48)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(48))
+        ln.bias.copy_(torch.randn(48))
+    x = torch.randn(3, 5, 48) * 4 + 2
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (48,), ln.weight, ln.bias, eps=1e-5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_silu_swiglu_feedforward_vs_reference():
+    torch.manual_seed(0)
+    x = torch.randn(1000) * 10
+    torch.testing.assert_close(M.silu(x), F.silu(x))
+    ffn = M.SwiGLU(16, 48)
+    h = torch.randn(2, 3, 16)
+    h64 = h.double()
+    w1, w2, w3 = (getattr(ffn, n).weight.double() for n in ("w1", "w2", "w3"))
+    ref = (F.silu(h64 @ w1.T) * (h64 @ w3.T)) @ w2.T
+    torch.testing.assert_close(ffn(h).double(), ref, atol=1e-5, rtol=1e-5)
+    relu = M.FeedForward(16, 64, "relu")
+    torch.testing.assert_close(relu(h), F.relu(h @ relu.w1.weight.T) @ relu.w2.weight.T)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_softmax_stable_and_matches_torch():
+    x = torch.tensor([[1000.0, 1001.0, 999.0], [-1e4, 0.0, 1e4], [0.0, 0.0, 0.0]])
+    y = M.softmax(x, dim=-1)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, torch.softmax(x, dim=-1))
+    z = torch.randn(4, 5, 6)
+    torch.testing.assert_close(M.softmax(z, dim=1), torch.softmax(z, dim=1))
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_sdpa_from_scratch_matches_torch_any_batch_dims():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 7, 8), torch.randn(2, 3, 4, 9, 8), torch.randn(2, 3, 4, 9, 5)
+    mask = torch.rand(7, 9) > 0.3
+    mask[:, 0] = True  # every query sees something
+    torch.testing.assert_close(M.scaled_dot_product_attention(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(M.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0]),
+                               F.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_causal_window_mask_hand_example():
+    # 3 queries = the last 3 of 5 keys (positions 2, 3, 4), window 2: each sees itself and one before
+    expected = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(M.causal_window_mask(3, 5, 2), expected)
+    assert torch.equal(M.causal_window_mask(3, 3, None), torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("tq,tk", [(6, 6), (1, 6), (3, 6)])
+def test_model_backends_agree_with_each_other_and_torch(window, tq, tk):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, tq, 8), torch.randn(2, 4, tk, 8), torch.randn(2, 4, tk, 8)
+    a = M.naive_attention(q, k, v, causal=True, window=window)
+    b = M.sdpa_attention(q, k, v, causal=True, window=window)
+    mask = M.causal_window_mask(tq, tk, window)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(a.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_rope_matches_complex_float64_rotation():
+    torch.manual_seed(0)
+    theta, d_k, T = 10000.0, 16, 12
+    rope = M.RotaryPositionalEmbedding(theta, d_k, 64)
+    x = torch.randn(2, T, d_k)
+    pos = torch.randint(0, 64, (2, T))
+    y = rope(x, pos)
+    # independent: pair (x[2j], x[2j+1]) as a complex number times e^{i pos theta^(-2j/d)}
+    freqs = theta ** (-torch.arange(0, d_k, 2, dtype=torch.float64) / d_k)
+    angle = pos.double()[..., None] * freqs
+    z = torch.view_as_complex(x.double().reshape(2, T, d_k // 2, 2).contiguous())
+    ref = torch.view_as_real(z * torch.polar(torch.ones_like(angle), angle)).reshape(2, T, d_k)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    assert "cos" not in dict(rope.state_dict())  # tables are buffers, not weights
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_rope_relative_position_property():
+    torch.manual_seed(0)
+    rope = M.RotaryPositionalEmbedding(10000.0, 32, 128)
+    q, k = torch.randn(32), torch.randn(32)
+
+    def score(m, n):
+        return (rope(q[None], torch.tensor([m])) * rope(k[None], torch.tensor([n]))).sum().item()
+
+    base = score(10, 3)
+    for shift in (1, 17, 60):
+        assert abs(score(10 + shift, 3 + shift) - base) < 1e-4
+    assert abs(score(10, 4) - base) > 1e-3  # a different offset gives a different score
+
+
+# --- attention module, causality, switches -------------------------------------------------------------
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("sw", [{}, {"num_kv_heads": 2}, {"num_kv_heads": 1}, {"attention": "sliding", "window_size": 4},
+                                {"qk_norm": True}], ids=_model_id)
+def test_model_attention_naive_equals_sdpa_in_model(sw):
+    m = _model_tiny(**sw)
+    x = torch.randint(0, 37, (3, 20))
+    M.set_attention_backend(m, "naive")
+    a = m(x)
+    assert m.config.attn_impl == "naive" and all(l.attn.attn_impl == "naive" for l in m.layers)
+    M.set_attention_backend(m, "sdpa")
+    torch.testing.assert_close(a, m(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_mhsa_matches_independent_multihead_computation():
+    torch.manual_seed(0)
+    d, H, T = 24, 3, 7
+    mha = M.MultiHeadSelfAttention(d, H, max_seq_len=16, theta=10000.0, attn_impl="naive")
+    x = torch.randn(2, T, d)
+    x64 = x.double()
+    q = (x64 @ mha.q_proj.weight.double().T).view(2, T, H, 8).transpose(1, 2)
+    k = (x64 @ mha.k_proj.weight.double().T).view(2, T, H, 8).transpose(1, 2)
+    v = (x64 @ mha.v_proj.weight.double().T).view(2, T, H, 8).transpose(1, 2)
+    freqs = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    rot = torch.polar(torch.ones(T, 4, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * freqs)
+    q = torch.view_as_real(torch.view_as_complex(q.reshape(2, H, T, 4, 2).contiguous()) * rot).reshape(2, H, T, 8)
+    k = torch.view_as_real(torch.view_as_complex(k.reshape(2, H, T, 4, 2).contiguous()) * rot).reshape(2, H, T, 8)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, T, d)
+    ref = a @ mha.output_proj.weight.double().T
+    torch.testing.assert_close(mha(x).double(), ref, atol=1e-5, rtol=1e-5)
+    # token_positions with a batch shape: explicit positions 0..T-1 give the same result
+    torch.testing.assert_close(mha(x, torch.arange(T).expand(2, T)).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("sw", _MODEL_SWITCHES, ids=_model_id)
+def test_model_causality_every_variant(sw):
+    """Changing token t changes no logit at positions < t."""
+    m = _model_tiny(**sw)
+    m.eval()
+    x = torch.randint(0, 37, (2, 16))
+    y = x.clone()
+    y[:, 9] = (y[:, 9] + 1) % 37
+    with torch.no_grad():
+        lx, ly = m(x), m(y)
+    torch.testing.assert_close(lx[:, :9], ly[:, :9], atol=1e-5, rtol=1e-5)
+    assert (lx[:, 9:] - ly[:, 9:]).abs().max() > 1e-4  # and it does change the rest
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("sw", _MODEL_SWITCHES, ids=_model_id)
+def test_model_every_switch_forward_backward(sw):
+    m = _model_tiny(**sw)
+    x = torch.randint(0, 37, (4, 24))
+    logits = m(x)
+    assert logits.shape == (4, 24, 37) and torch.isfinite(logits).all()
+    loss = F.cross_entropy(logits.flatten(0, 1), x.roll(-1, 1).flatten()) + m.aux_loss
+    loss.backward()
+    for name, p in m.named_parameters():
+        if ".experts." in name and p.grad is None:
+            continue  # an expert that received no token this batch has no gradient
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert m.config.to_dict()["d_ff"] is not None
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_window_limits_receptive_field():
+    """With window 3 and 2 layers a token influences logits at most 2*(3-1) = 4 positions later."""
+    m = _model_tiny(attention="sliding", window_size=3, position="nope")
+    m.eval()
+    x = torch.randint(0, 37, (1, 16))
+    y = x.clone()
+    y[0, 2] = (y[0, 2] + 5) % 37
+    with torch.no_grad():
+        d = (m(x) - m(y)).abs().amax(-1)[0]
+    assert d[2:7].min() > 1e-6 and d[7:].max() < 1e-6
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_moe_routing_sums_and_mixture():
+    torch.manual_seed(0)
+    moe = M.MoEFeedForward(16, 32, num_experts=4, top_k=2)
+    x = torch.randn(3, 5, 16)
+    probs, gates, idx = moe.route(x.reshape(-1, 16))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(15))
+    torch.testing.assert_close(gates.sum(-1), torch.ones(15))
+    # the output is the gate-weighted sum of the chosen experts, recomputed token by token
+    y = moe(x).reshape(-1, 16)
+    xf = x.reshape(-1, 16)
+    for n in range(15):
+        ref = sum(gates[n, j] * moe.experts[int(idx[n, j])](xf[n]) for j in range(2))
+        torch.testing.assert_close(y[n], ref, atol=1e-5, rtol=1e-5)
+    # aux = E * sum_i f_i P_i, by hand
+    f = torch.bincount(idx.flatten(), minlength=4).float() / 30
+    torch.testing.assert_close(moe.aux_loss, 4 * (f * probs.mean(0)).sum())
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_moe_uniform_router_gives_aux_one_and_model_weighting():
+    m = _model_tiny(num_experts=4, experts_top_k=1, moe_aux_weight=0.5)
+    for layer in m.layers:
+        torch.nn.init.zeros_(layer.ffn.router.weight)  # uniform probabilities
+    m(torch.randint(0, 37, (2, 8)))
+    # P_i = 1/4 for all i, sum_i f_i = 1 -> E * sum f_i P_i = 1 regardless of ties
+    torch.testing.assert_close(m.aux_loss, torch.tensor(0.5))
+    dense = _model_tiny()
+    dense(torch.randint(0, 37, (2, 8)))
+    assert float(dense.aux_loss) == 0.0
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_matches_torch_layers_peer():
+    cfg = M.ModelConfig(vocab_size=50, context_length=16, d_model=32, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    ours = M.TransformerLM.from_config(cfg)
+    peer = M.TorchLayersLM(cfg)
+    peer.load_state_dict(ours.state_dict())
+    x = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(ours(x), peer(x), atol=1e-4, rtol=1e-4)
+
+
+# --- state dict, config, registry ------------------------------------------------------------------
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_state_dict_names_match_cs336_layout():
+    m = _model_tiny()
+    expected = {"token_embeddings.weight", "ln_final.weight", "lm_head.weight"}
+    for i in range(2):
+        expected |= {f"layers.{i}.attn.{p}_proj.weight" for p in ("q", "k", "v", "output")}
+        expected |= {f"layers.{i}.ln1.weight", f"layers.{i}.ln2.weight"}
+        expected |= {f"layers.{i}.ffn.{w}.weight" for w in ("w1", "w2", "w3")}
+    sd = m.state_dict()
+    assert set(sd) == expected
+    assert sd["layers.0.attn.q_proj.weight"].shape == (32, 32)
+    assert sd["layers.0.ffn.w1.weight"].shape == (m.config.d_ff, 32)  # [out, in]
+    # a reference-layout dict built from plain tensors loads, and round-trips exactly
+    fresh = _model_tiny()
+    ref = {k: torch.randn_like(v) for k, v in sd.items()}
+    fresh.load_state_dict(ref)
+    assert all(torch.equal(fresh.state_dict()[k], ref[k]) for k in ref)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_tied_embeddings_share_one_matrix():
+    m = _model_tiny(tie_embeddings=True)
+    assert m.lm_head.weight is m.token_embeddings.weight
+    assert M.num_params(m) == M.num_params(_model_tiny()) - 37 * 32
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_config_roundtrip_and_defaults():
+    cfg = M.ModelConfig(vocab_size=10, context_length=8, d_model=96, num_layers=1, num_heads=4)
+    assert cfg.d_ff == 256  # 8/3 * 96 = 256, a multiple of 64
+    assert M.ModelConfig(vocab_size=10, context_length=8, d_model=64, num_layers=1, num_heads=4).d_ff == 192
+    assert M.ModelConfig(vocab_size=10, context_length=8, d_model=64, num_layers=1, num_heads=4, ffn="relu").d_ff == 256
+    assert cfg.num_kv_heads == 4
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert M.ModelConfig.from_dict(d) == cfg
+    m = M.TransformerLM.from_config(cfg)
+    assert m.config == cfg
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_register_custom_backend_is_used():
+    calls = []
+
+    def counting(q, k, v, *, causal, window):
+        calls.append((q.shape, k.shape, causal, window))
+        return M.naive_attention(q, k, v, causal=causal, window=window)
+
+    M.register_attention_backend("test_model_counting", counting)
+    try:
+        m = _model_tiny(num_kv_heads=2)
+        x = torch.randint(0, 37, (2, 10))
+        ref = m(x)
+        M.set_attention_backend(m, "test_model_counting")
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 2 and calls[0][1] == (2, 4, 10, 8)  # KV heads expanded to H for the backend
+        with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+            M.set_attention_backend(m, "nope")
+    finally:
+        M.ATTENTION_BACKENDS.pop("test_model_counting")
+
+
+# --- bad inputs ------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_bad_token_ids_and_lengths():
+    m = _model_tiny()
+    with pytest.raises(ValueError, match="token id 37 is outside the vocabulary"):
+        m(torch.tensor([[1, 37]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        m(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="sequence length 33 exceeds the model's context_length 32"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor"):
+        m(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        M.generate(m, [1, 2, 99], 2)
+    with pytest.raises(ValueError, match="exceeds the model's context_length"):
+        M.generate(m, [1] * 30, 5)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(d_model=30, num_heads=4), "d_model=30 is not divisible by num_heads=4"),
+    (dict(num_kv_heads=3), "num_heads=4 is not divisible by num_kv_heads=3"),
+    (dict(norm="batchnorm"), r"ModelConfig.norm='batchnorm' is not one of \['rmsnorm', 'layernorm', 'none'\]"),
+    (dict(norm_position="middle"), "norm_position='middle'"),
+    (dict(position="alibi"), r"position='alibi' is not one of \['rope', 'sinusoidal', 'nope'\]"),
+    (dict(ffn="gelu"), r"ffn='gelu' is not one of"),
+    (dict(attention="local"), r"attention='local' is not one of \['full', 'sliding'\]"),
+    (dict(attention="sliding"), "needs window_size"),
+    (dict(window_size=4), "only used with attention='sliding'"),
+    (dict(num_experts=2, experts_top_k=3), "experts_top_k=3"),
+    (dict(attn_impl="flash9"), "attn_impl='flash9' is not one of"),
+    (dict(vocab_size=0), "vocab_size must be a positive integer"),
+])
+def test_model_bad_config_values(kwargs, pattern):
+    base = dict(vocab_size=37, context_length=32, d_model=32, num_layers=2, num_heads=4)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        M.ModelConfig(**base)
+    with pytest.raises(ValueError, match=pattern):
+        M.TransformerLM(**base)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_bad_config_dict_and_state_dict():
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['n_layer'\]"):
+        M.ModelConfig.from_dict({"vocab_size": 5, "context_length": 4, "d_model": 8, "num_layers": 1,
+                                 "num_heads": 2, "n_layer": 3})
+    m = _model_tiny()
+    sd = m.state_dict()
+    bad = dict(sd)
+    del bad["layers.1.ffn.w2.weight"]
+    bad["layers.1.ffn.w4.weight"] = torch.zeros(3)
+    with pytest.raises(M.StateDictMismatchError,
+                       match=r"missing keys \['layers.1.ffn.w2.weight'\]; unexpected keys \['layers.1.ffn.w4.weight'\]"):
+        M.load_model_state(m, bad)
+    with pytest.raises(RuntimeError, match="missing keys"):  # also a RuntimeError, like torch's own
+        m.load_state_dict(bad)
+    wrong = dict(sd)
+    wrong["lm_head.weight"] = torch.zeros(5, 32)
+    with pytest.raises(ValueError, match=r"lm_head.weight: checkpoint \(5, 32\) vs model \(37, 32\)"):
+        m.load_state_dict(wrong)
+    # wrapper prefixes from torch.compile / DDP are accepted
+    M.load_model_state(m, {"_orig_mod.module." + k: v for k, v in sd.items()})
+
+
+# --- accounting ---------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_flops_and_params_hand_count():
+    # V=10, T=4, d=8, L=1, H=2 (dh=4), d_ff=16, SwiGLU, full causal attention, untied.
+    cfg = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16)
+    # forward FLOPs per token (2mnp per matmul, one token = one row):
+    #   q, k, v, output projections: 4 * 2*8*8                       = 512
+    #   Q K^T: 2 heads * 2 * dh(4) * mean keys (1+2+3+4)/4 = 2.5      =  40
+    #   A V: same                                                     =  40
+    #   SwiGLU w1, w3 (8->16), w2 (16->8): 3 * 2*8*16                 = 768
+    #   LM head 8 -> 10: 2*8*10                                       = 160
+    #   total                                                         = 1520
+    assert M.flops_per_token(cfg) == 1520
+    assert M.flops_per_token(cfg, training=True) == 3 * 1520
+    # full rows (Kaplan/PaLM convention): 4 keys per query -> attention 2 * 2*2*4*4 = 128, total 1568
+    assert M.flops_per_token(cfg, causal_average=False) == 1568
+    # parameters: embedding 80 + [attn 4*64 + ln1 8 + ln2 8 + ffn 3*128] + ln_final 8 + head 80 = 824
+    assert M.num_params(cfg) == 824
+    assert M.num_params(cfg, include_embeddings=False) == 824 - 160
+    m = M.TransformerLM.from_config(cfg)
+    assert M.num_params(m) == 824 and M.num_params(m, include_embeddings=False) == 664
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_flops_agree_with_torch_flop_counter():
+    """torch's FlopCounterMode counts 2mnp for every mm/bmm the naive model really runs (full T x T)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = M.ModelConfig(vocab_size=50, context_length=12, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                        attn_impl="naive")
+    m = M.TransformerLM.from_config(cfg)
+    with FlopCounterMode(display=False) as fc:
+        m(torch.randint(0, 50, (3, 12)))
+    assert fc.get_total_flops() == 3 * 12 * M.flops_per_token(cfg, causal_average=False)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("sw", _MODEL_SWITCHES, ids=_model_id)
+def test_model_num_params_formula_matches_module(sw):
+    m = _model_tiny(**sw)
+    assert M.num_params(m.config) == M.num_params(m)
+    assert M.num_params(m.config, include_embeddings=False) == M.num_params(m, include_embeddings=False)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_moe_and_window_flops():
+    dense = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16)
+    moe = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16,
+                        num_experts=4, experts_top_k=2)
+    # MoE: router 2*8*4 = 64, two experts 2*768 -> 1520 - 768 + 64 + 1536 = 2352
+    assert M.flops_per_token(moe) == 2352
+    win = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16,
+                        attention="sliding", window_size=2)
+    # mean keys min(i+1, 2) over i=0..3 = (1+2+2+2)/4 = 1.75 -> scores 2 * 2*2*4*1.75 = 56 (vs 80)
+    assert M.flops_per_token(win) == M.flops_per_token(dense) - 80 + 56
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_memory_estimate_hand_count():
+    cfg = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16)
+    mem = M.memory_estimate(cfg, batch_size=2, optimizer="adamw", dtype_bytes=4)
+    assert mem["params"] == 824 * 4 and mem["grads"] == 824 * 4 and mem["optimizer_state"] == 2 * 824 * 4
+    # activations per token (sdpa, scores not stored): per layer 4d (norm in/out x2) = 32, q,k,v 24, attn out 8,
+    # logsumexp 2 heads, SwiGLU 4*16 = 64 -> 130; final norm 16 + logits/softmax 20 -> 166 per token
+    assert mem["activations"] == 166 * 2 * 4 * 4
+    assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+    naive = M.memory_estimate(M.ModelConfig(**{**cfg.to_dict(), "attn_impl": "naive"}), 2)
+    # materialized scores + probs: 2 * H * T = 16 per token instead of 2
+    assert naive["activations"] - mem["activations"] == (16 - 2) * 2 * 4 * 4
+    with pytest.raises(ValueError, match="optimizer='lion'"):
+        M.memory_estimate(cfg, 2, optimizer="lion")
+
+
+# --- inference ---------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_top_p_filter_hand_example():
+    p = torch.tensor([0.1, 0.5, 0.15, 0.25])
+    # sorted 0.5, 0.25, 0.15, 0.1 ; mass before: 0, 0.5, 0.75, 0.9 ; top_p 0.7 keeps 0.5 and 0.25
+    torch.testing.assert_close(M.top_p_filter(p, 0.7), torch.tensor([0.0, 2 / 3, 0.0, 1 / 3]))
+    torch.testing.assert_close(M.top_p_filter(p, 0.01), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(M.top_p_filter(p, 1.0), p)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_sampler_distribution_and_temperature():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    draws = torch.stack([M.sample_from_probs(p, g) for _ in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert freq[1] == 0 and (freq - p[0]).abs().max() < 0.03
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(M.logits_to_probs(logits, 0.5), torch.softmax(logits / 0.5, -1))
+    assert torch.equal(M.logits_to_probs(logits, 0), torch.tensor([0.0, 0.0, 1.0]))
+
+
+_MODEL_CACHE_VARIANTS = [{}, {"num_kv_heads": 2}, {"num_kv_heads": 1}, {"attention": "sliding", "window_size": 4},
+                         {"attention": "sliding", "window_size": 5, "num_kv_heads": 2}, {"position": "sinusoidal"},
+                         {"position": "nope"}, {"num_experts": 3, "experts_top_k": 2}, {"attn_impl": "naive"},
+                         {"norm_position": "post", "qk_norm": True}]
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("sw", _MODEL_CACHE_VARIANTS, ids=_model_id)
+def test_model_kv_cache_greedy_equals_recompute(sw):
+    m = _model_tiny(**sw)
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 7], [1, 8, 2, 8, 1, 8, 2, 8, 4]]
+    cached = M.generate(m, prompts, 14, temperature=0, use_cache=True)
+    full = M.generate(m, prompts, 14, temperature=0, use_cache=False)
+    alone = [M.generate(m, p, 14, temperature=0, use_cache=False)[0] for p in prompts]
+    assert cached == full == alone
+    assert all(len(o) == 14 for o in cached)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_kv_cache_logits_match_full_forward():
+    """Prefill + one-token steps reproduce the full forward's logits at every position (rolling buffer too)."""
+    for sw in ({}, {"attention": "sliding", "window_size": 3, "num_kv_heads": 2}):
+        m = _model_tiny(**sw).eval()
+        x = torch.randint(0, 37, (2, 20))
+        with torch.no_grad():
+            full = m(x)
+            cache = M.KVCache(m.config, 2, 20)
+            steps = [m(x[:, :7], kv_cache=cache)] + [m(x[:, t:t + 1], kv_cache=cache) for t in range(7, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+        if sw:
+            assert cache.capacity == 3 and cache.k[0].shape[2] == 3  # O(window) memory
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_generate_sampling_reproducible_and_eos():
+    m = _model_tiny()
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = M.generate(m, [[1, 2], [3]], 10, temperature=1.0, top_p=0.9, generator=g1)
+    b = M.generate(m, [[1, 2], [3]], 10, temperature=1.0, top_p=0.9, generator=g2)
+    assert a == b
+    greedy = M.generate(m, [1, 2, 3], 12, temperature=0)[0]
+    eos = greedy[4]
+    stopped = M.generate(m, [1, 2, 3], 12, temperature=0, eos_id=eos)[0]
+    assert stopped == greedy[:greedy.index(eos) + 1]
+    # nucleus with tiny top_p is greedy
+    assert M.generate(m, [1, 2, 3], 12, temperature=1.0, top_p=1e-6, generator=g1)[0] == greedy
+    with pytest.raises(ValueError, match="top_p"):
+        M.generate(m, [1], 2, top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        M.generate(m, [1], 2, temperature=-1)
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+@pytest.mark.parametrize("sw", [{}, {"attention": "sliding", "window_size": 4, "num_kv_heads": 2}], ids=_model_id)
+def test_model_speculative_greedy_equals_target_greedy(sw):
+    target = _model_tiny(**sw)
+    torch.manual_seed(1)
+    draft = M.TransformerLM(37, 32, 16, 1, 2)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
+    for k in (1, 3, 5):
+        out, stats = M.speculative_generate(target, draft, prompts, 20, k=k, temperature=0, return_stats=True)
+        assert out == M.generate(target, prompts, 20, temperature=0)
+        assert 0 <= stats["acceptance_rate"] <= 1 and stats["proposed"] > 0
+    # a draft identical to the target is always accepted
+    out, stats = M.speculative_generate(target, target, prompts, 20, k=4, temperature=0, return_stats=True)
+    assert stats["acceptance_rate"] == 1.0 and out == M.generate(target, prompts, 20, temperature=0)
+
+
+def _model_chi2_critical(df: int) -> float:
+    # Wilson-Hilferty approximation of the chi-square 0.999 quantile (z = 3.09)
+    z = 3.090232
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_speculative_sampling_keeps_target_distribution():
+    """The first two sampled tokens follow the target's distribution, though the draft's is far away."""
+    V = 6
+    torch.manual_seed(0)
+    target = M.TransformerLM(V, 16, 16, 1, 2)
+    draft = M.TransformerLM(V, 16, 16, 1, 2)
+    with torch.no_grad():  # flip the draft's head so the two distributions differ a lot
+        draft.lm_head.weight.mul_(-1)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt]))[0, -1], -1)
+        q1 = torch.softmax(draft(torch.tensor([prompt]))[0, -1], -1)
+    assert 0.5 * (p1 - q1).abs().sum() > 0.2  # the test has power: the draft alone would fail it
+    g = torch.Generator().manual_seed(0)
+    n = 1000
+    firsts, pairs = [], []
+    stats_acc = []
+    for _ in range(n):
+        out, st = M.speculative_generate(target, draft, prompt, 2, k=2, temperature=1.0, generator=g,
+                                         return_stats=True)
+        firsts.append(out[0][0])
+        pairs.append(out[0])
+        stats_acc.append(st["accepted"])
+    counts = torch.bincount(torch.tensor(firsts), minlength=V).double()
+    expected = n * p1.double()
+    keep = expected > 5
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    critical = _model_chi2_critical(int(keep.sum()) - 1)
+    assert chi2 < critical, (counts, expected)
+    # power: sampling the draft instead would give an expected statistic far above the critical value
+    assert n * ((q1 - p1) ** 2 / p1).sum().item() > 5 * critical
+    # second token given the first: compare to the target's conditional for the most common first token
+    t0 = int(counts.argmax())
+    seconds = torch.tensor([o[1] for o in pairs if o[0] == t0])
+    with torch.no_grad():
+        p2 = torch.softmax(target(torch.tensor([prompt + [t0]]))[0, -1], -1).double()
+    c2 = torch.bincount(seconds, minlength=V).double()
+    e2 = len(seconds) * p2
+    keep2 = e2 > 5
+    chi2b = ((c2[keep2] - e2[keep2]) ** 2 / e2[keep2]).sum().item()
+    assert chi2b < _model_chi2_critical(int(keep2.sum()) - 1), (c2, e2)
+    assert 0 < sum(stats_acc) < 2 * n  # both the accept and the reject paths ran
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_speculative_accept_exact_distribution_vectorized_check():
+    """speculative_accept's first emitted token is distributed as p, checked against the exact formula."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.1, 0.1, 0.7]])
+    n = 6000
+    first = torch.zeros(4)
+    for _ in range(n):
+        d = M.sample_from_probs(q, g)
+        out, _ = M.speculative_accept(p, q, d, g)
+        first[out[0]] += 1
+    assert ((first / n) - p[0]).abs().max() < 0.025
+    assert first[3] == 0  # a token the target gives probability 0 is never emitted
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_cli_table_and_generate_from_checkpoint(tmp_path, capsys):
+    M.main(["table", "--batch-size", "1"])
+    out = capsys.readouterr().out
+    assert "gpt2-small" in out and "gpt2-xl" in out
+    m = _model_tiny()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"format": "scratchlm-checkpoint-v1", "model": m.state_dict(), "model_config": m.config.to_dict(),
+                "iteration": 3}, ckpt)
+    M.main(["generate", "--checkpoint", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+            "--temperature", "0"])
+    out = capsys.readouterr().out
+    expected = M.generate(m, [1, 2, 3], 5, temperature=0)[0]
+    assert ",".join(map(str, expected)) in out
+    # the contract's alternative layout: config dict with a "model" sub-dict
+    torch.save({"model": m.state_dict(), "config": {"model": m.config.to_dict()}}, ckpt)
+    M.main(["generate", "--checkpoint", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+            "--temperature", "0"])
+    assert ",".join(map(str, expected)) in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        M.main(["generate", "--checkpoint", str(tmp_path / "missing.pt"), "--prompt-ids", "1"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        M.main(["generate", "--checkpoint", str(tmp_path / "junk.pt"), "--prompt-ids", "1"])
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_block_cs336_signature_and_composition():
+    torch.manual_seed(0)
+    block = M.TransformerBlock(d_model=16, num_heads=2, d_ff=32, max_seq_len=8, theta=10000.0)
+    assert set(block.state_dict()) == {"ln1.weight", "ln2.weight", "attn.q_proj.weight", "attn.k_proj.weight",
+                                       "attn.v_proj.weight", "attn.output_proj.weight", "ffn.w1.weight",
+                                       "ffn.w2.weight", "ffn.w3.weight"}
+    x = torch.randn(2, 8, 16)
+    h = x + block.attn(block.ln1(x))
+    torch.testing.assert_close(block(x), h + block.ffn(block.ln2(h)))
+    # MHSA without position (CS336's first signature)
+    mha = M.MultiHeadSelfAttention(16, 2)
+    assert mha.rope is None and mha(x).shape == x.shape
+    # 1-D input gives 2-D logits
+    m = _model_tiny()
+    ids = torch.randint(0, 37, (9,))
+    torch.testing.assert_close(m(ids), m(ids[None])[0])
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_batched_eos_stops_rows_independently():
+    m = _model_tiny()
+    prompts = [[1, 2, 3], [4, 5]]
+    alone = [M.generate(m, p, 10, temperature=0)[0] for p in prompts]
+    eos = alone[0][3]
+    batched = M.generate(m, prompts, 10, temperature=0, eos_id=eos)
+    for out, ref in zip(batched, alone):
+        expect = ref[:ref.index(eos) + 1] if eos in ref else ref
+        assert out == expect
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_cli_generate_with_tokenizer_dir(tmp_path, capsys):
+    """End to end with tokenizer.py: a byte-level tokenizer (no merges) saved next to the checkpoint."""
+    import tokenizer as tk
+    vocab = {i: bytes([i]) for i in range(256)}
+    vocab[256] = b"<|endoftext|>"
+    tok = tk.Tokenizer(vocab, [], ["<|endoftext|>"])
+    tok.save(str(tmp_path / "tokenizer"))
+    torch.manual_seed(0)
+    m = M.TransformerLM(257, 32, 32, 1, 2)
+    torch.save({"model": m.state_dict(), "model_config": m.config.to_dict()}, tmp_path / "ckpt.pt")
+    M.main(["generate", "--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "ab", "--max-new-tokens", "6",
+            "--temperature", "0"])
+    out = capsys.readouterr().out
+    new = [t for t in M.generate(m, tok.encode("ab"), 6, temperature=0, eos_id=256)[0] if t != 256]
+    assert "ab" + tok.decode(new) in out

@@ -1,0 +1,1792 @@
+"""
+model.py -- Stage 2 of ScratchLM: the Transformer language model, its variants, and fast inference.
+
+The story
+---------
+A language model assigns a probability to the next token given the ones before it. The decoder-only
+Transformer does this with a stack of identical blocks, each mixing information ACROSS positions
+(causal self-attention: every token looks back at earlier tokens) and then WITHIN a position (a small
+feed-forward network). Everything here is built from tensor primitives -- nn.Parameter, matmul, exp,
+sigmoid -- in the order a reader needs it:
+
+    Linear, Embedding          the two ways parameters touch tokens            weights [out, in]
+    RMSNorm / LayerNorm        keep activations at unit scale                   computed in float32
+    silu, SwiGLU, FeedForward  the per-position MLP                             d_ff ~ 8/3 d (SwiGLU)
+    RotaryPositionalEmbedding  position as a rotation of query/key pairs       relative by construction
+    softmax, scaled_dot_product_attention, MultiHeadSelfAttention             O(T^2) per layer
+    MoEFeedForward             many FFNs, each token routed to top-k of them    + load-balancing loss
+    TransformerBlock, TransformerLM                                             logits, no softmax
+
+Then the parts that make it a real tool:
+
+* The design choices the field argues about are ONE-WORD SWITCHES on `ModelConfig` (norm type and
+  placement, position encoding, FFN type, dense vs mixture-of-experts, full vs sliding-window attention,
+  multi-head / grouped-query / multi-query attention, QK-norm, weight tying). Defaults are the modern
+  stack: pre-norm RMSNorm, RoPE, SwiGLU, dense, full attention, untied.
+* Attention BACKENDS: the from-scratch "naive" softmax attention is the readable definition; "sdpa"
+  (torch's fused kernel) is the fast path and the default. Later stages register more (kernels.py's
+  FlashAttention-2) with `register_attention_backend`, and `set_attention_backend(model, name)` swaps.
+* ACCOUNTING: parameter counts, FLOPs per token (the 2mnp matmul rule, attention included) and a memory
+  estimate, used by train.py for MFU and by the scaling stage for compute budgets.
+* INFERENCE: sampling with temperature and nucleus (top-p) written from scratch, batched prompts of
+  different lengths (left padding + masks), a KV cache (prefill once, then one token per step; a
+  rolling buffer for sliding-window models), and speculative decoding with a small draft model.
+
+What it costs
+-------------
+Per token, a forward pass costs about 2N FLOPs for N non-embedding parameters plus the attention term
+4 * L * d * T_attended, and training about 3x that (the backward pass is two matmuls per forward
+matmul). `python model.py table` prints these numbers for GPT-2-sized configs.
+
+Command line: `python model.py --help` (subcommands: table, generate, bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ======================================================================================================
+# 1. The configuration: every switch in one place, validated on construction
+# ======================================================================================================
+
+# The allowed values of each one-word switch. An unknown value is a clear ValueError naming the field.
+NORM_CHOICES = ("rmsnorm", "layernorm", "none")
+NORM_POSITION_CHOICES = ("pre", "post")
+POSITION_CHOICES = ("rope", "sinusoidal", "nope")
+FFN_CHOICES = ("swiglu", "silu", "relu")
+ATTENTION_CHOICES = ("full", "sliding")
+
+
+def default_d_ff(d_model: int, ffn: str) -> int:
+    """The conventional hidden size of the feed-forward network.
+
+    SwiGLU has THREE weight matrices instead of two, so to keep the parameter count of a 4*d two-matrix
+    MLP (2 * 4d * d = 8d^2) it uses d_ff = 8/3 * d (3 * 8/3 d * d = 8d^2), rounded to a multiple of 64
+    so the matmuls tile nicely on hardware. The two-matrix variants (silu, relu) use the classic 4*d.
+    """
+    if ffn == "swiglu":
+        return max(64, int(round(8 * d_model / 3 / 64)) * 64)
+    return 4 * d_model
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a TransformerLM. JSON-safe via to_dict() / from_dict().
+
+    Switches (each documented with what it trades):
+      norm:          "rmsnorm" (default; no mean subtraction, no bias: cheaper, as good in practice),
+                     "layernorm" (the original: centre + scale + bias), "none" (no normalization; trains
+                     only with care -- an ablation).
+      norm_position: "pre" (default; x + f(norm(x)): the residual stream is an identity path, so deep
+                     stacks train stably without warmup tricks) or "post" (norm(x + f(x)), the 2017
+                     original: slightly better when it trains, but needs warmup and is fragile when deep).
+      position:      "rope" (default; rotate q/k by position: attention scores depend on relative
+                     offsets), "sinusoidal" (fixed absolute sin/cos added to the embeddings), "nope" (no
+                     position signal at all: the causal mask alone leaks order; extrapolates oddly).
+      ffn:           "swiglu" (default; gated, 3 matrices), "silu" or "relu" (2 matrices, d_ff = 4 d).
+      num_experts:   0 = dense FFN; > 0 = mixture of experts with `experts_top_k` experts per token and a
+                     Switch/GShard load-balancing loss weighted by `moe_aux_weight` (more parameters at
+                     the same FLOPs per token; costs routing and load imbalance).
+      attention:     "full" (default; every earlier token) or "sliding" (only the last `window_size`
+                     tokens, including itself: O(T*W) instead of O(T^2), and a KV cache of W entries).
+      num_kv_heads:  None = num_heads (multi-head); fewer = grouped-query; 1 = multi-query. Shrinks the
+                     KV cache by num_heads/num_kv_heads at a small quality cost.
+      qk_norm:       RMSNorm on each head's queries and keys before RoPE (bounds the attention logits;
+                     stabilizes training at high learning rates).
+      tie_embeddings: share the embedding matrix with the LM head (saves V*d params; common when small).
+      attn_impl:     "sdpa" (torch's fused attention, default), "naive" (from-scratch), or any backend
+                     registered with register_attention_backend.
+    d_ff=None is resolved to default_d_ff(d_model, ffn); num_kv_heads=None is resolved to num_heads, so
+    to_dict() always records the concrete architecture.
+    """
+
+    vocab_size: int
+    context_length: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"
+    norm_position: str = "pre"
+    position: str = "rope"
+    ffn: str = "swiglu"
+    num_experts: int = 0
+    experts_top_k: int = 2
+    moe_aux_weight: float = 0.01
+    attention: str = "full"
+    window_size: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    attn_impl: str = "sdpa"
+
+    def __post_init__(self):
+        def choice(field: str, allowed: tuple):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{field}={value!r} is not one of {list(allowed)}")
+
+        def positive_int(field: str):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
+
+        for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
+            positive_int(field)
+        choice("norm", NORM_CHOICES)
+        choice("norm_position", NORM_POSITION_CHOICES)
+        choice("position", POSITION_CHOICES)
+        choice("ffn", FFN_CHOICES)
+        choice("attention", ATTENTION_CHOICES)
+        if self.attn_impl not in ATTENTION_BACKENDS:
+            raise ValueError(f"ModelConfig.attn_impl={self.attn_impl!r} is not one of "
+                             f"{sorted(ATTENTION_BACKENDS)} (register others with register_attention_backend)")
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        positive_int("num_kv_heads")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads} "
+                             "(each key/value head must serve a whole group of query heads)")
+        if self.position == "rope" and (self.d_model // self.num_heads) % 2 != 0:
+            raise ValueError(f"RoPE needs an even head dimension, got d_model/num_heads = "
+                             f"{self.d_model // self.num_heads}")
+        if self.position == "sinusoidal" and self.d_model % 2 != 0:
+            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.d_ff is None:
+            self.d_ff = default_d_ff(self.d_model, self.ffn)
+        positive_int("d_ff")
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ValueError(f"ModelConfig.num_experts must be an integer >= 0 (0 = dense), got {self.num_experts!r}")
+        if self.num_experts > 0 and not (1 <= self.experts_top_k <= self.num_experts):
+            raise ValueError(f"ModelConfig.experts_top_k={self.experts_top_k} must be in 1..num_experts="
+                             f"{self.num_experts}")
+        if self.moe_aux_weight < 0:
+            raise ValueError(f"ModelConfig.moe_aux_weight must be >= 0, got {self.moe_aux_weight}")
+        if self.attention == "sliding":
+            if self.window_size is None:
+                raise ValueError("ModelConfig.attention='sliding' needs window_size (a positive integer)")
+            positive_int("window_size")
+        elif self.window_size is not None:
+            raise ValueError(f"ModelConfig.window_size={self.window_size} is only used with attention='sliding' "
+                             f"(attention={self.attention!r})")
+        self.qk_norm = bool(self.qk_norm)
+        self.tie_embeddings = bool(self.tie_embeddings)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def window(self) -> Optional[int]:
+        """The attention window in tokens, or None for full causal attention."""
+        return self.window_size if self.attention == "sliding" else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"ModelConfig.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in d)
+        if missing:
+            raise ValueError(f"ModelConfig dict is missing required field(s) {missing}")
+        return cls(**d)
+
+
+# ======================================================================================================
+# 2. The primitives, from scratch (CS336 names and conventions)
+# ======================================================================================================
+
+class Linear(nn.Module):
+    """y = x W^T with W stored [out_features, in_features] (the PyTorch/CS336 layout), no bias.
+
+    Init N(0, sigma^2) with sigma^2 = 2 / (in + out) (Glorot: keeps activation AND gradient variance
+    roughly constant through the layer), truncated at +-3 sigma so no weight starts as an outlier.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        std = math.sqrt(2.0 / (in_features + out_features))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in) @ (in, out) -> (..., out). matmul folds the leading dims into one big GEMM.
+        return x @ self.weight.t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Embedding(nn.Module):
+    """Token id -> row of a [num_embeddings, embedding_dim] matrix. Init N(0, 1) truncated at +-3."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[token_ids]  # (..., ) -> (..., embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}"
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g.
+
+    Computed in float32 and cast back: in bf16 the sum of squares over d_model elements loses precision
+    (8 mantissa bits), and the rsqrt of a tiny number blows up. Gain g initialized to 1 (identity).
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.d_model, self.eps = d_model, eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1)
+        return (x32 * inv_rms * self.weight.float()).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, eps={self.eps}"
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + b (biased variance), in float32 like RMSNorm.
+
+    The original Transformer's norm: it also removes the mean and adds a bias -- one more reduction and
+    2x the parameters of RMSNorm, which works as well in practice (hence RMSNorm is the default).
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.d_model, self.eps = d_model, eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x32 = x.float()
+        mean = x32.mean(dim=-1, keepdim=True)
+        var = (x32 - mean).pow(2).mean(dim=-1, keepdim=True)
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight.float() + self.bias.float()).to(in_dtype)
+
+
+def make_norm(kind: str, d_model: int, device=None, dtype=None) -> nn.Module:
+    """The `norm` switch: "rmsnorm" | "layernorm" | "none" (identity, no parameters)."""
+    if kind == "rmsnorm":
+        return RMSNorm(d_model, device=device, dtype=dtype)
+    if kind == "layernorm":
+        return LayerNorm(d_model, device=device, dtype=dtype)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm={kind!r} is not one of {list(NORM_CHOICES)}")
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU / swish: x * sigmoid(x). Smooth, non-monotonic near 0, ~ReLU for large |x|."""
+    return x * torch.sigmoid(x)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU(x) = W2 (silu(W1 x) * W3 x): a gated MLP. The gate W3 x lets each hidden unit be switched
+    by a second linear view of the input; empirically better than ReLU/GELU MLPs at equal parameters."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(silu(self.w1(x)) * self.w3(x))  # (..., d) -> (..., d_ff) -> (..., d)
+
+
+class FeedForward(nn.Module):
+    """The classic two-matrix MLP, W2 act(W1 x), with act = silu or relu (d_ff = 4 d by default)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", device=None, dtype=None):
+        super().__init__()
+        if activation not in ("silu", "relu"):
+            raise ValueError(f"FeedForward activation={activation!r} is not one of ['silu', 'relu']")
+        self.activation = activation
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w1(x)
+        h = silu(h) if self.activation == "silu" else torch.clamp_min(h, 0.0)
+        return self.w2(h)
+
+
+def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None) -> nn.Module:
+    """The `ffn` switch: "swiglu" | "silu" | "relu"."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_ff, device=device, dtype=dtype)
+    if kind in ("silu", "relu"):
+        return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype)
+    raise ValueError(f"ffn={kind!r} is not one of {list(FFN_CHOICES)}")
+
+
+class RotaryPositionalEmbedding(nn.Module):
+    """RoPE: rotate each adjacent pair (x[2j], x[2j+1]) of a query/key by the angle pos * theta^(-2j/d_k).
+
+    Why it works: a rotation R(a) satisfies <R(a) q, R(b) k> = <q, R(b - a) k>, so the attention score
+    between positions m and n depends only on the offset m - n -- relative position for free, with no
+    parameters. Low pairs (j small) rotate fast (local order), high pairs slowly (long range).
+
+    The rotation of each pair (a, b) = (x[2j], x[2j+1]) by angle t is
+        a' = a cos t - b sin t,     b' = b cos t + a sin t
+    which for the whole vector is  x' = x * COS + swap_pairs(x) * SIN  with swap_pairs(x) = (x1, x0, x3, x2, ..)
+    COS = (cos t0, cos t0, cos t1, cos t1, ..) and SIN = (-sin t0, +sin t0, -sin t1, +sin t1, ..): two
+    multiplies and an add over full-width tensors (fewer, larger ops than working on the halves).
+
+    COS/SIN tables for positions 0..max_seq_len-1 are precomputed as NON-persistent buffers (they are
+    not weights, so they are not in the state dict). token_positions may have any leading batch shape
+    that broadcasts against x's leading dims. One module can serve every layer: the table lookup for a
+    positions tensor is remembered, so q and k of all layers share it.
+    """
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+        super().__init__()
+        if d_k % 2 != 0:
+            raise ValueError(f"RoPE needs an even d_k, got {d_k}")
+        self.theta, self.d_k, self.max_seq_len = theta, d_k, max_seq_len
+        inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=torch.float64) / d_k)  # (d_k/2,)
+        angles = torch.arange(max_seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq  # (T, d_k/2)
+        cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("cos_table", cos.repeat_interleave(2, dim=-1).float(), persistent=False)  # (T, d_k)
+        self.register_buffer("sin_table", torch.stack((-sin, sin), dim=-1).flatten(-2).float(), persistent=False)
+        self._memo = None  # (positions tensor, its version, dtype, COS, SIN) of the last lookup
+
+    def tables(self, token_positions: torch.Tensor, dtype: torch.dtype):
+        """COS, SIN rows for these positions: (..., T, d_k), looked up once per positions tensor."""
+        memo = self._memo
+        if memo is not None and memo[0] is token_positions and memo[1] == token_positions._version \
+                and memo[2] == dtype and memo[3].device == token_positions.device:
+            return memo[3], memo[4]
+        cos = self.cos_table[token_positions].to(dtype)
+        sin = self.sin_table[token_positions].to(dtype)
+        if not torch.compiler.is_compiling():
+            self._memo = (token_positions, token_positions._version, dtype, cos, sin)
+        return cos, sin
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
+        # x: (..., T, d_k); token_positions: (..., T) broadcastable to x's leading dims.
+        cos, sin = self.tables(token_positions, x.dtype)                 # (..., T, d_k)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)          # (x1, x0, x3, x2, ...)
+        return x * cos + swapped * sin
+
+
+def sinusoidal_positions(max_seq_len: int, d_model: int) -> torch.Tensor:
+    """The 2017 absolute encoding: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same). (T, d)"""
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq
+    pe = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
+    pe[:, 0::2], pe[:, 1::2] = angles.sin(), angles.cos()
+    return pe.float()
+
+
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """exp(x - max) / sum exp(x - max): subtracting the max changes nothing mathematically (it cancels)
+    but keeps exp() <= 1, so huge logits do not overflow to inf/inf = NaN."""
+    x_max = x.amax(dim=dim, keepdim=True)
+    e = torch.exp(x - x_max)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
+                                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V for any leading batch dims. mask: True = may attend (broadcastable
+    to (..., Tq, Tk)). Dividing by sqrt(d_k) keeps the scores' variance ~1 regardless of head size, so
+    softmax does not saturate. Q: (..., Tq, d_k), K: (..., Tk, d_k), V: (..., Tk, d_v) -> (..., Tq, d_v)."""
+    d_k = Q.shape[-1]
+    scores = (Q @ K.transpose(-2, -1)) / math.sqrt(d_k)  # (..., Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax(scores, dim=-1) @ V
+
+
+def causal_window_mask(Tq: int, Tk: int, window: Optional[int], device=None) -> torch.Tensor:
+    """(Tq, Tk) bool, True = may attend. Queries are the LAST Tq of the Tk positions (so with a KV cache
+    query i sits at absolute position Tk - Tq + i). Causal: key j <= query position; sliding window W:
+    additionally query_pos - j < W (W keys including itself)."""
+    q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(Tk, device=device)[None, :]           # (1, Tk)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (q_pos - k_pos < window)
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------------
+# Attention backends: fn(q, k, v, *, causal, window) -> out
+#   q: (B, H, Tq, dh); k, v: (B, H, Tk, dh) with KV heads already expanded to H; the queries are the
+#   LAST Tq positions of the Tk keys. Returns (B, H, Tq, dh).
+# ------------------------------------------------------------------------------------------------------
+
+ATTENTION_BACKENDS: dict[str, Callable] = {}
+
+
+def register_attention_backend(name: str, fn: Callable) -> None:
+    """Make `fn(q, k, v, *, causal: bool, window: int | None) -> out` selectable as attn_impl=name.
+    (Re-registering a name replaces it; that is how a stage swaps in a faster kernel.)"""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"attention backend name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise ValueError(f"attention backend {name!r} must be callable, got {type(fn).__name__}")
+    ATTENTION_BACKENDS[name] = fn
+
+
+def get_attention_backend(name: str) -> Callable:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]
+
+
+def naive_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None):
+    """The from-scratch definition: materializes the (Tq, Tk) score matrix and uses our softmax."""
+    mask = causal_window_mask(q.shape[-2], k.shape[-2], window, q.device) if (causal or window) else None
+    return scaled_dot_product_attention(q, k, v, mask)
+
+
+def sdpa_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None):
+    """torch's fused attention (flash / memory-efficient kernels where available). Its is_causal flag
+    aligns the mask top-left, which is only right when Tq == Tk, so other shapes (KV-cache chunks) and
+    sliding windows get an explicit boolean mask; a single query with full attention needs none."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if not causal and window is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if window is None and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if window is None and Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_window_mask(Tq, Tk, window, q.device))
+
+
+register_attention_backend("naive", naive_attention)
+register_attention_backend("sdpa", sdpa_attention)
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, impl: str) -> torch.Tensor:
+    """Attention with an explicit (B, 1, Tq, Tk) mask (padding, rolling KV buffers). The backend interface
+    has no mask argument, so: "naive" keeps the from-scratch path, everything else uses torch's SDPA."""
+    if impl == "naive":
+        return scaled_dot_product_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal multi-head self-attention with optional RoPE, grouped-query heads, QK-norm, sliding window.
+
+    One matmul per projection computes all heads at once (x @ W_q^T gives every head's queries side by
+    side); heads are then a reshape, not a loop. RoPE is applied to queries and keys only (values carry
+    content, not position). With num_kv_heads < num_heads each K/V head serves a group of
+    num_heads/num_kv_heads query heads (GQA; 1 KV head = MQA), shrinking the KV cache.
+
+    CS336 signatures: MultiHeadSelfAttention(d_model, num_heads) (no position) and
+    MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta) (with RoPE).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: Optional[int] = None,
+                 theta: Optional[float] = None, *, num_kv_heads: Optional[int] = None, qk_norm: bool = False,
+                 window_size: Optional[int] = None, attn_impl: str = "sdpa",
+                 rope: Optional[RotaryPositionalEmbedding] = None, device=None, dtype=None):
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+        get_attention_backend(attn_impl)  # fail early on an unknown name
+        self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.window_size = window_size
+        self.attn_impl = attn_impl
+        self.q_proj = Linear(d_model, num_heads * self.head_dim, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, num_kv_heads * self.head_dim, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, num_kv_heads * self.head_dim, device=device, dtype=dtype)
+        self.output_proj = Linear(num_heads * self.head_dim, d_model, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(self.head_dim, device=device, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, device=device, dtype=dtype) if qk_norm else None
+        use_rope = theta is not None and max_seq_len is not None
+        if rope is None and use_rope:
+            rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len, device=device)
+        self.rope = rope  # (TransformerLM passes one module shared by all layers)
+
+    def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
+                layer_idx: int = 0) -> torch.Tensor:
+        lead, T = x.shape[:-2], x.shape[-2]
+        x = x.reshape(-1, T, self.d_model)  # (B, T, d): any leading dims folded into one batch dim
+        B, H, Hkv, dh = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, dh).transpose(1, 2)    # (B, H, T, dh)
+        k = self.k_proj(x).view(B, T, Hkv, dh).transpose(1, 2)  # (B, Hkv, T, dh)
+        v = self.v_proj(x).view(B, T, Hkv, dh).transpose(1, 2)  # (B, Hkv, T, dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            pos = torch.arange(T, device=x.device) if token_positions is None else token_positions
+            if pos.dim() > 1 and pos.dim() == len(lead) + 1:
+                # (..., T) like x's leading dims -> (B, 1, T): one position row per sequence, for all its heads
+                pos = pos.expand(*lead, T).reshape(-1, T)[:, None, :]
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        if kv_cache is not None:  # append this chunk's keys/values; get back everything to attend to
+            k, v = kv_cache.update(layer_idx, k, v)
+        if Hkv != H:  # GQA: each KV head serves H/Hkv consecutive query heads
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        if attn_mask is None:
+            out = get_attention_backend(self.attn_impl)(q, k, v, causal=True, window=self.window_size)
+        else:
+            out = masked_attention(q, k, v, attn_mask, self.attn_impl)
+        out = out.transpose(1, 2).reshape(B, T, H * dh)  # (B, T, d): heads side by side again
+        return self.output_proj(out).reshape(*lead, T, self.d_model)
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of experts: a router scores num_experts FFNs per token; each token uses its top-k.
+
+    router probs p = softmax(x W_r^T) (float32). Gates: the top-k probs renormalized to sum to 1 when
+    k > 1 (Mixtral); with k = 1 the raw top prob (Switch), so the router still gets a gradient.
+    Load-balancing loss (Switch Transformer / GShard): aux = E * sum_i f_i * P_i, with f_i the fraction
+    of token->expert assignments that went to expert i and P_i the mean router probability of expert i.
+    It is 1.0 for perfectly uniform routing and grows when the router favours a few experts (f_i is not
+    differentiable; P_i carries the gradient). Experts run on only their tokens (gather -> FFN ->
+    scatter-add), so FLOPs per token are k FFNs, not E.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, ffn: str = "swiglu",
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = Linear(d_model, num_experts, device=device, dtype=dtype)
+        self.experts = nn.ModuleList([make_ffn(ffn, d_model, d_ff, device=device, dtype=dtype)
+                                      for _ in range(num_experts)])
+        self.aux_loss = None  # set by forward
+
+    def route(self, x_flat: torch.Tensor):
+        """(N, d) -> router probs (N, E) float32, gates (N, k) float32, expert ids (N, k)."""
+        probs = softmax(self.router(x_flat).float(), dim=-1)
+        top_probs, top_idx = probs.topk(self.top_k, dim=-1)
+        gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_probs
+        return probs, gates, top_idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])  # (N, d)
+        N, E, k = x_flat.shape[0], self.num_experts, self.top_k
+        probs, gates, top_idx = self.route(x_flat)
+        # load balancing: f_i from hard assignments, P_i from soft probabilities
+        counts = torch.zeros(E, device=x.device, dtype=torch.float32)
+        counts.index_add_(0, top_idx.reshape(-1), torch.ones(N * k, device=x.device))
+        f = counts / (N * k)
+        P = probs.mean(dim=0)
+        self.aux_loss = E * (f * P).sum()
+        # dispatch: every (token, slot) pair goes to its expert; results are scatter-added back
+        out = torch.zeros_like(x_flat)
+        flat_expert = top_idx.reshape(-1)                                   # (N*k,)
+        flat_gate = gates.reshape(-1)                                       # (N*k,)
+        flat_token = torch.arange(N, device=x.device).repeat_interleave(k)  # (N*k,)
+        for e, expert in enumerate(self.experts):
+            sel = (flat_expert == e).nonzero(as_tuple=True)[0]
+            if sel.numel() == 0:
+                continue
+            tokens = flat_token[sel]
+            y = expert(x_flat[tokens]) * flat_gate[sel, None].to(x.dtype)  # (n_e, d)
+            out.index_add_(0, tokens, y)
+        return out.reshape(shape)
+
+
+# ======================================================================================================
+# 3. The Transformer block and the language model
+# ======================================================================================================
+
+def _config_from_block_args(d_model, num_heads, d_ff, max_seq_len, theta, switches) -> ModelConfig:
+    """A block is built from a ModelConfig so that every switch is validated in one place."""
+    return ModelConfig(vocab_size=1, context_length=max_seq_len, d_model=d_model, num_layers=1,
+                       num_heads=num_heads, d_ff=d_ff, rope_theta=theta, **switches)
+
+
+class TransformerBlock(nn.Module):
+    """One layer. Pre-norm (default):  x = x + attn(ln1(x));  x = x + ffn(ln2(x)).
+                  Post-norm:          x = ln1(x + attn(x));  x = ln2(x + ffn(x)).
+    Pre-norm leaves an un-normalized identity path from input to output (gradients flow straight down the
+    residual stream); post-norm normalizes the stream itself after every sublayer.
+
+    CS336 signature TransformerBlock(d_model, num_heads, d_ff, max_seq_len, theta); any ModelConfig switch
+    may be passed as a keyword (or pass config=ModelConfig directly).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: Optional[int] = None, max_seq_len: int = 2048,
+                 theta: float = 10000.0, *, config: Optional[ModelConfig] = None,
+                 rope: Optional[RotaryPositionalEmbedding] = None, device=None, dtype=None, **switches):
+        super().__init__()
+        cfg = config if config is not None else _config_from_block_args(d_model, num_heads, d_ff, max_seq_len,
+                                                                         theta, switches)
+        self.norm_position = cfg.norm_position
+        self.ln1 = make_norm(cfg.norm, cfg.d_model, device, dtype)
+        self.attn = MultiHeadSelfAttention(
+            cfg.d_model, cfg.num_heads, cfg.context_length if cfg.position == "rope" else None,
+            cfg.rope_theta if cfg.position == "rope" else None, num_kv_heads=cfg.num_kv_heads,
+            qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl, rope=rope, device=device,
+            dtype=dtype)
+        self.ln2 = make_norm(cfg.norm, cfg.d_model, device, dtype)
+        if cfg.num_experts > 0:
+            self.ffn = MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.experts_top_k, cfg.ffn,
+                                      device=device, dtype=dtype)
+        else:
+            self.ffn = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, device, dtype)
+
+    def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
+                layer_idx: int = 0) -> torch.Tensor:
+        if self.norm_position == "pre":
+            x = x + self.attn(self.ln1(x), token_positions, attn_mask, kv_cache, layer_idx)
+            return x + self.ffn(self.ln2(x))
+        x = self.ln1(x + self.attn(x, token_positions, attn_mask, kv_cache, layer_idx))
+        return self.ln2(x + self.ffn(x))
+
+
+class StateDictMismatchError(ValueError, RuntimeError):
+    """A checkpoint whose keys or shapes do not match the model. (A ValueError for our callers, and a
+    RuntimeError for code written against torch's own load_state_dict.)"""
+
+
+class TransformerLM(nn.Module):
+    """token ids (B, T) -> logits (B, T, vocab_size). No softmax: the loss and the sampler want logits.
+
+    TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, **switches)
+    or TransformerLM.from_config(cfg). `model.config` is the ModelConfig. After each forward,
+    `model.aux_loss` is the MoE load-balancing loss already multiplied by moe_aux_weight (a 0.0 tensor
+    for dense models); trainers add it to the cross-entropy.
+
+    Inputs are validated (ids in [0, vocab), length <= context_length): a bad id on a GPU would otherwise
+    be an opaque device-side assert. Set `model.validate_inputs = False` to skip the check (it syncs).
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
+                 d_ff: Optional[int] = None, rope_theta: float = 10000.0, *, device=None, dtype=None,
+                 **switches):
+        super().__init__()
+        cfg = ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
+                          num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, **switches)
+        self.config = cfg
+        self.validate_inputs = True
+        self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
+        if cfg.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_positions(cfg.context_length, cfg.d_model).to(device),
+                                 persistent=False)
+        else:
+            self.pos_table = None
+        # one RoPE table shared by every layer (a lookup per forward instead of one per layer)
+        rope = RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length, device=device) \
+            if cfg.position == "rope" else None
+        self.layers = nn.ModuleList([TransformerBlock(cfg.d_model, cfg.num_heads, config=cfg, rope=rope,
+                                                      device=device, dtype=dtype) for _ in range(cfg.num_layers)])
+        # post-norm blocks already end in a norm, so only pre-norm needs the final one
+        self.ln_final = make_norm(cfg.norm, cfg.d_model, device, dtype) if cfg.norm_position == "pre" \
+            else nn.Identity()
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
+        if cfg.tie_embeddings:
+            # One matrix for both ends. It keeps the LM head's init: N(0, 1) embedding rows would make the
+            # initial logits' std sqrt(d_model) (one-hot-like, overconfident) instead of ~1.
+            self.token_embeddings.weight = self.lm_head.weight
+        self.aux_loss = torch.zeros((), device=device)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> "TransformerLM":
+        if isinstance(cfg, dict):
+            cfg = ModelConfig.from_dict(cfg)
+        d = cfg.to_dict()
+        core = {k: d.pop(k) for k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads",
+                                      "d_ff", "rope_theta")}
+        return cls(**core, **d, device=device, dtype=dtype)
+
+    # --- input checks ---------------------------------------------------------------------------------
+    def _checks_on(self) -> bool:
+        # the data-dependent checks read tensor values (a device sync, a graph break under torch.compile)
+        return self.validate_inputs and not torch.compiler.is_compiling()
+
+    def _check_tokens(self, token_ids: torch.Tensor):
+        if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"token ids must be an integer tensor, got dtype {token_ids.dtype}")
+        if self._checks_on() and token_ids.numel() > 0:
+            lo, hi = int(token_ids.min()), int(token_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def forward(self, token_ids: torch.Tensor, token_positions: Optional[torch.Tensor] = None, *,
+                kv_cache: Optional["KVCache"] = None, pad_lens: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """token_ids (B, T) or (T,) -> logits (B, T, V) (or (T, V)).
+
+        token_positions: optional (T,) or (B, T) positions (default 0..T-1).
+        kv_cache: a KVCache (see generate); the chunk is appended after the cached tokens.
+        pad_lens: (B,) number of LEFT-padding tokens per row (batched prompts of different lengths);
+                  padded keys are masked out and positions start at 0 at each row's first real token.
+        last_only: compute logits for the last position only (generation does not need the others).
+        """
+        squeeze = token_ids.dim() == 1
+        if squeeze:
+            token_ids = token_ids[None]
+        if token_ids.dim() != 2:
+            raise ValueError(f"token ids must have shape (batch, seq) or (seq,), got {tuple(token_ids.shape)}")
+        self._check_tokens(token_ids)
+        B, T = token_ids.shape
+        cfg, dev = self.config, token_ids.device
+        attn_mask = None
+        if kv_cache is not None:
+            token_positions, attn_mask = kv_cache.begin(T)
+        elif pad_lens is not None:
+            slots = torch.arange(T, device=dev)
+            token_positions = (slots[None, :] - pad_lens[:, None]).clamp_min(0)  # (B, T)
+            attn_mask = slot_attention_mask(slots, slots, pad_lens, cfg.window)
+        if token_positions is None:
+            if T > cfg.context_length:
+                raise ValueError(f"sequence length {T} exceeds the model's context_length {cfg.context_length}")
+        elif self._checks_on() and token_positions.numel() > 0 and int(token_positions.max()) >= cfg.context_length:
+            raise ValueError(f"position {int(token_positions.max())} exceeds the model's context_length "
+                             f"{cfg.context_length} (sequence too long)")
+        if token_positions is None:
+            token_positions = torch.arange(T, device=dev)  # one tensor for all layers (RoPE lookup memo)
+        x = self.token_embeddings(token_ids)  # (B, T, d)
+        if self.pos_table is not None:
+            x = x + self.pos_table[token_positions].to(x.dtype)
+        # per-row positions (B, T) -> (B, 1, T), broadcast over heads; made once so RoPE's lookup is shared
+        layer_positions = token_positions[:, None, :] if token_positions.dim() == 2 else token_positions
+        for i, layer in enumerate(self.layers):
+            x = layer(x, layer_positions, attn_mask, kv_cache, i)
+        x = self.ln_final(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, V)
+        # MoE load balancing: mean over MoE layers of E * sum f_i P_i, times the weight
+        moe = [layer.ffn.aux_loss for layer in self.layers if isinstance(layer.ffn, MoEFeedForward)]
+        self.aux_loss = cfg.moe_aux_weight * torch.stack(moe).mean() if moe else torch.zeros((), device=dev)
+        return logits[0] if squeeze else logits
+
+    # --- loading checkpoints with clear errors ---------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's load_state_dict, but a mismatch raises StateDictMismatchError naming every missing,
+        unexpected and wrongly-shaped key. Prefixes added by torch.compile ("_orig_mod.") and
+        DistributedDataParallel ("module.") are stripped first."""
+        state_dict = _strip_wrapper_prefixes(state_dict)
+        if strict:
+            check_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _strip_wrapper_prefixes(state_dict: dict) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def check_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Raise StateDictMismatchError naming missing / unexpected / wrongly-shaped keys (no-op if it fits)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(state_dict))
+              if hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes}")
+        raise StateDictMismatchError("state dict does not match the model: " + "; ".join(parts))
+
+
+def load_model_state(model: nn.Module, state_dict: dict) -> None:
+    """Load a state dict strictly, with an error that names every key that does not fit."""
+    state_dict = _strip_wrapper_prefixes(state_dict)
+    check_state_dict(model, state_dict)
+    nn.Module.load_state_dict(model, state_dict, strict=True)
+
+
+def set_attention_backend(model: nn.Module, name: str) -> None:
+    """Switch every attention module in `model` to backend `name` (and record it in model.config)."""
+    get_attention_backend(name)
+    for module in model.modules():
+        if isinstance(module, MultiHeadSelfAttention):
+            module.attn_impl = name
+    if isinstance(getattr(model, "config", None), ModelConfig):
+        model.config.attn_impl = name
+
+
+# ======================================================================================================
+# 4. Accounting: parameters, FLOPs, memory
+# ======================================================================================================
+
+def _norm_params(kind: str, d: int) -> int:
+    return {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[kind]
+
+
+def _ffn_params(kind: str, d: int, d_ff: int) -> int:
+    return (3 if kind == "swiglu" else 2) * d * d_ff
+
+
+def num_params(model_or_config, include_embeddings: bool = True) -> int:
+    """Number of trainable parameters. Tied embedding/LM-head weights are counted once.
+
+    include_embeddings=False drops the vocabulary matrices -- the token embedding and (when untied) the
+    LM head -- giving Kaplan et al.'s "non-embedding" N used in scaling laws.
+    Given a ModelConfig it is computed analytically (no model built); given a module it counts tensors.
+    """
+    if isinstance(model_or_config, ModelConfig):
+        c = model_or_config
+        d, dh = c.d_model, c.head_dim
+        attn = d * c.num_heads * dh + 2 * d * c.num_kv_heads * dh + c.num_heads * dh * d
+        attn += 2 * dh if c.qk_norm else 0
+        ffn = _ffn_params(c.ffn, d, c.d_ff)
+        if c.num_experts > 0:
+            ffn = c.num_experts * ffn + d * c.num_experts  # experts + router
+        per_layer = attn + ffn + 2 * _norm_params(c.norm, d)
+        total = c.num_layers * per_layer + (_norm_params(c.norm, d) if c.norm_position == "pre" else 0)
+        vocab = c.vocab_size * d * (1 if c.tie_embeddings else 2)
+        return total + (vocab if include_embeddings else 0)
+    model = model_or_config
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"num_params expects a ModelConfig or nn.Module, got {type(model).__name__}")
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    if not include_embeddings:
+        vocab = {}
+        for name in ("token_embeddings", "lm_head"):
+            sub = getattr(model, name, None)
+            if sub is not None:
+                vocab[id(sub.weight)] = sub.weight
+        total -= sum(p.numel() for p in vocab.values())
+    return total
+
+
+def mean_attended_keys(seq_len: int, window: Optional[int], causal_average: bool = True) -> float:
+    """How many keys an average query attends to in a sequence of seq_len tokens.
+    causal_average=True counts only the keys a causal kernel must touch: query i sees min(i+1, W) keys,
+    averaging (T+1)/2 for full attention. False counts the whole row (T, or W) -- the convention of
+    Kaplan et al. / PaLM's MFU formula, and what a kernel that computes then masks the full matrix does."""
+    if not causal_average:
+        return float(seq_len if window is None else min(window, seq_len))
+    w = seq_len if window is None else window
+    return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
+
+
+def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_average: bool = True) -> dict:
+    """Forward FLOPs per token by component (2mnp per matmul; norms, softmax, RoPE, activations ignored)."""
+    c = config
+    T = c.context_length if seq_len is None else seq_len
+    d, dh, L = c.d_model, c.head_dim, c.num_layers
+    n_keys = mean_attended_keys(T, c.window, causal_average)
+    proj = 2 * d * (c.num_heads * dh) * 2 + 2 * d * (c.num_kv_heads * dh) * 2  # q, out + k, v
+    scores = 2 * c.num_heads * dh * n_keys * 2                                  # Q K^T and A V
+    ffn_one = (6 if c.ffn == "swiglu" else 4) * d * c.d_ff
+    if c.num_experts > 0:
+        ffn = 2 * d * c.num_experts + c.experts_top_k * ffn_one  # router + k experts per token
+    else:
+        ffn = ffn_one
+    return {"attention_projections": L * proj, "attention_scores": L * scores, "ffn": L * ffn,
+            "lm_head": 2 * d * c.vocab_size}
+
+
+def flops_per_token(config: ModelConfig, training: bool = False, seq_len: Optional[int] = None,
+                    causal_average: bool = True) -> float:
+    """FLOPs to process one token at sequence length seq_len (default context_length).
+
+    Every matmul of an (m x n) by (n x p) costs 2mnp (a multiply and an add per term): the q/k/v/output
+    projections, the attention scores Q K^T and the weighted sum A V (counting the keys a causal kernel
+    attends -- (T+1)/2 on average -- unless causal_average=False), the FFN (k experts for MoE, plus the
+    router) and the LM head. The embedding lookup is free. Training = 3x forward: the backward pass does
+    two matmuls (grad wrt input and wrt weight) for every forward one.
+    """
+    forward = float(sum(flops_breakdown(config, seq_len, causal_average).values()))
+    return 3.0 * forward if training else forward
+
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "sgd_momentum": 1, "sgd": 0}
+
+
+def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = None,
+                                  materialize_scores: Optional[bool] = None) -> int:
+    """Approximate number of activation elements autograd keeps per token for the backward pass.
+
+    Per layer: each norm's input and output (2d, x2 norms), q/k/v (d + 2 * kv_dim), the attention output
+    (d), the FFN hidden tensors (swiglu: w1 out, w3 out, silu out, product = 4 d_ff; silu/relu: 2 d_ff;
+    MoE: times k plus the router probs E), and -- only when scores are materialized (the "naive" backend)
+    -- the score and probability matrices (2 * H * T per token). Fused attention keeps only the output and
+    a log-sum-exp per head instead. Then the final norm (2d) and the logits + softmax (2V).
+    """
+    c = config
+    T = c.context_length if seq_len is None else seq_len
+    if materialize_scores is None:
+        materialize_scores = c.attn_impl == "naive"
+    d, kv_dim = c.d_model, c.num_kv_heads * c.head_dim
+    ffn_hidden = (4 if c.ffn == "swiglu" else 2) * c.d_ff
+    if c.num_experts > 0:
+        ffn_hidden = c.experts_top_k * (ffn_hidden + d) + c.num_experts
+    attn = d + 2 * kv_dim + d + (2 * c.num_heads * T if materialize_scores else c.num_heads)
+    per_layer = 4 * d + attn + ffn_hidden
+    return c.num_layers * per_layer + 2 * d + 2 * c.vocab_size
+
+
+def memory_estimate(config: ModelConfig, batch_size: int, optimizer: str = "adamw", dtype_bytes: int = 4,
+                    seq_len: Optional[int] = None) -> dict:
+    """Bytes needed to train: parameters, gradients, optimizer state and activations for one batch of
+    batch_size x seq_len (default context_length) tokens, all stored in dtype_bytes per element.
+    AdamW keeps two moments per parameter (2P); Muon/SGD-momentum one; plain SGD none."""
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZER_STATES)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    T = config.context_length if seq_len is None else seq_len
+    P = num_params(config)
+    out = {
+        "params": P * dtype_bytes,
+        "grads": P * dtype_bytes,
+        "optimizer_state": OPTIMIZER_STATES[optimizer] * P * dtype_bytes,
+        "activations": activation_elements_per_token(config, T) * batch_size * T * dtype_bytes,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+# ======================================================================================================
+# 5. Inference: sampling, the KV cache, batched generation, speculative decoding
+# ======================================================================================================
+
+def slot_attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad_lens: Optional[torch.Tensor],
+                        window: Optional[int]) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool mask from absolute slot indices (slot = index in the left-padded row).
+    Key j is visible to query i if it is a real slot (>= 0), not padding (>= pad_len of the row), not
+    in the future, and inside the window. Each query also sees its own slot, so rows of padding attend
+    to themselves instead of to nothing (which would make softmax NaN); nobody ever reads their output."""
+    qs, ks = q_slots[:, None], k_slots[None, :]  # (Tq, 1), (1, Tk)
+    allowed = (ks >= 0) & (ks <= qs)
+    if window is not None:
+        allowed = allowed & (qs - ks < window)
+    if pad_lens is not None:
+        allowed = allowed[None] & (ks[None] >= pad_lens[:, None, None])  # (B, Tq, Tk)
+    else:
+        allowed = allowed[None]
+    allowed = allowed | (ks == qs)[None]
+    return allowed[:, None]  # (B, 1, Tq, Tk): broadcast over heads
+
+
+class KVCache:
+    """Keys and values of every processed token, per layer, so each new token costs one position.
+
+    Storage: (B, Hkv, capacity, dh) per layer (GQA caches only the Hkv heads: H/Hkv x smaller). Keys are
+    cached AFTER RoPE, at their absolute positions, so nothing is re-rotated later.
+    Rows are left-padded to a common length, so every row writes the same slot each step; `slot_of`
+    records which absolute slot each buffer entry holds (-1 = empty), and masks are built from it.
+
+    Sliding-window models keep a ROLLING buffer: capacity = window + slack entries, slot s stored at
+    s % capacity -- memory O(W) however long the generation. `slack` extra entries let speculative
+    decoding write k draft tokens and roll them back without losing keys still inside the window.
+
+    Protocol (TransformerLM.forward drives it): begin(n) once per forward -> (positions, mask or None);
+    update(layer, k, v) in each layer -> keys/values to attend; truncate(length) rolls back.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, pad_lens: Optional[torch.Tensor] = None,
+                 slack: int = 0, device=None, dtype=torch.float32):
+        self.window = config.window
+        capacity = max_len if self.window is None else min(max_len, self.window + slack)
+        self.capacity = max(1, capacity)
+        shape = (batch_size, config.num_kv_heads, self.capacity, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.slot_of = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
+        self.pad_lens = pad_lens if pad_lens is not None and bool((pad_lens > 0).any()) else None
+        self.length = 0         # slots consumed so far (same for every row)
+        self.wrapped = False    # once a rolling buffer wraps, entry index != slot, so masks are explicit
+        self._plan = None
+
+    def begin(self, n: int):
+        """Plan the writes for a chunk of n new tokens; return (positions (B, n) or (n,), mask or None)."""
+        device = self.slot_of.device
+        start, cap, W = self.length, self.capacity, self.window
+        new_slots = torch.arange(start, start + n, device=device)
+        if start + n <= cap and not self.wrapped:
+            # contiguous: buffer entries 0..start+n-1 hold slots 0..start+n-1 in order
+            mode = "contiguous"
+            self.slot_of[start:start + n] = new_slots
+            key_slots = self.slot_of[:start + n]
+        elif W is not None and n <= cap - W + 1:
+            # rolling, write first: entries overwritten are older than every query's window
+            mode, self.wrapped = "ring", True
+            self.slot_of[new_slots % cap] = new_slots
+            key_slots = self.slot_of
+        elif W is not None:
+            # big chunk into a rolling buffer (long prompt): attend to old entries + the whole chunk,
+            # then keep only the last `cap` of the chunk
+            mode, self.wrapped = "concat", True
+            key_slots = torch.cat([self.slot_of, new_slots])
+            keep = new_slots[-cap:]
+            self.slot_of[keep % cap] = keep
+        else:
+            raise ValueError(f"KV cache is full: {start} + {n} tokens exceed its capacity {cap}")
+        self._plan = (mode, start, n, new_slots)
+        self.length = start + n
+        if self.pad_lens is None:
+            positions = new_slots
+            # the registered backend's contract holds: keys 0..start+n-1 in order, queries are the last n
+            mask = None if mode == "contiguous" else slot_attention_mask(new_slots, key_slots, None, W)
+        else:
+            positions = (new_slots[None, :] - self.pad_lens[:, None]).clamp_min(0)
+            mask = slot_attention_mask(new_slots, key_slots, self.pad_lens, W)
+        return positions, mask
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Store this layer's new keys/values (B, Hkv, n, dh); return the keys/values to attend to."""
+        mode, start, n, new_slots = self._plan
+        K, V = self.k[layer], self.v[layer]
+        if mode == "contiguous":
+            K[:, :, start:start + n] = k_new
+            V[:, :, start:start + n] = v_new
+            return K[:, :, :start + n], V[:, :, :start + n]
+        if mode == "ring":
+            idx = new_slots % self.capacity
+            K.index_copy_(2, idx, k_new)
+            V.index_copy_(2, idx, v_new)
+            return K, V
+        k_all, v_all = torch.cat([K, k_new], dim=2), torch.cat([V, v_new], dim=2)
+        keep = min(n, self.capacity)
+        idx = new_slots[-keep:] % self.capacity
+        K.index_copy_(2, idx, k_new[:, :, -keep:])
+        V.index_copy_(2, idx, v_new[:, :, -keep:])
+        return k_all, v_all
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot >= length (speculative decoding's rollback of rejected draft tokens)."""
+        if length > self.length:
+            raise ValueError(f"cannot truncate a KV cache of length {self.length} to {length}")
+        self.slot_of[self.slot_of >= length] = -1
+        self.length = length
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most-likely tokens whose total mass reaches top_p,
+    zero the rest, renormalize. A token is kept if the mass strictly before it (in sorted order) is
+    < top_p, so the most likely token always survives. probs: (..., V)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    filtered = probs * keep
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution we actually sample from: softmax(logits / T), nucleus-filtered. temperature == 0
+    means greedy, returned as a one-hot distribution (so speculative decoding needs no special case)."""
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return top_p_filter(softmax(logits / temperature, dim=-1), top_p)
+
+
+def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One draw per row by inverse-CDF: the first index whose cumulative probability exceeds u ~ U[0,1).
+    (B, V) -> (B,)."""
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device)
+    cdf = probs.cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
+    return idx.clamp_max(probs.shape[-1] - 1)
+
+
+def _check_sampling_args(temperature: float, top_p: float, max_new_tokens: int):
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+
+
+def _normalize_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
+        raise ValueError("prompt_ids must be a non-empty list of ints or a non-empty list of lists of ints")
+    prompts = [list(prompt_ids)] if isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty (generation needs at least one token to condition on)")
+        for t in p:
+            if not isinstance(t, int) or not (0 <= t < vocab_size):
+                raise ValueError(f"prompt {i} contains token id {t!r} outside the vocabulary [0, {vocab_size})")
+    return prompts
+
+
+def _model_device_dtype(model: nn.Module):
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+             eos_id: Optional[int] = None, use_cache: bool = True,
+             generator: Optional[torch.Generator] = None) -> list[list[int]]:
+    """Autoregressive sampling. prompt_ids: list[int] or list[list[int]] (different lengths allowed).
+
+    Returns one list of NEW token ids per prompt (always a list of lists); a row stops after emitting
+    eos_id (which is included as its last token). temperature 0 = greedy; top_p < 1 = nucleus sampling.
+    Batched prompts are LEFT-padded to a common length, with their padding masked out and positions
+    starting at 0 at each prompt's first token, so each row gets exactly the computation it would get
+    alone. use_cache=True prefills a KVCache once and then feeds one token per step; use_cache=False
+    recomputes the whole sequence every step (the reference the cache must match).
+    """
+    cfg = model.config
+    _check_sampling_args(temperature, top_p, max_new_tokens)
+    prompts = _normalize_prompts(prompt_ids, cfg.vocab_size)
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.context_length:
+        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"context_length {cfg.context_length}")
+    device, dtype = _model_device_dtype(model)
+    was_training = model.training
+    model.eval()
+    pad_lens = torch.tensor([longest - len(p) for p in prompts], device=device)
+    rows = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, longest)
+    padded = bool((pad_lens > 0).any())
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(cfg, B, longest + max_new_tokens, pad_lens, device=device, dtype=dtype) if use_cache else None
+    seq = rows
+    try:
+        for step in range(max_new_tokens):
+            if use_cache:
+                feed = rows if step == 0 else seq[:, -1:]
+                logits = model(feed, kv_cache=cache, last_only=True)[:, -1]
+            else:
+                logits = model(seq, pad_lens=pad_lens if padded else None, last_only=True)[:, -1]
+            if temperature == 0:
+                next_ids = logits.argmax(-1)  # greedy
+            else:
+                next_ids = sample_from_probs(logits_to_probs(logits, temperature, top_p), generator)
+            for b in range(B):
+                if not done[b]:
+                    out[b].append(int(next_ids[b]))
+            if eos_id is not None:
+                done |= next_ids == eos_id
+                if bool(done.all()):
+                    break
+            seq = torch.cat([seq, next_ids[:, None]], dim=1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> tuple[list[int], int]:
+    """Leviathan et al. (2023) accept/reject for ONE sequence.
+
+    p: (k+1, V) target distributions (row i = the target's next-token distribution before draft token i;
+    row k = after all k drafts), q: (k, V) draft distributions, draft_tokens: (k,) sampled from q.
+    Draft token x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection we
+    sample from the residual norm(max(0, p_i - q_i)) and stop; if all k are accepted we sample a bonus
+    token from p_k. Every emitted token is then distributed exactly as the target's sample would be:
+    P(x) = q(x) min(1, p/q) + (1 - sum_y min(p, q)) * (p - q)+(x) / sum (p - q)+ = min(p, q) + (p - q)+ = p.
+    Returns (emitted tokens, number of accepted draft tokens).
+    """
+    k = draft_tokens.shape[0]
+    emitted = []
+    for i in range(k):
+        x = int(draft_tokens[i])
+        u = float(torch.rand((), generator=generator, device=p.device))
+        if u * float(q[i, x]) < float(p[i, x]):  # u < p/q without dividing
+            emitted.append(x)
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        if float(residual.sum()) <= 0:  # p == q: a rejection has probability 0; guard rounding
+            residual = p[i]
+        emitted.append(int(sample_from_probs(residual[None] / residual.sum(), generator)[0]))
+        return emitted, i
+    emitted.append(int(sample_from_probs(p[k][None], generator)[0]))
+    return emitted, k
+
+
+@torch.no_grad()
+def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt_ids, max_new_tokens: int, k: int = 4,
+                         temperature: float = 1.0, top_p: float = 1.0, eos_id: Optional[int] = None,
+                         generator: Optional[torch.Generator] = None, return_stats: bool = False):
+    """Speculative decoding: the cheap draft proposes k tokens one by one; the target scores all of them
+    in ONE forward pass (k+1 positions); speculative_accept keeps a prefix and emits one extra token, so
+    each target pass yields 1..k+1 tokens while the output distribution stays exactly the target's
+    (with temperature 0 the output equals the target's greedy output). Both models use KV caches and
+    roll them back past rejected tokens. Batched prompts are decoded one after another (acceptance
+    lengths differ per row). Returns the same as generate(); with return_stats=True returns
+    (outputs, stats) where stats has acceptance_rate = accepted / proposed draft tokens, the number of
+    target verification passes (target_forwards; the prompt prefill is counted apart as target_prefills),
+    draft forward passes and tokens_per_target_forward = new tokens / verification passes.
+    """
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab_size "
+                         f"{target.config.vocab_size}: the models must share a tokenizer")
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k (draft tokens per step) must be a positive integer, got {k!r}")
+    _check_sampling_args(temperature, top_p, max_new_tokens)
+    prompts = _normalize_prompts(prompt_ids, target.config.vocab_size)
+    for model, name in ((target, "target"), (draft, "draft")):
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > model.config.context_length:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the {name} "
+                             f"model's context_length {model.config.context_length}")
+    stats = {"proposed": 0, "accepted": 0, "target_prefills": 0, "target_forwards": 0, "draft_forwards": 0,
+             "new_tokens": 0}
+    modes = (target.training, draft.training)
+    target.eval()
+    draft.eval()
+    try:
+        outputs = [_speculative_one(target, draft, p, max_new_tokens, k, temperature, top_p, eos_id, generator,
+                                    stats) for p in prompts]
+    finally:
+        target.train(modes[0])
+        draft.train(modes[1])
+    stats["acceptance_rate"] = stats["accepted"] / max(1, stats["proposed"])
+    stats["tokens_per_target_forward"] = stats["new_tokens"] / max(1, stats["target_forwards"])
+    return (outputs, stats) if return_stats else outputs
+
+
+def _speculative_one(target, draft, prompt, max_new_tokens, k, temperature, top_p, eos_id, generator, stats):
+    device, t_dtype = _model_device_dtype(target)
+    _, d_dtype = _model_device_dtype(draft)
+    total = len(prompt) + max_new_tokens
+    t_cache = KVCache(target.config, 1, total, slack=k + 1, device=device, dtype=t_dtype)
+    d_cache = KVCache(draft.config, 1, total, slack=k + 1, device=device, dtype=d_dtype)
+    seq = list(prompt)  # everything committed so far
+    out: list[int] = []
+    if max_new_tokens == 0:
+        return out
+    # Invariant between rounds: the target cache holds seq[:-1]; seq[-1] is fed with the drafts.
+    if len(seq) > 1:
+        target(torch.tensor([seq[:-1]], device=device), kv_cache=t_cache, last_only=True)
+        stats["target_prefills"] += 1
+    while len(out) < max_new_tokens:
+        k_eff = min(k, max_new_tokens - len(out) - 1)  # never draft past the budget
+        drafts, q_rows = [], []
+        for _ in range(k_eff):
+            feed = torch.tensor([seq[d_cache.length:] + drafts[-1:] if drafts else seq[d_cache.length:]],
+                                device=device)
+            q_i = logits_to_probs(draft(feed, kv_cache=d_cache, last_only=True)[0, -1], temperature, top_p)
+            stats["draft_forwards"] += 1
+            x = int(q_i.argmax()) if temperature == 0 else int(sample_from_probs(q_i[None], generator)[0])
+            drafts.append(x)
+            q_rows.append(q_i)
+        # the target scores [last committed token, d_1, ..., d_k] in one pass -> k+1 distributions
+        feed = torch.tensor([seq[-1:] + drafts], device=device)
+        p = logits_to_probs(target(feed, kv_cache=t_cache)[0], temperature, top_p)  # (k_eff+1, V)
+        stats["target_forwards"] += 1
+        q = torch.stack(q_rows) if q_rows else p.new_zeros(0, p.shape[-1])
+        emitted, n_acc = speculative_accept(p, q, torch.tensor(drafts, dtype=torch.long), generator)
+        stats["proposed"] += k_eff
+        stats["accepted"] += n_acc
+        # roll back: keep the cached keys of the committed tokens only
+        seq_before = len(seq)
+        if eos_id is not None and eos_id in emitted:
+            emitted = emitted[:emitted.index(eos_id) + 1]
+        seq.extend(emitted)
+        out.extend(emitted)
+        stats["new_tokens"] += len(emitted)
+        t_cache.truncate(len(seq) - 1)
+        d_cache.truncate(min(d_cache.length, seq_before + n_acc))
+        if eos_id is not None and out and out[-1] == eos_id:
+            break
+    return out[:max_new_tokens]
+
+
+# ======================================================================================================
+# 6. The peer for the speed benchmark: the same architecture from torch's own layers
+# ======================================================================================================
+
+class _TorchLayersBlock(nn.Module):
+    """Default-switch block (pre-norm RMSNorm, RoPE, SwiGLU, full causal MHA) from nn.Linear, F.rms_norm,
+    F.scaled_dot_product_attention and F.silu. Same state-dict names, so our weights load into it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, H = cfg.d_model, cfg.num_heads
+        self.num_heads, self.head_dim = H, d // H
+        self.ln1 = nn.Module()
+        self.ln1.weight = nn.Parameter(torch.ones(d))
+        self.ln2 = nn.Module()
+        self.ln2.weight = nn.Parameter(torch.ones(d))
+        self.attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "output_proj"):
+            setattr(self.attn, name, nn.Linear(d, d, bias=False))
+        self.ffn = nn.Module()
+        self.ffn.w1 = nn.Linear(d, cfg.d_ff, bias=False)
+        self.ffn.w2 = nn.Linear(cfg.d_ff, d, bias=False)
+        self.ffn.w3 = nn.Linear(d, cfg.d_ff, bias=False)
+
+    def forward(self, x, rope, positions):  # x (B, T, d)
+        B, T, d = x.shape
+        H, dh = self.num_heads, self.head_dim
+        h = F.rms_norm(x, (d,), self.ln1.weight, eps=1e-5)
+        q = self.attn.q_proj(h).view(B, T, H, dh).transpose(1, 2)
+        k = self.attn.k_proj(h).view(B, T, H, dh).transpose(1, 2)
+        v = self.attn.v_proj(h).view(B, T, H, dh).transpose(1, 2)
+        q, k = rope(q, positions), rope(k, positions)  # torch has no RoPE layer: the same function as ours
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn.output_proj(a.transpose(1, 2).reshape(B, T, d))
+        h = F.rms_norm(x, (d,), self.ln2.weight, eps=1e-5)
+        return x + self.ffn.w2(F.silu(self.ffn.w1(h)) * self.ffn.w3(h))
+
+
+class TorchLayersLM(nn.Module):
+    """The speed/correctness peer of TransformerLM for the default switches, built from torch's layers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if (cfg.norm, cfg.norm_position, cfg.position, cfg.ffn, cfg.num_experts, cfg.attention, cfg.qk_norm,
+                cfg.tie_embeddings) != ("rmsnorm", "pre", "rope", "swiglu", 0, "full", False, False) \
+                or cfg.num_kv_heads != cfg.num_heads:
+            raise ValueError("TorchLayersLM only mirrors the default switches")
+        self.config = cfg
+        self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList([_TorchLayersBlock(cfg) for _ in range(cfg.num_layers)])
+        self.ln_final = nn.Module()
+        self.ln_final.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rope = RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length)
+
+    def forward(self, token_ids):
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+        x = self.token_embeddings(token_ids)
+        for layer in self.layers:
+            x = layer(x, self.rope, positions)
+        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.ln_final.weight, eps=1e-5))
+
+
+# ======================================================================================================
+# 7. Command line: table, generate, bench
+# ======================================================================================================
+
+# GPT-2's four sizes (d_model, layers, heads) at its vocabulary and context, in our modern stack.
+GPT2_SIZES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
+              "gpt2-xl": (1600, 48, 25)}
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def cmd_table(args) -> None:
+    """Parameters, FLOPs per token and training memory for GPT-2-sized configs."""
+    print(f"vocab {args.vocab_size}, context {args.context_length}, ffn {args.ffn}, batch {args.batch_size}, "
+          f"{args.dtype_bytes}-byte numbers, optimizer {args.optimizer}, attention FLOPs "
+          f"{'causal average' if not args.full_attention_flops else 'full rows'}")
+    header = (f"{'config':12s} {'d':>5s} {'L':>3s} {'H':>3s} {'d_ff':>5s} {'params':>8s} {'non-emb':>8s} "
+              f"{'fwd GF/tok':>10s} {'train GF/tok':>12s} {'attn%':>6s} {'ffn%':>6s} {'head%':>6s} "
+              f"{'params+grads+opt':>17s} {'activations':>12s} {'total':>10s}")
+    print(header)
+    print("-" * len(header))
+    for name, (d, L, H) in GPT2_SIZES.items():
+        cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=d, num_layers=L,
+                          num_heads=H, ffn=args.ffn, tie_embeddings=args.tie_embeddings)
+        causal = not args.full_attention_flops
+        br = flops_breakdown(cfg, causal_average=causal)
+        fwd = sum(br.values())
+        mem = memory_estimate(cfg, args.batch_size, args.optimizer, args.dtype_bytes)
+        state = mem["params"] + mem["grads"] + mem["optimizer_state"]
+        print(f"{name:12s} {d:5d} {L:3d} {H:3d} {cfg.d_ff:5d} {num_params(cfg) / 1e6:7.1f}M "
+              f"{num_params(cfg, include_embeddings=False) / 1e6:7.1f}M {fwd / 1e9:10.3f} "
+              f"{flops_per_token(cfg, training=True, causal_average=causal) / 1e9:12.3f} "
+              f"{100 * (br['attention_projections'] + br['attention_scores']) / fwd:5.1f}% "
+              f"{100 * br['ffn'] / fwd:5.1f}% {100 * br['lm_head'] / fwd:5.1f}% {_fmt_bytes(state):>17s} "
+              f"{_fmt_bytes(mem['activations']):>12s} {_fmt_bytes(mem['total']):>10s}")
+
+
+def load_checkpoint_model(path: str, device: str = "cpu") -> tuple[TransformerLM, dict]:
+    """Rebuild a TransformerLM from a checkpoint written by train.py (torch.save dict, loaded with
+    weights_only=True). The model config is read from "model_config" (train.py), or "config"["model"],
+    or a "config" that is itself a ModelConfig dict. Returns (model, the checkpoint dict)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"checkpoint {path} has no 'model' state dict")
+    cfg = ckpt.get("model_config")
+    if cfg is None and isinstance(ckpt.get("config"), dict):
+        cfg = ckpt["config"].get("model", ckpt["config"] if "vocab_size" in ckpt["config"] else None)
+    if cfg is None:
+        raise ValueError(f"checkpoint {path} has no model config ('model_config' or 'config'['model'])")
+    model = TransformerLM.from_config(ModelConfig.from_dict(dict(cfg)))
+    load_model_state(model, ckpt["model"])
+    return model.to(device), ckpt
+
+
+def cmd_generate(args) -> None:
+    model, ckpt = load_checkpoint_model(args.checkpoint, args.device)
+    tokenizer = None
+    tok_dir = args.tokenizer
+    if tok_dir is None and args.prompt_ids is None:
+        for cand in (os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "tokenizer"),
+                     ckpt.get("tokenizer_dir")):
+            if cand and os.path.exists(os.path.join(str(cand), "vocab.json")):
+                tok_dir = str(cand)
+                break
+        if tok_dir is None:
+            raise FileNotFoundError("no tokenizer found next to the checkpoint or in it; pass --tokenizer DIR "
+                                    "or give the prompt as --prompt-ids 1,2,3")
+    if tok_dir is not None:
+        import tokenizer as tk  # lazy: only this subcommand needs it
+        tokenizer = tk.Tokenizer.load(tok_dir)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} > model vocab_size "
+                             f"{model.config.vocab_size}: wrong tokenizer for this checkpoint")
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    else:
+        prompt = tokenizer.encode(args.prompt)
+    eos = args.eos_id if args.eos_id is not None else (tokenizer.eot_id if tokenizer is not None else None)
+    room = model.config.context_length - len(prompt)
+    n_new = min(args.max_new_tokens, room)
+    if n_new < args.max_new_tokens:
+        print(f"[note] max_new_tokens reduced to {n_new} to fit the context length {model.config.context_length}",
+              file=sys.stderr)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    outs = generate(model, [prompt] * args.num_samples, n_new, temperature=args.temperature, top_p=args.top_p,
+                    eos_id=eos, use_cache=not args.no_cache, generator=gen)
+    dt = time.perf_counter() - t0
+    for i, out in enumerate(outs):
+        if tokenizer is not None:
+            text = tokenizer.decode([t for t in out if t != eos])
+            print(f"--- sample {i} ---\n{args.prompt if args.prompt_ids is None else ''}{text}")
+        else:
+            print(f"--- sample {i} ---\n{','.join(map(str, out))}")
+    n = sum(len(o) for o in outs)
+    print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s, cache {'off' if args.no_cache else 'on'}]",
+          file=sys.stderr)
+
+
+MACHINE = "2-core CPU VM (x86_64), torch " + torch.__version__.split("+")[0] + " CPU"
+
+
+def _row(what: str, command: str, shape: str, ours: str, peer: str, ratio: str) -> str:
+    return f"| model | {what} | `{command}` | {shape} | {ours} | {peer} | {ratio} | {MACHINE} |"
+
+
+def _time_once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _interleaved(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each fn, run alternately (A B A B ...) so load changes hit both alike."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            times[i].append(_time_once(fn))
+    return [statistics.median(t) for t in times]
+
+
+def bench_kv(args) -> list[str]:
+    rows = []
+    for prompt_len in [int(p) for p in str(args.kv_prompt).split(",")]:
+        torch.manual_seed(0)
+        n = args.kv_new_tokens
+        cfg = ModelConfig(vocab_size=args.vocab_size, context_length=prompt_len + n, d_model=args.d_model,
+                          num_layers=args.num_layers, num_heads=args.num_heads)
+        model = TransformerLM.from_config(cfg).eval()
+        prompt = torch.randint(0, cfg.vocab_size, (prompt_len,)).tolist()
+        outs = {}
+
+        def run(use_cache):
+            outs[use_cache] = generate(model, prompt, n, temperature=0, use_cache=use_cache)
+
+        generate(model, prompt, 4, temperature=0), generate(model, prompt, 4, temperature=0, use_cache=False)  # warm-up
+        t_cache, t_full = _interleaved([lambda: run(True), lambda: run(False)], args.repeats)
+        if outs[True] != outs[False]:
+            raise AssertionError("KV-cache greedy output differs from recompute output")
+        print(f"[kv] d={cfg.d_model} L={cfg.num_layers} V={cfg.vocab_size} prompt {prompt_len} + {n} new tokens: "
+              f"cache {n / t_cache:.1f} tok/s, recompute {n / t_full:.1f} tok/s, speedup {t_full / t_cache:.2f}x "
+              f"(outputs identical)", flush=True)
+        shape = f"d{cfg.d_model} L{cfg.num_layers} H{cfg.num_heads} V{cfg.vocab_size}, prompt {prompt_len}, {n} new, greedy, batch 1"
+        rows.append(_row("KV-cache decode vs recompute-everything (tokens/s)", "python model.py bench --only kv",
+                         shape, f"{n / t_cache:.1f} tok/s", f"{n / t_full:.1f} tok/s (recompute)",
+                         f"{t_full / t_cache:.2f}x"))
+    return rows
+
+
+def _read_corpus(path: Optional[str]) -> tuple[bytes, str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [path] if path else [os.path.join(here, "..", "shared", "data", "tinyshakespeare.txt")]
+    for cand in candidates:
+        if cand and os.path.exists(cand):
+            with open(cand, "rb") as f:
+                return f.read(), os.path.basename(cand)
+        if path:
+            raise FileNotFoundError(f"--text {path} does not exist")
+    with open(os.path.abspath(__file__), "rb") as f:  # always available: this file's own source
+        return f.read(), "model.py source"
+
+
+def _quick_train(model: TransformerLM, data: torch.Tensor, steps: int, batch: int, seq: int, lr: float,
+                 label: str) -> float:
+    """A few hundred AdamW steps on byte tokens so the speculative pair predicts something real."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    loss = float("nan")
+    for step in range(steps):
+        for group in opt.param_groups:  # cosine decay to 10%
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[s:s + seq] for s in starts])
+        y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
+        loss_t = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        opt.step()
+        loss = loss_t.item()
+        if step % max(1, steps // 4) == 0 or step == steps - 1:
+            print(f"  [{label}] step {step + 1}/{steps} loss {loss:.3f}", flush=True)
+    model.eval()
+    return loss
+
+
+def bench_spec(args) -> list[str]:
+    torch.manual_seed(0)
+    ctx = args.spec_prompt + args.spec_new_tokens
+    if args.target_checkpoint:
+        target, _ = load_checkpoint_model(args.target_checkpoint)
+        draft, _ = load_checkpoint_model(args.draft_checkpoint)
+        source = "checkpoints"
+        prompt = torch.randint(0, target.config.vocab_size, (args.spec_prompt,)).tolist()
+    else:
+        raw, source = _read_corpus(args.text)
+        data = torch.tensor(list(raw), dtype=torch.long)
+        tcfg = ModelConfig(vocab_size=256, context_length=max(ctx, args.spec_train_seq),
+                           d_model=args.target_d_model, num_layers=args.target_num_layers,
+                           num_heads=args.target_num_heads)
+        dcfg = ModelConfig(vocab_size=256, context_length=tcfg.context_length, d_model=args.draft_d_model,
+                           num_layers=args.draft_num_layers, num_heads=max(1, args.draft_d_model // 32))
+        target, draft = TransformerLM.from_config(tcfg), TransformerLM.from_config(dcfg)
+        print(f"[spec] training byte-level target ({num_params(target) / 1e6:.2f}M) and draft "
+              f"({num_params(draft) / 1e6:.2f}M) on {source} for {args.spec_train_steps} steps each")
+        _quick_train(target, data, args.spec_train_steps, args.spec_train_batch, args.spec_train_seq, 3e-3, "target")
+        _quick_train(draft, data, args.spec_train_steps, args.spec_train_batch, args.spec_train_seq, 3e-3, "draft")
+        start = int(torch.randint(0, len(data) - args.spec_prompt, (1,)))
+        prompt = data[start:start + args.spec_prompt].tolist()
+    target.eval(), draft.eval()
+    n, T = args.spec_new_tokens, args.spec_temperature
+    outs = {}
+    gens = {name: torch.Generator().manual_seed(1) for name in ("plain_t", "spec_t")}
+
+    def plain():
+        outs["plain"] = generate(target, prompt, n, temperature=0)
+
+    def spec():
+        outs["spec"], outs["stats"] = speculative_generate(target, draft, prompt, n, k=args.k, temperature=0,
+                                                           return_stats=True)
+
+    def plain_t():
+        outs["plain_t"] = generate(target, prompt, n, temperature=T, generator=gens["plain_t"])
+
+    def spec_t():
+        outs["spec_t"], outs["stats_t"] = speculative_generate(target, draft, prompt, n, k=args.k, temperature=T,
+                                                               generator=gens["spec_t"], return_stats=True)
+
+    generate(target, prompt, 4, temperature=0), speculative_generate(target, draft, prompt, 4, k=args.k)  # warm-up
+    t_plain, t_spec, t_plain_t, t_spec_t = _interleaved([plain, spec, plain_t, spec_t], args.repeats)
+    if outs["plain"] != outs["spec"]:
+        raise AssertionError("speculative greedy output differs from the target's greedy output")
+    st, st_t = outs["stats"], outs["stats_t"]
+    if target.config.vocab_size == 256:
+        text = bytes(prompt + outs["plain"][0]).decode("utf-8", errors="replace")
+        print(f"[spec] target greedy sample: {text!r}")
+    print(f"[spec] k={args.k} greedy: acceptance {st['acceptance_rate']:.2f}, "
+          f"{st['tokens_per_target_forward']:.2f} tokens per target pass, target alone {n / t_plain:.1f} tok/s, "
+          f"speculative {n / t_spec:.1f} tok/s, speedup {t_plain / t_spec:.2f}x (outputs identical)")
+    print(f"[spec] k={args.k} sampling T={T}: acceptance {st_t['acceptance_rate']:.2f}, "
+          f"{st_t['tokens_per_target_forward']:.2f} tokens per target pass, target alone {n / t_plain_t:.1f} tok/s, "
+          f"speculative {n / t_spec_t:.1f} tok/s, speedup {t_plain_t / t_spec_t:.2f}x")
+    shape = (f"target d{target.config.d_model} L{target.config.num_layers}, draft d{draft.config.d_model} "
+             f"L{draft.config.num_layers}, {source}, prompt {len(prompt)}, {n} new, k={args.k}")
+    cmd = "python model.py bench --only spec"
+    return [_row(f"speculative decoding, greedy (acceptance {st['acceptance_rate']:.2f}; output identical to "
+                 f"target greedy)", cmd, shape, f"{n / t_spec:.1f} tok/s", f"{n / t_plain:.1f} tok/s (target alone)",
+                 f"{t_plain / t_spec:.2f}x"),
+            _row(f"speculative decoding, sampling T={T} (acceptance {st_t['acceptance_rate']:.2f})", cmd, shape,
+                 f"{n / t_spec_t:.1f} tok/s", f"{n / t_plain_t:.1f} tok/s (target alone)",
+                 f"{t_plain_t / t_spec_t:.2f}x")]
+
+
+def bench_train(args) -> list[str]:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.train_seq, d_model=args.d_model,
+                      num_layers=args.num_layers, num_heads=args.num_heads, attn_impl="sdpa")
+    ours = TransformerLM.from_config(cfg)
+    peer = TorchLayersLM(cfg)
+    peer.load_state_dict(ours.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (args.train_batch, cfg.context_length))
+    y = torch.randint(0, cfg.vocab_size, (args.train_batch, cfg.context_length))
+    with torch.no_grad():
+        diff = (ours(x) - peer(x)).abs().max().item()
+
+    def step(model):
+        def fn():
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+        return fn
+
+    step(ours)(), step(peer)()  # warm-up
+    t_ours, t_peer = _interleaved([step(ours), step(peer)], args.train_repeats)
+    tokens = x.numel()
+    print(f"[train] fwd+bwd d={cfg.d_model} L={cfg.num_layers} T={cfg.context_length} B={args.train_batch}: "
+          f"ours {tokens / t_ours:.0f} tok/s, torch layers {tokens / t_peer:.0f} tok/s, time ratio "
+          f"{t_ours / t_peer:.3f}x (target <= 1.1x); same weights, max |logit diff| {diff:.1e}")
+    shape = f"d{cfg.d_model} L{cfg.num_layers} H{cfg.num_heads} V{cfg.vocab_size}, T={cfg.context_length} B={args.train_batch}, fp32"
+    return [_row("training step fwd+bwd, sdpa fast path vs torch layers (time ratio, lower is better)",
+                 "python model.py bench --only train", shape, f"{tokens / t_ours:.0f} tok/s",
+                 f"{tokens / t_peer:.0f} tok/s (nn.Linear/F.rms_norm/F.sdpa/F.silu)", f"{t_ours / t_peer:.3f}x")]
+
+
+def cmd_bench(args) -> None:
+    torch.set_num_threads(args.threads) if args.threads else None
+    rows = []
+    sections = {"kv": bench_kv, "spec": bench_spec, "train": bench_train}
+    for name in args.only.split(","):
+        if name not in sections:
+            raise ValueError(f"--only {name!r}: choose from {sorted(sections)}")
+        rows += sections[name](args)
+    print("\n| stage | what | command | corpus/shape | ours | peer | ratio | machine |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="model.py", description="ScratchLM stage 2: the Transformer LM. "
+                                "Print the accounting table, generate from a checkpoint, or run the benchmarks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("table", help="parameters / FLOPs per token / training memory for GPT-2-sized configs")
+    t.add_argument("--vocab-size", type=int, default=50257, help="vocabulary size (default GPT-2's 50257)")
+    t.add_argument("--context-length", type=int, default=1024, help="sequence length (default 1024)")
+    t.add_argument("--ffn", choices=FFN_CHOICES, default="swiglu", help="feed-forward type (default swiglu)")
+    t.add_argument("--tie-embeddings", action="store_true", help="share embedding and LM head (GPT-2 did)")
+    t.add_argument("--batch-size", type=int, default=8, help="batch size for the activation memory (default 8)")
+    t.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATES), default="adamw",
+                   help="optimizer whose state is counted (default adamw: 2 numbers per parameter)")
+    t.add_argument("--dtype-bytes", type=int, default=4, help="bytes per stored number (4 fp32, 2 bf16)")
+    t.add_argument("--full-attention-flops", action="store_true",
+                   help="count the full T x T attention matrix (Kaplan/PaLM convention) instead of the causal "
+                        "average (T+1)/2 keys per query")
+    t.set_defaults(func=cmd_table)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint written by train.py")
+    g.add_argument("--checkpoint", required=True, help="path to a train.py checkpoint (.pt)")
+    g.add_argument("--prompt", default="\n", help="prompt text (encoded with the tokenizer)")
+    g.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids (no tokenizer needed)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: next to the checkpoint, or "
+                                                    "the tokenizer_dir recorded in it)")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1 = off)")
+    g.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
+    g.add_argument("--eos-id", type=int, default=None, help="stop token id (default: the tokenizer's "
+                                                            "<|endoftext|>)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
+    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="side-by-side speed ratios: KV cache vs recompute, speculative decoding, "
+                                     "training step vs torch's layers")
+    b.add_argument("--only", default="kv,spec,train", help="comma-separated sections: kv, spec, train")
+    b.add_argument("--repeats", type=int, default=2, help="kv/spec: interleaved repetitions (median)")
+    b.add_argument("--train-repeats", type=int, default=7, help="train: interleaved repetitions (median)")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    b.add_argument("--d-model", type=int, default=384, help="kv/train: model width (384)")
+    b.add_argument("--num-layers", type=int, default=6, help="kv/train: layers (6)")
+    b.add_argument("--num-heads", type=int, default=6, help="kv/train: heads (6)")
+    b.add_argument("--vocab-size", type=int, default=4096, help="kv/train: vocabulary (4096)")
+    b.add_argument("--kv-prompt", default="16,64", help="kv: prompt length(s), comma-separated (16,64)")
+    b.add_argument("--kv-new-tokens", type=int, default=256, help="kv: new tokens (256)")
+    b.add_argument("--train-seq", type=int, default=128, help="train: context length (128)")
+    b.add_argument("--train-batch", type=int, default=4, help="train: batch size (4)")
+    b.add_argument("--text", default=None, help="spec: training text for the byte-level pair (default "
+                                                "../shared/data/tinyshakespeare.txt, else this file)")
+    b.add_argument("--spec-train-steps", type=int, default=150, help="spec: training steps per model (150)")
+    b.add_argument("--spec-train-seq", type=int, default=128, help="spec: training sequence length (128)")
+    b.add_argument("--spec-train-batch", type=int, default=8, help="spec: training batch size (8)")
+    b.add_argument("--spec-prompt", type=int, default=32, help="spec: prompt tokens (32)")
+    b.add_argument("--spec-new-tokens", type=int, default=96, help="spec: new tokens (96)")
+    b.add_argument("--target-d-model", type=int, default=256, help="spec: target width (256)")
+    b.add_argument("--target-num-layers", type=int, default=4, help="spec: target layers (4)")
+    b.add_argument("--target-num-heads", type=int, default=8, help="spec: target heads (8)")
+    b.add_argument("--draft-d-model", type=int, default=64, help="spec: draft width (64)")
+    b.add_argument("--draft-num-layers", type=int, default=1, help="spec: draft layers (1)")
+    b.add_argument("-k", type=int, default=4, help="spec: draft tokens per target pass (4)")
+    b.add_argument("--spec-temperature", type=float, default=0.8, help="spec: temperature of the sampled run (0.8)")
+    b.add_argument("--target-checkpoint", default=None, help="spec: use trained checkpoints instead "
+                                                             "(needs --draft-checkpoint too)")
+    b.add_argument("--draft-checkpoint", default=None, help="spec: draft checkpoint")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "target_checkpoint", None) and not args.draft_checkpoint:
+        raise SystemExit("--target-checkpoint needs --draft-checkpoint")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
