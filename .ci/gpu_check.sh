@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# ScratchLM stage 4 GPU script: correctness FIRST, then benchmarks, all within ~8 minutes of device time.
+#
+# Run from the repository root on a machine with an NVIDIA GPU and a CUDA build of torch + triton:
+#     bash .ci/gpu_check.sh   (not run by CI, which has no GPU: this is the one prepared script for a lent GPU)
+# With the project device tool: run(command="bash .ci/gpu_check.sh", timeout_s=560).
+# Output is also written to $OUT/gpu_check.log when $OUT is set.
+#
+# Steps and time limits (seconds):       0. environment report                       (~5)
+#                                         1. python kernels.py check (float64 refs)   <= 200
+#                                         2. python kernels.py bench rmsnorm          <= 100
+#                                         3. python kernels.py bench attention        <= 170 (stops new shapes at 120)
+# Triton compiles are cached under $TRITON_CACHE_DIR (default ~/.triton/cache), so step 1 warms step 3.
+set -uo pipefail
+cd "$(dirname "$0")/.." 2>/dev/null || true
+[ -f kernels.py ] || cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+LOG="${OUT:-/tmp}/gpu_check.log"
+exec > >(tee "$LOG") 2>&1
+
+PY="${PYTHON:-python3}"
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    PY=.venv/bin/python
+fi
+export TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET
+
+echo "== 0. environment ($(date -u +%H:%M:%S) UTC)"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader || true
+if ! "$PY" -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); sys.exit(0 if torch.cuda.is_available() else 3)"; then
+    echo "FATAL: $PY has no CUDA-enabled torch + triton; set PYTHON=/path/to/python"; exit 3
+fi
+
+echo; echo "== 1. correctness: python kernels.py check ($(date -u +%H:%M:%S))"
+timeout 200 "$PY" kernels.py check
+CHECK=$?
+echo "check exit code: $CHECK"
+
+echo; echo "== 2. bench RMSNorm ($(date -u +%H:%M:%S))"
+timeout 100 "$PY" kernels.py bench rmsnorm --max-seconds 75 || echo "rmsnorm bench exit code $?"
+
+echo; echo "== 3. bench attention ($(date -u +%H:%M:%S))"
+timeout 170 "$PY" kernels.py bench attention --max-seconds 120 || echo "attention bench exit code $?"
+
+echo; echo "== done ($(date -u +%H:%M:%S)); correctness exit code $CHECK; log: $LOG"
+exit $CHECK

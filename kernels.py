@@ -1,0 +1,1397 @@
+"""
+kernels.py -- Stage 4 of ScratchLM: GPU kernels in Triton (fused RMSNorm and FlashAttention-2).
+
+The story
+---------
+A GPU does arithmetic far faster than it can move data: an H100 does ~990 bf16 TFLOP/s on its tensor cores but
+reads its HBM at ~3.35 TB/s, i.e. it must do ~300 FLOPs per byte it loads to be compute-bound. Most of a
+transformer that is not a matmul (normalization, softmax, masking) does ~1 FLOP per byte, so its speed is set by
+how many times it reads and writes memory. The systems idea of this stage: ORGANIZE THE COMPUTATION SO DATA IS
+MOVED AS FEW TIMES AS POSSIBLE -- load a tile into fast on-chip memory (registers / shared memory, ~100x faster than
+HBM), do all the work on it there, write the result once.
+
+Two kernels make that concrete:
+
+1. Fused RMSNorm.  Eager PyTorch runs `x.pow(2).mean(-1)`, `rsqrt`, `x * r`, `* w` as separate kernels, each
+   reading and writing a full (rows, d) tensor: ~5 round trips to HBM. One Triton program per row loads the row
+   once, does all of it in registers and writes y once (forward = 1 read + 1 write, the minimum). The backward is
+   fused the same way; the gain gradient (a sum over all rows) is accumulated per program and reduced at the end.
+
+2. FlashAttention-2.  Naive attention materializes S = QK^T/sqrt(d) and P = softmax(S), both (T, T) per head:
+   at T = 16384 that is 1 GiB per head in fp32, written and read back several times, O(T^2) memory. FA2 tiles Q
+   into blocks that stay on chip, streams K/V blocks past them, and uses the ONLINE SOFTMAX (running max m, running
+   sum l, rescale the partial output whenever the max grows) so P never exists in HBM. It saves only O and the
+   log-sum-exp L = m + log(l) (one float per query), and the backward RECOMPUTES P = exp(S - L) tile by tile
+   instead of storing it: a few extra FLOPs (cheap) to avoid O(T^2) bytes (expensive). Memory becomes O(T).
+
+What it costs: two extra code paths to keep correct (a from-scratch PyTorch version of each kernel comes FIRST in
+this file, and the tests prove the Triton version agrees with it and with a float64 reference), Triton as a
+dependency, and a Python-level tiled loop (FlashAttention2PyTorch) that is slow -- it exists to make the algorithm
+readable and testable, the Triton kernel is the fast path.
+
+Running without a GPU
+---------------------
+Triton normally compiles for a GPU. With the environment variable TRITON_INTERPRET=1 (read when each @triton.jit
+function is DECORATED, i.e. when this module is imported), Triton instead runs every kernel in a numpy interpreter
+on CPU tensors -- slowly, but with the same program/tile semantics. This file sets TRITON_INTERPRET=1 by default
+when no CUDA device is present (before defining any kernel; respecting a value the user already set), so the
+kernels are exercised by the CPU test suite. Two interpreter quirks are handled below and documented where used:
+(a) it multiplies bfloat16 `tl.dot` operands as raw uint16 bit patterns (a bug), so under the interpreter dot
+operands are upcast to fp32 first -- exact, since bf16 -> fp32 is lossless and the GPU's tensor cores also
+accumulate bf16 products in fp32; (b) all other bf16 math is done in fp32 registers anyway (we upcast on load).
+
+Layout of this file (read top to bottom):
+  Part 1  RMSNorm: readable PyTorch (forward + hand-derived backward) -> Triton kernels -> autograd.Function.
+  Part 2  Attention: naive reference -> FlashAttention2PyTorch (tiled, online softmax) -> Triton kernels ->
+          FlashAttention2Triton.
+  Part 3  ScratchLM integration: multi-head attention backends "flash_triton" / "flash_torch" for model.py, and
+          use_kernels(model) to swap both kernels into a TransformerLM in one call.
+  Part 4  Benchmarks, GPU correctness checks, an ahead-of-time GPU compile check that needs no GPU, and the
+          command line: `python kernels.py bench | check | compile` (see --help).
+
+Using the kernels in ScratchLM: `import kernels` registers the attention backends "flash_triton" and "flash_torch"
+with model.py (so ModelConfig(attn_impl="flash_triton") becomes valid), and `kernels.use_kernels(model)` swaps the
+fused RMSNorm and the Triton attention into an existing TransformerLM without changing its state_dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import types
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton setup. TRITON_INTERPRET must be in the environment BEFORE the @triton.jit decorators below run (triton
+# 3.x reads the knob at decoration time). Setting it here, at import of kernels.py, works even if torch (or an
+# earlier test module) already imported triton: no kernel of ours has been decorated yet, and triton's own library
+# kernels are re-wrapped below (_interpreter_adopt_triton_stdlib). We only default it on when there is no CUDA:
+# then the interpreter is the only way a Triton kernel can run, so nothing that worked before is changed.
+# ---------------------------------------------------------------------------------------------------------------
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # e.g. macOS / Windows, where requirements.txt does not install triton
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+
+def _interpreter_adopt_triton_stdlib() -> int:
+    """If triton was imported BEFORE TRITON_INTERPRET was set (e.g. torch.compile / inductor imported it earlier
+    in the same process), its own library functions written in Triton (tl.sum, tl.max, tl.cdiv, ... in
+    triton.language.standard) were built as GPU-only JITFunctions, and calling them from an interpreted kernel
+    fails ("Cannot call @triton.jit'd outside of the scope of a kernel"). Re-wrap them exactly as triton does
+    when the variable is set before import (as InterpretedFunction). Returns how many were re-wrapped."""
+    if not (HAVE_TRITON and INTERPRET):
+        return 0
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    adopted: dict = {}
+    for mod in (tl, tl.core, tl.standard, getattr(tl, "math", None)):
+        if mod is None:
+            continue
+        for name, obj in list(vars(mod).items()):
+            if type(obj) is JITFunction:                               # same object may be aliased in tl.*
+                if id(obj) not in adopted:
+                    adopted[id(obj)] = InterpretedFunction(obj.fn)
+                setattr(mod, name, adopted[id(obj)])
+    return len(adopted)
+
+
+_interpreter_adopt_triton_stdlib()
+
+import model as M  # noqa: E402  (pipeline order: tokenizer -> model -> train -> kernels)
+
+
+def _require_triton(what: str) -> None:
+    """Clear error when a Triton path is used where Triton cannot run."""
+    if not HAVE_TRITON:
+        raise RuntimeError(f"{what} needs the `triton` package (pip install triton; Linux x86_64 only). "
+                           "The PyTorch versions in kernels.py work without it.")
+
+
+def _check_triton_device(what: str, *tensors: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors when the interpreter (TRITON_INTERPRET=1) is on."""
+    _require_triton(what)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"{what}: all inputs must be on the same device, got {sorted(str(d) for d in devices)}")
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        return
+    if dev.type == "cpu" and INTERPRET:
+        return
+    raise ValueError(f"{what}: tensors on {dev} cannot run a Triton kernel; use CUDA tensors, or set "
+                     "TRITON_INTERPRET=1 before importing kernels.py to run the (slow) CPU interpreter")
+
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ===============================================================================================================
+# Part 1: RMSNorm
+# ===============================================================================================================
+#
+# RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g, over the last dim (size d), computed in fp32 and cast back to the
+# input dtype (the same math as model.RMSNorm). Write r = (mean(x^2) + eps)^(-1/2) ("rstd") and x_hat = x * r:
+#
+#   y_k = g_k * x_k * r
+#   dL/dg_k = sum over rows of dy_k * x_hat_k
+#   dL/dx_k = r * (dy_k g_k - x_hat_k * mean_j(dy_j g_j x_hat_j))
+#
+# (from dr/dx_k = -r^3 x_k / d: the second term is the gradient flowing through the normalizer.)
+# Only rstd (one float per row, d times smaller than x) is saved for backward.
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Compute in at least fp32 (bf16/fp16 -> fp32; fp64 stays fp64 so float64 references and gradcheck work)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Readable from-scratch RMSNorm (the 'eager' peer in the benchmark; torch.compile(rmsnorm_torch) is the
+    other). x: (..., d), weight: (d,) -> (..., d) in x.dtype."""
+    x32 = _upcast(x)
+    rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
+    return (x32 * rstd * _upcast(weight)).to(x.dtype)
+
+
+class RMSNormPyTorch(torch.autograd.Function):
+    """RMSNorm with the hand-derived backward above, in plain PyTorch. It is the readable statement of exactly
+    what the Triton kernels compute; the tests check it against finite differences (gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps=1e-5):
+        x32 = _upcast(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd * _upcast(weight)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = _upcast(x) * rstd                                  # (..., d)
+        g_dy = _upcast(dy) * _upcast(weight)                       # (..., d)
+        dx = rstd * (g_dy - x_hat * (g_dy * x_hat).mean(dim=-1, keepdim=True))
+        dweight = (_upcast(dy) * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        return dx.to(x.dtype), dweight.to(weight.dtype), None
+
+
+RMSNORM_MAX_HIDDEN = 65536  # one row must fit in one program's registers (single-pass = one read of x)
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rmsnorm_fwd_kernel(X, W, Y, RSTD, stride_x_row, stride_y_row, n_cols, eps, BLOCK_N: tl.constexpr):
+        # One program = one row. The whole row lives in registers: x is read once, y written once.
+        row = tl.program_id(0).to(tl.int64)                        # int64: rows * stride may exceed 2^31
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < n_cols                                       # BLOCK_N is n_cols rounded up to a power of 2
+        x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)  # padded zeros do not change the sum
+        y = x * rstd * w
+        tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rmsnorm_bwd_kernel(X, W, DY, DX, RSTD, DW_PARTIAL, stride_x_row, stride_dy_row, stride_dx_row,
+                            n_rows, n_cols, BLOCK_N: tl.constexpr):
+        # Program p handles rows p, p + P, p + 2P, ... (P = number of programs). dx is per row; dgain is a sum over
+        # ALL rows, so each program accumulates its own partial sum in fp32 registers and writes one row of
+        # DW_PARTIAL (P, n_cols); the host reduces those P rows. No atomics, deterministic.
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        pid64 = pid.to(tl.int64)                                   # int64 row offsets (rows * stride > 2^31)
+        for i in range(0, tl.cdiv(n_rows - pid, n_programs)):
+            row64 = pid64 + i * n_programs
+            x = tl.load(X + row64 * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row64 * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row64)
+            x_hat = x * rstd
+            g_dy = dy * w
+            mean_gdy_xhat = tl.sum(g_dy * x_hat, axis=0) / n_cols
+            dx = rstd * (g_dy - x_hat * mean_gdy_xhat)
+            tl.store(DX + row64 * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * x_hat
+        tl.store(DW_PARTIAL + pid64 * n_cols + cols, dw_acc, mask=mask)
+
+
+def _rmsnorm_launch_params(n_cols: int):
+    block_n = triton.next_power_of_2(n_cols)
+    # Enough warps that each thread holds <= ~8-16 elements of the row (as in Triton's layer-norm tutorial).
+    num_warps = min(max(block_n // 256, 1), 16)
+    return block_n, num_warps
+
+
+def _rmsnorm_num_programs(n_rows: int, device: torch.device) -> int:
+    # Each program writes one fp32 row of partial dgain sums, which the host reduction reads back: extra traffic
+    # of 2 * programs * d * 4 bytes. Two programs per SM keep every SM busy while keeping that small next to the
+    # 3 * rows * d * bytes of x, dy, dx (e.g. H100, 2048 x 4096 bf16: 8.7 MB vs 50 MB).
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, 2 * sms))
+    return max(1, min(n_rows, 4))  # interpreter: few programs, each loops over rows
+
+
+def _check_rmsnorm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"RMSNorm (Triton): unsupported input dtype {x.dtype}; use float32, bfloat16 or float16")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"RMSNorm (Triton): unsupported weight dtype {weight.dtype}")
+    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"RMSNorm (Triton): weight shape {tuple(weight.shape)} must be (d,) with d = x.shape[-1]"
+                         f" (x is {tuple(x.shape)})")
+    if x.shape[-1] > RMSNORM_MAX_HIDDEN:
+        raise ValueError(f"RMSNorm (Triton): hidden size {x.shape[-1]} > {RMSNORM_MAX_HIDDEN} is not supported "
+                         "(the single-pass kernel keeps a whole row in registers); use rmsnorm_torch")
+    _check_triton_device("RMSNorm (Triton)", x, weight)
+
+
+class RMSNormTriton(torch.autograd.Function):
+    """Fused RMSNorm: apply(x, weight, eps) for x of any leading shape (..., d), fp32/bf16/fp16.
+    Non-contiguous x is copied to contiguous (documented; the kernel wants unit stride along d)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps=1e-5):
+        _check_rmsnorm_inputs(x, weight)
+        n_cols = x.shape[-1]
+        x2 = x.reshape(-1, n_cols)                                 # (rows, d); a view when x is contiguous
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        w = weight.contiguous()
+        n_rows = x2.shape[0]
+        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        block_n, num_warps = _rmsnorm_launch_params(n_cols)
+        if n_rows > 0:
+            _rmsnorm_fwd_kernel[(n_rows,)](x2, w, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
+                                           BLOCK_N=block_n, num_warps=num_warps)
+        ctx.save_for_backward(x2, w, rstd)
+        ctx.x_shape = x.shape
+        ctx.weight_dtype = weight.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        dy2 = dy.reshape(-1, n_cols)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dx = torch.empty_like(x2)
+        n_programs = _rmsnorm_num_programs(n_rows, x2.device)
+        dw_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x2.device)
+        block_n, num_warps = _rmsnorm_launch_params(n_cols)
+        if n_rows > 0:
+            _rmsnorm_bwd_kernel[(n_programs,)](x2, w, dy2, dx, rstd, dw_partial, x2.stride(0), dy2.stride(0),
+                                               dx.stride(0), n_rows, n_cols, BLOCK_N=block_n, num_warps=num_warps)
+        dweight = dw_partial.sum(0).to(ctx.weight_dtype)           # reduce the P per-program partial sums
+        return dx.view(ctx.x_shape), dweight, None
+
+
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return RMSNormTriton.apply(x, weight, eps)
+
+
+# ===============================================================================================================
+# Part 2: attention
+# ===============================================================================================================
+#
+# Single-head attention on (batch, seq, d) tensors (a multi-head model folds heads into batch):
+#   S = Q K^T / sqrt(d)                 (batch, Nq, Nk)
+#   P = softmax(S) row-wise (causal: S_ij = -inf for j > i)
+#   O = P V                             (batch, Nq, d)
+#   L = logsumexp(S) row-wise           (batch, Nq)   -- what FlashAttention saves instead of P
+
+
+def attention_reference(Q, K, V, is_causal: bool = False):
+    """Naive attention: materializes S and P (O(N^2) memory). The 'naive' peer in the benchmark and, in float64,
+    the reference in the tests. Returns (O, L)."""
+    scale = 1.0 / math.sqrt(Q.shape[-1])
+    S = torch.einsum("bqd,bkd->bqk", Q, K) * scale               # (B, Nq, Nk)
+    if is_causal:
+        n_q, n_k = Q.shape[-2], K.shape[-2]
+        keep = torch.ones(n_q, n_k, dtype=torch.bool, device=Q.device).tril()
+        S = S.masked_fill(~keep, float("-inf"))
+    L = torch.logsumexp(S, dim=-1)                                 # (B, Nq)
+    P = torch.exp(S - L.unsqueeze(-1))
+    return torch.einsum("bqk,bkd->bqd", P, V), L
+
+
+def _check_attention_inputs(what: str, Q, K, V, is_causal, max_head_dim=None, min_head_dim=1):
+    """Bad input -> a clear ValueError naming the problem (never a silent wrong result)."""
+    for name, t in (("Q", Q), ("K", K), ("V", V)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{what}: {name} must be (batch, seq, d), got shape {tuple(t.shape)}")
+    if not (Q.dtype == K.dtype == V.dtype):
+        raise ValueError(f"{what}: Q, K, V dtypes differ ({Q.dtype}, {K.dtype}, {V.dtype})")
+    if not (Q.device == K.device == V.device):
+        raise ValueError(f"{what}: Q, K, V devices differ ({Q.device}, {K.device}, {V.device})")
+    if K.shape != V.shape:
+        raise ValueError(f"{what}: K and V shapes differ ({tuple(K.shape)} vs {tuple(V.shape)})")
+    if Q.shape[0] != K.shape[0] or Q.shape[2] != K.shape[2]:
+        raise ValueError(f"{what}: Q {tuple(Q.shape)} and K {tuple(K.shape)} must share batch and head dim")
+    if Q.shape[1] == 0 or K.shape[1] == 0:
+        raise ValueError(f"{what}: empty sequence (Q {tuple(Q.shape)}, K {tuple(K.shape)})")
+    if is_causal and Q.shape[1] != K.shape[1]:
+        raise ValueError(f"{what}: is_causal needs n_queries == n_keys (got {Q.shape[1]} and {K.shape[1]}); "
+                         "the model backends fall back to sdpa for KV-cache decoding")
+    d = Q.shape[2]
+    if d < min_head_dim or (max_head_dim is not None and d > max_head_dim):
+        raise ValueError(f"{what}: head dim {d} unsupported (supported: {min_head_dim}..{max_head_dim})")
+    if not Q.is_floating_point():
+        raise ValueError(f"{what}: inputs must be floating point, got {Q.dtype}")
+
+
+class FlashAttention2PyTorch(torch.autograd.Function):
+    """FlashAttention-2 in plain PyTorch: the algorithm, readable. apply(Q, K, V, is_causal, q_tile, k_tile) on
+    (batch, seq, d). Saves O, L (batch, Nq), Q, K, V; backward recomputes P from L tile by tile."""
+
+    @staticmethod
+    def forward(ctx, Q, K, V, is_causal=False, q_tile=64, k_tile=64):
+        _check_attention_inputs("FlashAttention2PyTorch", Q, K, V, is_causal)
+        if q_tile < 1 or k_tile < 1:
+            raise ValueError(f"FlashAttention2PyTorch: tile sizes must be >= 1, got {q_tile}, {k_tile}")
+        B, n_q, d = Q.shape
+        n_k = K.shape[1]
+        scale = 1.0 / math.sqrt(d)
+        acc_dtype = torch.float64 if Q.dtype == torch.float64 else torch.float32  # on-chip accumulators: fp32
+        O = torch.empty_like(Q)
+        L = torch.empty(B, n_q, dtype=acc_dtype, device=Q.device)  # fp32 (fp64 for fp64 inputs: gradcheck)
+        for q0 in range(0, n_q, q_tile):
+            q1 = min(q0 + q_tile, n_q)
+            Qi = Q[:, q0:q1].to(acc_dtype)                         # (B, bq, d)
+            m = torch.full((B, q1 - q0), float("-inf"), dtype=acc_dtype, device=Q.device)  # running max
+            l = torch.zeros((B, q1 - q0), dtype=acc_dtype, device=Q.device)               # running sum
+            acc = torch.zeros((B, q1 - q0, d), dtype=acc_dtype, device=Q.device)          # unnormalized O
+            k_end = min(n_k, q1) if is_causal else n_k             # causal: tiles right of the diagonal skipped
+            for k0 in range(0, k_end, k_tile):
+                k1 = min(k0 + k_tile, n_k)
+                Kj, Vj = K[:, k0:k1].to(acc_dtype), V[:, k0:k1].to(acc_dtype)
+                S = Qi @ Kj.transpose(1, 2) * scale                # (B, bq, bk)
+                if is_causal and k1 - 1 > q0:                      # only tiles touching the diagonal need a mask
+                    qi = torch.arange(q0, q1, device=Q.device)[:, None]
+                    kj = torch.arange(k0, k1, device=Q.device)[None, :]
+                    S = S.masked_fill(kj > qi, float("-inf"))
+                # Online softmax: new max, rescale what we had by exp(m_old - m_new), add this tile.
+                m_new = torch.maximum(m, S.amax(dim=-1))
+                P = torch.exp(S - m_new.unsqueeze(-1))             # (B, bq, bk)
+                alpha = torch.exp(m - m_new)                       # 0 on the first tile (m = -inf)
+                l = alpha * l + P.sum(dim=-1)
+                acc = alpha.unsqueeze(-1) * acc + P.to(V.dtype).to(acc_dtype) @ Vj
+                m = m_new
+            O[:, q0:q1] = (acc / l.unsqueeze(-1)).to(Q.dtype)
+            L[:, q0:q1] = m + torch.log(l)
+        ctx.save_for_backward(Q, K, V, O, L)
+        ctx.is_causal, ctx.q_tile, ctx.k_tile = is_causal, q_tile, k_tile
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        Q, K, V, O, L = ctx.saved_tensors
+        dQ, dK, dV = _flash_backward_pytorch(Q, K, V, O, L, dO, ctx.is_causal, ctx.q_tile, ctx.k_tile)
+        return dQ, dK, dV, None, None, None
+
+
+def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
+    """FA2 backward, tiled: D = rowsum(O * dO); for each (query tile, key tile): P = exp(S - L), dV += P^T dO,
+    dP = dO V^T, dS = P * (dP - D), dQ += dS K / sqrt(d), dK += dS^T Q / sqrt(d)."""
+    B, n_q, d = Q.shape
+    n_k = K.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    acc_dtype = torch.float64 if Q.dtype == torch.float64 else torch.float32
+    D = (O.to(acc_dtype) * dO.to(acc_dtype)).sum(-1)              # (B, Nq): equals rowsum(P * dP)
+    dQ = torch.zeros(B, n_q, d, dtype=acc_dtype, device=Q.device)
+    dK = torch.zeros(B, n_k, d, dtype=acc_dtype, device=Q.device)
+    dV = torch.zeros(B, n_k, d, dtype=acc_dtype, device=Q.device)
+    for q0 in range(0, n_q, q_tile):
+        q1 = min(q0 + q_tile, n_q)
+        Qi, dOi = Q[:, q0:q1].to(acc_dtype), dO[:, q0:q1].to(acc_dtype)
+        Li, Di = L[:, q0:q1].to(acc_dtype).unsqueeze(-1), D[:, q0:q1].unsqueeze(-1)
+        k_end = min(n_k, q1) if is_causal else n_k
+        for k0 in range(0, k_end, k_tile):
+            k1 = min(k0 + k_tile, n_k)
+            Kj, Vj = K[:, k0:k1].to(acc_dtype), V[:, k0:k1].to(acc_dtype)
+            S = Qi @ Kj.transpose(1, 2) * scale                    # (B, bq, bk), recomputed
+            P = torch.exp(S - Li)                                  # softmax probabilities, from L alone
+            if is_causal and k1 - 1 > q0:
+                qi = torch.arange(q0, q1, device=Q.device)[:, None]
+                kj = torch.arange(k0, k1, device=Q.device)[None, :]
+                P = P.masked_fill(kj > qi, 0.0)
+            dV[:, k0:k1] += P.transpose(1, 2) @ dOi
+            dP = dOi @ Vj.transpose(1, 2)                          # (B, bq, bk)
+            dS = P * (dP - Di)
+            dQ[:, q0:q1] += dS @ Kj * scale
+            dK[:, k0:k1] += dS.transpose(1, 2) @ Qi * scale
+    return dQ.to(Q.dtype), dK.to(K.dtype), dV.to(V.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FlashAttention-2 in Triton.
+#
+# Forward: grid = (ceil(Nq / BLOCK_Q), batch). A program owns one query tile: Q_i stays in registers, K_j/V_j tiles
+# stream past it, m_i / l_i / acc live in fp32 registers, and only O_i and L_i are written. Scores are kept in
+# base-2 units (S * log2(e)) so the exponentials are exp2, a single hardware instruction.
+# Causal: the program stops at the tile holding its last query (tiles right of the diagonal are skipped
+# entirely: half the work at long seq), and splits the loop into "fully visible" tiles (no mask arithmetic at
+# all) and the tiles that touch the diagonal or the ragged end of K (masked).
+#
+# Backward: dQ needs a sum over key tiles, dK/dV a sum over query tiles. FA2 (the paper) parallelizes over key
+# tiles and adds each program's dQ contribution with fp32 atomics. We instead run TWO kernels: one over key tiles
+# accumulating dK, dV in registers, one over query tiles accumulating dQ in registers. Cost: S and P are
+# recomputed twice (7 tile matmuls instead of 5, ~40% more backward FLOPs). Gain: no atomics (deterministic
+# results, bitwise reproducible runs, no fp32 dQ scratch buffer of size (B, N, d) to zero and convert, no
+# contention on dQ rows in the causal triangle), and each kernel has one accumulator set, so fewer registers and
+# larger tiles. A tiny preprocess kernel computes D = rowsum(O * dO) first.
+# ---------------------------------------------------------------------------------------------------------------
+
+ATTN_MIN_HEAD_DIM, ATTN_MAX_HEAD_DIM = 16, 128
+LOG2_E = 1.4426950408889634
+# Tile sizes used under the interpreter (no autotuning there). Small enough that the tests' short sequences
+# span several tiles (ragged last tile, diagonal tiles, fully visible tiles); large enough to keep numpy busy.
+INTERPRET_TILES = (32, 16)
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # acc + a @ b with fp32 accumulation. UPCAST is set only under the interpreter, which multiplies bf16
+        # operands as raw uint16 bits (bug); bf16 -> fp32 is exact, so this reproduces the tensor-core result.
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _attn_fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_q, offs_d, offs_k0,
+                        k_lo, k_hi, n_keys, qk_scale,
+                        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                        MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # Streams key/value tiles [k_lo, k_hi) past one query tile, updating the online-softmax state.
+        # MASKED=False is the fast path for tiles fully visible to every query and fully inside K.
+        for k_start in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k_start + offs_k0                                             # (BK,)
+            if MASKED:
+                kv_mask = (offs_k[:, None] < n_keys) & (offs_d[None, :] < D)
+            else:
+                kv_mask = offs_d[None, :] < D                                      # all keys in range
+            k = tl.load(k_base + offs_k[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_Q, BLOCK_K], tl.float32), UPCAST, PRECISION)
+            s = s * qk_scale                                                       # (BQ, BK), log2 units
+            if MASKED:
+                visible = offs_k[None, :] < n_keys
+                if IS_CAUSAL:
+                    visible = visible & (offs_k[None, :] <= offs_q[:, None])
+                s = tl.where(visible, s, float("-inf"))
+            # Online softmax update. Every query row sees key 0 in the first tile it processes, so m_new is
+            # finite from then on and exp2(-inf - m_new) = 0 cleanly handles masked entries.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)                                           # rescales old l, acc
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(Q, K, V, O, L, n_queries, n_keys, qk_scale,
+                         stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt, stride_ob, stride_ot,
+                         D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        q_start = tl.program_id(0) * BLOCK_Q
+        b = tl.program_id(1).to(tl.int64)
+        offs_q = q_start + tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, D_PAD)                               # head dim padded to a power of two, masked
+        offs_k0 = tl.arange(0, BLOCK_K)
+        q_mask = (offs_q[:, None] < n_queries) & (offs_d[None, :] < D)
+        q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+        m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running max (log2 units)
+        l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)                # running sum of exp2(s - m)
+        acc = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)         # running unnormalized output
+        k_base = K + b * stride_kb
+        v_base = V + b * stride_vb
+        # Key tiles [0, k_free) are fully visible to every query of this tile and fully inside K: no masks.
+        if IS_CAUSAL:
+            k_hi = tl.minimum(n_keys, q_start + BLOCK_Q)           # skip tiles above the diagonal
+            k_free = tl.minimum(q_start // BLOCK_K, n_keys // BLOCK_K) * BLOCK_K
+        else:
+            k_hi = n_keys
+            k_free = (n_keys // BLOCK_K) * BLOCK_K
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_q, offs_d,
+                                        offs_k0, 0, k_free, n_keys, qk_scale, D, D_PAD, BLOCK_Q, BLOCK_K, False,
+                                        IS_CAUSAL, UPCAST, PRECISION)
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_q, offs_d,
+                                        offs_k0, k_free, k_hi, n_keys, qk_scale, D, D_PAD, BLOCK_Q, BLOCK_K, True,
+                                        IS_CAUSAL, UPCAST, PRECISION)
+        o = acc / l_i[:, None]
+        tl.store(O + b * stride_ob + offs_q[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
+                 mask=q_mask)
+        # L in natural-log units: L = ln(sum exp(S)) = (m + log2 l) * ln 2
+        tl.store(L + b * n_queries + offs_q, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=offs_q < n_queries)
+
+    @triton.jit
+    def _attn_bwd_preprocess_kernel(O, DO, DELTA, n_queries, stride_ob, stride_ot, stride_dob, stride_dot,
+                                    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr):
+        # DELTA = rowsum(O * dO) (batch, Nq), fp32. (Equals rowsum(P * dP), the softmax-Jacobian term.)
+        q_start = tl.program_id(0) * BLOCK_Q
+        b = tl.program_id(1).to(tl.int64)
+        offs_q = q_start + tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, D_PAD)
+        mask = (offs_q[:, None] < n_queries) & (offs_d[None, :] < D)
+        o = tl.load(O + b * stride_ob + offs_q[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + offs_q[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + b * n_queries + offs_q, delta, mask=offs_q < n_queries)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(Q, K, V, DO, L, DELTA, DK, DV, n_queries, n_keys, qk_scale, sm_scale,
+                              stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt,
+                              stride_dob, stride_dot, stride_dkb, stride_dkt, stride_dvb, stride_dvt,
+                              D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                              IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # One program = one key tile; loops over query tiles. Works with transposed tiles (keys x queries) so
+        # that dV = P^T dO and dK = dS^T Q are plain (BK, BQ) @ (BQ, d) products.
+        k_start = tl.program_id(0) * BLOCK_K
+        b = tl.program_id(1).to(tl.int64)
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        offs_d = tl.arange(0, D_PAD)
+        offs_q0 = tl.arange(0, BLOCK_Q)
+        kv_mask = (offs_k[:, None] < n_keys) & (offs_d[None, :] < D)
+        k = tl.load(K + b * stride_kb + offs_k[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
+        # Causal: query tiles entirely above this key tile (all i < k_start) never see it -> start below them.
+        q_lo = (k_start // BLOCK_Q) * BLOCK_Q if IS_CAUSAL else 0
+        for q_start in range(q_lo, n_queries, BLOCK_Q):
+            offs_q = q_start + offs_q0
+            q_valid = offs_q < n_queries
+            q_mask = q_valid[:, None] & (offs_d[None, :] < D)
+            q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO + b * stride_dob + offs_q[:, None] * stride_dot + offs_d[None, :], mask=q_mask,
+                         other=0.0)
+            l_q = tl.load(L + b * n_queries + offs_q, mask=q_valid, other=0.0) * 1.4426950408889634  # log2 units
+            delta = tl.load(DELTA + b * n_queries + offs_q, mask=q_valid, other=0.0)
+            s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_K, BLOCK_Q], tl.float32), UPCAST, PRECISION) * qk_scale
+            visible = (offs_k[:, None] < n_keys) & q_valid[None, :]
+            if IS_CAUSAL:
+                visible = visible & (offs_k[:, None] <= offs_q[None, :])
+            p_t = tl.where(visible, tl.exp2(s_t - l_q[None, :]), 0.0)                 # P^T, recomputed from L
+            dv = _mma(p_t.to(do.dtype), do, dv, UPCAST, PRECISION)                     # dV += P^T dO
+            dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_K, BLOCK_Q], tl.float32), UPCAST, PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])                                       # dS^T
+            dk = _mma(ds_t.to(q.dtype), q, dk, UPCAST, PRECISION)                      # dK += dS^T Q
+        dk = dk * sm_scale
+        tl.store(DK + b * stride_dkb + offs_k[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(DV + b * stride_dvb + offs_k[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(Q, K, V, DO, L, DELTA, DQ, n_queries, n_keys, qk_scale, sm_scale,
+                            stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt,
+                            stride_dob, stride_dot, stride_dqb, stride_dqt,
+                            D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                            IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # One program = one query tile; loops over key tiles (up to the diagonal when causal). dQ += dS K.
+        q_start = tl.program_id(0) * BLOCK_Q
+        b = tl.program_id(1).to(tl.int64)
+        offs_q = q_start + tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, D_PAD)
+        offs_k0 = tl.arange(0, BLOCK_K)
+        q_valid = offs_q < n_queries
+        q_mask = q_valid[:, None] & (offs_d[None, :] < D)
+        q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b * stride_dob + offs_q[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        l_q = tl.load(L + b * n_queries + offs_q, mask=q_valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + b * n_queries + offs_q, mask=q_valid, other=0.0)
+        dq = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
+        k_hi = tl.minimum(n_keys, q_start + BLOCK_Q) if IS_CAUSAL else n_keys
+        for k_start in range(0, k_hi, BLOCK_K):
+            offs_k = k_start + offs_k0
+            kv_mask = (offs_k[:, None] < n_keys) & (offs_d[None, :] < D)
+            k = tl.load(K + b * stride_kb + offs_k[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_Q, BLOCK_K], tl.float32), UPCAST, PRECISION) * qk_scale
+            visible = q_valid[:, None] & (offs_k[None, :] < n_keys)
+            if IS_CAUSAL:
+                visible = visible & (offs_k[None, :] <= offs_q[:, None])
+            p = tl.where(visible, tl.exp2(s - l_q[:, None]), 0.0)
+            dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_Q, BLOCK_K], tl.float32), UPCAST, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = _mma(ds.to(k.dtype), k, dq, UPCAST, PRECISION)
+        dq = dq * sm_scale
+        tl.store(DQ + b * stride_dqb + offs_q[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=q_mask)
+
+    # On a GPU the tile sizes / warps / pipeline stages are autotuned per (sequence length, head dim, causal,
+    # dtype); under the interpreter they are fixed (INTERPRET_TILES) and nothing is benchmarked.
+    # Few configs on purpose: each one is a separate compile per (dtype, head dim, causal), and the GPU script
+    # must compile + tune + benchmark inside ~8 minutes. Shapes follow Triton's fused-attention tutorial: the
+    # dK/dV kernel keeps a tall key tile (its accumulators) and streams short query tiles, the dQ kernel the
+    # opposite.
+    def _fwd_configs():
+        cfgs = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+        return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
+
+    def _bwd_dkdv_configs():
+        cfgs = [(32, 128, 8, 3), (64, 64, 4, 3)]
+        return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
+
+    def _bwd_dq_configs():
+        cfgs = [(128, 32, 8, 3), (64, 64, 4, 3)]
+        return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
+
+    _TUNE_KEY = ["n_queries", "n_keys", "D_PAD", "IS_CAUSAL"]
+    if not INTERPRET:
+        _attn_fwd_tuned = triton.autotune(_fwd_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
+        _attn_bwd_dkdv_tuned = triton.autotune(_bwd_dkdv_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+        _attn_bwd_dq_tuned = triton.autotune(_bwd_dq_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact fp32 products ('ieee') unless PyTorch itself is allowed TF32 for matmuls; half types use
+    the tensor cores natively ('tf32' is Triton's default setting and only affects fp32 operands)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _tile_args(tiles):
+    """Explicit (BLOCK_Q, BLOCK_K) -> launch those; None -> autotune on GPU / INTERPRET_TILES under interpreter."""
+    if tiles is None and INTERPRET:
+        tiles = INTERPRET_TILES
+    if tiles is None:
+        return None
+    bq, bk = int(tiles[0]), int(tiles[1])
+    for t in (bq, bk):
+        if t < 16 or t & (t - 1):
+            raise ValueError(f"FlashAttention2Triton: tile sizes must be powers of two >= 16, got {tiles}")
+    return bq, bk
+
+
+def flash_attention_triton_forward(Q, K, V, is_causal=False, tiles=None):
+    """Launch the forward kernel. Q (B, Nq, d), K/V (B, Nk, d), contiguous. Returns O (B, Nq, d), L (B, Nq) fp32."""
+    B, n_q, d = Q.shape
+    n_k = K.shape[1]
+    d_pad = max(16, triton.next_power_of_2(d))
+    O = torch.empty_like(Q)
+    L = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)
+    sm_scale = 1.0 / math.sqrt(d)
+    common = dict(D=d, D_PAD=d_pad, IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET, PRECISION=_dot_precision(Q.dtype))
+    args = (Q, K, V, O, L, n_q, n_k, sm_scale * LOG2_E, Q.stride(0), Q.stride(1), K.stride(0), K.stride(1),
+            V.stride(0), V.stride(1), O.stride(0), O.stride(1))
+    tiles = _tile_args(tiles)
+    if tiles is None:
+        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_Q"]), B)
+        _attn_fwd_tuned[grid](*args, **common)
+    else:
+        bq, bk = tiles
+        _attn_fwd_kernel[(triton.cdiv(n_q, bq), B)](*args, BLOCK_Q=bq, BLOCK_K=bk, **common)
+    return O, L
+
+
+def flash_attention_triton_backward(Q, K, V, O, L, dO, is_causal=False, tiles=None):
+    """Launch preprocess (D = rowsum(O dO)), the dK/dV kernel (over key tiles) and the dQ kernel (over query
+    tiles). Returns dQ, dK, dV in the input dtype."""
+    B, n_q, d = Q.shape
+    n_k = K.shape[1]
+    d_pad = max(16, triton.next_power_of_2(d))
+    dO = dO.to(Q.dtype).contiguous()                               # tl.dot needs matching operand dtypes
+    delta = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)
+    pre_block = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), B)](
+        O, dO, delta, n_q, O.stride(0), O.stride(1), dO.stride(0), dO.stride(1), D=d, D_PAD=d_pad,
+        BLOCK_Q=pre_block)
+    dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+    sm_scale = 1.0 / math.sqrt(d)
+    common = dict(D=d, D_PAD=d_pad, IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET, PRECISION=_dot_precision(Q.dtype))
+    dkdv_args = (Q, K, V, dO, L, delta, dK, dV, n_q, n_k, sm_scale * LOG2_E, sm_scale,
+                 Q.stride(0), Q.stride(1), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
+                 dO.stride(0), dO.stride(1), dK.stride(0), dK.stride(1), dV.stride(0), dV.stride(1))
+    dq_args = (Q, K, V, dO, L, delta, dQ, n_q, n_k, sm_scale * LOG2_E, sm_scale,
+               Q.stride(0), Q.stride(1), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
+               dO.stride(0), dO.stride(1), dQ.stride(0), dQ.stride(1))
+    tiles = _tile_args(tiles)
+    if tiles is None:
+        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_K"]), B)](*dkdv_args, **common)
+        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_Q"]), B)](*dq_args, **common)
+    else:
+        bq, bk = tiles
+        _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, bk), B)](*dkdv_args, BLOCK_Q=bq, BLOCK_K=bk, **common)
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, bq), B)](*dq_args, BLOCK_Q=bq, BLOCK_K=bk, **common)
+    return dQ, dK, dV
+
+
+def _check_triton_attention_inputs(Q, K, V, is_causal):
+    _check_attention_inputs("FlashAttention2Triton", Q, K, V, is_causal, ATTN_MAX_HEAD_DIM, ATTN_MIN_HEAD_DIM)
+    if Q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"FlashAttention2Triton: dtype {Q.dtype} unsupported (float32, bfloat16, float16)")
+    _check_triton_device("FlashAttention2Triton", Q, K, V)
+
+
+class FlashAttention2Triton(torch.autograd.Function):
+    """FlashAttention-2 with Triton forward and backward. apply(Q, K, V, is_causal[, tiles]) on (batch, seq, d),
+    d in 16..128, any seq length, fp32 / bf16 / fp16. Non-contiguous inputs are copied to contiguous first
+    (documented fallback: correct, costs one copy). tiles=(BLOCK_Q, BLOCK_K) pins the tile sizes (else autotuned
+    on GPU). Saves O, L (batch, Nq) fp32, Q, K, V."""
+
+    @staticmethod
+    def forward(ctx, Q, K, V, is_causal=False, tiles=None):
+        _check_triton_attention_inputs(Q, K, V, is_causal)
+        Q, K, V = Q.contiguous(), K.contiguous(), V.contiguous()
+        O, L = flash_attention_triton_forward(Q, K, V, is_causal, tiles)
+        ctx.save_for_backward(Q, K, V, O, L)
+        ctx.is_causal, ctx.tiles = is_causal, tiles
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        Q, K, V, O, L = ctx.saved_tensors
+        dQ, dK, dV = flash_attention_triton_backward(Q, K, V, O, L, dO, ctx.is_causal, ctx.tiles)
+        return dQ, dK, dV, None, None
+
+
+def saved_logsumexp(O: torch.Tensor) -> torch.Tensor:
+    """The L that FlashAttention2{PyTorch,Triton}.forward saved for the output O (for tests and inspection).
+    Call it before backward(), which frees the saved tensors."""
+    if O.grad_fn is None or not hasattr(O.grad_fn, "saved_tensors"):
+        raise ValueError("saved_logsumexp: O must be the output of a FlashAttention2 apply() with autograd on")
+    return O.grad_fn.saved_tensors[4]
+
+
+# ===============================================================================================================
+# Part 3: ScratchLM integration
+# ===============================================================================================================
+#
+# model.py's attention backends take q (B, H, Tq, dh), k/v (B, H, Tk, dh) (GQA already expanded) with the queries
+# being the LAST Tq of the Tk positions. The kernels work on (batch, seq, d): fold heads into batch. Cases the
+# kernels do not cover fall back to model.py's "sdpa" backend (same semantics, documented):
+#   * sliding-window attention (a window shorter than Tk; a window >= Tk is plain causal attention),
+#   * causal with Tq != Tk (KV-cache decoding: queries are a suffix of the keys),
+#   * head dims outside 16..128 or dtypes other than fp32/bf16/fp16 (Triton backend only),
+#   * tensors the Triton kernel cannot run on (CPU without the interpreter; Triton not installed).
+
+_FALLBACK_COUNTS = {"flash_triton": 0, "flash_torch": 0}  # how often each backend fell back (tests, logging)
+
+
+def _sdpa_fallback(q, k, v, *, causal, window):
+    """model.py's 'sdpa' backend: same contract (query i of Tq is absolute position Tk - Tq + i; causal sees keys
+    <= it; a window W sees the last W of those)."""
+    return M.get_attention_backend("sdpa")(q, k, v, causal=causal, window=window)
+
+
+def _multihead(impl: str, q, k, v, *, causal, window):
+    """(B, H, Tq, dh) -> (B, H, Tq, dh) through FlashAttention2{Triton,PyTorch}, or the documented fallback."""
+    B, H, Tq, dh = q.shape
+    Tk = k.shape[-2]
+    if window is not None and window >= Tk:  # every query already sees all its keys: same as no window
+        window = None
+    unsupported = window is not None or (causal and Tq != Tk) or q.dtype not in _FLOAT_DTYPES \
+        or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device)
+    if impl == "flash_triton":
+        unsupported = unsupported or not (ATTN_MIN_HEAD_DIM <= dh <= ATTN_MAX_HEAD_DIM) or not HAVE_TRITON \
+            or not (q.device.type == "cuda" or (q.device.type == "cpu" and INTERPRET))
+    if unsupported:
+        _FALLBACK_COUNTS[impl] += 1
+        return _sdpa_fallback(q, k, v, causal=causal, window=window)
+    q3 = q.reshape(B * H, Tq, dh)                                  # (B*H, Tq, dh): heads folded into batch
+    k3 = k.reshape(B * H, Tk, dh)
+    v3 = v.reshape(B * H, Tk, dh)
+    if impl == "flash_triton":
+        o3 = FlashAttention2Triton.apply(q3, k3, v3, bool(causal))
+    else:
+        o3 = FlashAttention2PyTorch.apply(q3, k3, v3, bool(causal))
+    return o3.view(B, H, Tq, dh)
+
+
+def flash_triton_attention(q, k, v, *, causal: bool, window: Optional[int] = None):
+    """model.py attention backend 'flash_triton' (see _multihead for the fallbacks)."""
+    return _multihead("flash_triton", q, k, v, causal=causal, window=window)
+
+
+def flash_torch_attention(q, k, v, *, causal: bool, window: Optional[int] = None):
+    """model.py attention backend 'flash_torch': the tiled PyTorch FA2 (slow; for reading and testing)."""
+    return _multihead("flash_torch", q, k, v, causal=causal, window=window)
+
+
+def register_backends() -> None:
+    """Register 'flash_triton' and 'flash_torch' with model.py (done at import; idempotent)."""
+    M.register_attention_backend("flash_triton", flash_triton_attention)
+    M.register_attention_backend("flash_torch", flash_torch_attention)
+
+
+register_backends()
+
+
+def _rmsnorm_kernel_forward(self, x):
+    """Replacement forward for model.RMSNorm modules: same parameters (.weight, .eps), fused Triton kernel. Falls
+    back to the module's original forward where Triton cannot run (CPU without interpreter)."""
+    if HAVE_TRITON and (x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRET)) \
+            and x.dtype in _FLOAT_DTYPES and x.shape[-1] <= RMSNORM_MAX_HIDDEN:
+        return RMSNormTriton.apply(x, self.weight, self.eps)
+    return type(self).forward(self, x)
+
+
+def use_kernels(model: torch.nn.Module, rmsnorm: bool = True, attention=True) -> torch.nn.Module:
+    """Swap the kernels into a TransformerLM in one call (in place; returns the model).
+
+    rmsnorm=True: every model.RMSNorm module's forward becomes the fused Triton kernel. Only the bound method is
+      replaced (an instance attribute), so parameter names and state_dict() are untouched and checkpoints stay
+      interchangeable; `del module.forward` undoes it.
+    attention=True / "flash_triton" / "flash_torch": every attention module's backend (`.attn_impl`) is set;
+      attention=False leaves it alone. model.config is NOT changed (unlike model.set_attention_backend): the
+      kernels compute the same function, so checkpoints written by a kernel run record the portable backend and
+      load in processes that never import kernels.py.
+    """
+    if attention:
+        name = "flash_triton" if attention is True else str(attention)
+        if name not in ("flash_triton", "flash_torch"):
+            raise ValueError("use_kernels: attention must be True/False, 'flash_triton' or 'flash_torch', "
+                             f"got {attention!r}")
+        for module in model.modules():
+            if isinstance(module, M.MultiHeadSelfAttention):
+                module.attn_impl = name
+    if rmsnorm:
+        _require_triton("use_kernels(rmsnorm=True)")
+        n = 0
+        for module in model.modules():
+            if isinstance(module, M.RMSNorm):
+                module.forward = types.MethodType(_rmsnorm_kernel_forward, module)
+                n += 1
+        if n == 0:
+            raise ValueError("use_kernels: rmsnorm=True but the model has no model.RMSNorm modules "
+                             "(config norm != 'rmsnorm'?)")
+    return model
+
+
+# ===============================================================================================================
+# Part 4: benchmarks, GPU checks, command line
+# ===============================================================================================================
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep: int = 10,
+            budget_s: float = 2.0) -> float:
+    """Median wall time of fn() in ms. GPU: triton.testing.do_bench (CUDA events, L2 flush). CPU: perf_counter,
+    at most `rep` runs and ~budget_s seconds."""
+    if device.type == "cuda" and HAVE_TRITON and not INTERPRET:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < rep and (time.perf_counter() - start < budget_s or len(times) < 1):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return f"{x:.3g}{unit}" if x < 100 else f"{x:.1f}{unit}"
+
+
+def _print_table(title, header, rows):
+    print(f"\n## {title}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    sys.stdout.flush()
+
+
+def _time_modes(make_inputs, forward, device):
+    """Times forward, backward (given a forward graph), and both. Returns dict mode -> ms or an error string."""
+    out = {}
+    try:
+        inputs = make_inputs()
+        out["fwd"] = time_ms(lambda: forward(*inputs), device)
+        y = forward(*inputs)
+        dy = torch.randn_like(y)
+        params = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def bwd():
+            for p in params:
+                p.grad = None
+            y.backward(dy, retain_graph=True)
+
+        out["bwd"] = time_ms(bwd, device)
+
+        def both():
+            for p in params:
+                p.grad = None
+            forward(*inputs).backward(dy)
+
+        out["fwd+bwd"] = time_ms(both, device)
+    except torch.cuda.OutOfMemoryError:
+        out = {m: "OOM" for m in ("fwd", "bwd", "fwd+bwd")}
+        torch.cuda.empty_cache()
+    except RuntimeError as e:  # e.g. torch.compile without a working compiler
+        msg = str(e).splitlines()[0][:40]
+        out = {m: f"error: {msg}" for m in ("fwd", "bwd", "fwd+bwd")}
+    return out
+
+
+def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadline=None):
+    """RMSNorm: Triton vs eager rmsnorm_torch vs torch.compile(rmsnorm_torch); GB/s counts the minimal traffic
+    (fwd: read x + write y; bwd: read x, dy + write dx)."""
+    try:  # compiled backward graphs may "donate" their buffers, which forbids retain_graph=True (used to time bwd)
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
+    except (ImportError, AttributeError):
+        pass
+    compiled = torch.compile(rmsnorm_torch)
+    impls = [("eager", rmsnorm_torch), ("compile", compiled)]
+    if include_triton:
+        impls.insert(0, ("triton", rmsnorm_triton))
+    rows = []
+    for n_rows, hidden in shapes:
+        if deadline is not None and time.time() > deadline:
+            print(f"(time budget reached; skipping RMSNorm shapes from {n_rows}x{hidden})")
+            break
+
+        def make():
+            x = torch.randn(n_rows, hidden, device=device, dtype=dtype, requires_grad=True)
+            w = torch.ones(hidden, device=device, dtype=torch.float32, requires_grad=True)
+            return x, w
+        results = {name: _time_modes(make, fn, device) for name, fn in impls}
+        elem = torch.tensor([], dtype=dtype).element_size()
+        for mode, n_tensors in (("fwd", 2), ("bwd", 3), ("fwd+bwd", 5)):
+            nbytes = n_rows * hidden * elem * n_tensors
+            row = [f"{n_rows}x{hidden}", mode]
+            for name, _ in impls:
+                t = results[name][mode]
+                gbs = nbytes / (t * 1e-3) / 1e9 if isinstance(t, float) else None
+                row += [_fmt(t), _fmt(gbs)]
+            if include_triton and ratios:
+                for peer in ("eager", "compile"):
+                    a, b = results["triton"][mode], results[peer][mode]
+                    row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
+            rows.append(row)
+    header = ["rows x hidden", "pass"]
+    for name, _ in impls:
+        header += [f"{name} ms", f"{name} GB/s"]
+    if include_triton and ratios:
+        header += ["triton vs eager", "triton vs compile"]
+    note = "" if ratios or not include_triton else " (triton = CPU interpreter: plumbing check, NOT a speed number)"
+    _print_table(f"RMSNorm, {str(dtype).replace('torch.', '')}, {device.type}{note}", header, rows)
+    return rows
+
+
+def _sdpa_flash(Q, K, V, is_causal):
+    """PyTorch's SDPA on CUDA restricted to its flash backend (the issue's named peer) -- which has no fp32 kernel,
+    so fp32 inputs get the memory-efficient backend (the fastest fp32 one). CPU: whatever SDPA picks."""
+    if Q.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return F.scaled_dot_product_attention(Q.unsqueeze(1), K.unsqueeze(1), V.unsqueeze(1),
+                                                  is_causal=is_causal).squeeze(1)
+    return F.scaled_dot_product_attention(Q, K, V, is_causal=is_causal)
+
+
+def attention_flops(batch, seq, d, causal, mode):
+    """FA convention: forward = 2 matmuls of 2*N^2*d FLOPs (halved if causal); backward = 2.5x forward."""
+    fwd = 4.0 * batch * seq * seq * d * (0.5 if causal else 1.0)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384, include_triton=True,
+                    deadline=None, ratios=True):
+    """Attention, causal: Triton FA2 vs our PyTorch FA2 vs naive vs SDPA (flash backend on GPU).
+    configs: list of (batch, heads, seq, d, dtype); heads are folded into batch for the (batch, seq, d) API."""
+    impls = []
+    if include_triton:
+        impls.append(("triton", lambda q, k, v: FlashAttention2Triton.apply(q, k, v, True)))
+    impls += [("torch_fa2", lambda q, k, v: FlashAttention2PyTorch.apply(q, k, v, True, 256, 256)),
+              ("naive", lambda q, k, v: attention_reference(q, k, v, True)[0]),
+              ("sdpa", lambda q, k, v: _sdpa_flash(q, k, v, True))]
+    rows = []
+    for batch, heads, seq, d, dtype in configs:
+        if deadline is not None and time.time() > deadline:
+            print(f"(time budget reached; skipping remaining attention shapes from {batch}x{heads}x{seq}x{d})")
+            break
+
+        def make():
+            return tuple(torch.randn(batch * heads, seq, d, device=device, dtype=dtype, requires_grad=True)
+                         for _ in range(3))
+        results = {}
+        for name, fn in impls:
+            if (name == "torch_fa2" and seq > torch_fa2_max_seq) or (name == "naive" and seq > naive_max_seq):
+                results[name] = {m: "skipped" for m in ("fwd", "bwd", "fwd+bwd")}
+            else:
+                results[name] = _time_modes(make, fn, device)
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            flops = attention_flops(batch * heads, seq, d, True, mode)
+            row = [f"{batch}x{heads}x{seq}x{d}", str(dtype).replace("torch.", ""), mode]
+            for name, _ in impls:
+                t = results[name][mode]
+                tf = flops / (t * 1e-3) / 1e12 if isinstance(t, float) else None
+                row += [_fmt(t), _fmt(tf)]
+            if include_triton and ratios:
+                for peer in ("torch_fa2", "naive", "sdpa"):
+                    a, b = results["triton"][mode], results[peer][mode]
+                    row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
+            rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    header = ["BxHxTxd", "dtype", "pass"]
+    for name, _ in impls:
+        header += [f"{name} ms", f"{name} TFLOP/s"]
+    if include_triton and ratios:
+        header += ["triton vs torch_fa2", "triton vs naive", "triton vs sdpa"]
+    elif not include_triton:  # PyTorch variants only: how the tiled PyTorch FA2 compares to its peers
+        for peer in ("naive", "sdpa"):
+            header.append(f"torch_fa2 vs {peer}")
+            for row in rows:
+                i, j = header.index("torch_fa2 ms"), header.index(f"{peer} ms")
+                a, b = row[i], row[j]
+                try:
+                    row.append(f"{float(b) / float(a):.2f}x")
+                except ValueError:
+                    row.append("-")
+    note = "" if ratios or not include_triton else " (triton = CPU interpreter: plumbing check, NOT a speed number)"
+    _print_table(f"Causal attention, {device.type}{note}", header, rows)
+    return rows
+
+
+def _attention_sweep(full: bool):
+    """The issue's grid: causal, batch 1-8, seq 128..16384, head dims 16..128, bf16 and fp32; 16 heads.
+    Batch shrinks as seq grows (same tokens per step). Default = the subset that fits the ~8 min GPU script."""
+    seqs = [128, 1024, 4096, 16384]
+    dims = [16, 32, 64, 128] if full else [64, 128]
+    dtypes = [torch.bfloat16, torch.float32]
+    batch_for = {128: 8, 1024: 8, 4096: 2, 16384: 1}
+    configs = [(1, 16, 16384, 64, torch.bfloat16)]                 # the headline shape first
+    for dtype in dtypes:
+        for seq in seqs:
+            for d in dims:
+                if not full and dtype == torch.float32 and d != 64:
+                    continue
+                c = (batch_for[seq], 16, seq, d, dtype)
+                if c not in configs:
+                    configs.append(c)
+    return configs
+
+
+def run_bench(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    deadline = time.time() + args.max_seconds if args.max_seconds else None
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        print(f"# kernels.py bench on {torch.cuda.get_device_name()} (torch {torch.__version__}, "
+              f"triton {triton.__version__ if HAVE_TRITON else 'missing'})")
+        if args.what in ("all", "rmsnorm"):
+            shapes = [(2048, h) for h in (1024, 2048, 4096, 8192, 16384)]
+            for dtype in (torch.bfloat16, torch.float32):
+                bench_rmsnorm(device, dtype, shapes, deadline=deadline)
+        if args.what in ("all", "attention"):
+            bench_attention(device, _attention_sweep(args.full), deadline=deadline)
+        return
+    # CPU: GPU numbers need CUDA. The Triton kernels only run in the interpreter here (a correctness tool, ~1000x
+    # slower than anything real), so the tables compare the PyTorch variants at CPU-sized shapes, plus one tiny
+    # interpreter row to show the plumbing works.
+    print(f"# kernels.py bench on CPU ({os.cpu_count()} cores, torch {torch.__version__}): GPU benchmarks need "
+          "CUDA. CPU tables below compare the PyTorch variants; Triton rows run in the interpreter and are NOT "
+          "speed numbers.")
+    if args.what in ("all", "rmsnorm"):
+        bench_rmsnorm(device, torch.float32, [(2048, 1024)], include_triton=False)
+        if HAVE_TRITON:
+            bench_rmsnorm(device, torch.float32, [(16, 256)], include_triton=True, ratios=False)
+    if args.what in ("all", "attention"):
+        bench_attention(device, [(1, 4, 512, 64, torch.float32)], include_triton=False, deadline=deadline)
+        if HAVE_TRITON:
+            bench_attention(device, [(1, 1, 64, 32, torch.float32)], include_triton=True, ratios=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Correctness checks (`python kernels.py check`): on a GPU at real shapes; on CPU tiny shapes via the interpreter.
+# Reference: float64 math (attention_reference / rmsnorm_torch) on the same device.
+# Tolerances (CHECK_TOL, per element: |got - ref| <= atol * max|ref| + rtol * |ref|): fp32 2e-3 (looser than the
+# CPU tests' 2e-5 because GPU sums over up to 4096 keys in a different order, and TF32 if PyTorch enables it);
+# bf16 3e-2 (8 mantissa bits: each rounding is up to 2^-9 relative, and P / dS are rounded before matmuls).
+# ---------------------------------------------------------------------------------------------------------------
+
+CHECK_TOL = {torch.float32: (2e-3, 2e-3), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
+
+
+def _close(name, got, ref, dtype, failures, scale_ref=True):
+    atol, rtol = CHECK_TOL[dtype]
+    got, ref = got.double(), ref.double()
+    # Scale-aware: compare the max error against atol * max|ref| + rtol * |ref| elementwise.
+    scale = ref.abs().max().item() if scale_ref else 1.0
+    err = (got - ref).abs()
+    bad = err > atol * max(scale, 1e-6) + rtol * ref.abs()
+    ok = not bool(bad.any()) and bool(torch.isfinite(got).all())
+    print(f"  {'ok  ' if ok else 'FAIL'} {name}: max abs err {err.max().item():.2e} (max |ref| {scale:.2e})")
+    if not ok:
+        failures.append(name)
+
+
+def run_check(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _require_triton("kernels.py check")
+    failures: list = []
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        print(f"# kernels.py check on {torch.cuda.get_device_name()}")
+        # (B, T, d, causal, tiles): tiles=None = the autotuned path users get; pinned tiles keep the number of
+        # compiles (and the script's time) down for the other head dims.
+        attn_shapes = [(3, 1000, 64, True, None), (2, 1027, 128, True, None), (1, 4096, 64, True, None),
+                       (2, 1, 64, False, (64, 64)), (2, 513, 16, True, (64, 64)), (1, 2048, 96, True, (64, 64)),
+                       (4, 777, 32, False, (64, 32))]
+        norm_shapes = [(4, 33, 4096), (2048, 1024), (1000, 16384), (7, 3000)]
+    else:
+        print("# kernels.py check: no CUDA device -- running the Triton kernels in the CPU interpreter on tiny "
+              "shapes (the pytest suite covers more); run on a GPU for the real check")
+        attn_shapes = [(1, 37, 32, True, None), (2, 20, 16, False, None)]
+        norm_shapes = [(3, 5, 96)]
+    # bf16 first (the dtype that matters on a GPU). fp32 on a GPU uses exact-fp32 ('ieee') dots, which compile
+    # slowly (no tensor cores), so it gets fewer shapes, with tiles pinned to the config the autotuner also tries.
+    for dtype in (torch.bfloat16, torch.float32):
+        shapes = attn_shapes
+        if device.type == "cuda" and dtype == torch.float32:
+            shapes = [(3, 1000, 64, True, (64, 64)), (2, 513, 16, True, (64, 64)), (4, 777, 64, False, (64, 64))]
+        for B, T, d, causal, tiles in shapes:
+            print(f"attention B={B} T={T} d={d} causal={causal} {dtype} tiles={tiles or 'autotuned'}")
+            q, k, v = (torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            o = FlashAttention2Triton.apply(q, k, v, causal, tiles)
+            L = saved_logsumexp(o)                                 # read before backward frees saved tensors
+            do = torch.randn_like(o)
+            o.backward(do)
+            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+            o_ref, L_ref = attention_reference(q64, k64, v64, causal)
+            o_ref.backward(do.double())
+            _close("O", o, o_ref, dtype, failures)
+            _close("L", L, L_ref, dtype, failures)
+            for n, g, r in (("dQ", q.grad, q64.grad), ("dK", k.grad, k64.grad), ("dV", v.grad, v64.grad)):
+                _close(n, g, r, dtype, failures)
+        for shape in norm_shapes:
+            print(f"rmsnorm {shape} {dtype}")
+            x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+            w = (1 + 0.1 * torch.randn(shape[-1], device=device)).requires_grad_()
+            y = rmsnorm_triton(x, w, 1e-5)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+            x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+            y_ref = rmsnorm_torch(x64, w64, 1e-5)
+            y_ref.backward(dy.double())
+            _close("y", y, y_ref, dtype, failures)
+            _close("dx", x.grad, x64.grad, dtype, failures)
+            _close("dweight", w.grad, w64.grad, dtype, failures)
+    print(f"\n{'ALL CHECKS PASSED' if not failures else 'FAILED: ' + ', '.join(failures)}")
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time GPU compile check (`python kernels.py compile`): no GPU needed. The interpreter runs the kernels'
+# Python semantics, but not Triton's GPU compiler (type checks, dot-shape rules, register allocation). Triton can
+# compile for a named GPU architecture on any machine (its wheel ships ptxas), so this compiles every kernel as the
+# GPU would and reports registers / spills / shared memory per config from the cubin.
+# ---------------------------------------------------------------------------------------------------------------
+
+_FP32_POINTERS = {"L", "DELTA", "RSTD", "DW_PARTIAL", "W"}
+_FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
+_TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_for_gpu(fn, dtype: torch.dtype, constexprs: dict, num_warps: int, num_stages: int, arch: int = 90):
+    """Compile a @triton.jit kernel for sm_<arch> without a GPU. Pointer args whose names are capitalized get the
+    data dtype (fp32 for L, DELTA, RSTD, DW_PARTIAL, W), other args i32/fp32. Returns the CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRET:
+        raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET=0 (kernels decorated for the GPU compiler)")
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.isupper() or name in ("Q", "K", "V", "O", "L"):
+            sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TL_NAMES[dtype]}"
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    src = ASTSource(fn, sig, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _cubin_resources(kernel) -> str:
+    """'REG:.. LOCAL:..' from cuobjdump (LOCAL > 0 means register spills); empty if cuobjdump is unavailable."""
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if "cubin" not in kernel.asm or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if "REG:" in line:
+            fields = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+            return f"regs {fields.get('REG')}, spill bytes {fields.get('LOCAL')}"
+    return ""
+
+
+def run_compile(args) -> int:
+    if INTERPRET:  # kernels in this process were decorated for the interpreter: redo it in a fresh process
+        import subprocess
+
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        cmd = [sys.executable, os.path.abspath(__file__), "compile", "--arch", str(args.arch)]
+        cmd += ["--full"] if args.full else []
+        for text in args.only:
+            cmd += ["--only", text]
+        return subprocess.call(cmd, env=env)
+    _require_triton("kernels.py compile")
+    jobs = []  # (label, fn, dtype, constexprs, warps, stages)
+    dtypes = [torch.bfloat16, torch.float32]
+    dims = [16, 32, 64, 128] if args.full else [64, 128]
+    for dtype in dtypes:
+        for d in dims if args.full else ([64] if dtype == torch.float32 else dims):
+            base = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=True, UPCAST=False,
+                        PRECISION=_dot_precision(dtype))
+            fwd = _fwd_configs() if args.full else _fwd_configs()[:1]
+            dkdv = _bwd_dkdv_configs() if args.full else _bwd_dkdv_configs()[:1]
+            dq = _bwd_dq_configs() if args.full else _bwd_dq_configs()[:1]
+            for cfg in fwd:
+                jobs.append((f"attn fwd d={d}", _attn_fwd_kernel, dtype, {**base, **cfg.kwargs}, cfg.num_warps,
+                             cfg.num_stages))
+            for cfg in dkdv:
+                jobs.append((f"attn bwd dK/dV d={d}", _attn_bwd_dkdv_kernel, dtype, {**base, **cfg.kwargs},
+                             cfg.num_warps, cfg.num_stages))
+            for cfg in dq:
+                jobs.append((f"attn bwd dQ d={d}", _attn_bwd_dq_kernel, dtype, {**base, **cfg.kwargs},
+                             cfg.num_warps, cfg.num_stages))
+            jobs.append((f"attn bwd preprocess d={d}", _attn_bwd_preprocess_kernel, dtype,
+                         dict(D=d, D_PAD=base["D_PAD"], BLOCK_Q=64), 4, 1))
+        for hidden in (4096,) if not args.full else (1024, 4096, 16384):
+            block_n, warps = _rmsnorm_launch_params(hidden)
+            jobs.append((f"rmsnorm fwd hidden={hidden}", _rmsnorm_fwd_kernel, dtype, dict(BLOCK_N=block_n), warps, 1))
+            jobs.append((f"rmsnorm bwd hidden={hidden}", _rmsnorm_bwd_kernel, dtype, dict(BLOCK_N=block_n), warps, 1))
+    jobs = [(f"{label} {_TL_NAMES[dtype]}", *rest) for label, dtype, *rest in
+            ((j[0], j[2], j[1], j[2], j[3], j[4], j[5]) for j in jobs)]
+    if args.only:
+        jobs = [j for j in jobs if any(text in j[0] for text in args.only)]
+    print(f"# compiling {len(jobs)} kernels for sm_{args.arch} (no GPU needed)")
+    failures = 0
+    for label, fn, dtype, const, warps, stages in jobs:
+        tiles = {k: v for k, v in const.items() if k.startswith("BLOCK")}
+        t0 = time.time()
+        try:
+            kernel = compile_for_gpu(fn, dtype, const, warps, stages, args.arch)
+            info = f"shared {kernel.metadata.shared} B, {_cubin_resources(kernel)}"
+            status = "ok  "
+        except Exception as e:  # report every failing config, keep going
+            failures += 1
+            info, status = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}", "FAIL"
+        print(f"  {status} {label:33s} {tiles} warps={warps} stages={stages}: {info} "
+              f"({time.time() - t0:.1f}s)")
+        sys.stdout.flush()
+    print("ALL COMPILED" if not failures else f"{failures} FAILED")
+    return 1 if failures else 0
+
+
+def run_train(args, train_argv) -> int:
+    """`python kernels.py train [train.py options]`: train.py's training command with the kernels swapped in
+    (train.py cannot import kernels.py -- pipeline order -- so the switch lives here). Everything after the kernel
+    options goes to train.py's parser unchanged; see `python train.py --help`."""
+    import train as T
+
+    device_note = "" if torch.cuda.is_available() else \
+        " (no CUDA: Triton kernels run in the CPU interpreter -- correct but very slow; meant for GPUs)"
+    attention = False if args.attention == "none" else args.attention
+    print(f"kernels.py train: rmsnorm kernel {'on' if args.rmsnorm else 'off'}, attention {args.attention}"
+          f"{device_note}")
+    try:
+        cfg = T.config_from_args(T.get_parser().parse_args(train_argv))
+        hooks = T.TrainHooks(wrap_model=lambda m: use_kernels(m, rmsnorm=args.rmsnorm, attention=attention))
+        T.train(cfg, hooks=hooks)
+    except (ValueError, FileNotFoundError, PermissionError, FloatingPointError) as e:
+        print(f"kernels.py train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="ScratchLM stage 4: Triton kernels (fused RMSNorm, FlashAttention-2).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="time Triton kernels vs their peers (tables: ms, GB/s or TFLOP/s, ratios)")
+    b.add_argument("what", nargs="?", default="all", choices=["all", "rmsnorm", "attention"],
+                   help="which benchmark to run (default: all)")
+    b.add_argument("--full", action="store_true",
+                   help="GPU only: the issue's full attention grid (head dims 16/32/64/128, fp32 for all); "
+                        "default is the subset that fits the ~8 minute GPU script")
+    b.add_argument("--max-seconds", type=float, default=0.0,
+                   help="stop starting new benchmark shapes after this many seconds (0 = no limit)")
+    c = sub.add_parser("compile", help="compile every kernel for a GPU architecture WITHOUT a GPU (Triton's compiler "
+                                       "+ bundled ptxas) and report registers / spills / shared memory")
+    c.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10: 80 = A100, 90 = H100 (default)")
+    c.add_argument("--full", action="store_true", help="every autotune config, head dims 16-128 (76 compiles: tens of minutes on 2 CPU cores)")
+    c.add_argument("--only", action="append", default=[],
+                   help="only kernels whose label contains this text, e.g. 'attn fwd d=64 bf16' (repeatable)")
+    t = sub.add_parser("train", help="train.py's training run with the kernels swapped in (use_kernels); "
+                                     "all further options go to train.py (see python train.py --help)")
+    t.add_argument("--attention", default="flash_triton", choices=["flash_triton", "flash_torch", "none"],
+                   help="attention backend for every layer (default flash_triton; falls back to sdpa where the "
+                        "kernel does not apply, e.g. sliding windows)")
+    t.add_argument("--rmsnorm", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the fused Triton RMSNorm (default on; --no-rmsnorm keeps model.RMSNorm)")
+    sub.add_parser("check", help="correctness of the Triton kernels vs float64 references (GPU shapes on CUDA; "
+                                 "tiny shapes in the interpreter on CPU); exit code 1 on failure")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # kernel options first, the rest belongs to train.py's own parser
+        args, train_argv = get_parser().parse_known_args(argv)
+        return run_train(args, train_argv)
+    args = get_parser().parse_args(argv)
+    if args.cmd == "bench":
+        run_bench(args)
+        return 0
+    if args.cmd == "compile":
+        return run_compile(args)
+    return run_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
