@@ -1700,6 +1700,19 @@ def test_train_evaluate_scores_every_target_once_for_any_stride():
         T.evaluate(_Unigram(), toks, context_length=8, batch_size=5, device="cpu", stride=9)
 
 
+def test_train_data_name_selects_its_preset():
+    # `python train.py --data owt` is the OWT run (32K vocab, the owt model), not the CPU demo pointed at OWT;
+    # an explicit preset word or flag still wins.
+    p = T.get_parser()
+    owt = T.config_from_args(p.parse_args(["--data", "owt"]))
+    assert (owt.preset, owt.data, owt.vocab_size) == ("owt", "owt", 32_000)
+    ts = T.config_from_args(p.parse_args(["--data", "tinystories"]))
+    assert (ts.preset, ts.vocab_size, ts.context_length) == ("tinystories", 10_000, 256)
+    assert T.config_from_args(p.parse_args([])).preset == "demo"
+    assert T.config_from_args(p.parse_args(["--data", "owt", "--vocab-size", "1000"])).vocab_size == 1000
+    assert T.config_from_args(p.parse_args(["demo", "--data", "owt"])).preset == "demo"
+
+
 # ====================================================================================================================
 # Stage 4: kernels.py
 # ====================================================================================================================

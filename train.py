@@ -1172,8 +1172,9 @@ def get_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Train a ScratchLM model: data -> BPE tokenizer -> token files -> training -> eval -> samples. "
                     "Other commands: 'python train.py sample --help', 'python train.py bench-nanogpt --help'.")
-    p.add_argument("preset", nargs="?", default="demo",
-                   help=f"one-word preset: {', '.join(PRESETS)} (demo: synthetic stories, a few CPU minutes)")
+    p.add_argument("preset", nargs="?", default=None,
+                   help=f"one-word preset: {', '.join(PRESETS)} (default: demo, synthetic stories in a few CPU "
+                        f"minutes; with --data tinystories or --data owt and no preset, that data set's preset)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset":
             continue
@@ -1195,7 +1196,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> TrainConfig:
     """Preset values, then every flag the user gave. Validates names and ranges (clear errors)."""
-    preset = getattr(args, "preset", "demo") or "demo"
+    preset = getattr(args, "preset", None)
+    if not preset:  # `python train.py --data owt` means the owt preset (its 32K vocab, its model), not the demo's
+        data = getattr(args, "data", None)
+        preset = data if data in DATASETS and data in PRESETS else "demo"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     values = dict(PRESETS[preset], preset=preset)
