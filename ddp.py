@@ -1024,13 +1024,14 @@ class FSDP(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # 5. The training command
 # ---------------------------------------------------------------------------------------------------------------
-# train.py's loop has hooks for a DP wrapper, but the strategies here need a few things it does not do: a gradient
-# synchronization call between backward and the optimizer step, collective checkpointing (ZeRO-1's and FSDP's
-# state lives on all ranks), a clipping norm summed over shards, balanced evaluation for FSDP (every rank must run
-# the same number of forwards, they are collectives), world-size independent batches. So the loop is written here,
-# from train.py's pieces: get_parser/config_from_args (the same options), prepare_data, build_model,
-# build_optimizer, evaluate, schedule_factor, MetricsLog, plot_losses, sample_texts, and train.py's checkpoint
-# format (a ddp.py checkpoint is a normal ScratchLM checkpoint: `train.py sample --checkpoint` reads it).
+# The loop is train.py's `train()`, the same code a single process runs; ddp.py only fills in its `TrainHooks`:
+# wrap the model (a strategy), build the optimizer over what the wrapper trains (ZeRO-1: sharded; FSDP: shards),
+# draw this rank's slice of the global batch, finish the gradient synchronization between backward and the
+# optimizer step, clip with a norm summed over shards (FSDP), all-reduce the loss and the eval sums, checkpoint
+# collectively (ZeRO-1's and FSDP's state lives on all ranks; rank 0 writes), and gather FSDP's weights into a
+# plain model for the samples. Around that call: rank agreement checks, data prepared by rank 0 first, resume
+# after a torchrun restart. A ddp.py checkpoint is a normal ScratchLM checkpoint (`train.py sample --checkpoint`
+# reads it).
 #
 # Batches. The global batch of (step, micro-step) is a function of (seed, step, micro) only: G windows drawn from
 # one numpy stream, rank r taking the r-th contiguous 1/N of them. The same step therefore sees the same tokens at
@@ -1104,11 +1105,14 @@ def _optimizer_params(opt):
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def _original_names(model, run_model):
-    """id(parameter the optimizer holds) -> original parameter name (a shard maps to its weight's name)."""
+def optimizer_param_names(run_model, opt):
+    """The original name of each parameter the optimizer holds, in optimizer order (a shard is named after its
+    weight). Stored with checkpoints and checked on resume: the consolidated state is keyed by position."""
     if isinstance(run_model, FSDP):
-        return {id(p): n for n, p in run_model.named_local_params().items()}
-    return {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): n for n, p in run_model.named_local_params().items()}
+    else:  # every DP wrapper keeps the bare model as .module
+        names = {id(p): n for n, p in run_model.module.named_parameters()}
+    return [names[id(p)] for p in _optimizer_params(opt)]
 
 
 def full_model_state(model, run_model):
@@ -1195,7 +1199,8 @@ def _all_ranks_ok(what, fn):
 
 def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype=None, global_batch_size=None,
                       die_at_step=None, backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print):
-    """Train per train.py's TrainConfig on every rank of the process group (torchrun). Returns a summary dict."""
+    """Train per train.py's TrainConfig on every rank of the process group (torchrun): the checks and data
+    preparation a group of processes needs, then train.train() with this file's hooks. Returns its summary."""
     t_start = time.time()
     rank, world, device = init_distributed(backend, timeout_s)
     main = rank == 0
@@ -1204,6 +1209,11 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
         raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
     if cfg.compile:
         raise ValueError("--compile is not supported by ddp.py's hook-based wrappers; run without it")
+    if cfg.max_steps is None:
+        raise ValueError("ddp.py needs --max-steps (a wall-clock budget would stop ranks at different steps)")
+    if cfg.max_minutes is not None:
+        say(f"ddp.py: ignoring the wall-clock budget ({cfg.max_minutes} min): ranks stop at --max-steps "
+            f"{cfg.max_steps}")
     G = global_batch_size or cfg.batch_size * world
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
@@ -1213,10 +1223,12 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
     fingerprint = dict(dataclasses.asdict(cfg), strategy=strategy, bucket_mb=bucket_mb, world_size=world,
                        compute_dtype=str(compute_dtype), global_batch_size=global_batch_size)
     check_same_across_ranks("training configuration", fingerprint)
-    ckpt = None
-    if resume and ckpt_path.exists():
+    written_at = None
+    if resume and ckpt_path.exists():  # read here on every rank, so a bad file fails on all of them
         ckpt = _all_ranks_ok("reading the checkpoint", lambda: T.read_checkpoint(ckpt_path))
-        G = int(ckpt.get("ddp", {}).get("global_batch_size", G)) if global_batch_size is None else G
+        written_at = ckpt.get("ddp", {})
+        G = int(written_at.get("global_batch_size", G)) if global_batch_size is None else G
+        del ckpt
     if G % world != 0:
         raise ValueError(f"global batch {G} sequences does not split over {world} ranks; pass "
                          f"--global-batch-size divisible by the world size")
@@ -1249,167 +1261,68 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
                                  f"({cfg.context_length + 1}): this rank has no data to train on")
         return dict(train_tokens=len(tr), val_tokens=len(va), vocab_size=data.tokenizer.vocab_size)
     check_same_across_ranks("data", _all_ranks_ok("data check", check_data))
-    train_tokens, val_tokens = data.train_tokens(), data.val_tokens()
-    tokenizer = data.tokenizer
-    token_bytes = np.asarray(tokenizer.token_byte_lengths())
-    # ---- model, wrapper, optimizer, resume -----------------------------------------------------------------------
-    # Order matters: the full checkpoint is loaded into the bare model BEFORE wrapping, so FSDP shards the loaded
-    # weights (and the DP wrappers broadcast them); the optimizer is built AFTER wrapping, because FSDP replaces
-    # the weights by shard Parameters and the optimizer must hold those.
-    model = T.build_model(cfg, tokenizer.vocab_size, device)
-    mcfg = model.config.to_dict()
-    start_step, train_seconds = 0, 0.0
-    if ckpt is not None:
-        if ckpt.get("model_config") != mcfg:
-            raise ValueError(f"checkpoint {ckpt_path} is incompatible with the requested model: "
-                             + "; ".join(T._config_diff(ckpt.get("model_config") or {}, mcfg)))
-        model.load_state_dict(ckpt["model"])
-    n_params = M.num_params(model)
-    run_model = wrap_model(model, strategy, bucket_mb, compute_dtype)
-    optimizer = build_strategy_optimizer(model, run_model, strategy, cfg)
-    names = _original_names(model, run_model)
-    opt_names = [names[id(p)] for p in _optimizer_params(optimizer)]
-    if ckpt is not None:
+    train_tokens = data.train_tokens()
+    say(f"ddp.py: {strategy} on {world} rank(s) ({dist.get_backend()}, {device}); global batch {G} x "
+        f"{cfg.grad_accum} accum x {cfg.context_length} tokens")
+    if written_at is not None:
+        say(f"ddp.py: resuming a checkpoint written at world size {written_at.get('world_size', '?')} "
+            f"({written_at.get('strategy', '?')}), now {world} ({strategy})")
+
+    # ---- the hooks: what a group of ranks does differently from one process (see train.TrainHooks) --------------
+    def load_optimizer_state(optimizer, run_model, ckpt):
         saved_names = ckpt.get("optimizer_param_names")
-        if saved_names is not None and saved_names != opt_names:
-            diff = next(i for i, (a, b) in enumerate(zip(saved_names + [None], opt_names + [None])) if a != b)
+        names = optimizer_param_names(run_model, optimizer)
+        if saved_names is not None and saved_names != names:
+            diff = next(i for i, (a, b) in enumerate(zip(saved_names + [None], names + [None])) if a != b)
             raise ValueError(f"checkpoint {ckpt_path}: optimizer parameter order differs at index {diff} "
-                             f"({saved_names[diff:diff + 1]} vs {opt_names[diff:diff + 1]}); was it written "
+                             f"({saved_names[diff:diff + 1]} vs {names[diff:diff + 1]}); was it written "
                              f"with a different --optimizer?")
         if ckpt.get("optimizer") is not None:
             load_full_optimizer_state(optimizer, run_model, ckpt["optimizer"])
-        start_step = int(ckpt["iteration"])
-        train_seconds = float(ckpt.get("train_seconds", 0.0))
-        say(f"resumed from {ckpt_path} at step {start_step} (written at world size "
-            f"{ckpt.get('ddp', {}).get('world_size', '?')}, now {world})")
-    del ckpt
-    if main:
-        (out / "tokenizer").mkdir(exist_ok=True)
-        tokenizer.save(str(out / "tokenizer"))
-    metrics = T.MetricsLog(out / "metrics.jsonl", start_step if start_step else None) if main else None
-    tokens_per_step = G * cfg.context_length * cfg.grad_accum
-    say(f"ddp.py: {strategy} on {world} rank(s) ({dist.get_backend()}, {device}); model {n_params / 1e6:.2f}M "
-        f"params; global batch {G} x {cfg.grad_accum} accum x {cfg.context_length} tokens = {tokens_per_step:,} "
-        f"tokens/step")
 
-    def save(step):
-        """Collective: consolidate on every rank, rank 0 writes (atomically)."""
-        # every rank must call this: ZeRO-1's optimizer state and FSDP's weights and state live in pieces on all
-        # ranks and are all-gathered here; the barrier keeps ranks from racing ahead of the write.
-        model_sd = full_model_state(model, run_model)
-        opt_sd = full_optimizer_state(optimizer, run_model)
-        if main:
-            payload = {"format": "scratchlm-checkpoint-v1", "model": model_sd, "optimizer": opt_sd,
-                       "iteration": int(step), "rng": T.rng_state(), "config": dataclasses.asdict(cfg),
-                       "model_config": mcfg, "train_seconds": train_seconds, "data_position": int(step),
-                       "tokenizer_dir": str(out / "tokenizer"), "optimizer_param_names": opt_names,
-                       "ddp": {"world_size": world, "strategy": strategy, "global_batch_size": G}}
-            torch.save(payload, str(ckpt_path) + ".tmp")
-            os.replace(str(ckpt_path) + ".tmp", ckpt_path)
-        dist.barrier()
+    def checkpoint_state(model, run_model, optimizer):
+        # consolidated, whatever the strategy: any world size and strategy can resume it
+        return dict(model=full_model_state(model, run_model), optimizer=full_optimizer_state(optimizer, run_model),
+                    optimizer_param_names=optimizer_param_names(run_model, optimizer),
+                    ddp=dict(world_size=world, strategy=strategy, global_batch_size=G))
 
-    # train.py's evaluator (same sliding windows and stride policy, so bpb is comparable with train.py's runs), with
-    # every rank running the same number of forwards (FSDP's forward is a collective) and an all-reduce of the sums.
-    eval_kw = dict(context_length=cfg.context_length, batch_size=cfg.batch_size * 2, device=device,
-                   token_bytes=token_bytes, rank=rank, world_size=world, all_reduce=all_reduce_host,
-                   stride=cfg.eval_stride or max(cfg.context_length // 2, 1), equal_batches=True)
-    loss_fn = T.cross_entropy_fast if cfg.loss_impl == "fast" else T.cross_entropy
-    max_steps = cfg.max_steps
-    if max_steps is None:
-        raise ValueError("ddp.py needs --max-steps (a wall-clock budget would stop ranks at different steps)")
-    step = start_step
-    loop_t0 = time.time() - train_seconds
-    comm_t0 = getattr(run_model, "comm_wait_seconds", 0.0)
-    last_log_t, last_log_step = time.time(), step
-    losses = []
-    run_model.train()
-    while step < max_steps:
-        frac = (step - cfg.warmup_iters) / max(max_steps - cfg.warmup_iters, 1)
-        lr_factor = T.schedule_factor(cfg, step, min(max(frac, 0.0), 1.0))
-        for g in optimizer.param_groups:
-            g["lr"] = g.get("base_lr", cfg.lr) * lr_factor
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for micro in range(cfg.grad_accum):
-            x, y = global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro, rank, world,
-                                      device)
-            ctx = run_model.no_sync() if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with ctx:
-                with T.autocast_context(device, cfg.dtype):
-                    logits = run_model(x)                                  # (G/N, T, V)
-                    loss = loss_fn(logits, y)
-                    aux = getattr(model, "aux_loss", None)
-                    total = loss + aux if isinstance(aux, torch.Tensor) and aux.requires_grad else loss
-                (total / cfg.grad_accum).backward()
-            loss_sum += loss.detach().double().cpu()
-        # the only change to a single-process step: make every rank's gradient the average over ranks (DP), or
-        # finish the reduce-scatters (FSDP). Everything after this line is the ordinary optimizer step.
-        run_model.finish_gradient_synchronization()                         # grads now averaged over ranks
-        step_loss = all_reduce_host(loss_sum / cfg.grad_accum)
-        step_loss = float(step_loss) / world
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}: training diverged; the last good "
-                                     f"checkpoint {ckpt_path} is intact (try a lower --lr or --grad-clip)")
-        grad_norm = clip_gradients(run_model, optimizer, cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(step_loss)
-        now = time.time()
-        train_seconds = now - loop_t0
-        if main:
-            metrics.write(kind="train", step=step, loss=step_loss, lr=optimizer.param_groups[0]["lr"],
-                          grad_norm=float(grad_norm), minutes=(now - t_start) / 60)
-            if step % cfg.log_interval == 0 or step == 1:
-                tps = (step - last_log_step) * tokens_per_step / max(now - last_log_t, 1e-9)
-                comm = getattr(run_model, "comm_wait_seconds", None)
-                line = (f"step {step:6d}/{max_steps} | loss {step_loss:.4f} | lr {lr_factor * cfg.lr:.2e} | "
-                        f"{tps:,.0f} tok/s | {train_seconds / 60:.1f} min")
-                if comm is not None:
-                    line += f" | blocked on communication {100 * (comm - comm_t0) / max(train_seconds, 1e-9):.0f}%"
-                say(line)
-                last_log_t, last_log_step = now, step
+    def full_model(model, run_model):
+        if not isinstance(run_model, FSDP):
+            return model
+        sd = full_model_state(model, run_model)  # collective; then a plain copy for generation
+        plain = M.TransformerLM.from_config(model.config).to(device)
+        plain.load_state_dict(sd)
+        return plain
+
+    def die_if_asked(step, model, metrics):
         if die_at_step is not None and step == die_at_step and rank == world - 1 and world > 1:
             marker = out / f".died_at_step_{die_at_step}"
             if not marker.exists():  # die only the first time: the restarted job must get past this step
                 marker.write_text(f"rank {rank} killed itself at step {step}\n")
                 print(f"rank {rank}: --die-at-step {step}: killing myself (SIGKILL)", flush=True)
                 os.kill(os.getpid(), 9)
-        if step % cfg.eval_interval == 0:
-            r = T.evaluate(run_model, val_tokens, max_tokens=cfg.eval_tokens, **eval_kw)
-            if main:
-                metrics.write(kind="val", step=step, minutes=(time.time() - t_start) / 60, **r)
-                say(f"step {step}: val loss {r['loss']:.4f} | bpb {r['bpb']:.4f}")
-        if step % cfg.ckpt_interval == 0:
-            save(step)
-    train_seconds = time.time() - loop_t0
-    save(step)
-    final_tokens = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(val_tokens)
-    final = T.evaluate(run_model, val_tokens, max_tokens=final_tokens, **eval_kw)
-    summary = dict(steps=step, losses=losses, val=final, train_seconds=train_seconds, world_size=world,
-                   strategy=strategy, out_dir=str(out))
-    full_sd = full_model_state(model, run_model) if (cfg.num_samples > 0 and isinstance(run_model, FSDP)) else None
-    if main:
-        metrics.write(kind="val", step=step, minutes=(time.time() - t_start) / 60, final=True, **final)
-        floor = data.entropy_floor_bpb
-        say(f"final ({step} steps): val loss {final['loss']:.4f} | bpb {final['bpb']:.4f}"
-            + (f" | entropy floor {floor:.4f} bpb" if floor is not None else ""))
-        if cfg.plot:
-            try:
-                T.plot_losses(out / "metrics.jsonl", out / "loss_curve.png", title=f"ddp {strategy} x{world}",
-                              floor=floor)
-            except Exception as e:  # a plotting problem must never lose a finished run
-                say(f"(loss plot skipped: {e})")
-        if cfg.num_samples > 0:
-            plain = model
-            if full_sd is not None:  # FSDP: a plain copy of the full weights for generation on rank 0
-                plain = M.TransformerLM.from_config(M.ModelConfig.from_dict(mcfg)).to(device)
-                plain.load_state_dict(full_sd)
-            for i, s in enumerate(T.sample_texts(plain, tokenizer, "", cfg.num_samples, cfg.sample_tokens,
-                                                 cfg.temperature, cfg.top_p, seed=cfg.seed, device=device)):
-                say(f"--- sample {i + 1} ---\n{s.strip()}")
-        say(f"done in {(time.time() - t_start) / 60:.2f} min; run folder {out}")
+
+    def communication_share(run_model, train_seconds):
+        comm = getattr(run_model, "comm_wait_seconds", None)
+        return "" if comm is None else f" | blocked on communication {100 * comm / max(train_seconds, 1e-9):.0f}%"
+
+    hooks = T.TrainHooks(
+        wrap_model=lambda model: wrap_model(model, strategy, bucket_mb, compute_dtype),
+        build_optimizer=lambda model, run_model, c: build_strategy_optimizer(model, run_model, strategy, c),
+        load_optimizer_state=load_optimizer_state,
+        get_batch=lambda step, micro: global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro,
+                                                         rank, world, device),
+        no_sync=lambda run_model, last: contextlib.nullcontext() if last else run_model.no_sync(),
+        sync_gradients=lambda run_model: run_model.finish_gradient_synchronization(),
+        clip_gradients=clip_gradients, all_reduce=all_reduce_host, on_step=die_if_asked,
+        progress_note=communication_share, checkpoint_state=checkpoint_state, full_model=full_model)
+    # this rank's share of the global batch; threads: keep the launcher's per-rank count (torchrun's
+    # OMP_NUM_THREADS, launch_local's cores / N) unless --threads says otherwise
+    run_cfg = dataclasses.replace(cfg, batch_size=G // world, device=str(device), resume=resume, max_minutes=None,
+                                  threads=cfg.threads or torch.get_num_threads())
+    summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
     dist.barrier()
-    return summary
+    return dict(summary, world_size=world, strategy=strategy)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -979,9 +979,14 @@ def save_checkpoint(model, optimizer, iteration: int, out, **extra):
     """Write model + optimizer state, iteration, RNG states and any `extra` primitives to `out`
     (a path: written to out.tmp then os.replace'd, so a crash never leaves a half-written checkpoint;
     or a binary file object)."""
-    payload = {"format": "scratchlm-checkpoint-v1", "model": _unwrap(model).state_dict(),
-               "optimizer": optimizer.state_dict() if optimizer is not None else None,
-               "iteration": int(iteration), "rng": rng_state(), **extra}
+    write_checkpoint(out, iteration, model=_unwrap(model).state_dict(),
+                     optimizer=optimizer.state_dict() if optimizer is not None else None, **extra)
+
+
+def write_checkpoint(out, iteration: int, **entries):
+    """The file format of save_checkpoint, from state dicts already in hand (ddp.py's are consolidated from
+    shards on every rank): `entries` holds "model", "optimizer" and any extra primitives."""
+    payload = {"format": "scratchlm-checkpoint-v1", "iteration": int(iteration), "rng": rng_state(), **entries}
     if isinstance(out, (str, os.PathLike)):
         tmp = str(out) + ".tmp"
         torch.save(payload, tmp)
@@ -1008,18 +1013,30 @@ def load_checkpoint(src, model, optimizer, restore_rng: bool = True) -> int:
     """Load a checkpoint written by save_checkpoint into `model` (and `optimizer` unless None); restore the
     RNG states; return the iteration. Shape or key mismatches raise ValueError naming the problem."""
     ckpt = read_checkpoint(src)
+    load_model_state(model, ckpt, src)
+    if optimizer is not None:
+        load_optimizer_state(optimizer, ckpt, src)
+    if restore_rng and "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return int(ckpt["iteration"])
+
+
+def load_model_state(model, ckpt: dict, src):
+    """The weights of a checkpoint read by read_checkpoint into `model` (ValueError on a mismatch)."""
     try:
         _unwrap(model).load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"checkpoint {src} is incompatible with this model: {str(e)[:500]}") from None
-    if optimizer is not None and ckpt.get("optimizer") is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"checkpoint {src}: optimizer state incompatible ({e})") from None
-    if restore_rng and "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
-    return int(ckpt["iteration"])
+
+
+def load_optimizer_state(optimizer, ckpt: dict, src):
+    """The optimizer state of a checkpoint read by read_checkpoint (none stored: left as is)."""
+    if ckpt.get("optimizer") is None:
+        return
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {src}: optimizer state incompatible ({e})") from None
 
 
 # =====================================================================================================
@@ -1436,18 +1453,42 @@ def peak_flops(device: torch.device) -> float | None:
 
 @dataclass
 class TrainHooks:
-    """Extension points for ddp.py (and tests). All optional.
-    wrap_model(model) -> module used for forward/backward (e.g. a DDP wrapper; checkpoints save the bare model)
-    no_sync(module, is_last_micro_step) -> context manager (skip gradient all-reduce on early micro-steps)
-    all_reduce(tensor) -> tensor summed over ranks (eval sums; the loss/NaN check)
-    build_optimizer(model, cfg) -> optimizer (e.g. a sharded optimizer)
-    on_step(step, model, metrics) called after every optimizer step (rank-local).
+    """Extension points for ddp.py, kernels.py and tests. All optional; None = the single-process behaviour.
+    `model` is the bare TransformerLM, `run_model` what wrap_model made of it (or the model itself).
+
+    Building the run (in this order, so a wrapper can shard or broadcast the resumed weights, and the optimizer
+    holds the parameters the wrapper trains, e.g. FSDP's shards):
+      wrap_model(model) -> run_model, used for forward/backward and evaluation (kernels swapped in, DDP, FSDP)
+      build_optimizer(model, run_model, cfg) -> optimizer (e.g. ZeRO-1's sharded optimizer)
+      load_optimizer_state(optimizer, run_model, ckpt) on resume, with the checkpoint dict (from
+          read_checkpoint): e.g. cut a consolidated state into this rank's shards
+    Each step:
+      get_batch(step, micro) -> (x, y) this rank's micro-batch (ddp.py: its slice of a world-size independent
+          global batch; default: get_batch() on the (seed, step, rank, micro) stream)
+      no_sync(run_model, is_last_micro_step) -> context manager (skip gradient communication on early micro-steps)
+      sync_gradients(run_model) after the last backward, before clipping and the optimizer step: make every
+          rank's gradient the full-batch average (wait for DDP's all-reduces, FSDP's reduce-scatters)
+      clip_gradients(run_model, optimizer, max_norm) -> global L2 norm before clipping (FSDP: summed over shards)
+      all_reduce(tensor) -> tensor summed over ranks (the step loss, the finite-weights check, eval sums)
+      on_step(step, model, metrics) after every optimizer step (rank-local)
+      progress_note(run_model, train_seconds) -> text appended to the progress line (ddp.py: communication share)
+    Checkpoints and the end of the run (COLLECTIVE: train() calls these on every rank, only rank 0 writes):
+      checkpoint_state(model, run_model, optimizer) -> dict with the checkpoint's "model" and "optimizer" state
+          dicts (full, unsharded) plus any extra primitive entries
+      full_model(model, run_model) -> an ordinary module holding the full weights, for the samples
     """
     wrap_model: Optional[Callable] = None
-    no_sync: Optional[Callable] = None
-    all_reduce: Optional[Callable] = None
     build_optimizer: Optional[Callable] = None
+    load_optimizer_state: Optional[Callable] = None
+    get_batch: Optional[Callable] = None
+    no_sync: Optional[Callable] = None
+    sync_gradients: Optional[Callable] = None
+    clip_gradients: Optional[Callable] = None
+    all_reduce: Optional[Callable] = None
     on_step: Optional[Callable] = None
+    progress_note: Optional[Callable] = None
+    checkpoint_state: Optional[Callable] = None
+    full_model: Optional[Callable] = None
 
 
 class MetricsLog:
@@ -1509,9 +1550,10 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
           world_size: int = 1, log: Callable = print, t_start: float | None = None) -> dict:
     """Train per cfg; return a summary dict (final val metrics, steps, timings, paths).
 
-    Distributed use (ddp.py): call on every rank with its rank/world_size and hooks; each rank draws its
-    own batches from the same (seed, step) stream, offset by rank; only rank 0 logs, writes metrics,
-    checkpoints and samples. Single-process use: defaults.
+    Distributed use (ddp.py): call on every rank with its rank/world_size and hooks (see TrainHooks); each
+    rank draws its own batches (by default from the (seed, step, rank) stream; ddp.py's get_batch hook slices
+    a world-size independent global batch); only rank 0 logs, writes metrics, checkpoints and samples.
+    Single-process use: defaults.
     """
     hooks = hooks or TrainHooks()
     main = rank == 0
@@ -1537,13 +1579,31 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
     if device.type == "cuda" and hasattr(model, "validate_inputs"):
         model.validate_inputs = False  # its id-range check syncs the GPU every forward; our ids are valid
     mcfg = model.config.to_dict()
-    optimizer = (hooks.build_optimizer or build_optimizer)(model, cfg)
+    tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum * world_size
+    n_params = M.num_params(model)  # counted before wrapping: FSDP replaces the weights by shards
+    say(f"model: {n_params / 1e6:.2f}M parameters ({M.num_params(model, include_embeddings=False) / 1e6:.2f}M "
+        f"non-embedding), {cfg.num_layers} layers, d_model {cfg.d_model}, context {cfg.context_length}, "
+        f"vocab {tokenizer.vocab_size}; device {device}" + (f" ({n_threads} threads)" if device.type == "cpu" else "")
+        + f"; optimizer {cfg.optimizer}; "
+        f"{tokens_per_step:,} tokens/step")
+    # ---- resume, wrap, optimizer: weights into the bare model, then wrap, then the optimizer over what the
+    # wrapper trains, then its state (see TrainHooks for why this order) --------------------------------------
     start_step, train_seconds, budget_seconds, ckpt_warm_seconds = 0, 0.0, None, None
     if ckpt is not None:
         if ckpt.get("model_config") != mcfg:
             raise ValueError(f"checkpoint {ckpt_path} is incompatible with the requested model: "
                              + "; ".join(_config_diff(ckpt.get("model_config") or {}, mcfg)))
-        start_step = load_checkpoint(ckpt_path, model, optimizer)
+        load_model_state(model, ckpt, ckpt_path)
+    run_model = hooks.wrap_model(model) if hooks.wrap_model else model
+    optimizer = (hooks.build_optimizer or (lambda m, rm, c: build_optimizer(m, c)))(model, run_model, cfg)
+    if ckpt is not None:
+        if hooks.load_optimizer_state:
+            hooks.load_optimizer_state(optimizer, run_model, ckpt)
+        else:
+            load_optimizer_state(optimizer, ckpt, ckpt_path)
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        start_step = int(ckpt["iteration"])
         train_seconds = float(ckpt.get("train_seconds", 0.0))
         budget_seconds = ckpt.get("budget_seconds")
         ckpt_warm_seconds = ckpt.get("warm_seconds")
@@ -1555,20 +1615,12 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
         tok_dir = out / "tokenizer"
         tok_dir.mkdir(exist_ok=True)
         tokenizer.save(str(tok_dir))  # so `train.py sample` works from the run folder alone
-    run_model = hooks.wrap_model(model) if hooks.wrap_model else model
     if cfg.compile:
         run_model = torch.compile(run_model)
     loss_fn = cross_entropy_fast if cfg.loss_impl == "fast" else cross_entropy
     metrics = MetricsLog(out / "metrics.jsonl", start_step if start_step else None) if main else None
-    tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum * world_size
     flops_per_tok = M.flops_per_token(model.config, training=True)
     peak = peak_flops(device)
-    n_params = M.num_params(model)
-    say(f"model: {n_params / 1e6:.2f}M parameters ({M.num_params(model, include_embeddings=False) / 1e6:.2f}M "
-        f"non-embedding), {cfg.num_layers} layers, d_model {cfg.d_model}, context {cfg.context_length}, "
-        f"vocab {tokenizer.vocab_size}; device {device}" + (f" ({n_threads} threads)" if device.type == "cpu" else "")
-        + f"; optimizer {cfg.optimizer}; "
-        f"{tokens_per_step:,} tokens/step")
     if cfg.max_minutes is not None and budget_seconds is None:
         # time left for the loop = budget - time already spent (imports, data, BPE) - final eval/samples
         budget_seconds = cfg.max_minutes * 60 - ((time.time() - t_start) if cfg.budget_includes_prep else 0.0)
@@ -1576,9 +1628,12 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
             raise ValueError(f"--max-minutes {cfg.max_minutes}: the budget is already used up by data preparation "
                              f"({time.time() - t_start:.0f}s)")
     final_eval_tokens = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(val_tokens)
+    # several ranks: every rank runs the same number of eval forwards (FSDP's forward is a collective)
     eval_kw = dict(context_length=cfg.context_length, batch_size=cfg.batch_size * 2, device=device,
                    token_bytes=token_bytes, dtype=cfg.dtype, rank=rank, world_size=world_size,
-                   all_reduce=hooks.all_reduce, stride=cfg.eval_stride or max(cfg.context_length // 2, 1))
+                   all_reduce=hooks.all_reduce, stride=cfg.eval_stride or max(cfg.context_length // 2, 1),
+                   equal_batches=world_size > 1)
+    eval_model = run_model if hooks.wrap_model else model  # (a wrapper may be needed to run the model: FSDP)
     floor = data.entropy_floor_bpb
 
     def val_line(r):
@@ -1588,15 +1643,23 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
         return s
 
     def save(step):
-        # never overwrite the last good checkpoint with weights a bad step just turned into NaN/inf
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        """Called on every rank: checkpoint_state may gather sharded state (a collective); rank 0 writes."""
+        # never overwrite the last good checkpoint with weights a bad step just turned into NaN/inf (counted
+        # over all ranks, so with sharded weights every rank stops, not only the one holding the bad shard)
+        n_bad = sum(not bool(torch.isfinite(p).all()) for p in model.parameters())
+        if hooks.all_reduce is not None:
+            n_bad = int(hooks.all_reduce(torch.tensor([float(n_bad)], dtype=torch.float64))[0])
+        if n_bad:
             raise FloatingPointError(f"non-finite weights at step {step}: training diverged. Not saved; the last "
                                      f"good checkpoint {ckpt_path} is intact (try a lower --lr / --muon-lr)")
+        if hooks.checkpoint_state:
+            state = hooks.checkpoint_state(model, run_model, optimizer)
+        else:
+            state = dict(model=_unwrap(model).state_dict(), optimizer=optimizer.state_dict())
         if main:
-            save_checkpoint(model, optimizer, step, ckpt_path, config=dataclasses.asdict(cfg), model_config=mcfg,
-                            train_seconds=train_seconds, budget_seconds=budget_seconds, data_position=step,
-                            warm_seconds=warm_seconds,
-                            tokenizer_dir=str(out / "tokenizer"))
+            write_checkpoint(ckpt_path, step, **state, config=dataclasses.asdict(cfg), model_config=mcfg,
+                             train_seconds=train_seconds, budget_seconds=budget_seconds, data_position=step,
+                             warm_seconds=warm_seconds, tokenizer_dir=str(out / "tokenizer"))
 
     step = start_step
     loop_t0 = time.time() - train_seconds  # wall clock of the loop, continued across resumes
@@ -1638,8 +1701,11 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
         # ---- forward/backward over grad_accum micro-batches ------------------------------------------------
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            rng = np.random.default_rng([cfg.seed, step, rank, micro])  # batch = f(seed, step, rank, micro)
-            x, y = get_batch(train_tokens, cfg.batch_size, cfg.context_length, device, rng)
+            if hooks.get_batch:
+                x, y = hooks.get_batch(step, micro)
+            else:
+                rng = np.random.default_rng([cfg.seed, step, rank, micro])  # batch = f(seed, step, rank, micro)
+                x, y = get_batch(train_tokens, cfg.batch_size, cfg.context_length, device, rng)
             last = micro == cfg.grad_accum - 1
             sync_ctx = hooks.no_sync(run_model, last) if hooks.no_sync else contextlib.nullcontext()
             with sync_ctx:
@@ -1650,6 +1716,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
                     total = loss + aux if isinstance(aux, torch.Tensor) and aux.requires_grad else loss
                 (total / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
+        if hooks.sync_gradients:  # the one addition to a single-process step: gradients averaged over ranks
+            hooks.sync_gradients(run_model)
         step_loss = loss_sum / cfg.grad_accum
         if hooks.all_reduce is not None:
             step_loss = hooks.all_reduce(step_loss.reshape(1).double())[0] / world_size
@@ -1659,7 +1727,10 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
                    f"good checkpoint {ckpt_path} is intact" if ckpt_path.exists() else
                    f"loss is {step_loss} at step {step + 1}: training diverged before the first checkpoint")
             raise FloatingPointError(msg + " (try a lower --lr / --muon-lr or --grad-clip)")
-        grad_norm = gradient_clipping(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
+        grad_norm = float("nan")
+        if cfg.grad_clip > 0:
+            grad_norm = (hooks.clip_gradients(run_model, optimizer, cfg.grad_clip) if hooks.clip_gradients
+                         else gradient_clipping(model.parameters(), cfg.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -1685,10 +1756,11 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
             if peak:
                 line += f" | MFU {100 * flops_per_tok * tps / world_size / peak:.1f}%"
             line += f" | {train_seconds / 60:.1f} min | ETA {eta / 60:.1f} min"
+            if hooks.progress_note:
+                line += hooks.progress_note(run_model, train_seconds)
             log(line, flush=True) if log is print else log(line)
         if step % cfg.eval_interval == 0:
-            r = evaluate(run_model if hooks.wrap_model is None else model, val_tokens, max_tokens=cfg.eval_tokens,
-                         **eval_kw)
+            r = evaluate(run_model, val_tokens, max_tokens=cfg.eval_tokens, **eval_kw)
             if main:
                 metrics.write(kind="val", step=step, minutes=(time.time() - t_start) / 60, **r)
                 say(f"step {step}: {val_line(r)}")
@@ -1698,11 +1770,15 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
     train_seconds = time.time() - loop_t0
     save(step)
     t_eval = time.time()
-    final = evaluate(model, val_tokens, max_tokens=final_eval_tokens, **eval_kw)
+    final = evaluate(eval_model, val_tokens, max_tokens=final_eval_tokens, **eval_kw)
     eval_seconds = time.time() - t_eval
     summary = dict(steps=step, stop_reason=stop_reason, train_seconds=train_seconds, eval_seconds=eval_seconds,
                    tokens=step * tokens_per_step, val=final, entropy_floor_bpb=floor, out_dir=str(out),
                    first_losses=losses[:5], last_loss=losses[-1] if losses else None, losses=losses)
+    if cfg.num_samples > 0 and hooks.full_model:
+        sample_model = hooks.full_model(model, run_model)  # on every rank (FSDP gathers the weights)
+    else:
+        sample_model = model
     if main:
         metrics.write(kind="val", step=step, minutes=(time.time() - t_start) / 60, final=True, **final)
         say(f"final ({step} steps, {final['tokens']:,} val tokens): {val_line(final)}")
@@ -1713,7 +1789,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None, *, hooks: TrainHoo
             except Exception as e:  # a plotting problem must never lose a finished run
                 say(f"(loss plot skipped: {e})")
         if cfg.num_samples > 0:
-            samples = sample_texts(model, tokenizer, "", cfg.num_samples, cfg.sample_tokens, cfg.temperature,
+            samples = sample_texts(sample_model, tokenizer, "", cfg.num_samples, cfg.sample_tokens, cfg.temperature,
                                    cfg.top_p, seed=cfg.seed, device=device)
             for i, s in enumerate(samples):
                 say(f"--- sample {i + 1} ---\n{s.strip()}")
