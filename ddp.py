@@ -1496,9 +1496,20 @@ def build_train_parser():
     return p
 
 
+def config_for_strategy(args):
+    """train.py's config from the parsed flags, with one strategy-specific default: every preset trains with Muon,
+    which orthogonalizes whole weight matrices, but FSDP holds row shards of them. When the user did not choose the
+    optimizer, FSDP trains with AdamW; an explicit --optimizer muon still gets build_strategy_optimizer's error."""
+    if args.strategy == "fsdp" and args.optimizer is None:
+        args.optimizer = "adamw"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("--strategy fsdp: using --optimizer adamw (the preset's Muon needs whole weight matrices)")
+    return T.config_from_args(args)
+
+
 def _train_entry(argv):
     args = build_train_parser().parse_args(argv)
-    cfg = T.config_from_args(args)
+    cfg = config_for_strategy(args)
     if args.global_batch_size is not None and args.global_batch_size < 1:
         raise ValueError("--global-batch-size must be >= 1")
     if args.timeout <= 0:

@@ -2676,3 +2676,15 @@ def test_ddp_bad_arguments_raise_clear_errors(tmp_path):
         D.DDPBucketed.__init__(object.__new__(D.DDPBucketed), nn.Linear(2, 2), bucket_size_mb=0)
     with pytest.raises(ValueError, match="compute_dtype"):
         D.FSDP(nn.Linear(2, 2), compute_dtype=torch.int8)
+
+
+def test_ddp_fsdp_defaults_to_adamw_unless_muon_is_asked_for():
+    # Presets train with Muon (whole matrices); FSDP shards rows, so with no --optimizer it must pick AdamW, and an
+    # explicit --optimizer muon must reach the clear error instead of being silently replaced.
+    p = D.build_train_parser()
+    assert D.config_for_strategy(p.parse_args(["--strategy", "fsdp"])).optimizer == "adamw"
+    assert D.config_for_strategy(p.parse_args(["--strategy", "bucketed"])).optimizer == "muon"
+    cfg = D.config_for_strategy(p.parse_args(["--strategy", "fsdp", "--optimizer", "muon"]))
+    assert cfg.optimizer == "muon"
+    with pytest.raises(ValueError, match="Muon"):
+        D.build_strategy_optimizer(None, None, "fsdp", cfg)
