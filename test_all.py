@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+
 # ===================================================================================================
 # Stage 1: tokenizer.py -- byte-level BPE (training, encode/decode, fast path, GPT-2 parity, bad input)
 # ===================================================================================================
@@ -435,6 +436,7 @@ def test_tok_property_encode_iterable_any_chunking(parts, cuts):
     cuts = sorted({min(c, len(text)) for c in cuts})
     chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
     assert list(tok.encode_iterable(chunks)) == tok.encode(text)
+
 
 
 # ====================================================================================================================
@@ -1203,6 +1205,7 @@ def test_model_cli_generate_with_tokenizer_dir(tmp_path, capsys):
     assert "ab" + tok.decode(new) in out
 
 
+
 # ===================================================================================================
 # Stage 3: train.py -- loss, optimizers, schedules, clipping, batches, synthetic corpus, downloads,
 # checkpoints / exact resume, the training loop end to end, bad inputs.
@@ -1713,6 +1716,7 @@ def test_train_data_name_selects_its_preset():
     assert T.config_from_args(p.parse_args(["demo", "--data", "owt"])).preset == "demo"
 
 
+
 # ====================================================================================================================
 # Stage 4: kernels.py
 # ====================================================================================================================
@@ -2183,6 +2187,7 @@ def test_kern_gpu_kernels_compile_for_sm90_without_gpu(tmp_path):
                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ALL COMPILED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count("  ok   ") == 4
+
 
 
 # ====================================================================================================================

@@ -54,6 +54,8 @@ Command line (`python tokenizer.py --help`):
 
 import argparse
 import bisect
+import contextlib
+import errno
 import heapq
 import json
 import multiprocessing as mp
@@ -211,25 +213,6 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
 #       from a max-heap with lazy invalidation: a stale entry (count went down) is re-pushed with its true
 #       count when it surfaces, so it never wins unfairly.
 
-class _Progress:
-    """One self-overwriting status line on stderr, at most ~5 updates per second."""
-
-    def __init__(self, enabled, label):
-        self.enabled, self.label = enabled and sys.stderr is not None, label
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, msg, force=False):
-        now = time.perf_counter()
-        if self.enabled and (force or now - self.last > 0.2):
-            self.last = now
-            print(f"\r{self.label}: {msg} [{now - self.t0:.1f}s]\033[K", end="", file=sys.stderr, flush=True)
-
-    def close(self, msg):
-        if self.enabled:
-            self.update(msg, force=True)
-            print(file=sys.stderr, flush=True)
-
-
 def _check_input_file(path):
     """Size in bytes of a readable, non-empty regular file, or a clear error."""
     path = os.fspath(path)
@@ -359,7 +342,7 @@ def count_pretokens(input_path, special_tokens=(), *, num_workers=None, progress
         chunk_bytes = min(max(size // (4 * num_workers) + 1, 1 << 20), 8 << 20)  # stays ~100s of MB at most
     bounds = _chunk_boundaries(input_path, size, special_tokens, chunk_bytes)
     tasks = [(os.fspath(input_path), a, b, list(special_tokens)) for a, b in zip(bounds, bounds[1:])]
-    bar = _Progress(progress, "pre-tokenize")
+    bar = Progress(progress, "pre-tokenize")
     total, done = Counter(), 0
 
     def consume(results):
@@ -406,7 +389,7 @@ def _train_merges(word_counts, vocab, num_merges, progress=True):
     heap = [(-c, keys[a] + keys[b], a, b) for (a, b), c in pair_counts.items()]
     heapq.heapify(heap)
     heappop, heappush = heapq.heappop, heapq.heappush
-    bar = _Progress(progress, "merges")
+    bar = Progress(progress, "merges")
     merges, next_id, t0 = [], len(vocab), time.perf_counter()
     for step in range(num_merges):
         # 1. the most frequent pair: pop until an entry's count is current (lazy invalidation)
@@ -545,17 +528,6 @@ def _str_to_token(s: str, where: str) -> bytes:
         raise ValueError(f"{where}: {s!r} is not a GPT-2 byte-level token string (bad character {e})") from None
 
 
-def _atomic_write_text(path, text):
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def token_dtype(vocab_size):
     """Smallest unsigned dtype that holds every id: uint16 up to 65,536 tokens, else uint32."""
     if vocab_size <= 0 or vocab_size > 2 ** 32:
@@ -637,6 +609,18 @@ class Tokenizer:
     def eot_id(self):
         """Id of <|endoftext|> (the document separator), or None if the vocab doesn't have it."""
         return self.byte_to_id.get(EOT.encode("utf-8"))
+
+    def fingerprint(self):
+        """A short hash of the vocab, merges and special tokens. A checkpoint stores it, so a tokenizer folder
+        from another corpus (same vocab size, different ids) is caught instead of sampling garbage."""
+        import hashlib
+        h = hashlib.sha256()
+        for i in sorted(self.vocab):
+            h.update(i.to_bytes(4, "little") + len(self.vocab[i]).to_bytes(4, "little") + self.vocab[i])
+        for a, b in self.merges:
+            h.update(len(a).to_bytes(4, "little") + a + len(b).to_bytes(4, "little") + b)
+        h.update(json.dumps(list(self.special_tokens)).encode("utf-8"))
+        return h.hexdigest()[:16]
 
     def token_byte_lengths(self):
         """(vocab_size,) int64: UTF-8 byte length of each token, for bits-per-byte = nats / ln2 / bytes."""
@@ -758,10 +742,10 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_json = {_token_to_str(self.vocab[i]): i for i in range(self.vocab_size)}
-        _atomic_write_text(directory / "vocab.json", json.dumps(vocab_json, ensure_ascii=False, indent=0))
+        atomic_write_text(directory / "vocab.json", json.dumps(vocab_json, ensure_ascii=False, indent=0))
         lines = ["#version: 0.2"] + [f"{_token_to_str(a)} {_token_to_str(b)}" for a, b in self.merges]
-        _atomic_write_text(directory / "merges.txt", "\n".join(lines) + "\n")
-        _atomic_write_text(directory / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False))
+        atomic_write_text(directory / "merges.txt", "\n".join(lines) + "\n")
+        atomic_write_text(directory / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False))
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None, **kwargs):
@@ -935,7 +919,7 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
     tasks = [(os.fspath(input_path), a, b, dtype) for a, b in zip(bounds, bounds[1:])]
     out_path = os.fspath(out_path)
     tmp = out_path + ".tmp"
-    bar = _Progress(progress, f"encode {os.path.basename(os.fspath(input_path))}")
+    bar = Progress(progress, f"encode {os.path.basename(os.fspath(input_path))}")
     n_tokens, done, t0 = 0, 0, time.perf_counter()
     try:
         with open(tmp, "wb") as f:
@@ -1001,6 +985,111 @@ def gpt2_tokenizer(fast=True):
     return Tokenizer(vocab, merges, list(enc._special_tokens), fast=fast)
 
 
+# ===== Appendix: plumbing =====
+# Helpers every stage file shares. Each is defined once, here in the leftmost file that needs it, and the
+# files to the right import it (`from tokenizer import atomic_open, Progress, ...`).
+
+class Progress:
+    """One self-overwriting status line on stderr, at most ~5 updates per second.
+
+    On a terminal the line rewrites itself (carriage return); when stderr is a file or a pipe (a log, CI)
+    only the final line of each task is printed, so logs don't fill with hundreds of partial lines."""
+
+    def __init__(self, enabled, label):
+        self.enabled, self.label = enabled and sys.stderr is not None, label
+        self.tty = self.enabled and sys.stderr.isatty()
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, msg, force=False):
+        now = time.perf_counter()
+        if self.enabled and self.tty and (force or now - self.last > 0.2):
+            self.last = now
+            print(f"\r{self.label}: {msg} [{now - self.t0:.1f}s]\033[K", end="", file=sys.stderr, flush=True)
+
+    def close(self, msg):
+        if not self.enabled:
+            return
+        if self.tty:
+            self.update(msg, force=True)
+            print(file=sys.stderr, flush=True)
+        else:
+            print(f"{self.label}: {msg} [{time.perf_counter() - self.t0:.1f}s]", file=sys.stderr, flush=True)
+
+
+def _is_disk_full(exc):
+    """True when `exc` (or anything in its cause/context chain) is 'no space left on device'. torch.save
+    wraps the OS error in its own RuntimeError ('enforce fail at inline_container.cc'), hence the walk."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", encoding="utf-8"):
+    """Open `path` for writing so that readers only ever see the old file or the complete new one.
+
+    The data goes to a temporary file in the same folder (same filesystem, so the final `os.replace` is an
+    atomic rename); on success it is flushed, fsync'ed and renamed over `path`. On ANY error the temporary
+    file is removed and `path` is untouched: a kill, a full disk or an exception mid-write never leaves a
+    half-written file where a complete one used to be. A full disk becomes one clear OSError."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, Exception) and _is_disk_full(e):
+            raise OSError(errno.ENOSPC, f"no space left writing {path}; the previous file there (if any) is "
+                                        "intact") from e
+        raise
+
+
+def atomic_write_text(path, text):
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_bytes(path, data):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path, obj, indent=1):
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+def shared_path(*parts):
+    """A path inside the optional `../shared` folder next to the project, or None when it is absent.
+    That folder holds benchmark and test data in the project's own workspace; it is never on a user's
+    machine, so nothing a user runs by default may need it (callers must handle None)."""
+    p = Path(__file__).resolve().parent.parent / "shared" / Path(*parts)
+    return p if p.exists() else None
+
+
+def machine_label():
+    """A one-line description of this machine for benchmark tables: cores, architecture, torch build."""
+    import platform
+    label = f"{os.cpu_count()}-core {platform.machine()} CPU"
+    try:
+        import torch
+        label += f", torch {torch.__version__}"
+        if torch.cuda.is_available():
+            label = f"{torch.cuda.get_device_name(0)}, " + label
+    except ImportError:
+        pass
+    return label
+
+
 # =====================================================================================================
 # 7. Benchmarks, demo and command line
 # =====================================================================================================
@@ -1020,7 +1109,7 @@ def build_bench_corpus(out_path, target_mb=6.0, data_dir=None):
     text = sources[0].read_text(encoding="utf-8") + EOT + sources[1].read_text(encoding="utf-8")
     cut = text.find(EOT, int(target_mb * 1e6) - 1)
     text = text if cut < 0 else text[:cut + len(EOT)]
-    _atomic_write_text(out_path, text)
+    atomic_write_text(out_path, text)
     return len(text.encode("utf-8"))
 
 
