@@ -32,24 +32,45 @@ each merge recounts every pair in the corpus (O(merges x corpus)). The fast trai
 distinct pre-token once (with its multiplicity) and updates pair counts incrementally, touching only the
 words that contain the merged pair. Encoding replays the merges by rank inside each pre-token.
 
+Special tokens in untrusted text. By the course's convention every `<|endoftext|>` string in the input
+becomes the document-separator token. That is right for a training corpus we assembled ourselves, and wrong for
+web text or a user's prompt: a page that contains the string would inject a document boundary the model was
+trained to treat as "forget everything before". `encode` therefore takes tiktoken's two keywords:
+`allowed_special` (which special strings may become special tokens) and `disallowed_special` (which ones make
+encoding fail); any other special string is encoded as ordinary text, byte for byte.
+
+Sources
+-------
+* P. Gage, "A New Algorithm for Data Compression", C Users Journal 1994 -- byte-pair encoding itself.
+* R. Sennrich, B. Haddow, A. Birch, "Neural Machine Translation of Rare Words with Subword Units",
+  arXiv:1508.07909 -- BPE as a subword vocabulary, the merge-the-most-frequent-pair training loop.
+* A. Radford et al., "Language Models are Unsupervised Multitask Learners" (the GPT-2 report, 2019) --
+  byte-level BPE, the pre-tokenization regex, no merges across character categories; its released
+  `encoder.json`/`vocab.bpe` define the file format used here.
+* C. Wang, K. Cho, J. Gu, "Neural Machine Translation with Byte-Level Subwords", arXiv:1909.03341.
+* A. Karpathy, minbpe (github.com/karpathy/minbpe) -- the readable encoder's shape; OpenAI's tiktoken -- the
+  Rust BPE core used as the fast path; Stanford CS336 assignment 1 -- the `train_bpe`/`Tokenizer` interface.
+
 The file, in reading order
 --------------------------
 1. Readable BPE from scratch: `get_stats`, `merge`, `train_bpe_reference` (recounts every step).
 2. The fast trainer `train_bpe`: parallel streaming pre-tokenization over file chunks, then a merge loop
    with incremental pair counts and a lazy max-heap. A test proves it matches the reference trainer.
-3. `Tokenizer`: readable encoder (merges by rank, cached pre-tokens), decode, special tokens (longest match
-   first), `encode_iterable` (streams in constant memory), save/load in GPT-2's vocab.json/merges.txt format.
+3. `Tokenizer`: readable encoder (merges by rank, cached pre-tokens), special-token policy, decode,
+   `encode_iterable` (streams in constant memory), save/load in GPT-2's vocab.json/merges.txt format.
 4. The fast path: the same vocab and merges compiled into a `tiktoken.Encoding` (Rust), verified at
-   construction, used by `encode` by default (`Tokenizer(..., fast=False)` forces the readable encoder).
+   construction, used by `encode` by default (`Tokenizer(..., fast=False)` or `tok.use_fast = False` forces
+   the readable encoder).
 5. `encode_file`: a whole corpus -> flat uint16/uint32 `.bin` for np.memmap, in parallel, atomically.
 6. GPT-2 parity: `gpt2_tokenizer()` rebuilds GPT-2's merges from tiktoken's ranks.
-7. Benchmarks, the no-argument demo and the command line.
+Then the appendices: plumbing every stage file imports (atomic writes, the progress line, ...), the
+benchmarks with their peers, and the command line.
 
 Command line (`python tokenizer.py --help`):
     python tokenizer.py                                   # demo: train on this file's own text, encode/decode
     python tokenizer.py train --input FILE --vocab-size N --special-tokens '<|endoftext|>' --out DIR
-    python tokenizer.py encode --tokenizer DIR --input FILE --out FILE.bin
-    python tokenizer.py bench                             # vs HuggingFace tokenizers and tiktoken
+    python tokenizer.py encode --tokenizer DIR --input FILE --out FILE.bin [--special-text ordinary] [--force]
+    python tokenizer.py bench --data-dir DIR              # vs HuggingFace tokenizers and tiktoken
 """
 
 import argparse
@@ -64,7 +85,8 @@ import re
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+import warnings
+from collections import Counter, defaultdict, namedtuple
 from itertools import chain, repeat
 from pathlib import Path
 
@@ -197,7 +219,20 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
         vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
         merges.append((vocab[pair[0]], vocab[pair[1]]))
         words = [(merge(ids, pair, new_id), n) for ids, n in words]
+    _warn_if_vocab_short("the text", vocab_size, len(vocab), len(words))
     return vocab, merges
+
+
+def _warn_if_vocab_short(source, asked, got, distinct_pretokens):
+    """Training stops early when no adjacent pair is left to merge (every distinct pre-token is already
+    one token). The vocabulary then comes out smaller than asked, which the caller must hear about: a
+    model built for `asked` ids would carry embedding rows that never occur."""
+    if got >= asked:
+        return
+    why = ("it holds no text outside the special tokens" if distinct_pretokens == 0 else
+           f"its {distinct_pretokens:,} distinct pre-token(s) ran out of pairs to merge")
+    warnings.warn(f"{source}: the vocabulary has {got:,} tokens, fewer than the {asked:,} asked for: {why} "
+                  f"(train on more text, or ask for vocab_size <= {got:,})", UserWarning, stacklevel=3)
 
 
 # =====================================================================================================
@@ -213,23 +248,11 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
 #       from a max-heap with lazy invalidation: a stale entry (count went down) is re-pushed with its true
 #       count when it surfaces, so it never wins unfairly.
 
-def _check_input_file(path):
-    """Size in bytes of a readable, non-empty regular file, or a clear error."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"input file not found: {path}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"expected a text file but got a directory: {path}")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ValueError(f"input file is empty: {path}")
-    return size
-
-
 # ---- safe cut points --------------------------------------------------------------------------------
 # To work on a text in pieces (worker chunks, a stream) and still get exactly the whole-text result, we
 # cut only where the whole-text tokenization has a boundary anyway, and never inside a special token:
-#   * at the start or end of a special token;
+#   * at the start or end of a special token that will be encoded AS a special token (one that is encoded
+#     as ordinary text is not a boundary: " <|endoftext|>" pre-tokenizes as " <|", "endoftext", "|>");
 #   * right after "\n" when both neighbours are printable non-space ASCII ("x\ny"): the "\n" is then a
 #     pre-token on its own in the whole text too, and the regex only looks ahead one character;
 #   * right before " " in "letter space letter" ("a b"): the letters run stops at the space either way,
@@ -240,15 +263,18 @@ _CUT_STR = re.compile(r"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za
 _CUT_BYTES = re.compile(rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
 
 
-def _find_cut(buf, special_re, lo, hi, last):
+def _find_cut(buf, special_re, lo, hi, last, cut_at=None):
     """A safe cut p with lo <= p <= hi (the first one, or the last one if `last`), or None.
 
     `buf` must start at a safe position; `hi` must leave room after p for the longest special token, so
-    that any special token overlapping p is fully visible in `buf`.
+    that any special token overlapping p is fully visible in `buf`. `special_re` finds every registered
+    special token (no cut inside any of them, so a forbidden one is always seen whole); only the edges of
+    those in `cut_at` (default: all) are cut points.
     """
     if hi < lo:
         return None
-    spans = [m.span() for m in special_re.finditer(buf)] if special_re is not None else []
+    found = list(special_re.finditer(buf)) if special_re is not None else []
+    spans = [m.span() for m in found]
     starts = [s for s, _ in spans]
     cut_re = _CUT_BYTES if isinstance(buf, bytes) else _CUT_STR
 
@@ -257,14 +283,14 @@ def _find_cut(buf, special_re, lo, hi, last):
         return k >= 0 and spans[k][1] > p
 
     cands = [m.start() for m in cut_re.finditer(buf, lo, min(hi + 2, len(buf)))]
-    cands += [p for span in spans for p in span]
+    cands += [p for m in found if cut_at is None or m.group() in cut_at for p in m.span()]
     cands = sorted(p for p in cands if lo <= p <= hi and not inside_special(p))
     if not cands:
         return None
     return cands[-1] if last else cands[0]
 
 
-def _chunk_boundaries(path, size, special_tokens, chunk_bytes):
+def _chunk_boundaries(path, size, special_tokens, chunk_bytes, cut_at=None):
     """Byte offsets [0, c1, c2, ..., size] cutting the file at safe points roughly chunk_bytes apart.
 
     Reads only a small window around each target offset, so it is cheap on huge files. (It assumes special
@@ -272,6 +298,7 @@ def _chunk_boundaries(path, size, special_tokens, chunk_bytes):
     usual <|...|> tokens can't.)
     """
     special_re = _special_regex(special_tokens, as_bytes=True)
+    cut_at = None if cut_at is None else {s.encode("utf-8") for s in cut_at}
     max_special = max((len(s.encode("utf-8")) for s in special_tokens), default=0)
     bounds = [0]
     with open(path, "rb") as f:
@@ -284,7 +311,7 @@ def _chunk_boundaries(path, size, special_tokens, chunk_bytes):
                 buf = f.read(target - window_start + look)
                 at_eof = window_start + len(buf) >= size
                 hi = len(buf) - 1 if at_eof else len(buf) - max_special - 2
-                cut = _find_cut(buf, special_re, target - window_start, hi, last=False)
+                cut = _find_cut(buf, special_re, target - window_start, hi, last=False, cut_at=cut_at)
                 if cut is None and at_eof:
                     break
                 look *= 4
@@ -293,18 +320,6 @@ def _chunk_boundaries(path, size, special_tokens, chunk_bytes):
             bounds.append(window_start + cut)
     bounds.append(size)
     return bounds
-
-
-def _read_chunk_text(path, start, end):
-    """Decode bytes [start, end) of a file, or a ValueError naming the file and the bad byte's offset."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 at byte offset {start + e.start} "
-                         f"(byte 0x{data[e.start]:02x}: {e.reason})") from None
 
 
 def _count_pretokens_in_chunk(task):
@@ -317,21 +332,6 @@ def _count_pretokens_in_chunk(task):
         if not special:
             counts.update(split.findall(piece))  # Counter.update on an iterable runs in C
     return {tok.encode("utf-8"): n for tok, n in counts.items()}, end - start
-
-
-def _pool(num_workers, initializer=None, initargs=()):
-    # fork (Linux) starts workers in milliseconds and shares the parent's memory copy-on-write; elsewhere
-    # the platform default (spawn) pickles the work and re-imports this module.
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    return ctx.Pool(num_workers, initializer=initializer, initargs=initargs)
-
-
-def _default_workers(num_workers):
-    if num_workers is None:
-        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if int(num_workers) < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    return int(num_workers)
 
 
 def count_pretokens(input_path, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
@@ -480,7 +480,8 @@ def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, pr
     ids: 0..255 are the single bytes (id i = bytes([i])), then the special tokens in the given order, then
     one token per merge, in merge order. Same result as `train_bpe_reference` on the file's text (tested),
     but pre-tokenizes in `num_workers` processes (default: all cores) over chunks of `chunk_bytes`, and
-    updates pair counts incrementally. If the corpus runs out of pairs, training stops early (smaller vocab).
+    updates pair counts incrementally. If the corpus runs out of pairs, training stops early and warns
+    (UserWarning naming the file and both sizes): the vocab is then smaller than `vocab_size`.
     """
     specials = _check_vocab_size(vocab_size, special_tokens)
     word_counts = count_pretokens(input_path, specials, num_workers=num_workers, progress=progress,
@@ -489,44 +490,13 @@ def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, pr
     for s in specials:
         vocab[len(vocab)] = s.encode("utf-8")
     merges = _train_merges(word_counts, vocab, vocab_size - len(vocab), progress=progress)
+    _warn_if_vocab_short(os.fspath(input_path), vocab_size, len(vocab), len(word_counts))
     return vocab, merges
 
 
 # =====================================================================================================
 # 3. The tokenizer: encode, decode, special tokens, streaming, save/load
 # =====================================================================================================
-
-def _bytes_to_unicode():
-    """GPT-2's printable stand-in for every byte, so tokens can be written as text in vocab.json/merges.txt.
-
-    Printable bytes map to themselves; the others (space, control bytes, ...) to chr(256 + k): e.g. the
-    space byte is 'Ġ', so the token b" the" is written "Ġthe". This is the format of GPT-2's encoder.json
-    and vocab.bpe (and of HuggingFace's files), so those load directly.
-    """
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, k = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + k)
-            k += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-BYTE_TO_UNICODE = _bytes_to_unicode()
-UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
-
-
-def _token_to_str(token: bytes) -> str:
-    return "".join(BYTE_TO_UNICODE[b] for b in token)
-
-
-def _str_to_token(s: str, where: str) -> bytes:
-    try:
-        return bytes(UNICODE_TO_BYTE[c] for c in s)
-    except KeyError as e:
-        raise ValueError(f"{where}: {s!r} is not a GPT-2 byte-level token string (bad character {e})") from None
-
 
 def token_dtype(vocab_size):
     """Smallest unsigned dtype that holds every id: uint16 up to 65,536 tokens, else uint32."""
@@ -579,21 +549,23 @@ class Tokenizer:
         self._pair_rank, self._pair_id, self._rank_id = {}, {}, []
         for rank, m in enumerate(merges):
             if len(m) != 2:
-                raise ValueError(f"merge #{rank} must be a pair, got {m!r}")
+                raise _BadMerge(rank, f"merge #{rank} must be a pair, got {m!r}")
             a, b = bytes(m[0]), bytes(m[1])
             for part in (a, b, a + b):
                 if part not in self.byte_to_id:
-                    raise ValueError(f"merge #{rank} ({a!r}, {b!r}): token {part!r} is not in the vocab")
+                    raise _BadMerge(rank, f"merge #{rank} ({a!r}, {b!r}): token {part!r} is not in the vocab")
             pair = (self.byte_to_id[a], self.byte_to_id[b])
             if pair in self._pair_rank:
-                raise ValueError(f"merge #{rank} ({a!r}, {b!r}) is listed twice")
+                raise _BadMerge(rank, f"merge #{rank} ({a!r}, {b!r}) is listed twice")
             self._pair_rank[pair] = rank
             self._pair_id[pair] = self.byte_to_id[a + b]
             self._rank_id.append(self.byte_to_id[a + b])
             self.merges.append((a, b))
         self._byte_ids = [self.byte_to_id[bytes([b])] for b in range(256)]
         self._split = _split_regex(GPT2_SPLIT_PATTERN)
-        self._special_re = _special_regex(self.special_tokens)
+        self._special_re = _special_regex(self.special_tokens)  # every registered special, longest first
+        self._policies = {}  # (allowed_special, disallowed_special) -> _SpecialPolicy, see `special_policy`
+        self._specials_overlap = _specials_overlap(self.special_tokens)
         self._cache = {}
         self._fast, self.fast_reason = None, "disabled (fast=False)"
         if fast:
@@ -668,49 +640,94 @@ class Tokenizer:
             cache[piece] = self._bpe(piece.encode("utf-8"))
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
-    def encode_readable(self, text):
-        """Encode with the pure-Python encoder (whatever `use_fast` says)."""
-        text = _fix_surrogates(text)
-        if self._special_re is None:
+    def encode_readable(self, text, *, allowed_special="all", disallowed_special=()):
+        """Encode with the pure-Python encoder (whatever `use_fast` says); keywords as in `encode`."""
+        policy = self.special_policy(allowed_special, disallowed_special)
+        policy.check(text)
+        return self._encode_readable(_fix_surrogates(text), policy)
+
+    def _encode_readable(self, text, policy):
+        if policy.split_re is None:
             return self._encode_ordinary_readable(text)
         ids = []
-        for i, part in enumerate(self._special_re.split(text)):
+        for i, part in enumerate(policy.split_re.split(text)):  # odd parts: the special tokens themselves
             if i % 2:
                 ids.append(self.special_ids[part])
             elif part:
                 ids.extend(self._encode_ordinary_readable(part))
         return ids
 
+    # ---- special tokens in text we did not write --------------------------------------------------------
+    # Which special-token STRINGS in the input become special-token IDS is a security question, not a
+    # detail: <|endoftext|> tells the model "a new document starts here, ignore what came before". Text
+    # scraped from the web, or typed by a user into a chat, can contain that string on purpose. The
+    # course's default (every special string becomes its id) is right for a corpus we assembled with our
+    # own separators and wrong for untrusted text, so we take tiktoken's keywords with their meaning:
+    #   allowed_special    "all" or a set: these strings become their special ids;
+    #   disallowed_special "all" (= every special not allowed) or a set: finding one raises ValueError;
+    #   every other special string is encoded as ordinary text (its bytes, BPE'd like any other text).
+    # tiktoken's own default is disallowed_special="all" (refuse); ours keeps the course's default,
+    # allowed_special="all". Untrusted text: encode(text, allowed_special=set()) or, to stop instead,
+    # encode(text, allowed_special=set(), disallowed_special="all").
+    def special_policy(self, allowed_special="all", disallowed_special=()):
+        """Validate the two keywords and compile them (cached): -> `_SpecialPolicy`."""
+        key = tuple(k if k == "all" else frozenset(_special_set(k, name)) for k, name in
+                    ((allowed_special, "allowed_special"), (disallowed_special, "disallowed_special")))
+        policy = self._policies.get(key)
+        if policy is None:
+            known = set(self.special_tokens)
+            allowed = known if key[0] == "all" else key[0]
+            disallowed = known - allowed if key[1] == "all" else key[1]
+            unknown = sorted((allowed | disallowed) - known)
+            if unknown:
+                raise ValueError(f"{unknown[0]!r} is not a special token of this tokenizer (its special tokens: "
+                                 f"{self.special_tokens}); allowed_special/disallowed_special may only name those")
+            ordered = [t for t in self.special_tokens if t in allowed]  # keep the registration order
+            policy = _SpecialPolicy(tuple(ordered), _special_regex(ordered), _special_regex(sorted(disallowed)))
+            self._policies[key] = policy
+        return policy
+
     # ---- encode / decode --------------------------------------------------------------------------------
-    def encode(self, text):
-        """text -> list of token ids (special tokens in the text become their ids)."""
+    def encode(self, text, *, allowed_special="all", disallowed_special=()):
+        """text -> list of token ids.
+
+        By default every special-token string in `text` becomes its special id (the course's behaviour).
+        For text you did not write, see `special_policy`: allowed_special=set() encodes them as ordinary
+        text, disallowed_special="all" raises ValueError naming the first one found.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        policy = self.special_policy(allowed_special, disallowed_special)
+        policy.check(text)
         if self.use_fast and self._fast is not None:
-            return self._encode_fast(text)
-        return self.encode_readable(text)
+            return self._encode_fast(text, policy)
+        return self._encode_readable(_fix_surrogates(text), policy)
 
     def decode(self, ids):
         """ids -> text. Byte sequences that are not valid UTF-8 become U+FFFD (errors="replace")."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids):
+        """ids -> the exact bytes. `ids`: a list/tuple/iterable of ints, or a 0-d/1-d integer numpy array
+        or torch tensor (what a model's `generate` returns). Floats, bools and unknown ids are refused."""
+        ids = _as_id_list(ids)
         vocab = self.vocab
-        ids = ids if hasattr(ids, "__len__") else list(ids)
         try:
             return b"".join([vocab[i] for i in ids])
-        except (KeyError, TypeError):
-            bad = next(i for i in ids if not isinstance(i, (int, np.integer)) or i not in vocab)
+        except KeyError:
+            bad = next(i for i in ids if i not in vocab)
             raise ValueError(f"token id {bad!r} is outside the vocabulary (valid ids: 0..{self.vocab_size - 1})") \
                 from None
 
-    def encode_iterable(self, iterable):
+    def encode_iterable(self, iterable, *, allowed_special="all", disallowed_special=()):
         """Lazily encode an iterable of strings (e.g. an open file): yields exactly encode("".join(it)).
 
         Constant memory: text is buffered only up to the last safe cut point (see `_find_cut`), encoded,
         and dropped. A pre-token or special token that straddles two chunks stays in the buffer until it
-        is complete, so the ids never depend on how the input was chunked.
+        is complete, so the ids never depend on how the input was chunked. Keywords as in `encode`.
         """
+        kw = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
+        cut_at = set(self.special_policy(**kw).allowed)  # checks the keywords before reading anything
         max_special = max((len(s) for s in self.special_tokens), default=0)
         buf, pending, threshold = [], 0, self.STREAM_BUFFER
         for chunk in iterable:
@@ -723,60 +740,75 @@ class Tokenizer:
             text = "".join(buf)
             hi = len(text) - max_special - 2
             # look for the last safe cut in the final 4 KB first (almost always found), else further back
-            cut = _find_cut(text, self._special_re, max(1, hi - 4096), hi, last=True)
+            cut = _find_cut(text, self._special_re, max(1, hi - 4096), hi, last=True, cut_at=cut_at)
             if cut is None and hi - 4096 > 1:
-                cut = _find_cut(text, self._special_re, 1, hi - 4096, last=True)
+                cut = _find_cut(text, self._special_re, 1, hi - 4096, last=True, cut_at=cut_at)
             if cut is None:
                 threshold *= 2  # no safe point yet (one huge line?): wait for more text, amortized O(n)
                 buf, pending = [text], len(text)
                 continue
-            yield from self.encode(text[:cut])
+            yield from self.encode(text[:cut], **kw)
             buf, pending, threshold = [text[cut:]], len(text) - cut, self.STREAM_BUFFER
         text = "".join(buf)
         if text:
-            yield from self.encode(text)
+            yield from self.encode(text, **kw)
 
     # ---- save / load (GPT-2 file format) -------------------------------------------------------------------
     def save(self, directory):
-        """Write vocab.json ({token string: id}), merges.txt and special_tokens.json, each atomically."""
+        """Write vocab.json ({token string: id}), merges.txt and special_tokens.json into `directory`.
+
+        All three are written to temporary files and synced first, then renamed into place, so a full disk
+        or a crash never leaves a new vocab.json next to an old merges.txt."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_json = {_token_to_str(self.vocab[i]): i for i in range(self.vocab_size)}
-        atomic_write_text(directory / "vocab.json", json.dumps(vocab_json, ensure_ascii=False, indent=0))
         lines = ["#version: 0.2"] + [f"{_token_to_str(a)} {_token_to_str(b)}" for a, b in self.merges]
-        atomic_write_text(directory / "merges.txt", "\n".join(lines) + "\n")
-        atomic_write_text(directory / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False))
+        files = {"vocab.json": json.dumps(vocab_json, ensure_ascii=False, indent=0),
+                 "merges.txt": "\n".join(lines) + "\n",
+                 "special_tokens.json": json.dumps(self.special_tokens, ensure_ascii=False)}
+        with contextlib.ExitStack() as stack:
+            for name, text in files.items():
+                f = stack.enter_context(atomic_open(directory / name, "w"))
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())  # every byte is on disk before the first rename
+        # (leaving the ExitStack renames the three files, last opened first)
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None, **kwargs):
-        """Load GPT-2-format vocab.json + merges.txt (ours, GPT-2's encoder.json/vocab.bpe, HuggingFace's)."""
+        """Load GPT-2-format vocab.json + merges.txt (ours, GPT-2's encoder.json/vocab.bpe, HuggingFace's).
+
+        Any problem is a ValueError naming the file (and, for merges.txt, the line)."""
         for p in (vocab_path, merges_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"tokenizer file not found: {p}")
-        try:
-            with open(vocab_path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"malformed vocab file {vocab_path}: not valid JSON ({e})") from None
+        raw = _read_json(vocab_path, "vocab file")
         if not isinstance(raw, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
             raise ValueError(f"malformed vocab file {vocab_path}: expected a JSON object {{token: integer id}}")
         vocab = {i: _str_to_token(s, f"vocab file {vocab_path}") for s, i in raw.items()}
         if len(vocab) != len(raw):
             raise ValueError(f"malformed vocab file {vocab_path}: two tokens share an id")
-        merges = []
-        with open(merges_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
+        merges, merge_lines = [], []
+        with open(merges_path, "rb") as f:  # bytes, so a bad byte is reported with its line, not by `open`
+            for lineno, raw_line in enumerate(f, 1):
+                where = f"merges file {merges_path}, line {lineno}"
+                try:
+                    line = raw_line.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw_line[e.start]:02x} at column "
+                                     f"{e.start + 1})") from None
                 if not line or (lineno == 1 and line.startswith("#version")):
                     continue
                 parts = line.split(" ")
                 if len(parts) != 2 or not parts[0] or not parts[1]:
-                    raise ValueError(f"malformed merges file {merges_path}, line {lineno}: expected "
-                                     f"'token_a token_b', got {line!r}")
-                where = f"merges file {merges_path}, line {lineno}"
+                    raise ValueError(f"malformed {where}: expected 'token_a token_b', got {line!r}")
                 merges.append((_str_to_token(parts[0], where), _str_to_token(parts[1], where)))
+                merge_lines.append(lineno)
         try:
             return cls(vocab, merges, special_tokens, **kwargs)
+        except _BadMerge as e:
+            raise ValueError(f"merges file {merges_path}, line {merge_lines[e.rank]}: {e} "
+                             f"(vocab file {vocab_path})") from None
         except ValueError as e:
             raise ValueError(f"inconsistent tokenizer files ({vocab_path}, {merges_path}): {e}") from None
 
@@ -788,18 +820,16 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer directory not found: {directory}")
         specials = []
         if (directory / "special_tokens.json").exists():
-            try:
-                specials = json.loads((directory / "special_tokens.json").read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"malformed {directory / 'special_tokens.json'}: {e}") from None
+            specials = _read_json(directory / "special_tokens.json", "special-tokens file")
             if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
-                raise ValueError(f"malformed {directory / 'special_tokens.json'}: expected a list of strings")
+                raise ValueError(f"malformed special-tokens file {directory / 'special_tokens.json'}: expected "
+                                 "a JSON list of strings")
         return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials, **kwargs)
 
     # ---- pickling (for worker processes): the compiled encoder is rebuilt, not pickled ------------------------
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_fast"], state["_cache"] = state["_fast"] is not None, {}
+        state["_fast"], state["_cache"], state["_policies"] = state["_fast"] is not None, {}, {}
         return state
 
     def __setstate__(self, state):
@@ -847,19 +877,22 @@ class Tokenizer:
             return None, f"tiktoken refused the vocab: {e}"
         sample = _SAMPLE_CHECK_TEXT + "".join(self.special_tokens[:4])
         self._fast = enc
-        ok = self._encode_fast(sample) == self.encode_readable(sample)
+        ok = self._encode_fast(sample, self.special_policy()) == self.encode_readable(sample)
         self._fast = None
         return (enc, "ok") if ok else (None, "sample text encoded differently")
 
-    def _encode_fast(self, text):
-        # tiktoken matches special tokens in Rust, but not necessarily longest-first, so when one contains
-        # another we cut them out here (longest first) and let tiktoken do the rest.
-        if self._special_re is None:
+    def _encode_fast(self, text, policy):
+        # tiktoken matches special tokens in Rust, leftmost first; when two special tokens can overlap
+        # ("<|a|>" inside "<|a|><|a|>") its choice may differ from our longest-first rule, so then we cut
+        # the allowed ones out here and let tiktoken encode the ordinary text between them.
+        if policy.split_re is None:
             return self._fast.encode_ordinary(text)
-        if not _specials_nest(self.special_tokens):
-            return self._fast.encode(text, allowed_special="all")
+        if not self._specials_overlap:
+            # disallowed_special=() here: `encode` already refused forbidden ones, and tiktoken encodes
+            # the remaining not-allowed specials as ordinary text, as we do.
+            return self._fast.encode(text, allowed_special=set(policy.allowed), disallowed_special=())
         ids = []
-        for i, part in enumerate(self._special_re.split(text)):
+        for i, part in enumerate(policy.split_re.split(text)):
             if i % 2:
                 ids.append(self.special_ids[part])
             elif part:
@@ -867,28 +900,46 @@ class Tokenizer:
         return ids
 
 
+
 _SAMPLE_CHECK_TEXT = ("Hello, world! It's 2024; we'll test   spaces\n\n and\ttabs. naïve café 東京 🤖 12345 "
                       "don't I'VE   \n  trailing   ")
 
 
-def _specials_nest(special_tokens):
-    return any(a != b and a in b for a in special_tokens for b in special_tokens)
+def _specials_overlap(specials):
+    """Can two special tokens overlap in a text (one inside the other, or a suffix of one being a prefix
+    of the other)? Only then can tiktoken's leftmost-first and our longest-first matching disagree."""
+    return any(a != b and (a in b or any(a.endswith(b[:k]) for k in range(1, min(len(a), len(b)))))
+               for a in specials for b in specials)
 
 
-def _fix_surrogates(text):
-    """Lone surrogates can't be UTF-8 encoded; replace them with U+FFFD (what tiktoken does too)."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+class _SpecialPolicy(namedtuple("_SpecialPolicy", "allowed split_re refuse_re")):
+    """A compiled allowed/disallowed choice: `allowed` (special strings that become ids, in registration
+    order), `split_re` (cuts them out, longest first; None if none), `refuse_re` (finds forbidden ones)."""
+
+    def check(self, text):
+        m = self.refuse_re.search(text) if self.refuse_re is not None else None
+        if m:
+            raise DisallowedSpecialError(m.group(), m.start())
+
+
+class DisallowedSpecialError(ValueError):
+    """The text holds a special-token string that `disallowed_special` forbids (`.token`, at `.position`)."""
+
+    def __init__(self, token, position, where=""):
+        self.token, self.position, self.where = token, position, where
+        super().__init__(f"{where}the text contains the special token {token!r} (at {position}), which "
+                         "disallowed_special forbids; allow it to encode it as the special token, or leave it "
+                         "out of both allowed_special and disallowed_special to encode it as ordinary text")
+
+    def __reduce__(self):  # so the error crosses from an encode_file worker process intact
+        return type(self), (self.token, self.position, self.where)
 
 
 # =====================================================================================================
 # 5. encode_file: a corpus -> a flat token file for np.memmap
 # =====================================================================================================
 
-_WORKER_TOKENIZER = None
+_WORKER_TOKENIZER = None  # set in each worker process (and in-process for num_workers=1)
 
 
 def _init_encode_worker(tokenizer):
@@ -897,52 +948,63 @@ def _init_encode_worker(tokenizer):
 
 
 def _encode_chunk(task):
-    path, start, end, dtype = task
-    ids = _WORKER_TOKENIZER.encode(_read_chunk_text(path, start, end))
+    """Worker: ids of bytes [start, end) of the file, as a numpy array of the output dtype."""
+    path, start, end, dtype, kw = task
+    text = _read_chunk_text(path, start, end)
+    try:
+        ids = _WORKER_TOKENIZER.encode(text, **kw)
+    except DisallowedSpecialError as e:  # say where in the FILE, not where in the chunk
+        offset = start + len(text[:e.position].encode("utf-8"))
+        raise DisallowedSpecialError(e.token, f"byte offset {offset}", where=f"{path}: ") from None
     return np.asarray(ids, dtype=dtype), end - start
 
 
-def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=True, chunk_bytes=None):
+def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=True, chunk_bytes=None,
+                allowed_special="all", disallowed_special=(), overwrite=True):
     """Encode a UTF-8 text file into a flat `.bin` of token ids; returns the number of tokens written.
 
     The dtype is `token_dtype(vocab_size)`; read back with np.memmap(out_path, dtype=..., mode="r"). The
-    file is cut at safe points (`_find_cut`), so the result equals tokenizer.encode(whole text). Chunks
-    are encoded by `num_workers` processes and written in order to `out_path + ".tmp"`, renamed at the end;
-    on any error the partial file is removed.
+    file is cut at safe points (`_find_cut`), so the result equals tokenizer.encode(whole text, same
+    keywords). Chunks are encoded by `num_workers` processes and written in order through `atomic_open`:
+    until the last byte is written and synced, `out_path` keeps its old content (or stays absent).
+    `out_path` may never be the input itself; with overwrite=False an existing `out_path` is refused.
+    `allowed_special`/`disallowed_special` as in `Tokenizer.encode` (a refused special token is reported
+    with the file and its byte offset).
     """
     size = _check_input_file(input_path)
+    if _same_file(input_path, out_path):
+        raise ValueError(f"the output {out_path} is the input file itself; writing it would destroy the text")
+    if os.path.isdir(out_path):
+        raise IsADirectoryError(f"the output {out_path} is a directory; give a file name such as data.bin")
+    if not overwrite and os.path.lexists(out_path):
+        raise FileExistsError(f"the output {out_path} already exists; pass overwrite=True (--force) to replace it")
+    kw = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
+    cut_at = tokenizer.special_policy(**kw).allowed  # validates the keywords before any work
     num_workers = _default_workers(num_workers)
     dtype = token_dtype(tokenizer.vocab_size)
     if chunk_bytes is None:
         chunk_bytes = min(max(size // (8 * num_workers) + 1, 1 << 20), 8 << 20)
-    bounds = _chunk_boundaries(input_path, size, tokenizer.special_tokens, chunk_bytes)
-    tasks = [(os.fspath(input_path), a, b, dtype) for a, b in zip(bounds, bounds[1:])]
-    out_path = os.fspath(out_path)
-    tmp = out_path + ".tmp"
+    bounds = _chunk_boundaries(input_path, size, tokenizer.special_tokens, chunk_bytes, cut_at=cut_at)
+    tasks = [(os.fspath(input_path), a, b, dtype, kw) for a, b in zip(bounds, bounds[1:])]
     bar = Progress(progress, f"encode {os.path.basename(os.fspath(input_path))}")
     n_tokens, done, t0 = 0, 0, time.perf_counter()
-    try:
-        with open(tmp, "wb") as f:
-            def consume(results):
-                nonlocal n_tokens, done
-                for arr, nbytes in results:
-                    f.write(arr.tobytes())
-                    n_tokens, done = n_tokens + len(arr), done + nbytes
-                    bar.update(f"{done / 1e6:.1f}/{size / 1e6:.1f} MB, {n_tokens:,} tokens, "
-                               f"{done / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
-            if num_workers == 1 or len(tasks) == 1:
-                _init_encode_worker(tokenizer)
-                try:
-                    consume(map(_encode_chunk, tasks))
-                finally:
-                    _init_encode_worker(None)
-            else:
-                with _pool(min(num_workers, len(tasks)), _init_encode_worker, (tokenizer,)) as pool:
-                    consume(pool.imap(_encode_chunk, tasks))  # imap keeps the chunks in order
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(out_path, "wb") as f:
+        def consume(results):
+            nonlocal n_tokens, done
+            for arr, nbytes in results:
+                f.write(arr.tobytes())
+                n_tokens, done = n_tokens + len(arr), done + nbytes
+                bar.update(f"{done / 1e6:.1f}/{size / 1e6:.1f} MB, {n_tokens:,} tokens, "
+                           f"{done / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
+        if num_workers == 1 or len(tasks) == 1:
+            _init_encode_worker(tokenizer)
+            try:
+                consume(map(_encode_chunk, tasks))
+            finally:
+                _init_encode_worker(None)
+        else:
+            with _pool(min(num_workers, len(tasks)), _init_encode_worker, (tokenizer,)) as pool:
+                consume(pool.imap(_encode_chunk, tasks))  # imap keeps the chunks in order
     bar.close(f"{size / 1e6:.1f} MB -> {n_tokens:,} tokens ({size / max(n_tokens, 1):.2f} bytes/token), "
               f"{np.dtype(dtype).name}")
     return n_tokens
@@ -1090,29 +1152,6 @@ def machine_label():
     return label
 
 
-# =====================================================================================================
-# 7. Benchmarks, demo and command line
-# =====================================================================================================
-
-def _default_shared_data():
-    return Path(__file__).resolve().parent.parent / "shared" / "data"
-
-
-def build_bench_corpus(out_path, target_mb=6.0, data_dir=None):
-    """Mixed real text: all of tinyshakespeare + MMLU questions (documents separated by <|endoftext|>),
-    cut at a document boundary near `target_mb` MB. Needs ../shared/data (benchmarks only)."""
-    data_dir = Path(data_dir) if data_dir else _default_shared_data()
-    sources = [data_dir / "tinyshakespeare.txt", data_dir / "mmlu_questions.txt"]
-    for s in sources:
-        if not s.is_file():
-            raise FileNotFoundError(f"benchmark corpus source not found: {s} (pass --data-dir)")
-    text = sources[0].read_text(encoding="utf-8") + EOT + sources[1].read_text(encoding="utf-8")
-    cut = text.find(EOT, int(target_mb * 1e6) - 1)
-    text = text if cut < 0 else text[:cut + len(EOT)]
-    atomic_write_text(out_path, text)
-    return len(text.encode("utf-8"))
-
-
 def peak_rss_mb():
     """This process's peak resident memory in MB (Linux VmHWM; else ru_maxrss, which on Linux survives exec
     and so can include the parent's peak -- hence VmHWM first)."""
@@ -1126,6 +1165,176 @@ def peak_rss_mb():
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024
+
+
+# ---- this file's own plumbing -------------------------------------------------------------------
+
+def _check_input_file(path):
+    """Size in bytes of a readable, non-empty regular file, or a clear error."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"expected a text file but got a directory: {path}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"input file is empty: {path}")
+    return size
+
+
+def _read_chunk_text(path, start, end):
+    """Decode bytes [start, end) of a file, or a ValueError naming the file and the bad byte's offset."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 at byte offset {start + e.start} "
+                         f"(byte 0x{data[e.start]:02x}: {e.reason})") from None
+
+
+def _pool(num_workers, initializer=None, initargs=()):
+    # fork (Linux) starts workers in milliseconds and shares the parent's memory copy-on-write; elsewhere
+    # the platform default (spawn) pickles the work and re-imports this module.
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    return ctx.Pool(num_workers, initializer=initializer, initargs=initargs)
+
+
+def _default_workers(num_workers):
+    if num_workers is None:
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if int(num_workers) < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    return int(num_workers)
+
+
+def _bytes_to_unicode():
+    """GPT-2's printable stand-in for every byte, so tokens can be written as text in vocab.json/merges.txt.
+
+    Printable bytes map to themselves; the others (space, control bytes, ...) to chr(256 + k): e.g. the
+    space byte is 'Ġ', so the token b" the" is written "Ġthe". This is the format of GPT-2's encoder.json
+    and vocab.bpe (and of HuggingFace's files), so those load directly.
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, k = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + k)
+            k += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+BYTE_TO_UNICODE = _bytes_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+def _token_to_str(token: bytes) -> str:
+    return "".join(BYTE_TO_UNICODE[b] for b in token)
+
+
+def _str_to_token(s: str, where: str) -> bytes:
+    try:
+        return bytes(UNICODE_TO_BYTE[c] for c in s)
+    except KeyError as e:
+        raise ValueError(f"{where}: {s!r} is not a GPT-2 byte-level token string (bad character {e})") from None
+
+
+def _read_json(path, what):
+    """Parse a JSON file, or a ValueError naming the file and what is wrong (bad UTF-8, bad JSON)."""
+    data = Path(path).read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"malformed {what} {path}: not valid UTF-8 at byte offset {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed {what} {path}: not valid JSON ({e})") from None
+
+
+class _BadMerge(ValueError):
+    """A merge the vocab can't hold; `.rank` lets `from_files` name the line of merges.txt."""
+
+    def __init__(self, rank, msg):
+        super().__init__(msg)
+        self.rank = rank
+
+
+def _special_set(value, name):
+    """tiktoken's keyword types: "all" or a collection of strings (a lone string would be a set of chars)."""
+    if value == "all":
+        return value
+    if isinstance(value, (str, bytes)) or not all(isinstance(t, str) for t in value):
+        raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}')
+    return value
+
+
+def _as_id_list(ids):
+    """A list of Python ints from a list, tuple, iterable, numpy array or torch tensor of integer ids.
+
+    Iterating a tensor yields 0-d tensors, which hash by identity, so a dict lookup would call a valid id
+    unknown: convert with `.tolist()` first. A float id (3.0) would silently look up token 3 (3.0 == 3 in
+    a dict), and True token 1, so both are refused by type."""
+    dtype = getattr(ids, "dtype", None)
+    if dtype is not None and hasattr(ids, "tolist"):  # numpy array/scalar or torch tensor
+        name = str(dtype).replace("torch.", "")
+        if not (name.startswith("int") or name.startswith("uint")):
+            raise TypeError(f"token ids must be integers, got an array of dtype {name}")
+        if getattr(ids, "ndim", 0) > 1:
+            raise ValueError(f"decode expects a 0-d or 1-d sequence of ids, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+        return [ids] if isinstance(ids, int) else ids
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"decode expects a sequence of token ids, got {type(ids).__name__}")
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        return [int(ids)]
+    ids = list(ids)
+    if not set(map(type, ids)) <= {int}:  # the common case (all plain ints) is checked in C
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
+        if bad is not None:
+            raise TypeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
+        ids = [int(i) for i in ids]
+    return ids
+
+
+def _fix_surrogates(text):
+    """Lone surrogates can't be UTF-8 encoded; replace them with U+FFFD (what tiktoken does too)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _same_file(a, b):
+    """True when paths a and b name the same file (also through a symlink or a hard link)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+# ===== Appendix: benchmarks =====
+# `python tokenizer.py bench`: our trainer against HuggingFace `tokenizers` (Rust), our encoders against
+# tiktoken, side by side in one run so that the ratios are fair. The peers are used only here.
+
+def build_bench_corpus(out_path, target_mb=6.0, data_dir=None):
+    """Mixed real text: all of tinyshakespeare + MMLU questions (documents separated by <|endoftext|>),
+    cut at a document boundary near `target_mb` MB, from `data_dir` (default: the project's ../shared/data
+    where it exists; a user passes --data-dir)."""
+    data_dir = Path(data_dir) if data_dir else shared_path("data")
+    if data_dir is None:
+        raise FileNotFoundError("the benchmark corpus needs a folder with tinyshakespeare.txt and "
+                                "mmlu_questions.txt (pass --data-dir)")
+    sources = [data_dir / "tinyshakespeare.txt", data_dir / "mmlu_questions.txt"]
+    for s in sources:
+        if not s.is_file():
+            raise FileNotFoundError(f"benchmark corpus source not found: {s} (pass --data-dir)")
+    text = sources[0].read_text(encoding="utf-8") + EOT + sources[1].read_text(encoding="utf-8")
+    cut = text.find(EOT, int(target_mb * 1e6) - 1)
+    text = text if cut < 0 else text[:cut + len(EOT)]
+    atomic_write_text(out_path, text)
+    return len(text.encode("utf-8"))
 
 
 def _run_json(code, *args):
@@ -1183,10 +1392,10 @@ print(json.dumps({"s": s, "tokens": n, "rss_before": before, "rss": tk.peak_rss_
 
 def bench(args):
     """Side-by-side benchmarks; prints a results table and README rows."""
-    machine = args.machine
+    machine = args.machine or machine_label()
     workers = _default_workers(args.workers)
-    shared_tiktoken = _default_shared_data().parent / "tiktoken"
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_tiktoken.is_dir():
+    shared_tiktoken = shared_path("tiktoken")
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_tiktoken is not None:
         os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_tiktoken)  # offline gpt2 files, when the project has them
     rows = []
 
@@ -1203,8 +1412,8 @@ def bench(args):
         cmd = "python tokenizer.py bench"
 
         # --- training vs HuggingFace tokenizers ---
-        # alternate ours / HF `--repeats` times and keep each one's fastest run (load from other users of a
-        # shared machine only ever adds time)
+        # alternate ours / HF `--repeats` times and keep each one's fastest run: timing noise only ever
+        # adds time, so the minimum is the best estimate of each side's cost (timeit's rule)
         ours, hf = None, None
         for rep in range(args.repeats):
             run = _run_json(_BENCH_OURS, corpus, args.vocab_size, workers, tok_dir)
@@ -1233,9 +1442,9 @@ def bench(args):
             import tiktoken
             ref = tiktoken.get_encoding("gpt2")
             ours_gpt2 = gpt2_tokenizer()
-            # Both sides run the same kind of Rust core, so the true ratio is ~1 and the noise of a shared
-            # machine dominates: alternate who goes first over 10 rounds on a 2 MB slice and keep each
-            # side's best CPU time (process_time: only time this process actually ran).
+            # Both sides run the same Rust core, so the true ratio is ~1 and timing noise dominates:
+            # alternate who goes first over 10 rounds on a 2 MB slice and keep each side's best CPU time
+            # (process_time counts only the time this process actually ran).
             sample = text[:2_000_000]
             smb = len(sample.encode()) / 1e6
             t_ref = t_ours = float("inf")
@@ -1294,6 +1503,11 @@ def bench(args):
     print("\n".join(rows))
 
 
+# ===== Command line =====
+# `python tokenizer.py [train|encode|bench]`. Every option is checked before any work starts: a usage error
+# is one line on stderr and exit status 2, a failed command removes the folders it created, and no command
+# replaces an existing output unless told to (--force).
+
 def demo():
     """No-argument run: train a small BPE on this file's own text (English docs + code), show what it does."""
     src = os.path.abspath(__file__)
@@ -1313,44 +1527,163 @@ def demo():
     assert tok.decode(ex_ids) == example
     print(f"decode(...) == input: True   (fast path: {tok.fast_reason}; readable encoder agrees: "
           f"{tok.encode_readable(example) == ex_ids})")
+    plain = tok.encode(example, allowed_special=set())  # untrusted text: the separator stays ordinary text
+    print(f"with allowed_special=set(): {len(plain)} ids, no <|endoftext|> id among them: {tok.eot_id not in plain}")
     print("\nnext: python tokenizer.py train --input FILE --vocab-size 10000 --special-tokens '<|endoftext|>' --out DIR")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="ScratchLM stage 1: byte-level BPE tokenizer. With no subcommand: "
-                                            "a small demo that trains on this file's own text.")
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error printed as ONE line (no usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+MAX_VOCAB = 2 ** 32  # ids must fit the uint32 of a token file (`token_dtype`)
+SPECIAL_TEXT = {"special": ("all", ()), "ordinary": (set(), ()), "error": (set(), "all")}  # --special-text
+
+
+def build_parser():
+    p = _Parser(prog="tokenizer.py", description="ScratchLM stage 1: byte-level BPE tokenizer. With no "
+                                                 "subcommand: a small demo that trains on this file's own text.")
     sub = p.add_subparsers(dest="cmd")
     t = sub.add_parser("train", help="train a BPE tokenizer on a UTF-8 text file")
     t.add_argument("--input", required=True, help="UTF-8 text file to train on")
-    t.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size: 256 bytes + special tokens + merges")
+    t.add_argument("--vocab-size", type=int, required=True,
+                   help=f"total vocabulary size: 256 bytes + special tokens + merges (at most {MAX_VOCAB})")
     t.add_argument("--special-tokens", nargs="*", default=[EOT], help="special tokens, never merged (default: <|endoftext|>)")
-    t.add_argument("--out", required=True, help="directory to write vocab.json, merges.txt, special_tokens.json")
-    t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
+    t.add_argument("--out", required=True, help="folder to write vocab.json, merges.txt, special_tokens.json")
+    t.add_argument("--force", action="store_true", help="replace a tokenizer already saved in --out")
+    t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes, >= 1 (default: all cores)")
     t.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     e = sub.add_parser("encode", help="encode a UTF-8 text file into a flat .bin of token ids (np.memmap-able)")
-    e.add_argument("--tokenizer", required=True, help="directory written by `train` (or Tokenizer.save)")
+    e.add_argument("--tokenizer", required=True, help="folder written by `train` (or Tokenizer.save)")
     e.add_argument("--input", required=True, help="UTF-8 text file to encode")
-    e.add_argument("--out", required=True, help="output .bin (uint16 if the vocab fits, else uint32), written atomically")
-    e.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    e.add_argument("--out", required=True, help="output .bin (uint16 if the vocab fits, else uint32), written "
+                                                "atomically; never the input file")
+    e.add_argument("--force", action="store_true", help="replace --out if it already exists")
+    e.add_argument("--special-text", choices=list(SPECIAL_TEXT), default="special",
+                   help="what special-token strings in the input become: 'special' = their special ids (default; "
+                        "for a corpus you assembled), 'ordinary' = plain text (web text, user input), 'error' = stop "
+                        "and name the first one")
+    e.add_argument("--workers", type=int, default=None, help="encoding processes, >= 1 (default: all cores)")
     e.add_argument("--readable", action="store_true", help="force the pure-Python encoder instead of the tiktoken fast path")
     e.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     b = sub.add_parser("bench", help="benchmarks vs HuggingFace tokenizers (training) and tiktoken (encoding)")
-    b.add_argument("--data-dir", default=None, help="folder with tinyshakespeare.txt and mmlu_questions.txt "
-                                                    "(default: ../shared/data next to the project)")
-    b.add_argument("--mb", type=float, default=6.0, help="size of the mixed training corpus in MB (default 6)")
+    b.add_argument("--data-dir", default=None, help="folder with tinyshakespeare.txt and mmlu_questions.txt")
+    b.add_argument("--mb", type=float, default=6.0, help="size of the mixed training corpus in MB, > 0 (default 6)")
     b.add_argument("--vocab-size", type=int, default=10000, help="vocabulary size to train (default 10000)")
     b.add_argument("--workers", type=int, default=None, help="processes/threads for both us and the peer (default: all cores)")
     b.add_argument("--repeats", type=int, default=1, help="training runs per side, alternating; the fastest of each is kept")
     b.add_argument("--stream-mb", type=float, default=30.0, help="size of the file for the encode_iterable memory test")
-    b.add_argument("--machine", default="2-core CPU VM (x86_64), torch 2.13.0 CPU", help="machine label for the table")
+    b.add_argument("--machine", default=None, help="machine label for the table (default: this machine's cores/torch)")
+    return p
+
+
+def _check_args(p, args):
+    """Every check that needs no real work, so a bad option fails in milliseconds, not after training."""
+    sub = p._subparsers._group_actions[0].choices[args.cmd]  # the subcommand's parser: its prog in errors
+    fail = sub.error
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        fail(f"--workers must be >= 1, got {args.workers}")
+    if args.cmd in ("train", "encode"):
+        try:
+            _check_input_file(args.input)
+            with open(args.input, "rb"):
+                pass
+        except (OSError, ValueError) as e:
+            fail(f"--input: {e}")
+    if args.cmd == "train":
+        if any(not s for s in args.special_tokens):
+            fail("--special-tokens must be non-empty strings")
+        low = 256 + len(set(args.special_tokens))
+        if not low <= args.vocab_size <= MAX_VOCAB:
+            fail(f"--vocab-size must be in {low}..{MAX_VOCAB} (256 bytes + {low - 256} special token(s) at least), "
+                 f"got {args.vocab_size}")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            fail(f"--out {out} is a file; train writes a folder")
+        saved = [n for n in ("vocab.json", "merges.txt", "special_tokens.json") if (out / n).exists()]
+        if saved and not args.force:
+            fail(f"--out {out} already holds a tokenizer ({saved[0]}); pass --force to replace it")
+        _check_writable(fail, "--out", out)
+    elif args.cmd == "encode":
+        tdir = Path(args.tokenizer)
+        missing = [n for n in ("vocab.json", "merges.txt") if not (tdir / n).is_file()]
+        if missing:
+            fail(f"--tokenizer {tdir}: no {missing[0]} there (expected a folder written by `train`)")
+        if any(_same_file(args.out, x) for x in (args.input, tdir / "vocab.json", tdir / "merges.txt")):
+            fail(f"--out {args.out} is one of the command's inputs; writing it would destroy that file")
+        if os.path.isdir(args.out):
+            fail(f"--out {args.out} is a folder; give a file name such as data.bin")
+        if os.path.lexists(args.out) and not args.force:
+            fail(f"--out {args.out} already exists; pass --force to replace it")
+        _check_writable(fail, "--out", Path(args.out).parent)
+    elif args.cmd == "bench":
+        data_dir = Path(args.data_dir) if args.data_dir else shared_path("data")
+        if data_dir is None or not all((data_dir / n).is_file() for n in ("tinyshakespeare.txt", "mmlu_questions.txt")):
+            fail(f"--data-dir must be a folder with tinyshakespeare.txt and mmlu_questions.txt, got {data_dir}")
+        args.data_dir = str(data_dir)
+        for opt, v in (("--mb", args.mb), ("--stream-mb", args.stream_mb)):
+            if not 0 < v <= 100_000:
+                fail(f"{opt} must be in (0, 100000] MB, got {v}")
+        if not 257 <= args.vocab_size <= MAX_VOCAB:
+            fail(f"--vocab-size must be in 257..{MAX_VOCAB}, got {args.vocab_size}")
+        if args.repeats < 1:
+            fail(f"--repeats must be >= 1, got {args.repeats}")
+
+
+def _check_writable(fail, opt, folder):
+    """The nearest existing folder of `folder` must be a folder we can create files in (tried, not guessed:
+    permission bits say nothing on a read-only mount)."""
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"{opt}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".scratchlm_probe_", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{opt}: cannot write in {folder} ({e.strerror or e})")
+
+
+@contextlib.contextmanager
+def _new_folder(folder):
+    """Create `folder` and its missing parents; if the body fails, remove those of them that are still
+    empty (only what this command created, never a folder that was there before)."""
+    created, p = [], Path(os.path.abspath(folder))
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for d in created:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.cmd is not None:
+        _check_args(p, args)
     try:
         _run_command(args)
-    except (OSError, ValueError) as e:  # bad input: one clear line, no traceback, nothing half-written
+    except (OSError, ValueError) as e:  # bad input found during the work: one clear line, nothing half-written
         if argv is not None:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if argv is not None:
+            raise
+        print("interrupted; no output was written", file=sys.stderr)
+        sys.exit(130)
 
 
 def _run_command(args):
@@ -1358,18 +1691,25 @@ def _run_command(args):
         demo()
     elif args.cmd == "train":
         t0 = time.perf_counter()
-        vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, num_workers=args.workers,
-                                  progress=not args.quiet)
-        tok = Tokenizer(vocab, merges, args.special_tokens)
-        tok.save(args.out)
+        with _new_folder(args.out), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens, num_workers=args.workers,
+                                      progress=not args.quiet)
+            tok = Tokenizer(vocab, merges, args.special_tokens)
+            tok.save(args.out)
+        for w in caught:  # e.g. "the vocabulary has 300 tokens, fewer than the 1,000 asked for"
+            print(f"warning: {w.message}", file=sys.stderr)
         print(f"trained {tok.vocab_size} tokens ({len(merges)} merges) in {time.perf_counter() - t0:.1f} s -> {args.out}")
         with open(args.input, encoding="utf-8", errors="replace") as f:
             sample = f.read(1 << 20)
         print(f"compression on the first MB: {len(sample.encode()) / max(1, len(tok.encode(sample))):.2f} bytes/token")
     elif args.cmd == "encode":
         tok = Tokenizer.load(args.tokenizer, fast=not args.readable)
+        allowed, disallowed = SPECIAL_TEXT[args.special_text]
         t0 = time.perf_counter()
-        n = encode_file(tok, args.input, args.out, num_workers=args.workers, progress=not args.quiet)
+        with _new_folder(os.path.dirname(os.path.abspath(args.out))):
+            n = encode_file(tok, args.input, args.out, num_workers=args.workers, progress=not args.quiet,
+                            allowed_special=allowed, disallowed_special=disallowed, overwrite=args.force)
         secs = time.perf_counter() - t0
         size = os.path.getsize(args.input)
         print(f"{n:,} tokens -> {args.out} ({np.dtype(token_dtype(tok.vocab_size)).name}); "
