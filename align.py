@@ -1,0 +1,1542 @@
+"""
+align.py -- Stage 8 of ScratchLM: from a base model to one that follows a format and gets better at a task
+a program can check. Supervised fine-tuning, expert iteration, GRPO and DPO, each measured on held-out problems.
+
+The story
+---------
+A base model (train.py) only CONTINUES text: ask it "Compute 7 + 5 - 3." and it writes whatever usually
+follows such a line in its training data. Three ideas turn it into something useful:
+
+  1. Supervised fine-tuning (SFT) SURFACES a skill the base model already half has. A few hundred worked
+     examples in a fixed format (prompt -> reasoning -> answer) teach it WHERE to put its reasoning and its
+     answer; the arithmetic itself it learned in pretraining. The loss is ordinary cross-entropy, but only on
+     the RESPONSE tokens (the prompt is given, not predicted).            (InstructGPT, arXiv:2203.02155)
+  2. Learning from FEEDBACK improves the skill without new labels. The model samples answers and something
+     judges them:
+       * expert iteration: keep the samples a verifier accepts and fine-tune on them (STaR, 2203.14465);
+       * policy gradient: raise the log-probability of each sample in proportion to its ADVANTAGE, its reward
+         minus the average reward of the other samples for the same prompt (GRPO, DeepSeekMath 2402.03300;
+         the R1-Zero recipe, DeepSeek-R1 2501.12948). Reusing a batch of samples for several updates needs
+         PPO's clipped importance ratio (1707.06347); Dr. GRPO (2503.20783) removes two biases of GRPO's
+         normalization (per-sequence length and per-group std);
+       * preferences: from a pair (chosen, rejected) DPO raises the chosen response's likelihood relative to
+         a frozen reference model and lowers the rejected one's, with no reward model and no sampling in the
+         loss (Direct Preference Optimization, 2305.18290). Here a verifier ranks the pairs.
+  3. EFFICIENCY decides what is affordable. Every RL step starts with rollouts, which are INFERENCE: they use
+     model.py's KV cache (each new token costs one position, not the whole sequence), and the G samples of a
+     group share their prompt's prefill (computed once, then the cache is copied G times).
+
+The task. A program must be able to check the answer, so the built-in task family is multi-step arithmetic
+("Compute 27 + 8 - 5 + 3.") with exact answers, a difficulty knob (how many operands), disjoint held-out
+problems and a harder held-out split with more operands than training ever shows. Real benchmarks are here
+too: GSM8K (grade-school word problems, 2110.14168; exact match on the last number) and MMLU (57 subjects of
+multiple choice, 2009.03300; by parsing the option letter, and by the log-likelihood of each option -- the
+robust method for small models).
+
+What it costs. SFT and DPO cost a forward+backward per example token (DPO adds two reference forwards).
+GRPO and expert iteration spend most of their time SAMPLING: G rollouts per prompt, one token at a time.
+
+Command line: `python align.py` runs the whole demo (pretrain -> SFT -> expert iteration -> GRPO on- and
+off-policy -> DPO) on a CPU in about a quarter of an hour; `python align.py --help` lists the stage
+commands (sft, ei, grpo, dpo, eval, bench).
+
+The functions use the names and return conventions of Stanford CS336's assignment 5, so a course learner's
+adapters map one to one (tokenize_prompt_and_output, compute_entropy, get_response_log_probs, masked_mean,
+masked_normalize, sft_microbatch_train_step, compute_group_normalized_rewards, compute_naive_policy_gradient_loss,
+compute_grpo_clip_loss, compute_policy_gradient_loss, grpo_microbatch_train_step, compute_per_instance_dpo_loss,
+get_packed_sft_dataset, iterate_batches, parse_gsm8k_response, parse_mmlu_response, r1_zero_reward_fn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import model as M
+import train as T
+from tokenizer import EOT, Progress, atomic_open, atomic_write_json, machine_label, shared_path
+import tokenizer as tk
+
+# ======================================================================================================
+# 1. Prompt formats
+# ======================================================================================================
+# The R1-Zero format: the prompt ends by OPENING the reasoning, and a well-formed response closes it and
+# gives the answer:   ... Assistant: <think> REASONING </think> <answer> ANSWER </answer>
+# The format is what the format reward checks; the answer is what the verifier checks.
+R1_ZERO_PROMPT = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The "
+    "Assistant first thinks about the reasoning process in the mind and then provides the User with the answer. "
+    "The reasoning process is enclosed within <think> </think> and answer is enclosed within <answer> </answer> "
+    "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.\n"
+    "User: {question}\nAssistant: <think>")
+# The same format, shortened for the built-in task: a 1M-parameter CPU model pays for every prompt token on
+# every rollout, and the long preamble carries nothing a model trained from scratch could use.
+SHORT_R1_PROMPT = "User: {question}\nAssistant: <think>"
+# The Alpaca instruction template, the format of CS336's SFT and DPO data.
+ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{response}")
+
+
+# ======================================================================================================
+# 2. Log-probabilities of a response, and the SFT loss
+# ======================================================================================================
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of UNTRUSTED text (a prompt, a model output): a literal "<|endoftext|>" inside it stays
+    ordinary text, so a document cannot smuggle in a control token. End-of-text ids are appended explicitly
+    by the caller. Falls back to plain encode() for tokenizers without the keyword (HF's, or older ones)."""
+    try:
+        return list(tokenizer.encode(text, allowed_special=set()))
+    except TypeError:
+        return list(tokenizer.encode(text))
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad id if it has one, else end-of-text (its value never
+    matters, padded positions are masked out of every loss)."""
+    for name in ("pad_token_id", "pad_id", "eot_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def tokenize_prompt_and_output(prompt_strs: list[str], output_strs: list[str], tokenizer) -> dict:
+    """Tokenize each prompt and output SEPARATELY, concatenate, right-pad, and shift by one.
+
+    Returns input_ids (B, L-1), labels (B, L-1) and response_mask (B, L-1) (bool), where L is the longest
+    prompt+output. labels[t] = ids[t+1] is what position t must predict; response_mask[t] is True exactly
+    where that label is an output token (not prompt, not padding). Tokenizing the two parts separately
+    keeps the prompt/response boundary exact (BPE could merge across it otherwise).
+    """
+    if len(prompt_strs) != len(output_strs):
+        raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
+    if not prompt_strs:
+        raise ValueError("tokenize_prompt_and_output needs at least one (prompt, output) pair")
+    pairs = [(_encode(tokenizer, p), _encode(tokenizer, o)) for p, o in zip(prompt_strs, output_strs)]
+    return pack_prompt_response_ids(pairs, pad_id_of(tokenizer))
+
+
+def pack_prompt_response_ids(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """The tensor half of tokenize_prompt_and_output, for ids already in hand (rollouts)."""
+    L = max(len(p) + len(o) for p, o in pairs)
+    ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), L), dtype=torch.bool)
+    for i, (p, o) in enumerate(pairs):
+        ids[i, :len(p) + len(o)] = torch.tensor(p + o, dtype=torch.long)
+        mask[i, len(p):len(p) + len(o)] = True
+    # position t predicts token t+1: inputs drop the last token, labels (and their mask) drop the first
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "response_mask": mask[:, 1:]}
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dimension, in nats: (..., V) -> (...).
+
+    H = -sum_v p_v log p_v with log p = z - logsumexp(z), so H = logsumexp(z) - sum_v p_v z_v. Written this
+    way nothing overflows (logsumexp subtracts the max) and no log(0) appears for tokens of probability 0.
+    """
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)  # (...)
+    p = torch.softmax(z, dim=-1)  # (..., V)
+    return lse - (p * z).sum(dim=-1)
+
+
+def _logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Our TransformerLM returns logits; a Hugging Face model returns an object with .logits."""
+    out = model(input_ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                           return_token_entropy: bool = False) -> dict:
+    """Per-token log p(labels[t] | input_ids[..t]) under `model`: {"log_probs": (B, T)} and, if asked,
+    {"token_entropy": (B, T)} (the entropy of the whole next-token distribution at each position).
+    Nothing is masked here; callers apply the response mask."""
+    logits = _logits_of(model, input_ids).float()  # (B, T, V)
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    out = {"log_probs": log_probs}
+    if return_token_entropy:
+        with torch.no_grad():  # a diagnostic, never differentiated
+            out["token_entropy"] = compute_entropy(logits)
+    return out
+
+
+def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of the entries where mask is True: sum(tensor * mask, dim) / sum(mask, dim). dim=None: over all.
+    A slice with no True entries gives NaN (0/0), as the mean of nothing should."""
+    m = mask.to(tensor.dtype)
+    if dim is None:
+        return (tensor * m).sum() / m.sum()
+    return (tensor * m).sum(dim=dim) / m.sum(dim=dim)
+
+
+def masked_normalize(tensor: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
+                     normalize_constant: float = 1.0) -> torch.Tensor:
+    """sum(tensor * mask, dim) / normalize_constant. Dividing by a CONSTANT (not the number of tokens) is
+    what keeps a long response's every token weighted like a short response's (Dr. GRPO's point)."""
+    m = mask.to(tensor.dtype)
+    total = (tensor * m).sum() if dim is None else (tensor * m).sum(dim=dim)
+    return total / normalize_constant
+
+
+def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,
+                              gradient_accumulation_steps: int, normalize_constant: float = 1.0):
+    """One SFT micro-batch: loss = -(sum of response-token log-probs / normalize_constant), averaged over
+    the batch and divided by gradient_accumulation_steps (so the accumulated gradient is a mean over the
+    whole step); calls backward(). Returns (loss, metadata) with the loss as back-propagated."""
+    per_example = masked_normalize(policy_log_probs, response_mask, dim=-1, normalize_constant=normalize_constant)
+    loss = -per_example.mean() / gradient_accumulation_steps
+    loss.backward()
+    n_tokens = response_mask.sum()
+    return loss.detach(), {"response_tokens": n_tokens.detach(),
+                           "nll_per_token": (-masked_mean(policy_log_probs, response_mask)).detach()}
+
+
+# ======================================================================================================
+# 3. Rewards: parsing answers, grading them, the R1-Zero reward
+# ======================================================================================================
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def normalize_number(text: str) -> Optional[Fraction]:
+    """A number written any common way -> an exact Fraction, or None.
+    "1,234" (thousands separators), "-3", "2.50", ".5", "3/4", "$18", "18." and "18 dollars" all parse;
+    exact rationals mean 0.5 == 1/2 == "0.50" without float rounding."""
+    s = text.strip().replace("$", "").replace("\u2212", "-").rstrip(".")
+    m = re.fullmatch(r"(-?\d{1,3}(?:,\d{3})+|-?\d+)(?:\.(\d+))?|(-?)\.(\d+)|(-?\d+)\s*/\s*(\d+)", s)
+    if m is None:
+        m2 = re.match(r"^(-?[\d,]*\.?\d+(?:/\d+)?)\s*[A-Za-z%]*$", s)  # a trailing unit: "18 dollars", "50%"
+        if m2 is None or m2.group(1) == s:
+            return None
+        return normalize_number(m2.group(1))
+    try:
+        if m.group(5) is not None:
+            den = int(m.group(6))
+            return None if den == 0 else Fraction(int(m.group(5)), den)
+        if m.group(4) is not None:
+            return Fraction(("-" if m.group(3) else "") + "0." + m.group(4))
+        whole = m.group(1).replace(",", "")
+        return Fraction(whole + ("." + m.group(2) if m.group(2) else ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def grade_answer(given: str, ground_truth: str) -> bool:
+    """True if `given` names the same number as `ground_truth` (exact rationals), or -- for non-numeric
+    answers -- the same text up to case and surrounding whitespace."""
+    a, b = normalize_number(given), normalize_number(str(ground_truth))
+    if a is not None and b is not None:
+        return a == b
+    return given.strip().lower() == str(ground_truth).strip().lower() and given.strip() != ""
+
+
+def r1_zero_reward_fn(response: str, ground_truth: str) -> dict:
+    """The R1-Zero reward for a response to a prompt ending in "<think>".
+
+    format_reward = 1 if the response closes the reasoning and gives one answer: "... </think> <answer> X
+    </answer>"; answer_reward = 1 if X grades equal to the ground truth; reward = answer_reward, and 0
+    without the format (an answer that cannot be found cannot be checked).
+    """
+    m = re.search(r"</think>\s*<answer>(.*?)</answer>", response, flags=re.DOTALL)
+    if m is None or response.count("<answer>") != 1:
+        return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+    ok = grade_answer(m.group(1), ground_truth)
+    return {"format_reward": 1.0, "answer_reward": float(ok), "reward": float(ok)}
+
+
+def parse_gsm8k_response(model_output: str) -> Optional[str]:
+    """GSM8K's convention: the LAST number in the output is the answer ("... so she makes $18." -> "18").
+    Thousands separators are dropped; None if the output has no number."""
+    nums = _NUMBER.findall(model_output)
+    if not nums:
+        return None
+    return nums[-1].replace(",", "").rstrip(".")
+
+
+def parse_mmlu_response(mmlu_example: dict, model_output: str) -> Optional[str]:
+    """The option letter (A-D) the output commits to, or None. Looks for "answer is X" first, then a lone
+    capital letter A-D as a word; with several candidates the last one wins (models restate options)."""
+    letters = "ABCD"[:len(mmlu_example.get("options", "ABCD"))]
+    m = re.findall(rf"[Aa]nswer(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\b", model_output)
+    if m:
+        return m[-1]
+    m = re.findall(rf"(?<![A-Za-z])\(?([{letters}])\)?(?![A-Za-z])", model_output)
+    return m[-1] if m else None
+
+
+# ======================================================================================================
+# 4. Policy gradients: group-normalized advantages, the three losses, one GRPO micro-batch
+# ======================================================================================================
+# The objective is J(theta) = E_{q, o ~ pi_theta(.|q)} [ R(q, o) ]. Its gradient is
+#     grad J = E [ R(q, o) * grad log pi_theta(o | q) ]          (REINFORCE: push up what scored well)
+# and subtracting any baseline b(q) that does not depend on o keeps it unbiased while cutting its variance.
+# GRPO's baseline needs no value network: sample G responses per prompt and use their mean reward,
+#     A_i = (r_i - mean(r_group)) / (std(r_group) + eps)        (std division optional; Dr. GRPO drops it)
+# A group where every response scores the same has A = 0: it teaches nothing, whatever the reward.
+
+def compute_group_normalized_rewards(reward_fn: Callable, rollout_responses: list[str],
+                                     repeated_ground_truths: list[str], group_size: int, advantage_eps: float,
+                                     normalize_by_std: bool):
+    """Score each rollout and normalize within its group of `group_size` consecutive rollouts.
+
+    Returns (advantages (N,), raw_rewards (N,), metadata). std is torch's unbiased std of the group.
+    A reward function that raises is reported with the rollout it failed on (not swallowed: a broken
+    verifier would silently train the model on zeros)."""
+    n = len(rollout_responses)
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if n == 0:
+        raise ValueError("no rollouts to score (an empty group)")
+    if n != len(repeated_ground_truths):
+        raise ValueError(f"{n} rollouts but {len(repeated_ground_truths)} ground truths")
+    if n % group_size:
+        raise ValueError(f"{n} rollouts do not split into groups of {group_size}")
+    scores = []
+    for i, (resp, gt) in enumerate(zip(rollout_responses, repeated_ground_truths)):
+        try:
+            scores.append(reward_fn(resp, gt))
+        except Exception as e:
+            raise RuntimeError(f"reward function failed on rollout {i} (response {resp[:80]!r}): "
+                               f"{type(e).__name__}: {e}") from e
+    raw = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)  # (N,)
+    grouped = raw.view(-1, group_size)  # (n_groups, G)
+    centred = grouped - grouped.mean(dim=-1, keepdim=True)
+    if normalize_by_std:
+        std = grouped.std(dim=-1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+        centred = centred / (std + advantage_eps)
+    meta = {"reward_mean": float(raw.mean()), "reward_std": float(raw.std()) if n > 1 else 0.0,
+            "reward_max": float(raw.max()), "reward_min": float(raw.min()),
+            "format_reward_mean": sum(float(s.get("format_reward", 0.0)) for s in scores) / n,
+            "answer_reward_mean": sum(float(s.get("answer_reward", 0.0)) for s in scores) / n,
+            "frac_groups_all_equal": float((grouped.max(-1).values == grouped.min(-1).values).float().mean())}
+    return centred.reshape(-1), raw, meta
+
+
+def compute_naive_policy_gradient_loss(raw_rewards_or_advantages: torch.Tensor,
+                                       policy_log_probs: torch.Tensor) -> torch.Tensor:
+    """Per-token REINFORCE loss -A * log pi(o_t): (B, 1) advantages broadcast over (B, T) log-probs.
+    Minimizing it follows A * grad log pi, the policy gradient."""
+    return -raw_rewards_or_advantages * policy_log_probs
+
+
+def compute_grpo_clip_loss(advantages: torch.Tensor, policy_log_probs: torch.Tensor,
+                           old_log_probs: torch.Tensor, cliprange: float):
+    """PPO's clipped surrogate, per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), with
+    ratio = pi_theta(o_t) / pi_old(o_t) = exp(log pi_theta - log pi_old).
+
+    Why clip: reusing a batch of rollouts for several updates makes them off-policy; the ratio corrects for
+    that, and clipping stops any one token's probability moving more than a factor (1 +- eps) per batch --
+    for A > 0 the gain is capped once ratio > 1 + eps, for A < 0 once ratio < 1 - eps.
+    Returns (loss (B, T), {"clipped": bool (B, T) where the clipped term was the smaller, "clip_fraction"}).
+    """
+    ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    was_clipped = clipped < unclipped  # the clipped term won the min: no gradient flows through this token
+    return loss, {"clipped": was_clipped, "clip_fraction": was_clipped.float().mean(), "ratio": ratio.detach()}
+
+
+POLICY_GRADIENT_LOSSES = ("no_baseline", "reinforce_with_baseline", "grpo_clip")
+
+
+def compute_policy_gradient_loss(policy_log_probs: torch.Tensor, loss_type: str,
+                                 raw_rewards: Optional[torch.Tensor] = None,
+                                 advantages: Optional[torch.Tensor] = None,
+                                 old_log_probs: Optional[torch.Tensor] = None,
+                                 cliprange: Optional[float] = None):
+    """Dispatch: "no_baseline" (raw rewards), "reinforce_with_baseline" (group-normalized advantages),
+    "grpo_clip" (advantages + the clipped ratio). Returns (per-token loss (B, T), metadata)."""
+    def need(name, value):
+        if value is None:
+            raise ValueError(f"loss_type {loss_type!r} needs {name}")
+        return value
+    if loss_type == "no_baseline":
+        return compute_naive_policy_gradient_loss(need("raw_rewards", raw_rewards), policy_log_probs), {}
+    if loss_type == "reinforce_with_baseline":
+        return compute_naive_policy_gradient_loss(need("advantages", advantages), policy_log_probs), {}
+    if loss_type == "grpo_clip":
+        return compute_grpo_clip_loss(need("advantages", advantages), policy_log_probs,
+                                      need("old_log_probs", old_log_probs), need("cliprange", cliprange))
+    raise ValueError(f"loss_type must be one of {list(POLICY_GRADIENT_LOSSES)}, got {loss_type!r}")
+
+
+def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,
+                               gradient_accumulation_steps: int, loss_type: str,
+                               raw_rewards: Optional[torch.Tensor] = None,
+                               advantages: Optional[torch.Tensor] = None,
+                               old_log_probs: Optional[torch.Tensor] = None,
+                               cliprange: Optional[float] = None,
+                               normalize_constant: Optional[float] = None):
+    """One GRPO micro-batch: per-token policy-gradient loss, reduced over each response, averaged over the
+    batch, divided by gradient_accumulation_steps; calls backward(). Returns (loss, metadata).
+
+    Reduction over a response: GRPO's masked MEAN (each response counts once, so a long response's tokens
+    each get a smaller share: a length bias), or with `normalize_constant` Dr. GRPO's sum / constant (e.g.
+    the generation budget: every token weighted the same, whatever its response's length)."""
+    per_token, meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages,
+                                                   old_log_probs, cliprange)
+    if normalize_constant is None:
+        per_example = masked_mean(per_token, response_mask, dim=-1)  # (B,)
+    else:
+        per_example = masked_normalize(per_token, response_mask, dim=-1, normalize_constant=normalize_constant)
+    loss = per_example.mean() / gradient_accumulation_steps
+    loss.backward()
+    meta = {k: v for k, v in meta.items() if k != "ratio"}
+    if "clipped" in meta:  # the fraction over RESPONSE tokens only (padding is not a decision)
+        meta["clip_fraction"] = masked_mean(meta["clipped"].float(), response_mask).detach()
+    return loss.detach(), meta
+
+
+# ======================================================================================================
+# 5. DPO: preferences without a reward model
+# ======================================================================================================
+# RLHF maximizes E[r(x, y)] - beta * KL(pi || pi_ref). Its optimal policy is pi*(y|x) ~ pi_ref(y|x) exp(r/beta),
+# so a reward is implied by a policy: r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + (a term of x alone).
+# Put that into the Bradley-Terry likelihood of "chosen beats rejected" and the x-term cancels:
+#     L = -log sigmoid( beta * [ (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)) ] ).
+# Only log-probabilities of given responses are needed: no sampling, no reward model inside the loss.
+
+def sequence_log_probs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """Summed log-probability of each response given its prompt: (B,). pairs = [(prompt_ids, response_ids)]."""
+    batch = pack_prompt_response_ids(pairs, pad_id)
+    dev = next(model.parameters()).device
+    lp = get_response_log_probs(model, batch["input_ids"].to(dev), batch["labels"].to(dev))["log_probs"]
+    return masked_normalize(lp, batch["response_mask"].to(dev), dim=-1)
+
+
+def dpo_loss(policy, reference, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
+             beta: float, pad_id: int):
+    """Batched DPO loss (mean over pairs) and metadata (preference accuracy, implied reward margin).
+    Chosen and rejected go through the model in ONE batch (2B rows), and the reference without gradients."""
+    pairs = list(zip(prompts, chosen)) + list(zip(prompts, rejected))
+    B = len(prompts)
+    logp = sequence_log_probs(policy, pairs, pad_id)  # (2B,)
+    with torch.no_grad():
+        ref = sequence_log_probs(reference, pairs, pad_id)
+    margin = beta * ((logp[:B] - ref[:B]) - (logp[B:] - ref[B:]))  # (B,)
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"pref_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
+
+
+def compute_per_instance_dpo_loss(lm, lm_ref, tokenizer, beta: float, prompt: str, response_chosen: str,
+                                  response_rejected: str) -> torch.Tensor:
+    """The DPO loss of ONE preference pair in the course's format: the prompt inside the Alpaca template,
+    each response after "### Response:\\n" followed by end-of-text. Returns a scalar tensor (differentiable
+    through `lm`; `lm_ref` is only read)."""
+    eot = getattr(tokenizer, "eot_id", None)
+    if eot is None:
+        eot = getattr(tokenizer, "eos_token_id", None)
+    if eot is None:
+        raise ValueError("the tokenizer has no end-of-text token to end the responses with")
+    prefix = ALPACA_TEMPLATE.format(instruction=prompt, response="")
+    p_ids = _encode(tokenizer, prefix)
+    c_ids = _encode(tokenizer, response_chosen) + [eot]
+    r_ids = _encode(tokenizer, response_rejected) + [eot]
+    loss, _ = dpo_loss(lm, lm_ref, [p_ids], [c_ids], [r_ids], beta, pad_id_of(tokenizer))
+    return loss
+
+
+# ======================================================================================================
+# 6. SFT data: packed instruction data, batches
+# ======================================================================================================
+
+class PackedSFTDataset(torch.utils.data.Dataset):
+    """Fixed-length windows over one long stream of Alpaca-formatted examples, each ended by end-of-text.
+    Item i: {"input_ids": stream[i*L:(i+1)*L], "labels": stream[i*L+1:(i+1)*L+1]} (LongTensors of length L).
+    Packing wastes no compute on padding; an example may straddle two windows, which is harmless because
+    end-of-text separates it from its neighbour (what the course's packed SFT does)."""
+
+    def __init__(self, stream: torch.Tensor, seq_length: int):
+        self.stream, self.L = stream, seq_length
+        self.n = max(0, (len(stream) - 1) // seq_length)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} sequences")
+        s = self.stream[i * self.L:(i + 1) * self.L + 1]
+        return {"input_ids": s[:-1], "labels": s[1:]}
+
+
+def get_packed_sft_dataset(tokenizer, dataset_path, seq_length: int, shuffle: bool,
+                           seed: int = 0) -> PackedSFTDataset:
+    """Read a JSONL file of {"prompt", "response"} examples (malformed lines skipped and reported), format
+    each with the Alpaca template, append end-of-text, concatenate (shuffled first if asked) and cut into
+    windows of seq_length tokens."""
+    rows = read_jsonl(dataset_path, required=("prompt", "response"))
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    eot = tokenizer.eot_id if getattr(tokenizer, "eot_id", None) is not None else pad_id_of(tokenizer)
+    stream: list[int] = []
+    for r in rows:
+        stream += _encode(tokenizer, ALPACA_TEMPLATE.format(instruction=r["prompt"], response=r["response"]))
+        stream.append(eot)
+    ds = PackedSFTDataset(torch.tensor(stream, dtype=torch.long), seq_length)
+    if len(ds) == 0:
+        raise ValueError(f"{dataset_path}: {len(stream)} tokens, fewer than one sequence of {seq_length} + 1")
+    return ds
+
+
+def iterate_batches(dataset, batch_size: int, shuffle: bool, seed: Optional[int] = None) -> Iterable[dict]:
+    """One pass over `dataset` in batches of `batch_size` (the last may be smaller), items stacked per key."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(dataset)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        items = [dataset[j] for j in order[i:i + batch_size]]
+        yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ======================================================================================================
+# 7. The built-in verifiable task: multi-step arithmetic with exact answers
+# ======================================================================================================
+# "Compute 27 + 8 - 5." -> worked solution "27 + 8 = 35. 35 - 5 = 30." -> answer 30.
+# Difficulty = the number of operands: each extra operand is one more step to get right, so a model with
+# per-step accuracy p solves an n-operand problem with probability about p^(n-1). Numbers stay small
+# (first operand 1..30, the others 1..9, every partial result in 0..59) so a tiny model can learn the
+# arithmetic facts in a few CPU minutes. Splits:
+#   train  2-3 operands, problems whose hash is NOT in the held-out bucket
+#   test   3 operands, problems whose hash IS in the held-out bucket (never seen in any training stage)
+#   hard   4 operands (training never shows a problem this long)
+TASK_SPLITS = {"train": (2, 3), "test": (3,), "hard": (4,)}
+HELD_OUT_BUCKETS = 8  # 1 in 8 problems (by a stable hash of its text) is held out
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str  # "Compute 27 + 8 - 5."
+    answer: str  # "30"
+    solution: str  # "27 + 8 = 35. 35 - 5 = 30."
+
+
+def make_problem(rng: random.Random, n_operands: int) -> Problem:
+    """One problem with `n_operands` operands, its worked solution and exact answer."""
+    value = rng.randint(1, 30)
+    expr, steps = [str(value)], []
+    for _ in range(n_operands - 1):
+        b, op = rng.randint(1, 9), rng.choice("+-")
+        if op == "-" and value - b < 0:
+            op = "+"  # keep every partial result >= 0 ...
+        elif op == "+" and value + b > 59:
+            op = "-"  # ... and <= 59 (value >= 51 here, so value - b >= 42)
+        new = value + b if op == "+" else value - b
+        steps.append(f"{value} {op} {b} = {new}.")
+        expr += [op, str(b)]
+        value = new
+    return Problem(f"Compute {' '.join(expr)}.", str(value), " ".join(steps))
+
+
+def is_held_out(question: str) -> bool:
+    """Stable across runs and machines (crc32 of the text, not Python's salted hash())."""
+    import zlib
+    return zlib.crc32(question.encode()) % HELD_OUT_BUCKETS == 0
+
+
+def task_problems(split: str, n: int, seed: int = 0, unique: bool = True) -> list[Problem]:
+    """`n` problems of a split, deterministic in (split, seed). Held-out splits are de-duplicated."""
+    if split not in TASK_SPLITS:
+        raise ValueError(f"unknown task split {split!r}; choose one of {list(TASK_SPLITS)}")
+    rng = random.Random(f"align-task-{split}-{seed}")
+    out, seen, tries = [], set(), 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 10_000:
+            raise ValueError(f"split {split!r} has fewer than {n} distinct problems")
+        p = make_problem(rng, rng.choice(TASK_SPLITS[split]))
+        if (split == "train") == is_held_out(p.question) and split != "hard":
+            continue  # train never sees a held-out problem; test only holds held-out ones
+        if unique and p.question in seen:
+            continue
+        seen.add(p.question)
+        out.append(p)
+    return out
+
+
+def task_prompt(p: Problem) -> str:
+    return SHORT_R1_PROMPT.format(question=p.question)
+
+
+def task_response(p: Problem) -> str:
+    """The SFT target: the worked solution in the R1-Zero format (end-of-text is appended as an id)."""
+    return f" {p.solution} </think> <answer> {p.answer} </answer>"
+
+
+def pretraining_text(n_bytes: int, seed: int = 0, arithmetic_share: float = 0.6) -> str:
+    """Text for the base model: worked arithmetic written as plain prose ("Compute 7 + 5. 7 + 5 = 12. The
+    result is 12.") mixed with train.py's synthetic stories, documents separated by end-of-text. It never
+    shows the <think>/<answer> format: that is what SFT has to teach."""
+    rng = random.Random(f"align-pretrain-{seed}")
+    stories = T.SyntheticCorpus(seed).stories()
+    parts, size, prng = [], 0, random.Random(f"align-task-train-{seed + 1}")
+    while size < n_bytes:
+        if rng.random() < arithmetic_share:
+            lines = []
+            while len(lines) < 8:
+                p = make_problem(prng, prng.choice(TASK_SPLITS["train"]))
+                if not is_held_out(p.question):
+                    lines.append(f"{p.question} {p.solution} The result is {p.answer}.")
+            doc = "\n".join(lines)
+        else:
+            doc = next(stories)[0]
+        parts.append(doc + EOT)
+        size += len(doc) + len(EOT)
+    return "".join(parts)
+
+
+# ======================================================================================================
+# 8. Rollouts: sampling G responses per prompt with the KV cache and one shared prefill
+# ======================================================================================================
+
+@torch.no_grad()
+def sample_rollouts(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
+                    eos_id: Optional[int], generator: Optional[torch.Generator] = None,
+                    share_prefill: bool = True, use_cache: bool = True) -> list[list[int]]:
+    """len(prompts) * group_size responses (token ids; a response ends with eos_id when it emitted it),
+    ordered prompt by prompt: [p0 x G, p1 x G, ...]. temperature 0 = greedy.
+
+    The group shares its prompt: prefill the P distinct prompts ONCE into a KV cache (P rows), then copy each
+    row G times (repeat_interleave of every layer's keys/values) and decode all P*G rows one token per step.
+    The prefill is the expensive part for long prompts; this makes it G times cheaper. share_prefill=False
+    prefills every row (the comparison in `bench`); use_cache=False recomputes the whole sequence each step.
+    """
+    cfg = model.config
+    if group_size < 1 or not prompts:
+        raise ValueError(f"need at least one prompt and group_size >= 1 (got {len(prompts)}, {group_size})")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.context_length:
+        raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
+                         f"of {cfg.context_length}; shorten the prompt or lower max_new_tokens")
+    if not use_cache or not share_prefill:
+        rows = [list(p) for p in prompts for _ in range(group_size)]
+        return M.generate(model, rows, max_new_tokens, temperature=temperature, eos_id=eos_id,
+                          use_cache=use_cache, generator=generator) if max_new_tokens else [[] for _ in rows]
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    try:
+        pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+        ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (P, Tp)
+        cache = M.KVCache(cfg, len(prompts), longest + max_new_tokens, pad, device=device, dtype=dtype)
+        logits = model(ids, kv_cache=cache, last_only=True)[:, -1]  # (P, V): one prefill per prompt
+        expand_cache(cache, group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)  # (P*G, V)
+        return _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator)
+    finally:
+        model.train(was_training)
+
+
+def expand_cache(cache, group_size: int) -> None:
+    """Copy every row of a prefilled KV cache group_size times, in place: row i -> rows i*G .. i*G+G-1."""
+    cache.k = [k.repeat_interleave(group_size, dim=0) for k in cache.k]  # (P*G, Hkv, cap, dh) per layer
+    cache.v = [v.repeat_interleave(group_size, dim=0) for v in cache.v]
+    if cache.pad_lens is not None:
+        cache.pad_lens = cache.pad_lens.repeat_interleave(group_size)
+
+
+def _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator) -> list[list[int]]:
+    """Sample one token per row per step, feeding only the newest token through the cache."""
+    n = logits.shape[0]
+    out: list[list[int]] = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    for step in range(max_new_tokens):
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = M.sample_from_probs(M.logits_to_probs(logits, temperature), generator)  # (N,)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(t)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = model(nxt[:, None], kv_cache=cache, last_only=True)[:, -1]
+    return out
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """Response text without its end-of-text (the reward looks at what the model said, not how it stopped)."""
+    eot = tokenizer.eot_id
+    return tokenizer.decode([t for t in ids if t != eot])
+
+
+# ======================================================================================================
+# 9. Evaluation: held-out accuracy with an interval, format rate, length, entropy
+# ======================================================================================================
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion: unlike p +- 1.96 sqrt(p(1-p)/n) it stays inside [0, 1]
+    and is honest at p near 0 or 1 (where the normal approximation claims zero uncertainty)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int = 48, batch_size: int = 128,
+                  reward_fn: Callable = r1_zero_reward_fn, prompt_fn: Callable = task_prompt) -> dict:
+    """Greedy responses to every problem, graded by `reward_fn`: accuracy (answer reward) with its 95%
+    interval, format-reward rate, mean response length in tokens, mean per-token entropy of the policy on
+    its own responses (how sure it is; RL typically drives it down), and decoding throughput."""
+    t0, correct, formatted, lengths, ent_sum, ent_n, examples = time.time(), 0, 0, [], 0.0, 0, []
+    eot = tokenizer.eot_id
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [_encode(tokenizer, prompt_fn(p)) for p in chunk]
+        outs = sample_rollouts(model, prompts, 1, max_new_tokens, 0.0, eot)
+        for p, o in zip(chunk, outs):
+            r = reward_fn(decode_response(tokenizer, o), p.answer)
+            correct += int(r["answer_reward"] > 0)
+            formatted += int(r["format_reward"] > 0)
+            lengths.append(len(o))
+            if len(examples) < 3:
+                examples.append(prompt_fn(p).split("\n")[-2][6:] + " ->" + decode_response(tokenizer, o))
+        with torch.no_grad():  # entropy of the policy over its own response tokens
+            batch = pack_prompt_response_ids([(p, o) for p, o in zip(prompts, outs) if o], pad_id_of(tokenizer))
+            if batch["input_ids"].shape[1] > 0:
+                dev = next(model.parameters()).device
+                r = get_response_log_probs(model, batch["input_ids"].to(dev), batch["labels"].to(dev), True)
+                m = batch["response_mask"].to(dev)
+                ent_sum += float((r["token_entropy"] * m).sum())
+                ent_n += int(m.sum())
+    n, dt = len(problems), time.time() - t0
+    lo, hi = wilson_interval(correct, n)
+    return {"n": n, "accuracy": correct / max(n, 1), "ci_low": lo, "ci_high": hi, "format_rate": formatted / max(n, 1),
+            "mean_length": sum(lengths) / max(n, 1), "entropy": ent_sum / max(ent_n, 1), "seconds": dt,
+            "tokens_per_s": sum(lengths) / max(dt, 1e-9), "examples": examples}
+
+
+def format_eval(name: str, r: dict) -> str:
+    return (f"{name}: accuracy {100 * r['accuracy']:.1f}% [95% CI {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}] "
+            f"on {r['n']} | format {100 * r['format_rate']:.1f}% | length {r['mean_length']:.1f} tok | "
+            f"entropy {r['entropy']:.3f} nats | {r['tokens_per_s']:.0f} tok/s")
+
+
+# ======================================================================================================
+# 10. The stages: SFT, expert iteration, GRPO (on- and off-policy), DPO -- one step function each
+# ======================================================================================================
+
+@dataclass
+class AlignConfig:
+    """Every option of a stage run (`python align.py <stage> --flag ...`; flags are these names)."""
+    stage: str = "sft"  # sft | ei | grpo | dpo
+    name: str = ""  # label of this run in logs and plots (default: the stage)
+    init: str = ""  # checkpoint to start from (train.py's or a previous stage's)
+    out_dir: str = "runs/align/sft"
+    steps: int = 40  # optimizer steps (sft, dpo) or rollout batches (ei, grpo)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 32  # sft: examples per step; ei/grpo/dpo: prompts per rollout batch
+    micro_batch: int = 64  # rows per forward/backward (gradient accumulation above it)
+    group_size: int = 8  # rollouts per prompt
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    sft_examples: int = 256  # sft: size of the pool of worked solutions
+    loss_type: str = "reinforce_with_baseline"  # grpo: no_baseline | reinforce_with_baseline | grpo_clip
+    epochs_per_batch: int = 1  # grpo: passes over each rollout batch (> 1 is off-policy: use grpo_clip)
+    minibatches: int = 1  # grpo/ei: optimizer steps per pass over a rollout batch
+    cliprange: float = 0.2
+    normalize_by_std: bool = True  # grpo: divide advantages by the group's std (Dr. GRPO: False)
+    length_normalization: str = "mean"  # grpo: mean (GRPO) | constant (Dr. GRPO: sum / max_new_tokens)
+    beta: float = 0.1  # dpo: strength of the KL anchor to the reference
+    eval_problems: int = 500
+    hard_problems: int = 200
+    seed: int = 0
+    ckpt_interval: int = 10
+    log_path: str = ""  # JSONL log (default <out_dir>/log.jsonl)
+    threads: int = 0
+
+
+def _rows_in_micro_batches(n: int, micro: int):
+    return [(i, min(i + micro, n)) for i in range(0, n, micro)]
+
+
+def sft_update(model, opt, pairs: list[tuple[list[int], list[int]]], cfg: AlignConfig, pad_id: int) -> dict:
+    """One optimizer step of SFT on (prompt_ids, response_ids) pairs: mean negative log-likelihood per response
+    token over the whole batch (normalize_constant = response tokens per example), micro-batched."""
+    spans = _rows_in_micro_batches(len(pairs), cfg.micro_batch)
+    total_tokens = sum(len(o) for _, o in pairs)
+    nll = 0.0
+    for a, b in spans:
+        batch = pack_prompt_response_ids(pairs[a:b], pad_id)
+        lp = get_response_log_probs(model, batch["input_ids"], batch["labels"])["log_probs"]
+        # sum over this micro-batch's tokens / all tokens of the step: exactly the step's per-token mean
+        loss, _ = sft_microbatch_train_step(lp, batch["response_mask"], 1, normalize_constant=total_tokens / (b - a))
+        nll += float(loss)  # each micro-batch's share of the step's mean
+    return {"loss": nll, "grad_norm": _step(model, opt, cfg)}
+
+
+def _step(model, opt, cfg: AlignConfig) -> float:
+    gnorm = T.gradient_clipping(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(gnorm)
+
+
+def rollout_batch(ctx: "StageContext", step: int) -> dict:
+    """Sample G responses for each of batch_size training prompts and score them with the verifier.
+    Deterministic in (seed, step): a resumed run samples exactly what the killed one would have."""
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    t0 = time.time()
+    problems = random.Random(f"{cfg.seed}-{step}").sample(ctx.train_pool, cfg.batch_size)
+    prompts = [_encode(tok, task_prompt(p)) for p in problems]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    outs = sample_rollouts(ctx.model, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, tok.eot_id, gen)
+    t1 = time.time()
+    texts = [decode_response(tok, o) for o in outs]
+    truths = [p.answer for p in problems for _ in range(cfg.group_size)]
+    adv, raw, meta = compute_group_normalized_rewards(r1_zero_reward_fn, texts, truths, cfg.group_size, 1e-6,
+                                                      cfg.normalize_by_std)
+    prompt_rows = [p for p in prompts for _ in range(cfg.group_size)]
+    return {"pairs": list(zip(prompt_rows, outs)), "advantages": adv, "rewards": raw, "meta": meta,
+            "rollout_s": t1 - t0, "score_s": time.time() - t1, "mean_length": sum(map(len, outs)) / len(outs)}
+
+
+def sft_step(ctx: "StageContext", step: int) -> dict:
+    """SFT: a batch of worked solutions from a fixed pool (epochs over it in a fixed shuffled order)."""
+    cfg = ctx.cfg
+    order = list(range(len(ctx.sft_pool)))
+    start = (step * cfg.batch_size)
+    epoch, idx = divmod(start, len(order))
+    random.Random(f"{cfg.seed}-epoch-{epoch}").shuffle(order)
+    chosen = [(order + order)[idx + i] for i in range(cfg.batch_size)]
+    return sft_update(ctx.model, ctx.opt, [ctx.sft_pool[i] for i in chosen], cfg, ctx.pad_id)
+
+
+def ei_step(ctx: "StageContext", step: int) -> dict:
+    """Expert iteration: sample, keep what the verifier accepts (one copy per distinct response), and
+    fine-tune on it -- SFT on the model's own correct answers."""
+    cfg = ctx.cfg
+    rb = rollout_batch(ctx, step)
+    t0 = time.time()
+    keep = {}
+    for (p, o), r in zip(rb["pairs"], rb["rewards"].tolist()):
+        if r > 0:
+            keep[(tuple(p), tuple(o))] = (p, o)
+    kept = list(keep.values())
+    random.Random(f"{cfg.seed}-ei-{step}").shuffle(kept)
+    stats = {"loss": float("nan"), "grad_norm": float("nan")}
+    for _ in range(cfg.epochs_per_batch):
+        for a, b in _rows_in_micro_batches(len(kept), max(1, -(-len(kept) // cfg.minibatches))):
+            stats = sft_update(ctx.model, ctx.opt, kept[a:b], cfg, ctx.pad_id)
+    return {**stats, **rb["meta"], "kept": len(kept), "rollout_s": rb["rollout_s"], "score_s": rb["score_s"],
+            "update_s": time.time() - t0, "mean_length": rb["mean_length"]}
+
+
+def grpo_step(ctx: "StageContext", step: int) -> dict:
+    """GRPO: rollouts -> group-normalized advantages -> policy-gradient updates. With epochs_per_batch > 1 (or
+    several minibatches) later updates use rollouts of an older policy: off-policy, corrected by the clipped
+    ratio against the log-probs recorded before the first update."""
+    cfg, model = ctx.cfg, ctx.model
+    rb = rollout_batch(ctx, step)
+    t0 = time.time()
+    pairs, adv, raw = rb["pairs"], rb["advantages"], rb["rewards"]
+    nconst = float(cfg.max_new_tokens) if cfg.length_normalization == "constant" else None
+    batch = pack_prompt_response_ids(pairs, ctx.pad_id)
+    old = None
+    if cfg.loss_type == "grpo_clip":
+        with torch.no_grad():  # log pi_old: the policy that sampled the rollouts
+            old = torch.cat([get_response_log_probs(model, batch["input_ids"][a:b], batch["labels"][a:b])["log_probs"]
+                             for a, b in _rows_in_micro_batches(len(pairs), cfg.micro_batch)])
+    n, losses, clips, gnorm = len(pairs), [], [], float("nan")
+    for epoch in range(cfg.epochs_per_batch):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
+        per_mb = -(-n // cfg.minibatches)
+        for m0 in range(0, n, per_mb):
+            rows = order[m0:m0 + per_mb]
+            spans = _rows_in_micro_batches(len(rows), cfg.micro_batch)
+            for a, b in spans:
+                r = rows[a:b]
+                lp = get_response_log_probs(model, batch["input_ids"][r], batch["labels"][r])["log_probs"]
+                loss, meta = grpo_microbatch_train_step(
+                    lp, batch["response_mask"][r], len(spans), cfg.loss_type, raw_rewards=raw[r, None],
+                    advantages=adv[r, None], old_log_probs=None if old is None else old[r], cliprange=cfg.cliprange,
+                    normalize_constant=nconst)
+                losses.append(float(loss) * len(spans))
+                if "clip_fraction" in meta:
+                    clips.append(float(meta["clip_fraction"]))
+            gnorm = _step(model, ctx.opt, cfg)
+    out = {**rb["meta"], "loss": sum(losses) / max(len(losses), 1), "grad_norm": gnorm,
+           "rollout_s": rb["rollout_s"], "score_s": rb["score_s"], "update_s": time.time() - t0,
+           "mean_length": rb["mean_length"]}
+    if clips:
+        out["clip_fraction"] = sum(clips) / len(clips)
+    return out
+
+
+def dpo_step(ctx: "StageContext", step: int) -> dict:
+    """DPO on verifier-ranked pairs: per prompt, one response the verifier accepts (chosen) against one it
+    rejects (rejected), both sampled from the current policy; the reference is the starting model."""
+    cfg = ctx.cfg
+    rb = rollout_batch(ctx, step)
+    t0 = time.time()
+    rng = random.Random(f"{cfg.seed}-dpo-{step}")
+    G, prompts, chosen, rejected = cfg.group_size, [], [], []
+    rewards = rb["rewards"].tolist()
+    for g in range(len(rewards) // G):
+        rows = range(g * G, (g + 1) * G)
+        good = [i for i in rows if rewards[i] > 0]
+        bad = [i for i in rows if rewards[i] <= 0]
+        if good and bad:
+            i, j = rng.choice(good), rng.choice(bad)
+            prompts.append(rb["pairs"][i][0])
+            chosen.append(rb["pairs"][i][1])
+            rejected.append(rb["pairs"][j][1])
+    stats = {"loss": float("nan"), "grad_norm": float("nan"), "pref_accuracy": float("nan")}
+    if prompts:
+        spans = _rows_in_micro_batches(len(prompts), max(1, cfg.micro_batch // 2))
+        total, accs = 0.0, []
+        for a, b in spans:
+            loss, meta = dpo_loss(ctx.model, ctx.reference, prompts[a:b], chosen[a:b], rejected[a:b], cfg.beta,
+                                  ctx.pad_id)
+            (loss * (b - a) / len(prompts)).backward()
+            total += float(loss) * (b - a) / len(prompts)
+            accs.append(meta["pref_accuracy"])
+        stats = {"loss": total, "grad_norm": _step(ctx.model, ctx.opt, cfg), "pref_accuracy": sum(accs) / len(accs)}
+    return {**rb["meta"], **stats, "pairs": len(prompts), "rollout_s": rb["rollout_s"], "score_s": rb["score_s"],
+            "update_s": time.time() - t0, "mean_length": rb["mean_length"]}
+
+
+STEP_FUNCTIONS = {"sft": sft_step, "ei": ei_step, "grpo": grpo_step, "dpo": dpo_step}
+
+
+@dataclass
+class StageContext:
+    """What a step function needs: the config, the policy and its optimizer, the tokenizer, the data."""
+    cfg: AlignConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    tokenizer: object
+    pad_id: int
+    train_pool: list  # training problems to draw rollout prompts from
+    sft_pool: list  # (prompt_ids, response_ids) worked solutions (sft only)
+    reference: Optional[torch.nn.Module] = None  # the frozen starting model (dpo only)
+
+
+def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
+    """Run one stage from cfg.init to <out_dir>/ckpt.pt, resuming from that file if a run was killed.
+
+    Every `ckpt_interval` steps the policy, optimizer and step are saved atomically; rollouts and batches
+    are functions of (seed, step), so a resumed run continues exactly. The end: evaluation on the held-out
+    test split and the harder split, logged and returned."""
+    if cfg.stage not in STEP_FUNCTIONS:
+        raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {list(STEP_FUNCTIONS)}")
+    if cfg.threads or torch.get_num_threads() > 1:
+        T.set_cpu_threads(cfg.threads)
+    out = T.check_out_dir(cfg.out_dir)
+    ckpt_path, log_path = out / "ckpt.pt", Path(cfg.log_path or out / "log.jsonl")
+    model, tokenizer, init_info = load_policy(cfg.init)
+    opt = T.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = resume_stage(ckpt_path, cfg, model, opt, init_info, log)
+    trim_log(log_path, cfg.name or cfg.stage, step)
+    reference = None
+    if cfg.stage == "dpo":
+        reference, _, _ = load_policy(cfg.init)  # the starting policy, frozen
+        reference.requires_grad_(False)
+    train_pool = task_problems("train", 4096, seed=cfg.seed + 11)
+    sft_pool = [(_encode(tokenizer, task_prompt(p)), _encode(tokenizer, task_response(p)) + [tokenizer.eot_id])
+                for p in train_pool[:cfg.sft_examples]] if cfg.stage == "sft" else []
+    ctx = StageContext(cfg, model, opt, tokenizer, pad_id_of(tokenizer), train_pool, sft_pool, reference)
+    save = lambda s: save_stage_checkpoint(ckpt_path, model, opt, s, cfg, tokenizer, init_info)  # noqa: E731
+    model.train()
+    while step < cfg.steps:
+        t0 = time.time()
+        row = STEP_FUNCTIONS[cfg.stage](ctx, step)
+        step += 1
+        row = {"kind": "train", "stage": cfg.name or cfg.stage, "step": step, "seconds": time.time() - t0, **row}
+        if not math.isfinite(row.get("loss", 0.0)) and cfg.stage in ("sft",):
+            raise FloatingPointError(f"{cfg.stage} loss is {row['loss']} at step {step}; the last checkpoint "
+                                     f"{ckpt_path} is intact (try a lower --lr)")
+        append_log(log_path, row)
+        log(format_step(row))
+        if step % cfg.ckpt_interval == 0 or step == cfg.steps:
+            save(step)
+    if step == 0 or not ckpt_path.exists():
+        save(step)
+    return evaluate_stage(model, tokenizer, cfg, log_path, log)
+
+
+def evaluate_stage(model, tokenizer, cfg: AlignConfig, log_path: Path, log: Callable = print) -> dict:
+    """Held-out accuracy (test split, and the harder split) of `model`, printed and logged."""
+    result = {}
+    for split, n in (("test", cfg.eval_problems), ("hard", cfg.hard_problems)):
+        if n <= 0:
+            continue
+        r = evaluate_task(model, tokenizer, task_problems(split, n, seed=1000), cfg.max_new_tokens + 8)
+        append_log(log_path, {"kind": "eval", "stage": cfg.name or cfg.stage, "split": split, "step": cfg.steps,
+                              **{k: v for k, v in r.items() if k != "examples"}})
+        log(format_eval(f"[{cfg.name or cfg.stage}] held-out {split}", r))
+        result[split] = r
+    if "test" in result:
+        for e in result["test"]["examples"]:
+            log(f"    e.g. {e}")
+    return result
+
+
+def format_step(row: dict) -> str:
+    """One progress line per step; RL stages show where the time went (rollout / scoring / update)."""
+    s = f"[{row['stage']}] step {row['step']:4d} | loss {row.get('loss', float('nan')):8.4f}"
+    if "reward_mean" in row:
+        s += f" | reward {row['reward_mean']:.3f} | format {row['format_reward_mean']:.2f}"
+        s += f" | len {row['mean_length']:.1f}"
+    for k, label in (("clip_fraction", "clip"), ("kept", "kept"), ("pairs", "pairs"), ("pref_accuracy", "pref acc")):
+        if k in row:
+            s += f" | {label} {row[k]:.3g}"
+    if "rollout_s" in row:
+        s += f" | rollout {row['rollout_s']:.2f}s score {row['score_s']:.2f}s update {row['update_s']:.2f}s"
+    else:
+        s += f" | {row['seconds']:.2f}s"
+    return s
+
+
+# ======================================================================================================
+# 11. Real benchmarks: GSM8K (last number) and MMLU (option letter, and log-likelihood of each option)
+# ======================================================================================================
+
+def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, batch_size: int = 16) -> dict:
+    """Exact match of the LAST number of a greedy response (R1-Zero prompt) against the reference answer."""
+    probs = [Problem(e["question"], e["answer"], "") for e in examples]
+    ctx = model.config.context_length
+    keep = [p for p in probs if len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) + 1 < ctx]
+    if len(keep) < len(probs):
+        print(f"gsm8k: {len(probs) - len(keep)} question(s) longer than the context of {ctx} skipped", file=sys.stderr)
+    if not keep:
+        raise ValueError(f"every GSM8K prompt is longer than the model's context ({ctx} tokens)")
+    longest = max(len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) for p in keep)
+    last_number = lambda resp, gt: {"format_reward": float(parse_gsm8k_response(resp) is not None),  # noqa: E731
+                                    "answer_reward": float(grade_answer(parse_gsm8k_response(resp) or "", gt))}
+    return evaluate_task(model, tokenizer, keep, min(max_new_tokens, ctx - longest), batch_size, last_number,
+                         lambda p: R1_ZERO_PROMPT.format(question=p.question))
+
+
+def mmlu_prompt(e: dict) -> str:
+    opts = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(e["options"]))
+    return f"The following is a multiple choice question about {e['subject'].replace('_', ' ')}.\n\n" \
+           f"{e['question']}\n{opts}\nAnswer:"
+
+
+@torch.no_grad()
+def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int = 8) -> dict:
+    """Two scorings of the same questions.
+    letter:    greedy-generate after "Answer:" and parse the letter (a model that never writes a letter
+               scores 0 -- small models often do).
+    loglik:    score each option's TEXT as a continuation of the question, by its log-likelihood per byte
+               (length-normalized, so long options are not penalized for being long); the best one is the
+               answer. Every model gets an answer, and chance is 25%."""
+    t0, n_letter, n_ll, n_tokens = time.time(), 0, 0, 0
+    dev, ctx, pad = next(model.parameters()).device, model.config.context_length, pad_id_of(tokenizer)
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        prompts = [_encode(tokenizer, mmlu_prompt(e))[-(ctx - max_new_tokens):] for e in chunk]
+        outs = sample_rollouts(model, prompts, 1, max_new_tokens, 0.0, tokenizer.eot_id)
+        n_tokens += sum(map(len, outs))
+        for e, o in zip(chunk, outs):
+            n_letter += int(parse_mmlu_response(e, decode_response(tokenizer, o)) == e["answer"])
+        for e, p in zip(chunk, prompts):
+            conts = [_encode(tokenizer, " " + o) for o in e["options"]]
+            pairs = [(p[-(ctx - len(c) - 1):] if len(p) + len(c) >= ctx else p, c[:ctx - 2]) for c in conts]
+            lp = sequence_log_probs(model, pairs, pad)  # (4,) summed log-prob of each option
+            per_byte = lp / torch.tensor([max(len(o.encode()), 1) for o in e["options"]], device=dev)
+            n_ll += int("ABCD"[int(per_byte.argmax())] == e["answer"])
+    n, dt = len(examples), time.time() - t0
+    res = {"n": n, "seconds": dt, "questions_per_s": n / max(dt, 1e-9), "tokens_per_s": n_tokens / max(dt, 1e-9)}
+    for name, k in (("letter", n_letter), ("loglik", n_ll)):
+        lo, hi = wilson_interval(k, n)
+        res[name] = {"accuracy": k / max(n, 1), "ci_low": lo, "ci_high": hi}
+    return res
+
+
+# ======================================================================================================
+# 12. The demo: pretrain -> SFT -> expert iteration | GRPO on-policy | GRPO off-policy | DPO, all measured
+# ======================================================================================================
+# Expert iteration, the two GRPO variants and DPO all start from the SAME SFT checkpoint with the same
+# budget (rollout batches x prompts x group size), so their held-out accuracies compare directly.
+DEMO_PRETRAIN = dict(vocab_size=512, context_length=128, d_model=128, num_layers=4, num_heads=4, batch_size=16,
+                     max_minutes=3.5, warmup_iters=50)
+DEMO_SFT = dict(steps=30, lr=1e-3, batch_size=32, sft_examples=256)
+DEMO_RL = dict(steps=40, batch_size=16, group_size=8, temperature=1.0, max_new_tokens=40)
+DEMO_METHODS = {  # name -> (stage, options on top of DEMO_RL)
+    "ei": ("ei", dict(lr=5e-4)),
+    "grpo": ("grpo", dict(lr=3e-4, loss_type="reinforce_with_baseline")),
+    "grpo_off": ("grpo", dict(lr=3e-4, loss_type="grpo_clip", epochs_per_batch=2, minibatches=2, cliprange=0.2)),
+    "dpo": ("dpo", dict(lr=1e-4, beta=0.1)),
+}
+
+
+def pretrain_base(out: Path, seed: int = 0, minutes: Optional[float] = None, log: Callable = print) -> Path:
+    """The base model, with train.py's own loop (resumable; skipped when already done). Returns ckpt path."""
+    done = out / "base" / "done.json"
+    if done.exists():
+        return out / "base" / "ckpt.pt"
+    corpus = out / "pretrain.txt"
+    if not corpus.exists():
+        with atomic_open(corpus, "w") as f:
+            f.write(pretraining_text(2_500_000, seed))
+    kw = dict(DEMO_PRETRAIN, max_minutes=minutes or DEMO_PRETRAIN["max_minutes"])
+    cfg = T.TrainConfig(preset="align-base", data=str(corpus), data_dir=str(out / "data_cache"), val_fraction=0.05,
+                        bpe_train_bytes=1_000_000, max_steps=None, budget_includes_prep=False, eval_interval=10 ** 9,
+                        ckpt_interval=200, final_eval_tokens=65_536, out_dir=str(out / "base"), resume=True,
+                        num_samples=0, plot=False, seed=seed + 1337, log_interval=100, **kw)
+    summary = T.train(cfg, log=log)
+    atomic_write_json(done, {"steps": summary["steps"], "val": summary["val"], "minutes": summary["train_seconds"] / 60})
+    return out / "base" / "ckpt.pt"
+
+
+def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log: Callable = print) -> dict:
+    """The whole chapter in one command. `scale` shrinks every stage (tests use a tiny one). Each finished
+    stage leaves result.json, so a re-run after a kill skips it and resumes the interrupted one."""
+    out = T.check_out_dir(out_dir)
+    t0, log_path, results = time.time(), out / "align_log.jsonl", {}
+    n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
+    base = pretrain_base(out, seed, DEMO_PRETRAIN["max_minutes"] * scale, log)
+    model, tokenizer, _ = load_policy(str(base))
+    log("\n== base model (completes text; never saw the answer format) ==")
+    results["base"] = cached_eval(out / "base", model, tokenizer, AlignConfig(stage="base", eval_problems=n(500),
+                                  hard_problems=n(200)), log_path, log)
+    common = dict(seed=seed, log_path=str(log_path), eval_problems=n(500), hard_problems=n(200))
+    log("\n== SFT on worked solutions ==")
+    sft = AlignConfig(stage="sft", init=str(base), out_dir=str(out / "sft"), **{**DEMO_SFT, **common,
+                      "steps": n(DEMO_SFT["steps"]), "sft_examples": n(DEMO_SFT["sft_examples"])})
+    results["sft"] = cached_stage(sft, log)
+    for name, (stage, kw) in DEMO_METHODS.items():
+        log(f"\n== {name}: from the SFT checkpoint, {n(DEMO_RL['steps'])} rollout batches of "
+            f"{DEMO_RL['batch_size']} prompts x {DEMO_RL['group_size']} ==")
+        cfg = AlignConfig(stage=stage, init=str(out / "sft" / "ckpt.pt"), out_dir=str(out / name),
+                          **{**DEMO_RL, **kw, **common, "steps": n(DEMO_RL["steps"])})
+        results[name] = cached_stage(cfg, log, label=name)
+    log("\n== summary: held-out accuracy (95% interval) ==")
+    for name, r in results.items():
+        log(format_eval(f"{name:>9s} test", r["test"]))
+    start = results["sft"]["test"]
+    for name in DEMO_METHODS:
+        r = results[name]["test"]
+        verdict = "outside" if (r["ci_low"] > start["ci_high"] or r["ci_high"] < start["ci_low"]) else "inside"
+        log(f"{name:>9s}: {100 * (r['accuracy'] - start['accuracy']):+.1f} points vs SFT (intervals {verdict} "
+            f"each other)")
+    try:
+        plot_demo(log_path, out / "align.png")
+        log(f"plot: {out / 'align.png'}")
+    except Exception as e:  # a plotting problem must never lose a finished run
+        log(f"(plot skipped: {e})")
+    log(f"log: {log_path}; total {(time.time() - t0) / 60:.1f} min")
+    return results
+
+
+def cached_stage(cfg: AlignConfig, log: Callable, label: Optional[str] = None) -> dict:
+    """run_stage unless <out_dir>/result.json says it already finished (the demo's resume-after-kill)."""
+    done = Path(cfg.out_dir) / "result.json"
+    if done.exists():
+        res = json.loads(done.read_text())
+        log(f"({label or cfg.stage}: already done, {done})")
+        return res
+    res = run_stage(dataclasses.replace(cfg, name=label or cfg.stage), log)
+    atomic_write_json(done, res)
+    return res
+
+
+def cached_eval(folder: Path, model, tokenizer, cfg: AlignConfig, log_path: Path, log: Callable) -> dict:
+    done = folder / "eval.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    res = evaluate_stage(model, tokenizer, cfg, log_path, log)
+    atomic_write_json(done, res)
+    return res
+
+
+# ===== Appendix: plumbing =====
+# Checkpoints, logs, data files and downloads: needed for a real tool, not for the ideas above.
+
+ALIGN_FORMAT = "scratchlm-checkpoint-v1"  # train.py's format, plus align's own entries
+
+
+def find_tokenizer(ckpt_path: Path, ckpt: dict):
+    """The tokenizer saved next to a checkpoint (train.py's run folder layout), checked against the
+    fingerprint the checkpoint recorded (a tokenizer from another corpus would silently garble every id)."""
+    candidates = [ckpt_path.parent / "tokenizer", Path(str(ckpt.get("tokenizer_dir", "")))]
+    folder = next((c for c in candidates if (c / "vocab.json").exists()), None)
+    if folder is None:
+        raise FileNotFoundError(f"no tokenizer for {ckpt_path} (looked in {', '.join(map(str, candidates))})")
+    tok = tk.Tokenizer.load(str(folder))
+    want = ckpt.get("tokenizer_fingerprint")
+    if want and tok.fingerprint() != want:
+        raise ValueError(f"tokenizer in {folder} (fingerprint {tok.fingerprint()}) is not the one {ckpt_path} was "
+                         f"trained with ({want})")
+    return tok
+
+
+def load_policy(path: str, device: str = "cpu"):
+    """(model, tokenizer, info) from a train.py or align.py checkpoint, with clear errors for a missing or
+    foreign file, weights that do not fit their config, or a tokenizer whose vocabulary does not fit."""
+    if not path:
+        raise ValueError("no checkpoint given (--init CKPT)")
+    ckpt = T.read_checkpoint(path)
+    mc = ckpt.get("model_config")
+    if not isinstance(mc, dict):
+        raise ValueError(f"checkpoint {path} has no model_config (not written by train.py or align.py)")
+    model = M.TransformerLM.from_config(M.ModelConfig.from_dict(dict(mc)))
+    try:
+        M.load_model_state(model, ckpt["model"])
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path}: {str(e)[:400]}") from None
+    tok = find_tokenizer(Path(path), ckpt)
+    if tok.vocab_size != model.config.vocab_size:
+        raise ValueError(f"checkpoint {path}: the model has a vocabulary of {model.config.vocab_size} but its "
+                         f"tokenizer has {tok.vocab_size}")
+    if tok.eot_id is None:
+        raise ValueError(f"the tokenizer of {path} has no {EOT} token (responses need an end)")
+    info = {"path": str(Path(path).resolve()), "model_config": dict(mc), "tokenizer_fingerprint": tok.fingerprint()}
+    return model.to(device), tok, info
+
+
+def save_stage_checkpoint(path: Path, model, opt, step: int, cfg: AlignConfig, tokenizer, init_info: dict):
+    """Atomic (temp file + fsync + rename through tokenizer.atomic_open): a kill mid-write leaves the
+    previous checkpoint intact. The tokenizer goes next to it, so the file is a valid --init for later stages."""
+    tok_dir = path.parent / "tokenizer"
+    if not (tok_dir / "vocab.json").exists():
+        tokenizer.save(str(tok_dir))
+    n_bad = sum(not bool(torch.isfinite(p).all()) for p in model.parameters())
+    if n_bad:
+        raise FloatingPointError(f"non-finite weights at step {step}: not saved; {path} (if any) is intact "
+                                 "(try a lower --lr)")
+    payload = {"format": ALIGN_FORMAT, "iteration": int(step), "model": model.state_dict(),
+               "optimizer": opt.state_dict(), "model_config": model.config.to_dict(), "rng": T.rng_state(),
+               "align_config": dataclasses.asdict(cfg), "init": init_info,
+               "tokenizer_fingerprint": tokenizer.fingerprint(), "tokenizer_dir": str(tok_dir.resolve())}
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def resume_stage(path: Path, cfg: AlignConfig, model, opt, init_info: dict, log: Callable) -> int:
+    """Continue a killed run from `path` if it holds the same stage from the same --init; returns its step.
+    A checkpoint of another run in the same folder is an error (never silently overwritten)."""
+    if not path.exists():
+        return 0
+    ckpt = T.read_checkpoint(path)
+    old = ckpt.get("align_config", {})
+    if old.get("stage") != cfg.stage or ckpt.get("init", {}).get("path") != init_info["path"] \
+            or ckpt.get("model_config") != init_info["model_config"]:
+        raise ValueError(f"{path} holds another run (stage {old.get('stage')!r} from "
+                         f"{ckpt.get('init', {}).get('path')!r}); choose another --out-dir or delete it")
+    M.load_model_state(model, ckpt["model"])
+    T.load_optimizer_state(opt, ckpt, path)
+    if "rng" in ckpt:
+        T.set_rng_state(ckpt["rng"])
+    step = int(ckpt["iteration"])
+    log(f"[{cfg.name or cfg.stage}] resumed from {path} at step {step}")
+    return step
+
+
+def append_log(path: Path, row: dict) -> None:
+    """One JSON object per line; appended and flushed at once, so a kill loses at most the line in flight."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def trim_log(path: Path, stage: str, step: int) -> None:
+    """On (re)start at `step`, drop this stage's rows after it, so a resumed run's log reads as one run."""
+    if not path.exists():
+        return
+    rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    keep = []
+    for l in rows:
+        try:
+            r = json.loads(l)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if r.get("stage") != stage or (r.get("kind") == "train" and r.get("step", 0) <= step):
+            keep.append(l)
+    with atomic_open(path, "w") as f:
+        f.write("".join(l + "\n" for l in keep))
+
+
+def read_jsonl(path, required: tuple = (), log: Callable = None) -> list[dict]:
+    """Rows of a JSONL file. A malformed line (not JSON, not an object, or missing a required key) is
+    skipped; the skipped line numbers are reported once, so one bad line never loses a whole data set."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(i)
+                continue
+            if not isinstance(r, dict) or any(k not in r for k in required):
+                bad.append(i)
+                continue
+            rows.append(r)
+    if bad:
+        (log or (lambda m: print(m, file=sys.stderr)))(
+            f"{path}: skipped {len(bad)} malformed line(s): {', '.join(map(str, bad[:20]))}"
+            + (" ..." if len(bad) > 20 else ""))
+    return rows
+
+
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
+
+
+def _download(url: str, dest: Path) -> Path:
+    """model.py's download when it has one (resumable, verified), else train.py's (the same function)."""
+    fn = getattr(M, "download", None) or T.download
+    return fn(url, dest)
+
+
+def load_gsm8k(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/gsm8k",
+               url: Optional[str] = None) -> list[dict]:
+    """GSM8K as [{"question", "answer" (the number after '####'), "solution"}]. `path` is a JSONL file;
+    without it the split is downloaded once (from `url`, default the official repository) and cached."""
+    if path is None:
+        path = _download(url or GSM8K_URL.format(split=split), Path(cache_dir) / f"{split}.jsonl")
+    out, bad = [], []
+    for i, r in enumerate(read_jsonl(path, required=("question", "answer"))):
+        final = str(r["answer"]).rsplit("####", 1)
+        if len(final) != 2 or not final[1].strip():
+            bad.append(i + 1)
+            continue
+        out.append({"question": r["question"], "answer": final[1].strip().replace(",", ""), "solution": final[0]})
+    if bad:
+        print(f"{path}: skipped {len(bad)} example(s) without a '#### answer' (rows {bad[:20]})", file=sys.stderr)
+    return out
+
+
+def load_mmlu(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/mmlu",
+              url: Optional[str] = None, subjects: Optional[list] = None) -> list[dict]:
+    """MMLU as [{"subject", "question", "options" (4), "answer" ("A".."D")}] from the standard folder of
+    CSVs (<path>/<split>/<subject>_<split>.csv, no header: question, A, B, C, D, answer). Without `path` the
+    official archive is downloaded and unpacked once. Malformed rows are skipped with file and line number."""
+    if path is None:
+        root = Path(cache_dir)
+        if not (root / "data" / split).is_dir():
+            archive = _download(url or MMLU_URL, root / "data.tar")
+            import tarfile
+            with tarfile.open(archive) as t:
+                t.extractall(root, filter="data")  # "data" filter: no absolute paths, links or devices
+        path = str(root / "data")
+    folder = Path(path) / split if (Path(path) / split).is_dir() else Path(path)
+    files = sorted(folder.glob(f"*_{split}.csv")) or sorted(folder.glob("*.csv"))
+    if not files:
+        raise FileNotFoundError(f"no MMLU CSV files in {folder}")
+    out, bad = [], []
+    for fp in files:
+        subject = fp.stem[:-len(split) - 1] if fp.stem.endswith("_" + split) else fp.stem
+        if subjects and subject not in subjects:
+            continue
+        with open(fp, encoding="utf-8", errors="replace", newline="") as f:
+            for row in csv.reader(f):
+                line = f"{fp.name}:{len(out) + len(bad) + 1}"
+                if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D") or not row[0].strip():
+                    bad.append(line)
+                    continue
+                out.append({"subject": subject, "question": row[0], "options": row[1:5], "answer": row[5].strip()})
+    if bad:
+        print(f"MMLU: skipped {len(bad)} malformed row(s): {', '.join(bad[:20])}", file=sys.stderr)
+    return out
+
+
+def plot_demo(log_path: Path, png: Path) -> None:
+    """Left: held-out accuracy by stage with 95% intervals. Right: training reward by step for each method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
+    evals = {}
+    for r in rows:
+        if r["kind"] == "eval" and r.get("split") == "test":
+            evals[r["stage"]] = r
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(evals)
+    acc = [100 * evals[k]["accuracy"] for k in names]
+    err = [[100 * (evals[k]["accuracy"] - evals[k]["ci_low"]) for k in names],
+           [100 * (evals[k]["ci_high"] - evals[k]["accuracy"]) for k in names]]
+    a.bar(names, acc, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
+    a.set_ylabel("held-out accuracy (%)")
+    a.set_title("accuracy by stage (95% Wilson interval)")
+    for stage in dict.fromkeys(r["stage"] for r in rows if r["kind"] == "train" and "reward_mean" in r):
+        pts = [(r["step"], r["reward_mean"]) for r in rows if r["kind"] == "train" and r["stage"] == stage]
+        b.plot([p[0] for p in pts], [p[1] for p in pts], label=stage, alpha=0.8)
+    b.set_xlabel("rollout batch")
+    b.set_ylabel("mean reward of the batch's rollouts")
+    b.set_title("training reward by step")
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(png, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+
+
+# ===== Appendix: benchmarks =====
+
+def bench(args) -> list[str]:
+    """Rollout throughput, side by side and interleaved: KV cache with one shared prefill per group (ours),
+    KV cache with every row prefilled (model.generate), and no cache (recompute every step). A randomly
+    initialized demo-sized model; no end-of-text stop, so every row decodes the full budget."""
+    torch.manual_seed(0)
+    T.set_cpu_threads(args.threads)
+    cfg = M.ModelConfig(vocab_size=512, context_length=256, d_model=args.d_model, num_layers=args.num_layers,
+                        num_heads=4)
+    model = M.TransformerLM.from_config(cfg).eval()
+    rows, machine = [], machine_label()
+    print(f"machine: {machine}; model d_model {args.d_model}, {args.num_layers} layers")
+    for plen in args.prompt_lengths:
+        prompts = [torch.randint(0, 512, (plen,)).tolist() for _ in range(args.prompts)]
+        n_tok = args.prompts * args.group_size * args.new_tokens
+        runs = {"shared": dict(), "per_row": dict(share_prefill=False), "recompute": dict(use_cache=False)}
+        best = {k: float("inf") for k in runs}
+        for _ in range(args.repeats):  # interleaved: load on a shared machine hits all three alike
+            for k, kw in runs.items():
+                t0 = time.perf_counter()
+                sample_rollouts(model, prompts, args.group_size, args.new_tokens, 1.0, None,
+                                torch.Generator().manual_seed(0), **kw)
+                best[k] = min(best[k], time.perf_counter() - t0)
+        tps = {k: n_tok / v for k, v in best.items()}
+        print(f"prompt {plen} tokens, {args.prompts} prompts x G={args.group_size}, {args.new_tokens} new tokens: "
+              + " | ".join(f"{k} {v:,.0f} tok/s" for k, v in tps.items()), flush=True)
+        cmd = "python align.py bench"
+        shape = f"{args.prompts} prompts x {args.group_size}, prompt {plen}, {args.new_tokens} new"
+        rows.append(f"| align | rollouts, KV cache vs recompute ({shape}) | `{cmd}` | {tps['shared']:,.0f} tok/s | "
+                    f"{tps['recompute']:,.0f} tok/s | {tps['shared'] / tps['recompute']:.2f}x |")
+        rows.append(f"| align | shared group prefill vs per-row prefill ({shape}) | `{cmd}` | {tps['shared']:,.0f} "
+                    f"tok/s | {tps['per_row']:,.0f} tok/s | {tps['shared'] / tps['per_row']:.2f}x |")
+    print("\n".join(rows))
+    return rows
+
+
+# ======================================================================================================
+# Command line
+# ======================================================================================================
+_STAGE_HELP = {
+    "init": "checkpoint to start from (train.py's ckpt.pt or a previous stage's)", "out_dir": "run folder",
+    "steps": "optimizer steps (sft, dpo) / rollout batches (ei, grpo)", "lr": "AdamW learning rate",
+    "batch_size": "sft: examples per step; ei/grpo/dpo: prompts per rollout batch",
+    "micro_batch": "rows per forward/backward", "group_size": "rollouts per prompt",
+    "loss_type": "grpo: no_baseline | reinforce_with_baseline | grpo_clip",
+    "epochs_per_batch": "passes over each rollout batch (>1 is off-policy: use grpo_clip)",
+    "length_normalization": "mean (GRPO) | constant (Dr. GRPO)", "beta": "dpo: KL strength",
+    "normalize_by_std": "divide advantages by the group std (Dr. GRPO: --no-normalize-by-std)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="align.py", description="Stage 8: SFT, expert iteration, GRPO, DPO and "
+                                "evaluation. No command: the whole demo (pretrain -> SFT -> EI | GRPO | DPO).")
+    p.add_argument("--out-dir", default="runs/align", help="demo run folder (default runs/align)")
+    p.add_argument("--seed", type=int, default=0)
+    sub = p.add_subparsers(dest="command")
+    for stage in STEP_FUNCTIONS:
+        sp = sub.add_parser(stage, help=f"run the {stage} stage from a checkpoint (resumes if --out-dir has one)")
+        for f in dataclasses.fields(AlignConfig):
+            if f.name in ("stage", "log_path", "name"):
+                continue
+            flag, h = "--" + f.name.replace("_", "-"), _STAGE_HELP.get(f.name, f.name.replace("_", " "))
+            if isinstance(f.default, bool):
+                sp.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+            else:
+                sp.add_argument(flag, type=type(f.default), default=None if f.name == "out_dir" else f.default,
+                                required=f.name == "init", help=h)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the built-in task, GSM8K or MMLU")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint (train.py or align.py)")
+    ev.add_argument("--task", choices=("builtin", "gsm8k", "mmlu"), default="builtin")
+    ev.add_argument("--data", default=None, help="gsm8k: a JSONL file; mmlu: the folder of CSVs "
+                    "(default: download once into --cache-dir)")
+    ev.add_argument("--cache-dir", default="data_cache", help="where downloads are cached")
+    ev.add_argument("--split", default=None, help="builtin: test|hard|train; gsm8k: test|train; mmlu: test|val|dev")
+    ev.add_argument("--limit", type=int, default=500, help="number of problems (0: all)")
+    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=32)
+    b = sub.add_parser("bench", help="rollout throughput: KV cache vs recompute, shared vs per-row prefill")
+    b.add_argument("--prompts", type=int, default=16)
+    b.add_argument("--group-size", type=int, default=8)
+    b.add_argument("--new-tokens", type=int, default=40)
+    b.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 128])
+    b.add_argument("--d-model", type=int, default=128)
+    b.add_argument("--num-layers", type=int, default=4)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=0)
+    return p
+
+
+def cmd_eval(args) -> dict:
+    model, tokenizer, _ = load_policy(args.checkpoint)
+    model.eval()
+    limit = args.limit or None
+    if args.task == "builtin":
+        r = evaluate_task(model, tokenizer, task_problems(args.split or "test", limit or 500, seed=1000),
+                          args.max_new_tokens or 48, args.batch_size)
+        print(format_eval(f"builtin {args.split or 'test'}", r))
+    elif args.task == "gsm8k":
+        data = load_gsm8k(args.data, args.split or "test", str(Path(args.cache_dir) / "gsm8k"))[:limit]
+        r = evaluate_gsm8k(model, tokenizer, data, args.max_new_tokens or 256, args.batch_size)
+        print(format_eval("gsm8k (last number)", r))
+    else:
+        data = load_mmlu(args.data, args.split or "test", str(Path(args.cache_dir) / "mmlu"))
+        data = random.Random(0).sample(data, min(limit or len(data), len(data)))
+        r = evaluate_mmlu(model, tokenizer, data, args.batch_size, args.max_new_tokens or 8)
+        for k in ("letter", "loglik"):
+            print(f"mmlu ({k}): accuracy {100 * r[k]['accuracy']:.1f}% [95% CI {100 * r[k]['ci_low']:.1f}-"
+                  f"{100 * r[k]['ci_high']:.1f}] on {r['n']} questions")
+        print(f"throughput: {r['questions_per_s']:.1f} questions/s")
+    return r
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for k in ("steps", "batch_size", "group_size", "micro_batch", "limit", "prompts", "repeats", "epochs_per_batch",
+              "minibatches", "ckpt_interval"):
+        v = getattr(args, k, None)
+        if v is not None and v < (0 if k == "limit" else 1):
+            parser.error(f"--{k.replace('_', '-')} must be >= {0 if k == 'limit' else 1}, got {v}")
+    if getattr(args, "loss_type", None) not in (None, *POLICY_GRADIENT_LOSSES):
+        parser.error(f"--loss-type must be one of {list(POLICY_GRADIENT_LOSSES)}")
+    if getattr(args, "length_normalization", None) not in (None, "mean", "constant"):
+        parser.error("--length-normalization must be mean or constant")
+    try:
+        if args.command is None:
+            run_demo(args.out_dir, args.seed)
+        elif args.command == "bench":
+            bench(args)
+        elif args.command == "eval":
+            cmd_eval(args)
+        else:
+            kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(AlignConfig)
+                  if hasattr(args, f.name) and f.name != "stage"}
+            kw["out_dir"] = kw["out_dir"] or str(Path("runs/align") / args.command)
+            run_stage(AlignConfig(stage=args.command, **kw))
+    except (ValueError, FileNotFoundError, ConnectionError, PermissionError, FloatingPointError, RuntimeError) as e:
+        print(f"align.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("align.py: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
