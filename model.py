@@ -1,42 +1,76 @@
 """
 model.py -- Stage 2 of ScratchLM: the Transformer language model, its variants, and fast inference.
 
-The story
----------
-A language model assigns a probability to the next token given the ones before it. The decoder-only
-Transformer does this with a stack of identical blocks, each mixing information ACROSS positions
-(causal self-attention: every token looks back at earlier tokens) and then WITHIN a position (a small
-feed-forward network). Everything here is built from tensor primitives -- nn.Parameter, matmul, exp,
-sigmoid -- in the order a reader needs it:
+The problem
+-----------
+A language model assigns a probability to the next token given the ones before it: p(x_t | x_<t). We
+need a function of the whole prefix that is cheap to train on many positions at once (so: no recurrence
+over time) and that can still look arbitrarily far back.
 
+The idea
+--------
+The decoder-only Transformer stacks identical blocks. Each block mixes information ACROSS positions
+(causal self-attention: every token takes a weighted average of the values of earlier tokens, weighted
+by how well its query matches their keys) and then WITHIN a position (a small feed-forward network).
+A residual stream carries the sum of every block's contribution from the embeddings to the output
+head. Everything here is built from tensor primitives -- nn.Parameter, matmul, exp, sigmoid -- in the
+order a reader needs it:
+
+    ModelConfig                every design switch in one validated dataclass
     Linear, Embedding          the two ways parameters touch tokens            weights [out, in]
     RMSNorm / LayerNorm        keep activations at unit scale                   computed in float32
-    silu, SwiGLU, FeedForward  the per-position MLP                             d_ff ~ 8/3 d (SwiGLU)
+    silu, gelu, SwiGLU, FFN    the per-position MLP                             d_ff ~ 8/3 d (SwiGLU)
     RotaryPositionalEmbedding  position as a rotation of query/key pairs       relative by construction
     softmax, scaled_dot_product_attention, MultiHeadSelfAttention             O(T^2) per layer
     MoEFeedForward             many FFNs, each token routed to top-k of them    + load-balancing loss
     TransformerBlock, TransformerLM                                             logits, no softmax
+    num_params, flops_per_token, memory_estimate                              what it costs
+    generate, KVCache, speculative_generate                                   how it is used
 
-Then the parts that make it a real tool:
+The design choices the field argues about are ONE-WORD SWITCHES on `ModelConfig`: norm type and
+placement, position encoding (RoPE, sinusoidal, learned, none), FFN type (SwiGLU, SiLU, ReLU, GELU),
+dense vs mixture-of-experts, full vs sliding-window attention, multi-head / grouped-query / multi-query
+attention, QK-norm, biases, weight tying. Defaults are the modern stack (pre-norm RMSNorm, RoPE, SwiGLU,
+no biases, untied); the GPT-2 switches (learned positions, GELU, LayerNorm, biases, tied head) let
+`from_pretrained("gpt2")` load OpenAI's weights into the same class.
 
-* The design choices the field argues about are ONE-WORD SWITCHES on `ModelConfig` (norm type and
-  placement, position encoding, FFN type, dense vs mixture-of-experts, full vs sliding-window attention,
-  multi-head / grouped-query / multi-query attention, QK-norm, weight tying). Defaults are the modern
-  stack: pre-norm RMSNorm, RoPE, SwiGLU, dense, full attention, untied.
-* Attention BACKENDS: the from-scratch "naive" softmax attention is the readable definition; "sdpa"
-  (torch's fused kernel) is the fast path and the default. Later stages register more (kernels.py's
-  FlashAttention-2) with `register_attention_backend`, and `set_attention_backend(model, name)` swaps.
-* ACCOUNTING: parameter counts, FLOPs per token (the 2mnp matmul rule, attention included) and a memory
-  estimate, used by train.py for MFU and by the scaling stage for compute budgets.
-* INFERENCE: sampling with temperature and nucleus (top-p) written from scratch, batched prompts of
-  different lengths (left padding + masks), a KV cache (prefill once, then one token per step; a
-  rolling buffer for sliding-window models), and speculative decoding with a small draft model.
+Attention BACKENDS: the from-scratch "naive" softmax attention is the readable definition; "sdpa"
+(torch's fused kernel) is the fast path and the default, and a test proves they agree. Later stages
+register more (kernels.py's FlashAttention-2) with `register_attention_backend`.
 
 What it costs
 -------------
-Per token, a forward pass costs about 2N FLOPs for N non-embedding parameters plus the attention term
-4 * L * d * T_attended, and training about 3x that (the backward pass is two matmuls per forward
-matmul). `python model.py table` prints these numbers for GPT-2-sized configs.
+Per token, a forward pass costs about 2N FLOPs for N non-embedding parameters (every weight is one
+multiply and one add) plus the attention term 4 * L * d * T_attended, and training about 3x that (the
+backward pass is two matmuls per forward matmul). Generation is memory-bound instead: each new token
+reads every weight once, which is why the KV cache (keep past keys/values, compute only the new
+position) and speculative decoding (let a small model guess, verify k guesses in one big-model pass)
+matter. `python model.py table` prints the numbers for GPT-2-sized configs.
+
+Sources
+-------
+* Vaswani et al., "Attention Is All You Need" (2017), arXiv:1706.03762 -- the Transformer, sinusoidal
+  positions, post-norm, scaled dot-product attention.
+* Radford et al., "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019) -- pre-norm,
+  learned positions, GELU, tied embeddings; Hendrycks & Gimpel, "GELUs" (2016), arXiv:1606.08415.
+* Xiong et al., "On Layer Normalization in the Transformer Architecture" (2020), arXiv:2002.04745 --
+  why pre-norm trains without warmup tricks.
+* Zhang & Sennrich, "Root Mean Square Layer Normalization" (2019), arXiv:1910.07467.
+* Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding" (2021), arXiv:2104.09864.
+* Shazeer, "GLU Variants Improve Transformer" (2020), arXiv:2002.05202 -- SwiGLU.
+* Shazeer, "Fast Transformer Decoding: One Write-Head is All You Need" (2019), arXiv:1911.02150 -- MQA;
+  Ainslie et al., "GQA" (2023), arXiv:2305.13245 -- grouped-query attention.
+* Dehghani et al., "Scaling Vision Transformers to 22B Parameters" (2023), arXiv:2302.05442 -- QK-norm.
+* Beltagy et al., "Longformer" (2020), arXiv:2004.05150 -- sliding-window attention.
+* Fedus et al., "Switch Transformers" (2021), arXiv:2101.03961; Lepikhin et al., "GShard" (2020),
+  arXiv:2006.16668; Jiang et al., "Mixtral of Experts" (2024), arXiv:2401.04088 -- mixture of experts.
+* Kaplan et al., "Scaling Laws for Neural Language Models" (2020), arXiv:2001.08361 -- 6N FLOPs per
+  training token, non-embedding parameter counts.
+* Holtzman et al., "The Curious Case of Neural Text Degeneration" (2019), arXiv:1904.09751 -- top-p.
+* Leviathan et al., "Fast Inference from Transformers via Speculative Decoding" (2022), arXiv:2211.17192;
+  Chen et al., "Accelerating LLM Decoding with Speculative Sampling" (2023), arXiv:2302.01318.
+* Press & Wolf, "Using the Output Embedding to Improve Language Models" (2016), arXiv:1608.05859 -- tying.
+* Stanford CS336 "Language Modeling from Scratch", assignment 1 -- the interface names used here.
 
 Command line: `python model.py --help` (subcommands: table, generate, bench).
 """
@@ -45,18 +79,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import hashlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import tokenizer as tk
+from tokenizer import Progress, atomic_write_text, machine_label, shared_path
 
 # ======================================================================================================
 # 1. The configuration: every switch in one place, validated on construction
@@ -65,8 +108,8 @@ import torch.nn.functional as F
 # The allowed values of each one-word switch. An unknown value is a clear ValueError naming the field.
 NORM_CHOICES = ("rmsnorm", "layernorm", "none")
 NORM_POSITION_CHOICES = ("pre", "post")
-POSITION_CHOICES = ("rope", "sinusoidal", "nope")
-FFN_CHOICES = ("swiglu", "silu", "relu")
+POSITION_CHOICES = ("rope", "sinusoidal", "learned", "nope")
+FFN_CHOICES = ("swiglu", "silu", "relu", "gelu")
 ATTENTION_CHOICES = ("full", "sliding")
 
 
@@ -75,7 +118,8 @@ def default_d_ff(d_model: int, ffn: str) -> int:
 
     SwiGLU has THREE weight matrices instead of two, so to keep the parameter count of a 4*d two-matrix
     MLP (2 * 4d * d = 8d^2) it uses d_ff = 8/3 * d (3 * 8/3 d * d = 8d^2), rounded to a multiple of 64
-    so the matmuls tile nicely on hardware. The two-matrix variants (silu, relu) use the classic 4*d.
+    so the matmuls tile nicely on hardware. The two-matrix variants (silu, relu, gelu) use the classic 4*d.
+    Worked example: d_model = 768 -> 8/3 * 768 = 2048 (= 32 * 64); GPT-2's GELU MLP uses 4 * 768 = 3072.
     """
     if ffn == "swiglu":
         return max(64, int(round(8 * d_model / 3 / 64)) * 64)
@@ -94,9 +138,12 @@ class ModelConfig:
                      stacks train stably without warmup tricks) or "post" (norm(x + f(x)), the 2017
                      original: slightly better when it trains, but needs warmup and is fragile when deep).
       position:      "rope" (default; rotate q/k by position: attention scores depend on relative
-                     offsets), "sinusoidal" (fixed absolute sin/cos added to the embeddings), "nope" (no
-                     position signal at all: the causal mask alone leaks order; extrapolates oddly).
-      ffn:           "swiglu" (default; gated, 3 matrices), "silu" or "relu" (2 matrices, d_ff = 4 d).
+                     offsets), "sinusoidal" (fixed absolute sin/cos added to the embeddings), "learned"
+                     (a trained [context_length, d] table added to the embeddings: GPT-2; cannot run past
+                     context_length at all), "nope" (no position signal at all: the causal mask alone
+                     leaks order; extrapolates oddly).
+      ffn:           "swiglu" (default; gated, 3 matrices), "silu", "relu" or "gelu" (2 matrices, d_ff =
+                     4 d; "gelu" is GPT-2's tanh approximation).
       num_experts:   0 = dense FFN; > 0 = mixture of experts with `experts_top_k` experts per token and a
                      Switch/GShard load-balancing loss weighted by `moe_aux_weight` (more parameters at
                      the same FLOPs per token; costs routing and load imbalance).
@@ -106,7 +153,13 @@ class ModelConfig:
                      KV cache by num_heads/num_kv_heads at a small quality cost.
       qk_norm:       RMSNorm on each head's queries and keys before RoPE (bounds the attention logits;
                      stabilizes training at high learning rates).
-      tie_embeddings: share the embedding matrix with the LM head (saves V*d params; common when small).
+      tie_embeddings: share the embedding matrix with the LM head (saves V*d params; common when small,
+                     and GPT-2 does it).
+      bias:          add a bias vector to every attention and FFN linear layer (GPT-2 style; the LM head
+                     and the MoE router stay bias-free). Modern stacks drop them: they cost little but
+                     help nothing measurable, and bias-free layers make the weights the only state.
+      norm_eps:      the epsilon inside every norm's square root (1e-5, as GPT-2 and most LLaMA-style
+                     models; it only matters for activations whose RMS is near sqrt(eps)).
       attn_impl:     "sdpa" (torch's fused attention, default), "naive" (from-scratch), or any backend
                      registered with register_attention_backend.
     d_ff=None is resolved to default_d_ff(d_model, ffn); num_kv_heads=None is resolved to num_heads, so
@@ -133,6 +186,8 @@ class ModelConfig:
     qk_norm: bool = False
     tie_embeddings: bool = False
     attn_impl: str = "sdpa"
+    bias: bool = False
+    norm_eps: float = 1e-5
 
     def __post_init__(self):
         def choice(field: str, allowed: tuple):
@@ -187,8 +242,13 @@ class ModelConfig:
         elif self.window_size is not None:
             raise ValueError(f"ModelConfig.window_size={self.window_size} is only used with attention='sliding' "
                              f"(attention={self.attention!r})")
-        self.qk_norm = bool(self.qk_norm)
-        self.tie_embeddings = bool(self.tie_embeddings)
+        if not (isinstance(self.norm_eps, (int, float)) and not isinstance(self.norm_eps, bool)
+                and 0 < self.norm_eps < 1):
+            raise ValueError(f"ModelConfig.norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+        for flag in ("qk_norm", "tie_embeddings", "bias"):
+            if not isinstance(getattr(self, flag), (bool, int)) or getattr(self, flag) not in (0, 1):
+                raise ValueError(f"ModelConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
+            setattr(self, flag, bool(getattr(self, flag)))
 
     @property
     def head_dim(self) -> int:
@@ -222,25 +282,29 @@ class ModelConfig:
 # ======================================================================================================
 
 class Linear(nn.Module):
-    """y = x W^T with W stored [out_features, in_features] (the PyTorch/CS336 layout), no bias.
+    """y = x W^T (+ b) with W stored [out_features, in_features] (the PyTorch/CS336 layout).
 
     Init N(0, sigma^2) with sigma^2 = 2 / (in + out) (Glorot: keeps activation AND gradient variance
     roughly constant through the layer), truncated at +-3 sigma so no weight starts as an outlier.
+    The CS336 layer has no bias; `bias=True` (GPT-2's layers) adds one, initialized to zero.
     """
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         std = math.sqrt(2.0 / (in_features + out_features))
         nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        # a registered None keeps `self.bias` readable while leaving no "bias" key in the state dict
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (..., in) @ (in, out) -> (..., out). matmul folds the leading dims into one big GEMM.
-        return x @ self.weight.t()
+        y = x @ self.weight.t()
+        return y if self.bias is None else y + self.bias  # bias (out,) broadcasts over the leading dims
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Embedding(nn.Module):
@@ -263,7 +327,10 @@ class RMSNorm(nn.Module):
     """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g.
 
     Computed in float32 and cast back: in bf16 the sum of squares over d_model elements loses precision
-    (8 mantissa bits), and the rsqrt of a tiny number blows up. Gain g initialized to 1 (identity).
+    (8 mantissa bits), and in fp16 x^2 overflows to inf once |x| > 256 (65504 is fp16's largest number),
+    which would zero the whole row. eps sits INSIDE the square root: it bounds 1/rms by 1/sqrt(eps) for
+    an all-near-zero row (eps outside would divide by ~0). Gain g initialized to 1 (identity).
+    Zhang & Sennrich (2019), arXiv:1910.07467: dropping LayerNorm's mean subtraction loses nothing.
     """
 
     def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
@@ -273,9 +340,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        x32 = x.float()
-        inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1)
-        return (x32 * inv_rms * self.weight.float()).to(in_dtype)
+        x32 = x.float()                                                          # (..., d) in float32
+        inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1) = 1/sqrt(ms+eps)
+        return (x32 * inv_rms * self.weight.float()).to(in_dtype)                # back to the input dtype
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, eps={self.eps}"
@@ -297,18 +364,18 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         x32 = x.float()
-        mean = x32.mean(dim=-1, keepdim=True)
-        var = (x32 - mean).pow(2).mean(dim=-1, keepdim=True)
-        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        mean = x32.mean(dim=-1, keepdim=True)                 # (..., 1)
+        var = (x32 - mean).pow(2).mean(dim=-1, keepdim=True)  # (..., 1) biased variance (divide by d, not d-1)
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)        # (..., d) zero mean, unit variance
         return (y * self.weight.float() + self.bias.float()).to(in_dtype)
 
 
-def make_norm(kind: str, d_model: int, device=None, dtype=None) -> nn.Module:
+def make_norm(kind: str, d_model: int, device=None, dtype=None, eps: float = 1e-5) -> nn.Module:
     """The `norm` switch: "rmsnorm" | "layernorm" | "none" (identity, no parameters)."""
     if kind == "rmsnorm":
-        return RMSNorm(d_model, device=device, dtype=dtype)
+        return RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
     if kind == "layernorm":
-        return LayerNorm(d_model, device=device, dtype=dtype)
+        return LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"norm={kind!r} is not one of {list(NORM_CHOICES)}")
@@ -319,43 +386,59 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (GPT-2's "gelu_new"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    The exact GELU is x * Phi(x) (Phi = the standard normal CDF): the input scaled by the probability
+    that a unit Gaussian is below it. GPT-2 was trained with this tanh curve, which differs from the
+    exact one by up to ~1e-3, so loading its weights needs exactly this formula (Hendrycks & Gimpel,
+    arXiv:1606.08415)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
 class SwiGLU(nn.Module):
     """SwiGLU(x) = W2 (silu(W1 x) * W3 x): a gated MLP. The gate W3 x lets each hidden unit be switched
-    by a second linear view of the input; empirically better than ReLU/GELU MLPs at equal parameters."""
+    by a second linear view of the input; empirically better than ReLU/GELU MLPs at equal parameters
+    (Shazeer, "GLU Variants Improve Transformer", arXiv:2002.05202)."""
 
-    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None, bias: bool = False):
         super().__init__()
-        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
-        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
-        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype, bias=bias)  # gate branch, through silu
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype, bias=bias)  # back down to d_model
+        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype, bias=bias)  # linear "value" branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(silu(self.w1(x)) * self.w3(x))  # (..., d) -> (..., d_ff) -> (..., d)
 
 
-class FeedForward(nn.Module):
-    """The classic two-matrix MLP, W2 act(W1 x), with act = silu or relu (d_ff = 4 d by default)."""
+# The two-matrix MLP's activations. relu is max(0, x) written as a clamp (no Python branch per element).
+_ACTIVATIONS = {"silu": silu, "relu": lambda h: torch.clamp_min(h, 0.0), "gelu": gelu}
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", device=None, dtype=None):
+
+class FeedForward(nn.Module):
+    """The classic two-matrix MLP, W2 act(W1 x), with act = silu, relu or gelu (d_ff = 4 d by default).
+    GPT-2's MLP is this with gelu and biases: its c_fc is our w1, its c_proj our w2."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", device=None, dtype=None,
+                 bias: bool = False):
         super().__init__()
-        if activation not in ("silu", "relu"):
-            raise ValueError(f"FeedForward activation={activation!r} is not one of ['silu', 'relu']")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"FeedForward activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
         self.activation = activation
-        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
-        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype, bias=bias)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w1(x)
-        h = silu(h) if self.activation == "silu" else torch.clamp_min(h, 0.0)
-        return self.w2(h)
+        # (..., d) -> (..., d_ff) -> act -> (..., d)
+        return self.w2(_ACTIVATIONS[self.activation](self.w1(x)))
 
 
-def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None) -> nn.Module:
-    """The `ffn` switch: "swiglu" | "silu" | "relu"."""
+def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None, bias: bool = False) -> nn.Module:
+    """The `ffn` switch: "swiglu" | "silu" | "relu" | "gelu"."""
     if kind == "swiglu":
-        return SwiGLU(d_model, d_ff, device=device, dtype=dtype)
-    if kind in ("silu", "relu"):
-        return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype)
+        return SwiGLU(d_model, d_ff, device=device, dtype=dtype, bias=bias)
+    if kind in _ACTIVATIONS:
+        return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype, bias=bias)
     raise ValueError(f"ffn={kind!r} is not one of {list(FFN_CHOICES)}")
 
 
@@ -522,7 +605,8 @@ class MultiHeadSelfAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, max_seq_len: Optional[int] = None,
                  theta: Optional[float] = None, *, num_kv_heads: Optional[int] = None, qk_norm: bool = False,
                  window_size: Optional[int] = None, attn_impl: str = "sdpa",
-                 rope: Optional[RotaryPositionalEmbedding] = None, device=None, dtype=None):
+                 rope: Optional[RotaryPositionalEmbedding] = None, bias: bool = False, norm_eps: float = 1e-5,
+                 device=None, dtype=None):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
@@ -534,12 +618,14 @@ class MultiHeadSelfAttention(nn.Module):
         self.head_dim = d_model // num_heads
         self.window_size = window_size
         self.attn_impl = attn_impl
-        self.q_proj = Linear(d_model, num_heads * self.head_dim, device=device, dtype=dtype)
-        self.k_proj = Linear(d_model, num_kv_heads * self.head_dim, device=device, dtype=dtype)
-        self.v_proj = Linear(d_model, num_kv_heads * self.head_dim, device=device, dtype=dtype)
-        self.output_proj = Linear(num_heads * self.head_dim, d_model, device=device, dtype=dtype)
-        self.q_norm = RMSNorm(self.head_dim, device=device, dtype=dtype) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, device=device, dtype=dtype) if qk_norm else None
+        # W_q: d -> H*dh, W_k/W_v: d -> Hkv*dh (GQA stores fewer K/V heads), W_o: H*dh -> d
+        self.q_proj = Linear(d_model, num_heads * self.head_dim, device=device, dtype=dtype, bias=bias)
+        self.k_proj = Linear(d_model, num_kv_heads * self.head_dim, device=device, dtype=dtype, bias=bias)
+        self.v_proj = Linear(d_model, num_kv_heads * self.head_dim, device=device, dtype=dtype, bias=bias)
+        self.output_proj = Linear(num_heads * self.head_dim, d_model, device=device, dtype=dtype, bias=bias)
+        # QK-norm (arXiv:2302.05442): RMSNorm over each head's dh features, so |q.k| stays bounded
+        self.q_norm = RMSNorm(self.head_dim, eps=norm_eps, device=device, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=norm_eps, device=device, dtype=dtype) if qk_norm else None
         use_rope = theta is not None and max_seq_len is not None
         if rope is None and use_rope:
             rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len, device=device)
@@ -564,7 +650,10 @@ class MultiHeadSelfAttention(nn.Module):
             q, k = self.rope(q, pos), self.rope(k, pos)
         if kv_cache is not None:  # append this chunk's keys/values; get back everything to attend to
             k, v = kv_cache.update(layer_idx, k, v)
-        if Hkv != H:  # GQA: each KV head serves H/Hkv consecutive query heads
+        if Hkv != H:
+            # GQA: query heads come in H/Hkv CONSECUTIVE groups, group g reading KV head g. So KV head g
+            # must be copied to positions g*G .. g*G+G-1 (G = H/Hkv): repeat_interleave gives
+            # (k0, k0, k1, k1); `repeat` would give (k0, k1, k0, k1) and silently pair the wrong heads.
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
         if attn_mask is None:
@@ -588,11 +677,11 @@ class MoEFeedForward(nn.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, ffn: str = "swiglu",
-                 device=None, dtype=None):
+                 device=None, dtype=None, bias: bool = False):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.router = Linear(d_model, num_experts, device=device, dtype=dtype)
-        self.experts = nn.ModuleList([make_ffn(ffn, d_model, d_ff, device=device, dtype=dtype)
+        self.router = Linear(d_model, num_experts, device=device, dtype=dtype)  # W_r: d -> E scores
+        self.experts = nn.ModuleList([make_ffn(ffn, d_model, d_ff, device=device, dtype=dtype, bias=bias)
                                       for _ in range(num_experts)])
         self.aux_loss = None  # set by forward
 
@@ -656,32 +745,28 @@ class TransformerBlock(nn.Module):
         cfg = config if config is not None else _config_from_block_args(d_model, num_heads, d_ff, max_seq_len,
                                                                          theta, switches)
         self.norm_position = cfg.norm_position
-        self.ln1 = make_norm(cfg.norm, cfg.d_model, device, dtype)
+        self.ln1 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
         self.attn = MultiHeadSelfAttention(
             cfg.d_model, cfg.num_heads, cfg.context_length if cfg.position == "rope" else None,
             cfg.rope_theta if cfg.position == "rope" else None, num_kv_heads=cfg.num_kv_heads,
-            qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl, rope=rope, device=device,
-            dtype=dtype)
-        self.ln2 = make_norm(cfg.norm, cfg.d_model, device, dtype)
+            qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl, rope=rope, bias=cfg.bias,
+            norm_eps=cfg.norm_eps, device=device, dtype=dtype)
+        self.ln2 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
         if cfg.num_experts > 0:
             self.ffn = MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.experts_top_k, cfg.ffn,
-                                      device=device, dtype=dtype)
+                                      device=device, dtype=dtype, bias=cfg.bias)
         else:
-            self.ffn = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, device, dtype)
+            self.ffn = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, device, dtype, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
                 layer_idx: int = 0) -> torch.Tensor:
+        # x: (B, T, d), the residual stream; each sublayer reads it and adds (or normalizes) its output
         if self.norm_position == "pre":
             x = x + self.attn(self.ln1(x), token_positions, attn_mask, kv_cache, layer_idx)
             return x + self.ffn(self.ln2(x))
         x = self.ln1(x + self.attn(x, token_positions, attn_mask, kv_cache, layer_idx))
         return self.ln2(x + self.ffn(x))
-
-
-class StateDictMismatchError(ValueError, RuntimeError):
-    """A checkpoint whose keys or shapes do not match the model. (A ValueError for our callers, and a
-    RuntimeError for code written against torch's own load_state_dict.)"""
 
 
 class TransformerLM(nn.Module):
@@ -705,18 +790,24 @@ class TransformerLM(nn.Module):
         self.config = cfg
         self.validate_inputs = True
         self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
+        # Absolute positions are ADDED to the token embeddings: a fixed sin/cos table (a buffer, not saved)
+        # or a learned table (GPT-2's wpe, a parameter). RoPE and NoPE add nothing here.
+        self.position_embeddings = None
         if cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_positions(cfg.context_length, cfg.d_model).to(device),
                                  persistent=False)
         else:
             self.pos_table = None
+        if cfg.position == "learned":
+            self.position_embeddings = Embedding(cfg.context_length, cfg.d_model, device=device, dtype=dtype)
         # one RoPE table shared by every layer (a lookup per forward instead of one per layer)
         rope = RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length, device=device) \
             if cfg.position == "rope" else None
         self.layers = nn.ModuleList([TransformerBlock(cfg.d_model, cfg.num_heads, config=cfg, rope=rope,
                                                       device=device, dtype=dtype) for _ in range(cfg.num_layers)])
         # post-norm blocks already end in a norm, so only pre-norm needs the final one
-        self.ln_final = make_norm(cfg.norm, cfg.d_model, device, dtype) if cfg.norm_position == "pre" \
+        self.ln_final = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps) \
+            if cfg.norm_position == "pre" \
             else nn.Identity()
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
         if cfg.tie_embeddings:
@@ -784,7 +875,9 @@ class TransformerLM(nn.Module):
             token_positions = torch.arange(T, device=dev)  # one tensor for all layers (RoPE lookup memo)
         x = self.token_embeddings(token_ids)  # (B, T, d)
         if self.pos_table is not None:
-            x = x + self.pos_table[token_positions].to(x.dtype)
+            x = x + self.pos_table[token_positions].to(x.dtype)     # (T, d) or (B, T, d), broadcast over B
+        elif self.position_embeddings is not None:
+            x = x + self.position_embeddings(token_positions)       # the same, from a learned table
         # per-row positions (B, T) -> (B, 1, T), broadcast over heads; made once so RoPE's lookup is shared
         layer_positions = token_positions[:, None, :] if token_positions.dim() == 2 else token_positions
         for i, layer in enumerate(self.layers):
@@ -809,42 +902,6 @@ class TransformerLM(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _strip_wrapper_prefixes(state_dict: dict) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def check_state_dict(model: nn.Module, state_dict: dict) -> None:
-    """Raise StateDictMismatchError naming missing / unexpected / wrongly-shaped keys (no-op if it fits)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(state_dict))
-              if hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes}")
-        raise StateDictMismatchError("state dict does not match the model: " + "; ".join(parts))
-
-
-def load_model_state(model: nn.Module, state_dict: dict) -> None:
-    """Load a state dict strictly, with an error that names every key that does not fit."""
-    state_dict = _strip_wrapper_prefixes(state_dict)
-    check_state_dict(model, state_dict)
-    nn.Module.load_state_dict(model, state_dict, strict=True)
-
-
 def set_attention_backend(model: nn.Module, name: str) -> None:
     """Switch every attention module in `model` to backend `name` (and record it in model.config)."""
     get_attention_backend(name)
@@ -860,31 +917,38 @@ def set_attention_backend(model: nn.Module, name: str) -> None:
 # ======================================================================================================
 
 def _norm_params(kind: str, d: int) -> int:
+    # RMSNorm: a gain per feature; LayerNorm: gain + bias; none: nothing
     return {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[kind]
 
 
-def _ffn_params(kind: str, d: int, d_ff: int) -> int:
-    return (3 if kind == "swiglu" else 2) * d * d_ff
+def _ffn_params(kind: str, d: int, d_ff: int, bias: bool = False) -> int:
+    # SwiGLU: w1, w3 (d -> d_ff) and w2 (d_ff -> d); the others: w1 and w2. Biases: one per output unit.
+    n_in = 2 if kind == "swiglu" else 1  # matrices that map d -> d_ff
+    return (n_in + 1) * d * d_ff + ((n_in * d_ff + d) if bias else 0)
 
 
 def num_params(model_or_config, include_embeddings: bool = True) -> int:
     """Number of trainable parameters. Tied embedding/LM-head weights are counted once.
 
     include_embeddings=False drops the vocabulary matrices -- the token embedding and (when untied) the
-    LM head -- giving Kaplan et al.'s "non-embedding" N used in scaling laws.
-    Given a ModelConfig it is computed analytically (no model built); given a module it counts tensors.
+    LM head -- and a learned position table, giving Kaplan et al.'s "non-embedding" N used in scaling
+    laws. Given a ModelConfig it is computed analytically (no model built); given a module it counts
+    tensors. Known answer: GPT-2 small (V 50257, T 1024, d 768, 12 layers, GPT-2 switches) = 124,439,808.
     """
     if isinstance(model_or_config, ModelConfig):
         c = model_or_config
         d, dh = c.d_model, c.head_dim
+        # q and output: d x (H dh) each; k and v: d x (Hkv dh) each (GQA shrinks these two)
         attn = d * c.num_heads * dh + 2 * d * c.num_kv_heads * dh + c.num_heads * dh * d
-        attn += 2 * dh if c.qk_norm else 0
-        ffn = _ffn_params(c.ffn, d, c.d_ff)
+        attn += (c.num_heads * dh + 2 * c.num_kv_heads * dh + d) if c.bias else 0
+        attn += 2 * dh if c.qk_norm else 0  # q_norm and k_norm gains, shared by all heads
+        ffn = _ffn_params(c.ffn, d, c.d_ff, c.bias)
         if c.num_experts > 0:
             ffn = c.num_experts * ffn + d * c.num_experts  # experts + router
         per_layer = attn + ffn + 2 * _norm_params(c.norm, d)
         total = c.num_layers * per_layer + (_norm_params(c.norm, d) if c.norm_position == "pre" else 0)
         vocab = c.vocab_size * d * (1 if c.tie_embeddings else 2)
+        vocab += c.context_length * d if c.position == "learned" else 0
         return total + (vocab if include_embeddings else 0)
     model = model_or_config
     if not isinstance(model, nn.Module):
@@ -893,7 +957,7 @@ def num_params(model_or_config, include_embeddings: bool = True) -> int:
     total = sum(p.numel() for p in unique.values())
     if not include_embeddings:
         vocab = {}
-        for name in ("token_embeddings", "lm_head"):
+        for name in ("token_embeddings", "lm_head", "position_embeddings"):
             sub = getattr(model, name, None)
             if sub is not None:
                 vocab[id(sub.weight)] = sub.weight
@@ -1138,9 +1202,10 @@ def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator] 
 
 
 def _check_sampling_args(temperature: float, top_p: float, max_new_tokens: int):
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not (0 < top_p <= 1):
+    # `not (x >= 0)` also rejects NaN, whose comparisons are all False
+    if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -1338,9 +1403,626 @@ def _speculative_one(target, draft, prompt, max_new_tokens, k, temperature, top_
     return out[:max_new_tokens]
 
 
-# ======================================================================================================
-# 6. The peer for the speed benchmark: the same architecture from torch's own layers
-# ======================================================================================================
+# ===== Appendix: plumbing =====
+# Everything a user of the model needs around it but that teaches nothing about Transformers: loading
+# weights with errors that name the problem, random training windows, downloads, checkpoints, GPT-2's
+# weights from Hugging Face, and "load a checkpoint and sample". Later stages import these from here.
+
+class StateDictMismatchError(ValueError, RuntimeError):
+    """A checkpoint whose keys or shapes do not match the model. (A ValueError for our callers, and a
+    RuntimeError for code written against torch's own load_state_dict.)"""
+
+
+def _strip_wrapper_prefixes(state_dict: dict) -> dict:
+    # torch.compile saves "_orig_mod.<name>", DistributedDataParallel "module.<name>": the same weights
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _unwrap_module(model: nn.Module) -> nn.Module:
+    """The bare module under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def check_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Raise StateDictMismatchError naming missing / unexpected / wrongly-shaped keys (no-op if it fits)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(state_dict))
+              if hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes}")
+        raise StateDictMismatchError("state dict does not match the model: " + "; ".join(parts))
+
+
+def load_model_state(model: nn.Module, state: dict, src=None) -> None:
+    """Load weights strictly into `model` (compile/DDP wrappers are looked through), with an error that
+    names every key that does not fit. `state` is a state dict, or a checkpoint dict whose "model" entry
+    is one (as read_checkpoint returns); `src`, when given, is the file named in the error."""
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    state = _strip_wrapper_prefixes(state)
+    model = _unwrap_module(model)
+    try:
+        check_state_dict(model, state)
+    except StateDictMismatchError as e:
+        if src is None:
+            raise
+        raise StateDictMismatchError(f"checkpoint {src} is incompatible with this model: {e}") from None
+    nn.Module.load_state_dict(model, state, strict=True)
+
+
+class DeviceUnavailableError(ValueError, RuntimeError):
+    """A device name that is malformed or not present on this machine (a RuntimeError, as torch raises
+    for devices, and a ValueError, as our command lines report usage errors)."""
+
+
+def resolve_device(name) -> torch.device:
+    """torch.device for `name` ("auto" = cuda, else mps, else cpu), checked to exist on this machine."""
+    if str(name) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceUnavailableError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"device {name!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(f"device {name!r} requested but this machine has "
+                                         f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceUnavailableError(f"device {name!r} requested but MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise DeviceUnavailableError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------------
+# Random training windows: how a language model sees a token stream
+# ------------------------------------------------------------------------------------------------------
+
+def sample_windows(tokens, batch_size: int, context_length: int, rng: np.random.Generator):
+    """`batch_size` windows of a 1-D token array (ndarray or np.memmap) at uniformly random starts.
+
+    x[b] = tokens[s_b : s_b + T] and y[b] = tokens[s_b + 1 : s_b + T + 1]: at every position the target
+    is the next token, so one window gives T training examples. s_b is uniform in [0, n - T - 1], the
+    last start whose target window still fits. Returns two int64 arrays of shape (B, T); only the
+    B * (T + 1) tokens used are read, so a memory-mapped corpus larger than RAM works. `rng` (a numpy
+    Generator) makes the draw reproducible: train.py derives one per step for exact resumes.
+    """
+    n = len(tokens)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if n < context_length + 1:
+        raise ValueError(f"dataset has {n} tokens, fewer than one context window + 1 ({context_length + 1}); "
+                         "use a bigger corpus or a smaller context length")
+    starts = rng.integers(0, n - context_length, size=batch_size)   # (B,) in [0, n - T - 1]
+    offsets = np.arange(context_length + 1)                          # (T + 1,)
+    windows = np.asarray(tokens[starts[:, None] + offsets[None, :]], dtype=np.int64)  # (B, T + 1) gather
+    return windows[:, :-1], windows[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Downloads: resumable, verified, atomic
+# ------------------------------------------------------------------------------------------------------
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in `chunk`-byte pieces (constant memory for any file size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def _download_note(progress, dest: Path, done: int, total, final: bool = False):
+    if progress is None:
+        return
+    msg = f"{done / 1e6:,.1f} MB" + (f" / {total / 1e6:,.1f} MB ({100 * done / total:.0f}%)" if total else "")
+    progress.close(msg) if final else progress.update(msg)
+
+
+def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Optional[int] = None,
+             progress: bool = True, timeout: float = 60.0, chunk: int = 1 << 20) -> Path:
+    """Download `url` to `dest`, resuming a partial `dest.part` with an HTTP Range request.
+
+    - If `dest` exists and (when known) its size / SHA-256 match, nothing is downloaded.
+    - The bytes go to `dest.part`; a re-run asks the server for `Range: bytes=<have>-`. A 206 reply is
+      appended; a 200 reply (server ignores ranges) restarts from zero. file:// URLs resume by seeking.
+    - At the end the size is checked against Content-Length / `expected_size` and the SHA-256 against
+      `sha256`; only then is `.part` renamed to `dest` (atomic), and the hash recorded in `dest.sha256`.
+    Network failures raise ConnectionError (one line naming the URL), bad bytes ValueError.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    hash_file = Path(str(dest) + ".sha256")
+    if dest.exists():
+        if expected_size is not None and dest.stat().st_size != expected_size:
+            raise ValueError(f"cached {dest} has {dest.stat().st_size} bytes, expected {expected_size}; "
+                             "delete it to download again")
+        want = sha256 or (hash_file.read_text().strip() if hash_file.exists() else None)
+        if want and sha256_file(dest) != want:
+            raise ValueError(f"cached {dest} does not match its SHA-256 {want}: it is corrupt or was modified; "
+                             "delete it to download again")
+        return dest
+    part = Path(str(dest) + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "ScratchLM/1.0"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # range not satisfiable: the .part is already complete
+            resp = None
+        else:
+            raise ConnectionError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"download of {url} failed: {e}") from None
+    total = expected_size
+    bar = Progress(True, f"downloading {dest.name}") if progress else None
+    if resp is not None:
+        with resp:
+            status = getattr(resp, "status", None) or resp.getcode()
+            if url.startswith("file:"):
+                resp.read(have) if have else None  # local file: skip what we already have
+                status = 206 if have else 200
+            if have and status != 206:
+                have = 0  # the server sent the whole file: start over
+            length = resp.headers.get("Content-Length")
+            if length is not None and total is None:
+                # a 206 reply's Content-Length is the REST of the file; a file:// one is the whole file
+                total = int(length) + (have if status == 206 and not url.startswith("file:") else 0)
+                if url.startswith("file:"):
+                    total = int(length)
+            done = have
+            try:
+                with open(part, "ab" if have else "wb") as f:
+                    while True:
+                        b = resp.read(chunk)
+                        if not b:
+                            break
+                        f.write(b)
+                        done += len(b)
+                        _download_note(bar, dest, done, total)
+            except (urllib.error.URLError, OSError, TimeoutError) as e:
+                if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                    raise OSError(errno.ENOSPC, f"no space left writing {part}; run again to resume") from None
+                raise ConnectionError(f"download of {url} interrupted after {done} bytes ({e}); "
+                                      "run again to resume") from None
+            _download_note(bar, dest, done, total, final=True)
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise ConnectionError(f"download of {url} incomplete: got {size} of {total} bytes; run again to resume")
+    digest = sha256_file(part)
+    if sha256 is not None and digest != sha256:
+        part.unlink()
+        raise ValueError(f"download of {url} failed verification: SHA-256 {digest} != expected {sha256}")
+    os.replace(part, dest)
+    atomic_write_text(hash_file, digest + "\n")
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checkpoints: one reader with one clear error per way a file can be wrong
+# ------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "scratchlm-checkpoint-v1"
+
+
+def read_checkpoint(path) -> dict:
+    """Read a checkpoint dict written by train.py (or any torch.save'd dict with a "model" state dict).
+
+    torch.load runs with weights_only=True: only tensors and plain Python values are unpickled, so a
+    malicious file cannot run code. Every failure is a one-line error that names the file: missing
+    (FileNotFoundError), a directory, zero bytes (an interrupted copy), truncated or corrupt, a pickle
+    that wants to run code, or a file that is not a ScratchLM checkpoint (ValueError). `path` may also
+    be a binary file object.
+    """
+    if isinstance(path, (str, os.PathLike)):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if os.path.isdir(path):
+            raise ValueError(f"checkpoint {path} is a directory; pass the checkpoint file inside it (ckpt.pt)")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"checkpoint {path} is empty (0 bytes): it was never completely written")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types (RuntimeError, UnpicklingError, EOFError, ...)
+        msg = str(e)
+        if "GLOBAL " in msg or "Unsupported global" in msg:  # a pickle that names a function to call
+            raise ValueError(f"checkpoint {path} was refused: it holds pickled objects that would run code when "
+                             "loaded (a ScratchLM checkpoint holds only tensors and plain values)") from None
+        # torch's weights-only message starts with generic advice; the useful detail comes after this marker
+        detail = msg.split("WeightsUnpickler error:")[-1].strip()
+        first = (detail.splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {path} is corrupt or not a ScratchLM checkpoint "
+                         f"({type(e).__name__}{': ' + first if first else ''})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"checkpoint {path} is not a ScratchLM checkpoint (no 'model' state dict in it)")
+    if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {ckpt.get('format')!r}; this version reads "
+                         f"{CHECKPOINT_FORMAT!r}")
+    return ckpt
+
+
+def _checkpoint_model_config(ckpt: dict, path) -> ModelConfig:
+    # train.py stores "model_config"; the course's layout nests it as config["model"], or config is it
+    cfg = ckpt.get("model_config")
+    if cfg is None and isinstance(ckpt.get("config"), dict):
+        cfg = ckpt["config"].get("model", ckpt["config"] if "vocab_size" in ckpt["config"] else None)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"checkpoint {path} has no model config ('model_config' or 'config'['model'])")
+    try:
+        return ModelConfig.from_dict(dict(cfg))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint {path} has an invalid model config: {e}") from None
+
+
+def check_tokenizer_matches(ckpt: dict, tokenizer, path) -> None:
+    """A tokenizer from another corpus with the same vocab size would sample fluent-looking garbage: the
+    checkpoint's stored fingerprint (hash of vocab + merges + specials) must match the tokenizer's."""
+    want = ckpt.get("tokenizer_fingerprint")
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if want and callable(fingerprint) and fingerprint() != want:
+        raise ValueError(f"tokenizer (fingerprint {fingerprint()}) is not the one checkpoint {path} was trained "
+                         f"with (fingerprint {want}): its ids would decode to different text")
+
+
+def load_checkpoint_model(path, device="cpu", tokenizer=None) -> tuple[TransformerLM, dict]:
+    """Rebuild the TransformerLM a checkpoint describes and load its weights: returns (model, ckpt).
+    With a `tokenizer`, its fingerprint is checked against the checkpoint's (when both have one)."""
+    return _model_from_checkpoint(read_checkpoint(path), path, resolve_device(device), tokenizer)
+
+
+def _model_from_checkpoint(ckpt: dict, path, dev, tokenizer=None) -> tuple[TransformerLM, dict]:
+    cfg = _checkpoint_model_config(ckpt, path)
+    if tokenizer is not None:
+        check_tokenizer_matches(ckpt, tokenizer, path)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} > model vocab_size {cfg.vocab_size} "
+                             f"in {path}: wrong tokenizer for this checkpoint")
+    model = TransformerLM.from_config(cfg)
+    load_model_state(model, ckpt["model"], src=path)
+    return model.to(dev), ckpt
+
+
+def find_tokenizer_dir(path, ckpt: dict) -> Optional[str]:
+    """The tokenizer of a train.py run: the `tokenizer/` folder next to the checkpoint, or the folder the
+    checkpoint recorded. None when neither holds a vocab.json."""
+    for cand in (os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer"), ckpt.get("tokenizer_dir")):
+        if cand and os.path.exists(os.path.join(str(cand), "vocab.json")):
+            return str(cand)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPT-2 from Hugging Face: a from-scratch safetensors reader and the name mapping
+# ------------------------------------------------------------------------------------------------------
+# A .safetensors file is: 8 bytes (little-endian uint64) = N, then N bytes of JSON, then raw tensor bytes.
+# The JSON maps each tensor name to {"dtype": "F32", "shape": [768, 2304], "data_offsets": [begin, end]}
+# (byte offsets into the data section, little-endian, row-major); "__metadata__" holds free-form strings.
+# No code runs when reading it (unlike a pickle), which is why the Hub prefers it.
+
+SAFETENSORS_DTYPES = {  # safetensors name -> (numpy little-endian dtype, torch dtype)
+    "F64": ("<f8", torch.float64), "F32": ("<f4", torch.float32), "F16": ("<f2", torch.float16),
+    "BF16": ("<u2", torch.bfloat16), "I64": ("<i8", torch.int64), "I32": ("<i4", torch.int32),
+    "I16": ("<i2", torch.int16), "I8": ("i1", torch.int8), "U8": ("u1", torch.uint8), "BOOL": ("?", torch.bool),
+}
+
+
+def read_safetensors(path) -> dict:
+    """{name: tensor} from a .safetensors file, with a clear error naming the file for any malformation."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header length {n} does not fit a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
+        data_size, out = size - 8 - n, {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                np_dtype, torch_dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(s) for s in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: tensor {name!r} has a malformed or unsupported entry {info!r} "
+                                 f"(dtypes: {sorted(SAFETENSORS_DTYPES)})") from None
+            nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+            if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
+                raise ValueError(f"{path}: tensor {name!r} with shape {shape} {info['dtype']} needs {nbytes} bytes "
+                                 f"but its offsets [{begin}, {end}] give {end - begin} (data section {data_size}): "
+                                 "the file is truncated or corrupt")
+            f.seek(8 + n + begin)
+            arr = np.frombuffer(bytearray(f.read(end - begin)), dtype=np_dtype)
+            arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # a no-op on little-endian machines
+            t = torch.from_numpy(arr)
+            if torch_dtype is torch.bfloat16:  # numpy has no bfloat16: reinterpret the 16-bit patterns
+                t = t.view(torch.int16).view(torch.bfloat16)
+            out[name] = t.reshape(shape)
+    return out
+
+
+# The four released GPT-2 sizes on the Hugging Face Hub (the user-facing names are the Hub's model ids).
+GPT2_HF_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+                 "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+HF_BASE_URL = "https://huggingface.co"
+
+
+def gpt2_config_from_hf(hf: dict, vocab_size: Optional[int] = None) -> ModelConfig:
+    """Our ModelConfig for a Hugging Face GPT-2 config.json: pre-norm LayerNorm with biases, learned
+    positions, a tanh-GELU MLP of width n_inner (default 4 d), biases everywhere, tied LM head."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config model_type {hf.get('model_type')!r} is not 'gpt2'")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):  # both are the tanh approximation
+        raise ValueError(f"GPT-2 activation_function {act!r} is not supported (only the tanh GELU 'gelu_new')")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise ValueError("GPT-2 configs with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not "
+                         "supported (they change the attention math)")
+    try:
+        d = int(hf["n_embd"])
+        return ModelConfig(vocab_size=int(vocab_size or hf["vocab_size"]),
+                           context_length=int(hf.get("n_positions", hf.get("n_ctx"))), d_model=d,
+                           num_layers=int(hf["n_layer"]), num_heads=int(hf["n_head"]),
+                           d_ff=int(hf.get("n_inner") or 4 * d), norm="layernorm", norm_position="pre",
+                           position="learned", ffn="gelu", bias=True, tie_embeddings=True,
+                           norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"GPT-2 config is missing or has a bad field ({e!r})") from None
+
+
+def gpt2_state_dict_from_hf(tensors: dict, cfg: ModelConfig, src="checkpoint") -> dict:
+    """Map Hugging Face GPT-2 tensor names onto ours.
+
+    HF's attention and MLP use `Conv1D`, a linear layer stored [in, out] (the transpose of ours), and one
+    fused c_attn that computes q, k and v together: its [d, 3d] weight is transposed to [3d, d] and cut
+    into three [d, d] row blocks (q first, then k, then v). "attn.bias" / "attn.masked_bias" entries are
+    causal-mask buffers, not weights; "lm_head.weight" is the tied wte.
+    """
+    t = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in tensors.items()}
+    used, sd = set(), {}
+    d = cfg.d_model
+
+    def take(name: str) -> torch.Tensor:
+        if name not in t:
+            raise ValueError(f"{src}: GPT-2 tensor {name!r} is missing (has {len(t)} tensors, e.g. "
+                             f"{sorted(t)[:3]})")
+        used.add(name)
+        return t[name]
+
+    sd["token_embeddings.weight"] = take("wte.weight")           # (V, d)
+    sd["lm_head.weight"] = sd["token_embeddings.weight"]         # tied: the same matrix
+    sd["position_embeddings.weight"] = take("wpe.weight")        # (T, d)
+    for i in range(cfg.num_layers):
+        h, o = f"h.{i}.", f"layers.{i}."
+        for hf_ln, ours in (("ln_1", "ln1"), ("ln_2", "ln2")):
+            sd[o + ours + ".weight"], sd[o + ours + ".bias"] = take(h + hf_ln + ".weight"), take(h + hf_ln + ".bias")
+        w, b = take(h + "attn.c_attn.weight").t(), take(h + "attn.c_attn.bias")  # (3d, d), (3d,)
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            sd[o + f"attn.{name}.weight"] = w[j * d:(j + 1) * d].contiguous()
+            sd[o + f"attn.{name}.bias"] = b[j * d:(j + 1) * d].contiguous()
+        for hf_name, ours in (("attn.c_proj", "attn.output_proj"), ("mlp.c_fc", "ffn.w1"), ("mlp.c_proj", "ffn.w2")):
+            sd[o + ours + ".weight"] = take(h + hf_name + ".weight").t().contiguous()  # Conv1D [in, out] -> [out, in]
+            sd[o + ours + ".bias"] = take(h + hf_name + ".bias")
+    sd["ln_final.weight"], sd["ln_final.bias"] = take("ln_f.weight"), take("ln_f.bias")
+    ignorable = {k for k in t if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight"}
+    extra = sorted(set(t) - used - ignorable)
+    if extra:
+        raise ValueError(f"{src}: unexpected GPT-2 tensors {extra[:5]} (is config.json for these weights?)")
+    return sd
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded weights live: $SCRATCHLM_CACHE, else ~/.cache/scratchlm."""
+    return Path(os.environ.get("SCRATCHLM_CACHE") or Path.home() / ".cache" / "scratchlm")
+
+
+def _pretrained_files(name_or_path: str, cache_dir, progress: bool, base_url: str) -> tuple[Path, Path]:
+    """(model.safetensors, config.json) for a Hub name (downloaded and cached) or a local folder/file."""
+    p = Path(name_or_path)
+    if p.exists():
+        weights = p / "model.safetensors" if p.is_dir() else p
+        config = (p if p.is_dir() else p.parent) / "config.json"
+        for f in (weights, config):
+            if not f.is_file():
+                raise FileNotFoundError(f"pretrained model {name_or_path}: {f} not found (a folder needs "
+                                        "model.safetensors and config.json)")
+        return weights, config
+    if name_or_path not in GPT2_HF_REPOS:
+        raise ValueError(f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_HF_REPOS)} or a "
+                         "folder holding model.safetensors and config.json")
+    repo = GPT2_HF_REPOS[name_or_path]
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "huggingface" / repo.replace("/", "--")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cache folder {folder} is a file")
+    files = []
+    for fname in ("config.json", "model.safetensors"):
+        url = f"{base_url.rstrip('/')}/{repo}/resolve/main/{fname}"
+        try:
+            files.append(download(url, folder / fname, progress=progress))
+        except ConnectionError as e:
+            raise ConnectionError(f"cannot fetch {name_or_path}'s {fname} ({e}); check the network, or pass a "
+                                  "local folder holding model.safetensors and config.json") from None
+    return files[1], files[0]
+
+
+def from_pretrained(name_or_path: str = "gpt2", cache_dir=None, device="cpu", *, progress: bool = True,
+                    base_url: str = HF_BASE_URL) -> TransformerLM:
+    """A TransformerLM holding OpenAI's GPT-2 weights (`model.config` is its ModelConfig).
+
+    name_or_path: "gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" (downloaded once from the Hugging Face
+    Hub into `cache_dir`, default default_cache_dir()/huggingface/<repo>; resumable, atomic), or a local
+    folder with model.safetensors + config.json, or a .safetensors file with config.json beside it.
+    Offline with nothing cached: one ConnectionError line. Pair it with tokenizer.gpt2_tokenizer().
+    """
+    dev = resolve_device(device)
+    weights, config = _pretrained_files(str(name_or_path), cache_dir, progress, base_url)
+    try:
+        hf = json.loads(Path(config).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config} is not a JSON object")
+    cfg = gpt2_config_from_hf(hf)
+    state = gpt2_state_dict_from_hf(read_safetensors(weights), cfg, weights)
+    model = TransformerLM.from_config(cfg)
+    load_model_state(model, state, src=weights)
+    return model.to(dev).eval()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sampling from a checkpoint: the one implementation behind `model.py generate` and `train.py sample`
+# ------------------------------------------------------------------------------------------------------
+
+def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: float, num_samples: int = 1,
+                           seed: int = 0) -> None:
+    """Validate sampling options before any loading: ValueError naming the option and its range."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    _check_sampling_args(temperature, top_p, 0)
+
+
+def fit_to_context(prompt: list, max_new_tokens: int, context_length: int) -> tuple[list, int, list[str]]:
+    """Make prompt + new tokens fit the model's window: a prompt longer than context_length - 1 keeps its
+    LAST tokens (the ones nearest the continuation); then max_new_tokens shrinks to the room left.
+    Returns (prompt, max_new_tokens, notes for the user)."""
+    notes = []
+    keep = max(1, context_length - 1)
+    if len(prompt) > keep:
+        notes.append(f"prompt of {len(prompt)} tokens cut from the left to its last {keep} (context length "
+                     f"{context_length})")
+        prompt = prompt[-keep:]
+    room = context_length - len(prompt)
+    if max_new_tokens > room:
+        notes.append(f"max_new_tokens reduced from {max_new_tokens} to {room} to fit the context length "
+                     f"{context_length}")
+        max_new_tokens = room
+    return prompt, max_new_tokens, notes
+
+
+def _load_gpt2_tokenizer():
+    try:
+        return tk.gpt2_tokenizer()
+    except Exception as e:  # tiktoken raises network, file and key errors of many types
+        raise ConnectionError(f"GPT-2's tokenizer could not be loaded (tiktoken needs its 'gpt2' files from the "
+                              f"network or TIKTOKEN_CACHE_DIR): {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def sample_from_checkpoint(checkpoint=None, prompt: str = "", *, pretrained: Optional[str] = None, tokenizer=None,
+                           prompt_ids: Optional[list] = None, num_samples: int = 1, max_new_tokens: int = 200,
+                           temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, device="cpu",
+                           eos_id: Optional[int] = None, use_cache: bool = True, cache_dir=None,
+                           note: Optional[Callable[[str], None]] = None) -> dict:
+    """Load a model (a train.py `checkpoint`, or `pretrained` GPT-2) and its tokenizer, and sample.
+
+    tokenizer: a Tokenizer, a tokenizer folder, or None (the run's `tokenizer/` folder next to the
+    checkpoint or recorded in it; GPT-2's for `pretrained`). prompt_ids: token ids instead of text (no
+    tokenizer needed). An empty prompt starts a new document after <|endoftext|>; generation stops at
+    `eos_id` (default the tokenizer's <|endoftext|>). temperature 0 = greedy. Every option is checked
+    before anything is loaded; a prompt too long for the context is cut from the left (see
+    fit_to_context) and `note` (default: a line on stderr) says so.
+    Returns {"texts": prompt + continuation per sample (None without a tokenizer), "ids": new token ids
+    per sample, "prompt_ids": the ids actually used, "seconds": generation time}.
+    """
+    note = note or (lambda msg: print(f"[note] {msg}", file=sys.stderr, flush=True))
+    check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           num_samples=num_samples, seed=seed)
+    if (checkpoint is None) == (pretrained is None):
+        raise ValueError("give exactly one of a checkpoint or a pretrained model name")
+    if prompt_ids is not None and any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in prompt_ids):
+        raise ValueError(f"prompt ids must be integers >= 0, got {list(prompt_ids)[:10]}")
+    dev = resolve_device(device)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        if not os.path.isfile(os.path.join(tokenizer, "vocab.json")):
+            raise FileNotFoundError(f"tokenizer folder {tokenizer} has no vocab.json")
+        tokenizer = tk.Tokenizer.load(str(tokenizer))
+    if pretrained is not None:
+        if tokenizer is None and prompt_ids is None:
+            tokenizer = _load_gpt2_tokenizer()
+        model = from_pretrained(pretrained, cache_dir, dev)
+    else:
+        ckpt = read_checkpoint(checkpoint)
+        if tokenizer is None and prompt_ids is None:
+            tok_dir = find_tokenizer_dir(checkpoint, ckpt)
+            if tok_dir is None:
+                raise FileNotFoundError(f"no tokenizer found for {checkpoint} (looked for a tokenizer/ folder next "
+                                        "to it and the one it records); pass a tokenizer folder or prompt ids")
+            tokenizer = tk.Tokenizer.load(tok_dir)
+        model, _ = _model_from_checkpoint(ckpt, checkpoint, dev, tokenizer)
+    cfg = model.config
+    eos = eos_id if eos_id is not None else (tokenizer.eot_id if tokenizer is not None else None)
+    if eos is not None and not 0 <= eos < cfg.vocab_size:
+        raise ValueError(f"eos id {eos} is outside the model's vocabulary [0, {cfg.vocab_size})")
+    if prompt_ids is not None:
+        ids = list(prompt_ids)
+    else:
+        ids = tokenizer.encode(prompt) if prompt else ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+        if not ids:
+            raise ValueError("empty prompt and the tokenizer has no <|endoftext|> token to start a document from")
+    bad = [t for t in ids if t >= cfg.vocab_size]
+    if bad or not ids:
+        raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
+                         if bad else "the prompt is empty")
+    ids, n_new, notes = fit_to_context(ids, max_new_tokens, cfg.context_length)
+    for msg in notes:
+        note(msg)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    t0 = time.perf_counter()
+    outs = generate(model, [ids] * num_samples, n_new, temperature=temperature, top_p=top_p, eos_id=eos,
+                    use_cache=use_cache, generator=gen)
+    seconds = time.perf_counter() - t0
+    texts = None
+    if tokenizer is not None:
+        head = prompt if prompt_ids is None else tokenizer.decode(ids)
+        texts = [head + tokenizer.decode([t for t in out if t != eos]) for out in outs]
+    return {"texts": texts, "ids": outs, "prompt_ids": ids, "seconds": seconds}
+
+
+# ===== Appendix: benchmarks =====
+# The speed peers and the side-by-side benchmarks behind the README's figures (`python model.py bench`).
 
 class _TorchLayersBlock(nn.Module):
     """Default-switch block (pre-norm RMSNorm, RoPE, SwiGLU, full causal MHA) from nn.Linear, F.rms_norm,
@@ -1401,121 +2083,9 @@ class TorchLayersLM(nn.Module):
         return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.ln_final.weight, eps=1e-5))
 
 
-# ======================================================================================================
-# 7. Command line: table, generate, bench
-# ======================================================================================================
-
-# GPT-2's four sizes (d_model, layers, heads) at its vocabulary and context, in our modern stack.
-GPT2_SIZES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
-              "gpt2-xl": (1600, 48, 25)}
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def cmd_table(args) -> None:
-    """Parameters, FLOPs per token and training memory for GPT-2-sized configs."""
-    print(f"vocab {args.vocab_size}, context {args.context_length}, ffn {args.ffn}, batch {args.batch_size}, "
-          f"{args.dtype_bytes}-byte numbers, optimizer {args.optimizer}, attention FLOPs "
-          f"{'causal average' if not args.full_attention_flops else 'full rows'}")
-    header = (f"{'config':12s} {'d':>5s} {'L':>3s} {'H':>3s} {'d_ff':>5s} {'params':>8s} {'non-emb':>8s} "
-              f"{'fwd GF/tok':>10s} {'train GF/tok':>12s} {'attn%':>6s} {'ffn%':>6s} {'head%':>6s} "
-              f"{'params+grads+opt':>17s} {'activations':>12s} {'total':>10s}")
-    print(header)
-    print("-" * len(header))
-    for name, (d, L, H) in GPT2_SIZES.items():
-        cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=d, num_layers=L,
-                          num_heads=H, ffn=args.ffn, tie_embeddings=args.tie_embeddings)
-        causal = not args.full_attention_flops
-        br = flops_breakdown(cfg, causal_average=causal)
-        fwd = sum(br.values())
-        mem = memory_estimate(cfg, args.batch_size, args.optimizer, args.dtype_bytes)
-        state = mem["params"] + mem["grads"] + mem["optimizer_state"]
-        print(f"{name:12s} {d:5d} {L:3d} {H:3d} {cfg.d_ff:5d} {num_params(cfg) / 1e6:7.1f}M "
-              f"{num_params(cfg, include_embeddings=False) / 1e6:7.1f}M {fwd / 1e9:10.3f} "
-              f"{flops_per_token(cfg, training=True, causal_average=causal) / 1e9:12.3f} "
-              f"{100 * (br['attention_projections'] + br['attention_scores']) / fwd:5.1f}% "
-              f"{100 * br['ffn'] / fwd:5.1f}% {100 * br['lm_head'] / fwd:5.1f}% {_fmt_bytes(state):>17s} "
-              f"{_fmt_bytes(mem['activations']):>12s} {_fmt_bytes(mem['total']):>10s}")
-
-
-def load_checkpoint_model(path: str, device: str = "cpu") -> tuple[TransformerLM, dict]:
-    """Rebuild a TransformerLM from a checkpoint written by train.py (torch.save dict, loaded with
-    weights_only=True). The model config is read from "model_config" (train.py), or "config"["model"],
-    or a "config" that is itself a ModelConfig dict. Returns (model, the checkpoint dict)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no 'model' state dict")
-    cfg = ckpt.get("model_config")
-    if cfg is None and isinstance(ckpt.get("config"), dict):
-        cfg = ckpt["config"].get("model", ckpt["config"] if "vocab_size" in ckpt["config"] else None)
-    if cfg is None:
-        raise ValueError(f"checkpoint {path} has no model config ('model_config' or 'config'['model'])")
-    model = TransformerLM.from_config(ModelConfig.from_dict(dict(cfg)))
-    load_model_state(model, ckpt["model"])
-    return model.to(device), ckpt
-
-
-def cmd_generate(args) -> None:
-    model, ckpt = load_checkpoint_model(args.checkpoint, args.device)
-    tokenizer = None
-    tok_dir = args.tokenizer
-    if tok_dir is None and args.prompt_ids is None:
-        for cand in (os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "tokenizer"),
-                     ckpt.get("tokenizer_dir")):
-            if cand and os.path.exists(os.path.join(str(cand), "vocab.json")):
-                tok_dir = str(cand)
-                break
-        if tok_dir is None:
-            raise FileNotFoundError("no tokenizer found next to the checkpoint or in it; pass --tokenizer DIR "
-                                    "or give the prompt as --prompt-ids 1,2,3")
-    if tok_dir is not None:
-        import tokenizer as tk  # lazy: only this subcommand needs it
-        tokenizer = tk.Tokenizer.load(tok_dir)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} > model vocab_size "
-                             f"{model.config.vocab_size}: wrong tokenizer for this checkpoint")
-    if args.prompt_ids is not None:
-        try:
-            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    else:
-        prompt = tokenizer.encode(args.prompt)
-    eos = args.eos_id if args.eos_id is not None else (tokenizer.eot_id if tokenizer is not None else None)
-    room = model.config.context_length - len(prompt)
-    n_new = min(args.max_new_tokens, room)
-    if n_new < args.max_new_tokens:
-        print(f"[note] max_new_tokens reduced to {n_new} to fit the context length {model.config.context_length}",
-              file=sys.stderr)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    t0 = time.perf_counter()
-    outs = generate(model, [prompt] * args.num_samples, n_new, temperature=args.temperature, top_p=args.top_p,
-                    eos_id=eos, use_cache=not args.no_cache, generator=gen)
-    dt = time.perf_counter() - t0
-    for i, out in enumerate(outs):
-        if tokenizer is not None:
-            text = tokenizer.decode([t for t in out if t != eos])
-            print(f"--- sample {i} ---\n{args.prompt if args.prompt_ids is None else ''}{text}")
-        else:
-            print(f"--- sample {i} ---\n{','.join(map(str, out))}")
-    n = sum(len(o) for o in outs)
-    print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s, cache {'off' if args.no_cache else 'on'}]",
-          file=sys.stderr)
-
-
-MACHINE = "2-core CPU VM (x86_64), torch " + torch.__version__.split("+")[0] + " CPU"
-
-
 def _row(what: str, command: str, shape: str, ours: str, peer: str, ratio: str) -> str:
-    return f"| model | {what} | `{command}` | {shape} | {ours} | {peer} | {ratio} | {MACHINE} |"
+    # one markdown row: | stage | what | command | ours | peer | ratio | (the shape goes into "what")
+    return f"| model | {what} ({shape}) | `{command}` | {ours} | {peer} | {ratio} |"
 
 
 def _time_once(fn) -> float:
@@ -1562,31 +2132,30 @@ def bench_kv(args) -> list[str]:
 
 
 def _read_corpus(path: Optional[str]) -> tuple[bytes, str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = [path] if path else [os.path.join(here, "..", "shared", "data", "tinyshakespeare.txt")]
-    for cand in candidates:
-        if cand and os.path.exists(cand):
-            with open(cand, "rb") as f:
-                return f.read(), os.path.basename(cand)
-        if path:
+    """The spec bench's training text: --text, else the workspace's tinyshakespeare when present, else
+    this file's own source (always there, so the bench runs anywhere)."""
+    if path:
+        if not os.path.isfile(path):
             raise FileNotFoundError(f"--text {path} does not exist")
-    with open(os.path.abspath(__file__), "rb") as f:  # always available: this file's own source
-        return f.read(), "model.py source"
+        return Path(path).read_bytes(), os.path.basename(path)
+    shakespeare = shared_path("data", "tinyshakespeare.txt")
+    if shakespeare is not None:
+        return shakespeare.read_bytes(), shakespeare.name
+    return Path(os.path.abspath(__file__)).read_bytes(), "model.py source"
 
 
-def _quick_train(model: TransformerLM, data: torch.Tensor, steps: int, batch: int, seq: int, lr: float,
+def _quick_train(model: TransformerLM, data: np.ndarray, steps: int, batch: int, seq: int, lr: float,
                  label: str) -> float:
-    """A few hundred AdamW steps on byte tokens so the speculative pair predicts something real."""
+    """A few hundred AdamW steps on byte tokens so the speculative pair predicts something real. (A
+    bench-only loop: train.py is the real trainer, but model.py may not import it.)"""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
     model.train()
     loss = float("nan")
     for step in range(steps):
         for group in opt.param_groups:  # cosine decay to 10%
             group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
-        x = torch.stack([data[s:s + seq] for s in starts])
-        y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
+        x, y = (torch.from_numpy(a) for a in sample_windows(data, batch, seq, rng))  # (B, T) each
         loss_t = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
@@ -1608,7 +2177,7 @@ def bench_spec(args) -> list[str]:
         prompt = torch.randint(0, target.config.vocab_size, (args.spec_prompt,)).tolist()
     else:
         raw, source = _read_corpus(args.text)
-        data = torch.tensor(list(raw), dtype=torch.long)
+        data = np.frombuffer(raw, dtype=np.uint8)  # byte-level tokens: vocab 256, no tokenizer needed
         tcfg = ModelConfig(vocab_size=256, context_length=max(ctx, args.spec_train_seq),
                            d_model=args.target_d_model, num_layers=args.target_num_layers,
                            num_heads=args.target_num_heads)
@@ -1620,7 +2189,7 @@ def bench_spec(args) -> list[str]:
         _quick_train(target, data, args.spec_train_steps, args.spec_train_batch, args.spec_train_seq, 3e-3, "target")
         _quick_train(draft, data, args.spec_train_steps, args.spec_train_batch, args.spec_train_seq, 3e-3, "draft")
         start = int(torch.randint(0, len(data) - args.spec_prompt, (1,)))
-        prompt = data[start:start + args.spec_prompt].tolist()
+        prompt = [int(b) for b in data[start:start + args.spec_prompt]]
     target.eval(), draft.eval()
     n, T = args.spec_new_tokens, args.spec_temperature
     outs = {}
@@ -1705,14 +2274,81 @@ def cmd_bench(args) -> None:
         if name not in sections:
             raise ValueError(f"--only {name!r}: choose from {sorted(sections)}")
         rows += sections[name](args)
-    print("\n| stage | what | command | corpus/shape | ours | peer | ratio | machine |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nmachine: {machine_label()}")
+    print("| stage | what | command | ours | peer | ratio |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
+# ------------------------------------------------------------------------------------------------------
+# Command line: table, generate, bench
+# ------------------------------------------------------------------------------------------------------
+
+# GPT-2's four sizes (d_model, layers, heads) at its vocabulary and context, in our modern stack.
+GPT2_SIZES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
+              "gpt2-xl": (1600, 48, 25)}
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def cmd_table(args) -> None:
+    """Parameters, FLOPs per token and training memory for GPT-2-sized configs."""
+    print(f"vocab {args.vocab_size}, context {args.context_length}, ffn {args.ffn}, batch {args.batch_size}, "
+          f"{args.dtype_bytes}-byte numbers, optimizer {args.optimizer}, attention FLOPs "
+          f"{'causal average' if not args.full_attention_flops else 'full rows'}")
+    header = (f"{'config':12s} {'d':>5s} {'L':>3s} {'H':>3s} {'d_ff':>5s} {'params':>8s} {'non-emb':>8s} "
+              f"{'fwd GF/tok':>10s} {'train GF/tok':>12s} {'attn%':>6s} {'ffn%':>6s} {'head%':>6s} "
+              f"{'params+grads+opt':>17s} {'activations':>12s} {'total':>10s}")
+    print(header)
+    print("-" * len(header))
+    for name, (d, L, H) in GPT2_SIZES.items():
+        cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=d, num_layers=L,
+                          num_heads=H, ffn=args.ffn, tie_embeddings=args.tie_embeddings)
+        causal = not args.full_attention_flops
+        br = flops_breakdown(cfg, causal_average=causal)
+        fwd = sum(br.values())
+        mem = memory_estimate(cfg, args.batch_size, args.optimizer, args.dtype_bytes)
+        state = mem["params"] + mem["grads"] + mem["optimizer_state"]
+        print(f"{name:12s} {d:5d} {L:3d} {H:3d} {cfg.d_ff:5d} {num_params(cfg) / 1e6:7.1f}M "
+              f"{num_params(cfg, include_embeddings=False) / 1e6:7.1f}M {fwd / 1e9:10.3f} "
+              f"{flops_per_token(cfg, training=True, causal_average=causal) / 1e9:12.3f} "
+              f"{100 * (br['attention_projections'] + br['attention_scores']) / fwd:5.1f}% "
+              f"{100 * br['ffn'] / fwd:5.1f}% {100 * br['lm_head'] / fwd:5.1f}% {_fmt_bytes(state):>17s} "
+              f"{_fmt_bytes(mem['activations']):>12s} {_fmt_bytes(mem['total']):>10s}")
+
+
+
+def cmd_generate(args) -> None:
+    """`python model.py generate`: print samples from a checkpoint or from pretrained GPT-2."""
+    ids = None
+    if args.prompt_ids is not None:
+        ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]  # syntax checked by _check_args
+    res = sample_from_checkpoint(args.checkpoint, args.prompt, pretrained=args.pretrained, tokenizer=args.tokenizer,
+                                 prompt_ids=ids, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
+                                 eos_id=args.eos_id, use_cache=not args.no_cache, cache_dir=args.cache_dir)
+    for i in range(args.num_samples):
+        body = res["texts"][i] if res["texts"] is not None else ",".join(map(str, res["ids"][i]))
+        print(f"--- sample {i} ---\n{body}")
+    n, dt = sum(len(o) for o in res["ids"]), res["seconds"]
+    print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s, cache {'off' if args.no_cache else 'on'}]",
+          file=sys.stderr)
+
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="model.py", description="ScratchLM stage 2: the Transformer LM. "
-                                "Print the accounting table, generate from a checkpoint, or run the benchmarks.")
+    p = _OneLineParser(prog="model.py", description="ScratchLM stage 2: the Transformer LM. Print the accounting "
+                       "table, generate from a checkpoint or pretrained GPT-2, or run the benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("table", help="parameters / FLOPs per token / training memory for GPT-2-sized configs")
@@ -1729,21 +2365,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "average (T+1)/2 keys per query")
     t.set_defaults(func=cmd_table)
 
-    g = sub.add_parser("generate", help="sample text from a checkpoint written by train.py")
-    g.add_argument("--checkpoint", required=True, help="path to a train.py checkpoint (.pt)")
-    g.add_argument("--prompt", default="\n", help="prompt text (encoded with the tokenizer)")
+    g = sub.add_parser("generate", help="sample text from a train.py checkpoint or pretrained GPT-2")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="path to a train.py checkpoint (.pt)")
+    src.add_argument("--pretrained", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once, cached) "
+                                          "or a folder with model.safetensors + config.json")
+    g.add_argument("--prompt", default="", help="prompt text (default '': start a new document)")
     g.add_argument("--prompt-ids", default=None, help="prompt as comma-separated token ids (no tokenizer needed)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: next to the checkpoint, or "
-                                                    "the tokenizer_dir recorded in it)")
+                                                    "the tokenizer_dir recorded in it; GPT-2's for --pretrained)")
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     g.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1 = off)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1] (default 0.95; 1 = off)")
     g.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
     g.add_argument("--eos-id", type=int, default=None, help="stop token id (default: the tokenizer's "
                                                             "<|endoftext|>)")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
-    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    g.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
+    g.add_argument("--cache-dir", default=None, help="--pretrained: download folder (default "
+                                                     "$SCRATCHLM_CACHE or ~/.cache/scratchlm)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="side-by-side speed ratios: KV cache vs recompute, speculative decoding, "
@@ -1751,7 +2392,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default="kv,spec,train", help="comma-separated sections: kv, spec, train")
     b.add_argument("--repeats", type=int, default=2, help="kv/spec: interleaved repetitions (median)")
     b.add_argument("--train-repeats", type=int, default=7, help="train: interleaved repetitions (median)")
-    b.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
     b.add_argument("--d-model", type=int, default=384, help="kv/train: model width (384)")
     b.add_argument("--num-layers", type=int, default=6, help="kv/train: layers (6)")
     b.add_argument("--num-heads", type=int, default=6, help="kv/train: heads (6)")
@@ -1760,8 +2401,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kv-new-tokens", type=int, default=256, help="kv: new tokens (256)")
     b.add_argument("--train-seq", type=int, default=128, help="train: context length (128)")
     b.add_argument("--train-batch", type=int, default=4, help="train: batch size (4)")
-    b.add_argument("--text", default=None, help="spec: training text for the byte-level pair (default "
-                                                "../shared/data/tinyshakespeare.txt, else this file)")
+    b.add_argument("--text", default=None, help="spec: training text for the byte-level pair (default: "
+                                                "tinyshakespeare when present, else this file)")
     b.add_argument("--spec-train-steps", type=int, default=150, help="spec: training steps per model (150)")
     b.add_argument("--spec-train-seq", type=int, default=128, help="spec: training sequence length (128)")
     b.add_argument("--spec-train-batch", type=int, default=8, help="spec: training batch size (8)")
@@ -1781,11 +2422,83 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Smallest allowed value of every integer option (by argparse dest); options absent from a subcommand
+# are skipped. Checked before any work, so a bad value never costs a model load or a training run.
+_INT_MINIMUMS = {
+    "vocab_size": 1, "context_length": 1, "batch_size": 1, "max_new_tokens": 1, "num_samples": 1, "seed": 0,
+    "eos_id": 0, "repeats": 1, "train_repeats": 1, "threads": 0, "d_model": 1, "num_layers": 1, "num_heads": 1,
+    "kv_new_tokens": 1, "train_seq": 1, "train_batch": 1, "spec_train_steps": 1, "spec_train_seq": 2,
+    "spec_train_batch": 1, "spec_prompt": 1, "spec_new_tokens": 1, "target_d_model": 1, "target_num_layers": 1,
+    "target_num_heads": 1, "draft_d_model": 32, "draft_num_layers": 1, "k": 1,
+}
+
+
+def _check_args(args) -> Optional[str]:
+    """The first problem with the parsed options, as one line naming the option, or None."""
+    def opt(dest):
+        return "-k" if dest == "k" else "--" + dest.replace("_", "-")
+    for dest, low in _INT_MINIMUMS.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            return f"{opt(dest)} must be >= {low}, got {value}"
+    if args.command == "table" and args.dtype_bytes not in (1, 2, 4, 8):
+        return f"--dtype-bytes must be 1, 2, 4 or 8, got {args.dtype_bytes}"
+    if args.command == "generate":
+        if not (math.isfinite(args.temperature) and args.temperature >= 0):
+            return f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"
+        if not 0 < args.top_p <= 1:
+            return f"--top-p must be in (0, 1], got {args.top_p}"
+        if args.prompt_ids is not None:
+            parts = [t.strip() for t in args.prompt_ids.split(",") if t.strip()]
+            if not parts or not all(t.isdigit() for t in parts):
+                return f"--prompt-ids must be comma-separated integers >= 0, got {args.prompt_ids!r}"
+            if args.prompt:
+                return "--prompt and --prompt-ids are exclusive: give the prompt one way"
+        if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+            return f"--checkpoint {args.checkpoint} " + ("is a directory" if os.path.isdir(args.checkpoint)
+                                                          else "does not exist")
+        if args.tokenizer is not None and not os.path.isfile(os.path.join(args.tokenizer, "vocab.json")):
+            return f"--tokenizer {args.tokenizer} is not a tokenizer folder (no vocab.json in it)"
+        if args.pretrained is not None and args.pretrained not in GPT2_HF_REPOS and not os.path.exists(args.pretrained):
+            return f"--pretrained {args.pretrained!r} is neither one of {sorted(GPT2_HF_REPOS)} nor an existing path"
+        if args.cache_dir is not None and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+            return f"--cache-dir {args.cache_dir} is a file"
+        try:
+            resolve_device(args.device)
+        except DeviceUnavailableError as e:
+            return f"--device: {e}"
+    if args.command == "bench":
+        unknown = sorted(set(args.only.split(",")) - {"kv", "spec", "train"})
+        if unknown:
+            return f"--only {args.only!r}: unknown section(s) {unknown}; choose from kv, spec, train"
+        if not all(t.strip().isdigit() and int(t) >= 1 for t in args.kv_prompt.split(",")):
+            return f"--kv-prompt must be comma-separated integers >= 1, got {args.kv_prompt!r}"
+        if not (math.isfinite(args.spec_temperature) and args.spec_temperature > 0):
+            return f"--spec-temperature must be a finite number > 0, got {args.spec_temperature}"
+        if bool(args.target_checkpoint) != bool(args.draft_checkpoint):
+            return "--target-checkpoint and --draft-checkpoint go together: give both or neither"
+        for name in ("target_checkpoint", "draft_checkpoint", "text"):
+            path = getattr(args, name)
+            if path is not None and not os.path.isfile(path):
+                return f"{opt(name)} {path} does not exist"
+        if args.d_model % args.num_heads or args.target_d_model % args.target_num_heads:
+            return "--d-model / --target-d-model must be divisible by --num-heads / --target-num-heads"
+    return None
+
+
 def main(argv: Optional[list] = None) -> None:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "target_checkpoint", None) and not args.draft_checkpoint:
-        raise SystemExit("--target-checkpoint needs --draft-checkpoint")
-    args.func(args)
+    """Parse, check every option, run. Usage errors and bad inputs (a corrupt checkpoint, an id outside
+    the vocabulary, no network for a download) are one line on stderr with exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        parser.error(problem)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as e:  # OSError: missing files, no network, full disk
+        print(f"model.py {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
