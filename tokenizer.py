@@ -111,6 +111,13 @@ _INF = float("inf")
 # =====================================================================================================
 # 1. Readable BPE, from scratch (minbpe style)
 # =====================================================================================================
+# BPE by hand, on the one-word corpus "aaabdaaabac" (the classic example; a test checks every step):
+#   pair counts  aa:4  ab:2  bd:1  da:1  ba:1  ac:1           -> merge (a, a) into token 256 = "aa"
+#   aa a b d aa a b a c: (aa, a):2 ties (a, b):2; the tie goes to the greater byte string b"aa" > b"a"
+#                                                               -> merge (aa, a) into 257 = "aaa"
+#   aaa b d aaa b a c:   (aaa, b):2 is now the unique maximum   -> merge (aaa, b) into 258 = "aaab"
+# Eleven bytes became five tokens "aaab d aaab a c" with a vocab of 259. Training is that loop; encoding
+# a new text replays the learned merges in the same order (lowest rank first) inside each pre-token.
 
 def get_stats(ids, counts=None, weight=1):
     """Count adjacent pairs in a list of ids: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}.
@@ -201,6 +208,8 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
     most frequent adjacent pair; ties go to the lexicographically greater pair (bytes_a, bytes_b).
     """
     specials = _check_vocab_size(vocab_size, special_tokens)
+    # cost: every merge recounts every pair of every distinct pre-token, O(merges x corpus); fine for
+    # tests and reading, hopeless for 10k merges on a real corpus (section 2 fixes that)
     vocab = {i: bytes([i]) for i in range(256)}
     for s in specials:
         vocab[len(vocab)] = s.encode("utf-8")
@@ -371,11 +380,16 @@ _REVERSE_BYTES = bytes(range(255, -1, -1))
 
 
 def _reverse_order_key(token: bytes) -> str:
+    """Sort key: key(s) < key(t) exactly when bytes s > t (see above)."""
     return token.translate(_REVERSE_BYTES).decode("latin-1") + "\u0100"
 
 
 def _train_merges(word_counts, vocab, num_merges, progress=True):
-    """The merge loop with incremental pair counts. Mutates `vocab`; returns the merges."""
+    """The merge loop with incremental pair counts. Mutates `vocab`; returns the merges.
+
+    Cost per merge: O(occurrences of the merged pair) list work plus O(log P) heap work per changed pair
+    (P = distinct pairs), instead of the reference's O(corpus). Early merges (" t", "he") touch most
+    words; late ones touch a handful, so the loop speeds up as it goes."""
     words = [list(w) for w in word_counts]  # bytes -> [byte values] = ids (id i is bytes([i]))
     freqs = list(word_counts.values())
     pair_counts = defaultdict(int)  # (a, b) -> occurrences in the corpus (weighted by word frequency)
@@ -518,20 +532,9 @@ class Tokenizer:
     STREAM_BUFFER = 1 << 16  # encode_iterable encodes and drops its buffer about every this many characters
 
     def __init__(self, vocab, merges, special_tokens=None, *, fast=True):
-        self.vocab = {}
-        for i, tok in dict(vocab).items():
-            if not isinstance(i, (int, np.integer)) or not isinstance(tok, (bytes, bytearray)) or not tok:
-                raise ValueError(f"vocab must map int ids to non-empty bytes; got {i!r}: {tok!r}")
-            self.vocab[int(i)] = bytes(tok)
-        if sorted(self.vocab) != list(range(len(self.vocab))):
-            raise ValueError("vocab ids must be exactly 0..N-1 with no gaps")
-        self.byte_to_id = {tok: i for i, tok in self.vocab.items()}
-        if len(self.byte_to_id) != len(self.vocab):
-            raise ValueError("vocab maps two ids to the same bytes")
-        missing = [b for b in range(256) if bytes([b]) not in self.byte_to_id]
-        if missing:
-            raise ValueError(f"vocab lacks {len(missing)} single-byte token(s) (e.g. byte {missing[0]}); "
-                             "a byte-level BPE needs all 256 to encode any text")
+        # vocab {id: bytes} with ids exactly 0..N-1 and all 256 single bytes present (else nothing could
+        # encode an unseen byte); byte_to_id is its inverse, the table the encoder looks tokens up in.
+        self.vocab, self.byte_to_id = _checked_vocab(vocab)
         # special tokens: reuse an id if the bytes exist, else append
         self.special_tokens = []
         for s in special_tokens or []:
@@ -561,12 +564,14 @@ class Tokenizer:
             self._pair_id[pair] = self.byte_to_id[a + b]
             self._rank_id.append(self.byte_to_id[a + b])
             self.merges.append((a, b))
+        # The encoder's tables, all keyed by ids: _pair_rank[(a, b)] = when (a, b) was merged (lower merges
+        # first), _pair_id[(a, b)] / _rank_id[rank] = the token the merge makes, _byte_ids[byte] = its id.
         self._byte_ids = [self.byte_to_id[bytes([b])] for b in range(256)]
         self._split = _split_regex(GPT2_SPLIT_PATTERN)
         self._special_re = _special_regex(self.special_tokens)  # every registered special, longest first
         self._policies = {}  # (allowed_special, disallowed_special) -> _SpecialPolicy, see `special_policy`
         self._specials_overlap = _specials_overlap(self.special_tokens)
-        self._cache = {}
+        self._cache = {}  # pre-token string -> ids, shared by every encode call (bounded, see CACHE_SIZE)
         self._fast, self.fast_reason = None, "disabled (fast=False)"
         if fast:
             self._fast, self.fast_reason = self._compile_fast()
@@ -575,6 +580,7 @@ class Tokenizer:
     # ---- small facts ---------------------------------------------------------------------------------
     @property
     def vocab_size(self):
+        """Number of ids: 256 bytes + special tokens + merges (the model's embedding rows)."""
         return len(self.vocab)
 
     @property
@@ -583,19 +589,16 @@ class Tokenizer:
         return self.byte_to_id.get(EOT.encode("utf-8"))
 
     def fingerprint(self):
-        """A short hash of the vocab, merges and special tokens. A checkpoint stores it, so a tokenizer folder
+        """A 16-hex hash of the vocab, merges and special tokens. A checkpoint stores it, so a tokenizer folder
         from another corpus (same vocab size, different ids) is caught instead of sampling garbage."""
-        import hashlib
-        h = hashlib.sha256()
-        for i in sorted(self.vocab):
-            h.update(i.to_bytes(4, "little") + len(self.vocab[i]).to_bytes(4, "little") + self.vocab[i])
-        for a, b in self.merges:
-            h.update(len(a).to_bytes(4, "little") + a + len(b).to_bytes(4, "little") + b)
-        h.update(json.dumps(list(self.special_tokens)).encode("utf-8"))
-        return h.hexdigest()[:16]
+        return _fingerprint(self.vocab, self.merges, self.special_tokens)
 
     def token_byte_lengths(self):
-        """(vocab_size,) int64: UTF-8 byte length of each token, for bits-per-byte = nats / ln2 / bytes."""
+        """(vocab_size,) int64: UTF-8 byte length of each token, for bits-per-byte = nats / ln2 / bytes.
+
+        Loss per token depends on the tokenizer (a bigger vocab packs more bytes into each token), loss per
+        byte does not: sum of -ln p over the tokens, / ln 2, / the bytes those tokens stand for = bpb, a
+        figure comparable across tokenizers and with character-level models."""
         return np.array([len(self.vocab[i]) for i in range(self.vocab_size)], dtype=np.int64)
 
     # ---- the readable encoder ---------------------------------------------------------------------------
@@ -647,6 +650,8 @@ class Tokenizer:
         return self._encode_readable(_fix_surrogates(text), policy)
 
     def _encode_readable(self, text, policy):
+        # special tokens are cut out first (longest first) and never enter BPE; the text between them is
+        # pre-tokenized and BPE'd on its own, exactly as in training
         if policy.split_re is None:
             return self._encode_ordinary_readable(text)
         ids = []
@@ -763,16 +768,9 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         vocab_json = {_token_to_str(self.vocab[i]): i for i in range(self.vocab_size)}
         lines = ["#version: 0.2"] + [f"{_token_to_str(a)} {_token_to_str(b)}" for a, b in self.merges]
-        files = {"vocab.json": json.dumps(vocab_json, ensure_ascii=False, indent=0),
-                 "merges.txt": "\n".join(lines) + "\n",
-                 "special_tokens.json": json.dumps(self.special_tokens, ensure_ascii=False)}
-        with contextlib.ExitStack() as stack:
-            for name, text in files.items():
-                f = stack.enter_context(atomic_open(directory / name, "w"))
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())  # every byte is on disk before the first rename
-        # (leaving the ExitStack renames the three files, last opened first)
+        atomic_write_files(directory, {"vocab.json": json.dumps(vocab_json, ensure_ascii=False, indent=0),
+                                       "merges.txt": "\n".join(lines) + "\n",
+                                       "special_tokens.json": json.dumps(self.special_tokens, ensure_ascii=False)})
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None, **kwargs):
@@ -782,28 +780,8 @@ class Tokenizer:
         for p in (vocab_path, merges_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"tokenizer file not found: {p}")
-        raw = _read_json(vocab_path, "vocab file")
-        if not isinstance(raw, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
-            raise ValueError(f"malformed vocab file {vocab_path}: expected a JSON object {{token: integer id}}")
-        vocab = {i: _str_to_token(s, f"vocab file {vocab_path}") for s, i in raw.items()}
-        if len(vocab) != len(raw):
-            raise ValueError(f"malformed vocab file {vocab_path}: two tokens share an id")
-        merges, merge_lines = [], []
-        with open(merges_path, "rb") as f:  # bytes, so a bad byte is reported with its line, not by `open`
-            for lineno, raw_line in enumerate(f, 1):
-                where = f"merges file {merges_path}, line {lineno}"
-                try:
-                    line = raw_line.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw_line[e.start]:02x} at column "
-                                     f"{e.start + 1})") from None
-                if not line or (lineno == 1 and line.startswith("#version")):
-                    continue
-                parts = line.split(" ")
-                if len(parts) != 2 or not parts[0] or not parts[1]:
-                    raise ValueError(f"malformed {where}: expected 'token_a token_b', got {line!r}")
-                merges.append((_str_to_token(parts[0], where), _str_to_token(parts[1], where)))
-                merge_lines.append(lineno)
+        vocab = _read_vocab_json(vocab_path)
+        merges, merge_lines = _read_merges_txt(merges_path)
         try:
             return cls(vocab, merges, special_tokens, **kwargs)
         except _BadMerge as e:
@@ -828,6 +806,7 @@ class Tokenizer:
 
     # ---- pickling (for worker processes): the compiled encoder is rebuilt, not pickled ------------------------
     def __getstate__(self):
+        # a tiktoken Encoding holds Rust state that does not pickle; a flag says "rebuild it on arrival"
         state = dict(self.__dict__)
         state["_fast"], state["_cache"], state["_policies"] = state["_fast"] is not None, {}, {}
         return state
@@ -847,6 +826,8 @@ class Tokenizer:
     # sample text at construction and otherwise fall back to the readable encoder (reason in `fast_reason`);
     # the tests also compare both encoders on varied and random Unicode text, and on GPT-2's real vocab.
     def _build_tiktoken(self):
+        # mergeable_ranks = {token bytes: rank}; with our ids in merge order the id IS the rank, so the
+        # Rust core returns our ids directly. Special tokens are passed separately and never merged.
         import tiktoken
         special = set(self.special_ids.values())
         ranks = {tok: i for i, tok in self.vocab.items() if i not in special}
@@ -905,13 +886,6 @@ _SAMPLE_CHECK_TEXT = ("Hello, world! It's 2024; we'll test   spaces\n\n and\ttab
                       "don't I'VE   \n  trailing   ")
 
 
-def _specials_overlap(specials):
-    """Can two special tokens overlap in a text (one inside the other, or a suffix of one being a prefix
-    of the other)? Only then can tiktoken's leftmost-first and our longest-first matching disagree."""
-    return any(a != b and (a in b or any(a.endswith(b[:k]) for k in range(1, min(len(a), len(b)))))
-               for a in specials for b in specials)
-
-
 class _SpecialPolicy(namedtuple("_SpecialPolicy", "allowed split_re refuse_re")):
     """A compiled allowed/disallowed choice: `allowed` (special strings that become ids, in registration
     order), `split_re` (cuts them out, longest first; None if none), `refuse_re` (finds forbidden ones)."""
@@ -938,26 +912,6 @@ class DisallowedSpecialError(ValueError):
 # =====================================================================================================
 # 5. encode_file: a corpus -> a flat token file for np.memmap
 # =====================================================================================================
-
-_WORKER_TOKENIZER = None  # set in each worker process (and in-process for num_workers=1)
-
-
-def _init_encode_worker(tokenizer):
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
-
-
-def _encode_chunk(task):
-    """Worker: ids of bytes [start, end) of the file, as a numpy array of the output dtype."""
-    path, start, end, dtype, kw = task
-    text = _read_chunk_text(path, start, end)
-    try:
-        ids = _WORKER_TOKENIZER.encode(text, **kw)
-    except DisallowedSpecialError as e:  # say where in the FILE, not where in the chunk
-        offset = start + len(text[:e.position].encode("utf-8"))
-        raise DisallowedSpecialError(e.token, f"byte offset {offset}", where=f"{path}: ") from None
-    return np.asarray(ids, dtype=dtype), end - start
-
 
 def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=True, chunk_bytes=None,
                 allowed_special="all", disallowed_special=(), overwrite=True):
@@ -988,6 +942,8 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
     tasks = [(os.fspath(input_path), a, b, dtype, kw) for a, b in zip(bounds, bounds[1:])]
     bar = Progress(progress, f"encode {os.path.basename(os.fspath(input_path))}")
     n_tokens, done, t0 = 0, 0, time.perf_counter()
+    # Memory: at most a few chunks of ids are in flight (imap's queue), never the whole corpus, so a file
+    # of many GB encodes in the memory of a few 8 MB chunks per worker.
     with atomic_open(out_path, "wb") as f:
         def consume(results):
             nonlocal n_tokens, done
@@ -1016,7 +972,12 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
 
 def _recover_merge(ranks, token, rank):
     """Split `token` into the pair GPT-2 merged to make it: run BPE with only the merges below its rank;
-    what remains is exactly two parts (the merge inputs). (Same idea as minbpe's `recover_merges`.)"""
+    what remains is exactly two parts (the merge inputs). (Same idea as minbpe's `recover_merges`.)
+
+    Why this works: tiktoken keeps only {token: rank}, not the merge list. In merge-order BPE every token
+    of rank r was made by ONE merge at step r from two tokens of lower rank, and replaying the merges
+    below r on the token's bytes rebuilds exactly those two parts (GPT-2's vocab has this property; the
+    parity test would fail on a token where it does not)."""
     parts = [bytes([b]) for b in token]
     while len(parts) > 2:
         best, best_rank = None, None
@@ -1036,6 +997,8 @@ def gpt2_tokenizer(fast=True):
     """A Tokenizer with GPT-2's exact vocabulary and merges, from tiktoken's `gpt2` encoding.
 
     tiktoken reads its files from TIKTOKEN_CACHE_DIR (or downloads them); errors propagate to the caller.
+    The result is the proof that this file's encoder is GPT-2's: on the same vocab and merges both our
+    readable and fast encoders give tiktoken's ids (50,257 tokens, 50,000 merges, <|endoftext|> = 50256).
     """
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
@@ -1124,6 +1087,19 @@ def atomic_write_text(path, text):
 def atomic_write_bytes(path, data):
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def atomic_write_files(directory, files):
+    """Write several text files {name: text} into `directory` all-or-nothing (short of a crash between the
+    renames): every temporary file is written and synced before the first one is renamed into place, so a
+    full disk never leaves, say, a new vocab.json next to an old merges.txt."""
+    with contextlib.ExitStack() as stack:
+        for name, text in files.items():
+            f = stack.enter_context(atomic_open(Path(directory) / name, "w"))
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    # (leaving the ExitStack renames the files, last opened first)
 
 
 def atomic_write_json(path, obj, indent=1):
@@ -1241,6 +1217,43 @@ def _str_to_token(s: str, where: str) -> bytes:
         raise ValueError(f"{where}: {s!r} is not a GPT-2 byte-level token string (bad character {e})") from None
 
 
+_WORKER_TOKENIZER = None  # set in each worker process (and in-process for num_workers=1)
+
+
+def _init_encode_worker(tokenizer):
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_chunk(task):
+    """Worker: ids of bytes [start, end) of the file, as a numpy array of the output dtype (uint16 when
+    the vocab fits: half the bytes of int32 through the pipe and on disk)."""
+    path, start, end, dtype, kw = task
+    text = _read_chunk_text(path, start, end)
+    try:
+        ids = _WORKER_TOKENIZER.encode(text, **kw)
+    except DisallowedSpecialError as e:  # say where in the FILE, not where in the chunk
+        offset = start + len(text[:e.position].encode("utf-8"))
+        raise DisallowedSpecialError(e.token, f"byte offset {offset}", where=f"{path}: ") from None
+    return np.asarray(ids, dtype=dtype), end - start
+
+
+def _specials_overlap(specials):
+    """Can two special tokens overlap in a text (one inside the other, or a suffix of one being a prefix
+    of the other)? Only then can tiktoken's leftmost-first and our longest-first matching disagree."""
+    return any(a != b and (a in b or any(a.endswith(b[:k]) for k in range(1, min(len(a), len(b)))))
+               for a in specials for b in specials)
+
+
+def _special_set(value, name):
+    """tiktoken's keyword types: "all" or a collection of strings (a lone string would be a set of chars)."""
+    if value == "all":
+        return value
+    if isinstance(value, (str, bytes)) or not all(isinstance(t, str) for t in value):
+        raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}')
+    return value
+
+
 def _read_json(path, what):
     """Parse a JSON file, or a ValueError naming the file and what is wrong (bad UTF-8, bad JSON)."""
     data = Path(path).read_bytes()
@@ -1252,21 +1265,77 @@ def _read_json(path, what):
         raise ValueError(f"malformed {what} {path}: not valid JSON ({e})") from None
 
 
+def _read_vocab_json(path):
+    """GPT-2's vocab.json/encoder.json ({token string: id}) -> {id: bytes}, or a ValueError naming the file."""
+    raw = _read_json(path, "vocab file")
+    if not isinstance(raw, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+        raise ValueError(f"malformed vocab file {path}: expected a JSON object {{token: integer id}}")
+    vocab = {i: _str_to_token(s, f"vocab file {path}") for s, i in raw.items()}
+    if len(vocab) != len(raw):
+        raise ValueError(f"malformed vocab file {path}: two tokens share an id")
+    return vocab
+
+
+def _read_merges_txt(path):
+    """GPT-2's merges.txt/vocab.bpe -> ([(bytes_a, bytes_b)], [line number of each merge]). Read as bytes,
+    so that invalid UTF-8 is reported with the file and the line, not by `open` with neither."""
+    merges, lines = [], []
+    with open(path, "rb") as f:
+        for lineno, raw_line in enumerate(f, 1):
+            where = f"merges file {path}, line {lineno}"
+            try:
+                line = raw_line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw_line[e.start]:02x} at column "
+                                 f"{e.start + 1})") from None
+            if not line or (lineno == 1 and line.startswith("#version")):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise ValueError(f"malformed {where}: expected 'token_a token_b', got {line!r}")
+            merges.append((_str_to_token(parts[0], where), _str_to_token(parts[1], where)))
+            lines.append(lineno)
+    return merges, lines
+
+
+def _checked_vocab(vocab):
+    """{id: bytes} with ids exactly 0..N-1, distinct tokens and all 256 single bytes -> (vocab, byte_to_id)."""
+    out = {}
+    for i, tok in dict(vocab).items():
+        if not isinstance(i, (int, np.integer)) or not isinstance(tok, (bytes, bytearray)) or not tok:
+            raise ValueError(f"vocab must map int ids to non-empty bytes; got {i!r}: {tok!r}")
+        out[int(i)] = bytes(tok)
+    if sorted(out) != list(range(len(out))):
+        raise ValueError("vocab ids must be exactly 0..N-1 with no gaps")
+    byte_to_id = {tok: i for i, tok in out.items()}
+    if len(byte_to_id) != len(out):
+        raise ValueError("vocab maps two ids to the same bytes")
+    missing = [b for b in range(256) if bytes([b]) not in byte_to_id]
+    if missing:
+        raise ValueError(f"vocab lacks {len(missing)} single-byte token(s) (e.g. byte {missing[0]}); "
+                         "a byte-level BPE needs all 256 to encode any text")
+    return out, byte_to_id
+
+
+def _fingerprint(vocab, merges, special_tokens):
+    """sha256 over every token, merge and special token, each length-prefixed (so that no two different
+    tokenizers can serialize to the same byte stream), cut to 16 hex digits (64 bits)."""
+    import hashlib
+    h = hashlib.sha256()
+    for i in sorted(vocab):
+        h.update(i.to_bytes(4, "little") + len(vocab[i]).to_bytes(4, "little") + vocab[i])
+    for a, b in merges:
+        h.update(len(a).to_bytes(4, "little") + a + len(b).to_bytes(4, "little") + b)
+    h.update(json.dumps(list(special_tokens)).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
 class _BadMerge(ValueError):
     """A merge the vocab can't hold; `.rank` lets `from_files` name the line of merges.txt."""
 
     def __init__(self, rank, msg):
         super().__init__(msg)
         self.rank = rank
-
-
-def _special_set(value, name):
-    """tiktoken's keyword types: "all" or a collection of strings (a lone string would be a set of chars)."""
-    if value == "all":
-        return value
-    if isinstance(value, (str, bytes)) or not all(isinstance(t, str) for t in value):
-        raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}')
-    return value
 
 
 def _as_id_list(ids):
