@@ -323,6 +323,11 @@ class Embedding(nn.Module):
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}"
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    # norms compute in float32 for fp16/bf16 inputs, and keep float64 for float64 inputs (reference runs)
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g.
 
@@ -340,9 +345,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        x32 = x.float()                                                          # (..., d) in float32
+        x32 = x.to(_at_least_fp32(in_dtype))                                     # (..., d) in float32 (or 64)
         inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1) = 1/sqrt(ms+eps)
-        return (x32 * inv_rms * self.weight.float()).to(in_dtype)                # back to the input dtype
+        return (x32 * inv_rms * self.weight.to(x32.dtype)).to(in_dtype)          # back to the input dtype
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, eps={self.eps}"
@@ -363,11 +368,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        x32 = x.float()
+        x32 = x.to(_at_least_fp32(in_dtype))
         mean = x32.mean(dim=-1, keepdim=True)                 # (..., 1)
         var = (x32 - mean).pow(2).mean(dim=-1, keepdim=True)  # (..., 1) biased variance (divide by d, not d-1)
         y = (x32 - mean) * torch.rsqrt(var + self.eps)        # (..., d) zero mean, unit variance
-        return (y * self.weight.float() + self.bias.float()).to(in_dtype)
+        return (y * self.weight.to(y.dtype) + self.bias.to(y.dtype)).to(in_dtype)
 
 
 def make_norm(kind: str, d_model: int, device=None, dtype=None, eps: float = 1e-5) -> nn.Module:
