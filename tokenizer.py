@@ -1063,13 +1063,22 @@ def atomic_open(path, mode="w", encoding="utf-8"):
     half-written file where a complete one used to be. A full disk becomes one clear OSError."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: the folder {folder} does not exist")
+    # A unique temporary name (mkstemp), so two writers of the same path never share a temp file. mkstemp
+    # makes it private (0600); give it the mode a plain open() would have (0666 minus the umask), or the
+    # old file's mode when replacing one, so atomic writing does not silently change who can read the file.
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            f.flush()  # Python's buffer -> the OS
+            os.fsync(f.fileno())  # the OS's cache -> the disk: without it a power cut after the rename
+            # could leave the NEW name pointing at an empty file (the rename reaches the disk first)
+        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1080,11 +1089,13 @@ def atomic_open(path, mode="w", encoding="utf-8"):
 
 
 def atomic_write_text(path, text):
+    """Write a whole text file atomically (UTF-8)."""
     with atomic_open(path, "w") as f:
         f.write(text)
 
 
 def atomic_write_bytes(path, data):
+    """Write a whole binary file atomically."""
     with atomic_open(path, "wb") as f:
         f.write(data)
 
@@ -1103,6 +1114,7 @@ def atomic_write_files(directory, files):
 
 
 def atomic_write_json(path, obj, indent=1):
+    """Write `obj` as JSON atomically (UTF-8, non-ASCII kept as is)."""
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
@@ -1460,7 +1472,7 @@ print(json.dumps({"s": s, "tokens": n, "rss_before": before, "rss": tk.peak_rss_
 
 
 def bench(args):
-    """Side-by-side benchmarks; prints a results table and README rows."""
+    """Side-by-side benchmarks; prints each result as it comes, then a markdown table of README rows."""
     machine = args.machine or machine_label()
     workers = _default_workers(args.workers)
     shared_tiktoken = shared_path("tiktoken")
@@ -1468,108 +1480,120 @@ def bench(args):
         os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_tiktoken)  # offline gpt2 files, when the project has them
     rows = []
 
-    def row(what, command, corpus, ours, peer, ratio):
-        rows.append(f"| tokenizer | {what} | `{command}` | {corpus} | {ours} | {peer} | {ratio} | {machine} |")
+    def row(what, corpus, ours, peer, ratio):
+        rows.append(f"| tokenizer | {what} | `python tokenizer.py bench` | {corpus} | {ours} | {peer} | {ratio} | "
+                    f"{machine} |")
         print(f"  {what}: ours {ours} | peer {peer} | ratio {ratio}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="scratchlm_bench_") as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
         nbytes = build_bench_corpus(corpus, args.mb, args.data_dir)
-        mb = nbytes / 1e6
-        print(f"corpus: {mb:.2f} MB (tinyshakespeare + MMLU questions), {workers} worker(s)", flush=True)
+        print(f"corpus: {nbytes / 1e6:.2f} MB (tinyshakespeare + MMLU questions), {workers} worker(s)", flush=True)
         tok_dir = os.path.join(tmp, "tok")
-        cmd = "python tokenizer.py bench"
-
-        # --- training vs HuggingFace tokenizers ---
-        # alternate ours / HF `--repeats` times and keep each one's fastest run: timing noise only ever
-        # adds time, so the minimum is the best estimate of each side's cost (timeit's rule)
-        ours, hf = None, None
-        for rep in range(args.repeats):
-            run = _run_json(_BENCH_OURS, corpus, args.vocab_size, workers, tok_dir)
-            print(f"  ours: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
-                  f"peak RSS main {run['rss']:.0f} MB / workers {run['rss_workers']:.0f} MB")
-            ours = run if ours is None or run["s"] < ours["s"] else ours
-            try:
-                run = _run_json(_BENCH_HF, corpus, args.vocab_size, workers)
-                print(f"  HF tokenizers: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
-                      f"peak RSS {run['rss']:.0f} MB")
-                hf = run if hf is None or run["s"] < hf["s"] else hf
-            except (RuntimeError, ImportError) as e:
-                print(f"  (HuggingFace tokenizers unavailable, skipping the peer: {str(e)[-200:]})")
-        if hf is not None:
-            row(f"train BPE, vocab {args.vocab_size} + <\\|endoftext\\|>, wall time (peak RSS)", cmd,
-                f"{mb:.1f} MB mixed text", f"{ours['s']:.2f} s ({ours['rss']:.0f} MB + workers {ours['rss_workers']:.0f} MB)",
-                f"HF tokenizers {hf['s']:.2f} s ({hf['rss']:.0f} MB)", f"{ours['s'] / hf['s']:.2f}x time "
-                f"(CPU seconds: {ours['cpu']:.1f} vs {hf['cpu']:.1f})")
-
-        text = Path(corpus).read_text(encoding="utf-8")
+        _bench_training(args, corpus, nbytes, workers, tok_dir, row)
         trained = Tokenizer.load(tok_dir)
         print(f"  trained tokenizer fast path: {trained.fast_reason}")
-
-        # --- encoding throughput: our fast path (GPT-2 vocab) vs tiktoken gpt2 ---
-        try:
-            import tiktoken
-            ref = tiktoken.get_encoding("gpt2")
-            ours_gpt2 = gpt2_tokenizer()
-            # Both sides run the same Rust core, so the true ratio is ~1 and timing noise dominates:
-            # alternate who goes first over 10 rounds on a 2 MB slice and keep each side's best CPU time
-            # (process_time counts only the time this process actually ran).
-            sample = text[:2_000_000]
-            smb = len(sample.encode()) / 1e6
-            t_ref = t_ours = float("inf")
-            for rep in range(10):
-                for who in ((0, 1) if rep % 2 else (1, 0)):
-                    c = time.process_time()
-                    if who:
-                        ids_ref = ref.encode(sample, allowed_special="all")
-                        t_ref = min(t_ref, time.process_time() - c)
-                    else:
-                        ids_ours = ours_gpt2.encode(sample)
-                        t_ours = min(t_ours, time.process_time() - c)
-            same = "identical ids" if ids_ours == ids_ref else "IDS DIFFER"
-            row(f"encode, GPT-2 vocab, fast path vs tiktoken gpt2 (1 thread, best CPU time of 10; {same})", cmd,
-                f"{smb:.1f} MB", f"{smb / t_ours:.1f} MB/s", f"tiktoken {smb / t_ref:.1f} MB/s",
-                f"{t_ref / t_ours:.2f}x throughput")
-            t, c = time.perf_counter(), time.process_time()
-            ours_gpt2.encode_readable(sample)  # a fresh tokenizer: its pre-token cache starts cold
-            t_py, c_py = time.perf_counter() - t, time.process_time() - c
-            row("encode, GPT-2 vocab, pure-Python encoder (1 thread, cold cache; CPU-time rate, wall rate in brackets)",
-                cmd, f"{smb:.1f} MB", f"{smb / c_py:.2f} MB/s ({smb / t_py:.2f} MB/s wall)", "target 1 MB/s",
-                f"{smb / c_py:.2f}x target")
-        except Exception as e:  # no gpt2 files offline
-            print(f"  (tiktoken gpt2 unavailable, skipping GPT-2 throughput: {e})")
-
-        c = time.process_time(); ids_fast = trained.encode(text); t_fast = time.process_time() - c
-        c = time.process_time(); ids_py = trained.encode_readable(text); t_py = time.process_time() - c
-        same = "identical ids" if ids_fast == ids_py else "IDS DIFFER"
-        row(f"encode, our {trained.vocab_size} vocab: fast path vs pure Python (1 thread, CPU time; {same}; "
-            f"{nbytes / len(ids_fast):.2f} bytes/token)",
-            cmd, f"{mb:.1f} MB", f"{mb / t_fast:.1f} MB/s", f"pure Python {mb / t_py:.2f} MB/s", f"{t_py / t_fast:.1f}x")
-
-        # --- encode_file (parallel) ---
-        t = time.perf_counter()
-        n = encode_file(trained, corpus, os.path.join(tmp, "corpus.bin"), num_workers=workers, progress=False)
-        t_file = time.perf_counter() - t
-        assert n == len(ids_fast), "encode_file disagrees with encode"
-        print(f"  encode_file: {n:,} tokens in {t_file:.2f} s ({mb / t_file:.1f} MB/s, {workers} workers, == encode)")
-
-        # --- encode_iterable memory on a file of tens of MB ---
-        big = os.path.join(tmp, "big.txt")
-        reps = max(1, int(args.stream_mb / mb + 0.999))
-        with open(big, "w", encoding="utf-8") as f:
-            for _ in range(reps):
-                f.write(text)
-        del text, ids_fast, ids_py
-        st = _run_json(_BENCH_STREAM, tok_dir, big, "stream")
-        whole = _run_json(_BENCH_STREAM, tok_dir, big, "whole")
-        row("peak RSS: encode_iterable over the file's lines vs encode(whole text)", cmd,
-            f"{reps * mb:.0f} MB file", f"{st['rss']:.0f} MB (+{st['rss'] - st['rss_before']:.0f} MB over the "
-            f"loaded tokenizer; {st['tokens']:,} tokens, {reps * mb / st['s']:.1f} MB/s)",
-            f"encode(f.read()): {whole['rss']:.0f} MB (+{whole['rss'] - whole['rss_before']:.0f} MB)",
-            f"{(st['rss'] - st['rss_before']) / max(whole['rss'] - whole['rss_before'], 1e-9):.3f}x growth")
+        _bench_encoding(corpus, nbytes, trained, workers, tmp, row)
+        _bench_streaming(args, corpus, nbytes, tok_dir, tmp, row)
     print("\n| stage | what | command | corpus/shape | ours | peer | ratio | machine |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+
+
+def _bench_training(args, corpus, nbytes, workers, tok_dir, row):
+    """train_bpe vs HuggingFace's BpeTrainer: same corpus, vocab size, special token and worker count, each
+    in a fresh process (fair peak RSS and start-up)."""
+    # alternate ours / HF `--repeats` times and keep each one's fastest run: timing noise only ever adds
+    # time, so the minimum is the best estimate of each side's cost (timeit's rule)
+    ours, hf = None, None
+    for _ in range(args.repeats):
+        run = _run_json(_BENCH_OURS, corpus, args.vocab_size, workers, tok_dir)
+        print(f"  ours: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
+              f"peak RSS main {run['rss']:.0f} MB / workers {run['rss_workers']:.0f} MB")
+        ours = run if ours is None or run["s"] < ours["s"] else ours
+        try:
+            run = _run_json(_BENCH_HF, corpus, args.vocab_size, workers)
+            print(f"  HF tokenizers: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
+                  f"peak RSS {run['rss']:.0f} MB")
+            hf = run if hf is None or run["s"] < hf["s"] else hf
+        except (RuntimeError, ImportError) as e:
+            print(f"  (HuggingFace tokenizers unavailable, skipping the peer: {str(e)[-200:]})")
+    if hf is not None:
+        row(f"train BPE, vocab {args.vocab_size} + <\\|endoftext\\|>, wall time (peak RSS)", f"{nbytes / 1e6:.1f} MB mixed text",
+            f"{ours['s']:.2f} s ({ours['rss']:.0f} MB + workers {ours['rss_workers']:.0f} MB)",
+            f"HF tokenizers {hf['s']:.2f} s ({hf['rss']:.0f} MB)",
+            f"{ours['s'] / hf['s']:.2f}x time (CPU seconds: {ours['cpu']:.1f} vs {hf['cpu']:.1f})")
+
+
+def _bench_encoding(corpus, nbytes, trained, workers, tmp, row):
+    """Encoding throughput: our fast path vs tiktoken on GPT-2's vocab, our pure-Python encoder against
+    1 MB/s, and both our encoders on the trained vocab. Single-thread CPU time (`process_time`), which
+    counts only the time this process actually ran."""
+    text = Path(corpus).read_text(encoding="utf-8")
+    mb = nbytes / 1e6
+    try:
+        import tiktoken
+        ref = tiktoken.get_encoding("gpt2")
+        ours_gpt2 = gpt2_tokenizer()
+        # Both sides run the same Rust core, so the true ratio is ~1 and timing noise dominates:
+        # alternate who goes first over 10 rounds on a 2 MB slice and keep each side's best CPU time.
+        sample = text[:2_000_000]
+        smb = len(sample.encode()) / 1e6
+        t_ref = t_ours = float("inf")
+        for rep in range(10):
+            for who in ((0, 1) if rep % 2 else (1, 0)):
+                c = time.process_time()
+                if who:
+                    ids_ref = ref.encode(sample, allowed_special="all")
+                    t_ref = min(t_ref, time.process_time() - c)
+                else:
+                    ids_ours = ours_gpt2.encode(sample)
+                    t_ours = min(t_ours, time.process_time() - c)
+        same = "identical ids" if ids_ours == ids_ref else "IDS DIFFER"
+        row(f"encode, GPT-2 vocab, fast path vs tiktoken gpt2 (1 thread, best CPU time of 10; {same})",
+            f"{smb:.1f} MB", f"{smb / t_ours:.1f} MB/s", f"tiktoken {smb / t_ref:.1f} MB/s",
+            f"{t_ref / t_ours:.2f}x throughput")
+        t, c = time.perf_counter(), time.process_time()
+        ours_gpt2.encode_readable(sample)  # a fresh tokenizer: its pre-token cache starts cold
+        t_py, c_py = time.perf_counter() - t, time.process_time() - c
+        row("encode, GPT-2 vocab, pure-Python encoder (1 thread, cold cache; CPU-time rate, wall rate in brackets)",
+            f"{smb:.1f} MB", f"{smb / c_py:.2f} MB/s ({smb / t_py:.2f} MB/s wall)", "target 1 MB/s",
+            f"{smb / c_py:.2f}x target")
+    except Exception as e:  # no gpt2 files offline
+        print(f"  (tiktoken gpt2 unavailable, skipping GPT-2 throughput: {e})")
+
+    c = time.process_time(); ids_fast = trained.encode(text); t_fast = time.process_time() - c
+    c = time.process_time(); ids_py = trained.encode_readable(text); t_py = time.process_time() - c
+    same = "identical ids" if ids_fast == ids_py else "IDS DIFFER"
+    row(f"encode, our {trained.vocab_size} vocab: fast path vs pure Python (1 thread, CPU time; {same}; "
+        f"{nbytes / len(ids_fast):.2f} bytes/token)",
+        f"{mb:.1f} MB", f"{mb / t_fast:.1f} MB/s", f"pure Python {mb / t_py:.2f} MB/s", f"{t_py / t_fast:.1f}x")
+    # encode_file in parallel must give exactly encode()'s ids (a consistency check, printed, no row)
+    t = time.perf_counter()
+    n = encode_file(trained, corpus, os.path.join(tmp, "corpus.bin"), num_workers=workers, progress=False)
+    t_file = time.perf_counter() - t
+    assert n == len(ids_fast), "encode_file disagrees with encode"
+    print(f"  encode_file: {n:,} tokens in {t_file:.2f} s ({mb / t_file:.1f} MB/s, {workers} workers, == encode)")
+
+
+def _bench_streaming(args, corpus, nbytes, tok_dir, tmp, row):
+    """Peak memory of encode_iterable over a file of tens of MB vs encode(whole text), each in a fresh
+    process: streaming should add nothing that grows with the file."""
+    mb = nbytes / 1e6
+    text = Path(corpus).read_text(encoding="utf-8")
+    big = os.path.join(tmp, "big.txt")
+    reps = max(1, int(args.stream_mb / mb + 0.999))
+    with open(big, "w", encoding="utf-8") as f:
+        for _ in range(reps):
+            f.write(text)
+    del text
+    st = _run_json(_BENCH_STREAM, tok_dir, big, "stream")
+    whole = _run_json(_BENCH_STREAM, tok_dir, big, "whole")
+    row("peak RSS: encode_iterable over the file's lines vs encode(whole text)",
+        f"{reps * mb:.0f} MB file", f"{st['rss']:.0f} MB (+{st['rss'] - st['rss_before']:.0f} MB over the "
+        f"loaded tokenizer; {st['tokens']:,} tokens, {reps * mb / st['s']:.1f} MB/s)",
+        f"encode(f.read()): {whole['rss']:.0f} MB (+{whole['rss'] - whole['rss_before']:.0f} MB)",
+        f"{(st['rss'] - st['rss_before']) / max(whole['rss'] - whole['rss_before'], 1e-9):.3f}x growth")
 
 
 # ===== Command line =====
