@@ -173,7 +173,10 @@ def _special_regex(special_tokens, as_bytes=False):
 
 
 def split_on_special_tokens(text, special_tokens):
-    """[(piece, is_special)] with the special tokens cut out (longest match first), empty pieces dropped."""
+    """[(piece, is_special)] with the special tokens cut out (longest match first), empty pieces dropped.
+
+    split_on_special_tokens("a<|endoftext|>b", ["<|endoftext|>"]) -> [("a", False), ("<|endoftext|>", True),
+    ("b", False)]."""
     special_re = _special_regex(special_tokens)
     if special_re is None:
         return [(text, False)] if text else []
@@ -181,7 +184,9 @@ def split_on_special_tokens(text, special_tokens):
 
 
 def pretokenize(text, special_tokens=()):
-    """Pre-tokens of `text` (special tokens removed; they are never part of a merge)."""
+    """Pre-tokens of `text` (special tokens removed; they are never part of a merge).
+
+    pretokenize("Hello, world! It's 42") -> ["Hello", ",", " world", "!", " It", "'s", " 42"]."""
     split = _split_regex()
     return [tok for piece, special in split_on_special_tokens(text, special_tokens) if not special
             for tok in split.findall(piece)]
@@ -267,7 +272,8 @@ def _warn_if_vocab_short(source, asked, got, distinct_pretokens):
 #   * right before " " in "letter space letter" ("a b"): the letters run stops at the space either way,
 #     and " b..." starts a new pre-token either way.
 # The same patterns work on str and on bytes (all cut characters are ASCII, so a cut never splits a
-# UTF-8 sequence).
+# UTF-8 sequence). `_find_cut` applies the rules to a buffer; `_chunk_boundaries` (plumbing) uses it to cut
+# a file into worker chunks, `encode_iterable` to cut a stream.
 _CUT_STR = re.compile(r"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
 _CUT_BYTES = re.compile(rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
 
@@ -291,44 +297,14 @@ def _find_cut(buf, special_re, lo, hi, last, cut_at=None):
         k = bisect.bisect_right(starts, p - 1) - 1  # last span starting before p
         return k >= 0 and spans[k][1] > p
 
+    # candidates: the text rules (the regex looks up to 2 characters past p, hence hi + 2) and the edges
+    # of the special tokens that will be encoded as specials; then drop any that fall inside a special
     cands = [m.start() for m in cut_re.finditer(buf, lo, min(hi + 2, len(buf)))]
     cands += [p for m in found if cut_at is None or m.group() in cut_at for p in m.span()]
     cands = sorted(p for p in cands if lo <= p <= hi and not inside_special(p))
     if not cands:
         return None
     return cands[-1] if last else cands[0]
-
-
-def _chunk_boundaries(path, size, special_tokens, chunk_bytes, cut_at=None):
-    """Byte offsets [0, c1, c2, ..., size] cutting the file at safe points roughly chunk_bytes apart.
-
-    Reads only a small window around each target offset, so it is cheap on huge files. (It assumes special
-    tokens don't overlap each other in odd ways, e.g. a token that ends with another's beginning; the
-    usual <|...|> tokens can't.)
-    """
-    special_re = _special_regex(special_tokens, as_bytes=True)
-    cut_at = None if cut_at is None else {s.encode("utf-8") for s in cut_at}
-    max_special = max((len(s.encode("utf-8")) for s in special_tokens), default=0)
-    bounds = [0]
-    with open(path, "rb") as f:
-        while size - bounds[-1] > chunk_bytes:
-            target = bounds[-1] + chunk_bytes
-            window_start = max(bounds[-1], target - 2 * max_special - 2)
-            look, cut = 1 << 16, None
-            while cut is None:
-                f.seek(window_start)
-                buf = f.read(target - window_start + look)
-                at_eof = window_start + len(buf) >= size
-                hi = len(buf) - 1 if at_eof else len(buf) - max_special - 2
-                cut = _find_cut(buf, special_re, target - window_start, hi, last=False, cut_at=cut_at)
-                if cut is None and at_eof:
-                    break
-                look *= 4
-            if cut is None:
-                break  # no safe cut in the rest of the file: it becomes the last chunk
-            bounds.append(window_start + cut)
-    bounds.append(size)
-    return bounds
 
 
 def _count_pretokens_in_chunk(task):
@@ -344,7 +320,12 @@ def _count_pretokens_in_chunk(task):
 
 
 def count_pretokens(input_path, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
-    """Stream a file through the pre-tokenizer in parallel -> {pre-token bytes: count}."""
+    """Stream a file through the pre-tokenizer in parallel -> {pre-token bytes: count}.
+
+    Each worker opens the file itself and reads only its own byte range, and sends back only its distinct
+    pre-tokens with counts, so neither the text nor the list of pre-tokens ever crosses a process boundary
+    and peak memory is a few chunks, not the corpus. imap_unordered: the merge of Counters is
+    order-independent, so whichever worker finishes first is consumed first."""
     size = _check_input_file(input_path)
     num_workers = _default_workers(num_workers)
     if chunk_bytes is None:  # ~4 chunks per worker for load balance; <= 8 MB so a worker's pre-token list
@@ -390,6 +371,8 @@ def _train_merges(word_counts, vocab, num_merges, progress=True):
     Cost per merge: O(occurrences of the merged pair) list work plus O(log P) heap work per changed pair
     (P = distinct pairs), instead of the reference's O(corpus). Early merges (" t", "he") touch most
     words; late ones touch a handful, so the loop speeds up as it goes."""
+    # State: words[wi] = the current ids of distinct pre-token wi, freqs[wi] = how often it occurs;
+    # pair_counts and pair_words are the two indexes that make one merge cheap.
     words = [list(w) for w in word_counts]  # bytes -> [byte values] = ids (id i is bytes([i]))
     freqs = list(word_counts.values())
     pair_counts = defaultdict(int)  # (a, b) -> occurrences in the corpus (weighted by word frequency)
@@ -447,7 +430,10 @@ def _train_merges(word_counts, vocab, num_merges, progress=True):
                     pair_words[(z, right)].add(wi)
                 w[i:i + 2] = [z]
                 continue
-            # general case (several a's, possibly overlapping sites like a a a): walk the word
+            # general case (several a's, possibly overlapping sites like a a a): walk the word left to
+            # right, building the new word in `out`; at each site  L a b R  becomes  L z R, so the pairs
+            # (L, a) and (b, R) lose f occurrences and (L, z), (z, R) gain f. With a == b ("a a a") the
+            # sites overlap: the leftmost wins, exactly as `merge` does in the reference trainer.
             i = 0
             out = []
             while i < n:
@@ -498,6 +484,8 @@ def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, pr
     (UserWarning naming the file and both sizes): the vocab is then smaller than `vocab_size`.
     """
     specials = _check_vocab_size(vocab_size, special_tokens)
+    # 1. the corpus as a bag of distinct pre-tokens (parallel); 2. the merge loop on that bag (serial, but
+    # on ~50k distinct words instead of millions of occurrences)
     word_counts = count_pretokens(input_path, specials, num_workers=num_workers, progress=progress,
                                   chunk_bytes=chunk_bytes)
     vocab = {i: bytes([i]) for i in range(256)}
@@ -511,9 +499,15 @@ def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, pr
 # =====================================================================================================
 # 3. The tokenizer: encode, decode, special tokens, streaming, save/load
 # =====================================================================================================
+# The CS336 interface: Tokenizer(vocab, merges, special_tokens), .encode(text) -> ids, .decode(ids) -> text,
+# .encode_iterable(lines) -> ids lazily, and Tokenizer.from_files(vocab_path, merges_path, specials).
+# Encoding must reproduce training's segmentation exactly: the same pre-tokenizer, special tokens cut out
+# first, and the merges replayed in training order inside each pre-token.
 
 def token_dtype(vocab_size):
-    """Smallest unsigned dtype that holds every id: uint16 up to 65,536 tokens, else uint32."""
+    """Smallest unsigned dtype that holds every id: uint16 up to 65,536 tokens, else uint32.
+
+    A 10 GB corpus at ~4 bytes/token is 2.5G tokens: 5 GB as uint16, 20 GB as int64 (torch's default)."""
     if vocab_size <= 0 or vocab_size > 2 ** 32:
         raise ValueError(f"vocab_size must be in 1..2**32, got {vocab_size}")
     return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
@@ -535,7 +529,8 @@ class Tokenizer:
         # vocab {id: bytes} with ids exactly 0..N-1 and all 256 single bytes present (else nothing could
         # encode an unseen byte); byte_to_id is its inverse, the table the encoder looks tokens up in.
         self.vocab, self.byte_to_id = _checked_vocab(vocab)
-        # special tokens: reuse an id if the bytes exist, else append
+        # special tokens: reuse an id if the bytes exist (GPT-2's vocab already holds <|endoftext|> = 50256),
+        # else append after the merges; keep registration order, drop repeats
         self.special_tokens = []
         for s in special_tokens or []:
             if not isinstance(s, str) or not s:
@@ -610,6 +605,9 @@ class Tokenizer:
         training's "merge every occurrence, left to right", because a merge only creates pairs that involve
         the new token, whose ranks are higher. Done in place: after merging at k only the ranks of the two
         neighbouring pairs change, so each round is one C-level min() plus O(1) updates.
+
+        Example with the merges of "aaabdaaabac" (section 1): "aaab" -> [a, a, a, b], ranks [0, 0, inf]:
+        merge rank 0 at 0 -> [aa, a, b], ranks [1, inf] -> merge rank 1 -> [aaa, b], ranks [2] -> [aaab].
         """
         ids = [self._byte_ids[b] for b in piece]
         rank_get, inf = self._pair_rank.get, _INF
@@ -675,7 +673,10 @@ class Tokenizer:
     # allowed_special="all". Untrusted text: encode(text, allowed_special=set()) or, to stop instead,
     # encode(text, allowed_special=set(), disallowed_special="all").
     def special_policy(self, allowed_special="all", disallowed_special=()):
-        """Validate the two keywords and compile them (cached): -> `_SpecialPolicy`."""
+        """Validate the two keywords and compile them: -> `_SpecialPolicy`.
+
+        Cached per keyword pair, because encode_iterable and encode_file call `encode` once per chunk and
+        a regex compile per call would cost more than encoding a short chunk."""
         key = tuple(k if k == "all" else frozenset(_special_set(k, name)) for k, name in
                     ((allowed_special, "allowed_special"), (disallowed_special, "disallowed_special")))
         policy = self._policies.get(key)
@@ -748,6 +749,8 @@ class Tokenizer:
             cut = _find_cut(text, self._special_re, max(1, hi - 4096), hi, last=True, cut_at=cut_at)
             if cut is None and hi - 4096 > 1:
                 cut = _find_cut(text, self._special_re, 1, hi - 4096, last=True, cut_at=cut_at)
+            # Cut at the LAST safe point so the kept tail is short: everything before it is final, because
+            # a safe cut is a boundary of the whole-text encoding (see `_find_cut`).
             if cut is None:
                 threshold *= 2  # no safe point yet (one huge line?): wait for more text, amortized O(n)
                 buf, pending = [text], len(text)
@@ -835,17 +838,21 @@ class Tokenizer:
                                  mergeable_ranks=ranks, special_tokens=dict(self.special_ids))
 
     def _compile_fast(self):
+        """-> (tiktoken Encoding, "ok") when it provably gives our ids, else (None, the reason why not)."""
         try:
             import tiktoken  # noqa: F401
         except ImportError:
             return None, "tiktoken is not installed"
         ids = [self._pair_id[(self.byte_to_id[a], self.byte_to_id[b])] for a, b in self.merges]
-        if any(y <= x for x, y in zip(ids, ids[1:])):
+        if any(y <= x for x, y in zip(ids, ids[1:])):  # (1): tiktoken ranks by id, we by merge order
             return None, "token ids are not in merge order"
         special = set(self.special_ids.values())
         merged = set(ids)
         if special & merged:
             return None, "a special token is also produced by a merge (tiktoken would never emit it from text)"
+        # (2): every multi-byte token must be made by a merge, and BPE on its own bytes must end as that
+        # one token -- otherwise tiktoken's "the whole piece is a token" shortcut would emit it where we
+        # would not. O(vocab x token length), a fraction of a second for GPT-2's 50k tokens.
         for i, tok in self.vocab.items():
             if len(tok) > 1 and i not in special:
                 if i not in merged:
@@ -891,6 +898,8 @@ class _SpecialPolicy(namedtuple("_SpecialPolicy", "allowed split_re refuse_re"))
     order), `split_re` (cuts them out, longest first; None if none), `refuse_re` (finds forbidden ones)."""
 
     def check(self, text):
+        """Raise DisallowedSpecialError at the first forbidden special string in `text` (tiktoken's rule:
+        checked on the raw text, before any splitting, so no choice of allowed tokens can hide one)."""
         m = self.refuse_re.search(text) if self.refuse_re is not None else None
         if m:
             raise DisallowedSpecialError(m.group(), m.start())
@@ -912,6 +921,10 @@ class DisallowedSpecialError(ValueError):
 # =====================================================================================================
 # 5. encode_file: a corpus -> a flat token file for np.memmap
 # =====================================================================================================
+# Training reads random windows of a token stream, so the stream lives on disk as one flat array of ids
+# with no header: np.memmap(path, dtype=token_dtype(vocab_size)) maps it without reading it, and a batch
+# of windows touches only the pages it needs. Documents stay separated by their <|endoftext|> ids. The
+# encoding is split over processes at safe cut points and reassembled in order.
 
 def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=True, chunk_bytes=None,
                 allowed_special="all", disallowed_special=(), overwrite=True):
@@ -926,6 +939,9 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
     with the file and its byte offset).
     """
     size = _check_input_file(input_path)
+    # Everything that can be known before the work is checked before the work: the input must be a
+    # readable non-empty file, the output neither the input (which the atomic rename would replace with
+    # token ids) nor a folder, and the special-token keywords valid.
     if _same_file(input_path, out_path):
         raise ValueError(f"the output {out_path} is the input file itself; writing it would destroy the text")
     if os.path.isdir(out_path):
@@ -969,6 +985,8 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
 # =====================================================================================================
 # 6. GPT-2 parity: rebuild GPT-2's merges from tiktoken's ranks
 # =====================================================================================================
+# The strongest check this file has: the readable encoder, given GPT-2's own vocab and merges, must give
+# the ids of the tokenizer GPT-2 was trained with, on any text (tests compare with tiktoken's "gpt2").
 
 def _recover_merge(ranks, token, rank):
     """Split `token` into the pair GPT-2 merged to make it: run BPE with only the merges below its rank;
@@ -1012,7 +1030,13 @@ def gpt2_tokenizer(fast=True):
 
 # ===== Appendix: plumbing =====
 # Helpers every stage file shares. Each is defined once, here in the leftmost file that needs it, and the
-# files to the right import it (`from tokenizer import atomic_open, Progress, ...`).
+# files to the right import it (`from tokenizer import atomic_open, Progress, ...`):
+#   Progress        one status line on stderr for long work (pre-tokenizing, merging, encoding, training)
+#   atomic_open     write-to-temp + fsync + rename, so no crash or full disk leaves a torn file behind;
+#                   atomic_write_text/bytes/json/files are its one-line uses
+#   shared_path     the optional ../shared folder of the project's own workspace (benchmarks, tests only)
+#   machine_label   one line naming this machine, for benchmark tables
+#   peak_rss_mb     this process's peak memory, for benchmark tables
 
 class Progress:
     """One self-overwriting status line on stderr, at most ~5 updates per second.
@@ -1026,12 +1050,14 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
 
     def update(self, msg, force=False):
+        """Show `msg` (rate-limited to 5/s so that a tight loop can call this every step for free)."""
         now = time.perf_counter()
         if self.enabled and self.tty and (force or now - self.last > 0.2):
             self.last = now
             print(f"\r{self.label}: {msg} [{now - self.t0:.1f}s]\033[K", end="", file=sys.stderr, flush=True)
 
     def close(self, msg):
+        """Final line of the task, with its total time; always printed (also to logs)."""
         if not self.enabled:
             return
         if self.tty:
@@ -1170,6 +1196,42 @@ def _check_input_file(path):
     return size
 
 
+def _chunk_boundaries(path, size, special_tokens, chunk_bytes, cut_at=None):
+    """Byte offsets [0, c1, c2, ..., size] cutting the file at safe points roughly chunk_bytes apart.
+
+    Reads only a small window around each target offset, so it is cheap on huge files. (It assumes special
+    tokens don't overlap each other in odd ways, e.g. a token that ends with another's beginning; the
+    usual <|...|> tokens can't.)
+    """
+    special_re = _special_regex(special_tokens, as_bytes=True)
+    cut_at = None if cut_at is None else {s.encode("utf-8") for s in cut_at}
+    max_special = max((len(s.encode("utf-8")) for s in special_tokens), default=0)
+    bounds = [0]
+    with open(path, "rb") as f:
+        while size - bounds[-1] > chunk_bytes:
+            target = bounds[-1] + chunk_bytes
+            # start the window a little before the target so a special token straddling it is seen whole
+            # (the window must start at a safe position: right after the previous cut is always safe, and
+            # 2 * max_special + 2 bytes back is outside any special token that could cover the target)
+            window_start = max(bounds[-1], target - 2 * max_special - 2)
+            look, cut = 1 << 16, None
+            while cut is None:  # widen the look-ahead 4x until a cut shows up (a file with no cut at all
+                # is read once to its end and becomes one chunk)
+                f.seek(window_start)
+                buf = f.read(target - window_start + look)
+                at_eof = window_start + len(buf) >= size
+                hi = len(buf) - 1 if at_eof else len(buf) - max_special - 2
+                cut = _find_cut(buf, special_re, target - window_start, hi, last=False, cut_at=cut_at)
+                if cut is None and at_eof:
+                    break
+                look *= 4
+            if cut is None:
+                break  # no safe cut in the rest of the file: it becomes the last chunk
+            bounds.append(window_start + cut)
+    bounds.append(size)
+    return bounds
+
+
 def _read_chunk_text(path, start, end):
     """Decode bytes [start, end) of a file, or a ValueError naming the file and the bad byte's offset."""
     with open(path, "rb") as f:
@@ -1183,6 +1245,7 @@ def _read_chunk_text(path, start, end):
 
 
 def _pool(num_workers, initializer=None, initargs=()):
+    """A multiprocessing pool of `num_workers` processes (the caller closes it with `with`)."""
     # fork (Linux) starts workers in milliseconds and shares the parent's memory copy-on-write; elsewhere
     # the platform default (spawn) pickles the work and re-imports this module.
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
@@ -1190,6 +1253,7 @@ def _pool(num_workers, initializer=None, initargs=()):
 
 
 def _default_workers(num_workers):
+    """None -> the cores this process may run on (sched_getaffinity honours taskset/cgroups), else >= 1."""
     if num_workers is None:
         num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if int(num_workers) < 1:
@@ -1219,10 +1283,12 @@ UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
 
 
 def _token_to_str(token: bytes) -> str:
+    """b" the" -> "Ġthe": a token as it is written in vocab.json and merges.txt."""
     return "".join(BYTE_TO_UNICODE[b] for b in token)
 
 
 def _str_to_token(s: str, where: str) -> bytes:
+    """"Ġthe" -> b" the", or a ValueError naming `where` (file and line) for a character outside the map."""
     try:
         return bytes(UNICODE_TO_BYTE[c] for c in s)
     except KeyError as e:
@@ -1428,6 +1494,10 @@ def _run_json(code, *args):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# The benchmark scripts, each run as `python -c SCRIPT ARGS` in a fresh process that prints one JSON line:
+# a fresh process per measurement gives each side the same start (no warm caches, no shared pages) and its
+# own peak RSS. Ours: train_bpe + save. HF: the same job with HuggingFace's BpeTrainer (GPT-2's byte-level
+# pre-tokenizer and regex, the full 256-byte alphabet, min_frequency=0 so it may merge any pair).
 _BENCH_OURS = r"""
 import json, resource, sys, time, tokenizer as tk
 t = time.perf_counter()
@@ -1455,6 +1525,8 @@ me = resource.getrusage(resource.RUSAGE_SELF)  # all of rayon's threads
 print(json.dumps({"s": s, "rss": tk.peak_rss_mb(), "vocab": tok.get_vocab_size(), "cpu": me.ru_utime + me.ru_stime}))
 """
 
+# Memory of streaming vs whole-text encoding: the peak RSS before encoding (the loaded tokenizer) is
+# subtracted, so the figure is what encoding itself adds.
 _BENCH_STREAM = r"""
 import json, resource, sys, time, tokenizer as tk
 tok = tk.Tokenizer.load(sys.argv[1])
@@ -1620,7 +1692,8 @@ def demo():
     assert tok.decode(ex_ids) == example
     print(f"decode(...) == input: True   (fast path: {tok.fast_reason}; readable encoder agrees: "
           f"{tok.encode_readable(example) == ex_ids})")
-    plain = tok.encode(example, allowed_special=set())  # untrusted text: the separator stays ordinary text
+    # the same string as untrusted text: the separator is encoded as its characters, not as the special id
+    plain = tok.encode(example, allowed_special=set())
     print(f"with allowed_special=set(): {len(plain)} ids, no <|endoftext|> id among them: {tok.eot_id not in plain}")
     print("\nnext: python tokenizer.py train --input FILE --vocab-size 10000 --special-tokens '<|endoftext|>' --out DIR")
 
@@ -1637,6 +1710,7 @@ SPECIAL_TEXT = {"special": ("all", ()), "ordinary": (set(), ()), "error": (set()
 
 
 def build_parser():
+    """The command line: train, encode and bench subcommands; no subcommand runs the demo."""
     p = _Parser(prog="tokenizer.py", description="ScratchLM stage 1: byte-level BPE tokenizer. With no "
                                                  "subcommand: a small demo that trains on this file's own text.")
     sub = p.add_subparsers(dest="cmd")
@@ -1677,6 +1751,7 @@ def _check_args(p, args):
     """Every check that needs no real work, so a bad option fails in milliseconds, not after training."""
     sub = p._subparsers._group_actions[0].choices[args.cmd]  # the subcommand's parser: its prog in errors
     fail = sub.error
+    # options every subcommand shares
     if getattr(args, "workers", None) is not None and args.workers < 1:
         fail(f"--workers must be >= 1, got {args.workers}")
     if args.cmd in ("train", "encode"):
@@ -1687,12 +1762,15 @@ def _check_args(p, args):
         except (OSError, ValueError) as e:
             fail(f"--input: {e}")
     if args.cmd == "train":
+        # the vocab must at least hold the 256 bytes and the special tokens; ids must fit a uint32 file
         if any(not s for s in args.special_tokens):
             fail("--special-tokens must be non-empty strings")
         low = 256 + len(set(args.special_tokens))
         if not low <= args.vocab_size <= MAX_VOCAB:
             fail(f"--vocab-size must be in {low}..{MAX_VOCAB} (256 bytes + {low - 256} special token(s) at least), "
                  f"got {args.vocab_size}")
+        # --out is a folder; an earlier tokenizer in it is replaced only with --force (a model trained on
+        # its ids would silently read garbage with new ones)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             fail(f"--out {out} is a file; train writes a folder")
@@ -1701,6 +1779,8 @@ def _check_args(p, args):
             fail(f"--out {out} already holds a tokenizer ({saved[0]}); pass --force to replace it")
         _check_writable(fail, "--out", out)
     elif args.cmd == "encode":
+        # the output may never be one of the inputs (also through a symlink or hard link: samefile), and
+        # an existing output is replaced only with --force
         tdir = Path(args.tokenizer)
         missing = [n for n in ("vocab.json", "merges.txt") if not (tdir / n).is_file()]
         if missing:
@@ -1761,6 +1841,8 @@ def _new_folder(folder):
 
 
 def main(argv=None):
+    """Entry point. With `argv` (tests) errors found during the work propagate as exceptions; from a shell
+    they become one line on stderr with exit status 2 (Ctrl-C: 130), never a traceback."""
     p = build_parser()
     args = p.parse_args(argv)
     if args.cmd is not None:
@@ -1780,6 +1862,7 @@ def main(argv=None):
 
 
 def _run_command(args):
+    """Do the work of one subcommand whose options `_check_args` has accepted."""
     if args.cmd is None:
         demo()
     elif args.cmd == "train":
