@@ -1,0 +1,1337 @@
+"""
+scaling.py -- Stage 6 of ScratchLM: predict the big run from small ones, then check the prediction.
+
+The story
+---------
+Training a large model is a one-shot bet: a run that costs C FLOPs cannot be repeated with a different shape.
+So before the big run the field trains many small ones and fits a SCALING LAW: how the final loss depends on
+the number of parameters N and the number of training tokens D. Training costs about
+
+    C ~= 6 N D          (forward 2 FLOPs per parameter per token, backward 4; attention adds a little)
+
+so for a fixed budget C the question is a trade: a bigger model seeing fewer tokens, or a smaller model
+seeing more. The answer moved, and why it moved is the lesson of this stage.
+
+* Kaplan et al. 2020, "Scaling Laws for Neural Language Models" (arXiv 2001.08361), fitted
+  L(N, D) = [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D and concluded N_opt ~ C^0.73: spend most of a
+  bigger budget on a bigger model, train it on relatively few tokens (GPT-3: 175B parameters, 300B tokens).
+* Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models" -- "Chinchilla" (arXiv
+  2203.15556) -- found N_opt ~ C^0.5 and D_opt ~ C^0.5: parameters and tokens grow together, about 20
+  tokens per parameter. Their 70B model on 1.4T tokens beat the 280B Gopher at the same compute.
+  Why the answer moved: Kaplan's runs used ONE learning-rate schedule length for every run, so a run
+  stopped early was measured mid-cosine, not at the end of its own schedule -- this penalizes small-D runs
+  and favours big models; Kaplan counted non-embedding parameters and fitted mostly small models, where
+  embeddings are a large share (Pearce & Song 2024 and Porian et al. 2024 reconcile the two this way).
+  Chinchilla gives three methods; this file implements two of them:
+    approach 2, IsoFLOPs: at each of several budgets train models of several sizes; the loss-minimizing
+      size at each budget, fitted as N_opt = k C^a (`fit_isoflops`);
+    approach 3, a parametric law  L(N, D) = E + A / N^alpha + B / D^beta  fitted to all runs, from which
+      the optimum follows in closed form (`fit_parametric_law`, `compute_optimal_allocation`).
+* Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt" (Epoch AI, arXiv 2404.10102)
+  refitted approach 3 from the paper's own figure and found the published parameters did not fit the
+  data (and implied implausibly tight intervals): the optimizer had stopped early. With a proper fit
+  (Huber loss on log-loss, L-BFGS from a grid of starts, float64) approach 3 agrees with approaches 1-2.
+  This file follows their recipe, and bootstraps the runs for intervals.
+* Sardana & Frankle 2024, "Beyond Chinchilla-Optimal: Accounting for Inference in Language Model Scaling
+  Laws" (arXiv 2401.00448): Chinchilla minimizes TRAINING compute. A model served for trillions of tokens
+  should be smaller and trained longer (Llama 3 8B: 15T tokens, ~1,900 tokens per parameter): the
+  parametric law answers that question too (`compute_optimal_allocation` gives the training optimum; any
+  (N, D) on the law can be priced with inference added).
+* Yang et al. 2022, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter
+  Transfer" -- muP (arXiv 2203.03466): under the standard parametrization the best learning rate shrinks
+  as the model widens, so a law fitted with one lr per size mixes in lr mistuning. muP scales the
+  initialization and per-layer learning rates with width so the best lr stays put: tune small, transfer.
+  `mup_hooks` implements it through train.py's hooks; `python scaling.py lr-transfer` tests the claim.
+* Hu et al. 2024, "MiniCPM: Unveiling the Potential of Small Language Models with Scalable Training
+  Strategies" (arXiv 2404.06395): with a Warmup-Stable-Decay schedule, ONE long run per model size gives
+  the loss at many token counts -- branch a short decay off the stable phase at each count -- instead of
+  one run per (N, D). The `--mode branched` sweep does exactly that and reports the compute saved.
+
+What this file does, in order
+-----------------------------
+1. Compute accounting: model shapes from one dial, `depth` (nanochat's idea), and C = 6ND next to the exact
+   count of model.py's accounting (attention and the LM head included).
+2. Reading runs (the CS336 JSON format, or CSV) with errors that name the bad run.
+3. IsoFLOPs fits (argmin or parabola) with bootstrap intervals.
+4. The parametric fit, vectorized over the whole grid of starting points, and the closed-form optimum.
+5. Own sweeps through train.py, resumable and shardable; the one-run (branched WSD) mode; verification
+   of the prediction by training the predicted optimum at a larger budget.
+6. muP through train.TrainHooks, and the learning-rate transfer experiment.
+
+What it costs: a fit is seconds on one core. The default sweep trains ~20 small models on the built-in
+synthetic corpus (minutes on 2 CPU cores); its law is a law of THIS corpus and THESE tiny models, but the
+method is the one used at scale (which is the point: predict, then check).
+
+Imports: tokenizer.py, model.py and train.py from this project (stages to the left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+import tokenizer as tk
+import model as M
+import train as T
+
+# =====================================================================================================
+# 1. Compute accounting: one dial for the model's shape, and two ways to count the FLOPs
+# =====================================================================================================
+
+
+def shape_for_depth(depth: int, width_per_depth: int = 16, head_dim: int = 16) -> dict:
+    """The whole architecture from one integer (nanochat's "depth" dial): num_layers = depth,
+    d_model = width_per_depth * depth (the aspect ratio d/L stays fixed, as in Kaplan et al.'s finding
+    that shape matters little at fixed N), heads of a fixed size head_dim (so muP's attention scaling
+    question does not arise), d_ff = 8/3 d_model rounded to a multiple of 16 (SwiGLU keeps the 8 d^2
+    parameters of a 4d two-matrix MLP). A sweep then varies ONE number, and N grows ~ 12 d^2 L ~ depth^3.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    d = width_per_depth * depth
+    if d % head_dim:
+        raise ValueError(f"d_model {d} (= {width_per_depth} x depth {depth}) is not a multiple of head_dim {head_dim}")
+    return dict(d_model=d, num_layers=depth, num_heads=d // head_dim, d_ff=max(16, 16 * round(8 * d / 3 / 16)))
+
+
+def model_config_for_depth(depth: int, vocab_size: int, context_length: int, **shape_kw) -> M.ModelConfig:
+    return M.ModelConfig(vocab_size=vocab_size, context_length=context_length, **shape_for_depth(depth, **shape_kw))
+
+
+def compute_accounting(cfg: M.ModelConfig) -> dict:
+    """N (all parameters, Chinchilla's convention), N without the embedding/head matrices (Kaplan's), and
+    the training FLOPs per token two ways: 6N, and model.py's exact count (every matmul at 2mnp, attention
+    scores at the causal average of (T+1)/2 keys, the LM head; the embedding lookup is free, so the exact
+    count can be BELOW 6N when the input embedding is a big share of N, as in tiny models)."""
+    n = M.num_params(cfg)
+    exact = M.flops_per_token(cfg, training=True)
+    return dict(parameters=n, non_embedding=M.num_params(cfg, include_embeddings=False),
+                flops_6n=6.0 * n, flops_exact=exact, exact_over_6n=exact / (6.0 * n))
+
+
+def flops_per_token(cfg: M.ModelConfig, flops: str = "6nd") -> float:
+    """FLOPs per training token under the chosen convention: "6nd" (C = 6 N D) or "exact" (model.py)."""
+    if flops == "6nd":
+        return 6.0 * M.num_params(cfg)
+    if flops == "exact":
+        return M.flops_per_token(cfg, training=True)
+    raise ValueError(f"flops convention must be '6nd' or 'exact', got {flops!r}")
+
+
+# =====================================================================================================
+# 2. Runs: (N, D, C, loss) records, read from the CS336 JSON format or a CSV, validated
+# =====================================================================================================
+
+
+@dataclass
+class Run:
+    """One training run's outcome. `budget` groups runs into IsoFLOPs curves (the nominal budget the run
+    was planned for); `compute` is 6 N D of the run as trained. `name` says where it came from."""
+    parameters: float
+    tokens: float
+    budget: float
+    loss: float
+    name: str = ""
+
+    @property
+    def compute(self) -> float:
+        return 6.0 * self.parameters * self.tokens
+
+
+def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
+    """Build a Run from raw values, with D = C / (6N) or C = 6ND when one of them is missing. Every value
+    must be a finite positive number; the error names the run (file:line or index) and the field."""
+    vals = dict(parameters=parameters, final_loss=loss, tokens=tokens, compute_budget=budget)
+    for k, v in vals.items():
+        if v is None and k in ("tokens", "compute_budget"):
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: {k} = {v!r} is not a number") from None
+        if not math.isfinite(x) or x <= 0:
+            raise ValueError(f"{name}: {k} = {v!r} must be a finite positive number")
+        vals[k] = x
+    if vals["tokens"] is None and vals["compute_budget"] is None:
+        raise ValueError(f"{name}: needs tokens (D) or compute_budget (C) besides parameters and final_loss")
+    n, c = vals["parameters"], vals["compute_budget"]
+    d = vals["tokens"] if vals["tokens"] is not None else c / (6.0 * n)
+    return Run(parameters=n, tokens=d, budget=c if c is not None else 6.0 * n * d, loss=vals["final_loss"], name=name)
+
+
+def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: str | None = None,
+              c_col: str | None = "compute_budget", loss_col: str = "final_loss") -> list[Run]:
+    """Runs from a file. Formats:
+      json: a list of objects {"parameters": N, "compute_budget": C, "final_loss": L} (CS336's
+            isoflops_curves.json), "tokens": D may replace or accompany compute_budget;
+      csv:  a header row, then one run per row; the columns are named by n_col, d_col and/or c_col, loss_col.
+    fmt None: from the file's extension. Errors name the file and the run's index or line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"runs file {path} does not exist")
+    fmt = fmt or ("csv" if path.suffix.lower() in (".csv", ".tsv") else "json")
+    if fmt == "json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of runs, got {type(rows).__name__}")
+        runs = []
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict) or "parameters" not in r or "final_loss" not in r:
+                raise ValueError(f"{path}: run {i} is not an object with 'parameters' and 'final_loss': {r!r:.120}")
+            runs.append(make_run(f"{path.name} run {i}", r["parameters"], r["final_loss"], r.get("tokens"),
+                                 r.get("compute_budget")))
+        return runs
+    if fmt != "csv":
+        raise ValueError(f"unknown runs format {fmt!r} (json or csv)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = reader.fieldnames or []
+        wanted = [c for c in (n_col, d_col, c_col, loss_col) if c]
+        missing = [c for c in wanted if c not in header]
+        if missing or not (d_col in header or c_col in header):
+            raise ValueError(f"{path}: columns {missing} not in the header {header} (set --n-col, --d-col, --c-col, "
+                             "--loss-col)")
+        runs = []
+        for line, row in enumerate(reader, start=2):
+            if None in row or any(v is None for v in row.values()):
+                raise ValueError(f"{path}:{line}: row has {len(row) - (None in row)} fields, the header has "
+                                 f"{len(header)}")
+            runs.append(make_run(f"{path.name}:{line}", row[n_col], row[loss_col],
+                                 row.get(d_col) if d_col in header else None,
+                                 row.get(c_col) if c_col in header else None))
+    return runs
+
+
+# =====================================================================================================
+# 3. IsoFLOPs (Chinchilla approach 2): the best size at each budget, then a power law through the optima
+# =====================================================================================================
+
+
+def group_by_budget(runs: list[Run], min_budgets: int = 2, min_runs: int = 3) -> dict[float, list[Run]]:
+    """{budget: runs at it}, budgets equal to 6 significant digits grouped. Fitting N_opt = k C^a needs at
+    least 2 budgets (3 for an interval worth the name) and each parabola at least 3 sizes."""
+    groups: dict[float, list[Run]] = {}
+    for r in runs:
+        key = float(f"{r.budget:.6g}")
+        groups.setdefault(key, []).append(r)
+    if len(groups) < min_budgets:
+        raise ValueError(f"IsoFLOPs needs runs at >= {min_budgets} compute budgets, got {len(groups)}: "
+                         f"{sorted(groups)}")
+    for c, rs in groups.items():
+        if len({r.parameters for r in rs}) < min_runs:
+            raise ValueError(f"budget {c:.3g} has runs at {len({r.parameters for r in rs})} model sizes; each budget "
+                             f"needs >= {min_runs} ({', '.join(r.name for r in rs)})")
+    return dict(sorted(groups.items()))
+
+
+def budget_optimum(n: np.ndarray, loss: np.ndarray, method: str) -> float:
+    """The loss-minimizing N on one IsoFLOPs curve.
+    argmin:   the best run's N (robust, but quantized to the sizes that were trained).
+    parabola: fit loss = a x^2 + b x + c in x = ln N and take the vertex x* = -b / (2a) (Chinchilla's
+              method; interpolates between sizes). a <= 0 means the curve has no minimum (all runs on one
+              side of it): an error, since the vertex would be a maximum."""
+    if method == "argmin":
+        return float(n[int(np.argmin(loss))])
+    if method != "parabola":
+        raise ValueError(f"method must be 'argmin' or 'parabola', got {method!r}")
+    a, b, _ = np.polyfit(np.log(n), loss, 2)
+    if a <= 0:
+        raise ValueError("the loss is not convex in ln N on this curve (no minimum inside the sizes trained)")
+    return float(math.exp(-b / (2 * a)))
+
+
+def fit_power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """y = k x^a by least squares in log-log space: ln y = ln k + a ln x. Returns (k, a)."""
+    a, lnk = np.polyfit(np.log(x), np.log(y), 1)
+    return float(math.exp(lnk)), float(a)
+
+
+@dataclass
+class IsoFlopsFit:
+    """N_opt = k C^a, D_opt = C / (6 N_opt). `optima` holds the per-budget (C, N*) the law was fitted to;
+    `boot` the (k, a) of each bootstrap refit (runs resampled within each budget)."""
+    method: str
+    k: float
+    a: float
+    optima: list
+    boot: np.ndarray
+
+    def predict(self, C):
+        """(N_opt, D_opt) at compute C (scalars or arrays)."""
+        n = self.k * np.asarray(C, dtype=np.float64) ** self.a
+        return n, np.asarray(C, dtype=np.float64) / (6.0 * n)
+
+    def interval(self, C, level: float = 0.95):
+        """((N_lo, N_hi), (D_lo, D_hi)) percentile bootstrap interval at compute C."""
+        n = self.boot[:, 0] * float(C) ** self.boot[:, 1]
+        q = [50 * (1 - level), 50 * (1 + level)]
+        lo, hi = np.percentile(n, q)
+        return (lo, hi), (C / (6 * hi), C / (6 * lo))
+
+
+def fit_isoflops(runs: list[Run], method: str = "parabola", n_bootstrap: int = 200, seed: int = 0) -> IsoFlopsFit:
+    """Chinchilla approach 2. For each budget, the optimum N* (`budget_optimum`), then N_opt = k C^a through
+    the (C, N*) points. Intervals: resample the runs of each budget with replacement and refit everything
+    (a resample with fewer than 3 distinct sizes, or a parabola without a minimum, is drawn again)."""
+    groups = group_by_budget(runs)
+    cs = np.array(list(groups))
+
+    def optima(g):
+        out = []
+        for c, rs in g.items():
+            n = np.array([r.parameters for r in rs])
+            try:
+                out.append(budget_optimum(n, np.array([r.loss for r in rs]), method))
+            except ValueError as e:
+                raise ValueError(f"budget {c:.3g} ({len(rs)} runs): {e}") from None
+        return np.array(out)
+
+    n_star = optima(groups)
+    k, a = fit_power_law(cs, n_star)
+    rng = np.random.default_rng(seed)
+    boot, tries = [], 0
+    while len(boot) < n_bootstrap and tries < 20 * n_bootstrap:
+        tries += 1
+        g = {c: [rs[i] for i in rng.integers(0, len(rs), len(rs))] for c, rs in groups.items()}
+        if any(len({r.parameters for r in rs}) < 3 for rs in g.values()):
+            continue
+        try:
+            boot.append(fit_power_law(cs, optima(g)))
+        except ValueError:
+            continue
+    return IsoFlopsFit(method=method, k=k, a=a, optima=list(zip(cs.tolist(), n_star.tolist())),
+                       boot=np.array(boot).reshape(-1, 2))
+
+
+# =====================================================================================================
+# 4. The parametric law (Chinchilla approach 3, as Epoch AI's replication fits it)
+# =====================================================================================================
+# L(N, D) = E + A / N^alpha + B / D^beta. Three terms: the irreducible loss E (the entropy of the text), the
+# loss of a finite model trained forever, and the loss of an infinite model trained on D tokens. Fitting it
+# naively (least squares on L) is badly conditioned: A and B span orders of magnitude. Hoffmann et al.
+# reparametrize a = ln A, b = ln B, e = ln E and fit the LOG of the loss:
+#
+#     ln L_hat = LSE(a - alpha ln N,  b - beta ln D,  e)        (LSE = log-sum-exp, exact: ln(A/N^a + B/D^b + E))
+#     objective = sum_i Huber_delta(ln L_hat_i - ln L_i),   delta = 1e-3
+#
+# The Huber loss is quadratic for |r| < delta and linear beyond, so the few outlier runs (a diverged or
+# mistuned one) pull on the fit with a bounded force. The objective is non-convex, hence the grid of starts.
+
+
+def _objective(theta: torch.Tensor, log_n, log_d, log_l, delta: float) -> torch.Tensor:
+    """Huber objective for K parameter vectors at once. theta: (K, 5) = (a, b, e, alpha, beta); log_n,
+    log_d, log_l: (n,). Returns (K,). Every row is an independent problem, so the gradient of the SUM
+    w.r.t. row k is the gradient of problem k alone: one batched tensor optimizes the whole grid."""
+    a, b, e, alpha, beta = theta.unbind(-1)  # each (K,)
+    terms = torch.stack([a[:, None] - alpha[:, None] * log_n,  # (K, n): ln(A / N^alpha)
+                         b[:, None] - beta[:, None] * log_d,  # (K, n): ln(B / D^beta)
+                         e[:, None].expand(-1, log_n.shape[0])])  # (K, n): ln E
+    r = torch.logsumexp(terms, dim=0) - log_l  # (K, n) residuals in log-loss
+    return torch.nn.functional.huber_loss(r, torch.zeros_like(r), reduction="none", delta=delta).sum(-1)
+
+
+def init_grid() -> torch.Tensor:
+    """Hoffmann et al.'s grid of starting points: alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1},
+    a, b in {0, 5, ..., 25}: 5 x 5 x 5 x 6 x 6 = 4,500 starts, as a (4500, 5) float64 tensor."""
+    ab = torch.arange(0, 30, 5, dtype=torch.float64)
+    e = torch.arange(-1, 1.5, 0.5, dtype=torch.float64)
+    ex = torch.arange(0, 2.5, 0.5, dtype=torch.float64)
+    a, b, ee, al, be = torch.meshgrid(ab, ab, e, ex, ex, indexing="ij")
+    return torch.stack([a, b, ee, al, be], -1).reshape(-1, 5)
+
+
+def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200) -> tuple[torch.Tensor, float]:
+    """torch.optim.LBFGS (strong-Wolfe line search, float64) from one start; returns (theta, objective)."""
+    theta = theta0.clone().reshape(1, 5).requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = _objective(theta, *data, delta).sum()
+        f.backward()
+        return f
+
+    opt.step(closure)
+    with torch.no_grad():
+        f = float(_objective(theta, *data, delta).sum())
+    return theta.detach()[0], f if math.isfinite(f) else float("inf")
+
+
+def _objective_and_grad(theta: torch.Tensor, log_n, log_d, log_l, delta: float):
+    """The same objective as `_objective` for K rows, with its gradient written out (no autograd graph: the
+    grid phase evaluates ~10^6 residuals per step, and autograd's temporaries would dominate). With
+    p_j = exp(term_j - LSE) the softmax weights of the three terms and h'(r) = clamp(r, -delta, delta):
+        d r / d a = p_1,  d r / d alpha = -p_1 ln N,  d r / d b = p_2,  d r / d beta = -p_2 ln D,  d r / d e = p_3
+    Returns (f (K,), grad (K, 5)). A test checks it against autograd."""
+    a, b, e, alpha, beta = (t[:, None] for t in theta.unbind(-1))  # each (K, 1)
+    t1, t2 = a - alpha * log_n, b - beta * log_d  # (K, n)
+    m = torch.maximum(torch.maximum(t1, t2), e)
+    p1, p2, p3 = torch.exp(t1 - m), torch.exp(t2 - m), torch.exp(e - m)
+    z = p1 + p2 + p3
+    r = m + torch.log(z) - log_l  # (K, n) residuals
+    h = torch.clamp(r, -delta, delta)  # Huber'(r)
+    f = torch.where(r.abs() < delta, 0.5 * r * r, delta * (r.abs() - 0.5 * delta)).sum(-1)
+    hp1, hp2 = h * p1 / z, h * p2 / z
+    grad = torch.stack([hp1.sum(-1), hp2.sum(-1), (h * p3 / z).sum(-1), -(hp1 @ log_n), -(hp2 @ log_d)], -1)
+    return f, grad
+
+
+# successive halving over the grid: (how many starts survive, Adam steps for them)
+_GRID_STAGES = ((None, 25), (400, 100), (40, 200))
+
+
+def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8):
+    """Optimize from EVERY start of the grid, as one (K, 5) tensor: batched Adam steps (Adam is
+    per-coordinate and each row's gradient is its own problem's, so the rows stay independent problems),
+    successive halving (all starts for 25 steps, the best 400 for 100 more, the best 40 for 200 more), then
+    L-BFGS polishes the `polish` best distinct end points to full precision. Returns (theta, objective)."""
+    theta = grid.clone()
+    f = None
+    for keep, steps in _GRID_STAGES:
+        if keep is not None:
+            theta = theta[torch.argsort(f)[:keep]]
+        theta = theta.clone().requires_grad_(True)
+        opt = torch.optim.Adam([theta], lr=0.1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=3e-3)
+        for _ in range(steps):
+            with torch.no_grad():
+                f, g = _objective_and_grad(theta, *data, delta)
+                theta.grad = torch.where(torch.isfinite(g), g, torch.zeros_like(g))  # overflowed starts stay put
+            opt.step()
+            sched.step()
+        theta = theta.detach()
+        f, _ = _objective_and_grad(theta, *data, delta)
+        f = torch.where(torch.isfinite(f), f, torch.full_like(f, float("inf")))
+    best, seen = None, set()
+    for i in torch.argsort(f).tolist():
+        key = tuple(np.round(theta[i].numpy(), 2))  # distinct end points only
+        if key in seen:
+            continue
+        seen.add(key)
+        cand = _lbfgs(theta[i], data, delta)
+        if best is None or cand[1] < best[1]:
+            best = cand
+        if len(seen) >= polish:
+            break
+    return best
+
+
+def compute_optimal_allocation(A, B, alpha, beta, C):
+    """Minimize L = E + A N^-alpha + B D^-beta subject to 6 N D = C. Setting dL/dN = 0 along D = C/(6N):
+        alpha A N^-alpha = beta B D^-beta
+    gives N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = G^-1 (C/6)^(alpha/(alpha+beta)),
+    with G = (alpha A / (beta B))^(1/(alpha+beta)). Works elementwise on numpy arrays."""
+    G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    c6 = np.asarray(C, dtype=np.float64) / 6.0
+    return G * c6 ** (beta / (alpha + beta)), c6 ** (alpha / (alpha + beta)) / G
+
+
+@dataclass
+class ParametricFit:
+    """L(N, D) = E + A / N^alpha + B / D^beta with bootstrap refits. `se` holds the bootstrap standard errors
+    of E, A, B, alpha, beta; `boot` is (n_bootstrap, 5) of (E, A, B, alpha, beta)."""
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float
+    se: dict
+    boot: np.ndarray
+    n_points: int = 0
+    seconds: float = 0.0
+
+    def predict_loss(self, N, D):
+        N, D = np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64)
+        return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
+
+    def optimal_allocation(self, C):
+        """(N_opt, D_opt) at compute C, in closed form."""
+        return compute_optimal_allocation(self.A, self.B, self.alpha, self.beta, C)
+
+    def loss_interval(self, N, D, level: float = 0.95):
+        """Percentile bootstrap interval of the predicted loss at (N, D)."""
+        E, A, B, al, be = self.boot.T
+        pred = E + A / float(N) ** al + B / float(D) ** be
+        return tuple(np.percentile(pred, [50 * (1 - level), 50 * (1 + level)]))
+
+    def allocation_interval(self, C, level: float = 0.95):
+        """((N_lo, N_hi), (D_lo, D_hi)) at compute C over the bootstrap refits."""
+        E, A, B, al, be = self.boot.T
+        n, d = compute_optimal_allocation(A, B, al, be, C)
+        q = [50 * (1 - level), 50 * (1 + level)]
+        return tuple(np.percentile(n, q)), tuple(np.percentile(d, q))
+
+
+def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int = 100, seed: int = 0,
+                       grid: torch.Tensor | None = None) -> ParametricFit:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs (N, D, final loss), Hoffmann et al. / Epoch AI style:
+    log-sum-exp form on ln L, Huber loss (delta 1e-3), float64, the full grid of starts (`init_grid`).
+    Bootstrap: resample the runs with replacement, refit by L-BFGS warm-started at the full fit, and report
+    the standard deviation of each parameter over the refits as its standard error."""
+    t0 = time.perf_counter()
+    N, D, L = (np.asarray(v, dtype=np.float64).ravel() for v in (N, D, losses))
+    if not (len(N) == len(D) == len(L)):
+        raise ValueError(f"N, D and losses must have the same length, got {len(N)}, {len(D)}, {len(L)}")
+    for name, v in (("N", N), ("D", D), ("loss", L)):
+        bad = np.flatnonzero(~np.isfinite(v) | (v <= 0))
+        if len(bad):
+            raise ValueError(f"{name} of run {int(bad[0])} is {v[bad[0]]!r}; every value must be finite and > 0")
+    if len(N) < 5:
+        raise ValueError(f"the parametric law has 5 parameters; got only {len(N)} runs (need >= 5, better >> 5)")
+    data = tuple(torch.from_numpy(np.log(v)) for v in (N, D, L))
+    theta, f = _fit_from_grid(init_grid() if grid is None else grid, data, huber_delta)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_bootstrap):
+        idx = torch.from_numpy(rng.integers(0, len(N), len(N)))
+        sample = tuple(x[idx] for x in data)
+        # two warm starts: the full fit, and a nudged copy (the Huber objective is nearly piecewise linear
+        # when most residuals exceed delta, and L-BFGS started exactly on a kink can stop at once)
+        nudge = torch.from_numpy(rng.normal(0, 0.02, 5)) * torch.tensor([10.0, 10.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+        th = min((_lbfgs(s, sample, huber_delta) for s in (theta, theta + nudge)), key=lambda t: t[1])[0]
+        boot.append(th.numpy())
+    to_nat = lambda th: np.stack([np.exp(th[..., 2]), np.exp(th[..., 0]), np.exp(th[..., 1]), th[..., 3], th[..., 4]], -1)
+    best = to_nat(theta.numpy())
+    boot = to_nat(np.array(boot).reshape(-1, 5))
+    se = dict(zip(("E", "A", "B", "alpha", "beta"), boot.std(0, ddof=1) if len(boot) > 1 else [float("nan")] * 5))
+    return ParametricFit(*map(float, best), objective=f, se={k: float(v) for k, v in se.items()}, boot=boot,
+                         n_points=len(N), seconds=time.perf_counter() - t0)
+
+
+# =====================================================================================================
+# 5. Own sweeps through train.py: plan, run (resumable, shardable), and the one-run branched mode
+# =====================================================================================================
+
+
+@dataclass
+class SweepSpec:
+    """Everything that decides a sweep's results (hashed: a folder holds one sweep). Runs: for each budget C,
+    the `runs_per_budget` depths whose N lies closest (in ln N) to the Chinchilla-rule guess
+    N ~ sqrt(C / (6 tokens_per_param)), each trained for D = C / flops_per_token tokens."""
+    budgets: list = field(default_factory=lambda: [1e11, 2e11, 4e11, 8e11])
+    depths: list = field(default_factory=lambda: list(range(1, 9)))
+    runs_per_budget: int = 5
+    tokens_per_param: float = 20.0  # only centres the window of sizes per budget
+    flops: str = "6nd"  # 6nd | exact (model.py's per-token count)
+    width_per_depth: int = 16
+    head_dim: int = 16
+    context_length: int = 64
+    batch_size: int = 16
+    optimizer: str = "muon"
+    lr: float = 3e-3
+    muon_lr: float = 0.02
+    warmup_iters: int = 20
+    decay_fraction: float = 0.2  # WSD: final linear decay over the last 20% of each run
+    min_steps: int = 50  # a run shorter than this measures the warm-up, not the model
+    data: str = "synthetic"
+    synthetic_bytes: int = 6_000_000
+    vocab_size: int = 512
+    eval_tokens: int = 32_768  # the same first val tokens scored for every run
+    seed: int = 1337
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context_length
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class PlannedRun:
+    key: str  # file name of the result: "C1e+11-d03"
+    budget: float
+    depth: int
+    parameters: int
+    steps: int
+
+
+def _round_steps(target: float, decay_fraction: float) -> int:
+    """The step count nearest `target` whose decay phase (decay_fraction x steps) is a whole number of steps,
+    so a branched decay starts exactly where train.py's WSD schedule of a separate run would."""
+    base = max(1, round(target))
+    for off in range(0, 200):
+        for s in (base + off, base - off):
+            if s >= 1 and abs(s * decay_fraction - round(s * decay_fraction)) < 1e-9:
+                return s
+    return base
+
+
+def plan_sweep(spec: SweepSpec, vocab_size: int) -> list[PlannedRun]:
+    """The runs of a sweep, in a stable order (budget, then depth). Errors name the budget that cannot be
+    served: too small for the smallest model (fewer than min_steps), or too few usable sizes."""
+    if len(spec.budgets) < 2:
+        raise ValueError(f"a sweep needs >= 2 budgets to fit N_opt = k C^a, got {spec.budgets}")
+    if spec.runs_per_budget < 3:
+        raise ValueError(f"runs_per_budget must be >= 3 (a parabola needs 3 sizes), got {spec.runs_per_budget}")
+    for c in spec.budgets:
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"budget {c!r} must be a finite positive number of FLOPs")
+    plan = []
+    for c in sorted(spec.budgets):
+        fits = []
+        for depth in sorted(set(spec.depths)):
+            cfg = model_config_for_depth(depth, vocab_size, spec.context_length, width_per_depth=spec.width_per_depth,
+                                         head_dim=spec.head_dim)
+            steps = _round_steps(c / flops_per_token(cfg, spec.flops) / spec.tokens_per_step, spec.decay_fraction)
+            if steps >= spec.min_steps:
+                fits.append((depth, M.num_params(cfg), steps))
+        if len(fits) < spec.runs_per_budget:
+            smallest = min(spec.depths)
+            raise ValueError(f"budget {c:.3g} FLOPs is too small: only {len(fits)} of depths {sorted(spec.depths)} get "
+                             f">= {spec.min_steps} steps of {spec.tokens_per_step} tokens (need {spec.runs_per_budget}"
+                             f"; smallest model depth {smallest}). Raise the budget or add smaller depths")
+        guess = math.sqrt(c / (6 * spec.tokens_per_param))  # Chinchilla's rule, only to centre the window
+        fits.sort(key=lambda t: abs(math.log(t[1] / guess)))
+        for depth, n, steps in sorted(fits[:spec.runs_per_budget]):
+            plan.append(PlannedRun(key=f"C{c:.3g}-d{depth:02d}", budget=c, depth=depth, parameters=n, steps=steps))
+    return plan
+
+
+def train_config(spec: SweepSpec, depth: int, steps: int, out_dir, data_dir: str, *, schedule: str = "wsd",
+                 threads: int = 1, device: str = "cpu", final_eval_tokens: int | None = None) -> T.TrainConfig:
+    """The train.py configuration of one run: the depth's shape, `steps` optimizer steps (a fixed token budget,
+    never wall clock, so results are deterministic), WSD schedule, no samples/plots/periodic evals."""
+    return T.TrainConfig(
+        preset="scaling", data=spec.data, data_dir=data_dir, synthetic_bytes=spec.synthetic_bytes,
+        vocab_size=spec.vocab_size, context_length=spec.context_length,
+        **shape_for_depth(depth, spec.width_per_depth, spec.head_dim),
+        optimizer=spec.optimizer, lr=spec.lr, muon_lr=spec.muon_lr, schedule=schedule, warmup_iters=spec.warmup_iters,
+        decay_fraction=spec.decay_fraction, batch_size=spec.batch_size, max_steps=steps, max_minutes=None,
+        eval_interval=10 ** 9, ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
+        final_eval_tokens=spec.eval_tokens if final_eval_tokens is None else final_eval_tokens,
+        seed=spec.seed, threads=threads, device=device, out_dir=str(out_dir))
+
+
+def _quiet(*args, **kwargs):
+    """train.train's log: a sweep prints one line per run instead of train.py's per-step lines."""
+
+
+def read_result(path: Path, spec_key: str, warn: Callable = print) -> dict | None:
+    """A finished run's result, or None when it must be (re)run. Result files are written atomically, but a
+    copy interrupted mid-way, a full disk elsewhere or a hand edit can still leave a broken one: anything
+    that is not complete JSON with every field and this sweep's key is reported and rerun, never used."""
+    if not path.exists():
+        return None
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(r, dict) and r.get("complete") is True and r.get("spec") == spec_key and all(
+            isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in ("parameters", "tokens", "final_loss"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        warn(f"result file {path} is incomplete or corrupt (a killed or interrupted write?): rerunning that run")
+        return None
+    return r
+
+
+def _write_result(path: Path, spec: SweepSpec, pr: PlannedRun, summary: dict, extra: dict | None = None):
+    tokens = pr.steps * spec.tokens_per_step
+    tk.atomic_write_json(path, dict(
+        spec=spec.key(), key=pr.key, depth=pr.depth, parameters=pr.parameters, tokens=tokens,
+        compute_budget=pr.budget, compute_6nd=6.0 * pr.parameters * tokens, steps=pr.steps,
+        final_loss=summary["val"]["loss"], bpb=summary["val"]["bpb"], train_seconds=summary["train_seconds"],
+        **(extra or {}), complete=True))
+
+
+def shard_filter(items: list, shard: tuple[int, int] | None) -> list:
+    """--shard K/N: item i belongs to shard K when i mod N == K - 1. Every machine computes the same plan, so
+    N machines split a sweep with no coordination; together they cover it exactly once."""
+    if shard is None:
+        return items
+    k, n = shard
+    return [x for i, x in enumerate(items) if i % n == k - 1]
+
+
+def _prepare_folder(out: Path, spec: SweepSpec) -> None:
+    """One sweep per folder: sweep.json records its spec; a different spec in the same folder is an error
+    (its results would silently mix with this one's)."""
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    meta = out / "sweep.json"
+    if meta.exists():
+        try:
+            old = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old is not None and old.get("key") != spec.key():
+            diff = [k for k, v in dataclasses.asdict(spec).items() if old.get("spec", {}).get(k) != v]
+            raise ValueError(f"{out} holds a different sweep (differs in {diff}); use another --out or the same "
+                             "settings to resume it")
+    tk.atomic_write_json(meta, dict(key=spec.key(), spec=dataclasses.asdict(spec)))
+
+
+def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: str = "separate", threads: int = 1,
+              device: str = "cpu", log: Callable = print, after_run: Callable | None = None) -> dict:
+    """Train every planned run of this shard that has no valid result yet; return
+    {"ran": [keys], "skipped": [keys], "steps_trained": int, "steps_separate": int}.
+    mode "separate": one train.train per run. mode "branched": one stable-phase trunk per depth with a WSD
+    decay branched off at each of its budgets (`run_branched_depth`). `after_run(key)` is called after each
+    result is written (the tests use it to kill a sweep midway)."""
+    out = Path(out)
+    _prepare_folder(out, spec)
+    plan = plan_sweep(spec, data.tokenizer.vocab_size)
+    stats = dict(ran=[], skipped=[], steps_trained=0, steps_separate=sum(p.steps for p in plan), planned=len(plan))
+    if mode == "branched":  # the unit of work (and of sharding) is a depth's trunk
+        by_depth = {}
+        for p in plan:
+            by_depth.setdefault(p.depth, []).append(p)
+        for depth in shard_filter(sorted(by_depth), shard):
+            run_branched_depth(spec, out, data, by_depth[depth], stats, threads=threads, device=device, log=log,
+                               after_run=after_run)
+        return stats
+    if mode != "separate":
+        raise ValueError(f"sweep mode must be 'separate' or 'branched', got {mode!r}")
+    mine = shard_filter(plan, shard)
+    t0 = time.time()
+    for i, pr in enumerate(mine):
+        path = out / "runs" / f"{pr.key}.json"
+        if read_result(path, spec.key(), warn=log) is not None:
+            stats["skipped"].append(pr.key)
+            continue
+        t1 = time.time()
+        cfg = train_config(spec, pr.depth, pr.steps, out / "train" / pr.key, data.cache_dir, threads=threads,
+                           device=device)
+        summary = T.train(cfg, data=data, log=_quiet)
+        _write_result(path, spec, pr, summary)
+        _drop_checkpoint(out / "train" / pr.key)
+        stats["ran"].append(pr.key)
+        stats["steps_trained"] += pr.steps
+        _progress_line(log, i + 1, len(mine), pr, spec, summary["val"]["loss"], time.time() - t1, time.time() - t0)
+        if after_run:
+            after_run(pr.key)
+    return stats
+
+
+def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun], stats: dict, *, threads=1,
+                       device="cpu", log=print, after_run=None):
+    """MiniCPM's one-run data points for one depth. The trunk trains at the stable learning rate (train.py's
+    "constant" schedule: the same warm-up, then the peak lr -- exactly WSD's stable phase). At each branch
+    point S_k = (1 - f) T_k the trunk's checkpoint is copied aside (`stable.pt`), and a branch resumes from
+    the copy with train.py's WSD schedule for T_k steps, which decays over [S_k, T_k]. Because batches are a
+    function of (seed, step) and the lr before S_k is identical, the branch IS the separate WSD run of
+    T_k steps (the tests check this), at the cost of only its decay. Resumable: each stable copy is made
+    before the trunk moves past it, and each branch restarts from its copy if killed."""
+    trunk = out / "train" / f"trunk-d{points[0].depth:02d}"
+    for pr in sorted(points, key=lambda p: p.steps):
+        path = out / "runs" / f"{pr.key}.json"
+        if read_result(path, spec.key(), warn=log) is not None:
+            stats["skipped"].append(pr.key)
+            continue
+        t1 = time.time()
+        s_k = round(pr.steps * (1 - spec.decay_fraction))  # whole steps by _round_steps
+        branch = out / "train" / f"branch-{pr.key}"
+        branch.mkdir(parents=True, exist_ok=True)
+        stable = branch / "stable.pt"
+        if not stable.exists():
+            at = _checkpoint_step(trunk / "ckpt.pt")
+            if at > s_k:  # the trunk ran past this point without its copy (should not happen): start over
+                log(f"trunk {trunk} is at step {at}, past branch point {s_k} of {pr.key}: retraining the trunk")
+                shutil.rmtree(trunk)
+                at = 0
+            if at < s_k:
+                cfg = train_config(spec, pr.depth, s_k, trunk, data.cache_dir, schedule="constant", threads=threads,
+                                   device=device, final_eval_tokens=2 * spec.context_length)
+                T.train(dataclasses.replace(cfg, resume=True), data=data, log=_quiet)
+                stats["steps_trained"] += s_k - at
+            with tk.atomic_open(stable, "wb") as f:
+                f.write((trunk / "ckpt.pt").read_bytes())
+        with tk.atomic_open(branch / "ckpt.pt", "wb") as f:  # a fresh copy: a killed branch restarts cleanly
+            f.write(stable.read_bytes())
+        cfg = train_config(spec, pr.depth, pr.steps, branch, data.cache_dir, threads=threads, device=device)
+        summary = T.train(dataclasses.replace(cfg, resume=True), data=data, log=_quiet)
+        _write_result(path, spec, pr, summary, dict(branched_from_step=s_k))
+        stable.unlink()
+        _drop_checkpoint(branch)
+        stats["ran"].append(pr.key)
+        stats["steps_trained"] += pr.steps - s_k
+        _progress_line(log, len(stats["ran"]), stats["planned"], pr, spec, summary["val"]["loss"], time.time() - t1,
+                       None, note=f" (branched at step {s_k})")
+        if after_run:
+            after_run(pr.key)
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The iteration a train.py checkpoint holds (0 when there is none)."""
+    return int(T.read_checkpoint(path)["iteration"]) if path.exists() else 0
+
+
+def collect_results(folders) -> list[Run]:
+    """Runs from one or more sweep folders (shards merge here; a run present in several is counted once)."""
+    seen = {}
+    for folder in folders:
+        folder = Path(folder)
+        meta = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").exists() else None
+        if meta is None:
+            raise ValueError(f"{folder} is not a sweep folder (no sweep.json)")
+        for p in sorted((folder / "runs").glob("*.json")):
+            r = read_result(p, meta["key"])
+            if r is not None:
+                seen.setdefault((meta["key"], r["key"]), make_run(
+                    f"{folder.name}/{r['key']}", r["parameters"], r["final_loss"], r["tokens"], r["compute_budget"]))
+    return list(seen.values())
+
+
+# =====================================================================================================
+# 6. Verifying a prediction: train the predicted optimum at a budget beyond every swept one
+# =====================================================================================================
+
+
+def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float = 4.0, *, threads=1, device="cpu",
+                      log=print) -> dict:
+    """Fit both laws on the sweep, take C_v = factor x the largest swept budget, pick the depth whose N is
+    closest (in ln N) to the IsoFLOPs (parabola) N_opt(C_v), train it for D = C_v / flops_per_token, and
+    compare its loss with the parametric law's prediction at that (N, D) and the bootstrap interval.
+    The interval covers the fit's uncertainty, not run-to-run noise of the one verification run."""
+    iso = fit_isoflops(runs, "parabola")
+    par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs])
+    c_v = factor * max(r.budget for r in runs)
+    n_iso, _ = iso.predict(c_v)
+    vocab = data.tokenizer.vocab_size
+    cands = [(d, model_config_for_depth(d, vocab, spec.context_length, width_per_depth=spec.width_per_depth,
+                                        head_dim=spec.head_dim)) for d in range(1, 33)]
+    depth, cfg = min(cands, key=lambda t: abs(math.log(M.num_params(t[1]) / float(n_iso))))
+    n = M.num_params(cfg)
+    steps = _round_steps(c_v / flops_per_token(cfg, spec.flops) / spec.tokens_per_step, spec.decay_fraction)
+    tokens = steps * spec.tokens_per_step
+    predicted = float(par.predict_loss(n, tokens))
+    lo, hi = par.loss_interval(n, tokens)
+    path = Path(out) / "verify.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old and old.get("spec") == spec.key() and old.get("depth") == depth and old.get("steps") == steps:
+        actual = old["actual_loss"]  # already trained (a resumed command)
+    else:
+        log(f"verify: C = {c_v:.3g} FLOPs ({factor:g}x the largest budget): IsoFLOPs N_opt = {float(n_iso):,.0f} -> "
+            f"depth {depth} (N = {n:,}), D = {tokens:,} tokens ({steps} steps); training ...")
+        t0 = time.time()
+        summary = T.train(train_config(spec, depth, steps, Path(out) / "train" / "verify", data.cache_dir,
+                                       threads=threads, device=device), data=data, log=_quiet)
+        actual = summary["val"]["loss"]
+        log(f"verify: trained in {time.time() - t0:.0f}s")
+        _drop_checkpoint(Path(out) / "train" / "verify")
+    res = dict(spec=spec.key(), compute=c_v, depth=depth, parameters=n, tokens=tokens, steps=steps,
+               isoflops_n_opt=float(n_iso), parametric_n_opt=float(par.optimal_allocation(c_v)[0]),
+               predicted_loss=predicted, interval=[lo, hi], actual_loss=actual,
+               rel_error=(predicted - actual) / actual, inside=bool(lo <= actual <= hi))
+    tk.atomic_write_json(path, res)
+    log(f"verify: predicted loss {predicted:.4f} (95% interval {lo:.4f}-{hi:.4f}), actual {actual:.4f}: error "
+        f"{100 * res['rel_error']:+.2f}%, {'inside' if res['inside'] else 'OUTSIDE'} the interval")
+    return res
+
+
+# =====================================================================================================
+# 7. muP: width-independent hyperparameters, through train.py's hooks
+# =====================================================================================================
+# Under the standard parametrization (SP: every layer at the same lr, init ~ 1/sqrt(fan_in)), Adam's update
+# of a d x d hidden matrix changes its output by ~ lr x d (d coordinates, each moved by ~ lr, add up
+# coherently), so the stable lr shrinks like 1/d as the model widens. muP (Tensor Programs V, Table 3 for
+# Adam), written relative to a base width d0 (at d = d0 muP IS the standard parametrization):
+#   hidden matrices (attention, FFN):  init unchanged (~1/sqrt(fan_in)),  lr x d0/d
+#   output layer (lm_head):            init x d0/d on top (so ~1/fan_in),  lr x d0/d
+#   embeddings, norm gains:            unchanged
+# The attention logit scale 1/d_head (instead of 1/sqrt(d_head)) is the remaining muP rule; our shapes grow
+# by adding heads of a fixed head_dim, so it does not change with width here.
+
+
+def mup_hooks(base_width: int, width: int, fresh: bool = True) -> T.TrainHooks:
+    """train.TrainHooks that turn a run into muP: `wrap_model` rescales the LM head's initialization (only
+    for a fresh run: a resumed one already holds trained weights) and `build_optimizer` makes AdamW
+    parameter groups with per-layer learning rates. Uses AdamW (muP's rules here are Adam's)."""
+    mult = width / base_width
+
+    def wrap_model(model):
+        if fresh:
+            with torch.no_grad():
+                model.lm_head.weight.mul_(1.0 / mult)
+        return model
+
+    def build_optimizer(model, run_model, cfg):
+        groups = {"hidden": [], "head": [], "embed": [], "gain": []}
+        for name, p in model.named_parameters():
+            kind = "gain" if p.ndim < 2 else "head" if name.startswith("lm_head") else \
+                "hidden" if name.startswith("layers.") else "embed"
+            groups[kind].append(p)
+        scale = dict(hidden=1 / mult, head=1 / mult, embed=1.0, gain=1.0)
+        pg = [dict(params=ps, lr=cfg.lr * scale[k], base_lr=cfg.lr * scale[k],
+                   weight_decay=0.0 if k == "gain" else cfg.weight_decay) for k, ps in groups.items() if ps]
+        kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return torch.optim.AdamW(pg, **kw) if cfg.adamw_impl == "torch" else T.AdamW(pg, **kw)
+
+    return T.TrainHooks(wrap_model=wrap_model, build_optimizer=build_optimizer)
+
+
+def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), steps: int = 150,
+                num_layers: int = 2, head_dim: int = 16, context_length: int = 64, batch_size: int = 16,
+                threads: int = 1, device: str = "cpu", seed: int = 1337, eval_tokens: int = 16_384,
+                log=print) -> dict:
+    """Train every (parametrization, width, lr) with AdamW for `steps` steps (same data, same seed) and return
+    {"sp": {width: {lr: loss}}, "mup": {...}, "best": {param: {width: best lr}}}. Each run's result is a file
+    under out/lr/, so a killed experiment resumes. Diverged runs count as loss = inf."""
+    out = Path(out)
+    (out / "lr").mkdir(parents=True, exist_ok=True)
+    res = {"sp": {}, "mup": {}}
+    total, done, t0 = 2 * len(widths) * len(lrs), 0, time.time()
+    for param in ("sp", "mup"):
+        for w in widths:
+            for lr in lrs:
+                key = f"{param}-w{w}-L{num_layers}-lr{lr:.3g}-s{steps}-T{context_length}-B{batch_size}-seed{seed}"
+                path = out / "lr" / f"{key}.json"
+                r = json.loads(path.read_text()) if path.exists() else None
+                if not (isinstance(r, dict) and r.get("complete")):
+                    cfg = T.TrainConfig(
+                        preset="lr-transfer", data=data.source, data_dir=str(Path(data.cache_dir).parent.parent),
+                        context_length=context_length, d_model=w, num_layers=num_layers, num_heads=w // head_dim,
+                        optimizer="adamw", lr=lr, schedule="cosine", warmup_iters=min(20, steps // 5),
+                        batch_size=batch_size, max_steps=steps, max_minutes=None, eval_interval=10 ** 9,
+                        ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
+                        final_eval_tokens=eval_tokens, seed=seed, threads=threads, device=device,
+                        out_dir=str(out / "train" / key))
+                    hooks = mup_hooks(min(widths), w) if param == "mup" else None
+                    try:
+                        loss = T.train(cfg, data=data, hooks=hooks, log=_quiet)["val"]["loss"]
+                    except FloatingPointError:
+                        loss = float("inf")
+                    _drop_checkpoint(out / "train" / key)
+                    r = dict(param=param, width=w, lr=lr, loss=loss if math.isfinite(loss) else None, complete=True)
+                    tk.atomic_write_json(path, r)
+                done += 1
+                loss = r["loss"] if r["loss"] is not None else float("inf")
+                res[param].setdefault(w, {})[lr] = loss
+                log(f"lr-transfer [{done}/{total}] {param:3s} width {w:4d} lr {lr:.2e}: loss {loss:.4f} "
+                    f"[{time.time() - t0:.0f}s]", flush=True)
+    res["best"] = {p: {w: min(d, key=d.get) for w, d in res[p].items()} for p in ("sp", "mup")}
+    return res
+
+
+# ===== Appendix: plumbing =====
+
+
+def _drop_checkpoint(run_dir: Path):
+    """A finished run's result file holds what a sweep needs; its checkpoint (weights + optimizer state)
+    would only fill the disk (tens of MB x dozens of runs)."""
+    p = Path(run_dir) / "ckpt.pt"
+    if p.exists():
+        p.unlink()
+
+
+def _progress_line(log, i, n, pr: PlannedRun, spec: SweepSpec, loss, secs, elapsed, note=""):
+    tokens = pr.steps * spec.tokens_per_step
+    log(f"sweep [{i}/{n}] C={pr.budget:.3g} depth {pr.depth} (N={pr.parameters / 1e3:,.1f}K, D={tokens / 1e6:.2f}M "
+        f"tokens, {pr.steps} steps){note}: loss {loss:.4f} in {secs:.1f}s" +
+        (f"; {elapsed / 60:.1f} min so far" if elapsed is not None else ""), flush=True)
+
+
+def prepare_sweep_data(spec: SweepSpec, data_dir: str = "data_cache", log=print) -> T.PreparedData:
+    """train.py's cached data pipeline (corpus -> BPE -> token files), run once and shared by every run."""
+    cfg = T.TrainConfig(data=spec.data, data_dir=data_dir, synthetic_bytes=spec.synthetic_bytes,
+                        vocab_size=spec.vocab_size)
+    return T.prepare_data(cfg, log=log)
+
+
+def print_fits(runs: list[Run], iso: dict, par: ParametricFit | None, predict_at=(1e23, 1e24), log=print):
+    """The fitted laws and their predictions at `predict_at`, with 95% bootstrap intervals."""
+    log(f"{len(runs)} runs at {len({float(f'{r.budget:.6g}') for r in runs})} budgets")
+    for m, f in iso.items():
+        log(f"IsoFLOPs ({m}): N_opt = {f.k:.3g} C^{f.a:.3f} (a: 95% {np.percentile(f.boot[:, 1], 2.5):.3f}-"
+            f"{np.percentile(f.boot[:, 1], 97.5):.3f}, {len(f.boot)} bootstrap refits)")
+        for c in predict_at:
+            n, d = f.predict(c)
+            (nl, nh), (dl, dh) = f.interval(c)
+            log(f"    C = {c:.0e}: N_opt = {float(n):.3g} [{nl:.3g}, {nh:.3g}], D_opt = {float(d):.3g} [{dl:.3g}, "
+                f"{dh:.3g}] ({float(d / n):.1f} tokens/parameter)")
+    if par is not None:
+        se = par.se
+        log(f"parametric: L = {par.E:.3f}(+-{se['E']:.3f}) + {par.A:.4g}(+-{se['A']:.2g}) / N^{par.alpha:.3f}"
+            f"(+-{se['alpha']:.3f}) + {par.B:.4g}(+-{se['B']:.2g}) / D^{par.beta:.3f}(+-{se['beta']:.3f})  "
+            f"[{par.n_points} runs, fit + {len(par.boot)} bootstrap refits in {par.seconds:.1f}s]")
+        a = par.beta / (par.alpha + par.beta)
+        log(f"    closed form: N_opt ~ C^{a:.3f}, D_opt ~ C^{1 - a:.3f}")
+        for c in predict_at:
+            n, d = par.optimal_allocation(c)
+            (nl, nh), (dl, dh) = par.allocation_interval(c)
+            log(f"    C = {c:.0e}: N_opt = {float(n):.3g} [{nl:.3g}, {nh:.3g}], D_opt = {float(d):.3g} [{dl:.3g}, "
+                f"{dh:.3g}], loss {float(par.predict_loss(n, d)):.4f}")
+
+
+def fit_all(runs: list[Run], n_bootstrap: int = 200, parametric: bool = True) -> tuple[dict, ParametricFit | None]:
+    iso = {m: fit_isoflops(runs, m, n_bootstrap=n_bootstrap) for m in ("argmin", "parabola")}
+    par = None
+    if parametric:
+        par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
+                                 n_bootstrap=min(n_bootstrap, 100))
+    return iso, par
+
+
+def _save_fig(fig, path):
+    """Write a matplotlib figure atomically (a killed command never leaves half a PNG)."""
+    import matplotlib.pyplot as plt
+    with tk.atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=90, format="png")
+    plt.close(fig)
+
+
+def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extrapolate_to: float | None = None,
+              verify: dict | None = None, title: str = ""):
+    """Two panels: (left) loss vs N on each IsoFLOPs curve with its parabola and the parametric law's
+    curve at that budget; (right) the per-budget optima vs C, the fitted power laws extrapolated to
+    `extrapolate_to` with 95% bootstrap bands, and the verification run if any."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups = group_by_budget(runs)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
+    for (c, rs), col in zip(groups.items(), colors):
+        n = np.array([r.parameters for r in rs])
+        l = np.array([r.loss for r in rs])
+        ax1.scatter(n, l, color=col, s=18, label=f"C={c:.2g}")
+        x = np.linspace(np.log(n.min()), np.log(n.max()), 50)
+        coef = np.polyfit(np.log(n), l, 2)
+        ax1.plot(np.exp(x), np.polyval(coef, x), color=col, lw=1)
+        if par is not None:
+            ax1.plot(np.exp(x), par.predict_loss(np.exp(x), c / (6 * np.exp(x))), color=col, lw=1, ls=":")
+    ax1.set(xscale="log", xlabel="parameters N", ylabel="final loss", title="IsoFLOPs curves (dotted: parametric law)")
+    ax1.legend(fontsize=7)
+    cs = np.array(list(groups))
+    hi = max(extrapolate_to or 0, cs.max() * (verify["compute"] / cs.max() if verify else 1), cs.max())
+    grid = np.logspace(np.log10(cs.min()), np.log10(hi), 60)
+    for (m, f), col in zip(iso.items(), ("tab:blue", "tab:orange")):
+        ax2.scatter([o[0] for o in f.optima], [o[1] for o in f.optima], color=col, s=20)
+        ax2.plot(grid, f.predict(grid)[0], color=col, label=f"IsoFLOPs {m}: N ~ C^{f.a:.2f}")
+        band = np.array([f.interval(c)[0] for c in grid])
+        ax2.fill_between(grid, band[:, 0], band[:, 1], color=col, alpha=0.2)
+    if par is not None:
+        ax2.plot(grid, par.optimal_allocation(grid)[0], color="tab:green",
+                 label=f"parametric: N ~ C^{par.beta / (par.alpha + par.beta):.2f}")
+        band = np.array([par.allocation_interval(c)[0] for c in grid])
+        ax2.fill_between(grid, band[:, 0], band[:, 1], color="tab:green", alpha=0.15)
+    if verify:
+        ax2.scatter([verify["compute"]], [verify["parameters"]], marker="*", s=120, color="red",
+                    label=f"verified: loss {verify['actual_loss']:.3f} vs predicted {verify['predicted_loss']:.3f}")
+    ax2.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="N_opt", title="compute-optimal size")
+    ax2.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_lr_transfer(res: dict, path):
+    """Loss vs learning rate, one line per width; left SP, right muP. Transfer = the minima line up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, p, name in ((axes[0], "sp", "standard parametrization"), (axes[1], "mup", "muP")):
+        for w, d in sorted(res[p].items()):
+            lrs = sorted(d)
+            ax.plot(lrs, [min(d[lr], 10.0) for lr in lrs], "o-", label=f"width {w} (best {res['best'][p][w]:.2g})")
+        ax.set(xscale="log", xlabel="learning rate (AdamW, hidden layers)", title=name)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final val loss")
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+# ===== Appendix: benchmarks =====
+
+
+def synthetic_law_data(n_points: int = 250, noise: float = 0.01, seed: int = 0, params=None):
+    """(N, D, L) from a known law (default: Hoffmann et al.'s published E=1.69, A=406.4, B=410.7,
+    alpha=0.34, beta=0.28) times log-normal noise, over N in [1e7, 1e10] and 2..200 tokens per parameter."""
+    E, A, B, al, be = params or (1.69, 406.4, 410.7, 0.34, 0.28)
+    rng = np.random.default_rng(seed)
+    N = 10 ** rng.uniform(7, 10, n_points)
+    D = N * 10 ** rng.uniform(np.log10(2), np.log10(200), n_points)
+    L = (E + A / N ** al + B / D ** be) * np.exp(noise * rng.standard_normal(n_points))
+    return N, D, L
+
+
+def _scipy_peer(N, D, L, delta, starts):
+    """Epoch AI's published recipe as the peer: scipy's L-BFGS-B from each start in turn."""
+    import scipy.optimize as so
+    x = [np.log(v) for v in (N, D, L)]
+
+    def f(th):
+        t = torch.from_numpy(th).reshape(1, 5).requires_grad_(True)
+        v = _objective(t, *(torch.from_numpy(v) for v in x), delta).sum()
+        v.backward()
+        return float(v), t.grad.numpy().ravel().astype(np.float64)
+
+    best = min((so.minimize(f, s, jac=True, method="L-BFGS-B") for s in starts), key=lambda r: r.fun)
+    return best
+
+
+def bench_main(args):
+    print(f"machine: {tk.machine_label()}; torch threads {torch.get_num_threads()}")
+    N, D, L = synthetic_law_data(250)
+    data = tuple(torch.from_numpy(np.log(v)) for v in (N, D, L))
+    t0 = time.perf_counter()
+    theta, f_ours = _fit_from_grid(init_grid(), data, 1e-3)
+    t_ours = time.perf_counter() - t0
+    print(f"parametric fit, 250 points, full grid (4,500 starts): {t_ours:.2f}s, objective {f_ours:.6g}")
+    fit = fit_parametric_law(N, D, L, n_bootstrap=50)
+    print(f"  recovered E={fit.E:.3f} A={fit.A:.1f} B={fit.B:.1f} alpha={fit.alpha:.3f} beta={fit.beta:.3f} (true 1.69, "
+          f"406.4, 410.7, 0.34, 0.28); with 50 bootstrap refits {fit.seconds:.2f}s")
+    try:
+        import scipy  # noqa: F401  (optional peer)
+        starts = init_grid().numpy()[:: max(1, args.peer_stride)]
+        t0 = time.perf_counter()
+        r = _scipy_peer(N, D, L, 1e-3, starts)
+        t_peer = (time.perf_counter() - t0) * len(init_grid()) / len(starts)
+        print(f"  peer (scipy L-BFGS-B from each start, Epoch AI's recipe): {len(starts)} starts timed, "
+              f"{t_peer:.1f}s extrapolated to the full grid, objective {r.fun:.6g}; ratio ours/peer "
+              f"{t_ours / t_peer:.3f}")
+    except ImportError:
+        print("  (scipy not installed: peer row skipped)")
+    path = tk.shared_path("data", "isoflops_curves.json")
+    if path is None:
+        print("isoflops_curves.json not found (optional, ../shared/data): IsoFLOPs rows skipped")
+        return
+    runs = load_runs(path)
+    iso, par = fit_all(runs)
+    print_fits(runs, iso, par)
+    if args.plot:
+        plot_fits(runs, iso, par, args.plot, extrapolate_to=1e24, title="CS336 isoflops_curves.json (72 runs)")
+        print(f"plot: {args.plot}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+_FORMATS = """input formats for `fit`:
+  JSON  a list of runs: [{"parameters": N, "compute_budget": C, "final_loss": L}, ...]
+        (CS336's isoflops_curves.json); "tokens": D may replace or accompany "compute_budget"
+        (missing one is derived from C = 6 N D)
+  CSV   a header row, one run per row; columns named by --n-col, --loss-col and --d-col and/or --c-col
+  a sweep folder (written by `sweep`): every finished run in it; several folders (shards) merge
+"""
+
+
+def _budget_list(s):
+    try:
+        return [float(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _int_list(s):
+    try:
+        return [int(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _shard(s):
+    try:
+        k, n = (int(x) for x in s.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 2/4), got {s!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard {s}: need 1 <= K <= N")
+    return (k, n)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Scaling laws: fit IsoFLOPs and parametric laws, run and verify sweeps, "
+                                            "test muP learning-rate transfer.", epilog=_FORMATS)
+    sub = p.add_subparsers(dest="cmd")
+    s = sub.add_parser("sweep", help="train an IsoFLOPs sweep through train.py (resumable, shardable), fit, verify",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = SweepSpec()
+    s.add_argument("--out", default="runs/scaling", help="sweep folder (results, run folders, plots)")
+    s.add_argument("--budgets", type=_budget_list, default=d.budgets, help="FLOP budgets, comma-separated")
+    s.add_argument("--depths", type=_int_list, default=d.depths, help="candidate depths (the model-size dial)")
+    s.add_argument("--runs-per-budget", type=int, default=d.runs_per_budget)
+    s.add_argument("--flops", choices=("6nd", "exact"), default=d.flops,
+                   help="compute convention: 6ND, or model.py's exact per-token count")
+    s.add_argument("--mode", choices=("separate", "branched"), default="separate",
+                   help="separate runs per (N, D), or one WSD trunk per N with branched decays (MiniCPM)")
+    s.add_argument("--compare-modes", action="store_true",
+                   help="run both modes (folders <out>/separate and <out>/branched) and compare their fits")
+    s.add_argument("--shard", type=_shard, default=None, help="K/N: run only this machine's share")
+    s.add_argument("--verify", action="store_true", help="then train the predicted optimum at --verify-factor x the "
+                                                          "largest budget and report predicted vs actual loss")
+    s.add_argument("--verify-factor", type=float, default=4.0)
+    for f in ("context_length", "batch_size", "width_per_depth", "head_dim", "warmup_iters", "min_steps",
+              "synthetic_bytes", "vocab_size", "eval_tokens", "seed"):
+        s.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
+    for f in ("lr", "muon_lr", "decay_fraction", "tokens_per_param"):
+        s.add_argument("--" + f.replace("_", "-"), type=float, default=getattr(d, f))
+    s.add_argument("--optimizer", choices=("muon", "adamw"), default=d.optimizer)
+    s.add_argument("--data", default=d.data, help="train.py's --data: synthetic (default), tinystories, owt, or a file")
+    s.add_argument("--data-dir", default="data_cache")
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: auto); fixed counts make "
+                                                          "results bitwise reproducible across machines")
+    s.add_argument("--device", default="cpu")
+    f = sub.add_parser("fit", help="fit laws to runs (JSON, CSV or sweep folders) and plot",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_FORMATS)
+    f.add_argument("inputs", nargs="+", help="runs files (.json/.csv) and/or sweep folders")
+    f.add_argument("--format", choices=("json", "csv"), default=None, help="default: from the file extension")
+    f.add_argument("--n-col", default="parameters")
+    f.add_argument("--d-col", default=None)
+    f.add_argument("--c-col", default="compute_budget")
+    f.add_argument("--loss-col", default="final_loss")
+    f.add_argument("--predict", type=_budget_list, default=[1e23, 1e24], help="budgets to predict N_opt, D_opt at")
+    f.add_argument("--bootstrap", type=int, default=200)
+    f.add_argument("--no-parametric", action="store_true", help="IsoFLOPs fits only")
+    f.add_argument("--plot", default="scaling_fit.png")
+    lt = sub.add_parser("lr-transfer", help="sweep the lr at several widths, standard parametrization vs muP")
+    lt.add_argument("--out", default="runs/lr_transfer")
+    lt.add_argument("--widths", type=_int_list, default=[32, 64, 128])
+    lt.add_argument("--lrs", type=_budget_list, default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2])
+    lt.add_argument("--steps", type=int, default=150)
+    lt.add_argument("--num-layers", type=int, default=2)
+    lt.add_argument("--data-dir", default="data_cache")
+    lt.add_argument("--threads", type=int, default=1)
+    b = sub.add_parser("bench", help="fit speed (250 points, full grid) and the CS336 IsoFLOPs file's predictions")
+    b.add_argument("--peer-stride", type=int, default=30, help="time the scipy peer on every K-th start")
+    b.add_argument("--plot", default=None)
+    a = sub.add_parser("shapes", help="the depth dial: N, 6N vs exact FLOPs per token")
+    a.add_argument("--depths", type=_int_list, default=list(range(1, 13)))
+    a.add_argument("--vocab-size", type=int, default=512)
+    a.add_argument("--context-length", type=int, default=64)
+    return p
+
+
+def _spec_from_args(args) -> SweepSpec:
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepSpec) if hasattr(args, f.name)}
+    return SweepSpec(**kw)
+
+
+def sweep_main(args):
+    spec = _spec_from_args(args)
+    out = Path(args.out)
+    t0 = time.time()
+    data = prepare_sweep_data(spec, args.data_dir)
+    threads = T.set_cpu_threads(args.threads)
+    modes = ("separate", "branched") if args.compare_modes else (args.mode,)
+    fits = {}
+    for mode in modes:
+        folder = out / mode if args.compare_modes else out
+        plan = plan_sweep(spec, data.tokenizer.vocab_size)
+        print(f"{mode} sweep: {len(plan)} runs at {len(spec.budgets)} budgets into {folder}"
+              + (f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else ""), flush=True)
+        st = run_sweep(spec, folder, data, shard=args.shard, mode=mode, threads=threads, device=args.device)
+        print(f"{mode}: ran {len(st['ran'])}, already done {len(st['skipped'])}; steps trained {st['steps_trained']:,} "
+              f"(separate runs would take {st['steps_separate']:,})", flush=True)
+        runs = collect_results([folder])
+        if len(runs) < len(plan):
+            print(f"{len(plan) - len(runs)} runs of the sweep are not finished (other shards?); "
+                  f"fit later with: python scaling.py fit {folder}")
+            return
+        iso, par = fit_all(runs)
+        print_fits(runs, iso, par, predict_at=[4 * max(spec.budgets)])
+        fits[mode] = (runs, iso, par, folder)
+    if args.compare_modes:
+        _compare_modes(fits, spec)
+    runs, iso, par, folder = fits[modes[0]]
+    ver = None
+    if args.verify:
+        ver = verify_prediction(spec, folder, data, runs, args.verify_factor, threads=threads, device=args.device)
+    plot_fits(runs, iso, par, folder / "fit.png", verify=ver, title=f"sweep {folder}")
+    print(f"plot: {folder / 'fit.png'}; total {(time.time() - t0) / 60:.1f} min")
+
+
+def _compare_modes(fits, spec):
+    """Separate vs branched: same (N, D) points, so the fits should agree; report the compute saved."""
+    (rs, iso_s, par_s, fs), (rb, iso_b, par_b, fb) = fits["separate"], fits["branched"]
+    steps = lambda folder: sum(json.loads(p.read_text())["steps"] for p in (folder / "runs").glob("*.json"))
+    trunk_steps = {}
+    for p in (fb / "runs").glob("*.json"):
+        r = json.loads(p.read_text())
+        trunk_steps[r["depth"]] = max(trunk_steps.get(r["depth"], 0), r["branched_from_step"])
+    decay = sum(r["steps"] - r["branched_from_step"] for r in map(lambda p: json.loads(p.read_text()),
+                                                                   (fb / "runs").glob("*.json")))
+    sep, br = steps(fs), sum(trunk_steps.values()) + decay
+    c = 4 * max(spec.budgets)
+    print(f"branched vs separate: {br:,} vs {sep:,} training steps: {100 * (1 - br / sep):.0f}% of the compute saved")
+    for name, a, b in (("IsoFLOPs parabola exponent a", iso_s["parabola"].a, iso_b["parabola"].a),
+                       (f"IsoFLOPs parabola N_opt({c:.0e})", float(iso_s["parabola"].predict(c)[0]),
+                        float(iso_b["parabola"].predict(c)[0])),
+                       ("parametric alpha", par_s.alpha, par_b.alpha), ("parametric beta", par_s.beta, par_b.beta),
+                       ("max |loss difference| over runs", 0.0,
+                        max(abs(x.loss - y.loss) for x, y in zip(sorted(rs, key=lambda r: r.name.split('/')[-1]),
+                                                                 sorted(rb, key=lambda r: r.name.split('/')[-1]))))):
+        print(f"    {name}: separate {a:.4g}, branched {b:.4g}")
+
+
+def fit_main(args):
+    runs = []
+    for inp in args.inputs:
+        p = Path(inp)
+        if p.is_dir():
+            runs += collect_results([p])
+        else:
+            runs += load_runs(p, args.format, args.n_col, args.d_col, args.c_col, args.loss_col)
+    iso, par = fit_all(runs, n_bootstrap=args.bootstrap, parametric=not args.no_parametric)
+    print_fits(runs, iso, par, predict_at=args.predict)
+    plot_fits(runs, iso, par, args.plot, extrapolate_to=max(args.predict), title=", ".join(args.inputs))
+    print(f"plot: {args.plot}")
+
+
+def lr_main(args):
+    spec = SweepSpec()
+    data = prepare_sweep_data(spec, args.data_dir)
+    threads = T.set_cpu_threads(args.threads)
+    res = lr_transfer(args.out, data, widths=args.widths, lrs=args.lrs, steps=args.steps, num_layers=args.num_layers,
+                      threads=threads)
+    print(f"{'width':>6s} | " + " | ".join(f"{lr:9.2e}" for lr in args.lrs) + " | best lr")
+    for p in ("sp", "mup"):
+        print(p)
+        for w in args.widths:
+            row = res[p][w]
+            print(f"{w:6d} | " + " | ".join(f"{row[lr]:9.4f}" for lr in args.lrs) + f" | {res['best'][p][w]:.2e}")
+    spread = {p: max(res["best"][p].values()) / min(res["best"][p].values()) for p in ("sp", "mup")}
+    print(f"best-lr spread across widths (max/min): SP {spread['sp']:.1f}x, muP {spread['mup']:.1f}x")
+    plot_lr_transfer(res, Path(args.out) / "lr_transfer.png")
+    print(f"plot: {Path(args.out) / 'lr_transfer.png'}")
+
+
+def shapes_main(args):
+    print(f"{'depth':>5s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'d_ff':>5s} {'N':>12s} {'non-emb N':>12s} "
+          f"{'6N':>12s} {'exact':>12s} {'exact/6N':>8s}")
+    for d in args.depths:
+        cfg = model_config_for_depth(d, args.vocab_size, args.context_length)
+        a = compute_accounting(cfg)
+        print(f"{d:5d} {cfg.d_model:7d} {cfg.num_layers:6d} {cfg.num_heads:5d} {cfg.d_ff:5d} {a['parameters']:12,d} "
+              f"{a['non_embedding']:12,d} {a['flops_6n']:12.4g} {a['flops_exact']:12.4g} {a['exact_over_6n']:8.3f}")
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 0
+    handlers = dict(sweep=sweep_main, fit=fit_main, bench=bench_main, shapes=shapes_main)
+    handlers["lr-transfer"] = lr_main
+    try:
+        handlers[args.cmd](args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        parser.exit(2, f"scaling.py {args.cmd}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
