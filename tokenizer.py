@@ -192,20 +192,6 @@ def pretokenize(text, special_tokens=()):
             for tok in split.findall(piece)]
 
 
-def _check_vocab_size(vocab_size, special_tokens):
-    """Validate the special tokens and the vocab size; return the de-duplicated special-token list."""
-    specials = []
-    for s in special_tokens or []:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
-        if s not in specials:
-            specials.append(s)
-    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE vocabulary needs at least "
-                         f"256 byte tokens + {len(specials)} special token(s) = {256 + len(specials)}")
-    return specials
-
-
 def train_bpe_reference(text, vocab_size, special_tokens=()):
     """The textbook trainer, for reading and for checking the fast one (slow: it recounts every step).
 
@@ -430,39 +416,8 @@ def _train_merges(word_counts, vocab, num_merges, progress=True):
                     pair_words[(z, right)].add(wi)
                 w[i:i + 2] = [z]
                 continue
-            # general case (several a's, possibly overlapping sites like a a a): walk the word left to
-            # right, building the new word in `out`; at each site  L a b R  becomes  L z R, so the pairs
-            # (L, a) and (b, R) lose f occurrences and (L, z), (z, R) gain f. With a == b ("a a a") the
-            # sites overlap: the leftmost wins, exactly as `merge` does in the reference trainer.
-            i = 0
-            out = []
-            while i < n:
-                x = w[i]
-                if x == a and i + 1 < n and w[i + 1] == b:
-                    # old neighbourhood  L a b R  ->  new  L z R
-                    if out:
-                        left = out[-1]
-                        if left != z:
-                            pair_counts[(left, a)] -= f
-                        # (left == z: the previous site already removed the old pair (b, a) and left (z, z)
-                        #  for us to add here)
-                        pair_counts[(left, z)] += f
-                        new_pairs.add((left, z))
-                        pair_words[(left, z)].add(wi)
-                    if i + 2 < n:
-                        right = w[i + 2]
-                        pair_counts[(b, right)] -= f
-                        if not (right == a and i + 3 < n and w[i + 3] == b):
-                            # (if the next site starts right here, that site adds (z, z) itself)
-                            pair_counts[(z, right)] += f
-                            new_pairs.add((z, right))
-                            pair_words[(z, right)].add(wi)
-                    out.append(z)
-                    i += 2
-                else:
-                    out.append(x)
-                    i += 1
-            words[wi] = out
+            # general case (several a's, possibly overlapping sites like a a a)
+            words[wi] = _merge_word(w, a, b, z, f, wi, pair_counts, pair_words, new_pairs)
         pair_counts.pop((a, b), None)  # every occurrence was merged
         for p in new_pairs:
             heappush(heap, (-pair_counts[p], keys[p[0]] + keys[p[1]], p[0], p[1]))
@@ -472,6 +427,41 @@ def _train_merges(word_counts, vocab, num_merges, progress=True):
     rate = len(merges) / max(time.perf_counter() - t0, 1e-9)
     bar.close(f"{len(merges):,}/{num_merges:,} ({rate:,.0f} merges/s)")
     return merges
+
+
+def _merge_word(w, a, b, z, f, wi, pair_counts, pair_words, new_pairs):
+    """Merge every (a, b) in word `w` (which occurs f times) into z, updating the pair counts; -> new word.
+
+    Walk left to right, building the new word in `out`; at each site  L a b R  becomes  L z R, so the
+    pairs (L, a) and (b, R) lose f occurrences and (L, z), (z, R) gain f. With a == b ("a a a") the sites
+    overlap: the leftmost wins, exactly as `merge` does in the reference trainer."""
+    i, n, out = 0, len(w), []
+    while i < n:
+        x = w[i]
+        if x == a and i + 1 < n and w[i + 1] == b:
+            if out:
+                left = out[-1]
+                if left != z:
+                    pair_counts[(left, a)] -= f
+                # (left == z: the previous site already removed the old pair (b, a) and left (z, z)
+                #  for us to add here)
+                pair_counts[(left, z)] += f
+                new_pairs.add((left, z))
+                pair_words[(left, z)].add(wi)
+            if i + 2 < n:
+                right = w[i + 2]
+                pair_counts[(b, right)] -= f
+                if not (right == a and i + 3 < n and w[i + 3] == b):
+                    # (if the next site starts right here, that site adds (z, z) itself)
+                    pair_counts[(z, right)] += f
+                    new_pairs.add((z, right))
+                    pair_words[(z, right)].add(wi)
+            out.append(z)
+            i += 2
+        else:
+            out.append(x)
+            i += 1
+    return out
 
 
 def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
@@ -1182,6 +1172,20 @@ def peak_rss_mb():
 
 
 # ---- this file's own plumbing -------------------------------------------------------------------
+
+def _check_vocab_size(vocab_size, special_tokens):
+    """Validate the special tokens and the vocab size; return the de-duplicated special-token list."""
+    specials = []
+    for s in special_tokens or []:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
+        if s not in specials:
+            specials.append(s)
+    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE vocabulary needs at least "
+                         f"256 byte tokens + {len(specials)} special token(s) = {256 + len(specials)}")
+    return specials
+
 
 def _check_input_file(path):
     """Size in bytes of a readable, non-empty regular file, or a clear error."""
