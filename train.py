@@ -87,7 +87,15 @@ import torch.nn.functional as F
 
 import model as M
 import tokenizer as tk
+from model import (DeviceUnavailableError, download, load_model_state, read_checkpoint, resolve_device,
+                   sample_windows, sha256_file)
 from tokenizer import EOT, Progress, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+# Shared with model.py (one home each, re-exported here under the names the course and ddp.py use):
+# resolve_device / check_device turn a device name into a torch.device or raise DeviceUnavailableError (a
+# RuntimeError like torch's, and a ValueError); read_checkpoint / load_model_state read checkpoints safely;
+# sample_windows draws random training windows; download fetches a public file resumably.
+check_device = resolve_device
 
 # =====================================================================================================
 # 1. The loss: cross-entropy, perplexity, bits per byte
@@ -466,10 +474,12 @@ def get_batch(dataset, batch_size: int, context_length: int, device, rng: np.ran
     with start s_b uniform in [0, n - T - 1]. Returns two int64 tensors of shape (B, T) on `device`.
     `rng` (a numpy Generator) makes the draw reproducible; the training loop derives one from
     (seed, step, rank, micro-step) so a resumed or distributed run draws exactly the batches it should.
+    A device that is not on this machine raises DeviceUnavailableError (a RuntimeError, as in torch).
     """
     dev = check_device(device)  # first: a bad device fails before any work
-    x, y = _sample_windows(dataset, batch_size, context_length, rng)  # (B, T) each, int64
-    if dev.type == "cuda":  # pinned memory lets the copy overlap with compute
+    x, y = sample_windows(dataset, batch_size, context_length, rng if rng is not None else np.random.default_rng())
+    x, y = torch.from_numpy(x), torch.from_numpy(y)  # (B, T) int64 each, still in CPU memory
+    if dev.type == "cuda":  # pinned (page-locked) memory lets the copy to the GPU overlap with compute
         return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
     return x.contiguous().to(dev), y.contiguous().to(dev)
 
@@ -1028,28 +1038,10 @@ def write_checkpoint(out, iteration: int, **entries):
         raise
 
 
-def read_checkpoint(src) -> dict:
-    """torch.load(weights_only=True) with clear errors for missing / empty / corrupt / foreign files."""
-    if isinstance(src, (str, os.PathLike)):
-        if not os.path.exists(src):
-            raise FileNotFoundError(f"checkpoint {src} does not exist")
-        if os.path.getsize(src) == 0:
-            raise CheckpointError(f"checkpoint {src} is empty (0 bytes), so it is corrupt; delete it, or "
-                                  "restore it from a copy")
-    try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types (RuntimeError, UnpicklingError, EOFError, ...)
-        first_line = (str(e).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {src} is corrupt or not a ScratchLM checkpoint "
-                              f"({type(e).__name__}: {first_line})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "scratchlm-checkpoint-v1" or "model" not in ckpt:
-        raise CheckpointError(f"checkpoint {src} is not a ScratchLM checkpoint (missing format/model entries)")
-    return ckpt
-
-
 def load_checkpoint(src, model, optimizer, restore_rng: bool = True) -> int:
     """Load a checkpoint written by save_checkpoint into `model` (and `optimizer` unless None); restore the
-    RNG states; return the iteration (the CS336 signature). Mismatches raise CheckpointError naming them."""
+    RNG states; return the iteration (the CS336 signature). A checkpoint that does not fit raises
+    model.StateDictMismatchError naming every key (a ValueError, and a RuntimeError as torch raises)."""
     ckpt = read_checkpoint(src)
     load_model_state(model, ckpt, src)
     if optimizer is not None:
@@ -1057,14 +1049,6 @@ def load_checkpoint(src, model, optimizer, restore_rng: bool = True) -> int:
     if restore_rng and "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     return int(ckpt["iteration"])
-
-
-def load_model_state(model, ckpt: dict, src):
-    """The weights of a checkpoint read by read_checkpoint into `model` (CheckpointError on a mismatch)."""
-    try:
-        M.load_model_state(_unwrap(model), ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {src} is incompatible with this model: {str(e)[:500]}") from None
 
 
 # ===== Appendix: plumbing =====
@@ -1306,86 +1290,6 @@ DATASETS = {
 }
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
-def download(url: str, dest, *, sha256: str | None = None, expected_size: int | None = None,
-             progress: bool = True, timeout: float = 60.0, chunk: int = 1 << 20) -> Path:
-    """Download `url` to `dest`, resuming a partial `dest.part` with an HTTP Range request.
-
-    - If `dest` exists and (when known) its size / SHA-256 match, nothing is downloaded.
-    - The bytes go to `dest.part`; a re-run asks the server for `Range: bytes=<have>-`. A 206 reply is
-      appended; a 200 reply (server ignores ranges) restarts from zero. file:// URLs resume by seeking.
-    - At the end the size is checked against Content-Length / `expected_size` and the SHA-256 against
-      `sha256`; only then is `.part` renamed to `dest` (atomic), and the hash recorded in `dest.sha256`.
-    - No network: one ConnectionError line naming the URL (the caller says what else to try).
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    hash_file = Path(str(dest) + ".sha256")
-    if dest.exists():
-        if expected_size is not None and dest.stat().st_size != expected_size:
-            raise ValueError(f"cached {dest} has {dest.stat().st_size} bytes, expected {expected_size}; "
-                             "delete it to download again")
-        want = sha256 or (hash_file.read_text().strip() if hash_file.exists() else None)
-        if want and sha256_file(dest) != want:
-            raise ValueError(f"cached {dest} does not match its SHA-256 {want}: it is corrupt or was modified; "
-                             "delete it to download again")
-        return dest
-    part = Path(str(dest) + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "ScratchLM/1.0"})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # range not satisfiable: the .part is already complete
-            resp = None
-        else:
-            raise ConnectionError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ConnectionError(f"download of {url} failed ({reason}); is this machine offline?") from None
-    total = expected_size
-    if resp is not None:
-        with resp:
-            local = url.startswith("file:")
-            status = getattr(resp, "status", None) or resp.getcode()
-            if local:
-                resp.read(have) if have else None  # local file: skip what we already have
-                status = 206 if have else 200
-            if have and status != 206:
-                have = 0  # the server sent the whole file: start over
-            length = resp.headers.get("Content-Length")
-            if length is not None and total is None:  # a 206's length counts only the bytes still to come
-                total = int(length) + (have if status == 206 and not local else 0)
-            done, bar = have, Progress(progress, f"downloading {dest.name}")
-            with open(part, "ab" if have else "wb") as f:  # .part: kept on failure, so a re-run resumes
-                while b := resp.read(chunk):
-                    f.write(b)
-                    done += len(b)
-                    bar.update(f"{done / 1e6:,.1f} MB" + (f" of {total / 1e6:,.1f} MB" if total else ""))
-            bar.close(f"{done / 1e6:,.1f} MB")
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise ConnectionError(f"download of {url} incomplete: got {size} of {total} bytes; run again to resume")
-    digest = sha256_file(part)
-    if sha256 is not None and digest != sha256:
-        part.unlink()
-        raise ValueError(f"download of {url} failed verification: SHA-256 {digest} != expected {sha256}")
-    os.replace(part, dest)
-    atomic_write_text(hash_file, digest + "\n")
-    return dest
-
-
 def unpack(src, dest, kind: str | None, progress: bool = True) -> Path:
     """Decompress `src` (kind "gz", "xz", or None = plain copy/link) to `dest` atomically."""
     src, dest = Path(src), Path(dest)
@@ -1618,30 +1522,6 @@ def _prepare_tokens(cfg, tdir: Path, floor, log: Callable, created: list) -> Pre
 # ---- Devices, precision and process handling ------------------------------------------------------
 
 
-class DeviceUnavailableError(ValueError, RuntimeError):
-    """A device name that is unknown or not present on this machine. A RuntimeError, like torch's own
-    errors for bad devices (code written against torch or the course catches that), and a ValueError,
-    this project's type for bad arguments."""
-
-
-def check_device(device) -> torch.device:
-    """torch.device(name), raising DeviceUnavailableError for unknown names or devices not present here."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DeviceUnavailableError(f"unknown device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError(f"device {device!r} requested but CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DeviceUnavailableError(f"device {device!r} requested but this machine has "
-                                     f"{torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceUnavailableError(f"device {device!r} requested but MPS is not available on this machine")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise DeviceUnavailableError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or mps)")
-    return dev
-
-
 def autocast_context(device: torch.device, dtype: str):
     """bf16 autocast on GPUs that support it (matmuls in bf16, reductions in fp32), else full fp32."""
     use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -1689,24 +1569,6 @@ def _checkpoint_on_interrupt(enabled: bool):
 
 
 # ---- Batches, logs, checkpoints and samples: the helpers -------------------------------------------
-
-
-def _sample_windows(dataset, batch_size: int, context_length: int, rng):
-    """The windows of get_batch as CPU tensors (B, T). model.sample_windows is the shared version."""
-    n = len(dataset)
-    if n < context_length + 1:
-        raise ValueError(f"dataset has {n} tokens, fewer than one context window + 1 ({context_length + 1}); "
-                         "use a bigger corpus or a smaller --context-length")
-    if hasattr(M, "sample_windows"):
-        x, y = M.sample_windows(dataset, batch_size, context_length, rng if rng is not None else
-                                np.random.default_rng())
-        return torch.as_tensor(np.asarray(x, dtype=np.int64)), torch.as_tensor(np.asarray(y, dtype=np.int64))
-    rng = rng if rng is not None else np.random.default_rng()
-    starts = rng.integers(0, n - context_length, size=batch_size)  # s in [0, n - T - 1]
-    offsets = np.arange(context_length + 1)
-    windows = np.asarray(dataset[starts[:, None] + offsets[None, :]], dtype=np.int64)  # (B, T+1) fancy index
-    xy = torch.from_numpy(windows)
-    return xy[:, :-1], xy[:, 1:]
 
 
 def learning_rates(optimizer) -> dict:
@@ -1789,11 +1651,6 @@ def set_rng_state(st: dict):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-class CheckpointError(ValueError, RuntimeError):
-    """A checkpoint file that cannot be used: corrupt, empty, foreign, or for another model. A ValueError
-    (this project's type for bad input) and a RuntimeError (what torch.load and load_state_dict raise)."""
-
-
 def load_optimizer_state(optimizer, ckpt: dict, src):
     """The optimizer state of a checkpoint read by read_checkpoint (none stored: left as is)."""
     if ckpt.get("optimizer") is None:
@@ -1801,41 +1658,28 @@ def load_optimizer_state(optimizer, ckpt: dict, src):
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {src}: optimizer state incompatible ({e})") from None
+        raise ValueError(f"checkpoint {src}: optimizer state incompatible ({e})") from None
 
 
 def sample_texts(model, tokenizer, prompt: str, num_samples: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, device="cpu", note: Callable | None = None) -> list[str]:
-    """Generate with model.py's `generate` (KV cache; temperature 0 = greedy). An empty prompt starts a
-    fresh document after <|endoftext|>; generation stops at the next <|endoftext|>.
-
-    The model never saw more than context_length tokens, so prompt + continuation must fit in it: a longer
-    prompt keeps its last context_length - 1 tokens (cut from the left, the far past), and the continuation
-    is shortened to the room left. `note` (e.g. print to stderr) is told when either happens."""
+    """Samples from a model in memory (the end of a run), with model.py's `generate` (KV cache; temperature
+    0 = greedy). An empty prompt starts a fresh document after <|endoftext|>; generation stops at the next
+    one. A prompt too long for the context is cut from the left and the continuation shortened to fit
+    (model.fit_to_context); `note` is told when that happens."""
     eot = tokenizer.eot_id
-    ids = tokenizer.encode(prompt) if prompt else []
-    if eot is not None and not prompt:
-        ids = [eot]
+    ids = tokenizer.encode(prompt) if prompt else ([eot] if eot is not None else [])
     if not ids:
         raise ValueError("empty prompt and the tokenizer has no <|endoftext|> token to start from")
-    ctx = model.config.context_length
-    if len(ids) > ctx - 1:
-        if note:
-            note(f"prompt is {len(ids)} tokens; keeping its last {ctx - 1} (context length {ctx})")
-        ids = ids[-(ctx - 1):]
-    if max_new_tokens > ctx - len(ids):
-        if note:
-            note(f"generating {ctx - len(ids)} tokens instead of {max_new_tokens}: prompt + continuation must "
-                 f"fit the context length {ctx}")
-        max_new_tokens = ctx - len(ids)
+    ids, max_new_tokens, notes = M.fit_to_context(ids, max_new_tokens, model.config.context_length)
+    for msg in notes if note else ():
+        note(msg)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)  # where sampling draws
     was_training = model.training
-    model.eval()
     with torch.no_grad():
         outs = M.generate(model, [list(ids) for _ in range(num_samples)], max_new_tokens, temperature=temperature,
                           top_p=top_p, eos_id=eot, generator=gen)
-    if was_training:
-        model.train()
+    model.train(was_training)
     return [prompt + tokenizer.decode([t for t in o if t != eot]) for o in outs]
 
 
@@ -2074,17 +1918,6 @@ def validate_config(cfg: TrainConfig):
     resolve_device(c.device)
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; any other name must exist here (DeviceUnavailableError)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return check_device(name)
-
-
 def set_cpu_threads(threads: int) -> int:
     """torch's intra-op thread count. Auto (0): time a small matmul workload (~0.2 s) with all cores and
     with one, keep the faster. Why bother: when other processes already occupy the cores, OpenMP worker
@@ -2162,28 +1995,6 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str = "", floor: floa
     with atomic_open(png_path, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
-
-
-def load_for_sampling(checkpoint, device="cpu"):
-    """Rebuild model + tokenizer from a checkpoint written by `train` (its tokenizer/ folder sits next to it,
-    and the checkpoint's tokenizer fingerprint proves it is the right one)."""
-    ckpt = read_checkpoint(checkpoint)
-    mc = ckpt.get("model_config")
-    if mc is None:
-        raise CheckpointError(f"checkpoint {checkpoint} has no model_config; it was not written by train.py")
-    model = M.TransformerLM.from_config(M.ModelConfig.from_dict(mc))
-    load_model_state(model, ckpt, checkpoint)
-    tok_dir = Path(checkpoint).parent / "tokenizer"
-    if not tok_dir.exists():
-        tok_dir = Path(ckpt.get("tokenizer_dir", ""))
-    if not (tok_dir / "vocab.json").exists():
-        raise FileNotFoundError(f"tokenizer for {checkpoint} not found (looked in {tok_dir})")
-    tokenizer = tk.Tokenizer.load(str(tok_dir))
-    saved = ckpt.get("tokenizer_fingerprint")
-    if saved is not None and saved != tokenizer.fingerprint():
-        raise CheckpointError(f"tokenizer in {tok_dir} (fingerprint {tokenizer.fingerprint()}) is not the one "
-                              f"{checkpoint} was trained with ({saved})")
-    return model.to(device), tokenizer
 
 
 # ===== Appendix: benchmarks =====
@@ -2402,10 +2213,13 @@ def config_from_args(args) -> TrainConfig:
 
 
 def sample_main(argv):
+    """`python train.py sample`: model.py's sampling (sample_from_checkpoint) with this command's defaults.
+    `python model.py generate` is the same thing with more options (GPT-2 weights, prompt ids)."""
     p = _Parser(prog="train.py sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Generate text from a checkpoint written by train.py.")
     p.add_argument("--checkpoint", required=True, help="path to ckpt.pt (its tokenizer/ folder sits next to it)")
-    p.add_argument("--prompt", default="", help="text to continue ('' starts a new document)")
+    p.add_argument("--prompt", default="", help="text to continue ('' starts a new document); a prompt longer "
+                                                "than the context is cut from the left, with a note")
     p.add_argument("--num-samples", type=int, default=1, help="how many continuations")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (>= 0; 0: greedy)")
@@ -2413,18 +2227,18 @@ def sample_main(argv):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     a = p.parse_args(argv)
-    for ok, msg in ((a.temperature >= 0, f"--temperature must be >= 0 (0: greedy), got {a.temperature}"),
-                    (0 < a.top_p <= 1, f"--top-p must be in (0, 1], got {a.top_p}"),
-                    (a.num_samples >= 1, f"--num-samples must be >= 1, got {a.num_samples}"),
-                    (a.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")):
-        if not ok:
-            p.error(msg)
-    device = resolve_device(a.device)
-    model, tokenizer = load_for_sampling(a.checkpoint, device)
+    try:  # every option checked before the checkpoint is read
+        M.check_sampling_options(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                 num_samples=a.num_samples, seed=a.seed)
+        resolve_device(a.device)
+    except ValueError as e:
+        p.error(str(e).replace("max_new_tokens", "--max-new-tokens").replace("num_samples", "--num-samples")
+                .replace("temperature", "--temperature").replace("top_p", "--top-p").replace("seed", "--seed"))
     note = lambda msg: print(f"note: {msg}", file=sys.stderr)
-    for i, s in enumerate(sample_texts(model, tokenizer, a.prompt, a.num_samples, a.max_new_tokens, a.temperature,
-                                       a.top_p, seed=a.seed, device=device, note=note)):
-        print(f"--- sample {i + 1} ---\n{s}")
+    res = M.sample_from_checkpoint(a.checkpoint, a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
+                                   temperature=a.temperature, top_p=a.top_p, seed=a.seed, device=a.device, note=note)
+    for i, text in enumerate(res["texts"]):
+        print(f"--- sample {i + 1} ---\n{text}")
 
 
 def main(argv=None):
