@@ -104,6 +104,10 @@ from tokenizer import Progress, atomic_write_text, machine_label, shared_path
 # ======================================================================================================
 # 1. The configuration: every switch in one place, validated on construction
 # ======================================================================================================
+# A model is fully described by a handful of sizes -- vocabulary V, context T, width d, layers L, heads H
+# -- plus the design switches. Keeping them in one JSON-safe dataclass means a checkpoint can rebuild its
+# model exactly, and a sweep (scaling.py) can vary one switch at a time. Shapes used throughout:
+#     B batch, T sequence length, d = d_model, H heads, Hkv key/value heads, dh = d / H, V vocabulary.
 
 # The allowed values of each one-word switch. An unknown value is a clear ValueError naming the field.
 NORM_CHOICES = ("rmsnorm", "layernorm", "none")
@@ -190,65 +194,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        def choice(field: str, allowed: tuple):
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ValueError(f"ModelConfig.{field}={value!r} is not one of {list(allowed)}")
-
-        def positive_int(field: str):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
-
-        for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
-            positive_int(field)
-        choice("norm", NORM_CHOICES)
-        choice("norm_position", NORM_POSITION_CHOICES)
-        choice("position", POSITION_CHOICES)
-        choice("ffn", FFN_CHOICES)
-        choice("attention", ATTENTION_CHOICES)
-        if self.attn_impl not in ATTENTION_BACKENDS:
-            raise ValueError(f"ModelConfig.attn_impl={self.attn_impl!r} is not one of "
-                             f"{sorted(ATTENTION_BACKENDS)} (register others with register_attention_backend)")
-        if self.d_model % self.num_heads != 0:
-            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
-        if self.num_kv_heads is None:
-            self.num_kv_heads = self.num_heads
-        positive_int("num_kv_heads")
-        if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads} "
-                             "(each key/value head must serve a whole group of query heads)")
-        if self.position == "rope" and (self.d_model // self.num_heads) % 2 != 0:
-            raise ValueError(f"RoPE needs an even head dimension, got d_model/num_heads = "
-                             f"{self.d_model // self.num_heads}")
-        if self.position == "sinusoidal" and self.d_model % 2 != 0:
-            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
-        if self.d_ff is None:
-            self.d_ff = default_d_ff(self.d_model, self.ffn)
-        positive_int("d_ff")
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 0:
-            raise ValueError(f"ModelConfig.num_experts must be an integer >= 0 (0 = dense), got {self.num_experts!r}")
-        if self.num_experts > 0 and not (1 <= self.experts_top_k <= self.num_experts):
-            raise ValueError(f"ModelConfig.experts_top_k={self.experts_top_k} must be in 1..num_experts="
-                             f"{self.num_experts}")
-        if self.moe_aux_weight < 0:
-            raise ValueError(f"ModelConfig.moe_aux_weight must be >= 0, got {self.moe_aux_weight}")
-        if self.attention == "sliding":
-            if self.window_size is None:
-                raise ValueError("ModelConfig.attention='sliding' needs window_size (a positive integer)")
-            positive_int("window_size")
-        elif self.window_size is not None:
-            raise ValueError(f"ModelConfig.window_size={self.window_size} is only used with attention='sliding' "
-                             f"(attention={self.attention!r})")
-        if not (isinstance(self.norm_eps, (int, float)) and not isinstance(self.norm_eps, bool)
-                and 0 < self.norm_eps < 1):
-            raise ValueError(f"ModelConfig.norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
-        for flag in ("qk_norm", "tie_embeddings", "bias"):
-            if not isinstance(getattr(self, flag), (bool, int)) or getattr(self, flag) not in (0, 1):
-                raise ValueError(f"ModelConfig.{flag} must be true or false, got {getattr(self, flag)!r}")
-            setattr(self, flag, bool(getattr(self, flag)))
+        # every field is checked once, here, with an error naming it; d_ff and num_kv_heads get their defaults
+        _validate_config(self)
 
     @property
     def head_dim(self) -> int:
@@ -264,22 +211,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"ModelConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.name not in d)
-        if missing:
-            raise ValueError(f"ModelConfig dict is missing required field(s) {missing}")
+        """The inverse of to_dict; unknown or missing fields are a ValueError naming them."""
+        _check_config_dict(cls, d)
         return cls(**d)
 
 
 # ======================================================================================================
 # 2. The primitives, from scratch (CS336 names and conventions)
 # ======================================================================================================
+# Every layer below is a few tensor operations on nn.Parameters; torch's own layers (nn.Linear,
+# F.rms_norm, F.scaled_dot_product_attention, ...) appear only in the tests and benchmark peers that
+# check these against them. Weights use torch's [out, in] layout, so a state dict from a course
+# solution (or the benchmark peer built from nn.Linear) loads unchanged.
 
 class Linear(nn.Module):
     """y = x W^T (+ b) with W stored [out_features, in_features] (the PyTorch/CS336 layout).
@@ -645,9 +588,9 @@ class MultiHeadSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, dh).transpose(1, 2)    # (B, H, T, dh)
         k = self.k_proj(x).view(B, T, Hkv, dh).transpose(1, 2)  # (B, Hkv, T, dh)
         v = self.v_proj(x).view(B, T, Hkv, dh).transpose(1, 2)  # (B, Hkv, T, dh)
-        if self.q_norm is not None:
+        if self.q_norm is not None:  # normalize each head's vectors before RoPE (rotation keeps the norm)
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
+        if self.rope is not None:  # rotate q and k by their positions; v is untouched (content, not place)
             pos = torch.arange(T, device=x.device) if token_positions is None else token_positions
             if pos.dim() > 1 and pos.dim() == len(lead) + 1:
                 # (..., T) like x's leading dims -> (B, 1, T): one position row per sequence, for all its heads
@@ -661,9 +604,11 @@ class MultiHeadSelfAttention(nn.Module):
             # (k0, k0, k1, k1); `repeat` would give (k0, k1, k0, k1) and silently pair the wrong heads.
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
+        # softmax(q k^T / sqrt(dh)) v per head: (B, H, T, dh) x (B, H, Tk, dh) -> (B, H, T, dh), where Tk is
+        # T, or the cached length plus T during generation
         if attn_mask is None:
             out = get_attention_backend(self.attn_impl)(q, k, v, causal=True, window=self.window_size)
-        else:
+        else:  # padding or a rolling KV buffer: the backend contract has no mask argument
             out = masked_attention(q, k, v, attn_mask, self.attn_impl)
         out = out.transpose(1, 2).reshape(B, T, H * dh)  # (B, T, d): heads side by side again
         return self.output_proj(out).reshape(*lead, T, self.d_model)
@@ -699,7 +644,7 @@ class MoEFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x_flat = x.reshape(-1, shape[-1])  # (N, d)
+        x_flat = x.reshape(-1, shape[-1])  # (N, d) with N = B * T: routing is per token, batch order is moot
         N, E, k = x_flat.shape[0], self.num_experts, self.top_k
         probs, gates, top_idx = self.route(x_flat)
         # load balancing: f_i from hard assignments, P_i from soft probabilities
@@ -708,6 +653,8 @@ class MoEFeedForward(nn.Module):
         f = counts / (N * k)
         P = probs.mean(dim=0)
         self.aux_loss = E * (f * P).sum()
+        # e.g. E = 4 experts, uniform routing: f_i = P_i = 1/4 -> 4 * 4 * (1/16) = 1; all tokens on one
+        # expert with P = 1 there: 4 * 1 * 1 = 4 (the loss pushes the router back toward balance)
         # dispatch: every (token, slot) pair goes to its expert; results are scatter-added back
         out = torch.zeros_like(x_flat)
         flat_expert = top_idx.reshape(-1)                                   # (N*k,)
@@ -726,6 +673,12 @@ class MoEFeedForward(nn.Module):
 # ======================================================================================================
 # 3. The Transformer block and the language model
 # ======================================================================================================
+# The model is: embed tokens -> L identical blocks on a residual stream x of shape (B, T, d) -> a final
+# norm -> the LM head, a d -> V projection giving one logit per vocabulary entry per position. Training
+# reads all T positions' logits at once (teacher forcing: the target at t is the token at t + 1);
+# generation reads only the last one. Position enters either as a vector added to the embeddings
+# (sinusoidal, learned) or as a rotation inside attention (RoPE); with none at all (NoPE) the causal
+# mask still leaks order, since token t can count how many tokens it sees.
 
 def _config_from_block_args(d_model, num_heads, d_ff, max_seq_len, theta, switches) -> ModelConfig:
     """A block is built from a ModelConfig so that every switch is validated in one place."""
@@ -830,20 +783,6 @@ class TransformerLM(nn.Module):
                                       "d_ff", "rope_theta")}
         return cls(**core, **d, device=device, dtype=dtype)
 
-    # --- input checks ---------------------------------------------------------------------------------
-    def _checks_on(self) -> bool:
-        # the data-dependent checks read tensor values (a device sync, a graph break under torch.compile)
-        return self.validate_inputs and not torch.compiler.is_compiling()
-
-    def _check_tokens(self, token_ids: torch.Tensor):
-        if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise ValueError(f"token ids must be an integer tensor, got dtype {token_ids.dtype}")
-        if self._checks_on() and token_ids.numel() > 0:
-            lo, hi = int(token_ids.min()), int(token_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-
     def forward(self, token_ids: torch.Tensor, token_positions: Optional[torch.Tensor] = None, *,
                 kv_cache: Optional["KVCache"] = None, pad_lens: Optional[torch.Tensor] = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -860,22 +799,17 @@ class TransformerLM(nn.Module):
             token_ids = token_ids[None]
         if token_ids.dim() != 2:
             raise ValueError(f"token ids must have shape (batch, seq) or (seq,), got {tuple(token_ids.shape)}")
-        self._check_tokens(token_ids)
+        _check_token_ids(self, token_ids)
         B, T = token_ids.shape
         cfg, dev = self.config, token_ids.device
         attn_mask = None
-        if kv_cache is not None:
+        if kv_cache is not None:    # the cache knows where this chunk goes and what it may attend to
             token_positions, attn_mask = kv_cache.begin(T)
-        elif pad_lens is not None:
+        elif pad_lens is not None:  # left-padded rows: row b's real tokens start at slot pad_lens[b]
             slots = torch.arange(T, device=dev)
             token_positions = (slots[None, :] - pad_lens[:, None]).clamp_min(0)  # (B, T)
             attn_mask = slot_attention_mask(slots, slots, pad_lens, cfg.window)
-        if token_positions is None:
-            if T > cfg.context_length:
-                raise ValueError(f"sequence length {T} exceeds the model's context_length {cfg.context_length}")
-        elif self._checks_on() and token_positions.numel() > 0 and int(token_positions.max()) >= cfg.context_length:
-            raise ValueError(f"position {int(token_positions.max())} exceeds the model's context_length "
-                             f"{cfg.context_length} (sequence too long)")
+        _check_positions(self, T, token_positions)
         if token_positions is None:
             token_positions = torch.arange(T, device=dev)  # one tensor for all layers (RoPE lookup memo)
         x = self.token_embeddings(token_ids)  # (B, T, d)
@@ -903,7 +837,7 @@ class TransformerLM(nn.Module):
         DistributedDataParallel ("module.") are stripped first."""
         state_dict = _strip_wrapper_prefixes(state_dict)
         if strict:
-            check_state_dict(self, state_dict)
+            check_state_dict(self, state_dict)  # (defined with the other loading helpers, at the end)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
@@ -920,6 +854,10 @@ def set_attention_backend(model: nn.Module, name: str) -> None:
 # ======================================================================================================
 # 4. Accounting: parameters, FLOPs, memory
 # ======================================================================================================
+# What a configuration costs, computed from the config alone (no model built), so train.py can report
+# MFU (model FLOPs utilization = achieved FLOP/s over the hardware's peak) and scaling.py can pick
+# model sizes for a compute budget C ~ 6 N D (N parameters, D training tokens; Kaplan et al., 2020).
+# The tests check each number against a hand count and against torch's FlopCounterMode.
 
 def _norm_params(kind: str, d: int) -> int:
     # RMSNorm: a gain per feature; LayerNorm: gain + bias; none: nothing
@@ -987,9 +925,11 @@ def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_a
     T = c.context_length if seq_len is None else seq_len
     d, dh, L = c.d_model, c.head_dim, c.num_layers
     n_keys = mean_attended_keys(T, c.window, causal_average)
+    # one token is one row: a (1 x m) @ (m x p) product costs 2mp (a multiply and an add per weight)
     proj = 2 * d * (c.num_heads * dh) * 2 + 2 * d * (c.num_kv_heads * dh) * 2  # q, out + k, v
+    # its query dots with n_keys keys (dh each) in every head, then the same count of value rows is summed
     scores = 2 * c.num_heads * dh * n_keys * 2                                  # Q K^T and A V
-    ffn_one = (6 if c.ffn == "swiglu" else 4) * d * c.d_ff
+    ffn_one = (6 if c.ffn == "swiglu" else 4) * d * c.d_ff  # 3 or 2 matrices of d x d_ff, 2 FLOPs each
     if c.num_experts > 0:
         ffn = 2 * d * c.num_experts + c.experts_top_k * ffn_one  # router + k experts per token
     else:
@@ -1062,6 +1002,13 @@ def memory_estimate(config: ModelConfig, batch_size: int, optimizer: str = "adam
 # ======================================================================================================
 # 5. Inference: sampling, the KV cache, batched generation, speculative decoding
 # ======================================================================================================
+# Generating n tokens naively runs the model on the whole sequence n times: O(n^2) positions of work.
+# But a causal model's keys and values for earlier positions never change, so we cache them (per layer,
+# (B, Hkv, T, dh)) and each step processes ONE new position: prefill the prompt once, then decode.
+# Decoding is then limited by reading the weights from memory once per token, not by FLOPs, which is
+# why speculative decoding helps: a small draft model guesses k tokens and the big model checks all k
+# in ONE pass (as cheap as one step, since it is memory-bound), keeping the guesses its own
+# distribution agrees with -- exactly, not approximately (Leviathan et al. 2022; Chen et al. 2023).
 
 def slot_attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad_lens: Optional[torch.Tensor],
                         window: Optional[int]) -> torch.Tensor:
@@ -1100,6 +1047,8 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, pad_lens: Optional[torch.Tensor] = None,
                  slack: int = 0, device=None, dtype=torch.float32):
         self.window = config.window
+        # memory: 2 (k and v) * L * B * Hkv * capacity * dh numbers, e.g. GPT-2 small at 1024 tokens in
+        # fp32: 2 * 12 * 1 * 12 * 1024 * 64 * 4 bytes = 75 MB per sequence; GQA with Hkv = H/4 cuts it 4x
         capacity = max_len if self.window is None else min(max_len, self.window + slack)
         self.capacity = max(1, capacity)
         shape = (batch_size, config.num_kv_heads, self.capacity, config.head_dim)
@@ -1154,11 +1103,12 @@ class KVCache:
             K[:, :, start:start + n] = k_new
             V[:, :, start:start + n] = v_new
             return K[:, :, :start + n], V[:, :, :start + n]
-        if mode == "ring":
+        if mode == "ring":  # slot s lives in entry s % capacity; the mask (from slot_of) sorts out the order
             idx = new_slots % self.capacity
             K.index_copy_(2, idx, k_new)
             V.index_copy_(2, idx, v_new)
             return K, V
+        # "concat": this layer attends to [old entries, whole chunk]; only the chunk's tail is kept
         k_all, v_all = torch.cat([K, k_new], dim=2), torch.cat([V, v_new], dim=2)
         keep = min(n, self.capacity)
         idx = new_slots[-keep:] % self.capacity
@@ -1174,16 +1124,21 @@ class KVCache:
         self.length = length
 
 
+# Sampling. The model gives logits z; the sampler draws from softmax(z / temperature), optionally keeping
+# only the most likely tokens (nucleus / top-p, Holtzman et al. 2019: the long tail of unlikely tokens
+# is where degenerate text comes from). temperature -> 0 approaches argmax (greedy), 1 is the model's
+# own distribution, > 1 flattens it.
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most-likely tokens whose total mass reaches top_p,
     zero the rest, renormalize. A token is kept if the mass strictly before it (in sorted order) is
     < top_p, so the most likely token always survives. probs: (..., V)."""
     if top_p >= 1.0:
         return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)   # (..., V) largest first
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs     # exclusive prefix sum
     keep_sorted = mass_before < top_p
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to vocabulary order
     filtered = probs * keep
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
@@ -1204,36 +1159,6 @@ def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator] 
     cdf = probs.cumsum(dim=-1)
     idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
     return idx.clamp_max(probs.shape[-1] - 1)
-
-
-def _check_sampling_args(temperature: float, top_p: float, max_new_tokens: int):
-    # `not (x >= 0)` also rejects NaN, whose comparisons are all False
-    if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-
-
-def _normalize_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
-    if isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = prompt_ids.tolist()
-    if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
-        raise ValueError("prompt_ids must be a non-empty list of ints or a non-empty list of lists of ints")
-    prompts = [list(prompt_ids)] if isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty (generation needs at least one token to condition on)")
-        for t in p:
-            if not isinstance(t, int) or not (0 <= t < vocab_size):
-                raise ValueError(f"prompt {i} contains token id {t!r} outside the vocabulary [0, {vocab_size})")
-    return prompts
-
-
-def _model_device_dtype(model: nn.Module):
-    p = next(model.parameters())
-    return p.device, p.dtype
 
 
 @torch.no_grad()
@@ -1258,7 +1183,9 @@ def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature:
                          f"context_length {cfg.context_length}")
     device, dtype = _model_device_dtype(model)
     was_training = model.training
-    model.eval()
+    model.eval()  # (no dropout here, but a caller's module may branch on .training)
+    # left padding: every row ends at the same slot, so each step appends one column for all rows;
+    # e.g. prompts [5, 6, 7] and [8] -> rows [[5, 6, 7], [0, 0, 8]], pad_lens [0, 2]
     pad_lens = torch.tensor([longest - len(p) for p in prompts], device=device)
     rows = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, longest)
     padded = bool((pad_lens > 0).any())
@@ -1268,16 +1195,16 @@ def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature:
     seq = rows
     try:
         for step in range(max_new_tokens):
-            if use_cache:
+            if use_cache:  # step 0 prefills the whole prompt; later steps feed only the newest token
                 feed = rows if step == 0 else seq[:, -1:]
-                logits = model(feed, kv_cache=cache, last_only=True)[:, -1]
+                logits = model(feed, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
             else:
                 logits = model(seq, pad_lens=pad_lens if padded else None, last_only=True)[:, -1]
             if temperature == 0:
                 next_ids = logits.argmax(-1)  # greedy
             else:
                 next_ids = sample_from_probs(logits_to_probs(logits, temperature, top_p), generator)
-            for b in range(B):
+            for b in range(B):  # finished rows keep computing (the batch stays rectangular) but record nothing
                 if not done[b]:
                     out[b].append(int(next_ids[b]))
             if eos_id is not None:
@@ -1409,9 +1336,17 @@ def _speculative_one(target, draft, prompt, max_new_tokens, k, temperature, top_
 
 
 # ===== Appendix: plumbing =====
-# Everything a user of the model needs around it but that teaches nothing about Transformers: loading
-# weights with errors that name the problem, random training windows, downloads, checkpoints, GPT-2's
-# weights from Hugging Face, and "load a checkpoint and sample". Later stages import these from here.
+# Everything a user of the model needs around it but that teaches nothing about Transformers. Later
+# stages import these from here (each is defined once, in the leftmost file that needs it):
+#     load_model_state, check_state_dict   strict weight loading; errors name every key that does not fit
+#     resolve_device                       "auto" / "cuda:1" / ... checked to exist, before any work
+#     _validate_config and friends         the checks behind ModelConfig, forward and generate
+#     sample_windows                       random (x, y) training windows of a token array
+#     download, sha256_file                resumable, verified, atomic downloads
+#     read_checkpoint, load_checkpoint_model   one reader, one clear error per way a file can be bad
+#     read_safetensors, from_pretrained    OpenAI's GPT-2 weights from the Hugging Face Hub
+#     sample_from_checkpoint               load + tokenize + generate + decode (model.py generate and
+#                                          train.py sample both call it)
 
 class StateDictMismatchError(ValueError, RuntimeError):
     """A checkpoint whose keys or shapes do not match the model. (A ValueError for our callers, and a
@@ -1463,7 +1398,7 @@ def load_model_state(model: nn.Module, state: dict, src=None) -> None:
     """Load weights strictly into `model` (compile/DDP wrappers are looked through), with an error that
     names every key that does not fit. `state` is a state dict, or a checkpoint dict whose "model" entry
     is one (as read_checkpoint returns); `src`, when given, is the file named in the error."""
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a whole checkpoint: take its weights
         state = state["model"]
     state = _strip_wrapper_prefixes(state)
     model = _unwrap_module(model)
@@ -1482,7 +1417,9 @@ class DeviceUnavailableError(ValueError, RuntimeError):
 
 
 def resolve_device(name) -> torch.device:
-    """torch.device for `name` ("auto" = cuda, else mps, else cpu), checked to exist on this machine."""
+    """torch.device for `name` ("auto" = cuda, else mps, else cpu), checked to exist on this machine.
+    torch itself accepts "cuda:7" on a one-GPU machine and fails only at the first tensor moved there,
+    possibly after minutes of loading; checking here makes that a one-line error up front."""
     if str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -1505,6 +1442,145 @@ def resolve_device(name) -> torch.device:
     elif dev.type != "cpu":
         raise DeviceUnavailableError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
     return dev
+
+
+# ------------------------------------------------------------------------------------------------------
+# Validation: configs, token ids, sampling arguments (errors that name the problem)
+# ------------------------------------------------------------------------------------------------------
+
+def _validate_config(cfg: "ModelConfig") -> None:
+    """ModelConfig.__post_init__: a ValueError naming the field for every value that cannot work, and the
+    defaults of d_ff (default_d_ff) and num_kv_heads (= num_heads) filled in."""
+    def choice(field: str, allowed: tuple):
+        value = getattr(cfg, field)
+        if value not in allowed:
+            raise ValueError(f"ModelConfig.{field}={value!r} is not one of {list(allowed)}")
+
+    def positive_int(field: str):
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
+
+    for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
+        positive_int(field)
+    choice("norm", NORM_CHOICES)
+    choice("norm_position", NORM_POSITION_CHOICES)
+    choice("position", POSITION_CHOICES)
+    choice("ffn", FFN_CHOICES)
+    choice("attention", ATTENTION_CHOICES)
+    if cfg.attn_impl not in ATTENTION_BACKENDS:
+        raise ValueError(f"ModelConfig.attn_impl={cfg.attn_impl!r} is not one of "
+                         f"{sorted(ATTENTION_BACKENDS)} (register others with register_attention_backend)")
+    if cfg.d_model % cfg.num_heads != 0:
+        raise ValueError(f"d_model={cfg.d_model} is not divisible by num_heads={cfg.num_heads}")
+    if cfg.num_kv_heads is None:
+        cfg.num_kv_heads = cfg.num_heads
+    positive_int("num_kv_heads")
+    if cfg.num_heads % cfg.num_kv_heads != 0:
+        raise ValueError(f"num_heads={cfg.num_heads} is not divisible by num_kv_heads={cfg.num_kv_heads} "
+                         "(each key/value head must serve a whole group of query heads)")
+    if cfg.position == "rope" and (cfg.d_model // cfg.num_heads) % 2 != 0:
+        raise ValueError(f"RoPE needs an even head dimension, got d_model/num_heads = "
+                         f"{cfg.d_model // cfg.num_heads}")
+    if cfg.position == "sinusoidal" and cfg.d_model % 2 != 0:
+        raise ValueError(f"sinusoidal positions need an even d_model, got {cfg.d_model}")
+    if not (isinstance(cfg.rope_theta, (int, float)) and cfg.rope_theta > 0):
+        raise ValueError(f"ModelConfig.rope_theta must be > 0, got {cfg.rope_theta!r}")
+    if cfg.d_ff is None:
+        cfg.d_ff = default_d_ff(cfg.d_model, cfg.ffn)
+    positive_int("d_ff")
+    if isinstance(cfg.num_experts, bool) or not isinstance(cfg.num_experts, int) or cfg.num_experts < 0:
+        raise ValueError(f"ModelConfig.num_experts must be an integer >= 0 (0 = dense), got {cfg.num_experts!r}")
+    if cfg.num_experts > 0 and not (1 <= cfg.experts_top_k <= cfg.num_experts):
+        raise ValueError(f"ModelConfig.experts_top_k={cfg.experts_top_k} must be in 1..num_experts="
+                         f"{cfg.num_experts}")
+    if cfg.moe_aux_weight < 0:
+        raise ValueError(f"ModelConfig.moe_aux_weight must be >= 0, got {cfg.moe_aux_weight}")
+    if cfg.attention == "sliding":
+        if cfg.window_size is None:
+            raise ValueError("ModelConfig.attention='sliding' needs window_size (a positive integer)")
+        positive_int("window_size")
+    elif cfg.window_size is not None:
+        raise ValueError(f"ModelConfig.window_size={cfg.window_size} is only used with attention='sliding' "
+                         f"(attention={cfg.attention!r})")
+    if not (isinstance(cfg.norm_eps, (int, float)) and not isinstance(cfg.norm_eps, bool)
+            and 0 < cfg.norm_eps < 1):
+        raise ValueError(f"ModelConfig.norm_eps must be a number in (0, 1), got {cfg.norm_eps!r}")
+    for flag in ("qk_norm", "tie_embeddings", "bias"):
+        if not isinstance(getattr(cfg, flag), (bool, int)) or getattr(cfg, flag) not in (0, 1):
+            raise ValueError(f"ModelConfig.{flag} must be true or false, got {getattr(cfg, flag)!r}")
+        setattr(cfg, flag, bool(getattr(cfg, flag)))
+
+
+def _check_config_dict(cls, d) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"ModelConfig.from_dict expects a dict, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d)
+    if missing:
+        raise ValueError(f"ModelConfig dict is missing required field(s) {missing}")
+
+
+def _check_token_ids(model: "TransformerLM", token_ids: torch.Tensor) -> None:
+    """Ids must be integers in [0, vocab): a bad id on a GPU would otherwise be an opaque device-side
+    assert. The range check reads tensor values (a device sync, a graph break under torch.compile), so
+    `model.validate_inputs = False` or compiling skips it."""
+    if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"token ids must be an integer tensor, got dtype {token_ids.dtype}")
+    if model.validate_inputs and not torch.compiler.is_compiling() and token_ids.numel() > 0:
+        lo, hi = int(token_ids.min()), int(token_ids.max())
+        if lo < 0 or hi >= model.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {model.config.vocab_size})")
+
+
+def _check_positions(model: "TransformerLM", T: int, token_positions: Optional[torch.Tensor]) -> None:
+    """Every position must have a row in the position tables (RoPE, sinusoidal, learned): < context_length."""
+    ctx = model.config.context_length
+    if token_positions is None:
+        if T > ctx:
+            raise ValueError(f"sequence length {T} exceeds the model's context_length {ctx}")
+    elif model.validate_inputs and not torch.compiler.is_compiling() and token_positions.numel() > 0 \
+            and int(token_positions.max()) >= ctx:
+        raise ValueError(f"position {int(token_positions.max())} exceeds the model's context_length {ctx} "
+                         "(sequence too long)")
+
+
+def _check_sampling_args(temperature: float, top_p: float, max_new_tokens: int):
+    # `not (x >= 0)` also rejects NaN, whose comparisons are all False
+    if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+
+
+def _normalize_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
+    """One prompt (list of ints) or many (list of lists, or a 1-D / 2-D tensor) -> a list of lists, each
+    non-empty and inside the vocabulary (checked here, before any model call, so the error names the
+    prompt and the id instead of surfacing as an indexing failure deep in the embedding)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
+        raise ValueError("prompt_ids must be a non-empty list of ints or a non-empty list of lists of ints")
+    prompts = [list(prompt_ids)] if isinstance(prompt_ids[0], int) else [list(p) for p in prompt_ids]
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty (generation needs at least one token to condition on)")
+        for t in p:
+            if not isinstance(t, int) or not (0 <= t < vocab_size):
+                raise ValueError(f"prompt {i} contains token id {t!r} outside the vocabulary [0, {vocab_size})")
+    return prompts
+
+
+def _model_device_dtype(model: nn.Module):
+    """Where the model's weights live: new tensors (prompts, caches) are made there, in their dtype."""
+    p = next(model.parameters())
+    return p.device, p.dtype
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1568,6 +1644,7 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     hash_file = Path(str(dest) + ".sha256")
+    # 1. already complete: verify what we can (size, then the hash given or the one recorded at download)
     if dest.exists():
         if expected_size is not None and dest.stat().st_size != expected_size:
             raise ValueError(f"cached {dest} has {dest.stat().st_size} bytes, expected {expected_size}; "
@@ -1577,6 +1654,7 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
             raise ValueError(f"cached {dest} does not match its SHA-256 {want}: it is corrupt or was modified; "
                              "delete it to download again")
         return dest
+    # 2. ask for the bytes we do not have yet (all of them, or the rest after an interrupted run)
     part = Path(str(dest) + ".part")
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": "ScratchLM/1.0"})
@@ -1591,6 +1669,7 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
             raise ConnectionError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         raise ConnectionError(f"download of {url} failed: {e}") from None
+    # 3. stream to .part in `chunk`-byte pieces (constant memory), with a progress line
     total = expected_size
     bar = Progress(True, f"downloading {dest.name}") if progress else None
     if resp is not None:
@@ -1623,6 +1702,7 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
                 raise ConnectionError(f"download of {url} interrupted after {done} bytes ({e}); "
                                       "run again to resume") from None
             _download_note(bar, dest, done, total, final=True)
+    # 4. only a complete, verified file gets the final name (a crash leaves just the .part to resume)
     size = part.stat().st_size
     if total is not None and size != total:
         raise ConnectionError(f"download of {url} incomplete: got {size} of {total} bytes; run again to resume")
@@ -1774,6 +1854,8 @@ def read_safetensors(path) -> dict:
                 raise ValueError(f"{path}: tensor {name!r} with shape {shape} {info['dtype']} needs {nbytes} bytes "
                                  f"but its offsets [{begin}, {end}] give {end - begin} (data section {data_size}): "
                                  "the file is truncated or corrupt")
+            # offsets count from the start of the data section, which follows the 8 + n header bytes; a
+            # bytearray (writable) lets torch share numpy's memory instead of warning and copying
             f.seek(8 + n + begin)
             arr = np.frombuffer(bytearray(f.read(end - begin)), dtype=np_dtype)
             arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # a no-op on little-endian machines
@@ -1821,6 +1903,14 @@ def gpt2_state_dict_from_hf(tensors: dict, cfg: ModelConfig, src="checkpoint") -
     into three [d, d] row blocks (q first, then k, then v). "attn.bias" / "attn.masked_bias" entries are
     causal-mask buffers, not weights; "lm_head.weight" is the tied wte.
     """
+    # The mapping, per layer i (HF name -> ours; "T" = transposed from Conv1D's [in, out]):
+    #     wte -> token_embeddings (and lm_head, tied)       wpe -> position_embeddings
+    #     h.i.ln_1 -> layers.i.ln1                           h.i.ln_2 -> layers.i.ln2
+    #     h.i.attn.c_attn   -> T, split -> layers.i.attn.{q,k,v}_proj
+    #     h.i.attn.c_proj   -> T -> layers.i.attn.output_proj
+    #     h.i.mlp.c_fc      -> T -> layers.i.ffn.w1          h.i.mlp.c_proj -> T -> layers.i.ffn.w2
+    #     ln_f -> ln_final
+    # GPT2LMHeadModel files prefix everything with "transformer."; GPT2Model files do not.
     t = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in tensors.items()}
     used, sd = set(), {}
     d = cfg.d_model
@@ -1897,7 +1987,7 @@ def from_pretrained(name_or_path: str = "gpt2", cache_dir=None, device="cpu", *,
     folder with model.safetensors + config.json, or a .safetensors file with config.json beside it.
     Offline with nothing cached: one ConnectionError line. Pair it with tokenizer.gpt2_tokenizer().
     """
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # checked first: a bad device should not cost a 500 MB download
     weights, config = _pretrained_files(str(name_or_path), cache_dir, progress, base_url)
     try:
         hf = json.loads(Path(config).read_text(encoding="utf-8"))
@@ -1907,6 +1997,8 @@ def from_pretrained(name_or_path: str = "gpt2", cache_dir=None, device="cpu", *,
         raise ValueError(f"{config} is not a JSON object")
     cfg = gpt2_config_from_hf(hf)
     state = gpt2_state_dict_from_hf(read_safetensors(weights), cfg, weights)
+    # the model is built with random weights and then overwritten: simple, and load_model_state's strict
+    # check proves every parameter received a GPT-2 tensor of the right shape
     model = TransformerLM.from_config(cfg)
     load_model_state(model, state, src=weights)
     return model.to(dev).eval()
@@ -1973,6 +2065,7 @@ def sample_from_checkpoint(checkpoint=None, prompt: str = "", *, pretrained: Opt
     per sample, "prompt_ids": the ids actually used, "seconds": generation time}.
     """
     note = note or (lambda msg: print(f"[note] {msg}", file=sys.stderr, flush=True))
+    # 1. every option that can be checked without loading anything (a typo costs nothing)
     check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            num_samples=num_samples, seed=seed)
     if (checkpoint is None) == (pretrained is None):
@@ -1980,6 +2073,7 @@ def sample_from_checkpoint(checkpoint=None, prompt: str = "", *, pretrained: Opt
     if prompt_ids is not None and any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in prompt_ids):
         raise ValueError(f"prompt ids must be integers >= 0, got {list(prompt_ids)[:10]}")
     dev = resolve_device(device)
+    # 2. the tokenizer and the model; the checkpoint is read once, and its tokenizer fingerprint checked
     if isinstance(tokenizer, (str, os.PathLike)):
         if not os.path.isfile(os.path.join(tokenizer, "vocab.json")):
             raise FileNotFoundError(f"tokenizer folder {tokenizer} has no vocab.json")
@@ -1997,6 +2091,7 @@ def sample_from_checkpoint(checkpoint=None, prompt: str = "", *, pretrained: Opt
                                         "to it and the one it records); pass a tokenizer folder or prompt ids")
             tokenizer = tk.Tokenizer.load(tok_dir)
         model, _ = _model_from_checkpoint(ckpt, checkpoint, dev, tokenizer)
+    # 3. the prompt, checked against this model's vocabulary and cut to its context
     cfg = model.config
     eos = eos_id if eos_id is not None else (tokenizer.eot_id if tokenizer is not None else None)
     if eos is not None and not 0 <= eos < cfg.vocab_size:
@@ -2014,6 +2109,7 @@ def sample_from_checkpoint(checkpoint=None, prompt: str = "", *, pretrained: Opt
     ids, n_new, notes = fit_to_context(ids, max_new_tokens, cfg.context_length)
     for msg in notes:
         note(msg)
+    # 4. sample: num_samples copies of the prompt as one batch (one prefill, KV cache), seeded per run
     gen = torch.Generator(device=dev).manual_seed(seed)
     t0 = time.perf_counter()
     outs = generate(model, [ids] * num_samples, n_new, temperature=temperature, top_p=top_p, eos_id=eos,
@@ -2028,6 +2124,11 @@ def sample_from_checkpoint(checkpoint=None, prompt: str = "", *, pretrained: Opt
 
 # ===== Appendix: benchmarks =====
 # The speed peers and the side-by-side benchmarks behind the README's figures (`python model.py bench`).
+
+# The peer for the training-step benchmark: the same default architecture written with torch's own
+# layers (nn.Linear, F.rms_norm, F.scaled_dot_product_attention, F.silu), the way a user would write
+# it without this file. It shares our state-dict names, so the same weights load into both and the
+# benchmark compares equal models; our from-scratch version should cost no more than ~10% extra.
 
 class _TorchLayersBlock(nn.Module):
     """Default-switch block (pre-norm RMSNorm, RoPE, SwiGLU, full causal MHA) from nn.Linear, F.rms_norm,
@@ -2080,9 +2181,9 @@ class TorchLayersLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length)
 
-    def forward(self, token_ids):
+    def forward(self, token_ids):  # (B, T) -> (B, T, V), the same computation as TransformerLM.forward
         positions = torch.arange(token_ids.shape[1], device=token_ids.device)
-        x = self.token_embeddings(token_ids)
+        x = self.token_embeddings(token_ids)  # (B, T, d)
         for layer in self.layers:
             x = layer(x, self.rope, positions)
         return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.ln_final.weight, eps=1e-5))
@@ -2092,6 +2193,10 @@ def _row(what: str, command: str, shape: str, ours: str, peer: str, ratio: str) 
     # one markdown row: | stage | what | command | ours | peer | ratio | (the shape goes into "what")
     return f"| model | {what} ({shape}) | `{command}` | {ours} | {peer} | {ratio} |"
 
+
+# Timing: each candidate runs once per round, alternating (A B A B ...), and the median over rounds is
+# reported. On a shared machine load comes and goes; interleaving exposes both sides to the same load,
+# so the RATIO stays meaningful even when the absolute numbers drift.
 
 def _time_once(fn) -> float:
     t0 = time.perf_counter()
@@ -2109,6 +2214,11 @@ def _interleaved(fns: list, repeats: int) -> list[float]:
 
 
 def bench_kv(args) -> list[str]:
+    """KV-cache decoding against recomputing the whole sequence every step, same random model, greedy.
+
+    Both must produce the SAME tokens (checked), so the ratio is pure speed. Recompute does O(T) work per
+    new token (T = prompt + tokens so far), the cache O(1) positions plus attention over T cached keys;
+    the gap grows with the prompt length, hence the two prompt lengths."""
     rows = []
     for prompt_len in [int(p) for p in str(args.kv_prompt).split(",")]:
         torch.manual_seed(0)
@@ -2173,6 +2283,12 @@ def _quick_train(model: TransformerLM, data: np.ndarray, steps: int, batch: int,
 
 
 def bench_spec(args) -> list[str]:
+    """Speculative decoding against the target model decoding alone, greedy and sampled.
+
+    The pair must predict something real for drafts to be accepted, so (without checkpoints) a byte-level
+    target and a much smaller draft are first trained briefly on the same text. Greedy speculative output
+    must equal the target's greedy output token for token (checked); the sampled run's speed depends on
+    the acceptance rate, printed with it. The four runs are interleaved so machine load hits all alike."""
     torch.manual_seed(0)
     ctx = args.spec_prompt + args.spec_new_tokens
     if args.target_checkpoint:
@@ -2240,6 +2356,9 @@ def bench_spec(args) -> list[str]:
 
 
 def bench_train(args) -> list[str]:
+    """One training step (forward + backward) of our from-scratch model on the sdpa fast path against the
+    same architecture built from torch's layers (TorchLayersLM), with identical weights (the max logit
+    difference is printed, so the comparison is like for like). Ratio = our time / torch's time."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.train_seq, d_model=args.d_model,
                       num_layers=args.num_layers, num_heads=args.num_heads, attn_impl="sdpa")
@@ -2272,6 +2391,7 @@ def bench_train(args) -> list[str]:
 
 
 def cmd_bench(args) -> None:
+    """Run the chosen sections and print one markdown table of figures, each with its command."""
     torch.set_num_threads(args.threads) if args.threads else None
     rows = []
     sections = {"kv": bench_kv, "spec": bench_spec, "train": bench_train}
@@ -2288,6 +2408,11 @@ def cmd_bench(args) -> None:
 # ------------------------------------------------------------------------------------------------------
 # Command line: table, generate, bench
 # ------------------------------------------------------------------------------------------------------
+#     python model.py table                                    costs of GPT-2-sized configs
+#     python model.py generate --checkpoint runs/demo/ckpt.pt --prompt "Once upon a time"
+#     python model.py generate --pretrained gpt2 --prompt "The meaning of life is" --temperature 0
+#     python model.py bench --only kv                          one benchmark section
+# Usage errors are one line on stderr and exit status 2, found before any model is loaded.
 
 # GPT-2's four sizes (d_model, layers, heads) at its vocabulary and context, in our modern stack.
 GPT2_SIZES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
@@ -2299,6 +2424,9 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_table(args) -> None:
+    """`python model.py table`: for each GPT-2 size, parameters (total and non-embedding), forward and
+    training FLOPs per token with their split across attention, FFN and LM head, and the memory to train
+    it (weights + gradients + optimizer state, then activations for one batch)."""
     """Parameters, FLOPs per token and training memory for GPT-2-sized configs."""
     print(f"vocab {args.vocab_size}, context {args.context_length}, ffn {args.ffn}, batch {args.batch_size}, "
           f"{args.dtype_bytes}-byte numbers, optimizer {args.optimizer}, attention FLOPs "
@@ -2352,6 +2480,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The three subcommands. Defaults are chosen so each runs as written on a laptop CPU: `table` and
+    `bench` need nothing else; `generate` needs a checkpoint (from train.py) or --pretrained gpt2."""
     p = _OneLineParser(prog="model.py", description="ScratchLM stage 2: the Transformer LM. Print the accounting "
                        "table, generate from a checkpoint or pretrained GPT-2, or run the benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -2439,7 +2569,11 @@ _INT_MINIMUMS = {
 
 
 def _check_args(args) -> Optional[str]:
-    """The first problem with the parsed options, as one line naming the option, or None."""
+    """The first problem with the parsed options, as one line naming the option, or None.
+
+    Only checks that need no loading happen here (ranges, file existence, device availability); the rest
+    (an id beyond this checkpoint's vocabulary, a mismatched tokenizer) comes right after loading, still
+    before any generation, and main turns it into the same one-line error."""
     def opt(dest):
         return "-k" if dest == "k" else "--" + dest.replace("_", "-")
     for dest, low in _INT_MINIMUMS.items():
