@@ -541,19 +541,6 @@ def _line_key(line: str) -> int:
     return int.from_bytes(hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-def _check_dedup_io(input_files, output_directory) -> tuple[list[Path], Path]:
-    files = [Path(p) for p in input_files]
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing[:5])}")
-    names = [p.name for p in files]
-    if len(set(names)) != len(names):
-        raise ValueError("input files must have distinct names (each output is named after its input)")
-    out = Path(output_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    return files, out
-
-
 def count_lines(texts, counts: dict | None = None) -> dict:
     """Pass 1: {line hash: occurrences (capped at 2: we only need 'once' vs 'more')}."""
     counts = {} if counts is None else counts
@@ -750,12 +737,16 @@ def find(parent: list[int], i: int) -> int:
     return i
 
 
-def near_duplicate_clusters(shingle_sets: list, signatures: np.ndarray, num_bands: int,
+def near_duplicate_clusters(shingles_of, signatures: np.ndarray, num_bands: int,
                             jaccard_threshold: float) -> list[list[int]]:
-    """Clusters (lists of indices, size >= 2) of documents linked by candidate pairs with J >= threshold."""
-    parent = list(range(len(shingle_sets)))
+    """Clusters (lists of indices, size >= 2) of documents linked by candidate pairs with J >= threshold.
+    `shingles_of(i)` gives document i's shingle set; it is only called for documents in a candidate pair, so
+    a caller can build sets lazily (the pipeline keeps signatures, not shingles, for every document)."""
+    parent = list(range(len(signatures)))
+    # LSH is only a sieve: a band collision can happen at low J (probability 1 - (1 - J^r)^b), so every
+    # candidate pair is confirmed with the exact Jaccard before it links two documents.
     for i, j in sorted(lsh_candidate_pairs(signatures, num_bands)):
-        if jaccard(shingle_sets[i], shingle_sets[j]) >= jaccard_threshold:
+        if jaccard(shingles_of(i), shingles_of(j)) >= jaccard_threshold:
             parent[find(parent, i)] = find(parent, j)
     groups = {}
     for i in range(len(parent)):
@@ -778,7 +769,7 @@ def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: 
     a, b = minhash_permutations(num_hashes, seed)
     sigs = minhash_signatures(sets, a, b)
     drop = set()
-    for cluster in near_duplicate_clusters(sets, sigs, num_bands, jaccard_threshold):
+    for cluster in near_duplicate_clusters(sets.__getitem__, sigs, num_bands, jaccard_threshold):
         keep = choose_survivor([files[i].name for i in cluster], seed)
         drop.update(i for i in cluster if files[i].name != keep)
     for i, (p, t) in enumerate(zip(files, texts)):
@@ -931,23 +922,17 @@ def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[l
     order = sorted(range(len(docs)), key=lambda i: docs[i]["id"])  # a canonical order: sharding can't change it
     docs = [docs[i] for i in order]
     sig = np.concatenate(sigs)[order] if docs else np.zeros((0, cfg.num_hashes), np.uint32)
-    # Exact Jaccard only for documents in some candidate pair: their shingles are the only ones we build.
-    pairs = lsh_candidate_pairs(sig, cfg.num_bands)
-    involved = sorted({i for pr in pairs for i in pr})
-    sets = {i: shingles(docs[i]["text"], cfg.ngrams) for i in involved}
-    parent = list(range(len(docs)))
-    for i, j in sorted(pairs):
-        if jaccard(sets[i], sets[j]) >= cfg.jaccard_threshold:
-            parent[find(parent, i)] = find(parent, j)
-    groups = {}
-    for i in range(len(docs)):
-        groups.setdefault(find(parent, i), []).append(i)
-    keep_idx = []
-    for g in groups.values():
+    # Shingle sets are rebuilt (and cached) only for documents in some candidate pair: memory stays at the
+    # signatures, 4k bytes per document, plus the texts of this merge step.
+    cache = {}
+    shingles_of = lambda i: cache[i] if i in cache else cache.setdefault(i, shingles(docs[i]["text"], cfg.ngrams))
+    drop = set()
+    clusters = near_duplicate_clusters(shingles_of, sig, cfg.num_bands, cfg.jaccard_threshold)
+    for g in clusters:
         survivor = choose_survivor([docs[i]["id"] for i in g], cfg.seed)
-        keep_idx += [i for i in g if docs[i]["id"] == survivor]
-    kept = [docs[i] for i in sorted(keep_idx)]
-    stats = dict(near_duplicates=len(docs) - len(kept), candidate_pairs=len(pairs))
+        drop.update(i for i in g if docs[i]["id"] != survivor)
+    kept = [d for i, d in enumerate(docs) if i not in drop]
+    stats = dict(near_duplicates=len(drop), clusters=len(clusters))
     if cfg.line_dedup:
         counts = count_lines(d["text"] for d in kept)
         before, lines_before = len(kept), sum(d["text"].count("\n") for d in kept)
@@ -1022,162 +1007,6 @@ def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: i
     return report
 
 
-def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, seconds: float, stage_a: dict) -> dict:
-    """Per-filter counts and kept fractions (of the documents that reached each filter), plus timings."""
-    total = lambda key: sum((Counter(r[key]) for r in reports), Counter())
-    records = sum(r["records"] for r in reports)
-    dropped, skipped = total("dropped"), total("skipped")
-    reached, filters = records - sum(v for k, v in skipped.items() if k != "corrupt_record"), {}
-    reached -= sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)  # undecodable
-    for f in FILTERS:
-        filters[f] = dict(reached=reached, dropped=dropped.get(f, 0),
-                          kept_fraction=round(1 - dropped.get(f, 0) / reached, 4) if reached else None)
-        reached -= dropped.get(f, 0)
-    for name, n in (("near_dup", dedup["near_duplicates"]), ("line_dedup", dedup.get("emptied_by_line_dedup", 0))):
-        filters[name] = dict(reached=reached, dropped=n, kept_fraction=round(1 - n / reached, 4) if reached else None)
-        reached -= n
-    per_file = sum((Counter(r["seconds"]) for r in reports), Counter())
-    return dict(files=len(reports), records=records, skipped=dict(skipped), filters=filters, final_documents=final_docs,
-                pii_masked=dict(total("pii_masked")), dedup=dedup, tokens=tokens,
-                seconds=dict(per_file_cpu={k: round(v, 3) for k, v in per_file.items()}, wall=round(seconds, 3)),
-                resumed_files=stage_a["resumed"])
-
-
-# =====================================================================================================
-# 9. What filtering buys: the offline demo (`python data.py`)
-# =====================================================================================================
-# A synthetic crawl (`write_synthetic_crawl`, with the plumbing at the end of the file) whose every page has a known kind: clean stories in
-# boilerplate, clean pages with PII, other languages, keyword spam, short junk, toxic and NSFW pages, exact and
-# near duplicates, plus non-HTML, empty and corrupt records. Each filter is scored on its own against that truth
-# (precision = what it dropped that should go; recall = what should go that it dropped), then the pipeline
-# runs end to end, and two models with equal token budgets show what the filtered data is worth.
-
-
-def _pr(pred: list[bool], truth: list[bool]) -> dict:
-    tp = sum(p and t for p, t in zip(pred, truth))
-    return dict(precision=tp / max(sum(pred), 1), recall=tp / max(sum(truth), 1), flagged=sum(pred), truth=sum(truth))
-
-
-def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
-    """Precision/recall of every filter, each applied to every page (not only to what earlier filters left)."""
-    texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in pages]
-    kinds = [p["kind"] for p in pages]
-    res = {}
-    lang = [identify_language(t) for t in texts]
-    res["language"] = _pr([l not in cfg.languages or s < cfg.min_lang_score for l, s in lang], [k == "foreign" for k in kinds])
-    res["nsfw"] = _pr([classify_nsfw(t)[0] == "nsfw" for t in texts], [k == "nsfw" for k in kinds])
-    res["toxic"] = _pr([classify_toxic_speech(t)[0] == "toxic" for t in texts], [k == "toxic" for k in kinds])
-    for name, rep in (("gopher", False), ("gopher+rep", True)):
-        res[name] = _pr([not gopher_quality_filter(t, repetition=rep) for t in texts], [k in ("spam", "short") for k in kinds])
-    if _QUALITY_MODEL is not None:
-        res["quality"] = _pr([classify_quality(t)[0] == "cc" for t in texts], [k in ("spam", "short") for k in kinds])
-    # PII: an inserted string counts as found if it is gone after masking; every other mask is a false alarm.
-    tp = fp = n_true = 0
-    for t, p in zip(texts, pages):
-        masked, n = t, 0
-        for fn in (mask_emails, mask_phone_numbers, mask_ips):
-            masked, c = fn(masked)
-            n += c
-        found = sum(s not in masked for s in p.get("pii", []))
-        tp, fp, n_true = tp + found, fp + max(n - found, 0), n_true + len(p.get("pii", []))
-    res["pii"] = dict(precision=tp / max(tp + fp, 1), recall=tp / max(n_true, 1), flagged=tp + fp, truth=n_true)
-    # Near duplicates: pairs of pages in one predicted cluster vs pairs with the same true source.
-    idx = [i for i, k in enumerate(kinds) if k in ("clean", "pii", "dup")]
-    sets = [shingles(texts[i], cfg.ngrams) for i in idx]
-    a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
-    clusters = near_duplicate_clusters(sets, minhash_signatures(sets, a, b), cfg.num_bands, cfg.jaccard_threshold)
-    pred_pairs = {(idx[x], idx[y]) for c in clusters for x in c for y in c if idx[x] < idx[y]}
-    src = {}
-    for i in idx:
-        src.setdefault(pages[i].get("source", i), []).append(i)
-    true_pairs = {(x, y) for g in src.values() for x in g for y in g if x < y}
-    tp = len(pred_pairs & true_pairs)
-    res["near_dup"] = dict(precision=tp / max(len(pred_pairs), 1), recall=tp / max(len(true_pairs), 1),
-                           flagged=len(pred_pairs), truth=len(true_pairs))
-    # Line dedup: which lines go (occur more than once in the corpus) vs which are boilerplate.
-    originals = [i for i in idx if kinds[i] != "dup"]  # as in `run`: documents are deduplicated first
-    counts = count_lines(texts[i] for i in originals)
-    lines = [l for i in originals for l in texts[i].splitlines() if l.strip()]
-    res["line_dedup"] = _pr([counts.get(_line_key(l), 0) > 1 for l in lines], [l.strip() in BOILERPLATE_LINES for l in lines])
-    return res
-
-
-def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, work: str, steps: int,
-                          log=print) -> dict:
-    """Two identical small models, same tokenizer, same number of training tokens; bpb on clean held-out text."""
-    import torch
-    os.makedirs(work, exist_ok=True)
-    tok_dir = os.path.join(work, "tokenizer")
-    if not os.path.exists(os.path.join(tok_dir, "vocab.json")):
-        tok_path = os.path.join(work, "tokenizer-text.txt")
-        atomic_write_text(tok_path, clean_val[: len(clean_val) // 2])  # a neutral tokenizer: clean text, not eval
-        vocab, merges = tk.train_bpe(tok_path, 512, [EOT], num_workers=1, progress=False)
-        tk.Tokenizer(vocab, merges, [EOT]).save(tok_dir)
-    tok = tk.Tokenizer.load(tok_dir)
-    val_docs = clean_val[len(clean_val) // 2:].split(EOT)
-    paths = {}
-    for name, text in (("raw", raw_text), ("filtered", filtered_text), ("val", EOT.join(val_docs))):
-        paths[name] = os.path.join(work, f"{name}.bin")
-        with atomic_open(paths[name], "wb") as f:
-            f.write(encode_documents([d for d in text.split(EOT) if d.strip()], tok).tobytes())
-    results = {}
-    for name in ("raw", "filtered"):
-        torch.manual_seed(0)
-        cfg = T.TrainConfig(preset="data-demo", context_length=128, d_model=64, num_layers=2, num_heads=4,
-                            batch_size=16, max_steps=steps, warmup_iters=20, eval_interval=10 ** 9,
-                            ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
-                            final_eval_tokens=65_536, out_dir=os.path.join(work, f"run-{name}"), device="cpu")
-        data = T.PreparedData(train_path=paths[name], val_path=paths["val"], tokenizer=tok,
-                              dtype=np.dtype(tk.token_dtype(tok.vocab_size)).name, entropy_floor_bpb=None,
-                              source=name, cache_dir=work)
-        summary = T.train(cfg, data, log=lambda *a, **k: None)
-        results[name] = dict(bpb=summary["val"]["bpb"], train_tokens=summary["tokens"],
-                             corpus_tokens=int(os.path.getsize(paths[name]) // np.dtype(data.dtype).itemsize))
-        log(f"  {name:8s}: {results[name]['corpus_tokens']:>9,} tokens of text, trained on {summary['tokens']:,} "
-            f"-> val bpb {results[name]['bpb']:.4f}")
-    return results
-
-
-def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300, workers: int = 2, log=print) -> dict:
-    """The offline default: synthetic crawl -> filters scored -> pipeline -> raw vs filtered models."""
-    t0 = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
-    cfg = PipelineConfig()
-    crawl = os.path.join(out, "crawl")
-    truth = write_synthetic_crawl(crawl, pages=pages, files=4, seed=0)
-    log(f"synthetic crawl: {len(truth['pages'])} pages in {len(truth['files'])} WARC files "
-        f"({Counter(p['kind'] for p in truth['pages'])}) [{time.perf_counter() - t0:.1f}s]")
-    # The quality classifier's training data is a second, independent crawl: positives = clean pages.
-    train_pages = write_synthetic_crawl(os.path.join(out, "quality-train"), pages=400, files=1, seed=1)["pages"]
-    qtexts = [(extract_text_from_html_bytes(p["html"].encode()) or "", p["kind"]) for p in train_pages]
-    set_quality_model(train_quality_model([t for t, k in qtexts if k in ("clean", "pii")],
-                                          [t for t, k in qtexts if k in ("spam", "short")]))
-    qpath = os.path.join(out, "quality.npz")
-    _QUALITY_MODEL.save(qpath)
-    cfg.quality_model = qpath
-    log("\nevery filter on every page, against the truth:")
-    log(f"  {'filter':10s} {'precision':>9s} {'recall':>7s} {'flagged':>8s} {'truth':>6s}")
-    scores = score_filters(truth["pages"], cfg)
-    for name, s in scores.items():
-        log(f"  {name:10s} {s['precision']:9.3f} {s['recall']:7.3f} {s['flagged']:8d} {s['truth']:6d}")
-    run_dir = os.path.join(out, "run")
-    report = run_pipeline(truth["files"], run_dir, cfg, workers=workers, vocab_size=512, progress=False)
-    log(f"\npipeline ({workers} workers, {report['seconds']['wall']:.1f}s): {report['records']} records, skipped "
-        f"{report['skipped']}, {report['final_documents']} documents kept, {report['tokens']['tokens']:,} tokens")
-    for name, f in report["filters"].items():
-        log(f"  {name:10s} dropped {f['dropped']:5d} of {f['reached']:5d} (kept {f['kept_fraction']})")
-    raw = EOT.join(t for p in truth["pages"] if (t := extract_text_from_html_bytes(p["html"].encode())))
-    filtered = open(os.path.join(run_dir, "text.txt"), encoding="utf-8").read()
-    corpus = T.SyntheticCorpus(seed=7)
-    clean_val = EOT.join(t for t, _ in corpus.stories(1500, start_seed_offset=99))
-    log(f"\ntwo models (d_model 64, 2 layers), {steps} steps x 16 x 128 tokens each, bpb on held-out clean stories:")
-    models = train_raw_vs_filtered(raw, filtered, clean_val, os.path.join(out, "models"), steps, log=log)
-    gain = models["raw"]["bpb"] - models["filtered"]["bpb"]
-    log(f"filtering buys {gain:+.4f} bits per byte ({100 * gain / models['raw']['bpb']:+.1f}%) "
-        f"[total {time.perf_counter() - t0:.0f}s]")
-    result = dict(filters=scores, pipeline=report, models=models, seconds=time.perf_counter() - t0)
-    atomic_write_json(os.path.join(out, "demo.json"), result)
-    return result
 
 
 # ===== Appendix: plumbing =====
@@ -1318,6 +1147,40 @@ def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: 
     return dict(files=paths, pages=out)
 
 
+def _check_dedup_io(input_files, output_directory) -> tuple[list[Path], Path]:
+    files = [Path(p) for p in input_files]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing[:5])}")
+    names = [p.name for p in files]
+    if len(set(names)) != len(names):
+        raise ValueError("input files must have distinct names (each output is named after its input)")
+    out = Path(output_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    return files, out
+
+
+def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, seconds: float, stage_a: dict) -> dict:
+    """Per-filter counts and kept fractions (of the documents that reached each filter), plus timings."""
+    total = lambda key: sum((Counter(r[key]) for r in reports), Counter())
+    records = sum(r["records"] for r in reports)
+    dropped, skipped = total("dropped"), total("skipped")
+    reached, filters = records - sum(v for k, v in skipped.items() if k != "corrupt_record"), {}
+    reached -= sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)  # undecodable
+    for f in FILTERS:
+        filters[f] = dict(reached=reached, dropped=dropped.get(f, 0),
+                          kept_fraction=round(1 - dropped.get(f, 0) / reached, 4) if reached else None)
+        reached -= dropped.get(f, 0)
+    for name, n in (("near_dup", dedup["near_duplicates"]), ("line_dedup", dedup.get("emptied_by_line_dedup", 0))):
+        filters[name] = dict(reached=reached, dropped=n, kept_fraction=round(1 - n / reached, 4) if reached else None)
+        reached -= n
+    per_file = sum((Counter(r["seconds"]) for r in reports), Counter())
+    return dict(files=len(reports), records=records, skipped=dict(skipped), filters=filters, final_documents=final_docs,
+                pii_masked=dict(total("pii_masked")), dedup=dedup, tokens=tokens,
+                seconds=dict(per_file_cpu={k: round(v, 3) for k, v in per_file.items()}, wall=round(seconds, 3)),
+                resumed_files=stage_a["resumed"])
+
+
 def resolve_inputs(patterns: list[str]) -> list[str]:
     """Expand globs; a pattern that matches nothing or a file that cannot be opened is an error before work."""
     files = []
@@ -1415,6 +1278,142 @@ def inspect_run(out: str, n: int = 3, seed: int | None = None, width: int = 300)
 # `python data.py bench`: MinHash against datasketch (the peer) on the same shingle sets, interleaved so
 # machine load cancels in the ratio; documents per second per core for each filter; peak RSS of the pipeline
 # on 1x and 4x input (each in a fresh process).
+
+
+# ---- What filtering buys: the offline demo (`python data.py`) ----------------------------------------
+# A synthetic crawl (`write_synthetic_crawl`, with the plumbing at the end of the file) whose every page has a known kind: clean stories in
+# boilerplate, clean pages with PII, other languages, keyword spam, short junk, toxic and NSFW pages, exact and
+# near duplicates, plus non-HTML, empty and corrupt records. Each filter is scored on its own against that truth
+# (precision = what it dropped that should go; recall = what should go that it dropped), then the pipeline
+# runs end to end, and two models with equal token budgets show what the filtered data is worth.
+
+
+def _pr(pred: list[bool], truth: list[bool]) -> dict:
+    tp = sum(p and t for p, t in zip(pred, truth))
+    return dict(precision=tp / max(sum(pred), 1), recall=tp / max(sum(truth), 1), flagged=sum(pred), truth=sum(truth))
+
+
+def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
+    """Precision/recall of every filter, each applied to every page (not only to what earlier filters left)."""
+    texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in pages]
+    kinds = [p["kind"] for p in pages]
+    res = {}
+    lang = [identify_language(t) for t in texts]
+    res["language"] = _pr([l not in cfg.languages or s < cfg.min_lang_score for l, s in lang], [k == "foreign" for k in kinds])
+    res["nsfw"] = _pr([classify_nsfw(t)[0] == "nsfw" for t in texts], [k == "nsfw" for k in kinds])
+    res["toxic"] = _pr([classify_toxic_speech(t)[0] == "toxic" for t in texts], [k == "toxic" for k in kinds])
+    for name, rep in (("gopher", False), ("gopher+rep", True)):
+        res[name] = _pr([not gopher_quality_filter(t, repetition=rep) for t in texts], [k in ("spam", "short") for k in kinds])
+    if _QUALITY_MODEL is not None:
+        res["quality"] = _pr([classify_quality(t)[0] == "cc" for t in texts], [k in ("spam", "short") for k in kinds])
+    # PII: an inserted string counts as found if it is gone after masking; every other mask is a false alarm.
+    tp = fp = n_true = 0
+    for t, p in zip(texts, pages):
+        masked, n = t, 0
+        for fn in (mask_emails, mask_phone_numbers, mask_ips):
+            masked, c = fn(masked)
+            n += c
+        found = sum(s not in masked for s in p.get("pii", []))
+        tp, fp, n_true = tp + found, fp + max(n - found, 0), n_true + len(p.get("pii", []))
+    res["pii"] = dict(precision=tp / max(tp + fp, 1), recall=tp / max(n_true, 1), flagged=tp + fp, truth=n_true)
+    # Near duplicates: pairs of pages in one predicted cluster vs pairs with the same true source.
+    idx = [i for i, k in enumerate(kinds) if k in ("clean", "pii", "dup")]
+    sets = [shingles(texts[i], cfg.ngrams) for i in idx]
+    a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
+    clusters = near_duplicate_clusters(sets.__getitem__, minhash_signatures(sets, a, b), cfg.num_bands,
+                                       cfg.jaccard_threshold)
+    pred_pairs = {(idx[x], idx[y]) for c in clusters for x in c for y in c if idx[x] < idx[y]}
+    src = {}
+    for i in idx:
+        src.setdefault(pages[i].get("source", i), []).append(i)
+    true_pairs = {(x, y) for g in src.values() for x in g for y in g if x < y}
+    tp = len(pred_pairs & true_pairs)
+    res["near_dup"] = dict(precision=tp / max(len(pred_pairs), 1), recall=tp / max(len(true_pairs), 1),
+                           flagged=len(pred_pairs), truth=len(true_pairs))
+    # Line dedup: which lines go (occur more than once in the corpus) vs which are boilerplate.
+    originals = [i for i in idx if kinds[i] != "dup"]  # as in `run`: documents are deduplicated first
+    counts = count_lines(texts[i] for i in originals)
+    lines = [l for i in originals for l in texts[i].splitlines() if l.strip()]
+    res["line_dedup"] = _pr([counts.get(_line_key(l), 0) > 1 for l in lines], [l.strip() in BOILERPLATE_LINES for l in lines])
+    return res
+
+
+def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, work: str, steps: int,
+                          log=print) -> dict:
+    """Two identical small models, same tokenizer, same number of training tokens; bpb on clean held-out text."""
+    import torch
+    os.makedirs(work, exist_ok=True)
+    tok_dir = os.path.join(work, "tokenizer")
+    if not os.path.exists(os.path.join(tok_dir, "vocab.json")):
+        tok_path = os.path.join(work, "tokenizer-text.txt")
+        atomic_write_text(tok_path, clean_val[: len(clean_val) // 2])  # a neutral tokenizer: clean text, not eval
+        vocab, merges = tk.train_bpe(tok_path, 512, [EOT], num_workers=1, progress=False)
+        tk.Tokenizer(vocab, merges, [EOT]).save(tok_dir)
+    tok = tk.Tokenizer.load(tok_dir)
+    val_docs = clean_val[len(clean_val) // 2:].split(EOT)
+    paths = {}
+    for name, text in (("raw", raw_text), ("filtered", filtered_text), ("val", EOT.join(val_docs))):
+        paths[name] = os.path.join(work, f"{name}.bin")
+        with atomic_open(paths[name], "wb") as f:
+            f.write(encode_documents([d for d in text.split(EOT) if d.strip()], tok).tobytes())
+    results = {}
+    for name in ("raw", "filtered"):
+        torch.manual_seed(0)
+        cfg = T.TrainConfig(preset="data-demo", context_length=128, d_model=64, num_layers=2, num_heads=4,
+                            batch_size=16, max_steps=steps, warmup_iters=20, eval_interval=10 ** 9,
+                            ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
+                            final_eval_tokens=65_536, out_dir=os.path.join(work, f"run-{name}"), device="cpu")
+        data = T.PreparedData(train_path=paths[name], val_path=paths["val"], tokenizer=tok,
+                              dtype=np.dtype(tk.token_dtype(tok.vocab_size)).name, entropy_floor_bpb=None,
+                              source=name, cache_dir=work)
+        summary = T.train(cfg, data, log=lambda *a, **k: None)
+        results[name] = dict(bpb=summary["val"]["bpb"], train_tokens=summary["tokens"],
+                             corpus_tokens=int(os.path.getsize(paths[name]) // np.dtype(data.dtype).itemsize))
+        log(f"  {name:8s}: {results[name]['corpus_tokens']:>9,} tokens of text, trained on {summary['tokens']:,} "
+            f"-> val bpb {results[name]['bpb']:.4f}")
+    return results
+
+
+def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300, workers: int = 2, log=print) -> dict:
+    """The offline default: synthetic crawl -> filters scored -> pipeline -> raw vs filtered models."""
+    t0 = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    cfg = PipelineConfig()
+    crawl = os.path.join(out, "crawl")
+    truth = write_synthetic_crawl(crawl, pages=pages, files=4, seed=0)
+    log(f"synthetic crawl: {len(truth['pages'])} pages in {len(truth['files'])} WARC files "
+        f"({Counter(p['kind'] for p in truth['pages'])}) [{time.perf_counter() - t0:.1f}s]")
+    # The quality classifier's training data is a second, independent crawl: positives = clean pages.
+    train_pages = write_synthetic_crawl(os.path.join(out, "quality-train"), pages=400, files=1, seed=1)["pages"]
+    qtexts = [(extract_text_from_html_bytes(p["html"].encode()) or "", p["kind"]) for p in train_pages]
+    set_quality_model(train_quality_model([t for t, k in qtexts if k in ("clean", "pii")],
+                                          [t for t, k in qtexts if k in ("spam", "short")]))
+    qpath = os.path.join(out, "quality.npz")
+    _QUALITY_MODEL.save(qpath)
+    cfg.quality_model = qpath
+    log("\nevery filter on every page, against the truth:")
+    log(f"  {'filter':10s} {'precision':>9s} {'recall':>7s} {'flagged':>8s} {'truth':>6s}")
+    scores = score_filters(truth["pages"], cfg)
+    for name, s in scores.items():
+        log(f"  {name:10s} {s['precision']:9.3f} {s['recall']:7.3f} {s['flagged']:8d} {s['truth']:6d}")
+    run_dir = os.path.join(out, "run")
+    report = run_pipeline(truth["files"], run_dir, cfg, workers=workers, vocab_size=512, progress=False)
+    log(f"\npipeline ({workers} workers, {report['seconds']['wall']:.1f}s): {report['records']} records, skipped "
+        f"{report['skipped']}, {report['final_documents']} documents kept, {report['tokens']['tokens']:,} tokens")
+    for name, f in report["filters"].items():
+        log(f"  {name:10s} dropped {f['dropped']:5d} of {f['reached']:5d} (kept {f['kept_fraction']})")
+    raw = EOT.join(t for p in truth["pages"] if (t := extract_text_from_html_bytes(p["html"].encode())))
+    filtered = open(os.path.join(run_dir, "text.txt"), encoding="utf-8").read()
+    corpus = T.SyntheticCorpus(seed=7)
+    clean_val = EOT.join(t for t, _ in corpus.stories(1500, start_seed_offset=99))
+    log(f"\ntwo models (d_model 64, 2 layers), {steps} steps x 16 x 128 tokens each, bpb on held-out clean stories:")
+    models = train_raw_vs_filtered(raw, filtered, clean_val, os.path.join(out, "models"), steps, log=log)
+    gain = models["raw"]["bpb"] - models["filtered"]["bpb"]
+    log(f"filtering buys {gain:+.4f} bits per byte ({100 * gain / models['raw']['bpb']:+.1f}%) "
+        f"[total {time.perf_counter() - t0:.0f}s]")
+    result = dict(filters=scores, pipeline=report, models=models, seconds=time.perf_counter() - t0)
+    atomic_write_json(os.path.join(out, "demo.json"), result)
+    return result
 
 
 def bench_minhash(sets: list, num_hashes: int = 128, seed: int = 1, reps: int = 3) -> dict:
