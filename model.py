@@ -414,6 +414,8 @@ class RotaryPositionalEmbedding(nn.Module):
         if d_k % 2 != 0:
             raise ValueError(f"RoPE needs an even d_k, got {d_k}")
         self.theta, self.d_k, self.max_seq_len = theta, d_k, max_seq_len
+        # pair j turns by theta^(-2j/d_k) radians per position: 1 rad for j = 0 down to ~1/theta for the
+        # last pair (a wavelength of ~2 pi theta tokens); tables are built in float64, then stored float32
         inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=torch.float64) / d_k)  # (d_k/2,)
         angles = torch.arange(max_seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq  # (T, d_k/2)
         cos, sin = angles.cos(), angles.sin()
@@ -435,6 +437,7 @@ class RotaryPositionalEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
         # x: (..., T, d_k); token_positions: (..., T) broadcastable to x's leading dims.
+        # Worked example, d_k = 2, position 1, theta 10000: angle 1 rad, so (1, 0) -> (cos 1, sin 1).
         cos, sin = self.tables(token_positions, x.dtype)                 # (..., T, d_k)
         swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)          # (x1, x0, x3, x2, ...)
         return x * cos + swapped * sin
@@ -473,6 +476,7 @@ def causal_window_mask(Tq: int, Tk: int, window: Optional[int], device=None) -> 
     """(Tq, Tk) bool, True = may attend. Queries are the LAST Tq of the Tk positions (so with a KV cache
     query i sits at absolute position Tk - Tq + i). Causal: key j <= query position; sliding window W:
     additionally query_pos - j < W (W keys including itself)."""
+    # e.g. Tq = Tk = 3, no window: [[1,0,0], [1,1,0], [1,1,1]] -- the lower triangle
     q_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(Tk, device=device)[None, :]           # (1, Tk)
     mask = k_pos <= q_pos
@@ -582,6 +586,9 @@ class MultiHeadSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
                 layer_idx: int = 0) -> torch.Tensor:
+        """x (..., T, d) -> (..., T, d). token_positions: (T,) or per-row (B, 1, T) for RoPE; attn_mask:
+        an explicit (B, 1, T, Tk) mask (padding / rolling cache) instead of the plain causal one;
+        kv_cache + layer_idx: append this chunk's keys/values and attend to everything cached."""
         lead, T = x.shape[:-2], x.shape[-2]
         x = x.reshape(-1, T, self.d_model)  # (B, T, d): any leading dims folded into one batch dim
         B, H, Hkv, dh = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -637,12 +644,15 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x_flat: torch.Tensor):
         """(N, d) -> router probs (N, E) float32, gates (N, k) float32, expert ids (N, k)."""
+        # the router in float32: small differences between experts' scores decide the routing
         probs = softmax(self.router(x_flat).float(), dim=-1)
-        top_probs, top_idx = probs.topk(self.top_k, dim=-1)
+        top_probs, top_idx = probs.topk(self.top_k, dim=-1)  # (N, k) each
         gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_probs
         return probs, gates, top_idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d): route, record the balancing loss in self.aux_loss, run each expert on
+        its tokens only, and sum the gate-weighted results back per token."""
         shape = x.shape
         x_flat = x.reshape(-1, shape[-1])  # (N, d) with N = B * T: routing is per token, batch order is moot
         N, E, k = x_flat.shape[0], self.num_experts, self.top_k
@@ -742,11 +752,15 @@ class TransformerLM(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
                  d_ff: Optional[int] = None, rope_theta: float = 10000.0, *, device=None, dtype=None,
                  **switches):
+        """The CS336 constructor; `switches` are any other ModelConfig fields (norm="layernorm", ...)."""
         super().__init__()
         cfg = ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
                           num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, **switches)
         self.config = cfg
         self.validate_inputs = True
+        # Init: embeddings N(0, 1) (CS336), linear layers Glorot-normal; no depth-dependent rescaling of
+        # the residual projections (GPT-2 scales them by 1/sqrt(2L)), which pre-norm tolerates at the
+        # depths this project trains.
         self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
         # Absolute positions are ADDED to the token embeddings: a fixed sin/cos table (a buffer, not saved)
         # or a learned table (GPT-2's wpe, a parameter). RoPE and NoPE add nothing here.
@@ -776,6 +790,7 @@ class TransformerLM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> "TransformerLM":
+        """Build from a ModelConfig (or its to_dict() form, e.g. read from a checkpoint)."""
         if isinstance(cfg, dict):
             cfg = ModelConfig.from_dict(cfg)
         d = cfg.to_dict()
@@ -915,6 +930,7 @@ def mean_attended_keys(seq_len: int, window: Optional[int], causal_average: bool
     Kaplan et al. / PaLM's MFU formula, and what a kernel that computes then masks the full matrix does."""
     if not causal_average:
         return float(seq_len if window is None else min(window, seq_len))
+    # e.g. T = 4, full: (1 + 2 + 3 + 4) / 4 = 2.5 keys; window 2: (1 + 2 + 2 + 2) / 4 = 1.75 keys
     w = seq_len if window is None else window
     return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
 
@@ -983,6 +999,8 @@ def memory_estimate(config: ModelConfig, batch_size: int, optimizer: str = "adam
     """Bytes needed to train: parameters, gradients, optimizer state and activations for one batch of
     batch_size x seq_len (default context_length) tokens, all stored in dtype_bytes per element.
     AdamW keeps two moments per parameter (2P); Muon/SGD-momentum one; plain SGD none."""
+    # e.g. GPT-2 small (124M) in fp32 with AdamW: 124M * 4 bytes * (1 weights + 1 grads + 2 moments)
+    # ~ 2 GB before any activation -- which then grow with batch x sequence length and usually dominate.
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZER_STATES)}")
     if batch_size <= 0:
@@ -1017,6 +1035,7 @@ def slot_attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad_lens: 
     in the future, and inside the window. Each query also sees its own slot, so rows of padding attend
     to themselves instead of to nothing (which would make softmax NaN); nobody ever reads their output."""
     qs, ks = q_slots[:, None], k_slots[None, :]  # (Tq, 1), (1, Tk)
+    # e.g. rows [[5, 6, 7], [pad, pad, 8]] (pad_lens [0, 2]): row 1's query at slot 2 sees only slot 2
     allowed = (ks >= 0) & (ks <= qs)
     if window is not None:
         allowed = allowed & (qs - ks < window)
@@ -1046,6 +1065,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, pad_lens: Optional[torch.Tensor] = None,
                  slack: int = 0, device=None, dtype=torch.float32):
+        """Room for max_len slots of batch_size rows (pad_lens: each row's left padding, or None);
+        dtype should match the model's so cached keys need no conversion per step."""
         self.window = config.window
         # memory: 2 (k and v) * L * B * Hkv * capacity * dh numbers, e.g. GPT-2 small at 1024 tokens in
         # fp32: 2 * 12 * 1 * 12 * 1024 * 64 * 4 bytes = 75 MB per sequence; GQA with Hkv = H/4 cuts it 4x
@@ -1062,6 +1083,10 @@ class KVCache:
 
     def begin(self, n: int):
         """Plan the writes for a chunk of n new tokens; return (positions (B, n) or (n,), mask or None)."""
+        # Three ways a chunk can go in: "contiguous" (the common case: append after what is cached),
+        # "ring" (a sliding-window buffer that has filled: overwrite the oldest entries, which no query
+        # can see any more), and "concat" (a chunk longer than the ring's spare room: attend to
+        # [buffer, chunk] for this forward, then keep only the chunk's last entries).
         device = self.slot_of.device
         start, cap, W = self.length, self.capacity, self.window
         new_slots = torch.arange(start, start + n, device=device)
@@ -1120,6 +1145,8 @@ class KVCache:
         """Forget every slot >= length (speculative decoding's rollback of rejected draft tokens)."""
         if length > self.length:
             raise ValueError(f"cannot truncate a KV cache of length {self.length} to {length}")
+        # only the bookkeeping changes: the stale keys stay in the buffer, masked out (slot -1) until
+        # the next tokens overwrite their entries, so a rollback costs nothing
         self.slot_of[self.slot_of >= length] = -1
         self.length = length
 
@@ -1146,7 +1173,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
     """The distribution we actually sample from: softmax(logits / T), nucleus-filtered. temperature == 0
     means greedy, returned as a one-hot distribution (so speculative decoding needs no special case)."""
-    logits = logits.float()
+    logits = logits.float()  # sampling in float32: bf16 logits would round small probabilities to 0
     if temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     return top_p_filter(softmax(logits / temperature, dim=-1), top_p)
@@ -1155,6 +1182,8 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float
 def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One draw per row by inverse-CDF: the first index whose cumulative probability exceeds u ~ U[0,1).
     (B, V) -> (B,)."""
+    # e.g. probs (0.1, 0.6, 0.3): cdf (0.1, 0.7, 1.0); u = 0.5 lands in (0.1, 0.7] -> token 1, which
+    # happens for 60% of u. Scaling u by the last cdf entry tolerates rows that sum to 1 only roughly.
     u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device)
     cdf = probs.cumsum(dim=-1)
     idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
@@ -1289,6 +1318,11 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt_ids
 
 
 def _speculative_one(target, draft, prompt, max_new_tokens, k, temperature, top_p, eos_id, generator, stats):
+    """One prompt's speculative loop. Each round: the draft proposes k tokens one at a time (k cheap
+    passes, extending its own cache); the target scores [last committed token, d_1..d_k] in ONE pass,
+    giving k + 1 next-token distributions; speculative_accept keeps an accepted prefix plus one token of
+    its own; both caches are truncated back to the committed sequence. E.g. k = 4 with drafts
+    accepted 2 times out of 4 emits 3 tokens for one target pass."""
     device, t_dtype = _model_device_dtype(target)
     _, d_dtype = _model_device_dtype(draft)
     total = len(prompt) + max_new_tokens
@@ -1304,7 +1338,8 @@ def _speculative_one(target, draft, prompt, max_new_tokens, k, temperature, top_
         stats["target_prefills"] += 1
     while len(out) < max_new_tokens:
         k_eff = min(k, max_new_tokens - len(out) - 1)  # never draft past the budget
-        drafts, q_rows = [], []
+        drafts, q_rows = [], []  # proposed tokens and the draft distributions they were drawn from
+        # the draft catches up on committed tokens it has not cached yet, then extends by its own guesses
         for _ in range(k_eff):
             feed = torch.tensor([seq[d_cache.length:] + drafts[-1:] if drafts else seq[d_cache.length:]],
                                 device=device)
@@ -1354,6 +1389,7 @@ class StateDictMismatchError(ValueError, RuntimeError):
 
 
 def _strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """The same state dict with wrapper prefixes removed, so any saved form loads into a bare model."""
     # torch.compile saves "_orig_mod.<name>", DistributedDataParallel "module.<name>": the same weights
     out = {}
     for key, value in state_dict.items():
@@ -1513,6 +1549,7 @@ def _validate_config(cfg: "ModelConfig") -> None:
 
 
 def _check_config_dict(cls, d) -> None:
+    """ModelConfig.from_dict's checks: a dict, no unknown keys (typos like n_layer), no missing sizes."""
     if not isinstance(d, dict):
         raise ValueError(f"ModelConfig.from_dict expects a dict, got {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -1550,6 +1587,7 @@ def _check_positions(model: "TransformerLM", T: int, token_positions: Optional[t
 
 
 def _check_sampling_args(temperature: float, top_p: float, max_new_tokens: int):
+    """generate()'s argument ranges: temperature finite and >= 0, top_p in (0, 1], max_new_tokens >= 0."""
     # `not (x >= 0)` also rejects NaN, whose comparisons are all False
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
@@ -1586,6 +1624,10 @@ def _model_device_dtype(model: nn.Module):
 # ------------------------------------------------------------------------------------------------------
 # Random training windows: how a language model sees a token stream
 # ------------------------------------------------------------------------------------------------------
+# A corpus is one long array of token ids. Training draws windows at random offsets rather than walking
+# it in order: consecutive batches are then independent samples (an unbiased gradient estimate), any
+# amount of data can be used for any number of steps, and a window never has to align with a document
+# (the <|endoftext|> tokens inside it teach the model where documents end).
 
 def sample_windows(tokens, batch_size: int, context_length: int, rng: np.random.Generator):
     """`batch_size` windows of a 1-D token array (ndarray or np.memmap) at uniformly random starts.
@@ -1731,6 +1773,8 @@ def read_checkpoint(path) -> dict:
     that wants to run code, or a file that is not a ScratchLM checkpoint (ValueError). `path` may also
     be a binary file object.
     """
+    # cheap checks on the path first: torch.load's own errors for these are cryptic (an IndexError from
+    # an empty file's message, "failed finding central directory" for a truncated zip)
     if isinstance(path, (str, os.PathLike)):
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -1750,6 +1794,8 @@ def read_checkpoint(path) -> dict:
         first = (detail.splitlines() or [""])[0][:200]
         raise ValueError(f"checkpoint {path} is corrupt or not a ScratchLM checkpoint "
                          f"({type(e).__name__}{': ' + first if first else ''})") from None
+    # a checkpoint without "format" is accepted (the course's save_checkpoint writes model / optimizer /
+    # iteration only); one with another format is not, since its layout may differ
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"checkpoint {path} is not a ScratchLM checkpoint (no 'model' state dict in it)")
     if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
@@ -1759,6 +1805,7 @@ def read_checkpoint(path) -> dict:
 
 
 def _checkpoint_model_config(ckpt: dict, path) -> ModelConfig:
+    """The ModelConfig a checkpoint was trained with, wherever its writer stored it."""
     # train.py stores "model_config"; the course's layout nests it as config["model"], or config is it
     cfg = ckpt.get("model_config")
     if cfg is None and isinstance(ckpt.get("config"), dict):
@@ -1788,6 +1835,7 @@ def load_checkpoint_model(path, device="cpu", tokenizer=None) -> tuple[Transform
 
 
 def _model_from_checkpoint(ckpt: dict, path, dev, tokenizer=None) -> tuple[TransformerLM, dict]:
+    """load_checkpoint_model for a checkpoint dict already read (sample_from_checkpoint reads it once)."""
     cfg = _checkpoint_model_config(ckpt, path)
     if tokenizer is not None:
         check_tokenizer_matches(ckpt, tokenizer, path)
@@ -1830,6 +1878,7 @@ def read_safetensors(path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        # a header must at least hold "{}" and fit the file; random bytes give absurd lengths here
         if n < 2 or n > size - 8:
             raise ValueError(f"{path} is not a safetensors file (header length {n} does not fit a {size}-byte file)")
         try:
@@ -1883,6 +1932,9 @@ def gpt2_config_from_hf(hf: dict, vocab_size: Optional[int] = None) -> ModelConf
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
         raise ValueError("GPT-2 configs with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not "
                          "supported (they change the attention math)")
+    # HF field -> ours: n_embd -> d_model, n_layer -> num_layers, n_head -> num_heads, n_positions (or
+    # the older n_ctx) -> context_length, n_inner -> d_ff (None means 4 * n_embd), layer_norm_epsilon ->
+    # norm_eps. GPT-2 small: 768, 12, 12, 1024, 3072, 1e-5; the vocabulary is 50257 for every size.
     try:
         d = int(hf["n_embd"])
         return ModelConfig(vocab_size=int(vocab_size or hf["vocab_size"]),
@@ -1952,7 +2004,7 @@ def default_cache_dir() -> Path:
 def _pretrained_files(name_or_path: str, cache_dir, progress: bool, base_url: str) -> tuple[Path, Path]:
     """(model.safetensors, config.json) for a Hub name (downloaded and cached) or a local folder/file."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.exists():  # a local copy (e.g. a clone of the Hub repo, or files copied to an offline machine)
         weights = p / "model.safetensors" if p.is_dir() else p
         config = (p if p.is_dir() else p.parent) / "config.json"
         for f in (weights, config):
@@ -1963,6 +2015,8 @@ def _pretrained_files(name_or_path: str, cache_dir, progress: bool, base_url: st
     if name_or_path not in GPT2_HF_REPOS:
         raise ValueError(f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_HF_REPOS)} or a "
                          "folder holding model.safetensors and config.json")
+    # Hub layout: <base>/<repo>/resolve/main/<file>. config.json first: it is tiny, so a network problem
+    # shows before the big download starts; each file resumes independently if interrupted.
     repo = GPT2_HF_REPOS[name_or_path]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "huggingface" / repo.replace("/", "--")
     if folder.exists() and not folder.is_dir():
@@ -2010,7 +2064,8 @@ def from_pretrained(name_or_path: str = "gpt2", cache_dir=None, device="cpu", *,
 
 def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: float, num_samples: int = 1,
                            seed: int = 0) -> None:
-    """Validate sampling options before any loading: ValueError naming the option and its range."""
+    """Validate sampling options before any loading: ValueError naming the option and its range.
+    (Command lines call this first, so `--top-p 1.5` fails in milliseconds, not after a model load.)"""
     def is_int(v):
         return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
@@ -2026,6 +2081,7 @@ def fit_to_context(prompt: list, max_new_tokens: int, context_length: int) -> tu
     """Make prompt + new tokens fit the model's window: a prompt longer than context_length - 1 keeps its
     LAST tokens (the ones nearest the continuation); then max_new_tokens shrinks to the room left.
     Returns (prompt, max_new_tokens, notes for the user)."""
+    # e.g. context 32, a 40-token prompt and 5 new tokens: keep the prompt's last 31 tokens, generate 1
     notes = []
     keep = max(1, context_length - 1)
     if len(prompt) > keep:
@@ -2153,15 +2209,15 @@ class _TorchLayersBlock(nn.Module):
     def forward(self, x, rope, positions):  # x (B, T, d)
         B, T, d = x.shape
         H, dh = self.num_heads, self.head_dim
-        h = F.rms_norm(x, (d,), self.ln1.weight, eps=1e-5)
-        q = self.attn.q_proj(h).view(B, T, H, dh).transpose(1, 2)
+        h = F.rms_norm(x, (d,), self.ln1.weight, eps=1e-5)          # pre-norm
+        q = self.attn.q_proj(h).view(B, T, H, dh).transpose(1, 2)   # (B, H, T, dh)
         k = self.attn.k_proj(h).view(B, T, H, dh).transpose(1, 2)
         v = self.attn.v_proj(h).view(B, T, H, dh).transpose(1, 2)
         q, k = rope(q, positions), rope(k, positions)  # torch has no RoPE layer: the same function as ours
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.attn.output_proj(a.transpose(1, 2).reshape(B, T, d))
         h = F.rms_norm(x, (d,), self.ln2.weight, eps=1e-5)
-        return x + self.ffn.w2(F.silu(self.ffn.w1(h)) * self.ffn.w3(h))
+        return x + self.ffn.w2(F.silu(self.ffn.w1(h)) * self.ffn.w3(h))  # SwiGLU
 
 
 class TorchLayersLM(nn.Module):
@@ -2239,7 +2295,8 @@ def bench_kv(args) -> list[str]:
         print(f"[kv] d={cfg.d_model} L={cfg.num_layers} V={cfg.vocab_size} prompt {prompt_len} + {n} new tokens: "
               f"cache {n / t_cache:.1f} tok/s, recompute {n / t_full:.1f} tok/s, speedup {t_full / t_cache:.2f}x "
               f"(outputs identical)", flush=True)
-        shape = f"d{cfg.d_model} L{cfg.num_layers} H{cfg.num_heads} V{cfg.vocab_size}, prompt {prompt_len}, {n} new, greedy, batch 1"
+        shape = (f"d{cfg.d_model} L{cfg.num_layers} H{cfg.num_heads} V{cfg.vocab_size}, prompt {prompt_len}, "
+                 f"{n} new, greedy, batch 1")
         rows.append(_row("KV-cache decode vs recompute-everything (tokens/s)", "python model.py bench --only kv",
                          shape, f"{n / t_cache:.1f} tok/s", f"{n / t_full:.1f} tok/s (recompute)",
                          f"{t_full / t_cache:.2f}x"))
@@ -2297,6 +2354,8 @@ def bench_spec(args) -> list[str]:
         source = "checkpoints"
         prompt = torch.randint(0, target.config.vocab_size, (args.spec_prompt,)).tolist()
     else:
+        # a byte-level pair (vocab 256) trained on the same text: the draft (1 layer, d 64 by default) is
+        # ~50x smaller than the target, so its k proposals cost little next to one target pass
         raw, source = _read_corpus(args.text)
         data = np.frombuffer(raw, dtype=np.uint8)  # byte-level tokens: vocab 256, no tokenizer needed
         tcfg = ModelConfig(vocab_size=256, context_length=max(ctx, args.spec_train_seq),
@@ -2313,6 +2372,8 @@ def bench_spec(args) -> list[str]:
         prompt = [int(b) for b in data[start:start + args.spec_prompt]]
     target.eval(), draft.eval()
     n, T = args.spec_new_tokens, args.spec_temperature
+    # four timed runs: target alone and speculative, each greedy and sampled at temperature T; the
+    # sampled pair gets equal seeds so both draw from the same target distribution
     outs = {}
     gens = {name: torch.Generator().manual_seed(1) for name in ("plain_t", "spec_t")}
 
@@ -2364,13 +2425,14 @@ def bench_train(args) -> list[str]:
                       num_layers=args.num_layers, num_heads=args.num_heads, attn_impl="sdpa")
     ours = TransformerLM.from_config(cfg)
     peer = TorchLayersLM(cfg)
-    peer.load_state_dict(ours.state_dict())
+    peer.load_state_dict(ours.state_dict())  # identical weights: the two must compute the same logits
+    # random ids and targets suffice: the cost of a step does not depend on what the tokens are
     x = torch.randint(0, cfg.vocab_size, (args.train_batch, cfg.context_length))
     y = torch.randint(0, cfg.vocab_size, (args.train_batch, cfg.context_length))
     with torch.no_grad():
         diff = (ours(x) - peer(x)).abs().max().item()
 
-    def step(model):
+    def step(model):  # forward + loss + backward; gradients dropped so each step starts the same way
         def fn():
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             loss.backward()
@@ -2378,13 +2440,14 @@ def bench_train(args) -> list[str]:
                 p.grad = None
         return fn
 
-    step(ours)(), step(peer)()  # warm-up
+    step(ours)(), step(peer)()  # warm-up: first calls pay for allocator growth and kernel selection
     t_ours, t_peer = _interleaved([step(ours), step(peer)], args.train_repeats)
     tokens = x.numel()
     print(f"[train] fwd+bwd d={cfg.d_model} L={cfg.num_layers} T={cfg.context_length} B={args.train_batch}: "
           f"ours {tokens / t_ours:.0f} tok/s, torch layers {tokens / t_peer:.0f} tok/s, time ratio "
-          f"{t_ours / t_peer:.3f}x (target <= 1.1x); same weights, max |logit diff| {diff:.1e}")
-    shape = f"d{cfg.d_model} L{cfg.num_layers} H{cfg.num_heads} V{cfg.vocab_size}, T={cfg.context_length} B={args.train_batch}, fp32"
+          f"{t_ours / t_peer:.3f}x (lower is better); same weights, max |logit diff| {diff:.1e}")
+    shape = (f"d{cfg.d_model} L{cfg.num_layers} H{cfg.num_heads} V{cfg.vocab_size}, T={cfg.context_length} "
+             f"B={args.train_batch}, fp32")
     return [_row("training step fwd+bwd, sdpa fast path vs torch layers (time ratio, lower is better)",
                  "python model.py bench --only train", shape, f"{tokens / t_ours:.0f} tok/s",
                  f"{tokens / t_peer:.0f} tok/s (nn.Linear/F.rms_norm/F.sdpa/F.silu)", f"{t_ours / t_peer:.3f}x")]
@@ -2427,7 +2490,6 @@ def cmd_table(args) -> None:
     """`python model.py table`: for each GPT-2 size, parameters (total and non-embedding), forward and
     training FLOPs per token with their split across attention, FFN and LM head, and the memory to train
     it (weights + gradients + optimizer state, then activations for one batch)."""
-    """Parameters, FLOPs per token and training memory for GPT-2-sized configs."""
     print(f"vocab {args.vocab_size}, context {args.context_length}, ffn {args.ffn}, batch {args.batch_size}, "
           f"{args.dtype_bytes}-byte numbers, optimizer {args.optimizer}, attention FLOPs "
           f"{'causal average' if not args.full_attention_flops else 'full rows'}")
@@ -2454,7 +2516,9 @@ def cmd_table(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    """`python model.py generate`: print samples from a checkpoint or from pretrained GPT-2."""
+    """`python model.py generate`: print samples from a checkpoint or from pretrained GPT-2. Samples go
+    to stdout (text, or comma-separated ids without a tokenizer); notes and the speed line to stderr, so
+    `> out.txt` keeps only the samples."""
     ids = None
     if args.prompt_ids is not None:
         ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]  # syntax checked by _check_args
@@ -2486,6 +2550,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "table, generate from a checkpoint or pretrained GPT-2, or run the benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    # table: pure arithmetic on configs (num_params, flops_breakdown, memory_estimate); instant
     t = sub.add_parser("table", help="parameters / FLOPs per token / training memory for GPT-2-sized configs")
     t.add_argument("--vocab-size", type=int, default=50257, help="vocabulary size (default GPT-2's 50257)")
     t.add_argument("--context-length", type=int, default=1024, help="sequence length (default 1024)")
@@ -2500,6 +2565,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "average (T+1)/2 keys per query")
     t.set_defaults(func=cmd_table)
 
+    # generate: the model comes from exactly one source (a train.py checkpoint or GPT-2), the prompt from
+    # text (needs a tokenizer) or ids (needs none)
     g = sub.add_parser("generate", help="sample text from a train.py checkpoint or pretrained GPT-2")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="path to a train.py checkpoint (.pt)")
@@ -2522,6 +2589,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "$SCRATCHLM_CACHE or ~/.cache/scratchlm)")
     g.set_defaults(func=cmd_generate)
 
+    # bench: three independent sections; each prints its figures and a markdown row with its command
     b = sub.add_parser("bench", help="side-by-side speed ratios: KV cache vs recompute, speculative decoding, "
                                      "training step vs torch's layers")
     b.add_argument("--only", default="kv,spec,train", help="comma-separated sections: kv, spec, train")
@@ -2532,6 +2600,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-layers", type=int, default=6, help="kv/train: layers (6)")
     b.add_argument("--num-heads", type=int, default=6, help="kv/train: heads (6)")
     b.add_argument("--vocab-size", type=int, default=4096, help="kv/train: vocabulary (4096)")
+    # kv and train share the model shape above; spec trains its own byte-level pair (below)
     b.add_argument("--kv-prompt", default="16,64", help="kv: prompt length(s), comma-separated (16,64)")
     b.add_argument("--kv-new-tokens", type=int, default=256, help="kv: new tokens (256)")
     b.add_argument("--train-seq", type=int, default=128, help="train: context length (128)")
@@ -2559,6 +2628,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Smallest allowed value of every integer option (by argparse dest); options absent from a subcommand
 # are skipped. Checked before any work, so a bad value never costs a model load or a training run.
+# (A table rather than per-option code: adding an option means adding its range here, nothing else.)
 _INT_MINIMUMS = {
     "vocab_size": 1, "context_length": 1, "batch_size": 1, "max_new_tokens": 1, "num_samples": 1, "seed": 0,
     "eos_id": 0, "repeats": 1, "train_repeats": 1, "threads": 0, "d_model": 1, "num_layers": 1, "num_heads": 1,
@@ -2622,6 +2692,8 @@ def _check_args(args) -> Optional[str]:
                 return f"{opt(name)} {path} does not exist"
         if args.d_model % args.num_heads or args.target_d_model % args.target_num_heads:
             return "--d-model / --target-d-model must be divisible by --num-heads / --target-num-heads"
+        if args.draft_d_model % max(1, args.draft_d_model // 32):  # the draft gets one head per 32 dims
+            return f"--draft-d-model must be a multiple of 32 (one head per 32 dims), got {args.draft_d_model}"
     return None
 
 
@@ -2629,8 +2701,8 @@ def main(argv: Optional[list] = None) -> None:
     """Parse, check every option, run. Usage errors and bad inputs (a corrupt checkpoint, an id outside
     the vocabulary, no network for a download) are one line on stderr with exit status 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    problem = _check_args(args)
+    args = parser.parse_args(argv)  # unknown options and unparsable values: one line, exit 2 (_OneLineParser)
+    problem = _check_args(args)     # ranges and files: the same, still before any work
     if problem:
         parser.error(problem)
     try:
