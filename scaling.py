@@ -88,6 +88,12 @@ import tokenizer as tk
 import model as M
 import train as T
 
+
+def say(msg: str):
+    """The default `log` of long functions here: a line on stdout, flushed at once (a sweep's progress must
+    show up in a log file or a Slurm output while it runs, not when the buffer fills)."""
+    print(msg, flush=True)
+
 # =====================================================================================================
 # 1. Compute accounting: one dial for the model's shape, and two ways to count the FLOPs
 # =====================================================================================================
@@ -626,7 +632,7 @@ def _quiet(*args, **kwargs):
     """train.train's log: a sweep prints one line per run instead of train.py's per-step lines."""
 
 
-def read_result(path: Path, spec_key: str, warn: Callable = print) -> dict | None:
+def read_result(path: Path, spec_key: str, warn: Callable = say) -> dict | None:
     """A finished run's result, or None when it must be (re)run. Result files are written atomically, but a
     copy interrupted mid-way, a full disk elsewhere or a hand edit can still leave a broken one: anything
     that is not complete JSON with every field and this sweep's key is reported and rerun, never used."""
@@ -680,7 +686,7 @@ def _prepare_folder(out: Path, spec: SweepSpec) -> None:
 
 
 def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: str = "separate", threads: int = 1,
-              device: str = "cpu", log: Callable = print, after_run: Callable | None = None) -> dict:
+              device: str = "cpu", log: Callable = say, after_run: Callable | None = None) -> dict:
     """Train every planned run of this shard that has no valid result yet; return
     {"ran": [keys], "skipped": [keys], "steps_trained": int, "steps_separate": int}.
     mode "separate": one train.train per run. mode "branched": one stable-phase trunk per depth with a WSD
@@ -722,7 +728,7 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
 
 
 def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun], stats: dict, *, threads=1,
-                       device="cpu", log=print, after_run=None):
+                       device="cpu", log=say, after_run=None):
     """MiniCPM's one-run data points for one depth. The trunk trains at the stable learning rate (train.py's
     "constant" schedule: the same warm-up, then the peak lr -- exactly WSD's stable phase). At each branch
     point S_k = (1 - f) T_k the trunk's checkpoint is copied aside (`stable.pt`), and a branch resumes from
@@ -796,7 +802,7 @@ def collect_results(folders) -> list[Run]:
 
 
 def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float = 4.0, *, threads=1, device="cpu",
-                      log=print) -> dict:
+                      log=say) -> dict:
     """Fit both laws on the sweep, take C_v = factor x the largest swept budget, pick the depth whose N is
     closest (in ln N) to the IsoFLOPs (parabola) N_opt(C_v), train it for D = C_v / flops_per_token, and
     compare its loss with the parametric law's prediction at that (N, D) and the bootstrap interval.
@@ -881,7 +887,7 @@ def mup_hooks(base_width: int, width: int, fresh: bool = True) -> T.TrainHooks:
 def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), steps: int = 150,
                 num_layers: int = 2, head_dim: int = 16, context_length: int = 64, batch_size: int = 16,
                 threads: int = 1, device: str = "cpu", seed: int = 1337, eval_tokens: int = 16_384,
-                log=print) -> dict:
+                log=say) -> dict:
     """Train every (parametrization, width, lr) with AdamW for `steps` steps (same data, same seed) and return
     {"sp": {width: {lr: loss}}, "mup": {...}, "best": {param: {width: best lr}}}. Each run's result is a file
     under out/lr/, so a killed experiment resumes. Diverged runs count as loss = inf."""
@@ -916,7 +922,7 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
                 loss = r["loss"] if r["loss"] is not None else float("inf")
                 res[param].setdefault(w, {})[lr] = loss
                 log(f"lr-transfer [{done}/{total}] {param:3s} width {w:4d} lr {lr:.2e}: loss {loss:.4f} "
-                    f"[{time.time() - t0:.0f}s]", flush=True)
+                    f"[{time.time() - t0:.0f}s]")
     res["best"] = {p: {w: min(d, key=d.get) for w, d in res[p].items()} for p in ("sp", "mup")}
     return res
 
@@ -936,17 +942,17 @@ def _progress_line(log, i, n, pr: PlannedRun, spec: SweepSpec, loss, secs, elaps
     tokens = pr.steps * spec.tokens_per_step
     log(f"sweep [{i}/{n}] C={pr.budget:.3g} depth {pr.depth} (N={pr.parameters / 1e3:,.1f}K, D={tokens / 1e6:.2f}M "
         f"tokens, {pr.steps} steps){note}: loss {loss:.4f} in {secs:.1f}s" +
-        (f"; {elapsed / 60:.1f} min so far" if elapsed is not None else ""), flush=True)
+        (f"; {elapsed / 60:.1f} min so far" if elapsed is not None else ""))
 
 
-def prepare_sweep_data(spec: SweepSpec, data_dir: str = "data_cache", log=print) -> T.PreparedData:
+def prepare_sweep_data(spec: SweepSpec, data_dir: str = "data_cache", log=say) -> T.PreparedData:
     """train.py's cached data pipeline (corpus -> BPE -> token files), run once and shared by every run."""
     cfg = T.TrainConfig(data=spec.data, data_dir=data_dir, synthetic_bytes=spec.synthetic_bytes,
                         vocab_size=spec.vocab_size)
     return T.prepare_data(cfg, log=log)
 
 
-def print_fits(runs: list[Run], iso: dict, par: ParametricFit | None, predict_at=(1e23, 1e24), log=print):
+def print_fits(runs: list[Run], iso: dict, par: ParametricFit | None, predict_at=(1e23, 1e24), log=say):
     """The fitted laws and their predictions at `predict_at`, with 95% bootstrap intervals."""
     log(f"{len(runs)} runs at {len({float(f'{r.budget:.6g}') for r in runs})} budgets")
     for m, f in iso.items():
@@ -1151,11 +1157,18 @@ def _shard(s):
     return (k, n)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (`scaling.py: error: ...`) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _Parser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Scaling laws: fit IsoFLOPs and parametric laws, run and verify sweeps, "
                                             "test muP learning-rate transfer.", epilog=_FORMATS)
-    sub = p.add_subparsers(dest="cmd")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
     s = sub.add_parser("sweep", help="train an IsoFLOPs sweep through train.py (resumable, shardable), fit, verify",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d = SweepSpec()
