@@ -505,6 +505,7 @@ def register_attention_backend(name: str, fn: Callable) -> None:
 
 
 def get_attention_backend(name: str) -> Callable:
+    """The registered function for `name`; an unknown name is a ValueError listing the registered ones."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(ATTENTION_BACKENDS)}")
     return ATTENTION_BACKENDS[name]
@@ -691,7 +692,8 @@ class MoEFeedForward(nn.Module):
 # mask still leaks order, since token t can count how many tokens it sees.
 
 def _config_from_block_args(d_model, num_heads, d_ff, max_seq_len, theta, switches) -> ModelConfig:
-    """A block is built from a ModelConfig so that every switch is validated in one place."""
+    """A block is built from a ModelConfig so that every switch is validated in one place. (vocab_size 1
+    and num_layers 1 are placeholders: a lone block has neither a vocabulary nor neighbours.)"""
     return ModelConfig(vocab_size=1, context_length=max_seq_len, d_model=d_model, num_layers=1,
                        num_heads=num_heads, d_ff=d_ff, rope_theta=theta, **switches)
 
@@ -1666,6 +1668,7 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 def _download_note(progress, dest: Path, done: int, total, final: bool = False):
+    """Update (or, at the end, close) the progress line: MB done, of MB total, percent."""
     if progress is None:
         return
     msg = f"{done / 1e6:,.1f} MB" + (f" / {total / 1e6:,.1f} MB ({100 * done / total:.0f}%)" if total else "")
@@ -1849,7 +1852,8 @@ def _model_from_checkpoint(ckpt: dict, path, dev, tokenizer=None) -> tuple[Trans
 
 def find_tokenizer_dir(path, ckpt: dict) -> Optional[str]:
     """The tokenizer of a train.py run: the `tokenizer/` folder next to the checkpoint, or the folder the
-    checkpoint recorded. None when neither holds a vocab.json."""
+    checkpoint recorded. None when neither holds a vocab.json. (The folder next to the checkpoint wins:
+    a run folder copied to another machine carries its tokenizer, while recorded paths go stale.)"""
     for cand in (os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer"), ckpt.get("tokenizer_dir")):
         if cand and os.path.exists(os.path.join(str(cand), "vocab.json")):
             return str(cand)
@@ -1981,6 +1985,8 @@ def gpt2_state_dict_from_hf(tensors: dict, cfg: ModelConfig, src="checkpoint") -
         h, o = f"h.{i}.", f"layers.{i}."
         for hf_ln, ours in (("ln_1", "ln1"), ("ln_2", "ln2")):
             sd[o + ours + ".weight"], sd[o + ours + ".bias"] = take(h + hf_ln + ".weight"), take(h + hf_ln + ".bias")
+        # c_attn computes [q | k | v] = x @ W + b with W (d, 3d): after the transpose, rows 0..d-1 of W^T
+        # produce q, rows d..2d-1 produce k, rows 2d..3d-1 produce v (each split into heads later)
         w, b = take(h + "attn.c_attn.weight").t(), take(h + "attn.c_attn.bias")  # (3d, d), (3d,)
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
             sd[o + f"attn.{name}.weight"] = w[j * d:(j + 1) * d].contiguous()
@@ -2097,6 +2103,7 @@ def fit_to_context(prompt: list, max_new_tokens: int, context_length: int) -> tu
 
 
 def _load_gpt2_tokenizer():
+    """tokenizer.gpt2_tokenizer(), with the failure it has offline turned into one clear line."""
     try:
         return tk.gpt2_tokenizer()
     except Exception as e:  # tiktoken raises network, file and key errors of many types
@@ -2255,6 +2262,7 @@ def _row(what: str, command: str, shape: str, ours: str, peer: str, ratio: str) 
 # so the RATIO stays meaningful even when the absolute numbers drift.
 
 def _time_once(fn) -> float:
+    """Wall-clock seconds of one call (perf_counter: monotonic, highest resolution)."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -2483,6 +2491,7 @@ GPT2_SIZES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-
 
 
 def _fmt_bytes(n: float) -> str:
+    """Bytes as GiB (2^30), the unit GPU memory is quoted in."""
     return f"{n / 2**30:.2f} GiB"
 
 
@@ -2502,6 +2511,8 @@ def cmd_table(args) -> None:
         cfg = ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=d, num_layers=L,
                           num_heads=H, ffn=args.ffn, tie_embeddings=args.tie_embeddings)
         causal = not args.full_attention_flops
+        # the share of forward FLOPs in attention / FFN / LM head shows where a size spends its compute:
+        # the LM head's share falls as d grows, attention's grows with context
         br = flops_breakdown(cfg, causal_average=causal)
         fwd = sum(br.values())
         mem = memory_estimate(cfg, args.batch_size, args.optimizer, args.dtype_bytes)
@@ -2526,7 +2537,7 @@ def cmd_generate(args) -> None:
                                  prompt_ids=ids, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
                                  eos_id=args.eos_id, use_cache=not args.no_cache, cache_dir=args.cache_dir)
-    for i in range(args.num_samples):
+    for i in range(args.num_samples):  # texts when a tokenizer is known, else the raw ids
         body = res["texts"][i] if res["texts"] is not None else ",".join(map(str, res["ids"][i]))
         print(f"--- sample {i} ---\n{body}")
     n, dt = sum(len(o) for o in res["ids"]), res["seconds"]
@@ -2539,6 +2550,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is ONE line on stderr and exit status 2 (no usage dump)."""
 
     def error(self, message):
+        # argparse prints the whole usage block first; a one-line error keeps scripts' logs readable
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
@@ -2652,6 +2664,7 @@ def _check_args(args) -> Optional[str]:
             return f"{opt(dest)} must be >= {low}, got {value}"
     if args.command == "table" and args.dtype_bytes not in (1, 2, 4, 8):
         return f"--dtype-bytes must be 1, 2, 4 or 8, got {args.dtype_bytes}"
+    # generate: sampling ranges, then the files and the device it will need
     if args.command == "generate":
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
             return f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"
@@ -2676,6 +2689,7 @@ def _check_args(args) -> Optional[str]:
             resolve_device(args.device)
         except DeviceUnavailableError as e:
             return f"--device: {e}"
+    # bench: section names, list-valued options, and paths for the optional checkpoint/text inputs
     if args.command == "bench":
         unknown = sorted(set(args.only.split(",")) - {"kv", "spec", "train"})
         if unknown:
