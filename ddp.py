@@ -1,43 +1,70 @@
 """
-ddp.py -- Stage 5: training on many processes. Data parallelism, optimizer sharding, FSDP.
+ddp.py -- Stage 5 of ScratchLM: training on many processes. Data parallelism, optimizer sharding, FSDP.
 
-The problem. One process trains at the speed of one device and holds the whole training state in one memory:
-parameters (4 bytes each in fp32), gradients (4 more) and AdamW's two moments (8 more), i.e. 16 bytes per
-parameter before a single activation. Two ways out, and this file builds both from scratch on top of
-torch.distributed's collectives (the NCCL/gloo communication engine and `torchrun`, the field's standard):
+The problem
+-----------
+One process trains at the speed of one device and holds the whole training state in one memory: parameters
+(4 bytes each in fp32), gradients (4 more) and AdamW's two moments (8 more), i.e. 16 bytes per parameter before a
+single activation. A 1.5B-parameter model needs 24 GB for that alone. Two ways out, and this file builds both from
+scratch on top of torch.distributed's collectives (the NCCL/gloo communication engines and the `torchrun`
+launcher, the field's standard):
 
-1. Data parallelism (DP): N processes ("ranks") each hold a full copy of the model and run forward/backward on
-   1/N of the batch. Averaging the gradients across ranks (one all-reduce) gives exactly the gradient of the
-   full batch, because the mean loss over B examples is the mean of the N per-rank means:
+1. Data parallelism (DP). N processes ("ranks") each hold a full copy of the model and run forward/backward on
+   1/N of the batch. Averaging the gradients across ranks (one all-reduce) gives exactly the gradient of the full
+   batch, because the mean loss over B examples is the mean of the N per-rank means:
        grad L = (1/N) sum_r grad L_r          (each L_r a mean over B/N examples)
    so every rank takes the same optimizer step and the copies never drift apart. Cost: one all-reduce of the
-   gradients per step (2 (N-1)/N * P * 4 bytes moved per rank with a ring), which we hide behind backward by
+   gradients per step (2 (N-1)/N * P * 4 bytes sent per rank with a ring), which we hide behind backward by
    launching it per parameter (`DDP`) or per bucket of parameters (`DDPBucketed`) as soon as gradients are ready.
 2. Sharding (ZeRO). DP wastes memory: N identical copies of everything. `ShardedOptimizer` (ZeRO-1) keeps each
    parameter's optimizer state on one rank only (the "owner"), which steps it and broadcasts the new values:
-   optimizer memory / N for the same communication volume. `FSDP` (ZeRO-3) goes all the way: each rank stores
-   1/N of every big weight; a layer's full weight is all-gathered just before the layer runs (and again in
-   backward), then freed; its gradient is reduce-scattered so each rank receives only its own slice. Params,
-   grads and optimizer state all / N, for 1.5x DP's communication (gather, gather, reduce-scatter vs all-reduce
-   = reduce-scatter + all-gather).
+   optimizer memory / N for the same communication volume. `FSDP` (ZeRO-3) goes all the way: each rank stores 1/N
+   of every big weight; a layer's full weight is all-gathered just before the layer runs (and again in backward),
+   then freed; its gradient is reduce-scattered so each rank receives only its own slice. Params, grads and
+   optimizer state all / N, for 1.5x DP's communication (gather, gather, reduce-scatter vs all-reduce =
+   reduce-scatter + all-gather).
 
-Order of the file (read top to bottom):
-    0. process groups: torchrun's environment, timeouts, a local launcher for tests and benchmarks
-    1. a tour of the four collectives + a from-scratch ring all-reduce; `bench-comm`
-    2. data parallel wrappers: NaiveDDP -> DDP (per-parameter async all-reduce) -> DDPBucketed
+What it costs: communication (bandwidth between devices is 10-100x below memory bandwidth, so it must overlap
+with compute), one more way to hang (every rank must issue the same collectives in the same order), and care
+with anything a single process decides alone -- batches, clipping norms, checkpoints, and when to stop.
+
+Sources
+-------
+- Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training" (2020), arXiv:2006.15704:
+  gradient buckets launched from autograd hooks, bucket order rebuilt from the observed order, no_sync.
+- Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models" (2019),
+  arXiv:1910.02054: sharding optimizer state (stage 1), gradients (2) and parameters (3).
+- Zhao et al., "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel" (2023), arXiv:2304.11277:
+  gather-before-use, free-after-use, prefetching, mixed precision with fp32 master weights.
+- Patarasuk & Yuan, "Bandwidth Optimal All-reduce Algorithms for Clusters of Workstations" (J. Parallel Distrib.
+  Comput. 2009), and Gibiansky, "Bringing HPC Techniques to Deep Learning" (Baidu Research blog, 2017): the ring
+  all-reduce; Sergeev & Del Balso, "Horovod" (2018), arXiv:1802.05799: ring all-reduce and tensor fusion in DL.
+- Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour" (2017), arXiv:1706.02677: data
+  parallel training as one large batch.
+- NVIDIA nccl-tests, "Performance reported by NCCL tests" (PERFORMANCE.md): algorithm vs bus bandwidth.
+- Stanford CS336 (Spring 2025), assignment 2: DDP with overlap, bucketing, and a sharded optimizer.
+
+Reading order
+-------------
+    1. the collectives, and a ring all-reduce written from send/recv
+    2. data-parallel wrappers: NaiveDDP -> DDP (per-parameter async all-reduce) -> DDPBucketed
     3. ShardedOptimizer (ZeRO stage 1)
     4. FSDP (ZeRO stage 3 style) with prefetching and mixed precision
-    5. the training command (reuses train.py) with consolidated, world-size independent checkpoints
-    6. `bench`: time per step and communication share of every strategy, torch's own DDP side by side
-    7. command line:  torchrun --nproc_per_node=N ddp.py [train.py's options] --strategy ...
-                      python ddp.py bench --nproc 2        (spawns its own processes when not under torchrun)
+    5. training on N ranks: train.py's loop with this file's hooks, and a wall-clock budget that every rank obeys
+       at the same step
+  Appendix: plumbing    process groups, the local launcher, consolidated checkpoints, rank agreement checks
+  Appendix: benchmarks  collective bandwidth, step time and memory of every strategy, torch's DDP as the peer
+  Command line:  torchrun --nproc_per_node=N ddp.py [preset] [train.py's options] [--strategy S]
+                 torchrun ddp.py          (the distributed demo: train.py's demo on every rank torchrun starts)
+                 python ddp.py            (no torchrun: spawns the ranks itself, --nproc N)
+                 python ddp.py bench | bench-comm | tour
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import os
 import socket
@@ -45,120 +72,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-import numpy as np
 
 import model as M
 import train as T
+from tokenizer import atomic_write_json, machine_label
 
-# ---------------------------------------------------------------------------------------------------------------
-# 0. Process groups
-# ---------------------------------------------------------------------------------------------------------------
-# torchrun starts N copies of this script and tells each one who it is through environment variables:
-#   RANK (0..N-1 over all machines), LOCAL_RANK (index on this machine -> which GPU), WORLD_SIZE (N),
-#   MASTER_ADDR/MASTER_PORT (where rank 0's rendezvous store listens).
-# `init_process_group` connects them. The backend moves the bytes: NCCL between GPUs, gloo between CPU processes.
-# A collective blocks until every rank joins it; if one rank never arrives (crashed, different config, took
-# another code path) the others would wait forever. The timeout turns such a hang into an error.
 
+# A collective blocks until every rank joins it. If one rank never arrives (crashed, different configuration, took
+# another code path) the others would wait forever; this timeout (seconds, --timeout) turns such a hang into an error.
 DEFAULT_TIMEOUT_S = 120
-
-
-def init_distributed(backend=None, timeout_s=DEFAULT_TIMEOUT_S):
-    """Join the process group described by torchrun's env vars (or a single process if there are none).
-    Returns (rank, world_size, device)."""
-    if "RANK" not in os.environ:  # plain `python ddp.py ...`: a world of one, still a real process group
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # Under torchrun the agent hosts the rendezvous store and keeps it across restarts; the dead ranks'
-            # connection addresses from the previous attempt are still in it, and a restarted rank would try to
-            # connect to them. A key prefix per attempt gives every restart a clean namespace.
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                                  is_master=False, timeout=timeout)
-            store = dist.PrefixStore(f"scratchlm_ddp/attempt_{restart}", store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-        else:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-    return rank, world_size, device
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def free_port():
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_entry(local_rank, world_size, port, threads, fn, args):
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(threads)
-    fn(*args)
-
-
-def launch_local(fn, nprocs, *args):
-    """Run fn(*args) in `nprocs` fresh processes on this machine, with the same environment torchrun would give
-    them (so fn calls init_distributed() either way). Used by tests and by `bench`/`bench-comm --nproc N`.
-    Each process gets cores/N threads: N processes x all cores each would fight over the same cores."""
-    threads = max(1, (os.cpu_count() or 1) // nprocs)
-    mp.spawn(_spawn_entry, args=(nprocs, free_port(), threads, fn, args), nprocs=nprocs, join=True)
-
-
-def rank0_print(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_reduce_host(t, op=dist.ReduceOp.SUM):
-    """All-reduce a small CPU tensor (loss sums, norms) whatever the backend: NCCL only reduces GPU tensors."""
-    if dist.get_backend() == "nccl":
-        dev = torch.device("cuda", torch.cuda.current_device())
-        t_dev = t.to(dev)
-        dist.all_reduce(t_dev, op=op)
-        t.copy_(t_dev.cpu())
-    else:
-        dist.all_reduce(t, op=op)
-    return t
-
-
-def check_same_across_ranks(name, value):
-    """Fail fast when ranks disagree (different configs, different data): gather every rank's value (a dict or
-    anything picklable) and raise on every rank with the differing fields named. Without this a mismatch shows
-    up as a hang inside the first collective whose shapes differ, or as silently different models."""
-    world = dist.get_world_size()
-    values = [None] * world
-    dist.all_gather_object(values, value)
-    if all(v == values[0] for v in values):
-        return
-    if all(isinstance(v, dict) for v in values):
-        keys = sorted(set().union(*[v.keys() for v in values]))
-        diffs = [f"{k}: " + ", ".join(f"rank{r}={v.get(k, '<missing>')!r}" for r, v in enumerate(values))
-                 for k in keys if len({repr(v.get(k, '<missing>')) for v in values}) > 1]
-        raise ValueError(f"{name} differs across ranks: " + "; ".join(diffs))
-    raise ValueError(f"{name} differs across ranks: " + ", ".join(f"rank{r}={v!r}" for r, v in enumerate(values)))
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. The collectives
@@ -184,6 +112,10 @@ def check_same_across_ranks(name, value):
 def ring_all_reduce(tensor):
     """Sum `tensor` across ranks in place with the ring algorithm, from send/recv only (readable reference; the
     library's dist.all_reduce is the fast path and a test checks both agree)."""
+    # Worked example, N = 3 ranks, chunks a, b, c: after the reduce-scatter phase rank 0 holds the full sum of
+    # chunk b, rank 1 of c, rank 2 of a; the all-gather phase then forwards those finished chunks twice around
+    # the ring, so every rank ends with all three sums. Each step every rank sends AND receives one chunk, so all
+    # links are busy at once: time ~ 2 (N-1) (alpha + (P/N) / bandwidth) in the alpha-beta model.
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1:
         return tensor
@@ -194,11 +126,12 @@ def ring_all_reduce(tensor):
     # reduce-scatter phase: at step s rank r sends chunk (r - s) and accumulates chunk (r - s - 1)
     for s in range(world - 1):
         send_idx, recv_idx = (rank - s) % world, (rank - s - 1) % world
-        incoming = recv_buf[: chunks[recv_idx].numel()]
+        incoming = recv_buf[: chunks[recv_idx].numel()]        # chunks differ by one element when N ∤ P
+        # non-blocking send first: if every rank did a blocking send, all N would wait for a receiver at once
         send = dist.isend(chunks[send_idx].contiguous(), right)
         dist.recv(incoming, left)
         send.wait()
-        chunks[recv_idx].add_(incoming)
+        chunks[recv_idx].add_(incoming)                          # partial sum grows by one rank's chunk
     # now rank r holds the complete sum of chunk (r + 1); all-gather phase passes the finished chunks around
     for s in range(world - 1):
         send_idx, recv_idx = (rank + 1 - s) % world, (rank - s) % world
@@ -206,106 +139,14 @@ def ring_all_reduce(tensor):
         send = dist.isend(chunks[send_idx].contiguous(), right)
         dist.recv(incoming, left)
         send.wait()
-        chunks[recv_idx].copy_(incoming)
+        chunks[recv_idx].copy_(incoming)                         # a finished sum: overwrite, do not add
     return tensor
-
-
-def collectives_tour():
-    """Print what each collective does on tiny tensors (run: python ddp.py tour, or under torchrun)."""
-    rank, world, device = init_distributed()
-    lines = []
-    show = lambda what, t: lines.append(f"rank {rank}: {what:36s} {[round(v, 2) for v in t.tolist()]}")
-    x = torch.arange(4, dtype=torch.float32, device=device) + 10 * rank          # rank r holds [10r, .., 10r+3]
-    # (each call below blocks until every rank has called it: collectives are rendezvous points)
-    show("mine", x)
-    y = x.clone(); dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    show("all_reduce(SUM)", y)
-    z = x.clone(); ring_all_reduce(z)
-    show("ring_all_reduce (send/recv only)", z)
-    g = torch.empty(world * 4, device=device); dist.all_gather_single(g, x)
-    show("all_gather", g)
-    if 4 % world == 0:
-        rs = torch.empty(4 // world, device=device)
-        dist.reduce_scatter_single(rs, x)
-        show("reduce_scatter (my chunk of the sum)", rs)
-    b = x.clone(); dist.broadcast(b, src=0)
-    show("broadcast from rank 0", b)
-    everyone = [None] * world
-    dist.all_gather_object(everyone, lines)   # print in order, from rank 0
-    if rank == 0:
-        for i in range(len(lines)):
-            for r in range(world):
-                print(everyone[r][i])
-    cleanup_distributed()
-
-
-def _timed_collective(op, nbytes, device, iters, warmup):
-    """Seconds per call of `op` on an fp32 tensor of nbytes (median of iters after warmup)."""
-    world = dist.get_world_size()
-    n = nbytes // 4
-    if op == "all_reduce":
-        x = torch.ones(n, device=device)
-        call = lambda: dist.all_reduce(x)
-    elif op == "all_gather":
-        x, out = torch.ones(n // world, device=device), torch.empty(n // world * world, device=device)
-        call = lambda: dist.all_gather_single(out, x)
-    elif op == "reduce_scatter":
-        x, out = torch.ones(n // world * world, device=device), torch.empty(n // world, device=device)
-        call = lambda: dist.reduce_scatter_single(out, x)
-    else:
-        raise ValueError(f"unknown collective {op!r}")
-    times = []
-    for i in range(warmup + iters):
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    t = torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64)
-    all_reduce_host(t, op=dist.ReduceOp.MAX)          # the slowest rank's time is the collective's time
-    return float(t.item())
-
-
-def bench_comm(args):
-    """Time all-reduce (and all-gather / reduce-scatter) from --min-mb to --max-mb fp32 bytes, doubling."""
-    rank, world, device = init_distributed(args.backend)
-    ops = args.ops.split(",")
-    rank0_print(f"bench-comm: world {world}, backend {dist.get_backend()}, device {device}, "
-                f"{args.iters} timed iterations after {args.warmup} warm-up (median, slowest rank)")
-    rank0_print("busbw = algbw * 2(N-1)/N for all_reduce, * (N-1)/N for all_gather/reduce_scatter: the bytes "
-                "each rank's link carries in a ring")
-    rank0_print(f"{'op':15s} {'size':>10s} {'time ms':>10s} {'algbw GB/s':>11s} {'busbw GB/s':>11s}")
-    rows = []
-    mb = args.min_mb
-    while mb <= args.max_mb:
-        nbytes = int(mb * 2**20)
-        for op in ops:
-            t = _timed_collective(op, nbytes, device, args.iters, args.warmup)
-            factor = 2 * (world - 1) / world if op == "all_reduce" else (world - 1) / world
-            algbw = nbytes / t / 1e9
-            rows.append(dict(op=op, mb=mb, seconds=t, algbw=algbw, busbw=algbw * factor, world=world))
-            rank0_print(f"{op:15s} {mb:>8g}MB {t * 1e3:10.3f} {algbw:11.3f} {algbw * factor:11.3f}")
-        mb *= 2
-    if args.out and rank == 0:
-        _atomic_write_text(args.out, json.dumps(rows, indent=1))
-    cleanup_distributed()
-
-
-def _atomic_write_text(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Data parallelism, three ways
 # ---------------------------------------------------------------------------------------------------------------
-# Same interface for all (and for torch's own DDP through `TorchDDP` below):
+# Same interface for all (and for torch's own DDP through `TorchDDP`, the benchmarks' peer at the end of the file):
 #     model = Wrapper(module)                # broadcasts rank 0's parameters: all replicas start identical
 #     loss = loss_fn(model(x_my_shard)); loss.backward()
 #     model.finish_gradient_synchronization()  # afterwards every p.grad is the average over ranks
@@ -319,6 +160,8 @@ def _atomic_write_text(path, text):
 
 def broadcast_module_(module, src=0):
     """Make every rank's parameters and buffers equal to rank src's (different seeds -> different inits)."""
+    # Identical starting points + identical averaged gradients + the same optimizer = identical replicas at every
+    # step, without ever comparing them. Buffers too: e.g. RoPE's cos/sin tables or a norm's running statistics.
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=src)
@@ -364,8 +207,9 @@ class NaiveDDP(nn.Module):
         t0 = time.perf_counter()
         had_grad = [p.grad is not None for p in self._params]
         for p in self._params:
-            if p.grad is None:
+            if p.grad is None:          # unused on this rank this step: contribute zeros (same collectives)
                 p.grad = torch.zeros_like(p)
+            # sum over ranks, then / N: the mean of the per-rank mean gradients = the full-batch gradient
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(self.world_size)
         _clear_globally_unused(self._params, had_grad)
@@ -394,17 +238,23 @@ class DDP(nn.Module):
         broadcast_module_(module)
         self._params = _trainable_params(module)
         self._index = {id(p): i for i, p in enumerate(self._params)}
+        # first guess of the order gradients become ready in: backward runs the layers last to first
         self._build_buckets(list(reversed(range(len(self._params)))))
         self._sync_enabled = True
         self._observed_order = []           # parameter indices in the order their hooks fired (first step)
         self._order_rebuilt = False
         for p in self._params:
+            # fires after autograd has ADDED this backward's contribution to p.grad (for a tied weight: after
+            # both uses), i.e. when p.grad is final for this backward
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
         self.comm_wait_seconds = 0.0        # time spent blocked in finish_gradient_synchronization (bench)
 
     # -- buckets ---------------------------------------------------------------------------------------------
     def _build_buckets(self, order):
         """Group parameter indices (in launch order) into buckets of <= bucket_size_mb, one dtype each."""
+        # Greedy: fill the current bucket until the next parameter would overflow it. A bucket holds one dtype
+        # because it is sent as one flat tensor. Per-parameter DDP is bucket_size_mb = 0: every bucket closes
+        # after one parameter.
         limit = self.bucket_size_mb * 2**20
         buckets, cur, cur_bytes = [], [], 0
         for i in order:
@@ -419,6 +269,7 @@ class DDP(nn.Module):
             buckets.append(cur)
         self._buckets = buckets
         self._bucket_of = {i: b for b, idxs in enumerate(buckets) for i in idxs}
+        # one flat send buffer per multi-parameter bucket, allocated once (not per step)
         self._buffers = [None if len(idxs) == 1 else
                          torch.empty(sum(self._params[i].numel() for i in idxs),
                                      dtype=self._params[idxs[0]].dtype, device=self._params[idxs[0]].device)
@@ -426,6 +277,8 @@ class DDP(nn.Module):
         self._reset_step_state()
 
     def _reset_step_state(self):
+        # per step: how many of each bucket's gradients are final, the in-flight handles, and the next bucket in
+        # launch order (buckets launch strictly in order, even if a later one fills up first)
         self._ready_count = [0] * len(self._buckets)
         self._handles = [None] * len(self._buckets)
         self._next_to_launch = 0
@@ -456,7 +309,7 @@ class DDP(nn.Module):
             self._next_to_launch += 1
 
     def _on_grad_ready(self, p):
-        if not self._sync_enabled:
+        if not self._sync_enabled:     # inside no_sync(): just let the gradient accumulate in p.grad
             return
         i = self._index[id(p)]
         if not self._order_rebuilt:
@@ -489,6 +342,8 @@ class DDP(nn.Module):
         self._launch_ready_in_order()
         for b, idxs in enumerate(self._buckets):
             self._handles[b].wait()
+            # the reduced SUM -> the mean, copied back into each .grad (a view into the flat buffer would alias
+            # the next step's send buffer)
             if self._buffers[b] is None:
                 self._params[idxs[0]].grad.div_(self.world_size)
             else:
@@ -506,6 +361,9 @@ class DDP(nn.Module):
 
     def _rebuild_from_observed_order(self):
         """After the first synchronized step: re-bucket in rank 0's observed gradient-arrival order."""
+        # Registration order is only a guess of the backward order (a tied embedding/head, a module used twice,
+        # modules registered in another order than they run). Buckets in true arrival order fill, and launch,
+        # as early as possible. Rank 0's order is broadcast: every rank must build the same buckets.
         self._order_rebuilt = True
         seen = list(dict.fromkeys(self._observed_order))
         order = seen + [i for i in reversed(range(len(self._params))) if i not in set(seen)]
@@ -529,25 +387,6 @@ class DDPBucketed(DDP):
         super().__init__(module)
 
 
-class TorchDDP(nn.Module):
-    """torch.nn.parallel.DistributedDataParallel behind our interface: the peer in benchmarks (C++ reducer,
-    25 MB buckets after a 1 MB first bucket, all-reduces launched from autograd hooks like ours)."""
-
-    def __init__(self, module, **kwargs):
-        super().__init__()
-        self.module = module
-        self.ddp = nn.parallel.DistributedDataParallel(module, **kwargs)
-
-    def forward(self, *args, **kwargs):
-        return self.ddp(*args, **kwargs)
-
-    def no_sync(self):
-        return self.ddp.no_sync()
-
-    def finish_gradient_synchronization(self):
-        pass  # torch's reducer waits for its all-reduces at the end of backward
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 3. ShardedOptimizer (ZeRO stage 1)
 # ---------------------------------------------------------------------------------------------------------------
@@ -563,6 +402,8 @@ class TorchDDP(nn.Module):
 def assign_shards(sizes, world, load=None):
     """Greedy balanced partition: owner rank of each item (largest first to the lightest rank; ties -> lowest
     index), starting from an existing per-rank `load`. Deterministic, so every rank computes the same answer."""
+    # Largest-first greedy ("LPT" scheduling) is within 4/3 of the best possible max load; for a transformer's
+    # parameter sizes (many equal matrices) it is close to perfect balance.
     load = list(load) if load is not None else [0] * world
     owner = [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
@@ -584,7 +425,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._all_params = []       # every parameter, in order (global index = position here)
         self._owner = []            # global index -> owner rank
         self._local_groups = []     # per param group: the group dict of the local optimizer (or None)
-        self.local_optimizer = None
+        self.local_optimizer = None  # optimizer_cls over this rank's parameters only: the only state it holds
         super().__init__(params, kwargs)  # calls add_param_group for each group
         local = [g for g in self._local_groups if g is not None]
         if local:
@@ -636,6 +477,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _broadcast_params(self):
         """Each owner sends its freshly updated parameters: one flat broadcast per (owner, dtype)."""
+        # Every rank walks the owners in the same order (0..N-1) and the dtypes in sorted order, so the N
+        # broadcasts pair up. Volume: every parameter crosses the network once per step, like the all-gather
+        # half of an all-reduce.
         for r in range(self.world_size):
             owned = [p for p, o in zip(self._all_params, self._owner) if o == r]
             for dtype in sorted({p.dtype for p in owned}, key=str):
@@ -663,6 +507,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         """Collective. The state dict of the equivalent unsharded `optimizer_cls(params)`: state keyed by global
         parameter index, tensors on CPU. Every rank gets it (all_gather_object); rank 0 saves it."""
+        # each rank contributes the state of the parameters it owns, under their global index; the union over
+        # ranks is the whole state, exactly as one unsharded optimizer would have it
         mine = {}
         if self.local_optimizer is not None:
             local_params = [p for g in self.local_optimizer.param_groups for p in g["params"]]
@@ -691,9 +537,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
             raise ValueError("optimizer state dict does not match these parameter groups "
                              f"({[len(g['params']) for g in groups]} vs {[len(g['params']) for g in self.param_groups]})")
-        for g, saved in zip(self.param_groups, groups):
+        for g, saved in zip(self.param_groups, groups):   # hyperparameters (lr, betas, ...) on every rank
             g.update({k: v for k, v in saved.items() if k != "params"})
-        if self.local_optimizer is None:
+        if self.local_optimizer is None:                  # this rank owns nothing: no state to keep
             return
         state = {int(k): v for k, v in state_dict["state"].items()}
         for i, p in enumerate(self._all_params):
@@ -751,12 +597,16 @@ def _data_dependent_modules(module):
 
 class _ShardedWeight:
     """One (R, C) weight kept as this rank's block of rows."""
+    # Rows, not columns: row r of a Linear weight is output feature r and row r of an Embedding is token r, and a
+    # row block is contiguous in memory, so all-gather's concatenation of the N blocks IS the (padded) weight.
 
     def __init__(self, name, weight, rank, world):
         self.name = name
         self.full_shape = tuple(weight.shape)
         self.rows = -(-weight.shape[0] // world)                 # ceil(R / N) rows per rank
         self.world = world
+        # pad R up to N * rows with zero rows (e.g. vocab 50257 over 8 ranks), so every block has the same shape:
+        # collectives need equal-sized pieces; the padding rows are never read (sliced off after each gather)
         padded = weight.detach().new_zeros((self.rows * world,) + self.full_shape[1:])
         padded[: weight.shape[0]] = weight.detach()
         self.shard = nn.Parameter(padded[rank * self.rows: (rank + 1) * self.rows].clone(),
@@ -767,13 +617,17 @@ class _ShardedWeight:
 
 
 class _FSDPLinearFn(torch.autograd.Function):
+    """y = x W^T with W gathered for this use only. `shard` is passed (though unused) so that autograd connects
+    the output to the shard Parameter and calls backward for it; the shard's gradient arrives through the
+    reduce-scatter instead of the return value."""
+
     @staticmethod
     def forward(ctx, x, shard, fsdp, sw, pos):
         W = fsdp._acquire(sw, pos, +1)                           # (R, C) in compute dtype
         x_in = x.to(W.dtype)
         y = F.linear(x_in, W)                                    # (..., R) = x W^T
         fsdp._release(W)
-        ctx.save_for_backward(x_in)
+        ctx.save_for_backward(x_in)     # only the input is kept: W is gathered again in backward
         ctx.fsdp, ctx.sw, ctx.pos, ctx.x_dtype = fsdp, sw, pos, x.dtype
         return y
 
@@ -793,6 +647,9 @@ class _FSDPLinearFn(torch.autograd.Function):
 
 
 class _FSDPEmbeddingFn(torch.autograd.Function):
+    """y = W[ids]. Backward needs no weight at all (dL/dW is a scatter-add of dL/dy into the used rows), so an
+    embedding is gathered once per step, in forward."""
+
     @staticmethod
     def forward(ctx, ids, shard, fsdp, sw, pos):
         W = fsdp._acquire(sw, pos, +1)
@@ -845,6 +702,8 @@ class FSDP(nn.Module):
             del m._parameters["weight"]                 # the module no longer holds the full weight ...
             m.register_parameter("weight_shard", sw.shard)  # ... only its block of rows
             m.forward = self._make_forward(m, kind, sw)
+        # state-dict key -> its _ShardedWeight (None: replicated), and original parameter name -> the Parameter this
+        # rank optimizes for it; both let checkpoints keep the unsharded model's names
         self._weight_of_key = {k: self._sharded.get(id(t)) for k, t in self._orig_state}
         self._param_of_name = {}
         named = dict(self._orig_state)
@@ -859,15 +718,17 @@ class FSDP(nn.Module):
         self._replicated = [p for p in module.parameters() if p.requires_grad and id(p) not in shard_ids]
         self._pending_gathers = {}      # id(shard) -> [(full buffer, work, source)] in issue order
         self._pending_reductions = []   # (shard, grad block, full padded grad, work)
+        # the order of weight uses, recorded on the first forward: [(sharded weight, kind)], indexed by use number
         self._sequence, self._recording, self._cursor = None, [], 0
-        self.gathered_bytes, self.peak_gathered_bytes = 0, 0
+        self.gathered_bytes, self.peak_gathered_bytes = 0, 0   # full weights alive right now / at most (memory)
         self.comm_wait_seconds = 0.0    # time blocked waiting for gathers / reduce-scatters (bench)
 
     def _make_forward(self, m, kind, sw):
         fn = _FSDPLinearFn if kind == "linear" else _FSDPEmbeddingFn
 
+        # replaces the module's forward: the same computation, with the weight gathered for this use only
         def forward(x):
-            pos = self._cursor
+            pos = self._cursor          # use number within this forward pass (a tied weight has two)
             self._cursor += 1
             if self._sequence is None:
                 self._recording.append((sw, kind))
@@ -1022,16 +883,16 @@ class FSDP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. The training command
+# 5. Training on N ranks
 # ---------------------------------------------------------------------------------------------------------------
 # The loop is train.py's `train()`, the same code a single process runs; ddp.py only fills in its `TrainHooks`:
 # wrap the model (a strategy), build the optimizer over what the wrapper trains (ZeRO-1: sharded; FSDP: shards),
 # draw this rank's slice of the global batch, finish the gradient synchronization between backward and the
 # optimizer step, clip with a norm summed over shards (FSDP), all-reduce the loss and the eval sums, checkpoint
-# collectively (ZeRO-1's and FSDP's state lives on all ranks; rank 0 writes), and gather FSDP's weights into a
-# plain model for the samples. Around that call: rank agreement checks, data prepared by rank 0 first, resume
-# after a torchrun restart. A ddp.py checkpoint is a normal ScratchLM checkpoint (`train.py sample --checkpoint`
-# reads it).
+# collectively (ZeRO-1's and FSDP's state lives on all ranks; rank 0 writes), gather FSDP's weights into a plain
+# model for the samples, and agree on when to stop. Around that call: rank agreement checks, data prepared by
+# rank 0 first, resume after a torchrun restart. A ddp.py checkpoint is an ordinary ScratchLM checkpoint
+# (`train.py sample --checkpoint` reads it).
 #
 # Batches. The global batch of (step, micro-step) is a function of (seed, step, micro) only: G windows drawn from
 # one numpy stream, rank r taking the r-th contiguous 1/N of them. The same step therefore sees the same tokens at
@@ -1041,7 +902,7 @@ class FSDP(nn.Module):
 # Checkpoints are consolidated: the model's full state dict under its original names and the optimizer's state in
 # the format of the unsharded optimizer (state keyed by the index of each parameter in optimizer order), whatever
 # the strategy. Any world size and any strategy can resume from it; the optimizer's parameter names are stored
-# with it and checked on load.
+# with it and checked on load (the helpers are in the plumbing section at the end of the file).
 
 STRATEGIES = ("naive", "ddp", "bucketed", "zero1", "fsdp", "torch-ddp")
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -1064,38 +925,28 @@ def wrap_model(model, strategy, bucket_mb=25.0, compute_dtype=None):
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
 
 
-class _LocalOnly(nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *a, **k):
-        return self.module(*a, **k)
-
-    def no_sync(self):
-        return contextlib.nullcontext()
-
-    def finish_gradient_synchronization(self):
-        pass
-
-
 def shard_optimizer(opt):
     """The same optimizer (class, groups, hyperparameters) as a ShardedOptimizer; train.OptimizerGroup (Muon +
     AdamW) becomes a group of sharded members."""
     if isinstance(opt, T.OptimizerGroup):
         return T.OptimizerGroup([shard_optimizer(o) for o in opt.optimizers])
     import inspect
+    # rebuild with the same constructor arguments: opt.defaults may hold extra keys (e.g. "base_lr") that the
+    # class does not accept as keywords
     accepted = inspect.signature(type(opt).__init__).parameters
     kwargs = {k: v for k, v in opt.defaults.items() if k in accepted}
     return ShardedOptimizer([dict(g) for g in opt.param_groups], type(opt), **kwargs)
 
 
+FSDP_MUON_ERROR = ("--strategy fsdp shards weight matrices by rows, and Muon orthogonalizes whole matrices: use "
+                   "--optimizer adamw with fsdp (or --strategy zero1, which keeps whole parameters)")
+
+
 def build_strategy_optimizer(model, run_model, strategy, cfg):
+    """train.py's optimizer over what the strategy trains: FSDP's shards + replicated params, ZeRO-1 sharded."""
     if strategy == "fsdp":
         if cfg.optimizer == "muon":
-            raise ValueError("--strategy fsdp shards weight matrices by rows, and Muon orthogonalizes whole "
-                             "matrices: use --optimizer adamw with fsdp (or --strategy zero1, which keeps whole "
-                             "parameters)")
+            raise ValueError(FSDP_MUON_ERROR)
         return T.build_optimizer(run_model, cfg)  # over the shards and the replicated params
     opt = T.build_optimizer(model, cfg)
     return shard_optimizer(opt) if strategy == "zero1" else opt
@@ -1103,6 +954,408 @@ def build_strategy_optimizer(model, run_model, strategy, cfg):
 
 def _optimizer_params(opt):
     return [p for g in opt.param_groups for p in g["params"]]
+
+
+def accumulation_context(run_model, is_last_micro_step):
+    """Gradient accumulation over micro-batches: communicate only in the last micro-batch's backward (the DP
+    wrappers' no_sync), which then reduces the summed gradient once; FSDP reduce-scatters every micro-batch."""
+    return contextlib.nullcontext() if is_last_micro_step else run_model.no_sync()
+
+
+def clip_gradients(run_model, opt, max_norm):
+    """Global L2 norm clipping. DP: every rank holds the full averaged gradient -> train.py's function. FSDP: each
+    rank holds only its shards' gradients, so the norm must be assembled across ranks:
+        ||g||^2 = sum_r ||g_shards on r||^2  (one all-reduce)  +  ||g_replicated||^2  (same on every rank: once)
+    Without the all-reduce each rank would clip by its own partial norm: different scales on different shards,
+    i.e. a different update than one process would make."""
+    if not isinstance(run_model, FSDP):
+        return T.gradient_clipping(_optimizer_params(opt), max_norm)
+    shard_ids = {id(sw.shard) for sw in run_model._sharded}
+    params = [p for p in _optimizer_params(opt) if p.grad is not None]
+    sq_sharded = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) in shard_ids), torch.zeros(()))
+    sq_sharded = all_reduce_host(sq_sharded.to(torch.float64).cpu())
+    sq_repl = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) not in shard_ids), torch.zeros(()))
+    norm = math.sqrt(float(sq_sharded) + float(sq_repl))
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-6)        # the same eps as train.gradient_clipping
+        for p in params:
+            p.grad.mul_(scale)
+    return norm
+
+
+def global_batch_shard(tokens, global_batch, context_length, seed, step, micro, rank, world, device):
+    """Rank `rank`'s contiguous 1/world of the (seed, step, micro) global batch: x, y of shape (G/N, T)."""
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(tokens) - context_length, size=global_batch)   # same draw on every rank
+    per = global_batch // world
+    mine = starts[rank * per:(rank + 1) * per]                                   # (G/N,) window starts
+    windows = np.asarray(tokens[mine[:, None] + np.arange(context_length + 1)[None, :]], dtype=np.int64)
+    xy = torch.from_numpy(windows)                                               # (G/N, T+1)
+    return xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)
+
+
+# A wall-clock budget on N ranks. train.py stops a budgeted run at the top of the first step that starts after the
+# deadline, by its own clock. N ranks have N clocks and reach the top of a step at slightly different moments, so a
+# deadline falling between them would stop rank 0 before step s and rank 1 after it: rank 1 then waits forever in
+# step s's first collective (or pairs it with rank 0's checkpoint gather). The fix: one clock decides. After every
+# step, rank 0 turns its clock into a step count -- the last step that fits, from the recent time per step and the
+# time the final evaluation needs -- and one tiny all-reduce carries that number to every rank, which sets it as
+# the run's max_steps. Every rank then stops at the same step, and because the target is a step count, train.py's
+# schedule stretches its learning-rate curve over it exactly as over a --max-steps run (the progress line shows
+# "step s/target" and the ETA of that target).
+
+class SharedBudget:
+    """Rank 0's wall-clock budget as a step target all ranks agree on (see above). `start()` at the first step,
+    `agree(step)` after every step on every rank (a collective) -> the step to stop at."""
+
+    def __init__(self, cfg, loop_seconds, tokens_per_step, final_eval_tokens, rank):
+        self.loop_seconds = loop_seconds            # seconds the training loop may use (rank 0's clock)
+        self.user_max_steps = cfg.max_steps         # a --max-steps given with the budget is an upper bound
+        self.tokens_per_step = tokens_per_step      # over all ranks
+        # forward-only tokens of the final evaluation: windows overlap by context/stride
+        overlap = cfg.context_length / (cfg.eval_stride or max(cfg.context_length // 2, 1))
+        self.eval_tokens = final_eval_tokens * overlap
+        self.sample_seconds = 3.0 if cfg.num_samples else 0.0
+        self.rank = rank
+        self.t0 = time.time()                       # the budget's clock starts now (model building included)
+        self.times = collections.deque(maxlen=101)  # (step, time) of the last 100 steps: the recent speed
+        self.started = False
+        self.stopped_by_budget = False
+
+    def start(self, step):
+        self.started = True
+        self.times.append((step, time.time()))
+
+    def target(self, step):
+        """Rank 0: the step to stop at, judged from its clock after `step` steps."""
+        now = time.time()
+        self.times.append((step, now))
+        (s_old, t_old), elapsed = self.times[0], now - self.t0
+        sec_per_step = (now - t_old) / max(step - s_old, 1)
+        # time kept for the end of the run: the final eval is forward-only (~1/3 of a training step's work per
+        # token, counted as 1/1.5 for safety: the same rule as train.py's single-process budget) + samples
+        tokens_per_second = self.tokens_per_step / max(sec_per_step, 1e-9)
+        reserve = self.eval_tokens / (1.5 * tokens_per_second) + self.sample_seconds
+        left = self.loop_seconds - reserve - elapsed
+        if left < 0.5 * sec_per_step:                # the next step would end past the deadline: stop here
+            self.stopped_by_budget = True
+            return step
+        target = step + max(1, round(left / sec_per_step))
+        return min(target, self.user_max_steps) if self.user_max_steps else target
+
+    def agree(self, step):
+        """Collective: every rank gets rank 0's target (a sum in which only rank 0 contributes)."""
+        mine = torch.tensor([float(self.target(step)) if self.rank == 0 else 0.0], dtype=torch.float64)
+        return int(all_reduce_host(mine)[0])
+
+
+def _distributed_hooks(*, cfg, run_cfg, strategy, bucket_mb, compute_dtype, G, rank, world, device, data, out,
+                       budget, die_at_step):
+    """train.TrainHooks for this rank: what a group of ranks does differently from one process."""
+    train_tokens = data.train_tokens()
+
+    def load_optimizer_state(optimizer, run_model, ckpt):
+        # the consolidated state is keyed by position: refuse a checkpoint whose parameter order differs
+        saved_names = ckpt.get("optimizer_param_names")
+        names = optimizer_param_names(run_model, optimizer)
+        if saved_names is not None and saved_names != names:
+            diff = next(i for i, (a, b) in enumerate(zip(saved_names + [None], names + [None])) if a != b)
+            raise ValueError(f"checkpoint {out / 'ckpt.pt'}: optimizer parameter order differs at index {diff} "
+                             f"({saved_names[diff:diff + 1]} vs {names[diff:diff + 1]}); was it written "
+                             f"with a different --optimizer?")
+        if ckpt.get("optimizer") is not None:
+            load_full_optimizer_state(optimizer, run_model, ckpt["optimizer"])
+
+    def checkpoint_state(model, run_model, optimizer):
+        # consolidated, whatever the strategy: any world size and strategy can resume it (collective for
+        # ZeRO-1 and FSDP, whose state is spread over the ranks)
+        return dict(model=full_model_state(model, run_model), optimizer=full_optimizer_state(optimizer, run_model),
+                    optimizer_param_names=optimizer_param_names(run_model, optimizer),
+                    ddp=dict(world_size=world, strategy=strategy, global_batch_size=G,
+                             loop_budget_seconds=budget.loop_seconds if budget else None))
+
+    def full_model(model, run_model):
+        if not isinstance(run_model, FSDP):
+            return model
+        sd = full_model_state(model, run_model)  # collective; then a plain copy for generation
+        plain = M.TransformerLM.from_config(model.config).to(device)
+        plain.load_state_dict(sd)
+        return plain
+
+    def get_batch(step, micro):
+        if budget is not None and micro == 0 and not budget.started:
+            budget.start(step)                   # the loop's first step: the budget's clock starts
+        return global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro, rank, world, device)
+
+    def on_step(step, model, metrics):
+        _die_if_asked(die_at_step, step, rank, world, out)
+        if budget is not None:                   # every rank, every step: the shared stop decision
+            run_cfg.max_steps = budget.agree(step)
+
+    def communication_share(run_model, train_seconds):
+        comm = getattr(run_model, "comm_wait_seconds", None)
+        return "" if comm is None else f" | blocked on communication {100 * comm / max(train_seconds, 1e-9):.0f}%"
+
+    return T.TrainHooks(
+        wrap_model=lambda model: wrap_model(model, strategy, bucket_mb, compute_dtype),
+        build_optimizer=lambda model, run_model, c: build_strategy_optimizer(model, run_model, strategy, c),
+        load_optimizer_state=load_optimizer_state, get_batch=get_batch,
+        no_sync=accumulation_context,
+        sync_gradients=lambda run_model: run_model.finish_gradient_synchronization(),
+        clip_gradients=clip_gradients, all_reduce=all_reduce_host, on_step=on_step,
+        progress_note=communication_share, checkpoint_state=checkpoint_state, full_model=full_model)
+
+
+def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype=None, global_batch_size=None,
+                      die_at_step=None, backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print, t_start=None):
+    """Train per train.py's TrainConfig on every rank of the process group (torchrun): the checks and data
+    preparation a group of processes needs, then train.train() with this file's hooks. Returns its summary.
+    cfg.max_minutes is a budget for the whole group, decided by rank 0's clock (SharedBudget)."""
+    t_start = time.time() if t_start is None else t_start
+    rank, world, device = init_distributed(backend, timeout_s)
+    main = rank == 0
+    say = log if main else (lambda *a, **k: None)
+    out = Path(cfg.out_dir)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = cfg.resume or restarted   # torchrun --max-restarts: a restarted job continues from the checkpoint
+    # ---- every rank must agree on the run, or fail now with the differing fields named --------------------------
+    fingerprint = dict(dataclasses.asdict(cfg), strategy=strategy, bucket_mb=bucket_mb, world_size=world,
+                       compute_dtype=str(compute_dtype), global_batch_size=global_batch_size)
+    check_same_across_ranks("training configuration", fingerprint)
+    written_at, G, prior = _resume_state(out / "ckpt.pt", resume, global_batch_size or cfg.batch_size * world,
+                                         global_batch_size is not None)
+    if G % world != 0:
+        raise ValueError(f"global batch {G} sequences does not split over {world} ranks; pass "
+                         f"--global-batch-size divisible by the world size")
+    data = prepare_data_on_all_ranks(cfg, out, main, say)
+    say(f"ddp.py: {strategy} on {world} rank(s) ({dist.get_backend()}, {device}); global batch {G} x "
+        f"{cfg.grad_accum} accum x {cfg.context_length} tokens; run folder {out}")
+    if written_at is not None:
+        say(f"ddp.py: resuming a checkpoint written at world size {written_at.get('world_size', '?')} "
+            f"({written_at.get('strategy', '?')}), now {world} ({strategy})")
+    # ---- the budget: train.train gets a step count that rank 0 keeps re-estimating, never a clock ---------------
+    budget = None
+    if cfg.max_minutes is not None:
+        loop_seconds = (written_at or {}).get("loop_budget_seconds")
+        if loop_seconds is None:  # time left after imports, data preparation and the tokenizer (rank 0's clock)
+            loop_seconds = cfg.max_minutes * 60 - ((time.time() - t_start) if cfg.budget_includes_prep else 0.0)
+        final_eval = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(data.val_tokens())
+        budget = SharedBudget(cfg, loop_seconds - prior["train_seconds"],
+                              G * cfg.context_length * cfg.grad_accum, final_eval, rank)
+        left = torch.tensor([budget.loop_seconds if main else 0.0], dtype=torch.float64)
+        budget.loop_seconds = float(all_reduce_host(left)[0])    # rank 0's figure on every rank
+        if budget.loop_seconds <= 5 and prior["iteration"] == 0:
+            raise RanksFailedTogether(f"--max-minutes {cfg.max_minutes}: the budget is already used up by data "
+                                      f"preparation ({time.time() - t_start:.0f}s)")
+        say(f"ddp.py: time budget {cfg.max_minutes:g} min, {max(budget.loop_seconds, 0) / 60:.2f} min left for "
+            f"training; rank 0's clock decides, every rank stops at the same step")
+    # this rank's share of the global batch; threads: keep the launcher's per-rank count (torchrun's
+    # OMP_NUM_THREADS, launch_local's cores / N) unless --threads says otherwise
+    run_cfg = dataclasses.replace(cfg, batch_size=G // world, device=str(device), resume=resume, max_minutes=None,
+                                  max_steps=cfg.max_steps or 10**9, threads=cfg.threads or torch.get_num_threads())
+    if budget is not None and budget.loop_seconds <= 0:   # a resumed run whose budget is spent: no more steps
+        run_cfg.max_steps = prior["iteration"]
+    hooks = _distributed_hooks(cfg=cfg, run_cfg=run_cfg, strategy=strategy, bucket_mb=bucket_mb,
+                               compute_dtype=compute_dtype, G=G, rank=rank, world=world, device=device, data=data,
+                               out=out, budget=budget, die_at_step=die_at_step)
+    summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
+    check_same_across_ranks("the final step", summary["steps"])   # the shared budget's promise, verified
+    dist.barrier()
+    stop = "time budget" if budget is not None and budget.stopped_by_budget else summary.get("stop_reason")
+    say(f"ddp.py: every rank stopped at step {summary['steps']} ({stop})")
+    return dict(summary, world_size=world, strategy=strategy, stop_reason=stop)
+
+
+# ===== Appendix: plumbing =====
+# Process groups, the local launcher, helpers that make every rank agree or fail together, data preparation on N
+# ranks, and the consolidated checkpoint format.
+#
+# torchrun starts N copies of this script and tells each one who it is through environment variables:
+#   RANK (0..N-1 over all machines), LOCAL_RANK (index on this machine -> which GPU), WORLD_SIZE (N),
+#   MASTER_ADDR/MASTER_PORT (where rank 0's rendezvous store listens).
+# `init_process_group` connects them. The backend moves the bytes: NCCL between GPUs, gloo between CPU processes.
+# A collective blocks until every rank joins it; if one rank never arrives (crashed, different config, took
+# another code path) the others would wait forever. The timeout (DEFAULT_TIMEOUT_S, at the top) turns such a hang
+# into an error.
+
+def init_distributed(backend=None, timeout_s=DEFAULT_TIMEOUT_S):
+    """Join the process group described by torchrun's env vars (or a single process if there are none).
+    Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:  # plain `python ddp.py ...`: a world of one, still a real process group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Under torchrun the agent hosts the rendezvous store and keeps it across restarts; the dead ranks'
+            # connection addresses from the previous attempt are still in it, and a restarted rank would try to
+            # connect to them. A key prefix per attempt gives every restart a clean namespace.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timeout)
+            store = dist.PrefixStore(f"scratchlm_ddp/attempt_{restart}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port():
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(local_rank, world_size, port, threads, fn, args):
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    fn(*args)
+
+
+def launch_local(fn, nprocs, *args):
+    """Run fn(*args) in `nprocs` fresh processes on this machine, with the same environment torchrun would give
+    them (so fn calls init_distributed() either way). Used by tests and by `bench`/`bench-comm --nproc N`.
+    Each process gets cores/N threads: N processes x all cores each would fight over the same cores."""
+    threads = max(1, (os.cpu_count() or 1) // nprocs)
+    mp.spawn(_spawn_entry, args=(nprocs, free_port(), threads, fn, args), nprocs=nprocs, join=True)
+
+
+def rank0_print(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_host(t, op=dist.ReduceOp.SUM):
+    """All-reduce a small CPU tensor (loss sums, norms) whatever the backend: NCCL only reduces GPU tensors."""
+    if dist.get_backend() == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+        t_dev = t.to(dev)
+        dist.all_reduce(t_dev, op=op)
+        t.copy_(t_dev.cpu())
+    else:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def check_same_across_ranks(name, value):
+    """Fail fast when ranks disagree (different configs, different data): gather every rank's value (a dict or
+    anything picklable) and raise on every rank with the differing fields named. Without this a mismatch shows
+    up as a hang inside the first collective whose shapes differ, or as silently different models."""
+    world = dist.get_world_size()
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    if all(v == values[0] for v in values):
+        return
+    if all(isinstance(v, dict) for v in values):
+        keys = sorted(set().union(*[v.keys() for v in values]))
+        diffs = [f"{k}: " + ", ".join(f"rank{r}={v.get(k, '<missing>')!r}" for r, v in enumerate(values))
+                 for k in keys if len({repr(v.get(k, '<missing>')) for v in values}) > 1]
+        raise RanksFailedTogether(f"{name} differs across ranks: " + "; ".join(diffs))
+    raise RanksFailedTogether(f"{name} differs across ranks: " + ", ".join(f"rank{r}={v!r}" for r, v in enumerate(values)))
+
+
+
+class RanksFailedTogether(ValueError):
+    """An error every rank raises with the same message (the agreement checks): reported once, by rank 0."""
+
+
+def _all_ranks_ok(what, fn):
+    """Run fn() on every rank; if it raised anywhere, raise on EVERY rank with each failing rank's message (a rank
+    that died alone would leave the others blocked in their next collective)."""
+    result, err = None, None
+    try:
+        result = fn()
+    except Exception as e:  # re-raised below, on all ranks, with the rank named
+        err = f"{type(e).__name__}: {e}"
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err)
+    bad = [(r, e) for r, e in enumerate(errs) if e is not None]
+    if bad:
+        raise RanksFailedTogether(f"{what} failed on " + "; ".join(f"rank {r}: {e}" for r, e in bad))
+    return result
+
+
+def prepare_data_on_all_ranks(cfg, out, main, say):
+    """train.prepare_data on every rank without N ranks racing to build the same caches: rank 0 builds them
+    (corpus, tokenizer training, encoding -- possibly hours for a large corpus), the others wait at a barrier with
+    a long timeout and then read the finished caches. A failure anywhere fails every rank with its message."""
+    data, err = None, None
+    if main:
+        try:
+            T.check_out_dir(out)
+            data = T.prepare_data(cfg, log=say)
+        except Exception as e:  # reported on every rank below
+            err = f"{type(e).__name__}: {e}"
+    long_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
+    dist.barrier(group=long_wait)
+    if not main:
+        try:
+            data = T.prepare_data(cfg, log=lambda *a, **k: None)   # reads rank 0's caches
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"
+
+    def report_preparation():
+        if err is not None:
+            raise RuntimeError(err)
+    _all_ranks_ok("data preparation", report_preparation)
+
+    def check_data():
+        tr, va = data.train_tokens(), data.val_tokens()
+        for name, arr, path in (("training", tr, data.train_path), ("validation", va, data.val_path)):
+            if len(arr) < cfg.context_length + 2:
+                raise ValueError(f"{name} split {path} has {len(arr)} tokens, fewer than one context window + 1 "
+                                 f"({cfg.context_length + 1}): this rank has no data to train on")
+        return dict(train_tokens=len(tr), val_tokens=len(va), vocab_size=data.tokenizer.vocab_size)
+    check_same_across_ranks("data", _all_ranks_ok("data check", check_data))
+    return data
+
+
+def _resume_state(ckpt_path, resume, G, G_given):
+    """What a resumed run needs before train.train reads the checkpoint itself: the ddp entry it was written
+    with, the global batch (the checkpoint's, unless --global-batch-size was given: the same batches at any world
+    size), and the iteration and loop time already spent. Read on every rank, so a bad file fails on all."""
+    prior = dict(train_seconds=0.0, iteration=0)
+    if not (resume and ckpt_path.exists()):
+        return None, G, prior
+    ckpt = _all_ranks_ok("reading the checkpoint", lambda: T.read_checkpoint(ckpt_path))
+    written_at = ckpt.get("ddp", {})
+    G = G if G_given else int(written_at.get("global_batch_size", G))
+    prior = dict(train_seconds=float(ckpt.get("train_seconds", 0.0)), iteration=int(ckpt.get("iteration", 0)))
+    return written_at, G, prior
+
+
+# Testing the restart path: the last rank SIGKILLs itself after step N, once. Reached through this environment
+# variable (not a command-line flag: it is a test tool, not something a user runs).
+DIE_AT_STEP_ENV = "SCRATCHLM_DDP_DIE_AT_STEP"
+
+
+def _die_if_asked(die_at_step, step, rank, world, out):
+    if die_at_step is not None and step == die_at_step and rank == world - 1 and world > 1:
+        marker = out / f".died_at_step_{die_at_step}"
+        if not marker.exists():  # die only the first time: the restarted job must get past this step
+            marker.write_text(f"rank {rank} killed itself at step {step}\n")
+            print(f"rank {rank}: {DIE_AT_STEP_ENV}={step}: killing myself (SIGKILL)", flush=True)
+            os.kill(os.getpid(), 9)
+
+
+# Consolidated checkpoints: whatever the strategy, the file holds the full model under its original names and the
+# optimizer state of the equivalent unsharded optimizer, so any world size and strategy can resume it.
 
 
 def optimizer_param_names(run_model, opt):
@@ -1152,185 +1405,137 @@ def load_full_optimizer_state(opt, run_model, full_sd):
     opt.load_state_dict({"state": state, "param_groups": full_sd["param_groups"]})
 
 
-def clip_gradients(run_model, opt, max_norm):
-    """Global L2 norm clipping. DP: every rank holds the full averaged gradient -> train.py's function. FSDP: the
-    norm^2 is the sum over ranks of the shards' norm^2 plus the replicated params' norm^2 (counted once)."""
-    if not isinstance(run_model, FSDP):
-        return T.gradient_clipping(_optimizer_params(opt), max_norm)
-    shard_ids = {id(sw.shard) for sw in run_model._sharded}
-    params = [p for p in _optimizer_params(opt) if p.grad is not None]
-    sq_sharded = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) in shard_ids), torch.zeros(()))
-    sq_sharded = all_reduce_host(sq_sharded.to(torch.float64).cpu())
-    sq_repl = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) not in shard_ids), torch.zeros(()))
-    norm = math.sqrt(float(sq_sharded) + float(sq_repl))
-    if norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            p.grad.mul_(scale)
-    return norm
+# ===== Appendix: benchmarks =====
+# The tour of the collectives, their bandwidth, and every strategy's step time and memory side by side with
+# torch's own DistributedDataParallel (the peer).
+
+def collectives_tour():
+    """Print what each collective does on tiny tensors (run: python ddp.py tour, or under torchrun)."""
+    rank, world, device = init_distributed()
+    lines = []
+    show = lambda what, t: lines.append(f"rank {rank}: {what:36s} {[round(v, 2) for v in t.tolist()]}")
+    x = torch.arange(4, dtype=torch.float32, device=device) + 10 * rank          # rank r holds [10r, .., 10r+3]
+    # (each call below blocks until every rank has called it: collectives are rendezvous points)
+    show("mine", x)
+    y = x.clone(); dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    show("all_reduce(SUM)", y)
+    z = x.clone(); ring_all_reduce(z)
+    show("ring_all_reduce (send/recv only)", z)
+    g = torch.empty(world * 4, device=device); dist.all_gather_single(g, x)
+    show("all_gather", g)
+    if 4 % world == 0:
+        rs = torch.empty(4 // world, device=device)
+        dist.reduce_scatter_single(rs, x)
+        show("reduce_scatter (my chunk of the sum)", rs)
+    b = x.clone(); dist.broadcast(b, src=0)
+    show("broadcast from rank 0", b)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, lines)   # print in order, from rank 0
+    if rank == 0:
+        for i in range(len(lines)):
+            for r in range(world):
+                print(everyone[r][i])
+    cleanup_distributed()
 
 
-def global_batch_shard(tokens, global_batch, context_length, seed, step, micro, rank, world, device):
-    """Rank `rank`'s contiguous 1/world of the (seed, step, micro) global batch: x, y of shape (G/N, T)."""
-    rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, len(tokens) - context_length, size=global_batch)   # same draw on every rank
-    per = global_batch // world
-    mine = starts[rank * per:(rank + 1) * per]
-    windows = np.asarray(tokens[mine[:, None] + np.arange(context_length + 1)[None, :]], dtype=np.int64)
-    xy = torch.from_numpy(windows)                                               # (G/N, T+1)
-    return xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)
+
+def _timed_collective(op, nbytes, device, iters, warmup):
+    """Seconds per call of `op` on an fp32 tensor of nbytes (median of iters after warmup)."""
+    world = dist.get_world_size()
+    n = nbytes // 4
+    if op == "all_reduce":
+        x = torch.ones(n, device=device)
+        call = lambda: dist.all_reduce(x)
+    elif op == "all_gather":
+        x, out = torch.ones(n // world, device=device), torch.empty(n // world * world, device=device)
+        call = lambda: dist.all_gather_single(out, x)
+    elif op == "reduce_scatter":
+        x, out = torch.ones(n // world * world, device=device), torch.empty(n // world, device=device)
+        call = lambda: dist.reduce_scatter_single(out, x)
+    else:
+        raise ValueError(f"unknown collective {op!r}")
+    times = []
+    for i in range(warmup + iters):
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    t = torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64)
+    all_reduce_host(t, op=dist.ReduceOp.MAX)          # the slowest rank's time is the collective's time
+    return float(t.item())
 
 
-def _all_ranks_ok(what, fn):
-    """Run fn() on every rank; if it raised anywhere, raise on EVERY rank with each failing rank's message (a rank
-    that died alone would leave the others blocked in their next collective)."""
-    result, err = None, None
-    try:
-        result = fn()
-    except Exception as e:  # re-raised below, on all ranks, with the rank named
-        err = f"{type(e).__name__}: {e}"
-    errs = [None] * dist.get_world_size()
-    dist.all_gather_object(errs, err)
-    bad = [(r, e) for r, e in enumerate(errs) if e is not None]
-    if bad:
-        raise ValueError(f"{what} failed on " + "; ".join(f"rank {r}: {e}" for r, e in bad))
-    return result
+def bench_comm(args):
+    """Time all-reduce (and all-gather / reduce-scatter) from --min-mb to --max-mb fp32 bytes, doubling."""
+    rank, world, device = init_distributed(args.backend)
+    ops = args.ops.split(",")
+    rank0_print(f"bench-comm: world {world}, backend {dist.get_backend()}, device {device}, "
+                f"{args.iters} timed iterations after {args.warmup} warm-up (median, slowest rank)")
+    rank0_print("busbw = algbw * 2(N-1)/N for all_reduce, * (N-1)/N for all_gather/reduce_scatter: the bytes "
+                "each rank's link carries in a ring")
+    rank0_print(f"{'op':15s} {'size':>10s} {'time ms':>10s} {'algbw GB/s':>11s} {'busbw GB/s':>11s}")
+    rows = []
+    mb = args.min_mb
+    while mb <= args.max_mb:
+        nbytes = int(mb * 2**20)
+        for op in ops:
+            t = _timed_collective(op, nbytes, device, args.iters, args.warmup)
+            factor = 2 * (world - 1) / world if op == "all_reduce" else (world - 1) / world
+            algbw = nbytes / t / 1e9
+            rows.append(dict(op=op, mb=mb, seconds=t, algbw=algbw, busbw=algbw * factor, world=world))
+            rank0_print(f"{op:15s} {mb:>8g}MB {t * 1e3:10.3f} {algbw:11.3f} {algbw * factor:11.3f}")
+        mb *= 2
+    if args.out and rank == 0:
+        atomic_write_json(args.out, rows)
+    cleanup_distributed()
 
 
-def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype=None, global_batch_size=None,
-                      die_at_step=None, backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print):
-    """Train per train.py's TrainConfig on every rank of the process group (torchrun): the checks and data
-    preparation a group of processes needs, then train.train() with this file's hooks. Returns its summary."""
-    t_start = time.time()
-    rank, world, device = init_distributed(backend, timeout_s)
-    main = rank == 0
-    say = (lambda *a: log(*a)) if main else (lambda *a: None)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if cfg.compile:
-        raise ValueError("--compile is not supported by ddp.py's hook-based wrappers; run without it")
-    if cfg.max_steps is None:
-        raise ValueError("ddp.py needs --max-steps (a wall-clock budget would stop ranks at different steps)")
-    if cfg.max_minutes is not None:
-        say(f"ddp.py: ignoring the wall-clock budget ({cfg.max_minutes} min): ranks stop at --max-steps "
-            f"{cfg.max_steps}")
-    G = global_batch_size or cfg.batch_size * world
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "ckpt.pt"
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = cfg.resume or restarted   # torchrun --max-restarts: a restarted job continues from the checkpoint
-    # ---- every rank must agree on the run, or fail now with the differing fields named --------------------------
-    fingerprint = dict(dataclasses.asdict(cfg), strategy=strategy, bucket_mb=bucket_mb, world_size=world,
-                       compute_dtype=str(compute_dtype), global_batch_size=global_batch_size)
-    check_same_across_ranks("training configuration", fingerprint)
-    written_at = None
-    if resume and ckpt_path.exists():  # read here on every rank, so a bad file fails on all of them
-        ckpt = _all_ranks_ok("reading the checkpoint", lambda: T.read_checkpoint(ckpt_path))
-        written_at = ckpt.get("ddp", {})
-        G = int(written_at.get("global_batch_size", G)) if global_batch_size is None else G
-        del ckpt
-    if G % world != 0:
-        raise ValueError(f"global batch {G} sequences does not split over {world} ranks; pass "
-                         f"--global-batch-size divisible by the world size")
-    # ---- data: rank 0 builds the caches (tokenizer training, encoding), then the others read them ---------------
-    data, err = None, None
-    if main:
-        try:
-            T.check_out_dir(out)
-            data = T.prepare_data(cfg, log=say)
-        except Exception as e:  # reported on every rank below
-            err = f"{type(e).__name__}: {e}"
-    long_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))  # data prep can take hours
-    dist.barrier(group=long_wait)
-    if not main:
-        try:
-            data = T.prepare_data(cfg, log=lambda *a, **k: None)   # reads rank 0's caches
-        except Exception as e:
-            err = f"{type(e).__name__}: {e}"
 
-    def report_preparation():
-        if err is not None:
-            raise RuntimeError(err)
-    _all_ranks_ok("data preparation", report_preparation)
+class TorchDDP(nn.Module):
+    """torch.nn.parallel.DistributedDataParallel behind our interface: the peer in benchmarks (C++ reducer,
+    25 MB buckets after a 1 MB first bucket, all-reduces launched from autograd hooks like ours)."""
 
-    def check_data():
-        tr, va = data.train_tokens(), data.val_tokens()
-        for name, arr, path in (("training", tr, data.train_path), ("validation", va, data.val_path)):
-            if len(arr) < cfg.context_length + 2:
-                raise ValueError(f"{name} split {path} has {len(arr)} tokens, fewer than one context window + 1 "
-                                 f"({cfg.context_length + 1}): this rank has no data to train on")
-        return dict(train_tokens=len(tr), val_tokens=len(va), vocab_size=data.tokenizer.vocab_size)
-    check_same_across_ranks("data", _all_ranks_ok("data check", check_data))
-    train_tokens = data.train_tokens()
-    say(f"ddp.py: {strategy} on {world} rank(s) ({dist.get_backend()}, {device}); global batch {G} x "
-        f"{cfg.grad_accum} accum x {cfg.context_length} tokens")
-    if written_at is not None:
-        say(f"ddp.py: resuming a checkpoint written at world size {written_at.get('world_size', '?')} "
-            f"({written_at.get('strategy', '?')}), now {world} ({strategy})")
+    def __init__(self, module, **kwargs):
+        super().__init__()
+        self.module = module
+        self.ddp = nn.parallel.DistributedDataParallel(module, **kwargs)
 
-    # ---- the hooks: what a group of ranks does differently from one process (see train.TrainHooks) --------------
-    def load_optimizer_state(optimizer, run_model, ckpt):
-        saved_names = ckpt.get("optimizer_param_names")
-        names = optimizer_param_names(run_model, optimizer)
-        if saved_names is not None and saved_names != names:
-            diff = next(i for i, (a, b) in enumerate(zip(saved_names + [None], names + [None])) if a != b)
-            raise ValueError(f"checkpoint {ckpt_path}: optimizer parameter order differs at index {diff} "
-                             f"({saved_names[diff:diff + 1]} vs {names[diff:diff + 1]}); was it written "
-                             f"with a different --optimizer?")
-        if ckpt.get("optimizer") is not None:
-            load_full_optimizer_state(optimizer, run_model, ckpt["optimizer"])
+    def forward(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
 
-    def checkpoint_state(model, run_model, optimizer):
-        # consolidated, whatever the strategy: any world size and strategy can resume it
-        return dict(model=full_model_state(model, run_model), optimizer=full_optimizer_state(optimizer, run_model),
-                    optimizer_param_names=optimizer_param_names(run_model, optimizer),
-                    ddp=dict(world_size=world, strategy=strategy, global_batch_size=G))
+    def no_sync(self):
+        return self.ddp.no_sync()
 
-    def full_model(model, run_model):
-        if not isinstance(run_model, FSDP):
-            return model
-        sd = full_model_state(model, run_model)  # collective; then a plain copy for generation
-        plain = M.TransformerLM.from_config(model.config).to(device)
-        plain.load_state_dict(sd)
-        return plain
-
-    def die_if_asked(step, model, metrics):
-        if die_at_step is not None and step == die_at_step and rank == world - 1 and world > 1:
-            marker = out / f".died_at_step_{die_at_step}"
-            if not marker.exists():  # die only the first time: the restarted job must get past this step
-                marker.write_text(f"rank {rank} killed itself at step {step}\n")
-                print(f"rank {rank}: --die-at-step {step}: killing myself (SIGKILL)", flush=True)
-                os.kill(os.getpid(), 9)
-
-    def communication_share(run_model, train_seconds):
-        comm = getattr(run_model, "comm_wait_seconds", None)
-        return "" if comm is None else f" | blocked on communication {100 * comm / max(train_seconds, 1e-9):.0f}%"
-
-    hooks = T.TrainHooks(
-        wrap_model=lambda model: wrap_model(model, strategy, bucket_mb, compute_dtype),
-        build_optimizer=lambda model, run_model, c: build_strategy_optimizer(model, run_model, strategy, c),
-        load_optimizer_state=load_optimizer_state,
-        get_batch=lambda step, micro: global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro,
-                                                         rank, world, device),
-        no_sync=lambda run_model, last: contextlib.nullcontext() if last else run_model.no_sync(),
-        sync_gradients=lambda run_model: run_model.finish_gradient_synchronization(),
-        clip_gradients=clip_gradients, all_reduce=all_reduce_host, on_step=die_if_asked,
-        progress_note=communication_share, checkpoint_state=checkpoint_state, full_model=full_model)
-    # this rank's share of the global batch; threads: keep the launcher's per-rank count (torchrun's
-    # OMP_NUM_THREADS, launch_local's cores / N) unless --threads says otherwise
-    run_cfg = dataclasses.replace(cfg, batch_size=G // world, device=str(device), resume=resume, max_minutes=None,
-                                  threads=cfg.threads or torch.get_num_threads())
-    summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
-    dist.barrier()
-    return dict(summary, world_size=world, strategy=strategy)
+    def finish_gradient_synchronization(self):
+        pass  # torch's reducer waits for its all-reduces at the end of backward
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 6. Benchmark: every strategy on the same model and batch, side by side, interleaved
-# ---------------------------------------------------------------------------------------------------------------
+
+class _LocalOnly(nn.Module):
+    """The 'local' baseline of `bench`: the same step with no communication at all."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *a, **k):
+        return self.module(*a, **k)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def finish_gradient_synchronization(self):
+        pass
+
+
 # Step time = forward + backward + gradient synchronization + optimizer step, per rank, timed between barriers.
-# The machine may be busy (shared cores), so strategies take turns: R rounds, each running k steps of every
-# strategy in a rotated order, and we report the median round -> load changes hit all strategies alike.
+# Strategies take turns: R rounds, each running k steps of every strategy in a rotated order, and we report the
+# median round, so a change in the machine's speed during the run hits all strategies alike.
 # "local" runs the same step with no communication at all: exposed communication share = 1 - t_local / t.
 # Memory: bytes of parameters + gradients + optimizer state this rank holds (counted from the tensors), and for FSDP
 # the peak of gathered full weights alive at once.
@@ -1390,8 +1595,7 @@ def bench(args):
     rank0_print(f"bench: {world} ranks ({dist.get_backend()}, {device}, {torch.get_num_threads()} threads/rank), "
                 f"TransformerLM {n_params / 1e6:.2f}M params (d_model {cfg.d_model}, {cfg.num_layers} layers, "
                 f"vocab {cfg.vocab_size}), per-rank batch {args.batch_size} x {cfg.context_length} tokens; "
-                f"{args.rounds} rounds x {args.steps} steps per strategy, interleaved; load average "
-                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+                f"{args.rounds} rounds x {args.steps} steps per strategy, interleaved; {machine_label()}")
     memory = {s: one_step(s, measure_memory=True) for s in strategies}   # warm-up step + memory accounting
     for s in strategies:
         one_step(s)
@@ -1413,8 +1617,8 @@ def bench(args):
     median = lambda v: sorted(v)[len(v) // 2]
     med = {s: median(v) for s, v in times.items()}
     peer = "torch-ddp" if "torch-ddp" in times else None
-    # paired ratio: each round's time over the peer's time in the SAME round, median over rounds. On a shared
-    # machine the load drifts between rounds; within one round both saw (nearly) the same load.
+    # paired ratio: each round's time over the peer's time in the SAME round, median over rounds. The machine's
+    # speed may drift between rounds; within one round both ran under (nearly) the same conditions.
     paired = {s: median([t / p for t, p in zip(times[s], times[peer])]) if peer else float("nan")
               for s in strategies}
     local = med.get("local")
@@ -1452,32 +1656,55 @@ def bench(args):
         rank0_print(f"ZeRO-1 optimizer state per rank / unsharded: {mem['zero1']['optimizer'] / base['optimizer']:.3f} "
                     f"(ideal 1/{world} = {1 / world:.3f})")
     if args.out and rank == 0:
-        _atomic_write_text(args.out, json.dumps(dict(world=world, params=n_params, rows=rows,
-                                                     load_average=os.getloadavg()), indent=1))
+        atomic_write_json(args.out, dict(world=world, params=n_params, rows=rows, machine=machine_label(),
+                                         load_average=os.getloadavg()))
     cleanup_distributed()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. Command line
+# Command line
 # ---------------------------------------------------------------------------------------------------------------
+# Under torchrun every rank runs this same command line, so every check below runs on every rank, BEFORE the
+# process group exists (nothing to hang on) and before any data or model work; only rank 0 prints, and a usage
+# error is one line with exit status 2. (torchrun itself then adds its own failure summary, as it does for any
+# worker that exits with an error.)
+
+class UsageError(ValueError):
+    """A bad command line: one line on stderr (rank 0 only) and exit status 2."""
+
 
 def _under_launcher():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _env_rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def _one_line_errors(p):
+    """argparse prints its whole usage text before an error (30 lines for train.py's options); here a usage error
+    is one line, printed by main()."""
+    def error(message):
+        raise UsageError(f"{message} (see {p.prog} --help)")
+    p.error = error
+    return p
 
 
 def build_train_parser():
     p = T.get_parser()
     p.prog = "ddp.py"
     p.description = ("Distributed training of a ScratchLM model: the same options as train.py, run on every rank "
-                     "by torchrun (torchrun --nproc_per_node=N ddp.py [preset] [--flags] --strategy S), or "
-                     "spawned locally with --nproc N. Other commands: 'ddp.py bench --help', "
-                     "'ddp.py bench-comm --help', 'ddp.py tour --help'.")
+                     "by torchrun (torchrun --nproc_per_node=N ddp.py [preset] [--flags] [--strategy S]; bare "
+                     "`torchrun ddp.py` trains train.py's demo, into runs/ddp-demo), or spawned locally by "
+                     "`python ddp.py [--nproc N]`. A time budget (--max-minutes, the presets' default) is decided "
+                     "by rank 0's clock, so every rank stops at the same step. Other commands: 'ddp.py bench "
+                     "--help', 'ddp.py bench-comm --help', 'ddp.py tour --help'.")
     d = p.add_argument_group("distributed")
     d.add_argument("--strategy", default="bucketed", choices=STRATEGIES,
                    help="naive: blocking all-reduce after backward; ddp: async all-reduce per parameter from "
                         "backward hooks; bucketed: the same per bucket; zero1: bucketed + ShardedOptimizer "
-                        "(optimizer state / N); fsdp: weights, grads and optimizer state / N (needs --optimizer "
-                        "adamw); torch-ddp: torch's DistributedDataParallel")
+                        "(optimizer state / N); fsdp: weights, grads and optimizer state / N (trains with AdamW); "
+                        "torch-ddp: torch's DistributedDataParallel")
     d.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for bucketed/zero1/torch-ddp")
     d.add_argument("--compute-dtype", default="fp32", choices=list(_DTYPES),
                    help="fsdp: dtype of gathered weights and matmuls (master weights and optimizer stay fp32)")
@@ -1489,37 +1716,125 @@ def build_train_parser():
     d.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="seconds a collective may wait for the other ranks before failing (catches mismatches)")
     d.add_argument("--nproc", type=int, default=None,
-                   help="when not started by torchrun: spawn this many local processes (default 1)")
-    d.add_argument("--die-at-step", type=int, default=None,
-                   help="testing the restart path: the last rank SIGKILLs itself after this step, once (a marker "
-                        "file in the run folder stops it from dying again after torchrun restarts the job)")
-    return p
+                   help="without torchrun: spawn this many local processes (default: the number of GPUs, or 2 "
+                        "on CPU); ignored under torchrun, which sets the world size")
+    if not any(a.dest == "overwrite" for a in p._actions):
+        d.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run in the run folder (default: refuse; --resume continues it)")
+    return _one_line_errors(p)
 
 
 def config_for_strategy(args):
-    """train.py's config from the parsed flags, with one strategy-specific default: every preset trains with Muon,
-    which orthogonalizes whole weight matrices, but FSDP holds row shards of them. When the user did not choose the
-    optimizer, FSDP trains with AdamW; an explicit --optimizer muon still gets build_strategy_optimizer's error."""
+    """train.py's config from the parsed flags, with ddp.py's defaults: the run folder is runs/ddp-<preset> (a
+    distributed run never lands in `python train.py`'s runs/<preset>), and FSDP trains with AdamW when the user did
+    not choose the optimizer (every preset trains with Muon, which orthogonalizes whole weight matrices, but FSDP
+    holds row shards of them); an explicit --optimizer muon still gets FSDP_MUON_ERROR."""
     if args.strategy == "fsdp" and args.optimizer is None:
         args.optimizer = "adamw"
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _env_rank() == 0:
             print("--strategy fsdp: using --optimizer adamw (the preset's Muon needs whole weight matrices)")
-    return T.config_from_args(args)
+    cfg = T.config_from_args(args)
+    if args.out_dir is None:
+        cfg.out_dir = str(Path("runs") / f"ddp-{cfg.preset}")
+    return cfg
 
 
-def _train_entry(argv):
+def check_train_args(args, world):
+    """Every option of the training command, checked before any process group, data or model exists. Returns the
+    TrainConfig; raises UsageError naming the option."""
+    try:
+        cfg = config_for_strategy(args)
+    except ValueError as e:   # train.py's own checks of its options
+        raise UsageError(str(e)) from None
+    checks = [
+        (args.bucket_mb > 0, f"--bucket-mb must be > 0, got {args.bucket_mb}"),
+        (args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}"),
+        (args.global_batch_size is None or args.global_batch_size >= 1,
+         f"--global-batch-size must be >= 1, got {args.global_batch_size}"),
+        (args.nproc is None or args.nproc >= 1, f"--nproc must be >= 1, got {args.nproc}"),
+        (not cfg.compile, "--compile is not supported by ddp.py's hook-based wrappers; run without it"),
+        (not (args.strategy == "fsdp" and cfg.optimizer == "muon"), FSDP_MUON_ERROR),
+        (args.compute_dtype == "fp32" or args.strategy == "fsdp",
+         f"--compute-dtype {args.compute_dtype} applies to --strategy fsdp only"),
+        (args.backend != "nccl" or torch.cuda.is_available(), "--backend nccl needs CUDA GPUs; use gloo on CPUs"),
+    ]
+    G = args.global_batch_size or cfg.batch_size * world
+    checks.append((cfg.resume or G % world == 0,     # (on resume the checkpoint's global batch is checked later)
+                   f"--global-batch-size {G} does not split over {world} ranks; give a multiple of {world}"))
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file, not a folder")
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    earlier = [f for f in ("ckpt.pt", "metrics.jsonl") if (out / f).exists()]
+    if earlier and not (cfg.resume or restarted or getattr(args, "overwrite", False)):
+        raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
+                         f"--overwrite to replace it, or --out-dir DIR for a new run")
+    return cfg
+
+
+def _report_error(e, rank):
+    """One line per failure: rank 0 reports errors every rank shares; other ranks only their own."""
+    if rank == 0:
+        print(f"ddp.py: error: {e}", file=sys.stderr, flush=True)
+    elif not isinstance(e, RanksFailedTogether):
+        print(f"ddp.py: rank {rank}: error: {e}", file=sys.stderr, flush=True)
+
+
+def _train_entry(argv, t_start=None):
+    """One rank of the training command (under torchrun, spawned by launch_local, or alone). Returns the exit
+    status."""
     args = build_train_parser().parse_args(argv)
-    cfg = config_for_strategy(args)
-    if args.global_batch_size is not None and args.global_batch_size < 1:
-        raise ValueError("--global-batch-size must be >= 1")
-    if args.timeout <= 0:
-        raise ValueError("--timeout must be > 0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = check_train_args(args, world)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if getattr(args, "overwrite", False) and not cfg.resume and not restarted and _env_rank() == 0:
+        # the replaced run's checkpoint must go now: a torchrun restart before the first new checkpoint would
+        # otherwise resume the OLD run (metrics.jsonl is restarted by train.train itself)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(Path(cfg.out_dir) / "ckpt.pt")
+    die = os.environ.get(DIE_AT_STEP_ENV)
     try:
         train_distributed(cfg, strategy=args.strategy, bucket_mb=args.bucket_mb,
                           compute_dtype=_DTYPES[args.compute_dtype], global_batch_size=args.global_batch_size,
-                          die_at_step=args.die_at_step, backend=args.backend, timeout_s=args.timeout)
+                          die_at_step=int(die) if die else None, backend=args.backend, timeout_s=args.timeout,
+                          t_start=t_start)
+    except (ValueError, OSError, FloatingPointError) as e:    # errors with a message for the user
+        _report_error(e, dist.get_rank() if dist.is_initialized() else _env_rank())
+        return 1
+    except dist.DistError as e:                                 # another rank died or stopped answering
+        print(f"ddp.py: rank {_env_rank()}: communication with the other ranks failed: "
+              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 1
     finally:
         cleanup_distributed()
+    return 0
+
+
+def _spawned_train_entry(argv, t_start):
+    code = _train_entry(argv, t_start)
+    if code:
+        sys.exit(code)   # a non-zero exit tells launch_local (mp.spawn) that this rank failed
+
+
+def train_main(argv, t_start):
+    """`ddp.py [preset] [options]`: under torchrun, this process is one rank; without it, spawn the ranks."""
+    args = build_train_parser().parse_args(argv)
+    if _under_launcher():
+        return _train_entry(argv, t_start)
+    nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    check_train_args(args, nproc)   # every usage error now, before any process is spawned
+    if nproc == 1:
+        return _train_entry(argv, t_start)
+    print(f"ddp.py: not started by torchrun; spawning {nproc} local processes (--nproc N to change; the usual "
+          f"launcher is `torchrun --nproc_per_node={nproc} ddp.py ...`)", flush=True)
+    try:
+        launch_local(_spawned_train_entry, nproc, argv, t_start)
+    except mp.ProcessExitedException as e:   # the failing rank has printed its error line
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    return 0
 
 
 def _add_launch_args(p):
@@ -1529,81 +1844,102 @@ def _add_launch_args(p):
 
 
 def _run_maybe_spawned(fn, args):
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        raise UsageError("--backend nccl needs CUDA GPUs; use gloo on CPUs")
     if _under_launcher():
         fn(args)
     else:
-        if args.nproc < 1:
-            raise ValueError("--nproc must be >= 1")
         launch_local(fn, args.nproc, args)
+    return 0
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench-comm":
-        p = argparse.ArgumentParser(prog="ddp.py bench-comm", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                    description="Time collectives on fp32 tensors from --min-mb to --max-mb "
-                                                "(doubling) for this world size and backend; prints algorithm and "
-                                                "bus bandwidth.")
-        _add_launch_args(p)
-        p.add_argument("--min-mb", type=float, default=1.0, help="smallest tensor, MB")
-        p.add_argument("--max-mb", type=float, default=1024.0, help="largest tensor, MB")
-        p.add_argument("--ops", default="all_reduce", help="comma list of all_reduce,all_gather,reduce_scatter")
-        p.add_argument("--iters", type=int, default=5, help="timed iterations per size (median)")
-        p.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations per size")
-        p.add_argument("--out", default=None, help="write the rows as JSON here (rank 0)")
-        args = p.parse_args(argv[1:])
-        if not 0 < args.min_mb <= args.max_mb:
-            raise ValueError("need 0 < --min-mb <= --max-mb")
-        bad = [o for o in args.ops.split(",") if o not in ("all_reduce", "all_gather", "reduce_scatter")]
-        if bad:
-            raise ValueError(f"unknown collective(s) {bad} in --ops")
-        _run_maybe_spawned(bench_comm, args)
-    elif argv and argv[0] == "bench":
-        p = argparse.ArgumentParser(prog="ddp.py bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                    description="Time per training step and communication share of every "
-                                                "strategy, torch's DistributedDataParallel side by side, plus "
-                                                "per-rank memory of params/grads/optimizer state.")
-        _add_launch_args(p)
-        p.add_argument("--strategies", default="local,naive,ddp,bucketed,torch-ddp,zero1,fsdp",
-                       help="comma list; 'local' = the same step without any communication (baseline)")
-        p.add_argument("--vocab-size", type=int, default=4096, help="model vocabulary")
-        p.add_argument("--d-model", type=int, default=256, help="model width")
-        p.add_argument("--num-layers", type=int, default=4, help="transformer blocks")
-        p.add_argument("--num-heads", type=int, default=4, help="attention heads")
-        p.add_argument("--context-length", type=int, default=128, help="tokens per sequence")
-        p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per step")
-        p.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size (ours and torch's)")
-        p.add_argument("--compute-dtype", default="fp32", choices=list(_DTYPES), help="fsdp compute dtype")
-        p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
-        p.add_argument("--steps", type=int, default=3, help="steps per strategy per round")
-        p.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
-        args = p.parse_args(argv[1:])
-        if min(args.rounds, args.steps, args.batch_size) < 1:
-            raise ValueError("--rounds, --steps and --batch-size must be >= 1")
-        bad = [s for s in args.strategies.split(",") if s not in STRATEGIES + ("local",)]
-        if bad:
-            raise ValueError(f"unknown strategies {bad} in --strategies; choose from {STRATEGIES + ('local',)}")
-        _run_maybe_spawned(bench, args)
-    elif argv and argv[0] == "tour":
-        p = argparse.ArgumentParser(prog="ddp.py tour", description="Show all-reduce, ring all-reduce, all-gather, "
-                                    "reduce-scatter and broadcast on tiny tensors.")
-        _add_launch_args(p)
-        args = p.parse_args(argv[1:])
-        if _under_launcher():
-            collectives_tour()
-        else:
-            launch_local(_tour_entry, args.nproc)
-    else:
-        args = build_train_parser().parse_args(argv)   # validate before spawning anything
-        if args.nproc is not None and args.nproc > 1 and not _under_launcher():
-            launch_local(_train_entry, args.nproc, argv)
-        else:
-            _train_entry(argv)
+def bench_comm_main(argv):
+    p = _one_line_errors(argparse.ArgumentParser(
+        prog="ddp.py bench-comm", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Time collectives on fp32 tensors from --min-mb to --max-mb (doubling) for this world size and "
+                    "backend; prints algorithm and bus bandwidth."))
+    _add_launch_args(p)
+    p.add_argument("--min-mb", type=float, default=1.0, help="smallest tensor, MB")
+    p.add_argument("--max-mb", type=float, default=1024.0, help="largest tensor, MB")
+    p.add_argument("--ops", default="all_reduce", help="comma list of all_reduce,all_gather,reduce_scatter")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per size (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations per size")
+    p.add_argument("--out", default=None, help="write the rows as JSON here (rank 0)")
+    args = p.parse_args(argv)
+    if not 0 < args.min_mb <= args.max_mb:
+        raise UsageError(f"need 0 < --min-mb <= --max-mb, got {args.min_mb} and {args.max_mb}")
+    if args.iters < 1 or args.warmup < 0:
+        raise UsageError("--iters must be >= 1 and --warmup >= 0")
+    bad = [o for o in args.ops.split(",") if o not in ("all_reduce", "all_gather", "reduce_scatter")]
+    if bad:
+        raise UsageError(f"--ops: unknown collective(s) {bad}; choose from all_reduce, all_gather, reduce_scatter")
+    return _run_maybe_spawned(bench_comm, args)
 
 
-def _tour_entry():
+def bench_main(argv):
+    p = _one_line_errors(argparse.ArgumentParser(
+        prog="ddp.py bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Time per training step and communication share of every strategy, torch's "
+                    "DistributedDataParallel side by side, plus per-rank memory of params/grads/optimizer state."))
+    _add_launch_args(p)
+    p.add_argument("--strategies", default="local,naive,ddp,bucketed,torch-ddp,zero1,fsdp",
+                   help="comma list; 'local' = the same step without any communication (baseline)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="model vocabulary")
+    p.add_argument("--d-model", type=int, default=256, help="model width")
+    p.add_argument("--num-layers", type=int, default=4, help="transformer blocks")
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
+    p.add_argument("--context-length", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per step")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size (ours and torch's)")
+    p.add_argument("--compute-dtype", default="fp32", choices=list(_DTYPES), help="fsdp compute dtype")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument("--steps", type=int, default=3, help="steps per strategy per round")
+    p.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
+    args = p.parse_args(argv)
+    sizes = (args.rounds, args.steps, args.batch_size, args.vocab_size, args.d_model, args.num_layers,
+             args.num_heads, args.context_length)
+    if min(sizes) < 1 or args.bucket_mb <= 0:
+        raise UsageError("--rounds, --steps, --batch-size and the model sizes must be >= 1, --bucket-mb > 0")
+    if args.d_model % args.num_heads:
+        raise UsageError(f"--d-model {args.d_model} must be divisible by --num-heads {args.num_heads}")
+    bad = [s for s in args.strategies.split(",") if s not in STRATEGIES + ("local",)]
+    if bad:
+        raise UsageError(f"--strategies: unknown {bad}; choose from {', '.join(STRATEGIES + ('local',))}")
+    return _run_maybe_spawned(bench, args)
+
+
+def _tour_entry(args=None):
     collectives_tour()
 
 
+def tour_main(argv):
+    p = _one_line_errors(argparse.ArgumentParser(
+        prog="ddp.py tour", description="Show all-reduce, ring all-reduce, all-gather, reduce-scatter and "
+                                        "broadcast on tiny tensors."))
+    _add_launch_args(p)
+    return _run_maybe_spawned(_tour_entry, p.parse_args(argv))
+
+
+COMMANDS = {"bench": bench_main, "bench-comm": bench_comm_main, "tour": tour_main}
+
+
+def main(argv=None):
+    t_start = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = _under_launcher() and _env_rank() != 0      # under torchrun, only rank 0 speaks for the command line
+    if quiet and any(a in ("-h", "--help") for a in argv):
+        return 0
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return train_main(argv, t_start)
+    except UsageError as e:
+        if not quiet:
+            print(f"ddp.py: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,15 +1,18 @@
 """
 kernels.py -- Stage 4 of ScratchLM: GPU kernels in Triton (fused RMSNorm and FlashAttention-2).
 
-The story
----------
+The problem
+-----------
 A GPU does arithmetic far faster than it can move data: an H100 does ~990 bf16 TFLOP/s on its tensor cores but
 reads its HBM at ~3.35 TB/s, i.e. it must do ~300 FLOPs per byte it loads to be compute-bound. Most of a
 transformer that is not a matmul (normalization, softmax, masking) does ~1 FLOP per byte, so its speed is set by
-how many times it reads and writes memory. The systems idea of this stage: ORGANIZE THE COMPUTATION SO DATA IS
-MOVED AS FEW TIMES AS POSSIBLE -- load a tile into fast on-chip memory (registers / shared memory, ~100x faster than
-HBM), do all the work on it there, write the result once.
+how many times it reads and writes memory. Attention is worse: written naively it stores two (T, T) matrices per
+head, O(T^2) memory that limits the context length long before the FLOPs do.
 
+The idea
+--------
+ORGANIZE THE COMPUTATION SO DATA IS MOVED AS FEW TIMES AS POSSIBLE: load a tile into fast on-chip memory
+(registers / shared memory, ~100x faster than HBM), do all the work on it there, write the result once.
 Two kernels make that concrete:
 
 1. Fused RMSNorm.  Eager PyTorch runs `x.pow(2).mean(-1)`, `rsqrt`, `x * r`, `* w` as separate kernels, each
@@ -18,16 +21,30 @@ Two kernels make that concrete:
    fused the same way; the gain gradient (a sum over all rows) is accumulated per program and reduced at the end.
 
 2. FlashAttention-2.  Naive attention materializes S = QK^T/sqrt(d) and P = softmax(S), both (T, T) per head:
-   at T = 16384 that is 1 GiB per head in fp32, written and read back several times, O(T^2) memory. FA2 tiles Q
-   into blocks that stay on chip, streams K/V blocks past them, and uses the ONLINE SOFTMAX (running max m, running
-   sum l, rescale the partial output whenever the max grows) so P never exists in HBM. It saves only O and the
-   log-sum-exp L = m + log(l) (one float per query), and the backward RECOMPUTES P = exp(S - L) tile by tile
-   instead of storing it: a few extra FLOPs (cheap) to avoid O(T^2) bytes (expensive). Memory becomes O(T).
+   at T = 16384 that is 1 GiB per head in fp32, written and read back several times. FA2 tiles Q into blocks that
+   stay on chip, streams K/V blocks past them, and uses the ONLINE SOFTMAX (running max m, running sum l, rescale
+   the partial output whenever the max grows) so P never exists in HBM. It saves only O and the log-sum-exp
+   L = m + log(l) (one float per query), and the backward RECOMPUTES P = exp(S - L) tile by tile instead of
+   storing it: a few extra FLOPs (cheap) to avoid O(T^2) bytes (expensive). Memory becomes O(T).
 
 What it costs: two extra code paths to keep correct (a from-scratch PyTorch version of each kernel comes FIRST in
 this file, and the tests prove the Triton version agrees with it and with a float64 reference), Triton as a
 dependency, and a Python-level tiled loop (FlashAttention2PyTorch) that is slow -- it exists to make the algorithm
-readable and testable, the Triton kernel is the fast path.
+readable and testable; the Triton kernel is the fast path.
+
+Sources
+-------
+- Dao, Fu, Ermon, Rudra, Re, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness"
+  (2022), arXiv:2205.14135: tiling + online softmax + recomputation in backward.
+- Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023),
+  arXiv:2307.08691: the loop order used here (a program owns a query tile), fewer non-matmul FLOPs, L = m + log l.
+- Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018), arXiv:1805.02867: the running-max
+  softmax that lets the sum be rescaled as the max grows.
+- Tillet, Kung, Cox, "Triton: An Intermediate Language and Compiler for Tiled Neural Network Computations" (MAPL
+  2019): block-level programs; Triton's tutorials "Layer Normalization" and "Fused Attention" for launch shapes.
+- Zhang & Sennrich, "Root Mean Square Layer Normalization" (2019), arXiv:1910.07467: RMSNorm itself.
+- Williams, Waterman, Patterson, "Roofline: An Insightful Visual Performance Model" (CACM 2009): FLOPs per byte.
+- Stanford CS336 (Spring 2025), assignment 2: FlashAttention-2 in PyTorch and Triton, the benchmark grid.
 
 Running without a GPU
 ---------------------
@@ -40,14 +57,17 @@ kernels are exercised by the CPU test suite. Two interpreter quirks are handled 
 operands are upcast to fp32 first -- exact, since bf16 -> fp32 is lossless and the GPU's tensor cores also
 accumulate bf16 products in fp32; (b) all other bf16 math is done in fp32 registers anyway (we upcast on load).
 
-Layout of this file (read top to bottom):
+Reading order
+-------------
   Part 1  RMSNorm: readable PyTorch (forward + hand-derived backward) -> Triton kernels -> autograd.Function.
   Part 2  Attention: naive reference -> FlashAttention2PyTorch (tiled, online softmax) -> Triton kernels ->
           FlashAttention2Triton.
   Part 3  ScratchLM integration: multi-head attention backends "flash_triton" / "flash_torch" for model.py, and
           use_kernels(model) to swap both kernels into a TransformerLM in one call.
-  Part 4  Benchmarks, GPU correctness checks, an ahead-of-time GPU compile check that needs no GPU, and the
-          command line: `python kernels.py bench | check | compile` (see --help).
+  Appendix: plumbing    input checks and device rules.
+  Appendix: benchmarks  timing tables against the peers, GPU correctness checks, an ahead-of-time GPU compile
+                        check that needs no GPU.
+  Command line: `python kernels.py bench | check | compile | train` (see --help).
 
 Using the kernels in ScratchLM: `import kernels` registers the attention backends "flash_triton" and "flash_torch"
 with model.py (so ModelConfig(attn_impl="flash_triton") becomes valid), and `kernels.use_kernels(model)` swaps the
@@ -117,30 +137,8 @@ _interpreter_adopt_triton_stdlib()
 import model as M  # noqa: E402  (pipeline order: tokenizer -> model -> train -> kernels)
 
 
-def _require_triton(what: str) -> None:
-    """Clear error when a Triton path is used where Triton cannot run."""
-    if not HAVE_TRITON:
-        raise RuntimeError(f"{what} needs the `triton` package (pip install triton; Linux x86_64 only). "
-                           "The PyTorch versions in kernels.py work without it.")
-
-
-def _check_triton_device(what: str, *tensors: torch.Tensor) -> None:
-    """Triton kernels run on CUDA tensors, or on CPU tensors when the interpreter (TRITON_INTERPRET=1) is on."""
-    _require_triton(what)
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"{what}: all inputs must be on the same device, got {sorted(str(d) for d in devices)}")
-    dev = tensors[0].device
-    if dev.type == "cuda":
-        return
-    if dev.type == "cpu" and INTERPRET:
-        return
-    raise ValueError(f"{what}: tensors on {dev} cannot run a Triton kernel; use CUDA tensors, or set "
-                     "TRITON_INTERPRET=1 before importing kernels.py to run the (slow) CPU interpreter")
-
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 # ===============================================================================================================
 # Part 1: RMSNorm
@@ -252,20 +250,6 @@ def _rmsnorm_num_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))  # interpreter: few programs, each loops over rows
 
 
-def _check_rmsnorm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"RMSNorm (Triton): unsupported input dtype {x.dtype}; use float32, bfloat16 or float16")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"RMSNorm (Triton): unsupported weight dtype {weight.dtype}")
-    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"RMSNorm (Triton): weight shape {tuple(weight.shape)} must be (d,) with d = x.shape[-1]"
-                         f" (x is {tuple(x.shape)})")
-    if x.shape[-1] > RMSNORM_MAX_HIDDEN:
-        raise ValueError(f"RMSNorm (Triton): hidden size {x.shape[-1]} > {RMSNORM_MAX_HIDDEN} is not supported "
-                         "(the single-pass kernel keeps a whole row in registers); use rmsnorm_torch")
-    _check_triton_device("RMSNorm (Triton)", x, weight)
-
-
 class RMSNormTriton(torch.autograd.Function):
     """Fused RMSNorm: apply(x, weight, eps) for x of any leading shape (..., d), fp32/bf16/fp16.
     Non-contiguous x is copied to contiguous (documented; the kernel wants unit stride along d)."""
@@ -336,32 +320,6 @@ def attention_reference(Q, K, V, is_causal: bool = False):
     P = torch.exp(S - L.unsqueeze(-1))
     return torch.einsum("bqk,bkd->bqd", P, V), L
 
-
-def _check_attention_inputs(what: str, Q, K, V, is_causal, max_head_dim=None, min_head_dim=1):
-    """Bad input -> a clear ValueError naming the problem (never a silent wrong result)."""
-    for name, t in (("Q", Q), ("K", K), ("V", V)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{what}: {name} must be (batch, seq, d), got shape {tuple(t.shape)}")
-    if not (Q.dtype == K.dtype == V.dtype):
-        raise ValueError(f"{what}: Q, K, V dtypes differ ({Q.dtype}, {K.dtype}, {V.dtype})")
-    if not (Q.device == K.device == V.device):
-        raise ValueError(f"{what}: Q, K, V devices differ ({Q.device}, {K.device}, {V.device})")
-    if K.shape != V.shape:
-        raise ValueError(f"{what}: K and V shapes differ ({tuple(K.shape)} vs {tuple(V.shape)})")
-    if Q.shape[0] != K.shape[0] or Q.shape[2] != K.shape[2]:
-        raise ValueError(f"{what}: Q {tuple(Q.shape)} and K {tuple(K.shape)} must share batch and head dim")
-    if Q.shape[1] == 0 or K.shape[1] == 0:
-        raise ValueError(f"{what}: empty sequence (Q {tuple(Q.shape)}, K {tuple(K.shape)})")
-    if is_causal and Q.shape[1] != K.shape[1]:
-        raise ValueError(f"{what}: is_causal needs n_queries == n_keys (got {Q.shape[1]} and {K.shape[1]}); "
-                         "the model backends fall back to sdpa for KV-cache decoding")
-    d = Q.shape[2]
-    if d < min_head_dim or (max_head_dim is not None and d > max_head_dim):
-        raise ValueError(f"{what}: head dim {d} unsupported (supported: {min_head_dim}..{max_head_dim})")
-    if not Q.is_floating_point():
-        raise ValueError(f"{what}: inputs must be floating point, got {Q.dtype}")
 
 
 class FlashAttention2PyTorch(torch.autograd.Function):
@@ -467,12 +425,14 @@ def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
 # ---------------------------------------------------------------------------------------------------------------
 
 ATTN_MIN_HEAD_DIM, ATTN_MAX_HEAD_DIM = 16, 128
+# exp(x) = 2^(x * log2(e)): the kernels keep scores in base-2 units so each exponential is one exp2 instruction
 LOG2_E = 1.4426950408889634
 # Tile sizes used under the interpreter (no autotuning there). Small enough that the tests' short sequences
 # span several tiles (ragged last tile, diagonal tiles, fully visible tiles); large enough to keep numpy busy.
 INTERPRET_TILES = (32, 16)
 
 if HAVE_TRITON:
+    _LOG2_E = tl.constexpr(LOG2_E)  # a @triton.jit function may only read module globals that are constexpr
 
     @triton.jit
     def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -549,7 +509,7 @@ if HAVE_TRITON:
         tl.store(O + b * stride_ob + offs_q[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
                  mask=q_mask)
         # L in natural-log units: L = ln(sum exp(S)) = (m + log2 l) * ln 2
-        tl.store(L + b * n_queries + offs_q, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=offs_q < n_queries)
+        tl.store(L + b * n_queries + offs_q, (m_i + tl.log2(l_i)) / _LOG2_E, mask=offs_q < n_queries)
 
     @triton.jit
     def _attn_bwd_preprocess_kernel(O, DO, DELTA, n_queries, stride_ob, stride_ot, stride_dob, stride_dot,
@@ -592,7 +552,7 @@ if HAVE_TRITON:
             q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
             do = tl.load(DO + b * stride_dob + offs_q[:, None] * stride_dot + offs_d[None, :], mask=q_mask,
                          other=0.0)
-            l_q = tl.load(L + b * n_queries + offs_q, mask=q_valid, other=0.0) * 1.4426950408889634  # log2 units
+            l_q = tl.load(L + b * n_queries + offs_q, mask=q_valid, other=0.0) * _LOG2_E    # log2 units
             delta = tl.load(DELTA + b * n_queries + offs_q, mask=q_valid, other=0.0)
             s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_K, BLOCK_Q], tl.float32), UPCAST, PRECISION) * qk_scale
             visible = (offs_k[:, None] < n_keys) & q_valid[None, :]
@@ -625,7 +585,7 @@ if HAVE_TRITON:
         q_mask = q_valid[:, None] & (offs_d[None, :] < D)
         q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(DO + b * stride_dob + offs_q[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
-        l_q = tl.load(L + b * n_queries + offs_q, mask=q_valid, other=0.0) * 1.4426950408889634
+        l_q = tl.load(L + b * n_queries + offs_q, mask=q_valid, other=0.0) * _LOG2_E  # log2 units
         delta = tl.load(DELTA + b * n_queries + offs_q, mask=q_valid, other=0.0)
         dq = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
         k_hi = tl.minimum(n_keys, q_start + BLOCK_Q) if IS_CAUSAL else n_keys
@@ -744,12 +704,6 @@ def flash_attention_triton_backward(Q, K, V, O, L, dO, is_causal=False, tiles=No
         _attn_bwd_dq_kernel[(triton.cdiv(n_q, bq), B)](*dq_args, BLOCK_Q=bq, BLOCK_K=bk, **common)
     return dQ, dK, dV
 
-
-def _check_triton_attention_inputs(Q, K, V, is_causal):
-    _check_attention_inputs("FlashAttention2Triton", Q, K, V, is_causal, ATTN_MAX_HEAD_DIM, ATTN_MIN_HEAD_DIM)
-    if Q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"FlashAttention2Triton: dtype {Q.dtype} unsupported (float32, bfloat16, float16)")
-    _check_triton_device("FlashAttention2Triton", Q, K, V)
 
 
 class FlashAttention2Triton(torch.autograd.Function):
@@ -887,9 +841,87 @@ def use_kernels(model: torch.nn.Module, rmsnorm: bool = True, attention=True) ->
     return model
 
 
-# ===============================================================================================================
-# Part 4: benchmarks, GPU checks, command line
-# ===============================================================================================================
+# ===== Appendix: plumbing =====
+# Input checks (a clear ValueError naming the problem instead of a wrong result or a crash inside a kernel) and
+# the rules for where a Triton kernel can run.
+
+
+def _require_triton(what: str) -> None:
+    """Clear error when a Triton path is used where Triton cannot run."""
+    if not HAVE_TRITON:
+        raise RuntimeError(f"{what} needs the `triton` package (pip install triton; Linux x86_64 only). "
+                           "The PyTorch versions in kernels.py work without it.")
+
+
+def _check_triton_device(what: str, *tensors: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors when the interpreter (TRITON_INTERPRET=1) is on."""
+    _require_triton(what)
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"{what}: all inputs must be on the same device, got {sorted(str(d) for d in devices)}")
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        return
+    if dev.type == "cpu" and INTERPRET:
+        return
+    raise ValueError(f"{what}: tensors on {dev} cannot run a Triton kernel; use CUDA tensors, or set "
+                     "TRITON_INTERPRET=1 before importing kernels.py to run the (slow) CPU interpreter")
+
+
+def _check_rmsnorm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"RMSNorm (Triton): unsupported input dtype {x.dtype}; use float32, bfloat16 or float16")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"RMSNorm (Triton): unsupported weight dtype {weight.dtype}")
+    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"RMSNorm (Triton): weight shape {tuple(weight.shape)} must be (d,) with d = x.shape[-1]"
+                         f" (x is {tuple(x.shape)})")
+    if x.shape[-1] > RMSNORM_MAX_HIDDEN:
+        raise ValueError(f"RMSNorm (Triton): hidden size {x.shape[-1]} > {RMSNORM_MAX_HIDDEN} is not supported "
+                         "(the single-pass kernel keeps a whole row in registers); use rmsnorm_torch")
+    _check_triton_device("RMSNorm (Triton)", x, weight)
+
+
+def _check_attention_inputs(what: str, Q, K, V, is_causal, max_head_dim=None, min_head_dim=1):
+    """Bad input -> a clear ValueError naming the problem (never a silent wrong result)."""
+    for name, t in (("Q", Q), ("K", K), ("V", V)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{what}: {name} must be (batch, seq, d), got shape {tuple(t.shape)}")
+    if not (Q.dtype == K.dtype == V.dtype):
+        raise ValueError(f"{what}: Q, K, V dtypes differ ({Q.dtype}, {K.dtype}, {V.dtype})")
+    if not (Q.device == K.device == V.device):
+        raise ValueError(f"{what}: Q, K, V devices differ ({Q.device}, {K.device}, {V.device})")
+    if K.shape != V.shape:
+        raise ValueError(f"{what}: K and V shapes differ ({tuple(K.shape)} vs {tuple(V.shape)})")
+    if Q.shape[0] != K.shape[0] or Q.shape[2] != K.shape[2]:
+        raise ValueError(f"{what}: Q {tuple(Q.shape)} and K {tuple(K.shape)} must share batch and head dim")
+    if Q.shape[1] == 0 or K.shape[1] == 0:
+        raise ValueError(f"{what}: empty sequence (Q {tuple(Q.shape)}, K {tuple(K.shape)})")
+    if is_causal and Q.shape[1] != K.shape[1]:
+        raise ValueError(f"{what}: is_causal needs n_queries == n_keys (got {Q.shape[1]} and {K.shape[1]}); "
+                         "the model backends fall back to sdpa for KV-cache decoding")
+    d = Q.shape[2]
+    if d < min_head_dim or (max_head_dim is not None and d > max_head_dim):
+        raise ValueError(f"{what}: head dim {d} unsupported (supported: {min_head_dim}..{max_head_dim})")
+    if not Q.is_floating_point():
+        raise ValueError(f"{what}: inputs must be floating point, got {Q.dtype}")
+
+
+
+def _check_triton_attention_inputs(Q, K, V, is_causal):
+    _check_attention_inputs("FlashAttention2Triton", Q, K, V, is_causal, ATTN_MAX_HEAD_DIM, ATTN_MIN_HEAD_DIM)
+    if Q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"FlashAttention2Triton: dtype {Q.dtype} unsupported (float32, bfloat16, float16)")
+    _check_triton_device("FlashAttention2Triton", Q, K, V)
+
+
+
+
+# ===== Appendix: benchmarks =====
+# Timing tables (ours vs the peers, side by side in one run), correctness checks at GPU shapes, and an
+# ahead-of-time compile of every kernel for a GPU architecture. `python kernels.py bench | check | compile`.
 
 def _sync(device):
     if device.type == "cuda":
@@ -1011,7 +1043,7 @@ def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadl
 
 
 def _sdpa_flash(Q, K, V, is_causal):
-    """PyTorch's SDPA on CUDA restricted to its flash backend (the issue's named peer) -- which has no fp32 kernel,
+    """PyTorch's SDPA on CUDA restricted to its flash backend (the named peer) -- which has no fp32 kernel,
     so fp32 inputs get the memory-efficient backend (the fastest fp32 one). CPU: whatever SDPA picks."""
     if Q.device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -1087,7 +1119,7 @@ def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384
 
 
 def _attention_sweep(full: bool):
-    """The issue's grid: causal, batch 1-8, seq 128..16384, head dims 16..128, bf16 and fp32; 16 heads.
+    """The benchmark grid: causal, batch 1-8, seq 128..16384, head dims 16..128, bf16 and fp32; 16 heads.
     Batch shrinks as seq grows (same tokens per step). Default = the subset that fits the ~8 min GPU script."""
     seqs = [128, 1024, 4096, 16384]
     dims = [16, 32, 64, 128] if full else [64, 128]
@@ -1329,6 +1361,11 @@ def run_compile(args) -> int:
     return 1 if failures else 0
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
 def run_train(args, train_argv) -> int:
     """`python kernels.py train [train.py options]`: train.py's training command with the kernels swapped in
     (train.py cannot import kernels.py -- pipeline order -- so the switch lives here). Everything after the kernel
@@ -1357,7 +1394,7 @@ def get_parser() -> argparse.ArgumentParser:
     b.add_argument("what", nargs="?", default="all", choices=["all", "rmsnorm", "attention"],
                    help="which benchmark to run (default: all)")
     b.add_argument("--full", action="store_true",
-                   help="GPU only: the issue's full attention grid (head dims 16/32/64/128, fp32 for all); "
+                   help="GPU only: the full attention grid (head dims 16/32/64/128, fp32 for all); "
                         "default is the subset that fits the ~8 minute GPU script")
     b.add_argument("--max-seconds", type=float, default=0.0,
                    help="stop starting new benchmark shapes after this many seconds (0 = no limit)")
