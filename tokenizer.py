@@ -667,8 +667,8 @@ class Tokenizer:
 
         Cached per keyword pair, because encode_iterable and encode_file call `encode` once per chunk and
         a regex compile per call would cost more than encoding a short chunk."""
-        key = tuple(k if k == "all" else frozenset(_special_set(k, name)) for k, name in
-                    ((allowed_special, "allowed_special"), (disallowed_special, "disallowed_special")))
+        key = (_special_set(allowed_special, "allowed_special"),
+               _special_set(disallowed_special, "disallowed_special"))
         policy = self._policies.get(key)
         if policy is None:
             known = set(self.special_tokens)
@@ -735,12 +735,12 @@ class Tokenizer:
                 continue
             text = "".join(buf)
             hi = len(text) - max_special - 2
-            # look for the last safe cut in the final 4 KB first (almost always found), else further back
+            # Cut at the LAST safe point so the kept tail is short: everything before it is final, because
+            # a safe cut is a boundary of the whole-text encoding (see `_find_cut`). Look in the final 4 KB
+            # first (almost always found), else further back.
             cut = _find_cut(text, self._special_re, max(1, hi - 4096), hi, last=True, cut_at=cut_at)
             if cut is None and hi - 4096 > 1:
                 cut = _find_cut(text, self._special_re, 1, hi - 4096, last=True, cut_at=cut_at)
-            # Cut at the LAST safe point so the kept tail is short: everything before it is final, because
-            # a safe cut is a boundary of the whole-text encoding (see `_find_cut`).
             if cut is None:
                 threshold *= 2  # no safe point yet (one huge line?): wait for more text, amortized O(n)
                 buf, pending = [text], len(text)
@@ -756,7 +756,7 @@ class Tokenizer:
         """Write vocab.json ({token string: id}), merges.txt and special_tokens.json into `directory`.
 
         All three are written to temporary files and synced first, then renamed into place, so a full disk
-        or a crash never leaves a new vocab.json next to an old merges.txt."""
+        or an error while writing never leaves a new vocab.json next to an old merges.txt."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_json = {_token_to_str(self.vocab[i]): i for i in range(self.vocab_size)}
@@ -1328,11 +1328,18 @@ def _specials_overlap(specials):
 
 
 def _special_set(value, name):
-    """tiktoken's keyword types: "all" or a collection of strings (a lone string would be a set of chars)."""
-    if value == "all":
+    """tiktoken's keyword types -> "all" or a frozenset of strings (a lone string other than "all" would
+    silently be a set of characters, so it is refused)."""
+    if isinstance(value, str) and value == "all":
         return value
-    if isinstance(value, (str, bytes)) or not all(isinstance(t, str) for t in value):
-        raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}')
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        value = frozenset(value)
+        if not all(isinstance(t, str) for t in value):
+            raise TypeError
+    except TypeError:
+        raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}') from None
     return value
 
 
