@@ -1086,9 +1086,7 @@ def atomic_open(path, mode="w", encoding="utf-8"):
     # old file's mode when replacing one, so atomic writing does not silently change who can read the file.
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask)
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
             yield f
             f.flush()  # Python's buffer -> the OS
@@ -1102,6 +1100,21 @@ def atomic_open(path, mode="w", encoding="utf-8"):
             raise OSError(errno.ENOSPC, f"no space left writing {path}; the previous file there (if any) is "
                                         "intact") from e
         raise
+
+
+def _umask():
+    """The process's umask. Linux shows it in /proc (read-only); elsewhere os.umask must set it to read it,
+    which for an instant changes it for every thread, so that is only the fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path, text):
