@@ -1461,6 +1461,8 @@ def _as_id_list(ids):
         return [int(ids)]
     ids = list(ids)
     if not set(map(type, ids)) <= {int}:  # the common case (all plain ints) is checked in C
+        # anything else, one by one: numpy integers, 0-d integer tensors ([t for t in row] of a tensor)
+        ids = [j for i in ids for j in (_as_id_list(i) if getattr(i, "ndim", 1) == 0 else [i])]
         bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
         if bad is not None:
             raise TypeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
