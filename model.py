@@ -1291,18 +1291,7 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt_ids
     target verification passes (target_forwards; the prompt prefill is counted apart as target_prefills),
     draft forward passes and tokens_per_target_forward = new tokens / verification passes.
     """
-    if target.config.vocab_size != draft.config.vocab_size:
-        raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab_size "
-                         f"{target.config.vocab_size}: the models must share a tokenizer")
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k (draft tokens per step) must be a positive integer, got {k!r}")
-    _check_sampling_args(temperature, top_p, max_new_tokens)
-    prompts = _normalize_prompts(prompt_ids, target.config.vocab_size)
-    for model, name in ((target, "target"), (draft, "draft")):
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > model.config.context_length:
-            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the {name} "
-                             f"model's context_length {model.config.context_length}")
+    prompts = _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temperature, top_p)
     stats = {"proposed": 0, "accepted": 0, "target_prefills": 0, "target_forwards": 0, "draft_forwards": 0,
              "new_tokens": 0}
     modes = (target.training, draft.training)
@@ -1597,6 +1586,25 @@ def _check_sampling_args(temperature: float, top_p: float, max_new_tokens: int):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+
+
+def _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temperature, top_p) -> list[list[int]]:
+    """speculative_generate's checks: one shared vocabulary, k >= 1, sampling ranges, prompts that fit
+    both models' contexts. Returns the prompts as a list of lists."""
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab_size "
+                         f"{target.config.vocab_size}: the models must share a tokenizer")
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k (draft tokens per step) must be a positive integer, got {k!r}")
+    _check_sampling_args(temperature, top_p, max_new_tokens)
+    prompts = _normalize_prompts(prompt_ids, target.config.vocab_size)
+    # both caches hold the whole sequence, so a draft with a shorter context limits the pair as well
+    for model, name in ((target, "target"), (draft, "draft")):
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > model.config.context_length:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the {name} "
+                             f"model's context_length {model.config.context_length}")
+    return prompts
 
 
 def _normalize_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
@@ -2027,12 +2035,16 @@ def _pretrained_files(name_or_path: str, cache_dir, progress: bool, base_url: st
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "huggingface" / repo.replace("/", "--")
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cache folder {folder} is a file")
+    created = [d for d in [folder, *folder.parents] if not d.exists()]  # to remove again if nothing arrives
     files = []
     for fname in ("config.json", "model.safetensors"):
         url = f"{base_url.rstrip('/')}/{repo}/resolve/main/{fname}"
         try:
             files.append(download(url, folder / fname, progress=progress))
         except ConnectionError as e:
+            for d in created:  # deepest first; a folder holding a resumable .part stays
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
             raise ConnectionError(f"cannot fetch {name_or_path}'s {fname} ({e}); check the network, or pass a "
                                   "local folder holding model.safetensors and config.json") from None
     return files[1], files[0]
