@@ -116,6 +116,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     y = targets.reshape(-1)  # (N,)
     m = z.max(dim=-1, keepdim=True).values  # (N, 1)
     log_sum_exp = m.squeeze(-1) + torch.log(torch.exp(z - m).sum(dim=-1))  # (N,)
+    # z[i, y_i]: pick each row's target logit without building a one-hot (N, V) matrix
     target_logit = z.gather(1, y.unsqueeze(1)).squeeze(1)  # (N,)
     return (log_sum_exp - target_logit).mean()
 
@@ -178,6 +179,8 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # one pass over every parameter: elementwise updates, so each parameter tensor is handled alone
+        # (torch's fused AdamW does the same math in a few large kernels: the fast path)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -185,7 +188,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 g = p.grad
                 state = self.state[p]
-                if len(state) == 0:
+                if len(state) == 0:  # first step: both moments start at zero (hence the bias corrections)
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -194,6 +197,8 @@ class AdamW(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(beta1).add_(g, alpha=1 - beta1)  # m = b1 m + (1-b1) g
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = b2 v + (1-b2) g^2
+                # m and v start at 0, so early on they underestimate E[g] and E[g^2] by the factors
+                # (1 - beta^t); dividing them out is folded into one step size
                 alpha_t = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
                 p.addcdiv_(m, v.sqrt().add_(eps), value=-alpha_t)  # theta -= alpha_t m / (sqrt v + eps)
                 if wd != 0:
@@ -220,6 +225,7 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
     if transposed:
         X = X.T  # (small, large)
     X = X / (X.norm() + eps)
+    # each iteration maps every singular value s to p(s) = a s + b s^3 + c s^5 (U and V never change)
     for _ in range(steps):
         A = X @ X.T  # (small, small) Gram matrix
         B = b * A + c * (A @ A)
@@ -273,8 +279,10 @@ class Muon(torch.optim.Optimizer):
                 if len(state) == 0:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
+                # lerp_(g, 1 - mu): buf + (1 - mu) (g - buf) = mu buf + (1 - mu) g, in place
                 buf.lerp_(g, 1 - mu)  # B = mu B + (1 - mu) G
                 update = g.lerp(buf, mu) if group["nesterov"] else buf
+                # the orthogonal factor: same row and column spaces as the update, all singular values ~1
                 O = zeropower_via_newtonschulz5(update, steps=group["ns_steps"])
                 # scale so the per-element RMS of the update is ~independent of the matrix's aspect ratio
                 scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
@@ -313,6 +321,7 @@ class OptimizerGroup(torch.optim.Optimizer):
         return [g for opt in self.optimizers for g in opt.param_groups]
 
     def step(self, closure=None):
+        """Step every member; each owns disjoint parameters, so the order does not matter."""
         loss = closure() if closure is not None else None
         for opt in self.optimizers:
             opt.step()
@@ -323,9 +332,11 @@ class OptimizerGroup(torch.optim.Optimizer):
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
+        """{"optimizers": [member state dicts]}: plain containers, loadable with weights_only=True."""
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
 
     def load_state_dict(self, state_dict):
+        """The inverse of state_dict; a state from another optimizer layout is a clear ValueError."""
         sds = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
         if not isinstance(sds, list) or len(sds) != len(self.optimizers):
             raise ValueError("optimizer state does not match this optimizer (different optimizer kind or "
@@ -448,8 +459,9 @@ def gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: flo
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
+    # the global norm is the norm of all gradients concatenated into one vector: sqrt of summed squares
     total = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
-    total_f = float(total)
+    total_f = float(total)  # one host sync per step; the comparison below needs the number on the CPU
     if total_f > max_l2_norm:
         scale = max_l2_norm / (total_f + eps)
         for g in grads:
@@ -573,6 +585,7 @@ class TimeBudget:
         saved = saved or {}
         self.budget, self.warm = saved.get("budget_seconds"), saved.get("warm_seconds")
         self.reserve, self.measured, self.eval_tps = 0.0, False, None
+        # the budget is fixed once, at the start of a run; a resumed run reads it from its checkpoint
         if cfg.max_minutes is not None and self.budget is None:
             self.budget = cfg.max_minutes * 60 - (prep_seconds if cfg.budget_includes_prep else 0.0)
             if self.budget <= 5:
@@ -589,6 +602,7 @@ class TimeBudget:
         """(frac, stop_reason) before step `step` at loop time t: progress through the post-warm-up part of
         the run (by steps or by time, whichever is further), or why the run stops now."""
         cfg, frac = self.cfg, 0.0
+        # by steps: the fraction of the post-warm-up steps done (negative during warm-up, clamped below)
         if cfg.max_steps is not None:
             if step >= cfg.max_steps:
                 return 1.0, "max_steps"
@@ -598,6 +612,7 @@ class TimeBudget:
                 self._measure(step, t)
             if t >= self.end:
                 return 1.0, "time budget"
+            # by time: the fraction of the post-warm-up seconds used; the further of the two drives the schedule
             if self.warm is not None:
                 frac = max(frac, (t - self.warm) / max(self.end - self.warm, 1e-9))
         return min(max(frac, 0.0), 1.0), None
@@ -638,6 +653,7 @@ class TimeBudget:
         return cap if cap < n_tokens else None
 
     def state(self) -> dict:
+        """What a checkpoint stores, so a resumed run keeps this plan (the reserve is measured again)."""
         return dict(budget_seconds=self.budget, warm_seconds=self.warm)
 
 
@@ -675,11 +691,12 @@ def train(cfg: "TrainConfig", data: "PreparedData | None" = None, *, hooks: Trai
     run = _setup_run(cfg, data, hooks or TrainHooks(), rank, world_size, log, t_start)
     step, stop_reason = run.start_step, None
     with _checkpoint_on_interrupt(enabled=world_size == 1) as interrupted:
+        # the loop: budget -> learning rate -> one optimizer step -> log / evaluate / checkpoint
         while True:
             frac, stop_reason = run.budget.progress(step, run.clock())
             if stop_reason:
                 break
-            factor = schedule_factor(cfg, step, frac)
+            factor = schedule_factor(cfg, step, frac)  # in (0, 1]: every group's peak rate times this
             for g in run.optimizer.param_groups:
                 g["lr"] = g.get("base_lr", cfg.lr) * factor
             loss, grad_norm = _optimizer_step(run, step)
@@ -723,10 +740,13 @@ def _optimizer_step(run: _Run, step: int) -> tuple[float, float]:
         loss_sum += loss.detach().float()
     if hooks.sync_gradients:  # the one addition to a single-process step: gradients averaged over ranks
         hooks.sync_gradients(run.run_model)
+    # the logged loss: mean over micro-batches, then over ranks (a number only; the gradients are synced above)
     step_loss = loss_sum / cfg.grad_accum
     if hooks.all_reduce is not None:
         step_loss = hooks.all_reduce(step_loss.reshape(1).double())[0] / run.world_size
     step_loss = float(step_loss)
+    # a NaN/inf loss means the weights are about to be ruined: stop before the optimizer step, so the last
+    # checkpoint is still the last good state
     if not math.isfinite(step_loss):
         msg = (f"loss is {step_loss} at step {step + 1}: training diverged. Stopped without saving; the last "
                f"good checkpoint {run.ckpt_path} is intact" if run.ckpt_path.exists() else
@@ -737,6 +757,7 @@ def _optimizer_step(run: _Run, step: int) -> tuple[float, float]:
         grad_norm = (hooks.clip_gradients(run.run_model, run.optimizer, cfg.grad_clip) if hooks.clip_gradients
                      else gradient_clipping(run.model.parameters(), cfg.grad_clip))
     run.optimizer.step()
+    # set_to_none frees the gradient memory until the next backward (cheaper than writing zeros)
     run.optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm
 
@@ -750,6 +771,7 @@ def _log_step(run: _Run, step: int, loss: float, grad_norm: float):
     run.metrics.write(kind="train", step=step, loss=loss, **lrs, grad_norm=grad_norm, minutes=run.minutes())
     if step % cfg.log_interval and step != 1:
         return
+    # throughput over the steps since the last progress line (not since the start: the speed right now)
     last_t, last_step = run.last_log
     tps = (step - last_step) * run.tokens_per_step / max(now - last_t, 1e-9)
     run.last_log = (now, step)
@@ -781,15 +803,18 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
     main = rank == 0
     run = _Run(cfg=cfg, hooks=hooks, rank=rank, world_size=world_size, main=main, log=log, losses=[],
                say=log if main else (lambda *a, **k: None), t_start=t_start or _PROCESS_START)
+    # the same device check as the command line's; then torch's CPU thread count (timed, see set_cpu_threads)
     run.device = resolve_device(cfg.device)
     n_threads = set_cpu_threads(cfg.threads) if run.device.type == "cpu" else torch.get_num_threads()
+    # remember which folders this run creates: if the start fails, they are removed again (when empty)
     new_dirs = _missing_dirs(cfg.out_dir) if main else []
     try:
         run.out = check_out_dir(cfg.out_dir, cfg) if main else Path(cfg.out_dir)
         run.ckpt_path = run.out / "ckpt.pt"
         ckpt = read_checkpoint(run.ckpt_path) if cfg.resume and run.ckpt_path.exists() else None
+        # the expensive part of a start (corpus, tokenizer, encoding), cached: seconds on a second run
         data = data or prepare_data(cfg, log=run.say)
-        run.train_tokens, run.val_tokens = data.train_tokens(), data.val_tokens()
+        run.train_tokens, run.val_tokens = data.train_tokens(), data.val_tokens()  # np.memmap: no RAM
         for name, arr in (("training", run.train_tokens), ("validation", run.val_tokens)):
             if len(arr) < cfg.context_length + 2:
                 raise ValueError(f"{name} split has {len(arr)} tokens, fewer than one context window + 1 "
@@ -805,6 +830,7 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
     if run.device.type == "cuda" and hasattr(model, "validate_inputs"):
         model.validate_inputs = False  # its id-range check syncs the GPU every forward; our ids are valid
     run.model, run.mcfg = model, model.config.to_dict()
+    # tokens per optimizer step over all ranks: B sequences of T tokens, grad_accum times, on every rank
     run.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum * world_size
     run.say(f"model: {M.num_params(model) / 1e6:.2f}M parameters ({M.num_params(model, include_embeddings=False) / 1e6:.2f}"
             f"M non-embedding), {cfg.num_layers} layers, d_model {cfg.d_model}, context {cfg.context_length}, "
@@ -814,6 +840,7 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
     # wrap, then the optimizer over what the wrapper trains (e.g. FSDP's shards), then its saved state
     run.run_model = hooks.wrap_model(model) if hooks.wrap_model else model
     run.optimizer = (hooks.build_optimizer or (lambda m, rm, c: build_optimizer(m, c)))(model, run.run_model, cfg)
+    # a resumed run continues its step count, its loop clock, its wall clock and its RNG streams
     start_step, train_seconds, run.elapsed_before, saved = 0, 0.0, 0.0, None
     if ckpt is not None:
         if hooks.load_optimizer_state:
@@ -830,10 +857,11 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
     del ckpt
     if main:
         run.tokenizer.save(str(run.out / "tokenizer"))  # so `train.py sample` works from the run folder alone
-    if cfg.compile:
+    if cfg.compile:  # compiled after the weights are in place; the first steps pay the compile time
         run.run_model = torch.compile(run.run_model)
     run.eval_model = run.run_model if hooks.wrap_model else model  # (a wrapper may be needed to run it: FSDP)
     run.loss_fn = cross_entropy_fast if cfg.loss_impl == "fast" else cross_entropy
+    # only rank 0 writes files; the other ranks compute and take part in the collectives
     run.metrics = MetricsLog(run.out / "metrics.jsonl", start_step if start_step else None) if main else None
     run.flops_per_tok, run.peak = M.flops_per_token(model.config, training=True), peak_flops(run.device)
     run.final_eval_tokens = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(run.val_tokens)
@@ -871,7 +899,7 @@ def _save(run: _Run, step: int):
     n_bad = sum(not bool(torch.isfinite(p).all()) for p in run.model.parameters())
     if run.hooks.all_reduce is not None:
         n_bad = int(run.hooks.all_reduce(torch.tensor([float(n_bad)], dtype=torch.float64))[0])
-    if n_bad:
+    if n_bad:  # (a collective above: every rank raises together, none waits forever for the others)
         raise FloatingPointError(f"non-finite weights at step {step}: training diverged. Not saved; the last "
                                  f"good checkpoint {run.ckpt_path} is intact (try a lower --lr / --muon-lr)")
     if run.hooks.checkpoint_state:
@@ -889,9 +917,11 @@ def _finish(run: _Run, step: int, stop_reason: str) -> dict:
     """The end of a run: the last checkpoint, the final evaluation (cut to fit the time budget, with a note),
     the plot, the samples; returns the summary."""
     cfg, train_seconds = run.cfg, run.clock()
-    _save(run, step)
+    _save(run, step)  # first: whatever happens during the evaluation, the trained weights are on disk
     n_tokens = run.final_eval_tokens
     cap = run.budget.final_eval_cap(step, run.clock(), n_tokens)
+    # under a time budget, the final evaluation gets what is left of it: fewer tokens, with a note, rather
+    # than a command that runs past --max-minutes
     if cap is not None:
         if run.hooks.all_reduce is not None:  # the ranks' estimates differ a little: use their average
             cap = int(run.hooks.all_reduce(torch.tensor([float(cap)], dtype=torch.float64))[0] / run.world_size)
@@ -905,6 +935,7 @@ def _finish(run: _Run, step: int, stop_reason: str) -> dict:
     summary = dict(steps=step, stop_reason=stop_reason, train_seconds=train_seconds, eval_seconds=eval_seconds,
                    tokens=step * run.tokens_per_step, val=final, entropy_floor_bpb=run.floor, out_dir=str(run.out),
                    first_losses=losses[:5], last_loss=losses[-1] if losses else None, losses=losses)
+    # samples need the whole model on one process; under FSDP each rank holds a shard, so gather first
     sample_model = run.model
     if cfg.num_samples > 0 and run.hooks.full_model:
         sample_model = run.hooks.full_model(run.model, run.run_model)  # on every rank (FSDP gathers the weights)
@@ -961,8 +992,9 @@ def evaluate(model, tokens, *, context_length: int, batch_size: int, device, tok
     if n - 1 < T:
         raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one context window + 1 "
                          f"({T + 1}); use more validation text or a smaller --context-length")
+    # window w covers tokens[w * stride : w * stride + T + 1]; the last one must end inside the n tokens
     n_windows = 1 + (n - 1 - T) // stride
-    mine = list(range(rank, n_windows, world_size))
+    mine = list(range(rank, n_windows, world_size))  # this rank's share, round-robin
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
@@ -974,11 +1006,14 @@ def evaluate(model, tokens, *, context_length: int, batch_size: int, device, tok
         idx = mine[b * batch_size: (b + 1) * batch_size]
         real = bool(idx)  # False only with equal_batches, on a rank that has run out of windows
         idx = idx or [0]
+        # the same slicing as get_batch, at fixed starts instead of random ones
         win = np.stack([np.asarray(tokens[w * stride: w * stride + T + 1], dtype=np.int64) for w in idx])
         xy = torch.from_numpy(win)  # (b, T+1)
         x, y = xy[:, :-1].to(device), xy[:, 1:]
         with autocast_context(device, dtype):
             logits = model(x)  # (b, T, V)
+        # per-token losses (reduction="none"), summed in float64 below: millions of float32 additions
+        # would drift in the last digits, and evals must be comparable to 4 decimals
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1).to(device),
                               reduction="none").reshape(len(idx), T).cpu().double()  # (b, T)
         scored = torch.zeros(len(idx), T, dtype=torch.bool)  # which targets this window scores
@@ -990,10 +1025,11 @@ def evaluate(model, tokens, *, context_length: int, batch_size: int, device, tok
         sums[1] += int(scored.sum())
         if tb is not None:
             sums[2] += float(tb[y][scored].sum())
-    if all_reduce is not None:
+    if all_reduce is not None:  # every rank ends with the totals over all ranks
         sums = all_reduce(sums)
     if was_training:
         model.train()
+    # loss = mean nats per scored token; bpb = the same total in bits, per byte of the text those tokens are
     nats, count, nbytes = float(sums[0]), int(sums[1]), int(sums[2])
     loss = nats / max(count, 1)
     return dict(loss=loss, ppl=perplexity(loss), bpb=bits_per_byte(nats, nbytes) if nbytes else float("nan"),
@@ -1025,6 +1061,7 @@ def write_checkpoint(out, iteration: int, **entries):
 
     A path is written through atomic_open: a temporary file in the same folder, renamed over the old
     checkpoint only once complete, so a crash, a kill or a full disk mid-write leaves the previous one."""
+    # "format" lets model.read_checkpoint refuse files of another layout with a clear message
     payload = {"format": "scratchlm-checkpoint-v1", "iteration": int(iteration), "rng": rng_state(), **entries}
     if not isinstance(out, (str, os.PathLike)):
         torch.save(payload, out)
@@ -1032,7 +1069,7 @@ def write_checkpoint(out, iteration: int, **entries):
     try:
         with atomic_open(out, "wb") as f:
             torch.save(payload, f)
-    except OSError as e:
+    except OSError as e:  # atomic_open removed its temporary file; say what that means for a checkpoint
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left writing {out}; the previous checkpoint is intact") from None
         raise
@@ -1042,7 +1079,7 @@ def load_checkpoint(src, model, optimizer, restore_rng: bool = True) -> int:
     """Load a checkpoint written by save_checkpoint into `model` (and `optimizer` unless None); restore the
     RNG states; return the iteration (the CS336 signature). A checkpoint that does not fit raises
     model.StateDictMismatchError naming every key (a ValueError, and a RuntimeError as torch raises)."""
-    ckpt = read_checkpoint(src)
+    ckpt = read_checkpoint(src)  # weights_only=True: a checkpoint cannot run code
     load_model_state(model, ckpt, src)
     if optimizer is not None:
         load_optimizer_state(optimizer, ckpt, src)
@@ -1095,9 +1132,10 @@ class StoryWriter:
                 for j, b in enumerate(options):
                     if i != j and b.startswith(a):
                         raise AssertionError(f"grammar not uniquely decodable: option {a!r} is a prefix of {b!r}")
+        # draw index i with probability p (uniform, or by weights via the inverse CDF), and charge -log2 p
         if weights is None:
             i = int(self.rng.random() * n)
-            i = min(i, n - 1)
+            i = min(i, n - 1)  # guards the (theoretical) random() == 1.0 edge
             p = 1.0 / n
         else:
             total = float(sum(weights))
@@ -1108,12 +1146,13 @@ class StoryWriter:
                 if r < acc:
                     break
             p = weights[i] / total
-        if n > 1:
+        if n > 1:  # a one-option "choice" is deterministic text: 0 bits
             self.bits -= math.log2(p)
         self.parts.append(options[i])
         return i
 
     def text(self) -> str:
+        """The story written so far."""
         return "".join(self.parts)
 
 
@@ -1141,6 +1180,8 @@ def _write_story(w: StoryWriter):
     """The default story grammar. Every random choice goes through w.pick (in text order); the rest is
     fixed text. Characters (hero, pet, friend), the place and the object are chosen once and then reused,
     so a model must look back in its context to predict them (the copying that attention is good at)."""
+    # the setting: 8 traits x 2 x 12 names x 12 places x 12 pets, ~16.6 bits; after "named", the gender
+    # already fixes which 12 names are possible (a model that tracks it saves a bit per story)
     w.write("Once upon a time, there was a ")
     w.pick(_TRAITS)
     w.write(" ")
@@ -1148,6 +1189,7 @@ def _write_story(w: StoryWriter):
     w.write(" named ")
     names = _BOYS if is_boy else _GIRLS
     name = names[w.pick(names)]
+    # pronouns follow from the gender: deterministic text, 0 bits, but only for a model that remembers it
     he, his = ("he", "his") if is_boy else ("she", "her")
     He = he.capitalize()
     w.write(f". {He} lived near a ")
@@ -1161,6 +1203,8 @@ def _write_story(w: StoryWriter):
     w.write(f" in the {place}. {name} felt ")
     w.pick(_FEELINGS)
     w.write(".")
+    # up to 4 events, then the fixed ending. "The end." weighs 2 of 7 while events remain, so stories vary
+    # in length (geometric), and the ending costs log2(7/2) bits like any other decision
     friends = [n for n in _GIRLS + _BOYS if n != name]
     friend = None
     n_events = 0
@@ -1174,7 +1218,7 @@ def _write_story(w: StoryWriter):
         if k == 0:
             break
         n_events += 1
-        if k == 1:
+        if k == 1:  # the friend is chosen at the first visit and named again later: long-range copying
             if friend is None:
                 w.write(f"{his} friend ")
                 friend = friends[w.pick(friends)]
@@ -1185,7 +1229,7 @@ def _write_story(w: StoryWriter):
             w.write(f" {obj}!\"")
         elif k == 2:
             w.pick(_WHEN)
-        elif k == 3:
+        elif k == 3:  # the weather decides the adjective later in the sentence: 0 extra bits
             wi = w.pick([x for x, _ in _WEATHER])
             w.write(f". {name} kept the {obj} safe so it did not get {_WEATHER[wi][1]}.")
         elif k == 4:
@@ -1214,6 +1258,8 @@ class SyntheticCorpus:
         self.check = check
 
     def stories(self, n: int | None = None, start_seed_offset: int = 0):
+        """Yield (text, bits) for n stories (forever if None). Different `start_seed_offset`s are independent
+        streams: the validation split uses stream 1, so it shares no stories with training by construction."""
         rng = random.Random(f"scratchlm-synthetic-{self.seed}-{start_seed_offset}")  # str seeds: stable
         i = 0
         while n is None or i < n:
@@ -1327,6 +1373,8 @@ def fetch_dataset(name: str, data_dir, mirror: str | None = None, progress: bool
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
     out = {}
     ddir = Path(data_dir) / "downloads" / name
+    # e.g. https://huggingface.co/datasets/x/y.txt.gz -> <data_dir>/downloads/<name>/y.txt.gz, unpacked to
+    # text-y.txt next to it (a plain download is hard-linked instead of copied)
     for split, remote in DATASETS[name].items():
         path = urllib.parse.urlparse(remote.url).path
         url = mirror.rstrip("/") + path if mirror else remote.url
@@ -1364,6 +1412,7 @@ class PreparedData:
 
 
 def _key(d: dict) -> str:
+    """A short stable hash of a dict of parameters: the name of its cache folder."""
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -1392,6 +1441,8 @@ def _remove_empty_dirs(dirs):
 
 def _split_text_file(src: Path, train_out: Path, val_out: Path, val_fraction: float):
     """Last `val_fraction` of the file -> val; the rest -> train (never splitting a UTF-8 character)."""
+    # the end, not a random sample: validation text then shares no passage with training (text is highly
+    # repetitive locally, so random lines would leak their neighbours' content into the score)
     data = src.read_bytes()
     try:
         data.decode("utf-8")
@@ -1406,6 +1457,7 @@ def _split_text_file(src: Path, train_out: Path, val_out: Path, val_fraction: fl
 
 def _sample_for_bpe(src: Path, out: Path, max_bytes: int | None) -> Path:
     """BPE training on the first `max_bytes` of the train text (cut at a story/line boundary)."""
+    # BPE's merge statistics settle long before the whole corpus is read: a prefix is enough for a big one
     if max_bytes is None or src.stat().st_size <= max_bytes:
         return src
     if out.exists():
@@ -1455,6 +1507,7 @@ def _prepare_text(cfg, data_dir: Path, log: Callable, created: list):
             log(f"synthetic corpus: {st['bytes'] / 1e6:.1f} MB train, {sv['bytes'] / 1e6:.2f} MB val in "
                 f"{time.time() - t0:.1f}s; entropy floor {sv['bits_per_byte']:.4f} bits/byte (val split)")
         return tdir, json.loads(meta_path.read_text())["val"]["bits_per_byte"]
+    # a known data set: downloaded once into <data_dir>/downloads/<name>, verified, then cached like text
     if cfg.data in DATASETS:
         _make_dir(data_dir / "downloads" / cfg.data, created)
         files = fetch_dataset(cfg.data, data_dir, mirror=cfg.mirror, progress=True)
@@ -1468,6 +1521,7 @@ def _prepare_text(cfg, data_dir: Path, log: Callable, created: list):
         if not (tdir / "text.json").exists():
             atomic_write_json(tdir / "text.json", dict(key=key))
         return tdir, None
+    # a user's own text file: split once, cached by path, size and modification time (edit it: a new cache)
     src = Path(cfg.data).expanduser()
     if not src.is_file():
         raise ValueError(f"--data {cfg.data!r}: not 'synthetic', a known dataset {sorted(DATASETS)}, "
@@ -1490,6 +1544,7 @@ def _split_cached(src: Path, name: str, cfg, data_dir: Path, created: list) -> P
 
 def _prepare_tokens(cfg, tdir: Path, floor, log: Callable, created: list) -> PreparedData:
     """Steps 2 and 3: a BPE tokenizer trained on the train text, then both splits encoded to .bin files."""
+    # the tokenizer's folder sits inside its text's folder: same text + same BPE options = reuse
     tok_key = dict(vocab=cfg.vocab_size, bpe_bytes=cfg.bpe_train_bytes, specials=[EOT])
     kdir = _make_dir(tdir / f"tok-{cfg.vocab_size}-{_key(tok_key)}", created)
     if (kdir / "vocab.json").exists() and (kdir / "merges.txt").exists():
@@ -1503,6 +1558,8 @@ def _prepare_tokens(cfg, tdir: Path, floor, log: Callable, created: list) -> Pre
         tokenizer.save(str(kdir))
         log(f"BPE tokenizer: vocab {cfg.vocab_size} trained on {os.path.getsize(sample) / 1e6:.1f} MB in "
             f"{time.time() - t0:.1f}s")
+    # uint16 when every id fits (vocab <= 65536): half the disk and memory-map traffic of int32.
+    # done.json is written last, so a crash mid-encoding re-encodes instead of trusting half a file
     dtype = np.dtype(tk.token_dtype(tokenizer.vocab_size)).name
     done = kdir / "done.json"
     if not done.exists():
@@ -1557,10 +1614,11 @@ def _checkpoint_on_interrupt(enabled: bool):
     def handler(signum, frame):
         if hit:
             raise KeyboardInterrupt  # the second Ctrl-C
-        hit.append(True)
+        hit.append(True)  # the loop finishes the step it is in: weights and optimizer stay consistent
         print("\nCtrl-C: saving a checkpoint after this step (press Ctrl-C again to stop without saving)",
               file=sys.stderr, flush=True)
 
+    # the handler is ours only while the loop runs; the previous one (Python's default) comes back after
     previous = signal.signal(signal.SIGINT, handler)
     try:
         yield lambda: bool(hit)
@@ -1591,7 +1649,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        if resume_step is None:
+        if resume_step is None:  # a fresh run (check_out_dir has made sure no earlier run is lost)
             atomic_write_text(path, "")
         elif path.exists():
             rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
@@ -1599,10 +1657,12 @@ class MetricsLog:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, **row):
+        """Append one row (a JSON object on its own line)."""
         with open(self.path, "a") as f:  # appending one line: a crash loses at most that line
             f.write(json.dumps(row) + "\n")
 
     def rows(self):
+        """Every row so far, as dicts."""
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
 
 
@@ -1614,6 +1674,7 @@ def _val_line(r: dict, floor: float | None) -> str:
 
 
 def _config_diff(a: dict, b: dict) -> list[str]:
+    """Every field where two model configs differ, as 'name: checkpoint X vs now Y'."""
     return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -1630,6 +1691,8 @@ def _unwrap(model):
 
 def rng_state() -> dict:
     """Every random number generator's state (torch CPU, numpy, python, CUDA) as safe-to-load primitives."""
+    # numpy's and python's states are tuples of arrays and ints: stored as tensors and lists, which
+    # weights_only loading accepts (a raw numpy array would need unpickling arbitrary classes)
     py = random.getstate()
     np_state = np.random.get_state()
     st = {"torch": torch.get_rng_state(),
@@ -1642,6 +1705,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict):
+    """The inverse of rng_state: every generator continues exactly where the checkpointed run left off."""
     torch.set_rng_state(st["torch"])
     n = st["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
@@ -1840,7 +1904,9 @@ def _field_help() -> dict:
 PRESETS = {
     # CPU demo: synthetic stories, tiny model, the whole command in 4.25 minutes (corpus + BPE included).
     "demo": dict(context_length=128, max_steps=None, max_minutes=4.25),
-    # CPU speedrun vs nanoGPT's char-level shakespeare recipe (same wall clock, bpb on the last 10%).
+    # CPU speedrun vs nanoGPT's char-level shakespeare recipe (same wall clock, bpb on the last 10%). The
+    # text is downloaded once (1.1 MB, SHA-256 pinned) into --data-dir; no network later, no network in tests
+    # (they use --mirror with a local folder).
     "speedrun": dict(data="tinyshakespeare", vocab_size=512, bpe_train_bytes=None, context_length=128,
                      d_model=128, num_layers=4, num_heads=4, batch_size=16, lr=3e-3, muon_lr=0.02,
                      warmup_iters=30, max_steps=None, max_minutes=2.6, eval_interval=100_000,
@@ -1897,6 +1963,7 @@ def validate_config(cfg: TrainConfig):
         ("temperature", c.temperature >= 0, ">= 0 (0: greedy)"), ("top_p", 0 < c.top_p <= 1, "in (0, 1]"),
         ("model_kw", isinstance(c.model_kw, dict), "a JSON object"),
     ]
+    # the table above, then the checks that need the file system, model.py or the hardware
     for name, ok, allowed in checks:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)!r}")
@@ -1908,6 +1975,8 @@ def validate_config(cfg: TrainConfig):
         path = getattr(c, name)
         if path is not None and Path(path).exists() and not Path(path).is_dir():
             raise ValueError(f"--{name.replace('_', '-')} {path} is a file; give a folder")
+    # --model-kw: a dict of model.ModelConfig switches, built into a real config here so a typo or a bad
+    # value fails now (one line) rather than after the data preparation
     clash = sorted(set(c.model_kw) & set(_MODEL_FLAGS))
     if clash:
         raise ValueError(f"--model-kw must not set {clash}: use --{clash[0].replace('_', '-')}")
@@ -1928,7 +1997,7 @@ def set_cpu_threads(threads: int) -> int:
         cores = torch.get_num_threads() if torch.get_num_threads() > 1 else (os.cpu_count() or 1)
         if cores == 1:
             threads = 1
-        else:
+        else:  # a matmul the size of a small model's layer: what a training step spends its time on
             a, b = torch.randn(1024, 128), torch.randn(128, 512)
             best = None
             for t in (cores, 1):
@@ -1960,6 +2029,7 @@ def check_out_dir(out_dir, cfg: TrainConfig | None = None) -> Path:
                              "replace it with --overwrite, or choose another --out-dir")
         if earlier:
             (out / "ckpt.pt").unlink(missing_ok=True)
+    # creating and deleting a small file proves the folder is writable now, not after hours of training
     try:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_open(out / ".write_test", "w") as f:
@@ -1979,6 +2049,7 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str = "", floor: floa
     tr = [r for r in rows if r["kind"] == "train"]
     va = [r for r in rows if r["kind"] == "val"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # left: loss against steps (what the optimizer saw); right: against minutes (what the run cost)
     for ax, xkey, xlabel in ((axes[0], "step", "step"), (axes[1], "minutes", "wall-clock minutes")):
         ax.plot([r[xkey] for r in tr], [r["loss"] for r in tr], label="train loss (nats/token)", alpha=0.7)
         ax.plot([r[xkey] for r in va], [r["loss"] for r in va], "o-", label="val loss (nats/token)")
@@ -1992,6 +2063,7 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str = "", floor: floa
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    # written atomically: an image viewer refreshing the file never sees half a PNG
     with atomic_open(png_path, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
@@ -2011,6 +2083,7 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str = "", floor: floa
 
 class _NanoGPT(torch.nn.Module):
     def __init__(self, vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128):
+        """nanoGPT's GPT with the recipe's sizes: 4 layers, 4 heads, width 128, context 64, no biases, no dropout."""
         super().__init__()
         nn = torch.nn
         self.n_head = n_head
@@ -2025,18 +2098,21 @@ class _NanoGPT(torch.nn.Module):
         self.ln_f = nn.LayerNorm(n_embd, bias=False)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying
+        # GPT-2's init: N(0, 0.02), and 0.02 / sqrt(2 L) for the projections into the residual stream, so
+        # its variance does not grow with depth (2 L such additions)
         for name, p in self.named_parameters():
             if p.ndim == 2:
                 std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("c_proj.weight", "mlp_proj.weight")) else 0.02
                 torch.nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx):
+        """(B, T) char ids -> (B, T, V) logits, exactly nanoGPT's block: x += attn(ln_1(x)); x += mlp(ln_2(x))."""
         B, T = idx.shape
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C): token + learned position
         for b in self.blocks:
             h = b["ln_1"](x)
             q, k, v = b["c_attn"](h).split(h.shape[-1], dim=2)
-            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) each
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
             x = x + b["c_proj"](y)
             x = x + b["mlp_proj"](F.gelu(b["c_fc"](b["ln_2"](x))))
@@ -2047,6 +2123,7 @@ def bench_nanogpt(text_path: str, iters: int = 2000, seed: int = 1337, log: Call
     """Train the nanoGPT CPU recipe on `text_path`; return wall time and bpb on the last 10% (exact pass)."""
     t0 = time.time()
     torch.manual_seed(seed)
+    # nanoGPT's data/shakespeare_char/prepare.py: one token per character, first 90% train, last 10% val
     text = Path(text_path).read_text(encoding="utf-8")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
@@ -2060,12 +2137,16 @@ def bench_nanogpt(text_path: str, iters: int = 2000, seed: int = 1337, log: Call
                             lr=1e-3, betas=(0.9, 0.99))
     bs, T = 12, 64
 
-    def batch(d):  # nanoGPT's get_batch: torch.randint starts
+    # nanoGPT's get_batch: random starts from torch's generator, one slice per row (the same windows as
+    # ours, drawn differently)
+    def batch(d):
         ix = torch.randint(len(d) - T, (bs,))
         x = torch.stack([torch.from_numpy(d[i:i + T].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(d[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
         return x, y
 
+    # nanoGPT's train.py loop: lr from its cosine (the same formula as ours), an estimate every 250 steps,
+    # then one step (forward, backward, clip to 1.0, AdamW); iteration `iters` only evaluates
     for it in range(iters + 1):
         lr = get_lr_cosine_schedule(it, 1e-3, 1e-4, 100, iters)
         for g in opt.param_groups:
@@ -2087,6 +2168,7 @@ def bench_nanogpt(text_path: str, iters: int = 2000, seed: int = 1337, log: Call
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     train_time = time.time() - t0
+    # a character's bytes in UTF-8 (tinyshakespeare is ASCII: 1 each), so its bpb is bits per character
     char_bytes = np.array([len(c.encode("utf-8")) for c in chars])
     r = evaluate(model, val_d, context_length=T, batch_size=64, device="cpu", token_bytes=char_bytes,
                  stride=T // 2)  # the same sliding-window evaluator and stride policy (T/2) as ours
@@ -2095,6 +2177,9 @@ def bench_nanogpt(text_path: str, iters: int = 2000, seed: int = 1337, log: Call
 
 
 def bench_main(argv):
+    """`python train.py bench-nanogpt`: the nanoGPT recipe first (its wall time sets our budget unless
+    --minutes is given), then our speedrun preset in the same process with the same thread count, then one
+    table row with both validation bpbs. Our time includes BPE training on a fresh cache."""
     p = _Parser(prog="train.py bench-nanogpt", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Side-by-side CPU speedrun: nanoGPT's char-level Shakespeare recipe (re-implemented "
                             "here) vs our 'speedrun' preset, same text, same validation split (last 10%), bpb "
@@ -2112,6 +2197,7 @@ def bench_main(argv):
     a = p.parse_args(argv)
     if a.iters < 1 or a.threads < 0 or (a.minutes is not None and a.minutes <= 0):
         p.error("need --iters >= 1, --threads >= 0 and --minutes > 0")
+    # both runs read the same local file; ours gets it as a plain text file, split at the same 90% mark
     if a.data == "tinyshakespeare":
         a.data = str(fetch_dataset("tinyshakespeare", a.data_dir, mirror=a.mirror)["text"])
     if not Path(a.data).is_file():
@@ -2125,7 +2211,9 @@ def bench_main(argv):
               f"(loss {peer['val']['loss']:.4f} nats/char)")
     minutes = a.minutes or (peer["seconds"] / 60 if peer else 2.75)
     import tempfile
-    with tempfile.TemporaryDirectory() as tmp:  # fresh cache: tokenizer training is inside our time
+    # a fresh cache, so our time includes training the tokenizer and encoding the text (nanoGPT's char
+    # vocabulary costs nothing to build); the run folder goes with it
+    with tempfile.TemporaryDirectory() as tmp:
         args = get_parser().parse_args(["speedrun", "--data", a.data, "--data-dir", tmp, "--out-dir",
                                         str(Path(tmp) / "run"), "--max-minutes", str(minutes), "--no-plot",
                                         "--threads", str(threads)])
@@ -2146,13 +2234,15 @@ def bench_main(argv):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (`train.py: error: ...`) and exit status 2."""
+    """argparse whose usage errors are one line on stderr (`train.py: error: ...`) and exit status 2.
+    (argparse's own error() first prints the whole usage block, which buries the one line that matters.)"""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _json_object(text: str) -> dict:
+    """argparse type of --model-kw: a JSON object, or a one-line usage error naming the flag."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -2162,6 +2252,7 @@ def _json_object(text: str) -> dict:
     return value
 
 
+# TrainConfig's annotations (strings, under `from __future__ import annotations`) -> argparse types
 _FLAG_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
                "Optional[str]": str, "dict": _json_object}
 
@@ -2176,6 +2267,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", nargs="?", default=None,
                    help=f"one-word preset: {', '.join(PRESETS)} (default: demo, synthetic stories in a few CPU "
                         f"minutes; with --data tinystories or --data owt and no preset, that data set's preset)")
+    # one flag per TrainConfig field: --snake-case name, the type from the field's annotation, the help from
+    # the class docstring; booleans get --flag / --no-flag
     helps = _field_help()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset":
@@ -2193,17 +2286,19 @@ def get_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> TrainConfig:
     """Preset values, then every flag the user gave. Validates names and ranges (clear errors)."""
     preset = getattr(args, "preset", None)
+    # a preset first, then only the flags the user gave on top of it
     if not preset:  # `python train.py --data owt` means the owt preset (its 32K vocab, its model), not the demo's
         data = getattr(args, "data", None)
         preset = data if data in DATASETS and data in PRESETS else "demo"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
     values = dict(PRESETS[preset], preset=preset)
+    # flags default to None in the parser, so "not given" and "given the preset's value" are told apart
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if f.name != "preset" and v is not None:
             values[f.name] = v
-    if values.get("bpe_train_bytes") == 0:
+    if values.get("bpe_train_bytes") == 0:  # "0: all of it" on the command line is None in the config
         values["bpe_train_bytes"] = None
     cfg = TrainConfig(**values)
     if cfg.out_dir is None:
@@ -2235,6 +2330,7 @@ def sample_main(argv):
         p.error(str(e).replace("max_new_tokens", "--max-new-tokens").replace("num_samples", "--num-samples")
                 .replace("temperature", "--temperature").replace("top_p", "--top-p").replace("seed", "--seed"))
     note = lambda msg: print(f"note: {msg}", file=sys.stderr)
+    # loading, the tokenizer lookup and its fingerprint check, fitting the prompt and sampling: model.py's
     res = M.sample_from_checkpoint(a.checkpoint, a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
                                    temperature=a.temperature, top_p=a.top_p, seed=a.seed, device=a.device, note=note)
     for i, text in enumerate(res["texts"]):
@@ -2242,6 +2338,11 @@ def sample_main(argv):
 
 
 def main(argv=None):
+    """`python train.py [preset] [--flags]`, `python train.py sample ...`, `python train.py bench-nanogpt ...`.
+
+    Exit status: 0 done; 2 a usage error or bad input (one line on stderr); 1 a failure of the machine (e.g.
+    a full disk; one line); 130 interrupted (Ctrl-C; the run saved a checkpoint unless it was pressed twice).
+    A traceback means a bug in the project."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "sample":
@@ -2249,6 +2350,7 @@ def main(argv=None):
         if argv and argv[0] in ("bench-nanogpt", "bench"):
             return bench_main(argv[1:])
         train(config_from_args(get_parser().parse_args(argv)))
+    # bad input of any kind (options, data, checkpoints, the network): one line naming it, status 2
     except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, ConnectionError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
