@@ -214,6 +214,8 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
             get_stats(ids, stats, weight=n)
         if not stats:
             break  # every pre-token is a single token: nothing left to merge
+        # the most frequent pair; among equal counts the lexicographically greater (bytes_a, bytes_b), the
+        # course's rule, so that training is deterministic and the fast trainer can be checked against this
         pair = max(stats, key=lambda p: (stats[p], vocab[p[0]], vocab[p[1]]))
         new_id = len(vocab)
         vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
@@ -302,6 +304,8 @@ def _count_pretokens_in_chunk(task):
     for piece, special in split_on_special_tokens(text, special_tokens):
         if not special:
             counts.update(split.findall(piece))  # Counter.update on an iterable runs in C
+    # counted as str (cheap to hash), sent back as UTF-8 bytes: BPE works on bytes, and the result is only
+    # the distinct pre-tokens, tens of thousands of small objects instead of the chunk's millions
     return {tok.encode("utf-8"): n for tok, n in counts.items()}, end - start
 
 
@@ -621,6 +625,8 @@ class Tokenizer:
         Text is very repetitive at the pre-token level (" the" is everywhere), so after a warm-up almost
         every pre-token is a cache hit; the set difference, the lookups and the concatenation all run in C.
         """
+        # the same GPT-2 regex as training (the possessive FAST_SPLIT_PATTERN would split identically; the
+        # readable path keeps the published pattern)
         pieces = self._split.findall(text)
         cache = self._cache
         new = set(pieces).difference(cache)
