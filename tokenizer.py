@@ -225,18 +225,6 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
     return vocab, merges
 
 
-def _warn_if_vocab_short(source, asked, got, distinct_pretokens):
-    """Training stops early when no adjacent pair is left to merge (every distinct pre-token is already
-    one token). The vocabulary then comes out smaller than asked, which the caller must hear about: a
-    model built for `asked` ids would carry embedding rows that never occur."""
-    if got >= asked:
-        return
-    why = ("it holds no text outside the special tokens" if distinct_pretokens == 0 else
-           f"its {distinct_pretokens:,} distinct pre-token(s) ran out of pairs to merge")
-    warnings.warn(f"{source}: the vocabulary has {got:,} tokens, fewer than the {asked:,} asked for: {why} "
-                  f"(train on more text, or ask for vocab_size <= {got:,})", UserWarning, stacklevel=3)
-
-
 # =====================================================================================================
 # 2. The fast trainer
 # =====================================================================================================
@@ -934,16 +922,10 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
     `allowed_special`/`disallowed_special` as in `Tokenizer.encode` (a refused special token is reported
     with the file and its byte offset).
     """
-    size = _check_input_file(input_path)
     # Everything that can be known before the work is checked before the work: the input must be a
     # readable non-empty file, the output neither the input (which the atomic rename would replace with
     # token ids) nor a folder, and the special-token keywords valid.
-    if _same_file(input_path, out_path):
-        raise ValueError(f"the output {out_path} is the input file itself; writing it would destroy the text")
-    if os.path.isdir(out_path):
-        raise IsADirectoryError(f"the output {out_path} is a directory; give a file name such as data.bin")
-    if not overwrite and os.path.lexists(out_path):
-        raise FileExistsError(f"the output {out_path} already exists; pass overwrite=True (--force) to replace it")
+    size = _check_encode_paths(input_path, out_path, overwrite)
     kw = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
     cut_at = tokenizer.special_policy(**kw).allowed  # validates the keywords before any work
     num_workers = _default_workers(num_workers)
@@ -1204,6 +1186,18 @@ def _check_vocab_size(vocab_size, special_tokens):
         raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE vocabulary needs at least "
                          f"256 byte tokens + {len(specials)} special token(s) = {256 + len(specials)}")
     return specials
+
+
+def _warn_if_vocab_short(source, asked, got, distinct_pretokens):
+    """Training stops early when no adjacent pair is left to merge (every distinct pre-token is already
+    one token). The vocabulary then comes out smaller than asked, which the caller must hear about: a
+    model built for `asked` ids would carry embedding rows that never occur."""
+    if got >= asked:
+        return
+    why = ("it holds no text outside the special tokens" if distinct_pretokens == 0 else
+           f"its {distinct_pretokens:,} distinct pre-token(s) ran out of pairs to merge")
+    warnings.warn(f"{source}: the vocabulary has {got:,} tokens, fewer than the {asked:,} asked for: {why} "
+                  f"(train on more text, or ask for vocab_size <= {got:,})", UserWarning, stacklevel=3)
 
 
 def _check_input_file(path):
@@ -1483,6 +1477,18 @@ def _fix_surrogates(text):
         return text
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _check_encode_paths(input_path, out_path, overwrite):
+    """encode_file's checks before any work; -> the input's size in bytes."""
+    size = _check_input_file(input_path)
+    if _same_file(input_path, out_path):
+        raise ValueError(f"the output {out_path} is the input file itself; writing it would destroy the text")
+    if os.path.isdir(out_path):
+        raise IsADirectoryError(f"the output {out_path} is a directory; give a file name such as data.bin")
+    if not overwrite and os.path.lexists(out_path):
+        raise FileExistsError(f"the output {out_path} already exists; pass overwrite=True (--force) to replace it")
+    return size
 
 
 def _same_file(a, b):
