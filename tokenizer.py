@@ -1890,6 +1890,9 @@ def main(argv=None):
     except (OSError, ValueError) as e:  # bad input found during the work: one clear line, nothing half-written
         if argv is not None:
             raise
+        if isinstance(e, DisallowedSpecialError):  # speak of the command's option, not the API's keywords
+            e = f"{e.where}the input contains the special token {e.token!r} (at {e.position}); --special-text " \
+                "error refuses it (--special-text special or ordinary encodes it)"
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
