@@ -331,6 +331,12 @@ def set_harmful_models(nsfw: str | None = None, toxic: str | None = None):
 
 def _profanity_prob(text: str) -> float:
     """P(offensive) from alt-profanity-check's bundled SVM (loaded once per process, ~0.3 s)."""
+    return float(profanity_probs([text])[0])
+
+
+def profanity_probs(texts: list[str]) -> np.ndarray:
+    """P(offensive) of many texts in one call. sklearn spends ~20 ms per call on its five calibrated SVMs
+    whatever the batch size, so one document per call is ~50 docs/s and a batch of 128 is ~2,000 docs/s."""
     global _PROFANITY
     if _PROFANITY is None:
         import warnings
@@ -339,7 +345,9 @@ def _profanity_prob(text: str) -> float:
             warnings.simplefilter("ignore")
             import profanity_check
         _PROFANITY = profanity_check
-    return float(_PROFANITY.predict_prob([text])[0])
+    if not len(texts):
+        return np.zeros(0)
+    return np.asarray(_PROFANITY.predict_prob(list(texts)), dtype=np.float64)
 
 
 def _fasttext_label(key: str, text: str) -> tuple[str, float]:
@@ -347,12 +355,12 @@ def _fasttext_label(key: str, text: str) -> tuple[str, float]:
     return labels[0].replace("__label__", ""), float(min(probs[0], 1.0))
 
 
-def classify_toxic_speech(text: str) -> tuple[str, float]:
-    """("toxic" | "non-toxic", confidence in that label)."""
+def classify_toxic_speech(text: str, p: float | None = None) -> tuple[str, float]:
+    """("toxic" | "non-toxic", confidence in that label). `p`: P(toxic) if already computed in a batch."""
     if "toxic" in _FASTTEXT_HARMFUL:
-        label, p = _fasttext_label("toxic", text)
-        return ("toxic" if label == "toxic" else "non-toxic"), p
-    p = _profanity_prob(text)
+        label, q = _fasttext_label("toxic", text)
+        return ("toxic" if label == "toxic" else "non-toxic"), q
+    p = _profanity_prob(text) if p is None else p
     return ("toxic", p) if p >= 0.5 else ("non-toxic", 1.0 - p)
 
 
@@ -697,44 +705,41 @@ def minhash_signature(shingle_set, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array(sig, dtype=np.uint32)
 
 
-def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:
+def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """The fast path: signatures of many documents at once, (N, k) uint32, equal to `minhash_signature`.
 
-    All shingles of all documents are hashed in one list comprehension (no per-shingle function call), the
-    fmix and the (n, k) permutation matrix are numpy uint32 arithmetic (wraparound = mod 2^32, so no modulo
-    at all), and np.minimum.reduceat takes every document's column minima in one call."""
+    All shingles of all documents are hashed in one list comprehension (no per-shingle function call of
+    ours), the fmix and the (n, k) permutation matrix are numpy uint32 arithmetic (wraparound = mod 2^32, so
+    no modulo at all), and np.minimum.reduceat takes a whole group of documents' column minima in one call.
+    What it cannot remove: one SHA-1 per shingle (~0.5-1 us in Python) and the n x k multiply-add-min, which
+    datasketch's bulk path also does with numpy -- so the gain is the per-document overhead (see bench)."""
     k = len(a)
     out = np.full((len(shingle_sets), k), 0xFFFFFFFF, dtype=np.uint32)
     lens = np.fromiter((len(s) for s in shingle_sets), dtype=np.int64, count=len(shingle_sets))
-    flat = [s.encode("utf-8") for ss in shingle_sets for s in ss]
-    if not flat:
+    if not lens.sum():
         return out
     sha = hashlib.sha1
-    digests = b"".join([sha(s).digest()[:4] for s in flat])
-    # (n,) first 4 bytes, little-endian
+    digests = b"".join([sha(s.encode("utf-8")).digest()[:4] for ss in shingle_sets for s in ss])
+    # (n,) the first 4 digest bytes read little-endian, as datasketch's sha1_hash32; then fmix32, vectorized.
     x = np.frombuffer(digests, dtype="<u4").astype(np.uint32)
-    # Fmix32, vectorized
     x ^= x >> np.uint32(16)
     x *= np.uint32(0x85EBCA6B)
     x ^= x >> np.uint32(13)
     x *= np.uint32(0xC2B2AE35)
     x ^= x >> np.uint32(16)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    nonempty = np.flatnonzero(lens > 0)
-    # Process documents in groups of about `chunk` shingles so the (n, k) matrix stays ~chunk*k*4 bytes.
-    i = 0
-    while i < len(nonempty):
-        j, total = i, 0
-        while j < len(nonempty) and (j == i or total + lens[nonempty[j]] <= chunk):
-            total += lens[nonempty[j]]
-            j += 1
-        docs = nonempty[i:j]
-        lo, hi = starts[docs[0]], starts[docs[-1]] + lens[docs[-1]]
-        # (n, k) uint32, wraps mod 2^32
-        phv = x[lo:hi, None] * a[None, :]
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    docs = np.flatnonzero(lens > 0)
+    # Groups of whole documents with about `chunk` shingles each, so the (n, k) matrix (chunk * k * 4 bytes,
+    # 1 MB at the defaults) stays in cache; group boundaries come from the cumulative counts, no Python loop
+    # per document.
+    group = (starts[docs] // chunk)
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    for g in np.split(docs, cuts):
+        lo, hi = starts[g[0]], ends[g[-1]]
+        phv = x[lo:hi, None] * a[None, :]  # (n, k) uint32: a_i * x, wrapping mod 2^32
         phv += b[None, :]
-        out[docs] = np.minimum.reduceat(phv, starts[docs] - lo, axis=0)
-        i = j
+        out[g] = np.minimum.reduceat(phv, starts[g] - lo, axis=0)
     return out
 
 
@@ -846,20 +851,37 @@ class PipelineConfig:
 FILTERS = ("extract", "language", "nsfw", "toxic", "gopher", "quality")  # the per-document steps, in order
 
 
-def filter_document(text: str, cfg: PipelineConfig) -> tuple[str | None, str, dict]:
-    """Run the per-document steps on extracted text: (masked text or None, drop reason or "", PII counts)."""
-    # Cheapest and most decisive first: language ID (~20 us) removes most of a real crawl, so the slower
+def filter_documents(texts: list[str], cfg: PipelineConfig) -> list[tuple[str | None, str, dict]]:
+    """Run the per-document steps on a batch of extracted texts; for each: (masked text or None, drop reason
+    or "", PII counts). One document at a time in the chain's order, except that the toxic classifier sees
+    all survivors of the earlier steps in one call (its per-call cost is what batching saves)."""
+    # Cheapest and most decisive first: language ID (~0.3 ms) removes most of a real crawl, so the slower
     # classifiers run on fewer pages. The first filter that says no is the recorded reason; later filters
-    # never see the page, which is why `score_filters` (the demo) also scores each filter on every page.
-    if not text or not text.strip():
-        return None, "extract", {}
-    lang, score = identify_language(text)
-    if lang not in cfg.languages or score < cfg.min_lang_score:
-        return None, "language", {}
-    label, p = classify_nsfw(text)
-    if (p if label == "nsfw" else 1 - p) >= cfg.max_nsfw:
-        return None, "nsfw", {}
-    label, p = classify_toxic_speech(text)
+    # never see the page, which is why the demo also scores each filter on every page (`score_filters`).
+    out = [None] * len(texts)
+    alive = []
+    for i, text in enumerate(texts):
+        if not text or not text.strip():
+            out[i] = (None, "extract", {})
+            continue
+        lang, score = identify_language(text)
+        if lang not in cfg.languages or score < cfg.min_lang_score:
+            out[i] = (None, "language", {})
+            continue
+        label, p = classify_nsfw(text)
+        if (p if label == "nsfw" else 1 - p) >= cfg.max_nsfw:
+            out[i] = (None, "nsfw", {})
+            continue
+        alive.append(i)
+    toxic = profanity_probs([texts[i] for i in alive]) if "toxic" not in _FASTTEXT_HARMFUL else [None] * len(alive)
+    for i, p_toxic in zip(alive, toxic):
+        out[i] = _filter_rest(texts[i], cfg, p_toxic)
+    return out
+
+
+def _filter_rest(text: str, cfg: PipelineConfig, p_toxic: float | None) -> tuple[str | None, str, dict]:
+    """The steps after NSFW for one document: toxic, Gopher, quality, then PII masking."""
+    label, p = classify_toxic_speech(text, p_toxic)
     if (p if label == "toxic" else 1 - p) >= cfg.max_toxic:
         return None, "toxic", {}
     if not gopher_quality_filter(text, repetition=cfg.gopher_repetition):
@@ -888,6 +910,25 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     stats, dropped, pii = Counter(), Counter(), Counter()
     seconds, examples, kept = Counter(), {}, []
     t0 = time.perf_counter()
+    batch = []
+
+    def flush():
+        # Filter a batch of records; keep survivors, count and sample the rest.
+        t = time.perf_counter()
+        results = filter_documents([text for _, text in batch], cfg)
+        seconds["filters"] += time.perf_counter() - t
+        for (rec, text), (masked, reason, counts) in zip(batch, results):
+            pii.update(counts)
+            if reason:
+                # Keep a few dropped pages per reason: "show what each filter throws away" (`inspect`).
+                dropped[reason] += 1
+                ex = examples.setdefault(reason, [])
+                if len(ex) < cfg.examples:
+                    ex.append(dict(id=rec.doc_id, url=rec.url, text=text[:600]))
+            else:
+                kept.append(dict(id=rec.doc_id, url=rec.url, text=masked))
+        batch.clear()
+
     for rec in _records_or_unreadable(path, stats):
         stats["records"] += 1
         t = time.perf_counter()
@@ -897,18 +938,10 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
         if text is None:
             stats["undecodable"] += 1
             continue
-        t = time.perf_counter()
-        masked, reason, counts = filter_document(text, cfg)
-        seconds["filters"] += time.perf_counter() - t
-        pii.update(counts)
-        if reason:
-            # Keep a few dropped pages per reason: "show what each filter throws away" (`data.py inspect`).
-            dropped[reason] += 1
-            ex = examples.setdefault(reason, [])
-            if len(ex) < cfg.examples:
-                ex.append(dict(id=rec.doc_id, url=rec.url, text=text[:600]))
-            continue
-        kept.append(dict(id=rec.doc_id, url=rec.url, text=masked))
+        batch.append((rec, text))
+        if len(batch) >= 128:
+            flush()
+    flush()
     t = time.perf_counter()
     a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
     sigs = minhash_signatures([shingles(d["text"], cfg.ngrams) for d in kept], a, b)
@@ -1428,7 +1461,9 @@ def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
     lang = [identify_language(t) for t in texts]
     res["language"] = _pr([l not in cfg.languages or s < cfg.min_lang_score for l, s in lang], [k == "foreign" for k in kinds])
     res["nsfw"] = _pr([classify_nsfw(t)[0] == "nsfw" for t in texts], [k == "nsfw" for k in kinds])
-    res["toxic"] = _pr([classify_toxic_speech(t)[0] == "toxic" for t in texts], [k == "toxic" for k in kinds])
+    probs = profanity_probs(texts)
+    res["toxic"] = _pr([classify_toxic_speech(t, p)[0] == "toxic" for t, p in zip(texts, probs)],
+                       [k == "toxic" for k in kinds])
     for name, rep in (("gopher", False), ("gopher+rep", True)):
         res[name] = _pr([not gopher_quality_filter(t, repetition=rep) for t in texts], [k in ("spam", "short") for k in kinds])
     if _QUALITY_MODEL is not None:
@@ -1576,6 +1611,55 @@ def bench_minhash(sets: list, num_hashes: int = 128, seed: int = 1, reps: int = 
     return dict(ours=min(ours_t), peer=min(peer_t), identical=same, docs=len(sets))
 
 
+# Hand-labelled sentences for the harmful-content classifiers, written for this file (so held out from every
+# model's training data), with the hard cases on purpose: polite hostility with no swear word, quoted or
+# clinical uses of flagged words, profanity that is friendly, explicit text without list words. Labels are
+# one person's judgement; 1 = toxic / nsfw. This measures the classifiers' failure modes, not a benchmark.
+TOXIC_EXAMPLES = [
+    ("You are a pathetic idiot and nobody wants you here.", 1), ("Shut up, you ignorant moron.", 1),
+    ("Go kill yourself, loser.", 1), ("What a stupid, worthless piece of garbage you are.", 1),
+    ("I hope you rot, you disgusting pig.", 1), ("Only a brain-dead fool would write this crap.", 1),
+    ("You people are vermin and should be driven out.", 1), ("Get lost, you dumb jerk.", 1),
+    ("Your kind does not belong in this country and never will.", 1),  # hostile, no swear word
+    ("People like them should not be allowed to vote or own homes.", 1),  # polite hate
+    ("Nobody asked for your worthless opinion, clown.", 1), ("This author is a lying scumbag.", 1),
+    ("The museum opens at nine and closes at five.", 0), ("Thank you so much for the lovely dinner.", 0),
+    ("The report says the bridge needs repairs before winter.", 0), ("Mix the flour and the butter slowly.", 0),
+    ("The senator called the bill a stupid idea in an interview.", 0),  # quoted insult, reported speech
+    ("Damn, that was a great concert!", 0),  # friendly profanity
+    ("The word 'idiot' comes from the Greek idiotes, a private person.", 0),  # mention, not use
+    ("I strongly disagree with your analysis of the data.", 0), ("Kill the process with Ctrl-C.", 0),
+    ("Our team lost badly, but we will train harder.", 0), ("The hateful comments were removed by moderators.", 0),
+    ("She said the movie was dumb but fun.", 0),
+]
+NSFW_EXAMPLES = [
+    ("Free porn videos and live xxx cams, hot nude girls waiting for you.", 1),
+    ("Horny milfs and sluts in hardcore videos, 18+ only.", 1), ("Watch naked webcam models strip live now.", 1),
+    ("Meet escorts near you tonight, discreet hookups, no limits.", 1),
+    ("Explicit erotic stories: she undressed slowly and pulled him onto the bed.", 1),  # no list word
+    ("Best free sex videos, amateur porn and nsfw clips updated daily.", 1),
+    ("Onlyfans leaks, nude selfies and xxx galleries.", 1), ("Fetish and bdsm videos for adults only, xxx.", 1),
+    ("Breast cancer screening is recommended for women over forty.", 0),
+    ("Sex education classes cover consent and contraception.", 0),  # one clinical word
+    ("The museum has a famous nude statue by Rodin.", 0), ("Strip the wires before you connect them.", 0),
+    ("The cat sat on the warm windowsill all afternoon.", 0), ("Sex differences in heart disease are well studied.", 0),
+    ("Our webcam review compares ten models under fifty dollars.", 0), ("The recipe needs two cups of milk.", 0),
+]
+
+
+def bench_harmful() -> dict:
+    """Precision / recall of classify_toxic_speech and classify_nsfw on the hand-labelled tables above."""
+    out = {}
+    for name, table, fn, pos in (("toxic", TOXIC_EXAMPLES, classify_toxic_speech, "toxic"),
+                                 ("nsfw", NSFW_EXAMPLES, classify_nsfw, "nsfw")):
+        pred = [fn(t)[0] == pos for t, _ in table]
+        truth = [bool(y) for _, y in table]
+        out[name] = dict(_pr(pred, truth), examples=len(table),
+                         missed=[t for (t, y), p in zip(table, pred) if y and not p],
+                         false_alarms=[t for (t, y), p in zip(table, pred) if p and not y])
+    return out
+
+
 def _rss_run(inputs: list[str], out: str) -> dict:
     """Run the pipeline in a fresh process (one worker) and return its peak RSS in MB."""
     import subprocess
@@ -1601,25 +1685,38 @@ def bench(args) -> list[str]:
         truth = write_synthetic_crawl(os.path.join(tmp, "crawl"), pages=args.pages, files=1, seed=0, bad_records=False)
         texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in truth["pages"]]
         sets = [shingles(t, 5) for t in texts]
-        mh = bench_minhash(sets, 128, 1)
-        row(f"MinHash signatures, {mh['docs']} docs ({sum(map(len, sets)) / len(sets):.0f} 5-gram shingles each), "
-            f"128 permutations, identical={mh['identical']}", f"{mh['docs'] / mh['ours']:,.0f} docs/s",
-            f"datasketch MinHash.bulk: {mh['docs'] / mh['peer']:,.0f} docs/s", f"{mh['peer'] / mh['ours']:.2f}x")
+        # Two document lengths: short ones (titles, posts, ~20 shingles) where per-document overhead dominates,
+        # and the crawl's pages, where one SHA-1 per shingle -- the same in both -- dominates.
+        short = [set(sorted(s)[:20]) for s in sets] * 4
+        for label, ss in (("short docs", short), ("pages", sets)):
+            mh = bench_minhash(ss, 128, 1)
+            row(f"MinHash signatures, {mh['docs']} {label} ({sum(map(len, ss)) / len(ss):.0f} 5-gram shingles each), "
+                f"128 permutations, identical={mh['identical']}", f"{mh['docs'] / mh['ours']:,.0f} docs/s",
+                f"datasketch MinHash.bulk: {mh['docs'] / mh['peer']:,.0f} docs/s", f"{mh['peer'] / mh['ours']:.2f}x")
         steps = [("extract (resiliparse)", lambda p, t: extract_text_from_html_bytes(p["html"].encode())),
                  ("language ID (fastText lid.176)", lambda p, t: identify_language(t)),
                  ("PII masks (3 regexes)", lambda p, t: mask_ips(mask_phone_numbers(mask_emails(t)[0])[0])),
                  ("NSFW (blocklist + SVM)", lambda p, t: classify_nsfw(t)),
-                 ("toxic (SVM)", lambda p, t: classify_toxic_speech(t)),
+                 ("toxic (SVM), one document per call", lambda p, t: classify_toxic_speech(t)),
                  ("Gopher rules + repetition", lambda p, t: gopher_quality_filter(t, repetition=True))]
         # Load the models before timing: loading is a one-off per worker, not a per-document cost.
         classify_toxic_speech("warm up")
         identify_language("warm up")
+        for name, r in bench_harmful().items():
+            row(f"{name} classifier on {r['examples']} hand-labelled sentences (hard cases included)",
+                f"precision {r['precision']:.2f}, recall {r['recall']:.2f}", "-", "-")
+            print(f"{name}: missed {r['missed']}; false alarms {r['false_alarms']}", file=sys.stderr)
         for name, fn in steps:
             t = time.perf_counter()
             for p, x in zip(truth["pages"], texts):
                 fn(p, x)
             dt = time.perf_counter() - t
-            row(f"{name}, per document", f"{len(texts) / dt:,.0f} docs/s/core", "-", "-")
+            row(f"{name}", f"{len(texts) / dt:,.0f} docs/s/core", "-", "-")
+        t = time.perf_counter()
+        for i in range(0, len(texts), 128):
+            profanity_probs(texts[i:i + 128])
+        row("toxic (SVM), batches of 128 (as `run` calls it)", f"{len(texts) / (time.perf_counter() - t):,.0f} "
+            "docs/s/core", "-", "-")
         # End to end with one worker: extraction, every filter, signatures, dedup, BPE training and encoding.
         t = time.perf_counter()
         run_pipeline(truth["files"], os.path.join(tmp, "run"), PipelineConfig(), workers=1, vocab_size=300, progress=False)
