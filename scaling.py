@@ -62,6 +62,24 @@ What it costs: a fit is seconds on one core. The default sweep trains ~20 small 
 synthetic corpus (minutes on 2 CPU cores); its law is a law of THIS corpus and THESE tiny models, but the
 method is the one used at scale (which is the point: predict, then check).
 
+Reading the numbers
+-------------------
+* An IsoFLOPs exponent a (N_opt ~ C^a) near 0.5 is Chinchilla's answer; near 0.73, Kaplan's. The interval
+  printed next to it comes from resampling the runs: with 3 budgets it is wide, and it should be.
+* The parametric fit's E is the loss no model reaches: on the built-in synthetic corpus the true value is
+  known (the corpus' entropy, which train.py prints), a check on the fit that real data never offers.
+* Extrapolation is the point and the danger: a power law fitted over one decade of compute says nothing
+  certain four decades away. `--verify` measures how far one factor of 4 already is.
+
+Limits, stated plainly
+----------------------
+* CPU-sized sweeps use models of 20K-500K parameters, where the embedding matrices are a large share of N
+  and 6ND is off by up to ~35% (see `python scaling.py shapes`); the law still fits, but its constants
+  are those of tiny models on one synthetic corpus.
+* One learning rate for every size (train.py's defaults) means bigger models are slightly mistuned under
+  the standard parametrization -- the very bias muP addresses, measured by `lr-transfer`.
+* Each (N, D) point is one seed; seed-to-seed noise is part of the residuals the Huber loss absorbs.
+
 Imports: tokenizer.py, model.py and train.py from this project (stages to the left).
 """
 
@@ -108,6 +126,8 @@ def shape_for_depth(depth: int, width_per_depth: int = 16, head_dim: int = 16) -
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
+    # (B, T, d) activations with d = 16 * depth: depth 1 is a 16-wide, 1-layer model (~20K parameters with a
+    # 512-token vocabulary), depth 8 is 128 wide and 8 deep (~1.7M)
     d = width_per_depth * depth
     if d % head_dim:
         raise ValueError(f"d_model {d} (= {width_per_depth} x depth {depth}) is not a multiple of head_dim {head_dim}")
@@ -123,6 +143,7 @@ def compute_accounting(cfg: M.ModelConfig) -> dict:
     the training FLOPs per token two ways: 6N, and model.py's exact count (every matmul at 2mnp, attention
     scores at the causal average of (T+1)/2 keys, the LM head; the embedding lookup is free, so the exact
     count can be BELOW 6N when the input embedding is a big share of N, as in tiny models)."""
+    # both from model.py's accounting (analytic, from the config: no model is built)
     n = M.num_params(cfg)
     exact = M.flops_per_token(cfg, training=True)
     return dict(parameters=n, non_embedding=M.num_params(cfg, include_embeddings=False),
@@ -161,6 +182,7 @@ class Run:
 def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
     """Build a Run from raw values, with D = C / (6N) or C = 6ND when one of them is missing. Every value
     must be a finite positive number; the error names the run (file:line or index) and the field."""
+    # validate every given field before deriving anything: the error must point at the bad value itself
     vals = dict(parameters=parameters, final_loss=loss, tokens=tokens, compute_budget=budget)
     for k, v in vals.items():
         if v is None and k in ("tokens", "compute_budget"):
@@ -174,6 +196,7 @@ def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
         vals[k] = x
     if vals["tokens"] is None and vals["compute_budget"] is None:
         raise ValueError(f"{name}: needs tokens (D) or compute_budget (C) besides parameters and final_loss")
+    # D given: C = 6ND (the budget a run "used"). Only C given: D = C / 6N (how CS336's file is meant).
     n, c = vals["parameters"], vals["compute_budget"]
     d = vals["tokens"] if vals["tokens"] is not None else c / (6.0 * n)
     return Run(parameters=n, tokens=d, budget=c if c is not None else 6.0 * n * d, loss=vals["final_loss"], name=name)
@@ -189,6 +212,7 @@ def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: st
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"runs file {path} does not exist")
+    # JSON unless the extension says CSV/TSV; --format overrides
     fmt = fmt or ("csv" if path.suffix.lower() in (".csv", ".tsv") else "json")
     if fmt == "json":
         try:
@@ -214,6 +238,8 @@ def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: st
         if missing or not (d_col in header or c_col in header):
             raise ValueError(f"{path}: columns {missing} not in the header {header} (set --n-col, --d-col, --c-col, "
                              "--loss-col)")
+        # line numbers count the header as line 1, as an editor shows them. A short row gets None values, a
+        # long one a None key (csv.DictReader's convention): both mean a malformed line.
         runs = []
         for line, row in enumerate(reader, start=2):
             if None in row or any(v is None for v in row.values()):
@@ -233,6 +259,8 @@ def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: st
 def group_by_budget(runs: list[Run], min_budgets: int = 2, min_runs: int = 3) -> dict[float, list[Run]]:
     """{budget: runs at it}, budgets equal to 6 significant digits grouped. Fitting N_opt = k C^a needs at
     least 2 budgets (3 for an interval worth the name) and each parabola at least 3 sizes."""
+    # budgets read from files are often 6e18 vs 6.000000001e18 (rounded in a spreadsheet); 6 significant
+    # digits are plenty to tell budgets apart (they differ by factors, not by parts per million)
     groups: dict[float, list[Run]] = {}
     for r in runs:
         key = float(f"{r.budget:.6g}")
@@ -257,6 +285,7 @@ def budget_optimum(n: np.ndarray, loss: np.ndarray, method: str) -> float:
         return float(n[int(np.argmin(loss))])
     if method != "parabola":
         raise ValueError(f"method must be 'argmin' or 'parabola', got {method!r}")
+    # least squares through every run of the curve (3 points: exact interpolation; more: a smoothed vertex)
     a, b, _ = np.polyfit(np.log(n), loss, 2)
     if a <= 0:
         raise ValueError("the loss is not convex in ln N on this curve (no minimum inside the sizes trained)")
@@ -265,6 +294,7 @@ def budget_optimum(n: np.ndarray, loss: np.ndarray, method: str) -> float:
 
 def fit_power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """y = k x^a by least squares in log-log space: ln y = ln k + a ln x. Returns (k, a)."""
+    # unweighted: every budget counts the same, as in Hoffmann et al.'s Figure 3 fits
     a, lnk = np.polyfit(np.log(x), np.log(y), 1)
     return float(math.exp(lnk)), float(a)
 
@@ -279,13 +309,17 @@ class IsoFlopsFit:
     optima: list
     boot: np.ndarray
 
+    # D_opt follows from N_opt through C = 6ND, so only N's law is fitted: fitting D's law separately would
+    # let the two predictions disagree with the budget they share
     def predict(self, C):
         """(N_opt, D_opt) at compute C (scalars or arrays)."""
         n = self.k * np.asarray(C, dtype=np.float64) ** self.a
         return n, np.asarray(C, dtype=np.float64) / (6.0 * n)
 
     def interval(self, C, level: float = 0.95):
-        """((N_lo, N_hi), (D_lo, D_hi)) percentile bootstrap interval at compute C."""
+        """((N_lo, N_hi), (D_lo, D_hi)) percentile bootstrap interval at compute C."""        # percentiles of the bootstrap refits' predictions AT C: the band widens away from the data, as it
+        # should, because an error in the exponent multiplies with ln C
+
         n = self.boot[:, 0] * float(C) ** self.boot[:, 1]
         q = [50 * (1 - level), 50 * (1 + level)]
         lo, hi = np.percentile(n, q)
@@ -309,6 +343,8 @@ def fit_isoflops(runs: list[Run], method: str = "parabola", n_bootstrap: int = 2
                 raise ValueError(f"budget {c:.3g} ({len(rs)} runs): {e}") from None
         return np.array(out)
 
+    # the point estimate from all runs, then the bootstrap: resampling WITHIN each budget keeps every
+    # budget in every replicate (resampling budgets themselves would often leave fewer than 2)
     n_star = optima(groups)
     k, a = fit_power_law(cs, n_star)
     rng = np.random.default_rng(seed)
@@ -345,6 +381,8 @@ def _objective(theta: torch.Tensor, log_n, log_d, log_l, delta: float) -> torch.
     """Huber objective for K parameter vectors at once. theta: (K, 5) = (a, b, e, alpha, beta); log_n,
     log_d, log_l: (n,). Returns (K,). Every row is an independent problem, so the gradient of the SUM
     w.r.t. row k is the gradient of problem k alone: one batched tensor optimizes the whole grid."""
+    # stacking the three log-terms and taking logsumexp over them is the numerically safe ln(x + y + z):
+    # no exp of a large number is ever formed, whatever the scale of A, B, N, D
     a, b, e, alpha, beta = theta.unbind(-1)  # each (K,)
     terms = torch.stack([a[:, None] - alpha[:, None] * log_n,  # (K, n): ln(A / N^alpha)
                          b[:, None] - beta[:, None] * log_d,  # (K, n): ln(B / D^beta)
@@ -356,6 +394,8 @@ def _objective(theta: torch.Tensor, log_n, log_d, log_l, delta: float) -> torch.
 def init_grid() -> torch.Tensor:
     """Hoffmann et al.'s grid of starting points: alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1},
     a, b in {0, 5, ..., 25}: 5 x 5 x 5 x 6 x 6 = 4,500 starts, as a (4500, 5) float64 tensor."""
+    # a = ln A in [0, 25] covers A from 1 to 7e10: the published fits (A ~ 400, Kaplan-like A ~ 1e3-1e8) and
+    # CPU-scale fits (A ~ 10) all lie inside
     ab = torch.arange(0, 30, 5, dtype=torch.float64)
     e = torch.arange(-1, 1.5, 0.5, dtype=torch.float64)
     ex = torch.arange(0, 2.5, 0.5, dtype=torch.float64)
@@ -366,6 +406,8 @@ def init_grid() -> torch.Tensor:
 def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200) -> tuple[torch.Tensor, float]:
     """torch.optim.LBFGS (strong-Wolfe line search, float64) from one start; returns (theta, objective)."""
     theta = theta0.clone().reshape(1, 5).requires_grad_(True)
+    # strong Wolfe line search: the Huber objective has regions of tiny curvature where a fixed step would
+    # overshoot; tolerances far below float32's because the fit is float64 end to end
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
@@ -381,11 +423,12 @@ def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200) -> tup
     return theta.detach()[0], f if math.isfinite(f) else float("inf")
 
 
-def _objective_and_grad(theta: torch.Tensor, log_n, log_d, log_l, delta: float):
+def _objective_and_grad(theta: torch.Tensor, log_n, log_d, log_l, delta: float, weights=None):
     """The same objective as `_objective` for K rows, with its gradient written out (no autograd graph: the
     grid phase evaluates ~10^6 residuals per step, and autograd's temporaries would dominate). With
     p_j = exp(term_j - LSE) the softmax weights of the three terms and h'(r) = clamp(r, -delta, delta):
         d r / d a = p_1,  d r / d alpha = -p_1 ln N,  d r / d b = p_2,  d r / d beta = -p_2 ln D,  d r / d e = p_3
+    `weights` (K, n), optional: run i counts weights[k, i] times in problem k (a bootstrap resample).
     Returns (f (K,), grad (K, 5)). A test checks it against autograd."""
     a, b, e, alpha, beta = (t[:, None] for t in theta.unbind(-1))  # each (K, 1)
     t1, t2 = a - alpha * log_n, b - beta * log_d  # (K, n)
@@ -394,7 +437,10 @@ def _objective_and_grad(theta: torch.Tensor, log_n, log_d, log_l, delta: float):
     z = p1 + p2 + p3
     r = m + torch.log(z) - log_l  # (K, n) residuals
     h = torch.clamp(r, -delta, delta)  # Huber'(r)
-    f = torch.where(r.abs() < delta, 0.5 * r * r, delta * (r.abs() - 0.5 * delta)).sum(-1)
+    f = torch.where(r.abs() < delta, 0.5 * r * r, delta * (r.abs() - 0.5 * delta))
+    if weights is not None:
+        f, h = f * weights, h * weights
+    f = f.sum(-1)
     hp1, hp2 = h * p1 / z, h * p2 / z
     grad = torch.stack([hp1.sum(-1), hp2.sum(-1), (h * p3 / z).sum(-1), -(hp1 @ log_n), -(hp2 @ log_d)], -1)
     return f, grad
@@ -409,6 +455,9 @@ def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8):
     per-coordinate and each row's gradient is its own problem's, so the rows stay independent problems),
     successive halving (all starts for 25 steps, the best 400 for 100 more, the best 40 for 200 more), then
     L-BFGS polishes the `polish` best distinct end points to full precision. Returns (theta, objective)."""
+    # Why not L-BFGS from all 4,500 starts (Epoch AI's recipe)? Each L-BFGS run is sequential, ~0.1 s on
+    # 250 points: minutes in all. Batched Adam moves all starts per tensor operation; most starts fall into
+    # the same few basins within tens of steps, and only the leaders need the expensive polish.
     theta = grid.clone()
     f = None
     for keep, steps in _GRID_STAGES:
@@ -426,6 +475,8 @@ def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8):
         theta = theta.detach()
         f, _ = _objective_and_grad(theta, *data, delta)
         f = torch.where(torch.isfinite(f), f, torch.full_like(f, float("inf")))
+    # several starts end in the same basin; polishing duplicates would waste the L-BFGS budget, so keep
+    # the best `polish` DISTINCT end points (rounded to 0.01 in every coordinate)
     best, seen = None, set()
     for i in torch.argsort(f).tolist():
         key = tuple(np.round(theta[i].numpy(), 2))  # distinct end points only
@@ -445,6 +496,8 @@ def compute_optimal_allocation(A, B, alpha, beta, C):
         alpha A N^-alpha = beta B D^-beta
     gives N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = G^-1 (C/6)^(alpha/(alpha+beta)),
     with G = (alpha A / (beta B))^(1/(alpha+beta)). Works elementwise on numpy arrays."""
+    # a = beta / (alpha + beta) is the exponent approach 2 measures directly: the two approaches agree when
+    # the law is right, which is why Epoch AI's refit (a ~ 0.5 again) settled the Chinchilla question
     G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
     c6 = np.asarray(C, dtype=np.float64) / 6.0
     return G * c6 ** (beta / (alpha + beta)), c6 ** (alpha / (alpha + beta)) / G
@@ -465,6 +518,7 @@ class ParametricFit:
     n_points: int = 0
     seconds: float = 0.0
 
+    # the fitted law itself; vectorized over numpy arrays of N and D
     def predict_loss(self, N, D):
         N, D = np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64)
         return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
@@ -473,6 +527,8 @@ class ParametricFit:
         """(N_opt, D_opt) at compute C, in closed form."""
         return compute_optimal_allocation(self.A, self.B, self.alpha, self.beta, C)
 
+    # the interval of a PREDICTION (what --verify checks) comes from the joint bootstrap refits, not from the
+    # per-parameter standard errors, because the parameters are strongly correlated (A with alpha, B with beta)
     def loss_interval(self, N, D, level: float = 0.95):
         """Percentile bootstrap interval of the predicted loss at (N, D)."""
         E, A, B, al, be = self.boot.T
@@ -487,12 +543,34 @@ class ParametricFit:
         return tuple(np.percentile(n, q)), tuple(np.percentile(d, q))
 
 
+def _bootstrap(theta: torch.Tensor, data, delta: float, n_bootstrap: int, seed: int) -> torch.Tensor:
+    """Refit on `n_bootstrap` resamples of the runs (n runs drawn with replacement), each by L-BFGS warm-started
+    at the full fit. On a nearly piecewise-linear Huber objective (most residuals beyond delta) L-BFGS started
+    exactly on a kink can stop at once; such a refit is retried from a nudged start. (A batched Adam over all
+    resamples at once was tried: it stopped 2-6% above L-BFGS's objective, which inflates the intervals.)
+    Returns (B, 5) in (a, b, e, alpha, beta)."""
+    rng = np.random.default_rng(seed)
+    n = data[0].shape[0]
+    out = []
+    for _ in range(n_bootstrap):
+        idx = torch.from_numpy(rng.integers(0, n, n))
+        sample = tuple(x[idx] for x in data)
+        f0 = float(_objective(theta[None], *sample, delta).sum())
+        th, f = _lbfgs(theta, sample, delta)
+        if f >= f0 * (1 - 1e-9):  # no progress from the warm start: stalled on a kink
+            nudge = torch.from_numpy(rng.normal(0, 1, 5)) * torch.tensor([0.2, 0.2, 0.02, 0.01, 0.01], dtype=torch.float64)
+            th = min([(th, f), _lbfgs(theta + nudge, sample, delta)], key=lambda t: t[1])[0]
+        out.append(th)
+    return torch.stack(out) if out else torch.zeros(0, 5, dtype=torch.float64)
+
+
 def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int = 100, seed: int = 0,
                        grid: torch.Tensor | None = None) -> ParametricFit:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs (N, D, final loss), Hoffmann et al. / Epoch AI style:
     log-sum-exp form on ln L, Huber loss (delta 1e-3), float64, the full grid of starts (`init_grid`).
-    Bootstrap: resample the runs with replacement, refit by L-BFGS warm-started at the full fit, and report
-    the standard deviation of each parameter over the refits as its standard error."""
+    Bootstrap: resample the runs with replacement, refit warm-started at the full fit (`_bootstrap`, all
+    resamples as one batch), and report the standard deviation of each parameter over the refits as its
+    standard error."""
     t0 = time.perf_counter()
     N, D, L = (np.asarray(v, dtype=np.float64).ravel() for v in (N, D, losses))
     if not (len(N) == len(D) == len(L)):
@@ -503,21 +581,14 @@ def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int
             raise ValueError(f"{name} of run {int(bad[0])} is {v[bad[0]]!r}; every value must be finite and > 0")
     if len(N) < 5:
         raise ValueError(f"the parametric law has 5 parameters; got only {len(N)} runs (need >= 5, better >> 5)")
+    # everything in logs once: the objective only ever needs ln N, ln D, ln L
     data = tuple(torch.from_numpy(np.log(v)) for v in (N, D, L))
     theta, f = _fit_from_grid(init_grid() if grid is None else grid, data, huber_delta)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_bootstrap):
-        idx = torch.from_numpy(rng.integers(0, len(N), len(N)))
-        sample = tuple(x[idx] for x in data)
-        # two warm starts: the full fit, and a nudged copy (the Huber objective is nearly piecewise linear
-        # when most residuals exceed delta, and L-BFGS started exactly on a kink can stop at once)
-        nudge = torch.from_numpy(rng.normal(0, 0.02, 5)) * torch.tensor([10.0, 10.0, 1.0, 1.0, 1.0], dtype=torch.float64)
-        th = min((_lbfgs(s, sample, huber_delta) for s in (theta, theta + nudge)), key=lambda t: t[1])[0]
-        boot.append(th.numpy())
+    boot = _bootstrap(theta, data, huber_delta, n_bootstrap, seed)
+    # back from (a, b, e, alpha, beta) to the natural parameters (E, A, B, alpha, beta)
     to_nat = lambda th: np.stack([np.exp(th[..., 2]), np.exp(th[..., 0]), np.exp(th[..., 1]), th[..., 3], th[..., 4]], -1)
     best = to_nat(theta.numpy())
-    boot = to_nat(np.array(boot).reshape(-1, 5))
+    boot = to_nat(boot.numpy().reshape(-1, 5))
     se = dict(zip(("E", "A", "B", "alpha", "beta"), boot.std(0, ddof=1) if len(boot) > 1 else [float("nan")] * 5))
     return ParametricFit(*map(float, best), objective=f, se={k: float(v) for k, v in se.items()}, boot=boot,
                          n_points=len(N), seconds=time.perf_counter() - t0)
@@ -533,21 +604,25 @@ class SweepSpec:
     """Everything that decides a sweep's results (hashed: a folder holds one sweep). Runs: for each budget C,
     the `runs_per_budget` depths whose N lies closest (in ln N) to the Chinchilla-rule guess
     N ~ sqrt(C / (6 tokens_per_param)), each trained for D = C / flops_per_token tokens."""
-    budgets: list = field(default_factory=lambda: [1e11, 2e11, 4e11, 8e11])
-    depths: list = field(default_factory=lambda: list(range(1, 9)))
+    budgets: list = field(default_factory=lambda: [1.5e11, 3e11, 6e11])
+    depths: list = field(default_factory=lambda: list(range(1, 7)))
     runs_per_budget: int = 5
     tokens_per_param: float = 20.0  # only centres the window of sizes per budget
     flops: str = "6nd"  # 6nd | exact (model.py's per-token count)
+    # the depth dial's constants (shape_for_depth) and the data each step sees: batch_size windows of
+    # context_length tokens = 1,024 tokens per step by default
     width_per_depth: int = 16
     head_dim: int = 16
     context_length: int = 64
     batch_size: int = 16
+    # train.py's optimizer defaults, one setting for every size (see the story: the muP question)
     optimizer: str = "muon"
     lr: float = 3e-3
     muon_lr: float = 0.02
     warmup_iters: int = 20
     decay_fraction: float = 0.2  # WSD: final linear decay over the last 20% of each run
     min_steps: int = 50  # a run shorter than this measures the warm-up, not the model
+    # 6 MB of synthetic stories = 1.9M tokens: even the longest default run sees each token about twice
     data: str = "synthetic"
     synthetic_bytes: int = 6_000_000
     vocab_size: int = 512
@@ -564,6 +639,7 @@ class SweepSpec:
 
 @dataclass
 class PlannedRun:
+    # one run of a sweep: what to train and where its result goes
     key: str  # file name of the result: "C1e+11-d03"
     budget: float
     depth: int
@@ -574,6 +650,8 @@ class PlannedRun:
 def _round_steps(target: float, decay_fraction: float) -> int:
     """The step count nearest `target` whose decay phase (decay_fraction x steps) is a whole number of steps,
     so a branched decay starts exactly where train.py's WSD schedule of a separate run would."""
+    # search outward from the target: the first whole-decay step count is at most a few steps away
+    # (every 5th integer when decay_fraction = 0.2)
     base = max(1, round(target))
     for off in range(0, 200):
         for s in (base + off, base - off):
@@ -592,6 +670,10 @@ def plan_sweep(spec: SweepSpec, vocab_size: int) -> list[PlannedRun]:
     for c in spec.budgets:
         if not (math.isfinite(c) and c > 0):
             raise ValueError(f"budget {c!r} must be a finite positive number of FLOPs")
+    # For each budget: every candidate depth gets D = C / (FLOPs per token), rounded to whole steps (see
+    # _round_steps); depths too big to get min_steps at this budget drop out; then the window of sizes
+    # closest to the rule-of-thumb optimum. The plan depends only on the spec and the vocabulary, so every
+    # machine of a sharded sweep computes the same one.
     plan = []
     for c in sorted(spec.budgets):
         fits = []
@@ -617,6 +699,7 @@ def train_config(spec: SweepSpec, depth: int, steps: int, out_dir, data_dir: str
                  threads: int = 1, device: str = "cpu", final_eval_tokens: int | None = None) -> T.TrainConfig:
     """The train.py configuration of one run: the depth's shape, `steps` optimizer steps (a fixed token budget,
     never wall clock, so results are deterministic), WSD schedule, no samples/plots/periodic evals."""
+    # data_dir is only used to name the cache; the prepared data itself is passed to train.train
     return T.TrainConfig(
         preset="scaling", data=spec.data, data_dir=data_dir, synthetic_bytes=spec.synthetic_bytes,
         vocab_size=spec.vocab_size, context_length=spec.context_length,
@@ -636,6 +719,8 @@ def read_result(path: Path, spec_key: str, warn: Callable = say) -> dict | None:
     """A finished run's result, or None when it must be (re)run. Result files are written atomically, but a
     copy interrupted mid-way, a full disk elsewhere or a hand edit can still leave a broken one: anything
     that is not complete JSON with every field and this sweep's key is reported and rerun, never used."""
+    # "complete": True is written last inside the same atomic write; the spec key ties the result to the
+    # exact settings that produced it
     if not path.exists():
         return None
     try:
@@ -662,6 +747,8 @@ def _write_result(path: Path, spec: SweepSpec, pr: PlannedRun, summary: dict, ex
 def shard_filter(items: list, shard: tuple[int, int] | None) -> list:
     """--shard K/N: item i belongs to shard K when i mod N == K - 1. Every machine computes the same plan, so
     N machines split a sweep with no coordination; together they cover it exactly once."""
+    # round-robin rather than contiguous blocks: the plan is ordered by budget, so blocks would give one
+    # machine all the expensive runs; i mod N spreads every budget over all machines
     if shard is None:
         return items
     k, n = shard
@@ -672,6 +759,7 @@ def _prepare_folder(out: Path, spec: SweepSpec) -> None:
     """One sweep per folder: sweep.json records its spec; a different spec in the same folder is an error
     (its results would silently mix with this one's)."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    # a corrupt sweep.json (e.g. a copy cut short) is simply rewritten: the per-run files carry the key too
     meta = out / "sweep.json"
     if meta.exists():
         try:
@@ -692,10 +780,15 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
     mode "separate": one train.train per run. mode "branched": one stable-phase trunk per depth with a WSD
     decay branched off at each of its budgets (`run_branched_depth`). `after_run(key)` is called after each
     result is written (the tests use it to kill a sweep midway)."""
+    # Layout of a sweep folder:  sweep.json (the spec and its key)
+    #                            runs/<key>.json (one result per run: the sweep's only source of truth)
+    #                            train/<key>/ (train.py's run folder: metrics.jsonl, tokenizer; checkpoint
+    #                                          deleted once the result is written)
     out = Path(out)
     _prepare_folder(out, spec)
     plan = plan_sweep(spec, data.tokenizer.vocab_size)
     stats = dict(ran=[], skipped=[], steps_trained=0, steps_separate=sum(p.steps for p in plan), planned=len(plan))
+    # steps_separate is what separate runs would cost; steps_trained what this call actually trained
     if mode == "branched":  # the unit of work (and of sharding) is a depth's trunk
         by_depth = {}
         for p in plan:
@@ -706,6 +799,8 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
         return stats
     if mode != "separate":
         raise ValueError(f"sweep mode must be 'separate' or 'branched', got {mode!r}")
+    # the loop is idempotent: a finished run (valid result file) is skipped, anything else is trained from
+    # step 0 (a half-done run is never continued: its checkpoint might predate a kill mid-step)
     mine = shard_filter(plan, shard)
     t0 = time.time()
     for i, pr in enumerate(mine):
@@ -716,6 +811,7 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
         t1 = time.time()
         cfg = train_config(spec, pr.depth, pr.steps, out / "train" / pr.key, data.cache_dir, threads=threads,
                            device=device)
+        # the result file is the commit point: written atomically, after training and the final eval
         summary = T.train(cfg, data=data, log=_quiet)
         _write_result(path, spec, pr, summary)
         _drop_checkpoint(out / "train" / pr.key)
@@ -736,6 +832,7 @@ def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun
     function of (seed, step) and the lr before S_k is identical, the branch IS the separate WSD run of
     T_k steps (the tests check this), at the cost of only its decay. Resumable: each stable copy is made
     before the trunk moves past it, and each branch restarts from its copy if killed."""
+    # branch points in increasing order, so the trunk only ever moves forward
     trunk = out / "train" / f"trunk-d{points[0].depth:02d}"
     for pr in sorted(points, key=lambda p: p.steps):
         path = out / "runs" / f"{pr.key}.json"
@@ -743,6 +840,7 @@ def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun
             stats["skipped"].append(pr.key)
             continue
         t1 = time.time()
+        # S_k: where WSD's decay of a T_k-step run starts; the trunk must be exactly there when copied
         s_k = round(pr.steps * (1 - spec.decay_fraction))  # whole steps by _round_steps
         branch = out / "train" / f"branch-{pr.key}"
         branch.mkdir(parents=True, exist_ok=True)
@@ -758,10 +856,13 @@ def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun
                                    device=device, final_eval_tokens=2 * spec.context_length)
                 T.train(dataclasses.replace(cfg, resume=True), data=data, log=_quiet)
                 stats["steps_trained"] += s_k - at
+            # the copy is made BEFORE the trunk moves on: after a kill, this branch can always restart from it
             with tk.atomic_open(stable, "wb") as f:
                 f.write((trunk / "ckpt.pt").read_bytes())
         with tk.atomic_open(branch / "ckpt.pt", "wb") as f:  # a fresh copy: a killed branch restarts cleanly
             f.write(stable.read_bytes())
+        # resume=True: train.train loads weights, optimizer state and the step count, then runs steps
+        # S_k .. T_k - 1 under the WSD schedule of a T_k-step run, i.e. exactly its decay phase
         cfg = train_config(spec, pr.depth, pr.steps, branch, data.cache_dir, threads=threads, device=device)
         summary = T.train(dataclasses.replace(cfg, resume=True), data=data, log=_quiet)
         _write_result(path, spec, pr, summary, dict(branched_from_step=s_k))
@@ -775,6 +876,8 @@ def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun
             after_run(pr.key)
 
 
+# (train.read_checkpoint gives clear errors for a corrupt file; a trunk checkpoint is written atomically by
+# train.py, so it is either the previous segment's or the new one's, never half of one)
 def _checkpoint_step(path: Path) -> int:
     """The iteration a train.py checkpoint holds (0 when there is none)."""
     return int(T.read_checkpoint(path)["iteration"]) if path.exists() else 0
@@ -782,6 +885,8 @@ def _checkpoint_step(path: Path) -> int:
 
 def collect_results(folders) -> list[Run]:
     """Runs from one or more sweep folders (shards merge here; a run present in several is counted once)."""
+    # keyed by (sweep key, run key): the same sweep split over shards merges; two different sweeps given
+    # together stay separate runs (their budgets may coincide, their results are not interchangeable)
     seen = {}
     for folder in folders:
         folder = Path(folder)
@@ -802,13 +907,16 @@ def collect_results(folders) -> list[Run]:
 
 
 def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float = 4.0, *, threads=1, device="cpu",
-                      log=say) -> dict:
+                      log=say, iso: IsoFlopsFit | None = None, par: ParametricFit | None = None) -> dict:
     """Fit both laws on the sweep, take C_v = factor x the largest swept budget, pick the depth whose N is
     closest (in ln N) to the IsoFLOPs (parabola) N_opt(C_v), train it for D = C_v / flops_per_token, and
     compare its loss with the parametric law's prediction at that (N, D) and the bootstrap interval.
     The interval covers the fit's uncertainty, not run-to-run noise of the one verification run."""
-    iso = fit_isoflops(runs, "parabola")
-    par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs])
+    iso = iso or fit_isoflops(runs, "parabola")  # (the caller's fits when it already has them)
+    par = par or fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
+                                    n_bootstrap=50)
+    # N from approach 2 (the IsoFLOPs power law), the loss from approach 3 (the parametric law): each
+    # method answers the question it is better at. Only whole depths exist, so the nearest one is trained.
     c_v = factor * max(r.budget for r in runs)
     n_iso, _ = iso.predict(c_v)
     vocab = data.tokenizer.vocab_size
@@ -817,9 +925,13 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
     depth, cfg = min(cands, key=lambda t: abs(math.log(M.num_params(t[1]) / float(n_iso))))
     n = M.num_params(cfg)
     steps = _round_steps(c_v / flops_per_token(cfg, spec.flops) / spec.tokens_per_step, spec.decay_fraction)
+    if steps < spec.min_steps:
+        raise ValueError(f"verification at C = {c_v:.3g}: the predicted optimum (depth {depth}, N = {n:,}) gets only "
+                         f"{steps} steps (< min_steps {spec.min_steps}); raise --verify-factor or the budgets")
     tokens = steps * spec.tokens_per_step
     predicted = float(par.predict_loss(n, tokens))
     lo, hi = par.loss_interval(n, tokens)
+    # verify.json doubles as the resume point: the same spec, depth and steps mean the run already exists
     path = Path(out) / "verify.json"
     old = json.loads(path.read_text()) if path.exists() else None
     if old and old.get("spec") == spec.key() and old.get("depth") == depth and old.get("steps") == steps:
@@ -835,7 +947,7 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
         _drop_checkpoint(Path(out) / "train" / "verify")
     res = dict(spec=spec.key(), compute=c_v, depth=depth, parameters=n, tokens=tokens, steps=steps,
                isoflops_n_opt=float(n_iso), parametric_n_opt=float(par.optimal_allocation(c_v)[0]),
-               predicted_loss=predicted, interval=[lo, hi], actual_loss=actual,
+               predicted_loss=predicted, interval=[float(lo), float(hi)], actual_loss=actual,
                rel_error=(predicted - actual) / actual, inside=bool(lo <= actual <= hi))
     tk.atomic_write_json(path, res)
     log(f"verify: predicted loss {predicted:.4f} (95% interval {lo:.4f}-{hi:.4f}), actual {actual:.4f}: error "
@@ -870,11 +982,14 @@ def mup_hooks(base_width: int, width: int, fresh: bool = True) -> T.TrainHooks:
         return model
 
     def build_optimizer(model, run_model, cfg):
+        # four kinds of parameters, four rules (see the table above); norm gains get no weight decay,
+        # as in train.build_optimizer
         groups = {"hidden": [], "head": [], "embed": [], "gain": []}
         for name, p in model.named_parameters():
             kind = "gain" if p.ndim < 2 else "head" if name.startswith("lm_head") else \
                 "hidden" if name.startswith("layers.") else "embed"
             groups[kind].append(p)
+        # base_lr is what train.train's schedule multiplies each step; it must carry the muP factor
         scale = dict(hidden=1 / mult, head=1 / mult, embed=1.0, gain=1.0)
         pg = [dict(params=ps, lr=cfg.lr * scale[k], base_lr=cfg.lr * scale[k],
                    weight_decay=0.0 if k == "gain" else cfg.weight_decay) for k, ps in groups.items() if ps]
@@ -884,6 +999,10 @@ def mup_hooks(base_width: int, width: int, fresh: bool = True) -> T.TrainHooks:
     return T.TrainHooks(wrap_model=wrap_model, build_optimizer=build_optimizer)
 
 
+# ===== Appendix: plumbing =====
+# The experiment runners' bookkeeping (lr-transfer's grid of runs), data preparation, printing, plots.
+
+
 def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), steps: int = 150,
                 num_layers: int = 2, head_dim: int = 16, context_length: int = 64, batch_size: int = 16,
                 threads: int = 1, device: str = "cpu", seed: int = 1337, eval_tokens: int = 16_384,
@@ -891,6 +1010,11 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
     """Train every (parametrization, width, lr) with AdamW for `steps` steps (same data, same seed) and return
     {"sp": {width: {lr: loss}}, "mup": {...}, "best": {param: {width: best lr}}}. Each run's result is a file
     under out/lr/, so a killed experiment resumes. Diverged runs count as loss = inf."""
+    # The experiment of Tensor Programs V's Figure 1 in miniature: same depth, same data, same seed, same
+    # number of steps; only the width and the learning rate change. Under SP the curves' minima should
+    # drift left as width grows; under muP they should line up. AdamW for both, so the only difference
+    # is the parametrization (train.py's default Muon normalizes its updates per matrix, a different
+    # answer to the same problem).
     out = Path(out)
     (out / "lr").mkdir(parents=True, exist_ok=True)
     res = {"sp": {}, "mup": {}}
@@ -898,6 +1022,8 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
     for param in ("sp", "mup"):
         for w in widths:
             for lr in lrs:
+                # every setting that changes the result is in the file name: resuming with other settings
+                # never reads a result of a different experiment
                 key = f"{param}-w{w}-L{num_layers}-lr{lr:.3g}-s{steps}-T{context_length}-B{batch_size}-seed{seed}"
                 path = out / "lr" / f"{key}.json"
                 r = json.loads(path.read_text()) if path.exists() else None
@@ -911,6 +1037,8 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
                         final_eval_tokens=eval_tokens, seed=seed, threads=threads, device=device,
                         out_dir=str(out / "train" / key))
                     hooks = mup_hooks(min(widths), w) if param == "mup" else None
+                    # too high an lr diverges: train.train raises FloatingPointError; that point is "inf" in the
+                    # table (a real outcome of the sweep, not an error of the command)
                     try:
                         loss = T.train(cfg, data=data, hooks=hooks, log=_quiet)["val"]["loss"]
                     except FloatingPointError:
@@ -923,11 +1051,9 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
                 res[param].setdefault(w, {})[lr] = loss
                 log(f"lr-transfer [{done}/{total}] {param:3s} width {w:4d} lr {lr:.2e}: loss {loss:.4f} "
                     f"[{time.time() - t0:.0f}s]")
+    # best lr per (parametrization, width): the quantity whose spread across widths answers the question
     res["best"] = {p: {w: min(d, key=d.get) for w, d in res[p].items()} for p in ("sp", "mup")}
     return res
-
-
-# ===== Appendix: plumbing =====
 
 
 def _drop_checkpoint(run_dir: Path):
@@ -952,9 +1078,14 @@ def prepare_sweep_data(spec: SweepSpec, data_dir: str = "data_cache", log=say) -
     return T.prepare_data(cfg, log=log)
 
 
+# The printed report. Every estimate comes with its 95% bootstrap interval: a point prediction four decades
+# beyond the data without an interval would claim a precision the method does not have.
+
+
 def print_fits(runs: list[Run], iso: dict, par: ParametricFit | None, predict_at=(1e23, 1e24), log=say):
     """The fitted laws and their predictions at `predict_at`, with 95% bootstrap intervals."""
     log(f"{len(runs)} runs at {len({float(f'{r.budget:.6g}') for r in runs})} budgets")
+    # the exponent's interval is the most telling single number: whether "0.5" or "0.73" is inside it
     for m, f in iso.items():
         log(f"IsoFLOPs ({m}): N_opt = {f.k:.3g} C^{f.a:.3f} (a: 95% {np.percentile(f.boot[:, 1], 2.5):.3f}-"
             f"{np.percentile(f.boot[:, 1], 97.5):.3f}, {len(f.boot)} bootstrap refits)")
@@ -968,6 +1099,7 @@ def print_fits(runs: list[Run], iso: dict, par: ParametricFit | None, predict_at
         log(f"parametric: L = {par.E:.3f}(+-{se['E']:.3f}) + {par.A:.4g}(+-{se['A']:.2g}) / N^{par.alpha:.3f}"
             f"(+-{se['alpha']:.3f}) + {par.B:.4g}(+-{se['B']:.2g}) / D^{par.beta:.3f}(+-{se['beta']:.3f})  "
             f"[{par.n_points} runs, fit + {len(par.boot)} bootstrap refits in {par.seconds:.1f}s]")
+        # the exponents the law implies, comparable with the IsoFLOPs exponent above
         a = par.beta / (par.alpha + par.beta)
         log(f"    closed form: N_opt ~ C^{a:.3f}, D_opt ~ C^{1 - a:.3f}")
         for c in predict_at:
@@ -978,11 +1110,13 @@ def print_fits(runs: list[Run], iso: dict, par: ParametricFit | None, predict_at
 
 
 def fit_all(runs: list[Run], n_bootstrap: int = 200, parametric: bool = True) -> tuple[dict, ParametricFit | None]:
+    """Both IsoFLOPs methods and (optionally) the parametric law on the same runs. The parametric bootstrap
+    is capped at 50 refits: each is an L-BFGS solve, and 50 already pins a standard error to ~10%."""
     iso = {m: fit_isoflops(runs, m, n_bootstrap=n_bootstrap) for m in ("argmin", "parabola")}
     par = None
     if parametric:
         par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
-                                 n_bootstrap=min(n_bootstrap, 100))
+                                 n_bootstrap=min(n_bootstrap, 50))
     return iso, par
 
 
@@ -1002,6 +1136,8 @@ def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extra
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # left panel: the raw evidence. Each budget is one colour; solid = the parabola in ln N that approach 2
+    # takes the vertex of, dotted = what approach 3's law says along the same budget (C = 6ND fixed).
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     groups = group_by_budget(runs)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
@@ -1016,6 +1152,8 @@ def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extra
             ax1.plot(np.exp(x), par.predict_loss(np.exp(x), c / (6 * np.exp(x))), color=col, lw=1, ls=":")
     ax1.set(xscale="log", xlabel="parameters N", ylabel="final loss", title="IsoFLOPs curves (dotted: parametric law)")
     ax1.legend(fontsize=7)
+    # right panel: the prediction. Points = per-budget optima; lines = the fitted power laws carried out to
+    # the largest budget asked for (extrapolation), shaded = 95% bootstrap band; star = the verified run.
     cs = np.array(list(groups))
     hi = max(extrapolate_to or 0, cs.max() * (verify["compute"] / cs.max() if verify else 1), cs.max())
     grid = np.logspace(np.log10(cs.min()), np.log10(hi), 60)
@@ -1044,6 +1182,7 @@ def plot_lr_transfer(res: dict, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # diverged runs (inf) are drawn at 10 so the curve shows where the lr became too high
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, p, name in ((axes[0], "sp", "standard parametrization"), (axes[1], "mup", "muP")):
         for w, d in sorted(res[p].items()):
@@ -1063,6 +1202,8 @@ def plot_lr_transfer(res: dict, path):
 def synthetic_law_data(n_points: int = 250, noise: float = 0.01, seed: int = 0, params=None):
     """(N, D, L) from a known law (default: Hoffmann et al.'s published E=1.69, A=406.4, B=410.7,
     alpha=0.34, beta=0.28) times log-normal noise, over N in [1e7, 1e10] and 2..200 tokens per parameter."""
+    # multiplicative noise on L is additive on ln L, the space the fit works in; 1% is about the seed-to-
+    # seed spread of real final losses
     E, A, B, al, be = params or (1.69, 406.4, 410.7, 0.34, 0.28)
     rng = np.random.default_rng(seed)
     N = 10 ** rng.uniform(7, 10, n_points)
@@ -1082,32 +1223,42 @@ def _scipy_peer(N, D, L, delta, starts):
         v.backward()
         return float(v), t.grad.numpy().ravel().astype(np.float64)
 
+    # the same objective and exact gradient as ours, so the comparison is only about the search strategy
+    # (every start to convergence, one at a time) and not about the function being minimized
     best = min((so.minimize(f, s, jac=True, method="L-BFGS-B") for s in starts), key=lambda r: r.fun)
     return best
 
 
 def bench_main(args):
     print(f"machine: {tk.machine_label()}; torch threads {torch.get_num_threads()}")
+    # row 1: the fit's speed on 250 runs, grid included, and whether it recovers the law that made the data
     N, D, L = synthetic_law_data(250)
     data = tuple(torch.from_numpy(np.log(v)) for v in (N, D, L))
+    # CPU time as well as wall time: on a shared machine the wall clock measures the neighbours too
+    c0 = time.process_time()
     t0 = time.perf_counter()
     theta, f_ours = _fit_from_grid(init_grid(), data, 1e-3)
-    t_ours = time.perf_counter() - t0
-    print(f"parametric fit, 250 points, full grid (4,500 starts): {t_ours:.2f}s, objective {f_ours:.6g}")
+    t_ours, cpu_ours = time.perf_counter() - t0, time.process_time() - c0
+    print(f"parametric fit, 250 points, full grid (4,500 starts): {t_ours:.2f}s wall, {cpu_ours:.2f}s CPU, "
+          f"objective {f_ours:.6g}")
     fit = fit_parametric_law(N, D, L, n_bootstrap=50)
     print(f"  recovered E={fit.E:.3f} A={fit.A:.1f} B={fit.B:.1f} alpha={fit.alpha:.3f} beta={fit.beta:.3f} (true 1.69, "
           f"406.4, 410.7, 0.34, 0.28); with 50 bootstrap refits {fit.seconds:.2f}s")
+    # row 2: the peer. scipy is not a dependency; timing every K-th start and scaling to the full grid keeps
+    # the bench short (the per-start cost hardly depends on the start)
     try:
         import scipy  # noqa: F401  (optional peer)
         starts = init_grid().numpy()[:: max(1, args.peer_stride)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = _scipy_peer(N, D, L, 1e-3, starts)
         t_peer = (time.perf_counter() - t0) * len(init_grid()) / len(starts)
+        cpu_peer = (time.process_time() - c0) * len(init_grid()) / len(starts)
         print(f"  peer (scipy L-BFGS-B from each start, Epoch AI's recipe): {len(starts)} starts timed, "
-              f"{t_peer:.1f}s extrapolated to the full grid, objective {r.fun:.6g}; ratio ours/peer "
-              f"{t_ours / t_peer:.3f}")
+              f"{t_peer:.1f}s wall / {cpu_peer:.1f}s CPU extrapolated to the full grid, best objective {r.fun:.6g}; "
+              f"ratio ours/peer {t_ours / t_peer:.3f} wall, {cpu_ours / cpu_peer:.3f} CPU")
     except ImportError:
         print("  (scipy not installed: peer row skipped)")
+    # row 3: CS336's 72 runs (optional, ../shared): both IsoFLOPs methods and the parametric law at 1e23/1e24
     path = tk.shared_path("data", "isoflops_curves.json")
     if path is None:
         print("isoflops_curves.json not found (optional, ../shared/data): IsoFLOPs rows skipped")
@@ -1131,6 +1282,9 @@ _FORMATS = """input formats for `fit`:
   CSV   a header row, one run per row; columns named by --n-col, --loss-col and --d-col and/or --c-col
   a sweep folder (written by `sweep`): every finished run in it; several folders (shards) merge
 """
+
+
+# argparse `type=` converters: a bad value becomes argparse's own one-line usage error (exit 2), naming the flag
 
 
 def _budget_list(s):
@@ -1168,6 +1322,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Scaling laws: fit IsoFLOPs and parametric laws, run and verify sweeps, "
                                             "test muP learning-rate transfer.", epilog=_FORMATS)
+    # one subcommand per job: sweep (train + fit + verify), fit (files or folders), lr-transfer (muP), bench,
+    # shapes (the depth table). Sweep flags mirror SweepSpec's fields one to one, with its defaults.
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
     s = sub.add_parser("sweep", help="train an IsoFLOPs sweep through train.py (resumable, shardable), fit, verify",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1197,6 +1353,7 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: auto); fixed counts make "
                                                           "results bitwise reproducible across machines")
     s.add_argument("--device", default="cpu")
+    # `fit` reads what others trained too: the CS336 JSON, any CSV with named columns, or sweep folders
     f = sub.add_parser("fit", help="fit laws to runs (JSON, CSV or sweep folders) and plot",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_FORMATS)
     f.add_argument("inputs", nargs="+", help="runs files (.json/.csv) and/or sweep folders")
@@ -1209,6 +1366,7 @@ def get_parser() -> argparse.ArgumentParser:
     f.add_argument("--bootstrap", type=int, default=200)
     f.add_argument("--no-parametric", action="store_true", help="IsoFLOPs fits only")
     f.add_argument("--plot", default="scaling_fit.png")
+    # lr-transfer's widths are d_model values (depth fixed by --num-layers); the smallest is muP's base width
     lt = sub.add_parser("lr-transfer", help="sweep the lr at several widths, standard parametrization vs muP")
     lt.add_argument("--out", default="runs/lr_transfer")
     lt.add_argument("--widths", type=_int_list, default=[32, 64, 128])
@@ -1217,6 +1375,7 @@ def get_parser() -> argparse.ArgumentParser:
     lt.add_argument("--num-layers", type=int, default=2)
     lt.add_argument("--data-dir", default="data_cache")
     lt.add_argument("--threads", type=int, default=1)
+    # bench and shapes are read-only: they train nothing
     b = sub.add_parser("bench", help="fit speed (250 points, full grid) and the CS336 IsoFLOPs file's predictions")
     b.add_argument("--peer-stride", type=int, default=30, help="time the scipy peer on every K-th start")
     b.add_argument("--plot", default=None)
@@ -1227,17 +1386,25 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The commands. Each handler turns arguments into calls of the functions above and prints; ValueError and
+# FileNotFoundError from bad input end as one line on stderr with exit status 2 (see main).
+
+
 def _spec_from_args(args) -> SweepSpec:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepSpec) if hasattr(args, f.name)}
     return SweepSpec(**kw)
 
 
 def sweep_main(args):
+    """`sweep`: prepare data once, run the sweep (this shard's share), and when every run is in, fit, print,
+    optionally verify, and plot. With --compare-modes both modes run into sibling folders and are compared."""
     spec = _spec_from_args(args)
     out = Path(args.out)
     t0 = time.time()
     data = prepare_sweep_data(spec, args.data_dir)
     threads = T.set_cpu_threads(args.threads)
+    # the thread count is resolved once (auto mode times a workload; doing it per run would cost seconds and
+    # could pick different counts for different runs, which changes results in the last bits)
     modes = ("separate", "branched") if args.compare_modes else (args.mode,)
     fits = {}
     for mode in modes:
@@ -1248,48 +1415,61 @@ def sweep_main(args):
         st = run_sweep(spec, folder, data, shard=args.shard, mode=mode, threads=threads, device=args.device)
         print(f"{mode}: ran {len(st['ran'])}, already done {len(st['skipped'])}; steps trained {st['steps_trained']:,} "
               f"(separate runs would take {st['steps_separate']:,})", flush=True)
+        # a shard of a larger sweep stops here: the fit needs every run, and the other machines' results
+        # arrive in their own folders (merge them with `fit folder1 folder2 ...`)
         runs = collect_results([folder])
         if len(runs) < len(plan):
             print(f"{len(plan) - len(runs)} runs of the sweep are not finished (other shards?); "
                   f"fit later with: python scaling.py fit {folder}")
             return
+        # predictions at 4x the largest budget: where --verify will check them
         iso, par = fit_all(runs)
         print_fits(runs, iso, par, predict_at=[4 * max(spec.budgets)])
         fits[mode] = (runs, iso, par, folder)
     if args.compare_modes:
         _compare_modes(fits, spec)
+    # verification and the plot use the first mode's fit (separate runs, when both modes ran)
     runs, iso, par, folder = fits[modes[0]]
     ver = None
     if args.verify:
-        ver = verify_prediction(spec, folder, data, runs, args.verify_factor, threads=threads, device=args.device)
+        ver = verify_prediction(spec, folder, data, runs, args.verify_factor, threads=threads, device=args.device,
+                                iso=iso["parabola"], par=par)
     plot_fits(runs, iso, par, folder / "fit.png", verify=ver, title=f"sweep {folder}")
     print(f"plot: {folder / 'fit.png'}; total {(time.time() - t0) / 60:.1f} min")
 
 
 def _compare_modes(fits, spec):
-    """Separate vs branched: same (N, D) points, so the fits should agree; report the compute saved."""
+    """Separate vs branched on the same budgets: the fits should agree (the branches reproduce the separate
+    runs), and the branched mode should cost less. Compute is counted in FLOPs, 6 N x tokens, per depth:
+    separate = every run in full; branched = each depth's trunk up to its last branch point, plus every
+    branch's decay."""
     (rs, iso_s, par_s, fs), (rb, iso_b, par_b, fb) = fits["separate"], fits["branched"]
-    steps = lambda folder: sum(json.loads(p.read_text())["steps"] for p in (folder / "runs").glob("*.json"))
-    trunk_steps = {}
-    for p in (fb / "runs").glob("*.json"):
-        r = json.loads(p.read_text())
-        trunk_steps[r["depth"]] = max(trunk_steps.get(r["depth"], 0), r["branched_from_step"])
-    decay = sum(r["steps"] - r["branched_from_step"] for r in map(lambda p: json.loads(p.read_text()),
-                                                                   (fb / "runs").glob("*.json")))
-    sep, br = steps(fs), sum(trunk_steps.values()) + decay
+    read = lambda folder: [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
+    tps = spec.tokens_per_step
+    sep = sum(6.0 * r["parameters"] * r["steps"] * tps for r in read(fs))
+    trunk, decay = {}, 0.0
+    for r in read(fb):
+        trunk[r["depth"]] = max(trunk.get(r["depth"], 0.0), 6.0 * r["parameters"] * r["branched_from_step"] * tps)
+        decay += 6.0 * r["parameters"] * (r["steps"] - r["branched_from_step"]) * tps
+    br = sum(trunk.values()) + decay
+    print(f"branched vs separate: {br:.3g} vs {sep:.3g} training FLOPs (6ND): {100 * (1 - br / sep):.0f}% of the "
+          f"compute saved")
+    # the same runs by name in both folders; the largest loss difference says how exactly branches reproduce
+    by_key = lambda runs: {r.name.split("/")[-1]: r.loss for r in runs}
+    ls, lb = by_key(rs), by_key(rb)
+    diff = max(abs(ls[k] - lb[k]) for k in ls.keys() & lb.keys())
     c = 4 * max(spec.budgets)
-    print(f"branched vs separate: {br:,} vs {sep:,} training steps: {100 * (1 - br / sep):.0f}% of the compute saved")
-    for name, a, b in (("IsoFLOPs parabola exponent a", iso_s["parabola"].a, iso_b["parabola"].a),
-                       (f"IsoFLOPs parabola N_opt({c:.0e})", float(iso_s["parabola"].predict(c)[0]),
-                        float(iso_b["parabola"].predict(c)[0])),
-                       ("parametric alpha", par_s.alpha, par_b.alpha), ("parametric beta", par_s.beta, par_b.beta),
-                       ("max |loss difference| over runs", 0.0,
-                        max(abs(x.loss - y.loss) for x, y in zip(sorted(rs, key=lambda r: r.name.split('/')[-1]),
-                                                                 sorted(rb, key=lambda r: r.name.split('/')[-1]))))):
+    rows = (("IsoFLOPs parabola exponent a", iso_s["parabola"].a, iso_b["parabola"].a),
+            (f"IsoFLOPs parabola N_opt({c:.0e})", float(iso_s["parabola"].predict(c)[0]),
+             float(iso_b["parabola"].predict(c)[0])),
+            ("parametric alpha", par_s.alpha, par_b.alpha), ("parametric beta", par_s.beta, par_b.beta))
+    for name, a, b in rows:
         print(f"    {name}: separate {a:.4g}, branched {b:.4g}")
+    print(f"    largest |final loss difference| between a run and its branched twin: {diff:.2e}")
 
 
 def fit_main(args):
+    """`fit`: runs from files and/or sweep folders (merged), both approaches, predictions, a plot."""
     runs = []
     for inp in args.inputs:
         p = Path(inp)
@@ -1297,6 +1477,7 @@ def fit_main(args):
             runs += collect_results([p])
         else:
             runs += load_runs(p, args.format, args.n_col, args.d_col, args.c_col, args.loss_col)
+    # the plot extends the power laws to the largest budget asked about, so the extrapolation is visible
     iso, par = fit_all(runs, n_bootstrap=args.bootstrap, parametric=not args.no_parametric)
     print_fits(runs, iso, par, predict_at=args.predict)
     plot_fits(runs, iso, par, args.plot, extrapolate_to=max(args.predict), title=", ".join(args.inputs))
@@ -1304,6 +1485,8 @@ def fit_main(args):
 
 
 def lr_main(args):
+    """`lr-transfer`: the SP vs muP learning-rate sweep, a table (rows: widths, columns: lrs), the spread
+    of the best lr across widths (1.0x = perfect transfer), and a plot."""
     spec = SweepSpec()
     data = prepare_sweep_data(spec, args.data_dir)
     threads = T.set_cpu_threads(args.threads)
@@ -1315,6 +1498,7 @@ def lr_main(args):
         for w in args.widths:
             row = res[p][w]
             print(f"{w:6d} | " + " | ".join(f"{row[lr]:9.4f}" for lr in args.lrs) + f" | {res['best'][p][w]:.2e}")
+    # a spread of 1.0x means every width's best lr is the same grid point: perfect transfer on this grid
     spread = {p: max(res["best"][p].values()) / min(res["best"][p].values()) for p in ("sp", "mup")}
     print(f"best-lr spread across widths (max/min): SP {spread['sp']:.1f}x, muP {spread['mup']:.1f}x")
     plot_lr_transfer(res, Path(args.out) / "lr_transfer.png")
@@ -1322,6 +1506,8 @@ def lr_main(args):
 
 
 def shapes_main(args):
+    """`shapes`: the depth dial's table -- what one step of the dial does to N, and how far 6N is from the
+    exact per-token count (the embedding lookup is free, attention is not counted by 6N)."""
     print(f"{'depth':>5s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'d_ff':>5s} {'N':>12s} {'non-emb N':>12s} "
           f"{'6N':>12s} {'exact':>12s} {'exact/6N':>8s}")
     for d in args.depths:
@@ -1337,6 +1523,8 @@ def main(argv=None):
     if args.cmd is None:
         parser.print_help()
         return 0
+    # usage errors were already handled by _Parser; here, errors about the INPUT (a bad file, a budget too
+    # small) get the same one-line treatment: they are the user's to fix, not bugs with a traceback
     handlers = dict(sweep=sweep_main, fit=fit_main, bench=bench_main, shapes=shapes_main)
     handlers["lr-transfer"] = lr_main
     try:
