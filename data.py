@@ -114,13 +114,6 @@ class Record:
     charset: str | None
 
 
-def _resync(raw: bytes, start: int, gzipped: bool) -> int:
-    """Offset of the next record start at or after `start`, or -1: a gzip member header (1f 8b 08) for
-    .gz files, the "WARC/1." version line for plain files. False hits (the magic bytes inside compressed
-    data) fail to parse and we search again further on, so this only ever costs time."""
-    return raw.find(b"\x1f\x8b\x08" if gzipped else b"WARC/1.", start)
-
-
 def iter_records(path, stats: Counter):
     """Stream the records of a WARC or WET file (gzip'd or not); count skipped records in `stats` by reason.
 
@@ -236,6 +229,7 @@ _LID_MODEL = None
 
 
 def _lid_model():
+    """The fastText lid.176 model, loaded once per process (0.1 s, ~1 MB)."""
     global _LID_MODEL
     if _LID_MODEL is None:
         # Provided by fasttext-predict (inference only, no compiler needed)
@@ -321,14 +315,6 @@ _PROFANITY = None
 _FASTTEXT_HARMFUL = {}
 
 
-def set_harmful_models(nsfw: str | None = None, toxic: str | None = None):
-    """Use fastText .bin models (e.g. Dolma's jigsaw_fasttext_bigrams_{nsfw,hatespeech}_final.bin)."""
-    import fasttext
-    for key, path in (("nsfw", nsfw), ("toxic", toxic)):
-        if path:
-            _FASTTEXT_HARMFUL[key] = fasttext.load_model(str(path))
-
-
 def _profanity_prob(text: str) -> float:
     """P(offensive) from alt-profanity-check's bundled SVM (loaded once per process, ~0.3 s)."""
     return float(profanity_probs([text])[0])
@@ -348,11 +334,6 @@ def profanity_probs(texts: list[str]) -> np.ndarray:
     if not len(texts):
         return np.zeros(0)
     return np.asarray(_PROFANITY.predict_prob(list(texts)), dtype=np.float64)
-
-
-def _fasttext_label(key: str, text: str) -> tuple[str, float]:
-    labels, probs = _FASTTEXT_HARMFUL[key].predict(" ".join(text.split()), k=1)
-    return labels[0].replace("__label__", ""), float(min(probs[0], 1.0))
 
 
 def classify_toxic_speech(text: str, p: float | None = None) -> tuple[str, float]:
@@ -588,6 +569,7 @@ def keep_unique_lines(text: str, counts: dict) -> str:
 def exact_line_deduplication(input_files, output_directory):
     """Write each input file to output_directory (same name) keeping only corpus-unique lines."""
     files, out = _check_dedup_io(input_files, output_directory)
+    # Pass 1 reads each file once; pass 2 reads it again. Two reads of the corpus, never two copies in memory.
     counts = {}
     for p in files:
         count_lines([p.read_text(encoding="utf-8", errors="surrogateescape")], counts)
@@ -628,6 +610,7 @@ def bloom_line_deduplication(input_files, output_directory, expected_lines: int 
     A false positive in `twice` drops a unique line; the rate is measured against the exact pass by
     `bench` and a test. Returns the filters' sizes."""
     files, out = _check_dedup_io(input_files, output_directory)
+    # Two filters stand in for the exact pass's "count capped at 2": seen once, seen at least twice.
     once, twice = BloomFilter(expected_lines, fp_rate), BloomFilter(expected_lines, fp_rate)
     for p in files:
         for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -802,6 +785,8 @@ def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: 
                           output_directory, seed: int = 1):
     """Copy each input file to output_directory unless it is a near-duplicate of a surviving one."""
     files, out = _check_dedup_io(input_files, output_directory)
+    # The file-level API (CS336's adapter signature) keeps texts in memory; the pipeline's version
+    # (`dedup_documents`) keeps only signatures and rebuilds shingles for candidate documents.
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     sets = [shingles(t, ngrams) for t in texts]
     a, b = minhash_permutations(num_hashes, seed)
@@ -959,19 +944,6 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     return report
 
 
-def _records_or_unreadable(path: str, stats: Counter):
-    """iter_records, but a file that cannot be opened (permissions, I/O error) is counted, not fatal: the
-    rest of the job goes on and the report says which reason cost how many files."""
-    try:
-        yield from iter_records(path, stats)
-    except OSError:
-        stats["unreadable_file"] += 1
-
-
-def _process_task(task):
-    return process_file(*task)
-
-
 def run_filters(inputs: list[str], out: str, cfg: PipelineConfig, workers: int = 1, progress: bool = True) -> dict:
     """Stage A: every input file through `process_file`, in a process pool; finished files are skipped."""
     work = os.path.join(out, "work")
@@ -1013,6 +985,7 @@ def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[l
     # A canonical order (by id) makes the result independent of how files were split over jobs or workers.
     order = sorted(range(len(docs)), key=lambda i: docs[i]["id"])
     docs = [docs[i] for i in order]
+    # (N, k) uint32: 512 bytes per document at k = 128, the only per-document state the global step needs.
     sig = np.concatenate(sigs)[order] if docs else np.zeros((0, cfg.num_hashes), np.uint32)
     # Shingle sets are rebuilt (and cached) only for documents in some candidate pair: memory stays at the
     # signatures, 4k bytes per document, plus the texts of this merge step.
@@ -1221,6 +1194,7 @@ KIND_MIX = dict(clean=0.40, pii=0.08, foreign=0.10, spam=0.08, short=0.06, toxic
 def _warc_record(url: str, body: bytes, ctype: str, rec_id: int) -> bytes:
     """One WARC/1.0 response record (WARC headers, then the HTTP response), gzip'd as its own member."""
     # Content-Length of the WARC block covers the HTTP headers and body; the record ends with two CRLFs.
+    # A fixed record id and date make the files byte-identical for a given seed (reproducible tests).
     http_part = (f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\n"
             f"WARC-Record-ID: <urn:uuid:00000000-0000-0000-0000-{rec_id:012d}>\r\nWARC-Date: 2024-01-01T00:00:00Z\r\n"
@@ -1255,6 +1229,7 @@ def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: 
         mine = out[j::files]
         blobs = [_warc_record(p["url"], p["html"].encode(), "text/html; charset=utf-8", k) for k, p in enumerate(mine)]
         if bad_records:
+            # The bad input every real crawl has, placed early so that good records follow each of them.
             blobs.insert(1, _warc_record("http://img.example/a.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png", 9001))
             blobs.insert(2, _warc_record("http://empty.example/", b"", "text/html", 9002))
             broken = bytearray(_warc_record("http://broken.example/", b"<p>lost</p>" * 50, "text/html", 9003))
@@ -1266,6 +1241,43 @@ def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: 
             f.write(b"".join(blobs))
         paths.append(path)
     return dict(files=paths, pages=out)
+
+
+# ---- Loading optional models, records of unreadable files, resynchronizing a damaged WARC -------------
+def set_harmful_models(nsfw: str | None = None, toxic: str | None = None):
+    """Use fastText .bin models (e.g. Dolma's jigsaw_fasttext_bigrams_{nsfw,hatespeech}_final.bin)."""
+    # Set before `run_pipeline` creates its workers: forked workers inherit the loaded models.
+    import fasttext
+    for key, path in (("nsfw", nsfw), ("toxic", toxic)):
+        if path:
+            _FASTTEXT_HARMFUL[key] = fasttext.load_model(str(path))
+
+
+def _fasttext_label(key: str, text: str) -> tuple[str, float]:
+    """(label without "__label__", probability) from a loaded fastText model; one line of input."""
+    labels, probs = _FASTTEXT_HARMFUL[key].predict(" ".join(text.split()), k=1)
+    return labels[0].replace("__label__", ""), float(min(probs[0], 1.0))
+
+
+def _records_or_unreadable(path: str, stats: Counter):
+    """iter_records, but a file that cannot be opened (permissions, I/O error) is counted, not fatal: the
+    rest of the job goes on and the report says which reason cost how many files."""
+    try:
+        yield from iter_records(path, stats)
+    except OSError:
+        stats["unreadable_file"] += 1
+
+
+def _process_task(task):
+    """Pool.imap needs a one-argument function at module level (picklable by name)."""
+    return process_file(*task)
+
+
+def _resync(raw: bytes, start: int, gzipped: bool) -> int:
+    """Offset of the next record start at or after `start`, or -1: a gzip member header (1f 8b 08) for
+    .gz files, the "WARC/1." version line for plain files. False hits (the magic bytes inside compressed
+    data) fail to parse and we search again further on, so this only ever costs time."""
+    return raw.find(b"\x1f\x8b\x08" if gzipped else b"WARC/1.", start)
 
 
 def _check_dedup_io(input_files, output_directory) -> tuple[list[Path], Path]:
@@ -1300,6 +1312,8 @@ def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, s
     for name, n in (("near_dup", dedup["near_duplicates"]), ("line_dedup", dedup.get("emptied_by_line_dedup", 0))):
         filters[name] = dict(reached=reached, dropped=n, kept_fraction=round(1 - n / reached, 4) if reached else None)
         reached -= n
+    # Line dedup mostly shortens documents rather than dropping them: its line count is the telling number.
+    filters["line_dedup"]["lines_removed"] = dedup.get("lines_removed", 0)
     per_file = sum((Counter(r["seconds"]) for r in reports), Counter())
     return dict(files=len(reports), records=records, skipped=dict(skipped), filters=filters, final_documents=final_docs,
                 pii_masked=dict(total("pii_masked")), dedup=dedup, tokens=tokens,
@@ -1341,6 +1355,9 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
 
 def parse_shard(s: str | None) -> tuple[int, int] | None:
     """'K/N' -> (K, N) with 0 <= K < N (Slurm: --array=0-{N-1}, --shard $SLURM_ARRAY_TASK_ID/N)."""
+    # Zero-based, like Slurm's array indices, so the sbatch script passes $SLURM_ARRAY_TASK_ID unchanged.
+    # Job K takes files K, K+N, K+2N, ... of the sorted list: round-robin keeps shards' sizes even when
+    # file sizes drift along the listing.
     if s is None:
         return None
     m = re.fullmatch(r"(\d+)/(\d+)", s.strip())
@@ -1419,6 +1436,7 @@ def inspect_run(out: str, n: int = 3, seed: int | None = None, width: int = 300)
     lines = []
     # Whitespace is collapsed so one document reads as one paragraph of at most `width` characters.
     short = lambda t: " ".join(t.split())[:width]
+    # In the chain's order, so a reader sees what each successive filter removed.
     for reason in FILTERS:
         for ex in rng.sample(by_reason.get(reason, []), min(n, len(by_reason.get(reason, [])))):
             lines.append(f"[dropped: {reason}] {ex['id']} {ex['url']}\n    {short(ex['text'])}")
@@ -1519,6 +1537,7 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
         tk.Tokenizer(vocab, merges, [EOT]).save(tok_dir)
     tok = tk.Tokenizer.load(tok_dir)
     val_docs = clean_val[len(clean_val) // 2:].split(EOT)
+    # Each corpus becomes a token file with <|endoftext|> between documents, as `run` writes tokens.bin.
     paths = {}
     for name, text in (("raw", raw_text), ("filtered", filtered_text), ("val", EOT.join(val_docs))):
         paths[name] = os.path.join(work, f"{name}.bin")
@@ -1545,7 +1564,19 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
 
 
 def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300, workers: int = 2, log=print) -> dict:
-    """The offline default: synthetic crawl -> filters scored -> pipeline -> raw vs filtered models."""
+    """The offline default: synthetic crawl -> filters scored -> pipeline -> raw vs filtered models.
+
+    Measured with the defaults (1,200 pages, 300 steps; 107 s on a shared 2-core CPU):
+      filter       precision  recall   what it shows
+      language       0.89      1.00    the misses are short junk pages ("404 Not Found"), not English enough
+      nsfw / toxic   1.00   1.00/0.95  easy cases: the insults and adult ads here use the words the models know
+      gopher         0.73      0.43    catches short junk; keyword spam passes every basic rule
+      gopher+rep     0.08      0.43    the repetition rules drop 80% of the templated-but-clean stories
+      quality        0.67      1.00    catches all spam and junk (its other flags are foreign/toxic pages)
+      pii            1.00      1.00    on the formats the regexes know (README lists the ones they miss)
+      near_dup       1.00      1.00    exact and ~1%-edited copies; line_dedup 0.95 / 1.00
+    Raw text: 551K tokens, filtered: 166K; each model trains on 614K tokens; held-out clean bpb 0.379 (raw)
+    vs 0.229 (filtered): filtering buys 0.150 bits per byte, 40%."""
     # Steps: (1) write the crawl, (2) train the quality classifier on an independent crawl, (3) score every
     # filter against the truth, (4) run the real pipeline on the WARC files, (5) train raw vs filtered.
     t0 = time.perf_counter()
@@ -1561,6 +1592,7 @@ def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300,
     qtexts = [(extract_text_from_html_bytes(p["html"].encode()) or "", p["kind"]) for p in train_pages]
     set_quality_model(train_quality_model([t for t, k in qtexts if k in ("clean", "pii")],
                                           [t for t, k in qtexts if k in ("spam", "short")]))
+    # Saved so the pipeline's workers (and `data.py run --quality-model`) load the same model.
     qpath = os.path.join(out, "quality.npz")
     _QUALITY_MODEL.save(qpath)
     cfg.quality_model = qpath
@@ -1569,12 +1601,14 @@ def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300,
     scores = score_filters(truth["pages"], cfg)
     for name, s in scores.items():
         log(f"  {name:10s} {s['precision']:9.3f} {s['recall']:7.3f} {s['flagged']:8d} {s['truth']:6d}")
+    # The real pipeline on the WARC files (the same code as `data.py run`); resumes if run before.
     run_dir = os.path.join(out, "run")
     report = run_pipeline(truth["files"], run_dir, cfg, workers=workers, vocab_size=512, progress=False)
     log(f"\npipeline ({workers} workers, {report['seconds']['wall']:.1f}s): {report['records']} records, skipped "
         f"{report['skipped']}, {report['final_documents']} documents kept, {report['tokens']['tokens']:,} tokens")
     for name, f in report["filters"].items():
-        log(f"  {name:10s} dropped {f['dropped']:5d} of {f['reached']:5d} (kept {f['kept_fraction']})")
+        extra = f", {f['lines_removed']} lines removed" if "lines_removed" in f else ""
+        log(f"  {name:10s} dropped {f['dropped']:5d} of {f['reached']:5d} (kept {f['kept_fraction']}){extra}")
     # Raw = what a pipeline with extraction only would train on: every page that has text, duplicates and all.
     raw = EOT.join(t for p in truth["pages"] if (t := extract_text_from_html_bytes(p["html"].encode())))
     filtered = open(os.path.join(run_dir, "text.txt"), encoding="utf-8").read()
@@ -1583,6 +1617,7 @@ def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300,
     clean_val = EOT.join(t for t, _ in corpus.stories(1500, start_seed_offset=99))
     log(f"\ntwo models (d_model 64, 2 layers), {steps} steps x 16 x 128 tokens each, bpb on held-out clean stories:")
     models = train_raw_vs_filtered(raw, filtered, clean_val, os.path.join(out, "models"), steps, log=log)
+    # Lower bpb on clean text = the model spent its capacity on the kind of text we care about.
     gain = models["raw"]["bpb"] - models["filtered"]["bpb"]
     log(f"filtering buys {gain:+.4f} bits per byte ({100 * gain / models['raw']['bpb']:+.1f}%) "
         f"[total {time.perf_counter() - t0:.0f}s]")
@@ -1607,6 +1642,7 @@ def bench_minhash(sets: list, num_hashes: int = 128, seed: int = 1, reps: int = 
         t = time.perf_counter()
         peer = MinHash.bulk(data, num_perm=num_hashes, seed=seed)
         peer_t.append(time.perf_counter() - t)
+    # The ratio is only meaningful if both compute the same thing: every signature must match exactly.
     same = all(np.array_equal(ours[i], m.hashvalues) for i, m in enumerate(peer))
     return dict(ours=min(ours_t), peer=min(peer_t), identical=same, docs=len(sets))
 
@@ -1649,6 +1685,7 @@ NSFW_EXAMPLES = [
 
 def bench_harmful() -> dict:
     """Precision / recall of classify_toxic_speech and classify_nsfw on the hand-labelled tables above."""
+    # Besides the two ratios, the misses and false alarms themselves are returned: they are the lesson.
     out = {}
     for name, table, fn, pos in (("toxic", TOXIC_EXAMPLES, classify_toxic_speech, "toxic"),
                                  ("nsfw", NSFW_EXAMPLES, classify_nsfw, "nsfw")):
@@ -1658,6 +1695,27 @@ def bench_harmful() -> dict:
                          missed=[t for (t, y), p in zip(table, pred) if y and not p],
                          false_alarms=[t for (t, y), p in zip(table, pred) if p and not y])
     return out
+
+
+def bench_bloom(texts: list[str], folder: str, expected_lines: int, fp_rate: float) -> dict:
+    """The Bloom-filter line dedup against the exact pass on the same files: the unique lines it wrongly
+    drops (its only kind of error), as a fraction of the unique lines, and the memory of both."""
+    inputs = []
+    for i, t in enumerate(texts):
+        inputs.append(os.path.join(folder, "in", f"{i:06d}.txt"))
+        os.makedirs(os.path.dirname(inputs[-1]), exist_ok=True)
+        atomic_write_text(inputs[-1], t)
+    exact_line_deduplication(inputs, os.path.join(folder, "exact"))
+    info = bloom_line_deduplication(inputs, os.path.join(folder, "bloom"), expected_lines, fp_rate)
+    kept_exact = kept_bloom = 0
+    for p in inputs:
+        name = os.path.basename(p)
+        kept_exact += len(open(os.path.join(folder, "exact", name), encoding="utf-8").read().splitlines())
+        kept_bloom += len(open(os.path.join(folder, "bloom", name), encoding="utf-8").read().splitlines())
+    distinct = len(count_lines(texts))
+    # The exact pass's dict costs ~100 bytes per distinct line in CPython; the Bloom filters cost `bits` / 8.
+    return dict(fp=(kept_exact - kept_bloom) / max(kept_exact, 1), unique=kept_exact, distinct=distinct,
+                bloom_kb=info["bits"] / 8 / 1024, exact_kb=distinct * 100 / 1024)
 
 
 def _rss_run(inputs: list[str], out: str) -> dict:
@@ -1675,9 +1733,17 @@ def _rss_run(inputs: list[str], out: str) -> dict:
 
 
 def bench(args) -> list[str]:
-    """All benchmark rows as markdown (| stage | what | command | ours | peer | ratio |)."""
+    """All benchmark rows as markdown (| stage | what | command | ours | peer | ratio |).
+
+    Measured (shared 2-core x86_64 CPU, 600 pages): MinHash 1.90x datasketch on short documents (20 shingles)
+    but only 1.05x on pages (161 shingles): there both spend most of their time in the same per-shingle SHA-1
+    call and the same (n, k) numpy arithmetic, so removing datasketch's per-document overhead is all that is
+    left to win. Per core: extraction ~12K docs/s, language ID ~2.4K, PII ~3.4K, NSFW ~1.6K, toxic 84 one by
+    one but ~2.7K in batches of 128 (why `run` batches it), the whole pipeline ~290 docs/s with BPE training
+    included. Peak RSS 342 MB at 1x and 349 MB at 4x input (most of it is the imported libraries)."""
     import tempfile
     rows, cmd = [], "python data.py bench"
+    # One markdown row per measurement, in the README's bench-table format.
     row = lambda what, ours, peer, ratio: rows.append(f"| data | {what} | `{cmd}` | {ours} | {peer} | {ratio} |")
     with tempfile.TemporaryDirectory() as tmp:
         # Rows: MinHash vs its peer; each filter alone (one process, so docs/s = docs/s per core); the whole
@@ -1717,6 +1783,11 @@ def bench(args) -> list[str]:
             profanity_probs(texts[i:i + 128])
         row("toxic (SVM), batches of 128 (as `run` calls it)", f"{len(texts) / (time.perf_counter() - t):,.0f} "
             "docs/s/core", "-", "-")
+        for expected, rate in ((20_000, 1e-3), (2_000, 1e-2)):
+            bl = bench_bloom(texts, os.path.join(tmp, f"bloom-{expected}"), expected, rate)
+            row(f"Bloom line dedup (sized for {expected:,} lines at {rate:g}) vs exact, {bl['distinct']:,} distinct "
+                f"lines", f"{100 * bl['fp']:.2f}% of unique lines wrongly dropped, {bl['bloom_kb']:.0f} KB",
+                f"exact: 0%, ~{bl['exact_kb']:.0f} KB", "-")
         # End to end with one worker: extraction, every filter, signatures, dedup, BPE training and encoding.
         t = time.perf_counter()
         run_pipeline(truth["files"], os.path.join(tmp, "run"), PipelineConfig(), workers=1, vocab_size=300, progress=False)
@@ -1747,6 +1818,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def get_parser() -> argparse.ArgumentParser:
+    """The command line's parser: subcommands demo (default), run, download, inspect, train-quality, bench."""
     # One subcommand per job a user has: demo (learn what the filters do), run (make training data),
     # download (get real crawl files), inspect (look at what was dropped), train-quality, bench.
     p = _Parser(prog="data.py", description="ScratchLM stage 7: web crawl -> filtered, deduplicated training "
@@ -1815,6 +1887,8 @@ def main(argv=None):
             _positive(p, "--" + name, getattr(a, name))
         demo(a.out, a.pages, a.steps, a.workers)
     elif cmd == "run":
+        # Parse and check everything (shard spec, inputs exist and are readable, settings match a resumed
+        # run) before the first record is read: a typo must not cost an hour of filtering.
         _positive(p, "--workers", args.workers)
         try:
             shard = parse_shard(args.shard)
@@ -1833,6 +1907,7 @@ def main(argv=None):
             p.error(str(e))
         report = run_pipeline(inputs, args.out, cfg, workers=args.workers, shard=shard, tokenizer_dir=args.tokenizer,
                               vocab_size=args.vocab_size, progress=not args.quiet)
+        # The report (also in DIR/report.json) on stdout, so a Slurm log holds the job's numbers.
         print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
     elif cmd == "download":
         # Network errors are not usage errors: they surface as ConnectionError naming the URL (rerun resumes).
@@ -1843,11 +1918,13 @@ def main(argv=None):
             p.error(str(e))
         print("\n".join(files))
     elif cmd == "inspect":
+        # A run folder without results is a usage error (wrong --out), not a crash.
         try:
             print(inspect_run(args.out, args.n, args.seed))
         except FileNotFoundError as e:
             p.error(str(e))
     elif cmd == "train-quality":
+        # Unreadable inputs and an empty class are the user's to fix: one line, exit 2.
         try:
             pos, neg = read_training_texts(args.positive), read_training_texts(args.negative)
             model = train_quality_model(pos, neg, epochs=args.epochs)
