@@ -74,9 +74,7 @@ import signal
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -87,7 +85,7 @@ import torch.nn.functional as F
 
 import model as M
 import tokenizer as tk
-from model import (DeviceUnavailableError, download, load_model_state, read_checkpoint, resolve_device,
+from model import (DeviceUnavailableError, download, load_model_state, read_checkpoint, resolve_device,  # noqa: F401
                    sample_windows, sha256_file)
 from tokenizer import EOT, Progress, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -137,7 +135,6 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return total_nats / math.log(2) / max(total_bytes, 1)
 
 
-
 # =====================================================================================================
 # 2. Optimizers: AdamW (from scratch), Muon, and a container that steps several optimizers as one
 # =====================================================================================================
@@ -149,8 +146,8 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
 
 
 class AdamW(torch.optim.Optimizer):
-    """AdamW (Loshchilov & Hutter, arXiv:1711.05101), in the CS336 handout's form. For each parameter theta with gradient g, at
-    step t = 1, 2, ...:
+    """AdamW (Loshchilov & Hutter, arXiv:1711.05101), in the CS336 handout's form. For each parameter theta
+    with gradient g, at step t = 1, 2, ...:
 
         m <- beta1 * m + (1 - beta1) * g              first moment (momentum)
         v <- beta2 * v + (1 - beta2) * g^2            second moment (per-coordinate scale)
@@ -290,8 +287,6 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - lr * wd)
                 p.add_(O, alpha=-lr * scale)
         return loss
-
-
 
 
 class OptimizerGroup(torch.optim.Optimizer):
@@ -469,7 +464,6 @@ def gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: flo
     return total_f
 
 
-
 # =====================================================================================================
 # 4. Batches: random windows of one long token array
 # =====================================================================================================
@@ -561,8 +555,6 @@ class TrainHooks:
     full_model: Optional[Callable] = None
 
 
-
-
 class TimeBudget:
     """Where a run stands against its limits: --max-steps and/or the wall-clock budget --max-minutes.
 
@@ -584,7 +576,8 @@ class TimeBudget:
         self.tokens_per_step, self.final_eval_tokens = tokens_per_step, final_eval_tokens
         saved = saved or {}
         self.budget, self.warm = saved.get("budget_seconds"), saved.get("warm_seconds")
-        self.reserve, self.measured, self.eval_tps = 0.0, False, None
+        # the reserve carries over a resume until it is measured again (a finished run then stays finished)
+        self.reserve, self.measured, self.eval_tps = float(saved.get("reserve_seconds") or 0.0), False, None
         # the budget is fixed once, at the start of a run; a resumed run reads it from its checkpoint
         if cfg.max_minutes is not None and self.budget is None:
             self.budget = cfg.max_minutes * 60 - (prep_seconds if cfg.budget_includes_prep else 0.0)
@@ -654,7 +647,7 @@ class TimeBudget:
 
     def state(self) -> dict:
         """What a checkpoint stores, so a resumed run keeps this plan (the reserve is measured again)."""
-        return dict(budget_seconds=self.budget, warm_seconds=self.warm)
+        return dict(budget_seconds=self.budget, warm_seconds=self.warm, reserve_seconds=self.reserve)
 
 
 class _Run:
@@ -832,9 +825,10 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
     run.model, run.mcfg = model, model.config.to_dict()
     # tokens per optimizer step over all ranks: B sequences of T tokens, grad_accum times, on every rank
     run.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum * world_size
-    run.say(f"model: {M.num_params(model) / 1e6:.2f}M parameters ({M.num_params(model, include_embeddings=False) / 1e6:.2f}"
-            f"M non-embedding), {cfg.num_layers} layers, d_model {cfg.d_model}, context {cfg.context_length}, "
-            f"vocab {run.tokenizer.vocab_size}; device {run.device}"
+    n_params, n_body = M.num_params(model), M.num_params(model, include_embeddings=False)
+    run.say(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), {cfg.num_layers} layers, "
+            f"d_model {cfg.d_model}, context {cfg.context_length}, vocab {run.tokenizer.vocab_size}; "
+            f"device {run.device}"
             + (f" ({n_threads} threads)" if run.device.type == "cpu" else "")
             + f"; optimizer {cfg.optimizer}; {run.tokens_per_step:,} tokens/step")
     # wrap, then the optimizer over what the wrapper trains (e.g. FSDP's shards), then its saved state
@@ -1034,8 +1028,6 @@ def evaluate(model, tokens, *, context_length: int, batch_size: int, device, tok
     loss = nats / max(count, 1)
     return dict(loss=loss, ppl=perplexity(loss), bpb=bits_per_byte(nats, nbytes) if nbytes else float("nan"),
                 tokens=count, bytes=nbytes)
-
-
 
 
 # =====================================================================================================
@@ -1297,8 +1289,6 @@ def _is_prefix_free(options) -> bool:
 for _lst in (_GIRLS + _BOYS, _ANIMALS, _TRAITS, _PLACES, _OBJECTS, _COLORS, _FEELINGS, _PRAISE, _WHEN,
              [x for x, _ in _WEATHER], _SOUNDS, _PET_ACTS, _FOODS):
     assert _is_prefix_free(_lst), _lst
-
-
 
 
 # ---- Downloading the public datasets: resumable, verified, cached ------------------------------------
@@ -1675,7 +1665,8 @@ def _val_line(r: dict, floor: float | None) -> str:
 
 def _config_diff(a: dict, b: dict) -> list[str]:
     """Every field where two model configs differ, as 'name: checkpoint X vs now Y'."""
-    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
 
 
 def _unwrap(model):
@@ -1745,7 +1736,6 @@ def sample_texts(model, tokenizer, prompt: str, num_samples: int, max_new_tokens
                           top_p=top_p, eos_id=eot, generator=gen)
     model.train(was_training)
     return [prompt + tokenizer.decode([t for t in o if t != eot]) for o in outs]
-
 
 
 # ---- The configuration: every option, its --help text, presets, validation -----------------------------
@@ -1952,7 +1942,8 @@ def validate_config(cfg: TrainConfig):
         ("val_fraction", 0 < c.val_fraction < 1, "in (0, 1)"),
         ("vocab_size", c.vocab_size >= 257, ">= 257 (256 bytes + <|endoftext|>)"),
         ("bpe_train_bytes", c.bpe_train_bytes is None or c.bpe_train_bytes >= 1, ">= 0 (0: all)"),
-        ("synthetic_bytes", c.synthetic_bytes >= 1, ">= 1"), ("synthetic_val_bytes", c.synthetic_val_bytes >= 1, ">= 1"),
+        ("synthetic_bytes", c.synthetic_bytes >= 1, ">= 1"),
+        ("synthetic_val_bytes", c.synthetic_val_bytes >= 1, ">= 1"),
         ("threads", c.threads >= 0, ">= 0 (0: auto)"),
         ("eval_interval", c.eval_interval >= 1, ">= 1"), ("log_interval", c.log_interval >= 1, ">= 1"),
         ("ckpt_interval", c.ckpt_interval >= 1, ">= 1"),
@@ -2173,7 +2164,6 @@ def bench_nanogpt(text_path: str, iters: int = 2000, seed: int = 1337, log: Call
     r = evaluate(model, val_d, context_length=T, batch_size=64, device="cpu", token_bytes=char_bytes,
                  stride=T // 2)  # the same sliding-window evaluator and stride policy (T/2) as ours
     return dict(seconds=train_time, val=r)
-
 
 
 def bench_main(argv):
