@@ -151,6 +151,12 @@ def ring_all_reduce(tensor):
 #     loss = loss_fn(model(x_my_shard)); loss.backward()
 #     model.finish_gradient_synchronization()  # afterwards every p.grad is the average over ranks
 #     optimizer.step()
+# Why overlap matters: backward computes the gradients of the last layers first. If the all-reduce of those
+# gradients starts right away, it travels while backward is still busy with the earlier layers, and only the
+# reduction of the first layers' gradients (finished last) is left when backward ends. The step costs
+# max(compute, communication) instead of their sum -- if the reductions start in time and in an order every rank
+# agrees on, which is what the hooks and buckets below are about.
+#
 # Tied weights (one Parameter reached from two modules) appear once in module.parameters(), so they are reduced
 # once, with the sum of both uses' gradients (autograd adds them before .grad is written). Frozen parameters
 # (requires_grad=False) have no gradient and are skipped. A trainable parameter that got no gradient on this step
@@ -168,6 +174,7 @@ def broadcast_module_(module, src=0):
 
 
 def _trainable_params(module):
+    """The parameters that get gradients, each once: the ones every wrapper must reduce."""
     return [p for p in module.parameters() if p.requires_grad]  # unique (tied counted once), registration order
 
 
@@ -187,6 +194,8 @@ class NaiveDDP(nn.Module):
     """The baseline: after backward, one blocking all-reduce per parameter. Correct and simple, but nothing is
     sent until backward has finished, so compute and communication add up, and many small messages each pay
     the network's latency."""
+    # step time = t_backward + sum over parameters of (alpha + bytes / beta): with ~100 parameters of a small
+    # model the alphas (tens of microseconds each on NCCL, more on gloo) are visible; DDP below hides most of it.
 
     def __init__(self, module):
         super().__init__()
@@ -197,6 +206,7 @@ class NaiveDDP(nn.Module):
         self.comm_wait_seconds = 0.0        # time spent blocked in finish_gradient_synchronization (bench)
 
     def forward(self, *args, **kwargs):
+        # forward is the plain model's: all the data-parallel work happens after backward
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -303,12 +313,14 @@ class DDP(nn.Module):
         self._handles[b] = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
 
     def _launch_ready_in_order(self):
+        """Launch every bucket that is complete AND whose predecessors are launched (the ordering rule)."""
         while self._next_to_launch < len(self._buckets) and \
                 self._ready_count[self._next_to_launch] == len(self._buckets[self._next_to_launch]):
             self._launch(self._next_to_launch)
             self._next_to_launch += 1
 
     def _on_grad_ready(self, p):
+        """Autograd hook: p.grad is final for this backward. Count it; launch whatever became launchable."""
         if not self._sync_enabled:     # inside no_sync(): just let the gradient accumulate in p.grad
             return
         i = self._index[id(p)]
@@ -337,6 +349,7 @@ class DDP(nn.Module):
         t0 = time.perf_counter()
         had_grad = [p.grad is not None for p in self._params]
         # buckets whose parameters got no gradient on this rank were never launched: launch them now, in order
+        # (every rank then has issued every bucket's all-reduce, in the same order)
         for b in range(len(self._buckets)):
             self._ready_count[b] = len(self._buckets[b])
         self._launch_ready_in_order()
@@ -355,6 +368,7 @@ class DDP(nn.Module):
                     offset += g.numel()
         _clear_globally_unused(self._params, had_grad)
         self.comm_wait_seconds += time.perf_counter() - t0
+        # after the first step the true arrival order is known: rebuild the buckets once, in that order
         if not self._order_rebuilt:
             self._rebuild_from_observed_order()
         self._reset_step_state()
@@ -373,6 +387,11 @@ class DDP(nn.Module):
         self._observed_order = []
 
 
+# Choosing the bucket size: each all-reduce costs alpha + bytes / beta. With one bucket per parameter a transformer
+# sends hundreds of messages per step, most of them tiny (norm gains, biases); with ONE bucket nothing is sent
+# until the whole backward is done (no overlap). 25 MB (torch's default) is a few messages per step for a
+# 100M-parameter model, each large enough to run at full bandwidth, and launched while backward still runs.
+
 class DDPBucketed(DDP):
     """DDP with gradients grouped into buckets of about `bucket_size_mb` MB: one all-reduce per bucket, launched
     when the bucket's last gradient arrives. Per-parameter DDP sends many small messages (a norm gain is a few KB)
@@ -383,7 +402,7 @@ class DDPBucketed(DDP):
     def __init__(self, module, bucket_size_mb=25.0):
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
-        self.bucket_size_mb = float(bucket_size_mb)
+        self.bucket_size_mb = float(bucket_size_mb)   # read by DDP._build_buckets (a class attribute in DDP)
         super().__init__(module)
 
 
@@ -397,6 +416,11 @@ class DDPBucketed(DDP):
 # all-reduce by a reduce-scatter; we keep it composable with any of the DP wrappers above).
 # Parameters are whole (not sliced), so any optimizer works unchanged, including Muon (which needs whole matrices);
 # balance comes from a greedy "largest parameter to the least loaded rank" assignment, deterministic on all ranks.
+#
+# Memory per rank for P parameters in fp32 with AdamW (bytes): DP 4P + 4P + 8P = 16P; ZeRO-1 4P + 4P + 8P/N;
+# ZeRO-2 (gradients sharded too, not built here) 4P + (4P + 8P)/N; ZeRO-3 / FSDP 16P/N (+ the gathered layers).
+# At N = 8 that is 16P, 9P, 5.5P, 2P: the optimizer state is the largest single item, so ZeRO-1 alone nearly
+# halves the memory for the same communication volume as DP.
 
 
 def assign_shards(sizes, world, load=None):
@@ -435,6 +459,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._local_groups = [next(it) if g is not None else None for g in self._local_groups]
 
     def add_param_group(self, param_group):
+        # torch.optim.Optimizer's constructor calls this once per group: the outer optimizer keeps every parameter
+        # (so lr schedules and zero_grad see them all); the local optimizer gets only the ones this rank owns
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         start = len(self._all_params)
@@ -466,6 +492,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.local_optimizer is not None:
+            # train.py's schedule writes group["lr"] into OUR param_groups each step; copy every hyperparameter
+            # to the local optimizer's groups before it steps (else the shards would train at the initial rate)
             for group, local in zip(self.param_groups, self._local_groups):  # lr schedules write the outer groups
                 if local is not None:
                     for k, v in group.items():
@@ -483,6 +511,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for r in range(self.world_size):
             owned = [p for p, o in zip(self._all_params, self._owner) if o == r]
             for dtype in sorted({p.dtype for p in owned}, key=str):
+                # the owner packs its parameters into one flat tensor (one message); the others receive into an
+                # empty buffer of the same size and unpack it into their copies
                 ps = [p for p in owned if p.dtype == dtype]
                 flat = torch.cat([p.detach().reshape(-1) for p in ps]) if r == self.rank else \
                     torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=ps[0].device)
@@ -494,6 +524,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                         offset += p.numel()
 
     def zero_grad(self, set_to_none=True):
+        # all parameters, not only the owned ones: every rank computed (and all-reduced) every gradient
         super().zero_grad(set_to_none=set_to_none)  # all params: DP wrappers need every rank's grads cleared
 
     # -- memory accounting and checkpoints ---------------------------------------------------------------------
@@ -505,51 +536,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                    for t in s.values() if torch.is_tensor(t))
 
     def state_dict(self):
-        """Collective. The state dict of the equivalent unsharded `optimizer_cls(params)`: state keyed by global
-        parameter index, tensors on CPU. Every rank gets it (all_gather_object); rank 0 saves it."""
-        # each rank contributes the state of the parameters it owns, under their global index; the union over
-        # ranks is the whole state, exactly as one unsharded optimizer would have it
-        mine = {}
-        if self.local_optimizer is not None:
-            local_params = [p for g in self.local_optimizer.param_groups for p in g["params"]]
-            gidx = {id(p): i for i, p in enumerate(self._all_params)}
-            for p in local_params:
-                if p in self.local_optimizer.state:
-                    mine[gidx[id(p)]] = {k: (v.detach().cpu() if torch.is_tensor(v) else v)
-                                         for k, v in self.local_optimizer.state[p].items()}
-        parts = [None] * self.world_size
-        dist.all_gather_object(parts, mine)
-        state = {}
-        for part in parts:
-            state.update(part)
-        groups, start = [], 0
-        for g in self.param_groups:
-            d = {k: v for k, v in g.items() if k != "params"}
-            d["params"] = list(range(start, start + len(g["params"])))
-            start += len(g["params"])
-            groups.append(d)
-        return {"state": dict(sorted(state.items())), "param_groups": groups}
+        """Collective. The state dict of the equivalent unsharded `optimizer_cls(params)` (state keyed by global
+        parameter index, tensors on CPU), on every rank; rank 0 saves it. See consolidated_state_dict."""
+        return consolidated_state_dict(self)
 
     def load_state_dict(self, state_dict):
         """Load a consolidated (unsharded-format) state dict written at any world size: keep our shard's part."""
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups) or \
-                any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
-            raise ValueError("optimizer state dict does not match these parameter groups "
-                             f"({[len(g['params']) for g in groups]} vs {[len(g['params']) for g in self.param_groups]})")
-        for g, saved in zip(self.param_groups, groups):   # hyperparameters (lr, betas, ...) on every rank
-            g.update({k: v for k, v in saved.items() if k != "params"})
-        if self.local_optimizer is None:                  # this rank owns nothing: no state to keep
-            return
-        state = {int(k): v for k, v in state_dict["state"].items()}
-        for i, p in enumerate(self._all_params):
-            if self._owner[i] == self.rank and i in state:
-                self.local_optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else
-                                                     v.clone() if torch.is_tensor(v) else v)
-                                                 for k, v in state[i].items()}
-        for group, local in zip(self.param_groups, self._local_groups):
-            if local is not None:
-                local.update({k: v for k, v in group.items() if k != "params"})
+        load_consolidated_state_dict(self, state_dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -572,9 +565,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
 # reduce-scatters add into the same shard's gradient.
 # Mixed precision: master weights, gradients and optimizer stay fp32 (small updates to large weights vanish in
 # fp16's 10-bit mantissa); compute and gathers use compute_dtype; gradients are reduced in fp32.
+#
+# What it costs: every weight crosses the network three times per step (gather in forward, gather in backward,
+# reduce-scatter of its gradient): 3 (N-1)/N * 4P bytes per rank, 1.5x DP's all-reduce. The gathers sit on the
+# critical path unless the prefetch hides them behind the previous layer's compute, which needs layers big
+# enough that their matmuls take longer than their weights' transfer -- true for large models on fast links,
+# not for the tiny models a CPU test runs.
 
 
 def _shardable_kind(module):
+    """'linear' / 'embedding' for the modules whose 2-D weight FSDP shards; None for the rest (replicated)."""
     if isinstance(module, (nn.Linear, M.Linear)):
         return "linear"
     if isinstance(module, (nn.Embedding, M.Embedding)):
@@ -689,6 +689,9 @@ class FSDP(nn.Module):
         self._orig_param_names = [n for n, _ in module.named_parameters()]      # deduplicated, original order
         self._sharded = {}                                                     # id(original weight) -> shard
         replicated_modules = _data_dependent_modules(module)
+        # Replace each Linear/Embedding's full weight by this rank's row block. Sharding happens in place, on the
+        # module itself, so the model's own forward code runs unchanged: only each layer's forward is swapped for
+        # one that gathers the weight first. A weight shared by two modules (tied) becomes ONE shard.
         for name, m in list(module.named_modules()):
             kind = _shardable_kind(m)
             if kind is None or id(m) in replicated_modules:
@@ -713,7 +716,7 @@ class FSDP(nn.Module):
         # drop our references to the original full weights: the shards replace them (else no memory is saved)
         self._orig_state = [(k, None if self._weight_of_key[k] is not None else t) for k, t in self._orig_state]
         self._sharded = list(self._sharded.values())
-        named = w = None
+        named = w = None                # (the last references to a full weight in this frame)
         shard_ids = {id(sw.shard) for sw in self._sharded}
         self._replicated = [p for p in module.parameters() if p.requires_grad and id(p) not in shard_ids]
         self._pending_gathers = {}      # id(shard) -> [(full buffer, work, source)] in issue order
@@ -724,13 +727,15 @@ class FSDP(nn.Module):
         self.comm_wait_seconds = 0.0    # time blocked waiting for gathers / reduce-scatters (bench)
 
     def _make_forward(self, m, kind, sw):
+        """The forward that replaces module m's: gather its weight for this use, compute, free (bias added after,
+        replicated like the other small parameters)."""
         fn = _FSDPLinearFn if kind == "linear" else _FSDPEmbeddingFn
 
         # replaces the module's forward: the same computation, with the weight gathered for this use only
         def forward(x):
             pos = self._cursor          # use number within this forward pass (a tied weight has two)
             self._cursor += 1
-            if self._sequence is None:
+            if self._sequence is None:  # first forward: record which weight use number `pos` needs
                 self._recording.append((sw, kind))
             y = fn.apply(x, sw.shard, self, sw, pos)
             bias = getattr(m, "bias", None) if kind == "linear" else None
@@ -739,6 +744,8 @@ class FSDP(nn.Module):
 
     # -- gathers with prefetch ---------------------------------------------------------------------------------
     def _start_gather(self, sw):
+        # asynchronous all-gather of the N row blocks into one (N * rows, C) buffer; the handle is queued and
+        # waited for by _acquire when the layer actually needs the weight
         dtype = self.compute_dtype or sw.shard.dtype
         source = sw.shard.detach().to(dtype)                      # (rows, C): this rank's block, cast for the wire
         full = torch.empty(sw.padded_shape(), dtype=dtype, device=source.device)
@@ -753,21 +760,26 @@ class FSDP(nn.Module):
         # Every rank runs the same layers in the same order, so every rank issues the same gathers in the same
         # order (the rule that keeps collectives paired). Memory: at most the current and the prefetched weight
         # are alive at once, plus whatever autograd is still holding.
-        if not self._pending_gathers.get(id(sw.shard)):
+        if not self._pending_gathers.get(id(sw.shard)):   # not prefetched (first use, or the first step)
             self._start_gather(sw)
+        # prefetch one use ahead in execution order: forward runs uses 0, 1, 2, ...; backward runs them in
+        # reverse, so the neighbour is pos + 1 in forward and pos - 1 in backward
         if self._sequence is not None:
             nxt = pos + direction
             if 0 <= nxt < len(self._sequence):
                 nsw, nkind = self._sequence[nxt]
                 if direction > 0 or nkind == "linear":  # an Embedding's backward needs no weight
                     self._start_gather(nsw)
+        # the oldest pending gather of this weight is the one for this use (a tied weight can have two in flight)
         full, work, _ = self._pending_gathers[id(sw.shard)].pop(0)
         t0 = time.perf_counter()
-        work.wait()
+        work.wait()                      # exposed communication: the prefetch did not finish in time
         self.comm_wait_seconds += time.perf_counter() - t0
         return full[: sw.full_shape[0]]
 
     def _release(self, W):
+        # bookkeeping only: the gathered weight is freed when the last reference to it goes (right after this
+        # layer's matmul in forward; autograd saved only the input)
         base = W._base if W._base is not None else W
         self.gathered_bytes -= base.numel() * base.element_size()
 
@@ -791,6 +803,9 @@ class FSDP(nn.Module):
         self._pending_reductions.append((sw.shard, block, padded, work))
 
     def _complete_reductions(self):
+        # Wait for every reduce-scatter launched during backward and turn each summed block into the mean
+        # gradient of this rank's rows. A weight used twice (tied embedding/head) has two blocks: they add up, as
+        # autograd would add the two uses' gradients of one full weight.
         for shard, block, _, work in self._pending_reductions:
             t0 = time.perf_counter()
             work.wait()
@@ -805,21 +820,27 @@ class FSDP(nn.Module):
     def forward(self, *args, **kwargs):
         self._complete_reductions()   # (gradient accumulation: fold the previous micro-batch's blocks in)
         self._drain_gathers()
-        self._cursor = 0
+        self._cursor = 0              # use numbers restart: use i of this pass = use i of the recorded order
         out = self.module(*args, **kwargs)
         if self._sequence is None:
             self._sequence = self._recording
         if self.compute_dtype is not None and torch.is_tensor(out) and out.is_floating_point():
-            out = out.float()         # logits back to fp32 for a stable loss
+            # logits back to fp32 for a stable loss: log-softmax over a 32K vocabulary in fp16 loses the
+            # small probabilities the loss is made of
+            out = out.float()
         return out
 
     @contextlib.contextmanager
     def no_sync(self):
-        yield  # FSDP must reduce-scatter every micro-batch (nobody holds a full gradient to accumulate into)
+        # FSDP must reduce-scatter every micro-batch: nobody holds a full gradient to accumulate into (that is the
+        # memory it saves), so each micro-batch's full dL/dW is reduced and freed at once; the blocks accumulate
+        yield
 
     def finish_gradient_synchronization(self):
         self._complete_reductions()
         self._drain_gathers()
+        # replicated parameters (norm gains, biases, MoE experts) are averaged like plain DP, all in ONE flat
+        # all-reduce: they are small, so one message beats many (latency dominates)
         if self._replicated and self.world_size > 1:
             had_grad = [p.grad is not None for p in self._replicated]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._replicated]
@@ -841,41 +862,19 @@ class FSDP(nn.Module):
         dist.all_gather_single(full, block.contiguous())
         return full[: sw.full_shape[0]].clone()
 
-    @torch.no_grad()
     def gather_full_params(self):
         """Collective. The full fp32 state dict of the original module, under its original names."""
-        out, cache = {}, {}
-        for key, t in self._orig_state:
-            sw = self._weight_of_key[key]
-            if sw is None:
-                out[key] = t.detach().clone()
-            else:
-                if id(sw) not in cache:
-                    cache[id(sw)] = self._gather_full(sw, sw.shard.detach())
-                out[key] = cache[id(sw)]
-        return out
+        return fsdp_full_state_dict(self)
+
+    def load_full_params(self, state_dict):
+        """Load a full (unsharded) state dict of the original module: each rank keeps its block of rows."""
+        fsdp_load_full_state_dict(self, state_dict)
 
     def _my_block(self, sw, full):
+        """This rank's (rows, C) block of a full (R, C) tensor (a weight, or an optimizer moment of its shape)."""
         padded = full.new_zeros(sw.padded_shape())
         padded[: sw.full_shape[0]] = full
         return padded[self.rank * sw.rows: (self.rank + 1) * sw.rows]
-
-    @torch.no_grad()
-    def load_full_params(self, state_dict):
-        """Load a full (unsharded) state dict of the original module: each rank keeps its block of rows."""
-        missing = [k for k, _ in self._orig_state if k not in state_dict]
-        if missing:
-            raise ValueError(f"FSDP.load_full_params: missing keys {missing[:5]}")
-        for key, t in self._orig_state:
-            src = state_dict[key]
-            sw = self._weight_of_key[key]
-            if sw is None:
-                t.data.copy_(src)
-            else:
-                if tuple(src.shape) != sw.full_shape:
-                    raise ValueError(f"FSDP.load_full_params: {key} has shape {tuple(src.shape)}, "
-                                     f"expected {sw.full_shape}")
-                sw.shard.data.copy_(self._my_block(sw, src.to(sw.shard.dtype)))
 
     def named_local_params(self):
         """original parameter name -> the Parameter this rank optimizes for it (a shard or a replicated param)."""
@@ -904,7 +903,9 @@ class FSDP(nn.Module):
 # the strategy. Any world size and any strategy can resume from it; the optimizer's parameter names are stored
 # with it and checked on load (the helpers are in the plumbing section at the end of the file).
 
+# the --strategy choices, in the order a reader meets them above (torch-ddp: the peer, through the same hooks)
 STRATEGIES = ("naive", "ddp", "bucketed", "zero1", "fsdp", "torch-ddp")
+# --compute-dtype: FSDP's dtype for gathered weights and matmuls (None: the parameters' own, fp32)
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -920,6 +921,8 @@ def wrap_model(model, strategy, bucket_mb=25.0, compute_dtype=None):
         return FSDP(model, compute_dtype=compute_dtype)
     if strategy == "torch-ddp":
         return TorchDDP(model, bucket_cap_mb=bucket_mb)
+    # (every wrapper broadcasts rank 0's weights at construction: all replicas start equal, whatever each
+    # rank initialized or loaded before)
     if strategy == "local":  # benchmarks only: no communication at all (the compute-only baseline)
         return _LocalOnly(model)
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -928,6 +931,8 @@ def wrap_model(model, strategy, bucket_mb=25.0, compute_dtype=None):
 def shard_optimizer(opt):
     """The same optimizer (class, groups, hyperparameters) as a ShardedOptimizer; train.OptimizerGroup (Muon +
     AdamW) becomes a group of sharded members."""
+    # Muon + AdamW is two optimizers over disjoint parameter sets: shard each on its own (both balance over all
+    # ranks, so every rank owns some matrices and some embeddings/gains)
     if isinstance(opt, T.OptimizerGroup):
         return T.OptimizerGroup([shard_optimizer(o) for o in opt.optimizers])
     import inspect
@@ -953,6 +958,8 @@ def build_strategy_optimizer(model, run_model, strategy, cfg):
 
 
 def _optimizer_params(opt):
+    """Every parameter an optimizer holds, in optimizer order (the order consolidated state is keyed by)."""
+    # (train.OptimizerGroup exposes its members' groups as its own param_groups, so this covers Muon + AdamW)
     return [p for g in opt.param_groups for p in g["params"]]
 
 
@@ -985,6 +992,9 @@ def clip_gradients(run_model, opt, max_norm):
 
 def global_batch_shard(tokens, global_batch, context_length, seed, step, micro, rank, world, device):
     """Rank `rank`'s contiguous 1/world of the (seed, step, micro) global batch: x, y of shape (G/N, T)."""
+    # Every rank draws ALL G window starts from the same (seed, step, micro) stream and keeps its own slice: no
+    # communication, and the batch does not depend on N. The rank is deliberately not in the seed (train.py's
+    # default batches use (seed, step, rank, micro), which would change the data with the world size).
     rng = np.random.default_rng([seed, step, micro])
     starts = rng.integers(0, len(tokens) - context_length, size=global_batch)   # same draw on every rank
     per = global_batch // world
@@ -1009,6 +1019,7 @@ class SharedBudget:
     `agree(step)` after every step on every rank (a collective) -> the step to stop at."""
 
     def __init__(self, cfg, loop_seconds, tokens_per_step, final_eval_tokens, rank):
+        # every rank builds one (each calls agree() every step), but only rank 0's clock and figures are used
         self.loop_seconds = loop_seconds            # seconds the training loop may use (rank 0's clock)
         self.user_max_steps = cfg.max_steps         # a --max-steps given with the budget is an upper bound
         self.tokens_per_step = tokens_per_step      # over all ranks
@@ -1023,6 +1034,8 @@ class SharedBudget:
         self.stopped_by_budget = False
 
     def start(self, step):
+        # the loop's first step: the speed window starts here (model building and the first compile-like
+        # warm-up of the step are in t0's elapsed time, not in the seconds-per-step estimate)
         self.started = True
         self.times.append((step, time.time()))
 
@@ -1031,6 +1044,8 @@ class SharedBudget:
         now = time.time()
         self.times.append((step, now))
         (s_old, t_old), elapsed = self.times[0], now - self.t0
+        # seconds per step over the last (up to) 100 steps: recent enough to follow a change of speed (an eval
+        # pass, other load), long enough that one slow step does not swing the target
         sec_per_step = (now - t_old) / max(step - s_old, 1)
         # time kept for the end of the run: the final eval is forward-only (~1/3 of a training step's work per
         # token, counted as 1/1.5 for safety: the same rule as train.py's single-process budget) + samples
@@ -1038,15 +1053,38 @@ class SharedBudget:
         reserve = self.eval_tokens / (1.5 * tokens_per_second) + self.sample_seconds
         left = self.loop_seconds - reserve - elapsed
         if left < 0.5 * sec_per_step:                # the next step would end past the deadline: stop here
-            self.stopped_by_budget = True
             return step
-        target = step + max(1, round(left / sec_per_step))
+        target = step + max(1, round(left / sec_per_step))   # the steps that still fit, at least one more
         return min(target, self.user_max_steps) if self.user_max_steps else target
 
     def agree(self, step):
         """Collective: every rank gets rank 0's target (a sum in which only rank 0 contributes)."""
         mine = torch.tensor([float(self.target(step)) if self.rank == 0 else 0.0], dtype=torch.float64)
-        return int(all_reduce_host(mine)[0])
+        target = int(all_reduce_host(mine)[0])
+        self.stopped_by_budget = target == step and target != self.user_max_steps
+        return target
+
+
+def _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say):
+    """The run's SharedBudget (None without --max-minutes). The time the loop may use is rank 0's: the budget
+    minus what imports, data preparation and the tokenizer took (budget_includes_prep), minus the loop time of the
+    run being resumed; a resumed run keeps the loop budget it was started with."""
+    if cfg.max_minutes is None:
+        return None
+    loop_seconds = (written_at or {}).get("loop_budget_seconds")
+    if loop_seconds is None:
+        loop_seconds = cfg.max_minutes * 60 - ((time.time() - t_start) if cfg.budget_includes_prep else 0.0)
+    final_eval = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(data.val_tokens())
+    budget = SharedBudget(cfg, loop_seconds - prior["train_seconds"], G * cfg.context_length * cfg.grad_accum,
+                          final_eval, rank)
+    left = torch.tensor([budget.loop_seconds if rank == 0 else 0.0], dtype=torch.float64)
+    budget.loop_seconds = float(all_reduce_host(left)[0])    # rank 0's figure on every rank
+    if budget.loop_seconds <= 5 and prior["iteration"] == 0:
+        raise RanksFailedTogether(f"--max-minutes {cfg.max_minutes}: the budget is already used up by data "
+                                  f"preparation ({time.time() - t_start:.0f}s)")
+    say(f"ddp.py: time budget {cfg.max_minutes:g} min, {max(budget.loop_seconds, 0) / 60:.2f} min left for "
+        f"training; rank 0's clock decides, every rank stops at the same step")
+    return budget
 
 
 def _distributed_hooks(*, cfg, run_cfg, strategy, bucket_mb, compute_dtype, G, rank, world, device, data, out,
@@ -1075,6 +1113,7 @@ def _distributed_hooks(*, cfg, run_cfg, strategy, bucket_mb, compute_dtype, G, r
                              loop_budget_seconds=budget.loop_seconds if budget else None))
 
     def full_model(model, run_model):
+        # the samples at the end need the whole model on rank 0; only FSDP has to gather it (collectively)
         if not isinstance(run_model, FSDP):
             return model
         sd = full_model_state(model, run_model)  # collective; then a plain copy for generation
@@ -1083,6 +1122,7 @@ def _distributed_hooks(*, cfg, run_cfg, strategy, bucket_mb, compute_dtype, G, r
         return plain
 
     def get_batch(step, micro):
+        # (G/N, T) token windows: this rank's slice of the global batch of (step, micro)
         if budget is not None and micro == 0 and not budget.started:
             budget.start(step)                   # the loop's first step: the budget's clock starts
         return global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro, rank, world, device)
@@ -1093,9 +1133,13 @@ def _distributed_hooks(*, cfg, run_cfg, strategy, bucket_mb, compute_dtype, G, r
             run_cfg.max_steps = budget.agree(step)
 
     def communication_share(run_model, train_seconds):
+        # share of the training time spent blocked waiting for collectives: the communication NOT hidden
         comm = getattr(run_model, "comm_wait_seconds", None)
         return "" if comm is None else f" | blocked on communication {100 * comm / max(train_seconds, 1e-9):.0f}%"
 
+    # The gradient path of one step, in train.train's order: forward/backward per micro-batch (inside
+    # accumulation_context) -> sync_gradients (all-reduce / reduce-scatter finished: every rank holds the
+    # full-batch mean gradient of what it optimizes) -> clip_gradients (the global norm) -> optimizer.step.
     return T.TrainHooks(
         wrap_model=lambda model: wrap_model(model, strategy, bucket_mb, compute_dtype),
         build_optimizer=lambda model, run_model, c: build_strategy_optimizer(model, run_model, strategy, c),
@@ -1112,7 +1156,7 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
     preparation a group of processes needs, then train.train() with this file's hooks. Returns its summary.
     cfg.max_minutes is a budget for the whole group, decided by rank 0's clock (SharedBudget)."""
     t_start = time.time() if t_start is None else t_start
-    rank, world, device = init_distributed(backend, timeout_s)
+    rank, world, device = init_distributed(backend, timeout_s)      # blocks until all `world` ranks have joined
     main = rank == 0
     say = log if main else (lambda *a, **k: None)
     out = Path(cfg.out_dir)
@@ -1124,9 +1168,10 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
     check_same_across_ranks("training configuration", fingerprint)
     written_at, G, prior = _resume_state(out / "ckpt.pt", resume, global_batch_size or cfg.batch_size * world,
                                          global_batch_size is not None)
-    if G % world != 0:
+    if G % world != 0:   # (the command line checked this already, except for a resumed checkpoint's batch)
         raise ValueError(f"global batch {G} sequences does not split over {world} ranks; pass "
                          f"--global-batch-size divisible by the world size")
+    # ---- data: rank 0 builds the caches (corpus, tokenizer, token files), then every rank reads them ------------
     data = prepare_data_on_all_ranks(cfg, out, main, say)
     say(f"ddp.py: {strategy} on {world} rank(s) ({dist.get_backend()}, {device}); global batch {G} x "
         f"{cfg.grad_accum} accum x {cfg.context_length} tokens; run folder {out}")
@@ -1134,21 +1179,7 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
         say(f"ddp.py: resuming a checkpoint written at world size {written_at.get('world_size', '?')} "
             f"({written_at.get('strategy', '?')}), now {world} ({strategy})")
     # ---- the budget: train.train gets a step count that rank 0 keeps re-estimating, never a clock ---------------
-    budget = None
-    if cfg.max_minutes is not None:
-        loop_seconds = (written_at or {}).get("loop_budget_seconds")
-        if loop_seconds is None:  # time left after imports, data preparation and the tokenizer (rank 0's clock)
-            loop_seconds = cfg.max_minutes * 60 - ((time.time() - t_start) if cfg.budget_includes_prep else 0.0)
-        final_eval = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(data.val_tokens())
-        budget = SharedBudget(cfg, loop_seconds - prior["train_seconds"],
-                              G * cfg.context_length * cfg.grad_accum, final_eval, rank)
-        left = torch.tensor([budget.loop_seconds if main else 0.0], dtype=torch.float64)
-        budget.loop_seconds = float(all_reduce_host(left)[0])    # rank 0's figure on every rank
-        if budget.loop_seconds <= 5 and prior["iteration"] == 0:
-            raise RanksFailedTogether(f"--max-minutes {cfg.max_minutes}: the budget is already used up by data "
-                                      f"preparation ({time.time() - t_start:.0f}s)")
-        say(f"ddp.py: time budget {cfg.max_minutes:g} min, {max(budget.loop_seconds, 0) / 60:.2f} min left for "
-            f"training; rank 0's clock decides, every rank stops at the same step")
+    budget = _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say)
     # this rank's share of the global batch; threads: keep the launcher's per-rank count (torchrun's
     # OMP_NUM_THREADS, launch_local's cores / N) unless --threads says otherwise
     run_cfg = dataclasses.replace(cfg, batch_size=G // world, device=str(device), resume=resume, max_minutes=None,
@@ -1158,6 +1189,7 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
     hooks = _distributed_hooks(cfg=cfg, run_cfg=run_cfg, strategy=strategy, bucket_mb=bucket_mb,
                                compute_dtype=compute_dtype, G=G, rank=rank, world=world, device=device, data=data,
                                out=out, budget=budget, die_at_step=die_at_step)
+    # ---- the loop itself: train.py's, on every rank; only rank 0 logs and writes files -------------------------
     summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
     check_same_across_ranks("the final step", summary["steps"])   # the shared budget's promise, verified
     dist.barrier()
@@ -1181,11 +1213,15 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
 def init_distributed(backend=None, timeout_s=DEFAULT_TIMEOUT_S):
     """Join the process group described by torchrun's env vars (or a single process if there are none).
     Returns (rank, world_size, device)."""
-    if "RANK" not in os.environ:  # plain `python ddp.py ...`: a world of one, still a real process group
+    # plain `python ddp.py ... --nproc 1` (or a test): a world of one, still a real process group, so the same
+    # collectives run (trivially) and the code path is the one N ranks take
+    if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # NCCL moves GPU memory directly between devices (NVLink, InfiniBand); gloo moves CPU tensors over TCP.
+    # One process per GPU: LOCAL_RANK picks this process's device on a multi-GPU machine.
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -1210,18 +1246,23 @@ def init_distributed(backend=None, timeout_s=DEFAULT_TIMEOUT_S):
 
 
 def cleanup_distributed():
+    # leaving the group explicitly lets every rank exit without the backend's "not destroyed" warnings
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def free_port():
     """A TCP port nobody listens on right now (the OS picks it)."""
+    # (bind to port 0 and read back the port the OS chose; a tiny race with other programs is acceptable for a
+    # local launcher -- torchrun's own --standalone does the same)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _spawn_entry(local_rank, world_size, port, threads, fn, args):
+    """What mp.spawn runs in each child: torchrun's environment for this rank, its thread count, then fn."""
+    # what torchrun would have put in the environment of worker `local_rank` (one machine: rank = local rank)
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
@@ -1233,17 +1274,23 @@ def launch_local(fn, nprocs, *args):
     them (so fn calls init_distributed() either way). Used by tests and by `bench`/`bench-comm --nproc N`.
     Each process gets cores/N threads: N processes x all cores each would fight over the same cores."""
     threads = max(1, (os.cpu_count() or 1) // nprocs)
+    # spawn (not fork): each child starts a fresh interpreter, so no thread pools or CUDA state are inherited;
+    # join=True waits for all, and a child that raises or exits non-zero makes mp.spawn raise in the parent
     mp.spawn(_spawn_entry, args=(nprocs, free_port(), threads, fn, args), nprocs=nprocs, join=True)
 
 
 def rank0_print(*args, **kwargs):
+    """print() on rank 0 only (or when there is no process group)."""
+    # N ranks printing the same line would interleave N copies: the group speaks through rank 0
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
 
 def all_reduce_host(t, op=dist.ReduceOp.SUM):
     """All-reduce a small CPU tensor (loss sums, norms) whatever the backend: NCCL only reduces GPU tensors."""
-    if dist.get_backend() == "nccl":
+    # used for the few numbers the ranks must agree on each step: the logged loss, FSDP's squared gradient
+    # norm, the shared budget's stop step, evaluation sums
+    if dist.get_backend() == "nccl":   # round trip through this rank's GPU (a few bytes: latency only)
         dev = torch.device("cuda", torch.cuda.current_device())
         t_dev = t.to(dev)
         dist.all_reduce(t_dev, op=op)
@@ -1259,7 +1306,7 @@ def check_same_across_ranks(name, value):
     up as a hang inside the first collective whose shapes differ, or as silently different models."""
     world = dist.get_world_size()
     values = [None] * world
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value)        # pickled, so any comparable value works (dicts, numbers)
     if all(v == values[0] for v in values):
         return
     if all(isinstance(v, dict) for v in values):
@@ -1278,6 +1325,7 @@ class RanksFailedTogether(ValueError):
 def _all_ranks_ok(what, fn):
     """Run fn() on every rank; if it raised anywhere, raise on EVERY rank with each failing rank's message (a rank
     that died alone would leave the others blocked in their next collective)."""
+    # every rank reaches the all_gather below whether fn() succeeded or not, so the collective always pairs up
     result, err = None, None
     try:
         result = fn()
@@ -1295,6 +1343,9 @@ def prepare_data_on_all_ranks(cfg, out, main, say):
     """train.prepare_data on every rank without N ranks racing to build the same caches: rank 0 builds them
     (corpus, tokenizer training, encoding -- possibly hours for a large corpus), the others wait at a barrier with
     a long timeout and then read the finished caches. A failure anywhere fails every rank with its message."""
+    # Why not every rank at once: N ranks writing the same cache files race (torn files, N x the work). Errors
+    # are caught and carried, not raised: a rank that raised here would skip the barrier below and leave the
+    # others waiting for it until the timeout.
     data, err = None, None
     if main:
         try:
@@ -1302,6 +1353,8 @@ def prepare_data_on_all_ranks(cfg, out, main, say):
             data = T.prepare_data(cfg, log=say)
         except Exception as e:  # reported on every rank below
             err = f"{type(e).__name__}: {e}"
+    # a separate gloo group with a long timeout for this one wait: the default group's timeout (minutes) is
+    # meant to catch hangs in training, not a first run that trains a 32K tokenizer
     long_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
     dist.barrier(group=long_wait)
     if not main:
@@ -1315,6 +1368,8 @@ def prepare_data_on_all_ranks(cfg, out, main, say):
             raise RuntimeError(err)
     _all_ranks_ok("data preparation", report_preparation)
 
+    # every rank must see the same data (same token counts, same vocabulary): a rank reading a stale cache from
+    # a different tokenizer would train a different problem without any error
     def check_data():
         tr, va = data.train_tokens(), data.val_tokens()
         for name, arr, path in (("training", tr, data.train_path), ("validation", va, data.val_path)):
@@ -1330,7 +1385,7 @@ def _resume_state(ckpt_path, resume, G, G_given):
     """What a resumed run needs before train.train reads the checkpoint itself: the ddp entry it was written
     with, the global batch (the checkpoint's, unless --global-batch-size was given: the same batches at any world
     size), and the iteration and loop time already spent. Read on every rank, so a bad file fails on all."""
-    prior = dict(train_seconds=0.0, iteration=0)
+    prior = dict(train_seconds=0.0, iteration=0)   # a fresh run: no steps and no loop time spent yet
     if not (resume and ckpt_path.exists()):
         return None, G, prior
     ckpt = _all_ranks_ok("reading the checkpoint", lambda: T.read_checkpoint(ckpt_path))
@@ -1346,12 +1401,99 @@ DIE_AT_STEP_ENV = "SCRATCHLM_DDP_DIE_AT_STEP"
 
 
 def _die_if_asked(die_at_step, step, rank, world, out):
+    """The restart test's fault: the last rank SIGKILLs itself once, after step `die_at_step`."""
     if die_at_step is not None and step == die_at_step and rank == world - 1 and world > 1:
         marker = out / f".died_at_step_{die_at_step}"
         if not marker.exists():  # die only the first time: the restarted job must get past this step
             marker.write_text(f"rank {rank} killed itself at step {step}\n")
             print(f"rank {rank}: {DIE_AT_STEP_ENV}={step}: killing myself (SIGKILL)", flush=True)
             os.kill(os.getpid(), 9)
+
+
+# ZeRO-1's and FSDP's state is spread over the ranks; these assemble it into (and cut it out of) the format of the
+# unsharded model and optimizer. ShardedOptimizer.state_dict / load_state_dict and FSDP.gather_full_params /
+# load_full_params call them.
+
+def consolidated_state_dict(opt):
+    """Collective. The state dict of the equivalent unsharded `optimizer_cls(params)`: state keyed by global
+    parameter index, tensors on CPU. Every rank gets it (all_gather_object); rank 0 saves it."""
+    # each rank contributes the state of the parameters it owns, under their global index; the union over
+    # ranks is the whole state, exactly as one unsharded optimizer would have it
+    mine = {}
+    if opt.local_optimizer is not None:
+        local_params = [p for g in opt.local_optimizer.param_groups for p in g["params"]]
+        gidx = {id(p): i for i, p in enumerate(opt._all_params)}
+        for p in local_params:
+            if p in opt.local_optimizer.state:
+                mine[gidx[id(p)]] = {k: (v.detach().cpu() if torch.is_tensor(v) else v)
+                                     for k, v in opt.local_optimizer.state[p].items()}
+    parts = [None] * opt.world_size
+    dist.all_gather_object(parts, mine)
+    state = {}
+    for part in parts:
+        state.update(part)
+    groups, start = [], 0
+    for g in opt.param_groups:
+        d = {k: v for k, v in g.items() if k != "params"}
+        d["params"] = list(range(start, start + len(g["params"])))
+        start += len(g["params"])
+        groups.append(d)
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def load_consolidated_state_dict(opt, state_dict):
+    """Load a consolidated (unsharded-format) state dict written at any world size: keep our shard's part."""
+    groups = state_dict["param_groups"]
+    if len(groups) != len(opt.param_groups) or \
+            any(len(a["params"]) != len(b["params"]) for a, b in zip(groups, opt.param_groups)):
+        raise ValueError("optimizer state dict does not match these parameter groups "
+                         f"({[len(g['params']) for g in groups]} vs {[len(g['params']) for g in opt.param_groups]})")
+    for g, saved in zip(opt.param_groups, groups):   # hyperparameters (lr, betas, ...) on every rank
+        g.update({k: v for k, v in saved.items() if k != "params"})
+    if opt.local_optimizer is None:                  # this rank owns nothing: no state to keep
+        return
+    state = {int(k): v for k, v in state_dict["state"].items()}
+    for i, p in enumerate(opt._all_params):
+        if opt._owner[i] == opt.rank and i in state:
+            opt.local_optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else
+                                                 v.clone() if torch.is_tensor(v) else v)
+                                             for k, v in state[i].items()}
+    for group, local in zip(opt.param_groups, opt._local_groups):
+        if local is not None:
+            local.update({k: v for k, v in group.items() if k != "params"})
+
+
+@torch.no_grad()
+def fsdp_full_state_dict(fsdp):
+    """Collective. The full fp32 state dict of the original module, under its original names."""
+    out, cache = {}, {}
+    for key, t in fsdp._orig_state:
+        sw = fsdp._weight_of_key[key]
+        if sw is None:
+            out[key] = t.detach().clone()
+        else:
+            if id(sw) not in cache:
+                cache[id(sw)] = fsdp._gather_full(sw, sw.shard.detach())
+            out[key] = cache[id(sw)]
+    return out
+
+
+@torch.no_grad()
+def fsdp_load_full_state_dict(fsdp, state_dict):
+    """Load a full (unsharded) state dict of the original module: each rank keeps its block of rows."""
+    missing = [k for k, _ in fsdp._orig_state if k not in state_dict]
+    if missing:
+        raise ValueError(f"FSDP.load_full_params: missing keys {missing[:5]}")
+    for key, t in fsdp._orig_state:
+        src = state_dict[key]
+        sw = fsdp._weight_of_key[key]
+        if sw is None:
+            t.data.copy_(src)
+        else:
+            if tuple(src.shape) != sw.full_shape:
+                raise ValueError(f"FSDP.load_full_params: {key} has shape {tuple(src.shape)}, "
+                                 f"expected {sw.full_shape}")
+            sw.shard.data.copy_(fsdp._my_block(sw, src.to(sw.shard.dtype)))
 
 
 # Consolidated checkpoints: whatever the strategy, the file holds the full model under its original names and the
@@ -1361,6 +1503,7 @@ def _die_if_asked(die_at_step, step, rank, world, out):
 def optimizer_param_names(run_model, opt):
     """The original name of each parameter the optimizer holds, in optimizer order (a shard is named after its
     weight). Stored with checkpoints and checked on resume: the consolidated state is keyed by position."""
+    # (a different --optimizer or model switch changes the order: Muon's groups, tied weights, frozen layers)
     if isinstance(run_model, FSDP):
         names = {id(p): n for n, p in run_model.named_local_params().items()}
     else:  # every DP wrapper keeps the bare model as .module
@@ -1370,8 +1513,9 @@ def optimizer_param_names(run_model, opt):
 
 def full_model_state(model, run_model):
     """Collective for FSDP. The full state dict of the bare model under its original names (CPU tensors)."""
+    # DP wrappers: every rank holds the whole model already (identical on all ranks, rank 0 writes it)
     sd = run_model.gather_full_params() if isinstance(run_model, FSDP) else model.state_dict()
-    return {k: v.detach().cpu() for k, v in sd.items()}
+    return {k: v.detach().cpu() for k, v in sd.items()}        # CPU tensors: the file loads without a GPU
 
 
 def full_optimizer_state(opt, run_model):
@@ -1379,6 +1523,9 @@ def full_optimizer_state(opt, run_model):
     sd = opt.state_dict()  # ShardedOptimizer.state_dict consolidates itself (collective)
     if not isinstance(run_model, FSDP):
         return sd
+    # FSDP's optimizer state of a sharded weight (AdamW's exp_avg, exp_avg_sq) has the shard's (rows, C) shape:
+    # gather the N blocks into the full (R, C) tensor, as an unsharded AdamW would have it. Scalars (step) and
+    # replicated parameters' state are the same on every rank and kept as they are.
     shards = {id(sw.shard): sw for sw in run_model._sharded}
     params = _optimizer_params(opt)
     state = {}
@@ -1391,7 +1538,9 @@ def full_optimizer_state(opt, run_model):
 
 
 def load_full_optimizer_state(opt, run_model, full_sd):
-    if not isinstance(run_model, FSDP):
+    """The inverse of full_optimizer_state: a consolidated optimizer state (written at any world size, by any
+    strategy) into this rank's optimizer; FSDP cuts each full-shape tensor down to this rank's row block."""
+    if not isinstance(run_model, FSDP):        # plain or ShardedOptimizer: load_state_dict handles it
         opt.load_state_dict(full_sd)
         return
     shards = {id(sw.shard): sw for sw in run_model._sharded}
@@ -1414,7 +1563,8 @@ def collectives_tour():
     rank, world, device = init_distributed()
     lines = []
     show = lambda what, t: lines.append(f"rank {rank}: {what:36s} {[round(v, 2) for v in t.tolist()]}")
-    x = torch.arange(4, dtype=torch.float32, device=device) + 10 * rank          # rank r holds [10r, .., 10r+3]
+    # rank r holds [10r, 10r+1, 10r+2, 10r+3]: every printed number says which rank it came from
+    x = torch.arange(4, dtype=torch.float32, device=device) + 10 * rank
     # (each call below blocks until every rank has called it: collectives are rendezvous points)
     show("mine", x)
     y = x.clone(); dist.all_reduce(y, op=dist.ReduceOp.SUM)
@@ -1429,8 +1579,9 @@ def collectives_tour():
         show("reduce_scatter (my chunk of the sum)", rs)
     b = x.clone(); dist.broadcast(b, src=0)
     show("broadcast from rank 0", b)
+    # N processes printing at once interleave their lines: gather every rank's lines to rank 0, print in order
     everyone = [None] * world
-    dist.all_gather_object(everyone, lines)   # print in order, from rank 0
+    dist.all_gather_object(everyone, lines)
     if rank == 0:
         for i in range(len(lines)):
             for r in range(world):
@@ -1442,7 +1593,9 @@ def collectives_tour():
 def _timed_collective(op, nbytes, device, iters, warmup):
     """Seconds per call of `op` on an fp32 tensor of nbytes (median of iters after warmup)."""
     world = dist.get_world_size()
-    n = nbytes // 4
+    n = nbytes // 4                                    # fp32 elements
+    # S = nbytes is the size of the RESULT each rank ends with (the nccl-tests convention): all-reduce's whole
+    # tensor, all-gather's concatenation, reduce-scatter's input (each rank keeps 1/N of it)
     if op == "all_reduce":
         x = torch.ones(n, device=device)
         call = lambda: dist.all_reduce(x)
@@ -1456,7 +1609,7 @@ def _timed_collective(op, nbytes, device, iters, warmup):
         raise ValueError(f"unknown collective {op!r}")
     times = []
     for i in range(warmup + iters):
-        dist.barrier()
+        dist.barrier()                                 # start together, or we time the wait for a late rank
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -1479,6 +1632,7 @@ def bench_comm(args):
     rank0_print("busbw = algbw * 2(N-1)/N for all_reduce, * (N-1)/N for all_gather/reduce_scatter: the bytes "
                 "each rank's link carries in a ring")
     rank0_print(f"{'op':15s} {'size':>10s} {'time ms':>10s} {'algbw GB/s':>11s} {'busbw GB/s':>11s}")
+    # sizes double from min to max: small messages show the per-call latency (alpha), large ones the bandwidth
     rows = []
     mb = args.min_mb
     while mb <= args.max_mb:
@@ -1495,10 +1649,11 @@ def bench_comm(args):
     cleanup_distributed()
 
 
-
 class TorchDDP(nn.Module):
     """torch.nn.parallel.DistributedDataParallel behind our interface: the peer in benchmarks (C++ reducer,
     25 MB buckets after a 1 MB first bucket, all-reduces launched from autograd hooks like ours)."""
+    # It is also a training strategy (--strategy torch-ddp): the same run with torch's implementation, which is
+    # the check that our wrappers' results and speed are what the field's standard gives.
 
     def __init__(self, module, **kwargs):
         super().__init__()
@@ -1512,7 +1667,7 @@ class TorchDDP(nn.Module):
         return self.ddp.no_sync()
 
     def finish_gradient_synchronization(self):
-        pass  # torch's reducer waits for its all-reduces at the end of backward
+        pass  # torch's reducer waits for its all-reduces at the end of backward (inside loss.backward())
 
 
 
@@ -1541,85 +1696,88 @@ class _LocalOnly(nn.Module):
 # the peak of gathered full weights alive at once.
 
 def _tensor_bytes(ts):
+    """Bytes held by the tensors of `ts` (None entries, e.g. parameters without gradient, count 0)."""
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def _optimizer_state_bytes(opt):
+    """Bytes of optimizer state THIS rank holds (ZeRO-1: its own shard only)."""
     if isinstance(opt, ShardedOptimizer):
         return opt.local_state_bytes()
     return _tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-def bench(args):
-    rank, world, device = init_distributed(args.backend)
-    cfg = M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
-                        num_layers=args.num_layers, num_heads=args.num_heads)
-    strategies = args.strategies.split(",")
-    for s in strategies:
-        if s not in STRATEGIES + ("local",):
-            raise ValueError(f"unknown strategy {s!r} in --strategies; choose from {STRATEGIES + ('local',)}")
-    g = torch.Generator().manual_seed(1234 + rank)                     # each rank its own shard of the batch
-    x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_length), generator=g).to(device)
-    y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_length), generator=g).to(device)
+def _bench_setups(args, cfg, strategies, device):
+    """strategy -> (bare model, wrapped model, optimizer): the same model (seed 0) under every strategy."""
+    # each strategy gets its own copy and its own optimizer, built once; the timed loop then runs them in turns,
+    # so all of them see the same machine conditions
     setups = {}
     for s in strategies:
         torch.manual_seed(0)
         model = M.TransformerLM.from_config(cfg).to(device)
-        model.validate_inputs = False
+        model.validate_inputs = False          # skip the token-id range check (a device sync) in timed steps
         run = wrap_model(model, s, args.bucket_mb, _DTYPES[args.compute_dtype] if s == "fsdp" else None)
         params = [p for p in run.parameters() if p.requires_grad]
         opt = ShardedOptimizer(params, torch.optim.AdamW, lr=1e-4) if s == "zero1" else \
             torch.optim.AdamW(params, lr=1e-4)
         setups[s] = (model, run, opt)
-    n_params = M.num_params(setups[strategies[0]][0])
+    return setups
 
-    def one_step(s, measure_memory=False):
-        # one training step exactly as the training loop runs it (forward, loss, backward, sync, optimizer)
-        model, run, opt = setups[s]
-        logits = run(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
-        run.finish_gradient_synchronization()
-        mem = None
-        if measure_memory:
-            params = list(run.parameters())
-            mem = dict(params=_tensor_bytes(params), grads=_tensor_bytes(p.grad for p in params))
-        opt.step()
-        if measure_memory:
-            mem["optimizer"] = _optimizer_state_bytes(opt)
-            mem["total"] = mem["params"] + mem["grads"] + mem["optimizer"]
-            mem["gathered_peak"] = getattr(run, "peak_gathered_bytes", 0)
-        opt.zero_grad(set_to_none=True)
-        return mem
 
-    rank0_print(f"bench: {world} ranks ({dist.get_backend()}, {device}, {torch.get_num_threads()} threads/rank), "
-                f"TransformerLM {n_params / 1e6:.2f}M params (d_model {cfg.d_model}, {cfg.num_layers} layers, "
-                f"vocab {cfg.vocab_size}), per-rank batch {args.batch_size} x {cfg.context_length} tokens; "
-                f"{args.rounds} rounds x {args.steps} steps per strategy, interleaved; {machine_label()}")
-    memory = {s: one_step(s, measure_memory=True) for s in strategies}   # warm-up step + memory accounting
-    for s in strategies:
-        one_step(s)
+def _bench_step(setup, x, y, measure_memory=False):
+    """One training step exactly as the training loop runs it (forward, loss, backward, sync, optimizer); with
+    measure_memory, the bytes of params, grads and optimizer state this rank holds, measured at their peak."""
+    model, run, opt = setup
+    logits = run(x)                                                   # (B, T, V)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss.backward()
+    run.finish_gradient_synchronization()
+    mem = None
+    if measure_memory:                       # gradients exist between backward and zero_grad
+        params = list(run.parameters())
+        mem = dict(params=_tensor_bytes(params), grads=_tensor_bytes(p.grad for p in params))
+    opt.step()
+    if measure_memory:                       # optimizer state exists after the first step
+        mem["optimizer"] = _optimizer_state_bytes(opt)
+        mem["total"] = mem["params"] + mem["grads"] + mem["optimizer"]
+        mem["gathered_peak"] = getattr(run, "peak_gathered_bytes", 0)
+    opt.zero_grad(set_to_none=True)
+    return mem
+
+
+def _bench_rounds(args, setups, strategies, x, y):
+    """Interleaved timing: per strategy, a list of seconds per step (one per round) and of seconds blocked."""
     times = {s: [] for s in strategies}
     comm_wait = {s: [] for s in strategies}
     for r in range(args.rounds):
+        # rotate the order each round: no strategy always runs first (cold caches) or right after a heavy one
         order = strategies[r % len(strategies):] + strategies[:r % len(strategies)]
         for s in order:
             run = setups[s][1]
             w0 = getattr(run, "comm_wait_seconds", 0.0)
-            dist.barrier()
+            dist.barrier()                 # all ranks start together; the slowest rank's time is the step time
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                one_step(s)
+                _bench_step(setups[s], x, y)
             dist.barrier()
-            t = (time.perf_counter() - t0) / args.steps
-            times[s].append(t)
+            times[s].append((time.perf_counter() - t0) / args.steps)
             comm_wait[s].append((getattr(run, "comm_wait_seconds", 0.0) - w0) / args.steps)
-    median = lambda v: sorted(v)[len(v) // 2]
-    med = {s: median(v) for s, v in times.items()}
+    return times, comm_wait
+
+
+def _median(values):
+    # median over rounds: one slow round (another process woke up) moves it little, unlike a mean
+    return sorted(values)[len(values) // 2]
+
+
+def _bench_time_table(args, setups, strategies, times, comm_wait):
+    """Print (rank 0) and return the step-time rows: median ms, ratio to torch's DDP (medians and paired), the
+    exposed-communication share and the time blocked in our wrappers' waits."""
+    med = {s: _median(v) for s, v in times.items()}
     peer = "torch-ddp" if "torch-ddp" in times else None
     # paired ratio: each round's time over the peer's time in the SAME round, median over rounds. The machine's
     # speed may drift between rounds; within one round both ran under (nearly) the same conditions.
-    paired = {s: median([t / p for t, p in zip(times[s], times[peer])]) if peer else float("nan")
+    paired = {s: _median([t / p for t, p in zip(times[s], times[peer])]) if peer else float("nan")
               for s in strategies}
     local = med.get("local")
     rows = []
@@ -1628,7 +1786,7 @@ def bench(args):
     pct = lambda v: f"{v:.1%}" if math.isfinite(v) else "-"
     for s in strategies:
         share = (1 - local / med[s]) if local and s != "local" else float("nan")
-        wait = median(comm_wait[s]) / med[s]
+        wait = _median(comm_wait[s]) / med[s]
         ratio = med[s] / med[peer] if peer else float("nan")
         rows.append(dict(strategy=s, step_ms=1e3 * med[s], ratio_vs_torch_ddp=ratio, paired_ratio=paired[s],
                          exposed_comm_share=share, wait_share=wait, rounds_ms=[1e3 * t for t in times[s]]))
@@ -1640,7 +1798,12 @@ def bench(args):
     if "fsdp" in strategies and args.compute_dtype != "fp32":
         rank0_print(f"(fsdp computes in {args.compute_dtype}, 'local' in fp32: fsdp's exposed-comm share also holds "
                     f"the compute-speed difference; CPUs without native {args.compute_dtype} matmuls are much slower)")
-    # memory: the largest figure over ranks (ZeRO's shards need not be exactly equal)
+    return rows
+
+
+def _bench_memory_table(memory, strategies, rows, world):
+    """Print (rank 0) per-rank memory of every strategy, the largest figure over ranks (ZeRO's shards need not be
+    exactly equal); every rank's figures are gathered to rank 0."""
     all_mem = [None] * world
     dist.all_gather_object(all_mem, memory)
     mem = {s: {k: max(m[s][k] for m in all_mem) for k in memory[s]} for s in strategies}
@@ -1655,6 +1818,32 @@ def bench(args):
     if "zero1" in mem:
         rank0_print(f"ZeRO-1 optimizer state per rank / unsharded: {mem['zero1']['optimizer'] / base['optimizer']:.3f} "
                     f"(ideal 1/{world} = {1 / world:.3f})")
+
+
+def bench(args):
+    """`python ddp.py bench`: every strategy on the same model and per-rank batch, side by side, interleaved."""
+    rank, world, device = init_distributed(args.backend)
+    cfg = M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
+                        num_layers=args.num_layers, num_heads=args.num_heads)
+    strategies = args.strategies.split(",")
+    # random tokens: the step's cost does not depend on the text (no data pipeline in the timed loop)
+    g = torch.Generator().manual_seed(1234 + rank)                     # each rank its own shard of the batch
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_length), generator=g).to(device)
+    y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_length), generator=g).to(device)
+    setups = _bench_setups(args, cfg, strategies, device)
+    n_params = M.num_params(setups[strategies[0]][0])
+    rank0_print(f"bench: {world} ranks ({dist.get_backend()}, {device}, {torch.get_num_threads()} threads/rank), "
+                f"TransformerLM {n_params / 1e6:.2f}M params (d_model {cfg.d_model}, {cfg.num_layers} layers, "
+                f"vocab {cfg.vocab_size}), per-rank batch {args.batch_size} x {cfg.context_length} tokens; "
+                f"{args.rounds} rounds x {args.steps} steps per strategy, interleaved; {machine_label()}")
+    # two untimed steps per strategy: allocator warm-up, DDP's bucket order rebuild and FSDP's use-order
+    # recording all happen on the first step(s) and are not what a long run pays per step
+    memory = {s: _bench_step(setups[s], x, y, measure_memory=True) for s in strategies}
+    for s in strategies:
+        _bench_step(setups[s], x, y)
+    times, comm_wait = _bench_rounds(args, setups, strategies, x, y)
+    rows = _bench_time_table(args, setups, strategies, times, comm_wait)
+    _bench_memory_table(memory, strategies, rows, world)
     if args.out and rank == 0:
         atomic_write_json(args.out, dict(world=world, params=n_params, rows=rows, machine=machine_label(),
                                          load_average=os.getloadavg()))
@@ -1674,10 +1863,12 @@ class UsageError(ValueError):
 
 
 def _under_launcher():
+    """True when torchrun (or launch_local) started this process as one rank of a job."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _env_rank():
+    """This process's rank from the launcher's environment (0 when there is none), usable before init."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -1691,6 +1882,10 @@ def _one_line_errors(p):
 
 
 def build_train_parser():
+    """The training command's parser: train.py's options (presets, every TrainConfig field) + the distributed
+    ones; usage errors raise UsageError (one line)."""
+    # train.py's own parser (every TrainConfig field as a flag, presets), plus the distributed options: a
+    # distributed run takes exactly the options of a single-process one
     p = T.get_parser()
     p.prog = "ddp.py"
     p.description = ("Distributed training of a ScratchLM model: the same options as train.py, run on every rank "
@@ -1718,6 +1913,7 @@ def build_train_parser():
     d.add_argument("--nproc", type=int, default=None,
                    help="without torchrun: spawn this many local processes (default: the number of GPUs, or 2 "
                         "on CPU); ignored under torchrun, which sets the world size")
+    # (train.py may define its own --overwrite; then that one is used, with the same meaning)
     if not any(a.dest == "overwrite" for a in p._actions):
         d.add_argument("--overwrite", action="store_true",
                        help="replace an earlier run in the run folder (default: refuse; --resume continues it)")
@@ -1729,6 +1925,7 @@ def config_for_strategy(args):
     distributed run never lands in `python train.py`'s runs/<preset>), and FSDP trains with AdamW when the user did
     not choose the optimizer (every preset trains with Muon, which orthogonalizes whole weight matrices, but FSDP
     holds row shards of them); an explicit --optimizer muon still gets FSDP_MUON_ERROR."""
+    # (kept separate from check_train_args: tests and callers can build the config without the folder checks)
     if args.strategy == "fsdp" and args.optimizer is None:
         args.optimizer = "adamw"
         if _env_rank() == 0:
@@ -1746,6 +1943,7 @@ def check_train_args(args, world):
         cfg = config_for_strategy(args)
     except ValueError as e:   # train.py's own checks of its options
         raise UsageError(str(e)) from None
+    # each entry: (condition that must hold, the one-line message naming the option and its allowed range)
     checks = [
         (args.bucket_mb > 0, f"--bucket-mb must be > 0, got {args.bucket_mb}"),
         (args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}"),
@@ -1758,16 +1956,19 @@ def check_train_args(args, world):
          f"--compute-dtype {args.compute_dtype} applies to --strategy fsdp only"),
         (args.backend != "nccl" or torch.cuda.is_available(), "--backend nccl needs CUDA GPUs; use gloo on CPUs"),
     ]
+    # the global batch must split evenly: rank r takes sequences [r G/N, (r+1) G/N) of each global batch
     G = args.global_batch_size or cfg.batch_size * world
     checks.append((cfg.resume or G % world == 0,     # (on resume the checkpoint's global batch is checked later)
                    f"--global-batch-size {G} does not split over {world} ranks; give a multiple of {world}"))
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    # Never destroy an earlier run by accident: a folder that holds a checkpoint or a metrics log is continued
+    # (--resume), replaced (--overwrite) or left alone. A torchrun restart resumes its own run by design.
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} is a file, not a folder")
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0   # > 0: torchrun restarted this job
     earlier = [f for f in ("ckpt.pt", "metrics.jsonl") if (out / f).exists()]
     if earlier and not (cfg.resume or restarted or getattr(args, "overwrite", False)):
         raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
@@ -1777,6 +1978,7 @@ def check_train_args(args, world):
 
 def _report_error(e, rank):
     """One line per failure: rank 0 reports errors every rank shares; other ranks only their own."""
+    # (an error only one rank hit -- its own disk, its own memory -- must still be seen: that rank prints it)
     if rank == 0:
         print(f"ddp.py: error: {e}", file=sys.stderr, flush=True)
     elif not isinstance(e, RanksFailedTogether):
@@ -1786,6 +1988,8 @@ def _report_error(e, rank):
 def _train_entry(argv, t_start=None):
     """One rank of the training command (under torchrun, spawned by launch_local, or alone). Returns the exit
     status."""
+    # parsed and checked again in every rank process (cheap, and the same answer everywhere): a spawned or
+    # torchrun-started rank gets only the argv, not the parent's objects
     args = build_train_parser().parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = check_train_args(args, world)
@@ -1795,7 +1999,9 @@ def _train_entry(argv, t_start=None):
         # otherwise resume the OLD run (metrics.jsonl is restarted by train.train itself)
         with contextlib.suppress(FileNotFoundError):
             os.remove(Path(cfg.out_dir) / "ckpt.pt")
-    die = os.environ.get(DIE_AT_STEP_ENV)
+    die = os.environ.get(DIE_AT_STEP_ENV)       # the restart test's fault injection (unset in normal use)
+    # Errors a user can act on (bad data, an incompatible checkpoint, a diverged run, a full disk) become one
+    # line; anything else is a bug in the project and keeps its traceback.
     try:
         train_distributed(cfg, strategy=args.strategy, bucket_mb=args.bucket_mb,
                           compute_dtype=_DTYPES[args.compute_dtype], global_batch_size=args.global_batch_size,
@@ -1805,16 +2011,23 @@ def _train_entry(argv, t_start=None):
         _report_error(e, dist.get_rank() if dist.is_initialized() else _env_rank())
         return 1
     except dist.DistError as e:                                 # another rank died or stopped answering
+        # gloo names the peer that closed the connection; torchrun's summary names the dead rank and its signal
         print(f"ddp.py: rank {_env_rank()}: communication with the other ranks failed: "
               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 1
     finally:
-        cleanup_distributed()
+        cleanup_distributed()                   # on success and on error: leave the group, free the port
     return 0
 
 
 def _spawned_train_entry(argv, t_start):
-    code = _train_entry(argv, t_start)
+    """One rank spawned by `python ddp.py` (launch_local): the training command, its status as exit code."""
+    try:
+        code = _train_entry(argv, t_start)
+    except UsageError as e:     # (the parent checked the command line already; a folder may have changed since)
+        if _env_rank() == 0:
+            print(f"ddp.py: error: {e}", file=sys.stderr)
+        code = 2
     if code:
         sys.exit(code)   # a non-zero exit tells launch_local (mp.spawn) that this rank failed
 
@@ -1822,28 +2035,38 @@ def _spawned_train_entry(argv, t_start):
 def train_main(argv, t_start):
     """`ddp.py [preset] [options]`: under torchrun, this process is one rank; without it, spawn the ranks."""
     args = build_train_parser().parse_args(argv)
-    if _under_launcher():
+    if _under_launcher():                   # torchrun started this process: it is one rank of the job
         return _train_entry(argv, t_start)
+    # Without torchrun: one process per GPU, or 2 CPU processes, so that the plain command is a real distributed
+    # run; --nproc 1 trains in this process.
     nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     check_train_args(args, nproc)   # every usage error now, before any process is spawned
     if nproc == 1:
         return _train_entry(argv, t_start)
+    # one line, so a user who meant to use torchrun sees what happened and how to change it
     print(f"ddp.py: not started by torchrun; spawning {nproc} local processes (--nproc N to change; the usual "
           f"launcher is `torchrun --nproc_per_node={nproc} ddp.py ...`)", flush=True)
-    try:
+    try:   # t_start travels to the ranks: the time budget counts from this command's start, spawning included
         launch_local(_spawned_train_entry, nproc, argv, t_start)
     except mp.ProcessExitedException as e:   # the failing rank has printed its error line
         return e.exit_code if e.exit_code and e.exit_code > 0 else 1
     return 0
 
 
-def _add_launch_args(p):
+def _tool_parser(command, description):
+    """The parser of `ddp.py <command>` (bench, bench-comm, tour), with the launch options they share: --nproc
+    and --backend. Usage errors raise UsageError (one line)."""
+    p = argparse.ArgumentParser(prog=f"ddp.py {command}", description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nproc", type=int, default=2,
                    help="processes to spawn locally when not started by torchrun (ignored under torchrun)")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl with CUDA, else gloo")
+    return _one_line_errors(p)
 
 
 def _run_maybe_spawned(fn, args):
+    """Run fn(args) on every rank: here under torchrun, else in --nproc spawned processes."""
+    # the tools (bench, bench-comm, tour) run the same way: as ranks of a torchrun job, or spawning their own
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     if args.backend == "nccl" and not torch.cuda.is_available():
@@ -1856,11 +2079,9 @@ def _run_maybe_spawned(fn, args):
 
 
 def bench_comm_main(argv):
-    p = _one_line_errors(argparse.ArgumentParser(
-        prog="ddp.py bench-comm", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Time collectives on fp32 tensors from --min-mb to --max-mb (doubling) for this world size and "
-                    "backend; prints algorithm and bus bandwidth."))
-    _add_launch_args(p)
+    """`ddp.py bench-comm`: collective bandwidth (algbw, busbw) over tensor sizes."""
+    p = _tool_parser("bench-comm", "Time collectives on fp32 tensors from --min-mb to --max-mb (doubling) for this "
+                                   "world size and backend; prints algorithm and bus bandwidth.")
     p.add_argument("--min-mb", type=float, default=1.0, help="smallest tensor, MB")
     p.add_argument("--max-mb", type=float, default=1024.0, help="largest tensor, MB")
     p.add_argument("--ops", default="all_reduce", help="comma list of all_reduce,all_gather,reduce_scatter")
@@ -1879,11 +2100,10 @@ def bench_comm_main(argv):
 
 
 def bench_main(argv):
-    p = _one_line_errors(argparse.ArgumentParser(
-        prog="ddp.py bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Time per training step and communication share of every strategy, torch's "
-                    "DistributedDataParallel side by side, plus per-rank memory of params/grads/optimizer state."))
-    _add_launch_args(p)
+    """`ddp.py bench`: step time, exposed communication and memory of every strategy vs torch's DDP."""
+    p = _tool_parser("bench", "Time per training step and communication share of every strategy, torch's "
+                              "DistributedDataParallel side by side, plus per-rank memory of params/grads/optimizer "
+                              "state.")
     p.add_argument("--strategies", default="local,naive,ddp,bucketed,torch-ddp,zero1,fsdp",
                    help="comma list; 'local' = the same step without any communication (baseline)")
     p.add_argument("--vocab-size", type=int, default=4096, help="model vocabulary")
@@ -1915,10 +2135,9 @@ def _tour_entry(args=None):
 
 
 def tour_main(argv):
-    p = _one_line_errors(argparse.ArgumentParser(
-        prog="ddp.py tour", description="Show all-reduce, ring all-reduce, all-gather, reduce-scatter and "
-                                        "broadcast on tiny tensors."))
-    _add_launch_args(p)
+    """`ddp.py tour`: the four collectives and the ring all-reduce on tiny tensors, printed per rank."""
+    p = _tool_parser("tour", "Show all-reduce, ring all-reduce, all-gather, reduce-scatter and broadcast on tiny "
+                             "tensors.")
     return _run_maybe_spawned(_tour_entry, p.parse_args(argv))
 
 
@@ -1926,11 +2145,13 @@ COMMANDS = {"bench": bench_main, "bench-comm": bench_comm_main, "tour": tour_mai
 
 
 def main(argv=None):
+    """The command line: `ddp.py [bench | bench-comm | tour] ...`, else the training command. Returns the exit
+    status (2: usage error)."""
     t_start = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = _under_launcher() and _env_rank() != 0      # under torchrun, only rank 0 speaks for the command line
     if quiet and any(a in ("-h", "--help") for a in argv):
-        return 0
+        return 0                                        # one help text, not one per rank
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])

@@ -87,6 +87,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from tokenizer import machine_label
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton setup. TRITON_INTERPRET must be in the environment BEFORE the @triton.jit decorators below run (triton
 # 3.x reads the knob at decoration time). Setting it here, at import of kernels.py, works even if torch (or an
@@ -115,7 +117,7 @@ def _interpreter_adopt_triton_stdlib() -> int:
     triton.language.standard) were built as GPU-only JITFunctions, and calling them from an interpreted kernel
     fails ("Cannot call @triton.jit'd outside of the scope of a kernel"). Re-wrap them exactly as triton does
     when the variable is set before import (as InterpretedFunction). Returns how many were re-wrapped."""
-    if not (HAVE_TRITON and INTERPRET):
+    if not (HAVE_TRITON and INTERPRET):       # on a GPU (or without triton) there is nothing to adopt
         return 0
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -137,7 +139,8 @@ _interpreter_adopt_triton_stdlib()
 import model as M  # noqa: E402  (pipeline order: tokenizer -> model -> train -> kernels)
 
 
-
+# the dtypes both kernels take: fp32, and the two 16-bit formats of mixed-precision training (bf16: fp32's range
+# with 8 mantissa bits; fp16: 10 mantissa bits, a small range)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ===============================================================================================================
@@ -153,10 +156,16 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #
 # (from dr/dx_k = -r^3 x_k / d: the second term is the gradient flowing through the normalizer.)
 # Only rstd (one float per row, d times smaller than x) is saved for backward.
+#
+# Back of the envelope, 2048 rows x 4096 bf16 (16 MiB per tensor) on an H100 (3.35 TB/s): the fused forward moves
+# x in and y out, 33.6 MB, so ~10 us is the floor. Eager PyTorch runs ~5 kernels that each read and write a
+# (rows, d) tensor (square, mean, rsqrt-multiply, gain-multiply, cast), some in fp32: several times the bytes and
+# several times the time. The arithmetic (~4 FLOPs per element) never matters: this kernel is all memory.
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     """Compute in at least fp32 (bf16/fp16 -> fp32; fp64 stays fp64 so float64 references and gradcheck work)."""
+    # a bf16 sum of squares over 4096 elements would keep ~3 significant digits; in fp32 the mean is accurate
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -176,6 +185,7 @@ class RMSNormPyTorch(torch.autograd.Function):
     def forward(ctx, x, weight, eps=1e-5):
         x32 = _upcast(x)
         rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
+        # keep x (not x_hat): backward recomputes x_hat = x * rstd, one multiply instead of a second (..., d) tensor
         ctx.save_for_backward(x, weight, rstd)
         return (x32 * rstd * _upcast(weight)).to(x.dtype)
 
@@ -183,28 +193,35 @@ class RMSNormPyTorch(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         x_hat = _upcast(x) * rstd                                  # (..., d)
-        g_dy = _upcast(dy) * _upcast(weight)                       # (..., d)
+        g_dy = _upcast(dy) * _upcast(weight)                       # (..., d): the gradient w.r.t. x_hat
+        # dx = r (g dy - x_hat mean(g dy x_hat)): the second term is the normalizer's share (see the math above)
         dx = rstd * (g_dy - x_hat * (g_dy * x_hat).mean(dim=-1, keepdim=True))
+        # the gain is shared by every row: its gradient sums over all leading dimensions -> (d,)
         dweight = (_upcast(dy) * x_hat).reshape(-1, x.shape[-1]).sum(0)
         return dx.to(x.dtype), dweight.to(weight.dtype), None
 
 
-RMSNORM_MAX_HIDDEN = 65536  # one row must fit in one program's registers (single-pass = one read of x)
+# One row must fit in one program's registers (single pass = one read of x). 65536 fp32 values over 16 warps
+# (512 threads) is 128 registers' worth per thread -- the limit before spilling makes a two-pass kernel better.
+RMSNORM_MAX_HIDDEN = 65536
 
 if HAVE_TRITON:
 
     @triton.jit
     def _rmsnorm_fwd_kernel(X, W, Y, RSTD, stride_x_row, stride_y_row, n_cols, eps, BLOCK_N: tl.constexpr):
+        # X, Y: (rows, n_cols) with row strides; W: (n_cols,); RSTD: (rows,) fp32, written for backward
         # One program = one row. The whole row lives in registers: x is read once, y written once.
         row = tl.program_id(0).to(tl.int64)                        # int64: rows * stride may exceed 2^31
         cols = tl.arange(0, BLOCK_N)
         mask = cols < n_cols                                       # BLOCK_N is n_cols rounded up to a power of 2
+        # the row (BLOCK_N,) from HBM, computed in fp32 whatever the storage dtype (bf16 squares would lose the
+        # small components); masked lanes read 0
         x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_N,) the gain, shared by all rows
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)  # padded zeros do not change the sum
         y = x * rstd * w
-        tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(RSTD + row, rstd)
+        tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)  # rounded once, on store
+        tl.store(RSTD + row, rstd)                                 # 4 bytes per row, for backward
 
     @triton.jit
     def _rmsnorm_bwd_kernel(X, W, DY, DX, RSTD, DW_PARTIAL, stride_x_row, stride_dy_row, stride_dx_row,
@@ -216,24 +233,25 @@ if HAVE_TRITON:
         n_programs = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_N)
         mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)   # loaded once per program, not per row
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)             # this program's share of sum_rows dy * x_hat
         pid64 = pid.to(tl.int64)                                   # int64 row offsets (rows * stride > 2^31)
         for i in range(0, tl.cdiv(n_rows - pid, n_programs)):
             row64 = pid64 + i * n_programs
             x = tl.load(X + row64 * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row64 * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row64)
+            rstd = tl.load(RSTD + row64)                           # saved by forward: no second pass over x
             x_hat = x * rstd
             g_dy = dy * w
-            mean_gdy_xhat = tl.sum(g_dy * x_hat, axis=0) / n_cols
-            dx = rstd * (g_dy - x_hat * mean_gdy_xhat)
+            mean_gdy_xhat = tl.sum(g_dy * x_hat, axis=0) / n_cols  # the one reduction over the row
+            dx = rstd * (g_dy - x_hat * mean_gdy_xhat)              # the same formula as RMSNormPyTorch
             tl.store(DX + row64 * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=mask)
             dw_acc += dy * x_hat
         tl.store(DW_PARTIAL + pid64 * n_cols + cols, dw_acc, mask=mask)
 
 
 def _rmsnorm_launch_params(n_cols: int):
+    """(BLOCK_N, num_warps) for rows of n_cols: tl.arange needs a power-of-two length, masks cover the rest."""
     block_n = triton.next_power_of_2(n_cols)
     # Enough warps that each thread holds <= ~8-16 elements of the row (as in Triton's layer-norm tutorial).
     num_warps = min(max(block_n // 256, 1), 16)
@@ -241,10 +259,12 @@ def _rmsnorm_launch_params(n_cols: int):
 
 
 def _rmsnorm_num_programs(n_rows: int, device: torch.device) -> int:
+    """How many programs the backward launches (each loops over rows n_programs apart)."""
     # Each program writes one fp32 row of partial dgain sums, which the host reduction reads back: extra traffic
     # of 2 * programs * d * 4 bytes. Two programs per SM keep every SM busy while keeping that small next to the
     # 3 * rows * d * bytes of x, dy, dx (e.g. H100, 2048 x 4096 bf16: 8.7 MB vs 50 MB).
     if device.type == "cuda":
+        # (one SM runs a few programs at once; more programs than 2 x SMs would only add partial rows to reduce)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(n_rows, 2 * sms))
     return max(1, min(n_rows, 4))  # interpreter: few programs, each loops over rows
@@ -257,6 +277,7 @@ class RMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps=1e-5):
         _check_rmsnorm_inputs(x, weight)
+        # the kernel sees a 2-D (rows, d) matrix: every leading dimension (batch, time, ...) is just more rows
         n_cols = x.shape[-1]
         x2 = x.reshape(-1, n_cols)                                 # (rows, d); a view when x is contiguous
         if x2.stride(-1) != 1:
@@ -266,9 +287,10 @@ class RMSNormTriton(torch.autograd.Function):
         y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_n, num_warps = _rmsnorm_launch_params(n_cols)
-        if n_rows > 0:
+        if n_rows > 0:                                             # grid: one program per row
             _rmsnorm_fwd_kernel[(n_rows,)](x2, w, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
                                            BLOCK_N=block_n, num_warps=num_warps)
+        # saved for backward: x (needed for x_hat), the gain, and one float per row -- not y, not x_hat
         ctx.save_for_backward(x2, w, rstd)
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
@@ -276,13 +298,15 @@ class RMSNormTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        # one fused pass: each program reads x, dy (and rstd) once per row and writes dx once
         x2, w, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
         dy2 = dy.reshape(-1, n_cols)
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
-        dx = torch.empty_like(x2)
+        dx = torch.empty_like(x2)                                  # (rows, d) in the input dtype
         n_programs = _rmsnorm_num_programs(n_rows, x2.device)
+        # (P, d) fp32: row p = program p's partial gain gradient (zeros: a program may get no rows)
         dw_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x2.device)
         block_n, num_warps = _rmsnorm_launch_params(n_cols)
         if n_rows > 0:
@@ -293,6 +317,7 @@ class RMSNormTriton(torch.autograd.Function):
 
 
 def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Fused RMSNorm with autograd: (..., d) -> (..., d) in x.dtype (same math as rmsnorm_torch)."""
     return RMSNormTriton.apply(x, weight, eps)
 
 
@@ -305,22 +330,33 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> 
 #   P = softmax(S) row-wise (causal: S_ij = -inf for j > i)
 #   O = P V                             (batch, Nq, d)
 #   L = logsumexp(S) row-wise           (batch, Nq)   -- what FlashAttention saves instead of P
+#
+# Back of the envelope, one head at T = 16384, d = 64: QK^T and PV are 2 * 2 T^2 d = 69 GFLOPs (half with the causal
+# mask), a few tens of microseconds of tensor-core time. Naive attention also writes and reads S and P: 2 x 1 GiB
+# in fp32, ~0.6 ms of HBM traffic per pass, and backward reads them again. FA2 reads Q, K, V and writes O: 8 MiB.
 
 
 def attention_reference(Q, K, V, is_causal: bool = False):
     """Naive attention: materializes S and P (O(N^2) memory). The 'naive' peer in the benchmark and, in float64,
     the reference in the tests. Returns (O, L)."""
+    # the 1/sqrt(d) keeps the scores' variance ~1 for unit-variance q, k: softmax does not saturate
     scale = 1.0 / math.sqrt(Q.shape[-1])
-    S = torch.einsum("bqd,bkd->bqk", Q, K) * scale               # (B, Nq, Nk)
+    S = torch.einsum("bqd,bkd->bqk", Q, K) * scale               # (B, Nq, Nk): the O(N^2) tensor FA2 never stores
     if is_causal:
         n_q, n_k = Q.shape[-2], K.shape[-2]
         keep = torch.ones(n_q, n_k, dtype=torch.bool, device=Q.device).tril()
         S = S.masked_fill(~keep, float("-inf"))
     L = torch.logsumexp(S, dim=-1)                                 # (B, Nq)
-    P = torch.exp(S - L.unsqueeze(-1))
+    P = torch.exp(S - L.unsqueeze(-1))                             # softmax(S) = exp(S - logsumexp(S))
     return torch.einsum("bqk,bkd->bqd", P, V), L
 
 
+# The online softmax (Milakov & Gimelshein). softmax(s)_j = exp(s_j - m) / l with m = max_j s_j and
+# l = sum_j exp(s_j - m). Seen in tiles, keep a running max m and running sum l: when a tile raises the max from
+# m to m', every exp computed so far was relative to the old max and is rescaled by alpha = exp(m - m'):
+#     m' = max(m, rowmax(S_j)),  l' = alpha l + rowsum(exp(S_j - m')),  acc' = alpha acc + exp(S_j - m') V_j
+# After the last tile, O = acc / l exactly (not an approximation) and L = m + log(l) = logsumexp of the row.
+# Subtracting the running max keeps every exponent <= 0: no overflow in fp32 whatever the scores.
 
 class FlashAttention2PyTorch(torch.autograd.Function):
     """FlashAttention-2 in plain PyTorch: the algorithm, readable. apply(Q, K, V, is_causal, q_tile, k_tile) on
@@ -329,12 +365,14 @@ class FlashAttention2PyTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Q, K, V, is_causal=False, q_tile=64, k_tile=64):
         _check_attention_inputs("FlashAttention2PyTorch", Q, K, V, is_causal)
-        if q_tile < 1 or k_tile < 1:
+        if q_tile < 1 or k_tile < 1:   # (any tile size works here, ragged ones included: the tests use 3 x 2)
             raise ValueError(f"FlashAttention2PyTorch: tile sizes must be >= 1, got {q_tile}, {k_tile}")
         B, n_q, d = Q.shape
         n_k = K.shape[1]
         scale = 1.0 / math.sqrt(d)
         acc_dtype = torch.float64 if Q.dtype == torch.float64 else torch.float32  # on-chip accumulators: fp32
+        # The outer loop over query tiles is what a GPU runs in parallel (one program per tile); the inner loop
+        # over key tiles is what one program does in sequence, with m, l, acc in registers.
         O = torch.empty_like(Q)
         L = torch.empty(B, n_q, dtype=acc_dtype, device=Q.device)  # fp32 (fp64 for fp64 inputs: gradcheck)
         for q0 in range(0, n_q, q_tile):
@@ -346,6 +384,7 @@ class FlashAttention2PyTorch(torch.autograd.Function):
             k_end = min(n_k, q1) if is_causal else n_k             # causal: tiles right of the diagonal skipped
             for k0 in range(0, k_end, k_tile):
                 k1 = min(k0 + k_tile, n_k)
+                # on a GPU: K_j, V_j loaded from HBM into on-chip memory, once per query tile
                 Kj, Vj = K[:, k0:k1].to(acc_dtype), V[:, k0:k1].to(acc_dtype)
                 S = Qi @ Kj.transpose(1, 2) * scale                # (B, bq, bk)
                 if is_causal and k1 - 1 > q0:                      # only tiles touching the diagonal need a mask
@@ -357,10 +396,11 @@ class FlashAttention2PyTorch(torch.autograd.Function):
                 P = torch.exp(S - m_new.unsqueeze(-1))             # (B, bq, bk)
                 alpha = torch.exp(m - m_new)                       # 0 on the first tile (m = -inf)
                 l = alpha * l + P.sum(dim=-1)
+                # P rounded to the input dtype before P V, as the tensor-core kernel does (bf16 in, fp32 accumulate)
                 acc = alpha.unsqueeze(-1) * acc + P.to(V.dtype).to(acc_dtype) @ Vj
                 m = m_new
-            O[:, q0:q1] = (acc / l.unsqueeze(-1)).to(Q.dtype)
-            L[:, q0:q1] = m + torch.log(l)
+            O[:, q0:q1] = (acc / l.unsqueeze(-1)).to(Q.dtype)   # normalize once, at the end
+            L[:, q0:q1] = m + torch.log(l)                       # (B, bq): all backward needs to rebuild P
         ctx.save_for_backward(Q, K, V, O, L)
         ctx.is_causal, ctx.q_tile, ctx.k_tile = is_causal, q_tile, k_tile
         return O
@@ -369,12 +409,14 @@ class FlashAttention2PyTorch(torch.autograd.Function):
     def backward(ctx, dO):
         Q, K, V, O, L = ctx.saved_tensors
         dQ, dK, dV = _flash_backward_pytorch(Q, K, V, O, L, dO, ctx.is_causal, ctx.q_tile, ctx.k_tile)
-        return dQ, dK, dV, None, None, None
+        return dQ, dK, dV, None, None, None        # no gradients for is_causal and the tile sizes
 
 
 def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
     """FA2 backward, tiled: D = rowsum(O * dO); for each (query tile, key tile): P = exp(S - L), dV += P^T dO,
     dP = dO V^T, dS = P * (dP - D), dQ += dS K / sqrt(d), dK += dS^T Q / sqrt(d)."""
+    # Softmax backward: with P = softmax(S) per row, dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik). The row sum is
+    # sum_k P_ik (dO_i . V_k) = dO_i . O_i, so D = rowsum(O * dO) gives it from two (N, d) tensors, no (N, N) one.
     B, n_q, d = Q.shape
     n_k = K.shape[1]
     scale = 1.0 / math.sqrt(d)
@@ -383,6 +425,8 @@ def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
     dQ = torch.zeros(B, n_q, d, dtype=acc_dtype, device=Q.device)
     dK = torch.zeros(B, n_k, d, dtype=acc_dtype, device=Q.device)
     dV = torch.zeros(B, n_k, d, dtype=acc_dtype, device=Q.device)
+    # one loop nest for readability; the Triton version splits it into a dK/dV kernel (parallel over key tiles)
+    # and a dQ kernel (parallel over query tiles), each accumulating its own output in registers
     for q0 in range(0, n_q, q_tile):
         q1 = min(q0 + q_tile, n_q)
         Qi, dOi = Q[:, q0:q1].to(acc_dtype), dO[:, q0:q1].to(acc_dtype)
@@ -397,11 +441,11 @@ def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
                 qi = torch.arange(q0, q1, device=Q.device)[:, None]
                 kj = torch.arange(k0, k1, device=Q.device)[None, :]
                 P = P.masked_fill(kj > qi, 0.0)
-            dV[:, k0:k1] += P.transpose(1, 2) @ dOi
-            dP = dOi @ Vj.transpose(1, 2)                          # (B, bq, bk)
-            dS = P * (dP - Di)
-            dQ[:, q0:q1] += dS @ Kj * scale
-            dK[:, k0:k1] += dS.transpose(1, 2) @ Qi * scale
+            dV[:, k0:k1] += P.transpose(1, 2) @ dOi               # O = P V      -> dV = P^T dO   (bk, d)
+            dP = dOi @ Vj.transpose(1, 2)                          # (B, bq, bk)   -> dP = dO V^T
+            dS = P * (dP - Di)                                     # softmax backward (see above)
+            dQ[:, q0:q1] += dS @ Kj * scale                        # S = Q K^T/sqrt(d) -> dQ = dS K / sqrt(d)
+            dK[:, k0:k1] += dS.transpose(1, 2) @ Qi * scale        #                   -> dK = dS^T Q / sqrt(d)
     return dQ.to(Q.dtype), dK.to(K.dtype), dV.to(V.dtype)
 
 
@@ -424,16 +468,22 @@ def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
 # larger tiles. A tiny preprocess kernel computes D = rowsum(O * dO) first.
 # ---------------------------------------------------------------------------------------------------------------
 
+# head dims the Triton kernel takes: tl.dot needs >= 16; above 128 a Q tile and the fp32 accumulator no longer
+# fit in registers at useful tile sizes (FA2 itself supports up to 256 with smaller tiles)
 ATTN_MIN_HEAD_DIM, ATTN_MAX_HEAD_DIM = 16, 128
 # exp(x) = 2^(x * log2(e)): the kernels keep scores in base-2 units so each exponential is one exp2 instruction
 LOG2_E = 1.4426950408889634
 # Tile sizes used under the interpreter (no autotuning there). Small enough that the tests' short sequences
-# span several tiles (ragged last tile, diagonal tiles, fully visible tiles); large enough to keep numpy busy.
+# span several tiles (ragged last tile, diagonal tiles, fully visible tiles); large enough that the interpreter's
+# per-tile overhead (Python for every tl.* call) stays a small part of the run time.
 INTERPRET_TILES = (32, 16)
 
 if HAVE_TRITON:
     _LOG2_E = tl.constexpr(LOG2_E)  # a @triton.jit function may only read module globals that are constexpr
 
+    # Kernel argument conventions: capitalized arguments are pointers to tensors (Q, K, V, O, L, ...); stride_xb /
+    # stride_xt are a tensor's strides over batch and sequence (the head dim is contiguous, stride 1); constexpr
+    # arguments are compile-time constants: each combination is a separate compiled kernel.
     @triton.jit
     def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         # acc + a @ b with fp32 accumulation. UPCAST is set only under the interpreter, which multiplies bf16
@@ -456,6 +506,7 @@ if HAVE_TRITON:
                 kv_mask = (offs_k[:, None] < n_keys) & (offs_d[None, :] < D)
             else:
                 kv_mask = offs_d[None, :] < D                                      # all keys in range
+            # K_j, V_j (BK, D_PAD) from HBM: the only reads in the loop; each is used by all BQ queries at once
             k = tl.load(k_base + offs_k[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
             s = _mma(q, tl.trans(k), tl.zeros([BLOCK_Q, BLOCK_K], tl.float32), UPCAST, PRECISION)
@@ -465,8 +516,9 @@ if HAVE_TRITON:
                 if IS_CAUSAL:
                     visible = visible & (offs_k[None, :] <= offs_q[:, None])
                 s = tl.where(visible, s, float("-inf"))
-            # Online softmax update. Every query row sees key 0 in the first tile it processes, so m_new is
-            # finite from then on and exp2(-inf - m_new) = 0 cleanly handles masked entries.
+            # Online softmax update (the same four lines as FlashAttention2PyTorch, in base 2). Every query row
+            # sees key 0 in the first tile it processes, so m_new is finite from then on and
+            # exp2(-inf - m_new) = 0 cleanly handles masked entries.
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)                                           # rescales old l, acc
@@ -480,12 +532,14 @@ if HAVE_TRITON:
                          stride_qb, stride_qt, stride_kb, stride_kt, stride_vb, stride_vt, stride_ob, stride_ot,
                          D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                          IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # grid = (query tiles, batch*heads): this program owns queries [q_start, q_start + BLOCK_Q) of row b
         q_start = tl.program_id(0) * BLOCK_Q
-        b = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)                          # int64: b * stride may exceed 2^31
         offs_q = q_start + tl.arange(0, BLOCK_Q)
         offs_d = tl.arange(0, D_PAD)                               # head dim padded to a power of two, masked
         offs_k0 = tl.arange(0, BLOCK_K)
         q_mask = (offs_q[:, None] < n_queries) & (offs_d[None, :] < D)
+        # Q_i (BQ, D_PAD): read from HBM once, kept in registers for the whole loop over keys
         q = tl.load(Q + b * stride_qb + offs_q[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
         m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running max (log2 units)
         l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)                # running sum of exp2(s - m)
@@ -493,6 +547,8 @@ if HAVE_TRITON:
         k_base = K + b * stride_kb
         v_base = V + b * stride_vb
         # Key tiles [0, k_free) are fully visible to every query of this tile and fully inside K: no masks.
+        # Two calls of the same loop with MASKED a compile-time constant: the compiler emits a mask-free loop for
+        # the (many) interior tiles and a masked one for the (few) diagonal and ragged-end tiles.
         if IS_CAUSAL:
             k_hi = tl.minimum(n_keys, q_start + BLOCK_Q)           # skip tiles above the diagonal
             k_free = tl.minimum(q_start // BLOCK_K, n_keys // BLOCK_K) * BLOCK_K
@@ -505,7 +561,7 @@ if HAVE_TRITON:
         acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_q, offs_d,
                                         offs_k0, k_free, k_hi, n_keys, qk_scale, D, D_PAD, BLOCK_Q, BLOCK_K, True,
                                         IS_CAUSAL, UPCAST, PRECISION)
-        o = acc / l_i[:, None]
+        o = acc / l_i[:, None]                                     # (BQ, D_PAD): softmax(S_i) V, normalized once
         tl.store(O + b * stride_ob + offs_q[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty),
                  mask=q_mask)
         # L in natural-log units: L = ln(sum exp(S)) = (m + log2 l) * ln 2
@@ -522,6 +578,7 @@ if HAVE_TRITON:
         mask = (offs_q[:, None] < n_queries) & (offs_d[None, :] < D)
         o = tl.load(O + b * stride_ob + offs_q[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
         do = tl.load(DO + b * stride_dob + offs_q[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+        # one float per query, computed once here instead of once per key tile in both backward kernels
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
         tl.store(DELTA + b * n_queries + offs_q, delta, mask=offs_q < n_queries)
 
@@ -539,13 +596,17 @@ if HAVE_TRITON:
         offs_d = tl.arange(0, D_PAD)
         offs_q0 = tl.arange(0, BLOCK_Q)
         kv_mask = (offs_k[:, None] < n_keys) & (offs_d[None, :] < D)
+        # this program's K_j, V_j (BK, D_PAD) stay in registers; Q_i, dO_i stream past them
         k = tl.load(K + b * stride_kb + offs_k[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + b * stride_vb + offs_k[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        dk = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)
+        dk = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)         # sum over query tiles of dS^T Q, fp32
+        dv = tl.zeros([BLOCK_K, D_PAD], dtype=tl.float32)         # sum over query tiles of P^T dO, fp32
         # Causal: query tiles entirely above this key tile (all i < k_start) never see it -> start below them.
+        # (a query tile that straddles k_start still sees part of this key tile: start at the tile holding it)
         q_lo = (k_start // BLOCK_Q) * BLOCK_Q if IS_CAUSAL else 0
         for q_start in range(q_lo, n_queries, BLOCK_Q):
+            # per query tile: Q_i, dO_i (BQ, D_PAD) and the two per-query floats L_i, D_i -- everything needed to
+            # rebuild this tile's P and dS without anything of size (N, N) in memory
             offs_q = q_start + offs_q0
             q_valid = offs_q < n_queries
             q_mask = q_valid[:, None] & (offs_d[None, :] < D)
@@ -554,6 +615,8 @@ if HAVE_TRITON:
                          other=0.0)
             l_q = tl.load(L + b * n_queries + offs_q, mask=q_valid, other=0.0) * _LOG2_E    # log2 units
             delta = tl.load(DELTA + b * n_queries + offs_q, mask=q_valid, other=0.0)
+            # S^T (BK, BQ) in log2 units; P^T = 2^(S^T - L log2 e) is exactly softmax, because L is the row's
+            # log-sum-exp: no running max is needed in backward
             s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_K, BLOCK_Q], tl.float32), UPCAST, PRECISION) * qk_scale
             visible = (offs_k[:, None] < n_keys) & q_valid[None, :]
             if IS_CAUSAL:
@@ -563,7 +626,7 @@ if HAVE_TRITON:
             dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_K, BLOCK_Q], tl.float32), UPCAST, PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])                                       # dS^T
             dk = _mma(ds_t.to(q.dtype), q, dk, UPCAST, PRECISION)                      # dK += dS^T Q
-        dk = dk * sm_scale
+        dk = dk * sm_scale                  # the 1/sqrt(d) of S = Q K^T / sqrt(d), applied once at the end
         tl.store(DK + b * stride_dkb + offs_k[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
                  mask=kv_mask)
         tl.store(DV + b * stride_dvb + offs_k[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -587,8 +650,8 @@ if HAVE_TRITON:
         do = tl.load(DO + b * stride_dob + offs_q[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
         l_q = tl.load(L + b * n_queries + offs_q, mask=q_valid, other=0.0) * _LOG2_E  # log2 units
         delta = tl.load(DELTA + b * n_queries + offs_q, mask=q_valid, other=0.0)
-        dq = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)
-        k_hi = tl.minimum(n_keys, q_start + BLOCK_Q) if IS_CAUSAL else n_keys
+        dq = tl.zeros([BLOCK_Q, D_PAD], dtype=tl.float32)         # sum over key tiles of dS K, fp32
+        k_hi = tl.minimum(n_keys, q_start + BLOCK_Q) if IS_CAUSAL else n_keys   # causal: up to the diagonal
         for k_start in range(0, k_hi, BLOCK_K):
             offs_k = k_start + offs_k0
             kv_mask = (offs_k[:, None] < n_keys) & (offs_d[None, :] < D)
@@ -598,10 +661,10 @@ if HAVE_TRITON:
             visible = q_valid[:, None] & (offs_k[None, :] < n_keys)
             if IS_CAUSAL:
                 visible = visible & (offs_k[None, :] <= offs_q[:, None])
-            p = tl.where(visible, tl.exp2(s - l_q[:, None]), 0.0)
-            dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_Q, BLOCK_K], tl.float32), UPCAST, PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq = _mma(ds.to(k.dtype), k, dq, UPCAST, PRECISION)
+            p = tl.where(visible, tl.exp2(s - l_q[:, None]), 0.0)                  # P, recomputed from L
+            dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_Q, BLOCK_K], tl.float32), UPCAST, PRECISION)  # dO V^T
+            ds = p * (dp - delta[:, None])                                        # softmax backward
+            dq = _mma(ds.to(k.dtype), k, dq, UPCAST, PRECISION)                   # dQ += dS K
         dq = dq * sm_scale
         tl.store(DQ + b * stride_dqb + offs_q[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=q_mask)
@@ -613,17 +676,22 @@ if HAVE_TRITON:
     # dK/dV kernel keeps a tall key tile (its accumulators) and streams short query tiles, the dQ kernel the
     # opposite.
     def _fwd_configs():
+        # (BLOCK_Q, BLOCK_K, warps, pipeline stages): 128-query tiles amortize each K/V load over more queries
         cfgs = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
         return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
 
     def _bwd_dkdv_configs():
+        # tall key tiles (their dK, dV accumulators stay in registers), short query tiles streaming past
         cfgs = [(32, 128, 8, 3), (64, 64, 4, 3)]
         return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
 
     def _bwd_dq_configs():
+        # the mirror image: tall query tiles (the dQ accumulator), short key tiles streaming past
         cfgs = [(128, 32, 8, 3), (64, 64, 4, 3)]
         return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
 
+    # re-tune when any of these changes (the dtype is part of the compiled signature anyway); the first call at a
+    # new key times every config, later calls reuse the winner
     _TUNE_KEY = ["n_queries", "n_keys", "D_PAD", "IS_CAUSAL"]
     if not INTERPRET:
         _attn_fwd_tuned = triton.autotune(_fwd_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
@@ -634,6 +702,8 @@ if HAVE_TRITON:
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 products ('ieee') unless PyTorch itself is allowed TF32 for matmuls; half types use
     the tensor cores natively ('tf32' is Triton's default setting and only affects fp32 operands)."""
+    # TF32 keeps fp32's range but 10 mantissa bits (~3 significant digits) in the products, for ~8x the speed of
+    # exact fp32 on tensor cores; we follow the user's PyTorch setting instead of choosing for them
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
@@ -641,6 +711,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _tile_args(tiles):
     """Explicit (BLOCK_Q, BLOCK_K) -> launch those; None -> autotune on GPU / INTERPRET_TILES under interpreter."""
+    # powers of two >= 16: tl.arange needs power-of-two lengths and tl.dot at least 16 rows/columns
     if tiles is None and INTERPRET:
         tiles = INTERPRET_TILES
     if tiles is None:
@@ -656,15 +727,18 @@ def flash_attention_triton_forward(Q, K, V, is_causal=False, tiles=None):
     """Launch the forward kernel. Q (B, Nq, d), K/V (B, Nk, d), contiguous. Returns O (B, Nq, d), L (B, Nq) fp32."""
     B, n_q, d = Q.shape
     n_k = K.shape[1]
+    # tl.arange and tl.dot want power-of-two sizes >= 16: head dim 80 is computed as 128 with masked lanes
     d_pad = max(16, triton.next_power_of_2(d))
     O = torch.empty_like(Q)
-    L = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)
+    L = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)  # fp32 whatever the input dtype
     sm_scale = 1.0 / math.sqrt(d)
+    # the kernel takes the scale times log2(e): one multiply turns the scores into base-2 units for exp2
     common = dict(D=d, D_PAD=d_pad, IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET, PRECISION=_dot_precision(Q.dtype))
     args = (Q, K, V, O, L, n_q, n_k, sm_scale * LOG2_E, Q.stride(0), Q.stride(1), K.stride(0), K.stride(1),
             V.stride(0), V.stride(1), O.stride(0), O.stride(1))
     tiles = _tile_args(tiles)
     if tiles is None:
+        # the grid depends on the tile size the autotuner picks: a function of the chosen config (`meta`)
         grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_Q"]), B)
         _attn_fwd_tuned[grid](*args, **common)
     else:
@@ -680,11 +754,14 @@ def flash_attention_triton_backward(Q, K, V, O, L, dO, is_causal=False, tiles=No
     n_k = K.shape[1]
     d_pad = max(16, triton.next_power_of_2(d))
     dO = dO.to(Q.dtype).contiguous()                               # tl.dot needs matching operand dtypes
+    # 1. D = rowsum(O * dO), (B, Nq) fp32: a cheap elementwise pass before the two matmul-heavy kernels
     delta = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)
     pre_block = 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), B)](
         O, dO, delta, n_q, O.stride(0), O.stride(1), dO.stride(0), dO.stride(1), D=d, D_PAD=d_pad,
         BLOCK_Q=pre_block)
+    # 2. dK, dV: one program per key tile; 3. dQ: one program per query tile (no atomics: each output tile has
+    # exactly one program writing it, so results are bitwise reproducible)
     dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
     sm_scale = 1.0 / math.sqrt(d)
     common = dict(D=d, D_PAD=d_pad, IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET, PRECISION=_dot_precision(Q.dtype))
@@ -705,7 +782,6 @@ def flash_attention_triton_backward(Q, K, V, O, L, dO, is_causal=False, tiles=No
     return dQ, dK, dV
 
 
-
 class FlashAttention2Triton(torch.autograd.Function):
     """FlashAttention-2 with Triton forward and backward. apply(Q, K, V, is_causal[, tiles]) on (batch, seq, d),
     d in 16..128, any seq length, fp32 / bf16 / fp16. Non-contiguous inputs are copied to contiguous first
@@ -715,22 +791,27 @@ class FlashAttention2Triton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Q, K, V, is_causal=False, tiles=None):
         _check_triton_attention_inputs(Q, K, V, is_causal)
-        Q, K, V = Q.contiguous(), K.contiguous(), V.contiguous()
+        Q, K, V = Q.contiguous(), K.contiguous(), V.contiguous()  # the kernels assume unit stride along d
         O, L = flash_attention_triton_forward(Q, K, V, is_causal, tiles)
+        # saved: the inputs and O, plus L -- one float per query instead of FA's O(N^2) probabilities
         ctx.save_for_backward(Q, K, V, O, L)
         ctx.is_causal, ctx.tiles = is_causal, tiles
         return O
 
     @staticmethod
     def backward(ctx, dO):
+        # three launches (preprocess, dK/dV, dQ); P is rebuilt from L inside the kernels, tile by tile
         Q, K, V, O, L = ctx.saved_tensors
         dQ, dK, dV = flash_attention_triton_backward(Q, K, V, O, L, dO, ctx.is_causal, ctx.tiles)
-        return dQ, dK, dV, None, None
+        return dQ, dK, dV, None, None              # no gradients for is_causal and tiles
 
 
+# L is also what a caller would need to combine attention over several key blocks (e.g. split across devices):
+# O = sum_b exp(L_b - L) O_b with L = logsumexp_b(L_b). Only the tests read it here.
 def saved_logsumexp(O: torch.Tensor) -> torch.Tensor:
     """The L that FlashAttention2{PyTorch,Triton}.forward saved for the output O (for tests and inspection).
     Call it before backward(), which frees the saved tensors."""
+    # saved_tensors follows save_for_backward's order (Q, K, V, O, L): index 4 is L
     if O.grad_fn is None or not hasattr(O.grad_fn, "saved_tensors"):
         raise ValueError("saved_logsumexp: O must be the output of a FlashAttention2 apply() with autograd on")
     return O.grad_fn.saved_tensors[4]
@@ -747,8 +828,12 @@ def saved_logsumexp(O: torch.Tensor) -> torch.Tensor:
 #   * causal with Tq != Tk (KV-cache decoding: queries are a suffix of the keys),
 #   * head dims outside 16..128 or dtypes other than fp32/bf16/fp16 (Triton backend only),
 #   * tensors the Triton kernel cannot run on (CPU without the interpreter; Triton not installed).
+# The swap changes how attention and RMSNorm are computed, never what they compute: the tests check logits and
+# every parameter gradient of a TransformerLM against the sdpa backend.
 
-_FALLBACK_COUNTS = {"flash_triton": 0, "flash_torch": 0}  # how often each backend fell back (tests, logging)
+# How often each backend fell back to sdpa: a silent fallback would make a "kernel" run measure sdpa instead, so
+# the count is visible (tests assert it stays 0 on the paths the kernels cover)
+_FALLBACK_COUNTS = {"flash_triton": 0, "flash_torch": 0}
 
 
 def _sdpa_fallback(q, k, v, *, causal, window):
@@ -763,6 +848,8 @@ def _multihead(impl: str, q, k, v, *, causal, window):
     Tk = k.shape[-2]
     if window is not None and window >= Tk:  # every query already sees all its keys: same as no window
         window = None
+    # the cases the kernels do not cover take model.py's sdpa backend (counted, so tests can see which path ran)
+    # (GQA's fewer K/V heads were already repeated to H heads by model.py before the backend is called)
     unsupported = window is not None or (causal and Tq != Tk) or q.dtype not in _FLOAT_DTYPES \
         or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device)
     if impl == "flash_triton":
@@ -771,9 +858,11 @@ def _multihead(impl: str, q, k, v, *, causal, window):
     if unsupported:
         _FALLBACK_COUNTS[impl] += 1
         return _sdpa_fallback(q, k, v, causal=causal, window=window)
+    # the heads are independent attentions: fold them into the batch dimension, one kernel launch for all
     q3 = q.reshape(B * H, Tq, dh)                                  # (B*H, Tq, dh): heads folded into batch
     k3 = k.reshape(B * H, Tk, dh)
     v3 = v.reshape(B * H, Tk, dh)
+    # (a reshape, not a copy: the (B, H, T, dh) tensors model.py passes are contiguous in this order)
     if impl == "flash_triton":
         o3 = FlashAttention2Triton.apply(q3, k3, v3, bool(causal))
     else:
@@ -783,6 +872,7 @@ def _multihead(impl: str, q, k, v, *, causal, window):
 
 def flash_triton_attention(q, k, v, *, causal: bool, window: Optional[int] = None):
     """model.py attention backend 'flash_triton' (see _multihead for the fallbacks)."""
+    # the signature model.py's backends share: (B, H, Tq, dh) tensors, keyword causal and window
     return _multihead("flash_triton", q, k, v, causal=causal, window=window)
 
 
@@ -793,16 +883,19 @@ def flash_torch_attention(q, k, v, *, causal: bool, window: Optional[int] = None
 
 def register_backends() -> None:
     """Register 'flash_triton' and 'flash_torch' with model.py (done at import; idempotent)."""
+    # model.py cannot import kernels.py (pipeline order), so kernels.py adds itself to model.py's registry
     M.register_attention_backend("flash_triton", flash_triton_attention)
     M.register_attention_backend("flash_torch", flash_torch_attention)
 
 
+# at import: `import kernels` is all a user needs before ModelConfig(attn_impl="flash_triton")
 register_backends()
 
 
 def _rmsnorm_kernel_forward(self, x):
     """Replacement forward for model.RMSNorm modules: same parameters (.weight, .eps), fused Triton kernel. Falls
     back to the module's original forward where Triton cannot run (CPU without interpreter)."""
+    # the kernel where it can run; the module's own (identical) math elsewhere, e.g. CPU tensors on a GPU machine
     if HAVE_TRITON and (x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRET)) \
             and x.dtype in _FLOAT_DTYPES and x.shape[-1] <= RMSNORM_MAX_HIDDEN:
         return RMSNormTriton.apply(x, self.weight, self.eps)
@@ -820,14 +913,17 @@ def use_kernels(model: torch.nn.Module, rmsnorm: bool = True, attention=True) ->
       kernels compute the same function, so checkpoints written by a kernel run record the portable backend and
       load in processes that never import kernels.py.
     """
+    # attention: a per-module attribute that MultiHeadSelfAttention reads on every forward (a backend name)
     if attention:
         name = "flash_triton" if attention is True else str(attention)
         if name not in ("flash_triton", "flash_torch"):
             raise ValueError("use_kernels: attention must be True/False, 'flash_triton' or 'flash_torch', "
                              f"got {attention!r}")
-        for module in model.modules():
+        for module in model.modules():          # every layer's attention (and any nested model's)
             if isinstance(module, M.MultiHeadSelfAttention):
                 module.attn_impl = name
+    # RMSNorm: bind the fused forward to each module instance; the class, its parameters and other instances
+    # (in other models) are untouched
     if rmsnorm:
         _require_triton("use_kernels(rmsnorm=True)")
         n = 0
@@ -835,7 +931,7 @@ def use_kernels(model: torch.nn.Module, rmsnorm: bool = True, attention=True) ->
             if isinstance(module, M.RMSNorm):
                 module.forward = types.MethodType(_rmsnorm_kernel_forward, module)
                 n += 1
-        if n == 0:
+        if n == 0:   # asked for the kernel and nothing would change: say so instead of silently running eager code
             raise ValueError("use_kernels: rmsnorm=True but the model has no model.RMSNorm modules "
                              "(config norm != 'rmsnorm'?)")
     return model
@@ -860,6 +956,8 @@ def _check_triton_device(what: str, *tensors: torch.Tensor) -> None:
     if len(devices) != 1:
         raise ValueError(f"{what}: all inputs must be on the same device, got {sorted(str(d) for d in devices)}")
     dev = tensors[0].device
+    # the interpreter can only be chosen at import (kernels are decorated then); switching it on later would not
+    # change kernels that were already compiled for the GPU, hence the error below instead of a silent switch
     if dev.type == "cuda":
         return
     if dev.type == "cpu" and INTERPRET:
@@ -869,6 +967,7 @@ def _check_triton_device(what: str, *tensors: torch.Tensor) -> None:
 
 
 def _check_rmsnorm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """RMSNormTriton's contract: float x (..., d), a float gain (d,), d small enough for one row in registers."""
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"RMSNorm (Triton): unsupported input dtype {x.dtype}; use float32, bfloat16 or float16")
     if weight.dtype not in _FLOAT_DTYPES:
@@ -884,6 +983,8 @@ def _check_rmsnorm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 def _check_attention_inputs(what: str, Q, K, V, is_causal, max_head_dim=None, min_head_dim=1):
     """Bad input -> a clear ValueError naming the problem (never a silent wrong result)."""
+    # Each of these would otherwise read out of bounds, broadcast silently or fail deep inside a kernel with a
+    # message about pointers and strides; the order is from the most basic problem to the most specific.
     for name, t in (("Q", Q), ("K", K), ("V", V)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -899,6 +1000,8 @@ def _check_attention_inputs(what: str, Q, K, V, is_causal, max_head_dim=None, mi
         raise ValueError(f"{what}: Q {tuple(Q.shape)} and K {tuple(K.shape)} must share batch and head dim")
     if Q.shape[1] == 0 or K.shape[1] == 0:
         raise ValueError(f"{what}: empty sequence (Q {tuple(Q.shape)}, K {tuple(K.shape)})")
+    # causal with Nq != Nk is ambiguous (which keys does query 0 see?); model.py's backends define it as "queries
+    # are the last Nq positions" and route it to sdpa, which implements exactly that
     if is_causal and Q.shape[1] != K.shape[1]:
         raise ValueError(f"{what}: is_causal needs n_queries == n_keys (got {Q.shape[1]} and {K.shape[1]}); "
                          "the model backends fall back to sdpa for KV-cache decoding")
@@ -909,14 +1012,13 @@ def _check_attention_inputs(what: str, Q, K, V, is_causal, max_head_dim=None, mi
         raise ValueError(f"{what}: inputs must be floating point, got {Q.dtype}")
 
 
-
 def _check_triton_attention_inputs(Q, K, V, is_causal):
+    """FlashAttention2Triton's contract: the PyTorch version's, plus head dims 16..128 (one tile of Q and the
+    accumulators must fit in registers), fp32/bf16/fp16, and a device Triton can run on."""
     _check_attention_inputs("FlashAttention2Triton", Q, K, V, is_causal, ATTN_MAX_HEAD_DIM, ATTN_MIN_HEAD_DIM)
     if Q.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"FlashAttention2Triton: dtype {Q.dtype} unsupported (float32, bfloat16, float16)")
     _check_triton_device("FlashAttention2Triton", Q, K, V)
-
-
 
 
 # ===== Appendix: benchmarks =====
@@ -924,6 +1026,7 @@ def _check_triton_attention_inputs(Q, K, V, is_causal):
 # ahead-of-time compile of every kernel for a GPU architecture. `python kernels.py bench | check | compile`.
 
 def _sync(device):
+    """Wait for queued GPU work: kernel launches return at once, so a timer must wait for the result."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -933,9 +1036,13 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     """Median wall time of fn() in ms. GPU: triton.testing.do_bench (CUDA events, L2 flush). CPU: perf_counter,
     at most `rep` runs and ~budget_s seconds."""
     if device.type == "cuda" and HAVE_TRITON and not INTERPRET:
+        # CUDA events around each call, the L2 cache flushed between calls (else a small tensor is served from
+        # L2 and a memory-bound kernel looks faster than it is), median of ~100 ms of repetitions
         return float(triton.testing.do_bench(fn, warmup=25, rep=100))
-    for _ in range(warmup):
+    for _ in range(warmup):                  # first calls: allocator growth, lazy initialization, compilation
         fn()
+    # CPU: plain wall-clock timing of each call, capped by a time budget so slow peers (the Python-loop FA2)
+    # do not stretch the table to minutes
     times = []
     start = time.perf_counter()
     while len(times) < rep and (time.perf_counter() - start < budget_s or len(times) < 1):
@@ -944,10 +1051,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2]           # median: robust to the odd slow run
 
 
 def _fmt(x, unit=""):
+    """A table cell: '-' for missing, strings as they are, numbers with 3 significant digits."""
+    # (timings are noisy in the third digit anyway; more digits would suggest a precision the runs do not have)
     if x is None:
         return "-"
     if isinstance(x, str):
@@ -956,6 +1065,8 @@ def _fmt(x, unit=""):
 
 
 def _print_table(title, header, rows):
+    """Print a markdown table (pastes into the README as it is)."""
+    # (a title line, the header, the separator row, one line per row; flushed so long runs show progress)
     print(f"\n## {title}")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
@@ -966,10 +1077,13 @@ def _print_table(title, header, rows):
 
 def _time_modes(make_inputs, forward, device):
     """Times forward, backward (given a forward graph), and both. Returns dict mode -> ms or an error string."""
+    # Every implementation gets fresh inputs from make_inputs (same shapes and dtype), and the three modes are
+    # timed separately because the kernels differ most in backward (recomputation, two dQ/dK-dV passes).
     out = {}
     try:
         inputs = make_inputs()
         out["fwd"] = time_ms(lambda: forward(*inputs), device)
+        # backward alone: one forward graph kept alive (retain_graph) and differentiated again and again
         y = forward(*inputs)
         dy = torch.randn_like(y)
         params = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -981,13 +1095,13 @@ def _time_modes(make_inputs, forward, device):
 
         out["bwd"] = time_ms(bwd, device)
 
-        def both():
+        def both():                      # what a training step pays: a fresh forward graph, then its backward
             for p in params:
                 p.grad = None
             forward(*inputs).backward(dy)
 
         out["fwd+bwd"] = time_ms(both, device)
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # e.g. naive attention at T = 16384: an "OOM" cell, the table goes on
         out = {m: "OOM" for m in ("fwd", "bwd", "fwd+bwd")}
         torch.cuda.empty_cache()
     except RuntimeError as e:  # e.g. torch.compile without a working compiler
@@ -1004,6 +1118,8 @@ def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadl
         functorch_config.donated_buffer = False
     except (ImportError, AttributeError):
         pass
+    # the peers: eager PyTorch (one kernel per op, ~5 passes over the tensor) and torch.compile of the same
+    # function (inductor generates its own fused Triton kernel: the fair "compiler" baseline)
     compiled = torch.compile(rmsnorm_torch)
     impls = [("eager", rmsnorm_torch), ("compile", compiled)]
     if include_triton:
@@ -1020,6 +1136,8 @@ def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadl
             return x, w
         results = {name: _time_modes(make, fn, device) for name, fn in impls}
         elem = torch.tensor([], dtype=dtype).element_size()
+        # GB/s of the unavoidable traffic (rows x hidden tensors read or written): fwd reads x, writes y; bwd
+        # reads x, dy, writes dx. A kernel at the memory's speed reaches the card's HBM bandwidth here.
         for mode, n_tensors in (("fwd", 2), ("bwd", 3), ("fwd+bwd", 5)):
             nbytes = n_rows * hidden * elem * n_tensors
             row = [f"{n_rows}x{hidden}", mode]
@@ -1027,11 +1145,12 @@ def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadl
                 t = results[name][mode]
                 gbs = nbytes / (t * 1e-3) / 1e9 if isinstance(t, float) else None
                 row += [_fmt(t), _fmt(gbs)]
-            if include_triton and ratios:
+            if include_triton and ratios:   # speed-up = peer time / our time, > 1 means ours is faster
                 for peer in ("eager", "compile"):
                     a, b = results["triton"][mode], results[peer][mode]
                     row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
             rows.append(row)
+    # columns: per implementation ms and GB/s, then the speed-ups of the Triton kernel over each peer
     header = ["rows x hidden", "pass"]
     for name, _ in impls:
         header += [f"{name} ms", f"{name} GB/s"]
@@ -1043,6 +1162,7 @@ def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadl
 
 
 def _sdpa_flash(Q, K, V, is_causal):
+    # (a peer, not a fallback: used only in the benchmark tables)
     """PyTorch's SDPA on CUDA restricted to its flash backend (the named peer) -- which has no fp32 kernel,
     so fp32 inputs get the memory-efficient backend (the fastest fp32 one). CPU: whatever SDPA picks."""
     if Q.device.type == "cuda":
@@ -1055,6 +1175,8 @@ def _sdpa_flash(Q, K, V, is_causal):
 
 def attention_flops(batch, seq, d, causal, mode):
     """FA convention: forward = 2 matmuls of 2*N^2*d FLOPs (halved if causal); backward = 2.5x forward."""
+    # (QK^T and PV are each N x N x d multiply-adds = 2 N^2 d FLOPs; backward has 5 such matmuls -- dV, dP, dQ,
+    # dK and the recomputed S -- i.e. 2.5x; softmax and masking FLOPs are not counted, as in the FA papers)
     fwd = 4.0 * batch * seq * seq * d * (0.5 if causal else 1.0)
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
@@ -1063,6 +1185,8 @@ def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384
                     deadline=None, ratios=True):
     """Attention, causal: Triton FA2 vs our PyTorch FA2 vs naive vs SDPA (flash backend on GPU).
     configs: list of (batch, heads, seq, d, dtype); heads are folded into batch for the (batch, seq, d) API."""
+    # the peers: our tiled PyTorch FA2 (same algorithm, Python loop), naive attention (materializes S and P) and
+    # PyTorch's SDPA (its FlashAttention-2 CUDA kernel on a GPU: the production baseline)
     impls = []
     if include_triton:
         impls.append(("triton", lambda q, k, v: FlashAttention2Triton.apply(q, k, v, True)))
@@ -1078,13 +1202,15 @@ def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384
         def make():
             return tuple(torch.randn(batch * heads, seq, d, device=device, dtype=dtype, requires_grad=True)
                          for _ in range(3))
+        # the Python-loop FA2 is skipped at long sequences (minutes per call); naive attention above 16K would
+        # need 16 GiB of scores per 16 heads in fp32
         results = {}
         for name, fn in impls:
             if (name == "torch_fa2" and seq > torch_fa2_max_seq) or (name == "naive" and seq > naive_max_seq):
                 results[name] = {m: "skipped" for m in ("fwd", "bwd", "fwd+bwd")}
             else:
                 results[name] = _time_modes(make, fn, device)
-        for mode in ("fwd", "bwd", "fwd+bwd"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):   # TFLOP/s from the FA convention's count (attention_flops)
             flops = attention_flops(batch * heads, seq, d, True, mode)
             row = [f"{batch}x{heads}x{seq}x{d}", str(dtype).replace("torch.", ""), mode]
             for name, _ in impls:
@@ -1097,7 +1223,8 @@ def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384
                     row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
             rows.append(row)
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()              # the next (larger) shape should not inherit fragmentation
+    # columns: per implementation ms and TFLOP/s, then the speed-ups of the Triton kernel over each peer
     header = ["BxHxTxd", "dtype", "pass"]
     for name, _ in impls:
         header += [f"{name} ms", f"{name} TFLOP/s"]
@@ -1121,11 +1248,14 @@ def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384
 def _attention_sweep(full: bool):
     """The benchmark grid: causal, batch 1-8, seq 128..16384, head dims 16..128, bf16 and fp32; 16 heads.
     Batch shrinks as seq grows (same tokens per step). Default = the subset that fits the ~8 min GPU script."""
+    # the longest sequence is where FA2's O(T) memory matters: naive attention needs 16 GiB of fp32 scores for
+    # 16 heads there, and the Python-loop FA2 is skipped beyond 4096 (bench_attention)
     seqs = [128, 1024, 4096, 16384]
     dims = [16, 32, 64, 128] if full else [64, 128]
     dtypes = [torch.bfloat16, torch.float32]
     batch_for = {128: 8, 1024: 8, 4096: 2, 16384: 1}
-    configs = [(1, 16, 16384, 64, torch.bfloat16)]                 # the headline shape first
+    # the headline shape first, so it is measured even when --max-seconds cuts the sweep short
+    configs = [(1, 16, 16384, 64, torch.bfloat16)]
     for dtype in dtypes:
         for seq in seqs:
             for d in dims:
@@ -1138,30 +1268,35 @@ def _attention_sweep(full: bool):
 
 
 def run_bench(args) -> None:
+    """`python kernels.py bench`: the tables, ours next to the peers in one run (ratios, not absolute times, are
+    what carries over between machines)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     deadline = time.time() + args.max_seconds if args.max_seconds else None
     torch.manual_seed(0)
     if device.type == "cuda":
-        print(f"# kernels.py bench on {torch.cuda.get_device_name()} (torch {torch.__version__}, "
-              f"triton {triton.__version__ if HAVE_TRITON else 'missing'})")
+        # GPU: the real comparison -- Triton kernels against eager PyTorch, torch.compile and SDPA's flash kernel
+        print(f"# kernels.py bench on {machine_label()}, triton {triton.__version__ if HAVE_TRITON else 'missing'}")
         if args.what in ("all", "rmsnorm"):
+            # 2048 rows (e.g. batch 8 x 256 tokens) at the hidden sizes of small to large models
             shapes = [(2048, h) for h in (1024, 2048, 4096, 8192, 16384)]
             for dtype in (torch.bfloat16, torch.float32):
                 bench_rmsnorm(device, dtype, shapes, deadline=deadline)
-        if args.what in ("all", "attention"):
+        if args.what in ("all", "attention"):   # causal attention over the sweep, the headline shape first
             bench_attention(device, _attention_sweep(args.full), deadline=deadline)
         return
     # CPU: GPU numbers need CUDA. The Triton kernels only run in the interpreter here (a correctness tool, ~1000x
     # slower than anything real), so the tables compare the PyTorch variants at CPU-sized shapes, plus one tiny
     # interpreter row to show the plumbing works.
-    print(f"# kernels.py bench on CPU ({os.cpu_count()} cores, torch {torch.__version__}): GPU benchmarks need "
-          "CUDA. CPU tables below compare the PyTorch variants; Triton rows run in the interpreter and are NOT "
+    print(f"# kernels.py bench on {machine_label()}: GPU benchmarks need CUDA. CPU tables below compare the PyTorch variants; Triton rows run in the interpreter and are NOT "
           "speed numbers.")
     if args.what in ("all", "rmsnorm"):
+        # 2048 x 1024 fp32: big enough that per-call overhead does not dominate the eager-vs-compile comparison
         bench_rmsnorm(device, torch.float32, [(2048, 1024)], include_triton=False)
         if HAVE_TRITON:
             bench_rmsnorm(device, torch.float32, [(16, 256)], include_triton=True, ratios=False)
     if args.what in ("all", "attention"):
+        # 4 heads x 512 tokens: naive attention's (512, 512) scores are small here, so this shows the Python
+        # loop's cost, not FA2's memory advantage (which needs long sequences on a GPU)
         bench_attention(device, [(1, 4, 512, 64, torch.float32)], include_triton=False, deadline=deadline)
         if HAVE_TRITON:
             bench_attention(device, [(1, 1, 64, 32, torch.float32)], include_triton=True, ratios=False)
@@ -1175,10 +1310,12 @@ def run_bench(args) -> None:
 # bf16 3e-2 (8 mantissa bits: each rounding is up to 2^-9 relative, and P / dS are rounded before matmuls).
 # ---------------------------------------------------------------------------------------------------------------
 
+# (atol relative to max|ref|, rtol): fp16 has 3 more mantissa bits than bf16, hence the tighter bound
 CHECK_TOL = {torch.float32: (2e-3, 2e-3), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
 
 
 def _close(name, got, ref, dtype, failures, scale_ref=True):
+    """Print one check line; append `name` to failures when got is not close to the float64 reference."""
     atol, rtol = CHECK_TOL[dtype]
     got, ref = got.double(), ref.double()
     # Scale-aware: compare the max error against atol * max|ref| + rtol * |ref| elementwise.
@@ -1192,6 +1329,8 @@ def _close(name, got, ref, dtype, failures, scale_ref=True):
 
 
 def run_check(args) -> int:
+    """`python kernels.py check`: outputs, L and every gradient of both kernels vs float64 references; returns
+    the exit status (1 if anything is off)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _require_triton("kernels.py check")
     failures: list = []
@@ -1200,6 +1339,8 @@ def run_check(args) -> int:
         print(f"# kernels.py check on {torch.cuda.get_device_name()}")
         # (B, T, d, causal, tiles): tiles=None = the autotuned path users get; pinned tiles keep the number of
         # compiles (and the script's time) down for the other head dims.
+        # sequence lengths that are not tile multiples (1000, 1027, 513, 777), a single query (T = 1), a head dim
+        # that is not a power of two (96), and RMSNorm rows of awkward widths (3000) and a 3-D input
         attn_shapes = [(3, 1000, 64, True, None), (2, 1027, 128, True, None), (1, 4096, 64, True, None),
                        (2, 1, 64, False, (64, 64)), (2, 513, 16, True, (64, 64)), (1, 2048, 96, True, (64, 64)),
                        (4, 777, 32, False, (64, 32))]
@@ -1217,10 +1358,11 @@ def run_check(args) -> int:
             shapes = [(3, 1000, 64, True, (64, 64)), (2, 513, 16, True, (64, 64)), (4, 777, 64, False, (64, 64))]
         for B, T, d, causal, tiles in shapes:
             print(f"attention B={B} T={T} d={d} causal={causal} {dtype} tiles={tiles or 'autotuned'}")
+            # the same inputs through the kernel (in `dtype`) and through float64 naive attention
             q, k, v = (torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             o = FlashAttention2Triton.apply(q, k, v, causal, tiles)
             L = saved_logsumexp(o)                                 # read before backward frees saved tensors
-            do = torch.randn_like(o)
+            do = torch.randn_like(o)                               # a random upstream gradient: all of dQ, dK, dV
             o.backward(do)
             q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
             o_ref, L_ref = attention_reference(q64, k64, v64, causal)
@@ -1229,9 +1371,10 @@ def run_check(args) -> int:
             _close("L", L, L_ref, dtype, failures)
             for n, g, r in (("dQ", q.grad, q64.grad), ("dK", k.grad, k64.grad), ("dV", v.grad, v64.grad)):
                 _close(n, g, r, dtype, failures)
-        for shape in norm_shapes:
+        for shape in norm_shapes:                 # RMSNorm: y, dx and the gain gradient against float64
             print(f"rmsnorm {shape} {dtype}")
             x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+            # a gain near 1 but not 1: a kernel that ignored it (or its gradient) would fail
             w = (1 + 0.1 * torch.randn(shape[-1], device=device)).requires_grad_()
             y = rmsnorm_triton(x, w, 1e-5)
             dy = torch.randn_like(y)
@@ -1242,6 +1385,7 @@ def run_check(args) -> int:
             _close("y", y, y_ref, dtype, failures)
             _close("dx", x.grad, x64.grad, dtype, failures)
             _close("dweight", w.grad, w64.grad, dtype, failures)
+    # one verdict line at the end (the GPU script greps for it), failures named
     print(f"\n{'ALL CHECKS PASSED' if not failures else 'FAILED: ' + ', '.join(failures)}")
     return 1 if failures else 0
 
@@ -1266,6 +1410,8 @@ def compile_for_gpu(fn, dtype: torch.dtype, constexprs: dict, num_warps: int, nu
 
     if INTERPRET:
         raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET=0 (kernels decorated for the GPU compiler)")
+    # the kernel's signature as Triton's compiler wants it (normally inferred from the tensors of a real launch):
+    # pointer types by name, int32 sizes and strides, fp32 scale/eps scalars, constexprs as given
     sig = {}
     for p in fn.params:
         name = p.name
@@ -1277,6 +1423,7 @@ def compile_for_gpu(fn, dtype: torch.dtype, constexprs: dict, num_warps: int, nu
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
+    # GPUTarget("cuda", arch, 32): compute capability and warp size; the result holds PTX, the cubin and metadata
     src = ASTSource(fn, sig, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
@@ -1287,6 +1434,7 @@ def _cubin_resources(kernel) -> str:
     import subprocess
     import tempfile
 
+    # cuobjdump ships with triton's NVIDIA backend; it reads the cubin's resource table (no GPU needed)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if "cubin" not in kernel.asm or not os.path.exists(tool):
         return ""
@@ -1302,21 +1450,49 @@ def _cubin_resources(kernel) -> str:
 
 
 def run_compile(args) -> int:
+    """`python kernels.py compile`: compile every kernel (or those matching --only) for sm_<arch>, print
+    registers / spills / shared memory per config; returns the exit status (1 if any config fails)."""
     if INTERPRET:  # kernels in this process were decorated for the interpreter: redo it in a fresh process
         import subprocess
 
         env = dict(os.environ, TRITON_INTERPRET="0")
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # fused multiply-add, as on a real GPU launch
         cmd = [sys.executable, os.path.abspath(__file__), "compile", "--arch", str(args.arch)]
         cmd += ["--full"] if args.full else []
         for text in args.only:
             cmd += ["--only", text]
         return subprocess.call(cmd, env=env)
     _require_triton("kernels.py compile")
+    jobs = _compile_jobs(args)
+    print(f"# compiling {len(jobs)} kernels for sm_{args.arch} (no GPU needed)")
+    failures = 0
+    for label, fn, dtype, const, warps, stages in jobs:
+        tiles = {k: v for k, v in const.items() if k.startswith("BLOCK")}
+        t0 = time.time()
+        try:
+            kernel = compile_for_gpu(fn, dtype, const, warps, stages, args.arch)
+            info = f"shared {kernel.metadata.shared} B, {_cubin_resources(kernel)}"
+            status = "ok  "
+        except Exception as e:  # report every failing config, keep going
+            failures += 1
+            info, status = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}", "FAIL"
+        print(f"  {status} {label:33s} {tiles} warps={warps} stages={stages}: {info} "
+              f"({time.time() - t0:.1f}s)")
+        sys.stdout.flush()
+    # (the test suite runs a few of these and asserts "ALL COMPILED": GPU-only compile errors fail CI on a CPU)
+    print("ALL COMPILED" if not failures else f"{failures} FAILED")
+    return 1 if failures else 0
+
+
+def _compile_jobs(args):
+    """[(label, kernel, dtype, constexprs, warps, stages)] to compile: by default the first autotune config of
+    each attention kernel (bf16 at head dims 64 and 128, fp32 at 64) and both RMSNorm kernels at hidden 4096;
+    --full: every config at head dims 16-128 and three hidden sizes."""
     jobs = []  # (label, fn, dtype, constexprs, warps, stages)
     dtypes = [torch.bfloat16, torch.float32]
     dims = [16, 32, 64, 128] if args.full else [64, 128]
     for dtype in dtypes:
+        # fp32 attention compiles slowly (exact 'ieee' dots, no tensor cores): one head dim unless --full
         for d in dims if args.full else ([64] if dtype == torch.float32 else dims):
             base = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=True, UPCAST=False,
                         PRECISION=_dot_precision(dtype))
@@ -1338,28 +1514,12 @@ def run_compile(args) -> int:
             block_n, warps = _rmsnorm_launch_params(hidden)
             jobs.append((f"rmsnorm fwd hidden={hidden}", _rmsnorm_fwd_kernel, dtype, dict(BLOCK_N=block_n), warps, 1))
             jobs.append((f"rmsnorm bwd hidden={hidden}", _rmsnorm_bwd_kernel, dtype, dict(BLOCK_N=block_n), warps, 1))
+    # the label names the dtype too ("attn fwd d=64 bf16"), which is what --only matches against
     jobs = [(f"{label} {_TL_NAMES[dtype]}", *rest) for label, dtype, *rest in
             ((j[0], j[2], j[1], j[2], j[3], j[4], j[5]) for j in jobs)]
     if args.only:
         jobs = [j for j in jobs if any(text in j[0] for text in args.only)]
-    print(f"# compiling {len(jobs)} kernels for sm_{args.arch} (no GPU needed)")
-    failures = 0
-    for label, fn, dtype, const, warps, stages in jobs:
-        tiles = {k: v for k, v in const.items() if k.startswith("BLOCK")}
-        t0 = time.time()
-        try:
-            kernel = compile_for_gpu(fn, dtype, const, warps, stages, args.arch)
-            info = f"shared {kernel.metadata.shared} B, {_cubin_resources(kernel)}"
-            status = "ok  "
-        except Exception as e:  # report every failing config, keep going
-            failures += 1
-            info, status = f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}", "FAIL"
-        print(f"  {status} {label:33s} {tiles} warps={warps} stages={stages}: {info} "
-              f"({time.time() - t0:.1f}s)")
-        sys.stdout.flush()
-    print("ALL COMPILED" if not failures else f"{failures} FAILED")
-    return 1 if failures else 0
-
+    return jobs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1372,23 +1532,35 @@ def run_train(args, train_argv) -> int:
     options goes to train.py's parser unchanged; see `python train.py --help`."""
     import train as T
 
+    # train.py's own parser and checks: its usage errors are one line and exit status 2 before any work
+    parser = T.get_parser()
+    parser.prog = "kernels.py train"
+    try:
+        cfg = T.config_from_args(parser.parse_args(train_argv))
+    except ValueError as e:
+        parser.error(str(e))
     device_note = "" if torch.cuda.is_available() else \
         " (no CUDA: Triton kernels run in the CPU interpreter -- correct but very slow; meant for GPUs)"
     attention = False if args.attention == "none" else args.attention
     print(f"kernels.py train: rmsnorm kernel {'on' if args.rmsnorm else 'off'}, attention {args.attention}"
           f"{device_note}")
     try:
-        cfg = T.config_from_args(T.get_parser().parse_args(train_argv))
+        # the only difference from `python train.py`: the wrap_model hook swaps the kernels into the model
         hooks = T.TrainHooks(wrap_model=lambda m: use_kernels(m, rmsnorm=args.rmsnorm, attention=attention))
         T.train(cfg, hooks=hooks)
-    except (ValueError, FileNotFoundError, PermissionError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:   # errors with a message for the user: one line
         print(f"kernels.py train: error: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="ScratchLM stage 4: Triton kernels (fused RMSNorm, FlashAttention-2).")
+    """`kernels.py bench | check | compile | train`. Usage errors are one line with exit status 2 (train.py's
+    parser class, whose subparsers inherit it)."""
+    import train as T
+
+    p = T._Parser(prog="kernels.py",
+                  description="ScratchLM stage 4: Triton kernels (fused RMSNorm, FlashAttention-2).")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time Triton kernels vs their peers (tables: ms, GB/s or TFLOP/s, ratios)")
     b.add_argument("what", nargs="?", default="all", choices=["all", "rmsnorm", "attention"],
@@ -1398,12 +1570,14 @@ def get_parser() -> argparse.ArgumentParser:
                         "default is the subset that fits the ~8 minute GPU script")
     b.add_argument("--max-seconds", type=float, default=0.0,
                    help="stop starting new benchmark shapes after this many seconds (0 = no limit)")
+    # `compile` needs no GPU: Triton's compiler and its bundled ptxas run on any Linux machine
     c = sub.add_parser("compile", help="compile every kernel for a GPU architecture WITHOUT a GPU (Triton's compiler "
                                        "+ bundled ptxas) and report registers / spills / shared memory")
     c.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10: 80 = A100, 90 = H100 (default)")
     c.add_argument("--full", action="store_true", help="every autotune config, head dims 16-128 (76 compiles: tens of minutes on 2 CPU cores)")
     c.add_argument("--only", action="append", default=[],
                    help="only kernels whose label contains this text, e.g. 'attn fwd d=64 bf16' (repeatable)")
+    # `train` forwards every option it does not know to train.py's own parser (main uses parse_known_args)
     t = sub.add_parser("train", help="train.py's training run with the kernels swapped in (use_kernels); "
                                      "all further options go to train.py (see python train.py --help)")
     t.add_argument("--attention", default="flash_triton", choices=["flash_triton", "flash_torch", "none"],
@@ -1417,11 +1591,19 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (2: usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = get_parser()
     if argv and argv[0] == "train":  # kernel options first, the rest belongs to train.py's own parser
-        args, train_argv = get_parser().parse_known_args(argv)
+        args, train_argv = parser.parse_known_args(argv)
         return run_train(args, train_argv)
-    args = get_parser().parse_args(argv)
+    args = parser.parse_args(argv)
+    # every option checked before any work (a benchmark or a compile can take minutes)
+    if args.cmd == "bench" and args.max_seconds < 0:
+        parser.error(f"--max-seconds must be >= 0 (0 = no limit), got {args.max_seconds}")
+    if args.cmd == "compile" and not 70 <= args.arch <= 120:
+        parser.error(f"--arch must be a CUDA compute capability x10 between 70 and 120 (80 = A100, 90 = H100), "
+                     f"got {args.arch}")
     if args.cmd == "bench":
         run_bench(args)
         return 0
