@@ -491,26 +491,6 @@ def causal_window_mask(Tq: int, Tk: int, window: Optional[int], device=None) -> 
 #   LAST Tq positions of the Tk keys. Returns (B, H, Tq, dh).
 # ------------------------------------------------------------------------------------------------------
 
-ATTENTION_BACKENDS: dict[str, Callable] = {}
-
-
-def register_attention_backend(name: str, fn: Callable) -> None:
-    """Make `fn(q, k, v, *, causal: bool, window: int | None) -> out` selectable as attn_impl=name.
-    (Re-registering a name replaces it; that is how a stage swaps in a faster kernel.)"""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"attention backend name must be a non-empty string, got {name!r}")
-    if not callable(fn):
-        raise ValueError(f"attention backend {name!r} must be callable, got {type(fn).__name__}")
-    ATTENTION_BACKENDS[name] = fn
-
-
-def get_attention_backend(name: str) -> Callable:
-    """The registered function for `name`; an unknown name is a ValueError listing the registered ones."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]
-
-
 def naive_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None):
     """The from-scratch definition: materializes the (Tq, Tk) score matrix and uses our softmax."""
     mask = causal_window_mask(q.shape[-2], k.shape[-2], window, q.device) if (causal or window) else None
@@ -531,8 +511,9 @@ def sdpa_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_window_mask(Tq, Tk, window, q.device))
 
 
-register_attention_backend("naive", naive_attention)
-register_attention_backend("sdpa", sdpa_attention)
+# name -> backend; ModelConfig.attn_impl picks one. Later stages add theirs with register_attention_backend
+# (e.g. kernels.py's "flash_triton"), and set_attention_backend(model, name) switches a built model.
+ATTENTION_BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention}
 
 
 def masked_attention(q, k, v, mask: torch.Tensor, impl: str) -> torch.Tensor:
@@ -561,12 +542,8 @@ class MultiHeadSelfAttention(nn.Module):
                  rope: Optional[RotaryPositionalEmbedding] = None, bias: bool = False, norm_eps: float = 1e-5,
                  device=None, dtype=None):
         super().__init__()
-        if d_model % num_heads != 0:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
-        get_attention_backend(attn_impl)  # fail early on an unknown name
+        _check_attention_args(d_model, num_heads, num_kv_heads, attn_impl)
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
         self.window_size = window_size
@@ -690,13 +667,6 @@ class MoEFeedForward(nn.Module):
 # generation reads only the last one. Position enters either as a vector added to the embeddings
 # (sinusoidal, learned) or as a rotation inside attention (RoPE); with none at all (NoPE) the causal
 # mask still leaks order, since token t can count how many tokens it sees.
-
-def _config_from_block_args(d_model, num_heads, d_ff, max_seq_len, theta, switches) -> ModelConfig:
-    """A block is built from a ModelConfig so that every switch is validated in one place. (vocab_size 1
-    and num_layers 1 are placeholders: a lone block has neither a vocabulary nor neighbours.)"""
-    return ModelConfig(vocab_size=1, context_length=max_seq_len, d_model=d_model, num_layers=1,
-                       num_heads=num_heads, d_ff=d_ff, rope_theta=theta, **switches)
-
 
 class TransformerBlock(nn.Module):
     """One layer. Pre-norm (default):  x = x + attn(ln1(x));  x = x + ffn(ln2(x)).
@@ -856,16 +826,6 @@ class TransformerLM(nn.Module):
         if strict:
             check_state_dict(self, state_dict)  # (defined with the other loading helpers, at the end)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def set_attention_backend(model: nn.Module, name: str) -> None:
-    """Switch every attention module in `model` to backend `name` (and record it in model.config)."""
-    get_attention_backend(name)
-    for module in model.modules():
-        if isinstance(module, MultiHeadSelfAttention):
-            module.attn_impl = name
-    if isinstance(getattr(model, "config", None), ModelConfig):
-        model.config.attn_impl = name
 
 
 # ======================================================================================================
@@ -1365,6 +1325,7 @@ def _speculative_one(target, draft, prompt, max_new_tokens, k, temperature, top_
 # Everything a user of the model needs around it but that teaches nothing about Transformers. Later
 # stages import these from here (each is defined once, in the leftmost file that needs it):
 #     load_model_state, check_state_dict   strict weight loading; errors name every key that does not fit
+#     register/set_attention_backend       plug in and switch attention implementations
 #     resolve_device                       "auto" / "cuda:1" / ... checked to exist, before any work
 #     _validate_config and friends         the checks behind ModelConfig, forward and generate
 #     sample_windows                       random (x, y) training windows of a token array
@@ -1473,8 +1434,46 @@ def resolve_device(name) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------------
+# Attention backends: registering and switching implementations
+# ------------------------------------------------------------------------------------------------------
+
+def register_attention_backend(name: str, fn: Callable) -> None:
+    """Make `fn(q, k, v, *, causal: bool, window: int | None) -> out` selectable as attn_impl=name.
+    (Re-registering a name replaces it; that is how a stage swaps in a faster kernel.)"""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"attention backend name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise ValueError(f"attention backend {name!r} must be callable, got {type(fn).__name__}")
+    ATTENTION_BACKENDS[name] = fn
+
+
+def get_attention_backend(name: str) -> Callable:
+    """The registered function for `name`; an unknown name is a ValueError listing the registered ones."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]
+
+
+def set_attention_backend(model: nn.Module, name: str) -> None:
+    """Switch every attention module in `model` to backend `name` (and record it in model.config)."""
+    get_attention_backend(name)
+    for module in model.modules():
+        if isinstance(module, MultiHeadSelfAttention):
+            module.attn_impl = name
+    if isinstance(getattr(model, "config", None), ModelConfig):
+        model.config.attn_impl = name
+
+
+# ------------------------------------------------------------------------------------------------------
 # Validation: configs, token ids, sampling arguments (errors that name the problem)
 # ------------------------------------------------------------------------------------------------------
+
+def _config_from_block_args(d_model, num_heads, d_ff, max_seq_len, theta, switches) -> ModelConfig:
+    """A block is built from a ModelConfig so that every switch is validated in one place. (vocab_size 1
+    and num_layers 1 are placeholders: a lone block has neither a vocabulary nor neighbours.)"""
+    return ModelConfig(vocab_size=1, context_length=max_seq_len, d_model=d_model, num_layers=1,
+                       num_heads=num_heads, d_ff=d_ff, rope_theta=theta, **switches)
+
 
 def _validate_config(cfg: "ModelConfig") -> None:
     """ModelConfig.__post_init__: a ValueError naming the field for every value that cannot work, and the
@@ -1551,6 +1550,15 @@ def _check_config_dict(cls, d) -> None:
     missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d)
     if missing:
         raise ValueError(f"ModelConfig dict is missing required field(s) {missing}")
+
+
+def _check_attention_args(d_model: int, num_heads: int, num_kv_heads: int, attn_impl: str) -> None:
+    """MultiHeadSelfAttention's own checks (it can be built without a ModelConfig, CS336-style)."""
+    if d_model % num_heads != 0:
+        raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+    get_attention_backend(attn_impl)  # fail early on an unknown name
 
 
 def _check_token_ids(model: "TransformerLM", token_ids: torch.Tensor) -> None:
