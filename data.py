@@ -581,7 +581,7 @@ def exact_line_deduplication(input_files, output_directory):
 
 class BloomFilter:
     """k hash functions into an m-bit array: `add` and `in`, no false negatives, false positives at a rate
-    ~ (1 - e^{-k n / m})^k after n insertions. m and k are chosen from the expected n and the target rate."""
+    ~ (1 - e^{-k n / m})^k after n insertions. m and k are chosen from the expected n and the wanted rate."""
 
     def __init__(self, expected_items: int, fp_rate: float = 1e-3):
         n = max(expected_items, 1)
@@ -1566,12 +1566,12 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
 def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300, workers: int = 2, log=print) -> dict:
     """The offline default: synthetic crawl -> filters scored -> pipeline -> raw vs filtered models.
 
-    Measured with the defaults (1,200 pages, 300 steps; 107 s on a shared 2-core CPU):
+    Measured with the defaults (1,200 pages, 300 steps; 107 s on a 2-core CPU):
       filter       precision  recall   what it shows
-      language       0.89      1.00    the misses are short junk pages ("404 Not Found"), not English enough
+      language       0.89      1.00    its false alarms are short junk pages ("404 Not Found"), en score < 0.65
       nsfw / toxic   1.00   1.00/0.95  easy cases: the insults and adult ads here use the words the models know
       gopher         0.73      0.43    catches short junk; keyword spam passes every basic rule
-      gopher+rep     0.08      0.43    the repetition rules drop 80% of the templated-but-clean stories
+      gopher+rep     0.08      0.43    the repetition rules flag most templated-but-clean stories (884 pages)
       quality        0.67      1.00    catches all spam and junk (its other flags are foreign/toxic pages)
       pii            1.00      1.00    on the formats the regexes know (README lists the ones they miss)
       near_dup       1.00      1.00    exact and ~1%-edited copies; line_dedup 0.95 / 1.00
@@ -1735,12 +1735,12 @@ def _rss_run(inputs: list[str], out: str) -> dict:
 def bench(args) -> list[str]:
     """All benchmark rows as markdown (| stage | what | command | ours | peer | ratio |).
 
-    Measured (shared 2-core x86_64 CPU, 600 pages): MinHash 1.90x datasketch on short documents (20 shingles)
-    but only 1.05x on pages (161 shingles): there both spend most of their time in the same per-shingle SHA-1
+    Measured (2-core x86_64 CPU, 600 pages, two runs): MinHash 1.9-2.1x datasketch on short documents
+    (20 shingles) but only 1.05-1.08x on pages (161 shingles): there both spend most of their time in the same per-shingle SHA-1
     call and the same (n, k) numpy arithmetic, so removing datasketch's per-document overhead is all that is
-    left to win. Per core: extraction ~12K docs/s, language ID ~2.4K, PII ~3.4K, NSFW ~1.6K, toxic 84 one by
-    one but ~2.7K in batches of 128 (why `run` batches it), the whole pipeline ~290 docs/s with BPE training
-    included. Peak RSS 342 MB at 1x and 349 MB at 4x input (most of it is the imported libraries)."""
+    left to win. Per core: extraction 8-12K docs/s, language ID ~2K, PII ~3K, NSFW ~1.5K, toxic 60-80 one by
+    one but ~2.5K in batches of 128 (why `run` batches it), the whole pipeline 150-290 docs/s with BPE
+    training included. Peak RSS 342 MB at 1x and 347 MB at 4x input (most of it is the imported libraries)."""
     import tempfile
     rows, cmd = [], "python data.py bench"
     # One markdown row per measurement, in the README's bench-table format.
