@@ -2194,6 +2194,7 @@ def sample_from_checkpoint(checkpoint=None, prompt: str = "", *, pretrained: Opt
     if bad or not ids:
         raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {cfg.vocab_size})"
                          if bad else "the prompt is empty")
+    n_given = len(ids)
     ids, n_new, notes = fit_to_context(ids, max_new_tokens, cfg.context_length)
     for msg in notes:
         note(msg)
@@ -2205,7 +2206,8 @@ def sample_from_checkpoint(checkpoint=None, prompt: str = "", *, pretrained: Opt
     seconds = time.perf_counter() - t0
     texts = None
     if tokenizer is not None:
-        head = prompt if prompt_ids is None else tokenizer.decode(ids)
+        # the text shows the prompt the model actually saw (its kept tail, when it was cut)
+        head = prompt if prompt_ids is None and len(ids) == n_given else tokenizer.decode(ids)
         texts = [head + tokenizer.decode([t for t in out if t != eos]) for out in outs]
     return {"texts": texts, "ids": outs, "prompt_ids": ids, "seconds": seconds}
 
