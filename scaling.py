@@ -131,6 +131,8 @@ def shape_for_depth(depth: int, width_per_depth: int = 16, head_dim: int = 16) -
     d = width_per_depth * depth
     if d % head_dim:
         raise ValueError(f"d_model {d} (= {width_per_depth} x depth {depth}) is not a multiple of head_dim {head_dim}")
+    # parameters per layer ~ 4 d^2 (attention) + 3 d d_ff (SwiGLU) = 12 d^2; with d = 16 depth and L = depth
+    # layers the non-embedding count is ~ 3,100 depth^3, and the 2 V d embedding/head ~ 16K depth (V = 512)
     return dict(d_model=d, num_layers=depth, num_heads=d // head_dim, d_ff=max(16, 16 * round(8 * d / 3 / 16)))
 
 
@@ -152,6 +154,7 @@ def compute_accounting(cfg: M.ModelConfig) -> dict:
 
 def flops_per_token(cfg: M.ModelConfig, flops: str = "6nd") -> float:
     """FLOPs per training token under the chosen convention: "6nd" (C = 6 N D) or "exact" (model.py)."""
+    # the convention decides D for a given C: with "exact" a tiny model (exact < 6N) trains on more tokens
     if flops == "6nd":
         return 6.0 * M.num_params(cfg)
     if flops == "exact":
@@ -281,6 +284,8 @@ def budget_optimum(n: np.ndarray, loss: np.ndarray, method: str) -> float:
     parabola: fit loss = a x^2 + b x + c in x = ln N and take the vertex x* = -b / (2a) (Chinchilla's
               method; interpolates between sizes). a <= 0 means the curve has no minimum (all runs on one
               side of it): an error, since the vertex would be a maximum."""
+    # (the two agree on a symmetric curve sampled at its minimum; they differ by up to half the spacing
+    # between sizes otherwise -- a factor 1.4 with sizes spaced 2x)
     if method == "argmin":
         return float(n[int(np.argmin(loss))])
     if method != "parabola":
@@ -418,6 +423,8 @@ def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200) -> tup
         return f
 
     opt.step(closure)
+    # L-BFGS may end on a worse point than it visited (a failed line search): report the objective at the
+    # returned point, and treat an overflow as "no solution" so callers skip it
     with torch.no_grad():
         f = float(_objective(theta, *data, delta).sum())
     return theta.detach()[0], f if math.isfinite(f) else float("inf")
@@ -629,10 +636,12 @@ class SweepSpec:
     eval_tokens: int = 32_768  # the same first val tokens scored for every run
     seed: int = 1337
 
+    # tokens per optimizer step: the unit in which every run's length D is counted
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.context_length
 
+    # the spec's fingerprint: result files carry it, so results of different settings can never mix
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
@@ -809,7 +818,7 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
             stats["skipped"].append(pr.key)
             continue
         t1 = time.time()
-        cfg = train_config(spec, pr.depth, pr.steps, out / "train" / pr.key, data.cache_dir, threads=threads,
+        cfg = train_config(spec, pr.depth, pr.steps, _fresh(out / "train" / pr.key), data.cache_dir, threads=threads,
                            device=device)
         # the result file is the commit point: written atomically, after training and the final eval
         summary = T.train(cfg, data=data, log=_quiet)
@@ -940,7 +949,7 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
         log(f"verify: C = {c_v:.3g} FLOPs ({factor:g}x the largest budget): IsoFLOPs N_opt = {float(n_iso):,.0f} -> "
             f"depth {depth} (N = {n:,}), D = {tokens:,} tokens ({steps} steps); training ...")
         t0 = time.time()
-        summary = T.train(train_config(spec, depth, steps, Path(out) / "train" / "verify", data.cache_dir,
+        summary = T.train(train_config(spec, depth, steps, _fresh(Path(out) / "train" / "verify"), data.cache_dir,
                                        threads=threads, device=device), data=data, log=_quiet)
         actual = summary["val"]["loss"]
         log(f"verify: trained in {time.time() - t0:.0f}s")
@@ -1035,7 +1044,7 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
                         batch_size=batch_size, max_steps=steps, max_minutes=None, eval_interval=10 ** 9,
                         ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
                         final_eval_tokens=eval_tokens, seed=seed, threads=threads, device=device,
-                        out_dir=str(out / "train" / key))
+                        out_dir=str(_fresh(out / "train" / key)))
                     hooks = mup_hooks(min(widths), w) if param == "mup" else None
                     # too high an lr diverges: train.train raises FloatingPointError; that point is "inf" in the
                     # table (a real outcome of the sweep, not an error of the command)
@@ -1054,6 +1063,14 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
     # best lr per (parametrization, width): the quantity whose spread across widths answers the question
     res["best"] = {p: {w: min(d, key=d.get) for w, d in res[p].items()} for p in ("sp", "mup")}
     return res
+
+
+def _fresh(run_dir: Path) -> Path:
+    """An empty run folder for a run that starts from step 0. A folder left by a killed attempt holds its
+    metrics (and maybe a checkpoint); train.py refuses to mix a new run into it, and the sweep's rule is that
+    an unfinished run is retrained from scratch, so the leftovers go."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return Path(run_dir)
 
 
 def _drop_checkpoint(run_dir: Path):
