@@ -431,6 +431,7 @@ def dpo_loss(policy, reference, prompts: list[list[int]], chosen: list[list[int]
         ref = sequence_log_probs(reference, pairs, pad_id)
     margin = beta * ((logp[:B] - ref[:B]) - (logp[B:] - ref[B:]))  # (B,)
     loss = -F.logsigmoid(margin).mean()
+    margin = margin.detach()
     return loss, {"pref_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
 
 
@@ -634,6 +635,8 @@ def sample_rollouts(model, prompts: list[list[int]], group_size: int, max_new_to
     was_training = model.training
     model.eval()
     try:
+        # Prompts of different lengths are LEFT-padded so every row's next token lands in the same cache slot;
+        # pad_lens tells the cache to mask the padding and to start each row's positions at its first token.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (P, Tp)
         cache = M.KVCache(cfg, len(prompts), longest + max_new_tokens, pad, device=device, dtype=dtype)
@@ -646,7 +649,10 @@ def sample_rollouts(model, prompts: list[list[int]], group_size: int, max_new_to
 
 
 def expand_cache(cache, group_size: int) -> None:
-    """Copy every row of a prefilled KV cache group_size times, in place: row i -> rows i*G .. i*G+G-1."""
+    """Copy every row of a prefilled KV cache group_size times, in place: row i -> rows i*G .. i*G+G-1.
+
+    The copy costs memory traffic (L layers x P*G x Hkv x capacity x dh floats), the prefill it replaces
+    costs a forward pass over P*(G-1) prompts; for any prompt longer than a few tokens the copy wins."""
     cache.k = [k.repeat_interleave(group_size, dim=0) for k in cache.k]  # (P*G, Hkv, cap, dh) per layer
     cache.v = [v.repeat_interleave(group_size, dim=0) for v in cache.v]
     if cache.pad_lens is not None:
@@ -655,8 +661,10 @@ def expand_cache(cache, group_size: int) -> None:
 
 def _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator) -> list[list[int]]:
     """Sample one token per row per step, feeding only the newest token through the cache."""
-    n = logits.shape[0]
+    n = logits.shape[0]  # logits: (N, V) for the next token of each row
     out: list[list[int]] = [[] for _ in range(n)]
+    # A finished row keeps being fed (the batch stays rectangular) but nothing it samples is recorded;
+    # the loop ends early once every row has emitted end-of-text.
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
         if temperature == 0:
@@ -670,7 +678,7 @@ def _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, gene
             done |= nxt == eos_id
             if bool(done.all()):
                 break
-        if step + 1 < max_new_tokens:
+        if step + 1 < max_new_tokens:  # one new position per row: (N, 1) in, (N, V) out
             logits = model(nxt[:, None], kv_cache=cache, last_only=True)[:, -1]
     return out
 
@@ -702,6 +710,8 @@ def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int
     """Greedy responses to every problem, graded by `reward_fn`: accuracy (answer reward) with its 95%
     interval, format-reward rate, mean response length in tokens, mean per-token entropy of the policy on
     its own responses (how sure it is; RL typically drives it down), and decoding throughput."""
+    # Greedy decoding: the accuracy of the policy's single best guess, deterministic, so two checkpoints are
+    # compared on exactly the same footing (sampling would add noise of its own to every comparison).
     t0, correct, formatted, lengths, ent_sum, ent_n, examples = time.time(), 0, 0, [], 0.0, 0, []
     eot = tokenizer.eot_id
     for i in range(0, len(problems), batch_size):
@@ -723,6 +733,8 @@ def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int
                 m = batch["response_mask"].to(dev)
                 ent_sum += float((r["token_entropy"] * m).sum())
                 ent_n += int(m.sum())
+    # With 500 problems a 95% interval is about +-4 points at 50% accuracy: differences smaller than that
+    # are noise, which is why every comparison in the demo is made on 500 held-out problems.
     n, dt = len(problems), time.time() - t0
     lo, hi = wilson_interval(correct, n)
     return {"n": n, "accuracy": correct / max(n, 1), "ci_low": lo, "ci_high": hi, "format_rate": formatted / max(n, 1),
@@ -730,15 +742,19 @@ def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int
             "tokens_per_s": sum(lengths) / max(dt, 1e-9), "examples": examples}
 
 
-def format_eval(name: str, r: dict) -> str:
-    return (f"{name}: accuracy {100 * r['accuracy']:.1f}% [95% CI {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}] "
-            f"on {r['n']} | format {100 * r['format_rate']:.1f}% | length {r['mean_length']:.1f} tok | "
-            f"entropy {r['entropy']:.3f} nats | {r['tokens_per_s']:.0f} tok/s")
 
 
 # ======================================================================================================
 # 10. The stages: SFT, expert iteration, GRPO (on- and off-policy), DPO -- one step function each
 # ======================================================================================================
+
+# Each stage is a loop of STEPS; a step function takes (context, step index) and returns a dict of metrics.
+# What differs between the methods is only what a step does:
+#   sft   a batch of worked solutions -> cross-entropy on the response tokens -> one optimizer step
+#   ei    rollouts -> keep the verified ones -> the SFT update on them (the model's own correct answers)
+#   grpo  rollouts -> group-normalized advantages -> policy-gradient update(s), on- or off-policy
+#   dpo   rollouts -> (verified, rejected) pairs per prompt -> the DPO loss against the frozen start
+# Everything a step samples is a function of (seed, step), which is what makes resuming after a kill exact.
 
 @dataclass
 class AlignConfig:
@@ -746,6 +762,7 @@ class AlignConfig:
     stage: str = "sft"  # sft | ei | grpo | dpo
     name: str = ""  # label of this run in logs and plots (default: the stage)
     init: str = ""  # checkpoint to start from (train.py's or a previous stage's)
+    pretrained: str = ""  # instead of init: "gpt2" (Hugging Face weights, downloaded once) or a local folder
     out_dir: str = "runs/align/sft"
     steps: int = 40  # optimizer steps (sft, dpo) or rollout batches (ei, grpo)
     lr: float = 1e-3
@@ -773,6 +790,9 @@ class AlignConfig:
 
 
 def _rows_in_micro_batches(n: int, micro: int):
+    """[(start, end)] spans of at most `micro` rows: the forward/backward pieces of one optimizer step. Memory
+    grows with rows x tokens x vocab (the logits), so big rollout batches are processed a slice at a time and
+    their gradients accumulate before the single optimizer step."""
     return [(i, min(i + micro, n)) for i in range(0, n, micro)]
 
 
@@ -792,10 +812,15 @@ def sft_update(model, opt, pairs: list[tuple[list[int], list[int]]], cfg: AlignC
 
 
 def _step(model, opt, cfg: AlignConfig) -> float:
+    """Clip the global gradient norm (RL gradients are noisy: one lucky group can produce a huge step), take
+    the optimizer step, clear the gradients. Returns the norm before clipping (a health signal in the log)."""
     gnorm = T.gradient_clipping(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(gnorm)
+
+
+UNFINISHED = {"reward": 0.0, "format_reward": 0.0, "answer_reward": 0.0}
 
 
 def rollout_batch(ctx: "StageContext", step: int) -> dict:
@@ -803,15 +828,20 @@ def rollout_batch(ctx: "StageContext", step: int) -> dict:
     Deterministic in (seed, step): a resumed run samples exactly what the killed one would have."""
     cfg, tok = ctx.cfg, ctx.tokenizer
     t0 = time.time()
+    # batch_size distinct prompts; each is sampled group_size times (consecutive rows form a group)
     problems = random.Random(f"{cfg.seed}-{step}").sample(ctx.train_pool, cfg.batch_size)
-    prompts = [_encode(tok, task_prompt(p)) for p in problems]
+    prompts = [_encode(tok, ctx.prompt_fn(p)) for p in problems]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     outs = sample_rollouts(ctx.model, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, tok.eot_id, gen)
     t1 = time.time()
-    texts = [decode_response(tok, o) for o in outs]
+    # A response cut off by the token budget is scored as a failure, whatever it said before the cut: else
+    # "correct answer, then rambling on" is rewarded, and fine-tuning on it teaches the model never to stop.
+    texts = [decode_response(tok, o) if (o and o[-1] == tok.eot_id) or not ctx.require_eot else None for o in outs]
     truths = [p.answer for p in problems for _ in range(cfg.group_size)]
-    adv, raw, meta = compute_group_normalized_rewards(r1_zero_reward_fn, texts, truths, cfg.group_size, 1e-6,
+    reward_fn = lambda text, gt: ctx.reward_fn(text, gt) if text is not None else UNFINISHED  # noqa: E731
+    adv, raw, meta = compute_group_normalized_rewards(reward_fn, texts, truths, cfg.group_size, 1e-6,
                                                       cfg.normalize_by_std)
+    # pairs[i] = (prompt ids, response ids) of rollout i; advantages/rewards are (P*G,) tensors
     prompt_rows = [p for p in prompts for _ in range(cfg.group_size)]
     return {"pairs": list(zip(prompt_rows, outs)), "advantages": adv, "rewards": raw, "meta": meta,
             "rollout_s": t1 - t0, "score_s": time.time() - t1, "mean_length": sum(map(len, outs)) / len(outs)}
@@ -820,6 +850,7 @@ def rollout_batch(ctx: "StageContext", step: int) -> dict:
 def sft_step(ctx: "StageContext", step: int) -> dict:
     """SFT: a batch of worked solutions from a fixed pool (epochs over it in a fixed shuffled order)."""
     cfg = ctx.cfg
+    # step s covers examples s*B .. s*B+B-1 of an endless sequence of epochs, each its own fixed shuffle
     order = list(range(len(ctx.sft_pool)))
     start = (step * cfg.batch_size)
     epoch, idx = divmod(start, len(order))
@@ -834,13 +865,15 @@ def ei_step(ctx: "StageContext", step: int) -> dict:
     cfg = ctx.cfg
     rb = rollout_batch(ctx, step)
     t0 = time.time()
+    # Duplicates are dropped: a prompt the model already answers right 8 times out of 8 would otherwise
+    # dominate the batch with 8 copies of a lesson it does not need (the easy problems crowd out the rest).
     keep = {}
     for (p, o), r in zip(rb["pairs"], rb["rewards"].tolist()):
         if r > 0:
             keep[(tuple(p), tuple(o))] = (p, o)
     kept = list(keep.values())
     random.Random(f"{cfg.seed}-ei-{step}").shuffle(kept)
-    stats = {"loss": float("nan"), "grad_norm": float("nan")}
+    stats = {"loss": float("nan"), "grad_norm": float("nan")}  # a batch with nothing verified: no update
     for _ in range(cfg.epochs_per_batch):
         for a, b in _rows_in_micro_batches(len(kept), max(1, -(-len(kept) // cfg.minibatches))):
             stats = sft_update(ctx.model, ctx.opt, kept[a:b], cfg, ctx.pad_id)
@@ -857,20 +890,21 @@ def grpo_step(ctx: "StageContext", step: int) -> dict:
     t0 = time.time()
     pairs, adv, raw = rb["pairs"], rb["advantages"], rb["rewards"]
     nconst = float(cfg.max_new_tokens) if cfg.length_normalization == "constant" else None
-    batch = pack_prompt_response_ids(pairs, ctx.pad_id)
+    batch = pack_prompt_response_ids(pairs, ctx.pad_id)  # right-padded (N, L) rows, N = P*G
     old = None
     if cfg.loss_type == "grpo_clip":
         with torch.no_grad():  # log pi_old: the policy that sampled the rollouts
             old = torch.cat([get_response_log_probs(model, batch["input_ids"][a:b], batch["labels"][a:b])["log_probs"]
                              for a, b in _rows_in_micro_batches(len(pairs), cfg.micro_batch)])
     n, losses, clips, gnorm = len(pairs), [], [], float("nan")
+    # epochs x minibatches optimizer steps on the same rollouts; only the first is exactly on-policy
     for epoch in range(cfg.epochs_per_batch):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
         per_mb = -(-n // cfg.minibatches)
         for m0 in range(0, n, per_mb):
             rows = order[m0:m0 + per_mb]
             spans = _rows_in_micro_batches(len(rows), cfg.micro_batch)
-            for a, b in spans:
+            for a, b in spans:  # gradient accumulation: each micro-batch carries 1/len(spans) of the step
                 r = rows[a:b]
                 lp = get_response_log_probs(model, batch["input_ids"][r], batch["labels"][r])["log_probs"]
                 loss, meta = grpo_microbatch_train_step(
@@ -895,6 +929,8 @@ def dpo_step(ctx: "StageContext", step: int) -> dict:
     cfg = ctx.cfg
     rb = rollout_batch(ctx, step)
     t0 = time.time()
+    # One pair per group, only from groups with both outcomes: a group the model always (or never) solves
+    # says nothing about which of two answers is better. Unfinished responses count as rejected.
     rng = random.Random(f"{cfg.seed}-dpo-{step}")
     G, prompts, chosen, rejected = cfg.group_size, [], [], []
     rewards = rb["rewards"].tolist()
@@ -908,7 +944,7 @@ def dpo_step(ctx: "StageContext", step: int) -> dict:
             chosen.append(rb["pairs"][i][1])
             rejected.append(rb["pairs"][j][1])
     stats = {"loss": float("nan"), "grad_norm": float("nan"), "pref_accuracy": float("nan")}
-    if prompts:
+    if prompts:  # chosen + rejected: 2 rows per pair, hence half as many pairs per micro-batch
         spans = _rows_in_micro_batches(len(prompts), max(1, cfg.micro_batch // 2))
         total, accs = 0.0, []
         for a, b in spans:
@@ -936,6 +972,9 @@ class StageContext:
     train_pool: list  # training problems to draw rollout prompts from
     sft_pool: list  # (prompt_ids, response_ids) worked solutions (sft only)
     reference: Optional[torch.nn.Module] = None  # the frozen starting model (dpo only)
+    reward_fn: Callable = r1_zero_reward_fn  # (response, ground_truth) -> {"reward", ...}
+    prompt_fn: Callable = task_prompt  # Problem -> prompt text
+    require_eot: bool = True  # a rollout that never emitted end-of-text scores 0 (see rollout_batch)
 
 
 def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
@@ -950,17 +989,26 @@ def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
         T.set_cpu_threads(cfg.threads)
     out = T.check_out_dir(cfg.out_dir)
     ckpt_path, log_path = out / "ckpt.pt", Path(cfg.log_path or out / "log.jsonl")
-    model, tokenizer, init_info = load_policy(cfg.init)
+    model, tokenizer, init_info = load_policy(cfg.init, pretrained=cfg.pretrained)
+    # AdamW without weight decay: fine-tuning should stay near the pretrained weights, and decay would pull
+    # them toward zero, not toward where they started. A fresh optimizer state per stage (Adam's moments
+    # describe the previous objective's gradients, not this one's).
     opt = T.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = resume_stage(ckpt_path, cfg, model, opt, init_info, log)
     trim_log(log_path, cfg.name or cfg.stage, step)
     reference = None
     if cfg.stage == "dpo":
-        reference, _, _ = load_policy(cfg.init)  # the starting policy, frozen
+        reference, _, _ = load_policy(cfg.init, pretrained=cfg.pretrained)  # the starting policy, frozen
         reference.requires_grad_(False)
+    # rollout prompts come from the train split only; every evaluation uses the held-out splits
     train_pool = task_problems("train", 4096, seed=cfg.seed + 11)
     sft_pool = [(_encode(tokenizer, task_prompt(p)), _encode(tokenizer, task_response(p)) + [tokenizer.eot_id])
                 for p in train_pool[:cfg.sft_examples]] if cfg.stage == "sft" else []
+    longest = max((len(p) + len(o) for p, o in sft_pool), default=0)
+    if longest > model.config.context_length or \
+            len(_encode(tokenizer, task_prompt(train_pool[0]))) + cfg.max_new_tokens > model.config.context_length:
+        raise ValueError(f"the model's context of {model.config.context_length} tokens is too short for this task "
+                         f"(worked solutions up to {longest} tokens; prompts + --max-new-tokens {cfg.max_new_tokens})")
     ctx = StageContext(cfg, model, opt, tokenizer, pad_id_of(tokenizer), train_pool, sft_pool, reference)
     save = lambda s: save_stage_checkpoint(ckpt_path, model, opt, s, cfg, tokenizer, init_info)  # noqa: E731
     model.train()
@@ -998,20 +1046,6 @@ def evaluate_stage(model, tokenizer, cfg: AlignConfig, log_path: Path, log: Call
     return result
 
 
-def format_step(row: dict) -> str:
-    """One progress line per step; RL stages show where the time went (rollout / scoring / update)."""
-    s = f"[{row['stage']}] step {row['step']:4d} | loss {row.get('loss', float('nan')):8.4f}"
-    if "reward_mean" in row:
-        s += f" | reward {row['reward_mean']:.3f} | format {row['format_reward_mean']:.2f}"
-        s += f" | len {row['mean_length']:.1f}"
-    for k, label in (("clip_fraction", "clip"), ("kept", "kept"), ("pairs", "pairs"), ("pref_accuracy", "pref acc")):
-        if k in row:
-            s += f" | {label} {row[k]:.3g}"
-    if "rollout_s" in row:
-        s += f" | rollout {row['rollout_s']:.2f}s score {row['score_s']:.2f}s update {row['update_s']:.2f}s"
-    else:
-        s += f" | {row['seconds']:.2f}s"
-    return s
 
 
 # ======================================================================================================
@@ -1020,6 +1054,8 @@ def format_step(row: dict) -> str:
 
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, batch_size: int = 16) -> dict:
     """Exact match of the LAST number of a greedy response (R1-Zero prompt) against the reference answer."""
+    # A GSM8K question is ~60-200 tokens with GPT-2's tokenizer; a model with a short context cannot even
+    # read the long ones, so they are skipped (and counted) rather than silently truncated.
     probs = [Problem(e["question"], e["answer"], "") for e in examples]
     ctx = model.config.context_length
     keep = [p for p in probs if len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) + 1 < ctx]
@@ -1035,6 +1071,7 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int =
 
 
 def mmlu_prompt(e: dict) -> str:
+    """The MMLU paper's zero-shot prompt: subject line, question, lettered options, "Answer:"."""
     opts = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(e["options"]))
     return f"The following is a multiple choice question about {e['subject'].replace('_', ' ')}.\n\n" \
            f"{e['question']}\n{opts}\nAnswer:"
@@ -1057,7 +1094,7 @@ def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, 
         n_tokens += sum(map(len, outs))
         for e, o in zip(chunk, outs):
             n_letter += int(parse_mmlu_response(e, decode_response(tokenizer, o)) == e["answer"])
-        for e, p in zip(chunk, prompts):
+        for e, p in zip(chunk, prompts):  # the four options as continuations of the same prompt
             conts = [_encode(tokenizer, " " + o) for o in e["options"]]
             pairs = [(p[-(ctx - len(c) - 1):] if len(p) + len(c) >= ctx else p, c[:ctx - 2]) for c in conts]
             lp = sequence_log_probs(model, pairs, pad)  # (4,) summed log-prob of each option
@@ -1077,29 +1114,29 @@ def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, 
 # Expert iteration, the two GRPO variants and DPO all start from the SAME SFT checkpoint with the same
 # budget (rollout batches x prompts x group size), so their held-out accuracies compare directly.
 DEMO_PRETRAIN = dict(vocab_size=512, context_length=128, d_model=128, num_layers=4, num_heads=4, batch_size=16,
-                     max_minutes=3.5, warmup_iters=50)
-DEMO_SFT = dict(steps=30, lr=1e-3, batch_size=32, sft_examples=256)
+                     max_steps=600, max_minutes=8.0, warmup_iters=50)
+DEMO_SFT = dict(steps=45, lr=1e-3, batch_size=32, sft_examples=256)
 DEMO_RL = dict(steps=40, batch_size=16, group_size=8, temperature=1.0, max_new_tokens=40)
 DEMO_METHODS = {  # name -> (stage, options on top of DEMO_RL)
-    "ei": ("ei", dict(lr=5e-4)),
+    "ei": ("ei", dict(lr=1e-3)),
     "grpo": ("grpo", dict(lr=3e-4, loss_type="reinforce_with_baseline")),
     "grpo_off": ("grpo", dict(lr=3e-4, loss_type="grpo_clip", epochs_per_batch=2, minibatches=2, cliprange=0.2)),
     "dpo": ("dpo", dict(lr=1e-4, beta=0.1)),
 }
 
 
-def pretrain_base(out: Path, seed: int = 0, minutes: Optional[float] = None, log: Callable = print) -> Path:
+def pretrain_base(out: Path, seed: int = 0, steps: Optional[int] = None, log: Callable = print) -> Path:
     """The base model, with train.py's own loop (resumable; skipped when already done). Returns ckpt path."""
-    done = out / "base" / "done.json"
+    done = T.check_out_dir(out / "base") / "done.json"
     if done.exists():
         return out / "base" / "ckpt.pt"
     corpus = out / "pretrain.txt"
     if not corpus.exists():
         with atomic_open(corpus, "w") as f:
             f.write(pretraining_text(2_500_000, seed))
-    kw = dict(DEMO_PRETRAIN, max_minutes=minutes or DEMO_PRETRAIN["max_minutes"])
+    kw = dict(DEMO_PRETRAIN, max_steps=steps or DEMO_PRETRAIN["max_steps"])
     cfg = T.TrainConfig(preset="align-base", data=str(corpus), data_dir=str(out / "data_cache"), val_fraction=0.05,
-                        bpe_train_bytes=1_000_000, max_steps=None, budget_includes_prep=False, eval_interval=10 ** 9,
+                        bpe_train_bytes=1_000_000, budget_includes_prep=False, eval_interval=10 ** 9,
                         ckpt_interval=200, final_eval_tokens=65_536, out_dir=str(out / "base"), resume=True,
                         num_samples=0, plot=False, seed=seed + 1337, log_interval=100, **kw)
     summary = T.train(cfg, log=log)
@@ -1113,7 +1150,7 @@ def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log
     out = T.check_out_dir(out_dir)
     t0, log_path, results = time.time(), out / "align_log.jsonl", {}
     n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
-    base = pretrain_base(out, seed, DEMO_PRETRAIN["max_minutes"] * scale, log)
+    base = pretrain_base(out, seed, n(DEMO_PRETRAIN["max_steps"]), log)
     model, tokenizer, _ = load_policy(str(base))
     log("\n== base model (completes text; never saw the answer format) ==")
     results["base"] = cached_eval(out / "base", model, tokenizer, AlignConfig(stage="base", eval_problems=n(500),
@@ -1147,6 +1184,33 @@ def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log
     return results
 
 
+
+
+# ===== Appendix: plumbing =====
+# Checkpoints, logs, data files and downloads: needed for a real tool, not for the ideas above.
+
+def format_step(row: dict) -> str:
+    """One progress line per step; RL stages show where the time went (rollout / scoring / update)."""
+    s = f"[{row['stage']}] step {row['step']:4d} | loss {row.get('loss', float('nan')):8.4f}"
+    if "reward_mean" in row:
+        s += f" | reward {row['reward_mean']:.3f} | format {row['format_reward_mean']:.2f}"
+        s += f" | len {row['mean_length']:.1f}"
+    for k, label in (("clip_fraction", "clip"), ("kept", "kept"), ("pairs", "pairs"), ("pref_accuracy", "pref acc")):
+        if k in row:
+            s += f" | {label} {row[k]:.3g}"
+    if "rollout_s" in row:
+        s += f" | rollout {row['rollout_s']:.2f}s score {row['score_s']:.2f}s update {row['update_s']:.2f}s"
+    else:
+        s += f" | {row['seconds']:.2f}s"
+    return s
+
+
+def format_eval(name: str, r: dict) -> str:
+    return (f"{name}: accuracy {100 * r['accuracy']:.1f}% [95% CI {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}] "
+            f"on {r['n']} | format {100 * r['format_rate']:.1f}% | length {r['mean_length']:.1f} tok | "
+            f"entropy {r['entropy']:.3f} nats | {r['tokens_per_s']:.0f} tok/s")
+
+
 def cached_stage(cfg: AlignConfig, log: Callable, label: Optional[str] = None) -> dict:
     """run_stage unless <out_dir>/result.json says it already finished (the demo's resume-after-kill)."""
     done = Path(cfg.out_dir) / "result.json"
@@ -1167,10 +1231,6 @@ def cached_eval(folder: Path, model, tokenizer, cfg: AlignConfig, log_path: Path
     atomic_write_json(done, res)
     return res
 
-
-# ===== Appendix: plumbing =====
-# Checkpoints, logs, data files and downloads: needed for a real tool, not for the ideas above.
-
 ALIGN_FORMAT = "scratchlm-checkpoint-v1"  # train.py's format, plus align's own entries
 
 
@@ -1189,9 +1249,17 @@ def find_tokenizer(ckpt_path: Path, ckpt: dict):
     return tok
 
 
-def load_policy(path: str, device: str = "cpu"):
+def load_policy(path: str, device: str = "cpu", pretrained: str = ""):
     """(model, tokenizer, info) from a train.py or align.py checkpoint, with clear errors for a missing or
-    foreign file, weights that do not fit their config, or a tokenizer whose vocabulary does not fit."""
+    foreign file, weights that do not fit their config, or a tokenizer whose vocabulary does not fit.
+    pretrained="gpt2" (or a folder of Hugging Face safetensors) loads GPT-2 through model.from_pretrained
+    with GPT-2's tokenizer instead: the same stages then fine-tune and evaluate a real pretrained model."""
+    if pretrained:
+        model = M.from_pretrained(pretrained, device=device).train()
+        tok = tk.gpt2_tokenizer()
+        info = {"path": f"pretrained:{pretrained}", "model_config": model.config.to_dict(),
+                "tokenizer_fingerprint": tok.fingerprint()}
+        return model, tok, info
     if not path:
         raise ValueError("no checkpoint given (--init CKPT)")
     ckpt = T.read_checkpoint(path)
@@ -1434,6 +1502,7 @@ def bench(args) -> list[str]:
 # ======================================================================================================
 _STAGE_HELP = {
     "init": "checkpoint to start from (train.py's ckpt.pt or a previous stage's)", "out_dir": "run folder",
+    "pretrained": "instead of --init: gpt2 (Hugging Face weights, downloaded once) or a local safetensors folder",
     "steps": "optimizer steps (sft, dpo) / rollout batches (ei, grpo)", "lr": "AdamW learning rate",
     "batch_size": "sft: examples per step; ei/grpo/dpo: prompts per rollout batch",
     "micro_batch": "rows per forward/backward", "group_size": "rollouts per prompt",
@@ -1444,8 +1513,15 @@ _STAGE_HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line on stderr (exit status 2), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="align.py", description="Stage 8: SFT, expert iteration, GRPO, DPO and "
+    p = _Parser(prog="align.py", description="Stage 8: SFT, expert iteration, GRPO, DPO and "
                                 "evaluation. No command: the whole demo (pretrain -> SFT -> EI | GRPO | DPO).")
     p.add_argument("--out-dir", default="runs/align", help="demo run folder (default runs/align)")
     p.add_argument("--seed", type=int, default=0)
@@ -1460,9 +1536,11 @@ def build_parser() -> argparse.ArgumentParser:
                 sp.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
             else:
                 sp.add_argument(flag, type=type(f.default), default=None if f.name == "out_dir" else f.default,
-                                required=f.name == "init", help=h)
+                                help=h)
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the built-in task, GSM8K or MMLU")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint (train.py or align.py)")
+    ev.add_argument("--checkpoint", default="", help="checkpoint (train.py or align.py)")
+    ev.add_argument("--pretrained", default="", help="instead of --checkpoint: gpt2 (downloaded once, cached) or "
+                    "a folder with Hugging Face model.safetensors + config.json")
     ev.add_argument("--task", choices=("builtin", "gsm8k", "mmlu"), default="builtin")
     ev.add_argument("--data", default=None, help="gsm8k: a JSONL file; mmlu: the folder of CSVs "
                     "(default: download once into --cache-dir)")
@@ -1484,7 +1562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> dict:
-    model, tokenizer, _ = load_policy(args.checkpoint)
+    model, tokenizer, _ = load_policy(args.checkpoint, pretrained=args.pretrained)
     model.eval()
     limit = args.limit or None
     if args.task == "builtin":
@@ -1514,6 +1592,10 @@ def main(argv: Optional[list] = None) -> None:
         v = getattr(args, k, None)
         if v is not None and v < (0 if k == "limit" else 1):
             parser.error(f"--{k.replace('_', '-')} must be >= {0 if k == 'limit' else 1}, got {v}")
+    if args.command in STEP_FUNCTIONS and bool(args.init) == bool(args.pretrained):
+        parser.error("give exactly one of --init CKPT and --pretrained gpt2|PATH")
+    if args.command == "eval" and bool(args.checkpoint) == bool(args.pretrained):
+        parser.error("give exactly one of --checkpoint CKPT and --pretrained gpt2|PATH")
     if getattr(args, "loss_type", None) not in (None, *POLICY_GRADIENT_LOSSES):
         parser.error(f"--loss-type must be one of {list(POLICY_GRADIENT_LOSSES)}")
     if getattr(args, "length_normalization", None) not in (None, "mean", "constant"):
