@@ -561,9 +561,11 @@ def count_lines(texts, counts: dict | None = None) -> dict:
     return counts
 
 
-def keep_unique_lines(text: str, counts: dict) -> str:
-    """Pass 2: the text with every line that occurs more than once in the corpus removed."""
-    return "".join(line for line in text.splitlines(keepends=True) if counts.get(_line_key(line.rstrip("\r\n")), 0) == 1)
+def keep_unique_lines(text: str, counts: dict, keep_blank: bool = False) -> str:
+    """Pass 2: the text with every line that occurs more than once in the corpus removed. With keep_blank,
+    empty lines stay (the pipeline keeps paragraph breaks; CS336's file-level rule removes them too)."""
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if counts.get(_line_key(line.rstrip("\r\n")), 0) == 1 or (keep_blank and not line.strip()))
 
 
 def exact_line_deduplication(input_files, output_directory):
@@ -1002,10 +1004,11 @@ def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[l
         # Line dedup after document dedup: otherwise every line of a duplicated page would count twice and
         # the surviving copy would be emptied. What is left to remove is boilerplate shared across pages.
         counts = count_lines(d["text"] for d in kept)
-        before, lines_before = len(kept), sum(d["text"].count("\n") for d in kept)
+        content_lines = lambda: sum(1 for d in kept for line in d["text"].splitlines() if line.strip())
+        before, lines_before = len(kept), content_lines()
         for d in kept:
-            d["text"] = keep_unique_lines(d["text"], counts)
-        stats["lines_removed"] = lines_before - sum(d["text"].count("\n") for d in kept)
+            d["text"] = keep_unique_lines(d["text"], counts, keep_blank=True)
+        stats["lines_removed"] = lines_before - content_lines()
         kept = [d for d in kept if d["text"].strip()]
         stats["emptied_by_line_dedup"] = before - len(kept)
         stats["distinct_lines"] = len(counts)
