@@ -226,10 +226,11 @@ class NaiveDDP(nn.Module):
         self.comm_wait_seconds += time.perf_counter() - t0
 
 
-class DDP(nn.Module):
-    """Overlap communication with backward: autograd calls a hook on each parameter the moment its gradient is
-    final (`register_post_accumulate_grad_hook`), and the hook launches an asynchronous all-reduce of it right
-    away; backward keeps computing earlier layers' gradients while the last layers' gradients travel.
+class DDP(NaiveDDP):
+    """NaiveDDP with the communication overlapped with backward: autograd calls a hook on each parameter the
+    moment its gradient is final (`register_post_accumulate_grad_hook`), and the hook launches an asynchronous
+    all-reduce of it right away; backward keeps computing earlier layers' gradients while the last layers'
+    gradients travel.
     `finish_gradient_synchronization` only waits for the handles and divides by N.
 
     Ordering rule (the subtle part): collectives are matched across ranks by the order in which they are issued,
@@ -242,11 +243,7 @@ class DDP(nn.Module):
     bucket_size_mb = 0.0  # 0: every parameter is its own bucket
 
     def __init__(self, module):
-        super().__init__()
-        self.module = module
-        self.world_size = dist.get_world_size()
-        broadcast_module_(module)
-        self._params = _trainable_params(module)
+        super().__init__(module)            # NaiveDDP's: broadcast rank 0's weights, list the trainable params
         self._index = {id(p): i for i, p in enumerate(self._params)}
         # first guess of the order gradients become ready in: backward runs the layers last to first
         self._build_buckets(list(reversed(range(len(self._params)))))
@@ -257,7 +254,6 @@ class DDP(nn.Module):
             # fires after autograd has ADDED this backward's contribution to p.grad (for a tied weight: after
             # both uses), i.e. when p.grad is final for this backward
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        self.comm_wait_seconds = 0.0        # time spent blocked in finish_gradient_synchronization (bench)
 
     # -- buckets ---------------------------------------------------------------------------------------------
     def _build_buckets(self, order):
@@ -329,10 +325,7 @@ class DDP(nn.Module):
         self._ready_count[self._bucket_of[i]] += 1
         self._launch_ready_in_order()
 
-    # -- public interface ------------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
+    # -- public interface (forward: NaiveDDP's, the plain model's) -----------------------------------------
     @contextlib.contextmanager
     def no_sync(self):
         """Gradient accumulation: backward inside this context only accumulates into .grad; the backward of the

@@ -2,8 +2,7 @@
 # ScratchLM stage 4 GPU script: correctness FIRST, then benchmarks, all within ~8 minutes of device time.
 #
 # Run from the repository root on a machine with an NVIDIA GPU and a CUDA build of torch + triton:
-#     bash .ci/gpu_check.sh   (not run by CI, which has no GPU: this is the one prepared script for a lent GPU)
-# With the project device tool: run(command="bash .ci/gpu_check.sh", timeout_s=560).
+#     bash .ci/gpu_check.sh   (not run by CI, which has no GPU; this is the one script for a GPU machine)
 # Output is also written to $OUT/gpu_check.log when $OUT is set.
 #
 # Steps and time limits (seconds):       0. environment report                       (~5)
