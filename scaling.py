@@ -1156,6 +1156,7 @@ def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extra
     # left panel: the raw evidence. Each budget is one colour; solid = the parabola in ln N that approach 2
     # takes the vertex of, dotted = what approach 3's law says along the same budget (C = 6ND fixed).
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # one colour per budget, small to large
     groups = group_by_budget(runs)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
     for (c, rs), col in zip(groups.items(), colors):
@@ -1202,6 +1203,8 @@ def plot_lr_transfer(res: dict, path):
     # diverged runs (inf) are drawn at 10 so the curve shows where the lr became too high
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, p, name in ((axes[0], "sp", "standard parametrization"), (axes[1], "mup", "muP")):
+        # one line per width; the legend names each width's best lr so the drift (or its absence) reads
+        # without squinting at the curves
         for w, d in sorted(res[p].items()):
             lrs = sorted(d)
             ax.plot(lrs, [min(d[lr], 10.0) for lr in lrs], "o-", label=f"width {w} (best {res['best'][p][w]:.2g})")
@@ -1280,6 +1283,7 @@ def bench_main(args):
     if path is None:
         print("isoflops_curves.json not found (optional, ../shared/data): IsoFLOPs rows skipped")
         return
+    # the 72 runs give N and C only; D = C / 6N as the assignment intends
     runs = load_runs(path)
     iso, par = fit_all(runs)
     print_fits(runs, iso, par)
@@ -1302,6 +1306,14 @@ _FORMATS = """input formats for `fit`:
 
 
 # argparse `type=` converters: a bad value becomes argparse's own one-line usage error (exit 2), naming the flag
+
+
+_SWEEP_DOC = """Train an IsoFLOPs sweep through train.py, fit both laws, optionally verify the prediction.
+Each run's result is written atomically to <out>/runs/<key>.json: a killed sweep resumes by running the
+same command again (finished runs are skipped, an unfinished one is retrained from step 0, a broken result
+file is reported and rerun). --shard K/N on N machines with the same flags splits the runs with no
+coordination; merge with `python scaling.py fit <out1> <out2> ...`. Runs are fixed token budgets (steps),
+never wall clock, so results are deterministic for a given --threads."""
 
 
 def _budget_list(s):
@@ -1343,12 +1355,12 @@ def get_parser() -> argparse.ArgumentParser:
     # shapes (the depth table). Sweep flags mirror SweepSpec's fields one to one, with its defaults.
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
     s = sub.add_parser("sweep", help="train an IsoFLOPs sweep through train.py (resumable, shardable), fit, verify",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=_SWEEP_DOC)
     d = SweepSpec()
     s.add_argument("--out", default="runs/scaling", help="sweep folder (results, run folders, plots)")
     s.add_argument("--budgets", type=_budget_list, default=d.budgets, help="FLOP budgets, comma-separated")
     s.add_argument("--depths", type=_int_list, default=d.depths, help="candidate depths (the model-size dial)")
-    s.add_argument("--runs-per-budget", type=int, default=d.runs_per_budget)
+    s.add_argument("--runs-per-budget", type=int, default=d.runs_per_budget, help="model sizes per budget (>= 3)")
     s.add_argument("--flops", choices=("6nd", "exact"), default=d.flops,
                    help="compute convention: 6ND, or model.py's exact per-token count")
     s.add_argument("--mode", choices=("separate", "branched"), default="separate",
@@ -1358,15 +1370,22 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard", type=_shard, default=None, help="K/N: run only this machine's share")
     s.add_argument("--verify", action="store_true", help="then train the predicted optimum at --verify-factor x the "
                                                           "largest budget and report predicted vs actual loss")
-    s.add_argument("--verify-factor", type=float, default=4.0)
-    for f in ("context_length", "batch_size", "width_per_depth", "head_dim", "warmup_iters", "min_steps",
-              "synthetic_bytes", "vocab_size", "eval_tokens", "seed"):
-        s.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
-    for f in ("lr", "muon_lr", "decay_fraction", "tokens_per_param"):
-        s.add_argument("--" + f.replace("_", "-"), type=float, default=getattr(d, f))
+    s.add_argument("--verify-factor", type=float, default=4.0, help="verification budget / largest swept budget")
+    # the run-shape flags, one per SweepSpec field (same names with dashes), each with its default in --help
+    helps = dict(context_length="tokens per window", batch_size="windows per step",
+                 width_per_depth="d_model = this x depth", head_dim="attention head size (heads = d_model / this)",
+                 warmup_iters="linear warm-up steps", min_steps="runs shorter than this are not planned",
+                 synthetic_bytes="size of the synthetic training text", vocab_size="BPE vocabulary",
+                 eval_tokens="validation tokens scored per run", seed="init and batch seed", lr="AdamW lr",
+                 muon_lr="Muon lr (hidden matrices)", decay_fraction="WSD: final fraction of steps spent decaying",
+                 tokens_per_param="centre of each budget's window of sizes (Chinchilla's ~20)")
+    for f in helps:
+        typ = float if isinstance(getattr(d, f), float) else int
+        s.add_argument("--" + f.replace("_", "-"), type=typ, default=getattr(d, f), help=helps[f] + " (default: %(default)s)")
     s.add_argument("--optimizer", choices=("muon", "adamw"), default=d.optimizer)
     s.add_argument("--data", default=d.data, help="train.py's --data: synthetic (default), tinystories, owt, or a file")
     s.add_argument("--data-dir", default="data_cache")
+    # one thread per run by default: on 2 cores, two shards (or two users) can each run one
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: auto); fixed counts make "
                                                           "results bitwise reproducible across machines")
     s.add_argument("--device", default="cpu")
@@ -1407,7 +1426,9 @@ def get_parser() -> argparse.ArgumentParser:
 # FileNotFoundError from bad input end as one line on stderr with exit status 2 (see main).
 
 
+# (SweepSpec's fields double as flag names, so the spec a command line builds is exactly the one its --help shows)
 def _spec_from_args(args) -> SweepSpec:
+    # every SweepSpec field that has a flag; fields without one keep their defaults
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepSpec) if hasattr(args, f.name)}
     return SweepSpec(**kw)
 
@@ -1418,6 +1439,7 @@ def sweep_main(args):
     spec = _spec_from_args(args)
     out = Path(args.out)
     t0 = time.time()
+    # the data pipeline runs once here (cached on disk); every run reads the same token files
     data = prepare_sweep_data(spec, args.data_dir)
     threads = T.set_cpu_threads(args.threads)
     # the thread count is resolved once (auto mode times a workload; doing it per run would cost seconds and
@@ -1449,6 +1471,7 @@ def sweep_main(args):
     runs, iso, par, folder = fits[modes[0]]
     ver = None
     if args.verify:
+        # the verification run is one more train.train call, recorded in <out>/verify.json (resumable too)
         ver = verify_prediction(spec, folder, data, runs, args.verify_factor, threads=threads, device=args.device,
                                 iso=iso["parabola"], par=par)
     plot_fits(runs, iso, par, folder / "fit.png", verify=ver, title=f"sweep {folder}")
@@ -1527,6 +1550,8 @@ def shapes_main(args):
     exact per-token count (the embedding lookup is free, attention is not counted by 6N)."""
     print(f"{'depth':>5s} {'d_model':>7s} {'layers':>6s} {'heads':>5s} {'d_ff':>5s} {'N':>12s} {'non-emb N':>12s} "
           f"{'6N':>12s} {'exact':>12s} {'exact/6N':>8s}")
+    # exact/6N < 1 for tiny models (the input embedding is counted in N but costs no FLOPs), > 1 for large
+    # ones (attention's T-dependent term, which 6N leaves out)
     for d in args.depths:
         cfg = model_config_for_depth(d, args.vocab_size, args.context_length)
         a = compute_accounting(cfg)
