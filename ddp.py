@@ -67,6 +67,7 @@ import dataclasses
 import datetime
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -1388,6 +1389,22 @@ def _resume_state(ckpt_path, resume, G, G_given):
     return written_at, G, prior
 
 
+def _missing_folders(path):
+    """The folders of `path` that do not exist yet, deepest first (what this command will create)."""
+    missing, p = [], Path(path).absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_if_no_run(created, out):
+    """After a failed start: remove the folders this command created, unless a run was saved in them (a
+    checkpoint or metrics: those are kept, whatever happened later)."""
+    if created and not any((out / f).exists() for f in ("ckpt.pt", "metrics.jsonl")):
+        shutil.rmtree(created[-1], ignore_errors=True)        # the top-most folder that did not exist before
+
+
 # Testing the restart path: the last rank SIGKILLs itself after step N, once. Reached through this environment
 # variable (not a command-line flag: it is a test tool, not something a user runs).
 DIE_AT_STEP_ENV = "SCRATCHLM_DDP_DIE_AT_STEP"
@@ -1992,6 +2009,7 @@ def _train_entry(argv, t_start=None):
         # otherwise resume the OLD run (metrics.jsonl is restarted by train.train itself)
         with contextlib.suppress(FileNotFoundError):
             os.remove(Path(cfg.out_dir) / "ckpt.pt")
+    created = _missing_folders(cfg.out_dir) if _env_rank() == 0 else []   # what a failure should take back
     die = os.environ.get(DIE_AT_STEP_ENV)       # the restart test's fault injection (unset in normal use)
     # Errors a user can act on (bad data, an incompatible checkpoint, a diverged run, a full disk) become one
     # line; anything else is a bug in the project and keeps its traceback.
@@ -2002,6 +2020,7 @@ def _train_entry(argv, t_start=None):
                           t_start=t_start)
     except (ValueError, OSError, FloatingPointError) as e:    # errors with a message for the user
         _report_error(e, dist.get_rank() if dist.is_initialized() else _env_rank())
+        _remove_if_no_run(created, Path(cfg.out_dir))
         return 1
     except dist.DistError as e:                                 # another rank died or stopped answering
         # gloo names the peer that closed the connection; torchrun's summary names the dead rank and its signal
