@@ -1061,6 +1061,7 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
                 log(f"lr-transfer [{done}/{total}] {param:3s} width {w:4d} lr {lr:.2e}: loss {loss:.4f} "
                     f"[{time.time() - t0:.0f}s]")
     # best lr per (parametrization, width): the quantity whose spread across widths answers the question
+    # (a best lr at the edge of the grid is only a bound: extend --lrs until every minimum is inside)
     res["best"] = {p: {w: min(d, key=d.get) for w, d in res[p].items()} for p in ("sp", "mup")}
     return res
 
