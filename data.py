@@ -96,7 +96,7 @@ import train as T
 # 1. Reading crawls: WARC (raw HTTP responses) and WET (Common Crawl's own text) through fastwarc
 # =====================================================================================================
 # A Common Crawl WARC file is ~1 GB of gzip'd records, each record its own gzip member, so a reader can stream
-# it and a damaged member loses one record, not the file. fastwarc (C++) parses ~10x faster than warcio.
+# it and a damaged member loses one record, not the file. fastwarc (C++) parses several times faster than warcio.
 # Failure cases we handle: a truncated file (the last record is cut: fastwarc yields what it can), a corrupt
 # gzip member in the middle (fastwarc raises; we resynchronize at the next gzip member and count the loss),
 # non-HTML payloads (PDFs, images: skipped by content type), payloads over MAX_RECORD_BYTES (skipped).
@@ -449,6 +449,7 @@ QUALITY_LABELS = ("cc", "wiki")  # class 0 = random crawl page, class 1 = refere
 def _hashed_ngrams(text: str, buckets: int) -> np.ndarray:
     """Bucket ids of the lowercased words and word bigrams (CRC32 hashes: stable across processes)."""
     import zlib
+    # Python's hash() is salted per process; CRC32 gives the same buckets in every worker and every run.
     words = re.findall(r"\w+", text.lower())
     grams = words + [a + " " + b for a, b in zip(words, words[1:])]
     if not grams:
@@ -479,6 +480,7 @@ class QualityModel:
 
     @classmethod
     def load(cls, path):
+        # allow_pickle stays False (np.load's default): a model file cannot run code when loaded.
         with np.load(path) as z:
             return cls(z["E"], z["W"], z["c"], json.loads(str(z["info"])))
 
@@ -554,6 +556,7 @@ def _line_key(line: str) -> int:
 def count_lines(texts, counts: dict | None = None) -> dict:
     """Pass 1: {line hash: occurrences (capped at 2: we only need 'once' vs 'more')}."""
     counts = {} if counts is None else counts
+    # 8-byte keys instead of the lines themselves: memory per distinct line is a dict entry, not its text.
     for text in texts:
         for line in text.splitlines():
             k = _line_key(line)
@@ -599,6 +602,7 @@ class BloomFilter:
         return [(h1 + i * h2) % self.m for i in range(self.k)]
 
     def add(self, key: int):
+        # Set k bits; a lookup is "maybe present" only if all k are set.
         for p in self._positions(key):
             self.bits[p >> 3] |= 1 << (p & 7)
 
@@ -646,6 +650,7 @@ def bloom_line_deduplication(input_files, output_directory, expected_lines: int 
 
 def normalize_text(text: str) -> str:
     """Lowercase, NFD with accents removed, punctuation removed, whitespace collapsed (CS336's recipe)."""
+    # NFD splits "é" into "e" + a combining accent, which the next line drops: "café" and "cafe" shingle alike.
     text = unicodedata.normalize("NFD", text.lower())
     text = "".join(c for c in text if not unicodedata.combining(c))
     text = re.sub(r"[^\w\s]", " ", text)
@@ -654,6 +659,7 @@ def normalize_text(text: str) -> str:
 
 def shingles(text: str, ngrams: int) -> set[str]:
     """The set of word n-grams of the normalized text (a short text is one shingle)."""
+    # A set, not a multiset: Jaccard of sets is what MinHash estimates (repeats within a page do not count).
     words = normalize_text(text).split()
     if len(words) < ngrams:
         return {" ".join(words)} if words else set()
@@ -821,7 +827,7 @@ class PipelineConfig:
     there is one (FineWeb's language threshold, the course's MinHash settings) and say so otherwise."""
     languages: tuple = ("en",)
     min_lang_score: float = 0.65  # FineWeb's threshold for English
-    max_nsfw: float = 0.5  # drop when P(nsfw) >= this (Dolma drops at 0.4 with its fastText models)
+    max_nsfw: float = 0.5  # drop when P(nsfw) >= this
     max_toxic: float = 0.5  # drop when P(toxic) >= this
     gopher_repetition: bool = False  # measured: the repetition rules drop templated but clean text (README)
     quality_model: str | None = None  # a .npz from train-quality; None: no learned quality filter
@@ -1019,6 +1025,8 @@ def encode_documents(texts, tokenizer) -> np.ndarray:
     """Token ids of the documents, each followed by <|endoftext|>. Text that *contains* the string
     "<|endoftext|>" is encoded as ordinary text (a web page may well quote it): only we insert the real one."""
     eot = tokenizer.eot_id
+    # A Python list of ints for the whole corpus: fine for one output file; a corpus beyond RAM would be
+    # encoded per work file and concatenated (the per-file JSONL already makes that split natural).
     out = []
     for t in texts:
         out.extend(tokenizer.encode(t, allowed_special=set()))
@@ -1189,7 +1197,7 @@ def _near_copy(page: dict, rng: random.Random) -> dict:
     return dict(page, kind="dup", html=" ".join(words))
 
 
-# Shares of each kind in the synthetic crawl. Real crawls are far worse (FineWeb keeps ~10% of the tokens),
+# Shares of each kind in the synthetic crawl. Real crawls are far worse (pipelines like FineWeb remove most of a raw crawl),
 # but a small crawl needs enough good pages for the "filtered" model to have something to learn from.
 KIND_MIX = dict(clean=0.40, pii=0.08, foreign=0.10, spam=0.08, short=0.06, toxic=0.04, nsfw=0.04, dup=0.20)
 
@@ -1377,7 +1385,7 @@ def download_crawl(crawl: str, segments: int, out: str, kind: str = "warc", base
     """Download the first `segments` files of a Common Crawl crawl (e.g. CC-MAIN-2024-18).
 
     Common Crawl publishes crawl-data/<crawl>/{warc,wet}.paths.gz: one relative path per line (tens of
-    thousands of ~1 GB WARC files, ~100 MB WET files). Each file goes through train.py's `download`
+    thousands of ~1 GB WARC files, and WET files a fraction of that size). Each file goes through train.py's `download`
     (HTTP Range resume of a .part file, size check, SHA-256 recorded), so an interrupted download resumes."""
     if not re.fullmatch(r"CC-MAIN-\d{4}-\d{2}", crawl):
         raise ValueError(f"--crawl {crawl!r}: expected a crawl id like CC-MAIN-2024-18")
@@ -1386,13 +1394,13 @@ def download_crawl(crawl: str, segments: int, out: str, kind: str = "warc", base
     # model.py's download where it has one, else train.py's (the same function, re-exported)
     download = getattr(M, "download", None) or T.download
     base = base_url.rstrip("/")
-    # The listing is small (~200 KB gzip'd) and cached like any other download, so reruns skip it.
+    # The listing is small and cached like any other download, so reruns skip it.
     listing = download(f"{base}/crawl-data/{crawl}/{kind}.paths.gz", Path(out) / f"{crawl}-{kind}.paths.gz",
                        progress=progress)
     with gzip.open(listing, "rt") as f:
         rel = [line.strip() for line in f if line.strip()][offset:offset + segments]
     files = []
-    # Sequential on purpose: Common Crawl asks for polite clients (it throttles with HTTP 503 on bursts), and
+    # Sequential on purpose: Common Crawl asks for polite clients (bursts get HTTP 503 answers), and
     # one ~1 GB file already saturates most links. Run several jobs with --offset to go wider.
     for r in rel:
         dest = Path(out) / os.path.basename(r)
@@ -1401,7 +1409,7 @@ def download_crawl(crawl: str, segments: int, out: str, kind: str = "warc", base
 
 
 # The course's recipe for the quality classifier's data (not run here: it needs the network):
-#   positives: the URLs Wikipedia pages link to (enwiki external links, ~43M), sampled, fetched with
+#   positives: the URLs Wikipedia pages link to (enwiki's external-links table), sampled, fetched with
 #              `wget --warc-file=positives -i urls.txt` -> positives.warc.gz
 #   negatives: random pages of a Common Crawl WARC file (`python data.py download --crawl ...`)
 #   then:      python data.py train-quality --positive positives.warc.gz --negative CC-*.warc.gz
