@@ -577,7 +577,8 @@ class TimeBudget:
         saved = saved or {}
         self.budget, self.warm = saved.get("budget_seconds"), saved.get("warm_seconds")
         # the reserve carries over a resume until it is measured again (a finished run then stays finished)
-        self.reserve, self.measured, self.eval_tps = float(saved.get("reserve_seconds") or 0.0), False, None
+        self.reserve, self.measured = float(saved.get("reserve_seconds") or 0.0), False
+        self.train_tps = self.eval_tps = None  # tokens/s: measured as the run goes
         # the budget is fixed once, at the start of a run; a resumed run reads it from its checkpoint
         if cfg.max_minutes is not None and self.budget is None:
             self.budget = cfg.max_minutes * 60 - (prep_seconds if cfg.budget_includes_prep else 0.0)
@@ -613,14 +614,21 @@ class TimeBudget:
     def _measure(self, step: int, t: float):
         """Set the reserve from the training speed so far (once); mark the end of warm-up."""
         self.measured = True
-        tps = (step - self.start_step) * self.tokens_per_step / max(t - self.resumed_seconds, 1e-9)
-        # evaluation windows overlap (stride < T), so each scored token costs T / stride window positions;
-        # forward-only runs at ~3x the training speed per position, and we plan for 1.5x (margin for safety)
-        overlap = self.cfg.context_length / (self.cfg.eval_stride or max(self.cfg.context_length // 2, 1))
-        self.eval_tps = self.eval_tps or 1.5 * tps / overlap
-        self.reserve = self.final_eval_tokens / self.eval_tps + self.sample_seconds
+        self.train_tps = (step - self.start_step) * self.tokens_per_step / max(t - self.resumed_seconds, 1e-9)
+        # planning: assume evaluation at only 1.5x the training speed (margin for a slower machine later)
+        self.reserve = self.final_eval_tokens / self._eval_speed(1.5) + self.sample_seconds
         if self.warm is None:
             self.warm = t
+
+    def _eval_speed(self, vs_training: float) -> float:
+        """Validation tokens per second: measured by the periodic evaluations when any ran, else
+        `vs_training` times the training speed, divided by the windows' overlap (stride < T: each scored
+        token costs T / stride window positions). A forward pass is ~3x faster per position than a
+        training step's forward + backward."""
+        if self.eval_tps is not None:
+            return self.eval_tps
+        overlap = self.cfg.context_length / (self.cfg.eval_stride or max(self.cfg.context_length // 2, 1))
+        return vs_training * self.train_tps / overlap
 
     def eta(self, step: int, t: float) -> float:
         """Seconds of training left: the nearer of the step limit (at the average speed so far) and the
@@ -634,15 +642,15 @@ class TimeBudget:
 
     def final_eval_cap(self, step: int, t: float, n_tokens: int) -> int | None:
         """How many validation tokens the final evaluation can score in the budget's remaining time, or
-        None when there is no budget or it holds all n_tokens. Speed: the periodic evaluations' if any ran,
-        else estimated from the training speed."""
+        None when there is no budget or it holds all n_tokens. A hard limit, so it takes the realistic
+        speed (3x training's per position), not the planning margin."""
         if self.budget is None:
             return None
-        if self.eval_tps is None and step > self.start_step:
+        if self.train_tps is None and self.eval_tps is None:
+            if step <= self.start_step:
+                return None  # nothing ran, nothing to go by
             self._measure(step, t)
-        if self.eval_tps is None:
-            return None
-        cap = int(max(self.budget - t - self.sample_seconds, 0.0) * self.eval_tps)
+        cap = int(max(self.budget - t - self.sample_seconds, 0.0) * self._eval_speed(3.0))
         return cap if cap < n_tokens else None
 
     def state(self) -> dict:
