@@ -1059,61 +1059,11 @@ class SharedBudget:
         return target
 
 
-def _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say):
-    """The run's SharedBudget (None without --max-minutes). The time the loop may use is rank 0's: the budget
-    minus what imports, data preparation and the tokenizer took (budget_includes_prep), minus the loop time of the
-    run being resumed; a resumed run keeps the loop budget it was started with."""
-    if cfg.max_minutes is None:
-        return None
-    loop_seconds = (written_at or {}).get("loop_budget_seconds")
-    if loop_seconds is None:
-        loop_seconds = cfg.max_minutes * 60 - ((time.time() - t_start) if cfg.budget_includes_prep else 0.0)
-    final_eval = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(data.val_tokens())
-    budget = SharedBudget(cfg, loop_seconds - prior["train_seconds"], G * cfg.context_length * cfg.grad_accum,
-                          final_eval, rank)
-    left = torch.tensor([budget.loop_seconds if rank == 0 else 0.0], dtype=torch.float64)
-    budget.loop_seconds = float(all_reduce_host(left)[0])    # rank 0's figure on every rank
-    if budget.loop_seconds <= 5 and prior["iteration"] == 0:
-        raise RanksFailedTogether(f"--max-minutes {cfg.max_minutes}: the budget is already used up by data "
-                                  f"preparation ({time.time() - t_start:.0f}s)")
-    say(f"ddp.py: time budget {cfg.max_minutes:g} min, {max(budget.loop_seconds, 0) / 60:.2f} min left for "
-        f"training; rank 0's clock decides, every rank stops at the same step")
-    return budget
-
-
 def _distributed_hooks(*, cfg, run_cfg, strategy, bucket_mb, compute_dtype, G, rank, world, device, data, out,
                        budget, die_at_step):
-    """train.TrainHooks for this rank: what a group of ranks does differently from one process."""
+    """train.TrainHooks for this rank: what a group of ranks does differently from one process. (The
+    checkpoint hooks -- consolidated state in, consolidated state out -- are in the plumbing section.)"""
     train_tokens = data.train_tokens()
-
-    def load_optimizer_state(optimizer, run_model, ckpt):
-        # the consolidated state is keyed by position: refuse a checkpoint whose parameter order differs
-        saved_names = ckpt.get("optimizer_param_names")
-        names = optimizer_param_names(run_model, optimizer)
-        if saved_names is not None and saved_names != names:
-            diff = next(i for i, (a, b) in enumerate(zip(saved_names + [None], names + [None])) if a != b)
-            raise ValueError(f"checkpoint {out / 'ckpt.pt'}: optimizer parameter order differs at index {diff} "
-                             f"({saved_names[diff:diff + 1]} vs {names[diff:diff + 1]}); was it written "
-                             f"with a different --optimizer?")
-        if ckpt.get("optimizer") is not None:
-            load_full_optimizer_state(optimizer, run_model, ckpt["optimizer"])
-
-    def checkpoint_state(model, run_model, optimizer):
-        # consolidated, whatever the strategy: any world size and strategy can resume it (collective for
-        # ZeRO-1 and FSDP, whose state is spread over the ranks)
-        return dict(model=full_model_state(model, run_model), optimizer=full_optimizer_state(optimizer, run_model),
-                    optimizer_param_names=optimizer_param_names(run_model, optimizer),
-                    ddp=dict(world_size=world, strategy=strategy, global_batch_size=G,
-                             loop_budget_seconds=budget.loop_seconds if budget else None))
-
-    def full_model(model, run_model):
-        # the samples at the end need the whole model on rank 0; only FSDP has to gather it (collectively)
-        if not isinstance(run_model, FSDP):
-            return model
-        sd = full_model_state(model, run_model)  # collective; then a plain copy for generation
-        plain = M.TransformerLM.from_config(model.config).to(device)
-        plain.load_state_dict(sd)
-        return plain
 
     def get_batch(step, micro):
         # (G/N, T) token windows: this rank's slice of the global batch of (step, micro)
@@ -1137,11 +1087,11 @@ def _distributed_hooks(*, cfg, run_cfg, strategy, bucket_mb, compute_dtype, G, r
     return T.TrainHooks(
         wrap_model=lambda model: wrap_model(model, strategy, bucket_mb, compute_dtype),
         build_optimizer=lambda model, run_model, c: build_strategy_optimizer(model, run_model, strategy, c),
-        load_optimizer_state=load_optimizer_state, get_batch=get_batch,
-        no_sync=accumulation_context,
+        get_batch=get_batch, no_sync=accumulation_context,
         sync_gradients=lambda run_model: run_model.finish_gradient_synchronization(),
         clip_gradients=clip_gradients, all_reduce=all_reduce_host, on_step=on_step,
-        progress_note=communication_share, checkpoint_state=checkpoint_state, full_model=full_model)
+        progress_note=communication_share,
+        **_checkpoint_hooks(strategy=strategy, G=G, world=world, device=device, out=out, budget=budget))
 
 
 def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype=None, global_batch_size=None,
@@ -1187,7 +1137,8 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
     summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
     check_same_across_ranks("the final step", summary["steps"])   # the shared budget's promise, verified
     dist.barrier()
-    stop = "time budget" if budget is not None and budget.stopped_by_budget else summary.get("stop_reason")
+    spent = budget is not None and (budget.stopped_by_budget or budget.loop_seconds <= 0)
+    stop = "time budget" if spent else summary.get("stop_reason")
     say(f"ddp.py: every rank stopped at step {summary['steps']} ({stop})")
     return dict(summary, world_size=world, strategy=strategy, stop_reason=stop)
 
@@ -1389,6 +1340,32 @@ def _resume_state(ckpt_path, resume, G, G_given):
     return written_at, G, prior
 
 
+def _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say):
+    """The run's SharedBudget (None without --max-minutes). The time the loop may use is rank 0's: the budget
+    minus what imports, data preparation and the tokenizer took (budget_includes_prep), minus the loop time of the
+    run being resumed; a resumed run keeps the loop budget it was started with."""
+    if cfg.max_minutes is None:
+        return None
+    loop_seconds = (written_at or {}).get("loop_budget_seconds")
+    if loop_seconds is None:
+        loop_seconds = cfg.max_minutes * 60 - ((time.time() - t_start) if cfg.budget_includes_prep else 0.0)
+    final_eval = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(data.val_tokens())
+    budget = SharedBudget(cfg, loop_seconds - prior["train_seconds"], G * cfg.context_length * cfg.grad_accum,
+                          final_eval, rank)
+    if (written_at or {}).get("budget_spent"):   # the run already ended by its budget: it stays finished
+        budget.loop_seconds = 0.0
+    left = torch.tensor([budget.loop_seconds if rank == 0 else 0.0], dtype=torch.float64)
+    budget.loop_seconds = float(all_reduce_host(left)[0])    # rank 0's figure on every rank
+    # the whole run's loop budget (what a later resume starts from): what is left + the loop time already used
+    budget.total_loop_seconds = budget.loop_seconds + prior["train_seconds"]
+    if budget.loop_seconds <= 5 and prior["iteration"] == 0:
+        raise RanksFailedTogether(f"--max-minutes {cfg.max_minutes}: the budget is already used up by data "
+                                  f"preparation ({time.time() - t_start:.0f}s)")
+    say(f"ddp.py: time budget {cfg.max_minutes:g} min, {max(budget.loop_seconds, 0) / 60:.2f} min left for "
+        f"training; rank 0's clock decides, every rank stops at the same step")
+    return budget
+
+
 def _missing_folders(path):
     """The folders of `path` that do not exist yet, deepest first (what this command will create)."""
     missing, p = [], Path(path).absolute()
@@ -1504,6 +1481,44 @@ def fsdp_load_full_state_dict(fsdp, state_dict):
                 raise ValueError(f"FSDP.load_full_params: {key} has shape {tuple(src.shape)}, "
                                  f"expected {sw.full_shape}")
             sw.shard.data.copy_(fsdp._my_block(sw, src.to(sw.shard.dtype)))
+
+
+def _checkpoint_hooks(*, strategy, G, world, device, out, budget):
+    """The TrainHooks entries for checkpoints and the end of the run: load a consolidated optimizer state into
+    this strategy's optimizer, write the consolidated state (plus the run's world size, strategy, global batch and
+    loop budget), and a plain full model for the samples."""
+
+    def load_optimizer_state(optimizer, run_model, ckpt):
+        # the consolidated state is keyed by position: refuse a checkpoint whose parameter order differs
+        saved_names = ckpt.get("optimizer_param_names")
+        names = optimizer_param_names(run_model, optimizer)
+        if saved_names is not None and saved_names != names:
+            diff = next(i for i, (a, b) in enumerate(zip(saved_names + [None], names + [None])) if a != b)
+            raise ValueError(f"checkpoint {out / 'ckpt.pt'}: optimizer parameter order differs at index {diff} "
+                             f"({saved_names[diff:diff + 1]} vs {names[diff:diff + 1]}); was it written "
+                             f"with a different --optimizer?")
+        if ckpt.get("optimizer") is not None:
+            load_full_optimizer_state(optimizer, run_model, ckpt["optimizer"])
+
+    def checkpoint_state(model, run_model, optimizer):
+        # consolidated, whatever the strategy: any world size and strategy can resume it (collective for
+        # ZeRO-1 and FSDP, whose state is spread over the ranks)
+        return dict(model=full_model_state(model, run_model), optimizer=full_optimizer_state(optimizer, run_model),
+                    optimizer_param_names=optimizer_param_names(run_model, optimizer),
+                    ddp=dict(world_size=world, strategy=strategy, global_batch_size=G,
+                             loop_budget_seconds=budget.total_loop_seconds if budget else None,
+                             budget_spent=bool(budget and budget.stopped_by_budget)))
+
+    def full_model(model, run_model):
+        # the samples at the end need the whole model on rank 0; only FSDP has to gather it (collectively)
+        if not isinstance(run_model, FSDP):
+            return model
+        sd = full_model_state(model, run_model)  # collective; then a plain copy for generation
+        plain = M.TransformerLM.from_config(model.config).to(device)
+        plain.load_state_dict(sd)
+        return plain
+
+    return dict(load_optimizer_state=load_optimizer_state, checkpoint_state=checkpoint_state, full_model=full_model)
 
 
 # Consolidated checkpoints: whatever the strategy, the file holds the full model under its original names and the
