@@ -88,7 +88,8 @@ from pathlib import Path
 import numpy as np
 
 import tokenizer as tk
-from tokenizer import EOT, Progress, atomic_open, atomic_write_json, atomic_write_text, machine_label, peak_rss_mb
+from tokenizer import (EOT, Progress, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                       machine_label, peak_rss_mb)
 import model as M
 import train as T
 
@@ -106,7 +107,7 @@ MAX_RECORD_BYTES = 4 << 20  # pages bigger than 4 MB are almost never prose (dum
 
 @dataclass
 class Record:
-    """One crawl record: `doc_id` is "<file name>:<record number>", stable across runs and shardings."""
+    """One crawl record: `doc_id` is "<file name>:<byte offset>", stable across runs and shardings."""
     doc_id: str
     url: str
     payload: bytes  # the HTTP body (WARC) or the extracted text (WET)
@@ -295,13 +296,13 @@ def mask_ips(text: str) -> tuple[str, int]:
 # =====================================================================================================
 # Dolma (and CS336) use two fastText classifiers trained on the Jigsaw toxic-comment data (human-labelled
 # Wikipedia talk-page comments): "hatespeech" and "nsfw" (Jigsaw's "obscene" label). Those model files are
-# ~1 GB downloads. What works offline after `pip install`:
+# large downloads. What works offline after `pip install`:
 #   * toxic speech: `alt-profanity-check` bundles a linear SVM (calibrated) over TF-IDF word n-grams, trained
 #     on human-labelled offensive text (the Jigsaw comments among them). That is a real classifier, the same
 #     family and data as Dolma's. Failures: it keys on words, so polite hate ("people like them should not
 #     vote") passes and quoted or reclaimed slurs are flagged.
 #   * NSFW: no well-kept package bundles an NSFW *text* model. We use the method C4 used (arXiv 1910.10683):
-#     a blocklist of explicit words, made graded by density (a medical page that says "breast" once is not
+#     a blocklist of explicit words, made graded by density (a health page that says "sex" once is not
 #     porn; an ad that says "xxx" in every line is), backed by the profanity SVM when an explicit word is
 #     present. This is a rule, not a learned classifier, and its figures are measured as such (README). If
 #     you have Dolma's fastText files, `set_harmful_models(nsfw=PATH, toxic=PATH)` makes both functions use
@@ -567,8 +568,16 @@ def count_lines(texts, counts: dict | None = None) -> dict:
 def keep_unique_lines(text: str, counts: dict, keep_blank: bool = False) -> str:
     """Pass 2: the text with every line that occurs more than once in the corpus removed. With keep_blank,
     empty lines stay (the pipeline keeps paragraph breaks; CS336's file-level rule removes them too)."""
-    return "".join(line for line in text.splitlines(keepends=True)
-                   if counts.get(_line_key(line.rstrip("\r\n")), 0) == 1 or (keep_blank and not line.strip()))
+    # splitlines() knows more line ends than "\n" (\r\n, \x0c, \u2028...): pair each line with its ending
+    # the same way pass 1 split it, so the keys agree.
+    return "".join(full for full, line in zip(text.splitlines(keepends=True), text.splitlines())
+                   if counts.get(_line_key(line), 0) == 1 or (keep_blank and not line.strip()))
+
+
+def _read_text(path, errors: str = "replace") -> str:
+    """A file's text with its line endings untouched (newline=""), so outputs keep the input's bytes."""
+    with open(path, encoding="utf-8", errors=errors, newline="") as f:
+        return f.read()
 
 
 def exact_line_deduplication(input_files, output_directory):
@@ -577,11 +586,11 @@ def exact_line_deduplication(input_files, output_directory):
     # Pass 1 reads each file once; pass 2 reads it again. Two reads of the corpus, never two copies in memory.
     counts = {}
     for p in files:
-        count_lines([p.read_text(encoding="utf-8", errors="surrogateescape")], counts)
+        count_lines([_read_text(p, "surrogateescape")], counts)
     for p in files:
-        text = p.read_text(encoding="utf-8", errors="surrogateescape")
-        with atomic_open(out / p.name, "w", encoding="utf-8") as f:
-            f.write(keep_unique_lines(text, counts).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        text = _read_text(p, "surrogateescape")
+        # surrogateescape round-trips undecodable bytes: an output line is byte-for-byte its input line.
+        atomic_write_bytes(out / p.name, keep_unique_lines(text, counts).encode("utf-8", "surrogateescape"))
 
 
 class BloomFilter:
@@ -619,13 +628,14 @@ def bloom_line_deduplication(input_files, output_directory, expected_lines: int 
     # Two filters stand in for the exact pass's "count capped at 2": seen once, seen at least twice.
     once, twice = BloomFilter(expected_lines, fp_rate), BloomFilter(expected_lines, fp_rate)
     for p in files:
-        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in _read_text(p, "surrogateescape").splitlines():
             k = _line_key(line)
             (twice if k in once else once).add(k)
     for p in files:
-        text = p.read_text(encoding="utf-8", errors="replace")
-        kept = "".join(l for l in text.splitlines(keepends=True) if _line_key(l.rstrip("\r\n")) not in twice)
-        atomic_write_text(out / p.name, kept)
+        text = _read_text(p, "surrogateescape")
+        kept = "".join(full for full, line in zip(text.splitlines(keepends=True), text.splitlines())
+                       if _line_key(line) not in twice)
+        atomic_write_bytes(out / p.name, kept.encode("utf-8", "surrogateescape"))
     return dict(bits=once.m + twice.m, hashes=once.k)
 
 
@@ -795,7 +805,7 @@ def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: 
     files, out = _check_dedup_io(input_files, output_directory)
     # The file-level API (CS336's adapter signature) keeps texts in memory; the pipeline's version
     # (`dedup_documents`) keeps only signatures and rebuilds shingles for candidate documents.
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    texts = [_read_text(p) for p in files]
     sets = [shingles(t, ngrams) for t in texts]
     a, b = minhash_permutations(num_hashes, seed)
     sigs = minhash_signatures(sets, a, b)
@@ -803,9 +813,9 @@ def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: 
     for cluster in near_duplicate_clusters(sets.__getitem__, sigs, num_bands, jaccard_threshold):
         keep = choose_survivor([files[i].name for i in cluster], seed)
         drop.update(i for i in cluster if files[i].name != keep)
-    for i, (p, t) in enumerate(zip(files, texts)):
+    for i, p in enumerate(files):
         if i not in drop:
-            atomic_write_text(out / p.name, t)
+            atomic_write_bytes(out / p.name, p.read_bytes())  # a kept document is copied unchanged
 
 
 # =====================================================================================================
