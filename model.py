@@ -115,6 +115,9 @@ NORM_POSITION_CHOICES = ("pre", "post")
 POSITION_CHOICES = ("rope", "sinusoidal", "learned", "nope")
 FFN_CHOICES = ("swiglu", "silu", "relu", "gelu")
 ATTENTION_CHOICES = ("full", "sliding")
+# the sequence mixer of every block: softmax attention (MHA/GQA/MQA), multi-head latent attention, linear
+# (kernel) attention, or a Hyena long convolution -- the sublayer that moves information across positions
+MIXER_CHOICES = ("attention", "mla", "linear", "hyena")
 
 
 def default_d_ff(d_model: int, ffn: str) -> int:
@@ -165,7 +168,24 @@ class ModelConfig:
       norm_eps:      the epsilon inside every norm's square root (1e-5, as GPT-2 and most LLaMA-style
                      models; it only matters for activations whose RMS is near sqrt(eps)).
       attn_impl:     "sdpa" (torch's fused attention, default), "naive" (from-scratch), or any backend
-                     registered with register_attention_backend.
+                     registered with register_attention_backend (softmax attention only: mixer "attention"
+                     or "mla"; linear attention and Hyena have no softmax to hand to a backend).
+      mixer:         the sublayer that mixes positions. "attention" (default; softmax attention, shaped by
+                     attention / num_kv_heads / qk_norm), "mla" (multi-head latent attention: K and V from a
+                     rank-`kv_lora_rank` latent, which with a `qk_rope_head_dim`-dim shared RoPE key is all
+                     the KV cache holds), "linear" (elu+1 kernel attention: O(T) time, an O(1) recurrent
+                     state for decoding, weaker recall), "hyena" (implicit long convolutions via FFT and
+                     gating, order `hyena_order`, filter MLP width `hyena_filter_dim`; no attention at all).
+                     Combinations that cannot work are ValueErrors naming the fields: sliding windows with
+                     linear/hyena, MLA with num_kv_heads/qk_norm/bias, Hyena with RoPE or qk_norm.
+      kv_lora_rank, qk_rope_head_dim: MLA only (None elsewhere). Defaults d_model // 4 (DeepSeek-V2-Lite's
+                     ratio) and half the head dim (even; 0 without RoPE). The rank may not exceed d_model.
+      hyena_order, hyena_filter_dim: Hyena only (None elsewhere). Defaults 2 (the paper's) and 64.
+      dropout:       inverted dropout on the embeddings and on each sublayer's output before it joins the
+                     residual stream (GPT-2/nanoGPT's placement). 0.0 = off (default): pretraining on more
+                     data than one epoch rarely wants it; small data and fine-tuning do. Off in eval/generate.
+      attn_dropout:  dropout on the softmax attention probabilities (mixer "attention" or "mla", backends
+                     "naive" or "sdpa"). 0.0 = off (default).
     d_ff=None is resolved to default_d_ff(d_model, ffn); num_kv_heads=None is resolved to num_heads, so
     to_dict() always records the concrete architecture.
     """
@@ -192,6 +212,13 @@ class ModelConfig:
     attn_impl: str = "sdpa"
     bias: bool = False
     norm_eps: float = 1e-5
+    mixer: str = "attention"
+    kv_lora_rank: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    hyena_order: Optional[int] = None
+    hyena_filter_dim: Optional[int] = None
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
 
     def __post_init__(self):
         # every field is checked once, here, with an error naming it; d_ff and num_kv_heads get their defaults
@@ -460,16 +487,28 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return e / e.sum(dim=dim, keepdim=True)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout (Hinton et al. 2012, arXiv:1207.0580): zero each element with probability p and
+    scale the survivors by 1/(1-p), so E[output] = x and evaluation needs no rescaling (it is the identity).
+    The regularizer of the lecture's menu: a random sub-network per step cannot co-adapt; it costs noisier
+    gradients, so single-epoch pretraining usually leaves it at 0 and small-data or fine-tuning runs use it."""
+    if not training or p == 0:
+        return x
+    keep = torch.rand_like(x) >= p  # e.g. p = 0.5: half the elements survive, each doubled
+    return x * keep / (1 - p)
+
+
 def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
-                                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                 mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_k)) V for any leading batch dims. mask: True = may attend (broadcastable
     to (..., Tq, Tk)). Dividing by sqrt(d_k) keeps the scores' variance ~1 regardless of head size, so
-    softmax does not saturate. Q: (..., Tq, d_k), K: (..., Tk, d_k), V: (..., Tk, d_v) -> (..., Tq, d_v)."""
+    softmax does not saturate. Q: (..., Tq, d_k), K: (..., Tk, d_k), V: (..., Tk, d_v) -> (..., Tq, d_v).
+    dropout_p > 0 drops attention probabilities (training only; callers pass 0 in eval)."""
     d_k = Q.shape[-1]
     scores = (Q @ K.transpose(-2, -1)) / math.sqrt(d_k)  # (..., Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return softmax(scores, dim=-1) @ V
+    return dropout(softmax(scores, dim=-1), dropout_p) @ V
 
 
 def causal_window_mask(Tq: int, Tk: int, window: Optional[int], device=None) -> torch.Tensor:
@@ -524,6 +563,31 @@ def masked_attention(q, k, v, mask: torch.Tensor, impl: str) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def attend(q, k, v, attn_mask: Optional[torch.Tensor], impl: str, window: Optional[int],
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """The softmax step shared by MHA and MLA's training form: the registered backend for the plain
+    causal case, an explicit mask otherwise; with attention dropout (training) the from-scratch path or
+    torch's SDPA, the two that can drop probabilities. q (B, H, Tq, dq), k (B, H, Tk, dq), v (B, H, Tk, dv)."""
+    if dropout_p > 0:
+        if impl not in ("naive", "sdpa"):
+            raise ValueError(f"attention dropout needs the 'naive' or 'sdpa' backend, got {impl!r}")
+        mask = attn_mask if attn_mask is not None else causal_window_mask(q.shape[-2], k.shape[-2], window, q.device)
+        if impl == "naive":
+            return scaled_dot_product_attention(q, k, v, mask, dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if attn_mask is None:
+        return get_attention_backend(impl)(q, k, v, causal=True, window=window)
+    return masked_attention(q, k, v, attn_mask, impl)  # padding or a rolling KV buffer
+
+
+def _head_positions(token_positions: Optional[torch.Tensor], lead: tuple, T: int, device) -> torch.Tensor:
+    """RoPE positions for (B, heads, T, .) tensors: (T,), or per-row (..., T) -> (B, 1, T) for all heads."""
+    pos = torch.arange(T, device=device) if token_positions is None else token_positions
+    if pos.dim() > 1 and pos.dim() == len(lead) + 1:
+        pos = pos.expand(*lead, T).reshape(-1, T)[:, None, :]
+    return pos
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention with optional RoPE, grouped-query heads, QK-norm, sliding window.
 
@@ -540,14 +604,14 @@ class MultiHeadSelfAttention(nn.Module):
                  theta: Optional[float] = None, *, num_kv_heads: Optional[int] = None, qk_norm: bool = False,
                  window_size: Optional[int] = None, attn_impl: str = "sdpa",
                  rope: Optional[RotaryPositionalEmbedding] = None, bias: bool = False, norm_eps: float = 1e-5,
-                 device=None, dtype=None):
+                 attn_dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_attention_args(d_model, num_heads, num_kv_heads, attn_impl)
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
         self.window_size = window_size
-        self.attn_impl = attn_impl
+        self.attn_impl, self.attn_dropout = attn_impl, attn_dropout
         # W_q: d -> H*dh, W_k/W_v: d -> Hkv*dh (GQA stores fewer K/V heads), W_o: H*dh -> d
         self.q_proj = Linear(d_model, num_heads * self.head_dim, device=device, dtype=dtype, bias=bias)
         self.k_proj = Linear(d_model, num_kv_heads * self.head_dim, device=device, dtype=dtype, bias=bias)
@@ -576,10 +640,7 @@ class MultiHeadSelfAttention(nn.Module):
         if self.q_norm is not None:  # normalize each head's vectors before RoPE (rotation keeps the norm)
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:  # rotate q and k by their positions; v is untouched (content, not place)
-            pos = torch.arange(T, device=x.device) if token_positions is None else token_positions
-            if pos.dim() > 1 and pos.dim() == len(lead) + 1:
-                # (..., T) like x's leading dims -> (B, 1, T): one position row per sequence, for all its heads
-                pos = pos.expand(*lead, T).reshape(-1, T)[:, None, :]
+            pos = _head_positions(token_positions, lead, T, x.device)  # one position row per sequence
             q, k = self.rope(q, pos), self.rope(k, pos)
         if kv_cache is not None:  # append this chunk's keys/values; get back everything to attend to
             k, v = kv_cache.update(layer_idx, k, v)
@@ -591,12 +652,267 @@ class MultiHeadSelfAttention(nn.Module):
             v = v.repeat_interleave(H // Hkv, dim=1)
         # softmax(q k^T / sqrt(dh)) v per head: (B, H, T, dh) x (B, H, Tk, dh) -> (B, H, T, dh), where Tk is
         # T, or the cached length plus T during generation
-        if attn_mask is None:
-            out = get_attention_backend(self.attn_impl)(q, k, v, causal=True, window=self.window_size)
-        else:  # padding or a rolling KV buffer: the backend contract has no mask argument
-            out = masked_attention(q, k, v, attn_mask, self.attn_impl)
+        out = attend(q, k, v, attn_mask, self.attn_impl, self.window_size, self.attn_dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, T, H * dh)  # (B, T, d): heads side by side again
         return self.output_proj(out).reshape(*lead, T, self.d_model)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434): cache a small latent instead of K and V
+# ------------------------------------------------------------------------------------------------------
+# MHA caches 2 H dh numbers per token per layer; GQA/MQA shrink that by sharing K/V heads, at some quality
+# cost. MLA keeps H distinct key/value heads but makes them LOW RANK: every head's keys and values are
+# linear images of one latent c = RMSNorm(x W_dkv^T) of rank r (kv_lora_rank) << H dh:
+#     k_h = [c W_uk,h^T | k_rope]   (dh - dr latent dims, then dr RoPE dims)      v_h = c W_uv,h^T (dh)
+# RoPE cannot act on the latent part (a position-dependent rotation between W_uk and c would block the
+# absorption below), so each head's last dr = qk_rope_head_dim query/key dims carry it, from ONE shared
+# "decoupled" key k_rope = RoPE(x W_kr^T). The cache holds c and k_rope: r + dr numbers per token, e.g.
+# d 768, 12 heads of 64, r 192, dr 32: 224 instead of MHA's 1536 (6.9x less; DeepSeek-V2: 93% less).
+# Decoding never rebuilds k_h or v_h -- the absorbed form, with q_h = [q_nope,h | q_rope,h]:
+#     q_nope,h . (W_uk,h c) = (W_uk,h^T q_nope,h) . c        W_uk absorbed into the query (r wide)
+#     sum_s a_s (W_uv,h c_s) = W_uv,h (sum_s a_s c_s)         W_uv applied after the sum (into the output)
+# i.e. MQA over the cached latents: one (r + dr)-wide key head and one r-wide value head for all H heads.
+# Trade-off: each decoded token does more FLOPs (scores are r + dr wide, not dh), but reads 2 H dh / (r + dr)
+# times fewer cache bytes, and decoding is bound by bytes. Training uses the plain form (per-head K and V
+# materialized, any attention backend). Query/key heads keep width dh here (dh - dr latent + dr RoPE), so
+# the backends need no change; DeepSeek-V2 adds the RoPE dims on top (128 + 64) and also compresses the
+# queries (q_lora_rank: activation memory only, not done here).
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA as a drop-in for MultiHeadSelfAttention (same forward signature; the KV cache holds the latent)."""
+
+    def __init__(self, cfg: ModelConfig, rope: Optional[RotaryPositionalEmbedding] = None, device=None, dtype=None):
+        super().__init__()
+        d, H, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
+        self.d_model, self.num_heads, self.head_dim = d, H, dh
+        self.rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.window_size, self.attn_impl, self.attn_dropout = cfg.window, cfg.attn_impl, cfg.attn_dropout
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = Linear(d, H * dh, **kw)                             # per head [nope dh - dr | rope dr]
+        self.kv_down_proj = Linear(d, self.rank, **kw)                    # W_dkv: d -> r, the cached latent
+        self.kv_norm = RMSNorm(self.rank, eps=cfg.norm_eps, **kw)         # DeepSeek-V2 normalizes the latent
+        self.k_up_proj = Linear(self.rank, H * (dh - self.rope_dim), **kw)  # W_uk: r -> H (dh - dr)
+        self.v_up_proj = Linear(self.rank, H * dh, **kw)                  # W_uv: r -> H dh
+        self.k_rope_proj = Linear(d, self.rope_dim, **kw) if self.rope_dim else None  # W_kr: d -> dr, shared
+        self.output_proj = Linear(H * dh, d, **kw)
+        self.rope = rope  # a RoPE table of width dr (TransformerLM shares one across layers)
+
+    def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
+                layer_idx: int = 0) -> torch.Tensor:
+        """x (..., T, d) -> (..., T, d). Without a cache: the plain form; with one: the absorbed form."""
+        lead, T = x.shape[:-2], x.shape[-2]
+        x = x.reshape(-1, T, self.d_model)
+        B, H, dh, dr = x.shape[0], self.num_heads, self.head_dim, self.rope_dim
+        q = self.q_proj(x).view(B, T, H, dh).transpose(1, 2)                 # (B, H, T, dh)
+        q_nope, q_rope = q.split([dh - dr, dr], dim=-1)
+        c = self.kv_norm(self.kv_down_proj(x))                               # (B, T, r): all a token leaves behind
+        k_rope = self.k_rope_proj(x)[:, None] if dr else x.new_zeros(B, 1, T, 0)  # (B, 1, T, dr)
+        if self.rope is not None:
+            pos = _head_positions(token_positions, lead, T, x.device)
+            q_rope, k_rope = self.rope(q_rope, pos), self.rope(k_rope, pos)
+        if kv_cache is None:  # plain form: up-project every head's keys and values
+            k_nope = self.k_up_proj(c).view(B, T, H, dh - dr).transpose(1, 2)          # (B, H, T, dh - dr)
+            k = torch.cat([k_nope, k_rope.expand(B, H, T, dr)], dim=-1)                # (B, H, T, dh)
+            v = self.v_up_proj(c).view(B, T, H, dh).transpose(1, 2)                    # (B, H, T, dh)
+            out = attend(torch.cat([q_nope, q_rope], -1), k, v, attn_mask, self.attn_impl, self.window_size,
+                         self.attn_dropout if self.training else 0.0)
+        else:
+            out = self.absorbed(q_nope, q_rope, *kv_cache.update(layer_idx, c[:, None], k_rope), attn_mask)
+        return self.output_proj(out.transpose(1, 2).reshape(B, T, H * dh)).reshape(*lead, T, self.d_model)
+
+    def absorbed(self, q_nope, q_rope, c_all, k_rope_all, attn_mask):
+        """Attention straight on the cached latents. q_nope (B, H, T, dh - dr), q_rope (B, H, T, dr),
+        c_all (B, 1, Tk, r), k_rope_all (B, 1, Tk, dr) -> (B, H, T, dh)."""
+        H, dh, r = self.num_heads, self.head_dim, self.rank
+        B, T, Tk = q_nope.shape[0], q_nope.shape[2], c_all.shape[2]
+        w_uk = self.k_up_proj.weight.view(H, dh - self.rope_dim, r)
+        w_uv = self.v_up_proj.weight.view(H, dh, r)
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)                 # (B, H, T, r): W_uk absorbed
+        q_abs = torch.cat([q_lat, q_rope], -1)                               # (B, H, T, r + dr)
+        # scores must be scaled by 1/sqrt(dh) (the heads' true width), not 1/sqrt(r + dr) as the kernel does
+        q_abs = q_abs * math.sqrt(q_abs.shape[-1] / dh)
+        k_abs = torch.cat([c_all, k_rope_all], -1).expand(B, H, Tk, -1)      # one key head, shared
+        mask = attn_mask if attn_mask is not None else causal_window_mask(T, Tk, self.window_size, q_abs.device)
+        o_lat = masked_attention(q_abs, k_abs, c_all.expand(B, H, Tk, r), mask, self.attn_impl)  # (B, H, T, r)
+        return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)                  # W_uv after the weighted sum
+
+
+# ------------------------------------------------------------------------------------------------------
+# Linear attention (Katharopoulos et al., "Transformers are RNNs", arXiv:2006.16236)
+# ------------------------------------------------------------------------------------------------------
+# Replace exp(q.k) by a kernel phi(q).phi(k) with a positive feature map phi(x) = elu(x) + 1. Then
+#     out_i = sum_{j<=i} (phi(q_i).phi(k_j)) v_j / sum_{j<=i} phi(q_i).phi(k_j)
+#           = phi(q_i)^T S_i / phi(q_i)^T z_i,     S_i = sum_{j<=i} phi(k_j) v_j^T (dh x dh),  z_i = sum phi(k_j)
+# so a token costs O(dh^2) however long the prefix: O(T) training and an O(1) decoding state per layer
+# (S, z) instead of a growing KV cache -- an RNN. The price: the whole past is squeezed into a dh x dh
+# matrix, so exact recall ("copy the token after the last X") degrades; softmax's sharp lookups are gone.
+# Training uses the CHUNKED parallel form: within a chunk of C tokens the masked C x C products (like
+# attention without softmax), across chunks the running (S, z); C = T is the fully parallel form, C = 1
+# the recurrence itself. RoPE (RoFormer, arXiv:2104.09864, eq. 19) rotates phi(q), phi(k) in the
+# numerator only; the denominator stays unrotated, hence positive.
+
+LINEAR_ATTENTION_CHUNK = 64  # tokens per chunk: C x C intra-chunk products, one state update per chunk
+
+
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 = x + 1 for x > 0, exp(x) otherwise: positive, smooth, ~linear for large x."""
+    return torch.where(x > 0, x + 1, torch.exp(x.clamp_max(0)))
+
+
+def causal_linear_attention(q, k, v, q_rot=None, k_rot=None, state=None, chunk: int = LINEAR_ATTENTION_CHUNK,
+                            eps: float = 1e-6):
+    """Causal linear attention on feature-mapped q, k (B, H, T, dk) and v (B, H, T, dv), starting from
+    state = (S (B, H, dk, dv), z (B, H, dk)) of the tokens before (None = empty). q_rot/k_rot: RoPE-rotated
+    features for the numerator (default q, k). Returns out (B, H, T, dv) and the state after the last token."""
+    q_rot, k_rot = (q, k) if q_rot is None else (q_rot, k_rot)
+    B, H, T, dk = q.shape
+    S = q.new_zeros(B, H, dk, v.shape[-1]) if state is None else state[0]
+    z = q.new_zeros(B, H, dk) if state is None else state[1]
+    outs = []
+    for s in range(0, T, chunk):
+        qc, kc, qr, kr, vc = (t[:, :, s:s + chunk] for t in (q, k, q_rot, k_rot, v))  # (B, H, C, .)
+        a_num = (qr @ kr.transpose(-1, -2)).tril()                  # (B, H, C, C): j <= i inside the chunk
+        a_den = a_num if q_rot is q else (qc @ kc.transpose(-1, -2)).tril()
+        num = qr @ S + a_num @ vc                                   # earlier chunks + this chunk: (B, H, C, dv)
+        den = (qc @ z[..., None]).squeeze(-1) + a_den.sum(-1)       # (B, H, C)
+        outs.append(num / (den[..., None] + eps))
+        S = S + kr.transpose(-1, -2) @ vc                           # the state after this chunk
+        z = z + kc.sum(dim=-2)
+    return torch.cat(outs, dim=-2), (S, z)
+
+
+def _valid_keys(attn_mask: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+    """For the attention-free mixers: which of the last T slots are real tokens (not left padding),
+    (B, T, 1) bool, read off the last query's row of the (B, 1, Tq, Tk) mask; None = all real."""
+    return None if attn_mask is None else attn_mask[:, 0, -1, -T:, None]
+
+
+class LinearAttention(MultiHeadSelfAttention):
+    """Linear attention with MultiHeadSelfAttention's projections (same parameters, QK-norm, GQA) and a
+    recurrent (S, z) state per layer in the KV cache instead of keys and values."""
+
+    def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
+                layer_idx: int = 0) -> torch.Tensor:
+        lead, T = x.shape[:-2], x.shape[-2]
+        x = x.reshape(-1, T, self.d_model)
+        B, H, Hkv, dh = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, dh).transpose(1, 2)                            # (B, H, T, dh)
+        k = self.k_proj(x).view(B, T, Hkv, dh).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        v = self.v_proj(x).view(B, T, Hkv, dh).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = elu_feature_map(q), elu_feature_map(k)
+        valid = _valid_keys(attn_mask, T)
+        if valid is not None:  # left padding must add nothing to the state: zero its keys and values
+            k, v = torch.where(valid[:, None], k, 0.0), torch.where(valid[:, None], v, 0.0)
+        q_rot = k_rot = None
+        if self.rope is not None:
+            pos = _head_positions(token_positions, lead, T, x.device)
+            q_rot, k_rot = self.rope(q, pos), self.rope(k, pos)
+        state = kv_cache.state[layer_idx] if kv_cache is not None else None
+        out, state = causal_linear_attention(q, k, v, q_rot, k_rot, state)
+        if kv_cache is not None:
+            kv_cache.state[layer_idx] = state
+        return self.output_proj(out.transpose(1, 2).reshape(B, T, H * dh)).reshape(*lead, T, self.d_model)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hyena (Poli et al., "Hyena Hierarchy", arXiv:2302.10866): long convolutions instead of attention
+# ------------------------------------------------------------------------------------------------------
+# Project x into N + 1 streams v, x_1..x_N (d channels each), then alternate a causal convolution with a
+# filter as long as the sequence and an elementwise gate:  z_0 = v,  z_n = x_n * (h_n conv z_{n-1} + D_n z_{n-1}),
+# output = W_o z_N. The filters are IMPLICIT: h_n(t) = MLP(positional features of t) * exp(-alpha_c t), so
+# the parameter count does not grow with length and the decay window biases channels toward recent
+# tokens at different rates. A length-T convolution by FFT costs O(T log T) (pad to 2T so the circular
+# convolution does not wrap around), against attention's O(T^2): Hyena's case for long contexts.
+# Trade-off: no content-based lookup (the filter is the same for every input; only the gates depend on
+# it), so in-context recall lags attention at equal size. The paper's short depthwise convolution on the
+# projections is left out here.
+# Decoding caches the convolution INPUTS (N d numbers per token per layer, like a KV cache) and computes
+# each new output as one dot product over the history, O(t d): recomputing the prefix would cost a whole
+# forward pass per token, and a constant-size state needs the filters distilled into a recurrence
+# (Massaroli et al., "Laughing Hyena Distillery", arXiv:2310.18780), not done here.
+
+HYENA_POS_BANDS = 4  # sin/cos frequencies in the filter MLP's positional features (1 + 2 * 4 inputs)
+
+
+def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum_{s<=t} h[t-s] u[s] per channel along dim -2: u (..., T, C), h (T, C) -> (..., T, C).
+    FFT in float32 or wider (no half-precision FFT on CPU)."""
+    T, dt = u.shape[-2], _at_least_fp32(u.dtype)
+    n = 2 * T  # zero-padded: the length-2T circular convolution equals the linear one on outputs 0..T-1
+    spectrum = torch.fft.rfft(u.to(dt), n=n, dim=-2) * torch.fft.rfft(h.to(dt), n=n, dim=-2)
+    return torch.fft.irfft(spectrum, n=n, dim=-2)[..., :T, :].to(u.dtype)
+
+
+class HyenaFilter(nn.Module):
+    """The implicit filters: positions t -> h (order, T, d) via a small MLP with sin activations and a
+    per-channel exponential decay (channel c falls to 1% after 30% .. 150% of the context)."""
+
+    def __init__(self, d_model: int, order: int, hidden: int, context_length: int, device=None, dtype=None):
+        super().__init__()
+        self.d_model, self.order, self.context_length = d_model, order, context_length
+        self.fc1 = Linear(1 + 2 * HYENA_POS_BANDS, hidden, device=device, dtype=dtype, bias=True)
+        self.fc2 = Linear(hidden, hidden, device=device, dtype=dtype, bias=True)
+        self.fc3 = Linear(hidden, order * d_model, device=device, dtype=dtype)
+        rates = torch.linspace(math.log(100) / 0.3, math.log(100) / 1.5, d_model, device=device)
+        self.register_buffer("decay_rate", rates.repeat(order), persistent=False)  # (order * d,), not a weight
+
+    def forward(self, T: int) -> torch.Tensor:
+        t = torch.arange(T, device=self.decay_rate.device, dtype=torch.float32)[:, None] / self.context_length
+        angles = 2 * math.pi * t * torch.arange(1, HYENA_POS_BANDS + 1, device=t.device)  # (T, bands)
+        feats = torch.cat([t, angles.cos(), angles.sin()], dim=-1).to(self.fc1.weight.dtype)  # (T, 1 + 2 bands)
+        h = self.fc3(torch.sin(self.fc2(torch.sin(self.fc1(feats)))))                    # (T, order * d)
+        h = h * torch.exp(-t * self.decay_rate).to(h.dtype)                               # decay window
+        return h.view(T, self.order, self.d_model).transpose(0, 1)                       # (order, T, d)
+
+
+class HyenaOperator(nn.Module):
+    """Hyena as a drop-in for the attention sublayer (same forward signature; attn_mask only marks padding)."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        d, N = cfg.d_model, cfg.hyena_order
+        self.d_model, self.order = d, N
+        self.in_proj = Linear(d, (N + 1) * d, device=device, dtype=dtype, bias=cfg.bias)  # v, x_1 .. x_N
+        self.filter = HyenaFilter(d, N, cfg.hyena_filter_dim, cfg.context_length, device, dtype)
+        self.skip = nn.Parameter(torch.randn(N, d, device=device, dtype=dtype))  # D_n: the filter's t = 0 bypass
+        self.output_proj = Linear(d, d, device=device, dtype=dtype, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
+                layer_idx: int = 0) -> torch.Tensor:
+        lead, T = x.shape[:-2], x.shape[-2]
+        x = x.reshape(-1, T, self.d_model)
+        z, *gates = self.in_proj(x).chunk(self.order + 1, dim=-1)  # N + 1 tensors (B, T, d)
+        valid = _valid_keys(attn_mask, T)
+        Tk = T if kv_cache is None else kv_cache.length            # convolution inputs seen so far
+        h = self.filter(Tk)                                        # (N, Tk, d)
+        for n in range(self.order):
+            if valid is not None:  # left padding enters every convolution as zeros (shift invariance does the rest)
+                z = torch.where(valid, z, 0.0)
+            u = z if kv_cache is None else kv_cache.history(layer_idx, n, z)  # (B, Tk, d)
+            if T == 1 and kv_cache is not None:  # one new token: y_t = sum_s h[t - s] u[s], a dot product
+                y = (u * h[n].flip(0)).sum(dim=1, keepdim=True)
+            else:
+                y = fft_causal_conv(u, h[n])[:, -T:]
+            z = gates[n] * (y + self.skip[n] * z)
+        return self.output_proj(z).reshape(*lead, T, self.d_model)
+
+
+def make_mixer(cfg: ModelConfig, rope: Optional[RotaryPositionalEmbedding], device=None, dtype=None) -> nn.Module:
+    """The sequence-mixing sublayer a block uses, by ModelConfig.mixer (all share forward's signature)."""
+    if cfg.mixer == "mla":
+        return MultiHeadLatentAttention(cfg, rope, device, dtype)
+    if cfg.mixer == "hyena":
+        return HyenaOperator(cfg, device, dtype)
+    cls = LinearAttention if cfg.mixer == "linear" else MultiHeadSelfAttention
+    return cls(cfg.d_model, cfg.num_heads, cfg.context_length if cfg.position == "rope" else None,
+               cfg.rope_theta if cfg.position == "rope" else None, num_kv_heads=cfg.num_kv_heads,
+               qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl, rope=rope, bias=cfg.bias,
+               norm_eps=cfg.norm_eps, attn_dropout=cfg.attn_dropout, device=device, dtype=dtype)
 
 
 class MoEFeedForward(nn.Module):
@@ -684,13 +1000,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         cfg = config if config is not None else _config_from_block_args(d_model, num_heads, d_ff, max_seq_len,
                                                                          theta, switches)
-        self.norm_position = cfg.norm_position
+        self.norm_position, self.dropout = cfg.norm_position, cfg.dropout
         self.ln1 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
-        self.attn = MultiHeadSelfAttention(
-            cfg.d_model, cfg.num_heads, cfg.context_length if cfg.position == "rope" else None,
-            cfg.rope_theta if cfg.position == "rope" else None, num_kv_heads=cfg.num_kv_heads,
-            qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl, rope=rope, bias=cfg.bias,
-            norm_eps=cfg.norm_eps, device=device, dtype=dtype)
+        self.attn = make_mixer(cfg, rope, device, dtype)  # softmax attention, MLA, linear attention or Hyena
         self.ln2 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
         if cfg.num_experts > 0:
             self.ffn = MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.experts_top_k, cfg.ffn,
@@ -701,12 +1013,14 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
                 layer_idx: int = 0) -> torch.Tensor:
-        # x: (B, T, d), the residual stream; each sublayer reads it and adds (or normalizes) its output
+        # x: (B, T, d), the residual stream; each sublayer reads it and adds (or normalizes) its output,
+        # dropped out first when config.dropout > 0 (training only; p = 0 returns it untouched)
+        p = self.dropout if self.training else 0.0
         if self.norm_position == "pre":
-            x = x + self.attn(self.ln1(x), token_positions, attn_mask, kv_cache, layer_idx)
-            return x + self.ffn(self.ln2(x))
-        x = self.ln1(x + self.attn(x, token_positions, attn_mask, kv_cache, layer_idx))
-        return self.ln2(x + self.ffn(x))
+            x = x + dropout(self.attn(self.ln1(x), token_positions, attn_mask, kv_cache, layer_idx), p)
+            return x + dropout(self.ffn(self.ln2(x)), p)
+        x = self.ln1(x + dropout(self.attn(x, token_positions, attn_mask, kv_cache, layer_idx), p))
+        return self.ln2(x + dropout(self.ffn(x), p))
 
 
 class TransformerLM(nn.Module):
@@ -744,8 +1058,10 @@ class TransformerLM(nn.Module):
             self.pos_table = None
         if cfg.position == "learned":
             self.position_embeddings = Embedding(cfg.context_length, cfg.d_model, device=device, dtype=dtype)
-        # one RoPE table shared by every layer (a lookup per forward instead of one per layer)
-        rope = RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length, device=device) \
+        # one RoPE table shared by every layer (a lookup per forward instead of one per layer); MLA rotates
+        # only its qk_rope_head_dim decoupled dims
+        rope_dim = cfg.qk_rope_head_dim if cfg.mixer == "mla" else cfg.head_dim
+        rope = RotaryPositionalEmbedding(cfg.rope_theta, rope_dim, cfg.context_length, device=device) \
             if cfg.position == "rope" else None
         self.layers = nn.ModuleList([TransformerBlock(cfg.d_model, cfg.num_heads, config=cfg, rope=rope,
                                                       device=device, dtype=dtype) for _ in range(cfg.num_layers)])
@@ -804,6 +1120,7 @@ class TransformerLM(nn.Module):
             x = x + self.pos_table[token_positions].to(x.dtype)     # (T, d) or (B, T, d), broadcast over B
         elif self.position_embeddings is not None:
             x = x + self.position_embeddings(token_positions)       # the same, from a learned table
+        x = dropout(x, cfg.dropout, self.training)                  # embedding dropout (nanoGPT's placement)
         # per-row positions (B, T) -> (B, 1, T), broadcast over heads; made once so RoPE's lookup is shared
         layer_positions = token_positions[:, None, :] if token_positions.dim() == 2 else token_positions
         for i, layer in enumerate(self.layers):
@@ -847,6 +1164,25 @@ def _ffn_params(kind: str, d: int, d_ff: int, bias: bool = False) -> int:
     return (n_in + 1) * d * d_ff + ((n_in * d_ff + d) if bias else 0)
 
 
+def _mixer_params(c: ModelConfig) -> int:
+    """Parameters of one layer's mixing sublayer, by mixer."""
+    d, H, dh = c.d_model, c.num_heads, c.head_dim
+    if c.mixer == "mla":
+        r, dr = c.kv_lora_rank, c.qk_rope_head_dim
+        # q d x H dh; latent d x r and its norm's r gains; up-projections r x H (dh - dr) keys and r x H dh
+        # values; the shared RoPE key d x dr; output H dh x d
+        return d * H * dh + d * r + r + r * H * (dh - dr) + r * H * dh + d * dr + H * dh * d
+    if c.mixer == "hyena":
+        N, f, feats = c.hyena_order, c.hyena_filter_dim, 1 + 2 * HYENA_POS_BANDS
+        proj = d * (N + 1) * d + d * d + (((N + 1) * d + d) if c.bias else 0)  # in_proj, output_proj
+        filt = feats * f + f + f * f + f + f * N * d                               # the filter MLP (2 biases)
+        return proj + filt + N * d                                                 # + the D_n skips
+    # softmax and linear attention: q and output d x (H dh) each; k and v d x (Hkv dh) each (GQA shrinks them)
+    attn = d * H * dh + 2 * d * c.num_kv_heads * dh + H * dh * d
+    attn += (H * dh + 2 * c.num_kv_heads * dh + d) if c.bias else 0
+    return attn + (2 * dh if c.qk_norm else 0)  # q_norm and k_norm gains, shared by all heads
+
+
 def num_params(model_or_config, include_embeddings: bool = True) -> int:
     """Number of trainable parameters. Tied embedding/LM-head weights are counted once.
 
@@ -857,11 +1193,8 @@ def num_params(model_or_config, include_embeddings: bool = True) -> int:
     """
     if isinstance(model_or_config, ModelConfig):
         c = model_or_config
-        d, dh = c.d_model, c.head_dim
-        # q and output: d x (H dh) each; k and v: d x (Hkv dh) each (GQA shrinks these two)
-        attn = d * c.num_heads * dh + 2 * d * c.num_kv_heads * dh + c.num_heads * dh * d
-        attn += (c.num_heads * dh + 2 * c.num_kv_heads * dh + d) if c.bias else 0
-        attn += 2 * dh if c.qk_norm else 0  # q_norm and k_norm gains, shared by all heads
+        d = c.d_model
+        attn = _mixer_params(c)
         ffn = _ffn_params(c.ffn, d, c.d_ff, c.bias)
         if c.num_experts > 0:
             ffn = c.num_experts * ffn + d * c.num_experts  # experts + router
@@ -897,6 +1230,26 @@ def mean_attended_keys(seq_len: int, window: Optional[int], causal_average: bool
     return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
 
 
+def _mixer_flops(c: ModelConfig, T: int, proj: float, scores: float) -> tuple[float, float]:
+    """(projection, mixing) forward FLOPs per token for the non-default mixers, given softmax attention's
+    (proj, scores); flops_breakdown reports them as its two attention entries. Biases are not counted."""
+    d, H, dh = c.d_model, c.num_heads, c.head_dim
+    if c.mixer == "mla":  # its training form is softmax attention over dh-wide heads: the same scores
+        r, dr = c.kv_lora_rank, c.qk_rope_head_dim
+        return 2 * (d * H * dh + d * r + r * H * (dh - dr) + r * H * dh + d * dr + H * dh * d), scores
+    if c.mixer == "linear":
+        # the recurrent count per head: S += phi(k) v^T and phi(q)^T S (2 dh^2 each), z += phi(k), phi(q).z
+        # and the division (dh + 2 dh + dh); the chunked training form groups the same sums differently
+        return proj, H * (4 * dh * dh + 4 * dh)
+    # hyena: in_proj and output_proj (the filter MLP runs once per position for the whole batch, like
+    # RoPE's tables, and is left out). Mixing per order and channel: two real FFTs of length n = 2T
+    # (~2.5 n log2 n each) and n/2 + 1 complex products (6 each) per sequence, spread over its T tokens;
+    # then the skip (2) and the gate (1) per token. e.g. T = 4: n = 8, (120 + 30) / 4 + 3 = 40.5.
+    N, n = c.hyena_order, 2 * T
+    fft = 2 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)
+    return 2 * (d * (N + 1) * d + d * d), N * d * (fft / T + 3)
+
+
 def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_average: bool = True) -> dict:
     """Forward FLOPs per token by component (2mnp per matmul; norms, softmax, RoPE, activations ignored)."""
     c = config
@@ -907,6 +1260,8 @@ def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_a
     proj = 2 * d * (c.num_heads * dh) * 2 + 2 * d * (c.num_kv_heads * dh) * 2  # q, out + k, v
     # its query dots with n_keys keys (dh each) in every head, then the same count of value rows is summed
     scores = 2 * c.num_heads * dh * n_keys * 2                                  # Q K^T and A V
+    if c.mixer != "attention":
+        proj, scores = _mixer_flops(c, T, proj, scores)
     ffn_one = (6 if c.ffn == "swiglu" else 4) * d * c.d_ff  # 3 or 2 matrices of d x d_ff, 2 FLOPs each
     if c.num_experts > 0:
         ffn = 2 * d * c.num_experts + c.experts_top_k * ffn_one  # router + k experts per token
@@ -942,6 +1297,7 @@ def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = 
     MoE: times k plus the router probs E), and -- only when scores are materialized (the "naive" backend)
     -- the score and probability matrices (2 * H * T per token). Fused attention keeps only the output and
     a log-sum-exp per head instead. Then the final norm (2d) and the logits + softmax (2V).
+    The other mixers' terms are listed where they are computed below; dropout masks are not counted.
     """
     c = config
     T = c.context_length if seq_len is None else seq_len
@@ -951,7 +1307,14 @@ def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = 
     ffn_hidden = (4 if c.ffn == "swiglu" else 2) * c.d_ff
     if c.num_experts > 0:
         ffn_hidden = c.experts_top_k * (ffn_hidden + d) + c.num_experts
-    attn = d + 2 * kv_dim + d + (2 * c.num_heads * T if materialize_scores else c.num_heads)
+    score_elems = 2 * c.num_heads * T if materialize_scores else c.num_heads
+    attn = d + 2 * kv_dim + d + score_elems
+    if c.mixer == "mla":     # q, latent before/after its norm, RoPE key, up-projected k and v, output
+        attn = d + 2 * c.kv_lora_rank + c.qk_rope_head_dim + 2 * d + d + score_elems
+    elif c.mixer == "linear":  # q, k, v, phi(q), phi(k) (heads expanded), output, the two C x C chunk products
+        attn = d + 2 * kv_dim + 2 * d + d + 2 * c.num_heads * min(T, LINEAR_ATTENTION_CHUNK)
+    elif c.mixer == "hyena":   # the N + 1 streams; per order input, spectrum (~2 floats), output, gated; output
+        attn = (c.hyena_order + 1) * d + 5 * c.hyena_order * d + d
     per_layer = 4 * d + attn + ffn_hidden
     return c.num_layers * per_layer + 2 * d + 2 * c.vocab_size
 
@@ -1009,6 +1372,35 @@ def slot_attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad_lens: 
     return allowed[:, None]  # (B, 1, Tq, Tk): broadcast over heads
 
 
+def cache_entry_shape(config: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, width) of what the decoding cache stores per token per layer, for its k and v buffers."""
+    c = config
+    if c.mixer == "mla":
+        return (1, c.kv_lora_rank), (1, c.qk_rope_head_dim)   # the latent, the shared RoPE key
+    if c.mixer == "hyena":
+        return (c.hyena_order, c.d_model), (0, 0)             # the convolution inputs of every order
+    if c.mixer == "linear":
+        return (0, 0), (0, 0)                                 # nothing per token (a fixed state instead)
+    return (c.num_kv_heads, c.head_dim), (c.num_kv_heads, c.head_dim)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
+    """Decoding-cache bytes one more token adds, all layers: MHA 2 L H dh, GQA 2 L Hkv dh, MQA 2 L dh,
+    MLA L (r + dr), Hyena L N d, linear attention 0 (its state is fixed: see decode_state_bytes).
+    e.g. d 768, 12 layers, 12 heads of 64, bf16: MHA 36,864 bytes; MLA with r 192, dr 32: 5,376."""
+    (kh, kw), (vh, vw) = cache_entry_shape(config)
+    return config.num_layers * (kh * kw + vh * vw) * dtype_bytes
+
+
+def decode_state_bytes(config: ModelConfig, seq_len: int, batch_size: int = 1, dtype_bytes: int = 2) -> int:
+    """Bytes the decoding state of batch_size sequences of seq_len tokens needs: the per-token cache times
+    the tokens it keeps (the window for sliding attention), plus linear attention's L H (dh^2 + dh) state."""
+    c = config
+    kept = seq_len if c.window is None else min(seq_len, c.window)
+    fixed = c.num_layers * c.num_heads * (c.head_dim ** 2 + c.head_dim) if c.mixer == "linear" else 0
+    return batch_size * (kept * kv_cache_bytes_per_token(c, dtype_bytes) + fixed * dtype_bytes)
+
+
 class KVCache:
     """Keys and values of every processed token, per layer, so each new token costs one position.
 
@@ -1023,6 +1415,11 @@ class KVCache:
 
     Protocol (TransformerLM.forward drives it): begin(n) once per forward -> (positions, mask or None);
     update(layer, k, v) in each layer -> keys/values to attend; truncate(length) rolls back.
+
+    The other mixers keep their own per-layer decoding state here (see cache_entry_shape):
+      mla     k holds the latent (B, 1, capacity, r), v the RoPE key (B, 1, capacity, dr); update() as above
+      hyena   k holds the convolution inputs of each order (B, N, capacity, d); history() appends one order
+      linear  nothing per token: state[layer] = (S, z), the recurrent state (it cannot be rolled back)
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, pad_lens: Optional[torch.Tensor] = None,
@@ -1034,9 +1431,13 @@ class KVCache:
         # fp32: 2 * 12 * 1 * 12 * 1024 * 64 * 4 bytes = 75 MB per sequence; GQA with Hkv = H/4 cuts it 4x
         capacity = max_len if self.window is None else min(max_len, self.window + slack)
         self.capacity = max(1, capacity)
-        shape = (batch_size, config.num_kv_heads, self.capacity, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.mixer = config.mixer
+        (kh, kw), (vh, vw) = cache_entry_shape(config)
+        self.k = [torch.zeros((batch_size, kh, self.capacity, kw), device=device, dtype=dtype)
+                  for _ in range(config.num_layers)]
+        self.v = [torch.zeros((batch_size, vh, self.capacity, vw), device=device, dtype=dtype)
+                  for _ in range(config.num_layers)]
+        self.state = [None] * config.num_layers  # linear attention's (S, z) per layer
         self.slot_of = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
         self.pad_lens = pad_lens if pad_lens is not None and bool((pad_lens > 0).any()) else None
         self.length = 0         # slots consumed so far (same for every row)
@@ -1103,10 +1504,19 @@ class KVCache:
         V.index_copy_(2, idx, v_new[:, :, -keep:])
         return k_all, v_all
 
+    def history(self, layer: int, index: int, new: torch.Tensor) -> torch.Tensor:
+        """Hyena: store this chunk's order-`index` convolution inputs (B, n, d); return all so far (B, length, d)."""
+        mode, start, n, _ = self._plan  # always "contiguous": Hyena has no window, so no rolling buffer
+        buf = self.k[layer]
+        buf[:, index, start:start + n] = new
+        return buf[:, index, :start + n]
+
     def truncate(self, length: int) -> None:
         """Forget every slot >= length (speculative decoding's rollback of rejected draft tokens)."""
         if length > self.length:
             raise ValueError(f"cannot truncate a KV cache of length {self.length} to {length}")
+        if self.mixer == "linear" and length < self.length:
+            raise ValueError("a linear-attention state cannot be rolled back: (S, z) sums every token seen")
         # only the bookkeeping changes: the stale keys stay in the buffer, masked out (slot -1) until
         # the next tokens overwrite their entries, so a rollback costs nothing
         self.slot_of[self.slot_of >= length] = -1
@@ -1458,7 +1868,7 @@ def set_attention_backend(model: nn.Module, name: str) -> None:
     """Switch every attention module in `model` to backend `name` (and record it in model.config)."""
     get_attention_backend(name)
     for module in model.modules():
-        if isinstance(module, MultiHeadSelfAttention):
+        if isinstance(module, (MultiHeadSelfAttention, MultiHeadLatentAttention)):
             module.attn_impl = name
     if isinstance(getattr(model, "config", None), ModelConfig):
         model.config.attn_impl = name
@@ -1537,6 +1947,72 @@ def _validate_config(cfg: "ModelConfig") -> None:
         if not isinstance(getattr(cfg, flag), (bool, int)) or getattr(cfg, flag) not in (0, 1):
             raise ValueError(f"ModelConfig.{flag} must be true or false, got {getattr(cfg, flag)!r}")
         setattr(cfg, flag, bool(getattr(cfg, flag)))
+    _validate_mixer(cfg)
+    _validate_dropout(cfg)
+
+
+def _validate_mixer(cfg: "ModelConfig") -> None:
+    """The mixer switch and its own fields: defaults filled in, impossible combinations named."""
+    if cfg.mixer not in MIXER_CHOICES:
+        raise ValueError(f"ModelConfig.mixer={cfg.mixer!r} is not one of {list(MIXER_CHOICES)}")
+    owner = {"kv_lora_rank": "mla", "qk_rope_head_dim": "mla", "hyena_order": "hyena", "hyena_filter_dim": "hyena"}
+    for field, mixer in owner.items():  # a field of another mixer would be silently ignored: refuse it
+        if getattr(cfg, field) is not None and cfg.mixer != mixer:
+            raise ValueError(f"ModelConfig.{field} is only used with mixer={mixer!r} (mixer={cfg.mixer!r})")
+    if cfg.mixer in ("linear", "hyena") and cfg.attention == "sliding":
+        raise ValueError(f"ModelConfig.attention='sliding' needs softmax attention; mixer={cfg.mixer!r} has no "
+                         "attention window (use mixer='attention' or 'mla')")
+    dh = cfg.d_model // cfg.num_heads
+    if cfg.mixer == "mla":
+        for field, why in (("num_kv_heads", "every head has its own keys/values, made from the shared latent"),
+                           ("qk_norm", "a norm on the up-projected keys would block absorbing W_uk into the query"),
+                           ("bias", "biases on the up-projections would break the absorbed decoding form")):
+            if (cfg.num_kv_heads != cfg.num_heads) if field == "num_kv_heads" else getattr(cfg, field):
+                raise ValueError(f"ModelConfig.mixer='mla' does not combine with {field}="
+                                 f"{getattr(cfg, field)!r}: {why}")
+        if cfg.kv_lora_rank is None:
+            cfg.kv_lora_rank = max(1, cfg.d_model // 4)
+        if isinstance(cfg.kv_lora_rank, bool) or not isinstance(cfg.kv_lora_rank, int) or cfg.kv_lora_rank <= 0:
+            raise ValueError(f"ModelConfig.kv_lora_rank must be a positive integer, got {cfg.kv_lora_rank!r}")
+        if cfg.kv_lora_rank > cfg.d_model:
+            raise ValueError(f"ModelConfig.kv_lora_rank={cfg.kv_lora_rank} is larger than d_model={cfg.d_model} "
+                             "(a latent wider than the model compresses nothing)")
+        rope = cfg.position == "rope"
+        if cfg.qk_rope_head_dim is None:
+            cfg.qk_rope_head_dim = max(2, dh // 4 * 2) if rope else 0
+        dr = cfg.qk_rope_head_dim
+        if rope and not (isinstance(dr, int) and not isinstance(dr, bool) and dr % 2 == 0 and 2 <= dr < dh):
+            raise ValueError(f"ModelConfig.qk_rope_head_dim={dr!r} must be even and in [2, head_dim={dh}) with "
+                             "position='rope' (the rest of each query/key head comes from the latent)")
+        if not rope and dr != 0:
+            raise ValueError(f"ModelConfig.qk_rope_head_dim={dr!r} must be 0 with position={cfg.position!r} "
+                             "(the decoupled key exists only to carry RoPE)")
+    if cfg.mixer == "hyena":
+        if cfg.position == "rope" or cfg.qk_norm or cfg.num_kv_heads != cfg.num_heads:
+            raise ValueError("ModelConfig.mixer='hyena' has no queries or keys: it does not combine with "
+                             f"position='rope' (use 'nope': the long filters carry position), qk_norm or "
+                             f"num_kv_heads (got position={cfg.position!r}, qk_norm={cfg.qk_norm}, "
+                             f"num_kv_heads={cfg.num_kv_heads})")
+        cfg.hyena_order = 2 if cfg.hyena_order is None else cfg.hyena_order
+        cfg.hyena_filter_dim = 64 if cfg.hyena_filter_dim is None else cfg.hyena_filter_dim
+        for field in ("hyena_order", "hyena_filter_dim"):
+            value = getattr(cfg, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
+
+
+def _validate_dropout(cfg: "ModelConfig") -> None:
+    """dropout / attn_dropout: probabilities in [0, 1); attention dropout only where there are probabilities."""
+    for field in ("dropout", "attn_dropout"):
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"ModelConfig.{field} must be a number in [0, 1), got {value!r}")
+    if cfg.attn_dropout > 0 and cfg.mixer in ("linear", "hyena"):
+        raise ValueError(f"ModelConfig.attn_dropout applies to softmax attention probabilities; "
+                         f"mixer={cfg.mixer!r} has none (use dropout)")
+    if cfg.attn_dropout > 0 and cfg.attn_impl not in ("naive", "sdpa"):
+        raise ValueError(f"ModelConfig.attn_dropout needs attn_impl 'naive' or 'sdpa' (the backend interface has "
+                         f"no dropout argument), got attn_impl={cfg.attn_impl!r}")
 
 
 def _check_config_dict(cls, d) -> None:
@@ -1605,6 +2081,10 @@ def _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temper
                          f"{target.config.vocab_size}: the models must share a tokenizer")
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"k (draft tokens per step) must be a positive integer, got {k!r}")
+    for model, name in ((target, "target"), (draft, "draft")):
+        if model.config.mixer == "linear":  # rejected drafts must be rolled back, which a running sum cannot do
+            raise ValueError(f"speculative decoding needs a cache that can be rolled back; the {name} model's "
+                             "mixer='linear' keeps a recurrent state that cannot")
     _check_sampling_args(temperature, top_p, max_new_tokens)
     prompts = _normalize_prompts(prompt_ids, target.config.vocab_size)
     # both caches hold the whole sequence, so a draft with a shorter context limits the pair as well
