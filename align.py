@@ -380,6 +380,7 @@ def compute_policy_gradient_loss(policy_log_probs: torch.Tensor, loss_type: str,
     """Dispatch: "no_baseline" (raw rewards), "reinforce_with_baseline" (group-normalized advantages),
     "grpo_clip" (advantages + the clipped ratio). Returns (per-token loss (B, T), metadata)."""
     def need(name, value):
+        """The argument this loss type cannot do without, or a ValueError naming it."""
         if value is None:
             raise ValueError(f"loss_type {loss_type!r} needs {name}")
         return value
@@ -476,67 +477,7 @@ def compute_per_instance_dpo_loss(lm, lm_ref, tokenizer, beta: float, prompt: st
 
 
 # ======================================================================================================
-# 6. SFT data: packed instruction data, batches
-# ======================================================================================================
-
-# Two ways to batch SFT data. Per example (tokenize_prompt_and_output: one row per example, padded, loss only
-# on the response) is what the stages above use. PACKED (below) is what pretraining-style SFT on instruction
-# data uses at scale: no padding at all, the loss on every token, templates included.
-
-class PackedSFTDataset(torch.utils.data.Dataset):
-    """Fixed-length windows over one long stream of Alpaca-formatted examples, each ended by end-of-text.
-    Item i: {"input_ids": stream[i*L:(i+1)*L], "labels": stream[i*L+1:(i+1)*L+1]} (LongTensors of length L).
-    Packing wastes no compute on padding; an example may straddle two windows, which is harmless because
-    end-of-text separates it from its neighbour (what the course's packed SFT does)."""
-
-    def __init__(self, stream: torch.Tensor, seq_length: int):
-        self.stream, self.L = stream, seq_length
-        self.n = max(0, (len(stream) - 1) // seq_length)
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for {self.n} sequences")
-        s = self.stream[i * self.L:(i + 1) * self.L + 1]
-        return {"input_ids": s[:-1], "labels": s[1:]}
-
-
-def get_packed_sft_dataset(tokenizer, dataset_path, seq_length: int, shuffle: bool,
-                           seed: int = 0) -> PackedSFTDataset:
-    """Read a JSONL file of {"prompt", "response"} examples (malformed lines skipped and reported), format
-    each with the Alpaca template, append end-of-text, concatenate (shuffled first if asked) and cut into
-    windows of seq_length tokens."""
-    rows = read_jsonl(dataset_path, required=("prompt", "response"))
-    # shuffle the EXAMPLES before packing (shuffling windows later would keep neighbours glued together)
-    if shuffle:
-        random.Random(seed).shuffle(rows)
-    eot = tokenizer.eot_id if getattr(tokenizer, "eot_id", None) is not None else pad_id_of(tokenizer)
-    stream: list[int] = []
-    for r in rows:
-        stream += _encode(tokenizer, ALPACA_TEMPLATE.format(instruction=r["prompt"], response=r["response"]))
-        stream.append(eot)
-    ds = PackedSFTDataset(torch.tensor(stream, dtype=torch.long), seq_length)
-    if len(ds) == 0:
-        raise ValueError(f"{dataset_path}: {len(stream)} tokens, fewer than one sequence of {seq_length} + 1")
-    return ds
-
-
-def iterate_batches(dataset, batch_size: int, shuffle: bool, seed: Optional[int] = None) -> Iterable[dict]:
-    """One pass over `dataset` in batches of `batch_size` (the last may be smaller), items stacked per key."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = list(range(len(dataset)))
-    if shuffle:  # a seeded order: the same seed gives the same batches (reproducible, resumable)
-        random.Random(seed).shuffle(order)
-    for i in range(0, len(order), batch_size):
-        items = [dataset[j] for j in order[i:i + batch_size]]
-        yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-# ======================================================================================================
-# 7. The built-in verifiable task: multi-step arithmetic with exact answers
+# 6. The built-in verifiable task: multi-step arithmetic with exact answers
 # ======================================================================================================
 # "Compute 27 + 8 - 5." -> worked solution "27 + 8 = 35. 35 - 5 = 30." -> answer 30.
 # Difficulty = the number of operands: each extra operand is one more step to get right, so a model with
@@ -552,6 +493,8 @@ HELD_OUT_BUCKETS = 8  # 1 in 8 problems (by a stable hash of its text) is held o
 
 @dataclass(frozen=True)
 class Problem:
+    """One problem of the task: what the model is asked, the exact answer the verifier checks, and the
+    worked solution SFT imitates. Frozen (hashable), so problems can be de-duplicated in sets."""
     question: str  # "Compute 27 + 8 - 5."
     answer: str  # "30"
     solution: str  # "27 + 8 = 35. 35 - 5 = 30."
@@ -604,6 +547,7 @@ def task_problems(split: str, n: int, seed: int = 0, unique: bool = True) -> lis
 
 
 def task_prompt(p: Problem) -> str:
+    """The prompt a policy sees: the short R1-Zero template around the question, ending in "<think>"."""
     return SHORT_R1_PROMPT.format(question=p.question)
 
 
@@ -637,8 +581,14 @@ def pretraining_text(n_bytes: int, seed: int = 0, arithmetic_share: float = 0.6)
 
 
 # ======================================================================================================
-# 8. Rollouts: sampling G responses per prompt with the KV cache and one shared prefill
+# 7. Rollouts: sampling G responses per prompt with the KV cache and one shared prefill
 # ======================================================================================================
+# The cost model of a rollout batch (P prompts of length Tp, G samples each, Tn new tokens, N parameters):
+#   without a cache   every new token re-runs the whole prefix: ~2N * P*G * sum_t (Tp + t) FLOPs, quadratic in Tn
+#   with a KV cache   prefill 2N * P*G*Tp once, then 2N * P*G per new token: linear in Tn
+#   shared prefill    the prefill once per PROMPT (2N * P*Tp), the cache copied G times
+# On a CPU a 1M-parameter model is bound by per-step overhead more than by FLOPs, which is why the batch of
+# P*G rows decodes together: one forward per new token for all of them. `python align.py bench` measures it.
 
 @torch.no_grad()
 def sample_rollouts(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
@@ -723,8 +673,16 @@ def decode_response(tokenizer, ids: list[int]) -> str:
 
 
 # ======================================================================================================
-# 9. Evaluation: held-out accuracy with an interval, format rate, length, entropy
+# 8. Evaluation: held-out accuracy with an interval, format rate, length, entropy
 # ======================================================================================================
+# What to report after each stage, and why each number is there:
+#   accuracy       on problems no stage trained on (the only number that says the model got better, not
+#                  that it memorized), with a 95% interval (without one, a 3-point gain on 500 problems is
+#                  indistinguishable from luck)
+#   format rate    RL can raise the reward by learning the format alone; this separates the two
+#   length         a policy gradient can drift toward longer or shorter answers (GRPO's length bias)
+#   entropy        how peaked the policy is on its own answers: RL sharpens it (and an entropy collapse
+#                  means the model stopped exploring, so later RL steps have nothing left to learn from)
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a proportion: unlike p +- 1.96 sqrt(p(1-p)/n) it stays inside [0, 1]
@@ -760,7 +718,8 @@ def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int
             formatted += int(r["format_reward"] > 0)
             lengths.append(len(o))
             if len(examples) < 3:
-                examples.append(prompt_fn(p).split("\n")[-2][6:] + " ->" + decode_response(tokenizer, o))
+                q = getattr(p, "question", "")[:60]
+                examples.append(q + " ->" + decode_response(tokenizer, o).replace("\n", "\\n")[:100])
         with torch.no_grad():  # entropy of the policy over its own response tokens
             batch = pack_prompt_response_ids([(p, o) for p, o in zip(prompts, outs) if o], pad_id_of(tokenizer))
             if batch["input_ids"].shape[1] > 0:
@@ -781,9 +740,15 @@ def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int
 
 
 # ======================================================================================================
-# 10. The stages: SFT, expert iteration, GRPO (on- and off-policy), DPO -- one step function each
+# 9. The stages: SFT, expert iteration, GRPO (on- and off-policy), DPO -- one step function each
 # ======================================================================================================
 
+# On- versus off-policy. The policy gradient is an expectation under the CURRENT policy, so rollouts are only
+# exactly right for the first update after they were sampled. Sampling is the expensive part, so GRPO reuses
+# a batch for several updates (epochs_per_batch x minibatches) and corrects with the importance ratio
+# pi_theta / pi_old, clipped so that stale rollouts cannot drag the policy far. Expert iteration and DPO are
+# off-policy by nature (a fixed set of examples), and need no ratio: their losses are likelihoods.
+#
 # Each stage is a loop of STEPS; a step function takes (context, step index) and returns a dict of metrics.
 # What differs between the methods is only what a step does:
 #   sft   a batch of worked solutions -> cross-entropy on the response tokens -> one optimizer step
@@ -897,7 +862,11 @@ def sft_step(ctx: "StageContext", step: int) -> dict:
 
 def ei_step(ctx: "StageContext", step: int) -> dict:
     """Expert iteration: sample, keep what the verifier accepts (one copy per distinct response), and
-    fine-tune on it -- SFT on the model's own correct answers."""
+    fine-tune on it -- SFT on the model's own correct answers.
+
+    It is the policy gradient with a 0/1 reward and no baseline, restricted to the successes: failures are
+    ignored instead of pushed down, and a prompt it already solves every time still contributes (GRPO's
+    advantage for such a group is 0). Cheap and stable; it learns nothing from prompts it never solves."""
     cfg = ctx.cfg
     rb = rollout_batch(ctx, step)
     t0 = time.time()
@@ -920,7 +889,11 @@ def ei_step(ctx: "StageContext", step: int) -> dict:
 def grpo_step(ctx: "StageContext", step: int) -> dict:
     """GRPO: rollouts -> group-normalized advantages -> policy-gradient updates. With epochs_per_batch > 1 (or
     several minibatches) later updates use rollouts of an older policy: off-policy, corrected by the clipped
-    ratio against the log-probs recorded before the first update."""
+    ratio against the log-probs recorded before the first update.
+
+    No KL penalty to a reference model (DeepSeekMath adds one; DAPO and Dr. GRPO drop it): on a verifiable
+    reward with few steps there is nothing to protect, and it would cost a reference forward per batch.
+    The returned row splits the wall time into rollout (sampling), score (the verifier) and update."""
     cfg, model = ctx.cfg, ctx.model
     rb = rollout_batch(ctx, step)
     t0 = time.time()
@@ -961,7 +934,11 @@ def grpo_step(ctx: "StageContext", step: int) -> dict:
 
 def dpo_step(ctx: "StageContext", step: int) -> dict:
     """DPO on verifier-ranked pairs: per prompt, one response the verifier accepts (chosen) against one it
-    rejects (rejected), both sampled from the current policy; the reference is the starting model."""
+    rejects (rejected), both sampled from the current policy; the reference is the starting model.
+
+    This is "online" DPO (pairs from the current policy at every step) rather than the original's fixed
+    data set of human preferences; the verifier plays the human. Each pair uses one chosen and one rejected
+    response out of G, so DPO sees fewer of the sampled tokens than GRPO does on the same rollouts."""
     cfg = ctx.cfg
     rb = rollout_batch(ctx, step)
     t0 = time.time()
@@ -1090,8 +1067,16 @@ def evaluate_stage(model, tokenizer, cfg: AlignConfig, log_path: Path, log: Call
 
 
 # ======================================================================================================
-# 11. Real benchmarks: GSM8K (last number) and MMLU (option letter, and log-likelihood of each option)
+# 10. Real benchmarks: GSM8K (last number) and MMLU (option letter, and log-likelihood of each option)
 # ======================================================================================================
+# The lessons of evaluation, as they show up here:
+#   * The SAME model scores differently under different protocols. A small model asked for a letter may
+#     never write one (its letter accuracy can fall below the 25% of guessing), while comparing the
+#     log-likelihood of the four options always yields an answer; report the protocol with the number.
+#   * Parsing is part of the metric: "the last number in the output" is GSM8K's convention, and a model that
+#     restates the question's numbers after its answer is graded wrong by it.
+#   * Benchmarks leak into pretraining corpora (MMLU ships a list of possibly contaminated URLs); the
+#     built-in task avoids the question by construction (held-out problems are excluded by hash).
 
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, batch_size: int = 16) -> dict:
     """Exact match of the LAST number of a greedy response (R1-Zero prompt) against the reference answer."""
@@ -1104,6 +1089,7 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int =
         print(f"gsm8k: {len(probs) - len(keep)} question(s) longer than the context of {ctx} skipped", file=sys.stderr)
     if not keep:
         raise ValueError(f"every GSM8K prompt is longer than the model's context ({ctx} tokens)")
+    # the generation budget shrinks to what the context has left after the longest kept prompt
     longest = max(len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) for p in keep)
     last_number = lambda resp, gt: {"format_reward": float(parse_gsm8k_response(resp) is not None),  # noqa: E731
                                     "answer_reward": float(grade_answer(parse_gsm8k_response(resp) or "", gt))}
@@ -1152,7 +1138,7 @@ def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, 
 
 
 # ======================================================================================================
-# 12. The demo: pretrain -> SFT -> expert iteration | GRPO on-policy | GRPO off-policy | DPO, all measured
+# 11. The demo: pretrain -> SFT -> expert iteration | GRPO on-policy | GRPO off-policy | DPO, all measured
 # ======================================================================================================
 # Expert iteration, the two GRPO variants and DPO all start from the SAME SFT checkpoint with the same
 # budget (rollout batches x prompts x group size), so their held-out accuracies compare directly.
@@ -1166,11 +1152,15 @@ DEMO_PRETRAIN = dict(vocab_size=512, context_length=128, d_model=128, num_layers
 DEMO_SFT = dict(steps=45, lr=1e-3, batch_size=32, sft_examples=256)
 # Feedback methods: 40 rollout batches of 16 prompts x 8 samples (5,120 rollouts) each, temperature 1.
 DEMO_RL = dict(steps=40, batch_size=16, group_size=8, temperature=1.0, max_new_tokens=40)
+# One learning rate for all four (AdamW's step size is the per-step change of every weight, whatever the
+# loss's scale). Measured: expert iteration at SFT's 1e-3 collapsed held-out accuracy from 56% to 3% within
+# 40 steps of ~10 kept samples each (Adam's first steps move every weight by ~lr, and tiny batches make that
+# noise); at 3e-4 see the README.
 DEMO_METHODS = {  # name -> (stage, options on top of DEMO_RL)
-    "ei": ("ei", dict(lr=1e-3)),
+    "ei": ("ei", dict(lr=3e-4)),
     "grpo": ("grpo", dict(lr=3e-4, loss_type="reinforce_with_baseline")),
     "grpo_off": ("grpo", dict(lr=3e-4, loss_type="grpo_clip", epochs_per_batch=2, minibatches=2, cliprange=0.2)),
-    "dpo": ("dpo", dict(lr=1e-4, beta=0.1)),
+    "dpo": ("dpo", dict(lr=3e-4, beta=0.1)),
 }
 
 
@@ -1262,6 +1252,7 @@ def format_step(row: dict) -> str:
 
 
 def format_eval(name: str, r: dict) -> str:
+    """One line per evaluation: accuracy [interval] on n | format rate | length | entropy | throughput."""
     return (f"{name}: accuracy {100 * r['accuracy']:.1f}% [95% CI {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}] "
             f"on {r['n']} | format {100 * r['format_rate']:.1f}% | length {r['mean_length']:.1f} tok | "
             f"entropy {r['entropy']:.3f} nats | {r['tokens_per_s']:.0f} tok/s")
@@ -1280,6 +1271,7 @@ def cached_stage(cfg: AlignConfig, log: Callable, label: Optional[str] = None) -
 
 
 def cached_eval(folder: Path, model, tokenizer, cfg: AlignConfig, log_path: Path, log: Callable) -> dict:
+    """evaluate_stage, remembered in <folder>/eval.json (the demo's base-model evaluation is done once)."""
     done = folder / "eval.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -1311,7 +1303,7 @@ def load_policy(path: str, device: str = "cpu", pretrained: str = ""):
     foreign file, weights that do not fit their config, or a tokenizer whose vocabulary does not fit.
     pretrained="gpt2" (or a folder of Hugging Face safetensors) loads GPT-2 through model.from_pretrained
     with GPT-2's tokenizer instead: the same stages then fine-tune and evaluate a real pretrained model."""
-    if pretrained:
+    if pretrained:  # GPT-2's 1,024-token context holds any prompt here; its tokenizer is tiktoken's gpt2
         model = M.from_pretrained(pretrained, device=device).train()
         tok = tk.gpt2_tokenizer()
         info = {"path": f"pretrained:{pretrained}", "model_config": model.config.to_dict(),
@@ -1320,6 +1312,7 @@ def load_policy(path: str, device: str = "cpu", pretrained: str = ""):
     if not path:
         raise ValueError("no checkpoint given (--init CKPT)")
     ckpt = T.read_checkpoint(path)
+    # the architecture comes from the checkpoint itself (train.py stores model_config), so any shape loads
     mc = ckpt.get("model_config")
     if not isinstance(mc, dict):
         raise ValueError(f"checkpoint {path} has no model_config (not written by train.py or align.py)")
@@ -1344,6 +1337,7 @@ def save_stage_checkpoint(path: Path, model, opt, step: int, cfg: AlignConfig, t
     tok_dir = path.parent / "tokenizer"
     if not (tok_dir / "vocab.json").exists():
         tokenizer.save(str(tok_dir))
+    # A diverged step (NaN/inf weights) must never overwrite the last good checkpoint: refuse and say so.
     n_bad = sum(not bool(torch.isfinite(p).all()) for p in model.parameters())
     if n_bad:
         raise FloatingPointError(f"non-finite weights at step {step}: not saved; {path} (if any) is intact "
@@ -1382,6 +1376,7 @@ def resume_stage(path: Path, cfg: AlignConfig, model, opt, init_info: dict, log:
 
 def append_log(path: Path, row: dict) -> None:
     """One JSON object per line; appended and flushed at once, so a kill loses at most the line in flight."""
+    # (appending is not atomic, but a torn last line is the only possible damage, and readers skip it)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -1390,6 +1385,9 @@ def trim_log(path: Path, stage: str, step: int) -> None:
     """On (re)start at `step`, drop this stage's rows after it, so a resumed run's log reads as one run."""
     if not path.exists():
         return
+    # Rows of OTHER stages are kept whatever their step; of this stage only training rows up to the resumed
+    # step survive (its evaluation rows are re-made at the end). Rewritten atomically: a kill here leaves the
+    # old log, never half of it.
     rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
     keep = []
     for l in rows:
@@ -1401,6 +1399,63 @@ def trim_log(path: Path, stage: str, step: int) -> None:
             keep.append(l)
     with atomic_open(path, "w") as f:
         f.write("".join(l + "\n" for l in keep))
+
+
+# ---- SFT data from a file: packed instruction data (the course's get_packed_sft_dataset), batches ----
+# Two ways to batch SFT data. Per example (tokenize_prompt_and_output: one row per example, padded, loss only
+# on the response) is what the stages above use. PACKED (below) is what pretraining-style SFT on instruction
+# data uses at scale: no padding at all, the loss on every token, templates included.
+
+class PackedSFTDataset(torch.utils.data.Dataset):
+    """Fixed-length windows over one long stream of Alpaca-formatted examples, each ended by end-of-text.
+    Item i: {"input_ids": stream[i*L:(i+1)*L], "labels": stream[i*L+1:(i+1)*L+1]} (LongTensors of length L).
+    Packing wastes no compute on padding; an example may straddle two windows, which is harmless because
+    end-of-text separates it from its neighbour (what the course's packed SFT does)."""
+
+    def __init__(self, stream: torch.Tensor, seq_length: int):
+        self.stream, self.L = stream, seq_length
+        self.n = max(0, (len(stream) - 1) // seq_length)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} sequences")
+        s = self.stream[i * self.L:(i + 1) * self.L + 1]
+        return {"input_ids": s[:-1], "labels": s[1:]}
+
+
+def get_packed_sft_dataset(tokenizer, dataset_path, seq_length: int, shuffle: bool,
+                           seed: int = 0) -> PackedSFTDataset:
+    """Read a JSONL file of {"prompt", "response"} examples (malformed lines skipped and reported), format
+    each with the Alpaca template, append end-of-text, concatenate (shuffled first if asked) and cut into
+    windows of seq_length tokens."""
+    rows = read_jsonl(dataset_path, required=("prompt", "response"))
+    # shuffle the EXAMPLES before packing (shuffling windows later would keep neighbours glued together)
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    eot = tokenizer.eot_id if getattr(tokenizer, "eot_id", None) is not None else pad_id_of(tokenizer)
+    stream: list[int] = []
+    for r in rows:
+        stream += _encode(tokenizer, ALPACA_TEMPLATE.format(instruction=r["prompt"], response=r["response"]))
+        stream.append(eot)
+    ds = PackedSFTDataset(torch.tensor(stream, dtype=torch.long), seq_length)
+    if len(ds) == 0:
+        raise ValueError(f"{dataset_path}: {len(stream)} tokens, fewer than one sequence of {seq_length} + 1")
+    return ds
+
+
+def iterate_batches(dataset, batch_size: int, shuffle: bool, seed: Optional[int] = None) -> Iterable[dict]:
+    """One pass over `dataset` in batches of `batch_size` (the last may be smaller), items stacked per key."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(dataset)))
+    if shuffle:  # a seeded order: the same seed gives the same batches (reproducible, resumable)
+        random.Random(seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        items = [dataset[j] for j in order[i:i + batch_size]]
+        yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
 def read_jsonl(path, required: tuple = (), log: Callable = None, check: Callable = None) -> list[dict]:
@@ -1589,6 +1644,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is ONE line on stderr (exit status 2), not usage + error."""
 
     def error(self, message):
+        """Replaces argparse's usage dump + error with the error alone (the usage is one --help away)."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
