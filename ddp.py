@@ -986,16 +986,17 @@ def clip_gradients(run_model, opt, max_norm):
 
 def global_batch_shard(tokens, global_batch, context_length, seed, step, micro, rank, world, device):
     """Rank `rank`'s contiguous 1/world of the (seed, step, micro) global batch: x, y of shape (G/N, T)."""
-    # Every rank draws ALL G window starts from the same (seed, step, micro) stream and keeps its own slice: no
-    # communication, and the batch does not depend on N. The rank is deliberately not in the seed (train.py's
-    # default batches use (seed, step, rank, micro), which would change the data with the world size).
+    # Every rank draws ALL G windows from the same (seed, step, micro) stream (model.sample_windows, the one
+    # random-window sampler) and keeps its own slice: no communication, and the batch does not depend on N. The
+    # rank is deliberately not in the seed (train.py's default batches use (seed, step, rank, micro), which would
+    # change the data with the world size). Reading G windows instead of G/N costs G (T+1) token reads per step:
+    # kilobytes to a few MB, nothing next to the step itself.
     rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, len(tokens) - context_length, size=global_batch)   # same draw on every rank
+    x, y = M.sample_windows(tokens, global_batch, context_length, rng)           # (G, T) each, same on every rank
     per = global_batch // world
-    mine = starts[rank * per:(rank + 1) * per]                                   # (G/N,) window starts
-    windows = np.asarray(tokens[mine[:, None] + np.arange(context_length + 1)[None, :]], dtype=np.int64)
-    xy = torch.from_numpy(windows)                                               # (G/N, T+1)
-    return xy[:, :-1].contiguous().to(device), xy[:, 1:].contiguous().to(device)
+    mine = slice(rank * per, (rank + 1) * per)                                   # (G/N, T): this rank's rows
+    return (torch.from_numpy(np.ascontiguousarray(x[mine])).to(device),
+            torch.from_numpy(np.ascontiguousarray(y[mine])).to(device))
 
 
 # A wall-clock budget on N ranks. train.py stops a budgeted run at the top of the first step that starts after the
