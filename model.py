@@ -3030,6 +3030,36 @@ def cmd_table(args) -> None:
               f"{100 * (br['attention_projections'] + br['attention_scores']) / fwd:5.1f}% "
               f"{100 * br['ffn'] / fwd:5.1f}% {100 * br['lm_head'] / fwd:5.1f}% {_fmt_bytes(state):>17s} "
               f"{_fmt_bytes(mem['activations']):>12s} {_fmt_bytes(mem['total']):>10s}")
+    _print_cache_table(args)
+
+
+def _print_cache_table(args) -> None:
+    """The decoding-cache side of the table: bytes each generated token adds to the cache, per mixer.
+    Decoding is bound by reading weights AND this cache every step, so at long contexts or large batches
+    the cache, not the weights, sets the speed and the batch that fits."""
+    b = args.dtype_bytes
+    print(f"\ndecoding cache per token (all layers, {b}-byte numbers, KiB); MLA at kv_lora_rank d/4 and "
+          f"qk_rope_head_dim dh/2; linear attention keeps a fixed state instead (per sequence, MiB)")
+    header = (f"{'config':12s} {'MHA':>8s} {'GQA':>13s} {'MQA':>7s} {'MLA':>15s} {'MLA/MHA':>8s} "
+              f"{'hyena':>8s} {'linear state':>13s} {'MHA @ ctx':>10s} {'MLA @ ctx':>10s}")
+    print(header)
+    print("-" * len(header))
+    for name, (d, L, H) in GPT2_SIZES.items():
+        base = dict(vocab_size=args.vocab_size, context_length=args.context_length, d_model=d, num_layers=L,
+                    num_heads=H)
+        # GQA with about 4 query heads per key/value head: the largest divisor of H that is <= H / 4
+        g = max(k for k in range(1, H + 1) if H % k == 0 and k <= max(1, H // 4))
+        mha, gqa, mqa = (ModelConfig(**base, num_kv_heads=k) for k in (H, g, 1))
+        mla = ModelConfig(**base, mixer="mla")
+        hyena = ModelConfig(**base, mixer="hyena", position="nope")
+        lin = ModelConfig(**base, mixer="linear")
+        per = {k: kv_cache_bytes_per_token(c, b) / 1024 for k, c in
+               (("mha", mha), ("gqa", gqa), ("mqa", mqa), ("mla", mla), ("hyena", hyena))}
+        ctx = args.context_length
+        print(f"{name:12s} {per['mha']:8.1f} {per['gqa']:7.1f} (Hkv{g:2d}) {per['mqa']:7.1f} "
+              f"{per['mla']:7.1f} (r {mla.kv_lora_rank:3d}) {per['mla'] / per['mha']:8.3f} {per['hyena']:8.1f} "
+              f"{decode_state_bytes(lin, ctx, 1, b) / 2**20:13.2f} "
+              f"{_fmt_bytes(decode_state_bytes(mha, ctx, 1, b)):>10s} {_fmt_bytes(decode_state_bytes(mla, ctx, 1, b)):>10s}")
 
 
 
