@@ -408,7 +408,7 @@ def init_grid() -> torch.Tensor:
     return torch.stack([a, b, ee, al, be], -1).reshape(-1, 5)
 
 
-def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200) -> tuple[torch.Tensor, float]:
+def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200, mask=None) -> tuple[torch.Tensor, float]:
     """torch.optim.LBFGS (strong-Wolfe line search, float64) from one start; returns (theta, objective)."""
     theta = theta0.clone().reshape(1, 5).requires_grad_(True)
     # strong Wolfe line search: the Huber objective has regions of tiny curvature where a fixed step would
@@ -420,6 +420,8 @@ def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200) -> tup
         opt.zero_grad()
         f = _objective(theta, *data, delta).sum()
         f.backward()
+        if mask is not None:  # a held-fixed coordinate (a known E) gets no gradient, so it never moves
+            theta.grad.mul_(mask)
         return f
 
     opt.step(closure)
@@ -457,7 +459,7 @@ def _objective_and_grad(theta: torch.Tensor, log_n, log_d, log_l, delta: float, 
 _GRID_STAGES = ((None, 25), (400, 100), (40, 200))
 
 
-def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8):
+def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8, mask=None):
     """Optimize from EVERY start of the grid, as one (K, 5) tensor: batched Adam steps (Adam is
     per-coordinate and each row's gradient is its own problem's, so the rows stay independent problems),
     successive halving (all starts for 25 steps, the best 400 for 100 more, the best 40 for 200 more), then
@@ -477,6 +479,8 @@ def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8):
             with torch.no_grad():
                 f, g = _objective_and_grad(theta, *data, delta)
                 theta.grad = torch.where(torch.isfinite(g), g, torch.zeros_like(g))  # overflowed starts stay put
+                if mask is not None:
+                    theta.grad.mul_(mask)
             opt.step()
             sched.step()
         theta = theta.detach()
@@ -490,7 +494,7 @@ def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8):
         if key in seen:
             continue
         seen.add(key)
-        cand = _lbfgs(theta[i], data, delta)
+        cand = _lbfgs(theta[i], data, delta, mask=mask)
         if best is None or cand[1] < best[1]:
             best = cand
         if len(seen) >= polish:
@@ -550,7 +554,7 @@ class ParametricFit:
         return tuple(np.percentile(n, q)), tuple(np.percentile(d, q))
 
 
-def _bootstrap(theta: torch.Tensor, data, delta: float, n_bootstrap: int, seed: int) -> torch.Tensor:
+def _bootstrap(theta: torch.Tensor, data, delta: float, n_bootstrap: int, seed: int, mask=None) -> torch.Tensor:
     """Refit on `n_bootstrap` resamples of the runs (n runs drawn with replacement), each by L-BFGS warm-started
     at the full fit. On a nearly piecewise-linear Huber objective (most residuals beyond delta) L-BFGS started
     exactly on a kink can stop at once; such a refit is retried from a nudged start. (A batched Adam over all
@@ -563,21 +567,24 @@ def _bootstrap(theta: torch.Tensor, data, delta: float, n_bootstrap: int, seed: 
         idx = torch.from_numpy(rng.integers(0, n, n))
         sample = tuple(x[idx] for x in data)
         f0 = float(_objective(theta[None], *sample, delta).sum())
-        th, f = _lbfgs(theta, sample, delta)
+        th, f = _lbfgs(theta, sample, delta, mask=mask)
         if f >= f0 * (1 - 1e-9):  # no progress from the warm start: stalled on a kink
             nudge = torch.from_numpy(rng.normal(0, 1, 5)) * torch.tensor([0.2, 0.2, 0.02, 0.01, 0.01], dtype=torch.float64)
-            th = min([(th, f), _lbfgs(theta + nudge, sample, delta)], key=lambda t: t[1])[0]
+            nudge = nudge if mask is None else nudge * mask
+            th = min([(th, f), _lbfgs(theta + nudge, sample, delta, mask=mask)], key=lambda t: t[1])[0]
         out.append(th)
     return torch.stack(out) if out else torch.zeros(0, 5, dtype=torch.float64)
 
 
 def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int = 100, seed: int = 0,
-                       grid: torch.Tensor | None = None) -> ParametricFit:
+                       grid: torch.Tensor | None = None, E: float | None = None) -> ParametricFit:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs (N, D, final loss), Hoffmann et al. / Epoch AI style:
     log-sum-exp form on ln L, Huber loss (delta 1e-3), float64, the full grid of starts (`init_grid`).
     Bootstrap: resample the runs with replacement, refit warm-started at the full fit (`_bootstrap`, all
     resamples as one batch), and report the standard deviation of each parameter over the refits as its
-    standard error."""
+    standard error.
+    E: hold the irreducible loss fixed at a KNOWN value (the synthetic corpus' entropy, in nats per token)
+    and fit the other four -- the law's least constrained parameter replaced by a fact."""
     t0 = time.perf_counter()
     N, D, L = (np.asarray(v, dtype=np.float64).ravel() for v in (N, D, losses))
     if not (len(N) == len(D) == len(L)):
@@ -590,8 +597,14 @@ def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int
         raise ValueError(f"the parametric law has 5 parameters; got only {len(N)} runs (need >= 5, better >> 5)")
     # everything in logs once: the objective only ever needs ln N, ln D, ln L
     data = tuple(torch.from_numpy(np.log(v)) for v in (N, D, L))
-    theta, f = _fit_from_grid(init_grid() if grid is None else grid, data, huber_delta)
-    boot = _bootstrap(theta, data, huber_delta, n_bootstrap, seed)
+    grid, mask = init_grid() if grid is None else grid, None
+    if E is not None:
+        if not (math.isfinite(E) and E > 0):
+            raise ValueError(f"a fixed E must be finite and > 0, got {E!r}")
+        grid = torch.unique(torch.cat([grid[:, :2], torch.full_like(grid[:, :1], math.log(E)), grid[:, 3:]], 1), dim=0)
+        mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    theta, f = _fit_from_grid(grid, data, huber_delta, mask=mask)
+    boot = _bootstrap(theta, data, huber_delta, n_bootstrap, seed, mask=mask)
     # back from (a, b, e, alpha, beta) to the natural parameters (E, A, B, alpha, beta)
     to_nat = lambda th: np.stack([np.exp(th[..., 2]), np.exp(th[..., 0]), np.exp(th[..., 1]), th[..., 3], th[..., 4]], -1)
     best = to_nat(theta.numpy())
@@ -917,11 +930,13 @@ def collect_results(folders) -> list[Run]:
 
 
 def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float = 4.0, *, threads=1, device="cpu",
-                      log=say, iso: IsoFlopsFit | None = None, par: ParametricFit | None = None) -> dict:
+                      log=say, iso: IsoFlopsFit | None = None, par: ParametricFit | None = None,
+                      par_known: ParametricFit | None = None) -> dict:
     """Fit both laws on the sweep, take C_v = factor x the largest swept budget, pick the depth whose N is
     closest (in ln N) to the IsoFLOPs (parabola) N_opt(C_v), train it for D = C_v / flops_per_token, and
     compare its loss with the parametric law's prediction at that (N, D) and the bootstrap interval.
-    The interval covers the fit's uncertainty, not run-to-run noise of the one verification run."""
+    The interval covers the fit's uncertainty, not run-to-run noise of the one verification run.
+    `par_known`: a second law fitted with E held at the corpus' known entropy; its prediction is reported too."""
     iso = iso or fit_isoflops(runs, "parabola")  # (the caller's fits when it already has them)
     par = par or fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
                                     n_bootstrap=50)
@@ -959,6 +974,13 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
                isoflops_n_opt=float(n_iso), parametric_n_opt=float(par.optimal_allocation(c_v)[0]),
                predicted_loss=predicted, interval=[float(lo), float(hi)], actual_loss=actual,
                rel_error=(predicted - actual) / actual, inside=bool(lo <= actual <= hi))
+    if par_known is not None:  # the same check for the law whose E is the corpus' entropy, not a fit
+        p2, (lo2, hi2) = float(par_known.predict_loss(n, tokens)), par_known.loss_interval(n, tokens)
+        res["known_E"] = dict(E=par_known.E, predicted_loss=p2, interval=[float(lo2), float(hi2)],
+                              rel_error=(p2 - actual) / actual, inside=bool(lo2 <= actual <= hi2))
+        log(f"verify: with E fixed at the entropy floor ({par_known.E:.4f}): predicted {p2:.4f} (95% interval "
+            f"{lo2:.4f}-{hi2:.4f}): error {100 * res['known_E']['rel_error']:+.2f}%, "
+            f"{'inside' if res['known_E']['inside'] else 'OUTSIDE'} the interval")
     tk.atomic_write_json(path, res)
     log(f"verify: predicted loss {predicted:.4f} (95% interval {lo:.4f}-{hi:.4f}), actual {actual:.4f}: error "
         f"{100 * res['rel_error']:+.2f}%, {'inside' if res['inside'] else 'OUTSIDE'} the interval")
@@ -1466,18 +1488,38 @@ def sweep_main(args):
         # predictions at 4x the largest budget: where --verify will check them
         iso, par = fit_all(runs)
         print_fits(runs, iso, par, predict_at=[4 * max(spec.budgets)])
-        fits[mode] = (runs, iso, par, folder)
+        par_known = _fit_known_entropy(runs, data, folder)
+        fits[mode] = (runs, iso, par, folder, par_known)
     if args.compare_modes:
         _compare_modes(fits, spec)
     # verification and the plot use the first mode's fit (separate runs, when both modes ran)
-    runs, iso, par, folder = fits[modes[0]]
+    runs, iso, par, folder, par_known = fits[modes[0]]
     ver = None
     if args.verify:
         # the verification run is one more train.train call, recorded in <out>/verify.json (resumable too)
         ver = verify_prediction(spec, folder, data, runs, args.verify_factor, threads=threads, device=args.device,
-                                iso=iso["parabola"], par=par)
+                                iso=iso["parabola"], par=par, par_known=par_known)
     plot_fits(runs, iso, par, folder / "fit.png", verify=ver, title=f"sweep {folder}")
     print(f"plot: {folder / 'fit.png'}; total {(time.time() - t0) / 60:.1f} min")
+
+
+def _fit_known_entropy(runs, data, folder, log=say):
+    """On the synthetic corpus the irreducible loss is KNOWN: the corpus' entropy (train.py prints it in
+    bits per byte). In nats per token, E = floor_bpb x (loss / bpb) of any run (loss / bpb = ln 2 x bytes
+    per token of the validation text). Fit the law again with E held there; None for other data."""
+    if data.entropy_floor_bpb is None:
+        return None
+    res = [json.loads(p.read_text()) for p in sorted((Path(folder) / "runs").glob("*.json"))]
+    ratio = [r["final_loss"] / r["bpb"] for r in res if r.get("bpb")]
+    if not ratio:
+        return None
+    E = data.entropy_floor_bpb * float(np.mean(ratio))
+    par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs], E=E,
+                             n_bootstrap=50)
+    log(f"parametric with E fixed at the entropy floor ({E:.4f} nats/token): L = {par.E:.4f} + {par.A:.4g} / "
+        f"N^{par.alpha:.3f}(+-{par.se['alpha']:.3f}) + {par.B:.4g} / D^{par.beta:.3f}(+-{par.se['beta']:.3f}); "
+        f"N_opt ~ C^{par.beta / (par.alpha + par.beta):.3f}")
+    return par
 
 
 def _compare_modes(fits, spec):
@@ -1485,7 +1527,7 @@ def _compare_modes(fits, spec):
     runs), and the branched mode should cost less. Compute is counted in FLOPs, 6 N x tokens, per depth:
     separate = every run in full; branched = each depth's trunk up to its last branch point, plus every
     branch's decay."""
-    (rs, iso_s, par_s, fs), (rb, iso_b, par_b, fb) = fits["separate"], fits["branched"]
+    (rs, iso_s, par_s, fs, _), (rb, iso_b, par_b, fb, _) = fits["separate"], fits["branched"]
     read = lambda folder: [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
     tps = spec.tokens_per_step
     sep = sum(6.0 * r["parameters"] * r["steps"] * tps for r in read(fs))
