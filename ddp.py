@@ -1367,6 +1367,16 @@ def _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say):
     return budget
 
 
+# What a collective raises when a peer process is gone or stuck (gloo and NCCL messages, torch's timeouts).
+_COMMUNICATION_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out",
+                           "Timed out", "NCCL error", "ProcessGroupNCCL", "ProcessGroupGloo", "Socket Timeout")
+
+
+def _is_communication_failure(e):
+    """True for the error a collective raises when another rank died or stopped answering (not a bug here)."""
+    return isinstance(e, dist.DistError) or any(text in str(e) for text in _COMMUNICATION_FAILURES)
+
+
 def _missing_folders(path):
     """The folders of `path` that do not exist yet, deepest first (what this command will create)."""
     missing, p = [], Path(path).absolute()
@@ -2038,8 +2048,11 @@ def _train_entry(argv, t_start=None):
         _report_error(e, dist.get_rank() if dist.is_initialized() else _env_rank())
         _remove_if_no_run(created, Path(cfg.out_dir))
         return 1
-    except dist.DistError as e:                                 # another rank died or stopped answering
-        # gloo names the peer that closed the connection; torchrun's summary names the dead rank and its signal
+    except RuntimeError as e:
+        if not _is_communication_failure(e):
+            raise                                               # anything else is a bug: keep the traceback
+        # another rank died or stopped answering: gloo names the peer that closed the connection, and torchrun's
+        # summary names the dead rank and its signal
         print(f"ddp.py: rank {_env_rank()}: communication with the other ranks failed: "
               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 1
