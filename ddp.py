@@ -895,7 +895,8 @@ class FSDP(nn.Module):
 # Checkpoints are consolidated: the model's full state dict under its original names and the optimizer's state in
 # the format of the unsharded optimizer (state keyed by the index of each parameter in optimizer order), whatever
 # the strategy. Any world size and any strategy can resume from it; the optimizer's parameter names are stored
-# with it and checked on load (the helpers are in the plumbing section at the end of the file).
+# with it and checked on load (these helpers, and the optimizer each strategy builds, are in the plumbing section
+# at the end of the file).
 
 # the --strategy choices, in the order a reader meets them above (torch-ddp: the peer, through the same hooks)
 STRATEGIES = ("naive", "ddp", "bucketed", "zero1", "fsdp", "torch-ddp")
@@ -920,41 +921,6 @@ def wrap_model(model, strategy, bucket_mb=25.0, compute_dtype=None):
     if strategy == "local":  # benchmarks only: no communication at all (the compute-only baseline)
         return _LocalOnly(model)
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-
-
-def shard_optimizer(opt):
-    """The same optimizer (class, groups, hyperparameters) as a ShardedOptimizer; train.OptimizerGroup (Muon +
-    AdamW) becomes a group of sharded members."""
-    # Muon + AdamW is two optimizers over disjoint parameter sets: shard each on its own (both balance over all
-    # ranks, so every rank owns some matrices and some embeddings/gains)
-    if isinstance(opt, T.OptimizerGroup):
-        return T.OptimizerGroup([shard_optimizer(o) for o in opt.optimizers])
-    import inspect
-    # rebuild with the same constructor arguments: opt.defaults may hold extra keys (e.g. "base_lr") that the
-    # class does not accept as keywords
-    accepted = inspect.signature(type(opt).__init__).parameters
-    kwargs = {k: v for k, v in opt.defaults.items() if k in accepted}
-    return ShardedOptimizer([dict(g) for g in opt.param_groups], type(opt), **kwargs)
-
-
-FSDP_MUON_ERROR = ("--strategy fsdp shards weight matrices by rows, and Muon orthogonalizes whole matrices: use "
-                   "--optimizer adamw with fsdp (or --strategy zero1, which keeps whole parameters)")
-
-
-def build_strategy_optimizer(model, run_model, strategy, cfg):
-    """train.py's optimizer over what the strategy trains: FSDP's shards + replicated params, ZeRO-1 sharded."""
-    if strategy == "fsdp":
-        if cfg.optimizer == "muon":
-            raise ValueError(FSDP_MUON_ERROR)
-        return T.build_optimizer(run_model, cfg)  # over the shards and the replicated params
-    opt = T.build_optimizer(model, cfg)
-    return shard_optimizer(opt) if strategy == "zero1" else opt
-
-
-def _optimizer_params(opt):
-    """Every parameter an optimizer holds, in optimizer order (the order consolidated state is keyed by)."""
-    # (train.OptimizerGroup exposes its members' groups as its own param_groups, so this covers Muon + AdamW)
-    return [p for g in opt.param_groups for p in g["params"]]
 
 
 def accumulation_context(run_model, is_last_micro_step):
@@ -1365,6 +1331,44 @@ def _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say):
     say(f"ddp.py: time budget {cfg.max_minutes:g} min, {max(budget.loop_seconds, 0) / 60:.2f} min left for "
         f"training; rank 0's clock decides, every rank stops at the same step")
     return budget
+
+
+# Optimizers per strategy: train.py's optimizer over what the strategy trains (ZeRO-1: the same optimizer,
+# sharded; FSDP: over the shards and the replicated parameters, and never Muon).
+
+def shard_optimizer(opt):
+    """The same optimizer (class, groups, hyperparameters) as a ShardedOptimizer; train.OptimizerGroup (Muon +
+    AdamW) becomes a group of sharded members."""
+    # Muon + AdamW is two optimizers over disjoint parameter sets: shard each on its own (both balance over all
+    # ranks, so every rank owns some matrices and some embeddings/gains)
+    if isinstance(opt, T.OptimizerGroup):
+        return T.OptimizerGroup([shard_optimizer(o) for o in opt.optimizers])
+    import inspect
+    # rebuild with the same constructor arguments: opt.defaults may hold extra keys (e.g. "base_lr") that the
+    # class does not accept as keywords
+    accepted = inspect.signature(type(opt).__init__).parameters
+    kwargs = {k: v for k, v in opt.defaults.items() if k in accepted}
+    return ShardedOptimizer([dict(g) for g in opt.param_groups], type(opt), **kwargs)
+
+
+FSDP_MUON_ERROR = ("--strategy fsdp shards weight matrices by rows, and Muon orthogonalizes whole matrices: use "
+                   "--optimizer adamw with fsdp (or --strategy zero1, which keeps whole parameters)")
+
+
+def build_strategy_optimizer(model, run_model, strategy, cfg):
+    """train.py's optimizer over what the strategy trains: FSDP's shards + replicated params, ZeRO-1 sharded."""
+    if strategy == "fsdp":
+        if cfg.optimizer == "muon":
+            raise ValueError(FSDP_MUON_ERROR)
+        return T.build_optimizer(run_model, cfg)  # over the shards and the replicated params
+    opt = T.build_optimizer(model, cfg)
+    return shard_optimizer(opt) if strategy == "zero1" else opt
+
+
+def _optimizer_params(opt):
+    """Every parameter an optimizer holds, in optimizer order (the order consolidated state is keyed by)."""
+    # (train.OptimizerGroup exposes its members' groups as its own param_groups, so this covers Muon + AdamW)
+    return [p for g in opt.param_groups for p in g["params"]]
 
 
 # What a collective raises when a peer process is gone or stuck (gloo and NCCL messages, torch's timeouts).
