@@ -728,6 +728,9 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, Tk = q_nope.shape[0], q_nope.shape[2], c_all.shape[2]
         w_uk = self.k_up_proj.weight.view(H, dh - self.rope_dim, r)
         w_uv = self.v_up_proj.weight.view(H, dh, r)
+        # Per decoded token and head this costs 2 (dh - dr) r for the absorption plus 2 (r + dr) per cached
+        # token for the scores, instead of rebuilding every cached token's k_h and v_h (2 r (2 dh - dr) per
+        # token): the absorbed form is what makes a latent cache cheap to READ as well as to store.
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)                 # (B, H, T, r): W_uk absorbed
         q_abs = torch.cat([q_lat, q_rope], -1)                               # (B, H, T, r + dr)
         # scores must be scaled by 1/sqrt(dh) (the heads' true width), not 1/sqrt(r + dr) as the kernel does
@@ -772,6 +775,9 @@ def causal_linear_attention(q, k, v, q_rot=None, k_rot=None, state=None, chunk: 
     outs = []
     for s in range(0, T, chunk):
         qc, kc, qr, kr, vc = (t[:, :, s:s + chunk] for t in (q, k, q_rot, k_rot, v))  # (B, H, C, .)
+        # for query i of this chunk: numerator = qr_i^T S (all earlier chunks at once) + sum_{j<=i in chunk}
+        # (qr_i . kr_j) v_j; denominator = q_i . z + sum_{j<=i} (q_i . k_j). Both are sums of positive
+        # weights times values, like softmax attention's, only with phi(q).phi(k) in place of exp(q.k).
         a_num = (qr @ kr.transpose(-1, -2)).tril()                  # (B, H, C, C): j <= i inside the chunk
         a_den = a_num if q_rot is q else (qc @ kc.transpose(-1, -2)).tril()
         num = qr @ S + a_num @ vc                                   # earlier chunks + this chunk: (B, H, C, dv)
@@ -887,6 +893,8 @@ class HyenaOperator(nn.Module):
         lead, T = x.shape[:-2], x.shape[-2]
         x = x.reshape(-1, T, self.d_model)
         z, *gates = self.in_proj(x).chunk(self.order + 1, dim=-1)  # N + 1 tensors (B, T, d)
+        # Left padding: the filter only sees offsets t - s, so a row that starts at slot p with zeros before
+        # it gives exactly the outputs it would give alone (shifted by p) -- no position bookkeeping needed.
         valid = _valid_keys(attn_mask, T)
         Tk = T if kv_cache is None else kv_cache.length            # convolution inputs seen so far
         h = self.filter(Tk)                                        # (N, Tk, d)
@@ -1165,7 +1173,9 @@ def _ffn_params(kind: str, d: int, d_ff: int, bias: bool = False) -> int:
 
 
 def _mixer_params(c: ModelConfig) -> int:
-    """Parameters of one layer's mixing sublayer, by mixer."""
+    """Parameters of one layer's mixing sublayer, by mixer. MLA trades K/V parameters for the latent's:
+    with r = d/4 and dr = dh/2 it has 2.625 d^2 + d dh / 2 against MHA's 4 d^2; Hyena's filter MLP does not
+    grow with the context length (an explicit length-T filter per channel would be T d parameters)."""
     d, H, dh = c.d_model, c.num_heads, c.head_dim
     if c.mixer == "mla":
         r, dr = c.kv_lora_rank, c.qk_rope_head_dim
@@ -1309,6 +1319,8 @@ def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = 
         ffn_hidden = c.experts_top_k * (ffn_hidden + d) + c.num_experts
     score_elems = 2 * c.num_heads * T if materialize_scores else c.num_heads
     attn = d + 2 * kv_dim + d + score_elems
+    # the mixers differ in what autograd must keep: MLA adds the latent, linear attention its chunk products
+    # instead of scores, Hyena its N + 1 streams and spectra instead of queries and keys
     if c.mixer == "mla":     # q, latent before/after its norm, RoPE key, up-projected k and v, output
         attn = d + 2 * c.kv_lora_rank + c.qk_rope_head_dim + 2 * d + d + score_elems
     elif c.mixer == "linear":  # q, k, v, phi(q), phi(k) (heads expanded), output, the two C x C chunk products
@@ -1432,6 +1444,8 @@ class KVCache:
         capacity = max_len if self.window is None else min(max_len, self.window + slack)
         self.capacity = max(1, capacity)
         self.mixer = config.mixer
+        # the buffers' (heads, width) depend on the mixer: (Hkv, dh) for keys and values, (1, r) and (1, dr)
+        # for MLA's latent and RoPE key, (N, d) for Hyena's convolution inputs, nothing for linear attention
         (kh, kw), (vh, vw) = cache_entry_shape(config)
         self.k = [torch.zeros((batch_size, kh, self.capacity, kw), device=device, dtype=dtype)
                   for _ in range(config.num_layers)]
@@ -1970,6 +1984,8 @@ def _validate_mixer(cfg: "ModelConfig") -> None:
             if (cfg.num_kv_heads != cfg.num_heads) if field == "num_kv_heads" else getattr(cfg, field):
                 raise ValueError(f"ModelConfig.mixer='mla' does not combine with {field}="
                                  f"{getattr(cfg, field)!r}: {why}")
+        # defaults: DeepSeek-V2-Lite's latent of d/4 (512 for d 2048) and half of each head for RoPE (its
+        # 64 of 192), rounded to an even number, since RoPE turns pairs of dimensions
         if cfg.kv_lora_rank is None:
             cfg.kv_lora_rank = max(1, cfg.d_model // 4)
         if isinstance(cfg.kv_lora_rank, bool) or not isinstance(cfg.kv_lora_rank, int) or cfg.kv_lora_rank <= 0:
@@ -3048,6 +3064,8 @@ def _print_cache_table(args) -> None:
         base = dict(vocab_size=args.vocab_size, context_length=args.context_length, d_model=d, num_layers=L,
                     num_heads=H)
         # GQA with about 4 query heads per key/value head: the largest divisor of H that is <= H / 4
+        # (LLaMA-2 70B and Mistral use 8 query heads per KV head; 4 keeps every GPT-2 size divisible).
+        # MLA/MHA = (r + dr) / (2 H dh): with r = d/4 and dr = dh/2 that is 1/8 + 1/(4H), about 0.13-0.15.
         g = max(k for k in range(1, H + 1) if H % k == 0 and k <= max(1, H // 4))
         mha, gqa, mqa = (ModelConfig(**base, num_kv_heads=k) for k in (H, g, 1))
         mla = ModelConfig(**base, mixer="mla")
