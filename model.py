@@ -80,6 +80,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -695,6 +696,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.v_up_proj = Linear(self.rank, H * dh, **kw)                  # W_uv: r -> H dh
         self.k_rope_proj = Linear(d, self.rope_dim, **kw) if self.rope_dim else None  # W_kr: d -> dr, shared
         self.output_proj = Linear(H * dh, d, **kw)
+        if rope is None and cfg.position == "rope":  # a lone block (CS336 signature) makes its own table
+            rope = RotaryPositionalEmbedding(cfg.rope_theta, self.rope_dim, cfg.context_length, device=device)
         self.rope = rope  # a RoPE table of width dr (TransformerLM shares one across layers)
 
     def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
@@ -2984,11 +2987,71 @@ def bench_train(args) -> list[str]:
                  f"{tokens / t_peer:.0f} tok/s (nn.Linear/F.rms_norm/F.sdpa/F.silu)", f"{t_ours / t_peer:.3f}x")]
 
 
+_MIXER_BENCH = {"attention": {}, "mla": {"mixer": "mla"}, "linear": {"mixer": "linear"},
+                "hyena": {"mixer": "hyena", "position": "nope"}}
+
+
+def bench_mixers(args) -> list[str]:
+    """The mixers side by side against softmax attention (sdpa), same width, heads and depth:
+    (1) one block's forward + backward at each --mixer-seq length, where attention's O(T^2) should lose to
+    linear attention's O(T) and Hyena's O(T log T) as T grows; (2) greedy decoding of --kv-new-tokens after
+    a --mixer-prompt-token prompt with each mixer's cache or state, with its bytes per cached token."""
+    rows, d, H = [], args.d_model, args.num_heads
+    for T in [int(t) for t in str(args.mixer_seq).split(",")]:
+        x = torch.randn(1, T, d)
+        blocks = {}
+        for name, sw in _MIXER_BENCH.items():
+            torch.manual_seed(0)
+            blocks[name] = TransformerBlock(d, H, config=ModelConfig(vocab_size=1, context_length=T, d_model=d,
+                                                                     num_layers=1, num_heads=H, **sw))
+
+        def step(block):  # forward + backward of one block on one sequence
+            block(x).square().mean().backward()
+
+        fns = [functools.partial(step, b) for b in blocks.values()]
+        [f() for f in fns]  # warm-up
+        times = dict(zip(blocks, _interleaved(fns, args.repeats)))
+        print(f"[mixers] block fwd+bwd d={d} H={H} T={T}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()),
+              flush=True)
+        for name in ("mla", "linear", "hyena"):
+            rows.append(_row(f"one block fwd+bwd, {name} vs softmax attention (time ratio, lower is better)",
+                             "python model.py bench --only mixers", f"d{d} H{H}, T={T}, batch 1, fp32",
+                             f"{times[name] * 1e3:.1f} ms", f"{times['attention'] * 1e3:.1f} ms (sdpa attention)",
+                             f"{times[name] / times['attention']:.2f}x"))
+    return rows + _bench_mixer_decode(args)
+
+
+def _bench_mixer_decode(args) -> list[str]:
+    """Part (2) of bench_mixers: tokens/s of greedy decoding with each mixer's cache, against attention's."""
+    rows, n, P = [], args.kv_new_tokens, args.mixer_prompt
+    models, speed = {}, {}
+    for name, sw in _MIXER_BENCH.items():
+        torch.manual_seed(0)
+        models[name] = TransformerLM(args.vocab_size, P + n, args.d_model, args.num_layers, args.num_heads,
+                                     **sw).eval()
+    prompt = torch.randint(0, args.vocab_size, (P,)).tolist()
+    fns = [functools.partial(generate, m, prompt, n, temperature=0) for m in models.values()]
+    [generate(m, prompt, 2, temperature=0) for m in models.values()]  # warm-up
+    times = dict(zip(models, _interleaved(fns, args.repeats)))
+    for name, t in times.items():
+        speed[name] = n / t
+    shape = (f"d{args.d_model} L{args.num_layers} H{args.num_heads} V{args.vocab_size}, prompt {P}, {n} new, "
+             "greedy, batch 1")
+    print(f"[mixers] decode {shape}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items()), flush=True)
+    for name in ("mla", "linear", "hyena"):
+        cfg, base = models[name].config, models["attention"].config
+        what = (f"decode with the {name} cache vs the KV cache (tokens/s; cache "
+                f"{kv_cache_bytes_per_token(cfg, 4)} vs {kv_cache_bytes_per_token(base, 4)} bytes/token fp32)")
+        rows.append(_row(what, "python model.py bench --only mixers", shape, f"{speed[name]:.1f} tok/s",
+                         f"{speed['attention']:.1f} tok/s (attention)", f"{speed[name] / speed['attention']:.2f}x"))
+    return rows
+
+
 def cmd_bench(args) -> None:
     """Run the chosen sections and print one markdown table of figures, each with its command."""
     torch.set_num_threads(args.threads) if args.threads else None
     rows = []
-    sections = {"kv": bench_kv, "spec": bench_spec, "train": bench_train}
+    sections = {"kv": bench_kv, "spec": bench_spec, "train": bench_train, "mixers": bench_mixers}
     for name in args.only.split(","):
         if name not in sections:
             raise ValueError(f"--only {name!r}: choose from {sorted(sections)}")
@@ -3159,17 +3222,20 @@ def build_parser() -> argparse.ArgumentParser:
     # bench: three independent sections; each prints its figures and a markdown row with its command
     b = sub.add_parser("bench", help="side-by-side speed ratios: KV cache vs recompute, speculative decoding, "
                                      "training step vs torch's layers")
-    b.add_argument("--only", default="kv,spec,train", help="comma-separated sections: kv, spec, train")
+    b.add_argument("--only", default="kv,spec,train", help="comma-separated sections: kv, spec, train, mixers "
+                   "(default kv,spec,train)")
     b.add_argument("--repeats", type=int, default=2, help="kv/spec: interleaved repetitions (median)")
     b.add_argument("--train-repeats", type=int, default=7, help="train: interleaved repetitions (median)")
     b.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
-    b.add_argument("--d-model", type=int, default=384, help="kv/train: model width (384)")
-    b.add_argument("--num-layers", type=int, default=6, help="kv/train: layers (6)")
-    b.add_argument("--num-heads", type=int, default=6, help="kv/train: heads (6)")
-    b.add_argument("--vocab-size", type=int, default=4096, help="kv/train: vocabulary (4096)")
+    b.add_argument("--d-model", type=int, default=384, help="kv/train/mixers: model width (384)")
+    b.add_argument("--num-layers", type=int, default=6, help="kv/train/mixers: layers (6)")
+    b.add_argument("--num-heads", type=int, default=6, help="kv/train/mixers: heads (6)")
+    b.add_argument("--vocab-size", type=int, default=4096, help="kv/train/mixers: vocabulary (4096)")
     # kv and train share the model shape above; spec trains its own byte-level pair (below)
     b.add_argument("--kv-prompt", default="16,64", help="kv: prompt length(s), comma-separated (16,64)")
-    b.add_argument("--kv-new-tokens", type=int, default=256, help="kv: new tokens (256)")
+    b.add_argument("--kv-new-tokens", type=int, default=256, help="kv/mixers: new tokens (256)")
+    b.add_argument("--mixer-seq", default="256,1024,4096", help="mixers: block sequence lengths (256,1024,4096)")
+    b.add_argument("--mixer-prompt", type=int, default=512, help="mixers: decoding prompt tokens (512)")
     b.add_argument("--train-seq", type=int, default=128, help="train: context length (128)")
     b.add_argument("--train-batch", type=int, default=4, help="train: batch size (4)")
     b.add_argument("--text", default=None, help="spec: training text for the byte-level pair (default: "
@@ -3201,7 +3267,7 @@ _INT_MINIMUMS = {
     "eos_id": 0, "repeats": 1, "train_repeats": 1, "threads": 0, "d_model": 1, "num_layers": 1, "num_heads": 1,
     "kv_new_tokens": 1, "train_seq": 1, "train_batch": 1, "spec_train_steps": 1, "spec_train_seq": 2,
     "spec_train_batch": 1, "spec_prompt": 1, "spec_new_tokens": 1, "target_d_model": 1, "target_num_layers": 1,
-    "target_num_heads": 1, "draft_d_model": 32, "draft_num_layers": 1, "k": 1,
+    "target_num_heads": 1, "draft_d_model": 32, "draft_num_layers": 1, "k": 1, "mixer_prompt": 1,
 }
 
 
@@ -3246,9 +3312,11 @@ def _check_args(args) -> Optional[str]:
             return f"--device: {e}"
     # bench: section names, list-valued options, and paths for the optional checkpoint/text inputs
     if args.command == "bench":
-        unknown = sorted(set(args.only.split(",")) - {"kv", "spec", "train"})
+        unknown = sorted(set(args.only.split(",")) - {"kv", "spec", "train", "mixers"})
         if unknown:
-            return f"--only {args.only!r}: unknown section(s) {unknown}; choose from kv, spec, train"
+            return f"--only {args.only!r}: unknown section(s) {unknown}; choose from kv, spec, train, mixers"
+        if not all(t.strip().isdigit() and int(t) >= 1 for t in args.mixer_seq.split(",")):
+            return f"--mixer-seq must be comma-separated integers >= 1, got {args.mixer_seq!r}"
         if not all(t.strip().isdigit() and int(t) >= 1 for t in args.kv_prompt.split(",")):
             return f"--kv-prompt must be comma-separated integers >= 1, got {args.kv_prompt!r}"
         if not (math.isfinite(args.spec_temperature) and args.spec_temperature > 0):
