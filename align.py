@@ -96,6 +96,7 @@ ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a respo
 # 2. Log-probabilities of a response, and the SFT loss
 # ======================================================================================================
 
+# Every string that came from outside (a data set's question, a model's answer) goes through _encode.
 def _encode(tokenizer, text: str) -> list[int]:
     """Token ids of UNTRUSTED text (a prompt, a model output): a literal "<|endoftext|>" inside it stays
     ordinary text, so a document cannot smuggle in a control token. End-of-text ids are appended explicitly
@@ -106,6 +107,7 @@ def _encode(tokenizer, text: str) -> list[int]:
         return list(tokenizer.encode(text))
 
 
+# Padding: any id will do, since every loss multiplies by a mask; end-of-text is always in our vocabulary.
 def pad_id_of(tokenizer) -> int:
     """The id used for padding: the tokenizer's pad id if it has one, else end-of-text (its value never
     matters, padded positions are masked out of every loss)."""
@@ -159,7 +161,8 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Our TransformerLM returns logits; a Hugging Face model returns an object with .logits."""
+    """Our TransformerLM returns logits; a Hugging Face model returns an object with .logits. Accepting
+    both lets a course learner check these functions against a transformers model unchanged."""
     out = model(input_ids)
     return out.logits if hasattr(out, "logits") else out
 
@@ -361,11 +364,14 @@ def compute_grpo_clip_loss(advantages: torch.Tensor, policy_log_probs: torch.Ten
     for A > 0 the gain is capped once ratio > 1 + eps, for A < 0 once ratio < 1 - eps.
     Returns (loss (B, T), {"clipped": bool (B, T) where the clipped term was the smaller, "clip_fraction"}).
     """
+    # the ratio from log-probs (a difference, then one exp): dividing two tiny probabilities would underflow
     ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * advantages
     loss = -torch.minimum(unclipped, clipped)
-    was_clipped = clipped < unclipped  # the clipped term won the min: no gradient flows through this token
+    # The clipped term won the min: its gradient is 0 (a clamped ratio is constant), so this token no longer
+    # pushes the policy; the fraction of such tokens says how far the policy has moved from pi_old.
+    was_clipped = clipped < unclipped
     return loss, {"clipped": was_clipped, "clip_fraction": was_clipped.float().mean(), "ratio": ratio.detach()}
 
 
@@ -414,7 +420,7 @@ def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: to
     else:
         per_example = masked_normalize(per_token, response_mask, dim=-1, normalize_constant=normalize_constant)
     loss = per_example.mean() / gradient_accumulation_steps
-    loss.backward()
+    loss.backward()  # gradients accumulate in .grad across micro-batches; the caller steps the optimizer
     meta = {k: v for k, v in meta.items() if k != "ratio"}
     if "clipped" in meta:  # the fraction over RESPONSE tokens only (padding is not a decision)
         meta["clip_fraction"] = masked_mean(meta["clipped"].float(), response_mask).detach()
@@ -649,9 +655,9 @@ def _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, gene
     # the loop ends early once every row has emitted end-of-text.
     done = torch.zeros(n, dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
-        if temperature == 0:
+        if temperature == 0:  # greedy (evaluation); ties go to the lowest id, deterministically
             nxt = logits.argmax(-1)
-        else:
+        else:  # softmax(logits / T), inverse-CDF sampling with the caller's generator (reproducible rollouts)
             nxt = M.sample_from_probs(M.logits_to_probs(logits, temperature), generator)  # (N,)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
@@ -964,7 +970,7 @@ def dpo_step(ctx: "StageContext", step: int) -> dict:
             loss, meta = dpo_loss(ctx.model, ctx.reference, prompts[a:b], chosen[a:b], rejected[a:b], cfg.beta,
                                   ctx.pad_id)
             (loss * (b - a) / len(prompts)).backward()
-            total += float(loss) * (b - a) / len(prompts)
+            total += float(loss.detach()) * (b - a) / len(prompts)
             accs.append(meta["pref_accuracy"])
         stats = {"loss": total, "grad_norm": _step(ctx.model, ctx.opt, cfg), "pref_accuracy": sum(accs) / len(accs)}
     return {**rb["meta"], **stats, "pairs": len(prompts), "rollout_s": rb["rollout_s"], "score_s": rb["score_s"],
@@ -1122,11 +1128,12 @@ def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, 
         for e, o in zip(chunk, outs):
             n_letter += int(parse_mmlu_response(e, decode_response(tokenizer, o)) == e["answer"])
         for e, p in zip(chunk, prompts):  # the four options as continuations of the same prompt
-            conts = [_encode(tokenizer, " " + o) for o in e["options"]]
+            conts = [_encode(tokenizer, " " + o)[:ctx // 2] for o in e["options"]]  # (a very long option: cut)
             # a prompt too long for the context keeps its END (the question and "Answer:"), never the option
-            pairs = [(p[-(ctx - len(c) - 1):] if len(p) + len(c) >= ctx else p, c[:ctx - 2]) for c in conts]
+            pairs = [(p[-(ctx - len(c)):], c) for c in conts]
             lp = sequence_log_probs(model, pairs, pad)  # (4,) summed log-prob of each option
-            per_byte = lp / torch.tensor([max(len(o.encode()), 1) for o in e["options"]], device=dev)
+            n_bytes = [max(len(tokenizer.decode(c).encode("utf-8")), 1) for c in conts]  # bytes actually scored
+            per_byte = lp / torch.tensor(n_bytes, dtype=lp.dtype, device=dev)
             n_ll += int("ABCD"[int(per_byte.argmax())] == e["answer"])
     # throughput counts questions (both scorings) and generated tokens (the letter scoring's decode)
     n, dt = len(examples), time.time() - t0
@@ -1413,6 +1420,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
     end-of-text separates it from its neighbour (what the course's packed SFT does)."""
 
     def __init__(self, stream: torch.Tensor, seq_length: int):
+        # windows of L inputs need L + 1 tokens (the labels run one ahead); a leftover tail is dropped
         self.stream, self.L = stream, seq_length
         self.n = max(0, (len(stream) - 1) // seq_length)
 
