@@ -52,8 +52,10 @@ Reading order
     4. FSDP (ZeRO stage 3 style) with prefetching and mixed precision
     5. training on N ranks: train.py's loop with this file's hooks, and a wall-clock budget that every rank obeys
        at the same step
-  Appendix: plumbing    process groups, the local launcher, consolidated checkpoints, rank agreement checks
-  Appendix: benchmarks  collective bandwidth, step time and memory of every strategy, torch's DDP as the peer
+  Appendix: plumbing    process groups, the local launcher, rank agreement checks, data preparation on N ranks,
+                        the budget's set-up, consolidated checkpoints, the optimizer each strategy builds
+  Appendix: benchmarks  the collectives tour, collective bandwidth, step time and memory of every strategy,
+                        torch's DDP as the peer
   Command line:  torchrun --nproc_per_node=N ddp.py [preset] [train.py's options] [--strategy S]
                  torchrun ddp.py          (the distributed demo: train.py's demo on every rank torchrun starts)
                  python ddp.py            (no torchrun: spawns the ranks itself, --nproc N)
