@@ -236,9 +236,11 @@ def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: st
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         header = reader.fieldnames or []
-        wanted = [c for c in (n_col, d_col, c_col, loss_col) if c]
-        missing = [c for c in wanted if c not in header]
-        if missing or not (d_col in header or c_col in header):
+        # N and loss are required; of D and C at least one (the other follows from C = 6ND)
+        missing = [c for c in (n_col, loss_col) if c not in header]
+        if not (d_col in header or c_col in header):
+            missing += [c for c in (d_col, c_col) if c]
+        if missing:
             raise ValueError(f"{path}: columns {missing} not in the header {header} (set --n-col, --d-col, --c-col, "
                              "--loss-col)")
         # line numbers count the header as line 1, as an editor shows them. A short row gets None values, a
@@ -1561,11 +1563,20 @@ def fit_main(args):
             runs += collect_results([p])
         else:
             runs += load_runs(p, args.format, args.n_col, args.d_col, args.c_col, args.loss_col)
-    # the plot extends the power laws to the largest budget asked about, so the extrapolation is visible
-    iso, par = fit_all(runs, n_bootstrap=args.bootstrap, parametric=not args.no_parametric)
+    try:
+        iso, par = fit_all(runs, n_bootstrap=args.bootstrap, parametric=not args.no_parametric)
+    except ValueError as e:
+        # runs that are not IsoFLOPs profiles (e.g. a CSV of (N, D) points with no shared budgets) still
+        # serve approach 3; the reason approach 2 could not run is printed, not swallowed
+        if args.no_parametric or not runs:
+            raise
+        print(f"IsoFLOPs fits skipped: {e}")
+        iso, par = {}, fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs],
+                                          [r.loss for r in runs], n_bootstrap=min(args.bootstrap, 50))
     print_fits(runs, iso, par, predict_at=args.predict)
-    plot_fits(runs, iso, par, args.plot, extrapolate_to=max(args.predict), title=", ".join(args.inputs))
-    print(f"plot: {args.plot}")
+    if iso:  # the plot extends the power laws to the largest budget asked about, so the extrapolation shows
+        plot_fits(runs, iso, par, args.plot, extrapolate_to=max(args.predict), title=", ".join(args.inputs))
+        print(f"plot: {args.plot}")
 
 
 def lr_main(args):
