@@ -22,6 +22,9 @@ order a reader needs it:
     silu, gelu, SwiGLU, FFN    the per-position MLP                             d_ff ~ 8/3 d (SwiGLU)
     RotaryPositionalEmbedding  position as a rotation of query/key pairs       relative by construction
     softmax, scaled_dot_product_attention, MultiHeadSelfAttention             O(T^2) per layer
+    MultiHeadLatentAttention   K and V from a cached low-rank latent            cache r + dr per token
+    LinearAttention            elu+1 kernel attention, chunked / recurrent      O(T), O(1) decode state
+    HyenaOperator              implicit long convolutions (FFT) and gates       O(T log T), no attention
     MoEFeedForward             many FFNs, each token routed to top-k of them    + load-balancing loss
     TransformerBlock, TransformerLM                                             logits, no softmax
     num_params, flops_per_token, memory_estimate                              what it costs
@@ -30,9 +33,11 @@ order a reader needs it:
 The design choices the field argues about are ONE-WORD SWITCHES on `ModelConfig`: norm type and
 placement, position encoding (RoPE, sinusoidal, learned, none), FFN type (SwiGLU, SiLU, ReLU, GELU),
 dense vs mixture-of-experts, full vs sliding-window attention, multi-head / grouped-query / multi-query
-attention, QK-norm, biases, weight tying. Defaults are the modern stack (pre-norm RMSNorm, RoPE, SwiGLU,
-no biases, untied); the GPT-2 switches (learned positions, GELU, LayerNorm, biases, tied head) let
-`from_pretrained("gpt2")` load OpenAI's weights into the same class.
+attention, QK-norm, biases, weight tying, dropout, and the sequence mixer itself (`mixer`: softmax
+attention, multi-head latent attention, linear attention or Hyena). Defaults are the modern stack
+(pre-norm RMSNorm, RoPE, SwiGLU, no biases, untied, softmax attention, no dropout); the GPT-2 switches
+(learned positions, GELU, LayerNorm, biases, tied head) let `from_pretrained("gpt2")` load OpenAI's
+weights into the same class.
 
 Attention BACKENDS: the from-scratch "naive" softmax attention is the readable definition; "sdpa"
 (torch's fused kernel) is the fast path and the default, and a test proves they agree. Later stages
@@ -70,6 +75,14 @@ Sources
 * Leviathan et al., "Fast Inference from Transformers via Speculative Decoding" (2022), arXiv:2211.17192;
   Chen et al., "Accelerating LLM Decoding with Speculative Sampling" (2023), arXiv:2302.01318.
 * Press & Wolf, "Using the Output Embedding to Improve Language Models" (2016), arXiv:1608.05859 -- tying.
+* DeepSeek-AI, "DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model" (2024),
+  arXiv:2405.04434 -- multi-head latent attention, decoupled RoPE, the absorbed decoding form.
+* Katharopoulos et al., "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention"
+  (2020), arXiv:2006.16236 -- elu+1 linear attention, its recurrent form.
+* Poli et al., "Hyena Hierarchy: Towards Larger Convolutional Language Models" (2023), arXiv:2302.10866;
+  Massaroli et al., "Laughing Hyena Distillery" (2023), arXiv:2310.18780 -- a recurrent Hyena (not built).
+* Hinton et al., "Improving neural networks by preventing co-adaptation of feature detectors" (2012),
+  arXiv:1207.0580 -- dropout.
 * Stanford CS336 "Language Modeling from Scratch", assignment 1 -- the interface names used here.
 
 Command line: `python model.py --help` (subcommands: table, generate, bench).
@@ -2760,7 +2773,7 @@ class TorchLayersLM(nn.Module):
         super().__init__()
         if (cfg.norm, cfg.norm_position, cfg.position, cfg.ffn, cfg.num_experts, cfg.attention, cfg.qk_norm,
                 cfg.tie_embeddings) != ("rmsnorm", "pre", "rope", "swiglu", 0, "full", False, False) \
-                or cfg.num_kv_heads != cfg.num_heads:
+                or cfg.num_kv_heads != cfg.num_heads or cfg.mixer != "attention" or cfg.dropout or cfg.attn_dropout:
             raise ValueError("TorchLayersLM only mirrors the default switches")
         self.config = cfg
         self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -3011,8 +3024,8 @@ def bench_mixers(args) -> list[str]:
         fns = [functools.partial(step, b) for b in blocks.values()]
         [f() for f in fns]  # warm-up
         times = dict(zip(blocks, _interleaved(fns, args.repeats)))
-        print(f"[mixers] block fwd+bwd d={d} H={H} T={T}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()),
-              flush=True)
+        print(f"[mixers] block fwd+bwd d={d} H={H} T={T}: "
+              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()), flush=True)
         for name in ("mla", "linear", "hyena"):
             rows.append(_row(f"one block fwd+bwd, {name} vs softmax attention (time ratio, lower is better)",
                              "python model.py bench --only mixers", f"d{d} H{H}, T={T}, batch 1, fp32",
@@ -3140,7 +3153,8 @@ def _print_cache_table(args) -> None:
         print(f"{name:12s} {per['mha']:8.1f} {per['gqa']:7.1f} (Hkv{g:2d}) {per['mqa']:7.1f} "
               f"{per['mla']:7.1f} (r {mla.kv_lora_rank:3d}) {per['mla'] / per['mha']:8.3f} {per['hyena']:8.1f} "
               f"{decode_state_bytes(lin, ctx, 1, b) / 2**20:13.2f} "
-              f"{_fmt_bytes(decode_state_bytes(mha, ctx, 1, b)):>10s} {_fmt_bytes(decode_state_bytes(mla, ctx, 1, b)):>10s}")
+              f"{_fmt_bytes(decode_state_bytes(mha, ctx, 1, b)):>10s} "
+              f"{_fmt_bytes(decode_state_bytes(mla, ctx, 1, b)):>10s}")
 
 
 
