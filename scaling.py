@@ -599,6 +599,8 @@ def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int
         raise ValueError(f"the parametric law has 5 parameters; got only {len(N)} runs (need >= 5, better >> 5)")
     # everything in logs once: the objective only ever needs ln N, ln D, ln L
     data = tuple(torch.from_numpy(np.log(v)) for v in (N, D, L))
+    # A known E: the grid's e column is set to ln E (duplicate rows dropped: 4,500 -> 900 starts) and a mask
+    # zeroes e's gradient in every optimizer, so the four free parameters fit around the fixed one.
     grid, mask = init_grid() if grid is None else grid, None
     if E is not None:
         if not (math.isfinite(E) and E > 0):
@@ -972,10 +974,14 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
         actual = summary["val"]["loss"]
         log(f"verify: trained in {time.time() - t0:.0f}s")
         _drop_checkpoint(Path(out) / "train" / "verify")
+    # everything needed to judge the check later: the prediction, its interval, the truth, and both N_opts
     res = dict(spec=spec.key(), compute=c_v, depth=depth, parameters=n, tokens=tokens, steps=steps,
                isoflops_n_opt=float(n_iso), parametric_n_opt=float(par.optimal_allocation(c_v)[0]),
                predicted_loss=predicted, interval=[float(lo), float(hi)], actual_loss=actual,
                rel_error=(predicted - actual) / actual, inside=bool(lo <= actual <= hi))
+    # Why report a second law at all: E is the parameter a small sweep pins down worst (it is the loss at
+    # N, D -> infinity, far beyond the data), and a fitted E below the data's entropy is a physical
+    # impossibility that drags every extrapolated loss down with it.
     if par_known is not None:  # the same check for the law whose E is the corpus' entropy, not a fit
         p2, (lo2, hi2) = float(par_known.predict_loss(n, tokens)), par_known.loss_interval(n, tokens)
         res["known_E"] = dict(E=par_known.E, predicted_loss=p2, interval=[float(lo2), float(hi2)],
@@ -1490,6 +1496,7 @@ def sweep_main(args):
         # predictions at 4x the largest budget: where --verify will check them
         iso, par = fit_all(runs)
         print_fits(runs, iso, par, predict_at=[4 * max(spec.budgets)])
+        # on the synthetic corpus, the same law with E held at the corpus' entropy (see _fit_known_entropy)
         par_known = _fit_known_entropy(runs, data, folder)
         fits[mode] = (runs, iso, par, folder, par_known)
     if args.compare_modes:
@@ -1515,6 +1522,7 @@ def _fit_known_entropy(runs, data, folder, log=say):
     ratio = [r["final_loss"] / r["bpb"] for r in res if r.get("bpb")]
     if not ratio:
         return None
+    # loss / bpb is the same for every run (same validation tokens); the mean only guards against rounding
     E = data.entropy_floor_bpb * float(np.mean(ratio))
     par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs], E=E,
                              n_bootstrap=50)
@@ -1530,6 +1538,7 @@ def _compare_modes(fits, spec):
     separate = every run in full; branched = each depth's trunk up to its last branch point, plus every
     branch's decay."""
     (rs, iso_s, par_s, fs, _), (rb, iso_b, par_b, fb, _) = fits["separate"], fits["branched"]
+    # (the result files record steps and the branch point, so the accounting needs no training logs)
     read = lambda folder: [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
     tps = spec.tokens_per_step
     sep = sum(6.0 * r["parameters"] * r["steps"] * tps for r in read(fs))
@@ -1544,6 +1553,7 @@ def _compare_modes(fits, spec):
     by_key = lambda runs: {r.name.split("/")[-1]: r.loss for r in runs}
     ls, lb = by_key(rs), by_key(rb)
     diff = max(abs(ls[k] - lb[k]) for k in ls.keys() & lb.keys())
+    # the fits compared where --verify would use them: the exponent and N_opt at 4x the largest budget
     c = 4 * max(spec.budgets)
     rows = (("IsoFLOPs parabola exponent a", iso_s["parabola"].a, iso_b["parabola"].a),
             (f"IsoFLOPs parabola N_opt({c:.0e})", float(iso_s["parabola"].predict(c)[0]),
@@ -1570,6 +1580,7 @@ def fit_main(args):
         # serve approach 3; the reason approach 2 could not run is printed, not swallowed
         if args.no_parametric or not runs:
             raise
+        # (the parametric fit needs no shared budgets: any spread of (N, D) points constrains it)
         print(f"IsoFLOPs fits skipped: {e}")
         iso, par = {}, fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs],
                                           [r.loss for r in runs], n_bootstrap=min(args.bootstrap, 50))
