@@ -1045,7 +1045,8 @@ def mup_hooks(base_width: int, width: int, fresh: bool = True) -> T.TrainHooks:
 # The experiment runners' bookkeeping (lr-transfer's grid of runs), data preparation, printing, plots.
 
 
-def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2), steps: int = 150,
+def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1),
+                steps: int = 150,
                 num_layers: int = 2, head_dim: int = 16, context_length: int = 64, batch_size: int = 16,
                 threads: int = 1, device: str = "cpu", seed: int = 1337, eval_tokens: int = 16_384,
                 log=say) -> dict:
@@ -1440,7 +1441,8 @@ def get_parser() -> argparse.ArgumentParser:
     lt = sub.add_parser("lr-transfer", help="sweep the lr at several widths, standard parametrization vs muP")
     lt.add_argument("--out", default="runs/lr_transfer")
     lt.add_argument("--widths", type=_int_list, default=[32, 64, 128])
-    lt.add_argument("--lrs", type=_budget_list, default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2])
+    lt.add_argument("--lrs", type=_budget_list, default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1],
+                    help="learning rates (AdamW peak), comma-separated; widen it if a best lr sits at an end")
     lt.add_argument("--steps", type=int, default=150)
     lt.add_argument("--num-layers", type=int, default=2)
     lt.add_argument("--data-dir", default="data_cache")
