@@ -93,13 +93,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
