@@ -789,8 +789,9 @@ def causal_linear_attention(q, k, v, q_rot=None, k_rot=None, state=None, chunk: 
     S = q.new_zeros(B, H, dk, v.shape[-1]) if state is None else state[0]
     z = q.new_zeros(B, H, dk) if state is None else state[1]
     outs = []
-    for s in range(0, T, chunk):
-        qc, kc, qr, kr, vc = (t[:, :, s:s + chunk] for t in (q, k, q_rot, k_rot, v))  # (B, H, C, .)
+    # split, not slice: the backward of T/C slices would write each gradient into a fresh full-length zero
+    # tensor (O(T^2 / C) traffic, 85% of the step at T = 4096); split's backward is one concatenation
+    for qc, kc, qr, kr, vc in zip(*(t.split(chunk, dim=-2) for t in (q, k, q_rot, k_rot, v))):  # (B, H, C, .)
         # for query i of this chunk: numerator = qr_i^T S (all earlier chunks at once) + sum_{j<=i in chunk}
         # (qr_i . kr_j) v_j; denominator = q_i . z + sum_{j<=i} (q_i . k_j). Both are sums of positive
         # weights times values, like softmax attention's, only with phi(q).phi(k) in place of exp(q.k).
@@ -865,8 +866,9 @@ def fft_causal_conv(u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     FFT in float32 or wider (no half-precision FFT on CPU)."""
     T, dt = u.shape[-2], _at_least_fp32(u.dtype)
     n = 2 * T  # zero-padded: the length-2T circular convolution equals the linear one on outputs 0..T-1
-    spectrum = torch.fft.rfft(u.to(dt), n=n, dim=-2) * torch.fft.rfft(h.to(dt), n=n, dim=-2)
-    return torch.fft.irfft(spectrum, n=n, dim=-2)[..., :T, :].to(u.dtype)
+    # the FFTs run along the LAST dim (time moved there): 2x faster on CPU than strided FFTs along dim -2
+    spectrum = torch.fft.rfft(u.to(dt).transpose(-1, -2), n=n) * torch.fft.rfft(h.to(dt).transpose(-1, -2), n=n)
+    return torch.fft.irfft(spectrum, n=n)[..., :T].transpose(-1, -2).to(u.dtype)
 
 
 class HyenaFilter(nn.Module):
