@@ -915,7 +915,12 @@ class HyenaOperator(nn.Module):
         # it gives exactly the outputs it would give alone (shifted by p) -- no position bookkeeping needed.
         valid = _valid_keys(attn_mask, T)
         Tk = T if kv_cache is None else kv_cache.length            # convolution inputs seen so far
-        h = self.filter(Tk)                                        # (N, Tk, d)
+        if kv_cache is None:
+            h = self.filter(T)                                     # (N, T, d)
+        else:  # the filters depend on position only: one decode computes them once, for the whole cache
+            if kv_cache.state[layer_idx] is None:
+                kv_cache.state[layer_idx] = self.filter(kv_cache.capacity)
+            h = kv_cache.state[layer_idx][:, :Tk]                  # (N, Tk, d)
         for n in range(self.order):
             if valid is not None:  # left padding enters every convolution as zeros (shift invariance does the rest)
                 z = torch.where(valid, z, 0.0)
@@ -1424,7 +1429,8 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
 
 def decode_state_bytes(config: ModelConfig, seq_len: int, batch_size: int = 1, dtype_bytes: int = 2) -> int:
     """Bytes the decoding state of batch_size sequences of seq_len tokens needs: the per-token cache times
-    the tokens it keeps (the window for sliding attention), plus linear attention's L H (dh^2 + dh) state."""
+    the tokens it keeps (the window for sliding attention), plus linear attention's L H (dh^2 + dh) state.
+    (Hyena's precomputed filters, L N d per position, are shared by the whole batch and not counted.)"""
     c = config
     kept = seq_len if c.window is None else min(seq_len, c.window)
     fixed = c.num_layers * c.num_heads * (c.head_dim ** 2 + c.head_dim) if c.mixer == "linear" else 0
@@ -1448,7 +1454,8 @@ class KVCache:
 
     The other mixers keep their own per-layer decoding state here (see cache_entry_shape):
       mla     k holds the latent (B, 1, capacity, r), v the RoPE key (B, 1, capacity, dr); update() as above
-      hyena   k holds the convolution inputs of each order (B, N, capacity, d); history() appends one order
+      hyena   k holds the convolution inputs of each order (B, N, capacity, d); history() appends one order;
+              state[layer] keeps the layer's filters (N, capacity, d), computed once per cache
       linear  nothing per token: state[layer] = (S, z), the recurrent state (it cannot be rolled back)
     """
 
