@@ -21,7 +21,8 @@ seeing more. The answer moved, and why it moved is the lesson of this stage.
   Why the answer moved: Kaplan's runs used ONE learning-rate schedule length for every run, so a run
   stopped early was measured mid-cosine, not at the end of its own schedule -- this penalizes small-D runs
   and favours big models; Kaplan counted non-embedding parameters and fitted mostly small models, where
-  embeddings are a large share (Pearce & Song 2024 and Porian et al. 2024 reconcile the two this way).
+  embeddings are a large share (Pearce & Song 2024, arXiv 2406.12907, and Porian et al. 2024, arXiv
+  2406.19146, reconcile the two this way).
   Chinchilla gives three methods; this file implements two of them:
     approach 2, IsoFLOPs: at each of several budgets train models of several sizes; the loss-minimizing
       size at each budget, fitted as N_opt = k C^a (`fit_isoflops`);
@@ -69,7 +70,9 @@ Reading the numbers
 * An IsoFLOPs exponent a (N_opt ~ C^a) near 0.5 is Chinchilla's answer; near 0.73, Kaplan's. The interval
   printed next to it comes from resampling the runs: with 3 budgets it is wide, and it should be.
 * The parametric fit's E is the loss no model reaches: on the built-in synthetic corpus the true value is
-  known (the corpus' entropy, which train.py prints), a check on the fit that real data never offers.
+  known (the corpus' entropy, which train.py prints), a check on the fit that real data never offers. On
+  the default sweep the free fit fails it (E far below the entropy); `fit_parametric_law(..., E=...)` then
+  holds E at the known value, and the sweep reports both laws' predictions.
 * Extrapolation is the point and the danger: a power law fitted over one decade of compute says nothing
   certain four decades away. `--verify` measures how far one factor of 4 already is.
 
