@@ -3245,8 +3245,7 @@ def build_parser() -> argparse.ArgumentParser:
     # bench: three independent sections; each prints its figures and a markdown row with its command
     b = sub.add_parser("bench", help="side-by-side speed ratios: KV cache vs recompute, speculative decoding, "
                                      "training step vs torch's layers")
-    b.add_argument("--only", default="kv,spec,train", help="comma-separated sections: kv, spec, train, mixers "
-                   "(default kv,spec,train)")
+    b.add_argument("--only", default="kv,spec,train", help="sections: kv, spec, train, mixers (kv,spec,train)")
     b.add_argument("--repeats", type=int, default=2, help="kv/spec: interleaved repetitions (median)")
     b.add_argument("--train-repeats", type=int, default=7, help="train: interleaved repetitions (median)")
     b.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
