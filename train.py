@@ -1380,7 +1380,7 @@ def fetch_dataset(name: str, data_dir, mirror: str | None = None, progress: bool
         try:
             raw = download(url, ddir / fname, sha256=remote.sha256, expected_size=remote.size, progress=progress)
         except ConnectionError as e:
-            raise ConnectionError(f"{e} The {name} data set needs the network once (then it is cached in "
+            raise ConnectionError(f"{e}; the {name} data set needs the network once (then it is cached in "
                                   f"{ddir}); or pass --mirror URL, or --data path/to/text.txt") from None
         kind = remote.unpack
         text_name = fname[: -len("." + kind)] if kind and fname.endswith("." + kind) else fname
