@@ -95,6 +95,7 @@ from tokenizer import EOT, Progress, atomic_open, atomic_write_bytes, atomic_wri
 # sample_windows draws random training windows; download fetches a public file resumably.
 check_device = resolve_device
 
+
 # =====================================================================================================
 # 1. The loss: cross-entropy, perplexity, bits per byte
 # =====================================================================================================
