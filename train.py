@@ -764,30 +764,6 @@ def _optimizer_step(run: _Run, step: int) -> tuple[float, float]:
     return step_loss, grad_norm
 
 
-def _log_step(run: _Run, step: int, loss: float, grad_norm: float):
-    """A metrics row after every step; a progress line every log_interval steps (and after the first)."""
-    cfg, now, t = run.cfg, time.time(), run.clock()
-    if not run.main:
-        return
-    lrs = learning_rates(run.optimizer)  # each optimizer's rate, labelled (Muon's and AdamW's differ ~10x)
-    run.metrics.write(kind="train", step=step, loss=loss, **lrs, grad_norm=grad_norm, minutes=run.minutes())
-    if step % cfg.log_interval and step != 1:
-        return
-    # throughput over the steps since the last progress line (not since the start: the speed right now)
-    last_t, last_step = run.last_log
-    tps = (step - last_step) * run.tokens_per_step / max(now - last_t, 1e-9)
-    run.last_log = (now, step)
-    of = f"/{cfg.max_steps}" if cfg.max_steps else ""
-    line = (f"step {step:6d}{of} | loss {loss:.4f} | "
-            + " ".join(f"{k} {v:.2e}" for k, v in lrs.items()) + f" | {tps:,.0f} tok/s")
-    if run.peak:  # model FLOPs utilization: achieved FLOP/s over the GPU's peak
-        line += f" | MFU {100 * run.flops_per_tok * tps / run.world_size / run.peak:.1f}%"
-    line += f" | {t / 60:.1f} min | ETA {run.budget.eta(step, t) / 60:.1f} min"
-    if run.hooks.progress_note:
-        line += run.hooks.progress_note(run.run_model, t)
-    run.log(line, flush=True) if run.log is print else run.log(line)
-
-
 def _periodic_eval(run: _Run, step: int):
     """Validation on the first eval_tokens of the val split (the same tokens every time: comparable)."""
     t0 = time.time()
@@ -879,19 +855,6 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
     run.last_log = (time.time(), start_step)
     run.model.train()
     return run
-
-
-def _check_resumable(run: _Run, ckpt: dict, model):
-    """A checkpoint continues this run only if it was written for the same model and the same tokenizer
-    (same vocab size is not enough: another corpus's tokenizer maps the ids to other strings)."""
-    mcfg = model.config.to_dict()
-    if ckpt.get("model_config") != mcfg:
-        raise ValueError(f"checkpoint {run.ckpt_path} is incompatible with the requested model: "
-                         + "; ".join(_config_diff(ckpt.get("model_config") or {}, mcfg)))
-    saved, now = ckpt.get("tokenizer_fingerprint"), run.tokenizer.fingerprint()
-    if saved is not None and saved != now:
-        raise ValueError(f"checkpoint {run.ckpt_path} was trained with another tokenizer (fingerprint {saved}, "
-                         f"this data's tokenizer {now}); resume with the same --data and --vocab-size")
 
 
 def _save(run: _Run, step: int):
@@ -1625,7 +1588,7 @@ def _checkpoint_on_interrupt(enabled: bool):
         signal.signal(signal.SIGINT, previous)
 
 
-# ---- Batches, logs, checkpoints and samples: the helpers -------------------------------------------
+# ---- Helpers of the loop: progress lines and logs, resume checks, RNG states, samples -------------------
 
 
 def learning_rates(optimizer) -> dict:
@@ -1663,6 +1626,43 @@ class MetricsLog:
     def rows(self):
         """Every row so far, as dicts."""
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+
+
+def _log_step(run: _Run, step: int, loss: float, grad_norm: float):
+    """A metrics row after every step; a progress line every log_interval steps (and after the first)."""
+    cfg, now, t = run.cfg, time.time(), run.clock()
+    if not run.main:
+        return
+    lrs = learning_rates(run.optimizer)  # each optimizer's rate, labelled (Muon's and AdamW's differ ~10x)
+    run.metrics.write(kind="train", step=step, loss=loss, **lrs, grad_norm=grad_norm, minutes=run.minutes())
+    if step % cfg.log_interval and step != 1:
+        return
+    # throughput over the steps since the last progress line (not since the start: the speed right now)
+    last_t, last_step = run.last_log
+    tps = (step - last_step) * run.tokens_per_step / max(now - last_t, 1e-9)
+    run.last_log = (now, step)
+    of = f"/{cfg.max_steps}" if cfg.max_steps else ""
+    line = (f"step {step:6d}{of} | loss {loss:.4f} | "
+            + " ".join(f"{k} {v:.2e}" for k, v in lrs.items()) + f" | {tps:,.0f} tok/s")
+    if run.peak:  # model FLOPs utilization: achieved FLOP/s over the GPU's peak
+        line += f" | MFU {100 * run.flops_per_tok * tps / run.world_size / run.peak:.1f}%"
+    line += f" | {t / 60:.1f} min | ETA {run.budget.eta(step, t) / 60:.1f} min"
+    if run.hooks.progress_note:
+        line += run.hooks.progress_note(run.run_model, t)
+    run.log(line, flush=True) if run.log is print else run.log(line)
+
+
+def _check_resumable(run: _Run, ckpt: dict, model):
+    """A checkpoint continues this run only if it was written for the same model and the same tokenizer
+    (same vocab size is not enough: another corpus's tokenizer maps the ids to other strings)."""
+    mcfg = model.config.to_dict()
+    if ckpt.get("model_config") != mcfg:
+        raise ValueError(f"checkpoint {run.ckpt_path} is incompatible with the requested model: "
+                         + "; ".join(_config_diff(ckpt.get("model_config") or {}, mcfg)))
+    saved, now = ckpt.get("tokenizer_fingerprint"), run.tokenizer.fingerprint()
+    if saved is not None and saved != now:
+        raise ValueError(f"checkpoint {run.ckpt_path} was trained with another tokenizer (fingerprint {saved}, "
+                         f"this data's tokenizer {now}); resume with the same --data and --vocab-size")
 
 
 def _val_line(r: dict, floor: float | None) -> str:
