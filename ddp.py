@@ -1112,6 +1112,601 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
     return dict(summary, world_size=world, strategy=strategy, stop_reason=stop)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Tensor parallelism (Megatron-LM): split every weight matrix, not the batch
+# ---------------------------------------------------------------------------------------------------------------
+# Data parallelism needs the whole model on every rank. Tensor parallelism (TP) splits each layer across tp ranks
+# so each holds 1/tp of every big matrix, and all tp ranks see the SAME batch. Megatron's insight (Shoeybi et al.,
+# arXiv:1909.08053) is which way to cut so a sub-block needs ONE all-reduce in forward and one in backward:
+#   column-parallel  Y = X W^T with W's rows (output features) split: rank r computes Y_r = X W_r^T, its own slice
+#                    of the output features. Needs the full X, produces a split Y. No communication.
+#   row-parallel     Y = X W^T with W's columns (input features) split: rank r holds X_r (the matching slice of
+#                    the input) and computes the partial sum X_r W_r^T; Y = sum_r X_r W_r^T: one all-reduce.
+# A column-parallel layer feeding a row-parallel one needs nothing in between as long as whatever sits between
+# them works element-wise or per head: SwiGLU's silu(x W1^T) * (x W3^T) is element-wise over d_ff, attention is
+# independent per head. So   MLP:   x -> [w1, w3 column] -> silu * -> [w2 row] -> all-reduce -> y
+#                            attn:  x -> [q, k, v column: heads split] -> attention per head -> [output row] -> y
+# The two conjugate operators mark the region's edges (the names f and g are the paper's):
+#   f = copy_to_tp:      forward identity (x is already the same on every rank), backward ALL-REDUCE: each rank's
+#                        dL/dx is only its heads' / hidden units' share, the true gradient is the sum.
+#   g = reduce_from_tp:  forward ALL-REDUCE (sum the row-parallel partial products), backward identity (the sum's
+#                        gradient reaches each summand unchanged).
+# Per layer per step: 2 all-reduces of B*T*d forward (attn + MLP) and 2 backward. That traffic is per TOKEN, not
+# per parameter as in DP, so TP lives inside a machine (NVLink) and DP goes across machines.
+# Everything else (norms, residual adds) runs replicated: the residual stream is identical on every TP rank after
+# each g, and its gradient is too after each f, so replicated weights get identical gradients with no reduction.
+
+
+class _CopyToTP(torch.autograd.Function):
+    """f: identity forward, all-reduce of the gradient backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)       # sum over TP ranks of each rank's partial dL/dx
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: all-reduce forward, identity backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()                   # clone: all_reduce works in place, x may be saved for backward
+        dist.all_reduce(x, group=group)              # Y = sum_r X_r W_r^T
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_tp(x, group):
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return _ReduceFromTP.apply(x, group)
+
+
+# Sequence parallelism (Megatron-SP, Korthikanti et al. arXiv:2205.05198). Between the TP regions (norms, residual
+# adds, dropout) every TP rank above does the SAME work on the SAME (B, T, d) activations: tp copies of them in
+# memory. Split those along the sequence instead: each rank keeps (B, T/tp, d). The region edges change:
+#   f -> all-gather along T     (forward: the column layers need the full sequence; backward: reduce-scatter)
+#   g -> reduce-scatter along T (forward: sum the partial products AND keep only my T/tp rows; backward: all-gather)
+# all-reduce = reduce-scatter + all-gather, so the bytes on the wire are unchanged, while the activations between
+# regions and the norms' work shrink by tp. One new duty: a replicated norm weight now sees only T/tp positions on
+# each rank, so its gradient is a partial sum -- all-reduced over the TP group after backward.
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along dim 1 (sequence) forward; reduce-scatter along dim 1 backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)                   # (B, T/tp, d) -> (B, T, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Reduce-scatter along dim 1 forward; all-gather along dim 1 backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)             # (B, T, d) partial sums -> (B, T/tp, d) full sums
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=1), None
+
+
+def _reduce_scatter_seq(x, group):
+    chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=1)]
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)        # rank r: sum over ranks of their chunk r
+    return out
+
+
+def gather_seq(x, group):
+    return _GatherSeq.apply(x, group)
+
+
+def scatter_seq(x, group):
+    return _ScatterSeq.apply(x, group)
+
+
+def _shard_rows(t, rank, parts):
+    """Rank's contiguous 1/parts of t along dim 0 (a copy, so the full tensor can be freed)."""
+    return t.chunk(parts, dim=0)[rank].clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_r^T: rank r holds rows [r*out/tp, (r+1)*out/tp) of W (out/tp output features). With
+    copy_input=True it applies f itself; a sub-block with several column layers on the same x (q, k, v; w1, w3)
+    applies f once and passes copy_input=False, so backward all-reduces dL/dx once, not per layer."""
+
+    def __init__(self, full_weight, group, copy_input=True):
+        super().__init__()
+        self.group, self.copy_input = group, copy_input
+        tp, r = dist.get_world_size(group), dist.get_rank(group)
+        self.weight = nn.Parameter(_shard_rows(full_weight, r, tp))     # (out/tp, in)
+        self.weight.tp_dim = 0                                          # how to gather it back: along rows
+
+    def forward(self, x):                                               # (..., in) -> (..., out/tp)
+        if self.copy_input:
+            x = copy_to_tp(x, self.group)
+        return x @ self.weight.t()
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r W_r^T: rank r holds columns [r*in/tp, (r+1)*in/tp) of W and the matching slice x_r of the
+    input (a column-parallel layer's output); g all-reduces the partial products (sequence_parallel: reduce-
+    scatters them along the sequence instead)."""
+
+    def __init__(self, full_weight, group, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sp = group, sequence_parallel
+        tp, r = dist.get_world_size(group), dist.get_rank(group)
+        self.weight = nn.Parameter(_shard_rows(full_weight.t(), r, tp).t().contiguous())  # (out, in/tp)
+        self.weight.tp_dim = 1
+
+    def forward(self, x_r):                                             # (..., in/tp) -> (..., out), summed
+        partial = x_r @ self.weight.t()
+        return scatter_seq(partial, self.group) if self.sp else reduce_from_tp(partial, self.group)
+
+
+class TPAttention(nn.Module):
+    """Causal self-attention with heads split over the TP ranks: rank r owns query heads [r*H/tp, (r+1)*H/tp)
+    and KV heads [r*Hkv/tp, (r+1)*Hkv/tp). With GQA query head h reads KV head h // (H/Hkv), and the contiguous
+    split keeps every query head on the rank of its KV head (H/tp query heads = Hkv/tp whole groups)."""
+
+    def __init__(self, cfg, sd, prefix, rope, group, sequence_parallel=False):
+        super().__init__()
+        tp = dist.get_world_size(group)
+        self.group, self.cfg, self.rope, self.sp = group, cfg, rope, sequence_parallel
+        self.h, self.hkv, self.dh = cfg.num_heads // tp, cfg.num_kv_heads // tp, cfg.head_dim   # local heads
+        self.q_proj = ColumnParallelLinear(sd[prefix + "q_proj.weight"], group, copy_input=False)
+        self.k_proj = ColumnParallelLinear(sd[prefix + "k_proj.weight"], group, copy_input=False)
+        self.v_proj = ColumnParallelLinear(sd[prefix + "v_proj.weight"], group, copy_input=False)
+        self.output_proj = RowParallelLinear(sd[prefix + "output_proj.weight"], group, sequence_parallel)
+
+    def forward(self, x, pos):                                  # x (B, T, d) the same on every TP rank (SP: T/tp)
+        x = gather_seq(x, self.group) if self.sp else copy_to_tp(x, self.group)   # f: once for q, k and v
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.dh).transpose(1, 2)      # (B, H/tp, T, dh)
+        k = self.k_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)    # (B, Hkv/tp, T, dh)
+        v = self.v_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)
+        if self.rope is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        if self.hkv != self.h:                                          # GQA within this rank's groups
+            k, v = k.repeat_interleave(self.h // self.hkv, 1), v.repeat_interleave(self.h // self.hkv, 1)
+        out = M.attend(q, k, v, None, self.cfg.attn_impl, self.cfg.window)  # (B, H/tp, T, dh), per head
+        return self.output_proj(out.transpose(1, 2).reshape(B, T, self.h * self.dh))   # g inside: (B, T, d)
+
+
+class TPSwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) with w1, w3 column-parallel (d_ff/tp hidden units each) and w2 row-parallel."""
+
+    def __init__(self, sd, prefix, group, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sp = group, sequence_parallel
+        self.w1 = ColumnParallelLinear(sd[prefix + "w1.weight"], group, copy_input=False)
+        self.w3 = ColumnParallelLinear(sd[prefix + "w3.weight"], group, copy_input=False)
+        self.w2 = RowParallelLinear(sd[prefix + "w2.weight"], group, sequence_parallel)
+
+    def forward(self, x):
+        x = gather_seq(x, self.group) if self.sp else copy_to_tp(x, self.group)   # f
+        return self.w2(M.silu(self.w1(x)) * self.w3(x))                 # element-wise on local units, then g
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds embedding rows [r*V/tp, (r+1)*V/tp). Each rank looks up the ids in its range, writes zeros
+    for the others, and one all-reduce (g) sums the ranks' rows: exactly one rank contributed each token's row."""
+
+    def __init__(self, full_weight, group, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sp = group, sequence_parallel
+        tp, r = dist.get_world_size(group), dist.get_rank(group)
+        self.weight = nn.Parameter(_shard_rows(full_weight, r, tp))     # (V/tp, d)
+        self.weight.tp_dim = 0
+        self.lo = r * self.weight.shape[0]                              # first vocabulary id this rank holds
+
+    def forward(self, ids):                                             # (B, T) -> (B, T, d)
+        local = ids - self.lo
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        rows = self.weight[local.clamp(0, self.weight.shape[0] - 1)] * mine[..., None]   # zeros off this rank
+        return scatter_seq(rows, self.group) if self.sp else reduce_from_tp(rows, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over logits split along the vocabulary, without ever gathering them: (N, V/tp) per rank
+    holds (N, V) in all. With m = max over all V, the loss of a row is  log sum_j exp(z_j - m) + m - z_y:
+      1. m      = all-reduce MAX of the local row maxima                     (N numbers)
+      2. S      = all-reduce SUM of sum_{j local} exp(z_j - m)             (N numbers)
+      3. z_y    = all-reduce SUM of the target logit (zero on the ranks that do not hold y)   (N numbers)
+    3 all-reduces of N numbers instead of an all-gather of N*V. Backward needs no communication: dL/dz_j =
+    (softmax_j - [j == y]) / N, and softmax_j = exp(z_j - m) / S is computable from the local logits."""
+
+    @staticmethod
+    def forward(ctx, z, y, lo, group):                                  # z (N, V/tp) local logits, y (N,)
+        m = z.max(dim=-1).values.detach()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)           # 1.
+        e = torch.exp(z - m[:, None])                                   # (N, V/tp)
+        s = e.sum(dim=-1)
+        dist.all_reduce(s, group=group)                                 # 2.
+        local_y = y - lo
+        mine = (local_y >= 0) & (local_y < z.shape[1])
+        zy = z.gather(1, local_y.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1) * mine
+        dist.all_reduce(zy, group=group)                                # 3.
+        ctx.save_for_backward(e / s[:, None], local_y, mine)            # this rank's slice of the softmax
+        return (torch.log(s) + m - zy).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, local_y, mine = ctx.saved_tensors
+        g = p.clone()
+        rows = torch.arange(p.shape[0], device=p.device)[mine]
+        g[rows, local_y[mine]] -= 1.0                                   # softmax - one_hot(y), on y's rank only
+        return g * (grad / p.shape[0]), None, None, None
+
+
+def vocab_parallel_cross_entropy(local_logits, targets, vocab_start, group):
+    """Mean cross-entropy of (..., V/tp) vocabulary-split logits (columns from vocab_start) against (...) ids."""
+    z = local_logits.reshape(-1, local_logits.shape[-1])
+    return _VocabParallelCrossEntropy.apply(z, targets.reshape(-1), vocab_start, group)
+
+
+def check_tp_config(cfg, tp):
+    """Refuse, before any work, a config whose heads, KV heads, d_ff or vocabulary do not split over tp ranks, or
+    that uses a switch the TP model does not implement."""
+    for name, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("d_ff", cfg.d_ff),
+                    ("vocab_size", cfg.vocab_size)):
+        if n % tp:
+            raise ValueError(f"tensor parallelism over {tp} ranks needs {name} divisible by {tp}, got {n}")
+    unsupported = {k: getattr(cfg, k) for k, ok in (("mixer", "attention"), ("ffn", "swiglu"), ("norm", "rmsnorm"),
+                   ("norm_position", "pre"), ("bias", False), ("qk_norm", False), ("tie_embeddings", False),
+                   ("num_experts", 0), ("dropout", 0.0), ("attn_dropout", 0.0)) if getattr(cfg, k, ok) != ok}
+    if cfg.position not in ("rope", "nope"):
+        unsupported["position"] = cfg.position
+    if unsupported:
+        raise ValueError(f"the tensor-parallel model supports the default LLaMA-style block only; unsupported "
+                         f"settings: {unsupported}")
+
+
+class TPTransformerLM(nn.Module):
+    """TransformerLM split over the TP group: every attention and SwiGLU sub-block Megatron-style, the embedding
+    and LM head split along the vocabulary, norms replicated. Built from a FULL model's state dict (each rank keeps
+    its shard); `full_state_dict()` gathers it back under TransformerLM's names. forward(ids, targets) -> the mean
+    cross-entropy computed from vocabulary-split logits (the full (B, T, V) logits never exist anywhere).
+    sequence_parallel=True: Megatron-SP between the TP regions; call finish_gradient_synchronization() after
+    backward (the replicated norm weights' gradients are per-shard partial sums)."""
+
+    def __init__(self, cfg, full_sd, group=None, sequence_parallel=False):
+        super().__init__()
+        group = group if group is not None else dist.group.WORLD
+        check_tp_config(cfg, dist.get_world_size(group))
+        self.cfg, self.group, self.sp = cfg, group, sequence_parallel
+        sd = {k: v.detach() for k, v in full_sd.items()}
+        dt, dev = sd["lm_head.weight"].dtype, sd["lm_head.weight"].device    # shards keep the full model's dtype
+        self.token_embeddings = VocabParallelEmbedding(sd["token_embeddings.weight"], group, sequence_parallel)
+        self.rope = M.RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length,
+                                                device=sd["lm_head.weight"].device) if cfg.position == "rope" else None
+        self.layers = nn.ModuleList()
+        for i in range(cfg.num_layers):
+            block = nn.Module()
+            block.ln1, block.ln2 = (M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt) for _ in range(2))
+            block.ln1.weight.data.copy_(sd[f"layers.{i}.ln1.weight"])
+            block.ln2.weight.data.copy_(sd[f"layers.{i}.ln2.weight"])
+            block.attn = TPAttention(cfg, sd, f"layers.{i}.attn.", self.rope, group, sequence_parallel)
+            block.ffn = TPSwiGLU(sd, f"layers.{i}.ffn.", group, sequence_parallel)
+            self.layers.append(block)
+        self.ln_final = M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt)
+        self.ln_final.weight.data.copy_(sd["ln_final.weight"])
+        # (V/tp, d): this rank's logits; under SP the all-gather before it already plays f's part
+        self.lm_head = ColumnParallelLinear(sd["lm_head.weight"], group, copy_input=not sequence_parallel)
+
+    def forward(self, ids, targets):
+        T, tp = ids.shape[1], dist.get_world_size(self.group)
+        if self.sp and T % tp:
+            raise ValueError(f"sequence parallelism over {tp} ranks needs a sequence length divisible by {tp}, "
+                             f"got {T}")
+        pos = torch.arange(T, device=ids.device)
+        x = self.token_embeddings(ids)                       # (B, T, d) all-reduced (SP: (B, T/tp, d) scattered)
+        for block in self.layers:
+            x = x + block.attn(block.ln1(x), pos)                            # one all-reduce (inside output_proj)
+            x = x + block.ffn(block.ln2(x))                                  # one all-reduce (inside w2)
+        h = self.ln_final(x)
+        if self.sp:
+            h = gather_seq(h, self.group)                                    # (B, T, d) for the vocab-split head
+        local_logits = self.lm_head(h)                                       # (B, T, V/tp): f inside
+        return vocab_parallel_cross_entropy(local_logits, targets, self.token_embeddings.lo, self.group)
+
+    def finish_gradient_synchronization(self):
+        """Under SP: sum the replicated (norm) weights' per-shard gradients over the TP group. Without SP every TP
+        rank already holds the full, identical gradient of a replicated weight: nothing to do."""
+        if self.sp:
+            for p in self.parameters():
+                if getattr(p, "tp_dim", None) is None and p.grad is not None:
+                    dist.all_reduce(p.grad, group=self.group)
+
+    def full_state_dict(self, grads=False):
+        """TransformerLM's state dict (or its gradients, grads=True), gathered from the shards on every TP rank:
+        split parameters are all-gathered along their split dimension, replicated ones taken as they are."""
+        tp, out = dist.get_world_size(self.group), {}
+        for name, p in self.named_parameters():
+            t = (p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach()
+            dim = getattr(p, "tp_dim", None)
+            if dim is not None:
+                parts = [torch.empty_like(t) for _ in range(tp)]
+                dist.all_gather(parts, t.contiguous(), group=self.group)
+                t = torch.cat(parts, dim=dim)
+            out[name] = t.clone()
+        return out
+
+
+# Context parallelism: ring attention (Liu et al., "Ring Attention with Blockwise Transformers", arXiv:2310.01889).
+# Megatron-SP still gathers the whole sequence for attention. For long contexts, split attention itself along the
+# sequence: rank r keeps its queries and passes its K/V block around a ring; after p - 1 hops every rank has seen
+# every block and combined them with FlashAttention's online softmax (kernels.py does the same across tiles):
+#     per block:  s = q k^T / sqrt(dh) (masked),  m' = max(m, rowmax s),  a = exp(m - m'),
+#                 l' = a l + rowsum exp(s - m'),  o' = a o + exp(s - m') v;     output = o / l at the end
+# (exact: the running max only shifts exponents, and every block's terms are rescaled to the same max).
+# Causal load balancing: with plain contiguous chunks rank 0's queries see one block and rank p-1's see p (rank 0
+# idles). Cut the sequence into 2p chunks and give rank i chunks i and 2p-1-i: every rank then holds one early and
+# one late chunk and does the same amount of unmasked work. A sequence that does not fill 2p equal chunks is padded
+# at the end; padded keys are masked out and padded queries' outputs dropped.
+# Communication: each hop moves one K and one V block (2 B H (T/p) dh numbers), overlappable with the block's math;
+# activations per rank are T/p long, so the context length grows with the number of ranks.
+
+
+def ring_layout(T, world, rank):
+    """Global positions (padded length T_pad = 2 p ceil(T / 2p)) held by `rank`: chunks rank and 2p-1-rank."""
+    c = -(-T // (2 * world))                                    # chunk length, ceil(T / 2p)
+    lo, hi = rank * c, (2 * world - 1 - rank) * c
+    return torch.cat([torch.arange(lo, lo + c), torch.arange(hi, hi + c)])
+
+
+def ring_shard(x, world, rank, dim=-2):
+    """This rank's rows of x along `dim` under ring_layout (zero rows where the position is padding)."""
+    T = x.shape[dim]
+    pos = ring_layout(T, world, rank)
+    pad_shape = list(x.shape)
+    pad_shape[dim] = 2 * world * (-(-T // (2 * world))) - T
+    x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+    return x.index_select(dim, pos.to(x.device))
+
+
+class _RingPass(torch.autograd.Function):
+    """Forward: send x to the next rank, return the previous rank's x. Backward: the reverse hop for gradients."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _ring_hop(x, group, +1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ring_hop(grad, ctx.group, -1), None
+
+
+def _ring_hop(x, group, step):
+    ranks = dist.get_process_group_ranks(group)
+    i = ranks.index(dist.get_rank())
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    send = dist.isend(x, ranks[(i + step) % len(ranks)])     # isend: every rank sends and receives at once
+    dist.recv(out, ranks[(i - step) % len(ranks)])
+    send.wait()
+    return out
+
+
+def ring_attention(q, k, v, T, group=None):
+    """Causal attention over a sequence of true length T split by ring_layout: q, k, v (B, H, T_local, dh) are this
+    rank's rows (ring_shard). Returns this rank's output rows (B, H, T_local, dh). Differentiable (the K/V hops
+    are autograd functions, so backward sends the K/V gradients back around the ring)."""
+    group = group if group is not None else dist.group.WORLD
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    q_pos = ring_layout(T, p, r).to(q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    m = q.new_full(q.shape[:-1] + (1,), -math.inf)              # running row max    (B, H, Tl, 1)
+    l = q.new_zeros(q.shape[:-1] + (1,))                        # running row sum    (B, H, Tl, 1)
+    o = torch.zeros_like(q)                                     # running numerator  (B, H, Tl, dh)
+    for hop in range(p):
+        src = (r - hop) % p                                     # whose K/V block we hold at this hop
+        k_pos = ring_layout(T, p, src).to(q.device)
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < T)   # causal, and no padded keys
+        if mask.any():                                          # (a block entirely in the future costs nothing)
+            s = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, -math.inf)
+            m_new = torch.maximum(m, s.detach().amax(-1, keepdim=True))   # the max is a shift: no gradient needed
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)   # rows with no key yet
+            a = torch.exp(m - m_safe)                           # rescales what was accumulated under the old max
+            e = torch.exp(s - m_safe)
+            l, o, m = a * l + e.sum(-1, keepdim=True), a * o + e @ v, m_new
+        if hop < p - 1:
+            k, v = _RingPass.apply(k, group), _RingPass.apply(v, group)
+    return o / l
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Pipeline parallelism: split the model by layers, stream micro-batches through the stages
+# ---------------------------------------------------------------------------------------------------------------
+# Stage s of p holds a contiguous run of layers (the first also the embedding, the last the final norm, the LM
+# head and the loss). A batch is cut into m micro-batches; stage s receives micro-batch i's activations (b, T, d)
+# from stage s-1, runs its layers, sends the result on to s+1; backward sends dL/d(activations) the other way.
+# Point-to-point only, b*T*d numbers per micro-batch per boundary: the cheapest communication of all the
+# parallelisms, which is why PP is the one that crosses slow links.
+# The price is the BUBBLE: stage s cannot start micro-batch 0 until s stages before it are done with it, and the
+# last backward drains the same way. With equal time per stage and micro-batch, each rank idles p-1 slots of
+# forward and p-1 of backward out of m+p-1 each:
+#     bubble fraction = (p - 1) / (m + p - 1)          (GPipe, Huang et al. arXiv:1811.06965)
+# so m >> p hides it (p = 4, m = 16: 16%). Two schedules with the SAME bubble:
+#   GPipe  all m forwards, then all m backwards: every stage keeps m micro-batches' activations alive.
+#   1F1B   (PipeDream-Flush, Narayanan et al. arXiv:2104.04473) stage s runs p-s-1 warm-up forwards, then
+#          alternates one forward, one backward: at most p-s micro-batches in flight, so activation memory is
+#          bounded by p instead of m. Same arithmetic, same gradients (they are summed in another order only).
+# Gradients: each micro-batch's loss is divided by m, so the accumulated .grad is the full batch's mean gradient.
+
+
+def gpipe_schedule(num_stages, num_micro, stage):
+    """[("F", i) ...] then [("B", i) ...]: this stage's actions, in order."""
+    return [("F", i) for i in range(num_micro)] + [("B", i) for i in range(num_micro)]
+
+
+def one_f_one_b_schedule(num_stages, num_micro, stage):
+    """Warm-up forwards (p - s - 1 of them), then one forward + one backward at a time, then the remaining
+    backwards. The last stage (no warm-up) runs F0 B0 F1 B1 ...: a micro-batch's backward starts as soon as
+    its loss exists."""
+    warm = min(num_stages - stage - 1, num_micro)
+    acts, f, b = [("F", i) for i in range(warm)], warm, 0
+    while f < num_micro:
+        acts += [("F", f), ("B", b)]
+        f, b = f + 1, b + 1
+    return acts + [("B", i) for i in range(b, num_micro)]
+
+
+SCHEDULES = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule}
+
+
+def simulate_pipeline(schedule, num_stages, num_micro, t_forward=1, t_backward=2):
+    """Run a schedule on paper: every action starts when its rank is free and its input exists (F(s, i) needs
+    F(s-1, i); B(s, i) needs B(s+1, i)). Returns ({(s, kind, i): (start, end)}, makespan, bubble fraction)."""
+    acts = [schedule(num_stages, num_micro, s) for s in range(num_stages)]
+    done, free, nxt = {}, [0] * num_stages, [0] * num_stages
+    while any(nxt[s] < len(acts[s]) for s in range(num_stages)):
+        progressed = False
+        for s in range(num_stages):
+            if nxt[s] == len(acts[s]):
+                continue
+            kind, i = acts[s][nxt[s]]
+            dep = (s - 1, "F", i) if kind == "F" else (s + 1, "B", i)
+            if kind == "B" and s == num_stages - 1:
+                dep = (s, "F", i)                           # the last stage's backward starts from its own loss
+            if 0 <= dep[0] < num_stages and dep not in done:
+                continue                                    # input not produced yet: try another rank
+            start = max(free[s], done[dep][1] if dep in done else 0)
+            done[(s, kind, i)] = (start, start + (t_forward if kind == "F" else t_backward))
+            free[s], nxt[s], progressed = done[(s, kind, i)][1], nxt[s] + 1, True
+        if not progressed:
+            raise RuntimeError("pipeline schedule deadlocks")   # (no schedule here does)
+    makespan = max(free)
+    busy = num_micro * (t_forward + t_backward)             # per rank
+    return done, makespan, 1 - busy / makespan
+
+
+def format_timeline(events, num_stages, makespan, unit=1.0, width=3):
+    """An ASCII timeline, one row per stage, one cell per `unit` of time: F3 = forward of micro-batch 3,
+    B3 its backward, .. idle (the bubble). events {(s, kind, i): (start, end)}, in any time unit."""
+    cols = max(1, int(round(makespan / unit)))
+    rows = []
+    for s in range(num_stages):
+        cells = [".." .ljust(width - 1)] * cols
+        for (es, kind, i), (t0, t1) in events.items():
+            if es == s:
+                for c in range(int(round(t0 / unit)), max(int(round(t1 / unit)), int(round(t0 / unit)) + 1)):
+                    cells[min(c, cols - 1)] = f"{kind}{i}".ljust(width - 1)[:width - 1]
+        rows.append(f"stage {s} | " + " ".join(cells))
+    return "\n".join(rows)
+
+
+def _split_layers(num_layers, num_stages):
+    """Contiguous, balanced layer ranges: 5 layers on 2 stages -> [0, 3), [3, 5)."""
+    if num_stages > num_layers:
+        raise ValueError(f"pipeline of {num_stages} stages needs at least as many layers, got {num_layers}")
+    per, extra = divmod(num_layers, num_stages)
+    bounds = [0]
+    for s in range(num_stages):
+        bounds.append(bounds[-1] + per + (s < extra))
+    return bounds
+
+
+class PipelineStage(nn.Module):
+    """Stage `stage` of `num_stages` of a TransformerLM (parameter names stay TransformerLM's, so the stages'
+    state dicts together are the full model's). The first stage embeds ids, the last returns the loss."""
+
+    def __init__(self, full_model, stage, num_stages):
+        super().__init__()
+        cfg = full_model.config
+        if cfg.tie_embeddings or cfg.num_experts or cfg.position not in ("rope", "nope"):
+            raise ValueError("the pipeline supports untied, dense models with rope/nope positions")
+        bounds = _split_layers(cfg.num_layers, num_stages)
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.d_model = cfg.d_model                          # the width of the activations stages exchange
+        self.layer_ids = range(bounds[stage], bounds[stage + 1])
+        self.layers = nn.ModuleDict({str(i): full_model.layers[i] for i in self.layer_ids})
+        if self.first:
+            self.token_embeddings = full_model.token_embeddings
+        if self.last:
+            self.ln_final, self.lm_head = full_model.ln_final, full_model.lm_head
+
+    def forward(self, x, targets=None):
+        """ids (b, T) on the first stage, activations (b, T, d) elsewhere -> activations, or the loss (last)."""
+        if self.first:
+            x = self.token_embeddings(x)
+        pos = torch.arange(x.shape[1], device=x.device)
+        for i in self.layer_ids:
+            x = self.layers[str(i)](x, pos)
+        if not self.last:
+            return x
+        logits = self.lm_head(self.ln_final(x))
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits   # loss in >= fp32
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1))
+
+
+def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None):
+    """One training step's forward and backward through the pipeline on the ranks `ranks` (global ranks, stage s
+    = ranks[s]); xs, ys: the m micro-batches (every stage gets them; only the first reads xs, the last ys).
+    Accumulates the batch-mean gradient in .grad; returns the mean loss on the last stage (None elsewhere).
+    events: a list to append (kind, i, t_start, t_end) of this rank's compute to (for the measured bubble)."""
+    p, m, s = len(ranks), len(xs), ranks.index(dist.get_rank())
+    prev, nxt = (ranks[s - 1] if s > 0 else None), (ranks[s + 1] if s < p - 1 else None)
+    inputs, outputs, sends, total = {}, {}, [], 0.0
+    act_shape = (xs[0].shape[0], xs[0].shape[1], stage_module.d_model)
+    dtype = next(stage_module.parameters()).dtype
+    for kind, i in SCHEDULES[schedule](p, m, s):
+        if kind == "F":
+            if prev is None:
+                inp = xs[i]
+            else:                                           # micro-batch i's activations from the previous stage
+                inp = torch.empty(act_shape, dtype=dtype, device=xs[i].device)
+                dist.recv(inp, prev, tag=i)
+                inp.requires_grad_(True)
+            t0 = time.perf_counter()
+            out = stage_module(inp, ys[i] if nxt is None else None)
+            if nxt is None:
+                out = out / m                               # mean over micro-batches = the full batch's mean loss
+                total += float(out.detach())
+            else:                                           # isend: a blocking send could wait for a peer that is
+                sends.append(dist.isend(out.detach().contiguous(), nxt, tag=i))   # itself blocked sending to us
+            inputs[i], outputs[i] = inp, out
+            if events is not None:
+                events.append(("F", i, t0, time.perf_counter()))
+        else:
+            grad = None
+            if nxt is not None:                             # dL/d(my output) from the next stage
+                grad = torch.empty_like(outputs[i])
+                dist.recv(grad, nxt, tag=m + i)
+            t0 = time.perf_counter()
+            torch.autograd.backward(outputs.pop(i), grad)   # activations of micro-batch i are freed here
+            inp = inputs.pop(i)
+            if events is not None:
+                events.append(("B", i, t0, time.perf_counter()))
+            if prev is not None:
+                sends.append(dist.isend(inp.grad.contiguous(), prev, tag=m + i))
+    for w in sends:
+        w.wait()
+    return total if nxt is None else None
+
+
+
 # ===== Appendix: plumbing =====
 # Process groups, the local launcher, helpers that make every rank agree or fail together, data preparation on N
 # ranks, and the consolidated checkpoint format.
