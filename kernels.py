@@ -87,7 +87,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from tokenizer import machine_label
+from tokenizer import atomic_open, machine_label
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton setup. TRITON_INTERPRET must be in the environment BEFORE the @triton.jit decorators below run (triton
@@ -937,6 +937,245 @@ def use_kernels(model: torch.nn.Module, rmsnorm: bool = True, attention=True) ->
     return model
 
 
+# ===============================================================================================================
+# Part 4: int8 weight-only quantization (cheaper decoding)
+# ===============================================================================================================
+#
+# Decoding one token at a time is a (B, d_in) @ (d_in, d_out) matmul per layer with B = the batch of sequences
+# (1..a few dozen): 2 B FLOPs per weight read, so every step streams ALL the weights from memory and is
+# memory-bound (an H100 needs ~300 FLOPs per byte to be compute-bound). Storing the weights in int8 moves 1 byte
+# per weight instead of 2 (bf16) or 4 (fp32): up to 2x / 4x less traffic per decoded token. "Weight-only" (W8A16):
+# activations stay in float, so the only error is the rounding of the weights.
+#
+# The scheme: symmetric absmax scaling, one scale per OUTPUT channel (row o of W, shape (d_out, d_in)):
+#   s_o = max_i |W_oi| / 127,   q_oi = clamp(round(W_oi / s_o), -127, 127) in int8,   W_oi ~ q_oi * s_o
+# so every weight is off by at most s_o / 2 (half a step), and the largest weight of each row is exact. -128 is
+# left unused so that the grid is symmetric (-W quantizes to -q). Why per output channel: in
+#   y_bo = sum_i x_bi W_oi ~ sum_i x_bi q_oi s_o = s_o * (sum_i x_bi q_oi)
+# the scale factors OUT of the dot product, so a kernel can multiply integers-as-floats and apply s_o once per
+# output element, after the sum (a per-input-channel scale would have to be applied inside the sum). A row
+# with one large weight gets a coarse grid for all its others: that is the error this scheme cannot avoid.
+#
+# Where this sits in the field: LLM.int8() (arXiv:2208.07339) quantizes weights AND activations to int8 and
+# finds the hard part is a few outlier activation features at >6.7B parameters (handled in fp16 there); weight-
+# only int8 round-to-nearest, as here, is nearly lossless at these sizes. GPTQ (arXiv:2210.17323) reaches 3-4 bits
+# by rounding columns one at a time and correcting the rest with second-order (Hessian) information; AWQ
+# (arXiv:2306.00978) rescales the ~1% of input channels that see large activations before rounding. Both start
+# from exactly this per-channel absmax grid.
+#
+# What it costs: the readable path (dequantize the whole matrix, then a float matmul) writes a float copy of W
+# for every call -- MORE memory traffic than the float model, so it is slower, not faster (see the CPU bench).
+# The gain needs the fused kernel below, which reads the int8 tile and converts it in registers.
+
+INT8_MAX = 127   # symmetric grid [-127, 127]
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric absmax: W (d_out, d_in) float -> (q int8 (d_out, d_in), scale fp32 (d_out,))."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_int8: expected a float matrix (d_out, d_in), got {w.dtype} {tuple(w.shape)}")
+    w32 = w.detach().float()
+    if not torch.isfinite(w32).all():   # a NaN/inf would become a NaN scale and poison the whole row silently
+        raise ValueError("quantize_int8: the weight holds NaN or inf values")
+    absmax = w32.abs().amax(dim=1)                                 # (d_out,)
+    # an all-zero row gets scale 1 (its q is all zeros: exact) instead of a 0/0
+    scale = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
+    # round() is round-half-to-even; |W / s| <= 127 by construction, the clamp only guards float rounding
+    q = torch.round(w32 / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q int8 (d_out, d_in), scale (d_out,)) -> W_hat = q * scale[:, None] in `dtype` (computed in >= fp32)."""
+    ct = torch.promote_types(dtype, torch.float32)   # bf16 weights are rounded once, from the fp32 product
+    return (q.to(ct) * scale.to(ct)[:, None]).to(dtype)
+
+
+def int8_matmul_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The readable version: y = x @ (q * scale)^T. x (..., d_in) -> (..., d_out) in x.dtype."""
+    _check_int8_inputs(x, q, scale, triton=False)
+    # materializes a float copy of W (d_out, d_in) in the activation dtype every call, then one float matmul
+    return x @ dequantize_int8(q, scale, x.dtype).t()
+
+
+# The fused kernel. Grid = (ceil(M / BLOCK_M), ceil(N / BLOCK_N)) over Y (M, N) = X (M, K) @ W^T, W (N, K) int8.
+# A program owns one (BLOCK_M, BLOCK_N) output tile and walks K in BLOCK_K steps: it loads an X tile
+# (BLOCK_M, BLOCK_K) in its float dtype and the int8 tile of W for the same columns, converts the int8 values to
+# the float dtype IN REGISTERS (exact: |q| <= 127 fits bf16's 8 significant bits), and accumulates the tile product
+# in fp32. Only after the last K step does it multiply column n of the accumulator by s_n: N scales per output
+# tile instead of N * K per weight. HBM traffic: 1 byte per weight (plus X and Y), the whole point.
+if HAVE_TRITON:
+
+    @triton.jit
+    def _int8_matmul_kernel(X, WQ, SCALE, Y, n_rows, n_out, n_in, stride_xm, stride_wn, stride_ym,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # rows of X / Y this program owns (int64: rows * stride may exceed 2^31) and the output channels
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)      # (BM,)
+        offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)      # (BN,)
+        offs_k0 = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)      # sum_k x_mk q_nk, unscaled, fp32
+        for k_start in range(0, n_in, BLOCK_K):
+            offs_k = k_start + offs_k0
+            x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < n_rows) & (offs_k[None, :] < n_in), other=0.0)    # (BM, BK)
+            # W^T's tile (BK, BN): element (k, n) is W[n, k]; ragged edges read 0, which adds nothing
+            wq = tl.load(WQ + offs_n[None, :] * stride_wn + offs_k[:, None],
+                         mask=(offs_n[None, :] < n_out) & (offs_k[:, None] < n_in), other=0)      # int8
+            # int8 -> float in registers (-> fp32 directly under the interpreter, whose int8 -> bf16 cast is
+            # wrong; exact either way), then the tile product with fp32 sums
+            if UPCAST:
+                w = wq.to(tl.float32)
+            else:
+                w = wq.to(x.dtype)
+            acc = _mma(x, w, acc, UPCAST, PRECISION)
+        s = tl.load(SCALE + offs_n, mask=offs_n < n_out, other=0.0)                                 # (BN,) fp32
+        y = acc * s[None, :]                                       # the per-channel scale, once per tile
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+                 mask=(offs_m[:, None] < n_rows) & (offs_n[None, :] < n_out))
+
+
+def _int8_tiles(n_rows: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Decoding (few rows): the smallest M tile tl.dot takes and long
+    K steps, since the time is all in streaming W; prefill / batches: square tiles that reuse each W tile."""
+    if INTERPRET:
+        return 16, 32, 32, 4, 1     # small tiles: the tests' odd sizes span several tiles with ragged edges
+    if n_rows <= 16:
+        return 16, 64, 128, 4, 4
+    return (64, 64, 64, 4, 3) if n_rows <= 128 else (128, 128, 64, 8, 3)
+
+
+def int8_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Fused dequantize-in-the-tile matmul: x (..., d_in) fp32/bf16/fp16, q (d_out, d_in) int8, scale (d_out,)
+    -> (..., d_out) in x.dtype; equals int8_matmul_torch up to float summation order. Inference only."""
+    _check_int8_inputs(x, q, scale)
+    x2 = x.reshape(-1, x.shape[-1])                                # (M, K): leading dims are just more rows
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q, scale = q.contiguous(), scale.float().contiguous()
+    M, K = x2.shape
+    N = q.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M > 0 and N > 0:
+        bm, bn, bk, warps, stages = _int8_tiles(M)
+        _int8_matmul_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            x2, q, scale, y, M, N, K, x2.stride(0), q.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            UPCAST=INTERPRET, PRECISION=_dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+    return y.view(*x.shape[:-1], N)
+
+
+# Training a quantized model is refused, loudly: the int8 weights have no gradient (round() has derivative 0
+# almost everywhere), so an optimizer would only move the norms and embeddings while the loss says "training".
+# model.train(), requires_grad_() on a quantized layer, and backward through one each raise this.
+QUANTIZED_TRAINING_ERROR = ("{what}: this model is int8 weight-only quantized (kernels.quantize_model) and is "
+                            "inference-only -- its int8 weights have no gradients. Train or fine-tune the float "
+                            "checkpoint, then quantize again")
+
+
+def _refuse_training(what: str):
+    raise RuntimeError(QUANTIZED_TRAINING_ERROR.format(what=what))
+
+
+class QuantizedLinear(torch.nn.Module):
+    """model.Linear with int8 weights: buffers weight_int8 (d_out, d_in) and weight_scale (d_out,) fp32 (+ bias).
+    forward uses the Triton kernel on CUDA (impl="auto"), the readable dequantize-then-matmul elsewhere;
+    impl="torch" / "triton" pins one. `.weight` is the dequantized float matrix (read-only, for code that reads
+    it, e.g. MLA's absorbed decoding). Inference only: training raises (QUANTIZED_TRAINING_ERROR)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.impl = in_features, out_features, "auto"
+        # buffers, not parameters: saved in the state dict, moved by .to(), invisible to optimizers
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.training = False
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Module) -> "QuantizedLinear":
+        """Quantize a model.Linear (its weight (d_out, d_in); a bias stays in float)."""
+        w = linear.weight
+        m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device)
+        m.weight_int8, m.weight_scale = quantize_int8(w)
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().clone()
+        return m
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize_int8(self.weight_int8, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = self.impl
+        if impl == "auto":   # the fused kernel where it is compiled for real; the readable path elsewhere
+            impl = "triton" if x.is_cuda and HAVE_TRITON and not INTERPRET and x.dtype in _FLOAT_DTYPES else "torch"
+        y = (int8_matmul_triton if impl == "triton" else int8_matmul_torch)(x, self.weight_int8, self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if y.requires_grad:   # a graph is being built through this layer: its backward is refused by name
+            y.register_hook(lambda g: _refuse_training("backward through a QuantizedLinear"))
+        return y
+
+    def train(self, mode: bool = True):
+        if mode:
+            _refuse_training("model.train()")
+        return torch.nn.Module.train(self, False)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        if requires_grad:
+            _refuse_training("requires_grad_() on a QuantizedLinear")
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, " \
+               f"bias={self.bias is not None}"
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """model.Embedding with int8 rows and one scale per row (the same per-channel grid: a row is an output
+    channel of the tied LM head). ids (...) -> (..., d) float32; dequantizes only the rows looked up."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", scale)
+        self.training = False
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_int8[token_ids].float() * self.weight_scale[token_ids, None]   # (..., d)
+
+    train = QuantizedLinear.train                 # the same refusal (the module holds no trainable tensor)
+
+
+def quantize_model(model: torch.nn.Module, *, lm_head: bool = False, embeddings: bool = False) -> torch.nn.Module:
+    """Replace every model.Linear of a TransformerLM by a QuantizedLinear, in place; returns the model (in eval
+    mode, inference only). lm_head / embeddings: quantize the vocabulary matrices too (default off: they are
+    the layers most sensitive to rounding, and kept in float by common practice, e.g. bitsandbytes' lm_head).
+    With tied embeddings and both on, the embedding reads the LM head's int8 matrix (one copy, as before)."""
+    if getattr(model, "quantization", None):
+        raise ValueError("quantize_model: this model is already quantized")
+    # the list first: replacing modules while iterating named_modules would skip or revisit some
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, M.Linear) and (lm_head or name.split(".")[-1] != "lm_head")]
+    if not targets:
+        raise ValueError("quantize_model: the model has no model.Linear layers to quantize")
+    model.eval()
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, QuantizedLinear.from_linear(mod))
+    emb = getattr(model, "token_embeddings", None)
+    if embeddings and isinstance(emb, M.Embedding):
+        head = getattr(model, "lm_head", None)
+        tied = isinstance(head, QuantizedLinear) and getattr(model.config, "tie_embeddings", False)
+        q, s = (head.weight_int8, head.weight_scale) if tied else quantize_int8(emb.weight)
+        model.token_embeddings = QuantizedEmbedding(q, s)
+    model.quantization = dict(scheme="int8-weight-only-per-channel", lm_head=lm_head, embeddings=embeddings)
+    # model.train() is refused before it flips any module (the layers' own train() refuses direct calls)
+    model.train = types.MethodType(QuantizedLinear.train, model)
+    return model
+
+
 # ===== Appendix: plumbing =====
 # Input checks (a clear ValueError naming the problem instead of a wrong result or a crash inside a kernel) and
 # the rules for where a Triton kernel can run.
@@ -1019,6 +1258,59 @@ def _check_triton_attention_inputs(Q, K, V, is_causal):
     if Q.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"FlashAttention2Triton: dtype {Q.dtype} unsupported (float32, bfloat16, float16)")
     _check_triton_device("FlashAttention2Triton", Q, K, V)
+
+
+def _check_int8_inputs(x, q, scale, triton: bool = True) -> None:
+    """int8 matmul contract: float x (..., d_in), int8 q (d_out, d_in), float scale (d_out,), one device."""
+    what = "int8_matmul_triton" if triton else "int8_matmul_torch"
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"{what}: q must be an int8 matrix (d_out, d_in), got {q.dtype} {tuple(q.shape)}")
+    if scale.shape != (q.shape[0],) or not scale.is_floating_point():
+        raise ValueError(f"{what}: scale must be float (d_out,) = ({q.shape[0]},), got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    if x.dim() < 1 or x.shape[-1] != q.shape[1]:
+        raise ValueError(f"{what}: x {tuple(x.shape)} must end in d_in = {q.shape[1]} (q is {tuple(q.shape)})")
+    if not x.is_floating_point() or (triton and x.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"{what}: unsupported input dtype {x.dtype}")
+    if triton:
+        _check_triton_device(what, x, q, scale)
+
+
+# Quantized model files. A quantized model is not a training checkpoint (it cannot be trained), so it gets its own
+# format tag: model.read_checkpoint (train.py --resume, model.py generate) refuses it with a message naming the
+# format instead of failing on missing keys. torch.load(weights_only=True): tensors and plain values only.
+QUANTIZED_FORMAT = "scratchlm-int8-v1"
+
+
+def save_quantized(model: torch.nn.Module, path, **extra) -> None:
+    """Write a quantize_model()'d TransformerLM atomically: its state dict (int8 + scales + float rest), its
+    ModelConfig and quantization options, plus `extra` plain values (source checkpoint, tokenizer, ...)."""
+    if not getattr(model, "quantization", None):
+        raise ValueError("save_quantized: the model is not quantized (run kernels.quantize_model first)")
+    payload = dict(format=QUANTIZED_FORMAT, model=model.state_dict(), model_config=model.config.to_dict(),
+                   quantization=dict(model.quantization), **extra)
+    with atomic_open(path, "wb") as f:   # temp file + rename: an interrupted write leaves the old file intact
+        torch.save(payload, f)
+
+
+def load_quantized(path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """(model, payload) from a save_quantized file: the TransformerLM is rebuilt from its config, quantized with
+    the stored options, then loaded strictly (a mismatch names the keys)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"quantized model {path} does not exist (or is not a file)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises many types for a truncated / foreign file
+        raise ValueError(f"{path} is not a readable quantized model file ({type(e).__name__})") from None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt != QUANTIZED_FORMAT:
+        hint = "; it is a float checkpoint: quantize it with `python kernels.py quantize --checkpoint`" \
+            if fmt == M.CHECKPOINT_FORMAT else ""
+        raise ValueError(f"{path} has format {fmt!r}, not {QUANTIZED_FORMAT!r}{hint}")
+    model = M.TransformerLM.from_config(payload["model_config"])
+    quantize_model(model, **{k: payload["quantization"][k] for k in ("lm_head", "embeddings")})
+    M.load_model_state(model, payload["model"], src=path)
+    return model.to(M.resolve_device(device)), payload
 
 
 # ===== Appendix: benchmarks =====
@@ -1397,7 +1689,8 @@ def run_check(args) -> int:
 # GPU would and reports registers / spills / shared memory per config from the cubin.
 # ---------------------------------------------------------------------------------------------------------------
 
-_FP32_POINTERS = {"L", "DELTA", "RSTD", "DW_PARTIAL", "W"}
+_FP32_POINTERS = {"L", "DELTA", "RSTD", "DW_PARTIAL", "W", "SCALE"}
+_INT8_POINTERS = {"WQ"}   # the int8 weight matrix of _int8_matmul_kernel
 _FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
 _TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -1418,7 +1711,8 @@ def compile_for_gpu(fn, dtype: torch.dtype, constexprs: dict, num_warps: int, nu
         if p.is_constexpr:
             sig[name] = "constexpr"
         elif name.isupper() or name in ("Q", "K", "V", "O", "L"):
-            sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TL_NAMES[dtype]}"
+            sig[name] = "*fp32" if name in _FP32_POINTERS else "*i8" if name in _INT8_POINTERS \
+                else f"*{_TL_NAMES[dtype]}"
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
@@ -1514,6 +1808,12 @@ def _compile_jobs(args):
             block_n, warps = _rmsnorm_launch_params(hidden)
             jobs.append((f"rmsnorm fwd hidden={hidden}", _rmsnorm_fwd_kernel, dtype, dict(BLOCK_N=block_n), warps, 1))
             jobs.append((f"rmsnorm bwd hidden={hidden}", _rmsnorm_bwd_kernel, dtype, dict(BLOCK_N=block_n), warps, 1))
+        # the int8 weight-only matmul: its decoding tile (few rows) and its prefill tile (many rows)
+        for rows in (1, 4096):
+            bm, bn, bk, warps, stages = _int8_tiles(rows)
+            jobs.append((f"int8 matmul rows={rows}", _int8_matmul_kernel, dtype,
+                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PRECISION=_dot_precision(dtype)),
+                         warps, stages))
     # the label names the dtype too ("attn fwd d=64 bf16"), which is what --only matches against
     jobs = [(f"{label} {_TL_NAMES[dtype]}", *rest) for label, dtype, *rest in
             ((j[0], j[2], j[1], j[2], j[3], j[4], j[5]) for j in jobs)]
@@ -1554,8 +1854,122 @@ def run_train(args, train_argv) -> int:
     return 0
 
 
+def _model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's state dict, each storage counted once (tied weights share one)."""
+    seen = {}
+    for t in model.state_dict().values():
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _decode_speed(models: dict, prompt: list, n_new: int, repeats: int, device) -> dict:
+    """{name: (tokens/s, greedy ids)} from model.generate, the models timed in turn (interleaved) so a load
+    change on the machine hits all of them alike; median of `repeats` runs per model."""
+    times = {name: [] for name in models}
+    out = {}
+    for _ in range(repeats):
+        for name, m in models.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out[name] = M.generate(m, [prompt], n_new, temperature=0.0)[0]   # greedy: comparable outputs
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (n_new / sorted(ts)[len(ts) // 2], out[name]) for name, ts in times.items()}
+
+
+def _quantize_setup(args, parser):
+    """Every check of `kernels.py quantize` before any work: one-line usage errors (exit 2). Returns
+    (checkpoint dict, train.TrainConfig, output path, device)."""
+    import dataclasses
+
+    import train as T
+
+    out = args.out or os.path.splitext(args.checkpoint)[0] + ".int8.pt"
+    for name, value, ok in (("--eval-tokens", args.eval_tokens, args.eval_tokens >= 0),
+                            ("--decode-tokens", args.decode_tokens, args.decode_tokens >= 1),
+                            ("--repeats", args.repeats, args.repeats >= 1)):
+        if not ok:
+            parser.error(f"{name} must be {'>= 0 (0 = the whole split)' if name == '--eval-tokens' else '>= 1'}, "
+                         f"got {value}")
+    if os.path.abspath(out) == os.path.abspath(args.checkpoint):
+        parser.error("--out must differ from --checkpoint (the float checkpoint is kept)")
+    if os.path.isdir(out) or (os.path.exists(out) and not args.force):
+        parser.error(f"--out {out} already exists" + ("" if os.path.isdir(out) else "; pass --force to replace it"))
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        parser.error(f"--out {out}: folder {os.path.dirname(os.path.abspath(out))} does not exist")
+    try:
+        device = M.resolve_device(args.device)
+        ckpt = M.read_checkpoint(args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    # the run's training config says where its validation split lives (the data cache) and how it was scored
+    fields = {f.name for f in dataclasses.fields(T.TrainConfig)}
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model_config"), dict):
+        parser.error(f"--checkpoint {args.checkpoint} has no training/model config (not written by train.py)")
+    tcfg = T.TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    if args.data_dir:
+        tcfg.data_dir = args.data_dir
+    return ckpt, tcfg, out, device
+
+
+def run_quantize(args, parser) -> int:
+    """`python kernels.py quantize --checkpoint CKPT`: int8-quantize a train.py checkpoint; print bpb on the run's
+    validation split, model bytes and greedy decode speed of both models side by side; write the quantized model."""
+    import copy
+
+    import numpy as np
+
+    import train as T
+
+    ckpt, tcfg, out, device = _quantize_setup(args, parser)
+    try:
+        model = M.TransformerLM.from_config(ckpt["model_config"])
+        M.load_model_state(model, ckpt, src=args.checkpoint)
+        model = model.to(device).eval()
+        # the validation split exactly as training built it (cached under data_dir: reused, not rebuilt)
+        data = T.prepare_data(tcfg, log=lambda msg: print(f"data: {msg}"))
+        M.check_tokenizer_matches(ckpt, data.tokenizer, args.checkpoint)
+        qmodel = quantize_model(copy.deepcopy(model), lm_head=args.lm_head, embeddings=args.embeddings)
+    except (ValueError, OSError) as e:
+        print(f"kernels.py quantize: error: {e}", file=sys.stderr)
+        return 1
+    models = {"float": model, "int8": qmodel}
+    T_ctx = model.config.context_length
+    ev = dict(context_length=T_ctx, batch_size=tcfg.batch_size, device=device, dtype=tcfg.dtype,
+              token_bytes=np.asarray(data.tokenizer.token_byte_lengths()), max_tokens=args.eval_tokens or None,
+              stride=tcfg.eval_stride or max(T_ctx // 2, 1))     # scored as train.py's evaluations are
+    val = data.val_tokens()
+    print(f"evaluating both models on {min(len(val) - 1, args.eval_tokens or len(val)):,} validation tokens "
+          f"({device}) ...")
+    evals = {name: T.evaluate(m, val, **ev) for name, m in models.items()}
+    # decode: greedy continuation of the split's first tokens, as long as the context allows
+    prompt = [int(t) for t in val[:min(16, T_ctx // 2)]]
+    n_new = min(args.decode_tokens, T_ctx - len(prompt))
+    speed = _decode_speed(models, prompt, n_new, args.repeats, device)
+    same = sum(a == b for a, b in zip(speed["float"][1], speed["int8"][1]))
+    size = {name: _model_bytes(m) for name, m in models.items()}
+    save_quantized(qmodel, out, source_checkpoint=os.path.abspath(args.checkpoint), config=ckpt["config"],
+                   iteration=ckpt.get("iteration"), tokenizer_dir=ckpt.get("tokenizer_dir"),
+                   tokenizer_fingerprint=ckpt.get("tokenizer_fingerprint"))
+    f, q = "float", "int8"
+    rows = [["val bpb", f"{evals[f]['bpb']:.4f}", f"{evals[q]['bpb']:.4f}", f"{evals[q]['bpb'] - evals[f]['bpb']:+.5f}"],
+            ["val loss (nats/token)", f"{evals[f]['loss']:.4f}", f"{evals[q]['loss']:.4f}",
+             f"{evals[q]['loss'] - evals[f]['loss']:+.5f}"],
+            ["model bytes (state dict)", f"{size[f]:,}", f"{size[q]:,}", f"{size[q] / size[f]:.2f}x"],
+            [f"decode tokens/s ({n_new} greedy, batch 1)", f"{speed[f][0]:.1f}", f"{speed[q][0]:.1f}",
+             f"{speed[q][0] / speed[f][0]:.2f}x"]]
+    opts = f"lm_head {'int8' if args.lm_head else 'float'}, embeddings {'int8' if args.embeddings else 'float'}"
+    _print_table(f"int8 weight-only quantization of {args.checkpoint} ({opts}; {machine_label()})",
+                 ["", "float", "int8", "int8 vs float"], rows)
+    print(f"greedy tokens identical to the float model's: {same}/{n_new}")
+    print(f"wrote {out} ({os.path.getsize(out):,} bytes; the float checkpoint is {os.path.getsize(args.checkpoint):,} "
+          "bytes with its optimizer state)")
+    return 0
+
+
 def get_parser() -> argparse.ArgumentParser:
-    """`kernels.py bench | check | compile | train`. Usage errors are one line with exit status 2 (train.py's
+    """`kernels.py bench | check | compile | train | quantize`. Usage errors are one line with exit status 2 (train.py's
     parser class, whose subparsers inherit it)."""
     import train as T
 
@@ -1587,6 +2001,19 @@ def get_parser() -> argparse.ArgumentParser:
                    help="use the fused Triton RMSNorm (default on; --no-rmsnorm keeps model.RMSNorm)")
     sub.add_parser("check", help="correctness of the Triton kernels vs float64 references (GPU shapes on CUDA; "
                                  "tiny shapes in the interpreter on CPU); exit code 1 on failure")
+    q = sub.add_parser("quantize", help="int8 weight-only quantization of a train.py checkpoint: bpb, model bytes "
+                                        "and decode speed next to the float model; writes the quantized model")
+    q.add_argument("--checkpoint", required=True, help="a train.py checkpoint (ckpt.pt)")
+    q.add_argument("--out", help="where to write the quantized model (default: CKPT with .int8.pt)")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.add_argument("--lm-head", action="store_true", help="quantize the LM head too (default: kept in float)")
+    q.add_argument("--embeddings", action="store_true", help="quantize the token embeddings too (default: float)")
+    q.add_argument("--eval-tokens", type=int, default=32768,
+                   help="validation tokens to score both models on (0 = the whole split; default 32768)")
+    q.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens per decode-speed run (default 64)")
+    q.add_argument("--repeats", type=int, default=3, help="decode-speed runs per model, median (default 3)")
+    q.add_argument("--data-dir", help="the run's data cache folder, if it moved (default: the one recorded)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     return p
 
 
@@ -1609,6 +2036,8 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "compile":
         return run_compile(args)
+    if args.cmd == "quantize":
+        return run_quantize(args, parser)
     return run_check(args)
 
 
