@@ -785,7 +785,7 @@ def causal_linear_attention(q, k, v, q_rot=None, k_rot=None, state=None, chunk: 
     state = (S (B, H, dk, dv), z (B, H, dk)) of the tokens before (None = empty). q_rot/k_rot: RoPE-rotated
     features for the numerator (default q, k). Returns out (B, H, T, dv) and the state after the last token."""
     q_rot, k_rot = (q, k) if q_rot is None else (q_rot, k_rot)
-    B, H, T, dk = q.shape
+    B, H, _, dk = q.shape
     S = q.new_zeros(B, H, dk, v.shape[-1]) if state is None else state[0]
     z = q.new_zeros(B, H, dk) if state is None else state[1]
     outs = []
