@@ -1706,6 +1706,150 @@ def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None):
     return total if nxt is None else None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Composition: a (dp, tp, pp) device mesh
+# ---------------------------------------------------------------------------------------------------------------
+# world = dp * tp * pp ranks arranged as a 3-D grid, rank = (d * pp + s) * tp + t. TP is the innermost dimension
+# because it communicates most (activations, every layer): its tp partners are neighbouring ranks, i.e. the GPUs
+# of one machine. Then PP (one activation per micro-batch per stage boundary), and DP outermost (one gradient
+# all-reduce per step, the easiest to overlap). Each rank belongs to one group per dimension:
+#   tp group   ranks (d, s, *)  -- the Megatron all-reduces / SP gathers
+#   pp ranks   ranks (d, *, t)  -- point-to-point activations and their gradients
+#   dp group   ranks (*, s, t)  -- the gradient average (they hold the same shard of the same stage)
+# dist.new_group is itself a collective over the whole world: every rank creates EVERY group, in the same order,
+# and keeps the ones it is in.
+
+
+def check_mesh(dp, tp, pp, world):
+    """A clear error, before any group or model is built, when the mesh does not tile the world."""
+    for name, n in (("dp", dp), ("tp", tp), ("pp", pp)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"mesh size {name} must be a positive integer, got {n!r}")
+    if dp * tp * pp != world:
+        raise ValueError(f"mesh dp={dp} x tp={tp} x pp={pp} = {dp * tp * pp} ranks, but the world has {world} "
+                         f"(start dp*tp*pp processes, or change --tp/--pp)")
+
+
+class DeviceMesh:
+    """This rank's coordinates (dp_rank, pp_rank, tp_rank) and its tp group, dp group and pipeline ranks."""
+
+    def __init__(self, dp=1, tp=1, pp=1):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        check_mesh(dp, tp, pp, world)
+        self.dp, self.tp, self.pp = dp, tp, pp
+        self.dp_rank, rest = divmod(rank, pp * tp)
+        self.pp_rank, self.tp_rank = divmod(rest, tp)
+        at = lambda d, s, t: (d * pp + s) * tp + t                                  # noqa: E731
+        for d in range(dp):
+            for s in range(pp):
+                g = dist.new_group([at(d, s, t) for t in range(tp)])
+                if (d, s) == (self.dp_rank, self.pp_rank):
+                    self.tp_group = g
+        for s in range(pp):
+            for t in range(tp):
+                g = dist.new_group([at(d, s, t) for d in range(dp)])
+                if (s, t) == (self.pp_rank, self.tp_rank):
+                    self.dp_group = g
+        for d in range(dp):
+            for t in range(tp):
+                g = dist.new_group([at(d, s, t) for s in range(pp)])
+                if (d, t) == (self.dp_rank, self.tp_rank):
+                    self.pp_group = g
+        self.pp_ranks = [at(self.dp_rank, s, self.tp_rank) for s in range(pp)]
+
+    def __repr__(self):
+        return f"DeviceMesh(dp={self.dp}, tp={self.tp}, pp={self.pp}; this rank d={self.dp_rank} s={self.pp_rank} " \
+               f"t={self.tp_rank})"
+
+
+class MeshModel(nn.Module):
+    """A TransformerLM laid out on a mesh: TP (optionally with SP) or PP inside, DP across. Built from a FULL
+    state dict, and `full_state()` returns full (consolidated) model and optimizer state, so a checkpoint written
+    at one layout loads at any other. One step: forward_backward(x, y) on this dp rank's rows, then optimizer.step().
+    (TP and PP together -- TP stages inside a pipeline -- are not built; that combination is refused.)"""
+
+    def __init__(self, cfg, full_sd, mesh, sequence_parallel=False, schedule="1f1b", micro_batches=4):
+        super().__init__()
+        if mesh.tp > 1 and mesh.pp > 1:
+            raise ValueError("tp > 1 together with pp > 1 is not supported (tensor-parallel pipeline stages)")
+        if sequence_parallel and mesh.tp == 1:
+            raise ValueError("sequence parallelism (--sp) splits the sequence over the tp ranks: it needs tp > 1")
+        self.mesh, self.schedule, self.micro_batches = mesh, schedule, micro_batches
+        if mesh.pp > 1:
+            dt = full_sd["lm_head.weight"].dtype
+            full = M.TransformerLM.from_config(cfg, device=full_sd["lm_head.weight"].device, dtype=dt)
+            full.load_state_dict(full_sd)
+            self.inner = PipelineStage(full, mesh.pp_rank, mesh.pp)         # keeps only its layers' modules
+        else:
+            self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel)
+
+    def forward_backward(self, x, y):
+        """Loss and gradients of this dp rank's batch (x, y), then the DP average: afterwards every rank holds
+        its shard of the full (all dp ranks') batch-mean gradient. Returns the global mean loss (every rank)."""
+        mesh = self.mesh
+        if mesh.pp > 1:
+            m = min(self.micro_batches, x.shape[0])
+            loss = run_pipeline(self.inner, mesh.pp_ranks, list(x.chunk(m)), list(y.chunk(m)), self.schedule)
+            loss_t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64)
+            dist.all_reduce(loss_t, group=mesh.pp_group)                   # only the last stage had it
+        else:
+            loss = self.inner(x, y)
+            loss.backward()
+            self.inner.finish_gradient_synchronization()
+            loss_t = torch.tensor([loss.item()], dtype=torch.float64)
+        for p in self.parameters():                                        # DP: average over the dp group
+            if p.grad is not None and mesh.dp > 1:
+                dist.all_reduce(p.grad, group=mesh.dp_group)
+                p.grad /= mesh.dp
+        if mesh.dp > 1:
+            dist.all_reduce(loss_t, group=mesh.dp_group)
+        return float(loss_t) / mesh.dp
+
+    def _full(self, named):
+        """{TransformerLM name: full tensor} from this rank's {name: local tensor}: all-gather along tp_dim (TP),
+        then merge the stages' pieces (PP) -- the same on every rank."""
+        params = dict(self.inner.named_parameters())
+        out = {}
+        for name, t in named.items():
+            dim = getattr(params[name], "tp_dim", None)
+            if dim is not None and self.mesh.tp > 1:
+                parts = [torch.empty_like(t) for _ in range(self.mesh.tp)]
+                dist.all_gather(parts, t.contiguous(), group=self.mesh.tp_group)
+                t = torch.cat(parts, dim=dim)
+            out[name] = t.detach().clone()
+        if self.mesh.pp > 1:
+            pieces = [None] * self.mesh.pp
+            dist.all_gather_object(pieces, out, group=self.mesh.pp_group)
+            out = {k: v for piece in pieces for k, v in piece.items()}
+        return out
+
+    def full_state(self, optimizer=None):
+        """(full model state dict, full optimizer state {name: {step, exp_avg, exp_avg_sq, ...}} or None)."""
+        model_sd = self._full({n: p for n, p in self.inner.named_parameters()})
+        if optimizer is None:
+            return model_sd, None
+        named = [(n, p) for n, p in self.inner.named_parameters() if optimizer.state.get(p)]
+        keys = sorted({k for _, p in named for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.dim()})
+        opt_sd = {n: {k: v for k, v in optimizer.state[p].items() if not (torch.is_tensor(v) and v.dim())}
+                  for n, p in named}
+        for k in keys:                                                     # gather each moment like its parameter
+            for n, t in self._full({n: optimizer.state[p][k] for n, p in named}).items():
+                opt_sd.setdefault(n, {})[k] = t
+        return model_sd, opt_sd
+
+    def load_optimizer_state(self, optimizer, full_opt):
+        """Cut a full optimizer state (full_state's second half, any layout) into this rank's shards."""
+        for name, p in self.inner.named_parameters():
+            if name not in full_opt:
+                continue
+            dim = getattr(p, "tp_dim", None)
+            state = {}
+            for k, v in full_opt[name].items():
+                if torch.is_tensor(v) and v.dim() and dim is not None and self.mesh.tp > 1:
+                    v = v.chunk(self.mesh.tp, dim=dim)[self.mesh.tp_rank]
+                state[k] = v.clone() if torch.is_tensor(v) else v
+            optimizer.state[p] = state
+
 
 # ===== Appendix: plumbing =====
 # Process groups, the local launcher, helpers that make every rank agree or fail together, data preparation on N
