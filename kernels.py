@@ -1,5 +1,6 @@
 """
-kernels.py -- Stage 4 of ScratchLM: GPU kernels in Triton (fused RMSNorm and FlashAttention-2).
+kernels.py -- Stage 4 of ScratchLM: GPU kernels in Triton (fused RMSNorm, FlashAttention-2, int8 weight-only
+matmul for cheaper decoding).
 
 The problem
 -----------
@@ -27,6 +28,13 @@ Two kernels make that concrete:
    L = m + log(l) (one float per query), and the backward RECOMPUTES P = exp(S - L) tile by tile instead of
    storing it: a few extra FLOPs (cheap) to avoid O(T^2) bytes (expensive). Memory becomes O(T).
 
+3. int8 weight-only matmul.  Decoding one token is a matrix-VECTOR product per layer: every weight is read for
+   2 FLOPs per sequence, so the step time is the weight bytes over the bandwidth. Storing W as int8 with one fp32
+   scale per output channel (W ~ q * s, |error| <= s/2) reads 1 byte per weight instead of 2 (bf16) or 4 (fp32).
+   The kernel loads int8 tiles, converts them to float in registers, accumulates in fp32 and multiplies each
+   output column by its scale once, after the sum. `python kernels.py quantize --checkpoint CKPT` applies it to
+   a trained model and reports the bpb cost, the bytes saved and the decode speed side by side.
+
 What it costs: two extra code paths to keep correct (a from-scratch PyTorch version of each kernel comes FIRST in
 this file, and the tests prove the Triton version agrees with it and with a float64 reference), Triton as a
 dependency, and a Python-level tiled loop (FlashAttention2PyTorch) that is slow -- it exists to make the algorithm
@@ -45,6 +53,12 @@ Sources
 - Zhang & Sennrich, "Root Mean Square Layer Normalization" (2019), arXiv:1910.07467: RMSNorm itself.
 - Williams, Waterman, Patterson, "Roofline: An Insightful Visual Performance Model" (CACM 2009): FLOPs per byte.
 - Stanford CS336 (Spring 2025), assignment 2: FlashAttention-2 in PyTorch and Triton, the benchmark grid.
+- Dettmers, Lewis, Belkada, Zettlemoyer, "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale"
+  (2022), arXiv:2208.07339: per-channel absmax int8, and the outlier features that make ACTIVATION int8 hard.
+- Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+  Transformers" (2022), arXiv:2210.17323 and Lin et al., "AWQ: Activation-aware Weight Quantization for LLM
+  Compression and Acceleration" (2023), arXiv:2306.00978: 3-4 bit weights by smarter rounding / scaling, the
+  next step after the round-to-nearest int8 done here.
 
 Running without a GPU
 ---------------------
@@ -64,10 +78,12 @@ Reading order
           FlashAttention2Triton.
   Part 3  ScratchLM integration: multi-head attention backends "flash_triton" / "flash_torch" for model.py, and
           use_kernels(model) to swap both kernels into a TransformerLM in one call.
-  Appendix: plumbing    input checks and device rules.
+  Part 4  int8 weight-only quantization: quantize_int8 -> readable dequantize-then-matmul -> the Triton kernel
+          that dequantizes inside the tile -> QuantizedLinear and quantize_model(model) (inference only).
+  Appendix: plumbing    input checks, device rules, the quantized model file (save/load_quantized).
   Appendix: benchmarks  timing tables against the peers, GPU correctness checks, an ahead-of-time GPU compile
                         check that needs no GPU.
-  Command line: `python kernels.py bench | check | compile | train` (see --help).
+  Command line: `python kernels.py bench | check | compile | train | quantize` (see --help).
 
 Using the kernels in ScratchLM: `import kernels` registers the attention backends "flash_triton" and "flash_torch"
 with model.py (so ModelConfig(attn_impl="flash_triton") becomes valid), and `kernels.use_kernels(model)` swaps the
@@ -1106,13 +1122,17 @@ class QuantizedLinear(torch.nn.Module):
         return dequantize_int8(self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (..., d_in) -> (..., d_out) in x.dtype. "auto": the fused kernel where Triton compiles for real (CUDA);
+        # the readable path elsewhere -- on CPU the interpreter would be ~1000x slower than dequantizing
         impl = self.impl
-        if impl == "auto":   # the fused kernel where it is compiled for real; the readable path elsewhere
+        if impl == "auto":
             impl = "triton" if x.is_cuda and HAVE_TRITON and not INTERPRET and x.dtype in _FLOAT_DTYPES else "torch"
         y = (int8_matmul_triton if impl == "triton" else int8_matmul_torch)(x, self.weight_int8, self.weight_scale)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        if y.requires_grad:   # a graph is being built through this layer: its backward is refused by name
+        # A graph is being built through this layer (some input or remaining parameter requires grad): attach a
+        # hook that refuses the backward by name. torch.no_grad() inference builds no graph and pays nothing.
+        if y.requires_grad:
             y.register_hook(lambda g: _refuse_training("backward through a QuantizedLinear"))
         return y
 
@@ -1155,7 +1175,9 @@ def quantize_model(model: torch.nn.Module, *, lm_head: bool = False, embeddings:
     With tied embeddings and both on, the embedding reads the LM head's int8 matrix (one copy, as before)."""
     if getattr(model, "quantization", None):
         raise ValueError("quantize_model: this model is already quantized")
-    # the list first: replacing modules while iterating named_modules would skip or revisit some
+    # Collect first, replace after: replacing modules while iterating named_modules would skip or revisit some.
+    # Every model.Linear counts (attention q/k/v/output, the FFN's w1/w2/w3, MLA's down/up projections, MoE
+    # experts built from Linear); the LM head only when asked.
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, M.Linear) and (lm_head or name.split(".")[-1] != "lm_head")]
     if not targets:
@@ -1164,6 +1186,8 @@ def quantize_model(model: torch.nn.Module, *, lm_head: bool = False, embeddings:
     for name, mod in targets:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, QuantizedLinear.from_linear(mod))
+    # Embeddings: a lookup reads only B x T rows per step, so int8 saves file size and memory, not decode time.
+    # Tied (one matrix for both ends): reuse the head's int8 rows, so the file keeps one copy as before.
     emb = getattr(model, "token_embeddings", None)
     if embeddings and isinstance(emb, M.Embedding):
         head = getattr(model, "lm_head", None)
@@ -1307,6 +1331,8 @@ def load_quantized(path, device="cpu") -> tuple[torch.nn.Module, dict]:
         hint = "; it is a float checkpoint: quantize it with `python kernels.py quantize --checkpoint`" \
             if fmt == M.CHECKPOINT_FORMAT else ""
         raise ValueError(f"{path} has format {fmt!r}, not {QUANTIZED_FORMAT!r}{hint}")
+    # Rebuild the module structure (a float model quantized with the same options: same names, shapes, sharing),
+    # then copy the stored tensors in. The random init quantized on the way is overwritten, a small one-off cost.
     model = M.TransformerLM.from_config(payload["model_config"])
     quantize_model(model, **{k: payload["quantization"][k] for k in ("lm_head", "embeddings")})
     M.load_model_state(model, payload["model"], src=path)
@@ -1537,6 +1563,54 @@ def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384
     return rows
 
 
+def bench_int8(device, shapes, deadline=None):
+    """y = x @ W^T with W (N, K): int8 weight-only (Triton on GPU; the readable dequantize-then-matmul on both)
+    vs torch's own matmul with W in fp32 and in bf16. shapes: (M rows, K, N). GB/s counts each path's weight
+    bytes read (int8: 1 per weight + scales; bf16: 2; fp32: 4) -- the traffic that decides decoding speed."""
+    gpu = device.type == "cuda"
+    rows = []
+    for m_rows, k, n in shapes:
+        if deadline is not None and time.time() > deadline:
+            print(f"(time budget reached; skipping int8 shapes from {m_rows}x{k}x{n})")
+            break
+        # W (N, K) fp32 with a Glorot-like scale, its int8 form, and the bf16 copy a bf16 inference model holds;
+        # x (M, K) in fp32 and bf16
+        w = torch.randn(n, k, device=device) / math.sqrt(k)
+        q, s = quantize_int8(w)
+        w16 = w.to(torch.bfloat16)
+        x32 = torch.randn(m_rows, k, device=device)
+        x16 = x32.to(torch.bfloat16)
+        # the activations stay in the dtype the float peer uses: bf16 on a GPU (as in inference), both on CPU
+        impls = [("fp32 matmul", lambda: x32 @ w.t(), 4 * n * k), ("bf16 matmul", lambda: x16 @ w16.t(), 2 * n * k),
+                 ("int8 readable", lambda: int8_matmul_torch(x16 if gpu else x32, q, s), n * k + 4 * n)]
+        if gpu and HAVE_TRITON and not INTERPRET:
+            impls.insert(0, ("int8 triton", lambda: int8_matmul_triton(x16, q, s), n * k + 4 * n))
+        elif hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            # CPU: PyTorch's own fused int8 weight-only kernel (the op torchao / gpt-fast use), the same math as
+            # ours: does a fused kernel change the CPU verdict?
+            impls.append(("torch int8pack", lambda: torch.ops.aten._weight_int8pack_mm(x32, q, s), n * k + 4 * n))
+        # interleaved repetitions (CPU): a change in machine load hits every implementation alike
+        times = {name: [] for name, _, _ in impls}
+        for _ in range(1 if gpu else 5):
+            for name, fn, _ in impls:
+                times[name].append(time_ms(fn, device, warmup=1, rep=3, budget_s=1.0))
+        # medians per implementation; the ratios put "ours" (Triton on a GPU, the readable path on CPU) against
+        # torch's fp32 and bf16 matmuls: > 1 means the int8 path is faster
+        ms = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        ours = "int8 triton" if "int8 triton" in ms else "int8 readable"
+        row = [f"{m_rows}x{k}x{n}"]
+        for name, _, nbytes in impls:
+            row += [_fmt(ms[name]), _fmt(nbytes / (ms[name] * 1e-3) / 1e9)]
+        row += [f"{ms[peer] / ms[ours]:.2f}x" for peer in ("fp32 matmul", "bf16 matmul")]
+        rows.append(row)
+    header = ["MxKxN"]
+    for name, _, _ in impls:
+        header += [f"{name} ms", f"{name} weight GB/s"]
+    header += [f"{ours} vs fp32", f"{ours} vs bf16"]
+    _print_table(f"int8 weight-only matmul, {device.type}", header, rows)
+    return rows
+
+
 def _attention_sweep(full: bool):
     """The benchmark grid: causal, batch 1-8, seq 128..16384, head dims 16..128, bf16 and fp32; 16 heads.
     Batch shrinks as seq grows (same tokens per step). Default = the subset that fits the ~8 min GPU script."""
@@ -1575,12 +1649,18 @@ def run_bench(args) -> None:
                 bench_rmsnorm(device, dtype, shapes, deadline=deadline)
         if args.what in ("all", "attention"):   # causal attention over the sweep, the headline shape first
             bench_attention(device, _attention_sweep(args.full), deadline=deadline)
+        if args.what in ("all", "int8"):
+            # decoding (1 and 16 rows: memory-bound, where int8 should approach 2x bf16) and a prefill (4096 rows:
+            # compute-bound, where converting int8 in the tile is overhead next to cuBLAS); 4096 / 14336 are
+            # Llama-3-8B's d_model and d_ff
+            shapes = [(1, 4096, 4096), (16, 4096, 4096), (1, 4096, 14336), (16, 14336, 4096), (4096, 4096, 4096)]
+            bench_int8(device, shapes, deadline=deadline)
         return
     # CPU: GPU numbers need CUDA. The Triton kernels only run in the interpreter here (a correctness tool, ~1000x
     # slower than anything real), so the tables compare the PyTorch variants at CPU-sized shapes, plus one tiny
     # interpreter row to show the plumbing works.
-    print(f"# kernels.py bench on {machine_label()}: GPU benchmarks need CUDA. CPU tables below compare the PyTorch variants; Triton rows run in the interpreter and are NOT "
-          "speed numbers.")
+    print(f"# kernels.py bench on {machine_label()}: GPU benchmarks need CUDA. CPU tables below compare the PyTorch "
+          "variants; Triton rows run in the interpreter and are NOT speed numbers.")
     if args.what in ("all", "rmsnorm"):
         # 2048 x 1024 fp32: big enough that per-call overhead does not dominate the eager-vs-compile comparison
         bench_rmsnorm(device, torch.float32, [(2048, 1024)], include_triton=False)
@@ -1592,6 +1672,9 @@ def run_bench(args) -> None:
         bench_attention(device, [(1, 4, 512, 64, torch.float32)], include_triton=False, deadline=deadline)
         if HAVE_TRITON:
             bench_attention(device, [(1, 1, 64, 32, torch.float32)], include_triton=True, ratios=False)
+    if args.what in ("all", "int8"):
+        # CPU: only the readable path exists (the interpreter is no speed number); decode-sized and batched rows
+        bench_int8(device, [(1, 2048, 2048), (1, 2048, 8192), (64, 2048, 2048)], deadline=deadline)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1677,6 +1760,17 @@ def run_check(args) -> int:
             _close("y", y, y_ref, dtype, failures)
             _close("dx", x.grad, x64.grad, dtype, failures)
             _close("dweight", w.grad, w64.grad, dtype, failures)
+    # int8 weight-only matmul: the fused kernel against float64 math on the same int8 weights, at decode, ragged
+    # (not tile multiples) and prefill sizes; the tolerances are the output dtype's (the int8 values are exact)
+    int8_shapes = [(1, 4096, 4096), (16, 4096, 11008), (1000, 1027, 777), (4096, 2048, 2048)] \
+        if device.type == "cuda" else [(3, 70, 37)]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for m_rows, k, n in int8_shapes:
+            print(f"int8 matmul {m_rows}x{k}x{n} {dtype}")
+            q, s = quantize_int8(torch.randn(n, k, device=device))
+            x = torch.randn(m_rows, k, device=device, dtype=dtype)
+            ref = (x.double() @ q.double().t()) * s.double()
+            _close(f"int8 y {m_rows}x{k}x{n} {_TL_NAMES[dtype]}", int8_matmul_triton(x, q, s), ref, dtype, failures)
     # one verdict line at the end (the GPU script greps for it), failures named
     print(f"\n{'ALL CHECKS PASSED' if not failures else 'FAILED: ' + ', '.join(failures)}")
     return 1 if failures else 0
@@ -1856,6 +1950,8 @@ def run_train(args, train_argv) -> int:
 
 def _model_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's state dict, each storage counted once (tied weights share one)."""
+    # keyed by storage address: tied weights and the int8 matrix a quantized embedding shares with the LM head
+    # are one storage, counted once (torch.save also writes a shared storage once)
     seen = {}
     for t in model.state_dict().values():
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -1865,6 +1961,9 @@ def _model_bytes(model: torch.nn.Module) -> int:
 def _decode_speed(models: dict, prompt: list, n_new: int, repeats: int, device) -> dict:
     """{name: (tokens/s, greedy ids)} from model.generate, the models timed in turn (interleaved) so a load
     change on the machine hits all of them alike; median of `repeats` runs per model."""
+    # Batch 1, greedy, KV cache on: the setting where decoding is memory-bound and weight bytes should matter.
+    # The first run of each model also pays one-time costs (allocator growth, a kernel compile on a GPU); the
+    # median of >= 3 runs drops it.
     times = {name: [] for name in models}
     out = {}
     for _ in range(repeats):
@@ -1885,6 +1984,8 @@ def _quantize_setup(args, parser):
 
     import train as T
 
+    # default output: next to the checkpoint (run/ckpt.pt -> run/ckpt.int8.pt), so the run's tokenizer/ folder
+    # sits beside it too (model.find_tokenizer_dir looks there first)
     out = args.out or os.path.splitext(args.checkpoint)[0] + ".int8.pt"
     for name, value, ok in (("--eval-tokens", args.eval_tokens, args.eval_tokens >= 0),
                             ("--decode-tokens", args.decode_tokens, args.decode_tokens >= 1),
@@ -1892,12 +1993,16 @@ def _quantize_setup(args, parser):
         if not ok:
             parser.error(f"{name} must be {'>= 0 (0 = the whole split)' if name == '--eval-tokens' else '>= 1'}, "
                          f"got {value}")
+    # never lose a file: the float checkpoint is never the output, an existing output needs --force, and the
+    # write itself is atomic (save_quantized), so an interrupted run leaves the old file as it was
     if os.path.abspath(out) == os.path.abspath(args.checkpoint):
         parser.error("--out must differ from --checkpoint (the float checkpoint is kept)")
     if os.path.isdir(out) or (os.path.exists(out) and not args.force):
         parser.error(f"--out {out} already exists" + ("" if os.path.isdir(out) else "; pass --force to replace it"))
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         parser.error(f"--out {out}: folder {os.path.dirname(os.path.abspath(out))} does not exist")
+    # reading the checkpoint is part of checking --checkpoint: missing, empty, corrupt or foreign files are
+    # model.read_checkpoint's one-line errors, reported as usage errors before anything is evaluated
     try:
         device = M.resolve_device(args.device)
         ckpt = M.read_checkpoint(args.checkpoint)
@@ -1923,6 +2028,8 @@ def run_quantize(args, parser) -> int:
     import train as T
 
     ckpt, tcfg, out, device = _quantize_setup(args, parser)
+    # Errors from here on are about the data or the files, not the command line: one line, exit status 1.
+    # The quantized model is a deep copy, so the float model is evaluated and timed unchanged next to it.
     try:
         model = M.TransformerLM.from_config(ckpt["model_config"])
         M.load_model_state(model, ckpt, src=args.checkpoint)
@@ -1934,6 +2041,9 @@ def run_quantize(args, parser) -> int:
     except (ValueError, OSError) as e:
         print(f"kernels.py quantize: error: {e}", file=sys.stderr)
         return 1
+    # Both models are scored on the same validation tokens with the run's own evaluation settings (windows of
+    # the context length, train.py's default stride T/2, the run's autocast dtype), so the bpb difference is the
+    # quantization's cost alone.
     models = {"float": model, "int8": qmodel}
     T_ctx = model.config.context_length
     ev = dict(context_length=T_ctx, batch_size=tcfg.batch_size, device=device, dtype=tcfg.dtype,
@@ -1952,8 +2062,10 @@ def run_quantize(args, parser) -> int:
     save_quantized(qmodel, out, source_checkpoint=os.path.abspath(args.checkpoint), config=ckpt["config"],
                    iteration=ckpt.get("iteration"), tokenizer_dir=ckpt.get("tokenizer_dir"),
                    tokenizer_fingerprint=ckpt.get("tokenizer_fingerprint"))
+    # one table, float and int8 side by side; the last column is the difference (bpb, loss) or the ratio
     f, q = "float", "int8"
-    rows = [["val bpb", f"{evals[f]['bpb']:.4f}", f"{evals[q]['bpb']:.4f}", f"{evals[q]['bpb'] - evals[f]['bpb']:+.5f}"],
+    rows = [["val bpb", f"{evals[f]['bpb']:.4f}", f"{evals[q]['bpb']:.4f}",
+             f"{evals[q]['bpb'] - evals[f]['bpb']:+.5f}"],
             ["val loss (nats/token)", f"{evals[f]['loss']:.4f}", f"{evals[q]['loss']:.4f}",
              f"{evals[q]['loss'] - evals[f]['loss']:+.5f}"],
             ["model bytes (state dict)", f"{size[f]:,}", f"{size[q]:,}", f"{size[q] / size[f]:.2f}x"],
@@ -1977,7 +2089,7 @@ def get_parser() -> argparse.ArgumentParser:
                   description="ScratchLM stage 4: Triton kernels (fused RMSNorm, FlashAttention-2).")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time Triton kernels vs their peers (tables: ms, GB/s or TFLOP/s, ratios)")
-    b.add_argument("what", nargs="?", default="all", choices=["all", "rmsnorm", "attention"],
+    b.add_argument("what", nargs="?", default="all", choices=["all", "rmsnorm", "attention", "int8"],
                    help="which benchmark to run (default: all)")
     b.add_argument("--full", action="store_true",
                    help="GPU only: the full attention grid (head dims 16/32/64/128, fp32 for all); "
@@ -1988,7 +2100,8 @@ def get_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile every kernel for a GPU architecture WITHOUT a GPU (Triton's compiler "
                                        "+ bundled ptxas) and report registers / spills / shared memory")
     c.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10: 80 = A100, 90 = H100 (default)")
-    c.add_argument("--full", action="store_true", help="every autotune config, head dims 16-128 (76 compiles: tens of minutes on 2 CPU cores)")
+    c.add_argument("--full", action="store_true",
+                   help="every autotune config, head dims 16-128 (76 compiles: tens of minutes on 2 CPU cores)")
     c.add_argument("--only", action="append", default=[],
                    help="only kernels whose label contains this text, e.g. 'attn fwd d=64 bf16' (repeatable)")
     # `train` forwards every option it does not know to train.py's own parser (main uses parse_known_args)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ScratchLM stage 4 GPU script: correctness FIRST, then benchmarks, all within ~8 minutes of device time.
+# ScratchLM stage 4 GPU script: correctness FIRST, then benchmarks, all within ~9 minutes of device time.
 #
 # Run from the repository root on a machine with an NVIDIA GPU and a CUDA build of torch + triton:
 #     bash .ci/gpu_check.sh   (not run by CI, which has no GPU; this is the one script for a GPU machine)
@@ -9,6 +9,8 @@
 #                                         1. python kernels.py check (float64 refs)   <= 200
 #                                         2. python kernels.py bench rmsnorm          <= 100
 #                                         3. python kernels.py bench attention        <= 170 (stops new shapes at 120)
+#                                         4. python kernels.py bench int8             <= 60  (stops new shapes at 40)
+# Step 1 also checks the int8 weight-only matmul kernel against float64 (decode, ragged and prefill shapes).
 # Triton compiles are cached under $TRITON_CACHE_DIR (default ~/.triton/cache), so step 1 warms step 3.
 set -uo pipefail
 cd "$(dirname "$0")/.." 2>/dev/null || true
@@ -39,6 +41,9 @@ timeout 100 "$PY" kernels.py bench rmsnorm --max-seconds 75 || echo "rmsnorm ben
 
 echo; echo "== 3. bench attention ($(date -u +%H:%M:%S))"
 timeout 170 "$PY" kernels.py bench attention --max-seconds 120 || echo "attention bench exit code $?"
+
+echo; echo "== 4. bench int8 weight-only matmul ($(date -u +%H:%M:%S))"
+timeout 60 "$PY" kernels.py bench int8 --max-seconds 40 || echo "int8 bench exit code $?"
 
 echo; echo "== done ($(date -u +%H:%M:%S)); correctness exit code $CHECK; log: $LOG"
 exit $CHECK
