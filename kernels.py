@@ -1169,17 +1169,19 @@ class QuantizedEmbedding(torch.nn.Module):
 
 
 def quantize_model(model: torch.nn.Module, *, lm_head: bool = False, embeddings: bool = False) -> torch.nn.Module:
-    """Replace every model.Linear of a TransformerLM by a QuantizedLinear, in place; returns the model (in eval
-    mode, inference only). lm_head / embeddings: quantize the vocabulary matrices too (default off: they are
+    """Replace every model.Linear of a TransformerLM (MoE routers excepted) by a QuantizedLinear, in place; returns
+    the model (in eval mode, inference only). lm_head / embeddings: quantize the vocabulary matrices too (default off: they are
     the layers most sensitive to rounding, and kept in float by common practice, e.g. bitsandbytes' lm_head).
     With tied embeddings and both on, the embedding reads the LM head's int8 matrix (one copy, as before)."""
     if getattr(model, "quantization", None):
         raise ValueError("quantize_model: this model is already quantized")
     # Collect first, replace after: replacing modules while iterating named_modules would skip or revisit some.
     # Every model.Linear counts (attention q/k/v/output, the FFN's w1/w2/w3, MLA's down/up projections, MoE
-    # experts built from Linear); the LM head only when asked.
+    # experts), the LM head only when asked. MoE routers stay in float: d x E weights (nothing to save), and a
+    # near-tie between two experts' scores flips the routing, a discrete change no rounding bound covers.
+    keep = {"router"} | (set() if lm_head else {"lm_head"})
     targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, M.Linear) and (lm_head or name.split(".")[-1] != "lm_head")]
+               if isinstance(mod, M.Linear) and name.split(".")[-1] not in keep]
     if not targets:
         raise ValueError("quantize_model: the model has no model.Linear layers to quantize")
     model.eval()
