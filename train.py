@@ -21,16 +21,20 @@ The idea, in the order this file tells it
      hidden weight matrix (modded-nanogpt, nanochat), and SOAP, Adam run in Shampoo's eigenbasis.
   3. Learning-rate schedules (cosine with warm-up; warm-up, stable, decay) and global-norm clipping.
   4. Batches: random windows of the token array, drawn from a seeded stream so a resumed or distributed
-     run sees exactly the batches it should.
+     run sees exactly the batches it should; and how large a batch should be: the gradient noise scale
+     B_simple, measured for free from the micro-batch and accumulated gradients (--noise-scale).
   5. The loop: micro-batches with gradient accumulation, one optimizer step, logging, a wall-clock
      budget that ends the learning-rate schedule on time, and hooks so ddp.py runs this same loop on
      every rank.
   6. Evaluation: a sliding-window pass over the validation split that scores every token exactly once.
   7. Checkpoints: atomic, safe to load (`weights_only=True`), complete enough to resume bit-identically.
+Cheaper models for decoding sit next to the loss and the loop they change: distillation from a teacher
+checkpoint (--distill-from) and gradual magnitude pruning (--prune-sparsity).
 The appendices hold the plumbing (a synthetic corpus whose entropy we know exactly, downloads, the cached
 text -> tokenizer -> token-file pipeline, presets, devices and threads), the benchmark against nanoGPT,
-and the command line: `python train.py [preset] [--flags]`, `python train.py sample ...`,
-`python train.py bench-nanogpt`.
+the sweeps (`python train.py batch-size`: where larger batches stop paying; `python train.py ablate`: the
+lecture's architecture and optimizer arguments, measured on the demo model), and the command line:
+`python train.py [preset] [--flags]`, `python train.py sample ...`, `python train.py bench-nanogpt`.
 
 What it costs
 -------------
@@ -50,6 +54,10 @@ Sources
   - Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (blog post, 2024), and
     Liu et al., "Muon is Scalable for LLM Training", arXiv:2502.16982.
   - Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", arXiv:2409.11321.
+  - McCandlish et al., "An Empirical Model of Large-Batch Training" (gradient noise scale), arXiv:1812.06162.
+  - Hinton et al., "Distilling the Knowledge in a Neural Network", arXiv:1503.02531.
+  - Han et al., "Learning both Weights and Connections for Efficient Neural Networks", arXiv:1506.02626, and
+    Zhu & Gupta, "To prune, or not to prune" (the gradual sparsity schedule), arXiv:1710.01878.
   - Karpathy, nanoGPT (github.com/karpathy/nanoGPT): the training loop's shape and the CPU recipe that
     `bench-nanogpt` runs side by side; Stanford CS336 assignment 1 for the function names.
 
@@ -2388,6 +2396,232 @@ def bench_main(argv):
               f" {tk.machine_label()} |")
 
 
+# ---- Sweeps: the batch-size sweep and the ablation table -------------------------------------------
+# Both train the demo model many times with one thing changed, at equal tokens, and are resumable at the
+# level of one run: each run's result is written atomically to <folder>/results/<name>.json and a rerun
+# skips every result already there (an interrupted sweep loses at most the run in progress).
+
+
+def sweep_config(steps: int, **overrides) -> TrainConfig:
+    """The demo preset for a sweep run: a fixed step count (equal tokens), no time budget, no samples or
+    plots, a short warm-up (a tenth of the run) and a fixed final evaluation (the first 16K val tokens)."""
+    values = dict(PRESETS["demo"], preset="demo", max_minutes=None, max_steps=steps, warmup_iters=max(steps // 10, 1),
+                  num_samples=0, plot=False, eval_interval=10 ** 9, ckpt_interval=10 ** 9, log_interval=10 ** 9,
+                  final_eval_tokens=16_384, eval_tokens=16_384, overwrite=True)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _sweep_run(folder: Path, name: str, cfg: TrainConfig, data: "PreparedData", log: Callable) -> dict:
+    """One run of a sweep, or its stored result if an earlier invocation finished it."""
+    path = folder / "results" / f"{name}.json"
+    # the result file is the unit of resumption: written atomically at the end of the run, so it is either
+    # complete or absent; a run cut short is simply trained again (its folder is overwritten)
+    if path.exists():
+        log(f"{name}: done earlier ({path})")
+        return json.loads(path.read_text())
+    cfg = dataclasses.replace(cfg, out_dir=str(folder / "runs" / name), resume=False, overwrite=True)
+    t0 = time.time()
+    s = train(cfg, data, log=lambda *a, **k: None)
+    res = dict(name=name, val_bpb=s["val"]["bpb"], val_loss=s["val"]["loss"], steps=s["steps"], tokens=s["tokens"],
+               seconds=time.time() - t0, tokens_per_step=s["tokens"] // max(s["steps"], 1), losses=s["losses"],
+               seed=cfg.seed, optimizer=cfg.optimizer, schedule=cfg.schedule, model_kw=cfg.model_kw)
+    # the run's last noise-scale estimate (the EMA over the whole run), when it measured one
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    noise = [r["noise_scale_tokens"] for r in rows if "noise_scale_tokens" in r]
+    res["noise_scale_tokens"] = noise[-1] if noise else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, res)
+    log(f"{name}: val bpb {res['val_bpb']:.4f} in {res['seconds']:.0f}s")
+    return res
+
+
+def steps_to_target(losses: list, tokens_per_step: int, target: float, tau_tokens: float) -> int | None:
+    """The first step at which the training loss, smoothed by an EMA with a time constant of `tau_tokens`
+    tokens (the same horizon in tokens for every batch size), is at or below `target`; None if never."""
+    beta, ema = math.exp(-tokens_per_step / tau_tokens), None
+    for i, x in enumerate(losses, start=1):
+        ema = x if ema is None else beta * ema + (1 - beta) * x
+        if ema <= target:
+            return i
+    return None
+
+
+def batch_size_sweep(batch_sizes: list, tokens: int, folder, seed: int = 1337, data=None, log: Callable = print,
+                     **overrides) -> dict:
+    """Train at each batch size (sequences) for the same number of tokens; report, per batch size, the val
+    bpb at equal tokens, the steps (and tokens) to reach a common training-loss target, and B_simple.
+
+    Each run accumulates 2 half batches (same gradient as one batch) so --noise-scale measures B_simple on
+    the way. The target is the worst run's final smoothed loss, so every run reaches it. McCandlish et al.
+    fit S = S_min (1 + B_crit / B) (steps to a target vs batch size; their eq. 2.11): a straight line in
+    1 / B whose slope / intercept is B_crit, the batch where a run needs twice the minimal steps -- beyond
+    it, a larger batch stops paying (more tokens for few saved steps). The learning rate is NOT re-tuned
+    per batch size (the paper's fit assumes tuned rates), which pulls the measured B_crit down."""
+    folder = Path(folder)
+    # a constant rate after warm-up: with a decaying schedule, "steps to a target" would mostly measure
+    # where each run's decay happens to start, not what its batch size buys
+    base = sweep_config(1, seed=seed, schedule="constant", noise_scale=True, grad_accum=2, **overrides)
+    data = data or prepare_data(base, log=log)  # once: every run reads the same token files
+    results = []
+    for b in batch_sizes:
+        # equal tokens: a batch twice as large gets half the steps
+        steps = max(tokens // (b * base.context_length), 1)
+        cfg = dataclasses.replace(base, batch_size=b // 2, max_steps=steps, warmup_iters=max(steps // 10, 1))
+        validate_config(cfg)
+        results.append(_sweep_run(folder, f"batch{b}_seed{seed}", cfg, data, log))
+    # a common target and the steps each batch size needs to reach it. The per-step training loss is noisy
+    # (more so at small batches), so it is smoothed over a fixed horizon in TOKENS (a twentieth of the run):
+    # the same amount of data in every run's average, whatever its batch size
+    tau = tokens / 20
+    finals = [steps_to_target_final(r["losses"], r["tokens_per_step"], tau) for r in results]
+    target = max(finals)
+    rows = []
+    for b, r in zip(batch_sizes, results):
+        s = steps_to_target(r["losses"], r["tokens_per_step"], target, tau)
+        rows.append(dict(batch=b, tokens_per_step=r["tokens_per_step"], steps=r["steps"], val_bpb=r["val_bpb"],
+                         steps_to_target=s, tokens_to_target=s * r["tokens_per_step"] if s else None,
+                         noise_scale_tokens=r["noise_scale_tokens"]))
+    # least squares of S on 1/B: S = S_min + (S_min B_crit) / B
+    pts = [(1 / r["tokens_per_step"], r["steps_to_target"]) for r in rows if r["steps_to_target"]]
+    b_crit = None
+    if len(pts) >= 2:
+        xs, ys = np.array(pts).T
+        slope, intercept = np.polyfit(xs, ys, 1)
+        b_crit = float(slope / intercept) if intercept > 0 and slope > 0 else None
+    return dict(rows=rows, target_loss=target, b_crit_tokens=b_crit, tokens=tokens)
+
+
+def steps_to_target_final(losses: list, tokens_per_step: int, tau_tokens: float) -> float:
+    """The smoothed training loss at the end of a run (the same EMA as steps_to_target)."""
+    beta, ema = math.exp(-tokens_per_step / tau_tokens), None
+    for x in losses:
+        ema = x if ema is None else beta * ema + (1 - beta) * x
+    return ema
+
+
+def _num(x) -> str:
+    """A table cell: a count with thousands separators, or '-' for none / not a number."""
+    return f"{x:,.0f}" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+
+def batch_size_table(rep: dict) -> str:
+    """The sweep as a markdown table, then the verdict line."""
+    out = ["| batch (seq) | tokens/step | steps | val bpb at equal tokens | steps to target | tokens to target "
+           "| B_simple (tokens) |", "|---|---|---|---|---|---|---|"]
+    prev = None
+    for r in rep["rows"]:
+        s = r["steps_to_target"]
+        ns = r["noise_scale_tokens"]
+        out.append(f"| {r['batch']} | {r['tokens_per_step']:,} | {r['steps']} | {r['val_bpb']:.4f} | "
+                   f"{s if s else '-'}" + (f" ({prev / s:.2f}x fewer)" if prev and s else "")
+                   + f" | {_num(r['tokens_to_target'])} | {_num(ns)} |")
+        prev = s
+    bc = rep["b_crit_tokens"]
+    out.append("")
+    out.append(f"Target: smoothed training loss {rep['target_loss']:.4f} nats/token (the worst run's final level). "
+               + (f"Fit S = S_min (1 + B_crit / B): B_crit ~ {bc:,.0f} tokens/step. Beyond it larger batches stop "
+                  f"paying: each doubling of the tokens per step saves at most 1.33x in steps." if bc else
+                  "The fit found no positive B_crit (steps to target did not fall with the batch size)."))
+    return "\n".join(out)
+
+
+def ablation_variants(quick: bool = False) -> list:
+    """(name, what changes, TrainConfig overrides) for `train.py ablate`: the demo model (RMSNorm pre-norm,
+    RoPE, SwiGLU, softmax MHA, untied, Muon + AdamW, cosine) with one switch changed at a time. Mixers
+    model.py does not have are left out (detected from ModelConfig's fields)."""
+    fields = {f.name for f in dataclasses.fields(M.ModelConfig)}
+    mk = lambda **kw: dict(model_kw=kw)
+    v = [("baseline", "demo model as is", {}),
+         ("layernorm", "norm: LayerNorm", mk(norm="layernorm")),
+         ("post-norm", "norm position: post", mk(norm_position="post")),
+         ("nope", "position: none (NoPE)", mk(position="nope")),
+         ("learned-pos", "position: learned absolute", mk(position="learned")),
+         ("gelu", "FFN: GELU MLP (4d)", mk(ffn="gelu")),
+         ("relu", "FFN: ReLU MLP (4d)", mk(ffn="relu")),
+         ("moe4", "FFN: MoE 4 experts, top-2", mk(num_experts=4, experts_top_k=2)),
+         ("gqa2", "GQA: 2 KV heads of 4", mk(num_kv_heads=2)),
+         ("mqa", "MQA: 1 KV head", mk(num_kv_heads=1)),
+         ("sliding32", "sliding window 32", mk(attention="sliding", window_size=32)),
+         ("tied", "tied embeddings", mk(tie_embeddings=True)),
+         ("qk-norm", "QK-norm", mk(qk_norm=True))]
+    if "mixer" in fields:  # model.py's other sequence mixers (Hyena carries its own position signal)
+        v += [("mla", "mixer: MLA", mk(mixer="mla")), ("linear-attn", "mixer: linear attention", mk(mixer="linear")),
+              ("hyena", "mixer: Hyena (no RoPE)", mk(mixer="hyena", position="nope"))]
+    v += [("adamw", "optimizer: AdamW only", dict(optimizer="adamw")),
+          ("soap", "optimizer: SOAP + AdamW", dict(optimizer="soap")),
+          ("wsd", "schedule: WSD", dict(schedule="wsd"))]
+    if quick:
+        keep = ("baseline", "layernorm", "nope", "gelu", "adamw", "wsd")
+        v = [x for x in v if x[0] in keep]
+    return v
+
+
+def ablate(folder, steps: int, seeds: list, quick: bool = False, data=None, log: Callable = print,
+           **overrides) -> list:
+    """Train every variant at every seed for `steps` steps (equal tokens); returns one row per variant with
+    the per-seed val bpb. Variants whose switches model.py refuses are reported and skipped."""
+    folder = Path(folder)
+    base = sweep_config(steps, **overrides)
+    data = data or prepare_data(base, log=log)  # the same corpus, tokenizer and token files for every run
+    rows, variants = [], ablation_variants(quick)
+    for i, (name, what, ov) in enumerate(variants):
+        # the variant's model switches go on top of the base's (a caller's model_kw stays in force)
+        ov = dict(ov)
+        ov["model_kw"] = {**base.model_kw, **ov.get("model_kw", {})}
+        cfg = dataclasses.replace(base, **ov)
+        try:  # a switch model.py refuses for this model is a skipped row with the reason, not a crash
+            validate_config(cfg)
+        except ValueError as e:
+            log(f"[{i + 1}/{len(variants)}] {name}: skipped ({e})")
+            continue
+        # the seed changes both the initialization and the batch stream; the data and tokenizer stay fixed
+        res = [_sweep_run(folder, f"{name}_seed{s}", dataclasses.replace(cfg, seed=s), data,
+                          lambda m: log(f"[{i + 1}/{len(variants)}] {m}")) for s in seeds]
+        rows.append(dict(name=name, what=what, bpb=[r["val_bpb"] for r in res], seconds=[r["seconds"] for r in res]))
+    return rows
+
+
+def ablation_table(rows: list, steps: int, tokens_per_step: int, eval_tokens: int = 16_384) -> str:
+    """Markdown: val bpb mean, seed spread (max - min), the change vs the baseline and whether it exceeds
+    the spread (an honest 'no clear difference' otherwise)."""
+    base = next((r for r in rows if r["name"] == "baseline"), None)
+    b0 = float(np.mean(base["bpb"])) if base else None
+    spread0 = (max(base["bpb"]) - min(base["bpb"])) if base else 0.0
+    out = [f"| variant | change | val bpb (mean of {len(rows[0]['bpb']) if rows else 0} seeds) | seed spread | "
+           f"vs baseline | s/run |", "|---|---|---|---|---|---|"]
+    # best first; a difference smaller than the seed-to-seed spread (of this variant or of the baseline) is
+    # marked as such: with 2 seeds and short runs, that is most of the small effects the field argues about
+    for r in sorted(rows, key=lambda r: np.mean(r["bpb"])):
+        m, spread = float(np.mean(r["bpb"])), max(r["bpb"]) - min(r["bpb"])
+        d = "" if b0 is None or r is base else f"{100 * (m / b0 - 1):+.1f}%"
+        if d and abs(m - b0) <= max(spread, spread0):
+            d += " (within spread)"
+        out.append(f"| {r['name']} | {r['what']} | {m:.4f} | {spread:.4f} | {d or '-'} | {np.mean(r['seconds']):.0f} |")
+    out.append(f"\n{steps} steps x {tokens_per_step:,} tokens per variant and seed (equal tokens); synthetic "
+               f"stories; val bpb on the first {eval_tokens:,} validation tokens.")
+    return "\n".join(out)
+
+
+def plot_ablation(rows: list, png_path: Path):
+    """Horizontal bars of mean val bpb per variant with the seed range as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(rows, key=lambda r: np.mean(r["bpb"]))
+    means = [np.mean(r["bpb"]) for r in rows]
+    err = [[m - min(r["bpb"]) for m, r in zip(means, rows)], [max(r["bpb"]) - m for m, r in zip(means, rows)]]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax.barh([r["name"] for r in rows], means, xerr=err, color=["C1" if r["name"] == "baseline" else "C0" for r in rows])
+    ax.set_xlim(min(means) * 0.97, max(means) * 1.02)
+    ax.set_xlabel("val bits per byte (lower is better; bars: seed range)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    with atomic_open(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+
+
 # =====================================================================================================
 # The command line
 # =====================================================================================================
@@ -2423,7 +2657,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="train.py",
         description="Train a ScratchLM model: data -> BPE tokenizer -> token files -> training -> eval -> samples. "
-                    "Other commands: 'python train.py sample --help', 'python train.py bench-nanogpt --help'.")
+                    "Other commands: 'python train.py sample --help', 'python train.py bench-nanogpt --help', "
+                    "'python train.py batch-size --help', 'python train.py ablate --help'.")
     p.add_argument("preset", nargs="?", default=None,
                    help=f"one-word preset: {', '.join(PRESETS)} (default: demo, synthetic stories in a few CPU "
                         f"minutes; with --data tinystories or --data owt and no preset, that data set's preset)")
@@ -2497,6 +2732,71 @@ def sample_main(argv):
         print(f"--- sample {i + 1} ---\n{text}")
 
 
+def _ints(text: str) -> list:
+    """argparse type: a comma-separated list of positive integers, e.g. '4,8,16'."""
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers, got {text!r}")
+    return vals
+
+
+def _sweep_parser(prog: str, description: str, out_dir: str) -> _Parser:
+    """The options both sweeps share."""
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out-dir", default=out_dir, help="folder for results/, runs/ and the table (rerun: resumes)")
+    p.add_argument("--data-dir", default="data_cache", help="cache for the synthetic corpus and its tokenizer")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: auto)")
+    return p
+
+
+def batch_size_main(argv):
+    """`python train.py batch-size`: the batch-size sweep at fixed tokens (see batch_size_sweep)."""
+    p = _sweep_parser("train.py batch-size", "Sweep the batch size at a fixed token count on the demo model: val bpb "
+                      "at equal tokens, steps to a common loss target, the measured noise scale B_simple, and the "
+                      "fitted critical batch size where larger batches stop paying.", "runs/batch-size")
+    p.add_argument("--batches", type=_ints, default=[4, 8, 16, 32, 64], help="batch sizes in sequences (even)")
+    p.add_argument("--tokens", type=int, default=262_144, help="training tokens per run (the same for every batch)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of every run")
+    a = p.parse_args(argv)
+    # every option checked before any work: one line, exit 2
+    T_ctx = PRESETS["demo"]["context_length"]
+    if any(b % 2 for b in a.batches):
+        p.error(f"--batches must be even (each run accumulates two half batches), got {a.batches}")
+    if a.tokens < max(a.batches) * T_ctx or a.threads < 0:
+        p.error(f"--tokens must be >= the largest batch ({max(a.batches) * T_ctx:,} tokens), --threads >= 0")
+    set_cpu_threads(a.threads)
+    rep = batch_size_sweep(sorted(a.batches), a.tokens, a.out_dir, seed=a.seed, data_dir=a.data_dir, threads=a.threads)
+    table = batch_size_table(rep)
+    atomic_write_text(Path(a.out_dir) / "batch_size.md", table + "\n")
+    print(table)
+
+
+def ablate_main(argv):
+    """`python train.py ablate`: the ablation table (see ablate)."""
+    p = _sweep_parser("train.py ablate", "Train the demo model with one switch changed at a time (equal tokens, "
+                      "several seeds) and tabulate val bpb per variant with its seed spread.", "runs/ablate")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 100; --quick: 40)")
+    p.add_argument("--seeds", type=_ints, default=[1, 2], help="seeds (at least 2, for the spread)")
+    p.add_argument("--quick", action="store_true", help="a short subset: 6 variants, 40 steps")
+    a = p.parse_args(argv)
+    # default: 19 variants x 2 seeds x 100 steps of 2,048 tokens fits about 30 minutes on 2 CPU cores
+    steps = a.steps or (40 if a.quick else 100)
+    if steps < 10 or len(set(a.seeds)) < 2 or a.threads < 0:
+        p.error(f"need --steps >= 10 (got {steps}), at least 2 distinct --seeds (got {a.seeds}), --threads >= 0")
+    set_cpu_threads(a.threads)
+    out = Path(a.out_dir)
+    rows = ablate(out, steps, a.seeds, quick=a.quick, data_dir=a.data_dir, threads=a.threads, log=print)
+    base = sweep_config(steps)
+    table = ablation_table(rows, steps, base.batch_size * base.context_length)
+    atomic_write_text(out / "ablation.md", table + "\n")
+    plot_ablation(rows, out / "ablation.png")
+    print(table)
+    print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
+
+
 def main(argv=None):
     """`python train.py [preset] [--flags]`, `python train.py sample ...`, `python train.py bench-nanogpt ...`.
 
@@ -2509,6 +2809,10 @@ def main(argv=None):
             return sample_main(argv[1:])
         if argv and argv[0] in ("bench-nanogpt", "bench"):
             return bench_main(argv[1:])
+        if argv and argv[0] == "batch-size":
+            return batch_size_main(argv[1:])
+        if argv and argv[0] == "ablate":
+            return ablate_main(argv[1:])
         train(config_from_args(get_parser().parse_args(argv)))
     # bad input of any kind (options, data, checkpoints, the network): one line naming it, status 2
     except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, ConnectionError) as e:
