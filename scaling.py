@@ -1572,13 +1572,11 @@ def _compare_modes(fits, spec):
 
 def fit_main(args):
     """`fit`: runs from files and/or sweep folders (merged), both approaches, predictions, a plot."""
-    runs = []
+    folders = [Path(i) for i in args.inputs if Path(i).is_dir()]
+    runs = collect_results(folders) if folders else []  # all folders at once: shards' duplicates merge
     for inp in args.inputs:
-        p = Path(inp)
-        if p.is_dir():
-            runs += collect_results([p])
-        else:
-            runs += load_runs(p, args.format, args.n_col, args.d_col, args.c_col, args.loss_col)
+        if not Path(inp).is_dir():
+            runs += load_runs(inp, args.format, args.n_col, args.d_col, args.c_col, args.loss_col)
     try:
         iso, par = fit_all(runs, n_bootstrap=args.bootstrap, parametric=not args.no_parametric)
     except ValueError as e:
