@@ -2020,12 +2020,33 @@ def _quantize_setup(args, parser):
     return ckpt, tcfg, out, device
 
 
+def _quantize_measure(models: dict, data, tcfg, args, device) -> tuple[dict, dict, int]:
+    """Score every model on the run's validation split and time its greedy decoding: (evals, speed, n_new)."""
+    import numpy as np
+
+    import train as T
+
+    # Both models are scored on the same validation tokens with the run's own evaluation settings (windows of
+    # the context length, train.py's default stride T/2, the run's autocast dtype), so the bpb difference is the
+    # quantization's cost alone.
+    T_ctx = models["float"].config.context_length
+    ev = dict(context_length=T_ctx, batch_size=tcfg.batch_size, device=device, dtype=tcfg.dtype,
+              token_bytes=np.asarray(data.tokenizer.token_byte_lengths()), max_tokens=args.eval_tokens or None,
+              stride=tcfg.eval_stride or max(T_ctx // 2, 1))
+    val = data.val_tokens()
+    print(f"evaluating both models on {min(len(val) - 1, args.eval_tokens or len(val)):,} validation tokens "
+          f"({device}) ...")
+    evals = {name: T.evaluate(m, val, **ev) for name, m in models.items()}
+    # decode: greedy continuation of the split's first tokens, as long as the context allows
+    prompt = [int(t) for t in val[:min(16, T_ctx // 2)]]
+    n_new = min(args.decode_tokens, T_ctx - len(prompt))
+    return evals, _decode_speed(models, prompt, n_new, args.repeats, device), n_new
+
+
 def run_quantize(args, parser) -> int:
     """`python kernels.py quantize --checkpoint CKPT`: int8-quantize a train.py checkpoint; print bpb on the run's
     validation split, model bytes and greedy decode speed of both models side by side; write the quantized model."""
     import copy
-
-    import numpy as np
 
     import train as T
 
@@ -2040,31 +2061,16 @@ def run_quantize(args, parser) -> int:
         data = T.prepare_data(tcfg, log=lambda msg: print(f"data: {msg}"))
         M.check_tokenizer_matches(ckpt, data.tokenizer, args.checkpoint)
         qmodel = quantize_model(copy.deepcopy(model), lm_head=args.lm_head, embeddings=args.embeddings)
+        models = {"float": model, "int8": qmodel}
+        evals, speed, n_new = _quantize_measure(models, data, tcfg, args, device)
+        save_quantized(qmodel, out, source_checkpoint=os.path.abspath(args.checkpoint), config=ckpt["config"],
+                       iteration=ckpt.get("iteration"), tokenizer_dir=ckpt.get("tokenizer_dir"),
+                       tokenizer_fingerprint=ckpt.get("tokenizer_fingerprint"))
     except (ValueError, OSError) as e:
         print(f"kernels.py quantize: error: {e}", file=sys.stderr)
         return 1
-    # Both models are scored on the same validation tokens with the run's own evaluation settings (windows of
-    # the context length, train.py's default stride T/2, the run's autocast dtype), so the bpb difference is the
-    # quantization's cost alone.
-    models = {"float": model, "int8": qmodel}
-    T_ctx = model.config.context_length
-    ev = dict(context_length=T_ctx, batch_size=tcfg.batch_size, device=device, dtype=tcfg.dtype,
-              token_bytes=np.asarray(data.tokenizer.token_byte_lengths()), max_tokens=args.eval_tokens or None,
-              stride=tcfg.eval_stride or max(T_ctx // 2, 1))     # scored as train.py's evaluations are
-    val = data.val_tokens()
-    print(f"evaluating both models on {min(len(val) - 1, args.eval_tokens or len(val)):,} validation tokens "
-          f"({device}) ...")
-    evals = {name: T.evaluate(m, val, **ev) for name, m in models.items()}
-    # decode: greedy continuation of the split's first tokens, as long as the context allows
-    prompt = [int(t) for t in val[:min(16, T_ctx // 2)]]
-    n_new = min(args.decode_tokens, T_ctx - len(prompt))
-    speed = _decode_speed(models, prompt, n_new, args.repeats, device)
-    same = sum(a == b for a, b in zip(speed["float"][1], speed["int8"][1]))
-    size = {name: _model_bytes(m) for name, m in models.items()}
-    save_quantized(qmodel, out, source_checkpoint=os.path.abspath(args.checkpoint), config=ckpt["config"],
-                   iteration=ckpt.get("iteration"), tokenizer_dir=ckpt.get("tokenizer_dir"),
-                   tokenizer_fingerprint=ckpt.get("tokenizer_fingerprint"))
     # one table, float and int8 side by side; the last column is the difference (bpb, loss) or the ratio
+    size = {name: _model_bytes(m) for name, m in models.items()}
     f, q = "float", "int8"
     rows = [["val bpb", f"{evals[f]['bpb']:.4f}", f"{evals[q]['bpb']:.4f}",
              f"{evals[q]['bpb'] - evals[f]['bpb']:+.5f}"],
@@ -2076,9 +2082,11 @@ def run_quantize(args, parser) -> int:
     opts = f"lm_head {'int8' if args.lm_head else 'float'}, embeddings {'int8' if args.embeddings else 'float'}"
     _print_table(f"int8 weight-only quantization of {args.checkpoint} ({opts}; {machine_label()})",
                  ["", "float", "int8", "int8 vs float"], rows)
+    same = sum(a == b for a, b in zip(speed[f][1], speed[q][1]))
     print(f"greedy tokens identical to the float model's: {same}/{n_new}")
-    print(f"wrote {out} ({os.path.getsize(out):,} bytes; the float checkpoint is {os.path.getsize(args.checkpoint):,} "
-          "bytes with its optimizer state)")
+    extra = " with its optimizer state" if ckpt.get("optimizer") else ""
+    print(f"wrote {out} ({os.path.getsize(out):,} bytes; the float checkpoint file is "
+          f"{os.path.getsize(args.checkpoint):,} bytes{extra})")
     return 0
 
 
