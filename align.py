@@ -50,6 +50,7 @@ get_packed_sft_dataset, iterate_batches, parse_gsm8k_response, parse_mmlu_respon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -1009,6 +1010,12 @@ def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
     if cfg.threads or torch.get_num_threads() > 1:
         T.set_cpu_threads(cfg.threads)
     out = T.check_out_dir(cfg.out_dir)
+    with run_lock(out):
+        return _run_stage_locked(cfg, out, log)
+
+
+def _run_stage_locked(cfg: AlignConfig, out: Path, log: Callable) -> dict:
+    """run_stage's body, while this process holds the run folder's lock."""
     ckpt_path, log_path = out / "ckpt.pt", Path(cfg.log_path or out / "log.jsonl")
     model, tokenizer, init_info = load_policy(cfg.init, pretrained=cfg.pretrained)
     # AdamW without weight decay: fine-tuning should stay near the pretrained weights, and decay would pull
@@ -1379,6 +1386,39 @@ def resume_stage(path: Path, cfg: AlignConfig, model, opt, init_info: dict, log:
     step = int(ckpt["iteration"])
     log(f"[{cfg.name or cfg.stage}] resumed from {path} at step {step}")
     return step
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path):
+    """One run per folder at a time: two processes resuming the same checkpoint would interleave their logs
+    and overwrite each other's checkpoints. The lock file holds the owner's pid; a lock left by a process
+    that no longer exists (killed with -9) is taken over."""
+    lock = folder / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                if pid <= 0:
+                    raise ValueError("no pid in the lock file")
+                os.kill(pid, 0)  # signal 0: only asks whether the process exists
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            except PermissionError:
+                pass  # it exists (owned by another user)
+            raise RuntimeError(f"{folder} is in use by another run (pid {pid}); wait for it or use another "
+                               "--out-dir") from None
+    else:
+        raise RuntimeError(f"could not lock {folder}")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def append_log(path: Path, row: dict) -> None:
