@@ -1,5 +1,6 @@
 """
-ddp.py -- Stage 5 of ScratchLM: training on many processes. Data parallelism, optimizer sharding, FSDP.
+ddp.py -- Stage 5 of ScratchLM: training on many processes. Data parallelism, optimizer sharding, FSDP, and the
+model-parallel splits: tensor, sequence, context (ring attention) and pipeline parallelism, on a device mesh.
 
 The problem
 -----------
@@ -24,6 +25,14 @@ launcher, the field's standard):
    optimizer state all / N, for 1.5x DP's communication (gather, gather, reduce-scatter vs all-reduce =
    reduce-scatter + all-gather).
 
+3. Model parallelism. When one layer's activations or the whole model still do not fit, or a batch cannot grow
+   further, split the model itself. Tensor parallelism (TP, Megatron) cuts every weight matrix across tp ranks that
+   all see the same batch: two all-reduces of the activations per layer. Sequence parallelism (SP) also splits the
+   activations between those matrices along the sequence, and ring attention (context parallelism) splits
+   attention itself, passing K/V blocks around a ring. Pipeline parallelism (PP) gives each rank a run of layers
+   and streams micro-batches through them (point-to-point sends; the price is the pipeline bubble,
+   (p-1)/(m+p-1) of the time). A (dp, tp, pp) mesh combines them: TP inside a machine, PP and DP across.
+
 What it costs: communication (bandwidth between devices is 10-100x below memory bandwidth, so it must overlap
 with compute), one more way to hang (every rank must issue the same collectives in the same order), and care
 with anything a single process decides alone -- batches, clipping norms, checkpoints, and when to stop.
@@ -43,6 +52,16 @@ Sources
   parallel training as one large batch.
 - NVIDIA nccl-tests, "Performance reported by NCCL tests" (PERFORMANCE.md): algorithm vs bus bandwidth.
 - Stanford CS336 (Spring 2025), assignment 2: DDP with overlap, bucketing, and a sharded optimizer.
+- Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model Parallelism" (2019),
+  arXiv:1909.08053: column/row-parallel layers, the f/g operators, vocabulary-parallel embedding and loss.
+- Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (2022), arXiv:2205.05198:
+  sequence parallelism (all-gather / reduce-scatter in place of all-reduce).
+- Liu, Zaharia & Abbeel, "Ring Attention with Blockwise Transformers for Near-Infinite Context" (2023),
+  arXiv:2310.01889; Llama 3 team, "The Llama 3 Herd of Models" (2024), arXiv:2407.21783: context parallelism with
+  the 2p-chunk causal load balancing; Dao, "FlashAttention-2" (2023), arXiv:2307.08691: the online softmax.
+- Huang et al., "GPipe" (2018), arXiv:1811.06965: micro-batched pipelines and the bubble; Narayanan et al.,
+  "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM" (2021), arXiv:2104.04473:
+  the 1F1B schedule (PipeDream-Flush) and the (dp, tp, pp) composition.
 
 Reading order
 -------------
@@ -52,11 +71,16 @@ Reading order
     4. FSDP (ZeRO stage 3 style) with prefetching and mixed precision
     5. training on N ranks: train.py's loop with this file's hooks, and a wall-clock budget that every rank obeys
        at the same step
+    6. tensor parallelism: f/g, column- and row-parallel layers, vocabulary-parallel embedding and cross-entropy;
+       sequence parallelism; ring attention
+    7. pipeline parallelism: stages, GPipe and 1F1B, the bubble on paper and as a timeline
+    8. a (dp, tp, pp) device mesh, consolidated state, and the --tp/--pp training loop
   Appendix: plumbing    process groups, the local launcher, rank agreement checks, data preparation on N ranks,
                         the budget's set-up, consolidated checkpoints, the optimizer each strategy builds
   Appendix: benchmarks  the collectives tour, collective bandwidth, step time and memory of every strategy,
                         torch's DDP as the peer
   Command line:  torchrun --nproc_per_node=N ddp.py [preset] [train.py's options] [--strategy S]
+                 torchrun --nproc_per_node=N ddp.py ... --max-steps S --tp T [--sp] | --pp P  (model parallel)
                  torchrun ddp.py          (the distributed demo: train.py's demo on every rank torchrun starts)
                  python ddp.py            (no torchrun: spawns the ranks itself, --nproc N)
                  python ddp.py bench | bench-comm | tour
@@ -1338,6 +1362,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     (softmax_j - [j == y]) / N, and softmax_j = exp(z_j - m) / S is computable from the local logits."""
 
     @staticmethod
+    # Worked example, V = 4 split over 2 ranks, one row z = (1, 3 | 2, 0), target y = 2 (on rank 1): local maxima
+    # 3 and 2 -> m = 3; local sums e^-2 + e^0 and e^-1 + e^-3 -> S = 1.553; z_y = 2 from rank 1, 0 from rank 0;
+    # loss = log 1.553 + 3 - 2 = 1.440, the same as log_softmax over the four logits.
     def forward(ctx, z, y, lo, group):                                  # z (N, V/tp) local logits, y (N,)
         m = z.max(dim=-1).values.detach()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)           # 1.
@@ -1366,6 +1393,13 @@ def vocab_parallel_cross_entropy(local_logits, targets, vocab_start, group):
     return _VocabParallelCrossEntropy.apply(z, targets.reshape(-1), vocab_start, group)
 
 
+# Switches the TP model leaves out, and why each needs more than a split: QK-norm's per-head-dim gain is shared by all
+# heads, so its gradient is a sum over every rank's heads (one more all-reduce); a row-parallel layer's bias must be
+# added once, after the reduction, not on every rank; LayerNorm, post-norm, learned/sinusoidal positions, tied
+# embeddings, MoE and dropout each change where the TP regions start and end or what must agree across ranks.
+# They are refused by name instead of silently computing something else.
+
+
 def check_tp_config(cfg, tp):
     """Refuse, before any work, a config whose heads, KV heads, d_ff or vocabulary do not split over tp ranks, or
     that uses a switch the TP model does not implement."""
@@ -1381,6 +1415,18 @@ def check_tp_config(cfg, tp):
     if unsupported:
         raise ValueError(f"the tensor-parallel model supports the default LLaMA-style block only; unsupported "
                          f"settings: {unsupported}")
+
+
+# What a TP rank holds and sends, per step, for L layers, batch B x T, width d, vocabulary V, b bytes per number:
+#   parameters   attention 4 d^2 / tp (GQA: less), SwiGLU 3 d d_ff / tp, embedding and head V d / tp each; the norms
+#                (d numbers each) are replicated. Gradients and AdamW's moments split the same way, so the
+#                training state shrinks by ~tp, like FSDP's, but without gathering weights: each rank only ever
+#                multiplies by its own slice.
+#   forward      2 L + 1 all-reduces of B T d b bytes (g after attention and MLP, and the embedding) + 3 all-
+#                reduces of B T numbers in the loss; backward 2 L + 1 more (f's). A ring all-reduce moves 2 (tp-1)/tp
+#                of each, so ~8 L B T d b (tp-1)/tp bytes per rank per step -- proportional to tokens, not weights.
+#   activations  the attention and MLP insides (B T H dh / tp, B T d_ff / tp) shrink by tp; the residual stream and
+#                the norms' inputs (B T d) do not -- which is what SP fixes.
 
 
 class TPTransformerLM(nn.Module):
@@ -1509,6 +1555,12 @@ def _ring_hop(x, group, step):
     return out
 
 
+# Memory and backward: this version lets autograd record every hop, so backward keeps all p K/V blocks (T long in
+# total, like an all-gather) and sends their gradients back around the ring hop by hop. Production ring attention
+# (and FlashAttention) instead save only q, the output and the log-sum-exp, and recompute each block in a second ring
+# pass during backward, so K/V memory stays at T/p; the arithmetic (and this function's result) are the same.
+
+
 def ring_attention(q, k, v, T, group=None):
     """Causal attention over a sequence of true length T split by ring_layout: q, k, v (B, H, T_local, dh) are this
     rank's rows (ring_shard). Returns this rank's output rows (B, H, T_local, dh). Differentiable (the K/V hops
@@ -1574,6 +1626,11 @@ def one_f_one_b_schedule(num_stages, num_micro, stage):
 
 
 SCHEDULES = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule}
+
+
+# Worked example, GPipe with p = 2 stages, m = 2 micro-batches, forward 1 unit, backward 1 unit:
+#     stage 0 | F0 F1 .. .. B0 B1        stage 1 starts F0 one unit late and finishes B1 one unit early; each
+#     stage 1 | .. F0 F1 B0 B1 ..        row idles 2 of 6 units: bubble 1/3 = (p-1)/(m+p-1). (format_timeline)
 
 
 def simulate_pipeline(schedule, num_stages, num_micro, t_forward=1, t_backward=2):
@@ -1661,6 +1718,15 @@ class PipelineStage(nn.Module):
         return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1))
 
 
+# Executing a schedule. Each action is either F(i) -- receive micro-batch i's activations (a blocking recv: the
+# bubble shows up as time spent here), run the stage, send the result on -- or B(i) -- receive dL/d(output), run
+# backward through the stage, send dL/d(input) back. The received activations are made leaves with
+# requires_grad, so backward stops at the stage boundary and their .grad is exactly what the previous stage needs.
+# Sends are non-blocking (isend), waited for at the end: in 1F1B two neighbours can both be sending (activations
+# forward, gradients backward) at the same moment, and two blocking sends would wait for each other forever.
+# Tags (i for activations, m + i for gradients) name each message, so a receive can never pick up the wrong one.
+
+
 def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None):
     """One training step's forward and backward through the pipeline on the ranks `ranks` (global ranks, stage s
     = ranks[s]); xs, ys: the m micro-batches (every stage gets them; only the first reads xs, the last ys).
@@ -1730,6 +1796,11 @@ def check_mesh(dp, tp, pp, world):
                          f"(start dp*tp*pp processes, or change --tp/--pp)")
 
 
+# Worked example, 8 ranks as dp = 2, pp = 2, tp = 2: rank 5 = (1 * 2 + 0) * 2 + 1 sits at d = 1, s = 0, t = 1. Its tp
+# partner is rank 4 (same d, s), its pipeline is ranks [5, 7] (same d, t), and its dp partner is rank 1 (same s, t),
+# which holds the same TP shard of the same stage -- the only rank whose gradients it averages with.
+
+
 class DeviceMesh:
     """This rank's coordinates (dp_rank, pp_rank, tp_rank) and its tp group, dp group and pipeline ranks."""
 
@@ -1783,6 +1854,9 @@ class MeshModel(nn.Module):
         else:
             self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel)
 
+    # The DP average here is one blocking all-reduce per parameter after backward (NaiveDDP's way): simple and
+    # exact. The overlap that DDP/DDPBucketed add (reduce buckets while backward still runs) applies unchanged to
+    # the dp group and is the next step for speed.
     def forward_backward(self, x, y):
         """Loss and gradients of this dp rank's batch (x, y), then the DP average: afterwards every rank holds
         its shard of the full (all dp ranks') batch-mean gradient. Returns the global mean loss (every rank)."""
@@ -1804,6 +1878,27 @@ class MeshModel(nn.Module):
         if mesh.dp > 1:
             dist.all_reduce(loss_t, group=mesh.dp_group)
         return float(loss_t) / mesh.dp
+
+    def clip_gradients(self, max_norm):
+        """Global L2 norm clipping over the whole model, returns the norm before clipping. A TP shard's squared norm
+        is summed over the tp group (each rank holds a different slice); replicated weights (norms) hold the same
+        full gradient on every tp rank, so they count once; stages' sums add over the pipeline. After the DP
+        average every dp rank holds the same gradients: no dp reduction."""
+        grads = [(p.grad, getattr(p, "tp_dim", None) is not None) for p in self.parameters() if p.grad is not None]
+        dev = grads[0][0].device if grads else torch.device("cpu")
+        split_sq, repl_sq = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
+        for g, split in grads:
+            (split_sq if split else repl_sq).add_(g.double().pow(2).sum())
+        if self.mesh.tp > 1:
+            dist.all_reduce(split_sq, group=self.mesh.tp_group)           # the slices' sums -> the matrices'
+        sq = torch.cat([split_sq, repl_sq])
+        if self.mesh.pp > 1:
+            dist.all_reduce(sq, group=self.mesh.pp_group)                 # every stage's parameters
+        norm = float(sq.sum().sqrt())
+        if norm > max_norm:
+            for g, _ in grads:
+                g.mul_(max_norm / (norm + 1e-6))         # the same eps as train.gradient_clipping
+        return norm
 
     def _full(self, named):
         """{TransformerLM name: full tensor} from this rank's {name: local tensor}: all-gather along tp_dim (TP),
@@ -1849,6 +1944,79 @@ class MeshModel(nn.Module):
                     v = v.chunk(self.mesh.tp, dim=dim)[self.mesh.tp_rank]
                 state[k] = v.clone() if torch.is_tensor(v) else v
             optimizer.state[p] = state
+
+
+def _mesh_optimizer(mesh_model, cfg):
+    """AdamW as train.py sets it up: decoupled weight decay on 2-D weights only. Element-wise, so it steps a shard
+    exactly as it would step that slice of the full tensor (Muon, which orthogonalizes whole matrices, would not)."""
+    params = [p for p in mesh_model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return T.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+# The --tp/--pp training loop keeps what makes a run resumable and comparable: the same global batches as every other
+# layout (global_batch_shard by dp rank: TP and PP ranks of one replica read the same rows), train.py's learning-
+# rate schedule and AdamW settings, clipping by the global norm, and a consolidated checkpoint (written by rank 0
+# after a collective gather, atomically). It leaves out train.train's periodic evaluation, metrics.jsonl, samples and
+# wall-clock budget; a --tp/--pp checkpoint resumes under plain data parallelism (weights; AdamW restarts its
+# moments there) to get those.
+
+
+def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, global_batch_size=None,
+               backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print):
+    """The training command with --tp/--pp: a (world/(tp*pp), tp, pp) mesh, AdamW, train.py's data and learning-rate
+    schedule, a consolidated checkpoint every --ckpt-interval steps (full model under TransformerLM's names, AdamW
+    moments by parameter name), resumable at any other layout. A compact loop of its own: train.train's loop calls
+    model(x) -> full logits, which a vocabulary-split or pipelined model never produces."""
+    rank, world, device = init_distributed(backend, timeout_s)
+    mesh = DeviceMesh(world // (tp * pp), tp, pp)
+    main, out = rank == 0, Path(cfg.out_dir)
+    say = log if main else (lambda *a, **k: None)
+    check_same_across_ranks("training configuration", dict(dataclasses.asdict(cfg), tp=tp, pp=pp, sp=sp))
+    data = prepare_data_on_all_ranks(cfg, out, main, say)
+    mcfg = T.model_config(cfg, data.tokenizer.vocab_size)
+    check_tp_config(mcfg, tp)
+    ckpt_path, start = out / "ckpt.pt", 0
+    full_sd, full_opt = T.build_model(cfg, mcfg.vocab_size).state_dict(), None     # the seed's init, every rank
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        full_sd, full_opt, start = ckpt["model"], ckpt.get("optimizer_by_name"), int(ckpt["iteration"])
+        say(f"ddp.py: resuming {ckpt_path} at step {start} (written at {ckpt.get('mesh', 'a data-parallel run')})")
+    mm = MeshModel(mcfg, {k: v.to(device) for k, v in full_sd.items()}, mesh, sp, schedule, micro_batches)
+    opt = _mesh_optimizer(mm, cfg)
+    if full_opt is not None:
+        mm.load_optimizer_state(opt, full_opt)
+    G = global_batch_size or cfg.batch_size * mesh.dp
+    if G % mesh.dp:
+        raise ValueError(f"global batch {G} does not split over dp={mesh.dp} data-parallel ranks")
+    if cfg.max_minutes:
+        say(f"ddp.py: --tp/--pp runs stop at --max-steps {cfg.max_steps}; the --max-minutes budget is not applied")
+    say(f"ddp.py: mesh dp={mesh.dp} x tp={tp} x pp={pp}{' +sp' if sp else ''} on {world} ranks; global batch {G} "
+        f"x {cfg.context_length} tokens; run folder {out}")
+    tokens, loss = data.train_tokens(), float("nan")
+    for step in range(start, cfg.max_steps):
+        frac = (step - cfg.warmup_iters) / max(1, cfg.max_steps - cfg.warmup_iters)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * T.schedule_factor(cfg, step, min(max(frac, 0.0), 1.0))
+        x, y = global_batch_shard(tokens, G, cfg.context_length, cfg.seed, step, 0, mesh.dp_rank, mesh.dp, device)
+        opt.zero_grad(set_to_none=True)
+        loss = mm.forward_backward(x, y)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}: training diverged; the last checkpoint "
+                                     f"{ckpt_path} is intact")
+        if cfg.grad_clip > 0:
+            mm.clip_gradients(cfg.grad_clip)
+        opt.step()
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+            say(f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | lr {opt.param_groups[0]['lr']:.2e}")
+        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps:
+            model_sd, opt_sd = mm.full_state(opt)                  # collective: every rank takes part
+            if main:
+                T.write_checkpoint(ckpt_path, step + 1, model=model_sd, optimizer=None, optimizer_by_name=opt_sd,
+                                   model_config=mcfg.to_dict(), mesh=dict(dp=mesh.dp, tp=tp, pp=pp, sp=sp))
+    dist.barrier()
+    return dict(steps=cfg.max_steps, loss=loss, mesh=(mesh.dp, tp, pp))
 
 
 # ===== Appendix: plumbing =====
@@ -2694,6 +2862,14 @@ def build_train_parser():
     d.add_argument("--nproc", type=int, default=None,
                    help="without torchrun: spawn this many local processes (default: the number of GPUs, or 2 "
                         "on CPU); ignored under torchrun, which sets the world size")
+    m = p.add_argument_group("model parallelism (a (dp, tp, pp) mesh; dp = world size / (tp x pp))")
+    m.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (Megatron: heads, d_ff and vocabulary "
+                   "split); heads, KV heads, d_ff and vocab size must divide by it")
+    m.add_argument("--pp", type=int, default=1, help="pipeline stages (layers split; needs --num-layers >= pp)")
+    m.add_argument("--sp", action="store_true", help="sequence parallelism between the TP regions (needs --tp > 1 "
+                   "and a context length divisible by tp)")
+    m.add_argument("--pp-schedule", default="1f1b", choices=list(SCHEDULES), help="pipeline schedule")
+    m.add_argument("--micro-batches", type=int, default=4, help="pipeline micro-batches per step")
     # (train.py may define its own --overwrite; then that one is used, with the same meaning)
     if not any(a.dest == "overwrite" for a in p._actions):
         d.add_argument("--overwrite", action="store_true",
@@ -2707,10 +2883,11 @@ def config_for_strategy(args):
     not choose the optimizer (every preset trains with Muon, which orthogonalizes whole weight matrices, but FSDP
     holds row shards of them); an explicit --optimizer muon still gets FSDP_MUON_ERROR."""
     # (kept separate from check_train_args: tests and callers can build the config without the folder checks)
-    if args.strategy == "fsdp" and args.optimizer is None:
+    if (args.strategy == "fsdp" or getattr(args, "tp", 1) * getattr(args, "pp", 1) > 1) and args.optimizer is None:
         args.optimizer = "adamw"
         if _env_rank() == 0:
-            print("--strategy fsdp: using --optimizer adamw (the preset's Muon needs whole weight matrices)")
+            print(f"{'--strategy fsdp' if args.strategy == 'fsdp' else '--tp/--pp'}: using --optimizer adamw (the "
+                  f"preset's Muon needs whole weight matrices)")
     cfg = T.config_from_args(args)
     if args.out_dir is None:
         cfg.out_dir = str(Path("runs") / f"ddp-{cfg.preset}")
@@ -2741,7 +2918,7 @@ def check_train_args(args, world):
     G = args.global_batch_size or cfg.batch_size * world
     checks.append((cfg.resume or G % world == 0,     # (on resume the checkpoint's global batch is checked later)
                    f"--global-batch-size {G} does not split over {world} ranks; give a multiple of {world}"))
-    for ok, msg in checks:
+    for ok, msg in checks + _mesh_arg_checks(args, cfg, world):
         if not ok:
             raise UsageError(msg)
     # Never destroy an earlier run by accident: a folder that holds a checkpoint or a metrics log is continued
@@ -2755,6 +2932,32 @@ def check_train_args(args, world):
         raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
                          f"--overwrite to replace it, or --out-dir DIR for a new run")
     return cfg
+
+
+def _mesh_arg_checks(args, cfg, world):
+    """(condition, message) pairs for --tp/--pp/--sp: the mesh must tile the world and the model must split."""
+    tp, pp = args.tp, args.pp
+    checks = [(tp >= 1, f"--tp must be >= 1, got {tp}"), (pp >= 1, f"--pp must be >= 1, got {pp}"),
+              (args.micro_batches >= 1, f"--micro-batches must be >= 1, got {args.micro_batches}"),
+              (not args.sp or tp > 1, "--sp splits the sequence over the tensor-parallel ranks: it needs --tp > 1")]
+    if tp < 1 or pp < 1 or tp * pp == 1:
+        return checks
+    checks += [(world % (tp * pp) == 0, f"--tp {tp} x --pp {pp} = {tp * pp} ranks per model replica does not "
+                                        f"divide the world size {world}"),
+               (not (tp > 1 and pp > 1), "--tp and --pp together (tensor-parallel pipeline stages) are not supported"),
+               (cfg.optimizer == "adamw", f"--tp/--pp train with --optimizer adamw (got {cfg.optimizer}: Muon and "
+                                          f"SOAP need whole weight matrices)"),
+               (cfg.max_steps is not None, "--tp/--pp runs need --max-steps (no wall-clock budget)"),
+               (cfg.grad_accum == 1, "--tp/--pp runs do not support --grad-accum > 1 (use --micro-batches with --pp, "
+                                     "or a larger --global-batch-size)"),
+               (pp <= cfg.num_layers, f"--pp {pp} needs at least {pp} layers, got --num-layers {cfg.num_layers}"),
+               (not args.sp or cfg.context_length % tp == 0,
+                f"--sp needs --context-length divisible by --tp {tp}, got {cfg.context_length}")]
+    try:
+        check_tp_config(T.model_config(cfg, cfg.vocab_size), tp)
+    except ValueError as e:
+        checks.append((False, f"--tp {tp}: {e}"))
+    return checks
 
 
 def _report_error(e, rank):
@@ -2785,10 +2988,15 @@ def _train_entry(argv, t_start=None):
     # Errors a user can act on (bad data, an incompatible checkpoint, a diverged run, a full disk) become one
     # line; anything else is a bug in the project and keeps its traceback.
     try:
-        train_distributed(cfg, strategy=args.strategy, bucket_mb=args.bucket_mb,
-                          compute_dtype=_DTYPES[args.compute_dtype], global_batch_size=args.global_batch_size,
-                          die_at_step=int(die) if die else None, backend=args.backend, timeout_s=args.timeout,
-                          t_start=t_start)
+        if args.tp * args.pp > 1:
+            train_mesh(cfg, tp=args.tp, pp=args.pp, sp=args.sp, schedule=args.pp_schedule,
+                       micro_batches=args.micro_batches, global_batch_size=args.global_batch_size,
+                       backend=args.backend, timeout_s=args.timeout)
+        else:
+            train_distributed(cfg, strategy=args.strategy, bucket_mb=args.bucket_mb,
+                              compute_dtype=_DTYPES[args.compute_dtype], global_batch_size=args.global_batch_size,
+                              die_at_step=int(die) if die else None, backend=args.backend, timeout_s=args.timeout,
+                              t_start=t_start)
     except (ValueError, OSError, FloatingPointError) as e:    # errors with a message for the user
         _report_error(e, dist.get_rank() if dist.is_initialized() else _env_rank())
         _remove_if_no_run(created, Path(cfg.out_dir))
