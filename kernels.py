@@ -1605,6 +1605,8 @@ def bench_int8(device, shapes, deadline=None):
             row += [_fmt(ms[name]), _fmt(nbytes / (ms[name] * 1e-3) / 1e9)]
         row += [f"{ms[peer] / ms[ours]:.2f}x" for peer in ("fp32 matmul", "bf16 matmul")]
         rows.append(row)
+    if not rows:                 # the time budget ran out before the first shape
+        return rows
     header = ["MxKxN"]
     for name, _, _ in impls:
         header += [f"{name} ms", f"{name} weight GB/s"]
