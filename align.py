@@ -1010,12 +1010,14 @@ def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
     if cfg.threads or torch.get_num_threads() > 1:
         T.set_cpu_threads(cfg.threads)
     out = T.check_out_dir(cfg.out_dir)
+    # one process per run folder: a second one would resume the same checkpoint and interleave the two logs
     with run_lock(out):
         return _run_stage_locked(cfg, out, log)
 
 
 def _run_stage_locked(cfg: AlignConfig, out: Path, log: Callable) -> dict:
-    """run_stage's body, while this process holds the run folder's lock."""
+    """run_stage's body, while this process holds the run folder's lock: load, resume, build the context
+    (the data pools, the reference model for DPO), then the step loop and the final evaluation."""
     ckpt_path, log_path = out / "ckpt.pt", Path(cfg.log_path or out / "log.jsonl")
     model, tokenizer, init_info = load_policy(cfg.init, pretrained=cfg.pretrained)
     # AdamW without weight decay: fine-tuning should stay near the pretrained weights, and decay would pull
@@ -1024,12 +1026,15 @@ def _run_stage_locked(cfg: AlignConfig, out: Path, log: Callable) -> dict:
     opt = T.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = resume_stage(ckpt_path, cfg, model, opt, init_info, log)
     trim_log(log_path, cfg.name or cfg.stage, step)
+    # DPO's reference is a second copy of the STARTING weights (not of the resumed ones): the implied reward
+    # beta * log(pi / pi_ref) must always be measured against the same anchor.
     reference = None
     if cfg.stage == "dpo":
         reference, _, _ = load_policy(cfg.init, pretrained=cfg.pretrained)  # the starting policy, frozen
         reference.requires_grad_(False)
     # rollout prompts come from the train split only; every evaluation uses the held-out splits
     train_pool = task_problems("train", 4096, seed=cfg.seed + 11)
+    # SFT targets end with the end-of-text id: the model must learn WHERE to stop as well as what to say
     sft_pool = [(_encode(tokenizer, task_prompt(p)), _encode(tokenizer, task_response(p)) + [tokenizer.eot_id])
                 for p in train_pool[:cfg.sft_examples]] if cfg.stage == "sft" else []
     # a model whose context cannot hold prompt + response would fail deep inside a forward pass; say so here
@@ -1050,11 +1055,13 @@ def _run_stage_locked(cfg: AlignConfig, out: Path, log: Callable) -> dict:
         if not math.isfinite(row.get("loss", 0.0)) and cfg.stage in ("sft",):
             raise FloatingPointError(f"{cfg.stage} loss is {row['loss']} at step {step}; the last checkpoint "
                                      f"{ckpt_path} is intact (try a lower --lr)")
-        append_log(log_path, row)
+        append_log(log_path, row)  # the log first: a kill right after a step still leaves its numbers
         log(format_step(row))
         if step % cfg.ckpt_interval == 0 or step == cfg.steps:
             save(step)
-    if step == 0 or not ckpt_path.exists():  # a zero-step run still leaves a valid --init for the next stage
+    # A zero-step run still leaves a valid --init for the next stage. A run that was already complete
+    # (re-run after it finished) skips the loop entirely and only re-evaluates.
+    if step == 0 or not ckpt_path.exists():
         save(step)
     return evaluate_stage(model, tokenizer, cfg, log_path, log)
 
@@ -1213,6 +1220,7 @@ def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log
     log("\n== base model (completes text; never saw the answer format) ==")
     results["base"] = cached_eval(out / "base", model, tokenizer, AlignConfig(stage="base", eval_problems=n(500),
                                   hard_problems=n(200)), log_path, log)
+    # the same seed, log and evaluation sizes for every stage; each stage writes its own folder under out_dir
     common = dict(seed=seed, log_path=str(log_path), eval_problems=n(500), hard_problems=n(200))
     log("\n== SFT on worked solutions ==")
     sft = AlignConfig(stage="sft", init=str(base), out_dir=str(out / "sft"), **{**DEMO_SFT, **common,
@@ -1394,6 +1402,8 @@ def run_lock(folder: Path):
     and overwrite each other's checkpoints. The lock file holds the owner's pid; a lock left by a process
     that no longer exists (killed with -9) is taken over."""
     lock = folder / ".lock"
+    # O_CREAT | O_EXCL is the atomic "create only if absent": of two processes racing here exactly one wins.
+    # Two tries: the second follows the removal of a stale lock (whose owner was killed without cleaning up).
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -1417,7 +1427,7 @@ def run_lock(folder: Path):
         f.write(str(os.getpid()))
     try:
         yield
-    finally:
+    finally:  # released on success, on any error and on Ctrl-C; only kill -9 leaves it (and it is then stale)
         lock.unlink(missing_ok=True)
 
 
