@@ -135,6 +135,30 @@ def cross_entropy_fast(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., "Distilling the Knowledge in a Neural Network",
+    arXiv:1503.02531): train a small student on a big teacher's whole next-token distribution, not only
+    on the one token the text happened to contain.
+
+        p_T = softmax(teacher / T),  q_T = softmax(student / T)          (..., V) each, temperature T
+        loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(student, targets)
+
+    Why: the teacher's probabilities on the wrong tokens ("dark knowledge": which continuations are almost
+    right) carry far more bits per example than a one-hot target, so the student learns more per token.
+    T > 1 softens both distributions so those small probabilities matter; the gradient of the soft term
+    scales as 1/T^2, hence the T^2 that keeps the two terms' balance independent of T. Cost: a teacher
+    forward pass per micro-batch (no backward), and the teacher's weights in memory. The KL needs the same
+    vocabulary on both sides: the same tokenizer, checked when the teacher is loaded.
+    """
+    V = student_logits.shape[-1]
+    s = student_logits.float().reshape(-1, V)  # (N, V)
+    log_p = F.log_softmax(teacher_logits.float().reshape(-1, V) / temperature, dim=-1)  # teacher, (N, V)
+    log_q = F.log_softmax(s / temperature, dim=-1)  # student
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # KL(p || q) per position, averaged
+    return alpha * temperature ** 2 * kl + (1 - alpha) * F.cross_entropy(s, targets.reshape(-1))
+
+
 def perplexity(loss_nats: float) -> float:
     """exp(mean nats per token): the 'effective number of equally likely next tokens'."""
     return math.exp(min(loss_nats, 700.0))  # clamp: exp(710) overflows a float64
@@ -836,6 +860,8 @@ def train(cfg: "TrainConfig", data: "PreparedData | None" = None, *, hooks: Trai
                 g["lr"] = g.get("base_lr", cfg.lr) * factor
             loss, grad_norm = _optimizer_step(run, step)
             step += 1
+            if run.pruner is not None:  # --prune-sparsity: pruned weights back to zero, the masks grown
+                _prune_step(run, step, frac)
             run.losses.append(loss)
             if run.hooks.on_step is not None:
                 run.hooks.on_step(step, run.model, dict(loss=loss))
@@ -866,9 +892,15 @@ def _optimizer_step(run: _Run, step: int) -> tuple[float, float]:
         with hooks.no_sync(run.run_model, last) if hooks.no_sync else contextlib.nullcontext():
             with autocast_context(run.device, cfg.dtype):
                 logits = run.run_model(x)  # (B, T, V)
-                loss = run.loss_fn(logits, y)
+                loss = run.loss_fn(logits, y)  # the logged loss: plain cross-entropy, also when distilling
+                objective = loss
+                if run.teacher is not None:  # --distill-from: the teacher's soft targets (no backward through it)
+                    with torch.no_grad():
+                        teacher_logits = run.teacher(x)  # (B, T, V)
+                    objective = distillation_loss(logits, teacher_logits, y, cfg.distill_temperature,
+                                                  cfg.distill_alpha)
                 aux = getattr(run.model, "aux_loss", None)  # mixture-of-experts load balancing, if any
-                total = loss + aux if isinstance(aux, torch.Tensor) and aux.requires_grad else loss
+                total = objective + aux if isinstance(aux, torch.Tensor) and aux.requires_grad else objective
             # gradients add up over backward calls; dividing each micro-batch's loss by grad_accum makes the
             # sum the gradient of the MEAN loss over all grad_accum * B sequences: one big batch, in pieces
             (total / cfg.grad_accum).backward()
@@ -902,6 +934,61 @@ def _optimizer_step(run: _Run, step: int) -> tuple[float, float]:
     # set_to_none frees the gradient memory until the next backward (cheaper than writing zeros)
     run.optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm
+
+
+class MagnitudePruner:
+    """Gradual magnitude pruning (Han et al., "Learning both Weights and Connections for Efficient Neural
+    Networks", arXiv:1506.02626; the schedule from Zhu & Gupta, "To prune, or not to prune",
+    arXiv:1710.01878). The hidden weight matrices (the blocks' 2-D weights, as Muon's grouping) are pruned
+    each to the same sparsity, the smallest |w| first, with the target ramping up as
+
+        s(frac) = S (1 - (1 - (frac - f0) / (f1 - f0))^3)   for frac in [f0, f1]   (0 before, S after)
+
+    (frac: the run's progress, as the learning-rate schedule's): fast at first, while there are many
+    redundant weights, slowly near the end so the network can recover. A pruned weight stays zero: the
+    mask is re-applied after every optimizer step (the optimizer would otherwise move it back).
+    Trade-off: S = 50-90% of the weights can go at a small loss, but unstructured zeros in dense tensors
+    save nothing by themselves: the gain needs a sparse storage format or sparse kernels (2:4 sparsity
+    on recent GPUs). Embeddings, the head and norm gains stay dense."""
+
+    def __init__(self, model: torch.nn.Module, sparsity: float, start: float = 0.2, end: float = 0.7,
+                 interval: int = 10):
+        self.sparsity, self.start, self.end, self.interval = sparsity, start, end, interval
+        self.params = [p for n, p in _unwrap(model).named_parameters() if p.ndim == 2 and n.startswith("layers.")]
+        # zeros already there (a resumed run's pruned weights) stay pruned
+        self.masks = [p.detach() != 0 for p in self.params]
+
+    def target(self, frac: float) -> float:
+        """The scheduled sparsity at progress `frac` in [0, 1]."""
+        x = min(max((frac - self.start) / max(self.end - self.start, 1e-12), 0.0), 1.0)
+        return self.sparsity * (1 - (1 - x) ** 3)
+
+    @torch.no_grad()
+    def prune(self, sparsity: float):
+        """Each matrix to exactly round(sparsity * numel) zeros: its k smallest |w| (earlier zeros among them)."""
+        for p, mask in zip(self.params, self.masks):
+            k = int(round(sparsity * p.numel()))
+            if k > int((~mask).sum()):  # never un-prune: the target only grows
+                mask.view(-1)[torch.topk(p.detach().abs().view(-1).float(), k, largest=False).indices] = False
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self):
+        """Zero the pruned weights (after every optimizer step)."""
+        for p, mask in zip(self.params, self.masks):
+            p.mul_(mask)
+
+    def after_step(self, step: int, frac: float):
+        """Called after optimizer step `step`: re-apply the masks; every `interval` steps (and once the
+        ramp is over) raise them to the schedule's sparsity."""
+        if step % self.interval == 0 or frac >= self.end:
+            self.prune(self.target(frac))
+        else:
+            self.apply()
+
+    def counts(self) -> tuple[int, int]:
+        """(zeros, weights) over the pruned matrices."""
+        return sum(int((~m).sum()) for m in self.masks), sum(m.numel() for m in self.masks)
 
 
 def _micro_grad_sq(model, prev: list | None, grad_accum: int) -> tuple[list, float]:
@@ -996,6 +1083,12 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
     if cfg.noise_scale and world_size > 1:  # no_sync's micro-gradients are rank-local, the last one is not
         raise ValueError("--noise-scale works in a single process only (use train.py, not ddp.py)")
     run.noise = NoiseScale() if cfg.noise_scale else None
+    run.teacher = _load_teacher(cfg, run) if cfg.distill_from else None
+    if cfg.prune_sparsity and world_size > 1:  # the masks assume whole matrices in this process
+        raise ValueError("--prune-sparsity works in a single process only (use train.py, not ddp.py)")
+    run.pruner = (MagnitudePruner(model, cfg.prune_sparsity, cfg.prune_start, cfg.prune_end)
+                  if cfg.prune_sparsity else None)
+    run.dense_val = None  # pruning: the val bpb just before the first weights go (the dense reference)
     # only rank 0 writes files; the other ranks compute and take part in the collectives
     run.metrics = MetricsLog(run.out / "metrics.jsonl", start_step if start_step else None) if main else None
     run.flops_per_tok, run.peak = M.flops_per_token(model.config, training=True), peak_flops(run.device)
@@ -1053,10 +1146,11 @@ def _finish(run: _Run, step: int, stop_reason: str) -> dict:
     t_eval = time.time()
     final = evaluate(run.eval_model, run.val_tokens, max_tokens=n_tokens, **run.eval_kw)
     eval_seconds = time.time() - t_eval
+    cheaper = _cheaper_model_report(run, final, eval_seconds, n_tokens) if run.main else {}
     losses = run.losses
     summary = dict(steps=step, stop_reason=stop_reason, train_seconds=train_seconds, eval_seconds=eval_seconds,
                    tokens=step * run.tokens_per_step, val=final, entropy_floor_bpb=run.floor, out_dir=str(run.out),
-                   first_losses=losses[:5], last_loss=losses[-1] if losses else None, losses=losses)
+                   first_losses=losses[:5], last_loss=losses[-1] if losses else None, losses=losses, **cheaper)
     # samples need the whole model on one process; under FSDP each rank holds a shard, so gather first
     sample_model = run.model
     if cfg.num_samples > 0 and run.hooks.full_model:
@@ -1079,6 +1173,68 @@ def _finish(run: _Run, step: int, stop_reason: str) -> dict:
         summary["samples"] = samples
     run.say(f"done in {(time.time() - run.t_start) / 60:.2f} min; run folder {run.out}")
     return summary
+
+
+def _load_teacher(cfg: "TrainConfig", run: _Run) -> torch.nn.Module:
+    """The --distill-from checkpoint's model, frozen, after checking that it speaks this run's tokenizer
+    (the KL between teacher and student compares probabilities of the same token ids)."""
+    ckpt = read_checkpoint(cfg.distill_from)
+    mine = dict(tokenizer_fingerprint=run.tokenizer.fingerprint(), vocab_size=run.tokenizer.vocab_size)
+    theirs = dict(tokenizer_fingerprint=ckpt.get("tokenizer_fingerprint"),
+                  vocab_size=(ckpt.get("model_config") or {}).get("vocab_size"))
+    bad = [k for k in mine if theirs[k] is not None and theirs[k] != mine[k]]
+    if bad or theirs["vocab_size"] is None:
+        raise ValueError(f"--distill-from {cfg.distill_from}: the teacher has another tokenizer ("
+                         + ", ".join(f"{k} {theirs[k]} vs this run's {mine[k]}" for k in bad or ["vocab_size"])
+                         + "); distillation needs the teacher's --data and --vocab-size")
+    teacher, _ = M.load_checkpoint_model(cfg.distill_from, device=run.device)
+    if teacher.config.context_length < cfg.context_length:
+        raise ValueError(f"--distill-from {cfg.distill_from}: the teacher's context_length "
+                         f"{teacher.config.context_length} < --context-length {cfg.context_length}")
+    teacher.eval().requires_grad_(False)
+    run.say(f"distilling from {cfg.distill_from}: teacher {M.num_params(teacher) / 1e6:.2f}M parameters, "
+            f"T {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}")
+    return teacher
+
+
+def _prune_step(run: _Run, step: int, frac: float):
+    """Pruning after optimizer step `step`; the first time the schedule asks for zeros, the still-dense model
+    is evaluated first (on the periodic-evaluation tokens): the reference for the final report."""
+    if run.dense_val is None and run.pruner.target(frac) > 0:
+        run.dense_val = dict(step=step, **evaluate(run.eval_model, run.val_tokens, max_tokens=run.cfg.eval_tokens,
+                                                   **run.eval_kw))
+    run.pruner.after_step(step, frac)
+
+
+def _cheaper_model_report(run: _Run, final: dict, eval_seconds: float, n_tokens: int) -> dict:
+    """Distillation and pruning: the quality cost (val bpb) next to the gain (parameters, speed), each in one
+    line; the numbers also go into the summary."""
+    out = {}
+    if run.teacher is not None:  # teacher on the same validation tokens, timed the same way
+        t0 = time.time()
+        tv = evaluate(run.teacher, run.val_tokens, max_tokens=n_tokens, **run.eval_kw)
+        t_sec = time.time() - t0
+        ns, nt = M.num_params(run.model), M.num_params(run.teacher)
+        out["distill"] = dict(student_bpb=final["bpb"], teacher_bpb=tv["bpb"], student_params=ns, teacher_params=nt,
+                              speedup=t_sec / max(eval_seconds, 1e-9))
+        run.say(f"distilled student: val bpb {final['bpb']:.4f} vs teacher {tv['bpb']:.4f} "
+                f"({100 * (final['bpb'] / tv['bpb'] - 1):+.1f}%) | params {ns / 1e6:.2f}M vs {nt / 1e6:.2f}M "
+                f"({nt / ns:.1f}x fewer) | eval forward {t_sec / max(eval_seconds, 1e-9):.2f}x the teacher's speed")
+    if run.pruner is not None:  # pruned vs the dense model at pruning start, on the same tokens
+        zeros, n = run.pruner.counts()
+        total = M.num_params(run.model)
+        pv = evaluate(run.eval_model, run.val_tokens, max_tokens=run.cfg.eval_tokens, **run.eval_kw)
+        dv = run.dense_val
+        out["prune"] = dict(sparsity=zeros / n, nonzero_params=total - zeros, params=total, pruned_bpb=pv["bpb"],
+                            dense_bpb=dv["bpb"] if dv else None, dense_step=dv["step"] if dv else None)
+        line = (f"pruned: {100 * zeros / n:.1f}% of the hidden matrices' weights are zero | nonzero params "
+                f"{(total - zeros) / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * (total - zeros) / total:.0f}%) | val bpb "
+                f"{pv['bpb']:.4f}")
+        if dv:
+            line += (f" vs {dv['bpb']:.4f} dense at step {dv['step']} (pruning start; {pv['tokens']:,} val tokens)"
+                     f" ({100 * (pv['bpb'] / dv['bpb'] - 1):+.1f}%)")
+        run.say(line + " | speed: unchanged with dense matmuls (unstructured zeros need sparse kernels)")
+    return out
 
 
 # =====================================================================================================
@@ -1950,6 +2106,13 @@ class TrainConfig:
     beta2: Adam beta2
     eps: Adam epsilon
     grad_clip: clip the global gradient L2 norm to this (0: off)
+    distill_from: train on this checkpoint's logits too (knowledge distillation; the teacher must have this
+        run's tokenizer)
+    distill_temperature: distillation: softmax temperature T of teacher and student
+    distill_alpha: distillation: weight of the T^2-scaled KL term (1 - alpha: the cross-entropy on the text)
+    prune_sparsity: gradual magnitude pruning of the hidden matrices to this fraction of zeros (0: off)
+    prune_start: pruning: run progress (0-1) where the sparsity ramp begins
+    prune_end: pruning: run progress where it reaches --prune-sparsity (then training continues with the masks)
     noise_scale: log the gradient noise scale B_simple (McCandlish et al.) in tokens, from the micro-batch and
         the accumulated gradients (needs --grad-accum >= 2; costs one copy of the gradients)
     batch_size: sequences per micro-batch (per process)
@@ -2018,6 +2181,12 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     noise_scale: bool = False
+    distill_from: Optional[str] = None
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5
+    prune_sparsity: float = 0.0
+    prune_start: float = 0.2
+    prune_end: float = 0.7
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: Optional[int] = 2000
@@ -2099,6 +2268,11 @@ def validate_config(cfg: TrainConfig):
     checks = [  # (field, ok, what the flag allows)
         ("optimizer", c.optimizer in ("adamw", "muon", "soap"), "adamw, muon or soap"),
         ("soap_frequency", c.soap_frequency >= 1, ">= 1"),
+        ("distill_temperature", c.distill_temperature > 0, "> 0"),
+        ("distill_alpha", 0 <= c.distill_alpha <= 1, "in [0, 1]"),
+        ("prune_sparsity", 0 <= c.prune_sparsity < 1, "in [0, 1)"),
+        ("prune_start", 0 <= c.prune_start < 1, "in [0, 1)"),
+        ("prune_end", c.prune_start < c.prune_end <= 1, f"in (--prune-start ({c.prune_start}), 1]"),
         ("schedule", c.schedule in ("cosine", "wsd", "constant"), "cosine, wsd or constant"),
         ("adamw_impl", c.adamw_impl in ("ours", "torch"), "ours or torch"),
         ("loss_impl", c.loss_impl in ("fast", "ours"), "fast or ours"),
@@ -2134,6 +2308,8 @@ def validate_config(cfg: TrainConfig):
     for name, ok, allowed in checks:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)!r}")
+    if c.distill_from is not None and not Path(c.distill_from).expanduser().is_file():
+        raise ValueError(f"--distill-from {c.distill_from}: no such checkpoint file")
     if c.noise_scale and c.grad_accum < 2:
         raise ValueError(f"--noise-scale needs two batch sizes: --grad-accum must be >= 2, got {c.grad_accum}")
     if c.max_steps is None and c.max_minutes is None:
