@@ -1158,9 +1158,11 @@ def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, 
     return res
 
 
-# ======================================================================================================
-# 11. The demo: pretrain -> SFT -> expert iteration | GRPO on-policy | GRPO off-policy | DPO, all measured
-# ======================================================================================================
+# ===== Appendix: plumbing =====
+# The demo's preset and driver, checkpoints, logs, data files and downloads: needed for a real tool, not
+# for the ideas above.
+
+# ---- The demo preset: pretrain -> SFT -> expert iteration | GRPO on-policy | GRPO off-policy | DPO ----------
 # Expert iteration, the two GRPO variants and DPO all start from the SAME SFT checkpoint with the same
 # budget (rollout batches x prompts x group size), so their held-out accuracies compare directly.
 # The base model: train.py's demo architecture (0.9M parameters, 4 layers of width 128, a 512-token BPE
@@ -1252,10 +1254,6 @@ def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log
     return results
 
 
-
-
-# ===== Appendix: plumbing =====
-# Checkpoints, logs, data files and downloads: needed for a real tool, not for the ideas above.
 
 def format_step(row: dict) -> str:
     """One progress line per step; RL stages show where the time went (rollout / scoring / update)."""
