@@ -859,11 +859,14 @@ def sft_step(ctx: "StageContext", step: int) -> dict:
     """SFT: a batch of worked solutions from a fixed pool (epochs over it in a fixed shuffled order)."""
     cfg = ctx.cfg
     # step s covers examples s*B .. s*B+B-1 of an endless sequence of epochs, each its own fixed shuffle
-    order = list(range(len(ctx.sft_pool)))
-    start = (step * cfg.batch_size)
-    epoch, idx = divmod(start, len(order))
-    random.Random(f"{cfg.seed}-epoch-{epoch}").shuffle(order)
-    chosen = [(order + order)[idx + i] for i in range(cfg.batch_size)]
+    # (a pool smaller than a batch simply wraps into the next epoch)
+    n, perms, chosen = len(ctx.sft_pool), {}, []
+    for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
+        epoch, pos = divmod(k, n)
+        if epoch not in perms:
+            perms[epoch] = list(range(n))
+            random.Random(f"{cfg.seed}-epoch-{epoch}").shuffle(perms[epoch])
+        chosen.append(perms[epoch][pos])
     return sft_update(ctx.model, ctx.opt, [ctx.sft_pool[i] for i in chosen], cfg, ctx.pad_id)
 
 
@@ -1781,7 +1784,7 @@ def main(argv: Optional[list] = None) -> None:
     args = parser.parse_args(argv)
     # range checks argparse cannot express, so that `--steps 0` fails in milliseconds, not after a model load
     for k in ("steps", "batch_size", "group_size", "micro_batch", "limit", "prompts", "repeats", "epochs_per_batch",
-              "minibatches", "ckpt_interval"):
+              "minibatches", "ckpt_interval", "sft_examples"):
         v = getattr(args, k, None)
         if v is not None and v < (0 if k == "limit" else 1):
             parser.error(f"--{k.replace('_', '-')} must be >= {0 if k == 'limit' else 1}, got {v}")
