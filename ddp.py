@@ -1161,6 +1161,17 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
 # each g, and its gradient is too after each f, so replicated weights get identical gradients with no reduction.
 
 
+# Every model-parallel communication below reports its payload (numbers handed to the collective; all-gather:
+# the gathered size, reduce-scatter: the input size) to COMM_COUNT when it is a Counter, so `ddp.py plan --check`
+# can hold a real step's traffic against the formulas. None (the default) costs one comparison per call.
+COMM_COUNT = None
+
+
+def _count(kind, numel):
+    if COMM_COUNT is not None:
+        COMM_COUNT[kind] += numel
+
+
 class _CopyToTP(torch.autograd.Function):
     """f: identity forward, all-reduce of the gradient backward."""
     @staticmethod
@@ -1171,6 +1182,7 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
+        _count("tp all-reduce", grad.numel())
         dist.all_reduce(grad, group=ctx.group)       # sum over TP ranks of each rank's partial dL/dx
         return grad, None
 
@@ -1180,6 +1192,7 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         x = x.contiguous().clone()                   # clone: all_reduce works in place, x may be saved for backward
+        _count("tp all-reduce", x.numel())
         dist.all_reduce(x, group=group)              # Y = sum_r X_r W_r^T
         return x
 
@@ -1189,11 +1202,11 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 def copy_to_tp(x, group):
-    return _CopyToTP.apply(x, group)
+    return x if dist.get_world_size(group) == 1 else _CopyToTP.apply(x, group)    # (tp = 1: nothing to sum)
 
 
 def reduce_from_tp(x, group):
-    return _ReduceFromTP.apply(x, group)
+    return x if dist.get_world_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
 # Sequence parallelism (Megatron-SP, Korthikanti et al. arXiv:2205.05198). Between the TP regions (norms, residual
@@ -1212,6 +1225,7 @@ class _GatherSeq(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        _count("tp all-gather", x.numel() * len(parts))
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=1)                   # (B, T/tp, d) -> (B, T, d)
 
@@ -1230,6 +1244,7 @@ class _ScatterSeq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
+        _count("tp all-gather", grad.numel() * len(parts))
         dist.all_gather(parts, grad.contiguous(), group=ctx.group)
         return torch.cat(parts, dim=1), None
 
@@ -1237,6 +1252,7 @@ class _ScatterSeq(torch.autograd.Function):
 def _reduce_scatter_seq(x, group):
     chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=1)]
     out = torch.empty_like(chunks[0])
+    _count("tp reduce-scatter", x.numel())
     dist.reduce_scatter(out, chunks, group=group)        # rank r: sum over ranks of their chunk r
     return out
 
@@ -1252,6 +1268,11 @@ def scatter_seq(x, group):
 def _shard_rows(t, rank, parts):
     """Rank's contiguous 1/parts of t along dim 0 (a copy, so the full tensor can be freed)."""
     return t.chunk(parts, dim=0)[rank].clone()
+
+
+# Shapes, with W stored (out, in) as in model.Linear: a column-parallel shard keeps out/tp ROWS of W (whole output
+# features), a row-parallel shard keeps in/tp COLUMNS (whole input features). Each records `tp_dim` (0 or 1) on
+# its parameter, which is all full_state_dict needs to put the matrix back together with one all-gather.
 
 
 class ColumnParallelLinear(nn.Module):
@@ -1310,6 +1331,8 @@ class TPAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.h, self.dh).transpose(1, 2)      # (B, H/tp, T, dh)
         k = self.k_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)    # (B, Hkv/tp, T, dh)
         v = self.v_proj(x).view(B, T, self.hkv, self.dh).transpose(1, 2)
+        # RoPE rotates each head's q and k by the token's position, the same table for every head: splitting heads
+        # changes nothing about it (positions are the full sequence's, also under SP, where x was gathered above)
         if self.rope is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
         if self.hkv != self.h:                                          # GQA within this rank's groups
@@ -1367,6 +1390,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     # loss = log 1.553 + 3 - 2 = 1.440, the same as log_softmax over the four logits.
     def forward(ctx, z, y, lo, group):                                  # z (N, V/tp) local logits, y (N,)
         m = z.max(dim=-1).values.detach()
+        if dist.get_world_size(group) > 1:
+            _count("tp all-reduce", 3 * m.numel())                      # the three (N,) reductions below
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)           # 1.
         e = torch.exp(z - m[:, None])                                   # (N, V/tp)
         s = e.sum(dim=-1)
@@ -1380,6 +1405,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # d loss / d z_j = (softmax_j - [j == y]) / N for the mean over N rows. Each rank owns its V/tp columns of
+        # the softmax, and the "- 1" lands only on the rank whose columns hold y: no communication at all.
         p, local_y, mine = ctx.saved_tensors
         g = p.clone()
         rows = torch.arange(p.shape[0], device=p.device)[mine]
@@ -1483,6 +1510,7 @@ class TPTransformerLM(nn.Module):
         if self.sp:
             for p in self.parameters():
                 if getattr(p, "tp_dim", None) is None and p.grad is not None:
+                    _count("tp all-reduce", p.grad.numel())
                     dist.all_reduce(p.grad, group=self.group)
 
     def full_state_dict(self, grads=False):
@@ -1662,6 +1690,8 @@ def simulate_pipeline(schedule, num_stages, num_micro, t_forward=1, t_backward=2
 def format_timeline(events, num_stages, makespan, unit=1.0, width=3):
     """An ASCII timeline, one row per stage, one cell per `unit` of time: F3 = forward of micro-batch 3,
     B3 its backward, .. idle (the bubble). events {(s, kind, i): (start, end)}, in any time unit."""
+    # With simulate_pipeline's default costs (backward = 2 forwards) a backward fills two cells; measured events
+    # (seconds from run_pipeline's `events`) work the same with unit = the length of one cell in seconds.
     cols = max(1, int(round(makespan / unit)))
     rows = []
     for s in range(num_stages):
@@ -1689,6 +1719,9 @@ class PipelineStage(nn.Module):
     """Stage `stage` of `num_stages` of a TransformerLM (parameter names stay TransformerLM's, so the stages'
     state dicts together are the full model's). The first stage embeds ids, the last returns the loss."""
 
+    # Construction takes a full model and keeps references to its stage's modules; the rest is freed when the caller
+    # drops it. Every rank thus holds the whole model once, briefly: fine up to what one rank's memory holds. Beyond
+    # that, build the full model on the "meta" device and load only this stage's keys from the checkpoint.
     def __init__(self, full_model, stage, num_stages):
         super().__init__()
         cfg = full_model.config
@@ -1706,6 +1739,8 @@ class PipelineStage(nn.Module):
 
     def forward(self, x, targets=None):
         """ids (b, T) on the first stage, activations (b, T, d) elsewhere -> activations, or the loss (last)."""
+        # the blocks are TransformerLM's own modules, called exactly as TransformerLM.forward calls them, so a
+        # stage computes bit for bit what the same layers compute inside the whole model
         if self.first:
             x = self.token_embeddings(x)
         pos = torch.arange(x.shape[1], device=x.device)
@@ -1751,6 +1786,7 @@ def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None):
                 out = out / m                               # mean over micro-batches = the full batch's mean loss
                 total += float(out.detach())
             else:                                           # isend: a blocking send could wait for a peer that is
+                _count("pp send", out.numel())
                 sends.append(dist.isend(out.detach().contiguous(), nxt, tag=i))   # itself blocked sending to us
             inputs[i], outputs[i] = inp, out
             if events is not None:
@@ -1766,6 +1802,7 @@ def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None):
             if events is not None:
                 events.append(("B", i, t0, time.perf_counter()))
             if prev is not None:
+                _count("pp send", inp.grad.numel())
                 sends.append(dist.isend(inp.grad.contiguous(), prev, tag=m + i))
     for w in sends:
         w.wait()
@@ -1826,6 +1863,7 @@ class DeviceMesh:
                 g = dist.new_group([at(d, s, t) for s in range(pp)])
                 if (d, t) == (self.dp_rank, self.tp_rank):
                     self.pp_group = g
+        # the pipeline is addressed by global ranks (point-to-point sends name their peer), not by a group
         self.pp_ranks = [at(self.dp_rank, s, self.tp_rank) for s in range(pp)]
 
     def __repr__(self):
@@ -1873,6 +1911,7 @@ class MeshModel(nn.Module):
             loss_t = torch.tensor([loss.item()], dtype=torch.float64)
         for p in self.parameters():                                        # DP: average over the dp group
             if p.grad is not None and mesh.dp > 1:
+                _count("dp all-reduce", p.grad.numel())
                 dist.all_reduce(p.grad, group=mesh.dp_group)
                 p.grad /= mesh.dp
         if mesh.dp > 1:
@@ -1913,6 +1952,8 @@ class MeshModel(nn.Module):
                 t = torch.cat(parts, dim=dim)
             out[name] = t.detach().clone()
         if self.mesh.pp > 1:
+            # the stages' disjoint pieces, pickled to every rank of the pipeline: simple, and a copy of the whole
+            # model per rank for a moment (a large model would gather to rank 0 only, or save per-stage files)
             pieces = [None] * self.mesh.pp
             dist.all_gather_object(pieces, out, group=self.mesh.pp_group)
             out = {k: v for piece in pieces for k, v in piece.items()}
@@ -1995,6 +2036,9 @@ def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, g
     say(f"ddp.py: mesh dp={mesh.dp} x tp={tp} x pp={pp}{' +sp' if sp else ''} on {world} ranks; global batch {G} "
         f"x {cfg.context_length} tokens; run folder {out}")
     tokens, loss = data.train_tokens(), float("nan")
+    # One step: the learning rate from train.py's schedule (frac = progress through the post-warm-up steps), this dp
+    # rank's rows of the global batch, forward and backward through the mesh (TP/SP collectives or the pipeline
+    # schedule, then the DP average), the global-norm clip, AdamW on this rank's shards.
     for step in range(start, cfg.max_steps):
         frac = (step - cfg.warmup_iters) / max(1, cfg.max_steps - cfg.warmup_iters)
         for g in opt.param_groups:
@@ -2017,6 +2061,42 @@ def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, g
                                    model_config=mcfg.to_dict(), mesh=dict(dp=mesh.dp, tp=tp, pp=pp, sp=sp))
     dist.barrier()
     return dict(steps=cfg.max_steps, loss=loss, mesh=(mesh.dp, tp, pp))
+
+
+# The memory and traffic of one training step on a mesh, on paper. Per rank, in numbers (x bytes per number):
+#   parameters   TP splits q/k/v/o, w1/w2/w3, the embedding and the head by tp; norms stay whole. PP gives stage s
+#                its layers (and the embedding on the first, the head on the last).
+#   gradients    the same count; AdamW's two moments: twice it.
+#   traffic      see the TP, SP, PP and DP comments above: counted as the payload handed to each collective
+#                (all-gather: the gathered size), not wire bytes (a ring all-reduce puts 2 (n-1)/n of it on each link).
+#   activations  only measured (the tensors autograd saves in one forward); they depend on the attention backend.
+
+
+def parallel_plan(cfg, dp=1, tp=1, pp=1, sp=False, batch=8, micro_batches=4):
+    """{stage: {"params": n, "comm": {kind: numbers per step}}} for one rank of each pipeline stage; batch = the
+    sequences of one dp rank per step, each cfg.context_length long."""
+    d, L, V, T, H, Hkv, dh = (cfg.d_model, cfg.num_layers, cfg.vocab_size, cfg.context_length, cfg.num_heads,
+                              cfg.num_kv_heads, cfg.head_dim)
+    split = d * H * dh * 2 + 2 * d * Hkv * dh + 3 * d * cfg.d_ff           # q, o; k, v; w1, w2, w3
+    layer = split // tp + 2 * d                                              # + ln1, ln2 (replicated)
+    bounds, act = _split_layers(L, pp), batch * T * d                        # act: one (b, T, d) activation
+    plan = {}
+    for s in range(pp):
+        n_layers = bounds[s + 1] - bounds[s]
+        params = n_layers * layer + (V * d // tp if s == 0 else 0) + ((V * d // tp + d) if s == pp - 1 else 0)
+        comm = collections.Counter()
+        if tp > 1 and not sp:
+            comm["tp all-reduce"] = (4 * L + 2) * act + 3 * batch * T
+        if tp > 1 and sp:
+            comm["tp all-gather"] = comm["tp reduce-scatter"] = (4 * L + 2) * act
+            comm["tp all-reduce"] = 3 * batch * T + (2 * L + 1) * d
+        if pp > 1:
+            comm["pp send"] = act * ((s < pp - 1) + (s > 0))                 # activations on, gradients back
+        if dp > 1:
+            comm["dp all-reduce"] = params
+        plan[s] = dict(params=params, grads=params, adamw=2 * params, comm=dict(comm))
+    return plan
+
 
 
 # ===== Appendix: plumbing =====
@@ -2507,6 +2587,122 @@ def load_full_optimizer_state(opt, run_model, full_sd):
 # The tour of the collectives, their bandwidth, and every strategy's step time and memory side by side with
 # torch's own DistributedDataParallel (the peer).
 
+
+# `bench --parallel`: the model-parallel layouts side by side on the same model and the same global batch (G
+# sequences per step whatever the layout), interleaved in rounds like `bench`, so machine load hits all alike.
+# Then the pipeline's bubble: measured from run_pipeline's per-action timestamps (1 - busy / (p x makespan), busy =
+# this rank's compute, makespan = first start to last end over all stages) against (p-1)/(m+p-1).
+
+
+def _parallel_layouts(world):
+    """(name, mesh sizes, sp, schedule) of every layout a world of this size can take, plain DP first."""
+    out = [("dp", dict(dp=world), False, "1f1b"), ("tp", dict(tp=world), False, "1f1b"),
+           ("tp+sp", dict(tp=world), True, "1f1b"), ("pp gpipe", dict(pp=world), False, "gpipe"),
+           ("pp 1f1b", dict(pp=world), False, "1f1b")]
+    if world == 4:
+        out += [("dp2 x tp2", dict(dp=2, tp=2), False, "1f1b"), ("dp2 x pp2", dict(dp=2, pp=2), False, "1f1b")]
+    return out
+
+
+def _measured_bubble(mm, xs, ys, schedule):
+    """One pipelined step with timestamps; returns (measured bubble, formula) as seen over all stages."""
+    events = []
+    dist.barrier(group=mm.mesh.pp_group)
+    run_pipeline(mm.inner, mm.mesh.pp_ranks, xs, ys, schedule, events)
+    busy = sum(t1 - t0 for _, _, t0, t1 in events)
+    span = torch.tensor([min(e[2] for e in events), -max(e[3] for e in events), busy], dtype=torch.float64)
+    lo, hi = span[:2].clone(), span[2:].clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=mm.mesh.pp_group)      # earliest start, latest end
+    dist.all_reduce(hi, group=mm.mesh.pp_group)                           # busy seconds over all stages
+    p, m = mm.mesh.pp, len(xs)
+    return 1 - float(hi) / (p * float(-lo[1] - lo[0])), (p - 1) / (m + p - 1)
+
+
+def bench_parallel(args):
+    """One rank of `bench --parallel`."""
+    rank, world, _ = init_distributed(args.backend)
+    try:
+        cfg = M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
+                            num_layers=args.num_layers, num_heads=args.num_heads)
+        torch.manual_seed(0)
+        full_sd = M.TransformerLM.from_config(cfg).state_dict()
+        G = args.batch_size * world
+        g = torch.Generator().manual_seed(1)
+        x, y = (torch.randint(0, cfg.vocab_size, (G, cfg.context_length), generator=g) for _ in range(2))
+        setups = []
+        for name, sizes, sp, sched in _parallel_layouts(world):
+            mesh = DeviceMesh(**sizes)
+            mm = MeshModel(cfg, full_sd, mesh, sp, sched, micro_batches=args.micro_batches)
+            rows = slice(mesh.dp_rank * G // mesh.dp, (mesh.dp_rank + 1) * G // mesh.dp)
+            opt = T.AdamW(mm.parameters(), lr=1e-4)
+            setups.append((name, mm, opt, x[rows], y[rows]))
+        times = collections.defaultdict(list)
+        for _ in range(args.rounds):
+            for name, mm, opt, xs, ys in setups:
+                dist.barrier()
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                mm.forward_backward(xs, ys)
+                opt.step()
+                dist.barrier()
+                times[name].append(time.perf_counter() - t0)
+        rank0_print(f"bench --parallel: {machine_label()}; {world} {dist.get_backend()} ranks; d {cfg.d_model}, "
+                    f"{cfg.num_layers} layers, vocab {cfg.vocab_size}; global batch {G} x {cfg.context_length}; "
+                    f"median of {args.rounds} interleaved rounds")
+        rank0_print(f"{'layout':12s}{'ms/step':>10s}{'vs dp':>8s}{'state MB/rank (max)':>22s}")
+        base = _median(times["dp"])
+        for name, mm, opt, _, _ in setups:
+            state = sum(p.numel() * p.element_size() * 4 for p in mm.parameters())   # weights, grads, 2 moments
+            worst = all_reduce_host(torch.tensor([float(state)]), op=dist.ReduceOp.MAX)
+            rank0_print(f"{name:12s}{1000 * _median(times[name]):10.1f}{_median(times[name]) / base:8.2f}"
+                        f"{float(worst) / 2**20:22.2f}")
+        rank0_print(f"{'schedule':10s}{'m':>4s}{'bubble measured':>17s}{'formula':>9s}")
+        for name, mm, _, xs, ys in setups:
+            if mm.mesh.pp > 1 and mm.mesh.dp == 1:
+                for m in (1, 2, 4, 8):
+                    if xs.shape[0] >= m:
+                        meas, formula = _measured_bubble(mm, list(xs.chunk(m)), list(ys.chunk(m)), mm.schedule)
+                        rank0_print(f"{mm.schedule:10s}{m:4d}{meas:17.3f}{formula:9.3f}")
+    finally:
+        cleanup_distributed()
+
+
+def measure_plan_step(cfg, mesh, sp=False, batch=8, micro_batches=4, seed=0):
+    """One real step on this rank of `mesh` (AdamW, random tokens): its parameter, gradient and AdamW numbers,
+    the payload of every collective (COMM_COUNT) and the bytes of the tensors autograd saved in forward."""
+    global COMM_COUNT
+    torch.manual_seed(seed)
+    full = M.TransformerLM.from_config(cfg)
+    mm = MeshModel(cfg, full.state_dict(), mesh, sp, "1f1b", micro_batches)
+    del full
+    opt = T.AdamW(mm.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), generator=g) for _ in range(2))
+    # Activation memory is what autograd keeps from forward for backward. A saved-tensors hook sees every tensor it
+    # keeps; summing distinct storages gives the bytes alive at the end of forward (weights autograd saves for the
+    # matmul backward are counted too, and views of one storage once). This is the number SP shrinks: the norms'
+    # inputs and the residual stream become (B, T/tp, d) per rank, while the attention and MLP insides already
+    # were split by TP. With PP it is the in-flight micro-batches' activations on this stage.
+    saved = {}
+
+    def pack(t):                                  # count each saved storage once (views share one)
+        if t.device.type != "meta":
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    COMM_COUNT = collections.Counter()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mm.forward_backward(x, y)
+        comm = dict(COMM_COUNT)
+    finally:
+        COMM_COUNT = None
+    opt.step()
+    numel = lambda ts: sum(t.numel() for t in ts)                            # noqa: E731
+    return dict(params=numel(mm.parameters()), grads=numel(p.grad for p in mm.parameters() if p.grad is not None),
+                adamw=numel(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()),
+                activation_bytes=sum(saved.values()), comm=comm)
+
+
 def collectives_tour():
     """Print what each collective does on tiny tensors (run: python ddp.py tour, or under torchrun)."""
     rank, world, device = init_distributed()
@@ -2936,6 +3132,10 @@ def check_train_args(args, world):
 
 def _mesh_arg_checks(args, cfg, world):
     """(condition, message) pairs for --tp/--pp/--sp: the mesh must tile the world and the model must split."""
+    # All of this is decided from the command line alone, before any process group, data or model exists: a mesh
+    # that does not fit would otherwise surface as a hang in the first collective, or as a shape error deep inside
+    # a layer. The vocabulary split is checked with --vocab-size, the size BPE is trained to (train_mesh checks the
+    # trained tokenizer's real size again, in case a small corpus stopped it short).
     tp, pp = args.tp, args.pp
     checks = [(tp >= 1, f"--tp must be >= 1, got {tp}"), (pp >= 1, f"--pp must be >= 1, got {pp}"),
               (args.micro_batches >= 1, f"--micro-batches must be >= 1, got {args.micro_batches}"),
@@ -3111,6 +3311,9 @@ def bench_main(argv):
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     p.add_argument("--steps", type=int, default=3, help="steps per strategy per round")
     p.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
+    p.add_argument("--parallel", action="store_true", help="instead: dp / tp / tp+sp / pp (GPipe, 1F1B) layouts "
+                   "side by side (2 or 4 ranks), and the pipeline bubble measured vs (p-1)/(m+p-1)")
+    p.add_argument("--micro-batches", type=int, default=4, help="--parallel: pipeline micro-batches per step")
     args = p.parse_args(argv)
     sizes = (args.rounds, args.steps, args.batch_size, args.vocab_size, args.d_model, args.num_layers,
              args.num_heads, args.context_length)
@@ -3118,6 +3321,16 @@ def bench_main(argv):
         raise UsageError("--rounds, --steps, --batch-size and the model sizes must be >= 1, --bucket-mb > 0")
     if args.d_model % args.num_heads:
         raise UsageError(f"--d-model {args.d_model} must be divisible by --num-heads {args.num_heads}")
+    if args.parallel:
+        if args.nproc not in (2, 4) and not _under_launcher():
+            raise UsageError(f"bench --parallel runs on 2 or 4 ranks, got --nproc {args.nproc}")
+        try:
+            check_tp_config(M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length,
+                                          d_model=args.d_model, num_layers=args.num_layers,
+                                          num_heads=args.num_heads), args.nproc)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return _run_maybe_spawned(bench_parallel, args)
     bad = [s for s in args.strategies.split(",") if s not in STRATEGIES + ("local",)]
     if bad:
         raise UsageError(f"--strategies: unknown {bad}; choose from {', '.join(STRATEGIES + ('local',))}")
@@ -3135,7 +3348,92 @@ def tour_main(argv):
     return _run_maybe_spawned(_tour_entry, p.parse_args(argv))
 
 
-COMMANDS = {"bench": bench_main, "bench-comm": bench_comm_main, "tour": tour_main}
+def _plan_model_config(args):
+    return M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
+                         num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                         d_ff=args.d_ff)
+
+
+def _plan_entry(args):
+    """One rank of `plan --check`: a real step on the mesh; rank 0 gathers every rank's measurement and prints."""
+    # every rank measures its own step (its shard, its stage); the first rank of each pipeline stage speaks for the
+    # stage (all dp and tp ranks of one stage hold the same amounts)
+    init_distributed(args.backend)
+    try:
+        mesh = DeviceMesh(args.dp, args.tp, args.pp)
+        got = measure_plan_step(_plan_model_config(args), mesh, args.sp, args.batch_size, args.micro_batches)
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, (mesh.pp_rank, got))
+        if dist.get_rank() == 0:
+            _print_plan(args, {s: g for s, g in reversed(every)})
+    finally:
+        cleanup_distributed()
+
+
+# Reading the plan: params/grads/adamw are what this rank stores (x 4 bytes in fp32 training: weights, gradients and
+# two moments: 16 bytes per parameter, split by tp and pp). The traffic rows are per step; dividing by the link's
+# bandwidth gives the communication time to hide behind compute. TP's rows grow with batch x context (tokens), DP's
+# with the parameter count, PP's only with the activations at one boundary.
+
+
+def _print_plan(args, measured=None):
+    """The plan as a table (MB at --bytes per number), one block per pipeline stage, measured values alongside."""
+    cfg = _plan_model_config(args)
+    plan = parallel_plan(cfg, args.dp, args.tp, args.pp, args.sp, args.batch_size, args.micro_batches)
+    mb = lambda n: f"{n * args.bytes / 2**20:10.3f}"                        # noqa: E731
+    print(f"plan: mesh dp={args.dp} x tp={args.tp} x pp={args.pp}{' +sp' if args.sp else ''}; {args.batch_size} x "
+          f"{cfg.context_length} tokens per dp rank per step; MB at {args.bytes} bytes per number")
+    for s, row in plan.items():
+        got = (measured or {}).get(s)
+        print(f"stage {s}:{'':22s}{'formula':>10s}" + (f"{'measured':>12s}" if got else ""))
+        for k in ("params", "grads", "adamw"):
+            print(f"  {k:28s}{mb(row[k])}" + (f"  {mb(got[k])}" if got else ""))
+        for kind in sorted(set(row["comm"]) | set((got or {}).get("comm", {}))):
+            print(f"  {kind + ' per step':28s}{mb(row['comm'].get(kind, 0))}" +
+                  (f"  {mb(got['comm'].get(kind, 0))}" if got else ""))
+        if got:
+            print(f"  {'saved activations (measured)':28s}{'':10s}  {got['activation_bytes'] / 2**20:10.3f}")
+    if measured is not None:
+        same = all(measured[s][k] == plan[s][k] for s in plan for k in ("params", "grads", "adamw")) and \
+            all(measured[s]["comm"] == plan[s]["comm"] for s in plan)
+        print("plan: every formula equals the measured step" if same else "plan: MISMATCH between formula and step")
+
+
+def plan_main(argv):
+    """`ddp.py plan`: the formulas for a model and mesh (no processes needed, any size), and with --check the same
+    step run for real on dp*tp*pp local processes, every number printed next to its formula. The defaults are a
+    GPT-2-small-sized model (12 layers, d 768, 12 heads) at 8 x 1024 tokens per dp rank."""
+    # The formulas need no process group, so `plan` answers for models far larger than this machine could hold
+    # (that is what it is for: choosing tp and pp before renting the devices); --check proves the same code path
+    # on a model small enough to run here.
+    p = _tool_parser("plan", "Per-rank parameter, gradient, AdamW and communication volume of one training step on "
+                             "a (dp, tp, pp) mesh; --check runs the step on dp*tp*pp local processes and measures.")
+    for name, default in (("vocab-size", 32768), ("context-length", 1024), ("d-model", 768), ("num-layers", 12),
+                          ("num-heads", 12), ("num-kv-heads", None), ("d-ff", None), ("dp", 1), ("tp", 1),
+                          ("pp", 1), ("batch-size", 8), ("micro-batches", 4), ("bytes", 4)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    p.add_argument("--check", action="store_true", help="also run and measure one step (small models only)")
+    args = p.parse_args(argv)
+    try:
+        cfg = _plan_model_config(args)
+        check_mesh(args.dp, args.tp, args.pp, args.dp * args.tp * args.pp)
+        check_tp_config(cfg, args.tp)
+        _split_layers(cfg.num_layers, args.pp)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.tp > 1 and args.pp > 1:
+        raise UsageError("--tp and --pp together (tensor-parallel pipeline stages) are not supported")
+    if args.sp and (args.tp == 1 or cfg.context_length % args.tp):
+        raise UsageError("--sp needs --tp > 1 and --context-length divisible by it")
+    if not args.check:
+        _print_plan(args)
+        return 0
+    args.nproc = args.dp * args.tp * args.pp
+    return _run_maybe_spawned(_plan_entry, args)
+
+
+COMMANDS = {"bench": bench_main, "bench-comm": bench_comm_main, "tour": tour_main, "plan": plan_main}
 
 
 def main(argv=None):
