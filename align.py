@@ -1384,8 +1384,11 @@ def resume_stage(path: Path, cfg: AlignConfig, model, opt, init_info: dict, log:
     # "the same run" = the same stage from the same starting weights; other options (e.g. --steps, to extend
     # a finished run) may change between the killed run and the resumed one
     old = ckpt.get("align_config", {})
+    # configs compared after a round trip through ModelConfig, so a checkpoint written before a new (default-off)
+    # switch existed still matches: its missing field takes the default the current code would use
+    saved_cfg = M.ModelConfig.from_dict(ckpt.get("model_config") or {}).to_dict() if ckpt.get("model_config") else None
     if old.get("stage") != cfg.stage or ckpt.get("init", {}).get("path") != init_info["path"] \
-            or ckpt.get("model_config") != init_info["model_config"]:
+            or saved_cfg != M.ModelConfig.from_dict(init_info["model_config"]).to_dict():
         raise ValueError(f"{path} holds another run (stage {old.get('stage')!r} from "
                          f"{ckpt.get('init', {}).get('path')!r}); choose another --out-dir or delete it")
     M.load_model_state(model, ckpt["model"])  # strict: every key and shape must fit
