@@ -1702,18 +1702,10 @@ _STAGE_HELP = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is ONE line on stderr (exit status 2), not usage + error."""
-
-    def error(self, message):
-        """Replaces argparse's usage dump + error with the error alone (the usage is one --help away)."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line: no command runs the demo; sft/ei/grpo/dpo take every AlignConfig field as a flag
     (generated from the dataclass, so a new option is one line there); eval and bench have their own."""
-    p = _Parser(prog="align.py", description="Stage 8: SFT, expert iteration, GRPO, DPO and "
+    p = tk.OneLineParser(prog="align.py", description="Stage 8: SFT, expert iteration, GRPO, DPO and "
                                 "evaluation. No command: the whole demo (pretrain -> SFT -> EI | GRPO | DPO).")
     p.add_argument("--out-dir", default="runs/align", help="demo run folder (default runs/align)")
     p.add_argument("--seed", type=int, default=0)

@@ -1834,22 +1834,14 @@ def bench(args) -> list[str]:
 # =====================================================================================================
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line on stderr (exit 2) instead of usage + message."""
-    # The usage text of a five-subcommand tool buries the one line that says what was wrong.
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def get_parser() -> argparse.ArgumentParser:
     """The command line's parser: subcommands demo (default), run, download, inspect, train-quality, bench."""
     # One subcommand per job a user has: demo (learn what the filters do), run (make training data),
     # download (get real crawl files), inspect (look at what was dropped), train-quality, bench.
-    p = _Parser(prog="data.py", description="ScratchLM stage 7: web crawl -> filtered, deduplicated training "
+    p = tk.OneLineParser(prog="data.py", description="ScratchLM stage 7: web crawl -> filtered, deduplicated training "
                 "tokens. With no subcommand: the offline demo (synthetic crawl with known truth, precision/recall "
                 "of every filter, raw vs filtered models).")
-    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", parser_class=tk.OneLineParser)
     d = sub.add_parser("demo", help="the offline demo (also what `python data.py` runs)")
     d.add_argument("--out", default="data_cache/data-demo", help="work folder (default data_cache/data-demo)")
     d.add_argument("--pages", type=int, default=1200, help="pages in the synthetic crawl (default 1200)")

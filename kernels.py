@@ -103,7 +103,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from tokenizer import atomic_open, machine_label
+from tokenizer import OneLineParser, atomic_open, machine_label
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton setup. TRITON_INTERPRET must be in the environment BEFORE the @triton.jit decorators below run (triton
@@ -2097,7 +2097,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser class, whose subparsers inherit it)."""
     import train as T
 
-    p = T._Parser(prog="kernels.py",
+    p = OneLineParser(prog="kernels.py",
                   description="ScratchLM stage 4: Triton kernels (fused RMSNorm, FlashAttention-2).")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time Triton kernels vs their peers (tables: ms, GB/s or TFLOP/s, ratios)")

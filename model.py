@@ -3187,19 +3187,10 @@ def cmd_generate(args) -> None:
 
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is ONE line on stderr and exit status 2 (no usage dump)."""
-
-    def error(self, message):
-        # argparse prints the whole usage block first; a one-line error keeps scripts' logs readable
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The three subcommands. Defaults are chosen so each runs as written on a laptop CPU: `table` and
     `bench` need nothing else; `generate` needs a checkpoint (from train.py) or --pretrained gpt2."""
-    p = _OneLineParser(prog="model.py", description="ScratchLM stage 2: the Transformer LM. Print the accounting "
+    p = tk.OneLineParser(prog="model.py", description="ScratchLM stage 2: the Transformer LM. Print the accounting "
                        "table, generate from a checkpoint or pretrained GPT-2, or run the benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -3360,7 +3351,7 @@ def main(argv: Optional[list] = None) -> None:
     """Parse, check every option, run. Usage errors and bad inputs (a corrupt checkpoint, an id outside
     the vocabulary, no network for a download) are one line on stderr with exit status 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)  # unknown options and unparsable values: one line, exit 2 (_OneLineParser)
+    args = parser.parse_args(argv)  # unknown options and unparsable values: one line, exit 2 (tokenizer.OneLineParser)
     problem = _check_args(args)     # ranges and files: the same, still before any work
     if problem:
         parser.error(problem)

@@ -1377,20 +1377,13 @@ def _shard(s):
     return (k, n)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (`scaling.py: error: ...`) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def get_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = tk.OneLineParser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Scaling laws: fit IsoFLOPs and parametric laws, run and verify sweeps, "
                                             "test muP learning-rate transfer.", epilog=_FORMATS)
     # one subcommand per job: sweep (train + fit + verify), fit (files or folders), lr-transfer (muP), bench,
     # shapes (the depth table). Sweep flags mirror SweepSpec's fields one to one, with its defaults.
-    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", parser_class=tk.OneLineParser)
     s = sub.add_parser("sweep", help="train an IsoFLOPs sweep through train.py (resumable, shardable), fit, verify",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=_SWEEP_DOC)
     d = SweepSpec()
@@ -1635,7 +1628,7 @@ def main(argv=None):
     if args.cmd is None:
         parser.print_help()
         return 0
-    # usage errors were already handled by _Parser; here, errors about the INPUT (a bad file, a budget too
+    # usage errors were already handled by OneLineParser; here, errors about the INPUT (a bad file, a budget too
     # small) get the same one-line treatment: they are the user's to fix, not bugs with a traceback
     handlers = dict(sweep=sweep_main, fit=fit_main, bench=bench_main, shapes=shapes_main)
     handlers["lr-transfer"] = lr_main

@@ -1157,6 +1157,15 @@ def machine_label():
     return label
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage error is ONE line on stderr (`prog: error: ...`) and exit status 2. argparse's own
+    error() prints the whole usage block first, which buries the one line that says what was wrong. Every
+    stage's command line uses it (subcommand parsers inherit the class)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def peak_rss_mb():
     """This process's peak resident memory in MB (Linux VmHWM; else ru_maxrss, which on Linux survives exec
     and so can include the parent's peak -- hence VmHWM first)."""
@@ -1736,20 +1745,13 @@ def demo():
     print("\nnext: python tokenizer.py train --input FILE --vocab-size 10000 --special-tokens '<|endoftext|>' --out DIR")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a usage error printed as ONE line (no usage block) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 MAX_VOCAB = 2 ** 32  # ids must fit the uint32 of a token file (`token_dtype`)
 SPECIAL_TEXT = {"special": ("all", ()), "ordinary": (set(), ()), "error": (set(), "all")}  # --special-text
 
 
 def build_parser():
     """The command line: train, encode and bench subcommands; no subcommand runs the demo."""
-    p = _Parser(prog="tokenizer.py", description="ScratchLM stage 1: byte-level BPE tokenizer. With no "
+    p = OneLineParser(prog="tokenizer.py", description="ScratchLM stage 1: byte-level BPE tokenizer. With no "
                                                  "subcommand: a small demo that trains on this file's own text.")
     sub = p.add_subparsers(dest="cmd")
     t = sub.add_parser("train", help="train a BPE tokenizer on a UTF-8 text file")
