@@ -1168,6 +1168,7 @@ COMM_COUNT = None
 
 
 def _count(kind, numel):
+    """Add `numel` numbers to this step's total for the collective `kind` (only while plan --check measures)."""
     if COMM_COUNT is not None:
         COMM_COUNT[kind] += numel
 
@@ -1202,10 +1203,12 @@ class _ReduceFromTP(torch.autograd.Function):
 
 
 def copy_to_tp(x, group):
+    """f: enter a TP region. x (any shape) is returned as is; its gradient is summed over the group."""
     return x if dist.get_world_size(group) == 1 else _CopyToTP.apply(x, group)    # (tp = 1: nothing to sum)
 
 
 def reduce_from_tp(x, group):
+    """g: leave a TP region. The ranks' partial results are summed; the gradient passes through unchanged."""
     return x if dist.get_world_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
@@ -1250,6 +1253,7 @@ class _ScatterSeq(torch.autograd.Function):
 
 
 def _reduce_scatter_seq(x, group):
+    """(B, T, d) partial sums on every rank -> rank r's (B, T/tp, d) slice of their total (sequence chunk r)."""
     chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=1)]
     out = torch.empty_like(chunks[0])
     _count("tp reduce-scatter", x.numel())
@@ -1258,10 +1262,12 @@ def _reduce_scatter_seq(x, group):
 
 
 def gather_seq(x, group):
+    """SP's f: (B, T/tp, d) sequence shards -> the full (B, T, d) on every rank (backward: reduce-scatter)."""
     return _GatherSeq.apply(x, group)
 
 
 def scatter_seq(x, group):
+    """SP's g: (B, T, d) partial sums -> this rank's (B, T/tp, d) shard of the total (backward: all-gather)."""
     return _ScatterSeq.apply(x, group)
 
 
@@ -1573,6 +1579,8 @@ class _RingPass(torch.autograd.Function):
 
 
 def _ring_hop(x, group, step):
+    """Send x to the rank `step` places along the ring, return what arrives from `step` places back."""
+    # (step +1 in forward: K/V move right; -1 in backward: their gradients travel back left to their owners)
     ranks = dist.get_process_group_ranks(group)
     i = ranks.index(dist.get_rank())
     x = x.contiguous()
@@ -1884,6 +1892,9 @@ class MeshModel(nn.Module):
         if sequence_parallel and mesh.tp == 1:
             raise ValueError("sequence parallelism (--sp) splits the sequence over the tp ranks: it needs tp > 1")
         self.mesh, self.schedule, self.micro_batches = mesh, schedule, micro_batches
+        # Inside one dp replica the model is either split by tensors (every rank runs every layer on a slice of
+        # every matrix) or by layers (each rank runs a few whole layers). Both are built from the same full state
+        # dict, so the layout is a choice at load time, never a property of the checkpoint.
         if mesh.pp > 1:
             dt = full_sd["lm_head.weight"].dtype
             full = M.TransformerLM.from_config(cfg, device=full_sd["lm_head.weight"].device, dtype=dt)
@@ -1961,6 +1972,8 @@ class MeshModel(nn.Module):
 
     def full_state(self, optimizer=None):
         """(full model state dict, full optimizer state {name: {step, exp_avg, exp_avg_sq, ...}} or None)."""
+        # AdamW's moments have their parameter's shape, so they are split, gathered and re-split exactly like it;
+        # keyed by parameter NAME (not position), so a layout with other parameter objects can take them back.
         model_sd = self._full({n: p for n, p in self.inner.named_parameters()})
         if optimizer is None:
             return model_sd, None
@@ -2606,6 +2619,8 @@ def _parallel_layouts(world):
 
 def _measured_bubble(mm, xs, ys, schedule):
     """One pipelined step with timestamps; returns (measured bubble, formula) as seen over all stages."""
+    # time.perf_counter is CLOCK_MONOTONIC on Linux, one clock for all processes of a machine, so stages' start
+    # and end times compare directly (across machines they would need a clock offset first)
     events = []
     dist.barrier(group=mm.mesh.pp_group)
     run_pipeline(mm.inner, mm.mesh.pp_ranks, xs, ys, schedule, events)
@@ -2620,6 +2635,12 @@ def _measured_bubble(mm, xs, ys, schedule):
 
 def bench_parallel(args):
     """One rank of `bench --parallel`."""
+    # What to expect on CPU processes with gloo: every layout does the same arithmetic, so the differences are the
+    # communication each adds and how little of it overlaps here -- TP's per-layer all-reduces sit on the critical
+    # path, SP swaps each for a gather + scatter pair (same payload, twice the calls), PP idles in its bubble. The
+    # memory column is the one that shows why they exist: TP and PP hold 1/N of the training state per rank.
+    # The measured bubble includes the point-to-point transfers and Python overhead of each action, so it lies
+    # above the formula, which assumes free communication; the gap shrinks as per-micro-batch compute grows.
     rank, world, _ = init_distributed(args.backend)
     try:
         cfg = M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
@@ -2636,6 +2657,8 @@ def bench_parallel(args):
             rows = slice(mesh.dp_rank * G // mesh.dp, (mesh.dp_rank + 1) * G // mesh.dp)
             opt = T.AdamW(mm.parameters(), lr=1e-4)
             setups.append((name, mm, opt, x[rows], y[rows]))
+        # interleaved: round r times every layout once, so a slow moment of the machine hits them all alike; the
+        # barriers make each step's time the slowest rank's (a step is done when every rank is done)
         times = collections.defaultdict(list)
         for _ in range(args.rounds):
             for name, mm, opt, xs, ys in setups:
@@ -2651,6 +2674,8 @@ def bench_parallel(args):
                     f"median of {args.rounds} interleaved rounds")
         rank0_print(f"{'layout':12s}{'ms/step':>10s}{'vs dp':>8s}{'state MB/rank (max)':>22s}")
         base = _median(times["dp"])
+        # state per rank: weights + gradients + AdamW's two moments = 4 numbers per parameter this rank holds; the
+        # largest rank is reported (a pipeline's first and last stages also hold the embedding and the head)
         for name, mm, opt, _, _ in setups:
             state = sum(p.numel() * p.element_size() * 4 for p in mm.parameters())   # weights, grads, 2 moments
             worst = all_reduce_host(torch.tensor([float(state)]), op=dist.ReduceOp.MAX)
@@ -3349,6 +3374,7 @@ def tour_main(argv):
 
 
 def _plan_model_config(args):
+    """The model.ModelConfig that `plan` describes (default d_ff / num_kv_heads resolved by ModelConfig)."""
     return M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
                          num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                          d_ff=args.d_ff)
