@@ -1306,18 +1306,15 @@ ALIGN_FORMAT = "scratchlm-checkpoint-v1"  # train.py's format, plus align's own 
 
 
 def find_tokenizer(ckpt_path: Path, ckpt: dict):
-    """The tokenizer saved next to a checkpoint (train.py's run folder layout), checked against the
-    fingerprint the checkpoint recorded (a tokenizer from another corpus would silently garble every id)."""
-    # next to the checkpoint first (a moved run folder still works), then the absolute path it recorded
-    candidates = [ckpt_path.parent / "tokenizer", Path(str(ckpt.get("tokenizer_dir", "")))]
-    folder = next((c for c in candidates if (c / "vocab.json").exists()), None)
+    """The tokenizer saved next to a checkpoint (train.py's run folder layout, found by model.py's
+    find_tokenizer_dir), checked against the fingerprint the checkpoint recorded: a tokenizer from another
+    corpus would silently garble every id."""
+    folder = M.find_tokenizer_dir(ckpt_path, ckpt)
     if folder is None:
-        raise FileNotFoundError(f"no tokenizer for {ckpt_path} (looked in {', '.join(map(str, candidates))})")
-    tok = tk.Tokenizer.load(str(folder))
-    want = ckpt.get("tokenizer_fingerprint")
-    if want and tok.fingerprint() != want:
-        raise ValueError(f"tokenizer in {folder} (fingerprint {tok.fingerprint()}) is not the one {ckpt_path} was "
-                         f"trained with ({want})")
+        raise FileNotFoundError(f"no tokenizer for {ckpt_path} (looked in {ckpt_path.parent / 'tokenizer'} and "
+                                f"{ckpt.get('tokenizer_dir')!r})")
+    tok = tk.Tokenizer.load(folder)
+    M.check_tokenizer_matches(ckpt, tok, ckpt_path)
     return tok
 
 
