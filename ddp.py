@@ -1468,47 +1468,66 @@ class TPTransformerLM(nn.Module):
     its shard); `full_state_dict()` gathers it back under TransformerLM's names. forward(ids, targets) -> the mean
     cross-entropy computed from vocabulary-split logits (the full (B, T, V) logits never exist anywhere).
     sequence_parallel=True: Megatron-SP between the TP regions; call finish_gradient_synchronization() after
-    backward (the replicated norm weights' gradients are per-shard partial sums)."""
+    backward (the replicated norm weights' gradients are per-shard partial sums).
+    stage, num_stages: keep only pipeline stage `stage`'s layers (the embedding on the first, the head and loss on
+    the last): a TP-split pipeline stage, which run_pipeline drives like a PipelineStage."""
 
-    def __init__(self, cfg, full_sd, group=None, sequence_parallel=False):
+    def __init__(self, cfg, full_sd, group=None, sequence_parallel=False, stage=0, num_stages=1):
         super().__init__()
         group = group if group is not None else dist.group.WORLD
-        check_tp_config(cfg, dist.get_world_size(group))
-        self.cfg, self.group, self.sp = cfg, group, sequence_parallel
+        tp = dist.get_world_size(group)
+        check_tp_config(cfg, tp)
+        self.cfg, self.group, self.sp, self.d_model = cfg, group, sequence_parallel, cfg.d_model
+        bounds = _split_layers(cfg.num_layers, num_stages)
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.layer_ids = range(bounds[stage], bounds[stage + 1])
+        self.vocab_lo = dist.get_rank(group) * (cfg.vocab_size // tp)      # first vocabulary id of this rank
         sd = {k: v.detach() for k, v in full_sd.items()}
         dt, dev = sd["lm_head.weight"].dtype, sd["lm_head.weight"].device    # shards keep the full model's dtype
-        self.token_embeddings = VocabParallelEmbedding(sd["token_embeddings.weight"], group, sequence_parallel)
+        if self.first:
+            self.token_embeddings = VocabParallelEmbedding(sd["token_embeddings.weight"], group, sequence_parallel)
         self.rope = M.RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length,
                                                 device=sd["lm_head.weight"].device) if cfg.position == "rope" else None
-        self.layers = nn.ModuleList()
-        for i in range(cfg.num_layers):
+        self.layers = nn.ModuleDict()                                        # keyed by the GLOBAL layer index
+        for i in self.layer_ids:
             block = nn.Module()
             block.ln1, block.ln2 = (M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt) for _ in range(2))
             block.ln1.weight.data.copy_(sd[f"layers.{i}.ln1.weight"])
             block.ln2.weight.data.copy_(sd[f"layers.{i}.ln2.weight"])
             block.attn = TPAttention(cfg, sd, f"layers.{i}.attn.", self.rope, group, sequence_parallel)
             block.ffn = TPSwiGLU(sd, f"layers.{i}.ffn.", group, sequence_parallel)
-            self.layers.append(block)
-        self.ln_final = M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt)
-        self.ln_final.weight.data.copy_(sd["ln_final.weight"])
-        # (V/tp, d): this rank's logits; under SP the all-gather before it already plays f's part
-        self.lm_head = ColumnParallelLinear(sd["lm_head.weight"], group, copy_input=not sequence_parallel)
+            self.layers[str(i)] = block
+        if self.last:
+            self.ln_final = M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt)
+            self.ln_final.weight.data.copy_(sd["ln_final.weight"])
+            # (V/tp, d): this rank's logits; under SP the all-gather before it already plays f's part
+            self.lm_head = ColumnParallelLinear(sd["lm_head.weight"], group, copy_input=not sequence_parallel)
 
-    def forward(self, ids, targets):
-        T, tp = ids.shape[1], dist.get_world_size(self.group)
+    def activation_shape(self, batch, seq):
+        """The (b, T, d) activations a pipeline passes between stages: (b, T/tp, d) sequence shards under SP."""
+        return (batch, seq // dist.get_world_size(self.group) if self.sp else seq, self.d_model)
+
+    def forward(self, x, targets=None):
+        """ids (B, T) on the first stage, else the previous stage's activations -> the next stage's activations,
+        or (last stage) the mean cross-entropy against targets."""
+        tp = dist.get_world_size(self.group)
+        T = x.shape[1] if self.first else x.shape[1] * (tp if self.sp else 1)
         if self.sp and T % tp:
             raise ValueError(f"sequence parallelism over {tp} ranks needs a sequence length divisible by {tp}, "
                              f"got {T}")
-        pos = torch.arange(T, device=ids.device)
-        x = self.token_embeddings(ids)                       # (B, T, d) all-reduced (SP: (B, T/tp, d) scattered)
-        for block in self.layers:
+        pos = torch.arange(T, device=x.device)
+        if self.first:
+            x = self.token_embeddings(x)                     # (B, T, d) all-reduced (SP: (B, T/tp, d) scattered)
+        for block in self.layers.values():
             x = x + block.attn(block.ln1(x), pos)                            # one all-reduce (inside output_proj)
             x = x + block.ffn(block.ln2(x))                                  # one all-reduce (inside w2)
+        if not self.last:
+            return x
         h = self.ln_final(x)
         if self.sp:
             h = gather_seq(h, self.group)                                    # (B, T, d) for the vocab-split head
         local_logits = self.lm_head(h)                                       # (B, T, V/tp): f inside
-        return vocab_parallel_cross_entropy(local_logits, targets, self.token_embeddings.lo, self.group)
+        return vocab_parallel_cross_entropy(local_logits, targets, self.vocab_lo, self.group)
 
     def finish_gradient_synchronization(self):
         """Under SP: sum the replicated (norm) weights' per-shard gradients over the TP group. Without SP every TP
@@ -1745,6 +1764,10 @@ class PipelineStage(nn.Module):
         if self.last:
             self.ln_final, self.lm_head = full_model.ln_final, full_model.lm_head
 
+    def activation_shape(self, batch, seq):
+        """The activations this stage receives and sends: (b, T, d)."""
+        return (batch, seq, self.d_model)
+
     def forward(self, x, targets=None):
         """ids (b, T) on the first stage, activations (b, T, d) elsewhere -> activations, or the loss (last)."""
         # the blocks are TransformerLM's own modules, called exactly as TransformerLM.forward calls them, so a
@@ -1778,7 +1801,7 @@ def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None):
     p, m, s = len(ranks), len(xs), ranks.index(dist.get_rank())
     prev, nxt = (ranks[s - 1] if s > 0 else None), (ranks[s + 1] if s < p - 1 else None)
     inputs, outputs, sends, total = {}, {}, [], 0.0
-    act_shape = (xs[0].shape[0], xs[0].shape[1], stage_module.d_model)
+    act_shape = stage_module.activation_shape(xs[0].shape[0], xs[0].shape[1])
     dtype = next(stage_module.parameters()).dtype
     for kind, i in SCHEDULES[schedule](p, m, s):
         if kind == "F":
@@ -1883,19 +1906,20 @@ class MeshModel(nn.Module):
     """A TransformerLM laid out on a mesh: TP (optionally with SP) or PP inside, DP across. Built from a FULL
     state dict, and `full_state()` returns full (consolidated) model and optimizer state, so a checkpoint written
     at one layout loads at any other. One step: forward_backward(x, y) on this dp rank's rows, then optimizer.step().
-    (TP and PP together -- TP stages inside a pipeline -- are not built; that combination is refused.)"""
+    With tp > 1 and pp > 1 each pipeline stage is itself TP-split (TPTransformerLM with a layer range); every tp
+    rank of stage s sends its activations to the same tp rank of stage s+1."""
 
     def __init__(self, cfg, full_sd, mesh, sequence_parallel=False, schedule="1f1b", micro_batches=4):
         super().__init__()
-        if mesh.tp > 1 and mesh.pp > 1:
-            raise ValueError("tp > 1 together with pp > 1 is not supported (tensor-parallel pipeline stages)")
         if sequence_parallel and mesh.tp == 1:
             raise ValueError("sequence parallelism (--sp) splits the sequence over the tp ranks: it needs tp > 1")
         self.mesh, self.schedule, self.micro_batches = mesh, schedule, micro_batches
         # Inside one dp replica the model is either split by tensors (every rank runs every layer on a slice of
         # every matrix) or by layers (each rank runs a few whole layers). Both are built from the same full state
         # dict, so the layout is a choice at load time, never a property of the checkpoint.
-        if mesh.pp > 1:
+        if mesh.pp > 1 and mesh.tp > 1:                                    # TP-split stages of a pipeline
+            self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel, mesh.pp_rank, mesh.pp)
+        elif mesh.pp > 1:
             dt = full_sd["lm_head.weight"].dtype
             full = M.TransformerLM.from_config(cfg, device=full_sd["lm_head.weight"].device, dtype=dt)
             full.load_state_dict(full_sd)
@@ -1913,6 +1937,8 @@ class MeshModel(nn.Module):
         if mesh.pp > 1:
             m = min(self.micro_batches, x.shape[0])
             loss = run_pipeline(self.inner, mesh.pp_ranks, list(x.chunk(m)), list(y.chunk(m)), self.schedule)
+            if mesh.tp > 1:
+                self.inner.finish_gradient_synchronization()               # SP: the norms' partial gradients
             loss_t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64)
             dist.all_reduce(loss_t, group=mesh.pp_group)                   # only the last stage had it
         else:
@@ -1980,7 +2006,11 @@ class MeshModel(nn.Module):
         named = [(n, p) for n, p in self.inner.named_parameters() if optimizer.state.get(p)]
         keys = sorted({k for _, p in named for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.dim()})
         opt_sd = {n: {k: v for k, v in optimizer.state[p].items() if not (torch.is_tensor(v) and v.dim())}
-                  for n, p in named}
+                  for n, p in named}                                   # step counters and other scalars
+        if self.mesh.pp > 1:                                           # ... of every stage's parameters
+            pieces = [None] * self.mesh.pp
+            dist.all_gather_object(pieces, opt_sd, group=self.mesh.pp_group)
+            opt_sd = {n: v for piece in pieces for n, v in piece.items()}
         for k in keys:                                                     # gather each moment like its parameter
             for n, t in self._full({n: optimizer.state[p][k] for n, p in named}).items():
                 opt_sd.setdefault(n, {})[k] = t
@@ -2095,16 +2125,18 @@ def parallel_plan(cfg, dp=1, tp=1, pp=1, sp=False, batch=8, micro_batches=4):
     bounds, act = _split_layers(L, pp), batch * T * d                        # act: one (b, T, d) activation
     plan = {}
     for s in range(pp):
-        n_layers = bounds[s + 1] - bounds[s]
-        params = n_layers * layer + (V * d // tp if s == 0 else 0) + ((V * d // tp + d) if s == pp - 1 else 0)
+        n_layers, first, last = bounds[s + 1] - bounds[s], s == 0, s == pp - 1
+        params = n_layers * layer + (V * d // tp if first else 0) + ((V * d // tp + d) if last else 0)
         comm = collections.Counter()
+        # TP: 2 per layer forward and 2 backward, + the embedding's g (first stage), + the head's f (last stage)
+        regions = 4 * n_layers + first + last
         if tp > 1 and not sp:
-            comm["tp all-reduce"] = (4 * L + 2) * act + 3 * batch * T
+            comm["tp all-reduce"] = regions * act + 3 * batch * T * last
         if tp > 1 and sp:
-            comm["tp all-gather"] = comm["tp reduce-scatter"] = (4 * L + 2) * act
-            comm["tp all-reduce"] = 3 * batch * T + (2 * L + 1) * d
-        if pp > 1:
-            comm["pp send"] = act * ((s < pp - 1) + (s > 0))                 # activations on, gradients back
+            comm["tp all-gather"] = comm["tp reduce-scatter"] = regions * act
+            comm["tp all-reduce"] = 3 * batch * T * last + (2 * n_layers + last) * d   # loss; norm-weight grads
+        if pp > 1:   # activations on, gradients back; under SP each tp rank passes its (b, T/tp, d) shard
+            comm["pp send"] = (act // tp if sp else act) * ((s < pp - 1) + (s > 0))
         if dp > 1:
             comm["dp all-reduce"] = params
         plan[s] = dict(params=params, grads=params, adamw=2 * params, comm=dict(comm))
@@ -2613,7 +2645,8 @@ def _parallel_layouts(world):
            ("tp+sp", dict(tp=world), True, "1f1b"), ("pp gpipe", dict(pp=world), False, "gpipe"),
            ("pp 1f1b", dict(pp=world), False, "1f1b")]
     if world == 4:
-        out += [("dp2 x tp2", dict(dp=2, tp=2), False, "1f1b"), ("dp2 x pp2", dict(dp=2, pp=2), False, "1f1b")]
+        out += [("dp2 x tp2", dict(dp=2, tp=2), False, "1f1b"), ("dp2 x pp2", dict(dp=2, pp=2), False, "1f1b"),
+                ("tp2 x pp2", dict(tp=2, pp=2), True, "1f1b")]
     return out
 
 
@@ -3169,7 +3202,6 @@ def _mesh_arg_checks(args, cfg, world):
         return checks
     checks += [(world % (tp * pp) == 0, f"--tp {tp} x --pp {pp} = {tp * pp} ranks per model replica does not "
                                         f"divide the world size {world}"),
-               (not (tp > 1 and pp > 1), "--tp and --pp together (tensor-parallel pipeline stages) are not supported"),
                (cfg.optimizer == "adamw", f"--tp/--pp train with --optimizer adamw (got {cfg.optimizer}: Muon and "
                                           f"SOAP need whole weight matrices)"),
                (cfg.max_steps is not None, "--tp/--pp runs need --max-steps (no wall-clock budget)"),
@@ -3448,8 +3480,6 @@ def plan_main(argv):
         _split_layers(cfg.num_layers, args.pp)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.tp > 1 and args.pp > 1:
-        raise UsageError("--tp and --pp together (tensor-parallel pipeline stages) are not supported")
     if args.sp and (args.tp == 1 or cfg.context_length % args.tp):
         raise UsageError("--sp needs --tp > 1 and --context-length divisible by it")
     if not args.check:
