@@ -2714,13 +2714,13 @@ def bench_parallel(args):
             worst = all_reduce_host(torch.tensor([float(state)]), op=dist.ReduceOp.MAX)
             rank0_print(f"{name:12s}{1000 * _median(times[name]):10.1f}{_median(times[name]) / base:8.2f}"
                         f"{float(worst) / 2**20:22.2f}")
-        rank0_print(f"{'schedule':10s}{'m':>4s}{'bubble measured':>17s}{'formula':>9s}")
+        rank0_print(f"{'layout':12s}{'p':>3s}{'m':>4s}{'bubble measured':>17s}{'formula':>9s}")
         for name, mm, _, xs, ys in setups:
             if mm.mesh.pp > 1 and mm.mesh.dp == 1:
                 for m in (1, 2, 4, 8):
                     if xs.shape[0] >= m:
                         meas, formula = _measured_bubble(mm, list(xs.chunk(m)), list(ys.chunk(m)), mm.schedule)
-                        rank0_print(f"{mm.schedule:10s}{m:4d}{meas:17.3f}{formula:9.3f}")
+                        rank0_print(f"{name:12s}{mm.mesh.pp:3d}{m:4d}{meas:17.3f}{formula:9.3f}")
     finally:
         cleanup_distributed()
 
