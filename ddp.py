@@ -2044,7 +2044,18 @@ def _mesh_optimizer(mesh_model, cfg):
 # rate schedule and AdamW settings, clipping by the global norm, and a consolidated checkpoint (written by rank 0
 # after a collective gather, atomically). It leaves out train.train's periodic evaluation, metrics.jsonl, samples and
 # wall-clock budget; a --tp/--pp checkpoint resumes under plain data parallelism (weights; AdamW restarts its
-# moments there) to get those.
+# moments there) to get those. The other way, a data-parallel AdamW checkpoint resumes here with its moments.
+
+
+def _adamw_state_by_name(ckpt):
+    """A data-parallel checkpoint's consolidated optimizer state (keyed by position, with optimizer_param_names)
+    re-keyed by parameter name, if it is AdamW's (exp_avg, exp_avg_sq); None otherwise (Muon's, SOAP's state does not
+    carry over to AdamW: the mesh run then starts its moments at zero)."""
+    names, sd = ckpt.get("optimizer_param_names"), ckpt.get("optimizer")
+    if not names or not isinstance(sd, dict) or not sd.get("state"):
+        return None
+    by_name = {names[int(i)]: dict(st) for i, st in sd["state"].items()}
+    return by_name if all({"exp_avg", "exp_avg_sq"} <= set(st) for st in by_name.values()) else None
 
 
 def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, global_batch_size=None,
@@ -2065,7 +2076,8 @@ def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, g
     full_sd, full_opt = T.build_model(cfg, mcfg.vocab_size).state_dict(), None     # the seed's init, every rank
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        full_sd, full_opt, start = ckpt["model"], ckpt.get("optimizer_by_name"), int(ckpt["iteration"])
+        full_sd, start = ckpt["model"], int(ckpt["iteration"])
+        full_opt = ckpt.get("optimizer_by_name") or _adamw_state_by_name(ckpt)
         say(f"ddp.py: resuming {ckpt_path} at step {start} (written at {ckpt.get('mesh', 'a data-parallel run')})")
     mm = MeshModel(mcfg, {k: v.to(device) for k, v in full_sd.items()}, mesh, sp, schedule, micro_batches)
     opt = _mesh_optimizer(mm, cfg)
