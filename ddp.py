@@ -72,7 +72,7 @@ Reading order
     5. training on N ranks: train.py's loop with this file's hooks, and a wall-clock budget that every rank obeys
        at the same step
     6. tensor parallelism: f/g, column- and row-parallel layers, vocabulary-parallel embedding and cross-entropy;
-       sequence parallelism; ring attention
+       sequence parallelism; ring attention and a context-parallel model
     7. pipeline parallelism: stages, GPipe and 1F1B, the bubble on paper and as a timeline
     8. a (dp, tp, pp) device mesh, consolidated state, and the --tp/--pp training loop
   Appendix: plumbing    process groups, the local launcher, rank agreement checks, data preparation on N ranks,
@@ -1641,6 +1641,65 @@ def ring_attention(q, k, v, T, group=None):
         if hop < p - 1:
             k, v = _RingPass.apply(k, group), _RingPass.apply(v, group)
     return o / l
+
+
+class ContextParallelLM(nn.Module):
+    """Context parallelism for a whole TransformerLM: the sequence is split over the group by ring_layout, every
+    per-token piece (embedding, norms, projections, MLP, head, loss) runs on this rank's tokens only, and attention
+    runs as ring_attention. The weights are the wrapped model's own, replicated on every rank; forward(ids, targets)
+    returns THIS rank's share of the mean loss (the shares sum to it), and finish_gradient_synchronization() sums the
+    replicated weights' gradients over the group after backward (each rank saw only its tokens)."""
+
+    def __init__(self, model, group=None):
+        super().__init__()
+        cfg = model.config
+        bad = {k: getattr(cfg, k) for k, ok in (("mixer", "attention"), ("norm_position", "pre"), ("num_experts", 0),
+               ("dropout", 0.0), ("attn_dropout", 0.0)) if getattr(cfg, k) != ok}
+        if cfg.position not in ("rope", "nope") or cfg.window is not None:
+            bad.update(position=cfg.position, window=cfg.window)
+        if bad:
+            raise ValueError(f"context parallelism supports causal softmax attention with rope/nope positions, "
+                             f"pre-norm, dense FFNs, no dropout; unsupported settings: {bad}")
+        self.model, self.group = model, group if group is not None else dist.group.WORLD
+
+    def _attention(self, attn, x, pos, T):
+        """The block's attention on this rank's tokens x (B, Tl, d), keys and values from the whole ring."""
+        B, Tl, _ = x.shape
+        H, Hkv, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q = attn.q_proj(x).view(B, Tl, H, dh).transpose(1, 2)                    # (B, H, Tl, dh)
+        k = attn.k_proj(x).view(B, Tl, Hkv, dh).transpose(1, 2)
+        v = attn.v_proj(x).view(B, Tl, Hkv, dh).transpose(1, 2)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        if attn.rope is not None:          # padded positions (>= T) are clamped into the table; they are masked
+            rp = pos.clamp(max=attn.rope.max_seq_len - 1)
+            q, k = attn.rope(q, rp), attn.rope(k, rp)
+        if Hkv != H:
+            k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        out = ring_attention(q, k, v, T, self.group)                              # (B, H, Tl, dh)
+        return attn.output_proj(out.transpose(1, 2).reshape(B, Tl, H * dh))
+
+    def forward(self, ids, targets):
+        p, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        B, T = ids.shape
+        pos = ring_layout(T, p, r).to(ids.device)                                # my global positions
+        real = pos < T                                                           # the rest is padding
+        m = self.model
+        x = m.token_embeddings(ring_shard(ids, p, r, dim=1))                     # (B, Tl, d)
+        for layer in m.layers:
+            x = x + self._attention(layer.attn, layer.ln1(x), pos, T)
+            x = x + layer.ffn(layer.ln2(x))
+        logits = m.lm_head(m.ln_final(x))[:, real]                               # (B, real Tl, V)
+        y = ring_shard(targets, p, r, dim=1)[:, real]
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        # a sum over my tokens / all B*T tokens: the ranks' shares add up to the mean over the whole sequence
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="sum") / (B * T)
+
+    def finish_gradient_synchronization(self):
+        """Sum every weight's gradient over the group (each rank's covers only its own tokens' part)."""
+        for prm in self.model.parameters():
+            if prm.grad is not None:
+                dist.all_reduce(prm.grad, group=self.group)
 
 
 # ---------------------------------------------------------------------------------------------------------------
