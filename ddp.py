@@ -1643,6 +1643,20 @@ def ring_attention(q, k, v, T, group=None):
     return o / l
 
 
+# Context parallelism for a whole model. Attention is the only sublayer where tokens meet; everything else in a
+# block (norms, projections, the MLP, the head, the loss) works token by token. So a rank that holds a subset of
+# the positions can run all of those on its own tokens, with no communication, and only attention needs the ring.
+# The weights are NOT split: every rank holds the whole model (combine with TP or FSDP for that), and since each
+# rank's gradient covers only its tokens' contributions, the replicated weights' gradients are summed over the
+# group after backward -- exactly data parallelism's reduction, with the sequence in place of the batch.
+# Cost per layer: (p - 1) hops of one K and one V block forward, the same for their gradients backward; the
+# activation memory per rank is T/p tokens' worth, which is the point: a context p times longer than one rank holds.
+# Positions: RoPE rotates q and k by each token's GLOBAL position (ring_layout), so the scores are exactly those of
+# the unsplit sequence; padded positions beyond T get clamped into the table and are masked as keys anyway.
+# Worked example, T = 13, p = 2: chunks of 4 (padded to 16); rank 0 holds positions 0-3 and 12-15 (12 real), rank 1
+# holds 4-11. Rank 0's loss share covers 5 targets, rank 1's 8; the two shares sum to the mean over 13.
+
+
 class ContextParallelLM(nn.Module):
     """Context parallelism for a whole TransformerLM: the sequence is split over the group by ring_layout, every
     per-token piece (embedding, norms, projections, MLP, head, loss) runs on this rank's tokens only, and attention
@@ -1674,12 +1688,15 @@ class ContextParallelLM(nn.Module):
         if attn.rope is not None:          # padded positions (>= T) are clamped into the table; they are masked
             rp = pos.clamp(max=attn.rope.max_seq_len - 1)
             q, k = attn.rope(q, rp), attn.rope(k, rp)
-        if Hkv != H:
+        if Hkv != H:       # GQA: expand before the ring (a production version would send the Hkv heads only)
             k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         out = ring_attention(q, k, v, T, self.group)                              # (B, H, Tl, dh)
         return attn.output_proj(out.transpose(1, 2).reshape(B, Tl, H * dh))
 
     def forward(self, ids, targets):
+        """ids, targets (B, T), the same full batch on every rank -> this rank's share of the mean loss."""
+        # (every rank reads the whole (B, T) ids -- a few KB -- and keeps its own positions; the activations, which
+        # are what does not fit, exist only for those)
         p, r = dist.get_world_size(self.group), dist.get_rank(self.group)
         B, T = ids.shape
         pos = ring_layout(T, p, r).to(ids.device)                                # my global positions
