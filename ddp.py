@@ -2015,13 +2015,13 @@ class MeshModel(nn.Module):
             loss = run_pipeline(self.inner, mesh.pp_ranks, list(x.chunk(m)), list(y.chunk(m)), self.schedule)
             if mesh.tp > 1:
                 self.inner.finish_gradient_synchronization()               # SP: the norms' partial gradients
-            loss_t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64)
+            loss_t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=x.device)
             dist.all_reduce(loss_t, group=mesh.pp_group)                   # only the last stage had it
         else:
             loss = self.inner(x, y)
             loss.backward()
             self.inner.finish_gradient_synchronization()
-            loss_t = torch.tensor([loss.item()], dtype=torch.float64)
+            loss_t = torch.tensor([loss.item()], dtype=torch.float64, device=x.device)   # (NCCL: on the GPU)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if mesh.dp > 1 and grads:                                          # DP: average over the dp group
             flat = torch.cat([g.reshape(-1) for g in grads])               # one message: one latency, not ~100
@@ -2066,7 +2066,7 @@ class MeshModel(nn.Module):
                 parts = [torch.empty_like(t) for _ in range(self.mesh.tp)]
                 dist.all_gather(parts, t.contiguous(), group=self.mesh.tp_group)
                 t = torch.cat(parts, dim=dim)
-            out[name] = t.detach().clone()
+            out[name] = t.detach().to("cpu", copy=True)   # CPU (loads anywhere; pickles off the GPU), a copy
         if self.mesh.pp > 1:
             # the stages' disjoint pieces, pickled to every rank of the pipeline: simple, and a copy of the whole
             # model per rank for a moment (a large model would gather to rank 0 only, or save per-stage files)
@@ -2105,7 +2105,7 @@ class MeshModel(nn.Module):
             for k, v in full_opt[name].items():
                 if torch.is_tensor(v) and v.dim() and dim is not None and self.mesh.tp > 1:
                     v = v.chunk(self.mesh.tp, dim=dim)[self.mesh.tp_rank]
-                state[k] = v.clone() if torch.is_tensor(v) else v
+                state[k] = v.to(p.device, copy=True) if torch.is_tensor(v) else v
             optimizer.state[p] = state
 
 
@@ -2749,7 +2749,8 @@ def _measured_bubble(mm, xs, ys, schedule):
     dist.barrier(group=mm.mesh.pp_group)
     run_pipeline(mm.inner, mm.mesh.pp_ranks, xs, ys, schedule, events)
     busy = sum(t1 - t0 for _, _, t0, t1 in events)
-    span = torch.tensor([min(e[2] for e in events), -max(e[3] for e in events), busy], dtype=torch.float64)
+    span = torch.tensor([min(e[2] for e in events), -max(e[3] for e in events), busy], dtype=torch.float64,
+                        device=xs[0].device)
     lo, hi = span[:2].clone(), span[2:].clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=mm.mesh.pp_group)      # earliest start, latest end
     dist.all_reduce(hi, group=mm.mesh.pp_group)                           # busy seconds over all stages
@@ -2765,15 +2766,15 @@ def bench_parallel(args):
     # memory column is the one that shows why they exist: TP and PP hold 1/N of the training state per rank.
     # The measured bubble includes the point-to-point transfers and Python overhead of each action, so it lies
     # above the formula, which assumes free communication; the gap shrinks as per-micro-batch compute grows.
-    rank, world, _ = init_distributed(args.backend)
+    rank, world, device = init_distributed(args.backend)
     try:
         cfg = M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
                             num_layers=args.num_layers, num_heads=args.num_heads)
         torch.manual_seed(0)
-        full_sd = M.TransformerLM.from_config(cfg).state_dict()
+        full_sd = M.TransformerLM.from_config(cfg, device=device).state_dict()
         G = args.batch_size * world
         g = torch.Generator().manual_seed(1)
-        x, y = (torch.randint(0, cfg.vocab_size, (G, cfg.context_length), generator=g) for _ in range(2))
+        x, y = (torch.randint(0, cfg.vocab_size, (G, cfg.context_length), generator=g).to(device) for _ in range(2))
         setups = []
         for name, sizes, sp, sched in _parallel_layouts(world):
             mesh = DeviceMesh(**sizes)
@@ -2816,17 +2817,17 @@ def bench_parallel(args):
         cleanup_distributed()
 
 
-def measure_plan_step(cfg, mesh, sp=False, batch=8, micro_batches=4, seed=0):
+def measure_plan_step(cfg, mesh, sp=False, batch=8, micro_batches=4, seed=0, device="cpu"):
     """One real step on this rank of `mesh` (AdamW, random tokens): its parameter, gradient and AdamW numbers,
     the payload of every collective (COMM_COUNT) and the bytes of the tensors autograd saved in forward."""
     global COMM_COUNT
     torch.manual_seed(seed)
-    full = M.TransformerLM.from_config(cfg)
+    full = M.TransformerLM.from_config(cfg, device=device)
     mm = MeshModel(cfg, full.state_dict(), mesh, sp, "1f1b", micro_batches)
     del full
     opt = T.AdamW(mm.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed + 1)
-    x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), generator=g) for _ in range(2))
+    x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.context_length), generator=g).to(device) for _ in range(2))
     # Activation memory is what autograd keeps from forward for backward. A saved-tensors hook sees every tensor it
     # keeps; summing distinct storages gives the bytes alive at the end of forward (weights autograd saves for the
     # matmul backward are counted too, and views of one storage once). This is the number SP shrinks: the norms'
@@ -3507,10 +3508,11 @@ def _plan_entry(args):
     """One rank of `plan --check`: a real step on the mesh; rank 0 gathers every rank's measurement and prints."""
     # every rank measures its own step (its shard, its stage); the first rank of each pipeline stage speaks for the
     # stage (all dp and tp ranks of one stage hold the same amounts)
-    init_distributed(args.backend)
+    _, _, device = init_distributed(args.backend)
     try:
         mesh = DeviceMesh(args.dp, args.tp, args.pp)
-        got = measure_plan_step(_plan_model_config(args), mesh, args.sp, args.batch_size, args.micro_batches)
+        got = measure_plan_step(_plan_model_config(args), mesh, args.sp, args.batch_size, args.micro_batches,
+                                device=device)
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, (mesh.pp_rank, got))
         if dist.get_rank() == 0:
