@@ -1997,9 +1997,14 @@ def _check_resumable(run: _Run, ckpt: dict, model):
     """A checkpoint continues this run only if it was written for the same model and the same tokenizer
     (same vocab size is not enough: another corpus's tokenizer maps the ids to other strings)."""
     mcfg = model.config.to_dict()
-    if ckpt.get("model_config") != mcfg:
+    saved_cfg = ckpt.get("model_config") or {}
+    try:  # a checkpoint from before a new (default-off) switch lacks that field: it takes today's default
+        saved_cfg = M.ModelConfig.from_dict(saved_cfg).to_dict()
+    except (ValueError, TypeError):
+        pass  # unknown fields or missing sizes: reported field by field below
+    if saved_cfg != mcfg:
         raise ValueError(f"checkpoint {run.ckpt_path} is incompatible with the requested model: "
-                         + "; ".join(_config_diff(ckpt.get("model_config") or {}, mcfg)))
+                         + "; ".join(_config_diff(saved_cfg, mcfg)))
     saved, now = ckpt.get("tokenizer_fingerprint"), run.tokenizer.fingerprint()
     if saved is not None and saved != now:
         raise ValueError(f"checkpoint {run.ckpt_path} was trained with another tokenizer (fingerprint {saved}, "
@@ -2549,7 +2554,7 @@ def bench_main(argv):
     """`python train.py bench-nanogpt`: the nanoGPT recipe first (its wall time sets our budget unless
     --minutes is given), then our speedrun preset in the same process with the same thread count, then one
     table row with both validation bpbs. Our time includes BPE training on a fresh cache."""
-    p = _Parser(prog="train.py bench-nanogpt", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = tk.OneLineParser(prog="train.py bench-nanogpt", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Side-by-side CPU speedrun: nanoGPT's char-level Shakespeare recipe (re-implemented "
                             "here) vs our 'speedrun' preset, same text, same validation split (last 10%), bpb "
                             "from a full pass over it.")
@@ -2832,14 +2837,6 @@ def plot_ablation(rows: list, png_path: Path):
 # =====================================================================================================
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (`train.py: error: ...`) and exit status 2.
-    (argparse's own error() first prints the whole usage block, which buries the one line that matters.)"""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _json_object(text: str) -> dict:
     """argparse type of --model-kw: a JSON object, or a one-line usage error naming the flag."""
     try:
@@ -2859,7 +2856,7 @@ _FLAG_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Op
 def get_parser() -> argparse.ArgumentParser:
     """The training command's parser: a preset name, then any TrainConfig field as --flag (default None,
     meaning 'keep the preset's value'). ddp.py builds on this same parser."""
-    p = _Parser(
+    p = tk.OneLineParser(
         prog="train.py",
         description="Train a ScratchLM model: data -> BPE tokenizer -> token files -> training -> eval -> samples. "
                     "Other commands: 'python train.py sample --help', 'python train.py bench-nanogpt --help', "
@@ -2910,7 +2907,7 @@ def config_from_args(args) -> TrainConfig:
 def sample_main(argv):
     """`python train.py sample`: model.py's sampling (sample_from_checkpoint) with this command's defaults.
     `python model.py generate` is the same thing with more options (GPT-2 weights, prompt ids)."""
-    p = _Parser(prog="train.py sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = tk.OneLineParser(prog="train.py sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Generate text from a checkpoint written by train.py.")
     p.add_argument("--checkpoint", required=True, help="path to ckpt.pt (its tokenizer/ folder sits next to it)")
     p.add_argument("--prompt", default="", help="text to continue ('' starts a new document); a prompt longer "
@@ -2948,9 +2945,9 @@ def _ints(text: str) -> list:
     return vals
 
 
-def _sweep_parser(prog: str, description: str, out_dir: str) -> _Parser:
+def _sweep_parser(prog: str, description: str, out_dir: str) -> tk.OneLineParser:
     """The options both sweeps share."""
-    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = tk.OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", default=out_dir, help="folder for results/, runs/ and the table (rerun: resumes)")
     p.add_argument("--data-dir", default="data_cache", help="cache for the synthetic corpus and its tokenizer")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: auto)")
