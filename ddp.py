@@ -2476,8 +2476,8 @@ def shard_optimizer(opt):
     return ShardedOptimizer([dict(g) for g in opt.param_groups], type(opt), **kwargs)
 
 
-FSDP_MUON_ERROR = ("--strategy fsdp shards weight matrices by rows, and Muon orthogonalizes whole matrices: use "
-                   "--optimizer adamw with fsdp (or --strategy zero1, which keeps whole parameters)")
+FSDP_MUON_ERROR = ("--strategy fsdp shards weight matrices by rows, and Muon and SOAP precondition whole matrices: "
+                   "use --optimizer adamw with fsdp (or --strategy zero1, which keeps whole parameters)")
 
 
 def build_strategy_optimizer(model, run_model, strategy, cfg):
@@ -3255,7 +3255,7 @@ def check_train_args(args, world):
          f"--global-batch-size must be >= 1, got {args.global_batch_size}"),
         (args.nproc is None or args.nproc >= 1, f"--nproc must be >= 1, got {args.nproc}"),
         (not cfg.compile, "--compile is not supported by ddp.py's hook-based wrappers; run without it"),
-        (not (args.strategy == "fsdp" and cfg.optimizer == "muon"), FSDP_MUON_ERROR),
+        (not (args.strategy == "fsdp" and cfg.optimizer in ("muon", "soap")), FSDP_MUON_ERROR),
         (args.compute_dtype == "fp32" or args.strategy == "fsdp",
          f"--compute-dtype {args.compute_dtype} applies to --strategy fsdp only"),
         (args.backend != "nccl" or torch.cuda.is_available(), "--backend nccl needs CUDA GPUs; use gloo on CPUs"),
