@@ -10,6 +10,8 @@
 #                                         2. python kernels.py bench rmsnorm          <= 100
 #                                         3. python kernels.py bench attention        <= 170 (stops new shapes at 120)
 #                                         4. python kernels.py bench int8             <= 60  (stops new shapes at 40)
+#                                         5. ddp.py plan --check and bench --parallel <= 120 (machines with >= 2 GPUs;
+#                                            NCCL needs one GPU per rank, so a 1-GPU machine skips it)
 # Step 1 also checks the int8 weight-only matmul kernel against float64 (decode, ragged and prefill shapes).
 # Triton compiles are cached under $TRITON_CACHE_DIR (default ~/.triton/cache), so step 1 warms step 3.
 set -uo pipefail
@@ -44,6 +46,17 @@ timeout 170 "$PY" kernels.py bench attention --max-seconds 120 || echo "attentio
 
 echo; echo "== 4. bench int8 weight-only matmul ($(date -u +%H:%M:%S))"
 timeout 60 "$PY" kernels.py bench int8 --max-seconds 40 || echo "int8 bench exit code $?"
+
+echo; echo "== 5. parallelism on the GPUs: ddp.py plan --check, bench --parallel ($(date -u +%H:%M:%S))"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${NGPU:-0}" -ge 2 ]; then
+    timeout 40 "$PY" ddp.py plan --d-model 64 --num-layers 2 --num-heads 4 --vocab-size 512 --context-length 64 \
+        --tp 2 --check --backend nccl || echo "plan exit code $?"
+    timeout 80 "$PY" -m torch.distributed.run --nproc_per_node=2 ddp.py bench --parallel --backend nccl \
+        || echo "bench --parallel exit code $?"
+else
+    echo "skipped: $NGPU GPU(s); multi-rank NCCL checks need >= 2"
+fi
 
 echo; echo "== done ($(date -u +%H:%M:%S)); correctness exit code $CHECK; log: $LOG"
 exit $CHECK
