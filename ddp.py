@@ -1869,11 +1869,12 @@ class PipelineStage(nn.Module):
 # Tags (i for activations, m + i for gradients) name each message, so a receive can never pick up the wrong one.
 
 
-def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None):
+def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None, scale=1.0):
     """One training step's forward and backward through the pipeline on the ranks `ranks` (global ranks, stage s
     = ranks[s]); xs, ys: the m micro-batches (every stage gets them; only the first reads xs, the last ys).
     Accumulates the batch-mean gradient in .grad; returns the mean loss on the last stage (None elsewhere).
-    events: a list to append (kind, i, t_start, t_end) of this rank's compute to (for the measured bubble)."""
+    events: a list to append (kind, i, t_start, t_end) of this rank's compute to (for the measured bubble).
+    scale: the backward runs on scale * loss (gradient accumulation: 1 / grad_accum); the returned loss is unscaled."""
     p, m, s = len(ranks), len(xs), ranks.index(dist.get_rank())
     prev, nxt = (ranks[s - 1] if s > 0 else None), (ranks[s + 1] if s < p - 1 else None)
     inputs, outputs, sends, total = {}, {}, [], 0.0
@@ -1892,6 +1893,8 @@ def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None):
             if nxt is None:
                 out = out / m                               # mean over micro-batches = the full batch's mean loss
                 total += float(out.detach())
+                if scale != 1.0:
+                    out = out * scale                       # (the gradient of scale * loss flows back to stage 0)
             else:                                           # isend: a blocking send could wait for a peer that is
                 _count("pp send", out.numel())
                 sends.append(dist.isend(out.detach().contiguous(), nxt, tag=i))   # itself blocked sending to us
@@ -2009,19 +2012,35 @@ class MeshModel(nn.Module):
     def forward_backward(self, x, y):
         """Loss and gradients of this dp rank's batch (x, y), then the DP average: afterwards every rank holds
         its shard of the full (all dp ranks') batch-mean gradient. Returns the global mean loss (every rank)."""
+        loss_t = self.local_forward_backward(x, y)
+        self.synchronize_gradients()
+        if self.mesh.dp > 1:
+            dist.all_reduce(loss_t, group=self.mesh.dp_group)
+        return float(loss_t) / self.mesh.dp
+
+    def local_forward_backward(self, x, y, scale=1.0):
+        """Forward and backward of scale * this replica's mean loss on (x, y); gradients ADD to .grad (so several
+        calls accumulate micro-steps). No DP communication. Returns the replica's loss, (1,) float64, on every
+        rank of the replica (the pipeline's last stage shares it)."""
         mesh = self.mesh
         if mesh.pp > 1:
             m = min(self.micro_batches, x.shape[0])
-            loss = run_pipeline(self.inner, mesh.pp_ranks, list(x.chunk(m)), list(y.chunk(m)), self.schedule)
-            if mesh.tp > 1:
-                self.inner.finish_gradient_synchronization()               # SP: the norms' partial gradients
+            loss = run_pipeline(self.inner, mesh.pp_ranks, list(x.chunk(m)), list(y.chunk(m)), self.schedule,
+                                scale=scale)
             loss_t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=x.device)
             dist.all_reduce(loss_t, group=mesh.pp_group)                   # only the last stage had it
         else:
             loss = self.inner(x, y)
-            loss.backward()
-            self.inner.finish_gradient_synchronization()
+            (loss if scale == 1.0 else loss * scale).backward()
             loss_t = torch.tensor([loss.item()], dtype=torch.float64, device=x.device)   # (NCCL: on the GPU)
+        return loss_t
+
+    def synchronize_gradients(self):
+        """After the last backward of a step: the tp ranks' partial gradients of replicated weights summed (SP's
+        norms), then the DP average, so every rank holds its shard of the full batch-mean gradient."""
+        mesh = self.mesh
+        if mesh.pp == 1 or mesh.tp > 1:
+            self.inner.finish_gradient_synchronization()                   # SP: the norms' partial gradients
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if mesh.dp > 1 and grads:                                          # DP: average over the dp group
             flat = torch.cat([g.reshape(-1) for g in grads])               # one message: one latency, not ~100
@@ -2030,9 +2049,6 @@ class MeshModel(nn.Module):
             flat /= mesh.dp
             for g, part in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(part.view_as(g))
-        if mesh.dp > 1:
-            dist.all_reduce(loss_t, group=mesh.dp_group)
-        return float(loss_t) / mesh.dp
 
     def clip_gradients(self, max_norm):
         """Global L2 norm clipping over the whole model, returns the norm before clipping. A TP shard's squared norm
@@ -2118,12 +2134,16 @@ def _mesh_optimizer(mesh_model, cfg):
     return T.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
-# The --tp/--pp training loop keeps what makes a run resumable and comparable: the same global batches as every other
-# layout (global_batch_shard by dp rank: TP and PP ranks of one replica read the same rows), train.py's learning-
-# rate schedule and AdamW settings, clipping by the global norm, and a consolidated checkpoint (written by rank 0
-# after a collective gather, atomically). It leaves out train.train's periodic evaluation, metrics.jsonl, samples and
-# wall-clock budget; a --tp/--pp checkpoint resumes under plain data parallelism (weights; AdamW restarts its
-# moments there) to get those. The other way, a data-parallel AdamW checkpoint resumes here with its moments.
+# The --tp/--pp training command runs train.train, like the data-parallel strategies, through four extra hooks:
+# loss_and_backward (the mesh runs its own forward and backward: a pipeline schedule, or a vocabulary-split loss,
+# never forms full logits), eval_model and full_model (the full weights gathered into the bare TransformerLM on
+# every rank: evaluation and samples run on an ordinary model), and tokens_per_step (the tp and pp ranks of one
+# replica share its rows, so the step trains on G * T tokens, not world * ...). So a mesh run gets the periodic
+# evaluation, metrics.jsonl, samples, the shared wall-clock budget, gradient accumulation and resume. Its batches
+# are the same as at every other layout (global_batch_shard by dp rank), and its checkpoint is consolidated: the
+# full model under TransformerLM's names and AdamW's moments by parameter name ("optimizer_by_name"), so it resumes
+# at any mesh; under plain data parallelism the weights load and AdamW restarts its moments. The other way, a
+# data-parallel AdamW checkpoint resumes here with its moments.
 
 
 def _adamw_state_by_name(ckpt):
@@ -2137,64 +2157,93 @@ def _adamw_state_by_name(ckpt):
     return by_name if all({"exp_avg", "exp_avg_sq"} <= set(st) for st in by_name.values()) else None
 
 
+def _mesh_hooks(*, cfg, run_cfg, mesh, mcfg, sp, schedule, micro_batches, G, device, data, budget):
+    """train.TrainHooks for one rank of a (dp, tp, pp) mesh: what it does differently from data parallelism."""
+    train_tokens = data.train_tokens()
+
+    def get_batch(step, micro):
+        # (G/dp, T): this dp replica's rows of the global batch; the tp and pp ranks of a replica read the same rows
+        if budget is not None and micro == 0 and not budget.started:
+            budget.start(step)
+        return global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro, mesh.dp_rank, mesh.dp,
+                                  device)
+
+    def on_step(step, model, metrics):
+        if budget is not None:                  # every rank, every step: rank 0's clock decides the last step
+            run_cfg.max_steps = budget.agree(step)
+
+    def load_optimizer_state(optimizer, run_model, ckpt):
+        full_opt = ckpt.get("optimizer_by_name") or _adamw_state_by_name(ckpt)
+        if full_opt is not None:                # (Muon/SOAP state of a data-parallel run: AdamW starts fresh)
+            run_model.load_optimizer_state(optimizer, full_opt)
+
+    def checkpoint_state(model, run_model, optimizer):
+        # collective: the full model and AdamW state gathered over tp and pp; the bare model takes the weights
+        # too, so train.train's finite-weights check and on_step see the trained model
+        model_sd, opt_sd = run_model.full_state(optimizer)
+        model.load_state_dict(model_sd)
+        return dict(model=model_sd, optimizer=None, optimizer_by_name=opt_sd,
+                    mesh=dict(dp=mesh.dp, tp=mesh.tp, pp=mesh.pp, sp=sp),
+                    ddp=dict(world_size=mesh.dp * mesh.tp * mesh.pp, strategy="mesh", global_batch_size=G,
+                             loop_budget_seconds=budget.total_loop_seconds if budget else None,
+                             budget_spent=bool(budget and budget.stopped_by_budget)))
+
+    def gathered_model(model, run_model):
+        # collective: evaluation and samples run on the bare TransformerLM holding the current full weights (each
+        # rank scores its share of the validation windows with the whole model: one gather per evaluation)
+        model.load_state_dict(run_model.full_state()[0])
+        return model
+
+    return T.TrainHooks(
+        wrap_model=lambda model: MeshModel(mcfg, model.state_dict(), mesh, sp, schedule, micro_batches),
+        build_optimizer=lambda model, run_model, c: _mesh_optimizer(run_model, c),
+        load_optimizer_state=load_optimizer_state, get_batch=get_batch,
+        loss_and_backward=lambda run_model, x, y, scale: run_model.local_forward_backward(x, y, scale)[0],
+        sync_gradients=lambda run_model: run_model.synchronize_gradients(),
+        clip_gradients=lambda run_model, opt, max_norm: run_model.clip_gradients(max_norm),
+        all_reduce=all_reduce_host, on_step=on_step, checkpoint_state=checkpoint_state,
+        eval_model=gathered_model, full_model=gathered_model,
+        tokens_per_step=G * cfg.context_length * cfg.grad_accum)
+
+
 def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, global_batch_size=None,
-               backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print):
-    """The training command with --tp/--pp: a (world/(tp*pp), tp, pp) mesh, AdamW, train.py's data and learning-rate
-    schedule, a consolidated checkpoint every --ckpt-interval steps (full model under TransformerLM's names, AdamW
-    moments by parameter name), resumable at any other layout. A compact loop of its own: train.train's loop calls
-    model(x) -> full logits, which a vocabulary-split or pipelined model never produces."""
+               backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print, t_start=None):
+    """The training command with --tp/--pp: train.train on a (world/(tp*pp), tp, pp) mesh with AdamW (see above);
+    cfg.max_minutes is a budget for the whole group (SharedBudget, as train_distributed). Returns the summary."""
+    t_start = time.time() if t_start is None else t_start
     rank, world, device = init_distributed(backend, timeout_s)
     mesh = DeviceMesh(world // (tp * pp), tp, pp)
     main, out = rank == 0, Path(cfg.out_dir)
     say = log if main else (lambda *a, **k: None)
-    check_same_across_ranks("training configuration", dict(dataclasses.asdict(cfg), tp=tp, pp=pp, sp=sp))
-    data = prepare_data_on_all_ranks(cfg, out, main, say)
-    mcfg = T.model_config(cfg, data.tokenizer.vocab_size)
-    check_tp_config(mcfg, tp)
-    ckpt_path, start = out / "ckpt.pt", 0
-    full_sd, full_opt = T.build_model(cfg, mcfg.vocab_size).state_dict(), None     # the seed's init, every rank
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        full_sd, start = ckpt["model"], int(ckpt["iteration"])
-        full_opt = ckpt.get("optimizer_by_name") or _adamw_state_by_name(ckpt)
-        say(f"ddp.py: resuming {ckpt_path} at step {start} (written at {ckpt.get('mesh', 'a data-parallel run')})")
-    mm = MeshModel(mcfg, {k: v.to(device) for k, v in full_sd.items()}, mesh, sp, schedule, micro_batches)
-    opt = _mesh_optimizer(mm, cfg)
-    if full_opt is not None:
-        mm.load_optimizer_state(opt, full_opt)
-    G = global_batch_size or cfg.batch_size * mesh.dp
+    resume = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    check_same_across_ranks("training configuration", dict(dataclasses.asdict(cfg), tp=tp, pp=pp, sp=sp, world=world,
+                                                           global_batch_size=global_batch_size))
+    written_at, G, prior = _resume_state(out / "ckpt.pt", resume, global_batch_size or cfg.batch_size * mesh.dp,
+                                         global_batch_size is not None)
     if G % mesh.dp:
         raise ValueError(f"global batch {G} does not split over dp={mesh.dp} data-parallel ranks")
-    if cfg.max_minutes:
-        say(f"ddp.py: --tp/--pp runs stop at --max-steps {cfg.max_steps}; the --max-minutes budget is not applied")
+    data = prepare_data_on_all_ranks(cfg, out, main, say)
+    mcfg = T.model_config(cfg, data.tokenizer.vocab_size)
+    check_tp_config(mcfg, tp)                   # the trained tokenizer's real vocabulary must split too
     say(f"ddp.py: mesh dp={mesh.dp} x tp={tp} x pp={pp}{' +sp' if sp else ''} on {world} ranks; global batch {G} "
-        f"x {cfg.context_length} tokens; run folder {out}")
-    tokens, loss = data.train_tokens(), float("nan")
-    # One step: the learning rate from train.py's schedule (frac = progress through the post-warm-up steps), this dp
-    # rank's rows of the global batch, forward and backward through the mesh (TP/SP collectives or the pipeline
-    # schedule, then the DP average), the global-norm clip, AdamW on this rank's shards.
-    for step in range(start, cfg.max_steps):
-        frac = (step - cfg.warmup_iters) / max(1, cfg.max_steps - cfg.warmup_iters)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * T.schedule_factor(cfg, step, min(max(frac, 0.0), 1.0))
-        x, y = global_batch_shard(tokens, G, cfg.context_length, cfg.seed, step, 0, mesh.dp_rank, mesh.dp, device)
-        opt.zero_grad(set_to_none=True)
-        loss = mm.forward_backward(x, y)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}: training diverged; the last checkpoint "
-                                     f"{ckpt_path} is intact")
-        if cfg.grad_clip > 0:
-            mm.clip_gradients(cfg.grad_clip)
-        opt.step()
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
-            say(f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | lr {opt.param_groups[0]['lr']:.2e}")
-        if (step + 1) % cfg.ckpt_interval == 0 or step + 1 == cfg.max_steps:
-            model_sd, opt_sd = mm.full_state(opt)                  # collective: every rank takes part
-            if main:
-                T.write_checkpoint(ckpt_path, step + 1, model=model_sd, optimizer=None, optimizer_by_name=opt_sd,
-                                   model_config=mcfg.to_dict(), mesh=dict(dp=mesh.dp, tp=tp, pp=pp, sp=sp))
+        f"x {cfg.grad_accum} accum x {cfg.context_length} tokens; run folder {out}")
+    if written_at is not None:
+        say(f"ddp.py: resuming a checkpoint written at {written_at.get('strategy', '?')} on "
+            f"{written_at.get('world_size', '?')} rank(s)")
+    budget = _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say)
+    run_cfg = dataclasses.replace(cfg, batch_size=G // mesh.dp, device=str(device), resume=resume, max_minutes=None,
+                                  max_steps=cfg.max_steps or 10**9, threads=cfg.threads or torch.get_num_threads())
+    if budget is not None and budget.loop_seconds <= 0:   # a resumed run whose budget is spent: no more steps
+        run_cfg.max_steps = prior["iteration"]
+    hooks = _mesh_hooks(cfg=cfg, run_cfg=run_cfg, mesh=mesh, mcfg=mcfg, sp=sp, schedule=schedule,
+                        micro_batches=micro_batches, G=G, device=device, data=data, budget=budget)
+    summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
+    check_same_across_ranks("the final step", summary["steps"])
     dist.barrier()
-    return dict(steps=cfg.max_steps, loss=loss, mesh=(mesh.dp, tp, pp))
+    spent = budget is not None and (budget.stopped_by_budget or budget.loop_seconds <= 0)
+    stop = "time budget" if spent else summary.get("stop_reason")
+    say(f"ddp.py: every rank stopped at step {summary['steps']} ({stop})")
+    return dict(summary, world_size=world, mesh=(mesh.dp, tp, pp), stop_reason=stop)
 
 
 # The memory and traffic of one training step on a mesh, on paper. Per rank, in numbers (x bytes per number):
@@ -3296,9 +3345,8 @@ def _mesh_arg_checks(args, cfg, world):
                                         f"divide the world size {world}"),
                (cfg.optimizer == "adamw", f"--tp/--pp train with --optimizer adamw (got {cfg.optimizer}: Muon and "
                                           f"SOAP need whole weight matrices)"),
-               (cfg.max_steps is not None, "--tp/--pp runs need --max-steps (no wall-clock budget)"),
-               (cfg.grad_accum == 1, "--tp/--pp runs do not support --grad-accum > 1 (use --micro-batches with --pp, "
-                                     "or a larger --global-batch-size)"),
+               (not (cfg.noise_scale or cfg.prune_sparsity or cfg.distill_from),
+                "--noise-scale, --prune-sparsity and --distill-from are not supported with --tp/--pp"),
                (pp <= cfg.num_layers, f"--pp {pp} needs at least {pp} layers, got --num-layers {cfg.num_layers}"),
                (not args.sp or cfg.context_length % tp == 0,
                 f"--sp needs --context-length divisible by --tp {tp}, got {cfg.context_length}")]
@@ -3340,7 +3388,7 @@ def _train_entry(argv, t_start=None):
         if args.tp * args.pp > 1:
             train_mesh(cfg, tp=args.tp, pp=args.pp, sp=args.sp, schedule=args.pp_schedule,
                        micro_batches=args.micro_batches, global_batch_size=args.global_batch_size,
-                       backend=args.backend, timeout_s=args.timeout)
+                       backend=args.backend, timeout_s=args.timeout, t_start=t_start)
         else:
             train_distributed(cfg, strategy=args.strategy, bucket_mb=args.bucket_mb,
                               compute_dtype=_DTYPES[args.compute_dtype], global_batch_size=args.global_batch_size,

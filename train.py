@@ -705,6 +705,14 @@ class TrainHooks:
       checkpoint_state(model, run_model, optimizer) -> dict with the checkpoint's "model" and "optimizer" state
           dicts (full, unsharded) plus any extra primitive entries
       full_model(model, run_model) -> an ordinary module holding the full weights, for the samples
+    For models split by layers or by weight matrices (ddp.py's --tp/--pp mesh), which never form full logits:
+      loss_and_backward(run_model, x, y, scale) -> the micro-batch's mean cross-entropy (a 0-d tensor, every rank
+          the same), after backward of scale * that loss (scale = 1 / grad_accum; gradients add up over calls).
+          Replaces the forward / loss / backward of one micro-step (a pipeline schedule runs its own).
+      eval_model(model, run_model) -> the module to evaluate (logits from model(x)); COLLECTIVE, called before
+          every evaluation (ddp.py gathers the full weights into `model`)
+      tokens_per_step: an int, not a callable: the tokens one optimizer step trains on over all ranks, when
+          ranks share rows (tensor/pipeline ranks of one replica); default batch_size * T * grad_accum * ranks
     """
     wrap_model: Optional[Callable] = None
     build_optimizer: Optional[Callable] = None
@@ -718,6 +726,9 @@ class TrainHooks:
     progress_note: Optional[Callable] = None
     checkpoint_state: Optional[Callable] = None
     full_model: Optional[Callable] = None
+    loss_and_backward: Optional[Callable] = None
+    eval_model: Optional[Callable] = None
+    tokens_per_step: Optional[int] = None
 
 
 class TimeBudget:
@@ -896,6 +907,10 @@ def _optimizer_step(run: _Run, step: int) -> tuple[float, float]:
             rng = np.random.default_rng([cfg.seed, step, run.rank, micro])
             x, y = get_batch(run.train_tokens, cfg.batch_size, cfg.context_length, run.device, rng)
         last = micro == cfg.grad_accum - 1
+        if hooks.loss_and_backward:  # the model runs its own forward and backward (ddp.py's pipeline / TP mesh)
+            loss = hooks.loss_and_backward(run.run_model, x, y, 1.0 / cfg.grad_accum)
+            loss_sum += loss.detach().float()
+            continue
         with hooks.no_sync(run.run_model, last) if hooks.no_sync else contextlib.nullcontext():
             with autocast_context(run.device, cfg.dtype):
                 logits = run.run_model(x)  # (B, T, V)
@@ -1018,7 +1033,8 @@ def _micro_grad_sq(model, prev: list | None, grad_accum: int) -> tuple[list, flo
 def _periodic_eval(run: _Run, step: int):
     """Validation on the first eval_tokens of the val split (the same tokens every time: comparable)."""
     t0 = time.time()
-    r = evaluate(run.run_model, run.val_tokens, max_tokens=run.cfg.eval_tokens, **run.eval_kw)
+    model = run.hooks.eval_model(run.model, run.run_model) if run.hooks.eval_model else run.run_model
+    r = evaluate(model, run.val_tokens, max_tokens=run.cfg.eval_tokens, **run.eval_kw)
     run.budget.eval_tps = r["tokens"] / max(time.time() - t0, 1e-9)  # measured: sizes the final evaluation
     if run.main:
         run.metrics.write(kind="val", step=step, minutes=run.minutes(), **r)
@@ -1060,7 +1076,7 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
         model.validate_inputs = False  # its id-range check syncs the GPU every forward; our ids are valid
     run.model, run.mcfg = model, model.config.to_dict()
     # tokens per optimizer step over all ranks: B sequences of T tokens, grad_accum times, on every rank
-    run.tokens_per_step = cfg.batch_size * cfg.context_length * cfg.grad_accum * world_size
+    run.tokens_per_step = hooks.tokens_per_step or cfg.batch_size * cfg.context_length * cfg.grad_accum * world_size
     n_params, n_body = M.num_params(model), M.num_params(model, include_embeddings=False)
     run.say(f"model: {n_params / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M non-embedding), {cfg.num_layers} layers, "
             f"d_model {cfg.d_model}, context {cfg.context_length}, vocab {run.tokenizer.vocab_size}; "
@@ -1147,7 +1163,8 @@ def _finish(run: _Run, step: int, stop_reason: str) -> dict:
         run.say(f"final evaluation cut to {n_tokens:,} of {run.final_eval_tokens:,} validation tokens to end "
                 f"within --max-minutes {cfg.max_minutes:g}")
     t_eval = time.time()
-    final = evaluate(run.eval_model, run.val_tokens, max_tokens=n_tokens, **run.eval_kw)
+    model = run.hooks.eval_model(run.model, run.run_model) if run.hooks.eval_model else run.eval_model
+    final = evaluate(model, run.val_tokens, max_tokens=n_tokens, **run.eval_kw)
     eval_seconds = time.time() - t_eval
     cheaper = _cheaper_model_report(run, final, eval_seconds, n_tokens) if run.main else {}
     losses = run.losses
