@@ -2252,7 +2252,22 @@ def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, g
 #   gradients    the same count; AdamW's two moments: twice it.
 #   traffic      see the TP, SP, PP and DP comments above: counted as the payload handed to each collective
 #                (all-gather: the gathered size), not wire bytes (a ring all-reduce puts 2 (n-1)/n of it on each link).
-#   activations  only measured (the tensors autograd saves in one forward); they depend on the attention backend.
+#   activations  the tensors autograd saves in one forward, counted for model.py's block with F.sdpa (a count of
+#                this code, checked against the measured step; another attention backend or norm saves other
+#                tensors). Per layer per token, in numbers (d model width, f d_ff, H query heads):
+#                  TP:      6 d + 2  +  (4 d + 5 f + H) / tp
+#                           replicated: both norms' input and output (4 d) and their 1/rms (2), the residual
+#                           stream at the f/g edges (2 d); split: q, k, v (GQA: at H heads after expansion),
+#                           the attention output and the o_proj input (4 d over the heads), the log-sum-exp (H),
+#                           and SwiGLU's w1 and w3 outputs, silu's, their product and w2's input (5 f)
+#                  TP + SP: 2 d  +  (8 d + 5 f + H + 2) / tp
+#                           the norms and the residual edges move to (B, T/tp, d) shards; what stays whole is
+#                           the two all-gathered inputs of the column-parallel layers (2 d), which their
+#                           matmuls keep for backward (Megatron-SP re-gathers them in backward instead)
+#                Outside the layers: the logits shard (V / tp), the final norm (3 d; SP: d + 2 d / tp) and ~5
+#                small per-token terms (targets, loss statistics), the RoPE tables (2 T d_head, shared by the
+#                layers), and the weights the matmuls save (all parameters but the embedding table). Pipeline
+#                stages hold several micro-batches in flight; the formula is given for pp = 1 only.
 
 
 def parallel_plan(cfg, dp=1, tp=1, pp=1, sp=False, batch=8, micro_batches=4):
@@ -2279,8 +2294,17 @@ def parallel_plan(cfg, dp=1, tp=1, pp=1, sp=False, batch=8, micro_batches=4):
             comm["pp send"] = (act // tp if sp else act) * ((s < pp - 1) + (s > 0))
         if dp > 1:
             comm["dp all-reduce"] = params
-        plan[s] = dict(params=params, grads=params, adamw=2 * params, comm=dict(comm))
+        plan[s] = dict(params=params, grads=params, adamw=2 * params, comm=dict(comm),
+                       activations=_activation_numbers(cfg, tp, sp, batch, params) if pp == 1 else None)
     return plan
+
+
+def _activation_numbers(cfg, tp, sp, batch, params):
+    """Numbers autograd saves in one forward of a whole (pp = 1) model on `batch` x T tokens (see above)."""
+    d, f, H, V, T = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.vocab_size, cfg.context_length
+    per_layer = 2 * d + (8 * d + 5 * f + H + 2) / tp if sp else 6 * d + 2 + (4 * d + 5 * f + H) / tp
+    rest = V / tp + (d + 2 * d / tp if sp else 3 * d) + 5
+    return batch * T * (cfg.num_layers * per_layer + rest) + 2 * T * cfg.head_dim + params - V * d // tp
 
 
 
@@ -3590,8 +3614,12 @@ def _print_plan(args, measured=None):
         for kind in sorted(set(row["comm"]) | set((got or {}).get("comm", {}))):
             print(f"  {kind + ' per step':28s}{mb(row['comm'].get(kind, 0))}" +
                   (f"  {mb(got['comm'].get(kind, 0))}" if got else ""))
-        if got:
-            print(f"  {'saved activations (measured)':28s}{'':10s}  {got['activation_bytes'] / 2**20:10.3f}")
+        if row["activations"] is not None or got:    # (the formula's numbers at --bytes; measured: real bytes)
+            formula = mb(row["activations"]) if row["activations"] is not None else f"{'(pp > 1)':>10s}"
+            print(f"  {'saved activations':28s}{formula}" + (f"  {got['activation_bytes'] / 2**20:10.3f}" if got else ""))
+    if measured is not None and args.pp == 1:
+        worst = max(abs(plan[s]["activations"] * args.bytes / measured[s]["activation_bytes"] - 1) for s in plan)
+        print(f"plan: saved activations formula within {100 * worst:.1f}% of the measured step")
     if measured is not None:
         same = all(measured[s][k] == plan[s][k] for s in plan for k in ("params", "grads", "adamw")) and \
             all(measured[s]["comm"] == plan[s]["comm"] for s in plan)
