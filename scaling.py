@@ -42,7 +42,7 @@ seeing more. The answer moved, and why it moved is the lesson of this stage.
   Transfer" -- muP (arXiv 2203.03466): under the standard parametrization the best learning rate shrinks
   as the model widens, so a law fitted with one lr per size mixes in lr mistuning. muP scales the
   initialization and per-layer learning rates with width so the best lr stays put: tune small, transfer.
-  `mup_hooks` implements it through train.py's hooks; `python scaling.py lr-transfer` tests the claim.
+  train.py implements it (`--mup-base-width`); `python scaling.py lr-transfer` tests the claim.
 * Hu et al. 2024, "MiniCPM: Unveiling the Potential of Small Language Models with Scalable Training
   Strategies" (arXiv 2404.06395): with a Warmup-Stable-Decay schedule, ONE long run per model size gives
   the loss at many token counts -- branch a short decay off the stable phase at each count -- instead of
@@ -57,7 +57,7 @@ What this file does, in order
 4. The parametric fit, vectorized over the whole grid of starting points, and the closed-form optimum.
 5. Own sweeps through train.py, resumable and shardable; the one-run (branched WSD) mode; verification
    of the prediction by training the predicted optimum at a larger budget.
-6. muP through train.TrainHooks, and the learning-rate transfer experiment.
+6. The learning-rate transfer experiment (muP itself is train.py's `mup_base_width` switch).
 
 What it costs: a fit is seconds on one core (the full 4,500-start grid on 250 runs: ~4 CPU seconds). The
 default sweep trains 15 small models (20K-460K parameters, 1.5e11-6e11 FLOPs each) plus one verification
@@ -999,50 +999,6 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
     return res
 
 
-# =====================================================================================================
-# 7. muP: width-independent hyperparameters, through train.py's hooks
-# =====================================================================================================
-# Under the standard parametrization (SP: every layer at the same lr, init ~ 1/sqrt(fan_in)), Adam's update
-# of a d x d hidden matrix changes its output by ~ lr x d (d coordinates, each moved by ~ lr, add up
-# coherently), so the stable lr shrinks like 1/d as the model widens. muP (Tensor Programs V, Table 3 for
-# Adam), written relative to a base width d0 (at d = d0 muP IS the standard parametrization):
-#   hidden matrices (attention, FFN):  init unchanged (~1/sqrt(fan_in)),  lr x d0/d
-#   output layer (lm_head):            init x d0/d on top (so ~1/fan_in),  lr x d0/d
-#   embeddings, norm gains:            unchanged
-# The attention logit scale 1/d_head (instead of 1/sqrt(d_head)) is the remaining muP rule; our shapes grow
-# by adding heads of a fixed head_dim, so it does not change with width here.
-
-
-def mup_hooks(base_width: int, width: int, fresh: bool = True) -> T.TrainHooks:
-    """train.TrainHooks that turn a run into muP: `wrap_model` rescales the LM head's initialization (only
-    for a fresh run: a resumed one already holds trained weights) and `build_optimizer` makes AdamW
-    parameter groups with per-layer learning rates. Uses AdamW (muP's rules here are Adam's)."""
-    mult = width / base_width
-
-    def wrap_model(model):
-        if fresh:
-            with torch.no_grad():
-                model.lm_head.weight.mul_(1.0 / mult)
-        return model
-
-    def build_optimizer(model, run_model, cfg):
-        # four kinds of parameters, four rules (see the table above); norm gains get no weight decay,
-        # as in train.build_optimizer
-        groups = {"hidden": [], "head": [], "embed": [], "gain": []}
-        for name, p in model.named_parameters():
-            kind = "gain" if p.ndim < 2 else "head" if name.startswith("lm_head") else \
-                "hidden" if name.startswith("layers.") else "embed"
-            groups[kind].append(p)
-        # base_lr is what train.train's schedule multiplies each step; it must carry the muP factor
-        scale = dict(hidden=1 / mult, head=1 / mult, embed=1.0, gain=1.0)
-        pg = [dict(params=ps, lr=cfg.lr * scale[k], base_lr=cfg.lr * scale[k],
-                   weight_decay=0.0 if k == "gain" else cfg.weight_decay) for k, ps in groups.items() if ps]
-        kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        return torch.optim.AdamW(pg, **kw) if cfg.adamw_impl == "torch" else T.AdamW(pg, **kw)
-
-    return T.TrainHooks(wrap_model=wrap_model, build_optimizer=build_optimizer)
-
-
 # ===== Appendix: plumbing =====
 # The experiment runners' bookkeeping (lr-transfer's grid of runs), data preparation, printing, plots.
 
@@ -1080,12 +1036,13 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
                         batch_size=batch_size, max_steps=steps, max_minutes=None, eval_interval=10 ** 9,
                         ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
                         final_eval_tokens=eval_tokens, seed=seed, threads=threads, device=device,
-                        out_dir=str(_fresh(out / "train" / key)))
-                    hooks = mup_hooks(min(widths), w) if param == "mup" else None
+                        out_dir=str(_fresh(out / "train" / key)),
+                        # muP is train.py's switch: the smallest width is the base (where muP = SP)
+                        mup_base_width=min(widths) if param == "mup" else None)
                     # too high an lr diverges: train.train raises FloatingPointError; that point is "inf" in the
                     # table (a real outcome of the sweep, not an error of the command)
                     try:
-                        loss = T.train(cfg, data=data, hooks=hooks, log=_quiet)["val"]["loss"]
+                        loss = T.train(cfg, data=data, log=_quiet)["val"]["loss"]
                     except FloatingPointError:
                         loss = float("inf")
                     _drop_checkpoint(out / "train" / key)

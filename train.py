@@ -475,6 +475,8 @@ def build_optimizer(model: torch.nn.Module, cfg: "TrainConfig") -> torch.optim.O
             return torch.optim.AdamW(groups, **adam_kw)
         return AdamW(groups, **adam_kw)
 
+    if cfg.optimizer == "adamw" and cfg.mup_base_width is not None:
+        return adamw(mup_param_groups(named, cfg))  # muP: per-layer learning rates (section below)
     if cfg.optimizer == "adamw":
         decay = [p for n, p in named if p.ndim >= 2]
         no_decay = [p for n, p in named if p.ndim < 2]
@@ -492,6 +494,53 @@ def build_optimizer(model: torch.nn.Module, cfg: "TrainConfig") -> torch.optim.O
     rest = adamw([dict(params=other2d, lr=cfg.lr, weight_decay=cfg.weight_decay),
                   dict(params=gains, lr=cfg.lr, weight_decay=0.0)])
     return OptimizerGroup([first, rest])
+
+
+# muP (maximal update parametrization): width-independent hyperparameters. Off by default
+# (--mup-base-width unset); source: Yang et al., "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot
+# Hyperparameter Transfer" (arXiv:2203.03466), Table 3, the Adam column.
+# Why: under the standard parametrization (SP: one lr for every layer, init ~ 1/sqrt(fan_in)), Adam's update
+# of a d x d hidden matrix W moves each entry by ~ lr (Adam normalizes the gradient), and the d entries of a
+# row add up coherently in W x, so the output moves by ~ lr * d. The stable lr therefore shrinks like 1/d as
+# the model widens, and an lr tuned on a small model is wrong for a wide one. muP rescales per layer so the
+# update's effect stays O(1) at every width. Written relative to a base width d0 (the width the lr was tuned
+# at) with m = d / d0 the width multiplier:
+#   hidden matrices (attention, FFN):  init unchanged (~ 1/sqrt(fan_in)),          lr * 1/m
+#   output layer (lm_head):            init * 1/m on top (so ~ 1/fan_in at scale),  lr * 1/m
+#   embeddings, norm gains:            unchanged (their fan-in is the vocab / 1, not d)
+# At d = d0 (m = 1) muP IS the standard parametrization: every factor is exactly 1.0. The remaining muP rule,
+# attention logits scaled by 1/d_head instead of 1/sqrt(d_head), does not change with width here because
+# wider models add heads of a fixed head_dim (scaling.py's shapes). Only AdamW is supported: these are Adam's
+# rules (Muon normalizes each matrix's update itself, a different answer to the same problem).
+
+
+def mup_width_mult(cfg: "TrainConfig") -> float:
+    """muP's width multiplier m = d_model / mup_base_width (1.0 when muP is off)."""
+    return 1.0 if cfg.mup_base_width is None else cfg.d_model / cfg.mup_base_width
+
+
+def mup_init_(model: torch.nn.Module, cfg: "TrainConfig") -> None:
+    """muP's one init change, in place on a freshly built model: the LM head's weights * 1/m, so its
+    logits start O(1) at any width (the head sums d inputs that become correlated during training). A no-op
+    when muP is off. Resumed runs load trained weights over this afterwards, so it never compounds."""
+    if cfg.mup_base_width is not None:
+        with torch.no_grad():
+            _unwrap(model).lm_head.weight.mul_(1.0 / mup_width_mult(cfg))
+
+
+def mup_param_groups(named: list, cfg: "TrainConfig") -> list:
+    """AdamW parameter groups with muP's per-layer learning rates (the table above), from (name, param)
+    pairs: hidden matrices and lm_head at lr/m, embeddings and norm gains at lr; gains without weight decay,
+    as in the SP groups. With decoupled weight decay, lr * wd shrinks by the same 1/m."""
+    m = mup_width_mult(cfg)
+    groups = {"hidden": [], "head": [], "embed": [], "gain": []}
+    for name, p in named:
+        kind = ("gain" if p.ndim < 2 else "head" if name.startswith("lm_head") else
+                "hidden" if name.startswith("layers.") else "embed")
+        groups[kind].append(p)
+    scale = dict(hidden=1 / m, head=1 / m, embed=1.0, gain=1.0)
+    return [dict(params=ps, lr=cfg.lr * scale[k], weight_decay=0.0 if k == "gain" else cfg.weight_decay)
+            for k, ps in groups.items() if ps]
 
 
 # =====================================================================================================
@@ -1066,6 +1115,7 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
                                  f"({cfg.context_length + 1}); use more text or a smaller --context-length")
         run.tokenizer, run.floor = data.tokenizer, data.entropy_floor_bpb
         model = build_model(cfg, run.tokenizer.vocab_size, run.device)
+        mup_init_(model, cfg)  # muP's LM-head init (a no-op when off; a checkpoint's weights replace it)
         if ckpt is not None:  # weights into the bare model before wrapping: a wrapper may shard them
             _check_resumable(run, ckpt, model)
             load_model_state(model, ckpt, run.ckpt_path)
@@ -2022,6 +2072,12 @@ def _check_resumable(run: _Run, ckpt: dict, model):
     if saved_cfg != mcfg:
         raise ValueError(f"checkpoint {run.ckpt_path} is incompatible with the requested model: "
                          + "; ".join(_config_diff(saved_cfg, mcfg)))
+    # muP changes every step's learning rates: a run continues under the parametrization it started with
+    # (a checkpoint from before the switch existed was trained without muP)
+    saved_mup = (ckpt.get("config") or {}).get("mup_base_width")
+    if saved_mup != run.cfg.mup_base_width:
+        raise ValueError(f"checkpoint {run.ckpt_path} was trained with --mup-base-width {saved_mup} (None: off), "
+                         f"this run asks for {run.cfg.mup_base_width}; resume with the same setting")
     saved, now = ckpt.get("tokenizer_fingerprint"), run.tokenizer.fingerprint()
     if saved is not None and saved != now:
         raise ValueError(f"checkpoint {run.ckpt_path} was trained with another tokenizer (fingerprint {saved}, "
@@ -2149,6 +2205,8 @@ class TrainConfig:
     decay_fraction: wsd: fraction of the post-warm-up run spent in the final linear decay
     warmup_iters: linear warm-up steps
     weight_decay: decoupled weight decay (2-D weights only)
+    mup_base_width: muP (Tensor Programs V): the d_model the learning rate was tuned at; hidden matrices and
+        lm_head train at lr * base/d_model, lm_head init * base/d_model (needs --optimizer adamw; unset: off)
     beta1: Adam beta1
     beta2: Adam beta2
     eps: Adam epsilon
@@ -2223,6 +2281,7 @@ class TrainConfig:
     decay_fraction: float = 0.2
     warmup_iters: int = 50
     weight_decay: float = 0.1
+    mup_base_width: Optional[int] = None
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -2350,6 +2409,7 @@ def validate_config(cfg: TrainConfig):
         ("num_samples", c.num_samples >= 0, ">= 0"), ("sample_tokens", c.sample_tokens >= 1, ">= 1"),
         ("temperature", c.temperature >= 0, ">= 0 (0: greedy)"), ("top_p", 0 < c.top_p <= 1, "in (0, 1]"),
         ("model_kw", isinstance(c.model_kw, dict), "a JSON object"),
+        ("mup_base_width", c.mup_base_width is None or c.mup_base_width >= 1, ">= 1 (unset: muP off)"),
     ]
     # the table above, then the checks that need the file system, model.py or the hardware
     for name, ok, allowed in checks:
@@ -2357,6 +2417,9 @@ def validate_config(cfg: TrainConfig):
             raise ValueError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)!r}")
     if c.distill_from is not None and not Path(c.distill_from).expanduser().is_file():
         raise ValueError(f"--distill-from {c.distill_from}: no such checkpoint file")
+    if c.mup_base_width is not None and c.optimizer != "adamw":
+        raise ValueError(f"--mup-base-width needs --optimizer adamw (muP's rules here are Adam's), got "
+                         f"--optimizer {c.optimizer}")
     if c.noise_scale and c.grad_accum < 2:
         raise ValueError(f"--noise-scale needs two batch sizes: --grad-accum must be >= 2, got {c.grad_accum}")
     if c.max_steps is None and c.max_minutes is None:
