@@ -2872,6 +2872,41 @@ def test_train_resume_accepts_a_checkpoint_from_before_a_new_switch(tmp_path, _t
         T.train(cfg, _train_data, log=_train_quiet)
 
 
+def test_train_mup_at_base_width_is_sp_bit_for_bit_and_scales_lr_and_init(tmp_path, _train_data):
+    # muP's factors are m = d_model / base; at base = d_model every factor is exactly 1.0, so training must
+    # equal the muP-off run bit for bit (same weights, same losses), though the optimizer has 4 groups, not 2
+    def run(name, **kw):
+        cfg = _train_cfg(tmp_path, optimizer="adamw", lr=1e-2, max_steps=6, out_dir=str(tmp_path / name), **kw)
+        res = T.train(cfg, _train_data, log=_train_quiet)
+        return cfg, res, T.read_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    _, r_sp, ck_sp = run("sp")
+    cfg_mup, r_mup, ck_mup = run("mup", mup_base_width=32)
+    assert ck_mup["config"]["mup_base_width"] == 32 and ck_sp["config"]["mup_base_width"] is None
+    assert r_mup["val"]["loss"] == r_sp["val"]["loss"]
+    for k, v in ck_sp["model"].items():
+        assert torch.equal(v, ck_mup["model"][k]), k
+    # a wider model than the base (d 32, base 8: m = 4), against hand-computed factors: lm_head init / 4,
+    # hidden matrices and lm_head at lr / 4, embeddings and gains at lr; gains without weight decay
+    cfg = _train_cfg(tmp_path, optimizer="adamw", lr=1e-2, mup_base_width=8)
+    sp_model, model = T.build_model(cfg, 300), T.build_model(cfg, 300)
+    T.mup_init_(model, cfg)
+    assert torch.equal(model.lm_head.weight, sp_model.lm_head.weight * 0.25)
+    assert torch.equal(model.layers[1].ffn.w2.weight, sp_model.layers[1].ffn.w2.weight)
+    opt = T.build_optimizer(model, cfg)
+    got = {id(p): (g["base_lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert len(got) == len(list(model.parameters()))
+    assert got[id(model.layers[0].attn.q_proj.weight)] == (2.5e-3, cfg.weight_decay)
+    assert got[id(model.lm_head.weight)] == (2.5e-3, cfg.weight_decay)
+    assert got[id(model.token_embeddings.weight)] == (1e-2, cfg.weight_decay)
+    assert got[id(model.ln_final.weight)] == (1e-2, 0.0)
+    # resume keeps the parametrization: a checkpoint trained under muP refuses a muP-off continuation
+    cfg_mup.resume, cfg_mup.max_steps, cfg_mup.mup_base_width = True, 8, None
+    with pytest.raises(ValueError, match="mup-base-width"):
+        T.train(cfg_mup, _train_data, log=_train_quiet)
+    cfg_mup.mup_base_width = 32
+    assert T.train(cfg_mup, _train_data, log=_train_quiet)["steps"] == 8
+
+
 def test_train_end_to_end_loss_falls_and_samples(tmp_path, _train_data, capsys):
     cfg = _train_cfg(tmp_path, max_steps=40, num_samples=1, sample_tokens=20, plot=True, optimizer="adamw",
                      lr=1e-2, adamw_impl="torch", eval_interval=20)
@@ -3123,6 +3158,8 @@ _TRAIN_TINY_CLI = ["--synthetic-bytes", "150000", "--synthetic-val-bytes", "2000
     (["--num-heads", "3"], "num_heads"), (["--min-lr-ratio", "2"], "--min-lr-ratio"),
     (["--data", "no/such/file.txt"], "--data"), (["--batch-size", "x"], "--batch-size"),
     (["gpt5"], "preset"),
+    (["--mup-base-width", "0", "--optimizer", "adamw"], "--mup-base-width"),
+    (["--mup-base-width", "16", "--optimizer", "muon"], "--mup-base-width"),
 ])
 def test_train_cli_rejects_each_bad_option_before_any_work(tmp_path, monkeypatch, capsys, args, option):
     monkeypatch.chdir(tmp_path)
@@ -5626,7 +5663,7 @@ def test_ddp_plan_activation_formula_matches_the_measured_step(_par_results):
 
 # ===== Stage 6: scaling.py =====
 # IsoFLOPs and parametric fits against known laws, closed-form optimum, sweeps that
-# resume, shard and branch (WSD) exactly, muP hooks, bad inputs. The isoflops_curves.json test needs
+# resume, shard and branch (WSD) exactly, muP (train.py's switch), bad inputs. The isoflops_curves.json test needs
 # ../shared (skips without it).
 
 
@@ -5827,24 +5864,25 @@ def test_scaling_sweep_killed_resumes_shards_merge_and_branches_match(_sc_data, 
 # ---------------------------------------------------------------------------------------------------
 # muP
 # ---------------------------------------------------------------------------------------------------
-def test_scaling_mup_hooks_scale_head_init_and_per_layer_lr():
-    cfg = T.TrainConfig(d_model=64, num_layers=2, num_heads=4, context_length=16, optimizer="adamw", lr=1e-2)
+def test_scaling_mup_scales_head_init_and_per_layer_lr():
+    # muP lives in train.py (mup_base_width); lr-transfer sets it. Same checks as when it was scaling's hooks.
+    cfg = T.TrainConfig(d_model=64, num_layers=2, num_heads=4, context_length=16, optimizer="adamw", lr=1e-2,
+                            mup_base_width=16)
     sp = T.build_model(cfg, 300)
-    mup_model = T.build_model(cfg, 300)  # same seed: same weights before the hook
-    hooks = SC.mup_hooks(base_width=16, width=64)
-    run_model = hooks.wrap_model(mup_model)
-    assert torch.allclose(run_model.lm_head.weight, sp.lm_head.weight / 4)
-    assert torch.equal(run_model.layers[0].attn.q_proj.weight, sp.layers[0].attn.q_proj.weight)
-    opt = hooks.build_optimizer(mup_model, run_model, cfg)
+    mup_model = T.build_model(cfg, 300)  # same seed: same weights before the muP init
+    T.mup_init_(mup_model, cfg)
+    assert torch.allclose(mup_model.lm_head.weight, sp.lm_head.weight / 4)
+    assert torch.equal(mup_model.layers[0].attn.q_proj.weight, sp.layers[0].attn.q_proj.weight)
+    opt = T.build_optimizer(mup_model, cfg)
     lr_of = {id(p): g["base_lr"] for g in opt.param_groups for p in g["params"]}
     assert lr_of[id(mup_model.layers[0].ffn.w1.weight)] == pytest.approx(1e-2 / 4)
     assert lr_of[id(mup_model.lm_head.weight)] == pytest.approx(1e-2 / 4)
     assert lr_of[id(mup_model.token_embeddings.weight)] == pytest.approx(1e-2)
     assert len(lr_of) == len(list(mup_model.parameters()))
-    # at the base width muP is the standard parametrization; a resumed run's weights are left alone
+    # at the base width muP is the standard parametrization; with muP off the weights are left alone
     same = T.build_model(cfg, 300)
-    SC.mup_hooks(64, 64).wrap_model(same)
-    SC.mup_hooks(16, 64, fresh=False).wrap_model(sp)
+    T.mup_init_(same, T.TrainConfig(d_model=64, optimizer="adamw", mup_base_width=64))
+    T.mup_init_(sp, T.TrainConfig(d_model=64, optimizer="adamw"))
     assert torch.equal(same.lm_head.weight, sp.lm_head.weight)
 
 
