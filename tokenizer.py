@@ -1165,6 +1165,63 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def add_config(self, cls, *, skip=(), types=None, defaults=None, given_only=False, note=""):
+        """One --flag per field of the dataclass `cls`, derived, never declared twice: the name (`d_model` ->
+        `--d-model`), the type (from the annotation; `types` overrides a field's), the default (the field's, or
+        `defaults[name]`) and the help line (from the class docstring's `name: text` lines, `config_help`).
+        Booleans get --flag / --no-flag. given_only=True makes every default None, so a caller can tell "not
+        given" from "given the default's value" (train.py lays flags over a preset that way)."""
+        import dataclasses
+        helps, types, defaults = config_help(cls), types or {}, defaults or {}
+        scalar = {"int": int, "float": float, "str": str, "bool": bool}
+        for f in dataclasses.fields(cls):
+            if f.name in skip or not f.init:
+                continue
+            if f.name in defaults:
+                default = defaults[f.name]
+            elif f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            kind = types.get(f.name) or scalar.get(_bare_type(f.type))
+            if kind is None:
+                raise TypeError(f"{cls.__name__}.{f.name}: no command-line type for {f.type!r}; pass types=")
+            text = helps.get(f.name, f.name.replace("_", " ")) + note.format(default=default)
+            if "%" in text:
+                text = text.replace("%", "%%")  # argparse formats help with %
+            flag = "--" + f.name.replace("_", "-")
+            shown = None if given_only else default
+            if kind is bool:
+                self.add_argument(flag, action=argparse.BooleanOptionalAction, default=shown, help=text)
+            else:
+                self.add_argument(flag, type=kind, default=shown, help=text)
+        return self
+
+
+def _bare_type(annotation) -> str:
+    """'Optional[int]' / 'int | None' / int -> 'int' (annotations are strings under postponed evaluation)."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    name = name.replace(" ", "")
+    if name.startswith("Optional[") and name.endswith("]"):
+        name = name[len("Optional["):-1]
+    return name.removesuffix("|None").removeprefix("None|")
+
+
+def config_help(cls) -> dict:
+    """{field: help text} from a dataclass's docstring lines `    name: text` (continuations indented deeper),
+    so each option is documented once, beside its class."""
+    helps, name = {}, None
+    for line in (cls.__doc__ or "").splitlines():
+        m = re.match(r"^    (\w+): (.*)$", line)
+        if m:
+            name = m.group(1)
+            helps[name] = m.group(2)
+        elif name and line.startswith("        "):
+            helps[name] += " " + line.strip()
+        else:
+            name = None
+    return helps
+
 
 def peak_rss_mb():
     """This process's peak resident memory in MB (Linux VmHWM; else ru_maxrss, which on Linux survives exec

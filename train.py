@@ -2323,21 +2323,6 @@ class TrainConfig:
     plot: bool = True
 
 
-def _field_help() -> dict:
-    """{field: help text} parsed from TrainConfig's docstring ("name: text", continuation lines indented)."""
-    helps, name = {}, None
-    for line in TrainConfig.__doc__.splitlines():
-        m = re.match(r"^    (\w+): (.*)$", line)
-        if m:
-            name = m.group(1)
-            helps[name] = m.group(2)
-        elif name and line.startswith("        "):
-            helps[name] += " " + line.strip()
-        else:
-            name = None
-    return helps
-
-
 # Optimizer: every preset defaults to Muon (+ AdamW for embeddings/head/gains). Measured on the demo
 # (d_model 128, 4 layers, 300 steps of 2,048 tokens): val bpb 0.246 vs AdamW's 0.268 at step 100, and Muon
 # kept the lead; the GPU presets' choice follows the field (modded-nanogpt, nanochat) -- not measured here.
@@ -2928,11 +2913,6 @@ def _json_object(text: str) -> dict:
     return value
 
 
-# TrainConfig's annotations (strings, under `from __future__ import annotations`) -> argparse types
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
-               "Optional[str]": str, "dict": _json_object}
-
-
 def get_parser() -> argparse.ArgumentParser:
     """The training command's parser: a preset name, then any TrainConfig field as --flag (default None,
     meaning 'keep the preset's value'). ddp.py builds on this same parser."""
@@ -2944,19 +2924,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", nargs="?", default=None,
                    help=f"one-word preset: {', '.join(PRESETS)} (default: demo, synthetic stories in a few CPU "
                         f"minutes; with --data tinystories or --data owt and no preset, that data set's preset)")
-    # one flag per TrainConfig field: --snake-case name, the type from the field's annotation, the help from
-    # the class docstring; booleans get --flag / --no-flag
-    helps = _field_help()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "preset":
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        h = helps[f.name] + f" (demo default: {PRESETS['demo'].get(f.name, default)})"
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
-        else:
-            p.add_argument(flag, type=_FLAG_TYPES[f.type], default=None, help=h)
+    # one flag per TrainConfig field (name, type, help line from its docstring), default None: "keep the preset's"
+    types = {"model_kw": _json_object}
+    p.add_config(TrainConfig, skip=("preset",), types=types, given_only=True,
+                 note=" (demo default: {default})", defaults={k: v for k, v in PRESETS["demo"].items()})
     return p
 
 
