@@ -62,6 +62,24 @@ import scaling as SC
 import data as DA
 import align as A  # noqa: E402 (after sys.path and TRITON_INTERPRET)
 
+
+def workspace(*parts):
+    """A file or folder of the workspace's test data (real text, GPT-2's tiktoken files, GSM8K, MMLU, the IsoFLOPs
+    runs), or None. The tests that use it say so and skip without it: a user's checkout has no such folder, and
+    .ci/run names it through the SCRATCHLM_WORKSPACE environment variable."""
+    root = os.environ.get("SCRATCHLM_WORKSPACE")
+    if not root:
+        return None
+    p = Path(root, *parts)
+    return p if p.exists() else None
+
+
+def tiny_config(**switches):
+    """THE tiny model of the tests: vocabulary 10, 4 positions, d_model 8, one layer of 2 heads, d_ff 16, plus any
+    ModelConfig switch. Small enough that a float64 reference of every op runs in milliseconds."""
+    base = dict(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16)
+    return M.ModelConfig(**{**base, **switches})
+
 # ===== Stage 1: tokenizer.py -- byte-level BPE: training, encode/decode, special-token policy, fast path, GPT-2 parity, files, CLI =====
 
 
@@ -1953,12 +1971,12 @@ def test_model_from_pretrained_download_cache_and_errors(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("SCRATCHLM_EXPECT_GPT2") != "1" and
-                    tk.shared_path("tiktoken") is None,
+                    workspace("tiktoken") is None,
                     reason="GPT-2's tiktoken files are not available (they live in ../shared/tiktoken)")
 @pytest.mark.usefixtures("_model_one_thread")
 def test_model_pretrained_generate_with_gpt2_tokenizer(tmp_path, capsys, monkeypatch):
     """`generate --pretrained` end to end with our GPT-2 tokenizer (tiktoken's files from ../shared)."""
-    shared = tk.shared_path("tiktoken")
+    shared = workspace("tiktoken")
     if shared is not None:
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(shared))
     tok = tk.gpt2_tokenizer()
@@ -3360,7 +3378,7 @@ def test_train_speedrun_text_is_a_verified_download_not_a_workspace_file(tmp_pat
     (www / "input.txt").write_text("not the real file\n")  # a mirror serving the wrong bytes is caught
     with pytest.raises((ConnectionError, ValueError)):
         T.fetch_dataset("tinyshakespeare", tmp_path / "cache", mirror=(tmp_path / "www").as_uri(), progress=False)
-    real = tk.shared_path("data", "tinyshakespeare.txt")  # the workspace copy, when present
+    real = workspace("data", "tinyshakespeare.txt")  # the workspace copy, when present
     if real is None:
         pytest.skip("../shared/data/tinyshakespeare.txt absent: the verified-download half needs it")
     (www / "input.txt").write_bytes(real.read_bytes())
@@ -5785,7 +5803,7 @@ def test_scaling_isoflops_recovers_exponent_from_noisy_law():
 
 def test_scaling_isoflops_curves_file_needs_shared():
     """Needs ../shared/data/isoflops_curves.json (CS336's 72 runs); skipped without it."""
-    path = tk.shared_path("data", "isoflops_curves.json")
+    path = workspace("data", "isoflops_curves.json")
     if path is None:
         pytest.skip("../shared/data/isoflops_curves.json not present")
     runs = SC.load_runs(path)
@@ -6722,13 +6740,13 @@ def test_align_mmlu_loader_skips_malformed_rows(tmp_path, capsys):
         A.evaluate_gsm8k(m, tok, [{"question": "1+1?", "answer": "2"}])
 
 
-@pytest.mark.skipif(tk.shared_path("data", "gsm8k") is None or tk.shared_path("data", "mmlu") is None,
+@pytest.mark.skipif(workspace("data", "gsm8k") is None or workspace("data", "mmlu") is None,
                     reason="uses the workspace's copies in ../shared/data (absent on a user's machine)")
 def test_align_loaders_on_the_shared_copies_of_gsm8k_and_mmlu():
     """Uses ../shared/data/gsm8k and ../shared/data/mmlu (workspace copies of the standard files)."""
-    g = A.load_gsm8k(str(tk.shared_path("data", "gsm8k", "test.jsonl")))
+    g = A.load_gsm8k(str(workspace("data", "gsm8k", "test.jsonl")))
     assert len(g) == 1319 and g[0]["answer"] == "18"
-    mm = A.load_mmlu(str(tk.shared_path("data", "mmlu")), "test")
+    mm = A.load_mmlu(str(workspace("data", "mmlu")), "test")
     assert len({r["subject"] for r in mm}) == 57 and len(mm) > 14000
     assert all(r["answer"] in "ABCD" and len(r["options"]) == 4 for r in mm)
 
@@ -6748,13 +6766,13 @@ def test_align_cli_usage_and_runtime_errors(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(tk.shared_path("tiktoken") is None,
+@pytest.mark.skipif(workspace("tiktoken") is None,
                     reason="uses ../shared/tiktoken for GPT-2's tokenizer files (absent on a user's machine)")
 def test_align_stage_from_a_pretrained_gpt2_folder(tmp_path, monkeypatch):
     """`--pretrained PATH`: a random GPT-2-shaped safetensors folder (HF layout) goes through model.from_pretrained
     and GPT-2's tokenizer (files from ../shared/tiktoken), takes an SFT step and leaves a checkpoint that loads."""
     import struct
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tk.shared_path("tiktoken")))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(workspace("tiktoken")))
     g = torch.Generator().manual_seed(0)
     V, Tn, d = 50257, 128, 8
     r = lambda *s: torch.randn(*s, generator=g) * 0.02  # noqa: E731
