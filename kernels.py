@@ -14,7 +14,7 @@ The idea
 --------
 ORGANIZE THE COMPUTATION SO DATA IS MOVED AS FEW TIMES AS POSSIBLE: load a tile into fast on-chip memory
 (registers / shared memory, ~100x faster than HBM), do all the work on it there, write the result once.
-Two kernels make that concrete:
+Two kernels make that concrete (the Menus add a third):
 
 1. Fused RMSNorm.  Eager PyTorch runs `x.pow(2).mean(-1)`, `rsqrt`, `x * r`, `* w` as separate kernels, each
    reading and writing a full (rows, d) tensor: ~5 round trips to HBM. One Triton program per row loads the row
@@ -28,12 +28,8 @@ Two kernels make that concrete:
    L = m + log(l) (one float per query), and the backward RECOMPUTES P = exp(S - L) tile by tile instead of
    storing it: a few extra FLOPs (cheap) to avoid O(T^2) bytes (expensive). Memory becomes O(T).
 
-3. int8 weight-only matmul.  Decoding one token is a matrix-VECTOR product per layer: every weight is read for
-   2 FLOPs per sequence, so the step time is the weight bytes over the bandwidth. Storing W as int8 with one fp32
-   scale per output channel (W ~ q * s, |error| <= s/2) reads 1 byte per weight instead of 2 (bf16) or 4 (fp32).
-   The kernel loads int8 tiles, converts them to float in registers, accumulates in fp32 and multiplies each
-   output column by its scale once, after the sum. `python kernels.py quantize --checkpoint CKPT` applies it to
-   a trained model and reports the bpb cost, the bytes saved and the decode speed side by side.
+3. Menu: int8 weight-only matmul for cheaper decoding (W ~ q * s, one byte per weight), and an ahead-of-time
+   compile of every kernel for a GPU architecture on a machine without one.
 
 What it costs: two extra code paths to keep correct (a from-scratch PyTorch version of each kernel comes FIRST in
 this file, and the tests prove the Triton version agrees with it and with a float64 reference), Triton as a
@@ -53,41 +49,15 @@ Sources
 - Zhang & Sennrich, "Root Mean Square Layer Normalization" (2019), arXiv:1910.07467: RMSNorm itself.
 - Williams, Waterman, Patterson, "Roofline: An Insightful Visual Performance Model" (CACM 2009): FLOPs per byte.
 - Stanford CS336 (Spring 2025), assignment 2: FlashAttention-2 in PyTorch and Triton, the benchmark grid.
-- Dettmers, Lewis, Belkada, Zettlemoyer, "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale"
-  (2022), arXiv:2208.07339: per-channel absmax int8, and the outlier features that make ACTIVATION int8 hard.
-- Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-  Transformers" (2022), arXiv:2210.17323 and Lin et al., "AWQ: Activation-aware Weight Quantization for LLM
-  Compression and Acceleration" (2023), arXiv:2306.00978: 3-4 bit weights by smarter rounding / scaling, the
-  next step after the round-to-nearest int8 done here.
-
-Running without a GPU
----------------------
-Triton normally compiles for a GPU. With the environment variable TRITON_INTERPRET=1 (read when each @triton.jit
-function is DECORATED, i.e. when this module is imported), Triton instead runs every kernel in a numpy interpreter
-on CPU tensors -- slowly, but with the same program/tile semantics. This file sets TRITON_INTERPRET=1 by default
-when no CUDA device is present (before defining any kernel; respecting a value the user already set), so the
-kernels are exercised by the CPU test suite. Two interpreter quirks are handled below and documented where used:
-(a) it multiplies bfloat16 `tl.dot` operands as raw uint16 bit patterns (a bug), so under the interpreter dot
-operands are upcast to fp32 first -- exact, since bf16 -> fp32 is lossless and the GPU's tensor cores also
-accumulate bf16 products in fp32; (b) all other bf16 math is done in fp32 registers anyway (we upcast on load).
+- Dettmers et al., LLM.int8() (2022), arXiv:2208.07339; Frantar et al., GPTQ (2022), arXiv:2210.17323; Lin
+  et al., AWQ (2023), arXiv:2306.00978: weight quantization (the int8 Menu).
 
 Reading order
 -------------
-  Part 1  RMSNorm: readable PyTorch (forward + hand-derived backward) -> Triton kernels -> autograd.Function.
-  Part 2  Attention: naive reference -> FlashAttention2PyTorch (tiled, online softmax) -> Triton kernels ->
-          FlashAttention2Triton.
-  Part 3  ScratchLM integration: multi-head attention backends "flash_triton" / "flash_torch" for model.py, and
-          use_kernels(model) to swap both kernels into a TransformerLM in one call.
-  Part 4  int8 weight-only quantization: quantize_int8 -> readable dequantize-then-matmul -> the Triton kernel
-          that dequantizes inside the tile -> QuantizedLinear and quantize_model(model) (inference only).
-  Appendix: plumbing    input checks, device rules, the quantized model file (save/load_quantized).
-  Appendix: benchmarks  timing tables against the peers, GPU correctness checks, an ahead-of-time GPU compile
-                        check that needs no GPU.
-  Command line: `python kernels.py bench | check | compile | train | quantize` (see --help).
-
-Using the kernels in ScratchLM: `import kernels` registers the attention backends "flash_triton" and "flash_torch"
-with model.py (so ModelConfig(attn_impl="flash_triton") becomes valid), and `kernels.use_kernels(model)` swaps the
-fused RMSNorm and the Triton attention into an existing TransformerLM without changing its state_dict.
+  The core: RMSNorm (readable PyTorch with its hand-derived backward -> Triton kernels -> autograd.Function),
+  attention (naive reference -> FlashAttention2PyTorch, tiled with the online softmax -> Triton kernels ->
+  FlashAttention2Triton), then how both plug into model.py (attention backends, use_kernels). Then the Menus, the
+  appendices and the command line: `python kernels.py bench | check | compile | train | quantize` (see --help).
 """
 
 from __future__ import annotations
@@ -105,13 +75,9 @@ import torch.nn.functional as F
 
 from tokenizer import OneLineParser, atomic_open, machine_label
 
-# ---------------------------------------------------------------------------------------------------------------
-# Triton setup. TRITON_INTERPRET must be in the environment BEFORE the @triton.jit decorators below run (triton
-# 3.x reads the knob at decoration time). Setting it here, at import of kernels.py, works even if torch (or an
-# earlier test module) already imported triton: no kernel of ours has been decorated yet, and triton's own library
-# kernels are re-wrapped below (_interpreter_adopt_triton_stdlib). We only default it on when there is no CUDA:
-# then the interpreter is the only way a Triton kernel can run, so nothing that worked before is changed.
-# ---------------------------------------------------------------------------------------------------------------
+# Triton setup. Without a GPU, TRITON_INTERPRET=1 runs every kernel in Triton's CPU interpreter (slowly, same tile
+# semantics; see the plumbing appendix). It is read when each @triton.jit decorator runs, so it is set here first,
+# and only without CUDA, where the interpreter is the only way a kernel can run.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -126,42 +92,13 @@ except ImportError:  # e.g. macOS / Windows, where requirements.txt does not ins
     tl = None
     HAVE_TRITON = False
 
-
-def _interpreter_adopt_triton_stdlib() -> int:
-    """If triton was imported BEFORE TRITON_INTERPRET was set (e.g. torch.compile / inductor imported it earlier
-    in the same process), its own library functions written in Triton (tl.sum, tl.max, tl.cdiv, ... in
-    triton.language.standard) were built as GPU-only JITFunctions, and calling them from an interpreted kernel
-    fails ("Cannot call @triton.jit'd outside of the scope of a kernel"). Re-wrap them exactly as triton does
-    when the variable is set before import (as InterpretedFunction). Returns how many were re-wrapped."""
-    if not (HAVE_TRITON and INTERPRET):       # on a GPU (or without triton) there is nothing to adopt
-        return 0
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    adopted: dict = {}
-    for mod in (tl, tl.core, tl.standard, getattr(tl, "math", None)):
-        if mod is None:
-            continue
-        for name, obj in list(vars(mod).items()):
-            if type(obj) is JITFunction:                               # same object may be aliased in tl.*
-                if id(obj) not in adopted:
-                    adopted[id(obj)] = InterpretedFunction(obj.fn)
-                setattr(mod, name, adopted[id(obj)])
-    return len(adopted)
-
-
-_interpreter_adopt_triton_stdlib()
-
 import model as M  # noqa: E402  (pipeline order: tokenizer -> model -> train -> kernels)
 
 
-# the dtypes both kernels take: fp32, and the two 16-bit formats of mixed-precision training (bf16: fp32's range
-# with 8 mantissa bits; fp16: 10 mantissa bits, a small range)
+# the dtypes the kernels take: fp32 and the 16-bit formats of mixed precision (bf16: fp32's range, 8 mantissa bits)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# ===============================================================================================================
-# Part 1: RMSNorm
-# ===============================================================================================================
+# ---- Part 1: RMSNorm ----
 #
 # RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g, over the last dim (size d), computed in fp32 and cast back to the
 # input dtype (the same math as model.RMSNorm). Write r = (mean(x^2) + eps)^(-1/2) ("rstd") and x_hat = x * r:
@@ -230,8 +167,7 @@ if HAVE_TRITON:
         row = tl.program_id(0).to(tl.int64)                        # int64: rows * stride may exceed 2^31
         cols = tl.arange(0, BLOCK_N)
         mask = cols < n_cols                                       # BLOCK_N is n_cols rounded up to a power of 2
-        # the row (BLOCK_N,) from HBM, computed in fp32 whatever the storage dtype (bf16 squares would lose the
-        # small components); masked lanes read 0
+        # the row (BLOCK_N,) from HBM, in fp32 whatever the storage dtype; masked lanes read 0
         x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_N,) the gain, shared by all rows
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)  # padded zeros do not change the sum
@@ -266,26 +202,6 @@ if HAVE_TRITON:
         tl.store(DW_PARTIAL + pid64 * n_cols + cols, dw_acc, mask=mask)
 
 
-def _rmsnorm_launch_params(n_cols: int):
-    """(BLOCK_N, num_warps) for rows of n_cols: tl.arange needs a power-of-two length, masks cover the rest."""
-    block_n = triton.next_power_of_2(n_cols)
-    # Enough warps that each thread holds <= ~8-16 elements of the row (as in Triton's layer-norm tutorial).
-    num_warps = min(max(block_n // 256, 1), 16)
-    return block_n, num_warps
-
-
-def _rmsnorm_num_programs(n_rows: int, device: torch.device) -> int:
-    """How many programs the backward launches (each loops over rows n_programs apart)."""
-    # Each program writes one fp32 row of partial dgain sums, which the host reduction reads back: extra traffic
-    # of 2 * programs * d * 4 bytes. Two programs per SM keep every SM busy while keeping that small next to the
-    # 3 * rows * d * bytes of x, dy, dx (e.g. H100, 2048 x 4096 bf16: 8.7 MB vs 50 MB).
-    if device.type == "cuda":
-        # (one SM runs a few programs at once; more programs than 2 x SMs would only add partial rows to reduce)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, 2 * sms))
-    return max(1, min(n_rows, 4))  # interpreter: few programs, each loops over rows
-
-
 class RMSNormTriton(torch.autograd.Function):
     """Fused RMSNorm: apply(x, weight, eps) for x of any leading shape (..., d), fp32/bf16/fp16.
     Non-contiguous x is copied to contiguous (documented; the kernel wants unit stride along d)."""
@@ -294,22 +210,16 @@ class RMSNormTriton(torch.autograd.Function):
     def forward(ctx, x, weight, eps=1e-5):
         _check_rmsnorm_inputs(x, weight)
         # the kernel sees a 2-D (rows, d) matrix: every leading dimension (batch, time, ...) is just more rows
-        n_cols = x.shape[-1]
-        x2 = x.reshape(-1, n_cols)                                 # (rows, d); a view when x is contiguous
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        w = weight.contiguous()
-        n_rows = x2.shape[0]
+        x2, w = _rows(x), weight.contiguous()
+        n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_n, num_warps = _rmsnorm_launch_params(n_cols)
         if n_rows > 0:                                             # grid: one program per row
             _rmsnorm_fwd_kernel[(n_rows,)](x2, w, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
                                            BLOCK_N=block_n, num_warps=num_warps)
-        # saved for backward: x (needed for x_hat), the gain, and one float per row -- not y, not x_hat
-        ctx.save_for_backward(x2, w, rstd)
-        ctx.x_shape = x.shape
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(x2, w, rstd)            # x (for x_hat), the gain, one float per row: not y, not x_hat
+        ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
         return y.view(x.shape)
 
     @staticmethod
@@ -317,9 +227,7 @@ class RMSNormTriton(torch.autograd.Function):
         # one fused pass: each program reads x, dy (and rstd) once per row and writes dx once
         x2, w, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
-        dy2 = dy.reshape(-1, n_cols)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
+        dy2 = _rows(dy)
         dx = torch.empty_like(x2)                                  # (rows, d) in the input dtype
         n_programs = _rmsnorm_num_programs(n_rows, x2.device)
         # (P, d) fp32: row p = program p's partial gain gradient (zeros: a program may get no rows)
@@ -337,9 +245,7 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> 
     return RMSNormTriton.apply(x, weight, eps)
 
 
-# ===============================================================================================================
-# Part 2: attention
-# ===============================================================================================================
+# ---- Part 2: attention ----
 #
 # Single-head attention on (batch, seq, d) tensors (a multi-head model folds heads into batch):
 #   S = Q K^T / sqrt(d)                 (batch, Nq, Nk)
@@ -374,6 +280,11 @@ def attention_reference(Q, K, V, is_causal: bool = False):
 # After the last tile, O = acc / l exactly (not an approximation) and L = m + log(l) = logsumexp of the row.
 # Subtracting the running max keeps every exponent <= 0: no overflow in fp32 whatever the scores.
 
+def _future(q0, q1, k0, k1, device):
+    """(bq, bk) bool: True where key j (of k0..k1) lies after query i (of q0..q1), the entries causal masks out."""
+    return torch.arange(k0, k1, device=device)[None, :] > torch.arange(q0, q1, device=device)[:, None]
+
+
 class FlashAttention2PyTorch(torch.autograd.Function):
     """FlashAttention-2 in plain PyTorch: the algorithm, readable. apply(Q, K, V, is_causal, q_tile, k_tile) on
     (batch, seq, d). Saves O, L (batch, Nq), Q, K, V; backward recomputes P from L tile by tile."""
@@ -387,10 +298,10 @@ class FlashAttention2PyTorch(torch.autograd.Function):
         n_k = K.shape[1]
         scale = 1.0 / math.sqrt(d)
         acc_dtype = torch.float64 if Q.dtype == torch.float64 else torch.float32  # on-chip accumulators: fp32
-        # The outer loop over query tiles is what a GPU runs in parallel (one program per tile); the inner loop
-        # over key tiles is what one program does in sequence, with m, l, acc in registers.
         O = torch.empty_like(Q)
         L = torch.empty(B, n_q, dtype=acc_dtype, device=Q.device)  # fp32 (fp64 for fp64 inputs: gradcheck)
+        # The outer loop over query tiles is what a GPU runs in parallel (one program per tile); the inner loop
+        # over key tiles is what one program does in sequence, with m, l, acc in registers.
         for q0 in range(0, n_q, q_tile):
             q1 = min(q0 + q_tile, n_q)
             Qi = Q[:, q0:q1].to(acc_dtype)                         # (B, bq, d)
@@ -404,9 +315,7 @@ class FlashAttention2PyTorch(torch.autograd.Function):
                 Kj, Vj = K[:, k0:k1].to(acc_dtype), V[:, k0:k1].to(acc_dtype)
                 S = Qi @ Kj.transpose(1, 2) * scale                # (B, bq, bk)
                 if is_causal and k1 - 1 > q0:                      # only tiles touching the diagonal need a mask
-                    qi = torch.arange(q0, q1, device=Q.device)[:, None]
-                    kj = torch.arange(k0, k1, device=Q.device)[None, :]
-                    S = S.masked_fill(kj > qi, float("-inf"))
+                    S = S.masked_fill(_future(q0, q1, k0, k1, Q.device), float("-inf"))
                 # Online softmax: new max, rescale what we had by exp(m_old - m_new), add this tile.
                 m_new = torch.maximum(m, S.amax(dim=-1))
                 P = torch.exp(S - m_new.unsqueeze(-1))             # (B, bq, bk)
@@ -454,9 +363,7 @@ def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
             S = Qi @ Kj.transpose(1, 2) * scale                    # (B, bq, bk), recomputed
             P = torch.exp(S - Li)                                  # softmax probabilities, from L alone
             if is_causal and k1 - 1 > q0:
-                qi = torch.arange(q0, q1, device=Q.device)[:, None]
-                kj = torch.arange(k0, k1, device=Q.device)[None, :]
-                P = P.masked_fill(kj > qi, 0.0)
+                P = P.masked_fill(_future(q0, q1, k0, k1, Q.device), 0.0)
             dV[:, k0:k1] += P.transpose(1, 2) @ dOi               # O = P V      -> dV = P^T dO   (bk, d)
             dP = dOi @ Vj.transpose(1, 2)                          # (B, bq, bk)   -> dP = dO V^T
             dS = P * (dP - Di)                                     # softmax backward (see above)
@@ -465,15 +372,12 @@ def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
     return dQ.to(Q.dtype), dK.to(K.dtype), dV.to(V.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# FlashAttention-2 in Triton.
+# ---- FlashAttention-2 in Triton ----
 #
 # Forward: grid = (ceil(Nq / BLOCK_Q), batch). A program owns one query tile: Q_i stays in registers, K_j/V_j tiles
-# stream past it, m_i / l_i / acc live in fp32 registers, and only O_i and L_i are written. Scores are kept in
-# base-2 units (S * log2(e)) so the exponentials are exp2, a single hardware instruction.
-# Causal: the program stops at the tile holding its last query (tiles right of the diagonal are skipped
-# entirely: half the work at long seq), and splits the loop into "fully visible" tiles (no mask arithmetic at
-# all) and the tiles that touch the diagonal or the ragged end of K (masked).
+# stream past it, m_i / l_i / acc live in fp32 registers, and only O_i and L_i are written. Causal: the program
+# stops at the tile holding its last query (half the work at long seq), and splits the loop into "fully visible"
+# tiles (no mask arithmetic at all) and the tiles that touch the diagonal or the ragged end of K (masked).
 #
 # Backward: dQ needs a sum over key tiles, dK/dV a sum over query tiles. FA2 (the paper) parallelizes over key
 # tiles and adds each program's dQ contribution with fp32 atomics. We instead run TWO kernels: one over key tiles
@@ -482,17 +386,12 @@ def _flash_backward_pytorch(Q, K, V, O, L, dO, is_causal, q_tile, k_tile):
 # results, bitwise reproducible runs, no fp32 dQ scratch buffer of size (B, N, d) to zero and convert, no
 # contention on dQ rows in the causal triangle), and each kernel has one accumulator set, so fewer registers and
 # larger tiles. A tiny preprocess kernel computes D = rowsum(O * dO) first.
-# ---------------------------------------------------------------------------------------------------------------
 
 # head dims the Triton kernel takes: tl.dot needs >= 16; above 128 a Q tile and the fp32 accumulator no longer
 # fit in registers at useful tile sizes (FA2 itself supports up to 256 with smaller tiles)
 ATTN_MIN_HEAD_DIM, ATTN_MAX_HEAD_DIM = 16, 128
 # exp(x) = 2^(x * log2(e)): the kernels keep scores in base-2 units so each exponential is one exp2 instruction
 LOG2_E = 1.4426950408889634
-# Tile sizes used under the interpreter (no autotuning there). Small enough that the tests' short sequences
-# span several tiles (ragged last tile, diagonal tiles, fully visible tiles); large enough that the interpreter's
-# per-tile overhead (Python for every tl.* call) stays a small part of the run time.
-INTERPRET_TILES = (32, 16)
 
 if HAVE_TRITON:
     _LOG2_E = tl.constexpr(LOG2_E)  # a @triton.jit function may only read module globals that are constexpr
@@ -533,8 +432,7 @@ if HAVE_TRITON:
                     visible = visible & (offs_k[None, :] <= offs_q[:, None])
                 s = tl.where(visible, s, float("-inf"))
             # Online softmax update (the same four lines as FlashAttention2PyTorch, in base 2). Every query row
-            # sees key 0 in the first tile it processes, so m_new is finite from then on and
-            # exp2(-inf - m_new) = 0 cleanly handles masked entries.
+            # sees key 0 in its first tile, so m_new is finite from then on and exp2(-inf - m_new) = 0 is clean.
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)                                           # rescales old l, acc
@@ -685,119 +583,6 @@ if HAVE_TRITON:
         tl.store(DQ + b * stride_dqb + offs_q[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=q_mask)
 
-    # On a GPU the tile sizes / warps / pipeline stages are autotuned per (sequence length, head dim, causal,
-    # dtype); under the interpreter they are fixed (INTERPRET_TILES) and nothing is benchmarked.
-    # Few configs on purpose: each one is a separate compile per (dtype, head dim, causal), and the GPU script
-    # must compile + tune + benchmark inside ~8 minutes. Shapes follow Triton's fused-attention tutorial: the
-    # dK/dV kernel keeps a tall key tile (its accumulators) and streams short query tiles, the dQ kernel the
-    # opposite.
-    def _fwd_configs():
-        # (BLOCK_Q, BLOCK_K, warps, pipeline stages): 128-query tiles amortize each K/V load over more queries
-        cfgs = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
-        return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
-
-    def _bwd_dkdv_configs():
-        # tall key tiles (their dK, dV accumulators stay in registers), short query tiles streaming past
-        cfgs = [(32, 128, 8, 3), (64, 64, 4, 3)]
-        return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
-
-    def _bwd_dq_configs():
-        # the mirror image: tall query tiles (the dQ accumulator), short key tiles streaming past
-        cfgs = [(128, 32, 8, 3), (64, 64, 4, 3)]
-        return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in cfgs]
-
-    # re-tune when any of these changes (the dtype is part of the compiled signature anyway); the first call at a
-    # new key times every config, later calls reuse the winner
-    _TUNE_KEY = ["n_queries", "n_keys", "D_PAD", "IS_CAUSAL"]
-    if not INTERPRET:
-        _attn_fwd_tuned = triton.autotune(_fwd_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
-        _attn_bwd_dkdv_tuned = triton.autotune(_bwd_dkdv_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
-        _attn_bwd_dq_tuned = triton.autotune(_bwd_dq_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: exact fp32 products ('ieee') unless PyTorch itself is allowed TF32 for matmuls; half types use
-    the tensor cores natively ('tf32' is Triton's default setting and only affects fp32 operands)."""
-    # TF32 keeps fp32's range but 10 mantissa bits (~3 significant digits) in the products, for ~8x the speed of
-    # exact fp32 on tensor cores; we follow the user's PyTorch setting instead of choosing for them
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _tile_args(tiles):
-    """Explicit (BLOCK_Q, BLOCK_K) -> launch those; None -> autotune on GPU / INTERPRET_TILES under interpreter."""
-    # powers of two >= 16: tl.arange needs power-of-two lengths and tl.dot at least 16 rows/columns
-    if tiles is None and INTERPRET:
-        tiles = INTERPRET_TILES
-    if tiles is None:
-        return None
-    bq, bk = int(tiles[0]), int(tiles[1])
-    for t in (bq, bk):
-        if t < 16 or t & (t - 1):
-            raise ValueError(f"FlashAttention2Triton: tile sizes must be powers of two >= 16, got {tiles}")
-    return bq, bk
-
-
-def flash_attention_triton_forward(Q, K, V, is_causal=False, tiles=None):
-    """Launch the forward kernel. Q (B, Nq, d), K/V (B, Nk, d), contiguous. Returns O (B, Nq, d), L (B, Nq) fp32."""
-    B, n_q, d = Q.shape
-    n_k = K.shape[1]
-    # tl.arange and tl.dot want power-of-two sizes >= 16: head dim 80 is computed as 128 with masked lanes
-    d_pad = max(16, triton.next_power_of_2(d))
-    O = torch.empty_like(Q)
-    L = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)  # fp32 whatever the input dtype
-    sm_scale = 1.0 / math.sqrt(d)
-    # the kernel takes the scale times log2(e): one multiply turns the scores into base-2 units for exp2
-    common = dict(D=d, D_PAD=d_pad, IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET, PRECISION=_dot_precision(Q.dtype))
-    args = (Q, K, V, O, L, n_q, n_k, sm_scale * LOG2_E, Q.stride(0), Q.stride(1), K.stride(0), K.stride(1),
-            V.stride(0), V.stride(1), O.stride(0), O.stride(1))
-    tiles = _tile_args(tiles)
-    if tiles is None:
-        # the grid depends on the tile size the autotuner picks: a function of the chosen config (`meta`)
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_Q"]), B)
-        _attn_fwd_tuned[grid](*args, **common)
-    else:
-        bq, bk = tiles
-        _attn_fwd_kernel[(triton.cdiv(n_q, bq), B)](*args, BLOCK_Q=bq, BLOCK_K=bk, **common)
-    return O, L
-
-
-def flash_attention_triton_backward(Q, K, V, O, L, dO, is_causal=False, tiles=None):
-    """Launch preprocess (D = rowsum(O dO)), the dK/dV kernel (over key tiles) and the dQ kernel (over query
-    tiles). Returns dQ, dK, dV in the input dtype."""
-    B, n_q, d = Q.shape
-    n_k = K.shape[1]
-    d_pad = max(16, triton.next_power_of_2(d))
-    dO = dO.to(Q.dtype).contiguous()                               # tl.dot needs matching operand dtypes
-    # 1. D = rowsum(O * dO), (B, Nq) fp32: a cheap elementwise pass before the two matmul-heavy kernels
-    delta = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)
-    pre_block = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), B)](
-        O, dO, delta, n_q, O.stride(0), O.stride(1), dO.stride(0), dO.stride(1), D=d, D_PAD=d_pad,
-        BLOCK_Q=pre_block)
-    # 2. dK, dV: one program per key tile; 3. dQ: one program per query tile (no atomics: each output tile has
-    # exactly one program writing it, so results are bitwise reproducible)
-    dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
-    sm_scale = 1.0 / math.sqrt(d)
-    common = dict(D=d, D_PAD=d_pad, IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET, PRECISION=_dot_precision(Q.dtype))
-    dkdv_args = (Q, K, V, dO, L, delta, dK, dV, n_q, n_k, sm_scale * LOG2_E, sm_scale,
-                 Q.stride(0), Q.stride(1), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
-                 dO.stride(0), dO.stride(1), dK.stride(0), dK.stride(1), dV.stride(0), dV.stride(1))
-    dq_args = (Q, K, V, dO, L, delta, dQ, n_q, n_k, sm_scale * LOG2_E, sm_scale,
-               Q.stride(0), Q.stride(1), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
-               dO.stride(0), dO.stride(1), dQ.stride(0), dQ.stride(1))
-    tiles = _tile_args(tiles)
-    if tiles is None:
-        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_K"]), B)](*dkdv_args, **common)
-        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_Q"]), B)](*dq_args, **common)
-    else:
-        bq, bk = tiles
-        _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, bk), B)](*dkdv_args, BLOCK_Q=bq, BLOCK_K=bk, **common)
-        _attn_bwd_dq_kernel[(triton.cdiv(n_q, bq), B)](*dq_args, BLOCK_Q=bq, BLOCK_K=bk, **common)
-    return dQ, dK, dV
-
-
 class FlashAttention2Triton(torch.autograd.Function):
     """FlashAttention-2 with Triton forward and backward. apply(Q, K, V, is_causal[, tiles]) on (batch, seq, d),
     d in 16..128, any seq length, fp32 / bf16 / fp16. Non-contiguous inputs are copied to contiguous first
@@ -822,40 +607,18 @@ class FlashAttention2Triton(torch.autograd.Function):
         return dQ, dK, dV, None, None              # no gradients for is_causal and tiles
 
 
-# L is also what a caller would need to combine attention over several key blocks (e.g. split across devices):
-# O = sum_b exp(L_b - L) O_b with L = logsumexp_b(L_b). Only the tests read it here.
-def saved_logsumexp(O: torch.Tensor) -> torch.Tensor:
-    """The L that FlashAttention2{PyTorch,Triton}.forward saved for the output O (for tests and inspection).
-    Call it before backward(), which frees the saved tensors."""
-    # saved_tensors follows save_for_backward's order (Q, K, V, O, L): index 4 is L
-    if O.grad_fn is None or not hasattr(O.grad_fn, "saved_tensors"):
-        raise ValueError("saved_logsumexp: O must be the output of a FlashAttention2 apply() with autograd on")
-    return O.grad_fn.saved_tensors[4]
-
-
-# ===============================================================================================================
-# Part 3: ScratchLM integration
-# ===============================================================================================================
+# ---- Part 3: ScratchLM integration ----
 #
 # model.py's attention backends take q (B, H, Tq, dh), k/v (B, H, Tk, dh) (GQA already expanded) with the queries
 # being the LAST Tq of the Tk positions. The kernels work on (batch, seq, d): fold heads into batch. Cases the
-# kernels do not cover fall back to model.py's "sdpa" backend (same semantics, documented):
-#   * sliding-window attention (a window shorter than Tk; a window >= Tk is plain causal attention),
-#   * causal with Tq != Tk (KV-cache decoding: queries are a suffix of the keys),
-#   * head dims outside 16..128 or dtypes other than fp32/bf16/fp16 (Triton backend only),
-#   * tensors the Triton kernel cannot run on (CPU without the interpreter; Triton not installed).
-# The swap changes how attention and RMSNorm are computed, never what they compute: the tests check logits and
-# every parameter gradient of a TransformerLM against the sdpa backend.
+# kernels do not cover fall back to model.py's "sdpa" backend (same semantics; _kernel_unsupported lists them):
+# sliding windows shorter than Tk, causal with Tq != Tk (KV-cache decoding), head dims outside 16..128 or other
+# dtypes (Triton only), devices Triton cannot run on. The swap changes how attention and RMSNorm are computed,
+# never what they compute: the tests check logits and every parameter gradient against the sdpa backend.
 
 # How often each backend fell back to sdpa: a silent fallback would make a "kernel" run measure sdpa instead, so
 # the count is visible (tests assert it stays 0 on the paths the kernels cover)
 _FALLBACK_COUNTS = {"flash_triton": 0, "flash_torch": 0}
-
-
-def _sdpa_fallback(q, k, v, *, causal, window):
-    """model.py's 'sdpa' backend: same contract (query i of Tq is absolute position Tk - Tq + i; causal sees keys
-    <= it; a window W sees the last W of those)."""
-    return M.get_attention_backend("sdpa")(q, k, v, causal=causal, window=window)
 
 
 def _multihead(impl: str, q, k, v, *, causal, window):
@@ -864,26 +627,15 @@ def _multihead(impl: str, q, k, v, *, causal, window):
     Tk = k.shape[-2]
     if window is not None and window >= Tk:  # every query already sees all its keys: same as no window
         window = None
-    # the cases the kernels do not cover take model.py's sdpa backend (counted, so tests can see which path ran)
-    # (GQA's fewer K/V heads were already repeated to H heads by model.py before the backend is called)
-    unsupported = window is not None or (causal and Tq != Tk) or q.dtype not in _FLOAT_DTYPES \
-        or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device)
-    if impl == "flash_triton":
-        unsupported = unsupported or not (ATTN_MIN_HEAD_DIM <= dh <= ATTN_MAX_HEAD_DIM) or not HAVE_TRITON \
-            or not (q.device.type == "cuda" or (q.device.type == "cpu" and INTERPRET))
-    if unsupported:
+    if _kernel_unsupported(impl, q, k, v, causal, window):
         _FALLBACK_COUNTS[impl] += 1
-        return _sdpa_fallback(q, k, v, causal=causal, window=window)
-    # the heads are independent attentions: fold them into the batch dimension, one kernel launch for all
-    q3 = q.reshape(B * H, Tq, dh)                                  # (B*H, Tq, dh): heads folded into batch
-    k3 = k.reshape(B * H, Tk, dh)
-    v3 = v.reshape(B * H, Tk, dh)
-    # (a reshape, not a copy: the (B, H, T, dh) tensors model.py passes are contiguous in this order)
-    if impl == "flash_triton":
-        o3 = FlashAttention2Triton.apply(q3, k3, v3, bool(causal))
-    else:
-        o3 = FlashAttention2PyTorch.apply(q3, k3, v3, bool(causal))
-    return o3.view(B, H, Tq, dh)
+        # model.py's 'sdpa': query i of Tq is position Tk - Tq + i; causal sees keys <= it; a window W the last W
+        return M.get_attention_backend("sdpa")(q, k, v, causal=causal, window=window)
+    # the heads are independent attentions: fold them into the batch dimension, one kernel launch for all (a
+    # reshape, not a copy: the (B, H, T, dh) tensors model.py passes are contiguous in this order)
+    q3, k3, v3 = q.reshape(B * H, Tq, dh), k.reshape(B * H, Tk, dh), v.reshape(B * H, Tk, dh)
+    fa = FlashAttention2Triton if impl == "flash_triton" else FlashAttention2PyTorch
+    return fa.apply(q3, k3, v3, bool(causal)).view(B, H, Tq, dh)
 
 
 def flash_triton_attention(q, k, v, *, causal: bool, window: Optional[int] = None):
@@ -909,11 +661,9 @@ register_backends()
 
 
 def _rmsnorm_kernel_forward(self, x):
-    """Replacement forward for model.RMSNorm modules: same parameters (.weight, .eps), fused Triton kernel. Falls
-    back to the module's original forward where Triton cannot run (CPU without interpreter)."""
-    # the kernel where it can run; the module's own (identical) math elsewhere, e.g. CPU tensors on a GPU machine
-    if HAVE_TRITON and (x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRET)) \
-            and x.dtype in _FLOAT_DTYPES and x.shape[-1] <= RMSNORM_MAX_HIDDEN:
+    """Replacement forward for model.RMSNorm modules: same parameters (.weight, .eps), fused Triton kernel where
+    it can run, the module's own (identical) math elsewhere (e.g. CPU tensors on a GPU machine)."""
+    if _triton_runs_on(x) and x.dtype in _FLOAT_DTYPES and x.shape[-1] <= RMSNORM_MAX_HIDDEN:
         return RMSNormTriton.apply(x, self.weight, self.eps)
     return type(self).forward(self, x)
 
@@ -922,14 +672,11 @@ def use_kernels(model: torch.nn.Module, rmsnorm: bool = True, attention=True) ->
     """Swap the kernels into a TransformerLM in one call (in place; returns the model).
 
     rmsnorm=True: every model.RMSNorm module's forward becomes the fused Triton kernel. Only the bound method is
-      replaced (an instance attribute), so parameter names and state_dict() are untouched and checkpoints stay
-      interchangeable; `del module.forward` undoes it.
-    attention=True / "flash_triton" / "flash_torch": every attention module's backend (`.attn_impl`) is set;
-      attention=False leaves it alone. model.config is NOT changed (unlike model.set_attention_backend): the
-      kernels compute the same function, so checkpoints written by a kernel run record the portable backend and
-      load in processes that never import kernels.py.
+      replaced (an instance attribute), so state_dict() is untouched; `del module.forward` undoes it.
+    attention=True / "flash_triton" / "flash_torch": every attention module's backend (`.attn_impl`) is set.
+      model.config is NOT changed (unlike model.set_attention_backend): the kernels compute the same function, so
+      checkpoints of a kernel run record the portable backend and load where kernels.py is never imported.
     """
-    # attention: a per-module attribute that MultiHeadSelfAttention reads on every forward (a backend name)
     if attention:
         name = "flash_triton" if attention is True else str(attention)
         if name not in ("flash_triton", "flash_torch"):
@@ -937,25 +684,21 @@ def use_kernels(model: torch.nn.Module, rmsnorm: bool = True, attention=True) ->
                              f"got {attention!r}")
         for module in model.modules():          # every layer's attention (and any nested model's)
             if isinstance(module, M.MultiHeadSelfAttention):
-                module.attn_impl = name
-    # RMSNorm: bind the fused forward to each module instance; the class, its parameters and other instances
-    # (in other models) are untouched
+                module.attn_impl = name         # read by MultiHeadSelfAttention on every forward
     if rmsnorm:
         _require_triton("use_kernels(rmsnorm=True)")
-        n = 0
-        for module in model.modules():
-            if isinstance(module, M.RMSNorm):
-                module.forward = types.MethodType(_rmsnorm_kernel_forward, module)
-                n += 1
-        if n == 0:   # asked for the kernel and nothing would change: say so instead of silently running eager code
+        norms = [m for m in model.modules() if isinstance(m, M.RMSNorm)]
+        if not norms:   # asked for the kernel and nothing would change: say so instead of running eager code
             raise ValueError("use_kernels: rmsnorm=True but the model has no model.RMSNorm modules "
                              "(config norm != 'rmsnorm'?)")
+        for module in norms:    # bound to each instance: the class and other models' norms are untouched
+            module.forward = types.MethodType(_rmsnorm_kernel_forward, module)
     return model
 
 
-# ===============================================================================================================
-# Part 4: int8 weight-only quantization (cheaper decoding)
-# ===============================================================================================================
+# ===== Menu: cheaper decoding: int8 weight-only quantization =====
+# Plugs in after training: quantize_model(model) swaps every model.Linear of a trained TransformerLM for a
+# QuantizedLinear (int8 weights, float activations); `python kernels.py quantize --checkpoint CKPT` measures it.
 #
 # Decoding one token at a time is a (B, d_in) @ (d_in, d_out) matmul per layer with B = the batch of sequences
 # (1..a few dozen): 2 B FLOPs per weight read, so every step streams ALL the weights from memory and is
@@ -972,12 +715,11 @@ def use_kernels(model: torch.nn.Module, rmsnorm: bool = True, attention=True) ->
 # output element, after the sum (a per-input-channel scale would have to be applied inside the sum). A row
 # with one large weight gets a coarse grid for all its others: that is the error this scheme cannot avoid.
 #
-# Where this sits in the field: LLM.int8() (arXiv:2208.07339) quantizes weights AND activations to int8 and
-# finds the hard part is a few outlier activation features at >6.7B parameters (handled in fp16 there); weight-
-# only int8 round-to-nearest, as here, is nearly lossless at these sizes. GPTQ (arXiv:2210.17323) reaches 3-4 bits
-# by rounding columns one at a time and correcting the rest with second-order (Hessian) information; AWQ
-# (arXiv:2306.00978) rescales the ~1% of input channels that see large activations before rounding. Both start
-# from exactly this per-channel absmax grid.
+# In the field: LLM.int8() (arXiv:2208.07339) quantizes weights AND activations, and finds the hard part is a few
+# outlier activation features at >6.7B parameters; weight-only int8 round-to-nearest, as here, is nearly lossless
+# at these sizes. GPTQ (arXiv:2210.17323) reaches 3-4 bits by rounding columns one at a time and correcting the rest
+# with second-order (Hessian) information; AWQ (arXiv:2306.00978) rescales the ~1% of input channels that see large
+# activations before rounding. Both start from exactly this per-channel absmax grid.
 #
 # What it costs: the readable path (dequantize the whole matrix, then a float matmul) writes a float copy of W
 # for every call -- MORE memory traffic than the float model, so it is slower, not faster (see the CPU bench).
@@ -1065,9 +807,7 @@ def int8_matmul_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     """Fused dequantize-in-the-tile matmul: x (..., d_in) fp32/bf16/fp16, q (d_out, d_in) int8, scale (d_out,)
     -> (..., d_out) in x.dtype; equals int8_matmul_torch up to float summation order. Inference only."""
     _check_int8_inputs(x, q, scale)
-    x2 = x.reshape(-1, x.shape[-1])                                # (M, K): leading dims are just more rows
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)                                                  # (M, K): leading dims are just more rows
     q, scale = q.contiguous(), scale.float().contiguous()
     M, K = x2.shape
     N = q.shape[0]
@@ -1170,8 +910,8 @@ class QuantizedEmbedding(torch.nn.Module):
 
 def quantize_model(model: torch.nn.Module, *, lm_head: bool = False, embeddings: bool = False) -> torch.nn.Module:
     """Replace every model.Linear of a TransformerLM (MoE routers excepted) by a QuantizedLinear, in place; returns
-    the model (in eval mode, inference only). lm_head / embeddings: quantize the vocabulary matrices too (default off: they are
-    the layers most sensitive to rounding, and kept in float by common practice, e.g. bitsandbytes' lm_head).
+    the model (in eval mode, inference only). lm_head / embeddings: quantize the vocabulary matrices too (default
+    off: they are the layers most sensitive to rounding, kept in float by common practice, e.g. bitsandbytes').
     With tied embeddings and both on, the embedding reads the LM head's int8 matrix (one copy, as before)."""
     if getattr(model, "quantization", None):
         raise ValueError("quantize_model: this model is already quantized")
@@ -1200,106 +940,6 @@ def quantize_model(model: torch.nn.Module, *, lm_head: bool = False, embeddings:
     # model.train() is refused before it flips any module (the layers' own train() refuses direct calls)
     model.train = types.MethodType(QuantizedLinear.train, model)
     return model
-
-
-# ===== Appendix: plumbing =====
-# Input checks (a clear ValueError naming the problem instead of a wrong result or a crash inside a kernel) and
-# the rules for where a Triton kernel can run.
-
-
-def _require_triton(what: str) -> None:
-    """Clear error when a Triton path is used where Triton cannot run."""
-    if not HAVE_TRITON:
-        raise RuntimeError(f"{what} needs the `triton` package (pip install triton; Linux x86_64 only). "
-                           "The PyTorch versions in kernels.py work without it.")
-
-
-def _check_triton_device(what: str, *tensors: torch.Tensor) -> None:
-    """Triton kernels run on CUDA tensors, or on CPU tensors when the interpreter (TRITON_INTERPRET=1) is on."""
-    _require_triton(what)
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"{what}: all inputs must be on the same device, got {sorted(str(d) for d in devices)}")
-    dev = tensors[0].device
-    # the interpreter can only be chosen at import (kernels are decorated then); switching it on later would not
-    # change kernels that were already compiled for the GPU, hence the error below instead of a silent switch
-    if dev.type == "cuda":
-        return
-    if dev.type == "cpu" and INTERPRET:
-        return
-    raise ValueError(f"{what}: tensors on {dev} cannot run a Triton kernel; use CUDA tensors, or set "
-                     "TRITON_INTERPRET=1 before importing kernels.py to run the (slow) CPU interpreter")
-
-
-def _check_rmsnorm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
-    """RMSNormTriton's contract: float x (..., d), a float gain (d,), d small enough for one row in registers."""
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"RMSNorm (Triton): unsupported input dtype {x.dtype}; use float32, bfloat16 or float16")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"RMSNorm (Triton): unsupported weight dtype {weight.dtype}")
-    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"RMSNorm (Triton): weight shape {tuple(weight.shape)} must be (d,) with d = x.shape[-1]"
-                         f" (x is {tuple(x.shape)})")
-    if x.shape[-1] > RMSNORM_MAX_HIDDEN:
-        raise ValueError(f"RMSNorm (Triton): hidden size {x.shape[-1]} > {RMSNORM_MAX_HIDDEN} is not supported "
-                         "(the single-pass kernel keeps a whole row in registers); use rmsnorm_torch")
-    _check_triton_device("RMSNorm (Triton)", x, weight)
-
-
-def _check_attention_inputs(what: str, Q, K, V, is_causal, max_head_dim=None, min_head_dim=1):
-    """Bad input -> a clear ValueError naming the problem (never a silent wrong result)."""
-    # Each of these would otherwise read out of bounds, broadcast silently or fail deep inside a kernel with a
-    # message about pointers and strides; the order is from the most basic problem to the most specific.
-    for name, t in (("Q", Q), ("K", K), ("V", V)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{what}: {name} must be (batch, seq, d), got shape {tuple(t.shape)}")
-    if not (Q.dtype == K.dtype == V.dtype):
-        raise ValueError(f"{what}: Q, K, V dtypes differ ({Q.dtype}, {K.dtype}, {V.dtype})")
-    if not (Q.device == K.device == V.device):
-        raise ValueError(f"{what}: Q, K, V devices differ ({Q.device}, {K.device}, {V.device})")
-    if K.shape != V.shape:
-        raise ValueError(f"{what}: K and V shapes differ ({tuple(K.shape)} vs {tuple(V.shape)})")
-    if Q.shape[0] != K.shape[0] or Q.shape[2] != K.shape[2]:
-        raise ValueError(f"{what}: Q {tuple(Q.shape)} and K {tuple(K.shape)} must share batch and head dim")
-    if Q.shape[1] == 0 or K.shape[1] == 0:
-        raise ValueError(f"{what}: empty sequence (Q {tuple(Q.shape)}, K {tuple(K.shape)})")
-    # causal with Nq != Nk is ambiguous (which keys does query 0 see?); model.py's backends define it as "queries
-    # are the last Nq positions" and route it to sdpa, which implements exactly that
-    if is_causal and Q.shape[1] != K.shape[1]:
-        raise ValueError(f"{what}: is_causal needs n_queries == n_keys (got {Q.shape[1]} and {K.shape[1]}); "
-                         "the model backends fall back to sdpa for KV-cache decoding")
-    d = Q.shape[2]
-    if d < min_head_dim or (max_head_dim is not None and d > max_head_dim):
-        raise ValueError(f"{what}: head dim {d} unsupported (supported: {min_head_dim}..{max_head_dim})")
-    if not Q.is_floating_point():
-        raise ValueError(f"{what}: inputs must be floating point, got {Q.dtype}")
-
-
-def _check_triton_attention_inputs(Q, K, V, is_causal):
-    """FlashAttention2Triton's contract: the PyTorch version's, plus head dims 16..128 (one tile of Q and the
-    accumulators must fit in registers), fp32/bf16/fp16, and a device Triton can run on."""
-    _check_attention_inputs("FlashAttention2Triton", Q, K, V, is_causal, ATTN_MAX_HEAD_DIM, ATTN_MIN_HEAD_DIM)
-    if Q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"FlashAttention2Triton: dtype {Q.dtype} unsupported (float32, bfloat16, float16)")
-    _check_triton_device("FlashAttention2Triton", Q, K, V)
-
-
-def _check_int8_inputs(x, q, scale, triton: bool = True) -> None:
-    """int8 matmul contract: float x (..., d_in), int8 q (d_out, d_in), float scale (d_out,), one device."""
-    what = "int8_matmul_triton" if triton else "int8_matmul_torch"
-    if q.dtype != torch.int8 or q.dim() != 2:
-        raise ValueError(f"{what}: q must be an int8 matrix (d_out, d_in), got {q.dtype} {tuple(q.shape)}")
-    if scale.shape != (q.shape[0],) or not scale.is_floating_point():
-        raise ValueError(f"{what}: scale must be float (d_out,) = ({q.shape[0]},), got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
-    if x.dim() < 1 or x.shape[-1] != q.shape[1]:
-        raise ValueError(f"{what}: x {tuple(x.shape)} must end in d_in = {q.shape[1]} (q is {tuple(q.shape)})")
-    if not x.is_floating_point() or (triton and x.dtype not in _FLOAT_DTYPES):
-        raise ValueError(f"{what}: unsupported input dtype {x.dtype}")
-    if triton:
-        _check_triton_device(what, x, q, scale)
 
 
 # Quantized model files. A quantized model is not a training checkpoint (it cannot be trained), so it gets its own
@@ -1341,488 +981,43 @@ def load_quantized(path, device="cpu") -> tuple[torch.nn.Module, dict]:
     return model.to(M.resolve_device(device)), payload
 
 
-# ===== Appendix: benchmarks =====
-# Timing tables (ours vs the peers, side by side in one run), correctness checks at GPU shapes, and an
-# ahead-of-time compile of every kernel for a GPU architecture. `python kernels.py bench | check | compile`.
-
-def _sync(device):
-    """Wait for queued GPU work: kernel launches return at once, so a timer must wait for the result."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep: int = 10,
-            budget_s: float = 2.0) -> float:
-    """Median wall time of fn() in ms. GPU: triton.testing.do_bench (CUDA events, L2 flush). CPU: perf_counter,
-    at most `rep` runs and ~budget_s seconds."""
-    if device.type == "cuda" and HAVE_TRITON and not INTERPRET:
-        # CUDA events around each call, the L2 cache flushed between calls (else a small tensor is served from
-        # L2 and a memory-bound kernel looks faster than it is), median of ~100 ms of repetitions
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
-    for _ in range(warmup):                  # first calls: allocator growth, lazy initialization, compilation
-        fn()
-    # CPU: plain wall-clock timing of each call, capped by a time budget so slow peers (the Python-loop FA2)
-    # do not stretch the table to minutes
-    times = []
-    start = time.perf_counter()
-    while len(times) < rep and (time.perf_counter() - start < budget_s or len(times) < 1):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]           # median: robust to the odd slow run
-
-
-def _fmt(x, unit=""):
-    """A table cell: '-' for missing, strings as they are, numbers with 3 significant digits."""
-    # (timings are noisy in the third digit anyway; more digits would suggest a precision the runs do not have)
-    if x is None:
-        return "-"
-    if isinstance(x, str):
-        return x
-    return f"{x:.3g}{unit}" if x < 100 else f"{x:.1f}{unit}"
-
-
-def _print_table(title, header, rows):
-    """Print a markdown table (pastes into the README as it is)."""
-    # (a title line, the header, the separator row, one line per row; flushed so long runs show progress)
-    print(f"\n## {title}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
-    sys.stdout.flush()
-
-
-def _time_modes(make_inputs, forward, device):
-    """Times forward, backward (given a forward graph), and both. Returns dict mode -> ms or an error string."""
-    # Every implementation gets fresh inputs from make_inputs (same shapes and dtype), and the three modes are
-    # timed separately because the kernels differ most in backward (recomputation, two dQ/dK-dV passes).
-    out = {}
-    try:
-        inputs = make_inputs()
-        out["fwd"] = time_ms(lambda: forward(*inputs), device)
-        # backward alone: one forward graph kept alive (retain_graph) and differentiated again and again
-        y = forward(*inputs)
-        dy = torch.randn_like(y)
-        params = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-        def bwd():
-            for p in params:
-                p.grad = None
-            y.backward(dy, retain_graph=True)
-
-        out["bwd"] = time_ms(bwd, device)
-
-        def both():                      # what a training step pays: a fresh forward graph, then its backward
-            for p in params:
-                p.grad = None
-            forward(*inputs).backward(dy)
-
-        out["fwd+bwd"] = time_ms(both, device)
-    except torch.cuda.OutOfMemoryError:  # e.g. naive attention at T = 16384: an "OOM" cell, the table goes on
-        out = {m: "OOM" for m in ("fwd", "bwd", "fwd+bwd")}
-        torch.cuda.empty_cache()
-    except RuntimeError as e:  # e.g. torch.compile without a working compiler
-        msg = str(e).splitlines()[0][:40]
-        out = {m: f"error: {msg}" for m in ("fwd", "bwd", "fwd+bwd")}
-    return out
-
-
-def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadline=None):
-    """RMSNorm: Triton vs eager rmsnorm_torch vs torch.compile(rmsnorm_torch); GB/s counts the minimal traffic
-    (fwd: read x + write y; bwd: read x, dy + write dx)."""
-    try:  # compiled backward graphs may "donate" their buffers, which forbids retain_graph=True (used to time bwd)
-        import torch._functorch.config as functorch_config
-        functorch_config.donated_buffer = False
-    except (ImportError, AttributeError):
-        pass
-    # the peers: eager PyTorch (one kernel per op, ~5 passes over the tensor) and torch.compile of the same
-    # function (inductor generates its own fused Triton kernel: the fair "compiler" baseline)
-    compiled = torch.compile(rmsnorm_torch)
-    impls = [("eager", rmsnorm_torch), ("compile", compiled)]
-    if include_triton:
-        impls.insert(0, ("triton", rmsnorm_triton))
-    rows = []
-    for n_rows, hidden in shapes:
-        if deadline is not None and time.time() > deadline:
-            print(f"(time budget reached; skipping RMSNorm shapes from {n_rows}x{hidden})")
-            break
-
-        def make():
-            x = torch.randn(n_rows, hidden, device=device, dtype=dtype, requires_grad=True)
-            w = torch.ones(hidden, device=device, dtype=torch.float32, requires_grad=True)
-            return x, w
-        results = {name: _time_modes(make, fn, device) for name, fn in impls}
-        elem = torch.tensor([], dtype=dtype).element_size()
-        # GB/s of the unavoidable traffic (rows x hidden tensors read or written): fwd reads x, writes y; bwd
-        # reads x, dy, writes dx. A kernel at the memory's speed reaches the card's HBM bandwidth here.
-        for mode, n_tensors in (("fwd", 2), ("bwd", 3), ("fwd+bwd", 5)):
-            nbytes = n_rows * hidden * elem * n_tensors
-            row = [f"{n_rows}x{hidden}", mode]
-            for name, _ in impls:
-                t = results[name][mode]
-                gbs = nbytes / (t * 1e-3) / 1e9 if isinstance(t, float) else None
-                row += [_fmt(t), _fmt(gbs)]
-            if include_triton and ratios:   # speed-up = peer time / our time, > 1 means ours is faster
-                for peer in ("eager", "compile"):
-                    a, b = results["triton"][mode], results[peer][mode]
-                    row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
-            rows.append(row)
-    # columns: per implementation ms and GB/s, then the speed-ups of the Triton kernel over each peer
-    header = ["rows x hidden", "pass"]
-    for name, _ in impls:
-        header += [f"{name} ms", f"{name} GB/s"]
-    if include_triton and ratios:
-        header += ["triton vs eager", "triton vs compile"]
-    note = "" if ratios or not include_triton else " (triton = CPU interpreter: plumbing check, NOT a speed number)"
-    _print_table(f"RMSNorm, {str(dtype).replace('torch.', '')}, {device.type}{note}", header, rows)
-    return rows
-
-
-def _sdpa_flash(Q, K, V, is_causal):
-    # (a peer, not a fallback: used only in the benchmark tables)
-    """PyTorch's SDPA on CUDA restricted to its flash backend (the named peer) -- which has no fp32 kernel,
-    so fp32 inputs get the memory-efficient backend (the fastest fp32 one). CPU: whatever SDPA picks."""
-    if Q.device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            return F.scaled_dot_product_attention(Q.unsqueeze(1), K.unsqueeze(1), V.unsqueeze(1),
-                                                  is_causal=is_causal).squeeze(1)
-    return F.scaled_dot_product_attention(Q, K, V, is_causal=is_causal)
-
-
-def attention_flops(batch, seq, d, causal, mode):
-    """FA convention: forward = 2 matmuls of 2*N^2*d FLOPs (halved if causal); backward = 2.5x forward."""
-    # (QK^T and PV are each N x N x d multiply-adds = 2 N^2 d FLOPs; backward has 5 such matmuls -- dV, dP, dQ,
-    # dK and the recomputed S -- i.e. 2.5x; softmax and masking FLOPs are not counted, as in the FA papers)
-    fwd = 4.0 * batch * seq * seq * d * (0.5 if causal else 1.0)
-    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
-
-
-def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384, include_triton=True,
-                    deadline=None, ratios=True):
-    """Attention, causal: Triton FA2 vs our PyTorch FA2 vs naive vs SDPA (flash backend on GPU).
-    configs: list of (batch, heads, seq, d, dtype); heads are folded into batch for the (batch, seq, d) API."""
-    # the peers: our tiled PyTorch FA2 (same algorithm, Python loop), naive attention (materializes S and P) and
-    # PyTorch's SDPA (its FlashAttention-2 CUDA kernel on a GPU: the production baseline)
-    impls = []
-    if include_triton:
-        impls.append(("triton", lambda q, k, v: FlashAttention2Triton.apply(q, k, v, True)))
-    impls += [("torch_fa2", lambda q, k, v: FlashAttention2PyTorch.apply(q, k, v, True, 256, 256)),
-              ("naive", lambda q, k, v: attention_reference(q, k, v, True)[0]),
-              ("sdpa", lambda q, k, v: _sdpa_flash(q, k, v, True))]
-    rows = []
-    for batch, heads, seq, d, dtype in configs:
-        if deadline is not None and time.time() > deadline:
-            print(f"(time budget reached; skipping remaining attention shapes from {batch}x{heads}x{seq}x{d})")
-            break
-
-        def make():
-            return tuple(torch.randn(batch * heads, seq, d, device=device, dtype=dtype, requires_grad=True)
-                         for _ in range(3))
-        # the Python-loop FA2 is skipped at long sequences (minutes per call); naive attention above 16K would
-        # need 16 GiB of scores per 16 heads in fp32
-        results = {}
-        for name, fn in impls:
-            if (name == "torch_fa2" and seq > torch_fa2_max_seq) or (name == "naive" and seq > naive_max_seq):
-                results[name] = {m: "skipped" for m in ("fwd", "bwd", "fwd+bwd")}
-            else:
-                results[name] = _time_modes(make, fn, device)
-        for mode in ("fwd", "bwd", "fwd+bwd"):   # TFLOP/s from the FA convention's count (attention_flops)
-            flops = attention_flops(batch * heads, seq, d, True, mode)
-            row = [f"{batch}x{heads}x{seq}x{d}", str(dtype).replace("torch.", ""), mode]
-            for name, _ in impls:
-                t = results[name][mode]
-                tf = flops / (t * 1e-3) / 1e12 if isinstance(t, float) else None
-                row += [_fmt(t), _fmt(tf)]
-            if include_triton and ratios:
-                for peer in ("torch_fa2", "naive", "sdpa"):
-                    a, b = results["triton"][mode], results[peer][mode]
-                    row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
-            rows.append(row)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()              # the next (larger) shape should not inherit fragmentation
-    # columns: per implementation ms and TFLOP/s, then the speed-ups of the Triton kernel over each peer
-    header = ["BxHxTxd", "dtype", "pass"]
-    for name, _ in impls:
-        header += [f"{name} ms", f"{name} TFLOP/s"]
-    if include_triton and ratios:
-        header += ["triton vs torch_fa2", "triton vs naive", "triton vs sdpa"]
-    elif not include_triton:  # PyTorch variants only: how the tiled PyTorch FA2 compares to its peers
-        for peer in ("naive", "sdpa"):
-            header.append(f"torch_fa2 vs {peer}")
-            for row in rows:
-                i, j = header.index("torch_fa2 ms"), header.index(f"{peer} ms")
-                a, b = row[i], row[j]
-                try:
-                    row.append(f"{float(b) / float(a):.2f}x")
-                except ValueError:
-                    row.append("-")
-    note = "" if ratios or not include_triton else " (triton = CPU interpreter: plumbing check, NOT a speed number)"
-    _print_table(f"Causal attention, {device.type}{note}", header, rows)
-    return rows
-
-
-def bench_int8(device, shapes, deadline=None):
-    """y = x @ W^T with W (N, K): int8 weight-only (Triton on GPU; the readable dequantize-then-matmul on both)
-    vs torch's own matmul with W in fp32 and in bf16. shapes: (M rows, K, N). GB/s counts each path's weight
-    bytes read (int8: 1 per weight + scales; bf16: 2; fp32: 4) -- the traffic that decides decoding speed."""
-    gpu = device.type == "cuda"
-    rows = []
-    for m_rows, k, n in shapes:
-        if deadline is not None and time.time() > deadline:
-            print(f"(time budget reached; skipping int8 shapes from {m_rows}x{k}x{n})")
-            break
-        # W (N, K) fp32 with a Glorot-like scale, its int8 form, and the bf16 copy a bf16 inference model holds;
-        # x (M, K) in fp32 and bf16
-        w = torch.randn(n, k, device=device) / math.sqrt(k)
-        q, s = quantize_int8(w)
-        w16 = w.to(torch.bfloat16)
-        x32 = torch.randn(m_rows, k, device=device)
-        x16 = x32.to(torch.bfloat16)
-        # the activations stay in the dtype the float peer uses: bf16 on a GPU (as in inference), both on CPU
-        impls = [("fp32 matmul", lambda: x32 @ w.t(), 4 * n * k), ("bf16 matmul", lambda: x16 @ w16.t(), 2 * n * k),
-                 ("int8 readable", lambda: int8_matmul_torch(x16 if gpu else x32, q, s), n * k + 4 * n)]
-        if gpu and HAVE_TRITON and not INTERPRET:
-            impls.insert(0, ("int8 triton", lambda: int8_matmul_triton(x16, q, s), n * k + 4 * n))
-        elif hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            # CPU: PyTorch's own fused int8 weight-only kernel (the op torchao / gpt-fast use), the same math as
-            # ours: does a fused kernel change the CPU verdict?
-            impls.append(("torch int8pack", lambda: torch.ops.aten._weight_int8pack_mm(x32, q, s), n * k + 4 * n))
-        # interleaved repetitions (CPU): a change in machine load hits every implementation alike
-        times = {name: [] for name, _, _ in impls}
-        for _ in range(1 if gpu else 5):
-            for name, fn, _ in impls:
-                times[name].append(time_ms(fn, device, warmup=1, rep=3, budget_s=1.0))
-        # medians per implementation; the ratios put "ours" (Triton on a GPU, the readable path on CPU) against
-        # torch's fp32 and bf16 matmuls: > 1 means the int8 path is faster
-        ms = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-        ours = "int8 triton" if "int8 triton" in ms else "int8 readable"
-        row = [f"{m_rows}x{k}x{n}"]
-        for name, _, nbytes in impls:
-            row += [_fmt(ms[name]), _fmt(nbytes / (ms[name] * 1e-3) / 1e9)]
-        row += [f"{ms[peer] / ms[ours]:.2f}x" for peer in ("fp32 matmul", "bf16 matmul")]
-        rows.append(row)
-    if not rows:                 # the time budget ran out before the first shape
-        return rows
-    header = ["MxKxN"]
-    for name, _, _ in impls:
-        header += [f"{name} ms", f"{name} weight GB/s"]
-    header += [f"{ours} vs fp32", f"{ours} vs bf16"]
-    _print_table(f"int8 weight-only matmul, {device.type}", header, rows)
-    return rows
-
-
-def _attention_sweep(full: bool):
-    """The benchmark grid: causal, batch 1-8, seq 128..16384, head dims 16..128, bf16 and fp32; 16 heads.
-    Batch shrinks as seq grows (same tokens per step). Default = the subset that fits the ~8 min GPU script."""
-    # the longest sequence is where FA2's O(T) memory matters: naive attention needs 16 GiB of fp32 scores for
-    # 16 heads there, and the Python-loop FA2 is skipped beyond 4096 (bench_attention)
-    seqs = [128, 1024, 4096, 16384]
-    dims = [16, 32, 64, 128] if full else [64, 128]
-    dtypes = [torch.bfloat16, torch.float32]
-    batch_for = {128: 8, 1024: 8, 4096: 2, 16384: 1}
-    # the headline shape first, so it is measured even when --max-seconds cuts the sweep short
-    configs = [(1, 16, 16384, 64, torch.bfloat16)]
-    for dtype in dtypes:
-        for seq in seqs:
-            for d in dims:
-                if not full and dtype == torch.float32 and d != 64:
-                    continue
-                c = (batch_for[seq], 16, seq, d, dtype)
-                if c not in configs:
-                    configs.append(c)
-    return configs
-
-
-def run_bench(args) -> None:
-    """`python kernels.py bench`: the tables, ours next to the peers in one run (ratios, not absolute times, are
-    what carries over between machines)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    deadline = time.time() + args.max_seconds if args.max_seconds else None
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        # GPU: the real comparison -- Triton kernels against eager PyTorch, torch.compile and SDPA's flash kernel
-        print(f"# kernels.py bench on {machine_label()}, triton {triton.__version__ if HAVE_TRITON else 'missing'}")
-        if args.what in ("all", "rmsnorm"):
-            # 2048 rows (e.g. batch 8 x 256 tokens) at the hidden sizes of small to large models
-            shapes = [(2048, h) for h in (1024, 2048, 4096, 8192, 16384)]
-            for dtype in (torch.bfloat16, torch.float32):
-                bench_rmsnorm(device, dtype, shapes, deadline=deadline)
-        if args.what in ("all", "attention"):   # causal attention over the sweep, the headline shape first
-            bench_attention(device, _attention_sweep(args.full), deadline=deadline)
-        if args.what in ("all", "int8"):
-            # decoding (1 and 16 rows: memory-bound, where int8 should approach 2x bf16) and a prefill (4096 rows:
-            # compute-bound, where converting int8 in the tile is overhead next to cuBLAS); 4096 / 14336 are
-            # Llama-3-8B's d_model and d_ff
-            shapes = [(1, 4096, 4096), (16, 4096, 4096), (1, 4096, 14336), (16, 14336, 4096), (4096, 4096, 4096)]
-            bench_int8(device, shapes, deadline=deadline)
-        return
-    # CPU: GPU numbers need CUDA. The Triton kernels only run in the interpreter here (a correctness tool, ~1000x
-    # slower than anything real), so the tables compare the PyTorch variants at CPU-sized shapes, plus one tiny
-    # interpreter row to show the plumbing works.
-    print(f"# kernels.py bench on {machine_label()}: GPU benchmarks need CUDA. CPU tables below compare the PyTorch "
-          "variants; Triton rows run in the interpreter and are NOT speed numbers.")
-    if args.what in ("all", "rmsnorm"):
-        # 2048 x 1024 fp32: big enough that per-call overhead does not dominate the eager-vs-compile comparison
-        bench_rmsnorm(device, torch.float32, [(2048, 1024)], include_triton=False)
-        if HAVE_TRITON:
-            bench_rmsnorm(device, torch.float32, [(16, 256)], include_triton=True, ratios=False)
-    if args.what in ("all", "attention"):
-        # 4 heads x 512 tokens: naive attention's (512, 512) scores are small here, so this shows the Python
-        # loop's cost, not FA2's memory advantage (which needs long sequences on a GPU)
-        bench_attention(device, [(1, 4, 512, 64, torch.float32)], include_triton=False, deadline=deadline)
-        if HAVE_TRITON:
-            bench_attention(device, [(1, 1, 64, 32, torch.float32)], include_triton=True, ratios=False)
-    if args.what in ("all", "int8"):
-        # CPU: only the readable path exists (the interpreter is no speed number); decode-sized and batched rows
-        bench_int8(device, [(1, 2048, 2048), (1, 2048, 8192), (64, 2048, 2048)], deadline=deadline)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Correctness checks (`python kernels.py check`): on a GPU at real shapes; on CPU tiny shapes via the interpreter.
-# Reference: float64 math (attention_reference / rmsnorm_torch) on the same device.
-# Tolerances (CHECK_TOL, per element: |got - ref| <= atol * max|ref| + rtol * |ref|): fp32 2e-3 (looser than the
-# CPU tests' 2e-5 because GPU sums over up to 4096 keys in a different order, and TF32 if PyTorch enables it);
-# bf16 3e-2 (8 mantissa bits: each rounding is up to 2^-9 relative, and P / dS are rounded before matmuls).
-# ---------------------------------------------------------------------------------------------------------------
-
-# (atol relative to max|ref|, rtol): fp16 has 3 more mantissa bits than bf16, hence the tighter bound
-CHECK_TOL = {torch.float32: (2e-3, 2e-3), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
-
-
-def _close(name, got, ref, dtype, failures, scale_ref=True):
-    """Print one check line; append `name` to failures when got is not close to the float64 reference."""
-    atol, rtol = CHECK_TOL[dtype]
-    got, ref = got.double(), ref.double()
-    # Scale-aware: compare the max error against atol * max|ref| + rtol * |ref| elementwise.
-    scale = ref.abs().max().item() if scale_ref else 1.0
-    err = (got - ref).abs()
-    bad = err > atol * max(scale, 1e-6) + rtol * ref.abs()
-    ok = not bool(bad.any()) and bool(torch.isfinite(got).all())
-    print(f"  {'ok  ' if ok else 'FAIL'} {name}: max abs err {err.max().item():.2e} (max |ref| {scale:.2e})")
-    if not ok:
-        failures.append(name)
-
-
-def run_check(args) -> int:
-    """`python kernels.py check`: outputs, L and every gradient of both kernels vs float64 references; returns
-    the exit status (1 if anything is off)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _require_triton("kernels.py check")
-    failures: list = []
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        print(f"# kernels.py check on {torch.cuda.get_device_name()}")
-        # (B, T, d, causal, tiles): tiles=None = the autotuned path users get; pinned tiles keep the number of
-        # compiles (and the script's time) down for the other head dims.
-        # sequence lengths that are not tile multiples (1000, 1027, 513, 777), a single query (T = 1), a head dim
-        # that is not a power of two (96), and RMSNorm rows of awkward widths (3000) and a 3-D input
-        attn_shapes = [(3, 1000, 64, True, None), (2, 1027, 128, True, None), (1, 4096, 64, True, None),
-                       (2, 1, 64, False, (64, 64)), (2, 513, 16, True, (64, 64)), (1, 2048, 96, True, (64, 64)),
-                       (4, 777, 32, False, (64, 32))]
-        norm_shapes = [(4, 33, 4096), (2048, 1024), (1000, 16384), (7, 3000)]
-    else:
-        print("# kernels.py check: no CUDA device -- running the Triton kernels in the CPU interpreter on tiny "
-              "shapes (the pytest suite covers more); run on a GPU for the real check")
-        attn_shapes = [(1, 37, 32, True, None), (2, 20, 16, False, None)]
-        norm_shapes = [(3, 5, 96)]
-    # bf16 first (the dtype that matters on a GPU). fp32 on a GPU uses exact-fp32 ('ieee') dots, which compile
-    # slowly (no tensor cores), so it gets fewer shapes, with tiles pinned to the config the autotuner also tries.
-    for dtype in (torch.bfloat16, torch.float32):
-        shapes = attn_shapes
-        if device.type == "cuda" and dtype == torch.float32:
-            shapes = [(3, 1000, 64, True, (64, 64)), (2, 513, 16, True, (64, 64)), (4, 777, 64, False, (64, 64))]
-        for B, T, d, causal, tiles in shapes:
-            print(f"attention B={B} T={T} d={d} causal={causal} {dtype} tiles={tiles or 'autotuned'}")
-            # the same inputs through the kernel (in `dtype`) and through float64 naive attention
-            q, k, v = (torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-            o = FlashAttention2Triton.apply(q, k, v, causal, tiles)
-            L = saved_logsumexp(o)                                 # read before backward frees saved tensors
-            do = torch.randn_like(o)                               # a random upstream gradient: all of dQ, dK, dV
-            o.backward(do)
-            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-            o_ref, L_ref = attention_reference(q64, k64, v64, causal)
-            o_ref.backward(do.double())
-            _close("O", o, o_ref, dtype, failures)
-            _close("L", L, L_ref, dtype, failures)
-            for n, g, r in (("dQ", q.grad, q64.grad), ("dK", k.grad, k64.grad), ("dV", v.grad, v64.grad)):
-                _close(n, g, r, dtype, failures)
-        for shape in norm_shapes:                 # RMSNorm: y, dx and the gain gradient against float64
-            print(f"rmsnorm {shape} {dtype}")
-            x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
-            # a gain near 1 but not 1: a kernel that ignored it (or its gradient) would fail
-            w = (1 + 0.1 * torch.randn(shape[-1], device=device)).requires_grad_()
-            y = rmsnorm_triton(x, w, 1e-5)
-            dy = torch.randn_like(y)
-            y.backward(dy)
-            x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-            y_ref = rmsnorm_torch(x64, w64, 1e-5)
-            y_ref.backward(dy.double())
-            _close("y", y, y_ref, dtype, failures)
-            _close("dx", x.grad, x64.grad, dtype, failures)
-            _close("dweight", w.grad, w64.grad, dtype, failures)
-    # int8 weight-only matmul: the fused kernel against float64 math on the same int8 weights, at decode, ragged
-    # (not tile multiples) and prefill sizes; the tolerances are the output dtype's (the int8 values are exact)
-    int8_shapes = [(1, 4096, 4096), (16, 4096, 11008), (1000, 1027, 777), (4096, 2048, 2048)] \
-        if device.type == "cuda" else [(3, 70, 37)]
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for m_rows, k, n in int8_shapes:
-            print(f"int8 matmul {m_rows}x{k}x{n} {dtype}")
-            q, s = quantize_int8(torch.randn(n, k, device=device))
-            x = torch.randn(m_rows, k, device=device, dtype=dtype)
-            ref = (x.double() @ q.double().t()) * s.double()
-            _close(f"int8 y {m_rows}x{k}x{n} {_TL_NAMES[dtype]}", int8_matmul_triton(x, q, s), ref, dtype, failures)
-    # one verdict line at the end (the GPU script greps for it), failures named
-    print(f"\n{'ALL CHECKS PASSED' if not failures else 'FAILED: ' + ', '.join(failures)}")
-    return 1 if failures else 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Ahead-of-time GPU compile check (`python kernels.py compile`): no GPU needed. The interpreter runs the kernels'
-# Python semantics, but not Triton's GPU compiler (type checks, dot-shape rules, register allocation). Triton can
-# compile for a named GPU architecture on any machine (its wheel ships ptxas), so this compiles every kernel as the
-# GPU would and reports registers / spills / shared memory per config from the cubin.
-# ---------------------------------------------------------------------------------------------------------------
+# ===== Menu: compiling for a GPU without one =====
+# `python kernels.py compile`: every kernel of the core (and the int8 Menu) compiled by Triton's real GPU compiler
+# for a named architecture, on any machine (the wheel ships ptxas), reporting registers / spills / shared memory.
+# The interpreter runs the kernels' Python semantics, not the GPU compiler's type checks and dot-shape rules.
 
 _FP32_POINTERS = {"L", "DELTA", "RSTD", "DW_PARTIAL", "W", "SCALE"}
 _INT8_POINTERS = {"WQ"}   # the int8 weight matrix of _int8_matmul_kernel
 _FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
-_TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def compile_for_gpu(fn, dtype: torch.dtype, constexprs: dict, num_warps: int, num_stages: int, arch: int = 90):
     """Compile a @triton.jit kernel for sm_<arch> without a GPU. Pointer args whose names are capitalized get the
-    data dtype (fp32 for L, DELTA, RSTD, DW_PARTIAL, W), other args i32/fp32. Returns the CompiledKernel."""
+    data dtype (fp32 for L, DELTA, RSTD, DW_PARTIAL, W, SCALE; int8 for WQ), other args i32/fp32. Returns the
+    CompiledKernel (PTX, cubin, metadata)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if INTERPRET:
         raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET=0 (kernels decorated for the GPU compiler)")
-    # the kernel's signature as Triton's compiler wants it (normally inferred from the tensors of a real launch):
-    # pointer types by name, int32 sizes and strides, fp32 scale/eps scalars, constexprs as given
+    # the signature Triton would infer from the tensors of a real launch: pointer types by name, int32 sizes and
+    # strides, fp32 scale/eps scalars, constexprs as given
     sig = {}
     for p in fn.params:
-        name = p.name
         if p.is_constexpr:
-            sig[name] = "constexpr"
-        elif name.isupper() or name in ("Q", "K", "V", "O", "L"):
-            sig[name] = "*fp32" if name in _FP32_POINTERS else "*i8" if name in _INT8_POINTERS \
+            sig[p.name] = "constexpr"
+        elif p.name.isupper():
+            sig[p.name] = "*fp32" if p.name in _FP32_POINTERS else "*i8" if p.name in _INT8_POINTERS \
                 else f"*{_TL_NAMES[dtype]}"
-        elif name in _FLOAT_SCALARS:
-            sig[name] = "fp32"
         else:
-            sig[name] = "i32"
-    # GPUTarget("cuda", arch, 32): compute capability and warp size; the result holds PTX, the cubin and metadata
-    src = ASTSource(fn, sig, constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+            sig[p.name] = "fp32" if p.name in _FLOAT_SCALARS else "i32"
+    # GPUTarget("cuda", arch, 32): compute capability and warp size
+    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def _cubin_resources(kernel) -> str:
-    """'REG:.. LOCAL:..' from cuobjdump (LOCAL > 0 means register spills); empty if cuobjdump is unavailable."""
+    """'regs .., spill bytes ..' from cuobjdump (spills > 0: registers ran out); empty if it is unavailable."""
     import subprocess
     import tempfile
 
@@ -1849,10 +1044,8 @@ def run_compile(args) -> int:
 
         env = dict(os.environ, TRITON_INTERPRET="0")
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # fused multiply-add, as on a real GPU launch
-        cmd = [sys.executable, os.path.abspath(__file__), "compile", "--arch", str(args.arch)]
-        cmd += ["--full"] if args.full else []
-        for text in args.only:
-            cmd += ["--only", text]
+        cmd = [sys.executable, os.path.abspath(__file__), "compile", "--arch", str(args.arch)] + ["--full"] * args.full
+        cmd += [arg for text in args.only for arg in ("--only", text)]
         return subprocess.call(cmd, env=env)
     _require_triton("kernels.py compile")
     jobs = _compile_jobs(args)
@@ -1877,52 +1070,784 @@ def run_compile(args) -> int:
 
 
 def _compile_jobs(args):
-    """[(label, kernel, dtype, constexprs, warps, stages)] to compile: by default the first autotune config of
-    each attention kernel (bf16 at head dims 64 and 128, fp32 at 64) and both RMSNorm kernels at hidden 4096;
-    --full: every config at head dims 16-128 and three hidden sizes."""
-    jobs = []  # (label, fn, dtype, constexprs, warps, stages)
-    dtypes = [torch.bfloat16, torch.float32]
-    dims = [16, 32, 64, 128] if args.full else [64, 128]
-    for dtype in dtypes:
+    """[(label, kernel, dtype, constexprs, warps, stages)]: by default the first autotune config of each attention
+    kernel (bf16 at head dims 64 and 128, fp32 at 64), both RMSNorm kernels at hidden 4096 and the int8 matmul's
+    decode and prefill tiles; --full: every config at head dims 16-128 and three hidden sizes. The label names
+    the dtype too ("attn fwd d=64 bf16"): what --only matches."""
+    jobs = []
+    first = (lambda cfgs: cfgs) if args.full else (lambda cfgs: cfgs[:1])
+    attn = [("attn fwd", _attn_fwd_kernel, "fwd"), ("attn bwd dK/dV", _attn_bwd_dkdv_kernel, "dkdv"),
+            ("attn bwd dQ", _attn_bwd_dq_kernel, "dq")]
+    for dtype in (torch.bfloat16, torch.float32):
+        t = _TL_NAMES[dtype]
         # fp32 attention compiles slowly (exact 'ieee' dots, no tensor cores): one head dim unless --full
-        for d in dims if args.full else ([64] if dtype == torch.float32 else dims):
+        for d in [16, 32, 64, 128] if args.full else [64] if dtype == torch.float32 else [64, 128]:
             base = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=True, UPCAST=False,
                         PRECISION=_dot_precision(dtype))
-            fwd = _fwd_configs() if args.full else _fwd_configs()[:1]
-            dkdv = _bwd_dkdv_configs() if args.full else _bwd_dkdv_configs()[:1]
-            dq = _bwd_dq_configs() if args.full else _bwd_dq_configs()[:1]
-            for cfg in fwd:
-                jobs.append((f"attn fwd d={d}", _attn_fwd_kernel, dtype, {**base, **cfg.kwargs}, cfg.num_warps,
-                             cfg.num_stages))
-            for cfg in dkdv:
-                jobs.append((f"attn bwd dK/dV d={d}", _attn_bwd_dkdv_kernel, dtype, {**base, **cfg.kwargs},
-                             cfg.num_warps, cfg.num_stages))
-            for cfg in dq:
-                jobs.append((f"attn bwd dQ d={d}", _attn_bwd_dq_kernel, dtype, {**base, **cfg.kwargs},
-                             cfg.num_warps, cfg.num_stages))
-            jobs.append((f"attn bwd preprocess d={d}", _attn_bwd_preprocess_kernel, dtype,
+            for label, fn, kind in attn:
+                jobs += [(f"{label} d={d} {t}", fn, dtype, {**base, **c.kwargs}, c.num_warps, c.num_stages)
+                         for c in first(_configs(kind))]
+            jobs.append((f"attn bwd preprocess d={d} {t}", _attn_bwd_preprocess_kernel, dtype,
                          dict(D=d, D_PAD=base["D_PAD"], BLOCK_Q=64), 4, 1))
-        for hidden in (4096,) if not args.full else (1024, 4096, 16384):
+        for hidden in (1024, 4096, 16384) if args.full else (4096,):
             block_n, warps = _rmsnorm_launch_params(hidden)
-            jobs.append((f"rmsnorm fwd hidden={hidden}", _rmsnorm_fwd_kernel, dtype, dict(BLOCK_N=block_n), warps, 1))
-            jobs.append((f"rmsnorm bwd hidden={hidden}", _rmsnorm_bwd_kernel, dtype, dict(BLOCK_N=block_n), warps, 1))
-        # the int8 weight-only matmul: its decoding tile (few rows) and its prefill tile (many rows)
-        for rows in (1, 4096):
+            for pass_, fn in (("fwd", _rmsnorm_fwd_kernel), ("bwd", _rmsnorm_bwd_kernel)):
+                jobs.append((f"rmsnorm {pass_} hidden={hidden} {t}", fn, dtype, dict(BLOCK_N=block_n), warps, 1))
+        for rows in (1, 4096):   # the int8 weight-only matmul: its decoding tile and its prefill tile
             bm, bn, bk, warps, stages = _int8_tiles(rows)
-            jobs.append((f"int8 matmul rows={rows}", _int8_matmul_kernel, dtype,
+            jobs.append((f"int8 matmul rows={rows} {t}", _int8_matmul_kernel, dtype,
                          dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=False, PRECISION=_dot_precision(dtype)),
                          warps, stages))
-    # the label names the dtype too ("attn fwd d=64 bf16"), which is what --only matches against
-    jobs = [(f"{label} {_TL_NAMES[dtype]}", *rest) for label, dtype, *rest in
-            ((j[0], j[2], j[1], j[2], j[3], j[4], j[5]) for j in jobs)]
-    if args.only:
-        jobs = [j for j in jobs if any(text in j[0] for text in args.only)]
-    return jobs
+    return [j for j in jobs if not args.only or any(text in j[0] for text in args.only)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------
+# ===== Appendix: plumbing =====
+# Running without a GPU, the launch parameters of each kernel, input checks (a clear ValueError instead of a wrong
+# result or a crash inside a kernel), where a Triton kernel can run, and the quantized model file.
+
+# ---- running without a GPU ----
+# With TRITON_INTERPRET=1 (read when each @triton.jit function is DECORATED, i.e. at import), Triton runs every
+# kernel in a numpy interpreter on CPU tensors: slowly, with the same program/tile semantics, so the CPU test suite
+# exercises the kernels. Two interpreter quirks are handled where they arise: (a) it multiplies bfloat16 `tl.dot`
+# operands as raw uint16 bit patterns (a bug), so dot operands are upcast to fp32 there first (exact: bf16 -> fp32
+# is lossless and tensor cores accumulate bf16 products in fp32 too); (b) int8 -> bf16 casts are wrong, so the
+# int8 kernel converts to fp32 there. All other bf16 math happens in fp32 registers anyway (we upcast on load).
+
+
+def _interpreter_adopt_triton_stdlib() -> int:
+    """If triton was imported BEFORE TRITON_INTERPRET was set (e.g. torch.compile / inductor imported it earlier
+    in the same process), its own library functions written in Triton (tl.sum, tl.max, tl.cdiv, ... in
+    triton.language.standard) were built as GPU-only JITFunctions, and calling them from an interpreted kernel
+    fails ("Cannot call @triton.jit'd outside of the scope of a kernel"). Re-wrap them exactly as triton does
+    when the variable is set before import (as InterpretedFunction). Returns how many were re-wrapped."""
+    if not (HAVE_TRITON and INTERPRET):       # on a GPU (or without triton) there is nothing to adopt
+        return 0
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    adopted: dict = {}
+    for mod in (tl, tl.core, tl.standard, getattr(tl, "math", None)):
+        if mod is None:
+            continue
+        for name, obj in list(vars(mod).items()):
+            if type(obj) is JITFunction:                               # same object may be aliased in tl.*
+                if id(obj) not in adopted:
+                    adopted[id(obj)] = InterpretedFunction(obj.fn)
+                setattr(mod, name, adopted[id(obj)])
+    return len(adopted)
+
+
+_interpreter_adopt_triton_stdlib()
+
+# ---- launch parameters ----
+
+_TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Tile sizes used under the interpreter (no autotuning there). Small enough that the tests' short sequences
+# span several tiles (ragged last tile, diagonal tiles, fully visible tiles); large enough that the interpreter's
+# per-tile overhead (Python for every tl.* call) stays a small part of the run time.
+INTERPRET_TILES = (32, 16)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (rows, d) with unit stride along d (a view when it can be, else a copy), as the kernels want."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _rmsnorm_launch_params(n_cols: int):
+    """(BLOCK_N, num_warps) for rows of n_cols: tl.arange needs a power-of-two length, masks cover the rest.
+    Enough warps that each thread holds <= ~8-16 elements of the row (as in Triton's layer-norm tutorial)."""
+    block_n = triton.next_power_of_2(n_cols)
+    return block_n, min(max(block_n // 256, 1), 16)
+
+
+def _rmsnorm_num_programs(n_rows: int, device: torch.device) -> int:
+    """How many programs the backward launches (each loops over rows n_programs apart)."""
+    # Each program writes one fp32 row of partial dgain sums, which the host reduction reads back: extra traffic
+    # of 2 * programs * d * 4 bytes. Two programs per SM keep every SM busy while keeping that small next to the
+    # 3 * rows * d * bytes of x, dy, dx (e.g. H100, 2048 x 4096 bf16: 8.7 MB vs 50 MB).
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, 2 * sms))
+    return max(1, min(n_rows, 4))  # interpreter: few programs, each loops over rows
+
+
+if HAVE_TRITON:
+    # On a GPU the tile sizes / warps / pipeline stages are autotuned per (sequence length, head dim, causal,
+    # dtype); under the interpreter they are fixed (INTERPRET_TILES). Few configs on purpose: each one is a
+    # separate compile per (dtype, head dim, causal), and the GPU script must compile + tune + benchmark inside
+    # ~8 minutes. (BLOCK_Q, BLOCK_K, warps, pipeline stages), shapes from Triton's fused-attention tutorial:
+    # forward: 128-query tiles amortize each K/V load over more queries; dK/dV: tall key tiles (their dK, dV
+    # accumulators stay in registers), short query tiles streaming past; dQ: the mirror image.
+    _ATTN_CONFIGS = dict(fwd=[(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+                         dkdv=[(32, 128, 8, 3), (64, 64, 4, 3)], dq=[(128, 32, 8, 3), (64, 64, 4, 3)])
+
+    def _configs(kind):
+        return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bq, bk, w, s in _ATTN_CONFIGS[kind]]
+
+    # re-tune when any of these changes (the dtype is part of the compiled signature anyway); the first call at a
+    # new key times every config, later calls reuse the winner
+    _TUNE_KEY = ["n_queries", "n_keys", "D_PAD", "IS_CAUSAL"]
+    if not INTERPRET:
+        _attn_fwd_tuned = triton.autotune(_configs("fwd"), key=_TUNE_KEY)(_attn_fwd_kernel)
+        _attn_bwd_dkdv_tuned = triton.autotune(_configs("dkdv"), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+        _attn_bwd_dq_tuned = triton.autotune(_configs("dq"), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact fp32 products ('ieee') unless PyTorch itself is allowed TF32 for matmuls; half types use
+    the tensor cores natively ('tf32' is Triton's default setting and only affects fp32 operands)."""
+    # TF32 keeps fp32's range but 10 mantissa bits (~3 significant digits) in the products, for ~8x the speed of
+    # exact fp32 on tensor cores; we follow the user's PyTorch setting instead of choosing for them
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _tile_args(tiles):
+    """Explicit (BLOCK_Q, BLOCK_K) -> launch those; None -> autotune on GPU / INTERPRET_TILES under interpreter."""
+    if tiles is None and INTERPRET:
+        tiles = INTERPRET_TILES
+    if tiles is None:
+        return None
+    bq, bk = int(tiles[0]), int(tiles[1])
+    # powers of two >= 16: tl.arange needs power-of-two lengths and tl.dot at least 16 rows/columns
+    if any(t < 16 or t & (t - 1) for t in (bq, bk)):
+        raise ValueError(f"FlashAttention2Triton: tile sizes must be powers of two >= 16, got {tiles}")
+    return bq, bk
+
+
+def _strides(*tensors):
+    """(stride over batch, stride over sequence) of each (batch, seq, d) tensor, flattened: the kernels' order."""
+    return tuple(s for t in tensors for s in (t.stride(0), t.stride(1)))
+
+
+def _attn_launch(kernel, tuned: str, n: int, block: str, batch: int, args, common, tiles):
+    """Launch an attention kernel on a (ceil(n / block), batch) grid: at the given tiles, or autotuned, where the
+    grid depends on the tile size the autotuner picks -- a function of the chosen config `meta`."""
+    if tiles is None:
+        globals()[tuned][lambda meta: (triton.cdiv(n, meta[block]), batch)](*args, **common)
+    else:
+        bq, bk = tiles
+        grid = (triton.cdiv(n, bq if block == "BLOCK_Q" else bk), batch)
+        kernel[grid](*args, BLOCK_Q=bq, BLOCK_K=bk, **common)
+
+
+def flash_attention_triton_forward(Q, K, V, is_causal=False, tiles=None):
+    """Launch the forward kernel. Q (B, Nq, d), K/V (B, Nk, d), contiguous. Returns O (B, Nq, d), L (B, Nq) fp32."""
+    B, n_q, d = Q.shape
+    # tl.arange and tl.dot want power-of-two sizes >= 16: head dim 80 is computed as 128 with masked lanes
+    common = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET,
+                  PRECISION=_dot_precision(Q.dtype))
+    O = torch.empty_like(Q)
+    L = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)  # fp32 whatever the input dtype
+    # the kernel takes the scale times log2(e): one multiply turns the scores into base-2 units for exp2
+    args = (Q, K, V, O, L, n_q, K.shape[1], (1.0 / math.sqrt(d)) * LOG2_E, *_strides(Q, K, V, O))
+    _attn_launch(_attn_fwd_kernel, "_attn_fwd_tuned", n_q, "BLOCK_Q", B, args, common, _tile_args(tiles))
+    return O, L
+
+
+def flash_attention_triton_backward(Q, K, V, O, L, dO, is_causal=False, tiles=None):
+    """Launch preprocess (D = rowsum(O dO)), the dK/dV kernel (over key tiles) and the dQ kernel (over query
+    tiles). Returns dQ, dK, dV in the input dtype."""
+    B, n_q, d = Q.shape
+    n_k = K.shape[1]
+    common = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET,
+                  PRECISION=_dot_precision(Q.dtype))
+    dO = dO.to(Q.dtype).contiguous()                               # tl.dot needs matching operand dtypes
+    # 1. D = rowsum(O * dO), (B, Nq) fp32: a cheap elementwise pass before the two matmul-heavy kernels
+    delta = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, 64), B)](O, dO, delta, n_q, *_strides(O, dO), D=d,
+                                                           D_PAD=common["D_PAD"], BLOCK_Q=64)
+    # 2. dK, dV: one program per key tile; 3. dQ: one program per query tile (no atomics: each output tile has
+    # exactly one program writing it, so results are bitwise reproducible)
+    dQ, dK, dV = torch.empty_like(Q), torch.empty_like(K), torch.empty_like(V)
+    sm_scale = 1.0 / math.sqrt(d)
+    scales = (sm_scale * LOG2_E, sm_scale)
+    tiles = _tile_args(tiles)
+    _attn_launch(_attn_bwd_dkdv_kernel, "_attn_bwd_dkdv_tuned", n_k, "BLOCK_K", B,
+                 (Q, K, V, dO, L, delta, dK, dV, n_q, n_k, *scales, *_strides(Q, K, V, dO, dK, dV)), common, tiles)
+    _attn_launch(_attn_bwd_dq_kernel, "_attn_bwd_dq_tuned", n_q, "BLOCK_Q", B,
+                 (Q, K, V, dO, L, delta, dQ, n_q, n_k, *scales, *_strides(Q, K, V, dO, dQ)), common, tiles)
+    return dQ, dK, dV
+
+
+# ---- input checks: a clear ValueError naming the problem, never a wrong result or a crash inside a kernel ----
+
+def _first_problem(what: str, checks) -> None:
+    """checks: (is_bad, message) pairs in order, from the most basic problem to the most specific; raise the
+    first bad one as `what: message`."""
+    for bad, message in checks:
+        if bad:
+            raise ValueError(f"{what}: {message}")
+
+
+def _require_triton(what: str) -> None:
+    """Clear error when a Triton path is used where Triton cannot run."""
+    if not HAVE_TRITON:
+        raise RuntimeError(f"{what} needs the `triton` package (pip install triton; Linux x86_64 only). "
+                           "The PyTorch versions in kernels.py work without it.")
+
+
+def _triton_runs_on(t: torch.Tensor) -> bool:
+    """A Triton kernel runs on CUDA tensors, and on CPU tensors only under the interpreter."""
+    return HAVE_TRITON and (t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRET))
+
+
+def _kernel_unsupported(impl: str, q, k, v, causal, window) -> bool:
+    """The cases _multihead hands to sdpa (GQA's fewer K/V heads were already repeated to H by model.py)."""
+    if window is not None or (causal and q.shape[-2] != k.shape[-2]) or q.dtype not in _FLOAT_DTYPES \
+            or not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        return True
+    return impl == "flash_triton" and not (ATTN_MIN_HEAD_DIM <= q.shape[-1] <= ATTN_MAX_HEAD_DIM
+                                           and _triton_runs_on(q))
+
+
+def _check_triton_device(what: str, *tensors: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors when the interpreter (TRITON_INTERPRET=1) is on."""
+    _require_triton(what)
+    devices = {t.device for t in tensors}
+    # the interpreter can only be chosen at import (kernels are decorated then); switching it on later would not
+    # change kernels that were already compiled for the GPU, hence an error instead of a silent switch
+    _first_problem(what, [
+        (len(devices) != 1, f"all inputs must be on the same device, got {sorted(str(d) for d in devices)}"),
+        (not _triton_runs_on(tensors[0]), f"tensors on {tensors[0].device} cannot run a Triton kernel; use CUDA "
+         "tensors, or set TRITON_INTERPRET=1 before importing kernels.py to run the (slow) CPU interpreter")])
+
+
+def _check_rmsnorm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """RMSNormTriton's contract: float x (..., d), a float gain (d,), d small enough for one row in registers."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"RMSNorm (Triton): unsupported input dtype {x.dtype}; use float32, bfloat16 or float16")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"RMSNorm (Triton): unsupported weight dtype {weight.dtype}")
+    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"RMSNorm (Triton): weight shape {tuple(weight.shape)} must be (d,) with d = x.shape[-1]"
+                         f" (x is {tuple(x.shape)})")
+    if x.shape[-1] > RMSNORM_MAX_HIDDEN:
+        raise ValueError(f"RMSNorm (Triton): hidden size {x.shape[-1]} > {RMSNORM_MAX_HIDDEN} is not supported "
+                         "(the single-pass kernel keeps a whole row in registers); use rmsnorm_torch")
+    _check_triton_device("RMSNorm (Triton)", x, weight)
+
+
+def _check_attention_inputs(what: str, Q, K, V, is_causal, max_head_dim=None, min_head_dim=1):
+    """Bad input -> a clear ValueError naming the problem: each of these would otherwise read out of bounds,
+    broadcast silently or fail deep inside a kernel with a message about pointers and strides."""
+    for name, t in (("Q", Q), ("K", K), ("V", V)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{what}: {name} must be a (batch, seq, d) torch.Tensor, got {got}")
+    d = Q.shape[2]
+    _first_problem(what, [
+        (not (Q.dtype == K.dtype == V.dtype), f"Q, K, V dtypes differ ({Q.dtype}, {K.dtype}, {V.dtype})"),
+        (not (Q.device == K.device == V.device), f"Q, K, V devices differ ({Q.device}, {K.device}, {V.device})"),
+        (K.shape != V.shape, f"K and V shapes differ ({tuple(K.shape)} vs {tuple(V.shape)})"),
+        (Q.shape[0] != K.shape[0] or d != K.shape[2],
+         f"Q {tuple(Q.shape)} and K {tuple(K.shape)} must share batch and head dim"),
+        (Q.shape[1] == 0 or K.shape[1] == 0, f"empty sequence (Q {tuple(Q.shape)}, K {tuple(K.shape)})"),
+        # causal with Nq != Nk is ambiguous (which keys does query 0 see?); model.py's backends define it as
+        # "queries are the last Nq positions" and route it to sdpa, which implements exactly that
+        (is_causal and Q.shape[1] != K.shape[1], f"is_causal needs n_queries == n_keys (got {Q.shape[1]} and "
+         f"{K.shape[1]}); the model backends fall back to sdpa for KV-cache decoding"),
+        (d < min_head_dim or (max_head_dim is not None and d > max_head_dim),
+         f"head dim {d} unsupported (supported: {min_head_dim}..{max_head_dim})"),
+        (not Q.is_floating_point(), f"inputs must be floating point, got {Q.dtype}")])
+
+
+def _check_triton_attention_inputs(Q, K, V, is_causal):
+    """FlashAttention2Triton's contract: the PyTorch version's, plus head dims 16..128 (one tile of Q and the
+    accumulators must fit in registers), fp32/bf16/fp16, and a device Triton can run on."""
+    _check_attention_inputs("FlashAttention2Triton", Q, K, V, is_causal, ATTN_MAX_HEAD_DIM, ATTN_MIN_HEAD_DIM)
+    _first_problem("FlashAttention2Triton", [
+        (Q.dtype not in _FLOAT_DTYPES, f"dtype {Q.dtype} unsupported (float32, bfloat16, float16)")])
+    _check_triton_device("FlashAttention2Triton", Q, K, V)
+
+
+def _check_int8_inputs(x, q, scale, triton: bool = True) -> None:
+    """int8 matmul contract: float x (..., d_in), int8 q (d_out, d_in), float scale (d_out,), one device."""
+    what = "int8_matmul_triton" if triton else "int8_matmul_torch"
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"{what}: q must be an int8 matrix (d_out, d_in), got {q.dtype} {tuple(q.shape)}")
+    if scale.shape != (q.shape[0],) or not scale.is_floating_point():
+        raise ValueError(f"{what}: scale must be float (d_out,) = ({q.shape[0]},), got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    if x.dim() < 1 or x.shape[-1] != q.shape[1]:
+        raise ValueError(f"{what}: x {tuple(x.shape)} must end in d_in = {q.shape[1]} (q is {tuple(q.shape)})")
+    if not x.is_floating_point() or (triton and x.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"{what}: unsupported input dtype {x.dtype}")
+    if triton:
+        _check_triton_device(what, x, q, scale)
+
+
+# L is also what a caller would need to combine attention over several key blocks (e.g. split across devices):
+# O = sum_b exp(L_b - L) O_b with L = logsumexp_b(L_b). Only the tests read it here.
+def saved_logsumexp(O: torch.Tensor) -> torch.Tensor:
+    """The L that FlashAttention2{PyTorch,Triton}.forward saved for the output O (for tests and inspection).
+    Call it before backward(), which frees the saved tensors."""
+    # saved_tensors follows save_for_backward's order (Q, K, V, O, L): index 4 is L
+    if O.grad_fn is None or not hasattr(O.grad_fn, "saved_tensors"):
+        raise ValueError("saved_logsumexp: O must be the output of a FlashAttention2 apply() with autograd on")
+    return O.grad_fn.saved_tensors[4]
+
+
+# ===== Appendix: benchmarks =====
+# Timing tables (ours vs the peers, side by side in one run: `python kernels.py bench`), the correctness check at
+# GPU shapes (`check`), and the measurements of `quantize` (bpb, bytes, decode speed).
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+_INTERPRETER_NOTE = " (triton = CPU interpreter: plumbing check, NOT a speed number)"
+
+
+def _sync(device):
+    """Wait for queued GPU work: kernel launches return at once, so a timer must wait for the result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep: int = 10,
+            budget_s: float = 2.0) -> float:
+    """Median wall time of fn() in ms. GPU: triton.testing.do_bench (CUDA events, L2 flush). CPU: perf_counter,
+    at most `rep` runs and ~budget_s seconds."""
+    if device.type == "cuda" and HAVE_TRITON and not INTERPRET:
+        # CUDA events around each call, the L2 cache flushed between calls (else a small tensor is served from
+        # L2 and a memory-bound kernel looks faster than it is), median of ~100 ms of repetitions
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    for _ in range(warmup):                  # first calls: allocator growth, lazy initialization, compilation
+        fn()
+    # CPU: wall-clock timing, capped by a time budget so slow peers (the Python-loop FA2) do not take minutes
+    times = []
+    start = time.perf_counter()
+    while len(times) < rep and (time.perf_counter() - start < budget_s or len(times) < 1):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]   # median: robust to the odd slow run
+
+
+def _fmt(x):
+    """A table cell: '-' for missing, strings as they are, numbers with 3 significant digits (timings are noisy
+    in the third digit anyway)."""
+    if x is None:
+        return "-"
+    return x if isinstance(x, str) else f"{x:.3g}" if x < 100 else f"{x:.1f}"
+
+
+def _print_table(title, header, rows):
+    """Print a markdown table (pastes into the README as it is); flushed so long runs show progress."""
+    print(f"\n## {title}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    sys.stdout.flush()
+
+
+def _out_of_time(deadline, what) -> bool:
+    """True (and a note) once the --max-seconds budget is spent: no new shapes are started after it."""
+    if deadline is not None and time.time() > deadline:
+        print(f"(time budget reached; skipping {what})")
+        return True
+    return False
+
+
+def _time_modes(make_inputs, forward, device):
+    """Times forward, backward (given a forward graph), and both. Returns dict mode -> ms or an error string."""
+    # Every implementation gets fresh inputs from make_inputs (same shapes and dtype), and the three modes are
+    # timed separately because the kernels differ most in backward (recomputation, two dQ/dK-dV passes).
+    try:
+        inputs = make_inputs()
+        out = {"fwd": time_ms(lambda: forward(*inputs), device)}
+        # backward alone: one forward graph kept alive (retain_graph) and differentiated again and again
+        y = forward(*inputs)
+        dy = torch.randn_like(y)
+        params = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def step(fresh: bool):   # bwd: the kept graph again; fwd+bwd (a training step): a new forward first
+            for p in params:
+                p.grad = None
+            if fresh:
+                forward(*inputs).backward(dy)
+            else:
+                y.backward(dy, retain_graph=True)
+
+        out["bwd"] = time_ms(lambda: step(False), device)
+        out["fwd+bwd"] = time_ms(lambda: step(True), device)
+    except torch.cuda.OutOfMemoryError:  # e.g. naive attention at T = 16384: an "OOM" cell, the table goes on
+        out = {m: "OOM" for m in MODES}
+        torch.cuda.empty_cache()
+    except RuntimeError as e:  # e.g. torch.compile without a working compiler
+        out = {m: f"error: {str(e).splitlines()[0][:40]}" for m in MODES}
+    return out
+
+
+def _mode_rows(label, names, results, work, ours, peers):
+    """One table row per pass: the label cells, ms and rate (work[mode] per second) per implementation, then the
+    speed-up of `ours` over each peer (peer time / our time: > 1 means ours is faster)."""
+    rows = []
+    for mode in MODES:
+        row = list(label) + [mode]
+        for name in names:
+            t = results[name][mode]
+            row += [_fmt(t), _fmt(work[mode] / (t * 1e-3) if isinstance(t, float) else None)]
+        for peer in peers:
+            a, b = results[ours][mode], results[peer][mode]
+            row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
+        rows.append(row)
+    return rows
+
+
+def _mode_header(label, names, rate, ours, peers):
+    return list(label) + ["pass"] + [f"{n} {u}" for n in names for u in ("ms", rate)] + \
+        [f"{ours} vs {p}" for p in peers]
+
+
+def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadline=None):
+    """RMSNorm: Triton vs eager rmsnorm_torch vs torch.compile(rmsnorm_torch); GB/s counts the minimal traffic
+    (fwd: read x + write y; bwd: read x, dy + write dx)."""
+    try:  # compiled backward graphs may "donate" their buffers, which forbids retain_graph=True (used to time bwd)
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
+    except (ImportError, AttributeError):
+        pass
+    # the peers: eager PyTorch (one kernel per op, ~5 passes over the tensor) and torch.compile of the same
+    # function (inductor generates its own fused Triton kernel: the fair "compiler" baseline)
+    impls = dict(triton=rmsnorm_triton) if include_triton else {}
+    impls.update(eager=rmsnorm_torch, compile=torch.compile(rmsnorm_torch))
+    peers = ("eager", "compile") if include_triton and ratios else ()
+    elem = torch.tensor([], dtype=dtype).element_size()
+    rows = []
+    for n_rows, hidden in shapes:
+        if _out_of_time(deadline, f"RMSNorm shapes from {n_rows}x{hidden}"):
+            break
+
+        def make():
+            return (torch.randn(n_rows, hidden, device=device, dtype=dtype, requires_grad=True),
+                    torch.ones(hidden, device=device, dtype=torch.float32, requires_grad=True))
+        results = {name: _time_modes(make, fn, device) for name, fn in impls.items()}
+        # GB/s of the unavoidable traffic (rows x hidden tensors read or written): fwd reads x, writes y; bwd
+        # reads x, dy, writes dx. A kernel at the memory's speed reaches the card's HBM bandwidth here.
+        work = {m: n_rows * hidden * elem * n / 1e9 for m, n in zip(MODES, (2, 3, 5))}
+        rows += _mode_rows([f"{n_rows}x{hidden}"], impls, results, work, "triton", peers)
+    note = "" if ratios or not include_triton else _INTERPRETER_NOTE
+    _print_table(f"RMSNorm, {str(dtype).replace('torch.', '')}, {device.type}{note}",
+                 _mode_header(["rows x hidden"], impls, "GB/s", "triton", peers), rows)
+    return rows
+
+
+def _sdpa_flash(Q, K, V, is_causal):
+    """PyTorch's SDPA on CUDA restricted to its flash backend (the named peer, not a fallback) -- which has no
+    fp32 kernel, so fp32 inputs get the memory-efficient backend (the fastest fp32 one). CPU: what SDPA picks."""
+    if Q.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return F.scaled_dot_product_attention(Q.unsqueeze(1), K.unsqueeze(1), V.unsqueeze(1),
+                                                  is_causal=is_causal).squeeze(1)
+    return F.scaled_dot_product_attention(Q, K, V, is_causal=is_causal)
+
+
+def attention_flops(batch, seq, d, causal, mode):
+    """FA convention: forward = 2 matmuls of 2*N^2*d FLOPs (halved if causal); backward = 2.5x forward."""
+    # (QK^T and PV are each N x N x d multiply-adds = 2 N^2 d FLOPs; backward has 5 such matmuls -- dV, dP, dQ,
+    # dK and the recomputed S -- i.e. 2.5x; softmax and masking FLOPs are not counted, as in the FA papers)
+    fwd = 4.0 * batch * seq * seq * d * (0.5 if causal else 1.0)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384, include_triton=True,
+                    deadline=None, ratios=True):
+    """Attention, causal: Triton FA2 vs our PyTorch FA2 vs naive vs SDPA (flash backend on GPU).
+    configs: list of (batch, heads, seq, d, dtype); heads are folded into batch for the (batch, seq, d) API."""
+    # the peers: our tiled PyTorch FA2 (same algorithm, Python loop), naive attention (materializes S and P) and
+    # PyTorch's SDPA (its FlashAttention-2 CUDA kernel on a GPU: the production baseline)
+    impls = dict(triton=lambda q, k, v: FlashAttention2Triton.apply(q, k, v, True)) if include_triton else {}
+    impls.update(torch_fa2=lambda q, k, v: FlashAttention2PyTorch.apply(q, k, v, True, 256, 256),
+                 naive=lambda q, k, v: attention_reference(q, k, v, True)[0],
+                 sdpa=lambda q, k, v: _sdpa_flash(q, k, v, True))
+    # ours: the Triton kernel; with the PyTorch variants only, how the tiled PyTorch FA2 compares to its peers
+    if include_triton:
+        ours, peers = "triton", ("torch_fa2", "naive", "sdpa") if ratios else ()
+    else:
+        ours, peers = "torch_fa2", ("naive", "sdpa")
+    # the Python-loop FA2 is skipped at long sequences (minutes per call); naive attention above 16K would need
+    # 16 GiB of scores per 16 heads in fp32
+    max_seq = dict(torch_fa2=torch_fa2_max_seq, naive=naive_max_seq)
+    rows = []
+    for batch, heads, seq, d, dtype in configs:
+        if _out_of_time(deadline, f"remaining attention shapes from {batch}x{heads}x{seq}x{d}"):
+            break
+
+        def make():
+            return tuple(torch.randn(batch * heads, seq, d, device=device, dtype=dtype, requires_grad=True)
+                         for _ in range(3))
+        results = {name: {m: "skipped" for m in MODES} if seq > max_seq.get(name, seq) else
+                   _time_modes(make, fn, device) for name, fn in impls.items()}
+        # TFLOP/s from the FA convention's count (attention_flops)
+        work = {m: attention_flops(batch * heads, seq, d, True, m) / 1e12 for m in MODES}
+        rows += _mode_rows([f"{batch}x{heads}x{seq}x{d}", str(dtype).replace("torch.", "")], impls, results, work,
+                           ours, peers)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()              # the next (larger) shape should not inherit fragmentation
+    note = "" if ratios or not include_triton else _INTERPRETER_NOTE
+    _print_table(f"Causal attention, {device.type}{note}",
+                 _mode_header(["BxHxTxd", "dtype"], impls, "TFLOP/s", ours, peers), rows)
+    return rows
+
+
+def bench_int8(device, shapes, deadline=None):
+    """y = x @ W^T with W (N, K): int8 weight-only (Triton on GPU; the readable dequantize-then-matmul on both)
+    vs torch's own matmul with W in fp32 and in bf16. shapes: (M rows, K, N). GB/s counts each path's weight
+    bytes read (int8: 1 per weight + scales; bf16: 2; fp32: 4) -- the traffic that decides decoding speed."""
+    gpu = device.type == "cuda"
+    rows = []
+    for m_rows, k, n in shapes:
+        if _out_of_time(deadline, f"int8 shapes from {m_rows}x{k}x{n}"):
+            break
+        # W (N, K) fp32 with a Glorot-like scale, its int8 form, and the bf16 copy a bf16 inference model holds
+        w = torch.randn(n, k, device=device) / math.sqrt(k)
+        q, s = quantize_int8(w)
+        w16 = w.to(torch.bfloat16)
+        x32 = torch.randn(m_rows, k, device=device)
+        x16 = x32.to(torch.bfloat16)
+        # the activations stay in the dtype the float peer uses: bf16 on a GPU (as in inference), both on CPU
+        impls = [("fp32 matmul", lambda: x32 @ w.t(), 4 * n * k), ("bf16 matmul", lambda: x16 @ w16.t(), 2 * n * k),
+                 ("int8 readable", lambda: int8_matmul_torch(x16 if gpu else x32, q, s), n * k + 4 * n)]
+        if gpu and HAVE_TRITON and not INTERPRET:
+            impls.insert(0, ("int8 triton", lambda: int8_matmul_triton(x16, q, s), n * k + 4 * n))
+        elif hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            # CPU: PyTorch's own fused int8 weight-only kernel (the op torchao / gpt-fast use), the same math as
+            # ours: does a fused kernel change the CPU verdict?
+            impls.append(("torch int8pack", lambda: torch.ops.aten._weight_int8pack_mm(x32, q, s), n * k + 4 * n))
+        # interleaved repetitions (CPU): a change in machine load hits every implementation alike; medians
+        times = {name: [] for name, _, _ in impls}
+        for _ in range(1 if gpu else 5):
+            for name, fn, _ in impls:
+                times[name].append(time_ms(fn, device, warmup=1, rep=3, budget_s=1.0))
+        ms = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        # "ours" (Triton on a GPU, the readable path on CPU) against torch's fp32 and bf16 matmuls
+        ours = "int8 triton" if "int8 triton" in ms else "int8 readable"
+        row = [f"{m_rows}x{k}x{n}"]
+        for name, _, nbytes in impls:
+            row += [_fmt(ms[name]), _fmt(nbytes / (ms[name] * 1e-3) / 1e9)]
+        rows.append(row + [f"{ms[peer] / ms[ours]:.2f}x" for peer in ("fp32 matmul", "bf16 matmul")])
+    if rows:                 # (none when the time budget ran out before the first shape)
+        header = ["MxKxN"] + [f"{name} {u}" for name, _, _ in impls for u in ("ms", "weight GB/s")]
+        _print_table(f"int8 weight-only matmul, {device.type}", header + [f"{ours} vs fp32", f"{ours} vs bf16"],
+                     rows)
+    return rows
+
+
+def _attention_sweep(full: bool):
+    """The benchmark grid: causal, batch 1-8, seq 128..16384, head dims 16..128, bf16 and fp32; 16 heads.
+    Batch shrinks as seq grows (same tokens per step). Default = the subset that fits the ~8 min GPU script."""
+    # the longest sequence is where FA2's O(T) memory matters: naive attention needs 16 GiB of fp32 scores for
+    # 16 heads there, and the Python-loop FA2 is skipped beyond 4096 (bench_attention)
+    batch_for = {128: 8, 1024: 8, 4096: 2, 16384: 1}
+    configs = [(1, 16, 16384, 64, torch.bfloat16)]  # the headline shape first, measured even if the sweep is cut
+    for dtype in (torch.bfloat16, torch.float32):
+        for seq, batch in batch_for.items():
+            for d in [16, 32, 64, 128] if full else [64, 128]:
+                c = (batch, 16, seq, d, dtype)
+                if c not in configs and (full or dtype != torch.float32 or d == 64):
+                    configs.append(c)
+    return configs
+
+
+def run_bench(args) -> None:
+    """`python kernels.py bench`: the tables, ours next to the peers in one run (ratios, not absolute times, are
+    what carries over between machines)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    deadline = time.time() + args.max_seconds if args.max_seconds else None
+    torch.manual_seed(0)
+    what = {args.what} if args.what != "all" else {"rmsnorm", "attention", "int8"}
+    if device.type == "cuda":
+        # GPU: the real comparison -- Triton kernels against eager PyTorch, torch.compile and SDPA's flash kernel
+        print(f"# kernels.py bench on {machine_label()}, triton {triton.__version__ if HAVE_TRITON else 'missing'}")
+        if "rmsnorm" in what:   # 2048 rows (e.g. batch 8 x 256 tokens) at the hidden sizes of small to large models
+            for dtype in (torch.bfloat16, torch.float32):
+                bench_rmsnorm(device, dtype, [(2048, h) for h in (1024, 2048, 4096, 8192, 16384)], deadline=deadline)
+        if "attention" in what:   # causal attention over the sweep, the headline shape first
+            bench_attention(device, _attention_sweep(args.full), deadline=deadline)
+        if "int8" in what:
+            # decoding (1 and 16 rows: memory-bound, where int8 should approach 2x bf16) and a prefill (4096 rows:
+            # compute-bound, where converting int8 in the tile is overhead next to cuBLAS); 4096 / 14336 are
+            # Llama-3-8B's d_model and d_ff
+            shapes = [(1, 4096, 4096), (16, 4096, 4096), (1, 4096, 14336), (16, 14336, 4096), (4096, 4096, 4096)]
+            bench_int8(device, shapes, deadline=deadline)
+        return
+    # CPU: the Triton kernels only run in the interpreter here (a correctness tool, ~1000x slower than anything
+    # real), so the tables compare the PyTorch variants at CPU-sized shapes, plus one tiny interpreter row.
+    print(f"# kernels.py bench on {machine_label()}: GPU benchmarks need CUDA. CPU tables below compare the PyTorch "
+          "variants; Triton rows run in the interpreter and are NOT speed numbers.")
+    if "rmsnorm" in what:
+        # 2048 x 1024 fp32: big enough that per-call overhead does not dominate the eager-vs-compile comparison
+        bench_rmsnorm(device, torch.float32, [(2048, 1024)], include_triton=False)
+        if HAVE_TRITON:
+            bench_rmsnorm(device, torch.float32, [(16, 256)], include_triton=True, ratios=False)
+    if "attention" in what:
+        # 4 heads x 512 tokens: naive attention's (512, 512) scores are small here, so this shows the Python
+        # loop's cost, not FA2's memory advantage (which needs long sequences on a GPU)
+        bench_attention(device, [(1, 4, 512, 64, torch.float32)], include_triton=False, deadline=deadline)
+        if HAVE_TRITON:
+            bench_attention(device, [(1, 1, 64, 32, torch.float32)], include_triton=True, ratios=False)
+    if "int8" in what:
+        # CPU: only the readable path exists (the interpreter is no speed number); decode-sized and batched rows
+        bench_int8(device, [(1, 2048, 2048), (1, 2048, 8192), (64, 2048, 2048)], deadline=deadline)
+
+
+# ---- correctness checks (`python kernels.py check`) ----
+# On a GPU at real shapes; on CPU tiny shapes via the interpreter. Reference: float64 math (attention_reference /
+# rmsnorm_torch / the int8 product) on the same device. Tolerances per element, |got - ref| <= atol * max|ref| +
+# rtol * |ref|: fp32 2e-3 (looser than the CPU tests' 2e-5 because GPU sums over up to 4096 keys in a different
+# order, and TF32 if PyTorch enables it); bf16 3e-2 (8 mantissa bits: each rounding is up to 2^-9 relative, and
+# P / dS are rounded before matmuls); fp16 has 3 more mantissa bits than bf16, hence its tighter bound.
+CHECK_TOL = {torch.float32: (2e-3, 2e-3), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
+
+
+def _close(name, got, ref, dtype, failures, scale_ref=True):
+    """Print one check line; append `name` to failures when got is not close to the float64 reference."""
+    atol, rtol = CHECK_TOL[dtype]
+    got, ref = got.double(), ref.double()
+    scale = ref.abs().max().item() if scale_ref else 1.0
+    err = (got - ref).abs()
+    bad = err > atol * max(scale, 1e-6) + rtol * ref.abs()
+    ok = not bool(bad.any()) and bool(torch.isfinite(got).all())
+    print(f"  {'ok  ' if ok else 'FAIL'} {name}: max abs err {err.max().item():.2e} (max |ref| {scale:.2e})")
+    if not ok:
+        failures.append(name)
+
+
+def _check_attention(B, T, d, causal, tiles, dtype, device, failures):
+    """O, L and dQ, dK, dV of FlashAttention2Triton against float64 naive attention on the same inputs."""
+    print(f"attention B={B} T={T} d={d} causal={causal} {dtype} tiles={tiles or 'autotuned'}")
+    q, k, v = (torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    o = FlashAttention2Triton.apply(q, k, v, causal, tiles)
+    L = saved_logsumexp(o)                                 # read before backward frees saved tensors
+    do = torch.randn_like(o)                               # a random upstream gradient: all of dQ, dK, dV
+    o.backward(do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o_ref, L_ref = attention_reference(q64, k64, v64, causal)
+    o_ref.backward(do.double())
+    for name, got, ref in (("O", o, o_ref), ("L", L, L_ref), ("dQ", q.grad, q64.grad), ("dK", k.grad, k64.grad),
+                           ("dV", v.grad, v64.grad)):
+        _close(name, got, ref, dtype, failures)
+
+
+def _check_rmsnorm(shape, dtype, device, failures):
+    """y, dx and the gain gradient of the fused RMSNorm against float64 rmsnorm_torch."""
+    print(f"rmsnorm {shape} {dtype}")
+    x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    # a gain near 1 but not 1: a kernel that ignored it (or its gradient) would fail
+    w = (1 + 0.1 * torch.randn(shape[-1], device=device)).requires_grad_()
+    y = rmsnorm_triton(x, w, 1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y_ref = rmsnorm_torch(x64, w64, 1e-5)
+    y_ref.backward(dy.double())
+    for name, got, ref in (("y", y, y_ref), ("dx", x.grad, x64.grad), ("dweight", w.grad, w64.grad)):
+        _close(name, got, ref, dtype, failures)
+
+
+def run_check(args) -> int:
+    """`python kernels.py check`: outputs, L and every gradient of the kernels vs float64 references; returns
+    the exit status (1 if anything is off)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _require_triton("kernels.py check")
+    failures: list = []
+    torch.manual_seed(0)
+    gpu = device.type == "cuda"
+    if gpu:
+        print(f"# kernels.py check on {torch.cuda.get_device_name()}")
+        # (B, T, d, causal, tiles): tiles=None = the autotuned path users get; pinned tiles keep the number of
+        # compiles (and the script's time) down. Sequence lengths that are not tile multiples, a single query,
+        # a head dim that is not a power of two (96), RMSNorm rows of awkward widths (3000) and a 3-D input.
+        attn_shapes = [(3, 1000, 64, True, None), (2, 1027, 128, True, None), (1, 4096, 64, True, None),
+                       (2, 1, 64, False, (64, 64)), (2, 513, 16, True, (64, 64)), (1, 2048, 96, True, (64, 64)),
+                       (4, 777, 32, False, (64, 32))]
+        norm_shapes = [(4, 33, 4096), (2048, 1024), (1000, 16384), (7, 3000)]
+    else:
+        print("# kernels.py check: no CUDA device -- running the Triton kernels in the CPU interpreter on tiny "
+              "shapes (the pytest suite covers more); run on a GPU for the real check")
+        attn_shapes = [(1, 37, 32, True, None), (2, 20, 16, False, None)]
+        norm_shapes = [(3, 5, 96)]
+    # bf16 first (the dtype that matters on a GPU). fp32 on a GPU uses exact-fp32 ('ieee') dots, which compile
+    # slowly (no tensor cores), so it gets fewer shapes, with tiles pinned to the config the autotuner also tries.
+    for dtype in (torch.bfloat16, torch.float32):
+        shapes = attn_shapes
+        if gpu and dtype == torch.float32:
+            shapes = [(3, 1000, 64, True, (64, 64)), (2, 513, 16, True, (64, 64)), (4, 777, 64, False, (64, 64))]
+        for shape in shapes:
+            _check_attention(*shape, dtype, device, failures)
+        for shape in norm_shapes:
+            _check_rmsnorm(shape, dtype, device, failures)
+    # int8 weight-only matmul: the fused kernel against float64 math on the same int8 weights, at decode, ragged
+    # (not tile multiples) and prefill sizes; the tolerances are the output dtype's (the int8 values are exact)
+    int8_shapes = [(1, 4096, 4096), (16, 4096, 11008), (1000, 1027, 777), (4096, 2048, 2048)] if gpu \
+        else [(3, 70, 37)]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for m_rows, k, n in int8_shapes:
+            print(f"int8 matmul {m_rows}x{k}x{n} {dtype}")
+            q, s = quantize_int8(torch.randn(n, k, device=device))
+            x = torch.randn(m_rows, k, device=device, dtype=dtype)
+            ref = (x.double() @ q.double().t()) * s.double()
+            _close(f"int8 y {m_rows}x{k}x{n} {_TL_NAMES[dtype]}", int8_matmul_triton(x, q, s), ref, dtype, failures)
+    # one verdict line at the end (the GPU script greps for it), failures named
+    print(f"\n{'ALL CHECKS PASSED' if not failures else 'FAILED: ' + ', '.join(failures)}")
+    return 1 if failures else 0
+
+
+# ---- what `quantize` measures ----
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's state dict, each storage counted once: tied weights and the int8 matrix a quantized
+    embedding shares with the LM head are one storage (torch.save also writes a shared storage once)."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    return sum(seen.values())
+
+
+def _decode_speed(models: dict, prompt: list, n_new: int, repeats: int, device) -> dict:
+    """{name: (tokens/s, greedy ids)} from model.generate, the models timed in turn (interleaved) so a load
+    change on the machine hits all of them alike; median of `repeats` runs per model."""
+    # Batch 1, greedy, KV cache on: the setting where decoding is memory-bound and weight bytes should matter.
+    # The first run of each model also pays one-time costs (allocator growth, a kernel compile on a GPU); the
+    # median of >= 3 runs drops it.
+    times = {name: [] for name in models}
+    out = {}
+    for _ in range(repeats):
+        for name, m in models.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out[name] = M.generate(m, [prompt], n_new, temperature=0.0)[0]   # greedy: comparable outputs
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (n_new / sorted(ts)[len(ts) // 2], out[name]) for name, ts in times.items()}
+
+
+def _quantize_measure(models: dict, data, tcfg, args, device) -> tuple[dict, dict, int]:
+    """Score every model on the run's validation split and time its greedy decoding: (evals, speed, n_new)."""
+    import numpy as np
+
+    import train as T
+
+    # Both models are scored on the same validation tokens with the run's own evaluation settings (windows of
+    # the context length, train.py's default stride T/2, the run's autocast dtype), so the bpb difference is the
+    # quantization's cost alone.
+    T_ctx = models["float"].config.context_length
+    ev = dict(context_length=T_ctx, batch_size=tcfg.batch_size, device=device, dtype=tcfg.dtype,
+              token_bytes=np.asarray(data.tokenizer.token_byte_lengths()), max_tokens=args.eval_tokens or None,
+              stride=tcfg.eval_stride or max(T_ctx // 2, 1))
+    val = data.val_tokens()
+    print(f"evaluating both models on {min(len(val) - 1, args.eval_tokens or len(val)):,} validation tokens "
+          f"({device}) ...")
+    evals = {name: T.evaluate(m, val, **ev) for name, m in models.items()}
+    # decode: greedy continuation of the split's first tokens, as long as the context allows
+    prompt = [int(t) for t in val[:min(16, T_ctx // 2)]]
+    n_new = min(args.decode_tokens, T_ctx - len(prompt))
+    return evals, _decode_speed(models, prompt, n_new, args.repeats, device), n_new
+
+
+# ===== Command line =====
 
 def run_train(args, train_argv) -> int:
     """`python kernels.py train [train.py options]`: train.py's training command with the kernels swapped in
@@ -1952,35 +1877,6 @@ def run_train(args, train_argv) -> int:
     return 0
 
 
-def _model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's state dict, each storage counted once (tied weights share one)."""
-    # keyed by storage address: tied weights and the int8 matrix a quantized embedding shares with the LM head
-    # are one storage, counted once (torch.save also writes a shared storage once)
-    seen = {}
-    for t in model.state_dict().values():
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def _decode_speed(models: dict, prompt: list, n_new: int, repeats: int, device) -> dict:
-    """{name: (tokens/s, greedy ids)} from model.generate, the models timed in turn (interleaved) so a load
-    change on the machine hits all of them alike; median of `repeats` runs per model."""
-    # Batch 1, greedy, KV cache on: the setting where decoding is memory-bound and weight bytes should matter.
-    # The first run of each model also pays one-time costs (allocator growth, a kernel compile on a GPU); the
-    # median of >= 3 runs drops it.
-    times = {name: [] for name in models}
-    out = {}
-    for _ in range(repeats):
-        for name, m in models.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out[name] = M.generate(m, [prompt], n_new, temperature=0.0)[0]   # greedy: comparable outputs
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: (n_new / sorted(ts)[len(ts) // 2], out[name]) for name, ts in times.items()}
-
-
 def _quantize_setup(args, parser):
     """Every check of `kernels.py quantize` before any work: one-line usage errors (exit 2). Returns
     (checkpoint dict, train.TrainConfig, output path, device)."""
@@ -1991,12 +1887,6 @@ def _quantize_setup(args, parser):
     # default output: next to the checkpoint (run/ckpt.pt -> run/ckpt.int8.pt), so the run's tokenizer/ folder
     # sits beside it too (model.find_tokenizer_dir looks there first)
     out = args.out or os.path.splitext(args.checkpoint)[0] + ".int8.pt"
-    for name, value, ok in (("--eval-tokens", args.eval_tokens, args.eval_tokens >= 0),
-                            ("--decode-tokens", args.decode_tokens, args.decode_tokens >= 1),
-                            ("--repeats", args.repeats, args.repeats >= 1)):
-        if not ok:
-            parser.error(f"{name} must be {'>= 0 (0 = the whole split)' if name == '--eval-tokens' else '>= 1'}, "
-                         f"got {value}")
     # never lose a file: the float checkpoint is never the output, an existing output needs --force, and the
     # write itself is atomic (save_quantized), so an interrupted run leaves the old file as it was
     if os.path.abspath(out) == os.path.abspath(args.checkpoint):
@@ -2020,29 +1910,6 @@ def _quantize_setup(args, parser):
     if args.data_dir:
         tcfg.data_dir = args.data_dir
     return ckpt, tcfg, out, device
-
-
-def _quantize_measure(models: dict, data, tcfg, args, device) -> tuple[dict, dict, int]:
-    """Score every model on the run's validation split and time its greedy decoding: (evals, speed, n_new)."""
-    import numpy as np
-
-    import train as T
-
-    # Both models are scored on the same validation tokens with the run's own evaluation settings (windows of
-    # the context length, train.py's default stride T/2, the run's autocast dtype), so the bpb difference is the
-    # quantization's cost alone.
-    T_ctx = models["float"].config.context_length
-    ev = dict(context_length=T_ctx, batch_size=tcfg.batch_size, device=device, dtype=tcfg.dtype,
-              token_bytes=np.asarray(data.tokenizer.token_byte_lengths()), max_tokens=args.eval_tokens or None,
-              stride=tcfg.eval_stride or max(T_ctx // 2, 1))
-    val = data.val_tokens()
-    print(f"evaluating both models on {min(len(val) - 1, args.eval_tokens or len(val)):,} validation tokens "
-          f"({device}) ...")
-    evals = {name: T.evaluate(m, val, **ev) for name, m in models.items()}
-    # decode: greedy continuation of the split's first tokens, as long as the context allows
-    prompt = [int(t) for t in val[:min(16, T_ctx // 2)]]
-    n_new = min(args.decode_tokens, T_ctx - len(prompt))
-    return evals, _decode_speed(models, prompt, n_new, args.repeats, device), n_new
 
 
 def run_quantize(args, parser) -> int:
@@ -2092,20 +1959,29 @@ def run_quantize(args, parser) -> int:
     return 0
 
 
-def get_parser() -> argparse.ArgumentParser:
-    """`kernels.py bench | check | compile | train | quantize`. Usage errors are one line with exit status 2 (train.py's
-    parser class, whose subparsers inherit it)."""
-    import train as T
+# (subcommand, option, valid, what a valid value is): checked before any work (a benchmark or a compile can take
+# minutes), each a one-line usage error with exit status 2
+_OPTION_RULES = [
+    ("bench", "max_seconds", lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    ("compile", "arch", lambda v: 70 <= v <= 120,
+     "a CUDA compute capability x10 between 70 and 120 (80 = A100, 90 = H100)"),
+    ("quantize", "eval_tokens", lambda v: v >= 0, ">= 0 (0 = the whole split)"),
+    ("quantize", "decode_tokens", lambda v: v >= 1, ">= 1"),
+    ("quantize", "repeats", lambda v: v >= 1, ">= 1"),
+]
 
+
+def get_parser() -> argparse.ArgumentParser:
+    """`kernels.py bench | check | compile | train | quantize`. Usage errors are one line with exit status 2
+    (OneLineParser, whose subparsers inherit it)."""
     p = OneLineParser(prog="kernels.py",
-                  description="ScratchLM stage 4: Triton kernels (fused RMSNorm, FlashAttention-2).")
+                      description="ScratchLM stage 4: Triton kernels (fused RMSNorm, FlashAttention-2).")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time Triton kernels vs their peers (tables: ms, GB/s or TFLOP/s, ratios)")
     b.add_argument("what", nargs="?", default="all", choices=["all", "rmsnorm", "attention", "int8"],
                    help="which benchmark to run (default: all)")
-    b.add_argument("--full", action="store_true",
-                   help="GPU only: the full attention grid (head dims 16/32/64/128, fp32 for all); "
-                        "default is the subset that fits the ~8 minute GPU script")
+    b.add_argument("--full", action="store_true", help="GPU only: the full attention grid (head dims 16/32/64/128, "
+                   "fp32 for all); default is the subset that fits the ~8 minute GPU script")
     b.add_argument("--max-seconds", type=float, default=0.0,
                    help="stop starting new benchmark shapes after this many seconds (0 = no limit)")
     # `compile` needs no GPU: Triton's compiler and its bundled ptxas run on any Linux machine
@@ -2150,20 +2026,15 @@ def main(argv=None) -> int:
         args, train_argv = parser.parse_known_args(argv)
         return run_train(args, train_argv)
     args = parser.parse_args(argv)
-    # every option checked before any work (a benchmark or a compile can take minutes)
-    if args.cmd == "bench" and args.max_seconds < 0:
-        parser.error(f"--max-seconds must be >= 0 (0 = no limit), got {args.max_seconds}")
-    if args.cmd == "compile" and not 70 <= args.arch <= 120:
-        parser.error(f"--arch must be a CUDA compute capability x10 between 70 and 120 (80 = A100, 90 = H100), "
-                     f"got {args.arch}")
+    for cmd, dest, valid, rule in _OPTION_RULES:
+        if args.cmd == cmd and not valid(getattr(args, dest)):
+            parser.error(f"--{dest.replace('_', '-')} must be {rule}, got {getattr(args, dest)}")
     if args.cmd == "bench":
         run_bench(args)
         return 0
-    if args.cmd == "compile":
-        return run_compile(args)
     if args.cmd == "quantize":
         return run_quantize(args, parser)
-    return run_check(args)
+    return run_compile(args) if args.cmd == "compile" else run_check(args)
 
 
 if __name__ == "__main__":

@@ -50,14 +50,11 @@ seeing more. The answer moved, and why it moved is the lesson of this stage.
 
 What this file does, in order
 -----------------------------
-1. Compute accounting: model shapes from one dial, `depth` (nanochat's idea), and C = 6ND next to the exact
-   count of model.py's accounting (attention and the LM head included).
-2. Reading runs (the CS336 JSON format, or CSV) with errors that name the bad run.
-3. IsoFLOPs fits (argmin or parabola) with bootstrap intervals.
-4. The parametric fit, vectorized over the whole grid of starting points, and the closed-form optimum.
-5. Own sweeps through train.py, resumable and shardable; the one-run (branched WSD) mode; verification
-   of the prediction by training the predicted optimum at a larger budget.
-6. The learning-rate transfer experiment (muP itself is train.py's `mup_base_width` switch).
+The core: compute accounting (model shapes from one dial, `depth`, nanochat's idea; C = 6ND next to model.py's
+exact count), IsoFLOPs fits with bootstrap intervals, the parametric fit over the whole grid of starts (readable
+L-BFGS, then the batched fast path) and its closed-form optimum, and the sweep: plan small runs, train them
+through train.py, fit, then train the predicted optimum at a larger budget. The menus: one-run data points
+(branched WSD), a known irreducible loss, muP learning-rate transfer.
 
 What it costs: a fit is seconds on one core (the full 4,500-start grid on 250 runs: ~4 CPU seconds). The
 default sweep trains 15 small models (20K-460K parameters, 1.5e11-6e11 FLOPs each) plus one verification
@@ -112,13 +109,11 @@ import train as T
 
 
 def say(msg: str):
-    """The default `log` of long functions here: a line on stdout, flushed at once (a sweep's progress must
-    show up in a log file or a Slurm output while it runs, not when the buffer fills)."""
+    """The default `log` here: a line on stdout, flushed at once (progress must reach a log file as it happens)."""
     print(msg, flush=True)
 
-# =====================================================================================================
-# 1. Compute accounting: one dial for the model's shape, and two ways to count the FLOPs
-# =====================================================================================================
+
+# ---- 1. compute: C = 6 N D, and one dial for the model's shape ----
 
 
 def shape_for_depth(depth: int, width_per_depth: int = 16, head_dim: int = 16) -> dict:
@@ -126,8 +121,7 @@ def shape_for_depth(depth: int, width_per_depth: int = 16, head_dim: int = 16) -
     d_model = width_per_depth * depth (the aspect ratio d/L stays fixed, as in Kaplan et al.'s finding
     that shape matters little at fixed N), heads of a fixed size head_dim (so muP's attention scaling
     question does not arise), d_ff = 8/3 d_model rounded to a multiple of 16 (SwiGLU keeps the 8 d^2
-    parameters of a 4d two-matrix MLP). A sweep then varies ONE number, and N grows ~ 12 d^2 L ~ depth^3.
-    """
+    parameters of a 4d two-matrix MLP). A sweep then varies ONE number, and N grows ~ 12 d^2 L ~ depth^3."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     # (B, T, d) activations with d = 16 * depth: depth 1 is a 16-wide, 1-layer model (~20K parameters with a
@@ -166,15 +160,12 @@ def flops_per_token(cfg: M.ModelConfig, flops: str = "6nd") -> float:
     raise ValueError(f"flops convention must be '6nd' or 'exact', got {flops!r}")
 
 
-# =====================================================================================================
-# 2. Runs: (N, D, C, loss) records, read from the CS336 JSON format or a CSV, validated
-# =====================================================================================================
-
-
+# ---- 2. IsoFLOPs (Chinchilla approach 2): the best size at each budget, then a power law ----
 @dataclass
 class Run:
     """One training run's outcome. `budget` groups runs into IsoFLOPs curves (the nominal budget the run
-    was planned for); `compute` is 6 N D of the run as trained. `name` says where it came from."""
+    was planned for); `compute` is 6 N D of the run as trained. `name` says where it came from (make_run and
+    load_runs, in the plumbing, build runs from raw values and files, validated)."""
     parameters: float
     tokens: float
     budget: float
@@ -184,85 +175,6 @@ class Run:
     @property
     def compute(self) -> float:
         return 6.0 * self.parameters * self.tokens
-
-
-def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
-    """Build a Run from raw values, with D = C / (6N) or C = 6ND when one of them is missing. Every value
-    must be a finite positive number; the error names the run (file:line or index) and the field."""
-    # validate every given field before deriving anything: the error must point at the bad value itself
-    vals = dict(parameters=parameters, final_loss=loss, tokens=tokens, compute_budget=budget)
-    for k, v in vals.items():
-        if v is None and k in ("tokens", "compute_budget"):
-            continue
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: {k} = {v!r} is not a number") from None
-        if not math.isfinite(x) or x <= 0:
-            raise ValueError(f"{name}: {k} = {v!r} must be a finite positive number")
-        vals[k] = x
-    if vals["tokens"] is None and vals["compute_budget"] is None:
-        raise ValueError(f"{name}: needs tokens (D) or compute_budget (C) besides parameters and final_loss")
-    # D given: C = 6ND (the budget a run "used"). Only C given: D = C / 6N (how CS336's file is meant).
-    n, c = vals["parameters"], vals["compute_budget"]
-    d = vals["tokens"] if vals["tokens"] is not None else c / (6.0 * n)
-    return Run(parameters=n, tokens=d, budget=c if c is not None else 6.0 * n * d, loss=vals["final_loss"], name=name)
-
-
-def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: str | None = None,
-              c_col: str | None = "compute_budget", loss_col: str = "final_loss") -> list[Run]:
-    """Runs from a file. Formats:
-      json: a list of objects {"parameters": N, "compute_budget": C, "final_loss": L} (CS336's
-            isoflops_curves.json), "tokens": D may replace or accompany compute_budget;
-      csv:  a header row, then one run per row; the columns are named by n_col, d_col and/or c_col, loss_col.
-    fmt None: from the file's extension. Errors name the file and the run's index or line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"runs file {path} does not exist")
-    # JSON unless the extension says CSV/TSV; --format overrides
-    fmt = fmt or ("csv" if path.suffix.lower() in (".csv", ".tsv") else "json")
-    if fmt == "json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of runs, got {type(rows).__name__}")
-        runs = []
-        for i, r in enumerate(rows):
-            if not isinstance(r, dict) or "parameters" not in r or "final_loss" not in r:
-                raise ValueError(f"{path}: run {i} is not an object with 'parameters' and 'final_loss': {r!r:.120}")
-            runs.append(make_run(f"{path.name} run {i}", r["parameters"], r["final_loss"], r.get("tokens"),
-                                 r.get("compute_budget")))
-        return runs
-    if fmt != "csv":
-        raise ValueError(f"unknown runs format {fmt!r} (json or csv)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        header = reader.fieldnames or []
-        # N and loss are required; of D and C at least one (the other follows from C = 6ND)
-        missing = [c for c in (n_col, loss_col) if c not in header]
-        if not (d_col in header or c_col in header):
-            missing += [c for c in (d_col, c_col) if c]
-        if missing:
-            raise ValueError(f"{path}: columns {missing} not in the header {header} (set --n-col, --d-col, --c-col, "
-                             "--loss-col)")
-        # line numbers count the header as line 1, as an editor shows them. A short row gets None values, a
-        # long one a None key (csv.DictReader's convention): both mean a malformed line.
-        runs = []
-        for line, row in enumerate(reader, start=2):
-            if None in row or any(v is None for v in row.values()):
-                raise ValueError(f"{path}:{line}: row has {len(row) - (None in row)} fields, the header has "
-                                 f"{len(header)}")
-            runs.append(make_run(f"{path.name}:{line}", row[n_col], row[loss_col],
-                                 row.get(d_col) if d_col in header else None,
-                                 row.get(c_col) if c_col in header else None))
-    return runs
-
-
-# =====================================================================================================
-# 3. IsoFLOPs (Chinchilla approach 2): the best size at each budget, then a power law through the optima
-# =====================================================================================================
 
 
 def group_by_budget(runs: list[Run], min_budgets: int = 2, min_runs: int = 3) -> dict[float, list[Run]]:
@@ -328,9 +240,9 @@ class IsoFlopsFit:
         return n, np.asarray(C, dtype=np.float64) / (6.0 * n)
 
     def interval(self, C, level: float = 0.95):
-        """((N_lo, N_hi), (D_lo, D_hi)) percentile bootstrap interval at compute C."""        # percentiles of the bootstrap refits' predictions AT C: the band widens away from the data, as it
+        """((N_lo, N_hi), (D_lo, D_hi)) percentile bootstrap interval at compute C."""
+        # percentiles of the bootstrap refits' predictions AT C: the band widens away from the data, as it
         # should, because an error in the exponent multiplies with ln C
-
         n = self.boot[:, 0] * float(C) ** self.boot[:, 1]
         q = [50 * (1 - level), 50 * (1 + level)]
         lo, hi = np.percentile(n, q)
@@ -373,9 +285,7 @@ def fit_isoflops(runs: list[Run], method: str = "parabola", n_bootstrap: int = 2
                        boot=np.array(boot).reshape(-1, 2))
 
 
-# =====================================================================================================
-# 4. The parametric law (Chinchilla approach 3, as Epoch AI's replication fits it)
-# =====================================================================================================
+# ---- 3. the parametric law (Chinchilla approach 3, as Epoch AI's replication fits it) ----
 # L(N, D) = E + A / N^alpha + B / D^beta. Three terms: the irreducible loss E (the entropy of the text), the
 # loss of a finite model trained forever, and the loss of an infinite model trained on D tokens. Fitting it
 # naively (least squares on L) is badly conditioned: A and B span orders of magnitude. Hoffmann et al.
@@ -407,11 +317,9 @@ def init_grid() -> torch.Tensor:
     a, b in {0, 5, ..., 25}: 5 x 5 x 5 x 6 x 6 = 4,500 starts, as a (4500, 5) float64 tensor."""
     # a = ln A in [0, 25] covers A from 1 to 7e10: the published fits (A ~ 400, Kaplan-like A ~ 1e3-1e8) and
     # CPU-scale fits (A ~ 10) all lie inside
-    ab = torch.arange(0, 30, 5, dtype=torch.float64)
-    e = torch.arange(-1, 1.5, 0.5, dtype=torch.float64)
-    ex = torch.arange(0, 2.5, 0.5, dtype=torch.float64)
-    a, b, ee, al, be = torch.meshgrid(ab, ab, e, ex, ex, indexing="ij")
-    return torch.stack([a, b, ee, al, be], -1).reshape(-1, 5)
+    ranges = ((0, 30, 5), (0, 30, 5), (-1, 1.5, 0.5), (0, 2.5, 0.5), (0, 2.5, 0.5))  # a, b, e, alpha, beta
+    axes = [torch.arange(*r, dtype=torch.float64) for r in ranges]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 5)
 
 
 def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200, mask=None) -> tuple[torch.Tensor, float]:
@@ -438,12 +346,11 @@ def _lbfgs(theta0: torch.Tensor, data, delta: float, max_iter: int = 200, mask=N
     return theta.detach()[0], f if math.isfinite(f) else float("inf")
 
 
-def _objective_and_grad(theta: torch.Tensor, log_n, log_d, log_l, delta: float, weights=None):
+def _objective_and_grad(theta: torch.Tensor, log_n, log_d, log_l, delta: float):
     """The same objective as `_objective` for K rows, with its gradient written out (no autograd graph: the
     grid phase evaluates ~10^6 residuals per step, and autograd's temporaries would dominate). With
     p_j = exp(term_j - LSE) the softmax weights of the three terms and h'(r) = clamp(r, -delta, delta):
         d r / d a = p_1,  d r / d alpha = -p_1 ln N,  d r / d b = p_2,  d r / d beta = -p_2 ln D,  d r / d e = p_3
-    `weights` (K, n), optional: run i counts weights[k, i] times in problem k (a bootstrap resample).
     Returns (f (K,), grad (K, 5)). A test checks it against autograd."""
     a, b, e, alpha, beta = (t[:, None] for t in theta.unbind(-1))  # each (K, 1)
     t1, t2 = a - alpha * log_n, b - beta * log_d  # (K, n)
@@ -452,30 +359,25 @@ def _objective_and_grad(theta: torch.Tensor, log_n, log_d, log_l, delta: float, 
     z = p1 + p2 + p3
     r = m + torch.log(z) - log_l  # (K, n) residuals
     h = torch.clamp(r, -delta, delta)  # Huber'(r)
-    f = torch.where(r.abs() < delta, 0.5 * r * r, delta * (r.abs() - 0.5 * delta))
-    if weights is not None:
-        f, h = f * weights, h * weights
-    f = f.sum(-1)
+    f = torch.where(r.abs() < delta, 0.5 * r * r, delta * (r.abs() - 0.5 * delta)).sum(-1)
     hp1, hp2 = h * p1 / z, h * p2 / z
     grad = torch.stack([hp1.sum(-1), hp2.sum(-1), (h * p3 / z).sum(-1), -(hp1 @ log_n), -(hp2 @ log_d)], -1)
     return f, grad
 
 
-# successive halving over the grid: (how many starts survive, Adam steps for them)
-_GRID_STAGES = ((None, 25), (400, 100), (40, 200))
-
-
-def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8, mask=None):
+def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8, mask=None,
+                   stages=((None, 25), (400, 100), (40, 200))):
     """Optimize from EVERY start of the grid, as one (K, 5) tensor: batched Adam steps (Adam is
     per-coordinate and each row's gradient is its own problem's, so the rows stay independent problems),
-    successive halving (all starts for 25 steps, the best 400 for 100 more, the best 40 for 200 more), then
+    successive halving over `stages` of (starts kept, Adam steps): all starts for 25 steps, the best 400 for
+    100 more, the best 40 for 200 more; then
     L-BFGS polishes the `polish` best distinct end points to full precision. Returns (theta, objective)."""
     # Why not L-BFGS from all 4,500 starts (Epoch AI's recipe)? Each L-BFGS run is sequential, ~0.1 s on
     # 250 points: minutes in all. Batched Adam moves all starts per tensor operation; most starts fall into
     # the same few basins within tens of steps, and only the leaders need the expensive polish.
     theta = grid.clone()
     f = None
-    for keep, steps in _GRID_STAGES:
+    for keep, steps in stages:
         if keep is not None:
             theta = theta[torch.argsort(f)[:keep]]
         theta = theta.clone().requires_grad_(True)
@@ -575,7 +477,8 @@ def _bootstrap(theta: torch.Tensor, data, delta: float, n_bootstrap: int, seed: 
         f0 = float(_objective(theta[None], *sample, delta).sum())
         th, f = _lbfgs(theta, sample, delta, mask=mask)
         if f >= f0 * (1 - 1e-9):  # no progress from the warm start: stalled on a kink
-            nudge = torch.from_numpy(rng.normal(0, 1, 5)) * torch.tensor([0.2, 0.2, 0.02, 0.01, 0.01], dtype=torch.float64)
+            scale = torch.tensor([0.2, 0.2, 0.02, 0.01, 0.01], dtype=torch.float64)
+            nudge = torch.from_numpy(rng.normal(0, 1, 5)) * scale
             nudge = nudge if mask is None else nudge * mask
             th = min([(th, f), _lbfgs(theta + nudge, sample, delta, mask=mask)], key=lambda t: t[1])[0]
         out.append(th)
@@ -586,9 +489,8 @@ def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int
                        grid: torch.Tensor | None = None, E: float | None = None) -> ParametricFit:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs (N, D, final loss), Hoffmann et al. / Epoch AI style:
     log-sum-exp form on ln L, Huber loss (delta 1e-3), float64, the full grid of starts (`init_grid`).
-    Bootstrap: resample the runs with replacement, refit warm-started at the full fit (`_bootstrap`, all
-    resamples as one batch), and report the standard deviation of each parameter over the refits as its
-    standard error.
+    Bootstrap: resample the runs with replacement, refit warm-started at the full fit (`_bootstrap`); the
+    standard deviation of each parameter over the refits is its standard error.
     E: hold the irreducible loss fixed at a KNOWN value (the synthetic corpus' entropy, in nats per token)
     and fit the other four -- the law's least constrained parameter replaced by a fact."""
     t0 = time.perf_counter()
@@ -609,12 +511,14 @@ def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int
     if E is not None:
         if not (math.isfinite(E) and E > 0):
             raise ValueError(f"a fixed E must be finite and > 0, got {E!r}")
-        grid = torch.unique(torch.cat([grid[:, :2], torch.full_like(grid[:, :1], math.log(E)), grid[:, 3:]], 1), dim=0)
+        e_col = torch.full_like(grid[:, :1], math.log(E))
+        grid = torch.unique(torch.cat([grid[:, :2], e_col, grid[:, 3:]], 1), dim=0)
         mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
     theta, f = _fit_from_grid(grid, data, huber_delta, mask=mask)
     boot = _bootstrap(theta, data, huber_delta, n_bootstrap, seed, mask=mask)
     # back from (a, b, e, alpha, beta) to the natural parameters (E, A, B, alpha, beta)
-    to_nat = lambda th: np.stack([np.exp(th[..., 2]), np.exp(th[..., 0]), np.exp(th[..., 1]), th[..., 3], th[..., 4]], -1)
+    def to_nat(th):
+        return np.stack([np.exp(th[..., 2]), np.exp(th[..., 0]), np.exp(th[..., 1]), th[..., 3], th[..., 4]], -1)
     best = to_nat(theta.numpy())
     boot = to_nat(boot.numpy().reshape(-1, 5))
     se = dict(zip(("E", "A", "B", "alpha", "beta"), boot.std(0, ddof=1) if len(boot) > 1 else [float("nan")] * 5))
@@ -622,41 +526,70 @@ def fit_parametric_law(N, D, losses, huber_delta: float = 1e-3, n_bootstrap: int
                          n_points=len(N), seconds=time.perf_counter() - t0)
 
 
-# =====================================================================================================
-# 5. Own sweeps through train.py: plan, run (resumable, shardable), and the one-run branched mode
-# =====================================================================================================
+# ---- 4. the sweep: train small runs, fit, predict the big one and train it ----
 
 
 @dataclass
 class SweepSpec:
     """Everything that decides a sweep's results (hashed: a folder holds one sweep). Runs: for each budget C,
     the `runs_per_budget` depths whose N lies closest (in ln N) to the Chinchilla-rule guess
-    N ~ sqrt(C / (6 tokens_per_param)), each trained for D = C / flops_per_token tokens."""
+    N ~ sqrt(C / (6 tokens_per_param)), each trained for D = C / flops_per_token tokens. Each field is a flag
+    of `python scaling.py sweep` (`--runs-per-budget` ...), with this help line:
+    budgets: FLOP budgets, comma-separated
+    depths: candidate depths (the model-size dial), comma-separated
+    runs_per_budget: model sizes per budget (>= 3: a parabola needs 3)
+    tokens_per_param: centre of each budget's window of sizes (Chinchilla's ~20)
+    flops: compute convention: 6nd, or exact (model.py's per-token count)
+    width_per_depth: d_model = this x depth (shape_for_depth)
+    head_dim: attention head size (heads = d_model / this)
+    context_length: tokens per window
+    batch_size: windows per step (x context_length = 1,024 tokens per step by default)
+    optimizer: muon or adamw: train.py's defaults, one setting for every size (the muP question)
+    lr: AdamW lr
+    muon_lr: Muon lr (hidden matrices)
+    warmup_iters: linear warm-up steps
+    decay_fraction: WSD: final fraction of steps spent decaying
+    min_steps: runs shorter than this are not planned (they would measure the warm-up, not the model)
+    data: train.py's --data: synthetic, tinystories, owt, or a file
+    synthetic_bytes: size of the synthetic training text
+    vocab_size: BPE vocabulary
+    eval_tokens: validation tokens scored per run (the same first ones for every run)
+    seed: init and batch seed"""
     budgets: list = field(default_factory=lambda: [1.5e11, 3e11, 6e11])
     depths: list = field(default_factory=lambda: list(range(1, 7)))
     runs_per_budget: int = 5
-    tokens_per_param: float = 20.0  # only centres the window of sizes per budget
-    flops: str = "6nd"  # 6nd | exact (model.py's per-token count)
-    # the depth dial's constants (shape_for_depth) and the data each step sees: batch_size windows of
-    # context_length tokens = 1,024 tokens per step by default
+    tokens_per_param: float = 20.0
+    flops: str = "6nd"
     width_per_depth: int = 16
     head_dim: int = 16
     context_length: int = 64
     batch_size: int = 16
-    # train.py's optimizer defaults, one setting for every size (see the story: the muP question)
     optimizer: str = "muon"
     lr: float = 3e-3
     muon_lr: float = 0.02
     warmup_iters: int = 20
-    decay_fraction: float = 0.2  # WSD: final linear decay over the last 20% of each run
-    min_steps: int = 50  # a run shorter than this measures the warm-up, not the model
+    decay_fraction: float = 0.2
+    min_steps: int = 50
     # 6 MB of synthetic stories = 1.9M tokens; the longest default run (depth 1 at 6e11: 5M tokens) sees
     # each token ~2.6 times -- repetition this mild costs little (Muennighoff et al. 2023, arXiv 2305.16264)
     data: str = "synthetic"
     synthetic_bytes: int = 6_000_000
     vocab_size: int = 512
-    eval_tokens: int = 32_768  # the same first val tokens scored for every run
+    eval_tokens: int = 32_768
     seed: int = 1337
+
+    def __post_init__(self):
+        # (the check, the message): each names the field and what it must be
+        rules = ((len(self.budgets) >= 2, f"a sweep needs >= 2 budgets to fit N_opt = k C^a, got {self.budgets}"),
+                 (self.runs_per_budget >= 3, "runs_per_budget must be >= 3 (a parabola needs 3 sizes), got "
+                                             f"{self.runs_per_budget}"),
+                 (all(math.isfinite(c) and c > 0 for c in self.budgets),
+                  f"budgets must be finite positive numbers of FLOPs, got {self.budgets}"),
+                 (self.flops in ("6nd", "exact"), f"flops must be '6nd' or 'exact', got {self.flops!r}"),
+                 (self.optimizer in ("muon", "adamw"), f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}"))
+        for ok, msg in rules:
+            if not ok:
+                raise ValueError(msg)
 
     # tokens per optimizer step: the unit in which every run's length D is counted
     @property
@@ -678,29 +611,9 @@ class PlannedRun:
     steps: int
 
 
-def _round_steps(target: float, decay_fraction: float) -> int:
-    """The step count nearest `target` whose decay phase (decay_fraction x steps) is a whole number of steps,
-    so a branched decay starts exactly where train.py's WSD schedule of a separate run would."""
-    # search outward from the target: the first whole-decay step count is at most a few steps away
-    # (every 5th integer when decay_fraction = 0.2)
-    base = max(1, round(target))
-    for off in range(0, 200):
-        for s in (base + off, base - off):
-            if s >= 1 and abs(s * decay_fraction - round(s * decay_fraction)) < 1e-9:
-                return s
-    return base
-
-
 def plan_sweep(spec: SweepSpec, vocab_size: int) -> list[PlannedRun]:
     """The runs of a sweep, in a stable order (budget, then depth). Errors name the budget that cannot be
     served: too small for the smallest model (fewer than min_steps), or too few usable sizes."""
-    if len(spec.budgets) < 2:
-        raise ValueError(f"a sweep needs >= 2 budgets to fit N_opt = k C^a, got {spec.budgets}")
-    if spec.runs_per_budget < 3:
-        raise ValueError(f"runs_per_budget must be >= 3 (a parabola needs 3 sizes), got {spec.runs_per_budget}")
-    for c in spec.budgets:
-        if not (math.isfinite(c) and c > 0):
-            raise ValueError(f"budget {c!r} must be a finite positive number of FLOPs")
     # For each budget: every candidate depth gets D = C / (FLOPs per token), rounded to whole steps (see
     # _round_steps); depths too big to get min_steps at this budget drop out; then the window of sizes
     # closest to the rule-of-thumb optimum. The plan depends only on the spec and the vocabulary, so every
@@ -740,6 +653,352 @@ def train_config(spec: SweepSpec, depth: int, steps: int, out_dir, data_dir: str
         eval_interval=10 ** 9, ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
         final_eval_tokens=spec.eval_tokens if final_eval_tokens is None else final_eval_tokens,
         seed=spec.seed, threads=threads, device=device, out_dir=str(out_dir))
+
+
+def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float = 4.0, *, threads=1, device="cpu",
+                      log=say, iso: IsoFlopsFit | None = None, par: ParametricFit | None = None,
+                      par_known: ParametricFit | None = None) -> dict:
+    """Fit both laws on the sweep, take C_v = factor x the largest swept budget, pick the depth whose N is
+    closest (in ln N) to the IsoFLOPs (parabola) N_opt(C_v), train it for D = C_v / flops_per_token, and
+    compare its loss with the parametric law's prediction at that (N, D) and the bootstrap interval.
+    The interval covers the fit's uncertainty, not run-to-run noise of the one verification run.
+    `par_known`: a second law fitted with E held at the corpus' known entropy; its prediction is reported too."""
+    iso = iso or fit_isoflops(runs, "parabola")  # (the caller's fits when it already has them)
+    par = par or fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
+                                    n_bootstrap=50)
+    # N from approach 2 (the IsoFLOPs power law), the loss from approach 3 (the parametric law): each
+    # method answers the question it is better at. Only whole depths exist, so the nearest one is trained.
+    c_v = factor * max(r.budget for r in runs)
+    n_iso, _ = iso.predict(c_v)
+    cands = [(d, model_config_for_depth(d, data.tokenizer.vocab_size, spec.context_length,
+                                        width_per_depth=spec.width_per_depth, head_dim=spec.head_dim))
+             for d in range(1, 33)]
+    depth, cfg = min(cands, key=lambda t: abs(math.log(M.num_params(t[1]) / float(n_iso))))
+    n = M.num_params(cfg)
+    steps = _round_steps(c_v / flops_per_token(cfg, spec.flops) / spec.tokens_per_step, spec.decay_fraction)
+    if steps < spec.min_steps:
+        raise ValueError(f"verification at C = {c_v:.3g}: the predicted optimum (depth {depth}, N = {n:,}) gets only "
+                         f"{steps} steps (< min_steps {spec.min_steps}); raise --verify-factor or the budgets")
+    tokens = steps * spec.tokens_per_step
+    predicted = float(par.predict_loss(n, tokens))
+    lo, hi = par.loss_interval(n, tokens)
+    what = (f"C = {c_v:.3g} FLOPs ({factor:g}x the largest budget): IsoFLOPs N_opt = {float(n_iso):,.0f} -> depth "
+            f"{depth} (N = {n:,}), D = {tokens:,} tokens ({steps} steps)")
+    actual = _verification_loss(spec, Path(out), data, depth, steps, what, threads=threads, device=device, log=log)
+    # everything needed to judge the check later: the prediction, its interval, the truth, and both N_opts
+    res = dict(spec=spec.key(), compute=c_v, depth=depth, parameters=n, tokens=tokens, steps=steps,
+               isoflops_n_opt=float(n_iso), parametric_n_opt=float(par.optimal_allocation(c_v)[0]),
+               predicted_loss=predicted, interval=[float(lo), float(hi)], actual_loss=actual,
+               rel_error=(predicted - actual) / actual, inside=bool(lo <= actual <= hi))
+    if par_known is not None:  # the same check for the law whose E is the corpus' entropy, not a fit
+        res["known_E"] = _check_known_entropy(par_known, n, tokens, actual, log)
+    tk.atomic_write_json(Path(out) / "verify.json", res)
+    log(f"verify: predicted loss {predicted:.4f} (95% interval {lo:.4f}-{hi:.4f}), actual {actual:.4f}: error "
+        f"{100 * res['rel_error']:+.2f}%, {'inside' if res['inside'] else 'OUTSIDE'} the interval")
+    return res
+
+
+# ===== Menu: one-run data points (WSD branches) =====
+
+
+def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun], stats: dict, *, threads=1,
+                       device="cpu", log=say, after_run=None):
+    """MiniCPM's one-run data points for one depth. The trunk trains at the stable learning rate (train.py's
+    "constant" schedule: the same warm-up, then the peak lr -- exactly WSD's stable phase). At each branch
+    point S_k = (1 - f) T_k the trunk's checkpoint is copied aside (`stable.pt`), and a branch resumes from
+    the copy with train.py's WSD schedule for T_k steps, which decays over [S_k, T_k]. Because batches are a
+    function of (seed, step) and the lr before S_k is identical, the branch IS the separate WSD run of
+    T_k steps (the tests check this), at the cost of only its decay. Resumable: each stable copy is made
+    before the trunk moves past it, and each branch restarts from its copy if killed."""
+    # branch points in increasing order, so the trunk only ever moves forward
+    trunk = out / "train" / f"trunk-d{points[0].depth:02d}"
+    for pr in sorted(points, key=lambda p: p.steps):
+        path = out / "runs" / f"{pr.key}.json"
+        if read_result(path, spec.key(), warn=log) is not None:
+            stats["skipped"].append(pr.key)
+            continue
+        t1 = time.time()
+        # S_k: where WSD's decay of a T_k-step run starts; the trunk must be exactly there when copied
+        s_k = round(pr.steps * (1 - spec.decay_fraction))  # whole steps by _round_steps
+        branch = out / "train" / f"branch-{pr.key}"
+        branch.mkdir(parents=True, exist_ok=True)
+        stable = branch / "stable.pt"
+        if not stable.exists():
+            at = _checkpoint_step(trunk / "ckpt.pt")
+            if at > s_k:  # the trunk ran past this point without its copy (should not happen): start over
+                log(f"trunk {trunk} is at step {at}, past branch point {s_k} of {pr.key}: retraining the trunk")
+                shutil.rmtree(trunk)
+                at = 0
+            if at < s_k:
+                cfg = train_config(spec, pr.depth, s_k, trunk, data.cache_dir, schedule="constant", threads=threads,
+                                   device=device, final_eval_tokens=2 * spec.context_length)
+                T.train(dataclasses.replace(cfg, resume=True), data=data, log=_quiet)
+                stats["steps_trained"] += s_k - at
+            # the copy is made BEFORE the trunk moves on: after a kill, this branch can always restart from it
+            with tk.atomic_open(stable, "wb") as f:
+                f.write((trunk / "ckpt.pt").read_bytes())
+        with tk.atomic_open(branch / "ckpt.pt", "wb") as f:  # a fresh copy: a killed branch restarts cleanly
+            f.write(stable.read_bytes())
+        # resume=True: train.train loads weights, optimizer state and the step count, then runs steps
+        # S_k .. T_k - 1 under the WSD schedule of a T_k-step run, i.e. exactly its decay phase
+        cfg = train_config(spec, pr.depth, pr.steps, branch, data.cache_dir, threads=threads, device=device)
+        summary = T.train(dataclasses.replace(cfg, resume=True), data=data, log=_quiet)
+        _write_result(path, spec, pr, summary, dict(branched_from_step=s_k))
+        stable.unlink()
+        _drop_checkpoint(branch)
+        stats["ran"].append(pr.key)
+        stats["steps_trained"] += pr.steps - s_k
+        _progress_line(log, len(stats["ran"]), stats["planned"], pr, spec, summary["val"]["loss"], time.time() - t1,
+                       None, note=f" (branched at step {s_k})")
+        if after_run:
+            after_run(pr.key)
+
+
+# (train.read_checkpoint gives clear errors for a corrupt file; a trunk checkpoint is written atomically by
+# train.py, so it is either the previous segment's or the new one's, never half of one)
+def _checkpoint_step(path: Path) -> int:
+    """The iteration a train.py checkpoint holds (0 when there is none)."""
+    return int(T.read_checkpoint(path)["iteration"]) if path.exists() else 0
+
+
+def _compare_modes(fits, spec):
+    """Separate vs branched on the same budgets: the fits should agree (the branches reproduce the separate
+    runs), and the branched mode should cost less. Compute is counted in FLOPs, 6 N x tokens, per depth:
+    separate = every run in full; branched = each depth's trunk up to its last branch point, plus every
+    branch's decay."""
+    (rs, iso_s, par_s, fs, _), (rb, iso_b, par_b, fb, _) = fits["separate"], fits["branched"]
+    # (the result files record steps and the branch point, so the accounting needs no training logs)
+    read = lambda folder: [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
+    tps = spec.tokens_per_step
+    sep = sum(6.0 * r["parameters"] * r["steps"] * tps for r in read(fs))
+    trunk, decay = {}, 0.0
+    for r in read(fb):
+        trunk[r["depth"]] = max(trunk.get(r["depth"], 0.0), 6.0 * r["parameters"] * r["branched_from_step"] * tps)
+        decay += 6.0 * r["parameters"] * (r["steps"] - r["branched_from_step"]) * tps
+    br = sum(trunk.values()) + decay
+    print(f"branched vs separate: {br:.3g} vs {sep:.3g} training FLOPs (6ND): {100 * (1 - br / sep):.0f}% of the "
+          f"compute saved")
+    # the same runs by name in both folders; the largest loss difference says how exactly branches reproduce
+    by_key = lambda runs: {r.name.split("/")[-1]: r.loss for r in runs}
+    ls, lb = by_key(rs), by_key(rb)
+    diff = max(abs(ls[k] - lb[k]) for k in ls.keys() & lb.keys())
+    # the fits compared where --verify would use them: the exponent and N_opt at 4x the largest budget
+    c = 4 * max(spec.budgets)
+    rows = (("IsoFLOPs parabola exponent a", iso_s["parabola"].a, iso_b["parabola"].a),
+            (f"IsoFLOPs parabola N_opt({c:.0e})", float(iso_s["parabola"].predict(c)[0]),
+             float(iso_b["parabola"].predict(c)[0])),
+            ("parametric alpha", par_s.alpha, par_b.alpha), ("parametric beta", par_s.beta, par_b.beta))
+    for name, a, b in rows:
+        print(f"    {name}: separate {a:.4g}, branched {b:.4g}")
+    print(f"    largest |final loss difference| between a run and its branched twin: {diff:.2e}")
+
+
+# ===== Menu: a known irreducible loss =====
+# On the synthetic corpus E is a fact (the corpus' entropy), not a parameter to fit. The sweep command fits the
+# law a second time with E held there (fit_parametric_law's E=), and verify_prediction reports its prediction too.
+
+
+def _fit_known_entropy(runs, data, folder, log=say):
+    """On the synthetic corpus the irreducible loss is KNOWN: the corpus' entropy (train.py prints it in
+    bits per byte). In nats per token, E = floor_bpb x (loss / bpb) of any run (loss / bpb = ln 2 x bytes
+    per token of the validation text). Fit the law again with E held there; None for other data."""
+    if data.entropy_floor_bpb is None:
+        return None
+    res = [json.loads(p.read_text()) for p in sorted((Path(folder) / "runs").glob("*.json"))]
+    ratio = [r["final_loss"] / r["bpb"] for r in res if r.get("bpb")]
+    if not ratio:
+        return None
+    # loss / bpb is the same for every run (same validation tokens); the mean only guards against rounding
+    E = data.entropy_floor_bpb * float(np.mean(ratio))
+    par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs], E=E,
+                             n_bootstrap=50)
+    log(f"parametric with E fixed at the entropy floor ({E:.4f} nats/token): L = {par.E:.4f} + {par.A:.4g} / "
+        f"N^{par.alpha:.3f}(+-{par.se['alpha']:.3f}) + {par.B:.4g} / D^{par.beta:.3f}(+-{par.se['beta']:.3f}); "
+        f"N_opt ~ C^{par.beta / (par.alpha + par.beta):.3f}")
+    return par
+
+
+def _check_known_entropy(par_known: ParametricFit, n, tokens, actual: float, log=say) -> dict:
+    """verify_prediction's check for the law whose E is held at the entropy. Why report a second law at all: E
+    is the parameter a small sweep pins down worst (it is the loss at N, D -> infinity, far beyond the data),
+    and a fitted E below the data's entropy is a physical impossibility that drags every extrapolated loss down."""
+    p2, (lo2, hi2) = float(par_known.predict_loss(n, tokens)), par_known.loss_interval(n, tokens)
+    res = dict(E=par_known.E, predicted_loss=p2, interval=[float(lo2), float(hi2)],
+               rel_error=(p2 - actual) / actual, inside=bool(lo2 <= actual <= hi2))
+    log(f"verify: with E fixed at the entropy floor ({par_known.E:.4f}): predicted {p2:.4f} (95% interval "
+        f"{lo2:.4f}-{hi2:.4f}): error {100 * res['rel_error']:+.2f}%, {'inside' if res['inside'] else 'OUTSIDE'} "
+        "the interval")
+    return res
+
+
+# ===== Menu: muP learning-rate transfer =====
+
+
+def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1),
+                steps: int = 150,
+                num_layers: int = 2, head_dim: int = 16, context_length: int = 64, batch_size: int = 16,
+                threads: int = 1, device: str = "cpu", seed: int = 1337, eval_tokens: int = 16_384,
+                log=say) -> dict:
+    """Train every (parametrization, width, lr) with AdamW for `steps` steps (same data, same seed) and return
+    {"sp": {width: {lr: loss}}, "mup": {...}, "best": {param: {width: best lr}}}. Each run's result is a file
+    under out/lr/, so a killed experiment resumes. Diverged runs count as loss = inf."""
+    # The experiment of Tensor Programs V's Figure 1 in miniature: same depth, same data, same seed, same
+    # number of steps; only the width and the learning rate change. Under SP the curves' minima should
+    # drift left as width grows; under muP they should line up. AdamW for both, so the only difference
+    # is the parametrization (train.py's default Muon normalizes its updates per matrix, a different
+    # answer to the same problem).
+    out = Path(out)
+    (out / "lr").mkdir(parents=True, exist_ok=True)
+    res = {"sp": {}, "mup": {}}
+    total, done, t0 = 2 * len(widths) * len(lrs), 0, time.time()
+    for param in ("sp", "mup"):
+        for w in widths:
+            for lr in lrs:
+                # every setting that changes the result is in the file name: resuming with other settings
+                # never reads a result of a different experiment
+                key = f"{param}-w{w}-L{num_layers}-lr{lr:.3g}-s{steps}-T{context_length}-B{batch_size}-seed{seed}"
+                path = out / "lr" / f"{key}.json"
+                r = json.loads(path.read_text()) if path.exists() else None
+                if not (isinstance(r, dict) and r.get("complete")):
+                    cfg = T.TrainConfig(
+                        preset="lr-transfer", data=data.source, data_dir=str(Path(data.cache_dir).parent.parent),
+                        context_length=context_length, d_model=w, num_layers=num_layers, num_heads=w // head_dim,
+                        optimizer="adamw", lr=lr, schedule="cosine", warmup_iters=min(20, steps // 5),
+                        batch_size=batch_size, max_steps=steps, max_minutes=None, eval_interval=10 ** 9,
+                        ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
+                        final_eval_tokens=eval_tokens, seed=seed, threads=threads, device=device,
+                        out_dir=str(_fresh(out / "train" / key)),
+                        # muP is train.py's switch: the smallest width is the base (where muP = SP)
+                        mup_base_width=min(widths) if param == "mup" else None)
+                    # too high an lr diverges: train.train raises FloatingPointError; that point is "inf" in the
+                    # table (a real outcome of the sweep, not an error of the command)
+                    try:
+                        loss = T.train(cfg, data=data, log=_quiet)["val"]["loss"]
+                    except FloatingPointError:
+                        loss = float("inf")
+                    _drop_checkpoint(out / "train" / key)
+                    r = dict(param=param, width=w, lr=lr, loss=loss if math.isfinite(loss) else None, complete=True)
+                    tk.atomic_write_json(path, r)
+                done += 1
+                loss = r["loss"] if r["loss"] is not None else float("inf")
+                res[param].setdefault(w, {})[lr] = loss
+                log(f"lr-transfer [{done}/{total}] {param:3s} width {w:4d} lr {lr:.2e}: loss {loss:.4f} "
+                    f"[{time.time() - t0:.0f}s]")
+    # best lr per (parametrization, width): the quantity whose spread across widths answers the question
+    # (a best lr at the edge of the grid is only a bound: extend --lrs until every minimum is inside)
+    res["best"] = {p: {w: min(d, key=d.get) for w, d in res[p].items()} for p in ("sp", "mup")}
+    return res
+
+
+def plot_lr_transfer(res: dict, path):
+    """Loss vs learning rate, one line per width; left SP, right muP. Transfer = the minima line up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    # diverged runs (inf) are drawn at 10 so the curve shows where the lr became too high
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, p, name in ((axes[0], "sp", "standard parametrization"), (axes[1], "mup", "muP")):
+        # one line per width; the legend names each width's best lr so the drift (or its absence) reads
+        # without squinting at the curves
+        for w, d in sorted(res[p].items()):
+            lrs = sorted(d)
+            ax.plot(lrs, [min(d[lr], 10.0) for lr in lrs], "o-", label=f"width {w} (best {res['best'][p][w]:.2g})")
+        ax.set(xscale="log", xlabel="learning rate (AdamW, hidden layers)", title=name)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final val loss")
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+# ===== Appendix: plumbing =====
+
+
+def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
+    """Build a Run from raw values, with D = C / (6N) or C = 6ND when one of them is missing. Every value
+    must be a finite positive number; the error names the run (file:line or index) and the field."""
+    # validate every given field before deriving anything: the error must point at the bad value itself
+    vals = dict(parameters=parameters, final_loss=loss, tokens=tokens, compute_budget=budget)
+    for k, v in vals.items():
+        if v is None and k in ("tokens", "compute_budget"):
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: {k} = {v!r} is not a number") from None
+        if not math.isfinite(x) or x <= 0:
+            raise ValueError(f"{name}: {k} = {v!r} must be a finite positive number")
+        vals[k] = x
+    if vals["tokens"] is None and vals["compute_budget"] is None:
+        raise ValueError(f"{name}: needs tokens (D) or compute_budget (C) besides parameters and final_loss")
+    # D given: C = 6ND (the budget a run "used"). Only C given: D = C / 6N (how CS336's file is meant).
+    n, c = vals["parameters"], vals["compute_budget"]
+    d = vals["tokens"] if vals["tokens"] is not None else c / (6.0 * n)
+    return Run(parameters=n, tokens=d, budget=c if c is not None else 6.0 * n * d, loss=vals["final_loss"], name=name)
+
+
+def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: str | None = None,
+              c_col: str | None = "compute_budget", loss_col: str = "final_loss") -> list[Run]:
+    """Runs from a file. Formats:
+      json: a list of objects {"parameters": N, "compute_budget": C, "final_loss": L} (CS336's
+            isoflops_curves.json), "tokens": D may replace or accompany compute_budget;
+      csv:  a header row, then one run per row; the columns are named by n_col, d_col and/or c_col, loss_col.
+    fmt None: from the file's extension. Errors name the file and the run's index or line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"runs file {path} does not exist")
+    # JSON unless the extension says CSV/TSV; --format overrides
+    fmt = fmt or ("csv" if path.suffix.lower() in (".csv", ".tsv") else "json")
+    if fmt == "json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of runs, got {type(rows).__name__}")
+        runs = []
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict) or "parameters" not in r or "final_loss" not in r:
+                raise ValueError(f"{path}: run {i} is not an object with 'parameters' and 'final_loss': {r!r:.120}")
+            runs.append(make_run(f"{path.name} run {i}", r["parameters"], r["final_loss"], r.get("tokens"),
+                                 r.get("compute_budget")))
+        return runs
+    if fmt != "csv":
+        raise ValueError(f"unknown runs format {fmt!r} (json or csv)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = reader.fieldnames or []
+        # N and loss are required; of D and C at least one (the other follows from C = 6ND)
+        missing = [c for c in (n_col, loss_col) if c not in header]
+        if not (d_col in header or c_col in header):
+            missing += [c for c in (d_col, c_col) if c]
+        if missing:
+            raise ValueError(f"{path}: columns {missing} not in the header {header} (set --n-col, --d-col, --c-col, "
+                             "--loss-col)")
+        # line numbers count the header as line 1, as an editor shows them. A short row gets None values, a
+        # long one a None key (csv.DictReader's convention): both mean a malformed line.
+        runs = []
+        for line, row in enumerate(reader, start=2):
+            if None in row or any(v is None for v in row.values()):
+                raise ValueError(f"{path}:{line}: row has {len(row) - (None in row)} fields, the header has "
+                                 f"{len(header)}")
+            runs.append(make_run(f"{path.name}:{line}", row[n_col], row[loss_col],
+                                 row.get(d_col) if d_col in header else None,
+                                 row.get(c_col) if c_col in header else None))
+    return runs
+
+
+def _round_steps(target: float, decay_fraction: float) -> int:
+    """The step count nearest `target` whose decay phase (decay_fraction x steps) is a whole number of steps,
+    so a branched decay starts exactly where train.py's WSD schedule of a separate run would."""
+    # search outward from the target: the first whole-decay step count is at most a few steps away
+    # (every 5th integer when decay_fraction = 0.2)
+    base = max(1, round(target))
+    for off in range(0, 200):
+        for s in (base + off, base - off):
+            if s >= 1 and abs(s * decay_fraction - round(s * decay_fraction)) < 1e-9:
+                return s
+    return base
 
 
 def _quiet(*args, **kwargs):
@@ -854,66 +1113,6 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
     return stats
 
 
-def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun], stats: dict, *, threads=1,
-                       device="cpu", log=say, after_run=None):
-    """MiniCPM's one-run data points for one depth. The trunk trains at the stable learning rate (train.py's
-    "constant" schedule: the same warm-up, then the peak lr -- exactly WSD's stable phase). At each branch
-    point S_k = (1 - f) T_k the trunk's checkpoint is copied aside (`stable.pt`), and a branch resumes from
-    the copy with train.py's WSD schedule for T_k steps, which decays over [S_k, T_k]. Because batches are a
-    function of (seed, step) and the lr before S_k is identical, the branch IS the separate WSD run of
-    T_k steps (the tests check this), at the cost of only its decay. Resumable: each stable copy is made
-    before the trunk moves past it, and each branch restarts from its copy if killed."""
-    # branch points in increasing order, so the trunk only ever moves forward
-    trunk = out / "train" / f"trunk-d{points[0].depth:02d}"
-    for pr in sorted(points, key=lambda p: p.steps):
-        path = out / "runs" / f"{pr.key}.json"
-        if read_result(path, spec.key(), warn=log) is not None:
-            stats["skipped"].append(pr.key)
-            continue
-        t1 = time.time()
-        # S_k: where WSD's decay of a T_k-step run starts; the trunk must be exactly there when copied
-        s_k = round(pr.steps * (1 - spec.decay_fraction))  # whole steps by _round_steps
-        branch = out / "train" / f"branch-{pr.key}"
-        branch.mkdir(parents=True, exist_ok=True)
-        stable = branch / "stable.pt"
-        if not stable.exists():
-            at = _checkpoint_step(trunk / "ckpt.pt")
-            if at > s_k:  # the trunk ran past this point without its copy (should not happen): start over
-                log(f"trunk {trunk} is at step {at}, past branch point {s_k} of {pr.key}: retraining the trunk")
-                shutil.rmtree(trunk)
-                at = 0
-            if at < s_k:
-                cfg = train_config(spec, pr.depth, s_k, trunk, data.cache_dir, schedule="constant", threads=threads,
-                                   device=device, final_eval_tokens=2 * spec.context_length)
-                T.train(dataclasses.replace(cfg, resume=True), data=data, log=_quiet)
-                stats["steps_trained"] += s_k - at
-            # the copy is made BEFORE the trunk moves on: after a kill, this branch can always restart from it
-            with tk.atomic_open(stable, "wb") as f:
-                f.write((trunk / "ckpt.pt").read_bytes())
-        with tk.atomic_open(branch / "ckpt.pt", "wb") as f:  # a fresh copy: a killed branch restarts cleanly
-            f.write(stable.read_bytes())
-        # resume=True: train.train loads weights, optimizer state and the step count, then runs steps
-        # S_k .. T_k - 1 under the WSD schedule of a T_k-step run, i.e. exactly its decay phase
-        cfg = train_config(spec, pr.depth, pr.steps, branch, data.cache_dir, threads=threads, device=device)
-        summary = T.train(dataclasses.replace(cfg, resume=True), data=data, log=_quiet)
-        _write_result(path, spec, pr, summary, dict(branched_from_step=s_k))
-        stable.unlink()
-        _drop_checkpoint(branch)
-        stats["ran"].append(pr.key)
-        stats["steps_trained"] += pr.steps - s_k
-        _progress_line(log, len(stats["ran"]), stats["planned"], pr, spec, summary["val"]["loss"], time.time() - t1,
-                       None, note=f" (branched at step {s_k})")
-        if after_run:
-            after_run(pr.key)
-
-
-# (train.read_checkpoint gives clear errors for a corrupt file; a trunk checkpoint is written atomically by
-# train.py, so it is either the previous segment's or the new one's, never half of one)
-def _checkpoint_step(path: Path) -> int:
-    """The iteration a train.py checkpoint holds (0 when there is none)."""
-    return int(T.read_checkpoint(path)["iteration"]) if path.exists() else 0
-
-
 def collect_results(folders) -> list[Run]:
     """Runs from one or more sweep folders (shards merge here; a run present in several is counted once)."""
     # keyed by (sweep key, run key): the same sweep split over shards merges; two different sweeps given
@@ -932,131 +1131,20 @@ def collect_results(folders) -> list[Run]:
     return list(seen.values())
 
 
-# =====================================================================================================
-# 6. Verifying a prediction: train the predicted optimum at a budget beyond every swept one
-# =====================================================================================================
-
-
-def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float = 4.0, *, threads=1, device="cpu",
-                      log=say, iso: IsoFlopsFit | None = None, par: ParametricFit | None = None,
-                      par_known: ParametricFit | None = None) -> dict:
-    """Fit both laws on the sweep, take C_v = factor x the largest swept budget, pick the depth whose N is
-    closest (in ln N) to the IsoFLOPs (parabola) N_opt(C_v), train it for D = C_v / flops_per_token, and
-    compare its loss with the parametric law's prediction at that (N, D) and the bootstrap interval.
-    The interval covers the fit's uncertainty, not run-to-run noise of the one verification run.
-    `par_known`: a second law fitted with E held at the corpus' known entropy; its prediction is reported too."""
-    iso = iso or fit_isoflops(runs, "parabola")  # (the caller's fits when it already has them)
-    par = par or fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
-                                    n_bootstrap=50)
-    # N from approach 2 (the IsoFLOPs power law), the loss from approach 3 (the parametric law): each
-    # method answers the question it is better at. Only whole depths exist, so the nearest one is trained.
-    c_v = factor * max(r.budget for r in runs)
-    n_iso, _ = iso.predict(c_v)
-    vocab = data.tokenizer.vocab_size
-    cands = [(d, model_config_for_depth(d, vocab, spec.context_length, width_per_depth=spec.width_per_depth,
-                                        head_dim=spec.head_dim)) for d in range(1, 33)]
-    depth, cfg = min(cands, key=lambda t: abs(math.log(M.num_params(t[1]) / float(n_iso))))
-    n = M.num_params(cfg)
-    steps = _round_steps(c_v / flops_per_token(cfg, spec.flops) / spec.tokens_per_step, spec.decay_fraction)
-    if steps < spec.min_steps:
-        raise ValueError(f"verification at C = {c_v:.3g}: the predicted optimum (depth {depth}, N = {n:,}) gets only "
-                         f"{steps} steps (< min_steps {spec.min_steps}); raise --verify-factor or the budgets")
-    tokens = steps * spec.tokens_per_step
-    predicted = float(par.predict_loss(n, tokens))
-    lo, hi = par.loss_interval(n, tokens)
-    # verify.json doubles as the resume point: the same spec, depth and steps mean the run already exists
-    path = Path(out) / "verify.json"
-    old = json.loads(path.read_text()) if path.exists() else None
+def _verification_loss(spec: SweepSpec, out: Path, data, depth: int, steps: int, what: str, *, threads=1,
+                       device="cpu", log=say) -> float:
+    """verify_prediction's run: its loss, trained once. verify.json doubles as the resume point: the same spec,
+    depth and steps mean the run already exists (a resumed command)."""
+    old = json.loads((out / "verify.json").read_text()) if (out / "verify.json").exists() else None
     if old and old.get("spec") == spec.key() and old.get("depth") == depth and old.get("steps") == steps:
-        actual = old["actual_loss"]  # already trained (a resumed command)
-    else:
-        log(f"verify: C = {c_v:.3g} FLOPs ({factor:g}x the largest budget): IsoFLOPs N_opt = {float(n_iso):,.0f} -> "
-            f"depth {depth} (N = {n:,}), D = {tokens:,} tokens ({steps} steps); training ...")
-        t0 = time.time()
-        summary = T.train(train_config(spec, depth, steps, _fresh(Path(out) / "train" / "verify"), data.cache_dir,
-                                       threads=threads, device=device), data=data, log=_quiet)
-        actual = summary["val"]["loss"]
-        log(f"verify: trained in {time.time() - t0:.0f}s")
-        _drop_checkpoint(Path(out) / "train" / "verify")
-    # everything needed to judge the check later: the prediction, its interval, the truth, and both N_opts
-    res = dict(spec=spec.key(), compute=c_v, depth=depth, parameters=n, tokens=tokens, steps=steps,
-               isoflops_n_opt=float(n_iso), parametric_n_opt=float(par.optimal_allocation(c_v)[0]),
-               predicted_loss=predicted, interval=[float(lo), float(hi)], actual_loss=actual,
-               rel_error=(predicted - actual) / actual, inside=bool(lo <= actual <= hi))
-    # Why report a second law at all: E is the parameter a small sweep pins down worst (it is the loss at
-    # N, D -> infinity, far beyond the data), and a fitted E below the data's entropy is a physical
-    # impossibility that drags every extrapolated loss down with it.
-    if par_known is not None:  # the same check for the law whose E is the corpus' entropy, not a fit
-        p2, (lo2, hi2) = float(par_known.predict_loss(n, tokens)), par_known.loss_interval(n, tokens)
-        res["known_E"] = dict(E=par_known.E, predicted_loss=p2, interval=[float(lo2), float(hi2)],
-                              rel_error=(p2 - actual) / actual, inside=bool(lo2 <= actual <= hi2))
-        log(f"verify: with E fixed at the entropy floor ({par_known.E:.4f}): predicted {p2:.4f} (95% interval "
-            f"{lo2:.4f}-{hi2:.4f}): error {100 * res['known_E']['rel_error']:+.2f}%, "
-            f"{'inside' if res['known_E']['inside'] else 'OUTSIDE'} the interval")
-    tk.atomic_write_json(path, res)
-    log(f"verify: predicted loss {predicted:.4f} (95% interval {lo:.4f}-{hi:.4f}), actual {actual:.4f}: error "
-        f"{100 * res['rel_error']:+.2f}%, {'inside' if res['inside'] else 'OUTSIDE'} the interval")
-    return res
-
-
-# ===== Appendix: plumbing =====
-# The experiment runners' bookkeeping (lr-transfer's grid of runs), data preparation, printing, plots.
-
-
-def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1),
-                steps: int = 150,
-                num_layers: int = 2, head_dim: int = 16, context_length: int = 64, batch_size: int = 16,
-                threads: int = 1, device: str = "cpu", seed: int = 1337, eval_tokens: int = 16_384,
-                log=say) -> dict:
-    """Train every (parametrization, width, lr) with AdamW for `steps` steps (same data, same seed) and return
-    {"sp": {width: {lr: loss}}, "mup": {...}, "best": {param: {width: best lr}}}. Each run's result is a file
-    under out/lr/, so a killed experiment resumes. Diverged runs count as loss = inf."""
-    # The experiment of Tensor Programs V's Figure 1 in miniature: same depth, same data, same seed, same
-    # number of steps; only the width and the learning rate change. Under SP the curves' minima should
-    # drift left as width grows; under muP they should line up. AdamW for both, so the only difference
-    # is the parametrization (train.py's default Muon normalizes its updates per matrix, a different
-    # answer to the same problem).
-    out = Path(out)
-    (out / "lr").mkdir(parents=True, exist_ok=True)
-    res = {"sp": {}, "mup": {}}
-    total, done, t0 = 2 * len(widths) * len(lrs), 0, time.time()
-    for param in ("sp", "mup"):
-        for w in widths:
-            for lr in lrs:
-                # every setting that changes the result is in the file name: resuming with other settings
-                # never reads a result of a different experiment
-                key = f"{param}-w{w}-L{num_layers}-lr{lr:.3g}-s{steps}-T{context_length}-B{batch_size}-seed{seed}"
-                path = out / "lr" / f"{key}.json"
-                r = json.loads(path.read_text()) if path.exists() else None
-                if not (isinstance(r, dict) and r.get("complete")):
-                    cfg = T.TrainConfig(
-                        preset="lr-transfer", data=data.source, data_dir=str(Path(data.cache_dir).parent.parent),
-                        context_length=context_length, d_model=w, num_layers=num_layers, num_heads=w // head_dim,
-                        optimizer="adamw", lr=lr, schedule="cosine", warmup_iters=min(20, steps // 5),
-                        batch_size=batch_size, max_steps=steps, max_minutes=None, eval_interval=10 ** 9,
-                        ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
-                        final_eval_tokens=eval_tokens, seed=seed, threads=threads, device=device,
-                        out_dir=str(_fresh(out / "train" / key)),
-                        # muP is train.py's switch: the smallest width is the base (where muP = SP)
-                        mup_base_width=min(widths) if param == "mup" else None)
-                    # too high an lr diverges: train.train raises FloatingPointError; that point is "inf" in the
-                    # table (a real outcome of the sweep, not an error of the command)
-                    try:
-                        loss = T.train(cfg, data=data, log=_quiet)["val"]["loss"]
-                    except FloatingPointError:
-                        loss = float("inf")
-                    _drop_checkpoint(out / "train" / key)
-                    r = dict(param=param, width=w, lr=lr, loss=loss if math.isfinite(loss) else None, complete=True)
-                    tk.atomic_write_json(path, r)
-                done += 1
-                loss = r["loss"] if r["loss"] is not None else float("inf")
-                res[param].setdefault(w, {})[lr] = loss
-                log(f"lr-transfer [{done}/{total}] {param:3s} width {w:4d} lr {lr:.2e}: loss {loss:.4f} "
-                    f"[{time.time() - t0:.0f}s]")
-    # best lr per (parametrization, width): the quantity whose spread across widths answers the question
-    # (a best lr at the edge of the grid is only a bound: extend --lrs until every minimum is inside)
-    res["best"] = {p: {w: min(d, key=d.get) for w, d in res[p].items()} for p in ("sp", "mup")}
-    return res
+        return old["actual_loss"]
+    log(f"verify: {what}; training ...")
+    t0 = time.time()
+    summary = T.train(train_config(spec, depth, steps, _fresh(out / "train" / "verify"), data.cache_dir,
+                                   threads=threads, device=device), data=data, log=_quiet)
+    log(f"verify: trained in {time.time() - t0:.0f}s")
+    _drop_checkpoint(out / "train" / "verify")
+    return summary["val"]["loss"]
 
 
 def _fresh(run_dir: Path) -> Path:
@@ -1189,27 +1277,6 @@ def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extra
     _save_fig(fig, path)
 
 
-def plot_lr_transfer(res: dict, path):
-    """Loss vs learning rate, one line per width; left SP, right muP. Transfer = the minima line up."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    # diverged runs (inf) are drawn at 10 so the curve shows where the lr became too high
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, p, name in ((axes[0], "sp", "standard parametrization"), (axes[1], "mup", "muP")):
-        # one line per width; the legend names each width's best lr so the drift (or its absence) reads
-        # without squinting at the curves
-        for w, d in sorted(res[p].items()):
-            lrs = sorted(d)
-            ax.plot(lrs, [min(d[lr], 10.0) for lr in lrs], "o-", label=f"width {w} (best {res['best'][p][w]:.2g})")
-        ax.set(xscale="log", xlabel="learning rate (AdamW, hidden layers)", title=name)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final val loss")
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
 # ===== Appendix: benchmarks =====
 
 
@@ -1256,8 +1323,8 @@ def bench_main(args):
     print(f"parametric fit, 250 points, full grid (4,500 starts): {t_ours:.2f}s wall, {cpu_ours:.2f}s CPU, "
           f"objective {f_ours:.6g}")
     fit = fit_parametric_law(N, D, L, n_bootstrap=50)
-    print(f"  recovered E={fit.E:.3f} A={fit.A:.1f} B={fit.B:.1f} alpha={fit.alpha:.3f} beta={fit.beta:.3f} (true 1.69, "
-          f"406.4, 410.7, 0.34, 0.28); with 50 bootstrap refits {fit.seconds:.2f}s")
+    print(f"  recovered E={fit.E:.3f} A={fit.A:.1f} B={fit.B:.1f} alpha={fit.alpha:.3f} beta={fit.beta:.3f} "
+          f"(true 1.69, 406.4, 410.7, 0.34, 0.28); with 50 bootstrap refits {fit.seconds:.2f}s")
     # row 2: the peer. scipy is not a dependency; timing every K-th start and scaling to the full grid keeps
     # the bench short (the per-start cost hardly depends on the start)
     try:
@@ -1272,23 +1339,21 @@ def bench_main(args):
               f"ratio ours/peer {t_ours / t_peer:.3f} wall, {cpu_ours / cpu_peer:.3f} CPU")
     except ImportError:
         print("  (scipy not installed: peer row skipped)")
-    # row 3: CS336's 72 runs (optional, ../shared): both IsoFLOPs methods and the parametric law at 1e23/1e24
-    path = tk.shared_path("data", "isoflops_curves.json")
-    if path is None:
-        print("isoflops_curves.json not found (optional, ../shared/data): IsoFLOPs rows skipped")
+    # row 3 (--runs, e.g. CS336's 72 runs in isoflops_curves.json): both IsoFLOPs methods and the parametric law
+    if args.runs is None:
+        print("no --runs FILE (e.g. CS336's isoflops_curves.json): the IsoFLOPs rows are skipped")
         return
-    # the 72 runs give N and C only; D = C / 6N as the assignment intends
-    runs = load_runs(path)
+    # CS336's 72 runs give N and C only; D = C / 6N as the assignment intends
+    runs = load_runs(args.runs)
     iso, par = fit_all(runs)
     print_fits(runs, iso, par)
     if args.plot:
-        plot_fits(runs, iso, par, args.plot, extrapolate_to=1e24, title="CS336 isoflops_curves.json (72 runs)")
+        plot_fits(runs, iso, par, args.plot, extrapolate_to=1e24, title=f"{args.runs} ({len(runs)} runs)")
         print(f"plot: {args.plot}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------
+# ===== Command line =====
+
 
 _FORMATS = """input formats for `fit`:
   JSON  a list of runs: [{"parameters": N, "compute_budget": C, "final_loss": L}, ...]
@@ -1299,9 +1364,6 @@ _FORMATS = """input formats for `fit`:
 """
 
 
-# argparse `type=` converters: a bad value becomes argparse's own one-line usage error (exit 2), naming the flag
-
-
 _SWEEP_DOC = """Train an IsoFLOPs sweep through train.py, fit both laws, optionally verify the prediction.
 Each run's result is written atomically to <out>/runs/<key>.json: a killed sweep resumes by running the
 same command again (finished runs are skipped, an unfinished one is retrained from step 0, a broken result
@@ -1310,18 +1372,18 @@ coordination; merge with `python scaling.py fit <out1> <out2> ...`. Runs are fix
 never wall clock, so results are deterministic for a given --threads."""
 
 
-def _budget_list(s):
-    try:
-        return [float(x) for x in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+def _list_of(kind):
+    """An argparse `type=` for comma-separated numbers: a bad value becomes argparse's own one-line usage error
+    (exit 2), naming the flag."""
+    def parse(s):
+        try:
+            return [kind(x) for x in s.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {s!r}") from None
+    return parse
 
 
-def _int_list(s):
-    try:
-        return [int(x) for x in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+_budget_list, _int_list = _list_of(float), _list_of(int)
 
 
 def _shard(s):
@@ -1334,22 +1396,22 @@ def _shard(s):
     return (k, n)
 
 
+def _add_run_flags(p, threads_help: str):
+    """The flags of the commands that train: where the data cache is, CPU threads per run."""
+    p.add_argument("--data-dir", default="data_cache", help="train.py's data cache (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help=threads_help)
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = tk.OneLineParser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Scaling laws: fit IsoFLOPs and parametric laws, run and verify sweeps, "
-                                            "test muP learning-rate transfer.", epilog=_FORMATS)
+                         description="Scaling laws: fit IsoFLOPs and parametric laws, run and verify sweeps, "
+                                     "test muP learning-rate transfer.", epilog=_FORMATS)
     # one subcommand per job: sweep (train + fit + verify), fit (files or folders), lr-transfer (muP), bench,
-    # shapes (the depth table). Sweep flags mirror SweepSpec's fields one to one, with its defaults.
+    # shapes (the depth table)
     sub = p.add_subparsers(dest="cmd", parser_class=tk.OneLineParser)
     s = sub.add_parser("sweep", help="train an IsoFLOPs sweep through train.py (resumable, shardable), fit, verify",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=_SWEEP_DOC)
-    d = SweepSpec()
     s.add_argument("--out", default="runs/scaling", help="sweep folder (results, run folders, plots)")
-    s.add_argument("--budgets", type=_budget_list, default=d.budgets, help="FLOP budgets, comma-separated")
-    s.add_argument("--depths", type=_int_list, default=d.depths, help="candidate depths (the model-size dial)")
-    s.add_argument("--runs-per-budget", type=int, default=d.runs_per_budget, help="model sizes per budget (>= 3)")
-    s.add_argument("--flops", choices=("6nd", "exact"), default=d.flops,
-                   help="compute convention: 6ND, or model.py's exact per-token count")
     s.add_argument("--mode", choices=("separate", "branched"), default="separate",
                    help="separate runs per (N, D), or one WSD trunk per N with branched decays (MiniCPM)")
     s.add_argument("--compare-modes", action="store_true",
@@ -1358,33 +1420,19 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="then train the predicted optimum at --verify-factor x the "
                                                           "largest budget and report predicted vs actual loss")
     s.add_argument("--verify-factor", type=float, default=4.0, help="verification budget / largest swept budget")
-    # the run-shape flags, one per SweepSpec field (same names with dashes), each with its default in --help
-    helps = dict(context_length="tokens per window", batch_size="windows per step",
-                 width_per_depth="d_model = this x depth", head_dim="attention head size (heads = d_model / this)",
-                 warmup_iters="linear warm-up steps", min_steps="runs shorter than this are not planned",
-                 synthetic_bytes="size of the synthetic training text", vocab_size="BPE vocabulary",
-                 eval_tokens="validation tokens scored per run", seed="init and batch seed", lr="AdamW lr",
-                 muon_lr="Muon lr (hidden matrices)", decay_fraction="WSD: final fraction of steps spent decaying",
-                 tokens_per_param="centre of each budget's window of sizes (Chinchilla's ~20)")
-    for f in helps:
-        typ = float if isinstance(getattr(d, f), float) else int
-        s.add_argument("--" + f.replace("_", "-"), type=typ, default=getattr(d, f), help=helps[f] + " (default: %(default)s)")
-    s.add_argument("--optimizer", choices=("muon", "adamw"), default=d.optimizer)
-    s.add_argument("--data", default=d.data, help="train.py's --data: synthetic (default), tinystories, owt, or a file")
-    s.add_argument("--data-dir", default="data_cache")
+    # one flag per SweepSpec field (same names with dashes), each with its default in --help
+    s.add_config(SweepSpec, types=dict(budgets=_budget_list, depths=_int_list), note=" (default: {default})")
     # one thread per run by default: on 2 cores, two shards (or two users) can each run one
-    s.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0: auto); fixed counts make "
-                                                          "results bitwise reproducible across machines")
+    _add_run_flags(s, "torch CPU threads per run (0: auto); fixed counts make results bitwise reproducible across "
+                      "machines")
     s.add_argument("--device", default="cpu")
     # `fit` reads what others trained too: the CS336 JSON, any CSV with named columns, or sweep folders
     f = sub.add_parser("fit", help="fit laws to runs (JSON, CSV or sweep folders) and plot",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_FORMATS)
     f.add_argument("inputs", nargs="+", help="runs files (.json/.csv) and/or sweep folders")
     f.add_argument("--format", choices=("json", "csv"), default=None, help="default: from the file extension")
-    f.add_argument("--n-col", default="parameters")
-    f.add_argument("--d-col", default=None)
-    f.add_argument("--c-col", default="compute_budget")
-    f.add_argument("--loss-col", default="final_loss")
+    for col, default in (("n", "parameters"), ("d", None), ("c", "compute_budget"), ("loss", "final_loss")):
+        f.add_argument(f"--{col}-col", default=default, help="CSV column (default: %(default)s)")
     f.add_argument("--predict", type=_budget_list, default=[1e23, 1e24], help="budgets to predict N_opt, D_opt at")
     f.add_argument("--bootstrap", type=int, default=200)
     f.add_argument("--no-parametric", action="store_true", help="IsoFLOPs fits only")
@@ -1397,10 +1445,11 @@ def get_parser() -> argparse.ArgumentParser:
                     help="learning rates (AdamW peak), comma-separated; widen it if a best lr sits at an end")
     lt.add_argument("--steps", type=int, default=150)
     lt.add_argument("--num-layers", type=int, default=2)
-    lt.add_argument("--data-dir", default="data_cache")
-    lt.add_argument("--threads", type=int, default=1)
+    _add_run_flags(lt, "torch CPU threads per run (0: auto)")
     # bench and shapes are read-only: they train nothing
-    b = sub.add_parser("bench", help="fit speed (250 points, full grid) and the CS336 IsoFLOPs file's predictions")
+    b = sub.add_parser("bench", help="fit speed (250 points, full grid); with --runs, a runs file's predictions")
+    b.add_argument("--runs", default=None, metavar="FILE",
+                   help="runs to fit and predict from, e.g. CS336's isoflops_curves.json (without it: rows skipped)")
     b.add_argument("--peer-stride", type=int, default=30, help="time the scipy peer on every K-th start")
     b.add_argument("--plot", default=None)
     a = sub.add_parser("shapes", help="the depth dial: N, 6N vs exact FLOPs per token")
@@ -1414,7 +1463,6 @@ def get_parser() -> argparse.ArgumentParser:
 # FileNotFoundError from bad input end as one line on stderr with exit status 2 (see main).
 
 
-# (SweepSpec's fields double as flag names, so the spec a command line builds is exactly the one its --help shows)
 def _spec_from_args(args) -> SweepSpec:
     # every SweepSpec field that has a flag; fields without one keep their defaults
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(SweepSpec) if hasattr(args, f.name)}
@@ -1466,58 +1514,6 @@ def sweep_main(args):
                                 iso=iso["parabola"], par=par, par_known=par_known)
     plot_fits(runs, iso, par, folder / "fit.png", verify=ver, title=f"sweep {folder}")
     print(f"plot: {folder / 'fit.png'}; total {(time.time() - t0) / 60:.1f} min")
-
-
-def _fit_known_entropy(runs, data, folder, log=say):
-    """On the synthetic corpus the irreducible loss is KNOWN: the corpus' entropy (train.py prints it in
-    bits per byte). In nats per token, E = floor_bpb x (loss / bpb) of any run (loss / bpb = ln 2 x bytes
-    per token of the validation text). Fit the law again with E held there; None for other data."""
-    if data.entropy_floor_bpb is None:
-        return None
-    res = [json.loads(p.read_text()) for p in sorted((Path(folder) / "runs").glob("*.json"))]
-    ratio = [r["final_loss"] / r["bpb"] for r in res if r.get("bpb")]
-    if not ratio:
-        return None
-    # loss / bpb is the same for every run (same validation tokens); the mean only guards against rounding
-    E = data.entropy_floor_bpb * float(np.mean(ratio))
-    par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs], E=E,
-                             n_bootstrap=50)
-    log(f"parametric with E fixed at the entropy floor ({E:.4f} nats/token): L = {par.E:.4f} + {par.A:.4g} / "
-        f"N^{par.alpha:.3f}(+-{par.se['alpha']:.3f}) + {par.B:.4g} / D^{par.beta:.3f}(+-{par.se['beta']:.3f}); "
-        f"N_opt ~ C^{par.beta / (par.alpha + par.beta):.3f}")
-    return par
-
-
-def _compare_modes(fits, spec):
-    """Separate vs branched on the same budgets: the fits should agree (the branches reproduce the separate
-    runs), and the branched mode should cost less. Compute is counted in FLOPs, 6 N x tokens, per depth:
-    separate = every run in full; branched = each depth's trunk up to its last branch point, plus every
-    branch's decay."""
-    (rs, iso_s, par_s, fs, _), (rb, iso_b, par_b, fb, _) = fits["separate"], fits["branched"]
-    # (the result files record steps and the branch point, so the accounting needs no training logs)
-    read = lambda folder: [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
-    tps = spec.tokens_per_step
-    sep = sum(6.0 * r["parameters"] * r["steps"] * tps for r in read(fs))
-    trunk, decay = {}, 0.0
-    for r in read(fb):
-        trunk[r["depth"]] = max(trunk.get(r["depth"], 0.0), 6.0 * r["parameters"] * r["branched_from_step"] * tps)
-        decay += 6.0 * r["parameters"] * (r["steps"] - r["branched_from_step"]) * tps
-    br = sum(trunk.values()) + decay
-    print(f"branched vs separate: {br:.3g} vs {sep:.3g} training FLOPs (6ND): {100 * (1 - br / sep):.0f}% of the "
-          f"compute saved")
-    # the same runs by name in both folders; the largest loss difference says how exactly branches reproduce
-    by_key = lambda runs: {r.name.split("/")[-1]: r.loss for r in runs}
-    ls, lb = by_key(rs), by_key(rb)
-    diff = max(abs(ls[k] - lb[k]) for k in ls.keys() & lb.keys())
-    # the fits compared where --verify would use them: the exponent and N_opt at 4x the largest budget
-    c = 4 * max(spec.budgets)
-    rows = (("IsoFLOPs parabola exponent a", iso_s["parabola"].a, iso_b["parabola"].a),
-            (f"IsoFLOPs parabola N_opt({c:.0e})", float(iso_s["parabola"].predict(c)[0]),
-             float(iso_b["parabola"].predict(c)[0])),
-            ("parametric alpha", par_s.alpha, par_b.alpha), ("parametric beta", par_s.beta, par_b.beta))
-    for name, a, b in rows:
-        print(f"    {name}: separate {a:.4g}, branched {b:.4g}")
-    print(f"    largest |final loss difference| between a run and its branched twin: {diff:.2e}")
 
 
 def fit_main(args):

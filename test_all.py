@@ -3826,20 +3826,6 @@ def test_kernels_rmsnorm_triton_noncontiguous_input_and_bf16_gain():
     assert torch.allclose(w16.grad.float(), w_ref.grad, rtol=1e-2, atol=1e-2)
 
 
-@_kernels_needs_triton
-def test_kernels_rmsnorm_bad_inputs():
-    x = torch.randn(4, 8, device=_KERNELS_DEV)
-    with pytest.raises(ValueError, match="weight shape"):
-        KN.rmsnorm_triton(x, torch.ones(7, device=_KERNELS_DEV))
-    with pytest.raises(ValueError, match="dtype"):
-        KN.rmsnorm_triton(x.long(), torch.ones(8, device=_KERNELS_DEV))
-    with pytest.raises(ValueError, match="hidden size"):
-        KN.rmsnorm_triton(torch.randn(1, KN.RMSNORM_MAX_HIDDEN + 1, device=_KERNELS_DEV),
-                          torch.ones(KN.RMSNORM_MAX_HIDDEN + 1, device=_KERNELS_DEV))
-    with pytest.raises(ValueError, match="same device"):
-        KN.rmsnorm_triton(x, torch.ones(8, device="meta"))
-
-
 # ----------------------------------------------------------------------------------------------- attention
 
 def test_kernels_flash_torch_gradcheck_float64():
@@ -3958,39 +3944,11 @@ def test_kernels_flash_triton_noncontiguous_inputs():
     assert torch.equal(o, o_ref)
 
 
-def test_kernels_flash_bad_inputs():
-    q = torch.randn(1, 8, 16)
-    fa_torch = KN.FlashAttention2PyTorch.apply
-    with pytest.raises(ValueError, match="batch, seq, d"):
-        fa_torch(q[0], q[0], q[0], False)
-    with pytest.raises(ValueError, match="dtypes differ"):
-        fa_torch(q, q.double(), q, False)
-    with pytest.raises(ValueError, match="devices differ"):
-        fa_torch(q, q.to("meta"), q, False)
-    with pytest.raises(ValueError, match="K and V shapes differ"):
-        fa_torch(q, q, q[:, :5], False)
-    with pytest.raises(ValueError, match="n_queries == n_keys"):
-        fa_torch(q, torch.randn(1, 9, 16), torch.randn(1, 9, 16), True)
-    with pytest.raises(ValueError, match="share batch and head dim"):
-        fa_torch(q, torch.randn(1, 8, 8), torch.randn(1, 8, 8), False)
-    if _KERNELS_HAS_TRITON_RUNTIME:
-        fa = KN.FlashAttention2Triton.apply
-        for d in (8, 256):
-            t = torch.randn(1, 8, d, device=_KERNELS_DEV)
-            with pytest.raises(ValueError, match="head dim"):
-                fa(t, t, t, True)
-        t = torch.randn(1, 8, 16, device=_KERNELS_DEV)
-        with pytest.raises(ValueError, match="dtype"):
-            fa(t.double(), t.double(), t.double(), True)
-        with pytest.raises(ValueError, match="powers of two"):
-            fa(t, t, t, True, (24, 16))
-
-
 # ----------------------------------------------------------------------------------------------- integration
 
 def _kernels_tiny_model(**switches):
     torch.manual_seed(0)
-    cfg = M.ModelConfig(vocab_size=61, context_length=32, d_model=64, num_layers=2, num_heads=2, **switches)
+    cfg = tiny_config(**{**dict(vocab_size=61, context_length=32, d_model=64, num_layers=2, d_ff=None), **switches})
     return M.TransformerLM.from_config(cfg)
 
 
@@ -4088,12 +4046,6 @@ def test_kernels_backend_falls_back_for_window_and_decoding():
     assert torch.allclose(ref(q_full[:, :, -3:], None)[0].double(), full[:, -3:], atol=1e-6)
 
 
-def test_kernels_use_kernels_bad_arguments():
-    model = _kernels_tiny_model()
-    with pytest.raises(ValueError, match="attention must be"):
-        KN.use_kernels(model, rmsnorm=False, attention="flash_cuda")
-
-
 # ----------------------------------------------------------------------------------------------- CLI, env
 
 def test_kernels_attention_flops_known_answer():
@@ -4159,29 +4111,6 @@ def test_kernels_gpu_kernels_compile_for_sm90_without_gpu(tmp_path):
     assert r.stdout.count("  ok   ") == 4
 
 
-_KERNELS_USAGE_ERRORS = [
-    ([], "cmd"),
-    (["nope"], "nope"),
-    (["bench", "nope"], "what"),
-    (["bench", "--max-seconds", "-1"], "--max-seconds"),
-    (["compile", "--arch", "5"], "--arch"),
-    (["train", "--max-minutes", "0"], "--max-minutes"),
-    (["train", "--lr", "fast"], "--lr"),
-]
-
-
-@pytest.mark.parametrize("argv,option", _KERNELS_USAGE_ERRORS, ids=[" ".join(a) or "(none)" for a, _ in
-                                                                   _KERNELS_USAGE_ERRORS])
-def test_kernels_usage_errors_are_one_line_with_status_2(argv, option, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        KN.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "error:" in err[0] and option in err[0], err
-    assert list(tmp_path.iterdir()) == []                          # nothing created
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # int8 weight-only quantization (Part 4 of kernels.py): quantize_int8 / int8_matmul_torch against hand-worked
 # answers and float64 math, the Triton kernel (interpreter on CPU) against the readable version, QuantizedLinear /
@@ -4217,10 +4146,6 @@ def test_kernels_int8_quantize_invariants():
     assert (q.abs().amax(1) == 127).all() and int(q.min()) >= -127  # each row's absmax is exact; -128 unused
     q2, s2 = KN.quantize_int8(-4 * w)                               # sign and power-of-2 scaling: same grid
     assert torch.equal(q2, -q) and torch.allclose(s2, 4 * s)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        KN.quantize_int8(torch.tensor([[1.0, float("nan")]]))
-    with pytest.raises(ValueError, match="float matrix"):
-        KN.quantize_int8(torch.ones(3))
 
 
 def test_kernels_int8_matmul_torch_matches_float64():
@@ -4254,19 +4179,9 @@ def test_kernels_int8_matmul_triton_matches_readable(dtype, lead, n_out, n_in):
 
 
 @_kernels_needs_triton
-def test_kernels_int8_matmul_triton_noncontiguous_and_bad_inputs():
-    g = torch.Generator().manual_seed(3)
-    q, s = KN.quantize_int8(torch.randn(20, 24, generator=g))
-    x = torch.randn(24, 7, generator=g).t()                        # (7, 24), stride (1, 7): copied first
+def test_kernels_int8_matmul_triton_noncontiguous():
+    x, q, s = _kernels_int8_xqs()                                  # x (7, 24), stride (1, 7): copied first
     _kernels_assert_close("non-contiguous", KN.int8_matmul_triton(x, q, s), _kernels_int8_reference(x, q, s), 2e-5)
-    with pytest.raises(ValueError, match="int8 matrix"):
-        KN.int8_matmul_triton(x, q.float(), s)
-    with pytest.raises(ValueError, match="scale"):
-        KN.int8_matmul_triton(x, q, s[:-1])
-    with pytest.raises(ValueError, match="d_in = 24"):
-        KN.int8_matmul_torch(torch.randn(3, 25), q, s)
-    with pytest.raises(ValueError, match="dtype"):
-        KN.int8_matmul_triton(torch.ones(3, 24, dtype=torch.int32), q, s)
 
 
 def test_kernels_quantize_model_replaces_linears_and_stays_close():
@@ -4395,7 +4310,18 @@ def test_kernels_quantize_command(_kernels_run, capsys):
     assert "--force" in capsys.readouterr().err
 
 
-_KERNELS_QUANTIZE_ERRORS = [
+# ----------------------------------------------------------------------------------------------- error paths
+# Every bad argv or bad call of stage 4 and the message fragment it must give: usage errors are one line on stderr
+# with exit status 2 and create nothing; bad calls raise ValueError naming the problem.
+
+_KERNELS_USAGE_ERRORS = [
+    ([], "cmd"),
+    (["nope"], "nope"),
+    (["bench", "nope"], "what"),
+    (["bench", "--max-seconds", "-1"], "--max-seconds"),
+    (["compile", "--arch", "5"], "--arch"),
+    (["train", "--max-minutes", "0"], "--max-minutes"),
+    (["train", "--lr", "fast"], "--lr"),
     (["quantize"], "--checkpoint"),
     (["quantize", "--checkpoint", "missing.pt"], "missing.pt"),
     (["quantize", "--checkpoint", "CKPT", "--eval-tokens", "-1"], "--eval-tokens"),
@@ -4406,11 +4332,11 @@ _KERNELS_QUANTIZE_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("argv,option", _KERNELS_QUANTIZE_ERRORS, ids=[" ".join(a[1:]) or "(none)" for a, _ in
-                                                                       _KERNELS_QUANTIZE_ERRORS])
-def test_kernels_quantize_usage_errors(argv, option, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("argv,option", _KERNELS_USAGE_ERRORS, ids=[" ".join(a) or "(none)" for a, _ in
+                                                                   _KERNELS_USAGE_ERRORS])
+def test_kernels_usage_errors_are_one_line_with_status_2(argv, option, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    T.save_checkpoint(_kernels_tiny_model(), None, 0, tmp_path / "c.pt")
+    T.save_checkpoint(_kernels_tiny_model(), None, 0, tmp_path / "c.pt")   # CKPT: a real float checkpoint
     argv = [a.replace("CKPT", "c.pt") for a in argv]
     with pytest.raises(SystemExit) as e:
         KN.main(argv)
@@ -4418,6 +4344,73 @@ def test_kernels_quantize_usage_errors(argv, option, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error:" in err[0] and option.replace("CKPT", "c.pt") in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]           # nothing written
+
+
+def _kernels_int8_xqs():
+    """x (7, 24) non-contiguous, and q, s quantized from a (20, 24) weight."""
+    g = torch.Generator().manual_seed(3)
+    q, s = KN.quantize_int8(torch.randn(20, 24, generator=g))
+    return torch.randn(24, 7, generator=g).t(), q, s
+
+
+def _kernels_int8_call(fn, edit):
+    """fn(*edit(x, q, s)) on the inputs of _kernels_int8_xqs: one of them changed by `edit`."""
+    return fn(*edit(*_kernels_int8_xqs()))
+
+
+def _kernels_x(*shape, **kw):
+    return torch.randn(*shape, device=_KERNELS_DEV, **kw)
+
+
+def _kernels_ones(n, device=None):
+    return torch.ones(n, device=device or _KERNELS_DEV)
+
+
+_KERNELS_Q = torch.randn(1, 8, 16)
+_KERNELS_FA = lambda *a: KN.FlashAttention2PyTorch.apply(*a)                    # noqa: E731
+_KERNELS_FA_TRITON = lambda *a: KN.FlashAttention2Triton.apply(*a)              # noqa: E731
+_KERNELS_BAD_CALLS = [   # (id, call, message fragment, needs a Triton runtime)
+    ("rmsnorm weight shape", lambda: KN.rmsnorm_triton(_kernels_x(4, 8), _kernels_ones(7)), "weight shape", True),
+    ("rmsnorm int dtype", lambda: KN.rmsnorm_triton(_kernels_x(4, 8).long(), _kernels_ones(8)), "dtype", True),
+    ("rmsnorm hidden size", lambda: KN.rmsnorm_triton(_kernels_x(1, KN.RMSNORM_MAX_HIDDEN + 1),
+                                                      _kernels_ones(KN.RMSNORM_MAX_HIDDEN + 1)), "hidden size", True),
+    ("rmsnorm devices", lambda: KN.rmsnorm_triton(_kernels_x(4, 8), _kernels_ones(8, "meta")), "same device", True),
+    ("flash 2-D input", lambda: _KERNELS_FA(_KERNELS_Q[0], _KERNELS_Q[0], _KERNELS_Q[0], False), "batch, seq, d",
+     False),
+    ("flash dtypes", lambda: _KERNELS_FA(_KERNELS_Q, _KERNELS_Q.double(), _KERNELS_Q, False), "dtypes differ", False),
+    ("flash devices", lambda: _KERNELS_FA(_KERNELS_Q, _KERNELS_Q.to("meta"), _KERNELS_Q, False), "devices differ",
+     False),
+    ("flash K vs V", lambda: _KERNELS_FA(_KERNELS_Q, _KERNELS_Q, _KERNELS_Q[:, :5], False), "K and V shapes differ",
+     False),
+    ("flash causal Nq != Nk", lambda: _KERNELS_FA(_KERNELS_Q, torch.randn(1, 9, 16), torch.randn(1, 9, 16), True),
+     "n_queries == n_keys", False),
+    ("flash head dims", lambda: _KERNELS_FA(_KERNELS_Q, torch.randn(1, 8, 8), torch.randn(1, 8, 8), False),
+     "share batch and head dim", False),
+    ("flash triton d=8", lambda: _KERNELS_FA_TRITON(*[_kernels_x(1, 8, 8)] * 3, True), "head dim", True),
+    ("flash triton d=256", lambda: _KERNELS_FA_TRITON(*[_kernels_x(1, 8, 256)] * 3, True), "head dim", True),
+    ("flash triton fp64", lambda: _KERNELS_FA_TRITON(*[_kernels_x(1, 8, 16).double()] * 3, True), "dtype", True),
+    ("flash triton tiles", lambda: _KERNELS_FA_TRITON(*[_kernels_x(1, 8, 16)] * 3, True, (24, 16)), "powers of two",
+     True),
+    ("use_kernels attention", lambda: KN.use_kernels(_kernels_tiny_model(), rmsnorm=False, attention="flash_cuda"),
+     "attention must be", False),
+    ("quantize_int8 NaN", lambda: KN.quantize_int8(torch.tensor([[1.0, float("nan")]])), "NaN or inf", False),
+    ("quantize_int8 vector", lambda: KN.quantize_int8(torch.ones(3)), "float matrix", False),
+    ("int8 q not int8", lambda: _kernels_int8_call(KN.int8_matmul_triton, lambda x, q, s: (x, q.float(), s)),
+     "int8 matrix", True),
+    ("int8 scale", lambda: _kernels_int8_call(KN.int8_matmul_triton, lambda x, q, s: (x, q, s[:-1])), "scale", True),
+    ("int8 d_in", lambda: _kernels_int8_call(KN.int8_matmul_torch, lambda x, q, s: (torch.randn(3, 25), q, s)),
+     "d_in = 24", False),
+    ("int8 int32 x", lambda: _kernels_int8_call(KN.int8_matmul_triton,
+                                                lambda x, q, s: (torch.ones(3, 24, dtype=torch.int32), q, s)),
+     "dtype", True),
+]
+
+
+@pytest.mark.parametrize("call,message", [pytest.param(c, m, id=i, marks=[_kernels_needs_triton] if t else [])
+                                          for i, c, m, t in _KERNELS_BAD_CALLS])
+def test_kernels_bad_calls_raise_named_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def test_kernels_int8_matmul_compiles_for_sm90_without_gpu(tmp_path):

@@ -33,11 +33,9 @@ distinct pre-token once (with its multiplicity) and updates pair counts incremen
 words that contain the merged pair. Encoding replays the merges by rank inside each pre-token.
 
 Special tokens in untrusted text. By the course's convention every `<|endoftext|>` string in the input
-becomes the document-separator token. That is right for a training corpus we assembled ourselves, and wrong for
-web text or a user's prompt: a page that contains the string would inject a document boundary the model was
-trained to treat as "forget everything before". `encode` therefore takes tiktoken's two keywords:
-`allowed_special` (which special strings may become special tokens) and `disallowed_special` (which ones make
-encoding fail); any other special string is encoded as ordinary text, byte for byte.
+becomes the document-separator token: right for a corpus we assembled, wrong for web text or a user's prompt
+(a page holding the string would inject a document boundary). `encode` therefore takes tiktoken's keywords
+`allowed_special` and `disallowed_special` (see that Menu section).
 
 Sources
 -------
@@ -53,30 +51,26 @@ Sources
 
 The file, in reading order
 --------------------------
-1. Readable BPE from scratch: `get_stats`, `merge`, `train_bpe_reference` (recounts every step).
-2. The fast trainer `train_bpe`: parallel streaming pre-tokenization over file chunks, then a merge loop
-   with incremental pair counts and a lazy max-heap. A test proves it matches the reference trainer.
-3. `Tokenizer`: readable encoder (merges by rank, cached pre-tokens), special-token policy, decode,
-   `encode_iterable` (streams in constant memory), save/load in GPT-2's vocab.json/merges.txt format.
-4. The fast path: the same vocab and merges compiled into a `tiktoken.Encoding` (Rust), verified at
-   construction, used by `encode` by default (`Tokenizer(..., fast=False)` or `tok.use_fast = False` forces
-   the readable encoder).
-5. `encode_file`: a whole corpus -> flat uint16/uint32 `.bin` for np.memmap, in parallel, atomically.
-6. GPT-2 parity: `gpt2_tokenizer()` rebuilds GPT-2's merges from tiktoken's ranks.
-Then the appendices: plumbing every stage file imports (atomic writes, the progress line, ...), the
-benchmarks with their peers, and the command line.
+The core: 1. readable BPE from scratch (`get_stats`, `merge`, pre-tokenization, `train_bpe_reference`);
+2. the real trainer `train_bpe` (parallel pre-tokenization, incremental pair counts, a lazy max-heap; a test
+proves it equals the reference); 3. `Tokenizer`: encode, decode, save/load in GPT-2's file format.
+The menu: special tokens in untrusted text; fast and streaming tokenization (the merges compiled into a
+`tiktoken.Encoding`, `encode_iterable`, `encode_file` -> a flat `.bin` for np.memmap); GPT-2 parity
+(`gpt2_tokenizer()`). Then the appendices: plumbing every stage file imports, benchmarks, command line.
 
 Command line (`python tokenizer.py --help`):
     python tokenizer.py                                   # demo: train on this file's own text, encode/decode
     python tokenizer.py train --input FILE --vocab-size N --special-tokens '<|endoftext|>' --out DIR
     python tokenizer.py encode --tokenizer DIR --input FILE --out FILE.bin [--special-text ordinary] [--force]
-    python tokenizer.py bench --data-dir DIR              # vs HuggingFace tokenizers and tiktoken
+    python tokenizer.py bench --data-dir DIR  # vs HuggingFace tokenizers and tiktoken (DIR: tinyshakespeare.txt,
+                                              # mmlu_questions.txt)
 """
 
 import argparse
 import bisect
 import contextlib
 import errno
+import functools
 import heapq
 import json
 import multiprocessing as mp
@@ -147,14 +141,10 @@ def merge(ids, pair, new_id):
     return out
 
 
-_split_regex_cache = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _split_regex(pattern=GPT2_SPLIT_PATTERN):
     """Compiled pre-tokenization regex (compiled once per process)."""
-    if pattern not in _split_regex_cache:
-        _split_regex_cache[pattern] = regex.compile(pattern)
-    return _split_regex_cache[pattern]
+    return regex.compile(pattern)
 
 
 def _special_regex(special_tokens, as_bytes=False):
@@ -192,6 +182,11 @@ def pretokenize(text, special_tokens=()):
             for tok in split.findall(piece)]
 
 
+def _initial_vocab(specials):
+    """ids 0..255 are the single bytes (id i = bytes([i])), then the special tokens in the given order."""
+    return {i: bytes([i]) for i in range(256)} | {256 + k: s.encode("utf-8") for k, s in enumerate(specials)}
+
+
 def train_bpe_reference(text, vocab_size, special_tokens=()):
     """The textbook trainer, for reading and for checking the fast one (slow: it recounts every step).
 
@@ -201,9 +196,7 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
     specials = _check_vocab_size(vocab_size, special_tokens)
     # cost: every merge recounts every pair of every distinct pre-token, O(merges x corpus); fine for
     # tests and reading, hopeless for 10k merges on a real corpus (section 2 fixes that)
-    vocab = {i: bytes([i]) for i in range(256)}
-    for s in specials:
-        vocab[len(vocab)] = s.encode("utf-8")
+    vocab = _initial_vocab(specials)
     # distinct pre-tokens with their multiplicities: the corpus is a bag of words for BPE's purposes
     words = Counter(tok.encode("utf-8") for tok in pretokenize(text, specials))
     words = [(list(w), n) for w, n in words.items()]
@@ -231,56 +224,13 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
 # Where the time goes in the reference trainer: (a) the regex over the whole corpus, (b) recounting all
 # pairs of all words at every merge. Fixes:
 #   (a) run the regex in worker processes over chunks of the file (each worker reads only its own byte
-#       range, so the corpus never has to fit in memory), and count DISTINCT pre-tokens: a 6 MB corpus has
-#       ~1.4M pre-tokens but only ~48k distinct ones.
+#       range, so the corpus never has to fit in memory; the chunks are cut where the whole text has a
+#       pre-token boundary anyway, see "safe cut points" in the Menu on streaming), and count DISTINCT
+#       pre-tokens: a 6 MB corpus has ~1.4M pre-tokens but only ~48k distinct ones.
 #   (b) keep pair -> count and pair -> {words containing it}; after merging (a, b) -> z only the words that
 #       contained (a, b) change, and only pairs around the merge sites change count. The best pair comes
 #       from a max-heap with lazy invalidation: a stale entry (count went down) is re-pushed with its true
 #       count when it surfaces, so it never wins unfairly.
-
-# ---- safe cut points --------------------------------------------------------------------------------
-# To work on a text in pieces (worker chunks, a stream) and still get exactly the whole-text result, we
-# cut only where the whole-text tokenization has a boundary anyway, and never inside a special token:
-#   * at the start or end of a special token that will be encoded AS a special token (one that is encoded
-#     as ordinary text is not a boundary: " <|endoftext|>" pre-tokenizes as " <|", "endoftext", "|>");
-#   * right after "\n" when both neighbours are printable non-space ASCII ("x\ny"): the "\n" is then a
-#     pre-token on its own in the whole text too, and the regex only looks ahead one character;
-#   * right before " " in "letter space letter" ("a b"): the letters run stops at the space either way,
-#     and " b..." starts a new pre-token either way.
-# The same patterns work on str and on bytes (all cut characters are ASCII, so a cut never splits a
-# UTF-8 sequence). `_find_cut` applies the rules to a buffer; `_chunk_boundaries` (plumbing) uses it to cut
-# a file into worker chunks, `encode_iterable` to cut a stream.
-_CUT_STR = re.compile(r"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
-_CUT_BYTES = re.compile(rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
-
-
-def _find_cut(buf, special_re, lo, hi, last, cut_at=None):
-    """A safe cut p with lo <= p <= hi (the first one, or the last one if `last`), or None.
-
-    `buf` must start at a safe position; `hi` must leave room after p for the longest special token, so
-    that any special token overlapping p is fully visible in `buf`. `special_re` finds every registered
-    special token (no cut inside any of them, so a forbidden one is always seen whole); only the edges of
-    those in `cut_at` (default: all) are cut points.
-    """
-    if hi < lo:
-        return None
-    found = list(special_re.finditer(buf)) if special_re is not None else []
-    spans = [m.span() for m in found]
-    starts = [s for s, _ in spans]
-    cut_re = _CUT_BYTES if isinstance(buf, bytes) else _CUT_STR
-
-    def inside_special(p):  # strictly inside some special token's span?
-        k = bisect.bisect_right(starts, p - 1) - 1  # last span starting before p
-        return k >= 0 and spans[k][1] > p
-
-    # candidates: the text rules (the regex looks up to 2 characters past p, hence hi + 2) and the edges
-    # of the special tokens that will be encoded as specials; then drop any that fall inside a special
-    cands = [m.start() for m in cut_re.finditer(buf, lo, min(hi + 2, len(buf)))]
-    cands += [p for m in found if cut_at is None or m.group() in cut_at for p in m.span()]
-    cands = sorted(p for p in cands if lo <= p <= hi and not inside_special(p))
-    if not cands:
-        return None
-    return cands[-1] if last else cands[0]
 
 
 def _count_pretokens_in_chunk(task):
@@ -300,10 +250,9 @@ def _count_pretokens_in_chunk(task):
 def count_pretokens(input_path, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
     """Stream a file through the pre-tokenizer in parallel -> {pre-token bytes: count}.
 
-    Each worker opens the file itself and reads only its own byte range, and sends back only its distinct
-    pre-tokens with counts, so neither the text nor the list of pre-tokens ever crosses a process boundary
-    and peak memory is a few chunks, not the corpus. imap_unordered: the merge of Counters is
-    order-independent, so whichever worker finishes first is consumed first."""
+    Each worker reads only its own byte range and sends back only its distinct pre-tokens with counts, so
+    neither the text nor the list of pre-tokens ever crosses a process boundary and peak memory is a few
+    chunks, not the corpus. Counters merge in any order, so whichever worker finishes first is taken first."""
     size = _check_input_file(input_path)
     num_workers = _default_workers(num_workers)
     if chunk_bytes is None:  # ~4 chunks per worker for load balance; <= 8 MB so a worker's pre-token list
@@ -312,20 +261,12 @@ def count_pretokens(input_path, special_tokens=(), *, num_workers=None, progress
     tasks = [(os.fspath(input_path), a, b, list(special_tokens)) for a, b in zip(bounds, bounds[1:])]
     bar = Progress(progress, "pre-tokenize")
     total, done = Counter(), 0
-
-    def consume(results):
-        nonlocal done
+    with _chunk_results(_count_pretokens_in_chunk, tasks, num_workers, ordered=False) as results:
         for counts, nbytes in results:
             total.update(counts)
             done += nbytes
             bar.update(f"{done / 1e6:.1f}/{size / 1e6:.1f} MB ({100 * done / size:.0f}%), "
                        f"{len(total):,} distinct pre-tokens")
-
-    if num_workers == 1 or len(tasks) == 1:
-        consume(map(_count_pretokens_in_chunk, tasks))
-    else:
-        with _pool(min(num_workers, len(tasks))) as pool:
-            consume(pool.imap_unordered(_count_pretokens_in_chunk, tasks))
     bar.close(f"{size / 1e6:.1f} MB, {sum(total.values()):,} pre-tokens, {len(total):,} distinct")
     return total
 
@@ -470,16 +411,14 @@ def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, pr
     # on ~50k distinct words instead of millions of occurrences)
     word_counts = count_pretokens(input_path, specials, num_workers=num_workers, progress=progress,
                                   chunk_bytes=chunk_bytes)
-    vocab = {i: bytes([i]) for i in range(256)}
-    for s in specials:
-        vocab[len(vocab)] = s.encode("utf-8")
+    vocab = _initial_vocab(specials)
     merges = _train_merges(word_counts, vocab, vocab_size - len(vocab), progress=progress)
     _warn_if_vocab_short(os.fspath(input_path), vocab_size, len(vocab), len(word_counts))
     return vocab, merges
 
 
 # =====================================================================================================
-# 3. The tokenizer: encode, decode, special tokens, streaming, save/load
+# 3. The tokenizer: encode, decode, save/load
 # =====================================================================================================
 # The CS336 interface: Tokenizer(vocab, merges, special_tokens), .encode(text) -> ids, .decode(ids) -> text,
 # .encode_iterable(lines) -> ids lazily, and Tokenizer.from_files(vocab_path, merges_path, specials).
@@ -513,16 +452,11 @@ class Tokenizer:
         self.vocab, self.byte_to_id = _checked_vocab(vocab)
         # special tokens: reuse an id if the bytes exist (GPT-2's vocab already holds <|endoftext|> = 50256),
         # else append after the merges; keep registration order, drop repeats
-        self.special_tokens = []
-        for s in special_tokens or []:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
-            if s in self.special_tokens:
-                continue
-            self.special_tokens.append(s)
+        self.special_tokens = _checked_specials(special_tokens)
+        for s in self.special_tokens:
             if s.encode("utf-8") not in self.byte_to_id:
+                self.byte_to_id[s.encode("utf-8")] = len(self.vocab)
                 self.vocab[len(self.vocab)] = s.encode("utf-8")
-                self.byte_to_id[s.encode("utf-8")] = len(self.vocab) - 1
         self.special_ids = {s: self.byte_to_id[s.encode("utf-8")] for s in self.special_tokens}
         # merges -> (id_a, id_b) -> rank and -> merged id
         self.merges = []
@@ -551,7 +485,7 @@ class Tokenizer:
         self._cache = {}  # pre-token string -> ids, shared by every encode call (bounded, see CACHE_SIZE)
         self._fast, self.fast_reason = None, "disabled (fast=False)"
         if fast:
-            self._fast, self.fast_reason = self._compile_fast()
+            self._fast, self.fast_reason = _compile_fast(self)
         self.use_fast = self._fast is not None
 
     # ---- small facts ---------------------------------------------------------------------------------
@@ -625,60 +559,21 @@ class Tokenizer:
             cache[piece] = self._bpe(piece.encode("utf-8"))
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
-    def encode_readable(self, text, *, allowed_special="all", disallowed_special=()):
-        """Encode with the pure-Python encoder (whatever `use_fast` says); keywords as in `encode`."""
-        policy = self.special_policy(allowed_special, disallowed_special)
-        policy.check(text)
-        return self._encode_readable(_fix_surrogates(text), policy)
-
-    def _encode_readable(self, text, policy):
-        # special tokens are cut out first (longest first) and never enter BPE; the text between them is
-        # pre-tokenized and BPE'd on its own, exactly as in training
+    def _around_specials(self, text, policy, encode_ordinary):
+        """Cut the allowed special tokens out first (longest first): they never enter BPE. The text between
+        them is pre-tokenized and BPE'd on its own by `encode_ordinary`, exactly as in training."""
         if policy.split_re is None:
-            return self._encode_ordinary_readable(text)
+            return encode_ordinary(text)
         ids = []
         for i, part in enumerate(policy.split_re.split(text)):  # odd parts: the special tokens themselves
             if i % 2:
                 ids.append(self.special_ids[part])
             elif part:
-                ids.extend(self._encode_ordinary_readable(part))
+                ids.extend(encode_ordinary(part))
         return ids
 
-    # ---- special tokens in text we did not write --------------------------------------------------------
-    # Which special-token STRINGS in the input become special-token IDS is a security question, not a
-    # detail: <|endoftext|> tells the model "a new document starts here, ignore what came before". Text
-    # scraped from the web, or typed by a user into a chat, can contain that string on purpose. The
-    # course's default (every special string becomes its id) is right for a corpus we assembled with our
-    # own separators and wrong for untrusted text, so we take tiktoken's keywords with their meaning:
-    #   allowed_special    "all" or a set: these strings become their special ids;
-    #   disallowed_special "all" (= every special not allowed) or a set: finding one raises ValueError;
-    #   every other special string is encoded as ordinary text (its bytes, BPE'd like any other text).
-    # tiktoken's own default is disallowed_special="all" (refuse); ours keeps the course's default,
-    # allowed_special="all". Untrusted text: encode(text, allowed_special=set()) or, to stop instead,
-    # encode(text, allowed_special=set(), disallowed_special="all").
-    def special_policy(self, allowed_special="all", disallowed_special=()):
-        """Validate the two keywords and compile them: -> `_SpecialPolicy`.
-
-        Cached per keyword pair, because encode_iterable and encode_file call `encode` once per chunk and
-        a regex compile per call would cost more than encoding a short chunk."""
-        key = (_special_set(allowed_special, "allowed_special"),
-               _special_set(disallowed_special, "disallowed_special"))
-        policy = self._policies.get(key)
-        if policy is None:
-            known = set(self.special_tokens)
-            allowed = known if key[0] == "all" else key[0]
-            disallowed = known - allowed if key[1] == "all" else key[1]
-            unknown = sorted((allowed | disallowed) - known)
-            if unknown:
-                raise ValueError(f"{unknown[0]!r} is not a special token of this tokenizer (its special tokens: "
-                                 f"{self.special_tokens}); allowed_special/disallowed_special may only name those")
-            ordered = [t for t in self.special_tokens if t in allowed]  # keep the registration order
-            policy = _SpecialPolicy(tuple(ordered), _special_regex(ordered), _special_regex(sorted(disallowed)))
-            self._policies[key] = policy
-        return policy
-
     # ---- encode / decode --------------------------------------------------------------------------------
-    def encode(self, text, *, allowed_special="all", disallowed_special=()):
+    def encode(self, text, *, allowed_special="all", disallowed_special=(), readable=False):
         """text -> list of token ids.
 
         By default every special-token string in `text` becomes its special id (the course's behaviour).
@@ -689,9 +584,13 @@ class Tokenizer:
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         policy = self.special_policy(allowed_special, disallowed_special)
         policy.check(text)
-        if self.use_fast and self._fast is not None:
-            return self._encode_fast(text, policy)
-        return self._encode_readable(_fix_surrogates(text), policy)
+        if not readable and self.use_fast and self._fast is not None:
+            return self._encode_fast(text, policy)  # the same merges, compiled to tiktoken (see the Menu)
+        return self._around_specials(_fix_surrogates(text), policy, self._encode_ordinary_readable)
+
+    def encode_readable(self, text, **keywords):
+        """Encode with the pure-Python encoder (whatever `use_fast` says); keywords as in `encode`."""
+        return self.encode(text, readable=True, **keywords)
 
     def decode(self, ids):
         """ids -> text. Byte sequences that are not valid UTF-8 become U+FFFD (errors="replace")."""
@@ -708,42 +607,6 @@ class Tokenizer:
             bad = next(i for i in ids if i not in vocab)
             raise ValueError(f"token id {bad!r} is outside the vocabulary (valid ids: 0..{self.vocab_size - 1})") \
                 from None
-
-    def encode_iterable(self, iterable, *, allowed_special="all", disallowed_special=()):
-        """Lazily encode an iterable of strings (e.g. an open file): yields exactly encode("".join(it)).
-
-        Constant memory: text is buffered only up to the last safe cut point (see `_find_cut`), encoded,
-        and dropped. A pre-token or special token that straddles two chunks stays in the buffer until it
-        is complete, so the ids never depend on how the input was chunked. Keywords as in `encode`.
-        """
-        kw = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
-        cut_at = set(self.special_policy(**kw).allowed)  # checks the keywords before reading anything
-        max_special = max((len(s) for s in self.special_tokens), default=0)
-        buf, pending, threshold = [], 0, self.STREAM_BUFFER
-        for chunk in iterable:
-            if not isinstance(chunk, str):
-                raise TypeError(f"encode_iterable expects strings, got {type(chunk).__name__}")
-            buf.append(chunk)
-            pending += len(chunk)
-            if pending < threshold:
-                continue
-            text = "".join(buf)
-            hi = len(text) - max_special - 2
-            # Cut at the LAST safe point so the kept tail is short: everything before it is final, because
-            # a safe cut is a boundary of the whole-text encoding (see `_find_cut`). Look in the final 4 KB
-            # first (almost always found), else further back.
-            cut = _find_cut(text, self._special_re, max(1, hi - 4096), hi, last=True, cut_at=cut_at)
-            if cut is None and hi - 4096 > 1:
-                cut = _find_cut(text, self._special_re, 1, hi - 4096, last=True, cut_at=cut_at)
-            if cut is None:
-                threshold *= 2  # no safe point yet (one huge line?): wait for more text, amortized O(n)
-                buf, pending = [text], len(text)
-                continue
-            yield from self.encode(text[:cut], **kw)
-            buf, pending, threshold = [text[cut:]], len(text) - cut, self.STREAM_BUFFER
-        text = "".join(buf)
-        if text:
-            yield from self.encode(text, **kw)
 
     # ---- save / load (GPT-2 file format) -------------------------------------------------------------------
     def save(self, directory):
@@ -791,90 +654,84 @@ class Tokenizer:
                                  "a JSON list of strings")
         return cls.from_files(directory / "vocab.json", directory / "merges.txt", specials, **kwargs)
 
-    # ---- pickling (for worker processes): the compiled encoder is rebuilt, not pickled ------------------------
+    # ---- plugged in from the sections after the core: special-token policy, fast path, streaming ------
+    def special_policy(self, allowed_special="all", disallowed_special=()):
+        """The compiled allowed/disallowed choice that `encode` applies (Menu: special tokens in untrusted text)."""
+        return _compile_policy(self, allowed_special, disallowed_special)
+
+    def _encode_fast(self, text, policy):
+        """The compiled tiktoken encoder (Menu: fast and streaming tokenization)."""
+        return _encode_tiktoken(self, text, policy)
+
+    def encode_iterable(self, iterable, *, allowed_special="all", disallowed_special=()):
+        """Lazily encode an iterable of strings (e.g. an open file): yields exactly encode("".join(it)), in
+        constant memory (Menu: fast and streaming tokenization). Keywords as in `encode`."""
+        return _encode_iterable(self, iterable, allowed_special, disallowed_special)
+
     def __getstate__(self):
-        # a tiktoken Encoding holds Rust state that does not pickle; a flag says "rebuild it on arrival"
+        # pickling (for worker processes): a tiktoken Encoding holds Rust state that does not pickle; a flag
+        # says "rebuild it on arrival"
         state = dict(self.__dict__)
         state["_fast"], state["_cache"], state["_policies"] = state["_fast"] is not None, {}, {}
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._fast = self._build_tiktoken() if state["_fast"] else None
-
-    # =================================================================================================
-    # 4. The fast path: compile to tiktoken
-    # =================================================================================================
-    # tiktoken's Rust BPE, per pre-token: if the whole piece is a token, emit it; otherwise repeatedly merge
-    # the adjacent pair whose CONCATENATION has the lowest rank in `mergeable_ranks`. With rank = token id
-    # that is merge-order BPE as long as (1) ids increase in merge order and (2) BPE applied to each token's
-    # own bytes gives back that token -- the two known ways to diverge are tiktoken's whole-piece shortcut
-    # and reaching a token through a different split than the merge that made it. We check (1), (2) and a
-    # sample text at construction and otherwise fall back to the readable encoder (reason in `fast_reason`);
-    # the tests also compare both encoders on varied and random Unicode text, and on GPT-2's real vocab.
-    def _build_tiktoken(self):
-        # mergeable_ranks = {token bytes: rank}; with our ids in merge order the id IS the rank, so the
-        # Rust core returns our ids directly. Special tokens are passed separately and never merged.
-        import tiktoken
-        special = set(self.special_ids.values())
-        ranks = {tok: i for i, tok in self.vocab.items() if i not in special}
-        return tiktoken.Encoding(name=f"scratchlm_bpe_{self.vocab_size}", pat_str=FAST_SPLIT_PATTERN,
-                                 mergeable_ranks=ranks, special_tokens=dict(self.special_ids))
-
-    def _compile_fast(self):
-        """-> (tiktoken Encoding, "ok") when it provably gives our ids, else (None, the reason why not)."""
-        try:
-            import tiktoken  # noqa: F401
-        except ImportError:
-            return None, "tiktoken is not installed"
-        ids = [self._pair_id[(self.byte_to_id[a], self.byte_to_id[b])] for a, b in self.merges]
-        if any(y <= x for x, y in zip(ids, ids[1:])):  # (1): tiktoken ranks by id, we by merge order
-            return None, "token ids are not in merge order"
-        special = set(self.special_ids.values())
-        merged = set(ids)
-        if special & merged:
-            return None, "a special token is also produced by a merge (tiktoken would never emit it from text)"
-        # (2): every multi-byte token must be made by a merge, and BPE on its own bytes must end as that
-        # one token -- otherwise tiktoken's "the whole piece is a token" shortcut would emit it where we
-        # would not. O(vocab x token length), a fraction of a second for GPT-2's 50k tokens.
-        for i, tok in self.vocab.items():
-            if len(tok) > 1 and i not in special:
-                if i not in merged:
-                    return None, f"token {i} ({tok!r}) is not produced by any merge"
-                if self._bpe(tok) != [i]:
-                    return None, f"BPE of token {i}'s own bytes ({tok!r}) is not that token"
-        try:
-            enc = self._build_tiktoken()
-        except Exception as e:  # e.g. an unusual vocab tiktoken refuses
-            return None, f"tiktoken refused the vocab: {e}"
-        sample = _SAMPLE_CHECK_TEXT + "".join(self.special_tokens[:4])
-        self._fast = enc
-        ok = self._encode_fast(sample, self.special_policy()) == self.encode_readable(sample)
-        self._fast = None
-        return (enc, "ok") if ok else (None, "sample text encoded differently")
-
-    def _encode_fast(self, text, policy):
-        # tiktoken matches special tokens in Rust, leftmost first; when two special tokens can overlap
-        # ("<|a|>" inside "<|a|><|a|>") its choice may differ from our longest-first rule, so then we cut
-        # the allowed ones out here and let tiktoken encode the ordinary text between them.
-        if policy.split_re is None:
-            return self._fast.encode_ordinary(text)
-        if not self._specials_overlap:
-            # disallowed_special=() here: `encode` already refused forbidden ones, and tiktoken encodes
-            # the remaining not-allowed specials as ordinary text, as we do.
-            return self._fast.encode(text, allowed_special=set(policy.allowed), disallowed_special=())
-        ids = []
-        for i, part in enumerate(policy.split_re.split(text)):
-            if i % 2:
-                ids.append(self.special_ids[part])
-            elif part:
-                ids.extend(self._fast.encode_ordinary(part))
-        return ids
+        self._fast = _build_tiktoken(self) if state["_fast"] else None
 
 
+# ===== Menu: special tokens in untrusted text =====
+# Which special-token strings in the input become special ids, as tiktoken's two keywords. It plugs into
+# the core through `Tokenizer.special_policy`, which `encode` calls before encoding anything.
+#
+# Which special-token STRINGS in the input become special-token IDS is a security question, not a
+# detail: <|endoftext|> tells the model "a new document starts here, ignore what came before". Text
+# scraped from the web, or typed by a user into a chat, can contain that string on purpose. The
+# course's default (every special string becomes its id) is right for a corpus we assembled with our
+# own separators and wrong for untrusted text, so we take tiktoken's keywords with their meaning:
+#   allowed_special    "all" or a set: these strings become their special ids;
+#   disallowed_special "all" (= every special not allowed) or a set: finding one raises ValueError;
+#   every other special string is encoded as ordinary text (its bytes, BPE'd like any other text).
+# tiktoken's own default is disallowed_special="all" (refuse); ours keeps the course's default,
+# allowed_special="all". Untrusted text: encode(text, allowed_special=set()) or, to stop instead,
+# encode(text, allowed_special=set(), disallowed_special="all").
 
-_SAMPLE_CHECK_TEXT = ("Hello, world! It's 2024; we'll test   spaces\n\n and\ttabs. naïve café 東京 🤖 12345 "
-                      "don't I'VE   \n  trailing   ")
+def _compile_policy(tok, allowed_special, disallowed_special):
+    """`Tokenizer.special_policy`: validate the two keywords and compile them -> `_SpecialPolicy`.
+
+    Cached per keyword pair, because encode_iterable and encode_file call `encode` once per chunk and
+    a regex compile per call would cost more than encoding a short chunk."""
+    key = (_special_set(allowed_special, "allowed_special"),
+           _special_set(disallowed_special, "disallowed_special"))
+    policy = tok._policies.get(key)
+    if policy is None:
+        known = set(tok.special_tokens)
+        allowed = known if key[0] == "all" else key[0]
+        disallowed = known - allowed if key[1] == "all" else key[1]
+        unknown = sorted((allowed | disallowed) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a special token of this tokenizer (its special tokens: "
+                             f"{tok.special_tokens}); allowed_special/disallowed_special may only name those")
+        ordered = [t for t in tok.special_tokens if t in allowed]  # keep the registration order
+        policy = _SpecialPolicy(tuple(ordered), _special_regex(ordered), _special_regex(sorted(disallowed)))
+        tok._policies[key] = policy
+    return policy
+
+
+def _special_set(value, name):
+    """tiktoken's keyword types -> "all" or a frozenset of strings (a lone string other than "all" would
+    silently be a set of characters, so it is refused)."""
+    if isinstance(value, str) and value == "all":
+        return value
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        value = frozenset(value)
+        if not all(isinstance(t, str) for t in value):
+            raise TypeError
+    except TypeError:
+        raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}') from None
+    return value
 
 
 class _SpecialPolicy(namedtuple("_SpecialPolicy", "allowed split_re refuse_re")):
@@ -902,9 +759,158 @@ class DisallowedSpecialError(ValueError):
         return type(self), (self.token, self.position, self.where)
 
 
-# =====================================================================================================
-# 5. encode_file: a corpus -> a flat token file for np.memmap
-# =====================================================================================================
+
+# ===== Menu: fast and streaming tokenization =====
+# The same vocab and merges, faster or in constant memory: compiled into tiktoken's Rust BPE (`Tokenizer.encode`
+# takes it when `use_fast`), streamed (`encode_iterable`), and a whole corpus encoded in parallel (`encode_file`).
+
+# ---- the fast path: compile to tiktoken --------------------------------------------------------------
+# tiktoken's Rust BPE, per pre-token: if the whole piece is a token, emit it; otherwise repeatedly merge
+# the adjacent pair whose CONCATENATION has the lowest rank in `mergeable_ranks`. With rank = token id
+# that is merge-order BPE as long as (1) ids increase in merge order and (2) BPE applied to each token's
+# own bytes gives back that token -- the two known ways to diverge are tiktoken's whole-piece shortcut
+# and reaching a token through a different split than the merge that made it. We check (1), (2) and a
+# sample text at construction and otherwise fall back to the readable encoder (reason in `fast_reason`);
+# the tests also compare both encoders on varied and random Unicode text, and on GPT-2's real vocab.
+_SAMPLE_CHECK_TEXT = ("Hello, world! It's 2024; we'll test   spaces\n\n and\ttabs. naïve café 東京 🤖 12345 "
+                      "don't I'VE   \n  trailing   ")
+
+
+def _build_tiktoken(tok):
+    # mergeable_ranks = {token bytes: rank}; with our ids in merge order the id IS the rank, so the
+    # Rust core returns our ids directly. Special tokens are passed separately and never merged.
+    import tiktoken
+    special = set(tok.special_ids.values())
+    ranks = {t: i for i, t in tok.vocab.items() if i not in special}
+    return tiktoken.Encoding(name=f"scratchlm_bpe_{tok.vocab_size}", pat_str=FAST_SPLIT_PATTERN,
+                             mergeable_ranks=ranks, special_tokens=dict(tok.special_ids))
+
+
+def _compile_fast(tok):
+    """-> (tiktoken Encoding, "ok") when it provably gives our ids, else (None, the reason why not)."""
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return None, "tiktoken is not installed"
+    ids = [tok._pair_id[(tok.byte_to_id[a], tok.byte_to_id[b])] for a, b in tok.merges]
+    if any(y <= x for x, y in zip(ids, ids[1:])):  # (1): tiktoken ranks by id, we by merge order
+        return None, "token ids are not in merge order"
+    special = set(tok.special_ids.values())
+    merged = set(ids)
+    if special & merged:
+        return None, "a special token is also produced by a merge (tiktoken would never emit it from text)"
+    # (2): every multi-byte token must be made by a merge, and BPE on its own bytes must end as that
+    # one token -- otherwise tiktoken's "the whole piece is a token" shortcut would emit it where we
+    # would not. O(vocab x token length), a fraction of a second for GPT-2's 50k tokens.
+    for i, t in tok.vocab.items():
+        if len(t) > 1 and i not in special:
+            if i not in merged:
+                return None, f"token {i} ({t!r}) is not produced by any merge"
+            if tok._bpe(t) != [i]:
+                return None, f"BPE of token {i}'s own bytes ({t!r}) is not that token"
+    try:
+        enc = _build_tiktoken(tok)
+    except Exception as e:  # e.g. an unusual vocab tiktoken refuses
+        return None, f"tiktoken refused the vocab: {e}"
+    sample = _SAMPLE_CHECK_TEXT + "".join(tok.special_tokens[:4])
+    tok._fast = enc
+    ok = _encode_tiktoken(tok, sample, tok.special_policy()) == tok.encode(sample, readable=True)
+    tok._fast = None
+    return (enc, "ok") if ok else (None, "sample text encoded differently")
+
+
+def _encode_tiktoken(tok, text, policy):
+    """`Tokenizer._encode_fast`: the allowed special tokens and the text around them, in Rust."""
+    # tiktoken matches special tokens in Rust, leftmost first; when two special tokens can overlap
+    # ("<|a|>" inside "<|a|><|a|>") its choice may differ from our longest-first rule, so then we cut
+    # the allowed ones out here and let tiktoken encode the ordinary text between them.
+    if policy.split_re is not None and not tok._specials_overlap:
+        # disallowed_special=() here: `encode` already refused forbidden ones, and tiktoken encodes
+        # the remaining not-allowed specials as ordinary text, as we do.
+        return tok._fast.encode(text, allowed_special=set(policy.allowed), disallowed_special=())
+    return tok._around_specials(text, policy, tok._fast.encode_ordinary)
+
+
+# ---- safe cut points --------------------------------------------------------------------------------
+# To work on a text in pieces (worker chunks, a stream) and still get exactly the whole-text result, we
+# cut only where the whole-text tokenization has a boundary anyway, and never inside a special token:
+#   * at the start or end of a special token that will be encoded AS a special token (one that is encoded
+#     as ordinary text is not a boundary: " <|endoftext|>" pre-tokenizes as " <|", "endoftext", "|>");
+#   * right after "\n" when both neighbours are printable non-space ASCII ("x\ny"): the "\n" is then a
+#     pre-token on its own in the whole text too, and the regex only looks ahead one character;
+#   * right before " " in "letter space letter" ("a b"): the letters run stops at the space either way,
+#     and " b..." starts a new pre-token either way.
+# The same patterns work on str and on bytes (all cut characters are ASCII, so a cut never splits a
+# UTF-8 sequence). `_find_cut` applies the rules to a buffer; `_chunk_boundaries` (plumbing) uses it to cut
+# a file into worker chunks, `encode_iterable` to cut a stream.
+_CUT_STR = re.compile(r"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
+_CUT_BYTES = re.compile(rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])|(?<=[A-Za-z])(?= [A-Za-z])")
+
+
+def _find_cut(buf, special_re, lo, hi, last, cut_at=None):
+    """A safe cut p with lo <= p <= hi (the first one, or the last one if `last`), or None.
+
+    `buf` must start at a safe position; `hi` must leave room after p for the longest special token, so
+    that any special token overlapping p is fully visible in `buf`. `special_re` finds every registered
+    special token (no cut inside any of them, so a forbidden one is always seen whole); only the edges of
+    those in `cut_at` (default: all) are cut points.
+    """
+    if hi < lo:
+        return None
+    found = list(special_re.finditer(buf)) if special_re is not None else []
+    spans = [m.span() for m in found]
+    starts = [s for s, _ in spans]
+    cut_re = _CUT_BYTES if isinstance(buf, bytes) else _CUT_STR
+
+    def inside_special(p):  # strictly inside some special token's span?
+        k = bisect.bisect_right(starts, p - 1) - 1  # last span starting before p
+        return k >= 0 and spans[k][1] > p
+
+    # candidates: the text rules (the regex looks up to 2 characters past p, hence hi + 2) and the edges
+    # of the special tokens that will be encoded as specials; then drop any that fall inside a special
+    cands = [m.start() for m in cut_re.finditer(buf, lo, min(hi + 2, len(buf)))]
+    cands += [p for m in found if cut_at is None or m.group() in cut_at for p in m.span()]
+    cands = sorted(p for p in cands if lo <= p <= hi and not inside_special(p))
+    if not cands:
+        return None
+    return cands[-1] if last else cands[0]
+
+
+def _encode_iterable(tok, iterable, allowed_special, disallowed_special):
+    """`Tokenizer.encode_iterable`. Constant memory: text is buffered only up to the last safe cut point
+    (see `_find_cut`), encoded, and dropped. A pre-token or special token that straddles two chunks stays
+    in the buffer until it is complete, so the ids never depend on how the input was chunked."""
+    kw = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
+    cut_at = set(tok.special_policy(**kw).allowed)  # checks the keywords before reading anything
+    max_special = max((len(s) for s in tok.special_tokens), default=0)
+    buf, pending, threshold = [], 0, tok.STREAM_BUFFER
+    for chunk in iterable:
+        if not isinstance(chunk, str):
+            raise TypeError(f"encode_iterable expects strings, got {type(chunk).__name__}")
+        buf.append(chunk)
+        pending += len(chunk)
+        if pending < threshold:
+            continue
+        text = "".join(buf)
+        hi = len(text) - max_special - 2
+        # Cut at the LAST safe point so the kept tail is short: everything before it is final, because
+        # a safe cut is a boundary of the whole-text encoding (see `_find_cut`). Look in the final 4 KB
+        # first (almost always found), else further back.
+        cut = _find_cut(text, tok._special_re, max(1, hi - 4096), hi, last=True, cut_at=cut_at)
+        if cut is None and hi - 4096 > 1:
+            cut = _find_cut(text, tok._special_re, 1, hi - 4096, last=True, cut_at=cut_at)
+        if cut is None:
+            threshold *= 2  # no safe point yet (one huge line?): wait for more text, amortized O(n)
+            buf, pending = [text], len(text)
+            continue
+        yield from tok.encode(text[:cut], **kw)
+        buf, pending, threshold = [text[cut:]], len(text) - cut, tok.STREAM_BUFFER
+    text = "".join(buf)
+    if text:
+        yield from tok.encode(text, **kw)
+
+
+# ---- encode_file: a corpus -> a flat token file for np.memmap ----------------------------------------
 # Training reads random windows of a token stream, so the stream lives on disk as one flat array of ids
 # with no header: np.memmap(path, dtype=token_dtype(vocab_size)) maps it without reading it, and a batch
 # of windows touches only the pages it needs. Documents stay separated by their <|endoftext|> ids. The
@@ -919,13 +925,8 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
     keywords). Chunks are encoded by `num_workers` processes and written in order through `atomic_open`:
     until the last byte is written and synced, `out_path` keeps its old content (or stays absent).
     `out_path` may never be the input itself; with overwrite=False an existing `out_path` is refused.
-    `allowed_special`/`disallowed_special` as in `Tokenizer.encode` (a refused special token is reported
-    with the file and its byte offset).
-    """
-    # Everything that can be known before the work is checked before the work: the input must be a
-    # readable non-empty file, the output neither the input (which the atomic rename would replace with
-    # token ids) nor a folder, and the special-token keywords valid.
-    size = _check_encode_paths(input_path, out_path, overwrite)
+    A special token the keywords refuse is reported with the file and its byte offset."""
+    size = _check_encode_paths(input_path, out_path, overwrite)  # all that can be checked before the work
     kw = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
     cut_at = tokenizer.special_policy(**kw).allowed  # validates the keywords before any work
     num_workers = _default_workers(num_workers)
@@ -938,33 +939,22 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
     n_tokens, done, t0 = 0, 0, time.perf_counter()
     # Memory: at most a few chunks of ids are in flight (imap's queue), never the whole corpus, so a file
     # of many GB encodes in the memory of a few 8 MB chunks per worker.
-    with atomic_open(out_path, "wb") as f:
-        def consume(results):
-            nonlocal n_tokens, done
-            for arr, nbytes in results:
-                f.write(arr.tobytes())
-                n_tokens, done = n_tokens + len(arr), done + nbytes
-                bar.update(f"{done / 1e6:.1f}/{size / 1e6:.1f} MB, {n_tokens:,} tokens, "
-                           f"{done / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
-        if num_workers == 1 or len(tasks) == 1:
-            _init_encode_worker(tokenizer)
-            try:
-                consume(map(_encode_chunk, tasks))
-            finally:
-                _init_encode_worker(None)
-        else:
-            with _pool(min(num_workers, len(tasks)), _init_encode_worker, (tokenizer,)) as pool:
-                consume(pool.imap(_encode_chunk, tasks))  # imap keeps the chunks in order
+    with atomic_open(out_path, "wb") as f, \
+            _chunk_results(_encode_chunk, tasks, num_workers, state=tokenizer) as results:
+        for arr, nbytes in results:  # in file order
+            f.write(arr.tobytes())
+            n_tokens, done = n_tokens + len(arr), done + nbytes
+            bar.update(f"{done / 1e6:.1f}/{size / 1e6:.1f} MB, {n_tokens:,} tokens, "
+                       f"{done / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
     bar.close(f"{size / 1e6:.1f} MB -> {n_tokens:,} tokens ({size / max(n_tokens, 1):.2f} bytes/token), "
               f"{np.dtype(dtype).name}")
     return n_tokens
 
 
-# =====================================================================================================
-# 6. GPT-2 parity: rebuild GPT-2's merges from tiktoken's ranks
-# =====================================================================================================
-# The strongest check this file has: the readable encoder, given GPT-2's own vocab and merges, must give
-# the ids of the tokenizer GPT-2 was trained with, on any text (tests compare with tiktoken's "gpt2").
+# ===== Menu: GPT-2 parity =====
+# GPT-2's own tokenizer rebuilt in this file's format, the strongest check it has: given GPT-2's vocab and
+# merges, the core's readable `Tokenizer` must give the ids GPT-2 was trained with, on any text (tests
+# compare with tiktoken's "gpt2").
 
 def _recover_merge(ranks, token, rank):
     """Split `token` into the pair GPT-2 merged to make it: run BPE with only the merges below its rank;
@@ -1012,7 +1002,6 @@ def gpt2_tokenizer(fast=True):
 #   Progress        one status line on stderr for long work (pre-tokenizing, merging, encoding, training)
 #   atomic_open     write-to-temp + fsync + rename, so no crash or full disk leaves a torn file behind;
 #                   atomic_write_text/bytes/json/files are its one-line uses
-#   shared_path     the optional ../shared folder of the project's own workspace (benchmarks, tests only)
 #   machine_label   one line naming this machine, for benchmark tables
 #   peak_rss_mb     this process's peak memory, for benchmark tables
 
@@ -1240,14 +1229,17 @@ def peak_rss_mb():
 
 # ---- this file's own plumbing -------------------------------------------------------------------
 
+def _checked_specials(special_tokens):
+    """The special tokens in registration order, repeats dropped; each must be a non-empty string."""
+    bad = [s for s in special_tokens or [] if not isinstance(s, str) or not s]
+    if bad:
+        raise ValueError(f"special tokens must be non-empty strings, got {bad[0]!r}")
+    return list(dict.fromkeys(special_tokens or []))
+
+
 def _check_vocab_size(vocab_size, special_tokens):
     """Validate the special tokens and the vocab size; return the de-duplicated special-token list."""
-    specials = []
-    for s in special_tokens or []:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"special tokens must be non-empty strings, got {s!r}")
-        if s not in specials:
-            specials.append(s)
+    specials = _checked_specials(special_tokens)
     if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size={vocab_size!r} is too small: a byte-level BPE vocabulary needs at least "
                          f"256 byte tokens + {len(specials)} special token(s) = {256 + len(specials)}")
@@ -1327,12 +1319,32 @@ def _read_chunk_text(path, start, end):
                          f"(byte 0x{data[e.start]:02x}: {e.reason})") from None
 
 
-def _pool(num_workers, initializer=None, initargs=()):
-    """A multiprocessing pool of `num_workers` processes (the caller closes it with `with`)."""
+_WORKER_STATE = None  # what every chunk of one job needs (encode_file: the tokenizer), set once per worker
+
+
+def _set_worker_state(state):
+    global _WORKER_STATE
+    _WORKER_STATE = state
+
+
+@contextlib.contextmanager
+def _chunk_results(func, tasks, num_workers, state=None, ordered=True):
+    """An iterator of func(task) over `tasks`: in this process when one worker (or one chunk) suffices,
+    else from a pool of worker processes that is closed on leaving the `with`. `state` is sent to each
+    worker once (`_WORKER_STATE`), not with every task. ordered=False hands back whichever chunk is done
+    first (for results whose merge does not depend on the order)."""
+    if num_workers == 1 or len(tasks) == 1:
+        _set_worker_state(state)
+        try:
+            yield map(func, tasks)
+        finally:
+            _set_worker_state(None)
+        return
     # fork (Linux) starts workers in milliseconds and shares the parent's memory copy-on-write; elsewhere
     # the platform default (spawn) pickles the work and re-imports this module.
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    return ctx.Pool(num_workers, initializer=initializer, initargs=initargs)
+    with ctx.Pool(min(num_workers, len(tasks)), initializer=_set_worker_state, initargs=(state,)) as pool:
+        yield (pool.imap if ordered else pool.imap_unordered)(func, tasks)
 
 
 def _default_workers(num_workers):
@@ -1378,21 +1390,13 @@ def _str_to_token(s: str, where: str) -> bytes:
         raise ValueError(f"{where}: {s!r} is not a GPT-2 byte-level token string (bad character {e})") from None
 
 
-_WORKER_TOKENIZER = None  # set in each worker process (and in-process for num_workers=1)
-
-
-def _init_encode_worker(tokenizer):
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
-
-
 def _encode_chunk(task):
     """Worker: ids of bytes [start, end) of the file, as a numpy array of the output dtype (uint16 when
     the vocab fits: half the bytes of int32 through the pipe and on disk)."""
     path, start, end, dtype, kw = task
     text = _read_chunk_text(path, start, end)
     try:
-        ids = _WORKER_TOKENIZER.encode(text, **kw)
+        ids = _WORKER_STATE.encode(text, **kw)  # the tokenizer
     except DisallowedSpecialError as e:  # say where in the FILE, not where in the chunk
         offset = start + len(text[:e.position].encode("utf-8"))
         raise DisallowedSpecialError(e.token, f"byte offset {offset}", where=f"{path}: ") from None
@@ -1404,22 +1408,6 @@ def _specials_overlap(specials):
     of the other)? Only then can tiktoken's leftmost-first and our longest-first matching disagree."""
     return any(a != b and (a in b or any(a.endswith(b[:k]) for k in range(1, min(len(a), len(b)))))
                for a in specials for b in specials)
-
-
-def _special_set(value, name):
-    """tiktoken's keyword types -> "all" or a frozenset of strings (a lone string other than "all" would
-    silently be a set of characters, so it is refused)."""
-    if isinstance(value, str) and value == "all":
-        return value
-    try:
-        if isinstance(value, (str, bytes)):
-            raise TypeError
-        value = frozenset(value)
-        if not all(isinstance(t, str) for t in value):
-            raise TypeError
-    except TypeError:
-        raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}') from None
-    return value
 
 
 def _read_json(path, what):
@@ -1569,18 +1557,13 @@ def _same_file(a, b):
 # `python tokenizer.py bench`: our trainer against HuggingFace `tokenizers` (Rust), our encoders against
 # tiktoken, side by side in one run so that the ratios are fair. The peers are used only here.
 
-def build_bench_corpus(out_path, target_mb=6.0, data_dir=None):
-    """Mixed real text: all of tinyshakespeare + MMLU questions (documents separated by <|endoftext|>),
-    cut at a document boundary near `target_mb` MB, from `data_dir` (default: the project's ../shared/data
-    where it exists; a user passes --data-dir)."""
-    data_dir = Path(data_dir) if data_dir else shared_path("data")
-    if data_dir is None:
-        raise FileNotFoundError("the benchmark corpus needs a folder with tinyshakespeare.txt and "
-                                "mmlu_questions.txt (pass --data-dir)")
-    sources = [data_dir / "tinyshakespeare.txt", data_dir / "mmlu_questions.txt"]
-    for s in sources:
-        if not s.is_file():
-            raise FileNotFoundError(f"benchmark corpus source not found: {s} (pass --data-dir)")
+def build_bench_corpus(out_path, target_mb, data_dir):
+    """Mixed real text: all of tinyshakespeare + MMLU questions (documents separated by <|endoftext|>) from
+    the folder `data_dir` (`BENCH_FILES`), cut at a document boundary near `target_mb` MB."""
+    sources = [Path(data_dir) / name for name in BENCH_FILES]
+    for src in sources:
+        if not src.is_file():
+            raise FileNotFoundError(f"benchmark corpus source not found: {src} (pass --data-dir)")
     text = sources[0].read_text(encoding="utf-8") + EOT + sources[1].read_text(encoding="utf-8")
     cut = text.find(EOT, int(target_mb * 1e6) - 1)
     text = text if cut < 0 else text[:cut + len(EOT)]
@@ -1605,7 +1588,8 @@ def _run_json(code, *args):
 _BENCH_OURS = r"""
 import json, resource, sys, time, tokenizer as tk
 t = time.perf_counter()
-vocab, merges = tk.train_bpe(sys.argv[1], int(sys.argv[2]), ["<|endoftext|>"], num_workers=int(sys.argv[3]), progress=False)
+vocab, merges = tk.train_bpe(sys.argv[1], int(sys.argv[2]), ["<|endoftext|>"], num_workers=int(sys.argv[3]),
+                             progress=False)
 s = time.perf_counter() - t
 tk.Tokenizer(vocab, merges, ["<|endoftext|>"], fast=False).save(sys.argv[4])
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -1651,14 +1635,11 @@ def bench(args):
     """Side-by-side benchmarks; prints each result as it comes, then a markdown table of README rows."""
     machine = args.machine or machine_label()
     workers = _default_workers(args.workers)
-    shared_tiktoken = shared_path("tiktoken")
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_tiktoken is not None:
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_tiktoken)  # offline gpt2 files, when the project has them
     rows = []
 
     def row(what, corpus, ours, peer, ratio):
-        rows.append(f"| tokenizer | {what} | `python tokenizer.py bench` | {corpus} | {ours} | {peer} | {ratio} | "
-                    f"{machine} |")
+        rows.append(f"| tokenizer | {what} | `python tokenizer.py bench --data-dir DIR` | {corpus} | {ours} | {peer} "
+                    f"| {ratio} | {machine} |")
         print(f"  {what}: ours {ours} | peer {peer} | ratio {ratio}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="scratchlm_bench_") as tmp:
@@ -1669,8 +1650,10 @@ def bench(args):
         _bench_training(args, corpus, nbytes, workers, tok_dir, row)
         trained = Tokenizer.load(tok_dir)
         print(f"  trained tokenizer fast path: {trained.fast_reason}")
-        _bench_encoding(corpus, nbytes, trained, workers, tmp, row)
-        _bench_streaming(args, corpus, nbytes, tok_dir, tmp, row)
+        text = Path(corpus).read_text(encoding="utf-8")
+        _bench_gpt2(text[:2_000_000], row)
+        _bench_encoding(text, corpus, nbytes, trained, workers, tmp, row)
+        _bench_streaming(args, text, nbytes, tok_dir, tmp, row)
     print("\n| stage | what | command | corpus/shape | ours | peer | ratio | machine |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
@@ -1681,70 +1664,80 @@ def _bench_training(args, corpus, nbytes, workers, tok_dir, row):
     in a fresh process (fair peak RSS and start-up)."""
     # alternate ours / HF `--repeats` times and keep each one's fastest run: timing noise only ever adds
     # time, so the minimum is the best estimate of each side's cost (timeit's rule)
-    ours, hf = None, None
+    best = {}
     for _ in range(args.repeats):
-        run = _run_json(_BENCH_OURS, corpus, args.vocab_size, workers, tok_dir)
-        print(f"  ours: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
-              f"peak RSS main {run['rss']:.0f} MB / workers {run['rss_workers']:.0f} MB")
-        ours = run if ours is None or run["s"] < ours["s"] else ours
-        try:
-            run = _run_json(_BENCH_HF, corpus, args.vocab_size, workers)
-            print(f"  HF tokenizers: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
-                  f"peak RSS {run['rss']:.0f} MB")
-            hf = run if hf is None or run["s"] < hf["s"] else hf
-        except (RuntimeError, ImportError) as e:
-            print(f"  (HuggingFace tokenizers unavailable, skipping the peer: {str(e)[-200:]})")
+        for side, script, extra in (("ours", _BENCH_OURS, [tok_dir]), ("HF tokenizers", _BENCH_HF, [])):
+            try:
+                run = _run_json(script, corpus, args.vocab_size, workers, *extra)
+            except (RuntimeError, ImportError) as e:
+                if side == "ours":
+                    raise
+                print(f"  (HuggingFace tokenizers unavailable, skipping the peer: {str(e)[-200:]})")
+                continue
+            workers_rss = f" / workers {run['rss_workers']:.0f} MB" if "rss_workers" in run else ""
+            print(f"  {side}: {run['s']:.2f} s wall, {run['cpu']:.2f} s CPU (incl. interpreter start), "
+                  f"peak RSS {run['rss']:.0f} MB{workers_rss}")
+            best[side] = min(best.get(side, run), run, key=lambda r: r["s"])
+    ours, hf = best["ours"], best.get("HF tokenizers")
     if hf is not None:
-        row(f"train BPE, vocab {args.vocab_size} + <\\|endoftext\\|>, wall time (peak RSS)", f"{nbytes / 1e6:.1f} MB mixed text",
+        row(f"train BPE, vocab {args.vocab_size} + <\\|endoftext\\|>, wall time (peak RSS)",
+            f"{nbytes / 1e6:.1f} MB mixed text",
             f"{ours['s']:.2f} s ({ours['rss']:.0f} MB + workers {ours['rss_workers']:.0f} MB)",
             f"HF tokenizers {hf['s']:.2f} s ({hf['rss']:.0f} MB)",
             f"{ours['s'] / hf['s']:.2f}x time (CPU seconds: {ours['cpu']:.1f} vs {hf['cpu']:.1f})")
 
 
-def _bench_encoding(corpus, nbytes, trained, workers, tmp, row):
-    """Encoding throughput: our fast path vs tiktoken on GPT-2's vocab, our pure-Python encoder against
-    1 MB/s, and both our encoders on the trained vocab. Single-thread CPU time (`process_time`), which
-    counts only the time this process actually ran."""
-    text = Path(corpus).read_text(encoding="utf-8")
-    mb = nbytes / 1e6
+def _cpu_timed(fn, *args):
+    """(fn(*args), the CPU seconds it took): `process_time` counts only the time this process actually ran."""
+    c = time.process_time()
+    out = fn(*args)
+    return out, time.process_time() - c
+
+
+def _bench_gpt2(sample, row):
+    """Our encoders on GPT-2's own vocab (`gpt2_tokenizer`) against tiktoken's gpt2, one thread. tiktoken
+    finds its files in its usual cache (TIKTOKEN_CACHE_DIR when set) or downloads them; offline the rows
+    are skipped, saying so."""
     try:
         import tiktoken
-        ref = tiktoken.get_encoding("gpt2")
-        ours_gpt2 = gpt2_tokenizer()
-        # Both sides run the same Rust core, so the true ratio is ~1 and timing noise dominates:
-        # alternate who goes first over 10 rounds on a 2 MB slice and keep each side's best CPU time.
-        sample = text[:2_000_000]
-        smb = len(sample.encode()) / 1e6
-        t_ref = t_ours = float("inf")
-        for rep in range(10):
-            for who in ((0, 1) if rep % 2 else (1, 0)):
-                c = time.process_time()
-                if who:
-                    ids_ref = ref.encode(sample, allowed_special="all")
-                    t_ref = min(t_ref, time.process_time() - c)
-                else:
-                    ids_ours = ours_gpt2.encode(sample)
-                    t_ours = min(t_ours, time.process_time() - c)
-        same = "identical ids" if ids_ours == ids_ref else "IDS DIFFER"
-        row(f"encode, GPT-2 vocab, fast path vs tiktoken gpt2 (1 thread, best CPU time of 10; {same})",
-            f"{smb:.1f} MB", f"{smb / t_ours:.1f} MB/s", f"tiktoken {smb / t_ref:.1f} MB/s",
-            f"{t_ref / t_ours:.2f}x throughput")
-        t, c = time.perf_counter(), time.process_time()
-        ours_gpt2.encode_readable(sample)  # a fresh tokenizer: its pre-token cache starts cold
-        t_py, c_py = time.perf_counter() - t, time.process_time() - c
-        row("encode, GPT-2 vocab, pure-Python encoder vs tiktoken (1 thread, cold cache; CPU-time rate, wall "
-            "rate in brackets)", f"{smb:.1f} MB", f"{smb / c_py:.2f} MB/s ({smb / t_py:.2f} MB/s wall)",
-            f"tiktoken {smb / t_ref:.1f} MB/s", f"{t_ref / c_py:.2f}x throughput")
-    except Exception as e:  # no gpt2 files offline
+        ref, ours = tiktoken.get_encoding("gpt2"), gpt2_tokenizer()
+    except Exception as e:
         print(f"  (tiktoken gpt2 unavailable, skipping GPT-2 throughput: {e})")
+        return
+    smb = len(sample.encode()) / 1e6
+    # Both sides run the same Rust core, so the true ratio is ~1 and timing noise dominates:
+    # alternate who goes first over 10 rounds and keep each side's best CPU time.
+    t_ref = t_ours = float("inf")
+    for rep in range(10):
+        for who in (("ours", "ref") if rep % 2 else ("ref", "ours")):
+            if who == "ref":
+                ids_ref, t = _cpu_timed(ref.encode, sample, allowed_special="all")
+                t_ref = min(t_ref, t)
+            else:
+                ids_ours, t = _cpu_timed(ours.encode, sample)
+                t_ours = min(t_ours, t)
+    same = "identical ids" if ids_ours == ids_ref else "IDS DIFFER"
+    row(f"encode, GPT-2 vocab, fast path vs tiktoken gpt2 (1 thread, best CPU time of 10; {same})",
+        f"{smb:.1f} MB", f"{smb / t_ours:.1f} MB/s", f"tiktoken {smb / t_ref:.1f} MB/s",
+        f"{t_ref / t_ours:.2f}x throughput")
+    t = time.perf_counter()
+    _, c_py = _cpu_timed(ours.encode_readable, sample)  # a fresh tokenizer: its pre-token cache starts cold
+    t_py = time.perf_counter() - t
+    row("encode, GPT-2 vocab, pure-Python encoder vs tiktoken (1 thread, cold cache; CPU-time rate, wall "
+        "rate in brackets)", f"{smb:.1f} MB", f"{smb / c_py:.2f} MB/s ({smb / t_py:.2f} MB/s wall)",
+        f"tiktoken {smb / t_ref:.1f} MB/s", f"{t_ref / c_py:.2f}x throughput")
 
-    c = time.process_time(); ids_fast = trained.encode(text); t_fast = time.process_time() - c
-    c = time.process_time(); ids_py = trained.encode_readable(text); t_py = time.process_time() - c
+
+def _bench_encoding(text, corpus, nbytes, trained, workers, tmp, row):
+    """Both our encoders on the trained vocab (one thread, CPU time), then encode_file in parallel, which
+    must give exactly encode()'s ids (a consistency check, printed, no row)."""
+    mb = nbytes / 1e6
+    ids_fast, t_fast = _cpu_timed(trained.encode, text)
+    ids_py, t_py = _cpu_timed(trained.encode_readable, text)
     same = "identical ids" if ids_fast == ids_py else "IDS DIFFER"
     row(f"encode, our {trained.vocab_size} vocab: fast path vs pure Python (1 thread, CPU time; {same}; "
         f"{nbytes / len(ids_fast):.2f} bytes/token)",
         f"{mb:.1f} MB", f"{mb / t_fast:.1f} MB/s", f"pure Python {mb / t_py:.2f} MB/s", f"{t_py / t_fast:.1f}x")
-    # encode_file in parallel must give exactly encode()'s ids (a consistency check, printed, no row)
     t = time.perf_counter()
     n = encode_file(trained, corpus, os.path.join(tmp, "corpus.bin"), num_workers=workers, progress=False)
     t_file = time.perf_counter() - t
@@ -1752,19 +1745,16 @@ def _bench_encoding(corpus, nbytes, trained, workers, tmp, row):
     print(f"  encode_file: {n:,} tokens in {t_file:.2f} s ({mb / t_file:.1f} MB/s, {workers} workers, == encode)")
 
 
-def _bench_streaming(args, corpus, nbytes, tok_dir, tmp, row):
+def _bench_streaming(args, text, nbytes, tok_dir, tmp, row):
     """Peak memory of encode_iterable over a file of tens of MB vs encode(whole text), each in a fresh
     process: streaming should add nothing that grows with the file."""
     mb = nbytes / 1e6
-    text = Path(corpus).read_text(encoding="utf-8")
     big = os.path.join(tmp, "big.txt")
     reps = max(1, int(args.stream_mb / mb + 0.999))
     with open(big, "w", encoding="utf-8") as f:
         for _ in range(reps):
             f.write(text)
-    del text
-    st = _run_json(_BENCH_STREAM, tok_dir, big, "stream")
-    whole = _run_json(_BENCH_STREAM, tok_dir, big, "whole")
+    st, whole = (_run_json(_BENCH_STREAM, tok_dir, big, how) for how in ("stream", "whole"))
     row("peak RSS: encode_iterable over the file's lines vs encode(whole text)",
         f"{reps * mb:.0f} MB file", f"{st['rss']:.0f} MB (+{st['rss'] - st['rss_before']:.0f} MB over the "
         f"loaded tokenizer; {st['tokens']:,} tokens, {reps * mb / st['s']:.1f} MB/s)",
@@ -1786,7 +1776,8 @@ def demo():
     tok = Tokenizer(vocab, merges, [EOT])
     secs = time.perf_counter() - t
     ids = tok.encode(text)
-    print(f"trained a {tok.vocab_size}-token byte-level BPE on {src} ({len(text.encode()):,} bytes) in {secs:.2f} s")
+    print(f"trained a {tok.vocab_size}-token byte-level BPE on {src} ({len(text.encode()):,} bytes) in "
+          f"{secs:.2f} s")
     print(f"compression: {len(text.encode()) / len(ids):.2f} bytes/token (raw bytes would be 1.00)")
     print("first merges:", ", ".join(f"{(a + b).decode('utf-8', 'replace')!r}" for a, b in merges[:12]))
     example = "The tokenizer turns text into integers.<|endoftext|>Ünïcödé and emoji 🙂 still round-trip."
@@ -1799,27 +1790,33 @@ def demo():
     # the same string as untrusted text: the separator is encoded as its characters, not as the special id
     plain = tok.encode(example, allowed_special=set())
     print(f"with allowed_special=set(): {len(plain)} ids, no <|endoftext|> id among them: {tok.eot_id not in plain}")
-    print("\nnext: python tokenizer.py train --input FILE --vocab-size 10000 --special-tokens '<|endoftext|>' --out DIR")
+    print("\nnext: python tokenizer.py train --input FILE --vocab-size 10000 --special-tokens '<|endoftext|>' "
+          "--out DIR")
 
 
 MAX_VOCAB = 2 ** 32  # ids must fit the uint32 of a token file (`token_dtype`)
 SPECIAL_TEXT = {"special": ("all", ()), "ordinary": (set(), ()), "error": (set(), "all")}  # --special-text
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens.json")
+BENCH_FILES = ("tinyshakespeare.txt", "mmlu_questions.txt")  # what --data-dir must hold
+# (option, test, what it must be): every number an option takes, checked before any work
+OPTION_RANGES = [("--workers", lambda v: v >= 1, ">= 1"), ("--repeats", lambda v: v >= 1, ">= 1"),
+                 ("--mb", lambda v: 0 < v <= 100_000, "in (0, 100000] MB"),
+                 ("--stream-mb", lambda v: 0 < v <= 100_000, "in (0, 100000] MB")]
 
 
 def build_parser():
     """The command line: train, encode and bench subcommands; no subcommand runs the demo."""
     p = OneLineParser(prog="tokenizer.py", description="ScratchLM stage 1: byte-level BPE tokenizer. With no "
-                                                 "subcommand: a small demo that trains on this file's own text.")
+                                                       "subcommand: a small demo that trains on this file's own text.")
     sub = p.add_subparsers(dest="cmd")
     t = sub.add_parser("train", help="train a BPE tokenizer on a UTF-8 text file")
     t.add_argument("--input", required=True, help="UTF-8 text file to train on")
     t.add_argument("--vocab-size", type=int, required=True,
                    help=f"total vocabulary size: 256 bytes + special tokens + merges (at most {MAX_VOCAB})")
-    t.add_argument("--special-tokens", nargs="*", default=[EOT], help="special tokens, never merged (default: <|endoftext|>)")
+    t.add_argument("--special-tokens", nargs="*", default=[EOT],
+                   help="special tokens, never merged (default: <|endoftext|>)")
     t.add_argument("--out", required=True, help="folder to write vocab.json, merges.txt, special_tokens.json")
     t.add_argument("--force", action="store_true", help="replace a tokenizer already saved in --out")
-    t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes, >= 1 (default: all cores)")
-    t.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     e = sub.add_parser("encode", help="encode a UTF-8 text file into a flat .bin of token ids (np.memmap-able)")
     e.add_argument("--tokenizer", required=True, help="folder written by `train` (or Tokenizer.save)")
     e.add_argument("--input", required=True, help="UTF-8 text file to encode")
@@ -1830,27 +1827,41 @@ def build_parser():
                    help="what special-token strings in the input become: 'special' = their special ids (default; "
                         "for a corpus you assembled), 'ordinary' = plain text (web text, user input), 'error' = stop "
                         "and name the first one")
-    e.add_argument("--workers", type=int, default=None, help="encoding processes, >= 1 (default: all cores)")
-    e.add_argument("--readable", action="store_true", help="force the pure-Python encoder instead of the tiktoken fast path")
-    e.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    e.add_argument("--readable", action="store_true",
+                   help="force the pure-Python encoder instead of the tiktoken fast path")
+    for q, what in ((t, "pre-tokenization"), (e, "encoding")):
+        q.add_argument("--workers", type=int, default=None, help=f"{what} processes, >= 1 (default: all cores)")
+        q.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     b = sub.add_parser("bench", help="benchmarks vs HuggingFace tokenizers (training) and tiktoken (encoding)")
-    b.add_argument("--data-dir", default=None, help="folder with tinyshakespeare.txt and mmlu_questions.txt")
+    b.add_argument("--data-dir", default=None, help="folder with " + " and ".join(BENCH_FILES) + " (required)")
     b.add_argument("--mb", type=float, default=6.0, help="size of the mixed training corpus in MB, > 0 (default 6)")
     b.add_argument("--vocab-size", type=int, default=10000, help="vocabulary size to train (default 10000)")
-    b.add_argument("--workers", type=int, default=None, help="processes/threads for both us and the peer (default: all cores)")
-    b.add_argument("--repeats", type=int, default=1, help="training runs per side, alternating; the fastest of each is kept")
+    b.add_argument("--workers", type=int, default=None,
+                   help="processes/threads for both us and the peer (default: all cores)")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="training runs per side, alternating; the fastest of each is kept")
     b.add_argument("--stream-mb", type=float, default=30.0, help="size of the file for the encode_iterable memory test")
     b.add_argument("--machine", default=None, help="machine label for the table (default: this machine's cores/torch)")
+    b.set_defaults(special_tokens=[EOT])  # what the bench trains with (for the --vocab-size check)
     return p
 
 
 def _check_args(p, args):
     """Every check that needs no real work, so a bad option fails in milliseconds, not after training."""
-    sub = p._subparsers._group_actions[0].choices[args.cmd]  # the subcommand's parser: its prog in errors
-    fail = sub.error
-    # options every subcommand shares
-    if getattr(args, "workers", None) is not None and args.workers < 1:
-        fail(f"--workers must be >= 1, got {args.workers}")
+    fail = p._subparsers._group_actions[0].choices[args.cmd].error  # the subcommand's parser: its prog in errors
+    if args.cmd == "bench" and not (args.data_dir and all((Path(args.data_dir) / n).is_file() for n in BENCH_FILES)):
+        fail(f"--data-dir must be a folder with {' and '.join(BENCH_FILES)}, got {args.data_dir or 'none'}")
+    for opt, ok, want in OPTION_RANGES:
+        v = getattr(args, opt[2:].replace("-", "_"), None)
+        if v is not None and not ok(v):
+            fail(f"{opt} must be {want}, got {v}")
+    if args.cmd in ("train", "bench"):  # the vocab holds at least the 256 bytes and the special tokens
+        if any(not s for s in args.special_tokens):
+            fail("--special-tokens must be non-empty strings")
+        low = 256 + len(set(args.special_tokens))
+        if not low <= args.vocab_size <= MAX_VOCAB:
+            fail(f"--vocab-size must be in {low}..{MAX_VOCAB} (256 bytes + {low - 256} special token(s) at least), "
+                 f"got {args.vocab_size}")
     if args.cmd in ("train", "encode"):
         try:
             _check_input_file(args.input)
@@ -1859,19 +1870,12 @@ def _check_args(p, args):
         except (OSError, ValueError) as e:
             fail(f"--input: {e}")
     if args.cmd == "train":
-        # the vocab must at least hold the 256 bytes and the special tokens; ids must fit a uint32 file
-        if any(not s for s in args.special_tokens):
-            fail("--special-tokens must be non-empty strings")
-        low = 256 + len(set(args.special_tokens))
-        if not low <= args.vocab_size <= MAX_VOCAB:
-            fail(f"--vocab-size must be in {low}..{MAX_VOCAB} (256 bytes + {low - 256} special token(s) at least), "
-                 f"got {args.vocab_size}")
         # --out is a folder; an earlier tokenizer in it is replaced only with --force (a model trained on
         # its ids would silently read garbage with new ones)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             fail(f"--out {out} is a file; train writes a folder")
-        saved = [n for n in ("vocab.json", "merges.txt", "special_tokens.json") if (out / n).exists()]
+        saved = [n for n in TOKENIZER_FILES if (out / n).exists()]
         if saved and not args.force:
             fail(f"--out {out} already holds a tokenizer ({saved[0]}); pass --force to replace it")
         _check_writable(fail, "--out", out)
@@ -1879,7 +1883,7 @@ def _check_args(p, args):
         # the output may never be one of the inputs (also through a symlink or hard link: samefile), and
         # an existing output is replaced only with --force
         tdir = Path(args.tokenizer)
-        missing = [n for n in ("vocab.json", "merges.txt") if not (tdir / n).is_file()]
+        missing = [n for n in TOKENIZER_FILES[:2] if not (tdir / n).is_file()]
         if missing:
             fail(f"--tokenizer {tdir}: no {missing[0]} there (expected a folder written by `train`)")
         if any(_same_file(args.out, x) for x in (args.input, tdir / "vocab.json", tdir / "merges.txt")):
@@ -1889,18 +1893,6 @@ def _check_args(p, args):
         if os.path.lexists(args.out) and not args.force:
             fail(f"--out {args.out} already exists; pass --force to replace it")
         _check_writable(fail, "--out", Path(args.out).parent)
-    elif args.cmd == "bench":
-        data_dir = Path(args.data_dir) if args.data_dir else shared_path("data")
-        if data_dir is None or not all((data_dir / n).is_file() for n in ("tinyshakespeare.txt", "mmlu_questions.txt")):
-            fail(f"--data-dir must be a folder with tinyshakespeare.txt and mmlu_questions.txt, got {data_dir}")
-        args.data_dir = str(data_dir)
-        for opt, v in (("--mb", args.mb), ("--stream-mb", args.stream_mb)):
-            if not 0 < v <= 100_000:
-                fail(f"{opt} must be in (0, 100000] MB, got {v}")
-        if not 257 <= args.vocab_size <= MAX_VOCAB:
-            fail(f"--vocab-size must be in 257..{MAX_VOCAB}, got {args.vocab_size}")
-        if args.repeats < 1:
-            fail(f"--repeats must be >= 1, got {args.repeats}")
 
 
 def _check_writable(fail, opt, folder):
@@ -1975,7 +1967,8 @@ def _run_command(args):
             tok.save(args.out)
         for w in caught:  # e.g. "the vocabulary has 300 tokens, fewer than the 1,000 asked for"
             print(f"warning: {w.message}", file=sys.stderr)
-        print(f"trained {tok.vocab_size} tokens ({len(merges)} merges) in {time.perf_counter() - t0:.1f} s -> {args.out}")
+        print(f"trained {tok.vocab_size} tokens ({len(merges)} merges) in {time.perf_counter() - t0:.1f} s "
+              f"-> {args.out}")
         with open(args.input, encoding="utf-8", errors="replace") as f:
             sample = f.read(1 << 20)
         print(f"compression on the first MB: {len(sample.encode()) / max(1, len(tok.encode(sample))):.2f} bytes/token")

@@ -16,20 +16,18 @@ The idea, in the order this file tells it
   1. The loss and how we report it: cross-entropy written from scratch (stable at huge logits),
      perplexity = exp(loss), and bits per byte (bpb) = total nats / ln 2 / total bytes of text. bpb
      compares models with different tokenizers: longer tokens raise the loss per token, not per byte.
-  2. Optimizers: AdamW exactly as in the CS336 handout (a readable per-parameter loop; torch's fused AdamW
-     is the fast path, a test proves they agree), Muon, which orthogonalizes the momentum of each
-     hidden weight matrix (modded-nanogpt, nanochat), and SOAP, Adam run in Shampoo's eigenbasis.
+  2. AdamW exactly as in the CS336 handout (a readable per-parameter loop; torch's fused AdamW is the
+     fast path, a test proves they agree).
   3. Learning-rate schedules (cosine with warm-up; warm-up, stable, decay) and global-norm clipping.
   4. Batches: random windows of the token array, drawn from a seeded stream so a resumed or distributed
-     run sees exactly the batches it should; and how large a batch should be: the gradient noise scale
-     B_simple, measured for free from the micro-batch and accumulated gradients (--noise-scale).
-  5. The loop: micro-batches with gradient accumulation, one optimizer step, logging, a wall-clock
-     budget that ends the learning-rate schedule on time, and hooks so ddp.py runs this same loop on
-     every rank.
+     run sees exactly the batches it should.
+  5. The loop: one `train_step` (micro-batches with gradient accumulation, clipping, the update) inside a
+     flat `train()`; ddp.py plugs in through TrainHooks, the menu items through Extension.
   6. Evaluation: a sliding-window pass over the validation split that scores every token exactly once.
   7. Checkpoints: atomic, safe to load (`weights_only=True`), complete enough to resume bit-identically.
-Cheaper models for decoding sit next to the loss and the loop they change: distillation from a teacher
-checkpoint (--distill-from) and gradual magnitude pruning (--prune-sparsity).
+The menus: other optimizers (Muon, which orthogonalizes each hidden matrix's momentum, as modded-nanogpt
+and nanochat do; SOAP, Adam in Shampoo's eigenbasis; muP), the batch size and the gradient noise scale
+B_simple (--noise-scale), and cheaper models (distillation, --distill-from; pruning, --prune-sparsity).
 The appendices hold the plumbing (a synthetic corpus whose entropy we know exactly, downloads, the cached
 text -> tokenizer -> token-file pipeline, presets, devices and threads), the benchmark against nanoGPT,
 the sweeps (`python train.py batch-size`: where larger batches stop paying; `python train.py ablate`: the
@@ -77,7 +75,6 @@ import lzma
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -105,9 +102,7 @@ from tokenizer import EOT, Progress, atomic_open, atomic_write_bytes, atomic_wri
 check_device = resolve_device
 
 
-# =====================================================================================================
-# 1. The loss: cross-entropy, perplexity, bits per byte
-# =====================================================================================================
+# ---- 1. The loss: cross-entropy, perplexity, bits per byte ---------------------------------------
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of `targets` under softmax(`logits`), written from scratch.
@@ -135,31 +130,6 @@ def cross_entropy_fast(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
-    """Knowledge distillation (Hinton et al., "Distilling the Knowledge in a Neural Network",
-    arXiv:1503.02531): train a small student on a big teacher's whole next-token distribution, not only
-    on the one token the text happened to contain.
-
-        p_T = softmax(teacher / T),  q_T = softmax(student / T)          (..., V) each, temperature T
-        loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(student, targets)
-
-    Why: the teacher's probabilities on the wrong tokens ("dark knowledge": which continuations are almost
-    right) carry far more bits per example than a one-hot target, so the student learns more per token.
-    T > 1 softens both distributions so those small probabilities matter; the gradient of the soft term
-    scales as 1/T^2, hence the T^2 that keeps the two terms' balance independent of T. Cost: a teacher
-    forward pass per micro-batch (no backward), and the teacher's weights in memory. The KL needs the same
-    vocabulary on both sides: the same tokenizer, checked when the teacher is loaded.
-    """
-    # float32 even under bf16 autocast: the KL is a small difference of large log-probabilities
-    V = student_logits.shape[-1]
-    s = student_logits.float().reshape(-1, V)  # (N, V)
-    log_p = F.log_softmax(teacher_logits.float().reshape(-1, V) / temperature, dim=-1)  # teacher, (N, V)
-    log_q = F.log_softmax(s / temperature, dim=-1)  # student
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # KL(p || q) per position, averaged
-    return alpha * temperature ** 2 * kl + (1 - alpha) * F.cross_entropy(s, targets.reshape(-1))
-
-
 def perplexity(loss_nats: float) -> float:
     """exp(mean nats per token): the 'effective number of equally likely next tokens'."""
     return math.exp(min(loss_nats, 700.0))  # clamp: exp(710) overflows a float64
@@ -170,11 +140,8 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return total_nats / math.log(2) / max(total_bytes, 1)
 
 
-# =====================================================================================================
-# 2. Optimizers: AdamW (from scratch), Muon, and a container that steps several optimizers as one
-# =====================================================================================================
-# Plain SGD moves every weight by lr * gradient. Two problems: coordinates whose gradients are tiny barely
-# move, and noisy coordinates jitter. Adam (arXiv:1412.6980) keeps running averages of the gradient (m) and
+
+# ---- 2. The optimizer: AdamW, from scratch ------------------------------------------------------------
 # of its square (v) per coordinate and steps by m / sqrt(v): about lr in every coordinate, whatever the
 # gradient's scale. AdamW (arXiv:1711.05101) applies weight decay directly to the weights instead of adding
 # it to the gradient, where Adam's division would rescale it per coordinate.
@@ -236,6 +203,492 @@ class AdamW(torch.optim.Optimizer):
                 if wd != 0:
                     p.mul_(1 - lr * wd)  # decoupled decay, applied after the Adam step (handout order)
         return loss
+
+
+# ---- 3. Learning-rate schedules and gradient clipping -------------------------------------------------
+# bouncing around the bottom of the valley, and annealing the rate toward a small value lets it settle.
+
+
+def get_lr_cosine_schedule(it: int, max_learning_rate: float, min_learning_rate: float, warmup_iters: int,
+                           cosine_cycle_iters: int) -> float:
+    """Linear warm-up to max, then half a cosine from max down to min, then min forever (CS336 form; the
+    cosine shape is SGDR's, Loshchilov & Hutter, arXiv:1608.03983, without the restarts).
+
+        it < Tw:              lr = it / Tw * max
+        Tw <= it <= Tc:       lr = min + 1/2 (1 + cos(pi (it - Tw) / (Tc - Tw))) (max - min)
+        it > Tc:              lr = min
+    Warm-up exists because Adam's second-moment estimate is noisy for the first steps; a full-size step
+    then can throw the weights somewhere they never recover from.
+    """
+    if it < warmup_iters:
+        return it / warmup_iters * max_learning_rate
+    if it > cosine_cycle_iters:
+        return min_learning_rate
+    if cosine_cycle_iters == warmup_iters:
+        return max_learning_rate
+    progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)
+    return min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (max_learning_rate - min_learning_rate)
+
+
+def get_lr_wsd_schedule(it: int, max_learning_rate: float, min_learning_rate: float, warmup_iters: int,
+                        total_iters: int, decay_fraction: float = 0.2) -> float:
+    """Warm-up, Stable, Decay (Hu et al., "MiniCPM", arXiv:2404.06395; used by nanochat and modded-nanogpt).
+
+        it < Tw:                    lr = it / Tw * max                      (warm-up)
+        Tw <= it < Td:              lr = max                                (stable)
+        Td <= it <= T:              lr = max + (min - max) (it - Td)/(T - Td)  (linear decay to min)
+        it > T:                     lr = min
+    with Td = T - decay_fraction * T. Why the field likes it: the run's length need not be known in advance
+    (the stable phase can continue, a checkpoint from it can be decayed later), and it matches cosine's
+    final loss.
+    """
+    if it < warmup_iters:
+        return it / warmup_iters * max_learning_rate
+    if it > total_iters:
+        return min_learning_rate
+    decay_start = max(warmup_iters, total_iters - decay_fraction * total_iters)
+    if it < decay_start:
+        return max_learning_rate
+    span = max(total_iters - decay_start, 1e-12)
+    return max_learning_rate + (min_learning_rate - max_learning_rate) * (it - decay_start) / span
+
+
+def schedule_factor(cfg: "TrainConfig", step: int, frac: float) -> float:
+    """The learning-rate multiplier in (0, 1] for optimizer step `step` (0-based), given `frac` in [0, 1]:
+    how far the run is through its post-warm-up part, by steps or by the time budget (see TimeBudget).
+
+    Warm-up is counted in steps: (step + 1) / warmup_iters, so the very first step already moves
+    (lr 0 would waste it) and step warmup_iters - 1 is at the full peak. After it, the CS336 functions
+    above are evaluated on the progress fraction itself -- warm-up 0, cycle length 1 -- so the same curve
+    fits a run of any length, known in steps or only in seconds. With a step budget T,
+    frac = (step - Tw) / (T - Tw), which makes this exactly get_lr_cosine_schedule(step, .., Tw, T).
+    """
+    if step < cfg.warmup_iters:
+        return (step + 1) / cfg.warmup_iters
+    if cfg.schedule == "cosine":
+        return get_lr_cosine_schedule(frac, 1.0, cfg.min_lr_ratio, 0, 1.0)
+    if cfg.schedule == "wsd":  # stable, then a linear decay over the last decay_fraction of the run
+        return get_lr_wsd_schedule(frac, 1.0, cfg.min_lr_ratio, 0, 1.0, cfg.decay_fraction)
+    return 1.0  # "constant"
+
+
+@torch.no_grad()
+def gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float, eps: float = 1e-6) -> float:
+    """Clip the global L2 norm of all gradients to `max_l2_norm` in place; return the norm before clipping.
+
+    norm = sqrt(sum over params of sum(g^2)); if norm > max: every g *= max / (norm + eps). One global
+    norm (not per tensor) keeps the update's direction unchanged; it only limits a rare huge step.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    # the global norm is the norm of all gradients concatenated into one vector: sqrt of summed squares
+    total = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
+    total_f = float(total)  # one host sync per step; the comparison below needs the number on the CPU
+    if total_f > max_l2_norm:
+        scale = max_l2_norm / (total_f + eps)
+        for g in grads:
+            g.mul_(scale)
+    return total_f
+
+
+# ---- 4. Batches: random windows of one long token array -----------------------------------------------
+# np.memmap so a 10 GB corpus costs no RAM. A batch is B windows of T+1 consecutive tokens at random
+# starts: the first T are the input, the last T (shifted by one) the targets. Random starts (instead of
+# walking the file in order) make every batch an unbiased sample of the whole corpus.
+
+
+def get_batch(dataset, batch_size: int, context_length: int, device, rng: np.random.Generator | None = None):
+    """Sample `batch_size` random windows from a 1-D token array (np.memmap or ndarray).
+
+    x[b] = dataset[s_b : s_b + T], y[b] = dataset[s_b + 1 : s_b + T + 1] (the next token at every position),
+    with start s_b uniform in [0, n - T - 1]. Returns two int64 tensors of shape (B, T) on `device`.
+    `rng` (a numpy Generator) makes the draw reproducible; the training loop derives one from
+    (seed, step, rank, micro-step) so a resumed or distributed run draws exactly the batches it should.
+    A device that is not on this machine raises DeviceUnavailableError (a RuntimeError, as in torch).
+    """
+    dev = check_device(device)  # first: a bad device fails before any work
+    x, y = sample_windows(dataset, batch_size, context_length, rng if rng is not None else np.random.default_rng())
+    x, y = torch.from_numpy(x), torch.from_numpy(y)  # (B, T) int64 each, still in CPU memory
+    if dev.type == "cuda":  # pinned (page-locked) memory lets the copy to the GPU overlap with compute
+        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
+    return x.contiguous().to(dev), y.contiguous().to(dev)
+
+
+# ---- 5. The training loop ---------------------------------------------------------------------------
+# nanoGPT's loop: for every step, the learning rate from the schedule, one train_step (forward, loss and
+# backward over grad_accum micro-batches, clip, update), a log line, now and then an evaluation and a
+# checkpoint; stop at --max-steps or when the time budget says so. Two small, named mechanisms plug
+# things in without branches in the step: TrainHooks (ddp.py runs this same loop on every rank) and
+# Extension (the menu items: the noise scale, distillation, pruning). Building and ending a run
+# (_setup_run, _finish) and the time budget are in the plumbing appendix.
+
+
+def model_config(cfg: "TrainConfig", vocab_size: int):
+    """model.ModelConfig from the training options (the switches in cfg.model_kw on top)."""
+    kw = dict(vocab_size=vocab_size, context_length=cfg.context_length, d_model=cfg.d_model,
+              num_layers=cfg.num_layers, num_heads=cfg.num_heads, d_ff=cfg.d_ff, rope_theta=cfg.rope_theta)
+    kw.update(cfg.model_kw or {})
+    return M.ModelConfig.from_dict(kw)
+
+
+def build_model(cfg: "TrainConfig", vocab_size: int, device="cpu") -> torch.nn.Module:
+    """TransformerLM from model.py, initialized under cfg.seed (same weights on every rank)."""
+    torch.manual_seed(cfg.seed)
+    model = M.TransformerLM.from_config(model_config(cfg, vocab_size))
+    return model.to(device)
+
+
+@dataclass
+class TrainHooks:
+    """Extension points for ddp.py, kernels.py and tests. All optional; None = the single-process behaviour.
+    `model` is the bare TransformerLM, `run_model` what wrap_model made of it (or the model itself).
+
+    Building the run (in this order, so a wrapper can shard or broadcast the resumed weights, and the optimizer
+    holds the parameters the wrapper trains, e.g. FSDP's shards):
+      wrap_model(model) -> run_model, used for forward/backward and evaluation (kernels swapped in, DDP, FSDP)
+      build_optimizer(model, run_model, cfg) -> optimizer (e.g. ZeRO-1's sharded optimizer)
+      load_optimizer_state(optimizer, run_model, ckpt) on resume, with the checkpoint dict (from
+          read_checkpoint): e.g. cut a consolidated state into this rank's shards
+    Each step:
+      get_batch(step, micro) -> (x, y) this rank's micro-batch (ddp.py: its slice of a world-size independent
+          global batch; default: get_batch() on the (seed, step, rank, micro) stream)
+      no_sync(run_model, is_last_micro_step) -> context manager (skip gradient communication on early micro-steps)
+      sync_gradients(run_model) after the last backward, before clipping and the optimizer step: make every
+          rank's gradient the full-batch average (wait for DDP's all-reduces, FSDP's reduce-scatters)
+      clip_gradients(run_model, optimizer, max_norm) -> global L2 norm before clipping (FSDP: summed over shards)
+      all_reduce(tensor) -> tensor summed over ranks (the step loss, the finite-weights check, eval sums)
+      on_step(step, model, metrics) after every optimizer step (rank-local)
+      progress_note(run_model, train_seconds) -> text appended to the progress line (ddp.py: communication share)
+    Checkpoints and the end of the run (COLLECTIVE: train() calls these on every rank, only rank 0 writes):
+      checkpoint_state(model, run_model, optimizer) -> dict with the checkpoint's "model" and "optimizer" state
+          dicts (full, unsharded) plus any extra primitive entries
+      full_model(model, run_model) -> an ordinary module holding the full weights, for the samples
+    For models split by layers or by weight matrices (ddp.py's --tp/--pp mesh), which never form full logits:
+      loss_and_backward(run_model, x, y, scale) -> the micro-batch's mean cross-entropy (a 0-d tensor, every rank
+          the same), after backward of scale * that loss (scale = 1 / grad_accum; gradients add up over calls).
+          Replaces the forward / loss / backward of one micro-step (a pipeline schedule runs its own).
+      eval_model(model, run_model) -> the module to evaluate (logits from model(x)); COLLECTIVE, called before
+          every evaluation (ddp.py gathers the full weights into `model`)
+      tokens_per_step: an int, not a callable: the tokens one optimizer step trains on over all ranks, when
+          ranks share rows (tensor/pipeline ranks of one replica); default batch_size * T * grad_accum * ranks
+    """
+    wrap_model: Optional[Callable] = None
+    build_optimizer: Optional[Callable] = None
+    load_optimizer_state: Optional[Callable] = None
+    get_batch: Optional[Callable] = None
+    no_sync: Optional[Callable] = None
+    sync_gradients: Optional[Callable] = None
+    clip_gradients: Optional[Callable] = None
+    all_reduce: Optional[Callable] = None
+    on_step: Optional[Callable] = None
+    progress_note: Optional[Callable] = None
+    checkpoint_state: Optional[Callable] = None
+    full_model: Optional[Callable] = None
+    loss_and_backward: Optional[Callable] = None
+    eval_model: Optional[Callable] = None
+    tokens_per_step: Optional[int] = None
+
+
+class Extension:
+    """A menu item plugged into the loop (NoiseScaleProbe, Distillation, Pruning, in the menus below).
+    train_step and train() call each method of every extension in run.extensions at its point; the
+    defaults change nothing, so a subclass writes only the points it needs."""
+
+    def objective(self, run: "Run", x, y, logits, objective):
+        """The micro-batch's training objective from its cross-entropy (default: unchanged)."""
+        return objective
+
+    def after_backward(self, run: "Run"):
+        """After each micro-batch's backward: its gradient has just been added into .grad."""
+
+    def before_update(self, run: "Run"):
+        """After the last backward and the gradient sync, before clipping and the optimizer step."""
+
+    def after_step(self, run: "Run", step: int, frac: float):
+        """After optimizer step `step` (counted from 1), at run progress `frac` in [0, 1]."""
+
+    def metrics(self, run: "Run") -> dict:
+        """Extra entries for this step's metrics row."""
+        return {}
+
+    def progress(self, run: "Run") -> str:
+        """Text appended to the progress line."""
+        return ""
+
+    def report(self, run: "Run", final: dict, eval_seconds: float, n_tokens: int) -> dict:
+        """At the end, on rank 0, after the final evaluation: lines to print and entries for the summary."""
+        return {}
+
+
+@dataclass
+class Run:
+    """Everything one training run holds. _setup_run (plumbing) fills the fields in this order; train_step
+    and train() read them."""
+    cfg: "TrainConfig"  # every option, validated
+    hooks: TrainHooks  # ddp.py's extension points (all None in a single process)
+    rank: int = 0  # this process, 0 .. world_size - 1; only rank 0 writes files
+    world_size: int = 1  # processes training together
+    log: Callable = print  # where progress lines go
+    say: Callable = print  # `log` on rank 0, nothing on the other ranks
+    t_start: float = 0.0  # when the command started (time.time()): the wall clock of --max-minutes
+    device: torch.device = None  # where the model and its batches live
+    out: Path = None  # the run folder: ckpt.pt, metrics.jsonl, tokenizer/, loss_curve.png
+    ckpt_path: Path = None  # out / "ckpt.pt"
+    train_tokens: np.ndarray = None  # the training split: one flat np.memmap of token ids
+    val_tokens: np.ndarray = None  # the validation split
+    tokenizer: "tk.Tokenizer" = None  # the data's BPE tokenizer
+    floor: Optional[float] = None  # entropy floor of the validation split in bits per byte (synthetic data)
+    model: torch.nn.Module = None  # the bare TransformerLM
+    mcfg: dict = None  # its ModelConfig as a dict (stored in checkpoints)
+    tokens_per_step: int = 0  # tokens one optimizer step trains on, over all ranks
+    run_model: torch.nn.Module = None  # what forward/backward run: hooks.wrap_model(model), torch.compile
+    eval_model: torch.nn.Module = None  # what the evaluations run
+    optimizer: torch.optim.Optimizer = None  # build_optimizer's (or hooks.build_optimizer's)
+    loss_fn: Callable = None  # cross_entropy_fast or cross_entropy (--loss-impl)
+    extensions: list = field(default_factory=list)  # the Extensions switched on
+    metrics: Optional["MetricsLog"] = None  # metrics.jsonl (rank 0 only)
+    flops_per_tok: float = 0.0  # training FLOPs per token (for MFU)
+    peak: Optional[float] = None  # the GPU's peak FLOP/s (None: unknown, no MFU)
+    final_eval_tokens: int = 0  # validation tokens of the final evaluation
+    budget: "TimeBudget" = None  # --max-steps / --max-minutes: progress through the run, when to stop
+    eval_kw: dict = None  # evaluate()'s options, the same for every evaluation of the run
+    start_step: int = 0  # 0, or the step a resumed run continues from
+    loop_t0: float = 0.0  # the loop clock's zero: time.time() minus the training seconds of earlier processes
+    elapsed_before: float = 0.0  # wall-clock seconds of the run's earlier processes (before resumes)
+    last_log: tuple = (0.0, 0)  # (time, step) of the last progress line, for the tokens/s since then
+    losses: list = field(default_factory=list)  # every step's training loss
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def clock(self) -> float:
+        """Seconds of training so far, continued across resumes."""
+        return time.time() - self.loop_t0
+
+    def minutes(self) -> float:
+        """Wall-clock minutes of the whole run so far, all resumed processes included."""
+        return (self.elapsed_before + time.time() - self.t_start) / 60
+
+
+def train_step(run: Run, step: int, lr_factor: float) -> tuple[float, float]:
+    """One optimizer step: the learning rate, then forward, loss and backward over grad_accum micro-batches
+    (their gradients add up), clipping, the update. Returns (the step's mean loss over all micro-batches and
+    ranks, the gradient norm before clipping). ddp.py's pieces come in through run.hooks, the menu's through
+    run.extensions."""
+    cfg, hooks = run.cfg, run.hooks
+    for g in run.optimizer.param_groups:  # every group's peak rate times the schedule's factor in (0, 1]
+        g["lr"] = g.get("base_lr", cfg.lr) * lr_factor
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = _micro_batch(run, step, micro)  # (B, T) each
+        if hooks.loss_and_backward:  # the model runs its own forward and backward (ddp.py's pipeline / TP mesh)
+            loss_sum += hooks.loss_and_backward(run.run_model, x, y, 1.0 / cfg.grad_accum).detach().float()
+            continue
+        last = micro == cfg.grad_accum - 1
+        with hooks.no_sync(run.run_model, last) if hooks.no_sync else contextlib.nullcontext():
+            with autocast_context(run.device, cfg.dtype):
+                logits = run.run_model(x)  # (B, T, V)
+                loss = run.loss_fn(logits, y)  # the logged loss: plain cross-entropy, also when distilling
+                objective = loss
+                for ext in run.extensions:  # e.g. distillation: the teacher's soft targets
+                    objective = ext.objective(run, x, y, logits, objective)
+                aux = getattr(run.model, "aux_loss", None)  # mixture-of-experts load balancing, if any
+                if isinstance(aux, torch.Tensor) and aux.requires_grad:
+                    objective = objective + aux
+            # gradients add up over backward calls; dividing each micro-batch's loss by grad_accum makes the
+            # sum the gradient of the MEAN loss over all grad_accum * B sequences: one big batch, in pieces
+            (objective / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+        for ext in run.extensions:  # e.g. the noise scale: this micro-batch's own gradient
+            ext.after_backward(run)
+    if hooks.sync_gradients:  # the one addition to a single-process step: gradients averaged over ranks
+        hooks.sync_gradients(run.run_model)
+    step_loss = _step_loss(run, step, loss_sum / cfg.grad_accum)  # averaged over ranks; stops on NaN/inf
+    for ext in run.extensions:
+        ext.before_update(run)
+    grad_norm = float("nan")
+    if cfg.grad_clip > 0:
+        grad_norm = (hooks.clip_gradients(run.run_model, run.optimizer, cfg.grad_clip) if hooks.clip_gradients
+                     else gradient_clipping(run.model.parameters(), cfg.grad_clip))
+    run.optimizer.step()
+    # set_to_none frees the gradient memory until the next backward (cheaper than writing zeros)
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
+def _micro_batch(run: Run, step: int, micro: int):
+    """This rank's micro-batch `micro` of optimizer step `step`: (x, y), (B, T) each."""
+    if run.hooks.get_batch:
+        return run.hooks.get_batch(step, micro)
+    # batch = f(seed, step, rank, micro): a resumed run redraws exactly the same batches
+    rng = np.random.default_rng([run.cfg.seed, step, run.rank, micro])
+    return get_batch(run.train_tokens, run.cfg.batch_size, run.cfg.context_length, run.device, rng)
+
+
+def train(cfg: "TrainConfig", data: "PreparedData | None" = None, *, hooks: TrainHooks | None = None, rank: int = 0,
+          world_size: int = 1, log: Callable = print, t_start: float | None = None) -> dict:
+    """Train per cfg; return a summary dict: steps, stop_reason, train_seconds, eval_seconds, tokens, val
+    (the final evaluation), entropy_floor_bpb, out_dir, first_losses, last_loss, losses, samples.
+
+    Distributed use (ddp.py): call on every rank with its rank/world_size and hooks (see TrainHooks); each
+    rank draws its own batches (by default from the (seed, step, rank) stream; ddp.py's get_batch hook slices
+    a world-size independent global batch); only rank 0 logs, writes metrics, checkpoints and samples.
+    Ctrl-C (single process): the run saves a checkpoint after the current step and stops (a second Ctrl-C
+    stops at once, without saving); `--resume` continues it exactly.
+    """
+    run = _setup_run(cfg, data, hooks or TrainHooks(), rank, world_size, log, t_start)
+    step, stop_reason = run.start_step, None
+    with _checkpoint_on_interrupt(enabled=world_size == 1) as interrupted:
+        while True:
+            # how far the run is (by steps or by the time budget), or why it stops now
+            frac, stop_reason = run.budget.progress(step, run.clock())
+            if stop_reason:
+                break
+            loss, grad_norm = train_step(run, step, schedule_factor(cfg, step, frac))
+            step += 1
+            for ext in run.extensions:  # e.g. pruning: the pruned weights back to zero, the masks grown
+                ext.after_step(run, step, frac)
+            run.losses.append(loss)
+            if run.hooks.on_step is not None:
+                run.hooks.on_step(step, run.model, dict(loss=loss))
+            _log_step(run, step, loss, grad_norm)
+            if step % cfg.eval_interval == 0:
+                _periodic_eval(run, step)
+            if step % cfg.ckpt_interval == 0 or interrupted():
+                _save(run, step)
+            if interrupted():
+                run.say(f"interrupted: checkpoint saved at step {step} in {run.ckpt_path}; continue with --resume")
+                raise KeyboardInterrupt
+    return _finish(run, step, stop_reason)
+
+
+# ---- 6. Evaluation: loss, perplexity and bits per byte on the validation split -----------------------
+
+
+@torch.no_grad()
+def evaluate(model, tokens, *, context_length: int, batch_size: int, device, token_bytes: np.ndarray | None = None,
+             max_tokens: int | None = None, dtype: str = "auto", rank: int = 0, world_size: int = 1,
+             all_reduce: Callable | None = None, stride: int | None = None,
+             equal_batches: bool = False) -> dict:
+    """Validation loss, perplexity and bits per byte over the first `max_tokens` of `tokens`.
+
+    Sliding windows of context_length T (+1 for the targets) starting every `stride` tokens (default T:
+    consecutive, non-overlapping). Every target token is scored exactly once: the first window scores all
+    its T targets, each later one only its last `stride` targets, which therefore see at least T - stride
+    tokens of context. Why overlap: with disjoint windows the first targets of each window are predicted
+    from almost nothing (e.g. a name chosen before the cut), which measures the cut, not the model; with
+    stride T/2 (the training loop's default) every scored token has >= T/2 context, at 2x the compute.
+    Same tokens every call, so evals are comparable. Rank r of world_size takes windows r, r + world_size,
+    ...; `all_reduce` (ddp.py's) sums [nats, tokens, bytes] across ranks.
+    `equal_batches=True` makes every rank run the same number of forward passes (a rank out of windows
+    re-runs window 0 and discards the result): needed when the forward itself is a collective (ddp.py's FSDP).
+    bpb = sum of nats / ln 2 / sum of UTF-8 bytes of the target tokens (token_bytes[id] from the tokenizer).
+    """
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
+    T = context_length
+    stride = T if not stride else int(stride)
+    if not 1 <= stride <= T:
+        raise ValueError(f"eval stride {stride} must be in [1, context_length={T}]")
+    if n - 1 < T:
+        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one context window + 1 "
+                         f"({T + 1}); use more validation text or a smaller --context-length")
+    # window w covers tokens[w * stride : w * stride + T + 1]; the last one must end inside the n tokens
+    n_windows = 1 + (n - 1 - T) // stride
+    mine = list(range(rank, n_windows, world_size))  # this rank's share, round-robin
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
+    tb = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64)) if token_bytes is not None else None
+    n_batches = -(-len(mine) // batch_size)
+    if equal_batches:  # ceil(ceil(windows / ranks) / batch): the same on every rank
+        n_batches = -(-(-(-n_windows // world_size)) // batch_size)
+    for b in range(n_batches):
+        idx = mine[b * batch_size: (b + 1) * batch_size]
+        real = bool(idx)  # False only with equal_batches, on a rank that has run out of windows
+        idx = idx or [0]
+        # the same slicing as get_batch, at fixed starts instead of random ones
+        win = np.stack([np.asarray(tokens[w * stride: w * stride + T + 1], dtype=np.int64) for w in idx])
+        xy = torch.from_numpy(win)  # (b, T+1)
+        x, y = xy[:, :-1].to(device), xy[:, 1:]
+        with autocast_context(device, dtype):
+            logits = model(x)  # (b, T, V)
+        # per-token losses (reduction="none"), summed in float64 below: millions of float32 additions
+        # would drift in the last digits, and evals must be comparable to 4 decimals
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1).to(device),
+                              reduction="none").reshape(len(idx), T).cpu().double()  # (b, T)
+        scored = torch.zeros(len(idx), T, dtype=torch.bool)  # which targets this window scores
+        scored[:, T - stride:] = True
+        scored[torch.tensor(idx) == 0] = True  # the first window scores everything
+        if not real:
+            continue
+        sums[0] += float(nll[scored].sum())
+        sums[1] += int(scored.sum())
+        if tb is not None:
+            sums[2] += float(tb[y][scored].sum())
+    if all_reduce is not None:  # every rank ends with the totals over all ranks
+        sums = all_reduce(sums)
+    if was_training:
+        model.train()
+    # loss = mean nats per scored token; bpb = the same total in bits, per byte of the text those tokens are
+    nats, count, nbytes = float(sums[0]), int(sums[1]), int(sums[2])
+    loss = nats / max(count, 1)
+    return dict(loss=loss, ppl=perplexity(loss), bpb=bits_per_byte(nats, nbytes) if nbytes else float("nan"),
+                tokens=count, bytes=nbytes)
+
+
+# ---- 7. Checkpoints: atomic, safe to load, complete enough to resume exactly --------------------------
+# to those types: RNG states become tensors/lists, configs become plain dicts. Exact resume needs more
+# than the weights: the optimizer's moments, the step (which fixes the batches and the learning rate), the
+# loop's clock and budget (which fix the time-based schedule), and every RNG state.
+
+
+def save_checkpoint(model, optimizer, iteration: int, out, **extra):
+    """Write model + optimizer state, iteration, RNG states and any `extra` primitives to `out` (a path,
+    written atomically; or a binary file object). The CS336 signature."""
+    write_checkpoint(out, iteration, model=_unwrap(model).state_dict(),
+                     optimizer=optimizer.state_dict() if optimizer is not None else None, **extra)
+
+
+def write_checkpoint(out, iteration: int, **entries):
+    """The file format of save_checkpoint, from state dicts already in hand (ddp.py's are consolidated from
+    shards on every rank): `entries` holds "model", "optimizer" and any extra primitives.
+
+    A path is written through atomic_open: a temporary file in the same folder, renamed over the old
+    checkpoint only once complete, so a crash, a kill or a full disk mid-write leaves the previous one."""
+    # "format" lets model.read_checkpoint refuse files of another layout with a clear message
+    payload = {"format": "scratchlm-checkpoint-v1", "iteration": int(iteration), "rng": rng_state(), **entries}
+    if not isinstance(out, (str, os.PathLike)):
+        torch.save(payload, out)
+        return
+    try:
+        with atomic_open(out, "wb") as f:
+            torch.save(payload, f)
+    except OSError as e:  # atomic_open removed its temporary file; say what that means for a checkpoint
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left writing {out}; the previous checkpoint is intact") from None
+        raise
+
+
+def load_checkpoint(src, model, optimizer, restore_rng: bool = True) -> int:
+    """Load a checkpoint written by save_checkpoint into `model` (and `optimizer` unless None); restore the
+    RNG states; return the iteration (the CS336 signature). A checkpoint that does not fit raises
+    model.StateDictMismatchError naming every key (a ValueError, and a RuntimeError as torch raises)."""
+    ckpt = read_checkpoint(src)  # weights_only=True: a checkpoint cannot run code
+    load_model_state(model, ckpt, src)
+    if optimizer is not None:
+        load_optimizer_state(optimizer, ckpt, src)
+    if restore_rng and "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return int(ckpt["iteration"])
+
+
+# ===== Menu: other optimizers =====
+# Muon (orthogonalized momentum), SOAP (Adam in Shampoo's eigenbasis), the OptimizerGroup that steps two
+# optimizers as one, and muP's per-layer learning rates. They plug into the core at one point: the
+# optimizer factory build_optimizer (--optimizer, --mup-base-width), which the run calls once at its start.
 
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -543,124 +996,11 @@ def mup_param_groups(named: list, cfg: "TrainConfig") -> list:
             for k, ps in groups.items() if ps]
 
 
-# =====================================================================================================
-# 3. Learning-rate schedules and gradient clipping
-# =====================================================================================================
-# Why a schedule at all: early on, Adam's moment estimates are noise, so a full-size step can throw the
-# weights somewhere they never recover from (hence warm-up); late in training, a large step keeps the loss
-# bouncing around the bottom of the valley, and annealing the rate toward a small value lets it settle.
 
-
-def get_lr_cosine_schedule(it: int, max_learning_rate: float, min_learning_rate: float, warmup_iters: int,
-                           cosine_cycle_iters: int) -> float:
-    """Linear warm-up to max, then half a cosine from max down to min, then min forever (CS336 form; the
-    cosine shape is SGDR's, Loshchilov & Hutter, arXiv:1608.03983, without the restarts).
-
-        it < Tw:              lr = it / Tw * max
-        Tw <= it <= Tc:       lr = min + 1/2 (1 + cos(pi (it - Tw) / (Tc - Tw))) (max - min)
-        it > Tc:              lr = min
-    Warm-up exists because Adam's second-moment estimate is noisy for the first steps; a full-size step
-    then can throw the weights somewhere they never recover from.
-    """
-    if it < warmup_iters:
-        return it / warmup_iters * max_learning_rate
-    if it > cosine_cycle_iters:
-        return min_learning_rate
-    if cosine_cycle_iters == warmup_iters:
-        return max_learning_rate
-    progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)
-    return min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (max_learning_rate - min_learning_rate)
-
-
-def get_lr_wsd_schedule(it: int, max_learning_rate: float, min_learning_rate: float, warmup_iters: int,
-                        total_iters: int, decay_fraction: float = 0.2) -> float:
-    """Warm-up, Stable, Decay (Hu et al., "MiniCPM", arXiv:2404.06395; used by nanochat and modded-nanogpt).
-
-        it < Tw:                    lr = it / Tw * max                      (warm-up)
-        Tw <= it < Td:              lr = max                                (stable)
-        Td <= it <= T:              lr = max + (min - max) (it - Td)/(T - Td)  (linear decay to min)
-        it > T:                     lr = min
-    with Td = T - decay_fraction * T. Why the field likes it: the run's length need not be known in advance
-    (the stable phase can continue, a checkpoint from it can be decayed later), and it matches cosine's
-    final loss.
-    """
-    if it < warmup_iters:
-        return it / warmup_iters * max_learning_rate
-    if it > total_iters:
-        return min_learning_rate
-    decay_start = max(warmup_iters, total_iters - decay_fraction * total_iters)
-    if it < decay_start:
-        return max_learning_rate
-    span = max(total_iters - decay_start, 1e-12)
-    return max_learning_rate + (min_learning_rate - max_learning_rate) * (it - decay_start) / span
-
-
-def schedule_factor(cfg: "TrainConfig", step: int, frac: float) -> float:
-    """The learning-rate multiplier in (0, 1] for optimizer step `step` (0-based), given `frac` in [0, 1]:
-    how far the run is through its post-warm-up part, by steps or by the time budget (see TimeBudget).
-
-    Warm-up is counted in steps: (step + 1) / warmup_iters, so the very first step already moves
-    (lr 0 would waste it) and step warmup_iters - 1 is at the full peak. After it, the CS336 functions
-    above are evaluated on the progress fraction itself -- warm-up 0, cycle length 1 -- so the same curve
-    fits a run of any length, known in steps or only in seconds. With a step budget T,
-    frac = (step - Tw) / (T - Tw), which makes this exactly get_lr_cosine_schedule(step, .., Tw, T).
-    """
-    if step < cfg.warmup_iters:
-        return (step + 1) / cfg.warmup_iters
-    if cfg.schedule == "cosine":
-        return get_lr_cosine_schedule(frac, 1.0, cfg.min_lr_ratio, 0, 1.0)
-    if cfg.schedule == "wsd":  # stable, then a linear decay over the last decay_fraction of the run
-        return get_lr_wsd_schedule(frac, 1.0, cfg.min_lr_ratio, 0, 1.0, cfg.decay_fraction)
-    return 1.0  # "constant"
-
-
-@torch.no_grad()
-def gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float, eps: float = 1e-6) -> float:
-    """Clip the global L2 norm of all gradients to `max_l2_norm` in place; return the norm before clipping.
-
-    norm = sqrt(sum over params of sum(g^2)); if norm > max: every g *= max / (norm + eps). One global
-    norm (not per tensor) keeps the update's direction unchanged; it only limits a rare huge step.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    # the global norm is the norm of all gradients concatenated into one vector: sqrt of summed squares
-    total = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
-    total_f = float(total)  # one host sync per step; the comparison below needs the number on the CPU
-    if total_f > max_l2_norm:
-        scale = max_l2_norm / (total_f + eps)
-        for g in grads:
-            g.mul_(scale)
-    return total_f
-
-
-# =====================================================================================================
-# 4. Batches: random windows of one long token array
-# =====================================================================================================
-# The training text is one flat array of token ids (documents joined by <|endoftext|>), stored as a
-# np.memmap so a 10 GB corpus costs no RAM. A batch is B windows of T+1 consecutive tokens at random
-# starts: the first T are the input, the last T (shifted by one) the targets. Random starts (instead of
-# walking the file in order) make every batch an unbiased sample of the whole corpus.
-
-
-def get_batch(dataset, batch_size: int, context_length: int, device, rng: np.random.Generator | None = None):
-    """Sample `batch_size` random windows from a 1-D token array (np.memmap or ndarray).
-
-    x[b] = dataset[s_b : s_b + T], y[b] = dataset[s_b + 1 : s_b + T + 1] (the next token at every position),
-    with start s_b uniform in [0, n - T - 1]. Returns two int64 tensors of shape (B, T) on `device`.
-    `rng` (a numpy Generator) makes the draw reproducible; the training loop derives one from
-    (seed, step, rank, micro-step) so a resumed or distributed run draws exactly the batches it should.
-    A device that is not on this machine raises DeviceUnavailableError (a RuntimeError, as in torch).
-    """
-    dev = check_device(device)  # first: a bad device fails before any work
-    x, y = sample_windows(dataset, batch_size, context_length, rng if rng is not None else np.random.default_rng())
-    x, y = torch.from_numpy(x), torch.from_numpy(y)  # (B, T) int64 each, still in CPU memory
-    if dev.type == "cuda":  # pinned (page-locked) memory lets the copy to the GPU overlap with compute
-        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
-    return x.contiguous().to(dev), y.contiguous().to(dev)
-
-
-# ---- How big should a batch be? The gradient noise scale -------------------------------------------
+# ===== Menu: batch size and the noise scale =====
+# How big should a batch be? The gradient noise scale, measured while training (--noise-scale). It plugs
+# into the loop as an Extension (NoiseScaleProbe): after every micro-batch's backward, and before the update.
+#
 # A batch of B examples estimates the true gradient G with noise of covariance Sigma / B (Sigma: the
 # per-example gradient covariance). McCandlish et al. ("An Empirical Model of Large-Batch Training",
 # arXiv:1812.06162) show that the best step with such a noisy gradient improves the loss by a fraction
@@ -704,80 +1044,228 @@ class NoiseScale:
         return self.trace / self.g2 if self.g2 > 0 else float("nan")
 
 
-# =====================================================================================================
-# 5. The training loop
-# =====================================================================================================
-# nanoGPT's loop, in named steps: set the learning rate from the schedule, run one optimizer step (forward
-# and backward over grad_accum micro-batches, clip, step), log, evaluate now and then, checkpoint now and
-# then; stop at --max-steps or when the time budget says so. Everything around it -- building the run,
-# resuming it, the time budget, the final evaluation -- is a named helper below, so train() reads in a
-# screen. ddp.py runs this same loop on every rank through TrainHooks.
+
+def _micro_grad_sq(model, prev: list | None, grad_accum: int) -> tuple[list, float]:
+    """|g|^2 of the micro-batch just back-propagated: the accumulated gradients minus what they held before
+    (`prev`), times grad_accum (each micro-batch's loss was divided by it). Returns (a copy of the
+    gradients now, for the next call; |g|^2). Costs one copy of the gradients: only with --noise-scale."""
+    # backward ADDS into .grad, so the difference before/after one backward is that micro-batch's own
+    # (scaled) gradient; undoing the 1/grad_accum scaling gives the gradient of its mean loss
+    now = [p.grad.detach().clone() if p.grad is not None else None for p in model.parameters()]
+    total = 0.0
+    for i, g in enumerate(now):
+        if g is not None:
+            d = g if prev is None or prev[i] is None else g - prev[i]
+            total += float((d.float() * grad_accum).pow(2).sum())
+    return now, total
 
 
-def model_config(cfg: "TrainConfig", vocab_size: int):
-    """model.ModelConfig from the training options (the switches in cfg.model_kw on top)."""
-    kw = dict(vocab_size=vocab_size, context_length=cfg.context_length, d_model=cfg.d_model,
-              num_layers=cfg.num_layers, num_heads=cfg.num_heads, d_ff=cfg.d_ff, rope_theta=cfg.rope_theta)
-    kw.update(cfg.model_kw or {})
-    return M.ModelConfig.from_dict(kw)
+class NoiseScaleProbe(Extension):
+    """--noise-scale: B_simple in tokens, small = one micro-batch, big = the accumulated step, logged with
+    every step (metrics "noise_scale_tokens", the progress line's B_noise)."""
+
+    def __init__(self):
+        self.noise, self.prev, self.g2_small = NoiseScale(), None, 0.0
+
+    def after_backward(self, run: Run):
+        # this micro-batch's own gradient norm (the small batch), averaged over the step's micro-batches
+        self.prev, g2 = _micro_grad_sq(run.model, self.prev, run.cfg.grad_accum)
+        self.g2_small += g2 / run.cfg.grad_accum
+
+    def before_update(self, run: Run):
+        # the big batch: the whole step's gradient, before clipping (batch sizes in tokens)
+        g2_big = sum(float(p.grad.float().pow(2).sum()) for p in run.model.parameters() if p.grad is not None)
+        b_small = run.cfg.batch_size * run.cfg.context_length
+        self.noise.update(self.g2_small, g2_big, b_small, b_small * run.cfg.grad_accum)
+        self.prev, self.g2_small = None, 0.0
+
+    def metrics(self, run: Run) -> dict:
+        return {"noise_scale_tokens": self.noise.value}
+
+    def progress(self, run: Run) -> str:
+        # McCandlish et al.'s B_simple, compared with this run's tokens per step
+        return f" | B_noise {self.noise.value:,.0f} tok (batch {run.tokens_per_step:,})"
 
 
-def build_model(cfg: "TrainConfig", vocab_size: int, device="cpu") -> torch.nn.Module:
-    """TransformerLM from model.py, initialized under cfg.seed (same weights on every rank)."""
-    torch.manual_seed(cfg.seed)
-    model = M.TransformerLM.from_config(model_config(cfg, vocab_size))
-    return model.to(device)
+# ===== Menu: cheaper models =====
+# Models cheaper to decode: distillation from a teacher checkpoint (--distill-from) and gradual magnitude
+# pruning (--prune-sparsity). Each plugs into the loop as an Extension: Distillation replaces the
+# micro-batch's objective, Pruning acts after every optimizer step; both report the trade-off at the end.
 
 
-@dataclass
-class TrainHooks:
-    """Extension points for ddp.py, kernels.py and tests. All optional; None = the single-process behaviour.
-    `model` is the bare TransformerLM, `run_model` what wrap_model made of it (or the model itself).
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., "Distilling the Knowledge in a Neural Network",
+    arXiv:1503.02531): train a small student on a big teacher's whole next-token distribution, not only
+    on the one token the text happened to contain.
 
-    Building the run (in this order, so a wrapper can shard or broadcast the resumed weights, and the optimizer
-    holds the parameters the wrapper trains, e.g. FSDP's shards):
-      wrap_model(model) -> run_model, used for forward/backward and evaluation (kernels swapped in, DDP, FSDP)
-      build_optimizer(model, run_model, cfg) -> optimizer (e.g. ZeRO-1's sharded optimizer)
-      load_optimizer_state(optimizer, run_model, ckpt) on resume, with the checkpoint dict (from
-          read_checkpoint): e.g. cut a consolidated state into this rank's shards
-    Each step:
-      get_batch(step, micro) -> (x, y) this rank's micro-batch (ddp.py: its slice of a world-size independent
-          global batch; default: get_batch() on the (seed, step, rank, micro) stream)
-      no_sync(run_model, is_last_micro_step) -> context manager (skip gradient communication on early micro-steps)
-      sync_gradients(run_model) after the last backward, before clipping and the optimizer step: make every
-          rank's gradient the full-batch average (wait for DDP's all-reduces, FSDP's reduce-scatters)
-      clip_gradients(run_model, optimizer, max_norm) -> global L2 norm before clipping (FSDP: summed over shards)
-      all_reduce(tensor) -> tensor summed over ranks (the step loss, the finite-weights check, eval sums)
-      on_step(step, model, metrics) after every optimizer step (rank-local)
-      progress_note(run_model, train_seconds) -> text appended to the progress line (ddp.py: communication share)
-    Checkpoints and the end of the run (COLLECTIVE: train() calls these on every rank, only rank 0 writes):
-      checkpoint_state(model, run_model, optimizer) -> dict with the checkpoint's "model" and "optimizer" state
-          dicts (full, unsharded) plus any extra primitive entries
-      full_model(model, run_model) -> an ordinary module holding the full weights, for the samples
-    For models split by layers or by weight matrices (ddp.py's --tp/--pp mesh), which never form full logits:
-      loss_and_backward(run_model, x, y, scale) -> the micro-batch's mean cross-entropy (a 0-d tensor, every rank
-          the same), after backward of scale * that loss (scale = 1 / grad_accum; gradients add up over calls).
-          Replaces the forward / loss / backward of one micro-step (a pipeline schedule runs its own).
-      eval_model(model, run_model) -> the module to evaluate (logits from model(x)); COLLECTIVE, called before
-          every evaluation (ddp.py gathers the full weights into `model`)
-      tokens_per_step: an int, not a callable: the tokens one optimizer step trains on over all ranks, when
-          ranks share rows (tensor/pipeline ranks of one replica); default batch_size * T * grad_accum * ranks
+        p_T = softmax(teacher / T),  q_T = softmax(student / T)          (..., V) each, temperature T
+        loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(student, targets)
+
+    Why: the teacher's probabilities on the wrong tokens ("dark knowledge": which continuations are almost
+    right) carry far more bits per example than a one-hot target, so the student learns more per token.
+    T > 1 softens both distributions so those small probabilities matter; the gradient of the soft term
+    scales as 1/T^2, hence the T^2 that keeps the two terms' balance independent of T. Cost: a teacher
+    forward pass per micro-batch (no backward), and the teacher's weights in memory. The KL needs the same
+    vocabulary on both sides: the same tokenizer, checked when the teacher is loaded.
     """
-    wrap_model: Optional[Callable] = None
-    build_optimizer: Optional[Callable] = None
-    load_optimizer_state: Optional[Callable] = None
-    get_batch: Optional[Callable] = None
-    no_sync: Optional[Callable] = None
-    sync_gradients: Optional[Callable] = None
-    clip_gradients: Optional[Callable] = None
-    all_reduce: Optional[Callable] = None
-    on_step: Optional[Callable] = None
-    progress_note: Optional[Callable] = None
-    checkpoint_state: Optional[Callable] = None
-    full_model: Optional[Callable] = None
-    loss_and_backward: Optional[Callable] = None
-    eval_model: Optional[Callable] = None
-    tokens_per_step: Optional[int] = None
+    # float32 even under bf16 autocast: the KL is a small difference of large log-probabilities
+    V = student_logits.shape[-1]
+    s = student_logits.float().reshape(-1, V)  # (N, V)
+    log_p = F.log_softmax(teacher_logits.float().reshape(-1, V) / temperature, dim=-1)  # teacher, (N, V)
+    log_q = F.log_softmax(s / temperature, dim=-1)  # student
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # KL(p || q) per position, averaged
+    return alpha * temperature ** 2 * kl + (1 - alpha) * F.cross_entropy(s, targets.reshape(-1))
+
+
+
+class Distillation(Extension):
+    """--distill-from: the student's objective is distillation_loss against a frozen teacher's logits (the
+    logged loss stays the plain cross-entropy on the text)."""
+
+    def __init__(self, run: Run):
+        self.teacher = _load_teacher(run.cfg, run)
+
+    def objective(self, run: Run, x, y, logits, objective):
+        with torch.no_grad():  # the teacher's soft targets: no backward through it
+            teacher_logits = self.teacher(x)  # (B, T, V)
+        return distillation_loss(logits, teacher_logits, y, run.cfg.distill_temperature, run.cfg.distill_alpha)
+
+    def report(self, run: Run, final: dict, eval_seconds: float, n_tokens: int) -> dict:
+        # the teacher is evaluated here, once, on exactly the tokens the student's final evaluation used: the
+        # bpb difference is the quality cost, the eval-time ratio the decoding speed gained
+        t0 = time.time()
+        tv = evaluate(self.teacher, run.val_tokens, max_tokens=n_tokens, **run.eval_kw)
+        t_sec = time.time() - t0
+        ns, nt = M.num_params(run.model), M.num_params(self.teacher)
+        run.say(f"distilled student: val bpb {final['bpb']:.4f} vs teacher {tv['bpb']:.4f} "
+                f"({100 * (final['bpb'] / tv['bpb'] - 1):+.1f}%) | params {ns / 1e6:.2f}M vs {nt / 1e6:.2f}M "
+                f"({nt / ns:.1f}x fewer) | eval forward {t_sec / max(eval_seconds, 1e-9):.2f}x the teacher's speed")
+        return {"distill": dict(student_bpb=final["bpb"], teacher_bpb=tv["bpb"], student_params=ns,
+                                teacher_params=nt, speedup=t_sec / max(eval_seconds, 1e-9))}
+
+
+def _load_teacher(cfg: "TrainConfig", run: _Run) -> torch.nn.Module:
+    """The --distill-from checkpoint's model, frozen, after checking that it speaks this run's tokenizer
+    (the KL between teacher and student compares probabilities of the same token ids)."""
+    ckpt = read_checkpoint(cfg.distill_from)
+    mine = dict(tokenizer_fingerprint=run.tokenizer.fingerprint(), vocab_size=run.tokenizer.vocab_size)
+    theirs = dict(tokenizer_fingerprint=ckpt.get("tokenizer_fingerprint"),
+                  vocab_size=(ckpt.get("model_config") or {}).get("vocab_size"))
+    bad = [k for k in mine if theirs[k] is not None and theirs[k] != mine[k]]
+    if bad or theirs["vocab_size"] is None:
+        raise ValueError(f"--distill-from {cfg.distill_from}: the teacher has another tokenizer ("
+                         + ", ".join(f"{k} {theirs[k]} vs this run's {mine[k]}" for k in bad or ["vocab_size"])
+                         + "); distillation needs the teacher's --data and --vocab-size")
+    teacher, _ = M.load_checkpoint_model(cfg.distill_from, device=run.device)
+    if teacher.config.context_length < cfg.context_length:
+        raise ValueError(f"--distill-from {cfg.distill_from}: the teacher's context_length "
+                         f"{teacher.config.context_length} < --context-length {cfg.context_length}")
+    # frozen and in eval mode: no gradients, no dropout; its logits are a fixed target for the student
+    teacher.eval().requires_grad_(False)
+    run.say(f"distilling from {cfg.distill_from}: teacher {M.num_params(teacher) / 1e6:.2f}M parameters, "
+            f"T {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}")
+    return teacher
+
+
+
+class MagnitudePruner:
+    """Gradual magnitude pruning (Han et al., "Learning both Weights and Connections for Efficient Neural
+    Networks", arXiv:1506.02626; the schedule from Zhu & Gupta, "To prune, or not to prune",
+    arXiv:1710.01878). The hidden weight matrices (the blocks' 2-D weights, as Muon's grouping) are pruned
+    each to the same sparsity, the smallest |w| first, with the target ramping up as
+
+        s(frac) = S (1 - (1 - (frac - f0) / (f1 - f0))^3)   for frac in [f0, f1]   (0 before, S after)
+
+    (frac: the run's progress, as the learning-rate schedule's): fast at first, while there are many
+    redundant weights, slowly near the end so the network can recover. A pruned weight stays zero: the
+    mask is re-applied after every optimizer step (the optimizer would otherwise move it back).
+    Trade-off: S = 50-90% of the weights can go at a small loss, but unstructured zeros in dense tensors
+    save nothing by themselves: the gain needs a sparse storage format or sparse kernels (2:4 sparsity
+    on recent GPUs). Embeddings, the head and norm gains stay dense."""
+
+    def __init__(self, model: torch.nn.Module, sparsity: float, start: float = 0.2, end: float = 0.7,
+                 interval: int = 10):
+        self.sparsity, self.start, self.end, self.interval = sparsity, start, end, interval
+        self.params = [p for n, p in _unwrap(model).named_parameters() if p.ndim == 2 and n.startswith("layers.")]
+        # zeros already there (a resumed run's pruned weights) stay pruned
+        self.masks = [p.detach() != 0 for p in self.params]
+
+    def target(self, frac: float) -> float:
+        """The scheduled sparsity at progress `frac` in [0, 1]."""
+        x = min(max((frac - self.start) / max(self.end - self.start, 1e-12), 0.0), 1.0)
+        return self.sparsity * (1 - (1 - x) ** 3)
+
+    @torch.no_grad()
+    def prune(self, sparsity: float):
+        """Each matrix to exactly round(sparsity * numel) zeros: its k smallest |w| (earlier zeros among them)."""
+        for p, mask in zip(self.params, self.masks):
+            # per matrix, not one global threshold: every layer keeps the same share of its weights (Zhu &
+            # Gupta's choice; a global threshold can empty a small layer whose weights happen to be small)
+            k = int(round(sparsity * p.numel()))
+            if k > int((~mask).sum()):  # never un-prune: the target only grows
+                mask.view(-1)[torch.topk(p.detach().abs().view(-1).float(), k, largest=False).indices] = False
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self):
+        """Zero the pruned weights (after every optimizer step)."""
+        for p, mask in zip(self.params, self.masks):
+            p.mul_(mask)
+
+    def after_step(self, step: int, frac: float):
+        """Called after optimizer step `step`: re-apply the masks; every `interval` steps (and once the
+        ramp is over) raise them to the schedule's sparsity."""
+        if step % self.interval == 0 or frac >= self.end:
+            self.prune(self.target(frac))
+        else:
+            self.apply()
+
+    def counts(self) -> tuple[int, int]:
+        """(zeros, weights) over the pruned matrices."""
+        return sum(int((~m).sum()) for m in self.masks), sum(m.numel() for m in self.masks)
+
+
+class Pruning(Extension):
+    """--prune-sparsity: MagnitudePruner after every optimizer step; the first time the schedule asks for
+    zeros, the still-dense model is evaluated first (on the periodic-evaluation tokens): the reference for
+    the final report."""
+
+    def __init__(self, run: Run):
+        cfg = run.cfg
+        self.pruner = MagnitudePruner(run.model, cfg.prune_sparsity, cfg.prune_start, cfg.prune_end)
+        self.dense_val = None  # the val bpb just before the first weights go (the dense reference)
+
+    def after_step(self, run: Run, step: int, frac: float):
+        # the reference is measured once, on the tokens the final report evaluates the pruned model on
+        if self.dense_val is None and self.pruner.target(frac) > 0:
+            self.dense_val = dict(step=step, **evaluate(run.eval_model, run.val_tokens,
+                                                        max_tokens=run.cfg.eval_tokens, **run.eval_kw))
+        self.pruner.after_step(step, frac)
+
+    def report(self, run: Run, final: dict, eval_seconds: float, n_tokens: int) -> dict:
+        # pruned vs the dense model at pruning start, on the same tokens
+        zeros, n = self.pruner.counts()
+        total = M.num_params(run.model)
+        pv = evaluate(run.eval_model, run.val_tokens, max_tokens=run.cfg.eval_tokens, **run.eval_kw)
+        dv = self.dense_val
+        line = (f"pruned: {100 * zeros / n:.1f}% of the hidden matrices' weights are zero | nonzero params "
+                f"{(total - zeros) / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * (total - zeros) / total:.0f}%) | val bpb "
+                f"{pv['bpb']:.4f}")
+        if dv:
+            line += (f" vs {dv['bpb']:.4f} dense at step {dv['step']} (pruning start; {pv['tokens']:,} val tokens)"
+                     f" ({100 * (pv['bpb'] / dv['bpb'] - 1):+.1f}%)")
+        run.say(line + " | speed: unchanged with dense matmuls (unstructured zeros need sparse kernels)")
+        return {"prune": dict(sparsity=zeros / n, nonzero_params=total - zeros, params=total, pruned_bpb=pv["bpb"],
+                              dense_bpb=dv["bpb"] if dv else None, dense_step=dv["step"] if dv else None)}
+
+
+# ===== Appendix: plumbing =====
+# Data (a synthetic corpus with a known entropy, public downloads, the cached text -> tokenizer -> token
+# files pipeline), the configuration and its presets, devices, threads and run folders. None of it is
+# needed to understand training; all of it is needed to run it.
+
+# ---- Building, resuming and ending a run; the time budget ---------------------------------------------
 
 
 class TimeBudget:
@@ -882,228 +1370,37 @@ class TimeBudget:
         """What a checkpoint stores, so a resumed run keeps this plan (the reserve is measured again)."""
         return dict(budget_seconds=self.budget, warm_seconds=self.warm, reserve_seconds=self.reserve)
 
-
-class _Run:
-    """Everything one training run holds (built by _setup_run): cfg, hooks, rank, world_size, say (logs on
-    rank 0 only), device, out / ckpt_path, data and its token arrays, model (bare) / run_model (wrapped) /
-    eval_model, optimizer, loss_fn, metrics, budget, eval_kw, the loop's clock (loop_t0) and bookkeeping."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-    def clock(self) -> float:
-        """Seconds of training so far, continued across resumes."""
-        return time.time() - self.loop_t0
-
-    def minutes(self) -> float:
-        """Wall-clock minutes of the whole run so far, all resumed processes included."""
-        return (self.elapsed_before + time.time() - self.t_start) / 60
-
-
 _PROCESS_START = time.time()
 
 
-def train(cfg: "TrainConfig", data: "PreparedData | None" = None, *, hooks: TrainHooks | None = None, rank: int = 0,
-          world_size: int = 1, log: Callable = print, t_start: float | None = None) -> dict:
-    """Train per cfg; return a summary dict: steps, stop_reason, train_seconds, eval_seconds, tokens, val
-    (the final evaluation), entropy_floor_bpb, out_dir, first_losses, last_loss, losses, samples.
-
-    Distributed use (ddp.py): call on every rank with its rank/world_size and hooks (see TrainHooks); each
-    rank draws its own batches (by default from the (seed, step, rank) stream; ddp.py's get_batch hook slices
-    a world-size independent global batch); only rank 0 logs, writes metrics, checkpoints and samples.
-    Ctrl-C (single process): the run saves a checkpoint after the current step and stops (a second Ctrl-C
-    stops at once, without saving); `--resume` continues it exactly.
-    """
-    run = _setup_run(cfg, data, hooks or TrainHooks(), rank, world_size, log, t_start)
-    step, stop_reason = run.start_step, None
-    with _checkpoint_on_interrupt(enabled=world_size == 1) as interrupted:
-        # the loop: budget -> learning rate -> one optimizer step -> log / evaluate / checkpoint
-        while True:
-            frac, stop_reason = run.budget.progress(step, run.clock())
-            if stop_reason:
-                break
-            factor = schedule_factor(cfg, step, frac)  # in (0, 1]: every group's peak rate times this
-            for g in run.optimizer.param_groups:
-                g["lr"] = g.get("base_lr", cfg.lr) * factor
-            loss, grad_norm = _optimizer_step(run, step)
-            step += 1
-            if run.pruner is not None:  # --prune-sparsity: pruned weights back to zero, the masks grown
-                _prune_step(run, step, frac)
-            run.losses.append(loss)
-            if run.hooks.on_step is not None:
-                run.hooks.on_step(step, run.model, dict(loss=loss))
-            _log_step(run, step, loss, grad_norm)
-            if step % cfg.eval_interval == 0:
-                _periodic_eval(run, step)
-            if step % cfg.ckpt_interval == 0 or interrupted():
-                _save(run, step)
-            if interrupted():
-                run.say(f"interrupted: checkpoint saved at step {step} in {run.ckpt_path}; continue with --resume")
-                raise KeyboardInterrupt
-    return _finish(run, step, stop_reason)
-
-
-def _optimizer_step(run: _Run, step: int) -> tuple[float, float]:
-    """One optimizer step: forward + backward over grad_accum micro-batches, gradient sync (ddp.py),
-    clipping, the update. Returns (the step's mean loss over all micro-batches and ranks, the gradient
-    norm before clipping)."""
-    cfg, hooks = run.cfg, run.hooks
-    loss_sum, prev, g2_small = 0.0, None, 0.0
-    for micro in range(cfg.grad_accum):
-        if hooks.get_batch:
-            x, y = hooks.get_batch(step, micro)
-        else:  # batch = f(seed, step, rank, micro): a resumed run redraws exactly the same batches
-            rng = np.random.default_rng([cfg.seed, step, run.rank, micro])
-            x, y = get_batch(run.train_tokens, cfg.batch_size, cfg.context_length, run.device, rng)
-        last = micro == cfg.grad_accum - 1
-        if hooks.loss_and_backward:  # the model runs its own forward and backward (ddp.py's pipeline / TP mesh)
-            loss = hooks.loss_and_backward(run.run_model, x, y, 1.0 / cfg.grad_accum)
-            loss_sum += loss.detach().float()
-            continue
-        with hooks.no_sync(run.run_model, last) if hooks.no_sync else contextlib.nullcontext():
-            with autocast_context(run.device, cfg.dtype):
-                logits = run.run_model(x)  # (B, T, V)
-                loss = run.loss_fn(logits, y)  # the logged loss: plain cross-entropy, also when distilling
-                objective = loss
-                if run.teacher is not None:  # --distill-from: the teacher's soft targets (no backward through it)
-                    with torch.no_grad():
-                        teacher_logits = run.teacher(x)  # (B, T, V)
-                    objective = distillation_loss(logits, teacher_logits, y, cfg.distill_temperature,
-                                                  cfg.distill_alpha)
-                aux = getattr(run.model, "aux_loss", None)  # mixture-of-experts load balancing, if any
-                total = objective + aux if isinstance(aux, torch.Tensor) and aux.requires_grad else objective
-            # gradients add up over backward calls; dividing each micro-batch's loss by grad_accum makes the
-            # sum the gradient of the MEAN loss over all grad_accum * B sequences: one big batch, in pieces
-            (total / cfg.grad_accum).backward()
-        loss_sum += loss.detach().float()
-        if run.noise is not None:  # --noise-scale: this micro-batch's own gradient norm (the small batch)
-            prev, g2 = _micro_grad_sq(run.model, prev, cfg.grad_accum)
-            g2_small += g2 / cfg.grad_accum
-    if hooks.sync_gradients:  # the one addition to a single-process step: gradients averaged over ranks
-        hooks.sync_gradients(run.run_model)
-    # the logged loss: mean over micro-batches, then over ranks (a number only; the gradients are synced above)
-    step_loss = loss_sum / cfg.grad_accum
-    if hooks.all_reduce is not None:
-        step_loss = hooks.all_reduce(step_loss.reshape(1).double())[0] / run.world_size
-    step_loss = float(step_loss)
-    # a NaN/inf loss means the weights are about to be ruined: stop before the optimizer step, so the last
-    # checkpoint is still the last good state
-    if not math.isfinite(step_loss):
-        msg = (f"loss is {step_loss} at step {step + 1}: training diverged. Stopped without saving; the last "
+def _step_loss(run: Run, step: int, loss) -> float:
+    """The logged loss: the mean over micro-batches, then over ranks (a number only: the gradients are synced
+    by their own hook). A NaN/inf loss means the weights are about to be ruined: stop before the update, so
+    the last checkpoint is still the last good state."""
+    if run.hooks.all_reduce is not None:
+        loss = run.hooks.all_reduce(loss.reshape(1).double())[0] / run.world_size
+    loss = float(loss)
+    if not math.isfinite(loss):
+        msg = (f"loss is {loss} at step {step + 1}: training diverged. Stopped without saving; the last "
                f"good checkpoint {run.ckpt_path} is intact" if run.ckpt_path.exists() else
-               f"loss is {step_loss} at step {step + 1}: training diverged before the first checkpoint")
+               f"loss is {loss} at step {step + 1}: training diverged before the first checkpoint")
         raise FloatingPointError(msg + " (try a lower --lr / --muon-lr or --grad-clip)")
-    if run.noise is not None:  # the big batch: the whole step's gradient, before clipping (in tokens)
-        g2_big = sum(float(p.grad.float().pow(2).sum()) for p in run.model.parameters() if p.grad is not None)
-        b_small = cfg.batch_size * cfg.context_length
-        run.noise.update(g2_small, g2_big, b_small, b_small * cfg.grad_accum)
-    grad_norm = float("nan")
-    if cfg.grad_clip > 0:
-        grad_norm = (hooks.clip_gradients(run.run_model, run.optimizer, cfg.grad_clip) if hooks.clip_gradients
-                     else gradient_clipping(run.model.parameters(), cfg.grad_clip))
-    run.optimizer.step()
-    # set_to_none frees the gradient memory until the next backward (cheaper than writing zeros)
-    run.optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm
-
-
-class MagnitudePruner:
-    """Gradual magnitude pruning (Han et al., "Learning both Weights and Connections for Efficient Neural
-    Networks", arXiv:1506.02626; the schedule from Zhu & Gupta, "To prune, or not to prune",
-    arXiv:1710.01878). The hidden weight matrices (the blocks' 2-D weights, as Muon's grouping) are pruned
-    each to the same sparsity, the smallest |w| first, with the target ramping up as
-
-        s(frac) = S (1 - (1 - (frac - f0) / (f1 - f0))^3)   for frac in [f0, f1]   (0 before, S after)
-
-    (frac: the run's progress, as the learning-rate schedule's): fast at first, while there are many
-    redundant weights, slowly near the end so the network can recover. A pruned weight stays zero: the
-    mask is re-applied after every optimizer step (the optimizer would otherwise move it back).
-    Trade-off: S = 50-90% of the weights can go at a small loss, but unstructured zeros in dense tensors
-    save nothing by themselves: the gain needs a sparse storage format or sparse kernels (2:4 sparsity
-    on recent GPUs). Embeddings, the head and norm gains stay dense."""
-
-    def __init__(self, model: torch.nn.Module, sparsity: float, start: float = 0.2, end: float = 0.7,
-                 interval: int = 10):
-        self.sparsity, self.start, self.end, self.interval = sparsity, start, end, interval
-        self.params = [p for n, p in _unwrap(model).named_parameters() if p.ndim == 2 and n.startswith("layers.")]
-        # zeros already there (a resumed run's pruned weights) stay pruned
-        self.masks = [p.detach() != 0 for p in self.params]
-
-    def target(self, frac: float) -> float:
-        """The scheduled sparsity at progress `frac` in [0, 1]."""
-        x = min(max((frac - self.start) / max(self.end - self.start, 1e-12), 0.0), 1.0)
-        return self.sparsity * (1 - (1 - x) ** 3)
-
-    @torch.no_grad()
-    def prune(self, sparsity: float):
-        """Each matrix to exactly round(sparsity * numel) zeros: its k smallest |w| (earlier zeros among them)."""
-        for p, mask in zip(self.params, self.masks):
-            # per matrix, not one global threshold: every layer keeps the same share of its weights (Zhu &
-            # Gupta's choice; a global threshold can empty a small layer whose weights happen to be small)
-            k = int(round(sparsity * p.numel()))
-            if k > int((~mask).sum()):  # never un-prune: the target only grows
-                mask.view(-1)[torch.topk(p.detach().abs().view(-1).float(), k, largest=False).indices] = False
-        self.apply()
-
-    @torch.no_grad()
-    def apply(self):
-        """Zero the pruned weights (after every optimizer step)."""
-        for p, mask in zip(self.params, self.masks):
-            p.mul_(mask)
-
-    def after_step(self, step: int, frac: float):
-        """Called after optimizer step `step`: re-apply the masks; every `interval` steps (and once the
-        ramp is over) raise them to the schedule's sparsity."""
-        if step % self.interval == 0 or frac >= self.end:
-            self.prune(self.target(frac))
-        else:
-            self.apply()
-
-    def counts(self) -> tuple[int, int]:
-        """(zeros, weights) over the pruned matrices."""
-        return sum(int((~m).sum()) for m in self.masks), sum(m.numel() for m in self.masks)
-
-
-def _micro_grad_sq(model, prev: list | None, grad_accum: int) -> tuple[list, float]:
-    """|g|^2 of the micro-batch just back-propagated: the accumulated gradients minus what they held before
-    (`prev`), times grad_accum (each micro-batch's loss was divided by it). Returns (a copy of the
-    gradients now, for the next call; |g|^2). Costs one copy of the gradients: only with --noise-scale."""
-    # backward ADDS into .grad, so the difference before/after one backward is that micro-batch's own
-    # (scaled) gradient; undoing the 1/grad_accum scaling gives the gradient of its mean loss
-    now = [p.grad.detach().clone() if p.grad is not None else None for p in model.parameters()]
-    total = 0.0
-    for i, g in enumerate(now):
-        if g is not None:
-            d = g if prev is None or prev[i] is None else g - prev[i]
-            total += float((d.float() * grad_accum).pow(2).sum())
-    return now, total
-
-
-def _periodic_eval(run: _Run, step: int):
-    """Validation on the first eval_tokens of the val split (the same tokens every time: comparable)."""
-    t0 = time.time()
-    model = run.hooks.eval_model(run.model, run.run_model) if run.hooks.eval_model else run.run_model
-    r = evaluate(model, run.val_tokens, max_tokens=run.cfg.eval_tokens, **run.eval_kw)
-    run.budget.eval_tps = r["tokens"] / max(time.time() - t0, 1e-9)  # measured: sizes the final evaluation
-    if run.main:
-        run.metrics.write(kind="val", step=step, minutes=run.minutes(), **r)
-        run.say(f"step {step}: {_val_line(r, run.floor)}")
+    return loss
 
 
 def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_size: int, log: Callable,
-               t_start: float | None) -> _Run:
+               t_start: float | None) -> Run:
     """Setup and resume: device and threads, the run folder (refusing to replace an earlier run), the
     checkpoint (read first, so a bad one fails before any work), data, model, wrapper, optimizer."""
-    main = rank == 0
-    run = _Run(cfg=cfg, hooks=hooks, rank=rank, world_size=world_size, main=main, log=log, losses=[],
-               say=log if main else (lambda *a, **k: None), t_start=t_start or _PROCESS_START)
+    run = Run(cfg=cfg, hooks=hooks, rank=rank, world_size=world_size, log=log,
+              say=log if rank == 0 else (lambda *a, **k: None), t_start=t_start or _PROCESS_START)
     # the same device check as the command line's; then torch's CPU thread count (timed, see set_cpu_threads)
     run.device = resolve_device(cfg.device)
     n_threads = set_cpu_threads(cfg.threads) if run.device.type == "cpu" else torch.get_num_threads()
     # remember which folders this run creates: if the start fails, they are removed again (when empty)
-    new_dirs = _missing_dirs(cfg.out_dir) if main else []
+    new_dirs = _missing_dirs(cfg.out_dir) if run.main else []
     try:
-        run.out = check_out_dir(cfg.out_dir, cfg) if main else Path(cfg.out_dir)
+        run.out = check_out_dir(cfg.out_dir, cfg) if run.main else Path(cfg.out_dir)
         run.ckpt_path = run.out / "ckpt.pt"
         ckpt = read_checkpoint(run.ckpt_path) if cfg.resume and run.ckpt_path.exists() else None
         # the expensive part of a start (corpus, tokenizer, encoding), cached: seconds on a second run
@@ -1136,46 +1433,81 @@ def _setup_run(cfg: "TrainConfig", data, hooks: TrainHooks, rank: int, world_siz
     # wrap, then the optimizer over what the wrapper trains (e.g. FSDP's shards), then its saved state
     run.run_model = hooks.wrap_model(model) if hooks.wrap_model else model
     run.optimizer = (hooks.build_optimizer or (lambda m, rm, c: build_optimizer(m, c)))(model, run.run_model, cfg)
-    # a resumed run continues its step count, its loop clock, its wall clock and its RNG streams
-    start_step, train_seconds, run.elapsed_before, saved = 0, 0.0, 0.0, None
-    if ckpt is not None:
-        if hooks.load_optimizer_state:
-            hooks.load_optimizer_state(run.optimizer, run.run_model, ckpt)
-        else:
-            load_optimizer_state(run.optimizer, ckpt, run.ckpt_path)
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-        start_step, train_seconds = int(ckpt["iteration"]), float(ckpt.get("train_seconds", 0.0))
-        run.elapsed_before, saved = float(ckpt.get("elapsed_seconds", 0.0)), ckpt
-        run.say(f"resumed from {run.ckpt_path} at step {start_step}")
-    elif cfg.resume:
-        run.say(f"--resume: no checkpoint at {run.ckpt_path}, starting fresh")
+    start_step, train_seconds, saved = _resume(run, ckpt)
     del ckpt
-    if main:
+    _setup_loop(run, start_step, train_seconds, saved)
+    return run
+
+
+def _resume(run: Run, ckpt: dict | None) -> tuple[int, float, dict | None]:
+    """A resumed run continues its step count, its loop clock, its wall clock and its RNG streams: the
+    optimizer state and RNG states from the checkpoint; returns (start step, training seconds, checkpoint)."""
+    if ckpt is None:
+        if run.cfg.resume:
+            run.say(f"--resume: no checkpoint at {run.ckpt_path}, starting fresh")
+        return 0, 0.0, None
+    if run.hooks.load_optimizer_state:
+        run.hooks.load_optimizer_state(run.optimizer, run.run_model, ckpt)
+    else:
+        load_optimizer_state(run.optimizer, ckpt, run.ckpt_path)
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    run.elapsed_before = float(ckpt.get("elapsed_seconds", 0.0))
+    run.say(f"resumed from {run.ckpt_path} at step {int(ckpt['iteration'])}")
+    return int(ckpt["iteration"]), float(ckpt.get("train_seconds", 0.0)), ckpt
+
+
+def _setup_loop(run: Run, start_step: int, train_seconds: float, saved: dict | None):
+    """The rest of the run's state, once the weights are in place: compile, loss, extensions, metrics log,
+    time budget, evaluation options, the loop's clock."""
+    cfg, hooks = run.cfg, run.hooks
+    if run.main:
         run.tokenizer.save(str(run.out / "tokenizer"))  # so `train.py sample` works from the run folder alone
     if cfg.compile:  # compiled after the weights are in place; the first steps pay the compile time
         run.run_model = torch.compile(run.run_model)
-    run.eval_model = run.run_model if hooks.wrap_model else model  # (a wrapper may be needed to run it: FSDP)
+    run.eval_model = run.run_model if hooks.wrap_model else run.model  # (a wrapper may be needed to run it: FSDP)
     run.loss_fn = cross_entropy_fast if cfg.loss_impl == "fast" else cross_entropy
-    _setup_extras(run, model)  # noise scale, distillation teacher, pruning masks (each off by default)
+    run.extensions = _setup_extras(run)  # noise scale, distillation teacher, pruning masks (each off by default)
     # only rank 0 writes files; the other ranks compute and take part in the collectives
-    run.metrics = MetricsLog(run.out / "metrics.jsonl", start_step if start_step else None) if main else None
-    run.flops_per_tok, run.peak = M.flops_per_token(model.config, training=True), peak_flops(run.device)
+    run.metrics = MetricsLog(run.out / "metrics.jsonl", start_step if start_step else None) if run.main else None
+    run.flops_per_tok, run.peak = M.flops_per_token(run.model.config, training=True), peak_flops(run.device)
     run.final_eval_tokens = cfg.final_eval_tokens if cfg.final_eval_tokens is not None else len(run.val_tokens)
     run.budget = TimeBudget(cfg, start_step, train_seconds, time.time() - run.t_start, saved,
                             run.tokens_per_step, run.final_eval_tokens)
     # several ranks: every rank runs the same number of eval forwards (FSDP's forward is a collective)
     run.eval_kw = dict(context_length=cfg.context_length, batch_size=cfg.batch_size * 2, device=run.device,
-                       token_bytes=np.asarray(run.tokenizer.token_byte_lengths()), dtype=cfg.dtype, rank=rank,
-                       world_size=world_size, all_reduce=hooks.all_reduce,
-                       stride=cfg.eval_stride or max(cfg.context_length // 2, 1), equal_batches=world_size > 1)
+                       token_bytes=np.asarray(run.tokenizer.token_byte_lengths()), dtype=cfg.dtype, rank=run.rank,
+                       world_size=run.world_size, all_reduce=hooks.all_reduce,
+                       stride=cfg.eval_stride or max(cfg.context_length // 2, 1), equal_batches=run.world_size > 1)
     run.start_step, run.loop_t0 = start_step, time.time() - train_seconds  # the loop's clock continues
     run.last_log = (time.time(), start_step)
     run.model.train()
-    return run
 
 
-def _save(run: _Run, step: int):
+def _setup_extras(run: Run) -> list:
+    """The Extensions this run switches on: the gradient noise scale (--noise-scale), the distillation
+    teacher (--distill-from) and the pruning masks (--prune-sparsity)."""
+    cfg = run.cfg
+    # both need whole gradients / matrices in this process: under ddp.py, no_sync's micro-batch gradients
+    # are rank-local while the last one is averaged, and FSDP holds only a shard of each matrix
+    for on, flag in ((cfg.noise_scale, "--noise-scale"), (cfg.prune_sparsity, "--prune-sparsity")):
+        if on and run.world_size > 1:
+            raise ValueError(f"{flag} works in a single process only (use train.py, not ddp.py)")
+    return ([NoiseScaleProbe()] if cfg.noise_scale else []) + ([Distillation(run)] if cfg.distill_from else []) \
+        + ([Pruning(run)] if cfg.prune_sparsity else [])
+
+
+def _periodic_eval(run: Run, step: int):
+    """Validation on the first eval_tokens of the val split (the same tokens every time: comparable)."""
+    t0 = time.time()
+    model = run.hooks.eval_model(run.model, run.run_model) if run.hooks.eval_model else run.run_model
+    r = evaluate(model, run.val_tokens, max_tokens=run.cfg.eval_tokens, **run.eval_kw)
+    run.budget.eval_tps = r["tokens"] / max(time.time() - t0, 1e-9)  # measured: sizes the final evaluation
+    if run.main:
+        run.metrics.write(kind="val", step=step, minutes=run.minutes(), **r)
+        run.say(f"step {step}: {_val_line(r, run.floor)}")
+
+def _save(run: Run, step: int):
     """Checkpoint at `step`. Called on every rank: checkpoint_state may gather sharded state (a collective);
     rank 0 writes."""
     # never overwrite the last good checkpoint with weights a bad step just turned into NaN/inf (counted
@@ -1197,7 +1529,9 @@ def _save(run: _Run, step: int):
                          **run.budget.state())
 
 
-def _finish(run: _Run, step: int, stop_reason: str) -> dict:
+
+
+def _finish(run: Run, step: int, stop_reason: str) -> dict:
     """The end of a run: the last checkpoint, the final evaluation (cut to fit the time budget, with a note),
     the plot, the samples; returns the summary."""
     cfg, train_seconds = run.cfg, run.clock()
@@ -1216,7 +1550,9 @@ def _finish(run: _Run, step: int, stop_reason: str) -> dict:
     model = run.hooks.eval_model(run.model, run.run_model) if run.hooks.eval_model else run.eval_model
     final = evaluate(model, run.val_tokens, max_tokens=n_tokens, **run.eval_kw)
     eval_seconds = time.time() - t_eval
-    cheaper = _cheaper_model_report(run, final, eval_seconds, n_tokens) if run.main else {}
+    cheaper = {}  # the menu's trade-offs (distillation, pruning), reported on rank 0
+    for ext in run.extensions if run.main else ():
+        cheaper.update(ext.report(run, final, eval_seconds, n_tokens))
     losses = run.losses
     summary = dict(steps=step, stop_reason=stop_reason, train_seconds=train_seconds, eval_seconds=eval_seconds,
                    tokens=step * run.tokens_per_step, val=final, entropy_floor_bpb=run.floor, out_dir=str(run.out),
@@ -1244,150 +1580,6 @@ def _finish(run: _Run, step: int, stop_reason: str) -> dict:
     run.say(f"done in {(time.time() - run.t_start) / 60:.2f} min; run folder {run.out}")
     return summary
 
-
-def _prune_step(run: _Run, step: int, frac: float):
-    """Pruning after optimizer step `step`; the first time the schedule asks for zeros, the still-dense model
-    is evaluated first (on the periodic-evaluation tokens): the reference for the final report."""
-    # the reference is measured once, on the tokens the final report evaluates the pruned model on
-    if run.dense_val is None and run.pruner.target(frac) > 0:
-        run.dense_val = dict(step=step, **evaluate(run.eval_model, run.val_tokens, max_tokens=run.cfg.eval_tokens,
-                                                   **run.eval_kw))
-    run.pruner.after_step(step, frac)
-
-
-
-
-# =====================================================================================================
-# 6. Evaluation: loss, perplexity and bits per byte on the validation split
-# =====================================================================================================
-
-
-@torch.no_grad()
-def evaluate(model, tokens, *, context_length: int, batch_size: int, device, token_bytes: np.ndarray | None = None,
-             max_tokens: int | None = None, dtype: str = "auto", rank: int = 0, world_size: int = 1,
-             all_reduce: Callable | None = None, stride: int | None = None,
-             equal_batches: bool = False) -> dict:
-    """Validation loss, perplexity and bits per byte over the first `max_tokens` of `tokens`.
-
-    Sliding windows of context_length T (+1 for the targets) starting every `stride` tokens (default T:
-    consecutive, non-overlapping). Every target token is scored exactly once: the first window scores all
-    its T targets, each later one only its last `stride` targets, which therefore see at least T - stride
-    tokens of context. Why overlap: with disjoint windows the first targets of each window are predicted
-    from almost nothing (e.g. a name chosen before the cut), which measures the cut, not the model; with
-    stride T/2 (the training loop's default) every scored token has >= T/2 context, at 2x the compute.
-    Same tokens every call, so evals are comparable. Rank r of world_size takes windows r, r + world_size,
-    ...; `all_reduce` (ddp.py's) sums [nats, tokens, bytes] across ranks.
-    `equal_batches=True` makes every rank run the same number of forward passes (a rank out of windows
-    re-runs window 0 and discards the result): needed when the forward itself is a collective (ddp.py's FSDP).
-    bpb = sum of nats / ln 2 / sum of UTF-8 bytes of the target tokens (token_bytes[id] from the tokenizer).
-    """
-    device = torch.device(device) if not isinstance(device, torch.device) else device
-    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
-    T = context_length
-    stride = T if not stride else int(stride)
-    if not 1 <= stride <= T:
-        raise ValueError(f"eval stride {stride} must be in [1, context_length={T}]")
-    if n - 1 < T:
-        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than one context window + 1 "
-                         f"({T + 1}); use more validation text or a smaller --context-length")
-    # window w covers tokens[w * stride : w * stride + T + 1]; the last one must end inside the n tokens
-    n_windows = 1 + (n - 1 - T) // stride
-    mine = list(range(rank, n_windows, world_size))  # this rank's share, round-robin
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
-    tb = torch.from_numpy(np.asarray(token_bytes, dtype=np.int64)) if token_bytes is not None else None
-    n_batches = -(-len(mine) // batch_size)
-    if equal_batches:  # ceil(ceil(windows / ranks) / batch): the same on every rank
-        n_batches = -(-(-(-n_windows // world_size)) // batch_size)
-    for b in range(n_batches):
-        idx = mine[b * batch_size: (b + 1) * batch_size]
-        real = bool(idx)  # False only with equal_batches, on a rank that has run out of windows
-        idx = idx or [0]
-        # the same slicing as get_batch, at fixed starts instead of random ones
-        win = np.stack([np.asarray(tokens[w * stride: w * stride + T + 1], dtype=np.int64) for w in idx])
-        xy = torch.from_numpy(win)  # (b, T+1)
-        x, y = xy[:, :-1].to(device), xy[:, 1:]
-        with autocast_context(device, dtype):
-            logits = model(x)  # (b, T, V)
-        # per-token losses (reduction="none"), summed in float64 below: millions of float32 additions
-        # would drift in the last digits, and evals must be comparable to 4 decimals
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1).to(device),
-                              reduction="none").reshape(len(idx), T).cpu().double()  # (b, T)
-        scored = torch.zeros(len(idx), T, dtype=torch.bool)  # which targets this window scores
-        scored[:, T - stride:] = True
-        scored[torch.tensor(idx) == 0] = True  # the first window scores everything
-        if not real:
-            continue
-        sums[0] += float(nll[scored].sum())
-        sums[1] += int(scored.sum())
-        if tb is not None:
-            sums[2] += float(tb[y][scored].sum())
-    if all_reduce is not None:  # every rank ends with the totals over all ranks
-        sums = all_reduce(sums)
-    if was_training:
-        model.train()
-    # loss = mean nats per scored token; bpb = the same total in bits, per byte of the text those tokens are
-    nats, count, nbytes = float(sums[0]), int(sums[1]), int(sums[2])
-    loss = nats / max(count, 1)
-    return dict(loss=loss, ppl=perplexity(loss), bpb=bits_per_byte(nats, nbytes) if nbytes else float("nan"),
-                tokens=count, bytes=nbytes)
-
-
-# =====================================================================================================
-# 7. Checkpoints: atomic, safe to load, complete enough to resume exactly
-# =====================================================================================================
-# torch.load(weights_only=True) only unpickles tensors and primitive containers (dict/list/tuple/str/int/
-# float/bool/None), so a malicious checkpoint cannot run code. Everything we store is therefore converted
-# to those types: RNG states become tensors/lists, configs become plain dicts. Exact resume needs more
-# than the weights: the optimizer's moments, the step (which fixes the batches and the learning rate), the
-# loop's clock and budget (which fix the time-based schedule), and every RNG state.
-
-
-def save_checkpoint(model, optimizer, iteration: int, out, **extra):
-    """Write model + optimizer state, iteration, RNG states and any `extra` primitives to `out` (a path,
-    written atomically; or a binary file object). The CS336 signature."""
-    write_checkpoint(out, iteration, model=_unwrap(model).state_dict(),
-                     optimizer=optimizer.state_dict() if optimizer is not None else None, **extra)
-
-
-def write_checkpoint(out, iteration: int, **entries):
-    """The file format of save_checkpoint, from state dicts already in hand (ddp.py's are consolidated from
-    shards on every rank): `entries` holds "model", "optimizer" and any extra primitives.
-
-    A path is written through atomic_open: a temporary file in the same folder, renamed over the old
-    checkpoint only once complete, so a crash, a kill or a full disk mid-write leaves the previous one."""
-    # "format" lets model.read_checkpoint refuse files of another layout with a clear message
-    payload = {"format": "scratchlm-checkpoint-v1", "iteration": int(iteration), "rng": rng_state(), **entries}
-    if not isinstance(out, (str, os.PathLike)):
-        torch.save(payload, out)
-        return
-    try:
-        with atomic_open(out, "wb") as f:
-            torch.save(payload, f)
-    except OSError as e:  # atomic_open removed its temporary file; say what that means for a checkpoint
-        if e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left writing {out}; the previous checkpoint is intact") from None
-        raise
-
-
-def load_checkpoint(src, model, optimizer, restore_rng: bool = True) -> int:
-    """Load a checkpoint written by save_checkpoint into `model` (and `optimizer` unless None); restore the
-    RNG states; return the iteration (the CS336 signature). A checkpoint that does not fit raises
-    model.StateDictMismatchError naming every key (a ValueError, and a RuntimeError as torch raises)."""
-    ckpt = read_checkpoint(src)  # weights_only=True: a checkpoint cannot run code
-    load_model_state(model, ckpt, src)
-    if optimizer is not None:
-        load_optimizer_state(optimizer, ckpt, src)
-    if restore_rng and "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
-    return int(ckpt["iteration"])
-
-
-# ===== Appendix: plumbing =====
-# Data (a synthetic corpus with a known entropy, public downloads, the cached text -> tokenizer -> token
-# files pipeline), the configuration and its presets, devices, threads and run folders. None of it is
-# needed to understand training; all of it is needed to run it.
 
 # ---- A synthetic story corpus with a known entropy --------------------------------------------------
 #
@@ -1961,13 +2153,13 @@ class MetricsLog:
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
 
 
-def _log_step(run: _Run, step: int, loss: float, grad_norm: float):
+def _log_step(run: Run, step: int, loss: float, grad_norm: float):
     """A metrics row after every step; a progress line every log_interval steps (and after the first)."""
     cfg, now, t = run.cfg, time.time(), run.clock()
     if not run.main:
         return
     lrs = learning_rates(run.optimizer)  # each optimizer's rate, labelled (Muon's and AdamW's differ ~10x)
-    extra = {"noise_scale_tokens": run.noise.value} if run.noise is not None else {}
+    extra = {k: v for ext in run.extensions for k, v in ext.metrics(run).items()}  # e.g. the noise scale
     run.metrics.write(kind="train", step=step, loss=loss, **lrs, grad_norm=grad_norm, minutes=run.minutes(), **extra)
     if step % cfg.log_interval and step != 1:
         return
@@ -1978,8 +2170,7 @@ def _log_step(run: _Run, step: int, loss: float, grad_norm: float):
     of = f"/{cfg.max_steps}" if cfg.max_steps else ""
     line = (f"step {step:6d}{of} | loss {loss:.4f} | "
             + " ".join(f"{k} {v:.2e}" for k, v in lrs.items()) + f" | {tps:,.0f} tok/s")
-    if run.noise is not None:  # McCandlish et al.'s B_simple, compared with this run's tokens per step
-        line += f" | B_noise {run.noise.value:,.0f} tok (batch {run.tokens_per_step:,})"
+    line += "".join(ext.progress(run) for ext in run.extensions)  # e.g. the noise scale B_noise
     if run.peak:  # model FLOPs utilization: achieved FLOP/s over the GPU's peak
         line += f" | MFU {100 * run.flops_per_tok * tps / run.world_size / run.peak:.1f}%"
     line += f" | {t / 60:.1f} min | ETA {run.budget.eta(step, t) / 60:.1f} min"
@@ -1988,79 +2179,9 @@ def _log_step(run: _Run, step: int, loss: float, grad_norm: float):
     run.log(line, flush=True) if run.log is print else run.log(line)
 
 
-def _setup_extras(run: _Run, model):
-    """The optional parts of a run: the gradient noise scale (--noise-scale), the distillation teacher
-    (--distill-from) and the pruning masks (--prune-sparsity); each attribute is None when off."""
-    cfg = run.cfg
-    # both need whole gradients / matrices in this process: under ddp.py, no_sync's micro-batch gradients
-    # are rank-local while the last one is averaged, and FSDP holds only a shard of each matrix
-    for on, flag in ((cfg.noise_scale, "--noise-scale"), (cfg.prune_sparsity, "--prune-sparsity")):
-        if on and run.world_size > 1:
-            raise ValueError(f"{flag} works in a single process only (use train.py, not ddp.py)")
-    run.noise = NoiseScale() if cfg.noise_scale else None
-    run.teacher = _load_teacher(cfg, run) if cfg.distill_from else None
-    run.pruner = (MagnitudePruner(model, cfg.prune_sparsity, cfg.prune_start, cfg.prune_end)
-                  if cfg.prune_sparsity else None)
-    run.dense_val = None  # pruning: the val bpb just before the first weights go (the dense reference)
 
 
-def _load_teacher(cfg: "TrainConfig", run: _Run) -> torch.nn.Module:
-    """The --distill-from checkpoint's model, frozen, after checking that it speaks this run's tokenizer
-    (the KL between teacher and student compares probabilities of the same token ids)."""
-    ckpt = read_checkpoint(cfg.distill_from)
-    mine = dict(tokenizer_fingerprint=run.tokenizer.fingerprint(), vocab_size=run.tokenizer.vocab_size)
-    theirs = dict(tokenizer_fingerprint=ckpt.get("tokenizer_fingerprint"),
-                  vocab_size=(ckpt.get("model_config") or {}).get("vocab_size"))
-    bad = [k for k in mine if theirs[k] is not None and theirs[k] != mine[k]]
-    if bad or theirs["vocab_size"] is None:
-        raise ValueError(f"--distill-from {cfg.distill_from}: the teacher has another tokenizer ("
-                         + ", ".join(f"{k} {theirs[k]} vs this run's {mine[k]}" for k in bad or ["vocab_size"])
-                         + "); distillation needs the teacher's --data and --vocab-size")
-    teacher, _ = M.load_checkpoint_model(cfg.distill_from, device=run.device)
-    if teacher.config.context_length < cfg.context_length:
-        raise ValueError(f"--distill-from {cfg.distill_from}: the teacher's context_length "
-                         f"{teacher.config.context_length} < --context-length {cfg.context_length}")
-    # frozen and in eval mode: no gradients, no dropout; its logits are a fixed target for the student
-    teacher.eval().requires_grad_(False)
-    run.say(f"distilling from {cfg.distill_from}: teacher {M.num_params(teacher) / 1e6:.2f}M parameters, "
-            f"T {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}")
-    return teacher
-
-
-def _cheaper_model_report(run: _Run, final: dict, eval_seconds: float, n_tokens: int) -> dict:
-    """Distillation and pruning: the quality cost (val bpb) next to the gain (parameters, speed), each in one
-    line; the numbers also go into the summary."""
-    out = {}
-    # the teacher is evaluated here, once, on exactly the tokens the student's final evaluation used: the
-    # bpb difference is the quality cost, the eval-time ratio the decoding speed gained
-    if run.teacher is not None:  # teacher on the same validation tokens, timed the same way
-        t0 = time.time()
-        tv = evaluate(run.teacher, run.val_tokens, max_tokens=n_tokens, **run.eval_kw)
-        t_sec = time.time() - t0
-        ns, nt = M.num_params(run.model), M.num_params(run.teacher)
-        out["distill"] = dict(student_bpb=final["bpb"], teacher_bpb=tv["bpb"], student_params=ns, teacher_params=nt,
-                              speedup=t_sec / max(eval_seconds, 1e-9))
-        run.say(f"distilled student: val bpb {final['bpb']:.4f} vs teacher {tv['bpb']:.4f} "
-                f"({100 * (final['bpb'] / tv['bpb'] - 1):+.1f}%) | params {ns / 1e6:.2f}M vs {nt / 1e6:.2f}M "
-                f"({nt / ns:.1f}x fewer) | eval forward {t_sec / max(eval_seconds, 1e-9):.2f}x the teacher's speed")
-    if run.pruner is not None:  # pruned vs the dense model at pruning start, on the same tokens
-        zeros, n = run.pruner.counts()
-        total = M.num_params(run.model)
-        pv = evaluate(run.eval_model, run.val_tokens, max_tokens=run.cfg.eval_tokens, **run.eval_kw)
-        dv = run.dense_val
-        out["prune"] = dict(sparsity=zeros / n, nonzero_params=total - zeros, params=total, pruned_bpb=pv["bpb"],
-                            dense_bpb=dv["bpb"] if dv else None, dense_step=dv["step"] if dv else None)
-        line = (f"pruned: {100 * zeros / n:.1f}% of the hidden matrices' weights are zero | nonzero params "
-                f"{(total - zeros) / 1e6:.2f}M of {total / 1e6:.2f}M ({100 * (total - zeros) / total:.0f}%) | val bpb "
-                f"{pv['bpb']:.4f}")
-        if dv:
-            line += (f" vs {dv['bpb']:.4f} dense at step {dv['step']} (pruning start; {pv['tokens']:,} val tokens)"
-                     f" ({100 * (pv['bpb'] / dv['bpb'] - 1):+.1f}%)")
-        run.say(line + " | speed: unchanged with dense matmuls (unstructured zeros need sparse kernels)")
-    return out
-
-
-def _check_resumable(run: _Run, ckpt: dict, model):
+def _check_resumable(run: Run, ckpt: dict, model):
     """A checkpoint continues this run only if it was written for the same model and the same tokenizer
     (same vocab size is not enough: another corpus's tokenizer maps the ids to other strings)."""
     mcfg = model.config.to_dict()
@@ -2896,10 +3017,7 @@ def plot_ablation(rows: list, png_path: Path):
         fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
 
-
-# =====================================================================================================
-# The command line
-# =====================================================================================================
+# ===== Command line =====
 
 
 def _json_object(text: str) -> dict:
