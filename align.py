@@ -26,19 +26,16 @@ follows such a line in its training data. Three ideas turn it into something use
      model.py's KV cache (each new token costs one position, not the whole sequence), and the G samples of a
      group share their prompt's prefill (computed once, then the cache is copied G times).
 
-The task. A program must be able to check the answer, so the built-in task family is multi-step arithmetic
-("Compute 27 + 8 - 5 + 3.") with exact answers, a difficulty knob (how many operands), disjoint held-out
-problems and a harder held-out split with more operands than training ever shows. Real benchmarks are here
-too: GSM8K (grade-school word problems, 2110.14168; exact match on the last number) and MMLU (57 subjects of
-multiple choice, 2009.03300; by parsing the option letter, and by the log-likelihood of each option -- the
-robust method for small models).
+The task. A program must be able to check the answer: the built-in task is multi-step arithmetic ("Compute
+27 + 8 - 5 + 3.") with exact answers, disjoint held-out problems and a harder split with more operands than
+training shows. Real benchmarks too: GSM8K (2110.14168; exact match on the last number) and MMLU (2009.03300;
+by the option letter, and by the log-likelihood of each option -- the robust method for small models).
 
 What it costs. SFT and DPO cost a forward+backward per example token (DPO adds two reference forwards).
 GRPO and expert iteration spend most of their time SAMPLING: G rollouts per prompt, one token at a time.
 
 Command line: `python align.py` runs the whole demo (pretrain -> SFT -> expert iteration -> GRPO on- and
-off-policy -> DPO) on a CPU in about a quarter of an hour; `python align.py --help` lists the stage
-commands (sft, ei, grpo, dpo, eval, bench).
+off-policy -> DPO) on a CPU in about a quarter of an hour; `--help` lists sft, ei, grpo, dpo, eval, bench.
 
 The functions use the names and return conventions of Stanford CS336's assignment 5, so a course learner's
 adapters map one to one (tokenize_prompt_and_output, compute_entropy, get_response_log_probs, masked_mean,
@@ -70,7 +67,7 @@ import torch.nn.functional as F
 
 import model as M
 import train as T
-from tokenizer import EOT, Progress, atomic_open, atomic_write_json, machine_label, shared_path
+from tokenizer import EOT, atomic_open, atomic_write_json, machine_label
 import tokenizer as tk
 
 # ---- 1. Prompt formats ----
@@ -90,42 +87,21 @@ SHORT_R1_PROMPT = "User: {question}\nAssistant: <think>"
 ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{response}")
 
-@dataclass(frozen=True)
-class Problem:
-    """One problem of the task: what the model is asked, the exact answer the verifier checks, and the
-    worked solution SFT imitates. Frozen (hashable), so problems can be de-duplicated in sets."""
-    question: str  # "Compute 27 + 8 - 5."
-    answer: str  # "30"
-    solution: str  # "27 + 8 = 35. 35 - 5 = 30."
-
-
-def task_prompt(p: Problem) -> str:
-    """The prompt a policy sees: the short R1-Zero template around the question, ending in "<think>"."""
-    return SHORT_R1_PROMPT.format(question=p.question)
-
-
-def task_response(p: Problem) -> str:
-    """The SFT target: the worked solution in the R1-Zero format (end-of-text is appended as an id)."""
-    return f" {p.solution} </think> <answer> {p.answer} </answer>"
-
 
 # ---- 2. Log-probabilities of a response, and the SFT loss ----
-
-# Every string that came from outside (a data set's question, a model's answer) goes through _encode.
 def _encode(tokenizer, text: str) -> list[int]:
-    """Token ids of UNTRUSTED text (a prompt, a model output): a literal "<|endoftext|>" inside it stays
-    ordinary text, so a document cannot smuggle in a control token. End-of-text ids are appended explicitly
-    by the caller. Falls back to plain encode() for tokenizers without the keyword (HF's, or older ones)."""
+    """Token ids of UNTRUSTED text (a data set's question, a model's answer): a literal "<|endoftext|>" in it
+    stays ordinary text, so a document cannot smuggle in a control token; callers append end-of-text ids
+    themselves. Falls back to plain encode() for tokenizers without the keyword (HF's, or older ones)."""
     try:
         return list(tokenizer.encode(text, allowed_special=set()))
     except TypeError:
         return list(tokenizer.encode(text))
 
 
-# Padding: any id will do, since every loss multiplies by a mask; end-of-text is always in our vocabulary.
 def pad_id_of(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad id if it has one, else end-of-text (its value never
-    matters, padded positions are masked out of every loss)."""
+    """The id used for padding: the tokenizer's pad id if it has one, else end-of-text. Any id will do:
+    padded positions are masked out of every loss."""
     for name in ("pad_token_id", "pad_id", "eot_id", "eos_token_id"):
         v = getattr(tokenizer, name, None)
         if isinstance(v, int):
@@ -134,13 +110,10 @@ def pad_id_of(tokenizer) -> int:
 
 
 def tokenize_prompt_and_output(prompt_strs: list[str], output_strs: list[str], tokenizer) -> dict:
-    """Tokenize each prompt and output SEPARATELY, concatenate, right-pad, and shift by one.
-
-    Returns input_ids (B, L-1), labels (B, L-1) and response_mask (B, L-1) (bool), where L is the longest
-    prompt+output. labels[t] = ids[t+1] is what position t must predict; response_mask[t] is True exactly
-    where that label is an output token (not prompt, not padding). Tokenizing the two parts separately
-    keeps the prompt/response boundary exact (BPE could merge across it otherwise).
-    """
+    """Tokenize each prompt and output SEPARATELY (BPE could merge across the boundary otherwise), concatenate,
+    right-pad, and shift by one. Returns input_ids, labels and response_mask (bool), each (B, L-1) for the
+    longest prompt+output L: labels[t] = ids[t+1] is what position t must predict; response_mask[t] is True
+    exactly where that label is an output token (not prompt, not padding)."""
     if len(prompt_strs) != len(output_strs):
         raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
     if not prompt_strs:
@@ -165,29 +138,22 @@ def pack_prompt_response_ids(pairs: list[tuple[list[int], list[int]]], pad_id: i
 
 def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) over the last dimension, in nats: (..., V) -> (...).
-
     H = -sum_v p_v log p_v with log p = z - logsumexp(z), so H = logsumexp(z) - sum_v p_v z_v. Written this
-    way nothing overflows (logsumexp subtracts the max) and no log(0) appears for tokens of probability 0.
-    """
+    way nothing overflows (logsumexp subtracts the max) and no log(0) appears for tokens of probability 0."""
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)  # (...)
     p = torch.softmax(z, dim=-1)  # (..., V)
     return lse - (p * z).sum(dim=-1)
 
 
-def _logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Our TransformerLM returns logits; a Hugging Face model returns an object with .logits. Accepting
-    both lets a course learner check these functions against a transformers model unchanged."""
-    out = model(input_ids)
-    return out.logits if hasattr(out, "logits") else out
-
-
 def get_response_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor,
                            return_token_entropy: bool = False) -> dict:
     """Per-token log p(labels[t] | input_ids[..t]) under `model`: {"log_probs": (B, T)} and, if asked,
     {"token_entropy": (B, T)} (the entropy of the whole next-token distribution at each position).
-    Nothing is masked here; callers apply the response mask."""
-    logits = _logits_of(model, input_ids).float()  # (B, T, V); float32 even if the model runs in bf16
+    Nothing is masked here; callers apply the response mask. A Hugging Face model (output with .logits)
+    works too, so a course learner can check these functions against a transformers model unchanged."""
+    result = model(input_ids)
+    logits = getattr(result, "logits", result).float()  # (B, T, V); float32 even if the model runs in bf16
     # log p(y_t) = z_{y_t} - logsumexp(z): log_softmax then a gather of the label's column, (B, T, V) -> (B, T)
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
     out = {"log_probs": log_probs}
@@ -224,14 +190,11 @@ def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: tor
     per_example = masked_normalize(policy_log_probs, response_mask, dim=-1, normalize_constant=normalize_constant)
     loss = -per_example.mean() / gradient_accumulation_steps
     loss.backward()
-    n_tokens = response_mask.sum()
-    return loss.detach(), {"response_tokens": n_tokens.detach(),
+    return loss.detach(), {"response_tokens": response_mask.sum().detach(),
                            "nll_per_token": (-masked_mean(policy_log_probs, response_mask)).detach()}
 
+
 # ---- 3. Rewards: parsing answers, grading them, the R1-Zero reward ----
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-
-
 def normalize_number(text: str) -> Optional[Fraction]:
     """A number written any common way -> an exact Fraction, or None.
     "1,234" (thousands separators), "-3", "2.50", ".5", "3/4", "$18", "18." and "18 dollars" all parse;
@@ -269,11 +232,9 @@ def grade_answer(given: str, ground_truth: str) -> bool:
 
 def r1_zero_reward_fn(response: str, ground_truth: str) -> dict:
     """The R1-Zero reward for a response to a prompt ending in "<think>".
-
     format_reward = 1 if the response closes the reasoning and gives one answer: "... </think> <answer> X
     </answer>"; answer_reward = 1 if X grades equal to the ground truth; reward = answer_reward, and 0
-    without the format (an answer that cannot be found cannot be checked).
-    """
+    without the format (an answer that cannot be found cannot be checked)."""
     # The CS336 grader asks for exactly "</think> <answer>"; any whitespace between the tags is accepted here,
     # since a BPE model may emit the space as its own token or fold it into the next one.
     m = re.search(r"</think>\s*<answer>(.*?)</answer>", response, flags=re.DOTALL)
@@ -282,28 +243,6 @@ def r1_zero_reward_fn(response: str, ground_truth: str) -> dict:
     ok = grade_answer(m.group(1), ground_truth)
     return {"format_reward": 1.0, "answer_reward": float(ok), "reward": float(ok)}
 
-
-def parse_gsm8k_response(model_output: str) -> Optional[str]:
-    """GSM8K's convention: the LAST number in the output is the answer ("... so she makes $18." -> "18").
-    Thousands separators are dropped; None if the output has no number."""
-    # _NUMBER: an optional minus, digits with optional commas, an optional decimal part or "/denominator"
-    nums = _NUMBER.findall(model_output)
-    if not nums:
-        return None
-    return nums[-1].replace(",", "").rstrip(".")
-
-
-def parse_mmlu_response(mmlu_example: dict, model_output: str) -> Optional[str]:
-    """The option letter (A-D) the output commits to, or None. Looks for "answer is X" first, then a lone
-    capital letter A-D as a word; with several candidates the last one wins (models restate options)."""
-    letters = "ABCD"[:len(mmlu_example.get("options", "ABCD"))]
-    # "The answer is (C)", "Answer: C", "answer C" -- the explicit commitment, if the output has one
-    m = re.findall(rf"[Aa]nswer(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\b", model_output)
-    if m:
-        return m[-1]
-    # else a capital letter standing alone ("B", "(B)", "B."), not one inside a word ("Because")
-    m = re.findall(rf"(?<![A-Za-z])\(?([{letters}])\)?(?![A-Za-z])", model_output)
-    return m[-1] if m else None
 
 # ---- 4. Policy gradients: group-normalized advantages, the three losses, one GRPO micro-batch ----
 # The objective is J(theta) = E_{q, o ~ pi_theta(.|q)} [ R(q, o) ]. Its gradient is
@@ -317,7 +256,6 @@ def compute_group_normalized_rewards(reward_fn: Callable, rollout_responses: lis
                                      repeated_ground_truths: list[str], group_size: int, advantage_eps: float,
                                      normalize_by_std: bool):
     """Score each rollout and normalize within its group of `group_size` consecutive rollouts.
-
     Returns (advantages (N,), raw_rewards (N,), metadata). std is torch's unbiased std of the group.
     A reward function that raises is reported with the rollout it failed on (not swallowed: a broken
     verifier would silently train the model on zeros)."""
@@ -367,12 +305,10 @@ def compute_grpo_clip_loss(advantages: torch.Tensor, policy_log_probs: torch.Ten
                            old_log_probs: torch.Tensor, cliprange: float):
     """PPO's clipped surrogate, per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), with
     ratio = pi_theta(o_t) / pi_old(o_t) = exp(log pi_theta - log pi_old).
-
     Why clip: reusing a batch of rollouts for several updates makes them off-policy; the ratio corrects for
     that, and clipping stops any one token's probability moving more than a factor (1 +- eps) per batch --
     for A > 0 the gain is capped once ratio > 1 + eps, for A < 0 once ratio < 1 - eps.
-    Returns (loss (B, T), {"clipped": bool (B, T) where the clipped term was the smaller, "clip_fraction"}).
-    """
+    Returns (loss (B, T), {"clipped": bool (B, T) where the clipped term was the smaller, "clip_fraction"})."""
     # the ratio from log-probs (a difference, then one exp): dividing two tiny probabilities would underflow
     ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
     unclipped = ratio * advantages
@@ -395,7 +331,6 @@ def compute_policy_gradient_loss(policy_log_probs: torch.Tensor, loss_type: str,
     """Dispatch: "no_baseline" (raw rewards), "reinforce_with_baseline" (group-normalized advantages),
     "grpo_clip" (advantages + the clipped ratio). Returns (per-token loss (B, T), metadata)."""
     def need(name, value):
-        """The argument this loss type cannot do without, or a ValueError naming it."""
         if value is None:
             raise ValueError(f"loss_type {loss_type!r} needs {name}")
         return value
@@ -418,7 +353,6 @@ def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: to
                                normalize_constant: Optional[float] = None):
     """One GRPO micro-batch: per-token policy-gradient loss, reduced over each response, averaged over the
     batch, divided by gradient_accumulation_steps; calls backward(). Returns (loss, metadata).
-
     Reduction over a response: GRPO's masked MEAN (each response counts once, so a long response's tokens
     each get a smaller share: a length bias), or with `normalize_constant` Dr. GRPO's sum / constant (e.g.
     the generation budget: every token weighted the same, whatever its response's length)."""
@@ -455,8 +389,7 @@ def dpo_loss(policy, reference, prompts: list[list[int]], chosen: list[list[int]
     """Batched DPO loss (mean over pairs) and metadata (preference accuracy, implied reward margin).
     Chosen and rejected go through the model in ONE batch (2B rows), and the reference without gradients."""
     # rows 0..B-1 are the chosen responses, rows B..2B-1 the rejected ones, in the same prompt order
-    pairs = list(zip(prompts, chosen)) + list(zip(prompts, rejected))
-    B = len(prompts)
+    pairs, B = list(zip(prompts, chosen)) + list(zip(prompts, rejected)), len(prompts)
     logp = sequence_log_probs(policy, pairs, pad_id)  # (2B,)
     with torch.no_grad():
         ref = sequence_log_probs(reference, pairs, pad_id)
@@ -474,39 +407,31 @@ def compute_per_instance_dpo_loss(lm, lm_ref, tokenizer, beta: float, prompt: st
     each response after "### Response:\\n" followed by end-of-text. Returns a scalar tensor (differentiable
     through `lm`; `lm_ref` is only read)."""
     eot = getattr(tokenizer, "eot_id", None)
-    if eot is None:
-        eot = getattr(tokenizer, "eos_token_id", None)
+    eot = getattr(tokenizer, "eos_token_id", None) if eot is None else eot
     if eot is None:
         raise ValueError("the tokenizer has no end-of-text token to end the responses with")
     # The template up to "### Response:\n" is the prompt; the response is tokenized separately so both sequences
     # share the prompt's exact ids (its log-probability is then identical in both and cancels in the margin).
-    prefix = ALPACA_TEMPLATE.format(instruction=prompt, response="")
-    p_ids = _encode(tokenizer, prefix)
+    p_ids = _encode(tokenizer, ALPACA_TEMPLATE.format(instruction=prompt, response=""))
     c_ids = _encode(tokenizer, response_chosen) + [eot]
     r_ids = _encode(tokenizer, response_rejected) + [eot]
     loss, _ = dpo_loss(lm, lm_ref, [p_ids], [c_ids], [r_ids], beta, pad_id_of(tokenizer))
     return loss
 
-# ---- 6. Rollouts: sampling G responses per prompt with the KV cache and one shared prefill ----
-# The cost model of a rollout batch (P prompts of length Tp, G samples each, Tn new tokens, N parameters):
-#   without a cache   every new token re-runs the whole prefix: ~2N * P*G * sum_t (Tp + t) FLOPs, quadratic in Tn
-#   with a KV cache   prefill 2N * P*G*Tp once, then 2N * P*G per new token: linear in Tn
-#   shared prefill    the prefill once per PROMPT (2N * P*Tp), the cache copied G times
-# On a CPU a 1M-parameter model is bound by per-step overhead more than by FLOPs, which is why the batch of
-# P*G rows decodes together: one forward per new token for all of them. `python align.py bench` measures it.
+
+# ---- 6. Rollouts: G responses per prompt, decoded together through model.py's KV cache ----
+# Every feedback step starts with INFERENCE: P prompts x G samples, decoded as one batch of P*G rows (one
+# forward per new token for all of them) through model.py's KV cache, so each new token costs one position,
+# not the whole prefix. The G rows of a group share their prompt: `Menu: faster rollouts` prefills it once.
 
 @torch.no_grad()
 def sample_rollouts(model, prompts: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
                     eos_id: Optional[int], generator: Optional[torch.Generator] = None,
                     share_prefill: bool = True, use_cache: bool = True) -> list[list[int]]:
     """len(prompts) * group_size responses (token ids; a response ends with eos_id when it emitted it),
-    ordered prompt by prompt: [p0 x G, p1 x G, ...]. temperature 0 = greedy.
-
-    The group shares its prompt: prefill the P distinct prompts ONCE into a KV cache (P rows), then copy each
-    row G times (repeat_interleave of every layer's keys/values) and decode all P*G rows one token per step.
-    The prefill is the expensive part for long prompts; this makes it G times cheaper. share_prefill=False
-    prefills every row (the comparison in `bench`); use_cache=False recomputes the whole sequence each step.
-    """
+    ordered prompt by prompt: [p0 x G, p1 x G, ...]. temperature 0 = greedy. By default each prompt is
+    prefilled once for its whole group (shared_prefill_rollouts); share_prefill=False prefills every row
+    (model.generate, the comparison in `bench`); use_cache=False recomputes the whole sequence each step."""
     cfg = model.config
     if group_size < 1 or not prompts:
         raise ValueError(f"need at least one prompt and group_size >= 1 (got {len(prompts)}, {group_size})")
@@ -514,67 +439,18 @@ def sample_rollouts(model, prompts: list[list[int]], group_size: int, max_new_to
     if longest + max_new_tokens > cfg.context_length:
         raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
                          f"of {cfg.context_length}; shorten the prompt or lower max_new_tokens")
-    if not use_cache or not share_prefill:  # the plain paths: model.generate on every row of the group
-        rows = [list(p) for p in prompts for _ in range(group_size)]
-        return M.generate(model, rows, max_new_tokens, temperature=temperature, eos_id=eos_id,
-                          use_cache=use_cache, generator=generator) if max_new_tokens else [[] for _ in rows]
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    was_training = model.training
-    model.eval()
-    try:
-        # Prompts of different lengths are LEFT-padded so every row's next token lands in the same cache slot;
-        # pad_lens tells the cache to mask the padding and to start each row's positions at its first token.
-        pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-        ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (P, Tp)
-        cache = M.KVCache(cfg, len(prompts), longest + max_new_tokens, pad, device=device, dtype=dtype)
-        logits = model(ids, kv_cache=cache, last_only=True)[:, -1]  # (P, V): one prefill per prompt
-        expand_cache(cache, group_size)
-        logits = logits.repeat_interleave(group_size, dim=0)  # (P*G, V)
-        return _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator)
-    finally:
-        model.train(was_training)
-
-
-def expand_cache(cache, group_size: int) -> None:
-    """Copy every row of a prefilled KV cache group_size times, in place: row i -> rows i*G .. i*G+G-1.
-
-    The copy costs memory traffic (L layers x P*G x Hkv x capacity x dh floats), the prefill it replaces
-    costs a forward pass over P*(G-1) prompts; for any prompt longer than a few tokens the copy wins."""
-    cache.k = [k.repeat_interleave(group_size, dim=0) for k in cache.k]  # (P*G, Hkv, cap, dh) per layer
-    cache.v = [v.repeat_interleave(group_size, dim=0) for v in cache.v]
-    if cache.pad_lens is not None:
-        cache.pad_lens = cache.pad_lens.repeat_interleave(group_size)
-
-
-def _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator) -> list[list[int]]:
-    """Sample one token per row per step, feeding only the newest token through the cache."""
-    n = logits.shape[0]  # logits: (N, V) for the next token of each row
-    out: list[list[int]] = [[] for _ in range(n)]
-    # A finished row keeps being fed (the batch stays rectangular) but nothing it samples is recorded;
-    # the loop ends early once every row has emitted end-of-text.
-    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
-        if temperature == 0:  # greedy (evaluation); ties go to the lowest id, deterministically
-            nxt = logits.argmax(-1)
-        else:  # softmax(logits / T), inverse-CDF sampling with the caller's generator (reproducible rollouts)
-            nxt = M.sample_from_probs(M.logits_to_probs(logits, temperature), generator)  # (N,)
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                out[i].append(t)
-        if eos_id is not None:
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-        if step + 1 < max_new_tokens:  # one new position per row: (N, 1) in, (N, V) out
-            logits = model(nxt[:, None], kv_cache=cache, last_only=True)[:, -1]
-    return out
+    if use_cache and share_prefill:
+        return shared_prefill_rollouts(model, prompts, group_size, max_new_tokens, temperature, eos_id, generator)
+    rows = [list(p) for p in prompts for _ in range(group_size)]  # the plain path: model.generate on every row
+    return M.generate(model, rows, max_new_tokens, temperature=temperature, eos_id=eos_id,
+                      use_cache=use_cache, generator=generator) if max_new_tokens else [[] for _ in rows]
 
 
 def decode_response(tokenizer, ids: list[int]) -> str:
-    # (decoding drops nothing else: a response that emits stray bytes is graded on what it actually said)
-    """Response text without its end-of-text (the reward looks at what the model said, not how it stopped)."""
-    eot = tokenizer.eot_id
-    return tokenizer.decode([t for t in ids if t != eot])
+    """Response text without its end-of-text (the reward looks at what the model said, not how it stopped).
+    Nothing else is dropped: a response that emits stray bytes is graded on what it actually said."""
+    return tokenizer.decode([t for t in ids if t != tokenizer.eot_id])
+
 
 # ---- 7. Evaluation: held-out accuracy with an interval, format rate, length, entropy ----
 # What to report after each stage, and why each number is there:
@@ -589,7 +465,6 @@ def decode_response(tokenizer, ids: list[int]) -> str:
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a proportion: unlike p +- 1.96 sqrt(p(1-p)/n) it stays inside [0, 1]
     and is honest at p near 0 or 1 (where the normal approximation claims zero uncertainty).
-
     It inverts the score test: the interval holds every true p for which |p_hat - p| <= z sqrt(p(1-p)/n),
     a quadratic in p whose two roots are centre +- half below."""
     if n == 0:
@@ -602,26 +477,26 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int = 48, batch_size: int = 128,
-                  reward_fn: Callable = r1_zero_reward_fn, prompt_fn: Callable = task_prompt) -> dict:
+                  reward_fn: Callable = r1_zero_reward_fn, prompt_fn: Optional[Callable] = None) -> dict:
     """Greedy responses to every problem, graded by `reward_fn`: accuracy (answer reward) with its 95%
     interval, format-reward rate, mean response length in tokens, mean per-token entropy of the policy on
-    its own responses (how sure it is; RL typically drives it down), and decoding throughput."""
+    its own responses (how sure it is; RL typically drives it down), and decoding throughput.
+    prompt_fn: Problem -> prompt text (default task_prompt, the built-in task's R1-Zero prompt)."""
+    prompt_fn = prompt_fn or task_prompt
     # Greedy decoding: the accuracy of the policy's single best guess, deterministic, so two checkpoints are
     # compared on exactly the same footing (sampling would add noise of its own to every comparison).
     t0, correct, formatted, lengths, ent_sum, ent_n, examples = time.time(), 0, 0, [], 0.0, 0, []
-    eot = tokenizer.eot_id
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
         prompts = [_encode(tokenizer, prompt_fn(p)) for p in chunk]
-        outs = sample_rollouts(model, prompts, 1, max_new_tokens, 0.0, eot)
+        outs = sample_rollouts(model, prompts, 1, max_new_tokens, 0.0, tokenizer.eot_id)
         for p, o in zip(chunk, outs):
             r = reward_fn(decode_response(tokenizer, o), p.answer)
             correct += int(r["answer_reward"] > 0)
             formatted += int(r["format_reward"] > 0)
             lengths.append(len(o))
-            if len(examples) < 3:
-                q = getattr(p, "question", "")[:60]
-                examples.append(q + " ->" + decode_response(tokenizer, o).replace("\n", "\\n")[:100])
+            if len(examples) < 3:  # a few question -> response lines for the log
+                examples.append(p.question[:60] + " ->" + decode_response(tokenizer, o).replace("\n", "\\n")[:100])
         with torch.no_grad():  # entropy of the policy over its own response tokens
             batch = pack_prompt_response_ids([(p, o) for p, o in zip(prompts, outs) if o], pad_id_of(tokenizer))
             if batch["input_ids"].shape[1] > 0:
@@ -639,9 +514,7 @@ def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int
             "tokens_per_s": sum(lengths) / max(dt, 1e-9), "examples": examples}
 
 
-
 # ---- 8. The stages: SFT, expert iteration, GRPO (on- and off-policy), DPO -- one step function each ----
-
 # On- versus off-policy. The policy gradient is an expectation under the CURRENT policy, so rollouts are only
 # exactly right for the first update after they were sampled. Sampling is the expensive part, so GRPO reuses
 # a batch for several updates (epochs_per_batch x minibatches) and corrects with the importance ratio
@@ -655,39 +528,7 @@ def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int
 #   grpo  rollouts -> group-normalized advantages -> policy-gradient update(s), on- or off-policy
 #   dpo   rollouts -> (verified, rejected) pairs per prompt -> the DPO loss against the frozen start
 # Everything a step samples is a function of (seed, step), which is what makes resuming after a kill exact.
-
-@dataclass
-class AlignConfig:
-    """Every option of a stage run (`python align.py <stage> --flag ...`; flags are these names)."""
-    stage: str = "sft"  # sft | ei | grpo | dpo
-    name: str = ""  # label of this run in logs and plots (default: the stage)
-    init: str = ""  # checkpoint to start from (train.py's or a previous stage's)
-    pretrained: str = ""  # instead of init: "gpt2" (Hugging Face weights, downloaded once) or a local folder
-    out_dir: str = "runs/align/sft"
-    steps: int = 40  # optimizer steps (sft, dpo) or rollout batches (ei, grpo)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 32  # sft: examples per step; ei/grpo/dpo: prompts per rollout batch
-    micro_batch: int = 64  # rows per forward/backward (gradient accumulation above it)
-    group_size: int = 8  # rollouts per prompt
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    sft_examples: int = 256  # sft: size of the pool of worked solutions
-    loss_type: str = "reinforce_with_baseline"  # grpo: no_baseline | reinforce_with_baseline | grpo_clip
-    epochs_per_batch: int = 1  # grpo: passes over each rollout batch (> 1 is off-policy: use grpo_clip)
-    minibatches: int = 1  # grpo/ei: optimizer steps per pass over a rollout batch
-    cliprange: float = 0.2
-    normalize_by_std: bool = True  # grpo: divide advantages by the group's std (Dr. GRPO: False)
-    length_normalization: str = "mean"  # grpo: mean (GRPO) | constant (Dr. GRPO: sum / max_new_tokens)
-    beta: float = 0.1  # dpo: strength of the KL anchor to the reference
-    eval_problems: int = 500
-    hard_problems: int = 200
-    seed: int = 0
-    ckpt_interval: int = 10
-    log_path: str = ""  # JSONL log (default <out_dir>/log.jsonl)
-    threads: int = 0
-
+# The plumbing holds the rest: the options (AlignConfig), the step's context and run_stage's loop around it.
 
 def _rows_in_micro_batches(n: int, micro: int):
     """[(start, end)] spans of at most `micro` rows: the forward/backward pieces of one optimizer step. Memory
@@ -696,22 +537,7 @@ def _rows_in_micro_batches(n: int, micro: int):
     return [(i, min(i + micro, n)) for i in range(0, n, micro)]
 
 
-def sft_update(model, opt, pairs: list[tuple[list[int], list[int]]], cfg: AlignConfig, pad_id: int) -> dict:
-    """One optimizer step of SFT on (prompt_ids, response_ids) pairs: mean negative log-likelihood per response
-    token over the whole batch (normalize_constant = response tokens per example), micro-batched."""
-    spans = _rows_in_micro_batches(len(pairs), cfg.micro_batch)
-    total_tokens = sum(len(o) for _, o in pairs)
-    nll = 0.0
-    for a, b in spans:
-        batch = pack_prompt_response_ids(pairs[a:b], pad_id)
-        lp = get_response_log_probs(model, batch["input_ids"], batch["labels"])["log_probs"]
-        # sum over this micro-batch's tokens / all tokens of the step: exactly the step's per-token mean
-        loss, _ = sft_microbatch_train_step(lp, batch["response_mask"], 1, normalize_constant=total_tokens / (b - a))
-        nll += float(loss)  # each micro-batch's share of the step's mean
-    return {"loss": nll, "grad_norm": _step(model, opt, cfg)}
-
-
-def _step(model, opt, cfg: AlignConfig) -> float:
+def _step(model, opt, cfg) -> float:
     """Clip the global gradient norm (RL gradients are noisy: one lucky group can produce a huge step), take
     the optimizer step, clear the gradients. Returns the norm before clipping (a health signal in the log)."""
     gnorm = T.gradient_clipping(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
@@ -720,14 +546,41 @@ def _step(model, opt, cfg: AlignConfig) -> float:
     return float(gnorm)
 
 
+def sft_update(model, opt, pairs: list[tuple[list[int], list[int]]], cfg, pad_id: int) -> dict:
+    """One optimizer step of SFT on (prompt_ids, response_ids) pairs: mean negative log-likelihood per response
+    token over the whole batch (normalize_constant = response tokens per example), micro-batched."""
+    total_tokens, nll = sum(len(o) for _, o in pairs), 0.0
+    for a, b in _rows_in_micro_batches(len(pairs), cfg.micro_batch):
+        batch = pack_prompt_response_ids(pairs[a:b], pad_id)
+        lp = get_response_log_probs(model, batch["input_ids"], batch["labels"])["log_probs"]
+        # sum over this micro-batch's tokens / all tokens of the step: exactly the step's per-token mean
+        loss, _ = sft_microbatch_train_step(lp, batch["response_mask"], 1, normalize_constant=total_tokens / (b - a))
+        nll += float(loss)  # each micro-batch's share of the step's mean
+    return {"loss": nll, "grad_norm": _step(model, opt, cfg)}
+
+
+def sft_step(ctx: StageContext, step: int) -> dict:
+    """SFT: a batch of worked solutions from a fixed pool (epochs over it in a fixed shuffled order)."""
+    cfg = ctx.cfg
+    # step s covers examples s*B .. s*B+B-1 of an endless sequence of epochs, each its own fixed shuffle
+    # (a pool smaller than a batch simply wraps into the next epoch)
+    n, perms, chosen = len(ctx.sft_pool), {}, []
+    for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
+        epoch, pos = divmod(k, n)
+        if epoch not in perms:
+            perms[epoch] = list(range(n))
+            random.Random(f"{cfg.seed}-epoch-{epoch}").shuffle(perms[epoch])
+        chosen.append(perms[epoch][pos])
+    return sft_update(ctx.model, ctx.opt, [ctx.sft_pool[i] for i in chosen], cfg, ctx.pad_id)
+
+
 UNFINISHED = {"reward": 0.0, "format_reward": 0.0, "answer_reward": 0.0}
 
 
-def rollout_batch(ctx: "StageContext", step: int) -> dict:
+def rollout_batch(ctx: StageContext, step: int) -> dict:
     """Sample G responses for each of batch_size training prompts and score them with the verifier.
     Deterministic in (seed, step): a resumed run samples exactly what the killed one would have."""
-    cfg, tok = ctx.cfg, ctx.tokenizer
-    t0 = time.time()
+    cfg, tok, t0 = ctx.cfg, ctx.tokenizer, time.time()
     # batch_size distinct prompts; each is sampled group_size times (consecutive rows form a group)
     problems = random.Random(f"{cfg.seed}-{step}").sample(ctx.train_pool, cfg.batch_size)
     prompts = [_encode(tok, ctx.prompt_fn(p)) for p in problems]
@@ -747,22 +600,7 @@ def rollout_batch(ctx: "StageContext", step: int) -> dict:
             "rollout_s": t1 - t0, "score_s": time.time() - t1, "mean_length": sum(map(len, outs)) / len(outs)}
 
 
-def sft_step(ctx: "StageContext", step: int) -> dict:
-    """SFT: a batch of worked solutions from a fixed pool (epochs over it in a fixed shuffled order)."""
-    cfg = ctx.cfg
-    # step s covers examples s*B .. s*B+B-1 of an endless sequence of epochs, each its own fixed shuffle
-    # (a pool smaller than a batch simply wraps into the next epoch)
-    n, perms, chosen = len(ctx.sft_pool), {}, []
-    for k in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
-        epoch, pos = divmod(k, n)
-        if epoch not in perms:
-            perms[epoch] = list(range(n))
-            random.Random(f"{cfg.seed}-epoch-{epoch}").shuffle(perms[epoch])
-        chosen.append(perms[epoch][pos])
-    return sft_update(ctx.model, ctx.opt, [ctx.sft_pool[i] for i in chosen], cfg, ctx.pad_id)
-
-
-def ei_step(ctx: "StageContext", step: int) -> dict:
+def ei_step(ctx: StageContext, step: int) -> dict:
     """Expert iteration: sample, keep what the verifier accepts (one copy per distinct response), and
     fine-tune on it -- SFT on the model's own correct answers.
 
@@ -770,44 +608,37 @@ def ei_step(ctx: "StageContext", step: int) -> dict:
     ignored instead of pushed down, and a prompt it already solves every time still contributes (GRPO's
     advantage for such a group is 0). Cheap and stable; it learns nothing from prompts it never solves."""
     cfg = ctx.cfg
-    rb = rollout_batch(ctx, step)
-    t0 = time.time()
+    rb, t0 = rollout_batch(ctx, step), time.time()  # t0: the update's clock starts after the rollouts
     # Duplicates are dropped: a prompt the model already answers right 8 times out of 8 would otherwise
     # dominate the batch with 8 copies of a lesson it does not need (the easy problems crowd out the rest).
-    keep = {}
-    for (p, o), r in zip(rb["pairs"], rb["rewards"].tolist()):
-        if r > 0:
-            keep[(tuple(p), tuple(o))] = (p, o)
+    keep = {(tuple(p), tuple(o)): (p, o) for (p, o), r in zip(rb["pairs"], rb["rewards"].tolist()) if r > 0}
     kept = list(keep.values())
     random.Random(f"{cfg.seed}-ei-{step}").shuffle(kept)
     stats = {"loss": float("nan"), "grad_norm": float("nan")}  # a batch with nothing verified: no update
     for _ in range(cfg.epochs_per_batch):
         for a, b in _rows_in_micro_batches(len(kept), max(1, -(-len(kept) // cfg.minibatches))):
             stats = sft_update(ctx.model, ctx.opt, kept[a:b], cfg, ctx.pad_id)
-    return {**stats, **rb["meta"], "kept": len(kept), "rollout_s": rb["rollout_s"], "score_s": rb["score_s"],
-            "update_s": time.time() - t0, "mean_length": rb["mean_length"]}
+    return _rl_row(rb, t0, **stats, kept=len(kept))
 
 
-def grpo_step(ctx: "StageContext", step: int) -> dict:
+def grpo_step(ctx: StageContext, step: int) -> dict:
     """GRPO: rollouts -> group-normalized advantages -> policy-gradient updates. With epochs_per_batch > 1 (or
     several minibatches) later updates use rollouts of an older policy: off-policy, corrected by the clipped
     ratio against the log-probs recorded before the first update.
 
     No KL penalty to a reference model (DeepSeekMath adds one; DAPO and Dr. GRPO drop it): on a verifiable
-    reward with few steps there is nothing to protect, and it would cost a reference forward per batch.
-    The returned row splits the wall time into rollout (sampling), score (the verifier) and update."""
+    reward with few steps there is nothing to protect, and it would cost a reference forward per batch."""
     cfg, model = ctx.cfg, ctx.model
-    rb = rollout_batch(ctx, step)
-    t0 = time.time()
-    pairs, adv, raw = rb["pairs"], rb["advantages"], rb["rewards"]
+    rb, t0 = rollout_batch(ctx, step), time.time()  # t0: the update's clock starts after the rollouts
+    adv, raw, n = rb["advantages"], rb["rewards"], len(rb["pairs"])
     nconst = float(cfg.max_new_tokens) if cfg.length_normalization == "constant" else None
-    batch = pack_prompt_response_ids(pairs, ctx.pad_id)  # right-padded (N, L) rows, N = P*G
-    old = None
+    batch = pack_prompt_response_ids(rb["pairs"], ctx.pad_id)  # right-padded (N, L) rows, N = P*G
+    ids, labels, old = batch["input_ids"], batch["labels"], None
     if cfg.loss_type == "grpo_clip":
         with torch.no_grad():  # log pi_old: the policy that sampled the rollouts
-            old = torch.cat([get_response_log_probs(model, batch["input_ids"][a:b], batch["labels"][a:b])["log_probs"]
-                             for a, b in _rows_in_micro_batches(len(pairs), cfg.micro_batch)])
-    n, losses, clips, gnorm = len(pairs), [], [], float("nan")
+            old = torch.cat([get_response_log_probs(model, ids[a:b], labels[a:b])["log_probs"]
+                             for a, b in _rows_in_micro_batches(n, cfg.micro_batch)])
+    losses, clips, gnorm = [], [], float("nan")
     # epochs x minibatches optimizer steps on the same rollouts; only the first is exactly on-policy
     for epoch in range(cfg.epochs_per_batch):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + epoch))
@@ -817,7 +648,7 @@ def grpo_step(ctx: "StageContext", step: int) -> dict:
             spans = _rows_in_micro_batches(len(rows), cfg.micro_batch)
             for a, b in spans:  # gradient accumulation: each micro-batch carries 1/len(spans) of the step
                 r = rows[a:b]
-                lp = get_response_log_probs(model, batch["input_ids"][r], batch["labels"][r])["log_probs"]
+                lp = get_response_log_probs(model, ids[r], labels[r])["log_probs"]
                 loss, meta = grpo_microbatch_train_step(
                     lp, batch["response_mask"][r], len(spans), cfg.loss_type, raw_rewards=raw[r, None],
                     advantages=adv[r, None], old_log_probs=None if old is None else old[r], cliprange=cfg.cliprange,
@@ -826,204 +657,45 @@ def grpo_step(ctx: "StageContext", step: int) -> dict:
                 if "clip_fraction" in meta:
                     clips.append(float(meta["clip_fraction"]))
             gnorm = _step(model, ctx.opt, cfg)
-    out = {**rb["meta"], "loss": sum(losses) / max(len(losses), 1), "grad_norm": gnorm,
-           "rollout_s": rb["rollout_s"], "score_s": rb["score_s"], "update_s": time.time() - t0,
-           "mean_length": rb["mean_length"]}
-    if clips:
-        out["clip_fraction"] = sum(clips) / len(clips)
-    return out
+    extra = {"clip_fraction": sum(clips) / len(clips)} if clips else {}
+    return _rl_row(rb, t0, loss=sum(losses) / max(len(losses), 1), grad_norm=gnorm, **extra)
 
 
-def dpo_step(ctx: "StageContext", step: int) -> dict:
+def dpo_step(ctx: StageContext, step: int) -> dict:
     """DPO on verifier-ranked pairs: per prompt, one response the verifier accepts (chosen) against one it
     rejects (rejected), both sampled from the current policy; the reference is the starting model.
 
     This is "online" DPO (pairs from the current policy at every step) rather than the original's fixed
     data set of human preferences; the verifier plays the human. Each pair uses one chosen and one rejected
     response out of G, so DPO sees fewer of the sampled tokens than GRPO does on the same rollouts."""
-    cfg = ctx.cfg
-    rb = rollout_batch(ctx, step)
-    t0 = time.time()
+    cfg, G = ctx.cfg, ctx.cfg.group_size
+    rb, t0 = rollout_batch(ctx, step), time.time()  # t0: the update's clock starts after the rollouts
     # One pair per group, only from groups with both outcomes: a group the model always (or never) solves
     # says nothing about which of two answers is better. Unfinished responses count as rejected.
-    rng = random.Random(f"{cfg.seed}-dpo-{step}")
-    G, prompts, chosen, rejected = cfg.group_size, [], [], []
-    rewards = rb["rewards"].tolist()
+    rng, rewards, pairs = random.Random(f"{cfg.seed}-dpo-{step}"), rb["rewards"].tolist(), rb["pairs"]
+    prompts, chosen, rejected = [], [], []
     for g in range(len(rewards) // G):
-        rows = range(g * G, (g + 1) * G)
-        good = [i for i in rows if rewards[i] > 0]
-        bad = [i for i in rows if rewards[i] <= 0]
+        good = [i for i in range(g * G, (g + 1) * G) if rewards[i] > 0]
+        bad = [i for i in range(g * G, (g + 1) * G) if rewards[i] <= 0]
         if good and bad:
             i, j = rng.choice(good), rng.choice(bad)
-            prompts.append(rb["pairs"][i][0])
-            chosen.append(rb["pairs"][i][1])
-            rejected.append(rb["pairs"][j][1])
+            prompts.append(pairs[i][0])
+            chosen.append(pairs[i][1])
+            rejected.append(pairs[j][1])
     stats = {"loss": float("nan"), "grad_norm": float("nan"), "pref_accuracy": float("nan")}
     if prompts:  # chosen + rejected: 2 rows per pair, hence half as many pairs per micro-batch
-        spans = _rows_in_micro_batches(len(prompts), max(1, cfg.micro_batch // 2))
         total, accs = 0.0, []
-        for a, b in spans:
+        for a, b in _rows_in_micro_batches(len(prompts), max(1, cfg.micro_batch // 2)):
             loss, meta = dpo_loss(ctx.model, ctx.reference, prompts[a:b], chosen[a:b], rejected[a:b], cfg.beta,
                                   ctx.pad_id)
             (loss * (b - a) / len(prompts)).backward()
             total += float(loss.detach()) * (b - a) / len(prompts)
             accs.append(meta["pref_accuracy"])
         stats = {"loss": total, "grad_norm": _step(ctx.model, ctx.opt, cfg), "pref_accuracy": sum(accs) / len(accs)}
-    return {**rb["meta"], **stats, "pairs": len(prompts), "rollout_s": rb["rollout_s"], "score_s": rb["score_s"],
-            "update_s": time.time() - t0, "mean_length": rb["mean_length"]}
+    return _rl_row(rb, t0, **stats, pairs=len(prompts))
 
 
 STEP_FUNCTIONS = {"sft": sft_step, "ei": ei_step, "grpo": grpo_step, "dpo": dpo_step}
-
-
-@dataclass
-class StageContext:
-    """What a step function needs: the config, the policy and its optimizer, the tokenizer, the data."""
-    cfg: AlignConfig
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    tokenizer: object
-    pad_id: int
-    train_pool: list  # training problems to draw rollout prompts from
-    sft_pool: list  # (prompt_ids, response_ids) worked solutions (sft only)
-    reference: Optional[torch.nn.Module] = None  # the frozen starting model (dpo only)
-    reward_fn: Callable = r1_zero_reward_fn  # (response, ground_truth) -> {"reward", ...}
-    prompt_fn: Callable = task_prompt  # Problem -> prompt text
-    require_eot: bool = True  # a rollout that never emitted end-of-text scores 0 (see rollout_batch)
-
-
-
-# ===== Menu: real benchmarks (GSM8K, MMLU) =====
-# The lessons of evaluation, as they show up here:
-#   * The SAME model scores differently under different protocols. A small model asked for a letter may
-#     never write one (its letter accuracy can fall below the 25% of guessing), while comparing the
-#     log-likelihood of the four options always yields an answer; report the protocol with the number.
-#   * Parsing is part of the metric: "the last number in the output" is GSM8K's convention, and a model that
-#     restates the question's numbers after its answer is graded wrong by it.
-#   * Benchmarks leak into pretraining corpora (MMLU ships a list of possibly contaminated URLs); the
-#     built-in task avoids the question by construction (held-out problems are excluded by hash).
-
-def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, batch_size: int = 16) -> dict:
-    """Exact match of the LAST number of a greedy response (R1-Zero prompt) against the reference answer."""
-    # A GSM8K question is ~60-200 tokens with GPT-2's tokenizer; a model with a short context cannot even
-    # read the long ones, so they are skipped (and counted) rather than silently truncated.
-    probs = [Problem(e["question"], e["answer"], "") for e in examples]
-    ctx = model.config.context_length
-    keep = [p for p in probs if len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) + 1 < ctx]
-    if len(keep) < len(probs):
-        print(f"gsm8k: {len(probs) - len(keep)} question(s) longer than the context of {ctx} skipped", file=sys.stderr)
-    if not keep:
-        raise ValueError(f"every GSM8K prompt is longer than the model's context ({ctx} tokens)")
-    # the generation budget shrinks to what the context has left after the longest kept prompt
-    longest = max(len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) for p in keep)
-    last_number = lambda resp, gt: {"format_reward": float(parse_gsm8k_response(resp) is not None),  # noqa: E731
-                                    "answer_reward": float(grade_answer(parse_gsm8k_response(resp) or "", gt))}
-    return evaluate_task(model, tokenizer, keep, min(max_new_tokens, ctx - longest), batch_size, last_number,
-                         lambda p: R1_ZERO_PROMPT.format(question=p.question))
-
-
-def mmlu_prompt(e: dict) -> str:
-    """The MMLU paper's zero-shot prompt: subject line, question, lettered options, "Answer:"."""
-    opts = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(e["options"]))
-    return f"The following is a multiple choice question about {e['subject'].replace('_', ' ')}.\n\n" \
-           f"{e['question']}\n{opts}\nAnswer:"
-
-
-@torch.no_grad()
-def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int = 8) -> dict:
-    """Two scorings of the same questions.
-    letter:    greedy-generate after "Answer:" and parse the letter (a model that never writes a letter
-               scores 0 -- small models often do).
-    loglik:    score each option's TEXT as a continuation of the question, by its log-likelihood per byte
-               (length-normalized, so long options are not penalized for being long); the best one is the
-               answer. Every model gets an answer, and chance is 25%."""
-    t0, n_letter, n_ll, n_tokens = time.time(), 0, 0, 0
-    dev, ctx, pad = next(model.parameters()).device, model.config.context_length, pad_id_of(tokenizer)
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        prompts = [_encode(tokenizer, mmlu_prompt(e))[-(ctx - max_new_tokens):] for e in chunk]
-        outs = sample_rollouts(model, prompts, 1, max_new_tokens, 0.0, tokenizer.eot_id)
-        n_tokens += sum(map(len, outs))
-        for e, o in zip(chunk, outs):
-            n_letter += int(parse_mmlu_response(e, decode_response(tokenizer, o)) == e["answer"])
-        for e, p in zip(chunk, prompts):  # the four options as continuations of the same prompt
-            conts = [_encode(tokenizer, " " + o)[:ctx // 2] for o in e["options"]]  # (a very long option: cut)
-            # a prompt too long for the context keeps its END (the question and "Answer:"), never the option
-            pairs = [(p[-(ctx - len(c)):], c) for c in conts]
-            lp = sequence_log_probs(model, pairs, pad)  # (4,) summed log-prob of each option
-            n_bytes = [max(len(tokenizer.decode(c).encode("utf-8")), 1) for c in conts]  # bytes actually scored
-            per_byte = lp / torch.tensor(n_bytes, dtype=lp.dtype, device=dev)
-            n_ll += int("ABCD"[int(per_byte.argmax())] == e["answer"])
-    # throughput counts questions (both scorings) and generated tokens (the letter scoring's decode)
-    n, dt = len(examples), time.time() - t0
-    res = {"n": n, "seconds": dt, "questions_per_s": n / max(dt, 1e-9), "tokens_per_s": n_tokens / max(dt, 1e-9)}
-    for name, k in (("letter", n_letter), ("loglik", n_ll)):
-        lo, hi = wilson_interval(k, n)
-        res[name] = {"accuracy": k / max(n, 1), "ci_low": lo, "ci_high": hi}
-    return res
-
-# The official sources: GSM8K's JSONL files in OpenAI's repository; MMLU's tar of CSVs from its authors.
-GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
-MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
-
-
-def _download(url: str, dest: Path) -> Path:
-    # resumable (HTTP Range), size/hash-checked, renamed into place only when complete; file:// works too
-    """model.py's download when it has one (resumable, verified), else train.py's (the same function)."""
-    fn = getattr(M, "download", None) or T.download
-    return fn(url, dest)
-
-
-def load_gsm8k(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/gsm8k",
-               url: Optional[str] = None) -> list[dict]:
-    """GSM8K as [{"question", "answer" (the number after '####'), "solution"}]. `path` is a JSONL file;
-    without it the split is downloaded once (from `url`, default the official repository) and cached."""
-    if path is None:
-        path = _download(url or GSM8K_URL.format(split=split), Path(cache_dir) / f"{split}.jsonl")
-    # The official format: the reference solution's last line is "#### <answer>"; a row without one cannot
-    # be graded and counts as malformed (reported with its line number like a line that is not JSON).
-    has_final = lambda r: len(str(r["answer"]).rsplit("####", 1)) == 2 and str(r["answer"]).rsplit("####", 1)[1].strip()  # noqa: E731,E501
-    out = []
-    for r in read_jsonl(path, required=("question", "answer"), check=has_final):
-        solution, final = str(r["answer"]).rsplit("####", 1)
-        out.append({"question": r["question"], "answer": final.strip().replace(",", ""), "solution": solution})
-    return out
-
-
-def load_mmlu(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/mmlu",
-              url: Optional[str] = None, subjects: Optional[list] = None) -> list[dict]:
-    """MMLU as [{"subject", "question", "options" (4), "answer" ("A".."D")}] from the standard folder of
-    CSVs (<path>/<split>/<subject>_<split>.csv, no header: question, A, B, C, D, answer). Without `path` the
-    official archive is downloaded and unpacked once. Malformed rows are skipped with file and line number."""
-    if path is None:
-        root = Path(cache_dir)
-        if not (root / "data" / split).is_dir():  # the archive unpacks to data/{dev,val,test,...}/
-            archive = _download(url or MMLU_URL, root / "data.tar")
-            import tarfile
-            with tarfile.open(archive) as t:
-                t.extractall(root, filter="data")  # "data" filter: no absolute paths, links or devices
-        path = str(root / "data")
-    folder = Path(path) / split if (Path(path) / split).is_dir() else Path(path)
-    files = sorted(folder.glob(f"*_{split}.csv")) or sorted(folder.glob("*.csv"))
-    if not files:
-        raise FileNotFoundError(f"no MMLU CSV files in {folder}")
-    out, bad = [], []
-    for fp in files:
-        subject = fp.stem[:-len(split) - 1] if fp.stem.endswith("_" + split) else fp.stem
-        if subjects and subject not in subjects:
-            continue
-        # csv handles quoted fields with commas and newlines inside; line_num is the file line a row ENDS on
-        with open(fp, encoding="utf-8", errors="replace", newline="") as f:
-            reader = csv.reader(f)
-            for row in reader:
-                line = f"{fp.name}:{reader.line_num}"
-                if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D") or not row[0].strip():
-                    bad.append(line)
-                    continue
-                out.append({"subject": subject, "question": row[0], "options": row[1:5], "answer": row[5].strip()})
-    if bad:
-        print(f"MMLU: skipped {len(bad)} malformed row(s): {', '.join(bad[:20])}", file=sys.stderr)
-    return out
 
 
 # ===== Menu: packed SFT data =====
@@ -1084,9 +756,297 @@ def iterate_batches(dataset, batch_size: int, shuffle: bool, seed: Optional[int]
         yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
+# ===== Menu: faster rollouts =====
+# One prefill per PROMPT instead of one per sample: sample_rollouts (the core's rollouts) calls
+# shared_prefill_rollouts by default; share_prefill=False is model.generate's per-row prefill, which `bench` compares.
+# The cost model of a rollout batch (P prompts of length Tp, G samples each, Tn new tokens, N parameters):
+#   without a cache   every new token re-runs the whole prefix: ~2N * P*G * sum_t (Tp + t) FLOPs, quadratic in Tn
+#   with a KV cache   prefill 2N * P*G*Tp once, then 2N * P*G per new token: linear in Tn
+#   shared prefill    the prefill once per PROMPT (2N * P*Tp), the cache copied G times
+# On a CPU a 1M-parameter model is bound by per-step overhead more than by FLOPs, which is why the batch of
+# P*G rows decodes together: one forward per new token for all of them. `python align.py bench` measures it.
+
+@torch.no_grad()
+def shared_prefill_rollouts(model, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+                            temperature: float, eos_id: Optional[int],
+                            generator: Optional[torch.Generator] = None) -> list[list[int]]:
+    """sample_rollouts' fast path: prefill the P distinct prompts ONCE into a KV cache (P rows), copy each row
+    G times (repeat_interleave of every layer's keys/values) and decode all P*G rows one token per step. The
+    prefill is the expensive part for long prompts; this makes it G times cheaper."""
+    cfg, longest = model.config, max(len(p) for p in prompts)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    try:
+        # Prompts of different lengths are LEFT-padded so every row's next token lands in the same cache slot;
+        # pad_lens tells the cache to mask the padding and to start each row's positions at its first token.
+        pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+        ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (P, Tp)
+        cache = M.KVCache(cfg, len(prompts), longest + max_new_tokens, pad, device=device, dtype=dtype)
+        logits = model(ids, kv_cache=cache, last_only=True)[:, -1]  # (P, V): one prefill per prompt
+        expand_cache(cache, group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)  # (P*G, V)
+        return _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator)
+    finally:
+        model.train(was_training)
+
+
+def expand_cache(cache, group_size: int) -> None:
+    """Copy every row of a prefilled KV cache group_size times, in place: row i -> rows i*G .. i*G+G-1.
+
+    The copy costs memory traffic (L layers x P*G x Hkv x capacity x dh floats), the prefill it replaces
+    costs a forward pass over P*(G-1) prompts; for any prompt longer than a few tokens the copy wins."""
+    cache.k = [k.repeat_interleave(group_size, dim=0) for k in cache.k]  # (P*G, Hkv, cap, dh) per layer
+    cache.v = [v.repeat_interleave(group_size, dim=0) for v in cache.v]
+    if cache.pad_lens is not None:
+        cache.pad_lens = cache.pad_lens.repeat_interleave(group_size)
+
+
+def _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator) -> list[list[int]]:
+    """Sample one token per row per step, feeding only the newest token through the cache."""
+    n = logits.shape[0]  # logits: (N, V) for the next token of each row
+    out: list[list[int]] = [[] for _ in range(n)]
+    # A finished row keeps being fed (the batch stays rectangular) but nothing it samples is recorded;
+    # the loop ends early once every row has emitted end-of-text.
+    done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+    for step in range(max_new_tokens):
+        if temperature == 0:  # greedy (evaluation); ties go to the lowest id, deterministically
+            nxt = logits.argmax(-1)
+        else:  # softmax(logits / T), inverse-CDF sampling with the caller's generator (reproducible rollouts)
+            nxt = M.sample_from_probs(M.logits_to_probs(logits, temperature), generator)  # (N,)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(t)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        if step + 1 < max_new_tokens:  # one new position per row: (N, 1) in, (N, V) out
+            logits = model(nxt[:, None], kv_cache=cache, last_only=True)[:, -1]
+    return out
+
+
+# ===== Menu: real benchmarks (GSM8K, MMLU) =====
+# The same evaluation as evaluate_task (the core), on standard data: GSM8K graded by its last number, MMLU by
+# the option letter and by the log-likelihood of each option; `python align.py eval --task gsm8k|mmlu`.
+# The lessons of evaluation, as they show up here:
+#   * The SAME model scores differently under different protocols. A small model asked for a letter may
+#     never write one (its letter accuracy can fall below the 25% of guessing), while comparing the
+#     log-likelihood of the four options always yields an answer; report the protocol with the number.
+#   * Parsing is part of the metric: "the last number in the output" is GSM8K's convention, and a model that
+#     restates the question's numbers after its answer is graded wrong by it.
+#   * Benchmarks leak into pretraining corpora (MMLU ships a list of possibly contaminated URLs); the
+#     built-in task avoids the question by construction (held-out problems are excluded by hash).
+
+
+# a number in free text: an optional minus, digits with optional commas, a decimal part or "/denominator"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def parse_gsm8k_response(model_output: str) -> Optional[str]:
+    """GSM8K's convention: the LAST number in the output is the answer ("... so she makes $18." -> "18").
+    Thousands separators are dropped; None if the output has no number."""
+    nums = _NUMBER.findall(model_output)
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
+def parse_mmlu_response(mmlu_example: dict, model_output: str) -> Optional[str]:
+    """The option letter (A-D) the output commits to, or None. Looks for "answer is X" first, then a lone
+    capital letter A-D as a word; with several candidates the last one wins (models restate options)."""
+    letters = "ABCD"[:len(mmlu_example.get("options", "ABCD"))]
+    # "The answer is (C)", "Answer: C", "answer C" -- the explicit commitment, if the output has one
+    m = re.findall(rf"[Aa]nswer(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\b", model_output)
+    if m:
+        return m[-1]
+    # else a capital letter standing alone ("B", "(B)", "B."), not one inside a word ("Because")
+    m = re.findall(rf"(?<![A-Za-z])\(?([{letters}])\)?(?![A-Za-z])", model_output)
+    return m[-1] if m else None
+
+
+def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, batch_size: int = 16) -> dict:
+    """Exact match of the LAST number of a greedy response (R1-Zero prompt) against the reference answer."""
+    # A GSM8K question is ~60-200 tokens with GPT-2's tokenizer; a model with a short context cannot even
+    # read the long ones, so they are skipped (and counted) rather than silently truncated.
+    probs = [Problem(e["question"], e["answer"], "") for e in examples]
+    ctx = model.config.context_length
+    keep = [p for p in probs if len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) + 1 < ctx]
+    if len(keep) < len(probs):
+        print(f"gsm8k: {len(probs) - len(keep)} question(s) longer than the context of {ctx} skipped", file=sys.stderr)
+    if not keep:
+        raise ValueError(f"every GSM8K prompt is longer than the model's context ({ctx} tokens)")
+    # the generation budget shrinks to what the context has left after the longest kept prompt
+    longest = max(len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) for p in keep)
+    last_number = lambda resp, gt: {"format_reward": float(parse_gsm8k_response(resp) is not None),  # noqa: E731
+                                    "answer_reward": float(grade_answer(parse_gsm8k_response(resp) or "", gt))}
+    return evaluate_task(model, tokenizer, keep, min(max_new_tokens, ctx - longest), batch_size, last_number,
+                         lambda p: R1_ZERO_PROMPT.format(question=p.question))
+
+
+def mmlu_prompt(e: dict) -> str:
+    """The MMLU paper's zero-shot prompt: subject line, question, lettered options, "Answer:"."""
+    opts = "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(e["options"]))
+    return f"The following is a multiple choice question about {e['subject'].replace('_', ' ')}.\n\n" \
+           f"{e['question']}\n{opts}\nAnswer:"
+
+
+@torch.no_grad()
+def evaluate_mmlu(model, tokenizer, examples: list[dict], batch_size: int = 16, max_new_tokens: int = 8) -> dict:
+    """Two scorings of the same questions.
+    letter:    greedy-generate after "Answer:" and parse the letter (a model that never writes a letter
+               scores 0 -- small models often do).
+    loglik:    score each option's TEXT as a continuation of the question, by its log-likelihood per byte
+               (length-normalized, so long options are not penalized for being long); the best one is the
+               answer. Every model gets an answer, and chance is 25%."""
+    t0, n_letter, n_ll, n_tokens = time.time(), 0, 0, 0
+    dev, ctx, pad = next(model.parameters()).device, model.config.context_length, pad_id_of(tokenizer)
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        prompts = [_encode(tokenizer, mmlu_prompt(e))[-(ctx - max_new_tokens):] for e in chunk]
+        outs = sample_rollouts(model, prompts, 1, max_new_tokens, 0.0, tokenizer.eot_id)
+        n_tokens += sum(map(len, outs))
+        for e, o in zip(chunk, outs):
+            n_letter += int(parse_mmlu_response(e, decode_response(tokenizer, o)) == e["answer"])
+        for e, p in zip(chunk, prompts):  # the four options as continuations of the same prompt
+            conts = [_encode(tokenizer, " " + o)[:ctx // 2] for o in e["options"]]  # (a very long option: cut)
+            # a prompt too long for the context keeps its END (the question and "Answer:"), never the option
+            pairs = [(p[-(ctx - len(c)):], c) for c in conts]
+            lp = sequence_log_probs(model, pairs, pad)  # (4,) summed log-prob of each option
+            n_bytes = [max(len(tokenizer.decode(c).encode("utf-8")), 1) for c in conts]  # bytes actually scored
+            per_byte = lp / torch.tensor(n_bytes, dtype=lp.dtype, device=dev)
+            n_ll += int("ABCD"[int(per_byte.argmax())] == e["answer"])
+    # throughput counts questions (both scorings) and generated tokens (the letter scoring's decode)
+    n, dt = len(examples), time.time() - t0
+    res = {"n": n, "seconds": dt, "questions_per_s": n / max(dt, 1e-9), "tokens_per_s": n_tokens / max(dt, 1e-9)}
+    for name, k in (("letter", n_letter), ("loglik", n_ll)):
+        lo, hi = wilson_interval(k, n)
+        res[name] = {"accuracy": k / max(n, 1), "ci_low": lo, "ci_high": hi}
+    return res
+
+# The official sources: GSM8K's JSONL files in OpenAI's repository; MMLU's tar of CSVs from its authors. Both are
+# fetched with model.py's download (resumable, size-checked, renamed into place only when complete; file:// too).
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
+MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
+
+
+def load_gsm8k(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/gsm8k",
+               url: Optional[str] = None) -> list[dict]:
+    """GSM8K as [{"question", "answer" (the number after '####'), "solution"}]. `path` is a JSONL file;
+    without it the split is downloaded once (from `url`, default the official repository) and cached."""
+    if path is None:
+        path = M.download(url or GSM8K_URL.format(split=split), Path(cache_dir) / f"{split}.jsonl")
+    # The official format: the reference solution's last line is "#### <answer>"; a row without one cannot
+    # be graded and counts as malformed (reported with its line number like a line that is not JSON).
+    has_final = lambda r: "####" in str(r["answer"]) and str(r["answer"]).rsplit("####", 1)[1].strip()  # noqa: E731
+    out = []
+    for r in read_jsonl(path, required=("question", "answer"), check=has_final):
+        solution, final = str(r["answer"]).rsplit("####", 1)
+        out.append({"question": r["question"], "answer": final.strip().replace(",", ""), "solution": solution})
+    return out
+
+
+def load_mmlu(path: Optional[str] = None, split: str = "test", cache_dir: str = "data_cache/mmlu",
+              url: Optional[str] = None, subjects: Optional[list] = None) -> list[dict]:
+    """MMLU as [{"subject", "question", "options" (4), "answer" ("A".."D")}] from the standard folder of
+    CSVs (<path>/<split>/<subject>_<split>.csv, no header: question, A, B, C, D, answer). Without `path` the
+    official archive is downloaded and unpacked once. Malformed rows are skipped with file and line number."""
+    if path is None:
+        root = Path(cache_dir)
+        if not (root / "data" / split).is_dir():  # the archive unpacks to data/{dev,val,test,...}/
+            archive = M.download(url or MMLU_URL, root / "data.tar")
+            import tarfile
+            with tarfile.open(archive) as t:
+                t.extractall(root, filter="data")  # "data" filter: no absolute paths, links or devices
+        path = str(root / "data")
+    folder = Path(path) / split if (Path(path) / split).is_dir() else Path(path)
+    files = sorted(folder.glob(f"*_{split}.csv")) or sorted(folder.glob("*.csv"))
+    if not files:
+        raise FileNotFoundError(f"no MMLU CSV files in {folder}")
+    out, bad = [], []
+    for fp in files:
+        subject = fp.stem[:-len(split) - 1] if fp.stem.endswith("_" + split) else fp.stem
+        if subjects and subject not in subjects:
+            continue
+        # csv handles quoted fields with commas and newlines inside; line_num is the file line a row ENDS on
+        with open(fp, encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                line = f"{fp.name}:{reader.line_num}"
+                if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D") or not row[0].strip():
+                    bad.append(line)
+                    continue
+                out.append({"subject": subject, "question": row[0], "options": row[1:5], "answer": row[5].strip()})
+    if bad:
+        print(f"MMLU: skipped {len(bad)} malformed row(s): {', '.join(bad[:20])}", file=sys.stderr)
+    return out
+
+
 # ===== Appendix: plumbing =====
-# The demo's preset and driver, checkpoints, logs, data files and downloads: needed for a real tool, not
-# for the ideas above.
+# The options of a run, the stage loop with its checkpoints, resume, lock and log, the built-in task, and
+# the demo's preset and driver: needed for a real tool, not for the ideas above.
+
+# ---- the options of a stage run ----
+@dataclass
+class AlignConfig:
+    """Every option of a stage run (`python align.py <stage> --flag`: each field below is a flag).
+
+    stage: sft | ei | grpo | dpo
+    name: label of this run in logs and plots (default: the stage)
+    init: checkpoint to start from (train.py's ckpt.pt or a previous stage's)
+    pretrained: instead of --init: gpt2 (Hugging Face weights, downloaded once) or a local safetensors folder
+    out_dir: run folder (command line default: runs/align/<stage>)
+    steps: optimizer steps (sft, dpo) / rollout batches (ei, grpo)
+    lr: AdamW learning rate
+    weight_decay: AdamW weight decay (0: fine-tuning stays near the weights it started from)
+    grad_clip: clip the global gradient norm to this (0: off)
+    batch_size: sft: examples per step; ei/grpo/dpo: prompts per rollout batch
+    micro_batch: rows per forward/backward (gradient accumulation above it)
+    group_size: rollouts per prompt
+    max_new_tokens: token budget of a rollout
+    temperature: sampling temperature of the rollouts
+    sft_examples: sft: size of the pool of worked solutions
+    loss_type: grpo: no_baseline | reinforce_with_baseline | grpo_clip
+    epochs_per_batch: passes over each rollout batch (>1 is off-policy: use grpo_clip)
+    minibatches: grpo/ei: optimizer steps per pass over a rollout batch
+    cliprange: grpo_clip: the ratio is clipped to [1 - cliprange, 1 + cliprange]
+    normalize_by_std: divide advantages by the group std (Dr. GRPO: --no-normalize-by-std)
+    length_normalization: mean (GRPO) | constant (Dr. GRPO: sum / max_new_tokens)
+    beta: dpo: strength of the KL anchor to the reference
+    eval_problems: held-out test problems evaluated at the end
+    hard_problems: problems of the harder (4-operand) split evaluated at the end
+    seed: seed of every batch and rollout (a function of seed and step)
+    ckpt_interval: steps between checkpoints
+    log_path: JSONL log (default <out_dir>/log.jsonl)
+    threads: CPU threads (0: torch's default)
+    """
+    stage: str = "sft"
+    name: str = ""
+    init: str = ""
+    pretrained: str = ""
+    out_dir: str = "runs/align/sft"
+    steps: int = 40
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    micro_batch: int = 64
+    group_size: int = 8
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    sft_examples: int = 256
+    loss_type: str = "reinforce_with_baseline"
+    epochs_per_batch: int = 1
+    minibatches: int = 1
+    cliprange: float = 0.2
+    normalize_by_std: bool = True
+    length_normalization: str = "mean"
+    beta: float = 0.1
+    eval_problems: int = 500
+    hard_problems: int = 200
+    seed: int = 0
+    ckpt_interval: int = 10
+    log_path: str = ""
+    threads: int = 0
+
 
 # ---- the built-in task: multi-step arithmetic with exact answers ----
 # "Compute 27 + 8 - 5." -> worked solution "27 + 8 = 35. 35 - 5 = 30." -> answer 30.
@@ -1100,6 +1060,24 @@ def iterate_batches(dataset, batch_size: int, shuffle: bool, seed: Optional[int]
 TASK_SPLITS = {"train": (2, 3), "test": (3,), "hard": (4,)}
 HELD_OUT_BUCKETS = 8  # 1 in 8 problems (by a stable hash of its text) is held out
 
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of a verifiable task (the built-in arithmetic, see the plumbing appendix; GSM8K): what the
+    model is asked, the exact answer the verifier checks, the worked solution SFT imitates. Frozen: hashable."""
+    question: str  # "Compute 27 + 8 - 5."
+    answer: str  # "30"
+    solution: str  # "27 + 8 = 35. 35 - 5 = 30."
+
+
+def task_prompt(p: Problem) -> str:
+    """The prompt a policy sees: the short R1-Zero template around the question, ending in "<think>"."""
+    return SHORT_R1_PROMPT.format(question=p.question)
+
+
+def task_response(p: Problem) -> str:
+    """The SFT target: the worked solution in the R1-Zero format (end-of-text is appended as an id)."""
+    return f" {p.solution} </think> <answer> {p.answer} </answer>"
 
 
 def make_problem(rng: random.Random, n_operands: int) -> Problem:
@@ -1170,6 +1148,31 @@ def pretraining_text(n_bytes: int, seed: int = 0, arithmetic_share: float = 0.6)
         parts.append(doc + EOT)
         size += len(doc) + len(EOT)
     return "".join(parts)
+
+
+# ---- what a step function gets, and what it returns ----
+@dataclass
+class StageContext:
+    """What a step function needs: the config, the policy and its optimizer, the tokenizer, the data."""
+    cfg: AlignConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    tokenizer: object
+    pad_id: int
+    train_pool: list  # training problems to draw rollout prompts from
+    sft_pool: list  # (prompt_ids, response_ids) worked solutions (sft only)
+    reference: Optional[torch.nn.Module] = None  # the frozen starting model (dpo only)
+    reward_fn: Callable = r1_zero_reward_fn  # (response, ground_truth) -> {"reward", ...}
+    prompt_fn: Callable = task_prompt  # Problem -> prompt text
+    require_eot: bool = True  # a rollout that never emitted end-of-text scores 0 (see rollout_batch)
+
+
+def _rl_row(rb: dict, t0: float, **stats) -> dict:
+    """A feedback step's metrics: the batch's rewards, the update's numbers, and where the time went
+    (rollout = sampling, score = the verifier, update = the gradient steps since t0)."""
+    return {**rb["meta"], **stats, "rollout_s": rb["rollout_s"], "score_s": rb["score_s"],
+            "update_s": time.time() - t0, "mean_length": rb["mean_length"]}
+
 
 # ---- running one stage: lock, load, resume, the step loop, the final evaluation ----
 def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
@@ -1261,143 +1264,8 @@ def evaluate_stage(model, tokenizer, cfg: AlignConfig, log_path: Path, log: Call
 
 # for the ideas above.
 
-# ---- The demo preset: pretrain -> SFT -> expert iteration | GRPO on-policy | GRPO off-policy | DPO ----------
-# Expert iteration, the two GRPO variants and DPO all start from the SAME SFT checkpoint with the same
-# budget (rollout batches x prompts x group size), so their held-out accuracies compare directly.
-# The base model: train.py's demo architecture (0.9M parameters, 4 layers of width 128, a 512-token BPE
-# vocabulary trained on the corpus below), 600 steps of 2,048 tokens; capped at 8 minutes on a slow machine.
-DEMO_PRETRAIN = dict(vocab_size=512, context_length=128, d_model=128, num_layers=4, num_heads=4, batch_size=16,
-                     max_steps=600, max_minutes=8.0, warmup_iters=50)
-# SFT on purpose SHORT: 45 steps over 256 worked solutions teach the format and part of the skill (measured:
-# ~40% held-out accuracy), leaving the feedback methods something to improve. Run to convergence (80 steps,
-# 1,024 examples) SFT alone reaches ~94% on the test split -- and 3% on the 4-operand split.
-DEMO_SFT = dict(steps=45, lr=1e-3, batch_size=32, sft_examples=256)
-# Feedback methods: 40 rollout batches of 16 prompts x 8 samples (5,120 rollouts) each, temperature 1.
-DEMO_RL = dict(steps=40, batch_size=16, group_size=8, temperature=1.0, max_new_tokens=40)
-# One learning rate for all four (AdamW's step size is the per-step change of every weight, whatever the
-# loss's scale). Measured: expert iteration at SFT's 1e-3 collapsed held-out accuracy from 56% to 3% within
-# 40 steps of ~10 kept samples each (Adam's first steps move every weight by ~lr, and tiny batches make that
-# noise); at 3e-4 see the README.
-DEMO_METHODS = {  # name -> (stage, options on top of DEMO_RL)
-    "ei": ("ei", dict(lr=3e-4)),
-    "grpo": ("grpo", dict(lr=3e-4, loss_type="reinforce_with_baseline")),
-    "grpo_off": ("grpo", dict(lr=3e-4, loss_type="grpo_clip", epochs_per_batch=2, minibatches=2, cliprange=0.2)),
-    "dpo": ("dpo", dict(lr=3e-4, beta=0.1)),
-}
 
-
-def pretrain_base(out: Path, seed: int = 0, steps: Optional[int] = None, log: Callable = print) -> Path:
-    """The base model, with train.py's own loop (resumable; skipped when already done). Returns ckpt path."""
-    # done.json marks a finished base model; until then train.py's own resume continues a killed run
-    done = T.check_out_dir(out / "base") / "done.json"
-    if done.exists():
-        return out / "base" / "ckpt.pt"
-    corpus = out / "pretrain.txt"
-    if not corpus.exists():
-        with atomic_open(corpus, "w") as f:
-            f.write(pretraining_text(2_500_000, seed))
-    kw = dict(DEMO_PRETRAIN, max_steps=steps or DEMO_PRETRAIN["max_steps"])
-    cfg = T.TrainConfig(preset="align-base", data=str(corpus), data_dir=str(out / "data_cache"), val_fraction=0.05,
-                        bpe_train_bytes=1_000_000, budget_includes_prep=False, eval_interval=10 ** 9,
-                        ckpt_interval=200, final_eval_tokens=65_536, out_dir=str(out / "base"), resume=True,
-                        num_samples=0, plot=False, seed=seed + 1337, log_interval=100, **kw)
-    # eval_interval huge: no periodic validation (the task accuracy is the measure here); the final val
-    # loss and bits per byte still come out of train.train and are kept in done.json
-    summary = T.train(cfg, log=log)
-    atomic_write_json(done, {"steps": summary["steps"], "val": summary["val"], "minutes": summary["train_seconds"] / 60})
-    return out / "base" / "ckpt.pt"
-
-
-def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log: Callable = print) -> dict:
-    """The whole chapter in one command. `scale` shrinks every stage (tests use a tiny one). Each finished
-    stage leaves result.json, so a re-run after a kill skips it and resumes the interrupted one."""
-    out = T.check_out_dir(out_dir)
-    # one JSONL log for the whole demo: "train" rows (one per step, per stage) and "eval" rows (per stage)
-    t0, log_path, results = time.time(), out / "align_log.jsonl", {}
-    n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
-    base = pretrain_base(out, seed, n(DEMO_PRETRAIN["max_steps"]), log)
-    # the base model in the R1 format: it has never seen <think>/<answer>, so it scores ~0 -- the baseline
-    model, tokenizer, _ = load_policy(str(base))
-    log("\n== base model (completes text; never saw the answer format) ==")
-    results["base"] = cached_eval(out / "base", model, tokenizer, AlignConfig(stage="base", eval_problems=n(500),
-                                  hard_problems=n(200)), log_path, log)
-    # the same seed, log and evaluation sizes for every stage; each stage writes its own folder under out_dir
-    common = dict(seed=seed, log_path=str(log_path), eval_problems=n(500), hard_problems=n(200))
-    log("\n== SFT on worked solutions ==")
-    sft = AlignConfig(stage="sft", init=str(base), out_dir=str(out / "sft"), **{**DEMO_SFT, **common,
-                      "steps": n(DEMO_SFT["steps"]), "sft_examples": n(DEMO_SFT["sft_examples"])})
-    results["sft"] = cached_stage(sft, log)
-    for name, (stage, kw) in DEMO_METHODS.items():
-        log(f"\n== {name}: from the SFT checkpoint, {n(DEMO_RL['steps'])} rollout batches of "
-            f"{DEMO_RL['batch_size']} prompts x {DEMO_RL['group_size']} ==")
-        cfg = AlignConfig(stage=stage, init=str(out / "sft" / "ckpt.pt"), out_dir=str(out / name),
-                          **{**DEMO_RL, **kw, **common, "steps": n(DEMO_RL["steps"])})
-        results[name] = cached_stage(cfg, log, label=name)
-    # The verdict for each method against its common starting point: a difference counts only when the two
-    # 95% intervals do not overlap (a conservative test: overlapping intervals can still differ).
-    log("\n== summary: held-out accuracy (95% interval) ==")
-    for name, r in results.items():
-        log(format_eval(f"{name:>9s} test", r["test"]))
-    start = results["sft"]["test"]
-    for name in DEMO_METHODS:
-        r = results[name]["test"]
-        verdict = "outside" if (r["ci_low"] > start["ci_high"] or r["ci_high"] < start["ci_low"]) else "inside"
-        log(f"{name:>9s}: {100 * (r['accuracy'] - start['accuracy']):+.1f} points vs SFT (intervals {verdict} "
-            f"each other)")
-    try:
-        plot_demo(log_path, out / "align.png")
-        log(f"plot: {out / 'align.png'}")
-    except Exception as e:  # a plotting problem must never lose a finished run
-        log(f"(plot skipped: {e})")
-    log(f"log: {log_path}; total {(time.time() - t0) / 60:.1f} min")
-    return results
-
-
-
-def format_step(row: dict) -> str:
-    """One progress line per step; RL stages show where the time went (rollout / scoring / update)."""
-    s = f"[{row['stage']}] step {row['step']:4d} | loss {row.get('loss', float('nan')):8.4f}"
-    if "reward_mean" in row:
-        s += f" | reward {row['reward_mean']:.3f} | format {row['format_reward_mean']:.2f}"
-        s += f" | len {row['mean_length']:.1f}"
-    for k, label in (("clip_fraction", "clip"), ("kept", "kept"), ("pairs", "pairs"), ("pref_accuracy", "pref acc")):
-        if k in row:
-            s += f" | {label} {row[k]:.3g}"
-    if "rollout_s" in row:
-        s += f" | rollout {row['rollout_s']:.2f}s score {row['score_s']:.2f}s update {row['update_s']:.2f}s"
-    else:
-        s += f" | {row['seconds']:.2f}s"
-    return s
-
-
-def format_eval(name: str, r: dict) -> str:
-    """One line per evaluation: accuracy [interval] on n | format rate | length | entropy | throughput."""
-    return (f"{name}: accuracy {100 * r['accuracy']:.1f}% [95% CI {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}] "
-            f"on {r['n']} | format {100 * r['format_rate']:.1f}% | length {r['mean_length']:.1f} tok | "
-            f"entropy {r['entropy']:.3f} nats | {r['tokens_per_s']:.0f} tok/s")
-
-
-def cached_stage(cfg: AlignConfig, log: Callable, label: Optional[str] = None) -> dict:
-    """run_stage unless <out_dir>/result.json says it already finished (the demo's resume-after-kill)."""
-    done = Path(cfg.out_dir) / "result.json"
-    if done.exists():
-        res = json.loads(done.read_text())
-        log(f"({label or cfg.stage}: already done, {done})")
-        return res
-    res = run_stage(dataclasses.replace(cfg, name=label or cfg.stage), log)
-    atomic_write_json(done, res)
-    return res
-
-
-def cached_eval(folder: Path, model, tokenizer, cfg: AlignConfig, log_path: Path, log: Callable) -> dict:
-    """evaluate_stage, remembered in <folder>/eval.json (the demo's base-model evaluation is done once)."""
-    done = folder / "eval.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    res = evaluate_stage(model, tokenizer, cfg, log_path, log)
-    atomic_write_json(done, res)
-    return res
-
+# ---- checkpoints: load a policy, save and resume a stage ----
 ALIGN_FORMAT = "scratchlm-checkpoint-v1"  # train.py's format, plus align's own entries
 
 
@@ -1493,6 +1361,7 @@ def resume_stage(path: Path, cfg: AlignConfig, model, opt, init_info: dict, log:
     return step
 
 
+# ---- one run per folder, and its JSONL log ----
 @contextlib.contextmanager
 def run_lock(folder: Path):
     """One run per folder at a time: two processes resuming the same checkpoint would interleave their logs
@@ -1535,6 +1404,15 @@ def append_log(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _json_or_none(line: str) -> Optional[dict]:
+    """The JSON object on one line of a JSONL file, or None (blank, torn by a kill, not JSON, not an object)."""
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return r if isinstance(r, dict) else None
+
+
 def trim_log(path: Path, stage: str, step: int) -> None:
     """On (re)start at `step`, drop this stage's rows after it, so a resumed run's log reads as one run."""
     if not path.exists():
@@ -1542,17 +1420,13 @@ def trim_log(path: Path, stage: str, step: int) -> None:
     # Rows of OTHER stages are kept whatever their step; of this stage only training rows up to the resumed
     # step survive (its evaluation rows are re-made at the end). Rewritten atomically: a kill here leaves the
     # old log, never half of it.
-    rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
     keep = []
-    for l in rows:
-        try:
-            r = json.loads(l)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        if r.get("stage") != stage or (r.get("kind") == "train" and r.get("step", 0) <= step):
-            keep.append(l)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = _json_or_none(line)  # None: a blank line, or one torn by a kill
+        if r is not None and (r.get("stage") != stage or (r.get("kind") == "train" and r.get("step", 0) <= step)):
+            keep.append(line + "\n")
     with atomic_open(path, "w") as f:
-        f.write("".join(l + "\n" for l in keep))
+        f.write("".join(keep))
 
 
 def read_jsonl(path, required: tuple = (), log: Callable = None, check: Callable = None) -> list[dict]:
@@ -1564,20 +1438,151 @@ def read_jsonl(path, required: tuple = (), log: Callable = None, check: Callable
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
+            r = _json_or_none(line)
+            if r is None or any(k not in r for k in required) or (check and not check(r)):
                 bad.append(i)
-                continue
-            if not isinstance(r, dict) or any(k not in r for k in required) or (check and not check(r)):
-                bad.append(i)
-                continue
-            rows.append(r)
+            else:
+                rows.append(r)
     if bad:
         (log or (lambda m: print(m, file=sys.stderr)))(
             f"{path}: skipped {len(bad)} malformed line(s): {', '.join(map(str, bad[:20]))}"
             + (" ..." if len(bad) > 20 else ""))
     return rows
+
+
+# ---- The demo preset: pretrain -> SFT -> expert iteration | GRPO on-policy | GRPO off-policy | DPO ----------
+# Expert iteration, the two GRPO variants and DPO all start from the SAME SFT checkpoint with the same
+# budget (rollout batches x prompts x group size), so their held-out accuracies compare directly.
+# The base model: train.py's demo architecture (0.9M parameters, 4 layers of width 128, a 512-token BPE
+# vocabulary trained on the corpus below), 600 steps of 2,048 tokens; capped at 8 minutes on a slow machine.
+DEMO_PRETRAIN = dict(vocab_size=512, context_length=128, d_model=128, num_layers=4, num_heads=4, batch_size=16,
+                     max_steps=600, max_minutes=8.0, warmup_iters=50)
+# SFT on purpose SHORT: 45 steps over 256 worked solutions teach the format and part of the skill (measured:
+# ~40% held-out accuracy), leaving the feedback methods something to improve. Run to convergence (80 steps,
+# 1,024 examples) SFT alone reaches ~94% on the test split -- and 3% on the 4-operand split.
+DEMO_SFT = dict(steps=45, lr=1e-3, batch_size=32, sft_examples=256)
+# Feedback methods: 40 rollout batches of 16 prompts x 8 samples (5,120 rollouts) each, temperature 1.
+DEMO_RL = dict(steps=40, batch_size=16, group_size=8, temperature=1.0, max_new_tokens=40)
+# One learning rate for all four (AdamW's step size is the per-step change of every weight, whatever the
+# loss's scale). Measured: expert iteration at SFT's 1e-3 collapsed held-out accuracy from 56% to 3% within
+# 40 steps of ~10 kept samples each (Adam's first steps move every weight by ~lr, and tiny batches make that
+# noise); at 3e-4 see the README.
+DEMO_METHODS = {  # name -> (stage, options on top of DEMO_RL)
+    "ei": ("ei", dict(lr=3e-4)),
+    "grpo": ("grpo", dict(lr=3e-4, loss_type="reinforce_with_baseline")),
+    "grpo_off": ("grpo", dict(lr=3e-4, loss_type="grpo_clip", epochs_per_batch=2, minibatches=2, cliprange=0.2)),
+    "dpo": ("dpo", dict(lr=3e-4, beta=0.1)),
+}
+
+
+def pretrain_base(out: Path, seed: int = 0, steps: Optional[int] = None, log: Callable = print) -> Path:
+    """The base model, with train.py's own loop (resumable; skipped when already done). Returns ckpt path."""
+    # done.json marks a finished base model; until then train.py's own resume continues a killed run
+    done = T.check_out_dir(out / "base") / "done.json"
+    if done.exists():
+        return out / "base" / "ckpt.pt"
+    corpus = out / "pretrain.txt"
+    if not corpus.exists():
+        with atomic_open(corpus, "w") as f:
+            f.write(pretraining_text(2_500_000, seed))
+    kw = dict(DEMO_PRETRAIN, max_steps=steps or DEMO_PRETRAIN["max_steps"])
+    cfg = T.TrainConfig(preset="align-base", data=str(corpus), data_dir=str(out / "data_cache"), val_fraction=0.05,
+                        bpe_train_bytes=1_000_000, budget_includes_prep=False, eval_interval=10 ** 9,
+                        ckpt_interval=200, final_eval_tokens=65_536, out_dir=str(out / "base"), resume=True,
+                        num_samples=0, plot=False, seed=seed + 1337, log_interval=100, **kw)
+    # eval_interval huge: no periodic validation (the task accuracy is the measure here); the final val
+    # loss and bits per byte still come out of train.train and are kept in done.json
+    summary = T.train(cfg, log=log)
+    atomic_write_json(done, {"steps": summary["steps"], "val": summary["val"],
+                             "minutes": summary["train_seconds"] / 60})
+    return out / "base" / "ckpt.pt"
+
+
+def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log: Callable = print) -> dict:
+    """The whole chapter in one command. `scale` shrinks every stage (tests use a tiny one). Each finished
+    stage leaves result.json, so a re-run after a kill skips it and resumes the interrupted one."""
+    out = T.check_out_dir(out_dir)
+    # one JSONL log for the whole demo: "train" rows (one per step, per stage) and "eval" rows (per stage)
+    t0, log_path, results = time.time(), out / "align_log.jsonl", {}
+    n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
+    base = pretrain_base(out, seed, n(DEMO_PRETRAIN["max_steps"]), log)
+    # the base model in the R1 format: it has never seen <think>/<answer>, so it scores ~0 -- the baseline
+    model, tokenizer, _ = load_policy(str(base))
+    log("\n== base model (completes text; never saw the answer format) ==")
+    base_cfg = AlignConfig(stage="base", eval_problems=n(500), hard_problems=n(200))
+    results["base"] = cached(out / "base" / "eval.json", lambda: evaluate_stage(model, tokenizer, base_cfg, log_path,
+                                                                                 log), log)
+    # the same seed, log and evaluation sizes for every stage; each stage writes its own folder under out_dir
+    common = dict(seed=seed, log_path=str(log_path), eval_problems=n(500), hard_problems=n(200))
+    log("\n== SFT on worked solutions ==")
+    sft = AlignConfig(stage="sft", init=str(base), out_dir=str(out / "sft"), **{**DEMO_SFT, **common,
+                      "steps": n(DEMO_SFT["steps"]), "sft_examples": n(DEMO_SFT["sft_examples"])})
+    results["sft"] = _demo_stage(sft, log, "sft")
+    for name, (stage, kw) in DEMO_METHODS.items():
+        log(f"\n== {name}: from the SFT checkpoint, {n(DEMO_RL['steps'])} rollout batches of "
+            f"{DEMO_RL['batch_size']} prompts x {DEMO_RL['group_size']} ==")
+        cfg = AlignConfig(stage=stage, init=str(out / "sft" / "ckpt.pt"), out_dir=str(out / name),
+                          **{**DEMO_RL, **kw, **common, "steps": n(DEMO_RL["steps"])})
+        results[name] = _demo_stage(cfg, log, name)
+    # The verdict for each method against its common starting point: a difference counts only when the two
+    # 95% intervals do not overlap (a conservative test: overlapping intervals can still differ).
+    log("\n== summary: held-out accuracy (95% interval) ==")
+    for name, r in results.items():
+        log(format_eval(f"{name:>9s} test", r["test"]))
+    start = results["sft"]["test"]
+    for name in DEMO_METHODS:
+        r = results[name]["test"]
+        verdict = "outside" if (r["ci_low"] > start["ci_high"] or r["ci_high"] < start["ci_low"]) else "inside"
+        log(f"{name:>9s}: {100 * (r['accuracy'] - start['accuracy']):+.1f} points vs SFT (intervals {verdict} "
+            f"each other)")
+    try:
+        plot_demo(log_path, out / "align.png")
+        log(f"plot: {out / 'align.png'}")
+    except Exception as e:  # a plotting problem must never lose a finished run
+        log(f"(plot skipped: {e})")
+    log(f"log: {log_path}; total {(time.time() - t0) / 60:.1f} min")
+    return results
+
+
+def format_step(row: dict) -> str:
+    """One progress line per step; RL stages show where the time went (rollout / scoring / update)."""
+    s = f"[{row['stage']}] step {row['step']:4d} | loss {row.get('loss', float('nan')):8.4f}"
+    if "reward_mean" in row:
+        s += f" | reward {row['reward_mean']:.3f} | format {row['format_reward_mean']:.2f}"
+        s += f" | len {row['mean_length']:.1f}"
+    for k, label in (("clip_fraction", "clip"), ("kept", "kept"), ("pairs", "pairs"), ("pref_accuracy", "pref acc")):
+        if k in row:
+            s += f" | {label} {row[k]:.3g}"
+    if "rollout_s" in row:
+        s += f" | rollout {row['rollout_s']:.2f}s score {row['score_s']:.2f}s update {row['update_s']:.2f}s"
+    else:
+        s += f" | {row['seconds']:.2f}s"
+    return s
+
+
+def format_eval(name: str, r: dict) -> str:
+    """One line per evaluation: accuracy [interval] on n | format rate | length | entropy | throughput."""
+    return (f"{name}: accuracy {100 * r['accuracy']:.1f}% [95% CI {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}] "
+            f"on {r['n']} | format {100 * r['format_rate']:.1f}% | length {r['mean_length']:.1f} tok | "
+            f"entropy {r['entropy']:.3f} nats | {r['tokens_per_s']:.0f} tok/s")
+
+
+def cached(done: Path, compute: Callable[[], dict], log: Callable, label: str = "") -> dict:
+    """compute(), remembered in the JSON file `done` (a stage's result.json, the base model's eval.json): a demo
+    re-run after a kill skips what already finished and resumes the interrupted stage."""
+    if done.exists():
+        if label:
+            log(f"({label}: already done, {done})")
+        return json.loads(done.read_text())
+    res = compute()
+    atomic_write_json(done, res)
+    return res
+
+
+def _demo_stage(cfg: AlignConfig, log: Callable, label: str) -> dict:
+    """One stage of the demo, named `label` in the log, skipped when its result.json exists."""
+    return cached(Path(cfg.out_dir) / "result.json", lambda: run_stage(dataclasses.replace(cfg, name=label), log),
+                  log, label)
 
 
 def plot_demo(log_path: Path, png: Path) -> None:
@@ -1657,60 +1662,45 @@ def bench(args) -> list[str]:
 
 
 # ===== Command line =====
-# Help for the stage flags that need more than their field name (the others read well as they are).
-_STAGE_HELP = {
-    "init": "checkpoint to start from (train.py's ckpt.pt or a previous stage's)", "out_dir": "run folder",
-    "pretrained": "instead of --init: gpt2 (Hugging Face weights, downloaded once) or a local safetensors folder",
-    "steps": "optimizer steps (sft, dpo) / rollout batches (ei, grpo)", "lr": "AdamW learning rate",
-    "batch_size": "sft: examples per step; ei/grpo/dpo: prompts per rollout batch",
-    "micro_batch": "rows per forward/backward", "group_size": "rollouts per prompt",
-    "loss_type": "grpo: no_baseline | reinforce_with_baseline | grpo_clip",
-    "epochs_per_batch": "passes over each rollout batch (>1 is off-policy: use grpo_clip)",
-    "length_normalization": "mean (GRPO) | constant (Dr. GRPO)", "beta": "dpo: KL strength",
-    "normalize_by_std": "divide advantages by the group std (Dr. GRPO: --no-normalize-by-std)",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: no command runs the demo; sft/ei/grpo/dpo take every AlignConfig field as a flag
-    (generated from the dataclass, so a new option is one line there); eval and bench have their own."""
+def build_parser() -> tk.OneLineParser:
+    """No command: the demo. sft/ei/grpo/dpo: every AlignConfig field as a flag, derived from the dataclass
+    (name, type, default, the help line of its docstring). eval and bench have their own few options."""
     p = tk.OneLineParser(prog="align.py", description="Stage 8: SFT, expert iteration, GRPO, DPO and "
-                                "evaluation. No command: the whole demo (pretrain -> SFT -> EI | GRPO | DPO).")
+                         "evaluation. No command: the whole demo (pretrain -> SFT -> EI | GRPO | DPO).")
     p.add_argument("--out-dir", default="runs/align", help="demo run folder (default runs/align)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="demo seed (default 0)")
     sub = p.add_subparsers(dest="command")
+    fields = dataclasses.fields(AlignConfig)
+    # fields whose default means "not given" ("") say in their help what happens then; the others show theirs
+    quiet = [f.name for f in fields if f.default == ""] + ["out_dir"]
     for stage in STEP_FUNCTIONS:  # one sub-command per stage, all with the same flags
         sp = sub.add_parser(stage, help=f"run the {stage} stage from a checkpoint (resumes if --out-dir has one)")
-        for f in dataclasses.fields(AlignConfig):
-            if f.name in ("stage", "log_path", "name"):
-                continue
-            flag, h = "--" + f.name.replace("_", "-"), _STAGE_HELP.get(f.name, f.name.replace("_", " "))
-            if isinstance(f.default, bool):
-                sp.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-            else:
-                sp.add_argument(flag, type=type(f.default), default=None if f.name == "out_dir" else f.default,
-                                help=h)
+        sp.add_config(AlignConfig, skip=[f.name for f in fields if f.name not in quiet] + ["name", "log_path"],
+                      defaults={"out_dir": ""})
+        sp.add_config(AlignConfig, skip=["stage", "name", "log_path", *quiet], note=" (default: {default})")
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the built-in task, GSM8K or MMLU")
     ev.add_argument("--checkpoint", default="", help="checkpoint (train.py or align.py)")
     ev.add_argument("--pretrained", default="", help="instead of --checkpoint: gpt2 (downloaded once, cached) or "
                     "a folder with Hugging Face model.safetensors + config.json")
-    ev.add_argument("--task", choices=("builtin", "gsm8k", "mmlu"), default="builtin")
+    ev.add_argument("--task", choices=("builtin", "gsm8k", "mmlu"), default="builtin", help="(default builtin)")
     ev.add_argument("--data", default=None, help="gsm8k: a JSONL file; mmlu: the folder of CSVs "
                     "(default: download once into --cache-dir)")
-    ev.add_argument("--cache-dir", default="data_cache", help="where downloads are cached")
-    ev.add_argument("--split", default=None, help="builtin: test|hard|train; gsm8k: test|train; mmlu: test|val|dev")
-    ev.add_argument("--limit", type=int, default=500, help="number of problems (0: all)")
-    ev.add_argument("--max-new-tokens", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=32)
-    b = sub.add_parser("bench", help="rollout throughput: KV cache vs recompute, shared vs per-row prefill")
-    b.add_argument("--prompts", type=int, default=16)
-    b.add_argument("--group-size", type=int, default=8)
-    b.add_argument("--new-tokens", type=int, default=40)
-    b.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 128])
-    b.add_argument("--d-model", type=int, default=128)
-    b.add_argument("--num-layers", type=int, default=4)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--cache-dir", default="data_cache", help="where downloads are cached (default data_cache)")
+    ev.add_argument("--split", default=None, help="builtin: test|hard|train; gsm8k: test|train; "
+                    "mmlu: test|val|dev (default test)")
+    ev.add_argument("--limit", type=int, default=500, help="number of problems (0: all; default 500)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: builtin 48, gsm8k 256, mmlu 8")
+    ev.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default 32)")
+    b = sub.add_parser("bench", help="rollout throughput: KV cache vs recompute, shared vs per-row prefill",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--prompts", type=int, default=16, help="distinct prompts per rollout batch")
+    b.add_argument("--group-size", type=int, default=8, help="samples per prompt")
+    b.add_argument("--new-tokens", type=int, default=40, help="tokens decoded per row")
+    b.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 128], help="prompt lengths to measure")
+    b.add_argument("--d-model", type=int, default=128, help="width of the random model")
+    b.add_argument("--num-layers", type=int, default=4, help="depth of the random model")
+    b.add_argument("--repeats", type=int, default=3, help="interleaved repeats (the best time counts)")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     return p
 
 
@@ -1740,26 +1730,28 @@ def cmd_eval(args) -> dict:
     return r
 
 
+# Range checks argparse cannot express, so that `--steps 0` fails in milliseconds, not after a model load.
+MIN_VALUES = {"steps": 1, "batch_size": 1, "group_size": 1, "micro_batch": 1, "epochs_per_batch": 1,
+              "minibatches": 1, "ckpt_interval": 1, "sft_examples": 1, "prompts": 1, "repeats": 1, "limit": 0}
+CHOICES = {"loss_type": POLICY_GRADIENT_LOSSES, "length_normalization": ("mean", "constant")}
+
+
 def main(argv: Optional[list] = None) -> None:
     """Usage errors: one line, exit 2, before anything is loaded. Errors in the inputs (a missing or foreign
     checkpoint, a bad data file, a failed download): one line `align.py: error: ...`, exit 1. A traceback
     means a bug in align.py."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # range checks argparse cannot express, so that `--steps 0` fails in milliseconds, not after a model load
-    for k in ("steps", "batch_size", "group_size", "micro_batch", "limit", "prompts", "repeats", "epochs_per_batch",
-              "minibatches", "ckpt_interval", "sft_examples"):
+    for k, least in MIN_VALUES.items():
         v = getattr(args, k, None)
-        if v is not None and v < (0 if k == "limit" else 1):
-            parser.error(f"--{k.replace('_', '-')} must be >= {0 if k == 'limit' else 1}, got {v}")
-    if args.command in STEP_FUNCTIONS and bool(args.init) == bool(args.pretrained):
-        parser.error("give exactly one of --init CKPT and --pretrained gpt2|PATH")
-    if args.command == "eval" and bool(args.checkpoint) == bool(args.pretrained):
-        parser.error("give exactly one of --checkpoint CKPT and --pretrained gpt2|PATH")
-    if getattr(args, "loss_type", None) not in (None, *POLICY_GRADIENT_LOSSES):
-        parser.error(f"--loss-type must be one of {list(POLICY_GRADIENT_LOSSES)}")
-    if getattr(args, "length_normalization", None) not in (None, "mean", "constant"):
-        parser.error("--length-normalization must be mean or constant")
+        if v is not None and v < least:
+            parser.error(f"--{k.replace('_', '-')} must be >= {least}, got {v}")
+    for k, allowed in CHOICES.items():
+        if getattr(args, k, None) not in (None, *allowed):
+            parser.error(f"--{k.replace('_', '-')} must be one of {list(allowed)}")
+    source = "checkpoint" if args.command == "eval" else "init" if args.command in STEP_FUNCTIONS else None
+    if source and bool(getattr(args, source)) == bool(args.pretrained):
+        parser.error(f"give exactly one of --{source} CKPT and --pretrained gpt2|PATH")
     # Expected failures become one line; anything else (a bug) keeps its traceback.
     try:
         if args.command is None:
@@ -1769,10 +1761,9 @@ def main(argv: Optional[list] = None) -> None:
         elif args.command == "eval":
             cmd_eval(args)
         else:
-            kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(AlignConfig)
-                  if hasattr(args, f.name) and f.name != "stage"}
+            kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(AlignConfig) if hasattr(args, f.name)}
             kw["out_dir"] = kw["out_dir"] or str(Path("runs/align") / args.command)  # runs/align/<stage>
-            run_stage(AlignConfig(stage=args.command, **kw))
+            run_stage(AlignConfig(**kw, stage=args.command))
     except (ValueError, FileNotFoundError, ConnectionError, PermissionError, FloatingPointError, RuntimeError) as e:
         print(f"align.py: error: {e}", file=sys.stderr)
         sys.exit(1)

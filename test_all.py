@@ -122,7 +122,7 @@ def _tok_gpt2_pair():
     """(our pure-Python GPT-2 tokenizer, our fast one, tiktoken's gpt2), or skip if gpt2 can't load.
 
     Tests never touch the network, so we only let tiktoken load gpt2 when its two files are already in
-    tiktoken's cache folder (CI points TIKTOKEN_CACHE_DIR at ../shared/tiktoken). When the run says the
+    tiktoken's cache folder (CI points TIKTOKEN_CACHE_DIR at a folder with them). When the run says the
     files are there (SCRATCHLM_EXPECT_GPT2=1, set by CI with them), a missing file FAILS instead of skipping.
     """
     skip = pytest.fail if os.environ.get("SCRATCHLM_EXPECT_GPT2") == "1" else pytest.skip
@@ -438,59 +438,6 @@ def test_tokenizer_encode_file_equals_encode(tmp_path):
     assert np.fromfile(tmp_path / "o2.bin", dtype=np.uint16).tolist() == tok.encode("lorem ipsum dolor sit amet " * 300)
 
 
-# ---- bad input ----------------------------------------------------------------------------------------
-
-def test_tokenizer_bad_inputs_give_clear_errors(tmp_path):
-    good = _tok_write(tmp_path / "good.txt", "hello world")
-    with pytest.raises(ValueError, match="too small"):
-        tk.train_bpe(good, 256, [_TOK_EOT], progress=False)
-    with pytest.raises(FileNotFoundError, match="not found"):
-        tk.train_bpe(tmp_path / "missing.txt", 300, [], progress=False)
-    empty = _tok_write(tmp_path / "empty.txt", "")
-    with pytest.raises(ValueError, match="empty"):
-        tk.train_bpe(empty, 300, [], progress=False)
-    with pytest.raises(IsADirectoryError, match="directory"):
-        tk.train_bpe(tmp_path, 300, [], progress=False)
-    # non-UTF-8: the error names the file and the byte offset (here 1000 + 5)
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"line one\n" * 111 + b"x" + b"abcd\xffrest of it\n" + b"more text\n" * 50)
-    offset = len(b"line one\n" * 111 + b"x" + b"abcd")
-    for kwargs in ({"num_workers": 1}, {"num_workers": 2, "chunk_bytes": 200}):
-        with pytest.raises(ValueError, match=rf"bad\.txt.*byte offset {offset}"):
-            tk.train_bpe(bad, 300, [], progress=False, **kwargs)
-    tok = _tok_tokenizer()
-    out = tmp_path / "bad.bin"
-    with pytest.raises(ValueError, match=f"byte offset {offset}"):
-        tk.encode_file(tok, bad, out, num_workers=2, chunk_bytes=200, progress=False)
-    assert not out.exists() and not list(tmp_path.glob("*.tmp"))  # nothing half-written
-    with pytest.raises(ValueError, match="empty"):
-        tk.encode_file(tok, empty, out, progress=False)
-
-
-def test_tokenizer_malformed_tokenizer_files(tmp_path):
-    tok = _tok_tokenizer()
-    tok.save(tmp_path / "ok")
-    vocab_path, merges_path = tmp_path / "ok" / "vocab.json", tmp_path / "ok" / "merges.txt"
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "v.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(ValueError, match="malformed vocab file.*JSON"):
-        tk.Tokenizer.from_files(bad / "v.json", merges_path)
-    (bad / "v.json").write_text(json.dumps(["a", "b"]), encoding="utf-8")
-    with pytest.raises(ValueError, match="malformed vocab file"):
-        tk.Tokenizer.from_files(bad / "v.json", merges_path)
-    (bad / "m.txt").write_text("#version: 0.2\nĠ t h\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="malformed merges file.*line 2"):
-        tk.Tokenizer.from_files(vocab_path, bad / "m.txt")
-    (bad / "m.txt").write_text("#version: 0.2\nzz q\n", encoding="utf-8")  # "zz" is not in the vocab
-    with pytest.raises(ValueError, match="not in the vocab"):
-        tk.Tokenizer.from_files(vocab_path, bad / "m.txt")
-    with pytest.raises(FileNotFoundError):
-        tk.Tokenizer.load(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="single-byte"):
-        tk.Tokenizer({0: b"a"}, [])
-
-
 # ---- command line ------------------------------------------------------------------------------------
 
 def test_tokenizer_cli_train_then_encode(tmp_path, capsys):
@@ -771,70 +718,122 @@ def test_tokenizer_save_is_all_or_nothing_on_a_full_disk(tmp_path, monkeypatch):
     assert tk.Tokenizer.load(tmp_path / "tok").fingerprint() == old.fingerprint()
 
 
-# ---- command line: validation before work, no overwrites, cleanup --------------------------------------
+# ---- bad options and bad calls: one line naming the problem, nothing created --------------------------
 
-def test_tokenizer_cli_invalid_options_one_line_exit_2_nothing_created(tmp_path):
-    _tok_cli_files(tmp_path)
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "old.bin").write_bytes(b"keep me")
-    (tmp_path / "notdir").write_text("a file")
-    os.symlink(tmp_path / "in.txt", tmp_path / "link.txt")
-    os.link(tmp_path / "in.txt", tmp_path / "hard.txt")
-    tr = ["train", "--input", "in.txt", "--out", "new"]
-    en = ["encode", "--tokenizer", "tok", "--input", "in.txt"]
-    cases = [  # (argv, text the one error line must contain)
-        (["train", "--input", "in.txt", "--vocab-size", "500"], "--out"),  # required option missing
-        (tr + ["--vocab-size", "abc"], "--vocab-size"),
-        (tr + ["--vocab-size", "256"], "--vocab-size must be in 257..4294967296"),
-        (tr + ["--vocab-size", str(2 ** 32 + 1)], "--vocab-size must be in 257.."),
-        (tr + ["--vocab-size", "300", "--workers", "0"], "--workers must be >= 1"),
-        (tr + ["--vocab-size", "300", "--workers", "-3"], "--workers must be >= 1"),
-        (["train", "--input", "missing.txt", "--out", "new", "--vocab-size", "300"], "--input"),
-        (["train", "--input", "empty.txt", "--out", "new", "--vocab-size", "300"], "--input"),
-        (["train", "--input", ".", "--out", "new", "--vocab-size", "300"], "--input"),
-        (tr + ["--vocab-size", "300", "--special-tokens", ""], "--special-tokens"),
-        (["train", "--input", "in.txt", "--out", "notdir", "--vocab-size", "300"], "--out notdir is a file"),
-        (["train", "--input", "in.txt", "--out", "notdir/sub", "--vocab-size", "300"], "--out: "),
-        (["train", "--input", "in.txt", "--out", "tok", "--vocab-size", "300"], "--force"),
-        (en + ["--out", "in.txt"], "--out in.txt is one of the command's inputs"),
-        (en + ["--out", "link.txt"], "--out link.txt is one of the command's inputs"),
-        (en + ["--out", "hard.txt"], "--out hard.txt is one of the command's inputs"),
-        (en + ["--out", "tok/vocab.json"], "one of the command's inputs"),
-        (en + ["--out", "old.bin"], "--out old.bin already exists; pass --force"),
-        (en + ["--out", "tok"], "--out tok is a folder"),
-        (en + ["--out", "notdir/x.bin"], "--out: "),
-        (en + ["--out", "x.bin", "--workers", "0"], "--workers"),
-        (en + ["--out", "x.bin", "--special-text", "maybe"], "--special-text"),
-        (["encode", "--tokenizer", "nowhere", "--input", "in.txt", "--out", "x.bin"], "--tokenizer"),
-        (["encode", "--tokenizer", "tok", "--input", "missing.txt", "--out", "x.bin"], "--input"),
-        (["bench", "--data-dir", "nowhere"], "--data-dir"),
-        (["bench", "--data-dir", str(tmp_path), "--mb", "0"], "--data-dir"),
-        (["bogus"], "invalid choice"),
-    ]
-    before = sorted(os.listdir(tmp_path))
+_TOK_BAD_UTF8 = b"line one\n" * 111 + b"x" + b"abcd\xffrest of it\n" + b"more text\n" * 50
+_TOK_BAD_OFFSET = len(b"line one\n" * 111 + b"x" + b"abcd")  # where the invalid byte sits: 1004
+
+_TOK_TR = ["train", "--input", "in.txt", "--out", "new"]
+_TOK_EN = ["encode", "--tokenizer", "tok", "--input", "in.txt"]
+# (argv of `python tokenizer.py`, text its one error line must contain) or (a call on the prepared folder d,
+# (the exception it raises, a regex its message matches)). The files are made by `tok_error_dir`.
+_TOK_ERROR_CASES = [
+    (["train", "--input", "in.txt", "--vocab-size", "500"], "--out"),  # required option missing
+    (_TOK_TR + ["--vocab-size", "abc"], "--vocab-size"),
+    (_TOK_TR + ["--vocab-size", "256"], "--vocab-size must be in 257..4294967296"),
+    (_TOK_TR + ["--vocab-size", str(2 ** 32 + 1)], "--vocab-size must be in 257.."),
+    (_TOK_TR + ["--vocab-size", "300", "--workers", "0"], "--workers must be >= 1"),
+    (_TOK_TR + ["--vocab-size", "300", "--workers", "-3"], "--workers must be >= 1"),
+    (["train", "--input", "missing.txt", "--out", "new", "--vocab-size", "300"], "--input"),
+    (["train", "--input", "empty.txt", "--out", "new", "--vocab-size", "300"], "--input"),
+    (["train", "--input", ".", "--out", "new", "--vocab-size", "300"], "--input"),
+    (_TOK_TR + ["--vocab-size", "300", "--special-tokens", ""], "--special-tokens"),
+    (["train", "--input", "in.txt", "--out", "notdir", "--vocab-size", "300"], "--out notdir is a file"),
+    (["train", "--input", "in.txt", "--out", "notdir/sub", "--vocab-size", "300"], "--out: "),
+    (["train", "--input", "in.txt", "--out", "tok", "--vocab-size", "300"], "--force"),
+    (_TOK_EN + ["--out", "in.txt"], "--out in.txt is one of the command's inputs"),
+    (_TOK_EN + ["--out", "link.txt"], "--out link.txt is one of the command's inputs"),
+    (_TOK_EN + ["--out", "hard.txt"], "--out hard.txt is one of the command's inputs"),
+    (_TOK_EN + ["--out", "tok/vocab.json"], "one of the command's inputs"),
+    (_TOK_EN + ["--out", "old.bin"], "--out old.bin already exists; pass --force"),
+    (_TOK_EN + ["--out", "tok"], "--out tok is a folder"),
+    (_TOK_EN + ["--out", "notdir/x.bin"], "--out: "),
+    (_TOK_EN + ["--out", "x.bin", "--workers", "0"], "--workers"),
+    (_TOK_EN + ["--out", "x.bin", "--special-text", "maybe"], "--special-text"),
+    (["encode", "--tokenizer", "nowhere", "--input", "in.txt", "--out", "x.bin"], "--tokenizer"),
+    (["encode", "--tokenizer", "tok", "--input", "missing.txt", "--out", "x.bin"], "--input"),
+    (["bench"], "--data-dir"),  # the benchmark's real text comes only from --data-dir
+    (["bench", "--data-dir", "nowhere"], "--data-dir"),
+    (["bench", "--data-dir", ".", "--mb", "0"], "--data-dir"),  # a folder without the two files
+    (["bench", "--data-dir", "data", "--mb", "0"], "--mb must be in (0, 100000]"),
+    (["bench", "--data-dir", "data", "--stream-mb", "-1"], "--stream-mb"),
+    (["bench", "--data-dir", "data", "--vocab-size", "10"], "--vocab-size"),
+    (["bench", "--data-dir", "data", "--repeats", "0"], "--repeats"),
+    (["bench", "--data-dir", "data", "--workers", "0"], "--workers"),
+    (["bogus"], "invalid choice"),
+    (lambda d: tk.train_bpe(d / "in.txt", 256, [_TOK_EOT], progress=False), (ValueError, "too small")),
+    (lambda d: tk.train_bpe(d / "missing.txt", 300, [], progress=False), (FileNotFoundError, "not found")),
+    (lambda d: tk.train_bpe(d / "empty.txt", 300, [], progress=False), (ValueError, "empty")),
+    (lambda d: tk.train_bpe(d, 300, [], progress=False), (IsADirectoryError, "directory")),
+    # non-UTF-8: the error names the file and the byte offset, whichever worker finds it
+    (lambda d: tk.train_bpe(d / "bad.txt", 300, [], progress=False, num_workers=1),
+     (ValueError, rf"bad\.txt.*byte offset {_TOK_BAD_OFFSET}")),
+    (lambda d: tk.train_bpe(d / "bad.txt", 300, [], progress=False, num_workers=2, chunk_bytes=200),
+     (ValueError, rf"bad\.txt.*byte offset {_TOK_BAD_OFFSET}")),
+    (lambda d: tk.encode_file(_tok_tokenizer(), d / "bad.txt", d / "bad.bin", num_workers=2, chunk_bytes=200,
+                              progress=False), (ValueError, f"byte offset {_TOK_BAD_OFFSET}")),
+    (lambda d: tk.encode_file(_tok_tokenizer(), d / "empty.txt", d / "bad.bin", progress=False),
+     (ValueError, "empty")),
+    (lambda d: tk.Tokenizer.from_files(d / "bad" / "not_json.json", d / "tok" / "merges.txt"),
+     (ValueError, "malformed vocab file.*JSON")),
+    (lambda d: tk.Tokenizer.from_files(d / "bad" / "list.json", d / "tok" / "merges.txt"),
+     (ValueError, "malformed vocab file")),
+    (lambda d: tk.Tokenizer.from_files(d / "tok" / "vocab.json", d / "bad" / "three.txt"),
+     (ValueError, "malformed merges file.*line 2")),
+    (lambda d: tk.Tokenizer.from_files(d / "tok" / "vocab.json", d / "bad" / "unknown.txt"),  # "zz": no token
+     (ValueError, "not in the vocab")),
+    (lambda d: tk.Tokenizer.load(d / "nowhere"), (FileNotFoundError, "tokenizer directory not found")),
+    (lambda d: tk.Tokenizer({0: b"a"}, []), (ValueError, "single-byte")),
+]
+
+
+@pytest.fixture(scope="module")
+def tok_error_dir(tmp_path_factory):
+    """One folder with everything the error cases need, and every argv case run in it once (4 processes at a
+    time; none may create anything) -> (folder, {argv: CompletedProcess}, its listing before the runs)."""
+    d = tmp_path_factory.mktemp("tok_errors")
+    _tok_cli_files(d)
+    (d / "empty.txt").write_text("")
+    (d / "old.bin").write_bytes(b"keep me")
+    (d / "notdir").write_text("a file")
+    (d / "bad.txt").write_bytes(_TOK_BAD_UTF8)
+    os.symlink(d / "in.txt", d / "link.txt")
+    os.link(d / "in.txt", d / "hard.txt")
+    (d / "data").mkdir()
+    (d / "data" / "tinyshakespeare.txt").write_text("to be or not to be")
+    (d / "data" / "mmlu_questions.txt").write_text("what is 2 + 2?")
+    (d / "bad").mkdir()
+    for name, text in (("not_json.json", "{not json"), ("list.json", json.dumps(["a", "b"])),
+                       ("three.txt", "#version: 0.2\nĠ t h\n"), ("unknown.txt", "#version: 0.2\nzz q\n")):
+        (d / "bad" / name).write_text(text, encoding="utf-8")
+    before = sorted(os.listdir(d))
+    argvs = [tuple(case) for case, _ in _TOK_ERROR_CASES if not callable(case)]
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(4) as pool:  # independent processes; none may create anything anyway
-        results = list(pool.map(lambda case: _tok_cli(case[0], tmp_path), cases))
-    for (argv, needle), res in zip(cases, results):
+    with ThreadPoolExecutor(4) as pool:
+        runs = dict(zip(argvs, pool.map(lambda argv: _tok_cli(argv, d), argvs)))
+    return d, runs, before
+
+
+@pytest.mark.parametrize("case, expected", _TOK_ERROR_CASES,
+                         ids=[f"call{i}" if callable(c) else " ".join(c) for i, (c, _) in enumerate(_TOK_ERROR_CASES)])
+def test_tokenizer_error_paths(tok_error_dir, case, expected):
+    d, runs, before = tok_error_dir
+    if callable(case):
+        exc, pattern = expected
+        with pytest.raises(exc, match=pattern):
+            case(d)
+    else:
+        res = runs[tuple(case)]
         lines = res.stderr.splitlines()
-        assert res.returncode == 2, (argv, res.stderr)
-        assert len(lines) == 1 and needle in lines[0], (argv, res.stderr)
-        assert "Traceback" not in res.stderr + res.stdout, argv
-        assert sorted(os.listdir(tmp_path)) == before, argv
-    assert (tmp_path / "old.bin").read_bytes() == b"keep me"
-    assert (tmp_path / "in.txt").read_bytes() == _TOK_TEXT.encode()
+        assert res.returncode == 2, (case, res.stderr)
+        assert len(lines) == 1 and expected in lines[0], (case, res.stderr)
+        assert "Traceback" not in res.stderr + res.stdout, case
+    assert sorted(os.listdir(d)) == before  # nothing created, nothing half-written (no .bin, no .tmp)
+    assert (d / "old.bin").read_bytes() == b"keep me" and (d / "in.txt").read_bytes() == _TOK_TEXT.encode()
 
 
-def test_tokenizer_cli_bench_checks_its_numbers_first(tmp_path):
-    (tmp_path / "tinyshakespeare.txt").write_text("to be or not to be")
-    (tmp_path / "mmlu_questions.txt").write_text("what is 2 + 2?")
-    for argv, needle in ((["--mb", "0"], "--mb must be in (0, 100000]"), (["--stream-mb", "-1"], "--stream-mb"),
-                         (["--vocab-size", "10"], "--vocab-size"), (["--repeats", "0"], "--repeats"),
-                         (["--workers", "0"], "--workers")):
-        res = _tok_cli(["bench", "--data-dir", tmp_path] + argv, tmp_path)
-        assert res.returncode == 2 and res.stderr.count("\n") == 1 and needle in res.stderr, (argv, res.stderr)
-    assert sorted(os.listdir(tmp_path)) == ["mmlu_questions.txt", "tinyshakespeare.txt"]
 
+# ---- command line: no overwrites, cleanup after a failure ---------------------------------------------
 
 def test_tokenizer_cli_encode_refuses_overwrite_then_force(tmp_path):
     src = _tok_cli_files(tmp_path)
@@ -920,12 +919,13 @@ def _model_one_thread():
     torch.set_num_threads(before)
 
 
+_MODEL_BASE = dict(vocab_size=37, context_length=32, d_model=32, num_layers=2, num_heads=4, d_ff=None)
+
+
 def _model_tiny(**switches):
     """A tiny model (fast on CPU) with any switches; fixed seed so tests are deterministic."""
     torch.manual_seed(0)
-    base = dict(vocab_size=37, context_length=32, d_model=32, num_layers=2, num_heads=4)
-    base.update(switches)
-    return M.TransformerLM(**base)
+    return M.TransformerLM(**{**_MODEL_BASE, **switches})
 
 
 # GPT-2's architecture as switches: pre-norm LayerNorm with biases, learned positions, tanh-GELU MLP,
@@ -1332,7 +1332,7 @@ def test_model_moe_uniform_router_gives_aux_one_and_model_weighting():
 
 @pytest.mark.usefixtures("_model_one_thread")
 def test_model_matches_torch_layers_peer():
-    cfg = M.ModelConfig(vocab_size=50, context_length=16, d_model=32, num_layers=2, num_heads=4)
+    cfg = tiny_config(vocab_size=50, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=None)
     torch.manual_seed(0)
     ours = M.TransformerLM.from_config(cfg)
     peer = M.TorchLayersLM(cfg)
@@ -1371,10 +1371,10 @@ def test_model_tied_embeddings_share_one_matrix():
 
 @pytest.mark.usefixtures("_model_one_thread")
 def test_model_config_roundtrip_and_defaults():
-    cfg = M.ModelConfig(vocab_size=10, context_length=8, d_model=96, num_layers=1, num_heads=4)
+    cfg = tiny_config(context_length=8, d_model=96, num_heads=4, d_ff=None)
     assert cfg.d_ff == 256  # 8/3 * 96 = 256, a multiple of 64
-    assert M.ModelConfig(vocab_size=10, context_length=8, d_model=64, num_layers=1, num_heads=4).d_ff == 192
-    assert M.ModelConfig(vocab_size=10, context_length=8, d_model=64, num_layers=1, num_heads=4, ffn="relu").d_ff == 256
+    assert tiny_config(context_length=8, d_model=64, num_heads=4, d_ff=None).d_ff == 192
+    assert tiny_config(context_length=8, d_model=64, num_heads=4, d_ff=None, ffn="relu").d_ff == 256
     assert cfg.num_kv_heads == 4
     d = json.loads(json.dumps(cfg.to_dict()))
     assert M.ModelConfig.from_dict(d) == cfg
@@ -1404,72 +1404,175 @@ def test_model_register_custom_backend_is_used():
         M.ATTENTION_BACKENDS.pop("test_model_counting")
 
 
-# --- bad inputs ------------------------------------------------------------------------------------
+# --- every error path: one table (ModelConfig switches, bad calls, bad command lines) ----------------------
 
-@pytest.mark.usefixtures("_model_one_thread")
-def test_model_bad_token_ids_and_lengths():
+def _model_bad_state(kind):
+    """_model_tiny and a state dict that does not fit it: a key renamed ("swap") or a head of the wrong shape."""
     m = _model_tiny()
-    with pytest.raises(ValueError, match="token id 37 is outside the vocabulary"):
-        m(torch.tensor([[1, 37]]))
-    with pytest.raises(ValueError, match="token id -1"):
-        m(torch.tensor([[-1, 2]]))
-    with pytest.raises(ValueError, match="sequence length 33 exceeds the model's context_length 32"):
-        m(torch.zeros(1, 33, dtype=torch.long))
-    with pytest.raises(ValueError, match="integer tensor"):
-        m(torch.zeros(1, 3))
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        M.generate(m, [1, 2, 99], 2)
-    with pytest.raises(ValueError, match="exceeds the model's context_length"):
-        M.generate(m, [1] * 30, 5)
+    sd = dict(m.state_dict())
+    if kind == "swap":
+        del sd["layers.1.ffn.w2.weight"]
+        sd["layers.1.ffn.w4.weight"] = torch.zeros(3)
+    else:
+        sd["lm_head.weight"] = torch.zeros(5, 32)
+    return m, sd
+
+
+_MODEL_NO_CUDA = "cuda:99" if not torch.cuda.is_available() else "cuda:%d" % torch.cuda.device_count()
+_MODEL_GEN = ["generate", "--checkpoint", "{ck}"]
+_MODEL_GEN2 = ["generate", "--max-new-tokens", "2", "--checkpoint"]  # problems found once the checkpoint is read
+# (case, exception, expected message). A case is a dict of ModelConfig switches over _MODEL_BASE (refused by
+# ModelConfig and by TransformerLM), a call, or the argv of `python model.py` ({ck}: a train.py checkpoint,
+# {dir}: its folder), which must exit with status 2 and one stderr line containing the message.
+_MODEL_ERRORS = [
+    ({"d_model": 30, "num_heads": 4}, ValueError, "d_model=30 is not divisible by num_heads=4"),
+    ({"num_kv_heads": 3}, ValueError, "num_heads=4 is not divisible by num_kv_heads=3"),
+    ({"norm": "batchnorm"}, ValueError, r"ModelConfig.norm='batchnorm' is not one of \['rmsnorm', 'layernorm', 'none'\]"),
+    ({"norm_position": "middle"}, ValueError, "norm_position='middle'"),
+    ({"position": "alibi"}, ValueError, r"position='alibi' is not one of \['rope', 'sinusoidal', 'learned', 'nope'\]"),
+    ({"ffn": "geglu"}, ValueError, r"ffn='geglu' is not one of"),
+    ({"norm_eps": 0.0}, ValueError, "norm_eps must be a number in"),
+    ({"bias": "yes"}, ValueError, "bias must be true or false"),
+    ({"attention": "local"}, ValueError, r"attention='local' is not one of \['full', 'sliding'\]"),
+    ({"attention": "sliding"}, ValueError, "needs window_size"),
+    ({"window_size": 4}, ValueError, "only used with attention='sliding'"),
+    ({"num_experts": 2, "experts_top_k": 3}, ValueError, "experts_top_k=3"),
+    ({"attn_impl": "flash9"}, ValueError, "attn_impl='flash9' is not one of"),
+    ({"vocab_size": 0}, ValueError, "vocab_size must be a positive integer"),
+    ({"mixer": "rnn"}, ValueError, r"mixer='rnn' is not one of"),
+    ({"mixer": "mla", "kv_lora_rank": 64}, ValueError, r"kv_lora_rank=64 is larger than d_model=32"),
+    ({"mixer": "mla", "kv_lora_rank": 0}, ValueError, r"kv_lora_rank must be a positive integer"),
+    ({"mixer": "mla", "qk_rope_head_dim": 3}, ValueError, r"qk_rope_head_dim=3 must be even"),
+    ({"mixer": "mla", "qk_rope_head_dim": 8}, ValueError, r"qk_rope_head_dim=8 must be even and in \[2, head_dim=8\)"),
+    ({"mixer": "mla", "position": "nope", "qk_rope_head_dim": 2}, ValueError,
+     r"qk_rope_head_dim=2 must be 0 with position"),
+    ({"mixer": "mla", "num_kv_heads": 2}, ValueError, r"mixer='mla' does not combine with num_kv_heads=2"),
+    ({"mixer": "mla", "qk_norm": True}, ValueError, r"mixer='mla' does not combine with qk_norm"),
+    ({"mixer": "mla", "bias": True}, ValueError, r"mixer='mla' does not combine with bias"),
+    ({"kv_lora_rank": 8}, ValueError, r"kv_lora_rank is only used with mixer='mla'"),
+    ({"mixer": "linear", "hyena_order": 2}, ValueError, r"hyena_order is only used with mixer='hyena'"),
+    ({"mixer": "linear", "attention": "sliding", "window_size": 4}, ValueError, r"attention='sliding'.*mixer='linear'"),
+    ({"mixer": "hyena", "position": "nope", "attention": "sliding", "window_size": 4}, ValueError,
+     r"mixer='hyena' has no"),
+    ({"mixer": "hyena"}, ValueError, r"mixer='hyena' has no queries or keys.*position='rope'"),
+    ({"mixer": "hyena", "position": "nope", "qk_norm": True}, ValueError, r"qk_norm"),
+    ({"mixer": "hyena", "position": "nope", "hyena_order": 0}, ValueError, r"hyena_order must be a positive integer"),
+    ({"dropout": 1.0}, ValueError, r"dropout must be a number in \[0, 1\)"),
+    ({"attn_dropout": -0.1}, ValueError, r"attn_dropout must be a number in \[0, 1\)"),
+    ({"mixer": "linear", "attn_dropout": 0.1}, ValueError, r"attn_dropout applies to softmax attention"),
+    (lambda: M.ModelConfig.from_dict({"vocab_size": 5, "context_length": 4, "d_model": 8, "num_layers": 1,
+                                      "num_heads": 2, "n_layer": 3}),
+     ValueError, r"unknown ModelConfig field\(s\) \['n_layer'\]"),
+    (lambda: _model_tiny()(torch.tensor([[1, 37]])), ValueError, "token id 37 is outside the vocabulary"),
+    (lambda: _model_tiny()(torch.tensor([[-1, 2]])), ValueError, "token id -1"),
+    (lambda: _model_tiny()(torch.zeros(1, 33, dtype=torch.long)), ValueError,
+     "sequence length 33 exceeds the model's context_length 32"),
+    (lambda: _model_tiny()(torch.zeros(1, 3)), ValueError, "integer tensor"),
+    (lambda: M.generate(_model_tiny(), [1, 2, 99], 2), ValueError, "outside the vocabulary"),
+    (lambda: M.generate(_model_tiny(), [1] * 30, 5), ValueError, "exceeds the model's context_length"),
+    (lambda: M.generate(_model_tiny(), [1], 2, top_p=0), ValueError, "top_p"),
+    (lambda: M.generate(_model_tiny(), [1], 2, temperature=-1), ValueError, "temperature"),
+    (lambda: M.load_model_state(*_model_bad_state("swap")), M.StateDictMismatchError,
+     r"missing keys \['layers.1.ffn.w2.weight'\]; unexpected keys \['layers.1.ffn.w4.weight'\]"),
+    (lambda: M.TransformerLM.load_state_dict(*_model_bad_state("swap")), RuntimeError, "missing keys"),  # like torch
+    (lambda: M.TransformerLM.load_state_dict(*_model_bad_state("shape")), ValueError,
+     r"lm_head.weight: checkpoint \(5, 32\) vs model \(37, 32\)"),
+    (lambda: M.memory_estimate(tiny_config(), 2, optimizer="lion"), ValueError, "optimizer='lion'"),
+    (lambda: M.sample_windows(np.arange(3), 1, 3, np.random.default_rng(0)), ValueError,
+     "fewer than one context window"),
+    (lambda: M.sample_windows(np.arange(10), 0, 3, np.random.default_rng(0)), ValueError, "batch_size"),
+    *[(argv, SystemExit, option) for argv, option in [
+        (_MODEL_GEN + ["--max-new-tokens", "-1"], "--max-new-tokens"),
+        (_MODEL_GEN + ["--max-new-tokens", "0"], "--max-new-tokens"),
+        (_MODEL_GEN + ["--max-new-tokens", "x"], "--max-new-tokens"), (_MODEL_GEN + ["--temperature", "-1"], "--temperature"),
+        (_MODEL_GEN + ["--temperature", "nan"], "--temperature"), (_MODEL_GEN + ["--temperature", "inf"], "--temperature"),
+        (_MODEL_GEN + ["--top-p", "0"], "--top-p"), (_MODEL_GEN + ["--top-p", "1.5"], "--top-p"),
+        (_MODEL_GEN + ["--num-samples", "0"], "--num-samples"), (_MODEL_GEN + ["--seed", "-1"], "--seed"),
+        (_MODEL_GEN + ["--eos-id", "-3"], "--eos-id"), (_MODEL_GEN + ["--prompt-ids", "1,x"], "--prompt-ids"),
+        (_MODEL_GEN + ["--prompt-ids", "1", "--prompt", "a"], "--prompt"),
+        (_MODEL_GEN + ["--device", _MODEL_NO_CUDA], "--device"), (_MODEL_GEN + ["--device", "toaster"], "--device"),
+        (_MODEL_GEN + ["--tokenizer", "{dir}/nope"], "--tokenizer"),
+        (["generate", "--checkpoint", "{dir}/missing.pt"], "--checkpoint"), (["generate", "--checkpoint", "{dir}"],
+                                                                             "--checkpoint"),
+        (["generate", "--pretrained", "gpt5"], "--pretrained"),
+        (["generate"], "--checkpoint"), (_MODEL_GEN + ["--pretrained", "gpt2"], "--pretrained"),
+        (["generate", "--pretrained", "gpt2", "--cache-dir", "{ck}"], "--cache-dir"),
+        (["table", "--batch-size", "0"], "--batch-size"), (["table", "--dtype-bytes", "3"], "--dtype-bytes"),
+        (["table", "--vocab-size", "0"], "--vocab-size"), (["table", "--optimizer", "lion"], "--optimizer"),
+        (["table", "--ffn", "geglu"], "--ffn"),
+        (["bench", "--only", "kv,fast"], "--only"), (["bench", "--repeats", "0"], "--repeats"),
+        (["bench", "--kv-prompt", "0"], "--kv-prompt"), (["bench", "-k", "0"], "-k"),
+        (["bench", "--threads", "-1"], "--threads"), (["bench", "--target-checkpoint", "{ck}"], "--draft-checkpoint"),
+        (["bench", "--text", "{dir}/none.txt"], "--text"),
+        (["bench", "--spec-temperature", "0"], "--spec-temperature"),
+        (["frobnicate"], "frobnicate"),
+        (_MODEL_GEN2 + ["{ck}", "--prompt-ids", "1,300"], "300 is outside"),
+        (_MODEL_GEN2 + ["{ck}", "--eos-id", "999"], "eos id 999"),
+        (_MODEL_GEN2 + ["{dir}/empty.pt"], "empty (0 bytes)"), (_MODEL_GEN2 + ["{dir}/junk.pt"], "corrupt"),
+        (_MODEL_GEN2 + ["{ck}", "--tokenizer", "{dir}/other_tok"], "fingerprint")]],
+]
+
+
+def _model_error_id(case) -> str:
+    if isinstance(case, dict):
+        return "config:" + _model_id(case)
+    if isinstance(case, list):
+        return "argv:" + " ".join(case)
+    return None  # a call: pytest numbers it
+
+
+@pytest.fixture
+def _model_cli_dir(_model_ckpt_dir):
+    """The run folder of _model_ckpt_dir plus an empty and a junk checkpoint and another corpus's tokenizer."""
+    folder, _, _ = _model_ckpt_dir
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    vocab = {i: bytes([255 - i]) for i in range(256)}
+    vocab[256] = b"<|endoftext|>"
+    tk.Tokenizer(vocab, [], ["<|endoftext|>"]).save(str(folder / "other_tok"))
+    return folder
 
 
 @pytest.mark.usefixtures("_model_one_thread")
-@pytest.mark.parametrize("kwargs,pattern", [
-    (dict(d_model=30, num_heads=4), "d_model=30 is not divisible by num_heads=4"),
-    (dict(num_kv_heads=3), "num_heads=4 is not divisible by num_kv_heads=3"),
-    (dict(norm="batchnorm"), r"ModelConfig.norm='batchnorm' is not one of \['rmsnorm', 'layernorm', 'none'\]"),
-    (dict(norm_position="middle"), "norm_position='middle'"),
-    (dict(position="alibi"), r"position='alibi' is not one of \['rope', 'sinusoidal', 'learned', 'nope'\]"),
-    (dict(ffn="geglu"), r"ffn='geglu' is not one of"),
-    (dict(norm_eps=0.0), "norm_eps must be a number in"),
-    (dict(bias="yes"), "bias must be true or false"),
-    (dict(attention="local"), r"attention='local' is not one of \['full', 'sliding'\]"),
-    (dict(attention="sliding"), "needs window_size"),
-    (dict(window_size=4), "only used with attention='sliding'"),
-    (dict(num_experts=2, experts_top_k=3), "experts_top_k=3"),
-    (dict(attn_impl="flash9"), "attn_impl='flash9' is not one of"),
-    (dict(vocab_size=0), "vocab_size must be a positive integer"),
-])
-def test_model_bad_config_values(kwargs, pattern):
-    base = dict(vocab_size=37, context_length=32, d_model=32, num_layers=2, num_heads=4)
-    base.update(kwargs)
-    with pytest.raises(ValueError, match=pattern):
-        M.ModelConfig(**base)
-    with pytest.raises(ValueError, match=pattern):
-        M.TransformerLM(**base)
+@pytest.mark.parametrize("case,error,message", _MODEL_ERRORS,
+                         ids=[_model_error_id(c) for c, _, _ in _MODEL_ERRORS])
+def test_model_error_paths(case, error, message, request, capsys):
+    """Every bad input gets an error naming the problem: a config switch is refused by ModelConfig and by
+    TransformerLM; a bad call raises its exception; a bad command line exits 2 with one stderr line (naming
+    the option), no traceback, and no file written."""
+    if isinstance(case, dict):
+        for build in (M.ModelConfig, M.TransformerLM):
+            with pytest.raises(ValueError, match=message):
+                build(**{**_MODEL_BASE, **case})
+        return
+    if callable(case):
+        with pytest.raises(error, match=message):
+            case()
+        return
+    folder = request.getfixturevalue("_model_cli_dir")
+    argv = [a.format(ck=folder / "ckpt.pt", dir=folder) for a in case]
+    before = sorted(p.name for p in folder.rglob("*")), sorted(os.listdir("."))
+    with pytest.raises(SystemExit) as exit_info:
+        M.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, argv
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, (argv, err)
+    assert (sorted(p.name for p in folder.rglob("*")), sorted(os.listdir("."))) == before
 
 
-@pytest.mark.usefixtures("_model_one_thread")
-def test_model_bad_config_dict_and_state_dict():
-    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['n_layer'\]"):
-        M.ModelConfig.from_dict({"vocab_size": 5, "context_length": 4, "d_model": 8, "num_layers": 1,
-                                 "num_heads": 2, "n_layer": 3})
+def test_model_load_model_state_looks_through_wrapper_prefixes():
+    """Prefixes from torch.compile and DDP ("_orig_mod.", "module.") do not stop a state dict from loading."""
     m = _model_tiny()
-    sd = m.state_dict()
-    bad = dict(sd)
-    del bad["layers.1.ffn.w2.weight"]
-    bad["layers.1.ffn.w4.weight"] = torch.zeros(3)
-    with pytest.raises(M.StateDictMismatchError,
-                       match=r"missing keys \['layers.1.ffn.w2.weight'\]; unexpected keys \['layers.1.ffn.w4.weight'\]"):
-        M.load_model_state(m, bad)
-    with pytest.raises(RuntimeError, match="missing keys"):  # also a RuntimeError, like torch's own
-        m.load_state_dict(bad)
-    wrong = dict(sd)
-    wrong["lm_head.weight"] = torch.zeros(5, 32)
-    with pytest.raises(ValueError, match=r"lm_head.weight: checkpoint \(5, 32\) vs model \(37, 32\)"):
-        m.load_state_dict(wrong)
-    # wrapper prefixes from torch.compile / DDP are accepted
-    M.load_model_state(m, {"_orig_mod.module." + k: v for k, v in sd.items()})
+    M.load_model_state(m, {"_orig_mod.module." + k: v for k, v in m.state_dict().items()})
+
+
+def test_model_cli_bad_input_as_a_real_process(_model_ckpt_dir):
+    """The same one-line error from a real `python model.py` process (an id outside the vocabulary)."""
+    folder, _, _ = _model_ckpt_dir
+    proc = subprocess.run([sys.executable, M.__file__, "generate", "--checkpoint", str(folder / "ckpt.pt"),
+                           "--prompt-ids", "5,999"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "999 is outside" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # --- accounting ---------------------------------------------------------------------------------------
@@ -1477,7 +1580,7 @@ def test_model_bad_config_dict_and_state_dict():
 @pytest.mark.usefixtures("_model_one_thread")
 def test_model_flops_and_params_hand_count():
     # V=10, T=4, d=8, L=1, H=2 (dh=4), d_ff=16, SwiGLU, full causal attention, untied.
-    cfg = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16)
+    cfg = tiny_config()
     # forward FLOPs per token (2mnp per matmul, one token = one row):
     #   q, k, v, output projections: 4 * 2*8*8                       = 512
     #   Q K^T: 2 heads * 2 * dh(4) * mean keys (1+2+3+4)/4 = 2.5      =  40
@@ -1500,8 +1603,8 @@ def test_model_flops_and_params_hand_count():
 def test_model_flops_agree_with_torch_flop_counter():
     """torch's FlopCounterMode counts 2mnp for every mm/bmm the naive model really runs (full T x T)."""
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = M.ModelConfig(vocab_size=50, context_length=12, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                        attn_impl="naive")
+    cfg = tiny_config(vocab_size=50, context_length=12, d_model=32, num_layers=2, num_heads=4, d_ff=None,
+                      num_kv_heads=2, attn_impl="naive")
     m = M.TransformerLM.from_config(cfg)
     with FlopCounterMode(display=False) as fc:
         m(torch.randint(0, 50, (3, 12)))
@@ -1518,13 +1621,11 @@ def test_model_num_params_formula_matches_module(sw):
 
 @pytest.mark.usefixtures("_model_one_thread")
 def test_model_moe_and_window_flops():
-    dense = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16)
-    moe = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16,
-                        num_experts=4, experts_top_k=2)
+    dense = tiny_config()
+    moe = tiny_config(num_experts=4, experts_top_k=2)
     # MoE: router 2*8*4 = 64, two experts 2*768 -> 1520 - 768 + 64 + 1536 = 2352
     assert M.flops_per_token(moe) == 2352
-    win = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16,
-                        attention="sliding", window_size=2)
+    win = tiny_config(attention="sliding", window_size=2)
     # mean keys min(i+1, 2) over i=0..3 = (1+2+2+2)/4 = 1.75 -> scores 2 * 2*2*4*1.75 = 56 (vs 80)
     assert M.flops_per_token(win) == 1520 - 80 + 56 == 1496
     assert M.flops_per_token(dense) == 1520
@@ -1532,18 +1633,16 @@ def test_model_moe_and_window_flops():
 
 @pytest.mark.usefixtures("_model_one_thread")
 def test_model_memory_estimate_hand_count():
-    cfg = M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16)
+    cfg = tiny_config()
     mem = M.memory_estimate(cfg, batch_size=2, optimizer="adamw", dtype_bytes=4)
     assert mem["params"] == 824 * 4 and mem["grads"] == 824 * 4 and mem["optimizer_state"] == 2 * 824 * 4
     # activations per token (sdpa, scores not stored): per layer 4d (norm in/out x2) = 32, q,k,v 24, attn out 8,
     # logsumexp 2 heads, SwiGLU 4*16 = 64 -> 130; final norm 16 + logits/softmax 20 -> 166 per token
     assert mem["activations"] == 166 * 2 * 4 * 4
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
-    naive = M.memory_estimate(M.ModelConfig(**{**cfg.to_dict(), "attn_impl": "naive"}), 2)
+    naive = M.memory_estimate(tiny_config(attn_impl="naive"), 2)
     # materialized scores + probs: 2 * H * T = 16 per token instead of 2
     assert naive["activations"] - mem["activations"] == (16 - 2) * 2 * 4 * 4
-    with pytest.raises(ValueError, match="optimizer='lion'"):
-        M.memory_estimate(cfg, 2, optimizer="lion")
 
 
 # --- inference ---------------------------------------------------------------------------------------
@@ -1616,10 +1715,6 @@ def test_model_generate_sampling_reproducible_and_eos():
     assert stopped == greedy[:greedy.index(eos) + 1]
     # nucleus with tiny top_p is greedy
     assert M.generate(m, [1, 2, 3], 12, temperature=1.0, top_p=1e-6, generator=g1)[0] == greedy
-    with pytest.raises(ValueError, match="top_p"):
-        M.generate(m, [1], 2, top_p=0)
-    with pytest.raises(ValueError, match="temperature"):
-        M.generate(m, [1], 2, temperature=-1)
 
 
 @pytest.mark.usefixtures("_model_one_thread")
@@ -2043,7 +2138,7 @@ def test_model_load_checkpoint_model_checks_tokenizer_fingerprint(tmp_path):
     M.load_model_state(M.TransformerLM(257, 16, 16, 1, 2), ckpt)  # a checkpoint dict works as well as a state dict
 
 
-def test_model_sample_windows_hand_example_and_errors():
+def test_model_sample_windows_hand_example():
     tokens = np.arange(10, dtype=np.uint16)  # token i is the number i: windows are easy to check by hand
     x, y = M.sample_windows(tokens, 500, 3, np.random.default_rng(0))
     assert x.shape == y.shape == (500, 3) and x.dtype == y.dtype == np.int64
@@ -2052,10 +2147,6 @@ def test_model_sample_windows_hand_example_and_errors():
     a, _ = M.sample_windows(tokens, 4, 3, np.random.default_rng(7))
     b, _ = M.sample_windows(tokens, 4, 3, np.random.default_rng(7))
     assert (a == b).all()
-    with pytest.raises(ValueError, match="fewer than one context window"):
-        M.sample_windows(tokens[:3], 1, 3, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="batch_size"):
-        M.sample_windows(tokens, 0, 3, np.random.default_rng(0))
 
 
 def test_model_download_file_url_resume_and_verification(tmp_path):
@@ -2121,73 +2212,6 @@ def test_model_sample_from_checkpoint_cuts_long_prompts_and_greedy(_model_ckpt_d
     assert res["texts"][0].startswith(long_text[-31:]) and not res["texts"][0].startswith(long_text[:20])
 
 
-@pytest.mark.usefixtures("_model_one_thread")
-def test_model_cli_invalid_options_one_line_exit_2(_model_ckpt_dir, capsys):
-    """Every invalid option: exit status 2, one stderr line naming the option, no traceback, no files."""
-    folder, _, _ = _model_ckpt_dir
-    ck = str(folder / "ckpt.pt")
-    gen = ["generate", "--checkpoint", ck]
-    no_cuda = "cuda:99" if not torch.cuda.is_available() else "cuda:%d" % torch.cuda.device_count()
-    cases = [
-        (gen + ["--max-new-tokens", "-1"], "--max-new-tokens"), (gen + ["--max-new-tokens", "0"], "--max-new-tokens"),
-        (gen + ["--max-new-tokens", "x"], "--max-new-tokens"), (gen + ["--temperature", "-1"], "--temperature"),
-        (gen + ["--temperature", "nan"], "--temperature"), (gen + ["--temperature", "inf"], "--temperature"),
-        (gen + ["--top-p", "0"], "--top-p"), (gen + ["--top-p", "1.5"], "--top-p"),
-        (gen + ["--num-samples", "0"], "--num-samples"), (gen + ["--seed", "-1"], "--seed"),
-        (gen + ["--eos-id", "-3"], "--eos-id"), (gen + ["--prompt-ids", "1,x"], "--prompt-ids"),
-        (gen + ["--prompt-ids", "1", "--prompt", "a"], "--prompt"), (gen + ["--device", no_cuda], "--device"),
-        (gen + ["--device", "toaster"], "--device"), (gen + ["--tokenizer", str(folder / "nope")], "--tokenizer"),
-        (["generate", "--checkpoint", str(folder / "missing.pt")], "--checkpoint"),
-        (["generate", "--checkpoint", str(folder)], "--checkpoint"),
-        (["generate", "--pretrained", "gpt5"], "--pretrained"),
-        (["generate"], "--checkpoint"), (gen + ["--pretrained", "gpt2"], "--pretrained"),
-        (["generate", "--pretrained", "gpt2", "--cache-dir", ck], "--cache-dir"),
-        (["table", "--batch-size", "0"], "--batch-size"), (["table", "--dtype-bytes", "3"], "--dtype-bytes"),
-        (["table", "--vocab-size", "0"], "--vocab-size"), (["table", "--optimizer", "lion"], "--optimizer"),
-        (["bench", "--only", "kv,fast"], "--only"), (["bench", "--repeats", "0"], "--repeats"),
-        (["bench", "--kv-prompt", "0"], "--kv-prompt"), (["bench", "-k", "0"], "-k"),
-        (["bench", "--threads", "-1"], "--threads"), (["bench", "--target-checkpoint", ck], "--draft-checkpoint"),
-        (["bench", "--text", str(folder / "none.txt")], "--text"),
-        (["bench", "--spec-temperature", "0"], "--spec-temperature"),
-        (["frobnicate"], "frobnicate"),
-    ]
-    before = sorted(p.name for p in folder.rglob("*")), sorted(os.listdir("."))
-    for argv, option in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            M.main(argv)
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2, argv
-        assert len(err.strip().splitlines()) == 1 and option in err and "Traceback" not in err, (argv, err)
-    assert (sorted(p.name for p in folder.rglob("*")), sorted(os.listdir("."))) == before
-
-
-@pytest.mark.usefixtures("_model_one_thread")
-def test_model_cli_bad_inputs_after_parsing_one_line_exit_2(_model_ckpt_dir, capsys):
-    """Problems found once the checkpoint is read: an id outside the vocabulary, an empty or corrupt
-    checkpoint, another corpus's tokenizer -- one line, exit 2. One case runs as a real process."""
-    folder, _, _ = _model_ckpt_dir
-    ck = str(folder / "ckpt.pt")
-    (folder / "empty.pt").write_bytes(b"")
-    (folder / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    vocab = {i: bytes([255 - i]) for i in range(256)}
-    vocab[256] = b"<|endoftext|>"
-    tk.Tokenizer(vocab, [], ["<|endoftext|>"]).save(str(folder / "other_tok"))
-    cases = [(["--checkpoint", ck, "--prompt-ids", "1,300"], "300 is outside"),
-             (["--checkpoint", ck, "--eos-id", "999"], "eos id 999"),
-             (["--checkpoint", str(folder / "empty.pt")], "empty (0 bytes)"),
-             (["--checkpoint", str(folder / "junk.pt")], "corrupt"),
-             (["--checkpoint", ck, "--tokenizer", str(folder / "other_tok")], "fingerprint")]
-    for argv, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            M.main(["generate", "--max-new-tokens", "2"] + argv)
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
-    proc = subprocess.run([sys.executable, M.__file__, "generate", "--checkpoint", ck, "--prompt-ids", "5,999"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "999 is outside" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-
-
 # ----- model.py: the mixer menu (MLA, linear attention, Hyena) and dropout (issue 11) -----------------
 # Each mechanism against an independent float64 computation written here, its decoding cache/state
 # against the full forward, and its accounting against a hand count for one small config.
@@ -2208,7 +2232,7 @@ _MODEL_MIXER_VARIANTS = [
 
 def _model_small_cfg(**sw):
     """The hand-count config: d 8, 2 heads of 4, one layer, V 10, T 4, SwiGLU d_ff 16."""
-    return M.ModelConfig(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16, **sw)
+    return tiny_config(**sw)
 
 
 @pytest.mark.usefixtures("_model_one_thread")
@@ -2249,8 +2273,8 @@ def test_model_mla_absorbed_decode_equals_naive_per_head_float64():
     v_h = W_uv,h c, softmax(q_h k_h^T / sqrt(dh)) v_h, output projection. Both the no-cache (naive) form
     and the cached (absorbed: W_uk folded into the query, W_uv applied after the sum) form must match."""
     torch.manual_seed(0)
-    cfg = M.ModelConfig(vocab_size=5, context_length=16, d_model=24, num_layers=1, num_heads=3, mixer="mla",
-                        kv_lora_rank=5, qk_rope_head_dim=4)
+    cfg = tiny_config(vocab_size=5, context_length=16, d_model=24, num_heads=3, d_ff=None, mixer="mla",
+                      kv_lora_rank=5, qk_rope_head_dim=4)
     rope = M.RotaryPositionalEmbedding(cfg.rope_theta, 4, 16)
     layer = M.MultiHeadLatentAttention(cfg, rope).double()
     x = torch.randn(2, 9, 24, dtype=torch.float64)
@@ -2271,7 +2295,7 @@ def test_model_mla_absorbed_decode_equals_naive_per_head_float64():
     want = torch.cat(heads, -1) @ layer.output_proj.weight.T
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, atol=1e-12, rtol=1e-12)
-        cache = M.KVCache(M.ModelConfig(**{**cfg.to_dict()}), 2, 9, dtype=torch.float64)
+        cache = M.KVCache(M.ModelConfig.from_dict(cfg.to_dict()), 2, 9, dtype=torch.float64)
         got = []
         for t in range(9):  # decode one token at a time: the cache holds only (c, k_rope)
             cache.begin(1)
@@ -2285,12 +2309,12 @@ def test_model_decode_cache_bytes_per_token_formula():
     = 1024, GQA (2 KV heads) 512, MQA 256, MLA (r 8, dr 4) 2*(8+4)*8 = 192, Hyena (order 2) 2*2*32*8 =
     1024, linear 0 plus a fixed 2 layers * 4 heads * (8*8 + 8) * 8 = 4608 bytes. The KVCache's own buffers
     must have exactly these sizes."""
-    base = dict(vocab_size=37, context_length=32, d_model=32, num_layers=2, num_heads=4)
+    base = _MODEL_BASE
     cases = [({}, 1024), ({"num_kv_heads": 2}, 512), ({"num_kv_heads": 1}, 256),
              ({"mixer": "mla", "kv_lora_rank": 8, "qk_rope_head_dim": 4}, 192),
              ({"mixer": "hyena", "position": "nope"}, 1024), ({"mixer": "linear"}, 0)]
     for sw, want in cases:
-        cfg = M.ModelConfig(**base, **sw)
+        cfg = tiny_config(**base, **sw)
         assert M.kv_cache_bytes_per_token(cfg, 8) == want, sw
         cache = M.KVCache(cfg, 3, 20, dtype=torch.float64)
         stored = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
@@ -2302,7 +2326,7 @@ def test_model_decode_cache_bytes_per_token_formula():
         lin(torch.randint(0, 37, (3, 5)), kv_cache=cache)
     assert sum(s.numel() * 8 for st in cache.state for s in st) == 3 * 4608  # the state the formula counts
     # a sliding window keeps W tokens: MLA with window 4 stores 4 slots whatever the length
-    slid = M.ModelConfig(**base, mixer="mla", attention="sliding", window_size=4)
+    slid = tiny_config(**base, mixer="mla", attention="sliding", window_size=4)
     assert M.decode_state_bytes(slid, 20, 1, 2) == 4 * M.kv_cache_bytes_per_token(slid, 2)
 
 
@@ -2443,32 +2467,6 @@ def test_model_mixers_hand_counted_params_flops_memory():
     assert mem == {"params": 3016, "grads": 3016, "optimizer_state": 6032, "activations": 5504, "total": 17568}
 
 
-@pytest.mark.parametrize("kwargs,pattern", [
-    ({"mixer": "rnn"}, r"mixer='rnn' is not one of"),
-    ({"mixer": "mla", "kv_lora_rank": 64}, r"kv_lora_rank=64 is larger than d_model=32"),
-    ({"mixer": "mla", "kv_lora_rank": 0}, r"kv_lora_rank must be a positive integer"),
-    ({"mixer": "mla", "qk_rope_head_dim": 3}, r"qk_rope_head_dim=3 must be even"),
-    ({"mixer": "mla", "qk_rope_head_dim": 8}, r"qk_rope_head_dim=8 must be even and in \[2, head_dim=8\)"),
-    ({"mixer": "mla", "position": "nope", "qk_rope_head_dim": 2}, r"qk_rope_head_dim=2 must be 0 with position"),
-    ({"mixer": "mla", "num_kv_heads": 2}, r"mixer='mla' does not combine with num_kv_heads=2"),
-    ({"mixer": "mla", "qk_norm": True}, r"mixer='mla' does not combine with qk_norm"),
-    ({"mixer": "mla", "bias": True}, r"mixer='mla' does not combine with bias"),
-    ({"kv_lora_rank": 8}, r"kv_lora_rank is only used with mixer='mla'"),
-    ({"mixer": "linear", "hyena_order": 2}, r"hyena_order is only used with mixer='hyena'"),
-    ({"mixer": "linear", "attention": "sliding", "window_size": 4}, r"attention='sliding'.*mixer='linear'"),
-    ({"mixer": "hyena", "position": "nope", "attention": "sliding", "window_size": 4}, r"mixer='hyena' has no"),
-    ({"mixer": "hyena"}, r"mixer='hyena' has no queries or keys.*position='rope'"),
-    ({"mixer": "hyena", "position": "nope", "qk_norm": True}, r"qk_norm"),
-    ({"mixer": "hyena", "position": "nope", "hyena_order": 0}, r"hyena_order must be a positive integer"),
-    ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
-    ({"attn_dropout": -0.1}, r"attn_dropout must be a number in \[0, 1\)"),
-    ({"mixer": "linear", "attn_dropout": 0.1}, r"attn_dropout applies to softmax attention"),
-])
-def test_model_mixer_bad_combinations_name_the_fields(kwargs, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        M.ModelConfig(vocab_size=37, context_length=32, d_model=32, num_layers=2, num_heads=4, **kwargs)
-
-
 @pytest.mark.usefixtures("_model_one_thread")
 def test_model_mixers_speculative_and_backends():
     """MLA and Hyena caches roll back, so speculative greedy decoding equals the target's greedy output;
@@ -2486,7 +2484,7 @@ def test_model_mixers_speculative_and_backends():
         M.set_attention_backend(m, "naive")
         assert m.layers[0].attn.attn_impl == "naive" and m.config.attn_impl == "naive"
         torch.testing.assert_close(m(ids), a, atol=1e-5, rtol=1e-5)
-    d = M.ModelConfig(vocab_size=37, context_length=32, d_model=32, num_layers=2, num_heads=4).to_dict()
+    d = tiny_config(**_MODEL_BASE).to_dict()
     assert (d["mixer"], d["kv_lora_rank"], d["hyena_order"], d["dropout"], d["attn_dropout"]) == \
         ("attention", None, None, 0.0, 0.0)
 
@@ -2495,8 +2493,8 @@ def test_model_mla_flops_agree_with_torch_flop_counter():
     """MLA's training form runs exactly the matmuls flops_breakdown counts (naive backend, full T x T rows):
     q, latent down, k/v up, RoPE key, output, scores and weighted sum."""
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = M.ModelConfig(vocab_size=50, context_length=12, d_model=32, num_layers=2, num_heads=4, mixer="mla",
-                        kv_lora_rank=6, attn_impl="naive")
+    cfg = tiny_config(vocab_size=50, context_length=12, d_model=32, num_layers=2, num_heads=4, d_ff=None,
+                      mixer="mla", kv_lora_rank=6, attn_impl="naive")
     m = M.TransformerLM.from_config(cfg)
     with FlopCounterMode(display=False) as fc:
         m(torch.randint(0, 50, (3, 12)))
@@ -4790,8 +4788,8 @@ def _ddp_check_rank_without_data(rank, world):
 def _ddp_check_transformer(rank, world, strategy):
     """ScratchLM's TransformerLM (tied embeddings) under a strategy == one process on the whole batch."""
     import model as M
-    cfg = M.ModelConfig(vocab_size=64, context_length=8, d_model=32, num_layers=2, num_heads=4,
-                        tie_embeddings=True)
+    cfg = tiny_config(vocab_size=64, context_length=8, d_model=32, num_layers=2, num_heads=4, d_ff=64,
+                      tie_embeddings=True)
     torch.manual_seed(0)
     ref = M.TransformerLM.from_config(cfg)
     model = copy.deepcopy(ref)
@@ -4856,8 +4854,8 @@ def _ddp_check_accumulation_equals_big_batch(rank, world, strategy):
     through the same accumulation context the training command uses (no_sync on the first micro-batch). Plain SGD,
     so a gradient off by the factor grad_accum would show (AdamW would hide it)."""
     import model as M
-    cfg = M.ModelConfig(vocab_size=64, context_length=8, d_model=32, num_layers=2, num_heads=4,
-                        tie_embeddings=True)
+    cfg = tiny_config(vocab_size=64, context_length=8, d_model=32, num_layers=2, num_heads=4, d_ff=64,
+                      tie_embeddings=True)
     torch.manual_seed(0)
     base = M.TransformerLM.from_config(cfg)
     g = torch.Generator().manual_seed(11)
@@ -4992,7 +4990,8 @@ def test_ddp_global_batch_is_the_same_at_every_world_size():
 
 def test_ddp_assign_shards_balanced():
     owner = D.assign_shards([100, 60, 50, 10, 1], 2)
-    assert owner == [0, 1, 1, 0, 0]  # 100->r0, 60->r1, 50->r1 (60<100), 10->r0 (100<110), 1->r0 (tie 110=110: lowest rank)
+    # 100->r0, 60->r1, 50->r1 (60<100), 10->r0 (100<110), 1->r0 (tie 110=110: lowest rank)
+    assert owner == [0, 1, 1, 0, 0]
     loads = [sum(s for s, o in zip([100, 60, 50, 10, 1], owner) if o == r) for r in range(2)]
     assert loads == [111, 110]
 
@@ -5111,6 +5110,10 @@ _DDP_USAGE_ERRORS = [
     (["bench-comm", "--ops", "all_reduce,nope"], "--ops"),
     (["bench-comm", "--min-mb", "0"], "--min-mb"),
     (["tour", "--nproc", "0"], "--nproc"),
+    (["plan", "--tp", "5"], "num_heads divisible by 5"),
+    (["plan", "--sp"], "--sp"),
+    (["plan", "--pp", "13"], "at least as many layers"),
+    (["bench", "--parallel", "--nproc", "3"], "2 or 4 ranks"),
 ]
 
 
@@ -5136,17 +5139,51 @@ def test_ddp_usage_error_under_torchrun_is_one_line_from_rank_0(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_ddp_bad_arguments_raise_clear_errors():
-    with pytest.raises(D.UsageError, match="--strategy"):
-        D.build_train_parser().parse_args(["--strategy", "nope"])
-    with pytest.raises(ValueError, match="(?i)muon"):
-        class _Cfg:
-            optimizer = "muon"
-        D.build_strategy_optimizer(None, None, "fsdp", _Cfg())
-    with pytest.raises(ValueError, match="bucket_size_mb"):
-        D.DDPBucketed.__init__(object.__new__(D.DDPBucketed), nn.Linear(2, 2), bucket_size_mb=0)
-    with pytest.raises(ValueError, match="compute_dtype"):
-        D.FSDP(nn.Linear(2, 2), compute_dtype=torch.int8)
+class _DdpCfg:
+    optimizer = "muon"
+
+
+def _ddp_train_check(extra):
+    """check_train_args on the test corpus' options plus `extra`, at world size 2."""
+    return D.check_train_args(D.build_train_parser().parse_args(_DDP_TRAIN_ARGS + ["--max-steps", "3"] + extra), 2)
+
+
+# Bad calls: (what is called, the exception, a fragment of its message). Each is refused before any work: a bad
+# option at parse time, a mesh or a model that does not split before any group or model exists.
+_DDP_BAD_CALLS = [
+    ("parse --strategy nope", lambda: D.build_train_parser().parse_args(["--strategy", "nope"]), D.UsageError,
+     "--strategy"),
+    ("fsdp optimizer muon", lambda: D.build_strategy_optimizer(None, None, "fsdp", _DdpCfg()), ValueError, "(?i)muon"),
+    ("bucket_size_mb 0", lambda: D.DDPBucketed.__init__(object.__new__(D.DDPBucketed), nn.Linear(2, 2),
+                                                      bucket_size_mb=0), ValueError, "bucket_size_mb"),
+    ("fsdp int8", lambda: D.FSDP(nn.Linear(2, 2), compute_dtype=torch.int8), ValueError, "compute_dtype"),
+    ("tp heads 3", lambda: D.check_tp_config(tiny_config(**dict(_PAR_CFG, num_heads=3, num_kv_heads=3, d_model=24)),
+                                             2), ValueError, "num_heads"),
+    ("tp kv heads 1", lambda: D.check_tp_config(tiny_config(**dict(_PAR_CFG, num_kv_heads=1)), 2), ValueError,
+     "num_kv_heads"),
+    ("tp vocab 63", lambda: D.check_tp_config(tiny_config(**dict(_PAR_CFG, vocab_size=63)), 2), ValueError,
+     "vocab_size"),
+    ("tp d_ff 49", lambda: D.check_tp_config(tiny_config(**dict(_PAR_CFG, d_ff=49)), 2), ValueError, "d_ff"),
+    ("tp qk_norm", lambda: D.check_tp_config(tiny_config(**dict(_PAR_CFG, qk_norm=True)), 2), ValueError,
+     "unsupported"),
+    ("mesh 3 of 4", lambda: D.check_mesh(3, 1, 1, 4), ValueError,
+     "dp=3 x tp=1 x pp=1 = 3 ranks, but the world has 4"),
+    ("mesh tp 0", lambda: D.check_mesh(2, 0, 2, 4), ValueError, "tp must be a positive integer"),
+    ("--tp 3", lambda: _ddp_train_check(["--tp", "3"]), D.UsageError, "does not divide the world size 2"),
+    ("--tp 2 --pp 2", lambda: _ddp_train_check(["--tp", "2", "--pp", "2"]), D.UsageError, "world size 2"),
+    ("--sp", lambda: _ddp_train_check(["--sp"]), D.UsageError, r"\-\-sp"),
+    ("--tp 2 heads 1", lambda: _ddp_train_check(["--tp", "2", "--num-heads", "1"]), D.UsageError, "num_heads"),
+    ("--pp 2 layers 1", lambda: _ddp_train_check(["--pp", "2", "--num-layers", "1"]), D.UsageError,
+     r"\-\-num\-layers 1"),
+    ("--tp 2 extras", lambda: _ddp_train_check(["--tp", "2", "--noise-scale", "--grad-accum", "2"]), D.UsageError,
+     r"\-\-noise\-scale, \-\-prune\-sparsity and \-\-distill\-from"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in _DDP_BAD_CALLS], ids=[c[0] for c in _DDP_BAD_CALLS])
+def test_ddp_bad_calls_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_ddp_fsdp_defaults_to_adamw_unless_muon_is_asked_for():
@@ -5216,8 +5253,10 @@ def _par_check_tp(rank, world):
     return dict(loss_diff=abs(float(loss) - ref_loss), grad_diff=_par_max_diff(grads, ref_grads),
                 weights_diff=_par_max_diff(weights, full_sd), grad_scale=max(float(g.abs().max()) for g in
                                                                                   ref_grads.values()),
-                q_shape=local_shapes["layers.0.attn.q_proj.weight"], k_shape=local_shapes["layers.0.attn.k_proj.weight"],
-                o_shape=local_shapes["layers.0.attn.output_proj.weight"], w2_shape=local_shapes["layers.0.ffn.w2.weight"],
+                q_shape=local_shapes["layers.0.attn.q_proj.weight"],
+                k_shape=local_shapes["layers.0.attn.k_proj.weight"],
+                o_shape=local_shapes["layers.0.attn.output_proj.weight"],
+                w2_shape=local_shapes["layers.0.ffn.w2.weight"],
                 emb_shape=local_shapes["token_embeddings.weight"], head_shape=local_shapes["lm_head.weight"])
 
 
@@ -5379,7 +5418,8 @@ def test_ddp_vocab_parallel_cross_entropy_matches_torch(_par_results):
 def test_ddp_pipeline_gpipe_and_1f1b_equal_single_process(_par_results):
     rs = _par_get(_par_results, "pp")
     for sched in ("gpipe", "1f1b"):
-        assert rs[0][sched]["loss_diff"] is None and rs[1][sched]["loss_diff"] < 1e-12   # the loss lives on the last stage
+        # the loss lives on the last stage
+        assert rs[0][sched]["loss_diff"] is None and rs[1][sched]["loss_diff"] < 1e-12
         for r in rs:
             assert r[sched]["grad_diff"] < 1e-12
     # the stages together hold every parameter exactly once: 3 layers split 2 + 1, embedding first, head last
@@ -5389,17 +5429,6 @@ def test_ddp_pipeline_gpipe_and_1f1b_equal_single_process(_par_results):
     assert any(n.startswith("layers.1.") for n in names0) and all(not n.startswith("layers.2.") for n in names0)
     for r in rs:
         assert r["gpipe_vs_1f1b"] < 1e-13
-
-
-def test_ddp_tp_refuses_heads_kv_heads_or_vocab_not_divisible():
-    import model as M
-    for kw, name in ((dict(num_heads=3, num_kv_heads=3, d_model=24), "num_heads"), (dict(num_kv_heads=1), "num_kv_heads"),
-                     (dict(vocab_size=63), "vocab_size"), (dict(d_ff=49), "d_ff")):
-        cfg = M.ModelConfig(**dict(_PAR_CFG, **kw))
-        with pytest.raises(ValueError, match=name):
-            D.check_tp_config(cfg, 2)
-    with pytest.raises(ValueError, match="unsupported"):
-        D.check_tp_config(M.ModelConfig(**dict(_PAR_CFG, qk_norm=True)), 2)
 
 
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (3, 1)])
@@ -5532,13 +5561,6 @@ def test_ddp_mesh_dp2_tp2_then_dp2_pp2_then_tp2_pp2_matches_single_process_train
     assert [r["coords3"] for r in results] == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
 
 
-def test_ddp_mesh_that_does_not_tile_the_world_is_refused_before_any_work():
-    with pytest.raises(ValueError, match="dp=3 x tp=1 x pp=1 = 3 ranks, but the world has 4"):
-        D.check_mesh(3, 1, 1, 4)
-    with pytest.raises(ValueError, match="tp must be a positive integer"):
-        D.check_mesh(2, 0, 2, 4)
-
-
 def test_ddp_training_command_resumes_a_data_parallel_run_at_tp2_sp(tmp_path):
     # the command line: 1 plain step in this process (world size 1), then its checkpoint continued at --tp 2 --sp on
     # 2 spawned ranks for 2 more steps; the result is again a consolidated checkpoint of the full model
@@ -5552,7 +5574,8 @@ def test_ddp_training_command_resumes_a_data_parallel_run_at_tp2_sp(tmp_path):
                        capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
     assert b.returncode == 0, b.stderr[-2000:]
     assert "mesh dp=1 x tp=2 x pp=1 +sp on 2 ranks" in b.stdout
-    assert "resuming" in b.stdout and "at step 1" in b.stdout and "step      3/3" in b.stdout and "step      1/" not in b.stdout
+    assert "resuming" in b.stdout and "at step 1" in b.stdout
+    assert "step      3/3" in b.stdout and "step      1/" not in b.stdout
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["iteration"] == 3 and ckpt["mesh"] == dict(dp=1, tp=2, pp=1, sp=True)
     plain = M.TransformerLM.from_config(ckpt["model_config"])
@@ -5560,17 +5583,6 @@ def test_ddp_training_command_resumes_a_data_parallel_run_at_tp2_sp(tmp_path):
     assert set(ckpt["optimizer_by_name"]) == set(ckpt["model"])
     assert ckpt["optimizer_by_name"]["layers.0.attn.q_proj.weight"]["step"] == 3   # DP's AdamW moments carried on
     assert max(float((ckpt["model"][k] - first["model"][k]).abs().max()) for k in ckpt["model"]) > 0
-
-
-@pytest.mark.parametrize("extra,needle", [(["--tp", "3"], "does not divide the world size 2"),
-                                          (["--tp", "2", "--pp", "2"], "world size 2"),
-                                          (["--sp"], "--sp"),
-                                          (["--tp", "2", "--num-heads", "1"], "num_heads"),
-                                          (["--pp", "2", "--num-layers", "1"], "--num-layers 1")])
-def test_ddp_mesh_usage_errors_name_the_problem(extra, needle):
-    p = D.build_train_parser()
-    with pytest.raises(D.UsageError, match=needle.replace("-", r"\-")):
-        D.check_train_args(p.parse_args(_DDP_TRAIN_ARGS + ["--max-steps", "3"] + extra), 2)
 
 
 def test_ddp_plan_formulas_equal_a_measured_step(_par_results):
@@ -5587,17 +5599,11 @@ def test_ddp_plan_formulas_equal_a_measured_step(_par_results):
     assert r0["tp_sp"]["got"]["activation_bytes"] < r0["tp"]["got"]["activation_bytes"]
 
 
-def test_ddp_plan_command_prints_formulas_and_refuses_bad_meshes(capsys):
+def test_ddp_plan_command_prints_formulas(capsys):
     assert D.main(["plan", "--tp", "2", "--sp"]) == 0
     out = capsys.readouterr().out
     # GPT-2-small shape, 8 x 1024 tokens, 12 layers: (4 L + 2) B T d numbers each way = 50 x 8 x 1024 x 768 x 4 B
     assert "tp all-gather per step" in out and f"{50 * 8 * 1024 * 768 * 4 / 2**20:10.3f}" in out
-    for argv, needle in ((["plan", "--tp", "5"], "num_heads divisible by 5"), (["plan", "--sp"], "--sp"),
-                         (["plan", "--pp", "13"], "at least as many layers"),
-                         (["bench", "--parallel", "--nproc", "3"], "2 or 4 ranks")):
-        assert D.main(argv) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and needle in err[0], err
 
 
 def test_ddp_context_parallel_model_equals_single_process(_par_results):
@@ -5655,12 +5661,6 @@ def test_ddp_mesh_command_pp_grad_accum_and_shared_budget(tmp_path):
     assert ckpt["iteration"] == steps and ckpt["mesh"]["pp"] == 2 and ckpt["ddp"]["budget_spent"]
 
 
-def test_ddp_mesh_refuses_train_py_extras_that_need_full_logits():
-    p = D.build_train_parser()
-    with pytest.raises(D.UsageError, match="--noise-scale, --prune-sparsity and --distill-from"):
-        D.check_train_args(p.parse_args(_DDP_TRAIN_ARGS + ["--tp", "2", "--noise-scale", "--grad-accum", "2"]), 2)
-
-
 def test_ddp_plan_activation_formula_matches_the_measured_step(_par_results):
     # the saved-activation count (per layer per token: 6d + 2 + (4d + 5f + H)/tp, SP: 2d + (8d + 5f + H + 2)/tp, plus
     # the logits, final norm, RoPE tables and saved weights) against the bytes autograd really kept in the measured
@@ -5675,7 +5675,7 @@ def test_ddp_plan_activation_formula_matches_the_measured_step(_par_results):
 # ===== Stage 6: scaling.py =====
 # IsoFLOPs and parametric fits against known laws, closed-form optimum, sweeps that
 # resume, shard and branch (WSD) exactly, muP (train.py's switch), bad inputs. The isoflops_curves.json test needs
-# ../shared (skips without it).
+# the workspace data (SCRATCHLM_WORKSPACE; skips without it).
 
 
 _SC_TRUE = (1.69, 406.4, 410.7, 0.34, 0.28)  # Hoffmann et al.'s published fit: E, A, B, alpha, beta
@@ -5794,11 +5794,11 @@ def test_scaling_isoflops_recovers_exponent_from_noisy_law():
     assert lo < hi and lo / 2 < n_true < hi * 2
 
 
-def test_scaling_isoflops_curves_file_needs_shared():
-    """Needs ../shared/data/isoflops_curves.json (CS336's 72 runs); skipped without it."""
+def test_scaling_isoflops_curves_file_needs_workspace():
+    """Needs the workspace's data/isoflops_curves.json (CS336's 72 runs); skipped without it."""
     path = workspace("data", "isoflops_curves.json")
     if path is None:
-        pytest.skip("../shared/data/isoflops_curves.json not present")
+        pytest.skip("data/isoflops_curves.json not in the workspace (SCRATCHLM_WORKSPACE)")
     runs = SC.load_runs(path)
     assert len(runs) == 72
     for m in ("argmin", "parabola"):
@@ -5900,50 +5900,79 @@ def test_scaling_mup_scales_head_init_and_per_layer_lr():
 # ---------------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------------
-def test_scaling_bad_inputs_name_the_run(tmp_path):
-    p = tmp_path / "runs.json"
-    p.write_text(json.dumps([{"parameters": 1e6, "compute_budget": 1e18, "final_loss": 3.0},
-                                 {"parameters": -5, "compute_budget": 1e18, "final_loss": 3.0}]))
-    with pytest.raises(ValueError, match="run 1: parameters"):
-        SC.load_runs(p)
-    p.write_text(json.dumps([{"parameters": 1e6, "compute_budget": 1e18, "final_loss": float("nan")}]))
-    with pytest.raises(ValueError, match="run 0: final_loss"):
-        SC.load_runs(p)
-    p.write_text('[{"parameters": 1e6, "compute_budget": 1e18, "final_loss": 3.0}, "x"]')
-    with pytest.raises(ValueError, match="run 1 is not an object"):
-        SC.load_runs(p)
-    p.write_text('[{"parameters": 1e6, "compute_bu')
-    with pytest.raises(ValueError, match="not valid JSON"):
-        SC.load_runs(p)
-    c = tmp_path / "runs.csv"
-    c.write_text("n,c,loss\n1e6,1e18,3.0\n2e6,1e18\n")
-    with pytest.raises(ValueError, match="runs.csv:3"):
-        SC.load_runs(c, n_col="n", c_col="c", loss_col="loss")
-    with pytest.raises(ValueError, match="columns"):
-        SC.load_runs(c, n_col="params", c_col="c", loss_col="loss")
-    c.write_text("n,c,loss\n1e6,1e18,abc\n")
-    with pytest.raises(ValueError, match="runs.csv:2: final_loss"):
-        SC.load_runs(c, n_col="n", c_col="c", loss_col="loss")
-    one = [SC.make_run(f"r{i}", 10 ** (6 + i), 3.0, budget=1e18) for i in range(3)]
-    with pytest.raises(ValueError, match=">= 2 compute budgets"):
-        SC.fit_isoflops(one)
-    two = one + [SC.make_run("lonely", 1e6, 3.0, budget=1e19), SC.make_run("lonely2", 2e6, 2.9, budget=1e19)]
-    with pytest.raises(ValueError, match="budget 1e\\+19 has runs at 2 model sizes.*lonely"):
-        SC.fit_isoflops(two)
-    with pytest.raises(ValueError, match="only 3 runs"):
-        SC.fit_parametric_law([1e6, 2e6, 3e6], [1e9] * 3, [3.0] * 3)
-    with pytest.raises(ValueError, match="too small"):
-        SC.plan_sweep(_sc_spec(budgets=[1e6, 2e8]), 280)
+_SC_OK = {"parameters": 1e6, "compute_budget": 1e18, "final_loss": 3.0}
+_SC_CSV = dict(n_col="n", c_col="c", loss_col="loss")
+_SC_FILES = {"neg.json": json.dumps([_SC_OK, dict(_SC_OK, parameters=-5)]),
+             "nan.json": json.dumps([dict(_SC_OK, final_loss=float("nan"))]),
+             "notobj.json": json.dumps([_SC_OK, "x"]), "cut.json": '[{"parameters": 1e6, "compute_bu',
+             "short.csv": "n,c,loss\n1e6,1e18,3.0\n2e6,1e18\n", "abc.csv": "n,c,loss\n1e6,1e18,abc\n"}
 
 
-def test_scaling_cli_usage_errors_are_one_line(tmp_path):
-    root = Path(SC.__file__).resolve().parent
-    for argv in (["sweep", "--shard", "3/2"], ["fit", str(tmp_path / "missing.json")]):
-        r = subprocess.run([sys.executable, str(root / "scaling.py"), *argv], capture_output=True, text=True,
-                               cwd=tmp_path, timeout=60)
-        assert r.returncode == 2, (argv, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+def _sc_three_sizes():
+    return [SC.make_run(f"r{i}", 10 ** (6 + i), 3.0, budget=1e18) for i in range(3)]
 
+
+# (a call on the folder of _SC_FILES -> (exception, pattern)) or (argv -> a fragment of the one stderr line)
+_SC_ERROR_CASES = [
+    (lambda d: SC.load_runs(d / "neg.json"), (ValueError, "run 1: parameters")),
+    (lambda d: SC.load_runs(d / "nan.json"), (ValueError, "run 0: final_loss")),
+    (lambda d: SC.load_runs(d / "notobj.json"), (ValueError, "run 1 is not an object")),
+    (lambda d: SC.load_runs(d / "cut.json"), (ValueError, "not valid JSON")),
+    (lambda d: SC.load_runs(d / "short.csv", **_SC_CSV), (ValueError, "short.csv:3")),
+    (lambda d: SC.load_runs(d / "short.csv", **dict(_SC_CSV, n_col="params")), (ValueError, "columns")),
+    (lambda d: SC.load_runs(d / "abc.csv", **_SC_CSV), (ValueError, "abc.csv:2: final_loss")),
+    (lambda d: SC.load_runs(d / "missing.json"), (FileNotFoundError, "does not exist")),
+    (lambda d: SC.fit_isoflops(_sc_three_sizes()), (ValueError, ">= 2 compute budgets")),
+    (lambda d: SC.fit_isoflops(_sc_three_sizes() + [SC.make_run("lonely", 1e6, 3.0, budget=1e19),
+                                                    SC.make_run("lonely2", 2e6, 2.9, budget=1e19)]),
+     (ValueError, "budget 1e\\+19 has runs at 2 model sizes.*lonely")),
+    (lambda d: SC.fit_parametric_law([1e6, 2e6, 3e6], [1e9] * 3, [3.0] * 3), (ValueError, "only 3 runs")),
+    (lambda d: SC.plan_sweep(_sc_spec(budgets=[1e6, 2e8]), 280), (ValueError, "too small")),
+    (lambda d: SC.SweepSpec(budgets=[1e11]), (ValueError, ">= 2 budgets")),
+    (lambda d: SC.SweepSpec(runs_per_budget=2), (ValueError, "runs_per_budget must be >= 3")),
+    (lambda d: SC.SweepSpec(budgets=[1e11, float("inf")]), (ValueError, "finite positive")),
+    (lambda d: SC.SweepSpec(flops="7nd"), (ValueError, "flops must be")),
+    (lambda d: SC.SweepSpec(optimizer="soap"), (ValueError, "optimizer must be")),
+    (["sweep", "--shard", "3/2"], "need 1 <= K <= N"),
+    (["sweep", "--budgets", "1e11,x"], "comma-separated"),
+    (["sweep", "--optimizer", "soap"], "optimizer must be"),
+    (["fit", "missing.json"], "does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def sc_error_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sc_errors")
+    for name, text in _SC_FILES.items():
+        (d / name).write_text(text)
+    return d
+
+
+@pytest.mark.parametrize("case, expected", _SC_ERROR_CASES,
+                         ids=[f"call{i}" if callable(c) else " ".join(c) for i, (c, _) in enumerate(_SC_ERROR_CASES)])
+def test_scaling_error_paths(sc_error_dir, case, expected):
+    if callable(case):
+        exc, pattern = expected
+        with pytest.raises(exc, match=pattern):
+            case(sc_error_dir)
+        return
+    # usage errors and bad input both end as one line on stderr, exit status 2, before any data is prepared
+    r = subprocess.run([sys.executable, str(Path(SC.__file__).resolve().parent / "scaling.py"), *case],
+                       capture_output=True, text=True, cwd=sc_error_dir, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (case, r.stderr)
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (sc_error_dir / "data_cache").exists()
+
+
+def test_scaling_cli_sweep_flags_are_sweepspec_fields():
+    # every SweepSpec field is a sweep flag with the field's default; the spec a command line builds is the one
+    # its --help shows
+    p = SC.get_parser()
+    assert SC._spec_from_args(p.parse_args(["sweep"])) == SC.SweepSpec()
+    args = p.parse_args(["sweep", "--budgets", "1e11,2e11", "--runs-per-budget", "4", "--muon-lr", "0.01"])
+    assert SC._spec_from_args(args) == SC.SweepSpec(budgets=[1e11, 2e11], runs_per_budget=4, muon_lr=0.01)
+    assert p.parse_args(["bench"]).runs is None and p.parse_args(["bench", "--runs", "f.json"]).runs == "f.json"
 # ===== Stage 7: data.py =====
 # extraction, language ID, PII masks, harmful/quality filters, Gopher rules, exact-line
 # and MinHash dedup (vs datasketch), corrupt input, killed-and-resumed and sharded pipeline runs, downloads.
@@ -6171,18 +6200,45 @@ def test_data_corrupt_records_are_counted_and_the_rest_kept(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written before the error
 
 
-def test_data_cli_usage_errors_are_one_line(tmp_path, capsys):
-    for args in (["run", "--input", str(tmp_path / "none-*.warc.gz"), "--out", str(tmp_path / "o")],
-                 ["run", "--input", "x", "--out", "o", "--shard", "3/2"], ["download", "--crawl", "CC-2024"],
-                 ["bench", "--pages", "0"]):
-        with pytest.raises(SystemExit) as e:
-            DA.main(args)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (args, err)
+# Usage errors: (argv, a fragment of the one-line message). "{tmp}" is the test's temporary folder. Each exits 2
+# with one line before any work, and the run's --out folder is never created.
+_DATA_USAGE_ERRORS = [
+    (["run", "--input", "{tmp}/none-*.warc.gz", "--out", "{tmp}/o"], "matches no file"),
+    (["run", "--input", "x", "--out", "{tmp}/o", "--shard", "3/2"], "expected K/N with 0 <= K < N"),
+    (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--num-hashes", "100"], "must be divisible by --num-bands"),
+    (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--max-nsfw", "2"], "--max-nsfw must be between 0 and 1"),
+    (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--workers", "0"], "--workers must be >= 1 (got 0)"),
+    (["download", "--crawl", "CC-2024"], "expected a crawl id like CC-MAIN-2024-18"),
+    (["bench", "--pages", "0"], "--pages must be >= 1 (got 0)"),
+    (["demo", "--steps", "0"], "--steps must be >= 1 (got 0)"),
+    (["inspect", "--out", "{tmp}/o"], "has no pipeline results"),
+    (["train-quality", "--positive", "{tmp}/none.txt", "--negative", "x"], "matches no file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", _DATA_USAGE_ERRORS)
+def test_data_cli_usage_errors_are_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        DA.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_data_run_options_are_pipeline_config_fields():
+    from dataclasses import asdict
+    args = DA.get_parser().parse_args(["run", "--input", "x", "--out", "o"])
+    assert {k: getattr(args, k) for k in asdict(DA.PipelineConfig())} == asdict(DA.PipelineConfig())
+    args = DA.get_parser().parse_args(["run", "--input", "x", "--out", "o", "--languages", "en,de", "--no-line-dedup",
+                                       "--num-bands", "32", "--quality-model", "q.npz"])
+    assert (args.languages, args.line_dedup, args.num_bands, args.quality_model) == (("en", "de"), False, 32, "q.npz")
+
+
+def test_data_cli_unknown_command_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, str(_DATA_ROOT / "data.py"), "frobnicate"], capture_output=True,
-                             text=True, cwd=tmp_path)  # the real process: exit 2, one line, no traceback
+                       text=True, cwd=tmp_path)  # the real process: exit 2, one line, no traceback
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "invalid choice: 'frobnicate'" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -6336,8 +6392,6 @@ def test_align_tokenize_prompt_and_output_hand_example():
     # a literal <|endoftext|> in untrusted text stays text (13 bytes), never the control id
     out = A.tokenize_prompt_and_output(["p"], ["<|endoftext|>"], tok)
     assert 256 not in out["labels"].tolist()[0] and out["response_mask"].sum() == 13
-    with pytest.raises(ValueError):
-        A.tokenize_prompt_and_output(["a"], [], tok)
 
 
 def test_align_compute_entropy_matches_torch_categorical_and_is_stable():
@@ -6404,19 +6458,6 @@ def test_align_group_normalized_rewards_with_and_without_std():
     assert meta["reward_mean"] == pytest.approx(2.5 / 6) and meta["frac_groups_all_equal"] == pytest.approx(0.5)
 
 
-def test_align_group_rewards_bad_input():
-    fn = lambda r, g: {"reward": 1.0}  # noqa: E731
-    with pytest.raises(ValueError, match="empty group"):
-        A.compute_group_normalized_rewards(fn, [], [], 4, 1e-6, True)
-    with pytest.raises(ValueError, match="groups of 4"):
-        A.compute_group_normalized_rewards(fn, ["a"] * 6, ["g"] * 6, 4, 1e-6, True)
-
-    def broken(resp, gt):
-        raise KeyError("boom")
-    with pytest.raises(RuntimeError, match="rollout 0"):
-        A.compute_group_normalized_rewards(broken, ["a", "b"], ["g", "g"], 2, 1e-6, True)
-
-
 def test_align_naive_policy_gradient_loss():
     adv = torch.tensor([[2.0], [-1.0]])
     lp = torch.tensor([[-1.0, -0.5], [-2.0, -3.0]])
@@ -6452,10 +6493,6 @@ def test_align_policy_gradient_dispatch_and_errors():
     assert A.compute_policy_gradient_loss(lp, "reinforce_with_baseline", advantages=adv)[0].tolist() == [[0.5, 1.0]]
     l, m = A.compute_policy_gradient_loss(lp, "grpo_clip", advantages=adv, old_log_probs=lp, cliprange=0.2)
     assert l.tolist() == [[-0.5, -0.5]] and float(m["clip_fraction"]) == 0.0
-    with pytest.raises(ValueError, match="old_log_probs"):
-        A.compute_policy_gradient_loss(lp, "grpo_clip", advantages=adv, cliprange=0.2)
-    with pytest.raises(ValueError, match="loss_type"):
-        A.compute_policy_gradient_loss(lp, "ppo", advantages=adv)
 
 
 def test_align_grpo_microbatch_train_step_mean_vs_constant_normalization():
@@ -6598,8 +6635,6 @@ def test_align_rollouts_shared_prefill_match_generate():
     g = torch.Generator().manual_seed(0)
     sampled = A.sample_rollouts(m, prompts, 4, 5, 1.0, 256, g)
     assert len(sampled) == 12 and all(1 <= len(s) <= 5 for s in sampled)
-    with pytest.raises(ValueError, match="context"):
-        A.sample_rollouts(m, [[1] * 190], 2, 10, 1.0, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -6734,9 +6769,9 @@ def test_align_mmlu_loader_skips_malformed_rows(tmp_path, capsys):
 
 
 @pytest.mark.skipif(workspace("data", "gsm8k") is None or workspace("data", "mmlu") is None,
-                    reason="uses the workspace's copies in ../shared/data (absent on a user's machine)")
+                    reason="needs SCRATCHLM_WORKSPACE's data/gsm8k and data/mmlu (absent on a user's machine)")
 def test_align_loaders_on_the_shared_copies_of_gsm8k_and_mmlu():
-    """Uses ../shared/data/gsm8k and ../shared/data/mmlu (workspace copies of the standard files)."""
+    """Uses the workspace's data/gsm8k and data/mmlu (copies of the standard files)."""
     g = A.load_gsm8k(str(workspace("data", "gsm8k", "test.jsonl")))
     assert len(g) == 1319 and g[0]["answer"] == "18"
     mm = A.load_mmlu(str(workspace("data", "mmlu")), "test")
@@ -6747,23 +6782,53 @@ def test_align_loaders_on_the_shared_copies_of_gsm8k_and_mmlu():
 # ---------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------
-def test_align_cli_usage_and_runtime_errors(tmp_path):
+def _align_broken_reward(resp, gt):
+    raise KeyError("boom")
+
+
+_ALIGN_ONE = lambda r, g: {"reward": 1.0}  # noqa: E731
+_ALIGN_LP, _ALIGN_ADV = torch.tensor([[-1.0, -2.0]]), torch.tensor([[0.5]])
+
+
+# Every error path of the stage, one row each: a call -> (exception, message), or a command line (list) -> (exit
+# status, message). A command line fails with ONE line on stderr, never a traceback.
+@pytest.mark.parametrize("case,expected,message", [
+    (lambda: A.compute_group_normalized_rewards(_ALIGN_ONE, [], [], 4, 1e-6, True), ValueError, "empty group"),
+    (lambda: A.compute_group_normalized_rewards(_ALIGN_ONE, ["a"] * 6, ["g"] * 6, 4, 1e-6, True), ValueError,
+     "groups of 4"),
+    (lambda: A.compute_group_normalized_rewards(_align_broken_reward, ["a", "b"], ["g", "g"], 2, 1e-6, True),
+     RuntimeError, "rollout 0"),
+    (lambda: A.compute_policy_gradient_loss(_ALIGN_LP, "grpo_clip", advantages=_ALIGN_ADV, cliprange=0.2),
+     ValueError, "old_log_probs"),
+    (lambda: A.compute_policy_gradient_loss(_ALIGN_LP, "ppo", advantages=_ALIGN_ADV), ValueError, "loss_type"),
+    (lambda: A.tokenize_prompt_and_output(["a"], [], _align_byte_tokenizer()), ValueError, "1 prompts but 0"),
+    (lambda: A.sample_rollouts(_align_tiny_model(seed=3), [[1] * 190], 2, 10, 1.0, None), ValueError, "context"),
+    (["grpo", "--init", "x.pt", "--steps", "0"], 2, "--steps must be >= 1, got 0"),
+    (["grpo", "--init", "x.pt", "--loss-type", "ppo"], 2, "--loss-type must be one of"),
+    (["dpo", "--init", "x.pt", "--length-normalization", "max"], 2, "--length-normalization must be one of"),
+    (["sft"], 2, "give exactly one of --init CKPT and --pretrained"),
+    (["eval", "--checkpoint", "x.pt", "--pretrained", "gpt2"], 2, "give exactly one of --checkpoint CKPT"),
+    (["bench", "--repeats", "0"], 2, "--repeats must be >= 1"),
+    (["eval", "--checkpoint", "{tmp}/none.pt"], 1, "does not exist"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_align_errors(case, expected, message, tmp_path):
+    if callable(case):
+        with pytest.raises(expected, match=message):
+            case()
+        return
     root = str(Path(A.__file__).resolve().parent)
-    run = lambda *a: subprocess.run([sys.executable, "align.py", *a], cwd=root,  # noqa: E731
-                                           capture_output=True, text=True)
-    r = run("grpo", "--init", "x.pt", "--steps", "0")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) <= 2 and "Traceback" not in r.stderr
-    r = run("eval", "--checkpoint", str(tmp_path / "none.pt"))
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
-    r = run("frobnicate")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in case]
+    r = subprocess.run([sys.executable, "align.py", *argv], cwd=root, capture_output=True, text=True)
+    assert r.returncode == expected and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.skipif(workspace("tiktoken") is None,
-                    reason="uses ../shared/tiktoken for GPT-2's tokenizer files (absent on a user's machine)")
+                    reason="needs the workspace's tiktoken/ (GPT-2's tokenizer files; absent on a user's machine)")
 def test_align_stage_from_a_pretrained_gpt2_folder(tmp_path, monkeypatch):
     """`--pretrained PATH`: a random GPT-2-shaped safetensors folder (HF layout) goes through model.from_pretrained
-    and GPT-2's tokenizer (files from ../shared/tiktoken), takes an SFT step and leaves a checkpoint that loads."""
+    and GPT-2's tokenizer (the workspace's tiktoken/ files), takes an SFT step and leaves a checkpoint that loads."""
     import struct
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(workspace("tiktoken")))
     g = torch.Generator().manual_seed(0)

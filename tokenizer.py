@@ -439,8 +439,8 @@ class Tokenizer:
 
     vocab: {id: bytes}, ids 0..N-1 (every single byte must be present); merges: [(bytes_a, bytes_b)] in
     training order (rank 0 = first merge). special_tokens missing from the vocab are appended to it.
-    fast=True (default) compiles a tiktoken encoder when it provably gives the same ids (see
-    `_compile_fast`); `use_fast = False` forces the readable pure-Python encoder at any time.
+    fast=True (default) compiles a tiktoken encoder when it provably gives the same ids (Menu: fast and
+    streaming tokenization); `use_fast = False` forces the readable pure-Python encoder at any time.
     """
 
     CACHE_SIZE = 1 << 17  # pre-token -> ids cache entries; cleared when full so memory stays bounded
@@ -980,12 +980,9 @@ def _recover_merge(ranks, token, rank):
 
 
 def gpt2_tokenizer(fast=True):
-    """A Tokenizer with GPT-2's exact vocabulary and merges, from tiktoken's `gpt2` encoding.
-
-    tiktoken reads its files from TIKTOKEN_CACHE_DIR (or downloads them); errors propagate to the caller.
-    The result is the proof that this file's encoder is GPT-2's: on the same vocab and merges both our
-    readable and fast encoders give tiktoken's ids (50,257 tokens, 50,000 merges, <|endoftext|> = 50256).
-    """
+    """A Tokenizer with GPT-2's exact vocabulary and merges (50,257 tokens, 50,000 merges, <|endoftext|> =
+    50256), from tiktoken's `gpt2` encoding. tiktoken reads its files from its cache (TIKTOKEN_CACHE_DIR when
+    set) or downloads them; errors propagate to the caller."""
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     ranks = enc._mergeable_ranks
@@ -1687,10 +1684,10 @@ def _bench_training(args, corpus, nbytes, workers, tok_dir, row):
             f"{ours['s'] / hf['s']:.2f}x time (CPU seconds: {ours['cpu']:.1f} vs {hf['cpu']:.1f})")
 
 
-def _cpu_timed(fn, *args):
-    """(fn(*args), the CPU seconds it took): `process_time` counts only the time this process actually ran."""
+def _cpu_timed(fn, *args, **kwargs):
+    """(fn(...), the CPU seconds it took): `process_time` counts only the time this process actually ran."""
     c = time.process_time()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     return out, time.process_time() - c
 
 
@@ -1938,19 +1935,17 @@ def main(argv=None):
         _check_args(p, args)
     try:
         _run_command(args)
-    except (OSError, ValueError) as e:  # bad input found during the work: one clear line, nothing half-written
+    except (OSError, ValueError, KeyboardInterrupt) as e:  # found during the work: one line, nothing half-written
         if argv is not None:
             raise
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted; no output was written", file=sys.stderr)
+            sys.exit(130)
         if isinstance(e, DisallowedSpecialError):  # speak of the command's option, not the API's keywords
             e = f"{e.where}the input contains the special token {e.token!r} (at {e.position}); --special-text " \
                 "error refuses it (--special-text special or ordinary encodes it)"
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        if argv is not None:
-            raise
-        print("interrupted; no output was written", file=sys.stderr)
-        sys.exit(130)
 
 
 def _run_command(args):
