@@ -1121,14 +1121,6 @@ def atomic_write_json(path, obj, indent=1):
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
-def shared_path(*parts):
-    """A path inside the optional `../shared` folder next to the project, or None when it is absent.
-    That folder holds benchmark and test data in the project's own workspace; it is never on a user's
-    machine, so nothing a user runs by default may need it (callers must handle None)."""
-    p = Path(__file__).resolve().parent.parent / "shared" / Path(*parts)
-    return p if p.exists() else None
-
-
 def machine_label():
     """A one-line description of this machine for benchmark tables: cores, architecture, torch build."""
     import platform
