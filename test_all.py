@@ -44,7 +44,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 # The stage files sit next to this file (a flat layout); make them importable from anywhere.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+_ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(_ROOT))
 
 
 # Triton kernels (stage 4) run under Triton's CPU interpreter when there is no GPU. The switch is read when triton
@@ -80,6 +81,35 @@ def tiny_config(**switches):
     base = dict(vocab_size=10, context_length=4, d_model=8, num_layers=1, num_heads=2, d_ff=16)
     return M.ModelConfig(**{**base, **switches})
 
+
+
+def _concept_index_rows():
+    """(concept, file, symbol) for each row of the README's `## Concept index` table."""
+    text = (_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Concept index\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 3 and cells[2].startswith("`"):
+            rows.append((cells[0], cells[1], cells[2].strip("`")))
+    return rows
+
+
+def test_readme_concept_index_names_symbols_that_exist():
+    # every course term in the index points at a top-level def/class/assignment of the file it names, and the index
+    # covers the course (at least 50 terms, no term twice)
+    import ast
+    rows = _concept_index_rows()
+    assert len(rows) >= 50 and len({r[0] for r in rows}) == len(rows)
+    defined = {}
+    for concept, file, symbol in rows:
+        if file not in defined:
+            tree = ast.parse((_ROOT / file).read_text(encoding="utf-8"))
+            names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            assigned = [t for n in tree.body if isinstance(n, ast.Assign) for t in n.targets]
+            names |= {t.id for t in assigned if isinstance(t, ast.Name)}
+            defined[file] = names
+        assert symbol in defined[file], f"concept index: {concept!r} names {symbol} that {file} does not define"
 # ===== Stage 1: tokenizer.py -- byte-level BPE: training, encode/decode, special-token policy, fast path, GPT-2 parity, files, CLI =====
 
 
