@@ -1048,6 +1048,39 @@ class AlignConfig:
     threads: int = 0
 
 
+# The ranges argparse's types cannot express, one row per option (AlignConfig's fields, then eval's and
+# bench's), checked before anything is loaded: `--steps 0` fails in milliseconds, not after a model load.
+# NaN fails every comparison, so `--lr nan` is refused by the same row as `--lr -1`.
+OPTION_RANGES = {"steps": ">= 1", "batch_size": ">= 1", "micro_batch": ">= 1", "group_size": ">= 1",
+                 "max_new_tokens": ">= 1", "epochs_per_batch": ">= 1", "minibatches": ">= 1", "ckpt_interval": ">= 1",
+                 "sft_examples": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
+                 "temperature": ">= 0", "cliprange": "> 0", "beta": "> 0", "eval_problems": ">= 0",
+                 "hard_problems": ">= 0", "threads": ">= 0", "limit": ">= 0", "prompts": ">= 1", "repeats": ">= 1",
+                 "new_tokens": ">= 1", "prompt_lengths": ">= 1", "d_model": ">= 1", "num_layers": ">= 1"}
+# GRPO's advantage and DPO's pairs compare the responses WITHIN a group: one response, or G identical greedy
+# ones, carry no signal at all.
+STAGE_RANGES = {stage: {"group_size": ">= 2", "temperature": "> 0"} for stage in ("grpo", "dpo")}
+CHOICES = {"loss_type": POLICY_GRADIENT_LOSSES, "length_normalization": ("mean", "constant")}
+
+
+def option_error(values: dict, stage: str = "") -> Optional[str]:
+    """The first option in `values` ({field: value}; None = not given) outside its range or choices, as
+    one line naming the flag; None when all are fine."""
+    for k, rule in {**OPTION_RANGES, **STAGE_RANGES.get(stage, {})}.items():
+        op, bound = rule.split()
+        given = values.get(k)
+        for v in given if isinstance(given, list) else [given]:  # --prompt-lengths takes several values
+            if v is None or (math.isfinite(v) and (v >= float(bound) if op == ">=" else v > float(bound))):
+                continue
+            why = f" for {stage} (it compares the responses within a group)" if k in STAGE_RANGES.get(stage, {}) \
+                else ""
+            return f"--{k.replace('_', '-')} must be {rule}{why}, got {v}"
+    for k, allowed in CHOICES.items():
+        if values.get(k) not in (None, *allowed):
+            return f"--{k.replace('_', '-')} must be one of {list(allowed)}, got {values[k]!r}"
+    return None
+
+
 # ---- the built-in task: multi-step arithmetic with exact answers ----
 # "Compute 27 + 8 - 5." -> worked solution "27 + 8 = 35. 35 - 5 = 30." -> answer 30.
 # Difficulty = the number of operands: each extra operand is one more step to get right, so a model with
@@ -1183,6 +1216,9 @@ def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
     test split and the harder split, logged and returned."""
     if cfg.stage not in STEP_FUNCTIONS:
         raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {list(STEP_FUNCTIONS)}")
+    problem = option_error(dataclasses.asdict(cfg), cfg.stage)
+    if problem:
+        raise ValueError(problem)
     # Everything that can fail cheaply is checked before any work: the folder is writable, the checkpoint
     # loads and fits its tokenizer, a checkpoint already in the folder belongs to this very run.
     if cfg.threads or torch.get_num_threads() > 1:
@@ -1198,6 +1234,12 @@ def _run_stage_locked(cfg: AlignConfig, out: Path, log: Callable) -> dict:
     (the data pools, the reference model for DPO), then the step loop and the final evaluation."""
     ckpt_path, log_path = out / "ckpt.pt", Path(cfg.log_path or out / "log.jsonl")
     model, tokenizer, init_info = load_policy(cfg.init, pretrained=cfg.pretrained)
+    # rollout prompts come from the train split only; every evaluation uses the held-out splits
+    train_pool = task_problems("train", 4096, seed=cfg.seed + 11)
+    # SFT targets end with the end-of-text id: the model must learn WHERE to stop as well as what to say
+    sft_pool = [(_encode(tokenizer, task_prompt(p)), _encode(tokenizer, task_response(p)) + [tokenizer.eot_id])
+                for p in train_pool[:cfg.sft_examples]] if cfg.stage == "sft" else []
+    check_context(cfg, model.config.context_length, tokenizer, train_pool, sft_pool)
     # AdamW without weight decay: fine-tuning should stay near the pretrained weights, and decay would pull
     # them toward zero, not toward where they started. A fresh optimizer state per stage (Adam's moments
     # describe the previous objective's gradients, not this one's).
@@ -1210,17 +1252,6 @@ def _run_stage_locked(cfg: AlignConfig, out: Path, log: Callable) -> dict:
     if cfg.stage == "dpo":
         reference, _, _ = load_policy(cfg.init, pretrained=cfg.pretrained)  # the starting policy, frozen
         reference.requires_grad_(False)
-    # rollout prompts come from the train split only; every evaluation uses the held-out splits
-    train_pool = task_problems("train", 4096, seed=cfg.seed + 11)
-    # SFT targets end with the end-of-text id: the model must learn WHERE to stop as well as what to say
-    sft_pool = [(_encode(tokenizer, task_prompt(p)), _encode(tokenizer, task_response(p)) + [tokenizer.eot_id])
-                for p in train_pool[:cfg.sft_examples]] if cfg.stage == "sft" else []
-    # a model whose context cannot hold prompt + response would fail deep inside a forward pass; say so here
-    longest = max((len(p) + len(o) for p, o in sft_pool), default=0)
-    if longest > model.config.context_length or \
-            len(_encode(tokenizer, task_prompt(train_pool[0]))) + cfg.max_new_tokens > model.config.context_length:
-        raise ValueError(f"the model's context of {model.config.context_length} tokens is too short for this task "
-                         f"(worked solutions up to {longest} tokens; prompts + --max-new-tokens {cfg.max_new_tokens})")
     ctx = StageContext(cfg, model, opt, tokenizer, pad_id_of(tokenizer), train_pool, sft_pool, reference)
     save = lambda s: save_stage_checkpoint(ckpt_path, model, opt, s, cfg, tokenizer, init_info)  # noqa: E731
     model.train()
@@ -1244,6 +1275,26 @@ def _run_stage_locked(cfg: AlignConfig, out: Path, log: Callable) -> dict:
     return evaluate_stage(model, tokenizer, cfg, log_path, log)
 
 
+def check_context(cfg: AlignConfig, context: int, tokenizer, train_pool: list, sft_pool: list) -> None:
+    """A model whose context cannot hold what this stage feeds it would fail deep inside a forward pass (or,
+    worse, after the training, in the final evaluation): say so before any work, with the numbers."""
+    longest = lambda probs: max(len(_encode(tokenizer, task_prompt(p))) for p in probs)  # noqa: E731
+    needs = {}  # what must fit -> tokens
+    if sft_pool:
+        needs["the longest prompt + worked solution"] = max(len(p) + len(o) for p, o in sft_pool)
+    else:
+        needs[f"the longest training prompt + --max-new-tokens {cfg.max_new_tokens}"] = \
+            longest(train_pool) + cfg.max_new_tokens
+    for split, n in (("test", cfg.eval_problems), ("hard", cfg.hard_problems)):
+        if n > 0:  # evaluate_stage decodes max_new_tokens + 8
+            needs[f"the longest {split} prompt + {cfg.max_new_tokens + 8} new tokens (evaluation)"] = \
+                longest(task_problems(split, n, seed=1000)) + cfg.max_new_tokens + 8
+    what, need = max(needs.items(), key=lambda kv: kv[1])
+    if need > context:
+        raise ValueError(f"the model's context of {context} tokens is too short for {cfg.stage}: {what} is "
+                         f"{need} tokens; use a model with a longer context, or a lower --max-new-tokens")
+
+
 def evaluate_stage(model, tokenizer, cfg: AlignConfig, log_path: Path, log: Callable = print) -> dict:
     """Held-out accuracy (test split, and the harder split) of `model`, printed and logged."""
     # seed=1000: the same held-out problems for every stage and every run, so accuracies compare directly
@@ -1260,9 +1311,6 @@ def evaluate_stage(model, tokenizer, cfg: AlignConfig, log_path: Path, log: Call
         for e in result["test"]["examples"]:
             log(f"    e.g. {e}")
     return result
-
-
-# for the ideas above.
 
 
 # ---- checkpoints: load a policy, save and resume a stage ----
@@ -1295,24 +1343,18 @@ def load_policy(path: str, device: str = "cpu", pretrained: str = ""):
         return model, tok, info
     if not path:
         raise ValueError("no checkpoint given (--init CKPT)")
-    ckpt = T.read_checkpoint(path)
-    # the architecture comes from the checkpoint itself (train.py stores model_config), so any shape loads
-    mc = ckpt.get("model_config")
-    if not isinstance(mc, dict):
-        raise ValueError(f"checkpoint {path} has no model_config (not written by train.py or align.py)")
-    model = M.TransformerLM.from_config(M.ModelConfig.from_dict(dict(mc)))
-    try:
-        M.load_model_state(model, ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"checkpoint {path}: {str(e)[:400]}") from None
+    # the architecture comes from the checkpoint itself (train.py stores model_config), so any shape loads;
+    # model.py names the file in every error (missing, corrupt, no config, weights that do not fit it)
+    model, ckpt = M.load_checkpoint_model(path, device)
     tok = find_tokenizer(Path(path), ckpt)
     if tok.vocab_size != model.config.vocab_size:
         raise ValueError(f"checkpoint {path}: the model has a vocabulary of {model.config.vocab_size} but its "
                          f"tokenizer has {tok.vocab_size}")
     if tok.eot_id is None:
         raise ValueError(f"the tokenizer of {path} has no {EOT} token (responses need an end)")
-    info = {"path": str(Path(path).resolve()), "model_config": dict(mc), "tokenizer_fingerprint": tok.fingerprint()}
-    return model.to(device), tok, info
+    info = {"path": str(Path(path).resolve()), "model_config": model.config.to_dict(),
+            "tokenizer_fingerprint": tok.fingerprint()}
+    return model, tok, info
 
 
 def save_stage_checkpoint(path: Path, model, opt, step: int, cfg: AlignConfig, tokenizer, init_info: dict):
@@ -1336,14 +1378,21 @@ def save_stage_checkpoint(path: Path, model, opt, step: int, cfg: AlignConfig, t
         torch.save(payload, f)
 
 
+# What may change between a killed run and its resumption: how long it runs (--steps, to extend a finished
+# run), how it is named, logged, checkpointed and evaluated, where it starts from (compared by the resolved
+# path), and how rows are split into micro-batches (memory, not the mathematics). Anything else would mix two runs.
+RESUME_MAY_CHANGE = ("steps", "name", "init", "pretrained", "out_dir", "log_path", "ckpt_interval", "threads",
+                     "eval_problems", "hard_problems", "micro_batch")
+
+
 def resume_stage(path: Path, cfg: AlignConfig, model, opt, init_info: dict, log: Callable) -> int:
     """Continue a killed run from `path` if it holds the same stage from the same --init; returns its step.
     A checkpoint of another run in the same folder is an error (never silently overwritten)."""
     if not path.exists():
         return 0
     ckpt = T.read_checkpoint(path)
-    # "the same run" = the same stage from the same starting weights; other options (e.g. --steps, to extend
-    # a finished run) may change between the killed run and the resumed one
+    # "the same run" = the same stage from the same starting weights (compared here), with the same
+    # settings (compared below, except RESUME_MAY_CHANGE)
     old = ckpt.get("align_config", {})
     # configs compared after a round trip through ModelConfig, so a checkpoint written before a new (default-off)
     # switch existed still matches: its missing field takes the default the current code would use
@@ -1352,6 +1401,13 @@ def resume_stage(path: Path, cfg: AlignConfig, model, opt, init_info: dict, log:
             or saved_cfg != M.ModelConfig.from_dict(init_info["model_config"]).to_dict():
         raise ValueError(f"{path} holds another run (stage {old.get('stage')!r} from "
                          f"{ckpt.get('init', {}).get('path')!r}); choose another --out-dir or delete it")
+    # a field missing from an older checkpoint did not exist yet: that run had the field's default
+    differ = [f"--{f.name.replace('_', '-')} {old.get(f.name, f.default)!r} -> {getattr(cfg, f.name)!r}"
+              for f in dataclasses.fields(AlignConfig)
+              if f.name not in RESUME_MAY_CHANGE and old.get(f.name, f.default) != getattr(cfg, f.name)]
+    if differ:
+        raise ValueError(f"{path} was trained with other settings ({'; '.join(differ)}): resuming would mix two "
+                         "runs; give the same settings, or choose another --out-dir")
     M.load_model_state(model, ckpt["model"])  # strict: every key and shape must fit
     T.load_optimizer_state(opt, ckpt, path)  # Adam's moments, so the resumed steps are the ones it would take
     if "rng" in ckpt:
@@ -1498,10 +1554,27 @@ def pretrain_base(out: Path, seed: int = 0, steps: Optional[int] = None, log: Ca
     return out / "base" / "ckpt.pt"
 
 
+def check_demo_settings(out: Path, settings: dict) -> None:
+    """A demo folder holds the results of ONE setting: rerun with the same settings, it reuses what finished;
+    with others, it is refused (naming them) instead of printing the earlier run's table as this one's.
+    The settings are recorded in demo.json; a folder from before that file has its seed in the base model."""
+    old, base = {}, out / "base" / "ckpt.pt"
+    if (out / "demo.json").exists():
+        old = json.loads((out / "demo.json").read_text())
+    elif base.exists():  # pretrain_base trains with seed + 1337
+        old = {"seed": T.read_checkpoint(base).get("config", {}).get("seed", 1337) - 1337}
+    differ = [f"{k} {old[k]!r} (this run: {v!r})" for k, v in settings.items() if k in old and old[k] != v]
+    if differ:
+        raise ValueError(f"{out} holds a demo made with {', '.join(differ)}; choose another --out-dir (or delete "
+                         "it) to run with these settings")
+    atomic_write_json(out / "demo.json", settings)
+
+
 def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log: Callable = print) -> dict:
     """The whole chapter in one command. `scale` shrinks every stage (tests use a tiny one). Each finished
     stage leaves result.json, so a re-run after a kill skips it and resumes the interrupted one."""
     out = T.check_out_dir(out_dir)
+    check_demo_settings(out, {"seed": seed, "scale": scale})
     # one JSONL log for the whole demo: "train" rows (one per step, per stage) and "eval" rows (per stage)
     t0, log_path, results = time.time(), out / "align_log.jsonl", {}
     n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
@@ -1730,25 +1803,15 @@ def cmd_eval(args) -> dict:
     return r
 
 
-# Range checks argparse cannot express, so that `--steps 0` fails in milliseconds, not after a model load.
-MIN_VALUES = {"steps": 1, "batch_size": 1, "group_size": 1, "micro_batch": 1, "epochs_per_batch": 1,
-              "minibatches": 1, "ckpt_interval": 1, "sft_examples": 1, "prompts": 1, "repeats": 1, "limit": 0}
-CHOICES = {"loss_type": POLICY_GRADIENT_LOSSES, "length_normalization": ("mean", "constant")}
-
-
 def main(argv: Optional[list] = None) -> None:
     """Usage errors: one line, exit 2, before anything is loaded. Errors in the inputs (a missing or foreign
     checkpoint, a bad data file, a failed download): one line `align.py: error: ...`, exit 1. A traceback
     means a bug in align.py."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for k, least in MIN_VALUES.items():
-        v = getattr(args, k, None)
-        if v is not None and v < least:
-            parser.error(f"--{k.replace('_', '-')} must be >= {least}, got {v}")
-    for k, allowed in CHOICES.items():
-        if getattr(args, k, None) not in (None, *allowed):
-            parser.error(f"--{k.replace('_', '-')} must be one of {list(allowed)}")
+    problem = option_error(vars(args), args.command or "")
+    if problem:
+        parser.error(problem)
     source = "checkpoint" if args.command == "eval" else "init" if args.command in STEP_FUNCTIONS else None
     if source and bool(getattr(args, source)) == bool(args.pretrained):
         parser.error(f"give exactly one of --{source} CKPT and --pretrained gpt2|PATH")

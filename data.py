@@ -72,9 +72,11 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import unicodedata
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -118,53 +120,34 @@ def iter_records(path, stats: Counter):
     name = os.path.basename(os.fspath(path))
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    raw, base, last_pos, counted = None, 0, -1, False
+    raw, base, last_pos, lost, damaged = None, 0, -1, 0, False
     while base >= 0:
         with open(path, "rb") as f:
             f.seek(base)
             try:
-                for rec in ArchiveIterator(f, record_types=WarcRecordType.response | WarcRecordType.conversion,
-                                           parse_http=True):
-                    pos = base + rec.stream_pos  # the record's absolute offset in the file
+                # Every record type is iterated (requests, metadata too), so `last_pos` is the last record
+                # read whole and a restart after damage begins right behind it.
+                for rec in ArchiveIterator(f, parse_http=True):
+                    pos = rec.stream_pos  # absolute: fastwarc counts from the start of the file, not from `base`
                     if pos <= last_pos:
                         continue
-                    last_pos, counted = pos, False
-                    r = _to_record(rec, f"{name}:{pos}", stats)
+                    wanted = rec.record_type in (WarcRecordType.response, WarcRecordType.conversion)
+                    r = _to_record(rec, f"{name}:{pos}", stats) if wanted else None
+                    if damaged:  # a record read whole closes a damaged region: it cost `lost` records, >= 1
+                        stats["corrupt_record"] += max(lost, 1)
+                    last_pos, lost, damaged = pos, 0, False
                     if r is not None:
                         yield r
                 base = -1  # the iterator ended normally
             except (OSError, ValueError, EOFError):  # fastwarc reports a corrupt gzip member as OSError
-                # One damaged region counts once, however many false starts it takes to get past it.
-                stats["corrupt_record"] += 0 if counted else 1
-                counted = True
                 if raw is None:  # only a damaged file is ever read whole, to find the next start
                     raw = Path(path).read_bytes()
+                # A retried start that begins a real record is one record lost; false starts cost time only.
+                lost += base > last_pos and _is_record_start(raw, base, gzipped)
+                damaged = True
                 base = _resync(raw, max(last_pos, base) + 1, gzipped)
-
-
-def _to_record(rec, doc_id: str, stats: Counter) -> Record | None:
-    """A fastwarc record -> Record, or None (counted) for payloads we cannot use."""
-    # The checks go from cheapest (headers) to dearest (reading the payload): a 50 MB PDF is skipped by its
-    # Content-Type without ever being read into memory.
-    from fastwarc.warc import WarcRecordType
-    url = rec.headers.get("WARC-Target-URI") or ""
-    if rec.record_type == WarcRecordType.conversion:  # WET: the text is the payload
-        ctype, charset = "text/plain", "utf-8"
-    else:
-        ctype = (rec.http_content_type or "").lower()
-        charset = rec.http_charset
-        if ctype and "html" not in ctype:
-            stats["non_html"] += 1
-            return None
-    if rec.content_length > MAX_RECORD_BYTES:
-        stats["huge_record"] += 1
-        return None
-    # A response with no Content-Type is treated as HTML (old servers omit it); extraction decides later.
-    payload = rec.reader.read()
-    if not payload.strip():
-        stats["empty_record"] += 1
-        return None
-    return Record(doc_id, url, payload, ctype or "text/html", charset)
+    if damaged:
+        stats["corrupt_record"] += max(lost, 1)
 
 
 # ---- 2. Text extraction: HTML bytes -> the text a reader sees ----
@@ -440,12 +423,6 @@ def train_quality_model(positives: list[str], negatives: list[str], *, buckets: 
 _QUALITY_MODEL: QualityModel | None = None
 
 
-def set_quality_model(model_or_path):
-    """Make `classify_quality` use this QualityModel (or the .npz written by `train-quality`)."""
-    global _QUALITY_MODEL
-    _QUALITY_MODEL = model_or_path if isinstance(model_or_path, QualityModel) else QualityModel.load(model_or_path)
-
-
 def classify_quality(text: str, model: QualityModel | None = None) -> tuple[str, float]:
     """("wiki" | "cc", confidence in that label) from the fastText-style quality classifier."""
     model = model or _QUALITY_MODEL
@@ -488,12 +465,6 @@ def keep_unique_lines(text: str, counts: dict, keep_blank: bool = False) -> str:
                    if counts.get(_line_key(line), 0) == 1 or (keep_blank and not line.strip()))
 
 
-def _read_text(path, errors: str = "replace") -> str:
-    """A file's text with its line endings untouched (newline=""), so outputs keep the input's bytes."""
-    with open(path, encoding="utf-8", errors=errors, newline="") as f:
-        return f.read()
-
-
 def exact_line_deduplication(input_files, output_directory):
     """Write each input file to output_directory (same name) keeping only corpus-unique lines."""
     files, out = _check_dedup_io(input_files, output_directory)
@@ -527,8 +498,9 @@ def exact_line_deduplication(input_files, output_directory):
 def normalize_text(text: str) -> str:
     """Lowercase, NFD with accents removed, punctuation removed, whitespace collapsed (CS336's recipe)."""
     # NFD splits "é" into "e" + a combining accent, which the next line drops: "café" and "cafe" shingle alike.
-    text = unicodedata.normalize("NFD", text.lower())
-    text = "".join(c for c in text if not unicodedata.combining(c))
+    # ASCII text has no accents: it skips the per-character pass (most of the cost on English pages).
+    text = text.lower() if text.isascii() else unicodedata.normalize("NFD", text.lower())
+    text = text if text.isascii() else "".join(c for c in text if not unicodedata.combining(c))
     text = re.sub(r"[^\w\s]", " ", text)
     return " ".join(text.split())
 
@@ -560,39 +532,46 @@ def _fmix32(h: int) -> int:
     return h ^ (h >> 16)
 
 
-def minhash_signature(shingle_set, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def sha1_32(shingle: str) -> int:
+    """datasketch's shingle hash: the first 4 bytes of SHA-1, little-endian."""
+    return int.from_bytes(hashlib.sha1(shingle.encode("utf-8")).digest()[:4], "little")
+
+
+def word_shingle_hash(shingle: str) -> int:
+    """The fast path's shingle hash: each word hashed alone (CRC-32, then fmix32), folded left to right by
+    h <- fmix32(h * 0x9E3779B1 + w_j). A page's words are hashed once each, not once per shingle they are in."""
+    words = [_fmix32(zlib.crc32(w.encode("utf-8"))) for w in shingle.split(" ")]
+    h = words[0]
+    for w in words[1:]:
+        h = _fmix32((h * 0x9E3779B1 + w) & 0xFFFFFFFF)
+    return h
+
+
+def minhash_signature(shingle_set, a: np.ndarray, b: np.ndarray, shingle_hash=sha1_32) -> np.ndarray:
     """The readable MinHash: for each permutation i, the minimum of (a_i * x + b_i) mod 2^32 over shingles."""
-    sig = [0xFFFFFFFF] * len(a)  # the empty set's signature: all maximal
-    # Shingle -> 32-bit hash (first 4 bytes of SHA-1, little-endian) -> fmix32 -> k affine permutations.
+    sig = [0xFFFFFFFF] * len(a)  # the empty set's signature: all maximal (then: hash -> fmix32 -> k permutations)
     for s in shingle_set:
-        x = _fmix32(int.from_bytes(hashlib.sha1(s.encode("utf-8")).digest()[:4], "little"))
+        x = _fmix32(shingle_hash(s))
         for i in range(len(a)):
             sig[i] = min(sig[i], (int(a[i]) * x + int(b[i])) & 0xFFFFFFFF)
     return np.array(sig, dtype=np.uint32)
 
 
-def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """The fast path: signatures of many documents at once, (N, k) uint32, equal to `minhash_signature`.
-
-    All shingles of all documents are hashed in one list comprehension (no per-shingle function call of
-    ours), the fmix and the (n, k) permutation matrix are numpy uint32 arithmetic (wraparound = mod 2^32, so
-    no modulo at all), and np.minimum.reduceat takes a whole group of documents' column minima in one call.
-    What it cannot remove: one SHA-1 per shingle (~0.5-1 us in Python) and the n x k multiply-add-min, which
-    datasketch's bulk path also does with numpy -- so the gain is the per-document overhead (see bench)."""
-    k = len(a)
-    out = np.full((len(shingle_sets), k), 0xFFFFFFFF, dtype=np.uint32)
-    lens = np.fromiter((len(s) for s in shingle_sets), dtype=np.int64, count=len(shingle_sets))
-    if not lens.sum():
-        return out
-    sha = hashlib.sha1
-    digests = b"".join([sha(s.encode("utf-8")).digest()[:4] for ss in shingle_sets for s in ss])  # (n * 4,)
-    # (n,) the first 4 digest bytes read little-endian, as datasketch's sha1_hash32; then fmix32, vectorized.
-    x = np.frombuffer(digests, dtype="<u4").astype(np.uint32)
-    x ^= x >> np.uint32(16)
+def _fmix32_np(x: np.ndarray) -> np.ndarray:
+    """fmix32 on a uint32 array (wraparound multiplication = mod 2^32)."""
+    x = x ^ (x >> np.uint32(16))
     x *= np.uint32(0x85EBCA6B)
     x ^= x >> np.uint32(13)
     x *= np.uint32(0xC2B2AE35)
-    x ^= x >> np.uint32(16)
+    return x ^ (x >> np.uint32(16))
+
+
+def _minhash_matrix(x: np.ndarray, lens: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int) -> np.ndarray:
+    """(N, k) signatures from the shingle hashes x (n,) of N documents laid end to end (lens: (N,))."""
+    out = np.full((len(lens), len(a)), 0xFFFFFFFF, dtype=np.uint32)
+    if not lens.sum():
+        return out
+    x = _fmix32_np(x)
     ends = np.cumsum(lens)
     starts = ends - lens
     docs = np.flatnonzero(lens > 0)
@@ -606,6 +585,31 @@ def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: 
         phv += b[None, :]
         out[g] = np.minimum.reduceat(phv, starts[g] - lo, axis=0)
     return out
+
+
+def minhash_signatures_fast(texts: list[str], ngrams: int, a: np.ndarray, b: np.ndarray,
+                            chunk: int = 2048) -> np.ndarray:
+    """(N, k) signatures of raw texts, equal to minhash_signature(shingles(t, ngrams), a, b, word_shingle_hash):
+    each distinct word is hashed once, a shingle's hash is ngrams - 1 vectorized folds over the word hashes, and
+    repeated shingles need no removal (a multiset's minimum is its set's). No shingle string is ever built."""
+    # normalize_text(t).split() is the runs of \w characters of the accent-stripped text: one findall for ASCII.
+    docs = [re.findall(r"\w+", t.lower()) if t.isascii() else normalize_text(t).split() for t in texts]
+    index = {}
+    ids = np.fromiter((index.setdefault(w, len(index)) for d in docs for w in d), dtype=np.int64)  # (T,)
+    table = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in index), dtype=np.uint32, count=len(index))
+    w = _fmix32_np(table)[ids]  # (T,) every word's hash, documents end to end
+    span = max(len(w) - ngrams + 1, 0)
+    h = w[:span]
+    for j in range(1, ngrams):  # h[i] folds words i .. i + ngrams - 1 (windows across two documents go unused)
+        h = _fmix32_np(h * np.uint32(0x9E3779B1) + w[j:j + span])
+    n_words = np.array([len(d) for d in docs], dtype=np.int64)
+    lens = np.where(n_words >= ngrams, n_words - ngrams + 1, np.minimum(n_words, 1))  # shingles per document
+    offsets = np.cumsum(lens) - lens
+    pos = np.arange(lens.sum()) - np.repeat(offsets - (np.cumsum(n_words) - n_words), lens)  # gather into h
+    x = h[np.minimum(pos, span - 1)] if span else np.zeros(int(lens.sum()), np.uint32)
+    for d in np.flatnonzero((n_words > 0) & (n_words < ngrams)):  # a short text is one shingle of all its words
+        x[offsets[d]] = word_shingle_hash(" ".join(docs[d]))
+    return _minhash_matrix(x, lens, a, b, chunk)
 
 
 def lsh_candidate_pairs(signatures: np.ndarray, num_bands: int) -> set[tuple[int, int]]:
@@ -692,6 +696,24 @@ def encode_documents(texts, tokenizer) -> np.ndarray:
         out.extend(tokenizer.encode(t, allowed_special=set()))
         out.append(eot)
     return np.asarray(out, dtype=tk.token_dtype(tokenizer.vocab_size))
+
+
+# ===== Menu: datasketch-compatible bulk signatures =====
+# Section 7b's signatures with datasketch's SHA-1 shingle hash, many documents at once: equal to
+# `minhash_signature(set, a, b)` and to datasketch.MinHash, so a datasketch MinHashLSH index can take over.
+def minhash_signatures(shingle_sets: list, a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """The fast path: signatures of many documents at once, (N, k) uint32, equal to `minhash_signature`.
+
+    All shingles of all documents are hashed in one list comprehension (no per-shingle function call of
+    ours), the fmix and the (n, k) permutation matrix are numpy uint32 arithmetic (wraparound = mod 2^32, so
+    no modulo at all), and np.minimum.reduceat takes a whole group of documents' column minima in one call.
+    What it cannot remove: one SHA-1 per shingle (~0.5-1 us in Python) and the n x k multiply-add-min, which
+    datasketch's bulk path also does with numpy -- so `minhash_signatures_fast` changes the hash (see bench)."""
+    lens = np.fromiter((len(s) for s in shingle_sets), dtype=np.int64, count=len(shingle_sets))
+    sha = hashlib.sha1
+    digests = b"".join([sha(s.encode("utf-8")).digest()[:4] for ss in shingle_sets for s in ss])  # (n * 4,)
+    # (n,) the first 4 digest bytes read little-endian, as datasketch's sha1_hash32
+    return _minhash_matrix(np.frombuffer(digests, dtype="<u4").astype(np.uint32), lens, a, b, chunk)
 
 
 # ===== Menu: Gopher's repetition rules =====
@@ -919,6 +941,7 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     if cfg.quality_model and _QUALITY_MODEL is None:
         set_quality_model(cfg.quality_model)  # each worker loads the model once
     name = os.path.basename(path)
+    source = _fingerprint(path)  # taken before reading: a file changed while we read it is redone next time
     stats, dropped, pii = Counter(), Counter(), Counter()
     seconds, examples, kept = Counter(), {}, []
     t0 = time.perf_counter()
@@ -955,16 +978,16 @@ def process_file(path: str, work: str, cfg: PipelineConfig) -> dict:
     flush()
     t = time.perf_counter()
     a, b = minhash_permutations(cfg.num_hashes, cfg.seed)
-    sigs = minhash_signatures([shingles(d["text"], cfg.ngrams) for d in kept], a, b)
+    sigs = minhash_signatures_fast([d["text"] for d in kept], cfg.ngrams, a, b)
     seconds["minhash"] += time.perf_counter() - t
     # Outputs first, report last: a run killed between them redoes this file; it never trusts a half.
     with atomic_open(os.path.join(work, name + ".jsonl"), "w") as f:
         f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in kept)
     with atomic_open(os.path.join(work, name + ".sig.npy"), "wb") as f:
         np.save(f, sigs)
-    report = dict(input=path, records=stats.pop("records", 0), skipped=dict(stats), dropped=dict(dropped),
-                  kept=len(kept), pii_masked=dict(pii), seconds=dict(seconds, total=time.perf_counter() - t0),
-                  examples=examples)
+    report = dict(input=path, source=source, records=stats.pop("records", 0), skipped=dict(stats),
+                  dropped=dict(dropped), kept=len(kept), pii_masked=dict(pii),
+                  seconds=dict(seconds, total=time.perf_counter() - t0), examples=examples)
     atomic_write_json(os.path.join(work, name + ".report.json"), report)
     return report
 
@@ -973,9 +996,17 @@ def run_filters(inputs: list[str], out: str, cfg: PipelineConfig, workers: int =
     """Stage A: every input file through `process_file`, in a process pool; finished files are skipped."""
     work = os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
-    _check_work_config(work, cfg)
-    # Resume: a file whose report exists is done (the report is written after its outputs).
-    todo = [p for p in inputs if not os.path.exists(os.path.join(work, os.path.basename(p) + ".report.json"))]
+    _check_settings(work, cfg)
+    atomic_write_json(os.path.join(work, "config.json"), _run_settings(cfg))
+    # Resume: a file whose report exists (it is written after its outputs) and was made from this very
+    # content is done; a file that changed since (a re-downloaded segment) is filtered again, and we say so.
+    todo = []
+    for p in inputs:
+        report = os.path.join(work, os.path.basename(p) + ".report.json")
+        changed = _input_changed(p, json.load(open(report)).get("source")) if os.path.exists(report) else "new"
+        if changed not in ("", "new"):
+            print(f"{p}: {changed} since it was filtered; filtering it again", file=sys.stderr)
+        todo += [p] if changed else []
     bar, done = Progress(progress, "filter"), len(inputs) - len(todo)
     resumed, tasks = done, [(p, work, cfg) for p in todo]
     # One task = one input file: files are large and independent, so the pool needs no finer split, and a
@@ -1056,7 +1087,7 @@ def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: i
                  tokenizer_dir: str | None = None, vocab_size: int = 1024, progress: bool = True) -> dict:
     """The whole pipeline. With shard=(K, N) only inputs K, K+N, K+2N... are filtered and the job stops there;
     a final run without `shard` (all files done) performs the global dedup, merge and tokenization."""
-    _check_inputs(inputs)  # every check that can fail happens before any work (and before anything is written)
+    check_run(inputs, out, cfg, tokenizer_dir, vocab_size)  # every check that can fail, before any work
     inputs = sorted(inputs, key=os.path.basename)
     names = [os.path.basename(p) for p in inputs]
     t0 = time.perf_counter()
@@ -1073,8 +1104,46 @@ def run_pipeline(inputs: list[str], out: str, cfg: PipelineConfig, *, workers: i
     tokens = write_corpus(docs, out, tokenizer_dir, vocab_size)
     tokens["seconds"] = time.perf_counter() - t
     report = summarize(reports, dedup, tokens, len(docs), time.perf_counter() - t0, stage_a)
+    report["corpus"] = _corpus_settings(tokenizer_dir, vocab_size)
     atomic_write_json(os.path.join(out, "report.json"), report)
     return report
+
+
+def _to_record(rec, doc_id: str, stats: Counter) -> Record | None:
+    """A fastwarc record -> Record, or None (counted) for payloads we cannot use."""
+    # The checks go from cheapest (headers) to dearest (reading the payload): a 50 MB PDF is skipped by its
+    # Content-Type without ever being read into memory.
+    from fastwarc.warc import WarcRecordType
+    url = rec.headers.get("WARC-Target-URI") or ""
+    if rec.record_type == WarcRecordType.conversion:  # WET: the text is the payload
+        ctype, charset = "text/plain", "utf-8"
+    else:
+        ctype = (rec.http_content_type or "").lower()
+        charset = rec.http_charset
+        if ctype and "html" not in ctype:
+            stats["non_html"] += 1
+            return None
+    if rec.content_length > MAX_RECORD_BYTES:
+        stats["huge_record"] += 1
+        return None
+    # A response with no Content-Type is treated as HTML (old servers omit it); extraction decides later.
+    payload = rec.reader.read()
+    if not payload.strip():
+        stats["empty_record"] += 1
+        return None
+    return Record(doc_id, url, payload, ctype or "text/html", charset)
+
+
+def _read_text(path, errors: str = "replace") -> str:
+    """A file's text with its line endings untouched (newline=""), so outputs keep the input's bytes."""
+    with open(path, encoding="utf-8", errors=errors, newline="") as f:
+        return f.read()
+
+
+def set_quality_model(model_or_path):
+    """Make `classify_quality` use this QualityModel (or the .npz written by `train-quality`)."""
+    global _QUALITY_MODEL
+    _QUALITY_MODEL = model_or_path if isinstance(model_or_path, QualityModel) else QualityModel.load(model_or_path)
 
 
 def _records_or_unreadable(path: str, stats: Counter):
@@ -1096,6 +1165,16 @@ def _resync(raw: bytes, start: int, gzipped: bool) -> int:
     .gz files, the "WARC/1." version line for plain files. False hits (the magic bytes inside compressed
     data) fail to parse and we search again further on, so this only ever costs time."""
     return raw.find(b"\x1f\x8b\x08" if gzipped else b"WARC/1.", start)
+
+
+def _is_record_start(raw: bytes, start: int, gzipped: bool) -> bool:
+    """Whether a record begins at `start`: its first bytes (decompressed for .gz) read "WARC/"."""
+    if not gzipped:
+        return raw.startswith(b"WARC/", start)
+    try:
+        return zlib.decompressobj(31).decompress(raw[start:start + 256], 16).startswith(b"WARC/")
+    except zlib.error:  # magic bytes inside compressed data, or a member damaged in its first bytes
+        return False
 
 
 def _check_inputs(paths) -> list[Path]:
@@ -1124,8 +1203,9 @@ def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, s
     total = lambda key: sum((Counter(r[key]) for r in reports), Counter())
     records = sum(r["records"] for r in reports)
     dropped, skipped = total("dropped"), total("skipped")
-    reached, filters = records - sum(v for k, v in skipped.items() if k != "corrupt_record"), {}
-    reached -= sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)  # undecodable
+    # `records` counts the records read (skipped ones are not among them); undecodable pages never reach a filter
+    reached = records - sum(r["records"] - r["kept"] - sum(r["dropped"].values()) for r in reports)
+    filters = {}
     steps = [(f, dropped.get(f, 0)) for f in FILTERS]
     steps += [("near_dup", dedup["near_duplicates"]), ("line_dedup", dedup.get("emptied_by_line_dedup", 0))]
     for name, n in steps:
@@ -1140,20 +1220,92 @@ def summarize(reports: list[dict], dedup: dict, tokens: dict, final_docs: int, s
                 resumed_files=stage_a["resumed"])
 
 
-def _check_work_config(work: str, cfg: PipelineConfig):
+def _fingerprint(path) -> dict:
+    """What identifies an input's content: size, modification time and SHA-256 (~1 s per GB)."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=hashlib.file_digest(f, "sha256").hexdigest())
+
+
+def _input_changed(path, source: dict | None) -> str:
+    """'' if `path` still holds the content `source` fingerprinted, else what differs. Size and time are
+    compared first; a file with the same size and a new time (copied, touched) is hashed to decide."""
+    if not source:
+        return "no record of its content"
+    st = os.stat(path)
+    if st.st_size != source["size"]:
+        return f"its size changed ({source['size']:,} -> {st.st_size:,} bytes)"
+    if st.st_mtime_ns == source["mtime_ns"] or _fingerprint(path)["sha256"] == source["sha256"]:
+        return ""
+    return "its content changed (same size, other SHA-256)"
+
+
+def _run_settings(cfg: PipelineConfig) -> dict:
+    """The settings that decide the filtered files (work/config.json): every field but `examples`, and the
+    quality model's content as well as its path (a retrained model at the same path changes the output)."""
+    mine = asdict(cfg)
+    mine["languages"] = list(mine.pop("languages"))
+    del mine["examples"]
+    mine["shingle_hash"] = "word_shingle_hash"  # signatures in work/ were made with this hash
+    if cfg.quality_model and os.path.exists(cfg.quality_model):
+        with open(cfg.quality_model, "rb") as f:
+            mine["quality_model_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return mine
+
+
+def _check_settings(work: str, cfg: PipelineConfig):
     """A resumed run must use the settings of the files already done: otherwise one corpus would mix two
     filterings. The first run records them in work/config.json; a different one later is a clear error."""
     path = os.path.join(work, "config.json")
-    mine = asdict(cfg)
-    mine["languages"] = list(mine["languages"])
     if not os.path.exists(path):
-        atomic_write_json(path, mine)
         return
-    theirs = json.load(open(path))
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "examples")
+    mine, theirs = _run_settings(cfg), json.load(open(path))
+    theirs.pop("examples", None)
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
         raise ValueError(f"{work} holds results made with other settings ({', '.join(diff)}); use a new --out "
                          "or the same settings")
+
+
+@functools.lru_cache(maxsize=1)
+def known_languages() -> frozenset:
+    """The 176 language codes lid.176 can answer (threshold -1 makes it list every label)."""
+    labels, _ = _lid_model().predict("x", k=-1, threshold=-1.0)
+    return frozenset(l.replace("__label__", "") for l in labels)
+
+
+def check_run(inputs: list[str], out: str, cfg: PipelineConfig, tokenizer_dir: str | None, vocab_size: int):
+    """Every check of `run` that can fail, before any work and before anything is written: the inputs, the
+    settings, the tokenizer, a writable --out, and (resuming) the settings of what --out already holds."""
+    _check_inputs(inputs)
+    if cfg.num_hashes % cfg.num_bands:
+        raise ValueError(f"--num-hashes ({cfg.num_hashes}) must be divisible by --num-bands ({cfg.num_bands})")
+    unknown = sorted(set(cfg.languages) - known_languages())
+    if unknown:
+        raise ValueError(f"--languages: unknown code(s) {', '.join(unknown)} (lid.176's codes: en, de, fr, zh, ...)")
+    if tokenizer_dir:
+        tk.Tokenizer.load(tokenizer_dir)  # a missing or broken folder fails here, not after the filtering
+    elif vocab_size < 257:
+        raise ValueError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs 256 bytes + "
+                         "<|endoftext|> = 257 at least")
+    parent = Path(out).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {parent} is not a writable folder")
+    _check_settings(os.path.join(out, "work"), cfg)
+    # The corpus step reruns on every merge; tokens made with another tokenizer are not replaced unasked.
+    report, corpus = os.path.join(out, "report.json"), _corpus_settings(tokenizer_dir, vocab_size)
+    if os.path.exists(os.path.join(out, "tokens.bin")) and os.path.exists(report):
+        theirs = json.load(open(report)).get("corpus")
+        if theirs != corpus:
+            raise ValueError(f"{out}/tokens.bin was made with {theirs} (this run: {corpus}): use a new --out, "
+                             "or delete tokens.bin to tokenize again")
+
+
+def _corpus_settings(tokenizer_dir: str | None, vocab_size: int) -> dict:
+    """How tokens.bin is made: a given tokenizer (its absolute path) or a BPE trained to `vocab_size`."""
+    return dict(tokenizer=os.path.abspath(tokenizer_dir)) if tokenizer_dir else dict(vocab_size=vocab_size)
 
 
 def resolve_inputs(patterns: list[str]) -> list[str]:
@@ -1473,7 +1625,7 @@ def score_filters(pages: list[dict], cfg: PipelineConfig) -> dict:
     # Dedup is scored on the good pages and their copies: the pages that reach it in the pipeline.
     idx = [i for i, k in enumerate(kinds) if k in ("clean", "pii", "dup")]
     sets = [shingles(texts[i], cfg.ngrams) for i in idx]
-    sigs = minhash_signatures(sets, *minhash_permutations(cfg.num_hashes, cfg.seed))
+    sigs = minhash_signatures_fast([texts[i] for i in idx], cfg.ngrams, *minhash_permutations(cfg.num_hashes, cfg.seed))
     clusters = near_duplicate_clusters(sets.__getitem__, sigs, cfg.num_bands, cfg.jaccard_threshold)
     pred_pairs = {(idx[x], idx[y]) for c in clusters for x in c for y in c if idx[x] < idx[y]}
     src = {}
@@ -1519,19 +1671,30 @@ def train_raw_vs_filtered(raw_text: str, filtered_text: str, clean_val: str, wor
     # A tiny model (d_model 64, 2 layers, ~0.1M parameters) trains in about a minute per run on 2 CPU cores;
     # evaluation and checkpoints happen once, at the end, through train.py's own loop.
     for name in ("raw", "filtered"):
-        torch.manual_seed(0)
         cfg = T.TrainConfig(preset="data-demo", context_length=128, d_model=64, num_layers=2, num_heads=4,
                             batch_size=16, max_steps=steps, warmup_iters=20, eval_interval=10 ** 9,
                             ckpt_interval=10 ** 9, log_interval=10 ** 9, num_samples=0, plot=False,
-                            final_eval_tokens=65_536, out_dir=os.path.join(work, f"run-{name}"), device="cpu")
+                            final_eval_tokens=65_536, out_dir=os.path.join(work, f"run-{name}"), device="cpu",
+                            overwrite=True)
         data = T.PreparedData(train_path=paths[name], val_path=paths["val"], tokenizer=tok,
                               dtype=np.dtype(tk.token_dtype(tok.vocab_size)).name, entropy_floor_bpb=None,
                               source=name, cache_dir=work)
-        summary = T.train(cfg, data, log=lambda *a, **k: None)
-        results[name] = dict(bpb=summary["val"]["bpb"], train_tokens=summary["tokens"],
-                             corpus_tokens=int(os.path.getsize(paths[name]) // np.dtype(data.dtype).itemsize))
-        log(f"  {name:8s}: {results[name]['corpus_tokens']:>9,} tokens of text, trained on {summary['tokens']:,} "
-            f"-> val bpb {results[name]['bpb']:.4f}")
+        # A rerun reuses a model trained on the same token files with the same settings, and retrains (the
+        # folder is the demo's own) when either changed: the key is the config and both files' hashes.
+        key = json.loads(json.dumps([asdict(cfg)] + [_fingerprint(paths[n])["sha256"] for n in (name, "val")],
+                                    default=str))
+        result_path = os.path.join(cfg.out_dir, "demo-result.json")
+        reused = os.path.exists(result_path) and json.load(open(result_path))["key"] == key
+        if reused:
+            results[name] = json.load(open(result_path))["result"]
+        else:
+            torch.manual_seed(0)
+            summary = T.train(cfg, data, log=lambda *a, **k: None)
+            results[name] = dict(bpb=summary["val"]["bpb"], train_tokens=summary["tokens"],
+                                 corpus_tokens=int(os.path.getsize(paths[name]) // np.dtype(data.dtype).itemsize))
+            atomic_write_json(result_path, dict(key=key, result=results[name]))
+        log(f"  {name:8s}: {results[name]['corpus_tokens']:>9,} tokens of text, trained on "
+            f"{results[name]['train_tokens']:,} -> val bpb {results[name]['bpb']:.4f}{' (reused)' * reused}")
     return results
 
 
@@ -1564,8 +1727,14 @@ def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300,
     scores = score_filters(truth["pages"], cfg)
     for name, s in scores.items():
         log(f"  {name:10s} {s['precision']:9.3f} {s['recall']:7.3f} {s['flagged']:8d} {s['truth']:6d}")
-    # The real pipeline on the WARC files (the same code as `data.py run`); resumes if run before.
+    # The real pipeline on the WARC files (the same code as `data.py run`). A rerun reuses the files whose
+    # content is unchanged and refilters the others; a run folder made with other settings is rebuilt.
     run_dir = os.path.join(out, "run")
+    try:
+        check_run(truth["files"], run_dir, cfg, None, 512)
+    except ValueError as e:
+        log(f"{e}\n  -> the demo rebuilds its own {run_dir}")
+        shutil.rmtree(run_dir)
     report = run_pipeline(truth["files"], run_dir, cfg, workers=workers, vocab_size=512, progress=False)
     log(f"\npipeline ({workers} workers, {report['seconds']['wall']:.1f}s): {report['records']} records, skipped "
         f"{report['skipped']}, {report['final_documents']} documents kept, {report['tokens']['tokens']:,} tokens")
@@ -1588,28 +1757,41 @@ def demo(out: str = "data_cache/data-demo", pages: int = 1200, steps: int = 300,
         f"[total {time.perf_counter() - t0:.0f}s]")
     result = dict(filters=scores, pipeline=report, models=models, seconds=time.perf_counter() - t0)
     atomic_write_json(os.path.join(out, "demo.json"), result)
+    log(f"results: {out}/demo.json (all of the above); the filtered corpus: {run_dir}/ (documents.jsonl, text.txt, "
+        f"tokens.bin, report.json); what each filter dropped: python data.py inspect --out {run_dir}")
     return result
 
 
-def bench_minhash(sets: list, num_hashes: int = 128, seed: int = 1, reps: int = 3) -> dict:
-    """Our vectorized signatures vs datasketch's bulk path (MinHash.bulk = update_batch on one shared MinHash's
-    permutations), best of `reps`, interleaved. Signatures must be identical."""
+def bench_minhash(texts: list[str], num_hashes: int = 128, seed: int = 1, reps: int = 3) -> dict:
+    """Signatures of raw page texts, best of `reps` rounds interleaved: ours (`minhash_signatures_fast`) vs
+    datasketch's MinHash.bulk and rensa's RMinHash (when installed) on the same 5-gram shingles. Each side's
+    time includes turning text into what it hashes (our words; their shingle strings, as their users must)."""
     from datasketch import MinHash
-    # Both sides start from the same shingle sets (shingling is not what is measured) and both hash with
-    # SHA-1: the difference is per-shingle Python calls and per-document numpy work in datasketch.
-    data = [[s.encode("utf-8") for s in ss] for ss in sets]
+    try:
+        from rensa import RMinHash
+    except ImportError:
+        RMinHash = None
+
+    def rensa(ts):
+        for t in ts:
+            m = RMinHash(num_perm=num_hashes, seed=seed)
+            m.update(list(shingles(t, 5)))
+            m.digest()
     a, b = minhash_permutations(num_hashes, seed)
-    ours_t, peer_t = [], []
+    sides = dict(ours=lambda ts: minhash_signatures_fast(ts, 5, a, b),
+                 datasketch=lambda ts: MinHash.bulk([[s.encode() for s in shingles(t, 5)] for t in ts],
+                                                    num_perm=num_hashes, seed=seed))
+    sides.update(dict(rensa=rensa) if RMinHash else {})
+    best = {}
     for _ in range(reps):
-        t = time.perf_counter()
-        ours = minhash_signatures(sets, a, b)
-        ours_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        peer = MinHash.bulk(data, num_perm=num_hashes, seed=seed)
-        peer_t.append(time.perf_counter() - t)
-    # The ratio is only meaningful if both compute the same thing: every signature must match exactly.
-    same = all(np.array_equal(ours[i], m.hashvalues) for i, m in enumerate(peer))
-    return dict(ours=min(ours_t), peer=min(peer_t), identical=same, docs=len(sets))
+        for name, fn in sides.items():
+            t = time.perf_counter()
+            fn(texts)
+            best[name] = min(best.get(name, 1e9), time.perf_counter() - t)
+    # The readable twin with our hash must give the same signatures (checked on a few pages here, by tests on all).
+    same = all(np.array_equal(minhash_signature(shingles(t, 5), a, b, word_shingle_hash), s)
+               for t, s in zip(texts[:3], minhash_signatures_fast(texts[:3], 5, a, b)))
+    return dict(best, identical=same, docs=len(texts))
 
 
 # Hand-labelled sentences for the harmful-content classifiers, written for this file (so held out from every
@@ -1699,11 +1881,10 @@ def _rss_run(inputs: list[str], out: str) -> dict:
 
 def bench(args) -> list[str]:
     """All benchmark rows as markdown (| stage | what | command | ours | peer | ratio |); the recorded figures
-    are in the README. Why MinHash gains 2x on short documents but ~1.05x on pages: on pages both sides spend
-    most of their time in the same per-shingle SHA-1 call and the same (n, k) numpy arithmetic, so removing
-    datasketch's per-document overhead is all that is left to win."""
+    are in the README. The MinHash row times text to signatures for ours, datasketch and rensa (when
+    installed) on 1,000-word pages of --text (default: the bench crawl's pages)."""
     import tempfile
-    rows, cmd = [], "python data.py bench"
+    rows, cmd = [], "python data.py bench" + (f" --text {args.text}" if args.text else "")
     # One markdown row per measurement, in the README's bench-table format.
     row = lambda what, ours, peer, ratio: rows.append(f"| data | {what} | `{cmd}` | {ours} | {peer} | {ratio} |")
 
@@ -1715,15 +1896,18 @@ def bench(args) -> list[str]:
         # pipeline with one worker; then memory at 1x and 4x input.
         truth = crawl("crawl", args.pages, 1, 0)
         texts = [extract_text_from_html_bytes(p["html"].encode()) or "" for p in truth["pages"]]
-        sets = [shingles(t, 5) for t in texts]
-        # Two document lengths: short ones (titles, posts, ~20 shingles) where per-document overhead dominates,
-        # and the crawl's pages, where one SHA-1 per shingle -- the same in both -- dominates.
-        short = [set(sorted(s)[:20]) for s in sets] * 4
-        for label, ss in (("short docs", short), ("pages", sets)):
-            mh = bench_minhash(ss, 128, 1)
-            row(f"MinHash signatures, {mh['docs']} {label} ({sum(map(len, ss)) / len(ss):.0f} 5-gram shingles each), "
-                f"128 permutations, identical={mh['identical']}", f"{mh['docs'] / mh['ours']:,.0f} docs/s",
-                f"datasketch MinHash.bulk: {mh['docs'] / mh['peer']:,.0f} docs/s", f"{mh['peer'] / mh['ours']:.2f}x")
+        pages = texts
+        if args.text:
+            words = open(args.text, encoding="utf-8", errors="replace").read().split()
+            pages = [" ".join(words[i:i + 1000]) for i in range(0, len(words) - 999, 1000)][:args.minhash_pages]
+        mh = bench_minhash(pages)
+        peers = ", ".join(f"{k} {mh['docs'] / mh[k]:,.0f} docs/s"
+                          for k in ("datasketch", "rensa") if k in mh)
+        source = f"1,000-word pages of {os.path.basename(args.text)}" if args.text else "bench-crawl pages"
+        row(f"MinHash signatures of {mh['docs']} {source}, 5-grams, 128 "
+            f"permutations, text to signature (readable twin identical={mh['identical']})",
+            f"{mh['docs'] / mh['ours']:,.0f} docs/s", peers, "ours / peer: " + " / ".join(
+                f"{mh[k] / mh['ours']:.2f}x" for k in ("datasketch", "rensa") if k in mh))
         steps = [("extract (resiliparse)", lambda p, t: extract_text_from_html_bytes(p["html"].encode())),
                  ("language ID (fastText lid.176)", lambda p, t: identify_language(t)),
                  ("PII masks (3 regexes)", lambda p, t: mask_pii(t)),
@@ -1816,13 +2000,17 @@ def get_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=5, help="SGD epochs (default 5)")
     b = sub.add_parser("bench", help="MinHash vs datasketch, docs/s per filter, peak RSS 1x vs 4x")
     b.add_argument("--pages", type=int, default=600, help="pages in the bench crawl (default 600)")
+    b.add_argument("--text", default=None, help="a real text file for the MinHash rows, cut into 1,000-word pages "
+                   "(default: the bench crawl's pages)")
+    b.add_argument("--minhash-pages", type=int, default=300, help="pages for the MinHash rows (default 300)")
     return p
 
 
 # Usage checks, one row per rule: (the options it covers, the test, what the message says). They run before
 # any work, so a typo never costs an hour of filtering; options a subcommand does not have are skipped.
 USAGE_CHECKS = [
-    (("pages", "steps", "workers", "segments", "epochs", "num_hashes", "num_bands", "ngrams"), lambda v: v >= 1,
+    (("pages", "steps", "workers", "segments", "epochs", "num_hashes", "num_bands", "ngrams", "minhash_pages"),
+     lambda v: v >= 1,
      "must be >= 1"),
     (("min_lang_score", "max_nsfw", "max_toxic", "min_quality", "jaccard_threshold"), lambda v: 0 <= v <= 1,
      "must be between 0 and 1"),
@@ -1847,15 +2035,11 @@ def main(argv=None):
         # run) before the first record is read. Problems found before work are one line; anything raised
         # later is a bug and keeps its traceback.
         cfg = PipelineConfig(**{name: getattr(args, name) for name in asdict(PipelineConfig())})
-        work = os.path.join(args.out, "work")
         try:
             shard, inputs = parse_shard(args.shard), resolve_inputs(args.input)
-            if cfg.num_hashes % cfg.num_bands:
-                raise ValueError(f"--num-hashes ({cfg.num_hashes}) must be divisible by --num-bands ({cfg.num_bands})")
             if cfg.quality_model:
                 set_quality_model(cfg.quality_model)
-            if os.path.isdir(work):
-                _check_work_config(work, cfg)
+            check_run(inputs, args.out, cfg, args.tokenizer, args.vocab_size)
         except (ValueError, OSError) as e:
             p.error(str(e))
         report = run_pipeline(inputs, args.out, cfg, workers=args.workers, shard=shard, tokenizer_dir=args.tokenizer,

@@ -65,12 +65,13 @@ Sources
 Reading order
 -------------
     1. the collectives, and a ring all-reduce written from send/recv
-    2. data parallelism: NaiveDDP -> DDP (per-parameter async all-reduce) -> DDPBucketed
+    2. data parallelism: NaiveDDP -> DDP (per-parameter async all-reduce, overlapped with backward)
     3. ShardedOptimizer (ZeRO-1), 4. FSDP (ZeRO-3 style) with prefetching and mixed precision
-    5. tensor parallelism: f/g, column- and row-parallel layers, TP attention and MLP, the vocabulary-parallel
-       cross-entropy; sequence parallelism
-    6. ring attention (context parallelism), 7. pipeline schedules as data, their bubble and the executor
-  Menus: whole TP / pipeline-stage models; context parallelism for a whole model.
+    5. tensor parallelism: f/g, column- and row-parallel layers, TP attention and MLP
+    6. pipeline schedules as data and their bubble
+  Menus: gradient buckets (DDPBucketed); sequence parallelism; model parallelism (whole TP / pipeline-stage models,
+  the vocabulary-parallel embedding and cross-entropy, the pipeline executor and its timeline); context
+  parallelism (ring attention, and a whole model around it).
   Appendix: process groups and the launcher, training on N ranks (train.py's loop with this file's hooks, a
   budget all ranks obey), the (dp, tp, pp) mesh and its planner, consolidated checkpoints; benchmarks.
   Command line:  torchrun --nproc_per_node=N ddp.py [preset] [train.py's options] [--strategy S]
@@ -156,28 +157,6 @@ def ring_all_reduce(tensor):
             else:
                 chunks[recv_idx].copy_(incoming)                   # a finished sum: overwrite, do not add
     return tensor
-    flat = tensor.view(-1)
-    chunks = list(flat.tensor_split(world))          # N chunks of ~P/N elements (views into `tensor`)
-    right, left = (rank + 1) % world, (rank - 1) % world
-    recv_buf = torch.empty_like(chunks[0])
-    # reduce-scatter phase: at step s rank r sends chunk (r - s) and accumulates chunk (r - s - 1)
-    for s in range(world - 1):
-        send_idx, recv_idx = (rank - s) % world, (rank - s - 1) % world
-        incoming = recv_buf[: chunks[recv_idx].numel()]        # chunks differ by one element when N ∤ P
-        # non-blocking send first: if every rank did a blocking send, all N would wait for a receiver at once
-        send = dist.isend(chunks[send_idx].contiguous(), right)
-        dist.recv(incoming, left)
-        send.wait()
-        chunks[recv_idx].add_(incoming)                          # partial sum grows by one rank's chunk
-    # now rank r holds the complete sum of chunk (r + 1); all-gather phase passes the finished chunks around
-    for s in range(world - 1):
-        send_idx, recv_idx = (rank + 1 - s) % world, (rank - s) % world
-        incoming = recv_buf[: chunks[recv_idx].numel()]
-        send = dist.isend(chunks[send_idx].contiguous(), right)
-        dist.recv(incoming, left)
-        send.wait()
-        chunks[recv_idx].copy_(incoming)                         # a finished sum: overwrite, do not add
-    return tensor
 
 
 # ---- 2. Data parallelism, three ways ----
@@ -203,18 +182,6 @@ def broadcast_module_(module, src=0):
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=src)
-
-
-def _clear_globally_unused(params, had_grad):
-    """A parameter no rank produced a gradient for must end with .grad None, as in single-process training (an
-    optimizer skips it; a zero gradient would still move it through momentum and weight decay). One tiny
-    all-reduce of 'had a gradient' flags, issued after all of the step's reductions, at the same place on every
-    rank."""
-    flags = torch.tensor(had_grad, dtype=torch.float32)
-    all_reduce_host(flags)
-    for p, f in zip(params, flags.tolist()):
-        if f == 0:
-            p.grad = None
 
 
 class NaiveDDP(nn.Module):
@@ -260,8 +227,6 @@ class DDP(NaiveDDP):
     layers first) and is rebuilt once, after the first step, from the order rank 0 saw gradients arrive in
     (broadcast so all ranks agree), as torch's DDP does."""
 
-    bucket_size_mb = 0.0  # 0: every parameter is its own bucket
-
     def __init__(self, module):
         super().__init__(module)            # NaiveDDP's: broadcast rank 0's weights, list the trainable params
         self._index = {id(p): i for i, p in enumerate(self._params)}
@@ -275,27 +240,13 @@ class DDP(NaiveDDP):
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     def _build_buckets(self, order):
-        """Group parameter indices (in launch order) into buckets of <= bucket_size_mb, one dtype each (a bucket is
-        sent as one flat tensor): greedy, close the bucket when the next parameter would overflow it."""
-        limit = self.bucket_size_mb * 2**20
-        buckets, cur, cur_bytes = [], [], 0
-        for i in order:
-            p = self._params[i]
-            nbytes = p.numel() * p.element_size()
-            if cur and (cur_bytes + nbytes > limit or p.dtype != self._params[cur[0]].dtype):
-                buckets.append(cur)
-                cur, cur_bytes = [], 0
-            cur.append(i)
-            cur_bytes += nbytes
-        if cur:
-            buckets.append(cur)
+        """Parameter indices, in launch order, grouped into buckets: here one parameter each (DDPBucketed, in the
+        menu, groups them)."""
+        self._set_buckets([[i] for i in order])
+
+    def _set_buckets(self, buckets):
         self._buckets = buckets
         self._bucket_of = {i: b for b, idxs in enumerate(buckets) for i in idxs}
-        # one flat send buffer per multi-parameter bucket, allocated once (not per step)
-        self._buffers = [None if len(idxs) == 1 else
-                         torch.empty(sum(self._params[i].numel() for i in idxs),
-                                     dtype=self._params[idxs[0]].dtype, device=self._params[idxs[0]].device)
-                         for idxs in buckets]
         self._reset_step_state()
 
     def _reset_step_state(self):
@@ -308,20 +259,17 @@ class DDP(NaiveDDP):
     def _launch(self, b):
         # Runs inside backward (a hook, on the autograd thread), so it is cheap: copy, launch the non-blocking
         # all-reduce, return; gloo/NCCL move the bytes on their own threads/streams while autograd goes on.
-        idxs = self._buckets[b]
-        for i in idxs:  # a parameter unused on this rank this step: contributes zeros (the ordering rule)
+        for i in self._buckets[b]:  # a parameter unused on this rank this step: contributes zeros (ordering rule)
             if self._params[i].grad is None:
                 self._params[i].grad = torch.zeros_like(self._params[i])
-        if self._buffers[b] is None:  # single parameter: reduce its .grad in place, no copy
-            tensor = self._params[idxs[0]].grad
-        else:  # flatten the bucket's grads into one contiguous buffer: one message instead of len(idxs)
-            tensor = self._buffers[b]
-            offset = 0
-            for i in idxs:
-                g = self._params[i].grad
-                tensor[offset: offset + g.numel()].copy_(g.view(-1))
-                offset += g.numel()
+        tensor = self._pack(b)
         self._handles[b] = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+
+    def _pack(self, b):
+        return self._params[self._buckets[b][0]].grad       # one parameter: reduce its .grad in place, no copy
+
+    def _unpack(self, b):
+        self._params[self._buckets[b][0]].grad.div_(self.world_size)
 
     def _launch_ready_in_order(self):
         """Launch every bucket that is complete AND whose predecessors are launched (the ordering rule)."""
@@ -359,19 +307,9 @@ class DDP(NaiveDDP):
         for b in range(len(self._buckets)):
             self._ready_count[b] = len(self._buckets[b])
         self._launch_ready_in_order()
-        for b, idxs in enumerate(self._buckets):
+        for b in range(len(self._buckets)):
             self._handles[b].wait()
-            # the reduced SUM -> the mean, copied back into each .grad (a view into the flat buffer would alias
-            # the next step's send buffer)
-            if self._buffers[b] is None:
-                self._params[idxs[0]].grad.div_(self.world_size)
-            else:
-                self._buffers[b].div_(self.world_size)
-                offset = 0
-                for i in idxs:
-                    g = self._params[i].grad
-                    g.view(-1).copy_(self._buffers[b][offset: offset + g.numel()])
-                    offset += g.numel()
+            self._unpack(b)                # the reduced SUM -> the mean, in each .grad
         _clear_globally_unused(self._params, had_grad)
         self.comm_wait_seconds += time.perf_counter() - t0
         if not self._order_rebuilt:    # the true arrival order is known now: rebuild the buckets, once
@@ -390,22 +328,6 @@ class DDP(NaiveDDP):
         dist.broadcast_object_list(box, src=0)
         self._build_buckets(box[0])
         self._observed_order = []
-
-
-class DDPBucketed(DDP):
-    """DDP with gradients grouped into buckets of about `bucket_size_mb` MB: one all-reduce per bucket, launched
-    when the bucket's last gradient arrives. Each message pays a fixed latency (alpha in t = alpha + bytes/beta):
-    with one bucket per parameter a transformer sends hundreds of messages per step, most of them tiny (a norm gain
-    is a few KB); with ONE bucket nothing is sent until backward is done (no overlap). torch's default, 25 MB, is a
-    few messages per step for a 100M-parameter model, each large enough to run at full bandwidth, and launched
-    while backward still runs. The price: a copy into/out of the flat buffer, and a bucket waits for its slowest
-    member."""
-
-    def __init__(self, module, bucket_size_mb=25.0):
-        if bucket_size_mb <= 0:
-            raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
-        self.bucket_size_mb = float(bucket_size_mb)   # read by DDP._build_buckets (a class attribute in DDP)
-        super().__init__(module)
 
 
 # ---- 3. ShardedOptimizer (ZeRO stage 1) ----
@@ -883,65 +805,6 @@ def reduce_from_tp(x, group):
     return x if dist.get_world_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
-# Sequence parallelism (Megatron-SP, Korthikanti et al. arXiv:2205.05198). Between the TP regions (norms, residual
-# adds, dropout) every TP rank above does the SAME work on the SAME (B, T, d) activations: tp copies of them in
-# memory. Split those along the sequence instead: each rank keeps (B, T/tp, d). The region edges change:
-#   f -> all-gather along T     (forward: the column layers need the full sequence; backward: reduce-scatter)
-#   g -> reduce-scatter along T (forward: sum the partial products AND keep only my T/tp rows; backward: all-gather)
-# all-reduce = reduce-scatter + all-gather, so the bytes on the wire are unchanged, while the activations between
-# regions and the norms' work shrink by tp. One new duty: a replicated norm weight now sees only T/tp positions on
-# each rank, so its gradient is a partial sum -- all-reduced over the TP group after backward.
-
-
-class _GatherSeq(torch.autograd.Function):
-    """All-gather along dim 1 (sequence) forward; reduce-scatter along dim 1 backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        _count("tp all-gather", x.numel() * len(parts))
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)                   # (B, T/tp, d) -> (B, T, d)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    """Reduce-scatter along dim 1 forward; all-gather along dim 1 backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)             # (B, T, d) partial sums -> (B, T/tp, d) full sums
-
-    @staticmethod
-    def backward(ctx, grad):
-        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
-        _count("tp all-gather", grad.numel() * len(parts))
-        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=1), None
-
-
-def _reduce_scatter_seq(x, group):
-    """(B, T, d) partial sums on every rank -> rank r's (B, T/tp, d) slice of their total (sequence chunk r)."""
-    chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=1)]
-    out = torch.empty_like(chunks[0])
-    _count("tp reduce-scatter", x.numel())
-    dist.reduce_scatter(out, chunks, group=group)        # rank r: sum over ranks of their chunk r
-    return out
-
-
-def gather_seq(x, group):
-    """SP's f: (B, T/tp, d) sequence shards -> the full (B, T, d) on every rank (backward: reduce-scatter)."""
-    return _GatherSeq.apply(x, group)
-
-
-def scatter_seq(x, group):
-    """SP's g: (B, T, d) partial sums -> this rank's (B, T/tp, d) shard of the total (backward: all-gather)."""
-    return _ScatterSeq.apply(x, group)
-
-
 def _shard_rows(t, rank, parts):
     """Rank's contiguous 1/parts of t along dim 0 (a copy, so the full tensor can be freed)."""
     return t.chunk(parts, dim=0)[rank].clone()
@@ -1033,51 +896,6 @@ class TPSwiGLU(nn.Module):
         return self.w2(M.silu(self.w1(x)) * self.w3(x))                 # element-wise on local units, then g
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over logits split along the vocabulary, without ever gathering them: (N, V/tp) per rank
-    holds (N, V) in all. With m = max over all V, the loss of a row is  log sum_j exp(z_j - m) + m - z_y:
-      1. m      = all-reduce MAX of the local row maxima                     (N numbers)
-      2. S      = all-reduce SUM of sum_{j local} exp(z_j - m)             (N numbers)
-      3. z_y    = all-reduce SUM of the target logit (zero on the ranks that do not hold y)   (N numbers)
-    3 all-reduces of N numbers instead of an all-gather of N*V. Backward needs no communication: dL/dz_j =
-    (softmax_j - [j == y]) / N, and softmax_j = exp(z_j - m) / S is computable from the local logits."""
-
-    @staticmethod
-    # Worked example, V = 4 split over 2 ranks, one row z = (1, 3 | 2, 0), target y = 2 (on rank 1): local maxima
-    # 3 and 2 -> m = 3; local sums e^-2 + e^0 and e^-1 + e^-3 -> S = 1.553; z_y = 2 from rank 1, 0 from rank 0;
-    # loss = log 1.553 + 3 - 2 = 1.440, the same as log_softmax over the four logits.
-    def forward(ctx, z, y, lo, group):                                  # z (N, V/tp) local logits, y (N,)
-        m = z.max(dim=-1).values.detach()
-        if dist.get_world_size(group) > 1:
-            _count("tp all-reduce", 3 * m.numel())                      # the three (N,) reductions below
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)           # 1.
-        e = torch.exp(z - m[:, None])                                   # (N, V/tp)
-        s = e.sum(dim=-1)
-        dist.all_reduce(s, group=group)                                 # 2.
-        local_y = y - lo
-        mine = (local_y >= 0) & (local_y < z.shape[1])
-        zy = z.gather(1, local_y.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1) * mine
-        dist.all_reduce(zy, group=group)                                # 3.
-        ctx.save_for_backward(e / s[:, None], local_y, mine)            # this rank's slice of the softmax
-        return (torch.log(s) + m - zy).mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        # d loss / d z_j = (softmax_j - [j == y]) / N for the mean over N rows. Each rank owns its V/tp columns of
-        # the softmax, and the "- 1" lands only on the rank whose columns hold y: no communication at all.
-        p, local_y, mine = ctx.saved_tensors
-        g = p.clone()
-        rows = torch.arange(p.shape[0], device=p.device)[mine]
-        g[rows, local_y[mine]] -= 1.0                                   # softmax - one_hot(y), on y's rank only
-        return g * (grad / p.shape[0]), None, None, None
-
-
-def vocab_parallel_cross_entropy(local_logits, targets, vocab_start, group):
-    """Mean cross-entropy of (..., V/tp) vocabulary-split logits (columns from vocab_start) against (...) ids."""
-    z = local_logits.reshape(-1, local_logits.shape[-1])
-    return _VocabParallelCrossEntropy.apply(z, targets.reshape(-1), vocab_start, group)
-
-
 # What a TP rank holds and sends, per step, for L layers, batch B x T, width d, vocabulary V, b bytes per number:
 #   parameters   attention 4 d^2 / tp (GQA: less), SwiGLU 3 d d_ff / tp, embedding and head V d / tp each; the norms
 #                (d numbers each) are replicated. Gradients and AdamW's moments split the same way, so the
@@ -1090,98 +908,7 @@ def vocab_parallel_cross_entropy(local_logits, targets, vocab_start, group):
 #                the norms' inputs (B T d) do not -- which is what SP fixes.
 
 
-# ---- 6. Ring attention (context parallelism) ----
-# Liu et al., "Ring Attention with Blockwise Transformers", arXiv:2310.01889.
-# Megatron-SP still gathers the whole sequence for attention. For long contexts, split attention itself along the
-# sequence: rank r keeps its queries and passes its K/V block around a ring; after p - 1 hops every rank has seen
-# every block and combined them with FlashAttention's online softmax (kernels.py does the same across tiles):
-#     per block:  s = q k^T / sqrt(dh) (masked),  m' = max(m, rowmax s),  a = exp(m - m'),
-#                 l' = a l + rowsum exp(s - m'),  o' = a o + exp(s - m') v;     output = o / l at the end
-# (exact: the running max only shifts exponents, and every block's terms are rescaled to the same max).
-# Causal load balancing: with plain contiguous chunks rank 0's queries see one block and rank p-1's see p (rank 0
-# idles). Cut the sequence into 2p chunks and give rank i chunks i and 2p-1-i: every rank then holds one early and
-# one late chunk and does the same amount of unmasked work. A sequence that does not fill 2p equal chunks is padded
-# at the end; padded keys are masked out and padded queries' outputs dropped.
-# Communication: each hop moves one K and one V block (2 B H (T/p) dh numbers), overlappable with the block's math;
-# activations per rank are T/p long, so the context length grows with the number of ranks.
-
-
-def ring_layout(T, world, rank):
-    """Global positions (padded length T_pad = 2 p ceil(T / 2p)) held by `rank`: chunks rank and 2p-1-rank."""
-    c = -(-T // (2 * world))                                    # chunk length, ceil(T / 2p)
-    lo, hi = rank * c, (2 * world - 1 - rank) * c
-    return torch.cat([torch.arange(lo, lo + c), torch.arange(hi, hi + c)])
-
-
-def ring_shard(x, world, rank, dim=-2):
-    """This rank's rows of x along `dim` under ring_layout (zero rows where the position is padding)."""
-    T = x.shape[dim]
-    pos = ring_layout(T, world, rank)
-    pad_shape = list(x.shape)
-    pad_shape[dim] = 2 * world * (-(-T // (2 * world))) - T
-    x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-    return x.index_select(dim, pos.to(x.device))
-
-
-class _RingPass(torch.autograd.Function):
-    """Forward: send x to the next rank, return the previous rank's x. Backward: the reverse hop for gradients."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _ring_hop(x, group, +1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ring_hop(grad, ctx.group, -1), None
-
-
-def _ring_hop(x, group, step):
-    """Send x to the rank `step` places along the ring, return what arrives from `step` places back."""
-    # (step +1 in forward: K/V move right; -1 in backward: their gradients travel back left to their owners)
-    ranks = dist.get_process_group_ranks(group)
-    i = ranks.index(dist.get_rank())
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    send = dist.isend(x, ranks[(i + step) % len(ranks)])     # isend: every rank sends and receives at once
-    dist.recv(out, ranks[(i - step) % len(ranks)])
-    send.wait()
-    return out
-
-
-# Memory and backward: this version lets autograd record every hop, so backward keeps all p K/V blocks (T long in
-# total, like an all-gather) and sends their gradients back around the ring hop by hop. Production ring attention
-# (and FlashAttention) instead save only q, the output and the log-sum-exp, and recompute each block in a second ring
-# pass during backward, so K/V memory stays at T/p; the arithmetic (and this function's result) are the same.
-
-
-def ring_attention(q, k, v, T, group=None):
-    """Causal attention over a sequence of true length T split by ring_layout: q, k, v (B, H, T_local, dh) are this
-    rank's rows (ring_shard). Returns this rank's output rows (B, H, T_local, dh). Differentiable (the K/V hops
-    are autograd functions, so backward sends the K/V gradients back around the ring)."""
-    group = group if group is not None else dist.group.WORLD
-    p, r = dist.get_world_size(group), dist.get_rank(group)
-    q_pos = ring_layout(T, p, r).to(q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    m = q.new_full(q.shape[:-1] + (1,), -math.inf)              # running row max    (B, H, Tl, 1)
-    l = q.new_zeros(q.shape[:-1] + (1,))                        # running row sum    (B, H, Tl, 1)
-    o = torch.zeros_like(q)                                     # running numerator  (B, H, Tl, dh)
-    for hop in range(p):
-        src = (r - hop) % p                                     # whose K/V block we hold at this hop
-        k_pos = ring_layout(T, p, src).to(q.device)
-        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < T)   # causal, and no padded keys
-        if mask.any():                                          # (a block entirely in the future costs nothing)
-            s = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, -math.inf)
-            m_new = torch.maximum(m, s.detach().amax(-1, keepdim=True))   # the max is a shift: no gradient needed
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)   # rows with no key yet
-            a = torch.exp(m - m_safe)                           # rescales what was accumulated under the old max
-            e = torch.exp(s - m_safe)
-            l, o, m = a * l + e.sum(-1, keepdim=True), a * o + e @ v, m_new
-        if hop < p - 1:
-            k, v = _RingPass.apply(k, group), _RingPass.apply(v, group)
-    return o / l
-
-
-# ---- 7. Pipeline parallelism: split the model by layers, stream micro-batches through the stages ----
+# ---- 6. Pipeline parallelism: split the model by layers, stream micro-batches through the stages ----
 # Stage s of p holds a contiguous run of layers (the first also the embedding, the last the final norm, the LM
 # head and the loss). A batch is cut into m micro-batches; stage s receives micro-batch i's activations (b, T, d)
 # from stage s-1, runs its layers, sends the result on to s+1; backward sends dL/d(activations) the other way.
@@ -1250,87 +977,186 @@ def simulate_pipeline(schedule, num_stages, num_micro, t_forward=1, t_backward=2
     return done, makespan, 1 - busy / makespan
 
 
-def format_timeline(events, num_stages, makespan, unit=1.0, width=3):
-    """An ASCII timeline, one row per stage, one cell per `unit` of time: F3 = forward of micro-batch 3,
-    B3 its backward, .. idle (the bubble). events {(s, kind, i): (start, end)}, in any time unit."""
-    # With simulate_pipeline's default costs (backward = 2 forwards) a backward fills two cells; measured events
-    # (seconds from run_pipeline's `events`) work the same with unit = the length of one cell in seconds.
-    cols = max(1, int(round(makespan / unit)))
-    rows = []
-    for s in range(num_stages):
-        cells = [".." .ljust(width - 1)] * cols
-        for (es, kind, i), (t0, t1) in events.items():
-            if es == s:
-                for c in range(int(round(t0 / unit)), max(int(round(t1 / unit)), int(round(t0 / unit)) + 1)):
-                    cells[min(c, cols - 1)] = f"{kind}{i}".ljust(width - 1)[:width - 1]
-        rows.append(f"stage {s} | " + " ".join(cells))
-    return "\n".join(rows)
+# ===== Menu: gradient buckets =====
+# DDPBucketed is the core's DDP with one change: `_build_buckets` groups several parameters into one bucket, sent as
+# one flat tensor (`_pack` / `_unpack`). The hooks, the launch order and its rebuild are DDP's, unchanged.
 
 
-# Executing a schedule. Each action is either F(i) -- receive micro-batch i's activations (a blocking recv: the
-# bubble shows up as time spent here), run the stage, send the result on -- or B(i) -- receive dL/d(output), run
-# backward through the stage, send dL/d(input) back. The received activations are made leaves with
-# requires_grad, so backward stops at the stage boundary and their .grad is exactly what the previous stage needs.
-# Sends are non-blocking (isend), waited for at the end: in 1F1B two neighbours can both be sending (activations
-# forward, gradients backward) at the same moment, and two blocking sends would wait for each other forever.
-# Tags (i for activations, m + i for gradients) name each message, so a receive can never pick up the wrong one.
+class DDPBucketed(DDP):
+    """DDP with gradients grouped into buckets of about `bucket_size_mb` MB: one all-reduce per bucket, launched
+    when the bucket's last gradient arrives. Each message pays a fixed latency (alpha in t = alpha + bytes/beta):
+    with one bucket per parameter a transformer sends hundreds of messages per step, most of them tiny (a norm gain
+    is a few KB); with ONE bucket nothing is sent until backward is done (no overlap). torch's default, 25 MB, is a
+    few messages per step for a 100M-parameter model, each large enough to run at full bandwidth, and launched
+    while backward still runs. The price: a copy into/out of the flat buffer, and a bucket waits for its slowest
+    member."""
+
+    def __init__(self, module, bucket_size_mb=25.0):
+        if bucket_size_mb <= 0:
+            raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
+        self.bucket_size_mb = float(bucket_size_mb)   # read by DDP._build_buckets (a class attribute in DDP)
+        super().__init__(module)
 
 
-def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None, scale=1.0):
-    """One training step's forward and backward through the pipeline on the ranks `ranks` (global ranks, stage s
-    = ranks[s]); xs, ys: the m micro-batches (every stage gets them; only the first reads xs, the last ys).
-    Accumulates the batch-mean gradient in .grad; returns the mean loss on the last stage (None elsewhere).
-    events: a list to append (kind, i, t_start, t_end) of this rank's compute to (for the measured bubble).
-    scale: the backward runs on scale * loss (gradient accumulation: 1 / grad_accum); the returned loss is unscaled."""
-    p, m, s = len(ranks), len(xs), ranks.index(dist.get_rank())
-    prev, nxt = (ranks[s - 1] if s > 0 else None), (ranks[s + 1] if s < p - 1 else None)
-    inputs, outputs, sends, total = {}, {}, [], 0.0
-    act_shape = stage_module.activation_shape(xs[0].shape[0], xs[0].shape[1])
-    dtype = next(stage_module.parameters()).dtype
-    for kind, i in SCHEDULES[schedule](p, m, s):
-        if kind == "F":
-            if prev is None:
-                inp = xs[i]
-            else:                                           # micro-batch i's activations from the previous stage
-                inp = torch.empty(act_shape, dtype=dtype, device=xs[i].device)
-                dist.recv(inp, prev, tag=i)
-                inp.requires_grad_(True)
-            t0 = time.perf_counter()
-            out = stage_module(inp, ys[i] if nxt is None else None)
-            if nxt is None:
-                out = out / m                               # mean over micro-batches = the full batch's mean loss
-                total += float(out.detach())
-                if scale != 1.0:
-                    out = out * scale                       # (the gradient of scale * loss flows back to stage 0)
-            else:                                           # isend: a blocking send could wait for a peer that is
-                _count("pp send", out.numel())
-                sends.append(dist.isend(out.detach().contiguous(), nxt, tag=i))   # itself blocked sending to us
-            inputs[i], outputs[i] = inp, out
-            if events is not None:
-                events.append(("F", i, t0, time.perf_counter()))
-        else:
-            grad = None
-            if nxt is not None:                             # dL/d(my output) from the next stage
-                grad = torch.empty_like(outputs[i])
-                dist.recv(grad, nxt, tag=m + i)
-            t0 = time.perf_counter()
-            torch.autograd.backward(outputs.pop(i), grad)   # activations of micro-batch i are freed here
-            inp = inputs.pop(i)
-            if events is not None:
-                events.append(("B", i, t0, time.perf_counter()))
-            if prev is not None:
-                _count("pp send", inp.grad.numel())
-                sends.append(dist.isend(inp.grad.contiguous(), prev, tag=m + i))
-    for w in sends:
-        w.wait()
-    return total if nxt is None else None
 
 
-# ===== Menu: whole models split by tensors and by layers =====
-# The TP layers of section 5 and the pipeline of section 7 assembled into whole TransformerLMs, each built from a
-# FULL state dict: TPTransformerLM (a tp group; optionally SP, optionally one pipeline stage) and PipelineStage (a
-# run of whole layers). They plug in where a model goes: the mesh (plumbing) builds one per rank, run_pipeline drives
-# either as a stage.
+    def _build_buckets(self, order):
+        """Group parameter indices (in launch order) into buckets of <= bucket_size_mb, one dtype each (a bucket is
+        sent as one flat tensor): greedy, close the bucket when the next parameter would overflow it."""
+        limit = self.bucket_size_mb * 2**20
+        buckets, cur, cur_bytes = [], [], 0
+        for i in order:
+            p = self._params[i]
+            nbytes = p.numel() * p.element_size()
+            if cur and (cur_bytes + nbytes > limit or p.dtype != self._params[cur[0]].dtype):
+                buckets.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(i)
+            cur_bytes += nbytes
+        if cur:
+            buckets.append(cur)
+        # one flat send buffer per multi-parameter bucket, allocated once (not per step)
+        self._buffers = [None if len(idxs) == 1 else
+                         torch.empty(sum(self._params[i].numel() for i in idxs),
+                                     dtype=self._params[idxs[0]].dtype, device=self._params[idxs[0]].device)
+                         for idxs in buckets]
+        self._set_buckets(buckets)
+
+    def _pack(self, b):
+        """Flatten the bucket's grads into its contiguous buffer: one message instead of len(bucket)."""
+        if self._buffers[b] is None:
+            return super()._pack(b)
+        offset = 0
+        for i in self._buckets[b]:
+            g = self._params[i].grad
+            self._buffers[b][offset: offset + g.numel()].copy_(g.view(-1))
+            offset += g.numel()
+        return self._buffers[b]
+
+    def _unpack(self, b):
+        """The reduced SUM -> the mean, copied back into each .grad (a view into the flat buffer would alias the
+        next step's send buffer)."""
+        if self._buffers[b] is None:
+            return super()._unpack(b)
+        self._buffers[b].div_(self.world_size)
+        offset = 0
+        for i in self._buckets[b]:
+            g = self._params[i].grad
+            g.view(-1).copy_(self._buffers[b][offset: offset + g.numel()])
+            offset += g.numel()
+
+
+# ===== Menu: torch's FSDP2 (the fast path of FSDP) =====
+# `--strategy torch-fsdp`: torch's own fully sharded data parallelism (FSDP2, `fully_shard`, the engine torchtitan
+# runs on) behind the interface of the core's FSDP: the same train.py hooks, the same consolidated checkpoints. A
+# test holds its loss and every gradient equal to FSDP's and to one process.
+
+
+class TorchFSDP(nn.Module):
+    """`TorchFSDP(module, compute_dtype=None)`: fully_shard on every transformer block, then on the root (the
+    embedding, final norm and head), so each block's parameters are one all-gather / one reduce-scatter, as FSDP's
+    paper groups them. Every parameter becomes a DTensor sharded by rows (Shard(0)) over the ranks. compute_dtype
+    (bf16/fp16): MixedPrecisionPolicy gathers and computes in it, reduces gradients in fp32, returns fp32 logits;
+    the sharded master weights, gradients and optimizer state stay fp32, as in our FSDP."""
+
+    def __init__(self, module, compute_dtype=None):
+        super().__init__()
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        broadcast_module_(module)           # every rank shards the same weights (rank 0's initialization)
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for block in getattr(module, "layers", []):     # (a module without blocks: one group, the root)
+            fully_shard(block, mp_policy=mp)
+        fully_shard(module, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                           output_dtype=torch.float32 if compute_dtype else None))
+        self.module = module                # (sharded in place: model.parameters() are the DTensor shards)
+        self.comm_wait_seconds = 0.0        # (FSDP2 waits inside forward/backward: not measured separately)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        # like our FSDP: every micro-batch's gradient is reduce-scattered at once, the shards accumulate
+        return contextlib.nullcontext()
+
+    def finish_gradient_synchronization(self):
+        pass    # FSDP2 reduce-scatters (and averages) each block's gradients during backward
+
+
+def _is_dtensor(t):
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+# ===== Menu: sequence parallelism =====
+# Megatron-SP: the f/g operators of the core's tensor parallelism, re-cut along the sequence. RowParallelLinear,
+# TPAttention and TPSwiGLU call these in place of copy_to_tp / reduce_from_tp when built with
+# sequence_parallel=True; TPTransformerLM (next menu) then keeps (B, T/tp, d) activations between the regions.
+
+
+# Sequence parallelism (Megatron-SP, Korthikanti et al. arXiv:2205.05198). Between the TP regions (norms, residual
+# adds, dropout) every TP rank above does the SAME work on the SAME (B, T, d) activations: tp copies of them in
+# memory. Split those along the sequence instead: each rank keeps (B, T/tp, d). The region edges change:
+#   f -> all-gather along T     (forward: the column layers need the full sequence; backward: reduce-scatter)
+#   g -> reduce-scatter along T (forward: sum the partial products AND keep only my T/tp rows; backward: all-gather)
+# all-reduce = reduce-scatter + all-gather, so the bytes on the wire are unchanged, while the activations between
+# regions and the norms' work shrink by tp. One new duty: a replicated norm weight now sees only T/tp positions on
+# each rank, so its gradient is a partial sum -- all-reduced over the TP group after backward.
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along dim 1 (sequence) forward; reduce-scatter along dim 1 backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        _count("tp all-gather", x.numel() * len(parts))
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)                   # (B, T/tp, d) -> (B, T, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Reduce-scatter along dim 1 forward; all-gather along dim 1 backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)             # (B, T, d) partial sums -> (B, T/tp, d) full sums
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
+        _count("tp all-gather", grad.numel() * len(parts))
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=1), None
+
+
+def _reduce_scatter_seq(x, group):
+    """(B, T, d) partial sums on every rank -> rank r's (B, T/tp, d) slice of their total (sequence chunk r)."""
+    chunks = [c.contiguous() for c in x.chunk(dist.get_world_size(group), dim=1)]
+    out = torch.empty_like(chunks[0])
+    _count("tp reduce-scatter", x.numel())
+    dist.reduce_scatter(out, chunks, group=group)        # rank r: sum over ranks of their chunk r
+    return out
+
+
+def gather_seq(x, group):
+    """SP's f: (B, T/tp, d) sequence shards -> the full (B, T, d) on every rank (backward: reduce-scatter)."""
+    return _GatherSeq.apply(x, group)
+
+
+def scatter_seq(x, group):
+    """SP's g: (B, T, d) partial sums -> this rank's (B, T/tp, d) shard of the total (backward: all-gather)."""
+    return _ScatterSeq.apply(x, group)
+
+
+# ===== Menu: model parallelism =====
+# The core's TP layers and pipeline schedules assembled into whole TransformerLMs, each built from a FULL state
+# dict: TPTransformerLM (a tp group; optionally SP, optionally one pipeline stage, with the vocabulary split for
+# the embedding and the loss) and PipelineStage (a run of whole layers), and run_pipeline, the executor that
+# drives either as a stage. The mesh (plumbing) builds one per rank.
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -1350,6 +1176,51 @@ class VocabParallelEmbedding(nn.Module):
         mine = (local >= 0) & (local < self.weight.shape[0])
         rows = self.weight[local.clamp(0, self.weight.shape[0] - 1)] * mine[..., None]   # zeros off this rank
         return scatter_seq(rows, self.group) if self.sp else reduce_from_tp(rows, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over logits split along the vocabulary, without ever gathering them: (N, V/tp) per rank
+    holds (N, V) in all. With m = max over all V, the loss of a row is  log sum_j exp(z_j - m) + m - z_y:
+      1. m      = all-reduce MAX of the local row maxima                     (N numbers)
+      2. S      = all-reduce SUM of sum_{j local} exp(z_j - m)             (N numbers)
+      3. z_y    = all-reduce SUM of the target logit (zero on the ranks that do not hold y)   (N numbers)
+    3 all-reduces of N numbers instead of an all-gather of N*V. Backward needs no communication: dL/dz_j =
+    (softmax_j - [j == y]) / N, and softmax_j = exp(z_j - m) / S is computable from the local logits."""
+
+    @staticmethod
+    # Worked example, V = 4 split over 2 ranks, one row z = (1, 3 | 2, 0), target y = 2 (on rank 1): local maxima
+    # 3 and 2 -> m = 3; local sums e^-2 + e^0 and e^-1 + e^-3 -> S = 1.553; z_y = 2 from rank 1, 0 from rank 0;
+    # loss = log 1.553 + 3 - 2 = 1.440, the same as log_softmax over the four logits.
+    def forward(ctx, z, y, lo, group):                                  # z (N, V/tp) local logits, y (N,)
+        m = z.max(dim=-1).values.detach()
+        if dist.get_world_size(group) > 1:
+            _count("tp all-reduce", 3 * m.numel())                      # the three (N,) reductions below
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)           # 1.
+        e = torch.exp(z - m[:, None])                                   # (N, V/tp)
+        s = e.sum(dim=-1)
+        dist.all_reduce(s, group=group)                                 # 2.
+        local_y = y - lo
+        mine = (local_y >= 0) & (local_y < z.shape[1])
+        zy = z.gather(1, local_y.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1) * mine
+        dist.all_reduce(zy, group=group)                                # 3.
+        ctx.save_for_backward(e / s[:, None], local_y, mine)            # this rank's slice of the softmax
+        return (torch.log(s) + m - zy).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        # d loss / d z_j = (softmax_j - [j == y]) / N for the mean over N rows. Each rank owns its V/tp columns of
+        # the softmax, and the "- 1" lands only on the rank whose columns hold y: no communication at all.
+        p, local_y, mine = ctx.saved_tensors
+        g = p.clone()
+        rows = torch.arange(p.shape[0], device=p.device)[mine]
+        g[rows, local_y[mine]] -= 1.0                                   # softmax - one_hot(y), on y's rank only
+        return g * (grad / p.shape[0]), None, None, None
+
+
+def vocab_parallel_cross_entropy(local_logits, targets, vocab_start, group):
+    """Mean cross-entropy of (..., V/tp) vocabulary-split logits (columns from vocab_start) against (...) ids."""
+    z = local_logits.reshape(-1, local_logits.shape[-1])
+    return _VocabParallelCrossEntropy.apply(z, targets.reshape(-1), vocab_start, group)
 
 
 # Switches the TP model leaves out, and why each needs more than a split: QK-norm's per-head-dim gain is shared by all
@@ -1523,10 +1394,177 @@ class PipelineStage(nn.Module):
         return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1))
 
 
-# ===== Menu: context parallelism for a whole model =====
-# ContextParallelLM: section 6's ring_attention inside every layer of a whole TransformerLM, every other piece run
-# per token. It plugs in where a DP wrapper does: forward(ids, targets) -> this rank's share of the loss, backward,
-# then finish_gradient_synchronization(); the (dp, tp, pp) mesh does not use it.
+# Executing a schedule. Each action is either F(i) -- receive micro-batch i's activations (a blocking recv: the
+# bubble shows up as time spent here), run the stage, send the result on -- or B(i) -- receive dL/d(output), run
+# backward through the stage, send dL/d(input) back. The received activations are made leaves with
+# requires_grad, so backward stops at the stage boundary and their .grad is exactly what the previous stage needs.
+# Sends are non-blocking (isend), waited for at the end: in 1F1B two neighbours can both be sending (activations
+# forward, gradients backward) at the same moment, and two blocking sends would wait for each other forever.
+# Tags (i for activations, m + i for gradients) name each message, so a receive can never pick up the wrong one.
+
+
+def run_pipeline(stage_module, ranks, xs, ys, schedule="1f1b", events=None, scale=1.0):
+    """One training step's forward and backward through the pipeline on the ranks `ranks` (global ranks, stage s
+    = ranks[s]); xs, ys: the m micro-batches (every stage gets them; only the first reads xs, the last ys).
+    Accumulates the batch-mean gradient in .grad; returns the mean loss on the last stage (None elsewhere).
+    events: a list to append (kind, i, t_start, t_end) of this rank's compute to (for the measured bubble).
+    scale: the backward runs on scale * loss (gradient accumulation: 1 / grad_accum); the returned loss is unscaled."""
+    p, m, s = len(ranks), len(xs), ranks.index(dist.get_rank())
+    prev, nxt = (ranks[s - 1] if s > 0 else None), (ranks[s + 1] if s < p - 1 else None)
+    inputs, outputs, sends, total = {}, {}, [], 0.0
+    act_shape = stage_module.activation_shape(xs[0].shape[0], xs[0].shape[1])
+    dtype = next(stage_module.parameters()).dtype
+    for kind, i in SCHEDULES[schedule](p, m, s):
+        if kind == "F":
+            if prev is None:
+                inp = xs[i]
+            else:                                           # micro-batch i's activations from the previous stage
+                inp = torch.empty(act_shape, dtype=dtype, device=xs[i].device)
+                dist.recv(inp, prev, tag=i)
+                inp.requires_grad_(True)
+            t0 = time.perf_counter()
+            out = stage_module(inp, ys[i] if nxt is None else None)
+            if nxt is None:
+                out = out / m                               # mean over micro-batches = the full batch's mean loss
+                total += float(out.detach())
+                if scale != 1.0:
+                    out = out * scale                       # (the gradient of scale * loss flows back to stage 0)
+            else:                                           # isend: a blocking send could wait for a peer that is
+                _count("pp send", out.numel())
+                sends.append(dist.isend(out.detach().contiguous(), nxt, tag=i))   # itself blocked sending to us
+            inputs[i], outputs[i] = inp, out
+            if events is not None:
+                events.append(("F", i, t0, time.perf_counter()))
+        else:
+            grad = None
+            if nxt is not None:                             # dL/d(my output) from the next stage
+                grad = torch.empty_like(outputs[i])
+                dist.recv(grad, nxt, tag=m + i)
+            t0 = time.perf_counter()
+            torch.autograd.backward(outputs.pop(i), grad)   # activations of micro-batch i are freed here
+            inp = inputs.pop(i)
+            if events is not None:
+                events.append(("B", i, t0, time.perf_counter()))
+            if prev is not None:
+                _count("pp send", inp.grad.numel())
+                sends.append(dist.isend(inp.grad.contiguous(), prev, tag=m + i))
+    for w in sends:
+        w.wait()
+    return total if nxt is None else None
+
+
+def format_timeline(events, num_stages, makespan, unit=1.0, width=3):
+    """An ASCII timeline, one row per stage, one cell per `unit` of time: F3 = forward of micro-batch 3,
+    B3 its backward, .. idle (the bubble). events {(s, kind, i): (start, end)}, in any time unit."""
+    # With simulate_pipeline's default costs (backward = 2 forwards) a backward fills two cells; measured events
+    # (seconds from run_pipeline's `events`) work the same with unit = the length of one cell in seconds.
+    cols = max(1, int(round(makespan / unit)))
+    rows = []
+    for s in range(num_stages):
+        cells = [".." .ljust(width - 1)] * cols
+        for (es, kind, i), (t0, t1) in events.items():
+            if es == s:
+                for c in range(int(round(t0 / unit)), max(int(round(t1 / unit)), int(round(t0 / unit)) + 1)):
+                    cells[min(c, cols - 1)] = f"{kind}{i}".ljust(width - 1)[:width - 1]
+        rows.append(f"stage {s} | " + " ".join(cells))
+    return "\n".join(rows)
+
+
+# ===== Menu: context parallelism (ring attention) =====
+# Split attention itself along the sequence: ring_attention passes K/V blocks around a ring of ranks, and
+# ContextParallelLM runs it inside every layer of a whole TransformerLM, every other piece per token. It plugs in
+# where a DP wrapper does (forward, backward, finish_gradient_synchronization); the (dp, tp, pp) mesh does not
+# use it.
+
+
+# Liu et al., "Ring Attention with Blockwise Transformers", arXiv:2310.01889.
+# Megatron-SP still gathers the whole sequence for attention. For long contexts, split attention itself along the
+# sequence: rank r keeps its queries and passes its K/V block around a ring; after p - 1 hops every rank has seen
+# every block and combined them with FlashAttention's online softmax (kernels.py does the same across tiles):
+#     per block:  s = q k^T / sqrt(dh) (masked),  m' = max(m, rowmax s),  a = exp(m - m'),
+#                 l' = a l + rowsum exp(s - m'),  o' = a o + exp(s - m') v;     output = o / l at the end
+# (exact: the running max only shifts exponents, and every block's terms are rescaled to the same max).
+# Causal load balancing: with plain contiguous chunks rank 0's queries see one block and rank p-1's see p (rank 0
+# idles). Cut the sequence into 2p chunks and give rank i chunks i and 2p-1-i: every rank then holds one early and
+# one late chunk and does the same amount of unmasked work. A sequence that does not fill 2p equal chunks is padded
+# at the end; padded keys are masked out and padded queries' outputs dropped.
+# Communication: each hop moves one K and one V block (2 B H (T/p) dh numbers), overlappable with the block's math;
+# activations per rank are T/p long, so the context length grows with the number of ranks.
+
+
+def ring_layout(T, world, rank):
+    """Global positions (padded length T_pad = 2 p ceil(T / 2p)) held by `rank`: chunks rank and 2p-1-rank."""
+    c = -(-T // (2 * world))                                    # chunk length, ceil(T / 2p)
+    lo, hi = rank * c, (2 * world - 1 - rank) * c
+    return torch.cat([torch.arange(lo, lo + c), torch.arange(hi, hi + c)])
+
+
+def ring_shard(x, world, rank, dim=-2):
+    """This rank's rows of x along `dim` under ring_layout (zero rows where the position is padding)."""
+    T = x.shape[dim]
+    pos = ring_layout(T, world, rank)
+    pad_shape = list(x.shape)
+    pad_shape[dim] = 2 * world * (-(-T // (2 * world))) - T
+    x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+    return x.index_select(dim, pos.to(x.device))
+
+
+class _RingPass(torch.autograd.Function):
+    """Forward: send x to the next rank, return the previous rank's x. Backward: the reverse hop for gradients."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _ring_hop(x, group, +1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ring_hop(grad, ctx.group, -1), None
+
+
+def _ring_hop(x, group, step):
+    """Send x to the rank `step` places along the ring, return what arrives from `step` places back."""
+    # (step +1 in forward: K/V move right; -1 in backward: their gradients travel back left to their owners)
+    ranks = dist.get_process_group_ranks(group)
+    i = ranks.index(dist.get_rank())
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    send = dist.isend(x, ranks[(i + step) % len(ranks)])     # isend: every rank sends and receives at once
+    dist.recv(out, ranks[(i - step) % len(ranks)])
+    send.wait()
+    return out
+
+
+# Memory and backward: this version lets autograd record every hop, so backward keeps all p K/V blocks (T long in
+# total, like an all-gather) and sends their gradients back around the ring hop by hop. Production ring attention
+# (and FlashAttention) instead save only q, the output and the log-sum-exp, and recompute each block in a second ring
+# pass during backward, so K/V memory stays at T/p; the arithmetic (and this function's result) are the same.
+
+
+def ring_attention(q, k, v, T, group=None):
+    """Causal attention over a sequence of true length T split by ring_layout: q, k, v (B, H, T_local, dh) are this
+    rank's rows (ring_shard). Returns this rank's output rows (B, H, T_local, dh). Differentiable (the K/V hops
+    are autograd functions, so backward sends the K/V gradients back around the ring)."""
+    group = group if group is not None else dist.group.WORLD
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    q_pos = ring_layout(T, p, r).to(q.device)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    m = q.new_full(q.shape[:-1] + (1,), -math.inf)              # running row max    (B, H, Tl, 1)
+    l = q.new_zeros(q.shape[:-1] + (1,))                        # running row sum    (B, H, Tl, 1)
+    o = torch.zeros_like(q)                                     # running numerator  (B, H, Tl, dh)
+    for hop in range(p):
+        src = (r - hop) % p                                     # whose K/V block we hold at this hop
+        k_pos = ring_layout(T, p, src).to(q.device)
+        mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < T)   # causal, and no padded keys
+        if mask.any():                                          # (a block entirely in the future costs nothing)
+            s = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, -math.inf)
+            m_new = torch.maximum(m, s.detach().amax(-1, keepdim=True))   # the max is a shift: no gradient needed
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)   # rows with no key yet
+            a = torch.exp(m - m_safe)                           # rescales what was accumulated under the old max
+            e = torch.exp(s - m_safe)
+            l, o, m = a * l + e.sum(-1, keepdim=True), a * o + e @ v, m_new
+        if hop < p - 1:
+            k, v = _RingPass.apply(k, group), _RingPass.apply(v, group)
+    return o / l
 
 
 # Context parallelism for a whole model. Attention is the only sublayer where tokens meet; everything else in a
@@ -1609,6 +1647,18 @@ class ContextParallelLM(nn.Module):
 # Process groups, the local launcher, helpers that make every rank agree or fail together, data preparation on N
 # ranks, and the consolidated checkpoint format.
 #
+def _clear_globally_unused(params, had_grad):
+    """A parameter no rank produced a gradient for must end with .grad None, as in single-process training (an
+    optimizer skips it; a zero gradient would still move it through momentum and weight decay). One tiny
+    all-reduce of 'had a gradient' flags, issued after all of the step's reductions, at the same place on every
+    rank."""
+    flags = torch.tensor(had_grad, dtype=torch.float32)
+    all_reduce_host(flags)
+    for p, f in zip(params, flags.tolist()):
+        if f == 0:
+            p.grad = None
+
+
 # torchrun starts N copies of this script and tells each one who it is through environment variables:
 #   RANK (0..N-1 over all machines), LOCAL_RANK (index on this machine -> which GPU), WORLD_SIZE (N),
 #   MASTER_ADDR/MASTER_PORT (where rank 0's rendezvous store listens).
@@ -1868,13 +1918,14 @@ def shard_optimizer(opt):
     return ShardedOptimizer([dict(g) for g in opt.param_groups], type(opt), **kwargs)
 
 
-FSDP_MUON_ERROR = ("--strategy fsdp shards weight matrices by rows, and Muon and SOAP precondition whole matrices: "
-                   "use --optimizer adamw with fsdp (or --strategy zero1, which keeps whole parameters)")
+FSDP_MUON_ERROR = ("--strategy fsdp and torch-fsdp shard weight matrices by rows, and Muon and SOAP precondition "
+                   "whole matrices: use --optimizer adamw with them (or --strategy zero1, which keeps whole "
+                   "parameters)")
 
 
 def build_strategy_optimizer(model, run_model, strategy, cfg):
     """train.py's optimizer over what the strategy trains: FSDP's shards + replicated params, ZeRO-1 sharded."""
-    if strategy == "fsdp":
+    if strategy in SHARDED:
         if cfg.optimizer == "muon":
             raise ValueError(FSDP_MUON_ERROR)
         return T.build_optimizer(run_model, cfg)  # over the shards and the replicated params
@@ -2082,8 +2133,11 @@ def _checkpoint_hooks(*, strategy, G, world, device, out, budget):
             raise ValueError(f"checkpoint {out / 'ckpt.pt'}: optimizer parameter order differs at index {diff} "
                              f"({saved_names[diff:diff + 1]} vs {names[diff:diff + 1]}); was it written "
                              f"with a different --optimizer?")
-        if ckpt.get("optimizer") is not None:
-            load_full_optimizer_state(optimizer, run_model, ckpt["optimizer"])
+        full_sd = ckpt.get("optimizer")
+        if full_sd is None and ckpt.get("optimizer_by_name"):     # a --tp/--pp checkpoint: AdamW's by name
+            full_sd = _adamw_state_by_position(ckpt["optimizer_by_name"], names, optimizer)
+        if full_sd is not None:
+            load_full_optimizer_state(optimizer, run_model, full_sd)
 
     def checkpoint_state(model, run_model, optimizer):
         # consolidated, whatever the strategy: any world size and strategy can resume it (collective for
@@ -2094,7 +2148,7 @@ def _checkpoint_hooks(*, strategy, G, world, device, out, budget):
 
     def full_model(model, run_model):
         # the samples at the end need the whole model on rank 0; only FSDP has to gather it (collectively)
-        if not isinstance(run_model, FSDP):
+        if not isinstance(run_model, (FSDP, TorchFSDP)):
             return model
         sd = full_model_state(model, run_model)  # collective; then a plain copy for generation
         plain = M.TransformerLM.from_config(model.config).to(device)
@@ -2106,6 +2160,26 @@ def _checkpoint_hooks(*, strategy, G, world, device, out, budget):
 
 # Consolidated checkpoints: whatever the strategy, the file holds the full model under its original names and the
 # optimizer state of the equivalent unsharded optimizer, so any world size and strategy can resume it.
+
+
+def _adamw_state_by_position(by_name, names, opt):
+    """A mesh checkpoint's AdamW state {parameter name: {step, exp_avg, exp_avg_sq}} as the consolidated state of
+    this run's optimizer (keyed by position; `names` in optimizer order), if that optimizer is AdamW. None
+    otherwise: Muon's or SOAP's state cannot be made from AdamW's, so they start fresh."""
+    cls = opt.optimizer_cls if isinstance(opt, ShardedOptimizer) else type(opt)
+    if not issubclass(cls, (T.AdamW, torch.optim.AdamW)) or not set(names) <= set(by_name):
+        return None
+    as_tensor = issubclass(cls, torch.optim.AdamW)            # torch's AdamW keeps its step counter as a tensor
+    state = {}
+    for i, n in enumerate(names):
+        step = int(by_name[n]["step"])
+        state[i] = dict(by_name[n], step=torch.tensor(float(step)) if as_tensor else step)
+    groups, start = [], 0
+    for g in opt.param_groups:
+        groups.append(dict({k: v for k, v in g.items() if k != "params"},
+                           params=list(range(start, start + len(g["params"])))))
+        start += len(g["params"])
+    return {"state": state, "param_groups": groups}
 
 
 def optimizer_param_names(run_model, opt):
@@ -2123,12 +2197,16 @@ def full_model_state(model, run_model):
     """Collective for FSDP. The full state dict of the bare model under its original names (CPU tensors)."""
     # DP wrappers: every rank holds the whole model already (identical on all ranks, rank 0 writes it)
     sd = run_model.gather_full_params() if isinstance(run_model, FSDP) else model.state_dict()
-    return {k: v.detach().cpu() for k, v in sd.items()}        # CPU tensors: the file loads without a GPU
+    # (TorchFSDP: each DTensor shard all-gathered, in state-dict order: the same collectives on every rank)
+    return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu() for k, v in sd.items()}  # loads anywhere
 
 
 def full_optimizer_state(opt, run_model):
     """Collective (ZeRO-1, FSDP). The unsharded optimizer's state dict."""
     sd = opt.state_dict()  # ShardedOptimizer.state_dict consolidates itself (collective)
+    if isinstance(run_model, TorchFSDP):     # AdamW's moments are DTensors like their parameters: gather each
+        return {"state": {i: {k: v.full_tensor().cpu() if _is_dtensor(v) else v for k, v in st.items()}
+                          for i, st in sorted(sd["state"].items())}, "param_groups": sd["param_groups"]}
     if not isinstance(run_model, FSDP):
         return sd
     # FSDP's optimizer state of a sharded weight (AdamW's exp_avg, exp_avg_sq) has the shard's (rows, C) shape:
@@ -2148,6 +2226,15 @@ def full_optimizer_state(opt, run_model):
 def load_full_optimizer_state(opt, run_model, full_sd):
     """The inverse of full_optimizer_state: a consolidated optimizer state (written at any world size, by any
     strategy) into this rank's optimizer; FSDP cuts each full-shape tensor down to this rank's row block."""
+    if isinstance(run_model, TorchFSDP):       # each full moment cut like its DTensor parameter
+        from torch.distributed.tensor import distribute_tensor
+        params = _optimizer_params(opt)
+        state = {int(i): {k: distribute_tensor(v.to(params[int(i)].device), params[int(i)].device_mesh,
+                                               params[int(i)].placements)
+                          if torch.is_tensor(v) and v.shape == params[int(i)].shape else v for k, v in st.items()}
+                 for i, st in full_sd["state"].items()}
+        opt.load_state_dict({"state": state, "param_groups": full_sd["param_groups"]})
+        return
     if not isinstance(run_model, FSDP):        # plain or ShardedOptimizer: load_state_dict handles it
         opt.load_state_dict(full_sd)
         return
@@ -2179,7 +2266,8 @@ def load_full_optimizer_state(opt, run_model, full_sd):
 # world size and any strategy resumes them.
 
 # the --strategy choices, in the order a reader meets them above (torch-ddp: the peer, through the same hooks)
-STRATEGIES = ("naive", "ddp", "bucketed", "zero1", "fsdp", "torch-ddp")
+STRATEGIES = ("naive", "ddp", "bucketed", "zero1", "fsdp", "torch-ddp", "torch-fsdp")
+SHARDED = ("fsdp", "torch-fsdp")           # strategies whose optimizer steps row shards (AdamW only)
 # --compute-dtype: FSDP's dtype for gathered weights and matmuls (None: the parameters' own, fp32)
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -2192,9 +2280,10 @@ class DistributedOptions:
 
     strategy: naive: blocking all-reduce after backward; ddp: async all-reduce per parameter from backward
         hooks; bucketed: the same per bucket; zero1: bucketed + ShardedOptimizer (optimizer state / N); fsdp:
-        weights, grads and optimizer state / N (trains with AdamW); torch-ddp: torch's DistributedDataParallel
+        weights, grads and optimizer state / N (trains with AdamW); torch-ddp: torch's DistributedDataParallel;
+        torch-fsdp: torch's FSDP2 (fully_shard per block)
     bucket_mb: bucket size in MB for bucketed/zero1/torch-ddp (ours and torch's)
-    compute_dtype: fsdp: dtype of gathered weights and matmuls (master weights and optimizer stay fp32)
+    compute_dtype: fsdp, torch-fsdp: dtype of gathered weights and matmuls (master weights, optimizer stay fp32)
     global_batch_size: sequences per micro-step over all ranks (default: --batch-size x world size; on resume:
         the checkpoint's, so a run continues at another world size with the same batches)
     backend: torch.distributed backend (unset: nccl with CUDA, else gloo)
@@ -2236,6 +2325,8 @@ def wrap_model(model, strategy, bucket_mb=25.0, compute_dtype=None):
         return FSDP(model, compute_dtype=compute_dtype)
     if strategy == "torch-ddp":
         return TorchDDP(model, bucket_cap_mb=bucket_mb)
+    if strategy == "torch-fsdp":
+        return TorchFSDP(model, compute_dtype=compute_dtype)
     # (every wrapper broadcasts rank 0's weights at construction: all replicas start equal, whatever each
     # rank initialized or loaded before)
     if strategy == "local":  # benchmarks only: no communication at all (the compute-only baseline)
@@ -2255,18 +2346,26 @@ def clip_gradients(run_model, opt, max_norm):
         ||g||^2 = sum_r ||g_shards on r||^2  (one all-reduce)  +  ||g_replicated||^2  (same on every rank: once)
     Without the all-reduce each rank would clip by its own partial norm: different scales on different shards,
     i.e. a different update than one process would make."""
+    if isinstance(run_model, TorchFSDP):       # every parameter is a shard: ||g||^2 = sum_r ||local shards||^2
+        return _clip_sharded(_optimizer_params(opt), max_norm, lambda g: g.to_local(), lambda p: True)
     if not isinstance(run_model, FSDP):
         return T.gradient_clipping(_optimizer_params(opt), max_norm)
     shard_ids = {id(sw.shard) for sw in run_model._sharded}
-    params = [p for p in _optimizer_params(opt) if p.grad is not None]
-    sq_sharded = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) in shard_ids), torch.zeros(()))
+    return _clip_sharded(_optimizer_params(opt), max_norm, lambda g: g, lambda p: id(p) in shard_ids)
+
+
+def _clip_sharded(params, max_norm, local, is_shard):
+    """Clip by the global norm when is_shard(p) says which gradients are this rank's slices (summed over ranks)
+    and which are replicated (the same on every rank: counted once); local(grad) -> its tensor on this rank."""
+    params = [p for p in params if p.grad is not None]
+    sq_sharded = sum((local(p.grad).float().pow(2).sum().cpu() for p in params if is_shard(p)), torch.zeros(()))
     sq_sharded = all_reduce_host(sq_sharded.to(torch.float64).cpu())
-    sq_repl = sum((p.grad.float().pow(2).sum().cpu() for p in params if id(p) not in shard_ids), torch.zeros(()))
+    sq_repl = sum((p.grad.float().pow(2).sum().cpu() for p in params if not is_shard(p)), torch.zeros(()))
     norm = math.sqrt(float(sq_sharded) + float(sq_repl))
     if norm > max_norm:
         scale = max_norm / (norm + 1e-6)        # the same eps as train.gradient_clipping
         for p in params:
-            p.grad.mul_(scale)
+            local(p.grad).mul_(scale)
     return norm
 
 
@@ -2674,8 +2773,8 @@ def _mesh_optimizer(mesh_model, cfg):
 # evaluation, metrics.jsonl, samples, the shared wall-clock budget, gradient accumulation and resume. Its batches
 # are the same as at every other layout (global_batch_shard by dp rank), and its checkpoint is consolidated: the
 # full model under TransformerLM's names and AdamW's moments by parameter name ("optimizer_by_name"), so it resumes
-# at any mesh; under plain data parallelism the weights load and AdamW restarts its moments. The other way, a
-# data-parallel AdamW checkpoint resumes here with its moments.
+# at any mesh, and under plain data parallelism or on one process with AdamW's moments re-keyed by position
+# (_adamw_state_by_position). The other way, a data-parallel AdamW checkpoint resumes here with its moments.
 
 
 def _adamw_state_by_name(ckpt):
@@ -2906,7 +3005,7 @@ class BenchOptions:
     check: also run and measure one step on dp*tp*pp local processes (small models only)
     out: write the results as JSON here (rank 0)
     """
-    strategies: str = "local,naive,ddp,bucketed,torch-ddp,zero1,fsdp"
+    strategies: str = "local,naive,ddp,bucketed,torch-ddp,zero1,fsdp,torch-fsdp"
     dp: int = 1
     vocab_size: int = 4096
     context_length: int = 128
@@ -3193,8 +3292,9 @@ class _LocalOnly(nn.Module):
 # the peak of gathered full weights alive at once.
 
 def _tensor_bytes(ts):
-    """Bytes held by the tensors of `ts` (None entries, e.g. parameters without gradient, count 0)."""
-    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+    """Bytes this rank holds for the tensors of `ts` (None entries count 0; a DTensor: its local shard)."""
+    ts = [t.to_local() if _is_dtensor(t) else t for t in ts if t is not None]
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
 def _optimizer_state_bytes(opt):
@@ -3213,7 +3313,7 @@ def _bench_setups(args, cfg, strategies, device):
         torch.manual_seed(0)
         model = M.TransformerLM.from_config(cfg).to(device)
         model.validate_inputs = False          # skip the token-id range check (a device sync) in timed steps
-        run = wrap_model(model, s, args.bucket_mb, _DTYPES[args.compute_dtype] if s == "fsdp" else None)
+        run = wrap_model(model, s, args.bucket_mb, _DTYPES[args.compute_dtype] if s in SHARDED else None)
         params = [p for p in run.parameters() if p.requires_grad]
         opt = ShardedOptimizer(params, torch.optim.AdamW, lr=1e-4) if s == "zero1" else \
             torch.optim.AdamW(params, lr=1e-4)
@@ -3292,6 +3392,9 @@ def _bench_time_table(args, setups, strategies, times, comm_wait):
                     f"{' '.join(f'{1e3 * t:.0f}' for t in times[s])}")
     rank0_print("exposed comm = 1 - t(local) / t: step time not hidden behind compute; blocked waiting = time inside "
                 "our wrappers' waits (torch's reducer waits inside backward, not visible)")
+    if {"fsdp", "torch-fsdp"} <= set(strategies):          # ours against torch's FSDP2, round by round
+        rank0_print(f"fsdp / torch-fsdp step time: {med['fsdp'] / med['torch-fsdp']:.3f} (paired "
+                    f"{_median([a / b for a, b in zip(times['fsdp'], times['torch-fsdp'])]):.3f})")
     if "fsdp" in strategies and args.compute_dtype != "fp32":
         rank0_print(f"(fsdp computes in {args.compute_dtype}, 'local' in fp32: fsdp's exposed-comm share also holds "
                     f"the compute-speed difference; CPUs without native {args.compute_dtype} matmuls are much slower)")
@@ -3502,11 +3605,11 @@ def config_for_strategy(args):
     """train.py's config from the parsed flags (no folder checks), with ddp.py's defaults: the run folder is
     runs/ddp-<preset>, never `python train.py`'s runs/<preset>; FSDP and --tp/--pp train with AdamW when no
     --optimizer is given (the presets' Muon needs whole weight matrices; an explicit muon gets FSDP_MUON_ERROR)."""
-    if (args.strategy == "fsdp" or getattr(args, "tp", 1) * getattr(args, "pp", 1) > 1) and args.optimizer is None:
+    if (args.strategy in SHARDED or getattr(args, "tp", 1) * getattr(args, "pp", 1) > 1) and args.optimizer is None:
         args.optimizer = "adamw"
         if _env_rank() == 0:
-            print(f"{'--strategy fsdp' if args.strategy == 'fsdp' else '--tp/--pp'}: using --optimizer adamw (the "
-                  f"preset's Muon needs whole weight matrices)")
+            print(f"{'--strategy ' + args.strategy if args.strategy in SHARDED else '--tp/--pp'}: using --optimizer "
+                  f"adamw (the preset's Muon needs whole weight matrices)")
     cfg = T.config_from_args(args)
     if args.out_dir is None:
         cfg.out_dir = str(Path("runs") / f"ddp-{cfg.preset}")
@@ -3518,9 +3621,9 @@ def _train_checks(args, cfg, world):
     fit would otherwise surface as a hang, or as a shape error in a layer)."""
     tp, pp = args.tp, args.pp
     yield not cfg.compile, "--compile is not supported by ddp.py's hook-based wrappers; run without it"
-    yield not (args.strategy == "fsdp" and cfg.optimizer in ("muon", "soap")), FSDP_MUON_ERROR
-    yield args.compute_dtype == "fp32" or args.strategy == "fsdp", \
-        f"--compute-dtype {args.compute_dtype} applies to --strategy fsdp only"
+    yield not (args.strategy in SHARDED and cfg.optimizer in ("muon", "soap")), FSDP_MUON_ERROR
+    yield args.compute_dtype == "fp32" or args.strategy in SHARDED, \
+        f"--compute-dtype {args.compute_dtype} applies to --strategy fsdp or torch-fsdp only"
     # rank r takes sequences [r G/N, (r+1) G/N) of each global batch (on resume: checked on the checkpoint's)
     G = args.global_batch_size or cfg.batch_size * world
     yield cfg.resume or G % world == 0, f"--global-batch-size {G} does not split over {world} ranks; give a " \
@@ -3550,12 +3653,13 @@ def check_train_args(args, world):
     except ValueError as e:   # train.py's own checks of its options
         raise UsageError(str(e)) from None
     _check(_common_checks(args), _train_checks(args, cfg, world))
-    # Never destroy an earlier run by accident: a folder that holds a checkpoint or a metrics log is continued
-    # (--resume), replaced (--overwrite) or left alone. A torchrun restart resumes its own run by design.
+    # Never destroy an earlier run by accident: a folder that holds any of a run's files (train.py's RUN_FILES: a
+    # checkpoint, a metrics log, a loss plot, a tokenizer) is continued (--resume), replaced (--overwrite) or left
+    # alone. A torchrun restart resumes its own run by design.
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} is a file, not a folder")
-    earlier = [f for f in ("ckpt.pt", "metrics.jsonl") if (out / f).exists()]
+    earlier = [f for f in T.RUN_FILES if (out / f).exists()]
     if earlier and not (cfg.resume or _restarted() or getattr(args, "overwrite", False)):
         raise UsageError(f"{out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
                          f"--overwrite to replace it, or --out-dir DIR for a new run")

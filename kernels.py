@@ -63,6 +63,7 @@ Reading order
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -862,8 +863,8 @@ class QuantizedLinear(torch.nn.Module):
         return dequantize_int8(self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x (..., d_in) -> (..., d_out) in x.dtype. "auto": the fused kernel where Triton compiles for real (CUDA);
-        # the readable path elsewhere -- on CPU the interpreter would be ~1000x slower than dequantizing
+        # x (..., d_in) -> (..., d_out) in x.dtype. "auto" takes the readable path on CPU, where the interpreter
+        # would be ~1000x slower than dequantizing
         impl = self.impl
         if impl == "auto":
             impl = "triton" if x.is_cuda and HAVE_TRITON and not INTERPRET and x.dtype in _FLOAT_DTYPES else "torch"
@@ -986,31 +987,22 @@ def load_quantized(path, device="cpu") -> tuple[torch.nn.Module, dict]:
 # for a named architecture, on any machine (the wheel ships ptxas), reporting registers / spills / shared memory.
 # The interpreter runs the kernels' Python semantics, not the GPU compiler's type checks and dot-shape rules.
 
-_FP32_POINTERS = {"L", "DELTA", "RSTD", "DW_PARTIAL", "W", "SCALE"}
-_INT8_POINTERS = {"WQ"}   # the int8 weight matrix of _int8_matmul_kernel
-_FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
+# compile_for_gpu's argument types: a capitalized name is a pointer to the data dtype, any other an int32 (sizes,
+# strides), except these fp32 buffers (L, DELTA, RSTD, DW_PARTIAL, gains, int8 scales), int8 weights, fp32 scalars
+_ARG_TYPES = {**dict.fromkeys(["L", "DELTA", "RSTD", "DW_PARTIAL", "W", "SCALE"], "*fp32"), "WQ": "*i8",
+              **dict.fromkeys(["qk_scale", "sm_scale", "eps"], "fp32")}
 
 
 def compile_for_gpu(fn, dtype: torch.dtype, constexprs: dict, num_warps: int, num_stages: int, arch: int = 90):
-    """Compile a @triton.jit kernel for sm_<arch> without a GPU. Pointer args whose names are capitalized get the
-    data dtype (fp32 for L, DELTA, RSTD, DW_PARTIAL, W, SCALE; int8 for WQ), other args i32/fp32. Returns the
-    CompiledKernel (PTX, cubin, metadata)."""
+    """Compile a @triton.jit kernel for sm_<arch> without a GPU; returns the CompiledKernel (PTX, cubin, metadata)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if INTERPRET:
         raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET=0 (kernels decorated for the GPU compiler)")
-    # the signature Triton would infer from the tensors of a real launch: pointer types by name, int32 sizes and
-    # strides, fp32 scale/eps scalars, constexprs as given
-    sig = {}
-    for p in fn.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name.isupper():
-            sig[p.name] = "*fp32" if p.name in _FP32_POINTERS else "*i8" if p.name in _INT8_POINTERS \
-                else f"*{_TL_NAMES[dtype]}"
-        else:
-            sig[p.name] = "fp32" if p.name in _FLOAT_SCALARS else "i32"
+    # the signature Triton would infer from the tensors of a real launch (_ARG_TYPES), constexprs as given
+    sig = {p.name: "constexpr" if p.is_constexpr else
+           _ARG_TYPES.get(p.name, f"*{_TL_NAMES[dtype]}" if p.name.isupper() else "i32") for p in fn.params}
     # GPUTarget("cuda", arch, 32): compute capability and warp size
     return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
@@ -1108,10 +1100,8 @@ def _compile_jobs(args):
 # ---- running without a GPU ----
 # With TRITON_INTERPRET=1 (read when each @triton.jit function is DECORATED, i.e. at import), Triton runs every
 # kernel in a numpy interpreter on CPU tensors: slowly, with the same program/tile semantics, so the CPU test suite
-# exercises the kernels. Two interpreter quirks are handled where they arise: (a) it multiplies bfloat16 `tl.dot`
-# operands as raw uint16 bit patterns (a bug), so dot operands are upcast to fp32 there first (exact: bf16 -> fp32
-# is lossless and tensor cores accumulate bf16 products in fp32 too); (b) int8 -> bf16 casts are wrong, so the
-# int8 kernel converts to fp32 there. All other bf16 math happens in fp32 registers anyway (we upcast on load).
+# exercises the kernels. Its two bf16 quirks are handled where they arise (UPCAST: bf16 dot operands, _mma; int8
+# -> bf16 casts, _int8_matmul_kernel); all other bf16 math happens in fp32 registers anyway (upcast on load).
 
 
 def _interpreter_adopt_triton_stdlib() -> int:
@@ -1126,9 +1116,7 @@ def _interpreter_adopt_triton_stdlib() -> int:
     from triton.runtime.jit import JITFunction
 
     adopted: dict = {}
-    for mod in (tl, tl.core, tl.standard, getattr(tl, "math", None)):
-        if mod is None:
-            continue
+    for mod in filter(None, (tl, tl.core, tl.standard, getattr(tl, "math", None))):
         for name, obj in list(vars(mod).items()):
             if type(obj) is JITFunction:                               # same object may be aliased in tl.*
                 if id(obj) not in adopted:
@@ -1365,15 +1353,13 @@ def _check_triton_attention_inputs(Q, K, V, is_causal):
 def _check_int8_inputs(x, q, scale, triton: bool = True) -> None:
     """int8 matmul contract: float x (..., d_in), int8 q (d_out, d_in), float scale (d_out,), one device."""
     what = "int8_matmul_triton" if triton else "int8_matmul_torch"
-    if q.dtype != torch.int8 or q.dim() != 2:
+    if q.dtype != torch.int8 or q.dim() != 2:    # first: the checks below read q's two dimensions
         raise ValueError(f"{what}: q must be an int8 matrix (d_out, d_in), got {q.dtype} {tuple(q.shape)}")
-    if scale.shape != (q.shape[0],) or not scale.is_floating_point():
-        raise ValueError(f"{what}: scale must be float (d_out,) = ({q.shape[0]},), got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
-    if x.dim() < 1 or x.shape[-1] != q.shape[1]:
-        raise ValueError(f"{what}: x {tuple(x.shape)} must end in d_in = {q.shape[1]} (q is {tuple(q.shape)})")
-    if not x.is_floating_point() or (triton and x.dtype not in _FLOAT_DTYPES):
-        raise ValueError(f"{what}: unsupported input dtype {x.dtype}")
+    _first_problem(what, [
+        (scale.shape != (q.shape[0],) or not scale.is_floating_point(),
+         f"scale must be float (d_out,) = ({q.shape[0]},), got {scale.dtype} {tuple(scale.shape)}"),
+        (x.dim() < 1 or x.shape[-1] != q.shape[1], f"x {tuple(x.shape)} must end in d_in = {q.shape[1]}"),
+        (not x.is_floating_point() or (triton and x.dtype not in _FLOAT_DTYPES), f"unsupported input dtype {x.dtype}")])
     if triton:
         _check_triton_device(what, x, q, scale)
 
@@ -1405,15 +1391,14 @@ def _sync(device):
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep: int = 10,
             budget_s: float = 2.0) -> float:
-    """Median wall time of fn() in ms. GPU: triton.testing.do_bench (CUDA events, L2 flush). CPU: perf_counter,
-    at most `rep` runs and ~budget_s seconds."""
+    """Median wall time of fn() in ms. GPU: triton.testing.do_bench -- CUDA events around each call, the L2 cache
+    flushed between calls (else a small tensor is served from L2 and a memory-bound kernel looks faster than it
+    is), ~100 ms of repetitions. CPU: perf_counter, at most `rep` runs and ~budget_s seconds, so that slow peers
+    (the Python-loop FA2) do not take minutes."""
     if device.type == "cuda" and HAVE_TRITON and not INTERPRET:
-        # CUDA events around each call, the L2 cache flushed between calls (else a small tensor is served from
-        # L2 and a memory-bound kernel looks faster than it is), median of ~100 ms of repetitions
         return float(triton.testing.do_bench(fn, warmup=25, rep=100))
     for _ in range(warmup):                  # first calls: allocator growth, lazy initialization, compilation
         fn()
-    # CPU: wall-clock timing, capped by a time budget so slow peers (the Python-loop FA2) do not take minutes
     times = []
     start = time.perf_counter()
     while len(times) < rep and (time.perf_counter() - start < budget_s or len(times) < 1):
@@ -1422,6 +1407,16 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]   # median: robust to the odd slow run
+
+
+def _interleaved(timers: dict, rounds: int) -> dict:
+    """{name: median of timers[name]()} over `rounds` rounds that each call every timer in turn: a change in the
+    machine's load during the run hits every implementation alike."""
+    times = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}   # medians
 
 
 def _fmt(x):
@@ -1451,11 +1446,10 @@ def _out_of_time(deadline, what) -> bool:
 
 
 def _time_modes(make_inputs, forward, device):
-    """Times forward, backward (given a forward graph), and both. Returns dict mode -> ms or an error string."""
-    # Every implementation gets fresh inputs from make_inputs (same shapes and dtype), and the three modes are
-    # timed separately because the kernels differ most in backward (recomputation, two dQ/dK-dV passes).
+    """Times forward, backward (given a forward graph), and both. Returns dict mode -> ms or an error string.
+    The modes are timed separately because the kernels differ most in backward (recomputation, two passes)."""
     try:
-        inputs = make_inputs()
+        inputs = make_inputs()                    # fresh inputs for every implementation: same shapes and dtype
         out = {"fwd": time_ms(lambda: forward(*inputs), device)}
         # backward alone: one forward graph kept alive (retain_graph) and differentiated again and again
         y = forward(*inputs)
@@ -1465,10 +1459,7 @@ def _time_modes(make_inputs, forward, device):
         def step(fresh: bool):   # bwd: the kept graph again; fwd+bwd (a training step): a new forward first
             for p in params:
                 p.grad = None
-            if fresh:
-                forward(*inputs).backward(dy)
-            else:
-                y.backward(dy, retain_graph=True)
+            (forward(*inputs) if fresh else y).backward(dy, retain_graph=not fresh)
 
         out["bwd"] = time_ms(lambda: step(False), device)
         out["fwd+bwd"] = time_ms(lambda: step(True), device)
@@ -1480,30 +1471,34 @@ def _time_modes(make_inputs, forward, device):
     return out
 
 
-def _mode_rows(label, names, results, work, ours, peers):
-    """One table row per pass: the label cells, ms and rate (work[mode] per second) per implementation, then the
-    speed-up of `ours` over each peer (peer time / our time: > 1 means ours is faster)."""
+def _mode_table(title, label_header, cases, impls, ours, peers, rate, device, deadline):
+    """Time every implementation on cases of (label cells, make_inputs, work per pass, names skipped) and print
+    a row per case and pass: ms and rate (work per second) of each, then the speed-up of `ours` over each peer
+    (peer time / our time: > 1 means ours is faster)."""
     rows = []
-    for mode in MODES:
-        row = list(label) + [mode]
-        for name in names:
-            t = results[name][mode]
-            row += [_fmt(t), _fmt(work[mode] / (t * 1e-3) if isinstance(t, float) else None)]
-        for peer in peers:
-            a, b = results[ours][mode], results[peer][mode]
-            row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
-        rows.append(row)
+    for label, make, work, skipped in cases:
+        if _out_of_time(deadline, f"the remaining shapes from {label[0]}"):
+            break
+        results = {name: {m: "skipped" for m in MODES} if name in skipped else _time_modes(make, fn, device)
+                   for name, fn in impls.items()}
+        for mode in MODES:
+            row = list(label) + [mode]
+            for name in impls:
+                t = results[name][mode]
+                row += [_fmt(t), _fmt(work[mode] / (t * 1e-3) if isinstance(t, float) else None)]
+            for peer in peers:
+                a, b = results[ours][mode], results[peer][mode]
+                row.append(f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-")
+            rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()              # the next (larger) shape should not inherit fragmentation
+    header = list(label_header) + ["pass"] + [f"{n} {u}" for n in impls for u in ("ms", rate)]
+    _print_table(title, header + [f"{ours} vs {p}" for p in peers], rows)
     return rows
 
 
-def _mode_header(label, names, rate, ours, peers):
-    return list(label) + ["pass"] + [f"{n} {u}" for n in names for u in ("ms", rate)] + \
-        [f"{ours} vs {p}" for p in peers]
-
-
 def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadline=None):
-    """RMSNorm: Triton vs eager rmsnorm_torch vs torch.compile(rmsnorm_torch); GB/s counts the minimal traffic
-    (fwd: read x + write y; bwd: read x, dy + write dx)."""
+    """RMSNorm on (rows, hidden) shapes: Triton vs eager rmsnorm_torch vs torch.compile(rmsnorm_torch)."""
     try:  # compiled backward graphs may "donate" their buffers, which forbids retain_graph=True (used to time bwd)
         import torch._functorch.config as functorch_config
         functorch_config.donated_buffer = False
@@ -1515,23 +1510,19 @@ def bench_rmsnorm(device, dtype, shapes, include_triton=True, ratios=True, deadl
     impls.update(eager=rmsnorm_torch, compile=torch.compile(rmsnorm_torch))
     peers = ("eager", "compile") if include_triton and ratios else ()
     elem = torch.tensor([], dtype=dtype).element_size()
-    rows = []
-    for n_rows, hidden in shapes:
-        if _out_of_time(deadline, f"RMSNorm shapes from {n_rows}x{hidden}"):
-            break
 
-        def make():
-            return (torch.randn(n_rows, hidden, device=device, dtype=dtype, requires_grad=True),
-                    torch.ones(hidden, device=device, dtype=torch.float32, requires_grad=True))
-        results = {name: _time_modes(make, fn, device) for name, fn in impls.items()}
-        # GB/s of the unavoidable traffic (rows x hidden tensors read or written): fwd reads x, writes y; bwd
-        # reads x, dy, writes dx. A kernel at the memory's speed reaches the card's HBM bandwidth here.
-        work = {m: n_rows * hidden * elem * n / 1e9 for m, n in zip(MODES, (2, 3, 5))}
-        rows += _mode_rows([f"{n_rows}x{hidden}"], impls, results, work, "triton", peers)
+    def make(n_rows, hidden):
+        return (torch.randn(n_rows, hidden, device=device, dtype=dtype, requires_grad=True),
+                torch.ones(hidden, device=device, dtype=torch.float32, requires_grad=True))
+    cases = []
+    for r, h in shapes:
+        # GB/s of the unavoidable traffic (rows x hidden tensors read or written): fwd reads x, writes y; bwd reads
+        # x, dy, writes dx. A kernel at the memory's speed reaches the card's HBM bandwidth here.
+        work = {m: r * h * elem * n / 1e9 for m, n in zip(MODES, (2, 3, 5))}
+        cases.append(([f"{r}x{h}"], functools.partial(make, r, h), work, ()))
     note = "" if ratios or not include_triton else _INTERPRETER_NOTE
-    _print_table(f"RMSNorm, {str(dtype).replace('torch.', '')}, {device.type}{note}",
-                 _mode_header(["rows x hidden"], impls, "GB/s", "triton", peers), rows)
-    return rows
+    return _mode_table(f"RMSNorm, {str(dtype).replace('torch.', '')}, {device.type}{note}", ["rows x hidden"],
+                       cases, impls, "triton", peers, "GB/s", device, deadline)
 
 
 def _sdpa_flash(Q, K, V, is_causal):
@@ -1568,29 +1559,22 @@ def bench_attention(device, configs, torch_fa2_max_seq=4096, naive_max_seq=16384
         ours, peers = "triton", ("torch_fa2", "naive", "sdpa") if ratios else ()
     else:
         ours, peers = "torch_fa2", ("naive", "sdpa")
-    # the Python-loop FA2 is skipped at long sequences (minutes per call); naive attention above 16K would need
-    # 16 GiB of scores per 16 heads in fp32
-    max_seq = dict(torch_fa2=torch_fa2_max_seq, naive=naive_max_seq)
-    rows = []
-    for batch, heads, seq, d, dtype in configs:
-        if _out_of_time(deadline, f"remaining attention shapes from {batch}x{heads}x{seq}x{d}"):
-            break
 
-        def make():
-            return tuple(torch.randn(batch * heads, seq, d, device=device, dtype=dtype, requires_grad=True)
-                         for _ in range(3))
-        results = {name: {m: "skipped" for m in MODES} if seq > max_seq.get(name, seq) else
-                   _time_modes(make, fn, device) for name, fn in impls.items()}
+    def make(n, seq, d, dtype):
+        return tuple(torch.randn(n, seq, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    cases = []
+    for batch, heads, seq, d, dtype in configs:
+        # the Python-loop FA2 is skipped at long sequences (minutes per call); naive attention above 16K would
+        # need 16 GiB of scores per 16 heads in fp32
+        skipped = {name for name, limit in (("torch_fa2", torch_fa2_max_seq), ("naive", naive_max_seq))
+                   if seq > limit}
         # TFLOP/s from the FA convention's count (attention_flops)
         work = {m: attention_flops(batch * heads, seq, d, True, m) / 1e12 for m in MODES}
-        rows += _mode_rows([f"{batch}x{heads}x{seq}x{d}", str(dtype).replace("torch.", "")], impls, results, work,
-                           ours, peers)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()              # the next (larger) shape should not inherit fragmentation
+        cases.append(([f"{batch}x{heads}x{seq}x{d}", str(dtype).replace("torch.", "")],
+                      functools.partial(make, batch * heads, seq, d, dtype), work, skipped))
     note = "" if ratios or not include_triton else _INTERPRETER_NOTE
-    _print_table(f"Causal attention, {device.type}{note}",
-                 _mode_header(["BxHxTxd", "dtype"], impls, "TFLOP/s", ours, peers), rows)
-    return rows
+    return _mode_table(f"Causal attention, {device.type}{note}", ["BxHxTxd", "dtype"], cases, impls, ours, peers,
+                       "TFLOP/s", device, deadline)
 
 
 def bench_int8(device, shapes, deadline=None):
@@ -1617,12 +1601,9 @@ def bench_int8(device, shapes, deadline=None):
             # CPU: PyTorch's own fused int8 weight-only kernel (the op torchao / gpt-fast use), the same math as
             # ours: does a fused kernel change the CPU verdict?
             impls.append(("torch int8pack", lambda: torch.ops.aten._weight_int8pack_mm(x32, q, s), n * k + 4 * n))
-        # interleaved repetitions (CPU): a change in machine load hits every implementation alike; medians
-        times = {name: [] for name, _, _ in impls}
-        for _ in range(1 if gpu else 5):
-            for name, fn, _ in impls:
-                times[name].append(time_ms(fn, device, warmup=1, rep=3, budget_s=1.0))
-        ms = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        # interleaved repetitions on CPU, where the machine's load varies; one round on a GPU (do_bench repeats)
+        ms = _interleaved({name: functools.partial(time_ms, fn, device, warmup=1, rep=3, budget_s=1.0)
+                           for name, fn, _ in impls}, 1 if gpu else 5)
         # "ours" (Triton on a GPU, the readable path on CPU) against torch's fp32 and bf16 matmuls
         ours = "int8 triton" if "int8 triton" in ms else "int8 readable"
         row = [f"{m_rows}x{k}x{n}"]
@@ -1703,11 +1684,11 @@ def run_bench(args) -> None:
 CHECK_TOL = {torch.float32: (2e-3, 2e-3), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
 
 
-def _close(name, got, ref, dtype, failures, scale_ref=True):
+def _close(name, got, ref, dtype, failures):
     """Print one check line; append `name` to failures when got is not close to the float64 reference."""
     atol, rtol = CHECK_TOL[dtype]
     got, ref = got.double(), ref.double()
-    scale = ref.abs().max().item() if scale_ref else 1.0
+    scale = ref.abs().max().item()
     err = (got - ref).abs()
     bad = err > atol * max(scale, 1e-6) + rtol * ref.abs()
     ok = not bool(bad.any()) and bool(torch.isfinite(got).all())
@@ -1805,23 +1786,23 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+
 def _decode_speed(models: dict, prompt: list, n_new: int, repeats: int, device) -> dict:
-    """{name: (tokens/s, greedy ids)} from model.generate, the models timed in turn (interleaved) so a load
-    change on the machine hits all of them alike; median of `repeats` runs per model."""
-    # Batch 1, greedy, KV cache on: the setting where decoding is memory-bound and weight bytes should matter.
-    # The first run of each model also pays one-time costs (allocator growth, a kernel compile on a GPU); the
-    # median of >= 3 runs drops it.
-    times = {name: [] for name in models}
+    """{name: (tokens/s, greedy ids)} from model.generate, the models timed in turn (_interleaved), median of
+    `repeats` runs per model. Batch 1, greedy, KV cache on: the setting where decoding is memory-bound and weight
+    bytes should matter. The first run also pays one-time costs (allocator growth, a GPU kernel compile)."""
     out = {}
-    for _ in range(repeats):
-        for name, m in models.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out[name] = M.generate(m, [prompt], n_new, temperature=0.0)[0]   # greedy: comparable outputs
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: (n_new / sorted(ts)[len(ts) // 2], out[name]) for name, ts in times.items()}
+
+    def run(name, m):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out[name] = M.generate(m, [prompt], n_new, temperature=0.0)[0]   # greedy: comparable outputs
+        _sync(device)
+        return time.perf_counter() - t0
+
+    seconds = _interleaved({name: functools.partial(run, name, m) for name, m in models.items()}, repeats)
+    return {name: (n_new / s, out[name]) for name, s in seconds.items()}
 
 
 def _quantize_measure(models: dict, data, tcfg, args, device) -> tuple[dict, dict, int]:
@@ -1941,13 +1922,11 @@ def run_quantize(args, parser) -> int:
     # one table, float and int8 side by side; the last column is the difference (bpb, loss) or the ratio
     size = {name: _model_bytes(m) for name, m in models.items()}
     f, q = "float", "int8"
-    rows = [["val bpb", f"{evals[f]['bpb']:.4f}", f"{evals[q]['bpb']:.4f}",
-             f"{evals[q]['bpb'] - evals[f]['bpb']:+.5f}"],
-            ["val loss (nats/token)", f"{evals[f]['loss']:.4f}", f"{evals[q]['loss']:.4f}",
-             f"{evals[q]['loss'] - evals[f]['loss']:+.5f}"],
-            ["model bytes (state dict)", f"{size[f]:,}", f"{size[q]:,}", f"{size[q] / size[f]:.2f}x"],
-            [f"decode tokens/s ({n_new} greedy, batch 1)", f"{speed[f][0]:.1f}", f"{speed[q][0]:.1f}",
-             f"{speed[q][0] / speed[f][0]:.2f}x"]]
+    rows = [[label, f"{evals[f][key]:.4f}", f"{evals[q][key]:.4f}", f"{evals[q][key] - evals[f][key]:+.5f}"]
+            for label, key in (("val bpb", "bpb"), ("val loss (nats/token)", "loss"))]
+    rows += [["model bytes (state dict)", f"{size[f]:,}", f"{size[q]:,}", f"{size[q] / size[f]:.2f}x"],
+             [f"decode tokens/s ({n_new} greedy, batch 1)", f"{speed[f][0]:.1f}", f"{speed[q][0]:.1f}",
+              f"{speed[q][0] / speed[f][0]:.2f}x"]]
     opts = f"lm_head {'int8' if args.lm_head else 'float'}, embeddings {'int8' if args.embeddings else 'float'}"
     _print_table(f"int8 weight-only quantization of {args.checkpoint} ({opts}; {machine_label()})",
                  ["", "float", "int8", "int8 vs float"], rows)

@@ -55,16 +55,12 @@ Sources
 * Shazeer, "One Write-Head is All You Need" (2019), arXiv:1911.02150 -- MQA; Ainslie et al., GQA, arXiv:2305.13245.
 * Dehghani et al., "Scaling Vision Transformers to 22B Parameters" (2023), arXiv:2302.05442 -- QK-norm.
 * Beltagy et al., "Longformer" (2020), arXiv:2004.05150 -- sliding-window attention.
-* Mixture of experts: Switch Transformers arXiv:2101.03961, GShard arXiv:2006.16668, Mixtral arXiv:2401.04088.
 * Kaplan et al., "Scaling Laws for Neural Language Models" (2020), arXiv:2001.08361 -- 6N, non-embedding N.
 * Holtzman et al., "The Curious Case of Neural Text Degeneration" (2019), arXiv:1904.09751 -- top-p.
-* Speculative decoding: Leviathan et al. (2022), arXiv:2211.17192; Chen et al. (2023), arXiv:2302.01318.
 * Press & Wolf, "Using the Output Embedding to Improve Language Models" (2016), arXiv:1608.05859 -- tying.
-* DeepSeek-V2 (2024), arXiv:2405.04434 -- multi-head latent attention, decoupled RoPE, absorbed decoding.
-* Katharopoulos et al., "Transformers are RNNs" (2020), arXiv:2006.16236 -- elu+1 linear attention.
-* Poli et al., "Hyena Hierarchy" (2023), arXiv:2302.10866; "Laughing Hyena Distillery", arXiv:2310.18780.
 * Hinton et al., "Improving neural networks by preventing co-adaptation" (2012), arXiv:1207.0580 -- dropout.
 * Stanford CS336 "Language Modeling from Scratch", assignment 1 -- the interface names used here.
+The menus' variants cite their own sources (MLA, linear attention, Hyena, experts, speculative decoding).
 
 Command line: `python model.py --help` (subcommands: table, generate, bench).
 """
@@ -101,15 +97,6 @@ from tokenizer import Progress, atomic_write_text, machine_label
 # -- plus the design switches. Keeping them in one JSON-safe dataclass means a checkpoint can rebuild its
 # model exactly, and a sweep (scaling.py) can vary one switch at a time. Shapes used throughout:
 #     B batch, T sequence length, d = d_model, H heads, Hkv key/value heads, dh = d / H, V vocabulary.
-
-# The allowed values of each one-word switch. An unknown value is a clear ValueError naming the field.
-NORM_CHOICES = ("rmsnorm", "layernorm", "none")
-NORM_POSITION_CHOICES = ("pre", "post")
-POSITION_CHOICES = ("rope", "sinusoidal", "learned", "nope")
-FFN_CHOICES = ("swiglu", "silu", "relu", "gelu")
-ATTENTION_CHOICES = ("full", "sliding")
-MIXER_CHOICES = ("attention", "mla", "linear", "hyena")  # the sublayer that moves information across positions
-
 
 @dataclass
 class ModelConfig:
@@ -182,7 +169,9 @@ class ModelConfig:
     attn_dropout: float = 0.0
 
     def __post_init__(self):
-        _validate_config(self)  # every field checked once, here; the None defaults become concrete values
+        # every field checked once, here, and the None defaults made concrete: _validate_config runs the
+        # table of rules _CONFIG_RULES (Appendix: plumbing), the first broken rule a ValueError naming the field
+        _validate_config(self)
 
     @property
     def head_dim(self) -> int:
@@ -215,81 +204,6 @@ def default_d_ff(d_model: int, ffn: str) -> int:
         return max(64, int(round(8 * d_model / 3 / 64)) * 64)
     return 4 * d_model
 
-
-def _fill_defaults(c: ModelConfig) -> None:
-    """The derived defaults: d_ff by FFN kind, num_kv_heads = num_heads (MHA), and the mixers' own sizes --
-    MLA's latent of d/4 and half of each head for RoPE (DeepSeek-V2-Lite: 512 of 2048, 64 of 192; even,
-    since RoPE turns pairs), Hyena's order 2 (the paper's) and a 64-wide filter MLP."""
-    c.d_ff = default_d_ff(c.d_model, c.ffn) if c.d_ff is None else c.d_ff
-    c.num_kv_heads = c.num_heads if c.num_kv_heads is None else c.num_kv_heads
-    if c.mixer == "mla" and c.kv_lora_rank is None:
-        c.kv_lora_rank = max(1, c.d_model // 4)
-    if c.mixer == "mla" and c.qk_rope_head_dim is None:
-        c.qk_rope_head_dim = max(2, c.d_model // c.num_heads // 4 * 2) if c.position == "rope" else 0
-    if c.mixer == "hyena":
-        c.hyena_order = 2 if c.hyena_order is None else c.hyena_order
-        c.hyena_filter_dim = 64 if c.hyena_filter_dim is None else c.hyena_filter_dim
-
-
-def _pos_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _number(v, lo: float, hi: float) -> bool:
-    """A real number (not a bool) in [lo, hi)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v < hi
-
-
-# The rules every config must pass, in order: (passes, the error), after the sizes and the one-word switches
-# are known to be valid and the defaults filled in; the error is formatted with c (the config) and dh. The
-# menu sections append the rules of their own switches (mixers, experts).
-_CONFIG_RULES = [
-    (lambda c: c.attn_impl in ATTENTION_BACKENDS, "ModelConfig.attn_impl={c.attn_impl!r} is not one of "
-     "{backends} (register others with register_attention_backend)"),
-    (lambda c: c.d_model % c.num_heads == 0, "d_model={c.d_model} is not divisible by num_heads={c.num_heads}"),
-    (lambda c: _pos_int(c.num_kv_heads), "ModelConfig.num_kv_heads must be a positive integer, got {c.num_kv_heads!r}"),
-    (lambda c: c.num_heads % c.num_kv_heads == 0, "num_heads={c.num_heads} is not divisible by num_kv_heads="
-     "{c.num_kv_heads} (each key/value head must serve a whole group of query heads)"),
-    (lambda c: c.position != "rope" or c.head_dim % 2 == 0,
-     "RoPE needs an even head dimension, got d_model/num_heads = {dh}"),
-    (lambda c: c.position != "sinusoidal" or c.d_model % 2 == 0,
-     "sinusoidal positions need an even d_model, got {c.d_model}"),
-    (lambda c: _number(c.rope_theta, 1e-300, math.inf), "ModelConfig.rope_theta must be > 0, got {c.rope_theta!r}"),
-    (lambda c: _pos_int(c.d_ff), "ModelConfig.d_ff must be a positive integer, got {c.d_ff!r}"),
-    (lambda c: c.attention != "sliding" or c.window_size is not None,
-     "ModelConfig.attention='sliding' needs window_size (a positive integer)"),
-    (lambda c: c.window_size is None or c.attention == "sliding", "ModelConfig.window_size={c.window_size} is only "
-     "used with attention='sliding' (attention={c.attention!r})"),
-    (lambda c: c.window_size is None or _pos_int(c.window_size),
-     "ModelConfig.window_size must be a positive integer, got {c.window_size!r}"),
-    (lambda c: _number(c.norm_eps, 1e-300, 1), "ModelConfig.norm_eps must be a number in (0, 1), got {c.norm_eps!r}"),
-    *[(lambda c, f=flag: isinstance(getattr(c, f), int) and getattr(c, f) in (0, 1),
-       f"ModelConfig.{flag} must be true or false, got {{c.{flag}!r}}")
-      for flag in ("qk_norm", "tie_embeddings", "bias")],
-    *[(lambda c, f=field: _number(getattr(c, f), 0, 1), f"ModelConfig.{field} must be a number in [0, 1), got "
-       f"{{c.{field}!r}}") for field in ("dropout", "attn_dropout")],
-    (lambda c: c.attn_dropout == 0 or c.attn_impl in ("naive", "sdpa"), "ModelConfig.attn_dropout needs attn_impl "
-     "'naive' or 'sdpa' (the backend interface has no dropout argument), got attn_impl={c.attn_impl!r}"),
-]
-
-
-def _validate_config(c: ModelConfig) -> None:
-    """ModelConfig.__post_init__: the sizes, the one-word switches, the defaults, then _CONFIG_RULES in order;
-    the first rule a config breaks is a ValueError naming the field."""
-    for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
-        if not _pos_int(getattr(c, field)):
-            raise ValueError(f"ModelConfig.{field} must be a positive integer, got {getattr(c, field)!r}")
-    for field, allowed in (("norm", NORM_CHOICES), ("norm_position", NORM_POSITION_CHOICES), ("ffn", FFN_CHOICES),
-                           ("position", POSITION_CHOICES), ("attention", ATTENTION_CHOICES),
-                           ("mixer", MIXER_CHOICES)):
-        if getattr(c, field) not in allowed:
-            raise ValueError(f"ModelConfig.{field}={getattr(c, field)!r} is not one of {list(allowed)}")
-    _fill_defaults(c)
-    for passes, error in _CONFIG_RULES:
-        if not passes(c):
-            raise ValueError(error.format(c=c, dh=c.head_dim, backends=sorted(ATTENTION_BACKENDS)))
-    for flag in ("qk_norm", "tie_embeddings", "bias"):
-        setattr(c, flag, bool(getattr(c, flag)))
 
 # ---- 2. The primitives, from scratch (CS336 names and conventions) ----
 # Every layer below is a few tensor operations on nn.Parameters; torch's own layers (nn.Linear,
@@ -583,32 +497,8 @@ class MultiHeadSelfAttention(nn.Module):
 # The model is: embed tokens -> L identical blocks on a residual stream x of shape (B, T, d) -> a final
 # norm -> the LM head, a d -> V projection giving one logit per vocabulary entry per position. Training
 # reads all T positions' logits at once (teacher forcing); generation reads only the last one. Each
-# switch picks its module here: the core builds the modern stack's, the menus every other value's.
-
-def make_norm(kind: str, d_model: int, device=None, dtype=None, eps: float = 1e-5) -> nn.Module:
-    """The `norm` switch: RMSNorm, or LayerNorm / none from the menu."""
-    if kind == "rmsnorm":
-        return RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
-    return make_other_norm(kind, d_model, device, dtype, eps)
-
-
-def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None, bias: bool = False) -> nn.Module:
-    """The `ffn` switch: SwiGLU, or a two-matrix MLP (silu, relu, gelu) from the menu."""
-    if kind == "swiglu":
-        return SwiGLU(d_model, d_ff, device=device, dtype=dtype, bias=bias)
-    return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype, bias=bias)
-
-
-def make_mixer(cfg: ModelConfig, rope: Optional[RotaryPositionalEmbedding], device=None, dtype=None) -> nn.Module:
-    """The `mixer` switch: softmax attention (MHA/GQA/MQA), or MLA / linear attention / Hyena from the menu."""
-    if cfg.mixer != "attention":
-        return make_other_mixer(cfg, rope, device, dtype)
-    return MultiHeadSelfAttention(cfg.d_model, cfg.num_heads, cfg.context_length if rope else None,
-                                  cfg.rope_theta if rope else None, num_kv_heads=cfg.num_kv_heads,
-                                  qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl, rope=rope,
-                                  bias=cfg.bias, norm_eps=cfg.norm_eps, attn_dropout=cfg.attn_dropout,
-                                  device=device, dtype=dtype)
-
+# switch picks its module through make_norm, make_ffn and make_mixer, which open the first two menus: the
+# default values build the core's RMSNorm, SwiGLU and MultiHeadSelfAttention.
 
 class TransformerBlock(nn.Module):
     """One layer. Pre-norm (default):  x = x + attn(ln1(x));  x = x + ffn(ln2(x)).
@@ -737,7 +627,8 @@ class TransformerLM(nn.Module):
 # What a configuration costs, computed from the config alone (no model built), so train.py can report
 # MFU (model FLOPs utilization = achieved FLOP/s over the hardware's peak) and scaling.py can pick
 # model sizes for a compute budget C ~ 6 N D (N parameters, D training tokens; Kaplan et al., 2020).
-# The other mixers' terms (MLA, linear attention, Hyena) come from their menu section.
+# The other mixers' terms (MLA, linear attention, Hyena) come from their menu section; the counting of
+# attended keys and of stored activations (mean_attended_keys, activation_elements_per_token) from plumbing.
 
 def _ffn_params(kind: str, d: int, d_ff: int, bias: bool = False) -> int:
     # SwiGLU: w1, w3 (d -> d_ff) and w2 (d_ff -> d); the others: w1 and w2. Biases: one per output unit.
@@ -784,18 +675,6 @@ def num_params(model_or_config, include_embeddings: bool = True) -> int:
     return sum(p.numel() for p in unique.values())
 
 
-def mean_attended_keys(seq_len: int, window: Optional[int], causal_average: bool = True) -> float:
-    """How many keys an average query attends to in a sequence of seq_len tokens.
-    causal_average=True counts only the keys a causal kernel must touch: query i sees min(i+1, W) keys,
-    averaging (T+1)/2 for full attention. False counts the whole row (T, or W) -- the convention of
-    Kaplan et al. / PaLM's MFU formula, and what a kernel that computes then masks the full matrix does."""
-    if not causal_average:
-        return float(seq_len if window is None else min(window, seq_len))
-    # e.g. T = 4, full: (1 + 2 + 3 + 4) / 4 = 2.5 keys; window 2: (1 + 2 + 2 + 2) / 4 = 1.75 keys
-    w = seq_len if window is None else window
-    return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
-
-
 def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_average: bool = True) -> dict:
     """Forward FLOPs per token by component (2mnp per matmul; norms, softmax, RoPE, activations ignored)."""
     c = config
@@ -825,27 +704,6 @@ def flops_per_token(config: ModelConfig, training: bool = False, seq_len: Option
 
 
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "sgd_momentum": 1, "sgd": 0}
-
-
-def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = None,
-                                  materialize_scores: Optional[bool] = None) -> int:
-    """Approximate number of activation elements autograd keeps per token for the backward pass. Per layer:
-    each norm's input and output (2d, x2 norms), q/k/v (d + 2 kv_dim), the attention output (d), the FFN's
-    hidden tensors (swiglu: w1 out, w3 out, silu out, product = 4 d_ff; 2 d_ff for the others; MoE: times k,
-    plus the router probs E), and -- only when scores are materialized (the "naive" backend) -- the score
-    and probability matrices (2 H T; fused attention keeps one log-sum-exp per head instead). Then the
-    final norm (2d) and the logits + softmax (2V). Dropout masks are not counted."""
-    c = config
-    T = c.context_length if seq_len is None else seq_len
-    if materialize_scores is None:
-        materialize_scores = c.attn_impl == "naive"
-    d, kv_dim = c.d_model, c.num_kv_heads * c.head_dim
-    ffn_hidden = (4 if c.ffn == "swiglu" else 2) * c.d_ff
-    if c.num_experts > 0:
-        ffn_hidden = c.experts_top_k * (ffn_hidden + d) + c.num_experts
-    score_elems = 2 * c.num_heads * T if materialize_scores else c.num_heads
-    attn = d + 2 * kv_dim + d + score_elems if c.mixer == "attention" else _mixer_activations(c, T, score_elems)
-    return c.num_layers * (4 * d + attn + ffn_hidden) + 2 * d + 2 * c.vocab_size
 
 
 def memory_estimate(config: ModelConfig, batch_size: int, optimizer: str = "adamw", dtype_bytes: int = 4,
@@ -1008,9 +866,9 @@ def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature:
 
 
 # ===== Menu: other norms, positions and FFNs =====
-# The other values of the norm, position and ffn switches: LayerNorm and no norm (plug into make_norm),
-# absolute positions added to the embeddings (TransformerLM.__init__ asks absolute_positions), and the
-# classic two-matrix MLPs (make_ffn). GPT-2 is LayerNorm + learned positions + GELU.
+# The other values of the norm, position and ffn switches: LayerNorm and no norm (make_norm, which builds
+# every norm the blocks use), absolute positions added to the embeddings (TransformerLM.__init__ asks
+# absolute_positions), and the classic two-matrix MLPs (make_ffn). GPT-2 is LayerNorm + learned positions + GELU.
 
 class LayerNorm(nn.Module):
     """LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + b (biased variance), in float32 like RMSNorm.
@@ -1034,8 +892,10 @@ class LayerNorm(nn.Module):
         return (y * self.weight.to(y.dtype) + self.bias.to(y.dtype)).to(in_dtype)
 
 
-def make_other_norm(kind: str, d_model: int, device=None, dtype=None, eps: float = 1e-5) -> nn.Module:
-    """make_norm for "layernorm" | "none" (identity, no parameters)."""
+def make_norm(kind: str, d_model: int, device=None, dtype=None, eps: float = 1e-5) -> nn.Module:
+    """The `norm` switch: "rmsnorm" (the core's RMSNorm), "layernorm" or "none" (identity, no parameters)."""
+    if kind == "rmsnorm":
+        return RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
     if kind == "layernorm":
         return LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
     if kind == "none":
@@ -1075,6 +935,13 @@ class FeedForward(nn.Module):
         return self.w2(_ACTIVATIONS[self.activation](self.w1(x)))
 
 
+def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None, bias: bool = False) -> nn.Module:
+    """The `ffn` switch: "swiglu" (the core's SwiGLU), or a two-matrix MLP "silu" | "relu" | "gelu"."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_ff, device=device, dtype=dtype, bias=bias)
+    return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype, bias=bias)
+
+
 def sinusoidal_positions(max_seq_len: int, d_model: int) -> torch.Tensor:
     """The 2017 absolute encoding: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same). (T, d)"""
     inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
@@ -1108,7 +975,7 @@ def absolute_positions(cfg: ModelConfig, device=None, dtype=None) -> Optional[nn
 
 # ===== Menu: other sequence mixers =====
 # The `mixer` switch's other values -- multi-head latent attention, linear attention and Hyena -- each a
-# drop-in for MultiHeadSelfAttention (same forward signature), built by make_mixer -> make_other_mixer. Their
+# drop-in for MultiHeadSelfAttention (same forward signature), built by make_mixer (after Hyena). Their
 # decoding state lives in the ExtendedKVCache (menu: faster decoding); their costs plug into the accounting
 # through _other_mixer_params, _mixer_flops and _mixer_activations below.
 
@@ -1367,17 +1234,18 @@ class HyenaOperator(nn.Module):
         return self.output_proj(z).reshape(*lead, T, self.d_model)
 
 
-def make_other_mixer(cfg: ModelConfig, rope: Optional[RotaryPositionalEmbedding], device=None,
-                     dtype=None) -> nn.Module:
-    """make_mixer for "mla" | "hyena" | "linear" (linear attention reuses MultiHeadSelfAttention's projections)."""
+def make_mixer(cfg: ModelConfig, rope: Optional[RotaryPositionalEmbedding], device=None, dtype=None) -> nn.Module:
+    """The `mixer` switch: "attention" (the core's MultiHeadSelfAttention: MHA/GQA/MQA), "mla", "hyena" or
+    "linear" (linear attention reuses MultiHeadSelfAttention's projections; it has no window or dropout)."""
     if cfg.mixer == "mla":
         return MultiHeadLatentAttention(cfg, rope, device, dtype)
     if cfg.mixer == "hyena":
         return HyenaOperator(cfg, device, dtype)
-    return LinearAttention(cfg.d_model, cfg.num_heads, cfg.context_length if rope else None,
-                           cfg.rope_theta if rope else None, num_kv_heads=cfg.num_kv_heads, qk_norm=cfg.qk_norm,
-                           attn_impl=cfg.attn_impl, rope=rope, bias=cfg.bias, norm_eps=cfg.norm_eps,
-                           device=device, dtype=dtype)
+    cls = LinearAttention if cfg.mixer == "linear" else MultiHeadSelfAttention
+    return cls(cfg.d_model, cfg.num_heads, cfg.context_length if rope else None, cfg.rope_theta if rope else None,
+               num_kv_heads=cfg.num_kv_heads, qk_norm=cfg.qk_norm, window_size=cfg.window, attn_impl=cfg.attn_impl,
+               rope=rope, bias=cfg.bias, norm_eps=cfg.norm_eps, attn_dropout=cfg.attn_dropout, device=device,
+               dtype=dtype)
 
 
 def _other_mixer_params(c: ModelConfig) -> int:
@@ -1431,10 +1299,10 @@ def _even_in(v, lo: int, hi: int) -> bool:
     return _pos_int(v) and v % 2 == 0 and lo <= v < hi
 
 
-# The mixers' own rules, checked by ModelConfig after the core's (see _CONFIG_RULES). A field of another
-# mixer would be silently ignored, so it is refused.
+# The mixers' own rules, checked by ModelConfig after the core's (_CONFIG_RULES, in plumbing, ends with
+# these). A field of another mixer would be silently ignored, so it is refused.
 _MIXER_FIELDS = {"kv_lora_rank": "mla", "qk_rope_head_dim": "mla", "hyena_order": "hyena", "hyena_filter_dim": "hyena"}
-_CONFIG_RULES.extend([
+_MIXER_RULES = [
     *[(lambda c, f=field, m=mixer: getattr(c, f) is None or c.mixer == m,
        f"ModelConfig.{field} is only used with mixer={mixer!r} (mixer={{c.mixer!r}})")
       for field, mixer in _MIXER_FIELDS.items()],
@@ -1465,13 +1333,14 @@ _CONFIG_RULES.extend([
       for field in ("hyena_order", "hyena_filter_dim")],
     (lambda c: c.attn_dropout == 0 or c.mixer not in ("linear", "hyena"), "ModelConfig.attn_dropout applies to "
      "softmax attention probabilities; mixer={c.mixer!r} has none (use dropout)"),
-])
+]
 
 
 # ===== Menu: mixture of experts =====
 # num_experts > 0 replaces each block's FFN by a routed set of FFNs (TransformerBlock builds MoEFeedForward);
 # TransformerLM.forward collects the load-balancing loss through moe_aux_loss, and the accounting counts
-# k experts' FLOPs per token and all E experts' parameters.
+# k experts' FLOPs per token and all E experts' parameters. Switch Transformers arXiv:2101.03961, GShard
+# arXiv:2006.16668, Mixtral arXiv:2401.04088.
 
 class MoEFeedForward(nn.Module):
     """Mixture of experts: a router scores num_experts FFNs per token; each token uses its top-k.
@@ -1540,13 +1409,14 @@ def moe_aux_loss(model: "TransformerLM") -> torch.Tensor:
     return model.config.moe_aux_weight * torch.stack(moe).mean()
 
 
-_CONFIG_RULES.extend([
+# the experts' rules, checked after the core's and the mixers' (see _CONFIG_RULES)
+_MOE_RULES = [
     (lambda c: isinstance(c.num_experts, int) and not isinstance(c.num_experts, bool) and c.num_experts >= 0,
      "ModelConfig.num_experts must be an integer >= 0 (0 = dense), got {c.num_experts!r}"),
     (lambda c: c.num_experts == 0 or 1 <= c.experts_top_k <= c.num_experts,
      "ModelConfig.experts_top_k={c.experts_top_k} must be in 1..num_experts={c.num_experts}"),
     (lambda c: c.moe_aux_weight >= 0, "ModelConfig.moe_aux_weight must be >= 0, got {c.moe_aux_weight}"),
-])
+]
 
 
 # ===== Menu: faster decoding =====
@@ -1555,7 +1425,7 @@ _CONFIG_RULES.extend([
 # the other mixers' decoding state, the cache sizes per mixer, and speculative decoding on top of generate:
 # a small draft model guesses k tokens and the big model checks all k in ONE pass (as cheap as one step,
 # since decoding is memory-bound), keeping the guesses its own distribution agrees with -- exactly, not
-# approximately (Leviathan et al. 2022; Chen et al. 2023).
+# approximately (Leviathan et al. 2022, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318).
 
 def slot_attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad_lens: Optional[torch.Tensor],
                         window: Optional[int]) -> torch.Tensor:
@@ -1759,13 +1629,14 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt_ids
     (with temperature 0 the output equals the target's greedy output). Both models use KV caches and
     roll them back past rejected tokens. Batched prompts are decoded one after another (acceptance
     lengths differ per row). Returns the same as generate(); with return_stats=True returns
-    (outputs, stats) where stats has acceptance_rate = accepted / proposed draft tokens, the number of
+    (outputs, stats) where stats has acceptance_rate = accepted / proposed draft tokens, alpha = accepted /
+    judged draft tokens (the per-token acceptance probability, see speculative_speedup), the number of
     target verification passes (target_forwards; the prompt prefill is counted apart as target_prefills),
     draft forward passes and tokens_per_target_forward = new tokens / verification passes.
     """
     prompts = _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temperature, top_p)
-    stats = {"proposed": 0, "accepted": 0, "target_prefills": 0, "target_forwards": 0, "draft_forwards": 0,
-             "new_tokens": 0}
+    stats = {"proposed": 0, "accepted": 0, "rejected": 0, "target_prefills": 0, "target_forwards": 0,
+             "draft_forwards": 0, "new_tokens": 0}
     modes = (target.training, draft.training)
     target.eval()
     draft.eval()
@@ -1776,6 +1647,9 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt_ids
         target.train(modes[0])
         draft.train(modes[1])
     stats["acceptance_rate"] = stats["accepted"] / max(1, stats["proposed"])
+    # each draft token the target judged was accepted or was the round's one rejection: the per-token
+    # acceptance probability alpha of Leviathan et al. (later drafts of a rejected round are never judged)
+    stats["alpha"] = stats["accepted"] / max(1, stats["accepted"] + stats["rejected"])
     stats["tokens_per_target_forward"] = stats["new_tokens"] / max(1, stats["target_forwards"])
     return (outputs, stats) if return_stats else outputs
 
@@ -1819,6 +1693,7 @@ def _speculative_one(target, draft, prompt, max_new_tokens, k, temperature, top_
         emitted, n_acc = speculative_accept(p, q, torch.tensor(drafts, dtype=torch.long), generator)
         stats["proposed"] += k_eff
         stats["accepted"] += n_acc
+        stats["rejected"] += int(n_acc < k_eff)  # a round ends at its first rejection, if it has one
         # roll back: keep the cached keys of the committed tokens only
         seq_before = len(seq)
         if eos_id is not None and eos_id in emitted:
@@ -2017,7 +1892,129 @@ def set_attention_backend(model: nn.Module, name: str) -> None:
         model.config.attn_impl = name
 
 
+# ---- Accounting details: attended keys per query, activation elements per token ----
+
+def mean_attended_keys(seq_len: int, window: Optional[int], causal_average: bool = True) -> float:
+    """How many keys an average query attends to in a sequence of seq_len tokens.
+    causal_average=True counts only the keys a causal kernel must touch: query i sees min(i+1, W) keys,
+    averaging (T+1)/2 for full attention. False counts the whole row (T, or W) -- the convention of
+    Kaplan et al. / PaLM's MFU formula, and what a kernel that computes then masks the full matrix does."""
+    if not causal_average:
+        return float(seq_len if window is None else min(window, seq_len))
+    # e.g. T = 4, full: (1 + 2 + 3 + 4) / 4 = 2.5 keys; window 2: (1 + 2 + 2 + 2) / 4 = 1.75 keys
+    w = seq_len if window is None else window
+    return sum(min(i + 1, w) for i in range(seq_len)) / seq_len
+
+
+def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = None,
+                                  materialize_scores: Optional[bool] = None) -> int:
+    """Approximate number of activation elements autograd keeps per token for the backward pass. Per layer:
+    each norm's input and output (2d, x2 norms), q/k/v (d + 2 kv_dim), the attention output (d), the FFN's
+    hidden tensors (swiglu: w1 out, w3 out, silu out, product = 4 d_ff; 2 d_ff for the others; MoE: times k,
+    plus the router probs E), and -- only when scores are materialized (the "naive" backend) -- the score
+    and probability matrices (2 H T; fused attention keeps one log-sum-exp per head instead). Then the
+    final norm (2d) and the logits + softmax (2V). Dropout masks are not counted."""
+    c = config
+    T = c.context_length if seq_len is None else seq_len
+    if materialize_scores is None:
+        materialize_scores = c.attn_impl == "naive"
+    d, kv_dim = c.d_model, c.num_kv_heads * c.head_dim
+    ffn_hidden = (4 if c.ffn == "swiglu" else 2) * c.d_ff
+    if c.num_experts > 0:
+        ffn_hidden = c.experts_top_k * (ffn_hidden + d) + c.num_experts
+    score_elems = 2 * c.num_heads * T if materialize_scores else c.num_heads
+    attn = d + 2 * kv_dim + d + score_elems if c.mixer == "attention" else _mixer_activations(c, T, score_elems)
+    return c.num_layers * (4 * d + attn + ffn_hidden) + 2 * d + 2 * c.vocab_size
+
+
 # ---- Validation: configs, token ids, sampling arguments (errors that name the problem) ----
+
+# The allowed values of each one-word switch. An unknown value is a clear ValueError naming the field.
+NORM_CHOICES = ("rmsnorm", "layernorm", "none")
+NORM_POSITION_CHOICES = ("pre", "post")
+POSITION_CHOICES = ("rope", "sinusoidal", "learned", "nope")
+FFN_CHOICES = ("swiglu", "silu", "relu", "gelu")
+ATTENTION_CHOICES = ("full", "sliding")
+MIXER_CHOICES = ("attention", "mla", "linear", "hyena")  # the sublayer that moves information across positions
+
+
+def _fill_defaults(c: ModelConfig) -> None:
+    """The derived defaults: d_ff by FFN kind, num_kv_heads = num_heads (MHA), and the mixers' own sizes --
+    MLA's latent of d/4 and half of each head for RoPE (DeepSeek-V2-Lite: 512 of 2048, 64 of 192; even,
+    since RoPE turns pairs), Hyena's order 2 (the paper's) and a 64-wide filter MLP."""
+    c.d_ff = default_d_ff(c.d_model, c.ffn) if c.d_ff is None else c.d_ff
+    c.num_kv_heads = c.num_heads if c.num_kv_heads is None else c.num_kv_heads
+    if c.mixer == "mla" and c.kv_lora_rank is None:
+        c.kv_lora_rank = max(1, c.d_model // 4)
+    if c.mixer == "mla" and c.qk_rope_head_dim is None:
+        c.qk_rope_head_dim = max(2, c.d_model // c.num_heads // 4 * 2) if c.position == "rope" else 0
+    if c.mixer == "hyena":
+        c.hyena_order = 2 if c.hyena_order is None else c.hyena_order
+        c.hyena_filter_dim = 64 if c.hyena_filter_dim is None else c.hyena_filter_dim
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v, lo: float, hi: float) -> bool:
+    """A real number (not a bool) in [lo, hi)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v < hi
+
+
+# The rules every config must pass, in order: (passes, the error), after the sizes and the one-word switches
+# are known to be valid and the defaults filled in; the error is formatted with c (the config) and dh. The
+# menu sections' rules of their own switches (mixers, experts) come last.
+_CONFIG_RULES = [
+    (lambda c: c.attn_impl in ATTENTION_BACKENDS, "ModelConfig.attn_impl={c.attn_impl!r} is not one of "
+     "{backends} (register others with register_attention_backend)"),
+    (lambda c: c.d_model % c.num_heads == 0, "d_model={c.d_model} is not divisible by num_heads={c.num_heads}"),
+    (lambda c: _pos_int(c.num_kv_heads), "ModelConfig.num_kv_heads must be a positive integer, got {c.num_kv_heads!r}"),
+    (lambda c: c.num_heads % c.num_kv_heads == 0, "num_heads={c.num_heads} is not divisible by num_kv_heads="
+     "{c.num_kv_heads} (each key/value head must serve a whole group of query heads)"),
+    (lambda c: c.position != "rope" or c.head_dim % 2 == 0,
+     "RoPE needs an even head dimension, got d_model/num_heads = {dh}"),
+    (lambda c: c.position != "sinusoidal" or c.d_model % 2 == 0,
+     "sinusoidal positions need an even d_model, got {c.d_model}"),
+    (lambda c: _number(c.rope_theta, 1e-300, math.inf), "ModelConfig.rope_theta must be > 0, got {c.rope_theta!r}"),
+    (lambda c: _pos_int(c.d_ff), "ModelConfig.d_ff must be a positive integer, got {c.d_ff!r}"),
+    (lambda c: c.attention != "sliding" or c.window_size is not None,
+     "ModelConfig.attention='sliding' needs window_size (a positive integer)"),
+    (lambda c: c.window_size is None or c.attention == "sliding", "ModelConfig.window_size={c.window_size} is only "
+     "used with attention='sliding' (attention={c.attention!r})"),
+    (lambda c: c.window_size is None or _pos_int(c.window_size),
+     "ModelConfig.window_size must be a positive integer, got {c.window_size!r}"),
+    (lambda c: _number(c.norm_eps, 1e-300, 1), "ModelConfig.norm_eps must be a number in (0, 1), got {c.norm_eps!r}"),
+    *[(lambda c, f=flag: isinstance(getattr(c, f), int) and getattr(c, f) in (0, 1),
+       f"ModelConfig.{flag} must be true or false, got {{c.{flag}!r}}")
+      for flag in ("qk_norm", "tie_embeddings", "bias")],
+    *[(lambda c, f=field: _number(getattr(c, f), 0, 1), f"ModelConfig.{field} must be a number in [0, 1), got "
+       f"{{c.{field}!r}}") for field in ("dropout", "attn_dropout")],
+    (lambda c: c.attn_dropout == 0 or c.attn_impl in ("naive", "sdpa"), "ModelConfig.attn_dropout needs attn_impl "
+     "'naive' or 'sdpa' (the backend interface has no dropout argument), got attn_impl={c.attn_impl!r}"),
+    *_MIXER_RULES,
+    *_MOE_RULES,
+]
+
+
+def _validate_config(c: ModelConfig) -> None:
+    """ModelConfig.__post_init__: the sizes, the one-word switches, the defaults, then _CONFIG_RULES in order;
+    the first rule a config breaks is a ValueError naming the field."""
+    for field in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads"):
+        if not _pos_int(getattr(c, field)):
+            raise ValueError(f"ModelConfig.{field} must be a positive integer, got {getattr(c, field)!r}")
+    for field, allowed in (("norm", NORM_CHOICES), ("norm_position", NORM_POSITION_CHOICES), ("ffn", FFN_CHOICES),
+                           ("position", POSITION_CHOICES), ("attention", ATTENTION_CHOICES),
+                           ("mixer", MIXER_CHOICES)):
+        if getattr(c, field) not in allowed:
+            raise ValueError(f"ModelConfig.{field}={getattr(c, field)!r} is not one of {list(allowed)}")
+    _fill_defaults(c)
+    for passes, error in _CONFIG_RULES:
+        if not passes(c):
+            raise ValueError(error.format(c=c, dh=c.head_dim, backends=sorted(ATTENTION_BACKENDS)))
+    for flag in ("qk_norm", "tie_embeddings", "bias"):
+        setattr(c, flag, bool(getattr(c, flag)))
+
 
 def _config_from_block_args(d_model, num_heads, d_ff, max_seq_len, theta, switches) -> ModelConfig:
     """A block is built from a ModelConfig so that every switch is validated in one place. (vocab_size 1
@@ -2787,19 +2784,20 @@ def _read_corpus(path: Optional[str]) -> tuple[bytes, str]:
 
 def _quick_train(model: TransformerLM, data: np.ndarray, steps: int, batch: int, seq: int, lr: float,
                  label: str) -> float:
-    """A few hundred AdamW steps on byte tokens so the speculative pair predicts something real. (A
-    bench-only loop: train.py is the real trainer, but model.py may not import it.)"""
+    """AdamW steps on byte tokens so the speculative pair predicts something real: 5% warmup, cosine decay
+    to 10%. (A bench-only loop: train.py is the real trainer, but model.py may not import it.)"""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng(0)
     model.train()
-    loss = float("nan")
+    loss, warmup = float("nan"), max(1, steps // 20)
     for step in range(steps):
-        for group in opt.param_groups:  # cosine decay to 10%
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         x, y = (torch.from_numpy(a) for a in sample_windows(data, batch, seq, rng))  # (B, T) each
         loss_t = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss = loss_t.item()
         if step % max(1, steps // 4) == 0 or step == steps - 1:
@@ -2808,65 +2806,126 @@ def _quick_train(model: TransformerLM, data: np.ndarray, steps: int, batch: int,
     return loss
 
 
+def _cached_byte_model(data: np.ndarray, digest: str, ctx: int, shape: tuple, steps: int, args, role: str):
+    """A byte-level TransformerLM of shape (d, L, H) trained on `data` (the text's first 95%), from the cache
+    folder when the same text, shape and training settings were trained before (an atomic checkpoint that
+    read_checkpoint reads, so an interrupted run leaves nothing half-written)."""
+    d, L, H = shape
+    key = json.dumps([digest, ctx, shape, steps, args.spec_train_batch, args.spec_train_seq, args.spec_lr])
+    path = Path(args.spec_cache) / f"spec-{role}-d{d}-L{L}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if path.is_file():
+        model, ckpt = load_checkpoint_model(path)
+        print(f"[spec] {role} d{d} L{L} from {path} (final training loss {ckpt['loss']:.3f})")
+        return model.eval()
+    torch.manual_seed(0)
+    model = TransformerLM(256, ctx, d, L, H)
+    print(f"[spec] training the byte-level {role} d{d} L{L} ({num_params(model) / 1e6:.2f}M) for {steps} steps "
+          f"of {args.spec_train_batch}x{args.spec_train_seq} bytes; cached in {path}", flush=True)
+    loss = _quick_train(model, data, steps, args.spec_train_batch, args.spec_train_seq, args.spec_lr, role)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.config.to_dict(),
+                "loss": loss}, tmp)
+    os.replace(tmp, path)
+    return model.eval()
+
+
 def _spec_pair(args):
-    """bench_spec's models and prompt: two checkpoints, or (by default) a byte-level pair (vocab 256) trained
-    on the same text -- the draft (1 layer, d 64) ~50x smaller than the target, so its k proposals cost
-    little next to one target pass. Returns (target, draft, prompt ids, what they were trained on)."""
+    """bench_spec's models and prompts: two checkpoints, or (by default) a byte-level pair (vocab 256) trained
+    on the first 95% of the same text, the prompts cut from the held-out rest. The default target (d128, 12
+    layers) is 2x wider and 12x deeper than the draft (d64, 1 layer): at batch 1 a decoding step is bound by
+    per-layer overhead and weight reads, so the target costs >= 10x the draft per token. Returns (target,
+    draft, prompts, what they were trained on)."""
+    n = args.spec_prompt
     if args.target_checkpoint:
         target, draft = (load_checkpoint_model(p)[0] for p in (args.target_checkpoint, args.draft_checkpoint))
-        return target, draft, torch.randint(0, target.config.vocab_size, (args.spec_prompt,)).tolist(), "checkpoints"
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, target.config.vocab_size, (args.spec_prompts, n), generator=g).tolist()
+        return target, draft, prompts, "checkpoints"
     raw, source = _read_corpus(args.text)
     data = np.frombuffer(raw, dtype=np.uint8)  # byte-level tokens: vocab 256, no tokenizer needed
-    ctx = max(args.spec_prompt + args.spec_new_tokens, args.spec_train_seq)
-    target = TransformerLM(256, ctx, args.target_d_model, args.target_num_layers, args.target_num_heads)
-    draft = TransformerLM(256, ctx, args.draft_d_model, args.draft_num_layers, max(1, args.draft_d_model // 32))
-    print(f"[spec] training byte-level target ({num_params(target) / 1e6:.2f}M) and draft "
-          f"({num_params(draft) / 1e6:.2f}M) on {source} for {args.spec_train_steps} steps each")
-    for model, label in ((target, "target"), (draft, "draft")):
-        _quick_train(model, data, args.spec_train_steps, args.spec_train_batch, args.spec_train_seq, 3e-3, label)
-    start = int(torch.randint(0, len(data) - args.spec_prompt, (1,)))
-    return target, draft, [int(b) for b in data[start:start + args.spec_prompt]], source
+    split = int(len(data) * 0.95)
+    held_out = data[split:]
+    if len(held_out) < max(n * args.spec_prompts, args.spec_train_seq + 1):  # checked before any training
+        raise ValueError(f"--text {source} is too short: its held-out 5% has {len(held_out)} bytes, fewer than "
+                         f"{args.spec_prompts} prompts of {n} or one window of {args.spec_train_seq + 1}")
+    digest = hashlib.sha256(raw).hexdigest()
+    ctx = max(n + args.spec_new_tokens, args.spec_train_seq)
+    target = _cached_byte_model(data[:split], digest, ctx, (args.target_d_model, args.target_num_layers,
+                                                          args.target_num_heads), args.spec_train_steps, args, "target")
+    draft = _cached_byte_model(data[:split], digest, ctx, (args.draft_d_model, args.draft_num_layers,
+                                                         max(1, args.draft_d_model // 32)), args.draft_train_steps,
+                               args, "draft")
+    with torch.no_grad():  # the quality of each model on text neither saw: mean next-byte loss (nats)
+        x, y = (torch.from_numpy(a) for a in sample_windows(held_out, 16, args.spec_train_seq,
+                                                             np.random.default_rng(1)))
+        losses = [F.cross_entropy(m(x).flatten(0, 1), y.flatten()).item() for m in (target, draft)]
+    print(f"[spec] held-out loss: target {losses[0]:.3f}, draft {losses[1]:.3f} nats per byte")
+    starts = np.linspace(0, len(held_out) - n, args.spec_prompts).astype(int)
+    return target, draft, [[int(b) for b in held_out[s0:s0 + n]] for s0 in starts], source
+
+
+def speculative_speedup(alpha: float, k: int, cost_ratio: float) -> float:
+    """Leviathan et al.'s expected wall-time improvement (their Theorem 3.8): each target pass yields
+    (1 - alpha^(k+1)) / (1 - alpha) tokens on average and costs one target step plus k draft steps
+    (cost_ratio c = draft time / target time per token): speed-up = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)).
+    e.g. alpha 0.8, k 4, c 0.1: 3.36 tokens per pass for 1.4 target steps, 2.40x."""
+    tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * cost_ratio + 1)
 
 
 def bench_spec(args) -> list[str]:
-    """Speculative decoding against the target model decoding alone, greedy and sampled.
+    """Speculative decoding against the target decoding alone, greedy and sampled, for each k of the sweep.
 
-    The pair must predict something real for drafts to be accepted (see _spec_pair). Greedy speculative
-    output must equal the target's greedy output token for token (checked); the sampled run's speed
-    depends on the acceptance rate, printed with it. The four runs are interleaved so load hits all alike."""
-    torch.manual_seed(0)
-    target, draft, prompt, source = _spec_pair(args)
-    target.eval(), draft.eval()
-    n, T = args.spec_new_tokens, args.spec_temperature
-    # target alone and speculative, each greedy and sampled at temperature T; the sampled pair gets equal
-    # seeds so both draw from the same target distribution
-    gens = [torch.Generator().manual_seed(1) for _ in range(2)]
-    runs = [lambda: generate(target, prompt, n, temperature=0),
-            lambda: speculative_generate(target, draft, prompt, n, k=args.k, temperature=0, return_stats=True),
-            lambda: generate(target, prompt, n, temperature=T, generator=gens[0]),
-            lambda: speculative_generate(target, draft, prompt, n, k=args.k, temperature=T, generator=gens[1],
-                                         return_stats=True)]
-    generate(target, prompt, 4, temperature=0), speculative_generate(target, draft, prompt, 4, k=args.k)  # warm-up
-    (t_plain, t_spec, t_plain_t, t_spec_t), (plain, (spec, st), _, (_, st_t)) = _interleaved(runs, args.repeats)
-    if plain != spec:
-        raise AssertionError("speculative greedy output differs from the target's greedy output")
+    All runs (the target alone greedy and sampled, the draft alone, and speculative decoding at every k, greedy
+    and sampled) are interleaved, so load hits all alike. Greedy speculative output must equal the target's
+    greedy output token for token (checked). Printed per k: alpha (see speculative_speedup), tokens per
+    target pass, Leviathan et al.'s predicted speed-up from alpha and the measured cost ratio c, and the
+    measured speed-up. The table rows report the best k of each mode."""
+    target, draft, prompts, source = _spec_pair(args)
+    n, T, ks = args.spec_new_tokens, args.spec_temperature, [int(k) for k in str(args.k).split(",")]
+
+    def alone(model, temp):  # one prompt after another, as speculative_generate decodes them
+        g = torch.Generator().manual_seed(1)
+        return [generate(model, p, n, temperature=temp, generator=g)[0] for p in prompts]
+
+    def spec(k, temp):
+        return speculative_generate(target, draft, prompts, n, k=k, temperature=temp,
+                                    generator=torch.Generator().manual_seed(1), return_stats=True)
+
+    runs = [functools.partial(alone, target, 0), functools.partial(alone, target, T),
+            functools.partial(alone, draft, 0)]
+    runs += [functools.partial(spec, k, temp) for k in ks for temp in (0, T)]
+    speculative_generate(target, draft, prompts[:1], 8, k=2)  # warm-up
+    times, results = _interleaved(runs, args.repeats)
+    c = times[2] / times[0]  # draft / target wall time per token, both decoding alone
+    print(f"[spec] {len(prompts)} held-out prompts of {args.spec_prompt} bytes, {n} new each; target alone "
+          f"{len(prompts) * n / times[0]:.1f} tok/s greedy; draft alone {len(prompts) * n / times[2]:.1f} tok/s: "
+          f"target/draft cost per token {1 / c:.1f}x")
+    print(f"[spec] {'k':>2s} {'mode':8s} {'alpha':>6s} {'tok/pass':>8s} {'predicted':>9s} {'measured':>8s}")
+    best = {}
+    for i, k in enumerate(ks):
+        for j, (mode, temp) in enumerate((("greedy", 0), (f"T={T}", T))):
+            out, st = results[3 + 2 * i + j]
+            if temp == 0 and out != results[0]:
+                raise AssertionError(f"speculative greedy output (k={k}) differs from the target's greedy output")
+            base = times[0] if temp == 0 else times[1]
+            row = (k, st, speculative_speedup(st["alpha"], k, c), base / times[3 + 2 * i + j], base)
+            print(f"[spec] {k:2d} {mode:8s} {st['alpha']:6.2f} {st['tokens_per_target_forward']:8.2f} "
+                  f"{row[2]:8.2f}x {row[3]:7.2f}x" + ("  (output identical)" if temp == 0 else ""))
+            best[mode] = max(best.get(mode, row), row, key=lambda r: r[3])
     if target.config.vocab_size == 256:
-        print(f"[spec] target greedy sample: {bytes(prompt + plain[0]).decode('utf-8', errors='replace')!r}")
-    print(f"[spec] k={args.k} greedy: acceptance {st['acceptance_rate']:.2f}, "
-          f"{st['tokens_per_target_forward']:.2f} tokens per target pass, target alone {n / t_plain:.1f} tok/s, "
-          f"speculative {n / t_spec:.1f} tok/s, speedup {t_plain / t_spec:.2f}x (outputs identical)")
-    print(f"[spec] k={args.k} sampling T={T}: acceptance {st_t['acceptance_rate']:.2f}, "
-          f"{st_t['tokens_per_target_forward']:.2f} tokens per target pass, target alone {n / t_plain_t:.1f} tok/s, "
-          f"speculative {n / t_spec_t:.1f} tok/s, speedup {t_plain_t / t_spec_t:.2f}x")
-    shape = (f"target d{target.config.d_model} L{target.config.num_layers}, draft d{draft.config.d_model} "
-             f"L{draft.config.num_layers}, {source}, prompt {len(prompt)}, {n} new, k={args.k}")
-    cmd = "python model.py bench --only spec"
-    return [_row(f"speculative decoding, greedy (acceptance {st['acceptance_rate']:.2f}; output identical to "
-                 f"target greedy)", cmd, shape, f"{n / t_spec:.1f} tok/s", f"{n / t_plain:.1f} tok/s (target alone)",
-                 f"{t_plain / t_spec:.2f}x"),
-            _row(f"speculative decoding, sampling T={T} (acceptance {st_t['acceptance_rate']:.2f})", cmd, shape,
-                 f"{n / t_spec_t:.1f} tok/s", f"{n / t_plain_t:.1f} tok/s (target alone)",
-                 f"{t_plain_t / t_spec_t:.2f}x")]
+        print(f"[spec] target greedy sample: {bytes(prompts[0] + results[0][0]).decode('utf-8', errors='replace')!r}")
+    tc, dc = target.config, draft.config
+    shape = (f"target d{tc.d_model} L{tc.num_layers}, draft d{dc.d_model} L{dc.num_layers}, target/draft cost "
+             f"{1 / c:.1f}x per token, {source}, {len(prompts)} held-out prompts of {args.spec_prompt}, {n} new")
+    total = len(prompts) * n
+    return [_row(f"speculative decoding, {mode}, best of k={args.k}: k={k} (alpha {st['alpha']:.2f}, "
+                 f"{st['tokens_per_target_forward']:.2f} tokens per target pass, predicted {pred:.2f}x"
+                 f"{'; output identical to target greedy' if mode == 'greedy' else ''})",
+                 "python model.py bench --only spec", shape, f"{total * speed / base:.1f} tok/s",
+                 f"{total / base:.1f} tok/s (target alone)", f"{speed:.2f}x")
+            for mode, (k, st, pred, speed, base) in best.items()]
 
 
 def bench_train(args) -> list[str]:
@@ -3151,17 +3210,23 @@ def _add_bench_flags(b) -> None:
     b.add_argument("--train-batch", type=int, default=4, help="train: batch size (4)")
     b.add_argument("--text", default=None, help="spec: a text FILE to train the byte-level pair on (e.g. "
                                                 "tinyshakespeare.txt; default: this file's source)")
-    b.add_argument("--spec-train-steps", type=int, default=150, help="spec: training steps per model (150)")
+    b.add_argument("--spec-train-steps", type=int, default=150, help="spec: target training steps (150)")
+    b.add_argument("--draft-train-steps", type=int, default=600, help="spec: draft training steps (600)")
     b.add_argument("--spec-train-seq", type=int, default=128, help="spec: training sequence length (128)")
-    b.add_argument("--spec-train-batch", type=int, default=8, help="spec: training batch size (8)")
-    b.add_argument("--spec-prompt", type=int, default=32, help="spec: prompt tokens (32)")
-    b.add_argument("--spec-new-tokens", type=int, default=96, help="spec: new tokens (96)")
-    b.add_argument("--target-d-model", type=int, default=256, help="spec: target width (256)")
-    b.add_argument("--target-num-layers", type=int, default=4, help="spec: target layers (4)")
-    b.add_argument("--target-num-heads", type=int, default=8, help="spec: target heads (8)")
+    b.add_argument("--spec-train-batch", type=int, default=16, help="spec: training batch size (16)")
+    b.add_argument("--spec-lr", type=float, default=3e-3, help="spec: peak AdamW learning rate (3e-3)")
+    b.add_argument("--spec-cache", default="data_cache/spec", help="spec: folder of the trained pairs, reused "
+                                                                   "by reruns (data_cache/spec)")
+    b.add_argument("--spec-prompt", type=int, default=32, help="spec: prompt bytes (32)")
+    b.add_argument("--spec-prompts", type=int, default=3, help="spec: held-out prompts, decoded in turn (3)")
+    b.add_argument("--spec-new-tokens", type=int, default=64, help="spec: new tokens per prompt (64)")
+    b.add_argument("--target-d-model", type=int, default=128, help="spec: target width (128)")
+    b.add_argument("--target-num-layers", type=int, default=12, help="spec: target layers (12)")
+    b.add_argument("--target-num-heads", type=int, default=4, help="spec: target heads (4)")
     b.add_argument("--draft-d-model", type=int, default=64, help="spec: draft width, one head per 32 dims (64)")
     b.add_argument("--draft-num-layers", type=int, default=1, help="spec: draft layers (1)")
-    b.add_argument("-k", type=int, default=4, help="spec: draft tokens per target pass (4)")
+    b.add_argument("-k", default="2,3,4,5,6,7,8", help="spec: draft tokens per target pass, comma-separated: "
+                                                       "the sweep (2,3,4,5,6,7,8)")
     b.add_argument("--spec-temperature", type=float, default=0.8, help="spec: temperature of the sampled run (0.8)")
     b.add_argument("--target-checkpoint", default=None, help="spec: use trained checkpoints instead "
                                                              "(needs --draft-checkpoint too)")
@@ -3178,7 +3243,8 @@ def _ints(text: str, low: int) -> bool:
 _AT_LEAST_1 = ("vocab_size", "context_length", "batch_size", "max_new_tokens", "num_samples", "repeats",
                "train_repeats", "d_model", "num_layers", "num_heads", "kv_new_tokens", "train_seq", "train_batch",
                "spec_train_steps", "spec_train_batch", "spec_prompt", "spec_new_tokens", "target_d_model",
-               "target_num_layers", "target_num_heads", "draft_num_layers", "k", "mixer_prompt")
+               "target_num_layers", "target_num_heads", "draft_num_layers", "mixer_prompt", "draft_train_steps",
+               "spec_prompts")
 # What each option allows, by argparse dest: (passes, the allowed values). Checked before any work, so a bad
 # value never costs a model load; options absent from the subcommand (or not given: None) are skipped.
 _OPTION_RULES = [
@@ -3192,7 +3258,9 @@ _OPTION_RULES = [
     ("spec_temperature", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("prompt_ids", lambda v: _ints(v, 0), "comma-separated integers >= 0"),
-    *[(dest, lambda v: _ints(v, 1), "comma-separated integers >= 1") for dest in ("kv_prompt", "mixer_seq")],
+    *[(dest, lambda v: _ints(v, 1), "comma-separated integers >= 1") for dest in ("kv_prompt", "mixer_seq", "k")],
+    ("spec_lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("spec_cache", lambda v: not os.path.isfile(v), "a folder, not a file"),
     ("only", lambda v: set(v.split(",")) <= set(BENCH_SECTIONS), f"sections among {', '.join(BENCH_SECTIONS)}"),
     ("tokenizer", lambda v: os.path.isfile(os.path.join(v, "vocab.json")), "a tokenizer folder (with vocab.json)"),
     ("pretrained", lambda v: v in GPT2_HF_REPOS or os.path.exists(v), f"one of {sorted(GPT2_HF_REPOS)} or a path"),

@@ -56,28 +56,24 @@ L-BFGS, then the batched fast path) and its closed-form optimum, and the sweep: 
 through train.py, fit, then train the predicted optimum at a larger budget. The menus: one-run data points
 (branched WSD), a known irreducible loss, muP learning-rate transfer.
 
-What it costs: a fit is seconds on one core (the full 4,500-start grid on 250 runs: ~4 CPU seconds). The
-default sweep trains 15 small models (20K-460K parameters, 1.5e11-6e11 FLOPs each) plus one verification
-run at 2.4e12 FLOPs on the built-in synthetic corpus: ~7.6e12 training FLOPs (6ND) in all, minutes on 2 CPU
-cores. Its law is a law of THIS corpus and THESE tiny models, but the method is the one used at scale
-(which is the point: predict, then check).
+What it costs: a fit is seconds on one core (4,500 starts on 250 runs: ~4 CPU s). The default sweep (`python
+scaling.py`) trains 15 models of 20K-460K parameters plus one verification run: ~10 minutes on 2 CPU cores. Its
+law is one of THIS corpus and THESE tiny models, but the method is the one used at scale: predict, then check.
 
 Reading the numbers
 -------------------
-* An IsoFLOPs exponent a (N_opt ~ C^a) near 0.5 is Chinchilla's answer; near 0.73, Kaplan's. The interval
-  printed next to it comes from resampling the runs: with 3 budgets it is wide, and it should be.
-* The parametric fit's E is the loss no model reaches: on the built-in synthetic corpus the true value is
-  known (the corpus' entropy, which train.py prints), a check on the fit that real data never offers. On
-  the default sweep the free fit fails it (E far below the entropy); `fit_parametric_law(..., E=...)` then
-  holds E at the known value, and the sweep reports both laws' predictions.
+* An IsoFLOPs exponent a (N_opt ~ C^a) near 0.5 is Chinchilla's answer; near 0.73, Kaplan's. Its interval
+  comes from resampling the runs: with 3 budgets it is wide, and it should be.
+* The parametric fit's E is the loss no model reaches: on the synthetic corpus it is known (the corpus'
+  entropy), a check real data never offers. The default sweep's free fit fails it (E far below the entropy),
+  so the sweep also fits the law with E held there (`fit_parametric_law(..., E=...)`) and reports both.
 * Extrapolation is the point and the danger: a power law fitted over one decade of compute says nothing
   certain four decades away. `--verify` measures how far one factor of 4 already is.
 
 Limits, stated plainly
 ----------------------
-* CPU-sized sweeps use models of 20K-500K parameters, where the embedding matrices are a large share of N
-  and 6ND is off by up to ~35% (see `python scaling.py shapes`); the law still fits, but its constants
-  are those of tiny models on one synthetic corpus.
+* CPU-sized sweeps use models of 20K-500K parameters, where the embeddings are a large share of N and 6ND
+  is off by up to ~35% (`python scaling.py shapes`): the law fits, with the constants of tiny models.
 * One learning rate for every size (train.py's defaults) means bigger models are slightly mistuned under
   the standard parametrization -- the very bias muP addresses, measured by `lr-transfer`.
 * Each (N, D) point is one seed; seed-to-seed noise is part of the residuals the Huber loss absorbs.
@@ -88,11 +84,14 @@ Imports: tokenizer.py, model.py and train.py from this project (stages to the le
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -109,7 +108,7 @@ import train as T
 
 
 def say(msg: str):
-    """The default `log` here: a line on stdout, flushed at once (progress must reach a log file as it happens)."""
+    """The default `log`: a line on stdout, flushed at once (progress reaches a log file as it happens)."""
     print(msg, flush=True)
 
 
@@ -577,17 +576,7 @@ class SweepSpec:
     seed: int = 1337
 
     def __post_init__(self):
-        # (the check, the message): each names the field and what it must be
-        rules = ((len(self.budgets) >= 2, f"a sweep needs >= 2 budgets to fit N_opt = k C^a, got {self.budgets}"),
-                 (self.runs_per_budget >= 3, "runs_per_budget must be >= 3 (a parabola needs 3 sizes), got "
-                                             f"{self.runs_per_budget}"),
-                 (all(math.isfinite(c) and c > 0 for c in self.budgets),
-                  f"budgets must be finite positive numbers of FLOPs, got {self.budgets}"),
-                 (self.flops in ("6nd", "exact"), f"flops must be '6nd' or 'exact', got {self.flops!r}"),
-                 (self.optimizer in ("muon", "adamw"), f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}"))
-        for ok, msg in rules:
-            if not ok:
-                raise ValueError(msg)
+        _check_spec(self)  # the table of rules, one per field (plumbing, _SPEC_RULES)
 
     # tokens per optimizer step: the unit in which every run's length D is counted
     @property
@@ -657,10 +646,11 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
                       log=say, iso: IsoFlopsFit | None = None, par: ParametricFit | None = None,
                       par_known: ParametricFit | None = None) -> dict:
     """Fit both laws on the sweep, take C_v = factor x the largest swept budget, pick the depth whose N is
-    closest (in ln N) to the IsoFLOPs (parabola) N_opt(C_v), train it for D = C_v / flops_per_token, and
-    compare its loss with the parametric law's prediction at that (N, D) and the bootstrap interval.
-    The interval covers the fit's uncertainty, not run-to-run noise of the one verification run.
-    `par_known`: a second law fitted with E held at the corpus' known entropy; its prediction is reported too."""
+    closest (in ln N) to the IsoFLOPs (parabola) N_opt(C_v), PRINT the parametric law's predicted loss at that
+    (N, D) with its bootstrap interval, write it to <out>/verify.json, and only then train the run and add
+    its `actual` loss. The interval covers the fit's uncertainty, not run-to-run noise of the one run.
+    `par_known`: a second law fitted with E held at the corpus' known entropy: verify.json's "fixed" entry
+    next to the free law's "free" one."""
     iso = iso or fit_isoflops(runs, "parabola")  # (the caller's fits when it already has them)
     par = par or fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
                                     n_bootstrap=50)
@@ -678,21 +668,25 @@ def verify_prediction(spec: SweepSpec, out, data, runs: list[Run], factor: float
         raise ValueError(f"verification at C = {c_v:.3g}: the predicted optimum (depth {depth}, N = {n:,}) gets only "
                          f"{steps} steps (< min_steps {spec.min_steps}); raise --verify-factor or the budgets")
     tokens = steps * spec.tokens_per_step
-    predicted = float(par.predict_loss(n, tokens))
-    lo, hi = par.loss_interval(n, tokens)
-    what = (f"C = {c_v:.3g} FLOPs ({factor:g}x the largest budget): IsoFLOPs N_opt = {float(n_iso):,.0f} -> depth "
-            f"{depth} (N = {n:,}), D = {tokens:,} tokens ({steps} steps)")
-    actual = _verification_loss(spec, Path(out), data, depth, steps, what, threads=threads, device=device, log=log)
-    # everything needed to judge the check later: the prediction, its interval, the truth, and both N_opts
+    log(f"verify: C = {c_v:.3g} FLOPs ({factor:g}x the largest budget): IsoFLOPs N_opt = {float(n_iso):,.0f} -> "
+        f"depth {depth} (N = {n:,}), D = {tokens:,} tokens ({steps} steps)")
+    # the prediction is made, printed and written BEFORE the run it predicts exists
     res = dict(spec=spec.key(), compute=c_v, depth=depth, parameters=n, tokens=tokens, steps=steps,
-               isoflops_n_opt=float(n_iso), parametric_n_opt=float(par.optimal_allocation(c_v)[0]),
-               predicted_loss=predicted, interval=[float(lo), float(hi)], actual_loss=actual,
-               rel_error=(predicted - actual) / actual, inside=bool(lo <= actual <= hi))
-    if par_known is not None:  # the same check for the law whose E is the corpus' entropy, not a fit
-        res["known_E"] = _check_known_entropy(par_known, n, tokens, actual, log)
-    tk.atomic_write_json(Path(out) / "verify.json", res)
-    log(f"verify: predicted loss {predicted:.4f} (95% interval {lo:.4f}-{hi:.4f}), actual {actual:.4f}: error "
-        f"{100 * res['rel_error']:+.2f}%, {'inside' if res['inside'] else 'OUTSIDE'} the interval")
+               isoflops_n_opt=float(n_iso), parametric_n_opt=float(par.optimal_allocation(c_v)[0]), actual=None)
+    for name, law in (("free", par), ("fixed", par_known)):
+        if law is not None:
+            lo, hi = law.loss_interval(n, tokens)
+            res[name] = dict(E=law.E, predicted=float(law.predict_loss(n, tokens)), interval=[float(lo), float(hi)])
+            log(f"verify: predicted loss with E {name} ({law.E:.4f}): {res[name]['predicted']:.4f} (95% interval "
+                f"{lo:.4f}-{hi:.4f})")
+    res["actual"] = _verification_loss(spec, Path(out), data, res, threads=threads, device=device, log=log)
+    for name in ("free", "fixed"):
+        if name in res:  # the check: the error of each law's prediction, and whether its interval held the truth
+            r, (lo, hi) = res[name], res[name]["interval"]
+            r.update(rel_error=(r["predicted"] - res["actual"]) / res["actual"], inside=bool(lo <= res["actual"] <= hi))
+            log(f"verify: E {name}: predicted {r['predicted']:.4f}, actual {res['actual']:.4f}: error "
+                f"{100 * r['rel_error']:+.2f}%, {'inside' if r['inside'] else 'OUTSIDE'} the interval")
+    tk.atomic_write_json(Path(out) / "verify.json", dict(res, complete=True))
     return res
 
 
@@ -794,7 +788,9 @@ def _compare_modes(fits, spec):
 
 # ===== Menu: a known irreducible loss =====
 # On the synthetic corpus E is a fact (the corpus' entropy), not a parameter to fit. The sweep command fits the
-# law a second time with E held there (fit_parametric_law's E=), and verify_prediction reports its prediction too.
+# law a second time with E held there (fit_parametric_law's E=), and verify_prediction reports its prediction too:
+# E is the parameter a small sweep pins down worst (the loss at N, D -> infinity, far beyond the data), and a fitted
+# E below the data's entropy is a physical impossibility that drags every extrapolated loss down.
 
 
 def _fit_known_entropy(runs, data, folder, log=say):
@@ -813,19 +809,6 @@ def _fit_known_entropy(runs, data, folder, log=say):
         f"N^{par.alpha:.3f}(+-{par.se['alpha']:.3f}) + {par.B:.4g} / D^{par.beta:.3f}(+-{par.se['beta']:.3f}); "
         f"N_opt ~ C^{par.beta / (par.alpha + par.beta):.3f}")
     return par
-
-
-def _check_known_entropy(par_known: ParametricFit, n, tokens, actual: float, log=say) -> dict:
-    """verify_prediction's check for the law whose E is held at the entropy. Why report a second law at all: E
-    is the parameter a small sweep pins down worst (it is the loss at N, D -> infinity, far beyond the data),
-    and a fitted E below the data's entropy is a physical impossibility that drags every extrapolated loss down."""
-    p2, (lo2, hi2) = float(par_known.predict_loss(n, tokens)), par_known.loss_interval(n, tokens)
-    res = dict(E=par_known.E, predicted_loss=p2, interval=[float(lo2), float(hi2)],
-               rel_error=(p2 - actual) / actual, inside=bool(lo2 <= actual <= hi2))
-    log(f"verify: with E fixed at the entropy floor ({par_known.E:.4f}): predicted {p2:.4f} (95% interval "
-        f"{lo2:.4f}-{hi2:.4f}): error {100 * res['rel_error']:+.2f}%, {'inside' if res['inside'] else 'OUTSIDE'} "
-        "the interval")
-    return res
 
 
 # ===== Menu: muP learning-rate transfer =====
@@ -905,6 +888,70 @@ def plot_lr_transfer(res: dict, path):
 # ===== Appendix: plumbing =====
 
 
+def _pos(x) -> bool:
+    """A finite number > 0 (a boolean is not a number here: True would read as 1.0)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+# SweepSpec's rules: (field, check of the spec, what the field allows), checked in order before any work, so a
+# bad value is one line naming the field (a check runs only after the ones before it passed: no ZeroDivision)
+_SPEC_RULES = (
+    ("budgets", lambda s: len(s.budgets) >= 2, "a list of >= 2 budgets (N_opt = k C^a needs 2)"),
+    ("budgets", lambda s: all(map(_pos, s.budgets)), "finite positive numbers of FLOPs"),
+    ("depths", lambda s: len(s.depths) >= 1 and all(d >= 1 for d in s.depths), "depths >= 1"),
+    ("runs_per_budget", lambda s: s.runs_per_budget >= 3, ">= 3 (a parabola needs 3 sizes)"),
+    ("tokens_per_param", lambda s: _pos(s.tokens_per_param), "a finite number > 0"),
+    ("flops", lambda s: s.flops in ("6nd", "exact"), "'6nd' or 'exact'"),
+    ("width_per_depth", lambda s: s.width_per_depth >= 1, ">= 1"), ("head_dim", lambda s: s.head_dim >= 1, ">= 1"),
+    ("depths", lambda s: all(s.width_per_depth * d % s.head_dim == 0 for d in s.depths),
+     "depths whose d_model (width_per_depth x depth) is a multiple of head_dim"),
+    ("context_length", lambda s: s.context_length >= 1, ">= 1"), ("batch_size", lambda s: s.batch_size >= 1, ">= 1"),
+    ("optimizer", lambda s: s.optimizer in ("muon", "adamw"), "'muon' or 'adamw'"),
+    ("lr", lambda s: _pos(s.lr), "a finite number > 0"), ("muon_lr", lambda s: _pos(s.muon_lr), "a finite number > 0"),
+    ("warmup_iters", lambda s: s.warmup_iters >= 0, ">= 0"),
+    ("decay_fraction", lambda s: 0 <= s.decay_fraction < 1, "in [0, 1)"),
+    ("min_steps", lambda s: s.min_steps >= 1, ">= 1"), ("synthetic_bytes", lambda s: s.synthetic_bytes >= 1, ">= 1"),
+    ("vocab_size", lambda s: s.vocab_size >= 257, ">= 257 (256 bytes + <|endoftext|>)"),
+    ("eval_tokens", lambda s: s.eval_tokens >= s.context_length, "at least one window (>= context_length)"),
+)
+
+
+def _check_spec(spec) -> None:
+    for name, ok, allowed in _SPEC_RULES:
+        if not ok(spec):
+            raise ValueError(f"{name} must be {allowed}, got {getattr(spec, name)!r}")
+
+
+_HELD: set = set()  # sweep folders whose lock this process holds (sweep_main, then run_sweep inside it)
+
+
+@contextlib.contextmanager
+def sweep_lock(folder):
+    """One process per sweep folder: two sweeps in one folder would both train every run neither has finished
+    (each sees no result file yet). An exclusive flock on <folder>/.lock: the kernel gives it to one process
+    and takes it back when that process ends, even by kill -9, so a lock is never stale. Re-entrant."""
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{folder} is in use by another sweep (pid {f.read().strip() or '?'}): wait for it "
+                             "to end, or give another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))  # (only for that message: the flock is the lock)
+        f.flush()
+        _HELD.add(folder)
+        try:
+            yield
+        finally:  # closing the file releases the flock
+            _HELD.discard(folder)
+
+
 def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
     """Build a Run from raw values, with D = C / (6N) or C = 6ND when one of them is missing. Every value
     must be a finite positive number; the error names the run (file:line or index) and the field."""
@@ -913,6 +960,8 @@ def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
     for k, v in vals.items():
         if v is None and k in ("tokens", "compute_budget"):
             continue
+        if isinstance(v, bool):  # float(True) is 1.0: a JSON true is a mistake, not a loss of 1
+            raise ValueError(f"{name}: {k} = {v!r} is a boolean, not a number")
         try:
             x = float(v)
         except (TypeError, ValueError):
@@ -929,10 +978,13 @@ def make_run(name: str, parameters, loss, tokens=None, budget=None) -> Run:
 
 
 def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: str | None = None,
-              c_col: str | None = "compute_budget", loss_col: str = "final_loss") -> list[Run]:
+              c_col: str | None = "compute_budget", loss_col: str = "final_loss", skipped: list | None = None
+              ) -> list[Run]:
     """Runs from a file in a format `_FORMATS` lists: CS336's JSON list of {"parameters", "compute_budget" and/or
     "tokens", "final_loss"}, or CSV/TSV with the columns named by n_col, d_col and/or c_col, loss_col (fmt None:
-    from the extension; --format overrides). Errors name the file and the run's index or line."""
+    from the extension; --format overrides). Errors name the file and the run's index or line. `skipped`: a
+    list to collect the errors of runs with bad VALUES (a negative N, a NaN loss) instead of raising; those
+    runs are left out (`fit` reports each and fits the rest). A malformed file always raises."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"runs file {path} does not exist")
@@ -948,8 +1000,8 @@ def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: st
         for i, r in enumerate(rows):
             if not isinstance(r, dict) or "parameters" not in r or "final_loss" not in r:
                 raise ValueError(f"{path}: run {i} is not an object with 'parameters' and 'final_loss': {r!r:.120}")
-            runs.append(make_run(f"{path.name} run {i}", r["parameters"], r["final_loss"], r.get("tokens"),
-                                 r.get("compute_budget")))
+            _add_run(runs, skipped, f"{path.name} run {i}", r["parameters"], r["final_loss"], r.get("tokens"),
+                     r.get("compute_budget"))
         return runs
     if fmt != "csv":
         raise ValueError(f"unknown runs format {fmt!r} (json or csv)")
@@ -970,10 +1022,19 @@ def load_runs(path, fmt: str | None = None, n_col: str = "parameters", d_col: st
             if None in row or any(v is None for v in row.values()):
                 raise ValueError(f"{path}:{line}: row has {len(row) - (None in row)} fields, the header has "
                                  f"{len(header)}")
-            runs.append(make_run(f"{path.name}:{line}", row[n_col], row[loss_col],
-                                 row.get(d_col) if d_col in header else None,
-                                 row.get(c_col) if c_col in header else None))
+            _add_run(runs, skipped, f"{path.name}:{line}", row[n_col], row[loss_col],
+                     row.get(d_col) if d_col in header else None, row.get(c_col) if c_col in header else None)
     return runs
+
+
+def _add_run(runs: list, skipped: list | None, name: str, *values):
+    """make_run into `runs`; a bad value raises, or with a `skipped` list is recorded there instead."""
+    try:
+        runs.append(make_run(name, *values))
+    except ValueError as e:
+        if skipped is None:
+            raise
+        skipped.append(str(e))
 
 
 def _round_steps(target: float, decay_fraction: float) -> int:
@@ -993,22 +1054,28 @@ def _quiet(*args, **kwargs):
     """train.train's log: a sweep prints one line per run instead of train.py's per-step lines."""
 
 
-def read_result(path: Path, spec_key: str, warn: Callable = say) -> dict | None:
+def read_result(path: Path, spec_key: str, warn: Callable = say, then: str = "rerunning that run") -> dict | None:
     """A finished run's result, or None when it must be (re)run. Result files are written atomically, but a
     copy interrupted mid-way, a full disk elsewhere or a hand edit can still leave a broken one: anything
-    that is not complete JSON with every field and this sweep's key is reported and rerun, never used."""
+    that is not complete JSON with every field and this sweep's key, or holds a value no run can have (a
+    negative N, a boolean loss), is reported with the reason and `then` (what the caller does), never used."""
     # "complete": True is written last inside the same atomic write; the spec key ties the result to the
     # exact settings that produced it
     if not path.exists():
         return None
+    why = "a killed or interrupted write?"
     try:
         r = json.loads(path.read_text(encoding="utf-8"))
-        ok = isinstance(r, dict) and r.get("complete") is True and r.get("spec") == spec_key and all(
-            isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in ("parameters", "tokens", "final_loss"))
+        ok = isinstance(r, dict) and r.get("complete") is True and r.get("spec") == spec_key
+        if ok:
+            make_run(path.name, r.get("parameters"), r.get("final_loss"), r.get("tokens", "absent"),
+                     r.get("compute_budget", "absent"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         ok = False
+    except ValueError as e:  # make_run's reason, naming the field
+        ok, why = False, str(e)
     if not ok:
-        warn(f"result file {path} is incomplete or corrupt (a killed or interrupted write?): rerunning that run")
+        warn(f"result file {path} is incomplete or corrupt ({why}): {then}")
         return None
     return r
 
@@ -1023,14 +1090,16 @@ def _write_result(path: Path, spec: SweepSpec, pr: PlannedRun, summary: dict, ex
 
 
 def shard_filter(items: list, shard: tuple[int, int] | None) -> list:
-    """--shard K/N: item i belongs to shard K when i mod N == K - 1. Every machine computes the same plan, so
-    N machines split a sweep with no coordination; together they cover it exactly once."""
+    """--shard K/N (0 <= K < N, as data.py counts): item i belongs to shard K when i mod N == K. Every machine
+    computes the same plan, so N machines split a sweep with no coordination; together they cover it once."""
     # round-robin rather than contiguous blocks: the plan is ordered by budget, so blocks would give one
     # machine all the expensive runs; i mod N spreads every budget over all machines
     if shard is None:
         return items
     k, n = shard
-    return [x for i, x in enumerate(items) if i % n == k - 1]
+    if not 0 <= k < n:
+        raise ValueError(f"shard {k}/{n}: expected K/N with 0 <= K < N (shards count from 0)")
+    return [x for i, x in enumerate(items) if i % n == k]
 
 
 def _prepare_folder(out: Path, spec: SweepSpec) -> None:
@@ -1063,6 +1132,12 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
     #                            train/<key>/ (train.py's run folder: metrics.jsonl, tokenizer; checkpoint
     #                                          deleted once the result is written)
     out = Path(out)
+    with sweep_lock(out):
+        return _run_sweep_locked(spec, out, data, shard, mode, threads, device, log, after_run)
+
+
+def _run_sweep_locked(spec, out, data, shard, mode, threads, device, log, after_run) -> dict:
+    """run_sweep's body, while this process holds the folder's lock."""
     _prepare_folder(out, spec)
     plan = plan_sweep(spec, data.tokenizer.vocab_size)
     stats = dict(ran=[], skipped=[], steps_trained=0, steps_separate=sum(p.steps for p in plan), planned=len(plan))
@@ -1097,8 +1172,9 @@ def run_sweep(spec: SweepSpec, out, data: T.PreparedData, *, shard=None, mode: s
     return stats
 
 
-def collect_results(folders) -> list[Run]:
-    """Runs from one or more sweep folders (shards merge here; a run present in several is counted once)."""
+def collect_results(folders, warn: Callable = say) -> list[Run]:
+    """Runs from one or more sweep folders (shards merge here; a run present in several is counted once). A
+    broken result file is reported through `warn` (which file, why) and left out."""
     # keyed by (sweep key, run key): the same sweep split over shards merges; two different sweeps given
     # together stay separate runs (their budgets may coincide, their results are not interchangeable)
     seen = {}
@@ -1108,23 +1184,29 @@ def collect_results(folders) -> list[Run]:
         if meta is None:
             raise ValueError(f"{folder} is not a sweep folder (no sweep.json)")
         for p in sorted((folder / "runs").glob("*.json")):
-            r = read_result(p, meta["key"])
+            r = read_result(p, meta["key"], warn, then="left out of the fit")
             if r is not None:
                 seen.setdefault((meta["key"], r["key"]), make_run(
                     f"{folder.name}/{r['key']}", r["parameters"], r["final_loss"], r["tokens"], r["compute_budget"]))
     return list(seen.values())
 
 
-def _verification_loss(spec: SweepSpec, out: Path, data, depth: int, steps: int, what: str, *, threads=1,
-                       device="cpu", log=say) -> float:
-    """verify_prediction's run: its loss, trained once. verify.json doubles as the resume point: the same spec,
-    depth and steps mean the run already exists (a resumed command)."""
-    old = json.loads((out / "verify.json").read_text()) if (out / "verify.json").exists() else None
-    if old and old.get("spec") == spec.key() and old.get("depth") == depth and old.get("steps") == steps:
-        return old["actual_loss"]
-    log(f"verify: {what}; training ...")
+def _verification_loss(spec: SweepSpec, out: Path, data, res: dict, *, threads=1, device="cpu", log=say) -> float:
+    """verify_prediction's run: its loss, trained once. verify.json is the resume point: one that holds an
+    `actual` loss for the same spec, depth and steps means the run is done (a rerun of the command); otherwise
+    the prediction is written there first (atomically, `actual` still null), then the run is trained."""
+    path = out / "verify.json"
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        old = {}  # cut short: the run is simply trained again
+    if all(old.get(k) == res[k] for k in ("spec", "depth", "steps")) and _pos(old.get("actual")):
+        log(f"verify: the run is already trained ({path}): actual loss {old['actual']:.4f}")
+        return old["actual"]
+    tk.atomic_write_json(path, res)
+    log("verify: training the predicted optimum ...")
     t0 = time.time()
-    summary = T.train(train_config(spec, depth, steps, _fresh(out / "train" / "verify"), data.cache_dir,
+    summary = T.train(train_config(spec, res["depth"], res["steps"], _fresh(out / "train" / "verify"), data.cache_dir,
                                    threads=threads, device=device), data=data, log=_quiet)
     log(f"verify: trained in {time.time() - t0:.0f}s")
     _drop_checkpoint(out / "train" / "verify")
@@ -1170,13 +1252,16 @@ def print_fits(runs: list[Run], iso: dict, par: ParametricFit | None, predict_at
     log(f"{len(runs)} runs at {len({float(f'{r.budget:.6g}') for r in runs})} budgets")
     # the exponent's interval is the most telling single number: whether "0.5" or "0.73" is inside it
     for m, f in iso.items():
-        log(f"IsoFLOPs ({m}): N_opt = {f.k:.3g} C^{f.a:.3f} (a: 95% {np.percentile(f.boot[:, 1], 2.5):.3f}-"
-            f"{np.percentile(f.boot[:, 1], 97.5):.3f}, {len(f.boot)} bootstrap refits)")
+        why = _no_interval(runs, f)
+        log(f"IsoFLOPs ({m}): N_opt = {f.k:.3g} C^{f.a:.3f} " + (f"(no interval: {why})" if why else
+            f"(a: 95% {np.percentile(f.boot[:, 1], 2.5):.3f}-{np.percentile(f.boot[:, 1], 97.5):.3f}, "
+            f"{len(f.boot)} bootstrap refits)"))
         for c in predict_at:
             n, d = f.predict(c)
-            (nl, nh), (dl, dh) = f.interval(c)
-            log(f"    C = {c:.0e}: N_opt = {float(n):.3g} [{nl:.3g}, {nh:.3g}], D_opt = {float(d):.3g} [{dl:.3g}, "
-                f"{dh:.3g}] ({float(d / n):.1f} tokens/parameter)")
+            (nl, nh), (dl, dh) = f.interval(c) if not why else ((0, 0), (0, 0))
+            ni, di = ("", "") if why else (f" [{nl:.3g}, {nh:.3g}]", f" [{dl:.3g}, {dh:.3g}]")
+            log(f"    C = {c:.0e}: N_opt = {float(n):.3g}{ni}, D_opt = {float(d):.3g}{di} ({float(d / n):.1f} "
+                "tokens/parameter)")
     if par is not None:
         se = par.se
         log(f"parametric: L = {par.E:.3f}(+-{se['E']:.3f}) + {par.A:.4g}(+-{se['A']:.2g}) / N^{par.alpha:.3f}"
@@ -1192,6 +1277,17 @@ def print_fits(runs: list[Run], iso: dict, par: ParametricFit | None, predict_at
                 f"{dh:.3g}], loss {float(par.predict_loss(n, d)):.4f}")
 
 
+def _no_interval(runs: list[Run], f: IsoFlopsFit) -> str:
+    """Why an IsoFLOPs fit has no bootstrap interval ("" when it has one): its refits all landed on one value."""
+    if len(f.boot) > 1 and np.ptp(f.boot[:, 1]) > 1e-9 * max(1.0, abs(f.a)):
+        return ""
+    fewest = min(len(rs) for rs in group_by_budget(runs).values())
+    if fewest == 3:  # resampling 3 runs with replacement keeps 3 distinct sizes only as a permutation of them
+        return ("a budget has only 3 runs, and the only resamples of them that keep 3 distinct sizes (each "
+                "budget's fit needs 3) are the runs themselves; train >= 4 sizes per budget (5 is the default)")
+    return f"all {len(f.boot)} bootstrap refits gave the same exponent"
+
+
 def fit_all(runs: list[Run], n_bootstrap: int = 200, parametric: bool = True) -> tuple[dict, ParametricFit | None]:
     """Both IsoFLOPs methods and (optionally) the parametric law on the same runs. The parametric bootstrap
     is capped at 50 refits: each is an L-BFGS solve, and 50 already pins a standard error to ~10%."""
@@ -1201,6 +1297,18 @@ def fit_all(runs: list[Run], n_bootstrap: int = 200, parametric: bool = True) ->
         par = fit_parametric_law([r.parameters for r in runs], [r.tokens for r in runs], [r.loss for r in runs],
                                  n_bootstrap=min(n_bootstrap, 50))
     return iso, par
+
+
+def _warn_design(runs: list[Run], log=say):
+    """Warnings for runs that cannot pin the five-parameter law down (the fit still runs: they are the user's)."""
+    budgets = {float(f"{r.budget:.6g}") for r in runs}
+    if len(runs) and len(budgets) == 1:
+        log(f"warning: every run has the same compute budget ({budgets.pop():.3g} FLOPs): along one IsoFLOPs curve "
+            "D = C / 6N moves with N, so the law's N and D terms are not separately identified and its "
+            "predictions at other budgets are guesses; train runs at >= 2 budgets (better >= 4)")
+    if 5 <= len(runs) < 10:
+        log(f"warning: {len(runs)} runs for the parametric law's 5 parameters: the fit nearly interpolates them "
+            "and its bootstrap intervals mean little (better >= 10 runs)")
 
 
 def _pyplot():
@@ -1258,7 +1366,7 @@ def plot_fits(runs: list[Run], iso: dict, par: ParametricFit | None, path, extra
         ax2.fill_between(grid, band[:, 0], band[:, 1], color="tab:green", alpha=0.15)
     if verify:
         ax2.scatter([verify["compute"]], [verify["parameters"]], marker="*", s=120, color="red",
-                    label=f"verified: loss {verify['actual_loss']:.3f} vs predicted {verify['predicted_loss']:.3f}")
+                    label=f"verified: loss {verify['actual']:.3f} vs predicted {verify['free']['predicted']:.3f}")
     ax2.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="N_opt", title="compute-optimal size")
     ax2.legend(fontsize=7)
     fig.suptitle(title)
@@ -1356,8 +1464,8 @@ _SWEEP_DOC = """Train an IsoFLOPs sweep through train.py, fit both laws, optiona
 Each run's result is written atomically to <out>/runs/<key>.json: a killed sweep resumes by running the
 same command again (finished runs are skipped, an unfinished one is retrained from step 0, a broken result
 file is reported and rerun). --shard K/N on N machines with the same flags splits the runs with no
-coordination; merge with `python scaling.py fit <out1> <out2> ...`. Runs are fixed token budgets (steps),
-never wall clock, so results are deterministic for a given --threads."""
+coordination; merge with `python scaling.py fit <out1> <out2> ...`. A second process on the same --out is
+refused. Runs are fixed token budgets (steps), never wall clock: deterministic for a given --threads."""
 
 
 def _list_of(kind):
@@ -1375,12 +1483,13 @@ _budget_list, _int_list = _list_of(float), _list_of(int)
 
 
 def _shard(s):
+    """'K/N' -> (K, N), 0 <= K < N: shards count from 0, as in data.py (Slurm: --array=0-{N-1})."""
     try:
         k, n = (int(x) for x in s.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 2/4), got {s!r}") from None
-    if not 1 <= k <= n:
-        raise argparse.ArgumentTypeError(f"--shard {s}: need 1 <= K <= N")
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/4), got {s!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {s}: expected K/N with 0 <= K < N (shards count from 0)")
     return (k, n)
 
 
@@ -1393,7 +1502,8 @@ def _add_run_flags(p, threads_help: str):
 def get_parser() -> argparse.ArgumentParser:
     p = tk.OneLineParser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Scaling laws: fit IsoFLOPs and parametric laws, run and verify sweeps, "
-                                     "test muP learning-rate transfer.", epilog=_FORMATS)
+                                     "test muP learning-rate transfer. With no command: sweep --verify (the "
+                                     "default sweep into runs/scaling, ~10 min on 2 cores).", epilog=_FORMATS)
     # one subcommand per job: sweep (train + fit + verify), fit (files or folders), lr-transfer (muP), bench,
     # shapes (the depth table)
     sub = p.add_subparsers(dest="cmd", parser_class=tk.OneLineParser)
@@ -1404,9 +1514,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="separate runs per (N, D), or one WSD trunk per N with branched decays (MiniCPM)")
     s.add_argument("--compare-modes", action="store_true",
                    help="run both modes (folders <out>/separate and <out>/branched) and compare their fits")
-    s.add_argument("--shard", type=_shard, default=None, help="K/N: run only this machine's share")
-    s.add_argument("--verify", action="store_true", help="then train the predicted optimum at --verify-factor x the "
-                                                          "largest budget and report predicted vs actual loss")
+    s.add_argument("--shard", type=_shard, default=None, help="K/N, 0 <= K < N: run only runs K, K+N, K+2N, ... "
+                   "of the plan (shards count from 0, as in data.py)")
+    s.add_argument("--verify", action="store_true", help="then print the predicted loss at --verify-factor x the "
+                   "largest budget (written to <out>/verify.json first), train that optimum, add its actual loss")
     s.add_argument("--verify-factor", type=float, default=4.0, help="verification budget / largest swept budget")
     # one flag per SweepSpec field (same names with dashes), each with its default in --help
     s.add_config(SweepSpec, types=dict(budgets=_budget_list, depths=_int_list), note=" (default: {default})")
@@ -1460,9 +1571,14 @@ def _spec_from_args(args) -> SweepSpec:
 def sweep_main(args):
     """`sweep`: prepare data once, run the sweep (this shard's share), and when every run is in, fit, print,
     optionally verify, and plot. With --compare-modes both modes run into sibling folders and are compared."""
-    spec, t0 = _spec_from_args(args), time.time()
+    spec = _spec_from_args(args)  # a bad option fails here, before the lock and the data
+    with sweep_lock(args.out):
+        _sweep_locked(args, spec)
+
+
+def _sweep_locked(args, spec):
     # the data pipeline runs once here (cached on disk); every run reads the same token files
-    data = prepare_sweep_data(spec, args.data_dir)
+    t0, data = time.time(), prepare_sweep_data(spec, args.data_dir)
     # the thread count is resolved once (auto mode times a workload; doing it per run would cost seconds and
     # could pick different counts for different runs, which changes results in the last bits)
     threads = T.set_cpu_threads(args.threads)
@@ -1496,16 +1612,23 @@ def sweep_main(args):
     ver = verify_prediction(spec, folder, data, runs, args.verify_factor, threads=threads, device=args.device,
                             iso=iso["parabola"], par=par, par_known=par_known) if args.verify else None
     plot_fits(runs, iso, par, folder / "fit.png", verify=ver, title=f"sweep {folder}")
-    print(f"plot: {folder / 'fit.png'}; total {(time.time() - t0) / 60:.1f} min")
+    print(f"results in {folder}: runs/*.json (one per run), fit.png" + (", verify.json (predicted vs actual)" if ver
+          else "") + f"; total {(time.time() - t0) / 60:.1f} min (the same command again resumes or reprints)")
 
 
 def fit_main(args):
     """`fit`: runs from files and/or sweep folders (merged), both approaches, predictions, a plot."""
-    folders = [Path(i) for i in args.inputs if Path(i).is_dir()]
-    runs = collect_results(folders) if folders else []  # all folders at once: shards' duplicates merge
+    folders, skipped = [Path(i) for i in args.inputs if Path(i).is_dir()], []
+    runs = collect_results(folders, warn=skipped.append) if folders else []  # all at once: shards' duplicates merge
     for inp in args.inputs:
         if not Path(inp).is_dir():
-            runs += load_runs(inp, args.format, args.n_col, args.d_col, args.c_col, args.loss_col)
+            runs += load_runs(inp, args.format, args.n_col, args.d_col, args.c_col, args.loss_col, skipped=skipped)
+    # a run with an impossible value (a negative N, a NaN loss) is reported by name and left out; the rest fit
+    for msg in skipped:
+        print(f"skipped: {msg}")
+    if skipped:
+        print(f"{len(skipped)} runs skipped, {len(runs)} fitted")
+    _warn_design(runs)
     try:
         iso, par = fit_all(runs, n_bootstrap=args.bootstrap, parametric=not args.no_parametric)
     except ValueError as e:
@@ -1558,12 +1681,29 @@ def shapes_main(args):
               f"{a['non_embedding']:12,d} {a['flops_6n']:12.4g} {a['flops_exact']:12.4g} {a['exact_over_6n']:8.3f}")
 
 
+# The options that are not SweepSpec fields (those are checked by SweepSpec itself): (dest, check, allowed).
+# Checked in main before any work, so a bad value is one usage line.
+_ARG_RULES = (
+    ("verify_factor", lambda v: _pos(v), "a finite number > 0"), ("bootstrap", lambda v: v >= 2, ">= 2"),
+    ("predict", lambda v: all(map(_pos, v)), "finite positive FLOP budgets"),
+    ("threads", lambda v: v >= 0, ">= 0 (0: auto)"), ("steps", lambda v: v >= 1, ">= 1"),
+    ("num_layers", lambda v: v >= 1, ">= 1"), ("widths", lambda v: all(w >= 16 and w % 16 == 0 for w in v),
+                                                 "multiples of 16 (the head size)"),
+    ("lrs", lambda v: all(map(_pos, v)), "finite positive learning rates"),
+    ("peer_stride", lambda v: v >= 1, ">= 1"), ("depths", lambda v: all(d >= 1 for d in v), "depths >= 1"),
+)
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    if args.cmd is None:
-        parser.print_help()
-        return 0
+    if args.cmd is None:  # the README's first command: sweep, fit, predict, then verify the prediction
+        args = parser.parse_args(["sweep", "--verify"])
+        print(f"python scaling.py = python scaling.py sweep --verify: the default sweep into {args.out} (about 10 "
+              "minutes on 2 CPU cores; rerun to resume, finished runs are kept)", flush=True)
+    for name, ok, allowed in _ARG_RULES:
+        if getattr(args, name, None) is not None and not ok(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(args, name)!r}")
     # usage errors were already handled by OneLineParser; here, errors about the INPUT (a bad file, a budget too
     # small) get the same one-line treatment: they are the user's to fix, not bugs with a traceback
     handlers = {"sweep": sweep_main, "fit": fit_main, "lr-transfer": lr_main, "bench": bench_main,

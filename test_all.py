@@ -334,7 +334,7 @@ def test_tokenizer_special_token_isolation_and_longest_match():
         assert ids == t.encode("the cat") + [eot] + t.encode("the hat")
     # without special tokens registered, the string is ordinary text
     plain = tk.Tokenizer(vocab, merges, [])
-    assert 256 in plain.vocab and plain.encode(_TOK_EOT) != [256]
+    assert plain.vocab[256] == _TOK_EOT.encode() and plain.encode(_TOK_EOT) != [256]  # its bytes, not its id
     assert plain.decode(plain.encode(_TOK_EOT)) == _TOK_EOT
 
 
@@ -466,6 +466,22 @@ def test_tokenizer_encode_file_equals_encode(tmp_path):
     src2 = _tok_write(tmp_path / "one_line.txt", "lorem ipsum dolor sit amet " * 300)
     tk.encode_file(tok, src2, tmp_path / "o2.bin", num_workers=1, chunk_bytes=500, progress=False)
     assert np.fromfile(tmp_path / "o2.bin", dtype=np.uint16).tolist() == tok.encode("lorem ipsum dolor sit amet " * 300)
+
+
+def test_tokenizer_encode_file_uint32_past_65536_tokens(tmp_path):
+    # Ids above 65,535 do not fit uint16 (a uint16 file would wrap id 70,000 to 4,464 without a word), so a
+    # bigger vocab must be written as uint32. A 70,002-token vocab without training: fillers 256..69,999, then
+    # b"ab" = 70,000 made by the one merge (a, b), then <|endoftext|> appended as 70,001.
+    vocab = {i: bytes([i]) for i in range(256)} | {i: b"<%d>" % i for i in range(256, 70_000)}
+    vocab[70_000] = b"ab"
+    tok = tk.Tokenizer(vocab, [(b"a", b"b")], [_TOK_EOT], fast=False)
+    # pre-tokens "ab", " cab", then the separator, then "abab": by hand
+    expected = [70_000, 32, 99, 70_000, 70_001, 70_000, 70_000]
+    assert tok.encode("ab cab" + _TOK_EOT + "abab") == expected
+    src = _tok_write(tmp_path / "in.txt", ("ab cab" + _TOK_EOT + "abab") * 50)
+    n = tk.encode_file(tok, src, tmp_path / "out.bin", num_workers=2, chunk_bytes=64, progress=False)
+    assert n == len(expected) * 50 and os.path.getsize(tmp_path / "out.bin") == 4 * n  # 4 bytes per id
+    assert np.fromfile(tmp_path / "out.bin", dtype=np.uint32).tolist() == expected * 50
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -878,9 +894,9 @@ def test_tokenizer_cli_encode_refuses_overwrite_then_force(tmp_path):
     # the API: overwrite=False refuses too; the input itself is refused even with overwrite=True
     with pytest.raises(FileExistsError, match="already exists"):
         tk.encode_file(tok, src, tmp_path / "x.bin", overwrite=False, progress=False)
-    with pytest.raises(ValueError, match="is the input file itself"):
-        tk.encode_file(tok, src, tmp_path / "link", progress=False) if os.symlink(src, tmp_path / "link") \
-            is None else None
+    os.symlink(src, tmp_path / "link")
+    with pytest.raises(ValueError, match="is one of the command.s inputs"):
+        tk.encode_file(tok, src, tmp_path / "link", progress=False)
     assert (tmp_path / "in.txt").read_bytes() == _TOK_TEXT.encode()
     # --special-text: ordinary keeps the separators as text; error stops and names the token, exit 2
     res = _tok_cli(args[:-4] + ["plain.bin", "--quiet", "--special-text", "ordinary"], tmp_path)
@@ -934,7 +950,8 @@ def test_tokenizer_cli_train_warns_when_vocab_comes_out_small(tmp_path):
     res = _tok_cli(["train", "--input", "s.txt", "--vocab-size", "400", "--out", "tok", "--quiet"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "warning: " in res.stderr and "259 tokens, fewer than the 400 asked for" in res.stderr
-    assert tk.Tokenizer.load(tmp_path / "tok").vocab_size == 259 and src
+    assert tk.Tokenizer.load(tmp_path / "tok").vocab_size == 259
+    assert Path(src).read_text() == _TOK_EOT * 20 + "ab ab"  # the input is untouched
 
 # ===== Stage 2: model.py -- the Transformer LM, its switches, accounting, inference and GPT-2 loading =====
 
@@ -1687,6 +1704,18 @@ def test_model_top_p_filter_hand_example():
 
 
 @pytest.mark.usefixtures("_model_one_thread")
+def test_model_top_p_filter_exact_boundary():
+    # binary fractions, so every prefix sum is exact: sorted 0.5, 0.25, 0.1875, 0.0625; mass before 0, 0.5,
+    # 0.75, 0.9375. top_p 0.75 is reached EXACTLY by {0.5, 0.25}: the token whose mass before equals top_p
+    # (0.1875) is dropped (a `<=` test would keep it: 0.25 / 0.9375 ...), and top_p 0.5 keeps the top token only
+    p = torch.tensor([0.25, 0.5, 0.1875, 0.0625])
+    assert torch.equal(M.top_p_filter(p, 0.75), torch.tensor([1 / 3, 2 / 3, 0.0, 0.0]))
+    assert torch.equal(M.top_p_filter(p, 0.5), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    # just above the boundary the next token joins: 0.25 / 0.9375, 0.5 / 0.9375, 0.1875 / 0.9375
+    torch.testing.assert_close(M.top_p_filter(p, 0.7501), torch.tensor([4 / 15, 8 / 15, 3 / 15, 0.0]))
+
+
+@pytest.mark.usefixtures("_model_one_thread")
 def test_model_sampler_distribution_and_temperature():
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
@@ -1761,6 +1790,41 @@ def test_model_speculative_greedy_equals_target_greedy(sw):
     # a draft identical to the target is always accepted
     out, stats = M.speculative_generate(target, target, prompts, 20, k=4, temperature=0, return_stats=True)
     assert stats["acceptance_rate"] == 1.0 and out == M.generate(target, prompts, 20, temperature=0)
+
+
+def test_model_speculative_speedup_formula_and_alpha():
+    # Leviathan et al.: alpha 0.8, k 4 -> (1 - 0.8^5) / 0.2 = 3.3616 tokens per pass, for 1 + 4 * 0.1 target steps
+    assert M.speculative_speedup(0.8, 4, 0.1) == pytest.approx(3.3616 / 1.4)
+    assert M.speculative_speedup(1.0, 3, 0.0) == 4.0 and M.speculative_speedup(0.0, 5, 0.2) == pytest.approx(0.5)
+    # a draft identical to the target: every judged token accepted, alpha 1; an unrelated one: alpha < 1 and
+    # alpha >= accepted / proposed (drafts after a round's rejection are proposed but never judged)
+    target = _model_tiny()
+    torch.manual_seed(1)
+    draft = M.TransformerLM(37, 32, 16, 1, 2)
+    _, st = M.speculative_generate(target, target, [1, 2], 12, k=3, temperature=0, return_stats=True)
+    assert st["alpha"] == 1.0 and st["rejected"] == 0
+    _, st = M.speculative_generate(target, draft, [1, 2], 12, k=3, temperature=0, return_stats=True)
+    assert st["rejected"] >= 1 and st["alpha"] == st["accepted"] / (st["accepted"] + st["rejected"])
+    assert st["alpha"] >= st["acceptance_rate"]
+
+
+@pytest.mark.usefixtures("_model_one_thread")
+def test_model_bench_spec_trains_once_then_reuses_the_pair(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question. " * 200)
+    argv = ["bench", "--only", "spec", "--text", str(text), "--spec-cache", str(tmp_path / "c"), "--repeats", "1",
+            "--spec-train-steps", "2", "--draft-train-steps", "2", "--spec-train-batch", "2", "--spec-train-seq", "16",
+            "--spec-prompts", "2", "--spec-prompt", "8", "--spec-new-tokens", "6", "-k", "2,3",
+            "--target-d-model", "32", "--target-num-layers", "2", "--target-num-heads", "2", "--draft-d-model", "32"]
+    M.main(argv)
+    first = capsys.readouterr().out
+    assert first.count("[spec] training the byte-level") == 2 and len(list((tmp_path / "c").glob("*.pt"))) == 2
+    assert "(output identical)" in first and "best of k=2,3" in first
+    M.main(argv)  # the same text and settings: both models come from the cache, the same figures' models
+    second = capsys.readouterr().out
+    assert "[spec] training" not in second and second.count("from " + str(tmp_path / "c")) == 2
+    held = [line for line in first.splitlines() if "held-out loss" in line]
+    assert held and held == [line for line in second.splitlines() if "held-out loss" in line]
 
 
 @pytest.mark.usefixtures("_model_one_thread")
@@ -2744,7 +2808,6 @@ def test_train_get_batch_windows_shapes_and_bad_inputs(tmp_path):
     assert x.shape == y.shape == (32, 8) and x.dtype == torch.int64
     assert torch.equal(y, x + 1)  # arange data: each window is consecutive, targets shifted by one
     assert torch.equal(x[:, 1:], x[:, :-1] + 1)
-    assert int(x[:, 0].min()) >= 0 and int(y.max()) <= 99
     starts = set()
     for s in range(20):
         xs, _ = T.get_batch(mm, 64, 8, "cpu", np.random.default_rng(s))
@@ -2865,7 +2928,7 @@ def test_train_checkpoint_round_trip(tmp_path, _train_data):
     assert torch.equal(m1, sd2["optimizers"][1]["state"][0]["exp_avg"])
     buf.seek(0)
     assert T.load_checkpoint(buf, model2, None) == 17  # binary file objects work too
-    assert not Path(str(path) + ".tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))  # atomic_open's temporary file (c.pt.<random>.tmp) is gone
     (tmp_path / "junk.pt").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ValueError, match="corrupt"):
         T.load_checkpoint(tmp_path / "junk.pt", model2, opt2)
@@ -3192,7 +3255,9 @@ _TRAIN_TINY_CLI = ["--synthetic-bytes", "150000", "--synthetic-val-bytes", "2000
                    "--max-steps", "3", "--num-samples", "0", "--no-plot", "--device", "cpu", "--threads", "1"]
 
 
-@pytest.mark.parametrize("args, option", [
+# the training command's bad options (each after _TRAIN_TINY_CLI, the tiny run's flags), then the sweeps' and
+# the menu's (as given): exit 2, one line naming the option, no traceback, nothing created
+_TRAIN_CLI_ERRORS = [(_TRAIN_TINY_CLI + args, option) for args, option in [
     (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--temperature", "-1"], "--temperature"),
     (["--sample-tokens", "-1"], "--sample-tokens"), (["--final-eval-tokens", "0"], "--final-eval-tokens"),
     (["--threads", "-3"], "--threads"), (["--warmup-iters", "-5"], "--warmup-iters"),
@@ -3206,13 +3271,30 @@ _TRAIN_TINY_CLI = ["--synthetic-bytes", "150000", "--synthetic-val-bytes", "2000
     (["gpt5"], "preset"),
     (["--mup-base-width", "0", "--optimizer", "adamw"], "--mup-base-width"),
     (["--mup-base-width", "16", "--optimizer", "muon"], "--mup-base-width"),
-])
-def test_train_cli_rejects_each_bad_option_before_any_work(tmp_path, monkeypatch, capsys, args, option):
+]] + [
+    (["batch-size", "--batches", "3,4"], "--batches must be even"),
+    (["batch-size", "--batches", "x"], "--batches"),
+    (["batch-size", "--tokens", "10"], "--tokens"),
+    (["ablate", "--seeds", "1"], "--seeds"),
+    (["ablate", "--steps", "2"], "--steps"),
+    (["--optimizer", "sgd"], "--optimizer"),
+    (["--soap-frequency", "0"], "--soap-frequency"),
+    (["--noise-scale"], "--grad-accum"),
+    (["--distill-alpha", "2"], "--distill-alpha"),
+    (["--distill-temperature", "0"], "--distill-temperature"),
+    (["--distill-from", "nope.pt"], "--distill-from"),
+    (["--prune-sparsity", "1"], "--prune-sparsity"),
+    (["--prune-sparsity", "0.5", "--prune-end", "0.1"], "--prune-end"),
+]
+
+
+@pytest.mark.parametrize("argv, option", _TRAIN_CLI_ERRORS)
+def test_train_cli_rejects_each_bad_option_before_any_work(tmp_path, monkeypatch, capsys, argv, option):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("a file, not a folder")
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(SystemExit) as e:
-        T.main(_TRAIN_TINY_CLI + args)
+        T.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert len(err.strip().splitlines()) == 1 and option in err and "Traceback" not in err, err
@@ -3571,30 +3653,6 @@ def test_train_ablate_quick_resumable(tmp_path, _train_data):
     assert {"post-norm", "moe4", "mqa", "sliding32", "tied", "qk-norm", "soap"} <= set(names)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["batch-size", "--batches", "3,4"], "--batches must be even"),
-    (["batch-size", "--batches", "x"], "--batches"),
-    (["batch-size", "--tokens", "10"], "--tokens"),
-    (["ablate", "--seeds", "1"], "--seeds"),
-    (["ablate", "--steps", "2"], "--steps"),
-    (["--optimizer", "sgd"], "--optimizer"),
-    (["--soap-frequency", "0"], "--soap-frequency"),
-    (["--noise-scale"], "--grad-accum"),
-    (["--distill-alpha", "2"], "--distill-alpha"),
-    (["--distill-temperature", "0"], "--distill-temperature"),
-    (["--distill-from", "nope.pt"], "--distill-from"),
-    (["--prune-sparsity", "1"], "--prune-sparsity"),
-    (["--prune-sparsity", "0.5", "--prune-end", "0.1"], "--prune-end"),
-])
-def test_train_issue11_cli_errors(argv, needle, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        T.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_train_distillation_loss_vs_direct():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
@@ -3704,6 +3762,102 @@ def test_train_loss_and_backward_and_eval_model_hooks_reproduce_the_plain_loop(t
     assert hooked["losses"] == plain["losses"] and hooked["val"]["loss"] == plain["val"]["loss"]
     assert len(asked) == 3 and hooked["tokens"] == 4 * 123 and plain["tokens"] == 4 * 4 * 32 * 2
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# bugs the tests above would miss: the MoE objective, the noise scale's units, run folders, AdamW resume,
+# the synthetic validation split
+# ---------------------------------------------------------------------------------------------------
+def test_train_step_adds_the_moe_load_balancing_loss(tmp_path, _train_data):
+    # the step's gradient must be the gradient of cross-entropy + aux_loss, computed by hand on the same batch
+    # (the balancing term only reaches the routers: a step that subtracted it would push them toward collapse)
+    cfg = _train_cfg(tmp_path, max_steps=1, grad_clip=0.0, model_kw={"num_experts": 4, "moe_aux_weight": 1.0})
+    x = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, 1)
+    grads = []
+
+    def capture(run_model):
+        grads.append({n: p.grad.detach().clone() for n, p in run_model.named_parameters() if p.grad is not None})
+
+    T.train(cfg, _train_data, log=_train_quiet,
+            hooks=T.TrainHooks(sync_gradients=capture, get_batch=lambda step, micro: (x, y)))
+    model = T.build_model(cfg, 300)
+    loss = T.cross_entropy_fast(model(x), y)
+    assert float(model.aux_loss.detach()) > 0.5  # E * sum f_i P_i: 1.0 at balanced routing, not a vanishing term
+    (loss + model.aux_loss).backward()
+    routers = [n for n in grads[0] if "router" in n]
+    assert routers
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[0][n], p.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_train_noise_scale_probe_counts_batch_sizes_in_tokens():
+    # micro-batch gradients set by hand: g1 = (3, 0), g2 = (1, 2) (backward adds g / grad_accum into .grad);
+    # B = 4 sequences of T = 8 tokens: |G_small|^2 = mean(9, 5) = 7 at 32 tokens, |G_big|^2 = |(2, 1)|^2 = 5 at
+    # 64 tokens, so |G|^2 = (64 * 5 - 32 * 7) / 32 = 3, tr(Sigma) = (7 - 5) / (1/32 - 1/64) = 128, B_simple = 128/3
+    # tokens (batch sizes counted in sequences would give 16/3, T times too small)
+    lin = torch.nn.Linear(2, 1, bias=False)
+    cfg = T.TrainConfig(batch_size=4, context_length=8, grad_accum=2, noise_scale=True)
+    run = T.Run(cfg=cfg, hooks=T.TrainHooks(), model=lin, tokens_per_step=64)
+    probe = T.NoiseScaleProbe()
+    g1, g2 = torch.tensor([[3.0, 0.0]]), torch.tensor([[1.0, 2.0]])
+    lin.weight.grad = g1 / 2
+    probe.after_backward(run)
+    lin.weight.grad = (g1 + g2) / 2
+    probe.after_backward(run)
+    probe.before_update(run)
+    assert probe.metrics(run)["noise_scale_tokens"] == pytest.approx(128 / 3)
+    assert "B_noise 43 tok (batch 64)" in probe.progress(run)
+
+
+@pytest.mark.parametrize("leftover", ["ckpt.pt", "metrics.jsonl", "loss_curve.png", "tokenizer/vocab.json"])
+def test_train_refuses_a_folder_holding_any_part_of_an_earlier_run(tmp_path, _train_data, leftover):
+    cfg = _train_cfg(tmp_path, max_steps=2)
+    path = Path(cfg.out_dir) / leftover
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"from an earlier run")
+    with pytest.raises(ValueError, match=f"already holds a run \\({leftover.split('/')[0]}\\).*--overwrite"):
+        T.train(cfg, _train_data, log=_train_quiet)
+    assert path.read_bytes() == b"from an earlier run"
+    assert sorted(p.name for p in Path(cfg.out_dir).iterdir()) == [leftover.split("/")[0]]
+
+
+@pytest.mark.parametrize("impl", ["ours", "torch"])
+def test_train_adamw_alone_resumes_exactly_in_weights(tmp_path, _train_data, impl):
+    # --optimizer adamw: a killed run resumed from its step-4 checkpoint must continue AdamW's step counters
+    # (the bias corrections 1 - beta^t), not restart them: the final weights equal the uninterrupted run's
+    kw = dict(optimizer="adamw", adamw_impl=impl, lr=1e-2, max_steps=7, warmup_iters=2)
+    full_cfg = _train_cfg(tmp_path / "full", **kw)
+    full = T.train(full_cfg, _train_data, log=_train_quiet)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, model, metrics):
+        if step == 5:
+            raise Killed
+
+    cfg = _train_cfg(tmp_path / "killed", ckpt_interval=2, **kw)
+    with pytest.raises(Killed):
+        T.train(cfg, _train_data, log=_train_quiet, hooks=T.TrainHooks(on_step=kill_at_5))
+    steps = [int(s["step"]) for s in T.read_checkpoint(Path(cfg.out_dir) / "ckpt.pt")["optimizer"]["state"].values()]
+    assert steps and set(steps) == {4}
+    cfg.resume = True
+    resumed = T.train(cfg, _train_data, log=_train_quiet)
+    assert resumed["losses"] == full["losses"][4:]
+    a = T.read_checkpoint(Path(full_cfg.out_dir) / "ckpt.pt")["model"]
+    b = T.read_checkpoint(Path(cfg.out_dir) / "ckpt.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_synthetic_validation_shares_no_story_with_training(_train_data):
+    # validation comes from its own stream of stories, not from the training stream's first stories
+    tdir = Path(_train_data.cache_dir).parent
+    train = set((tdir / "train.txt").read_text().split(T.EOT))
+    val = [s for s in (tdir / "val.txt").read_text().split(T.EOT) if s]
+    assert len(val) > 20 and len(train) > 7 * len(val)
+    assert not train & set(val)
 # ===== Stage 4: kernels.py -- fused RMSNorm and FlashAttention-2 (PyTorch and Triton), model integration, CLI =====
 #
 # Without CUDA the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1). The knob is read when a
@@ -4847,6 +5001,75 @@ _DDP_CHECKS["transformer_bucketed"] = lambda r, w: _ddp_check_transformer(r, w, 
 _DDP_CHECKS["transformer_fsdp"] = lambda r, w: _ddp_check_transformer(r, w, "fsdp")
 
 
+def _ddp_full_grads(model, run):
+    """Every parameter's full gradient under its TransformerLM name (collective for both FSDPs)."""
+    if isinstance(run, D.FSDP):
+        shards = {id(sw.shard): sw for sw in run._sharded}
+        return {n: D._fsdp_gather(shards[id(p)], p.grad) if id(p) in shards else p.grad.clone()
+                for n, p in run._param_of_name.items()}
+    return {n: p.grad.full_tensor() if D._is_dtensor(p.grad) else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _ddp_check_torch_fsdp(rank, world):
+    """--strategy torch-fsdp (FSDP2) == our FSDP == one process, float32: the loss and every gradient at each of 3
+    AdamW steps; then each one's consolidated checkpoint resumes in the other and step 4 equals one process's."""
+    import model as M
+    import train as T
+    cfg = tiny_config(vocab_size=64, context_length=8, d_model=32, num_layers=2, num_heads=4, d_ff=64)
+    torch.manual_seed(0)
+    ref = M.TransformerLM.from_config(cfg)
+    models = {s: copy.deepcopy(ref) for s in ("fsdp", "torch-fsdp")}
+    runs = {s: D.wrap_model(m, s) for s, m in models.items()}
+    opts = {s: T.AdamW([p for p in r.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+            for s, r in runs.items()}
+    ref_opt = T.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randint(0, 64, (4, 8), generator=g), torch.randint(0, 64, (4, 8), generator=g))
+               for _ in range(4)]
+    for step, (x, y) in enumerate(batches[:3]):
+        ref_loss = F.cross_entropy(ref(x).reshape(-1, 64), y.reshape(-1))
+        ref_loss.backward()
+        for s, run in runs.items():
+            loss = F.cross_entropy(run(x[rank * 2:(rank + 1) * 2]).reshape(-1, 64), y[rank * 2:(rank + 1) * 2]
+                                   .reshape(-1))
+            loss.backward()
+            loss = loss.detach()
+            dist.all_reduce(loss)
+            assert abs(float(loss) / world - ref_loss.item()) < 1e-6, (s, step, float(loss) / world, ref_loss.item())
+            run.finish_gradient_synchronization()
+            grads = _ddp_full_grads(models[s], run)
+            for n, p in ref.named_parameters():
+                assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-5), \
+                    f"{s} step {step}: grad {n} off by {(grads[n] - p.grad).abs().max():.3g}"
+            opts[s].step()
+            opts[s].zero_grad()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    # each strategy's checkpoint (through the training command's hooks) continued by the other for one step
+    x, y = batches[3]
+    F.cross_entropy(ref(x).reshape(-1, 64), y.reshape(-1)).backward()
+    ref_opt.step()
+    for src, dst in (("fsdp", "torch-fsdp"), ("torch-fsdp", "fsdp")):
+        hooks = D._checkpoint_hooks(strategy=src, G=4, world=world, device="cpu", out=Path("unused"), budget=None)
+        ckpt = hooks["checkpoint_state"](models[src], runs[src], opts[src])
+        model = M.TransformerLM.from_config(cfg)
+        model.load_state_dict(ckpt["model"])
+        run = D.wrap_model(model, dst)
+        opt = T.AdamW([p for p in run.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+        D._checkpoint_hooks(strategy=dst, G=4, world=world, device="cpu", out=Path("unused"),
+                            budget=None)["load_optimizer_state"](opt, run, ckpt)
+        F.cross_entropy(run(x[rank * 2:(rank + 1) * 2]).reshape(-1, 64), y[rank * 2:(rank + 1) * 2].reshape(-1)
+                        ).backward()
+        run.finish_gradient_synchronization()
+        opt.step()
+        full = D.full_model_state(model, run)
+        for n, q in ref.state_dict().items():
+            assert torch.allclose(full[n], q, atol=1e-5), f"{src} -> {dst}: {n} off by {(full[n] - q).abs().max():.3g}"
+
+
+_DDP_CHECKS["torch_fsdp"] = lambda r, w: _ddp_check_torch_fsdp(r, w)
+
+
 def _ddp_check_fsdp_clipping(rank, world):
     """FSDP's shard-aware clipping == one process clipping the whole gradient. max_norm is far below the gradient
     norm, so clipping fires every step; without the all-reduce of the shards' squared norms each rank would clip by
@@ -4997,6 +5220,10 @@ def test_ddp_transformer_matches_single_process(_ddp_results, strategy):
     _ddp_assert(_ddp_results, f"transformer_{strategy}")
 
 
+def test_ddp_torch_fsdp_equals_our_fsdp_and_one_process_and_their_checkpoints_cross(_ddp_results):
+    _ddp_assert(_ddp_results, "torch_fsdp")
+
+
 def test_ddp_global_batch_is_the_same_at_every_world_size():
     # The ranks' slices of a (seed, step, micro) global batch, stacked, are the same G windows at N = 1, 2 and 4:
     # what makes a checkpoint resume at another world size with the same losses. Windows are real corpus windows
@@ -5093,6 +5320,42 @@ def test_ddp_without_torchrun_spawns_the_ranks_itself(_ddp_train_runs):
     assert sorted(_ddp_train_losses(out_dir)) == [1, 2, 3]
 
 
+def test_ddp_torch_fsdp_command_equals_one_process_and_resumes_as_our_fsdp(_ddp_train_runs):
+    # --strategy torch-fsdp through train.py's hooks on 2 spawned ranks: the same losses as the 1-process run B;
+    # its consolidated checkpoint then continues in this process with our fsdp, step 4 again equal to B's
+    out_dir = _ddp_train_runs["tmp"] / "torch_fsdp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    args = _DDP_TRAIN_ARGS + ["--data-dir", _ddp_train_runs["data_dir"], "--out-dir", str(out_dir)]
+    proc = subprocess.run([sys.executable, D.__file__] + args + ["--max-steps", "3", "--strategy", "torch-fsdp"],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=str(_ddp_train_runs["tmp"]))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "torch-fsdp on 2 rank(s)" in proc.stdout
+    assert _ddp_in_process(args + ["--max-steps", "4", "--strategy", "fsdp", "--resume"]) == 0
+    got, b = _ddp_train_losses(out_dir), _ddp_train_losses(_ddp_train_runs["B"])
+    assert sorted(got) == [1, 2, 3, 4]
+    for s in got:
+        assert abs(got[s] - b[s]) < 1e-4, (s, got[s], b[s])
+
+
+def test_ddp_two_node_rendezvous_on_localhost(_ddp_train_runs):
+    # the README's multi-node command, both "nodes" on this machine: two torchrun launches with --nnodes=2, one
+    # process each, meeting at --rdzv-endpoint; 2 steps of the 2-rank run equal the 1-process run B
+    out_dir = _ddp_train_runs["tmp"] / "two_nodes"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    endpoint = f"127.0.0.1:{D.free_port()}"
+    args = _DDP_TRAIN_ARGS + ["--data-dir", _ddp_train_runs["data_dir"], "--out-dir", str(out_dir), "--max-steps",
+                              "2", "--strategy", "ddp"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={k}",
+                               "--nproc_per_node=1", f"--rdzv-endpoint={endpoint}", D.__file__] + args,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              cwd=str(_ddp_train_runs["tmp"])) for k in (0, 1)]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert "ddp on 2 rank(s)" in outs[0] and "every rank stopped at step 2" in outs[0], outs[0][-2000:]
+    got, b = _ddp_train_losses(out_dir), _ddp_train_losses(_ddp_train_runs["B"])
+    assert sorted(got) == [1, 2] and all(abs(got[s] - b[s]) < 1e-4 for s in got), (got, b)
+
+
 def test_ddp_refuses_to_overwrite_an_earlier_run(_ddp_train_runs, capsys):
     run = _ddp_train_runs["B"]
     before = {f: (run / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl")}
@@ -5108,6 +5371,23 @@ def test_ddp_refuses_to_overwrite_an_earlier_run(_ddp_train_runs, capsys):
     argv = argv[:argv.index("--out-dir") + 1] + [str(copy_dir)] + argv[argv.index("--out-dir") + 2:]
     assert _ddp_in_process(argv + ["--overwrite"]) == 0
     assert sorted(_ddp_train_losses(copy_dir)) == [1, 2]
+
+
+@pytest.mark.parametrize("left", ["metrics.jsonl", "loss_curve.png", "tokenizer"])
+def test_ddp_refuses_a_folder_holding_any_run_file(left, tmp_path, capsys):
+    # an earlier run is more than its checkpoint: a folder holding only its metrics log, its loss plot or its
+    # tokenizer is refused the same way, and left untouched
+    run = tmp_path / "run"
+    run.mkdir()
+    if left == "tokenizer":
+        (run / left).mkdir()
+    else:
+        (run / left).write_text("from an earlier run\n")
+    argv = _DDP_TRAIN_ARGS + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(run), "--max-steps", "2"]
+    assert D.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and left in err[0] and "--resume" in err[0], err
+    assert sorted(p.name for p in run.iterdir()) == [left] and not (tmp_path / "data").exists()
 
 
 def test_ddp_failed_start_leaves_no_empty_run_folder(_ddp_train_runs, tmp_path, monkeypatch, capsys):
@@ -5301,8 +5581,27 @@ def _par_check_vocab_ce(rank, world):
     z_local = z.detach()[:, rank * 32:(rank + 1) * 32].clone().requires_grad_(True)
     loss = D.vocab_parallel_cross_entropy(z_local, y, rank * 32, dist.group.WORLD)
     loss.backward()
-    return dict(loss_diff=abs(float(loss) - float(ref)),
-                grad_diff=float((z_local.grad - z.grad[:, rank * 32:(rank + 1) * 32]).abs().max()))
+    out = dict(loss_diff=abs(float(loss) - float(ref)),
+               grad_diff=float((z_local.grad - z.grad[:, rank * 32:(rank + 1) * 32]).abs().max()))
+    # logits of magnitude ~100 in low precision: a row maximum summed over the ranks instead of maxed would push
+    # exp(z - m) out of range (rows 0-4: both halves peak near +115, so exp(-115) underflows; rows 5-9: one half
+    # sits near -120, so exp(+115) overflows), where the true maximum keeps every exponent <= 0
+    z = torch.randn(10, 64, generator=g) * 20
+    z[:5, 7], z[:5, 40] = 120.0, 110.0
+    z[5:, :32] = -120.0 + torch.randn(5, 32, generator=g)
+    z[5:, 50] = 100.0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        zd = z.to(dtype)
+        ref_z = zd.float().clone().requires_grad_(True)    # the same rounded logits, torch's loss in float32
+        ref = F.cross_entropy(ref_z, y)
+        ref.backward()
+        z_local = zd[:, rank * 32:(rank + 1) * 32].clone().requires_grad_(True)
+        loss = D.vocab_parallel_cross_entropy(z_local, y, rank * 32, dist.group.WORLD)
+        loss.backward()
+        out[str(dtype)] = dict(rel_loss=abs(float(loss) - float(ref)) / float(ref),
+                               grad_diff=float((z_local.grad.float() - ref_z.grad[:, rank * 32:(rank + 1) * 32])
+                                               .abs().max()))
+    return out
 
 
 def _par_check_pp(rank, world):
@@ -5443,6 +5742,15 @@ def test_ddp_tp_shards_heads_kv_heads_hidden_units_and_vocabulary(_par_results):
 def test_ddp_vocab_parallel_cross_entropy_matches_torch(_par_results):
     for r in _par_get(_par_results, "vocab_ce"):
         assert r["loss_diff"] < 1e-12 and r["grad_diff"] < 1e-14
+
+
+@pytest.mark.parametrize("dtype,tol", [("torch.float32", 1e-6), ("torch.float16", 1e-3), ("torch.bfloat16", 5e-3)])
+def test_ddp_vocab_parallel_cross_entropy_large_logits_low_precision(_par_results, dtype, tol):
+    # logits ~100: the row maximum must be all-reduced with MAX (a SUM gives inf / nan here)
+    for r in _par_get(_par_results, "vocab_ce"):
+        got = r[dtype]
+        assert math.isfinite(got["rel_loss"]) and got["rel_loss"] < tol, got
+        assert math.isfinite(got["grad_diff"]) and got["grad_diff"] < 10 * tol, got
 
 
 def test_ddp_pipeline_gpipe_and_1f1b_equal_single_process(_par_results):
@@ -5658,7 +5966,7 @@ def _metrics(run_dir):
 def test_ddp_mesh_command_trains_through_train_py(tmp_path):
     base = _DDP_TRAIN_ARGS + ["--data-dir", str(tmp_path / "data"), "--eval-interval", "2"]
     # one process, plain data parallelism, the same global batches: the reference losses
-    assert _ddp_in_process(base + ["--out-dir", str(tmp_path / "dp"), "--max-steps", "4", "--strategy", "ddp"]) == 0
+    assert _ddp_in_process(base + ["--out-dir", str(tmp_path / "dp"), "--max-steps", "6", "--strategy", "ddp"]) == 0
     ref, _ = _metrics(tmp_path / "dp")
     r = _mesh_cmd(base, ["--out-dir", str(tmp_path / "tp"), "--nproc", "2", "--tp", "2", "--max-steps", "4"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -5671,6 +5979,14 @@ def test_ddp_mesh_command_trains_through_train_py(tmp_path):
     ckpt = torch.load(tmp_path / "tp" / "ckpt.pt", weights_only=True)
     assert ckpt["iteration"] == 4 and ckpt["mesh"] == dict(dp=1, tp=2, pp=1, sp=False)
     assert set(ckpt["optimizer_by_name"]) == set(ckpt["model"])
+    # the --tp 2 checkpoint continued by one process with plain data parallelism keeps AdamW's moments (re-keyed
+    # by parameter name): steps 5 and 6 equal the uninterrupted run's (restarted moments would change both)
+    assert _ddp_in_process(base + ["--out-dir", str(tmp_path / "tp"), "--max-steps", "6", "--strategy", "ddp",
+                                   "--resume"]) == 0
+    resumed = {row["step"]: row["loss"] for row in _metrics(tmp_path / "tp")[0]}
+    assert max(abs(resumed[s] - ref[s - 1]["loss"]) for s in (5, 6)) < 2e-5, (resumed, ref)
+    state = torch.load(tmp_path / "tp" / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+    assert {int(st["step"]) for st in state.values()} == {6}
 
 
 def test_ddp_mesh_command_pp_grad_accum_and_shared_budget(tmp_path):
@@ -5770,6 +6086,25 @@ def test_scaling_objective_gradient_matches_autograd():
     assert torch.allclose(theta.grad, g2, rtol=1e-9, atol=1e-9)
 
 
+def test_scaling_huber_is_on_log_loss():
+    # the objective by hand: Huber_delta(ln L_hat - ln L) summed over runs, for two parameter vectors
+    N, D, L = SC.synthetic_law_data(30, noise=0.004, seed=5)
+    data = tuple(torch.from_numpy(np.log(v)) for v in (N, D, L))
+    theta = torch.tensor([[6.0, 6.0, 0.5, 0.34, 0.28], [5.0, 7.0, 0.4, 0.3, 0.3]], dtype=torch.float64)
+    a, b, e, al, be = (theta[:, i].numpy()[:, None] for i in range(5))
+    r = np.log(np.exp(e) + np.exp(a) / N ** al + np.exp(b) / D ** be) - np.log(L)
+    hand = np.where(np.abs(r) < 1e-3, 0.5 * r * r, 1e-3 * (np.abs(r) - 0.5e-3)).sum(1)
+    assert np.allclose(SC._objective(theta, *data, 1e-3).numpy(), hand, rtol=1e-12)
+    assert np.allclose(SC._objective_and_grad(theta, *data, 1e-3)[0].numpy(), hand, rtol=1e-12)
+    # a fit on log-losses is invariant to the units of the loss: 100 L gives the same residuals, so the same
+    # alpha, beta and objective and 100x E (a fit on losses would see residuals 100x larger: another Huber fit)
+    grid = SC.init_grid()[::4]
+    f1, f2 = (SC.fit_parametric_law(N, D, s * L, n_bootstrap=0, grid=grid) for s in (1, 100))
+    assert f2.objective == pytest.approx(f1.objective, rel=1e-6)
+    assert f2.E / f1.E == pytest.approx(100, rel=2e-5) and f2.A / f1.A == pytest.approx(100, rel=1e-3)
+    assert abs(f2.alpha - f1.alpha) < 2e-5 and abs(f2.beta - f1.beta) < 2e-5
+
+
 def test_scaling_closed_form_allocation_matches_numerical_minimum():
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -5822,6 +6157,20 @@ def test_scaling_isoflops_recovers_exponent_from_noisy_law():
     (lo, hi), _ = fit.interval(1e23)
     n_true = SC.compute_optimal_allocation(A, B, al, be, 1e23)[0]
     assert lo < hi and lo / 2 < n_true < hi * 2
+    # resampling each budget's runs WITH replacement: the refits' exponents spread (~0.02 here); drawn without
+    # replacement every replicate is the data itself and the interval collapses to a point
+    assert 0.005 < np.std(fit.boot[:, 1]) < 0.1
+
+
+def test_scaling_isoflops_three_runs_per_budget_says_why_no_interval(capsys):
+    # with 3 runs per budget the only resamples keeping 3 sizes are permutations: no interval, and the reason
+    runs = [SC.make_run(f"C{C:g}-{f}", 0.1 * C ** 0.5 * f, 2 + math.log(f * 1.1) ** 2, budget=C)
+            for C in (1e18, 1e19, 1e20) for f in (0.5, 1.0, 2.0)]
+    fit = SC.fit_isoflops(runs, "parabola", n_bootstrap=20)
+    assert np.ptp(fit.boot[:, 1]) < 1e-9
+    SC.print_fits(runs, {"parabola": fit}, None, predict_at=[1e22])
+    out = capsys.readouterr().out
+    assert "no interval: a budget has only 3 runs" in out and ">= 4 sizes" in out and "[" not in out
 
 
 def test_scaling_isoflops_curves_file_needs_workspace():
@@ -5886,20 +6235,139 @@ def test_scaling_sweep_killed_resumes_shards_merge_and_branches_match(_sc_data, 
     assert st["skipped"] == [first[0].stem] and len(st["ran"]) == len(plan) - 1
     assert first[0].stat().st_mtime_ns == mtime
     assert any("incomplete or corrupt" in m and plan[1].key in m for m in msgs)
-    # shards 1/2 and 2/2 in separate folders merge to the same runs as the single sweep
-    for k in (1, 2):
+    # shards 0/2 and 1/2 (0-based, as data.py) in separate folders merge to the same runs as the single sweep
+    for k in (0, 1):
         SC.run_sweep(spec, tmp_path / f"shard{k}", _sc_data, shard=(k, 2), log=lambda *a, **k: None)
-    merged = {r.name.split("/")[-1]: r.loss for r in SC.collect_results([tmp_path / "shard1", tmp_path / "shard2"])}
+    assert sorted(p.stem for p in (tmp_path / "shard0" / "runs").glob("*.json")) == [p.key for p in plan[::2]]
+    merged = {r.name.split("/")[-1]: r.loss for r in SC.collect_results([tmp_path / "shard0", tmp_path / "shard1"])}
     assert merged == _sc_losses(full)
-    assert SC.fit_isoflops(SC.collect_results([tmp_path / "shard1", tmp_path / "shard2"]), "argmin").k == \
+    assert SC.fit_isoflops(SC.collect_results([tmp_path / "shard0", tmp_path / "shard1"]), "argmin").k == \
         SC.fit_isoflops(SC.collect_results([full]), "argmin").k
-    # branched mode: a WSD decay branched off one trunk per size IS the separate run (same batches, same lr)
-    st = SC.run_sweep(spec, tmp_path / "branched", _sc_data, mode="branched", log=lambda *a, **k: None)
-    assert _sc_losses(tmp_path / "branched") == pytest.approx(_sc_losses(full), rel=1e-6)
+    # branched mode, killed after its first branch and resumed: the finished branch is kept (not retrained), the
+    # rest run, and every decay branched off one trunk per size IS the separate run (same batches, same lr)
+    br = tmp_path / "branched"
+    with pytest.raises(_Kill):
+        SC.run_sweep(spec, br, _sc_data, mode="branched", after_run=kill, log=lambda *a, **k: None)
+    (done,) = (br / "runs").glob("*.json")
+    mtime = done.stat().st_mtime_ns
+    st = SC.run_sweep(spec, br, _sc_data, mode="branched", log=lambda *a, **k: None)
+    assert st["skipped"] == [done.stem] and len(st["ran"]) == len(plan) - 1 and done.stat().st_mtime_ns == mtime
+    assert _sc_losses(br) == pytest.approx(_sc_losses(full), rel=1e-6)
     assert st["steps_trained"] < st["steps_separate"]
+    again = SC.run_sweep(spec, br, _sc_data, mode="branched", log=lambda *a, **k: None)
+    assert again["ran"] == [] and again["steps_trained"] == 0
     # a different spec in the same folder is refused (its results would mix)
     with pytest.raises(ValueError, match="different sweep"):
         SC.run_sweep(_sc_spec(seed=7), full, _sc_data, log=lambda *a, **k: None)
+
+
+def test_scaling_verify_predicts_first_writes_verify_json_and_resumes(_sc_data, tmp_path, monkeypatch):
+    spec, out = _sc_spec(), tmp_path / "v"
+    SC.run_sweep(spec, out, _sc_data, log=lambda *a, **k: None)
+    runs = SC.collect_results([out])
+    N, D, L = ([getattr(r, k) for r in runs] for k in ("parameters", "tokens", "loss"))
+    iso = SC.fit_isoflops(runs, "argmin", n_bootstrap=20)  # (the tiny sweep's curves need not be convex)
+    free = SC.fit_parametric_law(N, D, L, n_bootstrap=4, grid=SC.init_grid()[::4])
+    fixed = SC.fit_parametric_law(N, D, L, n_bootstrap=4, grid=SC.init_grid()[::4], E=0.8 * min(L))
+    kw = dict(iso=iso, par=free, par_known=fixed)
+
+    class _Kill(Exception):
+        pass
+
+    def killed(*a, **k):
+        raise _Kill
+
+    # killed during the verification run: the prediction was already printed and written, `actual` still null
+    msgs = []
+    with monkeypatch.context() as m:
+        m.setattr(SC.T, "train", killed)
+        with pytest.raises(_Kill):
+            SC.verify_prediction(spec, out, _sc_data, runs, 2.0, log=msgs.append, **kw)
+    v = json.loads((out / "verify.json").read_text())
+    assert v["actual"] is None and v["fixed"]["E"] == pytest.approx(0.8 * min(L))
+    assert v["free"]["predicted"] == pytest.approx(float(free.predict_loss(v["parameters"], v["tokens"])))
+    assert any("predicted loss with E free" in x for x in msgs) and any("with E fixed" in x for x in msgs)
+    # rerun: predicted again, then trained; both laws checked against the one actual loss
+    msgs = []
+    res = SC.verify_prediction(spec, out, _sc_data, runs, 2.0, log=msgs.append, **kw)
+    first = lambda text: next(i for i, x in enumerate(msgs) if text in x)
+    assert first("predicted loss with E free") < first("training") < first("actual")
+    v = json.loads((out / "verify.json").read_text())
+    assert v["complete"] and v["actual"] == res["actual"] and math.isfinite(v["actual"]) and v["actual"] > 0
+    for name in ("free", "fixed"):
+        (lo, hi), p = v[name]["interval"], v[name]["predicted"]
+        assert lo <= hi and v[name]["rel_error"] == pytest.approx((p - v["actual"]) / v["actual"])
+        assert v[name]["inside"] == (lo <= v["actual"] <= hi)
+    # a third call trains nothing: the actual loss is read back
+    monkeypatch.setattr(SC.T, "train", killed)
+    assert SC.verify_prediction(spec, out, _sc_data, runs, 2.0, log=msgs.append, **kw)["actual"] == res["actual"]
+
+
+def test_scaling_sweep_lock_refuses_a_second_process(_sc_data, tmp_path):
+    out = tmp_path / "locked"
+    code = f"import sys, time, scaling\nwith scaling.sweep_lock({str(out)!r}):\n    print('held', flush=True)\n" \
+           "    time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(SC.__file__).resolve().parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by another sweep \\(pid {holder.pid}\\)"):
+            SC.run_sweep(_sc_spec(), out, _sc_data, log=lambda *a, **k: None)
+        assert not (out / "runs").exists()  # refused before any work
+    finally:
+        holder.kill()
+        holder.wait()
+    # its owner killed (-9: no cleanup), the lock is free again; re-entrant within one process, and released
+    with SC.sweep_lock(out):
+        assert (out / ".lock").read_text() == str(os.getpid())
+        with SC.sweep_lock(out):
+            pass
+        assert out.resolve() in SC._HELD
+    assert not SC._HELD
+    with SC.sweep_lock(out):
+        pass
+
+
+def test_scaling_fit_reports_bad_runs_and_fits_the_rest(tmp_path, capsys):
+    rows = [dict(parameters=0.1 * C ** 0.5 * f, compute_budget=C, final_loss=2 + math.log(f * 1.1) ** 2)
+            for C in (1e18, 1e19) for f in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    rows[3]["parameters"], rows[7]["final_loss"] = -5, True
+    (tmp_path / "r.json").write_text(json.dumps(rows))
+    assert SC.main(["fit", str(tmp_path / "r.json"), "--no-parametric", "--bootstrap", "10",
+                    "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: r.json run 3: parameters = -5 must be a finite positive number" in out
+    assert "skipped: r.json run 7: final_loss = True is a boolean" in out and "2 runs skipped, 8 fitted" in out
+    assert "8 runs at 2 budgets" in out and (tmp_path / "p.png").exists()
+    # the same in a sweep folder: the bad result file is named and left out of the fit
+    (tmp_path / "sw" / "runs").mkdir(parents=True)
+    (tmp_path / "sw" / "sweep.json").write_text(json.dumps({"key": "k"}))
+    for i, r in enumerate(rows[:2]):
+        res = dict(spec="k", key=f"r{i}", tokens=r["compute_budget"] / (6 * r["parameters"]), complete=True, **r)
+        (tmp_path / "sw" / "runs" / f"r{i}.json").write_text(json.dumps(dict(res, parameters=-1.0) if i else res))
+    msgs = []
+    assert len(SC.collect_results([tmp_path / "sw"], warn=msgs.append)) == 1
+    assert len(msgs) == 1 and "r1.json" in msgs[0] and "parameters = -1.0" in msgs[0] and "left out" in msgs[0]
+
+
+def test_scaling_fit_warns_on_one_budget_and_few_runs():
+    msgs = []
+    SC._warn_design([SC.make_run(f"r{i}", 10 ** (6 + i / 2), 3.0 - i / 10, budget=1e18) for i in range(6)], msgs.append)
+    assert len(msgs) == 2 and "same compute budget (1e+18 FLOPs)" in msgs[0] and "6 runs for the" in msgs[1]
+    msgs = []
+    SC._warn_design([SC.make_run(f"r{i}", 10 ** (6 + i % 5), 3.0, budget=10 ** (18 + i // 5)) for i in range(10)],
+                    msgs.append)
+    assert msgs == []
+
+
+def test_scaling_bare_command_runs_sweep_verify(monkeypatch, capsys):
+    # `python scaling.py` is what the README's quick start says: the default sweep, fit, predict, verify
+    seen = {}
+    monkeypatch.setattr(SC, "sweep_main", lambda args: seen.update(vars(args)))
+    assert SC.main([]) == 0
+    assert seen["cmd"] == "sweep" and seen["verify"] and seen["out"] == "runs/scaling" and seen["shard"] is None
+    assert SC._spec_from_args(SC.argparse.Namespace(**seen)) == SC.SweepSpec()
+    assert "runs/scaling" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -5963,7 +6431,22 @@ _SC_ERROR_CASES = [
     (lambda d: SC.SweepSpec(budgets=[1e11, float("inf")]), (ValueError, "finite positive")),
     (lambda d: SC.SweepSpec(flops="7nd"), (ValueError, "flops must be")),
     (lambda d: SC.SweepSpec(optimizer="soap"), (ValueError, "optimizer must be")),
-    (["sweep", "--shard", "3/2"], "need 1 <= K <= N"),
+    (lambda d: SC.make_run("r", 1e6, True, budget=1e18), (ValueError, "final_loss = True is a boolean")),
+    (lambda d: SC.shard_filter([1, 2], (2, 2)), (ValueError, "0 <= K < N")),
+    (["sweep", "--shard", "3/2"], "0 <= K < N (shards count from 0)"),
+    (["sweep", "--shard", "2/2"], "0 <= K < N"),
+    (["sweep", "--shard=-1/2"], "0 <= K < N"),
+    (["sweep", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["sweep", "--verify-factor", "0"], "--verify-factor must be a finite number > 0"),
+    (["sweep", "--decay-fraction", "1.5"], "decay_fraction must be in [0, 1), got 1.5"),
+    (["sweep", "--lr", "-1"], "lr must be a finite number > 0, got -1"),
+    (["sweep", "--eval-tokens", "0"], "eval_tokens must be at least one window"),
+    (["sweep", "--head-dim", "24"], "multiple of head_dim"),
+    (["sweep", "--vocab-size", "100"], "vocab_size must be >= 257"),
+    (["fit", "x.json", "--bootstrap", "0"], "--bootstrap must be >= 2, got 0"),
+    (["fit", "x.json", "--predict=-1"], "--predict must be finite positive FLOP budgets"),
+    (["lr-transfer", "--widths", "20"], "--widths must be multiples of 16"),
+    (["lr-transfer", "--steps", "0"], "--steps must be >= 1"),
     (["sweep", "--budgets", "1e11,x"], "comma-separated"),
     (["sweep", "--optimizer", "soap"], "optimizer must be"),
     (["fit", "missing.json"], "does not exist"),
@@ -5980,19 +6463,21 @@ def sc_error_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("case, expected", _SC_ERROR_CASES,
                          ids=[f"call{i}" if callable(c) else " ".join(c) for i, (c, _) in enumerate(_SC_ERROR_CASES)])
-def test_scaling_error_paths(sc_error_dir, case, expected):
+def test_scaling_error_paths(sc_error_dir, case, expected, monkeypatch, capsys):
     if callable(case):
         exc, pattern = expected
         with pytest.raises(exc, match=pattern):
             case(sc_error_dir)
         return
     # usage errors and bad input both end as one line on stderr, exit status 2, before any data is prepared
-    r = subprocess.run([sys.executable, str(Path(SC.__file__).resolve().parent / "scaling.py"), *case],
-                       capture_output=True, text=True, cwd=sc_error_dir, timeout=60)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, (case, r.stderr)
-    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr, r.stderr
-    assert not (sc_error_dir / "data_cache").exists()
+    # (in-process: an unexpected exception would fail the test with its traceback)
+    monkeypatch.chdir(sc_error_dir)
+    with pytest.raises(SystemExit) as e:
+        SC.main(case)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, (case, err)
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not (sc_error_dir / "data_cache").exists() and not (sc_error_dir / "runs").exists()
 
 
 def test_scaling_cli_sweep_flags_are_sweepspec_fields():
@@ -6073,6 +6558,8 @@ _DATA_PII = [
     (DA.mask_phone_numbers, "(283)-182-3829", "|||PHONE_NUMBER|||", 1),
     (DA.mask_phone_numbers, "283.182.3829 or 2831823829", "|||PHONE_NUMBER||| or |||PHONE_NUMBER|||", 2),
     (DA.mask_phone_numbers, "+1 283 182 3829", "|||PHONE_NUMBER|||", 1),
+    (DA.mask_phone_numbers, "call 1-555-123-4567.", "call |||PHONE_NUMBER|||.", 1),  # the leading 1 goes too
+    (DA.mask_phone_numbers, "1 (555) 123-4567 or +1 (555) 123-4567", "|||PHONE_NUMBER||| or |||PHONE_NUMBER|||", 2),
     (DA.mask_phone_numbers, "in 2024 we sold 12345 units", "in 2024 we sold 12345 units", 0),
     (DA.mask_phone_numbers, "id 28318238291234", "id 28318238291234", 0),  # too many digits
     (DA.mask_ips, "server 192.168.0.1 is up", "server |||IP_ADDRESS||| is up", 1),
@@ -6099,6 +6586,11 @@ def test_data_gopher_rules_at_boundaries():
     # ellipsis lines: 3 of 10 (30%) passes, 4 of 10 fails
     lines = lambda k: "\n".join(("word " * 9 + ("more..." if i < k else "end")) for i in range(10))
     assert DA.gopher_quality_filter(lines(3)) and not DA.gopher_quality_filter(lines(4))
+    # only an ellipsis at a line's END counts ("..." or the one character U+2026); one inside a line does not
+    inside = "\n".join("word " * 4 + "wait... then " + "word " * 4 + "end" for _ in range(10))
+    assert DA.gopher_quality_filter(inside)
+    unicode_end = lambda k: "\n".join(("word " * 9 + ("more\u2026" if i < k else "end")) for i in range(10))
+    assert DA.gopher_quality_filter(unicode_end(3)) and not DA.gopher_quality_filter(unicode_end(4))
     # alphabetic words: 80% passes, 79% fails
     assert DA.gopher_quality_filter(ok(["word"] * 80 + ["1234"] * 20))
     assert not DA.gopher_quality_filter(ok(["word"] * 79 + ["1234"] * 21))
@@ -6185,6 +6677,26 @@ def test_data_minhash_equals_datasketch_and_readable_path():
     assert DA.normalize_text("  Caf\u00c9,  CR\u00c8ME!\n") == "cafe creme"
 
 
+def test_data_minhash_fast_path_equals_readable_path_with_its_hash(data_crawl):
+    texts = ["The quick brown fox jumps over the lazy dog; the quick brown fox!",
+             "Caf\u00e9 cr\u00e8me, s'il vous pla\u00eet",
+             "short", "", "a b c d e", "snake_case and 42 digits, twice: snake_case and 42 digits"]
+    for n, (k, seed) in ((1, (64, 3)), (3, (128, 1)), (5, (128, 1))):
+        a, b = DA.minhash_permutations(k, seed)
+        fast = DA.minhash_signatures_fast(texts * 2, n, a, b, chunk=4)  # tiny chunks exercise the grouping
+        slow = [DA.minhash_signature(DA.shingles(t, n), a, b, DA.word_shingle_hash) for t in texts * 2]
+        assert np.array_equal(fast, np.array(slow))
+    assert DA.word_shingle_hash("a b") != DA.word_shingle_hash("b a")  # order matters inside a shingle
+    # the dedup result is the same with either hash on the synthetic crawl's pages
+    cfg, pages = data_crawl["cfg"], data_crawl["truth"]["pages"]
+    texts = [DA.extract_text_from_html_bytes(p["html"].encode()) or "" for p in pages]
+    sets = [DA.shingles(t, cfg.ngrams) for t in texts]
+    a, b = DA.minhash_permutations(cfg.num_hashes, cfg.seed)
+    clusters = [sorted(map(sorted, DA.near_duplicate_clusters(sets.__getitem__, sig, cfg.num_bands, 0.8)))
+                for sig in (DA.minhash_signatures(sets, a, b), DA.minhash_signatures_fast(texts, cfg.ngrams, a, b))]
+    assert clusters[0] == clusters[1] and len(clusters[0]) >= 5
+
+
 def test_data_minhash_dedup_known_jaccard(tmp_path):
     import random
     rng = random.Random(0)
@@ -6207,6 +6719,19 @@ def test_data_minhash_dedup_known_jaccard(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["a.txt", "d.txt"]
 
 
+def test_data_union_find_joins_roots_of_a_chain():
+    # 0~1 and 0~2 pass the threshold (J = 10/12), 1~2 does not (J = 10/14): still one cluster {0, 1, 2}.
+    # Identical signatures make all three pairs LSH candidates; only the exact Jaccard decides.
+    sets = [set(range(10)), set(range(10)) | {10, 11}, set(range(10)) | {20, 21}]
+    assert DA.jaccard(sets[1], sets[2]) < 0.8 <= min(DA.jaccard(sets[0], sets[1]), DA.jaccard(sets[0], sets[2]))
+    sigs = np.zeros((4, 8), dtype=np.uint32)
+    sigs[3] = 1  # a fourth document in no candidate pair
+    clusters = DA.near_duplicate_clusters((sets + [{99}]).__getitem__, sigs, 2, 0.8)
+    assert sorted(map(sorted, clusters)) == [[0, 1, 2]]
+    parent = [0, 0, 1, 2, 3]  # find() follows a chain to its root and halves the path
+    assert DA.find(parent, 4) == 0 and parent[4] != 3
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------------
@@ -6221,13 +6746,49 @@ def test_data_corrupt_records_are_counted_and_the_rest_kept(tmp_path):
     raw = Path(path).read_bytes()
     (tmp_path / "trunc.warc.gz").write_bytes(raw[: len(raw) - 200])  # the last record is cut short
     st2 = Counter()
-    assert 10 <= len(list(DA.iter_records(tmp_path / "trunc.warc.gz", st2))) <= 12
+    cut = [r.url for r in DA.iter_records(tmp_path / "trunc.warc.gz", st2)]
+    assert cut[:11] == [r.url for r in recs[:11]]  # every record before the cut survives
     (tmp_path / "garbage.warc.gz").write_bytes(b"\x1f\x8b\x08" + b"\x00garbage" * 50)
     st3 = Counter()
     assert list(DA.iter_records(tmp_path / "garbage.warc.gz", st3)) == [] and st3["corrupt_record"] == 1
     with pytest.raises(FileNotFoundError, match="not found"):
         DA.run_pipeline([str(tmp_path / "nope.warc.gz")], str(tmp_path / "out"), DA.PipelineConfig())
     assert not (tmp_path / "out").exists()  # nothing written before the error
+
+
+def _data_warc(path, n, damaged=(), requests=False, words=50):
+    """n response records (page k at http://x.example/k), each after a request record if `requests`, with one
+    flipped byte in the middle of the gzip member of each page in `damaged`; returns {k: offset of page k}."""
+    rng, blobs, offsets, pos = random.Random(0), [], {}, 0
+    for k in range(n):
+        if requests:
+            req = f"GET /{k} HTTP/1.1\r\nHost: x.example\r\n\r\n".encode()
+            blobs.append(gzip.compress(f"WARC/1.0\r\nWARC-Type: request\r\nWARC-Record-ID: <urn:uuid:r{k}>\r\n"
+                                       f"Content-Type: application/http; msgtype=request\r\nContent-Length: "
+                                       f"{len(req)}\r\n\r\n".encode() + req + b"\r\n\r\n", mtime=0))
+            pos += len(blobs[-1])
+        body = f"<p>page {k} {' '.join(f'w{rng.randrange(10 ** 6)}' for _ in range(words))}</p>".encode()
+        blob = bytearray(DA._warc_record(f"http://x.example/{k}", body, "text/html", k))
+        if k in damaged:
+            blob[len(blob) // 2] ^= 0xFF
+        offsets[k], pos = pos, pos + len(blob)
+        blobs.append(bytes(blob))
+    Path(path).write_bytes(b"".join(blobs))
+    return offsets
+
+
+@pytest.mark.parametrize("n,damaged,requests,words", [
+    (20, {5, 12}, False, 50), (20, {0, 19}, False, 50), (20, {5, 6, 7}, False, 50), (20, {3, 9, 15}, True, 50),
+    (6, {1, 4}, True, 30_000)])  # pages of ~200 KB: the damage is met while reading a payload, not a header
+def test_data_each_corrupt_member_loses_exactly_its_record(tmp_path, n, damaged, requests, words):
+    path = tmp_path / "seg.warc.gz"
+    offsets = _data_warc(path, n, damaged, requests, words)
+    stats = Counter()
+    recs = list(DA.iter_records(path, stats))
+    # every good page survives, under the id of its true byte offset, and the report counts the real losses
+    assert [r.url for r in recs] == [f"http://x.example/{k}" for k in range(n) if k not in damaged]
+    assert [r.doc_id for r in recs] == [f"seg.warc.gz:{offsets[k]}" for k in range(n) if k not in damaged]
+    assert stats == Counter(corrupt_record=len(damaged))
 
 
 # Usage errors: (argv, a fragment of the one-line message). "{tmp}" is the test's temporary folder. Each exits 2
@@ -6238,6 +6799,10 @@ _DATA_USAGE_ERRORS = [
     (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--num-hashes", "100"], "must be divisible by --num-bands"),
     (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--max-nsfw", "2"], "--max-nsfw must be between 0 and 1"),
     (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--workers", "0"], "--workers must be >= 1 (got 0)"),
+    (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--vocab-size", "10"], "--vocab-size 10 is too small"),
+    (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--tokenizer", "{tmp}/tok"], "tokenizer directory not found"),
+    (["run", "--input", DA.__file__, "--out", DA.__file__ + "/o"], "is not a writable folder"),
+    (["run", "--input", DA.__file__, "--out", "{tmp}/o", "--languages", "en,xx,qq"], "unknown code(s) qq, xx"),
     (["download", "--crawl", "CC-2024"], "expected a crawl id like CC-MAIN-2024-18"),
     (["bench", "--pages", "0"], "--pages must be >= 1 (got 0)"),
     (["demo", "--steps", "0"], "--steps must be >= 1 (got 0)"),
@@ -6253,6 +6818,15 @@ def test_data_cli_usage_errors_are_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_data_read_only_out_is_refused_before_work(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the unwritable-folder case needs an ordinary user")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(SystemExit):
+        DA.main(["run", "--input", DA.__file__, "--out", str(tmp_path / "ro" / "o")])
+    assert "is not a writable folder" in capsys.readouterr().err
 
 
 def test_data_run_options_are_pipeline_config_fields():
@@ -6312,6 +6886,66 @@ def test_data_pipeline_killed_and_resumed(data_crawl, tmp_path):
     rep = DA.run_pipeline(files, str(out), data_crawl["cfg"], workers=1, vocab_size=300, progress=False)
     assert rep["resumed_files"] == done_before
     assert _data_docs(out) == _data_docs(data_crawl["base"] / "single")
+
+
+def test_data_resume_redoes_an_input_whose_content_changed(tmp_path, capsys):
+    files = DA.write_synthetic_crawl(str(tmp_path / "a"), pages=12, files=2, seed=5)["files"]
+    other = DA.write_synthetic_crawl(str(tmp_path / "b"), pages=12, files=2, seed=6)["files"]
+    out, run = tmp_path / "out", lambda: DA.run_pipeline(files, str(out), DA.PipelineConfig(), vocab_size=300,
+                                                         progress=False)
+    first = run()
+    os.utime(files[1])  # touched, same content: reused (the hash decides)
+    assert run()["resumed_files"] == 2 and "filtering it again" not in capsys.readouterr().err
+    Path(files[0]).write_bytes(Path(other[0]).read_bytes())  # a re-downloaded segment under the same name
+    rep = run()
+    assert rep["resumed_files"] == 1 and rep != first
+    assert f"{files[0]}: its size changed" in capsys.readouterr().err
+    urls = {json.loads(l)["url"] for l in _data_docs(out).splitlines()}
+    assert any("/6/" in u for u in urls) and not any("/5/" in u and int(u.rsplit("/", 1)[1]) % 2 == 0 for u in urls)
+    # same size, new content: the hash tells
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"abcd")
+    src = DA._fingerprint(p)
+    assert DA._input_changed(p, src) == ""
+    p.write_bytes(b"abce")
+    os.utime(p, ns=(src["mtime_ns"] + 10 ** 9, src["mtime_ns"] + 10 ** 9))
+    assert DA._input_changed(p, src) == "its content changed (same size, other SHA-256)"
+    assert DA._input_changed(p, None) == "no record of its content"
+
+
+@pytest.mark.parametrize("extra,named", [(["--vocab-size", "512"], "vocab_size"),
+                                         (["--languages", "en,de"], "languages"),
+                                         (["--tokenizer", "{out}/tokenizer"], "tokenizer"),
+                                         (["--ngrams", "4"], "ngrams")])
+def test_data_rerun_with_other_output_settings_is_refused(data_crawl, capsys, extra, named):
+    out = data_crawl["base"] / "single"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SystemExit) as e:
+        DA.main(["run", "--input", *data_crawl["truth"]["files"], "--out", str(out), "--vocab-size", "300"] +
+                [a.replace("{out}", str(out)) for a in extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and named in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing replaced
+
+
+def test_data_quality_model_content_is_a_setting(tmp_path):
+    texts = [["the calm river flows past the mill " * 8], ["buy cheap pills casino bonus " * 8]]
+    DA.train_quality_model(*texts, epochs=1).save(tmp_path / "q.npz")
+    cfg = DA.PipelineConfig(quality_model=str(tmp_path / "q.npz"))
+    DA.atomic_write_json(tmp_path / "config.json", DA._run_settings(cfg))
+    DA._check_settings(str(tmp_path), cfg)  # the same file: accepted
+    DA.train_quality_model(*texts, epochs=2).save(tmp_path / "q.npz")  # retrained at the same path
+    with pytest.raises(ValueError, match="quality_model_sha256"):
+        DA._check_settings(str(tmp_path), cfg)
+
+
+def test_data_funnel_counts_add_up(data_crawl):
+    rep = data_crawl["report"]
+    steps = list(rep["filters"].values())
+    assert steps[0]["reached"] == rep["records"] == 80  # the skipped records are not among the 80 read
+    for a, b in zip(steps, steps[1:]):
+        assert b["reached"] == a["reached"] - a["dropped"]
+    assert steps[-1]["reached"] - steps[-1]["dropped"] == rep["final_documents"]
 
 
 def test_data_shards_merge_to_single_job_result(data_crawl):
@@ -6374,6 +7008,7 @@ def test_data_demo_pieces_score_filters_and_train_both_models(data_crawl, tmp_pa
     scores = DA.score_filters(data_crawl["truth"]["pages"], data_crawl["cfg"])
     assert scores["pii"]["recall"] == 1.0 and scores["near_dup"]["recall"] >= 0.9
     assert scores["language"]["recall"] == 1.0 and scores["nsfw"]["truth"] >= 1
+    assert scores["nsfw"]["recall"] == scores["nsfw"]["precision"] == scores["toxic"]["recall"] == 1.0
     import train as _train
     stories = [t for t, _ in _train.SyntheticCorpus(seed=3).stories(120)]
     clean = DA.EOT.join(stories)
@@ -6382,7 +7017,25 @@ def test_data_demo_pieces_score_filters_and_train_both_models(data_crawl, tmp_pa
     assert set(res) == {"raw", "filtered"}
     assert res["raw"]["train_tokens"] == res["filtered"]["train_tokens"] > 0  # equal token budgets
     assert all(0 < r["bpb"] < 20 for r in res.values())
+    # a rerun reuses both models; new filtered text retrains that model only
+    lines = []
+    again = DA.train_raw_vs_filtered(raw, DA.EOT.join(stories[:40]), clean, str(tmp_path), steps=2, log=lines.append)
+    assert again == res and sum("(reused)" in l for l in lines) == 2
+    lines = []
+    other = DA.train_raw_vs_filtered(raw, DA.EOT.join(stories[:30]), clean, str(tmp_path), steps=2, log=lines.append)
+    assert other["raw"] == res["raw"] and other["filtered"]["corpus_tokens"] < res["filtered"]["corpus_tokens"]
+    assert ["(reused)" in l for l in lines] == [True, False]
 
+
+
+def test_data_demo_runs_twice_reusing_what_is_valid(tmp_path):
+    out, lines = str(tmp_path / "demo"), []
+    first = DA.demo(out, pages=40, steps=1, workers=1, log=lambda *a: None)
+    again = DA.demo(out, pages=40, steps=1, workers=1, log=lines.append)  # `python data.py` twice
+    assert again["pipeline"]["resumed_files"] == 4 and again["models"] == first["models"]
+    assert sum("(reused)" in l for l in lines) == 2 and f"results: {out}/demo.json" in lines[-1]
+    f = again["pipeline"]["filters"]["line_dedup"]
+    assert f["reached"] - f["dropped"] == again["pipeline"]["final_documents"]
 # ===== Stage 8: align.py =====
 # SFT / GRPO / DPO building blocks against hand-worked values, rewards, the task,
 # rollouts, short real training runs, resume, loaders, the command line.
@@ -6398,13 +7051,13 @@ def _align_tiny_model(seed=0, vocab=257, ctx=192, d=32, layers=1):
     return M.TransformerLM(vocab, ctx, d, layers, 2)
 
 
-def _align_write_init(folder, seed=0, vocab=257):
+def _align_write_init(folder, seed=0, vocab=257, ctx=192):
     """A checkpoint in train.py's format (model, model_config, tokenizer folder next to it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = _align_byte_tokenizer()
     tok.save(str(folder / "tokenizer"))
-    m = _align_tiny_model(seed, vocab=vocab)
+    m = _align_tiny_model(seed, vocab=vocab, ctx=ctx)
     T.write_checkpoint(folder / "ckpt.pt", 0, model=m.state_dict(), model_config=m.config.to_dict())
     return str(folder / "ckpt.pt")
 
@@ -6452,9 +7105,9 @@ def test_align_masked_mean_and_normalize_hand_values():
     mask = torch.tensor([[True, False, True], [False, False, True]])
     assert float(A.masked_mean(t, mask)) == pytest.approx((1 + 3 + 6) / 3)
     assert A.masked_mean(t, mask, dim=1).tolist() == pytest.approx([2.0, 6.0])
-    assert A.masked_mean(t, mask, dim=0).tolist() == pytest.approx([1.0, 0.0, 4.5], nan_ok=True) or \
-        math.isnan(A.masked_mean(t, mask, dim=0)[1])
-    assert math.isnan(float(A.masked_mean(t, mask, dim=0)[1]))  # mean of nothing is NaN, not 0
+    by_column = A.masked_mean(t, mask, dim=0).tolist()
+    assert by_column[0] == pytest.approx(1.0) and by_column[2] == pytest.approx(4.5)
+    assert math.isnan(by_column[1])  # mean of nothing is NaN, not 0
     assert float(A.masked_normalize(t, mask, normalize_constant=2.0)) == pytest.approx(5.0)
     assert A.masked_normalize(t, mask, dim=1, normalize_constant=4.0).tolist() == pytest.approx([1.0, 1.5])
     assert A.masked_normalize(t, mask, dim=0).tolist() == pytest.approx([1.0, 0.0, 9.0])
@@ -6602,7 +7255,11 @@ def test_align_parse_gsm8k_and_mmlu_responses():
     assert A.parse_gsm8k_response("no numbers here") is None
     ex = {"options": ["w", "x", "y", "z"]}
     assert A.parse_mmlu_response(ex, "The answer is C.") == "C"
-    assert A.parse_mmlu_response(ex, "I think (B) because A is wrong") == "A" or True
+    # no "answer is": the lone letters are (B) and A, and the documented rule takes the LAST one
+    assert A.parse_mmlu_response(ex, "I think (B) because A is wrong") == "A"
+    assert A.parse_mmlu_response(ex, "B. No wait: C") == "C"
+    # an explicit "answer is" wins over any lone letter, even a later one
+    assert A.parse_mmlu_response(ex, "The answer is B; A and D are traps") == "B"
     assert A.parse_mmlu_response(ex, "Answer: D") == "D"
     assert A.parse_mmlu_response(ex, "B") == "B"
     assert A.parse_mmlu_response(ex, "I do not know") is None
@@ -6740,6 +7397,77 @@ def test_align_stage_runs_resumes_and_rejects_foreign_checkpoints(tmp_path):
         A.load_policy(str(tmp_path / "missing.pt"))
 
 
+def test_align_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Ctrl-C after step 3 (last checkpoint: step 2), then the same command again: the weights and Adam's
+    moments at the end equal an uninterrupted run's, bit for bit. A resume that dropped the optimizer state
+    (Adam restarting from zero moments), the step or a batch would leave other weights, whatever the logs say."""
+    init = _align_write_init(tmp_path / "base")
+    kw = dict(stage="sft", init=init, steps=4, batch_size=4, micro_batch=4, sft_examples=8, eval_problems=0,
+              hard_problems=0, ckpt_interval=2, max_new_tokens=4, lr=3e-3)
+    A.run_stage(A.AlignConfig(out_dir=str(tmp_path / "whole"), **kw), log=lambda *a: None)
+
+    def interrupt_at_step_3(line):
+        if "step    3" in line:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        A.run_stage(A.AlignConfig(out_dir=str(tmp_path / "cut"), **kw), log=interrupt_at_step_3)
+    assert T.read_checkpoint(tmp_path / "cut" / "ckpt.pt")["iteration"] == 2
+    logs = []
+    A.run_stage(A.AlignConfig(out_dir=str(tmp_path / "cut"), **kw), log=logs.append)
+    assert any("resumed" in l and "step 2" in l for l in logs), logs
+    whole, cut = (T.read_checkpoint(tmp_path / d / "ckpt.pt") for d in ("whole", "cut"))
+    start = T.read_checkpoint(init)["model"]
+    assert cut["iteration"] == whole["iteration"] == 4
+    assert not all(torch.equal(whole["model"][k], start[k]) for k in start)  # training moved the weights
+    for k in whole["model"]:
+        assert torch.equal(whole["model"][k], cut["model"][k]), k
+    moments = lambda ck: [t for st in ck["optimizer"]["state"].values() for t in st.values()  # noqa: E731
+                          if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(moments(whole), moments(cut))) and moments(whole)
+    rows = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / d / "log.jsonl").open())]  # noqa
+    assert rows("cut") == rows("whole") and [s for s, _ in rows("cut")] == [1, 2, 3, 4]
+
+
+def test_align_resume_with_other_settings_is_refused_naming_them(tmp_path):
+    init = _align_write_init(tmp_path / "base")
+    out = tmp_path / "sft"
+    kw = dict(stage="sft", init=init, out_dir=str(out), steps=1, batch_size=4, micro_batch=4, sft_examples=4,
+              eval_problems=0, hard_problems=0, max_new_tokens=4)
+    A.run_stage(A.AlignConfig(**kw), log=lambda *a: None)
+    before = (out / "ckpt.pt").read_bytes()
+    for change, named in (({"lr": 3e-4}, "--lr 0.001 -> 0.0003"), ({"seed": 1}, "--seed 0 -> 1"),
+                          ({"batch_size": 2}, "--batch-size 4 -> 2"), ({"temperature": 0.5}, "--temperature")):
+        with pytest.raises(ValueError, match="other settings") as e:
+            A.run_stage(A.AlignConfig(**{**kw, "steps": 2, **change}), log=lambda *a: None)
+        assert named in str(e.value), str(e.value)
+    assert (out / "ckpt.pt").read_bytes() == before  # nothing of the earlier run was touched
+    # what may change: the length of the run, its evaluation, its micro-batching
+    logs = []
+    A.run_stage(A.AlignConfig(**{**kw, "steps": 2, "micro_batch": 2, "eval_problems": 1}), log=logs.append)
+    assert any("resumed" in l and "step 1" in l for l in logs), logs
+
+
+def test_align_demo_folder_refuses_other_settings(tmp_path, capsys):
+    """`python align.py --seed 1` on a folder made with seed 0 must not print the seed-0 table as its own."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    A.check_demo_settings(out, {"seed": 0, "scale": 1.0})
+    A.check_demo_settings(out, {"seed": 0, "scale": 1.0})  # the same settings: reused
+    with pytest.raises(ValueError, match=r"made with seed 0 \(this run: 1\)"):
+        A.check_demo_settings(out, {"seed": 1, "scale": 1.0})
+    with pytest.raises(SystemExit) as e:  # the command line: one line, before any work
+        A.main(["--out-dir", str(out), "--seed", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "seed 0 (this run: 1)" in err and len(err.strip().splitlines()) == 1, err
+    assert json.loads((out / "demo.json").read_text()) == {"seed": 0, "scale": 1.0}
+    # a folder from before demo.json: the seed is read from its base model (train.py's seed is seed + 1337)
+    old = tmp_path / "old"
+    (old / "base").mkdir(parents=True)
+    T.write_checkpoint(old / "base" / "ckpt.pt", 0, model={}, config={"seed": 1337})
+    with pytest.raises(ValueError, match=r"seed 0 \(this run: 2\)"):
+        A.check_demo_settings(old, {"seed": 2, "scale": 1.0})
+
+
 def test_align_resume_accepts_older_config_and_rejects_foreign_tokenizer(tmp_path):
     init = _align_write_init(tmp_path / "base")
     out = tmp_path / "sft"
@@ -6820,38 +7548,84 @@ _ALIGN_ONE = lambda r, g: {"reward": 1.0}  # noqa: E731
 _ALIGN_LP, _ALIGN_ADV = torch.tensor([[-1.0, -2.0]]), torch.tensor([[0.5]])
 
 
-# Every error path of the stage, one row each: a call -> (exception, message), or a command line (list) -> (exit
-# status, message). A command line fails with ONE line on stderr, never a traceback.
+def _align_short_context_run(tmp_path, stage, eval_problems=0):
+    """A stage from a model whose 48-token context cannot hold the task's prompt + response."""
+    init = _align_write_init(tmp_path / "short", ctx=48)
+    return A.run_stage(A.AlignConfig(stage=stage, init=init, out_dir=str(tmp_path / stage), steps=1, batch_size=2,
+                                     group_size=2, eval_problems=eval_problems, hard_problems=0), log=lambda *a: None)
+
+
+# Every error path of the stage, one row each: a call (given tmp_path) -> (exception, message), or a command line
+# (list) -> (exit status, message). A command line fails with ONE line on stderr, never a traceback, before any work.
 @pytest.mark.parametrize("case,expected,message", [
-    (lambda: A.compute_group_normalized_rewards(_ALIGN_ONE, [], [], 4, 1e-6, True), ValueError, "empty group"),
-    (lambda: A.compute_group_normalized_rewards(_ALIGN_ONE, ["a"] * 6, ["g"] * 6, 4, 1e-6, True), ValueError,
+    (lambda _: A.compute_group_normalized_rewards(_ALIGN_ONE, [], [], 4, 1e-6, True), ValueError, "empty group"),
+    (lambda _: A.compute_group_normalized_rewards(_ALIGN_ONE, ["a"] * 6, ["g"] * 6, 4, 1e-6, True), ValueError,
      "groups of 4"),
-    (lambda: A.compute_group_normalized_rewards(_align_broken_reward, ["a", "b"], ["g", "g"], 2, 1e-6, True),
+    (lambda _: A.compute_group_normalized_rewards(_align_broken_reward, ["a", "b"], ["g", "g"], 2, 1e-6, True),
      RuntimeError, "rollout 0"),
-    (lambda: A.compute_policy_gradient_loss(_ALIGN_LP, "grpo_clip", advantages=_ALIGN_ADV, cliprange=0.2),
+    (lambda _: A.compute_policy_gradient_loss(_ALIGN_LP, "grpo_clip", advantages=_ALIGN_ADV, cliprange=0.2),
      ValueError, "old_log_probs"),
-    (lambda: A.compute_policy_gradient_loss(_ALIGN_LP, "ppo", advantages=_ALIGN_ADV), ValueError, "loss_type"),
-    (lambda: A.tokenize_prompt_and_output(["a"], [], _align_byte_tokenizer()), ValueError, "1 prompts but 0"),
-    (lambda: A.sample_rollouts(_align_tiny_model(seed=3), [[1] * 190], 2, 10, 1.0, None), ValueError, "context"),
+    (lambda _: A.compute_policy_gradient_loss(_ALIGN_LP, "ppo", advantages=_ALIGN_ADV), ValueError, "loss_type"),
+    (lambda _: A.tokenize_prompt_and_output(["a"], [], _align_byte_tokenizer()), ValueError, "1 prompts but 0"),
+    (lambda _: A.sample_rollouts(_align_tiny_model(seed=3), [[1] * 190], 2, 10, 1.0, None), ValueError, "context"),
+    # the library checks the same ranges as the command line, before touching the folder or the checkpoint
+    (lambda t: A.run_stage(A.AlignConfig(stage="grpo", group_size=1, init="x.pt", out_dir=str(t))), ValueError,
+     "--group-size must be >= 2 for grpo"),
+    (lambda t: A.run_stage(A.AlignConfig(stage="sft", lr=float("inf"), init="x.pt", out_dir=str(t))), ValueError,
+     "--lr must be > 0, got inf"),
+    # a context too short for the task: named with its numbers, before any step (was "solutions up to 0 tokens")
+    (lambda t: _align_short_context_run(t, "grpo"), ValueError,
+     r"context of 48 tokens is too short for grpo: the longest training prompt \+ --max-new-tokens 40 is \d+ tokens"),
+    (lambda t: _align_short_context_run(t, "sft"), ValueError,
+     r"too short for sft: the longest prompt \+ worked solution is \d+ tokens"),
+    (lambda t: _align_short_context_run(t, "ei", eval_problems=2), ValueError,  # the final evaluation too
+     r"too short for ei: the longest test prompt \+ 48 new tokens \(evaluation\) is \d+ tokens"),
     (["grpo", "--init", "x.pt", "--steps", "0"], 2, "--steps must be >= 1, got 0"),
     (["grpo", "--init", "x.pt", "--loss-type", "ppo"], 2, "--loss-type must be one of"),
     (["dpo", "--init", "x.pt", "--length-normalization", "max"], 2, "--length-normalization must be one of"),
+    (["grpo", "--init", "x.pt", "--temperature", "-1"], 2, "--temperature must be > 0 for grpo"),
+    (["ei", "--init", "x.pt", "--temperature", "-1"], 2, "--temperature must be >= 0, got -1.0"),
+    (["dpo", "--init", "x.pt", "--beta", "-1"], 2, "--beta must be > 0, got -1.0"),
+    (["grpo", "--init", "x.pt", "--cliprange", "-0.5"], 2, "--cliprange must be > 0, got -0.5"),
+    (["grpo", "--init", "x.pt", "--group-size", "1"], 2, "--group-size must be >= 2 for grpo (it compares"),
+    (["dpo", "--init", "x.pt", "--group-size", "1"], 2, "--group-size must be >= 2 for dpo"),
+    (["sft", "--init", "x.pt", "--lr", "nan"], 2, "--lr must be > 0, got nan"),
+    (["ei", "--init", "x.pt", "--max-new-tokens", "0"], 2, "--max-new-tokens must be >= 1, got 0"),
+    (["eval", "--checkpoint", "x.pt", "--max-new-tokens", "0"], 2, "--max-new-tokens must be >= 1, got 0"),
+    (["bench", "--prompt-lengths", "16", "0"], 2, "--prompt-lengths must be >= 1, got 0"),
     (["sft"], 2, "give exactly one of --init CKPT and --pretrained"),
     (["eval", "--checkpoint", "x.pt", "--pretrained", "gpt2"], 2, "give exactly one of --checkpoint CKPT"),
     (["bench", "--repeats", "0"], 2, "--repeats must be >= 1"),
     (["eval", "--checkpoint", "{tmp}/none.pt"], 1, "does not exist"),
     (["frobnicate"], 2, "invalid choice"),
 ])
-def test_align_errors(case, expected, message, tmp_path):
+def test_align_errors(case, expected, message, tmp_path, capsys):
     if callable(case):
         with pytest.raises(expected, match=message):
-            case()
+            case(tmp_path)
         return
+    # in-process (a subprocess per row would cost a torch import each): main's own exit and its stderr
+    with pytest.raises(SystemExit) as exit_info:
+        A.main([a.replace("{tmp}", str(tmp_path)) for a in case])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == expected and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_align_command_line_runs_and_help_shows_defaults():
+    """One real subprocess (the script's entry point: a usage error is one line), and every stage's --help
+    showing the defaults of its options."""
     root = str(Path(A.__file__).resolve().parent)
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in case]
-    r = subprocess.run([sys.executable, "align.py", *argv], cwd=root, capture_output=True, text=True)
-    assert r.returncode == expected and message in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "align.py", "grpo", "--init", "x.pt", "--beta", "nan"], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "align.py: error: --beta must be > 0, got nan", r.stderr
+    for stage in ("sft", "ei", "grpo", "dpo"):  # in-process: the same parser the script builds
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            A.main([stage, "--help"])
+        text = " ".join(out.getvalue().split())  # argparse wraps help lines at the terminal's width
+        assert "--lr LR AdamW learning rate (default: 0.001)" in text, text
+        assert "--group-size GROUP_SIZE rollouts per prompt (default: 8)" in text, text
 
 
 @pytest.mark.skipif(workspace("tiktoken") is None,

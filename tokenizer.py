@@ -32,10 +32,9 @@ each merge recounts every pair in the corpus (O(merges x corpus)). The fast trai
 distinct pre-token once (with its multiplicity) and updates pair counts incrementally, touching only the
 words that contain the merged pair. Encoding replays the merges by rank inside each pre-token.
 
-Special tokens in untrusted text. By the course's convention every `<|endoftext|>` string in the input
-becomes the document-separator token: right for a corpus we assembled, wrong for web text or a user's prompt
-(a page holding the string would inject a document boundary). `encode` therefore takes tiktoken's keywords
-`allowed_special` and `disallowed_special` (see that Menu section).
+Special tokens in untrusted text: by the course's convention every `<|endoftext|>` string becomes the separator
+token, right for a corpus we assembled, wrong for web text (a page could inject a document boundary); `encode`
+takes tiktoken's keywords `allowed_special` and `disallowed_special` (see that Menu section).
 
 Sources
 -------
@@ -62,8 +61,7 @@ Command line (`python tokenizer.py --help`):
     python tokenizer.py                                   # demo: train on this file's own text, encode/decode
     python tokenizer.py train --input FILE --vocab-size N --special-tokens '<|endoftext|>' --out DIR
     python tokenizer.py encode --tokenizer DIR --input FILE --out FILE.bin [--special-text ordinary] [--force]
-    python tokenizer.py bench --data-dir DIR  # vs HuggingFace tokenizers and tiktoken (DIR: tinyshakespeare.txt,
-                                              # mmlu_questions.txt)
+    python tokenizer.py bench --data-dir DIR  # vs HuggingFace tokenizers and tiktoken
 """
 
 import argparse
@@ -102,9 +100,7 @@ EOT = "<|endoftext|>"
 _INF = float("inf")
 
 
-# =====================================================================================================
-# 1. Readable BPE, from scratch (minbpe style)
-# =====================================================================================================
+# ---- 1. Readable BPE, from scratch (minbpe style) ----
 # BPE by hand, on the one-word corpus "aaabdaaabac" (the classic example; a test checks every step):
 #   pair counts  aa:4  ab:2  bd:1  da:1  ba:1  ac:1           -> merge (a, a) into token 256 = "aa"
 #   aa a b d aa a b a c: (aa, a):2 ties (a, b):2; the tie goes to the greater byte string b"aa" > b"a"
@@ -117,8 +113,7 @@ def get_stats(ids, counts=None, weight=1):
     """Count adjacent pairs in a list of ids: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}.
 
     `counts` lets callers accumulate over many words; `weight` counts the word `weight` times (a pre-token
-    that occurs 1000 times in the corpus adds 1000 to each of its pairs).
-    """
+    that occurs 1000 times in the corpus adds 1000 to each of its pairs)."""
     counts = {} if counts is None else counts
     for pair in zip(ids, ids[1:]):
         counts[pair] = counts.get(pair, 0) + weight
@@ -128,8 +123,7 @@ def get_stats(ids, counts=None, weight=1):
 def merge(ids, pair, new_id):
     """Replace every occurrence of `pair` in `ids` (left to right, non-overlapping) by `new_id`.
 
-    merge([1, 1, 1, 2], (1, 1), 9) -> [9, 1, 2]  (the leftmost occurrence wins an overlap).
-    """
+    merge([1, 1, 1, 2], (1, 1), 9) -> [9, 1, 2]  (the leftmost occurrence wins an overlap)."""
     out, i, n = [], 0, len(ids)
     while i < n:
         if i + 1 < n and ids[i] == pair[0] and ids[i + 1] == pair[1]:
@@ -152,8 +146,7 @@ def _special_regex(special_tokens, as_bytes=False):
 
     Regex alternation takes the FIRST alternative that matches at a position, so sorting by length
     (longest first) makes `<|endoftext|><|endoftext|>` win over `<|endoftext|>` when both are registered.
-    The capture group makes `split` keep the special tokens in its output (at odd indices).
-    """
+    The capture group makes `split` keep the special tokens in its output (at odd indices)."""
     if not special_tokens:
         return None
     toks = sorted(set(special_tokens), key=len, reverse=True)
@@ -189,10 +182,7 @@ def _initial_vocab(specials):
 
 def train_bpe_reference(text, vocab_size, special_tokens=()):
     """The textbook trainer, for reading and for checking the fast one (slow: it recounts every step).
-
-    ids 0..255 are the single bytes, then the special tokens, then one id per merge. Each step merges the
-    most frequent adjacent pair; ties go to the lexicographically greater pair (bytes_a, bytes_b).
-    """
+    Same interface and result as `train_bpe`, on a string instead of a file."""
     specials = _check_vocab_size(vocab_size, special_tokens)
     # cost: every merge recounts every pair of every distinct pre-token, O(merges x corpus); fine for
     # tests and reading, hopeless for 10k merges on a real corpus (section 2 fixes that)
@@ -218,9 +208,7 @@ def train_bpe_reference(text, vocab_size, special_tokens=()):
     return vocab, merges
 
 
-# =====================================================================================================
-# 2. The fast trainer
-# =====================================================================================================
+# ---- 2. The fast trainer ----
 # Where the time goes in the reference trainer: (a) the regex over the whole corpus, (b) recounting all
 # pairs of all words at every merge. Fixes:
 #   (a) run the regex in worker processes over chunks of the file (each worker reads only its own byte
@@ -248,11 +236,8 @@ def _count_pretokens_in_chunk(task):
 
 
 def count_pretokens(input_path, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
-    """Stream a file through the pre-tokenizer in parallel -> {pre-token bytes: count}.
-
-    Each worker reads only its own byte range and sends back only its distinct pre-tokens with counts, so
-    neither the text nor the list of pre-tokens ever crosses a process boundary and peak memory is a few
-    chunks, not the corpus. Counters merge in any order, so whichever worker finishes first is taken first."""
+    """Stream a file through the pre-tokenizer in parallel -> {pre-token bytes: count}. Neither the text nor its
+    pre-tokens cross a process boundary (fix (a) above); counters merge in any order, so first done, first taken."""
     size = _check_input_file(input_path)
     num_workers = _default_workers(num_workers)
     if chunk_bytes is None:  # ~4 chunks per worker for load balance; <= 8 MB so a worker's pre-token list
@@ -400,12 +385,10 @@ def _merge_word(w, a, b, z, f, wi, pair_counts, pair_words, new_pairs):
 def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
     """Train a byte-level BPE on a UTF-8 text file -> (vocab {id: bytes}, merges [(bytes, bytes)]).
 
-    ids: 0..255 are the single bytes (id i = bytes([i])), then the special tokens in the given order, then
-    one token per merge, in merge order. Same result as `train_bpe_reference` on the file's text (tested),
-    but pre-tokenizes in `num_workers` processes (default: all cores) over chunks of `chunk_bytes`, and
-    updates pair counts incrementally. If the corpus runs out of pairs, training stops early and warns
-    (UserWarning naming the file and both sizes): the vocab is then smaller than `vocab_size`.
-    """
+    ids: the 256 bytes, the special tokens in the given order, then one per merge in merge order. Same result
+    as `train_bpe_reference` on the file's text (tested); pre-tokenizes in `num_workers` processes (default: all
+    cores) over chunks of `chunk_bytes`. A corpus that runs out of pairs stops early with a UserWarning (naming
+    the file and both sizes): the vocab is then smaller than `vocab_size`."""
     specials = _check_vocab_size(vocab_size, special_tokens)
     # 1. the corpus as a bag of distinct pre-tokens (parallel); 2. the merge loop on that bag (serial, but
     # on ~50k distinct words instead of millions of occurrences)
@@ -417,9 +400,7 @@ def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, pr
     return vocab, merges
 
 
-# =====================================================================================================
-# 3. The tokenizer: encode, decode, save/load
-# =====================================================================================================
+# ---- 3. The tokenizer: encode, decode, save/load ----
 # The CS336 interface: Tokenizer(vocab, merges, special_tokens), .encode(text) -> ids, .decode(ids) -> text,
 # .encode_iterable(lines) -> ids lazily, and Tokenizer.from_files(vocab_path, merges_path, specials).
 # Encoding must reproduce training's segmentation exactly: the same pre-tokenizer, special tokens cut out
@@ -440,15 +421,13 @@ class Tokenizer:
     vocab: {id: bytes}, ids 0..N-1 (every single byte must be present); merges: [(bytes_a, bytes_b)] in
     training order (rank 0 = first merge). special_tokens missing from the vocab are appended to it.
     fast=True (default) compiles a tiktoken encoder when it provably gives the same ids (Menu: fast and
-    streaming tokenization); `use_fast = False` forces the readable pure-Python encoder at any time.
-    """
+    streaming tokenization); `use_fast = False` forces the readable pure-Python encoder at any time."""
 
     CACHE_SIZE = 1 << 17  # pre-token -> ids cache entries; cleared when full so memory stays bounded
     STREAM_BUFFER = 1 << 16  # encode_iterable encodes and drops its buffer about every this many characters
 
     def __init__(self, vocab, merges, special_tokens=None, *, fast=True):
-        # vocab {id: bytes} with ids exactly 0..N-1 and all 256 single bytes present (else nothing could
-        # encode an unseen byte); byte_to_id is its inverse, the table the encoder looks tokens up in.
+        # all 256 single bytes must be present, else nothing could encode an unseen byte; byte_to_id: the inverse
         self.vocab, self.byte_to_id = _checked_vocab(vocab)
         # special tokens: reuse an id if the bytes exist (GPT-2's vocab already holds <|endoftext|> = 50256),
         # else append after the merges; keep registration order, drop repeats
@@ -458,7 +437,6 @@ class Tokenizer:
                 self.byte_to_id[s.encode("utf-8")] = len(self.vocab)
                 self.vocab[len(self.vocab)] = s.encode("utf-8")
         self.special_ids = {s: self.byte_to_id[s.encode("utf-8")] for s in self.special_tokens}
-        # merges -> (id_a, id_b) -> rank and -> merged id
         self.merges = []
         self._pair_rank, self._pair_id, self._rank_id = {}, {}, []
         for rank, m in enumerate(merges):
@@ -523,8 +501,7 @@ class Tokenizer:
         neighbouring pairs change, so each round is one C-level min() plus O(1) updates.
 
         Example with the merges of "aaabdaaabac" (section 1): "aaab" -> [a, a, a, b], ranks [0, 0, inf]:
-        merge rank 0 at 0 -> [aa, a, b], ranks [1, inf] -> merge rank 1 -> [aaa, b], ranks [2] -> [aaab].
-        """
+        merge rank 0 at 0 -> [aa, a, b], ranks [1, inf] -> merge rank 1 -> [aaa, b], ranks [2] -> [aaab]."""
         ids = [self._byte_ids[b] for b in piece]
         rank_get, inf = self._pair_rank.get, _INF
         ranks = list(map(rank_get, zip(ids, ids[1:]), repeat(inf)))  # ranks[i] = rank of (ids[i], ids[i+1])
@@ -542,13 +519,9 @@ class Tokenizer:
         return ids
 
     def _encode_ordinary_readable(self, text):
-        """Pre-tokenize, BPE each DISTINCT pre-token once (cached across calls), then concatenate.
-
-        Text is very repetitive at the pre-token level (" the" is everywhere), so after a warm-up almost
-        every pre-token is a cache hit; the set difference, the lookups and the concatenation all run in C.
-        """
-        # the same GPT-2 regex as training (the possessive FAST_SPLIT_PATTERN would split identically; the
-        # readable path keeps the published pattern)
+        """Pre-tokenize (with the published GPT-2 regex), BPE each DISTINCT pre-token once (cached across calls),
+        then concatenate. Text is very repetitive at the pre-token level (" the" is everywhere), so after a
+        warm-up almost every pre-token is a cache hit; the set difference, lookups and concatenation run in C."""
         pieces = self._split.findall(text)
         cache = self._cache
         new = set(pieces).difference(cache)
@@ -574,12 +547,9 @@ class Tokenizer:
 
     # ---- encode / decode --------------------------------------------------------------------------------
     def encode(self, text, *, allowed_special="all", disallowed_special=(), readable=False):
-        """text -> list of token ids.
-
-        By default every special-token string in `text` becomes its special id (the course's behaviour).
-        For text you did not write, see `special_policy`: allowed_special=set() encodes them as ordinary
-        text, disallowed_special="all" raises ValueError naming the first one found.
-        """
+        """text -> list of token ids. By default every special-token string in `text` becomes its special id
+        (the course's behaviour). For text you did not write, see `special_policy`: allowed_special=set()
+        encodes them as ordinary text, disallowed_special="all" raises ValueError naming the first one found."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         policy = self.special_policy(allowed_special, disallowed_special)
@@ -610,10 +580,8 @@ class Tokenizer:
 
     # ---- save / load (GPT-2 file format) -------------------------------------------------------------------
     def save(self, directory):
-        """Write vocab.json ({token string: id}), merges.txt and special_tokens.json into `directory`.
-
-        All three are written to temporary files and synced first, then renamed into place, so a full disk
-        or an error while writing never leaves a new vocab.json next to an old merges.txt."""
+        """Write vocab.json ({token string: id}), merges.txt and special_tokens.json into `directory`, all or
+        nothing (`atomic_write_files`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_json = {_token_to_str(self.vocab[i]): i for i in range(self.vocab_size)}
@@ -624,9 +592,8 @@ class Tokenizer:
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None, **kwargs):
-        """Load GPT-2-format vocab.json + merges.txt (ours, GPT-2's encoder.json/vocab.bpe, HuggingFace's).
-
-        Any problem is a ValueError naming the file (and, for merges.txt, the line)."""
+        """Load GPT-2-format vocab.json + merges.txt (ours, GPT-2's encoder.json/vocab.bpe, HuggingFace's); any
+        problem is a ValueError naming the file (and, for merges.txt, the line)."""
         for p in (vocab_path, merges_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"tokenizer file not found: {p}")
@@ -669,8 +636,7 @@ class Tokenizer:
         return _encode_iterable(self, iterable, allowed_special, disallowed_special)
 
     def __getstate__(self):
-        # pickling (for worker processes): a tiktoken Encoding holds Rust state that does not pickle; a flag
-        # says "rebuild it on arrival"
+        # pickling (worker processes): a tiktoken Encoding does not pickle, so a flag says "rebuild it on arrival"
         state = dict(self.__dict__)
         state["_fast"], state["_cache"], state["_policies"] = state["_fast"] is not None, {}, {}
         return state
@@ -681,20 +647,17 @@ class Tokenizer:
 
 
 # ===== Menu: special tokens in untrusted text =====
-# Which special-token strings in the input become special ids, as tiktoken's two keywords. It plugs into
-# the core through `Tokenizer.special_policy`, which `encode` calls before encoding anything.
+# Which special-token strings in the input become special ids, as tiktoken's two keywords; it plugs into the
+# core through `Tokenizer.special_policy`, which `encode` calls before encoding anything.
 #
-# Which special-token STRINGS in the input become special-token IDS is a security question, not a
-# detail: <|endoftext|> tells the model "a new document starts here, ignore what came before". Text
-# scraped from the web, or typed by a user into a chat, can contain that string on purpose. The
-# course's default (every special string becomes its id) is right for a corpus we assembled with our
-# own separators and wrong for untrusted text, so we take tiktoken's keywords with their meaning:
+# A security question, not a detail: <|endoftext|> tells the model "a new document starts here, ignore what
+# came before", and text from the web or a chat user can hold that string on purpose. The course's default
+# (every special string becomes its id) suits a corpus we assembled, not untrusted text, so, as in tiktoken:
 #   allowed_special    "all" or a set: these strings become their special ids;
 #   disallowed_special "all" (= every special not allowed) or a set: finding one raises ValueError;
 #   every other special string is encoded as ordinary text (its bytes, BPE'd like any other text).
-# tiktoken's own default is disallowed_special="all" (refuse); ours keeps the course's default,
-# allowed_special="all". Untrusted text: encode(text, allowed_special=set()) or, to stop instead,
-# encode(text, allowed_special=set(), disallowed_special="all").
+# tiktoken's own default is disallowed_special="all" (refuse); ours keeps the course's allowed_special="all".
+# Untrusted text: encode(text, allowed_special=set()), or to stop instead add disallowed_special="all".
 
 def _compile_policy(tok, allowed_special, disallowed_special):
     """`Tokenizer.special_policy`: validate the two keywords and compile them -> `_SpecialPolicy`.
@@ -759,7 +722,6 @@ class DisallowedSpecialError(ValueError):
         return type(self), (self.token, self.position, self.where)
 
 
-
 # ===== Menu: fast and streaming tokenization =====
 # The same vocab and merges, faster or in constant memory: compiled into tiktoken's Rust BPE (`Tokenizer.encode`
 # takes it when `use_fast`), streamed (`encode_iterable`), and a whole corpus encoded in parallel (`encode_file`).
@@ -777,8 +739,8 @@ _SAMPLE_CHECK_TEXT = ("Hello, world! It's 2024; we'll test   spaces\n\n and\ttab
 
 
 def _build_tiktoken(tok):
-    # mergeable_ranks = {token bytes: rank}; with our ids in merge order the id IS the rank, so the
-    # Rust core returns our ids directly. Special tokens are passed separately and never merged.
+    # mergeable_ranks = {token bytes: rank}; with our ids in merge order the id IS the rank, so the Rust core
+    # returns our ids directly. Special tokens are passed separately and never merged.
     import tiktoken
     special = set(tok.special_ids.values())
     ranks = {t: i for i, t in tok.vocab.items() if i not in special}
@@ -799,9 +761,8 @@ def _compile_fast(tok):
     merged = set(ids)
     if special & merged:
         return None, "a special token is also produced by a merge (tiktoken would never emit it from text)"
-    # (2): every multi-byte token must be made by a merge, and BPE on its own bytes must end as that
-    # one token -- otherwise tiktoken's "the whole piece is a token" shortcut would emit it where we
-    # would not. O(vocab x token length), a fraction of a second for GPT-2's 50k tokens.
+    # (2), O(vocab x token length), a fraction of a second for GPT-2's 50k tokens: otherwise tiktoken's "the
+    # whole piece is a token" shortcut would emit a token where we would not
     for i, t in tok.vocab.items():
         if len(t) > 1 and i not in special:
             if i not in merged:
@@ -821,12 +782,11 @@ def _compile_fast(tok):
 
 def _encode_tiktoken(tok, text, policy):
     """`Tokenizer._encode_fast`: the allowed special tokens and the text around them, in Rust."""
-    # tiktoken matches special tokens in Rust, leftmost first; when two special tokens can overlap
-    # ("<|a|>" inside "<|a|><|a|>") its choice may differ from our longest-first rule, so then we cut
-    # the allowed ones out here and let tiktoken encode the ordinary text between them.
+    # tiktoken matches special tokens in Rust, leftmost first; when two special tokens can overlap ("<|a|>"
+    # inside "<|a|><|a|>") its choice may differ from our longest-first rule, so then we cut the allowed ones
+    # out here and let tiktoken encode the ordinary text between them.
     if policy.split_re is not None and not tok._specials_overlap:
-        # disallowed_special=() here: `encode` already refused forbidden ones, and tiktoken encodes
-        # the remaining not-allowed specials as ordinary text, as we do.
+        # disallowed_special=(): `encode` already refused forbidden ones; the other specials are ordinary text
         return tok._fast.encode(text, allowed_special=set(policy.allowed), disallowed_special=())
     return tok._around_specials(text, policy, tok._fast.encode_ordinary)
 
@@ -853,8 +813,7 @@ def _find_cut(buf, special_re, lo, hi, last, cut_at=None):
     `buf` must start at a safe position; `hi` must leave room after p for the longest special token, so
     that any special token overlapping p is fully visible in `buf`. `special_re` finds every registered
     special token (no cut inside any of them, so a forbidden one is always seen whole); only the edges of
-    those in `cut_at` (default: all) are cut points.
-    """
+    those in `cut_at` (default: all) are cut points."""
     if hi < lo:
         return None
     found = list(special_re.finditer(buf)) if special_re is not None else []
@@ -871,15 +830,13 @@ def _find_cut(buf, special_re, lo, hi, last, cut_at=None):
     cands = [m.start() for m in cut_re.finditer(buf, lo, min(hi + 2, len(buf)))]
     cands += [p for m in found if cut_at is None or m.group() in cut_at for p in m.span()]
     cands = sorted(p for p in cands if lo <= p <= hi and not inside_special(p))
-    if not cands:
-        return None
-    return cands[-1] if last else cands[0]
+    return (cands[-1] if last else cands[0]) if cands else None
 
 
 def _encode_iterable(tok, iterable, allowed_special, disallowed_special):
-    """`Tokenizer.encode_iterable`. Constant memory: text is buffered only up to the last safe cut point
-    (see `_find_cut`), encoded, and dropped. A pre-token or special token that straddles two chunks stays
-    in the buffer until it is complete, so the ids never depend on how the input was chunked."""
+    """`Tokenizer.encode_iterable`, in constant memory: text is buffered only up to the last safe cut point,
+    encoded and dropped; a pre-token or special token that straddles two chunks waits until it is complete,
+    so the ids never depend on how the input was chunked."""
     kw = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
     cut_at = set(tok.special_policy(**kw).allowed)  # checks the keywords before reading anything
     max_special = max((len(s) for s in tok.special_tokens), default=0)
@@ -893,9 +850,8 @@ def _encode_iterable(tok, iterable, allowed_special, disallowed_special):
             continue
         text = "".join(buf)
         hi = len(text) - max_special - 2
-        # Cut at the LAST safe point so the kept tail is short: everything before it is final, because
-        # a safe cut is a boundary of the whole-text encoding (see `_find_cut`). Look in the final 4 KB
-        # first (almost always found), else further back.
+        # cut at the LAST safe point so the kept tail is short; look in the final 4 KB first (almost always
+        # found there), else further back
         cut = _find_cut(text, tok._special_re, max(1, hi - 4096), hi, last=True, cut_at=cut_at)
         if cut is None and hi - 4096 > 1:
             cut = _find_cut(text, tok._special_re, 1, hi - 4096, last=True, cut_at=cut_at)
@@ -913,22 +869,19 @@ def _encode_iterable(tok, iterable, allowed_special, disallowed_special):
 # ---- encode_file: a corpus -> a flat token file for np.memmap ----------------------------------------
 # Training reads random windows of a token stream, so the stream lives on disk as one flat array of ids
 # with no header: np.memmap(path, dtype=token_dtype(vocab_size)) maps it without reading it, and a batch
-# of windows touches only the pages it needs. Documents stay separated by their <|endoftext|> ids. The
-# encoding is split over processes at safe cut points and reassembled in order.
+# of windows touches only the pages it needs. Documents stay separated by their <|endoftext|> ids.
 
 def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=True, chunk_bytes=None,
                 allowed_special="all", disallowed_special=(), overwrite=True):
-    """Encode a UTF-8 text file into a flat `.bin` of token ids; returns the number of tokens written.
-
-    The dtype is `token_dtype(vocab_size)`; read back with np.memmap(out_path, dtype=..., mode="r"). The
-    file is cut at safe points (`_find_cut`), so the result equals tokenizer.encode(whole text, same
-    keywords). Chunks are encoded by `num_workers` processes and written in order through `atomic_open`:
-    until the last byte is written and synced, `out_path` keeps its old content (or stays absent).
-    `out_path` may never be the input itself; with overwrite=False an existing `out_path` is refused.
-    A special token the keywords refuse is reported with the file and its byte offset."""
-    size = _check_encode_paths(input_path, out_path, overwrite)  # all that can be checked before the work
+    """Encode a UTF-8 text file into a flat `.bin` of token ids (dtype `token_dtype(vocab_size)`) -> the number
+    of tokens. Cut at safe points, so it equals tokenizer.encode(whole text, same keywords); the chunks are
+    encoded by `num_workers` processes and written in order through `atomic_open` (until the last byte is
+    synced `out_path` keeps its old content). overwrite=False refuses an existing `out_path`; a special
+    token the keywords refuse is reported with the file and its byte offset."""
+    size = _check_input_file(input_path)
+    _check_output_file(out_path, [input_path], overwrite)  # all that can be checked before the work
     kw = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
-    cut_at = tokenizer.special_policy(**kw).allowed  # validates the keywords before any work
+    cut_at = tokenizer.special_policy(**kw).allowed  # also validates the keywords
     num_workers = _default_workers(num_workers)
     dtype = token_dtype(tokenizer.vocab_size)
     if chunk_bytes is None:
@@ -937,8 +890,7 @@ def encode_file(tokenizer, input_path, out_path, *, num_workers=None, progress=T
     tasks = [(os.fspath(input_path), a, b, dtype, kw) for a, b in zip(bounds, bounds[1:])]
     bar = Progress(progress, f"encode {os.path.basename(os.fspath(input_path))}")
     n_tokens, done, t0 = 0, 0, time.perf_counter()
-    # Memory: at most a few chunks of ids are in flight (imap's queue), never the whole corpus, so a file
-    # of many GB encodes in the memory of a few 8 MB chunks per worker.
+    # only a few chunks of ids are in flight (imap's queue): a many-GB file needs a few 8 MB chunks of memory
     with atomic_open(out_path, "wb") as f, \
             _chunk_results(_encode_chunk, tasks, num_workers, state=tokenizer) as results:
         for arr, nbytes in results:  # in file order
@@ -994,13 +946,9 @@ def gpt2_tokenizer(fast=True):
 
 
 # ===== Appendix: plumbing =====
-# Helpers every stage file shares. Each is defined once, here in the leftmost file that needs it, and the
-# files to the right import it (`from tokenizer import atomic_open, Progress, ...`):
-#   Progress        one status line on stderr for long work (pre-tokenizing, merging, encoding, training)
-#   atomic_open     write-to-temp + fsync + rename, so no crash or full disk leaves a torn file behind;
-#                   atomic_write_text/bytes/json/files are its one-line uses
-#   machine_label   one line naming this machine, for benchmark tables
-#   peak_rss_mb     this process's peak memory, for benchmark tables
+# First the helpers every stage file shares, defined once here in the leftmost file that needs them and imported
+# by the files to the right (`from tokenizer import atomic_open, Progress, ...`): Progress, atomic_open and its
+# atomic_write_* uses, machine_label, OneLineParser, peak_rss_mb. Then this file's own.
 
 class Progress:
     """One self-overwriting status line on stderr, at most ~5 updates per second.
@@ -1076,16 +1024,20 @@ def atomic_open(path, mode="w", encoding="utf-8"):
         raise
 
 
+def _proc_status(field):
+    """The number after `field:` in Linux's /proc/self/status (e.g. "VmHWM: 1234 kB" -> "1234"), or None."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return line.split()[1]
+    return None
+
+
 def _umask():
     """The process's umask. Linux shows it in /proc (read-only); elsewhere os.umask must set it to read it,
     which for an instant changes it for every thread, so that is only the fallback."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
+    if _proc_status("Umask") is not None:
+        return int(_proc_status("Umask"), 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -1105,8 +1057,8 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_files(directory, files):
     """Write several text files {name: text} into `directory` all-or-nothing (short of a crash between the
-    renames): every temporary file is written and synced before the first one is renamed into place, so a
-    full disk never leaves, say, a new vocab.json next to an old merges.txt."""
+    renames): all are written and synced before the first rename, so a full disk never leaves, say, a new
+    vocab.json next to an old merges.txt."""
     with contextlib.ExitStack() as stack:
         for name, text in files.items():
             f = stack.enter_context(atomic_open(Path(directory) / name, "w"))
@@ -1165,14 +1117,10 @@ class OneLineParser(argparse.ArgumentParser):
             if kind is None:
                 raise TypeError(f"{cls.__name__}.{f.name}: no command-line type for {f.type!r}; pass types=")
             text = helps.get(f.name, f.name.replace("_", " ")) + note.format(default=default)
-            if "%" in text:
-                text = text.replace("%", "%%")  # argparse formats help with %
-            flag = "--" + f.name.replace("_", "-")
-            shown = None if given_only else default
-            if kind is bool:
-                self.add_argument(flag, action=argparse.BooleanOptionalAction, default=shown, help=text)
-            else:
-                self.add_argument(flag, type=kind, default=shown, help=text)
+            text = text.replace("%", "%%")  # argparse formats help with %
+            how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+            self.add_argument("--" + f.name.replace("_", "-"), default=None if given_only else default, help=text,
+                              **how)
         return self
 
 
@@ -1204,13 +1152,8 @@ def config_help(cls) -> dict:
 def peak_rss_mb():
     """This process's peak resident memory in MB (Linux VmHWM; else ru_maxrss, which on Linux survives exec
     and so can include the parent's peak -- hence VmHWM first)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    if _proc_status("VmHWM") is not None:
+        return int(_proc_status("VmHWM")) / 1024
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024
@@ -1257,16 +1200,14 @@ def _check_input_file(path):
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"input file is empty: {path}")
-    return size
+    with open(path, "rb"):  # readable (permissions are tried, not guessed)
+        return size
 
 
 def _chunk_boundaries(path, size, special_tokens, chunk_bytes, cut_at=None):
-    """Byte offsets [0, c1, c2, ..., size] cutting the file at safe points roughly chunk_bytes apart.
-
-    Reads only a small window around each target offset, so it is cheap on huge files. (It assumes special
-    tokens don't overlap each other in odd ways, e.g. a token that ends with another's beginning; the
-    usual <|...|> tokens can't.)
-    """
+    """Byte offsets [0, c1, c2, ..., size] cutting the file at safe points roughly chunk_bytes apart, reading
+    only a small window around each target offset. (It assumes special tokens don't overlap each other in odd
+    ways, e.g. a token that ends with another's beginning; the usual <|...|> tokens can't.)"""
     special_re = _special_regex(special_tokens, as_bytes=True)
     cut_at = None if cut_at is None else {s.encode("utf-8") for s in cut_at}
     max_special = max((len(s.encode("utf-8")) for s in special_tokens), default=0)
@@ -1346,12 +1287,9 @@ def _default_workers(num_workers):
 
 
 def _bytes_to_unicode():
-    """GPT-2's printable stand-in for every byte, so tokens can be written as text in vocab.json/merges.txt.
-
-    Printable bytes map to themselves; the others (space, control bytes, ...) to chr(256 + k): e.g. the
-    space byte is 'Ġ', so the token b" the" is written "Ġthe". This is the format of GPT-2's encoder.json
-    and vocab.bpe (and of HuggingFace's files), so those load directly.
-    """
+    """GPT-2's printable stand-in for every byte, so tokens can be written as text in vocab.json/merges.txt:
+    printable bytes map to themselves, the others (space, control bytes, ...) to chr(256 + k), e.g. the space
+    byte to 'Ġ' (b" the" is written "Ġthe"). GPT-2's encoder.json/vocab.bpe and HuggingFace's files load as is."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     cs, k = bs[:], 0
     for b in range(256):
@@ -1380,8 +1318,7 @@ def _str_to_token(s: str, where: str) -> bytes:
 
 
 def _encode_chunk(task):
-    """Worker: ids of bytes [start, end) of the file, as a numpy array of the output dtype (uint16 when
-    the vocab fits: half the bytes of int32 through the pipe and on disk)."""
+    """Worker: ids of bytes [start, end) of the file in the output dtype (uint16 halves what crosses the pipe)."""
     path, start, end, dtype, kw = task
     text = _read_chunk_text(path, start, end)
     try:
@@ -1522,16 +1459,15 @@ def _fix_surrogates(text):
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _check_encode_paths(input_path, out_path, overwrite):
-    """encode_file's checks before any work; -> the input's size in bytes."""
-    size = _check_input_file(input_path)
-    if _same_file(input_path, out_path):
-        raise ValueError(f"the output {out_path} is the input file itself; writing it would destroy the text")
-    if os.path.isdir(out_path):
-        raise IsADirectoryError(f"the output {out_path} is a directory; give a file name such as data.bin")
-    if not overwrite and os.path.lexists(out_path):
-        raise FileExistsError(f"the output {out_path} already exists; pass overwrite=True (--force) to replace it")
-    return size
+def _check_output_file(out, inputs, overwrite, what="the output", force="overwrite=True (--force)"):
+    """An output file may never be one of the inputs (also through a symlink or a hard link: samefile), nor a
+    folder, and replaces an existing file only when `overwrite`; `what` and `force` name the option."""
+    if any(_same_file(out, x) for x in inputs):
+        raise ValueError(f"{what} {out} is one of the command's inputs; writing it would destroy that file")
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"{what} {out} is a folder; give a file name such as data.bin")
+    if not overwrite and os.path.lexists(out):
+        raise FileExistsError(f"{what} {out} already exists; pass {force} to replace it")
 
 
 def _same_file(a, b):
@@ -1549,11 +1485,8 @@ def _same_file(a, b):
 def build_bench_corpus(out_path, target_mb, data_dir):
     """Mixed real text: all of tinyshakespeare + MMLU questions (documents separated by <|endoftext|>) from
     the folder `data_dir` (`BENCH_FILES`), cut at a document boundary near `target_mb` MB."""
-    sources = [Path(data_dir) / name for name in BENCH_FILES]
-    for src in sources:
-        if not src.is_file():
-            raise FileNotFoundError(f"benchmark corpus source not found: {src} (pass --data-dir)")
-    text = sources[0].read_text(encoding="utf-8") + EOT + sources[1].read_text(encoding="utf-8")
+    shakespeare, mmlu = (Path(data_dir, name).read_text(encoding="utf-8") for name in BENCH_FILES)
+    text = shakespeare + EOT + mmlu
     cut = text.find(EOT, int(target_mb * 1e6) - 1)
     text = text if cut < 0 else text[:cut + len(EOT)]
     atomic_write_text(out_path, text)
@@ -1696,16 +1629,14 @@ def _bench_gpt2(sample, row):
     smb = len(sample.encode()) / 1e6
     # Both sides run the same Rust core, so the true ratio is ~1 and timing noise dominates:
     # alternate who goes first over 10 rounds and keep each side's best CPU time.
-    t_ref = t_ours = float("inf")
+    calls = {"ref": functools.partial(ref.encode, allowed_special="all"), "ours": ours.encode}
+    ids, best = {}, {"ref": _INF, "ours": _INF}
     for rep in range(10):
-        for who in (("ours", "ref") if rep % 2 else ("ref", "ours")):
-            if who == "ref":
-                ids_ref, t = _cpu_timed(ref.encode, sample, allowed_special="all")
-                t_ref = min(t_ref, t)
-            else:
-                ids_ours, t = _cpu_timed(ours.encode, sample)
-                t_ours = min(t_ours, t)
-    same = "identical ids" if ids_ours == ids_ref else "IDS DIFFER"
+        for who in sorted(calls, reverse=rep % 2 == 0):  # "ref" first, then "ours" first, ...
+            ids[who], t = _cpu_timed(calls[who], sample)
+            best[who] = min(best[who], t)
+    t_ref, t_ours = best["ref"], best["ours"]
+    same = "identical ids" if ids["ours"] == ids["ref"] else "IDS DIFFER"
     row(f"encode, GPT-2 vocab, fast path vs tiktoken gpt2 (1 thread, best CPU time of 10; {same})",
         f"{smb:.1f} MB", f"{smb / t_ours:.1f} MB/s", f"tiktoken {smb / t_ref:.1f} MB/s",
         f"{t_ref / t_ours:.2f}x throughput")
@@ -1763,19 +1694,17 @@ def demo():
     t = time.perf_counter()
     vocab, merges = train_bpe(src, 256 + 1 + 744, [EOT], num_workers=1, progress=False)
     tok = Tokenizer(vocab, merges, [EOT])
-    secs = time.perf_counter() - t
-    ids = tok.encode(text)
     print(f"trained a {tok.vocab_size}-token byte-level BPE on {src} ({len(text.encode()):,} bytes) in "
-          f"{secs:.2f} s")
-    print(f"compression: {len(text.encode()) / len(ids):.2f} bytes/token (raw bytes would be 1.00)")
+          f"{time.perf_counter() - t:.2f} s")
+    print(f"compression: {len(text.encode()) / len(tok.encode(text)):.2f} bytes/token (raw bytes would be 1.00)")
     print("first merges:", ", ".join(f"{(a + b).decode('utf-8', 'replace')!r}" for a, b in merges[:12]))
     example = "The tokenizer turns text into integers.<|endoftext|>Ünïcödé and emoji 🙂 still round-trip."
-    ex_ids = tok.encode(example)
-    print(f"\nencode({example!r})\n  -> {ex_ids}")
-    print("  pieces:", [tok.vocab[i].decode("utf-8", "backslashreplace") for i in ex_ids])
-    assert tok.decode(ex_ids) == example
+    ids = tok.encode(example)
+    print(f"\nencode({example!r})\n  -> {ids}")
+    print("  pieces:", [tok.vocab[i].decode("utf-8", "backslashreplace") for i in ids])
+    assert tok.decode(ids) == example
     print(f"decode(...) == input: True   (fast path: {tok.fast_reason}; readable encoder agrees: "
-          f"{tok.encode_readable(example) == ex_ids})")
+          f"{tok.encode_readable(example) == ids})")
     # the same string as untrusted text: the separator is encoded as its characters, not as the special id
     plain = tok.encode(example, allowed_special=set())
     print(f"with allowed_special=set(): {len(plain)} ids, no <|endoftext|> id among them: {tok.eot_id not in plain}")
@@ -1799,26 +1728,25 @@ def build_parser():
                                                        "subcommand: a small demo that trains on this file's own text.")
     sub = p.add_subparsers(dest="cmd")
     t = sub.add_parser("train", help="train a BPE tokenizer on a UTF-8 text file")
-    t.add_argument("--input", required=True, help="UTF-8 text file to train on")
     t.add_argument("--vocab-size", type=int, required=True,
                    help=f"total vocabulary size: 256 bytes + special tokens + merges (at most {MAX_VOCAB})")
     t.add_argument("--special-tokens", nargs="*", default=[EOT],
                    help="special tokens, never merged (default: <|endoftext|>)")
     t.add_argument("--out", required=True, help="folder to write vocab.json, merges.txt, special_tokens.json")
-    t.add_argument("--force", action="store_true", help="replace a tokenizer already saved in --out")
     e = sub.add_parser("encode", help="encode a UTF-8 text file into a flat .bin of token ids (np.memmap-able)")
     e.add_argument("--tokenizer", required=True, help="folder written by `train` (or Tokenizer.save)")
-    e.add_argument("--input", required=True, help="UTF-8 text file to encode")
     e.add_argument("--out", required=True, help="output .bin (uint16 if the vocab fits, else uint32), written "
                                                 "atomically; never the input file")
-    e.add_argument("--force", action="store_true", help="replace --out if it already exists")
     e.add_argument("--special-text", choices=list(SPECIAL_TEXT), default="special",
                    help="what special-token strings in the input become: 'special' = their special ids (default; "
                         "for a corpus you assembled), 'ordinary' = plain text (web text, user input), 'error' = stop "
                         "and name the first one")
     e.add_argument("--readable", action="store_true",
                    help="force the pure-Python encoder instead of the tiktoken fast path")
-    for q, what in ((t, "pre-tokenization"), (e, "encoding")):
+    for q, verb, what, out in ((t, "train on", "pre-tokenization", "a tokenizer already saved in --out"),
+                               (e, "encode", "encoding", "--out if it already exists")):
+        q.add_argument("--input", required=True, help=f"UTF-8 text file to {verb}")
+        q.add_argument("--force", action="store_true", help=f"replace {out}")
         q.add_argument("--workers", type=int, default=None, help=f"{what} processes, >= 1 (default: all cores)")
         q.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     b = sub.add_parser("bench", help="benchmarks vs HuggingFace tokenizers (training) and tiktoken (encoding)")
@@ -1854,8 +1782,6 @@ def _check_args(p, args):
     if args.cmd in ("train", "encode"):
         try:
             _check_input_file(args.input)
-            with open(args.input, "rb"):
-                pass
         except (OSError, ValueError) as e:
             fail(f"--input: {e}")
     if args.cmd == "train":
@@ -1869,18 +1795,15 @@ def _check_args(p, args):
             fail(f"--out {out} already holds a tokenizer ({saved[0]}); pass --force to replace it")
         _check_writable(fail, "--out", out)
     elif args.cmd == "encode":
-        # the output may never be one of the inputs (also through a symlink or hard link: samefile), and
-        # an existing output is replaced only with --force
         tdir = Path(args.tokenizer)
         missing = [n for n in TOKENIZER_FILES[:2] if not (tdir / n).is_file()]
         if missing:
             fail(f"--tokenizer {tdir}: no {missing[0]} there (expected a folder written by `train`)")
-        if any(_same_file(args.out, x) for x in (args.input, tdir / "vocab.json", tdir / "merges.txt")):
-            fail(f"--out {args.out} is one of the command's inputs; writing it would destroy that file")
-        if os.path.isdir(args.out):
-            fail(f"--out {args.out} is a folder; give a file name such as data.bin")
-        if os.path.lexists(args.out) and not args.force:
-            fail(f"--out {args.out} already exists; pass --force to replace it")
+        try:
+            _check_output_file(args.out, (args.input, tdir / "vocab.json", tdir / "merges.txt"), args.force,
+                               "--out", "--force")
+        except (OSError, ValueError) as e:
+            fail(str(e))
         _check_writable(fail, "--out", Path(args.out).parent)
 
 
@@ -1966,10 +1889,9 @@ def _run_command(args):
         with _new_folder(os.path.dirname(os.path.abspath(args.out))):
             n = encode_file(tok, args.input, args.out, num_workers=args.workers, progress=not args.quiet,
                             allowed_special=allowed, disallowed_special=disallowed, overwrite=args.force)
-        secs = time.perf_counter() - t0
         size = os.path.getsize(args.input)
         print(f"{n:,} tokens -> {args.out} ({np.dtype(token_dtype(tok.vocab_size)).name}); "
-              f"{size / max(n, 1):.2f} bytes/token; {size / 1e6 / secs:.1f} MB/s")
+              f"{size / max(n, 1):.2f} bytes/token; {size / 1e6 / (time.perf_counter() - t0):.1f} MB/s")
     elif args.cmd == "bench":
         bench(args)
 

@@ -100,6 +100,7 @@ from tokenizer import EOT, Progress, atomic_open, atomic_write_bytes, atomic_wri
 # RuntimeError like torch's, and a ValueError); read_checkpoint / load_model_state read checkpoints safely;
 # sample_windows draws random training windows; download fetches a public file resumably.
 check_device = resolve_device
+_unwrap = M._unwrap_module  # the bare module under torch.compile / DDP wrappers
 
 
 # ---- 1. The loss: cross-entropy, perplexity, bits per byte ---------------------------------------
@@ -140,8 +141,9 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return total_nats / math.log(2) / max(total_bytes, 1)
 
 
-
 # ---- 2. The optimizer: AdamW, from scratch ------------------------------------------------------------
+# Plain SGD moves every weight by lr * gradient. Two problems: coordinates whose gradients are tiny barely
+# move, and noisy coordinates jitter. Adam (arXiv:1412.6980) keeps running averages of the gradient (m) and
 # of its square (v) per coordinate and steps by m / sqrt(v): about lr in every coordinate, whatever the
 # gradient's scale. AdamW (arXiv:1711.05101) applies weight decay directly to the weights instead of adding
 # it to the gradient, where Adam's division would rescale it per coordinate.
@@ -206,6 +208,8 @@ class AdamW(torch.optim.Optimizer):
 
 
 # ---- 3. Learning-rate schedules and gradient clipping -------------------------------------------------
+# Why a schedule at all: early on, Adam's moment estimates are noise, so a full-size step can throw the
+# weights somewhere they never recover from (hence warm-up); late in training, a large step keeps the loss
 # bouncing around the bottom of the valley, and annealing the rate toward a small value lets it settle.
 
 
@@ -640,6 +644,8 @@ def evaluate(model, tokens, *, context_length: int, batch_size: int, device, tok
 
 
 # ---- 7. Checkpoints: atomic, safe to load, complete enough to resume exactly --------------------------
+# torch.load(weights_only=True) only unpickles tensors and primitive containers (dict/list/tuple/str/int/
+# float/bool/None), so a malicious checkpoint cannot run code. Everything we store is therefore converted
 # to those types: RNG states become tensors/lists, configs become plain dicts. Exact resume needs more
 # than the weights: the optimizer's moments, the step (which fixes the batches and the learning rate), the
 # loop's clock and budget (which fix the time-based schedule), and every RNG state.
@@ -870,14 +876,10 @@ class OptimizerGroup(torch.optim.Optimizer):
     def __init__(self, optimizers: list):
         self.optimizers = list(optimizers)
         # torch.optim.Optimizer.__init__ would want params; we set the attributes its methods read instead
-        self.defaults = {}
-        self.state = {}
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
+        self.defaults, self.state = {}, {}
+        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                      "load_state_dict_post"):
+            setattr(self, f"_optimizer_{hooks}_hooks", {})
 
     @property
     def param_groups(self):
@@ -996,7 +998,6 @@ def mup_param_groups(named: list, cfg: "TrainConfig") -> list:
             for k, ps in groups.items() if ps]
 
 
-
 # ===== Menu: batch size and the noise scale =====
 # How big should a batch be? The gradient noise scale, measured while training (--noise-scale). It plugs
 # into the loop as an Extension (NoiseScaleProbe): after every micro-batch's backward, and before the update.
@@ -1042,7 +1043,6 @@ class NoiseScale:
     def value(self) -> float:
         """B_simple, or nan while the averaged |G|^2 is not yet positive (early, noisy estimates)."""
         return self.trace / self.g2 if self.g2 > 0 else float("nan")
-
 
 
 def _micro_grad_sq(model, prev: list | None, grad_accum: int) -> tuple[list, float]:
@@ -1118,7 +1118,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * temperature ** 2 * kl + (1 - alpha) * F.cross_entropy(s, targets.reshape(-1))
 
 
-
 class Distillation(Extension):
     """--distill-from: the student's objective is distillation_loss against a frozen teacher's logits (the
     logged loss stays the plain cross-entropy on the text)."""
@@ -1166,7 +1165,6 @@ def _load_teacher(cfg: "TrainConfig", run: _Run) -> torch.nn.Module:
     run.say(f"distilling from {cfg.distill_from}: teacher {M.num_params(teacher) / 1e6:.2f}M parameters, "
             f"T {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}")
     return teacher
-
 
 
 class MagnitudePruner:
@@ -1529,8 +1527,6 @@ def _save(run: Run, step: int):
                          **run.budget.state())
 
 
-
-
 def _finish(run: Run, step: int, stop_reason: str) -> dict:
     """The end of a run: the last checkpoint, the final evaluation (cut to fit the time budget, with a note),
     the plot, the samples; returns the summary."""
@@ -1615,11 +1611,8 @@ class StoryWriter:
     def pick(self, options, weights=None) -> int:
         """Append one of `options` (strings), uniformly or with relative `weights`; return its index."""
         n = len(options)
-        if self.check:
-            for i, a in enumerate(options):
-                for j, b in enumerate(options):
-                    if i != j and b.startswith(a):
-                        raise AssertionError(f"grammar not uniquely decodable: option {a!r} is a prefix of {b!r}")
+        if self.check and not _is_prefix_free(options):
+            raise AssertionError(f"grammar not uniquely decodable: one of {options!r} is a prefix of another")
         # draw index i with probability p (uniform, or by weights via the inverse CDF), and charge -log2 p
         if weights is None:
             i = int(self.rng.random() * n)
@@ -2179,8 +2172,6 @@ def _log_step(run: Run, step: int, loss: float, grad_norm: float):
     run.log(line, flush=True) if run.log is print else run.log(line)
 
 
-
-
 def _check_resumable(run: Run, ckpt: dict, model):
     """A checkpoint continues this run only if it was written for the same model and the same tokenizer
     (same vocab size is not enough: another corpus's tokenizer maps the ids to other strings)."""
@@ -2216,17 +2207,6 @@ def _config_diff(a: dict, b: dict) -> list[str]:
     """Every field where two model configs differ, as 'name: checkpoint X vs now Y'."""
     return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
-
-
-def _unwrap(model):
-    """The bare module under torch.compile / DDP wrappers (their state-dict keys get prefixes)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def rng_state() -> dict:
@@ -2576,15 +2556,19 @@ def set_cpu_threads(threads: int) -> int:
     return threads
 
 
+# what a run writes into its folder: any one of them means the folder holds a run
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "loss_curve.png", "tokenizer")
+
+
 def check_out_dir(out_dir, cfg: TrainConfig | None = None) -> Path:
     """Create the run folder and prove we can write into it, before any expensive work starts.
 
-    Given the run's cfg, it also protects an earlier run: a folder that holds a checkpoint or metrics is
-    continued with --resume, replaced only with --overwrite (which deletes its checkpoint now, so a crash
-    cannot later resume the old run under the new name), and otherwise refused."""
+    Given the run's cfg, it also protects an earlier run: a folder that holds any of a run's files
+    (RUN_FILES) is continued with --resume, replaced only with --overwrite (which deletes its checkpoint now,
+    so a crash cannot later resume the old run under the new name), and otherwise refused."""
     out = Path(out_dir)
     if cfg is not None and not cfg.resume:
-        earlier = [n for n in ("ckpt.pt", "metrics.jsonl") if (out / n).exists()]
+        earlier = [n for n in RUN_FILES if (out / n).exists()]
         if earlier and not cfg.overwrite:
             raise ValueError(f"{out} already holds a run ({', '.join(earlier)}): continue it with --resume, "
                              "replace it with --overwrite, or choose another --out-dir")
@@ -2829,15 +2813,19 @@ def _sweep_run(folder: Path, name: str, cfg: TrainConfig, data: "PreparedData", 
     return res
 
 
-def steps_to_target(losses: list, tokens_per_step: int, target: float, tau_tokens: float) -> int | None:
-    """The first step at which the training loss, smoothed by an EMA with a time constant of `tau_tokens`
-    tokens (the same horizon in tokens for every batch size), is at or below `target`; None if never."""
-    beta, ema = math.exp(-tokens_per_step / tau_tokens), None
-    for i, x in enumerate(losses, start=1):
+def _smoothed(losses: list, tokens_per_step: int, tau_tokens: float) -> list:
+    """The training loss after every step, smoothed by an EMA with a time constant of `tau_tokens` tokens (the
+    same horizon in tokens for every batch size)."""
+    beta, ema, out = math.exp(-tokens_per_step / tau_tokens), None, []
+    for x in losses:
         ema = x if ema is None else beta * ema + (1 - beta) * x
-        if ema <= target:
-            return i
-    return None
+        out.append(ema)
+    return out
+
+
+def steps_to_target(losses: list, tokens_per_step: int, target: float, tau_tokens: float) -> int | None:
+    """The first step at which the smoothed training loss is at or below `target`; None if never."""
+    return next((i for i, e in enumerate(_smoothed(losses, tokens_per_step, tau_tokens), 1) if e <= target), None)
 
 
 def batch_size_sweep(batch_sizes: list, tokens: int, folder, seed: int = 1337, data=None, log: Callable = print,
@@ -2889,10 +2877,7 @@ def batch_size_sweep(batch_sizes: list, tokens: int, folder, seed: int = 1337, d
 
 def steps_to_target_final(losses: list, tokens_per_step: int, tau_tokens: float) -> float:
     """The smoothed training loss at the end of a run (the same EMA as steps_to_target)."""
-    beta, ema = math.exp(-tokens_per_step / tau_tokens), None
-    for x in losses:
-        ema = x if ema is None else beta * ema + (1 - beta) * x
-    return ema
+    return _smoothed(losses, tokens_per_step, tau_tokens)[-1]
 
 
 def _num(x) -> str:
