@@ -1069,7 +1069,6 @@ class TorchFSDP(nn.Module):
         fully_shard(module, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
                                                            output_dtype=torch.float32 if compute_dtype else None))
         self.module = module                # (sharded in place: model.parameters() are the DTensor shards)
-        self.comm_wait_seconds = 0.0        # (FSDP2 waits inside forward/backward: not measured separately)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -110,7 +110,7 @@ def test_readme_concept_index_names_symbols_that_exist():
             names |= {t.id for t in assigned if isinstance(t, ast.Name)}
             defined[file] = names
         assert symbol in defined[file], f"concept index: {concept!r} names {symbol} that {file} does not define"
-# ===== Stage 1: tokenizer.py -- byte-level BPE: training, encode/decode, special-token policy, fast path, GPT-2 parity, files, CLI =====
+# ===== Stage 1: tokenizer.py -- byte-level BPE: training, encode/decode, special tokens, fast path, GPT-2, CLI =====
 
 
 _TOK_EOT = "<|endoftext|>"
@@ -502,7 +502,8 @@ def test_tokenizer_cli_train_then_encode(tmp_path, capsys):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(st.text(max_size=12), st.sampled_from(["a b", "x\ny", " ", "\n", _TOK_EOT, "<|end of\ntext|>"])),
+@given(st.lists(st.one_of(st.text(max_size=12),
+                          st.sampled_from(["a b", "x\ny", " ", "\n", _TOK_EOT, "<|end of\ntext|>"])),
                 max_size=40),
        st.lists(st.integers(min_value=0, max_value=400), max_size=12))
 def test_tokenizer_property_encode_iterable_any_chunking(parts, cuts):
@@ -1058,7 +1059,8 @@ def _model_fake_gpt2(folder, V=53, T=16, d=24, L=2, H=3, seed=0, prefix="", dtyp
     t = {"wte.weight": r(V, d), "wpe.weight": r(T, d), "ln_f.weight": 1 + r(d), "ln_f.bias": r(d)}
     for i in range(L):
         h = f"h.{i}."
-        t.update({h + "ln_1.weight": 1 + r(d), h + "ln_1.bias": r(d), h + "ln_2.weight": 1 + r(d), h + "ln_2.bias": r(d),
+        t.update({h + "ln_1.weight": 1 + r(d), h + "ln_1.bias": r(d),
+                  h + "ln_2.weight": 1 + r(d), h + "ln_2.bias": r(d),
                   h + "attn.c_attn.weight": r(d, 3 * d), h + "attn.c_attn.bias": r(3 * d),
                   h + "attn.c_proj.weight": r(d, d), h + "attn.c_proj.bias": r(d),
                   h + "mlp.c_fc.weight": r(d, 4 * d), h + "mlp.c_fc.bias": r(4 * d),
@@ -1268,7 +1270,8 @@ def test_model_rope_relative_position_property():
 # --- attention module, causality, switches -------------------------------------------------------------
 
 @pytest.mark.usefixtures("_model_one_thread")
-@pytest.mark.parametrize("sw", [{}, {"num_kv_heads": 2}, {"num_kv_heads": 1}, {"attention": "sliding", "window_size": 4},
+@pytest.mark.parametrize("sw", [{}, {"num_kv_heads": 2}, {"num_kv_heads": 1},
+                                {"attention": "sliding", "window_size": 4},
                                 {"qk_norm": True}], ids=_model_id)
 def test_model_attention_naive_equals_sdpa_in_model(sw):
     m = _model_tiny(**sw)
@@ -1474,7 +1477,8 @@ _MODEL_GEN2 = ["generate", "--max-new-tokens", "2", "--checkpoint"]  # problems 
 _MODEL_ERRORS = [
     ({"d_model": 30, "num_heads": 4}, ValueError, "d_model=30 is not divisible by num_heads=4"),
     ({"num_kv_heads": 3}, ValueError, "num_heads=4 is not divisible by num_kv_heads=3"),
-    ({"norm": "batchnorm"}, ValueError, r"ModelConfig.norm='batchnorm' is not one of \['rmsnorm', 'layernorm', 'none'\]"),
+    ({"norm": "batchnorm"}, ValueError,
+     r"ModelConfig.norm='batchnorm' is not one of \['rmsnorm', 'layernorm', 'none'\]"),
     ({"norm_position": "middle"}, ValueError, "norm_position='middle'"),
     ({"position": "alibi"}, ValueError, r"position='alibi' is not one of \['rope', 'sinusoidal', 'learned', 'nope'\]"),
     ({"ffn": "geglu"}, ValueError, r"ffn='geglu' is not one of"),
@@ -1531,8 +1535,10 @@ _MODEL_ERRORS = [
     *[(argv, SystemExit, option) for argv, option in [
         (_MODEL_GEN + ["--max-new-tokens", "-1"], "--max-new-tokens"),
         (_MODEL_GEN + ["--max-new-tokens", "0"], "--max-new-tokens"),
-        (_MODEL_GEN + ["--max-new-tokens", "x"], "--max-new-tokens"), (_MODEL_GEN + ["--temperature", "-1"], "--temperature"),
-        (_MODEL_GEN + ["--temperature", "nan"], "--temperature"), (_MODEL_GEN + ["--temperature", "inf"], "--temperature"),
+        (_MODEL_GEN + ["--max-new-tokens", "x"], "--max-new-tokens"),
+        (_MODEL_GEN + ["--temperature", "-1"], "--temperature"),
+        (_MODEL_GEN + ["--temperature", "nan"], "--temperature"),
+        (_MODEL_GEN + ["--temperature", "inf"], "--temperature"),
         (_MODEL_GEN + ["--top-p", "0"], "--top-p"), (_MODEL_GEN + ["--top-p", "1.5"], "--top-p"),
         (_MODEL_GEN + ["--num-samples", "0"], "--num-samples"), (_MODEL_GEN + ["--seed", "-1"], "--seed"),
         (_MODEL_GEN + ["--eos-id", "-3"], "--eos-id"), (_MODEL_GEN + ["--prompt-ids", "1,x"], "--prompt-ids"),
@@ -2109,7 +2115,8 @@ def test_model_safetensors_reader_dtypes_and_malformed_files(tmp_path):
     assert half.lm_head.weight.dtype == torch.float32 and torch.equal(half.lm_head.weight.double(), f16["wte.weight"])
     _model_write_safetensors(tmp_path / "f16.safetensors", t, "F16")
     got = M.read_safetensors(tmp_path / "f16.safetensors")
-    assert got["a"].dtype == torch.float16 and torch.equal(got["a"].float(), t["a"]) and got["b"].tolist() == [1.5, -2.25]
+    assert got["a"].dtype == torch.float16 and torch.equal(got["a"].float(), t["a"])
+    assert got["b"].tolist() == [1.5, -2.25]
     # bf16 bit patterns written by hand: 0x3FC0 = 1.5, 0xC010 = -2.25
     h = json.dumps({"x": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
     (tmp_path / "bf.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + struct.pack("<HH", 0x3FC0, 0xC010))
@@ -6635,7 +6642,8 @@ def test_data_quality_classifier_separates_and_round_trips(tmp_path):
 # exact-line dedup
 # ---------------------------------------------------------------------------------------------------
 def test_data_exact_line_dedup_known_shared_lines(tmp_path):
-    files = {"a.txt": "shared header\nonly in a\ncommon footer\n", "b.txt": "shared header\nonly in b\nb twice\nb twice\n",
+    files = {"a.txt": "shared header\nonly in a\ncommon footer\n",
+             "b.txt": "shared header\nonly in b\nb twice\nb twice\n",
              "c.txt": "common footer\nonly in c\n"}
     paths = []
     for name, text in files.items():
@@ -6663,7 +6671,8 @@ def test_data_exact_line_dedup_known_shared_lines(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 def test_data_minhash_equals_datasketch_and_readable_path():
     from datasketch import MinHash
-    texts = ["The quick brown fox jumps over the lazy dog again and again.", "Caf\u00e9 cr\u00e8me, s'il vous pla\u00eet!",
+    texts = ["The quick brown fox jumps over the lazy dog again and again.",
+             "Caf\u00e9 cr\u00e8me, s'il vous pla\u00eet!",
              "short", ""]
     sets = [DA.shingles(t, 3) for t in texts]
     for k, seed in ((64, 3), (128, 1)):
@@ -6864,7 +6873,8 @@ def test_data_pipeline_report_and_tokens(data_crawl):
     assert tok.decode(ids.tolist()) == "".join(d + DA.EOT for d in docs)
     # a page that quotes the special token's string is ordinary text, not a document boundary
     enc = DA.encode_documents(["see <|endoftext|> here", "two"], tok)
-    assert int((enc == tok.eot_id).sum()) == 2 and tok.decode(enc.tolist()) == "see <|endoftext|> here" + DA.EOT + "two" + DA.EOT
+    assert int((enc == tok.eot_id).sum()) == 2
+    assert tok.decode(enc.tolist()) == "see <|endoftext|> here" + DA.EOT + "two" + DA.EOT
 
 
 def test_data_pipeline_killed_and_resumed(data_crawl, tmp_path):
