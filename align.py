@@ -56,7 +56,9 @@ import os
 import random
 import re
 import sys
+import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -67,7 +69,7 @@ import torch.nn.functional as F
 
 import model as M
 import train as T
-from tokenizer import EOT, atomic_open, atomic_write_json, machine_label
+from tokenizer import EOT, atomic_open, atomic_write_json, atomic_write_text, machine_label
 import tokenizer as tk
 
 # ---- 1. Prompt formats ----
@@ -167,8 +169,6 @@ def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = N
     """Mean of the entries where mask is True: sum(tensor * mask, dim) / sum(mask, dim). dim=None: over all.
     A slice with no True entries gives NaN (0/0), as the mean of nothing should."""
     m = mask.to(tensor.dtype)
-    if dim is None:
-        return (tensor * m).sum() / m.sum()
     return (tensor * m).sum(dim=dim) / m.sum(dim=dim)
 
 
@@ -176,9 +176,7 @@ def masked_normalize(tensor: torch.Tensor, mask: torch.Tensor, dim: Optional[int
                      normalize_constant: float = 1.0) -> torch.Tensor:
     """sum(tensor * mask, dim) / normalize_constant. Dividing by a CONSTANT (not the number of tokens) is
     what keeps a long response's every token weighted like a short response's (Dr. GRPO's point)."""
-    m = mask.to(tensor.dtype)
-    total = (tensor * m).sum() if dim is None else (tensor * m).sum(dim=dim)
-    return total / normalize_constant
+    return (tensor * mask.to(tensor.dtype)).sum(dim=dim) / normalize_constant
 
 
 def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,
@@ -478,9 +476,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def evaluate_task(model, tokenizer, problems: list[Problem], max_new_tokens: int = 48, batch_size: int = 128,
                   reward_fn: Callable = r1_zero_reward_fn, prompt_fn: Optional[Callable] = None) -> dict:
-    """Greedy responses to every problem, graded by `reward_fn`: accuracy (answer reward) with its 95%
-    interval, format-reward rate, mean response length in tokens, mean per-token entropy of the policy on
-    its own responses (how sure it is; RL typically drives it down), and decoding throughput.
+    """Greedy responses to every problem, graded by `reward_fn`: the four numbers above (accuracy = answer
+    reward; length in tokens; entropy per response token, in nats) and decoding throughput.
     prompt_fn: Problem -> prompt text (default task_prompt, the built-in task's R1-Zero prompt)."""
     prompt_fn = prompt_fn or task_prompt
     # Greedy decoding: the accuracy of the policy's single best guess, deterministic, so two checkpoints are
@@ -703,32 +700,13 @@ STEP_FUNCTIONS = {"sft": sft_step, "ei": ei_step, "grpo": grpo_step, "dpo": dpo_
 # on the response) is what the stages above use. PACKED (below) is what pretraining-style SFT on instruction
 # data uses at scale: no padding at all, the loss on every token, templates included.
 
-class PackedSFTDataset(torch.utils.data.Dataset):
-    """Fixed-length windows over one long stream of Alpaca-formatted examples, each ended by end-of-text.
-    Item i: {"input_ids": stream[i*L:(i+1)*L], "labels": stream[i*L+1:(i+1)*L+1]} (LongTensors of length L).
-    Packing wastes no compute on padding; an example may straddle two windows, which is harmless because
-    end-of-text separates it from its neighbour (what the course's packed SFT does)."""
-
-    def __init__(self, stream: torch.Tensor, seq_length: int):
-        # windows of L inputs need L + 1 tokens (the labels run one ahead); a leftover tail is dropped
-        self.stream, self.L = stream, seq_length
-        self.n = max(0, (len(stream) - 1) // seq_length)
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for {self.n} sequences")
-        s = self.stream[i * self.L:(i + 1) * self.L + 1]
-        return {"input_ids": s[:-1], "labels": s[1:]}
-
-
-def get_packed_sft_dataset(tokenizer, dataset_path, seq_length: int, shuffle: bool,
-                           seed: int = 0) -> PackedSFTDataset:
+def get_packed_sft_dataset(tokenizer, dataset_path, seq_length: int, shuffle: bool, seed: int = 0) -> list[dict]:
     """Read a JSONL file of {"prompt", "response"} examples (malformed lines skipped and reported), format
     each with the Alpaca template, append end-of-text, concatenate (shuffled first if asked) and cut into
-    windows of seq_length tokens."""
+    fixed windows of L = seq_length tokens: item i is {"input_ids": stream[i*L:(i+1)*L], "labels":
+    stream[i*L+1:(i+1)*L+1]} (LongTensors), a map-style data set (len, [i]) for iterate_batches or a DataLoader.
+    Packing wastes no compute on padding; an example may straddle two windows, which is harmless because
+    end-of-text separates it from its neighbour (what the course's packed SFT does)."""
     rows = read_jsonl(dataset_path, required=("prompt", "response"))
     # shuffle the EXAMPLES before packing (shuffling windows later would keep neighbours glued together)
     if shuffle:
@@ -738,10 +716,13 @@ def get_packed_sft_dataset(tokenizer, dataset_path, seq_length: int, shuffle: bo
     for r in rows:
         stream += _encode(tokenizer, ALPACA_TEMPLATE.format(instruction=r["prompt"], response=r["response"]))
         stream.append(eot)
-    ds = PackedSFTDataset(torch.tensor(stream, dtype=torch.long), seq_length)
-    if len(ds) == 0:
+    s, L = torch.tensor(stream, dtype=torch.long), seq_length
+    # windows of L inputs need L + 1 tokens (the labels run one ahead); a leftover tail is dropped
+    windows = [{"input_ids": s[i * L:(i + 1) * L], "labels": s[i * L + 1:(i + 1) * L + 1]}
+               for i in range((len(s) - 1) // L)]
+    if not windows:
         raise ValueError(f"{dataset_path}: {len(stream)} tokens, fewer than one sequence of {seq_length} + 1")
-    return ds
+    return windows
 
 
 def iterate_batches(dataset, batch_size: int, shuffle: bool, seed: Optional[int] = None) -> Iterable[dict]:
@@ -771,8 +752,7 @@ def shared_prefill_rollouts(model, prompts: list[list[int]], group_size: int, ma
                             temperature: float, eos_id: Optional[int],
                             generator: Optional[torch.Generator] = None) -> list[list[int]]:
     """sample_rollouts' fast path: prefill the P distinct prompts ONCE into a KV cache (P rows), copy each row
-    G times (repeat_interleave of every layer's keys/values) and decode all P*G rows one token per step. The
-    prefill is the expensive part for long prompts; this makes it G times cheaper."""
+    G times and decode all P*G rows one token per step: G times less prefill, the cost of long prompts."""
     cfg, longest = model.config, max(len(p) for p in prompts)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     was_training = model.training
@@ -784,22 +764,16 @@ def shared_prefill_rollouts(model, prompts: list[list[int]], group_size: int, ma
         ids = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)  # (P, Tp)
         cache = M.KVCache(cfg, len(prompts), longest + max_new_tokens, pad, device=device, dtype=dtype)
         logits = model(ids, kv_cache=cache, last_only=True)[:, -1]  # (P, V): one prefill per prompt
-        expand_cache(cache, group_size)
+        # Copy every cache row G times (row i -> rows i*G .. i*G+G-1): memory traffic of L layers x P*G x Hkv x
+        # capacity x dh floats, against a forward over P*(G-1) prompts; for any prompt over a few tokens it wins.
+        cache.k = [k.repeat_interleave(group_size, dim=0) for k in cache.k]  # (P*G, Hkv, cap, dh) per layer
+        cache.v = [v.repeat_interleave(group_size, dim=0) for v in cache.v]
+        if cache.pad_lens is not None:
+            cache.pad_lens = cache.pad_lens.repeat_interleave(group_size)
         logits = logits.repeat_interleave(group_size, dim=0)  # (P*G, V)
         return _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator)
     finally:
         model.train(was_training)
-
-
-def expand_cache(cache, group_size: int) -> None:
-    """Copy every row of a prefilled KV cache group_size times, in place: row i -> rows i*G .. i*G+G-1.
-
-    The copy costs memory traffic (L layers x P*G x Hkv x capacity x dh floats), the prefill it replaces
-    costs a forward pass over P*(G-1) prompts; for any prompt longer than a few tokens the copy wins."""
-    cache.k = [k.repeat_interleave(group_size, dim=0) for k in cache.k]  # (P*G, Hkv, cap, dh) per layer
-    cache.v = [v.repeat_interleave(group_size, dim=0) for v in cache.v]
-    if cache.pad_lens is not None:
-        cache.pad_lens = cache.pad_lens.repeat_interleave(group_size)
 
 
 def _decode_loop(model, cache, logits, max_new_tokens, temperature, eos_id, generator) -> list[list[int]]:
@@ -867,19 +841,19 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], max_new_tokens: int =
     """Exact match of the LAST number of a greedy response (R1-Zero prompt) against the reference answer."""
     # A GSM8K question is ~60-200 tokens with GPT-2's tokenizer; a model with a short context cannot even
     # read the long ones, so they are skipped (and counted) rather than silently truncated.
+    prompt, ctx = lambda p: R1_ZERO_PROMPT.format(question=p.question), model.config.context_length  # noqa: E731
     probs = [Problem(e["question"], e["answer"], "") for e in examples]
-    ctx = model.config.context_length
-    keep = [p for p in probs if len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) + 1 < ctx]
-    if len(keep) < len(probs):
-        print(f"gsm8k: {len(probs) - len(keep)} question(s) longer than the context of {ctx} skipped", file=sys.stderr)
+    sized = [(p, len(_encode(tokenizer, prompt(p)))) for p in probs]
+    keep = [(p, n) for p, n in sized if n + 1 < ctx]
+    if len(keep) < len(sized):
+        print(f"gsm8k: {len(sized) - len(keep)} question(s) longer than the context of {ctx} skipped", file=sys.stderr)
     if not keep:
         raise ValueError(f"every GSM8K prompt is longer than the model's context ({ctx} tokens)")
-    # the generation budget shrinks to what the context has left after the longest kept prompt
-    longest = max(len(_encode(tokenizer, R1_ZERO_PROMPT.format(question=p.question))) for p in keep)
     last_number = lambda resp, gt: {"format_reward": float(parse_gsm8k_response(resp) is not None),  # noqa: E731
                                     "answer_reward": float(grade_answer(parse_gsm8k_response(resp) or "", gt))}
-    return evaluate_task(model, tokenizer, keep, min(max_new_tokens, ctx - longest), batch_size, last_number,
-                         lambda p: R1_ZERO_PROMPT.format(question=p.question))
+    # the generation budget shrinks to what the context has left after the longest kept prompt
+    budget = min(max_new_tokens, ctx - max(n for _, n in keep))
+    return evaluate_task(model, tokenizer, [p for p, _ in keep], budget, batch_size, last_number, prompt)
 
 
 def mmlu_prompt(e: dict) -> str:
@@ -953,7 +927,6 @@ def load_mmlu(path: Optional[str] = None, split: str = "test", cache_dir: str = 
         root = Path(cache_dir)
         if not (root / "data" / split).is_dir():  # the archive unpacks to data/{dev,val,test,...}/
             archive = M.download(url or MMLU_URL, root / "data.tar")
-            import tarfile
             with tarfile.open(archive) as t:
                 t.extractall(root, filter="data")  # "data" filter: no absolute paths, links or devices
         path = str(root / "data")
@@ -963,7 +936,7 @@ def load_mmlu(path: Optional[str] = None, split: str = "test", cache_dir: str = 
         raise FileNotFoundError(f"no MMLU CSV files in {folder}")
     out, bad = [], []
     for fp in files:
-        subject = fp.stem[:-len(split) - 1] if fp.stem.endswith("_" + split) else fp.stem
+        subject = fp.stem.removesuffix("_" + split)
         if subjects and subject not in subjects:
             continue
         # csv handles quoted fields with commas and newlines inside; line_num is the file line a row ENDS on
@@ -1135,7 +1108,6 @@ def make_problem(rng: random.Random, n_operands: int) -> Problem:
 
 def is_held_out(question: str) -> bool:
     """Stable across runs and machines (crc32 of the text, not Python's salted hash())."""
-    import zlib
     return zlib.crc32(question.encode()) % HELD_OUT_BUCKETS == 0
 
 
@@ -1226,53 +1198,46 @@ def run_stage(cfg: AlignConfig, log: Callable = print) -> dict:
     out = T.check_out_dir(cfg.out_dir)
     # one process per run folder: a second one would resume the same checkpoint and interleave the two logs
     with run_lock(out):
-        return _run_stage_locked(cfg, out, log)
-
-
-def _run_stage_locked(cfg: AlignConfig, out: Path, log: Callable) -> dict:
-    """run_stage's body, while this process holds the run folder's lock: load, resume, build the context
-    (the data pools, the reference model for DPO), then the step loop and the final evaluation."""
-    ckpt_path, log_path = out / "ckpt.pt", Path(cfg.log_path or out / "log.jsonl")
-    model, tokenizer, init_info = load_policy(cfg.init, pretrained=cfg.pretrained)
-    # rollout prompts come from the train split only; every evaluation uses the held-out splits
-    train_pool = task_problems("train", 4096, seed=cfg.seed + 11)
-    # SFT targets end with the end-of-text id: the model must learn WHERE to stop as well as what to say
-    sft_pool = [(_encode(tokenizer, task_prompt(p)), _encode(tokenizer, task_response(p)) + [tokenizer.eot_id])
-                for p in train_pool[:cfg.sft_examples]] if cfg.stage == "sft" else []
-    check_context(cfg, model.config.context_length, tokenizer, train_pool, sft_pool)
-    # AdamW without weight decay: fine-tuning should stay near the pretrained weights, and decay would pull
-    # them toward zero, not toward where they started. A fresh optimizer state per stage (Adam's moments
-    # describe the previous objective's gradients, not this one's).
-    opt = T.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = resume_stage(ckpt_path, cfg, model, opt, init_info, log)
-    trim_log(log_path, cfg.name or cfg.stage, step)
-    # DPO's reference is a second copy of the STARTING weights (not of the resumed ones): the implied reward
-    # beta * log(pi / pi_ref) must always be measured against the same anchor.
-    reference = None
-    if cfg.stage == "dpo":
-        reference, _, _ = load_policy(cfg.init, pretrained=cfg.pretrained)  # the starting policy, frozen
-        reference.requires_grad_(False)
-    ctx = StageContext(cfg, model, opt, tokenizer, pad_id_of(tokenizer), train_pool, sft_pool, reference)
-    save = lambda s: save_stage_checkpoint(ckpt_path, model, opt, s, cfg, tokenizer, init_info)  # noqa: E731
-    model.train()
-    # The loop: one step, one log line (JSONL, appended at once), a checkpoint every ckpt_interval steps.
-    while step < cfg.steps:
-        t0 = time.time()
-        row = STEP_FUNCTIONS[cfg.stage](ctx, step)
-        step += 1
-        row = {"kind": "train", "stage": cfg.name or cfg.stage, "step": step, "seconds": time.time() - t0, **row}
-        if not math.isfinite(row.get("loss", 0.0)) and cfg.stage in ("sft",):
-            raise FloatingPointError(f"{cfg.stage} loss is {row['loss']} at step {step}; the last checkpoint "
-                                     f"{ckpt_path} is intact (try a lower --lr)")
-        append_log(log_path, row)  # the log first: a kill right after a step still leaves its numbers
-        log(format_step(row))
-        if step % cfg.ckpt_interval == 0 or step == cfg.steps:
+        ckpt_path, log_path = out / "ckpt.pt", Path(cfg.log_path or out / "log.jsonl")
+        model, tokenizer, init_info = load_policy(cfg.init, pretrained=cfg.pretrained)
+        # rollout prompts come from the train split only; every evaluation uses the held-out splits
+        train_pool = task_problems("train", 4096, seed=cfg.seed + 11)
+        # SFT targets end with the end-of-text id: the model must learn WHERE to stop as well as what to say
+        sft_pool = [(_encode(tokenizer, task_prompt(p)), _encode(tokenizer, task_response(p)) + [tokenizer.eot_id])
+                    for p in train_pool[:cfg.sft_examples]] if cfg.stage == "sft" else []
+        check_context(cfg, model.config.context_length, tokenizer, train_pool, sft_pool)
+        # AdamW without weight decay: fine-tuning should stay near the pretrained weights, and decay would pull
+        # them toward zero, not toward where they started. A fresh optimizer state per stage (Adam's moments
+        # describe the previous objective's gradients, not this one's).
+        opt = T.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        step = resume_stage(ckpt_path, cfg, model, opt, init_info, log)
+        trim_log(log_path, cfg.name or cfg.stage, step)
+        # DPO's reference is a second copy of the STARTING weights (not of the resumed ones): the implied reward
+        # beta * log(pi / pi_ref) must always be measured against the same anchor.
+        reference = None
+        if cfg.stage == "dpo":  # the starting policy, frozen
+            reference = load_policy(cfg.init, pretrained=cfg.pretrained)[0].requires_grad_(False)
+        ctx = StageContext(cfg, model, opt, tokenizer, pad_id_of(tokenizer), train_pool, sft_pool, reference)
+        save = lambda s: save_stage_checkpoint(ckpt_path, model, opt, s, cfg, tokenizer, init_info)  # noqa: E731
+        model.train()
+        # The loop: one step, one log line (JSONL, appended at once), a checkpoint every ckpt_interval steps.
+        while step < cfg.steps:
+            t0 = time.time()
+            row = STEP_FUNCTIONS[cfg.stage](ctx, step)
+            step += 1
+            row = {"kind": "train", "stage": cfg.name or cfg.stage, "step": step, "seconds": time.time() - t0, **row}
+            if not math.isfinite(row.get("loss", 0.0)) and cfg.stage == "sft":
+                raise FloatingPointError(f"{cfg.stage} loss is {row['loss']} at step {step}; the last checkpoint "
+                                         f"{ckpt_path} is intact (try a lower --lr)")
+            append_log(log_path, row)  # the log first: a kill right after a step still leaves its numbers
+            log(format_step(row))
+            if step % cfg.ckpt_interval == 0 or step == cfg.steps:
+                save(step)
+        # A zero-step run still leaves a valid --init for the next stage. A run that was already complete
+        # (re-run after it finished) skips the loop entirely and only re-evaluates.
+        if step == 0 or not ckpt_path.exists():
             save(step)
-    # A zero-step run still leaves a valid --init for the next stage. A run that was already complete
-    # (re-run after it finished) skips the loop entirely and only re-evaluates.
-    if step == 0 or not ckpt_path.exists():
-        save(step)
-    return evaluate_stage(model, tokenizer, cfg, log_path, log)
+        return evaluate_stage(model, tokenizer, cfg, log_path, log)
 
 
 def check_context(cfg: AlignConfig, context: int, tokenizer, train_pool: list, sft_pool: list) -> None:
@@ -1314,9 +1279,6 @@ def evaluate_stage(model, tokenizer, cfg: AlignConfig, log_path: Path, log: Call
 
 
 # ---- checkpoints: load a policy, save and resume a stage ----
-ALIGN_FORMAT = "scratchlm-checkpoint-v1"  # train.py's format, plus align's own entries
-
-
 def find_tokenizer(ckpt_path: Path, ckpt: dict):
     """The tokenizer saved next to a checkpoint (train.py's run folder layout, found by model.py's
     find_tokenizer_dir), checked against the fingerprint the checkpoint recorded: a tokenizer from another
@@ -1336,30 +1298,27 @@ def load_policy(path: str, device: str = "cpu", pretrained: str = ""):
     pretrained="gpt2" (or a folder of Hugging Face safetensors) loads GPT-2 through model.from_pretrained
     with GPT-2's tokenizer instead: the same stages then fine-tune and evaluate a real pretrained model."""
     if pretrained:  # GPT-2's 1,024-token context holds any prompt here; its tokenizer is tiktoken's gpt2
-        model = M.from_pretrained(pretrained, device=device).train()
-        tok = tk.gpt2_tokenizer()
-        info = {"path": f"pretrained:{pretrained}", "model_config": model.config.to_dict(),
-                "tokenizer_fingerprint": tok.fingerprint()}
-        return model, tok, info
-    if not path:
+        model, tok = M.from_pretrained(pretrained, device=device).train(), tk.gpt2_tokenizer()
+        where = f"pretrained:{pretrained}"
+    elif not path:
         raise ValueError("no checkpoint given (--init CKPT)")
-    # the architecture comes from the checkpoint itself (train.py stores model_config), so any shape loads;
-    # model.py names the file in every error (missing, corrupt, no config, weights that do not fit it)
-    model, ckpt = M.load_checkpoint_model(path, device)
-    tok = find_tokenizer(Path(path), ckpt)
-    if tok.vocab_size != model.config.vocab_size:
-        raise ValueError(f"checkpoint {path}: the model has a vocabulary of {model.config.vocab_size} but its "
-                         f"tokenizer has {tok.vocab_size}")
-    if tok.eot_id is None:
-        raise ValueError(f"the tokenizer of {path} has no {EOT} token (responses need an end)")
-    info = {"path": str(Path(path).resolve()), "model_config": model.config.to_dict(),
-            "tokenizer_fingerprint": tok.fingerprint()}
+    else:
+        # the architecture comes from the checkpoint itself (train.py stores model_config), so any shape loads;
+        # model.py names the file in every error (missing, corrupt, no config, weights that do not fit it)
+        model, ckpt = M.load_checkpoint_model(path, device)
+        tok, where = find_tokenizer(Path(path), ckpt), str(Path(path).resolve())
+        if tok.vocab_size != model.config.vocab_size:
+            raise ValueError(f"checkpoint {path}: the model has a vocabulary of {model.config.vocab_size} but its "
+                             f"tokenizer has {tok.vocab_size}")
+        if tok.eot_id is None:
+            raise ValueError(f"the tokenizer of {path} has no {EOT} token (responses need an end)")
+    info = {"path": where, "model_config": model.config.to_dict(), "tokenizer_fingerprint": tok.fingerprint()}
     return model, tok, info
 
 
 def save_stage_checkpoint(path: Path, model, opt, step: int, cfg: AlignConfig, tokenizer, init_info: dict):
-    """Atomic (temp file + fsync + rename through tokenizer.atomic_open): a kill mid-write leaves the
-    previous checkpoint intact. The tokenizer goes next to it, so the file is a valid --init for later stages."""
+    """train.py's checkpoint (atomic: a kill mid-write leaves the previous one intact) plus the stage's settings
+    and starting point; the tokenizer goes next to it, so the file is a valid --init for later stages."""
     tok_dir = path.parent / "tokenizer"
     if not (tok_dir / "vocab.json").exists():
         tokenizer.save(str(tok_dir))
@@ -1368,14 +1327,11 @@ def save_stage_checkpoint(path: Path, model, opt, step: int, cfg: AlignConfig, t
     if n_bad:
         raise FloatingPointError(f"non-finite weights at step {step}: not saved; {path} (if any) is intact "
                                  "(try a lower --lr)")
-    payload = {"format": ALIGN_FORMAT, "iteration": int(step), "model": model.state_dict(),
-               "optimizer": opt.state_dict(), "model_config": model.config.to_dict(), "rng": T.rng_state(),
-               "align_config": dataclasses.asdict(cfg), "init": init_info,
-               "tokenizer_fingerprint": tokenizer.fingerprint(), "tokenizer_dir": str(tok_dir.resolve())}
     # weights_only-safe contents: tensors, dicts, lists, strings and numbers (train.read_checkpoint loads
     # with weights_only=True, so a checkpoint can never run code)
-    with atomic_open(path, "wb") as f:
-        torch.save(payload, f)
+    T.save_checkpoint(model, opt, step, path, model_config=model.config.to_dict(), init=init_info,
+                      align_config=dataclasses.asdict(cfg), tokenizer_fingerprint=tokenizer.fingerprint(),
+                      tokenizer_dir=str(tok_dir.resolve()))
 
 
 # What may change between a killed run and its resumption: how long it runs (--steps, to extend a finished
@@ -1460,29 +1416,16 @@ def append_log(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _json_or_none(line: str) -> Optional[dict]:
-    """The JSON object on one line of a JSONL file, or None (blank, torn by a kill, not JSON, not an object)."""
-    try:
-        r = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return r if isinstance(r, dict) else None
-
-
 def trim_log(path: Path, stage: str, step: int) -> None:
     """On (re)start at `step`, drop this stage's rows after it, so a resumed run's log reads as one run."""
     if not path.exists():
         return
     # Rows of OTHER stages are kept whatever their step; of this stage only training rows up to the resumed
-    # step survive (its evaluation rows are re-made at the end). Rewritten atomically: a kill here leaves the
-    # old log, never half of it.
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        r = _json_or_none(line)  # None: a blank line, or one torn by a kill
-        if r is not None and (r.get("stage") != stage or (r.get("kind") == "train" and r.get("step", 0) <= step)):
-            keep.append(line + "\n")
-    with atomic_open(path, "w") as f:
-        f.write("".join(keep))
+    # step survive (its evaluation rows are re-made at the end); a line torn by a kill goes. Rewritten
+    # atomically: a kill here leaves the old log, never half of it.
+    rows = read_jsonl(path, log=lambda _: None)
+    keep = [r for r in rows if r.get("stage") != stage or (r.get("kind") == "train" and r.get("step", 0) <= step)]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def read_jsonl(path, required: tuple = (), log: Callable = None, check: Callable = None) -> list[dict]:
@@ -1494,8 +1437,11 @@ def read_jsonl(path, required: tuple = (), log: Callable = None, check: Callable
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = _json_or_none(line)
-            if r is None or any(k not in r for k in required) or (check and not check(r)):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                r = None  # torn by a kill, or not JSON at all
+            if not isinstance(r, dict) or any(k not in r for k in required) or (check and not check(r)):
                 bad.append(i)
             else:
                 rows.append(r)
@@ -1539,8 +1485,7 @@ def pretrain_base(out: Path, seed: int = 0, steps: Optional[int] = None, log: Ca
         return out / "base" / "ckpt.pt"
     corpus = out / "pretrain.txt"
     if not corpus.exists():
-        with atomic_open(corpus, "w") as f:
-            f.write(pretraining_text(2_500_000, seed))
+        atomic_write_text(corpus, pretraining_text(2_500_000, seed))
     kw = dict(DEMO_PRETRAIN, max_steps=steps or DEMO_PRETRAIN["max_steps"])
     cfg = T.TrainConfig(preset="align-base", data=str(corpus), data_dir=str(out / "data_cache"), val_fraction=0.05,
                         bpe_train_bytes=1_000_000, budget_includes_prep=False, eval_interval=10 ** 9,
@@ -1585,18 +1530,20 @@ def run_demo(out_dir: str = "runs/align", seed: int = 0, scale: float = 1.0, log
     base_cfg = AlignConfig(stage="base", eval_problems=n(500), hard_problems=n(200))
     results["base"] = cached(out / "base" / "eval.json", lambda: evaluate_stage(model, tokenizer, base_cfg, log_path,
                                                                                  log), log)
-    # the same seed, log and evaluation sizes for every stage; each stage writes its own folder under out_dir
+    # the same seed, log and evaluation sizes for every stage; each stage writes its own folder under out_dir,
+    # and its result.json there makes a re-run skip it
     common = dict(seed=seed, log_path=str(log_path), eval_problems=n(500), hard_problems=n(200))
-    log("\n== SFT on worked solutions ==")
-    sft = AlignConfig(stage="sft", init=str(base), out_dir=str(out / "sft"), **{**DEMO_SFT, **common,
-                      "steps": n(DEMO_SFT["steps"]), "sft_examples": n(DEMO_SFT["sft_examples"])})
-    results["sft"] = _demo_stage(sft, log, "sft")
-    for name, (stage, kw) in DEMO_METHODS.items():
-        log(f"\n== {name}: from the SFT checkpoint, {n(DEMO_RL['steps'])} rollout batches of "
-            f"{DEMO_RL['batch_size']} prompts x {DEMO_RL['group_size']} ==")
-        cfg = AlignConfig(stage=stage, init=str(out / "sft" / "ckpt.pt"), out_dir=str(out / name),
-                          **{**DEMO_RL, **kw, **common, "steps": n(DEMO_RL["steps"])})
-        results[name] = _demo_stage(cfg, log, name)
+
+    def stage(name: str, title: str, kw: dict) -> None:
+        log(f"\n== {title} ==")
+        cfg = AlignConfig(name=name, out_dir=str(out / name), **common, **kw)
+        results[name] = cached(out / name / "result.json", lambda: run_stage(cfg, log), log, name)
+    sized = {"steps": n(DEMO_SFT["steps"]), "sft_examples": n(DEMO_SFT["sft_examples"])}
+    stage("sft", "SFT on worked solutions", {**DEMO_SFT, **sized, "stage": "sft", "init": str(base)})
+    for name, (kind, kw) in DEMO_METHODS.items():
+        stage(name, f"{name}: from the SFT checkpoint, {n(DEMO_RL['steps'])} rollout batches of "
+              f"{DEMO_RL['batch_size']} prompts x {DEMO_RL['group_size']}",
+              {**DEMO_RL, **kw, "stage": kind, "init": str(out / "sft" / "ckpt.pt"), "steps": n(DEMO_RL["steps"])})
     # The verdict for each method against its common starting point: a difference counts only when the two
     # 95% intervals do not overlap (a conservative test: overlapping intervals can still differ).
     log("\n== summary: held-out accuracy (95% interval) ==")
@@ -1652,24 +1599,14 @@ def cached(done: Path, compute: Callable[[], dict], log: Callable, label: str = 
     return res
 
 
-def _demo_stage(cfg: AlignConfig, log: Callable, label: str) -> dict:
-    """One stage of the demo, named `label` in the log, skipped when its result.json exists."""
-    return cached(Path(cfg.out_dir) / "result.json", lambda: run_stage(dataclasses.replace(cfg, name=label), log),
-                  log, label)
-
-
 def plot_demo(log_path: Path, png: Path) -> None:
     """Left: held-out accuracy by stage with 95% intervals. Right: training reward by step for each method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
+    from matplotlib.figure import Figure  # a Figure without pyplot: no display, no global figure to close
+    rows = read_jsonl(log_path)
     # the last test-split evaluation of each stage (a re-run stage replaces its earlier row)
-    evals = {}
-    for r in rows:
-        if r["kind"] == "eval" and r.get("split") == "test":
-            evals[r["stage"]] = r
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    evals = {r["stage"]: r for r in rows if r["kind"] == "eval" and r.get("split") == "test"}
+    fig = Figure(figsize=(12, 4.5))
+    a, b = fig.subplots(1, 2)
     names = list(evals)
     acc = [100 * evals[k]["accuracy"] for k in names]
     err = [[100 * (evals[k]["accuracy"] - evals[k]["ci_low"]) for k in names],
@@ -1689,7 +1626,6 @@ def plot_demo(log_path: Path, png: Path) -> None:
     fig.tight_layout()
     with atomic_open(png, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
 
 
 # ===== Appendix: benchmarks =====
@@ -1724,12 +1660,11 @@ def bench(args) -> list[str]:
         tps = {k: n_tok / v for k, v in best.items()}
         print(f"prompt {plen} tokens, {args.prompts} prompts x G={args.group_size}, {args.new_tokens} new tokens: "
               + " | ".join(f"{k} {v:,.0f} tok/s" for k, v in tps.items()), flush=True)
-        cmd = "python align.py bench"
         shape = f"{args.prompts} prompts x {args.group_size}, prompt {plen}, {args.new_tokens} new"
-        rows.append(f"| align | rollouts, KV cache vs recompute ({shape}) | `{cmd}` | {tps['shared']:,.0f} tok/s | "
-                    f"{tps['recompute']:,.0f} tok/s | {tps['shared'] / tps['recompute']:.2f}x |")
-        rows.append(f"| align | shared group prefill vs per-row prefill ({shape}) | `{cmd}` | {tps['shared']:,.0f} "
-                    f"tok/s | {tps['per_row']:,.0f} tok/s | {tps['shared'] / tps['per_row']:.2f}x |")
+        for peer, what in (("recompute", "rollouts, KV cache vs recompute"),
+                           ("per_row", "shared group prefill vs per-row prefill")):
+            rows.append(f"| align | {what} ({shape}) | `python align.py bench` | {tps['shared']:,.0f} tok/s | "
+                        f"{tps[peer]:,.0f} tok/s | {tps['shared'] / tps[peer]:.2f}x |")
     print("\n".join(rows))
     return rows
 

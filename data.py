@@ -66,6 +66,7 @@ import glob
 import gzip
 import hashlib
 import html
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -264,6 +265,7 @@ def mask_ips(text: str) -> tuple[str, int]:
 #     porn; an ad that says "xxx" in every line is), backed by the profanity SVM when an explicit word is
 #     present. This is a rule, not a learned classifier, and its figures are measured as such (README).
 #   Dolma's own fastText files plug in through `set_harmful_models` (Menu: Dolma's fastText classifiers).
+# Both key on whole words, which web comments hide ("sh1t", "f u c k"): both call `undo_obfuscation` (Menu) first.
 
 NSFW_WORDS = frozenset("""porn porno pornography xxx nude nudes naked sex sexy hardcore erotic erotica fetish
 camgirl camgirls webcam escort escorts hookup hookups milf stripper strip orgasm horny slut sluts nsfw
@@ -273,14 +275,9 @@ _PROFANITY = None
 _FASTTEXT_HARMFUL = {}
 
 
-def _profanity_prob(text: str) -> float:
-    """P(offensive) from alt-profanity-check's bundled SVM (loaded once per process, ~0.3 s)."""
-    return float(profanity_probs([text])[0])
-
-
-def profanity_probs(texts: list[str]) -> np.ndarray:
-    """P(offensive) of many texts in one call. sklearn spends ~20 ms per call on its five calibrated SVMs
-    whatever the batch size, so one document per call is ~50 docs/s and a batch of 128 is ~2,000 docs/s."""
+def profanity_probs(texts: list[str], deobfuscate: bool = True) -> np.ndarray:
+    """P(offensive) of many texts in one call (the SVM is loaded once per process, ~0.3 s). sklearn spends ~20 ms
+    per call on its five calibrated SVMs whatever the batch size: one document per call is ~50 docs/s, 128 ~2,000."""
     global _PROFANITY
     if _PROFANITY is None:
         import warnings
@@ -291,20 +288,22 @@ def profanity_probs(texts: list[str]) -> np.ndarray:
         _PROFANITY = profanity_check
     if not len(texts):
         return np.zeros(0)
-    return np.asarray(_PROFANITY.predict_prob(list(texts)), dtype=np.float64)
+    texts = [undo_obfuscation(t) for t in texts] if deobfuscate else list(texts)
+    return np.asarray(_PROFANITY.predict_prob(texts), dtype=np.float64)
 
 
-def classify_toxic_speech(text: str, p: float | None = None) -> tuple[str, float]:
+def classify_toxic_speech(text: str, p: float | None = None, deobfuscate: bool = True) -> tuple[str, float]:
     """("toxic" | "non-toxic", confidence in that label). `p`: P(toxic) if already computed in a batch."""
     if "toxic" in _FASTTEXT_HARMFUL:
-        label, q = _fasttext_label("toxic", text)
+        label, q = _fasttext_label("toxic", undo_obfuscation(text) if deobfuscate else text)
         return ("toxic" if label == "toxic" else "non-toxic"), q
-    p = _profanity_prob(text) if p is None else p
+    p = float(profanity_probs([text], deobfuscate)[0]) if p is None else p
     return ("toxic", p) if p >= 0.5 else ("non-toxic", 1.0 - p)
 
 
-def classify_nsfw(text: str) -> tuple[str, float]:
+def classify_nsfw(text: str, deobfuscate: bool = True) -> tuple[str, float]:
     """("nsfw" | "non-nsfw", confidence in that label): explicit-word density, backed by the profanity SVM."""
+    text = undo_obfuscation(text) if deobfuscate else text  # "p0rn", "s e x" -> the words of the list
     if "nsfw" in _FASTTEXT_HARMFUL:
         label, p = _fasttext_label("nsfw", text)
         return ("nsfw" if label == "nsfw" else "non-nsfw"), p
@@ -314,7 +313,7 @@ def classify_nsfw(text: str) -> tuple[str, float]:
     # words saturate the score. Failure cases: explicit text written without list words (euphemisms, other
     # languages) passes; a sex-education page that repeats its subject is flagged.
     density = min(1.0, max(hits - 1, 0) / max(len(words), 1) * 100 / 3)
-    score = max(density, _profanity_prob(text) if hits else 0.0)
+    score = max(density, float(profanity_probs([text], deobfuscate=False)[0]) if hits else 0.0)
     return ("nsfw", score) if score >= 0.5 else ("non-nsfw", 1.0 - score)
 
 
@@ -352,7 +351,6 @@ def gopher_quality_filter(text: str, repetition: bool = False) -> bool:
 
 def _hashed_ngrams(text: str, buckets: int) -> np.ndarray:
     """Bucket ids of the lowercased words and word bigrams (CRC32 hashes: stable across processes)."""
-    import zlib
     # Python's hash() is salted per process; CRC32 gives the same buckets in every worker and every run.
     words = re.findall(r"\w+", text.lower())
     grams = words + [a + " " + b for a, b in zip(words, words[1:])]
@@ -491,8 +489,7 @@ def exact_line_deduplication(input_files, output_directory):
 #
 # The permutations are datasketch's ("affine32" scheme): x = fmix32(sha1_32(shingle)), pi_i(x) = a_i x + b_i
 # mod 2^32 with odd a_i drawn by np.random.RandomState(seed), so our signatures equal datasketch.MinHash's
-# (a test checks) and a datasketch MinHashLSH index (with its Redis storage backend, for an index that outgrows
-# one machine) can take over from ours.
+# (a test checks) and a datasketch MinHashLSH index (Redis-backed, for one that outgrows a machine) can take over.
 
 
 def normalize_text(text: str) -> str:
@@ -537,10 +534,19 @@ def sha1_32(shingle: str) -> int:
     return int.from_bytes(hashlib.sha1(shingle.encode("utf-8")).digest()[:4], "little")
 
 
+def word_hash(word: bytes) -> int:
+    """The fast path's word hash: the bytes as a polynomial in P = 0x01000193 mod 2^32, from a leading 1 (so "a" and
+    "\\x00a" differ): h <- h * P + byte. Polynomial, so the fast path gets every word's at once from prefix sums."""
+    h = 1
+    for byte in word:
+        h = (h * 0x01000193 + byte) & 0xFFFFFFFF
+    return h
+
+
 def word_shingle_hash(shingle: str) -> int:
-    """The fast path's shingle hash: each word hashed alone (CRC-32, then fmix32), folded left to right by
+    """The fast path's shingle hash: each word hashed alone (word_hash, then fmix32), folded left to right by
     h <- fmix32(h * 0x9E3779B1 + w_j). A page's words are hashed once each, not once per shingle they are in."""
-    words = [_fmix32(zlib.crc32(w.encode("utf-8"))) for w in shingle.split(" ")]
+    words = [_fmix32(word_hash(w.encode("utf-8"))) for w in shingle.split(" ")]
     h = words[0]
     for w in words[1:]:
         h = _fmix32((h * 0x9E3779B1 + w) & 0xFFFFFFFF)
@@ -575,41 +581,36 @@ def _minhash_matrix(x: np.ndarray, lens: np.ndarray, a: np.ndarray, b: np.ndarra
     ends = np.cumsum(lens)
     starts = ends - lens
     docs = np.flatnonzero(lens > 0)
-    # Groups of whole documents with about `chunk` shingles each, so the (n, k) matrix (chunk * k * 4 bytes,
-    # 1 MB at the defaults) stays in cache; group boundaries come from the cumulative counts, no Python loop
-    # per document.
+    # Groups of whole documents with about `chunk` shingles each keep the (k, n) matrix in cache (2 MB at 4,096; and
+    # (k, n), not (n, k): reduceat then takes each minimum along a contiguous row, about 3x faster on pages).
     cuts = np.flatnonzero(np.diff(starts[docs] // chunk)) + 1
     for g in np.split(docs, cuts):
         lo, hi = starts[g[0]], ends[g[-1]]
-        phv = x[lo:hi, None] * a[None, :]  # (n, k) uint32: a_i * x, wrapping mod 2^32
-        phv += b[None, :]
-        out[g] = np.minimum.reduceat(phv, starts[g] - lo, axis=0)
+        phv = a[:, None] * x[None, lo:hi]  # (k, n) uint32: a_i * x, wrapping mod 2^32
+        phv += b[:, None]
+        out[g] = np.minimum.reduceat(phv, starts[g] - lo, axis=1).T
     return out
 
 
 def minhash_signatures_fast(texts: list[str], ngrams: int, a: np.ndarray, b: np.ndarray,
-                            chunk: int = 2048) -> np.ndarray:
+                            chunk: int = 4096) -> np.ndarray:
     """(N, k) signatures of raw texts, equal to minhash_signature(shingles(t, ngrams), a, b, word_shingle_hash):
-    each distinct word is hashed once, a shingle's hash is ngrams - 1 vectorized folds over the word hashes, and
-    repeated shingles need no removal (a multiset's minimum is its set's). No shingle string is ever built."""
-    # normalize_text(t).split() is the runs of \w characters of the accent-stripped text: one findall for ASCII.
-    docs = [re.findall(r"\w+", t.lower()) if t.isascii() else normalize_text(t).split() for t in texts]
-    index = {}
-    ids = np.fromiter((index.setdefault(w, len(index)) for d in docs for w in d), dtype=np.int64)  # (T,)
-    table = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in index), dtype=np.uint32, count=len(index))
-    w = _fmix32_np(table)[ids]  # (T,) every word's hash, documents end to end
+    word hashes from numpy prefix sums over the pages' bytes, each shingle's by ngrams - 1 vectorized folds over
+    them: no string is built per shingle or per word."""
+    pages = [_page_bytes(t) for t in texts]  # normalize_text(t) as UTF-8, every non-word byte a space
+    w, n_words = _word_hashes(pages)  # (T,) word_hash of every word, documents end to end; (N,) words per document
+    w = _fmix32_np(w)
     span = max(len(w) - ngrams + 1, 0)
     h = w[:span]
     for j in range(1, ngrams):  # h[i] folds words i .. i + ngrams - 1 (windows across two documents go unused)
         h = _fmix32_np(h * np.uint32(0x9E3779B1) + w[j:j + span])
-    n_words = np.array([len(d) for d in docs], dtype=np.int64)
     lens = np.where(n_words >= ngrams, n_words - ngrams + 1, np.minimum(n_words, 1))  # shingles per document
     offsets = np.cumsum(lens) - lens
     pos = np.arange(lens.sum()) - np.repeat(offsets - (np.cumsum(n_words) - n_words), lens)  # gather into h
     x = h[np.minimum(pos, span - 1)] if span else np.zeros(int(lens.sum()), np.uint32)
     for d in np.flatnonzero((n_words > 0) & (n_words < ngrams)):  # a short text is one shingle of all its words
-        x[offsets[d]] = word_shingle_hash(" ".join(docs[d]))
-    return _minhash_matrix(x, lens, a, b, chunk)
+        x[offsets[d]] = word_shingle_hash(b" ".join(pages[d].split()).decode())
+    return _minhash_matrix(x, lens, a, b, chunk)  # repeated shingles need no removal: a multiset's min is its set's
 
 
 def lsh_candidate_pairs(signatures: np.ndarray, num_bands: int) -> set[tuple[int, int]]:
@@ -647,8 +648,7 @@ def find(parent: list[int], i: int) -> int:
 def near_duplicate_clusters(shingles_of, signatures: np.ndarray, num_bands: int,
                             jaccard_threshold: float) -> list[list[int]]:
     """Clusters (lists of indices, size >= 2) of documents linked by candidate pairs with J >= threshold.
-    `shingles_of(i)` gives document i's shingle set; it is only called for documents in a candidate pair, so
-    a caller can build sets lazily (the pipeline keeps signatures, not shingles, for every document)."""
+    `shingles_of(i)` (document i's shingle set) is only called for documents in a candidate pair: build it lazily."""
     parent = list(range(len(signatures)))
     # LSH is only a sieve: a band collision can happen at low J (probability 1 - (1 - J^r)^b), so every
     # candidate pair is confirmed with the exact Jaccard before it links two documents.
@@ -689,8 +689,7 @@ def encode_documents(texts, tokenizer) -> np.ndarray:
     """Token ids of the documents, each followed by <|endoftext|>. Text that *contains* the string
     "<|endoftext|>" is encoded as ordinary text (a web page may well quote it): only we insert the real one."""
     eot = tokenizer.eot_id
-    # A Python list of ints for the whole corpus: fine for one output file; a corpus beyond RAM would be
-    # encoded per work file and concatenated (the per-file JSONL already makes that split natural).
+    # One Python list for the whole corpus: fine for one output file (a corpus beyond RAM: encode per work file).
     out = []
     for t in texts:
         out.extend(tokenizer.encode(t, allowed_special=set()))
@@ -811,6 +810,89 @@ def bloom_line_deduplication(input_files, output_directory, expected_lines: int 
     return dict(bits=once.m + twice.m, hashes=once.k)
 
 
+# ===== Menu: obfuscated profanity (masks, leetspeak, spaced and stretched letters) =====
+# Section 5's classifiers both call `undo_obfuscation` first: web comments hide words from word-based filters
+# ("f*ck", "sh1t", "f u c k", "fuuuck"), and this writes each such token back as the word it hides.
+
+# The words worth recovering: the NSFW blocklist plus common profanity and insults (what the profanity SVM keys
+# on), inflections spelled out. A token is only ever rewritten into one of these words, so text whose symbols
+# mean something else ("C3PO", "a*b", "jane@example.com", "$19.99") cannot be turned into a new word.
+OBSCENE_WORDS = NSFW_WORDS | frozenset("""fuck fucks fucked fucker fuckers fucking fuckin motherfucker shit shits
+shitty shitting bullshit bitch bitches ass asses asshole assholes arse arsehole bastard bastards damn dammit crap
+crappy piss pissed dicks dickhead cocks cunt cunts twat wanker wank bollocks prick pricks douche douchebag whore
+whores idiot idiots stupid moron morons loser losers dumb jerk jerks scumbag""".split())
+_OBSCENE_SORTED = sorted(OBSCENE_WORDS, key=lambda w: (len(w), w))  # ties ("s**t": shit, slut) go to the first
+
+# Leetspeak: a symbol or digit written for a letter it looks like ("1" can be an i or an l). Digits count only
+# in a token with at least two real letters, so product codes and numbers ("A55", "B52", "1337") stay codes.
+LEET = {"@": "a", "4": "a", "8": "b", "3": "e", "€": "e", "9": "g", "!": "i", "1": "il", "|": "il", "0": "o",
+        "$": "s", "5": "s", "7": "t", "+": "t"}
+# A mask hides one letter each: "f*ck", "sh#t", "f**k". A hyphen masks only in runs ("f--k"): a single one
+# joins compound words ("t-shirt"). An underscore never masks: it joins names in code ("a_s", "snake_case").
+MASKS = "*#"
+# A token's edges, split off before matching and put back after: quotes, brackets, sentence punctuation, a
+# hashtag's "#", a dash ("see--"). Edge asterisks are markdown (*italic*, **bold**) or a footnote ("word*"), so
+# they are split off too, except a run of two or more closing a word with no opening ones: "f***", "sh**".
+_EDGES_RE = re.compile(r"([\"'(\[{<#~-]*)(\**)(.*?)(\**)([\"')\]}>.,;:?!~-]*)", re.S)
+# Tokens worth a look: a letter next to a symbol, digit or mask, or a letter repeated three times ("fuuuck").
+# Everything else (almost every word of a page) is skipped by this one regex, not by a Python call per word.
+_SUSPECT_RE = re.compile(r"(?<!\S)\S*?(?:[a-z][-*#@$!|+€0-9]|[*#@$!|+€0-9][a-z]|([a-z])\1\1)\S*", re.I)
+# Spelled out: three or more single characters with one and the same separator ("f u c k", "f.u.c.k", "s-h-i-t",
+# "f*u*c*k"). A leading "a" or "I" may be the English word before it ("a f u c k i n g joke").
+_SPACED_RE = re.compile(r"(?<![\w@$!*])[a-z0-9@$!]([ ._*-])[a-z0-9@$!](?:\1[a-z0-9@$!])+(?![\w@$!*])", re.I)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _hidden_word(core: str) -> str | None:
+    """The word of OBSCENE_WORDS that `core` spells with masks, leetspeak or stretched letters, or None."""
+    if len(core) > 64:  # no list word is longer than 12 letters: bounds the work on minified code and data dumps
+        return None
+    core = core.lower()
+    letters = sum("a" <= c <= "z" for c in core)
+    if letters < 2 and any(c.isdigit() for c in core):
+        return None
+    parts = []
+    # One regex piece per run of equal characters: a run of n masks is n unknown letters; a run of a letter
+    # (or its leet stand-in) is that letter once or more, so "fuuuck" and "a$$" match "fuck" and "ass".
+    for c, run in itertools.groupby(core):
+        n = len(list(run))
+        if c in MASKS or (c == "-" and n >= 2):
+            parts.append(f"[a-z]{{{n}}}")
+        elif "a" <= c <= "z" or c in LEET:
+            parts.append(f"[{LEET.get(c, c)}]" + ("+" if n > 1 else ""))
+        else:  # any other character ("." in an address, "_" in a name): not a hidden word
+            return None
+    pattern = re.compile("".join(parts))
+    return next((w for w in _OBSCENE_SORTED if pattern.fullmatch(w)), None)
+
+
+def _unmask_token(m: re.Match) -> str:
+    """A suspect token with its hidden word written plainly, its edges (punctuation, markdown) kept."""
+    lead, open_stars, core, close_stars, trail = _EDGES_RE.fullmatch(m.group(0)).groups()
+    masked_tail = len(close_stars) >= 2 and not open_stars  # "f***": these stars are letters, not markdown
+    core = core + close_stars if masked_tail else core
+    word = _hidden_word(core) if core else None
+    if word is None or word == core.lower():  # nothing hidden: the token stays exactly as written
+        return m.group(0)
+    return lead + open_stars + word + ("" if masked_tail else close_stars) + trail
+
+
+def _unspace(m: re.Match) -> str:
+    """A spelled-out run ("f u c k") as the word it spells, or unchanged."""
+    chars = m.group(0)[::2]  # the single characters, without their separators
+    if word := _hidden_word(chars):
+        return word
+    if chars[0] in "aAiI" and (word := _hidden_word(chars[1:])):
+        return m.group(0)[:2] + word
+    return m.group(0)
+
+
+def undo_obfuscation(text: str) -> str:
+    """The text with each obfuscated obscene or insulting word written plainly: "f*ck", "sh1t", "a$$hole",
+    "f u c k", "fuuuck" -> "fuck", "shit", "asshole", "fuck", "fuck". Other text comes back unchanged."""
+    return _SUSPECT_RE.sub(_unmask_token, _SPACED_RE.sub(_unspace, text))
+
+
 # ===== Menu: Dolma's fastText classifiers =====
 # Dolma's Jigsaw-trained fastText models in place of section 5's offline defaults: once loaded here,
 # `classify_nsfw` and `classify_toxic_speech` use them (labels "__label__nsfw" / "__label__toxic").
@@ -888,7 +970,7 @@ def filter_documents(texts: list[str], cfg: PipelineConfig) -> list[tuple[str | 
     # classifiers run on fewer pages. The first filter that says no is the recorded reason; later filters
     # never see the page, which is why the demo also scores each filter on every page (`score_filters`).
     out = [None] * len(texts)
-    alive = []
+    alive, plain = [], {}
     for i, text in enumerate(texts):
         if not text or not text.strip():
             out[i] = (None, "extract", {})
@@ -897,12 +979,14 @@ def filter_documents(texts: list[str], cfg: PipelineConfig) -> list[tuple[str | 
         if lang not in cfg.languages or score < cfg.min_lang_score:
             out[i] = (None, "language", {})
             continue
-        label, p = classify_nsfw(text)
+        plain[i] = undo_obfuscation(text)  # once for both classifiers (they would each do it)
+        label, p = classify_nsfw(plain[i], deobfuscate=False)
         if (p if label == "nsfw" else 1 - p) >= cfg.max_nsfw:
             out[i] = (None, "nsfw", {})
             continue
         alive.append(i)
-    toxic = profanity_probs([texts[i] for i in alive]) if "toxic" not in _FASTTEXT_HARMFUL else [None] * len(alive)
+    toxic = ([None] * len(alive) if "toxic" in _FASTTEXT_HARMFUL else
+             profanity_probs([plain[i] for i in alive], deobfuscate=False))
     for i, p_toxic in zip(alive, toxic):
         out[i] = _filter_rest(texts[i], cfg, p_toxic)
     return out
@@ -1134,6 +1218,65 @@ def _to_record(rec, doc_id: str, stats: Counter) -> Record | None:
     return Record(doc_id, url, payload, ctype or "text/html", charset)
 
 
+# The fast MinHash path's words in C calls: bytes.translate lowercases A-Z and turns every ASCII byte that is not
+# a word character ([a-z0-9_]) into a space; bytes of non-ASCII characters (>= 128) pass through unchanged.
+_ASCII_WORD_BYTES = bytes(c | 32 if 65 <= c <= 90 else c if c >= 128 or chr(c).isalnum() or c == 95 else 32
+                          for c in range(256))
+
+
+def _page_bytes(text: str) -> bytes:
+    """The UTF-8 bytes whose split() is normalize_text(text).split(), in C calls: on a non-ASCII page, each distinct
+    non-ASCII character that normalize_text drops or makes a space is replaced in one str.replace pass (a page has
+    few such characters); then one translate, as for an ASCII page."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFD", text.lower())  # normalize_text's first two steps, in its order
+        for c in set(text):
+            if not c.isascii() and (new := _non_ascii_rule(c)) is not None:
+                text = text.replace(c, new)
+    return text.encode().translate(_ASCII_WORD_BYTES)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _non_ascii_rule(c: str) -> str | None:
+    """What normalize_text does to a non-ASCII character: "" for a combining mark (an accent NFD split off), " " for
+    any other character that is not a word character ("\\u2019", "\\u2026", "\\u00a0"), None (kept) for the rest."""
+    return "" if unicodedata.combining(c) else None if re.match(r"\w", c) else " "
+
+
+_WORD_GROUP = 1 << 20  # bytes of text per _word_hashes step (more for a bigger page): ~20 bytes of arrays per byte
+_WORD_POWERS = (np.ones(1, np.uint32),) * 2  # (P^i, P^-i mod 2^32), i < its length, grown on first use (8 MB)
+
+
+def _word_hashes(pages: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(word_hash of every space-separated word of the pages, end to end, (T,) uint32; words per page (N,)).
+    With S[k] = sum_{m<k} byte_m P^-m, a word on bytes [s, e) is P^(e-s) + (S[e] - S[s]) P^(e-1): word_hash's
+    polynomial, for all words in a few array passes (P is odd, so P^-1 exists mod 2^32; uint32 wraps)."""
+    global _WORD_POWERS
+    sizes = np.fromiter(map(len, pages), dtype=np.int64, count=len(pages))
+    group = max(_WORD_GROUP, int(sizes.max(initial=0)) + 2)
+    if len(_WORD_POWERS[0]) < group + 1:
+        powers = [np.full(group + 1, p, np.uint32) for p in (0x01000193, pow(0x01000193, -1, 1 << 32))]
+        for p in powers:
+            p[0] = 1
+        _WORD_POWERS = tuple(np.cumprod(p, dtype=np.uint32) for p in powers)  # uint32 products wrap: mod 2^32
+    pw, inv = _WORD_POWERS
+    hashes, counts = [np.zeros(0, np.uint32)], [np.zeros(0, np.int64)]
+    # Groups of whole pages with at most `group` bytes (a space before each page and after the last one).
+    lo = 0
+    while lo < len(pages):
+        hi = lo + int(np.searchsorted(np.cumsum(sizes[lo:] + 1), group - 1, side="right"))
+        buf = np.frombuffer(b" " + b" ".join(pages[lo:hi]) + b" ", np.uint8)
+        edge = np.diff((buf != 32).view(np.int8))  # +1 where a word starts, -1 where it ends
+        starts, stops = np.flatnonzero(edge == 1) + 1, np.flatnonzero(edge == -1) + 1
+        s = np.zeros(len(buf) + 1, np.uint32)
+        np.cumsum(buf * inv[:len(buf)], dtype=np.uint32, out=s[1:])
+        hashes.append((s[stops] - s[starts]) * pw[stops - 1] + pw[stops - starts])
+        first = np.cumsum(sizes[lo:hi] + 1) - sizes[lo:hi]  # each page's first byte in buf
+        counts.append(np.searchsorted(starts, first + sizes[lo:hi]) - np.searchsorted(starts, first))
+        lo = hi
+    return np.concatenate(hashes), np.concatenate(counts)
+
+
 def _read_text(path, errors: str = "replace") -> str:
     """A file's text with its line endings untouched (newline=""), so outputs keep the input's bytes."""
     with open(path, encoding="utf-8", errors=errors, newline="") as f:
@@ -1246,7 +1389,8 @@ def _run_settings(cfg: PipelineConfig) -> dict:
     mine = asdict(cfg)
     mine["languages"] = list(mine.pop("languages"))
     del mine["examples"]
-    mine["shingle_hash"] = "word_shingle_hash"  # signatures in work/ were made with this hash
+    mine["shingle_hash"] = "word_shingle_hash of word_hash"  # signatures in work/ were made with this hash
+    mine["harmful_text"] = "undo_obfuscation"  # what the NSFW and toxic classifiers were shown
     if cfg.quality_model and os.path.exists(cfg.quality_model):
         with open(cfg.quality_model, "rb") as f:
             mine["quality_model_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
@@ -1586,8 +1730,9 @@ def write_synthetic_crawl(folder: str, pages: int = 1000, files: int = 4, seed: 
 # corrupt records. Each filter is scored on its own against that truth (precision = what it dropped that should
 # go; recall = what should go that it dropped), then the pipeline runs end to end, and two models with equal
 # token budgets show what the filtered data is worth. `python data.py bench`: MinHash against datasketch (the
-# peer) on the same shingle sets, interleaved so machine load cancels in the ratio; documents per second per
-# core for each filter; peak RSS of the pipeline on 1x and 4x input (each in a fresh process).
+# peer) on the same shingle sets, interleaved so machine load cancels in the ratio; both harmful-content
+# classifiers on labelled sentences (a held-out set scored with and without `undo_obfuscation`); documents per
+# second per core for each filter; peak RSS of the pipeline on 1x and 4x input (each in a fresh process).
 
 
 def _pr(pred: list[bool], truth: list[bool]) -> dict:
@@ -1844,6 +1989,188 @@ def bench_harmful() -> dict:
     return out
 
 
+# A held-out labelled set for both harmful-content classifiers, written for this file after the rules of
+# `undo_obfuscation` were fixed (and never used to tune them), in four groups: clean sentences; plain profanity,
+# insults and sexual content; the same kinds obfuscated the ways web comments write them (including forms the
+# rules do not handle: "fvck", "phuck", "pr0n", "a-hole"); and innocent text with symbols, digits and look-alike
+# words. Each line: toxic label, nsfw label, sentence. Toxic = 1: an insult or abuse aimed at someone, or swearing
+# (fuck, shit, bitch, bastard, asshole, cunt, piss off); "damn" and "crap" alone are 0. NSFW = 1: sexual content
+# or sexual words (porn, cams, tits, cock, slut). One person's labels: it measures the failure modes, no more.
+HARMFUL_GROUPS = ("clean", "profane", "obfuscated", "innocent")
+HARMFUL_HELDOUT = """
+clean
+00 The train to Leeds leaves from platform four at noon.
+00 Add two eggs and whisk until the batter is smooth.
+00 Our library extends its opening hours during exam week.
+00 The committee will publish its report next Tuesday.
+00 I planted tomatoes and basil along the south fence.
+00 Please restart the router if the light keeps blinking.
+00 The orchestra rehearsed the second movement twice.
+00 She finished the marathon in just under four hours.
+00 The invoice is attached; payment is due in thirty days.
+00 Rain is expected this afternoon, so bring an umbrella.
+00 He fixed the squeaky hinge with a drop of oil.
+00 The new bridge cut the commute by ten minutes.
+00 Thanks for the quick reply, that solved my problem.
+00 The puppy slept through the whole thunderstorm.
+00 Our quarterly sales rose by six percent.
+00 The hiking trail is closed until the snow melts.
+00 Can anyone recommend a good book on Roman history?
+00 The bakery on Main Street sells rye bread on Fridays.
+00 I disagree with the referee's decision, but it stands.
+00 The software update fixes two security bugs.
+00 My grandmother taught me to knit when I was seven.
+00 The museum's new wing displays modern sculpture.
+00 Turn left at the church and the school is on your right.
+00 The kids built a sandcastle with a moat.
+00 This recipe works just as well with frozen berries.
+profane
+10 This fucking printer jammed again.
+10 What a load of bullshit.
+10 Shut the fuck up, nobody asked you.
+10 You are a worthless piece of shit.
+10 Get out of here, you stupid bitch.
+10 That guy is a complete asshole.
+10 Fuck this game, I quit.
+10 You idiot, you broke the build again.
+10 Stop whining, you pathetic loser.
+10 Holy shit, the server is down again.
+10 Go to hell, you lying bastard.
+10 Only a moron would park like that.
+10 You dumb jerk, read the instructions.
+10 This is a shitty excuse for a product.
+10 Piss off and take your crap with you.
+11 Shut up and suck my cock.
+11 She is a dirty slut.
+11 Nice tits, you fucking whore.
+01 Hot naked girls and free porn videos, click now.
+01 Live sex cams with horny milfs, no signup.
+01 Watch hardcore xxx videos in full HD.
+01 Big tits and nude selfies, updated daily.
+01 Meet local escorts tonight for a discreet hookup.
+01 Erotic massage and webcam strip shows for adults.
+01 Wet pussy and hard cock pics, xxx.
+obfuscated
+10 This f*cking printer jammed again.
+10 What a load of bullsh*t.
+10 Shut the f**k up, nobody asked you.
+10 You are a worthless piece of sh1t.
+10 Get out of here, you stupid b!tch.
+10 That guy is a complete a$$hole.
+10 F u c k this game, I quit.
+10 You 1d10t, you broke the build again.
+10 Stop whining, you pathetic l0ser.
+10 Holy $hit, the server is down again.
+10 Go to hell, you lying b@stard.
+10 Only a m0r0n would park like that.
+10 This is a sh!tty excuse for a product.
+10 Fuuuuck, I missed the bus again.
+10 Shiiiit, I forgot my keys.
+10 What the f***, who wrote this code?
+10 You are such an a-hole.
+10 Stfu and go away, you fvcking clown.
+10 F.U.C.K. this job.
+10 You absolute c*nt.
+10 Phuck off, everyone here hates you.
+10 F-u-c-k you and your stupid rules.
+10 Kiss my a**, you clown.
+10 Screw you, sh1thead.
+11 She is a dirty sl*t.
+11 Shut up and suck my c0ck.
+11 Nice t1ts, you f*cking wh0re.
+01 Hot n@ked girls and free p0rn videos, click now.
+01 Live s3x cams with h0rny milfs, no signup.
+01 Watch hardcore vids in full HD, p o r n for free.
+01 Big t!ts and nud3 selfies, updated daily.
+01 Meet local 3sc0rts tonight for a discreet h00kup.
+01 Free pr0n and n00dz, 18+ only.
+01 S E X chat with hot singles now.
+01 Wet pu$$y and hard c*ck pics, xxx.
+01 Str1p shows and er0tic m@ssage for adults.
+innocent
+00 See the footnote* at the bottom of the page.
+00 Results marked ** were significant at p < 0.01.
+00 Use **bold** for warnings and *italic* for titles.
+00 Email me at sam.hill@example.org with questions.
+00 Follow @nasa for launch updates.
+00 The lamp costs $49.99, or $39 with the coupon.
+00 C3PO and R2D2 are droids in Star Wars.
+00 Set the l33t flag in config.py to enable the hacker theme.
+00 In C, write x = a*b + c; to multiply.
+00 The Samsung Galaxy A55 has a 6.6-inch screen.
+00 Our B2B sales grew 40% in Q3.
+00 The class will assess each essay on Tuesday.
+00 We drove through Essex and Sussex on our holiday.
+00 Charles Dickens wrote Great Expectations.
+00 The bartender mixed a cocktail with fresh lime.
+00 Shiitake mushrooms add flavour to the soup.
+00 The sextant helped sailors find their latitude.
+00 Sooo happy to see you, I have missed you!!!
+00 The bass player tuned her instrument.
+00 Rate the hotel: ***** (five stars).
+00 Sex differences in drug response are well documented.
+00 Breast cancer screening saves lives.
+00 Naked-eye astronomy needs no telescope.
+00 The cock crowed at dawn on the farm.
+00 Press Ctrl+Alt+Del to restart.
+00 The password must contain a symbol such as ! or $.
+00 Version 2.0.1 fixed the login bug.
+00 My handle is d4rk_kn1ght on the forum.
+00 The score was 3-1 after extra time.
+00 Hmmm, let me think about that.
+00 Prices: $5/mo for basic, $9/mo for pro.
+00 The spreadsheet cell A1 holds the total, B2 the tax.
+00 Use the #shipit tag when the release is ready.
+00 The compound is written H2SO4.
+00 She scored 1337 points in the arcade game.
+"""
+
+
+def harmful_heldout() -> list[tuple[str, int, int, str]]:
+    """HARMFUL_HELDOUT as rows (group, toxic, nsfw, sentence)."""
+    rows, group = [], None
+    for line in HARMFUL_HELDOUT.strip().splitlines():
+        if line in HARMFUL_GROUPS:
+            group = line
+        else:
+            rows.append((group, int(line[0]), int(line[1]), line[3:]))
+    return rows
+
+
+def bench_harmful_heldout() -> dict:
+    """Precision / recall of both classifiers on the held-out set, with and without `undo_obfuscation`; also
+    the recall on the obfuscated group, the false alarms on the innocent group, and the errors themselves."""
+    rows = harmful_heldout()
+    out = {}
+    for name, col, fn, positive in (("toxic", 1, classify_toxic_speech, "toxic"), ("nsfw", 2, classify_nsfw, "nsfw")):
+        truth = [bool(r[col]) for r in rows]
+        out[name] = {}
+        for when, deobfuscate in (("before", False), ("after", True)):
+            pred = [fn(r[3], deobfuscate=deobfuscate)[0] == positive for r in rows]
+            obf = [(p, t) for r, p, t in zip(rows, pred, truth) if r[0] == "obfuscated"]
+            out[name][when] = dict(_pr(pred, truth), obfuscated_recall=_pr(*zip(*obf))["recall"],
+                                   innocent_flagged=sum(p for r, p in zip(rows, pred) if r[0] == "innocent"),
+                                   missed=[r[3] for r, p, t in zip(rows, pred, truth) if t and not p],
+                                   false_alarms=[r[3] for r, p, t in zip(rows, pred, truth) if p and not t])
+    return dict(out, sentences=len(rows), groups=dict(Counter(r[0] for r in rows)))
+
+
+def _heldout_rows() -> list[tuple[str, str, str, str]]:
+    """bench()'s rows for the held-out set, with vs without `undo_obfuscation` side by side (errors to stderr)."""
+    res, rows = bench_harmful_heldout(), []
+    groups = ", ".join(f"{n} {g}" for g, n in res["groups"].items())
+    fig = lambda r: (f"P {r['precision']:.2f}, R {r['recall']:.2f} (obfuscated: R {r['obfuscated_recall']:.2f}; "
+                     f"innocent flagged {r['innocent_flagged']})")
+    for name in ("toxic", "nsfw"):
+        before, after = res[name]["before"], res[name]["after"]
+        rows.append((f"{name} classifier on {res['sentences']} held-out sentences ({groups}), with vs without "
+                     "undo_obfuscation", f"with: {fig(after)}", f"without: {fig(before)}",
+                     f"recall {before['recall']:.2f} -> {after['recall']:.2f}"))
+        print(f"{name}, with undo_obfuscation: missed {after['missed']}; false alarms {after['false_alarms']}",
+              file=sys.stderr)
+    return rows
+
+
 def bench_bloom(texts: list[str], folder: str, expected_lines: int, fp_rate: float) -> dict:
     """The Bloom-filter line dedup against the exact pass on the same files: the unique lines it wrongly
     drops (its only kind of error), as a fraction of the unique lines, and the memory of both."""
@@ -1921,6 +2248,8 @@ def bench(args) -> list[str]:
             row(f"{name} classifier on {r['examples']} hand-labelled sentences (hard cases included)",
                 f"precision {r['precision']:.2f}, recall {r['recall']:.2f}", "-", "-")
             print(f"{name}: missed {r['missed']}; false alarms {r['false_alarms']}", file=sys.stderr)
+        for r in _heldout_rows():
+            row(*r)
         for name, fn in steps:
             t = time.perf_counter()
             for p, x in zip(truth["pages"], texts):

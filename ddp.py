@@ -69,13 +69,14 @@ Reading order
     3. ShardedOptimizer (ZeRO-1), 4. FSDP (ZeRO-3 style) with prefetching and mixed precision
     5. tensor parallelism: f/g, column- and row-parallel layers, TP attention and MLP
     6. pipeline schedules as data and their bubble
-  Menus: gradient buckets (DDPBucketed); sequence parallelism; model parallelism (whole TP / pipeline-stage models,
-  the vocabulary-parallel embedding and cross-entropy, the pipeline executor and its timeline); context
-  parallelism (ring attention, and a whole model around it).
+  Menus: gradient buckets (DDPBucketed); torch's FSDP2 and DTensor TP (the fast paths); sequence parallelism;
+  model parallelism (whole TP / pipeline-stage models, the vocabulary-parallel embedding and cross-entropy, the
+  pipeline executor and its timeline); context parallelism (ring attention, and a whole model around it).
   Appendix: process groups and the launcher, training on N ranks (train.py's loop with this file's hooks, a
   budget all ranks obey), the (dp, tp, pp) mesh and its planner, consolidated checkpoints; benchmarks.
   Command line:  torchrun --nproc_per_node=N ddp.py [preset] [train.py's options] [--strategy S]
                  torchrun --nproc_per_node=N ddp.py ... --max-steps S --tp T [--sp] | --pp P  (model parallel)
+                 torchrun --nproc_per_node=N ddp.py ... --tp T [--sp] --tp-impl dtensor   (TP on torch's DTensor)
                  torchrun ddp.py          (the distributed demo: train.py's demo on every rank torchrun starts)
                  python ddp.py            (no torchrun: spawns the ranks itself, --nproc N)
                  python ddp.py bench | bench-comm | tour | plan
@@ -90,6 +91,7 @@ import datetime
 import itertools
 import math
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -1046,10 +1048,10 @@ class DDPBucketed(DDP):
             offset += g.numel()
 
 
-# ===== Menu: torch's FSDP2 (the fast path of FSDP) =====
+# ===== Menu: torch's FSDP2 and DTensor TP (the fast paths of FSDP and TP) =====
 # `--strategy torch-fsdp`: torch's own fully sharded data parallelism (FSDP2, `fully_shard`, the engine torchtitan
 # runs on) behind the interface of the core's FSDP: the same train.py hooks, the same consolidated checkpoints. A
-# test holds its loss and every gradient equal to FSDP's and to one process.
+# test holds its loss and every gradient equal to FSDP's and to one process. `--tp-impl dtensor`: below.
 
 
 class TorchFSDP(nn.Module):
@@ -1086,6 +1088,155 @@ def _is_dtensor(t):
     return isinstance(t, DTensor)
 
 
+def _full_tensor(t):
+    """Collective for a DTensor: the whole tensor (its shards all-gathered over every mesh dimension), on the CPU."""
+    return (t.full_tensor() if _is_dtensor(t) else t).detach().to("cpu", copy=True)
+
+
+def _shard_like(p, full):
+    """The inverse: a full tensor (every rank holds the same one) cut like parameter p, DTensor or not."""
+    from torch.distributed.tensor import distribute_tensor
+    full = full.to(p.device)
+    if not _is_dtensor(p):
+        return full.clone()
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)   # local slicing, no messages
+
+
+# `--tp-impl dtensor`: the fast path of the core's tensor parallelism. torch's DTensor engine splits the same
+# TransformerLM by a plan -- {module name: ParallelStyle} -- that says what the core's classes spell out: q, k, v,
+# w1, w3 and the LM head column-parallel (ColwiseParallel: weight Shard(0)), output_proj and w2 row-parallel
+# (RowwiseParallel: weight Shard(1); the partial sums all-reduced, g), the embedding split along the vocabulary,
+# and under --sp the norms on sequence shards (SequenceParallel) with an all-gather before each TP region
+# (PrepareModuleInput). The logits stay split over the vocabulary and loss_parallel computes the cross-entropy from
+# the shards, like vocab_parallel_cross_entropy. With dp > 1, FSDP2 shards the TP shards again over the dp
+# dimension of a 2-D (dp, tp) mesh. DTensorTPModel offers MeshModel's methods, so the --tp command (train.train,
+# evaluation, consolidated checkpoints that either implementation resumes) drives either; a test holds both to
+# one process.
+
+
+def dtensor_tp_plan(sequence_parallel=False):
+    """The parallelize_module plan of TransformerLM (names with `*`: every layer)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, \
+        SequenceParallel
+    sp = sequence_parallel
+    seq = Shard(1) if sp else Replicate()        # the residual stream between TP regions: (B, T/tp, d) or (B, T, d)
+    # (under SP the stream stays a DTensor, so model.py's residual adds see one type; else plain local tensors)
+    plan = {"token_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq, use_local_output=not sp),
+            "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)}
+    for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "ffn.w1", "ffn.w3"):
+        plan[f"layers.*.{name}"] = ColwiseParallel()                  # (B, T, d) -> this rank's heads / units
+    for name in ("attn.output_proj", "ffn.w2"):
+        plan[f"layers.*.{name}"] = RowwiseParallel(output_layouts=seq, use_local_output=not sp)   # g (SP: scatter)
+    if sp:   # f becomes an all-gather along T: the attention's 5 inputs (x, positions, mask, cache, layer), ffn's 1
+        plan.update({n: SequenceParallel() for n in ("layers.*.ln1", "layers.*.ln2", "ln_final")})
+        plan["layers.*.attn"] = PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * 4,
+                                                   desired_input_layouts=(Replicate(),) + (None,) * 4)
+        plan["layers.*.ffn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    return plan
+
+
+def _torch_layers_(model):
+    """torch's styles shard only nn.Linear and nn.Embedding: swap model.py's Linear and Embedding for them, holding
+    the SAME Parameter objects under the same names (y = x W^T and a row lookup either way)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is M.Linear:
+                new = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+            elif type(child) is M.Embedding:
+                new = nn.Embedding(child.num_embeddings, child.embedding_dim, device="meta")
+            else:
+                continue
+            new.weight = child.weight
+            setattr(module, name, new)
+
+
+class DTensorTPModel(nn.Module):
+    """`DTensorTPModel(cfg, full_sd, mesh, sequence_parallel=False)`: a TransformerLM on a (dp, tp, pp=1) mesh
+    by torch's DTensor (see above), with MeshModel's interface: local_forward_backward, synchronize_gradients,
+    clip_gradients, full_state, load_optimizer_state, forward_backward. Every parameter ends up a DTensor on the
+    (dp, tp) mesh (1-D TP without SP: the norms stay plain tensors, identical on the tp ranks)."""
+
+    def __init__(self, cfg, full_sd, mesh, sequence_parallel=False):
+        super().__init__()
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import parallelize_module
+        check_tp_config(cfg, mesh.tp)
+        if mesh.pp > 1 or mesh.tp == 1:
+            raise ValueError(f"--tp-impl dtensor runs dp x tp meshes with tp > 1 and no pipeline, got tp={mesh.tp}, "
+                             f"pp={mesh.pp} (use --tp-impl ours)")
+        w = full_sd["lm_head.weight"]
+        self.mesh, self.sp = mesh, sequence_parallel
+        # the same rank order as DeviceMesh (rank = d * tp + t): a dp rank's tp partners are neighbours
+        self.torch_mesh = init_device_mesh(w.device.type, (mesh.dp, mesh.tp), mesh_dim_names=("dp", "tp"))
+        model = M.TransformerLM.from_config(cfg, device=w.device, dtype=w.dtype)
+        model.load_state_dict(full_sd)
+        _torch_layers_(model)
+        # src_data_rank=None: every rank holds the same full weights, so each keeps its slices without a message
+        parallelize_module(model, self.torch_mesh["tp"], dtensor_tp_plan(sequence_parallel), src_data_rank=None)
+        emb = model.token_embeddings.weight     # its gradient comes back whole (Replicate): keep this rank's rows
+        emb.register_hook(lambda g: g.redistribute(emb.device_mesh, emb.placements))   # (a local slice, no message)
+        for block in model.layers:              # model.py's attention reshapes q, k, v by its heads: the local ones
+            block.attn.num_heads //= mesh.tp
+            block.attn.num_kv_heads //= mesh.tp
+        if mesh.dp > 1:                         # 2-D: FSDP2 per block and at the root, over the dp dimension
+            for block in model.layers:
+                fully_shard(block, mesh=self.torch_mesh["dp"])
+            fully_shard(model, mesh=self.torch_mesh["dp"])
+        self.inner = model
+
+    def local_forward_backward(self, x, y, scale=1.0):
+        """MeshModel's: scale * this replica's mean loss backward (gradients add up over micro-steps)."""
+        from torch.distributed.tensor.parallel import loss_parallel
+        with loss_parallel():                   # cross-entropy of vocabulary-split logits, forward and backward
+            logits = self.inner(x)                                           # (B, T, V) DTensor, V/tp per rank
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            (loss if scale == 1.0 else loss * scale).backward()
+        return torch.tensor([float(_full_tensor(loss))], dtype=torch.float64, device=x.device)
+
+    def synchronize_gradients(self):
+        pass    # DTensor sums the SP norms' partial gradients in backward; FSDP2 averages over dp there too
+
+    def forward_backward(self, x, y):
+        """MeshModel's: the step's loss and gradients, the loss averaged over the dp ranks."""
+        loss_t = self.local_forward_backward(x, y)
+        if self.mesh.dp > 1:
+            dist.all_reduce(loss_t, group=self.mesh.dp_group)
+        return float(loss_t) / self.mesh.dp
+
+    def clip_gradients(self, max_norm):
+        """Global L2 norm clipping: sum(g^2) of a DTensor gradient is a DTensor that is Partial over the mesh
+        dimensions g is split on; summed per layout and reduced once per layout, each slice counts once."""
+        grads = [p.grad for p in self.inner.parameters() if p.grad is not None]
+        sq = {}
+        for g in grads:
+            s = g.detach().to(torch.float64).pow(2).sum()
+            key = (s.device_mesh, s.placements) if _is_dtensor(s) else None      # plain: replicated, once
+            sq[key] = sq[key] + s if key in sq else s
+        norm = math.sqrt(sum(float(_full_tensor(s)) for s in sq.values()))    # (same order on every rank)
+        if norm > max_norm:
+            for g in grads:
+                g.mul_(max_norm / (norm + 1e-6))         # the same eps as train.gradient_clipping
+        return norm
+
+    def full_state(self, optimizer=None):
+        """MeshModel's: (full model state dict, AdamW state by parameter name or None), gathered (collective)."""
+        named = list(self.inner.named_parameters())
+        model_sd = {n: _full_tensor(p) for n, p in named}
+        if optimizer is None:
+            return model_sd, None
+        return model_sd, {n: {k: _full_tensor(v) if torch.is_tensor(v) and v.dim() else v
+                              for k, v in optimizer.state[p].items()} for n, p in named if optimizer.state.get(p)}
+
+    def load_optimizer_state(self, optimizer, full_opt):
+        """MeshModel's: a full optimizer state by name (any layout, either implementation) cut like the shards."""
+        for name, p in self.inner.named_parameters():
+            if name in full_opt:
+                optimizer.state[p] = {k: _shard_like(p, v) if torch.is_tensor(v) and v.dim() else v
+                                      for k, v in full_opt[name].items()}
+
+
 # ===== Menu: sequence parallelism =====
 # Megatron-SP: the f/g operators of the core's tensor parallelism, re-cut along the sequence. RowParallelLinear,
 # TPAttention and TPSwiGLU call these in place of copy_to_tp / reduce_from_tp when built with
@@ -1107,10 +1258,8 @@ class _GatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        _count("tp all-gather", x.numel() * len(parts))
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)                   # (B, T/tp, d) -> (B, T, d)
+        _count("tp all-gather", x.numel() * dist.get_world_size(group))
+        return _gather_tp(x, 1, group)                   # (B, T/tp, d) -> (B, T, d)   (_gather_tp: next menu)
 
     @staticmethod
     def backward(ctx, grad):
@@ -1126,10 +1275,8 @@ class _ScatterSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
-        _count("tp all-gather", grad.numel() * len(parts))
-        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=1), None
+        _count("tp all-gather", grad.numel() * dist.get_world_size(ctx.group))
+        return _gather_tp(grad, 1, ctx.group), None
 
 
 def _reduce_scatter_seq(x, group):
@@ -1300,7 +1447,7 @@ class TPTransformerLM(nn.Module):
 
     def forward(self, x, targets=None):
         """ids (B, T) on the first stage, else the previous stage's activations -> the next stage's activations,
-        or (last stage) the mean cross-entropy against targets."""
+        or (last stage) the mean cross-entropy against targets (targets None: this rank's (B, T, V/tp) logits)."""
         tp = dist.get_world_size(self.group)
         T = x.shape[1] if self.first else x.shape[1] * (tp if self.sp else 1)
         if self.sp and T % tp:
@@ -1318,6 +1465,10 @@ class TPTransformerLM(nn.Module):
         if self.sp:
             h = gather_seq(h, self.group)                                    # (B, T, d) for the vocab-split head
         local_logits = self.lm_head(h)                                       # (B, T, V/tp): f inside
+        if targets is None:
+            return local_logits
+        # the loss in float32 at least (bf16 autocast computes the logits in bf16; train.py's loss upcasts too)
+        local_logits = local_logits.to(torch.promote_types(local_logits.dtype, torch.float32))
         return vocab_parallel_cross_entropy(local_logits, targets, self.vocab_lo, self.group)
 
     def finish_gradient_synchronization(self):
@@ -1356,8 +1507,8 @@ class PipelineStage(nn.Module):
     state dicts together are the full model's). The first stage embeds ids, the last returns the loss."""
 
     # Construction takes a full model and keeps references to its stage's modules; the rest is freed when the caller
-    # drops it. Every rank thus holds the whole model once, briefly: fine up to what one rank's memory holds. Beyond
-    # that, build the full model on the "meta" device and load only this stage's keys from the checkpoint.
+    # drops it. MeshModel passes one on the "meta" device (shapes, no storage) and then gives only this stage's
+    # modules memory and weights (_stage_from_meta): building a stage never needs room for the whole model.
     def __init__(self, full_model, stage, num_stages):
         super().__init__()
         cfg = full_model.config
@@ -2197,14 +2348,14 @@ def full_model_state(model, run_model):
     # DP wrappers: every rank holds the whole model already (identical on all ranks, rank 0 writes it)
     sd = run_model.gather_full_params() if isinstance(run_model, FSDP) else model.state_dict()
     # (TorchFSDP: each DTensor shard all-gathered, in state-dict order: the same collectives on every rank)
-    return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu() for k, v in sd.items()}  # loads anywhere
+    return {k: _full_tensor(v) for k, v in sd.items()}  # CPU tensors: load anywhere
 
 
 def full_optimizer_state(opt, run_model):
     """Collective (ZeRO-1, FSDP). The unsharded optimizer's state dict."""
     sd = opt.state_dict()  # ShardedOptimizer.state_dict consolidates itself (collective)
     if isinstance(run_model, TorchFSDP):     # AdamW's moments are DTensors like their parameters: gather each
-        return {"state": {i: {k: v.full_tensor().cpu() if _is_dtensor(v) else v for k, v in st.items()}
+        return {"state": {i: {k: _full_tensor(v) if torch.is_tensor(v) else v for k, v in st.items()}
                           for i, st in sorted(sd["state"].items())}, "param_groups": sd["param_groups"]}
     if not isinstance(run_model, FSDP):
         return sd
@@ -2226,12 +2377,9 @@ def load_full_optimizer_state(opt, run_model, full_sd):
     """The inverse of full_optimizer_state: a consolidated optimizer state (written at any world size, by any
     strategy) into this rank's optimizer; FSDP cuts each full-shape tensor down to this rank's row block."""
     if isinstance(run_model, TorchFSDP):       # each full moment cut like its DTensor parameter
-        from torch.distributed.tensor import distribute_tensor
         params = _optimizer_params(opt)
-        state = {int(i): {k: distribute_tensor(v.to(params[int(i)].device), params[int(i)].device_mesh,
-                                               params[int(i)].placements)
-                          if torch.is_tensor(v) and v.shape == params[int(i)].shape else v for k, v in st.items()}
-                 for i, st in full_sd["state"].items()}
+        state = {int(i): {k: _shard_like(params[int(i)], v) if torch.is_tensor(v) and v.shape == params[int(i)].shape
+                          else v for k, v in st.items()} for i, st in full_sd["state"].items()}
         opt.load_state_dict({"state": state, "param_groups": full_sd["param_groups"]})
         return
     if not isinstance(run_model, FSDP):        # plain or ShardedOptimizer: load_state_dict handles it
@@ -2293,6 +2441,8 @@ class DistributedOptions:
         must divide by it
     pp: pipeline stages (layers split; needs --num-layers >= pp)
     sp: sequence parallelism between the TP regions (needs --tp > 1 and a context length divisible by tp)
+    tp_impl: ours: this file's Megatron layers (any mesh); dtensor: torch's DTensor plan (parallelize_module; with
+        dp > 1 FSDP2 on the dp dimension; no --pp)
     pp_schedule: pipeline schedule
     micro_batches: pipeline micro-batches per step
     overwrite: replace an earlier run in the run folder (default: refuse; --resume continues it)
@@ -2307,6 +2457,7 @@ class DistributedOptions:
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    tp_impl: str = "ours"
     pp_schedule: str = "1f1b"
     micro_batches: int = 4
     overwrite: bool = False
@@ -2630,10 +2781,7 @@ class MeshModel(nn.Module):
         if mesh.pp > 1 and mesh.tp > 1:                                    # TP-split stages of a pipeline
             self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel, mesh.pp_rank, mesh.pp)
         elif mesh.pp > 1:
-            dt = full_sd["lm_head.weight"].dtype
-            full = M.TransformerLM.from_config(cfg, device=full_sd["lm_head.weight"].device, dtype=dt)
-            full.load_state_dict(full_sd)
-            self.inner = PipelineStage(full, mesh.pp_rank, mesh.pp)         # keeps only its layers' modules
+            self.inner = _stage_from_meta(cfg, full_sd, mesh.pp_rank, mesh.pp)   # only its layers get memory
         else:
             self.inner = TPTransformerLM(cfg, full_sd, mesh.tp_group, sequence_parallel)
 
@@ -2755,6 +2903,47 @@ class MeshModel(nn.Module):
             optimizer.state[p] = state
 
 
+def _stage_from_meta(cfg, full_sd, stage, num_stages):
+    """PipelineStage `stage` without ever building the whole model: TransformerLM on the meta device (shapes, no
+    storage), then only this stage's modules materialized and loaded from full_sd (a memory-mapped checkpoint's
+    tensors are then read for this stage only). RoPE's tables, buffers and not weights, are computed again; a model
+    with other such buffers (e.g. Hyena's filters) is built whole, as before, and keeps its stage's modules."""
+    w = full_sd["lm_head.weight"]
+    meta = M.TransformerLM.from_config(cfg, device="meta", dtype=w.dtype)
+    if any(m._non_persistent_buffers_set for m in meta.modules() if not isinstance(m, M.RotaryPositionalEmbedding)):
+        meta = M.TransformerLM.from_config(cfg, device=w.device, dtype=w.dtype)
+        meta.load_state_dict(full_sd)
+        return PipelineStage(meta, stage, num_stages)
+    stage_module = PipelineStage(meta, stage, num_stages).to_empty(device=w.device)
+    stage_module.load_state_dict({k: full_sd[k] for k in stage_module.state_dict()})
+    for m in stage_module.modules():
+        if isinstance(m, M.RotaryPositionalEmbedding):       # (one module, shared by the stage's layers)
+            fresh = M.RotaryPositionalEmbedding(m.theta, m.d_k, m.max_seq_len, device=w.device)
+            m.cos_table, m.sin_table = fresh.cos_table, fresh.sin_table
+    return stage_module
+
+
+class _TPEvalModel(nn.Module):
+    """model(x) -> full (b, T, V) logits for train.evaluate from a tp-only MeshModel's shards, without gathering the
+    weights: the tp ranks, each with its own windows, run ONE forward on all of them (gathered, padded to the
+    largest rank's count); the logits are all-gathered along the vocabulary and each rank keeps its own rows."""
+
+    def __init__(self, mesh_model):
+        super().__init__()
+        self.mm = mesh_model
+
+    def forward(self, x):                                                   # (b, T) this rank's windows
+        group, mesh = self.mm.mesh.tp_group, self.mm.mesh
+        if mesh.tp == 1:
+            return self.mm.inner(x)
+        n = torch.tensor([x.shape[0]], device=x.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+        b = int(n)
+        padded = torch.cat([x, x[:1].expand(b - x.shape[0], -1)])           # (b, T): equal shapes to gather
+        logits = _gather_tp(self.mm.inner(_gather_tp(padded, 0, group)), -1, group)   # (tp b, T, V): all windows
+        return logits[mesh.tp_rank * b: mesh.tp_rank * b + x.shape[0]]       # (b, T, V): this rank's
+
+
 def _mesh_optimizer(mesh_model, cfg):
     """AdamW as train.py sets it up: decoupled weight decay on 2-D weights only. Element-wise, so it steps a shard
     exactly as it would step that slice of the full tensor (Muon, which orthogonalizes whole matrices, would not)."""
@@ -2765,14 +2954,14 @@ def _mesh_optimizer(mesh_model, cfg):
 
 
 # The --tp/--pp training command runs train.train, like the data-parallel strategies, through four extra hooks:
-# loss_and_backward (the mesh runs its own forward and backward: a pipeline schedule, or a vocabulary-split loss,
-# never forms full logits), eval_model and full_model (the full weights gathered into the bare TransformerLM on
-# every rank: evaluation and samples run on an ordinary model), and tokens_per_step (the tp and pp ranks of one
-# replica share its rows, so the step trains on G * T tokens, not world * ...). So a mesh run gets the periodic
-# evaluation, metrics.jsonl, samples, the shared wall-clock budget, gradient accumulation and resume. Its batches
-# are the same as at every other layout (global_batch_shard by dp rank), and its checkpoint is consolidated: the
-# full model under TransformerLM's names and AdamW's moments by parameter name ("optimizer_by_name"), so it resumes
-# at any mesh, and under plain data parallelism or on one process with AdamW's moments re-keyed by position
+# loss_and_backward (the mesh runs its own forward and backward, under --dtype's autocast: a pipeline schedule, or a
+# vocabulary-split loss, never forms full logits), eval_model and full_model (the full weights gathered into the bare
+# TransformerLM on every rank: evaluation and samples run on an ordinary model), and tokens_per_step (the tp and pp
+# ranks of one replica share its rows, so the step trains on G * T tokens, not world * ...). A mesh run gets the
+# periodic evaluation, metrics.jsonl, samples, the shared wall-clock budget, gradient accumulation and resume. Its
+# batches are the same as at every other layout (global_batch_shard by dp rank), and its checkpoint is consolidated:
+# the full model under TransformerLM's names and AdamW's moments by parameter name ("optimizer_by_name"), so it
+# resumes at any mesh, and under plain data parallelism or on one process with AdamW's moments re-keyed by position
 # (_adamw_state_by_position). The other way, a data-parallel AdamW checkpoint resumes here with its moments.
 
 
@@ -2787,10 +2976,70 @@ def _adamw_state_by_name(ckpt):
     return by_name if all({"exp_avg", "exp_avg_sq"} <= set(st) for st in by_name.values()) else None
 
 
-def _mesh_hooks(cfg, mesh, sp, schedule, micro_batches, G, data, budget, common):
-    """train.TrainHooks for one rank of a (dp, tp, pp) mesh: what it does differently from data parallelism."""
+# What a rank really holds, counted from its tensors (not from the formulas): the distinct storages behind the
+# parameters, their gradients and the optimizer's state. A slice or view that keeps a whole tensor alive counts as
+# the whole tensor, a storage reached twice counts once. A mesh run's bare TransformerLM (train.py builds it and loads
+# the checkpoint into it, before the mesh takes its slices) then gives its weights back, keeping only their shapes:
+# it holds the full weights again only while the samples or a pipeline/DTensor evaluation use them, until the next
+# step (a tp-only evaluation runs on the shards: _TPEvalModel).
+
+
+def held_bytes(tensors):
+    """Bytes of the distinct storages behind `tensors` (None skipped; a DTensor: its local shard's)."""
+    storages = {}
+    for t in tensors:
+        if t is not None and t.device.type != "meta":
+            s = (t.to_local() if _is_dtensor(t) else t).untyped_storage()
+            storages[(str(s.device), s.data_ptr())] = s.nbytes()
+    return sum(storages.values())
+
+
+def training_state_bytes(modules, optimizer):
+    """Bytes of the weights, gradients and optimizer state this rank holds for `modules` (each storage once)."""
+    params = [p for m in modules for p in m.parameters()]
+    state = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    return held_bytes(params + [p.grad for p in params] + state)
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory so far (Linux's getrusage reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _release_weights_(model):
+    """Free a module's weights but keep their shapes: each parameter becomes one zero expanded to its shape (one
+    number of storage); load_state_dict(..., assign=True) puts real weights back."""
+    for p in model.parameters():
+        p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+
+
+def _check_finite_shards(run_model):
+    """Raise on every rank when any rank's shard holds a non-finite weight (train.py checks the bare model, which
+    holds no weights here): never overwrite the last good checkpoint with a diverged run."""
+    bad = sum(not bool(torch.isfinite(p.to_local() if _is_dtensor(p) else p).all()) for p in run_model.parameters())
+    if all_reduce_host(torch.tensor([float(bad)], dtype=torch.float64))[0]:
+        raise FloatingPointError("non-finite weights: training diverged. Not saved; the last good checkpoint is "
+                                 "intact (try a lower --lr)")
+
+
+def _mesh_hooks(cfg, mesh, sp, schedule, micro_batches, tp_impl, G, data, budget, common, held=None):
+    """train.TrainHooks for one rank of a (dp, tp, pp) mesh: what it does differently from data parallelism.
+    held: a dict the hooks fill (the bare model, the optimizer, the largest training state seen at a step)."""
+    held = {} if held is None else held
     mcfg = T.model_config(cfg, data.tokenizer.vocab_size)
     check_tp_config(mcfg, mesh.tp)              # the trained tokenizer's real vocabulary must split too
+    held.update(gathered=False, state_bytes=0)
+
+    def wrap_model(model):
+        run_model = DTensorTPModel(mcfg, model.state_dict(), mesh, sp) if tp_impl == "dtensor" else \
+            MeshModel(mcfg, model.state_dict(), mesh, sp, schedule, micro_batches)
+        _release_weights_(model)                # this rank's slices are in run_model: the full weights go
+        held["model"] = model
+        return run_model
+
+    def build_optimizer(model, run_model, c):
+        held["optimizer"] = _mesh_optimizer(run_model, c)
+        return held["optimizer"]
 
     def load_optimizer_state(optimizer, run_model, ckpt):
         full_opt = ckpt.get("optimizer_by_name") or _adamw_state_by_name(ckpt)
@@ -2798,44 +3047,70 @@ def _mesh_hooks(cfg, mesh, sp, schedule, micro_batches, G, data, budget, common)
             run_model.load_optimizer_state(optimizer, full_opt)
 
     def checkpoint_state(model, run_model, optimizer):
-        # collective: the full model and AdamW state gathered over tp and pp; the bare model takes the weights
-        # too, so train.train's finite-weights check and on_step see the trained model
+        # collective: the full model and AdamW state gathered over tp and pp (into the checkpoint, not the model)
+        _check_finite_shards(run_model)
         model_sd, opt_sd = run_model.full_state(optimizer)
-        model.load_state_dict(model_sd)
         return dict(model=model_sd, optimizer=None, optimizer_by_name=opt_sd,
                     mesh=dict(dp=mesh.dp, tp=mesh.tp, pp=mesh.pp, sp=sp),
                     ddp=_run_record(mesh.dp * mesh.tp * mesh.pp, "mesh", G, budget))
 
+    def loss_and_backward(run_model, x, y, scale):
+        # --dtype: the same bf16 autocast as train.py's step, here around the mesh's own forward AND backward (a
+        # pipeline interleaves them; backward ops run in the dtypes their forward chose either way)
+        if held["gathered"]:                    # an evaluation's full weights: not needed any more
+            _release_weights_(held["model"])
+            held["gathered"] = False
+        with T.autocast_context(x.device, cfg.dtype):
+            loss = run_model.local_forward_backward(x, y, scale)[0]
+        if "optimizer" in held:                 # (train.train built the run: what this rank holds now)
+            held["state_bytes"] = max(held["state_bytes"], training_state_bytes([held["model"], run_model],
+                                                                                held["optimizer"]))
+        return loss
+
     def gathered_model(model, run_model):
         # collective: evaluation and samples run on the bare TransformerLM holding the current full weights (each
-        # rank scores its share of the validation windows with the whole model: one gather per evaluation)
-        model.load_state_dict(run_model.full_state()[0])
+        # rank scores its share of the validation windows with the whole model: one gather per evaluation), given
+        # back at the next step
+        params = dict(model.named_parameters())
+        full = run_model.full_state()[0]
+        model.load_state_dict({k: v.to(params[k].device, params[k].dtype) for k, v in full.items()}, assign=True)
+        held["gathered"] = True
         return model
 
     return T.TrainHooks(
-        wrap_model=lambda model: MeshModel(mcfg, model.state_dict(), mesh, sp, schedule, micro_batches),
-        build_optimizer=lambda model, run_model, c: _mesh_optimizer(run_model, c),
+        wrap_model=wrap_model, build_optimizer=build_optimizer,
         load_optimizer_state=load_optimizer_state,
-        loss_and_backward=lambda run_model, x, y, scale: run_model.local_forward_backward(x, y, scale)[0],
+        loss_and_backward=loss_and_backward,
         sync_gradients=lambda run_model: run_model.synchronize_gradients(),
         clip_gradients=lambda run_model, opt, max_norm: run_model.clip_gradients(max_norm),
-        checkpoint_state=checkpoint_state, eval_model=gathered_model, full_model=gathered_model,
+        checkpoint_state=checkpoint_state, full_model=gathered_model,
+        eval_model=lambda model, run_model: _TPEvalModel(run_model) if mesh.pp == 1 and tp_impl == "ours" else
+        gathered_model(model, run_model),
         tokens_per_step=G * cfg.context_length * cfg.grad_accum, **common)
 
 
 def train_mesh(cfg, *, tp=1, pp=1, sp=False, schedule="1f1b", micro_batches=4, global_batch_size=None,
-               backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print, t_start=None):
-    """The training command with --tp/--pp: train.train on a (world/(tp*pp), tp, pp) mesh with AdamW (see above);
-    cfg.max_minutes is a budget for the whole group (SharedBudget, as train_distributed). Returns the summary."""
+               backend=None, timeout_s=DEFAULT_TIMEOUT_S, log=print, t_start=None, tp_impl="ours"):
+    """The training command with --tp/--pp: train.train on a (world/(tp*pp), tp, pp) mesh with AdamW (see above),
+    by MeshModel or (tp_impl="dtensor") DTensorTPModel; cfg.max_minutes is a budget for the whole group
+    (SharedBudget, as train_distributed). Returns the summary."""
     rank, world, device = init_distributed(backend, timeout_s)
     mesh = DeviceMesh(world // (tp * pp), tp, pp)
+    held = {}
     summary = train_on_ranks(
         cfg, rank=rank, world=world, device=device, dp=mesh.dp, dp_rank=mesh.dp_rank,
-        layout=f"mesh dp={mesh.dp} x tp={tp} x pp={pp}{' +sp' if sp else ''} on {world} ranks",
-        fingerprint=dict(tp=tp, pp=pp, sp=sp), global_batch_size=global_batch_size, log=log, t_start=t_start,
-        hooks_for=lambda G, data, budget, common: _mesh_hooks(cfg, mesh, sp, schedule, micro_batches, G, data,
-                                                              budget, common))
-    return dict(summary, mesh=(mesh.dp, tp, pp))
+        layout=f"mesh dp={mesh.dp} x tp={tp} x pp={pp}{' +sp' if sp else ''} on {world} ranks"
+               f"{' (DTensor)' if tp_impl == 'dtensor' else ''}",
+        fingerprint=dict(tp=tp, pp=pp, sp=sp, tp_impl=tp_impl), global_batch_size=global_batch_size, log=log,
+        t_start=t_start, hooks_for=lambda G, data, budget, common: _mesh_hooks(
+            cfg, mesh, sp, schedule, micro_batches, tp_impl, G, data, budget, common, held))
+    # the largest rank's training state at any step, counted from its tensors, and its process's peak memory
+    state, rss = all_reduce_host(torch.tensor([float(held["state_bytes"]), float(peak_rss_bytes())],
+                                              dtype=torch.float64), op=dist.ReduceOp.MAX).tolist()
+    if rank == 0:
+        log(f"ddp.py: per rank at most {state / 2**20:.3f} MB of training state (weights, gradients, AdamW: "
+            f"counted from the tensors), peak RSS {rss / 2**20:.0f} MB")
+    return dict(summary, mesh=(mesh.dp, tp, pp), state_bytes=int(state), peak_rss_bytes=int(rss))
 
 
 # The memory and traffic of one training step on a mesh, on paper. Per rank, in numbers (x bytes per number):
@@ -2924,7 +3199,7 @@ def run_training(args, cfg, t_start=None):
         if args.tp * args.pp > 1:
             train_mesh(cfg, tp=args.tp, pp=args.pp, sp=args.sp, schedule=args.pp_schedule,
                        micro_batches=args.micro_batches, global_batch_size=args.global_batch_size,
-                       backend=args.backend, timeout_s=args.timeout, t_start=t_start)
+                       backend=args.backend, timeout_s=args.timeout, t_start=t_start, tp_impl=args.tp_impl)
         else:
             train_distributed(cfg, strategy=args.strategy, bucket_mb=args.bucket_mb,
                               compute_dtype=_DTYPES[args.compute_dtype], global_batch_size=args.global_batch_size,
@@ -2981,7 +3256,8 @@ class BenchOptions:
     """The options of `ddp.py bench | bench-comm | tour | plan` besides DistributedOptions', each a derived --flag
     (TOOLS in the command line says which command takes which).
 
-    strategies: comma list of strategies; 'local' = the same step without any communication (baseline)
+    strategies: comma list of strategies; 'local' = the same step without any communication (baseline); 'tp',
+        'tp-dtensor' = tensor parallelism over all ranks (--tp-impl ours, dtensor) on the same global batch
     dp: data-parallel ranks of the mesh
     vocab_size: model vocabulary
     context_length: tokens per sequence
@@ -3004,7 +3280,7 @@ class BenchOptions:
     check: also run and measure one step on dp*tp*pp local processes (small models only)
     out: write the results as JSON here (rank 0)
     """
-    strategies: str = "local,naive,ddp,bucketed,torch-ddp,zero1,fsdp,torch-fsdp"
+    strategies: str = "local,naive,ddp,bucketed,torch-ddp,zero1,fsdp,torch-fsdp,tp,tp-dtensor"
     dp: int = 1
     vocab_size: int = 4096
     context_length: int = 128
@@ -3101,10 +3377,10 @@ def bench_parallel(args):
                     f"median of {args.rounds} interleaved rounds")
         rank0_print(f"{'layout':12s}{'ms/step':>10s}{'vs dp':>8s}{'state MB/rank (max)':>22s}")
         base = _median(times["dp"])
-        # state per rank: weights + gradients + AdamW's two moments = 4 numbers per parameter this rank holds; the
+        # state per rank: weights + gradients + AdamW's two moments, counted from the tensors this rank holds; the
         # largest rank is reported (a pipeline's first and last stages also hold the embedding and the head)
         for name, mm, opt, _, _ in setups:
-            state = sum(p.numel() * p.element_size() * 4 for p in mm.parameters())   # weights, grads, 2 moments
+            state = training_state_bytes([mm], opt)
             worst = all_reduce_host(torch.tensor([float(state)]), op=dist.ReduceOp.MAX)
             rank0_print(f"{name:12s}{1000 * _median(times[name]):10.1f}{_median(times[name]) / base:8.2f}"
                         f"{float(worst) / 2**20:22.2f}")
@@ -3121,7 +3397,8 @@ def bench_parallel(args):
 
 def measure_plan_step(cfg, mesh, sp=False, batch=8, micro_batches=4, seed=0, device="cpu"):
     """One real step on this rank of `mesh` (AdamW, random tokens): its parameter, gradient and AdamW numbers,
-    the payload of every collective (COMM_COUNT) and the bytes of the tensors autograd saved in forward."""
+    the payload of every collective (COMM_COUNT), the bytes of the tensors autograd saved in forward, the bytes of
+    training state the rank holds (training_state_bytes) and its process's peak RSS."""
     global COMM_COUNT
     torch.manual_seed(seed)
     full = M.TransformerLM.from_config(cfg, device=device)
@@ -3152,7 +3429,8 @@ def measure_plan_step(cfg, mesh, sp=False, batch=8, micro_batches=4, seed=0, dev
     numel = lambda ts: sum(t.numel() for t in ts)                            # noqa: E731
     return dict(params=numel(mm.parameters()), grads=numel(p.grad for p in mm.parameters() if p.grad is not None),
                 adamw=numel(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()),
-                activation_bytes=sum(saved.values()), comm=comm)
+                activation_bytes=sum(saved.values()), comm=comm, state_bytes=training_state_bytes([mm], opt),
+                peak_rss=peak_rss_bytes())
 
 
 def collectives_tour():
@@ -3303,8 +3581,12 @@ def _optimizer_state_bytes(opt):
     return _tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-def _bench_setups(args, cfg, strategies, device):
-    """strategy -> (bare model, wrapped model, optimizer): the same model (seed 0) under every strategy."""
+BENCH_TP = {"tp": "ours", "tp-dtensor": "dtensor"}      # bench's tensor-parallel rows: --tp-impl
+
+
+def _bench_setups(args, cfg, strategies, device, batch):
+    """strategy -> (bare model, wrapped model, optimizer): the same model (seed 0) under every strategy. The TP
+    rows train on `batch`, the whole global batch (every rank of the tp group sees all of it)."""
     # each strategy gets its own copy and its own optimizer, built once; the timed loop then runs them in turns,
     # so all of them see the same machine conditions
     setups = {}
@@ -3312,7 +3594,13 @@ def _bench_setups(args, cfg, strategies, device):
         torch.manual_seed(0)
         model = M.TransformerLM.from_config(cfg).to(device)
         model.validate_inputs = False          # skip the token-id range check (a device sync) in timed steps
-        run = wrap_model(model, s, args.bucket_mb, _DTYPES[args.compute_dtype] if s in SHARDED else None)
+        if s in BENCH_TP:
+            mesh = DeviceMesh(tp=dist.get_world_size())
+            run = (DTensorTPModel if s == "tp-dtensor" else MeshModel)(cfg, model.state_dict(), mesh)
+            run.bench_batch = batch
+            run.inner.validate_inputs = False   # (DTensor's TransformerLM: no id-range check, as above)
+        else:
+            run = wrap_model(model, s, args.bucket_mb, _DTYPES[args.compute_dtype] if s in SHARDED else None)
         params = [p for p in run.parameters() if p.requires_grad]
         opt = ShardedOptimizer(params, torch.optim.AdamW, lr=1e-4) if s == "zero1" else \
             torch.optim.AdamW(params, lr=1e-4)
@@ -3324,10 +3612,13 @@ def _bench_step(setup, x, y, measure_memory=False):
     """One training step exactly as the training loop runs it (forward, loss, backward, sync, optimizer); with
     measure_memory, the bytes of params, grads and optimizer state this rank holds, measured at their peak."""
     model, run, opt = setup
-    logits = run(x)                                                   # (B, T, V)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-    loss.backward()
-    run.finish_gradient_synchronization()
+    if hasattr(run, "bench_batch"):                                   # tp: the mesh's own step (no full logits)
+        run.forward_backward(*run.bench_batch)
+    else:
+        logits = run(x)                                               # (B, T, V)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        run.finish_gradient_synchronization()
     mem = None
     if measure_memory:                       # gradients exist between backward and zero_grad
         params = list(run.parameters())
@@ -3391,9 +3682,10 @@ def _bench_time_table(args, setups, strategies, times, comm_wait):
                     f"{' '.join(f'{1e3 * t:.0f}' for t in times[s])}")
     rank0_print("exposed comm = 1 - t(local) / t: step time not hidden behind compute; blocked waiting = time inside "
                 "our wrappers' waits (torch's reducer waits inside backward, not visible)")
-    if {"fsdp", "torch-fsdp"} <= set(strategies):          # ours against torch's FSDP2, round by round
-        rank0_print(f"fsdp / torch-fsdp step time: {med['fsdp'] / med['torch-fsdp']:.3f} (paired "
-                    f"{_median([a / b for a, b in zip(times['fsdp'], times['torch-fsdp'])]):.3f})")
+    for ours, peer in (("fsdp", "torch-fsdp"), ("tp", "tp-dtensor")):     # ours against torch's, round by round
+        if {ours, peer} <= set(strategies):
+            rank0_print(f"{ours} / {peer} step time: {med[ours] / med[peer]:.3f} (paired "
+                        f"{_median([a / b for a, b in zip(times[ours], times[peer])]):.3f})")
     if "fsdp" in strategies and args.compute_dtype != "fp32":
         rank0_print(f"(fsdp computes in {args.compute_dtype}, 'local' in fp32: fsdp's exposed-comm share also holds "
                     f"the compute-speed difference; CPUs without native {args.compute_dtype} matmuls are much slower)")
@@ -3423,12 +3715,15 @@ def bench(args):
     """`python ddp.py bench`: every strategy on the same model and per-rank batch, side by side, interleaved."""
     rank, world, device = init_distributed(args.backend)
     cfg = _model_config(args)
-    strategies = args.strategies.split(",")
-    # random tokens: the step's cost does not depend on the text (no data pipeline in the timed loop)
-    g = torch.Generator().manual_seed(1234 + rank)                     # each rank its own shard of the batch
-    x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_length), generator=g).to(device)
-    y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_length), generator=g).to(device)
-    setups = _bench_setups(args, cfg, strategies, device)
+    strategies = [s for s in args.strategies.split(",") if world > 1 or s not in BENCH_TP]   # (tp: 2+ ranks)
+    # random tokens: the step's cost does not depend on the text (no data pipeline in the timed loop); one global
+    # batch of batch_size x world rows, each data-parallel rank taking its own rows
+    g = torch.Generator().manual_seed(1234)
+    X, Y = (torch.randint(0, cfg.vocab_size, (args.batch_size * world, cfg.context_length), generator=g).to(device)
+            for _ in range(2))
+    mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+    x, y = X[mine], Y[mine]
+    setups = _bench_setups(args, cfg, strategies, device, (X, Y))
     n_params = M.num_params(setups[strategies[0]][0])
     rank0_print(f"bench: {world} ranks ({dist.get_backend()}, {device}, {torch.get_num_threads()} threads/rank), "
                 f"TransformerLM {n_params / 1e6:.2f}M params (d_model {cfg.d_model}, {cfg.num_layers} layers, "
@@ -3512,6 +3807,9 @@ def _print_plan(args, measured=None):
             formula = mb(row["activations"]) if row["activations"] is not None else f"{'(pp > 1)':>10s}"
             measured_mb = f"  {got['activation_bytes'] / 2**20:10.3f}" if got else ""
             print(f"  {'saved activations':28s}{formula}{measured_mb}")
+        if got:          # weights + gradients + AdamW's two moments (formula) against the rank's tensors (bytes)
+            print(f"  {'training state':28s}{mb(4 * row['params'])}  {got['state_bytes'] / 2**20:10.3f}")
+            print(f"  {'peak RSS (process)':28s}{'':10s}  {got['peak_rss'] / 2**20:10.3f}")
     if measured is not None and args.pp == 1:
         worst = max(abs(plan[s]["activations"] * args.bytes / measured[s]["activation_bytes"] - 1) for s in plan)
         print(f"plan: saved activations formula within {100 * worst:.1f}% of the measured step")
@@ -3539,7 +3837,7 @@ def _raise_usage_errors(p):
 
 
 _CHOICES = {"strategy": STRATEGIES, "compute_dtype": tuple(_DTYPES), "backend": ("gloo", "nccl"),
-            "pp_schedule": tuple(SCHEDULES)}
+            "pp_schedule": tuple(SCHEDULES), "tp_impl": ("ours", "dtensor")}
 # the lowest value of each numeric option (None: not given); floats must be above 0
 _LOWEST = dict(dict.fromkeys(("global_batch_size", "nproc", "dp", "tp", "pp", "micro_batches", "vocab_size",
                               "context_length", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
@@ -3628,6 +3926,7 @@ def _train_checks(args, cfg, world):
     yield cfg.resume or G % world == 0, f"--global-batch-size {G} does not split over {world} ranks; give a " \
                                         f"multiple of {world}"
     yield not args.sp or tp > 1, "--sp splits the sequence over the tensor-parallel ranks: it needs --tp > 1"
+    yield args.tp_impl == "ours" or (tp > 1 and pp == 1), "--tp-impl dtensor needs --tp > 1 and no --pp"
     if tp * pp == 1:
         return
     yield world % (tp * pp) == 0, f"--tp {tp} x --pp {pp} = {tp * pp} ranks per model replica does not divide " \
@@ -3690,8 +3989,12 @@ def _bench_checks(a):
     if a.parallel:
         yield a.nproc in (2, 4) or _under_launcher(), f"bench --parallel runs on 2 or 4 ranks, got --nproc {a.nproc}"
         yield _accepts(check_tp_config, _model_config(a), a.nproc)
-    bad = [s for s in a.strategies.split(",") if s not in STRATEGIES + ("local",)]
-    yield not bad, f"--strategies: unknown {bad}; choose from {', '.join(STRATEGIES + ('local',))}"
+    known = STRATEGIES + ("local",) + tuple(BENCH_TP)
+    bad = [s for s in a.strategies.split(",") if s not in known]
+    yield not bad, f"--strategies: unknown {bad}; choose from {', '.join(known)}"
+    if set(BENCH_TP) & set(a.strategies.split(",")):     # (tp over every rank the bench runs on)
+        ok, message = _accepts(check_tp_config, _model_config(a), int(os.environ.get("WORLD_SIZE", a.nproc)))
+        yield ok, f"{message} (the rows tp, tp-dtensor of --strategies)"
 
 
 def _comm_checks(a):

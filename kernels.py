@@ -63,14 +63,19 @@ Reading order
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import functools
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import types
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -94,6 +99,7 @@ except ImportError:  # e.g. macOS / Windows, where requirements.txt does not ins
     HAVE_TRITON = False
 
 import model as M  # noqa: E402  (pipeline order: tokenizer -> model -> train -> kernels)
+import train as T  # noqa: E402
 
 
 # the dtypes the kernels take: fp32 and the 16-bit formats of mixed precision (bf16: fp32's range, 8 mantissa bits)
@@ -622,7 +628,7 @@ class FlashAttention2Triton(torch.autograd.Function):
 _FALLBACK_COUNTS = {"flash_triton": 0, "flash_torch": 0}
 
 
-def _multihead(impl: str, q, k, v, *, causal, window):
+def _multihead(impl: str, q, k, v, *, causal: bool, window: Optional[int] = None):
     """(B, H, Tq, dh) -> (B, H, Tq, dh) through FlashAttention2{Triton,PyTorch}, or the documented fallback."""
     B, H, Tq, dh = q.shape
     Tk = k.shape[-2]
@@ -639,26 +645,14 @@ def _multihead(impl: str, q, k, v, *, causal, window):
     return fa.apply(q3, k3, v3, bool(causal)).view(B, H, Tq, dh)
 
 
-def flash_triton_attention(q, k, v, *, causal: bool, window: Optional[int] = None):
-    """model.py attention backend 'flash_triton' (see _multihead for the fallbacks)."""
-    # the signature model.py's backends share: (B, H, Tq, dh) tensors, keyword causal and window
-    return _multihead("flash_triton", q, k, v, causal=causal, window=window)
-
-
-def flash_torch_attention(q, k, v, *, causal: bool, window: Optional[int] = None):
-    """model.py attention backend 'flash_torch': the tiled PyTorch FA2 (slow; for reading and testing)."""
-    return _multihead("flash_torch", q, k, v, causal=causal, window=window)
-
-
-def register_backends() -> None:
-    """Register 'flash_triton' and 'flash_torch' with model.py (done at import; idempotent)."""
-    # model.py cannot import kernels.py (pipeline order), so kernels.py adds itself to model.py's registry
-    M.register_attention_backend("flash_triton", flash_triton_attention)
-    M.register_attention_backend("flash_torch", flash_torch_attention)
-
-
-# at import: `import kernels` is all a user needs before ModelConfig(attn_impl="flash_triton")
-register_backends()
+# model.py's attention backends 'flash_triton' and 'flash_torch' (the tiled PyTorch FA2: slow, for reading and
+# testing), with the signature model.py's backends share: (B, H, Tq, dh) tensors, keyword causal and window.
+# model.py cannot import kernels.py (pipeline order), so kernels.py adds them to model.py's registry at import:
+# `import kernels` is all a user needs before ModelConfig(attn_impl="flash_triton").
+flash_triton_attention = functools.partial(_multihead, "flash_triton")
+flash_torch_attention = functools.partial(_multihead, "flash_torch")
+M.register_attention_backend("flash_triton", flash_triton_attention)
+M.register_attention_backend("flash_torch", flash_torch_attention)
 
 
 def _rmsnorm_kernel_forward(self, x):
@@ -1010,9 +1004,6 @@ def compile_for_gpu(fn, dtype: torch.dtype, constexprs: dict, num_warps: int, nu
 
 def _cubin_resources(kernel) -> str:
     """'regs .., spill bytes ..' from cuobjdump (spills > 0: registers ran out); empty if it is unavailable."""
-    import subprocess
-    import tempfile
-
     # cuobjdump ships with triton's NVIDIA backend; it reads the cubin's resource table (no GPU needed)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if "cubin" not in kernel.asm or not os.path.exists(tool):
@@ -1032,8 +1023,6 @@ def run_compile(args) -> int:
     """`python kernels.py compile`: compile every kernel (or those matching --only) for sm_<arch>, print
     registers / spills / shared memory per config; returns the exit status (1 if any config fails)."""
     if INTERPRET:  # kernels in this process were decorated for the interpreter: redo it in a fresh process
-        import subprocess
-
         env = dict(os.environ, TRITON_INTERPRET="0")
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # fused multiply-add, as on a real GPU launch
         cmd = [sys.executable, os.path.abspath(__file__), "compile", "--arch", str(args.arch)] + ["--full"] * args.full
@@ -1074,8 +1063,7 @@ def _compile_jobs(args):
         t = _TL_NAMES[dtype]
         # fp32 attention compiles slowly (exact 'ieee' dots, no tensor cores): one head dim unless --full
         for d in [16, 32, 64, 128] if args.full else [64] if dtype == torch.float32 else [64, 128]:
-            base = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=True, UPCAST=False,
-                        PRECISION=_dot_precision(dtype))
+            base = _attn_constexprs(d, True, dtype, upcast=False)
             for label, fn, kind in attn:
                 jobs += [(f"{label} d={d} {t}", fn, dtype, {**base, **c.kwargs}, c.num_warps, c.num_stages)
                          for c in first(_configs(kind))]
@@ -1191,6 +1179,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
+def _attn_constexprs(d: int, is_causal: bool, dtype: torch.dtype, upcast: bool = INTERPRET) -> dict:
+    """The compile-time arguments of the attention kernels. tl.arange and tl.dot want power-of-two sizes >= 16:
+    head dim 80 is computed as D_PAD = 128 with masked lanes."""
+    return dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=bool(is_causal), UPCAST=upcast,
+                PRECISION=_dot_precision(dtype))
+
+
 def _tile_args(tiles):
     """Explicit (BLOCK_Q, BLOCK_K) -> launch those; None -> autotune on GPU / INTERPRET_TILES under interpreter."""
     if tiles is None and INTERPRET:
@@ -1223,9 +1218,7 @@ def _attn_launch(kernel, tuned: str, n: int, block: str, batch: int, args, commo
 def flash_attention_triton_forward(Q, K, V, is_causal=False, tiles=None):
     """Launch the forward kernel. Q (B, Nq, d), K/V (B, Nk, d), contiguous. Returns O (B, Nq, d), L (B, Nq) fp32."""
     B, n_q, d = Q.shape
-    # tl.arange and tl.dot want power-of-two sizes >= 16: head dim 80 is computed as 128 with masked lanes
-    common = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET,
-                  PRECISION=_dot_precision(Q.dtype))
+    common = _attn_constexprs(d, is_causal, Q.dtype)
     O = torch.empty_like(Q)
     L = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)  # fp32 whatever the input dtype
     # the kernel takes the scale times log2(e): one multiply turns the scores into base-2 units for exp2
@@ -1239,8 +1232,7 @@ def flash_attention_triton_backward(Q, K, V, O, L, dO, is_causal=False, tiles=No
     tiles). Returns dQ, dK, dV in the input dtype."""
     B, n_q, d = Q.shape
     n_k = K.shape[1]
-    common = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), IS_CAUSAL=bool(is_causal), UPCAST=INTERPRET,
-                  PRECISION=_dot_precision(Q.dtype))
+    common = _attn_constexprs(d, is_causal, Q.dtype)
     dO = dO.to(Q.dtype).contiguous()                               # tl.dot needs matching operand dtypes
     # 1. D = rowsum(O * dO), (B, Nq) fp32: a cheap elementwise pass before the two matmul-heavy kernels
     delta = torch.empty(B, n_q, dtype=torch.float32, device=Q.device)
@@ -1304,16 +1296,13 @@ def _check_triton_device(what: str, *tensors: torch.Tensor) -> None:
 
 def _check_rmsnorm_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
     """RMSNormTriton's contract: float x (..., d), a float gain (d,), d small enough for one row in registers."""
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"RMSNorm (Triton): unsupported input dtype {x.dtype}; use float32, bfloat16 or float16")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"RMSNorm (Triton): unsupported weight dtype {weight.dtype}")
-    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"RMSNorm (Triton): weight shape {tuple(weight.shape)} must be (d,) with d = x.shape[-1]"
-                         f" (x is {tuple(x.shape)})")
-    if x.shape[-1] > RMSNORM_MAX_HIDDEN:
-        raise ValueError(f"RMSNorm (Triton): hidden size {x.shape[-1]} > {RMSNORM_MAX_HIDDEN} is not supported "
-                         "(the single-pass kernel keeps a whole row in registers); use rmsnorm_torch")
+    _first_problem("RMSNorm (Triton)", [
+        (x.dtype not in _FLOAT_DTYPES, f"unsupported input dtype {x.dtype}; use float32, bfloat16 or float16"),
+        (weight.dtype not in _FLOAT_DTYPES, f"unsupported weight dtype {weight.dtype}"),
+        (x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1],
+         f"weight shape {tuple(weight.shape)} must be (d,) with d = x.shape[-1] (x is {tuple(x.shape)})"),
+        (x.dim() >= 1 and x.shape[-1] > RMSNORM_MAX_HIDDEN, f"hidden size {x.shape[-1]} > {RMSNORM_MAX_HIDDEN} is "
+         "not supported (the single-pass kernel keeps a whole row in registers); use rmsnorm_torch")])
     _check_triton_device("RMSNorm (Triton)", x, weight)
 
 
@@ -1786,7 +1775,6 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-
 def _decode_speed(models: dict, prompt: list, n_new: int, repeats: int, device) -> dict:
     """{name: (tokens/s, greedy ids)} from model.generate, the models timed in turn (_interleaved), median of
     `repeats` runs per model. Batch 1, greedy, KV cache on: the setting where decoding is memory-bound and weight
@@ -1807,10 +1795,6 @@ def _decode_speed(models: dict, prompt: list, n_new: int, repeats: int, device) 
 
 def _quantize_measure(models: dict, data, tcfg, args, device) -> tuple[dict, dict, int]:
     """Score every model on the run's validation split and time its greedy decoding: (evals, speed, n_new)."""
-    import numpy as np
-
-    import train as T
-
     # Both models are scored on the same validation tokens with the run's own evaluation settings (windows of
     # the context length, train.py's default stride T/2, the run's autocast dtype), so the bpb difference is the
     # quantization's cost alone.
@@ -1834,8 +1818,6 @@ def run_train(args, train_argv) -> int:
     """`python kernels.py train [train.py options]`: train.py's training command with the kernels swapped in
     (train.py cannot import kernels.py -- pipeline order -- so the switch lives here). Everything after the kernel
     options goes to train.py's parser unchanged; see `python train.py --help`."""
-    import train as T
-
     # train.py's own parser and checks: its usage errors are one line and exit status 2 before any work
     parser = T.get_parser()
     parser.prog = "kernels.py train"
@@ -1861,10 +1843,6 @@ def run_train(args, train_argv) -> int:
 def _quantize_setup(args, parser):
     """Every check of `kernels.py quantize` before any work: one-line usage errors (exit 2). Returns
     (checkpoint dict, train.TrainConfig, output path, device)."""
-    import dataclasses
-
-    import train as T
-
     # default output: next to the checkpoint (run/ckpt.pt -> run/ckpt.int8.pt), so the run's tokenizer/ folder
     # sits beside it too (model.find_tokenizer_dir looks there first)
     out = args.out or os.path.splitext(args.checkpoint)[0] + ".int8.pt"
@@ -1896,10 +1874,6 @@ def _quantize_setup(args, parser):
 def run_quantize(args, parser) -> int:
     """`python kernels.py quantize --checkpoint CKPT`: int8-quantize a train.py checkpoint; print bpb on the run's
     validation split, model bytes and greedy decode speed of both models side by side; write the quantized model."""
-    import copy
-
-    import train as T
-
     ckpt, tcfg, out, device = _quantize_setup(args, parser)
     # Errors from here on are about the data or the files, not the command line: one line, exit status 1.
     # The quantized model is a deep copy, so the float model is evaluated and timed unchanged next to it.

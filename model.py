@@ -3,46 +3,34 @@ model.py -- Stage 2 of ScratchLM: the Transformer language model, its variants, 
 
 The problem
 -----------
-A language model assigns a probability to the next token given the ones before it: p(x_t | x_<t). We
-need a function of the whole prefix that is cheap to train on many positions at once (so: no recurrence
-over time) and that can still look arbitrarily far back.
+A language model assigns a probability to the next token given the ones before it, p(x_t | x_<t): a
+function of the whole prefix that is cheap to train on many positions at once (so: no recurrence over
+time) and that can still look arbitrarily far back.
 
 The idea
 --------
 The decoder-only Transformer stacks identical blocks. Each block mixes information ACROSS positions
 (causal self-attention: every token takes a weighted average of the values of earlier tokens, weighted
-by how well its query matches their keys) and then WITHIN a position (a small feed-forward network).
-A residual stream carries the sum of every block's contribution from the embeddings to the output
-head. Everything here is built from tensor primitives -- nn.Parameter, matmul, exp, sigmoid -- and the
-core reads in the order a reader needs it:
+by how well its query matches their keys) and then WITHIN a position (a small feed-forward network);
+a residual stream carries the sum of every block's contribution from the embeddings to the output head.
+The core builds it from tensor primitives, in the order a reader needs them: ModelConfig; Linear,
+Embedding, RMSNorm, SwiGLU, RoPE, softmax; attention with grouped-query heads, whose readable path
+("naive") and fast one ("sdpa": torch's fused kernel, the default; kernels.py registers FlashAttention-2)
+are one branch, proven equal by a test; the block and the LM; what it costs; generation with a KV cache.
 
-    ModelConfig                every design switch in one validated dataclass
-    Linear, Embedding          the two ways parameters touch tokens            weights [out, in]
-    RMSNorm, silu, SwiGLU      unit-scale activations; the gated MLP           d_ff ~ 8/3 d
-    RotaryPositionalEmbedding  position as a rotation of query/key pairs       relative by construction
-    softmax, attend, MultiHeadSelfAttention (GQA)                              O(T^2) per layer
-    TransformerBlock, TransformerLM                                             logits, no softmax
-    num_params, flops_per_token, memory_estimate                              what it costs
-    KVCache, generate                                                          how it is used
-
-The design choices the field argues about are ONE-WORD SWITCHES on `ModelConfig`, each implemented in a
-menu section after the core: other norms, positions and FFNs (LayerNorm, sinusoidal / learned / no
-positions, SiLU / ReLU / GELU MLPs), other sequence mixers (`mixer`: multi-head latent attention, linear
-attention, Hyena), mixture of experts, and faster decoding (rolling and rollback caches, padded batches,
-speculative decoding). Defaults are the modern stack (pre-norm RMSNorm, RoPE, SwiGLU, no biases, untied,
-softmax attention, no dropout); the GPT-2 switches (learned positions, GELU, LayerNorm, biases, tied
-head) let `from_pretrained("gpt2")` load OpenAI's weights into the same class. Attention has a readable
-path ("naive": the from-scratch softmax) and a fast one ("sdpa", torch's fused kernel, the default) in
-one branch, proven equal by a test; later stages register more backends (kernels.py's FlashAttention-2).
+The design choices the field argues about are ONE-WORD SWITCHES on `ModelConfig`, each implemented (and
+documented) in a menu section after the core: other norms, positions and FFNs, other sequence mixers (MLA,
+linear attention, Hyena), mixture of experts, dropout, sampling and faster decoding (nucleus sampling,
+sliding windows, padded batches, speculative decoding). The defaults are the modern stack; the GPT-2
+switches (learned positions, GELU, LayerNorm, biases, tied head) let `from_pretrained("gpt2")` load
+OpenAI's weights into the same class.
 
 What it costs
 -------------
-Per token, a forward pass costs about 2N FLOPs for N non-embedding parameters (every weight is one
-multiply and one add) plus the attention term 4 * L * d * T_attended, and training about 3x that (the
-backward pass is two matmuls per forward matmul). Generation is memory-bound instead: each new token
-reads every weight once, which is why the KV cache (keep past keys/values, compute only the new
-position) and speculative decoding (let a small model guess, verify k guesses in one big-model pass)
-matter. `python model.py table` prints the numbers for GPT-2-sized configs.
+A forward pass costs about 2N FLOPs per token for N non-embedding parameters (a multiply and an add per
+weight) plus the attention term 4 L d T_attended; training about 3x that (two backward matmuls per forward
+one). Generation is memory-bound instead: each new token reads every weight once, hence the KV cache and
+speculative decoding. `python model.py table` prints the numbers for GPT-2-sized configs.
 
 Sources
 -------
@@ -54,13 +42,9 @@ Sources
 * Shazeer, "GLU Variants Improve Transformer" (2020), arXiv:2002.05202 -- SwiGLU.
 * Shazeer, "One Write-Head is All You Need" (2019), arXiv:1911.02150 -- MQA; Ainslie et al., GQA, arXiv:2305.13245.
 * Dehghani et al., "Scaling Vision Transformers to 22B Parameters" (2023), arXiv:2302.05442 -- QK-norm.
-* Beltagy et al., "Longformer" (2020), arXiv:2004.05150 -- sliding-window attention.
 * Kaplan et al., "Scaling Laws for Neural Language Models" (2020), arXiv:2001.08361 -- 6N, non-embedding N.
-* Holtzman et al., "The Curious Case of Neural Text Degeneration" (2019), arXiv:1904.09751 -- top-p.
-* Press & Wolf, "Using the Output Embedding to Improve Language Models" (2016), arXiv:1608.05859 -- tying.
-* Hinton et al., "Improving neural networks by preventing co-adaptation" (2012), arXiv:1207.0580 -- dropout.
 * Stanford CS336 "Language Modeling from Scratch", assignment 1 -- the interface names used here.
-The menus' variants cite their own sources (MLA, linear attention, Hyena, experts, speculative decoding).
+The menus cite their own (tying, MLA, linear attention, Hyena, experts, dropout, top-p, speculative decoding).
 
 Command line: `python model.py --help` (subcommands: table, generate, bench).
 """
@@ -68,6 +52,7 @@ Command line: `python model.py --help` (subcommands: table, generate, bench).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -80,7 +65,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -90,7 +74,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenizer as tk
-from tokenizer import Progress, atomic_write_text, machine_label
 
 # ---- 1. The configuration: every switch in one place, validated on construction ----
 # A model is fully described by a handful of sizes -- vocabulary V, context T, width d, layers L, heads H
@@ -98,10 +81,10 @@ from tokenizer import Progress, atomic_write_text, machine_label
 # model exactly, and a sweep (scaling.py) can vary one switch at a time. Shapes used throughout:
 #     B batch, T sequence length, d = d_model, H heads, Hkv key/value heads, dh = d / H, V vocabulary.
 
-@dataclass
+@dataclasses.dataclass
 class ModelConfig:
-    """Everything needed to build a TransformerLM, JSON-safe via to_dict() / from_dict(). Each line below is
-    also the --help of the command-line flag of that name (tokenizer.config_help reads them).
+    """Everything needed to build a TransformerLM, JSON-safe (to_dict / from_dict). Each `name: text` line below
+    is the --help of its flag (tokenizer.config_help); the menu switches' lines are in their menus (field_help).
 
     vocab_size: vocabulary size V
     context_length: longest sequence T (rows of the position tables)
@@ -110,32 +93,11 @@ class ModelConfig:
     num_heads: attention heads H (head dimension dh = d / H)
     d_ff: feed-forward width (default: default_d_ff, 8/3 d for swiglu and 4 d for the others)
     rope_theta: RoPE base (pair j of a head turns by theta^(-2j/dh) radians per position)
-    norm: rmsnorm (no mean, no bias: cheaper and as good), layernorm (the original) or none (an ablation)
-    norm_position: pre (x + f(norm(x)): an identity residual path, stable when deep) or post (norm(x + f(x)),
-        the 2017 original: slightly better when it trains, but needs warmup and is fragile when deep)
-    position: rope (rotate q, k: scores depend on offsets), sinusoidal or learned (absolute, added to the
-        embeddings; learned is GPT-2's), nope (none: the causal mask alone leaks order)
-    ffn: swiglu (gated, 3 matrices), silu, relu or gelu (2 matrices; gelu is GPT-2's tanh approximation)
-    num_experts: 0 = a dense FFN; > 0 = a mixture of experts (more parameters at the same FLOPs per token)
-    experts_top_k: experts each token is routed to (mixture of experts)
-    moe_aux_weight: weight of the load-balancing loss (mixture of experts)
-    attention: full (every earlier token) or sliding (the last window_size: O(T W) and a W-entry KV cache)
-    window_size: the sliding window in tokens, the query's own included
     num_kv_heads: key/value heads: num_heads (MHA, the default), fewer (GQA) or 1 (MQA); the KV cache
         shrinks by num_heads / num_kv_heads at a small quality cost
     qk_norm: RMSNorm on each head's queries and keys before RoPE (bounds the attention logits)
-    tie_embeddings: share the embedding matrix with the LM head (saves V d parameters; GPT-2 does)
     attn_impl: sdpa (torch's fused attention), naive (from scratch) or a registered backend (softmax mixers)
-    bias: a bias in every attention and FFN linear layer (GPT-2's; the LM head and MoE router have none)
     norm_eps: the epsilon inside every norm's square root
-    mixer: the sequence mixer of every block: attention (softmax: MHA/GQA/MQA), mla (multi-head latent
-        attention), linear (elu+1 kernel attention) or hyena (long convolutions)
-    kv_lora_rank: mla: rank r of the cached latent (default d / 4; at most d)
-    qk_rope_head_dim: mla: RoPE dims per head, from one shared key (default dh / 2, even; 0 without RoPE)
-    hyena_order: hyena: number of convolution + gate steps N (default 2)
-    hyena_filter_dim: hyena: width of the implicit filters' MLP (default 64)
-    dropout: inverted dropout on the embeddings and on each sublayer's output (0 = off; training only)
-    attn_dropout: dropout on the attention probabilities (softmax mixers, naive or sdpa backend; 0 = off)
     """
 
     vocab_size: int
@@ -145,33 +107,36 @@ class ModelConfig:
     num_heads: int
     d_ff: Optional[int] = None
     rope_theta: float = 10000.0
-    norm: str = "rmsnorm"
+    num_kv_heads: Optional[int] = None
+    qk_norm: bool = False
+    attn_impl: str = "sdpa"
+    norm_eps: float = 1e-5
+    norm: str = "rmsnorm"        # menu: other norms, positions and FFNs (FORM_HELP), down to tie_embeddings
     norm_position: str = "pre"
     position: str = "rope"
     ffn: str = "swiglu"
-    num_experts: int = 0
-    experts_top_k: int = 2
-    moe_aux_weight: float = 0.01
-    attention: str = "full"
-    window_size: Optional[int] = None
-    num_kv_heads: Optional[int] = None
-    qk_norm: bool = False
-    tie_embeddings: bool = False
-    attn_impl: str = "sdpa"
     bias: bool = False
-    norm_eps: float = 1e-5
-    mixer: str = "attention"
+    tie_embeddings: bool = False
+    mixer: str = "attention"     # menu: other sequence mixers (MIXER_HELP), down to hyena_filter_dim
     kv_lora_rank: Optional[int] = None
     qk_rope_head_dim: Optional[int] = None
     hyena_order: Optional[int] = None
     hyena_filter_dim: Optional[int] = None
-    dropout: float = 0.0
+    num_experts: int = 0         # menu: mixture of experts (MOE_HELP), down to moe_aux_weight
+    experts_top_k: int = 2
+    moe_aux_weight: float = 0.01
+    dropout: float = 0.0         # menu: dropout (DROPOUT_HELP)
     attn_dropout: float = 0.0
+    attention: str = "full"      # menu: sampling and faster decoding (DECODING_HELP): sliding windows
+    window_size: Optional[int] = None
+
+    @classmethod
+    def field_help(cls) -> dict:
+        """The menu switches' --help lines, one table per menu (tokenizer.config_help reads them)."""
+        return {**FORM_HELP, **MIXER_HELP, **MOE_HELP, **DROPOUT_HELP, **DECODING_HELP}
 
     def __post_init__(self):
-        # every field checked once, here, and the None defaults made concrete: _validate_config runs the
-        # table of rules _CONFIG_RULES (Appendix: plumbing), the first broken rule a ValueError naming the field
-        _validate_config(self)
+        _validate_config(self)  # every field checked once (plumbing: _CONFIG_RULES); None defaults made concrete
 
     @property
     def head_dim(self) -> int:
@@ -179,8 +144,7 @@ class ModelConfig:
 
     @property
     def window(self) -> Optional[int]:
-        """The attention window in tokens, or None for full causal attention."""
-        return self.window_size if self.attention == "sliding" else None
+        return self.window_size if self.attention == "sliding" else None  # in tokens; None = full causal
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,31 +157,24 @@ class ModelConfig:
 
 
 def default_d_ff(d_model: int, ffn: str) -> int:
-    """The conventional hidden size of the feed-forward network.
-
-    SwiGLU has THREE weight matrices instead of two, so to keep the parameter count of a 4*d two-matrix
-    MLP (2 * 4d * d = 8d^2) it uses d_ff = 8/3 * d (3 * 8/3 d * d = 8d^2), rounded to a multiple of 64
-    so the matmuls tile nicely on hardware. The two-matrix variants (silu, relu, gelu) use the classic 4*d.
-    Worked example: d_model = 768 -> 8/3 * 768 = 2048 (= 32 * 64); GPT-2's GELU MLP uses 4 * 768 = 3072.
-    """
+    """The conventional hidden size of the feed-forward network. SwiGLU has THREE weight matrices, so to
+    keep the 8d^2 parameters of a two-matrix 4d MLP it uses d_ff = 8/3 d (3 * 8/3 d * d = 8d^2), rounded to a
+    multiple of 64 so the matmuls tile well; silu, relu and gelu use 4d. e.g. d 768: 2048; GPT-2's GELU 3072."""
     if ffn == "swiglu":
         return max(64, int(round(8 * d_model / 3 / 64)) * 64)
     return 4 * d_model
 
 
 # ---- 2. The primitives, from scratch (CS336 names and conventions) ----
-# Every layer below is a few tensor operations on nn.Parameters; torch's own layers (nn.Linear,
-# F.rms_norm, F.scaled_dot_product_attention, ...) appear only in the tests and benchmark peers that
-# check these against them. Weights use torch's [out, in] layout, so a state dict from a course
-# solution (or the benchmark peer built from nn.Linear) loads unchanged.
+# Each layer is a few tensor operations on nn.Parameters (torch's own layers appear only in the tests and
+# benchmark peers that check these). Weights use torch's [out, in] layout: a course solution's state dict loads.
 
 class Linear(nn.Module):
     """y = x W^T (+ b) with W stored [out_features, in_features] (the PyTorch/CS336 layout).
 
     Init N(0, sigma^2) with sigma^2 = 2 / (in + out) (Glorot: keeps activation AND gradient variance
     roughly constant through the layer), truncated at +-3 sigma so no weight starts as an outlier.
-    The CS336 layer has no bias; `bias=True` (GPT-2's layers) adds one, initialized to zero.
-    """
+    The CS336 layer has no bias; `bias=True` (GPT-2's layers) adds one, initialized to zero."""
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None, bias: bool = False):
         super().__init__()
@@ -253,11 +210,6 @@ class Embedding(nn.Module):
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}"
 
 
-def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    # norms compute in float32 for fp16/bf16 inputs, and keep float64 for float64 inputs (reference runs)
-    return torch.promote_types(dtype, torch.float32)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g.
 
@@ -265,8 +217,7 @@ class RMSNorm(nn.Module):
     (8 mantissa bits), and in fp16 x^2 overflows to inf once |x| > 256 (65504 is fp16's largest number),
     which would zero the whole row. eps sits INSIDE the square root: it bounds 1/rms by 1/sqrt(eps) for
     an all-near-zero row (eps outside would divide by ~0). Gain g initialized to 1 (identity).
-    Zhang & Sennrich (2019), arXiv:1910.07467: dropping LayerNorm's mean subtraction loses nothing.
-    """
+    Zhang & Sennrich (2019), arXiv:1910.07467: dropping LayerNorm's mean subtraction loses nothing."""
 
     def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -275,7 +226,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        x32 = x.to(_at_least_fp32(in_dtype))                                     # (..., d) in float32 (or 64)
+        x32 = x.to(torch.promote_types(in_dtype, torch.float32))                 # (..., d) fp32 (fp64 stays)
         inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., 1) = 1/sqrt(ms+eps)
         return (x32 * inv_rms * self.weight.to(x32.dtype)).to(in_dtype)          # back to the input dtype
 
@@ -316,11 +267,8 @@ class RotaryPositionalEmbedding(nn.Module):
     COS = (cos t0, cos t0, cos t1, cos t1, ..) and SIN = (-sin t0, +sin t0, -sin t1, +sin t1, ..): two
     multiplies and an add over full-width tensors (fewer, larger ops than working on the halves).
 
-    COS/SIN tables for positions 0..max_seq_len-1 are precomputed as NON-persistent buffers (they are
-    not weights, so they are not in the state dict). token_positions may have any leading batch shape
-    that broadcasts against x's leading dims. One module can serve every layer: the table lookup for a
-    positions tensor is remembered, so q and k of all layers share it.
-    """
+    The COS/SIN tables are NON-persistent buffers (not weights: not in the state dict). One module serves
+    every layer: the lookup for a positions tensor (any leading shape that broadcasts against x) is remembered."""
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
         super().__init__()
@@ -334,24 +282,12 @@ class RotaryPositionalEmbedding(nn.Module):
         cos, sin = angles.cos(), angles.sin()
         self.register_buffer("cos_table", cos.repeat_interleave(2, dim=-1).float(), persistent=False)  # (T, d_k)
         self.register_buffer("sin_table", torch.stack((-sin, sin), dim=-1).flatten(-2).float(), persistent=False)
-        self._memo = None  # (positions tensor, its version, dtype, COS, SIN) of the last lookup
-
-    def tables(self, token_positions: torch.Tensor, dtype: torch.dtype):
-        """COS, SIN rows for these positions: (..., T, d_k), looked up once per positions tensor."""
-        memo = self._memo
-        if memo is not None and memo[0] is token_positions and memo[1] == token_positions._version \
-                and memo[2] == dtype and memo[3].device == token_positions.device:
-            return memo[3], memo[4]
-        cos = self.cos_table[token_positions].to(dtype)
-        sin = self.sin_table[token_positions].to(dtype)
-        if not torch.compiler.is_compiling():
-            self._memo = (token_positions, token_positions._version, dtype, cos, sin)
-        return cos, sin
+        self._memo = None  # the last lookup, which the other layers reuse (plumbing: _rope_rows)
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
         # x: (..., T, d_k); token_positions: (..., T) broadcastable to x's leading dims.
         # Worked example, d_k = 2, position 1, theta 10000: angle 1 rad, so (1, 0) -> (cos 1, sin 1).
-        cos, sin = self.tables(token_positions, x.dtype)                 # (..., T, d_k)
+        cos, sin = _rope_rows(self, token_positions, x.dtype)            # (..., T, d_k): COS, SIN rows
         swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)          # (x1, x0, x3, x2, ...)
         return x * cos + swapped * sin
 
@@ -362,17 +298,6 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     x_max = x.amax(dim=dim, keepdim=True)
     e = torch.exp(x - x_max)
     return e / e.sum(dim=dim, keepdim=True)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Inverted dropout (Hinton et al. 2012, arXiv:1207.0580): zero each element with probability p and
-    scale the survivors by 1/(1-p), so E[output] = x and evaluation needs no rescaling (it is the identity).
-    The regularizer of the lecture's menu: a random sub-network per step cannot co-adapt; it costs noisier
-    gradients, so single-epoch pretraining usually leaves it at 0 and small-data or fine-tuning runs use it."""
-    if not training or p == 0:
-        return x
-    keep = torch.rand_like(x) >= p  # e.g. p = 0.5: half the elements survive, each doubled
-    return x * keep / (1 - p)
 
 
 def scaled_dot_product_attention(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
@@ -413,19 +338,7 @@ def attend(q, k, v, attn_mask: Optional[torch.Tensor], impl: str, window: Option
         return scaled_dot_product_attention(q, k, v, mask, dropout_p)
     if attn_mask is None and dropout_p == 0:  # the fast path: torch's fused kernel or a registered backend
         return get_attention_backend(impl)(q, k, v, causal=True, window=window)
-    if dropout_p > 0 and impl != "sdpa":
-        raise ValueError(f"attention dropout needs the 'naive' or 'sdpa' backend, got {impl!r}")
-    # the backend interface has no mask or dropout argument: these cases use torch's SDPA with a boolean mask
-    mask = attn_mask if attn_mask is not None else causal_window_mask(q.shape[-2], k.shape[-2], window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-
-
-def _head_positions(token_positions: Optional[torch.Tensor], lead: tuple, T: int, device) -> torch.Tensor:
-    """RoPE positions for (B, heads, T, .) tensors: (T,), or per-row (..., T) -> (B, 1, T) for all heads."""
-    pos = torch.arange(T, device=device) if token_positions is None else token_positions
-    if pos.dim() > 1 and pos.dim() == len(lead) + 1:
-        pos = pos.expand(*lead, T).reshape(-1, T)[:, None, :]
-    return pos
+    return masked_sdpa(q, k, v, attn_mask, impl, window, dropout_p)  # an explicit mask or dropout (plumbing)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -434,8 +347,7 @@ class MultiHeadSelfAttention(nn.Module):
     One matmul per projection computes all heads at once; heads are then a reshape, not a loop. RoPE turns
     queries and keys only (values carry content, not position). With num_kv_heads < num_heads each K/V head
     serves a group of num_heads/num_kv_heads query heads (GQA; 1 KV head = MQA), shrinking the KV cache.
-    CS336 signatures: (d_model, num_heads) without position, (d_model, num_heads, max_seq_len, theta) with RoPE.
-    """
+    CS336 signatures: (d_model, num_heads) without position, (d_model, num_heads, max_seq_len, theta) with RoPE."""
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: Optional[int] = None,
                  theta: Optional[float] = None, *, num_kv_heads: Optional[int] = None, qk_norm: bool = False,
@@ -447,8 +359,7 @@ class MultiHeadSelfAttention(nn.Module):
         _check_attention_args(d_model, num_heads, num_kv_heads, attn_impl)
         self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
-        self.window_size = window_size
-        self.attn_impl, self.attn_dropout = attn_impl, attn_dropout
+        self.window_size, self.attn_impl, self.attn_dropout = window_size, attn_impl, attn_dropout
         # W_q: d -> H*dh, W_k/W_v: d -> Hkv*dh (GQA stores fewer K/V heads), W_o: H*dh -> d
         self.q_proj = Linear(d_model, num_heads * self.head_dim, device=device, dtype=dtype, bias=bias)
         self.k_proj = Linear(d_model, num_kv_heads * self.head_dim, device=device, dtype=dtype, bias=bias)
@@ -457,17 +368,15 @@ class MultiHeadSelfAttention(nn.Module):
         # QK-norm (arXiv:2302.05442): RMSNorm over each head's dh features, so |q.k| stays bounded
         self.q_norm = RMSNorm(self.head_dim, eps=norm_eps, device=device, dtype=dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=norm_eps, device=device, dtype=dtype) if qk_norm else None
-        use_rope = theta is not None and max_seq_len is not None
-        if rope is None and use_rope:
+        if rope is None and theta is not None and max_seq_len is not None:  # a lone layer makes its own table
             rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len, device=device)
         self.rope = rope  # (TransformerLM passes one module shared by all layers)
 
     def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
                 layer_idx: int = 0) -> torch.Tensor:
-        """x (..., T, d) -> (..., T, d). token_positions: (T,) or per-row (B, 1, T) for RoPE; attn_mask:
-        an explicit (B, 1, T, Tk) mask (padding / rolling cache) instead of the plain causal one;
-        kv_cache + layer_idx: append this chunk's keys/values and attend to everything cached."""
+        """x (..., T, d) -> (..., T, d). token_positions: (T,) or per-row (B, 1, T) for RoPE; attn_mask: an explicit
+        (B, 1, T, Tk) mask (padding, rolling cache); kv_cache + layer_idx: append this chunk, attend to all cached."""
         lead, T = x.shape[:-2], x.shape[-2]
         x = x.reshape(-1, T, self.d_model)  # (B, T, d): any leading dims folded into one batch dim
         B, H, Hkv, dh = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -494,19 +403,17 @@ class MultiHeadSelfAttention(nn.Module):
         return self.output_proj(out).reshape(*lead, T, self.d_model)
 
 # ---- 4. The Transformer block and the language model ----
-# The model is: embed tokens -> L identical blocks on a residual stream x of shape (B, T, d) -> a final
-# norm -> the LM head, a d -> V projection giving one logit per vocabulary entry per position. Training
-# reads all T positions' logits at once (teacher forcing); generation reads only the last one. Each
-# switch picks its module through make_norm, make_ffn and make_mixer, which open the first two menus: the
-# default values build the core's RMSNorm, SwiGLU and MultiHeadSelfAttention.
+# Embed tokens -> L identical blocks on a residual stream x (B, T, d) -> a final norm -> the LM head (d -> V:
+# a logit per vocabulary entry per position). Training reads all T positions' logits at once (teacher
+# forcing); generation only the last. make_norm, make_block_ffn and make_mixer (the menus) build each
+# switch's module; the defaults give the core's RMSNorm, SwiGLU and MultiHeadSelfAttention.
 
 class TransformerBlock(nn.Module):
     """One layer. Pre-norm (default):  x = x + attn(ln1(x));  x = x + ffn(ln2(x)).
                   Post-norm:          x = ln1(x + attn(x));  x = ln2(x + ffn(x)).
     Pre-norm leaves an un-normalized identity path from input to output (gradients flow straight down the
     residual stream); post-norm normalizes the stream itself after every sublayer. CS336 signature
-    TransformerBlock(d_model, num_heads, d_ff, max_seq_len, theta), any ModelConfig switch as a keyword.
-    """
+    TransformerBlock(d_model, num_heads, d_ff, max_seq_len, theta), any ModelConfig switch as a keyword."""
 
     def __init__(self, d_model: int, num_heads: int, d_ff: Optional[int] = None, max_seq_len: int = 2048,
                  theta: float = 10000.0, *, config: Optional[ModelConfig] = None,
@@ -518,17 +425,12 @@ class TransformerBlock(nn.Module):
         self.ln1 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
         self.attn = make_mixer(cfg, rope, device, dtype)
         self.ln2 = make_norm(cfg.norm, cfg.d_model, device, dtype, eps=cfg.norm_eps)
-        if cfg.num_experts > 0:  # menu: mixture of experts
-            self.ffn = MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.experts_top_k, cfg.ffn,
-                                      device=device, dtype=dtype, bias=cfg.bias)
-        else:
-            self.ffn = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, device, dtype, bias=cfg.bias)
+        self.ffn = make_block_ffn(cfg, device, dtype)  # SwiGLU, another MLP, or a mixture of experts
 
     def forward(self, x: torch.Tensor, token_positions: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional["KVCache"] = None,
                 layer_idx: int = 0) -> torch.Tensor:
-        # x: (B, T, d), the residual stream; each sublayer reads it and adds (or normalizes) its output,
-        # dropped out first when config.dropout > 0 (training only; p = 0 returns it untouched)
+        # x: (B, T, d), the residual stream; each sublayer adds (or normalizes) its output, dropped out in training
         p = self.dropout if self.training else 0.0
         if self.norm_position == "pre":
             x = x + dropout(self.attn(self.ln1(x), token_positions, attn_mask, kv_cache, layer_idx), p)
@@ -541,28 +443,24 @@ class TransformerLM(nn.Module):
     """token ids (B, T) -> logits (B, T, vocab_size). No softmax: the loss and the sampler want logits.
 
     TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, **switches)
-    or TransformerLM.from_config(cfg); `model.config` is the ModelConfig. After each forward `model.aux_loss`
-    is the MoE load-balancing loss times moe_aux_weight (0.0 when dense); trainers add it to the loss.
-    Inputs are checked (ids in [0, vocab), length <= context_length); `model.validate_inputs = False` skips it.
-    """
+    (CS336's; switches: any other ModelConfig field) or from_config(cfg); `model.config` is the ModelConfig.
+    After each forward `model.aux_loss` is the MoE balancing loss times moe_aux_weight (0.0 when dense), for
+    trainers to add. Inputs are checked (ids in [0, V), length <= T); `model.validate_inputs = False` skips it."""
 
     def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
                  d_ff: Optional[int] = None, rope_theta: float = 10000.0, *, device=None, dtype=None,
                  **switches):
-        """The CS336 constructor; `switches` are any other ModelConfig fields (norm="layernorm", ...)."""
         super().__init__()
         cfg = ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
                           num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, **switches)
-        self.config = cfg
-        self.validate_inputs = True
+        self.config, self.validate_inputs = cfg, True
         # Init: embeddings N(0, 1) (CS336), linear layers Glorot-normal; no depth-dependent rescaling of
         # the residual projections (GPT-2 scales them by 1/sqrt(2L)), which pre-norm tolerates at the
         # depths this project trains.
         self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, device=device, dtype=dtype)
         # absolute positions (sinusoidal, learned: menu) are added to the embeddings; RoPE and NoPE add nothing
-        self.position_embeddings = absolute_positions(cfg, device, dtype) if cfg.position != "rope" else None
-        # one RoPE table shared by every layer (a lookup per forward instead of one per layer); MLA rotates
-        # only its qk_rope_head_dim decoupled dims
+        self.position_embeddings = absolute_positions(cfg, device, dtype)
+        # one RoPE table shared by every layer; MLA rotates only its qk_rope_head_dim decoupled dims
         rope_dim = cfg.qk_rope_head_dim if cfg.mixer == "mla" else cfg.head_dim
         rope = RotaryPositionalEmbedding(cfg.rope_theta, rope_dim, cfg.context_length, device=device) \
             if cfg.position == "rope" else None
@@ -597,7 +495,7 @@ class TransformerLM(nn.Module):
         attn_mask = None
         if kv_cache is not None:    # the cache knows where this chunk goes and what it may attend to
             token_positions, attn_mask = kv_cache.begin(T)
-        elif pad_lens is not None:  # left-padded rows (menu: faster decoding)
+        elif pad_lens is not None:  # left-padded rows (menu: sampling and faster decoding)
             token_positions, attn_mask = padded_positions_and_mask(pad_lens, T, cfg.window)
         _check_positions(self, T, token_positions)
         if token_positions is None:
@@ -623,18 +521,11 @@ class TransformerLM(nn.Module):
             check_state_dict(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-# ---- 5. Accounting: parameters, FLOPs, memory ----
-# What a configuration costs, computed from the config alone (no model built), so train.py can report
-# MFU (model FLOPs utilization = achieved FLOP/s over the hardware's peak) and scaling.py can pick
-# model sizes for a compute budget C ~ 6 N D (N parameters, D training tokens; Kaplan et al., 2020).
-# The other mixers' terms (MLA, linear attention, Hyena) come from their menu section; the counting of
-# attended keys and of stored activations (mean_attended_keys, activation_elements_per_token) from plumbing.
-
-def _ffn_params(kind: str, d: int, d_ff: int, bias: bool = False) -> int:
-    # SwiGLU: w1, w3 (d -> d_ff) and w2 (d_ff -> d); the others: w1 and w2. Biases: one per output unit.
-    n_in = 2 if kind == "swiglu" else 1  # matrices that map d -> d_ff
-    return (n_in + 1) * d * d_ff + ((n_in * d_ff + d) if bias else 0)
-
+# ---- 5. Accounting: parameters and FLOPs ----
+# What a configuration costs, from the config alone (no model built): train.py reports MFU (achieved FLOP/s
+# over the hardware's peak), scaling.py picks sizes for a budget C ~ 6 N D (N parameters, D tokens; Kaplan et
+# al., 2020). The other mixers' terms come from their menu; attended keys, activations and the
+# training memory (memory_estimate: weights, gradients, optimizer state, activations) from plumbing.
 
 def _mixer_params(c: ModelConfig) -> int:
     """Parameters of one layer's mixing sublayer."""
@@ -653,26 +544,19 @@ def num_params(model_or_config, include_embeddings: bool = True) -> int:
     include_embeddings=False drops the vocabulary matrices -- the token embedding and (when untied) the
     LM head -- and a learned position table, giving Kaplan et al.'s "non-embedding" N used in scaling
     laws. Given a ModelConfig it is computed analytically (no model built); given a module it counts
-    tensors. Known answer: GPT-2 small (V 50257, T 1024, d 768, 12 layers, GPT-2 switches) = 124,439,808.
-    """
+    tensors. Known answer: GPT-2 small (V 50257, T 1024, d 768, 12 layers, GPT-2 switches) = 124,439,808."""
     if isinstance(model_or_config, ModelConfig):
         c, d = model_or_config, model_or_config.d_model
         norm = {"rmsnorm": d, "layernorm": 2 * d, "none": 0}[c.norm]  # a gain per feature (+ a bias)
-        ffn = _ffn_params(c.ffn, d, c.d_ff, c.bias)
+        n_in = 2 if c.ffn == "swiglu" else 1  # matrices d -> d_ff: SwiGLU's w1 and w3, the others' w1; then w2
+        ffn = (n_in + 1) * d * c.d_ff + ((n_in * c.d_ff + d) if c.bias else 0)  # (+ a bias per output unit)
         if c.num_experts > 0:
             ffn = c.num_experts * ffn + d * c.num_experts  # experts + router
         total = c.num_layers * (_mixer_params(c) + ffn + 2 * norm) + (norm if c.norm_position == "pre" else 0)
         vocab = c.vocab_size * d * (1 if c.tie_embeddings else 2)
         vocab += c.context_length * d if c.position == "learned" else 0
         return total + (vocab if include_embeddings else 0)
-    if not isinstance(model_or_config, nn.Module):
-        raise ValueError(f"num_params expects a ModelConfig or nn.Module, got {type(model_or_config).__name__}")
-    unique = {id(p): p for p in model_or_config.parameters()}
-    if not include_embeddings:
-        for name in ("token_embeddings", "lm_head", "position_embeddings"):
-            weight = getattr(getattr(model_or_config, name, None), "weight", None)
-            unique.pop(id(weight), None)
-    return sum(p.numel() for p in unique.values())
+    return _count_module_params(model_or_config, include_embeddings)  # a built model: count its tensors
 
 
 def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_average: bool = True) -> dict:
@@ -696,50 +580,24 @@ def flops_breakdown(config: ModelConfig, seq_len: Optional[int] = None, causal_a
 
 def flops_per_token(config: ModelConfig, training: bool = False, seq_len: Optional[int] = None,
                     causal_average: bool = True) -> float:
-    """FLOPs to process one token at sequence length seq_len (default context_length): every matmul of
-    flops_breakdown, 2mnp each; the embedding lookup is free. Training = 3x forward: the backward pass
-    does two matmuls (grad wrt input and wrt weight) for every forward one."""
+    """FLOPs per token at sequence length seq_len (default context_length): flops_breakdown's matmuls (the
+    embedding lookup is free). Training = 3x forward: two backward matmuls (wrt input, weight) per forward one."""
     forward = float(sum(flops_breakdown(config, seq_len, causal_average).values()))
     return 3.0 * forward if training else forward
 
 
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "sgd_momentum": 1, "sgd": 0}
-
-
-def memory_estimate(config: ModelConfig, batch_size: int, optimizer: str = "adamw", dtype_bytes: int = 4,
-                    seq_len: Optional[int] = None) -> dict:
-    """Bytes needed to train: parameters, gradients, optimizer state and activations for one batch of
-    batch_size x seq_len (default context_length) tokens, all stored in dtype_bytes per element.
-    AdamW keeps two moments per parameter (2P); Muon/SGD-momentum one; plain SGD none."""
-    # e.g. GPT-2 small (124M) in fp32 with AdamW: 124M * 4 bytes * (1 weights + 1 grads + 2 moments)
-    # ~ 2 GB before any activation -- which then grow with batch x sequence length and usually dominate.
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZER_STATES)}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    T = config.context_length if seq_len is None else seq_len
-    P = num_params(config)
-    out = {"params": P * dtype_bytes, "grads": P * dtype_bytes,
-           "optimizer_state": OPTIMIZER_STATES[optimizer] * P * dtype_bytes,
-           "activations": activation_elements_per_token(config, T) * batch_size * T * dtype_bytes}
-    out["total"] = sum(out.values())
-    return out
-
 # ---- 6. Inference: the KV cache, sampling, batched generation ----
-# Generating n tokens naively runs the model on the whole sequence n times: O(n^2) positions of work.
-# But a causal model's keys and values for earlier positions never change, so we cache them (per layer,
-# (B, Hkv, T, dh)) and each step processes ONE new position: prefill the prompt once, then decode.
-# Decoding is then limited by reading the weights from memory once per token, not by FLOPs (which is why
-# the menu's speculative decoding helps).
+# Generating n tokens naively reruns the model on the whole sequence n times (O(n^2) positions). But a causal
+# model's keys and values of earlier positions never change: cache them (per layer, (B, Hkv, T, dh)) and each
+# step processes ONE new position. Decoding is then bound by reading the weights, not by FLOPs (menu: speculative).
 
 class KVCache:
     """Keys and values of every processed token, per layer, so each new token costs one position.
 
-    Storage: (B, Hkv, max_len, dh) per layer, filled left to right (GQA caches only the Hkv heads). Keys are
-    cached AFTER RoPE, at their absolute positions, so nothing is re-rotated later. TransformerLM.forward
-    calls begin(n) once -> (positions, mask or None), then update(layer, k, v) in each layer. KVCache(...)
-    builds the menu's ExtendedKVCache instead when a switch needs more: a sliding window (a rolling
-    buffer), left-padded rows, `slack` for speculative rollback, or another mixer's decoding state."""
+    Storage: (B, Hkv, max_len, dh) per layer, filled left to right (GQA caches only the Hkv heads); keys are
+    cached AFTER RoPE, at their absolute positions. TransformerLM.forward calls begin(n) once -> (positions,
+    mask or None), then update(layer, k, v) in each layer. KVCache(...) builds the menu's ExtendedKVCache when
+    a switch needs more: a sliding window, left-padded rows, `slack` for speculative rollback, another mixer."""
 
     def __new__(cls, config: ModelConfig, batch_size: int, max_len: int, pad_lens: Optional[torch.Tensor] = None,
                 slack: int = 0, device=None, dtype=torch.float32):
@@ -772,27 +630,11 @@ class KVCache:
         return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
 
 
-# Sampling. The model gives logits z; the sampler draws from softmax(z / temperature), optionally keeping
-# only the most likely tokens (nucleus / top-p, Holtzman et al. 2019: the long tail of unlikely tokens
-# is where degenerate text comes from). temperature -> 0 approaches argmax (greedy), 1 is the model's
-# own distribution, > 1 flattens it.
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering: keep the smallest set of most-likely tokens whose total mass reaches top_p,
-    zero the rest, renormalize. A token is kept if the mass strictly before it (in sorted order) is
-    < top_p, so the most likely token always survives. probs: (..., V)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)   # (..., V) largest first
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs     # exclusive prefix sum
-    keep_sorted = mass_before < top_p
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to vocabulary order
-    filtered = probs * keep
-    return filtered / filtered.sum(dim=-1, keepdim=True)
-
+# Sampling from softmax(logits / temperature): temperature -> 0 approaches argmax (greedy), 1 is the model's own
+# distribution, > 1 flattens it; top_p < 1 keeps only the likeliest tokens (menu: sampling and faster decoding).
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution we actually sample from: softmax(logits / T), nucleus-filtered. temperature == 0
+    """The distribution we actually sample from: softmax(logits / T), nucleus-filtered (top_p_filter). temperature == 0
     means greedy, returned as a one-hot distribution (so speculative decoding needs no special case)."""
     logits = logits.float()  # sampling in float32: bf16 logits would round small probabilities to 0
     if temperature == 0:
@@ -818,40 +660,31 @@ def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature:
     """Autoregressive sampling. prompt_ids: list[int] or list[list[int]] (different lengths allowed).
 
     Returns one list of NEW token ids per prompt; a row stops after emitting eos_id (included as its last
-    token). temperature 0 = greedy; top_p < 1 = nucleus sampling. Batched prompts are LEFT-padded, their
-    padding masked out and positions starting at 0 at each prompt's first token, so each row gets exactly
-    the computation it would get alone. use_cache=True prefills a KVCache once, then feeds one token per
-    step; use_cache=False recomputes the whole sequence every step (the reference the cache must match)."""
+    token). temperature 0 = greedy; top_p < 1 = nucleus sampling. Batched prompts are LEFT-padded, masked and
+    positioned from 0 at each prompt's first token, so each row gets exactly the computation it would get
+    alone. use_cache=True prefills a KVCache once, then feeds one token per step; use_cache=False recomputes
+    the whole sequence every step (the reference the cache must match)."""
     cfg = model.config
-    _check_sampling_args(temperature, top_p, max_new_tokens)
-    prompts = _normalize_prompts(prompt_ids, cfg.vocab_size)
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.context_length:
-        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"context_length {cfg.context_length}")
+    check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_new_tokens=0)
+    prompts = _normalize_prompts(prompt_ids, cfg.vocab_size, max_new_tokens, {"the model's": cfg.context_length})
     device, dtype = _model_device_dtype(model)
-    was_training = model.training
-    model.eval()  # (no dropout here, but a caller's module may branch on .training)
-    # left padding: every row ends at the same slot, so each step appends one column for all rows;
-    # e.g. prompts [5, 6, 7] and [8] -> rows [[5, 6, 7], [0, 0, 8]], pad_lens [0, 2]
-    pad_lens = torch.tensor([longest - len(p) for p in prompts], device=device)
-    rows = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, longest)
-    padded = bool((pad_lens > 0).any())
+    # prompts of different lengths are left-padded: every row ends at the same slot, so each step appends one
+    # column for all rows (menu: sampling and faster decoding); pad_lens is None when no row is padded
+    rows, pad_lens = left_pad(prompts, device)  # (B, longest), (B,)
+    B, longest = rows.shape
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(cfg, B, longest + max_new_tokens, pad_lens, device=device, dtype=dtype) if use_cache else None
     seq = rows
-    try:
+    with eval_mode(model):  # no dropout while sampling; the model's own mode comes back afterwards
         for step in range(max_new_tokens):
             if use_cache:  # step 0 prefills the whole prompt; later steps feed only the newest token
                 feed = rows if step == 0 else seq[:, -1:]
                 logits = model(feed, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
             else:
-                logits = model(seq, pad_lens=pad_lens if padded else None, last_only=True)[:, -1]
-            if temperature == 0:
-                next_ids = logits.argmax(-1)  # greedy
-            else:
-                next_ids = sample_from_probs(logits_to_probs(logits, temperature, top_p), generator)
+                logits = model(seq, pad_lens=pad_lens, last_only=True)[:, -1]
+            next_ids = logits.argmax(-1) if temperature == 0 else \
+                sample_from_probs(logits_to_probs(logits, temperature, top_p), generator)  # greedy, or sampled
             for b in range(B):  # finished rows keep computing (the batch stays rectangular) but record nothing
                 if not done[b]:
                     out[b].append(int(next_ids[b]))
@@ -860,8 +693,6 @@ def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature:
                 if bool(done.all()):
                     break
             seq = torch.cat([seq, next_ids[:, None]], dim=1)
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -869,6 +700,11 @@ def generate(model: TransformerLM, prompt_ids, max_new_tokens: int, temperature:
 # The other values of the norm, position and ffn switches: LayerNorm and no norm (make_norm, which builds
 # every norm the blocks use), absolute positions added to the embeddings (TransformerLM.__init__ asks
 # absolute_positions), and the classic two-matrix MLPs (make_ffn). GPT-2 is LayerNorm + learned positions + GELU.
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    # norms compute in float32 for fp16/bf16 inputs, and keep float64 for float64 inputs (reference runs)
+    return torch.promote_types(dtype, torch.float32)
+
 
 class LayerNorm(nn.Module):
     """LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + b (biased variance), in float32 like RMSNorm.
@@ -973,10 +809,24 @@ def absolute_positions(cfg: ModelConfig, device=None, dtype=None) -> Optional[nn
     return None
 
 
+# The --help lines of this menu's switches (ModelConfig.field_help collects each menu's table). Tied
+# embeddings: Press & Wolf, "Using the Output Embedding to Improve Language Models" (2016), arXiv:1608.05859.
+FORM_HELP = {
+    "norm": "rmsnorm (no mean, no bias: cheaper and as good), layernorm (the original) or none (an ablation)",
+    "norm_position": "pre (x + f(norm(x)): an identity residual path, stable when deep) or post (norm(x + f(x)), "
+                     "the 2017 original: slightly better when it trains, but needs warmup and is fragile when deep)",
+    "position": "rope (rotate q, k: scores depend on offsets), sinusoidal or learned (absolute, added to the "
+                "embeddings; learned is GPT-2's), nope (none: the causal mask alone leaks order)",
+    "ffn": "swiglu (gated, 3 matrices), silu, relu or gelu (2 matrices; gelu is GPT-2's tanh approximation)",
+    "bias": "a bias in every attention and FFN linear layer (GPT-2's; the LM head and MoE router have none)",
+    "tie_embeddings": "share the embedding matrix with the LM head (saves V d parameters; GPT-2 does)",
+}
+
+
 # ===== Menu: other sequence mixers =====
 # The `mixer` switch's other values -- multi-head latent attention, linear attention and Hyena -- each a
 # drop-in for MultiHeadSelfAttention (same forward signature), built by make_mixer (after Hyena). Their
-# decoding state lives in the ExtendedKVCache (menu: faster decoding); their costs plug into the accounting
+# decoding state lives in the ExtendedKVCache (the decoding menu); their costs plug into the accounting
 # through _other_mixer_params, _mixer_flops and _mixer_activations below.
 
 # ---- Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434): cache a small latent instead of K and V ----
@@ -1336,6 +1186,17 @@ _MIXER_RULES = [
 ]
 
 
+# The --help lines of this menu's switches (ModelConfig.field_help collects each menu's table).
+MIXER_HELP = {
+    "mixer": "the sequence mixer of every block: attention (softmax: MHA/GQA/MQA), mla (multi-head latent "
+             "attention), linear (elu+1 kernel attention) or hyena (long convolutions)",
+    "kv_lora_rank": "mla: rank r of the cached latent (default d / 4; at most d)",
+    "qk_rope_head_dim": "mla: RoPE dims per head, from one shared key (default dh / 2, even; 0 without RoPE)",
+    "hyena_order": "hyena: number of convolution + gate steps N (default 2)",
+    "hyena_filter_dim": "hyena: width of the implicit filters' MLP (default 64)",
+}
+
+
 # ===== Menu: mixture of experts =====
 # num_experts > 0 replaces each block's FFN by a routed set of FFNs (TransformerBlock builds MoEFeedForward);
 # TransformerLM.forward collects the load-balancing loss through moe_aux_loss, and the accounting counts
@@ -1401,6 +1262,14 @@ class MoEFeedForward(nn.Module):
         return out.reshape(shape)
 
 
+def make_block_ffn(cfg: ModelConfig, device=None, dtype=None) -> nn.Module:
+    """A block's FFN: the `ffn` switch's MLP (make_ffn), or num_experts of them behind a router."""
+    if cfg.num_experts > 0:
+        return MoEFeedForward(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.experts_top_k, cfg.ffn,
+                              device=device, dtype=dtype, bias=cfg.bias)
+    return make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff, device, dtype, bias=cfg.bias)
+
+
 def moe_aux_loss(model: "TransformerLM") -> torch.Tensor:
     """model.aux_loss: the mean over MoE layers of E * sum f_i P_i, times moe_aux_weight (0.0 when dense)."""
     moe = [layer.ffn.aux_loss for layer in model.layers if isinstance(layer.ffn, MoEFeedForward)]
@@ -1419,13 +1288,69 @@ _MOE_RULES = [
 ]
 
 
-# ===== Menu: faster decoding =====
-# What generate and TransformerLM.forward use beyond the plain KV cache: masks for left-padded batches, the
+# The --help lines of this menu's switches (ModelConfig.field_help collects each menu's table).
+MOE_HELP = {
+    "num_experts": "0 = a dense FFN; > 0 = a mixture of experts (more parameters at the same FLOPs per token)",
+    "experts_top_k": "experts each token is routed to (mixture of experts)",
+    "moe_aux_weight": "weight of the load-balancing loss (mixture of experts)",
+}
+
+# ===== Menu: dropout =====
+# The `dropout` and `attn_dropout` switches: TransformerLM.forward drops the embeddings, TransformerBlock each
+# sublayer's output, and attend() the attention probabilities, all through dropout() below (training only).
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout (Hinton et al. 2012, arXiv:1207.0580): zero each element with probability p and
+    scale the survivors by 1/(1-p), so E[output] = x and evaluation needs no rescaling (it is the identity).
+    The regularizer of the lecture's menu: a random sub-network per step cannot co-adapt; it costs noisier
+    gradients, so single-epoch pretraining usually leaves it at 0 and small-data or fine-tuning runs use it."""
+    if not training or p == 0:
+        return x
+    keep = torch.rand_like(x) >= p  # e.g. p = 0.5: half the elements survive, each doubled
+    return x * keep / (1 - p)
+
+
+# The --help lines of this menu's switches (ModelConfig.field_help collects each menu's table).
+DROPOUT_HELP = {
+    "dropout": "inverted dropout on the embeddings and on each sublayer's output (0 = off; training only)",
+    "attn_dropout": "dropout on the attention probabilities (softmax mixers, naive or sdpa backend; 0 = off)",
+}
+
+
+# ===== Menu: sampling and faster decoding =====
+# What generate and TransformerLM.forward use beyond temperature sampling and the plain KV cache: nucleus
+# (top-p) filtering, left padding for batches of prompts of different lengths and its masks, the
 # ExtendedKVCache that KVCache(...) becomes for sliding windows (a rolling buffer), rollback room, padding and
 # the other mixers' decoding state, the cache sizes per mixer, and speculative decoding on top of generate:
 # a small draft model guesses k tokens and the big model checks all k in ONE pass (as cheap as one step,
 # since decoding is memory-bound), keeping the guesses its own distribution agrees with -- exactly, not
 # approximately (Leviathan et al. 2022, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318).
+# Sliding windows: Beltagy et al., "Longformer" (2020), arXiv:2004.05150.
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2019, arXiv:1904.09751: the long tail of unlikely tokens is where
+    degenerate text comes from): keep the smallest set of most-likely tokens whose total mass reaches top_p,
+    zero the rest, renormalize. A token is kept if the mass strictly before it (in sorted order) is
+    < top_p, so the most likely token always survives. probs: (..., V)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)   # (..., V) largest first
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs     # exclusive prefix sum
+    keep_sorted = mass_before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to vocabulary order
+    filtered = probs * keep
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def left_pad(prompts: list[list[int]], device=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Prompts of different lengths as one LEFT-padded (B, longest) batch (pad id 0, masked out later) and each
+    row's padding pad_lens (B,), or None when no row is padded. e.g. [5, 6, 7] and [8] -> rows [[5, 6, 7],
+    [0, 0, 8]], pad_lens [0, 2]: both rows end at the same slot, so each decoding step appends one column."""
+    longest = max(len(p) for p in prompts)
+    rows = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
+    pad_lens = torch.tensor([longest - len(p) for p in prompts], device=device)
+    return rows, pad_lens if bool((pad_lens > 0).any()) else None
+
 
 def slot_attention_mask(q_slots: torch.Tensor, k_slots: torch.Tensor, pad_lens: Optional[torch.Tensor],
                         window: Optional[int]) -> torch.Tensor:
@@ -1637,15 +1562,9 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM, prompt_ids
     prompts = _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temperature, top_p)
     stats = {"proposed": 0, "accepted": 0, "rejected": 0, "target_prefills": 0, "target_forwards": 0,
              "draft_forwards": 0, "new_tokens": 0}
-    modes = (target.training, draft.training)
-    target.eval()
-    draft.eval()
-    try:
+    with eval_mode(target, draft):
         outputs = [_speculative_one(target, draft, p, max_new_tokens, k, temperature, top_p, eos_id, generator,
                                     stats) for p in prompts]
-    finally:
-        target.train(modes[0])
-        draft.train(modes[1])
     stats["acceptance_rate"] = stats["accepted"] / max(1, stats["proposed"])
     # each draft token the target judged was accepted or was the round's one rejection: the per-token
     # acceptance probability alpha of Leviathan et al. (later drafts of a rejected round are never judged)
@@ -1720,15 +1639,17 @@ def _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temper
         if model.config.mixer == "linear":  # rejected drafts must be rolled back, which a running sum cannot do
             raise ValueError(f"speculative decoding needs a cache that can be rolled back; the {name} model's "
                              "mixer='linear' keeps a recurrent state that cannot")
-    _check_sampling_args(temperature, top_p, max_new_tokens)
-    prompts = _normalize_prompts(prompt_ids, target.config.vocab_size)
+    check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_new_tokens=0)
     # both caches hold the whole sequence, so a draft with a shorter context limits the pair as well
-    for model, name in ((target, "target"), (draft, "draft")):
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > model.config.context_length:
-            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the {name} "
-                             f"model's context_length {model.config.context_length}")
-    return prompts
+    contexts = {f"the {name} model's": m.config.context_length for name, m in (("target", target), ("draft", draft))}
+    return _normalize_prompts(prompt_ids, target.config.vocab_size, max_new_tokens, contexts)
+
+
+# The --help lines of this menu's switches (ModelConfig.field_help collects each menu's table).
+DECODING_HELP = {
+    "attention": "full (every earlier token) or sliding (the last window_size: O(T W) and a W-entry KV cache)",
+    "window_size": "the sliding window in tokens, the query's own included",
+}
 
 
 # ===== Appendix: plumbing =====
@@ -1737,7 +1658,9 @@ def _check_speculative_args(target, draft, prompt_ids, max_new_tokens, k, temper
 #     load_model_state, check_state_dict   strict weight loading; errors name every key that does not fit
 #     resolve_device                       "auto" / "cuda:1" / ... checked to exist, before any work
 #     register/get/set_attention_backend   the backend registry attend() looks up (kernels.py adds its own)
-#     _check_token_ids and friends         the checks behind TransformerLM.forward and generate
+#     _rope_rows, _head_positions          RoPE's shared table lookup and per-row positions
+#     memory_estimate                      training memory: weights, gradients, optimizer state, activations
+#     _check_token_ids and friends         the checks behind TransformerLM.forward and generate; eval_mode
 #     sample_windows                       random (x, y) training windows of a token array
 #     download, sha256_file                resumable, verified, atomic downloads
 #     read_checkpoint, load_checkpoint_model   one reader, one clear error per way a file can be bad
@@ -1840,6 +1763,16 @@ def resolve_device(name) -> torch.device:
 
 # ---- Attention backends: fn(q, k, v, *, causal, window) -> out, as attend() calls them ----
 
+def masked_sdpa(q, k, v, attn_mask: Optional[torch.Tensor], impl: str, window: Optional[int],
+                dropout_p: float = 0.0) -> torch.Tensor:
+    """attend()'s fast path when there is an explicit mask (padded rows, a rolling buffer) or attention dropout:
+    the backend interface has no argument for either, so these cases run torch's SDPA with a boolean mask."""
+    if dropout_p > 0 and impl != "sdpa":
+        raise ValueError(f"attention dropout needs the 'naive' or 'sdpa' backend, got {impl!r}")
+    mask = attn_mask if attn_mask is not None else causal_window_mask(q.shape[-2], k.shape[-2], window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 def naive_attention(q, k, v, *, causal: bool = True, window: Optional[int] = None):
     """attend()'s readable branch as a backend: materializes the (Tq, Tk) score matrix, our softmax."""
     mask = causal_window_mask(q.shape[-2], k.shape[-2], window, q.device) if (causal or window) else None
@@ -1892,7 +1825,45 @@ def set_attention_backend(model: nn.Module, name: str) -> None:
         model.config.attn_impl = name
 
 
-# ---- Accounting details: attended keys per query, activation elements per token ----
+# ---- RoPE: positions per head, and one table lookup for all layers ----
+
+def _rope_rows(rope: RotaryPositionalEmbedding, token_positions: torch.Tensor, dtype: torch.dtype):
+    """The COS, SIN rows of `rope`'s tables for these positions, (..., T, d_k) in `dtype`. Every layer rotates
+    by the same positions tensor, so the last lookup is remembered (keyed by that tensor, its version, the
+    dtype and the device) and reused: one gather per forward instead of two per layer."""
+    memo = rope._memo
+    if memo is not None and memo[0] is token_positions and memo[1] == token_positions._version \
+            and memo[2] == dtype and memo[3].device == token_positions.device:
+        return memo[3], memo[4]
+    cos = rope.cos_table[token_positions].to(dtype)
+    sin = rope.sin_table[token_positions].to(dtype)
+    if not torch.compiler.is_compiling():  # a traced graph does the plain lookup
+        rope._memo = (token_positions, token_positions._version, dtype, cos, sin)
+    return cos, sin
+
+
+def _head_positions(token_positions: Optional[torch.Tensor], lead: tuple, T: int, device) -> torch.Tensor:
+    """RoPE positions for (B, heads, T, .) tensors: (T,), or per-row (..., T) -> (B, 1, T) for all heads."""
+    pos = torch.arange(T, device=device) if token_positions is None else token_positions
+    if pos.dim() > 1 and pos.dim() == len(lead) + 1:
+        pos = pos.expand(*lead, T).reshape(-1, T)[:, None, :]
+    return pos
+
+
+# ---- Accounting details: a built model's parameters, attended keys, activations, training memory ----
+
+def _count_module_params(model: nn.Module, include_embeddings: bool = True) -> int:
+    """num_params of a built module: each distinct tensor once (tied weights are one tensor); without
+    embeddings, the token embedding, LM head and learned position table are left out."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"num_params expects a ModelConfig or nn.Module, got {type(model).__name__}")
+    unique = {id(p): p for p in model.parameters()}
+    if not include_embeddings:
+        for name in ("token_embeddings", "lm_head", "position_embeddings"):
+            weight = getattr(getattr(model, name, None), "weight", None)
+            unique.pop(id(weight), None)
+    return sum(p.numel() for p in unique.values())
+
 
 def mean_attended_keys(seq_len: int, window: Optional[int], causal_average: bool = True) -> float:
     """How many keys an average query attends to in a sequence of seq_len tokens.
@@ -1925,6 +1896,29 @@ def activation_elements_per_token(config: ModelConfig, seq_len: Optional[int] = 
     score_elems = 2 * c.num_heads * T if materialize_scores else c.num_heads
     attn = d + 2 * kv_dim + d + score_elems if c.mixer == "attention" else _mixer_activations(c, T, score_elems)
     return c.num_layers * (4 * d + attn + ffn_hidden) + 2 * d + 2 * c.vocab_size
+
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "sgd_momentum": 1, "sgd": 0}
+
+
+def memory_estimate(config: ModelConfig, batch_size: int, optimizer: str = "adamw", dtype_bytes: int = 4,
+                    seq_len: Optional[int] = None) -> dict:
+    """Bytes needed to train: parameters, gradients, optimizer state and activations for one batch of
+    batch_size x seq_len (default context_length) tokens, all stored in dtype_bytes per element.
+    AdamW keeps two moments per parameter (2P); Muon/SGD-momentum one; plain SGD none."""
+    # e.g. GPT-2 small (124M) in fp32 with AdamW: 124M * 4 bytes * (1 weights + 1 grads + 2 moments)
+    # ~ 2 GB before any activation -- which then grow with batch x sequence length and usually dominate.
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(OPTIMIZER_STATES)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    T = config.context_length if seq_len is None else seq_len
+    P = num_params(config)
+    out = {"params": P * dtype_bytes, "grads": P * dtype_bytes,
+           "optimizer_state": OPTIMIZER_STATES[optimizer] * P * dtype_bytes,
+           "activations": activation_elements_per_token(config, T) * batch_size * T * dtype_bytes}
+    out["total"] = sum(out.values())
+    return out
 
 
 # ---- Validation: configs, token ids, sampling arguments (errors that name the problem) ----
@@ -2072,21 +2066,28 @@ def _check_positions(model: "TransformerLM", T: int, token_positions: Optional[t
                          "(sequence too long)")
 
 
-def _check_sampling_args(temperature: float, top_p: float, max_new_tokens: int):
-    """generate()'s argument ranges: temperature finite and >= 0, top_p in (0, 1], max_new_tokens >= 0."""
+def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: float, num_samples: int = 1,
+                           seed: int = 0, min_new_tokens: int = 1) -> None:
+    """Sampling options' ranges, ValueError naming the option: command lines call this before any loading (so
+    `--top-p 1.5` fails in milliseconds, not after a model load); generate and speculative_generate too, with
+    min_new_tokens=0. temperature finite and >= 0, top_p in (0, 1], the counts integers."""
+    for name, value, low in (("max_new_tokens", max_new_tokens, min_new_tokens), ("num_samples", num_samples, 1),
+                             ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     # `not (x >= 0)` also rejects NaN, whose comparisons are all False
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
 
 
-def _normalize_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
+def _normalize_prompts(prompt_ids, vocab_size: int, max_new_tokens: int = 0,
+                       contexts: Optional[dict] = None) -> list[list[int]]:
     """One prompt (list of ints) or many (list of lists, or a 1-D / 2-D tensor) -> a list of lists, each
     non-empty and inside the vocabulary (checked here, before any model call, so the error names the
-    prompt and the id instead of surfacing as an indexing failure deep in the embedding)."""
+    prompt and the id instead of surfacing as an indexing failure deep in the embedding). contexts,
+    {"the model's": context_length, ...}: the longest prompt plus max_new_tokens must fit each of them."""
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.tolist()
     if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
@@ -2098,6 +2099,11 @@ def _normalize_prompts(prompt_ids, vocab_size: int) -> list[list[int]]:
         for t in p:
             if not isinstance(t, int) or not (0 <= t < vocab_size):
                 raise ValueError(f"prompt {i} contains token id {t!r} outside the vocabulary [0, {vocab_size})")
+    longest = max(len(p) for p in prompts)
+    for whose, context_length in (contexts or {}).items():
+        if longest + max_new_tokens > context_length:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds {whose} "
+                             f"context_length {context_length}")
     return prompts
 
 
@@ -2105,6 +2111,20 @@ def _model_device_dtype(model: nn.Module):
     """Where the model's weights live: new tensors (prompts, caches) are made there, in their dtype."""
     p = next(model.parameters())
     return p.device, p.dtype
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """The body runs with every model in eval mode (no dropout); afterwards, exception or not, each model is
+    back in its own mode. generate and speculative_generate sample inside it."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 # ---- Random training windows: how a language model sees a token stream ----
@@ -2171,7 +2191,7 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
             raise ValueError(f"cached {dest} does not match its SHA-256 {want}: it is corrupt or was modified; "
                              "delete it to download again")
         return dest
-    total = _fetch_to_part(url, part, expected_size, Progress(True, f"downloading {dest.name}") if progress
+    total = _fetch_to_part(url, part, expected_size, tk.Progress(True, f"downloading {dest.name}") if progress
                            else None, timeout, chunk)
     # 4. only a complete, verified file gets the final name (a crash leaves just the .part to resume)
     size = part.stat().st_size
@@ -2182,7 +2202,7 @@ def download(url: str, dest, *, sha256: Optional[str] = None, expected_size: Opt
         part.unlink()
         raise ValueError(f"download of {url} failed verification: SHA-256 {digest} != expected {sha256}")
     os.replace(part, dest)
-    atomic_write_text(hash_file, digest + "\n")
+    tk.atomic_write_text(hash_file, digest + "\n")
     return dest
 
 
@@ -2535,21 +2555,6 @@ def from_pretrained(name_or_path: str = "gpt2", cache_dir=None, device="cpu", *,
 
 # ---- Sampling from a checkpoint: `model.py generate` and `train.py sample` both call it ----
 
-def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: float, num_samples: int = 1,
-                           seed: int = 0) -> None:
-    """Validate sampling options before any loading: ValueError naming the option and its range.
-    (Command lines call this first, so `--top-p 1.5` fails in milliseconds, not after a model load.)"""
-    def is_int(v):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    if not is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    _check_sampling_args(temperature, top_p, 0)
-
-
 def fit_to_context(prompt: list, max_new_tokens: int, context_length: int) -> tuple[list, int, list[str]]:
     """Make prompt + new tokens fit the model's window: a prompt longer than context_length - 1 keeps its
     LAST tokens (the ones nearest the continuation); then max_new_tokens shrinks to the room left.
@@ -2668,32 +2673,26 @@ class _TorchLayersBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, H = cfg.d_model, cfg.num_heads
-        self.num_heads, self.head_dim = H, d // H
-        self.ln1 = nn.Module()
-        self.ln1.weight = nn.Parameter(torch.ones(d))
-        self.ln2 = nn.Module()
-        self.ln2.weight = nn.Parameter(torch.ones(d))
-        self.attn = nn.Module()
-        for name in ("q_proj", "k_proj", "v_proj", "output_proj"):
-            setattr(self.attn, name, nn.Linear(d, d, bias=False))
-        self.ffn = nn.Module()
-        self.ffn.w1 = nn.Linear(d, cfg.d_ff, bias=False)
-        self.ffn.w2 = nn.Linear(cfg.d_ff, d, bias=False)
-        self.ffn.w3 = nn.Linear(d, cfg.d_ff, bias=False)
+        d, f = cfg.d_model, cfg.d_ff
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.ln1, self.ln2 = (nn.ParameterDict({"weight": nn.Parameter(torch.ones(d))}) for _ in range(2))
+        self.attn = nn.ModuleDict({name: nn.Linear(d, d, bias=False) for name in ("q_proj", "k_proj", "v_proj",
+                                                                                  "output_proj")})
+        self.ffn = nn.ModuleDict({"w1": nn.Linear(d, f, bias=False), "w2": nn.Linear(f, d, bias=False),
+                                  "w3": nn.Linear(d, f, bias=False)})
 
     def forward(self, x, rope, positions):  # x (B, T, d)
         B, T, d = x.shape
-        H, dh = self.num_heads, self.head_dim
-        h = F.rms_norm(x, (d,), self.ln1.weight, eps=1e-5)          # pre-norm
-        q = self.attn.q_proj(h).view(B, T, H, dh).transpose(1, 2)   # (B, H, T, dh)
-        k = self.attn.k_proj(h).view(B, T, H, dh).transpose(1, 2)
-        v = self.attn.v_proj(h).view(B, T, H, dh).transpose(1, 2)
+        H, dh, attn, ffn = self.num_heads, self.head_dim, self.attn, self.ffn
+        h = F.rms_norm(x, (d,), self.ln1["weight"], eps=1e-5)       # pre-norm
+        q = attn["q_proj"](h).view(B, T, H, dh).transpose(1, 2)     # (B, H, T, dh)
+        k = attn["k_proj"](h).view(B, T, H, dh).transpose(1, 2)
+        v = attn["v_proj"](h).view(B, T, H, dh).transpose(1, 2)
         q, k = rope(q, positions), rope(k, positions)  # torch has no RoPE layer: the same function as ours
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn.output_proj(a.transpose(1, 2).reshape(B, T, d))
-        h = F.rms_norm(x, (d,), self.ln2.weight, eps=1e-5)
-        return x + self.ffn.w2(F.silu(self.ffn.w1(h)) * self.ffn.w3(h))  # SwiGLU
+        x = x + attn["output_proj"](a.transpose(1, 2).reshape(B, T, d))
+        h = F.rms_norm(x, (d,), self.ln2["weight"], eps=1e-5)
+        return x + ffn["w2"](F.silu(ffn["w1"](h)) * ffn["w3"](h))  # SwiGLU
 
 
 class TorchLayersLM(nn.Module):
@@ -2708,8 +2707,7 @@ class TorchLayersLM(nn.Module):
         self.config = cfg
         self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList([_TorchLayersBlock(cfg) for _ in range(cfg.num_layers)])
-        self.ln_final = nn.Module()
-        self.ln_final.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.ln_final = nn.ParameterDict({"weight": nn.Parameter(torch.ones(cfg.d_model))})
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope = RotaryPositionalEmbedding(cfg.rope_theta, cfg.head_dim, cfg.context_length)
 
@@ -2718,7 +2716,7 @@ class TorchLayersLM(nn.Module):
         x = self.token_embeddings(token_ids)  # (B, T, d)
         for layer in self.layers:
             x = layer(x, self.rope, positions)
-        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.ln_final.weight, eps=1e-5))
+        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.ln_final["weight"], eps=1e-5))
 
 
 def _row(what: str, command: str, shape: str, ours: str, peer: str, ratio: str) -> str:
@@ -3027,7 +3025,7 @@ def cmd_bench(args) -> None:
     """Run the chosen sections and print one markdown table of figures, each with its command."""
     torch.set_num_threads(args.threads) if args.threads else None
     rows = [row for name in args.only.split(",") for row in BENCH_SECTIONS[name](args)]
-    print(f"\nmachine: {machine_label()}")
+    print(f"\nmachine: {tk.machine_label()}")
     print("| stage | what | command | ours | peer | ratio |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
@@ -3193,41 +3191,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# bench's own sizes: (flag, default, lowest allowed value or None, help). The help shows the default, and
+# _OPTION_RULES checks the lowest value before any work.
+_BENCH_OPTIONS = [
+    ("--repeats", 2, 1, "kv/spec/mixers: interleaved repetitions (median)"),
+    ("--train-repeats", 7, 1, "train: interleaved repetitions (median)"),
+    ("--threads", 0, 0, "torch threads, 0 = torch's choice"),
+    ("--kv-prompt", "16,64", None, "kv: prompt length(s), comma-separated"),
+    ("--kv-new-tokens", 256, 1, "kv/mixers: new tokens"),
+    ("--mixer-seq", "256,1024,4096", None, "mixers: block sequence lengths"),
+    ("--mixer-prompt", 512, 1, "mixers: decoding prompt tokens"),
+    ("--train-seq", 128, 1, "train: context length"),
+    ("--train-batch", 4, 1, "train: batch size"),
+    ("--spec-train-steps", 150, 1, "spec: target training steps"),
+    ("--draft-train-steps", 600, 1, "spec: draft training steps"),
+    ("--spec-train-seq", 128, 2, "spec: training sequence length"),
+    ("--spec-train-batch", 16, 1, "spec: training batch size"),
+    ("--spec-lr", 3e-3, None, "spec: peak AdamW learning rate"),
+    ("--spec-cache", "data_cache/spec", None, "spec: folder of the trained pairs, reused by reruns"),
+    ("--spec-prompt", 32, 1, "spec: prompt bytes"),
+    ("--spec-prompts", 3, 1, "spec: held-out prompts, decoded in turn"),
+    ("--spec-new-tokens", 64, 1, "spec: new tokens per prompt"),
+    ("--target-d-model", 128, 1, "spec: target width"),
+    ("--target-num-layers", 12, 1, "spec: target layers"),
+    ("--target-num-heads", 4, 1, "spec: target heads"),
+    ("--draft-d-model", 64, None, "spec: draft width, one head per 32 dims"),
+    ("--draft-num-layers", 1, 1, "spec: draft layers"),
+    ("-k", "2,3,4,5,6,7,8", None, "spec: draft tokens per target pass, comma-separated: the sweep"),
+    ("--spec-temperature", 0.8, None, "spec: temperature of the sampled run"),
+]
+
+
 def _add_bench_flags(b) -> None:
     """`bench`'s options: the sections to run, the shared model shape, and each section's own sizes."""
     b.add_argument("--only", default="kv,spec,train", help="sections: kv, spec, train, mixers (kv,spec,train)")
-    b.add_argument("--repeats", type=int, default=2, help="kv/spec/mixers: interleaved repetitions (median)")
-    b.add_argument("--train-repeats", type=int, default=7, help="train: interleaved repetitions (median)")
-    b.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's choice)")
-    # kv, train and mixers share one model shape; spec trains its own byte-level pair (below)
+    # kv, train and mixers share one model shape; spec trains its own byte-level pair
     _model_flags(b, ("vocab_size", "d_model", "num_layers", "num_heads"), " (kv/train/mixers; default {default})",
                  vocab_size=4096, d_model=384, num_layers=6, num_heads=6)
-    b.add_argument("--kv-prompt", default="16,64", help="kv: prompt length(s), comma-separated (16,64)")
-    b.add_argument("--kv-new-tokens", type=int, default=256, help="kv/mixers: new tokens (256)")
-    b.add_argument("--mixer-seq", default="256,1024,4096", help="mixers: block sequence lengths (256,1024,4096)")
-    b.add_argument("--mixer-prompt", type=int, default=512, help="mixers: decoding prompt tokens (512)")
-    b.add_argument("--train-seq", type=int, default=128, help="train: context length (128)")
-    b.add_argument("--train-batch", type=int, default=4, help="train: batch size (4)")
+    for flag, default, _, text in _BENCH_OPTIONS:
+        b.add_argument(flag, type=type(default), default=default, help=f"{text} ({default})")
     b.add_argument("--text", default=None, help="spec: a text FILE to train the byte-level pair on (e.g. "
                                                 "tinyshakespeare.txt; default: this file's source)")
-    b.add_argument("--spec-train-steps", type=int, default=150, help="spec: target training steps (150)")
-    b.add_argument("--draft-train-steps", type=int, default=600, help="spec: draft training steps (600)")
-    b.add_argument("--spec-train-seq", type=int, default=128, help="spec: training sequence length (128)")
-    b.add_argument("--spec-train-batch", type=int, default=16, help="spec: training batch size (16)")
-    b.add_argument("--spec-lr", type=float, default=3e-3, help="spec: peak AdamW learning rate (3e-3)")
-    b.add_argument("--spec-cache", default="data_cache/spec", help="spec: folder of the trained pairs, reused "
-                                                                   "by reruns (data_cache/spec)")
-    b.add_argument("--spec-prompt", type=int, default=32, help="spec: prompt bytes (32)")
-    b.add_argument("--spec-prompts", type=int, default=3, help="spec: held-out prompts, decoded in turn (3)")
-    b.add_argument("--spec-new-tokens", type=int, default=64, help="spec: new tokens per prompt (64)")
-    b.add_argument("--target-d-model", type=int, default=128, help="spec: target width (128)")
-    b.add_argument("--target-num-layers", type=int, default=12, help="spec: target layers (12)")
-    b.add_argument("--target-num-heads", type=int, default=4, help="spec: target heads (4)")
-    b.add_argument("--draft-d-model", type=int, default=64, help="spec: draft width, one head per 32 dims (64)")
-    b.add_argument("--draft-num-layers", type=int, default=1, help="spec: draft layers (1)")
-    b.add_argument("-k", default="2,3,4,5,6,7,8", help="spec: draft tokens per target pass, comma-separated: "
-                                                       "the sweep (2,3,4,5,6,7,8)")
-    b.add_argument("--spec-temperature", type=float, default=0.8, help="spec: temperature of the sampled run (0.8)")
     b.add_argument("--target-checkpoint", default=None, help="spec: use trained checkpoints instead "
                                                              "(needs --draft-checkpoint too)")
     b.add_argument("--draft-checkpoint", default=None, help="spec: draft checkpoint")
@@ -3240,17 +3244,15 @@ def _ints(text: str, low: int) -> bool:
     return bool(parts) and all(t.isdigit() and int(t) >= low for t in parts)
 
 
-_AT_LEAST_1 = ("vocab_size", "context_length", "batch_size", "max_new_tokens", "num_samples", "repeats",
-               "train_repeats", "d_model", "num_layers", "num_heads", "kv_new_tokens", "train_seq", "train_batch",
-               "spec_train_steps", "spec_train_batch", "spec_prompt", "spec_new_tokens", "target_d_model",
-               "target_num_layers", "target_num_heads", "draft_num_layers", "mixer_prompt", "draft_train_steps",
-               "spec_prompts")
+_AT_LEAST_1 = ("vocab_size", "context_length", "batch_size", "max_new_tokens", "num_samples", "d_model", "num_layers",
+               "num_heads")
 # What each option allows, by argparse dest: (passes, the allowed values). Checked before any work, so a bad
 # value never costs a model load; options absent from the subcommand (or not given: None) are skipped.
 _OPTION_RULES = [
     *[(dest, lambda v: v >= 1, ">= 1") for dest in _AT_LEAST_1],
-    *[(dest, lambda v: v >= 0, ">= 0") for dest in ("seed", "eos_id", "threads")],
-    ("spec_train_seq", lambda v: v >= 2, ">= 2"),
+    *[(dest, lambda v: v >= 0, ">= 0") for dest in ("seed", "eos_id")],
+    *[(flag.lstrip("-").replace("-", "_"), lambda v, lo=lo: v >= lo, f">= {lo}")
+      for flag, _, lo, _ in _BENCH_OPTIONS if lo is not None],
     ("draft_d_model", lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (one head per 32 dims)"),
     ("dtype_bytes", lambda v: v in (1, 2, 4, 8), "1, 2, 4 or 8"),
     ("ffn", lambda v: v in FFN_CHOICES, f"one of {', '.join(FFN_CHOICES)}"),

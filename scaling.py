@@ -57,13 +57,14 @@ through train.py, fit, then train the predicted optimum at a larger budget. The 
 (branched WSD), a known irreducible loss, muP learning-rate transfer.
 
 What it costs: a fit is seconds on one core (4,500 starts on 250 runs: ~4 CPU s). The default sweep (`python
-scaling.py`) trains 15 models of 20K-460K parameters plus one verification run: ~10 minutes on 2 CPU cores. Its
-law is one of THIS corpus and THESE tiny models, but the method is the one used at scale: predict, then check.
+scaling.py`) trains 23 models of 20K-760K parameters at 5 budgets plus one verification run: ~12 minutes of one
+CPU core. Its law is one of THIS corpus and THESE tiny models, but the method is the one used at scale: predict,
+then check.
 
 Reading the numbers
 -------------------
 * An IsoFLOPs exponent a (N_opt ~ C^a) near 0.5 is Chinchilla's answer; near 0.73, Kaplan's. Its interval
-  comes from resampling the runs: with 3 budgets it is wide, and it should be.
+  comes from resampling the runs: with 5 budgets over 1.2 decades it is still wide, and it should be.
 * The parametric fit's E is the loss no model reaches: on the synthetic corpus it is known (the corpus'
   entropy), a check real data never offers. The default sweep's free fit fails it (E far below the entropy),
   so the sweep also fits the law with E held there (`fit_parametric_law(..., E=...)`) and reports both.
@@ -77,6 +78,9 @@ Limits, stated plainly
 * One learning rate for every size (train.py's defaults) means bigger models are slightly mistuned under
   the standard parametrization -- the very bias muP addresses, measured by `lr-transfer`.
 * Each (N, D) point is one seed; seed-to-seed noise is part of the residuals the Huber loss absorbs.
+* At these sizes one model's loss does not fall as a power law in D: it sits on plateaus and drops (depth 3 at
+  6e11 -> 1.2e12 FLOPs gains 2%, depth 4 gains 32%), so an IsoFLOPs curve zigzags by ~10% between neighbouring
+  sizes. No five-parameter law fits that closely, which bounds how well `--verify` can come out (README).
 
 Imports: tokenizer.py, model.py and train.py from this project (stages to the left).
 """
@@ -534,8 +538,9 @@ class SweepSpec:
     of `python scaling.py sweep` (`--runs-per-budget` ...), with this help line:
     budgets: FLOP budgets, comma-separated
     depths: candidate depths (the model-size dial), comma-separated
-    runs_per_budget: model sizes per budget (>= 3: a parabola needs 3)
-    tokens_per_param: centre of each budget's window of sizes (Chinchilla's ~20)
+    runs_per_budget: model sizes per budget (>= 3: a parabola needs 3; a small budget gets the >= 3 it can serve)
+    tokens_per_param: centre of each budget's window of sizes (Chinchilla's ~20; on the synthetic corpus the
+        optimum sits at ~4-25 tokens per parameter, and 10 centres the default windows on it)
     flops: compute convention: 6nd, or exact (model.py's per-token count)
     width_per_depth: d_model = this x depth (shape_for_depth)
     head_dim: attention head size (heads = d_model / this)
@@ -552,10 +557,10 @@ class SweepSpec:
     vocab_size: BPE vocabulary
     eval_tokens: validation tokens scored per run (the same first ones for every run)
     seed: init and batch seed"""
-    budgets: list = field(default_factory=lambda: [1.5e11, 3e11, 6e11])
-    depths: list = field(default_factory=lambda: list(range(1, 7)))
+    budgets: list = field(default_factory=lambda: [7.5e10, 1.5e11, 3e11, 6e11, 1.2e12])
+    depths: list = field(default_factory=lambda: list(range(1, 8)))
     runs_per_budget: int = 5
-    tokens_per_param: float = 20.0
+    tokens_per_param: float = 10.0
     flops: str = "6nd"
     width_per_depth: int = 16
     head_dim: int = 16
@@ -600,7 +605,8 @@ class PlannedRun:
 
 def plan_sweep(spec: SweepSpec, vocab_size: int) -> list[PlannedRun]:
     """The runs of a sweep, in a stable order (budget, then depth). Errors name the budget that cannot be
-    served: too small for the smallest model (fewer than min_steps), or too few usable sizes."""
+    served: fewer than 3 sizes get min_steps there (a budget with fewer than runs_per_budget usable sizes gets
+    the ones it has)."""
     # For each budget: every candidate depth gets D = C / (FLOPs per token), rounded to whole steps (see
     # _round_steps); depths too big to get min_steps at this budget drop out; then the window of sizes
     # closest to the rule-of-thumb optimum. The plan depends only on the spec and the vocabulary, so every
@@ -614,11 +620,12 @@ def plan_sweep(spec: SweepSpec, vocab_size: int) -> list[PlannedRun]:
             steps = _round_steps(c / flops_per_token(cfg, spec.flops) / spec.tokens_per_step, spec.decay_fraction)
             if steps >= spec.min_steps:
                 fits.append((depth, M.num_params(cfg), steps))
-        if len(fits) < spec.runs_per_budget:
-            smallest = min(spec.depths)
+        # a small budget affords few sizes (bigger ones get too few steps): it keeps the sizes it can serve, down
+        # to the 3 a parabola needs, so the sweep can reach down a decade without a smaller batch per budget
+        if len(fits) < 3:
             raise ValueError(f"budget {c:.3g} FLOPs is too small: only {len(fits)} of depths {sorted(spec.depths)} get "
-                             f">= {spec.min_steps} steps of {spec.tokens_per_step} tokens (need {spec.runs_per_budget}"
-                             f"; smallest model depth {smallest}). Raise the budget or add smaller depths")
+                             f">= {spec.min_steps} steps of {spec.tokens_per_step} tokens (a parabola needs 3; "
+                             f"smallest model depth {min(spec.depths)}). Raise the budget or add smaller depths")
         guess = math.sqrt(c / (6 * spec.tokens_per_param))  # Chinchilla's rule, only to centre the window
         fits.sort(key=lambda t: abs(math.log(t[1] / guess)))
         for depth, n, steps in sorted(fits[:spec.runs_per_budget]):
@@ -868,6 +875,19 @@ def lr_transfer(out, data, widths=(32, 64, 128), lrs=(1e-3, 2e-3, 4e-3, 8e-3, 1.
     return res
 
 
+def print_lr_transfer(res: dict, widths, lrs, log=say):
+    """lr_transfer's table (rows: widths, columns: lrs, per parametrization) and the spread of the best lr across
+    widths (1.0x = perfect transfer)."""
+    log(f"{'width':>6s} | " + " | ".join(f"{lr:9.2e}" for lr in lrs) + " | best lr")
+    for p in ("sp", "mup"):
+        log(p)
+        for w in widths:
+            log(f"{w:6d} | " + " | ".join(f"{res[p][w][lr]:9.4f}" for lr in lrs) + f" | {res['best'][p][w]:.2e}")
+    # a spread of 1.0x means every width's best lr is the same grid point: perfect transfer on this grid
+    spread = {p: max(res["best"][p].values()) / min(res["best"][p].values()) for p in ("sp", "mup")}
+    log(f"best-lr spread across widths (max/min): SP {spread['sp']:.1f}x, muP {spread['mup']:.1f}x")
+
+
 def plot_lr_transfer(res: dict, path):
     """Loss vs learning rate, one line per width; left SP, right muP. Transfer = the minima line up."""
     plt = _pyplot()
@@ -920,6 +940,19 @@ def _check_spec(spec) -> None:
     for name, ok, allowed in _SPEC_RULES:
         if not ok(spec):
             raise ValueError(f"{name} must be {allowed}, got {getattr(spec, name)!r}")
+
+
+# The options that are not SweepSpec fields (those are checked by SweepSpec itself): (dest, check, allowed).
+# Checked in main before any work, so a bad value is one usage line.
+_ARG_RULES = (
+    ("verify_factor", lambda v: _pos(v), "a finite number > 0"), ("bootstrap", lambda v: v >= 2, ">= 2"),
+    ("predict", lambda v: all(map(_pos, v)), "finite positive FLOP budgets"),
+    ("threads", lambda v: v >= 0, ">= 0 (0: auto)"), ("steps", lambda v: v >= 1, ">= 1"),
+    ("num_layers", lambda v: v >= 1, ">= 1"), ("widths", lambda v: all(w >= 16 and w % 16 == 0 for w in v),
+                                                 "multiples of 16 (the head size)"),
+    ("lrs", lambda v: all(map(_pos, v)), "finite positive learning rates"),
+    ("peer_stride", lambda v: v >= 1, ">= 1"), ("depths", lambda v: all(d >= 1 for d in v), "depths >= 1"),
+)
 
 
 _HELD: set = set()  # sweep folders whose lock this process holds (sweep_main, then run_sweep inside it)
@@ -1189,6 +1222,21 @@ def collect_results(folders, warn: Callable = say) -> list[Run]:
                 seen.setdefault((meta["key"], r["key"]), make_run(
                     f"{folder.name}/{r['key']}", r["parameters"], r["final_loss"], r["tokens"], r["compute_budget"]))
     return list(seen.values())
+
+
+def fit_sweep(folder: Path, data, n_planned: int, predict_at: float, log=say):
+    """A sweep folder's fits, printed with their predictions at `predict_at` FLOPs: (runs, {"argmin", "parabola":
+    IsoFlopsFit}, the free parametric law, the law with E at the corpus' entropy or None). None while runs of the
+    plan are missing: a shard of a larger sweep stops here (merge the folders with `fit folder1 folder2 ...`)."""
+    runs = collect_results([folder], warn=log)
+    if len(runs) < n_planned:
+        log(f"{n_planned - len(runs)} runs of the sweep are not finished (other shards?); fit later with: "
+            f"python scaling.py fit {folder}")
+        return None
+    iso, par = fit_all(runs)
+    print_fits(runs, iso, par, predict_at=[predict_at], log=log)
+    # on the synthetic corpus, the same law with E held at the corpus' entropy (see _fit_known_entropy)
+    return runs, iso, par, _fit_known_entropy(runs, data, folder, log=log)
 
 
 def _verification_loss(spec: SweepSpec, out: Path, data, res: dict, *, threads=1, device="cpu", log=say) -> float:
@@ -1503,7 +1551,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = tk.OneLineParser(prog="scaling.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Scaling laws: fit IsoFLOPs and parametric laws, run and verify sweeps, "
                                      "test muP learning-rate transfer. With no command: sweep --verify (the "
-                                     "default sweep into runs/scaling, ~10 min on 2 cores).", epilog=_FORMATS)
+                                     "default sweep into runs/scaling, ~12 CPU-minutes).", epilog=_FORMATS)
     # one subcommand per job: sweep (train + fit + verify), fit (files or folders), lr-transfer (muP), bench,
     # shapes (the depth table)
     sub = p.add_subparsers(dest="cmd", parser_class=tk.OneLineParser)
@@ -1591,19 +1639,11 @@ def _sweep_locked(args, spec):
         st = run_sweep(spec, folder, data, shard=args.shard, mode=mode, threads=threads, device=args.device)
         print(f"{mode}: ran {len(st['ran'])}, already done {len(st['skipped'])}; steps trained {st['steps_trained']:,} "
               f"(separate runs would take {st['steps_separate']:,})", flush=True)
-        # a shard of a larger sweep stops here: the fit needs every run, and the other machines' results
-        # arrive in their own folders (merge them with `fit folder1 folder2 ...`)
-        runs = collect_results([folder])
-        if len(runs) < len(plan):
-            print(f"{len(plan) - len(runs)} runs of the sweep are not finished (other shards?); "
-                  f"fit later with: python scaling.py fit {folder}")
+        # predictions at --verify-factor x the largest budget: where --verify will check them
+        fitted = fit_sweep(folder, data, len(plan), args.verify_factor * max(spec.budgets))
+        if fitted is None:
             return
-        # predictions at 4x the largest budget: where --verify will check them
-        iso, par = fit_all(runs)
-        print_fits(runs, iso, par, predict_at=[4 * max(spec.budgets)])
-        # on the synthetic corpus, the same law with E held at the corpus' entropy (see _fit_known_entropy)
-        par_known = _fit_known_entropy(runs, data, folder)
-        fits[mode] = (runs, iso, par, folder, par_known)
+        fits[mode] = (*fitted[:3], folder, fitted[3])
     if args.compare_modes:
         _compare_modes(fits, spec)
     # verification and the plot use the first mode's fit (separate runs, when both modes ran)
@@ -1654,15 +1694,7 @@ def lr_main(args):
     threads = T.set_cpu_threads(args.threads)
     res = lr_transfer(args.out, data, widths=args.widths, lrs=args.lrs, steps=args.steps, num_layers=args.num_layers,
                       threads=threads)
-    print(f"{'width':>6s} | " + " | ".join(f"{lr:9.2e}" for lr in args.lrs) + " | best lr")
-    for p in ("sp", "mup"):
-        print(p)
-        for w in args.widths:
-            row = res[p][w]
-            print(f"{w:6d} | " + " | ".join(f"{row[lr]:9.4f}" for lr in args.lrs) + f" | {res['best'][p][w]:.2e}")
-    # a spread of 1.0x means every width's best lr is the same grid point: perfect transfer on this grid
-    spread = {p: max(res["best"][p].values()) / min(res["best"][p].values()) for p in ("sp", "mup")}
-    print(f"best-lr spread across widths (max/min): SP {spread['sp']:.1f}x, muP {spread['mup']:.1f}x")
+    print_lr_transfer(res, args.widths, args.lrs)
     plot_lr_transfer(res, Path(args.out) / "lr_transfer.png")
     print(f"plot: {Path(args.out) / 'lr_transfer.png'}")
 
@@ -1681,26 +1713,13 @@ def shapes_main(args):
               f"{a['non_embedding']:12,d} {a['flops_6n']:12.4g} {a['flops_exact']:12.4g} {a['exact_over_6n']:8.3f}")
 
 
-# The options that are not SweepSpec fields (those are checked by SweepSpec itself): (dest, check, allowed).
-# Checked in main before any work, so a bad value is one usage line.
-_ARG_RULES = (
-    ("verify_factor", lambda v: _pos(v), "a finite number > 0"), ("bootstrap", lambda v: v >= 2, ">= 2"),
-    ("predict", lambda v: all(map(_pos, v)), "finite positive FLOP budgets"),
-    ("threads", lambda v: v >= 0, ">= 0 (0: auto)"), ("steps", lambda v: v >= 1, ">= 1"),
-    ("num_layers", lambda v: v >= 1, ">= 1"), ("widths", lambda v: all(w >= 16 and w % 16 == 0 for w in v),
-                                                 "multiples of 16 (the head size)"),
-    ("lrs", lambda v: all(map(_pos, v)), "finite positive learning rates"),
-    ("peer_stride", lambda v: v >= 1, ">= 1"), ("depths", lambda v: all(d >= 1 for d in v), "depths >= 1"),
-)
-
-
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.cmd is None:  # the README's first command: sweep, fit, predict, then verify the prediction
         args = parser.parse_args(["sweep", "--verify"])
-        print(f"python scaling.py = python scaling.py sweep --verify: the default sweep into {args.out} (about 10 "
-              "minutes on 2 CPU cores; rerun to resume, finished runs are kept)", flush=True)
+        print(f"python scaling.py = python scaling.py sweep --verify: the default sweep into {args.out} (about 12 "
+              "minutes of one CPU core; rerun to resume, finished runs are kept)", flush=True)
     for name, ok, allowed in _ARG_RULES:
         if getattr(args, name, None) is not None and not ok(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(args, name)!r}")

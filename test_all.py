@@ -954,6 +954,34 @@ def test_tokenizer_cli_train_warns_when_vocab_comes_out_small(tmp_path):
     assert tk.Tokenizer.load(tmp_path / "tok").vocab_size == 259
     assert Path(src).read_text() == _TOK_EOT * 20 + "ab ab"  # the input is untouched
 
+
+
+def test_config_help_reads_docstring_lines_and_field_help_tables():
+    """config_help: the docstring's `    name: text` lines (deeper-indented continuations joined), plus the
+    {field: text} table of a field_help() classmethod (switches documented beside their code); a field
+    documented in both places is refused, so each --help line has one home."""
+    import dataclasses as dc
+
+    @dc.dataclass
+    class Toy:
+        width: int = 1
+        depth: int = 2
+        mode: str = "a"
+
+        @classmethod
+        def field_help(cls):
+            return {"mode": "a or b (documented in its own section)"}
+
+    Toy.__doc__ = "A toy config.\n\n    width: model width\n        in features\n    depth: layers\nnot a field: text\n"
+    assert tk.config_help(Toy) == {"width": "model width in features", "depth": "layers",
+                                   "mode": "a or b (documented in its own section)"}
+    p = tk.OneLineParser(prog="toy")
+    p.add_config(Toy)
+    shown = {a.dest: a.help for a in p._actions}
+    assert shown["mode"] == "a or b (documented in its own section)" and shown["width"] == "model width in features"
+    Toy.__doc__ += "    mode: documented twice\n"
+    with pytest.raises(ValueError, match=r"\['mode'\] documented both"):
+        tk.config_help(Toy)
 # ===== Stage 2: model.py -- the Transformer LM, its switches, accounting, inference and GPT-2 loading =====
 
 
@@ -1685,6 +1713,22 @@ def test_model_moe_and_window_flops():
 
 
 @pytest.mark.usefixtures("_model_one_thread")
+def test_model_config_every_field_has_a_help_line():
+    """Every ModelConfig field has a non-empty --help line: the core fields' from its docstring, the menu
+    switches' from their menus' tables (ModelConfig.field_help); no line names a missing field, and the
+    parser built from the dataclass shows each line as its flag's help."""
+    import dataclasses
+    helps = tk.config_help(M.ModelConfig)
+    fields = [f.name for f in dataclasses.fields(M.ModelConfig)]
+    assert [f for f in fields if not helps.get(f, "").strip()] == []
+    assert sorted(set(helps) - set(fields)) == []
+    p = tk.OneLineParser(prog="model.py")
+    p.add_config(M.ModelConfig)
+    shown = {a.dest: a.help for a in p._actions}
+    assert [f for f in fields if shown.get(f) != helps[f]] == []
+    assert "GPT-2" in helps["tie_embeddings"] and "multi-head latent" in helps["mixer"]  # the menus' lines
+
+
 def test_model_memory_estimate_hand_count():
     cfg = tiny_config()
     mem = M.memory_estimate(cfg, batch_size=2, optimizer="adamw", dtype_bytes=4)
@@ -3284,6 +3328,8 @@ _TRAIN_CLI_ERRORS = [(_TRAIN_TINY_CLI + args, option) for args, option in [
     (["batch-size", "--tokens", "10"], "--tokens"),
     (["ablate", "--seeds", "1"], "--seeds"),
     (["ablate", "--steps", "2"], "--steps"),
+    (["batch-size", "--threads", "-1"], "--threads"), (["ablate", "--threads", "-2"], "--threads"),
+    (["sample", "--checkpoint", "nope.pt"], "--checkpoint"), (["sample", "--checkpoint", "."], "--checkpoint"),
     (["--optimizer", "sgd"], "--optimizer"),
     (["--soap-frequency", "0"], "--soap-frequency"),
     (["--noise-scale"], "--grad-accum"),
@@ -5431,6 +5477,8 @@ _DDP_USAGE_ERRORS = [
     (["plan", "--sp"], "--sp"),
     (["plan", "--pp", "13"], "at least as many layers"),
     (["bench", "--parallel", "--nproc", "3"], "2 or 4 ranks"),
+    (["--tp", "2", "--pp", "2", "--tp-impl", "dtensor", "--nproc", "4"], "--tp-impl dtensor"),
+    (["--tp-impl", "torch"], "--tp-impl"),
 ]
 
 
@@ -5700,6 +5748,97 @@ def _par_check_plan(rank, world):
     return out
 
 
+def _par_dtensor_run(make, batches, sd, full_opt=None):
+    """AdamW steps with clipping on one implementation: (losses, norms, first step's full gradients, full state)."""
+    import train as T
+    mm = make(sd)
+    opt = T.AdamW(mm.parameters(), lr=1e-2, weight_decay=0.1)
+    if full_opt is not None:
+        mm.load_optimizer_state(opt, full_opt)
+    losses, norms, grads = [], [], None
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        losses.append(mm.forward_backward(x, y))
+        if grads is None:   # (ours: MeshModel._full gathers TP slices; DTensor: full_tensor)
+            named = {n: p.grad for n, p in mm.inner.named_parameters()}
+            grads = mm._full(named) if isinstance(mm, D.MeshModel) else {n: D._full_tensor(g) for n, g in named.items()}
+        norms.append(mm.clip_gradients(0.5))
+        opt.step()
+    return losses, norms, grads, mm.full_state(opt)
+
+
+def _par_check_dtensor(rank, world):
+    # --tp-impl dtensor vs ours vs one process, float32: 3 AdamW steps clipped at 0.5 (every step clips), without
+    # and with SP; then each one's consolidated state (weights and AdamW by name) resumed by the other for step 4
+    import model as M
+    import train as T
+    torch.manual_seed(0)
+    ref = M.TransformerLM(**_PAR_CFG)
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    batches = [_par_batch(seed=20 + s) for s in range(4)]
+    opt = T.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    ref_losses, ref_norms, ref_grads = [], [], None
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        logits = ref(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        ref_grads = ref_grads or {n: p.grad.clone() for n, p in ref.named_parameters()}
+        ref_norms.append(T.gradient_clipping(ref.parameters(), 0.5))
+        opt.step()
+        ref_losses.append(loss.item())
+    out = {}
+    for sp in (False, True):
+        mesh = D.DeviceMesh(tp=world)
+        impls = {"ours": lambda sd: D.MeshModel(ref.config, sd, mesh, sp),
+                 "dtensor": lambda sd: D.DTensorTPModel(ref.config, sd, mesh, sp)}
+        runs = {k: _par_dtensor_run(make, batches[:3], start) for k, make in impls.items()}
+        # step 4: dtensor from ours' state, ours from dtensor's
+        cross = {k: _par_dtensor_run(impls[k], batches[3:], runs[o][3][0], runs[o][3][1])
+                 for k, o in (("dtensor", "ours"), ("ours", "dtensor"))}
+        for k in impls:
+            losses, norms = runs[k][0] + cross[k][0], runs[k][1] + cross[k][1]
+            out[f"{k}{'_sp' if sp else ''}"] = dict(
+                loss_diff=max(abs(a - b) for a, b in zip(losses, ref_losses)),
+                norm_diff=max(abs(a - b) / b for a, b in zip(norms, ref_norms)),
+                grad_diff=_par_max_diff(runs[k][2], ref_grads),
+                weights_diff=_par_max_diff(cross[k][3][0], ref.state_dict()),
+                ours_vs_dtensor=_par_max_diff(runs[k][3][0], runs["ours"][3][0]))
+    out["norms"] = ref_norms
+    return out
+
+
+def _par_check_bf16(rank, world):
+    # --dtype bfloat16 on the mesh: one forward/backward of every 2-rank layout (ours tp, tp+sp, pp; DTensor tp,
+    # tp+sp) under the bf16 autocast train.py uses, against one process under the same autocast (float32 weights)
+    import model as M
+    torch.manual_seed(0)
+    ref = M.TransformerLM(**_PAR_CFG)
+    x, y = _par_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ref(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    with torch.no_grad():               # how far bf16 moves the loss: what the layouts must agree far better than
+        logits32 = ref(x)
+    gap = abs(F.cross_entropy(logits32.reshape(-1, logits32.shape[-1]), y.reshape(-1)).item() - loss.item())
+    out = dict(loss=loss.item(), gap=gap, grad_scale=max(float(g.abs().max()) for g in ref_grads.values()))
+    for name, impl, kw in (("tp", D.MeshModel, dict(tp=2)), ("tp_sp", D.MeshModel, dict(tp=2)),
+                           ("pp", D.MeshModel, dict(pp=2)), ("dtensor", D.DTensorTPModel, dict(tp=2)),
+                           ("dtensor_sp", D.DTensorTPModel, dict(tp=2))):
+        mm = impl(ref.config, ref.state_dict(), D.DeviceMesh(**kw), name.endswith("sp"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = float(mm.local_forward_backward(x, y))
+        mm.synchronize_gradients()
+        named = {n: p.grad for n, p in mm.inner.named_parameters()}
+        grads = mm._full(named) if impl is D.MeshModel else {n: D._full_tensor(g) for n, g in named.items()}
+        out[name] = dict(loss_diff=abs(got - loss.item()), dtypes=sorted({str(g.dtype) for g in grads.values()}),
+                         grad_diff=max(float((g - ref_grads[n]).abs().max()) for n, g in grads.items()),
+                         names=len(grads))
+    return out
+
+
 def _par_checks_worker(out_dir):
     rank, world, _ = D.init_distributed()
     torch.set_num_threads(1)
@@ -5707,7 +5846,8 @@ def _par_checks_worker(out_dir):
     try:
         for name, fn in (("tp", _par_check_tp), ("vocab_ce", _par_check_vocab_ce), ("pp", _par_check_pp),
                          ("sp", _par_check_sp), ("ring", _par_check_ring), ("plan", _par_check_plan),
-                         ("cp", _par_check_cp)):
+                         ("cp", _par_check_cp), ("dtensor", _par_check_dtensor),
+                         ("bf16", _par_check_bf16)):
             try:
                 results[name] = fn(rank, world)
             except Exception:
@@ -5737,6 +5877,49 @@ def test_ddp_tp_loss_and_every_gradient_equal_single_process(_par_results):
         assert r["grad_diff"] < 1e-12 * max(1.0, r["grad_scale"]) and r["grad_scale"] > 1e-3
         assert r["weights_diff"] == 0.0     # sharding then gathering gives back the full state dict exactly
 
+
+def test_ddp_dtensor_tp_equals_our_tp_and_one_process_and_their_checkpoints_cross(_par_results):
+    # --tp-impl dtensor vs ours vs one process, float32, 2 ranks, without and with SP: 3 AdamW steps clipped at 0.5,
+    # then step 4 in the other implementation from the first's consolidated state (see _par_check_dtensor)
+    for r in _par_get(_par_results, "dtensor"):
+        assert min(r["norms"]) > 0.5                   # every step really clipped
+        for k in ("ours", "dtensor", "ours_sp", "dtensor_sp"):
+            v = r[k]
+            assert v["loss_diff"] < 5e-6 and v["norm_diff"] < 1e-5 and v["grad_diff"] < 1e-6, (k, v)
+            assert v["weights_diff"] < 1e-4 and v["ours_vs_dtensor"] < 5e-5, (k, v)   # (an lr-1e-2 step: ~1e-2)
+
+def test_ddp_mesh_layouts_train_under_bf16_autocast(_par_results):
+    # every 2-rank layout (ours tp, tp+sp, pp; DTensor tp, tp+sp) under bf16 autocast: the loss within bf16's noise
+    # of one process under the same autocast, float32 gradients (fp32 master weights) within 5% of their scale
+    for r in _par_get(_par_results, "bf16"):
+        assert r["gap"] > 0                            # bf16 really changed the reference's loss
+        for k in ("tp", "tp_sp", "pp", "dtensor", "dtensor_sp"):
+            v = r[k]
+            assert v["loss_diff"] < 2e-3 and v["grad_diff"] < 0.05 * r["grad_scale"], (k, v)
+            assert v["dtypes"] == ["torch.float32"] and v["names"] == len(_par_model().state_dict())
+
+
+def test_ddp_mesh_step_runs_under_the_dtype_autocast():
+    # the --tp/--pp hooks run the mesh's forward and backward under train.py's autocast for --dtype, as train.py's
+    # own step does: bfloat16 turns it on, float32 leaves it off
+    import types
+    import train as T
+    seen = []
+
+    class Recorder:
+        def local_forward_backward(self, x, y, scale):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return torch.zeros(1)
+
+    data = types.SimpleNamespace(tokenizer=types.SimpleNamespace(vocab_size=256))
+    mesh = types.SimpleNamespace(dp=1, tp=1, pp=1)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    for dtype in ("bfloat16", "float32"):
+        cfg = T.TrainConfig(dtype=dtype, optimizer="adamw")
+        hooks = D._mesh_hooks(cfg, mesh, False, "1f1b", 4, "ours", 8, data, None,
+                              dict(get_batch=None, on_step=None, all_reduce=None))
+        hooks.loss_and_backward(Recorder(), ids, ids, 1.0)
+    assert seen == [torch.bfloat16, None]
 
 def test_ddp_tp_shards_heads_kv_heads_hidden_units_and_vocabulary(_par_results):
     # 4 query heads, 2 KV heads (GQA), head_dim 8, d_ff 48, vocab 64, split over 2 ranks
@@ -5832,10 +6015,10 @@ def test_ddp_ring_layout_balances_causal_work():
 
 # ---- composition: a (dp, tp, pp) mesh on 4 gloo processes, against one process training on the whole batch ----
 
-def _par_mesh_run(mesh_kw, steps, x, y, full_sd, full_opt=None, **model_kw):
+def _par_mesh_run(mesh_kw, steps, x, y, full_sd, full_opt=None, impl=D.MeshModel, **model_kw):
     import train as T
     mesh = D.DeviceMesh(**mesh_kw)
-    mm = D.MeshModel(_par_model().config, full_sd, mesh, **model_kw)
+    mm = impl(_par_model().config, full_sd, mesh, **model_kw)
     opt = T.AdamW(mm.parameters(), lr=1e-2, weight_decay=0.1)
     if full_opt is not None:
         mm.load_optimizer_state(opt, full_opt)
@@ -5872,6 +6055,12 @@ def _par_mesh_worker(out_dir):
         # 3 steps at (dp=2, tp=2) with sequence parallelism, consolidated; then 2 more at (dp=2, pp=2) from it
         l1, (sd1, opt1), mesh = _par_mesh_run(dict(dp=2, tp=2), 3, x, y, start, sequence_parallel=True)
         l2, (sd2, opt2), _ = _par_mesh_run(dict(dp=2, pp=2), 2, x[3:], y[3:], sd1, opt1, micro_batches=2)
+        # --tp-impl dtensor at dp=2 x tp=2 (FSDP2 on the dp dimension): 3 steps with SP from the start, then step 4
+        # without SP from ours' 3-step state, and ours (dp=2 x pp=2) for step 4 from the DTensor run's state
+        dt = dict(impl=D.DTensorTPModel)
+        ld1, (sdd1, optd1), _ = _par_mesh_run(dict(dp=2, tp=2), 3, x, y, start, sequence_parallel=True, **dt)
+        ld2, (sdd2, _), _ = _par_mesh_run(dict(dp=2, tp=2), 1, x[3:], y[3:], sd1, opt1, **dt)
+        lo2, (sdo2, _), _ = _par_mesh_run(dict(dp=2, pp=2), 1, x[3:], y[3:], sdd1, optd1, micro_batches=2)
         # and a sixth at (tp=2, pp=2) with SP: TP-split pipeline stages
         l3, (sd3, _), mesh3 = _par_mesh_run(dict(tp=2, pp=2), 1, x[5:], y[5:], sd2, opt2, sequence_parallel=True,
                                             micro_batches=2)
@@ -5884,7 +6073,13 @@ def _par_mesh_worker(out_dir):
                       plan=[got["comm"], want["comm"]],
                       loss_diff=max(abs(a - b) for a, b in zip(l1 + l2 + l3, ref_losses)),
                       weights3_diff=_par_max_diff(sd1, ref_states[2]), weights5_diff=_par_max_diff(sd2, ref_states[4]),
-                      moved=_par_max_diff(sd2, start), opt_names=len(opt1))
+                      moved=_par_max_diff(sd2, start), opt_names=len(opt1),
+                      dtensor_loss_diff=max(abs(a - b) for a, b in zip(ld1 + ld2, ref_losses)),
+                      dtensor_weights3_diff=_par_max_diff(sdd1, ref_states[2]),
+                      dtensor_weights4_diff=_par_max_diff(sdd2, ref_states[3]),
+                      ours_after_dtensor_diff=max(_par_max_diff(sdo2, ref_states[3]),
+                                                  max(abs(a - b) for a, b in zip(lo2, ref_losses[3:]))),
+                      dtensor_opt_names=len(optd1))
     except Exception:
         result = {"error": traceback.format_exc()}
     finally:
@@ -5893,7 +6088,7 @@ def _par_mesh_worker(out_dir):
         D.cleanup_distributed()
 
 
-def test_ddp_mesh_dp2_tp2_then_dp2_pp2_then_tp2_pp2_matches_single_process_training(tmp_path):
+def test_ddp_mesh_dp2_tp2_then_dp2_pp2_then_tp2_pp2_and_dtensor_dp2_tp2_match_single_process_training(tmp_path):
     D.launch_local(_par_mesh_worker, 4, str(tmp_path))
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(4)]
     for r in results:
@@ -5901,6 +6096,9 @@ def test_ddp_mesh_dp2_tp2_then_dp2_pp2_then_tp2_pp2_matches_single_process_train
         assert r["loss_diff"] < 1e-10 and r["weights3_diff"] < 1e-10 and r["weights5_diff"] < 1e-10
         assert r["moved"] > 1e-3 and r["opt_names"] == len(_par_model().state_dict())
         assert r["weights6_diff"] < 1e-10 and r["plan_equal"], r["plan"]
+        assert r["dtensor_loss_diff"] < 1e-10 and r["dtensor_weights3_diff"] < 1e-10
+        assert r["dtensor_weights4_diff"] < 1e-10 and r["ours_after_dtensor_diff"] < 1e-10
+        assert r["dtensor_opt_names"] == len(_par_model().state_dict())
     # rank = (d * pp + s) * tp + t: tp innermost
     assert [r["coords"] for r in results] == [[0, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 1]]
     assert [r["coords3"] for r in results] == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
@@ -5938,9 +6136,13 @@ def test_ddp_plan_formulas_equal_a_measured_step(_par_results):
                 assert got[k] == want[k], (name, k, got[k], want[k])
             assert got["comm"] == want["comm"], (name, got["comm"], want["comm"])
             assert got["activation_bytes"] > 0
+            # the rank's tensors: weights, gradients, AdamW's two moments (float32), + AdamW's per-tensor step counters
+            assert 16 * want["params"] <= got["state_bytes"] <= 16 * want["params"] + 1024, (name, got["state_bytes"])
+            assert got["peak_rss"] > got["state_bytes"]
     # TP halves every split matrix: params per rank at tp=2 < dp's full copy; SP moves the same payload as TP
     r0 = _par_results[0]["plan"]
     assert r0["tp"]["got"]["params"] < r0["dp"]["got"]["params"]
+    assert r0["tp"]["got"]["state_bytes"] <= 0.55 * r0["dp"]["got"]["state_bytes"]
     assert r0["tp_sp"]["got"]["activation_bytes"] < r0["tp"]["got"]["activation_bytes"]
 
 
@@ -5986,6 +6188,16 @@ def test_ddp_mesh_command_trains_through_train_py(tmp_path):
     ckpt = torch.load(tmp_path / "tp" / "ckpt.pt", weights_only=True)
     assert ckpt["iteration"] == 4 and ckpt["mesh"] == dict(dp=1, tp=2, pp=1, sp=False)
     assert set(ckpt["optimizer_by_name"]) == set(ckpt["model"])
+    # the same checkpoint continued by torch's DTensor TP with SP (--tp-impl dtensor --sp): steps 5 and 6 (with an
+    # evaluation) equal the uninterrupted run's; step 6's loss follows step 5's update, which needs AdamW's moments
+    shutil.copytree(tmp_path / "tp", tmp_path / "tpd")
+    r = _mesh_cmd(base, ["--out-dir", str(tmp_path / "tpd"), "--nproc", "2", "--tp", "2", "--sp", "--tp-impl",
+                         "dtensor", "--max-steps", "6", "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tp=2 x pp=1 +sp on 2 ranks (DTensor)" in r.stdout
+    dt_train, dt_val = _metrics(tmp_path / "tpd")
+    assert [row["step"] for row in dt_train[-2:]] == [5, 6] and dt_val[-1]["step"] == 6 and dt_val[-1].get("final")
+    assert max(abs(row["loss"] - ref[row["step"] - 1]["loss"]) for row in dt_train[-2:]) < 2e-5, (dt_train, ref)
     # the --tp 2 checkpoint continued by one process with plain data parallelism keeps AdamW's moments (re-keyed
     # by parameter name): steps 5 and 6 equal the uninterrupted run's (restarted moments would change both)
     assert _ddp_in_process(base + ["--out-dir", str(tmp_path / "tp"), "--max-steps", "6", "--strategy", "ddp",
@@ -6025,6 +6237,49 @@ def test_ddp_plan_activation_formula_matches_the_measured_step(_par_results):
         assert r["pp"]["want"]["activations"] is None
         assert r["tp_sp"]["want"]["activations"] < r["tp"]["want"]["activations"] < r["dp"]["want"]["activations"]
 
+
+
+# ---- memory that is really split: what each mesh rank of the training command holds, counted from its tensors ----
+_MEM_LAYOUTS = (("dp", 1, 1, "ours"), ("tp", 2, 1, "ours"), ("pp", 1, 2, "ours"), ("tp_dtensor", 2, 1, "dtensor"))
+
+
+def _mem_split_worker(out_dir):
+    rank, result = int(os.environ["RANK"]), {}
+    try:
+        for name, tp, pp, impl in _MEM_LAYOUTS:
+            args = D.build_train_parser().parse_args(_DDP_TRAIN_ARGS + [
+                "--data-dir", os.path.join(out_dir, "data"), "--out-dir", os.path.join(out_dir, name),
+                "--max-steps", "3", "--eval-interval", "2"])
+            s = D.train_mesh(D.config_for_strategy(args), tp=tp, pp=pp, tp_impl=impl, global_batch_size=8,
+                             log=lambda *a, **k: None)
+            result[name] = dict(state=s["state_bytes"], rss=s["peak_rss_bytes"], losses=s["losses"],
+                                val=s["val"]["loss"], params=M.num_params(M.TransformerLM.from_config(
+                                    torch.load(os.path.join(out_dir, name, "ckpt.pt"))["model_config"])))
+    except Exception:
+        result["error"] = traceback.format_exc()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        D.cleanup_distributed()
+
+
+def test_ddp_mesh_ranks_hold_only_their_shard_of_the_training_state(tmp_path):
+    # the training command at dp=2, tp=2, pp=2 (and DTensor tp=2) on 2 ranks, with evaluations (which gather the
+    # weights) between the steps: the largest training state any rank held at a step, counted from its tensors
+    D.launch_local(_mem_split_worker, 2, str(tmp_path))
+    r = json.load(open(tmp_path / "rank0.json"))
+    assert "error" not in r, r.get("error")
+    print("largest rank's training state, bytes (x dp's); peak RSS, MB:", {k: (v["state"], round(v["state"] / r["dp"][
+        "state"], 3), round(v["rss"] / 2**20)) for k, v in r.items()})     # (-s shows the figures the README records)
+    dp = r["dp"]["state"]
+    # data parallelism holds weights, gradients and AdamW's two moments of every parameter: 16 bytes each at least
+    assert dp >= 16 * r["dp"]["params"]
+    for name in ("tp", "pp", "tp_dtensor"):
+        assert r[name]["state"] <= 0.55 * dp, (name, r[name]["state"], dp)
+        assert r[name]["rss"] > r[name]["state"] > 0
+        # the same training: the shards are the full model's slices, the losses and the evaluation the same
+        assert max(abs(a - b) for a, b in zip(r[name]["losses"], r["dp"]["losses"])) < 2e-5
+        assert abs(r[name]["val"] - r["dp"]["val"]) < 2e-5
 # ===== Stage 6: scaling.py =====
 # IsoFLOPs and parametric fits against known laws, closed-form optimum, sweeps that
 # resume, shard and branch (WSD) exactly, muP (train.py's switch), bad inputs. The isoflops_curves.json test needs
@@ -6214,6 +6469,23 @@ def test_scaling_depth_dial_and_accounting():
     # tiny models: the free embedding lookup makes the exact count well below 6N; large ones approach it
     assert SC.compute_accounting(SC.model_config_for_depth(1, 512, 64))["exact_over_6n"] < 0.7
     assert abs(SC.compute_accounting(SC.model_config_for_depth(12, 512, 64))["exact_over_6n"] - 1) < 0.02
+
+
+def test_scaling_plan_small_budget_keeps_the_sizes_it_can_serve():
+    # 7.5e10 FLOPs at 1,024 tokens/step: depth 3 (N = 132,432) gets 7.5e10 / (6 N) / 1024 = 92.2 -> 90 steps, depth 4
+    # (N = 266,816) only 45.7 < min_steps 50, so that budget keeps depths 1-3; 1.2e12 keeps 5 sizes, centred on
+    # sqrt(C / (6 x 10)) = 141K in ln N (depth 1, 20K, is further from it than depth 6, 763K)
+    spec = SC.SweepSpec(budgets=[7.5e10, 1.2e12], depths=list(range(1, 8)), runs_per_budget=5, tokens_per_param=10)
+    plan = SC.plan_sweep(spec, 512)
+    by = {c: [p.depth for p in plan if p.budget == c] for c in spec.budgets}
+    assert by == {7.5e10: [1, 2, 3], 1.2e12: [2, 3, 4, 5, 6]}
+    assert [p.steps for p in plan if p.budget == 7.5e10] == [620, 215, 90]
+    for p in plan:  # every run spends its budget (to whole decay steps) and has a whole number of decay steps
+        assert p.steps >= spec.min_steps and (p.steps * 0.2).is_integer()
+        assert 6 * p.parameters * p.steps * 1024 == pytest.approx(p.budget, rel=0.03)
+    # two servable sizes are not a parabola: the budget is refused, naming it
+    with pytest.raises(ValueError, match="budget 3.75e\\+10 FLOPs is too small: only 2 of"):
+        SC.plan_sweep(SC.dataclasses.replace(spec, budgets=[3.75e10, 1.2e12], depths=[1, 2, 4, 5, 6, 7]), 512)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -6626,6 +6898,76 @@ def test_data_harmful_classifiers_on_labelled_examples():
     assert DA.classify_nsfw(medical)[0] == "non-nsfw"  # one word in a long text is not porn
 
 
+# Obfuscated forms and the word each hides: masks, leetspeak, spelled out, stretched, and mixed with edges.
+_DATA_OBFUSCATED = [
+    ("f*ck off", "fuck off"), ("sh*t happens", "shit happens"), ("f**k", "fuck"), ("f*** you", "fuck you"),
+    ("kiss my a**", "kiss my ass"), ("sh#t", "shit"), ("f--k", "fuck"), ("(F*CK!)", "(fuck!)"),  # masks
+    ("b!tch", "bitch"), ("@ss", "ass"), ("a$$hole", "asshole"), ("$hit", "shit"), ("sh1t", "shit"),  # leetspeak
+    ("p0rn", "porn"), ("s3x", "sex"), ("c0ck", "cock"), ("id!ot", "idiot"), ("m0r0n", "moron"),
+    ("f u c k", "fuck"), ("f.u.c.k", "fuck"), ("s-h-i-t", "shit"), ("f*u*c*k", "fuck"),  # spelled out
+    ("you are a f u c k i n g idiot", "you are a fucking idiot"), ("p o r n", "porn"),
+    ("fuuuuck", "fuck"), ("shiiiiit", "shit"), ("sexxxy", "sexy"), ("p0000rn", "porn"),  # stretched
+]
+# Innocent text with asterisks, at-signs, digits and symbols: it must come back exactly as written.
+_DATA_INNOCENT = [
+    "See the footnote*", "Sex* differences are listed in Table 2.", "**bold** and *italic* and ***both***",
+    "**Note:** read the notes", "mail jane@example.com or @jane", "costs $19.99, or $5 on sale", "C3PO and R2D2",
+    "l33t = True  # a code variable", "x = a*b + c*d", "def __init__(self): a_s = snake_case", "Galaxy A55",
+    "B52, 4x4, MP3, H2O, 1337, h4x0r", "Sooo good, hmmm", "U.S.A., e.g., i.e.", "#hashtag", "50% off",
+    "C# and F# and C++", "Essex", "a cocktail at Dickens' house", "assess the class", "a t-shirt, so-called",
+    "I said--see-- no", "1 2 3 4", "a b c", "!important", "Answer: **a** or *b*", "volumes A-S and T-Z",
+]
+
+
+@pytest.mark.parametrize("text,plain", _DATA_OBFUSCATED)
+def test_data_undo_obfuscation_recovers_the_hidden_word(text, plain):
+    assert DA.undo_obfuscation(text) == plain
+
+
+@pytest.mark.parametrize("text", _DATA_INNOCENT)
+def test_data_undo_obfuscation_leaves_innocent_symbols_alone(text):
+    assert DA.undo_obfuscation(text) == text
+
+
+def test_data_harmful_classifiers_see_through_obfuscation():
+    # Each text is caught with the normalization and missed without it (the miss the normalization exists for);
+    # innocent text full of symbols stays clean with it.
+    nsfw = "Free p0rn and xxx s3x cams, h0rny n@ked girls, b00bs and p*ssy"
+    assert DA.classify_nsfw(nsfw, deobfuscate=False)[0] == "non-nsfw"
+    assert DA.classify_nsfw(nsfw)[0] == "nsfw"
+    toxic = "Sh1t, you are a f u c k i n g m0r0n"  # the SVM reads "f*ck" as is, but not leetspeak or spacing
+    assert DA.classify_toxic_speech(toxic, deobfuscate=False)[0] == "non-toxic"
+    assert DA.classify_toxic_speech(toxic)[0] == "toxic"
+    p = DA.profanity_probs([toxic, toxic], deobfuscate=False)
+    assert DA.profanity_probs([toxic])[0] > 0.5 > p.max()  # the batch path normalizes too
+    for text in _DATA_INNOCENT:
+        assert DA.classify_nsfw(text)[0] == "non-nsfw" and DA.classify_toxic_speech(text)[0] == "non-toxic", text
+
+
+def test_data_pipeline_drops_obfuscated_pages():
+    # filter_documents normalizes once and hands the plain text to both classifiers: these two pages are only
+    # caught that way (each is missed by its classifier without the normalization).
+    story = ("The village market opens every Saturday morning, and the farmers bring fresh bread, apples and "
+             "cheese from the hills. ")
+    texts = [story * 3, story * 2 + "Free p0rn, s3x cams, h0rny n@ked girls, b00bs and p*ssy videos all day long.",
+             story * 2 + "Sh1t, you are a f u c k i n g m0r0n and a l0ser, g0 away."]
+    assert DA.classify_nsfw(texts[1], deobfuscate=False)[0] == "non-nsfw"
+    assert DA.classify_toxic_speech(texts[2], deobfuscate=False)[0] == "non-toxic"
+    assert [reason for _, reason, _ in DA.filter_documents(texts, DA.PipelineConfig())] == ["", "nsfw", "toxic"]
+
+
+def test_data_heldout_harmful_set_is_labelled_and_scored():
+    rows = DA.harmful_heldout()
+    assert len(rows) >= 100 and {g for g, _, _, _ in rows} == set(DA.HARMFUL_GROUPS)
+    assert all(t in (0, 1) and n in (0, 1) and text for _, t, n, text in rows)
+    res = DA.bench_harmful_heldout()
+    for name in ("toxic", "nsfw"):
+        for when in ("before", "after"):
+            r = res[name][when]
+            assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["truth"] >= 10
+    assert res["toxic"]["after"]["truth"] == res["toxic"]["before"]["truth"]  # one labelled set, two runs
+
+
 def test_data_quality_classifier_separates_and_round_trips(tmp_path):
     pos = [" ".join(f"the river {w} flows past the old mill and town" for w in ("calm", "wide", "slow")) + f" {i}"
            for i in range(30)]
@@ -6689,7 +7031,24 @@ def test_data_minhash_equals_datasketch_and_readable_path():
 def test_data_minhash_fast_path_equals_readable_path_with_its_hash(data_crawl):
     texts = ["The quick brown fox jumps over the lazy dog; the quick brown fox!",
              "Caf\u00e9 cr\u00e8me, s'il vous pla\u00eet",
-             "short", "", "a b c d e", "snake_case and 42 digits, twice: snake_case and 42 digits"]
+             "short", "", "a b c d e", "snake_case and 42 digits, twice: snake_case and 42 digits",
+             # every ASCII character class the fast path's byte table sorts: case, digits, "_", controls, symbols
+             "UPPER lower MiXeD\x1cCTRL\x7fdel\tTabs\r\nLines_with_9x9 x-ray !@#$%^&*()[]{};:'\",.<>/?\\|`~ end",
+             # non-ASCII: accents after a space or a dot, no-break space, curly quote, CJK, Arabic digits, ß, titlecase
+             "D\u00e9j\u00e0 vu\u00a0\u2014 \u0301x a.\u0301b a\u2019\u0301b \u65e5\u672c\u8a9e "
+             "\u0663\u0664 stra\u00dfe \u01c5emal x\u2028y \u00c9T\u00c9 \u2026 end"]
+    for t in texts:  # the fast path's words are normalize_text's, as the bytes it hashes
+        assert DA._page_bytes(t).split() == DA.normalize_text(t).encode().split()
+    pages = [DA._page_bytes(t) for t in texts]  # word hashes from prefix sums == word_hash word by word
+    for group in (DA._WORD_GROUP, 64):  # 64 bytes: many groups, and one page longer than a group
+        DA._WORD_GROUP, old = group, DA._WORD_GROUP
+        try:
+            hashes, counts = DA._word_hashes(pages * 3)
+        finally:
+            DA._WORD_GROUP = old
+        assert hashes.tolist() == [DA.word_hash(w) for p in pages * 3 for w in p.split()]
+        assert counts.tolist() == [len(p.split()) for p in pages * 3]
+    assert DA.word_hash(b"a") != DA.word_hash(b"\x00a") and DA.word_hash(b"") == 1
     for n, (k, seed) in ((1, (64, 3)), (3, (128, 1)), (5, (128, 1))):
         a, b = DA.minhash_permutations(k, seed)
         fast = DA.minhash_signatures_fast(texts * 2, n, a, b, chunk=4)  # tiny chunks exercise the grouping
@@ -6704,6 +7063,9 @@ def test_data_minhash_fast_path_equals_readable_path_with_its_hash(data_crawl):
     clusters = [sorted(map(sorted, DA.near_duplicate_clusters(sets.__getitem__, sig, cfg.num_bands, 0.8)))
                 for sig in (DA.minhash_signatures(sets, a, b), DA.minhash_signatures_fast(texts, cfg.ngrams, a, b))]
     assert clusters[0] == clusters[1] and len(clusters[0]) >= 5
+    a, b = DA.minhash_permutations(128, 1)  # page-length texts with the default chunk: groups of several pages
+    slow = [DA.minhash_signature(sets[i], a, b, DA.word_shingle_hash) for i in range(12)]
+    assert np.array_equal(DA.minhash_signatures_fast(texts[:12], cfg.ngrams, a, b), np.array(slow))
 
 
 def test_data_minhash_dedup_known_jaccard(tmp_path):
@@ -7436,6 +7798,24 @@ def test_align_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tm
     assert all(torch.equal(a, b) for a, b in zip(moments(whole), moments(cut))) and moments(whole)
     rows = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / d / "log.jsonl").open())]  # noqa
     assert rows("cut") == rows("whole") and [s for s, _ in rows("cut")] == [1, 2, 3, 4]
+
+
+def test_align_resume_trims_only_its_own_rows_and_drops_a_torn_line(tmp_path):
+    """A shared log (the demo's): on resume at step 1, this stage's later rows and its evaluation go, another
+    stage's rows stay whatever their step, and a line torn by a kill is dropped instead of breaking the reader."""
+    init = _align_write_init(tmp_path / "base")
+    out, log = tmp_path / "sft", tmp_path / "shared.jsonl"
+    other = [{"kind": "train", "stage": "base", "step": 9, "loss": 1.5}, {"kind": "eval", "stage": "base", "step": 9}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in other))
+    kw = dict(stage="sft", init=init, out_dir=str(out), log_path=str(log), batch_size=4, micro_batch=4,
+              sft_examples=4, eval_problems=1, hard_problems=0, ckpt_interval=1, max_new_tokens=4)
+    A.run_stage(A.AlignConfig(steps=1, **kw), log=lambda *a: None)
+    with open(log, "a") as f:
+        f.write('{"kind": "train", "stage": "sft", "step": 2, "lo')  # a kill mid-line, after the checkpoint
+    A.run_stage(A.AlignConfig(steps=2, **kw), log=lambda *a: None)
+    rows = [json.loads(l) for l in log.read_text().splitlines()]  # every line is whole JSON again
+    assert rows[:2] == other
+    assert [(r["kind"], r["step"]) for r in rows[2:]] == [("train", 1), ("train", 2), ("eval", 2)], rows
 
 
 def test_align_resume_with_other_settings_is_refused_naming_them(tmp_path):

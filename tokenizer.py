@@ -69,11 +69,14 @@ import bisect
 import contextlib
 import errno
 import functools
+import hashlib
 import heapq
 import json
 import multiprocessing as mp
 import os
+import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,8 +139,7 @@ def merge(ids, pair, new_id):
 
 
 @functools.lru_cache(maxsize=None)
-def _split_regex(pattern=GPT2_SPLIT_PATTERN):
-    """Compiled pre-tokenization regex (compiled once per process)."""
+def _split_regex(pattern=GPT2_SPLIT_PATTERN):  # compiled once per process
     return regex.compile(pattern)
 
 
@@ -310,32 +312,7 @@ def _train_merges(word_counts, vocab, num_merges, progress=True):
         # 2. rewrite only the words that contain (a, b); adjust the counts of the pairs around each site
         new_pairs = set()
         for wi in pair_words.pop((a, b)):
-            w = words[wi]
-            count_a = w.count(a)
-            if count_a == 0:
-                continue  # stale index entry: an earlier merge already consumed the pair in this word
-            f, n = freqs[wi], len(w)
-            if count_a == 1:
-                # the common case, a single site: find it with C-level list methods and splice in place
-                i = w.index(a)
-                if i + 1 == n or w[i + 1] != b:
-                    continue  # stale
-                if i:
-                    left = w[i - 1]
-                    pair_counts[(left, a)] -= f
-                    pair_counts[(left, z)] += f
-                    new_pairs.add((left, z))
-                    pair_words[(left, z)].add(wi)
-                if i + 2 < n:
-                    right = w[i + 2]
-                    pair_counts[(b, right)] -= f
-                    pair_counts[(z, right)] += f
-                    new_pairs.add((z, right))
-                    pair_words[(z, right)].add(wi)
-                w[i:i + 2] = [z]
-                continue
-            # general case (several a's, possibly overlapping sites like a a a)
-            words[wi] = _merge_word(w, a, b, z, f, wi, pair_counts, pair_words, new_pairs)
+            _merge_word(words[wi], a, b, z, freqs[wi], wi, pair_counts, pair_words, new_pairs)
         pair_counts.pop((a, b), None)  # every occurrence was merged
         for p in new_pairs:
             heappush(heap, (-pair_counts[p], keys[p[0]] + keys[p[1]], p[0], p[1]))
@@ -348,38 +325,39 @@ def _train_merges(word_counts, vocab, num_merges, progress=True):
 
 
 def _merge_word(w, a, b, z, f, wi, pair_counts, pair_words, new_pairs):
-    """Merge every (a, b) in word `w` (which occurs f times) into z, updating the pair counts; -> new word.
+    """Merge every (a, b) in word `w` (which occurs f times) into z, in place, updating the pair counts.
 
-    Walk left to right, building the new word in `out`; at each site  L a b R  becomes  L z R, so the
-    pairs (L, a) and (b, R) lose f occurrences and (L, z), (z, R) gain f. With a == b ("a a a") the sites
-    overlap: the leftmost wins, exactly as `merge` does in the reference trainer."""
-    i, n, out = 0, len(w), []
-    while i < n:
-        x = w[i]
-        if x == a and i + 1 < n and w[i + 1] == b:
-            if out:
-                left = out[-1]
-                if left != z:
-                    pair_counts[(left, a)] -= f
-                # (left == z: the previous site already removed the old pair (b, a) and left (z, z)
-                #  for us to add here)
-                pair_counts[(left, z)] += f
-                new_pairs.add((left, z))
-                pair_words[(left, z)].add(wi)
-            if i + 2 < n:
-                right = w[i + 2]
-                pair_counts[(b, right)] -= f
-                if not (right == a and i + 3 < n and w[i + 3] == b):
-                    # (if the next site starts right here, that site adds (z, z) itself)
-                    pair_counts[(z, right)] += f
-                    new_pairs.add((z, right))
-                    pair_words[(z, right)].add(wi)
-            out.append(z)
-            i += 2
-        else:
-            out.append(x)
-            i += 1
-    return out
+    At each site  L a b R  becomes  L z R, so the pairs (L, a) and (b, R) lose f occurrences and (L, z),
+    (z, R) gain f. The a's are found with C-level list methods (`count`, then `index`; most words hold a
+    single site, or none when the index entry is stale) and each site is spliced in place. With a == b
+    ("a a a") the sites overlap: the leftmost wins, exactly as `merge` does in the reference trainer."""
+    j = -1
+    for _ in range(w.count(a)):
+        try:
+            j = w.index(a, j + 1)
+        except ValueError:
+            return  # (a == b: each merge consumed two of the a's counted)
+        n = len(w)
+        if j + 1 == n or w[j + 1] != b:
+            continue  # an `a` without `b` after it
+        if j:
+            left = w[j - 1]
+            if left != z:
+                pair_counts[(left, a)] -= f
+            # (left == z: the previous site already removed the old pair (b, a) and left (z, z)
+            #  for us to add here)
+            pair_counts[(left, z)] += f
+            new_pairs.add((left, z))
+            pair_words[(left, z)].add(wi)
+        if j + 2 < n:
+            right = w[j + 2]
+            pair_counts[(b, right)] -= f
+            if not (right == a and j + 3 < n and w[j + 3] == b):
+                # (if the next site starts right here, that site adds (z, z) itself)
+                pair_counts[(z, right)] += f
+                new_pairs.add((z, right))
+                pair_words[(z, right)].add(wi)
+        w[j:j + 2] = [z]
 
 
 def train_bpe(input_path, vocab_size, special_tokens=(), *, num_workers=None, progress=True, chunk_bytes=None):
@@ -432,13 +410,11 @@ class Tokenizer:
         # special tokens: reuse an id if the bytes exist (GPT-2's vocab already holds <|endoftext|> = 50256),
         # else append after the merges; keep registration order, drop repeats
         self.special_tokens = _checked_specials(special_tokens)
-        for s in self.special_tokens:
-            if s.encode("utf-8") not in self.byte_to_id:
-                self.byte_to_id[s.encode("utf-8")] = len(self.vocab)
-                self.vocab[len(self.vocab)] = s.encode("utf-8")
+        for tok in (s.encode("utf-8") for s in self.special_tokens):
+            self.vocab[self.byte_to_id.setdefault(tok, len(self.vocab))] = tok  # its id, or the next free one
         self.special_ids = {s: self.byte_to_id[s.encode("utf-8")] for s in self.special_tokens}
         self.merges = []
-        self._pair_rank, self._pair_id, self._rank_id = {}, {}, []
+        self._pair_rank, self._rank_id = {}, []
         for rank, m in enumerate(merges):
             if len(m) != 2:
                 raise _BadMerge(rank, f"merge #{rank} must be a pair, got {m!r}")
@@ -450,11 +426,10 @@ class Tokenizer:
             if pair in self._pair_rank:
                 raise _BadMerge(rank, f"merge #{rank} ({a!r}, {b!r}) is listed twice")
             self._pair_rank[pair] = rank
-            self._pair_id[pair] = self.byte_to_id[a + b]
             self._rank_id.append(self.byte_to_id[a + b])
             self.merges.append((a, b))
         # The encoder's tables, all keyed by ids: _pair_rank[(a, b)] = when (a, b) was merged (lower merges
-        # first), _pair_id[(a, b)] / _rank_id[rank] = the token the merge makes, _byte_ids[byte] = its id.
+        # first), _rank_id[rank] = the token the merge makes, _byte_ids[byte] = its id.
         self._byte_ids = [self.byte_to_id[bytes([b])] for b in range(256)]
         self._split = _split_regex(GPT2_SPLIT_PATTERN)
         self._special_re = _special_regex(self.special_tokens)  # every registered special, longest first
@@ -686,15 +661,11 @@ def _special_set(value, name):
     silently be a set of characters, so it is refused)."""
     if isinstance(value, str) and value == "all":
         return value
-    try:
-        if isinstance(value, (str, bytes)):
-            raise TypeError
-        value = frozenset(value)
-        if not all(isinstance(t, str) for t in value):
-            raise TypeError
-    except TypeError:
-        raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}') from None
-    return value
+    with contextlib.suppress(TypeError):  # (frozenset of a non-iterable)
+        items = None if isinstance(value, (str, bytes)) else frozenset(value)
+        if items is not None and all(isinstance(t, str) for t in items):
+            return items
+    raise TypeError(f'{name} must be "all" or a set of special-token strings, got {value!r}')
 
 
 class _SpecialPolicy(namedtuple("_SpecialPolicy", "allowed split_re refuse_re")):
@@ -754,7 +725,7 @@ def _compile_fast(tok):
         import tiktoken  # noqa: F401
     except ImportError:
         return None, "tiktoken is not installed"
-    ids = [tok._pair_id[(tok.byte_to_id[a], tok.byte_to_id[b])] for a, b in tok.merges]
+    ids = tok._rank_id  # the token each merge makes, in merge order
     if any(y <= x for x, y in zip(ids, ids[1:])):  # (1): tiktoken ranks by id, we by merge order
         return None, "token ids are not in merge order"
     special = set(tok.special_ids.values())
@@ -970,12 +941,10 @@ class Progress:
 
     def close(self, msg):
         """Final line of the task, with its total time; always printed (also to logs)."""
-        if not self.enabled:
-            return
         if self.tty:
             self.update(msg, force=True)
             print(file=sys.stderr, flush=True)
-        else:
+        elif self.enabled:
             print(f"{self.label}: {msg} [{time.perf_counter() - self.t0:.1f}s]", file=sys.stderr, flush=True)
 
 
@@ -1075,7 +1044,6 @@ def atomic_write_json(path, obj, indent=1):
 
 def machine_label():
     """A one-line description of this machine for benchmark tables: cores, architecture, torch build."""
-    import platform
     label = f"{os.cpu_count()}-core {platform.machine()} CPU"
     try:
         import torch
@@ -1135,7 +1103,9 @@ def _bare_type(annotation) -> str:
 
 def config_help(cls) -> dict:
     """{field: help text} from a dataclass's docstring lines `    name: text` (continuations indented deeper),
-    so each option is documented once, beside its class."""
+    so each option is documented once, beside its class. A class whose optional switches are documented beside
+    their code, elsewhere in its file, returns those lines from a `field_help()` classmethod ({field: text}),
+    read here as well (model.py's ModelConfig: each menu section holds its switches' lines)."""
     helps, name = {}, None
     for line in (cls.__doc__ or "").splitlines():
         m = re.match(r"^    (\w+): (.*)$", line)
@@ -1146,7 +1116,11 @@ def config_help(cls) -> dict:
             helps[name] += " " + line.strip()
         else:
             name = None
-    return helps
+    extra = cls.field_help() if callable(getattr(cls, "field_help", None)) else {}
+    twice = sorted(set(helps) & set(extra))
+    if twice:  # one home per line: a field documented in both places would show only one of them
+        raise ValueError(f"{cls.__name__}: field(s) {twice} documented both in the docstring and in field_help()")
+    return {**helps, **extra}
 
 
 def peak_rss_mb():
@@ -1241,11 +1215,15 @@ def _read_chunk_text(path, start, end):
     """Decode bytes [start, end) of a file, or a ValueError naming the file and the bad byte's offset."""
     with open(path, "rb") as f:
         f.seek(start)
-        data = f.read(end - start)
+        return _decode_utf8(f.read(end - start), path, start)
+
+
+def _decode_utf8(data, where, offset=0):
+    """data.decode("utf-8"), or a ValueError naming `where` and the bad byte (its offset in the file: + offset)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 at byte offset {start + e.start} "
+        raise ValueError(f"{where}: not valid UTF-8 at byte offset {offset + e.start} "
                          f"(byte 0x{data[e.start]:02x}: {e.reason})") from None
 
 
@@ -1338,11 +1316,9 @@ def _specials_overlap(specials):
 
 def _read_json(path, what):
     """Parse a JSON file, or a ValueError naming the file and what is wrong (bad UTF-8, bad JSON)."""
-    data = Path(path).read_bytes()
+    text = _decode_utf8(Path(path).read_bytes(), f"malformed {what} {path}")
     try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"malformed {what} {path}: not valid UTF-8 at byte offset {e.start}") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed {what} {path}: not valid JSON ({e})") from None
 
@@ -1365,11 +1341,7 @@ def _read_merges_txt(path):
     with open(path, "rb") as f:
         for lineno, raw_line in enumerate(f, 1):
             where = f"merges file {path}, line {lineno}"
-            try:
-                line = raw_line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw_line[e.start]:02x} at column "
-                                 f"{e.start + 1})") from None
+            line = _decode_utf8(raw_line, where).rstrip("\r\n")
             if not line or (lineno == 1 and line.startswith("#version")):
                 continue
             parts = line.split(" ")
@@ -1402,7 +1374,6 @@ def _checked_vocab(vocab):
 def _fingerprint(vocab, merges, special_tokens):
     """sha256 over every token, merge and special token, each length-prefixed (so that no two different
     tokenizers can serialize to the same byte stream), cut to 16 hex digits (64 bits)."""
-    import hashlib
     h = hashlib.sha256()
     for i in sorted(vocab):
         h.update(i.to_bytes(4, "little") + len(vocab[i]).to_bytes(4, "little") + vocab[i])
@@ -1462,20 +1433,18 @@ def _fix_surrogates(text):
 def _check_output_file(out, inputs, overwrite, what="the output", force="overwrite=True (--force)"):
     """An output file may never be one of the inputs (also through a symlink or a hard link: samefile), nor a
     folder, and replaces an existing file only when `overwrite`; `what` and `force` name the option."""
-    if any(_same_file(out, x) for x in inputs):
+    def same(x):  # also through a symlink or a hard link (samefile); realpath when `out` does not exist yet
+        try:
+            return os.path.samefile(out, x)
+        except OSError:
+            return os.path.realpath(out) == os.path.realpath(x)
+
+    if any(map(same, inputs)):
         raise ValueError(f"{what} {out} is one of the command's inputs; writing it would destroy that file")
     if os.path.isdir(out):
         raise IsADirectoryError(f"{what} {out} is a folder; give a file name such as data.bin")
     if not overwrite and os.path.lexists(out):
         raise FileExistsError(f"{what} {out} already exists; pass {force} to replace it")
-
-
-def _same_file(a, b):
-    """True when paths a and b name the same file (also through a symlink or a hard link)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist yet
-        return os.path.realpath(a) == os.path.realpath(b)
 
 
 # ===== Appendix: benchmarks =====
@@ -1495,7 +1464,6 @@ def build_bench_corpus(out_path, target_mb, data_dir):
 
 def _run_json(code, *args):
     """Run python code in a fresh subprocess (fair wall time and peak RSS); it prints one JSON line."""
-    import subprocess
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent))
     res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
     if res.returncode != 0:

@@ -65,11 +65,13 @@ Imports: only tokenizer.py and model.py from this project (stages import only to
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import errno
 import gzip
 import hashlib
+import itertools
 import json
 import lzma
 import math
@@ -96,10 +98,9 @@ from model import (DeviceUnavailableError, download, load_model_state, read_chec
 from tokenizer import EOT, Progress, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # Shared with model.py (one home each, re-exported here under the names the course and ddp.py use):
-# resolve_device / check_device turn a device name into a torch.device or raise DeviceUnavailableError (a
-# RuntimeError like torch's, and a ValueError); read_checkpoint / load_model_state read checkpoints safely;
+# resolve_device turns a device name into a torch.device or raises DeviceUnavailableError (a RuntimeError
+# like torch's, and a ValueError); read_checkpoint / load_model_state read checkpoints safely;
 # sample_windows draws random training windows; download fetches a public file resumably.
-check_device = resolve_device
 _unwrap = M._unwrap_module  # the bare module under torch.compile / DDP wrappers
 
 
@@ -159,8 +160,6 @@ class AdamW(torch.optim.Optimizer):
         theta <- theta - alpha_t * m / (sqrt(v) + eps)
         theta <- theta - lr * weight_decay * theta    decoupled weight decay (not added to g)
 
-    Why Adam: dividing by sqrt(v) makes the step size roughly lr in every coordinate regardless of the
-    gradient's scale, which is what deep nets with very differently scaled parameters need.
     State per parameter: m and v (2x the parameter memory, the reason optimizer state dominates memory).
     """
 
@@ -221,8 +220,6 @@ def get_lr_cosine_schedule(it: int, max_learning_rate: float, min_learning_rate:
         it < Tw:              lr = it / Tw * max
         Tw <= it <= Tc:       lr = min + 1/2 (1 + cos(pi (it - Tw) / (Tc - Tw))) (max - min)
         it > Tc:              lr = min
-    Warm-up exists because Adam's second-moment estimate is noisy for the first steps; a full-size step
-    then can throw the weights somewhere they never recover from.
     """
     if it < warmup_iters:
         return it / warmup_iters * max_learning_rate
@@ -311,7 +308,7 @@ def get_batch(dataset, batch_size: int, context_length: int, device, rng: np.ran
     (seed, step, rank, micro-step) so a resumed or distributed run draws exactly the batches it should.
     A device that is not on this machine raises DeviceUnavailableError (a RuntimeError, as in torch).
     """
-    dev = check_device(device)  # first: a bad device fails before any work
+    dev = resolve_device(device)  # first: a bad device fails before any work
     x, y = sample_windows(dataset, batch_size, context_length, rng if rng is not None else np.random.default_rng())
     x, y = torch.from_numpy(x), torch.from_numpy(y)  # (B, T) int64 each, still in CPU memory
     if dev.type == "cuda":  # pinned (page-locked) memory lets the copy to the GPU overlap with compute
@@ -1144,7 +1141,7 @@ class Distillation(Extension):
                                 teacher_params=nt, speedup=t_sec / max(eval_seconds, 1e-9))}
 
 
-def _load_teacher(cfg: "TrainConfig", run: _Run) -> torch.nn.Module:
+def _load_teacher(cfg: "TrainConfig", run: Run) -> torch.nn.Module:
     """The --distill-from checkpoint's model, frozen, after checking that it speaks this run's tokenizer
     (the KL between teacher and student compares probabilities of the same token ids)."""
     ckpt = read_checkpoint(cfg.distill_from)
@@ -1613,31 +1610,25 @@ class StoryWriter:
         n = len(options)
         if self.check and not _is_prefix_free(options):
             raise AssertionError(f"grammar not uniquely decodable: one of {options!r} is a prefix of another")
-        # draw index i with probability p (uniform, or by weights via the inverse CDF), and charge -log2 p
-        if weights is None:
-            i = int(self.rng.random() * n)
-            i = min(i, n - 1)  # guards the (theoretical) random() == 1.0 edge
-            p = 1.0 / n
-        else:
-            total = float(sum(weights))
-            r = self.rng.random() * total
-            acc, i = 0.0, 0
-            for i, w in enumerate(weights):
-                acc += w
-                if r < acc:
-                    break
-            p = weights[i] / total
+        # draw index i with probability p, u uniform in [0, 1), and charge -log2 p (min(.., n - 1): u == 1.0)
+        u = self.rng.random()
+        if weights is None:  # uniform: i = floor(u n)
+            i, p = min(int(u * n), n - 1), 1.0 / n
+        else:  # by weights, the inverse CDF: the first i whose running sum w_0 + .. + w_i exceeds u * sum(w)
+            cum = list(itertools.accumulate(weights))
+            i = min(bisect.bisect_right(cum, u * cum[-1]), n - 1)
+            p = weights[i] / cum[-1]
         if n > 1:  # a one-option "choice" is deterministic text: 0 bits
             self.bits -= math.log2(p)
         self.parts.append(options[i])
         return i
 
     def text(self) -> str:
-        """The story written so far."""
         return "".join(self.parts)
 
 
-# Word lists. Each list is prefix-free (checked at import below) so picks from it are uniquely decodable.
+# Word lists. Each list is prefix-free, so picks from it are uniquely decodable (StoryWriter(check=True), which
+# the tests run, verifies every option list at every pick).
 _GIRLS = ["Lily", "Mia", "Anna", "Zoe", "Ella", "Rosa", "Nora", "Ivy", "Lucy", "Emma", "Sara", "Kate"]
 _BOYS = ["Ben", "Tom", "Max", "Sam", "Jack", "Leo", "Finn", "Owen", "Tim", "Paul", "Adam", "Luke"]
 _TRAITS = ["happy", "curious", "brave", "kind", "shy", "clever", "silly", "gentle"]
@@ -1742,42 +1733,28 @@ class SyntheticCorpus:
         """Yield (text, bits) for n stories (forever if None). Different `start_seed_offset`s are independent
         streams: the validation split uses stream 1, so it shares no stories with training by construction."""
         rng = random.Random(f"scratchlm-synthetic-{self.seed}-{start_seed_offset}")  # str seeds: stable
-        i = 0
-        while n is None or i < n:
+        for _ in itertools.count() if n is None else range(n):
             w = StoryWriter(rng, check=self.check)
             self.story_fn(w)
             yield w.text(), w.bits
-            i += 1
 
     def write(self, path, n_bytes: int, stream: int = 0) -> dict:
         """Write stories until >= n_bytes (UTF-8) to `path` atomically. Returns stats incl. bits_per_byte."""
-        total_bits, total_bytes, n_stories = 0.0, 0, 0
-        eot_bytes = len(EOT.encode("utf-8"))
-        with atomic_open(path, "wb") as f:
-            buf = []
-            for text, bits in self.stories(None, start_seed_offset=stream):
-                buf.append(text)
-                buf.append(EOT)
+        total_bits, total_bytes = 0.0, 0
+        with atomic_open(path, "wb") as f:  # a buffered file: one small write per story is cheap
+            for n_stories, (text, bits) in enumerate(self.stories(None, start_seed_offset=stream), 1):
+                data = (text + EOT).encode("utf-8")
+                f.write(data)
                 total_bits += bits
-                total_bytes += len(text.encode("utf-8")) + eot_bytes
-                n_stories += 1
-                if len(buf) >= 2048:
-                    f.write("".join(buf).encode("utf-8"))
-                    buf = []
+                total_bytes += len(data)
                 if total_bytes >= n_bytes:
                     break
-            f.write("".join(buf).encode("utf-8"))
         return dict(bits=total_bits, bytes=total_bytes, stories=n_stories,
                     bits_per_byte=total_bits / max(total_bytes, 1))
 
 
 def _is_prefix_free(options) -> bool:
     return all(not (i != j and b.startswith(a)) for i, a in enumerate(options) for j, b in enumerate(options))
-
-
-for _lst in (_GIRLS + _BOYS, _ANIMALS, _TRAITS, _PLACES, _OBJECTS, _COLORS, _FEELINGS, _PRAISE, _WHEN,
-             [x for x, _ in _WEATHER], _SOUNDS, _PET_ACTS, _FOODS):
-    assert _is_prefix_free(_lst), _lst
 
 
 # ---- Downloading the public datasets: resumable, verified, cached ------------------------------------
@@ -1863,9 +1840,8 @@ def fetch_dataset(name: str, data_dir, mirror: str | None = None, progress: bool
         except ConnectionError as e:
             raise ConnectionError(f"{e}; the {name} data set needs the network once (then it is cached in "
                                   f"{ddir}); or pass --mirror URL, or --data path/to/text.txt") from None
-        kind = remote.unpack
-        text_name = fname[: -len("." + kind)] if kind and fname.endswith("." + kind) else fname
-        out[split] = unpack(raw, ddir / ("text-" + text_name), kind, progress=progress)
+        text_name = fname.removesuffix(f".{remote.unpack}") if remote.unpack else fname
+        out[split] = unpack(raw, ddir / ("text-" + text_name), remote.unpack, progress=progress)
     return out
 
 
@@ -1944,9 +1920,8 @@ def _sample_for_bpe(src: Path, out: Path, max_bytes: int | None) -> Path:
     with open(src, "rb") as f:
         data = f.read(max_bytes)
     cut = max(data.rfind(EOT.encode()), data.rfind(b"\n"))
-    data = data[: cut if cut > 0 else len(data)]
-    while data and (data[-1] & 0xC0) == 0x80:
-        data = data[:-1]
+    # no boundary at all: drop the character the read may have cut in two (ignore only affects that tail)
+    data = data[:cut] if cut > 0 else data.decode("utf-8", errors="ignore").encode("utf-8")
     atomic_write_bytes(out, data)
     return out
 
@@ -1994,9 +1969,8 @@ def _prepare_text(cfg, data_dir: Path, log: Callable, created: list):
             return _split_cached(files["text"], cfg.data, cfg, data_dir, created), None
         key = dict(source=cfg.data, train=os.path.getsize(files["train"]), val=os.path.getsize(files["val"]))
         tdir = _make_dir(data_dir / f"{cfg.data}-{_key(key)}", created)
-        for split in ("train", "val"):
-            if not (tdir / f"{split}.txt").exists():
-                unpack(files[split], tdir / f"{split}.txt", None, progress=False)
+        for split in ("train", "val"):  # hard links (or copies) of the downloads; kept when already there
+            unpack(files[split], tdir / f"{split}.txt", None, progress=False)
         if not (tdir / "text.json").exists():
             atomic_write_json(tdir / "text.json", dict(key=key))
         return tdir, None
@@ -2043,10 +2017,8 @@ def _prepare_tokens(cfg, tdir: Path, floor, log: Callable, created: list) -> Pre
     done = kdir / "done.json"
     if not done.exists():
         t0 = time.time()
-        counts = {}
-        for split in ("train", "val"):
-            counts[split] = tk.encode_file(tokenizer, str(tdir / f"{split}.txt"), str(kdir / f"{split}.bin"),
-                                           progress=False)
+        counts = {split: tk.encode_file(tokenizer, str(tdir / f"{split}.txt"), str(kdir / f"{split}.bin"),
+                                        progress=False) for split in ("train", "val")}
         atomic_write_json(done, dict(counts=counts, dtype=dtype))
         nbytes = os.path.getsize(tdir / "train.txt")
         log(f"tokenized: {counts['train']:,} train / {counts['val']:,} val tokens "
@@ -2137,13 +2109,8 @@ class MetricsLog:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, **row):
-        """Append one row (a JSON object on its own line)."""
         with open(self.path, "a") as f:  # appending one line: a crash loses at most that line
             f.write(json.dumps(row) + "\n")
-
-    def rows(self):
-        """Every row so far, as dicts."""
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
 
 
 def _log_step(run: Run, step: int, loss: float, grad_norm: float):
@@ -2181,9 +2148,10 @@ def _check_resumable(run: Run, ckpt: dict, model):
         saved_cfg = M.ModelConfig.from_dict(saved_cfg).to_dict()
     except (ValueError, TypeError):
         pass  # unknown fields or missing sizes: reported field by field below
-    if saved_cfg != mcfg:
-        raise ValueError(f"checkpoint {run.ckpt_path} is incompatible with the requested model: "
-                         + "; ".join(_config_diff(saved_cfg, mcfg)))
+    if saved_cfg != mcfg:  # every field that differs, as 'name: checkpoint X vs now Y'
+        raise ValueError(f"checkpoint {run.ckpt_path} is incompatible with the requested model: " + "; ".join(
+            f"{k}: checkpoint {saved_cfg.get(k)!r} vs now {mcfg.get(k)!r}" for k in sorted(set(saved_cfg) | set(mcfg))
+            if saved_cfg.get(k) != mcfg.get(k)))
     # muP changes every step's learning rates: a run continues under the parametrization it started with
     # (a checkpoint from before the switch existed was trained without muP)
     saved_mup = (ckpt.get("config") or {}).get("mup_base_width")
@@ -2201,12 +2169,6 @@ def _val_line(r: dict, floor: float | None) -> str:
     if floor is not None:
         s += f" | entropy floor {floor:.4f} bpb (gap {100 * (r['bpb'] / floor - 1):+.1f}%)"
     return s
-
-
-def _config_diff(a: dict, b: dict) -> list[str]:
-    """Every field where two model configs differ, as 'name: checkpoint X vs now Y'."""
-    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
 
 
 def rng_state() -> dict:
@@ -2457,42 +2419,29 @@ _MODEL_FLAGS = ("vocab_size", "context_length", "d_model", "num_layers", "num_he
 def validate_config(cfg: TrainConfig):
     """Check every option before any work starts: one ValueError naming the flag and its allowed range."""
     c, T = cfg, cfg.context_length
-    checks = [  # (field, ok, what the flag allows)
-        ("optimizer", c.optimizer in ("adamw", "muon", "soap"), "adamw, muon or soap"),
-        ("soap_frequency", c.soap_frequency >= 1, ">= 1"),
-        ("distill_temperature", c.distill_temperature > 0, "> 0"),
-        ("distill_alpha", 0 <= c.distill_alpha <= 1, "in [0, 1]"),
-        ("prune_sparsity", 0 <= c.prune_sparsity < 1, "in [0, 1)"),
-        ("prune_start", 0 <= c.prune_start < 1, "in [0, 1)"),
+    one_of = dict(optimizer=("adamw", "muon", "soap"), schedule=("cosine", "wsd", "constant"),
+                  adamw_impl=("ours", "torch"), loss_impl=("fast", "ours"), dtype=("auto", "float32", "bfloat16"))
+    at_least_1 = ("batch_size", "grad_accum", "context_length", "soap_frequency", "synthetic_bytes",
+                  "synthetic_val_bytes", "eval_interval", "log_interval", "ckpt_interval", "sample_tokens")
+    checks = [  # (field, ok, what the flag allows); one rule for several fields first
+        *[(n, getattr(c, n) in v, ", ".join(v[:-1]) + " or " + v[-1]) for n, v in one_of.items()],
+        *[(n, getattr(c, n) >= 1, ">= 1") for n in at_least_1],
+        *[(n, getattr(c, n) >= 0, ">= 0") for n in ("warmup_iters", "weight_decay", "eps", "num_samples")],
+        *[(n, getattr(c, n) > 0, "> 0") for n in ("lr", "muon_lr", "distill_temperature")],
+        *[(n, 0 <= getattr(c, n) < 1, "in [0, 1)")
+          for n in ("muon_momentum", "beta1", "beta2", "prune_sparsity", "prune_start")],
+        *[(n, 0 <= getattr(c, n) <= 1, "in [0, 1]") for n in ("min_lr_ratio", "decay_fraction", "distill_alpha")],
         ("prune_end", c.prune_start < c.prune_end <= 1, f"in (--prune-start ({c.prune_start}), 1]"),
-        ("schedule", c.schedule in ("cosine", "wsd", "constant"), "cosine, wsd or constant"),
-        ("adamw_impl", c.adamw_impl in ("ours", "torch"), "ours or torch"),
-        ("loss_impl", c.loss_impl in ("fast", "ours"), "fast or ours"),
-        ("dtype", c.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
-        ("batch_size", c.batch_size >= 1, ">= 1"), ("grad_accum", c.grad_accum >= 1, ">= 1"),
-        ("context_length", c.context_length >= 1, ">= 1"),
         ("max_steps", c.max_steps is None or c.max_steps >= 1, ">= 1"),
         ("max_minutes", c.max_minutes is None or c.max_minutes > 0, "> 0"),
-        ("lr", c.lr > 0, "> 0"), ("muon_lr", c.muon_lr > 0, "> 0"),
-        ("muon_momentum", 0 <= c.muon_momentum < 1, "in [0, 1)"),
-        ("min_lr_ratio", 0 <= c.min_lr_ratio <= 1, "in [0, 1]"),
-        ("decay_fraction", 0 <= c.decay_fraction <= 1, "in [0, 1]"),
-        ("warmup_iters", c.warmup_iters >= 0, ">= 0"),
-        ("weight_decay", c.weight_decay >= 0, ">= 0"), ("eps", c.eps >= 0, ">= 0"),
-        ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
         ("grad_clip", c.grad_clip >= 0, ">= 0 (0: off)"),
         ("val_fraction", 0 < c.val_fraction < 1, "in (0, 1)"),
         ("vocab_size", c.vocab_size >= 257, ">= 257 (256 bytes + <|endoftext|>)"),
         ("bpe_train_bytes", c.bpe_train_bytes is None or c.bpe_train_bytes >= 1, ">= 0 (0: all)"),
-        ("synthetic_bytes", c.synthetic_bytes >= 1, ">= 1"),
-        ("synthetic_val_bytes", c.synthetic_val_bytes >= 1, ">= 1"),
         ("threads", c.threads >= 0, ">= 0 (0: auto)"),
-        ("eval_interval", c.eval_interval >= 1, ">= 1"), ("log_interval", c.log_interval >= 1, ">= 1"),
-        ("ckpt_interval", c.ckpt_interval >= 1, ">= 1"),
         ("eval_tokens", c.eval_tokens >= T, f">= --context-length ({T})"),
         ("final_eval_tokens", c.final_eval_tokens is None or c.final_eval_tokens >= T, f">= --context-length ({T})"),
         ("eval_stride", 0 <= c.eval_stride <= T, f"in [0, --context-length ({T})]"),
-        ("num_samples", c.num_samples >= 0, ">= 0"), ("sample_tokens", c.sample_tokens >= 1, ">= 1"),
         ("temperature", c.temperature >= 0, ">= 0 (0: greedy)"), ("top_p", 0 < c.top_p <= 1, "in (0, 1]"),
         ("model_kw", isinstance(c.model_kw, dict), "a JSON object"),
         ("mup_base_width", c.mup_base_width is None or c.mup_base_width >= 1, ">= 1 (unset: muP off)"),
@@ -2536,24 +2485,21 @@ def set_cpu_threads(threads: int) -> int:
     guessing from the load average, which lags by a minute."""
     if threads <= 0:
         cores = torch.get_num_threads() if torch.get_num_threads() > 1 else (os.cpu_count() or 1)
-        if cores == 1:
-            threads = 1
-        else:  # a matmul the size of a small model's layer: what a training step spends its time on
-            a, b = torch.randn(1024, 128), torch.randn(128, 512)
-            best = None
-            for t in (cores, 1):
-                torch.set_num_threads(t)
-                for _ in range(2):  # warm-up
-                    (a @ b).relu_()
-                t0 = time.perf_counter()
-                for _ in range(12):
-                    (a @ b).relu_()
-                dt = time.perf_counter() - t0
-                if best is None or dt < best[0]:
-                    best = (dt, t)
-            threads = best[1]
+        a, b = torch.randn(1024, 128), torch.randn(128, 512)  # a matmul the size of a small model's layer
+        threads = 1 if cores == 1 else min((cores, 1), key=lambda t: _matmul_seconds(t, a, b))  # a tie: all cores
     torch.set_num_threads(threads)
     return threads
+
+
+def _matmul_seconds(threads: int, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Seconds for 12 of what a training step spends its time on, (a @ b).relu_(), on `threads` threads."""
+    torch.set_num_threads(threads)
+    for _ in range(2):  # warm-up
+        (a @ b).relu_()
+    t0 = time.perf_counter()
+    for _ in range(12):
+        (a @ b).relu_()
+    return time.perf_counter() - t0
 
 
 # what a run writes into its folder: any one of them means the folder holds a run
@@ -2586,14 +2532,13 @@ def check_out_dir(out_dir, cfg: TrainConfig | None = None) -> Path:
 
 
 def plot_losses(metrics_path: Path, png_path: Path, title: str = "", floor: float | None = None):
-    """Loss curves against steps and against wall-clock minutes (matplotlib, no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss curves against steps and against wall-clock minutes."""
+    from matplotlib.figure import Figure  # a Figure without pyplot: no display, no global figure to close
     rows = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.strip()]
     tr = [r for r in rows if r["kind"] == "train"]
     va = [r for r in rows if r["kind"] == "val"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     # left: loss against steps (what the optimizer saw); right: against minutes (what the run cost)
     for ax, xkey, xlabel in ((axes[0], "step", "step"), (axes[1], "minutes", "wall-clock minutes")):
         ax.plot([r[xkey] for r in tr], [r["loss"] for r in tr], label="train loss (nats/token)", alpha=0.7)
@@ -2607,11 +2552,14 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str = "", floor: floa
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    _save_png(fig, png_path)
+
+
+def _save_png(fig, png_path: Path):
+    """Write a matplotlib Figure as a PNG, atomically: an image viewer refreshing the file never sees half a PNG."""
     fig.tight_layout()
-    # written atomically: an image viewer refreshing the file never sees half a PNG
     with atomic_open(png_path, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
 
 
 # ===== Appendix: benchmarks =====
@@ -2784,9 +2732,12 @@ def sweep_config(steps: int, **overrides) -> TrainConfig:
     values = dict(PRESETS["demo"], preset="demo", max_minutes=None, max_steps=steps, warmup_iters=max(steps // 10, 1),
                   num_samples=0, plot=False, eval_interval=10 ** 9, ckpt_interval=10 ** 9, log_interval=10 ** 9,
                   final_eval_tokens=16_384, eval_tokens=16_384, overwrite=True)
-    # the caller's overrides last (tests shrink the model; the CLI passes --data-dir and --threads)
+    # the caller's overrides last (tests shrink the model; the CLI passes --data-dir and --threads, checked
+    # here with the rest, before any work; each run's train() sets the thread count)
     values.update(overrides)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    validate_config(cfg)
+    return cfg
 
 
 def _sweep_run(folder: Path, name: str, cfg: TrainConfig, data: "PreparedData", log: Callable) -> dict:
@@ -2816,11 +2767,8 @@ def _sweep_run(folder: Path, name: str, cfg: TrainConfig, data: "PreparedData", 
 def _smoothed(losses: list, tokens_per_step: int, tau_tokens: float) -> list:
     """The training loss after every step, smoothed by an EMA with a time constant of `tau_tokens` tokens (the
     same horizon in tokens for every batch size)."""
-    beta, ema, out = math.exp(-tokens_per_step / tau_tokens), None, []
-    for x in losses:
-        ema = x if ema is None else beta * ema + (1 - beta) * x
-        out.append(ema)
-    return out
+    beta = math.exp(-tokens_per_step / tau_tokens)  # the weight of the past after one step of tokens_per_step
+    return list(itertools.accumulate(losses, lambda ema, x: beta * ema + (1 - beta) * x))  # starts at losses[0]
 
 
 def steps_to_target(losses: list, tokens_per_step: int, target: float, tau_tokens: float) -> int | None:
@@ -2855,8 +2803,7 @@ def batch_size_sweep(batch_sizes: list, tokens: int, folder, seed: int = 1337, d
     # (more so at small batches), so it is smoothed over a fixed horizon in TOKENS (a twentieth of the run):
     # the same amount of data in every run's average, whatever its batch size
     tau = tokens / 20
-    finals = [steps_to_target_final(r["losses"], r["tokens_per_step"], tau) for r in results]
-    target = max(finals)
+    target = max(_smoothed(r["losses"], r["tokens_per_step"], tau)[-1] for r in results)  # worst final level
     rows = []
     for b, r in zip(batch_sizes, results):
         s = steps_to_target(r["losses"], r["tokens_per_step"], target, tau)
@@ -2875,11 +2822,6 @@ def batch_size_sweep(batch_sizes: list, tokens: int, folder, seed: int = 1337, d
     return dict(rows=rows, target_loss=target, b_crit_tokens=b_crit, tokens=tokens)
 
 
-def steps_to_target_final(losses: list, tokens_per_step: int, tau_tokens: float) -> float:
-    """The smoothed training loss at the end of a run (the same EMA as steps_to_target)."""
-    return _smoothed(losses, tokens_per_step, tau_tokens)[-1]
-
-
 def _num(x) -> str:
     """A table cell: a count with thousands separators, or '-' for none / not a number."""
     return f"{x:,.0f}" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
@@ -2892,17 +2834,15 @@ def batch_size_table(rep: dict) -> str:
     prev = None
     for r in rep["rows"]:
         s = r["steps_to_target"]
-        ns = r["noise_scale_tokens"]
         out.append(f"| {r['batch']} | {r['tokens_per_step']:,} | {r['steps']} | {r['val_bpb']:.4f} | "
                    f"{s if s else '-'}" + (f" ({prev / s:.2f}x fewer)" if prev and s else "")
-                   + f" | {_num(r['tokens_to_target'])} | {_num(ns)} |")
+                   + f" | {_num(r['tokens_to_target'])} | {_num(r['noise_scale_tokens'])} |")
         prev = s
     bc = rep["b_crit_tokens"]
-    out.append("")
-    out.append(f"Target: smoothed training loss {rep['target_loss']:.4f} nats/token (the worst run's final level). "
+    out += ["", f"Target: smoothed training loss {rep['target_loss']:.4f} nats/token (the worst run's final level). "
                + (f"Fit S = S_min (1 + B_crit / B): B_crit ~ {bc:,.0f} tokens/step. Beyond it larger batches stop "
                   f"paying: each doubling of the tokens per step saves at most 1.33x in steps." if bc else
-                  "The fit found no positive B_crit (steps to target did not fall with the batch size)."))
+                  "The fit found no positive B_crit (steps to target did not fall with the batch size).")]
     return "\n".join(out)
 
 
@@ -2985,22 +2925,18 @@ def ablation_table(rows: list, steps: int, tokens_per_step: int, eval_tokens: in
 
 def plot_ablation(rows: list, png_path: Path):
     """Horizontal bars of mean val bpb per variant with the seed range as error bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     rows = sorted(rows, key=lambda r: np.mean(r["bpb"]))
     means = [np.mean(r["bpb"]) for r in rows]
     err = [[m - min(r["bpb"]) for m, r in zip(means, rows)], [max(r["bpb"]) - m for m, r in zip(means, rows)]]
     # one bar per variant, best at the top; the baseline in another colour so the eye finds the reference
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    fig = Figure(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax = fig.subplots()
     ax.barh([r["name"] for r in rows], means, xerr=err, color=["C1" if r["name"] == "baseline" else "C0" for r in rows])
     ax.set_xlim(min(means) * 0.97, max(means) * 1.02)
     ax.set_xlabel("val bits per byte (lower is better; bars: seed range)")
     ax.invert_yaxis()
-    fig.tight_layout()
-    with atomic_open(png_path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
+    _save_png(fig, png_path)
 
 # ===== Command line =====
 
@@ -3028,8 +2964,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"one-word preset: {', '.join(PRESETS)} (default: demo, synthetic stories in a few CPU "
                         f"minutes; with --data tinystories or --data owt and no preset, that data set's preset)")
     # one flag per TrainConfig field (name, type, help line from its docstring), default None: "keep the preset's"
-    types = {"model_kw": _json_object}
-    p.add_config(TrainConfig, skip=("preset",), types=types, given_only=True,
+    p.add_config(TrainConfig, skip=("preset",), types={"model_kw": _json_object}, given_only=True,
                  note=" (demo default: {default})", defaults={k: v for k, v in PRESETS["demo"].items()})
     return p
 
@@ -3073,13 +3008,10 @@ def sample_main(argv):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     a = p.parse_args(argv)
-    try:  # every option checked before the checkpoint is read
-        M.check_sampling_options(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                 num_samples=a.num_samples, seed=a.seed)
-        resolve_device(a.device)
-    except ValueError as e:
-        p.error(str(e).replace("max_new_tokens", "--max-new-tokens").replace("num_samples", "--num-samples")
-                .replace("temperature", "--temperature").replace("top_p", "--top-p").replace("seed", "--seed"))
+    # every option checked before the checkpoint is read, by `model.py generate`'s rules (one line naming it)
+    problem = M._check_args(argparse.Namespace(command="generate", **vars(a)))
+    if problem:
+        p.error(problem)
     note = lambda msg: print(f"note: {msg}", file=sys.stderr)
     # loading, the tokenizer lookup and its fingerprint check, fitting the prompt and sampling: model.py's
     res = M.sample_from_checkpoint(a.checkpoint, a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
@@ -3089,14 +3021,10 @@ def sample_main(argv):
 
 
 def _ints(text: str) -> list:
-    """argparse type: a comma-separated list of positive integers, e.g. '4,8,16'."""
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive integers, got {text!r}")
-    return vals
+    """argparse type: a comma-separated list of positive integers, e.g. '4,8,16' (model.py's check)."""
+    if not M._ints(text, 1):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}")
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _sweep_parser(prog: str, description: str, out_dir: str) -> tk.OneLineParser:
@@ -3122,9 +3050,8 @@ def batch_size_main(argv):
     # odd batches cannot be split into the two equal micro-batches the noise-scale estimate needs
     if any(b % 2 for b in a.batches):
         p.error(f"--batches must be even (each run accumulates two half batches), got {a.batches}")
-    if a.tokens < max(a.batches) * T_ctx or a.threads < 0:
-        p.error(f"--tokens must be >= the largest batch ({max(a.batches) * T_ctx:,} tokens), --threads >= 0")
-    set_cpu_threads(a.threads)
+    if a.tokens < max(a.batches) * T_ctx:
+        p.error(f"--tokens must be >= the largest batch ({max(a.batches) * T_ctx:,} tokens)")
     rep = batch_size_sweep(sorted(a.batches), a.tokens, a.out_dir, seed=a.seed, data_dir=a.data_dir, threads=a.threads)
     table = batch_size_table(rep)
     atomic_write_text(Path(a.out_dir) / "batch_size.md", table + "\n")
@@ -3142,9 +3069,8 @@ def ablate_main(argv):
     # default: 19 variants x 2 seeds x 80 steps of 2,048 tokens: measured 12 min 40 s with 1 thread on a
     # shared 2-core CPU (14-36 s per run including setup and a 16K-token evaluation), inside 30 minutes
     steps = a.steps or (40 if a.quick else 80)
-    if steps < 10 or len(set(a.seeds)) < 2 or a.threads < 0:
-        p.error(f"need --steps >= 10 (got {steps}), at least 2 distinct --seeds (got {a.seeds}), --threads >= 0")
-    set_cpu_threads(a.threads)
+    if steps < 10 or len(set(a.seeds)) < 2:
+        p.error(f"need --steps >= 10 (got {steps}) and at least 2 distinct --seeds (got {a.seeds})")
     out = Path(a.out_dir)
     rows = ablate(out, steps, a.seeds, quick=a.quick, data_dir=a.data_dir, threads=a.threads, log=print)
     base = sweep_config(steps)
@@ -3162,15 +3088,11 @@ def main(argv=None):
     a full disk; one line); 130 interrupted (Ctrl-C; the run saved a checkpoint unless it was pressed twice).
     A traceback means a bug in the project."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"sample": sample_main, "bench-nanogpt": bench_main, "bench": bench_main,
+                "batch-size": batch_size_main, "ablate": ablate_main}
     try:
-        if argv and argv[0] == "sample":
-            return sample_main(argv[1:])
-        if argv and argv[0] in ("bench-nanogpt", "bench"):
-            return bench_main(argv[1:])
-        if argv and argv[0] == "batch-size":
-            return batch_size_main(argv[1:])
-        if argv and argv[0] == "ablate":
-            return ablate_main(argv[1:])
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
         train(config_from_args(get_parser().parse_args(argv)))
     # bad input of any kind (options, data, checkpoints, the network): one line naming it, status 2
     except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, ConnectionError) as e:
