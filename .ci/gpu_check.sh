@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ScratchLM stage 4 GPU script: correctness FIRST, then benchmarks, all within ~9 minutes of device time.
+# ScratchLM stage 4 GPU script: correctness FIRST, then benchmarks, all within ~12 minutes of device time.
 #
 # Run from the repository root on a machine with an NVIDIA GPU and a CUDA build of torch + triton:
 #     bash .ci/gpu_check.sh   (not run by CI, which has no GPU; this is the one script for a GPU machine)
@@ -10,7 +10,8 @@
 #                                         2. python kernels.py bench rmsnorm          <= 100
 #                                         3. python kernels.py bench attention        <= 170 (stops new shapes at 120)
 #                                         4. python kernels.py bench int8             <= 60  (stops new shapes at 40)
-#                                         5. ddp.py plan --check and bench --parallel <= 120 (machines with >= 2 GPUs;
+#                                         5. ddp.py plan --check, bench --parallel,   <= 300 (machines with >= 2 GPUs;
+#                                            FSDP vs FSDP2 and TP vs DTensor TP over NCCL;
 #                                            NCCL needs one GPU per rank, so a 1-GPU machine skips it)
 #                                         6. bf16 MFU of a training step, one GPU     <= 120
 # Step 1 also checks the int8 weight-only matmul kernel against float64 (decode, ragged and prefill shapes).
@@ -55,6 +56,11 @@ if [ "${NGPU:-0}" -ge 2 ]; then
         --tp 2 --check --backend nccl || echo "plan exit code $?"
     timeout 80 "$PY" -m torch.distributed.run --nproc_per_node=2 ddp.py bench --parallel --backend nccl \
         || echo "bench --parallel exit code $?"
+    # ours vs torch's engine over NCCL: FSDP vs FSDP2 (bf16 compute) and TP vs DTensor TP, side by side
+    timeout 90 "$PY" ddp.py bench --nproc 2 --backend nccl --strategies local,fsdp,torch-fsdp,torch-ddp \
+        --compute-dtype bf16 --rounds 5 --steps 2 || echo "bench fsdp/torch-fsdp exit code $?"
+    timeout 90 "$PY" ddp.py bench --nproc 2 --backend nccl --strategies local,tp,tp-dtensor --rounds 5 --steps 2 \
+        || echo "bench tp/tp-dtensor exit code $?"
 else
     echo "skipped: $NGPU GPU(s); multi-rank NCCL checks need >= 2"
 fi
